@@ -1,1 +1,19 @@
-//! placeholder
+//! pitr-archive: everything about what pitr stores.
+//!
+//! Owns the sealed object format ([`seal`]: zstd + AES-256-GCM frames with the object's name bound
+//! in, crc32 of the plaintext), the key ring ([`keys`]: envelope encryption with a key-encryption
+//! key from a 0600 key file), the storage trait and its backends ([`store`]), and the repository
+//! layout and the WAL catalog built by listing ([`layout`]).
+//!
+//! It does not speak to databases and does not decide *when* to write: callers hand it plaintext
+//! and names. Nothing outside this crate knows the byte layout of an object.
+
+pub mod keys;
+pub mod layout;
+pub mod seal;
+pub mod store;
+
+pub use keys::{KeyError, KeyRing};
+pub use layout::{ClusterInfo, Repository, RepositoryError, WalCatalog, WalObject};
+pub use seal::{ObjectKind, ObjectMeta, SealError, SealedHeader};
+pub use store::{LocalStore, ObjectInfo, PutOutcome, Store, StoreError};

@@ -1,0 +1,250 @@
+//! Key-encryption keys (KEKs) and the wrapping of per-object data keys.
+//!
+//! A key file holds one or more KEKs, one per line: `pitr-key-v1 <id> <64 hex digits>`. The last
+//! line is the active key (used for new objects); earlier lines stay so that old objects remain
+//! readable after a rotation. The file must not be readable by group or others.
+
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use rand::RngCore;
+
+const LINE_TAG: &str = "pitr-key-v1";
+/// Length of a wrapped data key: 32 key bytes + 16 tag bytes.
+pub const WRAPPED_KEY_LEN: usize = 48;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key file {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
+    TooOpen { path: PathBuf, mode: u32 },
+    #[error("key file {path}, line {line}: {what}")]
+    Malformed { path: PathBuf, line: usize, what: String },
+    #[error("key file {path} holds no key")]
+    Empty { path: PathBuf },
+    #[error("key file {path} already exists")]
+    Exists { path: PathBuf },
+    #[error("object sealed with key id {key_id:?}, which is not in the key file {path}")]
+    UnknownKey { key_id: String, path: PathBuf },
+    #[error("data key of object {object} does not unwrap with key {key_id:?} from {path}: wrong key, or the object was tampered with")]
+    Unwrap { object: String, key_id: String, path: PathBuf },
+}
+
+/// One key-encryption key. Debug never prints the key material.
+#[derive(Clone)]
+pub struct Kek {
+    pub id: String,
+    key: [u8; 32],
+}
+
+impl fmt::Debug for Kek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kek").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyRing {
+    path: PathBuf,
+    keys: Vec<Kek>,
+}
+
+impl KeyRing {
+    /// Reads a key file, refusing one that group or others can read.
+    pub fn load(path: &Path) -> Result<KeyRing, KeyError> {
+        let io = |source| KeyError::Io { path: path.to_path_buf(), source };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::TooOpen { path: path.to_path_buf(), mode });
+        }
+        let text = std::fs::read_to_string(path).map_err(io)?;
+        Self::parse(path, &text)
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<KeyRing, KeyError> {
+        let mut keys = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |what: &str| KeyError::Malformed {
+                path: path.to_path_buf(),
+                line: i + 1,
+                what: what.to_string(),
+            };
+            let mut parts = line.split_whitespace();
+            if parts.next() != Some(LINE_TAG) {
+                return Err(bad("expected `pitr-key-v1 <id> <64 hex digits>`"));
+            }
+            let id = parts.next().ok_or_else(|| bad("missing key id"))?;
+            if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') || id.len() > 64 {
+                return Err(bad("key id must be 1-64 characters of [A-Za-z0-9_-]"));
+            }
+            let hex_key = parts.next().ok_or_else(|| bad("missing key material"))?;
+            if parts.next().is_some() {
+                return Err(bad("trailing text after the key"));
+            }
+            let mut key = [0u8; 32];
+            hex::decode_to_slice(hex_key, &mut key).map_err(|_| bad("key must be 64 hex digits (32 bytes)"))?;
+            if keys.iter().any(|k: &Kek| k.id == id) {
+                return Err(bad("duplicate key id"));
+            }
+            keys.push(Kek { id: id.to_string(), key });
+        }
+        if keys.is_empty() {
+            return Err(KeyError::Empty { path: path.to_path_buf() });
+        }
+        Ok(KeyRing { path: path.to_path_buf(), keys })
+    }
+
+    /// Creates a new key file with one fresh random key, mode 0600, never overwriting.
+    pub fn create(path: &Path) -> Result<KeyRing, KeyError> {
+        let io = |source| KeyError::Io { path: path.to_path_buf(), source };
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        let mut id_bytes = [0u8; 4];
+        rand::rngs::OsRng.fill_bytes(&mut id_bytes);
+        let id = format!("k{}", hex::encode(id_bytes));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    KeyError::Exists { path: path.to_path_buf() }
+                } else {
+                    io(e)
+                }
+            })?;
+        let text = format!(
+            "# pitr key file: the last line is the active key. Losing it loses the archive.\n{LINE_TAG} {id} {}\n",
+            hex::encode(key)
+        );
+        file.write_all(text.as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        Ok(KeyRing { path: path.to_path_buf(), keys: vec![Kek { id, key }] })
+    }
+
+    /// A key ring held only in memory (tests, benchmarks).
+    pub fn from_key(id: &str, key: [u8; 32]) -> KeyRing {
+        KeyRing { path: PathBuf::from("<memory>"), keys: vec![Kek { id: id.to_string(), key }] }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn active(&self) -> &Kek {
+        // `parse` and the constructors guarantee at least one key.
+        &self.keys[self.keys.len() - 1]
+    }
+
+    fn find(&self, key_id: &str) -> Result<&Kek, KeyError> {
+        self.keys
+            .iter()
+            .find(|k| k.id == key_id)
+            .ok_or_else(|| KeyError::UnknownKey { key_id: key_id.to_string(), path: self.path.clone() })
+    }
+
+    /// Wraps a data key with the active KEK, bound to the object name.
+    pub(crate) fn wrap(&self, object: &str, data_key: &[u8; 32]) -> (String, [u8; 12], [u8; WRAPPED_KEY_LEN]) {
+        let kek = self.active();
+        let mut nonce = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let cipher = Aes256Gcm::new((&kek.key).into());
+        let aad = wrap_aad(object);
+        let wrapped = cipher
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: data_key, aad: &aad })
+            .expect("AES-GCM encryption of 32 bytes cannot fail");
+        let mut out = [0u8; WRAPPED_KEY_LEN];
+        out.copy_from_slice(&wrapped);
+        (kek.id.clone(), nonce, out)
+    }
+
+    pub(crate) fn unwrap(
+        &self,
+        object: &str,
+        key_id: &str,
+        nonce: &[u8; 12],
+        wrapped: &[u8; WRAPPED_KEY_LEN],
+    ) -> Result<[u8; 32], KeyError> {
+        let kek = self.find(key_id)?;
+        let cipher = Aes256Gcm::new((&kek.key).into());
+        let aad = wrap_aad(object);
+        let plain = cipher
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: wrapped, aad: &aad })
+            .map_err(|_| KeyError::Unwrap {
+                object: object.to_string(),
+                key_id: key_id.to_string(),
+                path: self.path.clone(),
+            })?;
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&plain);
+        Ok(key)
+    }
+}
+
+fn wrap_aad(object: &str) -> Vec<u8> {
+    let mut aad = b"pitr-data-key\0".to_vec();
+    aad.extend_from_slice(object.as_bytes());
+    aad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_then_load_round_trip_and_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        let created = KeyRing::create(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let loaded = KeyRing::load(&path).unwrap();
+        assert_eq!(created.active().id, loaded.active().id);
+        assert!(matches!(KeyRing::create(&path), Err(KeyError::Exists { .. })));
+    }
+
+    #[test]
+    fn refuses_group_readable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        KeyRing::create(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = KeyRing::load(&path).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn malformed_lines_are_named() {
+        let p = Path::new("/k");
+        let e = KeyRing::parse(p, "pitr-key-v1 a zz\n").unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
+        let e = KeyRing::parse(p, "# only a comment\n").unwrap_err();
+        assert!(matches!(e, KeyError::Empty { .. }));
+        let good = format!("{LINE_TAG} a {}\n{LINE_TAG} b {}\n", "00".repeat(32), "11".repeat(32));
+        let ring = KeyRing::parse(p, &good).unwrap();
+        assert_eq!(ring.active().id, "b");
+        assert!(!format!("{ring:?}").contains("1111"));
+    }
+
+    #[test]
+    fn wrap_binds_object_name_and_key() {
+        let ring = KeyRing::from_key("a", [7; 32]);
+        let dk = [9u8; 32];
+        let (id, nonce, wrapped) = ring.wrap("obj", &dk);
+        assert_eq!(ring.unwrap("obj", &id, &nonce, &wrapped).unwrap(), dk);
+        assert!(ring.unwrap("other", &id, &nonce, &wrapped).is_err());
+        let other = KeyRing::from_key("a", [8; 32]);
+        assert!(matches!(other.unwrap("obj", &id, &nonce, &wrapped), Err(KeyError::Unwrap { .. })));
+    }
+}

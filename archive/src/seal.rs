@@ -1,0 +1,448 @@
+//! The sealed object format. Pure functions: plaintext + name + key ring in, bytes out, and back.
+//!
+//! Layout (all integers little-endian):
+//! ```text
+//! "PITR" | version u8 = 1 | header_len u32 | header (header_len bytes) | header_tag [16]
+//! frame*: ciphertext_len u32 | AES-256-GCM(zstd(plaintext slice)) incl. 16-byte tag
+//! ```
+//! The header carries the key id, the wrapped data key, the plaintext length and crc32, and the
+//! object's metadata (kind, timeline, LSN range, first/last commit time). The header tag is a GCM
+//! tag over the header (empty message) so the header can be trusted without reading the body.
+//! Each frame's nonce is its index; its associated data is the object name, the full header, the
+//! frame index and a last-frame flag, so renaming, swapping, reordering or truncating objects or
+//! frames fails authentication.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use rand::RngCore;
+
+use crate::keys::{KeyError, KeyRing, WRAPPED_KEY_LEN};
+
+const MAGIC: &[u8; 4] = b"PITR";
+const VERSION: u8 = 1;
+const TAG_LEN: usize = 16;
+/// Plaintext bytes per frame: big enough for zstd to do well, small enough to bound memory.
+pub const FRAME_SIZE: usize = 1 << 20;
+const MAX_HEADER_LEN: usize = 64 * 1024;
+/// Bytes to fetch to be sure to hold the whole header of any object.
+pub const HEADER_PREFIX_LEN: u64 = (9 + MAX_HEADER_LEN + TAG_LEN) as u64;
+const HEADER_NONCE_INDEX: u64 = u64::MAX;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("object {object}: not a pitr object (bad magic)")]
+    BadMagic { object: String },
+    #[error("object {object}: unsupported format version {version}")]
+    Version { object: String, version: u8 },
+    #[error("object {object}: truncated ({what})")]
+    Truncated { object: String, what: String },
+    #[error("object {object}: malformed header ({what})")]
+    Header { object: String, what: String },
+    #[error("object {object}: authentication failed at {part}: the object was modified, renamed or corrupted")]
+    Authentication { object: String, part: String },
+    #[error("object {object}: plaintext check failed ({what})")]
+    Checksum { object: String, what: String },
+    #[error("object {object}: decompression failed: {what}")]
+    Decompress { object: String, what: String },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ObjectKind {
+    /// Repository marker, cluster descriptions and other small records.
+    Meta = 1,
+    /// A piece of a WAL segment, put as soon as it is received (group commit).
+    WalChunk = 2,
+    /// A whole WAL segment, compacted from its chunks.
+    WalSegment = 3,
+    /// A timeline history file.
+    TimelineHistory = 4,
+}
+
+impl ObjectKind {
+    fn from_u8(v: u8) -> Option<ObjectKind> {
+        Some(match v {
+            1 => ObjectKind::Meta,
+            2 => ObjectKind::WalChunk,
+            3 => ObjectKind::WalSegment,
+            4 => ObjectKind::TimelineHistory,
+            _ => return None,
+        })
+    }
+}
+
+/// What an object says about itself, readable from its header alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub kind: ObjectKind,
+    pub timeline: u32,
+    pub start_lsn: u64,
+    pub end_lsn: u64,
+    /// Commit times, µs since the Unix epoch, of the first and last commit/abort in the object.
+    pub first_commit_us: Option<i64>,
+    pub last_commit_us: Option<i64>,
+}
+
+impl ObjectMeta {
+    pub fn plain(kind: ObjectKind) -> ObjectMeta {
+        ObjectMeta { kind, timeline: 0, start_lsn: 0, end_lsn: 0, first_commit_us: None, last_commit_us: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedHeader {
+    pub key_id: String,
+    pub plaintext_len: u64,
+    pub plaintext_crc32: u32,
+    pub created_us: i64,
+    pub meta: ObjectMeta,
+    wrap_nonce: [u8; 12],
+    wrapped_key: [u8; WRAPPED_KEY_LEN],
+    frame_size: u32,
+    /// Bytes from the start of the object to the first frame.
+    body_offset: usize,
+}
+
+/// Seals `plaintext` as the object `name`.
+pub fn seal(name: &str, plaintext: &[u8], meta: &ObjectMeta, keys: &KeyRing, zstd_level: i32) -> Vec<u8> {
+    let mut data_key = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut data_key);
+    let (key_id, wrap_nonce, wrapped_key) = keys.wrap(name, &data_key);
+    let created_us = now_us();
+
+    let mut header = Vec::with_capacity(160);
+    header.push(meta.kind as u8);
+    header.extend_from_slice(&(key_id.len() as u16).to_le_bytes());
+    header.extend_from_slice(key_id.as_bytes());
+    header.extend_from_slice(&wrap_nonce);
+    header.extend_from_slice(&wrapped_key);
+    header.extend_from_slice(&(plaintext.len() as u64).to_le_bytes());
+    header.extend_from_slice(&crc32fast::hash(plaintext).to_le_bytes());
+    header.extend_from_slice(&(FRAME_SIZE as u32).to_le_bytes());
+    header.extend_from_slice(&created_us.to_le_bytes());
+    header.extend_from_slice(&meta.timeline.to_le_bytes());
+    header.extend_from_slice(&meta.start_lsn.to_le_bytes());
+    header.extend_from_slice(&meta.end_lsn.to_le_bytes());
+    header.extend_from_slice(&meta.first_commit_us.unwrap_or(i64::MIN).to_le_bytes());
+    header.extend_from_slice(&meta.last_commit_us.unwrap_or(i64::MIN).to_le_bytes());
+
+    let mut out = Vec::with_capacity(plaintext.len() / 2 + 256);
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    let prefix = out.clone();
+
+    let cipher = Aes256Gcm::new((&data_key).into());
+    let tag = cipher
+        .encrypt(&nonce(HEADER_NONCE_INDEX), Payload { msg: &[], aad: &frame_aad(name, &prefix, HEADER_NONCE_INDEX, false) })
+        .expect("AES-GCM encryption cannot fail");
+    out.extend_from_slice(&tag);
+
+    let frames: Vec<&[u8]> = if plaintext.is_empty() { vec![&[][..]] } else { plaintext.chunks(FRAME_SIZE).collect() };
+    let last_index = frames.len() - 1;
+    for (i, frame) in frames.into_iter().enumerate() {
+        let compressed = zstd::bulk::compress(frame, zstd_level).expect("zstd compression of a memory buffer cannot fail");
+        let index = i as u64;
+        let aad = frame_aad(name, &prefix, index, i == last_index);
+        let sealed = cipher
+            .encrypt(&nonce(index), Payload { msg: &compressed, aad: &aad })
+            .expect("AES-GCM encryption cannot fail");
+        out.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        out.extend_from_slice(&sealed);
+    }
+    out
+}
+
+/// Parses and authenticates the header of object `name` from a prefix of its bytes (at least the
+/// whole header; [`HEADER_PREFIX_LEN`] bytes always suffice).
+pub fn open_header(name: &str, bytes: &[u8], keys: &KeyRing) -> Result<SealedHeader, SealError> {
+    let (header, _key) = open_header_and_key(name, bytes, keys)?;
+    Ok(header)
+}
+
+fn open_header_and_key(name: &str, bytes: &[u8], keys: &KeyRing) -> Result<(SealedHeader, [u8; 32]), SealError> {
+    let header = parse_header(name, bytes)?;
+    let data_key = keys.unwrap(name, &header.key_id, &header.wrap_nonce, &header.wrapped_key)?;
+    let cipher = Aes256Gcm::new((&data_key).into());
+    let prefix_end = header.body_offset - TAG_LEN;
+    let aad = frame_aad(name, &bytes[..prefix_end], HEADER_NONCE_INDEX, false);
+    cipher
+        .decrypt(&nonce(HEADER_NONCE_INDEX), Payload { msg: &bytes[prefix_end..header.body_offset], aad: &aad })
+        .map_err(|_| SealError::Authentication { object: name.to_string(), part: "header".into() })?;
+    Ok((header, data_key))
+}
+
+/// Opens object `name`: authenticates every frame, decompresses, checks length and crc32.
+pub fn open(name: &str, bytes: &[u8], keys: &KeyRing) -> Result<(SealedHeader, Vec<u8>), SealError> {
+    let (header, data_key) = open_header_and_key(name, bytes, keys)?;
+    let cipher = Aes256Gcm::new((&data_key).into());
+    let prefix = &bytes[..header.body_offset - TAG_LEN];
+    let truncated = |what: String| SealError::Truncated { object: name.to_string(), what };
+    let mut plaintext = Vec::with_capacity(usize::try_from(header.plaintext_len).unwrap_or(0).min(1 << 30));
+    let mut pos = header.body_offset;
+    let mut index: u64 = 0;
+    loop {
+        let len_bytes = bytes
+            .get(pos..pos + 4)
+            .ok_or_else(|| truncated(format!("frame {index} length missing: the last frame is gone")))?;
+        let len = u32::from_le_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
+        pos += 4;
+        let frame = bytes.get(pos..pos + len).ok_or_else(|| truncated(format!("frame {index} cut short")))?;
+        pos += len;
+        let is_last = pos == bytes.len();
+        let aad = frame_aad(name, prefix, index, is_last);
+        let compressed = cipher.decrypt(&nonce(index), Payload { msg: frame, aad: &aad }).map_err(|_| {
+            let part = if is_last {
+                format!("frame {index} (the object may be truncated: its last frame is not marked last)")
+            } else {
+                format!("frame {index}")
+            };
+            SealError::Authentication { object: name.to_string(), part }
+        })?;
+        let plain = zstd::bulk::decompress(&compressed, header.frame_size as usize)
+            .map_err(|e| SealError::Decompress { object: name.to_string(), what: e.to_string() })?;
+        plaintext.extend_from_slice(&plain);
+        if is_last {
+            break;
+        }
+        index += 1;
+    }
+    if plaintext.len() as u64 != header.plaintext_len {
+        return Err(SealError::Checksum {
+            object: name.to_string(),
+            what: format!("length {} but the header says {}", plaintext.len(), header.plaintext_len),
+        });
+    }
+    if crc32fast::hash(&plaintext) != header.plaintext_crc32 {
+        return Err(SealError::Checksum { object: name.to_string(), what: "crc32 mismatch".into() });
+    }
+    Ok((header, plaintext))
+}
+
+fn parse_header(name: &str, bytes: &[u8]) -> Result<SealedHeader, SealError> {
+    let object = || name.to_string();
+    if bytes.len() < 9 {
+        return Err(SealError::Truncated { object: object(), what: "shorter than the fixed prefix".into() });
+    }
+    if &bytes[..4] != MAGIC {
+        return Err(SealError::BadMagic { object: object() });
+    }
+    if bytes[4] != VERSION {
+        return Err(SealError::Version { object: object(), version: bytes[4] });
+    }
+    let header_len = u32::from_le_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) as usize;
+    if header_len > MAX_HEADER_LEN {
+        return Err(SealError::Header { object: object(), what: format!("header length {header_len} too large") });
+    }
+    let body_offset = 9 + header_len + TAG_LEN;
+    if bytes.len() < body_offset {
+        return Err(SealError::Truncated { object: object(), what: "header cut short".into() });
+    }
+    let mut r = Reader { buf: &bytes[9..9 + header_len], name };
+    let kind_byte = r.u8()?;
+    let kind = ObjectKind::from_u8(kind_byte)
+        .ok_or_else(|| SealError::Header { object: object(), what: format!("unknown object kind {kind_byte}") })?;
+    let id_len = r.u16()? as usize;
+    let key_id = String::from_utf8(r.take(id_len)?.to_vec())
+        .map_err(|_| SealError::Header { object: object(), what: "key id is not UTF-8".into() })?;
+    let mut wrap_nonce = [0u8; 12];
+    wrap_nonce.copy_from_slice(r.take(12)?);
+    let mut wrapped_key = [0u8; WRAPPED_KEY_LEN];
+    wrapped_key.copy_from_slice(r.take(WRAPPED_KEY_LEN)?);
+    let plaintext_len = r.u64()?;
+    let plaintext_crc32 = r.u32()?;
+    let frame_size = r.u32()?;
+    let created_us = r.u64()? as i64;
+    let timeline = r.u32()?;
+    let start_lsn = r.u64()?;
+    let end_lsn = r.u64()?;
+    let opt = |v: u64| if v as i64 == i64::MIN { None } else { Some(v as i64) };
+    let first_commit_us = opt(r.u64()?);
+    let last_commit_us = opt(r.u64()?);
+    if frame_size == 0 || frame_size as usize > 64 * FRAME_SIZE {
+        return Err(SealError::Header { object: object(), what: format!("frame size {frame_size}") });
+    }
+    Ok(SealedHeader {
+        key_id,
+        plaintext_len,
+        plaintext_crc32,
+        created_us,
+        meta: ObjectMeta { kind, timeline, start_lsn, end_lsn, first_commit_us, last_commit_us },
+        wrap_nonce,
+        wrapped_key,
+        frame_size,
+        body_offset,
+    })
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    name: &'a str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], SealError> {
+        if self.buf.len() < n {
+            return Err(SealError::Header { object: self.name.to_string(), what: "header fields cut short".into() });
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, SealError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, SealError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, SealError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, SealError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+}
+
+fn nonce(index: u64) -> Nonce<aes_gcm::aead::consts::U12> {
+    let mut n = [0u8; 12];
+    n[..8].copy_from_slice(&index.to_le_bytes());
+    *Nonce::from_slice(&n)
+}
+
+fn frame_aad(name: &str, header_prefix: &[u8], index: u64, last: bool) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(name.len() + header_prefix.len() + 32);
+    aad.extend_from_slice(&(name.len() as u32).to_le_bytes());
+    aad.extend_from_slice(name.as_bytes());
+    aad.extend_from_slice(header_prefix);
+    aad.extend_from_slice(&index.to_le_bytes());
+    aad.push(last as u8);
+    aad
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> KeyRing {
+        KeyRing::from_key("test", [42; 32])
+    }
+
+    fn meta() -> ObjectMeta {
+        ObjectMeta {
+            kind: ObjectKind::WalChunk,
+            timeline: 1,
+            start_lsn: 0x1000000,
+            end_lsn: 0x1002000,
+            first_commit_us: Some(5),
+            last_commit_us: Some(9),
+        }
+    }
+
+    fn sample(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn round_trip_small_empty_and_multi_frame() {
+        for len in [0, 1, 1000, FRAME_SIZE, FRAME_SIZE * 2 + 17] {
+            let plain = sample(len);
+            let sealed = seal("wal/x", &plain, &meta(), &ring(), 1);
+            let (header, opened) = open("wal/x", &sealed, &ring()).unwrap();
+            assert_eq!(opened, plain);
+            assert_eq!(header.meta, meta());
+            assert_eq!(open_header("wal/x", &sealed, &ring()).unwrap().plaintext_len, len as u64);
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let plain = sample(3000);
+        let sealed = seal("a", &plain, &meta(), &ring(), 1);
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x01;
+            assert!(open("a", &bad, &ring()).is_err(), "flip at byte {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn rename_is_detected() {
+        let sealed = seal("a", b"hello", &meta(), &ring(), 1);
+        let err = open("b", &sealed, &ring()).unwrap_err();
+        assert!(err.to_string().contains("object b"), "{err}");
+    }
+
+    #[test]
+    fn truncation_at_a_frame_boundary_is_detected() {
+        let plain = sample(FRAME_SIZE * 2 + 10);
+        let sealed = seal("a", &plain, &meta(), &ring(), 1);
+        let header = parse_header("a", &sealed).unwrap();
+        // Cut just after the first frame: what remains is a well-formed but unfinished object.
+        let first_len = u32::from_le_bytes(sealed[header.body_offset..header.body_offset + 4].try_into().unwrap()) as usize;
+        let cut = &sealed[..header.body_offset + 4 + first_len];
+        let err = open("a", cut, &ring()).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        for cut_at in [0, 5, 20, sealed.len() - 1] {
+            assert!(open("a", &sealed[..cut_at], &ring()).is_err());
+        }
+    }
+
+    #[test]
+    fn frame_reordering_is_detected() {
+        let plain = sample(FRAME_SIZE * 3);
+        let sealed = seal("a", &plain, &meta(), &ring(), 1);
+        let header = parse_header("a", &sealed).unwrap();
+        let mut frames = Vec::new();
+        let mut pos = header.body_offset;
+        while pos < sealed.len() {
+            let len = u32::from_le_bytes(sealed[pos..pos + 4].try_into().unwrap()) as usize;
+            frames.push(sealed[pos..pos + 4 + len].to_vec());
+            pos += 4 + len;
+        }
+        assert_eq!(frames.len(), 3);
+        let mut swapped = sealed[..header.body_offset].to_vec();
+        for i in [1, 0, 2] {
+            swapped.extend_from_slice(&frames[i]);
+        }
+        assert!(matches!(open("a", &swapped, &ring()), Err(SealError::Authentication { .. })));
+    }
+
+    #[test]
+    fn wrong_key_is_named() {
+        let sealed = seal("a", b"x", &meta(), &ring(), 1);
+        let other = KeyRing::from_key("test", [1; 32]);
+        assert!(matches!(open("a", &sealed, &other), Err(SealError::Key(KeyError::Unwrap { .. }))));
+        let unknown = KeyRing::from_key("other-id", [42; 32]);
+        assert!(matches!(open("a", &sealed, &unknown), Err(SealError::Key(KeyError::UnknownKey { .. }))));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut x: u64 = 0x9E3779B97F4A7C15;
+        for len in 0..300 {
+            let mut buf = b"PITR\x01".to_vec();
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                buf.push(x as u8);
+            }
+            let _ = open("g", &buf, &ring());
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! Object storage: one small trait, and the local-filesystem backend.
+//!
+//! Object names are `/`-separated relative paths of `[A-Za-z0-9._-]` components. Backends never
+//! expose a half-written object: the local backend writes a temporary file, fsyncs it, links it to
+//! its final name (which fails if the name exists: put-if-absent) and fsyncs the directory.
+
+use std::fmt::Debug;
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rand::RngCore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {name} not found in {location}")]
+    NotFound { name: String, location: String },
+    #[error("invalid object name {name:?}: {why}")]
+    InvalidName { name: String, why: &'static str },
+    #[error("{op} {name} in {location}: {source}")]
+    Io { op: &'static str, name: String, location: String, source: std::io::Error },
+    #[error("{op} {name} in {location}: {message}")]
+    Backend { op: &'static str, name: String, location: String, message: String },
+}
+
+impl StoreError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub name: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    /// An object of that name was already there; nothing was written.
+    AlreadyExists,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + Debug {
+    /// Stores `data` under `name` unless an object of that name exists. Returns only once the
+    /// object is durable.
+    async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<PutOutcome, StoreError>;
+    async fn get(&self, name: &str) -> Result<Bytes, StoreError>;
+    /// Bytes `range` of the object; a range past the end is cut at the end.
+    async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError>;
+    /// Every object whose name starts with `prefix`, sorted by name.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
+    /// Deletes `name`; deleting a missing object is not an error.
+    async fn delete(&self, name: &str) -> Result<(), StoreError>;
+    async fn head(&self, name: &str) -> Result<Option<ObjectInfo>, StoreError>;
+    /// Where this store is, for messages (never contains credentials).
+    fn location(&self) -> String;
+}
+
+pub fn validate_name(name: &str) -> Result<(), StoreError> {
+    let bad = |why| Err(StoreError::InvalidName { name: name.to_string(), why });
+    if name.is_empty() {
+        return bad("empty");
+    }
+    for part in name.split('/') {
+        if part.is_empty() {
+            return bad("empty path component");
+        }
+        if part == "." || part == ".." || part.starts_with(".tmp.") {
+            return bad("reserved path component");
+        }
+        if !part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+            return bad("only [A-Za-z0-9._-] and / are allowed");
+        }
+    }
+    Ok(())
+}
+
+/// The default backend: a directory on a local (or mounted) filesystem.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(root: impl Into<PathBuf>) -> LocalStore {
+        LocalStore { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, name: &str) -> Result<PathBuf, StoreError> {
+        validate_name(name)?;
+        Ok(self.root.join(name))
+    }
+
+    fn io(&self, op: &'static str, name: &str, source: std::io::Error) -> StoreError {
+        if source.kind() == std::io::ErrorKind::NotFound && (op == "get" || op == "get range") {
+            return StoreError::NotFound { name: name.to_string(), location: self.location() };
+        }
+        StoreError::Io { op, name: name.to_string(), location: self.location(), source }
+    }
+
+    fn put_blocking(&self, name: &str, data: &[u8]) -> Result<PutOutcome, StoreError> {
+        let path = self.path_of(name)?;
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        if path.exists() {
+            return Ok(PutOutcome::AlreadyExists);
+        }
+        create_dir_all_synced(&self.root, &dir).map_err(|e| self.io("create directory for", name, e))?;
+        let mut suffix = [0u8; 6];
+        rand::rngs::OsRng.fill_bytes(&mut suffix);
+        let tmp = dir.join(format!(".tmp.{file_name}.{}", hex::encode(suffix)));
+        let result = (|| -> std::io::Result<PutOutcome> {
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            drop(f);
+            // link(2) fails if the target exists, which makes this an atomic put-if-absent
+            // (rename would silently replace).
+            let outcome = match std::fs::hard_link(&tmp, &path) {
+                Ok(()) => PutOutcome::Created,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => PutOutcome::AlreadyExists,
+                Err(e) => return Err(e),
+            };
+            std::fs::remove_file(&tmp)?;
+            sync_dir(&dir)?;
+            Ok(outcome)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map_err(|e| self.io("put", name, e))
+    }
+
+    fn list_blocking(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        // Walk only the deepest directory the prefix names, not the whole repository.
+        let dir_part = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let start = if dir_part.is_empty() { self.root.clone() } else { self.root.join(dir_part) };
+        let mut out = Vec::new();
+        let mut stack = vec![(start, dir_part.to_string())];
+        while let Some((dir, rel)) = stack.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io("list", prefix, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| self.io("list", prefix, e))?;
+                let fname = entry.file_name().to_string_lossy().into_owned();
+                if fname.starts_with(".tmp.") {
+                    continue;
+                }
+                let name = if rel.is_empty() { fname } else { format!("{rel}/{fname}") };
+                let ft = entry.file_type().map_err(|e| self.io("list", prefix, e))?;
+                if ft.is_dir() {
+                    if name.starts_with(prefix) || prefix.starts_with(&format!("{name}/")) {
+                        stack.push((entry.path(), name));
+                    }
+                } else if ft.is_file() && name.starts_with(prefix) {
+                    let size = entry.metadata().map_err(|e| self.io("list", prefix, e))?.len();
+                    out.push(ObjectInfo { name, size });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and any missing parents below `root`, fsyncing each parent so the new
+/// directory entries survive a crash.
+fn create_dir_all_synced(root: &Path, dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        if parent != root && parent.starts_with(root) {
+            create_dir_all_synced(root, parent)?;
+        }
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    sync_dir(dir.parent().unwrap_or(root))
+}
+
+#[async_trait]
+impl Store for LocalStore {
+    async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
+        let this = self.clone();
+        let name = name.to_string();
+        run_blocking(move || this.put_blocking(&name, &data)).await
+    }
+
+    async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
+        let path = self.path_of(name)?;
+        tokio::fs::read(&path).await.map(Bytes::from).map_err(|e| self.io("get", name, e))
+    }
+
+    async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let path = self.path_of(name)?;
+        let io = |e| self.io("get range", name, e);
+        let mut f = tokio::fs::File::open(&path).await.map_err(io)?;
+        f.seek(std::io::SeekFrom::Start(range.start)).await.map_err(io)?;
+        let mut buf = Vec::new();
+        f.take(range.end.saturating_sub(range.start)).read_to_end(&mut buf).await.map_err(io)?;
+        Ok(Bytes::from(buf))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let this = self.clone();
+        let prefix = prefix.to_string();
+        run_blocking(move || this.list_blocking(&prefix)).await
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.path_of(name)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(self.io("delete", name, e)),
+        }
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        run_blocking(move || sync_dir(&dir)).await.map_err(|e| self.io("delete", name, e))
+    }
+
+    async fn head(&self, name: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        let path = self.path_of(name)?;
+        match tokio::fs::metadata(&path).await {
+            Ok(m) if m.is_file() => Ok(Some(ObjectInfo { name: name.to_string(), size: m.len() })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io("head", name, e)),
+        }
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn put_get_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::new(dir.path());
+        assert_eq!(s.put_if_absent("a/b/c.seg", Bytes::from_static(b"one")).await.unwrap(), PutOutcome::Created);
+        assert_eq!(s.put_if_absent("a/b/c.seg", Bytes::from_static(b"two")).await.unwrap(), PutOutcome::AlreadyExists);
+        assert_eq!(&s.get("a/b/c.seg").await.unwrap()[..], b"one");
+        assert_eq!(&s.get_range("a/b/c.seg", 1..10).await.unwrap()[..], b"ne");
+        s.put_if_absent("a/d", Bytes::from_static(b"x")).await.unwrap();
+        s.put_if_absent("z", Bytes::from_static(b"x")).await.unwrap();
+        let names: Vec<_> = s.list("a/").await.unwrap().into_iter().map(|o| o.name).collect();
+        assert_eq!(names, vec!["a/b/c.seg", "a/d"]);
+        let names: Vec<_> = s.list("a/b/c").await.unwrap().into_iter().map(|o| o.name).collect();
+        assert_eq!(names, vec!["a/b/c.seg"]);
+        assert_eq!(s.list("").await.unwrap().len(), 3);
+        assert_eq!(s.head("a/d").await.unwrap().unwrap().size, 1);
+        s.delete("a/d").await.unwrap();
+        s.delete("a/d").await.unwrap();
+        assert!(s.head("a/d").await.unwrap().is_none());
+        assert!(s.get("a/d").await.unwrap_err().is_not_found());
+        // No temporary files are left behind.
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("a/b")).unwrap().collect();
+        assert_eq!(leftovers.len(), 1);
+    }
+
+    #[test]
+    fn names_are_validated() {
+        for bad in ["", "/a", "a//b", "../x", "a/./b", "a b", "a/.tmp.x"] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+        validate_name("pg/7123/wal/000000010000000000000001.seg").unwrap();
+    }
+
+    #[tokio::test]
+    async fn unwritable_root_is_an_error_naming_the_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plainfile");
+        std::fs::write(&file, b"").unwrap();
+        let s = LocalStore::new(&file);
+        let err = s.put_if_absent("x/y", Bytes::from_static(b"1")).await.unwrap_err();
+        assert!(err.to_string().contains("x/y"), "{err}");
+    }
+}
