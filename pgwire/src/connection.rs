@@ -1,0 +1,494 @@
+//! The socket edge: one connection to a PostgreSQL server, TCP or Unix socket, optionally TLS,
+//! authenticated, with the replication commands pitr uses on top of it.
+//!
+//! All reads go through `rbuf` and all writes through `wbuf`, so `recv_replication` and
+//! `send_status` can sit in a `tokio::select!` without losing bytes when a branch is cancelled.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::conninfo::{ConnInfo, Host, SslMode, TargetSessionAttrs};
+use crate::messages::{self, parse_backend, BackendMessage, ReplicationMessage, ServerError};
+use crate::{tls, PgError};
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// What IDENTIFY_SYSTEM says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemIdentity {
+    pub system_id: u64,
+    pub timeline: u32,
+    pub xlog_pos: u64,
+}
+
+/// Rows of one result set, as raw values (text format).
+#[derive(Debug, Clone, Default)]
+pub struct QueryResult {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Option<Bytes>>>,
+}
+
+impl QueryResult {
+    /// Column `col` of row `row` as UTF-8 text.
+    pub fn text(&self, row: usize, col: usize) -> Option<&str> {
+        self.rows.get(row)?.get(col)?.as_ref().and_then(|b| std::str::from_utf8(b).ok())
+    }
+}
+
+/// Events of a running START_REPLICATION stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    Message(ReplicationMessage),
+    /// The server finished streaming the requested timeline; the next one begins at `next_start`.
+    EndOfTimeline { next_timeline: u32, next_start: u64 },
+    /// The server ended streaming without naming a next timeline (it is shutting down).
+    Ended,
+}
+
+#[derive(Debug, Default)]
+struct EndOfStreaming {
+    next: Option<(u32, u64)>,
+}
+
+pub struct Connection {
+    io: Box<dyn Io>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    params: HashMap<String, String>,
+    host: String,
+    ending: Option<EndOfStreaming>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("host", &self.host).finish_non_exhaustive()
+    }
+}
+
+/// Options that are not part of the connection string.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub replication: bool,
+    /// Used when the connection string sets none.
+    pub application_name: String,
+}
+
+impl Connection {
+    /// Connects to the first host that accepts us and matches `target_session_attrs`, trying each
+    /// in order as libpq does. The error lists every host and why it was passed over.
+    pub async fn connect(info: &ConnInfo, opts: &ConnectOptions) -> Result<Connection, PgError> {
+        let mut attempts = Vec::new();
+        for host in &info.hosts {
+            let label = host_label(host);
+            let attempt = async {
+                let mut conn = Self::connect_one(info, host, &label, opts).await?;
+                conn.check_session_attrs(info.target_session_attrs).await?;
+                Ok::<_, PgError>(conn)
+            };
+            let result = match info.connect_timeout {
+                Some(t) => tokio::time::timeout(t, attempt)
+                    .await
+                    .unwrap_or_else(|_| Err(PgError::Timeout { host: label.clone(), after: t })),
+                None => attempt.await,
+            };
+            match result {
+                Ok(conn) => return Ok(conn),
+                Err(e) => {
+                    tracing::debug!(host = %label, error = %e, "connection attempt failed");
+                    attempts.push(e.to_string());
+                }
+            }
+        }
+        if attempts.len() == 1 {
+            // One host: its own error is the clearest message.
+            return Err(PgError::Connect { attempts: attempts.remove(0) });
+        }
+        Err(PgError::Connect { attempts: attempts.join("; ") })
+    }
+
+    async fn connect_one(info: &ConnInfo, host: &Host, label: &str, opts: &ConnectOptions) -> Result<Connection, PgError> {
+        let io_err = |e: std::io::Error| PgError::Io { host: label.to_string(), source: e };
+        let io: Box<dyn Io> = match host {
+            Host::Tcp { host: name, port } => {
+                let tcp = TcpStream::connect((name.as_str(), *port)).await.map_err(io_err)?;
+                tcp.set_nodelay(true).map_err(io_err)?;
+                if let Some(idle) = info.keepalives_idle {
+                    let sock = socket2_keepalive(&tcp, idle);
+                    if let Err(e) = sock {
+                        tracing::debug!(error = %e, "could not set TCP keepalive");
+                    }
+                }
+                Self::maybe_tls(info, name, label, tcp).await?
+            }
+            Host::Unix { dir, port } => {
+                let path: PathBuf = dir.join(format!(".s.PGSQL.{port}"));
+                Box::new(UnixStream::connect(&path).await.map_err(io_err)?)
+            }
+        };
+        let mut conn = Connection {
+            io,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            wbuf: BytesMut::with_capacity(1024),
+            params: HashMap::new(),
+            host: label.to_string(),
+            ending: None,
+        };
+        conn.startup(info, host, opts).await?;
+        Ok(conn)
+    }
+
+    async fn maybe_tls(info: &ConnInfo, name: &str, label: &str, mut tcp: TcpStream) -> Result<Box<dyn Io>, PgError> {
+        if matches!(info.sslmode, SslMode::Disable | SslMode::Allow) {
+            return Ok(Box::new(tcp));
+        }
+        let io_err = |e: std::io::Error| PgError::Io { host: label.to_string(), source: e };
+        let mut req = BytesMut::new();
+        frontend::ssl_request(&mut req);
+        tcp.write_all(&req).await.map_err(io_err)?;
+        let answer = tcp.read_u8().await.map_err(io_err)?;
+        match answer {
+            b'S' => {
+                let config = tls::client_config(info, label)?;
+                let connector = tokio_rustls::TlsConnector::from(config);
+                let stream = connector
+                    .connect(tls::server_name(name)?, tcp)
+                    .await
+                    .map_err(|e| PgError::Tls { host: label.to_string(), message: e.to_string() })?;
+                Ok(Box::new(stream))
+            }
+            b'N' if info.sslmode == SslMode::Prefer => Ok(Box::new(tcp)),
+            b'N' => Err(PgError::Tls { host: label.to_string(), message: "the server does not support TLS, but sslmode requires it".into() }),
+            other => Err(PgError::Protocol(format!("{label}: unexpected answer {other:#x} to the TLS request"))),
+        }
+    }
+
+    async fn startup(&mut self, info: &ConnInfo, host: &Host, opts: &ConnectOptions) -> Result<(), PgError> {
+        let user = info
+            .user
+            .clone()
+            .or_else(|| std::env::var("PGUSER").ok())
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "postgres".to_string());
+        let app = info.application_name.clone().unwrap_or_else(|| opts.application_name.clone());
+        let mut params: Vec<(&str, &str)> = vec![("user", &user), ("application_name", &app)];
+        if opts.replication {
+            params.push(("replication", "true"));
+        } else if let Some(db) = &info.dbname {
+            params.push(("database", db));
+        }
+        if let Some(o) = &info.options {
+            params.push(("options", o));
+        }
+        frontend::startup_message(params.iter().copied(), &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
+        self.flush().await?;
+
+        let host_label = self.host.clone();
+        let password = || -> Result<String, PgError> {
+            info.password
+                .clone()
+                .or_else(|| std::env::var("PGPASSWORD").ok())
+                .or_else(|| crate::pgpass::lookup(host, info.dbname.as_deref().unwrap_or("replication"), &user))
+                .ok_or_else(|| PgError::Auth { host: host_label.clone(), message: format!("the server asks a password for user {user:?} and none is set (password=, PGPASSWORD or ~/.pgpass)") })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.next_message().await? {
+                BackendMessage::AuthenticationOk => {}
+                BackendMessage::AuthenticationCleartextPassword => {
+                    let pw = password()?;
+                    frontend::password_message(pw.as_bytes(), &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
+                    self.flush().await?;
+                }
+                BackendMessage::AuthenticationMd5Password { salt } => {
+                    let pw = password()?;
+                    let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), pw.as_bytes(), salt);
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
+                    self.flush().await?;
+                }
+                BackendMessage::AuthenticationSasl { mechanisms } => {
+                    if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
+                        return Err(PgError::Auth {
+                            host: self.host.clone(),
+                            message: format!("the server offers SASL mechanisms {mechanisms:?}; pitr speaks SCRAM-SHA-256"),
+                        });
+                    }
+                    let pw = password()?;
+                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)
+                        .map_err(|e| PgError::Protocol(e.to_string()))?;
+                    self.flush().await?;
+                    scram = Some(s);
+                }
+                BackendMessage::AuthenticationSaslContinue(data) => {
+                    let s = scram.as_mut().ok_or_else(|| PgError::Protocol("SASL continue without SASL start".into()))?;
+                    s.update(&data).map_err(|e| PgError::Auth { host: self.host.clone(), message: format!("SCRAM: {e}") })?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
+                    self.flush().await?;
+                }
+                BackendMessage::AuthenticationSaslFinal(data) => {
+                    let s = scram.as_mut().ok_or_else(|| PgError::Protocol("SASL final without SASL start".into()))?;
+                    s.finish(&data).map_err(|e| PgError::Auth {
+                        host: self.host.clone(),
+                        message: format!("SCRAM server signature check failed: {e}"),
+                    })?;
+                }
+                BackendMessage::AuthenticationUnsupported(what) => {
+                    return Err(PgError::Auth { host: self.host.clone(), message: format!("{what} authentication is not supported by pitr") });
+                }
+                BackendMessage::ParameterStatus { name, value } => {
+                    self.params.insert(name, value);
+                }
+                BackendMessage::BackendKeyData | BackendMessage::Notice(_) | BackendMessage::Other => {}
+                BackendMessage::ReadyForQuery => return Ok(()),
+                BackendMessage::Error(e) => {
+                    // 28P01 invalid_password, 28000 invalid_authorization_specification
+                    if e.code.starts_with("28") {
+                        return Err(PgError::Auth { host: self.host.clone(), message: e.to_string() });
+                    }
+                    return Err(PgError::Server { host: self.host.clone(), error: e });
+                }
+                other => return Err(PgError::Protocol(format!("{}: unexpected {other:?} during startup", self.host))),
+            }
+        }
+    }
+
+    async fn check_session_attrs(&mut self, want: TargetSessionAttrs) -> Result<(), PgError> {
+        if want == TargetSessionAttrs::Any {
+            return Ok(());
+        }
+        let in_hot_standby = match self.params.get("in_hot_standby") {
+            Some(v) => v == "on",
+            // Before PostgreSQL 14 the server does not report it; ask.
+            None => self.show("transaction_read_only").await? == "on",
+        };
+        let read_only = in_hot_standby || self.params.get("default_transaction_read_only").is_some_and(|v| v == "on");
+        let ok = match want {
+            TargetSessionAttrs::Any | TargetSessionAttrs::PreferStandby => true,
+            TargetSessionAttrs::ReadWrite => !read_only,
+            TargetSessionAttrs::ReadOnly => read_only,
+            TargetSessionAttrs::Primary => !in_hot_standby,
+            TargetSessionAttrs::Standby => in_hot_standby,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(PgError::SessionAttrs { host: self.host.clone(), wanted: format!("{want:?}"), read_only })
+        }
+    }
+
+    /// A server parameter reported at startup (`server_version`, `in_hot_standby`, …).
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.params.get(name).map(String::as_str)
+    }
+
+    /// The host we are connected to, as `host:port` (or the socket directory).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    async fn flush(&mut self) -> Result<(), PgError> {
+        while !self.wbuf.is_empty() {
+            let n = self.io.write_buf(&mut self.wbuf).await.map_err(|e| PgError::Io { host: self.host.clone(), source: e })?;
+            if n == 0 {
+                return Err(PgError::Io { host: self.host.clone(), source: std::io::ErrorKind::WriteZero.into() });
+            }
+        }
+        self.io.flush().await.map_err(|e| PgError::Io { host: self.host.clone(), source: e })
+    }
+
+    async fn next_message(&mut self) -> Result<BackendMessage, PgError> {
+        loop {
+            if let Some(msg) = parse_backend(&mut self.rbuf)? {
+                return Ok(msg);
+            }
+            let n = self.io.read_buf(&mut self.rbuf).await.map_err(|e| PgError::Io { host: self.host.clone(), source: e })?;
+            if n == 0 {
+                return Err(PgError::Closed { host: self.host.clone() });
+            }
+        }
+    }
+
+    /// Runs one simple query (a replication command on a replication connection) and returns the
+    /// last result set.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<QueryResult, PgError> {
+        frontend::query(sql, &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
+        self.flush().await?;
+        let mut result = QueryResult::default();
+        let mut error: Option<ServerError> = None;
+        loop {
+            match self.next_message().await? {
+                BackendMessage::RowDescription { columns } => {
+                    result = QueryResult { columns, rows: Vec::new() };
+                }
+                BackendMessage::DataRow(values) => result.rows.push(values),
+                BackendMessage::Error(e) => error = Some(e),
+                BackendMessage::ReadyForQuery => break,
+                BackendMessage::CopyOutResponse | BackendMessage::CopyInResponse | BackendMessage::CopyBothResponse => {
+                    return Err(PgError::Protocol(format!("{}: {sql:?} started a COPY", self.host)));
+                }
+                _ => {}
+            }
+        }
+        match error {
+            Some(error) => Err(PgError::Server { host: self.host.clone(), error }),
+            None => Ok(result),
+        }
+    }
+
+    pub async fn show(&mut self, setting: &str) -> Result<String, PgError> {
+        let r = self.simple_query(&format!("SHOW {setting}")).await?;
+        r.text(0, 0)
+            .map(str::to_string)
+            .ok_or_else(|| PgError::Protocol(format!("{}: SHOW {setting} returned no value", self.host)))
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity, PgError> {
+        let r = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let bad = |what: &str| PgError::Protocol(format!("IDENTIFY_SYSTEM: {what}"));
+        let system_id = r.text(0, 0).and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad systemid"))?;
+        let timeline = r.text(0, 1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad timeline"))?;
+        let xlog_pos = r.text(0, 2).and_then(messages::parse_lsn).ok_or_else(|| bad("bad xlogpos"))?;
+        Ok(SystemIdentity { system_id, timeline, xlog_pos })
+    }
+
+    /// Creates a physical slot that reserves WAL at once; `Ok(false)` if it already exists.
+    pub async fn create_physical_slot(&mut self, slot: &str) -> Result<bool, PgError> {
+        validate_slot_name(slot)?;
+        match self.simple_query(&format!("CREATE_REPLICATION_SLOT {slot} PHYSICAL RESERVE_WAL")).await {
+            Ok(_) => Ok(true),
+            Err(PgError::Server { error, .. }) if error.code == "42710" => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Slot type and restart LSN of `slot` (PostgreSQL 15+), `None` if there is no such slot.
+    pub async fn read_replication_slot(&mut self, slot: &str) -> Result<Option<(String, Option<u64>)>, PgError> {
+        validate_slot_name(slot)?;
+        let r = self.simple_query(&format!("READ_REPLICATION_SLOT {slot}")).await?;
+        match r.text(0, 0) {
+            None => Ok(None),
+            Some(kind) => Ok(Some((kind.to_string(), r.text(0, 1).and_then(messages::parse_lsn)))),
+        }
+    }
+
+    /// The history file of `timeline`: (file name, contents).
+    pub async fn timeline_history(&mut self, timeline: u32) -> Result<(String, Bytes), PgError> {
+        let r = self.simple_query(&format!("TIMELINE_HISTORY {timeline}")).await?;
+        let name = r.text(0, 0).ok_or_else(|| PgError::Protocol("TIMELINE_HISTORY: no file name".into()))?.to_string();
+        let content = r.rows.first().and_then(|row| row.get(1)).cloned().flatten().unwrap_or_default();
+        Ok((name, content))
+    }
+
+    /// START_REPLICATION SLOT … PHYSICAL lsn TIMELINE tli; on success the connection is in CopyBoth.
+    pub async fn start_replication(&mut self, slot: &str, start: u64, timeline: u32) -> Result<(), PgError> {
+        validate_slot_name(slot)?;
+        let sql = format!("START_REPLICATION SLOT {slot} PHYSICAL {} TIMELINE {timeline}", messages::format_lsn(start));
+        frontend::query(&sql, &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
+        self.flush().await?;
+        loop {
+            match self.next_message().await? {
+                BackendMessage::CopyBothResponse => {
+                    self.ending = None;
+                    return Ok(());
+                }
+                BackendMessage::Error(error) => {
+                    // Drain to ReadyForQuery so the connection stays usable.
+                    while !matches!(self.next_message().await?, BackendMessage::ReadyForQuery) {}
+                    return Err(PgError::Server { host: self.host.clone(), error });
+                }
+                BackendMessage::Notice(n) => tracing::info!(host = %self.host, "{n}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// The next event of the replication stream. Cancel-safe.
+    pub async fn recv_replication(&mut self) -> Result<StreamEvent, PgError> {
+        loop {
+            match self.next_message().await? {
+                BackendMessage::CopyData(data) if self.ending.is_none() => {
+                    return Ok(StreamEvent::Message(messages::parse_replication_message(data)?));
+                }
+                BackendMessage::CopyDone if self.ending.is_none() => {
+                    self.ending = Some(EndOfStreaming::default());
+                    frontend::copy_done(&mut self.wbuf);
+                }
+                BackendMessage::DataRow(values) if self.ending.is_some() => {
+                    let text = |i: usize| values.get(i).cloned().flatten().and_then(|b| String::from_utf8(b.to_vec()).ok());
+                    let tli = text(0).and_then(|s| s.parse().ok());
+                    let pos = text(1).as_deref().and_then(messages::parse_lsn);
+                    if let (Some(tli), Some(pos), Some(ending)) = (tli, pos, self.ending.as_mut()) {
+                        ending.next = Some((tli, pos));
+                    }
+                }
+                BackendMessage::ReadyForQuery if self.ending.is_some() => {
+                    let ending = self.ending.take().unwrap_or_default();
+                    return Ok(match ending.next {
+                        Some((next_timeline, next_start)) => StreamEvent::EndOfTimeline { next_timeline, next_start },
+                        None => StreamEvent::Ended,
+                    });
+                }
+                BackendMessage::Error(error) => return Err(PgError::Server { host: self.host.clone(), error }),
+                BackendMessage::Notice(n) => tracing::info!(host = %self.host, "{n}"),
+                _ => {}
+            }
+            // Anything queued (the CopyDone answer) goes out before waiting for more.
+            if !self.wbuf.is_empty() {
+                self.flush().await?;
+            }
+        }
+    }
+
+    /// Sends a standby status update. `write`/`flush` must be durable positions.
+    pub async fn send_status(&mut self, write: u64, flush: u64, reply_requested: bool) -> Result<(), PgError> {
+        let now = now_pg_micros();
+        messages::standby_status_update(write, flush, 0, now, reply_requested, &mut self.wbuf);
+        self.flush().await
+    }
+
+    /// Tells the server we are done (Terminate) and closes the socket.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.wbuf);
+        let _ = self.flush().await;
+        let _ = self.io.shutdown().await;
+    }
+}
+
+fn host_label(host: &Host) -> String {
+    match host {
+        Host::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
+        Host::Tcp { host, port } => format!("{host}:{port}"),
+        Host::Unix { dir, port } => format!("{}/.s.PGSQL.{port}", dir.display()),
+    }
+}
+
+/// Slot names are `[a-z0-9_]{1,63}` (PostgreSQL's own rule), so they never need quoting.
+pub fn validate_slot_name(slot: &str) -> Result<(), PgError> {
+    if !slot.is_empty() && slot.len() <= 63 && slot.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+        Ok(())
+    } else {
+        Err(PgError::InvalidSlotName(slot.to_string()))
+    }
+}
+
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+fn now_pg_micros() -> i64 {
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    unix - PG_EPOCH_OFFSET_US
+}
+
+fn socket2_keepalive(tcp: &TcpStream, idle: Duration) -> std::io::Result<()> {
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle))
+}
