@@ -11,8 +11,11 @@
 //!   authenticate and verify TLS against `host`) is not modelled, so giving both is an error.
 //! * libpq options that change security or connection behaviour but are not modelled here
 //!   (`service`, `passfile`, `sslcrl`, `require_auth`, ...) are rejected rather than silently
-//!   ignored, as are `gssencmode=require` and `channel_binding=require`. `replication` is
-//!   rejected because pitr sets it itself.
+//!   ignored, as are `gssencmode=require`, `channel_binding=require` and the special
+//!   `sslrootcert=system`. `replication` is rejected because pitr sets it itself.
+//! * Other values are checked more strictly than libpq does: `connect_timeout` and the
+//!   keepalive settings must be non-negative whole numbers, and `connect_timeout=1` is not
+//!   raised to 2 seconds.
 //! * Inside a single-quoted value, `''` is accepted as an escaped quote besides `\'`. libpq
 //!   rejects such strings, so this changes the meaning of no string libpq accepts.
 //! * A URI's scheme is matched case-insensitively and surrounding whitespace is ignored (a
@@ -23,7 +26,9 @@
 //!
 //! As in libpq, a keyword given twice keeps its last value, and URI query parameters override
 //! the parts of the URI before them. Error positions are 0-based byte offsets into the input.
-//! No error message ever contains the password.
+//! No error message contains the password's value. (An unquoted password with a space in it
+//! is split by the syntax itself; a later piece that happens to contain `=` is then reported
+//! as an unknown keyword, which cannot be told apart from a typo.)
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -350,10 +355,7 @@ impl fmt::Display for Host {
         match self {
             Host::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
             Host::Tcp { host, port } => write!(f, "{host}:{port}"),
-            Host::Unix { .. } => match self.socket_path() {
-                Some(path) => write!(f, "{}", path.display()),
-                None => Ok(()),
-            },
+            Host::Unix { dir, port } => write!(f, "{}/.s.PGSQL.{port}", dir.display()),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod conninfo;
 pub mod messages;
 mod pgpass;
 mod tls;
+pub mod timeline;
 pub mod walreader;
 
 use std::time::Duration;

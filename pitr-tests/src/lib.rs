@@ -421,20 +421,28 @@ pub fn workspace_root() -> PathBuf {
 fn build_pitr() -> Result<PathBuf> {
     let cargo = env_nonempty("CARGO").unwrap_or_else(|| "cargo".into());
     let root = workspace_root();
-    let out = run_output(
-        Command::new(&cargo)
-            .args([
-                "build",
-                "-p",
-                "pitr",
-                "--bin",
-                "pitr",
-                "--message-format=json-render-diagnostics",
-            ])
-            .current_dir(&root)
-            .stdin(Stdio::null()),
-        "cargo build -p pitr --bin pitr",
-    )?;
+    let out = Command::new(&cargo)
+        .args([
+            "build",
+            "-p",
+            "pitr",
+            "--bin",
+            "pitr",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("failed to run {cargo}"))?;
+    if !out.status.success() {
+        // stdout is only JSON messages; the rendered diagnostics are on stderr.
+        bail!(
+            "`{cargo} build -p pitr --bin pitr` in {} failed ({}):\n{}",
+            root.display(),
+            out.status,
+            lossy(&out.stderr).trim_end()
+        );
+    }
     for line in lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
