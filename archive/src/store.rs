@@ -95,6 +95,21 @@ impl LocalStore {
         &self.root
     }
 
+    /// Creates the repository directory (for `pitr init`). Other operations never create it, so
+    /// an unmounted volume is an error rather than a fresh, empty repository on the wrong disk.
+    pub fn create_root(&self) -> Result<(), StoreError> {
+        std::fs::create_dir_all(&self.root).map_err(|e| self.io("create", ".", e))
+    }
+
+    fn root_missing(&self) -> StoreError {
+        StoreError::Backend {
+            op: "open",
+            name: ".".into(),
+            location: self.location(),
+            message: "the repository directory does not exist (run `pitr init`, or is the volume mounted?)".into(),
+        }
+    }
+
     fn path_of(&self, name: &str) -> Result<PathBuf, StoreError> {
         validate_name(name)?;
         Ok(self.root.join(name))
@@ -113,6 +128,9 @@ impl LocalStore {
         let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
         if path.exists() {
             return Ok(PutOutcome::AlreadyExists);
+        }
+        if !self.root.is_dir() {
+            return Err(self.root_missing());
         }
         create_dir_all_synced(&self.root, &dir).map_err(|e| self.io("create directory for", name, e))?;
         let mut suffix = [0u8; 6];
@@ -147,6 +165,9 @@ impl LocalStore {
             None => "",
         };
         let start = if dir_part.is_empty() { self.root.clone() } else { self.root.join(dir_part) };
+        if !self.root.is_dir() {
+            return Err(self.root_missing());
+        }
         let mut out = Vec::new();
         let mut stack = vec![(start, dir_part.to_string())];
         while let Some((dir, rel)) = stack.pop() {
@@ -304,10 +325,14 @@ mod tests {
     #[tokio::test]
     async fn unwritable_root_is_an_error_naming_the_object() {
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("plainfile");
-        std::fs::write(&file, b"").unwrap();
-        let s = LocalStore::new(&file);
+        // "x" is a file, so the directory for "x/y" cannot be made (we run as root: modes don't stop us).
+        std::fs::write(dir.path().join("x"), b"").unwrap();
+        let s = LocalStore::new(dir.path());
         let err = s.put_if_absent("x/y", Bytes::from_static(b"1")).await.unwrap_err();
         assert!(err.to_string().contains("x/y"), "{err}");
+        let missing = LocalStore::new(dir.path().join("not-mounted"));
+        let err = missing.put_if_absent("a", Bytes::from_static(b"1")).await.unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        assert!(!dir.path().join("not-mounted").exists());
     }
 }

@@ -1693,3 +1693,61 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod scratch_real_wal {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn scratch_dump_real_wal() {
+        let dir = std::env::var("WAL_DIR").unwrap();
+        let mode = std::env::var("WAL_MODE").unwrap_or_default();
+        let chunk: usize = std::env::var("WAL_CHUNK").ok().and_then(|c| c.parse().ok()).unwrap_or(usize::MAX);
+        let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.len() == 24).collect();
+        names.sort();
+        let mut dec = WalDecoder::new(DEFAULT_SEGMENT_SIZE, DEFAULT_PAGE_SIZE);
+        let mut lines = Vec::new();
+        for n in &names {
+            let seg = u64::from_str_radix(&n[8..16], 16).unwrap() * 0x100 + u64::from_str_radix(&n[16..24], 16).unwrap();
+            let data = std::fs::read(format!("{dir}/{n}")).unwrap();
+            if mode == "separate" {
+                dec = WalDecoder::new(DEFAULT_SEGMENT_SIZE, DEFAULT_PAGE_SIZE);
+            }
+            let mut out = Vec::new();
+            let mut lsn = seg * DEFAULT_SEGMENT_SIZE;
+            for piece in data.chunks(chunk.min(data.len())) {
+                dec.feed(lsn, piece, &mut out);
+                lsn += piece.len() as u64;
+            }
+            for r in out {
+                lines.push(format!("{:X}/{:08X} {} {:?} {} end={:X}", r.lsn >> 32, r.lsn as u32, r.xid, r.kind, r.timestamp, r.end_lsn));
+            }
+        }
+        std::fs::write(format!("/tmp/pgscratch/ours-{mode}-{chunk}.txt"), lines.join("\n") + "\n").unwrap();
+    }
+}
+
+#[cfg(test)]
+mod scratch_debug {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn scratch_find_desync() {
+        let data = std::fs::read("/tmp/pgscratch/walcopy/000000010000000000000004").unwrap();
+        let mut dec = WalDecoder::new(DEFAULT_SEGMENT_SIZE, DEFAULT_PAGE_SIZE);
+        let mut out = Vec::new();
+        let base = 4 * DEFAULT_SEGMENT_SIZE;
+        let mut was = true;
+        for (i, b) in data.iter().enumerate() {
+            let before = format!("{:?} {:?}", dec.phase, match &dec.rec { Rec::Header{start,..} => format!("hdr@{start:X}"), Rec::Keep{start,..} => format!("keep@{start:X}"), Rec::Skip{remaining} => format!("skip {remaining}"), Rec::Between => "between".into() });
+            dec.feed(base + i as u64, std::slice::from_ref(b), &mut out);
+            let s = dec.is_synced();
+            if s != was {
+                eprintln!("at {:X}: synced={} before: {}", base + i as u64, s, before.chars().take(200).collect::<String>());
+                was = s;
+            }
+        }
+    }
+}
