@@ -19,8 +19,8 @@ pub const WRAPPED_KEY_LEN: usize = 48;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("key file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("key file {path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
     #[error("key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
     TooOpen { path: PathBuf, mode: u32 },
     #[error("key file {path}, line {line}: {what}")]
@@ -57,7 +57,7 @@ pub struct KeyRing {
 impl KeyRing {
     /// Reads a key file, refusing one that group or others can read.
     pub fn load(path: &Path) -> Result<KeyRing, KeyError> {
-        let io = |source| KeyError::Io { path: path.to_path_buf(), source };
+        let io = |cause| KeyError::Io { path: path.to_path_buf(), cause };
         let meta = std::fs::metadata(path).map_err(io)?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
@@ -106,7 +106,7 @@ impl KeyRing {
 
     /// Creates a new key file with one fresh random key, mode 0600, never overwriting.
     pub fn create(path: &Path) -> Result<KeyRing, KeyError> {
-        let io = |source| KeyError::Io { path: path.to_path_buf(), source };
+        let io = |cause| KeyError::Io { path: path.to_path_buf(), cause };
         let mut key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut key);
         let mut id_bytes = [0u8; 4];

@@ -19,8 +19,8 @@ pub enum StoreError {
     NotFound { name: String, location: String },
     #[error("invalid object name {name:?}: {why}")]
     InvalidName { name: String, why: &'static str },
-    #[error("{op} {name} in {location}: {source}")]
-    Io { op: &'static str, name: String, location: String, source: std::io::Error },
+    #[error("{op} {name} in {location}: {cause}")]
+    Io { op: &'static str, name: String, location: String, cause: std::io::Error },
     #[error("{op} {name} in {location}: {message}")]
     Backend { op: &'static str, name: String, location: String, message: String },
 }
@@ -115,11 +115,11 @@ impl LocalStore {
         Ok(self.root.join(name))
     }
 
-    fn io(&self, op: &'static str, name: &str, source: std::io::Error) -> StoreError {
-        if source.kind() == std::io::ErrorKind::NotFound && (op == "get" || op == "get range") {
+    fn io(&self, op: &'static str, name: &str, cause: std::io::Error) -> StoreError {
+        if cause.kind() == std::io::ErrorKind::NotFound && (op == "get" || op == "get range") {
             return StoreError::NotFound { name: name.to_string(), location: self.location() };
         }
-        StoreError::Io { op, name: name.to_string(), location: self.location(), source }
+        StoreError::Io { op, name: name.to_string(), location: self.location(), cause }
     }
 
     fn put_blocking(&self, name: &str, data: &[u8]) -> Result<PutOutcome, StoreError> {
@@ -177,20 +177,33 @@ impl LocalStore {
                 Err(e) => return Err(self.io("list", prefix, e)),
             };
             for entry in entries {
-                let entry = entry.map_err(|e| self.io("list", prefix, e))?;
+                // Objects deleted while we walk (compacted chunks) are simply not listed.
+                let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+                let entry = match entry {
+                    Ok(e) => e,
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => return Err(self.io("list", prefix, e)),
+                };
                 let fname = entry.file_name().to_string_lossy().into_owned();
                 if fname.starts_with(".tmp.") {
                     continue;
                 }
                 let name = if rel.is_empty() { fname } else { format!("{rel}/{fname}") };
-                let ft = entry.file_type().map_err(|e| self.io("list", prefix, e))?;
+                let ft = match entry.file_type() {
+                    Ok(t) => t,
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => return Err(self.io("list", prefix, e)),
+                };
                 if ft.is_dir() {
                     if name.starts_with(prefix) || prefix.starts_with(&format!("{name}/")) {
                         stack.push((entry.path(), name));
                     }
                 } else if ft.is_file() && name.starts_with(prefix) {
-                    let size = entry.metadata().map_err(|e| self.io("list", prefix, e))?.len();
-                    out.push(ObjectInfo { name, size });
+                    match entry.metadata() {
+                        Ok(m) => out.push(ObjectInfo { name, size: m.len() }),
+                        Err(e) if gone(&e) => continue,
+                        Err(e) => return Err(self.io("list", prefix, e)),
+                    }
                 }
             }
         }

@@ -1,1 +1,91 @@
-fn main(){}
+//! `pitr`: the command line. Parses arguments and the config, wires the library crates together
+//! and turns their typed errors into messages for people. No archive or protocol logic lives here.
+
+mod commands;
+mod config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "pitr", version, about = "Continuous backup and point-in-time recovery for PostgreSQL")]
+struct Cli {
+    /// Config file (default ./pitr.toml, or $PITR_CONFIG).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log level filter (e.g. info, debug, pitr_walstream=debug); also $PITR_LOG.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the repository and, if missing, the key file.
+    Init,
+    /// The sidecar: stream WAL from the primary into the repository until stopped.
+    Stream,
+    /// Received, durable and primary LSN, lag, newest archived commit.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// PostgreSQL's restore_command: fetch SEGMENT (or a .history file) into DEST.
+    WalFetch { segment: String, dest: PathBuf },
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let filter = cli
+        .log_level
+        .clone()
+        .or_else(|| std::env::var("PITR_LOG").ok())
+        .unwrap_or_else(|| "info".to_string());
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_target(false).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pitr: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config_path = config::Config::path(cli.config.as_deref());
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Init => commands::init(&config_path).await,
+            Command::Stream => commands::stream(&config_path).await,
+            Command::Status { json } => commands::status(&config_path, json).await,
+            Command::WalFetch { segment, dest } => return commands::wal_fetch(&config_path, &segment, &dest).await,
+        }
+        .map(|()| ExitCode::SUCCESS)
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pitr: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -115,7 +115,7 @@ impl Connection {
     }
 
     async fn connect_one(info: &ConnInfo, host: &Host, label: &str, opts: &ConnectOptions) -> Result<Connection, PgError> {
-        let io_err = |e: std::io::Error| PgError::Io { host: label.to_string(), source: e };
+        let io_err = |e: std::io::Error| PgError::Io { host: label.to_string(), cause: e };
         let io: Box<dyn Io> = match host {
             Host::Tcp { host: name, port } => {
                 let tcp = TcpStream::connect((name.as_str(), *port)).await.map_err(io_err)?;
@@ -149,7 +149,7 @@ impl Connection {
         if matches!(info.sslmode, SslMode::Disable | SslMode::Allow) {
             return Ok(Box::new(tcp));
         }
-        let io_err = |e: std::io::Error| PgError::Io { host: label.to_string(), source: e };
+        let io_err = |e: std::io::Error| PgError::Io { host: label.to_string(), cause: e };
         let mut req = BytesMut::new();
         frontend::ssl_request(&mut req);
         tcp.write_all(&req).await.map_err(io_err)?;
@@ -296,12 +296,12 @@ impl Connection {
 
     async fn flush(&mut self) -> Result<(), PgError> {
         while !self.wbuf.is_empty() {
-            let n = self.io.write_buf(&mut self.wbuf).await.map_err(|e| PgError::Io { host: self.host.clone(), source: e })?;
+            let n = self.io.write_buf(&mut self.wbuf).await.map_err(|e| PgError::Io { host: self.host.clone(), cause: e })?;
             if n == 0 {
-                return Err(PgError::Io { host: self.host.clone(), source: std::io::ErrorKind::WriteZero.into() });
+                return Err(PgError::Io { host: self.host.clone(), cause: std::io::ErrorKind::WriteZero.into() });
             }
         }
-        self.io.flush().await.map_err(|e| PgError::Io { host: self.host.clone(), source: e })
+        self.io.flush().await.map_err(|e| PgError::Io { host: self.host.clone(), cause: e })
     }
 
     async fn next_message(&mut self) -> Result<BackendMessage, PgError> {
@@ -309,7 +309,7 @@ impl Connection {
             if let Some(msg) = parse_backend(&mut self.rbuf)? {
                 return Ok(msg);
             }
-            let n = self.io.read_buf(&mut self.rbuf).await.map_err(|e| PgError::Io { host: self.host.clone(), source: e })?;
+            let n = self.io.read_buf(&mut self.rbuf).await.map_err(|e| PgError::Io { host: self.host.clone(), cause: e })?;
             if n == 0 {
                 return Err(PgError::Closed { host: self.host.clone() });
             }

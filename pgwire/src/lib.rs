@@ -21,8 +21,8 @@ pub use messages::{format_lsn, parse_lsn, ReplicationMessage, ServerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    #[error("{host}: {source}")]
-    Io { host: String, source: std::io::Error },
+    #[error("{host}: {cause}")]
+    Io { host: String, cause: std::io::Error },
     #[error("{host}: the server closed the connection")]
     Closed { host: String },
     #[error("{host}: connection timed out after {after:?}")]

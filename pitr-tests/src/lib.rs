@@ -1157,3 +1157,4 @@ pub fn lsn_to_u64(s: &str) -> u64 {
 pub fn u64_to_lsn(v: u64) -> String {
     format!("{:X}/{:X}", v >> 32, v & 0xFFFF_FFFF)
 }
+pub mod pitr;

@@ -20,8 +20,8 @@ pub enum FetchError {
     BadName { file: String },
     #[error(transparent)]
     Repository(#[from] RepositoryError),
-    #[error("writing {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("writing {path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +90,7 @@ async fn get_or_not_found(repo: &Repository, name: &str) -> Result<Option<(pitr_
 
 /// Writes next to `dest`, fsyncs, renames: PostgreSQL never sees a half-written file.
 fn write_atomically(dest: &Path, data: &[u8]) -> Result<(), FetchError> {
-    let io = |source| FetchError::Io { path: dest.to_path_buf(), source };
+    let io = |cause| FetchError::Io { path: dest.to_path_buf(), cause };
     let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "wal".into());
     let tmp = dest.with_file_name(format!(".{file_name}.pitr-tmp"));
     let result = (|| {

@@ -1,0 +1,252 @@
+//! The TOML configuration, with `$PITR_<SECTION>_<KEY>` overrides. Every option has a default
+//! (documented in docs/configuration.md) except the repository, the key file and the conninfo.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+
+/// Sections, in the order `$PITR_<SECTION>_<KEY>` is matched against.
+const SECTIONS: &[&str] = &["repository", "encryption", "postgres", "stream", "log"];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub repository: RepositoryConfig,
+    pub encryption: EncryptionConfig,
+    pub postgres: Option<PostgresConfig>,
+    #[serde(default)]
+    pub stream: StreamSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// A local directory (the default backend).
+    pub path: Option<PathBuf>,
+    /// An object-storage URL (`s3://bucket/prefix`, `gs://bucket/prefix`).
+    pub url: Option<String>,
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
+}
+
+fn default_zstd_level() -> i32 {
+    3
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub conninfo: String,
+    /// Names the cluster in slot and application names.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Physical replication slot; default `pitr_<name>`.
+    pub slot: Option<String>,
+    #[serde(default = "default_true")]
+    pub create_slot: bool,
+    /// Default `pitr_<name>`; put it in `synchronous_standby_names` for RPO 0.
+    pub application_name: Option<String>,
+    /// Refuse a server whose system identifier differs; also picks the cluster in a shared repository.
+    pub system_id: Option<u64>,
+}
+
+fn default_name() -> String {
+    "main".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSection {
+    /// Minimum spacing between WAL puts; default 0 for a local repository, 1 s for object storage.
+    #[serde(default, with = "humantime_serde")]
+    pub flush_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub status_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub startup_timeout: Option<Duration>,
+    /// Received-but-not-yet-durable WAL held in memory before reading pauses (bytes).
+    pub max_pending_bytes: Option<usize>,
+    /// Where `pitr stream` writes its live status for `pitr status`.
+    pub status_file: Option<PathBuf>,
+}
+
+impl PostgresConfig {
+    pub fn slot(&self) -> String {
+        self.slot.clone().unwrap_or_else(|| format!("pitr_{}", self.name))
+    }
+    pub fn application_name(&self) -> String {
+        self.application_name.clone().unwrap_or_else(|| format!("pitr_{}", self.name))
+    }
+}
+
+impl Config {
+    /// The path of the config file: `--config`, else `$PITR_CONFIG`, else `./pitr.toml`.
+    pub fn path(flag: Option<&Path>) -> PathBuf {
+        flag.map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("PITR_CONFIG").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("pitr.toml"))
+    }
+
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                anyhow!("config file {} not found (pass --config FILE or set PITR_CONFIG)", path.display())
+            } else {
+                anyhow!("cannot read config file {}: {e}", path.display())
+            }
+        })?;
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::parse(&text, &vars).with_context(|| format!("config file {}", path.display()))
+    }
+
+    pub fn parse(text: &str, env: &[(String, String)]) -> Result<Config> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| anyhow!("{}", e.to_string().trim_end()))?;
+        apply_env_overrides(&mut table, env)?;
+        let config: Config = Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| anyhow!("{}", e.to_string().trim_end()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        match (&self.repository.path, &self.repository.url) {
+            (None, None) => bail!("[repository]: set `path` (a local directory) or `url`"),
+            (Some(_), Some(_)) => bail!("[repository]: set either `path` or `url`, not both"),
+            (None, Some(url)) => bail!(
+                "[repository] url = {url:?}: object storage is not supported yet in this build; use `path` (a local or mounted directory)"
+            ),
+            (Some(p), None) if !p.is_absolute() => bail!("[repository] path = {:?}: must be an absolute path", p.display()),
+            _ => {}
+        }
+        if !(1..=22).contains(&self.repository.zstd_level) {
+            bail!("[repository] zstd_level = {}: must be between 1 and 22", self.repository.zstd_level);
+        }
+        if let Some(pg) = &self.postgres {
+            pg.conninfo.parse::<pitr_pgwire::ConnInfo>().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
+            pitr_pgwire::connection::validate_slot_name(&pg.slot()).map_err(|e| anyhow!("[postgres] slot: {e}"))?;
+        }
+        if let Some(0) = self.stream.max_pending_bytes {
+            bail!("[stream] max_pending_bytes must be greater than 0");
+        }
+        if self.stream.status_interval.is_some_and(|d| d.is_zero()) {
+            bail!("[stream] status_interval must be greater than 0");
+        }
+        Ok(())
+    }
+
+    pub fn postgres(&self) -> Result<&PostgresConfig> {
+        self.postgres.as_ref().ok_or_else(|| anyhow!("the config has no [postgres] section (conninfo = \"...\")"))
+    }
+
+    pub fn repository_path(&self) -> &Path {
+        // `validate` guarantees a path.
+        self.repository.path.as_deref().unwrap_or(Path::new("/"))
+    }
+
+    pub fn flush_interval(&self) -> Duration {
+        self.stream.flush_interval.unwrap_or(if self.repository.url.is_some() { Duration::from_secs(1) } else { Duration::ZERO })
+    }
+
+    pub fn status_file(&self) -> PathBuf {
+        self.stream.status_file.clone().unwrap_or_else(|| {
+            let name = self.postgres.as_ref().map(|p| p.name.as_str()).unwrap_or("main");
+            std::env::temp_dir().join(format!("pitr-{name}.status.json"))
+        })
+    }
+}
+
+/// `PITR_POSTGRES_CONNINFO=...` sets `[postgres] conninfo`. Values that parse as TOML scalars
+/// (numbers, booleans, quoted strings) keep their type; anything else is a string.
+fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)]) -> Result<()> {
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("PITR_") else { continue };
+        if rest == "CONFIG" || rest == "LOG" {
+            continue;
+        }
+        let lower = rest.to_ascii_lowercase();
+        let Some(section) = SECTIONS.iter().find(|s| lower.starts_with(&format!("{s}_"))) else {
+            bail!("environment variable {name}: no config section matches (sections: {})", SECTIONS.join(", "));
+        };
+        let key = &lower[section.len() + 1..];
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .filter(|v| !v.is_table() && !v.is_array())
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let entry = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(section_table) = entry else {
+            bail!("environment variable {name}: [{section}] in the config file is not a table");
+        };
+        section_table.insert(key.to_string(), parsed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[repository]
+path = "/var/lib/pitr/repo"        # or url = "s3://bucket/prefix"
+[encryption]
+key_file = "/etc/pitr/key"
+[postgres]
+conninfo = "host=127.0.0.1 port=5432 user=replicator"
+"#;
+
+    #[test]
+    fn the_design_minimal_config_works() {
+        let c = Config::parse(MINIMAL, &[]).unwrap();
+        let pg = c.postgres().unwrap();
+        assert_eq!(pg.slot(), "pitr_main");
+        assert_eq!(c.flush_interval(), Duration::ZERO);
+    }
+
+    #[test]
+    fn env_overrides_keep_types_and_name_unknown_sections() {
+        let env = vec![
+            ("PITR_POSTGRES_CONNINFO".to_string(), "host=db user=x".to_string()),
+            ("PITR_STREAM_FLUSH_INTERVAL".to_string(), "250ms".to_string()),
+            ("PITR_STREAM_MAX_PENDING_BYTES".to_string(), "1000".to_string()),
+            ("PITR_CONFIG".to_string(), "/ignored".to_string()),
+        ];
+        let c = Config::parse(MINIMAL, &env).unwrap();
+        assert_eq!(c.postgres().unwrap().conninfo, "host=db user=x");
+        assert_eq!(c.flush_interval(), Duration::from_millis(250));
+        assert_eq!(c.stream.max_pending_bytes, Some(1000));
+        let err = Config::parse(MINIMAL, &[("PITR_NOPE_X".into(), "1".into())]).unwrap_err();
+        assert!(err.to_string().contains("PITR_NOPE_X"), "{err}");
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_named() {
+        let cases = [
+            (format!("{MINIMAL}[stream]\nflush_intervall = \"1s\"\n"), "flush_intervall"),
+            (format!("{MINIMAL}[stream]\nflush_interval = \"soon\"\n"), "flush_interval"),
+            (MINIMAL.replace("port=5432", "port=x"), "conninfo"),
+            (MINIMAL.replace("/var/lib/pitr/repo", "relative/repo"), "absolute"),
+            (MINIMAL.replace("[encryption]\nkey_file = \"/etc/pitr/key\"\n", ""), "encryption"),
+            ("[repository\n".to_string(), "line 1"),
+            (format!("{MINIMAL}[postgres2]\n"), "postgres2"),
+            (format!("{MINIMAL}\n[repository.x]\n"), "x"),
+        ];
+        for (text, needle) in cases {
+            let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());
+            assert!(err.contains(needle), "expected {needle:?} in: {err}");
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Running the `pitr` binary in tests: a scratch repository, key and config per test, one-shot
+//! commands, the `pitr stream` sidecar as a guarded background process, and an independent reading
+//! of the archive's extent straight from object names (a second opinion on `pitr status`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{pitr_bin, scratch_dir, spawn_logged, Child, PgCluster};
+
+pub struct PitrEnv {
+    pub dir: tempfile::TempDir,
+    pub repo: PathBuf,
+    pub key_file: PathBuf,
+    pub config: PathBuf,
+    pub status_file: PathBuf,
+    stream_runs: usize,
+}
+
+impl PitrEnv {
+    /// A config pointing at `cluster` with the given extra `[stream]` lines.
+    pub fn new(name: &str, cluster: &PgCluster, stream_extra: &str) -> Result<PitrEnv> {
+        let dir = scratch_dir(name);
+        let repo = dir.path().join("repo");
+        let key_file = dir.path().join("key");
+        let config = dir.path().join("pitr.toml");
+        let status_file = dir.path().join("status.json");
+        let text = format!(
+            "[repository]\npath = {:?}\n[encryption]\nkey_file = {:?}\n[postgres]\nconninfo = {:?}\n[stream]\nstatus_file = {:?}\nstatus_interval = \"1s\"\n{stream_extra}\n",
+            repo.display().to_string(),
+            key_file.display().to_string(),
+            cluster.conninfo("postgres"),
+            status_file.display().to_string(),
+        );
+        std::fs::write(&config, text)?;
+        Ok(PitrEnv { dir, repo, key_file, config, status_file, stream_runs: 0 })
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(pitr_bin());
+        cmd.arg("--config").arg(&self.config).args(args);
+        cmd
+    }
+
+    /// Runs `pitr <args>` to completion.
+    pub fn run(&self, args: &[&str]) -> Result<Output> {
+        let out = self.command(args).output().with_context(|| format!("running pitr {args:?}"))?;
+        Ok(out)
+    }
+
+    /// Runs `pitr <args>` and fails unless it exits 0; returns stdout.
+    pub fn run_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.run(args)?;
+        if !out.status.success() {
+            bail!(
+                "pitr {args:?} failed with {}:\nstdout: {}\nstderr: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn init(&self) -> Result<()> {
+        self.run_ok(&["init"]).map(|_| ())
+    }
+
+    /// Starts `pitr stream` in the background, logging to `stream-<n>.log`.
+    pub fn spawn_stream(&mut self) -> Result<Child> {
+        self.stream_runs += 1;
+        let log = self.dir.path().join(format!("stream-{}.log", self.stream_runs));
+        let mut cmd = self.command(&["stream"]);
+        cmd.env("PITR_LOG", "info,pitr_walstream=debug");
+        spawn_logged(cmd, &log)
+    }
+
+    pub fn stream_logs(&self) -> String {
+        let mut out = String::new();
+        for i in 1..=self.stream_runs {
+            let log = self.dir.path().join(format!("stream-{i}.log"));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            out.push_str(&format!("--- {} (last {} lines)\n{}\n", log.display(), tail.len(), tail.join("\n")));
+        }
+        out
+    }
+
+    /// The WAL directory of the (only) cluster in the repository.
+    pub fn wal_dir(&self) -> Result<PathBuf> {
+        let pg = self.repo.join("pg");
+        let mut ids = std::fs::read_dir(&pg).with_context(|| format!("listing {}", pg.display()))?;
+        let first = ids.next().context("no cluster in the repository")??;
+        Ok(first.path().join("wal"))
+    }
+
+    /// (timeline, segment file name) → byte ranges held, read from object names alone.
+    pub fn archived_objects(&self) -> Result<BTreeMap<String, Vec<(u64, u64)>>> {
+        let mut out: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+        let Ok(dir) = self.wal_dir() else { return Ok(out) };
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(out) };
+        for e in entries {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp.") {
+                continue;
+            }
+            if let Some(seg) = name.strip_suffix(".seg") {
+                out.entry(seg.to_string()).or_default().push((0, u64::MAX));
+            } else if let Some(chunk) = name.strip_suffix(".chunk") {
+                let (seg, range) = chunk.split_once('.').context("chunk name")?;
+                let (a, b) = range.split_once('-').context("chunk range")?;
+                out.entry(seg.to_string()).or_default().push((u64::from_str_radix(a, 16)?, u64::from_str_radix(b, 16)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The LSN up to which the newest timeline's WAL is archived, from object names alone.
+    pub fn archived_end(&self, segment_size: u64) -> Result<u64> {
+        let objects = self.archived_objects()?;
+        let Some((seg, ranges)) = objects.iter().next_back() else { return Ok(0) };
+        let segno = segment_number(seg, segment_size);
+        let start = segno * segment_size;
+        let mut ranges = ranges.clone();
+        ranges.sort();
+        if ranges.iter().any(|r| r.1 == u64::MAX) {
+            return Ok(start + segment_size);
+        }
+        let mut end = 0;
+        for (a, b) in ranges {
+            if a > end {
+                break;
+            }
+            end = end.max(b);
+        }
+        Ok(start + end)
+    }
+
+    /// `pitr wal-fetch` of `segment` into a file in the scratch dir; its bytes.
+    pub fn wal_fetch(&self, segment: &str) -> Result<Vec<u8>> {
+        let dest = self.dir.path().join(format!("fetched-{segment}"));
+        self.run_ok(&["wal-fetch", segment, &dest.display().to_string()])?;
+        let data = std::fs::read(&dest)?;
+        std::fs::remove_file(&dest)?;
+        Ok(data)
+    }
+
+    pub fn repo_path(&self) -> &Path {
+        &self.repo
+    }
+}
+
+/// Segment number from a 24-hex-digit segment file name.
+pub fn segment_number(name: &str, segment_size: u64) -> u64 {
+    let log = u64::from_str_radix(&name[8..16], 16).unwrap_or(0);
+    let seg = u64::from_str_radix(&name[16..24], 16).unwrap_or(0);
+    log * (0x1_0000_0000 / segment_size) + seg
+}
