@@ -140,3 +140,105 @@ fn pg15_byte_identical_with_pg_receivewal_and_kill9() -> Result<()> {
     assert_continuous(&env, &last)?;
     Ok(())
 }
+
+/// Every whole segment in the archive equals the server's own file in pg_wal (kept there by a
+/// slot that never advances), for servers whose pg_receivewal we do not have (PostgreSQL 17).
+fn compare_with_pg_wal(env: &PitrEnv, cluster: &PgCluster, upto_segment: &str) -> Result<usize> {
+    let mut compared = 0;
+    for (name, ranges) in env.archived_objects()? {
+        if name.as_str() > upto_segment || !ranges.iter().any(|r| r.1 == u64::MAX) {
+            continue;
+        }
+        let expected = std::fs::read(cluster.wal_dir().join(&name)).with_context(|| format!("server's {name}"))?;
+        let got = env.wal_fetch(&name)?;
+        if expected != got {
+            let first_diff = expected.iter().zip(&got).position(|(a, b)| a != b);
+            bail!("segment {name} differs from the server's pg_wal file (first difference at byte {first_diff:?})");
+        }
+        compared += 1;
+    }
+    Ok(compared)
+}
+
+#[test]
+fn pg17_matches_server_wal_across_primary_restarts() -> Result<()> {
+    let cluster = start_cluster(17)?;
+    // Keeps every segment in pg_wal so the server's own files can serve as the reference.
+    cluster.psql("select pg_create_physical_replication_slot('pin', true)")?;
+    let mut env = PitrEnv::new("pg17-restarts", &cluster, "")?;
+    env.init()?;
+    let _stream = env.spawn_stream()?;
+    cluster.pgbench(&["-i", "-s", "5"])?;
+    for mode in ["fast", "immediate"] {
+        let before = current_lsn(&cluster)?;
+        wait_archived(&env, before, "pitr to catch up before the restart")?;
+        cluster.restart(mode)?;
+        cluster.pgbench(&["-n", "-c", "2", "-t", "2000"])?;
+        let after = current_lsn(&cluster)?;
+        wait_archived(&env, after, &format!("pitr to resume after a {mode} restart"))?;
+    }
+    let last = switch_wal(&cluster)?;
+    let end = current_lsn(&cluster)?;
+    wait_archived(&env, end - end % SEG, "pitr to archive the switched segment")?;
+    let compared = compare_with_pg_wal(&env, &cluster, &last)?;
+    assert!(compared >= 4, "only {compared} segments compared");
+    assert_continuous(&env, &last)?;
+    let logs = env.stream_logs();
+    assert!(logs.contains("reconnecting"), "the sidecar never noticed the restarts:\n{logs}");
+    Ok(())
+}
+
+#[test]
+fn pg15_follows_a_promoted_standby_onto_the_new_timeline() -> Result<()> {
+    let primary = start_cluster(15)?;
+    primary.psql("create table t(x int); insert into t select generate_series(1, 1000)")?;
+    // A streaming standby made with pg_basebackup -R.
+    let standby_dir = pitr_tests::scratch_dir("standby");
+    let data = standby_dir.path().join("data");
+    pitr_tests::chown_to_pg_user(standby_dir.path())?;
+    let mut cmd = std::process::Command::new(client_bin("pg_basebackup"));
+    cmd.args(["-D", &data.display().to_string(), "-R", "-X", "stream", "-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres"]);
+    pitr_tests::as_pg_user(&mut cmd);
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let standby = PgCluster::start_existing(15, &data, vec!["max_wal_size = '1GB'".into()])?;
+
+    // Both hosts in the conninfo; the sidecar must pick whichever is read-write.
+    let conninfo = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres target_session_attrs=read-write connect_timeout=2",
+        primary.port, standby.port
+    );
+    let mut env = PitrEnv::new("pg15-failover", &primary, "")?;
+    let config = std::fs::read_to_string(&env.config)?.replace(&primary.conninfo("postgres"), &conninfo);
+    std::fs::write(&env.config, config)?;
+    env.init()?;
+    let _stream = env.spawn_stream()?;
+    primary.pgbench(&["-i", "-s", "2"])?;
+    let before = current_lsn(&primary)?;
+    wait_archived(&env, before, "pitr to archive timeline 1")?;
+    wait_until("the standby to replay", Duration::from_secs(60), || {
+        Ok(lsn_to_u64(&standby.psql("select pg_last_wal_replay_lsn()")?) >= before)
+    })?;
+
+    primary.stop("immediate")?;
+    standby.psql("select pg_promote()")?;
+    wait_until("the promotion", Duration::from_secs(60), || Ok(standby.psql("select pg_is_in_recovery()")? == "f"))?;
+    standby.psql("select pg_create_physical_replication_slot('pin', true)")?;
+    standby.pgbench(&["-n", "-c", "2", "-t", "1000"])?;
+    let last = switch_wal(&standby)?;
+    assert!(last.starts_with("00000002"), "expected timeline 2, got {last}");
+    let end = current_lsn(&standby)?;
+    wait_until("pitr to archive timeline 2", Duration::from_secs(90), || {
+        Ok(env.archived_objects()?.get(&last).is_some_and(|r| r.iter().any(|x| x.1 == u64::MAX)))
+    })
+    .with_context(|| env.stream_logs())?;
+    assert!(env.wal_dir()?.join("00000002.history").exists(), "history file not stored");
+    let history = env.wal_fetch("00000002.history")?;
+    assert_eq!(history, std::fs::read(standby.wal_dir().join("00000002.history"))?);
+    let compared = compare_with_pg_wal(&env, &standby, &last)?;
+    assert!(compared >= 1, "no timeline-2 segment compared");
+    assert!(end > 0);
+    Ok(())
+}

@@ -34,6 +34,18 @@ pub enum Fetched {
 
 /// Fetches `file` (as PostgreSQL names it) into `dest`.
 pub async fn wal_fetch(repo: &Repository, cluster: &ClusterInfo, file: &str, dest: &Path) -> Result<Fetched, FetchError> {
+    // A running sidecar may compact the chunks we are reading into a segment object and delete
+    // them under us; then the segment object is there on the next attempt.
+    let mut attempts = 0;
+    loop {
+        match fetch_once(repo, cluster, file, dest).await {
+            Err(FetchError::Repository(RepositoryError::Store(e))) if e.is_not_found() && attempts < 3 => attempts += 1,
+            other => return other,
+        }
+    }
+}
+
+async fn fetch_once(repo: &Repository, cluster: &ClusterInfo, file: &str, dest: &Path) -> Result<Fetched, FetchError> {
     let layout = WalLayout::new(cluster);
     let not_found = || FetchError::NotFound { file: file.to_string() };
     if let Some(tli) = file.strip_suffix(".history") {
