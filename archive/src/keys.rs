@@ -74,11 +74,8 @@ impl KeyRing {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let bad = |what: &str| KeyError::Malformed {
-                path: path.to_path_buf(),
-                line: i + 1,
-                what: what.to_string(),
-            };
+            let bad =
+                |what: &str| KeyError::Malformed { path: path.to_path_buf(), line: i + 1, what: what.to_string() };
             let mut parts = line.split_whitespace();
             if parts.next() != Some(LINE_TAG) {
                 return Err(bad("expected `pitr-key-v1 <id> <64 hex digits>`"));
@@ -112,12 +109,8 @@ impl KeyRing {
         let mut id_bytes = [0u8; 4];
         rand::rngs::OsRng.fill_bytes(&mut id_bytes);
         let id = format!("k{}", hex::encode(id_bytes));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| {
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
                     KeyError::Exists { path: path.to_path_buf() }
                 } else {
@@ -179,13 +172,9 @@ impl KeyRing {
         let kek = self.find(key_id)?;
         let cipher = Aes256Gcm::new((&kek.key).into());
         let aad = wrap_aad(object);
-        let plain = cipher
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: wrapped, aad: &aad })
-            .map_err(|_| KeyError::Unwrap {
-                object: object.to_string(),
-                key_id: key_id.to_string(),
-                path: self.path.clone(),
-            })?;
+        let plain = cipher.decrypt(Nonce::from_slice(nonce), Payload { msg: wrapped, aad: &aad }).map_err(|_| {
+            KeyError::Unwrap { object: object.to_string(), key_id: key_id.to_string(), path: self.path.clone() }
+        })?;
         let mut key = [0u8; 32];
         key.copy_from_slice(&plain);
         Ok(key)

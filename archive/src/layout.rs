@@ -30,7 +30,9 @@ pub enum RepositoryError {
     Seal(#[from] SealError),
     #[error("{location} is not a pitr repository (no {MARKER} object); run `pitr init` first")]
     NotInitialised { location: String },
-    #[error("object {name} in {location} already exists with different contents: is another pitr writing the same cluster?")]
+    #[error(
+        "object {name} in {location} already exists with different contents: is another pitr writing the same cluster?"
+    )]
     Conflict { name: String, location: String },
     #[error("object {name}: {what}")]
     Invalid { name: String, what: String },
@@ -107,7 +109,8 @@ impl Repository {
 
     /// Writes the marker if missing; if present, proves the key opens it.
     pub async fn init(&self) -> Result<PutOutcome, RepositoryError> {
-        let outcome = self.put_sealed(MARKER, MARKER_TEXT.as_bytes().to_vec(), ObjectMeta::plain(ObjectKind::Meta)).await?;
+        let outcome =
+            self.put_sealed(MARKER, MARKER_TEXT.as_bytes().to_vec(), ObjectMeta::plain(ObjectKind::Meta)).await?;
         Ok(outcome)
     }
 
@@ -124,7 +127,12 @@ impl Repository {
 
     /// Seals and stores `plaintext` as `name`. If the name exists already (a retry after a crash),
     /// the existing object must hold the same plaintext; anything else is a conflict.
-    pub async fn put_sealed(&self, name: &str, plaintext: Vec<u8>, meta: ObjectMeta) -> Result<PutOutcome, RepositoryError> {
+    pub async fn put_sealed(
+        &self,
+        name: &str,
+        plaintext: Vec<u8>,
+        meta: ObjectMeta,
+    ) -> Result<PutOutcome, RepositoryError> {
         let keys = self.keys.clone();
         let level = self.zstd_level;
         let owned_name = name.to_string();
@@ -208,7 +216,8 @@ impl Repository {
     pub async fn cluster_info(&self, system_id: u64) -> Result<ClusterInfo, RepositoryError> {
         let name = format!("pg/{system_id}/cluster");
         let (_, text) = self.get_opened(&name).await?;
-        let text = String::from_utf8(text).map_err(|_| RepositoryError::Invalid { name: name.clone(), what: "not UTF-8".into() })?;
+        let text = String::from_utf8(text)
+            .map_err(|_| RepositoryError::Invalid { name: name.clone(), what: "not UTF-8".into() })?;
         ClusterInfo::from_text(&name, &text)
     }
 
@@ -371,7 +380,9 @@ impl WalCatalog {
         let mut histories = BTreeSet::new();
         for name in names {
             match layout.parse_object_name(name) {
-                Some(WalObject::Segment { timeline, segno }) => segments.entry((timeline, segno)).or_default().whole = true,
+                Some(WalObject::Segment { timeline, segno }) => {
+                    segments.entry((timeline, segno)).or_default().whole = true
+                }
                 Some(WalObject::Chunk { timeline, segno, from, to }) => {
                     segments.entry((timeline, segno)).or_default().chunks.push((from, to))
                 }
@@ -479,7 +490,8 @@ mod tests {
         assert_eq!(repo.put_sealed("x", b"one".to_vec(), meta.clone()).await.unwrap(), PutOutcome::AlreadyExists);
         assert!(matches!(repo.put_sealed("x", b"two".to_vec(), meta).await, Err(RepositoryError::Conflict { .. })));
 
-        let info = ClusterInfo { system_id: 9, wal_segment_size: 16 << 20, wal_page_size: 8192, server_version_num: 150000 };
+        let info =
+            ClusterInfo { system_id: 9, wal_segment_size: 16 << 20, wal_page_size: 8192, server_version_num: 150000 };
         repo.put_cluster_info(&info).await.unwrap();
         assert_eq!(repo.resolve_cluster(None).await.unwrap(), info);
         let other = ClusterInfo { system_id: 9, wal_segment_size: 64 << 20, ..info.clone() };

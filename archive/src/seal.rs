@@ -137,14 +137,18 @@ pub fn seal(name: &str, plaintext: &[u8], meta: &ObjectMeta, keys: &KeyRing, zst
 
     let cipher = Aes256Gcm::new((&data_key).into());
     let tag = cipher
-        .encrypt(&nonce(HEADER_NONCE_INDEX), Payload { msg: &[], aad: &frame_aad(name, &prefix, HEADER_NONCE_INDEX, false) })
+        .encrypt(
+            &nonce(HEADER_NONCE_INDEX),
+            Payload { msg: &[], aad: &frame_aad(name, &prefix, HEADER_NONCE_INDEX, false) },
+        )
         .expect("AES-GCM encryption cannot fail");
     out.extend_from_slice(&tag);
 
     let frames: Vec<&[u8]> = if plaintext.is_empty() { vec![&[][..]] } else { plaintext.chunks(FRAME_SIZE).collect() };
     let last_index = frames.len() - 1;
     for (i, frame) in frames.into_iter().enumerate() {
-        let compressed = zstd::bulk::compress(frame, zstd_level).expect("zstd compression of a memory buffer cannot fail");
+        let compressed =
+            zstd::bulk::compress(frame, zstd_level).expect("zstd compression of a memory buffer cannot fail");
         let index = i as u64;
         let aad = frame_aad(name, &prefix, index, i == last_index);
         let sealed = cipher
@@ -328,10 +332,7 @@ fn frame_aad(name: &str, header_prefix: &[u8], index: u64, last: bool) -> Vec<u8
 }
 
 fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -393,7 +394,8 @@ mod tests {
         let sealed = seal("a", &plain, &meta(), &ring(), 1);
         let header = parse_header("a", &sealed).unwrap();
         // Cut just after the first frame: what remains is a well-formed but unfinished object.
-        let first_len = u32::from_le_bytes(sealed[header.body_offset..header.body_offset + 4].try_into().unwrap()) as usize;
+        let first_len =
+            u32::from_le_bytes(sealed[header.body_offset..header.body_offset + 4].try_into().unwrap()) as usize;
         let cut = &sealed[..header.body_offset + 4 + first_len];
         let err = open("a", cut, &ring()).unwrap_err();
         assert!(err.to_string().contains("truncated"), "{err}");

@@ -42,7 +42,9 @@ pub async fn init(config_path: &Path) -> Result<()> {
     let repo = Repository::new(Arc::new(store), keys);
     match repo.init().await.context("initialising the repository")? {
         PutOutcome::Created => println!("initialised repository {}", repo.location()),
-        PutOutcome::AlreadyExists => println!("repository {} was already initialised; the key opens it", repo.location()),
+        PutOutcome::AlreadyExists => {
+            println!("repository {} was already initialised; the key opens it", repo.location())
+        }
     }
     Ok(())
 }
@@ -249,7 +251,10 @@ pub async fn status(config_path: &Path, json: bool) -> Result<()> {
                 println!("sidecar last error:     {e}");
             }
         }
-        None => println!("sidecar:                not running here (no fresh status file at {})", config.status_file().display()),
+        None => println!(
+            "sidecar:                not running here (no fresh status file at {})",
+            config.status_file().display()
+        ),
     }
     Ok(())
 }
@@ -269,11 +274,13 @@ async fn newest_commit_us(repo: &Repository, catalog: &WalCatalog, timeline: u32
         }
     }
     // An idle primary writes WAL without commits; look back a bounded number of objects.
-    objects.sort_by_key(|o| std::cmp::Reverse(match *o {
-        WalObject::Segment { segno, .. } => (segno, u32::MAX),
-        WalObject::Chunk { segno, to, .. } => (segno, to),
-        WalObject::History { .. } => (0, 0),
-    }));
+    objects.sort_by_key(|o| {
+        std::cmp::Reverse(match *o {
+            WalObject::Segment { segno, .. } => (segno, u32::MAX),
+            WalObject::Chunk { segno, to, .. } => (segno, to),
+            WalObject::History { .. } => (0, 0),
+        })
+    });
     for obj in objects.iter().take(64) {
         let header = repo.read_header(&catalog.layout.object_name(obj)).await?;
         if let Some(t) = header.meta.last_commit_us {
@@ -285,7 +292,8 @@ async fn newest_commit_us(repo: &Repository, catalog: &WalCatalog, timeline: u32
 
 async fn primary_position(conninfo: &str, application_name: &str) -> Result<u64> {
     let info: ConnInfo = conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
-    let opts = pitr_pgwire::ConnectOptions { replication: true, application_name: format!("{application_name}_status") };
+    let opts =
+        pitr_pgwire::ConnectOptions { replication: true, application_name: format!("{application_name}_status") };
     let mut conn = tokio::time::timeout(Duration::from_secs(10), pitr_pgwire::Connection::connect(&info, &opts))
         .await
         .map_err(|_| anyhow!("timed out connecting"))??;

@@ -112,10 +112,11 @@ impl Config {
     }
 
     pub fn parse(text: &str, env: &[(String, String)]) -> Result<Config> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| anyhow!("{}", e.to_string().trim_end()))?;
+        let mut table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| anyhow!("{}", e.to_string().trim_end()))?;
         apply_env_overrides(&mut table, env)?;
-        let config: Config = Config::deserialize(toml::Value::Table(table))
-            .map_err(|e| anyhow!("{}", e.to_string().trim_end()))?;
+        let config: Config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| anyhow!("{}", e.to_string().trim_end()))?;
         config.validate()?;
         Ok(config)
     }
@@ -156,7 +157,11 @@ impl Config {
     }
 
     pub fn flush_interval(&self) -> Duration {
-        self.stream.flush_interval.unwrap_or(if self.repository.url.is_some() { Duration::from_secs(1) } else { Duration::ZERO })
+        self.stream.flush_interval.unwrap_or(if self.repository.url.is_some() {
+            Duration::from_secs(1)
+        } else {
+            Duration::ZERO
+        })
     }
 
     pub fn status_file(&self) -> PathBuf {

@@ -48,11 +48,7 @@ enum Command {
 
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
-    let filter = cli
-        .log_level
-        .clone()
-        .or_else(|| std::env::var("PITR_LOG").ok())
-        .unwrap_or_else(|| "info".to_string());
+    let filter = cli.log_level.clone().or_else(|| std::env::var("PITR_LOG").ok()).unwrap_or_else(|| "info".to_string());
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {

@@ -48,7 +48,10 @@ impl QueryResult {
 pub enum StreamEvent {
     Message(ReplicationMessage),
     /// The server finished streaming the requested timeline; the next one begins at `next_start`.
-    EndOfTimeline { next_timeline: u32, next_start: u64 },
+    EndOfTimeline {
+        next_timeline: u32,
+        next_start: u64,
+    },
     /// The server ended streaming without naming a next timeline (it is shutting down).
     Ended,
 }
@@ -114,7 +117,12 @@ impl Connection {
         Err(PgError::Connect { attempts: attempts.join("; ") })
     }
 
-    async fn connect_one(info: &ConnInfo, host: &Host, label: &str, opts: &ConnectOptions) -> Result<Connection, PgError> {
+    async fn connect_one(
+        info: &ConnInfo,
+        host: &Host,
+        label: &str,
+        opts: &ConnectOptions,
+    ) -> Result<Connection, PgError> {
         let io_err = |e: std::io::Error| PgError::Io { host: label.to_string(), cause: e };
         let io: Box<dyn Io> = match host {
             Host::Tcp { host: name, port } => {
@@ -165,7 +173,10 @@ impl Connection {
                 Ok(Box::new(stream))
             }
             b'N' if info.sslmode == SslMode::Prefer => Ok(Box::new(tcp)),
-            b'N' => Err(PgError::Tls { host: label.to_string(), message: "the server does not support TLS, but sslmode requires it".into() }),
+            b'N' => Err(PgError::Tls {
+                host: label.to_string(),
+                message: "the server does not support TLS, but sslmode requires it".into(),
+            }),
             other => Err(PgError::Protocol(format!("{label}: unexpected answer {other:#x} to the TLS request"))),
         }
     }
@@ -187,7 +198,8 @@ impl Connection {
         if let Some(o) = &info.options {
             params.push(("options", o));
         }
-        frontend::startup_message(params.iter().copied(), &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
+        frontend::startup_message(params.iter().copied(), &mut self.wbuf)
+            .map_err(|e| PgError::Protocol(e.to_string()))?;
         self.flush().await?;
 
         let host_label = self.host.clone();
@@ -204,20 +216,24 @@ impl Connection {
                 BackendMessage::AuthenticationOk => {}
                 BackendMessage::AuthenticationCleartextPassword => {
                     let pw = password()?;
-                    frontend::password_message(pw.as_bytes(), &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
+                    frontend::password_message(pw.as_bytes(), &mut self.wbuf)
+                        .map_err(|e| PgError::Protocol(e.to_string()))?;
                     self.flush().await?;
                 }
                 BackendMessage::AuthenticationMd5Password { salt } => {
                     let pw = password()?;
                     let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), pw.as_bytes(), salt);
-                    frontend::password_message(hash.as_bytes(), &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)
+                        .map_err(|e| PgError::Protocol(e.to_string()))?;
                     self.flush().await?;
                 }
                 BackendMessage::AuthenticationSasl { mechanisms } => {
                     if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
                         return Err(PgError::Auth {
                             host: self.host.clone(),
-                            message: format!("the server offers SASL mechanisms {mechanisms:?}; pitr speaks SCRAM-SHA-256"),
+                            message: format!(
+                                "the server offers SASL mechanisms {mechanisms:?}; pitr speaks SCRAM-SHA-256"
+                            ),
                         });
                     }
                     let pw = password()?;
@@ -228,9 +244,12 @@ impl Connection {
                     scram = Some(s);
                 }
                 BackendMessage::AuthenticationSaslContinue(data) => {
-                    let s = scram.as_mut().ok_or_else(|| PgError::Protocol("SASL continue without SASL start".into()))?;
-                    s.update(&data).map_err(|e| PgError::Auth { host: self.host.clone(), message: format!("SCRAM: {e}") })?;
-                    frontend::sasl_response(s.message(), &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
+                    let s =
+                        scram.as_mut().ok_or_else(|| PgError::Protocol("SASL continue without SASL start".into()))?;
+                    s.update(&data)
+                        .map_err(|e| PgError::Auth { host: self.host.clone(), message: format!("SCRAM: {e}") })?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf)
+                        .map_err(|e| PgError::Protocol(e.to_string()))?;
                     self.flush().await?;
                 }
                 BackendMessage::AuthenticationSaslFinal(data) => {
@@ -241,7 +260,10 @@ impl Connection {
                     })?;
                 }
                 BackendMessage::AuthenticationUnsupported(what) => {
-                    return Err(PgError::Auth { host: self.host.clone(), message: format!("{what} authentication is not supported by pitr") });
+                    return Err(PgError::Auth {
+                        host: self.host.clone(),
+                        message: format!("{what} authentication is not supported by pitr"),
+                    });
                 }
                 BackendMessage::ParameterStatus { name, value } => {
                     self.params.insert(name, value);
@@ -253,7 +275,7 @@ impl Connection {
                     if e.code.starts_with("28") {
                         return Err(PgError::Auth { host: self.host.clone(), message: e.to_string() });
                     }
-                    return Err(PgError::Server { host: self.host.clone(), error: e });
+                    return Err(PgError::Server { host: self.host.clone(), error: Box::new(e) });
                 }
                 other => return Err(PgError::Protocol(format!("{}: unexpected {other:?} during startup", self.host))),
             }
@@ -296,7 +318,11 @@ impl Connection {
 
     async fn flush(&mut self) -> Result<(), PgError> {
         while !self.wbuf.is_empty() {
-            let n = self.io.write_buf(&mut self.wbuf).await.map_err(|e| PgError::Io { host: self.host.clone(), cause: e })?;
+            let n = self
+                .io
+                .write_buf(&mut self.wbuf)
+                .await
+                .map_err(|e| PgError::Io { host: self.host.clone(), cause: e })?;
             if n == 0 {
                 return Err(PgError::Io { host: self.host.clone(), cause: std::io::ErrorKind::WriteZero.into() });
             }
@@ -309,7 +335,11 @@ impl Connection {
             if let Some(msg) = parse_backend(&mut self.rbuf)? {
                 return Ok(msg);
             }
-            let n = self.io.read_buf(&mut self.rbuf).await.map_err(|e| PgError::Io { host: self.host.clone(), cause: e })?;
+            let n = self
+                .io
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|e| PgError::Io { host: self.host.clone(), cause: e })?;
             if n == 0 {
                 return Err(PgError::Closed { host: self.host.clone() });
             }
@@ -338,7 +368,7 @@ impl Connection {
             }
         }
         match error {
-            Some(error) => Err(PgError::Server { host: self.host.clone(), error }),
+            Some(error) => Err(PgError::Server { host: self.host.clone(), error: Box::new(error) }),
             None => Ok(result),
         }
     }
@@ -402,7 +432,7 @@ impl Connection {
                 BackendMessage::Error(error) => {
                     // Drain to ReadyForQuery so the connection stays usable.
                     while !matches!(self.next_message().await?, BackendMessage::ReadyForQuery) {}
-                    return Err(PgError::Server { host: self.host.clone(), error });
+                    return Err(PgError::Server { host: self.host.clone(), error: Box::new(error) });
                 }
                 BackendMessage::Notice(n) => tracing::info!(host = %self.host, "{n}"),
                 _ => {}
@@ -422,7 +452,8 @@ impl Connection {
                     frontend::copy_done(&mut self.wbuf);
                 }
                 BackendMessage::DataRow(values) if self.ending.is_some() => {
-                    let text = |i: usize| values.get(i).cloned().flatten().and_then(|b| String::from_utf8(b.to_vec()).ok());
+                    let text =
+                        |i: usize| values.get(i).cloned().flatten().and_then(|b| String::from_utf8(b.to_vec()).ok());
                     let tli = text(0).and_then(|s| s.parse().ok());
                     let pos = text(1).as_deref().and_then(messages::parse_lsn);
                     if let (Some(tli), Some(pos), Some(ending)) = (tli, pos, self.ending.as_mut()) {
@@ -436,7 +467,9 @@ impl Connection {
                         None => StreamEvent::Ended,
                     });
                 }
-                BackendMessage::Error(error) => return Err(PgError::Server { host: self.host.clone(), error }),
+                BackendMessage::Error(error) => {
+                    return Err(PgError::Server { host: self.host.clone(), error: Box::new(error) })
+                }
                 BackendMessage::Notice(n) => tracing::info!(host = %self.host, "{n}"),
                 _ => {}
             }
@@ -472,7 +505,10 @@ fn host_label(host: &Host) -> String {
 
 /// Slot names are `[a-z0-9_]{1,63}` (PostgreSQL's own rule), so they never need quoting.
 pub fn validate_slot_name(slot: &str) -> Result<(), PgError> {
-    if !slot.is_empty() && slot.len() <= 63 && slot.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+    if !slot.is_empty()
+        && slot.len() <= 63
+        && slot.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
         Ok(())
     } else {
         Err(PgError::InvalidSlotName(slot.to_string()))
@@ -482,10 +518,8 @@ pub fn validate_slot_name(slot: &str) -> Result<(), PgError> {
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 fn now_pg_micros() -> i64 {
-    let unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
+    let unix =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
     unix - PG_EPOCH_OFFSET_US
 }
 

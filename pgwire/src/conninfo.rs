@@ -134,11 +134,7 @@ pub enum ConnInfoError {
     #[error("connection string: {ports} ports given for {hosts} hosts (give one port for all hosts, or one per host)")]
     PortCountMismatch { hosts: usize, ports: usize },
     #[error("connection string: invalid value {value:?} for {keyword:?}: {reason}")]
-    InvalidValue {
-        keyword: &'static str,
-        value: String,
-        reason: &'static str,
-    },
+    InvalidValue { keyword: &'static str, value: String, reason: &'static str },
 }
 
 /// Keywords pitr understands, modelled or validated-and-ignored.
@@ -226,10 +222,7 @@ impl Default for ConnInfo {
     /// What an empty connection string gives.
     fn default() -> Self {
         ConnInfo {
-            hosts: vec![Host::Tcp {
-                host: DEFAULT_HOST.to_owned(),
-                port: DEFAULT_PORT,
-            }],
+            hosts: vec![Host::Tcp { host: DEFAULT_HOST.to_owned(), port: DEFAULT_PORT }],
             user: None,
             password: None,
             dbname: None,
@@ -274,11 +267,7 @@ impl ConnInfo {
             }
         }
         push_pair(&mut out, "sslmode", self.sslmode.as_str());
-        let paths = [
-            ("sslrootcert", &self.sslrootcert),
-            ("sslcert", &self.sslcert),
-            ("sslkey", &self.sslkey),
-        ];
+        let paths = [("sslrootcert", &self.sslrootcert), ("sslcert", &self.sslcert), ("sslkey", &self.sslkey)];
         for (keyword, value) in paths {
             if let Some(value) = value {
                 push_pair(&mut out, keyword, &value.to_string_lossy());
@@ -291,11 +280,7 @@ impl ConnInfo {
             push_pair(&mut out, "keepalives_idle", &t.as_secs().to_string());
         }
         if self.target_session_attrs != TargetSessionAttrs::Any {
-            push_pair(
-                &mut out,
-                "target_session_attrs",
-                self.target_session_attrs.as_str(),
-            );
+            push_pair(&mut out, "target_session_attrs", self.target_session_attrs.as_str());
         }
         out
     }
@@ -392,11 +377,7 @@ impl FromStr for SslMode {
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
             _ => {
-                return Err(invalid(
-                    "sslmode",
-                    s,
-                    "expected disable, allow, prefer, require, verify-ca or verify-full",
-                ))
+                return Err(invalid("sslmode", s, "expected disable, allow, prefer, require, verify-ca or verify-full"))
             }
         })
     }
@@ -445,11 +426,7 @@ impl FromStr for TargetSessionAttrs {
 }
 
 fn invalid(keyword: &'static str, value: &str, reason: &'static str) -> ConnInfoError {
-    ConnInfoError::InvalidValue {
-        keyword,
-        value: value.to_owned(),
-        reason,
-    }
+    ConnInfoError::InvalidValue { keyword, value: value.to_owned(), reason }
 }
 
 /// libpq uses C `isspace`, which unlike `char::is_ascii_whitespace` includes vertical tab.
@@ -467,8 +444,7 @@ fn push_pair(out: &mut String, keyword: &str, value: &str) {
     }
     out.push_str(keyword);
     out.push('=');
-    let needs_quotes =
-        value.is_empty() || value.contains(|c: char| is_space(c) || c == '\'' || c == '\\');
+    let needs_quotes = value.is_empty() || value.contains(|c: char| is_space(c) || c == '\'' || c == '\\');
     if needs_quotes {
         out.push('\'');
         for c in value.chars() {
@@ -500,9 +476,7 @@ impl Params {
         }
         match UNSUPPORTED.iter().find(|k| **k == keyword) {
             Some(&keyword) => Err(ConnInfoError::UnsupportedKeyword { keyword }),
-            None => Err(ConnInfoError::UnknownKeyword {
-                keyword: keyword.to_owned(),
-            }),
+            None => Err(ConnInfoError::UnknownKeyword { keyword: keyword.to_owned() }),
         }
     }
 
@@ -543,12 +517,7 @@ impl Params {
         let connect_timeout = self.seconds("connect_timeout")?;
         let keepalives_idle = self.seconds("keepalives_idle")?;
 
-        for keyword in [
-            "keepalives",
-            "keepalives_interval",
-            "keepalives_count",
-            "tcp_user_timeout",
-        ] {
+        for keyword in ["keepalives", "keepalives_interval", "keepalives_count", "tcp_user_timeout"] {
             self.whole_number(keyword)?;
         }
         for keyword in ["sslcompression", "sslsni"] {
@@ -559,10 +528,7 @@ impl Params {
             }
         }
         self.mode_without_require("gssencmode", "pitr does not support GSSAPI encryption")?;
-        self.mode_without_require(
-            "channel_binding",
-            "pitr cannot be told to insist on channel binding",
-        )?;
+        self.mode_without_require("channel_binding", "pitr cannot be told to insist on channel binding")?;
         // client_encoding is left to the connection code, which fixes its own encoding.
 
         Ok(ConnInfo {
@@ -601,38 +567,22 @@ impl Params {
         } else if ports.len() == 1 {
             vec![ports[0]; names.len()]
         } else {
-            return Err(ConnInfoError::PortCountMismatch {
-                hosts: names.len(),
-                ports: ports.len(),
-            });
+            return Err(ConnInfoError::PortCountMismatch { hosts: names.len(), ports: ports.len() });
         };
         names
             .into_iter()
             .zip(ports)
             .map(|(name, port)| {
                 if name.is_empty() {
-                    Ok(Host::Tcp {
-                        host: DEFAULT_HOST.to_owned(),
-                        port,
-                    })
+                    Ok(Host::Tcp { host: DEFAULT_HOST.to_owned(), port })
                 } else if name.starts_with('/') {
-                    Ok(Host::Unix {
-                        dir: PathBuf::from(name),
-                        port,
-                    })
+                    Ok(Host::Unix { dir: PathBuf::from(name), port })
                 } else if name.starts_with('@') {
                     // libpq reads this as a Linux abstract-namespace socket, which has no
                     // directory to put in Host::Unix.
-                    Err(invalid(
-                        keyword,
-                        name,
-                        "abstract-namespace Unix sockets are not supported",
-                    ))
+                    Err(invalid(keyword, name, "abstract-namespace Unix sockets are not supported"))
                 } else {
-                    Ok(Host::Tcp {
-                        host: name.to_owned(),
-                        port,
-                    })
+                    Ok(Host::Tcp { host: name.to_owned(), port })
                 }
             })
             .collect()
@@ -645,22 +595,14 @@ impl Params {
         match v.parse::<u64>() {
             Ok(0) => Ok(None),
             Ok(secs) => Ok(Some(Duration::from_secs(secs))),
-            Err(_) => Err(invalid(
-                keyword,
-                &v,
-                "expected a whole, non-negative number of seconds",
-            )),
+            Err(_) => Err(invalid(keyword, &v, "expected a whole, non-negative number of seconds")),
         }
     }
 
     fn whole_number(&mut self, keyword: &'static str) -> Result<(), ConnInfoError> {
         if let Some(v) = self.values.remove(keyword) {
             if v.parse::<u32>().is_err() {
-                return Err(invalid(
-                    keyword,
-                    &v,
-                    "expected a whole, non-negative number",
-                ));
+                return Err(invalid(keyword, &v, "expected a whole, non-negative number"));
             }
         }
         Ok(())
@@ -675,11 +617,7 @@ impl Params {
         match self.values.remove(keyword).as_deref() {
             None | Some("disable") | Some("prefer") => Ok(()),
             Some("require") => Err(invalid(keyword, "require", why_not_require)),
-            Some(other) => Err(invalid(
-                keyword,
-                other,
-                "expected disable, prefer or require",
-            )),
+            Some(other) => Err(invalid(keyword, other, "expected disable, prefer or require")),
         }
     }
 }
@@ -689,11 +627,7 @@ fn parse_port(item: &str) -> Result<u16, ConnInfoError> {
         return Ok(DEFAULT_PORT);
     }
     match item.parse::<u16>() {
-        Ok(0) | Err(_) => Err(invalid(
-            "port",
-            item,
-            "expected a port number from 1 to 65535",
-        )),
+        Ok(0) | Err(_) => Err(invalid("port", item, "expected a port number from 1 to 65535")),
         Ok(port) => Ok(port),
     }
 }
@@ -719,9 +653,7 @@ fn parse_keyword_value(s: &str, params: &mut Params) -> Result<(), ConnInfoError
         let keyword = &s[keyword_start..i];
         skip_space(&mut i);
         if i == b.len() || b[i] != b'=' {
-            return Err(ConnInfoError::MissingEquals {
-                position: keyword_start,
-            });
+            return Err(ConnInfoError::MissingEquals { position: keyword_start });
         }
         if keyword.is_empty() {
             return Err(ConnInfoError::EmptyKeyword { position: i });
@@ -736,11 +668,7 @@ fn parse_keyword_value(s: &str, params: &mut Params) -> Result<(), ConnInfoError
             i += 1;
             loop {
                 match b.get(i) {
-                    None => {
-                        return Err(ConnInfoError::UnterminatedQuote {
-                            position: quote_start,
-                        })
-                    }
+                    None => return Err(ConnInfoError::UnterminatedQuote { position: quote_start }),
                     Some(b'\\') => {
                         i += 1;
                         if let Some(&c) = b.get(i) {
@@ -784,11 +712,9 @@ fn parse_keyword_value(s: &str, params: &mut Params) -> Result<(), ConnInfoError
 }
 
 fn uri_prefix_len(s: &str) -> Option<usize> {
-    ["postgresql://", "postgres://"].into_iter().find_map(|p| {
-        s.get(..p.len())
-            .filter(|head| head.eq_ignore_ascii_case(p))
-            .map(|_| p.len())
-    })
+    ["postgresql://", "postgres://"]
+        .into_iter()
+        .find_map(|p| s.get(..p.len()).filter(|head| head.eq_ignore_ascii_case(p)).map(|_| p.len()))
 }
 
 /// Checks percent-encoding strictly (libpq rejects malformed escapes and `%00`, where the
@@ -802,17 +728,9 @@ fn decode(raw: &str, position: usize, part: &'static str) -> Result<String, Conn
             continue;
         }
         match b.get(i + 1..i + 3) {
-            Some(&[b'0', b'0']) => {
-                return Err(ConnInfoError::PercentEncodedNul {
-                    position: position + i,
-                })
-            }
+            Some(&[b'0', b'0']) => return Err(ConnInfoError::PercentEncodedNul { position: position + i }),
             Some(&[h, l]) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => i += 3,
-            _ => {
-                return Err(ConnInfoError::InvalidPercentEncoding {
-                    position: position + i,
-                })
-            }
+            _ => return Err(ConnInfoError::InvalidPercentEncoding { position: position + i }),
         }
     }
     percent_encoding::percent_decode_str(raw)
@@ -823,12 +741,7 @@ fn decode(raw: &str, position: usize, part: &'static str) -> Result<String, Conn
 
 /// `uri` is trimmed and starts at byte `base` of the caller's input; `prefix` is the length
 /// of its scheme and `//`.
-fn parse_uri(
-    uri: &str,
-    base: usize,
-    prefix: usize,
-    params: &mut Params,
-) -> Result<(), ConnInfoError> {
+fn parse_uri(uri: &str, base: usize, prefix: usize, params: &mut Params) -> Result<(), ConnInfoError> {
     let rest = &uri[prefix..];
     let rest_pos = base + prefix;
     let authority_len = rest.find(['/', '?']).unwrap_or(rest.len());
@@ -838,10 +751,7 @@ fn parse_uri(
         Some(at) => {
             let userinfo = &authority[..at];
             let (user, password) = match userinfo.find(':') {
-                Some(colon) => (
-                    &userinfo[..colon],
-                    Some((&userinfo[colon + 1..], colon + 1)),
-                ),
+                Some(colon) => (&userinfo[..colon], Some((&userinfo[colon + 1..], colon + 1))),
                 None => (userinfo, None),
             };
             if !user.is_empty() {
@@ -868,24 +778,17 @@ fn parse_uri(
         if b.get(i) == Some(&b'[') {
             let open = i;
             let Some(len) = netloc[open + 1..].find(']') else {
-                return Err(ConnInfoError::UnterminatedIpv6 {
-                    position: netloc_pos + open,
-                });
+                return Err(ConnInfoError::UnterminatedIpv6 { position: netloc_pos + open });
             };
             if len == 0 {
-                return Err(ConnInfoError::EmptyIpv6 {
-                    position: netloc_pos + open,
-                });
+                return Err(ConnInfoError::EmptyIpv6 { position: netloc_pos + open });
             }
             let inner = &netloc[open + 1..open + 1 + len];
             hosts.push_str(&decode(inner, netloc_pos + open + 1, "host")?);
             i = open + 1 + len + 1;
             if let Some(c) = netloc[i..].chars().next() {
                 if c != ':' && c != ',' {
-                    return Err(ConnInfoError::UnexpectedCharacter {
-                        position: netloc_pos + i,
-                        found: c,
-                    });
+                    return Err(ConnInfoError::UnexpectedCharacter { position: netloc_pos + i, found: c });
                 }
             }
         } else {
@@ -946,15 +849,10 @@ fn parse_query(query: &str, query_pos: usize, params: &mut Params) -> Result<(),
             break;
         }
         let Some((keyword, value)) = segment.split_once('=') else {
-            return Err(ConnInfoError::QueryMissingEquals {
-                position: segment_pos,
-            });
+            return Err(ConnInfoError::QueryMissingEquals { position: segment_pos });
         };
         if value.contains('=') {
-            return Err(ConnInfoError::QueryExtraEquals {
-                keyword: keyword.to_owned(),
-                position: segment_pos,
-            });
+            return Err(ConnInfoError::QueryExtraEquals { keyword: keyword.to_owned(), position: segment_pos });
         }
         let value_pos = segment_pos + keyword.len() + 1;
         let keyword = decode(keyword, segment_pos, "query parameter name")?;
@@ -974,17 +872,11 @@ mod tests {
     use super::*;
 
     fn tcp(host: &str, port: u16) -> Host {
-        Host::Tcp {
-            host: host.to_owned(),
-            port,
-        }
+        Host::Tcp { host: host.to_owned(), port }
     }
 
     fn unix(dir: &str, port: u16) -> Host {
-        Host::Unix {
-            dir: PathBuf::from(dir),
-            port,
-        }
+        Host::Unix { dir: PathBuf::from(dir), port }
     }
 
     fn ok(s: &str) -> ConnInfo {
@@ -1037,12 +929,10 @@ mod tests {
 
     #[test]
     fn keyword_value_every_modelled_field() {
-        let c = ok(
-            "host=db port=6000 user=u password=p dbname=d application_name=app \
+        let c = ok("host=db port=6000 user=u password=p dbname=d application_name=app \
              sslmode=verify-full sslrootcert=/ca.pem sslcert=/c.pem sslkey=/k.pem \
              connect_timeout=10 target_session_attrs=read-write \
-             options='-c wal_sender_timeout=0' keepalives_idle=30",
-        );
+             options='-c wal_sender_timeout=0' keepalives_idle=30");
         assert_eq!(
             c,
             ConnInfo {
@@ -1065,14 +955,8 @@ mod tests {
 
     #[test]
     fn quoting_and_escapes() {
-        assert_eq!(
-            ok(r"password='a b\'c\\d'").password.as_deref(),
-            Some(r"a b'c\d")
-        );
-        assert_eq!(
-            ok(r"password=a\ b\\c\'").password.as_deref(),
-            Some(r"a b\c'")
-        );
+        assert_eq!(ok(r"password='a b\'c\\d'").password.as_deref(), Some(r"a b'c\d"));
+        assert_eq!(ok(r"password=a\ b\\c\'").password.as_deref(), Some(r"a b\c'"));
         assert_eq!(ok("password=''''").password.as_deref(), Some("'"));
         assert_eq!(ok("password='x''''y'").password.as_deref(), Some("x''y"));
         // A quote inside an unquoted value is literal, as in libpq.
@@ -1129,35 +1013,14 @@ mod tests {
     #[test]
     fn keyword_value_syntax_errors() {
         assert_eq!(err("host"), ConnInfoError::MissingEquals { position: 0 });
-        assert_eq!(
-            err("host=a b"),
-            ConnInfoError::MissingEquals { position: 7 }
-        );
-        assert_eq!(
-            err("user=x   dbname"),
-            ConnInfoError::MissingEquals { position: 9 }
-        );
+        assert_eq!(err("host=a b"), ConnInfoError::MissingEquals { position: 7 });
+        assert_eq!(err("user=x   dbname"), ConnInfoError::MissingEquals { position: 9 });
         assert_eq!(err("=x"), ConnInfoError::EmptyKeyword { position: 0 });
-        assert_eq!(
-            err("host=a  = b"),
-            ConnInfoError::EmptyKeyword { position: 8 }
-        );
-        assert_eq!(
-            err("user=a password='abc"),
-            ConnInfoError::UnterminatedQuote { position: 16 }
-        );
-        assert_eq!(
-            err(r"password='abc\'"),
-            ConnInfoError::UnterminatedQuote { position: 9 }
-        );
-        assert_eq!(
-            err(r"password='abc\"),
-            ConnInfoError::UnterminatedQuote { position: 9 }
-        );
-        assert_eq!(
-            err("password='"),
-            ConnInfoError::UnterminatedQuote { position: 9 }
-        );
+        assert_eq!(err("host=a  = b"), ConnInfoError::EmptyKeyword { position: 8 });
+        assert_eq!(err("user=a password='abc"), ConnInfoError::UnterminatedQuote { position: 16 });
+        assert_eq!(err(r"password='abc\'"), ConnInfoError::UnterminatedQuote { position: 9 });
+        assert_eq!(err(r"password='abc\"), ConnInfoError::UnterminatedQuote { position: 9 });
+        assert_eq!(err("password='"), ConnInfoError::UnterminatedQuote { position: 9 });
     }
 
     #[test]
@@ -1170,10 +1033,7 @@ mod tests {
     #[test]
     fn multiple_hosts_single_port_applies_to_all() {
         let c = ok("host=a,b,c port=6000");
-        assert_eq!(
-            c.hosts,
-            vec![tcp("a", 6000), tcp("b", 6000), tcp("c", 6000)]
-        );
+        assert_eq!(c.hosts, vec![tcp("a", 6000), tcp("b", 6000), tcp("c", 6000)]);
     }
 
     #[test]
@@ -1185,26 +1045,14 @@ mod tests {
     #[test]
     fn multiple_hosts_one_port_each_and_empty_entries() {
         let c = ok("host=a,,/tmp port=1,,3");
-        assert_eq!(
-            c.hosts,
-            vec![tcp("a", 1), tcp("localhost", 5432), unix("/tmp", 3)]
-        );
-        assert_eq!(
-            ok("host=a,b port=,").hosts,
-            vec![tcp("a", 5432), tcp("b", 5432)]
-        );
+        assert_eq!(c.hosts, vec![tcp("a", 1), tcp("localhost", 5432), unix("/tmp", 3)]);
+        assert_eq!(ok("host=a,b port=,").hosts, vec![tcp("a", 5432), tcp("b", 5432)]);
     }
 
     #[test]
     fn port_count_mismatch() {
-        assert_eq!(
-            err("host=a,b,c port=1,2"),
-            ConnInfoError::PortCountMismatch { hosts: 3, ports: 2 }
-        );
-        assert_eq!(
-            err("port=1,2"),
-            ConnInfoError::PortCountMismatch { hosts: 1, ports: 2 }
-        );
+        assert_eq!(err("host=a,b,c port=1,2"), ConnInfoError::PortCountMismatch { hosts: 3, ports: 2 });
+        assert_eq!(err("port=1,2"), ConnInfoError::PortCountMismatch { hosts: 1, ports: 2 });
     }
 
     #[test]
@@ -1229,20 +1077,14 @@ mod tests {
     #[test]
     fn ipv6_in_keyword_form_is_bare() {
         assert_eq!(ok("host=::1 port=5433").hosts, vec![tcp("::1", 5433)]);
-        assert_eq!(
-            ok("host=::1,fe80::2").hosts,
-            vec![tcp("::1", 5432), tcp("fe80::2", 5432)]
-        );
+        assert_eq!(ok("host=::1,fe80::2").hosts, vec![tcp("::1", 5432), tcp("fe80::2", 5432)]);
     }
 
     #[test]
     fn unix_socket_in_keyword_form() {
         let c = ok("host=/var/run/postgresql port=5433");
         assert_eq!(c.hosts, vec![unix("/var/run/postgresql", 5433)]);
-        assert_eq!(
-            c.hosts[0].socket_path(),
-            Some(PathBuf::from("/var/run/postgresql/.s.PGSQL.5433"))
-        );
+        assert_eq!(c.hosts[0].socket_path(), Some(PathBuf::from("/var/run/postgresql/.s.PGSQL.5433")));
         assert_eq!(ok("host=/tmp").hosts, vec![unix("/tmp", 5432)]);
         assert_eq!(tcp("a", 1).socket_path(), None);
     }
@@ -1254,19 +1096,10 @@ mod tests {
 
     #[test]
     fn hostaddr_is_an_alias_for_host() {
-        assert_eq!(
-            ok("hostaddr=10.0.0.1,10.0.0.2 port=1,2").hosts,
-            vec![tcp("10.0.0.1", 1), tcp("10.0.0.2", 2)]
-        );
+        assert_eq!(ok("hostaddr=10.0.0.1,10.0.0.2 port=1,2").hosts, vec![tcp("10.0.0.1", 1), tcp("10.0.0.2", 2)]);
         assert!(bad("hostaddr", "@x")(&err("hostaddr=@x")));
-        assert_eq!(
-            err("host=db hostaddr=10.0.0.1"),
-            ConnInfoError::HostAndHostaddr
-        );
-        assert_eq!(
-            err("postgresql://db/?hostaddr=10.0.0.1"),
-            ConnInfoError::HostAndHostaddr
-        );
+        assert_eq!(err("host=db hostaddr=10.0.0.1"), ConnInfoError::HostAndHostaddr);
+        assert_eq!(err("postgresql://db/?hostaddr=10.0.0.1"), ConnInfoError::HostAndHostaddr);
     }
 
     #[test]
@@ -1315,14 +1148,8 @@ mod tests {
             ("standby", TargetSessionAttrs::Standby),
             ("prefer-standby", TargetSessionAttrs::PreferStandby),
         ] {
-            assert_eq!(
-                ok(&format!("target_session_attrs={name}")).target_session_attrs,
-                attrs
-            );
-            assert_eq!(
-                ok(&format!("postgres://h?target_session_attrs={name}")).target_session_attrs,
-                attrs
-            );
+            assert_eq!(ok(&format!("target_session_attrs={name}")).target_session_attrs, attrs);
+            assert_eq!(ok(&format!("postgres://h?target_session_attrs={name}")).target_session_attrs, attrs);
             assert_eq!(attrs.as_str(), name);
             assert_eq!(attrs.to_string(), name);
             assert_eq!(name.parse::<TargetSessionAttrs>(), Ok(attrs));
@@ -1392,40 +1219,20 @@ mod tests {
     #[test]
     fn require_modes_that_cannot_be_honoured_are_rejected() {
         assert!(bad("gssencmode", "require")(&err("gssencmode=require")));
-        assert!(bad("channel_binding", "require")(&err(
-            "channel_binding=require"
-        )));
+        assert!(bad("channel_binding", "require")(&err("channel_binding=require")));
     }
 
     #[test]
     fn fallback_application_name() {
-        assert_eq!(
-            ok("fallback_application_name=fb")
-                .application_name
-                .as_deref(),
-            Some("fb")
-        );
-        assert_eq!(
-            ok("fallback_application_name=fb application_name=app")
-                .application_name
-                .as_deref(),
-            Some("app")
-        );
-        assert_eq!(
-            ok("application_name='' fallback_application_name=fb")
-                .application_name
-                .as_deref(),
-            Some("fb")
-        );
+        assert_eq!(ok("fallback_application_name=fb").application_name.as_deref(), Some("fb"));
+        assert_eq!(ok("fallback_application_name=fb application_name=app").application_name.as_deref(), Some("app"));
+        assert_eq!(ok("application_name='' fallback_application_name=fb").application_name.as_deref(), Some("fb"));
     }
 
     #[test]
     fn sslrootcert_system_is_rejected() {
         assert!(bad("sslrootcert", "system")(&err("sslrootcert=system")));
-        assert_eq!(
-            ok("sslrootcert=./system.pem").sslrootcert,
-            Some(PathBuf::from("./system.pem"))
-        );
+        assert_eq!(ok("sslrootcert=./system.pem").sslrootcert, Some(PathBuf::from("./system.pem")));
     }
 
     // ---- keyword errors ----
@@ -1433,27 +1240,12 @@ mod tests {
     #[test]
     fn unknown_keyword_is_named() {
         let e = err("host=a colour=blue");
-        assert_eq!(
-            e,
-            ConnInfoError::UnknownKeyword {
-                keyword: "colour".into()
-            }
-        );
+        assert_eq!(e, ConnInfoError::UnknownKeyword { keyword: "colour".into() });
         assert!(e.to_string().contains("colour"));
         // Keywords are case-sensitive, as in libpq.
-        assert_eq!(
-            err("Host=a"),
-            ConnInfoError::UnknownKeyword {
-                keyword: "Host".into()
-            }
-        );
+        assert_eq!(err("Host=a"), ConnInfoError::UnknownKeyword { keyword: "Host".into() });
         // ssl=true is a URI-only alias.
-        assert_eq!(
-            err("ssl=true"),
-            ConnInfoError::UnknownKeyword {
-                keyword: "ssl".into()
-            }
-        );
+        assert_eq!(err("ssl=true"), ConnInfoError::UnknownKeyword { keyword: "ssl".into() });
     }
 
     #[test]
@@ -1463,20 +1255,13 @@ mod tests {
             let keyword = *keyword;
             assert_eq!(e, ConnInfoError::UnsupportedKeyword { keyword });
             assert!(e.to_string().contains(keyword));
-            assert_eq!(
-                err(&format!("postgresql://h/?{keyword}=x")),
-                ConnInfoError::UnsupportedKeyword { keyword }
-            );
+            assert_eq!(err(&format!("postgresql://h/?{keyword}=x")), ConnInfoError::UnsupportedKeyword { keyword });
         }
     }
 
     #[test]
     fn replication_is_rejected() {
-        for s in [
-            "replication=database",
-            "replication=true",
-            "postgresql://h/?replication=1",
-        ] {
+        for s in ["replication=database", "replication=true", "postgresql://h/?replication=1"] {
             let e = err(s);
             assert_eq!(e, ConnInfoError::ReplicationKeyword);
             assert!(e.to_string().contains("pitr sets it"));
@@ -1487,9 +1272,7 @@ mod tests {
 
     #[test]
     fn uri_full_example() {
-        let c = ok(
-            "postgresql://user:pass@host1:5432,host2:5433/db?sslmode=require&application_name=x",
-        );
+        let c = ok("postgresql://user:pass@host1:5432,host2:5433/db?sslmode=require&application_name=x");
         assert_eq!(c.hosts, vec![tcp("host1", 5432), tcp("host2", 5433)]);
         assert_eq!(c.user.as_deref(), Some("user"));
         assert_eq!(c.password.as_deref(), Some("pass"));
@@ -1504,18 +1287,11 @@ mod tests {
         assert_eq!(ok("postgresql://"), ConnInfo::default());
         assert_eq!(ok("postgresql:///"), ConnInfo::default());
         assert_eq!(ok("postgresql://?"), ConnInfo::default());
-        assert_eq!(
-            ok("postgresql://localhost").hosts,
-            vec![tcp("localhost", 5432)]
-        );
+        assert_eq!(ok("postgresql://localhost").hosts, vec![tcp("localhost", 5432)]);
         assert_eq!(ok("postgres://h:6000").hosts, vec![tcp("h", 6000)]);
         assert_eq!(ok("postgresql://h:/db").hosts, vec![tcp("h", 5432)]);
-        assert_eq!(
-            ok("postgresql://:6000/db").hosts,
-            vec![tcp("localhost", 6000)]
-        );
-        let c =
-            ok("postgresql://other@localhost/otherdb?connect_timeout=10&application_name=myapp");
+        assert_eq!(ok("postgresql://:6000/db").hosts, vec![tcp("localhost", 6000)]);
+        let c = ok("postgresql://other@localhost/otherdb?connect_timeout=10&application_name=myapp");
         assert_eq!(c.user.as_deref(), Some("other"));
         assert_eq!(c.password, None);
         assert_eq!(c.dbname.as_deref(), Some("otherdb"));
@@ -1528,10 +1304,7 @@ mod tests {
         assert_eq!(c.hosts, vec![tcp("h", 5432)]);
         assert_eq!(c.dbname.as_deref(), Some("db"));
         // Anything else that is not a URI is read as keyword/value.
-        assert_eq!(
-            err("mysql://h/db"),
-            ConnInfoError::MissingEquals { position: 0 }
-        );
+        assert_eq!(err("mysql://h/db"), ConnInfoError::MissingEquals { position: 0 });
     }
 
     #[test]
@@ -1564,9 +1337,7 @@ mod tests {
 
     #[test]
     fn uri_percent_decoding_in_path_and_query() {
-        let c = ok(
-            "postgresql://h/my%20db?options=-c%20synchronous_commit%3Doff&application_name=a%26b+c",
-        );
+        let c = ok("postgresql://h/my%20db?options=-c%20synchronous_commit%3Doff&application_name=a%26b+c");
         assert_eq!(c.dbname.as_deref(), Some("my db"));
         assert_eq!(c.options.as_deref(), Some("-c synchronous_commit=off"));
         // '+' is not a space in libpq URIs.
@@ -1577,16 +1348,10 @@ mod tests {
 
     #[test]
     fn uri_ipv6() {
-        assert_eq!(
-            ok("postgresql://[::1]:5433/db").hosts,
-            vec![tcp("::1", 5433)]
-        );
+        assert_eq!(ok("postgresql://[::1]:5433/db").hosts, vec![tcp("::1", 5433)]);
         assert_eq!(ok("postgresql://[::1]/db").hosts, vec![tcp("::1", 5432)]);
         assert_eq!(ok("postgresql://[::1]").hosts, vec![tcp("::1", 5432)]);
-        assert_eq!(
-            ok("postgresql://[2001:db8::1]?port=7").hosts,
-            vec![tcp("2001:db8::1", 7)]
-        );
+        assert_eq!(ok("postgresql://[2001:db8::1]?port=7").hosts, vec![tcp("2001:db8::1", 7)]);
         assert_eq!(
             ok("postgresql://u@[fe80::1%25eth0]:1,[::2],h:3/db").hosts,
             vec![tcp("fe80::1%eth0", 1), tcp("::2", 5432), tcp("h", 3)]
@@ -1595,25 +1360,13 @@ mod tests {
 
     #[test]
     fn uri_multiple_hosts() {
-        assert_eq!(
-            ok("postgresql://host1:123,host2:456/somedb").hosts,
-            vec![tcp("host1", 123), tcp("host2", 456)]
-        );
+        assert_eq!(ok("postgresql://host1:123,host2:456/somedb").hosts, vec![tcp("host1", 123), tcp("host2", 456)]);
         // Ports left out in some entries get the default, as libpq builds "123,".
-        assert_eq!(
-            ok("postgresql://a:123,b/db").hosts,
-            vec![tcp("a", 123), tcp("b", 5432)]
-        );
+        assert_eq!(ok("postgresql://a:123,b/db").hosts, vec![tcp("a", 123), tcp("b", 5432)]);
         // No ports at all.
-        assert_eq!(
-            ok("postgresql://a,b").hosts,
-            vec![tcp("a", 5432), tcp("b", 5432)]
-        );
+        assert_eq!(ok("postgresql://a,b").hosts, vec![tcp("a", 5432), tcp("b", 5432)]);
         // Empty host entries become the default host.
-        assert_eq!(
-            ok("postgresql://,b:2").hosts,
-            vec![tcp("localhost", 5432), tcp("b", 2)]
-        );
+        assert_eq!(ok("postgresql://,b:2").hosts, vec![tcp("localhost", 5432), tcp("b", 2)]);
     }
 
     #[test]
@@ -1621,21 +1374,12 @@ mod tests {
         let c = ok("postgresql://%2Ftmp/db");
         assert_eq!(c.hosts, vec![unix("/tmp", 5432)]);
         assert_eq!(c.dbname.as_deref(), Some("db"));
-        assert_eq!(
-            ok("postgresql://%2fvar%2Frun%2Fpostgresql:5433/db").hosts,
-            vec![unix("/var/run/postgresql", 5433)]
-        );
+        assert_eq!(ok("postgresql://%2fvar%2Frun%2Fpostgresql:5433/db").hosts, vec![unix("/var/run/postgresql", 5433)]);
         let c = ok("postgresql:///db?host=/tmp");
         assert_eq!(c.hosts, vec![unix("/tmp", 5432)]);
         assert_eq!(c.dbname.as_deref(), Some("db"));
-        assert_eq!(
-            ok("postgresql:///db?host=%2Ftmp&port=5433").hosts,
-            vec![unix("/tmp", 5433)]
-        );
-        assert_eq!(
-            ok("postgresql://user@/db?host=/var/lib/postgresql").hosts,
-            vec![unix("/var/lib/postgresql", 5432)]
-        );
+        assert_eq!(ok("postgresql:///db?host=%2Ftmp&port=5433").hosts, vec![unix("/tmp", 5433)]);
+        assert_eq!(ok("postgresql://user@/db?host=/var/lib/postgresql").hosts, vec![unix("/var/lib/postgresql", 5432)]);
     }
 
     #[test]
@@ -1644,21 +1388,13 @@ mod tests {
         assert_eq!(c.hosts, vec![tcp("h1", 9), tcp("h2", 9)]);
         assert_eq!(c.dbname.as_deref(), Some("db2"));
         assert_eq!(c.user.as_deref(), Some("v"));
-        assert_eq!(
-            ok("postgresql://h?sslmode=disable&sslmode=allow").sslmode,
-            SslMode::Allow
-        );
+        assert_eq!(ok("postgresql://h?sslmode=disable&sslmode=allow").sslmode, SslMode::Allow);
     }
 
     #[test]
     fn uri_ssl_true_means_require() {
         assert_eq!(ok("postgresql://h?ssl=true").sslmode, SslMode::Require);
-        assert_eq!(
-            err("postgresql://h?ssl=false"),
-            ConnInfoError::UnknownKeyword {
-                keyword: "ssl".into()
-            }
-        );
+        assert_eq!(err("postgresql://h?ssl=false"), ConnInfoError::UnknownKeyword { keyword: "ssl".into() });
     }
 
     #[test]
@@ -1668,56 +1404,22 @@ mod tests {
 
     #[test]
     fn uri_query_errors() {
-        assert_eq!(
-            err("postgresql://h/db?user"),
-            ConnInfoError::QueryMissingEquals { position: 18 }
-        );
-        assert_eq!(
-            err("postgresql://h/db?user=u&&dbname=d"),
-            ConnInfoError::QueryMissingEquals { position: 25 }
-        );
-        assert_eq!(
-            err("postgresql://h/db?&user=u"),
-            ConnInfoError::QueryMissingEquals { position: 18 }
-        );
+        assert_eq!(err("postgresql://h/db?user"), ConnInfoError::QueryMissingEquals { position: 18 });
+        assert_eq!(err("postgresql://h/db?user=u&&dbname=d"), ConnInfoError::QueryMissingEquals { position: 25 });
+        assert_eq!(err("postgresql://h/db?&user=u"), ConnInfoError::QueryMissingEquals { position: 18 });
         let e = err("postgresql://h/db?user=u&options=-c%20a=b");
-        assert_eq!(
-            e,
-            ConnInfoError::QueryExtraEquals {
-                keyword: "options".into(),
-                position: 25
-            }
-        );
+        assert_eq!(e, ConnInfoError::QueryExtraEquals { keyword: "options".into(), position: 25 });
         assert!(e.to_string().contains("%3D"));
-        assert_eq!(
-            err("postgresql://h?colour=blue"),
-            ConnInfoError::UnknownKeyword {
-                keyword: "colour".into()
-            }
-        );
+        assert_eq!(err("postgresql://h?colour=blue"), ConnInfoError::UnknownKeyword { keyword: "colour".into() });
         assert!(bad("port", "x")(&err("postgresql://h?port=x")));
-        assert!(bad("connect_timeout", "soon")(&err(
-            "postgresql://h?connect_timeout=soon"
-        )));
+        assert!(bad("connect_timeout", "soon")(&err("postgresql://h?connect_timeout=soon")));
     }
 
     #[test]
     fn uri_ipv6_errors() {
-        assert_eq!(
-            err("postgresql://[::1/db"),
-            ConnInfoError::UnterminatedIpv6 { position: 13 }
-        );
-        assert_eq!(
-            err("postgresql://u@[]:5432"),
-            ConnInfoError::EmptyIpv6 { position: 15 }
-        );
-        assert_eq!(
-            err("postgresql://[::1]x/db"),
-            ConnInfoError::UnexpectedCharacter {
-                position: 18,
-                found: 'x'
-            }
-        );
+        assert_eq!(err("postgresql://[::1/db"), ConnInfoError::UnterminatedIpv6 { position: 13 });
+        assert_eq!(err("postgresql://u@[]:5432"), ConnInfoError::EmptyIpv6 { position: 15 });
+        assert_eq!(err("postgresql://[::1]x/db"), ConnInfoError::UnexpectedCharacter { position: 18, found: 'x' });
         // Without brackets the address's colons are read as a port.
         assert!(bad("port", ":1")(&err("postgresql://::1/db")));
     }
@@ -1727,68 +1429,23 @@ mod tests {
         assert!(bad("port", "abc")(&err("postgresql://h:abc/db")));
         assert!(bad("port", "0")(&err("postgresql://h:0")));
         assert!(bad("port", "1:2")(&err("postgresql://h:1:2")));
-        assert_eq!(
-            err("postgresql://a,b,c/?port=1,2"),
-            ConnInfoError::PortCountMismatch { hosts: 3, ports: 2 }
-        );
+        assert_eq!(err("postgresql://a,b,c/?port=1,2"), ConnInfoError::PortCountMismatch { hosts: 3, ports: 2 });
     }
 
     #[test]
     fn uri_percent_encoding_errors() {
-        assert_eq!(
-            err("postgresql://h/d%zzb"),
-            ConnInfoError::InvalidPercentEncoding { position: 16 }
-        );
-        assert_eq!(
-            err("postgresql://h/db%4"),
-            ConnInfoError::InvalidPercentEncoding { position: 17 }
-        );
-        assert_eq!(
-            err("postgresql://h/db%"),
-            ConnInfoError::InvalidPercentEncoding { position: 17 }
-        );
-        assert_eq!(
-            err("postgresql://h/d%00b"),
-            ConnInfoError::PercentEncodedNul { position: 16 }
-        );
-        assert_eq!(
-            err("postgresql://h?user=%00"),
-            ConnInfoError::PercentEncodedNul { position: 20 }
-        );
-        assert_eq!(
-            err("postgresql://u%g1@h"),
-            ConnInfoError::InvalidPercentEncoding { position: 14 }
-        );
-        assert_eq!(
-            err("postgresql://h%2/db"),
-            ConnInfoError::InvalidPercentEncoding { position: 14 }
-        );
-        assert_eq!(
-            err("postgresql://h:5%3x2"),
-            ConnInfoError::InvalidPercentEncoding { position: 16 }
-        );
-        assert_eq!(
-            err("postgresql://h/%FF"),
-            ConnInfoError::InvalidUtf8 {
-                part: "database name",
-                position: 15
-            }
-        );
-        assert_eq!(
-            err("postgresql://u:%C3@h"),
-            ConnInfoError::InvalidUtf8 {
-                part: "password",
-                position: 15
-            }
-        );
+        assert_eq!(err("postgresql://h/d%zzb"), ConnInfoError::InvalidPercentEncoding { position: 16 });
+        assert_eq!(err("postgresql://h/db%4"), ConnInfoError::InvalidPercentEncoding { position: 17 });
+        assert_eq!(err("postgresql://h/db%"), ConnInfoError::InvalidPercentEncoding { position: 17 });
+        assert_eq!(err("postgresql://h/d%00b"), ConnInfoError::PercentEncodedNul { position: 16 });
+        assert_eq!(err("postgresql://h?user=%00"), ConnInfoError::PercentEncodedNul { position: 20 });
+        assert_eq!(err("postgresql://u%g1@h"), ConnInfoError::InvalidPercentEncoding { position: 14 });
+        assert_eq!(err("postgresql://h%2/db"), ConnInfoError::InvalidPercentEncoding { position: 14 });
+        assert_eq!(err("postgresql://h:5%3x2"), ConnInfoError::InvalidPercentEncoding { position: 16 });
+        assert_eq!(err("postgresql://h/%FF"), ConnInfoError::InvalidUtf8 { part: "database name", position: 15 });
+        assert_eq!(err("postgresql://u:%C3@h"), ConnInfoError::InvalidUtf8 { part: "password", position: 15 });
         // Positions count from the start of the caller's string, leading blanks included.
-        assert_eq!(
-            err("  postgresql://h/%FF"),
-            ConnInfoError::InvalidUtf8 {
-                part: "database name",
-                position: 17
-            }
-        );
+        assert_eq!(err("  postgresql://h/%FF"), ConnInfoError::InvalidUtf8 { part: "database name", position: 17 });
     }
 
     // ---- printing ----
@@ -1797,10 +1454,7 @@ mod tests {
 
     #[test]
     fn debug_hides_password() {
-        for s in [
-            format!("host=h user=u password={SECRET}"),
-            format!("postgresql://u:{SECRET}@h/db"),
-        ] {
+        for s in [format!("host=h user=u password={SECRET}"), format!("postgresql://u:{SECRET}@h/db")] {
             let c = ok(&s);
             assert_eq!(c.password.as_deref(), Some(SECRET));
             let dbg = format!("{c:?}");
@@ -1832,36 +1486,21 @@ mod tests {
             assert!(!r.contains("password"), "{r}");
             assert_eq!(c.to_string(), r);
             let back = ok(&r);
-            assert_eq!(
-                back,
-                ConnInfo {
-                    password: None,
-                    ..c.clone()
-                },
-                "{r}"
-            );
+            assert_eq!(back, ConnInfo { password: None, ..c.clone() }, "{r}");
         }
     }
 
     #[test]
     fn redacted_format() {
+        assert_eq!(ConnInfo::default().redacted(), "host=localhost port=5432 sslmode=prefer");
         assert_eq!(
-            ConnInfo::default().redacted(),
-            "host=localhost port=5432 sslmode=prefer"
-        );
-        assert_eq!(
-            ok(
-                "host=a,b port=1,2 user=rep password=x dbname=x application_name='my app' \
-                target_session_attrs=read-write"
-            )
+            ok("host=a,b port=1,2 user=rep password=x dbname=x application_name='my app' \
+                target_session_attrs=read-write")
             .redacted(),
             "host=a,b port=1,2 user=rep dbname=x application_name='my app' sslmode=prefer \
              target_session_attrs=read-write"
         );
-        assert_eq!(
-            ok(r"user='a\'b\\'").redacted(),
-            r"host=localhost port=5432 user='a\'b\\' sslmode=prefer"
-        );
+        assert_eq!(ok(r"user='a\'b\\'").redacted(), r"host=localhost port=5432 user='a\'b\\' sslmode=prefer");
     }
 
     #[test]
@@ -1906,10 +1545,7 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("sslmode") && msg.contains("bogus"), "{msg}");
         let msg = err("connect_timeout=abc").to_string();
-        assert!(
-            msg.contains("connect_timeout") && msg.contains("abc"),
-            "{msg}"
-        );
+        assert!(msg.contains("connect_timeout") && msg.contains("abc"), "{msg}");
         let msg = err("host=a  b").to_string();
         assert!(msg.contains("byte 8"), "{msg}");
     }

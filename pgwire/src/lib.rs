@@ -9,8 +9,8 @@ pub mod connection;
 pub mod conninfo;
 pub mod messages;
 mod pgpass;
-mod tls;
 pub mod timeline;
+mod tls;
 pub mod walreader;
 
 use std::time::Duration;
@@ -32,7 +32,7 @@ pub enum PgError {
     #[error("{host}: authentication failed: {message}")]
     Auth { host: String, message: String },
     #[error("{host}: {error}")]
-    Server { host: String, error: ServerError },
+    Server { host: String, error: Box<ServerError> },
     #[error("{host}: session is {}, but target_session_attrs wants {wanted}", if *read_only { "read-only" } else { "read-write" })]
     SessionAttrs { host: String, wanted: String, read_only: bool },
     #[error("could not connect: {attempts}")]

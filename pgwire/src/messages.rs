@@ -38,16 +38,25 @@ impl std::fmt::Display for ServerError {
 pub enum BackendMessage {
     AuthenticationOk,
     AuthenticationCleartextPassword,
-    AuthenticationMd5Password { salt: [u8; 4] },
-    AuthenticationSasl { mechanisms: Vec<String> },
+    AuthenticationMd5Password {
+        salt: [u8; 4],
+    },
+    AuthenticationSasl {
+        mechanisms: Vec<String>,
+    },
     AuthenticationSaslContinue(Bytes),
     AuthenticationSaslFinal(Bytes),
     /// Kerberos, GSS, SSPI: named in the error, not supported.
     AuthenticationUnsupported(&'static str),
-    ParameterStatus { name: String, value: String },
+    ParameterStatus {
+        name: String,
+        value: String,
+    },
     BackendKeyData,
     ReadyForQuery,
-    RowDescription { columns: Vec<String> },
+    RowDescription {
+        columns: Vec<String>,
+    },
     DataRow(Vec<Option<Bytes>>),
     CommandComplete(String),
     EmptyQueryResponse,
@@ -98,11 +107,17 @@ pub fn parse_backend(buf: &mut BytesMut) -> Result<Option<BackendMessage>, PgErr
             let mechanisms = b.mechanisms().map(|m| Ok(m.to_string())).collect().map_err(bad)?;
             BackendMessage::AuthenticationSasl { mechanisms }
         }
-        Message::AuthenticationSaslContinue(b) => BackendMessage::AuthenticationSaslContinue(Bytes::copy_from_slice(b.data())),
-        Message::AuthenticationSaslFinal(b) => BackendMessage::AuthenticationSaslFinal(Bytes::copy_from_slice(b.data())),
+        Message::AuthenticationSaslContinue(b) => {
+            BackendMessage::AuthenticationSaslContinue(Bytes::copy_from_slice(b.data()))
+        }
+        Message::AuthenticationSaslFinal(b) => {
+            BackendMessage::AuthenticationSaslFinal(Bytes::copy_from_slice(b.data()))
+        }
         Message::AuthenticationKerberosV5 => BackendMessage::AuthenticationUnsupported("Kerberos V5"),
         Message::AuthenticationScmCredential => BackendMessage::AuthenticationUnsupported("SCM credentials"),
-        Message::AuthenticationGss | Message::AuthenticationGssContinue(_) => BackendMessage::AuthenticationUnsupported("GSSAPI"),
+        Message::AuthenticationGss | Message::AuthenticationGssContinue(_) => {
+            BackendMessage::AuthenticationUnsupported("GSSAPI")
+        }
         Message::AuthenticationSspi => BackendMessage::AuthenticationUnsupported("SSPI"),
         Message::ParameterStatus(b) => BackendMessage::ParameterStatus {
             name: b.name().map_err(bad)?.to_string(),
@@ -116,11 +131,7 @@ pub fn parse_backend(buf: &mut BytesMut) -> Result<Option<BackendMessage>, PgErr
         }
         Message::DataRow(b) => {
             let data = b.buffer_bytes().clone();
-            let values = b
-                .ranges()
-                .map(|r| Ok(r.map(|r| data.slice(r))))
-                .collect()
-                .map_err(bad)?;
+            let values = b.ranges().map(|r| Ok(r.map(|r| data.slice(r)))).collect().map_err(bad)?;
             BackendMessage::DataRow(values)
         }
         Message::CommandComplete(b) => BackendMessage::CommandComplete(b.tag().map_err(bad)?.to_string()),
@@ -190,7 +201,14 @@ pub fn parse_replication_message(mut data: Bytes) -> Result<ReplicationMessage, 
 }
 
 /// A Standby Status Update wrapped in CopyData, ready to send.
-pub fn standby_status_update(write: u64, flush: u64, apply: u64, client_time: i64, reply_requested: bool, out: &mut BytesMut) {
+pub fn standby_status_update(
+    write: u64,
+    flush: u64,
+    apply: u64,
+    client_time: i64,
+    reply_requested: bool,
+    out: &mut BytesMut,
+) {
     out.put_u8(b'd');
     out.put_i32(4 + 1 + 8 * 4 + 1);
     out.put_u8(b'r');

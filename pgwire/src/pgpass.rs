@@ -41,7 +41,11 @@ fn find(text: &str, host: &str, port: &str, dbname: &str, user: &str) -> Option<
             continue;
         }
         let matches = |pattern: &str, value: &str| pattern == "*" || pattern == value;
-        if matches(&fields[0], host) && matches(&fields[1], port) && matches(&fields[2], dbname) && matches(&fields[3], user) {
+        if matches(&fields[0], host)
+            && matches(&fields[1], port)
+            && matches(&fields[2], dbname)
+            && matches(&fields[3], user)
+        {
             return Some(fields[4].clone());
         }
     }

@@ -42,7 +42,13 @@ mod tests {
     #[test]
     fn parses_and_finds_switch_points() {
         let h = parse_history("1\t0/3000160\tno recovery target specified\n\n2\t0/5000000\tbefore 2026\n").unwrap();
-        assert_eq!(h, vec![HistoryEntry { timeline: 1, switch_lsn: 0x3000160 }, HistoryEntry { timeline: 2, switch_lsn: 0x5000000 }]);
+        assert_eq!(
+            h,
+            vec![
+                HistoryEntry { timeline: 1, switch_lsn: 0x3000160 },
+                HistoryEntry { timeline: 2, switch_lsn: 0x5000000 }
+            ]
+        );
         assert_eq!(switch_point(&h, 1, 3), Some((0x3000160, 2)));
         assert_eq!(switch_point(&h, 2, 3), Some((0x5000000, 3)));
         assert_eq!(switch_point(&h, 3, 3), None);

@@ -154,10 +154,7 @@ enum Phase {
     /// read the page header found there.
     Seek { remaining: u64 },
     /// At a page boundary, gathering the page header (24 bytes, or 40 for a long header).
-    PageHeader {
-        buf: [u8; SIZE_OF_LONG_PHD],
-        have: usize,
-    },
+    PageHeader { buf: [u8; SIZE_OF_LONG_PHD], have: usize },
     /// Inside a page's data area; `Rec` says what the bytes belong to.
     Body,
 }
@@ -168,17 +165,9 @@ enum Rec {
     /// Between records: skip alignment padding, then a record header starts.
     Between,
     /// Gathering a record header (which may itself be split across pages).
-    Header {
-        start: u64,
-        buf: [u8; SIZE_OF_XLOG_RECORD],
-        have: usize,
-    },
+    Header { start: u64, buf: [u8; SIZE_OF_XLOG_RECORD], have: usize },
     /// Buffering a whole record we want to decode (transaction end or XLOG_SWITCH).
-    Keep {
-        start: u64,
-        tot_len: usize,
-        buf: Vec<u8>,
-    },
+    Keep { start: u64, tot_len: usize, buf: Vec<u8> },
     /// Discarding the rest of a record: one we do not care about, or the tail of one that
     /// began before we synchronised.
     Skip { remaining: u64 },
@@ -278,22 +267,13 @@ impl WalDecoder {
         let page_size = if page_size.is_power_of_two() && (1024..=65536).contains(&page_size) {
             page_size
         } else {
-            warn!(
-                page_size,
-                "invalid WAL page size; using {DEFAULT_PAGE_SIZE}"
-            );
+            warn!(page_size, "invalid WAL page size; using {DEFAULT_PAGE_SIZE}");
             DEFAULT_PAGE_SIZE
         };
-        let segment_size = if segment_size.is_power_of_two()
-            && segment_size >= page_size
-            && segment_size <= 1 << 30
-        {
+        let segment_size = if segment_size.is_power_of_two() && segment_size >= page_size && segment_size <= 1 << 30 {
             segment_size
         } else {
-            warn!(
-                segment_size,
-                "invalid WAL segment size; using {DEFAULT_SEGMENT_SIZE}"
-            );
+            warn!(segment_size, "invalid WAL segment size; using {DEFAULT_SEGMENT_SIZE}");
             DEFAULT_SEGMENT_SIZE
         };
         WalDecoder {
@@ -326,11 +306,7 @@ impl WalDecoder {
     pub fn feed(&mut self, lsn: u64, data: &[u8], out: &mut Vec<XactRecord>) {
         if !self.started || self.pos != lsn {
             if self.started {
-                debug!(
-                    expected = self.pos,
-                    got = lsn,
-                    "non-contiguous WAL feed; resynchronising"
-                );
+                debug!(expected = self.pos, got = lsn, "non-contiguous WAL feed; resynchronising");
             }
             self.restart_at(lsn);
         }
@@ -376,9 +352,7 @@ impl WalDecoder {
     fn lose_sync(&mut self) {
         self.rec = Rec::Between;
         self.prev = None;
-        self.phase = Phase::Seek {
-            remaining: bytes_to_boundary(self.pos, self.page_size),
-        };
+        self.phase = Phase::Seek { remaining: bytes_to_boundary(self.pos, self.page_size) };
     }
 
     /// Consume some prefix of `data` (possibly nothing, for a pure state transition).
@@ -386,10 +360,7 @@ impl WalDecoder {
         match &mut self.phase {
             Phase::Seek { remaining } => {
                 if *remaining == 0 {
-                    self.phase = Phase::PageHeader {
-                        buf: [0; SIZE_OF_LONG_PHD],
-                        have: 0,
-                    };
+                    self.phase = Phase::PageHeader { buf: [0; SIZE_OF_LONG_PHD], have: 0 };
                     return 0;
                 }
                 let n = clamp_len(*remaining, data.len());
@@ -424,11 +395,7 @@ impl WalDecoder {
             Rec::Between => {
                 let pad = self.pos.wrapping_neg() & (MAXALIGN - 1);
                 if pad == 0 {
-                    self.rec = Rec::Header {
-                        start: self.pos,
-                        buf: [0; SIZE_OF_XLOG_RECORD],
-                        have: 0,
-                    };
+                    self.rec = Rec::Header { start: self.pos, buf: [0; SIZE_OF_XLOG_RECORD], have: 0 };
                     return 0;
                 }
                 // Alignment padding; it is zeros in practice but nothing depends on that.
@@ -453,9 +420,7 @@ impl WalDecoder {
                 buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
                 self.pos = self.pos.wrapping_add(n as u64);
                 if buf.len() >= *tot_len {
-                    if let Rec::Keep { start, buf, .. } =
-                        std::mem::replace(&mut self.rec, Rec::Between)
-                    {
+                    if let Rec::Keep { start, buf, .. } = std::mem::replace(&mut self.rec, Rec::Between) {
                         self.finish_record(start, &buf, out);
                     }
                 }
@@ -472,10 +437,7 @@ impl WalDecoder {
             }
         };
         if n > 0 && matches!(self.phase, Phase::Body) && self.pos & (self.page_size - 1) == 0 {
-            self.phase = Phase::PageHeader {
-                buf: [0; SIZE_OF_LONG_PHD],
-                have: 0,
-            };
+            self.phase = Phase::PageHeader { buf: [0; SIZE_OF_LONG_PHD], have: 0 };
         }
         n
     }
@@ -484,9 +446,7 @@ impl WalDecoder {
         let page_lsn = self.pos.wrapping_sub(len as u64);
         let magic = u16::from_le_bytes([hdr[0], hdr[1]]);
         let info = u16::from_le_bytes([hdr[2], hdr[3]]);
-        let pageaddr = u64::from_le_bytes([
-            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
-        ]);
+        let pageaddr = u64::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15]]);
         let rem_len = u32::from_le_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]);
         let is_long = info & XLP_LONG_HEADER != 0;
         let segment_start = page_lsn & (self.segment_size - 1) == 0;
@@ -511,10 +471,7 @@ impl WalDecoder {
             }
         }
         if !valid {
-            debug!(
-                page_lsn,
-                "no valid WAL page header; waiting for the next page"
-            );
+            debug!(page_lsn, "no valid WAL page header; waiting for the next page");
             self.lose_sync();
             return;
         }
@@ -523,8 +480,7 @@ impl WalDecoder {
         self.phase = Phase::Body;
         // An overwrite-contrecord page replaces a record that was never completed: whatever
         // we had of it is void, and records start right after this header.
-        let contrec =
-            info & XLP_FIRST_IS_CONTRECORD != 0 && info & overwrite_contrecord_flag(magic) == 0;
+        let contrec = info & XLP_FIRST_IS_CONTRECORD != 0 && info & overwrite_contrecord_flag(magic) == 0;
         // None: no record in progress. Some(n): a record is in progress and the page should
         // continue it with n bytes left (None if that count cannot be known).
         let expected: Option<Option<u64>> = match &self.rec {
@@ -536,9 +492,7 @@ impl WalDecoder {
             } else {
                 None
             }),
-            Rec::Keep { tot_len, buf, .. } => {
-                Some(tot_len.checked_sub(buf.len()).map(|r| r as u64))
-            }
+            Rec::Keep { tot_len, buf, .. } => Some(tot_len.checked_sub(buf.len()).map(|r| r as u64)),
             Rec::Skip { remaining } => Some(Some(*remaining)),
         };
         match expected {
@@ -552,10 +506,7 @@ impl WalDecoder {
             }
             Some(Some(remaining)) if contrec && u64::from(rem_len) == remaining => {}
             Some(_) => {
-                debug!(
-                    page_lsn,
-                    rem_len, "WAL continuation does not match the partial record; discarding it"
-                );
+                debug!(page_lsn, rem_len, "WAL continuation does not match the partial record; discarding it");
                 self.prev = None;
                 self.resume_after_header(contrec, rem_len);
             }
@@ -565,13 +516,7 @@ impl WalDecoder {
     /// After a page header that does not continue our record: skip the tail of whatever
     /// record it continues, and start decoding at the next record.
     fn resume_after_header(&mut self, contrec: bool, rem_len: u32) {
-        self.rec = if contrec && rem_len > 0 {
-            Rec::Skip {
-                remaining: u64::from(rem_len),
-            }
-        } else {
-            Rec::Between
-        };
+        self.rec = if contrec && rem_len > 0 { Rec::Skip { remaining: u64::from(rem_len) } } else { Rec::Between };
     }
 
     fn on_record_header_bytes(
@@ -587,10 +532,7 @@ impl WalDecoder {
         let tot_len = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         if (tot_len as usize) < SIZE_OF_XLOG_RECORD || tot_len > XLOG_RECORD_MAX_SIZE {
             // Zeroes (end of written WAL, padding) or garbage: nothing more on this page.
-            debug!(
-                lsn = start,
-                tot_len, "no WAL record here; waiting for the next page"
-            );
+            debug!(lsn = start, tot_len, "no WAL record here; waiting for the next page");
             self.lose_sync();
             return;
         }
@@ -603,11 +545,7 @@ impl WalDecoder {
             None => header.prev < start,
         };
         if !prev_ok {
-            debug!(
-                lsn = start,
-                xl_prev = header.prev,
-                "WAL record with a broken prev-link; waiting for the next page"
-            );
+            debug!(lsn = start, xl_prev = header.prev, "WAL record with a broken prev-link; waiting for the next page");
             self.lose_sync();
             return;
         }
@@ -622,32 +560,20 @@ impl WalDecoder {
                 self.rec = Rec::Between;
                 self.finish_record(start, &buf, out);
             } else {
-                self.rec = Rec::Keep {
-                    start,
-                    tot_len: tot_len as usize,
-                    buf,
-                };
+                self.rec = Rec::Keep { start, tot_len: tot_len as usize, buf };
             }
             return;
         }
         if wanted {
-            warn!(
-                lsn = start,
-                tot_len, "transaction WAL record larger than the buffering cap; skipping it"
-            );
+            warn!(lsn = start, tot_len, "transaction WAL record larger than the buffering cap; skipping it");
         }
-        self.rec = if body == 0 {
-            Rec::Between
-        } else {
-            Rec::Skip { remaining: body }
-        };
+        self.rec = if body == 0 { Rec::Between } else { Rec::Skip { remaining: body } };
     }
 
     /// A wanted record is complete (its last byte was just consumed).
     fn finish_record(&mut self, start: u64, rec: &[u8], out: &mut Vec<XactRecord>) {
-        let Some(hdr_bytes) = rec
-            .get(..SIZE_OF_XLOG_RECORD)
-            .and_then(|h| <[u8; SIZE_OF_XLOG_RECORD]>::try_from(h).ok())
+        let Some(hdr_bytes) =
+            rec.get(..SIZE_OF_XLOG_RECORD).and_then(|h| <[u8; SIZE_OF_XLOG_RECORD]>::try_from(h).ok())
         else {
             self.lose_sync();
             return;
@@ -661,20 +587,12 @@ impl WalDecoder {
         if header.is_switch() {
             // The rest of the segment is padding; the next record is on the next segment.
             self.rec = Rec::Between;
-            self.phase = Phase::Seek {
-                remaining: bytes_to_boundary(self.pos, self.segment_size),
-            };
+            self.phase = Phase::Seek { remaining: bytes_to_boundary(self.pos, self.segment_size) };
             return;
         }
         let end_lsn = align_up(self.pos);
         match decode_xact(rec, &header, self.magic) {
-            Some((kind, xid, timestamp)) => out.push(XactRecord {
-                lsn: start,
-                end_lsn,
-                xid,
-                kind,
-                timestamp,
-            }),
+            Some((kind, xid, timestamp)) => out.push(XactRecord { lsn: start, end_lsn, xid, kind, timestamp }),
             None => warn!(lsn = start, "malformed transaction WAL record; skipping it"),
         }
     }
@@ -740,11 +658,7 @@ const CRC32C_TABLE: [u32; 256] = {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
+            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
             k += 1;
         }
         table[i] = c;
@@ -842,8 +756,7 @@ fn decode_xact(rec: &[u8], header: &RecordHeader, magic: u16) -> Option<(XactKin
     let xid = match kind {
         XactKind::Commit | XactKind::Abort => header.xid,
         XactKind::CommitPrepared | XactKind::AbortPrepared => {
-            twophase_xid(main, header.info, kind == XactKind::CommitPrepared, magic)
-                .unwrap_or(header.xid)
+            twophase_xid(main, header.info, kind == XactKind::CommitPrepared, magic).unwrap_or(header.xid)
         }
     };
     Some((kind, xid, timestamp))
@@ -884,10 +797,7 @@ fn walk_xinfo(main: &[u8], xinfo: u32, commit: bool, stats_item: usize) -> Optio
     // xact_time (8) + xinfo (4).
     let mut off: usize = 12;
     let counted = |off: usize, item: usize| -> Option<usize> {
-        let n = usize::try_from(i32::from_le_bytes(
-            main.get(off..off.checked_add(4)?)?.try_into().ok()?,
-        ))
-        .ok()?;
+        let n = usize::try_from(i32::from_le_bytes(main.get(off..off.checked_add(4)?)?.try_into().ok()?)).ok()?;
         off.checked_add(4)?.checked_add(n.checked_mul(item)?)
     };
     if xinfo & XACT_XINFO_HAS_DBINFO != 0 {
@@ -938,14 +848,7 @@ mod tests {
     impl WalBuilder {
         fn new(start: u64, magic: u16) -> Self {
             assert_eq!(start % PAGE, 0);
-            WalBuilder {
-                seg: SEG,
-                page: PAGE,
-                magic,
-                start,
-                bytes: Vec::new(),
-                prev: start.saturating_sub(0x100),
-            }
+            WalBuilder { seg: SEG, page: PAGE, magic, start, bytes: Vec::new(), prev: start.saturating_sub(0x100) }
         }
 
         fn pos(&self) -> u64 {
@@ -968,12 +871,9 @@ mod tests {
             self.bytes.extend_from_slice(&rem_len.to_le_bytes());
             self.bytes.extend_from_slice(&[0; 4]);
             if long {
-                self.bytes
-                    .extend_from_slice(&0x7300_0000_0000_1234u64.to_le_bytes());
-                self.bytes
-                    .extend_from_slice(&(self.seg as u32).to_le_bytes());
-                self.bytes
-                    .extend_from_slice(&(self.page as u32).to_le_bytes());
+                self.bytes.extend_from_slice(&0x7300_0000_0000_1234u64.to_le_bytes());
+                self.bytes.extend_from_slice(&(self.seg as u32).to_le_bytes());
+                self.bytes.extend_from_slice(&(self.page as u32).to_le_bytes());
             }
         }
 
@@ -1173,10 +1073,7 @@ mod tests {
         assert_eq!(pg_timestamp_to_unix_micros(i64::MAX), i64::MAX);
         assert_eq!(unix_micros_to_pg_timestamp(i64::MIN), i64::MIN);
         let t = 1_234_567_890_123_456;
-        assert_eq!(
-            pg_timestamp_to_unix_micros(unix_micros_to_pg_timestamp(t)),
-            t
-        );
+        assert_eq!(pg_timestamp_to_unix_micros(unix_micros_to_pg_timestamp(t)), t);
     }
 
     #[test]
@@ -1186,16 +1083,7 @@ mod tests {
         let (lsn, end) = b.commit(700, TS);
         assert_eq!(lsn, start + 40);
         let out = decode(start, &b.bytes);
-        assert_eq!(
-            out,
-            vec![XactRecord {
-                lsn,
-                end_lsn: end,
-                xid: 700,
-                kind: XactKind::Commit,
-                timestamp: TS,
-            }]
-        );
+        assert_eq!(out, vec![XactRecord { lsn, end_lsn: end, xid: 700, kind: XactKind::Commit, timestamp: TS }]);
         assert_eq!(end, lsn + 40, "34-byte record MAXALIGNed");
     }
 
@@ -1226,11 +1114,7 @@ mod tests {
             b.commit(4243, TS + 1);
             for chunk in [1, 5, 4096, usize::MAX] {
                 let out = decode_chunks(start, &b.bytes, chunk);
-                assert_eq!(
-                    xids(&out),
-                    vec![4242, 4243],
-                    "offset {offset} chunk {chunk}"
-                );
+                assert_eq!(xids(&out), vec![4242, 4243], "offset {offset} chunk {chunk}");
                 assert_eq!(out[0].lsn, lsn);
                 assert_eq!(out[0].end_lsn, end);
                 assert_eq!(out[0].timestamp, TS);
@@ -1457,10 +1341,7 @@ mod tests {
         for (magic, flag) in [
             (XLOG_PAGE_MAGIC_PG14, XLP_FIRST_IS_OVERWRITE_CONTRECORD_PG14),
             (XLOG_PAGE_MAGIC_PG16, XLP_FIRST_IS_OVERWRITE_CONTRECORD_PG14),
-            (
-                XLOG_PAGE_MAGIC_PG19_DEVEL,
-                XLP_FIRST_IS_OVERWRITE_CONTRECORD_PG19,
-            ),
+            (XLOG_PAGE_MAGIC_PG19_DEVEL, XLP_FIRST_IS_OVERWRITE_CONTRECORD_PG19),
         ] {
             for with_contrec_flag in [false, true] {
                 let start = SEG;
@@ -1470,11 +1351,8 @@ mod tests {
                 // The first part of a record that never got finished.
                 let big = b.record(77, RM_XACT_ID, XLOG_XACT_COMMIT, &main_only(&[0u8; 1000]));
                 b.bytes.extend_from_slice(&big[..400]);
-                let (extra, rem) = if with_contrec_flag {
-                    (XLP_FIRST_IS_CONTRECORD, (big.len() - 400) as u32)
-                } else {
-                    (0, 0)
-                };
+                let (extra, rem) =
+                    if with_contrec_flag { (XLP_FIRST_IS_CONTRECORD, (big.len() - 400) as u32) } else { (0, 0) };
                 b.page_header(flag | extra, rem);
                 b.prev = start + 40; // the chain restarts after a discard
                 b.commit(2, TS);
@@ -1514,16 +1392,8 @@ mod tests {
 
     #[test]
     fn prepared_transactions_use_twophase_xid() {
-        for magic in [
-            XLOG_PAGE_MAGIC_PG15,
-            XLOG_PAGE_MAGIC_PG17,
-            XLOG_PAGE_MAGIC_PG18,
-        ] {
-            let stats_item = if magic >= XLOG_PAGE_MAGIC_PG18 {
-                16
-            } else {
-                12
-            };
+        for magic in [XLOG_PAGE_MAGIC_PG15, XLOG_PAGE_MAGIC_PG17, XLOG_PAGE_MAGIC_PG18] {
+            let stats_item = if magic >= XLOG_PAGE_MAGIC_PG18 { 16 } else { 12 };
             let start = SEG;
             let mut b = WalBuilder::new(start, magic);
             let body = |prepared_xid: u32, commit: bool| {
@@ -1589,11 +1459,7 @@ mod tests {
         p.extend_from_slice(&300u16.to_le_bytes()); // image length
         p.extend_from_slice(&100u16.to_le_bytes()); // hole offset
                                                     // PG15 also has BKPIMAGE_APPLY (0x02), which must not be mistaken for compression.
-        let apply = if magic >= XLOG_PAGE_MAGIC_PG15 {
-            0x02
-        } else {
-            0
-        };
+        let apply = if magic >= XLOG_PAGE_MAGIC_PG15 { 0x02 } else { 0 };
         p.push(compressed_with_hole | apply);
         p.extend_from_slice(&50u16.to_le_bytes()); // hole length
         p.extend_from_slice(&[1; 12]);
@@ -1620,11 +1486,7 @@ mod tests {
 
     #[test]
     fn block_headers_are_walked_per_version() {
-        for magic in [
-            XLOG_PAGE_MAGIC_PG14,
-            XLOG_PAGE_MAGIC_PG15,
-            XLOG_PAGE_MAGIC_PG18,
-        ] {
+        for magic in [XLOG_PAGE_MAGIC_PG14, XLOG_PAGE_MAGIC_PG15, XLOG_PAGE_MAGIC_PG18] {
             let start = SEG;
             let mut b = WalBuilder::new(start, magic);
             let payload = block_ref_payload(magic, &(TS + 77).to_le_bytes());
@@ -1665,10 +1527,7 @@ mod tests {
         assert!(out.is_empty());
         // Nonsense sizes fall back to defaults instead of panicking.
         let dec = WalDecoder::new(0, 3);
-        assert_eq!(
-            (dec.segment_size, dec.page_size),
-            (DEFAULT_SEGMENT_SIZE, DEFAULT_PAGE_SIZE)
-        );
+        assert_eq!((dec.segment_size, dec.page_size), (DEFAULT_SEGMENT_SIZE, DEFAULT_PAGE_SIZE));
     }
 
     #[test]

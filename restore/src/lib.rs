@@ -28,12 +28,19 @@ pub enum FetchError {
 pub enum Fetched {
     Segment,
     /// Assembled from chunks: only the first `bytes` are WAL, the rest zeros.
-    PartialSegment { bytes: u64 },
+    PartialSegment {
+        bytes: u64,
+    },
     History,
 }
 
 /// Fetches `file` (as PostgreSQL names it) into `dest`.
-pub async fn wal_fetch(repo: &Repository, cluster: &ClusterInfo, file: &str, dest: &Path) -> Result<Fetched, FetchError> {
+pub async fn wal_fetch(
+    repo: &Repository,
+    cluster: &ClusterInfo,
+    file: &str,
+    dest: &Path,
+) -> Result<Fetched, FetchError> {
     // A running sidecar may compact the chunks we are reading into a segment object and delete
     // them under us; then the segment object is there on the next attempt.
     let mut attempts = 0;
@@ -49,17 +56,25 @@ async fn fetch_once(repo: &Repository, cluster: &ClusterInfo, file: &str, dest: 
     let layout = WalLayout::new(cluster);
     let not_found = || FetchError::NotFound { file: file.to_string() };
     if let Some(tli) = file.strip_suffix(".history") {
-        let timeline = (tli.len() == 8).then(|| u32::from_str_radix(tli, 16).ok()).flatten().ok_or_else(|| FetchError::BadName { file: file.to_string() })?;
+        let timeline = (tli.len() == 8)
+            .then(|| u32::from_str_radix(tli, 16).ok())
+            .flatten()
+            .ok_or_else(|| FetchError::BadName { file: file.to_string() })?;
         let name = layout.object_name(&WalObject::History { timeline });
         let (_, data) = get_or_not_found(repo, &name).await?.ok_or_else(not_found)?;
         write_atomically(dest, &data)?;
         return Ok(Fetched::History);
     }
-    let (timeline, segno) = layout.parse_segment_file_name(file).ok_or_else(|| FetchError::BadName { file: file.to_string() })?;
+    let (timeline, segno) =
+        layout.parse_segment_file_name(file).ok_or_else(|| FetchError::BadName { file: file.to_string() })?;
     let seg_name = layout.object_name(&WalObject::Segment { timeline, segno });
     if let Some((_, data)) = get_or_not_found(repo, &seg_name).await? {
         if data.len() as u64 != layout.segment_size {
-            return Err(RepositoryError::Invalid { name: seg_name, what: format!("holds {} bytes, not a whole segment", data.len()) }.into());
+            return Err(RepositoryError::Invalid {
+                name: seg_name,
+                what: format!("holds {} bytes, not a whole segment", data.len()),
+            }
+            .into());
         }
         write_atomically(dest, &data)?;
         return Ok(Fetched::Segment);
@@ -81,7 +96,11 @@ async fn fetch_once(repo: &Repository, cluster: &ClusterInfo, file: &str, dest: 
         let name = layout.object_name(&WalObject::Chunk { timeline, segno, from, to });
         let (_, bytes) = repo.get_opened(&name).await?;
         if bytes.len() as u32 != to - from {
-            return Err(RepositoryError::Invalid { name, what: format!("holds {} bytes, its name says {}", bytes.len(), to - from) }.into());
+            return Err(RepositoryError::Invalid {
+                name,
+                what: format!("holds {} bytes, its name says {}", bytes.len(), to - from),
+            }
+            .into());
         }
         let skip = data.len() - from as usize;
         data.extend_from_slice(&bytes[skip..]);
@@ -92,7 +111,10 @@ async fn fetch_once(repo: &Repository, cluster: &ClusterInfo, file: &str, dest: 
     Ok(if wal_bytes == layout.segment_size { Fetched::Segment } else { Fetched::PartialSegment { bytes: wal_bytes } })
 }
 
-async fn get_or_not_found(repo: &Repository, name: &str) -> Result<Option<(pitr_archive::SealedHeader, Vec<u8>)>, FetchError> {
+async fn get_or_not_found(
+    repo: &Repository,
+    name: &str,
+) -> Result<Option<(pitr_archive::SealedHeader, Vec<u8>)>, FetchError> {
     match repo.get_opened(name).await {
         Ok(v) => Ok(Some(v)),
         Err(RepositoryError::Store(e)) if e.is_not_found() => Ok(None),
@@ -129,27 +151,42 @@ mod tests {
         let store = LocalStore::new(dir.path().join("repo"));
         store.create_root().unwrap();
         let repo = Repository::new(Arc::new(store), KeyRing::from_key("k", [3; 32]));
-        let info = ClusterInfo { system_id: 1, wal_segment_size: 1 << 20, wal_page_size: 8192, server_version_num: 150000 };
+        let info =
+            ClusterInfo { system_id: 1, wal_segment_size: 1 << 20, wal_page_size: 8192, server_version_num: 150000 };
         let layout = WalLayout::new(&info);
         let meta = ObjectMeta::plain(ObjectKind::WalChunk);
         let whole: Vec<u8> = (0..1u32 << 20).map(|i| i as u8).collect();
-        repo.put_sealed(&layout.object_name(&WalObject::Segment { timeline: 1, segno: 1 }), whole.clone(), meta.clone()).await.unwrap();
+        repo.put_sealed(
+            &layout.object_name(&WalObject::Segment { timeline: 1, segno: 1 }),
+            whole.clone(),
+            meta.clone(),
+        )
+        .await
+        .unwrap();
         for (from, to) in [(0u32, 100u32), (100, 250)] {
             let name = layout.object_name(&WalObject::Chunk { timeline: 1, segno: 2, from, to });
             repo.put_sealed(&name, whole[from as usize..to as usize].to_vec(), meta.clone()).await.unwrap();
         }
-        repo.put_sealed(&layout.object_name(&WalObject::History { timeline: 2 }), b"1\t0/2000000\tx\n".to_vec(), meta).await.unwrap();
+        repo.put_sealed(&layout.object_name(&WalObject::History { timeline: 2 }), b"1\t0/2000000\tx\n".to_vec(), meta)
+            .await
+            .unwrap();
 
         let dest = dir.path().join("out");
         assert_eq!(wal_fetch(&repo, &info, "000000010000000000000001", &dest).await.unwrap(), Fetched::Segment);
         assert_eq!(std::fs::read(&dest).unwrap(), whole);
-        assert_eq!(wal_fetch(&repo, &info, "000000010000000000000002", &dest).await.unwrap(), Fetched::PartialSegment { bytes: 250 });
+        assert_eq!(
+            wal_fetch(&repo, &info, "000000010000000000000002", &dest).await.unwrap(),
+            Fetched::PartialSegment { bytes: 250 }
+        );
         let got = std::fs::read(&dest).unwrap();
         assert_eq!(got.len(), 1 << 20);
         assert_eq!(&got[..250], &whole[..250]);
         assert!(got[250..].iter().all(|b| *b == 0));
         assert_eq!(wal_fetch(&repo, &info, "00000002.history", &dest).await.unwrap(), Fetched::History);
-        assert!(matches!(wal_fetch(&repo, &info, "000000010000000000000003", &dest).await, Err(FetchError::NotFound { .. })));
+        assert!(matches!(
+            wal_fetch(&repo, &info, "000000010000000000000003", &dest).await,
+            Err(FetchError::NotFound { .. })
+        ));
         assert!(matches!(wal_fetch(&repo, &info, "00000003.history", &dest).await, Err(FetchError::NotFound { .. })));
         assert!(matches!(wal_fetch(&repo, &info, "junk", &dest).await, Err(FetchError::BadName { .. })));
     }

@@ -84,8 +84,21 @@ pub(crate) struct Uploader {
 }
 
 enum Job {
-    Chunk { timeline: u32, segno: u64, from: u32, to: u32, bytes: Vec<u8>, commits: (Option<i64>, Option<i64>) },
-    Segment { timeline: u32, segno: u64, bytes: Vec<u8>, commits: (Option<i64>, Option<i64>), old_chunks: Vec<(u32, u32)> },
+    Chunk {
+        timeline: u32,
+        segno: u64,
+        from: u32,
+        to: u32,
+        bytes: Vec<u8>,
+        commits: (Option<i64>, Option<i64>),
+    },
+    Segment {
+        timeline: u32,
+        segno: u64,
+        bytes: Vec<u8>,
+        commits: (Option<i64>, Option<i64>),
+        old_chunks: Vec<(u32, u32)>,
+    },
     /// A closed, fully durable segment that cannot be compacted: just drop it from memory.
     Forget,
 }
@@ -93,7 +106,7 @@ enum Job {
 fn commit_range(commits: &[(u64, i64)], from_lsn: u64, to_lsn: u64) -> (Option<i64>, Option<i64>) {
     let mut it = commits.iter().filter(|(end, _)| *end > from_lsn && *end <= to_lsn).map(|(_, t)| *t);
     let first = it.next();
-    let last = it.last().or(first);
+    let last = it.next_back().or(first);
     (first, last)
 }
 
@@ -115,9 +128,9 @@ impl Uploader {
                     return Ok(());
                 }
                 let wait = match last_put {
-                    Some(t) if !self.flush_interval.is_zero() => {
-                        (t + self.flush_interval).saturating_duration_since(Instant::now()).max(Duration::from_millis(1))
-                    }
+                    Some(t) if !self.flush_interval.is_zero() => (t + self.flush_interval)
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
                     _ => Duration::from_secs(3600),
                 };
                 tokio::select! {
@@ -214,7 +227,8 @@ impl Uploader {
                     if let Some(seg) = pending.segments.front_mut() {
                         seg.durable = to;
                         seg.chunks.push((from, to));
-                        seg.oldest_undurable = if seg.durable == seg.end_offset() { None } else { Some(Instant::now()) };
+                        seg.oldest_undurable =
+                            if seg.durable == seg.end_offset() { None } else { Some(Instant::now()) };
                     }
                 }
                 self.count(len);

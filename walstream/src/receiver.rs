@@ -126,7 +126,10 @@ pub async fn run(
             Err(e) => {
                 let retryable = !matches!(e, PgError::Auth { .. } | PgError::Tls { .. }) || session.is_some();
                 if session.is_none() && (!retryable || started.elapsed() > cfg.startup_timeout) {
-                    return Err(StreamError::Fatal(format!("cannot connect to PostgreSQL ({}): {e}", cfg.conninfo.redacted())));
+                    return Err(StreamError::Fatal(format!(
+                        "cannot connect to PostgreSQL ({}): {e}",
+                        cfg.conninfo.redacted()
+                    )));
                 }
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to PostgreSQL; retrying");
                 status.send_modify(|s| {
@@ -297,7 +300,12 @@ async fn open_session(
     let page_size = parse_size_setting(&page_setting)
         .ok_or_else(|| StreamError::Fatal(format!("cannot read wal_block_size {page_setting:?}")))?;
     let version = conn.show("server_version_num").await?.parse::<u32>().unwrap_or(0);
-    let info = ClusterInfo { system_id: ident.system_id, wal_segment_size: segment_size, wal_page_size: page_size, server_version_num: version };
+    let info = ClusterInfo {
+        system_id: ident.system_id,
+        wal_segment_size: segment_size,
+        wal_page_size: page_size,
+        server_version_num: version,
+    };
     repo.put_cluster_info(&info).await?;
     let layout = WalLayout::new(&info);
     let catalog = WalCatalog::build(repo, layout).await?;
@@ -348,7 +356,10 @@ async fn open_session(
             let slot_lsn = match conn.read_replication_slot(&cfg.slot).await {
                 Ok(Some((kind, lsn))) if kind == "physical" => lsn,
                 Ok(Some((kind, _))) => {
-                    return Err(StreamError::Fatal(format!("replication slot {:?} is a {kind} slot; pitr needs a physical one", cfg.slot)))
+                    return Err(StreamError::Fatal(format!(
+                        "replication slot {:?} is a {kind} slot; pitr needs a physical one",
+                        cfg.slot
+                    )))
                 }
                 Ok(None) => None,
                 // READ_REPLICATION_SLOT is PostgreSQL 15+; older servers start from the current position.
@@ -397,13 +408,19 @@ async fn open_session(
 
 /// The server is on a later timeline: store the history files and move our position onto the
 /// timeline that holds it, as the server's history says.
-async fn follow_history(repo: &Repository, conn: &mut Connection, s: &mut Session, server_timeline: u32) -> Result<(), StreamError> {
+async fn follow_history(
+    repo: &Repository,
+    conn: &mut Connection,
+    s: &mut Session,
+    server_timeline: u32,
+) -> Result<(), StreamError> {
     for t in (s.pos.timeline + 1)..=server_timeline {
         store_history(repo, conn, s.layout, t).await?;
     }
     let (_, content) = conn.timeline_history(server_timeline).await?;
-    let history = parse_history(&String::from_utf8_lossy(&content))
-        .map_err(|e| StreamError::Fatal(format!("history file of timeline {server_timeline} from {}: {e}", conn.host())))?;
+    let history = parse_history(&String::from_utf8_lossy(&content)).map_err(|e| {
+        StreamError::Fatal(format!("history file of timeline {server_timeline} from {}: {e}", conn.host()))
+    })?;
     while s.pos.timeline < server_timeline {
         let Some((switch_lsn, next)) = switch_point(&history, s.pos.timeline, server_timeline) else {
             return Err(StreamError::Fatal(format!(
@@ -439,7 +456,12 @@ fn switch_to(s: &mut Session, timeline: u32, switch_lsn: u64) {
     s.decoder.reset();
 }
 
-async fn store_history(repo: &Repository, conn: &mut Connection, layout: WalLayout, timeline: u32) -> Result<(), StreamError> {
+async fn store_history(
+    repo: &Repository,
+    conn: &mut Connection,
+    layout: WalLayout,
+    timeline: u32,
+) -> Result<(), StreamError> {
     if timeline <= 1 {
         return Ok(());
     }
@@ -458,10 +480,8 @@ fn reportable(s: &Session) -> u64 {
     if d.timeline == s.pos.timeline {
         return d.lsn;
     }
-    let older_pending = lock(&s.pending)
-        .segments
-        .iter()
-        .any(|seg| seg.timeline != s.pos.timeline && seg.durable != seg.end_offset());
+    let older_pending =
+        lock(&s.pending).segments.iter().any(|seg| seg.timeline != s.pos.timeline && seg.durable != seg.end_offset());
     if older_pending {
         0 // InvalidXLogRecPtr: the server ignores it and keeps the slot where it is.
     } else {
@@ -581,10 +601,9 @@ fn append(s: &mut Session, mut lsn: u64, mut data: &[u8], records: &[XactRecord]
         while !data.is_empty() {
             let segno = lsn / seg_size;
             let off = (lsn % seg_size) as u32;
-            let reuse = pending
-                .segments
-                .back()
-                .is_some_and(|b| b.timeline == s.pos.timeline && b.segno == segno && !b.closed && b.end_offset() == off);
+            let reuse = pending.segments.back().is_some_and(|b| {
+                b.timeline == s.pos.timeline && b.segno == segno && !b.closed && b.end_offset() == off
+            });
             if !reuse {
                 pending.segments.push_back(SegmentBuffer {
                     timeline: s.pos.timeline,
