@@ -29,8 +29,8 @@ pub enum KeyError {
     Empty { path: PathBuf },
     #[error("key file {path} already exists")]
     Exists { path: PathBuf },
-    #[error("object sealed with key id {key_id:?}, which is not in the key file {path}")]
-    UnknownKey { key_id: String, path: PathBuf },
+    #[error("object {object} is sealed with key id {key_id:?}, which is not in the key file {path}: wrong key file for this repository?")]
+    UnknownKey { object: String, key_id: String, path: PathBuf },
     #[error("data key of object {object} does not unwrap with key {key_id:?} from {path}: wrong key, or the object was tampered with")]
     Unwrap { object: String, key_id: String, path: PathBuf },
 }
@@ -140,11 +140,12 @@ impl KeyRing {
         &self.keys[self.keys.len() - 1]
     }
 
-    fn find(&self, key_id: &str) -> Result<&Kek, KeyError> {
-        self.keys
-            .iter()
-            .find(|k| k.id == key_id)
-            .ok_or_else(|| KeyError::UnknownKey { key_id: key_id.to_string(), path: self.path.clone() })
+    fn find(&self, object: &str, key_id: &str) -> Result<&Kek, KeyError> {
+        self.keys.iter().find(|k| k.id == key_id).ok_or_else(|| KeyError::UnknownKey {
+            object: object.to_string(),
+            key_id: key_id.to_string(),
+            path: self.path.clone(),
+        })
     }
 
     /// Wraps a data key with the active KEK, bound to the object name.
@@ -169,7 +170,7 @@ impl KeyRing {
         nonce: &[u8; 12],
         wrapped: &[u8; WRAPPED_KEY_LEN],
     ) -> Result<[u8; 32], KeyError> {
-        let kek = self.find(key_id)?;
+        let kek = self.find(object, key_id)?;
         let cipher = Aes256Gcm::new((&kek.key).into());
         let aad = wrap_aad(object);
         let plain = cipher.decrypt(Nonce::from_slice(nonce), Payload { msg: wrapped, aad: &aad }).map_err(|_| {

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Context, Result};
-use pitr_archive::layout::{WalCatalog, WalLayout, WalObject};
-use pitr_archive::{KeyRing, LocalStore, PutOutcome, Repository};
+use anyhow::{anyhow, bail, Context, Result};
+use pitr_archive::layout::{WalCatalog, WalLayout, WalObject, MARKER};
+use pitr_archive::{KeyRing, LocalStore, PutOutcome, Repository, Store};
 use pitr_pgwire::{format_lsn, ConnInfo};
 use pitr_walstream::{StreamConfig, StreamStatus};
 use tokio::sync::watch;
@@ -24,11 +24,21 @@ fn open_repository(config: &Config) -> Result<Repository> {
 pub async fn init(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     let key_file = &config.encryption.key_file;
+    let store = LocalStore::new(config.repository_path());
     let keys = if key_file.exists() {
         let keys = KeyRing::load(key_file).context("[encryption] key_file")?;
         println!("using existing key file {} (active key {})", key_file.display(), keys.active().id);
         keys
     } else {
+        // A new key cannot open an initialised repository: refuse before leaving a useless key file.
+        if store.head(MARKER).await.context("[repository] path")?.is_some() {
+            bail!(
+                "[encryption] key_file {} does not exist, but repository {} is already initialised with another key; \
+                 set key_file to the key file it was initialised with",
+                key_file.display(),
+                store.location()
+            );
+        }
         let keys = KeyRing::create(key_file).context("[encryption] key_file: creating it")?;
         println!(
             "created key file {} (key {}, mode 0600): back it up apart from the repository; without it the archive cannot be read",
@@ -37,7 +47,6 @@ pub async fn init(config_path: &Path) -> Result<()> {
         );
         keys
     };
-    let store = LocalStore::new(config.repository_path());
     store.create_root().context("[repository] path")?;
     let repo = Repository::new(Arc::new(store), keys);
     match repo.init().await.context("initialising the repository")? {
@@ -310,6 +319,7 @@ pub async fn wal_fetch(config_path: &Path, file: &str, dest: &Path) -> Result<Ex
     let result = async {
         let config = Config::load(config_path)?;
         let repo = open_repository(&config)?;
+        repo.check().await?;
         let system_id = config.postgres.as_ref().and_then(|p| p.system_id);
         let cluster = repo.resolve_cluster(system_id).await?;
         Ok::<_, anyhow::Error>(pitr_restore::wal_fetch(&repo, &cluster, file, dest).await)

@@ -192,6 +192,9 @@ pub fn pg_bin_dir(major: u32) -> Result<PathBuf> {
     }
     let dir = if major == 15 {
         let dir = PathBuf::from(PG15_BIN_DIR);
+        if !dir.join("pg_receivewal").is_file() {
+            install_debian_pg15()?;
+        }
         if !dir.join("postgres").is_file() {
             bail!(
                 "PostgreSQL 15 server binaries not found in {PG15_BIN_DIR}: install the Debian \
@@ -205,6 +208,29 @@ pub fn pg_bin_dir(major: u32) -> Result<PathBuf> {
     verify_server_binaries(&dir, major)?;
     dirs.insert(major, dir.clone());
     Ok(dir)
+}
+
+/// Installs Debian's `postgresql-15` (server and client tools) when we are root, so that the
+/// test command alone sets up a fresh machine. Serialised across test processes by a lock file.
+fn install_debian_pg15() -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let _lock = flock_exclusive(Path::new("/tmp/pitr-tests-apt.lock"))?;
+    if Path::new(PG15_BIN_DIR).join("pg_receivewal").is_file() {
+        return Ok(());
+    }
+    for args in [&["update"][..], &["install", "-y", "--no-install-recommends", "postgresql-15", "postgresql-client-15"][..]] {
+        let out = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .context("running apt-get")?;
+        if !out.status.success() {
+            bail!("apt-get {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
 }
 
 fn npm_version(major: u32) -> Result<String> {
