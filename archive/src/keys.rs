@@ -59,6 +59,9 @@ impl KeyRing {
     pub fn load(path: &Path) -> Result<KeyRing, KeyError> {
         let io = |cause| KeyError::Io { path: path.to_path_buf(), cause };
         let meta = std::fs::metadata(path).map_err(io)?;
+        if meta.is_dir() {
+            return Err(io(std::io::Error::other("is a directory, not a key file")));
+        }
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(KeyError::TooOpen { path: path.to_path_buf(), mode });

@@ -1,0 +1,122 @@
+//! The replication client's connection handling against a real server: SCRAM-SHA-256 and md5
+//! passwords, TLS by sslmode (including verify-full against our own CA), several hosts.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Result};
+use pitr_pgwire::{ConnInfo, ConnectOptions, Connection, PgError};
+use pitr_tests::{chown_to_pg_user, scratch_dir, PgCluster, PgOptions};
+
+fn openssl(args: &[&str], dir: &Path) -> Result<()> {
+    let out = Command::new("openssl").args(args).current_dir(dir).output()?;
+    if !out.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A CA and a server certificate for localhost / 127.0.0.1 signed by it, plus an unrelated CA.
+fn make_certs(dir: &Path) -> Result<()> {
+    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=pitr test CA", "-keyout", "ca.key", "-out", "ca.crt"], dir)?;
+    openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr"], dir)?;
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n")?;
+    openssl(&["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.crt"], dir)?;
+    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=other CA", "-keyout", "other.key", "-out", "other.crt"], dir)?;
+    std::fs::set_permissions(dir.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    chown_to_pg_user(dir)?;
+    Ok(())
+}
+
+async fn identify(conninfo: &str) -> Result<u64, PgError> {
+    let info: ConnInfo = conninfo.parse().map_err(|e| PgError::Protocol(format!("{e}")))?;
+    let opts = ConnectOptions { replication: true, application_name: "pitr_auth_test".into() };
+    let mut conn = Connection::connect(&info, &opts).await?;
+    let ident = conn.identify_system().await?;
+    conn.close().await;
+    Ok(ident.system_id)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_tls_and_hosts() -> Result<()> {
+    let certs = scratch_dir("certs");
+    make_certs(certs.path())?;
+    let c = |f: &str| certs.path().join(f).display().to_string();
+    let mut opts = PgOptions::new(15);
+    opts.extra_conf.extend([
+        "ssl = on".to_string(),
+        format!("ssl_cert_file = '{}'", c("server.crt")),
+        format!("ssl_key_file = '{}'", c("server.key")),
+    ]);
+    opts.hba = vec![
+        "hostssl replication tlsuser 127.0.0.1/32 scram-sha-256".into(),
+        "host replication tlsuser 127.0.0.1/32 reject".into(),
+        "host replication scramuser 127.0.0.1/32 scram-sha-256".into(),
+        "host replication md5user 127.0.0.1/32 md5".into(),
+    ];
+    let cluster = PgCluster::start(opts)?;
+    cluster.psql(
+        "set password_encryption = 'scram-sha-256';
+         create role scramuser login replication password 'sc''ram pw';
+         create role tlsuser login replication password 'tlspw';
+         set password_encryption = 'md5';
+         create role md5user login replication password 'md5pw';",
+    )?;
+    assert!(cluster.psql("select rolpassword like 'md5%' from pg_authid where rolname = 'md5user'")? == "t");
+    let port = cluster.port;
+    let base = format!("host=127.0.0.1 port={port} sslmode=disable");
+
+    // Passwords.
+    identify(&format!("{base} user=scramuser password='sc\\'ram pw'")).await?;
+    identify(&format!("{base} user=md5user password=md5pw")).await?;
+    let err = identify(&format!("{base} user=scramuser password=wrong")).await.unwrap_err();
+    assert!(matches!(err, PgError::Connect { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("authentication failed") && text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    assert!(!text.contains("wrong"), "password leaked into the error: {text}");
+    let err = identify(&format!("{base} user=md5user")).await.unwrap_err().to_string();
+    assert!(err.contains("none is set") || err.contains("password"), "{err}");
+
+    // TLS: the server rejects tlsuser without TLS; require, verify-ca and verify-full work.
+    let err = identify(&format!("{base} user=tlsuser password=tlspw")).await.unwrap_err().to_string();
+    assert!(err.contains("pg_hba.conf rejects"), "{err}");
+    let tls = format!("port={port} user=tlsuser password=tlspw");
+    identify(&format!("host=127.0.0.1 {tls} sslmode=require")).await?;
+    identify(&format!("host=127.0.0.1 {tls} sslmode=prefer")).await?;
+    identify(&format!("host=127.0.0.1 {tls} sslmode=verify-ca sslrootcert={}", c("ca.crt"))).await?;
+    identify(&format!("host=localhost {tls} sslmode=verify-full sslrootcert={}", c("ca.crt"))).await?;
+    identify(&format!("host=127.0.0.1 {tls} sslmode=verify-full sslrootcert={}", c("ca.crt"))).await?;
+    let err = identify(&format!("host=127.0.0.1 {tls} sslmode=verify-full sslrootcert={}", c("other.crt")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("TLS") && err.contains("certificate"), "{err}");
+    let err = identify(&format!("host=127.0.0.1 {tls} sslmode=verify-full")).await.unwrap_err().to_string();
+    assert!(err.contains("sslrootcert"), "{err}");
+
+    // Several hosts: a dead one first, then the live one.
+    let dead = pitr_tests::free_port()?;
+    identify(&format!("host=127.0.0.1,127.0.0.1 port={dead},{port} user=scramuser password='sc\\'ram pw' sslmode=disable"))
+        .await?;
+    let err = identify(&format!("host=127.0.0.1 port={dead} user=x")).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("127.0.0.1:{dead}")) && err.contains("refused"), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefer_falls_back_to_plain_and_slots_are_idempotent() -> Result<()> {
+    let cluster = PgCluster::start(PgOptions::new(17))?;
+    let info: ConnInfo = format!("host=127.0.0.1 port={} user=postgres sslmode=prefer", cluster.port).parse()?;
+    let opts = ConnectOptions { replication: true, application_name: "pitr_slot_test".into() };
+    let mut conn = Connection::connect(&info, &opts).await?;
+    assert!(conn.create_physical_slot("pitr_x").await?);
+    assert!(!conn.create_physical_slot("pitr_x").await?);
+    let slot = conn.read_replication_slot("pitr_x").await?;
+    assert!(matches!(slot, Some((ref kind, Some(_))) if kind == "physical"), "{slot:?}");
+    assert_eq!(conn.read_replication_slot("nope").await?, None);
+    assert!(matches!(conn.create_physical_slot("Bad-Name").await, Err(PgError::InvalidSlotName(_))));
+    let err = conn.start_replication("missing_slot", 0, 1).await.unwrap_err();
+    assert_eq!(err.sqlstate(), Some("42704"), "{err}");
+    conn.close().await;
+    Ok(())
+}
