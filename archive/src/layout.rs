@@ -133,6 +133,17 @@ impl Repository {
         plaintext: Vec<u8>,
         meta: ObjectMeta,
     ) -> Result<PutOutcome, RepositoryError> {
+        Ok(self.put_sealed_sized(name, plaintext, meta).await?.0)
+    }
+
+    /// As [`Repository::put_sealed`], also returning the size of the sealed object written (0 if
+    /// it existed already).
+    pub async fn put_sealed_sized(
+        &self,
+        name: &str,
+        plaintext: Vec<u8>,
+        meta: ObjectMeta,
+    ) -> Result<(PutOutcome, u64), RepositoryError> {
         let keys = self.keys.clone();
         let level = self.zstd_level;
         let owned_name = name.to_string();
@@ -142,12 +153,13 @@ impl Repository {
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let sealed_len = sealed.len() as u64;
         match self.store.put_if_absent(name, Bytes::from(sealed)).await? {
-            PutOutcome::Created => Ok(PutOutcome::Created),
+            PutOutcome::Created => Ok((PutOutcome::Created, sealed_len)),
             PutOutcome::AlreadyExists => {
                 let (_, existing) = self.get_opened(name).await?;
                 if existing == plaintext {
-                    Ok(PutOutcome::AlreadyExists)
+                    Ok((PutOutcome::AlreadyExists, 0))
                 } else {
                     Err(RepositoryError::Conflict { name: name.to_string(), location: self.location() })
                 }

@@ -8,6 +8,7 @@
 //! It does not speak to databases and does not decide *when* to write: callers hand it plaintext
 //! and names. Nothing outside this crate knows the byte layout of an object.
 
+pub mod backup;
 pub mod keys;
 pub mod layout;
 pub mod seal;

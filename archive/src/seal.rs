@@ -59,6 +59,8 @@ pub enum ObjectKind {
     WalSegment = 3,
     /// A timeline history file.
     TimelineHistory = 4,
+    /// A block of base-backup file content.
+    BackupBlock = 5,
 }
 
 impl ObjectKind {
@@ -68,6 +70,7 @@ impl ObjectKind {
             2 => ObjectKind::WalChunk,
             3 => ObjectKind::WalSegment,
             4 => ObjectKind::TimelineHistory,
+            5 => ObjectKind::BackupBlock,
             _ => return None,
         })
     }

@@ -29,6 +29,14 @@ pub struct SystemIdentity {
     pub xlog_pos: u64,
 }
 
+/// Server settings that shape the WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerSettings {
+    pub wal_segment_size: u64,
+    pub wal_page_size: u64,
+    pub server_version_num: u32,
+}
+
 /// Rows of one result set, as raw values (text format).
 #[derive(Debug, Clone, Default)]
 pub struct QueryResult {
@@ -380,6 +388,19 @@ impl Connection {
             .ok_or_else(|| PgError::Protocol(format!("{}: SHOW {setting} returned no value", self.host)))
     }
 
+    /// WAL geometry and version, which everything that reads WAL needs.
+    pub async fn server_settings(&mut self) -> Result<ServerSettings, PgError> {
+        let size = |name: &'static str, v: String| {
+            messages::parse_size_setting(&v).ok_or_else(|| PgError::Protocol(format!("cannot read {name} {v:?}")))
+        };
+        let wal_segment_size = size("wal_segment_size", self.show("wal_segment_size").await?)?;
+        let wal_page_size = size("wal_block_size", self.show("wal_block_size").await?)?;
+        let version = self.show("server_version_num").await?;
+        let server_version_num =
+            version.parse().map_err(|_| PgError::Protocol(format!("cannot read server_version_num {version:?}")))?;
+        Ok(ServerSettings { wal_segment_size, wal_page_size, server_version_num })
+    }
+
     pub async fn identify_system(&mut self) -> Result<SystemIdentity, PgError> {
         let r = self.simple_query("IDENTIFY_SYSTEM").await?;
         let bad = |what: &str| PgError::Protocol(format!("IDENTIFY_SYSTEM: {what}"));
@@ -438,6 +459,38 @@ impl Connection {
                 _ => {}
             }
         }
+    }
+
+    /// Sends a BASE_BACKUP command; read its events with [`Connection::next_backup_event`].
+    pub async fn start_base_backup(&mut self, command: &str) -> Result<(), PgError> {
+        frontend::query(command, &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
+        self.flush().await
+    }
+
+    /// The next events of a running BASE_BACKUP (empty once it has ended).
+    pub async fn next_backup_event(
+        &mut self,
+        decoder: &mut messages::BaseBackupDecoder,
+    ) -> Result<Vec<messages::BackupEvent>, PgError> {
+        let mut error = None;
+        while !decoder.is_done() {
+            match self.next_message().await? {
+                BackendMessage::Error(e) => error = Some(e),
+                BackendMessage::ReadyForQuery if error.is_some() => {
+                    let error = error.take().map(Box::new).unwrap_or_default();
+                    return Err(PgError::Server { host: self.host.clone(), error });
+                }
+                BackendMessage::Notice(n) => tracing::info!(host = %self.host, "{n}"),
+                msg if error.is_none() => {
+                    let events = decoder.on_message(msg)?;
+                    if !events.is_empty() {
+                        return Ok(events);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(Vec::new())
     }
 
     /// The next event of the replication stream. Cancel-safe.

@@ -15,7 +15,7 @@ pub mod walreader;
 
 use std::time::Duration;
 
-pub use connection::{ConnectOptions, Connection, QueryResult, StreamEvent, SystemIdentity};
+pub use connection::{ConnectOptions, Connection, QueryResult, ServerSettings, StreamEvent, SystemIdentity};
 pub use conninfo::ConnInfo;
 pub use messages::{format_lsn, parse_lsn, ReplicationMessage, ServerError};
 

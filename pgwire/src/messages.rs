@@ -333,3 +333,282 @@ mod tests {
         assert_eq!(parse_size_setting("12 parsecs"), None);
     }
 }
+
+/// What a running BASE_BACKUP yields, in order: `Start`, then per archive `Archive` followed by
+/// its tar bytes as `Data`, then `Manifest` followed by the backup manifest as `Data`, then `End`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupEvent {
+    Start {
+        lsn: u64,
+        timeline: u32,
+    },
+    /// The server's estimate of the bytes to send (PROGRESS).
+    Estimate(u64),
+    /// A new tar archive: the main data directory (`tablespace` None) or a tablespace
+    /// (`tablespace` = its OID and location).
+    Archive {
+        tablespace: Option<(u32, String)>,
+    },
+    Data(Bytes),
+    /// The server's backup manifest follows as `Data`.
+    Manifest,
+    /// Bytes sent so far (PROGRESS).
+    Progress(u64),
+    End {
+        lsn: u64,
+        timeline: u32,
+    },
+}
+
+/// Turns the backend messages of BASE_BACKUP into [`BackupEvent`]s, for both streaming formats:
+/// PostgreSQL 15+ (one CopyOut whose CopyData carry a type byte: `n` new archive, `d` data,
+/// `p` progress, `m` manifest) and up to 14 (a tablespace result set, then one CopyOut per
+/// tablespace and one for the manifest).
+#[derive(Debug)]
+pub struct BaseBackupDecoder {
+    new_format: bool,
+    result_sets: usize,
+    columns: Vec<String>,
+    rows: Vec<Vec<Option<Bytes>>>,
+    /// Old format: tablespaces announced in the second result set, in CopyOut order.
+    tablespaces: Vec<Option<(u32, String)>>,
+    copies: usize,
+    in_copy: bool,
+    done: bool,
+}
+
+impl BaseBackupDecoder {
+    pub fn new(server_version_num: u32) -> BaseBackupDecoder {
+        BaseBackupDecoder {
+            new_format: server_version_num >= 150000,
+            result_sets: 0,
+            columns: Vec::new(),
+            rows: Vec::new(),
+            tablespaces: Vec::new(),
+            copies: 0,
+            in_copy: false,
+            done: false,
+        }
+    }
+
+    /// True once ReadyForQuery ended the command.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn text(row: &[Option<Bytes>], i: usize) -> Option<String> {
+        row.get(i).cloned().flatten().and_then(|b| String::from_utf8(b.to_vec()).ok())
+    }
+
+    fn position(&self, what: &str) -> Result<(u64, u32), PgError> {
+        let row = self.rows.first().ok_or_else(|| protocol(format!("BASE_BACKUP: empty {what} result")))?;
+        let lsn = Self::text(row, 0).as_deref().and_then(parse_lsn);
+        let tli = Self::text(row, 1).and_then(|t| t.parse().ok());
+        match (lsn, tli) {
+            (Some(lsn), Some(tli)) => Ok((lsn, tli)),
+            _ => Err(protocol(format!("BASE_BACKUP: malformed {what} position"))),
+        }
+    }
+
+    pub fn on_message(&mut self, msg: BackendMessage) -> Result<Vec<BackupEvent>, PgError> {
+        let mut out = Vec::new();
+        match msg {
+            BackendMessage::RowDescription { columns } => {
+                self.columns = columns;
+                self.rows.clear();
+            }
+            BackendMessage::DataRow(values) => self.rows.push(values),
+            BackendMessage::CommandComplete(_) if !self.in_copy => {
+                if self.columns.is_empty() {
+                    return Ok(out);
+                }
+                self.result_sets += 1;
+                let is_start = self.result_sets == 1;
+                // Both formats send the tablespace list (with size estimates) second.
+                let is_tablespaces = self.result_sets == 2;
+                if is_start {
+                    let (lsn, timeline) = self.position("start")?;
+                    out.push(BackupEvent::Start { lsn, timeline });
+                } else if is_tablespaces {
+                    let mut estimate_kib = 0u64;
+                    for row in &self.rows {
+                        let oid = Self::text(row, 0).and_then(|o| o.parse().ok());
+                        let location = Self::text(row, 1).unwrap_or_default();
+                        self.tablespaces.push(oid.map(|o| (o, location)));
+                        estimate_kib += Self::text(row, 2).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+                    }
+                    out.push(BackupEvent::Estimate(estimate_kib * 1024));
+                } else {
+                    let (lsn, timeline) = self.position("end")?;
+                    out.push(BackupEvent::End { lsn, timeline });
+                }
+                self.columns.clear();
+                self.rows.clear();
+            }
+            BackendMessage::CopyOutResponse => {
+                self.in_copy = true;
+                if !self.new_format {
+                    let i = self.copies;
+                    self.copies += 1;
+                    match self.tablespaces.get(i) {
+                        Some(ts) => out.push(BackupEvent::Archive { tablespace: ts.clone() }),
+                        None => out.push(BackupEvent::Manifest),
+                    }
+                }
+            }
+            BackendMessage::CopyData(data) if self.in_copy => {
+                if !self.new_format {
+                    out.push(BackupEvent::Data(data));
+                    return Ok(out);
+                }
+                let mut d = data;
+                if d.is_empty() {
+                    return Err(protocol("BASE_BACKUP: empty CopyData"));
+                }
+                let kind = d.get_u8();
+                match kind {
+                    b'n' => {
+                        let mut parts = d.split(|b| *b == 0);
+                        let _archive_name = parts.next();
+                        let location =
+                            parts.next().map(|l| String::from_utf8_lossy(l).into_owned()).unwrap_or_default();
+                        if location.is_empty() {
+                            out.push(BackupEvent::Archive { tablespace: None });
+                        } else {
+                            // The archive is named `<oid>.tar`; the OID is all we need from it.
+                            let name = String::from_utf8_lossy(_archive_name.unwrap_or_default()).into_owned();
+                            let oid = name.split('.').next().and_then(|o| o.parse().ok()).ok_or_else(|| {
+                                protocol(format!("BASE_BACKUP: tablespace archive name {name:?} has no OID"))
+                            })?;
+                            out.push(BackupEvent::Archive { tablespace: Some((oid, location)) });
+                        }
+                    }
+                    b'd' => out.push(BackupEvent::Data(d)),
+                    b'p' => {
+                        if d.len() < 8 {
+                            return Err(protocol("BASE_BACKUP: short progress message"));
+                        }
+                        out.push(BackupEvent::Progress(d.get_u64()));
+                    }
+                    b'm' => out.push(BackupEvent::Manifest),
+                    other => return Err(protocol(format!("BASE_BACKUP: unknown CopyData type {:?}", other as char))),
+                }
+            }
+            BackendMessage::CopyDone => self.in_copy = false,
+            BackendMessage::ReadyForQuery => self.done = true,
+            _ => {}
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod backup_tests {
+    use super::*;
+
+    fn row(values: &[&str]) -> BackendMessage {
+        BackendMessage::DataRow(values.iter().map(|v| Some(Bytes::copy_from_slice(v.as_bytes()))).collect())
+    }
+
+    fn copy(kind: u8, payload: &[u8]) -> BackendMessage {
+        let mut b = vec![kind];
+        b.extend_from_slice(payload);
+        BackendMessage::CopyData(Bytes::from(b))
+    }
+
+    fn columns(n: &[&str]) -> BackendMessage {
+        BackendMessage::RowDescription { columns: n.iter().map(|s| s.to_string()).collect() }
+    }
+
+    #[test]
+    fn new_format_sequence() {
+        let mut d = BaseBackupDecoder::new(170000);
+        let mut events = Vec::new();
+        for m in [
+            columns(&["recptr", "tli"]),
+            row(&["0/2000028", "1"]),
+            BackendMessage::CommandComplete("SELECT".into()),
+            columns(&["spcoid", "spclocation", "size"]),
+            row(&["16390", "/srv/ts1", "1"]),
+            BackendMessage::DataRow(vec![None, None, Some(Bytes::from_static(b"2"))]),
+            BackendMessage::CommandComplete("SELECT".into()),
+            BackendMessage::CopyOutResponse,
+            copy(b'n', b"base.tar\0\0"),
+            copy(b'd', b"tarbytes"),
+            copy(b'p', &42u64.to_be_bytes()),
+            copy(b'n', b"16390.tar\0/srv/ts1\0"),
+            copy(b'd', b"more"),
+            copy(b'm', b""),
+            copy(b'd', b"{manifest}"),
+            BackendMessage::CopyDone,
+            columns(&["recptr", "tli"]),
+            row(&["0/2000100", "1"]),
+            BackendMessage::CommandComplete("SELECT".into()),
+            BackendMessage::CommandComplete("BASE_BACKUP".into()),
+            BackendMessage::ReadyForQuery,
+        ] {
+            events.extend(d.on_message(m).unwrap());
+        }
+        assert!(d.is_done());
+        assert_eq!(
+            events,
+            vec![
+                BackupEvent::Start { lsn: 0x2000028, timeline: 1 },
+                BackupEvent::Estimate(3 * 1024),
+                BackupEvent::Archive { tablespace: None },
+                BackupEvent::Data(Bytes::from_static(b"tarbytes")),
+                BackupEvent::Progress(42),
+                BackupEvent::Archive { tablespace: Some((16390, "/srv/ts1".into())) },
+                BackupEvent::Data(Bytes::from_static(b"more")),
+                BackupEvent::Manifest,
+                BackupEvent::Data(Bytes::from_static(b"{manifest}")),
+                BackupEvent::End { lsn: 0x2000100, timeline: 1 },
+            ]
+        );
+    }
+
+    #[test]
+    fn old_format_sequence() {
+        let mut d = BaseBackupDecoder::new(140000);
+        let mut events = Vec::new();
+        let null_row = BackendMessage::DataRow(vec![None, None, Some(Bytes::from_static(b"100"))]);
+        for m in [
+            columns(&["recptr", "tli"]),
+            row(&["0/3000028", "2"]),
+            BackendMessage::CommandComplete("SELECT".into()),
+            columns(&["spcoid", "spclocation", "size"]),
+            row(&["16390", "/srv/ts1", "10"]),
+            null_row,
+            BackendMessage::CommandComplete("SELECT".into()),
+            BackendMessage::CopyOutResponse,
+            BackendMessage::CopyData(Bytes::from_static(b"ts")),
+            BackendMessage::CopyDone,
+            BackendMessage::CopyOutResponse,
+            BackendMessage::CopyData(Bytes::from_static(b"base")),
+            BackendMessage::CopyDone,
+            BackendMessage::CopyOutResponse,
+            BackendMessage::CopyData(Bytes::from_static(b"{m}")),
+            BackendMessage::CopyDone,
+            columns(&["recptr", "tli"]),
+            row(&["0/3000100", "2"]),
+            BackendMessage::CommandComplete("SELECT".into()),
+            BackendMessage::ReadyForQuery,
+        ] {
+            events.extend(d.on_message(m).unwrap());
+        }
+        assert_eq!(
+            events,
+            vec![
+                BackupEvent::Start { lsn: 0x3000028, timeline: 2 },
+                BackupEvent::Estimate(110 * 1024),
+                BackupEvent::Archive { tablespace: Some((16390, "/srv/ts1".into())) },
+                BackupEvent::Data(Bytes::from_static(b"ts")),
+                BackupEvent::Archive { tablespace: None },
+                BackupEvent::Data(Bytes::from_static(b"base")),
+                BackupEvent::Manifest,
+                BackupEvent::Data(Bytes::from_static(b"{m}")),
+                BackupEvent::End { lsn: 0x3000100, timeline: 2 },
+            ]
+        );
+    }
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use pitr_archive::layout::{WalCatalog, WalLayout, WalObject};
 use pitr_archive::{ClusterInfo, ObjectKind, ObjectMeta, Repository, RepositoryError};
 use pitr_pgwire::connection::{ConnectOptions, Connection, StreamEvent};
-use pitr_pgwire::messages::{format_lsn, parse_size_setting};
+use pitr_pgwire::messages::format_lsn;
 use pitr_pgwire::timeline::{parse_history, switch_point};
 use pitr_pgwire::walreader::{pg_timestamp_to_unix_micros, WalDecoder, XactRecord};
 use pitr_pgwire::{ConnInfo, PgError, ReplicationMessage};
@@ -293,18 +293,13 @@ async fn open_session(
     conn: &mut Connection,
     ident: &pitr_pgwire::SystemIdentity,
 ) -> Result<Session, StreamError> {
-    let seg_setting = conn.show("wal_segment_size").await?;
-    let segment_size = parse_size_setting(&seg_setting)
-        .ok_or_else(|| StreamError::Fatal(format!("cannot read wal_segment_size {seg_setting:?}")))?;
-    let page_setting = conn.show("wal_block_size").await?;
-    let page_size = parse_size_setting(&page_setting)
-        .ok_or_else(|| StreamError::Fatal(format!("cannot read wal_block_size {page_setting:?}")))?;
-    let version = conn.show("server_version_num").await?.parse::<u32>().unwrap_or(0);
+    let settings = conn.server_settings().await?;
+    let (segment_size, page_size) = (settings.wal_segment_size, settings.wal_page_size);
     let info = ClusterInfo {
         system_id: ident.system_id,
         wal_segment_size: segment_size,
         wal_page_size: page_size,
-        server_version_num: version,
+        server_version_num: settings.server_version_num,
     };
     repo.put_cluster_info(&info).await?;
     let layout = WalLayout::new(&info);

@@ -1,0 +1,520 @@
+//! pitr-basebackup: full base backups of PostgreSQL into the repository.
+//!
+//! Owns running BASE_BACKUP (through pitr-pgwire), reading its tar streams ([`tar`]), cutting
+//! files into blocks stored once under their keyed hash (in parallel, bounded), checking every
+//! file against the checksums in the server's backup manifest, waiting until the archive holds
+//! the WAL that makes the backup consistent, and writing the backup manifest last. It does not
+//! restore (pitr-restore) or stream WAL (pitr-walstream).
+
+pub mod tar;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pitr_archive::backup::{
+    block_hasher, block_name, BackupEntry, BackupEntryKind, BackupFile, BackupManifest, BlockHasher, Tablespace,
+};
+use pitr_archive::layout::{WalCatalog, WalLayout};
+use pitr_archive::{ClusterInfo, ObjectKind, ObjectMeta, PutOutcome, Repository, RepositoryError};
+use pitr_pgwire::messages::{format_lsn, BackupEvent, BaseBackupDecoder};
+use pitr_pgwire::{ConnInfo, ConnectOptions, Connection, PgError};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::tar::{TarError, TarEvent, TarKind, TarReader};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error("backup stream: {0}")]
+    Tar(#[from] TarError),
+    #[error("backup check failed: {0}")]
+    Verify(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub conninfo: ConnInfo,
+    pub application_name: String,
+    /// Cut files into blocks of this many bytes (the unit of deduplication).
+    pub block_size: usize,
+    /// Concurrent block uploads.
+    pub parallel_uploads: usize,
+    /// How long to wait for the sidecar to archive the WAL up to the backup's stop LSN.
+    pub wal_timeout: Duration,
+    pub fast_checkpoint: bool,
+}
+
+/// Progress for a terminal: bytes received of the server's estimate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    pub received: u64,
+    pub estimate: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupSummary {
+    pub id: String,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub timeline: u32,
+    pub files: usize,
+    pub bytes_read: u64,
+    pub bytes_stored: u64,
+    pub blocks_new: u64,
+    pub blocks_reused: u64,
+    /// bytes read / bytes stored.
+    pub dedup_ratio: f64,
+    pub duration_seconds: f64,
+}
+
+fn now_us() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+/// A backup id that sorts by time: `YYYYMMDDTHHMMSSZ`.
+fn backup_id(us: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_micros(us.max(0) as u64);
+    let s = humantime_like(t);
+    s.replace(['-', ':'], "")
+}
+
+fn humantime_like(t: SystemTime) -> String {
+    // Civil-from-days (Howard Hinnant's algorithm) to avoid a date crate for one format.
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[derive(Default)]
+struct Counters {
+    stored: AtomicU64,
+    new_blocks: AtomicU64,
+    reused: AtomicU64,
+}
+
+/// The file being received: its metadata, running CRC-32C and the block being filled.
+struct OpenFile {
+    file: BackupFile,
+    crc: u32,
+    block: Vec<u8>,
+}
+
+/// Takes a full base backup into `repo`. `progress` is called as bytes arrive.
+pub async fn take_backup(
+    repo: &Repository,
+    opts: &BackupOptions,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<(BackupManifest, BackupSummary), BackupError> {
+    let started = Instant::now();
+    let start_time_us = now_us();
+    let connect = ConnectOptions { replication: true, application_name: opts.application_name.clone() };
+    let mut conn = Connection::connect(&opts.conninfo, &connect).await?;
+    let ident = conn.identify_system().await?;
+    let settings = conn.server_settings().await?;
+    let cluster = ClusterInfo {
+        system_id: ident.system_id,
+        wal_segment_size: settings.wal_segment_size,
+        wal_page_size: settings.wal_page_size,
+        server_version_num: settings.server_version_num,
+    };
+    repo.check().await?;
+    repo.put_cluster_info(&cluster).await?;
+    let hasher = block_hasher(repo).await?;
+
+    let checkpoint = if opts.fast_checkpoint { "fast" } else { "spread" };
+    let command = if settings.server_version_num >= 150000 {
+        format!(
+            "BASE_BACKUP (LABEL 'pitr', PROGRESS, CHECKPOINT '{checkpoint}', WAIT false, MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C')"
+        )
+    } else {
+        let fast = if opts.fast_checkpoint { " FAST" } else { "" };
+        format!("BASE_BACKUP LABEL 'pitr' PROGRESS{fast} NOWAIT MANIFEST 'yes' MANIFEST_CHECKSUMS 'CRC32C'")
+    };
+    conn.start_base_backup(&command).await?;
+
+    // Block uploads run beside receiving, bounded by the channel and the worker count.
+    let (tx, rx) = mpsc::channel::<(String, Vec<u8>)>(opts.parallel_uploads * 2);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let counters = Arc::new(Counters::default());
+    let mut workers = JoinSet::new();
+    for _ in 0..opts.parallel_uploads.max(1) {
+        let (repo, rx, counters) = (repo.clone(), rx.clone(), counters.clone());
+        let system_id = cluster.system_id;
+        workers.spawn(async move {
+            loop {
+                let job = rx.lock().await.recv().await;
+                let Some((id, data)) = job else { return Ok::<(), RepositoryError>(()) };
+                let name = block_name(system_id, &id);
+                if repo.store().head(&name).await?.is_some() {
+                    counters.reused.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let (outcome, size) =
+                    repo.put_sealed_sized(&name, data, ObjectMeta::plain(ObjectKind::BackupBlock)).await?;
+                if outcome == PutOutcome::Created {
+                    counters.new_blocks.fetch_add(1, Ordering::Relaxed);
+                    counters.stored.fetch_add(size, Ordering::Relaxed);
+                } else {
+                    counters.reused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+
+    let mut receiver = Receiver {
+        hasher: hasher.clone(),
+        block_size: opts.block_size,
+        tx,
+        prefix: String::new(),
+        tar: None,
+        open: None,
+        files: Vec::new(),
+        entries: Vec::new(),
+        tablespaces: Vec::new(),
+        manifest: None,
+        bytes: 0,
+    };
+    let mut decoder = BaseBackupDecoder::new(settings.server_version_num);
+    let mut start = None;
+    let mut end = None;
+    let mut estimate = 0;
+    let result: Result<(), BackupError> = async {
+        loop {
+            let events = conn.next_backup_event(&mut decoder).await?;
+            if events.is_empty() {
+                break;
+            }
+            for event in events {
+                match event {
+                    BackupEvent::Start { lsn, timeline } => start = Some((lsn, timeline)),
+                    BackupEvent::Estimate(e) => estimate = e,
+                    BackupEvent::End { lsn, timeline } => end = Some((lsn, timeline)),
+                    other => receiver.on_event(other).await?,
+                }
+                progress(Progress { received: receiver.bytes, estimate });
+            }
+        }
+        receiver.finish_archive()?;
+        Ok(())
+    }
+    .await;
+    let Receiver { tx, files, entries, tablespaces, manifest, bytes, .. } = receiver;
+    drop(tx);
+    // Whatever happened, wait for the uploads so no put is left running.
+    let mut upload_error = None;
+    while let Some(r) = workers.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => upload_error = upload_error.or(Some(BackupError::Repository(e))),
+            Err(e) => upload_error = upload_error.or(Some(BackupError::Other(format!("upload task: {e}")))),
+        }
+    }
+    result?;
+    if let Some(e) = upload_error {
+        return Err(e);
+    }
+    conn.close().await;
+    let (start_lsn, timeline) = start.ok_or_else(|| BackupError::Other("BASE_BACKUP sent no start position".into()))?;
+    let (stop_lsn, _) = end.ok_or_else(|| BackupError::Other("BASE_BACKUP sent no end position".into()))?;
+    let server_manifest = manifest.ok_or_else(|| BackupError::Verify("the server sent no backup manifest".into()))?;
+    let mut files = files;
+    verify_against_server_manifest(&server_manifest, &mut files)?;
+    let stop_time_us = now_us();
+
+    wait_for_wal(repo, &cluster, timeline, stop_lsn, opts.wal_timeout).await?;
+
+    let stored = counters.stored.load(Ordering::Relaxed);
+    let manifest = BackupManifest {
+        id: backup_id(start_time_us),
+        kind: "full".into(),
+        system_id: cluster.system_id,
+        server_version_num: settings.server_version_num,
+        timeline,
+        start_lsn,
+        stop_lsn,
+        start_time_us,
+        stop_time_us,
+        block_size: opts.block_size as u64,
+        tablespaces,
+        entries,
+        files,
+        server_manifest: String::from_utf8_lossy(&server_manifest).into_owned(),
+        logical_bytes: bytes,
+        stored_bytes: stored,
+    };
+    let (outcome, manifest_size) = {
+        let name = pitr_archive::backup::manifest_name(manifest.system_id, &manifest.id);
+        let json =
+            serde_json::to_vec(&manifest).map_err(|e| BackupError::Other(format!("serialising the manifest: {e}")))?;
+        let meta = ObjectMeta { timeline, start_lsn, end_lsn: stop_lsn, ..ObjectMeta::plain(ObjectKind::Meta) };
+        repo.put_sealed_sized(&name, json, meta).await?
+    };
+    if outcome != PutOutcome::Created {
+        return Err(BackupError::Other(format!("a backup named {} exists already", manifest.id)));
+    }
+    let stored_total = stored + manifest_size;
+    let summary = BackupSummary {
+        id: manifest.id.clone(),
+        start_lsn: format_lsn(start_lsn),
+        stop_lsn: format_lsn(stop_lsn),
+        timeline,
+        files: manifest.files.len(),
+        bytes_read: bytes,
+        bytes_stored: stored_total,
+        blocks_new: counters.new_blocks.load(Ordering::Relaxed),
+        blocks_reused: counters.reused.load(Ordering::Relaxed),
+        dedup_ratio: if stored_total == 0 { 0.0 } else { bytes as f64 / stored_total as f64 },
+        duration_seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((manifest, summary))
+}
+
+struct Receiver {
+    hasher: BlockHasher,
+    block_size: usize,
+    tx: mpsc::Sender<(String, Vec<u8>)>,
+    /// Path prefix of the current archive (`pg_tblspc/<oid>/` for tablespaces).
+    prefix: String,
+    /// The current tar archive; `None` while receiving the manifest.
+    tar: Option<TarReader>,
+    open: Option<OpenFile>,
+    files: Vec<BackupFile>,
+    entries: Vec<BackupEntry>,
+    tablespaces: Vec<Tablespace>,
+    manifest: Option<Vec<u8>>,
+    bytes: u64,
+}
+
+impl Receiver {
+    async fn on_event(&mut self, event: BackupEvent) -> Result<(), BackupError> {
+        match event {
+            BackupEvent::Archive { tablespace } => {
+                self.finish_archive()?;
+                self.prefix = match &tablespace {
+                    Some((oid, location)) => {
+                        self.tablespaces.push(Tablespace { oid: *oid, location: location.clone() });
+                        format!("pg_tblspc/{oid}/")
+                    }
+                    None => String::new(),
+                };
+                self.tar = Some(TarReader::new());
+            }
+            BackupEvent::Manifest => {
+                self.finish_archive()?;
+                self.manifest = Some(Vec::new());
+            }
+            BackupEvent::Data(data) => {
+                if let Some(m) = self.manifest.as_mut() {
+                    m.extend_from_slice(&data);
+                    return Ok(());
+                }
+                self.bytes += data.len() as u64;
+                let mut tar =
+                    self.tar.take().ok_or_else(|| BackupError::Other("backup data before any archive".into()))?;
+                let mut full_blocks = Vec::new();
+                let result = tar.feed::<BackupError>(&data, |ev| self.on_tar(ev, &mut full_blocks));
+                self.tar = Some(tar);
+                result?;
+                for block in full_blocks {
+                    self.tx.send(block).await.map_err(|_| BackupError::Other("block uploads stopped".into()))?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn finish_archive(&mut self) -> Result<(), BackupError> {
+        if let Some(tar) = self.tar.take() {
+            tar.finish()?;
+        }
+        Ok(())
+    }
+
+    fn on_tar(&mut self, event: TarEvent<'_>, full_blocks: &mut Vec<(String, Vec<u8>)>) -> Result<(), BackupError> {
+        match event {
+            TarEvent::Entry(h) => {
+                let path = format!("{}{}", self.prefix, h.path);
+                match h.kind {
+                    TarKind::File => {
+                        self.open = Some(OpenFile {
+                            file: BackupFile {
+                                path,
+                                size: h.size,
+                                mode: h.mode,
+                                mtime: h.mtime,
+                                checksum: None,
+                                blocks: Vec::new(),
+                            },
+                            crc: 0,
+                            block: Vec::new(),
+                        });
+                    }
+                    TarKind::Directory => {
+                        self.entries.push(BackupEntry { path, mode: h.mode, kind: BackupEntryKind::Directory })
+                    }
+                    TarKind::Symlink { target } => {
+                        self.entries.push(BackupEntry { path, mode: h.mode, kind: BackupEntryKind::Symlink { target } })
+                    }
+                }
+            }
+            TarEvent::Data(mut d) => {
+                let f = self.open.as_mut().ok_or_else(|| BackupError::Other("tar data outside a file".into()))?;
+                f.crc = crc32c::crc32c_append(f.crc, d);
+                while !d.is_empty() {
+                    let n = (self.block_size - f.block.len()).min(d.len());
+                    f.block.extend_from_slice(&d[..n]);
+                    d = &d[n..];
+                    if f.block.len() == self.block_size {
+                        let block = std::mem::take(&mut f.block);
+                        let id = self.hasher.block_id(&block);
+                        f.file.blocks.push(id.clone());
+                        full_blocks.push((id, block));
+                    }
+                }
+            }
+            TarEvent::EntryEnd => {
+                if let Some(mut f) = self.open.take() {
+                    if !f.block.is_empty() {
+                        let block = std::mem::take(&mut f.block);
+                        let id = self.hasher.block_id(&block);
+                        f.file.blocks.push(id.clone());
+                        full_blocks.push((id, block));
+                    }
+                    f.file.checksum = Some(hex_le(f.crc));
+                    self.files.push(f.file);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// PostgreSQL writes a CRC-32C into its manifest as the hex of its in-memory (little-endian) bytes.
+fn hex_le(crc: u32) -> String {
+    crc.to_le_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every file the server lists must have arrived with the size and CRC-32C it lists, and
+/// nothing else may have arrived (except what the server never lists: backup_label etc. are listed).
+fn verify_against_server_manifest(manifest: &[u8], files: &mut [BackupFile]) -> Result<(), BackupError> {
+    let json: serde_json::Value = serde_json::from_slice(manifest)
+        .map_err(|e| BackupError::Verify(format!("server backup manifest is not JSON: {e}")))?;
+    let listed = json["Files"].as_array().ok_or_else(|| BackupError::Verify("server manifest has no Files".into()))?;
+    let mut expected = BTreeMap::new();
+    for f in listed {
+        let path = match (f["Path"].as_str(), f["Encoded-Path"].as_str()) {
+            (Some(p), _) => p.to_string(),
+            (None, Some(hex)) => String::from_utf8_lossy(&decode_hex(hex)).into_owned(),
+            _ => return Err(BackupError::Verify("server manifest entry without a path".into())),
+        };
+        let size = f["Size"].as_u64().unwrap_or(u64::MAX);
+        let checksum = f["Checksum"].as_str().map(str::to_ascii_lowercase);
+        expected.insert(path, (size, checksum));
+    }
+    for file in files.iter() {
+        let Some((size, checksum)) = expected.remove(&file.path) else {
+            return Err(BackupError::Verify(format!("{} arrived but is not in the server's manifest", file.path)));
+        };
+        if size != file.size {
+            return Err(BackupError::Verify(format!(
+                "{}: {} bytes arrived, the server's manifest says {size}",
+                file.path, file.size
+            )));
+        }
+        if let Some(want) = checksum {
+            if file.checksum.as_deref() != Some(want.as_str()) {
+                return Err(BackupError::Verify(format!(
+                    "{}: CRC-32C {} does not match the server's manifest ({want})",
+                    file.path,
+                    file.checksum.as_deref().unwrap_or("-")
+                )));
+            }
+        }
+    }
+    if let Some(missing) = expected.keys().next() {
+        return Err(BackupError::Verify(format!("{missing} is in the server's manifest but did not arrive")));
+    }
+    Ok(())
+}
+
+fn decode_hex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2).filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()).collect()
+}
+
+/// A backup is only usable with the WAL from its start to its stop LSN; the sidecar archives it.
+async fn wait_for_wal(
+    repo: &Repository,
+    cluster: &ClusterInfo,
+    timeline: u32,
+    stop_lsn: u64,
+    timeout: Duration,
+) -> Result<(), BackupError> {
+    let layout = WalLayout::new(cluster);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let catalog = WalCatalog::build(repo, layout).await?;
+        if catalog.end_lsn(timeline).is_some_and(|end| end >= stop_lsn) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(BackupError::Other(format!(
+                "the archive does not hold the WAL up to the backup's stop position {} on timeline {timeline} after {timeout:?}: \
+                 is `pitr stream` running for this cluster? The backup was not recorded.",
+                format_lsn(stop_lsn)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_sort_by_time_and_crc_matches_postgres_byte_order() {
+        assert_eq!(backup_id(0), "19700101T000000Z");
+        assert_eq!(backup_id(1_795_617_780_000_000), "20261125T144300Z");
+        // CRC-32C of "123456789" is 0xE3069283; PostgreSQL prints its little-endian bytes.
+        assert_eq!(hex_le(crc32c::crc32c(b"123456789")), "839206e3");
+    }
+
+    #[test]
+    fn manifest_mismatches_are_named() {
+        let manifest =
+            br#"{"Files": [{"Path": "a", "Size": 3, "Checksum-Algorithm": "CRC32C", "Checksum": "00000000"}]}"#;
+        let mut files = vec![BackupFile {
+            path: "a".into(),
+            size: 3,
+            mode: 0o600,
+            mtime: 0,
+            checksum: Some("11111111".into()),
+            blocks: vec![],
+        }];
+        let err = verify_against_server_manifest(manifest, &mut files).unwrap_err().to_string();
+        assert!(err.contains("a: CRC-32C"), "{err}");
+        files[0].checksum = Some("00000000".into());
+        verify_against_server_manifest(manifest, &mut files).unwrap();
+        let err = verify_against_server_manifest(manifest, &mut []).unwrap_err().to_string();
+        assert!(err.contains("did not arrive"), "{err}");
+    }
+}

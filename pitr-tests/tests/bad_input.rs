@@ -1,0 +1,671 @@
+//! Bad input and a hostile world: every failure a user or the world can cause gets one clear
+//! error message naming the problem and the place, a non-zero exit, and leaves the repository
+//! byte-for-byte as it was.
+//!
+//! Only one PostgreSQL server is started (by the first test that needs a streamed archive): it
+//! streams a little WAL into a repository, which is kept in memory and copied into each test's
+//! own scratch directory, so tests can damage their copy freely.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use pitr_tests::pitr::PitrEnv;
+use pitr_tests::{free_port, pitr_bin, scratch_dir, spawn_logged, wait_until, PgCluster, PgOptions};
+
+// ---------------------------------------------------------------------------
+// Repository snapshots
+// ---------------------------------------------------------------------------
+
+/// Every directory (`None`) and file (its contents) under a root, by path relative to it; the
+/// root itself is the entry `""`. A missing root gives an empty snapshot.
+type Snapshot = BTreeMap<PathBuf, Option<Vec<u8>>>;
+
+fn snapshot(root: &Path) -> Snapshot {
+    fn walk(root: &Path, dir: &Path, out: &mut Snapshot) {
+        out.insert(dir.strip_prefix(root).expect("below the root").to_path_buf(), None);
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+            .map(|e| e.unwrap_or_else(|e| panic!("listing {}: {e}", dir.display())).path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let meta = std::fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+            if meta.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let data = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+                out.insert(path.strip_prefix(root).expect("below the root").to_path_buf(), Some(data));
+            }
+        }
+    }
+    let mut out = Snapshot::new();
+    if root.exists() {
+        walk(root, root, &mut out);
+    }
+    out
+}
+
+/// Fails naming every path that appeared, vanished or changed under `root` since `before`.
+fn assert_untouched(root: &Path, before: &Snapshot, after_what: &str) {
+    let after = snapshot(root);
+    if &after == before {
+        return;
+    }
+    let mut diffs = Vec::new();
+    for (path, old) in before {
+        match after.get(path) {
+            None => diffs.push(format!("removed: {}", path.display())),
+            Some(new) if new != old => diffs.push(format!("changed: {}", path.display())),
+            _ => {}
+        }
+    }
+    for path in after.keys().filter(|p| !before.contains_key(*p)) {
+        diffs.push(format!("created: {}", path.display()));
+    }
+    panic!("{} was modified by {after_what}:\n  {}", root.display(), diffs.join("\n  "));
+}
+
+/// Writes `snap` out below `root` (which must not exist yet).
+fn materialise(root: &Path, snap: &Snapshot) -> Result<()> {
+    for (rel, contents) in snap {
+        let path = root.join(rel);
+        match contents {
+            None => std::fs::create_dir_all(&path),
+            Some(data) => std::fs::write(&path, data),
+        }
+        .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Running pitr and judging its failures
+// ---------------------------------------------------------------------------
+
+fn pitr(config: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(pitr_bin());
+    cmd.arg("--config").arg(config).args(args);
+    cmd.output().unwrap_or_else(|e| panic!("running pitr {args:?}: {e}"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Checks that a pitr run failed with exactly one error message (the `pitr: ...` or
+/// `pitr wal-fetch: ...` line and anything after it) containing every phrase. Returns the exit
+/// code and the message.
+fn failure_of(what: &str, status: ExitStatus, stderr: &str, phrases: &[&str]) -> (i32, String) {
+    let code = status.code().unwrap_or_else(|| panic!("{what}: killed by a signal ({status})\nstderr:\n{stderr}"));
+    assert_ne!(code, 0, "{what} succeeded but should have failed\nstderr:\n{stderr}");
+    let is_message = |l: &&str| l.starts_with("pitr: ") || l.starts_with("pitr wal-fetch: ");
+    let lines: Vec<&str> = stderr.lines().collect();
+    let starts: Vec<usize> = (0..lines.len()).filter(|&i| is_message(&lines[i])).collect();
+    assert_eq!(starts.len(), 1, "{what}: expected exactly one error message on stderr:\n{stderr}");
+    let message = lines[starts[0]..].join("\n");
+    for phrase in phrases {
+        assert!(message.contains(phrase), "{what}: the error message does not contain {phrase:?}:\n{message}");
+    }
+    (code, message)
+}
+
+/// Runs `pitr --config <config> <args>` and checks it fails as [`failure_of`] describes.
+fn expect_failure(config: &Path, args: &[&str], phrases: &[&str]) -> (i32, String) {
+    let out = pitr(config, args);
+    failure_of(&format!("pitr {}", args.join(" ")), out.status, &text(&out.stderr), phrases)
+}
+
+fn expect_success(config: &Path, args: &[&str]) -> String {
+    let out = pitr(config, args);
+    assert!(
+        out.status.success(),
+        "pitr {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+// ---------------------------------------------------------------------------
+// Scratch set-ups
+// ---------------------------------------------------------------------------
+
+/// A scratch directory with places for a repository, a key file and configs. Nothing but the
+/// directory exists until a test makes it.
+struct Scratch {
+    dir: tempfile::TempDir,
+    repo: PathBuf,
+    key: PathBuf,
+    /// `[repository] path = repo`, `[encryption] key_file = key`, no `[postgres]`.
+    config: PathBuf,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = scratch_dir(&format!("bad-input-{name}"));
+        let repo = dir.path().join("repo");
+        let key = dir.path().join("key");
+        let config = dir.path().join("pitr.toml");
+        let s = Scratch { dir, repo, key, config };
+        s.write_config("pitr.toml", &s.key, "", None, "");
+        s
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The config text for this scratch's repository with `key_file`, extra `[repository]` and
+    /// `[stream]` lines and, if given, a `[postgres]` conninfo. The status file stays in here.
+    fn config_text(
+        &self,
+        key_file: &Path,
+        repository_extra: &str,
+        conninfo: Option<&str>,
+        stream_extra: &str,
+    ) -> String {
+        let q = |p: &Path| format!("{:?}", p.display().to_string());
+        let mut lines = vec!["[repository]".to_string(), format!("path = {}", q(&self.repo))];
+        lines.extend(Some(repository_extra).filter(|e| !e.is_empty()).map(str::to_string));
+        lines.extend(["[encryption]".to_string(), format!("key_file = {}", q(key_file))]);
+        if let Some(c) = conninfo {
+            lines.extend(["[postgres]".to_string(), format!("conninfo = {c:?}")]);
+        }
+        lines.extend(["[stream]".to_string(), format!("status_file = {}", q(&self.path("status.json")))]);
+        lines.extend(Some(stream_extra).filter(|e| !e.is_empty()).map(str::to_string));
+        lines.push(String::new());
+        lines.join("\n")
+    }
+
+    fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, contents).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        path
+    }
+
+    fn write_config(
+        &self,
+        name: &str,
+        key_file: &Path,
+        repository_extra: &str,
+        conninfo: Option<&str>,
+        stream_extra: &str,
+    ) -> PathBuf {
+        self.write(name, &self.config_text(key_file, repository_extra, conninfo, stream_extra))
+    }
+
+    /// A config whose `[postgres]` points at a port where nothing listens and gives up quickly.
+    fn unreachable_config(&self, name: &str, key_file: &Path) -> PathBuf {
+        let port = free_port().expect("a free port");
+        let conninfo = format!("host=127.0.0.1 port={port} user=postgres connect_timeout=2");
+        self.write_config(name, key_file, "", Some(&conninfo), "startup_timeout = \"2s\"")
+    }
+
+    /// A directory for wal-fetch destinations, empty.
+    fn dest_dir(&self) -> PathBuf {
+        let d = self.path("dest");
+        std::fs::create_dir_all(&d).expect("mkdir dest");
+        d
+    }
+}
+
+/// Writes a well-formed key file (mode 0600) holding one key.
+fn write_key_file(path: &Path, id: &str, fill: u8) {
+    let line = format!("pitr-key-v1 {id} {}\n", format!("{fill:02x}").repeat(32));
+    std::fs::write(path, line).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    chmod(path, 0o600);
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn assert_dir_empty(dir: &Path, after_what: &str) {
+    let left: Vec<_> = std::fs::read_dir(dir).expect("read dest dir").map(|e| e.expect("entry").file_name()).collect();
+    assert!(left.is_empty(), "{after_what} left {left:?} in {}", dir.display());
+}
+
+// ---------------------------------------------------------------------------
+// The one streamed archive
+// ---------------------------------------------------------------------------
+
+/// A repository `pitr stream` filled from a PostgreSQL 15 server, and its key.
+struct Archive {
+    repo: Snapshot,
+    key: Vec<u8>,
+    /// A segment the archive holds as a whole-segment object.
+    segment: String,
+    /// That object's name (its path relative to the repository).
+    seg_object: String,
+}
+
+fn streamed_archive() -> &'static Archive {
+    static ARCHIVE: OnceLock<Result<Archive, String>> = OnceLock::new();
+    match ARCHIVE.get_or_init(|| stream_archive().map_err(|e| format!("{e:#}"))) {
+        Ok(a) => a,
+        Err(e) => panic!("could not stream the shared archive: {e}"),
+    }
+}
+
+fn stream_archive() -> Result<Archive> {
+    let cluster = PgCluster::start(PgOptions::new(15))?;
+    let mut env = PitrEnv::new("bad-input-archive", &cluster, "")?;
+    env.init()?;
+    let mut stream = env.spawn_stream()?;
+    wait_until("pitr stream to be streaming", Duration::from_secs(60), || {
+        let n = cluster.psql(
+            "select count(*) from pg_stat_replication where application_name = 'pitr_main' and state = 'streaming'",
+        )?;
+        Ok(n == "1")
+    })
+    .with_context(|| env.stream_logs())?;
+    cluster.psql("create table filler as select g, md5(g::text) as h from generate_series(1, 20000) g")?;
+    let segment = cluster.psql("select pg_walfile_name(pg_switch_wal())")?;
+    wait_until(&format!("{segment}.seg in the repository"), Duration::from_secs(60), || {
+        Ok(env.wal_dir().is_ok_and(|d| d.join(format!("{segment}.seg")).is_file()))
+    })
+    .with_context(|| env.stream_logs())?;
+    stream.signal(libc::SIGTERM)?;
+    let status = stream.wait_timeout(Duration::from_secs(60))?.context("pitr stream did not stop on SIGTERM")?;
+    ensure!(status.success(), "pitr stream exited with {status} on SIGTERM\n{}", env.stream_logs());
+    let seg_file = env.wal_dir()?.join(format!("{segment}.seg"));
+    let seg_object = seg_file.strip_prefix(&env.repo)?.display().to_string();
+    Ok(Archive { repo: snapshot(&env.repo), key: std::fs::read(&env.key_file)?, segment, seg_object })
+}
+
+/// A private copy of the streamed archive: its repository and key (mode 0600) in a scratch dir.
+fn archive_copy(name: &str) -> (Scratch, &'static Archive) {
+    let archive = streamed_archive();
+    let s = Scratch::new(name);
+    materialise(&s.repo, &archive.repo).expect("copying the archive");
+    std::fs::write(&s.key, &archive.key).expect("writing the key");
+    chmod(&s.key, 0o600);
+    (s, archive)
+}
+
+/// The id of the (only) key in a key file pitr wrote.
+fn key_id(key_file: &[u8]) -> String {
+    let text = String::from_utf8_lossy(key_file);
+    let line = text.lines().find(|l| l.starts_with("pitr-key-v1 ")).expect("a key line");
+    line.split_whitespace().nth(1).expect("a key id").to_string()
+}
+
+// ---------------------------------------------------------------------------
+// 1-4: the config file
+// ---------------------------------------------------------------------------
+
+/// Runs every subcommand against a bad config: each fails with the phrases, and nothing (no
+/// repository, no key file) is created.
+fn assert_config_refused(s: &Scratch, config: &Path, phrases: &[&str]) {
+    let dest = s.path("fetched");
+    let dest_arg = dest.display().to_string();
+    for args in [&["init"][..], &["status"], &["stream"], &["wal-fetch", "000000010000000000000001", &dest_arg]] {
+        let (code, _) = expect_failure(config, args, phrases);
+        if args[0] == "wal-fetch" {
+            assert_eq!(code, 126, "wal-fetch with a bad config must abort recovery (exit 126)");
+        }
+    }
+    assert!(!s.repo.exists(), "a repository was created at {} despite a bad config", s.repo.display());
+    assert!(!s.key.exists(), "a key file was created at {} despite a bad config", s.key.display());
+    assert!(!dest.exists(), "wal-fetch wrote {} despite a bad config", dest.display());
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let s = Scratch::new("no-config");
+    for missing in [PathBuf::from("/nonexistent/pitr.toml"), s.path("nope.toml")] {
+        let m = missing.display().to_string();
+        assert_config_refused(&s, &missing, &[&m, "not found"]);
+    }
+}
+
+#[test]
+fn malformed_toml_names_the_line() {
+    let s = Scratch::new("malformed");
+    let good = s.config_text(&s.key, "", None, "");
+    // An unclosed table header on line 3.
+    let broken = good.replacen("[encryption]", "[encryption", 1);
+    assert_eq!(broken.lines().nth(2), Some("[encryption"), "the test's config layout changed");
+    let config = s.write("header.toml", &broken);
+    assert_config_refused(&s, &config, &[&config.display().to_string(), "line 3"]);
+    // An unterminated string on line 4.
+    let line = good.lines().position(|l| l.starts_with("key_file")).map(|i| i + 1);
+    assert_eq!(line, Some(4), "the test's config layout changed");
+    let broken = {
+        let mut lines: Vec<String> = good.lines().map(str::to_string).collect();
+        lines[3] = "key_file = \"/etc/pitr/key".into();
+        lines.join("\n")
+    };
+    let config = s.write("string.toml", &broken);
+    assert_config_refused(&s, &config, &[&config.display().to_string(), "line 4"]);
+}
+
+#[test]
+fn unknown_keys_and_sections_are_named() {
+    let s = Scratch::new("unknown-key");
+    let cases = [
+        (s.config_text(&s.key, "", None, "flush_intervall = \"1s\""), vec!["flush_intervall", "stream"]),
+        (s.config_text(&s.key, "compression = 3", None, ""), vec!["compression", "repository"]),
+        (format!("{}[postgress]\nconninfo = \"host=db\"\n", s.config_text(&s.key, "", None, "")), vec!["postgress"]),
+    ];
+    for (i, (config_text, phrases)) in cases.into_iter().enumerate() {
+        let config = s.write(&format!("unknown-{i}.toml"), &config_text);
+        let config_name = config.display().to_string();
+        let mut phrases = phrases;
+        phrases.push(&config_name);
+        assert_config_refused(&s, &config, &phrases);
+    }
+}
+
+#[test]
+fn bad_values_name_the_key() {
+    let s = Scratch::new("bad-value");
+    let k = &s.key;
+    let relative = s.config_text(k, "", None, "").replace(&format!("{:?}", s.repo.display().to_string()), "\"repo\"");
+    let cases = [
+        (s.config_text(k, "", None, "flush_interval = \"soon\""), vec!["stream.flush_interval", "soon"]),
+        (s.config_text(k, "", None, "startup_timeout = 5"), vec!["stream.startup_timeout"]),
+        (s.config_text(k, "", None, "max_pending_bytes = 0"), vec!["[stream] max_pending_bytes"]),
+        (s.config_text(k, "", Some("port=abc"), ""), vec!["[postgres] conninfo", "abc"]),
+        (s.config_text(k, "", Some("host=db sslmode=sometimes"), ""), vec!["[postgres] conninfo", "sometimes"]),
+        (s.config_text(k, "zstd_level = 99", None, ""), vec!["[repository] zstd_level", "99"]),
+        (relative, vec!["[repository] path", "absolute"]),
+    ];
+    for (i, (config_text, phrases)) in cases.into_iter().enumerate() {
+        let config = s.write(&format!("bad-{i}.toml"), &config_text);
+        let config_name = config.display().to_string();
+        let mut phrases = phrases;
+        phrases.push(&config_name);
+        assert_config_refused(&s, &config, &phrases);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 5: the server is not there
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unreachable_server_is_named_and_stream_gives_up() {
+    let s = Scratch::new("unreachable");
+    expect_success(&s.config, &["init"]);
+    let port = free_port().expect("a free port");
+    let config = s.write_config(
+        "unreachable.toml",
+        &s.key,
+        "",
+        Some(&format!("host=127.0.0.1 port={port} user=postgres")),
+        "startup_timeout = \"2s\"",
+    );
+    let before = snapshot(&s.repo);
+
+    let log = s.path("stream.log");
+    let mut cmd = Command::new(pitr_bin());
+    cmd.arg("--config").arg(&config).arg("stream");
+    let mut child = spawn_logged(cmd, &log).expect("spawning pitr stream");
+    // A guard, not a measurement: startup_timeout is 2 s.
+    let status = child.wait_timeout(Duration::from_secs(60)).expect("waiting for pitr stream");
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    let status = status.unwrap_or_else(|| {
+        child.kill9();
+        panic!("pitr stream still runs 60 s after startup_timeout = 2s against a closed port:\n{stderr}")
+    });
+    failure_of("pitr stream", status, &stderr, &["cannot connect", &format!("127.0.0.1:{port}")]);
+    assert_untouched(&s.repo, &before, "pitr stream against an unreachable server");
+}
+
+// ---------------------------------------------------------------------------
+// 6-8: the key file
+// ---------------------------------------------------------------------------
+
+/// stream, status and wal-fetch with `config` all fail with `phrases`; wal-fetch exits 126 and
+/// writes nothing; the repository is untouched.
+fn assert_key_refused(s: &Scratch, config: &Path, segment: &str, phrases: &[&str]) {
+    let before = snapshot(&s.repo);
+    let dest_dir = s.dest_dir();
+    let dest = dest_dir.join(segment).display().to_string();
+    expect_failure(config, &["stream"], phrases);
+    expect_failure(config, &["status"], phrases);
+    let (code, _) = expect_failure(config, &["wal-fetch", segment, &dest], phrases);
+    assert_eq!(code, 126, "wal-fetch with an unusable key must abort recovery (exit 126)");
+    assert_dir_empty(&dest_dir, "a refused wal-fetch");
+    assert_untouched(&s.repo, &before, "commands with an unusable key file");
+}
+
+#[test]
+fn wrong_key_file_is_refused() {
+    let (s, archive) = archive_copy("wrong-key");
+    let real_id = key_id(&archive.key);
+
+    // A valid key file with another key id.
+    let other = s.path("other-key");
+    write_key_file(&other, "kother", 0x5a);
+    let config = s.unreachable_config("other-id.toml", &other);
+    let other_name = other.display().to_string();
+    assert_key_refused(&s, &config, &archive.segment, &[&other_name, "wrong key", &real_id]);
+
+    // The right key id with the wrong key material.
+    let forged = s.path("forged-key");
+    write_key_file(&forged, &real_id, 0xa5);
+    let config = s.unreachable_config("forged.toml", &forged);
+    let forged_name = forged.display().to_string();
+    assert_key_refused(&s, &config, &archive.segment, &[&forged_name, "wrong key"]);
+
+    // The real key still opens it all: the refusals were about the key alone.
+    let dest = s.dest_dir().join("ok");
+    expect_success(&s.config, &["wal-fetch", &archive.segment, &dest.display().to_string()]);
+    assert_eq!(std::fs::metadata(&dest).expect("fetched segment").len(), 16 << 20);
+}
+
+#[test]
+fn key_file_readable_by_others_is_refused() {
+    let s = Scratch::new("open-key");
+    expect_success(&s.config, &["init"]);
+    let key_before = std::fs::read(&s.key).expect("key file");
+    let key_name = s.key.display().to_string();
+    let config = s.unreachable_config("open-key.toml", &s.key);
+    for mode in [0o644, 0o640, 0o604] {
+        chmod(&s.key, mode);
+        let mode_text = format!("mode {mode:o}");
+        assert_key_refused(&s, &config, "000000010000000000000001", &[&key_name, "chmod 600", &mode_text]);
+        let before = snapshot(&s.repo);
+        expect_failure(&config, &["init"], &[&key_name, "chmod 600"]);
+        assert_untouched(&s.repo, &before, "pitr init with an open key file");
+        let now = std::fs::metadata(&s.key).expect("key file").permissions().mode() & 0o777;
+        assert_eq!(now, mode, "pitr changed the key file's mode itself");
+    }
+    assert_eq!(std::fs::read(&s.key).expect("key file"), key_before, "the key file was modified");
+}
+
+#[test]
+fn missing_or_unreadable_key_file_is_named() {
+    let s = Scratch::new("no-key");
+    expect_success(&s.config, &["init"]);
+    let seg = "000000010000000000000001";
+
+    let missing = s.path("missing-key");
+    let config = s.unreachable_config("missing.toml", &missing);
+    let name = missing.display().to_string();
+    assert_key_refused(&s, &config, seg, &["[encryption] key_file", &name, "No such file"]);
+    assert!(!missing.exists(), "a command created the missing key file {name}");
+
+    let dir = s.path("key-dir");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let config = s.unreachable_config("dir.toml", &dir);
+    let name = dir.display().to_string();
+    assert_key_refused(&s, &config, seg, &["[encryption] key_file", &name, "directory"]);
+
+    let under_file = s.key.join("key");
+    let config = s.unreachable_config("under-file.toml", &under_file);
+    let name = under_file.display().to_string();
+    assert_key_refused(&s, &config, seg, &["[encryption] key_file", &name]);
+
+    let empty = s.path("empty-key");
+    std::fs::write(&empty, "# nothing here\n").expect("write");
+    chmod(&empty, 0o600);
+    let config = s.unreachable_config("empty.toml", &empty);
+    let name = empty.display().to_string();
+    assert_key_refused(&s, &config, seg, &[&name, "holds no key"]);
+
+    let garbled = s.path("garbled-key");
+    std::fs::write(&garbled, "# comment\npitr-key-v1 k1 not-hex\n").expect("write");
+    chmod(&garbled, 0o600);
+    let config = s.unreachable_config("garbled.toml", &garbled);
+    let name = garbled.display().to_string();
+    assert_key_refused(&s, &config, seg, &[&name, "line 2", "64 hex digits"]);
+
+    if !is_root() {
+        // Root reads any file, so this case only exists for other users.
+        let unreadable = s.path("unreadable-key");
+        write_key_file(&unreadable, "k1", 1);
+        chmod(&unreadable, 0o000);
+        let config = s.unreachable_config("unreadable.toml", &unreadable);
+        let name = unreadable.display().to_string();
+        assert_key_refused(&s, &config, seg, &[&name, "ermission denied"]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 9-11: damaged and missing objects
+// ---------------------------------------------------------------------------
+
+/// wal-fetch of `segment` fails with exit 126, names the object and one of `reasons`, and
+/// neither writes the destination nor touches the repository.
+fn assert_fetch_aborts(s: &Scratch, archive: &Archive, reasons: &[&str], what: &str) {
+    let before = snapshot(&s.repo);
+    let dest_dir = s.dest_dir();
+    let dest = dest_dir.join("x").display().to_string();
+    let (code, message) = expect_failure(&s.config, &["wal-fetch", &archive.segment, &dest], &[&archive.seg_object]);
+    assert_eq!(code, 126, "wal-fetch of {what} must exit 126 so that PostgreSQL stops recovery:\n{message}");
+    assert!(
+        reasons.iter().any(|r| message.contains(r)),
+        "wal-fetch of {what}: expected one of {reasons:?} in:\n{message}"
+    );
+    assert_dir_empty(&dest_dir, &format!("wal-fetch of {what}"));
+    assert_untouched(&s.repo, &before, &format!("wal-fetch of {what}"));
+}
+
+#[test]
+fn flipped_byte_in_a_wal_object_aborts_recovery() {
+    let (s, archive) = archive_copy("flipped");
+    // Intact, it fetches.
+    let dest = s.dest_dir().join("intact");
+    expect_success(&s.config, &["wal-fetch", &archive.segment, &dest.display().to_string()]);
+    std::fs::remove_file(&dest).expect("remove the fetched segment");
+
+    let object = s.repo.join(&archive.seg_object);
+    let mut data = std::fs::read(&object).expect("the .seg object");
+    let middle = data.len() / 2;
+    data[middle] ^= 0x01;
+    std::fs::write(&object, &data).expect("rewrite the object");
+    assert_fetch_aborts(&s, archive, &["authentication failed"], "an object with a flipped byte");
+}
+
+#[test]
+fn truncated_wal_object_aborts_recovery() {
+    let (s, archive) = archive_copy("truncated");
+    let object = s.repo.join(&archive.seg_object);
+    let whole = std::fs::read(&object).expect("the .seg object");
+    let reasons = ["truncated", "authentication failed"];
+    for keep in [whole.len() - 7, whole.len() / 2, 40, 3, 0] {
+        std::fs::write(&object, &whole[..keep]).expect("truncate the object");
+        assert_fetch_aborts(&s, archive, &reasons, &format!("an object cut to {keep} of {} bytes", whole.len()));
+    }
+}
+
+#[test]
+fn segment_not_in_the_archive_is_exit_1() {
+    let (s, archive) = archive_copy("not-archived");
+    let before = snapshot(&s.repo);
+    let dest_dir = s.dest_dir();
+    let dest = dest_dir.join("x").display().to_string();
+    // Far past the end, on a timeline the archive never saw, and a history file it lacks.
+    let tli = &archive.segment[..8];
+    let far = format!("{tli}0000000A00000001");
+    for file in [far.as_str(), "000000050000000000000001", "00000002.history"] {
+        let (code, message) = expect_failure(&s.config, &["wal-fetch", file, &dest], &[file, "not in the archive"]);
+        assert_eq!(code, 1, "a file that is not archived must exit 1 (the end of the archive), not abort:\n{message}");
+        assert_dir_empty(&dest_dir, &format!("wal-fetch of {file}"));
+    }
+    assert_untouched(&s.repo, &before, "wal-fetch of files that are not archived");
+}
+
+// ---------------------------------------------------------------------------
+// 12 and init
+// ---------------------------------------------------------------------------
+
+#[test]
+fn uninitialised_repository_says_run_init() {
+    let s = Scratch::new("uninitialised");
+    write_key_file(&s.key, "k1", 7);
+    let config = s.unreachable_config("uninit.toml", &s.key);
+    let repo_name = s.repo.display().to_string();
+    let check = |what: &str| {
+        let before = snapshot(&s.repo);
+        let dest_dir = s.dest_dir();
+        let dest = dest_dir.join("x").display().to_string();
+        let phrases = [repo_name.as_str(), "pitr init"];
+        expect_failure(&config, &["status"], &phrases);
+        expect_failure(&config, &["stream"], &phrases);
+        let (code, _) = expect_failure(&config, &["wal-fetch", "000000010000000000000001", &dest], &phrases);
+        assert_eq!(code, 126, "wal-fetch from {what} must abort recovery");
+        assert_dir_empty(&dest_dir, &format!("wal-fetch from {what}"));
+        assert_untouched(&s.repo, &before, &format!("commands against {what}"));
+    };
+    // No directory at all (an unmounted volume, a typo): nothing may create it.
+    check("a repository directory that does not exist");
+    assert!(!s.repo.exists());
+    // An empty directory.
+    std::fs::create_dir(&s.repo).expect("mkdir repo");
+    check("an empty repository directory");
+}
+
+#[test]
+fn init_twice_is_fine_and_init_with_another_key_is_refused() {
+    let s = Scratch::new("init");
+    let out = expect_success(&s.config, &["init"]);
+    assert!(out.contains("initialised repository"), "{out}");
+    let repo_before = snapshot(&s.repo);
+    let key_before = std::fs::read(&s.key).expect("key file");
+
+    let out = expect_success(&s.config, &["init"]);
+    assert!(out.contains("already initialised"), "second init: {out}");
+    assert_untouched(&s.repo, &repo_before, "a second pitr init");
+    assert_eq!(std::fs::read(&s.key).expect("key file"), key_before, "a second init rewrote the key file");
+
+    // A key path that does not exist yet: init must not mint a key that cannot open the repository.
+    let fresh = s.path("fresh-key");
+    let config = s.write_config("fresh.toml", &fresh, "", None, "");
+    let fresh_name = fresh.display().to_string();
+    let repo_name = s.repo.display().to_string();
+    expect_failure(&config, &["init"], &[&fresh_name, &repo_name, "already initialised"]);
+    assert!(!fresh.exists(), "pitr init left a new key file {fresh_name} that cannot open the repository");
+    assert_untouched(&s.repo, &repo_before, "pitr init with a missing key file");
+
+    // An existing, different key.
+    let other = s.path("other-key");
+    write_key_file(&other, "kother", 3);
+    let config = s.write_config("other.toml", &other, "", None, "");
+    let other_name = other.display().to_string();
+    expect_failure(&config, &["init"], &[&other_name, "wrong key"]);
+    assert_untouched(&s.repo, &repo_before, "pitr init with another key");
+
+    // Same id, different material.
+    let forged = s.path("forged-key");
+    write_key_file(&forged, &key_id(&key_before), 4);
+    let config = s.write_config("forged.toml", &forged, "", None, "");
+    let forged_name = forged.display().to_string();
+    expect_failure(&config, &["init"], &[&forged_name, "wrong key"]);
+    assert_untouched(&s.repo, &repo_before, "pitr init with a forged key");
+}
