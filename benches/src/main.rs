@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use pitr_tests::pitr::PitrEnv;
-use pitr_tests::{
-    client_bin, parse_lsn, pitr_bin, scratch_dir, spawn_logged, u64_to_lsn, workspace_root, Child, PgCluster, PgOptions,
-};
+use pitr_tests::{client_bin, parse_lsn, pitr_bin, scratch_dir, spawn_logged, u64_to_lsn, Child, PgCluster, PgOptions};
 
 const SIGINT: i32 = 2;
 const SIGTERM: i32 = 15;
@@ -50,6 +48,7 @@ struct Opts {
     catchup_timeout_secs: u64,
     skip_catchup: bool,
     skip_lag: bool,
+    samples_csv: Option<PathBuf>,
 }
 
 const USAGE: &str = "\
@@ -71,6 +70,7 @@ Every option can also be given as an environment variable WALBENCH_<NAME>
   --catchup-timeout SECS   give up on a receiver after this long (default 300)
   --skip-catchup           run only the flush_lag phase
   --skip-lag               run only the catch-up phase
+  --samples-csv FILE       write every flush_lag sample (t, receiver, lag, flush_lsn, primary lsn) to FILE
   --keep                   keep scratch directories (sets PITR_KEEP_TEST_DIRS)
   -h, --help               this text
 
@@ -93,6 +93,7 @@ impl Opts {
             catchup_timeout_secs: 300,
             skip_catchup: false,
             skip_lag: false,
+            samples_csv: None,
         };
         let mut pairs: Vec<(String, String)> = Vec::new();
         for (k, v) in std::env::vars() {
@@ -137,6 +138,7 @@ impl Opts {
                 "catchup-timeout" => o.catchup_timeout_secs = num(&v)?.max(1),
                 "skip-catchup" => o.skip_catchup = flag(&v),
                 "skip-lag" => o.skip_lag = flag(&v),
+                "samples-csv" => o.samples_csv = Some(PathBuf::from(v)),
                 "keep" => {
                     if flag(&v) {
                         std::env::set_var("PITR_KEEP_TEST_DIRS", "1");
@@ -163,7 +165,9 @@ fn ensure_release_pitr() -> Result<PathBuf> {
         return Ok(p);
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let root = workspace_root();
+    // This crate's workspace (the parent of benches/), wherever it was built.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest.parent().unwrap_or(manifest).to_path_buf();
     eprintln!("building the release pitr binary: {cargo} build --release -p pitr --bin pitr");
     let out = Command::new(&cargo)
         .args(["build", "--release", "-p", "pitr", "--bin", "pitr", "--message-format=json-render-diagnostics"])
@@ -232,8 +236,26 @@ fn dir_bytes(p: &Path) -> u64 {
     }
 }
 
+/// Removes terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn log_tail(p: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(p).unwrap_or_default();
+    let text = strip_ansi(&std::fs::read_to_string(p).unwrap_or_default());
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -335,6 +357,8 @@ struct Running {
     log: PathBuf,
     /// Where the WAL ends up (pitr's repository or pg_receivewal's -D).
     out_dir: PathBuf,
+    /// Just before the process was spawned (after any preparation such as `pitr init`).
+    spawned_at: Instant,
     // Keep the scratch directories alive while the receiver runs.
     _pitr_env: Option<PitrEnv>,
     _dir: Option<Box<dyn std::any::Any>>,
@@ -351,6 +375,13 @@ impl Running {
             );
         }
         Ok(())
+    }
+
+    /// pitr's own counters from its status file: (objects put, plaintext bytes put).
+    fn pitr_puts(&self) -> Option<(u64, u64)> {
+        let env = self._pitr_env.as_ref()?;
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&env.status_file).ok()?).ok()?;
+        Some((v["objects_archived"].as_u64()?, v["bytes_archived"].as_u64()?))
     }
 
     /// Graceful stop (pitr: SIGTERM drains; pg_receivewal: SIGINT), SIGKILL after 30 s.
@@ -389,8 +420,17 @@ fn spawn_pitr(cluster: &PgCluster, name: &str, log_filter: &str) -> Result<Runni
     let log = env.dir.path().join("stream.log");
     let mut cmd = pitr_command(&env, &["stream"]);
     cmd.env("PITR_LOG", log_filter);
+    let spawned_at = Instant::now();
     let child = spawn_logged(cmd, &log)?;
-    Ok(Running { kind: Kind::Pitr, child, log, out_dir: env.repo.clone(), _pitr_env: Some(env), _dir: None })
+    Ok(Running {
+        kind: Kind::Pitr,
+        child,
+        log,
+        spawned_at,
+        out_dir: env.repo.clone(),
+        _pitr_env: Some(env),
+        _dir: None,
+    })
 }
 
 fn receivewal_args(dir: &str, port: u16, compress: &str) -> Vec<String> {
@@ -417,8 +457,17 @@ fn spawn_receivewal(cluster: &PgCluster, name: &str, compress: &str) -> Result<R
     let log = dir.path().join("pg_receivewal.log");
     let mut cmd = Command::new(client_bin("pg_receivewal"));
     cmd.args(receivewal_args(&wal.display().to_string(), cluster.port, compress));
+    let spawned_at = Instant::now();
     let child = spawn_logged(cmd, &log)?;
-    Ok(Running { kind: Kind::Receivewal, child, log, out_dir: wal, _pitr_env: None, _dir: Some(Box::new(dir)) })
+    Ok(Running {
+        kind: Kind::Receivewal,
+        child,
+        log,
+        spawned_at,
+        out_dir: wal,
+        _pitr_env: None,
+        _dir: Some(Box::new(dir)),
+    })
 }
 
 fn create_slots(cluster: &PgCluster) -> Result<()> {
@@ -449,22 +498,16 @@ impl Bench {
         Ok(best)
     }
 
-    /// Polls every 20 ms until `run`'s flush_lsn reaches `target`; the time since `since`.
-    fn wait_flushed(
-        &self,
-        client: &tokio_postgres::Client,
-        run: &mut Running,
-        target: u64,
-        since: Instant,
-    ) -> Result<Duration> {
+    /// Polls every 20 ms until `run`'s flush_lsn reaches `target`; the time since it was spawned.
+    fn wait_flushed(&self, client: &tokio_postgres::Client, run: &mut Running, target: u64) -> Result<Duration> {
         let timeout = Duration::from_secs(self.opts.catchup_timeout_secs);
         loop {
             let flushed = self.rt.block_on(Self::flush_lsn(client, run.kind.app()))?;
             if flushed.is_some_and(|f| f >= target) {
-                return Ok(since.elapsed());
+                return Ok(run.spawned_at.elapsed());
             }
             run.ensure_alive()?;
-            if since.elapsed() > timeout {
+            if run.spawned_at.elapsed() > timeout {
                 bail!(
                     "{} did not flush up to {} within {timeout:?} (at {}); log {}:\n{}",
                     run.kind.label(),
@@ -488,6 +531,8 @@ struct CatchupRun {
     secs: f64,
     cpu_secs: f64,
     out_bytes: u64,
+    /// pitr only: objects put and plaintext bytes put (from its status file).
+    puts: (u64, u64),
 }
 
 struct CatchupRound {
@@ -543,15 +588,19 @@ impl Bench {
         for kind in [first, second] {
             // Settle: no leftover I/O from the previous receiver's stop.
             std::thread::sleep(Duration::from_millis(500));
-            let since = Instant::now();
             let mut run = match kind {
                 Kind::Pitr => spawn_pitr(&cluster, &format!("bench-pitr-r{round}"), &o.pitr_log)?,
                 Kind::Receivewal => spawn_receivewal(&cluster, &format!("bench-rw-r{round}"), &o.receivewal_compress)?,
             };
-            let elapsed = self.wait_flushed(&client, &mut run, end, since)?;
+            let elapsed = self.wait_flushed(&client, &mut run, end)?;
             let cpu = cpu_ticks(run.child.id()).unwrap_or(0) as f64 / self.tck;
             run.stop();
-            let r = CatchupRun { secs: elapsed.as_secs_f64(), cpu_secs: cpu, out_bytes: dir_bytes(&run.out_dir) };
+            let r = CatchupRun {
+                secs: elapsed.as_secs_f64(),
+                cpu_secs: cpu,
+                out_bytes: dir_bytes(&run.out_dir),
+                puts: run.pitr_puts().unwrap_or_default(),
+            };
             eprintln!(
                 "round {round}: {:<13} {:.2}s  {:.1} MiB/s  cpu {:.2}s  (log {})",
                 kind.label(),
@@ -586,9 +635,16 @@ struct LagSeries {
     /// pg_current_wal_lsn() - flush_lsn in bytes.
     bytes: Vec<f64>,
     cpu_secs: f64,
+    /// (seconds since load start, flush_lag s, flush_lsn, primary's current LSN) per sample.
+    raw: Vec<(f64, Option<f64>, Option<u64>, u64)>,
 }
 
 struct LagResult {
+    /// pitr's objects and plaintext bytes put during the load.
+    pitr_puts: Option<(u64, u64)>,
+    /// WAL the primary wrote during the load.
+    wal_bytes: u64,
+    seg: u64,
     pitr: LagSeries,
     rw: LagSeries,
     samples: usize,
@@ -618,9 +674,8 @@ impl Bench {
         let mut pitr = spawn_pitr(&cluster, "bench-lag-pitr", &o.pitr_log)?;
         let mut rw = spawn_receivewal(&cluster, "bench-lag-rw", &o.receivewal_compress)?;
         let target = current_lsn(&cluster)?;
-        let since = Instant::now();
-        self.wait_flushed(&client, &mut pitr, target, since)?;
-        self.wait_flushed(&client, &mut rw, target, since)?;
+        self.wait_flushed(&client, &mut pitr, target)?;
+        self.wait_flushed(&client, &mut rw, target)?;
         std::thread::sleep(Duration::from_secs(1));
 
         let port = cluster.port.to_string();
@@ -646,6 +701,9 @@ impl Bench {
         let pgbench_cmd = format!("pgbench {}", args.join(" ").replace(&port, "<port>"));
         eprintln!("lag: {pgbench_cmd} (sampling every {} ms)", o.sample_ms);
         let cpu0 = (cpu_ticks(pitr.child.id()), cpu_ticks(rw.child.id()));
+        let puts0 = pitr.pitr_puts();
+        let lsn0 = current_lsn(&cluster)?;
+        let seg: u64 = cluster.psql("show wal_segment_size")?.trim_end_matches("MB").parse::<u64>()? << 20;
         let load = std::thread::spawn(move || -> Result<String> {
             let out = Command::new(client_bin("pgbench")).args(&args).stdin(Stdio::null()).output()?;
             if !out.status.success() {
@@ -669,11 +727,13 @@ impl Bench {
             }
             let rows = self.rt.block_on(client.query(
                 "select application_name, extract(epoch from flush_lag)::float8, \
-                 pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::float8 \
+                 pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::float8, \
+                 flush_lsn::text, pg_current_wal_lsn()::text \
                  from pg_stat_replication where application_name in ($1, $2)",
                 &[&PITR_APP, &RW_APP],
             ))?;
-            if t0.elapsed() < warmup {
+            let t = t0.elapsed();
+            if t < warmup {
                 continue;
             }
             samples += 1;
@@ -682,6 +742,8 @@ impl Bench {
                 let app: String = r.get(0);
                 let lag: Option<f64> = r.get(1);
                 let bytes: Option<f64> = r.get(2);
+                let flush: Option<String> = r.get(3);
+                let cur: String = r.get(4);
                 let s = if app == PITR_APP {
                     seen_p = true;
                     &mut res_p
@@ -693,6 +755,7 @@ impl Bench {
                     s.nulls += 1;
                 }
                 s.lag.push(lag.unwrap_or(0.0));
+                s.raw.push((t.as_secs_f64(), lag, flush.and_then(|f| parse_lsn(&f).ok()), parse_lsn(&cur)?));
                 if let Some(b) = bytes {
                     s.bytes.push(b);
                 }
@@ -707,6 +770,13 @@ impl Bench {
         let wall_secs = t0.elapsed().as_secs_f64();
         let out = load.join().map_err(|_| anyhow!("pgbench thread panicked"))??;
         let cpu1 = (cpu_ticks(pitr.child.id()), cpu_ticks(rw.child.id()));
+        let wal_bytes = current_lsn(&cluster)?.saturating_sub(lsn0);
+        // The status file is rewritten at least every second; give it that second.
+        std::thread::sleep(Duration::from_millis(1100));
+        let pitr_puts = match (puts0, pitr.pitr_puts()) {
+            (Some(a), Some(b)) => Some((b.0.saturating_sub(a.0), b.1.saturating_sub(a.1))),
+            _ => None,
+        };
         if let (Some(a), Some(b)) = (cpu0.0, cpu1.0) {
             res_p.cpu_secs = b.saturating_sub(a) as f64 / self.tck;
         }
@@ -724,7 +794,26 @@ impl Bench {
                 log_tail(&pitr.log, 25)
             );
         }
+        if let Some(path) = &o.samples_csv {
+            let mut csv = String::from("t_secs,receiver,flush_lag_secs,flush_lsn,primary_lsn\n");
+            for (name, s) in [(PITR_APP, &res_p), (RW_APP, &res_r)] {
+                for (t, lag, flush, cur) in &s.raw {
+                    let _ = writeln!(
+                        csv,
+                        "{t:.3},{name},{},{},{}",
+                        lag.map_or(String::new(), |l| format!("{l:.6}")),
+                        flush.map_or(String::new(), u64_to_lsn),
+                        u64_to_lsn(*cur)
+                    );
+                }
+            }
+            std::fs::write(path, csv).with_context(|| format!("write {}", path.display()))?;
+            eprintln!("lag: samples written to {}", path.display());
+        }
         Ok(LagResult {
+            pitr_puts,
+            wal_bytes,
+            seg,
             pitr: res_p,
             rw: res_r,
             samples,
@@ -810,6 +899,16 @@ fn catchup_report(r: &mut String, o: &Opts, rounds: &[CatchupRound]) {
             o.receivewal_compress
         );
     }
+    if let Some(c) = rounds.last() {
+        let (n, b) = c.pitr.puts;
+        let _ = writeln!(
+            r,
+            "pitr puts (last round, from its status file): {n} objects, {:.1} MiB plaintext put for {:.1} MiB streamed ({:.2}x)",
+            b as f64 / MIB,
+            c.streamed as f64 / MIB,
+            b as f64 / c.streamed as f64
+        );
+    }
     let gen = median(&rounds.iter().map(|c| c.gen_secs).collect::<Vec<_>>());
     let _ = writeln!(r, "WAL generation (pgbench -i + checkpoint) took {gen:.1}s per round (median)");
 }
@@ -893,6 +992,33 @@ fn lag_report(r: &mut String, o: &Opts, l: &LagResult) {
         pct(&rp, 99.0) / pct(&rr, 99.0)
     );
     let _ = writeln!(r, "pgbench: {}; {}; {}", l.latency_avg, l.schedule_lag, l.tps);
+    let _ = writeln!(r, "WAL written by the primary during the load: {:.1} MiB", l.wal_bytes as f64 / MIB);
+    if let Some((n, b)) = l.pitr_puts {
+        let _ = writeln!(
+            r,
+            "pitr puts during the load: {n} objects ({:.0}/s), {:.1} MiB plaintext put ({:.2}x the WAL)",
+            n as f64 / l.wall_secs,
+            b as f64 / MIB,
+            b as f64 / l.wal_bytes.max(1) as f64
+        );
+    }
+    for (name, s) in [("pitr stream", &l.pitr), ("pg_receivewal", &l.rw)] {
+        let mut worst: Vec<_> = s.raw.iter().filter(|x| x.1.is_some()).collect();
+        worst.sort_by(|a, b| b.1.unwrap_or(0.0).total_cmp(&a.1.unwrap_or(0.0)));
+        let list: Vec<String> = worst
+            .iter()
+            .take(3)
+            .map(|(t, lag, flush, cur)| {
+                let crossed = flush.is_some_and(|f| f / l.seg != cur / l.seg);
+                format!(
+                    "t={t:.1}s {:.1} ms{}",
+                    lag.unwrap_or(0.0) * 1000.0,
+                    if crossed { " (flush_lsn in an earlier segment than the primary: segment switch)" } else { "" }
+                )
+            })
+            .collect();
+        let _ = writeln!(r, "worst {name} samples: {}", list.join("; "));
+    }
 }
 
 fn main() -> Result<()> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use pitr_archive::layout::{WalCatalog, WalLayout, WalObject, MARKER};
+use pitr_archive::layout::{WalCatalog, WalLayout, MARKER};
 use pitr_archive::{KeyRing, LocalStore, PutOutcome, Repository, Store};
 use pitr_pgwire::{format_lsn, ConnInfo};
 use pitr_walstream::{StreamConfig, StreamStatus};
@@ -176,7 +176,7 @@ pub async fn status(config_path: &Path, json: bool) -> Result<()> {
     let timeline = catalog.latest_timeline();
     let archived = timeline.and_then(|t| catalog.end_lsn(t));
     let newest_commit = match timeline {
-        Some(t) => newest_commit_us(&repo, &catalog, t).await?,
+        Some(t) => pitr_restore::plan::newest_commit_us(&repo, &catalog, t).await?,
         None => None,
     };
 
@@ -268,37 +268,6 @@ pub async fn status(config_path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// The newest commit time recorded in the headers of the timeline's newest objects.
-async fn newest_commit_us(repo: &Repository, catalog: &WalCatalog, timeline: u32) -> Result<Option<i64>> {
-    let mut objects = Vec::new();
-    for (&(tli, segno), entry) in catalog.segments.range((timeline, 0)..=(timeline, u64::MAX)).rev() {
-        if entry.whole {
-            objects.push(WalObject::Segment { timeline: tli, segno });
-        }
-        for &(from, to) in entry.chunks.iter().rev() {
-            objects.push(WalObject::Chunk { timeline: tli, segno, from, to });
-        }
-        if objects.len() > 64 {
-            break;
-        }
-    }
-    // An idle primary writes WAL without commits; look back a bounded number of objects.
-    objects.sort_by_key(|o| {
-        std::cmp::Reverse(match *o {
-            WalObject::Segment { segno, .. } => (segno, u32::MAX),
-            WalObject::Chunk { segno, to, .. } => (segno, to),
-            WalObject::History { .. } => (0, 0),
-        })
-    });
-    for obj in objects.iter().take(64) {
-        let header = repo.read_header(&catalog.layout.object_name(obj)).await?;
-        if let Some(t) = header.meta.last_commit_us {
-            return Ok(Some(t));
-        }
-    }
-    Ok(None)
-}
-
 async fn primary_position(conninfo: &str, application_name: &str) -> Result<u64> {
     let info: ConnInfo = conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
     let opts =
@@ -343,4 +312,250 @@ pub async fn wal_fetch(config_path: &Path, file: &str, dest: &Path) -> Result<Ex
             Ok(ExitCode::from(ARCHIVE_ERROR))
         }
     }
+}
+
+fn progress_bar(enabled: bool, what: &'static str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    let style = indicatif::ProgressStyle::with_template(&format!(
+        "{what} [{{bar:40}}] {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}}"
+    ))
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    Some(bar)
+}
+
+pub async fn backup(config_path: &Path, json: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let pg = config.postgres()?;
+    let conninfo: ConnInfo = pg.conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
+    let repo = open_repository(&config)?;
+    let opts = pitr_basebackup::BackupOptions {
+        conninfo,
+        application_name: format!("{}_backup", pg.application_name()),
+        block_size: config.backup.block_size.unwrap_or(1 << 20),
+        parallel_uploads: config.backup.parallel(),
+        wal_timeout: config.backup.wal_timeout.unwrap_or(Duration::from_secs(120)),
+        fast_checkpoint: true,
+    };
+    let bar = progress_bar(!json, "backup");
+    let on_progress = |p: pitr_basebackup::Progress| {
+        if let Some(bar) = &bar {
+            bar.set_length(p.estimate.max(p.received));
+            bar.set_position(p.received);
+        }
+    };
+    let result = pitr_basebackup::take_backup(&repo, &opts, &on_progress).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let (_, summary) = result.context("backup failed; nothing was recorded")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "backup {} done: {} files, {} bytes read, {} bytes stored ({} new blocks, {} reused; ratio {:.1}), WAL {}..{} on timeline {}, {:.1} s",
+            summary.id,
+            summary.files,
+            summary.bytes_read,
+            summary.bytes_stored,
+            summary.blocks_new,
+            summary.blocks_reused,
+            summary.dedup_ratio,
+            summary.start_lsn,
+            summary.stop_lsn,
+            summary.timeline,
+            summary.duration_seconds
+        );
+    }
+    Ok(())
+}
+
+async fn load_catalog(config: &Config, repo: &Repository) -> Result<pitr_restore::Catalog> {
+    repo.check().await?;
+    let system_id = config.postgres.as_ref().and_then(|p| p.system_id);
+    let cluster = repo.resolve_cluster(system_id).await?;
+    Ok(pitr_restore::Catalog::load(repo, cluster).await?)
+}
+
+#[derive(serde::Serialize)]
+struct ListedBackup {
+    id: String,
+    kind: String,
+    timeline: u32,
+    start_time: String,
+    stop_time: String,
+    start_lsn: String,
+    stop_lsn: String,
+    logical_bytes: u64,
+    stored_bytes: u64,
+}
+
+#[derive(serde::Serialize)]
+struct ListedWindow {
+    timeline: u32,
+    from: Option<String>,
+    to: Option<String>,
+    from_lsn: Option<String>,
+    to_lsn: String,
+}
+
+pub async fn list(config_path: &Path, json: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let repo = open_repository(&config)?;
+    let catalog = load_catalog(&config, &repo).await?;
+    let fmt = pitr_restore::format_time;
+    let backups: Vec<ListedBackup> = catalog
+        .backups
+        .iter()
+        .map(|b| ListedBackup {
+            id: b.id.clone(),
+            kind: b.kind.clone(),
+            timeline: b.timeline,
+            start_time: fmt(b.start_time_us),
+            stop_time: fmt(b.stop_time_us),
+            start_lsn: format_lsn(b.start_lsn),
+            stop_lsn: format_lsn(b.stop_lsn),
+            logical_bytes: b.logical_bytes,
+            stored_bytes: b.stored_bytes,
+        })
+        .collect();
+    let windows: Vec<ListedWindow> = catalog
+        .windows
+        .iter()
+        .map(|w| ListedWindow {
+            timeline: w.timeline,
+            from: w.start_us.map(fmt),
+            to: w.end_us.map(fmt),
+            from_lsn: w.start_lsn.map(format_lsn),
+            to_lsn: format_lsn(w.end_lsn),
+        })
+        .collect();
+    if json {
+        let out = serde_json::json!({ "system_id": catalog.cluster.system_id, "backups": backups, "recoverable_windows": windows });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("cluster {} in {}", catalog.cluster.system_id, repo.location());
+    if backups.is_empty() {
+        println!("no backups yet (run `pitr backup`)");
+    } else {
+        println!("{:<18} {:<5} {:>3}  {:<33} {:<23} {:>14} {:>14}", "backup", "type", "tli", "stop time", "start..stop LSN", "logical", "stored");
+        for b in &backups {
+            println!(
+                "{:<18} {:<5} {:>3}  {:<33} {:<23} {:>14} {:>14}",
+                b.id,
+                b.kind,
+                b.timeline,
+                b.stop_time,
+                format!("{}..{}", b.start_lsn, b.stop_lsn),
+                b.logical_bytes,
+                b.stored_bytes
+            );
+        }
+    }
+    for w in &windows {
+        println!(
+            "timeline {}: restorable from {} to {} (WAL to {})",
+            w.timeline,
+            w.from.as_deref().unwrap_or("(no backup yet)"),
+            w.to.as_deref().unwrap_or("(no archived commit)"),
+            w.to_lsn
+        );
+    }
+    Ok(())
+}
+
+pub struct RestoreArgs {
+    pub to: String,
+    pub target_dir: std::path::PathBuf,
+    pub start: bool,
+    pub port: u16,
+    pub force: bool,
+    pub json: bool,
+    pub db_user: Option<String>,
+    pub timeout: Duration,
+}
+
+fn shell_quote(p: &Path) -> String {
+    format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\"").replace('$', "\\$").replace('`', "\\`"))
+}
+
+pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let target = pitr_restore::parse_target(&args.to)?;
+    let repo = open_repository(&config)?;
+    let catalog = load_catalog(&config, &repo).await?;
+    let exe = std::env::current_exe().context("locating the pitr binary for restore_command")?;
+    let config_abs = std::fs::canonicalize(config_path).with_context(|| format!("config file {}", config_path.display()))?;
+    let restore_command =
+        format!("{} --config {} wal-fetch \"%f\" \"%p\"", shell_quote(&exe), shell_quote(&config_abs));
+    let start = if args.start {
+        let major = catalog.cluster.server_version_num / 10000;
+        let bin_dir = config
+            .postgres
+            .as_ref()
+            .and_then(|p| p.bin_dir.clone())
+            .unwrap_or_else(|| std::path::PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
+        if !bin_dir.join("pg_ctl").exists() {
+            return Err(anyhow!(
+                "no pg_ctl in {} for PostgreSQL {major}: set [postgres] bin_dir",
+                bin_dir.display()
+            ));
+        }
+        let db_user = args.db_user.clone().or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "postgres".into());
+        Some(pitr_restore::StartOptions { bin_dir, port: args.port, db_user, timeout: args.timeout })
+    } else {
+        None
+    };
+    let opts = pitr_restore::RestoreOptions {
+        target,
+        target_dir: args.target_dir.clone(),
+        force: args.force,
+        restore_command,
+        workers: config.backup.parallel(),
+        start,
+    };
+    let bar = progress_bar(!args.json, "restore");
+    let on_progress = |done: u64, total: u64| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    };
+    let result = pitr_restore::restore(&repo, &catalog, &opts, &on_progress).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("restored {} to {}", report.target, report.target_dir);
+    println!("  backup used:            {} (consistent at {}, LSN {})", report.backup_id, report.backup_stop_time, report.backup_stop_lsn);
+    println!("  files:                  {} ({} bytes), written in {:.1} s", report.files, report.bytes_restored, report.download_seconds);
+    if let Some(c) = &report.newest_archived_commit {
+        println!("  newest archived commit: {c}");
+    }
+    if report.started {
+        println!("  last replayed commit:   {}", report.last_replayed_commit_time.as_deref().unwrap_or("(none replayed)"));
+        println!("  last replayed LSN:      {}", report.last_replayed_lsn.as_deref().unwrap_or("-"));
+        if let Some(x) = report.last_replayed_xid {
+            println!("  last replayed xid:      {x}");
+        }
+        match report.data_loss_window_seconds {
+            Some(w) => println!("  data-loss window (RPO): {w:.6} s"),
+            None => println!("  data-loss window (RPO): not measurable for this target kind"),
+        }
+        println!("  replay:                 {:.1} s", report.replay_seconds.unwrap_or(0.0));
+        println!("  total (RTO):            {:.1} s", report.total_seconds);
+        println!("  the server is running on port {}; stop it with: {}", report.port.unwrap_or(0), report.stop_command.as_deref().unwrap_or(""));
+    } else {
+        println!("  recovery settings written to postgresql.auto.conf (recovery.signal present); start the server to replay to the target");
+    }
+    Ok(())
 }

@@ -44,13 +44,50 @@ enum Command {
     },
     /// PostgreSQL's restore_command: fetch SEGMENT (or a .history file) into DEST.
     WalFetch { segment: String, dest: PathBuf },
+    /// Take a full base backup (the sidecar must be streaming to archive its WAL).
+    Backup {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Backups and the recoverable window per timeline.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore to a moment: TIME (RFC 3339 or "YYYY-MM-DD HH:MM:SS[.ffffff][+TZ]"), latest, lsn:X/Y or xid:N.
+    Restore {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        target_dir: PathBuf,
+        /// Run the server until the target is reached and report the achieved RPO and RTO.
+        #[arg(long)]
+        start: bool,
+        #[arg(long, default_value_t = 5433)]
+        port: u16,
+        /// Replace a non-empty target directory.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+        /// Database user for the report's queries (default $USER).
+        #[arg(long)]
+        db_user: Option<String>,
+        /// How long --start waits for recovery to finish.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
     let filter = cli.log_level.clone().or_else(|| std::env::var("PITR_LOG").ok()).unwrap_or_else(|| "info".to_string());
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_target(false).init(),
@@ -74,6 +111,12 @@ fn main() -> ExitCode {
             Command::Stream => commands::stream(&config_path).await,
             Command::Status { json } => commands::status(&config_path, json).await,
             Command::WalFetch { segment, dest } => return commands::wal_fetch(&config_path, &segment, &dest).await,
+            Command::Backup { json } => commands::backup(&config_path, json).await,
+            Command::List { json } => commands::list(&config_path, json).await,
+            Command::Restore { to, target_dir, start, port, force, json, db_user, timeout } => {
+                let args = commands::RestoreArgs { to, target_dir, start, port, force, json, db_user, timeout };
+                commands::restore(&config_path, args).await
+            }
         }
         .map(|()| ExitCode::SUCCESS)
     });

@@ -1,0 +1,190 @@
+//! `wal-fetch`: PostgreSQL's restore_command. A segment from its whole-segment object, or
+//! assembled from chunks for the newest, partial segment (zero-padded to full size, as PostgreSQL
+//! expects), and timeline history files; the destination is written atomically.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use pitr_archive::layout::{WalCatalog, WalLayout, WalObject};
+use pitr_archive::{ClusterInfo, Repository, RepositoryError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The archive does not hold this file: PostgreSQL treats that as the end of the archive.
+    #[error("{file} is not in the archive")]
+    NotFound { file: String },
+    #[error("{file} is not a WAL segment or history file name")]
+    BadName { file: String },
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error("writing {path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    Segment,
+    /// Assembled from chunks: only the first `bytes` are WAL, the rest zeros.
+    PartialSegment {
+        bytes: u64,
+    },
+    History,
+}
+
+/// Fetches `file` (as PostgreSQL names it) into `dest`.
+pub async fn wal_fetch(repo: &Repository, cluster: &ClusterInfo, file: &str, dest: &Path) -> Result<Fetched, FetchError> {
+    let (fetched, data) = read_wal_file(repo, cluster, file).await?;
+    write_atomically(dest, &data)?;
+    Ok(fetched)
+}
+
+/// The contents of `file` (a segment or history file name) from the archive.
+pub async fn read_wal_file(repo: &Repository, cluster: &ClusterInfo, file: &str) -> Result<(Fetched, Vec<u8>), FetchError> {
+    // A running sidecar may compact the chunks we are reading into a segment object and delete
+    // them under us; then the segment object is there on the next attempt.
+    let mut attempts = 0;
+    loop {
+        match read_once(repo, cluster, file).await {
+            Err(FetchError::Repository(RepositoryError::Store(e))) if e.is_not_found() && attempts < 3 => attempts += 1,
+            other => return other,
+        }
+    }
+}
+
+async fn read_once(repo: &Repository, cluster: &ClusterInfo, file: &str) -> Result<(Fetched, Vec<u8>), FetchError> {
+    let layout = WalLayout::new(cluster);
+    let not_found = || FetchError::NotFound { file: file.to_string() };
+    if let Some(tli) = file.strip_suffix(".history") {
+        let timeline = (tli.len() == 8)
+            .then(|| u32::from_str_radix(tli, 16).ok())
+            .flatten()
+            .ok_or_else(|| FetchError::BadName { file: file.to_string() })?;
+        let name = layout.object_name(&WalObject::History { timeline });
+        let (_, data) = get_or_not_found(repo, &name).await?.ok_or_else(not_found)?;
+        return Ok((Fetched::History, data));
+    }
+    let (timeline, segno) =
+        layout.parse_segment_file_name(file).ok_or_else(|| FetchError::BadName { file: file.to_string() })?;
+    let seg_name = layout.object_name(&WalObject::Segment { timeline, segno });
+    if let Some((_, data)) = get_or_not_found(repo, &seg_name).await? {
+        if data.len() as u64 != layout.segment_size {
+            return Err(RepositoryError::Invalid {
+                name: seg_name,
+                what: format!("holds {} bytes, not a whole segment", data.len()),
+            }
+            .into());
+        }
+        return Ok((Fetched::Segment, data));
+    }
+    // The newest segment exists only as chunks: assemble the contiguous run from offset 0.
+    let prefix = format!("{}{}.", layout.prefix(), file);
+    let names: Vec<String> = repo.list(&prefix).await?.into_iter().map(|o| o.name).collect();
+    let catalog = WalCatalog::from_names(layout, names.iter().map(String::as_str));
+    let entry = catalog.segments.get(&(timeline, segno)).ok_or_else(not_found)?;
+    let Some((0, end)) = entry.contiguous_chunk_end() else { return Err(not_found()) };
+    let mut data = Vec::with_capacity(layout.segment_size as usize);
+    for &(from, to) in &entry.chunks {
+        if to <= data.len() as u32 {
+            continue;
+        }
+        if from > data.len() as u32 || to > end {
+            break;
+        }
+        let name = layout.object_name(&WalObject::Chunk { timeline, segno, from, to });
+        let (_, bytes) = repo.get_opened(&name).await?;
+        if bytes.len() as u32 != to - from {
+            return Err(RepositoryError::Invalid {
+                name,
+                what: format!("holds {} bytes, its name says {}", bytes.len(), to - from),
+            }
+            .into());
+        }
+        let skip = data.len() - from as usize;
+        data.extend_from_slice(&bytes[skip..]);
+    }
+    let wal_bytes = data.len() as u64;
+    data.resize(layout.segment_size as usize, 0);
+    let fetched = if wal_bytes == layout.segment_size { Fetched::Segment } else { Fetched::PartialSegment { bytes: wal_bytes } };
+    Ok((fetched, data))
+}
+
+async fn get_or_not_found(
+    repo: &Repository,
+    name: &str,
+) -> Result<Option<(pitr_archive::SealedHeader, Vec<u8>)>, FetchError> {
+    match repo.get_opened(name).await {
+        Ok(v) => Ok(Some(v)),
+        Err(RepositoryError::Store(e)) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes next to `dest`, fsyncs, renames: PostgreSQL never sees a half-written file.
+fn write_atomically(dest: &Path, data: &[u8]) -> Result<(), FetchError> {
+    let io = |cause| FetchError::Io { path: dest.to_path_buf(), cause };
+    let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "wal".into());
+    let tmp = dest.with_file_name(format!(".{file_name}.pitr-tmp"));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pitr_archive::{KeyRing, LocalStore, ObjectKind, ObjectMeta};
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn segment_partial_and_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().join("repo"));
+        store.create_root().unwrap();
+        let repo = Repository::new(Arc::new(store), KeyRing::from_key("k", [3; 32]));
+        let info =
+            ClusterInfo { system_id: 1, wal_segment_size: 1 << 20, wal_page_size: 8192, server_version_num: 150000 };
+        let layout = WalLayout::new(&info);
+        let meta = ObjectMeta::plain(ObjectKind::WalChunk);
+        let whole: Vec<u8> = (0..1u32 << 20).map(|i| i as u8).collect();
+        repo.put_sealed(
+            &layout.object_name(&WalObject::Segment { timeline: 1, segno: 1 }),
+            whole.clone(),
+            meta.clone(),
+        )
+        .await
+        .unwrap();
+        for (from, to) in [(0u32, 100u32), (100, 250)] {
+            let name = layout.object_name(&WalObject::Chunk { timeline: 1, segno: 2, from, to });
+            repo.put_sealed(&name, whole[from as usize..to as usize].to_vec(), meta.clone()).await.unwrap();
+        }
+        repo.put_sealed(&layout.object_name(&WalObject::History { timeline: 2 }), b"1\t0/2000000\tx\n".to_vec(), meta)
+            .await
+            .unwrap();
+
+        let dest = dir.path().join("out");
+        assert_eq!(wal_fetch(&repo, &info, "000000010000000000000001", &dest).await.unwrap(), Fetched::Segment);
+        assert_eq!(std::fs::read(&dest).unwrap(), whole);
+        assert_eq!(
+            wal_fetch(&repo, &info, "000000010000000000000002", &dest).await.unwrap(),
+            Fetched::PartialSegment { bytes: 250 }
+        );
+        let got = std::fs::read(&dest).unwrap();
+        assert_eq!(got.len(), 1 << 20);
+        assert_eq!(&got[..250], &whole[..250]);
+        assert!(got[250..].iter().all(|b| *b == 0));
+        assert_eq!(wal_fetch(&repo, &info, "00000002.history", &dest).await.unwrap(), Fetched::History);
+        assert!(matches!(
+            wal_fetch(&repo, &info, "000000010000000000000003", &dest).await,
+            Err(FetchError::NotFound { .. })
+        ));
+        assert!(matches!(wal_fetch(&repo, &info, "00000003.history", &dest).await, Err(FetchError::NotFound { .. })));
+        assert!(matches!(wal_fetch(&repo, &info, "junk", &dest).await, Err(FetchError::BadName { .. })));
+    }
+}
