@@ -28,10 +28,11 @@ impl PitrEnv {
         let config = dir.path().join("pitr.toml");
         let status_file = dir.path().join("status.json");
         let text = format!(
-            "[repository]\npath = {:?}\n[encryption]\nkey_file = {:?}\n[postgres]\nconninfo = {:?}\n[stream]\nstatus_file = {:?}\nstatus_interval = \"1s\"\n{stream_extra}\n",
+            "[repository]\npath = {:?}\n[encryption]\nkey_file = {:?}\n[postgres]\nconninfo = {:?}\nbin_dir = {:?}\n[stream]\nstatus_file = {:?}\nstatus_interval = \"1s\"\n{stream_extra}\n",
             repo.display().to_string(),
             key_file.display().to_string(),
             cluster.conninfo("postgres"),
+            cluster.bin_dir().display().to_string(),
             status_file.display().to_string(),
         );
         std::fs::write(&config, text)?;
@@ -42,6 +43,23 @@ impl PitrEnv {
         let mut cmd = Command::new(pitr_bin());
         cmd.arg("--config").arg(&self.config).args(args);
         cmd
+    }
+
+    /// Hands the whole scratch directory (config, key, repository) to the unprivileged server
+    /// user, so that `pitr restore --start` and the restored server's `pitr wal-fetch` can run as
+    /// that user, as they do in production.
+    pub fn share_with_pg_user(&self) -> Result<()> {
+        crate::chown_to_pg_user(self.dir.path())
+    }
+
+    /// `pitr <args>` run as the unprivileged server user.
+    pub fn run_as_pg_user(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = self.command(args);
+        crate::as_pg_user(&mut cmd);
+        if let Some(u) = crate::pg_user() {
+            cmd.env("USER", &u.name).env("HOME", self.dir.path());
+        }
+        cmd.output().with_context(|| format!("running pitr {args:?} as the server user"))
     }
 
     /// Runs `pitr <args>` to completion.

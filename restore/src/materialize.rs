@@ -1,6 +1,11 @@
 //! Writing a backup's files into a directory: blocks fetched and written in parallel (bounded),
 //! into a staging directory that becomes the target only when complete. `global/pg_control` is
 //! written last, so even a staging directory left by a crash never looks like a valid cluster.
+//!
+//! Tablespaces come back inside the target directory, under `pitr_tablespaces/<oid>`, with
+//! `pg_tblspc/<oid>` a symlink to it: the restore never writes outside its target (the original
+//! locations may belong to the running primary), and PostgreSQL 15+ refuses plain directories
+//! in pg_tblspc.
 
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -79,26 +84,44 @@ impl Staging {
 }
 
 /// Writes every file of `backup` under `dir`. `progress(done, total)` is called as bytes land.
+pub const TABLESPACE_DIR: &str = "pitr_tablespaces";
+
+/// Where a backup path goes in the restored directory.
+fn local_path(path: &str) -> String {
+    match path.strip_prefix("pg_tblspc/") {
+        Some(rest) if rest.contains('/') => format!("{TABLESPACE_DIR}/{rest}"),
+        _ => path.to_string(),
+    }
+}
+
+/// Writes every file of `backup` under `dir`, which will be renamed to `final_dir`.
+/// `progress(done, total)` is called as bytes land.
 pub async fn materialize(
     repo: &Repository,
     backup: &BackupManifest,
     dir: &Path,
+    final_dir: &Path,
     workers: usize,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<(), RestoreError> {
     // Directories and links first, so files have somewhere to go.
     for entry in &backup.entries {
-        let path = dir.join(&entry.path);
+        let path = dir.join(local_path(&entry.path));
         match &entry.kind {
             BackupEntryKind::Directory => {
                 std::fs::create_dir_all(&path).map_err(io(&path))?;
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(entry.mode & 0o7777)).map_err(io(&path))?;
             }
-            // Tablespaces come back in place (pg_tblspc/<oid> as a directory holding their files),
-            // so the restore never writes outside the target directory.
             BackupEntryKind::Symlink { .. } if entry.path.starts_with("pg_tblspc/") => {
-                std::fs::create_dir_all(&path).map_err(io(&path))?;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(io(&path))?;
+                let oid = &entry.path["pg_tblspc/".len()..];
+                let home = dir.join(TABLESPACE_DIR).join(oid);
+                std::fs::create_dir_all(&home).map_err(io(&home))?;
+                std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).map_err(io(&home))?;
+                let link_target = final_dir.join(TABLESPACE_DIR).join(oid);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(io(parent))?;
+                }
+                std::os::unix::fs::symlink(&link_target, &path).map_err(io(&path))?;
             }
             BackupEntryKind::Symlink { target } => {
                 std::os::unix::fs::symlink(target, &path).map_err(io(&path))?;
@@ -109,7 +132,7 @@ pub async fn materialize(
     let done = Arc::new(AtomicU64::new(0));
     let mut jobs = Vec::new();
     for file in &backup.files {
-        let path = dir.join(&file.path);
+        let path = dir.join(local_path(&file.path));
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
         }
@@ -172,7 +195,7 @@ pub async fn materialize(
     progress(done.load(Ordering::Relaxed), total);
     // Modes and durability: fsync every file, then every directory.
     let dir_owned = dir.to_path_buf();
-    let files: Vec<(PathBuf, u32)> = backup.files.iter().map(|f| (dir.join(&f.path), f.mode)).collect();
+    let files: Vec<(PathBuf, u32)> = backup.files.iter().map(|f| (dir.join(local_path(&f.path)), f.mode)).collect();
     tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
         for (path, mode) in &files {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777)).map_err(io(path))?;
@@ -189,9 +212,22 @@ pub async fn materialize(
 fn sync_dirs(dir: &Path) -> Result<(), RestoreError> {
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
+        // file_type() does not follow symlinks, so tablespace links are not walked twice.
         if entry.file_type().map_err(io(dir))?.is_dir() {
             sync_dirs(&entry.path())?;
         }
     }
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tablespace_paths_move_inside_the_target() {
+        assert_eq!(local_path("base/1/1259"), "base/1/1259");
+        assert_eq!(local_path("pg_tblspc/16384/PG_15_202209061/5/16385"), "pitr_tablespaces/16384/PG_15_202209061/5/16385");
+        assert_eq!(local_path("pg_tblspc/16384"), "pg_tblspc/16384");
+    }
 }

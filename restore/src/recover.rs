@@ -61,6 +61,14 @@ pub struct RestoreReport {
     pub stop_command: Option<String>,
 }
 
+fn absolute(p: &Path) -> Result<PathBuf, RestoreError> {
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    let cwd = std::env::current_dir().map_err(|e| RestoreError::Io { path: p.to_path_buf(), cause: e })?;
+    Ok(cwd.join(p))
+}
+
 fn conf_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
@@ -101,7 +109,8 @@ pub async fn restore(
     tracing::info!(backup = %backup.id, target = %opts.target, "restoring");
 
     let staging = Staging::create(&opts.target_dir)?;
-    materialize(repo, backup, &staging.path, opts.workers, progress).await?;
+    let final_dir = absolute(&opts.target_dir)?;
+    materialize(repo, backup, &staging.path, &final_dir, opts.workers, progress).await?;
     let settings = recovery_settings(opts.target, &opts.restore_command);
     let auto_conf = staging.path.join("postgresql.auto.conf");
     let mut conf = std::fs::read_to_string(&auto_conf).unwrap_or_default();
