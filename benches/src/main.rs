@@ -58,8 +58,8 @@ Every option can also be given as an environment variable WALBENCH_<NAME>
 (upper case, '-' -> '_'), e.g. WALBENCH_SCALE=10. Flags win over the environment.
 
   --rounds N               catch-up rounds, one fresh cluster each (default 3)
-  --scale S                catch-up WAL: `pgbench -i -s S` (default 30)
-  --bulk-rows N            plus `insert into bulk select g, repeat('x', 200) ...` of N rows (default 0)
+  --scale S                catch-up WAL: `pgbench -i -s S` (default 50)
+  --bulk-rows N            plus N rows of random hex (poorly compressible; ~4 md5s = 128 B/row) (default 1000000)
   --lag-scale S            flush_lag phase: `pgbench -i -s S` before the receivers start (default 10)
   --lag-secs T             flush_lag phase: pgbench -T (default 30)
   --lag-rate R             flush_lag phase: pgbench -R, transactions/s (default 500)
@@ -81,8 +81,8 @@ impl Opts {
     fn parse() -> Result<Opts> {
         let mut o = Opts {
             rounds: 3,
-            scale: 30,
-            bulk_rows: 0,
+            scale: 50,
+            bulk_rows: 1_000_000,
             lag_scale: 10,
             lag_secs: 30,
             lag_rate: 500,
@@ -563,7 +563,8 @@ impl Bench {
         if o.bulk_rows > 0 {
             cluster.psql(&format!(
                 "create table bulk(id bigint, pad text); \
-                 insert into bulk select g, repeat('x', 200) from generate_series(1, {}) g",
+                 insert into bulk select g, md5(random()::text) || md5(random()::text) || \
+                 md5(random()::text) || md5(random()::text) from generate_series(1, {}) g",
                 o.bulk_rows
             ))?;
         }
@@ -841,7 +842,11 @@ fn catchup_report(r: &mut String, o: &Opts, rounds: &[CatchupRound]) {
         "WAL: checkpoint; create both slots (immediately_reserve); pgbench -i -s {} -q{}; checkpoint; \
          end LSN = pg_current_wal_lsn(). autovacuum=off.",
         o.scale,
-        if o.bulk_rows > 0 { format!(" + insert of {} rows of 200 B", o.bulk_rows) } else { String::new() }
+        if o.bulk_rows > 0 {
+            format!(" + insert of {} rows of 128 random hex chars (bulk)", o.bulk_rows)
+        } else {
+            String::new()
+        }
     );
     let _ =
         writeln!(r, "time = receiver process spawn -> pg_stat_replication.flush_lsn >= end LSN (polled every 20 ms).");
@@ -1009,11 +1014,12 @@ fn lag_report(r: &mut String, o: &Opts, l: &LagResult) {
             .iter()
             .take(3)
             .map(|(t, lag, flush, cur)| {
-                let crossed = flush.is_some_and(|f| f / l.seg != cur / l.seg);
+                // Stuck exactly on a segment boundary, or still in an earlier segment.
+                let crossed = flush.is_some_and(|f| f % l.seg == 0 || f / l.seg != cur / l.seg);
                 format!(
                     "t={t:.1}s {:.1} ms{}",
                     lag.unwrap_or(0.0) * 1000.0,
-                    if crossed { " (flush_lsn in an earlier segment than the primary: segment switch)" } else { "" }
+                    if crossed { " (flush_lsn at/behind a segment boundary the primary has passed)" } else { "" }
                 )
             })
             .collect();

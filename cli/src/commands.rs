@@ -443,7 +443,10 @@ pub async fn list(config_path: &Path, json: bool) -> Result<()> {
     if backups.is_empty() {
         println!("no backups yet (run `pitr backup`)");
     } else {
-        println!("{:<18} {:<5} {:>3}  {:<33} {:<23} {:>14} {:>14}", "backup", "type", "tli", "stop time", "start..stop LSN", "logical", "stored");
+        println!(
+            "{:<18} {:<5} {:>3}  {:<33} {:<23} {:>14} {:>14}",
+            "backup", "type", "tli", "stop time", "start..stop LSN", "logical", "stored"
+        );
         for b in &backups {
             println!(
                 "{:<18} {:<5} {:>3}  {:<33} {:<23} {:>14} {:>14}",
@@ -481,7 +484,10 @@ pub struct RestoreArgs {
 }
 
 fn shell_quote(p: &Path) -> String {
-    format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\"").replace('$', "\\$").replace('`', "\\`"))
+    format!(
+        "\"{}\"",
+        p.display().to_string().replace('\\', "\\\\").replace('"', "\\\"").replace('$', "\\$").replace('`', "\\`")
+    )
 }
 
 pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
@@ -490,7 +496,8 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
     let repo = open_repository(&config)?;
     let catalog = load_catalog(&config, &repo).await?;
     let exe = std::env::current_exe().context("locating the pitr binary for restore_command")?;
-    let config_abs = std::fs::canonicalize(config_path).with_context(|| format!("config file {}", config_path.display()))?;
+    let config_abs =
+        std::fs::canonicalize(config_path).with_context(|| format!("config file {}", config_path.display()))?;
     let restore_command =
         format!("{} --config {} wal-fetch \"%f\" \"%p\"", shell_quote(&exe), shell_quote(&config_abs));
     let start = if args.start {
@@ -501,10 +508,7 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
             .and_then(|p| p.bin_dir.clone())
             .unwrap_or_else(|| std::path::PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
         if !bin_dir.join("pg_ctl").exists() {
-            return Err(anyhow!(
-                "no pg_ctl in {} for PostgreSQL {major}: set [postgres] bin_dir",
-                bin_dir.display()
-            ));
+            return Err(anyhow!("no pg_ctl in {} for PostgreSQL {major}: set [postgres] bin_dir", bin_dir.display()));
         }
         let db_user = args.db_user.clone().or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "postgres".into());
         Some(pitr_restore::StartOptions { bin_dir, port: args.port, db_user, timeout: args.timeout })
@@ -536,13 +540,22 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
         return Ok(());
     }
     println!("restored {} to {}", report.target, report.target_dir);
-    println!("  backup used:            {} (consistent at {}, LSN {})", report.backup_id, report.backup_stop_time, report.backup_stop_lsn);
-    println!("  files:                  {} ({} bytes), written in {:.1} s", report.files, report.bytes_restored, report.download_seconds);
+    println!(
+        "  backup used:            {} (consistent at {}, LSN {})",
+        report.backup_id, report.backup_stop_time, report.backup_stop_lsn
+    );
+    println!(
+        "  files:                  {} ({} bytes), written in {:.1} s",
+        report.files, report.bytes_restored, report.download_seconds
+    );
     if let Some(c) = &report.newest_archived_commit {
         println!("  newest archived commit: {c}");
     }
     if report.started {
-        println!("  last replayed commit:   {}", report.last_replayed_commit_time.as_deref().unwrap_or("(none replayed)"));
+        println!(
+            "  last replayed commit:   {}",
+            report.last_replayed_commit_time.as_deref().unwrap_or("(none replayed)")
+        );
         println!("  last replayed LSN:      {}", report.last_replayed_lsn.as_deref().unwrap_or("-"));
         if let Some(x) = report.last_replayed_xid {
             println!("  last replayed xid:      {x}");
@@ -553,7 +566,11 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
         }
         println!("  replay:                 {:.1} s", report.replay_seconds.unwrap_or(0.0));
         println!("  total (RTO):            {:.1} s", report.total_seconds);
-        println!("  the server is running on port {}; stop it with: {}", report.port.unwrap_or(0), report.stop_command.as_deref().unwrap_or(""));
+        println!(
+            "  the server is running on port {}; stop it with: {}",
+            report.port.unwrap_or(0),
+            report.stop_command.as_deref().unwrap_or("")
+        );
     } else {
         println!("  recovery settings written to postgresql.auto.conf (recovery.signal present); start the server to replay to the target");
     }

@@ -110,7 +110,8 @@ pub async fn materialize(
         match &entry.kind {
             BackupEntryKind::Directory => {
                 std::fs::create_dir_all(&path).map_err(io(&path))?;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(entry.mode & 0o7777)).map_err(io(&path))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(entry.mode & 0o7777))
+                    .map_err(io(&path))?;
             }
             BackupEntryKind::Symlink { .. } if entry.path.starts_with("pg_tblspc/") => {
                 let oid = &entry.path["pg_tblspc/".len()..];
@@ -156,7 +157,8 @@ pub async fn materialize(
                     let job = queue.lock().await.next();
                     let Some((path, offset, id, _)) = job else { return Ok::<(), RestoreError>(()) };
                     let name = block_name(system_id, &id);
-                    let (_, data) = repo.get_opened(&name).await.map_err(|e| RestoreError::Block { name, cause: Box::new(e) })?;
+                    let (_, data) =
+                        repo.get_opened(&name).await.map_err(|e| RestoreError::Block { name, cause: Box::new(e) })?;
                     let len = data.len() as u64;
                     let p = path.clone();
                     tokio::task::spawn_blocking(move || {
@@ -227,7 +229,10 @@ mod tests {
     #[test]
     fn tablespace_paths_move_inside_the_target() {
         assert_eq!(local_path("base/1/1259"), "base/1/1259");
-        assert_eq!(local_path("pg_tblspc/16384/PG_15_202209061/5/16385"), "pitr_tablespaces/16384/PG_15_202209061/5/16385");
+        assert_eq!(
+            local_path("pg_tblspc/16384/PG_15_202209061/5/16385"),
+            "pitr_tablespaces/16384/PG_15_202209061/5/16385"
+        );
         assert_eq!(local_path("pg_tblspc/16384"), "pg_tblspc/16384");
     }
 }

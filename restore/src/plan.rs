@@ -66,7 +66,10 @@ impl Catalog {
             None => "the archive holds no WAL".into(),
         };
         if self.backups.is_empty() {
-            return Err(RestoreError::OutsideWindow(format!("there is no base backup yet (run `pitr backup`); {}", describe())));
+            return Err(RestoreError::OutsideWindow(format!(
+                "there is no base backup yet (run `pitr backup`); {}",
+                describe()
+            )));
         }
         let chosen = match target {
             RecoveryTarget::Latest => self.backups.last(),
@@ -97,13 +100,18 @@ impl Catalog {
             // always a valid start for any transaction committed after it.
             RecoveryTarget::Xid(_) => self.backups.first(),
         };
-        chosen.ok_or_else(|| RestoreError::OutsideWindow(format!("{target} is before the oldest backup; {}", describe())))
+        chosen
+            .ok_or_else(|| RestoreError::OutsideWindow(format!("{target} is before the oldest backup; {}", describe())))
     }
 }
 
 /// The newest commit time recorded in the headers of the timeline's newest WAL objects. An idle
 /// primary writes WAL without commits, so this looks back a bounded number of objects.
-pub async fn newest_commit_us(repo: &Repository, wal: &WalCatalog, timeline: u32) -> Result<Option<i64>, RepositoryError> {
+pub async fn newest_commit_us(
+    repo: &Repository,
+    wal: &WalCatalog,
+    timeline: u32,
+) -> Result<Option<i64>, RepositoryError> {
     const LOOK_BACK: usize = 64;
     let mut objects = Vec::new();
     for (&(tli, segno), entry) in wal.segments.range((timeline, 0)..=(timeline, u64::MAX)).rev() {

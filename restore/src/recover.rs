@@ -165,7 +165,8 @@ pub async fn restore(
     if let (Some(reference), Some(commit)) = (reference, commit_us) {
         report.data_loss_window_seconds = Some((reference - commit).max(0) as f64 / 1e6);
     }
-    report.stop_command = Some(format!("{} -D {} stop", start.bin_dir.join("pg_ctl").display(), opts.target_dir.display()));
+    report.stop_command =
+        Some(format!("{} -D {} stop", start.bin_dir.join("pg_ctl").display(), opts.target_dir.display()));
     Ok(report)
 }
 
@@ -193,7 +194,8 @@ async fn run_to_target(dir: &Path, start: &StartOptions) -> Result<(Option<i64>,
             log_tail(&log)
         )));
     }
-    let conninfo = format!("host={socket_dir} port={} user={} dbname=postgres connect_timeout=5", start.port, start.db_user);
+    let conninfo =
+        format!("host={socket_dir} port={} user={} dbname=postgres connect_timeout=5", start.port, start.db_user);
     let deadline = Instant::now() + start.timeout;
     let mut last_error = String::new();
     loop {
@@ -218,7 +220,8 @@ async fn run_to_target(dir: &Path, start: &StartOptions) -> Result<(Option<i64>,
 
 /// `Some((last commit µs, replay LSN))` once the server has left recovery.
 async fn query_state(conninfo: &str) -> Result<Option<(Option<i64>, u64)>, String> {
-    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+    let (client, connection) =
+        tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
     let task = tokio::spawn(connection);
     let row = client
         .query_one(
@@ -267,7 +270,10 @@ mod tests {
 
     #[test]
     fn recovery_settings_quote_and_use_numeric_offsets() {
-        let s = recovery_settings(RecoveryTarget::Time(1_795_615_380_000_000), "\"/opt/it's/pitr\" wal-fetch \"%f\" \"%p\"");
+        let s = recovery_settings(
+            RecoveryTarget::Time(1_795_615_380_000_000),
+            "\"/opt/it's/pitr\" wal-fetch \"%f\" \"%p\"",
+        );
         assert_eq!(s[0], "restore_command = '\"/opt/it''s/pitr\" wal-fetch \"%f\" \"%p\"'");
         assert_eq!(s[1], "recovery_target_time = '2026-11-25 14:03:00.000000+00'");
         assert_eq!(s[2], "recovery_target_action = 'promote'");

@@ -32,14 +32,23 @@ pub enum Fetched {
 }
 
 /// Fetches `file` (as PostgreSQL names it) into `dest`.
-pub async fn wal_fetch(repo: &Repository, cluster: &ClusterInfo, file: &str, dest: &Path) -> Result<Fetched, FetchError> {
+pub async fn wal_fetch(
+    repo: &Repository,
+    cluster: &ClusterInfo,
+    file: &str,
+    dest: &Path,
+) -> Result<Fetched, FetchError> {
     let (fetched, data) = read_wal_file(repo, cluster, file).await?;
     write_atomically(dest, &data)?;
     Ok(fetched)
 }
 
 /// The contents of `file` (a segment or history file name) from the archive.
-pub async fn read_wal_file(repo: &Repository, cluster: &ClusterInfo, file: &str) -> Result<(Fetched, Vec<u8>), FetchError> {
+pub async fn read_wal_file(
+    repo: &Repository,
+    cluster: &ClusterInfo,
+    file: &str,
+) -> Result<(Fetched, Vec<u8>), FetchError> {
     // A running sidecar may compact the chunks we are reading into a segment object and delete
     // them under us; then the segment object is there on the next attempt.
     let mut attempts = 0;
@@ -104,7 +113,8 @@ async fn read_once(repo: &Repository, cluster: &ClusterInfo, file: &str) -> Resu
     }
     let wal_bytes = data.len() as u64;
     data.resize(layout.segment_size as usize, 0);
-    let fetched = if wal_bytes == layout.segment_size { Fetched::Segment } else { Fetched::PartialSegment { bytes: wal_bytes } };
+    let fetched =
+        if wal_bytes == layout.segment_size { Fetched::Segment } else { Fetched::PartialSegment { bytes: wal_bytes } };
     Ok((fetched, data))
 }
 
