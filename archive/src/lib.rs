@@ -11,6 +11,7 @@
 pub mod backup;
 pub mod keys;
 pub mod layout;
+pub mod lease;
 pub mod seal;
 pub mod store;
 

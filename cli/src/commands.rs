@@ -73,6 +73,8 @@ pub async fn stream(config_path: &Path) -> Result<()> {
         max_pending_bytes: config.stream.max_pending_bytes.unwrap_or(256 << 20),
         startup_timeout: config.stream.startup_timeout.unwrap_or(Duration::from_secs(15)),
         system_id: pg.system_id,
+        lease_holder: config.stream.lease_holder.clone().unwrap_or_else(|| format!("{}/{}", hostname(), pg.slot())),
+        lease_ttl: config.stream.lease_ttl.unwrap_or(Duration::from_secs(60)),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -89,6 +91,15 @@ pub async fn stream(config_path: &Path) -> Result<()> {
     result.map_err(|e| anyhow!("{e}"))?;
     tracing::info!("pitr stream stopped cleanly");
     Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 async fn wait_for_signal() {

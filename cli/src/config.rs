@@ -102,6 +102,11 @@ pub struct StreamSection {
     pub max_pending_bytes: Option<usize>,
     /// Where `pitr stream` writes its live status for `pitr status`.
     pub status_file: Option<PathBuf>,
+    /// Name in the writer lease; default `<hostname>/<slot>` (stable across restarts).
+    pub lease_holder: Option<String>,
+    /// How long the writer lease lasts without renewal (renewed every third of it).
+    #[serde(default, with = "humantime_serde")]
+    pub lease_ttl: Option<Duration>,
 }
 
 impl PostgresConfig {

@@ -242,3 +242,42 @@ fn pg15_follows_a_promoted_standby_onto_the_new_timeline() -> Result<()> {
     assert!(end > 0);
     Ok(())
 }
+
+#[test]
+fn pg15_one_writer_per_cluster_lease() -> Result<()> {
+    let cluster = start_cluster(15)?;
+    let mut env = PitrEnv::new("pg15-lease", &cluster, "")?;
+    env.init()?;
+    let mut first = env.spawn_stream()?;
+    cluster.psql("create table t(x int); insert into t values (1)")?;
+    let lsn = current_lsn(&cluster)?;
+    wait_archived(&env, lsn, "the first sidecar to archive")?;
+
+    // A second sidecar (another host, its own slot) for the same cluster and repository is refused.
+    let mut other = env.command(&["stream"]);
+    other.env("PITR_STREAM_LEASE_HOLDER", "other-host/pitr_b").env("PITR_POSTGRES_SLOT", "pitr_b");
+    let out = other.output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "second writer was allowed: {stderr}");
+    assert!(stderr.contains("is being written by") && stderr.contains("/pitr_main"), "{stderr}");
+
+    // The first sidecar, killed and restarted on the same host, takes its own lease back at once.
+    first.kill9();
+    let mut first_again = env.spawn_stream()?;
+    cluster.psql("insert into t values (2)")?;
+    let lsn = current_lsn(&cluster)?;
+    wait_archived(&env, lsn, "the restarted sidecar to archive")?;
+
+    // A clean stop releases the lease: the other sidecar may start now.
+    first_again.signal(libc::SIGTERM)?;
+    first_again.wait_timeout(Duration::from_secs(30))?.context("pitr stream did not stop")?;
+    let log = env.dir.path().join("other.log");
+    let mut other = env.command(&["stream"]);
+    other.env("PITR_STREAM_LEASE_HOLDER", "other-host/pitr_b").env("PITR_POSTGRES_SLOT", "pitr_b");
+    let mut other = spawn_logged(other, &log)?;
+    wait_until("the other sidecar to stream", Duration::from_secs(30), || {
+        Ok(std::fs::read_to_string(&log)?.contains("starting replication"))
+    })?;
+    assert!(other.is_running(), "{}", std::fs::read_to_string(&log)?);
+    Ok(())
+}

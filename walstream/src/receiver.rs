@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pitr_archive::layout::{WalCatalog, WalLayout, WalObject};
+use pitr_archive::lease::{Lease, LeaseError};
 use pitr_archive::{ClusterInfo, ObjectKind, ObjectMeta, Repository, RepositoryError};
 use pitr_pgwire::connection::{ConnectOptions, Connection, StreamEvent};
 use pitr_pgwire::messages::format_lsn;
@@ -31,6 +32,9 @@ pub struct StreamConfig {
     pub startup_timeout: Duration,
     /// Refuse a primary whose system identifier differs (when set).
     pub system_id: Option<u64>,
+    /// Who holds the writer lease: stable across restarts of this sidecar (`<host>/<slot>`).
+    pub lease_holder: String,
+    pub lease_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +95,11 @@ struct Session {
     uploader: tokio::task::JoinHandle<Result<(), RepositoryError>>,
     stop_uploader: watch::Sender<bool>,
     primary_lsn: u64,
+    /// Set by the lease keeper if another writer took the cluster over.
+    lease_lost: watch::Receiver<Option<String>>,
+    /// Tells the lease keeper to release the lease and end.
+    release_lease: watch::Sender<bool>,
+    lease_keeper: tokio::task::JoinHandle<()>,
 }
 
 enum Outcome {
@@ -166,6 +175,7 @@ pub async fn run(
                 if let Some(s) = session.take() {
                     let _ = s.stop_uploader.send(true);
                     s.uploader.abort();
+                    s.lease_keeper.abort();
                 }
                 return Err(e);
             }
@@ -192,6 +202,8 @@ async fn finish(session: Option<Session>, status: &watch::Sender<StreamStatus>) 
     s.wake.notify_one();
     let result = (&mut s.uploader).await;
     publish(&s, status, false);
+    let _ = s.release_lease.send(true);
+    let _ = (&mut s.lease_keeper).await;
     match result {
         Ok(r) => Ok(r?),
         Err(e) => Err(StreamError::Fatal(format!("uploader task failed: {e}"))),
@@ -303,6 +315,12 @@ async fn open_session(
     };
     repo.put_cluster_info(&info).await?;
     let layout = WalLayout::new(&info);
+    let lease = Lease::acquire(repo, ident.system_id, &cfg.lease_holder, cfg.lease_ttl)
+        .await
+        .map_err(|e| StreamError::Fatal(e.to_string()))?;
+    let (lease_lost_tx, lease_lost) = watch::channel(None);
+    let (release_lease, release_rx) = watch::channel(false);
+    let lease_keeper = tokio::spawn(keep_lease(lease, cfg.lease_ttl, lease_lost_tx, release_rx));
     let catalog = WalCatalog::build(repo, layout).await?;
     for obj in catalog.redundant_chunks() {
         repo.delete(&layout.object_name(&obj)).await?;
@@ -398,7 +416,38 @@ async fn open_session(
         uploader: handle,
         stop_uploader: stop_tx,
         primary_lsn: 0,
+        lease_lost,
+        release_lease,
+        lease_keeper,
     })
+}
+
+/// Renews the writer lease every third of its lifetime; reports a takeover; releases on request.
+async fn keep_lease(
+    mut lease: Lease,
+    ttl: Duration,
+    lost: watch::Sender<Option<String>>,
+    mut release: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(ttl / 3) => {}
+            _ = release.changed() => {
+                if let Err(e) = lease.release().await {
+                    tracing::warn!(error = %e, "could not release the writer lease; it will expire");
+                }
+                return;
+            }
+        }
+        match lease.renew().await {
+            Ok(()) => {}
+            Err(e @ LeaseError::Lost { .. }) => {
+                let _ = lost.send(Some(e.to_string()));
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not renew the writer lease; retrying"),
+        }
+    }
 }
 
 /// The server is on a later timeline: store the history files and move our position onto the
@@ -552,6 +601,11 @@ async fn pump(
                 publish(s, status, true);
             }
             _ = s.freed.notified(), if backpressured => {}
+            _ = s.lease_lost.changed() => {
+                if let Some(why) = s.lease_lost.borrow().clone() {
+                    return Err(StreamError::Fatal(why));
+                }
+            }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
                     drain(s, conn).await?;
