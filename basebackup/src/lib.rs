@@ -125,6 +125,8 @@ pub async fn take_backup(
 ) -> Result<(BackupManifest, BackupSummary), BackupError> {
     let started = Instant::now();
     let start_time_us = now_us();
+    // The key must open the repository before anything else happens.
+    repo.check().await?;
     let connect = ConnectOptions { replication: true, application_name: opts.application_name.clone() };
     let mut conn = Connection::connect(&opts.conninfo, &connect).await?;
     let ident = conn.identify_system().await?;
@@ -135,7 +137,6 @@ pub async fn take_backup(
         wal_page_size: settings.wal_page_size,
         server_version_num: settings.server_version_num,
     };
-    repo.check().await?;
     repo.put_cluster_info(&cluster).await?;
     let hasher = block_hasher(repo).await?;
 
@@ -477,8 +478,9 @@ async fn wait_for_wal(
         }
         if Instant::now() >= deadline {
             return Err(BackupError::Other(format!(
-                "the archive does not hold the WAL up to the backup's stop position {} on timeline {timeline} after {timeout:?}: \
+                "the archive in {} does not hold the WAL up to the backup's stop position {} on timeline {timeline} after {timeout:?}: \
                  is `pitr stream` running for this cluster? The backup was not recorded.",
+                repo.location(),
                 format_lsn(stop_lsn)
             )));
         }

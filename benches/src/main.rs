@@ -1007,23 +1007,34 @@ fn lag_report(r: &mut String, o: &Opts, l: &LagResult) {
             b as f64 / l.wal_bytes.max(1) as f64
         );
     }
+    // A sample is "at a boundary" when flush_lsn sits exactly on a segment boundary (or in an
+    // earlier segment) while the primary has already written past it.
+    let at_boundary =
+        |flush: &Option<u64>, cur: u64| flush.is_some_and(|f| f < cur && (f % l.seg == 0 || f / l.seg != cur / l.seg));
     for (name, s) in [("pitr stream", &l.pitr), ("pg_receivewal", &l.rw)] {
+        let stuck = s.raw.iter().filter(|x| at_boundary(&x.2, x.3)).count();
         let mut worst: Vec<_> = s.raw.iter().filter(|x| x.1.is_some()).collect();
-        worst.sort_by(|a, b| b.1.unwrap_or(0.0).total_cmp(&a.1.unwrap_or(0.0)));
+        worst.sort_by(|a, b| b.1.unwrap_or(0.0).total_cmp(&a.1.unwrap_or(0.0)).then(a.0.total_cmp(&b.0)));
+        // One entry per distinct value: flush_lag only changes when the receiver replies.
+        worst.dedup_by(|a, b| a.1 == b.1);
         let list: Vec<String> = worst
             .iter()
             .take(3)
             .map(|(t, lag, flush, cur)| {
-                // Stuck exactly on a segment boundary, or still in an earlier segment.
-                let crossed = flush.is_some_and(|f| f % l.seg == 0 || f / l.seg != cur / l.seg);
                 format!(
                     "t={t:.1}s {:.1} ms{}",
                     lag.unwrap_or(0.0) * 1000.0,
-                    if crossed { " (flush_lsn at/behind a segment boundary the primary has passed)" } else { "" }
+                    if at_boundary(flush, *cur) { " [at boundary]" } else { "" }
                 )
             })
             .collect();
-        let _ = writeln!(r, "worst {name} samples: {}", list.join("; "));
+        let _ = writeln!(
+            r,
+            "{name}: {stuck}/{} samples with flush_lsn stuck at a segment boundary the primary had passed; \
+             worst: {}",
+            s.raw.len(),
+            list.join(", ")
+        );
     }
 }
 

@@ -77,17 +77,49 @@ pub async fn stream(config_path: &Path) -> Result<()> {
         lease_ttl: config.stream.lease_ttl.unwrap_or(Duration::from_secs(60)),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (status_tx, status_rx) = watch::channel(StreamStatus::default());
+
+    // Everything that can fail on bad configuration fails here, before streaming starts.
+    let jobs = crate::sidecar::jobs(&config.schedule)?;
+    let server = if config.metrics.listen.is_empty() {
+        None
+    } else {
+        let handle = crate::sidecar::install_metrics()?;
+        let listen = config.metrics.listen.parse().context("[metrics] listen")?;
+        let rpo = config.targets.rpo_seconds;
+        Some(crate::sidecar::serve(listen, handle, status_rx.clone(), rpo, shutdown_rx.clone()).await?)
+    };
+    tokio::spawn(crate::sidecar::feed_gauges(status_rx.clone()));
+    let catalog_gauges =
+        tokio::spawn(crate::sidecar::feed_catalog_gauges(repo.clone(), pg.system_id, Duration::from_secs(60)));
+    let ctx = std::sync::Arc::new(crate::sidecar::SchedulerContext {
+        repo: repo.clone(),
+        backup: backup_options(&config, pg, stream_config.conninfo.clone()),
+        system_id: pg.system_id,
+    });
+    let mut scheduled = Vec::new();
+    for job in jobs {
+        scheduled.push(tokio::spawn(crate::sidecar::run_job(job, ctx.clone(), shutdown_rx.clone())));
+    }
+
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("stopping: making received WAL durable first");
         let _ = shutdown_tx.send(true);
     });
-    let (status_tx, status_rx) = watch::channel(StreamStatus::default());
     let status_file = config.status_file();
     let writer = tokio::spawn(write_status_file(status_file.clone(), status_rx));
     tracing::info!(repository = %repo.location(), slot = %stream_config.slot, server = %stream_config.conninfo.redacted(), "pitr stream starting");
     let result = pitr_walstream::run(repo, stream_config, status_tx, shutdown_rx).await;
     let _ = writer.await;
+    catalog_gauges.abort();
+    for job in scheduled {
+        // A running backup is abandoned; its blocks stay unreferenced and no manifest is written.
+        job.abort();
+    }
+    if let Some(server) = server {
+        server.abort();
+    }
     result.map_err(|e| anyhow!("{e}"))?;
     tracing::info!("pitr stream stopped cleanly");
     Ok(())
@@ -339,19 +371,27 @@ fn progress_bar(enabled: bool, what: &'static str) -> Option<indicatif::Progress
     Some(bar)
 }
 
-pub async fn backup(config_path: &Path, json: bool) -> Result<()> {
-    let config = Config::load(config_path)?;
-    let pg = config.postgres()?;
-    let conninfo: ConnInfo = pg.conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
-    let repo = open_repository(&config)?;
-    let opts = pitr_basebackup::BackupOptions {
+fn backup_options(
+    config: &Config,
+    pg: &crate::config::PostgresConfig,
+    conninfo: ConnInfo,
+) -> pitr_basebackup::BackupOptions {
+    pitr_basebackup::BackupOptions {
         conninfo,
         application_name: format!("{}_backup", pg.application_name()),
         block_size: config.backup.block_size.unwrap_or(1 << 20),
         parallel_uploads: config.backup.parallel(),
         wal_timeout: config.backup.wal_timeout.unwrap_or(Duration::from_secs(120)),
         fast_checkpoint: true,
-    };
+    }
+}
+
+pub async fn backup(config_path: &Path, json: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let pg = config.postgres()?;
+    let conninfo: ConnInfo = pg.conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
+    let repo = open_repository(&config)?;
+    let opts = backup_options(&config, pg, conninfo);
     let bar = progress_bar(!json, "backup");
     let on_progress = |p: pitr_basebackup::Progress| {
         if let Some(bar) = &bar {
@@ -363,7 +403,7 @@ pub async fn backup(config_path: &Path, json: bool) -> Result<()> {
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let (_, summary) = result.context("backup failed; nothing was recorded")?;
+    let (_, summary) = result.context("backup failed")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

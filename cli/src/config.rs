@@ -8,7 +8,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
 /// Sections, in the order `$PITR_<SECTION>_<KEY>` is matched against.
-const SECTIONS: &[&str] = &["repository", "encryption", "postgres", "stream", "backup"];
+const SECTIONS: &[&str] =
+    &["repository", "encryption", "postgres", "stream", "backup", "metrics", "targets", "schedule"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +21,105 @@ pub struct Config {
     pub stream: StreamSection,
     #[serde(default)]
     pub backup: BackupSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    #[serde(default)]
+    pub targets: TargetsSection,
+    #[serde(default)]
+    pub schedule: ScheduleSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of /metrics and /healthz; empty turns the server off.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection { listen: default_metrics_listen() }
+    }
+}
+
+/// Recovery objectives (the seed runbook's: database RTO 30 min, transactions RPO 5 min).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetsSection {
+    #[serde(default = "default_rpo")]
+    pub rpo_seconds: f64,
+    #[serde(default = "default_rto")]
+    pub rto_seconds: f64,
+}
+
+fn default_rpo() -> f64 {
+    300.0
+}
+
+fn default_rto() -> f64 {
+    1800.0
+}
+
+impl Default for TargetsSection {
+    fn default() -> Self {
+        TargetsSection { rpo_seconds: default_rpo(), rto_seconds: default_rto() }
+    }
+}
+
+/// Cron expressions (UTC; 5 fields, or 6 with seconds first) for the jobs `pitr stream` runs.
+/// An empty string turns a job off.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    #[serde(default = "default_full_backup")]
+    pub full_backup: String,
+    #[serde(default = "default_incremental")]
+    pub incremental: String,
+    #[serde(default = "default_verify")]
+    pub verify: String,
+    #[serde(default = "default_drill")]
+    pub drill: String,
+}
+
+fn default_full_backup() -> String {
+    "0 2 * * *".into()
+}
+fn default_incremental() -> String {
+    "*/15 * * * *".into()
+}
+fn default_verify() -> String {
+    "0 3 * * *".into()
+}
+fn default_drill() -> String {
+    "0 4 1 * *".into()
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        ScheduleSection {
+            full_backup: default_full_backup(),
+            incremental: default_incremental(),
+            verify: default_verify(),
+            drill: default_drill(),
+        }
+    }
+}
+
+/// Parses a cron expression as the scheduler does; `None` for an empty (disabled) one.
+pub fn parse_cron(field: &str, expr: &str) -> Result<Option<croner::Cron>> {
+    if expr.trim().is_empty() {
+        return Ok(None);
+    }
+    croner::Cron::new(expr)
+        .with_seconds_optional()
+        .parse()
+        .map(Some)
+        .map_err(|e| anyhow!("[schedule] {field} = {expr:?}: not a cron expression ({e})"))
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -170,6 +270,23 @@ impl Config {
                 bail!("[backup] block_size = {b}: must be between 8192 and 67108864 bytes");
             }
         }
+        for (field, expr) in [
+            ("full_backup", &self.schedule.full_backup),
+            ("incremental", &self.schedule.incremental),
+            ("verify", &self.schedule.verify),
+            ("drill", &self.schedule.drill),
+        ] {
+            parse_cron(field, expr)?;
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!(
+                "[metrics] listen = {:?}: expected ADDRESS:PORT such as 127.0.0.1:9187, or \"\" for off",
+                self.metrics.listen
+            );
+        }
+        if !(self.targets.rpo_seconds > 0.0 && self.targets.rto_seconds > 0.0) {
+            bail!("[targets] rpo_seconds and rto_seconds must be positive");
+        }
         if self.backup.parallel == Some(0) {
             bail!("[backup] parallel must be at least 1");
         }
@@ -283,6 +400,8 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
             ("[repository\n".to_string(), "line 1"),
             (format!("{MINIMAL}[postgres2]\n"), "postgres2"),
             (format!("{MINIMAL}\n[repository.x]\n"), "x"),
+            (format!("{MINIMAL}[schedule]\nfull_backup = \"every day\"\n"), "full_backup"),
+            (format!("{MINIMAL}[metrics]\nlisten = \"localhost\"\n"), "listen"),
         ];
         for (text, needle) in cases {
             let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());

@@ -3,6 +3,7 @@
 
 mod commands;
 mod config;
+mod sidecar;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -410,12 +410,13 @@ impl Connection {
         Ok(SystemIdentity { system_id, timeline, xlog_pos })
     }
 
-    /// Creates a physical slot that reserves WAL at once; `Ok(false)` if it already exists.
-    pub async fn create_physical_slot(&mut self, slot: &str) -> Result<bool, PgError> {
+    /// Creates a physical slot that reserves WAL at once. `Ok(Some(lsn))` with the position from
+    /// which it keeps WAL if it was created, `Ok(None)` if it already existed.
+    pub async fn create_physical_slot(&mut self, slot: &str) -> Result<Option<u64>, PgError> {
         validate_slot_name(slot)?;
         match self.simple_query(&format!("CREATE_REPLICATION_SLOT {slot} PHYSICAL RESERVE_WAL")).await {
-            Ok(_) => Ok(true),
-            Err(PgError::Server { error, .. }) if error.code == "42710" => Ok(false),
+            Ok(r) => Ok(Some(r.text(0, 1).and_then(messages::parse_lsn).unwrap_or(0))),
+            Err(PgError::Server { error, .. }) if error.code == "42710" => Ok(None),
             Err(e) => Err(e),
         }
     }

@@ -16,6 +16,8 @@ pub struct PitrEnv {
     pub key_file: PathBuf,
     pub config: PathBuf,
     pub status_file: PathBuf,
+    /// Where `pitr stream` serves /metrics and /healthz.
+    pub metrics_port: u16,
     stream_runs: usize,
 }
 
@@ -27,8 +29,13 @@ impl PitrEnv {
         let key_file = dir.path().join("key");
         let config = dir.path().join("pitr.toml");
         let status_file = dir.path().join("status.json");
+        let metrics_port = crate::free_port()?;
+        // Scheduled jobs are off unless a test turns them on (replace `full_backup = ""`).
         let text = format!(
-            "[repository]\npath = {:?}\n[encryption]\nkey_file = {:?}\n[postgres]\nconninfo = {:?}\nbin_dir = {:?}\n[stream]\nstatus_file = {:?}\nstatus_interval = \"1s\"\n{stream_extra}\n",
+            "[repository]\npath = {:?}\n[encryption]\nkey_file = {:?}\n[postgres]\nconninfo = {:?}\nbin_dir = {:?}\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
+             [schedule]\nfull_backup = \"\"\nincremental = \"\"\nverify = \"\"\ndrill = \"\"\n\
+             [stream]\nstatus_file = {:?}\nstatus_interval = \"1s\"\n{stream_extra}\n",
             repo.display().to_string(),
             key_file.display().to_string(),
             cluster.conninfo("postgres"),
@@ -36,13 +43,36 @@ impl PitrEnv {
             status_file.display().to_string(),
         );
         std::fs::write(&config, text)?;
-        Ok(PitrEnv { dir, repo, key_file, config, status_file, stream_runs: 0 })
+        Ok(PitrEnv { dir, repo, key_file, config, status_file, metrics_port, stream_runs: 0 })
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(pitr_bin());
         cmd.arg("--config").arg(&self.config).args(args);
         cmd
+    }
+
+    /// GET `path` from the sidecar's metrics server: (status code, body).
+    pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port))?;
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response)?;
+        let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((code, body))
+    }
+
+    /// Replaces `from` with `to` in the config file (to turn on a schedule, change a setting…).
+    pub fn edit_config(&self, from: &str, to: &str) -> Result<()> {
+        let text = std::fs::read_to_string(&self.config)?;
+        if !text.contains(from) {
+            bail!("{from:?} is not in {}", self.config.display());
+        }
+        std::fs::write(&self.config, text.replacen(from, to, 1))?;
+        Ok(())
     }
 
     /// Hands the whole scratch directory (config, key, repository) to the unprivileged server

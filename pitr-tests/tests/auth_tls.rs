@@ -109,8 +109,8 @@ async fn prefer_falls_back_to_plain_and_slots_are_idempotent() -> Result<()> {
     let info: ConnInfo = format!("host=127.0.0.1 port={} user=postgres sslmode=prefer", cluster.port).parse()?;
     let opts = ConnectOptions { replication: true, application_name: "pitr_slot_test".into() };
     let mut conn = Connection::connect(&info, &opts).await?;
-    assert!(conn.create_physical_slot("pitr_x").await?);
-    assert!(!conn.create_physical_slot("pitr_x").await?);
+    assert!(conn.create_physical_slot("pitr_x").await?.is_some());
+    assert!(conn.create_physical_slot("pitr_x").await?.is_none());
     let slot = conn.read_replication_slot("pitr_x").await?;
     assert!(matches!(slot, Some((ref kind, Some(_))) if kind == "physical"), "{slot:?}");
     assert_eq!(conn.read_replication_slot("nope").await?, None);

@@ -28,8 +28,8 @@ pub enum RestoreError {
     OutsideWindow(String),
     #[error("target directory {0} is not empty (pass --force to replace its contents)")]
     TargetNotEmpty(PathBuf),
-    #[error("block {name}: {cause}")]
-    Block { name: String, cause: Box<RepositoryError> },
+    #[error("cannot restore {file}: {cause}")]
+    Block { file: String, cause: Box<RepositoryError> },
     #[error("{path}: {cause}")]
     Io { path: PathBuf, cause: std::io::Error },
     #[error("PostgreSQL: {0}")]

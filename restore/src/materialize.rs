@@ -157,8 +157,10 @@ pub async fn materialize(
                     let job = queue.lock().await.next();
                     let Some((path, offset, id, _)) = job else { return Ok::<(), RestoreError>(()) };
                     let name = block_name(system_id, &id);
-                    let (_, data) =
-                        repo.get_opened(&name).await.map_err(|e| RestoreError::Block { name, cause: Box::new(e) })?;
+                    let (_, data) = repo
+                        .get_opened(&name)
+                        .await
+                        .map_err(|e| RestoreError::Block { file: path.display().to_string(), cause: Box::new(e) })?;
                     let len = data.len() as u64;
                     let p = path.clone();
                     tokio::task::spawn_blocking(move || {

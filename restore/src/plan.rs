@@ -86,11 +86,10 @@ impl Catalog {
                 self.backups.iter().rev().find(|b| b.stop_time_us <= t)
             }
             RecoveryTarget::Lsn(l) => {
-                if window.is_some_and(|w| l > w.end_lsn) {
+                if let Some(w) = window.filter(|w| l > w.end_lsn) {
                     return Err(RestoreError::OutsideWindow(format!(
-                        "lsn {:X}/{:X} is past the end of the archived WAL; {}",
-                        l >> 32,
-                        l & 0xFFFF_FFFF,
+                        "{target} is past the end of the archived WAL at {}; {}",
+                        pitr_pgwire::format_lsn(w.end_lsn),
                         describe()
                     )));
                 }

@@ -144,6 +144,7 @@ impl Uploader {
             let started = Instant::now();
             match self.execute(job).await {
                 Ok(()) => {
+                    metrics::histogram!("pitr_upload_duration_seconds").record(started.elapsed().as_secs_f64());
                     backoff = Duration::from_millis(100);
                     if is_chunk {
                         last_put = Some(started);
@@ -153,6 +154,7 @@ impl Uploader {
                 Err(e @ RepositoryError::Conflict { .. }) => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "archive put failed; retrying (the primary keeps the WAL in the slot)");
+                    metrics::counter!("pitr_upload_errors_total").increment(1);
                     {
                         let mut s = lock(&self.stats);
                         s.errors += 1;
@@ -231,7 +233,7 @@ impl Uploader {
                             if seg.durable == seg.end_offset() { None } else { Some(Instant::now()) };
                     }
                 }
-                self.count(len);
+                self.count(len, "wal_chunk");
                 self.publish(timeline, seg_lsn + u64::from(to), commits.1);
                 Ok(())
             }
@@ -254,7 +256,7 @@ impl Uploader {
                 let len = bytes.len() as u64;
                 self.repo.put_sealed(&self.layout.object_name(&obj), bytes, meta).await?;
                 lock(&self.pending).segments.pop_front();
-                self.count(len);
+                self.count(len, "wal_segment");
                 self.publish(timeline, end, commits.1.or(all_last));
                 // The segment object now holds everything; its chunks are redundant. A failed delete
                 // leaves a redundant chunk that the next start-up removes.
@@ -269,7 +271,9 @@ impl Uploader {
         }
     }
 
-    fn count(&self, bytes: u64) {
+    fn count(&self, bytes: u64, kind: &'static str) {
+        metrics::counter!("pitr_objects_archived_total").increment(1);
+        metrics::counter!("pitr_bytes_archived_total", "kind" => kind).increment(bytes);
         let mut s = lock(&self.stats);
         s.objects += 1;
         s.bytes += bytes;

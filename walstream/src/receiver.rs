@@ -238,14 +238,19 @@ async fn stream_on(
             )));
         }
     }
+    // The slot first: from the moment it exists the primary keeps the WAL we start from.
+    let mut created_at = None;
+    if cfg.create_slot {
+        if let Some(lsn) = conn.create_physical_slot(&cfg.slot).await? {
+            tracing::info!(slot = %cfg.slot, restart_lsn = %format_lsn(lsn), "created physical replication slot");
+            created_at = Some(lsn);
+        }
+    }
     if session.is_none() {
-        *session = Some(open_session(repo, cfg, conn, &ident).await?);
+        *session = Some(open_session(repo, cfg, conn, &ident, created_at).await?);
     }
     let s = session.as_mut().ok_or_else(|| StreamError::Fatal("no session".into()))?;
 
-    if cfg.create_slot && conn.create_physical_slot(&cfg.slot).await? {
-        tracing::info!(slot = %cfg.slot, "created physical replication slot");
-    }
     status.send_modify(|st| {
         st.connected = true;
         st.host = Some(conn.host().to_string());
@@ -304,6 +309,7 @@ async fn open_session(
     cfg: &StreamConfig,
     conn: &mut Connection,
     ident: &pitr_pgwire::SystemIdentity,
+    slot_created_at: Option<u64>,
 ) -> Result<Session, StreamError> {
     let settings = conn.server_settings().await?;
     let (segment_size, page_size) = (settings.wal_segment_size, settings.wal_page_size);
@@ -367,7 +373,7 @@ async fn open_session(
         }
         None => {
             let slot_lsn = match conn.read_replication_slot(&cfg.slot).await {
-                Ok(Some((kind, lsn))) if kind == "physical" => lsn,
+                Ok(Some((kind, lsn))) if kind == "physical" => lsn.or(slot_created_at),
                 Ok(Some((kind, _))) => {
                     return Err(StreamError::Fatal(format!(
                         "replication slot {:?} is a {kind} slot; pitr needs a physical one",
@@ -375,13 +381,14 @@ async fn open_session(
                     )))
                 }
                 Ok(None) => None,
-                // READ_REPLICATION_SLOT is PostgreSQL 15+; older servers start from the current position.
-                Err(PgError::Server { .. }) => None,
+                // READ_REPLICATION_SLOT is PostgreSQL 15+; older servers start where the slot was
+                // created, or from the current position.
+                Err(PgError::Server { .. }) => slot_created_at.filter(|l| *l != 0),
                 Err(e) => return Err(e.into()),
             };
             let from = slot_lsn.unwrap_or(ident.xlog_pos);
             let start = from - from % segment_size;
-            tracing::info!(timeline = ident.timeline, start = %format_lsn(start), "empty archive: starting at the primary's current segment");
+            tracing::info!(timeline = ident.timeline, start = %format_lsn(start), "empty archive: starting at the segment the slot holds");
             Position { timeline: ident.timeline, received: start, timeline_start: start }
         }
     };
