@@ -188,6 +188,10 @@ impl Repository {
         Ok(self.store.delete(name).await?)
     }
 
+    pub async fn delete_many(&self, names: &[String]) -> Result<(), RepositoryError> {
+        Ok(self.store.delete_many(names).await?)
+    }
+
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, RepositoryError> {
         Ok(self.store.list(prefix).await?)
     }

@@ -56,6 +56,13 @@ pub trait Store: Send + Sync + Debug {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
     /// Deletes `name`; deleting a missing object is not an error.
     async fn delete(&self, name: &str) -> Result<(), StoreError>;
+    /// Deletes several objects (backends may batch them).
+    async fn delete_many(&self, names: &[String]) -> Result<(), StoreError> {
+        for name in names {
+            self.delete(name).await?;
+        }
+        Ok(())
+    }
     async fn head(&self, name: &str) -> Result<Option<ObjectInfo>, StoreError>;
     /// Where this store is, for messages (never contains credentials).
     fn location(&self) -> String;
@@ -276,6 +283,29 @@ impl Store for LocalStore {
         run_blocking(move || sync_dir(&dir)).await.map_err(|e| self.io("delete", name, e))
     }
 
+    async fn delete_many(&self, names: &[String]) -> Result<(), StoreError> {
+        // One directory fsync per directory, not per file: compaction removes hundreds of chunks.
+        let this = self.clone();
+        let names = names.to_vec();
+        run_blocking(move || {
+            let mut dirs = std::collections::BTreeSet::new();
+            for name in &names {
+                let path = this.path_of(name)?;
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(this.io("delete", name, e)),
+                }
+                dirs.insert(path.parent().unwrap_or(&this.root).to_path_buf());
+            }
+            for dir in dirs {
+                sync_dir(&dir).map_err(|e| this.io("delete", &dir.display().to_string(), e))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn head(&self, name: &str) -> Result<Option<ObjectInfo>, StoreError> {
         let path = self.path_of(name)?;
         match tokio::fs::metadata(&path).await {
@@ -320,6 +350,9 @@ mod tests {
         assert_eq!(s.head("a/d").await.unwrap().unwrap().size, 1);
         s.delete("a/d").await.unwrap();
         s.delete("a/d").await.unwrap();
+        s.put_if_absent("a/e", Bytes::from_static(b"x")).await.unwrap();
+        s.delete_many(&["a/e".to_string(), "a/missing".to_string()]).await.unwrap();
+        assert!(s.head("a/e").await.unwrap().is_none());
         assert!(s.head("a/d").await.unwrap().is_none());
         assert!(s.get("a/d").await.unwrap_err().is_not_found());
         // No temporary files are left behind.

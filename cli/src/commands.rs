@@ -63,6 +63,8 @@ pub async fn stream(config_path: &Path) -> Result<()> {
     let pg = config.postgres()?;
     let conninfo: ConnInfo = pg.conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
     let repo = open_repository(&config)?;
+    // A wrong key or a missing repository is reported before anything starts.
+    repo.check().await?;
     let stream_config = StreamConfig {
         conninfo,
         slot: pg.slot(),

@@ -1184,3 +1184,46 @@ pub fn u64_to_lsn(v: u64) -> String {
     format!("{:X}/{:X}", v >> 32, v & 0xFFFF_FFFF)
 }
 pub mod pitr;
+
+/// Prometheus' `promtool`: `$PITR_PROMTOOL` if set, else `/usr/bin/promtool` or a `promtool` on
+/// `PATH`. When missing and we are root, installs Debian's `prometheus` package (which ships
+/// promtool) with apt-get, serialised across test processes by the same lock file as the
+/// PostgreSQL install. The package's service may fail to start in a container; only the binary
+/// matters, so apt-get's status counts only when promtool is still missing afterwards.
+pub fn promtool() -> Result<PathBuf> {
+    if let Some(p) = env_nonempty("PITR_PROMTOOL") {
+        return Ok(PathBuf::from(p));
+    }
+    let find = || {
+        let system = PathBuf::from("/usr/bin/promtool");
+        if system.is_file() {
+            return Some(system);
+        }
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path).map(|d| d.join("promtool")).find(|p| p.is_file())
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("promtool not found: install the Debian package `prometheus` (apt-get install prometheus) or set PITR_PROMTOOL");
+    }
+    let _lock = flock_exclusive(Path::new("/tmp/pitr-tests-apt.lock"))?;
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    let mut log = String::new();
+    for args in [&["update"][..], &["install", "-y", "--no-install-recommends", "prometheus"][..]] {
+        let out = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .output()
+            .context("running apt-get")?;
+        if !out.status.success() {
+            log += &format!("apt-get {args:?} failed ({}): {}\n", out.status, lossy(&out.stderr).trim_end());
+        }
+    }
+    find().ok_or_else(|| anyhow!("promtool still not found after installing the Debian package `prometheus`:\n{log}"))
+}

@@ -177,6 +177,9 @@ impl Scratch {
         if let Some(c) = conninfo {
             lines.extend(["[postgres]".to_string(), format!("conninfo = {c:?}")]);
         }
+        // No metrics server and no scheduled jobs: tests run in parallel and must not share a port.
+        lines.extend(["[metrics]".to_string(), "listen = \"\"".to_string()]);
+        lines.extend(["[schedule]".to_string(), "full_backup = \"\"".to_string()]);
         lines.extend(["[stream]".to_string(), format!("status_file = {}", q(&self.path("status.json")))]);
         lines.extend(Some(stream_extra).filter(|e| !e.is_empty()).map(str::to_string));
         lines.push(String::new());

@@ -281,3 +281,31 @@ fn pg15_one_writer_per_cluster_lease() -> Result<()> {
     assert!(other.is_running(), "{}", std::fs::read_to_string(&log)?);
     Ok(())
 }
+
+/// With pitr as the synchronous standby, a commit returns only once its WAL is in the archive:
+/// right after each commit, the archive (read from object names) already holds it. RPO 0.
+#[test]
+fn pg15_synchronous_commit_waits_for_the_archive() -> Result<()> {
+    let cluster = start_cluster(15)?;
+    let mut env = PitrEnv::new("pg15-sync", &cluster, "")?;
+    env.init()?;
+    let _stream = env.spawn_stream()?;
+    cluster.psql("create table t(x int)")?;
+    wait_until("pitr to stream", Duration::from_secs(30), || {
+        Ok(cluster.psql("select count(*) from pg_stat_replication where application_name = 'pitr_main'")? == "1")
+    })?;
+    cluster.psql("alter system set synchronous_standby_names = 'pitr_main'; select pg_reload_conf()")?;
+    wait_until("pitr to be the synchronous standby", Duration::from_secs(30), || {
+        Ok(cluster.psql("select sync_state from pg_stat_replication where application_name = 'pitr_main'")? == "sync")
+    })?;
+    for i in 0..20 {
+        // The insert position before the commit record: the commit ends after it.
+        let before_commit = cluster.psql(&format!(
+            "begin; insert into t values ({i}); select pg_current_wal_insert_lsn(); commit;"
+        ))?;
+        let before_commit = lsn_to_u64(before_commit.lines().next().context("no LSN")?);
+        let archived = env.archived_end(SEG)?;
+        assert!(archived > before_commit, "commit {i} returned before the archive held it: archive ends at {archived:X}, commit after {before_commit:X}");
+    }
+    Ok(())
+}

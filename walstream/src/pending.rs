@@ -258,13 +258,20 @@ impl Uploader {
                 lock(&self.pending).segments.pop_front();
                 self.count(len, "wal_segment");
                 self.publish(timeline, end, commits.1.or(all_last));
-                // The segment object now holds everything; its chunks are redundant. A failed delete
-                // leaves a redundant chunk that the next start-up removes.
-                for (from, to) in old_chunks {
-                    let name = self.layout.object_name(&WalObject::Chunk { timeline, segno, from, to });
-                    if let Err(e) = self.repo.delete(&name).await {
-                        tracing::warn!(object = %name, error = %e, "could not delete a compacted chunk");
-                    }
+                // The segment object now holds everything; its chunks are redundant. They go in the
+                // background so the next put does not wait; a failed delete leaves a redundant chunk
+                // that the next start-up removes.
+                let names: Vec<String> = old_chunks
+                    .into_iter()
+                    .map(|(from, to)| self.layout.object_name(&WalObject::Chunk { timeline, segno, from, to }))
+                    .collect();
+                if !names.is_empty() {
+                    let repo = self.repo.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = repo.delete_many(&names).await {
+                            tracing::warn!(error = %e, chunks = names.len(), "could not delete compacted chunks");
+                        }
+                    });
                 }
                 Ok(())
             }

@@ -328,9 +328,8 @@ async fn open_session(
     let (release_lease, release_rx) = watch::channel(false);
     let lease_keeper = tokio::spawn(keep_lease(lease, cfg.lease_ttl, lease_lost_tx, release_rx));
     let catalog = WalCatalog::build(repo, layout).await?;
-    for obj in catalog.redundant_chunks() {
-        repo.delete(&layout.object_name(&obj)).await?;
-    }
+    let redundant: Vec<String> = catalog.redundant_chunks().iter().map(|o| layout.object_name(o)).collect();
+    repo.delete_many(&redundant).await?;
 
     let mut decoder = WalDecoder::new(segment_size, page_size);
     let mut pending = Pending::default();
