@@ -21,6 +21,7 @@ const ALERT_NAMES: &[&str] = &[
     "BackupTooOld",
     "RestoreDrillFailed",
     "PitrSidecarDown",
+    "PitrStreamDisconnected",
 ];
 
 /// The seed runbook's rules, which users already run: they must stay exactly as they are.

@@ -112,6 +112,23 @@ fn pg15_metrics_health_and_a_scheduled_backup() -> Result<()> {
     let m = scrape(&env)?;
     assert!(value(&m, "pitr_last_backup_timestamp_seconds{backup_type=\"full\",source=\"postgres\"}") > 1.7e9);
 
+    // Prometheus' own linter agrees the exposition is well formed and well named.
+    let (_, body) = env.http_get("/metrics")?;
+    let mut promtool = std::process::Command::new(pitr_tests::promtool()?)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut promtool.stdin.take().context("stdin")?, body.as_bytes())?;
+    let out = promtool.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Health follows the primary.
     cluster.stop("fast")?;
     wait_until("/healthz to turn 503", Duration::from_secs(30), || Ok(env.http_get("/healthz")?.0 == 503))?;

@@ -255,7 +255,11 @@ fn pg15_one_writer_per_cluster_lease() -> Result<()> {
 
     // A second sidecar (another host, its own slot) for the same cluster and repository is refused.
     let mut other = env.command(&["stream"]);
-    other.env("PITR_STREAM_LEASE_HOLDER", "other-host/pitr_b").env("PITR_POSTGRES_SLOT", "pitr_b");
+    other
+        .env("PITR_STREAM_LEASE_HOLDER", "other-host/pitr_b")
+        .env("PITR_POSTGRES_SLOT", "pitr_b")
+        .env("PITR_METRICS_LISTEN", "")
+        .env("PITR_STREAM_STATUS_FILE", env.dir.path().join("other-status.json"));
     let out = other.output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "second writer was allowed: {stderr}");
@@ -273,7 +277,11 @@ fn pg15_one_writer_per_cluster_lease() -> Result<()> {
     first_again.wait_timeout(Duration::from_secs(30))?.context("pitr stream did not stop")?;
     let log = env.dir.path().join("other.log");
     let mut other = env.command(&["stream"]);
-    other.env("PITR_STREAM_LEASE_HOLDER", "other-host/pitr_b").env("PITR_POSTGRES_SLOT", "pitr_b");
+    other
+        .env("PITR_STREAM_LEASE_HOLDER", "other-host/pitr_b")
+        .env("PITR_POSTGRES_SLOT", "pitr_b")
+        .env("PITR_METRICS_LISTEN", "")
+        .env("PITR_STREAM_STATUS_FILE", env.dir.path().join("other-status.json"));
     let mut other = spawn_logged(other, &log)?;
     wait_until("the other sidecar to stream", Duration::from_secs(30), || {
         Ok(std::fs::read_to_string(&log)?.contains("starting replication"))
@@ -294,7 +302,8 @@ fn pg15_synchronous_commit_waits_for_the_archive() -> Result<()> {
     wait_until("pitr to stream", Duration::from_secs(30), || {
         Ok(cluster.psql("select count(*) from pg_stat_replication where application_name = 'pitr_main'")? == "1")
     })?;
-    cluster.psql("alter system set synchronous_standby_names = 'pitr_main'; select pg_reload_conf()")?;
+    cluster.psql("alter system set synchronous_standby_names = 'pitr_main'")?;
+    cluster.psql("select pg_reload_conf()")?;
     wait_until("pitr to be the synchronous standby", Duration::from_secs(30), || {
         Ok(cluster.psql("select sync_state from pg_stat_replication where application_name = 'pitr_main'")? == "sync")
     })?;
