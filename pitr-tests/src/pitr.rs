@@ -160,7 +160,9 @@ impl PitrEnv {
             } else if let Some(chunk) = name.strip_suffix(".chunk") {
                 let (seg, range) = chunk.split_once('.').context("chunk name")?;
                 let (a, b) = range.split_once('-').context("chunk range")?;
-                out.entry(seg.to_string()).or_default().push((u64::from_str_radix(a, 16)?, u64::from_str_radix(b, 16)?));
+                out.entry(seg.to_string())
+                    .or_default()
+                    .push((u64::from_str_radix(a, 16)?, u64::from_str_radix(b, 16)?));
             }
         }
         Ok(out)

@@ -18,11 +18,78 @@ fn openssl(args: &[&str], dir: &Path) -> Result<()> {
 
 /// A CA and a server certificate for localhost / 127.0.0.1 signed by it, plus an unrelated CA.
 fn make_certs(dir: &Path) -> Result<()> {
-    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=pitr test CA", "-keyout", "ca.key", "-out", "ca.crt"], dir)?;
-    openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr"], dir)?;
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=pitr test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+        dir,
+    )?;
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+        dir,
+    )?;
     std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n")?;
-    openssl(&["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.crt"], dir)?;
-    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=other CA", "-keyout", "other.key", "-out", "other.crt"], dir)?;
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ],
+        dir,
+    )?;
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other CA",
+            "-keyout",
+            "other.key",
+            "-out",
+            "other.crt",
+        ],
+        dir,
+    )?;
     std::fs::set_permissions(dir.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     chown_to_pg_user(dir)?;
     Ok(())
@@ -96,8 +163,10 @@ async fn passwords_tls_and_hosts() -> Result<()> {
 
     // Several hosts: a dead one first, then the live one.
     let dead = pitr_tests::free_port()?;
-    identify(&format!("host=127.0.0.1,127.0.0.1 port={dead},{port} user=scramuser password='sc\\'ram pw' sslmode=disable"))
-        .await?;
+    identify(&format!(
+        "host=127.0.0.1,127.0.0.1 port={dead},{port} user=scramuser password='sc\\'ram pw' sslmode=disable"
+    ))
+    .await?;
     let err = identify(&format!("host=127.0.0.1 port={dead} user=x")).await.unwrap_err().to_string();
     assert!(err.contains(&format!("127.0.0.1:{dead}")) && err.contains("refused"), "{err}");
     Ok(())

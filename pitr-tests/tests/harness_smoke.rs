@@ -3,26 +3,19 @@
 use std::process::Command;
 use std::time::Duration;
 
-use pitr_tests::{
-    lsn_to_u64, parse_lsn, spawn_logged, u64_to_lsn, wait_until, PgCluster, PgOptions,
-};
+use pitr_tests::{lsn_to_u64, parse_lsn, spawn_logged, u64_to_lsn, wait_until, PgCluster, PgOptions};
 
 /// Create, insert, read back through `client()`, stop fast, start again,
 /// and check the data survived.
 async fn roundtrip(major: u32) -> anyhow::Result<()> {
     let pg = PgCluster::start(PgOptions::new(major))?;
     let version = pg.psql("SHOW server_version_num")?;
-    assert!(
-        version.starts_with(&major.to_string()),
-        "expected PostgreSQL {major}, server says {version}"
-    );
+    assert!(version.starts_with(&major.to_string()), "expected PostgreSQL {major}, server says {version}");
     pg.psql("CREATE TABLE t (id int PRIMARY KEY, v text)")?;
     pg.psql("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 100) g")?;
     {
         let client = pg.client().await?;
-        let row = client
-            .query_one("SELECT count(*), max(v) FROM t WHERE id <= $1", &[&50i32])
-            .await?;
+        let row = client.query_one("SELECT count(*), max(v) FROM t WHERE id <= $1", &[&50i32]).await?;
         assert_eq!(row.get::<_, i64>(0), 50);
         assert_eq!(row.get::<_, String>(1), "row 9");
     }
@@ -30,17 +23,9 @@ async fn roundtrip(major: u32) -> anyhow::Result<()> {
     assert!(wal_files > 0, "no files in {}", pg.wal_dir().display());
 
     pg.stop("fast")?;
-    assert!(
-        pg.psql("SELECT 1").is_err(),
-        "server still answers after stop"
-    );
+    assert!(pg.psql("SELECT 1").is_err(), "server still answers after stop");
     pg.start_again()?;
-    assert_eq!(
-        pg.psql("SELECT count(*) FROM t")?,
-        "100",
-        "{}",
-        pg.log_tail()
-    );
+    assert_eq!(pg.psql("SELECT count(*) FROM t")?, "100", "{}", pg.log_tail());
     let client = pg.client().await?;
     let n: i64 = client.query_one("SELECT sum(id) FROM t", &[]).await?.get(0);
     assert_eq!(n, 5050);
@@ -79,8 +64,7 @@ fn pgbench_on_17() -> anyhow::Result<()> {
 fn extra_conf_and_hba_are_applied() -> anyhow::Result<()> {
     let mut opts = PgOptions::new(15);
     opts.extra_conf.push("wal_sender_timeout = '7s'".into());
-    opts.hba
-        .push("host all nobody_here 127.0.0.1/32 reject".into());
+    opts.hba.push("host all nobody_here 127.0.0.1/32 reject".into());
     let pg = PgCluster::start(opts)?;
     assert_eq!(pg.psql("SHOW wal_sender_timeout")?, "7s");
     assert_eq!(pg.psql("SHOW wal_level")?, "replica");
@@ -105,13 +89,7 @@ fn lsn_helpers_round_trip() {
     assert_eq!(u64_to_lsn(0), "0/0");
     assert_eq!(lsn_to_u64("0/0"), 0);
     assert_eq!(lsn_to_u64("0/0100000A"), 0x100_000A); // zero-padded (PG 19+ style)
-    for v in [
-        1u64,
-        0xFFFF_FFFF,
-        0x1_0000_0000,
-        u64::MAX,
-        0x0123_4567_89AB_CDEF,
-    ] {
+    for v in [1u64, 0xFFFF_FFFF, 0x1_0000_0000, u64::MAX, 0x0123_4567_89AB_CDEF] {
         assert_eq!(lsn_to_u64(&u64_to_lsn(v)), v);
     }
     assert!(parse_lsn("nonsense").is_err());
@@ -125,9 +103,7 @@ fn child_guard_and_wait_until() -> anyhow::Result<()> {
     let mut cmd = Command::new("sh");
     cmd.args(["-c", "echo started; echo oops >&2; exec sleep 30"]);
     let mut child = spawn_logged(cmd, &log)?;
-    wait_until("child output", Duration::from_secs(10), || {
-        Ok(std::fs::read_to_string(&log)?.contains("oops"))
-    })?;
+    wait_until("child output", Duration::from_secs(10), || Ok(std::fs::read_to_string(&log)?.contains("oops")))?;
     assert!(std::fs::read_to_string(&log)?.contains("started"));
     assert!(child.wait_timeout(Duration::from_millis(200))?.is_none());
     child.signal(libc::SIGTERM)?;

@@ -16,7 +16,9 @@ fn parse_exposition(text: &str) -> Result<BTreeMap<String, f64>> {
     let mut samples = BTreeMap::new();
     let valid_name = |n: &str| {
         !n.is_empty()
-            && n.chars().enumerate().all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
+            && n.chars()
+                .enumerate()
+                .all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
     };
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         if let Some(rest) = line.strip_prefix("# HELP ") {
@@ -55,7 +57,11 @@ fn parse_exposition(text: &str) -> Result<BTreeMap<String, f64>> {
                 }
             }
         }
-        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).filter(|f| typed.contains_key(*f)).unwrap_or(name);
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| typed.contains_key(*f))
+            .unwrap_or(name);
         if !typed.contains_key(family) || !helped.contains(family) {
             bail!("sample {name} has no TYPE/HELP for {family}");
         }
@@ -84,8 +90,10 @@ fn pg15_metrics_health_and_a_scheduled_backup() -> Result<()> {
     env.edit_config("full_backup = \"\"", "full_backup = \"*/20 * * * * *\"")?;
     env.init()?;
     let _stream = env.spawn_stream()?;
-    wait_until("/healthz to be 200", Duration::from_secs(30), || Ok(env.http_get("/healthz").map(|r| r.0 == 200).unwrap_or(false)))
-        .with_context(|| env.stream_logs())?;
+    wait_until("/healthz to be 200", Duration::from_secs(30), || {
+        Ok(env.http_get("/healthz").map(|r| r.0 == 200).unwrap_or(false))
+    })
+    .with_context(|| env.stream_logs())?;
 
     let before = scrape(&env)?;
     assert_eq!(value(&before, "pitr_up"), 1.0);

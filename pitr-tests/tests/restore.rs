@@ -67,14 +67,31 @@ fn restore_and_start(env: &PitrEnv, cluster: &PgCluster, to: &str) -> Result<Res
     let port = pitr_tests::free_port()?;
     let target = dir.path().join("data");
     let out = env.run_as_pg_user(&[
-        "restore", "--to", to, "--target-dir", &target.display().to_string(), "--start", "--port", &port.to_string(),
-        "--db-user", "postgres", "--json", "--timeout", "120s",
+        "restore",
+        "--to",
+        to,
+        "--target-dir",
+        &target.display().to_string(),
+        "--start",
+        "--port",
+        &port.to_string(),
+        "--db-user",
+        "postgres",
+        "--json",
+        "--timeout",
+        "120s",
     ])?;
-    let mut restored = Restored { dir, port, report: serde_json::Value::Null, bin_dir: cluster.bin_dir().to_path_buf() };
+    let mut restored =
+        Restored { dir, port, report: serde_json::Value::Null, bin_dir: cluster.bin_dir().to_path_buf() };
     if !out.status.success() {
-        bail!("pitr restore --to {to} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+        bail!(
+            "pitr restore --to {to} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
-    restored.report = serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())?;
+    restored.report =
+        serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())?;
     Ok(restored)
 }
 
@@ -123,7 +140,10 @@ fn round_trip(major: u32) -> Result<()> {
     batch(&cluster, 500)?;
     wait_archived(&env, &cluster)?;
     let second = backup_json(&env)?;
-    assert!(second["bytes_stored"].as_u64() < first["bytes_stored"].as_u64(), "second backup stored more: {second} vs {first}");
+    assert!(
+        second["bytes_stored"].as_u64() < first["bytes_stored"].as_u64(),
+        "second backup stored more: {second} vs {first}"
+    );
     for _ in 0..3 {
         batch(&cluster, 500)?;
     }
@@ -138,7 +158,8 @@ fn round_trip(major: u32) -> Result<()> {
     for &i in &[1usize, 3, 4, 6, 7] {
         let (at, expected) = &moments[i];
         let restored = restore_and_start(&env, &cluster, at)?;
-        let got = restored.psql("select count(*) || ' ' || coalesce(md5(string_agg(id || ':' || v, ',' order by id)), '-') from t")?;
+        let got = restored
+            .psql("select count(*) || ' ' || coalesce(md5(string_agg(id || ':' || v, ',' order by id)), '-') from t")?;
         assert_eq!(&got, expected, "restore to {at} (moment {i}) differs; report {}", restored.report);
         let window = restored.report["data_loss_window_seconds"].as_f64().context("no data-loss window")?;
         assert!(window >= 0.0, "{}", restored.report);
@@ -146,14 +167,30 @@ fn round_trip(major: u32) -> Result<()> {
         assert_eq!(restored.report["backup_id"], expected_backup["id"], "restore to moment {i} used the wrong backup");
         if major == 15 && i == 7 {
             let out = std::process::Command::new(client_bin("pg_amcheck"))
-                .args(["-h", &restored.target().display().to_string(), "-p", &restored.port.to_string(), "-U", "postgres"])
+                .args([
+                    "-h",
+                    &restored.target().display().to_string(),
+                    "-p",
+                    &restored.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
                 .args(["--all", "--install-missing", "--heapallindexed"])
                 .output()?;
-            assert!(out.status.success(), "pg_amcheck: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "pg_amcheck: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
     let latest = restore_and_start(&env, &cluster, "latest")?;
-    assert_eq!(latest.psql("select count(*) || ' ' || coalesce(md5(string_agg(id || ':' || v, ',' order by id)), '-') from t")?, final_state);
+    assert_eq!(
+        latest
+            .psql("select count(*) || ' ' || coalesce(md5(string_agg(id || ':' || v, ',' order by id)), '-') from t")?,
+        final_state
+    );
     assert_eq!(latest.report["data_loss_window_seconds"].as_f64(), Some(0.0), "{}", latest.report);
     Ok(())
 }

@@ -20,7 +20,20 @@ fn spawn_pg_receivewal(cluster: &PgCluster, dir: &std::path::Path) -> Result<Chi
     std::fs::create_dir_all(dir)?;
     cluster.psql("select pg_create_physical_replication_slot('reference', true)")?;
     let mut cmd = std::process::Command::new(client_bin("pg_receivewal"));
-    cmd.args(["-D", &dir.display().to_string(), "-S", "reference", "-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "--synchronous", "-n"]);
+    cmd.args([
+        "-D",
+        &dir.display().to_string(),
+        "-S",
+        "reference",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &cluster.port.to_string(),
+        "-U",
+        "postgres",
+        "--synchronous",
+        "-n",
+    ]);
     spawn_logged(cmd, &dir.with_extension("log"))
 }
 
@@ -36,8 +49,7 @@ fn switch_wal(cluster: &PgCluster) -> Result<String> {
 }
 
 fn wait_archived(env: &PitrEnv, lsn: u64, what: &str) -> Result<()> {
-    wait_until(what, Duration::from_secs(60), || Ok(env.archived_end(SEG)? >= lsn))
-        .with_context(|| env.stream_logs())
+    wait_until(what, Duration::from_secs(60), || Ok(env.archived_end(SEG)? >= lsn)).with_context(|| env.stream_logs())
 }
 
 /// Compares every complete segment pg_receivewal wrote with `pitr wal-fetch` of it.
@@ -88,7 +100,20 @@ fn background_pgbench(cluster: &PgCluster, secs: u32) -> std::thread::JoinHandle
     let port = cluster.port;
     std::thread::spawn(move || {
         let out = std::process::Command::new(client_bin("pgbench"))
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-c", "4", "-T", &secs.to_string(), "-n", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-c",
+                "4",
+                "-T",
+                &secs.to_string(),
+                "-n",
+                "postgres",
+            ])
             .output()?;
         if !out.status.success() {
             bail!("pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -111,7 +136,8 @@ fn pg15_byte_identical_with_pg_receivewal_and_kill9() -> Result<()> {
     let load = background_pgbench(&cluster, 8);
     let mut samples = 0;
     while !load.is_finished() {
-        let flush = cluster.psql("select coalesce(flush_lsn, '0/0') from pg_stat_replication where application_name = 'pitr_main'")?;
+        let flush = cluster
+            .psql("select coalesce(flush_lsn, '0/0') from pg_stat_replication where application_name = 'pitr_main'")?;
         if !flush.is_empty() {
             let flush = lsn_to_u64(&flush);
             let archived = env.archived_end(SEG)?;
@@ -197,7 +223,19 @@ fn pg15_follows_a_promoted_standby_onto_the_new_timeline() -> Result<()> {
     let data = standby_dir.path().join("data");
     pitr_tests::chown_to_pg_user(standby_dir.path())?;
     let mut cmd = std::process::Command::new(client_bin("pg_basebackup"));
-    cmd.args(["-D", &data.display().to_string(), "-R", "-X", "stream", "-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres"]);
+    cmd.args([
+        "-D",
+        &data.display().to_string(),
+        "-R",
+        "-X",
+        "stream",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &primary.port.to_string(),
+        "-U",
+        "postgres",
+    ]);
     pitr_tests::as_pg_user(&mut cmd);
     let out = cmd.output()?;
     if !out.status.success() {
@@ -309,9 +347,8 @@ fn pg15_synchronous_commit_waits_for_the_archive() -> Result<()> {
     })?;
     for i in 0..20 {
         // The insert position before the commit record: the commit ends after it.
-        let before_commit = cluster.psql(&format!(
-            "begin; insert into t values ({i}); select pg_current_wal_insert_lsn(); commit;"
-        ))?;
+        let before_commit =
+            cluster.psql(&format!("begin; insert into t values ({i}); select pg_current_wal_insert_lsn(); commit;"))?;
         let before_commit = lsn_to_u64(before_commit.lines().next().context("no LSN")?);
         let archived = env.archived_end(SEG)?;
         assert!(archived > before_commit, "commit {i} returned before the archive held it: archive ends at {archived:X}, commit after {before_commit:X}");

@@ -53,23 +53,37 @@ fn main() -> Result<()> {
     let bb_dir = bb.path().join("tar");
     let (_, bb_secs) = timed(|| {
         let mut c = Command::new(client_bin("pg_basebackup"));
-        c.args(["-D", &bb_dir.display().to_string(), "-Ft", "-X", "none", "-c", "fast", "-h", "127.0.0.1"])
-            .args(["-p", &cluster.port.to_string(), "-U", "postgres"]);
+        c.args(["-D", &bb_dir.display().to_string(), "-Ft", "-X", "none", "-c", "fast", "-h", "127.0.0.1"]).args([
+            "-p",
+            &cluster.port.to_string(),
+            "-U",
+            "postgres",
+        ]);
         pitr_tests::as_pg_user(&mut c);
         run(&mut c)
     })?;
     let bb_size = du(&bb_dir)?;
-    let (first, pitr_secs) = timed(|| Ok(serde_json::from_str::<serde_json::Value>(&env.run_ok(&["backup", "--json"])?)?))?;
-    let (second, pitr2_secs) = timed(|| Ok(serde_json::from_str::<serde_json::Value>(&env.run_ok(&["backup", "--json"])?)?))?;
+    let (first, pitr_secs) =
+        timed(|| Ok(serde_json::from_str::<serde_json::Value>(&env.run_ok(&["backup", "--json"])?)?))?;
+    let (second, pitr2_secs) =
+        timed(|| Ok(serde_json::from_str::<serde_json::Value>(&env.run_ok(&["backup", "--json"])?)?))?;
 
     // Restores: a plain copy of the data directory vs pitr restore (files only, then with --start).
     let copy = scratch_dir("bench-copy");
-    let (_, cp_secs) = timed(|| run(Command::new("cp").arg("-a").arg(&cluster.data_dir).arg(copy.path().join("data"))))?;
+    let (_, cp_secs) =
+        timed(|| run(Command::new("cp").arg("-a").arg(&cluster.data_dir).arg(copy.path().join("data"))))?;
     let restored = scratch_dir("bench-restore");
     pitr_tests::chown_to_pg_user(restored.path())?;
     let target = restored.path().join("data");
     let (report, restore_secs) = timed(|| {
-        let out = env.run_as_pg_user(&["restore", "--to", "latest", "--target-dir", &target.display().to_string(), "--json"])?;
+        let out = env.run_as_pg_user(&[
+            "restore",
+            "--to",
+            "latest",
+            "--target-dir",
+            &target.display().to_string(),
+            "--json",
+        ])?;
         if !out.status.success() {
             bail!("restore: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -81,8 +95,17 @@ fn main() -> Result<()> {
     let port = pitr_tests::free_port()?.to_string();
     let (report2, start_secs) = timed(|| {
         let out = env.run_as_pg_user(&[
-            "restore", "--to", "latest", "--target-dir", &target2.display().to_string(), "--start", "--port", &port,
-            "--db-user", "postgres", "--json",
+            "restore",
+            "--to",
+            "latest",
+            "--target-dir",
+            &target2.display().to_string(),
+            "--start",
+            "--port",
+            &port,
+            "--db-user",
+            "postgres",
+            "--json",
         ])?;
         if !out.status.success() {
             bail!("restore --start: {}", String::from_utf8_lossy(&out.stderr));
@@ -97,16 +120,34 @@ fn main() -> Result<()> {
     let mib = |b: f64| b / 1048576.0;
     let read = first["bytes_read"].as_f64().unwrap_or(0.0);
     println!("\n===== base backup and restore, PostgreSQL 15, pgbench scale {scale} =====");
-    println!("machine: nproc={}, pitr binary {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), bin.display());
+    println!(
+        "machine: nproc={}, pitr binary {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        bin.display()
+    );
     println!("database size (pg_database_size, all dbs): {:.0} MiB", mib(db_bytes as f64));
-    println!("pg_basebackup -Ft -X none -c fast:  {bb_secs:7.2} s  {:7.1} MiB/s  output {:.0} MiB (uncompressed tar)", mib(read) / bb_secs, mib(bb_size as f64));
+    println!(
+        "pg_basebackup -Ft -X none -c fast:  {bb_secs:7.2} s  {:7.1} MiB/s  output {:.0} MiB (uncompressed tar)",
+        mib(read) / bb_secs,
+        mib(bb_size as f64)
+    );
     println!("pitr backup (first, empty repo):    {pitr_secs:7.2} s  {:7.1} MiB/s  stored {:.0} MiB (zstd+AES, dedup)  ratio vs pg_basebackup time {:.2}",
         mib(read) / pitr_secs, mib(first["bytes_stored"].as_f64().unwrap_or(0.0)), pitr_secs / bb_secs);
-    println!("pitr backup (second, unchanged):    {pitr2_secs:7.2} s  stored {:.2} MiB", mib(second["bytes_stored"].as_f64().unwrap_or(0.0)));
+    println!(
+        "pitr backup (second, unchanged):    {pitr2_secs:7.2} s  stored {:.2} MiB",
+        mib(second["bytes_stored"].as_f64().unwrap_or(0.0))
+    );
     println!("cp -a of the data directory:         {cp_secs:7.2} s");
-    println!("pitr restore --to latest (files):    {restore_secs:7.2} s  ratio vs cp {:.2}  (report: download {:.2} s)",
-        restore_secs / cp_secs, report["download_seconds"].as_f64().unwrap_or(0.0));
-    println!("pitr restore --to latest --start:    {start_secs:7.2} s  (download {:.2} s, replay {:.2} s, RPO {} s)",
-        report2["download_seconds"].as_f64().unwrap_or(0.0), report2["replay_seconds"].as_f64().unwrap_or(0.0), report2["data_loss_window_seconds"]);
+    println!(
+        "pitr restore --to latest (files):    {restore_secs:7.2} s  ratio vs cp {:.2}  (report: download {:.2} s)",
+        restore_secs / cp_secs,
+        report["download_seconds"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "pitr restore --to latest --start:    {start_secs:7.2} s  (download {:.2} s, replay {:.2} s, RPO {} s)",
+        report2["download_seconds"].as_f64().unwrap_or(0.0),
+        report2["replay_seconds"].as_f64().unwrap_or(0.0),
+        report2["data_loss_window_seconds"]
+    );
     Ok(())
 }

@@ -73,8 +73,16 @@ fn main() -> Result<()> {
     let target = restored.path().join("data");
     let port = pitr_tests::free_port()?.to_string();
     let out = env.run_as_pg_user(&[
-        "restore", "--to", &moment, "--target-dir", &target.display().to_string(), "--start", "--port", &port,
-        "--db-user", "postgres",
+        "restore",
+        "--to",
+        &moment,
+        "--target-dir",
+        &target.display().to_string(),
+        "--start",
+        "--port",
+        &port,
+        "--db-user",
+        "postgres",
     ])?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     if !out.status.success() {
@@ -84,7 +92,10 @@ fn main() -> Result<()> {
         .args(["-X", "-A", "-t", "-h", &target.display().to_string(), "-p", &port, "-U", "postgres", "-c", state_sql])
         .output()?;
     let restored_state = String::from_utf8_lossy(&restored_state.stdout).trim().to_string();
-    println!("    restored data: {restored_state} ({})", if restored_state == state_then { "equal to the moment" } else { "DIFFERENT" });
+    println!(
+        "    restored data: {restored_state} ({})",
+        if restored_state == state_then { "equal to the moment" } else { "DIFFERENT" }
+    );
     let mut stop = Command::new(cluster.bin_dir().join("pg_ctl"));
     stop.args(["-D", &target.display().to_string(), "-m", "fast", "-w", "stop"]);
     pitr_tests::as_pg_user(&mut stop);
@@ -101,8 +112,14 @@ fn main() -> Result<()> {
     let objects: usize = env.archived_objects()?.values().map(Vec::len).sum();
     let size: u64 = walk_size(env.repo_path())?;
     step("done");
-    println!("    repository {} holds {objects} WAL objects, {size} bytes on disk (compressed and encrypted)", env.repo_path().display());
-    println!("    (the throwaway server stops now; run with PITR_KEEP_TEST_DIRS=1 to keep {} and inspect it with", env.dir.path().display());
+    println!(
+        "    repository {} holds {objects} WAL objects, {size} bytes on disk (compressed and encrypted)",
+        env.repo_path().display()
+    );
+    println!(
+        "    (the throwaway server stops now; run with PITR_KEEP_TEST_DIRS=1 to keep {} and inspect it with",
+        env.dir.path().display()
+    );
     println!("     {} --config {} status)", pitr_tests::pitr_bin().display(), env.config.display());
     Ok(())
 }
