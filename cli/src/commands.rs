@@ -98,6 +98,7 @@ pub async fn stream(config_path: &Path) -> Result<()> {
         repo: repo.clone(),
         backup: backup_options(&config, pg, stream_config.conninfo.clone()),
         system_id: pg.system_id,
+        config_path: config_path.to_path_buf(),
     });
     let mut scheduled = Vec::new();
     for job in jobs {
@@ -543,26 +544,36 @@ fn shell_quote(p: &Path) -> String {
     )
 }
 
+/// `restore_command` for a restored server: this pitr binary, by absolute path, with this config.
+fn restore_command(config_path: &Path) -> Result<String> {
+    let exe = std::env::current_exe().context("locating the pitr binary for restore_command")?;
+    let config_abs =
+        std::fs::canonicalize(config_path).with_context(|| format!("config file {}", config_path.display()))?;
+    Ok(format!("{} --config {} wal-fetch \"%f\" \"%p\"", shell_quote(&exe), shell_quote(&config_abs)))
+}
+
+/// PostgreSQL's binaries for the archived cluster's major version.
+fn pg_bin_dir(config: &Config, catalog: &pitr_restore::Catalog) -> Result<std::path::PathBuf> {
+    let major = catalog.cluster.server_version_num / 10000;
+    let bin_dir = config
+        .postgres
+        .as_ref()
+        .and_then(|p| p.bin_dir.clone())
+        .unwrap_or_else(|| std::path::PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
+    if !bin_dir.join("pg_ctl").exists() {
+        return Err(anyhow!("no pg_ctl in {} for PostgreSQL {major}: set [postgres] bin_dir", bin_dir.display()));
+    }
+    Ok(bin_dir)
+}
+
 pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
     let config = Config::load(config_path)?;
     let target = pitr_restore::parse_target(&args.to)?;
     let repo = open_repository(&config)?;
     let catalog = load_catalog(&config, &repo).await?;
-    let exe = std::env::current_exe().context("locating the pitr binary for restore_command")?;
-    let config_abs =
-        std::fs::canonicalize(config_path).with_context(|| format!("config file {}", config_path.display()))?;
-    let restore_command =
-        format!("{} --config {} wal-fetch \"%f\" \"%p\"", shell_quote(&exe), shell_quote(&config_abs));
+    let restore_command = restore_command(config_path)?;
     let start = if args.start {
-        let major = catalog.cluster.server_version_num / 10000;
-        let bin_dir = config
-            .postgres
-            .as_ref()
-            .and_then(|p| p.bin_dir.clone())
-            .unwrap_or_else(|| std::path::PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
-        if !bin_dir.join("pg_ctl").exists() {
-            return Err(anyhow!("no pg_ctl in {} for PostgreSQL {major}: set [postgres] bin_dir", bin_dir.display()));
-        }
+        let bin_dir = pg_bin_dir(&config, &catalog)?;
         let db_user = args.db_user.clone().or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "postgres".into());
         Some(pitr_restore::StartOptions { bin_dir, port: args.port, db_user, timeout: args.timeout })
     } else {
@@ -628,4 +639,101 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
         println!("  recovery settings written to postgresql.auto.conf (recovery.signal present); start the server to replay to the target");
     }
     Ok(())
+}
+
+pub async fn verify(config_path: &Path, deep: bool, json: bool) -> Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let repo = open_repository(&config)?;
+    let catalog = load_catalog(&config, &repo).await?;
+    let report = pitr_restore::verify::verify(&repo, &catalog, deep, config.backup.parallel()).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "verified {}: timelines {:?}, {} segments, {} backups, {} blocks{}",
+            repo.location(),
+            report.timelines,
+            report.segments,
+            report.backups,
+            report.blocks,
+            if deep { format!(", {} objects opened and authenticated", report.objects_opened) } else { String::new() }
+        );
+        for f in &report.findings {
+            println!("FINDING {}: {}: {}", f.kind, f.object, f.message);
+        }
+        println!("{}", if report.ok { "OK: no findings" } else { "FAILED" });
+    }
+    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+pub struct DrillArgs {
+    pub to: String,
+    pub checks: Option<std::path::PathBuf>,
+    pub report: Option<std::path::PathBuf>,
+    pub json: bool,
+    pub keep: bool,
+    pub db_user: Option<String>,
+    pub test_type: String,
+}
+
+/// Reads a drill checks file; every bad key or value is named.
+pub fn load_checks(path: Option<&Path>) -> Result<pitr_restore::drill::ChecksFile> {
+    let Some(path) = path else { return Ok(Default::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("checks file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow!("checks file {}: {}", path.display(), e.to_string().trim_end()))
+}
+
+pub fn drill_options(
+    config: &Config,
+    config_path: &Path,
+    catalog: &pitr_restore::Catalog,
+    target: pitr_restore::drill::DrillTarget,
+    checks: pitr_restore::drill::ChecksFile,
+    db_user: Option<String>,
+    test_type: String,
+    keep: bool,
+) -> Result<pitr_restore::drill::DrillOptions> {
+    Ok(pitr_restore::drill::DrillOptions {
+        target,
+        scratch_root: std::env::temp_dir(),
+        bin_dir: pg_bin_dir(config, catalog)?,
+        db_user: db_user.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "postgres".into()),
+        restore_command: restore_command(config_path)?,
+        workers: config.backup.parallel(),
+        rto_target_seconds: config.targets.rto_seconds,
+        rpo_target_seconds: config.targets.rpo_seconds,
+        checks,
+        keep,
+        timeout: Duration::from_secs_f64(config.targets.rto_seconds * 2.0),
+        test_type,
+    })
+}
+
+pub async fn drill(config_path: &Path, args: DrillArgs) -> Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let checks = load_checks(args.checks.as_deref())?;
+    let target = if args.to.eq_ignore_ascii_case("random") {
+        pitr_restore::drill::DrillTarget::Random
+    } else {
+        pitr_restore::drill::DrillTarget::At(pitr_restore::parse_target(&args.to)?)
+    };
+    let repo = open_repository(&config)?;
+    let catalog = load_catalog(&config, &repo).await?;
+    let opts = drill_options(&config, config_path, &catalog, target, checks, args.db_user, args.test_type, args.keep)?;
+    let report = pitr_restore::drill::drill(&repo, &catalog, &opts).await?;
+    if let Err(e) = pitr_restore::drill::store_result(&repo, catalog.cluster.system_id, &report).await {
+        tracing::warn!(error = %e, "could not store the drill result in the repository");
+    }
+    let markdown = pitr_restore::drill::render_markdown(&report);
+    if let Some(path) = &args.report {
+        std::fs::write(path, &markdown).with_context(|| format!("writing {}", path.display()))?;
+        let json_path = path.with_extension("json");
+        std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", json_path.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{markdown}");
+    }
+    Ok(if report.outcome == "PASS" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

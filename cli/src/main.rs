@@ -55,6 +55,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the archive: WAL continuity, history files, every backup's blocks (--deep: open every object).
+    Verify {
+        #[arg(long)]
+        deep: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore drill: restore to a moment into a scratch server, check it, measure RTO and RPO.
+    Drill {
+        /// TIME, lsn:X/Y, latest, or random (a uniformly chosen second in the recoverable window).
+        #[arg(long, default_value = "random")]
+        to: String,
+        /// TOML file of SQL checks ([[check]] name, sql, expect, database, recorded).
+        #[arg(long)]
+        checks: Option<PathBuf>,
+        /// Write the markdown report here (and the JSON beside it, FILE.json).
+        #[arg(long)]
+        report: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        /// Keep the scratch directory (stopped server) for inspection.
+        #[arg(long)]
+        keep: bool,
+        #[arg(long)]
+        db_user: Option<String>,
+        #[arg(long, default_value = "On demand")]
+        test_type: String,
+    },
     /// Restore to a moment: TIME (RFC 3339 or "YYYY-MM-DD HH:MM:SS[.ffffff][+TZ]"), latest, lsn:X/Y or xid:N.
     Restore {
         #[arg(long)]
@@ -113,6 +141,11 @@ fn main() -> ExitCode {
             Command::Status { json } => commands::status(&config_path, json).await,
             Command::WalFetch { segment, dest } => return commands::wal_fetch(&config_path, &segment, &dest).await,
             Command::Backup { json } => commands::backup(&config_path, json).await,
+            Command::Verify { deep, json } => return commands::verify(&config_path, deep, json).await,
+            Command::Drill { to, checks, report, json, keep, db_user, test_type } => {
+                let args = commands::DrillArgs { to, checks, report, json, keep, db_user, test_type };
+                return commands::drill(&config_path, args).await;
+            }
             Command::List { json } => commands::list(&config_path, json).await,
             Command::Restore { to, target_dir, start, port, force, json, db_user, timeout } => {
                 let args = commands::RestoreArgs { to, target_dir, start, port, force, json, db_user, timeout };

@@ -78,6 +78,7 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     describe_gauge!("pitr_drill_success", "1 if the last restore drill passed (exported once a drill has run)");
     describe_gauge!("pitr_drill_rto_seconds", Unit::Seconds, "Recovery time measured by the last drill");
     describe_gauge!("pitr_drill_rpo_seconds", Unit::Seconds, "Data-loss window measured by the last drill");
+    describe_gauge!("pitr_verify_findings", "Findings of the last scheduled verification (0 = archive whole)");
     describe_gauge!("pitr_up", "1 while pitr stream runs");
     gauge!("pitr_up").set(1.0);
     Ok(handle)
@@ -183,6 +184,14 @@ async fn catalog_gauges_once(repo: &Repository, system_id: Option<u64>) -> Resul
     if let Some(b) = catalog.backups.last() {
         record_backup_gauges(b);
     }
+    // Drills run by hand (`pitr drill`) store their result in the repository too.
+    if let Some(d) = pitr_restore::drill::latest_result(repo, catalog.cluster.system_id).await? {
+        record_drill_gauges(
+            d["outcome"].as_str().unwrap_or("FAIL"),
+            d["rto_achieved_seconds"].as_f64(),
+            d["rpo_achieved_seconds"].as_f64(),
+        );
+    }
     Ok(())
 }
 
@@ -196,6 +205,8 @@ fn record_backup_gauges(b: &BackupManifest) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobKind {
     FullBackup,
+    Verify,
+    Drill,
     /// Scheduled, but not something this version can do yet: said once, counted every time.
     Unavailable(&'static str),
 }
@@ -210,6 +221,8 @@ pub struct SchedulerContext {
     pub repo: Repository,
     pub backup: pitr_basebackup::BackupOptions,
     pub system_id: Option<u64>,
+    /// Drills and verification read the config again, as `pitr drill` would.
+    pub config_path: std::path::PathBuf,
 }
 
 fn next_after(cron: &croner::Cron, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -276,8 +289,81 @@ pub async fn run_job(job: Job, ctx: Arc<SchedulerContext>, mut shutdown: watch::
     }
 }
 
+fn count_run(job: &Job, ok: bool) {
+    let result = if ok { "success" } else { "failure" };
+    metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => result).increment(1);
+}
+
+async fn run_verify(ctx: &SchedulerContext) -> Result<pitr_restore::verify::VerifyReport> {
+    let config = crate::config::Config::load(&ctx.config_path)?;
+    let cluster = ctx.repo.resolve_cluster(ctx.system_id).await?;
+    let catalog = pitr_restore::Catalog::load(&ctx.repo, cluster).await?;
+    Ok(pitr_restore::verify::verify(&ctx.repo, &catalog, false, config.backup.parallel()).await?)
+}
+
+async fn run_drill(ctx: &SchedulerContext) -> Result<pitr_restore::drill::DrillReport> {
+    let config = crate::config::Config::load(&ctx.config_path)?;
+    let cluster = ctx.repo.resolve_cluster(ctx.system_id).await?;
+    let catalog = pitr_restore::Catalog::load(&ctx.repo, cluster).await?;
+    let opts = crate::commands::drill_options(
+        &config,
+        &ctx.config_path,
+        &catalog,
+        pitr_restore::drill::DrillTarget::Random,
+        Default::default(),
+        None,
+        "Monthly (scheduled)".into(),
+        false,
+    )?;
+    let report = pitr_restore::drill::drill(&ctx.repo, &catalog, &opts).await?;
+    pitr_restore::drill::store_result(&ctx.repo, catalog.cluster.system_id, &report).await?;
+    Ok(report)
+}
+
+fn record_drill_gauges(outcome: &str, rto: Option<f64>, rpo: Option<f64>) {
+    gauge!("pitr_drill_success").set(if outcome == "PASS" { 1.0 } else { 0.0 });
+    if let Some(rto) = rto {
+        gauge!("pitr_drill_rto_seconds").set(rto);
+    }
+    if let Some(rpo) = rpo {
+        gauge!("pitr_drill_rpo_seconds").set(rpo);
+    }
+}
+
 async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &mut bool) {
     match job.kind {
+        JobKind::Verify => {
+            tracing::info!(job = job.name, event = "start", "scheduled verification starting");
+            match run_verify(ctx).await {
+                Ok(r) => {
+                    for f in &r.findings {
+                        tracing::error!(job = job.name, kind = f.kind, object = %f.object, "verify finding: {}", f.message);
+                    }
+                    gauge!("pitr_verify_findings").set(r.findings.len() as f64);
+                    tracing::info!(job = job.name, event = "end", result = if r.ok { "success" } else { "failure" }, findings = r.findings.len(), "scheduled verification done");
+                    count_run(job, r.ok);
+                }
+                Err(e) => {
+                    tracing::error!(job = job.name, event = "end", result = "failure", error = %format!("{e:#}"), "scheduled verification failed");
+                    count_run(job, false);
+                }
+            }
+        }
+        JobKind::Drill => {
+            tracing::info!(job = job.name, event = "start", "scheduled restore drill starting");
+            match run_drill(ctx).await {
+                Ok(r) => {
+                    record_drill_gauges(&r.outcome, r.rto_achieved_seconds, r.rpo_achieved_seconds);
+                    tracing::info!(job = job.name, event = "end", result = %r.outcome, rto = ?r.rto_achieved_seconds, rpo = ?r.rpo_achieved_seconds, issues = ?r.issues, "scheduled drill done");
+                    count_run(job, r.outcome == "PASS");
+                }
+                Err(e) => {
+                    record_drill_gauges("FAIL", None, None);
+                    tracing::error!(job = job.name, event = "end", result = "failure", error = %format!("{e:#}"), "scheduled drill failed");
+                    count_run(job, false);
+                }
+            }
+        }
         JobKind::Unavailable(why) => {
             if !*said_unavailable {
                 tracing::info!(job = job.name, event = "unavailable", "scheduled {} does nothing yet: {why}", job.name);

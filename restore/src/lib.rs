@@ -5,10 +5,12 @@
 //! target and measuring what was achieved ([`recover`]), and `wal-fetch` ([`walfetch`]), which
 //! PostgreSQL calls as its restore_command. It never writes to the archive.
 
+pub mod drill;
 pub mod materialize;
 pub mod plan;
 pub mod recover;
 pub mod target;
+pub mod verify;
 pub mod walfetch;
 
 use std::path::PathBuf;
