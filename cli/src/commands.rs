@@ -683,29 +683,25 @@ pub fn load_checks(path: Option<&Path>) -> Result<pitr_restore::drill::ChecksFil
     toml::from_str(&text).map_err(|e| anyhow!("checks file {}: {}", path.display(), e.to_string().trim_end()))
 }
 
+/// Drill options from the config: a random target, no extra checks, scratch space in $TMPDIR.
 pub fn drill_options(
     config: &Config,
     config_path: &Path,
     catalog: &pitr_restore::Catalog,
-    target: pitr_restore::drill::DrillTarget,
-    checks: pitr_restore::drill::ChecksFile,
-    db_user: Option<String>,
-    test_type: String,
-    keep: bool,
 ) -> Result<pitr_restore::drill::DrillOptions> {
     Ok(pitr_restore::drill::DrillOptions {
-        target,
+        target: pitr_restore::drill::DrillTarget::Random,
         scratch_root: std::env::temp_dir(),
         bin_dir: pg_bin_dir(config, catalog)?,
-        db_user: db_user.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "postgres".into()),
+        db_user: std::env::var("USER").unwrap_or_else(|_| "postgres".into()),
         restore_command: restore_command(config_path)?,
         workers: config.backup.parallel(),
         rto_target_seconds: config.targets.rto_seconds,
         rpo_target_seconds: config.targets.rpo_seconds,
-        checks,
-        keep,
+        checks: Default::default(),
+        keep: false,
         timeout: Duration::from_secs_f64(config.targets.rto_seconds * 2.0),
-        test_type,
+        test_type: "On demand".into(),
     })
 }
 
@@ -719,7 +715,14 @@ pub async fn drill(config_path: &Path, args: DrillArgs) -> Result<ExitCode> {
     };
     let repo = open_repository(&config)?;
     let catalog = load_catalog(&config, &repo).await?;
-    let opts = drill_options(&config, config_path, &catalog, target, checks, args.db_user, args.test_type, args.keep)?;
+    let mut opts = drill_options(&config, config_path, &catalog)?;
+    opts.target = target;
+    opts.checks = checks;
+    opts.keep = args.keep;
+    opts.test_type = args.test_type;
+    if let Some(user) = args.db_user {
+        opts.db_user = user;
+    }
     let report = pitr_restore::drill::drill(&repo, &catalog, &opts).await?;
     if let Err(e) = pitr_restore::drill::store_result(&repo, catalog.cluster.system_id, &report).await {
         tracing::warn!(error = %e, "could not store the drill result in the repository");
@@ -728,7 +731,8 @@ pub async fn drill(config_path: &Path, args: DrillArgs) -> Result<ExitCode> {
     if let Some(path) = &args.report {
         std::fs::write(path, &markdown).with_context(|| format!("writing {}", path.display()))?;
         let json_path = path.with_extension("json");
-        std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", json_path.display()))?;
+        std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", json_path.display()))?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -305,16 +305,8 @@ async fn run_drill(ctx: &SchedulerContext) -> Result<pitr_restore::drill::DrillR
     let config = crate::config::Config::load(&ctx.config_path)?;
     let cluster = ctx.repo.resolve_cluster(ctx.system_id).await?;
     let catalog = pitr_restore::Catalog::load(&ctx.repo, cluster).await?;
-    let opts = crate::commands::drill_options(
-        &config,
-        &ctx.config_path,
-        &catalog,
-        pitr_restore::drill::DrillTarget::Random,
-        Default::default(),
-        None,
-        "Monthly (scheduled)".into(),
-        false,
-    )?;
+    let mut opts = crate::commands::drill_options(&config, &ctx.config_path, &catalog)?;
+    opts.test_type = "Monthly (scheduled)".into();
     let report = pitr_restore::drill::drill(&ctx.repo, &catalog, &opts).await?;
     pitr_restore::drill::store_result(&ctx.repo, catalog.cluster.system_id, &report).await?;
     Ok(report)
@@ -340,7 +332,13 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &mut bool)
                         tracing::error!(job = job.name, kind = f.kind, object = %f.object, "verify finding: {}", f.message);
                     }
                     gauge!("pitr_verify_findings").set(r.findings.len() as f64);
-                    tracing::info!(job = job.name, event = "end", result = if r.ok { "success" } else { "failure" }, findings = r.findings.len(), "scheduled verification done");
+                    tracing::info!(
+                        job = job.name,
+                        event = "end",
+                        result = if r.ok { "success" } else { "failure" },
+                        findings = r.findings.len(),
+                        "scheduled verification done"
+                    );
                     count_run(job, r.ok);
                 }
                 Err(e) => {
@@ -404,8 +402,8 @@ pub fn jobs(schedule: &crate::config::ScheduleSection) -> Result<Vec<Job>> {
             &schedule.incremental,
             JobKind::Unavailable("incremental backups are not implemented yet; the archived WAL covers every change"),
         ),
-        ("verify", &schedule.verify, JobKind::Unavailable("`pitr verify` is not implemented yet")),
-        ("drill", &schedule.drill, JobKind::Unavailable("`pitr drill` is not implemented yet")),
+        ("verify", &schedule.verify, JobKind::Verify),
+        ("drill", &schedule.drill, JobKind::Drill),
     ];
     for (name, expr, kind) in entries {
         if let Some(cron) = crate::config::parse_cron(name, expr)? {

@@ -229,6 +229,8 @@ fn pg15_follows_a_promoted_standby_onto_the_new_timeline() -> Result<()> {
         "-R",
         "-X",
         "stream",
+        "-c",
+        "fast",
         "-h",
         "127.0.0.1",
         "-p",

@@ -105,7 +105,8 @@ fn now_us() -> i64 {
 }
 
 fn free_port() -> Result<u16, RestoreError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| RestoreError::Other(format!("finding a free port: {e}")))?;
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| RestoreError::Other(format!("finding a free port: {e}")))?;
     l.local_addr().map(|a| a.port()).map_err(|e| RestoreError::Other(format!("finding a free port: {e}")))
 }
 
@@ -118,7 +119,9 @@ pub fn choose_target(catalog: &Catalog, target: DrillTarget) -> Result<RecoveryT
                 .current_window()
                 .ok_or_else(|| RestoreError::OutsideWindow("the archive holds no WAL".into()))?;
             let (Some(start), Some(end)) = (w.start_us, w.end_us) else {
-                return Err(RestoreError::OutsideWindow("no recoverable window yet (no backup, or no archived commit)".into()));
+                return Err(RestoreError::OutsideWindow(
+                    "no recoverable window yet (no backup, or no archived commit)".into(),
+                ));
             };
             let (first, last) = (start.div_euclid(1_000_000) + 1, end.div_euclid(1_000_000));
             if first > last {
@@ -143,7 +146,12 @@ pub async fn drill(repo: &Repository, catalog: &Catalog, opts: &DrillOptions) ->
         force: false,
         restore_command: opts.restore_command.clone(),
         workers: opts.workers,
-        start: Some(StartOptions { bin_dir: opts.bin_dir.clone(), port, db_user: opts.db_user.clone(), timeout: opts.timeout }),
+        start: Some(StartOptions {
+            bin_dir: opts.bin_dir.clone(),
+            port,
+            db_user: opts.db_user.clone(),
+            timeout: opts.timeout,
+        }),
     };
     let restored = restore(repo, catalog, &restore_opts, &|_, _| {}).await;
     let mut checks = Vec::new();
@@ -201,14 +209,19 @@ pub async fn drill(repo: &Repository, catalog: &Catalog, opts: &DrillOptions) ->
         }
     }
     if checks.iter().filter(|c| !c.name.starts_with("built-in")).count() == 0 {
-        improvements.push("add application checks (--checks FILE) so the drill proves the data, not only the server".into());
+        improvements
+            .push("add application checks (--checks FILE) so the drill proves the data, not only the server".into());
     }
     let ended_us = now_us();
     let scenario = format!(
         "Point-in-time restore of cluster {} to {} ({}) into a scratch server",
         catalog.cluster.system_id,
         target,
-        if opts.target == DrillTarget::Random { "a random second in the recoverable window" } else { "a chosen target" }
+        if opts.target == DrillTarget::Random {
+            "a random second in the recoverable window"
+        } else {
+            "a chosen target"
+        }
     );
     Ok(DrillReport {
         date: format_time(started_us)[..10].to_string(),
@@ -238,7 +251,13 @@ fn stop_server(bin_dir: &Path, dir: &Path) {
     }
 }
 
-async fn query_first_value(dir: &Path, port: u16, user: &str, db: &str, sql: &str) -> Result<Option<Option<String>>, String> {
+async fn query_first_value(
+    dir: &Path,
+    port: u16,
+    user: &str,
+    db: &str,
+    sql: &str,
+) -> Result<Option<Option<String>>, String> {
     let conninfo = format!("host={} port={port} user={user} dbname={db} connect_timeout=10", dir.display());
     let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
     let task = tokio::spawn(conn);
@@ -270,7 +289,9 @@ pub fn evaluate(expect: &str, first: &Option<Option<String>>) -> Result<(), Stri
     let (op, want) = ["!=", ">=", "<=", "=", ">", "<"]
         .iter()
         .find_map(|op| expect.strip_prefix(op).map(|rest| (*op, rest.trim())))
-        .ok_or_else(|| format!("unknown expectation {expect:?} (use rows, no rows, > N, >= N, < N, <= N, = V, != V)"))?;
+        .ok_or_else(|| {
+            format!("unknown expectation {expect:?} (use rows, no rows, > N, >= N, < N, <= N, = V, != V)")
+        })?;
     let ok = match op {
         "=" => value == want,
         "!=" => value != want,
@@ -298,9 +319,21 @@ async fn run_checks(dir: &Path, port: u16, opts: &DrillOptions, target: Recovery
     let user = &opts.db_user;
     let mut out = Vec::new();
     // Built-in: the server answers, and every database that allows connections does too.
-    match query_first_value(dir, port, user, "postgres", "select string_agg(datname, ',' order by datname) from pg_database where datallowconn").await {
+    match query_first_value(
+        dir,
+        port,
+        user,
+        "postgres",
+        "select string_agg(datname, ',' order by datname) from pg_database where datallowconn",
+    )
+    .await
+    {
         Ok(Some(Some(list))) => {
-            out.push(CheckResult { name: "built-in: server accepts connections".into(), result: "pass", detail: String::new() });
+            out.push(CheckResult {
+                name: "built-in: server accepts connections".into(),
+                result: "pass",
+                detail: String::new(),
+            });
             let mut bad = Vec::new();
             for db in list.split(',') {
                 if let Err(e) = query_first_value(dir, port, user, db, "select 1").await {
@@ -331,7 +364,12 @@ async fn run_checks(dir: &Path, port: u16, opts: &DrillOptions, target: Recovery
             .output();
         let (result, detail) = match result {
             Ok(o) if o.status.success() => ("pass", "pg_amcheck --all: no corruption".to_string()),
-            Ok(o) => ("fail", format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)).trim().to_string()),
+            Ok(o) => (
+                "fail",
+                format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+                    .trim()
+                    .to_string(),
+            ),
             Err(e) => ("fail", format!("running {}: {e}", amcheck.display())),
         };
         out.push(CheckResult { name: "built-in: pg_amcheck".into(), result, detail });
@@ -360,7 +398,10 @@ async fn run_checks(dir: &Path, port: u16, opts: &DrillOptions, target: Recovery
             }
         };
         let first = query_first_value(dir, port, user, &check.database, &check.sql).await;
-        let (result, detail) = match first.map_err(|e| format!("query failed: {e}")).and_then(|f| evaluate(&expectation, &f).map(|()| f)) {
+        let (result, detail) = match first
+            .map_err(|e| format!("query failed: {e}"))
+            .and_then(|f| evaluate(&expectation, &f).map(|()| f))
+        {
             Ok(f) => ("pass", format!("{} (expected {expectation})", f.flatten().unwrap_or_else(|| "rows".into()))),
             Err(e) => ("fail", e),
         };
@@ -385,8 +426,16 @@ pub fn render_markdown(r: &DrillReport) -> String {
     md.push_str(&format!("- **Duration**: {:.2} minutes\n", r.duration_seconds / 60.0));
     md.push_str(&format!("- **Outcome**: {}\n\n", r.outcome));
     md.push_str("## Metrics\n");
-    md.push_str(&format!("- **RTO Achieved**: {} (Target: {:.0} minutes)\n", minutes(r.rto_achieved_seconds), r.rto_target_seconds / 60.0));
-    md.push_str(&format!("- **RPO Achieved**: {} (Target: {:.0} minutes)\n", minutes(r.rpo_achieved_seconds), r.rpo_target_seconds / 60.0));
+    md.push_str(&format!(
+        "- **RTO Achieved**: {} (Target: {:.0} minutes)\n",
+        minutes(r.rto_achieved_seconds),
+        r.rto_target_seconds / 60.0
+    ));
+    md.push_str(&format!(
+        "- **RPO Achieved**: {} (Target: {:.0} minutes)\n",
+        minutes(r.rpo_achieved_seconds),
+        r.rpo_target_seconds / 60.0
+    ));
     md.push_str(&format!("- **Data Integrity**: {}\n", r.data_integrity));
     md.push_str(&format!("- **Service Availability**: {}\n\n", r.service_availability));
     md.push_str("## Checks\n");
@@ -418,14 +467,18 @@ pub fn render_markdown(r: &DrillReport) -> String {
     for imp in &r.improvements {
         md.push_str(&format!("- {imp}\n"));
     }
-    md.push_str(&format!("\n## Sign-off\n- **Test Lead**: pitr drill (automated)\n- **Operations Lead**: (to sign)\n- **Date**: {}\n", r.date));
+    md.push_str(&format!(
+        "\n## Sign-off\n- **Test Lead**: pitr drill (automated)\n- **Operations Lead**: (to sign)\n- **Date**: {}\n",
+        r.date
+    ));
     md
 }
 
 /// Stores the drill's result in the repository, where the sidecar picks it up for its metrics.
 pub async fn store_result(repo: &Repository, system_id: u64, report: &DrillReport) -> Result<(), RepositoryError> {
     let name = format!("pg/{system_id}/drills/{}.json", report.start_time.replace([' ', ':', '+', '.'], "_"));
-    let json = serde_json::to_vec(report).map_err(|e| RepositoryError::Invalid { name: name.clone(), what: e.to_string() })?;
+    let json =
+        serde_json::to_vec(report).map_err(|e| RepositoryError::Invalid { name: name.clone(), what: e.to_string() })?;
     repo.put_sealed(&name, json, ObjectMeta::plain(ObjectKind::Meta)).await?;
     Ok(())
 }
@@ -482,10 +535,20 @@ mod tests {
         };
         let md = render_markdown(&r);
         for field in [
-            "**Date**: 2026-11-25", "**Test Type**: Monthly", "**Scenario**: s", "**Start Time**: 14:03 UTC",
-            "**End Time**: 14:05 UTC", "**Duration**: 2.50 minutes", "**Outcome**: PASS",
-            "**RTO Achieved**: 1.50 minutes (90.0 s) (Target: 30 minutes)", "**RPO Achieved**: 0.01 minutes (0.5 s) (Target: 5 minutes)",
-            "**Data Integrity**: PASS", "**Service Availability**: 100 %", "## Issues Identified", "## Improvements", "**Test Lead**",
+            "**Date**: 2026-11-25",
+            "**Test Type**: Monthly",
+            "**Scenario**: s",
+            "**Start Time**: 14:03 UTC",
+            "**End Time**: 14:05 UTC",
+            "**Duration**: 2.50 minutes",
+            "**Outcome**: PASS",
+            "**RTO Achieved**: 1.50 minutes (90.0 s) (Target: 30 minutes)",
+            "**RPO Achieved**: 0.01 minutes (0.5 s) (Target: 5 minutes)",
+            "**Data Integrity**: PASS",
+            "**Service Availability**: 100 %",
+            "## Issues Identified",
+            "## Improvements",
+            "**Test Lead**",
         ] {
             assert!(md.contains(field), "missing {field:?} in\n{md}");
         }

@@ -62,7 +62,8 @@ async fn histories(
         };
         match parse_history(&String::from_utf8_lossy(&text)) {
             Ok(entries) => {
-                let increasing = entries.windows(2).all(|w| w[0].timeline < w[1].timeline && w[0].switch_lsn <= w[1].switch_lsn);
+                let increasing =
+                    entries.windows(2).all(|w| w[0].timeline < w[1].timeline && w[0].switch_lsn <= w[1].switch_lsn);
                 if entries.is_empty() || !increasing || entries.last().is_some_and(|e| e.timeline >= t) {
                     findings.push(Finding {
                         kind: "bad-history",
@@ -115,18 +116,19 @@ fn recovery_path(
     let last = layout.segno_of(end.saturating_sub(1));
     (first..=last)
         .map(|segno| {
-            let tli = begins
-                .iter()
-                .rev()
-                .find(|(_, b)| layout.segno_of(*b) <= segno)
-                .map(|(t, _)| *t)
-                .unwrap_or(newest);
+            let tli =
+                begins.iter().rev().find(|(_, b)| layout.segno_of(*b) <= segno).map(|(t, _)| *t).unwrap_or(newest);
             (tli.max(start_timeline), segno)
         })
         .collect()
 }
 
-pub async fn verify(repo: &Repository, catalog: &Catalog, deep: bool, workers: usize) -> Result<VerifyReport, RepositoryError> {
+pub async fn verify(
+    repo: &Repository,
+    catalog: &Catalog,
+    deep: bool,
+    workers: usize,
+) -> Result<VerifyReport, RepositoryError> {
     let layout = catalog.wal.layout;
     let mut findings = Vec::new();
     let histories = histories(repo, catalog, &mut findings).await?;
@@ -216,7 +218,8 @@ pub async fn verify(repo: &Repository, catalog: &Catalog, deep: bool, workers: u
                 names.push(layout.object_name(&WalObject::Chunk { timeline, segno, from, to }));
             }
         }
-        names.extend(catalog.wal.histories.iter().map(|&timeline| layout.object_name(&WalObject::History { timeline })));
+        names
+            .extend(catalog.wal.histories.iter().map(|&timeline| layout.object_name(&WalObject::History { timeline })));
         names.extend(catalog.backups.iter().map(|b| manifest_name(b.system_id, &b.id)));
         names.extend(referenced.iter().filter(|n| present.contains(*n)).cloned());
         opened = names.len();

@@ -1,0 +1,266 @@
+//! `pitr verify` on a healthy and on damaged archives, and `pitr drill` end to end.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use pitr_tests::pitr::PitrEnv;
+use pitr_tests::{client_bin, lsn_to_u64, wait_until, PgCluster, PgOptions};
+
+const SEG: u64 = 16 << 20;
+
+fn verify(env: &PitrEnv, deep: bool) -> Result<(bool, serde_json::Value)> {
+    let mut args = vec!["verify", "--json"];
+    if deep {
+        args.push("--deep");
+    }
+    let out = env.run(&args)?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))?;
+    assert_eq!(
+        out.status.success(),
+        report["ok"].as_bool().unwrap_or(false),
+        "exit status and report disagree: {report}"
+    );
+    Ok((out.status.success(), report))
+}
+
+/// Asserts one finding of `kind` naming `object`, while the file is moved aside; then puts it back.
+fn expect_finding(
+    env: &PitrEnv,
+    file: &Path,
+    deep: bool,
+    kind: &str,
+    damage: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let saved = std::fs::read(file)?;
+    damage(file)?;
+    let (ok, report) = verify(env, deep)?;
+    std::fs::write(file, saved)?;
+    assert!(!ok, "verify passed with {} damaged", file.display());
+    let rel = file.strip_prefix(env.repo_path())?.display().to_string();
+    let findings = report["findings"].as_array().context("findings")?;
+    assert!(
+        findings.iter().any(|f| f["kind"] == kind && f["object"].as_str() == Some(rel.as_str())),
+        "no {kind} finding naming {rel}: {report:#}"
+    );
+    Ok(())
+}
+
+fn current_lsn(c: &PgCluster) -> Result<u64> {
+    Ok(lsn_to_u64(&c.psql("select pg_current_wal_lsn()")?))
+}
+
+#[test]
+fn pg15_verify_names_gaps_blocks_flipped_bytes_and_missing_history() -> Result<()> {
+    let primary = PgCluster::start(PgOptions::new(15))?;
+    primary.pgbench(&["-i", "-s", "2"])?;
+    let standby_dir = pitr_tests::scratch_dir("verify-standby");
+    let data = standby_dir.path().join("data");
+    pitr_tests::chown_to_pg_user(standby_dir.path())?;
+    let mut cmd = std::process::Command::new(client_bin("pg_basebackup"));
+    cmd.args([
+        "-D",
+        &data.display().to_string(),
+        "-R",
+        "-X",
+        "stream",
+        "-c",
+        "fast",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &primary.port.to_string(),
+        "-U",
+        "postgres",
+    ]);
+    pitr_tests::as_pg_user(&mut cmd);
+    if !cmd.output()?.status.success() {
+        bail!("pg_basebackup failed");
+    }
+    let standby = PgCluster::start_existing(15, &data, vec![])?;
+    let mut env = PitrEnv::new("verify", &primary, "")?;
+    let conninfo = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres target_session_attrs=read-write connect_timeout=2",
+        primary.port, standby.port
+    );
+    env.edit_config(&primary.conninfo("postgres"), &conninfo)?;
+    env.init()?;
+    let _stream = env.spawn_stream()?;
+    env.run_ok(&["backup"])?;
+    for _ in 0..3 {
+        primary.pgbench(&["-n", "-t", "500"])?;
+        primary.psql("select pg_switch_wal()")?;
+    }
+    let lsn = current_lsn(&primary)?;
+    wait_until("archive", Duration::from_secs(60), || Ok(env.archived_end(SEG)? >= lsn))?;
+    wait_until("standby replay", Duration::from_secs(60), || {
+        Ok(lsn_to_u64(&standby.psql("select pg_last_wal_replay_lsn()")?) >= lsn)
+    })?;
+    primary.stop("fast")?;
+    standby.psql("select pg_promote()")?;
+    wait_until("promotion", Duration::from_secs(60), || Ok(standby.psql("select pg_is_in_recovery()")? == "f"))?;
+    standby.pgbench(&["-n", "-t", "300"])?;
+    standby.psql("select pg_switch_wal()")?;
+    let lsn = current_lsn(&standby)?;
+    wait_until("timeline 2 archived", Duration::from_secs(90), || {
+        Ok(env.archived_objects()?.keys().any(|k| k.starts_with("00000002"))
+            && env.archived_end(SEG)? >= lsn - lsn % SEG)
+    })
+    .with_context(|| env.stream_logs())?;
+
+    let (ok, report) = verify(&env, true)?;
+    assert!(ok, "healthy archive has findings: {report:#}");
+    assert_eq!(report["timelines"], serde_json::json!([1, 2]));
+
+    let wal = env.wal_dir()?;
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&wal)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "seg")
+                && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("00000001"))
+        })
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 3, "{segments:?}");
+    let middle = segments[segments.len() / 2].clone();
+    expect_finding(&env, &middle, false, "wal-gap", |f| Ok(std::fs::remove_file(f)?))?;
+    expect_finding(&env, &middle, true, "corrupt", |f| {
+        let mut bytes = std::fs::read(f)?;
+        let i = bytes.len() / 2;
+        bytes[i] ^= 0x40;
+        Ok(std::fs::write(f, bytes)?)
+    })?;
+    expect_finding(&env, &wal.join("00000002.history"), false, "missing-history", |f| Ok(std::fs::remove_file(f)?))?;
+    let blocks = env
+        .repo_path()
+        .join(format!("pg/{}/blocks", wal.parent().and_then(|p| p.file_name()).context("sysid")?.to_string_lossy()));
+    let some_block = std::fs::read_dir(std::fs::read_dir(&blocks)?.next().context("no block dir")??.path())?
+        .next()
+        .context("no block")??
+        .path();
+    expect_finding(&env, &some_block, false, "missing-block", |f| Ok(std::fs::remove_file(f)?))?;
+    let (ok, report) = verify(&env, true)?;
+    assert!(ok, "repaired archive still has findings: {report:#}");
+    Ok(())
+}
+
+#[test]
+fn pg15_drill_passes_with_measurements_and_fails_on_a_check_that_cannot_hold() -> Result<()> {
+    let cluster = PgCluster::start(PgOptions::new(15))?;
+    let mut env = PitrEnv::new("drill", &cluster, "")?;
+    env.init()?;
+    env.share_with_pg_user()?;
+    let _stream = env.spawn_stream()?;
+    cluster.psql("create table users(id int primary key, name text)")?;
+    cluster.psql("insert into users select g, 'u' || g from generate_series(1, 100) g")?;
+    env.run_ok(&["backup"])?;
+    cluster.psql("insert into users select g, 'u' || g from generate_series(101, 200) g")?;
+    std::thread::sleep(Duration::from_millis(1100));
+    let moment = cluster.psql("select clock_timestamp()")?;
+    let recorded = cluster.psql("select count(*) || ':' || sum(id) from users")?;
+    std::thread::sleep(Duration::from_millis(1100));
+    cluster.psql("insert into users select g, 'u' || g from generate_series(201, 300) g")?;
+    let lsn = current_lsn(&cluster)?;
+    wait_until("archive", Duration::from_secs(60), || Ok(env.archived_end(SEG)? >= lsn))?;
+
+    let checks = env.dir.path().join("checks.toml");
+    std::fs::write(
+        &checks,
+        format!(
+            "[[check]]\nname = \"users exist\"\nsql = \"select count(*) from users\"\nexpect = \">= 100\"\n\n\
+             [[check]]\nname = \"users as recorded on the primary\"\nsql = \"select count(*) || ':' || sum(id) from users\"\n\
+             [[check.recorded]]\nat = \"{moment}\"\nvalue = \"{recorded}\"\n"
+        ),
+    )?;
+    pitr_tests::chown_to_pg_user(&checks)?;
+    let report_md = env.dir.path().join("report.md");
+    let out = env.run_as_pg_user(&[
+        "drill",
+        "--to",
+        "random",
+        "--checks",
+        &checks.display().to_string(),
+        "--report",
+        &report_md.display().to_string(),
+        "--json",
+        "--db-user",
+        "postgres",
+        "--test-type",
+        "Monthly",
+    ])?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))?;
+    assert!(out.status.success(), "random drill did not pass: {report:#}");
+    assert_eq!(report["outcome"], "PASS", "{report:#}");
+    assert!(report["rto_achieved_seconds"].as_f64().is_some_and(|s| s > 0.0), "{report:#}");
+    assert!(report["rpo_achieved_seconds"].as_f64().is_some_and(|s| s >= 0.0), "{report:#}");
+    let md = std::fs::read_to_string(&report_md)?;
+    for field in [
+        "**Date**: 2",
+        "**Test Type**: Monthly",
+        "**Scenario**: Point-in-time restore",
+        "**Start Time**: ",
+        "**End Time**: ",
+        "**Duration**: ",
+        "**Outcome**: PASS",
+        "**RTO Achieved**: ",
+        "(Target: 30 minutes)",
+        "**RPO Achieved**: ",
+        "(Target: 5 minutes)",
+        "**Data Integrity**: PASS",
+        "**Service Availability**: 100 %",
+        "## Issues Identified",
+        "## Improvements",
+        "**Test Lead**: pitr drill",
+    ] {
+        assert!(md.contains(field), "report lacks {field:?}:\n{md}");
+    }
+    assert!(
+        !md.contains("not measured") && !md.contains("YYYY") && !md.contains("[PASS/FAIL"),
+        "unfilled field:\n{md}"
+    );
+    assert!(env.dir.path().join("report.json").exists());
+
+    // To the recorded moment, the recorded value must come back.
+    let out = env.run_as_pg_user(&[
+        "drill",
+        "--to",
+        &moment,
+        "--checks",
+        &checks.display().to_string(),
+        "--json",
+        "--db-user",
+        "postgres",
+    ])?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert!(out.status.success(), "{report:#}");
+    let recorded_check = report["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "users as recorded on the primary").cloned());
+    assert_eq!(recorded_check.as_ref().map(|c| c["result"].clone()), Some(serde_json::json!("pass")), "{report:#}");
+
+    // A check that cannot hold: FAIL, non-zero exit, the check named in the issues.
+    std::fs::write(
+        &checks,
+        "[[check]]\nname = \"impossible\"\nsql = \"select count(*) from users\"\nexpect = \"> 1000000\"\n",
+    )?;
+    let out = env.run_as_pg_user(&[
+        "drill",
+        "--to",
+        "latest",
+        "--checks",
+        &checks.display().to_string(),
+        "--json",
+        "--db-user",
+        "postgres",
+    ])?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert!(!out.status.success(), "{report:#}");
+    assert_eq!(report["outcome"], "FAIL");
+    assert!(report["issues"].to_string().contains("impossible"), "{report:#}");
+    // Scratch servers are gone.
+    assert!(!std::fs::read_dir(std::env::temp_dir())?
+        .any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("pitr-drill-"))));
+    Ok(())
+}
