@@ -82,25 +82,7 @@ fn now_us() -> i64 {
 /// A backup id that sorts by time: `YYYYMMDDTHHMMSSZ`.
 fn backup_id(us: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_micros(us.max(0) as u64);
-    let s = humantime_like(t);
-    s.replace(['-', ':'], "")
-}
-
-fn humantime_like(t: SystemTime) -> String {
-    // Civil-from-days (Howard Hinnant's algorithm) to avoid a date crate for one format.
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
-    let days = secs.div_euclid(86400);
-    let rem = secs.rem_euclid(86400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    humantime::format_rfc3339_seconds(t).to_string().replace(['-', ':'], "")
 }
 
 #[derive(Default)]
