@@ -343,6 +343,7 @@ pub async fn wal_fetch(config_path: &Path, file: &str, dest: &Path) -> Result<Ex
     match result {
         Ok(Ok(fetched)) => {
             tracing::debug!(file, ?fetched, "fetched");
+            start_prefetch(config_path, file, dest);
             Ok(ExitCode::SUCCESS)
         }
         Ok(Err(pitr_restore::FetchError::NotFound { .. })) | Ok(Err(pitr_restore::FetchError::BadName { .. })) => {
@@ -740,4 +741,46 @@ pub async fn drill(config_path: &Path, args: DrillArgs) -> Result<ExitCode> {
         print!("{markdown}");
     }
     Ok(if report.outcome == "PASS" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Starts `pitr wal-prefetch` detached (its own session, no stdio), so PostgreSQL's
+/// restore_command returns at once while the next segments are spooled. Best effort: a failure
+/// here only costs speed.
+fn start_prefetch(config_path: &Path, file: &str, dest: &Path) {
+    use std::os::unix::process::CommandExt;
+    let count = Config::load(config_path).ok().and_then(|c| c.backup.prefetch_segments).unwrap_or(8);
+    if count == 0 || file.ends_with(".history") {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let spool = pitr_restore::walfetch::spool_dir(dest);
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--config")
+        .arg(config_path)
+        .args(["wal-prefetch", file])
+        .arg(&spool)
+        .arg(format!("--count={count}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid() is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    if let Err(e) = cmd.spawn() {
+        tracing::debug!(error = %e, "could not start the prefetcher");
+    }
+}
+
+pub async fn wal_prefetch(config_path: &Path, file: &str, spool: &Path, count: usize) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let repo = open_repository(&config)?;
+    let system_id = config.postgres.as_ref().and_then(|p| p.system_id);
+    let cluster = repo.resolve_cluster(system_id).await?;
+    let names = pitr_restore::walfetch::next_segments(&cluster, file, count);
+    pitr_restore::walfetch::prefetch(&repo, &cluster, &names, spool).await?;
+    Ok(())
 }

@@ -132,6 +132,8 @@ pub struct BackupSection {
     /// How long `pitr backup` waits for the sidecar to archive the WAL that completes the backup.
     #[serde(default, with = "humantime_serde")]
     pub wal_timeout: Option<Duration>,
+    /// Segments `wal-fetch` prefetches ahead of recovery into pg_wal/pitr-prefetch (0 = off; default 8).
+    pub prefetch_segments: Option<usize>,
 }
 
 impl BackupSection {

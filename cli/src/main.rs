@@ -45,6 +45,14 @@ enum Command {
     },
     /// PostgreSQL's restore_command: fetch SEGMENT (or a .history file) into DEST.
     WalFetch { segment: String, dest: PathBuf },
+    /// (internal) Spool the segments after SEGMENT into SPOOL; started by wal-fetch.
+    #[command(hide = true)]
+    WalPrefetch {
+        segment: String,
+        spool: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        count: usize,
+    },
     /// Take a full base backup (the sidecar must be streaming to archive its WAL).
     Backup {
         #[arg(long)]
@@ -140,6 +148,9 @@ fn main() -> ExitCode {
             Command::Stream => commands::stream(&config_path).await,
             Command::Status { json } => commands::status(&config_path, json).await,
             Command::WalFetch { segment, dest } => return commands::wal_fetch(&config_path, &segment, &dest).await,
+            Command::WalPrefetch { segment, spool, count } => {
+                commands::wal_prefetch(&config_path, &segment, &spool, count).await
+            }
             Command::Backup { json } => commands::backup(&config_path, json).await,
             Command::Verify { deep, json } => return commands::verify(&config_path, deep, json).await,
             Command::Drill { to, checks, report, json, keep, db_user, test_type } => {

@@ -204,3 +204,9 @@ fn pg15_restores_to_moments_across_kill9_and_two_backups() -> Result<()> {
 fn pg17_restores_to_moments_across_kill9_and_two_backups() -> Result<()> {
     round_trip(17)
 }
+
+/// PostgreSQL 14 sends BASE_BACKUP in the older format (a CopyOut per tablespace).
+#[test]
+fn pg14_restores_to_moments_across_kill9_and_two_backups() -> Result<()> {
+    round_trip(14)
+}

@@ -150,6 +150,8 @@ pub async fn restore(
 
     let replay_started = Instant::now();
     let (commit_us, lsn) = run_to_target(&opts.target_dir, start).await?;
+    // Segments prefetched beyond the target are of no use once the server has promoted.
+    let _ = std::fs::remove_dir_all(opts.target_dir.join("pg_wal").join(crate::walfetch::SPOOL_DIR));
     report.started = true;
     report.port = Some(start.port);
     report.replay_seconds = Some(replay_started.elapsed().as_secs_f64());

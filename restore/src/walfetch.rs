@@ -1,6 +1,12 @@
 //! `wal-fetch`: PostgreSQL's restore_command. A segment from its whole-segment object, or
 //! assembled from chunks for the newest, partial segment (zero-padded to full size, as PostgreSQL
 //! expects), and timeline history files; the destination is written atomically.
+//!
+//! Prefetch: after serving segment N, the caller starts [`prefetch`] in the background, which
+//! puts the next whole segments of the timeline into a spool directory beside the destination
+//! (`pg_wal/pitr-prefetch/`); the next `wal-fetch` takes its file from there with a rename, so
+//! replay does not wait on the repository. Only whole, authenticated segment objects are spooled,
+//! never a partial segment that may still grow.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,15 +37,74 @@ pub enum Fetched {
     History,
 }
 
-/// Fetches `file` (as PostgreSQL names it) into `dest`.
+pub const SPOOL_DIR: &str = "pitr-prefetch";
+
+/// The prefetch spool for a restore_command destination (`pg_wal/RECOVERYXLOG` → `pg_wal/pitr-prefetch`).
+pub fn spool_dir(dest: &Path) -> PathBuf {
+    dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join(SPOOL_DIR)
+}
+
+/// Fetches `file` (as PostgreSQL names it) into `dest`, from the prefetch spool if it is there.
 pub async fn wal_fetch(
     repo: &Repository,
     cluster: &ClusterInfo,
     file: &str,
     dest: &Path,
 ) -> Result<Fetched, FetchError> {
+    let spooled = spool_dir(dest).join(file);
+    if spooled.is_file() && std::fs::rename(&spooled, dest).is_ok() {
+        return Ok(Fetched::Segment);
+    }
     let (fetched, data) = read_wal_file(repo, cluster, file).await?;
     write_atomically(dest, &data)?;
+    Ok(fetched)
+}
+
+/// The segment file names after `file` on its timeline, up to `count` of them (none for history files).
+pub fn next_segments(cluster: &ClusterInfo, file: &str, count: usize) -> Vec<String> {
+    let layout = WalLayout::new(cluster);
+    let Some((timeline, segno)) = layout.parse_segment_file_name(file) else { return Vec::new() };
+    (1..=count as u64).map(|i| layout.segment_file_name(timeline, segno + i)).collect()
+}
+
+/// Puts the whole segments in `names` into `spool`, stopping at the first one the archive does
+/// not hold as a whole segment. A lock file per segment keeps concurrent prefetchers apart.
+pub async fn prefetch(repo: &Repository, cluster: &ClusterInfo, names: &[String], spool: &Path) -> Result<usize, FetchError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |cause| FetchError::Io { path, cause }
+    };
+    std::fs::create_dir_all(spool).map_err(io(spool))?;
+    let layout = WalLayout::new(cluster);
+    let mut fetched = 0;
+    for name in names {
+        let target = spool.join(name);
+        if target.exists() {
+            continue;
+        }
+        let lock = spool.join(format!(".{name}.lock"));
+        if std::fs::OpenOptions::new().write(true).create_new(true).open(&lock).is_err() {
+            continue; // another prefetcher has it
+        }
+        let result = async {
+            let Some((timeline, segno)) = layout.parse_segment_file_name(name) else { return Ok(false) };
+            let object = layout.object_name(&WalObject::Segment { timeline, segno });
+            match get_or_not_found(repo, &object).await? {
+                Some((_, data)) if data.len() as u64 == layout.segment_size => {
+                    write_atomically(&target, &data)?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        }
+        .await;
+        let _ = std::fs::remove_file(&lock);
+        match result {
+            Ok(true) => fetched += 1,
+            Ok(false) => break,
+            Err(e) => return Err(e),
+        }
+    }
     Ok(fetched)
 }
 
@@ -196,5 +261,18 @@ mod tests {
         ));
         assert!(matches!(wal_fetch(&repo, &info, "00000003.history", &dest).await, Err(FetchError::NotFound { .. })));
         assert!(matches!(wal_fetch(&repo, &info, "junk", &dest).await, Err(FetchError::BadName { .. })));
+
+        // Prefetch spools only whole segments and stops at the partial one; wal-fetch takes the
+        // spooled file.
+        let names = next_segments(&info, "000000010000000000000000", 3);
+        assert_eq!(names[0], "000000010000000000000001");
+        let spool = spool_dir(&dest);
+        assert_eq!(prefetch(&repo, &info, &names, &spool).await.unwrap(), 1);
+        assert!(spool.join("000000010000000000000001").exists());
+        assert!(!spool.join("000000010000000000000002").exists());
+        assert_eq!(wal_fetch(&repo, &info, "000000010000000000000001", &dest).await.unwrap(), Fetched::Segment);
+        assert_eq!(std::fs::read(&dest).unwrap(), whole);
+        assert!(!spool.join("000000010000000000000001").exists());
+        assert!(next_segments(&info, "00000002.history", 3).is_empty());
     }
 }
