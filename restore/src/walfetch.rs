@@ -69,7 +69,12 @@ pub fn next_segments(cluster: &ClusterInfo, file: &str, count: usize) -> Vec<Str
 
 /// Puts the whole segments in `names` into `spool`, stopping at the first one the archive does
 /// not hold as a whole segment. A lock file per segment keeps concurrent prefetchers apart.
-pub async fn prefetch(repo: &Repository, cluster: &ClusterInfo, names: &[String], spool: &Path) -> Result<usize, FetchError> {
+pub async fn prefetch(
+    repo: &Repository,
+    cluster: &ClusterInfo,
+    names: &[String],
+    spool: &Path,
+) -> Result<usize, FetchError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |cause| FetchError::Io { path, cause }

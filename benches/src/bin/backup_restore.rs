@@ -117,6 +117,55 @@ fn main() -> Result<()> {
     pitr_tests::as_pg_user(&mut stop);
     let _ = stop.output();
 
+    // Replay with and without wal-fetch prefetch: WAL from a pgbench run after the backups.
+    println!("pgbench -n -c 4 -T 60 (WAL to replay) ...");
+    let wal_start = lsn_to_u64(&cluster.psql("select pg_current_wal_lsn()")?);
+    cluster.pgbench(&["-n", "-c", "4", "-T", "60"])?;
+    let wal_end = lsn_to_u64(&cluster.psql("select pg_current_wal_lsn()")?);
+    wait_until("the archive to catch up", Duration::from_secs(600), || Ok(env.archived_end(16 << 20)? >= wal_end))?;
+    let mut replay = Vec::new();
+    for prefetch in [0usize, 8] {
+        let text = std::fs::read_to_string(&env.config)?;
+        let text = match text.find("prefetch_segments = ") {
+            Some(at) => {
+                let end = text[at..].find('\n').map(|e| at + e).unwrap_or(text.len());
+                format!("{}prefetch_segments = {prefetch}{}", &text[..at], &text[end..])
+            }
+            None => text.replace("[stream]\n", &format!("[backup]\nprefetch_segments = {prefetch}\n[stream]\n")),
+        };
+        std::fs::write(&env.config, text)?;
+        let dir = scratch_dir("bench-replay");
+        pitr_tests::chown_to_pg_user(dir.path())?;
+        let target = dir.path().join("data");
+        let port = pitr_tests::free_port()?.to_string();
+        let out = env.run_as_pg_user(&[
+            "restore",
+            "--to",
+            "latest",
+            "--target-dir",
+            &target.display().to_string(),
+            "--start",
+            "--port",
+            &port,
+            "--db-user",
+            "postgres",
+            "--json",
+        ])?;
+        if !out.status.success() {
+            bail!("restore with prefetch {prefetch}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        replay.push((
+            prefetch,
+            r["replay_seconds"].as_f64().unwrap_or(0.0),
+            r["total_seconds"].as_f64().unwrap_or(0.0),
+        ));
+        let mut stop = Command::new(cluster.bin_dir().join("pg_ctl"));
+        stop.args(["-D", &target.display().to_string(), "-m", "fast", "-w", "stop"]);
+        pitr_tests::as_pg_user(&mut stop);
+        let _ = stop.output();
+    }
+
     let mib = |b: f64| b / 1048576.0;
     let read = first["bytes_read"].as_f64().unwrap_or(0.0);
     println!("\n===== base backup and restore, PostgreSQL 15, pgbench scale {scale} =====");
@@ -149,5 +198,12 @@ fn main() -> Result<()> {
         report2["replay_seconds"].as_f64().unwrap_or(0.0),
         report2["data_loss_window_seconds"]
     );
+    println!(
+        "replay of {:.0} MiB of WAL (pgbench -c 4 -T 60 after the backups), restore --to latest --start:",
+        mib((wal_end - wal_start) as f64)
+    );
+    for (prefetch, replay_s, total_s) in &replay {
+        println!("  prefetch_segments = {prefetch}:  replay {replay_s:7.2} s  total {total_s:7.2} s");
+    }
     Ok(())
 }
