@@ -104,13 +104,18 @@ fn lookup_user(name: &str) -> Option<PgUser> {
     Some(PgUser { name: name.to_string(), uid: pwd.pw_uid, gid: pwd.pw_gid })
 }
 
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// The user server processes run as: `postgres` (or `nobody`) when we are
 /// root, `None` (= ourselves) otherwise.
 pub fn pg_user() -> Option<&'static PgUser> {
     static USER: OnceLock<Option<PgUser>> = OnceLock::new();
     USER.get_or_init(|| {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !is_root() {
             return None;
         }
         let user = lookup_user("postgres").or_else(|| lookup_user("nobody"));
@@ -194,7 +199,7 @@ pub fn pg_bin_dir(major: u32) -> Result<PathBuf> {
 /// Installs Debian's `postgresql-15` (server and client tools) when we are root, so that the
 /// test command alone sets up a fresh machine. Serialised across test processes by a lock file.
 fn install_debian_pg15() -> Result<()> {
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         return Ok(());
     }
     let _lock = flock_exclusive(Path::new("/tmp/pitr-tests-apt.lock"))?;
@@ -849,6 +854,24 @@ impl PgCluster {
         self.start_again()
     }
 
+    /// `pg_current_wal_lsn()`.
+    pub fn current_lsn(&self) -> Result<u64> {
+        parse_lsn(&self.psql("select pg_current_wal_lsn()")?)
+    }
+
+    /// Waits up to 60 s until this standby has replayed the WAL up to `lsn`.
+    pub fn wait_replayed(&self, lsn: u64) -> Result<()> {
+        wait_until("the standby to replay", Duration::from_secs(60), || {
+            Ok(parse_lsn(&self.psql("select pg_last_wal_replay_lsn()")?)? >= lsn)
+        })
+    }
+
+    /// Promotes this standby (`pg_promote()`) and waits up to 60 s until it is out of recovery.
+    pub fn promote(&self) -> Result<()> {
+        self.psql("select pg_promote()")?;
+        wait_until("the promotion", Duration::from_secs(60), || Ok(self.psql("select pg_is_in_recovery()")? == "f"))
+    }
+
     /// Runs the v15 `pgbench` with `-h 127.0.0.1 -p <port> -U postgres <args>
     /// postgres`; returns its stdout (the progress of `-i` goes to stderr).
     pub fn pgbench(&self, args: &[&str]) -> Result<String> {
@@ -908,6 +931,27 @@ impl Drop for PgCluster {
             let _ = g.wait();
         }
     }
+}
+
+/// A streaming standby of `primary`: `pg_basebackup -R -X stream -c fast` (the PostgreSQL 15
+/// client) into `data` of a new scratch directory, started with [`PgCluster::start_existing`]. It
+/// inherits the primary's postgresql.conf. Keep the directory at least as long as the standby:
+/// bound as `let (_dir, standby) = standby_of(..)?`, the standby is dropped (stopped) first.
+pub fn standby_of(primary: &PgCluster) -> Result<(tempfile::TempDir, PgCluster)> {
+    let dir = scratch_dir("standby");
+    let data = dir.path().join("data");
+    chown_to_pg_user(dir.path())?;
+    let mut cmd = Command::new(client_bin("pg_basebackup"));
+    cmd.arg("-D")
+        .arg(&data)
+        .args(["-R", "-X", "stream", "-c", "fast", "-h", "127.0.0.1", "-p"])
+        .arg(primary.port.to_string())
+        .args(["-U", "postgres"])
+        .stdin(Stdio::null());
+    as_pg_user(&mut cmd);
+    run_output(&mut cmd, &format!("pg_basebackup of PostgreSQL {} on port {}", primary.major, primary.port))?;
+    let standby = PgCluster::start_existing(primary.major, &data, Vec::new())?;
+    Ok((dir, standby))
 }
 
 // ---------------------------------------------------------------------------
@@ -1049,6 +1093,7 @@ pub fn lsn_to_u64(s: &str) -> u64 {
 pub fn u64_to_lsn(v: u64) -> String {
     format!("{:X}/{:X}", v >> 32, v & 0xFFFF_FFFF)
 }
+pub mod checks;
 pub mod pitr;
 
 /// Prometheus' `promtool`: `$PITR_PROMTOOL` if set, else `/usr/bin/promtool` or a `promtool` on
@@ -1071,8 +1116,7 @@ pub fn promtool() -> Result<PathBuf> {
     if let Some(p) = find() {
         return Ok(p);
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         bail!("promtool not found: install the Debian package `prometheus` (apt-get install prometheus) or set PITR_PROMTOOL");
     }
     let _lock = flock_exclusive(Path::new("/tmp/pitr-tests-apt.lock"))?;

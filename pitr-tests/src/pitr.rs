@@ -5,10 +5,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{pitr_bin, scratch_dir, spawn_logged, Child, PgCluster};
+use crate::{pitr_bin, scratch_dir, spawn_logged, wait_until, Child, PgCluster};
+
+/// The WAL segment size of the test clusters (initdb's default).
+pub const WAL_SEGMENT_SIZE: u64 = 16 << 20;
 
 pub struct PitrEnv {
     pub dir: tempfile::TempDir,
@@ -75,6 +79,16 @@ impl PitrEnv {
         Ok(())
     }
 
+    /// Points the config, made for `primary`, at both `primary` and `standby` with
+    /// `target_session_attrs=read-write`: the sidecar must pick whichever is the primary.
+    pub fn connect_to_read_write(&self, primary: &PgCluster, standby: &PgCluster) -> Result<()> {
+        let conninfo = format!(
+            "host=127.0.0.1,127.0.0.1 port={},{} user=postgres target_session_attrs=read-write connect_timeout=2",
+            primary.port, standby.port
+        );
+        self.edit_config(&primary.conninfo("postgres"), &conninfo)
+    }
+
     /// Hands the whole scratch directory (config, key, repository) to the unprivileged server
     /// user, so that `pitr restore --start` and the restored server's `pitr wal-fetch` can run as
     /// that user, as they do in production.
@@ -123,6 +137,35 @@ impl PitrEnv {
         let mut cmd = self.command(&["stream"]);
         cmd.env("PITR_LOG", "info,pitr_walstream=debug");
         spawn_logged(cmd, &log)
+    }
+
+    /// Waits up to 60 s until `cluster` shows the sidecar (`pitr_main`) streaming.
+    pub fn wait_streaming(&self, cluster: &PgCluster) -> Result<()> {
+        wait_until("pitr stream to be streaming", Duration::from_secs(60), || {
+            let n = cluster.psql(
+                "select count(*) from pg_stat_replication where application_name = 'pitr_main' and state = 'streaming'",
+            )?;
+            Ok(n == "1")
+        })
+        .with_context(|| self.stream_logs())
+    }
+
+    /// Stops a sidecar [`spawn_stream`](Self::spawn_stream) started with SIGTERM; fails unless it
+    /// exits 0 within 60 s.
+    pub fn stop_stream(&self, stream: &mut Child) -> Result<()> {
+        stream.signal(libc::SIGTERM)?;
+        let status = stream.wait_timeout(Duration::from_secs(60))?.context("pitr stream did not stop on SIGTERM")?;
+        if !status.success() {
+            bail!("pitr stream exited with {status} on SIGTERM\n{}", self.stream_logs());
+        }
+        Ok(())
+    }
+
+    /// Waits up to 60 s (naming `what` on timeout, with the sidecar's logs) until the archive,
+    /// read from object names alone, holds the WAL up to `lsn`.
+    pub fn wait_archived(&self, lsn: u64, what: &str) -> Result<()> {
+        wait_until(what, Duration::from_secs(60), || Ok(self.archived_end(WAL_SEGMENT_SIZE)? >= lsn))
+            .with_context(|| self.stream_logs())
     }
 
     pub fn stream_logs(&self) -> String {

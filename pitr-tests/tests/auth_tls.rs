@@ -16,26 +16,21 @@ fn openssl(args: &[&str], dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A CA and a server certificate for localhost / 127.0.0.1 signed by it, plus an unrelated CA.
-fn make_certs(dir: &Path) -> Result<()> {
+/// A self-signed CA certificate `<name>.crt` with subject `/CN=<cn>` and its key `<name>.key`.
+fn self_signed_ca(dir: &Path, cn: &str, name: &str) -> Result<()> {
+    let (subject, key, crt) = (format!("/CN={cn}"), format!("{name}.key"), format!("{name}.crt"));
     openssl(
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=pitr test CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", &subject, "-keyout", &key, "-out",
+            &crt,
         ],
         dir,
-    )?;
+    )
+}
+
+/// A CA and a server certificate for localhost / 127.0.0.1 signed by it, plus an unrelated CA.
+fn make_certs(dir: &Path) -> Result<()> {
+    self_signed_ca(dir, "pitr test CA", "ca")?;
     openssl(
         &[
             "req",
@@ -72,24 +67,7 @@ fn make_certs(dir: &Path) -> Result<()> {
         ],
         dir,
     )?;
-    openssl(
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=other CA",
-            "-keyout",
-            "other.key",
-            "-out",
-            "other.crt",
-        ],
-        dir,
-    )?;
+    self_signed_ca(dir, "other CA", "other")?;
     std::fs::set_permissions(dir.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     chown_to_pg_user(dir)?;
     Ok(())

@@ -10,8 +10,7 @@
 //! this have few cores. The cases run one after another in a single test, each in its own
 //! labelled section; a failing section is reported and the remaining ones still run.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::hash::Hasher;
+use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -19,11 +18,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use pitr_tests::checks::{assert_untouched, expect_success, failure_of, run_pitr, snapshot, Entry};
 use pitr_tests::pitr::PitrEnv;
-use pitr_tests::{
-    client_bin, free_port, lsn_to_u64, parse_lsn, pitr_bin, scratch_dir, u64_to_lsn, wait_until, Child, PgCluster,
-    PgOptions,
-};
+use pitr_tests::{client_bin, free_port, is_root, parse_lsn, scratch_dir, u64_to_lsn, PgCluster, PgOptions};
 
 const SEG: u64 = 16 << 20;
 
@@ -31,115 +28,32 @@ const SEG: u64 = 16 << 20;
 // Running pitr and judging its failures
 // ---------------------------------------------------------------------------
 
-fn pitr(config: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(pitr_bin());
-    cmd.arg("--config").arg(config).args(args);
-    cmd.output().unwrap_or_else(|e| panic!("running pitr {args:?}: {e}"))
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn run_ok(config: &Path, args: &[&str]) -> String {
-    let out = pitr(config, args);
+/// Checks that a pitr run failed as [`failure_of`] describes, with a `pitr: error: ` line as the
+/// message (every refusal here comes from pitr's own error path); prints and returns the message.
+fn assert_failed(what: &str, out: &Output, phrases: &[&str]) -> String {
+    let (_, message) = failure_of(what, out, phrases);
     assert!(
-        out.status.success(),
-        "pitr {} failed ({}):\nstdout: {}\nstderr: {}",
-        args.join(" "),
-        out.status,
-        text(&out.stdout),
+        message.starts_with("pitr: error: "),
+        "{what}: the message is not a `pitr: error:` line:\n{}",
         text(&out.stderr)
     );
-    text(&out.stdout)
-}
-
-/// Checks that a pitr run failed: a non-zero exit and exactly one error message on stderr, a
-/// `pitr: error: ` line (with anything after it), containing every phrase. Log lines may come
-/// before it. Returns the message.
-fn assert_failed(what: &str, out: &Output, phrases: &[&str]) -> String {
-    let stderr = text(&out.stderr);
-    let code = out.status.code().unwrap_or_else(|| panic!("{what}: killed by a signal ({})\n{stderr}", out.status));
-    assert_ne!(code, 0, "{what} succeeded but should have failed\nstdout:\n{}\nstderr:\n{stderr}", text(&out.stdout));
-    let lines: Vec<&str> = stderr.lines().collect();
-    let starts: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].starts_with("pitr")).collect();
-    assert_eq!(starts.len(), 1, "{what}: expected exactly one error message on stderr:\n{stderr}");
-    assert!(
-        lines[starts[0]].starts_with("pitr: error: "),
-        "{what}: the message is not a `pitr: error:` line:\n{stderr}"
-    );
-    let message = lines[starts[0]..].join("\n");
-    for phrase in phrases {
-        assert!(message.contains(phrase), "{what}: the error message does not contain {phrase:?}:\n{message}");
-    }
     println!("  {what}\n    -> {message}");
     message
 }
 
 /// Runs `pitr --config <config> <args>` and checks it fails as [`assert_failed`] describes.
 fn expect_failure(config: &Path, args: &[&str], phrases: &[&str]) -> String {
-    let out = pitr(config, args);
+    let out = run_pitr(config, args);
     assert_failed(&format!("pitr {}", args.join(" ")), &out, phrases)
 }
 
 // ---------------------------------------------------------------------------
-// Repository snapshots and leftovers
+// Leftovers
 // ---------------------------------------------------------------------------
-
-/// Every directory (`None`) and file (length and a hash of its contents) under a root, by path
-/// relative to it. Symlinks are recorded by their target.
-type Snapshot = BTreeMap<PathBuf, Option<(u64, u64)>>;
-
-fn snapshot(root: &Path) -> Snapshot {
-    fn walk(root: &Path, dir: &Path, out: &mut Snapshot) {
-        out.insert(dir.strip_prefix(root).expect("below the root").to_path_buf(), None);
-        let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()));
-        for entry in entries {
-            let path = entry.unwrap_or_else(|e| panic!("listing {}: {e}", dir.display())).path();
-            let meta = std::fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
-            let data = if meta.is_dir() {
-                walk(root, &path, out);
-                continue;
-            } else if meta.file_type().is_symlink() {
-                std::fs::read_link(&path).map(|t| t.into_os_string().into_encoded_bytes())
-            } else {
-                std::fs::read(&path)
-            };
-            let data = data.unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-            let mut h = std::hash::DefaultHasher::new();
-            h.write(&data);
-            out.insert(
-                path.strip_prefix(root).expect("below the root").to_path_buf(),
-                Some((data.len() as u64, h.finish())),
-            );
-        }
-    }
-    let mut out = Snapshot::new();
-    if root.exists() {
-        walk(root, root, &mut out);
-    }
-    out
-}
-
-/// Fails naming every path that appeared, vanished or changed under `root` since `before`.
-fn assert_untouched(root: &Path, before: &Snapshot, after_what: &str) {
-    let after = snapshot(root);
-    if &after == before {
-        return;
-    }
-    let mut diffs = Vec::new();
-    for (path, old) in before {
-        match after.get(path) {
-            None => diffs.push(format!("removed: {}", path.display())),
-            Some(new) if new != old => diffs.push(format!("changed: {}", path.display())),
-            _ => {}
-        }
-    }
-    for path in after.keys().filter(|p| !before.contains_key(*p)) {
-        diffs.push(format!("created: {}", path.display()));
-    }
-    panic!("{} was modified by {after_what}:\n  {}", root.display(), diffs.join("\n  "));
-}
 
 /// The names in the target's parent directory other than the target. Every target here is the
 /// only intended entry of a fresh directory, so anything listed is a leftover, such as a
@@ -175,16 +89,11 @@ fn assert_no_staging_left(target: &Path, after_what: &str) {
 fn block_objects(repo: &Path) -> BTreeSet<PathBuf> {
     snapshot(repo)
         .into_iter()
-        .filter(|(path, contents)| {
-            contents.is_some() && path.components().nth(2).is_some_and(|c| c.as_os_str() == "blocks")
+        .filter(|(path, entry)| {
+            *entry != Entry::Dir && path.components().nth(2).is_some_and(|c| c.as_os_str() == "blocks")
         })
         .map(|(path, _)| path)
         .collect()
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 // ---------------------------------------------------------------------------
@@ -224,13 +133,7 @@ impl Fixture {
         let mut env = PitrEnv::new("backup-restore-errors", &cluster, "")?;
         env.init()?;
         let mut stream = env.spawn_stream()?;
-        wait_until("pitr stream to be streaming", Duration::from_secs(60), || {
-            let n = cluster.psql(
-                "select count(*) from pg_stat_replication where application_name = 'pitr_main' and state = 'streaming'",
-            )?;
-            Ok(n == "1")
-        })
-        .with_context(|| env.stream_logs())?;
+        env.wait_streaming(&cluster)?;
         cluster.psql("create table marks (at timestamptz default clock_timestamp())")?;
         cluster.psql("insert into marks default values")?;
         std::thread::sleep(Duration::from_millis(300));
@@ -248,10 +151,8 @@ impl Fixture {
         std::thread::sleep(Duration::from_millis(300));
         cluster.psql("insert into marks default values")?;
         let a_day_later = cluster.psql("select clock_timestamp() + interval '1 day'")?;
-        let lsn = lsn_to_u64(&cluster.psql("select pg_current_wal_lsn()")?);
-        wait_until("the archive to catch up", Duration::from_secs(60), || Ok(env.archived_end(SEG)? >= lsn))
-            .with_context(|| env.stream_logs())?;
-        stop_stream(&env, &mut stream)?;
+        env.wait_archived(cluster.current_lsn()?, "the archive to catch up")?;
+        env.stop_stream(&mut stream)?;
         let list: serde_json::Value = serde_json::from_str(&env.run_ok(&["list", "--json"])?)?;
         ensure!(list["backups"].as_array().map(Vec::len) == Some(2), "expected two backups: {list}");
         Ok(Fixture {
@@ -292,13 +193,6 @@ impl Fixture {
     }
 }
 
-fn stop_stream(env: &PitrEnv, stream: &mut Child) -> Result<()> {
-    stream.signal(libc::SIGTERM)?;
-    let status = stream.wait_timeout(Duration::from_secs(60))?.context("pitr stream did not stop on SIGTERM")?;
-    ensure!(status.success(), "pitr stream exited with {status} on SIGTERM\n{}", env.stream_logs());
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------
 // The cases
 // ---------------------------------------------------------------------------
@@ -329,7 +223,7 @@ fn verify_backup(fx: &Fixture) -> Result<()> {
     let dir = scratch_dir("bre-verify");
     let target = dir.path().join("data");
     let t = target.display().to_string();
-    run_ok(fx.config(), &["restore", "--to", "latest", "--target-dir", &t]);
+    expect_success(fx.config(), &["restore", "--to", "latest", "--target-dir", &t]);
     assert_no_staging_left(&target, "a restore");
 
     // What pitr adds: recovery settings, and tablespaces inside the target behind pg_tblspc links.
@@ -411,7 +305,7 @@ fn non_empty_target(fx: &Fixture) -> Result<()> {
     assert_untouched(&target, &before, "a refused restore into a non-empty directory");
     assert_no_staging_left(&target, "a refused restore into a non-empty directory");
 
-    run_ok(fx.config(), &["restore", "--to", "latest", "--target-dir", &t, "--force"]);
+    expect_success(fx.config(), &["restore", "--to", "latest", "--target-dir", &t, "--force"]);
     ensure!(!target.join("keep-me").exists() && !target.join("sub").exists(), "--force kept the old contents");
     ensure!(target.join("PG_VERSION").is_file() && target.join("global/pg_control").is_file(), "no cluster in {t}");
     ensure!(target.join("recovery.signal").is_file(), "no recovery.signal in {t}");
@@ -431,7 +325,7 @@ fn missing_block(fx: &Fixture) -> Result<()> {
     let t = target.display().to_string();
 
     std::fs::rename(&object, &aside)?;
-    let out = pitr(fx.config(), &["restore", "--to", "latest", "--target-dir", &t]);
+    let out = run_pitr(fx.config(), &["restore", "--to", "latest", "--target-dir", &t]);
     std::fs::rename(&aside, &object)?;
 
     let name = block.display().to_string();
@@ -476,7 +370,7 @@ fn backup_without_sidecar(fx: &Fixture) -> Result<()> {
     let repo = fx.env.repo.display().to_string();
     let blocks_before = block_objects(&fx.env.repo);
     let started = Instant::now();
-    let out = pitr(&config, &["backup", "--json"]);
+    let out = run_pitr(&config, &["backup", "--json"]);
     let took = started.elapsed();
     assert_failed(
         "pitr backup without pitr stream",
@@ -486,7 +380,7 @@ fn backup_without_sidecar(fx: &Fixture) -> Result<()> {
     ensure!(took < Duration::from_secs(100), "pitr backup took {took:?}: [backup] wal_timeout = \"3s\" was not used");
     ensure!(out.stdout.is_empty(), "a failed backup printed a summary: {}", text(&out.stdout));
 
-    let list: serde_json::Value = serde_json::from_str(&run_ok(fx.config(), &["list", "--json"]))?;
+    let list: serde_json::Value = serde_json::from_str(&expect_success(fx.config(), &["list", "--json"]))?;
     ensure!(
         Fixture::backup_ids(&list) == Fixture::backup_ids(&fx.list),
         "pitr list changed after a failed backup: {list}"

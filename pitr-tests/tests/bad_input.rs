@@ -6,131 +6,18 @@
 //! streams a little WAL into a repository, which is kept in memory and copied into each test's
 //! own scratch directory, so tests can damage their copy freely.
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
+use pitr_tests::checks::{
+    assert_untouched, expect_failure, expect_success, failure_of, materialise, snapshot, Snapshot,
+};
 use pitr_tests::pitr::PitrEnv;
-use pitr_tests::{free_port, pitr_bin, scratch_dir, spawn_logged, wait_until, PgCluster, PgOptions};
-
-// ---------------------------------------------------------------------------
-// Repository snapshots
-// ---------------------------------------------------------------------------
-
-/// Every directory (`None`) and file (its contents) under a root, by path relative to it; the
-/// root itself is the entry `""`. A missing root gives an empty snapshot.
-type Snapshot = BTreeMap<PathBuf, Option<Vec<u8>>>;
-
-fn snapshot(root: &Path) -> Snapshot {
-    fn walk(root: &Path, dir: &Path, out: &mut Snapshot) {
-        out.insert(dir.strip_prefix(root).expect("below the root").to_path_buf(), None);
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
-            .map(|e| e.unwrap_or_else(|e| panic!("listing {}: {e}", dir.display())).path())
-            .collect();
-        entries.sort();
-        for path in entries {
-            let meta = std::fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
-            if meta.is_dir() {
-                walk(root, &path, out);
-            } else {
-                let data = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-                out.insert(path.strip_prefix(root).expect("below the root").to_path_buf(), Some(data));
-            }
-        }
-    }
-    let mut out = Snapshot::new();
-    if root.exists() {
-        walk(root, root, &mut out);
-    }
-    out
-}
-
-/// Fails naming every path that appeared, vanished or changed under `root` since `before`.
-fn assert_untouched(root: &Path, before: &Snapshot, after_what: &str) {
-    let after = snapshot(root);
-    if &after == before {
-        return;
-    }
-    let mut diffs = Vec::new();
-    for (path, old) in before {
-        match after.get(path) {
-            None => diffs.push(format!("removed: {}", path.display())),
-            Some(new) if new != old => diffs.push(format!("changed: {}", path.display())),
-            _ => {}
-        }
-    }
-    for path in after.keys().filter(|p| !before.contains_key(*p)) {
-        diffs.push(format!("created: {}", path.display()));
-    }
-    panic!("{} was modified by {after_what}:\n  {}", root.display(), diffs.join("\n  "));
-}
-
-/// Writes `snap` out below `root` (which must not exist yet).
-fn materialise(root: &Path, snap: &Snapshot) -> Result<()> {
-    for (rel, contents) in snap {
-        let path = root.join(rel);
-        match contents {
-            None => std::fs::create_dir_all(&path),
-            Some(data) => std::fs::write(&path, data),
-        }
-        .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------
-// Running pitr and judging its failures
-// ---------------------------------------------------------------------------
-
-fn pitr(config: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(pitr_bin());
-    cmd.arg("--config").arg(config).args(args);
-    cmd.output().unwrap_or_else(|e| panic!("running pitr {args:?}: {e}"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Checks that a pitr run failed with exactly one error message (the `pitr: ...` or
-/// `pitr wal-fetch: ...` line and anything after it) containing every phrase. Returns the exit
-/// code and the message.
-fn failure_of(what: &str, status: ExitStatus, stderr: &str, phrases: &[&str]) -> (i32, String) {
-    let code = status.code().unwrap_or_else(|| panic!("{what}: killed by a signal ({status})\nstderr:\n{stderr}"));
-    assert_ne!(code, 0, "{what} succeeded but should have failed\nstderr:\n{stderr}");
-    let is_message = |l: &&str| l.starts_with("pitr: ") || l.starts_with("pitr wal-fetch: ");
-    let lines: Vec<&str> = stderr.lines().collect();
-    let starts: Vec<usize> = (0..lines.len()).filter(|&i| is_message(&lines[i])).collect();
-    assert_eq!(starts.len(), 1, "{what}: expected exactly one error message on stderr:\n{stderr}");
-    let message = lines[starts[0]..].join("\n");
-    for phrase in phrases {
-        assert!(message.contains(phrase), "{what}: the error message does not contain {phrase:?}:\n{message}");
-    }
-    (code, message)
-}
-
-/// Runs `pitr --config <config> <args>` and checks it fails as [`failure_of`] describes.
-fn expect_failure(config: &Path, args: &[&str], phrases: &[&str]) -> (i32, String) {
-    let out = pitr(config, args);
-    failure_of(&format!("pitr {}", args.join(" ")), out.status, &text(&out.stderr), phrases)
-}
-
-fn expect_success(config: &Path, args: &[&str]) -> String {
-    let out = pitr(config, args);
-    assert!(
-        out.status.success(),
-        "pitr {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
+use pitr_tests::{free_port, is_root, pitr_bin, scratch_dir, spawn_logged, wait_until, PgCluster, PgOptions};
 
 // ---------------------------------------------------------------------------
 // Scratch set-ups
@@ -230,11 +117,6 @@ fn chmod(path: &Path, mode: u32) {
         .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 fn assert_dir_empty(dir: &Path, after_what: &str) {
     let left: Vec<_> = std::fs::read_dir(dir).expect("read dest dir").map(|e| e.expect("entry").file_name()).collect();
     assert!(left.is_empty(), "{after_what} left {left:?} in {}", dir.display());
@@ -267,22 +149,14 @@ fn stream_archive() -> Result<Archive> {
     let mut env = PitrEnv::new("bad-input-archive", &cluster, "")?;
     env.init()?;
     let mut stream = env.spawn_stream()?;
-    wait_until("pitr stream to be streaming", Duration::from_secs(60), || {
-        let n = cluster.psql(
-            "select count(*) from pg_stat_replication where application_name = 'pitr_main' and state = 'streaming'",
-        )?;
-        Ok(n == "1")
-    })
-    .with_context(|| env.stream_logs())?;
+    env.wait_streaming(&cluster)?;
     cluster.psql("create table filler as select g, md5(g::text) as h from generate_series(1, 20000) g")?;
     let segment = cluster.psql("select pg_walfile_name(pg_switch_wal())")?;
     wait_until(&format!("{segment}.seg in the repository"), Duration::from_secs(60), || {
         Ok(env.wal_dir().is_ok_and(|d| d.join(format!("{segment}.seg")).is_file()))
     })
     .with_context(|| env.stream_logs())?;
-    stream.signal(libc::SIGTERM)?;
-    let status = stream.wait_timeout(Duration::from_secs(60))?.context("pitr stream did not stop on SIGTERM")?;
-    ensure!(status.success(), "pitr stream exited with {status} on SIGTERM\n{}", env.stream_logs());
+    env.stop_stream(&mut stream)?;
     let seg_file = env.wal_dir()?.join(format!("{segment}.seg"));
     let seg_object = seg_file.strip_prefix(&env.repo)?.display().to_string();
     Ok(Archive { repo: snapshot(&env.repo), key: std::fs::read(&env.key_file)?, segment, seg_object })
@@ -424,7 +298,8 @@ fn unreachable_server_is_named_and_stream_gives_up() {
         child.kill9();
         panic!("pitr stream still runs 60 s after startup_timeout = 2s against a closed port:\n{stderr}")
     });
-    failure_of("pitr stream", status, &stderr, &["cannot connect", &format!("127.0.0.1:{port}")]);
+    let out = Output { status, stdout: Vec::new(), stderr: stderr.into_bytes() };
+    failure_of("pitr stream", &out, &["cannot connect", &format!("127.0.0.1:{port}")]);
     assert_untouched(&s.repo, &before, "pitr stream against an unreachable server");
 }
 

@@ -37,19 +37,11 @@ fn spawn_pg_receivewal(cluster: &PgCluster, dir: &std::path::Path) -> Result<Chi
     spawn_logged(cmd, &dir.with_extension("log"))
 }
 
-fn current_lsn(cluster: &PgCluster) -> Result<u64> {
-    Ok(lsn_to_u64(&cluster.psql("select pg_current_wal_lsn()")?))
-}
-
 /// Switches WAL so the current segment completes, and returns the name of the completed segment.
 fn switch_wal(cluster: &PgCluster) -> Result<String> {
     // A switch on an idle segment is a no-op; write something first.
     cluster.psql("create table if not exists switch_marker(x int); insert into switch_marker values (1)")?;
     cluster.psql("select pg_walfile_name(pg_switch_wal())")
-}
-
-fn wait_archived(env: &PitrEnv, lsn: u64, what: &str) -> Result<()> {
-    wait_until(what, Duration::from_secs(60), || Ok(env.archived_end(SEG)? >= lsn)).with_context(|| env.stream_logs())
 }
 
 /// Compares every complete segment pg_receivewal wrote with `pitr wal-fetch` of it.
@@ -158,8 +150,8 @@ fn pg15_byte_identical_with_pg_receivewal_and_kill9() -> Result<()> {
     load.join().map_err(|_| anyhow::anyhow!("pgbench thread panicked"))??;
 
     let last = switch_wal(&cluster)?;
-    let end = current_lsn(&cluster)?;
-    wait_archived(&env, end - end % SEG, "pitr to archive the switched segment")?;
+    let end = cluster.current_lsn()?;
+    env.wait_archived(end - end % SEG, "pitr to archive the switched segment")?;
     wait_until("pg_receivewal to finish the segment", Duration::from_secs(60), || Ok(reference.join(&last).exists()))?;
     let compared = compare_with_reference(&env, &reference, &last)?;
     assert!(compared >= 8, "only {compared} segments compared");
@@ -196,16 +188,16 @@ fn pg17_matches_server_wal_across_primary_restarts() -> Result<()> {
     let _stream = env.spawn_stream()?;
     cluster.pgbench(&["-i", "-s", "5"])?;
     for mode in ["fast", "immediate"] {
-        let before = current_lsn(&cluster)?;
-        wait_archived(&env, before, "pitr to catch up before the restart")?;
+        let before = cluster.current_lsn()?;
+        env.wait_archived(before, "pitr to catch up before the restart")?;
         cluster.restart(mode)?;
         cluster.pgbench(&["-n", "-c", "2", "-t", "2000"])?;
-        let after = current_lsn(&cluster)?;
-        wait_archived(&env, after, &format!("pitr to resume after a {mode} restart"))?;
+        let after = cluster.current_lsn()?;
+        env.wait_archived(after, &format!("pitr to resume after a {mode} restart"))?;
     }
     let last = switch_wal(&cluster)?;
-    let end = current_lsn(&cluster)?;
-    wait_archived(&env, end - end % SEG, "pitr to archive the switched segment")?;
+    let end = cluster.current_lsn()?;
+    env.wait_archived(end - end % SEG, "pitr to archive the switched segment")?;
     let compared = compare_with_pg_wal(&env, &cluster, &last)?;
     assert!(compared >= 4, "only {compared} segments compared");
     assert_continuous(&env, &last)?;
@@ -218,58 +210,27 @@ fn pg17_matches_server_wal_across_primary_restarts() -> Result<()> {
 fn pg15_follows_a_promoted_standby_onto_the_new_timeline() -> Result<()> {
     let primary = start_cluster(15)?;
     primary.psql("create table t(x int); insert into t select generate_series(1, 1000)")?;
-    // A streaming standby made with pg_basebackup -R.
-    let standby_dir = pitr_tests::scratch_dir("standby");
-    let data = standby_dir.path().join("data");
-    pitr_tests::chown_to_pg_user(standby_dir.path())?;
-    let mut cmd = std::process::Command::new(client_bin("pg_basebackup"));
-    cmd.args([
-        "-D",
-        &data.display().to_string(),
-        "-R",
-        "-X",
-        "stream",
-        "-c",
-        "fast",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &primary.port.to_string(),
-        "-U",
-        "postgres",
-    ]);
-    pitr_tests::as_pg_user(&mut cmd);
-    let out = cmd.output()?;
-    if !out.status.success() {
-        bail!("pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let standby = PgCluster::start_existing(15, &data, vec!["max_wal_size = '1GB'".into()])?;
+    // A streaming standby made with pg_basebackup -R; its postgresql.conf (max_wal_size included) is the
+    // primary's.
+    let (_standby_dir, standby) = pitr_tests::standby_of(&primary)?;
 
     // Both hosts in the conninfo; the sidecar must pick whichever is read-write.
-    let conninfo = format!(
-        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres target_session_attrs=read-write connect_timeout=2",
-        primary.port, standby.port
-    );
     let mut env = PitrEnv::new("pg15-failover", &primary, "")?;
-    let config = std::fs::read_to_string(&env.config)?.replace(&primary.conninfo("postgres"), &conninfo);
-    std::fs::write(&env.config, config)?;
+    env.connect_to_read_write(&primary, &standby)?;
     env.init()?;
     let _stream = env.spawn_stream()?;
     primary.pgbench(&["-i", "-s", "2"])?;
-    let before = current_lsn(&primary)?;
-    wait_archived(&env, before, "pitr to archive timeline 1")?;
-    wait_until("the standby to replay", Duration::from_secs(60), || {
-        Ok(lsn_to_u64(&standby.psql("select pg_last_wal_replay_lsn()")?) >= before)
-    })?;
+    let before = primary.current_lsn()?;
+    env.wait_archived(before, "pitr to archive timeline 1")?;
+    standby.wait_replayed(before)?;
 
     primary.stop("immediate")?;
-    standby.psql("select pg_promote()")?;
-    wait_until("the promotion", Duration::from_secs(60), || Ok(standby.psql("select pg_is_in_recovery()")? == "f"))?;
+    standby.promote()?;
     standby.psql("select pg_create_physical_replication_slot('pin', true)")?;
     standby.pgbench(&["-n", "-c", "2", "-t", "1000"])?;
     let last = switch_wal(&standby)?;
     assert!(last.starts_with("00000002"), "expected timeline 2, got {last}");
-    let end = current_lsn(&standby)?;
+    let end = standby.current_lsn()?;
     wait_until("pitr to archive timeline 2", Duration::from_secs(90), || {
         Ok(env.archived_objects()?.get(&last).is_some_and(|r| r.iter().any(|x| x.1 == u64::MAX)))
     })
@@ -283,6 +244,16 @@ fn pg15_follows_a_promoted_standby_onto_the_new_timeline() -> Result<()> {
     Ok(())
 }
 
+/// `pitr stream` as a second sidecar for `env`'s cluster and repository: another host, its own slot.
+fn other_sidecar(env: &PitrEnv) -> std::process::Command {
+    let mut cmd = env.command(&["stream"]);
+    cmd.env("PITR_STREAM_LEASE_HOLDER", "other-host/pitr_b")
+        .env("PITR_POSTGRES_SLOT", "pitr_b")
+        .env("PITR_METRICS_LISTEN", "")
+        .env("PITR_STREAM_STATUS_FILE", env.dir.path().join("other-status.json"));
+    cmd
+}
+
 #[test]
 fn pg15_one_writer_per_cluster_lease() -> Result<()> {
     let cluster = start_cluster(15)?;
@@ -290,17 +261,11 @@ fn pg15_one_writer_per_cluster_lease() -> Result<()> {
     env.init()?;
     let mut first = env.spawn_stream()?;
     cluster.psql("create table t(x int); insert into t values (1)")?;
-    let lsn = current_lsn(&cluster)?;
-    wait_archived(&env, lsn, "the first sidecar to archive")?;
+    let lsn = cluster.current_lsn()?;
+    env.wait_archived(lsn, "the first sidecar to archive")?;
 
     // A second sidecar (another host, its own slot) for the same cluster and repository is refused.
-    let mut other = env.command(&["stream"]);
-    other
-        .env("PITR_STREAM_LEASE_HOLDER", "other-host/pitr_b")
-        .env("PITR_POSTGRES_SLOT", "pitr_b")
-        .env("PITR_METRICS_LISTEN", "")
-        .env("PITR_STREAM_STATUS_FILE", env.dir.path().join("other-status.json"));
-    let out = other.output()?;
+    let out = other_sidecar(&env).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "second writer was allowed: {stderr}");
     assert!(stderr.contains("is being written by") && stderr.contains("/pitr_main"), "{stderr}");
@@ -309,20 +274,14 @@ fn pg15_one_writer_per_cluster_lease() -> Result<()> {
     first.kill9();
     let mut first_again = env.spawn_stream()?;
     cluster.psql("insert into t values (2)")?;
-    let lsn = current_lsn(&cluster)?;
-    wait_archived(&env, lsn, "the restarted sidecar to archive")?;
+    let lsn = cluster.current_lsn()?;
+    env.wait_archived(lsn, "the restarted sidecar to archive")?;
 
     // A clean stop releases the lease: the other sidecar may start now.
     first_again.signal(libc::SIGTERM)?;
     first_again.wait_timeout(Duration::from_secs(30))?.context("pitr stream did not stop")?;
     let log = env.dir.path().join("other.log");
-    let mut other = env.command(&["stream"]);
-    other
-        .env("PITR_STREAM_LEASE_HOLDER", "other-host/pitr_b")
-        .env("PITR_POSTGRES_SLOT", "pitr_b")
-        .env("PITR_METRICS_LISTEN", "")
-        .env("PITR_STREAM_STATUS_FILE", env.dir.path().join("other-status.json"));
-    let mut other = spawn_logged(other, &log)?;
+    let mut other = spawn_logged(other_sidecar(&env), &log)?;
     wait_until("the other sidecar to stream", Duration::from_secs(30), || {
         Ok(std::fs::read_to_string(&log)?.contains("starting replication"))
     })?;

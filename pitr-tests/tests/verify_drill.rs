@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use pitr_tests::pitr::PitrEnv;
-use pitr_tests::{client_bin, lsn_to_u64, wait_until, PgCluster, PgOptions};
+use pitr_tests::{wait_until, PgCluster, PgOptions};
 
 const SEG: u64 = 16 << 20;
 
@@ -47,44 +47,25 @@ fn expect_finding(
     Ok(())
 }
 
-fn current_lsn(c: &PgCluster) -> Result<u64> {
-    Ok(lsn_to_u64(&c.psql("select pg_current_wal_lsn()")?))
+/// `pitr drill --to <to> --checks <checks> --json --db-user postgres <extra>` as the server user:
+/// whether it exited 0, and its JSON report.
+fn drill(env: &PitrEnv, to: &str, checks: &Path, extra: &[&str]) -> Result<(bool, serde_json::Value)> {
+    let checks = checks.display().to_string();
+    let mut args = vec!["drill", "--to", to, "--checks", &checks, "--json", "--db-user", "postgres"];
+    args.extend_from_slice(extra);
+    let out = env.run_as_pg_user(&args)?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))?;
+    Ok((out.status.success(), report))
 }
 
 #[test]
 fn pg15_verify_names_gaps_blocks_flipped_bytes_and_missing_history() -> Result<()> {
     let primary = PgCluster::start(PgOptions::new(15))?;
     primary.pgbench(&["-i", "-s", "2"])?;
-    let standby_dir = pitr_tests::scratch_dir("verify-standby");
-    let data = standby_dir.path().join("data");
-    pitr_tests::chown_to_pg_user(standby_dir.path())?;
-    let mut cmd = std::process::Command::new(client_bin("pg_basebackup"));
-    cmd.args([
-        "-D",
-        &data.display().to_string(),
-        "-R",
-        "-X",
-        "stream",
-        "-c",
-        "fast",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &primary.port.to_string(),
-        "-U",
-        "postgres",
-    ]);
-    pitr_tests::as_pg_user(&mut cmd);
-    if !cmd.output()?.status.success() {
-        bail!("pg_basebackup failed");
-    }
-    let standby = PgCluster::start_existing(15, &data, vec![])?;
+    let (_standby_dir, standby) = pitr_tests::standby_of(&primary)?;
     let mut env = PitrEnv::new("verify", &primary, "")?;
-    let conninfo = format!(
-        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres target_session_attrs=read-write connect_timeout=2",
-        primary.port, standby.port
-    );
-    env.edit_config(&primary.conninfo("postgres"), &conninfo)?;
+    env.connect_to_read_write(&primary, &standby)?;
     env.init()?;
     let _stream = env.spawn_stream()?;
     env.run_ok(&["backup"])?;
@@ -92,17 +73,14 @@ fn pg15_verify_names_gaps_blocks_flipped_bytes_and_missing_history() -> Result<(
         primary.pgbench(&["-n", "-t", "500"])?;
         primary.psql("select pg_switch_wal()")?;
     }
-    let lsn = current_lsn(&primary)?;
-    wait_until("archive", Duration::from_secs(60), || Ok(env.archived_end(SEG)? >= lsn))?;
-    wait_until("standby replay", Duration::from_secs(60), || {
-        Ok(lsn_to_u64(&standby.psql("select pg_last_wal_replay_lsn()")?) >= lsn)
-    })?;
+    let lsn = primary.current_lsn()?;
+    env.wait_archived(lsn, "archive")?;
+    standby.wait_replayed(lsn)?;
     primary.stop("fast")?;
-    standby.psql("select pg_promote()")?;
-    wait_until("promotion", Duration::from_secs(60), || Ok(standby.psql("select pg_is_in_recovery()")? == "f"))?;
+    standby.promote()?;
     standby.pgbench(&["-n", "-t", "300"])?;
     standby.psql("select pg_switch_wal()")?;
-    let lsn = current_lsn(&standby)?;
+    let lsn = standby.current_lsn()?;
     wait_until("timeline 2 archived", Duration::from_secs(90), || {
         Ok(env.archived_objects()?.keys().any(|k| k.starts_with("00000002"))
             && env.archived_end(SEG)? >= lsn - lsn % SEG)
@@ -161,8 +139,7 @@ fn pg15_drill_passes_with_measurements_and_fails_on_a_check_that_cannot_hold() -
     let recorded = cluster.psql("select count(*) || ':' || sum(id) from users")?;
     std::thread::sleep(Duration::from_millis(1100));
     cluster.psql("insert into users select g, 'u' || g from generate_series(201, 300) g")?;
-    let lsn = current_lsn(&cluster)?;
-    wait_until("archive", Duration::from_secs(60), || Ok(env.archived_end(SEG)? >= lsn))?;
+    env.wait_archived(cluster.current_lsn()?, "archive")?;
 
     let checks = env.dir.path().join("checks.toml");
     std::fs::write(
@@ -175,23 +152,9 @@ fn pg15_drill_passes_with_measurements_and_fails_on_a_check_that_cannot_hold() -
     )?;
     pitr_tests::chown_to_pg_user(&checks)?;
     let report_md = env.dir.path().join("report.md");
-    let out = env.run_as_pg_user(&[
-        "drill",
-        "--to",
-        "random",
-        "--checks",
-        &checks.display().to_string(),
-        "--report",
-        &report_md.display().to_string(),
-        "--json",
-        "--db-user",
-        "postgres",
-        "--test-type",
-        "Monthly",
-    ])?;
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))?;
-    assert!(out.status.success(), "random drill did not pass: {report:#}");
+    let report_arg = report_md.display().to_string();
+    let (ok, report) = drill(&env, "random", &checks, &["--report", &report_arg, "--test-type", "Monthly"])?;
+    assert!(ok, "random drill did not pass: {report:#}");
     assert_eq!(report["outcome"], "PASS", "{report:#}");
     assert!(report["rto_achieved_seconds"].as_f64().is_some_and(|s| s > 0.0), "{report:#}");
     assert!(report["rpo_achieved_seconds"].as_f64().is_some_and(|s| s >= 0.0), "{report:#}");
@@ -223,18 +186,8 @@ fn pg15_drill_passes_with_measurements_and_fails_on_a_check_that_cannot_hold() -
     assert!(env.dir.path().join("report.json").exists());
 
     // To the recorded moment, the recorded value must come back.
-    let out = env.run_as_pg_user(&[
-        "drill",
-        "--to",
-        &moment,
-        "--checks",
-        &checks.display().to_string(),
-        "--json",
-        "--db-user",
-        "postgres",
-    ])?;
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    assert!(out.status.success(), "{report:#}");
+    let (ok, report) = drill(&env, &moment, &checks, &[])?;
+    assert!(ok, "{report:#}");
     let recorded_check = report["checks"]
         .as_array()
         .and_then(|c| c.iter().find(|c| c["name"] == "users as recorded on the primary").cloned());
@@ -245,18 +198,8 @@ fn pg15_drill_passes_with_measurements_and_fails_on_a_check_that_cannot_hold() -
         &checks,
         "[[check]]\nname = \"impossible\"\nsql = \"select count(*) from users\"\nexpect = \"> 1000000\"\n",
     )?;
-    let out = env.run_as_pg_user(&[
-        "drill",
-        "--to",
-        "latest",
-        "--checks",
-        &checks.display().to_string(),
-        "--json",
-        "--db-user",
-        "postgres",
-    ])?;
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    assert!(!out.status.success(), "{report:#}");
+    let (ok, report) = drill(&env, "latest", &checks, &[])?;
+    assert!(!ok, "{report:#}");
     assert_eq!(report["outcome"], "FAIL");
     assert!(report["issues"].to_string().contains("impossible"), "{report:#}");
     // Scratch servers are gone.
