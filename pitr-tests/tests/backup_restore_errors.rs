@@ -85,15 +85,19 @@ fn assert_no_staging_left(target: &Path, after_what: &str) {
     assert!(left.is_empty(), "{after_what} left {left:?} beside {}", target.display());
 }
 
-/// Block objects (paths relative to the repository) in the repository now.
+/// Block objects (paths relative to the repository) in the repository now. Only the blocks
+/// directories are read: WAL chunks may vanish under a running sidecar's compaction.
 fn block_objects(repo: &Path) -> BTreeSet<PathBuf> {
-    snapshot(repo)
-        .into_iter()
-        .filter(|(path, entry)| {
-            *entry != Entry::Dir && path.components().nth(2).is_some_and(|c| c.as_os_str() == "blocks")
-        })
-        .map(|(path, _)| path)
-        .collect()
+    let mut out = BTreeSet::new();
+    for cluster in std::fs::read_dir(repo.join("pg")).into_iter().flatten().flatten() {
+        let blocks = cluster.path().join("blocks");
+        for (path, entry) in snapshot(&blocks) {
+            if entry != Entry::Dir {
+                out.insert(blocks.strip_prefix(repo).expect("below the repository").join(path));
+            }
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------

@@ -67,6 +67,8 @@ impl Scratch {
         // No metrics server and no scheduled jobs: tests run in parallel and must not share a port.
         lines.extend(["[metrics]".to_string(), "listen = \"\"".to_string()]);
         lines.extend(["[schedule]".to_string(), "full_backup = \"\"".to_string()]);
+        // wal-fetch's prefetch spool would appear beside the destinations these tests watch.
+        lines.extend(["[backup]".to_string(), "prefetch_segments = 0".to_string()]);
         lines.extend(["[stream]".to_string(), format!("status_file = {}", q(&self.path("status.json")))]);
         lines.extend(Some(stream_extra).filter(|e| !e.is_empty()).map(str::to_string));
         lines.push(String::new());

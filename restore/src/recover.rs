@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use pitr_archive::layout::WalLayout;
 use pitr_archive::Repository;
-use pitr_pgwire::walreader::WalDecoder;
+use pitr_pgwire::walreader::{pg_timestamp_to_unix_micros, WalDecoder};
 
 use crate::materialize::{check_target, materialize, Staging};
 use crate::plan::Catalog;
@@ -156,9 +156,14 @@ pub async fn restore(
     report.port = Some(start.port);
     report.replay_seconds = Some(replay_started.elapsed().as_secs_f64());
     report.total_seconds = started.elapsed().as_secs_f64();
+    // PostgreSQL knows the last commit it replayed; when recovery replayed none (a target just
+    // after the backup), the newest commit in the restored data is the last one before the
+    // replay position, which the archived WAL tells.
+    let from_wal = last_commit_before(repo, catalog, lsn).await;
+    let commit_us = commit_us.or(from_wal.map(|(_, t)| t));
     report.last_replayed_commit_time = commit_us.map(format_time);
     report.last_replayed_lsn = Some(pitr_pgwire::format_lsn(lsn));
-    report.last_replayed_xid = last_commit_xid(repo, catalog, lsn).await;
+    report.last_replayed_xid = from_wal.map(|(xid, _)| xid);
     let reference = match opts.target {
         RecoveryTarget::Time(t) => Some(t),
         RecoveryTarget::Latest => newest_commit,
@@ -251,19 +256,27 @@ fn log_tail(log: &Path) -> String {
     format!("server log {} (last lines):\n{}", log.display(), lines[lines.len().saturating_sub(15)..].join("\n"))
 }
 
-/// The xid of the last commit/abort that ends at or before `lsn`, read from the archived WAL.
-async fn last_commit_xid(repo: &Repository, catalog: &Catalog, lsn: u64) -> Option<u32> {
+/// The last commit/abort that ends at or before `lsn`, read from the archived WAL: (xid, time in
+/// µs since the Unix epoch). Looks back a few segments when the newest holds none (an idle
+/// primary, or a target just after a backup).
+async fn last_commit_before(repo: &Repository, catalog: &Catalog, lsn: u64) -> Option<(u32, i64)> {
     let layout = WalLayout::new(&catalog.cluster);
-    let segno = layout.segno_of(lsn.checked_sub(1)?);
-    // The replayed WAL is on the newest timeline holding that segment.
-    let timeline = catalog.wal.segments.keys().filter(|(_, s)| *s == segno).map(|(t, _)| *t).max()?;
-    let file = layout.segment_file_name(timeline, segno);
-    let (_, data) = read_wal_file(repo, &catalog.cluster, &file).await.ok()?;
-    let mut decoder = WalDecoder::new(catalog.cluster.wal_segment_size, catalog.cluster.wal_page_size);
-    let mut records = Vec::new();
-    decoder.feed(layout.segment_start(segno), &data, &mut records);
-    let last = records.iter().rev().find(|r| r.end_lsn <= lsn.next_multiple_of(8))?;
-    Some(last.xid)
+    let newest = layout.segno_of(lsn.checked_sub(1)?);
+    for segno in (newest.saturating_sub(4)..=newest).rev() {
+        // The replayed WAL is on the newest timeline holding that segment.
+        let Some(timeline) = catalog.wal.segments.keys().filter(|(_, s)| *s == segno).map(|(t, _)| *t).max() else {
+            continue;
+        };
+        let file = layout.segment_file_name(timeline, segno);
+        let Ok((_, data)) = read_wal_file(repo, &catalog.cluster, &file).await else { continue };
+        let mut decoder = WalDecoder::new(catalog.cluster.wal_segment_size, catalog.cluster.wal_page_size);
+        let mut records = Vec::new();
+        decoder.feed(layout.segment_start(segno), &data, &mut records);
+        if let Some(last) = records.iter().rev().find(|r| r.end_lsn <= lsn.next_multiple_of(8)) {
+            return Some((last.xid, pg_timestamp_to_unix_micros(last.timestamp)));
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -203,7 +203,8 @@ async fn get_or_not_found(
 fn write_atomically(dest: &Path, data: &[u8]) -> Result<(), FetchError> {
     let io = |cause| FetchError::Io { path: dest.to_path_buf(), cause };
     let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "wal".into());
-    let tmp = dest.with_file_name(format!(".{file_name}.pitr-tmp"));
+    // Unique per process: a prefetcher and wal-fetch may write the same name at once.
+    let tmp = dest.with_file_name(format!(".{file_name}.pitr-tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
