@@ -14,6 +14,33 @@ use crate::{pitr_bin, scratch_dir, spawn_logged, wait_until, Child, PgCluster};
 /// The WAL segment size of the test clusters (initdb's default).
 pub const WAL_SEGMENT_SIZE: u64 = 16 << 20;
 
+/// A cluster restored by `pitr restore --start` into its own scratch directory, owned by the
+/// server user; stopped (immediate) when dropped.
+pub struct RestoredServer {
+    pub dir: tempfile::TempDir,
+    pub target: PathBuf,
+    pub port: u16,
+    bin_dir: PathBuf,
+}
+
+impl RestoredServer {
+    /// `pg_ctl stop -m <mode>` as the server user.
+    pub fn stop(&self, mode: &str) {
+        let mut cmd = Command::new(self.bin_dir.join("pg_ctl"));
+        cmd.arg("-D").arg(&self.target).args(["-m", mode, "-w", "stop"]);
+        crate::as_pg_user(&mut cmd);
+        let _ = cmd.output();
+    }
+}
+
+impl Drop for RestoredServer {
+    fn drop(&mut self) {
+        if self.target.join("postmaster.pid").exists() {
+            self.stop("immediate");
+        }
+    }
+}
+
 pub struct PitrEnv {
     pub dir: tempfile::TempDir,
     pub repo: PathBuf,
@@ -104,6 +131,25 @@ impl PitrEnv {
             cmd.env("USER", &u.name).env("HOME", self.dir.path());
         }
         cmd.output().with_context(|| format!("running pitr {args:?} as the server user"))
+    }
+
+    /// `pitr restore --to <to> --start --db-user postgres <extra>` as the server user into a fresh
+    /// directory on a free port, the way an operator runs it. Fails with pitr's stderr.
+    pub fn restore_started(&self, to: &str, bin_dir: &Path, extra: &[&str]) -> Result<(RestoredServer, Output)> {
+        let dir = scratch_dir("restored");
+        crate::chown_to_pg_user(dir.path())?;
+        let target = dir.path().join("data");
+        let port = crate::free_port()?;
+        let (target_arg, port_arg) = (target.display().to_string(), port.to_string());
+        let mut args = vec!["restore", "--to", to, "--target-dir", &target_arg, "--start", "--port", &port_arg];
+        args.extend(["--db-user", "postgres"]);
+        args.extend_from_slice(extra);
+        let out = self.run_as_pg_user(&args)?;
+        let server = RestoredServer { dir, target, port, bin_dir: bin_dir.to_path_buf() };
+        if !out.status.success() {
+            bail!("pitr restore --to {to} --start failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok((server, out))
     }
 
     /// Runs `pitr <args>` to completion.

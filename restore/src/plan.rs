@@ -126,7 +126,22 @@ pub async fn newest_commit_us(
         }
     }
     for obj in objects.iter().take(LOOK_BACK) {
-        let header = repo.read_header(&wal.layout.object_name(obj)).await?;
+        let header = match repo.read_header(&wal.layout.object_name(obj)).await {
+            Ok(h) => h,
+            // A running sidecar compacted this chunk into its segment since the listing.
+            Err(RepositoryError::Store(e)) if e.is_not_found() => match *obj {
+                WalObject::Chunk { timeline, segno, .. } => {
+                    let segment = wal.layout.object_name(&WalObject::Segment { timeline, segno });
+                    match repo.read_header(&segment).await {
+                        Ok(h) => h,
+                        Err(RepositoryError::Store(e)) if e.is_not_found() => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                _ => return Err(RepositoryError::Store(e)),
+            },
+            Err(e) => return Err(e),
+        };
         if let Some(t) = header.meta.last_commit_us {
             return Ok(Some(t));
         }

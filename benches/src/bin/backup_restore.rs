@@ -89,33 +89,11 @@ fn main() -> Result<()> {
         }
         Ok(serde_json::from_slice::<serde_json::Value>(&out.stdout)?)
     })?;
-    let restored2 = scratch_dir("bench-restore-start");
-    pitr_tests::chown_to_pg_user(restored2.path())?;
-    let target2 = restored2.path().join("data");
-    let port = pitr_tests::free_port()?.to_string();
     let (report2, start_secs) = timed(|| {
-        let out = env.run_as_pg_user(&[
-            "restore",
-            "--to",
-            "latest",
-            "--target-dir",
-            &target2.display().to_string(),
-            "--start",
-            "--port",
-            &port,
-            "--db-user",
-            "postgres",
-            "--json",
-        ])?;
-        if !out.status.success() {
-            bail!("restore --start: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        let (server, out) = env.restore_started("latest", cluster.bin_dir(), &["--json"])?;
+        server.stop("fast");
         Ok(serde_json::from_slice::<serde_json::Value>(&out.stdout)?)
     })?;
-    let mut stop = Command::new(cluster.bin_dir().join("pg_ctl"));
-    stop.args(["-D", &target2.display().to_string(), "-m", "fast", "-w", "stop"]);
-    pitr_tests::as_pg_user(&mut stop);
-    let _ = stop.output();
 
     // Replay with and without wal-fetch prefetch: WAL from a pgbench run after the backups.
     println!("pgbench -n -c 4 -T 60 (WAL to replay) ...");
@@ -134,36 +112,14 @@ fn main() -> Result<()> {
             None => text.replace("[stream]\n", &format!("[backup]\nprefetch_segments = {prefetch}\n[stream]\n")),
         };
         std::fs::write(&env.config, text)?;
-        let dir = scratch_dir("bench-replay");
-        pitr_tests::chown_to_pg_user(dir.path())?;
-        let target = dir.path().join("data");
-        let port = pitr_tests::free_port()?.to_string();
-        let out = env.run_as_pg_user(&[
-            "restore",
-            "--to",
-            "latest",
-            "--target-dir",
-            &target.display().to_string(),
-            "--start",
-            "--port",
-            &port,
-            "--db-user",
-            "postgres",
-            "--json",
-        ])?;
-        if !out.status.success() {
-            bail!("restore with prefetch {prefetch}: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        let (server, out) = env.restore_started("latest", cluster.bin_dir(), &["--json"])?;
         let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         replay.push((
             prefetch,
             r["replay_seconds"].as_f64().unwrap_or(0.0),
             r["total_seconds"].as_f64().unwrap_or(0.0),
         ));
-        let mut stop = Command::new(cluster.bin_dir().join("pg_ctl"));
-        stop.args(["-D", &target.display().to_string(), "-m", "fast", "-w", "stop"]);
-        pitr_tests::as_pg_user(&mut stop);
-        let _ = stop.output();
+        server.stop("fast");
     }
 
     let mib = |b: f64| b / 1048576.0;

@@ -68,38 +68,18 @@ fn main() -> Result<()> {
     print!("{}", env.run_ok(&["list"])?);
 
     step(&format!("pitr restore --to '{moment}' --start (as the database's OS user)"));
-    let restored = pitr_tests::scratch_dir("demo-restored");
-    pitr_tests::chown_to_pg_user(restored.path())?;
-    let target = restored.path().join("data");
-    let port = pitr_tests::free_port()?.to_string();
-    let out = env.run_as_pg_user(&[
-        "restore",
-        "--to",
-        &moment,
-        "--target-dir",
-        &target.display().to_string(),
-        "--start",
-        "--port",
-        &port,
-        "--db-user",
-        "postgres",
-    ])?;
+    let (restored, out) = env.restore_started(&moment, cluster.bin_dir(), &[])?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
-    if !out.status.success() {
-        bail!("restore failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
     let restored_state = Command::new(pitr_tests::client_bin("psql"))
-        .args(["-X", "-A", "-t", "-h", &target.display().to_string(), "-p", &port, "-U", "postgres", "-c", state_sql])
+        .args(["-X", "-A", "-t", "-h", &restored.target.display().to_string(), "-p", &restored.port.to_string()])
+        .args(["-U", "postgres", "-c", state_sql])
         .output()?;
     let restored_state = String::from_utf8_lossy(&restored_state.stdout).trim().to_string();
     println!(
         "    restored data: {restored_state} ({})",
         if restored_state == state_then { "equal to the moment" } else { "DIFFERENT" }
     );
-    let mut stop = Command::new(cluster.bin_dir().join("pg_ctl"));
-    stop.args(["-D", &target.display().to_string(), "-m", "fast", "-w", "stop"]);
-    pitr_tests::as_pg_user(&mut stop);
-    stop.output()?;
+    restored.stop("fast");
     if restored_state != state_then {
         bail!("the restored data differs from the moment's");
     }
