@@ -210,3 +210,13 @@ fn pg17_restores_to_moments_across_kill9_and_two_backups() -> Result<()> {
 fn pg14_restores_to_moments_across_kill9_and_two_backups() -> Result<()> {
     round_trip(14)
 }
+
+#[test]
+fn pg16_restores_to_moments_across_kill9_and_two_backups() -> Result<()> {
+    round_trip(16)
+}
+
+#[test]
+fn pg18_restores_to_moments_across_kill9_and_two_backups() -> Result<()> {
+    round_trip(18)
+}

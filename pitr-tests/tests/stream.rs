@@ -180,10 +180,29 @@ fn compare_with_pg_wal(env: &PitrEnv, cluster: &PgCluster, upto_segment: &str) -
 
 #[test]
 fn pg17_matches_server_wal_across_primary_restarts() -> Result<()> {
-    let cluster = start_cluster(17)?;
+    matches_server_wal_across_primary_restarts(17)
+}
+
+#[test]
+fn pg14_matches_server_wal_across_primary_restarts() -> Result<()> {
+    matches_server_wal_across_primary_restarts(14)
+}
+
+#[test]
+fn pg16_matches_server_wal_across_primary_restarts() -> Result<()> {
+    matches_server_wal_across_primary_restarts(16)
+}
+
+#[test]
+fn pg18_matches_server_wal_across_primary_restarts() -> Result<()> {
+    matches_server_wal_across_primary_restarts(18)
+}
+
+fn matches_server_wal_across_primary_restarts(major: u32) -> Result<()> {
+    let cluster = start_cluster(major)?;
     // Keeps every segment in pg_wal so the server's own files can serve as the reference.
     cluster.psql("select pg_create_physical_replication_slot('pin', true)")?;
-    let mut env = PitrEnv::new("pg17-restarts", &cluster, "")?;
+    let mut env = PitrEnv::new(&format!("pg{major}-restarts"), &cluster, "")?;
     env.init()?;
     let _stream = env.spawn_stream()?;
     cluster.pgbench(&["-i", "-s", "5"])?;
