@@ -12,6 +12,7 @@ pub mod backup;
 pub mod keys;
 pub mod layout;
 pub mod lease;
+pub mod s3;
 pub mod seal;
 pub mod store;
 

@@ -15,23 +15,39 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 
+/// The configured storage backend: a local directory, or an S3 bucket for `url = "s3://…"`.
+fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
+    Ok(match &config.repository.url {
+        Some(url) => {
+            let r = &config.repository;
+            let opts = pitr_archive::s3::S3Options {
+                endpoint: r.endpoint.clone(),
+                region: r.region.clone(),
+                allow_http: r.allow_http,
+                force_path_style: r.force_path_style,
+            };
+            Arc::new(pitr_archive::s3::S3Store::new(url, &opts).context("[repository] url")?)
+        }
+        None => Arc::new(LocalStore::new(config.repository_path())),
+    })
+}
+
 fn open_repository(config: &Config) -> Result<Repository> {
     let keys = KeyRing::load(&config.encryption.key_file).context("[encryption] key_file")?;
-    let store = LocalStore::new(config.repository_path());
-    Ok(Repository::new(Arc::new(store), keys).with_zstd_level(config.repository.zstd_level))
+    Ok(Repository::new(open_store(config)?, keys).with_zstd_level(config.repository.zstd_level))
 }
 
 pub async fn init(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     let key_file = &config.encryption.key_file;
-    let store = LocalStore::new(config.repository_path());
+    let store = open_store(&config)?;
     let keys = if key_file.exists() {
         let keys = KeyRing::load(key_file).context("[encryption] key_file")?;
         println!("using existing key file {} (active key {})", key_file.display(), keys.active().id);
         keys
     } else {
         // A new key cannot open an initialised repository: refuse before leaving a useless key file.
-        if store.head(MARKER).await.context("[repository] path")?.is_some() {
+        if store.head(MARKER).await.context("[repository]")?.is_some() {
             bail!(
                 "[encryption] key_file {} does not exist, but repository {} is already initialised with another key; \
                  set key_file to the key file it was initialised with",
@@ -47,8 +63,10 @@ pub async fn init(config_path: &Path) -> Result<()> {
         );
         keys
     };
-    store.create_root().context("[repository] path")?;
-    let repo = Repository::new(Arc::new(store), keys);
+    if config.repository.url.is_none() {
+        LocalStore::new(config.repository_path()).create_root().context("[repository] path")?;
+    }
+    let repo = Repository::new(store, keys);
     match repo.init().await.context("initialising the repository")? {
         PutOutcome::Created => println!("initialised repository {}", repo.location()),
         PutOutcome::AlreadyExists => {

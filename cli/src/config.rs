@@ -147,8 +147,18 @@ impl BackupSection {
 pub struct RepositoryConfig {
     /// A local directory (the default backend).
     pub path: Option<PathBuf>,
-    /// An object-storage URL (`s3://bucket/prefix`, `gs://bucket/prefix`).
+    /// An object-storage URL (`s3://bucket/prefix`).
     pub url: Option<String>,
+    /// S3 endpoint for S3-compatible servers (default: AWS, or `$AWS_ENDPOINT_URL`).
+    pub endpoint: Option<String>,
+    /// S3 region (default `$AWS_REGION`).
+    pub region: Option<String>,
+    /// Allow plain-HTTP endpoints (loopback test servers).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Path-style requests (`endpoint/bucket/key`) instead of virtual-hosted style.
+    #[serde(default)]
+    pub force_path_style: bool,
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
 }
@@ -254,10 +264,12 @@ impl Config {
         match (&self.repository.path, &self.repository.url) {
             (None, None) => bail!("[repository]: set `path` (a local directory) or `url`"),
             (Some(_), Some(_)) => bail!("[repository]: set either `path` or `url`, not both"),
-            (None, Some(url)) => bail!(
-                "[repository] url = {url:?}: object storage is not supported yet in this build; use `path` (a local or mounted directory)"
-            ),
-            (Some(p), None) if !p.is_absolute() => bail!("[repository] path = {:?}: must be an absolute path", p.display()),
+            (None, Some(url)) if !url.starts_with("s3://") => {
+                bail!("[repository] url = {url:?}: only s3:// URLs are supported (GCS is not built yet); or use `path`")
+            }
+            (Some(p), None) if !p.is_absolute() => {
+                bail!("[repository] path = {:?}: must be an absolute path", p.display())
+            }
             _ => {}
         }
         if !(1..=22).contains(&self.repository.zstd_level) {

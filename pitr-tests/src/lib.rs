@@ -1137,3 +1137,63 @@ pub fn promtool() -> Result<PathBuf> {
     }
     find().ok_or_else(|| anyhow!("promtool still not found after installing the Debian package `prometheus`:\n{log}"))
 }
+
+/// A real S3-compatible server on loopback: moto's server mode (PyPI `moto[server]`, installed
+/// with pip on first use). Stopped when dropped.
+pub struct S3Server {
+    pub port: u16,
+    _process: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl S3Server {
+    pub fn start() -> Result<S3Server> {
+        let find = || {
+            let path = std::env::var_os("PATH")?;
+            std::env::split_paths(&path).map(|d| d.join("moto_server")).find(|p| p.is_file())
+        };
+        let bin = match find() {
+            Some(b) => b,
+            None => {
+                let _lock = flock_exclusive(Path::new("/tmp/pitr-tests-pip.lock"))?;
+                if find().is_none() {
+                    let out = Command::new("python3")
+                        .args(["-m", "pip", "install", "--quiet", "moto[server]"])
+                        .stdin(Stdio::null())
+                        .output()
+                        .context("running pip")?;
+                    if !out.status.success() {
+                        bail!("pip install moto[server] failed: {}", lossy(&out.stderr));
+                    }
+                }
+                find().context("moto_server not on PATH after pip install moto[server]")?
+            }
+        };
+        let dir = scratch_dir("moto");
+        let port = free_port()?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        let process = spawn_logged(cmd, &dir.path().join("moto.log"))?;
+        wait_until("moto_server to listen", Duration::from_secs(60), || {
+            Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+        })?;
+        Ok(S3Server { port, _process: process, _dir: dir })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a bucket (moto does not check signatures on this call).
+    pub fn create_bucket(&self, bucket: &str) -> Result<()> {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        write!(conn, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response)?;
+        if !response.starts_with("HTTP/1.1 200") {
+            bail!("creating bucket {bucket}: {}", response.lines().next().unwrap_or(""));
+        }
+        Ok(())
+    }
+}
