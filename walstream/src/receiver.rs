@@ -102,11 +102,17 @@ struct Session {
     lease_keeper: tokio::task::JoinHandle<()>,
 }
 
-enum Outcome {
+/// How one replication connection ended.
+enum Finished {
     Reconnect(String),
-    /// The server switched us to the next timeline on the same connection.
-    NextTimeline,
     Shutdown,
+}
+
+/// How one START_REPLICATION ended.
+enum Outcome {
+    Finished(Finished),
+    /// The server switched us to the next timeline; streaming goes on on the same connection.
+    NextTimeline,
 }
 
 /// Streams until `shutdown` turns true (then everything received is made durable first) or a
@@ -157,12 +163,11 @@ pub async fn run(
         let result = stream_on(&repo, &cfg, &mut conn, &mut session, &status, &mut shutdown).await;
         status.send_modify(|s| s.connected = false);
         match result {
-            Ok(Outcome::Shutdown) => {
+            Ok(Finished::Shutdown) => {
                 conn.close().await;
                 return finish(session, &status).await;
             }
-            Ok(Outcome::NextTimeline) => unreachable_next_timeline(),
-            Ok(Outcome::Reconnect(why)) => {
+            Ok(Finished::Reconnect(why)) => {
                 tracing::warn!(reason = %why, "replication connection lost; reconnecting");
                 status.send_modify(|s| s.last_error = Some(why));
             }
@@ -181,10 +186,6 @@ pub async fn run(
             }
         }
     }
-}
-
-fn unreachable_next_timeline() {
-    // `stream_on` handles NextTimeline itself by restarting replication on the same connection.
 }
 
 fn is_transient(e: &PgError) -> bool {
@@ -217,7 +218,7 @@ async fn stream_on(
     session: &mut Option<Session>,
     status: &watch::Sender<StreamStatus>,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<Outcome, StreamError> {
+) -> Result<Finished, StreamError> {
     let ident = conn.identify_system().await?;
     if let Some(want) = cfg.system_id {
         if want != ident.system_id {
@@ -260,7 +261,7 @@ async fn stream_on(
     s.primary_lsn = s.primary_lsn.max(ident.xlog_pos);
 
     if ident.timeline < s.pos.timeline {
-        return Ok(Outcome::Reconnect(format!(
+        return Ok(Finished::Reconnect(format!(
             "{} is on timeline {}, behind the archive's timeline {} (a stale former primary?)",
             conn.host(),
             ident.timeline,
@@ -298,7 +299,7 @@ async fn stream_on(
                 store_history(repo, conn, s.layout, next).await?;
                 continue;
             }
-            other => return Ok(other),
+            Outcome::Finished(f) => return Ok(f),
         }
     }
 }
@@ -559,8 +560,9 @@ async fn pump(
                 match ev? {
                     StreamEvent::Message(ReplicationMessage::XLogData { wal_start, wal_end, data, .. }) => {
                         if wal_start != s.pos.received {
-                            return Ok(Outcome::Reconnect(format!(
-                                "server sent WAL at {} but {} was expected", format_lsn(wal_start), format_lsn(s.pos.received))));
+                            let why = format!(
+                                "server sent WAL at {} but {} was expected", format_lsn(wal_start), format_lsn(s.pos.received));
+                            return Ok(Outcome::Finished(Finished::Reconnect(why)));
                         }
                         records.clear();
                         s.decoder.feed(wal_start, &data, &mut records);
@@ -579,7 +581,9 @@ async fn pump(
                         switch_to(s, next_timeline, next_start);
                         return Ok(Outcome::NextTimeline);
                     }
-                    StreamEvent::Ended => return Ok(Outcome::Reconnect("the server ended streaming".into())),
+                    StreamEvent::Ended => {
+                        return Ok(Outcome::Finished(Finished::Reconnect("the server ended streaming".into())))
+                    }
                 }
             }
             changed = s.durable.changed() => {
@@ -595,7 +599,8 @@ async fn pump(
             }
             _ = tick.tick() => {
                 if last_recv.elapsed() > cfg.status_interval * 3 {
-                    return Ok(Outcome::Reconnect(format!("nothing heard from the server for {:?}", last_recv.elapsed())));
+                    let why = format!("nothing heard from the server for {:?}", last_recv.elapsed());
+                    return Ok(Outcome::Finished(Finished::Reconnect(why)));
                 }
                 if s.uploader.is_finished() {
                     return Err(uploader_failure(s).await);
@@ -615,7 +620,7 @@ async fn pump(
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
                     drain(s, conn).await?;
-                    return Ok(Outcome::Shutdown);
+                    return Ok(Outcome::Finished(Finished::Shutdown));
                 }
             }
         }
