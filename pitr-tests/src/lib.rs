@@ -1142,7 +1142,7 @@ pub fn promtool() -> Result<PathBuf> {
 /// with pip on first use). Stopped when dropped.
 pub struct S3Server {
     pub port: u16,
-    _process: Child,
+    process: Child,
     _dir: tempfile::TempDir,
 }
 
@@ -1177,11 +1177,16 @@ impl S3Server {
         wait_until("moto_server to listen", Duration::from_secs(60), || {
             Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
         })?;
-        Ok(S3Server { port, _process: process, _dir: dir })
+        Ok(S3Server { port, process, _dir: dir })
     }
 
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: an outage in which requests hang.
+    pub fn freeze(&mut self, frozen: bool) -> Result<()> {
+        self.process.signal(if frozen { libc::SIGSTOP } else { libc::SIGCONT })
     }
 
     /// Creates a bucket (moto does not check signatures on this call).

@@ -18,7 +18,7 @@ fn state(psql: impl Fn(&str) -> Result<String>) -> Result<String> {
 
 #[test]
 fn pg15_round_trip_through_s3() -> Result<()> {
-    let s3 = S3Server::start()?;
+    let mut s3 = S3Server::start()?;
     s3.create_bucket("pitr")?;
     // The standard credential chain: moto accepts any key.
     std::env::set_var("AWS_ACCESS_KEY_ID", "test");
@@ -44,6 +44,13 @@ fn pg15_round_trip_through_s3() -> Result<()> {
     let moment = cluster.psql("select clock_timestamp()")?;
     let at_moment = state(|q| cluster.psql(q))?;
     std::thread::sleep(Duration::from_millis(1100));
+    // A storage outage during the workload: the server stops answering for 20 s. The sidecar
+    // retries, the primary keeps the WAL in the slot, and afterwards nothing is missing.
+    s3.freeze(true)?;
+    let load = cluster.pgbench(&["-i", "-s", "1", "-q"]);
+    std::thread::sleep(Duration::from_secs(20));
+    s3.freeze(false)?;
+    load?;
     cluster.psql("delete from t where id % 3 = 0")?;
     let last = state(|q| cluster.psql(q))?;
     let lsn = pitr_tests::lsn_to_u64(&cluster.psql("select pg_current_wal_lsn()")?);
