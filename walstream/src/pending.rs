@@ -178,7 +178,8 @@ impl Uploader {
         let seg_size = self.layout.segment_size;
         let seg_lsn = self.layout.segment_start(seg.segno);
         if seg.closed && seg.base == 0 && seg.data.len() as u64 == seg_size {
-            let commits = commit_range(&seg.commits, seg_lsn + u64::from(seg.durable), seg_lsn + seg_size);
+            // The segment object's header covers every commit in the segment.
+            let commits = commit_range(&seg.commits, seg_lsn, seg_lsn + seg_size);
             return Some(Job::Segment {
                 timeline: seg.timeline,
                 segno: seg.segno,
@@ -241,23 +242,19 @@ impl Uploader {
                 let obj = WalObject::Segment { timeline, segno };
                 let seg_lsn = self.layout.segment_start(segno);
                 let end = seg_lsn + self.layout.segment_size;
-                let (all_first, all_last) = {
-                    let pending = lock(&self.pending);
-                    pending.segments.front().map(|s| commit_range(&s.commits, seg_lsn, end)).unwrap_or_default()
-                };
                 let meta = ObjectMeta {
                     kind: ObjectKind::WalSegment,
                     timeline,
                     start_lsn: seg_lsn,
                     end_lsn: end,
-                    first_commit_us: all_first,
-                    last_commit_us: all_last,
+                    first_commit_us: commits.0,
+                    last_commit_us: commits.1,
                 };
                 let len = bytes.len() as u64;
                 self.repo.put_sealed(&self.layout.object_name(&obj), bytes, meta).await?;
                 lock(&self.pending).segments.pop_front();
                 self.count(len, "wal_segment");
-                self.publish(timeline, end, commits.1.or(all_last));
+                self.publish(timeline, end, commits.1);
                 // The segment object now holds everything; its chunks are redundant. They go in the
                 // background so the next put does not wait; a failed delete leaves a redundant chunk
                 // that the next start-up removes.

@@ -84,7 +84,6 @@ struct Position {
 /// State that lives across reconnects.
 struct Session {
     layout: WalLayout,
-    page_size: u64,
     pos: Position,
     decoder: WalDecoder,
     pending: Arc<Mutex<Pending>>,
@@ -412,7 +411,6 @@ async fn open_session(
     let handle = tokio::spawn(uploader.run(stop_rx));
     Ok(Session {
         layout,
-        page_size,
         pos,
         decoder,
         pending,
@@ -722,6 +720,5 @@ fn publish(s: &Session, status: &watch::Sender<StreamStatus>, connected: bool) {
             st.last_error = stats.last_error.clone();
         }
         st.updated_at_us = now_us();
-        let _ = s.page_size;
     });
 }
