@@ -7,6 +7,7 @@
 //! waits for it to expire.
 
 use crate::layout::{Repository, RepositoryError};
+use crate::now_us;
 use crate::seal::{ObjectKind, ObjectMeta};
 use crate::store::PutOutcome;
 
@@ -66,10 +67,6 @@ pub struct Lease {
     holder: String,
     ttl_us: i64,
     generation: u64,
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 fn prefix(system_id: u64) -> String {

@@ -20,3 +20,8 @@ pub use keys::{KeyError, KeyRing};
 pub use layout::{ClusterInfo, Repository, RepositoryError, WalCatalog, WalObject};
 pub use seal::{ObjectKind, ObjectMeta, SealError, SealedHeader};
 pub use store::{LocalStore, ObjectInfo, PutOutcome, Store, StoreError};
+
+/// Now, in µs since the Unix epoch: how pitr stamps objects, leases, backups and reports.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}

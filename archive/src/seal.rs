@@ -12,6 +12,7 @@
 //! frame index and a last-frame flag, so renaming, swapping, reordering or truncating objects or
 //! frames fails authentication.
 
+use crate::now_us;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
@@ -332,10 +333,6 @@ fn frame_aad(name: &str, header_prefix: &[u8], index: u64, last: bool) -> Vec<u8
     aad.extend_from_slice(&index.to_le_bytes());
     aad.push(last as u8);
     aad
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -8,10 +8,11 @@
 
 pub mod tar;
 
+use pitr_archive::now_us;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use pitr_archive::backup::{
     block_hasher, block_name, BackupEntry, BackupEntryKind, BackupFile, BackupManifest, BlockHasher, Tablespace,
@@ -73,10 +74,6 @@ pub struct BackupSummary {
     /// bytes read / bytes stored.
     pub dedup_ratio: f64,
     pub duration_seconds: f64,
-}
-
-fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 /// A backup id that sorts by time: `YYYYMMDDTHHMMSSZ`.

@@ -1,10 +1,11 @@
 //! One function per subcommand: load the config, open what is needed, call the library crates,
 //! print for people (or JSON), and add context to errors.
 
+use pitr_archive::now_us;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use pitr_archive::layout::{WalCatalog, WalLayout, MARKER};
@@ -196,10 +197,6 @@ fn rfc3339_us(us: i64) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
 
-fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
-}
-
 #[derive(serde::Serialize)]
 struct StatusReport {
     repository: String,
@@ -254,23 +251,20 @@ pub async fn status(config_path: &Path, json: bool) -> Result<()> {
 
     let sidecar = std::fs::read(config.status_file())
         .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .filter(|v| v["updated_at_us"].as_i64().is_some_and(|t| now_us() - t < 60_000_000))
-        .map(|v| {
-            let lsn = |k: &str| format_lsn(v[k].as_u64().unwrap_or(0));
-            SidecarReport {
-                connected: v["connected"].as_bool().unwrap_or(false),
-                host: v["host"].as_str().map(str::to_string),
-                received_lsn: lsn("received_lsn"),
-                durable_lsn: lsn("durable_lsn"),
-                lag_bytes: v["lag_bytes"].as_u64().unwrap_or(0),
-                lag_seconds: v["lag_seconds"].as_f64().unwrap_or(0.0),
-                objects_archived: v["objects_archived"].as_u64().unwrap_or(0),
-                bytes_archived: v["bytes_archived"].as_u64().unwrap_or(0),
-                upload_errors: v["upload_errors"].as_u64().unwrap_or(0),
-                last_error: v["last_error"].as_str().map(str::to_string),
-                updated: rfc3339_us(v["updated_at_us"].as_i64().unwrap_or(0)),
-            }
+        .and_then(|b| serde_json::from_slice::<StreamStatus>(&b).ok())
+        .filter(|s| now_us() - s.updated_at_us < 60_000_000)
+        .map(|s| SidecarReport {
+            connected: s.connected,
+            host: s.host,
+            received_lsn: format_lsn(s.received_lsn),
+            durable_lsn: format_lsn(s.durable_lsn),
+            lag_bytes: s.lag_bytes,
+            lag_seconds: s.lag_seconds,
+            objects_archived: s.objects_archived,
+            bytes_archived: s.bytes_archived,
+            upload_errors: s.upload_errors,
+            last_error: s.last_error,
+            updated: rfc3339_us(s.updated_at_us),
         });
 
     let report = StatusReport {

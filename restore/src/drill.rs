@@ -1,6 +1,7 @@
 //! `pitr drill`: restore to a moment into a scratch server, check it, measure RTO and RPO against
 //! the targets, stop and clean up, and report in the seed runbook's "Recovery Test Report" layout.
 
+use pitr_archive::now_us;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -98,10 +99,6 @@ pub struct DrillReport {
     pub issues: Vec<String>,
     pub improvements: Vec<String>,
     pub restore: Option<RestoreReport>,
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 fn free_port() -> Result<u16, RestoreError> {

@@ -1,8 +1,9 @@
 //! The receiving side: connect (and reconnect), find where to resume, follow timelines, stream
 //! into [`Pending`], and report durable positions back to the primary.
 
+use pitr_archive::now_us;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use pitr_archive::layout::{WalCatalog, WalLayout, WalObject};
 use pitr_archive::lease::{Lease, LeaseError};
@@ -48,7 +49,7 @@ pub enum StreamError {
 }
 
 /// A snapshot of the receiver's state, published for `pitr status` and metrics.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct StreamStatus {
     pub connected: bool,
     pub host: Option<String>,
@@ -67,10 +68,6 @@ pub struct StreamStatus {
     pub upload_errors: u64,
     pub last_error: Option<String>,
     pub updated_at_us: i64,
-}
-
-fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 /// Where the receiver is: the timeline being streamed and the end of what was received.
