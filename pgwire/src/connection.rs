@@ -569,12 +569,10 @@ pub fn validate_slot_name(slot: &str) -> Result<(), PgError> {
     }
 }
 
-const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
-
 fn now_pg_micros() -> i64 {
     let unix =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
-    unix - PG_EPOCH_OFFSET_US
+    crate::walreader::unix_micros_to_pg_timestamp(unix)
 }
 
 fn socket2_keepalive(tcp: &TcpStream, idle: Duration) -> std::io::Result<()> {
