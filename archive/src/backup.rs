@@ -110,7 +110,12 @@ pub struct Tablespace {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackupManifest {
     pub id: String,
+    /// `full` or `incremental`.
     pub kind: String,
+    /// The backup an incremental was taken against (full → incremental → incremental …);
+    /// `None` for a full backup. Restoring an incremental needs every ancestor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     pub system_id: u64,
     pub server_version_num: u32,
     pub timeline: u32,
@@ -120,6 +125,9 @@ pub struct BackupManifest {
     pub start_time_us: i64,
     pub stop_time_us: i64,
     pub block_size: u64,
+    /// The server's relation block size (BLCKSZ), the unit of its incremental files.
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
     pub tablespaces: Vec<Tablespace>,
     pub entries: Vec<BackupEntry>,
     pub files: Vec<BackupFile>,
@@ -130,7 +138,15 @@ pub struct BackupManifest {
     pub stored_bytes: u64,
 }
 
+fn default_page_size() -> u32 {
+    8192
+}
+
 impl BackupManifest {
+    pub fn is_incremental(&self) -> bool {
+        self.parent.is_some()
+    }
+
     pub async fn store(&self, repo: &Repository) -> Result<PutOutcome, RepositoryError> {
         let name = manifest_name(self.system_id, &self.id);
         let json = serde_json::to_vec(self)

@@ -82,16 +82,117 @@ impl ClusterInfo {
 }
 
 /// A store plus the keys to open it: the one way the rest of pitr reads and writes objects.
+///
+/// Reads can fall back to other repositories holding copies of the same objects (secondaries):
+/// an object that is missing or unreadable here — not found, a storage error, or failing
+/// authentication — is read from the first of them that can supply it, with a warning naming the
+/// object and both repositories. Listings and writes use this repository alone.
 #[derive(Debug, Clone)]
 pub struct Repository {
     store: Arc<dyn Store>,
     keys: KeyRing,
     zstd_level: i32,
+    /// What messages call this repository (`primary`, or a secondary's name).
+    name: String,
+    fallbacks: Arc<Vec<NamedStore>>,
+}
+
+/// A repository's store under its configured name.
+#[derive(Debug, Clone)]
+pub struct NamedStore {
+    pub name: String,
+    pub store: Arc<dyn Store>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Read {
+    Whole,
+    Header,
+}
+
+/// A read object: its header, and its plaintext for a whole read (empty for a header read).
+struct Opened {
+    header: SealedHeader,
+    plaintext: Vec<u8>,
+}
+
+async fn read_from(store: &Arc<dyn Store>, keys: &KeyRing, name: &str, what: Read) -> Result<Opened, RepositoryError> {
+    match what {
+        Read::Whole => {
+            let bytes = store.get(name).await?;
+            let keys = keys.clone();
+            let name = name.to_string();
+            let (header, plaintext) = tokio::task::spawn_blocking(move || seal::open(&name, &bytes, &keys))
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+            Ok(Opened { header, plaintext })
+        }
+        Read::Header => {
+            let bytes = store.get_range(name, 0..seal::HEADER_PREFIX_LEN).await?;
+            Ok(Opened { header: seal::open_header(name, &bytes, keys)?, plaintext: Vec::new() })
+        }
+    }
+}
+
+fn is_not_found(e: &RepositoryError) -> bool {
+    matches!(e, RepositoryError::Store(s) if s.is_not_found())
+}
+
+/// The error to report when no repository could supply an object: a damaged object says more
+/// than "not found", and "not found" (the object is in none of them that answered) more than an
+/// unreachable repository.
+fn most_telling(errors: Vec<RepositoryError>) -> RepositoryError {
+    let position = errors
+        .iter()
+        .position(|e| matches!(e, RepositoryError::Seal(_)))
+        .or_else(|| errors.iter().position(is_not_found))
+        .unwrap_or(0);
+    errors
+        .into_iter()
+        .nth(position)
+        .unwrap_or(RepositoryError::Invalid { name: String::new(), what: "no repository to read from".into() })
 }
 
 impl Repository {
     pub fn new(store: Arc<dyn Store>, keys: KeyRing) -> Repository {
-        Repository { store, keys, zstd_level: 3 }
+        Repository { store, keys, zstd_level: 3, name: "primary".into(), fallbacks: Arc::new(Vec::new()) }
+    }
+
+    /// Names this repository `name` and reads from `fallbacks`, in order, what it cannot supply.
+    pub fn with_fallbacks(mut self, name: impl Into<String>, fallbacks: Vec<NamedStore>) -> Repository {
+        self.name = name.into();
+        self.fallbacks = Arc::new(fallbacks);
+        self
+    }
+
+    async fn read(&self, name: &str, what: Read) -> Result<Opened, RepositoryError> {
+        let first = match read_from(&self.store, &self.keys, name, what).await {
+            Ok(opened) => return Ok(opened),
+            Err(e) if self.fallbacks.is_empty() => return Err(e),
+            Err(e) => e,
+        };
+        if !is_not_found(&first) {
+            tracing::warn!(object = name, repository = %self.name, location = %self.location(), error = %first,
+                "object unreadable; trying the other repositories");
+        }
+        let mut errors = vec![first];
+        for other in self.fallbacks.iter() {
+            match read_from(&other.store, &self.keys, name, what).await {
+                Ok(opened) => {
+                    tracing::warn!(object = name, repository = %other.name, location = %other.store.location(),
+                        instead_of = %self.name, why = %errors[0], "object read from another repository");
+                    return Ok(opened);
+                }
+                Err(e) => {
+                    if !is_not_found(&e) {
+                        tracing::warn!(object = name, repository = %other.name, location = %other.store.location(),
+                            error = %e, "object unreadable in this repository too");
+                    }
+                    errors.push(e);
+                }
+            }
+        }
+        Err(most_telling(errors))
     }
 
     pub fn with_zstd_level(mut self, level: i32) -> Repository {
@@ -167,21 +268,15 @@ impl Repository {
         }
     }
 
-    /// Fetches, authenticates and decrypts `name`.
+    /// Fetches, authenticates and decrypts `name` (from a fallback if this repository cannot).
     pub async fn get_opened(&self, name: &str) -> Result<(SealedHeader, Vec<u8>), RepositoryError> {
-        let bytes = self.store.get(name).await?;
-        let keys = self.keys.clone();
-        let name = name.to_string();
-        let opened = tokio::task::spawn_blocking(move || seal::open(&name, &bytes, &keys))
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
-        Ok(opened)
+        let opened = self.read(name, Read::Whole).await?;
+        Ok((opened.header, opened.plaintext))
     }
 
-    /// Reads and authenticates only the header of `name`.
+    /// Reads and authenticates only the header of `name` (from a fallback if this repository cannot).
     pub async fn read_header(&self, name: &str) -> Result<SealedHeader, RepositoryError> {
-        let bytes = self.store.get_range(name, 0..seal::HEADER_PREFIX_LEN).await?;
-        Ok(seal::open_header(name, &bytes, &self.keys)?)
+        Ok(self.read(name, Read::Header).await?.header)
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), RepositoryError> {
@@ -512,5 +607,59 @@ mod tests {
         assert_eq!(repo.resolve_cluster(None).await.unwrap(), info);
         let other = ClusterInfo { system_id: 9, wal_segment_size: 64 << 20, ..info.clone() };
         assert!(repo.put_cluster_info(&other).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn reads_fall_back_to_other_repositories() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let primary: Arc<dyn Store> = Arc::new(LocalStore::new(a.path()));
+        let secondary: Arc<dyn Store> = Arc::new(LocalStore::new(b.path()));
+        let keys = KeyRing::from_key("a", [1; 32]);
+        let writer = Repository::new(primary.clone(), keys.clone());
+        let meta = ObjectMeta::plain(ObjectKind::Meta);
+        for name in ["gone", "flipped", "both-bad", "only-here"] {
+            writer.put_sealed(name, name.as_bytes().to_vec(), meta.clone()).await.unwrap();
+            // A secondary holds the primary's bytes, as copies do.
+            secondary.put_if_absent(name, primary.get(name).await.unwrap()).await.unwrap();
+        }
+        primary.delete("gone").await.unwrap();
+        secondary.delete("only-here").await.unwrap();
+        let flip = |dir: &std::path::Path, name: &str| {
+            let path = dir.join(name);
+            let mut bytes = std::fs::read(&path).unwrap();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 1;
+            std::fs::write(&path, bytes).unwrap();
+        };
+        flip(a.path(), "flipped");
+        flip(a.path(), "both-bad");
+        std::fs::remove_file(b.path().join("both-bad")).unwrap();
+
+        let alone = Repository::new(primary.clone(), keys.clone());
+        assert!(alone.get_opened("gone").await.unwrap_err().to_string().contains("not found"));
+        assert!(matches!(alone.get_opened("flipped").await, Err(RepositoryError::Seal(_))));
+
+        let repo = Repository::new(primary.clone(), keys.clone())
+            .with_fallbacks("primary", vec![NamedStore { name: "dr".into(), store: secondary.clone() }]);
+        for name in ["gone", "flipped", "only-here"] {
+            assert_eq!(repo.get_opened(name).await.unwrap().1, name.as_bytes(), "{name}");
+            assert_eq!(repo.read_header(name).await.unwrap().meta.kind, ObjectKind::Meta, "{name}");
+        }
+        // Damaged here and missing there: the damage is what is reported, not "not found".
+        assert!(matches!(repo.get_opened("both-bad").await, Err(RepositoryError::Seal(_))));
+        let err = repo.get_opened("nowhere").await.unwrap_err();
+        assert!(matches!(&err, RepositoryError::Store(e) if e.is_not_found()), "{err}");
+        // An unreachable fallback does not turn "not in the archive" into an error.
+        let unmounted: Arc<dyn Store> = Arc::new(LocalStore::new(b.path().join("unmounted")));
+        let repo = Repository::new(primary.clone(), keys.clone())
+            .with_fallbacks("primary", vec![NamedStore { name: "dr".into(), store: unmounted }]);
+        let err = repo.get_opened("nowhere").await.unwrap_err();
+        assert!(matches!(&err, RepositoryError::Store(e) if e.is_not_found()), "{err}");
+        // Listings are the chosen repository's own.
+        let from_secondary = Repository::new(secondary.clone(), keys)
+            .with_fallbacks("dr", vec![NamedStore { name: "primary".into(), store: primary.clone() }]);
+        let listed: Vec<String> = from_secondary.list("").await.unwrap().into_iter().map(|o| o.name).collect();
+        assert_eq!(listed, vec!["flipped", "gone"]);
+        assert_eq!(from_secondary.get_opened("only-here").await.unwrap().1, b"only-here");
     }
 }

@@ -73,6 +73,13 @@ fn prefix(system_id: u64) -> String {
     format!("pg/{system_id}/lease/")
 }
 
+/// Whether `name` is a lease generation (`pg/<system id>/lease/…`): coordination on one
+/// repository, never copied to a secondary.
+pub fn is_lease_object(name: &str) -> bool {
+    let mut parts = name.split('/');
+    parts.next() == Some("pg") && parts.next().is_some() && parts.next() == Some("lease")
+}
+
 fn format_us(us: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(us.max(0) as u64);
     format!("{t:?}")

@@ -2,16 +2,26 @@
 //!
 //! Owns the sealed object format ([`seal`]: zstd + AES-256-GCM frames with the object's name bound
 //! in, crc32 of the plaintext), the key ring ([`keys`]: envelope encryption with a key-encryption
-//! key from a 0600 key file), the storage trait and its backends ([`store`]), and the repository
-//! layout and the WAL catalog built by listing ([`layout`]).
+//! key from a 0600 key file), the storage trait and its backends ([`store`]: local filesystem;
+//! [`cloud`]: S3 and GCS on `object_store`, whose clients [`s3`] and [`gcs`] build), and the
+//! repository layout and the WAL catalog built by listing ([`layout`]), and copying every object to secondary
+//! repositories ([`replicate`]; reads fall back to them in [`Repository`]). Retention is here too:
+//! the policy, pure ([`retention`]: which backups, WAL and blocks stay), applying it ([`expire`])
+//! and keeping it from deleting blocks under a running backup ([`running`]: markers and a lock).
 //!
 //! It does not speak to databases and does not decide *when* to write: callers hand it plaintext
 //! and names. Nothing outside this crate knows the byte layout of an object.
 
 pub mod backup;
+pub mod cloud;
+pub mod expire;
+pub mod gcs;
 pub mod keys;
 pub mod layout;
 pub mod lease;
+pub mod replicate;
+pub mod retention;
+pub mod running;
 pub mod s3;
 pub mod seal;
 pub mod store;

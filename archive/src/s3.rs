@@ -1,155 +1,146 @@
-//! The S3 (and S3-compatible) backend, on `object_store`: conditional create with
-//! `If-None-Match: *` for put-if-absent, its built-in retries with backoff, credentials from the
-//! standard chain (environment, profile, instance/IRSA roles).
+//! The S3 (and S3-compatible) client for [`crate::cloud::CloudStore`]: `object_store`'s S3
+//! builder with credentials from the standard chain (environment, profile, instance/IRSA roles),
+//! conditional create with `If-None-Match: *`, and an HTTP layer under it for what
+//! `object_store` 0.12 cannot send:
+//! - `If-None-Match: *` on CompleteMultipartUpload (its multipart API completes unconditionally);
+//! - Object Lock headers. `PutOptions` attributes cover only content headers and metadata, and
+//!   client default headers are added after signing, but S3 requires every `x-amz-*` header to be
+//!   signed and wants a retention date per object. So our puts carry a [`LockedPut`] request
+//!   extension; this layer adds `x-amz-object-lock-mode`, `x-amz-object-lock-retain-until-date`
+//!   and `Content-MD5` (which S3 requires on object-lock puts) and signs the request again with
+//!   the same credentials.
 
-use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
+use base64::Engine;
 use bytes::Bytes;
-use futures_util::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, IF_NONE_MATCH};
+use http::Method;
+use md5::Digest;
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer, AwsCredentialProvider, Checksum};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService, ReqwestConnector,
+};
+use object_store::ClientOptions;
 
-use crate::store::{validate_name, ObjectInfo, PutOutcome, Store, StoreError};
+use crate::cloud::{client_options, retry_config, CloudOptions, ObjectLock};
 
-/// Where and how to reach the bucket; unset fields come from the environment (`AWS_REGION`,
-/// `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`…).
-#[derive(Debug, Clone, Default)]
-pub struct S3Options {
-    pub endpoint: Option<String>,
-    pub region: Option<String>,
-    pub allow_http: bool,
-    pub force_path_style: bool,
-}
-
+/// Marks a request as one of our puts that must carry the Object Lock retention.
 #[derive(Debug, Clone)]
-pub struct S3Store {
-    inner: Arc<dyn ObjectStore>,
-    /// Key prefix inside the bucket, without leading or trailing `/` (may be empty).
-    prefix: String,
-    location: String,
+pub(crate) struct LockedPut {
+    /// Base64 MD5 of the body, for a single-request put (multipart parts carry
+    /// `x-amz-checksum-sha256` instead, which object_store adds and signs).
+    content_md5: Option<String>,
 }
 
-impl S3Store {
-    /// `url` is `s3://bucket[/prefix]`.
-    pub fn new(url: &str, opts: &S3Options) -> Result<S3Store, StoreError> {
-        let bad = |message: String| StoreError::Backend {
-            op: "open",
-            name: String::new(),
-            location: url.to_string(),
-            message,
-        };
-        let rest = url.strip_prefix("s3://").ok_or_else(|| bad("expected s3://bucket/prefix".into()))?;
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            return Err(bad("no bucket name".into()));
-        }
-        let prefix = prefix.trim_matches('/').to_string();
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
-        if let Some(e) = &opts.endpoint {
-            builder = builder.with_endpoint(e);
-        }
-        if let Some(r) = &opts.region {
-            builder = builder.with_region(r);
-        }
-        builder = builder.with_allow_http(opts.allow_http).with_virtual_hosted_style_request(!opts.force_path_style);
-        let inner = builder.build().map_err(|e| bad(e.to_string()))?;
-        Ok(S3Store { inner: Arc::new(inner), prefix, location: url.trim_end_matches('/').to_string() })
+impl LockedPut {
+    pub(crate) fn single(data: &Bytes) -> LockedPut {
+        let digest = md5::Md5::digest(data);
+        LockedPut { content_md5: Some(base64::engine::general_purpose::STANDARD.encode(digest)) }
     }
 
-    fn key(&self, name: &str) -> Result<ObjectPath, StoreError> {
-        validate_name(name)?;
-        let full = if self.prefix.is_empty() { name.to_string() } else { format!("{}/{name}", self.prefix) };
-        Ok(ObjectPath::from(full))
+    pub(crate) fn multipart() -> LockedPut {
+        LockedPut { content_md5: None }
     }
+}
 
-    fn err(&self, op: &'static str, name: &str, e: object_store::Error) -> StoreError {
-        match e {
-            object_store::Error::NotFound { .. } => {
-                StoreError::NotFound { name: name.to_string(), location: self.location.clone() }
-            }
-            other => StoreError::Backend {
-                op,
-                name: name.to_string(),
-                location: self.location.clone(),
-                message: other.to_string(),
-            },
-        }
+/// What re-signing needs; filled in once the client (and so its credential chain) exists.
+#[derive(Debug)]
+struct Signer {
+    credentials: AwsCredentialProvider,
+    region: String,
+}
+
+#[derive(Debug)]
+struct PitrConnector {
+    lock: Option<ObjectLock>,
+    signer: Arc<OnceLock<Signer>>,
+}
+
+impl HttpConnector for PitrConnector {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let inner = ReqwestConnector::default().connect(options)?;
+        Ok(HttpClient::new(PitrHttp { inner, lock: self.lock.clone(), signer: self.signer.clone() }))
     }
+}
+
+#[derive(Debug)]
+struct PitrHttp {
+    inner: HttpClient,
+    lock: Option<ObjectLock>,
+    signer: Arc<OnceLock<Signer>>,
+}
+
+fn has_query(req: &HttpRequest, key: &str) -> bool {
+    req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some(key)))
+}
+
+fn layer_error(message: String) -> HttpError {
+    HttpError::new(HttpErrorKind::Unknown, std::io::Error::other(message))
 }
 
 #[async_trait]
-impl Store for S3Store {
-    async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
-        let key = self.key(name)?;
-        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.inner.put_opts(&key, PutPayload::from(data), opts).await {
-            Ok(_) => Ok(PutOutcome::Created),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(PutOutcome::AlreadyExists),
-            Err(e) => Err(self.err("put", name, e)),
+impl HttpService for PitrHttp {
+    async fn call(&self, mut req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        // CompleteMultipartUpload: POST ?uploadId=…. A standard header need not be signed.
+        if req.method() == Method::POST && has_query(&req, "uploadId") {
+            req.headers_mut().insert(IF_NONE_MATCH, HeaderValue::from_static("*"));
         }
-    }
-
-    async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
-        let key = self.key(name)?;
-        let result = self.inner.get(&key).await.map_err(|e| self.err("get", name, e))?;
-        result.bytes().await.map_err(|e| self.err("get", name, e))
-    }
-
-    async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
-        let key = self.key(name)?;
-        // A range past the end is cut at the end, as the trait promises.
-        let size = self.inner.head(&key).await.map_err(|e| self.err("get range", name, e))?.size;
-        let range = range.start.min(size)..range.end.min(size);
-        if range.is_empty() {
-            return Ok(Bytes::new());
+        if let (Some(lock), Some(put)) = (&self.lock, req.extensions().get::<LockedPut>().cloned()) {
+            self.add_retention(&mut req, lock, &put).await?;
         }
-        self.inner.get_range(&key, range).await.map_err(|e| self.err("get range", name, e))
+        self.inner.execute(req).await
     }
+}
 
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        // object_store lists by path components; names may share a partial last component.
-        let dir = prefix.rfind('/').map(|i| &prefix[..i]).unwrap_or("");
-        let full_dir = match (self.prefix.is_empty(), dir.is_empty()) {
-            (true, true) => None,
-            (true, false) => Some(ObjectPath::from(dir)),
-            (false, true) => Some(ObjectPath::from(self.prefix.as_str())),
-            (false, false) => Some(ObjectPath::from(format!("{}/{dir}", self.prefix))),
-        };
-        let strip = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
-        let metas: Vec<object_store::ObjectMeta> =
-            self.inner.list(full_dir.as_ref()).try_collect().await.map_err(|e| self.err("list", prefix, e))?;
-        let mut out: Vec<ObjectInfo> = metas
-            .into_iter()
-            .filter_map(|m| {
-                let name = m.location.as_ref().strip_prefix(&strip)?.to_string();
-                name.starts_with(prefix).then_some(ObjectInfo { name, size: m.size })
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
-    }
-
-    async fn delete(&self, name: &str) -> Result<(), StoreError> {
-        let key = self.key(name)?;
-        match self.inner.delete(&key).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.err("delete", name, e)),
+impl PitrHttp {
+    async fn add_retention(&self, req: &mut HttpRequest, lock: &ObjectLock, put: &LockedPut) -> Result<(), HttpError> {
+        let signer = self.signer.get().ok_or_else(|| layer_error("S3 client used before it was set up".into()))?;
+        // S3 wants whole seconds (ISO 8601, UTC); retention counts from the write.
+        let until = chrono::Utc::now() + chrono::Duration::days(i64::from(lock.days));
+        let until = until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let headers = req.headers_mut();
+        let value = |v: &str| HeaderValue::from_str(v).map_err(|e| layer_error(format!("header value {v:?}: {e}")));
+        headers.insert(HeaderName::from_static("x-amz-object-lock-mode"), value(lock.mode.as_str())?);
+        headers.insert(HeaderName::from_static("x-amz-object-lock-retain-until-date"), value(&until)?);
+        if let Some(md5) = &put.content_md5 {
+            headers.insert(HeaderName::from_static("content-md5"), value(md5)?);
         }
+        headers.remove(AUTHORIZATION);
+        // object_store signed the payload hash into x-amz-content-sha256; sign with the same one.
+        let digest =
+            headers.get("x-amz-content-sha256").and_then(|v| v.to_str().ok()).and_then(|v| hex::decode(v).ok());
+        let credential =
+            signer.credentials.get_credential().await.map_err(|e| HttpError::new(HttpErrorKind::Unknown, e))?;
+        let authorizer = AwsAuthorizer::new(&credential, "s3", &signer.region).with_sign_payload(digest.is_some());
+        authorizer.authorize(req, digest.as_deref());
+        Ok(())
     }
+}
 
-    async fn head(&self, name: &str) -> Result<Option<ObjectInfo>, StoreError> {
-        let key = self.key(name)?;
-        match self.inner.head(&key).await {
-            Ok(m) => Ok(Some(ObjectInfo { name: name.to_string(), size: m.size })),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.err("head", name, e)),
-        }
+pub(crate) fn build(bucket: &str, opts: &CloudOptions) -> Result<AmazonS3, String> {
+    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    if let Some(e) = &opts.endpoint {
+        builder = builder.with_endpoint(e);
     }
-
-    fn location(&self) -> String {
-        self.location.clone()
+    if let Some(r) = &opts.region {
+        builder = builder.with_region(r);
     }
+    if opts.object_lock.is_some() {
+        // Object-lock uploads need an integrity header on every part, not only on single puts.
+        builder = builder.with_checksum_algorithm(Checksum::SHA256);
+    }
+    let region = builder.get_config_value(&AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
+    let signer = Arc::new(OnceLock::new());
+    let s3 = builder
+        .with_allow_http(opts.allow_http)
+        .with_virtual_hosted_style_request(!opts.force_path_style)
+        .with_client_options(client_options(opts))
+        .with_retry(retry_config(opts))
+        .with_http_connector(PitrConnector { lock: opts.object_lock.clone(), signer: signer.clone() })
+        .build()
+        .map_err(|e| e.to_string())?;
+    let _ = signer.set(Signer { credentials: s3.credentials().clone(), region });
+    Ok(s3)
 }

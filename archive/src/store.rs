@@ -1,4 +1,5 @@
-//! Object storage: one small trait, and the local-filesystem backend.
+//! Object storage: one small trait, and the local-filesystem backend (S3 and GCS are in
+//! [`crate::cloud`]).
 //!
 //! Object names are `/`-separated relative paths of `[A-Za-z0-9._-]` components. Backends never
 //! expose a half-written object: the local backend writes a temporary file, fsyncs it, links it to
@@ -23,11 +24,21 @@ pub enum StoreError {
     Io { op: &'static str, name: String, location: String, cause: std::io::Error },
     #[error("{op} {name} in {location}: {message}")]
     Backend { op: &'static str, name: String, location: String, message: String },
+    /// The storage refused the operation (S3 `AccessDenied`: an Object Lock retention that has
+    /// not passed, a legal hold, or a bucket policy without that permission). Not transient:
+    /// retrying does not help, and for a delete the object stays where it is.
+    #[error("{op} {name} in {location} refused by the storage (object lock or permissions): {message}")]
+    Denied { op: &'static str, name: String, location: String, message: String },
 }
 
 impl StoreError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
+    }
+
+    /// The storage refused the operation ([`StoreError::Denied`]).
+    pub fn is_denied(&self) -> bool {
+        matches!(self, StoreError::Denied { .. })
     }
 }
 

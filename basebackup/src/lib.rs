@@ -1,9 +1,11 @@
-//! pitr-basebackup: full base backups of PostgreSQL into the repository.
+//! pitr-basebackup: full and incremental base backups of PostgreSQL into the repository.
 //!
 //! Owns running BASE_BACKUP (through pitr-pgwire), reading its tar streams ([`tar`]), cutting
 //! files into blocks stored once under their keyed hash (in parallel, bounded), checking every
 //! file against the checksums in the server's backup manifest, waiting until the archive holds
-//! the WAL that makes the backup consistent, and writing the backup manifest last. It does not
+//! the WAL that makes the backup consistent, and writing the backup manifest last. Incrementals
+//! (PostgreSQL 17+) upload the parent's server manifest first and store the server's
+//! `INCREMENTAL.*` files as they come; combining a chain is pitr-restore's. It does not
 //! restore (pitr-restore) or stream WAL (pitr-walstream).
 
 pub mod tar;
@@ -51,6 +53,10 @@ pub struct BackupOptions {
     /// How long to wait for the sidecar to archive the WAL up to the backup's stop LSN.
     pub wal_timeout: Duration,
     pub fast_checkpoint: bool,
+    /// Take `BASE_BACKUP ( INCREMENTAL )` against the newest backup of the timeline where the
+    /// server allows it (PostgreSQL 17+, `summarize_wal = on`); otherwise a full backup, with
+    /// the reason in [`BackupSummary::fallback`].
+    pub incremental: bool,
 }
 
 /// Progress for a terminal: bytes received of the server's estimate.
@@ -63,6 +69,12 @@ pub struct Progress {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackupSummary {
     pub id: String,
+    /// `full` or `incremental`.
+    pub kind: String,
+    /// The backup an incremental was taken against.
+    pub parent: Option<String>,
+    /// Why an incremental was asked for and a full backup taken instead.
+    pub fallback: Option<String>,
     pub start_lsn: String,
     pub stop_lsn: String,
     pub timeline: u32,
@@ -106,6 +118,9 @@ pub async fn take_backup(
     let start_time_us = now_us();
     // The key must open the repository before anything else happens.
     repo.check().await?;
+    // Announced before any block is written or reused, so that `pitr expire` does not sweep
+    // blocks under this backup (released once the manifest is durable; dropped on error exits).
+    let running = pitr_archive::running::BackupMarker::begin(repo).await?;
     let connect = ConnectOptions { replication: true, application_name: opts.application_name.clone() };
     let mut conn = Connection::connect(&opts.conninfo, &connect).await?;
     let ident = conn.identify_system().await?;
@@ -118,17 +133,58 @@ pub async fn take_backup(
     };
     repo.put_cluster_info(&cluster).await?;
     let hasher = block_hasher(repo).await?;
+    let page_size = if settings.server_version_num >= 170000 { page_size(&mut conn).await? } else { 8192 };
 
-    let checkpoint = if opts.fast_checkpoint { "fast" } else { "spread" };
-    let command = if settings.server_version_num >= 150000 {
-        format!(
-            "BASE_BACKUP (LABEL 'pitr', PROGRESS, CHECKPOINT '{checkpoint}', WAIT false, MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C')"
-        )
-    } else {
-        let fast = if opts.fast_checkpoint { " FAST" } else { "" };
-        format!("BASE_BACKUP LABEL 'pitr' PROGRESS{fast} NOWAIT MANIFEST 'yes' MANIFEST_CHECKSUMS 'CRC32C'")
+    let (mut parent, mut fallback) = (None, None);
+    if opts.incremental {
+        match incremental_parent(&mut conn, repo, &cluster, ident.timeline).await? {
+            Ok(p) => parent = Some(p),
+            Err(reason) => fallback = Some(reason),
+        }
+    }
+    let command = |incremental: bool| {
+        let checkpoint = if opts.fast_checkpoint { "fast" } else { "spread" };
+        let incremental = if incremental { ", INCREMENTAL" } else { "" };
+        if settings.server_version_num >= 150000 {
+            format!(
+                "BASE_BACKUP (LABEL 'pitr', PROGRESS, CHECKPOINT '{checkpoint}', WAIT false, MANIFEST 'yes', \
+                 MANIFEST_CHECKSUMS 'CRC32C'{incremental})"
+            )
+        } else {
+            let fast = if opts.fast_checkpoint { " FAST" } else { "" };
+            format!("BASE_BACKUP LABEL 'pitr' PROGRESS{fast} NOWAIT MANIFEST 'yes' MANIFEST_CHECKSUMS 'CRC32C'")
+        }
     };
-    conn.start_base_backup(&command).await?;
+    let mut decoder = BaseBackupDecoder::new(settings.server_version_num);
+    // The server refuses an incremental before sending anything when its WAL summaries do not
+    // reach back to the parent (summarize_wal was turned on after it, or the summaries were
+    // removed): then a full backup is taken instead, on a fresh connection.
+    let mut first_events = Vec::new();
+    if let Some(p) = &parent {
+        let tried: Result<Vec<BackupEvent>, PgError> = async {
+            conn.upload_manifest(p.server_manifest.as_bytes()).await?;
+            conn.start_base_backup(&command(true)).await?;
+            conn.next_backup_event(&mut decoder).await
+        }
+        .await;
+        match tried {
+            Ok(events) => first_events = events,
+            Err(e @ PgError::Server { .. }) => {
+                fallback = Some(format!("the server refused an incremental backup against {}: {e}", p.id));
+                parent = None;
+                conn.close().await;
+                conn = Connection::connect(&opts.conninfo, &connect).await?;
+                decoder = BaseBackupDecoder::new(settings.server_version_num);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(reason) = &fallback {
+        tracing::warn!("{reason}; taking a full backup instead");
+    }
+    if parent.is_none() {
+        conn.start_base_backup(&command(false)).await?;
+    }
 
     // Block uploads run beside receiving, bounded by the channel and the worker count.
     let (tx, rx) = mpsc::channel::<(String, Vec<u8>)>(opts.parallel_uploads * 2);
@@ -172,13 +228,16 @@ pub async fn take_backup(
         manifest: None,
         bytes: 0,
     };
-    let mut decoder = BaseBackupDecoder::new(settings.server_version_num);
     let mut start = None;
     let mut end = None;
     let mut estimate = 0;
     let result: Result<(), BackupError> = async {
         loop {
-            let events = conn.next_backup_event(&mut decoder).await?;
+            let events = if first_events.is_empty() {
+                conn.next_backup_event(&mut decoder).await?
+            } else {
+                std::mem::take(&mut first_events)
+            };
             if events.is_empty() {
                 break;
             }
@@ -224,7 +283,8 @@ pub async fn take_backup(
     let stored = counters.stored.load(Ordering::Relaxed);
     let manifest = BackupManifest {
         id: backup_id(start_time_us),
-        kind: "full".into(),
+        kind: if parent.is_some() { "incremental" } else { "full" }.into(),
+        parent: parent.as_ref().map(|p| p.id.clone()),
         system_id: cluster.system_id,
         server_version_num: settings.server_version_num,
         timeline,
@@ -233,6 +293,7 @@ pub async fn take_backup(
         start_time_us,
         stop_time_us,
         block_size: opts.block_size as u64,
+        page_size,
         tablespaces,
         entries,
         files,
@@ -250,9 +311,13 @@ pub async fn take_backup(
     if outcome != PutOutcome::Created {
         return Err(BackupError::Other(format!("a backup named {} exists already", manifest.id)));
     }
+    running.release().await;
     let stored_total = stored + manifest_size;
     let summary = BackupSummary {
         id: manifest.id.clone(),
+        kind: manifest.kind.clone(),
+        parent: manifest.parent.clone(),
+        fallback,
         start_lsn: format_lsn(start_lsn),
         stop_lsn: format_lsn(stop_lsn),
         timeline,
@@ -265,6 +330,43 @@ pub async fn take_backup(
         duration_seconds: started.elapsed().as_secs_f64(),
     };
     Ok((manifest, summary))
+}
+
+/// The relation block size (BLCKSZ): the unit of incremental files.
+async fn page_size(conn: &mut Connection) -> Result<u32, BackupError> {
+    let v = conn.show("block_size").await?;
+    v.parse().map_err(|_| BackupError::Other(format!("cannot read block_size {v:?}")))
+}
+
+/// The backup an incremental is taken against: the newest one of this cluster on the server's
+/// timeline, if the server can take incrementals. `Ok(Err(reason))` says why a full backup it is.
+async fn incremental_parent(
+    conn: &mut Connection,
+    repo: &Repository,
+    cluster: &ClusterInfo,
+    timeline: u32,
+) -> Result<Result<BackupManifest, String>, BackupError> {
+    let version = cluster.server_version_num;
+    if version < 170000 {
+        return Ok(Err(format!(
+            "PostgreSQL {} has no incremental backups (they need 17 or later; the archived WAL already covers \
+             every change since the last full backup)",
+            version / 10000
+        )));
+    }
+    let summarize = conn.show("summarize_wal").await?;
+    if summarize != "on" {
+        return Ok(Err(format!(
+            "summarize_wal is {summarize} on the server, and incremental backups need it on \
+             (ALTER SYSTEM SET summarize_wal = on; SELECT pg_reload_conf())"
+        )));
+    }
+    let backups = BackupManifest::list(repo, cluster.system_id).await?;
+    let parent = backups
+        .into_iter()
+        .filter(|b| b.timeline == timeline && b.server_version_num / 10000 == version / 10000)
+        .max_by_key(|b| b.stop_lsn);
+    Ok(parent.ok_or_else(|| format!("there is no earlier backup on timeline {timeline} to take an incremental against")))
 }
 
 struct Receiver {

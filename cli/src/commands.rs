@@ -8,34 +8,126 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use pitr_archive::layout::{WalCatalog, WalLayout, MARKER};
+use pitr_archive::layout::{NamedStore, WalCatalog, WalLayout, MARKER};
+use pitr_archive::replicate::ReplicatedStore;
 use pitr_archive::{KeyRing, LocalStore, PutOutcome, Repository, Store};
 use pitr_pgwire::{format_lsn, ConnInfo};
 use pitr_walstream::{StreamConfig, StreamStatus};
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, PRIMARY_NAME};
 
-/// The configured storage backend: a local directory, or an S3 bucket for `url = "s3://…"`.
+/// The configured storage backend: a local directory, or an S3/GCS bucket for
+/// `url = "s3://…"` / `"gs://…"`.
 fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
     Ok(match &config.repository.url {
         Some(url) => {
-            let r = &config.repository;
-            let opts = pitr_archive::s3::S3Options {
-                endpoint: r.endpoint.clone(),
-                region: r.region.clone(),
-                allow_http: r.allow_http,
-                force_path_style: r.force_path_style,
-            };
-            Arc::new(pitr_archive::s3::S3Store::new(url, &opts).context("[repository] url")?)
+            let opts = config.repository.cloud_options()?;
+            Arc::new(pitr_archive::cloud::CloudStore::open(url, &opts).context("[repository] url")?)
         }
         None => Arc::new(LocalStore::new(config.repository_path())),
     })
 }
 
-fn open_repository(config: &Config) -> Result<Repository> {
+/// A `[[repository.secondary]]` entry's store.
+fn open_secondary_store(s: &crate::config::SecondaryConfig) -> Result<Arc<dyn Store>> {
+    Ok(match (&s.url, &s.path) {
+        (Some(url), _) => Arc::new(
+            pitr_archive::cloud::CloudStore::open(url, &s.cloud_options())
+                .with_context(|| format!("[[repository.secondary]] {:?}", s.name))?,
+        ),
+        // `validate` guarantees a path or a url.
+        (None, path) => Arc::new(LocalStore::new(path.clone().unwrap_or_default())),
+    })
+}
+
+/// Every configured repository under its name, the primary first.
+fn named_stores(config: &Config) -> Result<Vec<NamedStore>> {
+    let mut all = vec![NamedStore { name: PRIMARY_NAME.into(), store: open_store(config)? }];
+    for s in &config.repository.secondary {
+        all.push(NamedStore { name: s.name.clone(), store: open_secondary_store(s)? });
+    }
+    Ok(all)
+}
+
+/// Copy workers started by this process, waited for before it exits ([`finish_copies`]).
+static REPLICATORS: std::sync::Mutex<Vec<Arc<ReplicatedStore>>> = std::sync::Mutex::new(Vec::new());
+
+/// The store writers use: the primary, copying every object to the secondaries (if any).
+fn open_writer_store(config: &Config) -> Result<(Arc<dyn Store>, Option<Arc<ReplicatedStore>>)> {
+    let primary = open_store(config)?;
+    if config.repository.secondary.is_empty() {
+        return Ok((primary, None));
+    }
+    let mut secondaries = Vec::new();
+    for s in &config.repository.secondary {
+        secondaries.push(pitr_archive::replicate::Secondary {
+            name: s.name.clone(),
+            store: open_secondary_store(s)?,
+            required: s.required,
+            queue_bytes: s.queue_bytes(),
+        });
+    }
+    let replicated = Arc::new(ReplicatedStore::new(primary, secondaries));
+    REPLICATORS.lock().unwrap_or_else(|e| e.into_inner()).push(replicated.clone());
+    Ok((replicated.clone(), Some(replicated)))
+}
+
+/// For commands that write: the primary, whose every put and delete is copied to the secondaries.
+pub(crate) fn open_repository(config: &Config) -> Result<Repository> {
     let keys = KeyRing::load(&config.encryption.key_file).context("[encryption] key_file")?;
-    Ok(Repository::new(open_store(config)?, keys).with_zstd_level(config.repository.zstd_level))
+    let (store, _) = open_writer_store(config)?;
+    Ok(Repository::new(store, keys).with_zstd_level(config.repository.zstd_level))
+}
+
+/// The position of `--from NAME` among the configured repositories (the primary without it).
+fn repository_index(all: &[NamedStore], from: Option<&str>) -> Result<usize> {
+    let Some(name) = from else { return Ok(0) };
+    all.iter().position(|s| s.name == name).ok_or_else(|| {
+        let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+        anyhow!("--from {name}: no repository of that name (configured: {})", names.join(", "))
+    })
+}
+
+/// For commands that read: the repository `--from` names (default the primary), reading from the
+/// others whatever it cannot supply.
+pub(crate) fn open_reader(config: &Config, from: Option<&str>) -> Result<Repository> {
+    let keys = KeyRing::load(&config.encryption.key_file).context("[encryption] key_file")?;
+    let mut all = named_stores(config)?;
+    let chosen = all.remove(repository_index(&all, from)?);
+    Ok(Repository::new(chosen.store, keys)
+        .with_zstd_level(config.repository.zstd_level)
+        .with_fallbacks(chosen.name, all))
+}
+
+/// One repository and nothing else (for `verify`, which judges what that repository holds).
+fn open_single(config: &Config, from: Option<&str>) -> Result<Repository> {
+    let keys = KeyRing::load(&config.encryption.key_file).context("[encryption] key_file")?;
+    let mut all = named_stores(config)?;
+    let chosen = all.remove(repository_index(&all, from)?);
+    Ok(Repository::new(chosen.store, keys)
+        .with_zstd_level(config.repository.zstd_level)
+        .with_fallbacks(chosen.name, Vec::new()))
+}
+
+/// Waits (at most `patience` without progress) for copies to secondaries this process queued,
+/// and says which secondaries are left behind. The primary holds everything already; what is
+/// left is copied by the sidecar's next back-fill or `pitr copy --to NAME`.
+pub async fn finish_copies(patience: Duration) {
+    let all: Vec<Arc<ReplicatedStore>> = std::mem::take(&mut *REPLICATORS.lock().unwrap_or_else(|e| e.into_inner()));
+    for replicated in all {
+        for s in replicated.drain(patience).await {
+            eprintln!(
+                "pitr: warning: secondary {} ({}) is behind by {} objects ({:?}{}); the sidecar's back-fill or `pitr copy --to {}` copies them",
+                s.name,
+                s.location,
+                s.queued_objects,
+                s.state,
+                s.last_error.as_deref().map(|e| format!(", last error: {e}")).unwrap_or_default(),
+                s.name
+            );
+        }
+    }
 }
 
 pub async fn init(config_path: &Path) -> Result<()> {
@@ -74,16 +166,56 @@ pub async fn init(config_path: &Path) -> Result<()> {
             println!("repository {} was already initialised; the key opens it", repo.location())
         }
     }
+    // A secondary is the same repository: its marker is a copy of the primary's.
+    for s in &config.repository.secondary {
+        let entry = || format!("[[repository.secondary]] {:?}", s.name);
+        if let Some(path) = &s.path {
+            LocalStore::new(path).create_root().with_context(entry)?;
+        }
+        let secondary = open_secondary_store(s)?;
+        let copied =
+            pitr_archive::replicate::bind(repo.store().as_ref(), secondary.as_ref()).await.with_context(entry)?;
+        println!(
+            "secondary {} ({}): {}",
+            s.name,
+            secondary.location(),
+            if copied {
+                "initialised; `pitr stream` back-fills it at start, or run `pitr copy --to NAME` now"
+            } else {
+                "already a copy of this repository"
+            }
+        );
+    }
     Ok(())
 }
 
 pub async fn stream(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
+    if config.postgres.is_none() && config.mongo.is_some() {
+        return crate::mongo::stream_only(&config, open_repository(&config)?).await;
+    }
     let pg = config.postgres()?;
     let conninfo: ConnInfo = pg.conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
-    let repo = open_repository(&config)?;
+    let keys = KeyRing::load(&config.encryption.key_file).context("[encryption] key_file")?;
+    let (store, replicated) = open_writer_store(&config)?;
+    let repo = Repository::new(store, keys).with_zstd_level(config.repository.zstd_level);
     // A wrong key or a missing repository is reported before anything starts.
     repo.check().await?;
+    if let Some(replicated) = &replicated {
+        // Copies queued by a process that crashed are lost: the back-fill at start and every
+        // `backfill_interval` makes them good.
+        replicated.schedule_backfill();
+        let (replicated, every) =
+            (replicated.clone(), config.stream.backfill_interval.unwrap_or(Duration::from_secs(3600)));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                replicated.schedule_backfill();
+            }
+        });
+    }
     let stream_config = StreamConfig {
         conninfo,
         slot: pg.slot(),
@@ -111,11 +243,14 @@ pub async fn stream(config_path: &Path) -> Result<()> {
         Some(crate::sidecar::serve(listen, handle, status_rx.clone(), rpo, shutdown_rx.clone()).await?)
     };
     tokio::spawn(crate::sidecar::feed_gauges(status_rx.clone()));
+    if let (Some(replicated), Some(_)) = (&replicated, &server) {
+        tokio::spawn(crate::sidecar::feed_secondary_metrics(replicated.clone()));
+    }
     let catalog_gauges =
         tokio::spawn(crate::sidecar::feed_catalog_gauges(repo.clone(), pg.system_id, Duration::from_secs(60)));
     let ctx = std::sync::Arc::new(crate::sidecar::SchedulerContext {
         repo: repo.clone(),
-        backup: backup_options(&config, pg, stream_config.conninfo.clone()),
+        backup: backup_options(&config, pg, stream_config.conninfo.clone(), false),
         system_id: pg.system_id,
         config_path: config_path.to_path_buf(),
     });
@@ -130,10 +265,21 @@ pub async fn stream(config_path: &Path) -> Result<()> {
         let _ = shutdown_tx.send(true);
     });
     let status_file = config.status_file();
-    let writer = tokio::spawn(write_status_file(status_file.clone(), status_rx));
+    let writer = tokio::spawn(write_status_file(status_file.clone(), status_rx, replicated.clone()));
     tracing::info!(repository = %repo.location(), slot = %stream_config.slot, server = %stream_config.conninfo.redacted(), "pitr stream starting");
+    let mongo = crate::mongo::spawn_beside(&config, repo.clone(), shutdown_rx.clone());
     let result = pitr_walstream::run(repo, stream_config, status_tx, shutdown_rx).await;
     let _ = writer.await;
+    if let Some(mongo) = mongo {
+        // The tailer stops with the same signal; a WAL error ends it too (one sidecar, one exit).
+        if result.is_err() {
+            mongo.abort();
+        }
+        match mongo.await {
+            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "the MongoDB oplog tailer failed"),
+            Ok(Ok(())) | Err(_) => {}
+        }
+    }
     catalog_gauges.abort();
     for job in scheduled {
         // A running backup is abandoned; its blocks stay unreferenced and no manifest is written.
@@ -142,6 +288,8 @@ pub async fn stream(config_path: &Path) -> Result<()> {
     if let Some(server) = server {
         server.abort();
     }
+    // Briefly: the back-fill at the next start copies whatever is still queued.
+    finish_copies(Duration::from_secs(10)).await;
     result.map_err(|e| anyhow!("{e}"))?;
     tracing::info!("pitr stream stopped cleanly");
     Ok(())
@@ -156,7 +304,7 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => {
@@ -171,15 +319,31 @@ async fn wait_for_signal() {
     }
 }
 
+/// The status file: the receiver's [`StreamStatus`], and each secondary's copy state.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StatusFile {
+    #[serde(flatten)]
+    stream: StreamStatus,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    secondaries: Vec<pitr_archive::replicate::SecondaryStatus>,
+}
+
 /// Keeps the status file current (atomically replaced) while the sender lives.
-async fn write_status_file(path: std::path::PathBuf, mut rx: watch::Receiver<StreamStatus>) {
+async fn write_status_file(
+    path: std::path::PathBuf,
+    mut rx: watch::Receiver<StreamStatus>,
+    replicated: Option<Arc<ReplicatedStore>>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let done = tokio::select! {
             r = rx.changed() => r.is_err(),
             _ = tick.tick() => false,
         };
-        let snapshot = rx.borrow().clone();
+        let snapshot = StatusFile {
+            stream: rx.borrow().clone(),
+            secondaries: replicated.as_ref().map(|r| r.status()).unwrap_or_default(),
+        };
         if let Ok(text) = serde_json::to_vec_pretty(&snapshot) {
             let tmp = path.with_extension("json.tmp");
             if std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
@@ -209,6 +373,51 @@ struct StatusReport {
     lag_bytes: Option<u64>,
     lag_seconds: Option<f64>,
     sidecar: Option<SidecarReport>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    secondaries: Vec<SecondaryReport>,
+}
+
+#[derive(serde::Serialize)]
+struct SecondaryReport {
+    name: String,
+    location: String,
+    required: bool,
+    /// `same repository`, `not initialised`, `a different repository` or `unreachable: …`.
+    check: String,
+    /// The sidecar's copy state, when it runs here.
+    copy: Option<pitr_archive::replicate::SecondaryStatus>,
+}
+
+/// Each secondary: whether it holds this repository (its marker), and the sidecar's copy state.
+async fn secondary_reports(
+    config: &Config,
+    primary: &Repository,
+    mut copy_states: Vec<pitr_archive::replicate::SecondaryStatus>,
+) -> Result<Vec<SecondaryReport>> {
+    let mut out = Vec::new();
+    if config.repository.secondary.is_empty() {
+        return Ok(out);
+    }
+    let marker = primary.store().get(MARKER).await.context("reading the primary's repository marker")?;
+    for s in &config.repository.secondary {
+        let store = open_secondary_store(s)?;
+        let check = match tokio::time::timeout(Duration::from_secs(10), store.get(MARKER)).await {
+            Ok(Ok(theirs)) if theirs == marker => "same repository".to_string(),
+            Ok(Ok(_)) => "a different repository (its marker differs): nothing is copied to it".to_string(),
+            Ok(Err(e)) if e.is_not_found() => "not initialised (run `pitr init`)".to_string(),
+            Ok(Err(e)) => format!("unreachable: {e}"),
+            Err(_) => "unreachable: no answer within 10 s".to_string(),
+        };
+        let copy = copy_states.iter().position(|c| c.name == s.name).map(|i| copy_states.swap_remove(i));
+        out.push(SecondaryReport {
+            name: s.name.clone(),
+            location: store.location(),
+            required: s.required,
+            check,
+            copy,
+        });
+    }
+    Ok(out)
 }
 
 #[derive(serde::Serialize)]
@@ -228,7 +437,7 @@ struct SidecarReport {
 
 pub async fn status(config_path: &Path, json: bool) -> Result<()> {
     let config = Config::load(config_path)?;
-    let repo = open_repository(&config)?;
+    let repo = open_single(&config, None)?;
     repo.check().await?;
     let system_id = config.postgres.as_ref().and_then(|p| p.system_id);
     let cluster = repo.resolve_cluster(system_id).await?;
@@ -249,23 +458,25 @@ pub async fn status(config_path: &Path, json: bool) -> Result<()> {
         None => (None, Some("no [postgres] section".into())),
     };
 
-    let sidecar = std::fs::read(config.status_file())
+    let status_file = std::fs::read(config.status_file())
         .ok()
-        .and_then(|b| serde_json::from_slice::<StreamStatus>(&b).ok())
-        .filter(|s| now_us() - s.updated_at_us < 60_000_000)
-        .map(|s| SidecarReport {
-            connected: s.connected,
-            host: s.host,
-            received_lsn: format_lsn(s.received_lsn),
-            durable_lsn: format_lsn(s.durable_lsn),
-            lag_bytes: s.lag_bytes,
-            lag_seconds: s.lag_seconds,
-            objects_archived: s.objects_archived,
-            bytes_archived: s.bytes_archived,
-            upload_errors: s.upload_errors,
-            last_error: s.last_error,
-            updated: rfc3339_us(s.updated_at_us),
-        });
+        .and_then(|b| serde_json::from_slice::<StatusFile>(&b).ok())
+        .filter(|s| now_us() - s.stream.updated_at_us < 60_000_000);
+    let copy_states = status_file.as_ref().map(|f| f.secondaries.clone()).unwrap_or_default();
+    let secondaries = secondary_reports(&config, &repo, copy_states).await?;
+    let sidecar = status_file.map(|f| f.stream).map(|s| SidecarReport {
+        connected: s.connected,
+        host: s.host,
+        received_lsn: format_lsn(s.received_lsn),
+        durable_lsn: format_lsn(s.durable_lsn),
+        lag_bytes: s.lag_bytes,
+        lag_seconds: s.lag_seconds,
+        objects_archived: s.objects_archived,
+        bytes_archived: s.bytes_archived,
+        upload_errors: s.upload_errors,
+        last_error: s.last_error,
+        updated: rfc3339_us(s.updated_at_us),
+    });
 
     let report = StatusReport {
         repository: repo.location(),
@@ -281,6 +492,7 @@ pub async fn status(config_path: &Path, json: bool) -> Result<()> {
         },
         lag_seconds: sidecar.as_ref().map(|s| s.lag_seconds),
         sidecar,
+        secondaries,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -323,6 +535,31 @@ pub async fn status(config_path: &Path, json: bool) -> Result<()> {
             config.status_file().display()
         ),
     }
+    for s in &report.secondaries {
+        let required = if s.required { ", required" } else { "" };
+        println!("secondary {} ({}{required}): {}", s.name, s.location, s.check);
+        match &s.copy {
+            Some(c) => {
+                println!(
+                    "  copy state: {}, {} objects / {} bytes queued, lag {:.1} s, {} copied, {} deleted, {} errors, {} dropped, {} back-fills{}",
+                    serde_json::to_value(c.state)?.as_str().unwrap_or("-"),
+                    c.queued_objects,
+                    c.queued_bytes,
+                    c.lag_seconds,
+                    c.copied_objects,
+                    c.deleted_objects,
+                    c.errors,
+                    c.dropped,
+                    c.backfills,
+                    c.last_backfill_us.map(|t| format!(" (last {})", rfc3339_us(t))).unwrap_or_default()
+                );
+                if let Some(e) = &c.last_error {
+                    println!("  last error: {e}");
+                }
+            }
+            None => println!("  copy state: unknown (the sidecar is not running here)"),
+        }
+    }
     Ok(())
 }
 
@@ -338,14 +575,69 @@ async fn primary_position(conninfo: &str, application_name: &str) -> Result<u64>
     Ok(ident.xlog_pos)
 }
 
+/// `pitr copy --to NAME`: copies to a secondary every object of the primary it lacks (raw sealed
+/// bytes: no key needed). Idempotent; never deletes or overwrites anything on the secondary.
+pub async fn copy(config_path: &Path, to: &str, json: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let Some(entry) = config.repository.secondary.iter().find(|s| s.name == to) else {
+        let names: Vec<&str> = config.repository.secondary.iter().map(|s| s.name.as_str()).collect();
+        bail!(
+            "--to {to}: no [[repository.secondary]] of that name (configured: {})",
+            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+        );
+    };
+    let primary = open_store(&config)?;
+    let secondary = open_secondary_store(entry)?;
+    let bar = progress_count_bar(!json, &format!("copy to {to}"));
+    let on_progress = |done: u64, total: u64| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    };
+    let started = std::time::Instant::now();
+    let result =
+        pitr_archive::replicate::backfill(primary.as_ref(), secondary.as_ref(), config.backup.parallel(), &on_progress)
+            .await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let summary = result.with_context(|| format!("copying {} to secondary {to}", primary.location()))?;
+    let seconds = started.elapsed().as_secs_f64();
+    for name in &summary.differing {
+        eprintln!("pitr: warning: {name} differs in size between the primary and {to}; left as it is (`pitr verify --from {to} --deep` judges it)");
+    }
+    if json {
+        let mut out = serde_json::to_value(&summary)?;
+        out["name"] = to.into();
+        out["seconds"] = seconds.into();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "copied {} objects ({} bytes) from {} to {to} ({}) in {seconds:.1} s: the primary holds {}, {to} held {} ({} missing{}{}){}",
+        summary.copied_objects,
+        summary.copied_bytes,
+        summary.primary,
+        summary.secondary,
+        summary.primary_objects,
+        summary.secondary_objects,
+        summary.missing,
+        if summary.vanished > 0 { format!(", {} deleted from the primary meanwhile", summary.vanished) } else { String::new() },
+        if summary.extra > 0 { format!(", {} only on {to}, left alone", summary.extra) } else { String::new() },
+        if summary.marker_copied { "; the repository marker was copied first" } else { "" }
+    );
+    Ok(())
+}
+
 /// Exit codes follow restore_command's contract: 0 fetched, 1 not in the archive (PostgreSQL
 /// then ends recovery there), 126 anything else, which makes PostgreSQL stop recovery with an
 /// error instead of silently treating a damaged or unreachable archive as its end.
-pub async fn wal_fetch(config_path: &Path, file: &str, dest: &Path) -> Result<ExitCode> {
+pub async fn wal_fetch(config_path: &Path, from: Option<&str>, file: &str, dest: &Path) -> Result<ExitCode> {
     const ARCHIVE_ERROR: u8 = 126;
     let result = async {
         let config = Config::load(config_path)?;
-        let repo = open_repository(&config)?;
+        let repo = open_reader(&config, from)?;
         repo.check().await?;
         let system_id = config.postgres.as_ref().and_then(|p| p.system_id);
         let cluster = repo.resolve_cluster(system_id).await?;
@@ -355,7 +647,7 @@ pub async fn wal_fetch(config_path: &Path, file: &str, dest: &Path) -> Result<Ex
     match result {
         Ok(Ok(fetched)) => {
             tracing::debug!(file, ?fetched, "fetched");
-            start_prefetch(config_path, file, dest);
+            start_prefetch(config_path, from, file, dest);
             Ok(ExitCode::SUCCESS)
         }
         Ok(Err(pitr_restore::FetchError::NotFound { .. })) | Ok(Err(pitr_restore::FetchError::BadName { .. })) => {
@@ -371,6 +663,20 @@ pub async fn wal_fetch(config_path: &Path, file: &str, dest: &Path) -> Result<Ex
             Ok(ExitCode::from(ARCHIVE_ERROR))
         }
     }
+}
+
+/// A progress bar counting objects, on a terminal only.
+fn progress_count_bar(enabled: bool, what: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    let style =
+        indicatif::ProgressStyle::with_template(&format!("{what} [{{bar:40}}] {{pos}}/{{len}} objects eta {{eta}}"))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    Some(bar)
 }
 
 fn progress_bar(enabled: bool, what: &'static str) -> Option<indicatif::ProgressBar> {
@@ -391,6 +697,7 @@ fn backup_options(
     config: &Config,
     pg: &crate::config::PostgresConfig,
     conninfo: ConnInfo,
+    incremental: bool,
 ) -> pitr_basebackup::BackupOptions {
     pitr_basebackup::BackupOptions {
         conninfo,
@@ -399,15 +706,16 @@ fn backup_options(
         parallel_uploads: config.backup.parallel(),
         wal_timeout: config.backup.wal_timeout.unwrap_or(Duration::from_secs(120)),
         fast_checkpoint: true,
+        incremental,
     }
 }
 
-pub async fn backup(config_path: &Path, json: bool) -> Result<()> {
+pub async fn backup(config_path: &Path, incremental: bool, json: bool) -> Result<()> {
     let config = Config::load(config_path)?;
     let pg = config.postgres()?;
     let conninfo: ConnInfo = pg.conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
     let repo = open_repository(&config)?;
-    let opts = backup_options(&config, pg, conninfo);
+    let opts = backup_options(&config, pg, conninfo, incremental);
     let bar = progress_bar(!json, "backup");
     let on_progress = |p: pitr_basebackup::Progress| {
         if let Some(bar) = &bar {
@@ -423,8 +731,15 @@ pub async fn backup(config_path: &Path, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
+        if let Some(reason) = &summary.fallback {
+            println!("warning: incremental backup not possible: {reason}; took a full backup instead");
+        }
+        let kind = match &summary.parent {
+            Some(parent) => format!("incremental backup (on {parent})"),
+            None => "full backup".to_string(),
+        };
         println!(
-            "backup {} done: {} files, {} bytes read, {} bytes stored ({} new blocks, {} reused; ratio {:.1}), WAL {}..{} on timeline {}, {:.1} s",
+            "{kind} {} done: {} files, {} bytes read, {} bytes stored ({} new blocks, {} reused; ratio {:.1}), WAL {}..{} on timeline {}, {:.1} s",
             summary.id,
             summary.files,
             summary.bytes_read,
@@ -452,6 +767,7 @@ async fn load_catalog(config: &Config, repo: &Repository) -> Result<pitr_restore
 struct ListedBackup {
     id: String,
     kind: String,
+    parent: Option<String>,
     timeline: u32,
     start_time: String,
     stop_time: String,
@@ -470,9 +786,12 @@ struct ListedWindow {
     to_lsn: String,
 }
 
-pub async fn list(config_path: &Path, json: bool) -> Result<()> {
+pub async fn list(config_path: &Path, from: Option<&str>, json: bool) -> Result<()> {
     let config = Config::load(config_path)?;
-    let repo = open_repository(&config)?;
+    let repo = open_reader(&config, from)?;
+    if config.postgres.is_none() && config.mongo.is_some() {
+        return crate::mongo::list_only(&config, &repo, json).await;
+    }
     let catalog = load_catalog(&config, &repo).await?;
     let fmt = pitr_restore::format_time;
     let backups: Vec<ListedBackup> = catalog
@@ -481,6 +800,7 @@ pub async fn list(config_path: &Path, json: bool) -> Result<()> {
         .map(|b| ListedBackup {
             id: b.id.clone(),
             kind: b.kind.clone(),
+            parent: b.parent.clone(),
             timeline: b.timeline,
             start_time: fmt(b.start_time_us),
             stop_time: fmt(b.stop_time_us),
@@ -501,8 +821,16 @@ pub async fn list(config_path: &Path, json: bool) -> Result<()> {
             to_lsn: format_lsn(w.end_lsn),
         })
         .collect();
+    let incrementals = incremental_mode(catalog.cluster.server_version_num);
     if json {
-        let out = serde_json::json!({ "system_id": catalog.cluster.system_id, "backups": backups, "recoverable_windows": windows });
+        let out = serde_json::json!({
+            "system_id": catalog.cluster.system_id,
+            "server_version_num": catalog.cluster.server_version_num,
+            "incrementals": incrementals,
+            "backups": backups,
+            "recoverable_windows": windows,
+            "mongo": crate::mongo::list_json(&config, &repo).await?,
+        });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
@@ -511,22 +839,24 @@ pub async fn list(config_path: &Path, json: bool) -> Result<()> {
         println!("no backups yet (run `pitr backup`)");
     } else {
         println!(
-            "{:<18} {:<5} {:>3}  {:<33} {:<23} {:>14} {:>14}",
+            "{:<18} {:<11} {:>3}  {:<33} {:<23} {:>14} {:>14}  parent",
             "backup", "type", "tli", "stop time", "start..stop LSN", "logical", "stored"
         );
         for b in &backups {
             println!(
-                "{:<18} {:<5} {:>3}  {:<33} {:<23} {:>14} {:>14}",
+                "{:<18} {:<11} {:>3}  {:<33} {:<23} {:>14} {:>14}  {}",
                 b.id,
                 b.kind,
                 b.timeline,
                 b.stop_time,
                 format!("{}..{}", b.start_lsn, b.stop_lsn),
                 b.logical_bytes,
-                b.stored_bytes
+                b.stored_bytes,
+                b.parent.as_deref().unwrap_or("-")
             );
         }
     }
+    println!("incremental backups: {}", incrementals["summary"].as_str().unwrap_or(""));
     for w in &windows {
         println!(
             "timeline {}: restorable from {} to {} (WAL to {})",
@@ -536,7 +866,32 @@ pub async fn list(config_path: &Path, json: bool) -> Result<()> {
             w.to_lsn
         );
     }
+    if let Some(m) = crate::mongo::list_json(&config, &repo).await? {
+        crate::mongo::print_list(&m);
+    }
     Ok(())
+}
+
+/// What `[schedule] incremental` does on this server version, for `list`.
+fn incremental_mode(server_version_num: u32) -> serde_json::Value {
+    let major = server_version_num / 10000;
+    if major >= 17 {
+        serde_json::json!({
+            "mode": "block-incremental",
+            "summary": format!(
+                "PostgreSQL {major}: BASE_BACKUP INCREMENTAL against the newest backup (needs summarize_wal = on; \
+                 a full backup is taken, with a warning, when it is off)"
+            ),
+        })
+    } else {
+        serde_json::json!({
+            "mode": "wal",
+            "summary": format!(
+                "PostgreSQL {major} has none (17+): the archived WAL covers every change between full backups, \
+                 and each full backup stores only the blocks that changed (deduplicated)"
+            ),
+        })
+    }
 }
 
 pub struct RestoreArgs {
@@ -548,6 +903,10 @@ pub struct RestoreArgs {
     pub json: bool,
     pub db_user: Option<String>,
     pub timeout: Duration,
+    /// Restore from this backup rather than the newest one before the target.
+    pub backup: Option<String>,
+    /// Read from this repository (a secondary's name, or `primary`) first.
+    pub from: Option<String>,
 }
 
 fn shell_quote(p: &Path) -> String {
@@ -557,12 +916,15 @@ fn shell_quote(p: &Path) -> String {
     )
 }
 
-/// `restore_command` for a restored server: this pitr binary, by absolute path, with this config.
-fn restore_command(config_path: &Path) -> Result<String> {
+/// `restore_command` for a restored server: this pitr binary, by absolute path, with this config,
+/// reading from the repository the restore read from.
+fn restore_command(config_path: &Path, from: Option<&str>) -> Result<String> {
     let exe = std::env::current_exe().context("locating the pitr binary for restore_command")?;
     let config_abs =
         std::fs::canonicalize(config_path).with_context(|| format!("config file {}", config_path.display()))?;
-    Ok(format!("{} --config {} wal-fetch \"%f\" \"%p\"", shell_quote(&exe), shell_quote(&config_abs)))
+    // Repository names are [A-Za-z0-9_-] (the config checks), so they need no quoting.
+    let from = from.map(|f| format!(" --from {f}")).unwrap_or_default();
+    Ok(format!("{} --config {} wal-fetch{from} \"%f\" \"%p\"", shell_quote(&exe), shell_quote(&config_abs)))
 }
 
 /// PostgreSQL's binaries for the archived cluster's major version.
@@ -582,9 +944,9 @@ fn pg_bin_dir(config: &Config, catalog: &pitr_restore::Catalog) -> Result<std::p
 pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
     let config = Config::load(config_path)?;
     let target = pitr_restore::parse_target(&args.to)?;
-    let repo = open_repository(&config)?;
+    let repo = open_reader(&config, args.from.as_deref())?;
     let catalog = load_catalog(&config, &repo).await?;
-    let restore_command = restore_command(config_path)?;
+    let restore_command = restore_command(config_path, args.from.as_deref())?;
     let start = if args.start {
         let bin_dir = pg_bin_dir(&config, &catalog)?;
         let db_user = args.db_user.clone().or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "postgres".into());
@@ -598,6 +960,7 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
         force: args.force,
         restore_command,
         workers: config.backup.parallel(),
+        backup_id: args.backup.clone(),
         start,
     };
     let bar = progress_bar(!args.json, "restore");
@@ -618,9 +981,12 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
     }
     println!("restored {} to {}", report.target, report.target_dir);
     println!(
-        "  backup used:            {} (consistent at {}, LSN {})",
-        report.backup_id, report.backup_stop_time, report.backup_stop_lsn
+        "  backup used:            {} ({}, consistent at {}, LSN {})",
+        report.backup_id, report.backup_kind, report.backup_stop_time, report.backup_stop_lsn
     );
+    if report.backup_chain.len() > 1 {
+        println!("  combined chain:         {}", report.backup_chain.join(" -> "));
+    }
     println!(
         "  files:                  {} ({} bytes), written in {:.1} s",
         report.files, report.bytes_restored, report.download_seconds
@@ -634,6 +1000,9 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
             report.last_replayed_commit_time.as_deref().unwrap_or("(none replayed)")
         );
         println!("  last replayed LSN:      {}", report.last_replayed_lsn.as_deref().unwrap_or("-"));
+        if let Some(b) = report.wal_replayed_bytes {
+            println!("  WAL replayed:           {b} bytes from {}", report.backup_start_lsn);
+        }
         if let Some(x) = report.last_replayed_xid {
             println!("  last replayed xid:      {x}");
         }
@@ -654,9 +1023,10 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
     Ok(())
 }
 
-pub async fn verify(config_path: &Path, deep: bool, json: bool) -> Result<ExitCode> {
+/// Checks one repository alone (the primary, or `--from NAME`): no fallback hides what it lacks.
+pub async fn verify(config_path: &Path, from: Option<&str>, deep: bool, json: bool) -> Result<ExitCode> {
     let config = Config::load(config_path)?;
-    let repo = open_repository(&config)?;
+    let repo = open_single(&config, from)?;
     let catalog = load_catalog(&config, &repo).await?;
     let report = pitr_restore::verify::verify(&repo, &catalog, deep, config.backup.parallel()).await?;
     if json {
@@ -679,6 +1049,89 @@ pub async fn verify(config_path: &Path, deep: bool, json: bool) -> Result<ExitCo
     Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Applies `[retention]` to the cluster's backups, WAL and blocks (`dry_run`: only says what
+/// would go). Shared by `pitr expire` and the sidecar's scheduled job.
+pub async fn run_expire(
+    config: &Config,
+    repo: &Repository,
+    dry_run: bool,
+) -> Result<pitr_archive::expire::ExpireReport> {
+    repo.check().await?;
+    let system_id = config.postgres.as_ref().and_then(|p| p.system_id);
+    let cluster = repo.resolve_cluster(system_id).await?;
+    let opts = pitr_archive::expire::ExpireOptions {
+        policy: config.retention.policy(),
+        now_us: now_us(),
+        dry_run,
+        stale_backup_after: config.retention.stale_backup_after,
+        lock_ttl: config.retention.lock_ttl,
+    };
+    pitr_archive::expire::expire(repo, &cluster, &opts)
+        .await
+        .with_context(|| format!("expire in {}", repo.location()))
+}
+
+pub async fn expire(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let repo = open_repository(&config)?;
+    let report = run_expire(&config, &repo, dry_run).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let r = &config.retention;
+    let verb = if dry_run { "would remove" } else { "removed" };
+    println!(
+        "expire in {} at {}{}: daily {}, weekly {}, monthly {}, yearly {}, window {} (from {}; base backup {})",
+        repo.location(),
+        report.now,
+        if dry_run { " (dry run: nothing is changed)" } else { "" },
+        r.daily,
+        r.weekly,
+        r.monthly,
+        r.yearly,
+        humantime::format_duration(r.window),
+        report.window_start,
+        report.window_base.as_deref().unwrap_or("none")
+    );
+    println!("keeping {} backups:", report.kept.len());
+    for b in &report.kept {
+        let reasons: Vec<String> =
+            b.reasons.iter().map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()).collect();
+        println!("  {:<18} {:<11} {}", b.id, b.kind, reasons.join(", "));
+    }
+    for b in &report.removed_backups {
+        println!("{verb} backup {} ({}, consistent at {})", b.id, b.kind, b.stop_time);
+    }
+    for w in &report.removed_wal {
+        println!("{verb} WAL of timeline {}: {} .. {} ({} segments)", w.timeline, w.from, w.to, w.segments);
+    }
+    if let Some(why) = &report.wal_skipped {
+        println!("WAL: {why}");
+    }
+    if let Some(why) = &report.blocks_skipped {
+        println!("blocks: {why}");
+    }
+    if report.blocks_left > 0 {
+        println!("blocks: the sweep reached its deadline; {} unreferenced blocks are left for the next run", report.blocks_left);
+    }
+    for x in &report.retained {
+        println!("RETAINED {}: {}", x.object, x.why);
+    }
+    for x in &report.stale_removed {
+        println!("{} stale marker {x}", if dry_run { "would remove" } else { "removed" });
+    }
+    println!(
+        "{verb} {} backups, {} WAL objects, {} blocks ({} bytes){}",
+        report.removed_backups.len(),
+        report.removed_wal_objects,
+        report.removed_blocks,
+        report.removed_bytes,
+        if report.retained.is_empty() { String::new() } else { format!("; {} objects retained by the storage", report.retained.len()) }
+    );
+    Ok(())
+}
+
 pub struct DrillArgs {
     pub to: String,
     pub checks: Option<std::path::PathBuf>,
@@ -687,6 +1140,8 @@ pub struct DrillArgs {
     pub keep: bool,
     pub db_user: Option<String>,
     pub test_type: String,
+    /// Read from this repository first (the result is stored through the primary).
+    pub from: Option<String>,
 }
 
 /// Reads a drill checks file; every bad key or value is named.
@@ -707,7 +1162,7 @@ pub fn drill_options(
         scratch_root: std::env::temp_dir(),
         bin_dir: pg_bin_dir(config, catalog)?,
         db_user: std::env::var("USER").unwrap_or_else(|_| "postgres".into()),
-        restore_command: restore_command(config_path)?,
+        restore_command: restore_command(config_path, None)?,
         workers: config.backup.parallel(),
         rto_target_seconds: config.targets.rto_seconds,
         rpo_target_seconds: config.targets.rpo_seconds,
@@ -726,9 +1181,10 @@ pub async fn drill(config_path: &Path, args: DrillArgs) -> Result<ExitCode> {
     } else {
         pitr_restore::drill::DrillTarget::At(pitr_restore::parse_target(&args.to)?)
     };
-    let repo = open_repository(&config)?;
+    let repo = open_reader(&config, args.from.as_deref())?;
     let catalog = load_catalog(&config, &repo).await?;
     let mut opts = drill_options(&config, config_path, &catalog)?;
+    opts.restore_command = restore_command(config_path, args.from.as_deref())?;
     opts.target = target;
     opts.checks = checks;
     opts.keep = args.keep;
@@ -737,8 +1193,14 @@ pub async fn drill(config_path: &Path, args: DrillArgs) -> Result<ExitCode> {
         opts.db_user = user;
     }
     let report = pitr_restore::drill::drill(&repo, &catalog, &opts).await?;
-    if let Err(e) = pitr_restore::drill::store_result(&repo, catalog.cluster.system_id, &report).await {
-        tracing::warn!(error = %e, "could not store the drill result in the repository");
+    let stored = match open_repository(&config) {
+        Ok(writer) => pitr_restore::drill::store_result(&writer, catalog.cluster.system_id, &report)
+            .await
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = stored {
+        tracing::warn!(error = %format!("{e:#}"), "could not store the drill result in the repository");
     }
     let markdown = pitr_restore::drill::render_markdown(&report);
     if let Some(path) = &args.report {
@@ -758,7 +1220,7 @@ pub async fn drill(config_path: &Path, args: DrillArgs) -> Result<ExitCode> {
 /// Starts `pitr wal-prefetch` detached (its own session, no stdio), so PostgreSQL's
 /// restore_command returns at once while the next segments are spooled. Best effort: a failure
 /// here only costs speed.
-fn start_prefetch(config_path: &Path, file: &str, dest: &Path) {
+fn start_prefetch(config_path: &Path, from: Option<&str>, file: &str, dest: &Path) {
     use std::os::unix::process::CommandExt;
     let count = Config::load(config_path).ok().and_then(|c| c.backup.prefetch_segments).unwrap_or(8);
     if count == 0 || file.ends_with(".history") {
@@ -770,6 +1232,7 @@ fn start_prefetch(config_path: &Path, file: &str, dest: &Path) {
     cmd.arg("--config")
         .arg(config_path)
         .args(["wal-prefetch", file])
+        .args(from.map(|f| format!("--from={f}")))
         .arg(&spool)
         .arg(format!("--count={count}"))
         .stdin(std::process::Stdio::null())
@@ -787,9 +1250,15 @@ fn start_prefetch(config_path: &Path, file: &str, dest: &Path) {
     }
 }
 
-pub async fn wal_prefetch(config_path: &Path, file: &str, spool: &Path, count: usize) -> Result<()> {
+pub async fn wal_prefetch(
+    config_path: &Path,
+    from: Option<&str>,
+    file: &str,
+    spool: &Path,
+    count: usize,
+) -> Result<()> {
     let config = Config::load(config_path)?;
-    let repo = open_repository(&config)?;
+    let repo = open_reader(&config, from)?;
     let system_id = config.postgres.as_ref().and_then(|p| p.system_id);
     let cluster = repo.resolve_cluster(system_id).await?;
     let names = pitr_restore::walfetch::next_segments(&cluster, file, count);

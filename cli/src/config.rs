@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 /// Sections, in the order `$PITR_<SECTION>_<KEY>` is matched against.
 const SECTIONS: &[&str] =
-    &["repository", "encryption", "postgres", "stream", "backup", "metrics", "targets", "schedule"];
+    &["repository", "encryption", "postgres", "stream", "backup", "metrics", "targets", "schedule", "mongo", "retention"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +27,10 @@ pub struct Config {
     pub targets: TargetsSection,
     #[serde(default)]
     pub schedule: ScheduleSection,
+    #[serde(default)]
+    pub retention: RetentionSection,
+    /// A MongoDB replica set, backed up beside (or instead of) PostgreSQL.
+    pub mongo: Option<crate::mongo::MongoConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +88,8 @@ pub struct ScheduleSection {
     pub verify: String,
     #[serde(default = "default_drill")]
     pub drill: String,
+    #[serde(default = "default_expire")]
+    pub expire: String,
 }
 
 fn default_full_backup() -> String {
@@ -98,6 +104,9 @@ fn default_verify() -> String {
 fn default_drill() -> String {
     "0 4 1 * *".into()
 }
+fn default_expire() -> String {
+    "0 5 * * *".into()
+}
 
 impl Default for ScheduleSection {
     fn default() -> Self {
@@ -106,7 +115,96 @@ impl Default for ScheduleSection {
             incremental: default_incremental(),
             verify: default_verify(),
             drill: default_drill(),
+            expire: default_expire(),
         }
+    }
+}
+
+/// `pitr expire`: grandfather-father-son counts, the restore-to-any-second window, and how it
+/// keeps clear of running backups. The defaults are the seed runbook's.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSection {
+    /// The newest backup of each of the last N UTC days that have one.
+    #[serde(default = "default_daily")]
+    pub daily: u32,
+    /// … of each of the last N ISO weeks that have one.
+    #[serde(default = "default_weekly")]
+    pub weekly: u32,
+    #[serde(default = "default_monthly")]
+    pub monthly: u32,
+    #[serde(default = "default_yearly")]
+    pub yearly: u32,
+    /// Every second of the last `window` stays restorable.
+    #[serde(default = "default_window", with = "humantime_serde")]
+    pub window: Duration,
+    /// A running-backup marker older than this is a crashed backup's: it no longer holds off the
+    /// block sweep. Must exceed the longest backup.
+    #[serde(default = "default_stale_backup_after", with = "humantime_serde")]
+    pub stale_backup_after: Duration,
+    /// Lifetime of the expire lock; blocks are deleted only in its first half.
+    #[serde(default = "default_lock_ttl", with = "humantime_serde")]
+    pub lock_ttl: Duration,
+}
+
+fn default_daily() -> u32 {
+    30
+}
+fn default_weekly() -> u32 {
+    12
+}
+fn default_monthly() -> u32 {
+    12
+}
+fn default_yearly() -> u32 {
+    7
+}
+fn default_window() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+fn default_stale_backup_after() -> Duration {
+    Duration::from_secs(86_400)
+}
+fn default_lock_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl Default for RetentionSection {
+    fn default() -> Self {
+        RetentionSection {
+            daily: default_daily(),
+            weekly: default_weekly(),
+            monthly: default_monthly(),
+            yearly: default_yearly(),
+            window: default_window(),
+            stale_backup_after: default_stale_backup_after(),
+            lock_ttl: default_lock_ttl(),
+        }
+    }
+}
+
+impl RetentionSection {
+    pub fn policy(&self) -> pitr_archive::retention::Policy {
+        pitr_archive::retention::Policy {
+            daily: self.daily,
+            weekly: self.weekly,
+            monthly: self.monthly,
+            yearly: self.yearly,
+            window_us: i64::try_from(self.window.as_micros()).unwrap_or(i64::MAX),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        const YEAR: u64 = 366 * 86_400;
+        if self.window.as_secs() > 1000 * YEAR {
+            bail!("[retention] window = {}: more than 1000 years", humantime::format_duration(self.window));
+        }
+        for (key, d) in [("stale_backup_after", self.stale_backup_after), ("lock_ttl", self.lock_ttl)] {
+            if d < Duration::from_secs(60) || d.as_secs() > 1000 * YEAR {
+                bail!("[retention] {key} = {}: must be between 1 minute and 1000 years", humantime::format_duration(d));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -147,7 +245,7 @@ impl BackupSection {
 pub struct RepositoryConfig {
     /// A local directory (the default backend).
     pub path: Option<PathBuf>,
-    /// An object-storage URL (`s3://bucket/prefix`).
+    /// An object-storage URL (`s3://bucket/prefix` or `gs://bucket/prefix`).
     pub url: Option<String>,
     /// S3 endpoint for S3-compatible servers (default: AWS, or `$AWS_ENDPOINT_URL`).
     pub endpoint: Option<String>,
@@ -161,6 +259,175 @@ pub struct RepositoryConfig {
     pub force_path_style: bool,
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
+    /// GCS: a service-account JSON key file (default: `$GOOGLE_APPLICATION_CREDENTIALS` and the
+    /// standard environment, then the metadata server).
+    pub service_account_key: Option<PathBuf>,
+    /// Object storage: requests in flight at once, across the process (default 16).
+    pub max_concurrency: Option<usize>,
+    /// S3: objects above this many bytes go up as multipart uploads (default 32 MiB).
+    pub multipart_threshold: Option<usize>,
+    /// S3: part size of multipart uploads, at least 5 MiB (default 16 MiB).
+    pub multipart_part_size: Option<usize>,
+    /// Object storage: TCP/TLS connect timeout (default 5 s).
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// Object storage: limit on one whole request, body included (default 60 s).
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// Object storage: retries of one request (default 10).
+    pub max_retries: Option<usize>,
+    /// Object storage: no retry starts later than this after the first attempt (default 3 min).
+    #[serde(default, with = "humantime_serde")]
+    pub retry_timeout: Option<Duration>,
+    /// Object storage: first backoff between retries (default 100 ms); grows ×2 with jitter.
+    #[serde(default, with = "humantime_serde")]
+    pub retry_initial_backoff: Option<Duration>,
+    /// Object storage: longest backoff between retries (default 15 s).
+    #[serde(default, with = "humantime_serde")]
+    pub retry_max_backoff: Option<Duration>,
+    /// S3 Object Lock: write every object with a retention of this many days (default: off).
+    pub object_lock_days: Option<u32>,
+    /// S3 Object Lock mode, `GOVERNANCE` (default) or `COMPLIANCE`.
+    pub object_lock_mode: Option<String>,
+    /// `[[repository.secondary]]`: repositories that receive a copy of every object.
+    #[serde(default)]
+    pub secondary: Vec<SecondaryConfig>,
+}
+
+/// One `[[repository.secondary]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecondaryConfig {
+    /// Names it in `--from`, `copy --to`, status and metrics.
+    pub name: String,
+    pub path: Option<PathBuf>,
+    pub url: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    #[serde(default)]
+    pub allow_http: bool,
+    #[serde(default)]
+    pub force_path_style: bool,
+    /// Puts (and so the WAL acknowledgement) wait until this secondary holds the object too.
+    #[serde(default)]
+    pub required: bool,
+    /// Bytes of copies queued in memory before new ones are dropped (and back-filled later) or,
+    /// if `required`, wait (default 256 MiB).
+    pub queue_bytes: Option<u64>,
+}
+
+/// What `--from` calls the `[repository]` itself.
+pub const PRIMARY_NAME: &str = "primary";
+
+impl SecondaryConfig {
+    pub fn queue_bytes(&self) -> u64 {
+        self.queue_bytes.unwrap_or(256 << 20)
+    }
+
+    /// Object-storage client settings for a `url`: its own endpoint, region and style, the
+    /// client defaults otherwise.
+    pub fn cloud_options(&self) -> pitr_archive::cloud::CloudOptions {
+        pitr_archive::cloud::CloudOptions {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            allow_http: self.allow_http,
+            force_path_style: self.force_path_style,
+            ..Default::default()
+        }
+    }
+
+    fn validate(&self, primary: &RepositoryConfig) -> Result<()> {
+        let entry = format!("[[repository.secondary]] {:?}", self.name);
+        match (&self.path, &self.url) {
+            (None, None) => bail!("{entry}: set `path` (a local directory) or `url`"),
+            (Some(_), Some(_)) => bail!("{entry}: set either `path` or `url`, not both"),
+            (None, Some(url)) if !(url.starts_with("s3://") || url.starts_with("gs://")) => {
+                bail!("{entry}: url = {url:?}: only s3:// and gs:// URLs are supported; or use `path`")
+            }
+            (Some(p), None) if !p.is_absolute() => {
+                bail!("{entry}: path = {:?}: must be an absolute path", p.display())
+            }
+            (Some(p), None) if primary.path.as_ref() == Some(p) => {
+                bail!("{entry}: path = {:?} is the primary repository itself", p.display())
+            }
+            (None, Some(u))
+                if primary.url.as_deref().map(|p| p.trim_end_matches('/')) == Some(u.trim_end_matches('/')) =>
+            {
+                bail!("{entry}: url = {u:?} is the primary repository itself")
+            }
+            _ => {}
+        }
+        if self.path.is_some()
+            && (self.endpoint.is_some() || self.region.is_some() || self.allow_http || self.force_path_style)
+        {
+            bail!("{entry}: endpoint, region, allow_http and force_path_style apply to a `url`, not a `path`");
+        }
+        if self.queue_bytes == Some(0) {
+            bail!("{entry}: queue_bytes must be greater than 0");
+        }
+        Ok(())
+    }
+}
+
+impl RepositoryConfig {
+    /// The object-storage client settings, checked (`validate` calls this, so later calls on a
+    /// loaded config do not fail).
+    pub fn cloud_options(&self) -> Result<pitr_archive::cloud::CloudOptions> {
+        use pitr_archive::cloud::{CloudOptions, LockMode, ObjectLock};
+        let d = CloudOptions::default();
+        let scheme = self.url.as_deref().and_then(|u| u.split_once("://")).map(|(s, _)| s);
+        let object_lock = match (self.object_lock_days, &self.object_lock_mode) {
+            (None, None) => None,
+            (None, Some(_)) => bail!("[repository] object_lock_mode needs object_lock_days"),
+            (Some(0), _) => bail!("[repository] object_lock_days must be at least 1"),
+            (Some(days), mode) => {
+                if scheme != Some("s3") {
+                    bail!("[repository] object_lock_days: S3 Object Lock needs an s3:// url (on GCS use a bucket retention policy)");
+                }
+                let mode = match mode {
+                    Some(m) => m.parse::<LockMode>().map_err(|e| anyhow!("[repository] object_lock_mode = {e}"))?,
+                    None => LockMode::Governance,
+                };
+                Some(ObjectLock { mode, days })
+            }
+        };
+        if self.service_account_key.is_some() && scheme != Some("gs") {
+            bail!("[repository] service_account_key applies to a gs:// url only");
+        }
+        if self.max_concurrency == Some(0) {
+            bail!("[repository] max_concurrency must be at least 1");
+        }
+        let opts = CloudOptions {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            allow_http: self.allow_http,
+            force_path_style: self.force_path_style,
+            service_account_key: self.service_account_key.clone(),
+            max_concurrency: self.max_concurrency.unwrap_or(d.max_concurrency),
+            multipart_threshold: self.multipart_threshold.unwrap_or(d.multipart_threshold),
+            multipart_part_size: self.multipart_part_size.unwrap_or(d.multipart_part_size),
+            connect_timeout: self.connect_timeout.unwrap_or(d.connect_timeout),
+            request_timeout: self.request_timeout.unwrap_or(d.request_timeout),
+            max_retries: self.max_retries.unwrap_or(d.max_retries),
+            retry_timeout: self.retry_timeout.unwrap_or(d.retry_timeout),
+            retry_initial_backoff: self.retry_initial_backoff.unwrap_or(d.retry_initial_backoff),
+            retry_max_backoff: self.retry_max_backoff.unwrap_or(d.retry_max_backoff),
+            object_lock,
+        };
+        if opts.multipart_part_size < 5 << 20 {
+            bail!("[repository] multipart_part_size = {}: S3 needs at least 5 MiB (5242880)", opts.multipart_part_size);
+        }
+        if opts.multipart_threshold < opts.multipart_part_size {
+            bail!("[repository] multipart_threshold must be at least multipart_part_size");
+        }
+        if opts.connect_timeout.is_zero() || opts.request_timeout.is_zero() {
+            bail!("[repository] connect_timeout and request_timeout must be greater than 0");
+        }
+        if opts.retry_initial_backoff.is_zero() || opts.retry_max_backoff < opts.retry_initial_backoff {
+            bail!("[repository] retry_initial_backoff must be greater than 0 and at most retry_max_backoff");
+        }
+        Ok(opts)
+    }
 }
 
 fn default_zstd_level() -> i32 {
@@ -219,6 +486,10 @@ pub struct StreamSection {
     /// How long the writer lease lasts without renewal (renewed every third of it).
     #[serde(default, with = "humantime_serde")]
     pub lease_ttl: Option<Duration>,
+    /// How often the sidecar compares each secondary's listing with the primary's and copies
+    /// what is missing (it also does at start; default 1 h).
+    #[serde(default, with = "humantime_serde")]
+    pub backfill_interval: Option<Duration>,
 }
 
 impl PostgresConfig {
@@ -264,14 +535,38 @@ impl Config {
         match (&self.repository.path, &self.repository.url) {
             (None, None) => bail!("[repository]: set `path` (a local directory) or `url`"),
             (Some(_), Some(_)) => bail!("[repository]: set either `path` or `url`, not both"),
-            (None, Some(url)) if !url.starts_with("s3://") => {
-                bail!("[repository] url = {url:?}: only s3:// URLs are supported (GCS is not built yet); or use `path`")
+            (None, Some(url)) if !(url.starts_with("s3://") || url.starts_with("gs://")) => {
+                bail!("[repository] url = {url:?}: only s3:// and gs:// URLs are supported; or use `path`")
             }
             (Some(p), None) if !p.is_absolute() => {
                 bail!("[repository] path = {:?}: must be an absolute path", p.display())
             }
             _ => {}
         }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, s) in self.repository.secondary.iter().enumerate() {
+            if s.name.is_empty() || !s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                bail!(
+                    "[[repository.secondary]] entry {}: name = {:?}: use letters, digits, `_` and `-`",
+                    i + 1,
+                    s.name
+                );
+            }
+            if s.name == PRIMARY_NAME {
+                bail!("[[repository.secondary]] {:?}: that name means the [repository] itself; choose another", s.name);
+            }
+            if !names.insert(s.name.as_str()) {
+                bail!("[[repository.secondary]] {:?}: two entries have this name", s.name);
+            }
+            s.validate(&self.repository)?;
+            let same = self.repository.secondary[..i]
+                .iter()
+                .find(|o| (o.path.is_some() && o.path == s.path) || (o.url.is_some() && o.url == s.url));
+            if let Some(o) = same {
+                bail!("[[repository.secondary]] {:?}: same location as {:?}", s.name, o.name);
+            }
+        }
+        self.repository.cloud_options()?;
         if !(1..=22).contains(&self.repository.zstd_level) {
             bail!("[repository] zstd_level = {}: must be between 1 and 22", self.repository.zstd_level);
         }
@@ -289,9 +584,11 @@ impl Config {
             ("incremental", &self.schedule.incremental),
             ("verify", &self.schedule.verify),
             ("drill", &self.schedule.drill),
+            ("expire", &self.schedule.expire),
         ] {
             parse_cron(field, expr)?;
         }
+        self.retention.validate()?;
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             bail!(
                 "[metrics] listen = {:?}: expected ADDRESS:PORT such as 127.0.0.1:9187, or \"\" for off",
@@ -309,6 +606,12 @@ impl Config {
         }
         if self.stream.status_interval.is_some_and(|d| d.is_zero()) {
             bail!("[stream] status_interval must be greater than 0");
+        }
+        if self.stream.backfill_interval.is_some_and(|d| d.is_zero()) {
+            bail!("[stream] backfill_interval must be greater than 0");
+        }
+        if let Some(m) = &self.mongo {
+            m.validate()?;
         }
         Ok(())
     }
@@ -416,6 +719,110 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
             (format!("{MINIMAL}\n[repository.x]\n"), "x"),
             (format!("{MINIMAL}[schedule]\nfull_backup = \"every day\"\n"), "full_backup"),
             (format!("{MINIMAL}[metrics]\nlisten = \"localhost\"\n"), "listen"),
+        ];
+        for (text, needle) in cases {
+            let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());
+            assert!(err.contains(needle), "expected {needle:?} in: {err}");
+        }
+    }
+
+    #[test]
+    fn retention_defaults_overrides_and_bad_values_named() {
+        let c = Config::parse(MINIMAL, &[]).unwrap();
+        assert_eq!(c.retention.policy(), pitr_archive::retention::Policy::default());
+        assert_eq!(c.schedule.expire, "0 5 * * *");
+        let env = vec![
+            ("PITR_RETENTION_WINDOW".to_string(), "36h".to_string()),
+            ("PITR_RETENTION_DAILY".to_string(), "3".to_string()),
+        ];
+        let c = Config::parse(MINIMAL, &env).unwrap();
+        assert_eq!((c.retention.daily, c.retention.window), (3, Duration::from_secs(36 * 3600)));
+        for (line, needle) in [
+            ("daily = -1", "daily"),
+            ("weekly = \"many\"", "weekly"),
+            ("monthly = 1.5", "monthly"),
+            ("window = \"a week\"", "window"),
+            ("lock_ttl = \"1s\"", "lock_ttl"),
+            ("stale_backup_after = \"0s\"", "stale_backup_after"),
+            ("keep_last = 3", "keep_last"),
+        ] {
+            let err = format!("{:#}", Config::parse(&format!("{MINIMAL}[retention]\n{line}\n"), &[]).unwrap_err());
+            assert!(err.contains(needle), "expected {needle:?} in: {err}");
+        }
+        let err = format!("{:#}", Config::parse(MINIMAL, &[("PITR_RETENTION_YEARLY".into(), "x".into())]).unwrap_err());
+        assert!(err.contains("yearly"), "{err}");
+        let err = format!("{:#}", Config::parse(&format!("{MINIMAL}[schedule]\nexpire = \"daily\"\n"), &[]).unwrap_err());
+        assert!(err.contains("expire"), "{err}");
+    }
+
+    #[test]
+    fn secondaries_are_validated_by_name() {
+        let good = format!(
+            "{MINIMAL}[[repository.secondary]]\nname = \"nas\"\npath = \"/mnt/nas/pitr\"\n\
+             [[repository.secondary]]\nname = \"other-cloud\"\nurl = \"s3://b/p\"\nregion = \"eu-west-1\"\nrequired = true\n"
+        );
+        let c = Config::parse(&good, &[]).unwrap();
+        let names: Vec<_> = c.repository.secondary.iter().map(|s| (s.name.as_str(), s.required)).collect();
+        assert_eq!(names, vec![("nas", false), ("other-cloud", true)]);
+        assert_eq!(c.repository.secondary[0].queue_bytes(), 256 << 20);
+        let entry = |body: &str| format!("{MINIMAL}[[repository.secondary]]\n{body}\n");
+        let cases = [
+            (entry("name = \"a\""), "\"a\": set `path`"),
+            (entry("name = \"a\"\npath = \"rel\""), "\"a\": path = \"rel\": must be an absolute path"),
+            (entry("name = \"a\"\nurl = \"ftp://x\""), "\"a\": url = \"ftp://x\""),
+            (entry("name = \"a\"\npath = \"/var/lib/pitr/repo\""), "primary repository itself"),
+            (entry("name = \"primary\"\npath = \"/x\""), "\"primary\""),
+            (entry("name = \"a b\"\npath = \"/x\""), "entry 1: name = \"a b\""),
+            (entry("name = \"a\"\npath = \"/x\"\nregion = \"r\""), "not a `path`"),
+            (entry("name = \"a\"\npath = \"/x\"\nrequierd = true"), "requierd"),
+            (
+                format!(
+                    "{}{}",
+                    entry("name = \"a\"\npath = \"/x\""),
+                    entry("name = \"a\"\npath = \"/y\"").replace(MINIMAL, "")
+                ),
+                "two entries",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    entry("name = \"a\"\npath = \"/x\""),
+                    entry("name = \"b\"\npath = \"/x\"").replace(MINIMAL, "")
+                ),
+                "same location as \"a\"",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());
+            assert!(err.contains(needle), "expected {needle:?} in: {err}");
+        }
+    }
+
+    #[test]
+    fn object_storage_options_are_checked() {
+        let s3 = MINIMAL.replace("path = \"/var/lib/pitr/repo\"", "url = \"s3://bucket/prefix\"");
+        let gs = MINIMAL.replace("path = \"/var/lib/pitr/repo\"", "url = \"gs://bucket/prefix\"");
+        let c = Config::parse(&gs, &[]).unwrap();
+        assert_eq!(c.repository.cloud_options().unwrap().max_concurrency, 16);
+        let locked =
+            s3.replace("[encryption]", "object_lock_days = 30\nobject_lock_mode = \"compliance\"\n[encryption]");
+        let lock = Config::parse(&locked, &[]).unwrap().repository.cloud_options().unwrap().object_lock.unwrap();
+        assert_eq!((lock.mode, lock.days), (pitr_archive::cloud::LockMode::Compliance, 30));
+        let cases = [
+            (MINIMAL.replace("/var/lib/pitr/repo\"", "/x\"\nurl = \"ftp://b\""), "either"),
+            (MINIMAL.replace("path = \"/var/lib/pitr/repo\"", "url = \"ftp://b/p\""), "gs://"),
+            (gs.replace("[encryption]", "object_lock_days = 3\n[encryption]"), "s3://"),
+            (s3.replace("[encryption]", "object_lock_days = 0\n[encryption]"), "at least 1"),
+            (
+                s3.replace("[encryption]", "object_lock_days = 3\nobject_lock_mode = \"strict\"\n[encryption]"),
+                "COMPLIANCE",
+            ),
+            (s3.replace("[encryption]", "object_lock_mode = \"COMPLIANCE\"\n[encryption]"), "object_lock_days"),
+            (s3.replace("[encryption]", "service_account_key = \"/k.json\"\n[encryption]"), "gs://"),
+            (s3.replace("[encryption]", "multipart_part_size = 1048576\n[encryption]"), "5 MiB"),
+            (s3.replace("[encryption]", "max_concurrency = 0\n[encryption]"), "max_concurrency"),
+            (s3.replace("[encryption]", "request_timeout = \"0s\"\n[encryption]"), "request_timeout"),
+            (s3.replace("[encryption]", "retry_timeout = \"soon\"\n[encryption]"), "retry_timeout"),
         ];
         for (text, needle) in cases {
             let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());

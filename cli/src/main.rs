@@ -3,6 +3,7 @@
 
 mod commands;
 mod config;
+mod mongo;
 mod sidecar;
 
 use std::path::PathBuf;
@@ -26,6 +27,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Source {
+    Postgres,
+    Mongo,
+}
+
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum LogFormat {
     Text,
@@ -44,7 +51,13 @@ enum Command {
         json: bool,
     },
     /// PostgreSQL's restore_command: fetch SEGMENT (or a .history file) into DEST.
-    WalFetch { segment: String, dest: PathBuf },
+    WalFetch {
+        segment: String,
+        dest: PathBuf,
+        /// Read from this repository first (`primary` or a secondary's name).
+        #[arg(long)]
+        from: Option<String>,
+    },
     /// (internal) Spool the segments after SEGMENT into SPOOL; started by wal-fetch.
     #[command(hide = true)]
     WalPrefetch {
@@ -52,21 +65,53 @@ enum Command {
         spool: PathBuf,
         #[arg(long, default_value_t = 8)]
         count: usize,
+        #[arg(long)]
+        from: Option<String>,
     },
-    /// Take a full base backup (the sidecar must be streaming to archive its WAL).
-    Backup {
+    /// Copy to secondary NAME every object of the primary it lacks (idempotent; never deletes).
+    Copy {
+        /// A `[[repository.secondary]]` name.
+        #[arg(long)]
+        to: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Take a base backup (the sidecar must be streaming to archive its WAL).
+    Backup {
+        /// An incremental against the newest backup (PostgreSQL 17+ with summarize_wal = on;
+        /// otherwise a full backup, with a warning).
+        #[arg(long)]
+        incremental: bool,
+        #[arg(long)]
+        json: bool,
+        /// What to back up: the `[postgres]` cluster or the `[mongo]` replica set.
+        #[arg(long, value_enum, default_value = "postgres")]
+        source: Source,
     },
     /// Backups and the recoverable window per timeline.
     List {
         #[arg(long)]
         json: bool,
+        /// List this repository (`primary` or a secondary's name).
+        #[arg(long)]
+        from: Option<String>,
     },
     /// Check the archive: WAL continuity, history files, every backup's blocks (--deep: open every object).
     Verify {
         #[arg(long)]
         deep: bool,
+        #[arg(long)]
+        json: bool,
+        /// Check this repository alone (`primary` or a secondary's name); default the primary.
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// Apply [retention]: remove expired backups, WAL no kept backup or the window needs, and
+    /// blocks no manifest references.
+    Expire {
+        /// Say what would go; change nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -90,13 +135,26 @@ enum Command {
         db_user: Option<String>,
         #[arg(long, default_value = "On demand")]
         test_type: String,
+        /// Read from this repository first (`primary` or a secondary's name).
+        #[arg(long)]
+        from: Option<String>,
     },
     /// Restore to a moment: TIME (RFC 3339 or "YYYY-MM-DD HH:MM:SS[.ffffff][+TZ]"), latest, lsn:X/Y or xid:N.
     Restore {
+        /// With --source mongo: TIME, ts:SECONDS:INC or latest.
         #[arg(long)]
         to: String,
+        /// PostgreSQL: the data directory to restore into.
+        #[arg(long, required_if_eq("source", "postgres"))]
+        target_dir: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "postgres")]
+        source: Source,
+        /// MongoDB: the server to restore into (`mongodb://host:port/`).
+        #[arg(long, required_if_eq("source", "mongo"))]
+        target_uri: Option<String>,
+        /// MongoDB: drop the target's databases first (a non-empty target is refused without it).
         #[arg(long)]
-        target_dir: PathBuf,
+        drop: bool,
         /// Run the server until the target is reached and report the achieved RPO and RTO.
         #[arg(long)]
         start: bool,
@@ -113,6 +171,14 @@ enum Command {
         /// How long --start waits for recovery to finish.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// Restore from this backup (an id from `pitr list`) instead of the newest one before the
+        /// target; an older one means a longer replay.
+        #[arg(long)]
+        backup: Option<String>,
+        /// Read from this repository first (`primary` or a secondary's name); others fill in
+        /// whatever it lacks. Carried into the restore_command.
+        #[arg(long)]
+        from: Option<String>,
     },
 }
 
@@ -143,27 +209,10 @@ fn main() -> ExitCode {
     };
     let config_path = config::Config::path(cli.config.as_deref());
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Init => commands::init(&config_path).await,
-            Command::Stream => commands::stream(&config_path).await,
-            Command::Status { json } => commands::status(&config_path, json).await,
-            Command::WalFetch { segment, dest } => return commands::wal_fetch(&config_path, &segment, &dest).await,
-            Command::WalPrefetch { segment, spool, count } => {
-                commands::wal_prefetch(&config_path, &segment, &spool, count).await
-            }
-            Command::Backup { json } => commands::backup(&config_path, json).await,
-            Command::Verify { deep, json } => return commands::verify(&config_path, deep, json).await,
-            Command::Drill { to, checks, report, json, keep, db_user, test_type } => {
-                let args = commands::DrillArgs { to, checks, report, json, keep, db_user, test_type };
-                return commands::drill(&config_path, args).await;
-            }
-            Command::List { json } => commands::list(&config_path, json).await,
-            Command::Restore { to, target_dir, start, port, force, json, db_user, timeout } => {
-                let args = commands::RestoreArgs { to, target_dir, start, port, force, json, db_user, timeout };
-                commands::restore(&config_path, args).await
-            }
-        }
-        .map(|()| ExitCode::SUCCESS)
+        let result = run(cli.command, &config_path).await;
+        // Copies to secondaries this command queued (backup blocks, a drill's result…).
+        commands::finish_copies(std::time::Duration::from_secs(30)).await;
+        result
     });
     match result {
         Ok(code) => code,
@@ -172,4 +221,48 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Init => commands::init(config_path).await,
+        Command::Stream => commands::stream(config_path).await,
+        Command::Status { json } => commands::status(config_path, json).await,
+        Command::WalFetch { segment, dest, from } => {
+            return commands::wal_fetch(config_path, from.as_deref(), &segment, &dest).await
+        }
+        Command::WalPrefetch { segment, spool, count, from } => {
+            commands::wal_prefetch(config_path, from.as_deref(), &segment, &spool, count).await
+        }
+        Command::Copy { to, json } => commands::copy(config_path, &to, json).await,
+        Command::Backup { incremental: _, json, source: Source::Mongo } => {
+            let config = config::Config::load(config_path)?;
+            mongo::backup(&config, commands::open_repository(&config)?, json).await
+        }
+        Command::Backup { incremental, json, source: Source::Postgres } => {
+            commands::backup(config_path, incremental, json).await
+        }
+        Command::Verify { deep, json, from } => {
+            return commands::verify(config_path, from.as_deref(), deep, json).await
+        }
+        Command::Drill { to, checks, report, json, keep, db_user, test_type, from } => {
+            let args = commands::DrillArgs { to, checks, report, json, keep, db_user, test_type, from };
+            return commands::drill(config_path, args).await;
+        }
+        Command::List { json, from } => commands::list(config_path, from.as_deref(), json).await,
+        Command::Expire { dry_run, json } => commands::expire(config_path, dry_run, json).await,
+        Command::Restore { to, source: Source::Mongo, target_uri, drop, json, from, .. } => {
+            let config = config::Config::load(config_path)?;
+            let repo = commands::open_reader(&config, from.as_deref())?;
+            let target_uri = target_uri.unwrap_or_default();
+            mongo::restore(&config, repo, &to, &target_uri, drop, json).await
+        }
+        Command::Restore { to, target_dir, start, port, force, json, db_user, timeout, backup, from, .. } => {
+            let target_dir = target_dir.unwrap_or_default();
+            let args =
+                commands::RestoreArgs { to, target_dir, start, port, force, json, db_user, timeout, backup, from };
+            commands::restore(config_path, args).await
+        }
+    }
+    .map(|()| ExitCode::SUCCESS)
 }

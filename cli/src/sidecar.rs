@@ -79,6 +79,39 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     describe_gauge!("pitr_drill_rto_seconds", Unit::Seconds, "Recovery time measured by the last drill");
     describe_gauge!("pitr_drill_rpo_seconds", Unit::Seconds, "Data-loss window measured by the last drill");
     describe_gauge!("pitr_verify_findings", "Findings of the last scheduled verification (0 = archive whole)");
+    describe_counter!("pitr_expire_removed_objects_total", "Objects scheduled expire removed, by kind (backup, wal, block)");
+    describe_counter!("pitr_expire_removed_bytes_total", Unit::Bytes, "Stored bytes scheduled expire removed");
+    describe_counter!(
+        "pitr_expire_retained_objects_total",
+        "Deletes the storage refused (Object Lock): objects expire reported as retained"
+    );
+    describe_gauge!("pitr_expire_kept_backups", "Backups the last scheduled expire kept");
+    describe_gauge!(
+        "pitr_expire_block_sweep_skipped",
+        "1 if the last scheduled expire left unreferenced blocks (a backup was running, or the sweep hit its deadline)"
+    );
+    describe_gauge!(
+        "pitr_secondary_queue_objects",
+        "Puts and deletes queued (or in progress) for a secondary repository"
+    );
+    describe_gauge!("pitr_secondary_queue_bytes", Unit::Bytes, "Bytes of copies queued for a secondary repository");
+    describe_gauge!(
+        "pitr_secondary_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest put or delete not yet done on a secondary (0 when caught up)"
+    );
+    describe_gauge!(
+        "pitr_secondary_up",
+        "1 unless the last attempt on a secondary failed or it holds another repository"
+    );
+    describe_counter!("pitr_secondary_copied_objects_total", "Objects copied to a secondary (queue and back-fill)");
+    describe_counter!("pitr_secondary_copied_bytes_total", Unit::Bytes, "Bytes copied to a secondary");
+    describe_counter!("pitr_secondary_copy_errors_total", "Failed attempts on a secondary (each retried)");
+    describe_counter!(
+        "pitr_secondary_dropped_total",
+        "Puts and deletes dropped because a secondary's queue was full (a back-fill copies the puts)"
+    );
+    describe_counter!("pitr_secondary_backfills_total", "Back-fills (listing comparisons) completed for a secondary");
     describe_gauge!("pitr_up", "1 while pitr stream runs");
     gauge!("pitr_up").set(1.0);
     Ok(handle)
@@ -159,6 +192,28 @@ pub async fn feed_gauges(mut status: watch::Receiver<StreamStatus>) {
     }
 }
 
+/// Mirrors each secondary's copy state into metrics, labelled `secondary`.
+pub async fn feed_secondary_metrics(replicated: Arc<pitr_archive::replicate::ReplicatedStore>) {
+    use pitr_archive::replicate::CopyState;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for s in replicated.status() {
+            let label = [("secondary", s.name.clone())];
+            gauge!("pitr_secondary_queue_objects", &label).set(s.queued_objects as f64);
+            gauge!("pitr_secondary_queue_bytes", &label).set(s.queued_bytes as f64);
+            gauge!("pitr_secondary_lag_seconds", &label).set(s.lag_seconds);
+            let up = !matches!(s.state, CopyState::Retrying | CopyState::Refused);
+            gauge!("pitr_secondary_up", &label).set(if up { 1.0 } else { 0.0 });
+            metrics::counter!("pitr_secondary_copied_objects_total", &label).absolute(s.copied_objects);
+            metrics::counter!("pitr_secondary_copied_bytes_total", &label).absolute(s.copied_bytes);
+            metrics::counter!("pitr_secondary_copy_errors_total", &label).absolute(s.errors);
+            metrics::counter!("pitr_secondary_dropped_total", &label).absolute(s.dropped);
+            metrics::counter!("pitr_secondary_backfills_total", &label).absolute(s.backfills);
+        }
+    }
+}
+
 /// Refreshes the gauges derived from the repository (recoverable window, newest backup) every
 /// `every`; backups taken by hand in another process show up here too.
 pub async fn feed_catalog_gauges(repo: Repository, system_id: Option<u64>, every: Duration) {
@@ -205,10 +260,12 @@ fn record_backup_gauges(b: &BackupManifest) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobKind {
     FullBackup,
+    /// PostgreSQL 17+: BASE_BACKUP INCREMENTAL; older servers have none (the WAL covers them).
+    IncrementalBackup,
     Verify,
     Drill,
-    /// Scheduled, but not something this version can do yet: said once, counted every time.
-    Unavailable(&'static str),
+    /// `pitr expire` with `[retention]`.
+    Expire,
 }
 
 pub struct Job {
@@ -233,8 +290,19 @@ fn next_after(cron: &croner::Cron, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
 async fn last_backup_time(ctx: &SchedulerContext) -> Option<DateTime<Utc>> {
     let cluster = ctx.repo.resolve_cluster(ctx.system_id).await.ok()?;
     let backups = BackupManifest::list(&ctx.repo, cluster.system_id).await.ok()?;
-    let newest = backups.iter().map(|b| b.start_time_us).max()?;
+    // Incrementals do not stand in for a missed full backup.
+    let newest = backups.iter().filter(|b| !b.is_incremental()).map(|b| b.start_time_us).max()?;
     DateTime::from_timestamp_micros(newest)
+}
+
+/// Whether the server can take incrementals, from the version the repository recorded for the
+/// cluster (the stream records it before any job runs).
+async fn incrementals_possible(ctx: &SchedulerContext) -> bool {
+    match ctx.repo.resolve_cluster(ctx.system_id).await {
+        Ok(cluster) => cluster.server_version_num >= 170000,
+        // Let the backup itself say what is wrong.
+        Err(_) => true,
+    }
 }
 
 /// Runs `job` on its schedule until `shutdown`. Runs never overlap (one loop per job, each run
@@ -301,6 +369,22 @@ async fn run_verify(ctx: &SchedulerContext) -> Result<pitr_restore::verify::Veri
     Ok(pitr_restore::verify::verify(&ctx.repo, &catalog, false, config.backup.parallel()).await?)
 }
 
+async fn run_expire(ctx: &SchedulerContext) -> Result<pitr_archive::expire::ExpireReport> {
+    let config = crate::config::Config::load(&ctx.config_path)?;
+    crate::commands::run_expire(&config, &ctx.repo, false).await
+}
+
+fn record_expire_metrics(r: &pitr_archive::expire::ExpireReport) {
+    let removed = [("backup", r.removed_backups.len()), ("wal", r.removed_wal_objects), ("block", r.removed_blocks)];
+    for (kind, n) in removed {
+        metrics::counter!("pitr_expire_removed_objects_total", "kind" => kind).increment(n as u64);
+    }
+    metrics::counter!("pitr_expire_removed_bytes_total").increment(r.removed_bytes);
+    metrics::counter!("pitr_expire_retained_objects_total").increment(r.retained.len() as u64);
+    gauge!("pitr_expire_kept_backups").set(r.kept.len() as f64);
+    gauge!("pitr_expire_block_sweep_skipped").set(if r.blocks_skipped.is_some() || r.blocks_left > 0 { 1.0 } else { 0.0 });
+}
+
 async fn run_drill(ctx: &SchedulerContext) -> Result<pitr_restore::drill::DrillReport> {
     let config = crate::config::Config::load(&ctx.config_path)?;
     let cluster = ctx.repo.resolve_cluster(ctx.system_id).await?;
@@ -347,6 +431,29 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &mut bool)
                 }
             }
         }
+        JobKind::Expire => {
+            tracing::info!(job = job.name, event = "start", "scheduled expire starting");
+            match run_expire(ctx).await {
+                Ok(r) => {
+                    record_expire_metrics(&r);
+                    for x in &r.retained {
+                        tracing::warn!(job = job.name, object = %x.object, "retained: {}", x.why);
+                    }
+                    if let Some(why) = &r.blocks_skipped {
+                        tracing::info!(job = job.name, "block sweep skipped: {why}");
+                    }
+                    tracing::info!(job = job.name, event = "end", result = "success",
+                        removed_backups = r.removed_backups.len(), removed_wal_objects = r.removed_wal_objects,
+                        removed_blocks = r.removed_blocks, removed_bytes = r.removed_bytes,
+                        retained = r.retained.len(), kept_backups = r.kept.len(), "scheduled expire done");
+                    count_run(job, true);
+                }
+                Err(e) => {
+                    tracing::error!(job = job.name, event = "end", result = "failure", error = %format!("{e:#}"), "scheduled expire failed");
+                    count_run(job, false);
+                }
+            }
+        }
         JobKind::Drill => {
             tracing::info!(job = job.name, event = "start", "scheduled restore drill starting");
             match run_drill(ctx).await {
@@ -362,27 +469,32 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &mut bool)
                 }
             }
         }
-        JobKind::Unavailable(why) => {
+        JobKind::IncrementalBackup if !incrementals_possible(ctx).await => {
             if !*said_unavailable {
-                tracing::info!(job = job.name, event = "unavailable", "scheduled {} does nothing yet: {why}", job.name);
+                tracing::info!(job = job.name, event = "unavailable",
+                    "scheduled incremental backups do nothing on PostgreSQL before 17: the archived WAL covers every change between full backups");
                 *said_unavailable = true;
             }
             metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "unavailable").increment(1);
         }
-        JobKind::FullBackup => {
-            tracing::info!(job = job.name, event = "start", "scheduled full backup starting");
-            let labels = [("backup_type", "full".to_string()), ("source", "postgres".to_string())];
-            match pitr_basebackup::take_backup(&ctx.repo, &ctx.backup, &|_| {}).await {
+        JobKind::FullBackup | JobKind::IncrementalBackup => {
+            let incremental = job.kind == JobKind::IncrementalBackup;
+            let kind = if incremental { "incremental" } else { "full" };
+            tracing::info!(job = job.name, event = "start", "scheduled {kind} backup starting");
+            let labels = [("backup_type", kind.to_string()), ("source", "postgres".to_string())];
+            let opts = pitr_basebackup::BackupOptions { incremental, ..ctx.backup.clone() };
+            match pitr_basebackup::take_backup(&ctx.repo, &opts, &|_| {}).await {
                 Ok((manifest, summary)) => {
                     tracing::info!(job = job.name, event = "end", result = "success", backup = %summary.id,
-                        bytes_read = summary.bytes_read, bytes_stored = summary.bytes_stored, "scheduled full backup done");
+                        kind = %summary.kind, parent = ?summary.parent, fallback = ?summary.fallback,
+                        bytes_read = summary.bytes_read, bytes_stored = summary.bytes_stored, "scheduled {kind} backup done");
                     gauge!("backup_success", &labels).set(1.0);
                     record_backup_gauges(&manifest);
                     metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "success")
                         .increment(1);
                 }
                 Err(e) => {
-                    tracing::error!(job = job.name, event = "end", result = "failure", error = %e, "scheduled full backup failed");
+                    tracing::error!(job = job.name, event = "end", result = "failure", error = %e, "scheduled {kind} backup failed");
                     gauge!("backup_success", &labels).set(0.0);
                     metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "failure")
                         .increment(1);
@@ -395,15 +507,12 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &mut bool)
 /// The jobs from `[schedule]` (empty expressions are off).
 pub fn jobs(schedule: &crate::config::ScheduleSection) -> Result<Vec<Job>> {
     let mut out = Vec::new();
-    let entries: [(&'static str, &String, JobKind); 4] = [
+    let entries: [(&'static str, &String, JobKind); 5] = [
         ("full_backup", &schedule.full_backup, JobKind::FullBackup),
-        (
-            "incremental",
-            &schedule.incremental,
-            JobKind::Unavailable("incremental backups are not implemented yet; the archived WAL covers every change"),
-        ),
+        ("incremental", &schedule.incremental, JobKind::IncrementalBackup),
         ("verify", &schedule.verify, JobKind::Verify),
         ("drill", &schedule.drill, JobKind::Drill),
+        ("expire", &schedule.expire, JobKind::Expire),
     ];
     for (name, expr, kind) in entries {
         if let Some(cron) = crate::config::parse_cron(name, expr)? {

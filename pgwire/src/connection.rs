@@ -462,6 +462,47 @@ impl Connection {
         }
     }
 
+    /// UPLOAD_MANIFEST (PostgreSQL 17+): hands the server the manifest of the backup that the next
+    /// `BASE_BACKUP ( INCREMENTAL )` on this connection is taken against. The server answers
+    /// with CopyIn, takes the manifest as CopyData, and checks it when the copy ends.
+    pub async fn upload_manifest(&mut self, manifest: &[u8]) -> Result<(), PgError> {
+        frontend::query("UPLOAD_MANIFEST", &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
+        self.flush().await?;
+        let mut error: Option<ServerError> = None;
+        loop {
+            match self.next_message().await? {
+                BackendMessage::CopyInResponse => break,
+                BackendMessage::Error(e) => error = Some(e),
+                BackendMessage::ReadyForQuery => {
+                    let error = error.take().map(Box::new).unwrap_or_default();
+                    return Err(PgError::Server { host: self.host.clone(), error });
+                }
+                _ => {}
+            }
+        }
+        // The server's CopyData limit is far above this; smaller messages keep memory flat.
+        for chunk in manifest.chunks(64 * 1024) {
+            frontend::CopyData::new(chunk)
+                .map_err(|e| PgError::Protocol(e.to_string()))?
+                .write(&mut self.wbuf);
+            self.flush().await?;
+        }
+        frontend::copy_done(&mut self.wbuf);
+        self.flush().await?;
+        loop {
+            match self.next_message().await? {
+                BackendMessage::Error(e) => error = Some(e),
+                BackendMessage::ReadyForQuery => break,
+                BackendMessage::Notice(n) => tracing::info!(host = %self.host, "{n}"),
+                _ => {}
+            }
+        }
+        match error {
+            Some(error) => Err(PgError::Server { host: self.host.clone(), error: Box::new(error) }),
+            None => Ok(()),
+        }
+    }
+
     /// Sends a BASE_BACKUP command; read its events with [`Connection::next_backup_event`].
     pub async fn start_base_backup(&mut self, command: &str) -> Result<(), PgError> {
         frontend::query(command, &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;

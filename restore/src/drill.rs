@@ -143,6 +143,7 @@ pub async fn drill(repo: &Repository, catalog: &Catalog, opts: &DrillOptions) ->
         force: false,
         restore_command: opts.restore_command.clone(),
         workers: opts.workers,
+        backup_id: None,
         start: Some(StartOptions {
             bin_dir: opts.bin_dir.clone(),
             port,

@@ -1,10 +1,12 @@
 //! pitr-restore: reading the archive back.
 //!
-//! Owns restore planning ([`plan`]: the recoverable window, the backup to start from), writing a
-//! backup into a directory ([`materialize`]), recovery settings, running the server to the
+//! Owns restore planning ([`plan`]: the recoverable window, the backup to start from and its
+//! chain), writing a backup into a directory ([`materialize`]), combining incremental chains
+//! into full files ([`combine`]), recovery settings, running the server to the
 //! target and measuring what was achieved ([`recover`]), and `wal-fetch` ([`walfetch`]), which
 //! PostgreSQL calls as its restore_command. It never writes to the archive.
 
+pub mod combine;
 pub mod drill;
 pub mod materialize;
 pub mod plan;

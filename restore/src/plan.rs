@@ -104,6 +104,52 @@ impl Catalog {
     }
 }
 
+impl Catalog {
+    /// A named backup for `target`, as `choose_backup` would check it: it must end before the
+    /// target (restoring from an older backup than needed only replays more WAL).
+    pub fn named_backup(&self, id: &str, target: RecoveryTarget) -> Result<&BackupManifest, RestoreError> {
+        let b = self.backups.iter().find(|b| b.id == id).ok_or_else(|| {
+            let ids: Vec<&str> = self.backups.iter().map(|b| b.id.as_str()).collect();
+            RestoreError::OutsideWindow(format!("there is no backup {id} (backups: {})", ids.join(", ")))
+        })?;
+        let after = match target {
+            RecoveryTarget::Time(t) => b.stop_time_us > t,
+            RecoveryTarget::Lsn(l) => b.stop_lsn > l,
+            RecoveryTarget::Latest | RecoveryTarget::Xid(_) => false,
+        };
+        if after {
+            return Err(RestoreError::OutsideWindow(format!(
+                "backup {id} ends at {} ({}), after the target {target}",
+                format_time(b.stop_time_us),
+                pitr_pgwire::format_lsn(b.stop_lsn)
+            )));
+        }
+        self.choose_backup(target)?;
+        Ok(b)
+    }
+
+    /// The backups a restore of `backup` reads, oldest (the full backup) first: an incremental
+    /// needs its parent, and so on back to a full backup.
+    pub fn chain<'a>(&'a self, backup: &'a BackupManifest) -> Result<Vec<&'a BackupManifest>, RestoreError> {
+        let mut chain = vec![backup];
+        while let Some(parent) = &chain[chain.len() - 1].parent {
+            let child = &chain[chain.len() - 1].id;
+            let p = self.backups.iter().find(|b| &b.id == parent).ok_or_else(|| {
+                RestoreError::Other(format!(
+                    "backup {child} is incremental on backup {parent}, which is not in the repository: \
+                     restore from an older full backup (--backup ID) or a secondary repository"
+                ))
+            })?;
+            if chain.len() > self.backups.len() {
+                return Err(RestoreError::Other(format!("backup {child}: the parent chain loops")));
+            }
+            chain.push(p);
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+}
+
 /// The newest commit time recorded in the headers of the timeline's newest WAL objects. An idle
 /// primary writes WAL without commits, so this looks back a bounded number of objects.
 pub async fn newest_commit_us(

@@ -23,6 +23,8 @@ pub struct RestoreOptions {
     /// The restore_command PostgreSQL will run (`%f`/`%p` placeholders included).
     pub restore_command: String,
     pub workers: usize,
+    /// Restore from this backup instead of the newest one before the target.
+    pub backup_id: Option<String>,
     /// Run the server to the target and report.
     pub start: Option<StartOptions>,
 }
@@ -42,6 +44,12 @@ pub struct RestoreReport {
     pub target: String,
     pub target_dir: String,
     pub backup_id: String,
+    /// `full` or `incremental`.
+    pub backup_kind: String,
+    /// The backups combined, oldest (the full backup) first.
+    pub backup_chain: Vec<String>,
+    /// Where replay starts: the backup's start (its checkpoint's redo point).
+    pub backup_start_lsn: String,
     pub backup_stop_time: String,
     pub backup_stop_lsn: String,
     pub files: usize,
@@ -53,6 +61,8 @@ pub struct RestoreReport {
     pub last_replayed_commit_time: Option<String>,
     pub last_replayed_lsn: Option<String>,
     pub last_replayed_xid: Option<u32>,
+    /// WAL replayed: from the backup's start to the last replayed record.
+    pub wal_replayed_bytes: Option<u64>,
     /// Target (or, for `latest`, the newest archived commit) minus the last replayed commit.
     pub data_loss_window_seconds: Option<f64>,
     pub download_seconds: f64,
@@ -104,13 +114,17 @@ pub async fn restore(
                 .into(),
         ));
     }
-    let backup = catalog.choose_backup(opts.target)?;
+    let backup = match &opts.backup_id {
+        Some(id) => catalog.named_backup(id, opts.target)?,
+        None => catalog.choose_backup(opts.target)?,
+    };
+    let chain = catalog.chain(backup)?;
     let newest_commit = catalog.current_window().and_then(|w| w.end_us);
-    tracing::info!(backup = %backup.id, target = %opts.target, "restoring");
+    tracing::info!(backup = %backup.id, chain = chain.len(), target = %opts.target, "restoring");
 
     let staging = Staging::create(&opts.target_dir)?;
     let final_dir = absolute(&opts.target_dir)?;
-    materialize(repo, backup, &staging.path, &final_dir, opts.workers, progress).await?;
+    let bytes_restored = materialize(repo, &chain, &staging.path, &final_dir, opts.workers, progress).await?;
     let settings = recovery_settings(opts.target, &opts.restore_command);
     let auto_conf = staging.path.join("postgresql.auto.conf");
     let mut conf = std::fs::read_to_string(&auto_conf).unwrap_or_default();
@@ -129,10 +143,13 @@ pub async fn restore(
         target: opts.target.to_string(),
         target_dir: opts.target_dir.display().to_string(),
         backup_id: backup.id.clone(),
+        backup_kind: backup.kind.clone(),
+        backup_chain: chain.iter().map(|b| b.id.clone()).collect(),
+        backup_start_lsn: pitr_pgwire::format_lsn(backup.start_lsn),
         backup_stop_time: format_time(backup.stop_time_us),
         backup_stop_lsn: pitr_pgwire::format_lsn(backup.stop_lsn),
         files: backup.files.len(),
-        bytes_restored: backup.files.iter().map(|f| f.size).sum(),
+        bytes_restored,
         recovery_settings: settings,
         newest_archived_commit: newest_commit.map(format_time),
         started: false,
@@ -140,6 +157,7 @@ pub async fn restore(
         last_replayed_commit_time: None,
         last_replayed_lsn: None,
         last_replayed_xid: None,
+        wal_replayed_bytes: None,
         data_loss_window_seconds: None,
         download_seconds,
         replay_seconds: None,
@@ -163,6 +181,7 @@ pub async fn restore(
     let commit_us = commit_us.or(from_wal.map(|(_, t)| t));
     report.last_replayed_commit_time = commit_us.map(format_time);
     report.last_replayed_lsn = Some(pitr_pgwire::format_lsn(lsn));
+    report.wal_replayed_bytes = Some(lsn.saturating_sub(backup.start_lsn));
     report.last_replayed_xid = from_wal.map(|(xid, _)| xid);
     let reference = match opts.target {
         RecoveryTarget::Time(t) => Some(t),

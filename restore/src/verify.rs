@@ -1,5 +1,6 @@
 //! `pitr verify`: is the archive whole? WAL continuity per timeline and from every backup to the
-//! archive's end, history files present and consistent, every block of every backup present;
+//! archive's end (or, for a backup retention kept past its WAL, to its timeline's floor), history
+//! files present and consistent, every block of every backup present;
 //! with `deep`, every object opened, authenticated and its plaintext checked.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -7,6 +8,7 @@ use std::sync::Arc;
 
 use pitr_archive::backup::{block_name, manifest_name};
 use pitr_archive::layout::{WalLayout, WalObject};
+use pitr_archive::retention;
 use pitr_archive::{Repository, RepositoryError};
 use pitr_pgwire::timeline::{parse_history, HistoryEntry};
 use tokio::task::JoinSet;
@@ -133,11 +135,22 @@ pub async fn verify(
     let mut findings = Vec::new();
     let histories = histories(repo, catalog, &mut findings).await?;
     let timelines: BTreeSet<u32> = catalog.wal.segments.keys().map(|(t, _)| *t).collect();
+    // Below a timeline's floor `pitr expire` removed the WAL that no kept backup or the window
+    // needs: holes there are retention's, not losses.
+    let system_id = catalog.cluster.system_id;
+    let floor_objects = repo.list(&retention::floor_prefix(system_id)).await?;
+    let floors = retention::floors_from_names(system_id, floor_objects.iter().map(|o| o.name.as_str()));
 
-    // Within each timeline: no hole between its first and last segment, and each held segment
-    // either whole or chunks from its start.
+    // Within each timeline, from its floor on: no hole between its first and last segment, and
+    // each held segment either whole or chunks from its start.
     for &t in &timelines {
-        let segs: Vec<u64> = catalog.wal.segments.range((t, 0)..=(t, u64::MAX)).map(|((_, s), _)| *s).collect();
+        let segs: Vec<u64> = catalog
+            .wal
+            .segments
+            .range((t, 0)..=(t, u64::MAX))
+            .map(|((_, s), _)| *s)
+            .filter(|&s| !retention::below_floor(&floors, t, s))
+            .collect();
         let (Some(&first), Some(&last)) = (segs.first(), segs.last()) else { continue };
         for segno in first..=last {
             match catalog.wal.segments.get(&(t, segno)) {
@@ -173,7 +186,13 @@ pub async fn verify(
     let mut reported = BTreeSet::new();
     for b in &catalog.backups {
         for (t, segno) in recovery_path(layout, b.timeline, b.start_lsn, newest, end, &history) {
-            if !catalog.wal.segments.contains_key(&(t, segno)) && reported.insert((t, segno)) {
+            let missing = !catalog.wal.segments.contains_key(&(t, segno));
+            // An older backup kept by retention recovers to its stop point and past it only as
+            // far as its WAL was kept.
+            if missing && segno > layout.segno_of(b.stop_lsn) && retention::below_floor(&floors, t, segno) {
+                break;
+            }
+            if missing && reported.insert((t, segno)) {
                 findings.push(Finding {
                     kind: "wal-gap",
                     object: layout.object_name(&WalObject::Segment { timeline: t, segno }),
@@ -184,6 +203,17 @@ pub async fn verify(
                     ),
                 });
             }
+        }
+    }
+
+    // Every incremental's chain reaches a full backup.
+    for b in &catalog.backups {
+        if let Err(e) = catalog.chain(b) {
+            findings.push(Finding {
+                kind: "missing-parent",
+                object: manifest_name(b.system_id, &b.id),
+                message: e.to_string(),
+            });
         }
     }
 

@@ -1,5 +1,6 @@
 //! `pitr backup` beside `pg_basebackup -Ft`, and `pitr restore` beside a plain copy, on a pgbench
-//! database (default scale 70, about 1 GiB), PostgreSQL 15.
+//! database (default scale 70, about 1 GiB), PostgreSQL 15; replay with and without wal-fetch
+//! prefetch; restore with 1 worker and with cores × 2.
 //!
 //! Run: `cargo build --release -p pitr && PITR_BIN=$PWD/target/release/pitr \
 //!       cargo run --release -p pitr-benches --bin backup_restore [-- SCALE]`
@@ -103,15 +104,7 @@ fn main() -> Result<()> {
     wait_until("the archive to catch up", Duration::from_secs(600), || Ok(env.archived_end(16 << 20)? >= wal_end))?;
     let mut replay = Vec::new();
     for prefetch in [0usize, 8] {
-        let text = std::fs::read_to_string(&env.config)?;
-        let text = match text.find("prefetch_segments = ") {
-            Some(at) => {
-                let end = text[at..].find('\n').map(|e| at + e).unwrap_or(text.len());
-                format!("{}prefetch_segments = {prefetch}{}", &text[..at], &text[end..])
-            }
-            None => text.replace("[stream]\n", &format!("[backup]\nprefetch_segments = {prefetch}\n[stream]\n")),
-        };
-        std::fs::write(&env.config, text)?;
+        set_backup_option(&env, "prefetch_segments", prefetch)?;
         let (server, out) = env.restore_started("latest", cluster.bin_dir(), &["--json"])?;
         let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         replay.push((
@@ -120,6 +113,24 @@ fn main() -> Result<()> {
             r["total_seconds"].as_f64().unwrap_or(0.0),
         ));
         server.stop("fast");
+    }
+
+    // Restore (files only) with one worker and with the default (cores × 2).
+    let default_workers = std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(4);
+    let mut by_workers = Vec::new();
+    for workers in [1, default_workers] {
+        set_backup_option(&env, "parallel", workers)?;
+        let dir = scratch_dir("bench-restore-workers");
+        pitr_tests::chown_to_pg_user(dir.path())?;
+        let target = dir.path().join("data");
+        let (_, secs) = timed(|| {
+            let out = env.run_as_pg_user(&["restore", "--to", "latest", "--target-dir", &target.display().to_string(), "--json"])?;
+            if !out.status.success() {
+                bail!("restore: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        })?;
+        by_workers.push((workers, secs));
     }
 
     let mib = |b: f64| b / 1048576.0;
@@ -161,5 +172,26 @@ fn main() -> Result<()> {
     for (prefetch, replay_s, total_s) in &replay {
         println!("  prefetch_segments = {prefetch}:  replay {replay_s:7.2} s  total {total_s:7.2} s");
     }
+    println!("pitr restore --to latest (files only) by [backup] parallel:");
+    for (workers, secs) in &by_workers {
+        println!("  parallel = {workers}:  {secs:7.2} s  {:7.1} MiB/s", mib(db_bytes as f64) / secs);
+    }
+    Ok(())
+}
+
+/// Sets `[backup] <key> = <value>` in the environment's config file.
+fn set_backup_option(env: &PitrEnv, key: &str, value: usize) -> Result<()> {
+    let text = std::fs::read_to_string(&env.config)?;
+    let needle = format!("\n{key} = ");
+    let text = match text.find(&needle) {
+        Some(at) => {
+            let at = at + 1;
+            let end = text[at..].find('\n').map(|e| at + e).unwrap_or(text.len());
+            format!("{}{key} = {value}{}", &text[..at], &text[end..])
+        }
+        None if text.contains("[backup]\n") => text.replace("[backup]\n", &format!("[backup]\n{key} = {value}\n")),
+        None => text.replace("[stream]\n", &format!("[backup]\n{key} = {value}\n[stream]\n")),
+    };
+    std::fs::write(&env.config, text)?;
     Ok(())
 }

@@ -1,0 +1,381 @@
+//! `pitr expire`: the retention policy ([`crate::retention`]) applied to a repository, in an
+//! order that leaves it consistent wherever it stops (a `kill -9` between any two deletes):
+//! 1. manifests, each incremental before its parent: a backup still listed has everything it
+//!    had, and its chain;
+//! 2. WAL no kept backup and no second of the window needs, after recording the floor that tells
+//!    `pitr verify` which holes retention made;
+//! 3. blocks no remaining manifest references, under the expire lock and only if no backup is
+//!    running (see [`crate::running`]), stopping at the lock's sweep deadline.
+//!
+//! A delete the storage refuses (S3 Object Lock: [`StoreError::Denied`], or a permission error)
+//! does not stop the run: the object is reported as retained, and a backup whose manifest stays
+//! keeps its WAL and blocks. Other errors end the run, leaving what is done done.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::backup::{manifest_name, BackupManifest};
+use crate::layout::{ClusterInfo, Repository, RepositoryError, WalCatalog, WalLayout, WalObject};
+use crate::retention::{self, BackupPoint, Policy, Reason, Timelines};
+use crate::running::{self, Activity, ExpireLock, LockError};
+use crate::seal::{ObjectKind, ObjectMeta};
+use crate::store::StoreError;
+
+#[derive(Debug, Clone)]
+pub struct ExpireOptions {
+    pub policy: Policy,
+    /// The clock the policy runs on (µs since the Unix epoch); the real one except in tests.
+    pub now_us: i64,
+    /// Report what would go, write and delete nothing (not even the lock).
+    pub dry_run: bool,
+    /// A running-backup marker older than this is a crashed backup's and no longer protects
+    /// blocks.
+    pub stale_backup_after: Duration,
+    /// Lifetime of the expire lock; blocks are deleted only during its first half.
+    pub lock_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExpireError {
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+}
+
+impl From<StoreError> for ExpireError {
+    fn from(e: StoreError) -> Self {
+        ExpireError::Repository(e.into())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KeptBackup {
+    pub id: String,
+    pub kind: String,
+    pub reasons: Vec<Reason>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RemovedBackup {
+    pub id: String,
+    pub kind: String,
+    pub stop_time: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WalRange {
+    pub timeline: u32,
+    pub from: String,
+    pub to: String,
+    pub segments: usize,
+}
+
+/// An object the storage refused to delete.
+#[derive(Debug, Clone, Serialize)]
+pub struct Retained {
+    pub object: String,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpireReport {
+    pub dry_run: bool,
+    pub now: String,
+    pub window_start: String,
+    pub window_base: Option<String>,
+    pub latest_timeline: u32,
+    pub kept: Vec<KeptBackup>,
+    pub removed_backups: Vec<RemovedBackup>,
+    pub removed_wal: Vec<WalRange>,
+    pub removed_wal_objects: usize,
+    pub removed_blocks: usize,
+    /// Stored bytes of everything removed (or, dry run, that would be).
+    pub removed_bytes: u64,
+    pub retained: Vec<Retained>,
+    pub wal_skipped: Option<String>,
+    pub blocks_skipped: Option<String>,
+    /// Unreferenced blocks left for the next run because the sweep reached its deadline.
+    pub blocks_left: usize,
+    /// The run reached its deadline (half of the lock's lifetime) and stopped; the rest goes
+    /// next run.
+    pub stopped_at_deadline: bool,
+    /// Live running-backup markers seen.
+    pub running_backups: Vec<String>,
+    /// Markers and locks of crashed runs, removed (dry run: found).
+    pub stale_removed: Vec<String>,
+}
+
+/// Whether a failed delete was the storage refusing it, rather than a failure.
+pub fn refused(e: &StoreError) -> bool {
+    e.is_denied() || matches!(e, StoreError::Io { cause, .. } if cause.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
+fn fmt(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        .unwrap_or_else(|| us.to_string())
+}
+
+/// Applies `opts.policy` to the cluster's backups, WAL and blocks.
+pub async fn expire(repo: &Repository, cluster: &ClusterInfo, opts: &ExpireOptions) -> Result<ExpireReport, ExpireError> {
+    if opts.dry_run {
+        return run(repo, cluster, opts, None).await;
+    }
+    let lock = ExpireLock::acquire(repo, opts.now_us, opts.lock_ttl).await?;
+    let result = run(repo, cluster, opts, Some(&lock)).await;
+    lock.release().await;
+    result
+}
+
+/// Deletes `names` (in order for `batch` 1), collecting refusals; stops at `deadline`.
+/// Returns how many went, and their stored bytes.
+async fn delete_all(
+    repo: &Repository,
+    names: &[String],
+    sizes: &BTreeMap<String, u64>,
+    batch: usize,
+    deadline: Option<Instant>,
+    retained: &mut Vec<Retained>,
+) -> Result<(Vec<String>, u64), RepositoryError> {
+    let mut gone = Vec::new();
+    let mut bytes = 0;
+    for chunk in names.chunks(batch.max(1)) {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let ok = match repo.delete_many(chunk).await {
+            Ok(()) => chunk.to_vec(),
+            // Find out which: one at a time.
+            Err(_) => {
+                let mut ok = Vec::new();
+                for name in chunk {
+                    match repo.delete(name).await {
+                        Ok(()) => ok.push(name.clone()),
+                        Err(RepositoryError::Store(e)) if refused(&e) => {
+                            retained.push(Retained { object: name.clone(), why: e.to_string() })
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                ok
+            }
+        };
+        bytes += ok.iter().map(|n| sizes.get(n).copied().unwrap_or(0)).sum::<u64>();
+        gone.extend(ok);
+    }
+    Ok((gone, bytes))
+}
+
+async fn run(
+    repo: &Repository,
+    cluster: &ClusterInfo,
+    opts: &ExpireOptions,
+    lock: Option<&ExpireLock>,
+) -> Result<ExpireReport, ExpireError> {
+    let system_id = cluster.system_id;
+    let now = opts.now_us;
+    let stale_us = opts.stale_backup_after.as_micros() as i64;
+
+    // Markers first: a backup that announced itself after this has seen our lock and waits.
+    let mut live_markers = Vec::new();
+    let mut stale = Vec::new();
+    for o in running::list(repo).await? {
+        match o.activity {
+            Activity::Backup { started_us } if now - started_us < stale_us => live_markers.push((o.name, started_us)),
+            Activity::Backup { .. } => stale.push(o.name),
+            Activity::Expire { expires_us, .. } if expires_us <= now && !lock.is_some_and(|l| l.name() == o.name) => {
+                stale.push(o.name)
+            }
+            Activity::Expire { .. } => {}
+        }
+    }
+    let running_since = live_markers.iter().map(|(_, s)| *s).min();
+    let mut running_backups = Vec::new();
+    for (name, started) in &live_markers {
+        running_backups.push(format!("{name} (since {}, {})", fmt(*started), running::describe(repo, name).await));
+    }
+
+    let manifests = BackupManifest::list(repo, system_id).await?;
+    let manifest_sizes: BTreeMap<String, u64> =
+        repo.list(&format!("pg/{system_id}/backups/")).await?.into_iter().map(|o| (o.name, o.size)).collect();
+    let layout = WalLayout::new(cluster);
+    let wal_listing = repo.list(&layout.prefix()).await?;
+    let wal = WalCatalog::from_names(layout, wal_listing.iter().map(|o| o.name.as_str()));
+    let wal_sizes: BTreeMap<String, u64> = wal_listing.into_iter().map(|o| (o.name, o.size)).collect();
+    let mut timelines = Timelines::default();
+    for &t in &wal.histories {
+        let name = layout.object_name(&WalObject::History { timeline: t });
+        match repo.get_opened(&name).await {
+            Ok((_, text)) => timelines.add_history(t, &String::from_utf8_lossy(&text)),
+            Err(e) => timelines.add_unreadable(t, e.to_string()),
+        }
+    }
+    let floor_names = repo.list(&retention::floor_prefix(system_id)).await?;
+    let floors = retention::floors_from_names(system_id, floor_names.iter().map(|o| o.name.as_str()));
+
+    let latest = wal
+        .segments
+        .keys()
+        .map(|(t, _)| *t)
+        .chain(wal.histories.iter().copied())
+        .chain(manifests.iter().map(|m| m.timeline))
+        .max()
+        .unwrap_or(1);
+    let points: Vec<BackupPoint> = manifests.iter().map(BackupPoint::from).collect();
+    let selection = retention::select(&points, &opts.policy, now, &timelines, latest, running_since);
+    let by_id: BTreeMap<&str, &BackupManifest> = manifests.iter().map(|m| (m.id.as_str(), m)).collect();
+
+    let mut retained = Vec::new();
+    let mut removed_bytes = 0;
+    // A backup waits for our lock only until it expires: past the deadline nothing more goes
+    // (what is left goes next run; every phase stops in a consistent place).
+    let deadline = lock.map(|l| l.sweep_deadline());
+    let past_deadline = || deadline.is_some_and(|d| Instant::now() >= d);
+    let mut stopped_at_deadline = false;
+
+    // 1. Manifests, children first. A refused one pins its chain.
+    let mut pinned: BTreeSet<String> = BTreeSet::new();
+    let mut removed_backups = Vec::new();
+    for id in &selection.expired {
+        if past_deadline() {
+            stopped_at_deadline = true;
+            break;
+        }
+        if pinned.contains(id) {
+            retained.push(Retained {
+                object: manifest_name(system_id, id),
+                why: "kept: an incremental built on it could not be removed".into(),
+            });
+            continue;
+        }
+        let name = manifest_name(system_id, id);
+        let outcome = if opts.dry_run { Ok(()) } else { repo.delete(&name).await };
+        match outcome {
+            Ok(()) => {
+                removed_bytes += manifest_sizes.get(&name).copied().unwrap_or(0);
+                let m = by_id[id.as_str()];
+                removed_backups.push(RemovedBackup { id: id.clone(), kind: m.kind.clone(), stop_time: fmt(m.stop_time_us) });
+            }
+            Err(RepositoryError::Store(e)) if refused(&e) => {
+                retained.push(Retained { object: name, why: e.to_string() });
+                let mut at = by_id.get(id.as_str()).and_then(|m| m.parent.clone());
+                while let Some(p) = at {
+                    if !pinned.insert(p.clone()) {
+                        break;
+                    }
+                    at = by_id.get(p.as_str()).and_then(|m| m.parent.clone());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let removed_ids: BTreeSet<&str> = removed_backups.iter().map(|b| b.id.as_str()).collect();
+    let survivors: Vec<&BackupManifest> = manifests.iter().filter(|m| !removed_ids.contains(m.id.as_str())).collect();
+    let survivor_points: Vec<&BackupPoint> = points.iter().filter(|p| !removed_ids.contains(p.id.as_str())).collect();
+
+    // 2. WAL: floors first, then the segments.
+    let base = selection.window_base.as_deref().and_then(|id| points.iter().find(|p| p.id == id));
+    let wal_plan = retention::plan_wal(&wal, &survivor_points, base, &timelines, &floors);
+    let wal_names = retention::wal_objects(&wal, &wal_plan.delete);
+    let mut removed_wal_objects = wal_names.len();
+    let mut removed_segments = wal_plan.delete.clone();
+    if opts.dry_run {
+        removed_bytes += wal_names.iter().map(|n| wal_sizes.get(n).copied().unwrap_or(0)).sum::<u64>();
+    } else if !wal_names.is_empty() && past_deadline() {
+        stopped_at_deadline = true;
+        removed_wal_objects = 0;
+        removed_segments.clear();
+    } else if !wal_names.is_empty() {
+        for (&t, &segno) in &wal_plan.floors {
+            let name = retention::floor_name(system_id, t, segno);
+            let text = format!("timeline={t}\nsegno={segno}\nwritten_us={now}\n");
+            repo.put_sealed(&name, text.into_bytes(), ObjectMeta { timeline: t, ..ObjectMeta::plain(ObjectKind::Meta) })
+                .await?;
+        }
+        let (gone, bytes) = delete_all(repo, &wal_names, &wal_sizes, 256, deadline, &mut retained).await?;
+        removed_bytes += bytes;
+        removed_wal_objects = gone.len();
+        let refused_wal = retained.iter().filter(|r| wal_sizes.contains_key(&r.object)).count();
+        stopped_at_deadline |= gone.len() + refused_wal < wal_names.len();
+        let gone: BTreeSet<&String> = gone.iter().collect();
+        removed_segments.retain(|&(t, s)| {
+            let objects = retention::wal_objects(&wal, &[(t, s)]);
+            objects.iter().all(|o| gone.contains(o))
+        });
+    }
+
+    // 3. Blocks.
+    let mut blocks_skipped = None;
+    let mut removed_blocks = 0;
+    let mut blocks_left = 0;
+    if stopped_at_deadline {
+        blocks_skipped = Some("expire reached its deadline before the block sweep".into());
+    } else if !live_markers.is_empty() {
+        blocks_skipped = Some(format!(
+            "a backup is running ({}): unreferenced blocks are left for a later run",
+            running_backups.join("; ")
+        ));
+    }
+    if blocks_skipped.is_none() {
+        let listing = repo.list(&format!("pg/{system_id}/blocks/")).await?;
+        let sizes: BTreeMap<String, u64> = listing.iter().map(|o| (o.name.clone(), o.size)).collect();
+        let unreferenced = retention::unreferenced_blocks(system_id, listing.iter().map(|o| o.name.as_str()), &survivors);
+        if opts.dry_run {
+            removed_blocks = unreferenced.len();
+            removed_bytes += unreferenced.iter().map(|n| sizes.get(n).copied().unwrap_or(0)).sum::<u64>();
+        } else {
+            let (gone, bytes) = delete_all(repo, &unreferenced, &sizes, 256, deadline, &mut retained).await?;
+            removed_blocks = gone.len();
+            removed_bytes += bytes;
+            let refused_blocks = retained.iter().filter(|r| sizes.contains_key(&r.object)).count();
+            blocks_left = unreferenced.len() - gone.len() - refused_blocks;
+            stopped_at_deadline |= blocks_left > 0;
+        }
+    }
+
+    if stopped_at_deadline {
+        tracing::warn!(
+            blocks_left,
+            "expire reached its deadline (half of [retention] lock_ttl) and stopped; the rest goes next run"
+        );
+    }
+    if !opts.dry_run && !stale.is_empty() {
+        delete_all(repo, &stale, &BTreeMap::new(), 64, None, &mut retained).await?;
+    }
+
+    let kept = points
+        .iter()
+        .filter(|p| !removed_ids.contains(p.id.as_str()))
+        .map(|p| KeptBackup {
+            id: p.id.clone(),
+            kind: by_id[p.id.as_str()].kind.clone(),
+            reasons: selection.kept.get(&p.id).map(|r| r.iter().copied().collect()).unwrap_or_default(),
+        })
+        .collect();
+    Ok(ExpireReport {
+        dry_run: opts.dry_run,
+        now: fmt(now),
+        window_start: fmt(selection.window_start_us),
+        window_base: selection.window_base.clone(),
+        latest_timeline: latest,
+        kept,
+        removed_backups,
+        removed_wal: retention::segment_ranges(layout, &removed_segments)
+            .into_iter()
+            .map(|(timeline, from, to, segments)| WalRange { timeline, from, to, segments })
+            .collect(),
+        removed_wal_objects,
+        removed_blocks,
+        removed_bytes,
+        retained,
+        wal_skipped: wal_plan.skipped,
+        blocks_skipped,
+        blocks_left,
+        stopped_at_deadline,
+        running_backups,
+        stale_removed: stale,
+    })
+}

@@ -1,0 +1,580 @@
+//! Retention: which backups, WAL and blocks `pitr expire` keeps. Pure: no I/O, and `now` is a
+//! parameter, so the policy can be run over a simulated clock (see `tests/retention.rs`).
+//!
+//! # Backups: grandfather-father-son plus a PITR window
+//! Buckets are UTC calendar days, ISO-8601 weeks (Monday first, ISO week-numbering year),
+//! calendar months and calendar years of a backup's *start* time (the time in its id).
+//! - `daily = N` keeps the newest backup of each of the N most recent days that have a backup;
+//!   likewise `weekly`, `monthly`, `yearly` (restic's `--keep-daily` … semantics). Days without a
+//!   backup are not counted, so a stopped backup schedule never makes retention eat the last
+//!   backups. A backup can be kept by several rules.
+//! - The window: let cut = now − `window`. The *window base* is the newest backup whose stop time
+//!   (its consistency point) is at or before cut, among the backups a restore on the newest
+//!   timeline can start from (on that timeline, or on an ancestor before the switch point). It and
+//!   every backup that stopped after it are kept, so every second from cut to now stays
+//!   restorable. If no backup stopped by cut, the oldest such backup is the base (the window is not
+//!   covered yet, and nothing after it goes). A running backup moves cut back to its start (an
+//!   incremental may be taken against any backup that was newest while it ran).
+//! - A kept backup keeps its whole ancestor chain (incremental → … → full).
+//!
+//! # WAL, per timeline
+//! A segment stays if it lies in a kept backup's start..stop on that backup's timeline, or it is at
+//! or after the window base's start segment on the base's timeline or on a timeline descending
+//! from it (by the history files). Everything else may go; history files never do. A timeline
+//! (after the first) without a history file, or with an unreadable one, keeps all WAL.
+//!
+//! Where WAL goes, a *floor* records it first: `pg/<id>/retention/<timeline>-<segno>.floor` says
+//! that below segment `segno` the timeline holds only what retention kept, so `pitr verify` expects
+//! continuity only from the floor on (and each backup's own start..stop everywhere).
+//!
+//! # Blocks
+//! A block stays if a kept manifest lists it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Datelike};
+use serde::Serialize;
+
+use crate::backup::{block_name, BackupManifest};
+use crate::layout::{WalCatalog, WalLayout, WalObject};
+
+/// The seed runbook's retention: daily 30, weekly 12, monthly 12, yearly 7, and 7 days of
+/// restore-to-any-second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+    pub yearly: u32,
+    pub window_us: i64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { daily: 30, weekly: 12, monthly: 12, yearly: 7, window_us: 7 * 86_400 * 1_000_000 }
+    }
+}
+
+/// Why a backup is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    Daily,
+    Weekly,
+    Monthly,
+    Yearly,
+    /// The newest backup consistent at or before the window's start.
+    WindowBase,
+    /// Stopped after the window base.
+    Window,
+    /// A kept incremental is built on it.
+    Ancestor,
+}
+
+/// What retention needs of a backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupPoint {
+    pub id: String,
+    pub parent: Option<String>,
+    pub timeline: u32,
+    pub start_lsn: u64,
+    pub stop_lsn: u64,
+    pub start_time_us: i64,
+    pub stop_time_us: i64,
+}
+
+impl From<&BackupManifest> for BackupPoint {
+    fn from(m: &BackupManifest) -> Self {
+        BackupPoint {
+            id: m.id.clone(),
+            parent: m.parent.clone(),
+            timeline: m.timeline,
+            start_lsn: m.start_lsn,
+            stop_lsn: m.stop_lsn,
+            start_time_us: m.start_time_us,
+            stop_time_us: m.stop_time_us,
+        }
+    }
+}
+
+/// Each timeline's ancestors, from its history file: `(timeline, LSN where it was left)`, oldest
+/// first. Timeline 1 has none; a later timeline whose history is missing is unknown.
+#[derive(Debug, Clone, Default)]
+pub struct Timelines {
+    histories: BTreeMap<u32, Vec<(u32, u64)>>,
+    /// Timelines whose history file exists but cannot be parsed.
+    unreadable: BTreeMap<u32, String>,
+}
+
+impl Timelines {
+    /// Adds the history file of `timeline` (PostgreSQL's `<parent>\t<X/Y>\t<reason>` lines).
+    pub fn add_history(&mut self, timeline: u32, text: &str) {
+        match parse_history(text) {
+            Ok(entries) => {
+                self.histories.insert(timeline, entries);
+            }
+            Err(e) => {
+                self.unreadable.insert(timeline, e);
+            }
+        }
+    }
+
+    /// Records that the history file of `timeline` exists but cannot be read.
+    pub fn add_unreadable(&mut self, timeline: u32, why: String) {
+        self.unreadable.insert(timeline, why);
+    }
+
+    fn ancestors(&self, timeline: u32) -> Option<&[(u32, u64)]> {
+        if timeline <= 1 {
+            return Some(&[]);
+        }
+        self.histories.get(&timeline).map(|v| v.as_slice())
+    }
+
+    /// Whether a restore on `latest` can start from `b`: `Some(false)` if certainly not, `None`
+    /// if `latest`'s history is unknown.
+    fn on_path(&self, latest: u32, b: &BackupPoint) -> Option<bool> {
+        if b.timeline == latest {
+            return Some(true);
+        }
+        let ancestors = self.ancestors(latest)?;
+        Some(ancestors.iter().any(|&(t, switch)| t == b.timeline && b.stop_lsn <= switch))
+    }
+
+    /// Whether `timeline` is `of` or descends from it; unknown histories count as descending
+    /// (so their WAL is kept).
+    fn descends(&self, timeline: u32, of: u32) -> bool {
+        match self.ancestors(timeline) {
+            None => true,
+            Some(a) => timeline == of || a.iter().any(|&(t, _)| t == of),
+        }
+    }
+
+    /// Why WAL cannot be expired safely, if it cannot: a timeline after the first with WAL but
+    /// no readable history.
+    fn incomplete(&self, timelines: impl Iterator<Item = u32>) -> Option<String> {
+        for t in timelines {
+            if let Some(e) = self.unreadable.get(&t) {
+                return Some(format!("the history file of timeline {t} cannot be read ({e})"));
+            }
+            if self.ancestors(t).is_none() {
+                return Some(format!("timeline {t} has WAL but no history file"));
+            }
+        }
+        None
+    }
+}
+
+fn parse_history(text: &str) -> Result<Vec<(u32, u64)>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let timeline = fields.next().and_then(|f| f.parse::<u32>().ok());
+        let lsn = fields.next().and_then(|f| {
+            let (hi, lo) = f.split_once('/')?;
+            Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+        });
+        match (timeline, lsn) {
+            (Some(t), Some(l)) => out.push((t, l)),
+            _ => return Err(format!("line {}: expected `<timeline> <X/Y> <reason>`", i + 1)),
+        }
+    }
+    Ok(out)
+}
+
+/// Which backups stay and which go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Kept backups by id, with every reason.
+    pub kept: BTreeMap<String, BTreeSet<Reason>>,
+    /// Backups to remove, each before its ancestors (children first), so that a chain is never
+    /// left with a hole if the removal stops half-way.
+    pub expired: Vec<String>,
+    /// The window base, if there is one (see the module documentation).
+    pub window_base: Option<String>,
+    /// now − window (or a running backup's start, if earlier), µs since the Unix epoch.
+    pub window_start_us: i64,
+    /// The timeline restores land on.
+    pub latest_timeline: u32,
+}
+
+/// Bucket keys of a start time (UTC).
+fn buckets(us: i64) -> [(i32, u32, u32); 4] {
+    let t = DateTime::from_timestamp_micros(us).unwrap_or_default().date_naive();
+    let w = t.iso_week();
+    [(t.year(), t.month(), t.day()), (w.year(), w.week(), 0), (t.year(), t.month(), 0), (t.year(), 0, 0)]
+}
+
+/// The GFS selection and the window (see the module documentation). `latest_timeline` is the
+/// newest timeline in the archive; `running_since` the start of the oldest running backup.
+pub fn select(
+    backups: &[BackupPoint],
+    policy: &Policy,
+    now_us: i64,
+    timelines: &Timelines,
+    latest_timeline: u32,
+    running_since: Option<i64>,
+) -> Selection {
+    let mut order: Vec<&BackupPoint> = backups.iter().collect();
+    order.sort_by(|a, b| (a.start_time_us, &a.id).cmp(&(b.start_time_us, &b.id)));
+    let mut kept: BTreeMap<String, BTreeSet<Reason>> = BTreeMap::new();
+
+    let rules = [(policy.daily, Reason::Daily), (policy.weekly, Reason::Weekly), (policy.monthly, Reason::Monthly)];
+    let rules = rules.into_iter().chain([(policy.yearly, Reason::Yearly)]);
+    for (i, (count, reason)) in rules.enumerate() {
+        let mut last = None;
+        let mut taken = 0;
+        for b in order.iter().rev() {
+            if taken == count {
+                break;
+            }
+            let key = buckets(b.start_time_us)[i];
+            if last != Some(key) {
+                // The first seen of a bucket, going newest first, is its newest backup.
+                last = Some(key);
+                taken += 1;
+                kept.entry(b.id.clone()).or_default().insert(reason);
+            }
+        }
+    }
+
+    let mut window_start_us = now_us.saturating_sub(policy.window_us);
+    if let Some(r) = running_since {
+        window_start_us = window_start_us.min(r);
+    }
+    let candidates: Vec<&BackupPoint> = order
+        .iter()
+        .copied()
+        .filter(|b| timelines.on_path(latest_timeline, b) == Some(true))
+        .collect();
+    let by_stop = |a: &&BackupPoint, b: &&BackupPoint| (a.stop_time_us, &a.id).cmp(&(b.stop_time_us, &b.id));
+    let base = candidates
+        .iter()
+        .copied()
+        .filter(|b| b.stop_time_us <= window_start_us)
+        .max_by(by_stop)
+        .or_else(|| candidates.iter().copied().min_by(by_stop));
+    match base {
+        Some(base) => {
+            kept.entry(base.id.clone()).or_default().insert(Reason::WindowBase);
+            for b in &order {
+                if (b.stop_time_us, &b.id) > (base.stop_time_us, &base.id) {
+                    kept.entry(b.id.clone()).or_default().insert(Reason::Window);
+                }
+            }
+        }
+        // Nothing a restore on the newest timeline can start from: the window cannot be placed,
+        // so nothing goes.
+        None => {
+            for b in &order {
+                kept.entry(b.id.clone()).or_default().insert(Reason::Window);
+            }
+        }
+    }
+
+    let by_id: BTreeMap<&str, &BackupPoint> = backups.iter().map(|b| (b.id.as_str(), b)).collect();
+    let roots: Vec<String> = kept.keys().cloned().collect();
+    for id in roots {
+        let mut at = by_id.get(id.as_str()).and_then(|b| b.parent.as_deref());
+        let mut steps = 0;
+        while let Some(parent) = at {
+            if !by_id.contains_key(parent) || steps > backups.len() {
+                break;
+            }
+            kept.entry(parent.to_string()).or_default().insert(Reason::Ancestor);
+            at = by_id.get(parent).and_then(|b| b.parent.as_deref());
+            steps += 1;
+        }
+    }
+
+    let depth = |b: &BackupPoint| {
+        let mut d = 0;
+        let mut at = b.parent.as_deref();
+        while let Some(p) = at {
+            d += 1;
+            if d > backups.len() {
+                break;
+            }
+            at = by_id.get(p).and_then(|b| b.parent.as_deref());
+        }
+        d
+    };
+    let mut expired: Vec<&BackupPoint> = order.iter().copied().filter(|b| !kept.contains_key(&b.id)).collect();
+    expired.sort_by(|a, b| (depth(b), b.start_time_us, &b.id).cmp(&(depth(a), a.start_time_us, &a.id)));
+    Selection {
+        kept,
+        expired: expired.into_iter().map(|b| b.id.clone()).collect(),
+        window_base: base.map(|b| b.id.clone()),
+        window_start_us,
+        latest_timeline,
+    }
+}
+
+/// Which WAL segments go, and the floors to record before they do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalPlan {
+    /// (timeline, segment number), ascending.
+    pub delete: Vec<(u32, u64)>,
+    /// Floors to write first: timeline → segment number (`u64::MAX`: the whole timeline is
+    /// retention's). Only floors above what is recorded already.
+    pub floors: BTreeMap<u32, u64>,
+    /// Why no WAL goes, when none may.
+    pub skipped: Option<String>,
+}
+
+/// The WAL plan for the backups that stay (`kept`, which holds `base`).
+pub fn plan_wal(
+    wal: &WalCatalog,
+    kept: &[&BackupPoint],
+    base: Option<&BackupPoint>,
+    timelines: &Timelines,
+    recorded_floors: &BTreeMap<u32, u64>,
+) -> WalPlan {
+    let skip = |why: String| WalPlan { skipped: Some(why), ..Default::default() };
+    let Some(base) = base else {
+        return skip("there is no backup to keep WAL for: all WAL is kept".into());
+    };
+    let with_wal: BTreeSet<u32> = wal.segments.keys().map(|(t, _)| *t).collect();
+    if let Some(why) = timelines.incomplete(with_wal.iter().copied()) {
+        return skip(format!("{why}: all WAL is kept"));
+    }
+    let layout = wal.layout;
+    let base_seg = layout.segno_of(base.start_lsn);
+    let mut plan = WalPlan::default();
+    for &t in &with_wal {
+        let window_from = timelines.descends(t, base.timeline).then_some(base_seg);
+        let ranges: Vec<(u64, u64)> = kept
+            .iter()
+            .filter(|b| b.timeline == t)
+            .map(|b| (layout.segno_of(b.start_lsn), layout.segno_of(b.stop_lsn)))
+            .collect();
+        let mut deleted_any = false;
+        for (&(_, segno), _) in wal.segments.range((t, 0)..=(t, u64::MAX)) {
+            let keep = window_from.is_some_and(|from| segno >= from)
+                || ranges.iter().any(|&(from, to)| (from..=to).contains(&segno));
+            if !keep {
+                plan.delete.push((t, segno));
+                deleted_any = true;
+            }
+        }
+        let floor = window_from.unwrap_or(u64::MAX);
+        if deleted_any && !recorded_floors.get(&t).is_some_and(|&f| f >= floor) {
+            plan.floors.insert(t, floor);
+        }
+    }
+    plan
+}
+
+/// The objects holding the segments of `plan`: whole segments and any chunks.
+pub fn wal_objects(wal: &WalCatalog, delete: &[(u32, u64)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for &(timeline, segno) in delete {
+        let Some(entry) = wal.segments.get(&(timeline, segno)) else { continue };
+        if entry.whole {
+            out.push(wal.layout.object_name(&WalObject::Segment { timeline, segno }));
+        }
+        for &(from, to) in &entry.chunks {
+            out.push(wal.layout.object_name(&WalObject::Chunk { timeline, segno, from, to }));
+        }
+    }
+    out
+}
+
+/// Blocks under `pg/<id>/blocks/` (names as listed) that no manifest in `kept` references.
+pub fn unreferenced_blocks<'a>(
+    system_id: u64,
+    present: impl IntoIterator<Item = &'a str>,
+    kept: &[&BackupManifest],
+) -> Vec<String> {
+    let referenced: BTreeSet<String> = kept
+        .iter()
+        .flat_map(|m| m.files.iter().flat_map(|f| f.blocks.iter()))
+        .map(|id| block_name(system_id, id))
+        .collect();
+    present.into_iter().filter(|n| !referenced.contains(*n)).map(str::to_string).collect()
+}
+
+pub fn floor_prefix(system_id: u64) -> String {
+    format!("pg/{system_id}/retention/")
+}
+
+pub fn floor_name(system_id: u64, timeline: u32, segno: u64) -> String {
+    format!("{}{timeline:08X}-{segno:016X}.floor", floor_prefix(system_id))
+}
+
+/// The recorded floor of each timeline (the highest, if several), from object names.
+pub fn floors_from_names<'a>(system_id: u64, names: impl IntoIterator<Item = &'a str>) -> BTreeMap<u32, u64> {
+    let prefix = floor_prefix(system_id);
+    let mut out: BTreeMap<u32, u64> = BTreeMap::new();
+    for name in names {
+        let Some(rest) = name.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".floor")) else { continue };
+        let Some((t, s)) = rest.split_once('-') else { continue };
+        let (Ok(t), Ok(s)) = (u32::from_str_radix(t, 16), u64::from_str_radix(s, 16)) else { continue };
+        let e = out.entry(t).or_insert(s);
+        *e = (*e).max(s);
+    }
+    out
+}
+
+/// Whether segment `segno` of `timeline` may be missing because retention removed it.
+pub fn below_floor(floors: &BTreeMap<u32, u64>, timeline: u32, segno: u64) -> bool {
+    floors.get(&timeline).is_some_and(|&f| segno < f)
+}
+
+/// Segment names, for reports: consecutive segments of one timeline as one range.
+pub fn segment_ranges(layout: WalLayout, segments: &[(u32, u64)]) -> Vec<(u32, String, String, usize)> {
+    let mut out: Vec<(u32, u64, u64, usize)> = Vec::new();
+    for &(t, s) in segments {
+        match out.last_mut() {
+            Some((lt, _, last, n)) if *lt == t && *last + 1 == s => {
+                *last = s;
+                *n += 1;
+            }
+            _ => out.push((t, s, s, 1)),
+        }
+    }
+    out.into_iter()
+        .map(|(t, a, b, n)| (t, layout.segment_file_name(t, a), layout.segment_file_name(t, b), n))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400_000_000;
+    // 2026-01-05 00:00:00 UTC, a Monday.
+    const MONDAY: i64 = 1_767_571_200_000_000;
+
+    fn point(id: &str, day: i64, parent: Option<&str>) -> BackupPoint {
+        let start = MONDAY + day * DAY + 7_200_000_000;
+        BackupPoint {
+            id: id.into(),
+            parent: parent.map(str::to_string),
+            timeline: 1,
+            start_lsn: (day as u64 + 10) << 24,
+            stop_lsn: ((day as u64 + 10) << 24) + 100,
+            start_time_us: start,
+            stop_time_us: start + 60_000_000,
+        }
+    }
+
+    fn reasons(s: &Selection, id: &str) -> Vec<Reason> {
+        s.kept.get(id).map(|r| r.iter().copied().collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn newest_of_each_bucket_skipping_empty_days() {
+        // Days 0, 1, 3 (a gap on day 2), two backups on day 3.
+        let b = vec![point("a", 0, None), point("b", 1, None), point("c", 3, None), point("d", 3, None)];
+        let policy = Policy { daily: 2, weekly: 0, monthly: 0, yearly: 0, window_us: 0 };
+        let now = MONDAY + 4 * DAY;
+        let s = select(&b, &policy, now, &Timelines::default(), 1, None);
+        // d: newest of day 3 (and the window base: window 0); b: newest of day 1 (day 2 has none).
+        assert_eq!(reasons(&s, "d"), vec![Reason::Daily, Reason::WindowBase]);
+        assert_eq!(reasons(&s, "b"), vec![Reason::Daily]);
+        assert_eq!(s.expired, vec!["c".to_string(), "a".to_string()]);
+        // ISO week: days 0..=6 are one week; day 7 the next.
+        let b = vec![point("w1", 5, None), point("w1b", 6, None), point("w2", 7, None)];
+        let policy = Policy { daily: 0, weekly: 5, monthly: 0, yearly: 0, window_us: 0 };
+        let s = select(&b, &policy, MONDAY + 8 * DAY, &Timelines::default(), 1, None);
+        assert_eq!(reasons(&s, "w1b"), vec![Reason::Weekly]);
+        assert_eq!(s.expired, vec!["w1".to_string()]);
+    }
+
+    #[test]
+    fn window_keeps_the_base_and_after_and_chains_are_whole() {
+        let b = vec![
+            point("f0", 0, None),
+            point("f1", 1, None),
+            point("i1", 2, Some("f1")),
+            point("i2", 3, Some("i1")),
+            point("f4", 4, None),
+        ];
+        let policy = Policy { daily: 0, weekly: 0, monthly: 0, yearly: 0, window_us: 2 * DAY };
+        // cut = day 5 − 2 days = day 3 00:00: the newest stopped by then is i1 (day 2).
+        let s = select(&b, &policy, MONDAY + 5 * DAY, &Timelines::default(), 1, None);
+        assert_eq!(s.window_base.as_deref(), Some("i1"));
+        assert_eq!(reasons(&s, "i1"), vec![Reason::WindowBase, Reason::Ancestor]);
+        assert_eq!(reasons(&s, "i2"), vec![Reason::Window]);
+        assert_eq!(reasons(&s, "f1"), vec![Reason::Ancestor]);
+        assert_eq!(s.expired, vec!["f0".to_string()]);
+        // A running backup that started on day 1 moves the cut back to then: f0 is the base.
+        let s = select(&b, &policy, MONDAY + 5 * DAY, &Timelines::default(), 1, Some(MONDAY + DAY));
+        assert_eq!(s.window_base.as_deref(), Some("f0"));
+        assert!(s.expired.is_empty());
+        // Before any backup has stopped by the cut, the oldest is the base and nothing goes.
+        let s = select(&b, &policy, MONDAY, &Timelines::default(), 1, None);
+        assert_eq!(s.window_base.as_deref(), Some("f0"));
+        assert!(s.expired.is_empty());
+        // Children go before their parents.
+        let policy = Policy { window_us: 0, ..policy };
+        let b = vec![point("f0", 0, None), point("i0", 0, Some("f0")), point("j0", 0, Some("i0")), point("f9", 9, None)];
+        let s = select(&b, &policy, MONDAY + 10 * DAY, &Timelines::default(), 1, None);
+        assert_eq!(s.expired, vec!["j0".to_string(), "i0".to_string(), "f0".to_string()]);
+    }
+
+    #[test]
+    fn the_window_base_is_on_the_newest_timelines_history() {
+        let mut t = Timelines::default();
+        // Timeline 2 left timeline 1 at 0/B000000 (day 1's segment).
+        t.add_history(2, "1\t0/B000000\tno recovery target specified\n");
+        let mut on2 = point("on2", 3, None);
+        on2.timeline = 2;
+        // A backup on timeline 1 after the switch (the old primary kept running): not a start
+        // for timeline 2.
+        let mut stray = point("stray", 2, None);
+        stray.timeline = 1;
+        let b = vec![point("a", 0, None), stray, on2];
+        let policy = Policy { daily: 0, weekly: 0, monthly: 0, yearly: 0, window_us: DAY };
+        let s = select(&b, &policy, MONDAY + 3 * DAY + 7_200_000_000, &t, 2, None);
+        assert_eq!(s.window_base.as_deref(), Some("a"));
+        // The stray one stopped after the base: kept by the window all the same.
+        assert!(s.kept.contains_key("stray"));
+    }
+
+    #[test]
+    fn wal_keeps_backup_ranges_and_the_window_and_writes_floors() {
+        let layout = WalLayout { system_id: 7, segment_size: 16 << 20 };
+        let names: Vec<String> = (8..20u64)
+            .map(|s| layout.object_name(&WalObject::Segment { timeline: 1, segno: s }))
+            .chain((14..22u64).map(|s| layout.object_name(&WalObject::Segment { timeline: 2, segno: s })))
+            .chain([layout.object_name(&WalObject::History { timeline: 2 })])
+            .collect();
+        let wal = WalCatalog::from_names(layout, names.iter().map(|s| s.as_str()));
+        let mut t = Timelines::default();
+        t.add_history(2, "1\t0/E000000\tx\n");
+        let old = point("old", 0, None); // segments 10..=10
+        let base = point("base", 2, None); // segment 12 on timeline 1
+        let plan = plan_wal(&wal, &[&old, &base], Some(&base), &t, &BTreeMap::new());
+        let want: Vec<(u32, u64)> = vec![(1, 8), (1, 9), (1, 11)];
+        assert_eq!(plan.delete, want);
+        assert_eq!(plan.floors, BTreeMap::from([(1, 12)]));
+        // Base on timeline 2: timeline 1 is no longer the window's, only the old range stays.
+        let mut base2 = point("base2", 6, None);
+        base2.timeline = 2;
+        let plan = plan_wal(&wal, &[&old, &base2], Some(&base2), &t, &BTreeMap::new());
+        assert!(plan.delete.contains(&(1, 19)) && !plan.delete.contains(&(1, 10)));
+        assert_eq!(plan.delete.iter().filter(|(t, _)| *t == 2).count(), 2, "{:?}", plan.delete);
+        assert_eq!(plan.floors, BTreeMap::from([(1, u64::MAX), (2, 16)]));
+        // Recorded floors are not written again.
+        let plan = plan_wal(&wal, &[&old, &base2], Some(&base2), &t, &BTreeMap::from([(1, u64::MAX), (2, 16)]));
+        assert!(plan.floors.is_empty() && !plan.delete.is_empty());
+        // Without timeline 2's history nothing goes.
+        let plan = plan_wal(&wal, &[&old, &base2], Some(&base2), &Timelines::default(), &BTreeMap::new());
+        assert!(plan.delete.is_empty() && plan.skipped.unwrap().contains("timeline 2"));
+    }
+
+    #[test]
+    fn floor_names_round_trip_and_the_highest_wins() {
+        let names = [floor_name(7, 1, 12), floor_name(7, 1, 30), floor_name(7, 2, u64::MAX), "pg/7/retention/x".into()];
+        let floors = floors_from_names(7, names.iter().map(|s| s.as_str()));
+        assert_eq!(floors, BTreeMap::from([(1, 30), (2, u64::MAX)]));
+        assert!(below_floor(&floors, 1, 29) && !below_floor(&floors, 1, 30) && !below_floor(&floors, 3, 0));
+        assert!(parse_history("1 0/5\n2\n").is_err());
+    }
+}

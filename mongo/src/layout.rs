@@ -1,0 +1,301 @@
+//! Where MongoDB objects live in the repository, and the catalog built by listing them.
+//!
+//! ```text
+//! mongo/<name>/oplog/<first ts>-<last ts>.slice   oplog entries, raw BSON one after another, as read
+//! mongo/<name>/gaps/<archived ts>-<next ts>.gap    entries lost between these (the oplog rolled over)
+//! mongo/<name>/blocks/<hh>/<hash>                  snapshot documents, raw BSON, named by keyed hash
+//! mongo/<name>/snapshots/<id>.manifest             BSON: what a snapshot is made of (written last)
+//! ```
+//! `<name>` is `[mongo] name`, by default the replica set's name. A `ts` in a name is
+//! `<seconds>.<increment>`, both ten digits, so names sort in oplog order.
+
+use bson::{Document, RawDocument};
+use pitr_archive::{ObjectKind, ObjectMeta, Repository};
+use serde::{Deserialize, Serialize};
+
+use crate::ts::Ts;
+use crate::MongoError;
+
+pub const ROOT: &str = "mongo/";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MongoLayout {
+    pub name: String,
+}
+
+impl MongoLayout {
+    pub fn new(name: &str) -> MongoLayout {
+        MongoLayout { name: name.to_string() }
+    }
+
+    pub fn prefix(&self) -> String {
+        format!("{ROOT}{}/", self.name)
+    }
+
+    pub fn oplog_prefix(&self) -> String {
+        format!("{}oplog/", self.prefix())
+    }
+
+    pub fn slice_name(&self, first: Ts, last: Ts) -> String {
+        format!("{}{}-{}.slice", self.oplog_prefix(), first.to_name(), last.to_name())
+    }
+
+    pub fn parse_range(&self, name: &str, dir: &str, ext: &str) -> Option<(Ts, Ts)> {
+        let rest = name.strip_prefix(&format!("{}{dir}/", self.prefix()))?.strip_suffix(ext)?;
+        let (a, b) = rest.split_once('-')?;
+        Some((Ts::from_name(a)?, Ts::from_name(b)?))
+    }
+
+    pub fn gap_name(&self, archived: Ts, next: Ts) -> String {
+        format!("{}gaps/{}-{}.gap", self.prefix(), archived.to_name(), next.to_name())
+    }
+
+    pub fn block_name(&self, block_id: &str) -> String {
+        format!("{}blocks/{}/{block_id}", self.prefix(), &block_id[..2.min(block_id.len())])
+    }
+
+    pub fn manifest_name(&self, id: &str) -> String {
+        format!("{}snapshots/{id}.manifest", self.prefix())
+    }
+}
+
+/// The names under `mongo/` in a repository: `[mongo] name` when it is not set.
+pub async fn names(repo: &Repository) -> Result<Vec<String>, MongoError> {
+    let mut out = std::collections::BTreeSet::new();
+    for o in repo.list(ROOT).await? {
+        if let Some(name) = o.name.strip_prefix(ROOT).and_then(|r| r.split('/').next()) {
+            out.insert(name.to_string());
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// An oplog slice's header metadata: its `ts` range (packed as MongoDB packs a timestamp into 64
+/// bits) and the wall times of its first and last entries.
+pub fn slice_meta(first: Ts, last: Ts, first_wall_us: Option<i64>, last_wall_us: Option<i64>) -> ObjectMeta {
+    let pack = |t: Ts| (u64::from(t.secs) << 32) | u64::from(t.inc);
+    ObjectMeta {
+        start_lsn: pack(first),
+        end_lsn: pack(last),
+        first_commit_us: first_wall_us,
+        last_commit_us: last_wall_us,
+        ..ObjectMeta::plain(ObjectKind::Meta)
+    }
+}
+
+/// Splits a slice's plaintext into its raw BSON entries.
+pub fn split_entries<'a>(object: &str, bytes: &'a [u8]) -> Result<Vec<&'a RawDocument>, MongoError> {
+    let corrupt = |what: String| MongoError::Corrupt { object: object.to_string(), what };
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let len_bytes: [u8; 4] =
+            bytes.get(at..at + 4).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt(format!("truncated at {at}")))?;
+        let len = i32::from_le_bytes(len_bytes);
+        if len < 5 || at + len as usize > bytes.len() {
+            return Err(corrupt(format!("bad document length {len} at {at}")));
+        }
+        let doc = RawDocument::from_bytes(&bytes[at..at + len as usize])
+            .map_err(|e| corrupt(format!("document at {at}: {e}")))?;
+        out.push(doc);
+        at += len as usize;
+    }
+    Ok(out)
+}
+
+/// One collection (or view) of a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CollectionDump {
+    pub db: String,
+    pub name: String,
+    /// `collection` or `view`.
+    pub kind: String,
+    /// As `listCollections` reports them (capped, validator, collation, viewOn, pipeline…).
+    pub options: Document,
+    /// As `listIndexes` reports them, `_id_` included.
+    pub indexes: Vec<Document>,
+    /// Blocks of raw BSON documents, in order.
+    pub blocks: Vec<String>,
+    pub documents: u64,
+    pub bytes: u64,
+}
+
+/// A snapshot: consistent at `ts_after` once the oplog from `ts_before` is applied over it
+/// (as `mongodump --oplog`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotManifest {
+    pub id: String,
+    pub name: String,
+    /// The newest oplog entry before the dump began, and before it ended.
+    pub ts_before: Ts,
+    pub ts_after: Ts,
+    /// Wall times of those entries, µs since the Unix epoch.
+    pub time_before_us: i64,
+    pub time_after_us: i64,
+    pub started_us: i64,
+    pub finished_us: i64,
+    pub collections: Vec<CollectionDump>,
+    pub documents: u64,
+    pub logical_bytes: u64,
+    /// Sealed bytes of blocks this snapshot added (others were stored already).
+    pub stored_bytes: u64,
+}
+
+impl SnapshotManifest {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, MongoError> {
+        bson::to_vec(self).map_err(|e| MongoError::Corrupt { object: self.id.clone(), what: e.to_string() })
+    }
+
+    pub fn from_bytes(object: &str, bytes: &[u8]) -> Result<SnapshotManifest, MongoError> {
+        bson::from_slice(bytes).map_err(|e| MongoError::Corrupt { object: object.to_string(), what: e.to_string() })
+    }
+}
+
+/// A run of oplog slices with no gap in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Run {
+    pub first: Ts,
+    pub last: Ts,
+    /// Slice names, in order.
+    pub slices: Vec<String>,
+}
+
+/// Targets reachable from one snapshot: its consistent point to the end of its run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Window {
+    pub snapshot: String,
+    pub from_ts: Ts,
+    pub from_us: i64,
+    pub to_ts: Ts,
+    /// Wall time of the newest entry of the run.
+    pub to_us: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MongoCatalog {
+    pub layout: MongoLayout,
+    pub runs: Vec<Run>,
+    pub gaps: Vec<(Ts, Ts)>,
+    /// Oldest first.
+    pub snapshots: Vec<SnapshotManifest>,
+    /// Newest-entry wall time per run (from the last slice's header), by index in `runs`.
+    pub run_end_us: Vec<Option<i64>>,
+}
+
+impl MongoCatalog {
+    pub async fn load(repo: &Repository, layout: MongoLayout) -> Result<MongoCatalog, MongoError> {
+        let mut slices = Vec::new();
+        let mut gaps = Vec::new();
+        let mut manifests = Vec::new();
+        for o in repo.list(&layout.prefix()).await? {
+            if let Some((a, b)) = layout.parse_range(&o.name, "oplog", ".slice") {
+                slices.push((a, b, o.name));
+            } else if let Some(g) = layout.parse_range(&o.name, "gaps", ".gap") {
+                gaps.push(g);
+            } else if o.name.starts_with(&format!("{}snapshots/", layout.prefix())) && o.name.ends_with(".manifest") {
+                manifests.push(o.name);
+            }
+        }
+        slices.sort();
+        gaps.sort();
+        let runs = runs_of(&slices, &gaps);
+        let mut run_end_us = Vec::new();
+        for r in &runs {
+            let last = r.slices.last().map(String::as_str).unwrap_or_default();
+            run_end_us.push(repo.read_header(last).await?.meta.last_commit_us);
+        }
+        let mut snapshots = Vec::new();
+        for m in manifests {
+            let (_, bytes) = repo.get_opened(&m).await?;
+            snapshots.push(SnapshotManifest::from_bytes(&m, &bytes)?);
+        }
+        snapshots.sort_by_key(|s| s.ts_after);
+        Ok(MongoCatalog { layout, runs, gaps, snapshots, run_end_us })
+    }
+
+    /// The newest archived entry.
+    pub fn last_archived(&self) -> Option<(Ts, Option<i64>)> {
+        self.runs.last().map(|r| (r.last, self.run_end_us.last().copied().flatten()))
+    }
+
+    /// The run a snapshot can be replayed along: one holding its `ts_before` and reaching its
+    /// `ts_after`.
+    pub fn run_of(&self, s: &SnapshotManifest) -> Option<usize> {
+        self.runs.iter().position(|r| r.first <= s.ts_before && r.last >= s.ts_after)
+    }
+
+    pub fn windows(&self) -> Vec<Window> {
+        self.snapshots
+            .iter()
+            .filter_map(|s| {
+                let i = self.run_of(s)?;
+                Some(Window {
+                    snapshot: s.id.clone(),
+                    from_ts: s.ts_after,
+                    from_us: s.time_after_us,
+                    to_ts: self.runs[i].last,
+                    to_us: self.run_end_us[i],
+                })
+            })
+            .collect()
+    }
+}
+
+/// Slices into runs, broken wherever a gap was recorded.
+fn runs_of(slices: &[(Ts, Ts, String)], gaps: &[(Ts, Ts)]) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    for (first, last, name) in slices {
+        let broken = match runs.last() {
+            None => true,
+            Some(r) => gaps.iter().any(|(archived, next)| *archived >= r.last && *next <= *first),
+        };
+        if broken {
+            runs.push(Run { first: *first, last: *last, slices: vec![name.clone()] });
+        } else if let Some(r) = runs.last_mut() {
+            r.last = *last;
+            r.slices.push(name.clone());
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: u32, inc: u32) -> Ts {
+        Ts { secs, inc }
+    }
+
+    #[test]
+    fn names_round_trip_and_gaps_break_runs() {
+        let l = MongoLayout::new("secantus");
+        let n = l.slice_name(t(10, 1), t(10, 5));
+        assert_eq!(n, "mongo/secantus/oplog/0000000010.0000000001-0000000010.0000000005.slice");
+        assert_eq!(l.parse_range(&n, "oplog", ".slice"), Some((t(10, 1), t(10, 5))));
+        assert_eq!(l.parse_range(&l.gap_name(t(1, 1), t(2, 2)), "gaps", ".gap"), Some((t(1, 1), t(2, 2))));
+        let slices = vec![
+            (t(10, 1), t(10, 5), "a".to_string()),
+            (t(10, 6), t(11, 1), "b".to_string()),
+            (t(20, 1), t(21, 1), "c".to_string()),
+        ];
+        let runs = runs_of(&slices, &[(t(11, 1), t(20, 1))]);
+        assert_eq!(runs.len(), 2);
+        assert_eq!((runs[0].first, runs[0].last, runs[0].slices.len()), (t(10, 1), t(11, 1), 2));
+        assert_eq!((runs[1].first, runs[1].last), (t(20, 1), t(21, 1)));
+        assert_eq!(runs_of(&slices, &[]).len(), 1);
+    }
+
+    #[test]
+    fn entries_split_and_truncation_is_an_error() {
+        let a = bson::rawdoc! { "op": "n", "x": 1 };
+        let b = bson::rawdoc! { "op": "i", "y": "two" };
+        let mut bytes = a.as_bytes().to_vec();
+        bytes.extend_from_slice(b.as_bytes());
+        let got = split_entries("s", &bytes).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].get_str("y").unwrap(), "two");
+        let err = split_entries("s", &bytes[..bytes.len() - 1]).unwrap_err();
+        assert!(err.to_string().contains("object s"), "{err}");
+    }
+}

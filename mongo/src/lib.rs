@@ -1,0 +1,155 @@
+//! pitr-mongo: everything pitr does with MongoDB.
+//!
+//! Owns the oplog tailer ([`tailer`]: a tailable-await cursor on `local.oplog.rs` from the
+//! archive's last `ts`, entries stored unchanged as raw BSON in sealed slices, holes recorded as
+//! gaps when the oplog rolled past the archive), snapshots ([`snapshot`]: every non-system
+//! collection's documents as raw BSON in deduplicated blocks, index definitions and options, the
+//! oplog `ts` before and after, a manifest written last), restore ([`restore`]: newest snapshot
+//! before the target, then the oplog up to the target), the translation of oplog entries into
+//! ordinary writes ([`apply`], pure), the object names and the catalog built by listing them
+//! ([`layout`]) and oplog timestamps ([`ts`]).
+//!
+//! It reads and writes the repository only through `pitr_archive::Repository`; the object format
+//! stays in pitr-archive. Tested against SecantusDB (a MongoDB-compatible server), not mongod.
+
+pub mod apply;
+pub mod layout;
+pub mod restore;
+pub mod snapshot;
+pub mod tailer;
+pub mod ts;
+
+use std::time::Duration;
+
+use bson::{doc, Bson, Document};
+use mongodb::options::ClientOptions;
+use mongodb::Client;
+use pitr_archive::RepositoryError;
+
+pub use layout::{MongoCatalog, MongoLayout, SnapshotManifest};
+pub use ts::Ts;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MongoError {
+    #[error("MongoDB URI {uri}: {why}")]
+    BadUri { uri: String, why: String },
+    #[error("cannot reach MongoDB at {uri}: {source}")]
+    Connect { uri: String, source: mongodb::error::Error },
+    #[error("MongoDB at {uri} is not a replica-set member (`hello` names no set), so it has no oplog; pitr needs a replica set (a one-member set is enough: start the server with --replSet and run rs.initiate())")]
+    NotReplicaSet { uri: String },
+    #[error("MongoDB at {uri}: {what}: {source}")]
+    Server { uri: String, what: String, source: mongodb::error::Error },
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error(transparent)]
+    Translate(#[from] apply::TranslateError),
+    #[error("object {object}: {what}")]
+    Corrupt { object: String, what: String },
+    #[error("restore target {uri} is not empty (it holds {namespaces}); pass --drop to drop its databases first")]
+    TargetNotEmpty { uri: String, namespaces: String },
+    #[error("target {target} is outside the recoverable MongoDB window ({windows})")]
+    OutsideWindow { target: String, windows: String },
+    #[error("repository holds MongoDB data of several names ({names}); set `name` in [mongo]")]
+    AmbiguousName { names: String },
+    #[error("the repository holds no MongoDB data{which} yet (run `pitr stream` and `pitr backup --source mongo`)")]
+    Nothing { which: String },
+}
+
+/// The URI with any password replaced, for messages.
+pub fn redact(uri: &str) -> String {
+    match (uri.find("://"), uri.rfind('@')) {
+        (Some(s), Some(at)) if at > s + 3 => {
+            let userinfo = &uri[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &uri[..s + 3], &uri[at..])
+        }
+        _ => uri.to_string(),
+    }
+}
+
+/// A connected client and what `hello` said.
+pub struct Connected {
+    pub client: Client,
+    pub uri: String,
+    pub set_name: Option<String>,
+}
+
+/// Connects and runs `hello`, so that an unreachable server fails here within `timeout`.
+pub async fn connect(uri: &str, timeout: Duration) -> Result<Connected, MongoError> {
+    let shown = redact(uri);
+    let mut opts = ClientOptions::parse(uri)
+        .await
+        .map_err(|e| MongoError::BadUri { uri: shown.clone(), why: e.kind.to_string() })?;
+    opts.server_selection_timeout.get_or_insert(timeout);
+    opts.connect_timeout.get_or_insert(timeout);
+    opts.app_name.get_or_insert_with(|| "pitr".into());
+    let client = Client::with_options(opts).map_err(|e| MongoError::Connect { uri: shown.clone(), source: e })?;
+    let hello = client
+        .database("admin")
+        .run_command(doc! { "hello": 1 })
+        .await
+        .map_err(|e| MongoError::Connect { uri: shown.clone(), source: e })?;
+    let set_name = hello.get_str("setName").ok().map(str::to_string);
+    Ok(Connected { client, uri: shown, set_name })
+}
+
+impl Connected {
+    /// Fails unless the server is a replica-set member (it has an oplog).
+    pub fn require_replica_set(&self) -> Result<&str, MongoError> {
+        self.set_name.as_deref().ok_or_else(|| MongoError::NotReplicaSet { uri: self.uri.clone() })
+    }
+
+    pub fn server_err(&self, what: impl Into<String>) -> impl FnOnce(mongodb::error::Error) -> MongoError + '_ {
+        let what = what.into();
+        move |source| MongoError::Server { uri: self.uri.clone(), what, source }
+    }
+
+    /// The oldest (`newest = false`) or newest entry of the oplog: its `ts` and wall time.
+    pub async fn oplog_edge(&self, newest: bool) -> Result<Option<(Ts, Option<i64>)>, MongoError> {
+        let oplog = self.client.database("local").collection::<Document>("oplog.rs");
+        let found = oplog
+            .find_one(doc! {})
+            .sort(doc! { "$natural": if newest { -1 } else { 1 } })
+            .projection(doc! { "ts": 1, "wall": 1 })
+            .await
+            .map_err(self.server_err("reading local.oplog.rs"))?;
+        Ok(found.and_then(|d| match d.get("ts") {
+            Some(Bson::Timestamp(t)) => {
+                Some((Ts::from_bson(*t), d.get_datetime("wall").ok().map(|w| w.timestamp_millis() * 1000)))
+            }
+            _ => None,
+        }))
+    }
+}
+
+/// Which name the repository keeps this replica set's objects under: `configured`, else the one
+/// name there is.
+pub async fn resolve_name(repo: &pitr_archive::Repository, configured: Option<&str>) -> Result<MongoLayout, MongoError> {
+    if let Some(n) = configured {
+        return Ok(MongoLayout::new(n));
+    }
+    let names = layout::names(repo).await?;
+    match names.as_slice() {
+        [one] => Ok(MongoLayout::new(one)),
+        [] => Err(MongoError::Nothing { which: String::new() }),
+        many => Err(MongoError::AmbiguousName { names: many.join(", ") }),
+    }
+}
+
+/// Server error codes restore tolerates when replaying over a snapshot that already reflects an
+/// operation.
+pub(crate) fn code_of(e: &mongodb::error::Error) -> Option<i32> {
+    match e.kind.as_ref() {
+        mongodb::error::ErrorKind::Command(c) => Some(c.code),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_do_not_reach_messages() {
+        assert_eq!(super::redact("mongodb://u:secret@h:1/?replicaSet=rs"), "mongodb://u:***@h:1/?replicaSet=rs");
+        assert_eq!(super::redact("mongodb://h:1"), "mongodb://h:1");
+    }
+}

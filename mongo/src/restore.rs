@@ -1,0 +1,339 @@
+//! Restore into a running server: the newest snapshot whose window holds the target, its indexes
+//! built after its documents are loaded, then the archived oplog from the snapshot's `ts_before`
+//! up to and including the target, each entry translated into ordinary writes ([`crate::apply`]).
+//! A transaction's writes are applied together or, beyond the target, not at all.
+
+use std::time::{Duration, Instant};
+
+use bson::{doc, Document, RawDocumentBuf};
+use mongodb::options::InsertManyOptions;
+use pitr_archive::Repository;
+
+use crate::apply::{is_system_db, Entry, Grouper, Write};
+use crate::layout::{split_entries, MongoCatalog, SnapshotManifest};
+use crate::ts::format_us;
+use crate::{code_of, connect, Connected, MongoError, Ts};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MongoTarget {
+    Latest,
+    Ts(Ts),
+    /// µs since the Unix epoch: every entry whose wall time is at or before it.
+    Time(i64),
+}
+
+impl std::fmt::Display for MongoTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MongoTarget::Latest => f.write_str("latest"),
+            MongoTarget::Ts(t) => write!(f, "{t}"),
+            MongoTarget::Time(us) => f.write_str(&format_us(*us)),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub target: MongoTarget,
+    pub target_uri: String,
+    pub drop: bool,
+    pub connect_timeout: Duration,
+}
+
+/// The same shape as the PostgreSQL restore report: what was used, how far it got, what was lost,
+/// how long it took.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MongoRestoreReport {
+    pub target: String,
+    pub target_uri: String,
+    pub name: String,
+    pub snapshot_id: String,
+    pub snapshot_ts_before: String,
+    pub snapshot_ts_after: String,
+    pub snapshot_consistent_time: String,
+    pub collections: usize,
+    pub documents: u64,
+    pub bytes_restored: u64,
+    pub indexes_built: usize,
+    pub entries_applied: u64,
+    pub transactions_applied: u64,
+    pub newest_archived_ts: Option<String>,
+    pub newest_archived_time: Option<String>,
+    pub last_applied_ts: Option<String>,
+    pub last_applied_time: Option<String>,
+    /// Target (for `latest`, the newest archived entry) minus the last applied entry.
+    pub data_loss_window_seconds: f64,
+    pub load_seconds: f64,
+    pub replay_seconds: f64,
+    pub total_seconds: f64,
+}
+
+fn describe_windows(c: &MongoCatalog) -> String {
+    let w = c.windows();
+    if w.is_empty() {
+        return if c.snapshots.is_empty() {
+            "no snapshot yet: run `pitr backup --source mongo`".into()
+        } else {
+            "no snapshot has its oplog archived".into()
+        };
+    }
+    w.iter()
+        .map(|w| {
+            format!(
+                "{} ({}) to {} ({})",
+                format_us(w.from_us),
+                w.from_ts,
+                w.to_us.map(format_us).unwrap_or_else(|| "?".into()),
+                w.to_ts
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The snapshot to start from and the run its oplog is in.
+fn choose<'a>(c: &'a MongoCatalog, target: MongoTarget) -> Result<(&'a SnapshotManifest, usize), MongoError> {
+    let outside = || MongoError::OutsideWindow { target: target.to_string(), windows: describe_windows(c) };
+    let mut best = None;
+    for s in &c.snapshots {
+        let Some(run) = c.run_of(s) else { continue };
+        let end_us = c.run_end_us[run];
+        let fits = match target {
+            MongoTarget::Latest => run + 1 == c.runs.len(),
+            MongoTarget::Ts(t) => s.ts_after <= t && t <= c.runs[run].last,
+            MongoTarget::Time(us) => s.time_after_us <= us && end_us.is_none_or(|e| us <= e),
+        };
+        if fits {
+            best = Some((s, run));
+        }
+    }
+    best.ok_or_else(outside)
+}
+
+/// Non-system namespaces on the target.
+async fn existing(conn: &Connected) -> Result<Vec<String>, MongoError> {
+    let mut out = Vec::new();
+    for db in conn.client.list_database_names().await.map_err(conn.server_err("listing databases"))? {
+        if is_system_db(&db) {
+            continue;
+        }
+        for c in conn.client.database(&db).list_collection_names().await.map_err(conn.server_err(format!("listing {db}")))? {
+            if !c.starts_with("system.") {
+                out.push(format!("{db}.{c}"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn tolerate(r: Result<Document, mongodb::error::Error>, codes: &[i32]) -> Result<(), mongodb::error::Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if code_of(&e).is_some_and(|c| codes.contains(&c)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+const NAMESPACE_NOT_FOUND: i32 = 26;
+const INDEX_NOT_FOUND: i32 = 27;
+const NAMESPACE_EXISTS: i32 = 48;
+
+fn index_specs(indexes: &[Document]) -> Vec<Document> {
+    indexes
+        .iter()
+        .filter(|i| i.get_str("name") != Ok("_id_"))
+        .map(|i| {
+            let mut i = i.clone();
+            i.remove("ns");
+            i
+        })
+        .collect()
+}
+
+async fn apply_write(conn: &Connected, w: &Write) -> Result<(), MongoError> {
+    let c = &conn.client;
+    let what = || format!("applying {w:?}");
+    let res: Result<(), mongodb::error::Error> = match w {
+        Write::Upsert { ns, filter, doc } => c
+            .database(&ns.db)
+            .collection::<Document>(&ns.coll)
+            .replace_one(filter.clone(), doc.clone())
+            .upsert(true)
+            .await
+            .map(|_| ()),
+        Write::Update { ns, filter, update } => {
+            c.database(&ns.db).collection::<Document>(&ns.coll).update_one(filter.clone(), update.clone()).await.map(|_| ())
+        }
+        Write::Delete { ns, filter } => {
+            c.database(&ns.db).collection::<Document>(&ns.coll).delete_one(filter.clone()).await.map(|_| ())
+        }
+        Write::Create { ns, options } => {
+            let mut cmd = doc! { "create": &ns.coll };
+            cmd.extend(options.clone());
+            tolerate(c.database(&ns.db).run_command(cmd).await, &[NAMESPACE_EXISTS])
+        }
+        Write::Drop { ns } => tolerate(c.database(&ns.db).run_command(doc! { "drop": &ns.coll }).await, &[NAMESPACE_NOT_FOUND]),
+        Write::Rename { from, to, drop_target } => tolerate(
+            c.database("admin")
+                .run_command(doc! { "renameCollection": from.to_string(), "to": to.to_string(), "dropTarget": *drop_target })
+                .await,
+            &[NAMESPACE_NOT_FOUND],
+        ),
+        Write::CreateIndexes { ns, indexes } => {
+            let specs = index_specs(indexes);
+            if specs.is_empty() {
+                Ok(())
+            } else {
+                c.database(&ns.db).run_command(doc! { "createIndexes": &ns.coll, "indexes": specs }).await.map(|_| ())
+            }
+        }
+        Write::DropIndexes { ns, index } => tolerate(
+            c.database(&ns.db).run_command(doc! { "dropIndexes": &ns.coll, "index": index.clone() }).await,
+            &[NAMESPACE_NOT_FOUND, INDEX_NOT_FOUND],
+        ),
+        Write::DropDatabase { db } => c.database(db).drop().await,
+        Write::CollMod { ns, command } => c.database(&ns.db).run_command(command.clone()).await.map(|_| ()),
+    };
+    res.map_err(|e| MongoError::Server { uri: conn.uri.clone(), what: what(), source: e })
+}
+
+pub async fn restore(repo: &Repository, catalog: &MongoCatalog, opts: &RestoreOptions) -> Result<MongoRestoreReport, MongoError> {
+    let started = Instant::now();
+    let (snapshot, run) = choose(catalog, opts.target)?;
+    let conn = connect(&opts.target_uri, opts.connect_timeout).await?;
+    let present = existing(&conn).await?;
+    if !present.is_empty() {
+        if !opts.drop {
+            let mut shown: Vec<_> = present.iter().take(5).cloned().collect();
+            if present.len() > 5 {
+                shown.push(format!("and {} more", present.len() - 5));
+            }
+            return Err(MongoError::TargetNotEmpty { uri: conn.uri.clone(), namespaces: shown.join(", ") });
+        }
+        let mut dbs: Vec<&str> = present.iter().filter_map(|n| n.split('.').next()).collect();
+        dbs.dedup();
+        for db in dbs {
+            conn.client.database(db).drop().await.map_err(conn.server_err(format!("dropping database {db}")))?;
+        }
+    }
+
+    // Documents first, then indexes: building an index once is faster than maintaining it.
+    let mut bytes_restored = 0u64;
+    let mut indexes_built = 0usize;
+    for c in snapshot.collections.iter().filter(|c| c.kind == "collection") {
+        let db = conn.client.database(&c.db);
+        let mut create = doc! { "create": &c.name };
+        create.extend(c.options.clone());
+        db.run_command(create).await.map_err(conn.server_err(format!("creating {}.{}", c.db, c.name)))?;
+        let coll = db.collection::<RawDocumentBuf>(&c.name);
+        for id in &c.blocks {
+            let object = catalog.layout.block_name(id);
+            let (_, bytes) = repo.get_opened(&object).await?;
+            bytes_restored += bytes.len() as u64;
+            let docs: Vec<RawDocumentBuf> =
+                split_entries(&object, &bytes)?.into_iter().map(|d| d.to_raw_document_buf()).collect();
+            if docs.is_empty() {
+                continue;
+            }
+            coll.insert_many(docs)
+                .with_options(InsertManyOptions::builder().ordered(true).build())
+                .await
+                .map_err(conn.server_err(format!("loading {}.{}", c.db, c.name)))?;
+        }
+        let specs = index_specs(&c.indexes);
+        if !specs.is_empty() {
+            indexes_built += specs.len();
+            db.run_command(doc! { "createIndexes": &c.name, "indexes": specs })
+                .await
+                .map_err(conn.server_err(format!("building indexes of {}.{}", c.db, c.name)))?;
+        }
+    }
+    // Views after the collections they read.
+    for c in snapshot.collections.iter().filter(|c| c.kind == "view") {
+        let mut create = doc! { "create": &c.name };
+        create.extend(c.options.clone());
+        conn.client
+            .database(&c.db)
+            .run_command(create)
+            .await
+            .map_err(conn.server_err(format!("creating view {}.{}", c.db, c.name)))?;
+    }
+    let load_seconds = started.elapsed().as_secs_f64();
+
+    let replay_started = Instant::now();
+    let mut grouper = Grouper::new();
+    let (mut entries_applied, mut transactions_applied) = (0u64, 0u64);
+    let mut last: Option<(Ts, i64)> = None;
+    let within = |e: &Entry| match opts.target {
+        MongoTarget::Latest => true,
+        MongoTarget::Ts(t) => e.ts <= t,
+        MongoTarget::Time(us) => e.time_us() <= us,
+    };
+    let slices = catalog.runs[run].slices.iter().filter(|name| {
+        catalog.layout.parse_range(name, "oplog", ".slice").is_some_and(|(_, end)| end > snapshot.ts_before)
+    });
+    'slices: for name in slices {
+        let (_, bytes) = repo.get_opened(name).await?;
+        for raw in split_entries(name, &bytes)? {
+            let d: Document = raw.try_into().map_err(|e: bson::raw::Error| MongoError::Corrupt { object: name.clone(), what: e.to_string() })?;
+            let e = Entry::from_document(&d)?;
+            if e.ts <= snapshot.ts_before {
+                continue;
+            }
+            if !within(&e) {
+                break 'slices;
+            }
+            for g in grouper.push(&e)? {
+                for w in &g.writes {
+                    apply_write(&conn, w).await?;
+                }
+                entries_applied += g.entries as u64;
+                transactions_applied += u64::from(g.transaction);
+                last = Some((g.ts, g.time_us));
+            }
+        }
+    }
+    let (open, _unfinished) = grouper.finish();
+    if let Some(g) = open {
+        for w in &g.writes {
+            apply_write(&conn, w).await?;
+        }
+        entries_applied += g.entries as u64;
+        transactions_applied += u64::from(g.transaction);
+        last = Some((g.ts, g.time_us));
+    }
+    let replay_seconds = replay_started.elapsed().as_secs_f64();
+
+    let newest = catalog.last_archived();
+    let consistent_us = snapshot.time_after_us;
+    let last_us = last.map(|(_, us)| us).unwrap_or(consistent_us).max(consistent_us);
+    let target_us = match opts.target {
+        MongoTarget::Latest => catalog.run_end_us[run].unwrap_or(last_us),
+        MongoTarget::Time(us) => us,
+        MongoTarget::Ts(t) if last.is_some_and(|(ts, _)| ts == t) => last_us,
+        MongoTarget::Ts(t) => t.secs_us().max(last_us),
+    };
+    Ok(MongoRestoreReport {
+        target: opts.target.to_string(),
+        target_uri: conn.uri.clone(),
+        name: catalog.layout.name.clone(),
+        snapshot_id: snapshot.id.clone(),
+        snapshot_ts_before: snapshot.ts_before.to_string(),
+        snapshot_ts_after: snapshot.ts_after.to_string(),
+        snapshot_consistent_time: format_us(consistent_us),
+        collections: snapshot.collections.len(),
+        documents: snapshot.documents,
+        bytes_restored,
+        indexes_built,
+        entries_applied,
+        transactions_applied,
+        newest_archived_ts: newest.map(|(t, _)| t.to_string()),
+        newest_archived_time: newest.and_then(|(_, us)| us).map(format_us),
+        last_applied_ts: last.map(|(t, _)| t.to_string()),
+        last_applied_time: last.map(|(_, us)| format_us(us)),
+        data_loss_window_seconds: ((target_us - last_us).max(0)) as f64 / 1e6,
+        load_seconds,
+        replay_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,380 @@
+//! The oplog tailer: a tailable-await cursor on `local.oplog.rs` from the archive's last `ts`,
+//! entries kept as the server sent them (raw BSON) and sealed into slices named by their `ts`
+//! range, every `flush_interval` and whenever `max_slice_bytes` are pending.
+//!
+//! Resuming: the last slice's last `ts`, and how many of its entries carry that `ts` (a
+//! SecantusDB transaction's entries share one), say where to continue; after any restart the
+//! cursor starts at that `ts` and skips what is archived. If the oplog no longer holds that `ts`
+//! (it rolled over while the tailer was away), the hole is recorded as a gap object, logged as an
+//! error and counted in `pitr_mongo_oplog_gaps_total`; streaming continues from the oldest entry.
+//!
+//! A transaction's entries (SecantusDB: several sharing one `ts`, with `lsid`/`txnNumber`) are
+//! archived together: a trailing one is held back until an entry with a later `ts` arrives or the
+//! cursor has gone quiet (nothing for [`QUIET`]; the driver exposes no batch boundaries, and the
+//! server makes a transaction's entries visible at once, so a batch cut inside one is followed at
+//! once by the rest).
+
+use std::time::{Duration, Instant};
+
+use bson::{doc, Bson, RawDocumentBuf};
+use mongodb::options::CursorType;
+use pitr_archive::Repository;
+use tokio::sync::{mpsc, watch};
+
+use crate::layout::{slice_meta, split_entries, MongoCatalog, MongoLayout};
+use crate::ts::Ts;
+use crate::{connect, MongoError};
+
+#[derive(Debug, Clone)]
+pub struct TailerConfig {
+    pub uri: String,
+    /// Objects are kept under this name; default the replica set's name.
+    pub name: Option<String>,
+    pub flush_interval: Duration,
+    pub max_slice_bytes: usize,
+    pub connect_timeout: Duration,
+    /// Entries per getMore.
+    pub batch_size: u32,
+}
+
+/// How long the cursor must deliver nothing before a trailing transaction counts as whole.
+pub const QUIET: Duration = Duration::from_millis(100);
+
+/// What the tailer reports while it runs.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct MongoStatus {
+    pub name: String,
+    pub connected: bool,
+    pub archived_ts: Option<Ts>,
+    pub archived_time_us: Option<i64>,
+    pub received_ts: Option<Ts>,
+    pub slices_archived: u64,
+    pub gaps_found: u64,
+    /// Newest minus oldest entry on the server: how long the tailer can be away.
+    pub server_window_seconds: Option<f64>,
+    pub lag_seconds: f64,
+}
+
+/// One entry as read.
+struct Raw {
+    doc: RawDocumentBuf,
+    ts: Ts,
+    wall_us: Option<i64>,
+    in_txn: bool,
+}
+
+fn read_raw(doc: RawDocumentBuf) -> Option<Raw> {
+    let ts = match doc.get("ts").ok()?? {
+        bson::RawBsonRef::Timestamp(t) => Ts::from_bson(t),
+        _ => return None,
+    };
+    let wall_us = match doc.get("wall").ok().flatten() {
+        Some(bson::RawBsonRef::DateTime(w)) => Some(w.timestamp_millis() * 1000),
+        _ => None,
+    };
+    let op = doc.get_str("op").unwrap_or("");
+    let in_txn =
+        matches!(op, "i" | "u" | "d") && doc.get("lsid").ok().flatten().is_some() && doc.get("txnNumber").ok().flatten().is_some();
+    Some(Raw { doc, ts, wall_us, in_txn })
+}
+
+enum Msg {
+    Entry(Raw),
+    Failed(MongoError),
+}
+
+/// Where the archive ends: the last `ts` and how many archived entries carry it.
+async fn archive_end(repo: &Repository, catalog: &MongoCatalog) -> Result<Option<(Ts, usize, Option<i64>)>, MongoError> {
+    let Some(run) = catalog.runs.last() else { return Ok(None) };
+    let Some(name) = run.slices.last() else { return Ok(None) };
+    let (header, bytes) = repo.get_opened(name).await?;
+    let entries = split_entries(name, &bytes)?;
+    let at_end = entries
+        .iter()
+        .filter(|e| matches!(e.get("ts"), Ok(Some(bson::RawBsonRef::Timestamp(t))) if Ts::from_bson(t) == run.last))
+        .count();
+    Ok(Some((run.last, at_end, header.meta.last_commit_us)))
+}
+
+fn set_gauges(s: &MongoStatus) {
+    metrics::gauge!("pitr_mongo_oplog_lag_seconds").set(s.lag_seconds);
+    if let Some(t) = s.archived_ts {
+        metrics::gauge!("pitr_mongo_archived_ts_seconds").set(f64::from(t.secs));
+        metrics::gauge!("pitr_mongo_archived_ts_increment").set(f64::from(t.inc));
+    }
+    if let Some(w) = s.server_window_seconds {
+        metrics::gauge!("pitr_mongo_oplog_window_seconds").set(w);
+    }
+    metrics::gauge!("pitr_mongo_connected").set(if s.connected { 1.0 } else { 0.0 });
+}
+
+/// Runs until `shutdown` turns true (sealing what is pending) or the first connection fails.
+/// Later failures (server restarts, network cuts, storage outages) are retried.
+pub async fn run(
+    repo: Repository,
+    cfg: TailerConfig,
+    status: watch::Sender<MongoStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), MongoError> {
+    let mut first = true;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let starting = first;
+        match run_once(&repo, &cfg, &status, &mut shutdown, &mut first).await {
+            Ok(()) => return Ok(()),
+            // Bad configuration (unreachable at start, not a replica set) ends the sidecar.
+            Err(e) if starting && first => return Err(e),
+            Err(e) => {
+                status.send_modify(|s| s.connected = false);
+                set_gauges(&status.borrow());
+                tracing::warn!(error = %e, retry_in = ?backoff, "oplog tailing interrupted; resuming from the archive");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn run_once(
+    repo: &Repository,
+    cfg: &TailerConfig,
+    status: &watch::Sender<MongoStatus>,
+    shutdown: &mut watch::Receiver<bool>,
+    first: &mut bool,
+) -> Result<(), MongoError> {
+    let conn = connect(&cfg.uri, cfg.connect_timeout).await?;
+    let set_name = conn.require_replica_set()?.to_string();
+    let layout = MongoLayout::new(cfg.name.as_deref().unwrap_or(&set_name));
+    let catalog = MongoCatalog::load(repo, layout.clone()).await?;
+    let end = archive_end(repo, &catalog).await?;
+    let oldest = conn.oplog_edge(false).await?;
+    *first = false;
+
+    let (start, mut skip) = match (end, oldest) {
+        (None, None) => (Ts::ZERO, 0),
+        (None, Some((o, _))) => (o, 0),
+        (Some((last, n, _)), Some((o, _))) if o > last => {
+            let gap = layout.gap_name(last, o);
+            let text = format!(
+                "oplog entries after {last} and before {o} were lost: the server's oplog no longer held {last} when pitr resumed\n"
+            );
+            repo.put_sealed(&gap, text.into_bytes(), pitr_archive::ObjectMeta::plain(pitr_archive::ObjectKind::Meta))
+                .await?;
+            metrics::counter!("pitr_mongo_oplog_gaps_total").increment(1);
+            status.send_modify(|s| s.gaps_found += 1);
+            tracing::error!(archived = %last, oldest_on_server = %o, gap = %gap, name = %layout.name,
+                "GAP: the oplog rolled past the last archived entry while pitr was away; times between them cannot be restored (recorded as a gap)");
+            let _ = n;
+            (o, 0)
+        }
+        (Some((last, n, _)), _) => (last, n),
+    };
+    status.send_modify(|s| {
+        s.name = layout.name.clone();
+        s.connected = true;
+        if let Some((t, _, w)) = end {
+            s.archived_ts = Some(t);
+            s.archived_time_us = w;
+        }
+    });
+    tracing::info!(name = %layout.name, from = %start, skip, server = %conn.uri, "tailing local.oplog.rs");
+
+    let oplog = conn.client.database("local").collection::<RawDocumentBuf>("oplog.rs");
+    let filter = if start == Ts::ZERO { doc! {} } else { doc! { "ts": { "$gte": Bson::Timestamp(start.to_bson()) } } };
+    let mut cursor = oplog
+        .find(filter)
+        .cursor_type(CursorType::TailableAwait)
+        .max_await_time(Duration::from_secs(1))
+        .batch_size(cfg.batch_size)
+        .await
+        .map_err(conn.server_err("opening a tailable cursor on local.oplog.rs"))?;
+
+    // The cursor is read in its own task: a getMore is never cancelled halfway, and the sealer
+    // keeps its timers while the cursor waits for new entries.
+    let (tx, mut rx) = mpsc::channel::<Msg>(4096);
+    let uri = conn.uri.clone();
+    let reader = tokio::spawn(async move {
+        loop {
+            match cursor.advance().await {
+                Ok(true) => {
+                    let raw = match RawDocumentBuf::from_bytes(cursor.current().as_bytes().to_vec()) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            let _ = tx.send(Msg::Failed(MongoError::Corrupt { object: "local.oplog.rs".into(), what: e.to_string() })).await;
+                            return;
+                        }
+                    };
+                    let Some(raw) = read_raw(raw) else {
+                        let _ = tx.send(Msg::Failed(MongoError::Corrupt { object: "local.oplog.rs".into(), what: "an entry without `ts`".into() })).await;
+                        return;
+                    };
+                    if tx.send(Msg::Entry(raw)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(false) => {
+                    let _ = tx
+                        .send(Msg::Failed(MongoError::Corrupt {
+                            object: "local.oplog.rs".into(),
+                            what: format!("the tailable cursor on {uri} was closed by the server"),
+                        }))
+                        .await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Msg::Failed(MongoError::Server { uri: uri.clone(), what: "tailing local.oplog.rs".into(), source: e })).await;
+                    return;
+                }
+            }
+        }
+    });
+
+    let mut sealer = Sealer {
+        repo,
+        layout: &layout,
+        status,
+        pending: Vec::new(),
+        pending_bytes: 0,
+        last_seal: Instant::now(),
+        last_entry: Instant::now(),
+        cfg,
+        safe: 0,
+    };
+    let mut window_tick = tokio::time::interval(Duration::from_secs(10));
+    let mut flush_tick = tokio::time::interval(cfg.flush_interval.max(Duration::from_millis(50)));
+    let result = loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(Msg::Entry(raw)) => {
+                    if skip > 0 && raw.ts == start {
+                        skip -= 1;
+                        continue;
+                    }
+                    skip = 0;
+                    if let Err(e) = sealer.push(raw).await { break Err(e) }
+                }
+                Some(Msg::Failed(e)) => break Err(e),
+                None => break Ok(()),
+            },
+            _ = flush_tick.tick() => {
+                if let Err(e) = sealer.maybe_seal(false).await { break Err(e) }
+            }
+            _ = window_tick.tick() => {
+                let window = match (conn.oplog_edge(false).await, conn.oplog_edge(true).await) {
+                    (Ok(Some((_, Some(o)))), Ok(Some((_, Some(n))))) => Some((n - o) as f64 / 1e6),
+                    _ => None,
+                };
+                status.send_modify(|s| s.server_window_seconds = window);
+                set_gauges(&status.borrow());
+            }
+            _ = shutdown.changed() => break Ok(()),
+        }
+    };
+    reader.abort();
+    // Whatever is complete is sealed before returning, success or not.
+    let sealed = sealer.maybe_seal(true).await;
+    result.and(sealed)
+}
+
+struct Sealer<'a> {
+    repo: &'a Repository,
+    layout: &'a MongoLayout,
+    status: &'a watch::Sender<MongoStatus>,
+    cfg: &'a TailerConfig,
+    pending: Vec<Raw>,
+    pending_bytes: usize,
+    last_seal: Instant,
+    last_entry: Instant,
+    /// How many of `pending` may be sealed: all but a trailing transaction that may go on.
+    safe: usize,
+}
+
+impl Sealer<'_> {
+    async fn push(&mut self, raw: Raw) -> Result<(), MongoError> {
+        self.pending_bytes += raw.doc.as_bytes().len();
+        self.last_entry = Instant::now();
+        let (ts, in_txn) = (raw.ts, raw.in_txn);
+        let new_ts = self.pending.last().is_none_or(|p| p.ts != ts);
+        self.pending.push(raw);
+        self.status.send_modify(|s| s.received_ts = Some(ts));
+        if !in_txn {
+            self.safe = self.pending.len();
+        } else if new_ts {
+            // Everything before a new `ts` is whole.
+            self.safe = self.pending.len() - 1;
+        }
+        if self.pending_bytes >= self.cfg.max_slice_bytes {
+            self.seal_safe().await?;
+        } else {
+            self.maybe_seal(false).await?;
+        }
+        self.update_lag();
+        Ok(())
+    }
+
+    fn update_lag(&self) {
+        let newest = self.pending.last().and_then(|r| r.wall_us);
+        let archived = self.status.borrow().archived_time_us;
+        let lag = match (newest, archived) {
+            (Some(n), Some(a)) if n > a => (n - a) as f64 / 1e6,
+            (Some(_), None) => self.last_seal.elapsed().as_secs_f64(),
+            _ => 0.0,
+        };
+        self.status.send_modify(|s| s.lag_seconds = lag);
+        set_gauges(&self.status.borrow());
+    }
+
+    async fn maybe_seal(&mut self, force: bool) -> Result<(), MongoError> {
+        if self.last_entry.elapsed() >= QUIET {
+            self.safe = self.pending.len();
+        }
+        if self.safe > 0 && (force || self.last_seal.elapsed() >= self.cfg.flush_interval) {
+            self.seal_safe().await?;
+        }
+        Ok(())
+    }
+
+    async fn seal_safe(&mut self) -> Result<(), MongoError> {
+        if self.safe == 0 {
+            return Ok(());
+        }
+        let batch: Vec<Raw> = self.pending.drain(..self.safe).collect();
+        self.safe = 0;
+        let mut plaintext = Vec::with_capacity(batch.iter().map(|r| r.doc.as_bytes().len()).sum());
+        for r in &batch {
+            plaintext.extend_from_slice(r.doc.as_bytes());
+        }
+        self.pending_bytes -= plaintext.len();
+        let (first, last) = (&batch[0], &batch[batch.len() - 1]);
+        let name = self.layout.slice_name(first.ts, last.ts);
+        let meta = slice_meta(first.ts, last.ts, first.wall_us, last.wall_us);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.repo.put_sealed(&name, plaintext.clone(), meta.clone()).await {
+                Ok(_) => break,
+                Err(pitr_archive::RepositoryError::Store(e)) => {
+                    metrics::counter!("pitr_mongo_upload_errors_total").increment(1);
+                    tracing::warn!(object = %name, error = %e, retry_in = ?delay, "oplog slice not stored yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.last_seal = Instant::now();
+        metrics::counter!("pitr_mongo_slices_archived_total").increment(1);
+        metrics::counter!("pitr_mongo_archived_entries_total").increment(batch.len() as u64);
+        let (ts, wall) = (last.ts, last.wall_us);
+        self.status.send_modify(|s| {
+            s.archived_ts = Some(ts);
+            s.archived_time_us = wall.or(s.archived_time_us);
+            s.slices_archived += 1;
+        });
+        tracing::debug!(object = %name, entries = batch.len(), "oplog slice archived");
+        self.update_lag();
+        Ok(())
+    }
+}
