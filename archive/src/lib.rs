@@ -3,9 +3,10 @@
 //! Owns the sealed object format ([`seal`]: zstd + AES-256-GCM frames with the object's name bound
 //! in, crc32 of the plaintext), the key ring ([`keys`]: envelope encryption with a key-encryption
 //! key from a 0600 key file), the storage trait and its backends ([`store`]: local filesystem;
-//! [`cloud`]: S3 and GCS on `object_store`, whose clients [`s3`] and [`gcs`] build), and the
-//! repository layout and the WAL catalog built by listing ([`layout`]), and copying every object to secondary
-//! repositories ([`replicate`]; reads fall back to them in [`Repository`]). Retention is here too:
+//! [`cloud`]: S3 and GCS on `object_store`, whose clients [`s3`] and [`gcs`] build), the
+//! repository layout and the WAL catalog built by listing ([`layout`]; its reads fall back to
+//! secondary repositories), and copying every object to those secondaries ([`replicate`]: ordered
+//! queues, back-fill by listing). Retention is here too:
 //! the policy, pure ([`retention`]: which backups, WAL and blocks stay), applying it ([`expire`])
 //! and keeping it from deleting blocks under a running backup ([`running`]: markers and a lock).
 //!

@@ -53,8 +53,11 @@ fn named_stores(config: &Config) -> Result<Vec<NamedStore>> {
 /// Copy workers started by this process, waited for before it exits ([`finish_copies`]).
 static REPLICATORS: std::sync::Mutex<Vec<Arc<ReplicatedStore>>> = std::sync::Mutex::new(Vec::new());
 
+/// The store writers use, and its copy workers when secondaries are configured.
+type WriterStore = (Arc<dyn Store>, Option<Arc<ReplicatedStore>>);
+
 /// The store writers use: the primary, copying every object to the secondaries (if any).
-fn open_writer_store(config: &Config) -> Result<(Arc<dyn Store>, Option<Arc<ReplicatedStore>>)> {
+fn open_writer_store(config: &Config) -> Result<WriterStore> {
     let primary = open_store(config)?;
     if config.repository.secondary.is_empty() {
         return Ok((primary, None));

@@ -72,7 +72,10 @@ impl MongoConfig {
 }
 
 fn mongo(config: &Config) -> Result<&MongoConfig> {
-    config.mongo.as_ref().ok_or_else(|| anyhow!("the config has no [mongo] section (uri = \"mongodb://…/?replicaSet=…\")"))
+    config
+        .mongo
+        .as_ref()
+        .ok_or_else(|| anyhow!("the config has no [mongo] section (uri = \"mongodb://…/?replicaSet=…\")"))
 }
 
 /// Starts the oplog tailer beside the WAL receiver; the task ends when `shutdown` turns true.
@@ -111,7 +114,10 @@ pub async fn stream_only(config: &Config, repo: Repository) -> Result<()> {
                 h.connected = s.connected && s.gaps_found == 0;
                 h.lag_seconds = s.lag_seconds;
                 h.last_error = if s.gaps_found > 0 {
-                    Some(format!("{} oplog gap(s) recorded: the oplog rolled past the archive (see `pitr list`)", s.gaps_found))
+                    Some(format!(
+                        "{} oplog gap(s) recorded: the oplog rolled past the archive (see `pitr list`)",
+                        s.gaps_found
+                    ))
                 } else if !s.connected {
                     Some("not connected to the MongoDB replica set".into())
                 } else {
@@ -164,7 +170,13 @@ fn print_snapshot(m: &pitr_mongo::SnapshotManifest, seconds: f64, json: bool) ->
         return Ok(());
     }
     println!("mongo snapshot {} of {}", m.id, m.name);
-    println!("  collections: {}, documents: {}, {} bytes ({} newly stored)", m.collections.len(), m.documents, m.logical_bytes, m.stored_bytes);
+    println!(
+        "  collections: {}, documents: {}, {} bytes ({} newly stored)",
+        m.collections.len(),
+        m.documents,
+        m.logical_bytes,
+        m.stored_bytes
+    );
     println!("  oplog: {} .. {}; consistent at {} once replayed", m.ts_before, m.ts_after, format_us(m.time_after_us));
     println!("  took {seconds:.1} s");
     Ok(())
@@ -187,7 +199,14 @@ pub fn parse_target(s: &str) -> Result<MongoTarget> {
     }
 }
 
-pub async fn restore(config: &Config, repo: Repository, to: &str, target_uri: &str, drop: bool, json: bool) -> Result<()> {
+pub async fn restore(
+    config: &Config,
+    repo: Repository,
+    to: &str,
+    target_uri: &str,
+    drop: bool,
+    json: bool,
+) -> Result<()> {
     let target = parse_target(to)?;
     repo.check().await?;
     let layout = pitr_mongo::resolve_name(&repo, config.mongo.as_ref().and_then(|m| m.name.as_deref())).await?;
@@ -204,8 +223,14 @@ fn print_report(r: &MongoRestoreReport, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("restored {} ({}) to {} into {}", r.name, "mongo", r.target, r.target_uri);
-    println!("  snapshot used:          {} (oplog {} .. {}, consistent at {})", r.snapshot_id, r.snapshot_ts_before, r.snapshot_ts_after, r.snapshot_consistent_time);
-    println!("  loaded:                 {} collections, {} documents ({} bytes), {} indexes, in {:.1} s", r.collections, r.documents, r.bytes_restored, r.indexes_built, r.load_seconds);
+    println!(
+        "  snapshot used:          {} (oplog {} .. {}, consistent at {})",
+        r.snapshot_id, r.snapshot_ts_before, r.snapshot_ts_after, r.snapshot_consistent_time
+    );
+    println!(
+        "  loaded:                 {} collections, {} documents ({} bytes), {} indexes, in {:.1} s",
+        r.collections, r.documents, r.bytes_restored, r.indexes_built, r.load_seconds
+    );
     if let Some(t) = &r.newest_archived_ts {
         println!("  newest archived entry:  {} ({})", t, r.newest_archived_time.as_deref().unwrap_or("-"));
     }
@@ -229,7 +254,9 @@ pub async fn list_json(config: &Config, repo: &Repository) -> Result<Option<serd
     }
     let layout = match pitr_mongo::resolve_name(repo, configured).await {
         Ok(l) => l,
-        Err(pitr_mongo::MongoError::Nothing { .. }) => return Ok(Some(serde_json::json!({ "snapshots": [], "recoverable_windows": [], "gaps": [] }))),
+        Err(pitr_mongo::MongoError::Nothing { .. }) => {
+            return Ok(Some(serde_json::json!({ "snapshots": [], "recoverable_windows": [], "gaps": [] })))
+        }
         Err(e) => return Err(e.into()),
     };
     let c = MongoCatalog::load(repo, layout).await?;
@@ -254,7 +281,8 @@ pub async fn list_json(config: &Config, repo: &Repository) -> Result<Option<serd
             })
         })
         .collect();
-    let gaps: Vec<_> = c.gaps.iter().map(|(a, b)| serde_json::json!({ "after": a.to_string(), "before": b.to_string() })).collect();
+    let gaps: Vec<_> =
+        c.gaps.iter().map(|(a, b)| serde_json::json!({ "after": a.to_string(), "before": b.to_string() })).collect();
     Ok(Some(serde_json::json!({
         "name": c.layout.name,
         "archived_to": c.last_archived().map(|(t, _)| t.to_string()),
@@ -271,13 +299,24 @@ pub fn print_list(v: &serde_json::Value) {
         println!("no mongo snapshots yet (run `pitr backup --source mongo`)");
     }
     for b in snaps {
-        println!("  snapshot {}  consistent at {} ({})  {} collections, {} documents", s(&b["id"]), s(&b["consistent_time"]), s(&b["ts_after"]), b["collections"], b["documents"]);
+        println!(
+            "  snapshot {}  consistent at {} ({})  {} collections, {} documents",
+            s(&b["id"]),
+            s(&b["consistent_time"]),
+            s(&b["ts_after"]),
+            b["collections"],
+            b["documents"]
+        );
     }
     for w in v["recoverable_windows"].as_array().cloned().unwrap_or_default() {
         println!("  restorable from {} ({}) to {} ({})", s(&w["from"]), s(&w["from_ts"]), s(&w["to"]), s(&w["to_ts"]));
     }
     for g in v["gaps"].as_array().cloned().unwrap_or_default() {
-        println!("  GAP: oplog entries between {} and {} were lost (the oplog rolled over while pitr was away)", s(&g["after"]), s(&g["before"]));
+        println!(
+            "  GAP: oplog entries between {} and {} were lost (the oplog rolled over while pitr was away)",
+            s(&g["after"]),
+            s(&g["before"])
+        );
     }
 }
 
@@ -303,7 +342,10 @@ mod tests {
     fn mongo_section_defaults_and_errors() {
         let c = Config::parse(&format!("{BASE}[mongo]\nuri = \"mongodb://h:1/?replicaSet=rs0\"\n"), &[]).unwrap();
         let t = c.mongo.as_ref().unwrap().tailer();
-        assert_eq!((t.flush_interval, t.max_slice_bytes, t.connect_timeout), (Duration::from_secs(1), 16 << 20, Duration::from_secs(10)));
+        assert_eq!(
+            (t.flush_interval, t.max_slice_bytes, t.connect_timeout),
+            (Duration::from_secs(1), 16 << 20, Duration::from_secs(10))
+        );
         let env = [("PITR_MONGO_FLUSH_INTERVAL".to_string(), "250ms".to_string())];
         let c = Config::parse(&format!("{BASE}[mongo]\nuri = \"mongodb://h:1/\"\n"), &env).unwrap();
         assert_eq!(c.mongo.unwrap().tailer().flush_interval, Duration::from_millis(250));

@@ -53,19 +53,50 @@ pub fn is_system_db(db: &str) -> bool {
 pub enum Write {
     /// Insert, or replace the document with this `_id`: an insert replayed over a snapshot that
     /// already holds it (taken while the oplog ran) must not fail.
-    Upsert { ns: Ns, filter: Document, doc: Document },
+    Upsert {
+        ns: Ns,
+        filter: Document,
+        doc: Document,
+    },
     /// An update-operator document (`$set`, `$unset`, `$push` with `$slice`) for one document.
-    Update { ns: Ns, filter: Document, update: Document },
-    Delete { ns: Ns, filter: Document },
-    Create { ns: Ns, options: Document },
-    Drop { ns: Ns },
-    Rename { from: Ns, to: Ns, drop_target: bool },
-    CreateIndexes { ns: Ns, indexes: Vec<Document> },
+    Update {
+        ns: Ns,
+        filter: Document,
+        update: Document,
+    },
+    Delete {
+        ns: Ns,
+        filter: Document,
+    },
+    Create {
+        ns: Ns,
+        options: Document,
+    },
+    Drop {
+        ns: Ns,
+    },
+    Rename {
+        from: Ns,
+        to: Ns,
+        drop_target: bool,
+    },
+    CreateIndexes {
+        ns: Ns,
+        indexes: Vec<Document>,
+    },
     /// `index` is a name, a key pattern, or `"*"`.
-    DropIndexes { ns: Ns, index: Bson },
-    DropDatabase { db: String },
+    DropIndexes {
+        ns: Ns,
+        index: Bson,
+    },
+    DropDatabase {
+        db: String,
+    },
     /// `collMod`, sent as the entry holds it.
-    CollMod { ns: Ns, command: Document },
+    CollMod {
+        ns: Ns,
+        command: Document,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -113,7 +144,9 @@ impl Entry {
         };
         let o2 = d.get_document("o2").ok().cloned();
         let txn = match (d.get_document("lsid").ok().and_then(|l| l.get("id")), d.get("txnNumber")) {
-            (Some(Bson::Binary(id)), Some(n)) => n.as_i64().or_else(|| n.as_i32().map(i64::from)).map(|n| (id.bytes.clone(), n)),
+            (Some(Bson::Binary(id)), Some(n)) => {
+                n.as_i64().or_else(|| n.as_i32().map(i64::from)).map(|n| (id.bytes.clone(), n))
+            }
             _ => None,
         };
         Ok(Entry { ts, wall_us, op, ns, o, o2, txn })
@@ -290,7 +323,12 @@ fn mongod_diff(diff: &Document, prefix: &str, ops: &mut DiffOps) -> Result<(), S
             k if is_array && k.len() > 1 && k.starts_with('u') => {
                 ops.set.insert(join(prefix, &k[1..]), value.clone());
             }
-            k => return Err(format!("unknown diff field {k:?} at {:?}", if prefix.is_empty() { "(top)" } else { prefix })),
+            k => {
+                return Err(format!(
+                    "unknown diff field {k:?} at {:?}",
+                    if prefix.is_empty() { "(top)" } else { prefix }
+                ))
+            }
         }
     }
     Ok(())
@@ -333,9 +371,10 @@ fn translate_command(e: &Entry) -> Result<Vec<Write>, TranslateError> {
         }
         "renameCollection" => {
             let from = first.as_str().and_then(Ns::parse).ok_or_else(|| bad("renameCollection: bad source".into()))?;
-            let to = e.o.get_str("to").ok().and_then(Ns::parse).ok_or_else(|| bad("renameCollection: bad `to`".into()))?;
-            let drop_target = e.o.get_bool("dropTarget").unwrap_or(false)
-                || matches!(e.o.get("dropTarget"), Some(Bson::Binary(_)));
+            let to =
+                e.o.get_str("to").ok().and_then(Ns::parse).ok_or_else(|| bad("renameCollection: bad `to`".into()))?;
+            let drop_target =
+                e.o.get_bool("dropTarget").unwrap_or(false) || matches!(e.o.get("dropTarget"), Some(Bson::Binary(_)));
             match (from.is_system(), to.is_system()) {
                 (true, true) => Vec::new(),
                 (false, false) => vec![Write::Rename { from, to, drop_target }],
@@ -444,8 +483,7 @@ impl Grouper {
                 }
             }
             out.extend(self.close_open());
-            let group =
-                Group { ts: e.ts, time_us: e.time_us(), writes: translate(e)?, entries: 1, transaction: true };
+            let group = Group { ts: e.ts, time_us: e.time_us(), writes: translate(e)?, entries: 1, transaction: true };
             self.open = Some((lsid.clone(), *n, group));
             return Ok(out);
         }
@@ -528,12 +566,15 @@ mod tests {
 
     #[test]
     fn inserts_replace_by_id_and_deletes_delete_by_id() {
-        let i = entry(doc! { "op": "i", "ns": "shop.items", "ts": Timestamp { time: 5, increment: 1 }, "o": { "_id": 1, "a": 1 } });
+        let i = entry(
+            doc! { "op": "i", "ns": "shop.items", "ts": Timestamp { time: 5, increment: 1 }, "o": { "_id": 1, "a": 1 } },
+        );
         assert_eq!(
             translate(&i).unwrap(),
             vec![Write::Upsert { ns: ns(), filter: doc! { "_id": 1 }, doc: doc! { "_id": 1, "a": 1 } }]
         );
-        let d = entry(doc! { "op": "d", "ns": "shop.items", "ts": Timestamp { time: 5, increment: 2 }, "o": { "_id": 1 } });
+        let d =
+            entry(doc! { "op": "d", "ns": "shop.items", "ts": Timestamp { time: 5, increment: 2 }, "o": { "_id": 1 } });
         assert_eq!(translate(&d).unwrap(), vec![Write::Delete { ns: ns(), filter: doc! { "_id": 1 } }]);
     }
 
@@ -614,37 +655,46 @@ mod tests {
     #[test]
     fn replacements_and_v1_updates() {
         let r = entry(doc! { "op": "u", "ns": "shop.items", "ts": Timestamp { time: 5, increment: 5 },
-            "o": { "_id": 2, "z": 9 }, "o2": { "_id": 2 } });
+        "o": { "_id": 2, "z": 9 }, "o2": { "_id": 2 } });
         assert_eq!(
             translate(&r).unwrap(),
             vec![Write::Upsert { ns: ns(), filter: doc! { "_id": 2 }, doc: doc! { "_id": 2, "z": 9 } }]
         );
         let v1 = entry(doc! { "op": "u", "ns": "shop.items", "ts": Timestamp { time: 5, increment: 6 },
-            "o": { "$v": 1, "$set": { "a": 1 } }, "o2": { "_id": 2 } });
+        "o": { "$v": 1, "$set": { "a": 1 } }, "o2": { "_id": 2 } });
         assert_eq!(
             translate(&v1).unwrap(),
             vec![Write::Update { ns: ns(), filter: doc! { "_id": 2 }, update: doc! { "$set": { "a": 1 } } }]
         );
         let bad = entry(doc! { "op": "u", "ns": "shop.items", "ts": Timestamp { time: 5, increment: 7 },
-            "o": { "$v": 2, "diff": { "q": 1 } }, "o2": { "_id": 2 } });
+        "o": { "$v": 2, "diff": { "q": 1 } }, "o2": { "_id": 2 } });
         assert!(translate(&bad).unwrap_err().to_string().contains("unknown diff field \"q\""));
     }
 
     #[test]
     fn ddl_commands() {
-        let c = |o: Document| entry(doc! { "op": "c", "ns": "shop.$cmd", "ts": Timestamp { time: 6, increment: 1 }, "o": o });
+        let c = |o: Document| {
+            entry(doc! { "op": "c", "ns": "shop.$cmd", "ts": Timestamp { time: 6, increment: 1 }, "o": o })
+        };
         assert_eq!(
             translate(&c(doc! { "create": "capped", "capped": true, "size": 100000, "idIndex": { "v": 2, "key": { "_id": 1 }, "name": "_id_" } })).unwrap(),
             vec![Write::Create { ns: Ns { db: "shop".into(), coll: "capped".into() }, options: doc! { "capped": true, "size": 100000 } }]
         );
         assert_eq!(
-            translate(&c(doc! { "createIndexes": "items", "indexes": [{ "v": 2, "key": { "a": 1 }, "name": "a_1" }] })).unwrap(),
+            translate(&c(doc! { "createIndexes": "items", "indexes": [{ "v": 2, "key": { "a": 1 }, "name": "a_1" }] }))
+                .unwrap(),
             vec![Write::CreateIndexes { ns: ns(), indexes: vec![doc! { "v": 2, "key": { "a": 1 }, "name": "a_1" }] }]
         );
         // mongod's single-index form.
         assert_eq!(
-            translate(&c(doc! { "createIndexes": "items", "v": 2, "key": { "b": -1 }, "name": "b_-1", "unique": true })).unwrap(),
-            vec![Write::CreateIndexes { ns: ns(), indexes: vec![doc! { "v": 2, "key": { "b": -1 }, "name": "b_-1", "unique": true }] }]
+            translate(&c(
+                doc! { "createIndexes": "items", "v": 2, "key": { "b": -1 }, "name": "b_-1", "unique": true }
+            ))
+            .unwrap(),
+            vec![Write::CreateIndexes {
+                ns: ns(),
+                indexes: vec![doc! { "v": 2, "key": { "b": -1 }, "name": "b_-1", "unique": true }]
+            }]
         );
         assert_eq!(
             translate(&c(doc! { "dropIndexes": "items", "index": "a_1" })).unwrap(),
@@ -709,7 +759,9 @@ mod tests {
             if partial {
                 o.insert("partialTxn", true);
             }
-            entry(doc! { "op": "c", "ns": "admin.$cmd", "ts": Timestamp { time: 11, increment: inc }, "lsid": lsid(3), "txnNumber": 2_i64, "o": o })
+            entry(
+                doc! { "op": "c", "ns": "admin.$cmd", "ts": Timestamp { time: 11, increment: inc }, "lsid": lsid(3), "txnNumber": 2_i64, "o": o },
+            )
         };
         assert_eq!(g.push(&part(1, 1, true)).unwrap(), vec![]);
         assert_eq!(g.push(&part(2, 2, true)).unwrap(), vec![]);
@@ -722,10 +774,14 @@ mod tests {
         assert_eq!(g.finish(), (None, 1));
 
         // Prepared: applyOps with prepare, then commitTransaction; abortTransaction discards.
-        let prepared = entry(doc! { "op": "c", "ns": "admin.$cmd", "ts": Timestamp { time: 12, increment: 1 }, "lsid": lsid(4), "txnNumber": 3_i64,
-            "o": { "applyOps": [{ "op": "i", "ns": "shop.items", "o": { "_id": 5 } }], "prepare": true } });
-        let commit = entry(doc! { "op": "c", "ns": "admin.$cmd", "ts": Timestamp { time: 12, increment: 2 }, "lsid": lsid(4), "txnNumber": 3_i64,
-            "o": { "commitTransaction": 1, "commitTimestamp": Timestamp { time: 12, increment: 1 } } });
+        let prepared = entry(
+            doc! { "op": "c", "ns": "admin.$cmd", "ts": Timestamp { time: 12, increment: 1 }, "lsid": lsid(4), "txnNumber": 3_i64,
+            "o": { "applyOps": [{ "op": "i", "ns": "shop.items", "o": { "_id": 5 } }], "prepare": true } },
+        );
+        let commit = entry(
+            doc! { "op": "c", "ns": "admin.$cmd", "ts": Timestamp { time: 12, increment: 2 }, "lsid": lsid(4), "txnNumber": 3_i64,
+            "o": { "commitTransaction": 1, "commitTimestamp": Timestamp { time: 12, increment: 1 } } },
+        );
         assert_eq!(g.push(&prepared).unwrap(), vec![]);
         let done = g.push(&commit).unwrap();
         assert_eq!((done.len(), done[0].ts.inc), (1, 2));

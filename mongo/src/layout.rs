@@ -89,8 +89,10 @@ pub fn split_entries<'a>(object: &str, bytes: &'a [u8]) -> Result<Vec<&'a RawDoc
     let mut out = Vec::new();
     let mut at = 0usize;
     while at < bytes.len() {
-        let len_bytes: [u8; 4] =
-            bytes.get(at..at + 4).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt(format!("truncated at {at}")))?;
+        let len_bytes: [u8; 4] = bytes
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| corrupt(format!("truncated at {at}")))?;
         let len = i32::from_le_bytes(len_bytes);
         if len < 5 || at + len as usize > bytes.len() {
             return Err(corrupt(format!("bad document length {len} at {at}")));

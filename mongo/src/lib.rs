@@ -124,7 +124,10 @@ impl Connected {
 
 /// Which name the repository keeps this replica set's objects under: `configured`, else the one
 /// name there is.
-pub async fn resolve_name(repo: &pitr_archive::Repository, configured: Option<&str>) -> Result<MongoLayout, MongoError> {
+pub async fn resolve_name(
+    repo: &pitr_archive::Repository,
+    configured: Option<&str>,
+) -> Result<MongoLayout, MongoError> {
     if let Some(n) = configured {
         return Ok(MongoLayout::new(n));
     }

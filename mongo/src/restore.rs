@@ -117,7 +117,9 @@ async fn existing(conn: &Connected) -> Result<Vec<String>, MongoError> {
         if is_system_db(&db) {
             continue;
         }
-        for c in conn.client.database(&db).list_collection_names().await.map_err(conn.server_err(format!("listing {db}")))? {
+        for c in
+            conn.client.database(&db).list_collection_names().await.map_err(conn.server_err(format!("listing {db}")))?
+        {
             if !c.starts_with("system.") {
                 out.push(format!("{db}.{c}"));
             }
@@ -161,9 +163,12 @@ async fn apply_write(conn: &Connected, w: &Write) -> Result<(), MongoError> {
             .upsert(true)
             .await
             .map(|_| ()),
-        Write::Update { ns, filter, update } => {
-            c.database(&ns.db).collection::<Document>(&ns.coll).update_one(filter.clone(), update.clone()).await.map(|_| ())
-        }
+        Write::Update { ns, filter, update } => c
+            .database(&ns.db)
+            .collection::<Document>(&ns.coll)
+            .update_one(filter.clone(), update.clone())
+            .await
+            .map(|_| ()),
         Write::Delete { ns, filter } => {
             c.database(&ns.db).collection::<Document>(&ns.coll).delete_one(filter.clone()).await.map(|_| ())
         }
@@ -172,10 +177,14 @@ async fn apply_write(conn: &Connected, w: &Write) -> Result<(), MongoError> {
             cmd.extend(options.clone());
             tolerate(c.database(&ns.db).run_command(cmd).await, &[NAMESPACE_EXISTS])
         }
-        Write::Drop { ns } => tolerate(c.database(&ns.db).run_command(doc! { "drop": &ns.coll }).await, &[NAMESPACE_NOT_FOUND]),
+        Write::Drop { ns } => {
+            tolerate(c.database(&ns.db).run_command(doc! { "drop": &ns.coll }).await, &[NAMESPACE_NOT_FOUND])
+        }
         Write::Rename { from, to, drop_target } => tolerate(
             c.database("admin")
-                .run_command(doc! { "renameCollection": from.to_string(), "to": to.to_string(), "dropTarget": *drop_target })
+                .run_command(
+                    doc! { "renameCollection": from.to_string(), "to": to.to_string(), "dropTarget": *drop_target },
+                )
                 .await,
             &[NAMESPACE_NOT_FOUND],
         ),
@@ -197,7 +206,11 @@ async fn apply_write(conn: &Connected, w: &Write) -> Result<(), MongoError> {
     res.map_err(|e| MongoError::Server { uri: conn.uri.clone(), what: what(), source: e })
 }
 
-pub async fn restore(repo: &Repository, catalog: &MongoCatalog, opts: &RestoreOptions) -> Result<MongoRestoreReport, MongoError> {
+pub async fn restore(
+    repo: &Repository,
+    catalog: &MongoCatalog,
+    opts: &RestoreOptions,
+) -> Result<MongoRestoreReport, MongoError> {
     let started = Instant::now();
     let (snapshot, run) = choose(catalog, opts.target)?;
     let conn = connect(&opts.target_uri, opts.connect_timeout).await?;
@@ -275,7 +288,9 @@ pub async fn restore(repo: &Repository, catalog: &MongoCatalog, opts: &RestoreOp
     'slices: for name in slices {
         let (_, bytes) = repo.get_opened(name).await?;
         for raw in split_entries(name, &bytes)? {
-            let d: Document = raw.try_into().map_err(|e: bson::raw::Error| MongoError::Corrupt { object: name.clone(), what: e.to_string() })?;
+            let d: Document = raw
+                .try_into()
+                .map_err(|e: bson::raw::Error| MongoError::Corrupt { object: name.clone(), what: e.to_string() })?;
             let e = Entry::from_document(&d)?;
             if e.ts <= snapshot.ts_before {
                 continue;

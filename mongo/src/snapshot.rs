@@ -33,7 +33,10 @@ fn snapshot_id(us: i64) -> String {
 async fn edge(conn: &Connected) -> Result<(Ts, i64), MongoError> {
     match conn.oplog_edge(true).await? {
         Some((ts, wall)) => Ok((ts, wall.unwrap_or_else(|| ts.secs_us()))),
-        None => Err(MongoError::Corrupt { object: "local.oplog.rs".into(), what: format!("the oplog on {} is empty", conn.uri) }),
+        None => Err(MongoError::Corrupt {
+            object: "local.oplog.rs".into(),
+            what: format!("the oplog on {} is empty", conn.uri),
+        }),
     }
 }
 
@@ -55,10 +58,11 @@ pub async fn snapshot(repo: &Repository, opts: &SnapshotOptions) -> Result<Snaps
             .run_command(doc! { "listCollections": 1 })
             .await
             .map_err(conn.server_err(format!("listing collections of {db_name}")))?;
-        let batch = listed
-            .get_document("cursor")
-            .and_then(|c| c.get_array("firstBatch"))
-            .map_err(|_| MongoError::Corrupt { object: db_name.clone(), what: "listCollections reply without cursor.firstBatch".into() })?;
+        let batch =
+            listed.get_document("cursor").and_then(|c| c.get_array("firstBatch")).map_err(|_| MongoError::Corrupt {
+                object: db_name.clone(),
+                what: "listCollections reply without cursor.firstBatch".into(),
+            })?;
         let mut specs: Vec<Document> = batch.iter().filter_map(|b| b.as_document().cloned()).collect();
         specs.sort_by(|a, b| a.get_str("name").unwrap_or("").cmp(b.get_str("name").unwrap_or("")));
         for spec in specs {
@@ -104,7 +108,11 @@ pub async fn snapshot(repo: &Repository, opts: &SnapshotOptions) -> Result<Snaps
                         let id = hasher.block_id(&block);
                         let object = layout.block_name(&id);
                         let (outcome, sealed) = repo
-                            .put_sealed_sized(&object, std::mem::take(&mut block), ObjectMeta::plain(ObjectKind::BackupBlock))
+                            .put_sealed_sized(
+                                &object,
+                                std::mem::take(&mut block),
+                                ObjectMeta::plain(ObjectKind::BackupBlock),
+                            )
                             .await?;
                         if outcome == PutOutcome::Created {
                             stored_bytes += sealed;

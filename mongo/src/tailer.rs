@@ -73,8 +73,9 @@ fn read_raw(doc: RawDocumentBuf) -> Option<Raw> {
         _ => None,
     };
     let op = doc.get_str("op").unwrap_or("");
-    let in_txn =
-        matches!(op, "i" | "u" | "d") && doc.get("lsid").ok().flatten().is_some() && doc.get("txnNumber").ok().flatten().is_some();
+    let in_txn = matches!(op, "i" | "u" | "d")
+        && doc.get("lsid").ok().flatten().is_some()
+        && doc.get("txnNumber").ok().flatten().is_some();
     Some(Raw { doc, ts, wall_us, in_txn })
 }
 
@@ -84,7 +85,10 @@ enum Msg {
 }
 
 /// Where the archive ends: the last `ts` and how many archived entries carry it.
-async fn archive_end(repo: &Repository, catalog: &MongoCatalog) -> Result<Option<(Ts, usize, Option<i64>)>, MongoError> {
+async fn archive_end(
+    repo: &Repository,
+    catalog: &MongoCatalog,
+) -> Result<Option<(Ts, usize, Option<i64>)>, MongoError> {
     let Some(run) = catalog.runs.last() else { return Ok(None) };
     let Some(name) = run.slices.last() else { return Ok(None) };
     let (header, bytes) = repo.get_opened(name).await?;
@@ -183,7 +187,11 @@ async fn run_once(
     tracing::info!(name = %layout.name, from = %start, skip, server = %conn.uri, "tailing local.oplog.rs");
 
     let oplog = conn.client.database("local").collection::<RawDocumentBuf>("oplog.rs");
-    let filter = if start == Ts::ZERO { doc! {} } else { doc! { "ts": { "$gte": Bson::Timestamp(start.to_bson()) } } };
+    let filter = if start == Ts::ZERO {
+        doc! {}
+    } else {
+        doc! { "ts": { "$gte": Bson::Timestamp(start.to_bson()) } }
+    };
     let mut cursor = oplog
         .find(filter)
         .cursor_type(CursorType::TailableAwait)
@@ -203,12 +211,22 @@ async fn run_once(
                     let raw = match RawDocumentBuf::from_bytes(cursor.current().as_bytes().to_vec()) {
                         Ok(d) => d,
                         Err(e) => {
-                            let _ = tx.send(Msg::Failed(MongoError::Corrupt { object: "local.oplog.rs".into(), what: e.to_string() })).await;
+                            let _ = tx
+                                .send(Msg::Failed(MongoError::Corrupt {
+                                    object: "local.oplog.rs".into(),
+                                    what: e.to_string(),
+                                }))
+                                .await;
                             return;
                         }
                     };
                     let Some(raw) = read_raw(raw) else {
-                        let _ = tx.send(Msg::Failed(MongoError::Corrupt { object: "local.oplog.rs".into(), what: "an entry without `ts`".into() })).await;
+                        let _ = tx
+                            .send(Msg::Failed(MongoError::Corrupt {
+                                object: "local.oplog.rs".into(),
+                                what: "an entry without `ts`".into(),
+                            }))
+                            .await;
                         return;
                     };
                     if tx.send(Msg::Entry(raw)).await.is_err() {
@@ -225,7 +243,13 @@ async fn run_once(
                     return;
                 }
                 Err(e) => {
-                    let _ = tx.send(Msg::Failed(MongoError::Server { uri: uri.clone(), what: "tailing local.oplog.rs".into(), source: e })).await;
+                    let _ = tx
+                        .send(Msg::Failed(MongoError::Server {
+                            uri: uri.clone(),
+                            what: "tailing local.oplog.rs".into(),
+                            source: e,
+                        }))
+                        .await;
                     return;
                 }
             }

@@ -165,7 +165,12 @@ impl MongoEnv {
     pub fn run_ok(&self, args: &[&str]) -> Result<String> {
         let out = self.run(args)?;
         if !out.status.success() {
-            bail!("pitr {args:?} failed with {}:\nstdout: {}\nstderr: {}", out.status, lossy(&out.stdout), lossy(&out.stderr));
+            bail!(
+                "pitr {args:?} failed with {}:\nstdout: {}\nstderr: {}",
+                out.status,
+                lossy(&out.stdout),
+                lossy(&out.stderr)
+            );
         }
         Ok(lossy(&out.stdout))
     }
@@ -219,8 +224,10 @@ impl MongoEnv {
 
     /// Waits until the archive holds the oplog up to `ts`.
     pub fn wait_archived(&self, ts: (u32, u32)) -> Result<()> {
-        wait_until("the oplog to be archived", Duration::from_secs(60), || Ok(self.archived_end().is_some_and(|e| e >= ts)))
-            .with_context(|| self.stream_logs())
+        wait_until("the oplog to be archived", Duration::from_secs(60), || {
+            Ok(self.archived_end().is_some_and(|e| e >= ts))
+        })
+        .with_context(|| self.stream_logs())
     }
 
     pub fn http_get(&self, path: &str) -> Result<(u16, String)> {

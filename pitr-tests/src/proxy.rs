@@ -1,8 +1,8 @@
 //! A TCP proxy on loopback that a test controls, between pitr and a real server: it passes bytes
-//! through, and while faults are on it breaks every k-th connection — either mid-request (after
-//! some bytes from the client: an upload cut half-way) or by swallowing the server's reply (the
-//! request landed, the client never hears so). It also counts requests in flight at once: a
-//! connection is busy from the client's first bytes until the server's first reply bytes.
+//! through, and while faults are on it breaks the connection of every k-th request — either
+//! mid-request (after some bytes from the client: an upload cut half-way) or by swallowing the
+//! server's reply (the request landed, the client never hears so). It also counts requests in
+//! flight at once: one is in flight from the client's first bytes to the server's first reply bytes.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Debug, Default)]
 pub struct ProxyStats {
     pub connections: AtomicU64,
+    pub requests: AtomicU64,
     /// Connections cut while the client was still sending.
     pub cut_requests: AtomicU64,
     /// Connections whose reply from the server was dropped.
@@ -55,10 +56,8 @@ impl FaultyProxy {
             let Ok(listener) = TcpListener::from_std(listener) else { return };
             let upstream: SocketAddr = ([127, 0, 0, 1], upstream).into();
             while let Ok((client, _)) = listener.accept().await {
-                let n = s.connections.fetch_add(1, Ordering::SeqCst) + 1;
-                let every = f.every.load(Ordering::SeqCst);
-                let doomed = f.on.load(Ordering::SeqCst) && every > 0 && n % every == 0;
-                tokio::spawn(serve(client, upstream, n, doomed, s.clone()));
+                s.connections.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(client, upstream, f.clone(), s.clone()));
             }
         });
         Ok(FaultyProxy { port, stats, faults, runtime: Some(runtime) })
@@ -68,7 +67,7 @@ impl FaultyProxy {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// From now on break every `every`-th new connection (0 or `off()` for none).
+    /// From now on break every `every`-th request (0 or `off()` for none).
     pub fn break_every(&self, every: u64) {
         self.faults.every.store(every, Ordering::SeqCst);
         self.faults.on.store(every > 0, Ordering::SeqCst);
@@ -91,18 +90,47 @@ impl Drop for FaultyProxy {
     }
 }
 
-/// One connection's request state: busy while a request is on its way and no reply has started.
-struct Busy<'a> {
+/// One connection's request state: busy while a request is on its way and no reply has started
+/// (HTTP/1.1 clients do not pipeline, so client bytes after a reply start the next request).
+struct Exchange<'a> {
     stats: &'a ProxyStats,
+    faults: &'a Faults,
     busy: AtomicBool,
+    /// Bytes of the current request forwarded so far, and where to cut it.
+    sent: AtomicU64,
+    cut_at: AtomicU64,
+    swallow_reply: AtomicBool,
 }
 
-impl Busy<'_> {
+impl Exchange<'_> {
     fn request_bytes(&self) {
-        if !self.busy.swap(true, Ordering::SeqCst) {
-            let now = self.stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-            self.stats.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return;
         }
+        let now = self.stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.stats.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let r = self.stats.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        let every = self.faults.every.load(Ordering::SeqCst);
+        self.sent.store(0, Ordering::SeqCst);
+        self.cut_at.store(u64::MAX, Ordering::SeqCst);
+        if self.faults.on.load(Ordering::SeqCst) && every > 0 && r % every == 0 {
+            // Doomed requests take turns: one is cut part-way (within its first few kB: headers
+            // or body), the next is delivered whole and loses its reply.
+            let turn = r / every;
+            if turn % 2 == 1 {
+                self.cut_at.store(100 + (turn * 7919) % 4000, Ordering::SeqCst);
+            } else {
+                self.swallow_reply.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// How many of `got` new request bytes to forward (fewer: cut here).
+    fn forward(&self, got: usize) -> usize {
+        let sent = self.sent.load(Ordering::SeqCst);
+        let take = (self.cut_at.load(Ordering::SeqCst).saturating_sub(sent)).min(got as u64) as usize;
+        self.sent.store(sent + take as u64, Ordering::SeqCst);
+        take
     }
 
     fn reply_bytes(&self) {
@@ -112,38 +140,36 @@ impl Busy<'_> {
     }
 }
 
-impl Drop for Busy<'_> {
+impl Drop for Exchange<'_> {
     fn drop(&mut self) {
         self.reply_bytes();
     }
 }
 
-async fn serve(client: TcpStream, upstream: SocketAddr, n: u64, doomed: bool, stats: Arc<ProxyStats>) {
-    let busy = Busy { stats: &stats, busy: AtomicBool::new(false) };
+async fn serve(client: TcpStream, upstream: SocketAddr, faults: Arc<Faults>, stats: Arc<ProxyStats>) {
+    let exchange = Exchange {
+        stats: &stats,
+        faults: &faults,
+        busy: AtomicBool::new(false),
+        sent: AtomicU64::new(0),
+        cut_at: AtomicU64::new(u64::MAX),
+        swallow_reply: AtomicBool::new(false),
+    };
     let Ok(server) = TcpStream::connect(upstream).await else { return };
     let (mut client_rd, mut client_wr) = client.into_split();
     let (mut server_rd, mut server_wr) = server.into_split();
-    // Odd doomed connections lose the request part-way (somewhere in the first ~30 kB: headers
-    // or body); even ones deliver the request and lose the reply.
-    let cut_request_after = (doomed && n % 2 == 1).then(|| 200 + (n * 7919) % 30_000);
-    let swallow_reply = doomed && n % 2 == 0;
     let upload = async {
-        let mut sent = 0u64;
         let mut buf = vec![0u8; 16 << 10];
         loop {
             let got = match client_rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(got) => got,
             };
-            busy.request_bytes();
-            let take = match cut_request_after {
-                Some(limit) if sent + got as u64 >= limit => (limit - sent) as usize,
-                _ => got,
-            };
+            exchange.request_bytes();
+            let take = exchange.forward(got);
             if server_wr.write_all(&buf[..take]).await.is_err() {
                 break;
             }
-            sent += take as u64;
             if take < got {
                 stats.cut_requests.fetch_add(1, Ordering::SeqCst);
                 return true;
@@ -159,8 +185,8 @@ async fn serve(client: TcpStream, upstream: SocketAddr, n: u64, doomed: bool, st
                 Ok(0) | Err(_) => break,
                 Ok(got) => got,
             };
-            busy.reply_bytes();
-            if swallow_reply {
+            exchange.reply_bytes();
+            if exchange.swallow_reply.load(Ordering::SeqCst) {
                 stats.swallowed_replies.fetch_add(1, Ordering::SeqCst);
                 return true;
             }

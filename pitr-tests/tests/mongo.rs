@@ -71,6 +71,32 @@ async fn state(c: &Client) -> Result<Vec<(String, Vec<Document>, Vec<String>)>> 
     Ok(out)
 }
 
+/// What differs between two states, by collection and `_id`.
+fn differences(got: &[(String, Vec<Document>, Vec<String>)], want: &[(String, Vec<Document>, Vec<String>)]) -> String {
+    let mut out = Vec::new();
+    let names: std::collections::BTreeSet<&String> = got.iter().chain(want).map(|(n, _, _)| n).collect();
+    for n in names {
+        let find =
+            |s: &[(String, Vec<Document>, Vec<String>)]| s.iter().find(|(m, _, _)| m == n).cloned().unwrap_or_default();
+        let (g, w) = (find(got), find(want));
+        if g.2 != w.2 {
+            out.push(format!("{n}: indexes {:?}, want {:?}", g.2, w.2));
+        }
+        for d in &g.1 {
+            if !w.1.contains(d) {
+                out.push(format!("{n}: unexpected {d}"));
+            }
+        }
+        for d in &w.1 {
+            if !g.1.contains(d) {
+                out.push(format!("{n}: missing {d}"));
+            }
+        }
+    }
+    out.truncate(20);
+    out.join("\n")
+}
+
 /// A moment of the workload: where the oplog was and what the data looked like.
 struct Moment {
     what: &'static str,
@@ -140,7 +166,9 @@ async fn restores_match_recorded_moments_and_kill9_leaves_no_gap() -> Result<()>
 
     let mut moments = Vec::new();
     for i in 0..10 {
-        items.update_one(doc! { "_id": i }, doc! { "$set": { "n": i * 100, "sub.y": true }, "$unset": { "sub.x": "" } }).await?;
+        items
+            .update_one(doc! { "_id": i }, doc! { "$set": { "n": i * 100, "sub.y": true }, "$unset": { "sub.x": "" } })
+            .await?;
     }
     moments.push(moment(&c, "updates").await?);
 
@@ -176,7 +204,9 @@ async fn restores_match_recorded_moments_and_kill9_leaves_no_gap() -> Result<()>
     items.update_one(doc! { "_id": 3 }, doc! { "$pop": { "tags": 1 } }).await?;
     items.replace_one(doc! { "_id": 4 }, doc! { "replaced": true }).await?;
     orders.update_one(doc! { "_id": "o1" }, doc! { "$set": { "paid": true } }).await?;
-    c.database("shop").run_command(doc! { "createIndexes": "orders", "indexes": [{ "key": { "paid": 1 }, "name": "paid_1" }] }).await?;
+    c.database("shop")
+        .run_command(doc! { "createIndexes": "orders", "indexes": [{ "key": { "paid": 1 }, "name": "paid_1" }] })
+        .await?;
     moments.push(moment(&c, "array pop, replace, index").await?);
 
     let last = moments.last().map(|m| m.ts).context("no moments")?;
@@ -196,9 +226,14 @@ async fn restores_match_recorded_moments_and_kill9_leaves_no_gap() -> Result<()>
         )?;
         assert_eq!(report["last_applied_ts"], format!("ts:{}:{}", m.ts.0, m.ts.1), "{}: {report}", m.what);
         let got = state(&t).await?;
-        assert!(got == m.state, "restore to {} ({to}) differs:\n got {got:?}\nwant {:?}", m.what, m.state);
+        if got != m.state {
+            bail!("restore to {} ({to}) differs: {}\n{}", m.what, differences(&got, &m.state), env.stream_logs());
+        }
     }
-    let report = json(&env, &["restore", "--source", "mongo", "--to", "latest", "--target-uri", &target.direct_uri(), "--drop", "--json"])?;
+    let report = json(
+        &env,
+        &["restore", "--source", "mongo", "--to", "latest", "--target-uri", &target.direct_uri(), "--drop", "--json"],
+    )?;
     assert_eq!(report["data_loss_window_seconds"], 0.0, "{report}");
     assert_eq!(state(&t).await?, moments[3].state);
 
@@ -206,7 +241,8 @@ async fn restores_match_recorded_moments_and_kill9_leaves_no_gap() -> Result<()>
     let out = env.run(&["restore", "--source", "mongo", "--to", "latest", "--target-uri", &target.direct_uri()])?;
     assert!(!out.status.success());
     assert!(stderr_of(&out).contains("is not empty") && stderr_of(&out).contains("--drop"), "{}", stderr_of(&out));
-    let out = env.run(&["restore", "--source", "mongo", "--to", "ts:1:1", "--target-uri", &target.direct_uri(), "--drop"])?;
+    let out =
+        env.run(&["restore", "--source", "mongo", "--to", "ts:1:1", "--target-uri", &target.direct_uri(), "--drop"])?;
     assert!(!out.status.success());
     assert!(stderr_of(&out).contains("outside the recoverable MongoDB window"), "{}", stderr_of(&out));
     let out = env.run(&["restore", "--source", "mongo", "--to", "ts:12", "--target-uri", &target.direct_uri()])?;
@@ -272,7 +308,11 @@ fn unreachable_and_standalone_servers_are_refused() -> Result<()> {
     for args in [&["stream"][..], &["backup", "--source", "mongo"][..]] {
         let out = env.run(args)?;
         assert!(!out.status.success(), "{args:?}");
-        assert!(stderr_of(&out).contains("cannot reach MongoDB at mongodb://127.0.0.1:"), "{args:?}: {}", stderr_of(&out));
+        assert!(
+            stderr_of(&out).contains("cannot reach MongoDB at mongodb://127.0.0.1:"),
+            "{args:?}: {}",
+            stderr_of(&out)
+        );
     }
 
     let standalone = MongoServer::start(MongoOptions { standalone: true, ..Default::default() })?;

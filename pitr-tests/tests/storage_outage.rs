@@ -157,9 +157,9 @@ fn proxy_cutting_uploads_and_swallowing_replies() -> Result<()> {
     insert(&cluster, 1, 1000)?;
     cluster.pgbench(&["-i", "-s", "1", "-q"])?;
 
-    // From here every third connection breaks: half of those mid-request, half by losing the
-    // reply to a request that landed. The backup runs through it too.
-    proxy.break_every(3);
+    // From here the connection of every fifth request breaks: half of those mid-request, half by
+    // losing the reply to a request that landed. The backup runs through it too.
+    proxy.break_every(5);
     let (moment, at_moment) = std::thread::scope(|scope| -> Result<_> {
         let bench = scope.spawn(|| cluster.pgbench(&["-n", "-c", "2", "-T", "30"]));
         insert(&cluster, 1001, 500)?;
@@ -185,8 +185,9 @@ fn proxy_cutting_uploads_and_swallowing_replies() -> Result<()> {
     );
     assert!(cut > 0 && swallowed > 0, "the proxy broke nothing: {cut} requests cut, {swallowed} replies swallowed");
     eprintln!(
-        "proxy: {} connections, {cut} requests cut, {swallowed} replies swallowed; sidecar upload errors: {}",
+        "proxy: {} connections, {} requests, {cut} cut, {swallowed} replies swallowed; sidecar upload errors: {}",
         stats.connections.load(std::sync::atomic::Ordering::SeqCst),
+        stats.requests.load(std::sync::atomic::Ordering::SeqCst),
         metric(&env, "pitr_upload_errors_total")?
     );
     // `verify --deep` opens and authenticates every object: a half-written one would fail.
