@@ -120,7 +120,11 @@ fn fmt(us: i64) -> String {
 }
 
 /// Applies `opts.policy` to the cluster's backups, WAL and blocks.
-pub async fn expire(repo: &Repository, cluster: &ClusterInfo, opts: &ExpireOptions) -> Result<ExpireReport, ExpireError> {
+pub async fn expire(
+    repo: &Repository,
+    cluster: &ClusterInfo,
+    opts: &ExpireOptions,
+) -> Result<ExpireReport, ExpireError> {
     if opts.dry_run {
         return run(repo, cluster, opts, None).await;
     }
@@ -257,7 +261,11 @@ async fn run(
             Ok(()) => {
                 removed_bytes += manifest_sizes.get(&name).copied().unwrap_or(0);
                 let m = by_id[id.as_str()];
-                removed_backups.push(RemovedBackup { id: id.clone(), kind: m.kind.clone(), stop_time: fmt(m.stop_time_us) });
+                removed_backups.push(RemovedBackup {
+                    id: id.clone(),
+                    kind: m.kind.clone(),
+                    stop_time: fmt(m.stop_time_us),
+                });
             }
             Err(RepositoryError::Store(e)) if refused(&e) => {
                 retained.push(Retained { object: name, why: e.to_string() });
@@ -292,8 +300,12 @@ async fn run(
         for (&t, &segno) in &wal_plan.floors {
             let name = retention::floor_name(system_id, t, segno);
             let text = format!("timeline={t}\nsegno={segno}\nwritten_us={now}\n");
-            repo.put_sealed(&name, text.into_bytes(), ObjectMeta { timeline: t, ..ObjectMeta::plain(ObjectKind::Meta) })
-                .await?;
+            repo.put_sealed(
+                &name,
+                text.into_bytes(),
+                ObjectMeta { timeline: t, ..ObjectMeta::plain(ObjectKind::Meta) },
+            )
+            .await?;
         }
         let (gone, bytes) = delete_all(repo, &wal_names, &wal_sizes, 256, deadline, &mut retained).await?;
         removed_bytes += bytes;
@@ -322,7 +334,8 @@ async fn run(
     if blocks_skipped.is_none() {
         let listing = repo.list(&format!("pg/{system_id}/blocks/")).await?;
         let sizes: BTreeMap<String, u64> = listing.iter().map(|o| (o.name.clone(), o.size)).collect();
-        let unreferenced = retention::unreferenced_blocks(system_id, listing.iter().map(|o| o.name.as_str()), &survivors);
+        let unreferenced =
+            retention::unreferenced_blocks(system_id, listing.iter().map(|o| o.name.as_str()), &survivors);
         if opts.dry_run {
             removed_blocks = unreferenced.len();
             removed_bytes += unreferenced.iter().map(|n| sizes.get(n).copied().unwrap_or(0)).sum::<u64>();

@@ -16,7 +16,8 @@
 //! what a secondary is there for, so listings never cause deletes. A `required` secondary makes a
 //! put return only once it holds the object too, and a full queue waits instead of dropping.
 //!
-//! The writer lease (`pg/<id>/lease/`) is coordination on the primary only and is never copied.
+//! The writer lease (`pg/<id>/lease/`) and the running-backup markers and expire lock
+//! (`running/`) are coordination on the primary only and are never copied.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
@@ -128,7 +129,7 @@ pub struct BackfillSummary {
 
 /// Whether copies of `name` go to secondaries.
 pub fn is_replicated(name: &str) -> bool {
-    !is_lease_object(name)
+    !is_lease_object(name) && !crate::running::is_running_object(name)
 }
 
 /// Makes sure `secondary` is a copy of `primary`'s repository: copies the marker to a fresh one,
@@ -971,6 +972,7 @@ mod tests {
         let s = setup().await;
         let store = replicated(&s, false, 1 << 20);
         store.put_if_absent("pg/1/lease/0000000000000001", Bytes::from_static(b"l")).await.unwrap();
+        store.put_if_absent("running/backup.1.ab", Bytes::from_static(b"m")).await.unwrap();
         s.primary.put_if_absent("pg/1/cluster", Bytes::from_static(b"first")).await.unwrap();
         // A retry after a crash: the primary already has the name; what it holds is copied.
         assert_eq!(

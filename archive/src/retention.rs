@@ -246,11 +246,8 @@ pub fn select(
     if let Some(r) = running_since {
         window_start_us = window_start_us.min(r);
     }
-    let candidates: Vec<&BackupPoint> = order
-        .iter()
-        .copied()
-        .filter(|b| timelines.on_path(latest_timeline, b) == Some(true))
-        .collect();
+    let candidates: Vec<&BackupPoint> =
+        order.iter().copied().filter(|b| timelines.on_path(latest_timeline, b) == Some(true)).collect();
     let by_stop = |a: &&BackupPoint, b: &&BackupPoint| (a.stop_time_us, &a.id).cmp(&(b.stop_time_us, &b.id));
     let base = candidates
         .iter()
@@ -437,9 +434,7 @@ pub fn segment_ranges(layout: WalLayout, segments: &[(u32, u64)]) -> Vec<(u32, S
             _ => out.push((t, s, s, 1)),
         }
     }
-    out.into_iter()
-        .map(|(t, a, b, n)| (t, layout.segment_file_name(t, a), layout.segment_file_name(t, b), n))
-        .collect()
+    out.into_iter().map(|(t, a, b, n)| (t, layout.segment_file_name(t, a), layout.segment_file_name(t, b), n)).collect()
 }
 
 #[cfg(test)]
@@ -513,7 +508,8 @@ mod tests {
         assert!(s.expired.is_empty());
         // Children go before their parents.
         let policy = Policy { window_us: 0, ..policy };
-        let b = vec![point("f0", 0, None), point("i0", 0, Some("f0")), point("j0", 0, Some("i0")), point("f9", 9, None)];
+        let b =
+            vec![point("f0", 0, None), point("i0", 0, Some("f0")), point("j0", 0, Some("i0")), point("f9", 9, None)];
         let s = select(&b, &policy, MONDAY + 10 * DAY, &Timelines::default(), 1, None);
         assert_eq!(s.expired, vec!["j0".to_string(), "i0".to_string(), "f0".to_string()]);
     }

@@ -52,7 +52,9 @@ pub fn parse_name(name: &str) -> Option<Activity> {
     let us = |s: &str| u64::from_str_radix(s, 16).ok().and_then(|v| i64::try_from(v).ok());
     match parts.as_slice() {
         ["backup", started, _] => Some(Activity::Backup { started_us: us(started)? }),
-        ["expire", started, expires, _] => Some(Activity::Expire { started_us: us(started)?, expires_us: us(expires)? }),
+        ["expire", started, expires, _] => {
+            Some(Activity::Expire { started_us: us(started)?, expires_us: us(expires)? })
+        }
         _ => None,
     }
 }
@@ -124,9 +126,10 @@ impl BackupMarker {
         let mut said = false;
         loop {
             let now = now_us();
-            let live = list(repo).await?.into_iter().find(
-                |o| matches!(o.activity, Activity::Expire { expires_us, .. } if expires_us > now),
-            );
+            let live = list(repo)
+                .await?
+                .into_iter()
+                .find(|o| matches!(o.activity, Activity::Expire { expires_us, .. } if expires_us > now));
             let Some(lock) = live else { break };
             if !said {
                 let Activity::Expire { expires_us, .. } = lock.activity else { break };

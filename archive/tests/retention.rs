@@ -276,7 +276,8 @@ fn opts(policy: Policy, now_us: i64) -> ExpireOptions {
 /// The model: which backups should survive at `now`, computed from everything ever made.
 fn expected(made: &[Made], policy: &Policy, now: i64) -> (BTreeSet<String>, Option<Made>) {
     let mut keep = BTreeSet::new();
-    let formats = [("%Y-%m-%d", policy.daily), ("%G-W%V", policy.weekly), ("%Y-%m", policy.monthly), ("%Y", policy.yearly)];
+    let formats =
+        [("%Y-%m-%d", policy.daily), ("%G-W%V", policy.weekly), ("%Y-%m", policy.monthly), ("%Y", policy.yearly)];
     for (format, count) in formats {
         let mut newest: BTreeMap<String, &Made> = BTreeMap::new();
         for m in made {
@@ -343,7 +344,10 @@ async fn check_consistent(repo: &Repository, sim: &World, cut: i64, context: &st
     assert!(wal.contains(&l.object_name(&WalObject::History { timeline: 2 })) || sim.switch.is_none());
     for &(t, s) in &sim.segments {
         if !has(t, s) {
-            assert!(floors.get(&t).is_some_and(|&f| s < f), "{context}: segment {t}/{s} removed above its floor {floors:?}");
+            assert!(
+                floors.get(&t).is_some_and(|&f| s < f),
+                "{context}: segment {t}/{s} removed above its floor {floors:?}"
+            );
         }
     }
     // Restore to t uses the newest backup stopped by t; that changes only at stop times, so
@@ -543,8 +547,11 @@ async fn stopped_after_any_delete_the_repository_is_consistent_and_a_rerun_finis
 
         let full = scratch();
         copy_dir(template.path(), full.path());
-        let counting =
-            Arc::new(StopAfterDeletes { inner: LocalStore::new(full.path()), allowed: usize::MAX, done: AtomicUsize::new(0) });
+        let counting = Arc::new(StopAfterDeletes {
+            inner: LocalStore::new(full.path()),
+            allowed: usize::MAX,
+            done: AtomicUsize::new(0),
+        });
         let repo = Repository::new(counting.clone(), KeyRing::from_key("k", [9; 32]));
         let finished: ExpireReport = expire(&repo, &cluster(), &opts(policy, now)).await.unwrap();
         let total = counting.done.load(Ordering::SeqCst);
@@ -578,7 +585,11 @@ async fn stopped_after_any_delete_the_repository_is_consistent_and_a_rerun_finis
             assert!(leftover.len() <= 1, "{context}: {leftover:?}");
             repo.delete_many(&leftover).await.unwrap();
             expire(&repo, &cluster(), &opts(policy, now)).await.unwrap();
-            assert_eq!(tree(dir.path()), final_tree, "{context}: the rerun did not end where an uninterrupted run does");
+            assert_eq!(
+                tree(dir.path()),
+                final_tree,
+                "{context}: the rerun did not end where an uninterrupted run does"
+            );
         }
     }
 }

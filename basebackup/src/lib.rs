@@ -366,7 +366,8 @@ async fn incremental_parent(
         .into_iter()
         .filter(|b| b.timeline == timeline && b.server_version_num / 10000 == version / 10000)
         .max_by_key(|b| b.stop_lsn);
-    Ok(parent.ok_or_else(|| format!("there is no earlier backup on timeline {timeline} to take an incremental against")))
+    Ok(parent
+        .ok_or_else(|| format!("there is no earlier backup on timeline {timeline} to take an incremental against")))
 }
 
 struct Receiver {

@@ -1069,9 +1069,7 @@ pub async fn run_expire(
         stale_backup_after: config.retention.stale_backup_after,
         lock_ttl: config.retention.lock_ttl,
     };
-    pitr_archive::expire::expire(repo, &cluster, &opts)
-        .await
-        .with_context(|| format!("expire in {}", repo.location()))
+    pitr_archive::expire::expire(repo, &cluster, &opts).await.with_context(|| format!("expire in {}", repo.location()))
 }
 
 pub async fn expire(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
@@ -1099,8 +1097,11 @@ pub async fn expire(config_path: &Path, dry_run: bool, json: bool) -> Result<()>
     );
     println!("keeping {} backups:", report.kept.len());
     for b in &report.kept {
-        let reasons: Vec<String> =
-            b.reasons.iter().map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()).collect();
+        let reasons: Vec<String> = b
+            .reasons
+            .iter()
+            .map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())
+            .collect();
         println!("  {:<18} {:<11} {}", b.id, b.kind, reasons.join(", "));
     }
     for b in &report.removed_backups {
@@ -1116,7 +1117,10 @@ pub async fn expire(config_path: &Path, dry_run: bool, json: bool) -> Result<()>
         println!("blocks: {why}");
     }
     if report.blocks_left > 0 {
-        println!("blocks: the sweep reached its deadline; {} unreferenced blocks are left for the next run", report.blocks_left);
+        println!(
+            "blocks: the sweep reached its deadline; {} unreferenced blocks are left for the next run",
+            report.blocks_left
+        );
     }
     for x in &report.retained {
         println!("RETAINED {}: {}", x.object, x.why);
@@ -1130,7 +1134,11 @@ pub async fn expire(config_path: &Path, dry_run: bool, json: bool) -> Result<()>
         report.removed_wal_objects,
         report.removed_blocks,
         report.removed_bytes,
-        if report.retained.is_empty() { String::new() } else { format!("; {} objects retained by the storage", report.retained.len()) }
+        if report.retained.is_empty() {
+            String::new()
+        } else {
+            format!("; {} objects retained by the storage", report.retained.len())
+        }
     );
     Ok(())
 }

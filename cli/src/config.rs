@@ -8,8 +8,18 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
 /// Sections, in the order `$PITR_<SECTION>_<KEY>` is matched against.
-const SECTIONS: &[&str] =
-    &["repository", "encryption", "postgres", "stream", "backup", "metrics", "targets", "schedule", "mongo", "retention"];
+const SECTIONS: &[&str] = &[
+    "repository",
+    "encryption",
+    "postgres",
+    "stream",
+    "backup",
+    "metrics",
+    "targets",
+    "schedule",
+    "mongo",
+    "retention",
+];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -751,7 +761,8 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
         }
         let err = format!("{:#}", Config::parse(MINIMAL, &[("PITR_RETENTION_YEARLY".into(), "x".into())]).unwrap_err());
         assert!(err.contains("yearly"), "{err}");
-        let err = format!("{:#}", Config::parse(&format!("{MINIMAL}[schedule]\nexpire = \"daily\"\n"), &[]).unwrap_err());
+        let err =
+            format!("{:#}", Config::parse(&format!("{MINIMAL}[schedule]\nexpire = \"daily\"\n"), &[]).unwrap_err());
         assert!(err.contains("expire"), "{err}");
     }
 

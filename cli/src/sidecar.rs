@@ -79,7 +79,10 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     describe_gauge!("pitr_drill_rto_seconds", Unit::Seconds, "Recovery time measured by the last drill");
     describe_gauge!("pitr_drill_rpo_seconds", Unit::Seconds, "Data-loss window measured by the last drill");
     describe_gauge!("pitr_verify_findings", "Findings of the last scheduled verification (0 = archive whole)");
-    describe_counter!("pitr_expire_removed_objects_total", "Objects scheduled expire removed, by kind (backup, wal, block)");
+    describe_counter!(
+        "pitr_expire_removed_objects_total",
+        "Objects scheduled expire removed, by kind (backup, wal, block)"
+    );
     describe_counter!("pitr_expire_removed_bytes_total", Unit::Bytes, "Stored bytes scheduled expire removed");
     describe_counter!(
         "pitr_expire_retained_objects_total",
@@ -382,7 +385,11 @@ fn record_expire_metrics(r: &pitr_archive::expire::ExpireReport) {
     metrics::counter!("pitr_expire_removed_bytes_total").increment(r.removed_bytes);
     metrics::counter!("pitr_expire_retained_objects_total").increment(r.retained.len() as u64);
     gauge!("pitr_expire_kept_backups").set(r.kept.len() as f64);
-    gauge!("pitr_expire_block_sweep_skipped").set(if r.blocks_skipped.is_some() || r.blocks_left > 0 { 1.0 } else { 0.0 });
+    gauge!("pitr_expire_block_sweep_skipped").set(if r.blocks_skipped.is_some() || r.blocks_left > 0 {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 async fn run_drill(ctx: &SchedulerContext) -> Result<pitr_restore::drill::DrillReport> {
@@ -442,10 +449,18 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &mut bool)
                     if let Some(why) = &r.blocks_skipped {
                         tracing::info!(job = job.name, "block sweep skipped: {why}");
                     }
-                    tracing::info!(job = job.name, event = "end", result = "success",
-                        removed_backups = r.removed_backups.len(), removed_wal_objects = r.removed_wal_objects,
-                        removed_blocks = r.removed_blocks, removed_bytes = r.removed_bytes,
-                        retained = r.retained.len(), kept_backups = r.kept.len(), "scheduled expire done");
+                    tracing::info!(
+                        job = job.name,
+                        event = "end",
+                        result = "success",
+                        removed_backups = r.removed_backups.len(),
+                        removed_wal_objects = r.removed_wal_objects,
+                        removed_blocks = r.removed_blocks,
+                        removed_bytes = r.removed_bytes,
+                        retained = r.retained.len(),
+                        kept_backups = r.kept.len(),
+                        "scheduled expire done"
+                    );
                     count_run(job, true);
                 }
                 Err(e) => {

@@ -277,14 +277,37 @@ pub async fn restore(
     let mut grouper = Grouper::new();
     let (mut entries_applied, mut transactions_applied) = (0u64, 0u64);
     let mut last: Option<(Ts, i64)> = None;
-    let within = |e: &Entry| match opts.target {
-        MongoTarget::Latest => true,
-        MongoTarget::Ts(t) => e.ts <= t,
-        MongoTarget::Time(us) => e.time_us() <= us,
+    let slices: Vec<&String> = catalog.runs[run]
+        .slices
+        .iter()
+        .filter(|name| {
+            catalog.layout.parse_range(name, "oplog", ".slice").is_some_and(|(_, end)| end > snapshot.ts_before)
+        })
+        .collect();
+    // A time target becomes the newest ts whose wall time is at or before it: wall times need
+    // not rise in ts order, and replay must stay a prefix of the oplog.
+    let ts_limit = match opts.target {
+        MongoTarget::Latest => None,
+        MongoTarget::Ts(t) => Some(t),
+        MongoTarget::Time(us) => {
+            let mut newest = snapshot.ts_before;
+            for name in &slices {
+                let (_, bytes) = repo.get_opened(name).await?;
+                for raw in split_entries(name, &bytes)? {
+                    let d: Document = raw.try_into().map_err(|e: bson::raw::Error| MongoError::Corrupt {
+                        object: (*name).clone(),
+                        what: e.to_string(),
+                    })?;
+                    let e = Entry::from_document(&d)?;
+                    if e.time_us() <= us && e.ts > newest {
+                        newest = e.ts;
+                    }
+                }
+            }
+            Some(newest)
+        }
     };
-    let slices = catalog.runs[run].slices.iter().filter(|name| {
-        catalog.layout.parse_range(name, "oplog", ".slice").is_some_and(|(_, end)| end > snapshot.ts_before)
-    });
+    let within = |e: &Entry| ts_limit.is_none_or(|t| e.ts <= t);
     'slices: for name in slices {
         let (_, bytes) = repo.get_opened(name).await?;
         for raw in split_entries(name, &bytes)? {

@@ -482,9 +482,7 @@ impl Connection {
         }
         // The server's CopyData limit is far above this; smaller messages keep memory flat.
         for chunk in manifest.chunks(64 * 1024) {
-            frontend::CopyData::new(chunk)
-                .map_err(|e| PgError::Protocol(e.to_string()))?
-                .write(&mut self.wbuf);
+            frontend::CopyData::new(chunk).map_err(|e| PgError::Protocol(e.to_string()))?.write(&mut self.wbuf);
             self.flush().await?;
         }
         frontend::copy_done(&mut self.wbuf);

@@ -113,7 +113,7 @@ impl Exchange<'_> {
         let every = self.faults.every.load(Ordering::SeqCst);
         self.sent.store(0, Ordering::SeqCst);
         self.cut_at.store(u64::MAX, Ordering::SeqCst);
-        if self.faults.on.load(Ordering::SeqCst) && every > 0 && r % every == 0 {
+        if self.faults.on.load(Ordering::SeqCst) && r.checked_rem(every) == Some(0) {
             // Doomed requests take turns: one is cut part-way (within its first few kB: headers
             // or body), the next is delivered whole and loses its reply.
             let turn = r / every;

@@ -183,7 +183,9 @@ fn pg15_expire_dry_run_changes_nothing_stops_anywhere_consistently_and_the_windo
     assert!(!env.wal_dir()?.join(&old_segment).exists(), "{old_segment} is still there");
     let floors = std::fs::read_dir(env.repo_path().join(format!("pg/{system_id}/retention")))?.count();
     assert_eq!(floors, 1);
-    assert!(!env.repo_path().join("running").exists() || std::fs::read_dir(env.repo_path().join("running"))?.count() == 0);
+    assert!(
+        !env.repo_path().join("running").exists() || std::fs::read_dir(env.repo_path().join("running"))?.count() == 0
+    );
     verify_ok(&env.config, true)?;
 
     let (server, out) = env.restore_started(&moment, cluster.bin_dir(), &["--json", "--timeout", "120s"])?;
@@ -193,7 +195,10 @@ fn pg15_expire_dry_run_changes_nothing_stops_anywhere_consistently_and_the_windo
 
     // Nothing more to do: a second run removes nothing.
     let again = json(&env.run_ok(&["expire", "--json"])?)?;
-    assert!(ids(&again["removed_backups"]).is_empty() && again["removed_wal_objects"] == 0 && again["removed_blocks"] == 0, "{again:#}");
+    assert!(
+        ids(&again["removed_backups"]).is_empty() && again["removed_wal_objects"] == 0 && again["removed_blocks"] == 0,
+        "{again:#}"
+    );
     Ok(())
 }
 
@@ -210,7 +215,9 @@ fn pg15_backups_racing_expire_never_reference_a_missing_block() -> Result<()> {
         let id = list["system_id"].as_u64().context("system_id")?;
         // Its manifest gone, its blocks are unreferenced, and the next backup of the same data
         // would reuse them: just what a sweep must not delete under it.
-        std::fs::remove_file(env.repo_path().join(format!("pg/{id}/backups/{}.manifest", first["id"].as_str().unwrap_or(""))))?;
+        std::fs::remove_file(
+            env.repo_path().join(format!("pg/{id}/backups/{}.manifest", first["id"].as_str().unwrap_or(""))),
+        )?;
         id
     };
     let (mut waited, mut skipped, mut swept) = (0, 0, 0);

@@ -93,7 +93,8 @@ fn chain_round_trip(major: u32) -> Result<()> {
         assert_eq!(b["kind"], "incremental", "{b}");
         assert_eq!(b["parent"], backups[i - 1]["id"], "incremental {i} is not on the previous backup: {b}");
         assert!(b["fallback"].is_null(), "{b}");
-        let (stored, full_stored) = (b["bytes_stored"].as_u64().unwrap_or(0), full["bytes_stored"].as_u64().unwrap_or(0));
+        let (stored, full_stored) =
+            (b["bytes_stored"].as_u64().unwrap_or(0), full["bytes_stored"].as_u64().unwrap_or(0));
         eprintln!(
             "PG{major} incremental {i}: read {} stored {stored} bytes; the full backup read {} stored {full_stored}",
             b["bytes_read"], full["bytes_read"]
@@ -150,7 +151,12 @@ fn chain_round_trip(major: u32) -> Result<()> {
         .args(["-h", &chain_server.target.display().to_string(), "-p", &chain_server.port.to_string()])
         .args(["-U", "postgres", "--all", "--install-missing", "--heapallindexed"])
         .output()?;
-    assert!(out.status.success(), "pg_amcheck: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pg_amcheck: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // summarize_wal off: an incremental is asked for, a full backup taken, and the reason said.
     cluster.psql("alter system set summarize_wal = off")?;
@@ -169,14 +175,24 @@ fn chain_round_trip(major: u32) -> Result<()> {
     let verify: serde_json::Value = serde_json::from_slice(&verify.stdout)?;
     let findings = verify["findings"].as_array().context("no findings")?;
     assert!(
-        findings.iter().any(|f| f["kind"] == "missing-parent" && f["message"].as_str().is_some_and(|m| m.contains(middle))),
+        findings
+            .iter()
+            .any(|f| f["kind"] == "missing-parent" && f["message"].as_str().is_some_and(|m| m.contains(middle))),
         "{verify:#}"
     );
     let target = pitr_tests::scratch_dir("orphan-restore");
     let out = env.run(&["restore", "--to", at, "--target-dir", &target.path().join("data").display().to_string()])?;
     let (_, message) = pitr_tests::checks::failure_of("restore through a lost parent", &out, &[middle, "--backup"]);
     assert!(!target.path().join("data").exists(), "{message}");
-    let out = env.run(&["restore", "--to", at, "--backup", full_id, "--target-dir", &target.path().join("data").display().to_string()])?;
+    let out = env.run(&[
+        "restore",
+        "--to",
+        at,
+        "--backup",
+        full_id,
+        "--target-dir",
+        &target.path().join("data").display().to_string(),
+    ])?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }

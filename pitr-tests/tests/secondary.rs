@@ -59,7 +59,8 @@ fn acknowledged(cluster: &PgCluster) -> Result<u64> {
     Ok(if lsn.is_empty() { 0 } else { lsn_to_u64(&lsn) })
 }
 
-/// Objects under `root`, by relative name, leases excluded.
+/// Objects under `root`, by relative name; the lease and `running/` (coordination on the primary
+/// only, never copied) excluded.
 fn objects(root: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -70,7 +71,10 @@ fn objects(root: &Path) -> Result<Vec<String>> {
             let name = path.strip_prefix(root)?.display().to_string();
             if e.file_type()?.is_dir() {
                 stack.push(path);
-            } else if !name.contains("/lease/") && !e.file_name().to_string_lossy().starts_with(".tmp.") {
+            } else if !name.contains("/lease/")
+                && !name.starts_with("running/")
+                && !e.file_name().to_string_lossy().starts_with(".tmp.")
+            {
                 out.push(name);
             }
         }

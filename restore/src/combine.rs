@@ -14,7 +14,9 @@ use pitr_pgwire::incremental::IncrementalHeader;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// The whole file, of this many bytes.
-    Full { size: u64 },
+    Full {
+        size: u64,
+    },
     Incremental(IncrementalHeader),
 }
 
@@ -76,9 +78,7 @@ pub fn runs(map: &BlockMap, page_size: u32) -> Vec<Run> {
         let dst_offset = b as u64 * page;
         match out.last_mut() {
             Some(r)
-                if r.source == source
-                    && r.src_offset + r.len == src_offset
-                    && r.dst_offset + r.len == dst_offset =>
+                if r.source == source && r.src_offset + r.len == src_offset && r.dst_offset + r.len == dst_offset =>
             {
                 r.len += page
             }

@@ -360,9 +360,8 @@ async fn plan_combined(
         }
     }
     let page_size = chain.last().map(|b| b.page_size).unwrap_or(8192);
-    let map = block_map(&sources, page_size).map_err(|_| {
-        RestoreError::Other(format!("cannot combine {path}: no backup of the chain holds it in full"))
-    })?;
+    let map = block_map(&sources, page_size)
+        .map_err(|_| RestoreError::Other(format!("cannot combine {path}: no backup of the chain holds it in full")))?;
     let size = map.len() as u64 * page_size as u64;
     let mut by_block: BTreeMap<(usize, usize), BlockJob> = BTreeMap::new();
     let block_sizes: Vec<u64> = files.iter().map(|(b, _)| b.block_size).collect();

@@ -124,7 +124,14 @@ fn main() -> Result<()> {
         pitr_tests::chown_to_pg_user(dir.path())?;
         let target = dir.path().join("data");
         let (_, secs) = timed(|| {
-            let out = env.run_as_pg_user(&["restore", "--to", "latest", "--target-dir", &target.display().to_string(), "--json"])?;
+            let out = env.run_as_pg_user(&[
+                "restore",
+                "--to",
+                "latest",
+                "--target-dir",
+                &target.display().to_string(),
+                "--json",
+            ])?;
             if !out.status.success() {
                 bail!("restore: {}", String::from_utf8_lossy(&out.stderr));
             }
