@@ -190,7 +190,7 @@ async fn run(
         match o.activity {
             Activity::Backup { started_us } if now - started_us < stale_us => live_markers.push((o.name, started_us)),
             Activity::Backup { .. } => stale.push(o.name),
-            Activity::Expire { expires_us, .. } if expires_us <= now && !lock.is_some_and(|l| l.name() == o.name) => {
+            Activity::Expire { expires_us, .. } if expires_us <= now && lock.is_none_or(|l| l.name() != o.name) => {
                 stale.push(o.name)
             }
             Activity::Expire { .. } => {}

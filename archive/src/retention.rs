@@ -359,7 +359,7 @@ pub fn plan_wal(
             }
         }
         let floor = window_from.unwrap_or(u64::MAX);
-        if deleted_any && !recorded_floors.get(&t).is_some_and(|&f| f >= floor) {
+        if deleted_any && recorded_floors.get(&t).is_none_or(|&f| f < floor) {
             plan.floors.insert(t, floor);
         }
     }

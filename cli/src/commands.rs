@@ -278,9 +278,8 @@ pub async fn stream(config_path: &Path) -> Result<()> {
         if result.is_err() {
             mongo.abort();
         }
-        match mongo.await {
-            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "the MongoDB oplog tailer failed"),
-            Ok(Ok(())) | Err(_) => {}
+        if let Ok(Err(e)) = mongo.await {
+            tracing::error!(error = %format!("{e:#}"), "the MongoDB oplog tailer failed");
         }
     }
     catalog_gauges.abort();

@@ -222,7 +222,7 @@ fn print_report(r: &MongoRestoreReport, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(r)?);
         return Ok(());
     }
-    println!("restored {} ({}) to {} into {}", r.name, "mongo", r.target, r.target_uri);
+    println!("restored {} (mongo) to {} into {}", r.name, r.target, r.target_uri);
     println!(
         "  snapshot used:          {} (oplog {} .. {}, consistent at {})",
         r.snapshot_id, r.snapshot_ts_before, r.snapshot_ts_after, r.snapshot_consistent_time

@@ -34,11 +34,11 @@ pub enum MongoError {
     #[error("MongoDB URI {uri}: {why}")]
     BadUri { uri: String, why: String },
     #[error("cannot reach MongoDB at {uri}: {source}")]
-    Connect { uri: String, source: mongodb::error::Error },
+    Connect { uri: String, source: Box<mongodb::error::Error> },
     #[error("MongoDB at {uri} is not a replica-set member (`hello` names no set), so it has no oplog; pitr needs a replica set (a one-member set is enough: start the server with --replSet and run rs.initiate())")]
     NotReplicaSet { uri: String },
     #[error("MongoDB at {uri}: {what}: {source}")]
-    Server { uri: String, what: String, source: mongodb::error::Error },
+    Server { uri: String, what: String, source: Box<mongodb::error::Error> },
     #[error(transparent)]
     Repository(#[from] RepositoryError),
     #[error(transparent)]
@@ -83,12 +83,13 @@ pub async fn connect(uri: &str, timeout: Duration) -> Result<Connected, MongoErr
     opts.server_selection_timeout.get_or_insert(timeout);
     opts.connect_timeout.get_or_insert(timeout);
     opts.app_name.get_or_insert_with(|| "pitr".into());
-    let client = Client::with_options(opts).map_err(|e| MongoError::Connect { uri: shown.clone(), source: e })?;
+    let client =
+        Client::with_options(opts).map_err(|e| MongoError::Connect { uri: shown.clone(), source: Box::new(e) })?;
     let hello = client
         .database("admin")
         .run_command(doc! { "hello": 1 })
         .await
-        .map_err(|e| MongoError::Connect { uri: shown.clone(), source: e })?;
+        .map_err(|e| MongoError::Connect { uri: shown.clone(), source: Box::new(e) })?;
     let set_name = hello.get_str("setName").ok().map(str::to_string);
     Ok(Connected { client, uri: shown, set_name })
 }
@@ -101,7 +102,7 @@ impl Connected {
 
     pub fn server_err(&self, what: impl Into<String>) -> impl FnOnce(mongodb::error::Error) -> MongoError + '_ {
         let what = what.into();
-        move |source| MongoError::Server { uri: self.uri.clone(), what, source }
+        move |source| MongoError::Server { uri: self.uri.clone(), what, source: Box::new(source) }
     }
 
     /// The oldest (`newest = false`) or newest entry of the oplog: its `ts` and wall time.

@@ -92,7 +92,7 @@ fn describe_windows(c: &MongoCatalog) -> String {
 }
 
 /// The snapshot to start from and the run its oplog is in.
-fn choose<'a>(c: &'a MongoCatalog, target: MongoTarget) -> Result<(&'a SnapshotManifest, usize), MongoError> {
+fn choose(c: &MongoCatalog, target: MongoTarget) -> Result<(&SnapshotManifest, usize), MongoError> {
     let outside = || MongoError::OutsideWindow { target: target.to_string(), windows: describe_windows(c) };
     let mut best = None;
     for s in &c.snapshots {
@@ -203,7 +203,7 @@ async fn apply_write(conn: &Connected, w: &Write) -> Result<(), MongoError> {
         Write::DropDatabase { db } => c.database(db).drop().await,
         Write::CollMod { ns, command } => c.database(&ns.db).run_command(command.clone()).await.map(|_| ()),
     };
-    res.map_err(|e| MongoError::Server { uri: conn.uri.clone(), what: what(), source: e })
+    res.map_err(|e| MongoError::Server { uri: conn.uri.clone(), what: what(), source: Box::new(e) })
 }
 
 pub async fn restore(

@@ -247,7 +247,7 @@ async fn run_once(
                         .send(Msg::Failed(MongoError::Server {
                             uri: uri.clone(),
                             what: "tailing local.oplog.rs".into(),
-                            source: e,
+                            source: Box::new(e),
                         }))
                         .await;
                     return;

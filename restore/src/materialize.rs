@@ -100,11 +100,14 @@ fn local_path(path: &str) -> String {
     }
 }
 
+/// Where a stored block's bytes go: `(output file, byte range of the block, offset in the file)`;
+/// the range is `None` for the whole block.
+type PieceWrite = (Arc<PathBuf>, Option<(u64, u64)>, u64);
+
 /// One stored block to fetch, and where its bytes go.
 struct BlockJob {
     block_id: String,
-    /// `(output file, byte range of the block, offset in the file)`; `None` for the whole block.
-    writes: Vec<(Arc<PathBuf>, Option<(u64, u64)>, u64)>,
+    writes: Vec<PieceWrite>,
 }
 
 /// An output file and the jobs that fill it.
@@ -246,7 +249,7 @@ fn output_files(backup: &BackupManifest) -> impl Iterator<Item = (String, &Backu
     backup.files.iter().map(|f| (full_path_of(&f.path).unwrap_or_else(|| f.path.clone()), f))
 }
 
-fn write_pieces(data: &[u8], writes: &[(Arc<PathBuf>, Option<(u64, u64)>, u64)]) -> Result<u64, RestoreError> {
+fn write_pieces(data: &[u8], writes: &[PieceWrite]) -> Result<u64, RestoreError> {
     let mut written = 0;
     for (path, range, at) in writes {
         let bytes = match *range {
