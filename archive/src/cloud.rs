@@ -11,7 +11,8 @@
 //! - a bound on concurrent requests per repository across the whole process;
 //! - connect and request timeouts, so a dead or frozen server gives errors and retries rather than
 //!   requests that hang;
-//! - S3 Object Lock retention on every object written ([`ObjectLock`]).
+//! - S3 Object Lock retention on every object written ([`ObjectLock`]), and extending it
+//!   ([`Store::extend_retention`], which `pitr expire` uses for backups kept longer).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -83,6 +84,7 @@ impl Default for CloudOptions {
 /// S3 Object Lock: every object is written with `x-amz-object-lock-mode` and a
 /// retain-until date `days` after the write, so nobody (COMPLIANCE), or nobody without
 /// `s3:BypassGovernanceRetention` (GOVERNANCE), can delete or overwrite that version before then.
+/// [`Store::extend_retention`] moves that date later (never earlier).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectLock {
     pub mode: LockMode,
@@ -127,7 +129,10 @@ pub struct CloudStore {
     multipart: Option<(usize, usize)>,
     retry_timeout: Duration,
     backoff: (Duration, Duration),
+    max_retries: usize,
     object_lock: Option<ObjectLock>,
+    /// With Object Lock on S3: reading and extending retention.
+    retention: Option<Arc<crate::s3::RetentionApi>>,
 }
 
 /// S3 takes at most 5 GiB in one PUT.
@@ -165,6 +170,7 @@ impl CloudStore {
                 opts.multipart_part_size, opts.multipart_threshold
             )));
         }
+        let mut retention = None;
         let (inner, multipart): (Arc<dyn ObjectStore>, _) = match scheme {
             "s3" => {
                 // With Object Lock every object up to S3's single-PUT limit goes up in one request:
@@ -174,7 +180,9 @@ impl CloudStore {
                     Some(_) => opts.multipart_threshold.max(S3_MAX_SINGLE_PUT),
                     None => opts.multipart_threshold,
                 };
-                (Arc::new(crate::s3::build(bucket, opts).map_err(bad)?), Some((threshold, opts.multipart_part_size)))
+                let (s3, api) = crate::s3::build(bucket, opts).map_err(bad)?;
+                retention = api.map(Arc::new);
+                (Arc::new(s3), Some((threshold, opts.multipart_part_size)))
             }
             "gs" => {
                 if opts.object_lock.is_some() {
@@ -195,7 +203,9 @@ impl CloudStore {
             multipart,
             retry_timeout: opts.retry_timeout,
             backoff: (opts.retry_initial_backoff, opts.retry_max_backoff),
+            max_retries: opts.max_retries,
             object_lock: opts.object_lock.clone(),
+            retention,
         })
     }
 
@@ -295,6 +305,43 @@ impl CloudStore {
         match existing {
             Ok(existing) if existing == *data => PutOutcome::Created,
             _ => PutOutcome::AlreadyExists,
+        }
+    }
+
+    /// One retention request, with a request permit, retried (it is idempotent) on transient
+    /// failures within `max_retries` and `retry_timeout`.
+    async fn retention_request<T, F, Fut>(&self, op: &'static str, name: &str, request: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, crate::s3::RetentionFailure>>,
+    {
+        use crate::s3::RetentionFailure;
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            let result = {
+                let _permit = self.permit().await;
+                request().await
+            };
+            let (name, location) = (name.to_string(), self.location.clone());
+            match result {
+                Ok(v) => return Ok(v),
+                Err(RetentionFailure::Transient(message))
+                    if (attempt as usize) < self.max_retries && started.elapsed() < self.retry_timeout =>
+                {
+                    let wait = self.backoff(attempt);
+                    attempt += 1;
+                    tracing::debug!(object = %name, %location, error = %message, retry_in = ?wait, attempt, "{op} failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(RetentionFailure::NotFound) => return Err(StoreError::NotFound { name, location }),
+                Err(RetentionFailure::Denied(message)) => {
+                    return Err(StoreError::Denied { op, name, location, message })
+                }
+                Err(RetentionFailure::Transient(message) | RetentionFailure::Failed(message)) => {
+                    return Err(StoreError::Backend { op, name, location, message })
+                }
+            }
         }
     }
 
@@ -445,6 +492,39 @@ impl Store for CloudStore {
 
     fn location(&self) -> String {
         self.location.clone()
+    }
+
+    fn has_retention(&self) -> bool {
+        self.retention.is_some()
+    }
+
+    async fn extend_retention(&self, name: &str, until_us: i64) -> Result<bool, StoreError> {
+        let (Some(api), Some(lock)) = (&self.retention, &self.object_lock) else { return Ok(false) };
+        let key = self.key(name)?;
+        // S3 keeps whole seconds: round up, so that the date read back next time compares as
+        // reaching `until_us` and is not extended again.
+        let until_us = until_us.saturating_add(999_999).div_euclid(1_000_000).saturating_mul(1_000_000);
+        let until = crate::s3::s3_date(until_us).ok_or_else(|| StoreError::Backend {
+            op: "extend retention of",
+            name: name.to_string(),
+            location: self.location.clone(),
+            message: format!("retain-until {until_us} µs is not a representable date"),
+        })?;
+        // Read first: only ever extend (S3 refuses shortening a COMPLIANCE retention, and a
+        // GOVERNANCE one without the bypass permission), and a HEAD is cheaper than a PUT.
+        let current = self.retention_request("read retention of", name, || api.get(&key)).await?;
+        if current.until_us.is_some_and(|u| u >= until_us) {
+            return Ok(false);
+        }
+        // Never weaken: a COMPLIANCE object stays COMPLIANCE (S3 refuses the change) even if the
+        // configuration now says GOVERNANCE; GOVERNANCE may be raised to COMPLIANCE.
+        let mode = match (current.mode, lock.mode) {
+            (Some(LockMode::Compliance), _) | (_, LockMode::Compliance) => LockMode::Compliance,
+            _ => LockMode::Governance,
+        };
+        let version = current.version_id.as_deref();
+        self.retention_request("extend retention of", name, || api.put(&key, version, mode, &until)).await?;
+        Ok(true)
     }
 }
 

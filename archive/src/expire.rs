@@ -10,13 +10,23 @@
 //! A delete the storage refuses (S3 Object Lock: [`StoreError::Denied`], or a permission error)
 //! does not stop the run: the object is reported as retained, and a backup whose manifest stays
 //! keeps its WAL and blocks. Other errors end the run, leaving what is done done.
+//!
+//! Then, where the store has a retention to extend (S3 Object Lock, [`Store::has_retention`]) and
+//! not in a dry run: every object a backup kept by a GFS rule needs (its manifest, its blocks, the
+//! WAL from its start to its stop segment and its timeline's history) has its retention extended
+//! to the latest date the policy may keep that backup ([`retention::keep_until`]; for an object
+//! several backups need, the latest of their dates). This runs after the expire lock is released:
+//! it deletes nothing, so backups need not wait for it.
+//!
+//! [`Store::has_retention`]: crate::store::Store::has_retention
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde::Serialize;
 
-use crate::backup::{manifest_name, BackupManifest};
+use crate::backup::{block_name, manifest_name, BackupManifest};
 use crate::layout::{ClusterInfo, Repository, RepositoryError, WalCatalog, WalLayout, WalObject};
 use crate::retention::{self, BackupPoint, Policy, Reason, Timelines};
 use crate::running::{self, Activity, ExpireLock, LockError};
@@ -73,12 +83,26 @@ pub struct WalRange {
     pub segments: usize,
 }
 
-/// An object the storage refused to delete.
+/// An object the storage refused to delete (or, in `retention_failed`, whose retention could
+/// not be extended).
 #[derive(Debug, Clone, Serialize)]
 pub struct Retained {
     pub object: String,
     pub why: String,
 }
+
+/// A kept backup whose objects the storage must keep until `until` (S3 Object Lock).
+#[derive(Debug, Clone, Serialize)]
+pub struct RetentionTarget {
+    pub id: String,
+    pub until: String,
+    /// Objects it needs (some shared with other backups).
+    pub objects: usize,
+}
+
+/// Retention extensions in flight at once; the store's own request bound
+/// (`[repository] max_concurrency`) applies below this.
+const RETENTION_CONCURRENCY: usize = 32;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ExpireReport {
@@ -106,6 +130,17 @@ pub struct ExpireReport {
     pub running_backups: Vec<String>,
     /// Markers and locks of crashed runs, removed (dry run: found).
     pub stale_removed: Vec<String>,
+    /// With S3 Object Lock: the backups kept by a GFS rule, each with the date its objects are to
+    /// be retained until (see [`retention::keep_until`]). Empty where the store has no retention.
+    pub retention_until: Vec<RetentionTarget>,
+    /// Distinct objects of those backups whose retention was read (not in a dry run), and of
+    /// those, how many had it extended (the rest reached their date already).
+    pub retention_checked: usize,
+    pub retention_extended: usize,
+    /// Objects of those backups that were not there (`pitr verify` reports what that breaks).
+    pub retention_missing: usize,
+    /// Objects whose retention could not be extended, each with the error.
+    pub retention_failed: Vec<Retained>,
 }
 
 /// Whether a failed delete was the storage refusing it, rather than a failure.
@@ -126,12 +161,96 @@ pub async fn expire(
     opts: &ExpireOptions,
 ) -> Result<ExpireReport, ExpireError> {
     if opts.dry_run {
-        return run(repo, cluster, opts, None).await;
+        return run(repo, cluster, opts, None).await.map(|(report, _)| report);
     }
     let lock = ExpireLock::acquire(repo, opts.now_us, opts.lock_ttl).await?;
     let result = run(repo, cluster, opts, Some(&lock)).await;
     lock.release().await;
-    result
+    let (mut report, retain) = result?;
+    extend_retention(repo, retain, &mut report).await;
+    Ok(report)
+}
+
+/// What each kept backup needs retained, and until when: `(targets for the report, object →
+/// latest date)`. Dates already past are left out (nothing to extend).
+fn retention_plan(
+    system_id: u64,
+    wal: &WalCatalog,
+    survivors: &[&BackupManifest],
+    until: &BTreeMap<String, i64>,
+    now_us: i64,
+) -> (Vec<RetentionTarget>, BTreeMap<String, i64>) {
+    let layout = wal.layout;
+    let mut targets = Vec::new();
+    let mut objects: BTreeMap<String, i64> = BTreeMap::new();
+    for m in survivors {
+        let Some(&date) = until.get(&m.id) else { continue };
+        if date <= now_us {
+            continue;
+        }
+        let mut names = vec![manifest_name(system_id, &m.id)];
+        names.extend(m.files.iter().flat_map(|f| f.blocks.iter()).map(|b| block_name(system_id, b)));
+        // What restoring it to its consistency point reads: the WAL from its start to its stop
+        // segment. A whole segment's chunks are not retained (compaction deletes them, and
+        // locked versions of deleted objects cost storage until their date); a segment still in
+        // chunks has them retained instead.
+        for segno in layout.segno_of(m.start_lsn)..=layout.segno_of(m.stop_lsn) {
+            let Some(entry) = wal.segments.get(&(m.timeline, segno)) else { continue };
+            if entry.whole {
+                names.push(layout.object_name(&WalObject::Segment { timeline: m.timeline, segno }));
+            } else {
+                for &(from, to) in &entry.chunks {
+                    names.push(layout.object_name(&WalObject::Chunk { timeline: m.timeline, segno, from, to }));
+                }
+            }
+        }
+        if wal.histories.contains(&m.timeline) {
+            names.push(layout.object_name(&WalObject::History { timeline: m.timeline }));
+        }
+        names.sort();
+        names.dedup();
+        targets.push(RetentionTarget { id: m.id.clone(), until: fmt(date), objects: names.len() });
+        for name in names {
+            let e = objects.entry(name).or_insert(date);
+            *e = (*e).max(date);
+        }
+    }
+    (targets, objects)
+}
+
+/// Extends the retention of each planned object, a bounded number at a time, into `report`.
+///
+/// A failure is reported, naming the object, and the rest go on: the deletes are done by now and
+/// do not depend on it, the object keeps the retention it has (at least its write-time
+/// `object_lock_days`), and the next run tries again. `pitr expire` exits non-zero when any
+/// failed, so that it is seen.
+async fn extend_retention(repo: &Repository, plan: BTreeMap<String, i64>, report: &mut ExpireReport) {
+    if plan.is_empty() {
+        return;
+    }
+    let store = repo.store().clone();
+    let mut results = futures_util::stream::iter(plan.into_iter().map(|(name, until)| {
+        let store = store.clone();
+        async move {
+            let result = store.extend_retention(&name, until).await;
+            (name, result)
+        }
+    }))
+    .buffer_unordered(RETENTION_CONCURRENCY);
+    while let Some((name, result)) = results.next().await {
+        match result {
+            Ok(extended) => {
+                report.retention_checked += 1;
+                report.retention_extended += usize::from(extended);
+            }
+            Err(e) if e.is_not_found() => report.retention_missing += 1,
+            Err(e) => {
+                tracing::warn!(object = %name, error = %e, "could not extend the object's retention");
+                report.retention_failed.push(Retained { object: name, why: e.to_string() });
+            }
+        }
+    }
+    report.retention_failed.sort_by(|a, b| a.object.cmp(&b.object));
 }
 
 /// Deletes `names` (in order for `batch` 1), collecting refusals; stops at `deadline`.
@@ -178,7 +297,7 @@ async fn run(
     cluster: &ClusterInfo,
     opts: &ExpireOptions,
     lock: Option<&ExpireLock>,
-) -> Result<ExpireReport, ExpireError> {
+) -> Result<(ExpireReport, BTreeMap<String, i64>), ExpireError> {
     let system_id = cluster.system_id;
     let now = opts.now_us;
     let stale_us = opts.stale_backup_after.as_micros() as i64;
@@ -359,6 +478,13 @@ async fn run(
         delete_all(repo, &stale, &BTreeMap::new(), 64, None, &mut retained).await?;
     }
 
+    let (retention_until, retain) = if repo.store().has_retention() {
+        let until = retention::keep_until(&points, &opts.policy, now);
+        retention_plan(system_id, &wal, &survivors, &until, now)
+    } else {
+        (Vec::new(), BTreeMap::new())
+    };
+
     let kept = points
         .iter()
         .filter(|p| !removed_ids.contains(p.id.as_str()))
@@ -368,7 +494,7 @@ async fn run(
             reasons: selection.kept.get(&p.id).map(|r| r.iter().copied().collect()).unwrap_or_default(),
         })
         .collect();
-    Ok(ExpireReport {
+    let report = ExpireReport {
         dry_run: opts.dry_run,
         now: fmt(now),
         window_start: fmt(selection.window_start_us),
@@ -390,5 +516,11 @@ async fn run(
         stopped_at_deadline,
         running_backups,
         stale_removed: stale,
-    })
+        retention_until,
+        retention_checked: 0,
+        retention_extended: 0,
+        retention_missing: 0,
+        retention_failed: Vec::new(),
+    };
+    Ok((report, retain))
 }

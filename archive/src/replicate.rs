@@ -779,6 +779,16 @@ impl Store for ReplicatedStore {
     fn location(&self) -> String {
         self.primary.location()
     }
+
+    // The primary's only: secondaries are opened without Object Lock (their client settings
+    // take the defaults), so they have no retention to extend.
+    fn has_retention(&self) -> bool {
+        self.primary.has_retention()
+    }
+
+    async fn extend_retention(&self, name: &str, until_us: i64) -> Result<bool, StoreError> {
+        self.primary.extend_retention(name, until_us).await
+    }
 }
 
 #[cfg(test)]

@@ -29,10 +29,21 @@
 //!
 //! # Blocks
 //! A block stays if a kept manifest lists it.
+//!
+//! # How long a kept backup may stay ([`keep_until`])
+//! For S3 Object Lock, `pitr expire` extends the retention of what a backup kept by a GFS rule
+//! needs (manifest, blocks, WAL from its start to its stop) to the latest time the rules keep it,
+//! *if from now on every day (week, month, year) gets a backup*: a backup in the k-th newest
+//! bucket of a rule keeping N goes once N − k + 1 newer buckets have backups, so at the latest at
+//! the start of the bucket N − k + 1 after the current one (for a regular schedule: the start of
+//! the N-th bucket after its own). That is an upper bound only for such a schedule: where buckets
+//! stay empty the backup is kept longer, and a later run, counting fewer newer buckets, computes a
+//! later date and extends again. The window rules give no date (write-time `object_lock_days`
+//! covers them); an ancestor gets the latest date of what is built on it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::{DateTime, Datelike};
+use chrono::{DateTime, Datelike, Days, Months, NaiveDate};
 use serde::Serialize;
 
 use crate::backup::{block_name, BackupManifest};
@@ -209,6 +220,94 @@ fn buckets(us: i64) -> [(i32, u32, u32); 4] {
     [(t.year(), t.month(), t.day()), (w.year(), w.week(), 0), (t.year(), t.month(), 0), (t.year(), 0, 0)]
 }
 
+fn by_start(backups: &[BackupPoint]) -> Vec<&BackupPoint> {
+    let mut order: Vec<&BackupPoint> = backups.iter().collect();
+    order.sort_by(|a, b| (a.start_time_us, &a.id).cmp(&(b.start_time_us, &b.id)));
+    order
+}
+
+/// A backup a GFS rule keeps: the newest of the `rank`-th newest bucket (from 1) with a backup.
+struct Pick<'a> {
+    backup: &'a BackupPoint,
+    /// 0 daily, 1 weekly, 2 monthly, 3 yearly (the index into [`buckets`]).
+    rule: usize,
+    reason: Reason,
+    count: u32,
+    rank: u32,
+}
+
+/// What each GFS rule keeps, `order` sorted by start time.
+fn gfs_picks<'a>(order: &[&'a BackupPoint], policy: &Policy) -> Vec<Pick<'a>> {
+    let rules = [(policy.daily, Reason::Daily), (policy.weekly, Reason::Weekly), (policy.monthly, Reason::Monthly)];
+    let rules = rules.into_iter().chain([(policy.yearly, Reason::Yearly)]);
+    let mut picks = Vec::new();
+    for (rule, (count, reason)) in rules.enumerate() {
+        let mut last = None;
+        let mut taken = 0;
+        for b in order.iter().rev() {
+            if taken == count {
+                break;
+            }
+            let key = buckets(b.start_time_us)[rule];
+            if last != Some(key) {
+                // The first seen of a bucket, going newest first, is its newest backup.
+                last = Some(key);
+                taken += 1;
+                picks.push(Pick { backup: b, rule, reason, count, rank: taken });
+            }
+        }
+    }
+    picks
+}
+
+/// The start (00:00 UTC, µs) of the bucket of rule `rule` that is `ahead` buckets after the one
+/// holding `us`; `None` past chrono's range.
+fn bucket_start_after(rule: usize, us: i64, ahead: u32) -> Option<i64> {
+    let d = DateTime::from_timestamp_micros(us)?.date_naive();
+    let start = match rule {
+        0 => d.checked_add_days(Days::new(u64::from(ahead)))?,
+        1 => {
+            let monday = d.checked_sub_days(Days::new(u64::from(d.weekday().num_days_from_monday())))?;
+            monday.checked_add_days(Days::new(7 * u64::from(ahead)))?
+        }
+        2 => d.with_day(1)?.checked_add_months(Months::new(ahead))?,
+        _ => NaiveDate::from_ymd_opt(d.year(), 1, 1)?.checked_add_months(Months::new(ahead.checked_mul(12)?))?,
+    };
+    Some(start.and_hms_opt(0, 0, 0)?.and_utc().timestamp_micros())
+}
+
+/// Until when the policy may keep each backup a GFS rule keeps at `now_us` (µs since the Unix
+/// epoch): see "How long a kept backup may stay" in the module documentation. Backups kept only
+/// by the window are absent; an ancestor has at least the date of each backup built on it. A
+/// date past chrono's range is `i64::MAX`.
+pub fn keep_until(backups: &[BackupPoint], policy: &Policy, now_us: i64) -> BTreeMap<String, i64> {
+    let order = by_start(backups);
+    let mut until: BTreeMap<String, i64> = BTreeMap::new();
+    for pick in gfs_picks(&order, policy) {
+        // Counted from the current bucket, or the backup's own if it is later (a clock behind).
+        let from = now_us.max(pick.backup.start_time_us);
+        let date = bucket_start_after(pick.rule, from, pick.count - pick.rank + 1).unwrap_or(i64::MAX);
+        let e = until.entry(pick.backup.id.clone()).or_insert(date);
+        *e = (*e).max(date);
+    }
+    let by_id: BTreeMap<&str, &BackupPoint> = backups.iter().map(|b| (b.id.as_str(), b)).collect();
+    let dated: Vec<(String, i64)> = until.iter().map(|(id, d)| (id.clone(), *d)).collect();
+    for (id, date) in dated {
+        let mut at = by_id.get(id.as_str()).and_then(|b| b.parent.as_deref());
+        let mut steps = 0;
+        while let Some(parent) = at {
+            if !by_id.contains_key(parent) || steps > backups.len() {
+                break;
+            }
+            let e = until.entry(parent.to_string()).or_insert(date);
+            *e = (*e).max(date);
+            at = by_id.get(parent).and_then(|b| b.parent.as_deref());
+            steps += 1;
+        }
+    }
+    until
+}
+
 /// The GFS selection and the window (see the module documentation). `latest_timeline` is the
 /// newest timeline in the archive; `running_since` the start of the oldest running backup.
 pub fn select(
@@ -219,27 +318,10 @@ pub fn select(
     latest_timeline: u32,
     running_since: Option<i64>,
 ) -> Selection {
-    let mut order: Vec<&BackupPoint> = backups.iter().collect();
-    order.sort_by(|a, b| (a.start_time_us, &a.id).cmp(&(b.start_time_us, &b.id)));
+    let order = by_start(backups);
     let mut kept: BTreeMap<String, BTreeSet<Reason>> = BTreeMap::new();
-
-    let rules = [(policy.daily, Reason::Daily), (policy.weekly, Reason::Weekly), (policy.monthly, Reason::Monthly)];
-    let rules = rules.into_iter().chain([(policy.yearly, Reason::Yearly)]);
-    for (i, (count, reason)) in rules.enumerate() {
-        let mut last = None;
-        let mut taken = 0;
-        for b in order.iter().rev() {
-            if taken == count {
-                break;
-            }
-            let key = buckets(b.start_time_us)[i];
-            if last != Some(key) {
-                // The first seen of a bucket, going newest first, is its newest backup.
-                last = Some(key);
-                taken += 1;
-                kept.entry(b.id.clone()).or_default().insert(reason);
-            }
-        }
+    for pick in gfs_picks(&order, policy) {
+        kept.entry(pick.backup.id.clone()).or_default().insert(pick.reason);
     }
 
     let mut window_start_us = now_us.saturating_sub(policy.window_us);
@@ -563,6 +645,51 @@ mod tests {
         // Without timeline 2's history nothing goes.
         let plan = plan_wal(&wal, &[&old, &base2], Some(&base2), &Timelines::default(), &BTreeMap::new());
         assert!(plan.delete.is_empty() && plan.skipped.unwrap().contains("timeline 2"));
+    }
+
+    #[test]
+    fn keep_until_is_the_last_bucket_a_rule_can_keep_a_backup_in() {
+        let utc = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc();
+        let us = |y, m, d| utc(y, m, d).timestamp_micros();
+        let only = |daily, weekly, monthly, yearly| Policy { daily, weekly, monthly, yearly, window_us: 0 };
+        // A regular daily schedule: the backup of day D is kept by `daily = 3` until day D + 3.
+        let b: Vec<BackupPoint> = (0..10).map(|d| point(&format!("d{d}"), d, None)).collect();
+        let until = keep_until(&b, &only(3, 0, 0, 0), MONDAY + 9 * DAY + DAY / 2);
+        let want: BTreeMap<String, i64> =
+            [("d7", MONDAY + 10 * DAY), ("d8", MONDAY + 11 * DAY), ("d9", MONDAY + 12 * DAY)]
+                .into_iter()
+                .map(|(id, d)| (id.to_string(), d))
+                .collect();
+        assert_eq!(until, want);
+        // Days without a backup: day 0 is still the third newest day with one on day 9, so it
+        // stays until day 10 at least (not day 0 + 3), and a later run would move that on.
+        let b = vec![point("a", 0, None), point("b", 5, None), point("c", 9, None)];
+        let until = keep_until(&b, &only(3, 0, 0, 0), MONDAY + 9 * DAY + DAY / 2);
+        assert_eq!(until["a"], MONDAY + 10 * DAY);
+        assert_eq!(until["b"], MONDAY + 11 * DAY);
+        // Weeks (ISO, from Monday), months and years, each from the start of its bucket; a
+        // backup kept by several rules gets the latest.
+        let wed = vec![point("w", 2, None)]; // Wednesday 2026-01-07
+        let now = MONDAY + 2 * DAY + DAY / 2;
+        assert_eq!(keep_until(&wed, &only(0, 12, 0, 0), now)["w"], us(2026, 3, 30));
+        assert_eq!(keep_until(&wed, &only(0, 0, 12, 0), now)["w"], us(2027, 1, 1));
+        assert_eq!(keep_until(&wed, &only(0, 0, 0, 7), now)["w"], us(2033, 1, 1));
+        assert_eq!(keep_until(&wed, &Policy::default(), now)["w"], us(2033, 1, 1));
+        // The backup's bucket is behind the current one: counted from now (rank 1 of `monthly =
+        // 2` in January, looked at in March: kept until May).
+        assert_eq!(keep_until(&wed, &only(0, 0, 2, 0), us(2026, 3, 10))["w"], us(2026, 5, 1));
+        // Ancestors take the date of what is built on them; the window gives none.
+        let b = vec![point("f", 0, None), point("i", 1, Some("f")), point("old", -40, None)];
+        let policy = Policy { window_us: 60 * DAY, ..only(0, 0, 0, 1) };
+        let s = select(&b, &policy, MONDAY + 2 * DAY, &Timelines::default(), 1, None);
+        assert!(s.kept.contains_key("old"), "{s:?}");
+        let until = keep_until(&b, &policy, MONDAY + 2 * DAY);
+        assert_eq!(until.get("i"), Some(&us(2027, 1, 1)));
+        assert_eq!(until.get("f"), Some(&us(2027, 1, 1)));
+        // "old" (2025) is the newest of its year, but `yearly = 1` keeps only 2026's.
+        assert_eq!(until.get("old"), None);
+        // A count too large for the calendar: no finite date.
+        assert_eq!(keep_until(&wed, &only(0, 0, 0, u32::MAX), now)["w"], i64::MAX);
     }
 
     #[test]

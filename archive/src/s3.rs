@@ -9,6 +9,10 @@
 //!   extension; this layer adds `x-amz-object-lock-mode`, `x-amz-object-lock-retain-until-date`
 //!   and `Content-MD5` (which S3 requires on object-lock puts) and signs the request again with
 //!   the same credentials.
+//!
+//! Reading and extending an object's retention (`HEAD`, `PUT ?retention`), which object_store
+//! has no API for, is [`RetentionApi`]: raw requests to the URL object_store uses for the object,
+//! on a client with the same options, signed with the same credentials.
 
 use std::sync::{Arc, OnceLock};
 
@@ -22,9 +26,11 @@ use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthori
 use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService, ReqwestConnector,
 };
+use object_store::path::Path as ObjectPath;
+use object_store::signer::Signer as _;
 use object_store::ClientOptions;
 
-use crate::cloud::{client_options, retry_config, CloudOptions, ObjectLock};
+use crate::cloud::{client_options, retry_config, CloudOptions, LockMode, ObjectLock};
 
 /// Marks a request as one of our puts that must carry the Object Lock retention.
 #[derive(Debug, Clone)]
@@ -119,7 +125,160 @@ impl PitrHttp {
     }
 }
 
-pub(crate) fn build(bucket: &str, opts: &CloudOptions) -> Result<AmazonS3, String> {
+/// An object's Object Lock retention, as HEAD reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Retention {
+    pub mode: Option<LockMode>,
+    /// Retain-until, µs since the Unix epoch; `None`: no retention.
+    pub until_us: Option<i64>,
+    /// The current version, which `PUT ?retention` then names (so a version written in between
+    /// is never the one changed).
+    pub version_id: Option<String>,
+}
+
+/// Why a retention request failed.
+#[derive(Debug)]
+pub(crate) enum RetentionFailure {
+    NotFound,
+    /// 403: no `s3:PutObjectRetention` (or `GetObjectRetention`), or shortening a COMPLIANCE
+    /// retention.
+    Denied(String),
+    /// Worth another attempt: connection errors, timeouts, 5xx, 429.
+    Transient(String),
+    Failed(String),
+}
+
+/// Raw retention requests; see the module documentation.
+#[derive(Debug)]
+pub(crate) struct RetentionApi {
+    s3: AmazonS3,
+    http: HttpClient,
+    region: String,
+}
+
+/// `<Code>: <Message>` of an S3 error body, else the status line.
+fn s3_error(status: http::StatusCode, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let tag = |t: &str| {
+        let open = format!("<{t}>");
+        let start = text.find(&open)? + open.len();
+        let end = text[start..].find(&format!("</{t}>"))? + start;
+        Some(text[start..end].to_string())
+    };
+    match (tag("Code"), tag("Message")) {
+        (Some(code), Some(message)) => format!("HTTP {status}: {code}: {message}"),
+        (Some(code), None) => format!("HTTP {status}: {code}"),
+        _ => format!("HTTP {status}"),
+    }
+}
+
+/// S3's date format: ISO 8601, UTC, whole seconds.
+pub(crate) fn s3_date(until_us: i64) -> Option<String> {
+    let t = chrono::DateTime::from_timestamp_micros(until_us)?;
+    Some(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+impl RetentionApi {
+    async fn send(
+        &self,
+        method: Method,
+        key: &ObjectPath,
+        query: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<HttpResponse, RetentionFailure> {
+        // The URL object_store itself uses for the object (endpoint, bucket style, encoding),
+        // without the presigning query.
+        let mut url = self
+            .s3
+            .signed_url(method.clone(), key, std::time::Duration::from_secs(60))
+            .await
+            .map_err(|e| RetentionFailure::Transient(format!("object URL / credentials: {e}")))?;
+        url.set_query(None);
+        if !query.is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            for (k, v) in query {
+                pairs.append_pair(k, v);
+            }
+        }
+        let mut req = http::Request::builder()
+            .method(method.clone())
+            .uri(url.as_str())
+            .body(object_store::client::HttpRequestBody::from(body.clone()))
+            .map_err(|e| RetentionFailure::Failed(format!("request {url}: {e}")))?;
+        if !body.is_empty() {
+            let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&body));
+            let md5 = HeaderValue::from_str(&md5).map_err(|e| RetentionFailure::Failed(e.to_string()))?;
+            req.headers_mut().insert(HeaderName::from_static("content-md5"), md5);
+            req.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/xml"));
+        }
+        let credential = self
+            .s3
+            .credentials()
+            .get_credential()
+            .await
+            .map_err(|e| RetentionFailure::Transient(format!("credentials: {e}")))?;
+        AwsAuthorizer::new(&credential, "s3", &self.region).authorize(&mut req, None);
+        self.http.execute(req).await.map_err(|e| RetentionFailure::Transient(format!("{method} {url}: {e}")))
+    }
+
+    async fn check(response: HttpResponse) -> Result<HttpResponse, RetentionFailure> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.into_body().bytes().await.unwrap_or_default();
+        let message = s3_error(status, &body);
+        Err(match status.as_u16() {
+            404 => RetentionFailure::NotFound,
+            403 => RetentionFailure::Denied(message),
+            429 | 500..=599 => RetentionFailure::Transient(message),
+            _ => RetentionFailure::Failed(message),
+        })
+    }
+
+    /// The object's current retention (HEAD: its `x-amz-object-lock-*` headers).
+    pub(crate) async fn get(&self, key: &ObjectPath) -> Result<Retention, RetentionFailure> {
+        let response = Self::check(self.send(Method::HEAD, key, &[], Bytes::new()).await?).await?;
+        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let mode = match header("x-amz-object-lock-mode") {
+            Some(m) => Some(m.parse::<LockMode>().map_err(RetentionFailure::Failed)?),
+            None => None,
+        };
+        let until_us = match header("x-amz-object-lock-retain-until-date") {
+            Some(d) => Some(
+                chrono::DateTime::parse_from_rfc3339(&d)
+                    .map_err(|e| RetentionFailure::Failed(format!("retain-until date {d:?}: {e}")))?
+                    .timestamp_micros(),
+            ),
+            None => None,
+        };
+        Ok(Retention { mode, until_us, version_id: header("x-amz-version-id") })
+    }
+
+    /// Sets the retention of `version_id` (the current version if `None`) to `mode` until
+    /// `until` (an [`s3_date`]).
+    pub(crate) async fn put(
+        &self,
+        key: &ObjectPath,
+        version_id: Option<&str>,
+        mode: LockMode,
+        until: &str,
+    ) -> Result<(), RetentionFailure> {
+        let body = format!(
+            "<Retention xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Mode>{}</Mode><RetainUntilDate>{until}</RetainUntilDate></Retention>",
+            mode.as_str()
+        );
+        let mut query = vec![("retention", "")];
+        if let Some(v) = version_id {
+            query.push(("versionId", v));
+        }
+        Self::check(self.send(Method::PUT, key, &query, Bytes::from(body)).await?).await?;
+        Ok(())
+    }
+}
+
+/// The S3 client, and with Object Lock the retention requests.
+pub(crate) fn build(bucket: &str, opts: &CloudOptions) -> Result<(AmazonS3, Option<RetentionApi>), String> {
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
     if let Some(e) = &opts.endpoint {
         builder = builder.with_endpoint(e);
@@ -141,6 +300,15 @@ pub(crate) fn build(bucket: &str, opts: &CloudOptions) -> Result<AmazonS3, Strin
         .with_http_connector(PitrConnector { lock: opts.object_lock.clone(), signer: signer.clone() })
         .build()
         .map_err(|e| e.to_string())?;
-    let _ = signer.set(Signer { credentials: s3.credentials().clone(), region });
-    Ok(s3)
+    let _ = signer.set(Signer { credentials: s3.credentials().clone(), region: region.clone() });
+    let retention = match opts.object_lock {
+        Some(_) => {
+            // A client of its own with the same options: requests on it are ours, signed once,
+            // and pass no layer.
+            let http = ReqwestConnector::default().connect(&client_options(opts)).map_err(|e| e.to_string())?;
+            Some(RetentionApi { s3: s3.clone(), http, region })
+        }
+        None => None,
+    };
+    Ok((s3, retention))
 }

@@ -77,6 +77,21 @@ pub trait Store: Send + Sync + Debug {
     async fn head(&self, name: &str) -> Result<Option<ObjectInfo>, StoreError>;
     /// Where this store is, for messages (never contains credentials).
     fn location(&self) -> String;
+    /// Whether objects here carry a storage-enforced retention that
+    /// [`Store::extend_retention`] can move (S3 Object Lock). `pitr expire` plans extensions
+    /// only then.
+    fn has_retention(&self) -> bool {
+        false
+    }
+    /// Makes the storage keep `name` (refuse deleting or overwriting its version) until at least
+    /// `until_us` (µs since the Unix epoch, rounded up to a second). Only ever extends: an object
+    /// already retained that long is left alone. Returns whether the retention was moved;
+    /// `Ok(false)` also where the store has no such retention (a local directory, GCS, S3
+    /// without Object Lock). A missing object is [`StoreError::NotFound`].
+    async fn extend_retention(&self, name: &str, until_us: i64) -> Result<bool, StoreError> {
+        let _ = (name, until_us);
+        Ok(false)
+    }
 }
 
 pub fn validate_name(name: &str) -> Result<(), StoreError> {

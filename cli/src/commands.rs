@@ -104,7 +104,7 @@ pub(crate) fn open_reader(config: &Config, from: Option<&str>) -> Result<Reposit
 }
 
 /// One repository and nothing else (for `verify`, which judges what that repository holds).
-fn open_single(config: &Config, from: Option<&str>) -> Result<Repository> {
+pub(crate) fn open_single(config: &Config, from: Option<&str>) -> Result<Repository> {
     let keys = KeyRing::load(&config.encryption.key_file).context("[encryption] key_file")?;
     let mut all = named_stores(config)?;
     let chosen = all.remove(repository_index(&all, from)?);
@@ -195,7 +195,7 @@ pub async fn init(config_path: &Path) -> Result<()> {
 pub async fn stream(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     if config.postgres.is_none() && config.mongo.is_some() {
-        return crate::mongo::stream_only(&config, open_repository(&config)?).await;
+        return crate::mongo::stream_only(&config, config_path, open_repository(&config)?).await;
     }
     let pg = config.postgres()?;
     let conninfo: ConnInfo = pg.conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
@@ -257,7 +257,7 @@ pub async fn stream(config_path: &Path) -> Result<()> {
         system_id: pg.system_id,
         config_path: config_path.to_path_buf(),
     });
-    let mut scheduled = Vec::new();
+    let mut scheduled = crate::mongo::spawn_jobs(&config, config_path, repo.clone(), shutdown_rx.clone())?;
     for job in jobs {
         scheduled.push(tokio::spawn(crate::sidecar::run_job(job, ctx.clone(), shutdown_rx.clone())));
     }
@@ -1075,9 +1075,18 @@ pub async fn expire(config_path: &Path, dry_run: bool, json: bool) -> Result<()>
     let config = Config::load(config_path)?;
     let repo = open_repository(&config)?;
     let report = run_expire(&config, &repo, dry_run).await?;
+    // Retention that could not be extended fails the command, after the report: the deletes are
+    // done, but those objects are protected for less long than their backups are kept.
+    let retention_failed = || {
+        anyhow!(
+            "expire in {}: the Object Lock retention of {} objects could not be extended (listed above); the next run tries again",
+            repo.location(),
+            report.retention_failed.len()
+        )
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+        return if report.retention_failed.is_empty() { Ok(()) } else { Err(retention_failed()) };
     }
     let r = &config.retention;
     let verb = if dry_run { "would remove" } else { "removed" };
@@ -1127,6 +1136,32 @@ pub async fn expire(config_path: &Path, dry_run: bool, json: bool) -> Result<()>
     for x in &report.stale_removed {
         println!("{} stale marker {x}", if dry_run { "would remove" } else { "removed" });
     }
+    if !report.retention_until.is_empty() {
+        println!(
+            "Object Lock retention to extend for {} backups kept longer than the window:",
+            report.retention_until.len()
+        );
+        for t in &report.retention_until {
+            println!("  {:<18} until {} ({} objects)", t.id, t.until, t.objects);
+        }
+        if dry_run {
+            println!("retention: dry run, not read or extended");
+        } else {
+            println!(
+                "retention: {} objects checked, {} extended{}",
+                report.retention_checked,
+                report.retention_extended,
+                if report.retention_missing > 0 {
+                    format!(", {} not found (run `pitr verify`)", report.retention_missing)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    for x in &report.retention_failed {
+        println!("RETENTION NOT EXTENDED {}: {}", x.object, x.why);
+    }
     println!(
         "{verb} {} backups, {} WAL objects, {} blocks ({} bytes){}",
         report.removed_backups.len(),
@@ -1139,7 +1174,11 @@ pub async fn expire(config_path: &Path, dry_run: bool, json: bool) -> Result<()>
             format!("; {} objects retained by the storage", report.retained.len())
         }
     );
-    Ok(())
+    if report.retention_failed.is_empty() {
+        Ok(())
+    } else {
+        Err(retention_failed())
+    }
 }
 
 pub struct DrillArgs {
@@ -1158,7 +1197,10 @@ pub struct DrillArgs {
 pub fn load_checks(path: Option<&Path>) -> Result<pitr_restore::drill::ChecksFile> {
     let Some(path) = path else { return Ok(Default::default()) };
     let text = std::fs::read_to_string(path).with_context(|| format!("checks file {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow!("checks file {}: {}", path.display(), e.to_string().trim_end()))
+    let checks: pitr_restore::drill::ChecksFile =
+        toml::from_str(&text).map_err(|e| anyhow!("checks file {}: {}", path.display(), e.to_string().trim_end()))?;
+    checks.validate().map_err(|e| anyhow!("checks file {}: {e}", path.display()))?;
+    Ok(checks)
 }
 
 /// Drill options from the config: a random target, no extra checks, scratch space in $TMPDIR.
@@ -1212,19 +1254,25 @@ pub async fn drill(config_path: &Path, args: DrillArgs) -> Result<ExitCode> {
     if let Err(e) = stored {
         tracing::warn!(error = %format!("{e:#}"), "could not store the drill result in the repository");
     }
-    let markdown = pitr_restore::drill::render_markdown(&report);
-    if let Some(path) = &args.report {
+    write_drill_report(&report, args.report.as_deref(), args.json)?;
+    Ok(if report.outcome == "PASS" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Prints a drill's report (markdown, or JSON) and writes it to `path` (and `path.json`).
+pub fn write_drill_report(report: &pitr_restore::drill::DrillReport, path: Option<&Path>, json: bool) -> Result<()> {
+    let markdown = pitr_restore::drill::render_markdown(report);
+    if let Some(path) = path {
         std::fs::write(path, &markdown).with_context(|| format!("writing {}", path.display()))?;
         let json_path = path.with_extension("json");
-        std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?)
+        std::fs::write(&json_path, serde_json::to_vec_pretty(report)?)
             .with_context(|| format!("writing {}", json_path.display()))?;
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
     } else {
         print!("{markdown}");
     }
-    Ok(if report.outcome == "PASS" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(())
 }
 
 /// Starts `pitr wal-prefetch` detached (its own session, no stdio), so PostgreSQL's

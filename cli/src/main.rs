@@ -105,6 +105,9 @@ enum Command {
         /// Check this repository alone (`primary` or a secondary's name); default the primary.
         #[arg(long)]
         from: Option<String>,
+        /// What to check: the `[postgres]` cluster's archive or the `[mongo]` replica set's.
+        #[arg(long, value_enum, default_value = "postgres")]
+        source: Source,
     },
     /// Apply [retention]: remove expired backups, WAL no kept backup or the window needs, and
     /// blocks no manifest references.
@@ -117,10 +120,14 @@ enum Command {
     },
     /// Restore drill: restore to a moment into a scratch server, check it, measure RTO and RPO.
     Drill {
-        /// TIME, lsn:X/Y, latest, or random (a uniformly chosen second in the recoverable window).
+        /// TIME, lsn:X/Y, latest, or random (a uniformly chosen second in the recoverable window);
+        /// with --source mongo, TIME, ts:SECONDS:INC, latest or random.
         #[arg(long, default_value = "random")]
         to: String,
-        /// TOML file of SQL checks ([[check]] name, sql, expect, database, recorded).
+        /// `postgres` restores into a scratch data directory; `mongo` into `[mongo] drill_target_uri`.
+        #[arg(long, value_enum, default_value = "postgres")]
+        source: Source,
+        /// TOML file of checks ([[check]] name, sql or collection + filter, expect, database, recorded).
         #[arg(long)]
         checks: Option<PathBuf>,
         /// Write the markdown report here (and the JSON beside it, FILE.json).
@@ -242,10 +249,17 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
         Command::Backup { incremental, json, source: Source::Postgres } => {
             commands::backup(config_path, incremental, json).await
         }
-        Command::Verify { deep, json, from } => {
+        Command::Verify { deep, json, from, source: Source::Mongo } => {
+            return mongo::verify(config_path, from.as_deref(), deep, json).await
+        }
+        Command::Verify { deep, json, from, source: Source::Postgres } => {
             return commands::verify(config_path, from.as_deref(), deep, json).await
         }
-        Command::Drill { to, checks, report, json, keep, db_user, test_type, from } => {
+        Command::Drill { to, source: Source::Mongo, checks, report, json, test_type, from, .. } => {
+            let args = mongo::DrillArgs { to, checks, report, json, test_type, from };
+            return mongo::drill(config_path, args).await;
+        }
+        Command::Drill { to, checks, report, json, keep, db_user, test_type, from, source: Source::Postgres } => {
             let args = commands::DrillArgs { to, checks, report, json, keep, db_user, test_type, from };
             return commands::drill(config_path, args).await;
         }

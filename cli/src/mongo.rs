@@ -2,6 +2,7 @@
 //! instead of the WAL receiver), `backup --source mongo`, `restore --source mongo`, and the mongo
 //! window in `list`. The work is done by pitr-mongo; this file wires it to the config and prints.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -9,7 +10,7 @@ use pitr_archive::Repository;
 use pitr_mongo::restore::{MongoRestoreReport, MongoTarget, RestoreOptions};
 use pitr_mongo::tailer::{MongoStatus, TailerConfig};
 use pitr_mongo::ts::format_us;
-use pitr_mongo::{MongoCatalog, Ts};
+use pitr_mongo::MongoCatalog;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -31,6 +32,11 @@ pub struct MongoConfig {
     /// How long to wait for the server when connecting (default 10 s).
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+    /// A scratch server `pitr drill --source mongo` restores into. The drill drops every database
+    /// on it first: never a server holding data you want.
+    pub drill_target_uri: Option<String>,
+    /// Cron for scheduled snapshots (default `[schedule] full_backup`; empty: off).
+    pub snapshot_schedule: Option<String>,
 }
 
 impl MongoConfig {
@@ -51,6 +57,14 @@ impl MongoConfig {
         }
         if self.connect_timeout.is_some_and(|d| d.is_zero()) {
             bail!("[mongo] connect_timeout must be greater than 0");
+        }
+        if let Some(u) = &self.drill_target_uri {
+            if !u.starts_with("mongodb://") {
+                bail!("[mongo] drill_target_uri: expected mongodb://host:port/");
+            }
+        }
+        if let Some(cron) = &self.snapshot_schedule {
+            crate::config::parse_cron("[mongo] snapshot_schedule", cron)?;
         }
         Ok(())
     }
@@ -93,7 +107,7 @@ pub fn spawn_beside(
 }
 
 /// `pitr stream` with `[mongo]` and no `[postgres]`: the oplog tailer, /metrics and /healthz.
-pub async fn stream_only(config: &Config, repo: Repository) -> Result<()> {
+pub async fn stream_only(config: &Config, config_path: &std::path::Path, repo: Repository) -> Result<()> {
     let m = mongo(config)?;
     repo.check().await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -107,6 +121,7 @@ pub async fn stream_only(config: &Config, repo: Repository) -> Result<()> {
         let listen = config.metrics.listen.parse().context("[metrics] listen")?;
         Some(crate::sidecar::serve(listen, handle, health_rx, config.targets.rpo_seconds, shutdown_rx.clone()).await?)
     };
+    let jobs = spawn_jobs(config, config_path, repo.clone(), shutdown_rx.clone())?;
     tokio::spawn(async move {
         while status_rx.changed().await.is_ok() {
             let s = status_rx.borrow().clone();
@@ -135,6 +150,10 @@ pub async fn stream_only(config: &Config, repo: Repository) -> Result<()> {
     });
     tracing::info!(repository = %repo.location(), server = %pitr_mongo::redact(&m.uri), "pitr stream (MongoDB) starting");
     let result = pitr_mongo::tailer::run(repo, m.tailer(), status_tx, shutdown_rx).await;
+    for job in jobs {
+        // A running snapshot is abandoned; its blocks stay unreferenced and no manifest is written.
+        job.abort();
+    }
     if let Some(server) = server {
         server.abort();
     }
@@ -145,6 +164,12 @@ pub async fn stream_only(config: &Config, repo: Repository) -> Result<()> {
 }
 
 pub async fn backup(config: &Config, repo: Repository, json: bool) -> Result<()> {
+    let (manifest, seconds) = take_snapshot(config, &repo).await?;
+    print_snapshot(&manifest, seconds, json)
+}
+
+/// Takes a snapshot and returns it with its duration (for `backup` and the scheduler).
+pub async fn take_snapshot(config: &Config, repo: &Repository) -> Result<(pitr_mongo::SnapshotManifest, f64)> {
     let m = mongo(config)?;
     let opts = pitr_mongo::snapshot::SnapshotOptions {
         uri: m.uri.clone(),
@@ -153,8 +178,8 @@ pub async fn backup(config: &Config, repo: Repository, json: bool) -> Result<()>
         connect_timeout: m.connect_timeout(),
     };
     let started = std::time::Instant::now();
-    let manifest = pitr_mongo::snapshot::snapshot(&repo, &opts).await?;
-    print_snapshot(&manifest, started.elapsed().as_secs_f64(), json)
+    let manifest = pitr_mongo::snapshot::snapshot(repo, &opts).await?;
+    Ok((manifest, started.elapsed().as_secs_f64()))
 }
 
 fn print_snapshot(m: &pitr_mongo::SnapshotManifest, seconds: f64, json: bool) -> Result<()> {
@@ -184,19 +209,7 @@ fn print_snapshot(m: &pitr_mongo::SnapshotManifest, seconds: f64, json: bool) ->
 
 /// `--to` for MongoDB: TIME, `ts:SECONDS:INC` or `latest`.
 pub fn parse_target(s: &str) -> Result<MongoTarget> {
-    if s.trim().eq_ignore_ascii_case("latest") {
-        return Ok(MongoTarget::Latest);
-    }
-    if s.trim().starts_with("ts:") {
-        return Ts::parse_arg(s)
-            .map(MongoTarget::Ts)
-            .ok_or_else(|| anyhow!("--to {s:?}: an oplog timestamp is ts:SECONDS:INC, e.g. ts:1796162730:16"));
-    }
-    match pitr_restore::parse_target(s) {
-        Ok(pitr_restore::RecoveryTarget::Time(us)) => Ok(MongoTarget::Time(us)),
-        Ok(_) => bail!("--to {s:?}: with --source mongo, use TIME, ts:SECONDS:INC or latest"),
-        Err(e) => Err(anyhow!("{e}")),
-    }
+    MongoTarget::parse(s).map_err(|e| anyhow!("--to {e}"))
 }
 
 pub async fn restore(
@@ -332,6 +345,280 @@ pub async fn list_only(config: &Config, repo: &Repository, json: bool) -> Result
     Ok(())
 }
 
+/// The catalog of the replica set `[mongo] name` (or the one the repository holds).
+async fn load_catalog(config: &Config, repo: &Repository) -> Result<MongoCatalog> {
+    let layout = pitr_mongo::resolve_name(repo, config.mongo.as_ref().and_then(|m| m.name.as_deref())).await?;
+    Ok(MongoCatalog::load(repo, layout).await?)
+}
+
+/// `pitr verify --source mongo`: one repository alone, as for PostgreSQL.
+pub async fn verify(config_path: &std::path::Path, from: Option<&str>, deep: bool, json: bool) -> Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let repo = crate::commands::open_single(&config, from)?;
+    repo.check().await?;
+    let catalog = load_catalog(&config, &repo).await?;
+    let report = pitr_mongo::verify::verify(&repo, &catalog, deep).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "verified mongo {} in {}: {} slices in {} run(s), {} snapshots, {} blocks ({} unreferenced){}",
+            report.name,
+            repo.location(),
+            report.slices,
+            report.runs,
+            report.snapshots,
+            report.blocks,
+            report.unreferenced_blocks,
+            if deep {
+                format!(", {} objects opened, {} oplog entries checked", report.objects_opened, report.entries_checked)
+            } else {
+                String::new()
+            }
+        );
+        for w in &report.warnings {
+            println!("WARNING {}: {}: {}", w.kind, w.object, w.message);
+        }
+        for f in &report.findings {
+            println!("FINDING {}: {}: {}", f.kind, f.object, f.message);
+        }
+        println!("{}", if report.ok { "OK: no findings" } else { "FAILED" });
+    }
+    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+pub struct DrillArgs {
+    pub to: String,
+    pub checks: Option<std::path::PathBuf>,
+    pub report: Option<std::path::PathBuf>,
+    pub json: bool,
+    pub test_type: String,
+    pub from: Option<String>,
+}
+
+/// Runs a MongoDB drill and stores its result beside the replica set's objects.
+pub async fn run_drill(
+    config: &Config,
+    repo: &Repository,
+    target: Option<MongoTarget>,
+    checks: pitr_restore::drill::ChecksFile,
+    test_type: &str,
+) -> Result<pitr_restore::drill::DrillReport> {
+    let m = mongo(config)?;
+    let drill_uri = m.drill_target_uri.clone().ok_or_else(|| {
+        anyhow!("a MongoDB drill needs a scratch server: set [mongo] drill_target_uri = \"mongodb://host:port/\" (its databases are dropped)")
+    })?;
+    repo.check().await?;
+    let catalog = load_catalog(config, repo).await?;
+    let opts = pitr_mongo::drill::MongoDrillOptions {
+        target,
+        source_uri: m.uri.clone(),
+        drill_uri,
+        connect_timeout: m.connect_timeout(),
+        checks,
+        rto_target_seconds: config.targets.rto_seconds,
+        rpo_target_seconds: config.targets.rpo_seconds,
+        test_type: test_type.to_string(),
+    };
+    let report = pitr_mongo::drill::drill(repo, &catalog, &opts).await?;
+    // Stored through the primary (and so copied to secondaries), as PostgreSQL drills are.
+    let stored = match crate::commands::open_repository(config) {
+        Ok(writer) => pitr_restore::drill::store_result_under(&writer, &catalog.layout.prefix(), &report)
+            .await
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = stored {
+        tracing::warn!(error = %format!("{e:#}"), "could not store the drill result in the repository");
+    }
+    Ok(report)
+}
+
+pub async fn drill(config_path: &std::path::Path, args: DrillArgs) -> Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let checks = crate::commands::load_checks(args.checks.as_deref())?;
+    let target = if args.to.eq_ignore_ascii_case("random") { None } else { Some(parse_target(&args.to)?) };
+    let repo = crate::commands::open_reader(&config, args.from.as_deref())?;
+    let report = run_drill(&config, &repo, target, checks, &args.test_type).await?;
+    crate::commands::write_drill_report(&report, args.report.as_deref(), args.json)?;
+    Ok(if report.outcome == "PASS" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// A scheduled MongoDB job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MongoJob {
+    Snapshot,
+    Verify,
+    Drill,
+}
+
+impl MongoJob {
+    fn name(self) -> &'static str {
+        match self {
+            MongoJob::Snapshot => "mongo_snapshot",
+            MongoJob::Verify => "mongo_verify",
+            MongoJob::Drill => "mongo_drill",
+        }
+    }
+}
+
+/// The scheduled MongoDB jobs, as the PostgreSQL ones: snapshots on `[mongo] snapshot_schedule`
+/// (default `[schedule] full_backup`; a missed one runs at start-up), verification on
+/// `[schedule] verify`, and drills on `[schedule] drill` once `[mongo] drill_target_uri` is set.
+/// Everything a bad expression can break fails here, before streaming starts.
+pub fn spawn_jobs(
+    config: &Config,
+    config_path: &std::path::Path,
+    repo: Repository,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let Some(m) = &config.mongo else { return Ok(Vec::new()) };
+    let snapshot = m.snapshot_schedule.as_deref().unwrap_or(&config.schedule.full_backup);
+    let mut jobs = vec![
+        (MongoJob::Snapshot, crate::config::parse_cron("[mongo] snapshot_schedule", snapshot)?),
+        (MongoJob::Verify, crate::config::parse_cron("[schedule] verify", &config.schedule.verify)?),
+    ];
+    if m.drill_target_uri.is_some() {
+        jobs.push((MongoJob::Drill, crate::config::parse_cron("[schedule] drill", &config.schedule.drill)?));
+    }
+    let mut handles = Vec::new();
+    for (job, cron) in jobs {
+        let Some(cron) = cron else { continue };
+        let (repo, path, shutdown) = (repo.clone(), config_path.to_path_buf(), shutdown.clone());
+        handles.push(tokio::spawn(async move {
+            let catch_up = match job {
+                MongoJob::Snapshot => Some(newest_snapshot_start(&path, &repo).await),
+                _ => None,
+            };
+            let (repo, path) = (&repo, &path);
+            crate::sidecar::run_on_schedule(job.name(), &cron, catch_up, shutdown, || run_job(job, path, repo)).await;
+        }));
+    }
+    let (repo, path) = (repo.clone(), config_path.to_path_buf());
+    handles.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if let Err(e) = feed_gauges(&path, &repo).await {
+                tracing::debug!(error = %format!("{e:#}"), "MongoDB catalog gauges not updated");
+            }
+        }
+    }));
+    Ok(handles)
+}
+
+async fn newest_snapshot_start(path: &std::path::Path, repo: &Repository) -> Option<chrono::DateTime<chrono::Utc>> {
+    let config = Config::load(path).ok()?;
+    let catalog = load_catalog(&config, repo).await.ok()?;
+    catalog.snapshots.iter().map(|s| s.started_us).max().and_then(chrono::DateTime::from_timestamp_micros)
+}
+
+fn record_snapshot_gauges(s: &pitr_mongo::SnapshotManifest) {
+    let labels = [("backup_type", "full".to_string()), ("source", "mongo".to_string())];
+    metrics::gauge!("pitr_last_backup_timestamp_seconds", &labels).set(s.finished_us as f64 / 1e6);
+    metrics::gauge!("backup_size_bytes", &labels).set(s.logical_bytes as f64);
+}
+
+fn record_drill_gauges(outcome: &str, rto: Option<f64>, rpo: Option<f64>) {
+    metrics::gauge!("pitr_drill_success", "source" => "mongo").set(if outcome == "PASS" { 1.0 } else { 0.0 });
+    if let Some(rto) = rto {
+        metrics::gauge!("pitr_drill_rto_seconds", "source" => "mongo").set(rto);
+    }
+    if let Some(rpo) = rpo {
+        metrics::gauge!("pitr_drill_rpo_seconds", "source" => "mongo").set(rpo);
+    }
+}
+
+/// The newest snapshot's age and the newest drill's result, from the repository (so that they
+/// survive a restart and include `pitr backup`/`pitr drill` run by hand).
+async fn feed_gauges(path: &std::path::Path, repo: &Repository) -> Result<()> {
+    let config = Config::load(path)?;
+    let catalog = load_catalog(&config, repo).await?;
+    if let Some(s) = catalog.snapshots.iter().max_by_key(|s| s.finished_us) {
+        record_snapshot_gauges(s);
+    }
+    if let Some(d) = pitr_restore::drill::latest_result_under(repo, &catalog.layout.prefix()).await? {
+        let outcome = d["outcome"].as_str().unwrap_or("FAIL").to_string();
+        record_drill_gauges(&outcome, d["rto_achieved_seconds"].as_f64(), d["rpo_achieved_seconds"].as_f64());
+    }
+    Ok(())
+}
+
+fn count_run(job: MongoJob, result: &'static str) {
+    metrics::counter!("pitr_scheduled_runs_total", "job" => job.name(), "result" => result).increment(1);
+}
+
+async fn run_job(job: MongoJob, path: &std::path::Path, repo: &Repository) {
+    let name = job.name();
+    tracing::info!(job = name, event = "start", "scheduled MongoDB job starting");
+    // The config is read again for each run, as `pitr backup`/`drill` would read it.
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(job = name, event = "end", result = "failure", error = %format!("{e:#}"), "scheduled MongoDB job failed");
+            count_run(job, "failure");
+            return;
+        }
+    };
+    let labels = [("backup_type", "full".to_string()), ("source", "mongo".to_string())];
+    match job {
+        MongoJob::Snapshot => match take_snapshot(&config, repo).await {
+            Ok((s, seconds)) => {
+                metrics::gauge!("backup_success", &labels).set(1.0);
+                record_snapshot_gauges(&s);
+                tracing::info!(job = name, event = "end", result = "success", snapshot = %s.id, documents = s.documents,
+                    stored_bytes = s.stored_bytes, seconds, "scheduled MongoDB snapshot done");
+                count_run(job, "success");
+            }
+            Err(e) => {
+                metrics::gauge!("backup_success", &labels).set(0.0);
+                tracing::error!(job = name, event = "end", result = "failure", error = %format!("{e:#}"), "scheduled MongoDB snapshot failed");
+                count_run(job, "failure");
+            }
+        },
+        MongoJob::Verify => {
+            let report = match load_catalog(&config, repo).await {
+                Ok(catalog) => pitr_mongo::verify::verify(repo, &catalog, false).await.map_err(anyhow::Error::from),
+                Err(e) => Err(e),
+            };
+            match report {
+                Ok(r) => {
+                    for f in &r.findings {
+                        tracing::error!(job = name, kind = f.kind, object = %f.object, "verify finding: {}", f.message);
+                    }
+                    metrics::gauge!("pitr_verify_findings", "source" => "mongo").set(r.findings.len() as f64);
+                    tracing::info!(
+                        job = name,
+                        event = "end",
+                        result = if r.ok { "success" } else { "failure" },
+                        findings = r.findings.len(),
+                        warnings = r.warnings.len(),
+                        "scheduled MongoDB verification done"
+                    );
+                    count_run(job, if r.ok { "success" } else { "failure" });
+                }
+                Err(e) => {
+                    tracing::error!(job = name, event = "end", result = "failure", error = %format!("{e:#}"), "scheduled MongoDB verification failed");
+                    count_run(job, "failure");
+                }
+            }
+        }
+        MongoJob::Drill => match run_drill(&config, repo, None, Default::default(), "Monthly (scheduled)").await {
+            Ok(r) => {
+                record_drill_gauges(&r.outcome, r.rto_achieved_seconds, r.rpo_achieved_seconds);
+                tracing::info!(job = name, event = "end", result = %r.outcome, rto = ?r.rto_achieved_seconds,
+                    rpo = ?r.rpo_achieved_seconds, issues = ?r.issues, "scheduled MongoDB drill done");
+                count_run(job, if r.outcome == "PASS" { "success" } else { "failure" });
+            }
+            Err(e) => {
+                record_drill_gauges("FAIL", None, None);
+                tracing::error!(job = name, event = "end", result = "failure", error = %format!("{e:#}"), "scheduled MongoDB drill failed");
+                count_run(job, "failure");
+            }
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,9 +650,9 @@ mod tests {
     #[test]
     fn targets() {
         assert_eq!(parse_target("latest").unwrap(), MongoTarget::Latest);
-        assert_eq!(parse_target("ts:10:2").unwrap(), MongoTarget::Ts(Ts { secs: 10, inc: 2 }));
+        assert_eq!(parse_target("ts:10:2").unwrap(), MongoTarget::Ts(pitr_mongo::Ts { secs: 10, inc: 2 }));
         assert!(parse_target("ts:10").unwrap_err().to_string().contains("ts:SECONDS:INC"));
         assert!(matches!(parse_target("2026-12-01T22:05:30.5Z").unwrap(), MongoTarget::Time(_)));
-        assert!(parse_target("lsn:0/1").unwrap_err().to_string().contains("--source mongo"));
+        assert!(parse_target("lsn:0/1").unwrap_err().to_string().contains("for MongoDB"));
     }
 }

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -308,28 +309,45 @@ async fn incrementals_possible(ctx: &SchedulerContext) -> bool {
     }
 }
 
-/// Runs `job` on its schedule until `shutdown`. Runs never overlap (one loop per job, each run
-/// awaited); ticks that pass during a run are counted as skipped; a run missed while the sidecar
-/// was down runs once at start-up.
-pub async fn run_job(job: Job, ctx: Arc<SchedulerContext>, mut shutdown: watch::Receiver<bool>) {
-    let mut said_unavailable = false;
-    if job.kind == JobKind::FullBackup {
-        let due = match last_backup_time(&ctx).await {
-            Some(last) => next_after(&job.cron, last).is_some_and(|t| t <= Utc::now()),
+/// Runs `job` on its schedule until `shutdown` (see [`run_on_schedule`]); a full backup missed
+/// while the sidecar was down runs once at start-up.
+pub async fn run_job(job: Job, ctx: Arc<SchedulerContext>, shutdown: watch::Receiver<bool>) {
+    let catch_up = if job.kind == JobKind::FullBackup { Some(last_backup_time(&ctx).await) } else { None };
+    let said_unavailable = AtomicBool::new(false);
+    let (job, ctx, said) = (&job, &ctx, &said_unavailable);
+    run_on_schedule(job.name, &job.cron, catch_up, shutdown, || execute(job, ctx, said)).await;
+}
+
+/// Runs `run` on `cron` until `shutdown`. Runs never overlap (each is awaited); ticks that pass
+/// during a run are counted as skipped. `catch_up`: `Some(last)` makes a run missed since `last`
+/// (or any run, if there was none) happen once at start-up.
+pub async fn run_on_schedule<F, Fut>(
+    name: &'static str,
+    cron: &croner::Cron,
+    catch_up: Option<Option<DateTime<Utc>>>,
+    mut shutdown: watch::Receiver<bool>,
+    mut run: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    if let Some(last) = catch_up {
+        let due = match last {
+            Some(last) => next_after(cron, last).is_some_and(|t| t <= Utc::now()),
             None => true,
         };
         if due {
             tracing::info!(
-                job = job.name,
+                job = name,
                 event = "catch-up",
-                "a scheduled run was missed (or there is no backup yet); running it now"
+                "a scheduled run was missed (or there is none yet); running it now"
             );
-            execute(&job, &ctx, &mut said_unavailable).await;
+            run().await;
         }
     }
     loop {
-        let Some(next) = next_after(&job.cron, Utc::now()) else {
-            tracing::warn!(job = job.name, "the schedule has no next occurrence; job stopped");
+        let Some(next) = next_after(cron, Utc::now()) else {
+            tracing::warn!(job = name, "the schedule has no next occurrence; job stopped");
             return;
         };
         let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
@@ -338,10 +356,10 @@ pub async fn run_job(job: Job, ctx: Arc<SchedulerContext>, mut shutdown: watch::
             _ = shutdown.changed() => return,
         }
         let started = Utc::now();
-        execute(&job, &ctx, &mut said_unavailable).await;
+        run().await;
         let mut skipped = 0u64;
         let mut t = started;
-        while let Some(n) = next_after(&job.cron, t) {
+        while let Some(n) = next_after(cron, t) {
             if n > Utc::now() {
                 break;
             }
@@ -349,13 +367,8 @@ pub async fn run_job(job: Job, ctx: Arc<SchedulerContext>, mut shutdown: watch::
             t = n;
         }
         if skipped > 0 {
-            tracing::warn!(
-                job = job.name,
-                event = "skipped",
-                skipped,
-                "runs skipped: the previous run was still going"
-            );
-            metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "skipped").increment(skipped);
+            tracing::warn!(job = name, event = "skipped", skipped, "runs skipped: the previous run was still going");
+            metrics::counter!("pitr_scheduled_runs_total", "job" => name, "result" => "skipped").increment(skipped);
         }
     }
 }
@@ -413,7 +426,7 @@ fn record_drill_gauges(outcome: &str, rto: Option<f64>, rpo: Option<f64>) {
     }
 }
 
-async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &mut bool) {
+async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &AtomicBool) {
     match job.kind {
         JobKind::Verify => {
             tracing::info!(job = job.name, event = "start", "scheduled verification starting");
@@ -449,19 +462,27 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &mut bool)
                     if let Some(why) = &r.blocks_skipped {
                         tracing::info!(job = job.name, "block sweep skipped: {why}");
                     }
+                    for x in &r.retention_failed {
+                        tracing::warn!(job = job.name, object = %x.object, "retention not extended: {}", x.why);
+                    }
+                    // As `pitr expire` exits non-zero: the deletes are done, but objects are
+                    // protected for less long than their backups are kept.
+                    let ok = r.retention_failed.is_empty();
                     tracing::info!(
                         job = job.name,
                         event = "end",
-                        result = "success",
+                        result = if ok { "success" } else { "failure" },
                         removed_backups = r.removed_backups.len(),
                         removed_wal_objects = r.removed_wal_objects,
                         removed_blocks = r.removed_blocks,
                         removed_bytes = r.removed_bytes,
                         retained = r.retained.len(),
                         kept_backups = r.kept.len(),
+                        retention_extended = r.retention_extended,
+                        retention_failed = r.retention_failed.len(),
                         "scheduled expire done"
                     );
-                    count_run(job, true);
+                    count_run(job, ok);
                 }
                 Err(e) => {
                     tracing::error!(job = job.name, event = "end", result = "failure", error = %format!("{e:#}"), "scheduled expire failed");
@@ -485,10 +506,9 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &mut bool)
             }
         }
         JobKind::IncrementalBackup if !incrementals_possible(ctx).await => {
-            if !*said_unavailable {
+            if !said_unavailable.swap(true, Ordering::Relaxed) {
                 tracing::info!(job = job.name, event = "unavailable",
                     "scheduled incremental backups do nothing on PostgreSQL before 17: the archived WAL covers every change between full backups");
-                *said_unavailable = true;
             }
             metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "unavailable").increment(1);
         }

@@ -1,13 +1,19 @@
 //! Where MongoDB objects live in the repository, and the catalog built by listing them.
 //!
 //! ```text
-//! mongo/<name>/oplog/<first ts>-<last ts>.slice   oplog entries, raw BSON one after another, as read
+//! mongo/<name>/oplog/<after ts>-<last ts>.slice   oplog entries with after < ts <= last, raw BSON, as read
 //! mongo/<name>/gaps/<archived ts>-<next ts>.gap    entries lost between these (the oplog rolled over)
 //! mongo/<name>/blocks/<hh>/<hash>                  snapshot documents, raw BSON, named by keyed hash
 //! mongo/<name>/snapshots/<id>.manifest             BSON: what a snapshot is made of (written last)
 //! ```
 //! `<name>` is `[mongo] name`, by default the replica set's name. A `ts` in a name is
 //! `<seconds>.<increment>`, both ten digits, so names sort in oplog order.
+//!
+//! A slice names the `ts` it follows (the previous slice's last), not its own first, so that the
+//! names alone chain: a slice whose `after` is not the previous slice's `last` starts a new run,
+//! and a lost slice shows as a hole in the window (and in `verify`) instead of a silent skip in
+//! replay. The first slice of a run (a fresh archive, or after the oplog rolled over) follows its
+//! first entry's predecessor ([`Ts::pred`]).
 
 use bson::{Document, RawDocument};
 use pitr_archive::{ObjectKind, ObjectMeta, Repository};
@@ -36,8 +42,9 @@ impl MongoLayout {
         format!("{}oplog/", self.prefix())
     }
 
-    pub fn slice_name(&self, first: Ts, last: Ts) -> String {
-        format!("{}{}-{}.slice", self.oplog_prefix(), first.to_name(), last.to_name())
+    /// The slice holding the entries after `after` up to and including `last`.
+    pub fn slice_name(&self, after: Ts, last: Ts) -> String {
+        format!("{}{}-{}.slice", self.oplog_prefix(), after.to_name(), last.to_name())
     }
 
     pub fn parse_range(&self, name: &str, dir: &str, ext: &str) -> Option<(Ts, Ts)> {
@@ -153,10 +160,10 @@ impl SnapshotManifest {
     }
 }
 
-/// A run of oplog slices with no gap in it.
+/// A run of oplog slices, each following the one before: every entry after `after` up to `last`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Run {
-    pub first: Ts,
+    pub after: Ts,
     pub last: Ts,
     /// Slice names, in order.
     pub slices: Vec<String>,
@@ -200,7 +207,7 @@ impl MongoCatalog {
         }
         slices.sort();
         gaps.sort();
-        let runs = runs_of(&slices, &gaps);
+        let runs = runs_of(&slices);
         let mut run_end_us = Vec::new();
         for r in &runs {
             let last = r.slices.last().map(String::as_str).unwrap_or_default();
@@ -220,10 +227,10 @@ impl MongoCatalog {
         self.runs.last().map(|r| (r.last, self.run_end_us.last().copied().flatten()))
     }
 
-    /// The run a snapshot can be replayed along: one holding its `ts_before` and reaching its
-    /// `ts_after`.
+    /// The run a snapshot can be replayed along: one holding every entry after its `ts_before`
+    /// and reaching its `ts_after`.
     pub fn run_of(&self, s: &SnapshotManifest) -> Option<usize> {
-        self.runs.iter().position(|r| r.first <= s.ts_before && r.last >= s.ts_after)
+        self.runs.iter().position(|r| r.after <= s.ts_before && r.last >= s.ts_after)
     }
 
     pub fn windows(&self) -> Vec<Window> {
@@ -243,16 +250,14 @@ impl MongoCatalog {
     }
 }
 
-/// Slices into runs, broken wherever a gap was recorded.
-fn runs_of(slices: &[(Ts, Ts, String)], gaps: &[(Ts, Ts)]) -> Vec<Run> {
+/// Slices (sorted by name) into runs, broken wherever a slice does not follow the one before.
+/// Recorded gaps need no part in this: the slice after a gap follows an entry the archive lacks.
+fn runs_of(slices: &[(Ts, Ts, String)]) -> Vec<Run> {
     let mut runs: Vec<Run> = Vec::new();
-    for (first, last, name) in slices {
-        let broken = match runs.last() {
-            None => true,
-            Some(r) => gaps.iter().any(|(archived, next)| *archived >= r.last && *next <= *first),
-        };
-        if broken {
-            runs.push(Run { first: *first, last: *last, slices: vec![name.clone()] });
+    for (after, last, name) in slices {
+        let follows = runs.last().is_some_and(|r| r.last == *after);
+        if !follows {
+            runs.push(Run { after: *after, last: *last, slices: vec![name.clone()] });
         } else if let Some(r) = runs.last_mut() {
             r.last = *last;
             r.slices.push(name.clone());
@@ -270,22 +275,26 @@ mod tests {
     }
 
     #[test]
-    fn names_round_trip_and_gaps_break_runs() {
+    fn names_round_trip_and_only_following_slices_make_a_run() {
         let l = MongoLayout::new("secantus");
-        let n = l.slice_name(t(10, 1), t(10, 5));
-        assert_eq!(n, "mongo/secantus/oplog/0000000010.0000000001-0000000010.0000000005.slice");
-        assert_eq!(l.parse_range(&n, "oplog", ".slice"), Some((t(10, 1), t(10, 5))));
+        let n = l.slice_name(t(10, 0), t(10, 5));
+        assert_eq!(n, "mongo/secantus/oplog/0000000010.0000000000-0000000010.0000000005.slice");
+        assert_eq!(l.parse_range(&n, "oplog", ".slice"), Some((t(10, 0), t(10, 5))));
         assert_eq!(l.parse_range(&l.gap_name(t(1, 1), t(2, 2)), "gaps", ".gap"), Some((t(1, 1), t(2, 2))));
         let slices = vec![
-            (t(10, 1), t(10, 5), "a".to_string()),
-            (t(10, 6), t(11, 1), "b".to_string()),
-            (t(20, 1), t(21, 1), "c".to_string()),
+            (t(10, 0), t(10, 5), "a".to_string()),
+            (t(10, 5), t(11, 1), "b".to_string()),
+            // The oplog rolled over (or a slice was lost): this one follows an entry nobody holds.
+            (t(20, 0), t(21, 1), "c".to_string()),
+            (t(21, 1), t(22, 1), "d".to_string()),
         ];
-        let runs = runs_of(&slices, &[(t(11, 1), t(20, 1))]);
+        let runs = runs_of(&slices);
         assert_eq!(runs.len(), 2);
-        assert_eq!((runs[0].first, runs[0].last, runs[0].slices.len()), (t(10, 1), t(11, 1), 2));
-        assert_eq!((runs[1].first, runs[1].last), (t(20, 1), t(21, 1)));
-        assert_eq!(runs_of(&slices, &[]).len(), 1);
+        assert_eq!((runs[0].after, runs[0].last, runs[0].slices.len()), (t(10, 0), t(11, 1), 2));
+        assert_eq!((runs[1].after, runs[1].last, runs[1].slices.len()), (t(20, 0), t(22, 1), 2));
+        let without_b: Vec<_> = slices.iter().filter(|s| s.2 != "b").cloned().collect();
+        assert_eq!(runs_of(&without_b).len(), 2, "a lost slice breaks the run");
+        assert_eq!(runs_of(&without_b)[0].last, t(10, 5));
     }
 
     #[test]

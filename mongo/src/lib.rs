@@ -7,17 +7,19 @@
 //! oplog `ts` before and after, a manifest written last), restore ([`restore`]: newest snapshot
 //! before the target, then the oplog up to the target), the translation of oplog entries into
 //! ordinary writes ([`apply`], pure), the object names and the catalog built by listing them
-//! ([`layout`]) and oplog timestamps ([`ts`]).
+//! ([`layout`]), oplog timestamps ([`ts`]) and the archive check ([`verify`]).
 //!
 //! It reads and writes the repository only through `pitr_archive::Repository`; the object format
 //! stays in pitr-archive. Tested against SecantusDB (a MongoDB-compatible server), not mongod.
 
 pub mod apply;
+pub mod drill;
 pub mod layout;
 pub mod restore;
 pub mod snapshot;
 pub mod tailer;
 pub mod ts;
+pub mod verify;
 
 use std::time::Duration;
 

@@ -22,6 +22,26 @@ pub enum MongoTarget {
     Time(i64),
 }
 
+impl MongoTarget {
+    /// `latest`, `ts:SECONDS:INC`, or a time as PostgreSQL targets take it (RFC 3339, or
+    /// `YYYY-MM-DD HH:MM:SS[.ffffff][+TZ]`).
+    pub fn parse(s: &str) -> Result<MongoTarget, String> {
+        if s.trim().eq_ignore_ascii_case("latest") {
+            return Ok(MongoTarget::Latest);
+        }
+        if s.trim().starts_with("ts:") {
+            return Ts::parse_arg(s)
+                .map(MongoTarget::Ts)
+                .ok_or_else(|| format!("{s:?}: an oplog timestamp is ts:SECONDS:INC, e.g. ts:1796162730:16"));
+        }
+        match pitr_restore::parse_target(s) {
+            Ok(pitr_restore::RecoveryTarget::Time(us)) => Ok(MongoTarget::Time(us)),
+            Ok(_) => Err(format!("{s:?}: for MongoDB, use TIME, ts:SECONDS:INC or latest")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
 impl std::fmt::Display for MongoTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -140,13 +160,19 @@ const NAMESPACE_NOT_FOUND: i32 = 26;
 const INDEX_NOT_FOUND: i32 = 27;
 const NAMESPACE_EXISTS: i32 = 48;
 
+/// Fields servers report in index specs (listIndexes, createIndexes oplog entries) that
+/// `createIndexes` refuses: `ns` (old mongod) and SecantusDB's `entryFormat`.
+const INDEX_REPORT_ONLY_FIELDS: [&str; 2] = ["ns", "entryFormat"];
+
 fn index_specs(indexes: &[Document]) -> Vec<Document> {
     indexes
         .iter()
         .filter(|i| i.get_str("name") != Ok("_id_"))
         .map(|i| {
             let mut i = i.clone();
-            i.remove("ns");
+            for f in INDEX_REPORT_ONLY_FIELDS {
+                i.remove(f);
+            }
             i
         })
         .collect()

@@ -176,6 +176,11 @@ async fn run_once(
         }
         (Some((last, n, _)), _) => (last, n),
     };
+    // The next slice follows the archive's last entry only where the cursor continues from it.
+    let follows = match end {
+        Some((last, _, _)) if start == last => Some(last),
+        _ => None,
+    };
     status.send_modify(|s| {
         s.name = layout.name.clone();
         s.connected = true;
@@ -266,6 +271,8 @@ async fn run_once(
         last_entry: Instant::now(),
         cfg,
         safe: 0,
+        after: follows,
+        oplog: conn.client.database("local").collection::<RawDocumentBuf>("oplog.rs"),
     };
     let mut window_tick = tokio::time::interval(Duration::from_secs(10));
     let mut flush_tick = tokio::time::interval(cfg.flush_interval.max(Duration::from_millis(50)));
@@ -314,6 +321,10 @@ struct Sealer<'a> {
     last_entry: Instant,
     /// How many of `pending` may be sealed: all but a trailing transaction that may go on.
     safe: usize,
+    /// The last archived `ts` the next slice follows; `None` at the start of a run.
+    after: Option<Ts>,
+    /// For the completeness check before each seal.
+    oplog: mongodb::Collection<RawDocumentBuf>,
 }
 
 impl Sealer<'_> {
@@ -365,15 +376,17 @@ impl Sealer<'_> {
         if self.safe == 0 {
             return Ok(());
         }
-        let batch: Vec<Raw> = self.pending.drain(..self.safe).collect();
+        let mut batch: Vec<Raw> = self.pending.drain(..self.safe).collect();
         self.safe = 0;
+        let after = self.after.unwrap_or(batch[0].ts.pred());
+        self.complete(after, &mut batch).await;
         let mut plaintext = Vec::with_capacity(batch.iter().map(|r| r.doc.as_bytes().len()).sum());
         for r in &batch {
             plaintext.extend_from_slice(r.doc.as_bytes());
         }
-        self.pending_bytes -= plaintext.len();
+        self.pending_bytes = self.pending.iter().map(|r| r.doc.as_bytes().len()).sum();
         let (first, last) = (&batch[0], &batch[batch.len() - 1]);
-        let name = self.layout.slice_name(first.ts, last.ts);
+        let name = self.layout.slice_name(after, last.ts);
         let meta = slice_meta(first.ts, last.ts, first.wall_us, last.wall_us);
         let mut delay = Duration::from_millis(100);
         loop {
@@ -389,6 +402,7 @@ impl Sealer<'_> {
             }
         }
         self.last_seal = Instant::now();
+        self.after = Some(last.ts);
         metrics::counter!("pitr_mongo_slices_archived_total").increment(1);
         metrics::counter!("pitr_mongo_archived_entries_total").increment(batch.len() as u64);
         let (ts, wall) = (last.ts, last.wall_us);
@@ -400,5 +414,54 @@ impl Sealer<'_> {
         tracing::debug!(object = %name, entries = batch.len(), "oplog slice archived");
         self.update_lag();
         Ok(())
+    }
+
+    /// Makes sure `batch` holds every entry the server has in `(after, last]` before it is
+    /// sealed under a name that claims exactly that. A tailable cursor should never skip an
+    /// entry, but SecantusDB's was seen to (one insert, committed before the next began, missing
+    /// from a cursor opened while writes went on): one count per slice finds that, and the
+    /// range is then read again with a plain query. On mongod this never finds anything. If the
+    /// count cannot be made (the server went away), the entries in hand are sealed as they are:
+    /// they are real, and losing them could matter more.
+    async fn complete(&self, after: Ts, batch: &mut Vec<Raw>) {
+        let last = batch[batch.len() - 1].ts;
+        let range = doc! { "ts": { "$gt": Bson::Timestamp(after.to_bson()), "$lte": Bson::Timestamp(last.to_bson()) } };
+        let on_server = match self.oplog.count_documents(range.clone()).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, after = %after, last = %last, "could not check the slice against the oplog; sealing the entries received");
+                return;
+            }
+        };
+        if on_server <= batch.len() as u64 {
+            return;
+        }
+        let reread = async {
+            let mut cursor = self.oplog.find(range).sort(doc! { "$natural": 1 }).await?;
+            let mut out = Vec::new();
+            while cursor.advance().await? {
+                if let Some(raw) =
+                    RawDocumentBuf::from_bytes(cursor.current().as_bytes().to_vec()).ok().and_then(read_raw)
+                {
+                    out.push(raw);
+                }
+            }
+            Ok::<_, mongodb::error::Error>(out)
+        };
+        match reread.await {
+            Ok(mut all) if all.len() > batch.len() => {
+                // Entries sharing a `ts` keep their order; different `ts` go in `ts` order.
+                all.sort_by_key(|r| r.ts);
+                let missed = all.len() - batch.len();
+                metrics::counter!("pitr_mongo_reread_entries_total").increment(missed as u64);
+                tracing::warn!(after = %after, last = %last, missed,
+                    "the oplog cursor skipped entries the server holds; read the range again before sealing it");
+                *batch = all;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, after = %after, last = %last, "could not read the slice's range again; sealing the entries received")
+            }
+        }
     }
 }

@@ -41,6 +41,16 @@ impl Ts {
         Some(Ts { secs: secs.parse().ok()?, inc: inc.parse().ok()? })
     }
 
+    /// The `ts` just before this one in MongoDB's order (a `ts` is one 64-bit number, seconds in
+    /// the high half): nothing can lie strictly between the two, so "after `t.pred()`" means
+    /// "from `t` on".
+    pub fn pred(self) -> Ts {
+        match self.inc {
+            0 => Ts { secs: self.secs.saturating_sub(1), inc: if self.secs == 0 { 0 } else { u32::MAX } },
+            inc => Ts { secs: self.secs, inc: inc - 1 },
+        }
+    }
+
     /// The second of the timestamp, µs since the Unix epoch (an upper bound on the entry's wall
     /// time to within a second, where an entry carries no `wall`).
     pub fn secs_us(self) -> i64 {
@@ -75,5 +85,8 @@ mod tests {
         assert_eq!(Ts::parse_arg("ts:1796162730:16"), Some(Ts { secs: 1796162730, inc: 16 }));
         assert_eq!(Ts::parse_arg("ts:1:x"), None);
         assert_eq!(Ts { secs: 5, inc: 6 }.to_string(), "ts:5:6");
+        assert_eq!(Ts { secs: 5, inc: 6 }.pred(), Ts { secs: 5, inc: 5 });
+        assert_eq!(Ts { secs: 5, inc: 0 }.pred(), Ts { secs: 4, inc: u32::MAX });
+        assert_eq!(Ts::ZERO.pred(), Ts::ZERO);
     }
 }

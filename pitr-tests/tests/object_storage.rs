@@ -1,5 +1,6 @@
 //! The object-storage backends against real servers on loopback: multipart put-if-absent on moto
-//! and s3s-fs, S3 Object Lock on moto, and the process-wide bound on
+//! and s3s-fs, S3 Object Lock on moto (retention at write, extending it, and `expire` extending
+//! it for backups kept longer than the window), and the process-wide bound on
 //! concurrent requests (seen by a TCP proxy in front of the server).
 
 use std::sync::atomic::Ordering;
@@ -7,8 +8,12 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
+use pitr_archive::backup::{block_name, manifest_name, BackupManifest};
 use pitr_archive::cloud::{CloudOptions, CloudStore, LockMode, ObjectLock};
-use pitr_archive::{PutOutcome, Store};
+use pitr_archive::expire::{expire, ExpireOptions};
+use pitr_archive::layout::{WalLayout, WalObject};
+use pitr_archive::retention::Policy;
+use pitr_archive::{ClusterInfo, KeyRing, PutOutcome, Repository, Store};
 use pitr_tests::proxy::FaultyProxy;
 use pitr_tests::{http_request, S3Server, S3sFs};
 
@@ -148,6 +153,231 @@ async fn s3_object_lock_on_moto() -> Result<()> {
     let err = store.delete_many(&["wal/segment".to_string()]).await.unwrap_err();
     assert!(err.is_denied(), "{err}");
     assert_eq!(store.get("wal/segment").await?, big);
+    Ok(())
+}
+
+/// moto checks no signatures, but treats a request without Authorization as anonymous.
+const MOTO_AUTH: [(&str, &str); 1] =
+    [("Authorization", "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request")];
+
+fn create_locked_bucket(moto: &S3Server, bucket: &str) -> Result<()> {
+    let created =
+        http_request(moto.port, "PUT", &format!("/{bucket}"), &[("x-amz-bucket-object-lock-enabled", "true")], b"")?;
+    ensure!(created.status == 200, "create bucket with object lock: {} {}", created.status, created.text());
+    Ok(())
+}
+
+/// An object's (mode, retain-until date, version id) as the server's HEAD reports them.
+fn lock_of(moto: &S3Server, path: &str) -> Result<(String, String, String)> {
+    let head = http_request(moto.port, "HEAD", path, &MOTO_AUTH, b"")?;
+    ensure!(head.status == 200, "HEAD {path}: {}", head.status);
+    let get = |h: &str| head.header(h).map(str::to_string).with_context(|| format!("HEAD {path}: no {h}"));
+    Ok((get("x-amz-object-lock-mode")?, get("x-amz-object-lock-retain-until-date")?, get("x-amz-version-id")?))
+}
+
+/// Sets a retention directly (moto, unlike S3, lets it be shortened): a lock that has passed.
+fn set_retention_raw(moto: &S3Server, path: &str, mode: &str, until: &str) -> Result<()> {
+    let body = format!("<Retention><Mode>{mode}</Mode><RetainUntilDate>{until}</RetainUntilDate></Retention>");
+    let set = http_request(moto.port, "PUT", &format!("{path}?retention"), &MOTO_AUTH, body.as_bytes())?;
+    ensure!(set.status == 200, "PUT {path}?retention: {} {}", set.status, set.text());
+    Ok(())
+}
+
+/// Deletes the object's current version itself (not a delete marker): what ransomware holding
+/// the host's credentials would try. The HTTP status.
+fn delete_version(moto: &S3Server, path: &str) -> Result<u16> {
+    let (_, _, version) = lock_of(moto, path)?;
+    Ok(http_request(moto.port, "DELETE", &format!("{path}?versionId={version}"), &MOTO_AUTH, b"")?.status)
+}
+
+/// S3's date form of a time (whole seconds, rounded up as `extend_retention` does).
+fn s3_date(us: i64) -> String {
+    let secs = (us + 999_999).div_euclid(1_000_000);
+    chrono::DateTime::from_timestamp(secs, 0).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Written with a one-day lock, an object's retention is moved to seven years, read back
+/// through the server, never moved earlier, never weakened from COMPLIANCE; and it is what stops
+/// the object's version from being deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_object_lock_retention_is_extended_and_never_shortened() -> Result<()> {
+    aws_test_credentials();
+    let moto = S3Server::start()?;
+    create_locked_bucket(&moto, "locked")?;
+    let lock = |mode| CloudOptions { object_lock: Some(ObjectLock { mode, days: 1 }), ..s3_options(moto.endpoint()) };
+    let store = CloudStore::open("s3://locked/repo", &lock(LockMode::Governance))?;
+    assert!(store.has_retention());
+    for name in ["blocks/a", "blocks/b", "blocks/c"] {
+        assert_eq!(store.put_if_absent(name, Bytes::from_static(b"a block")).await?, PutOutcome::Created);
+    }
+    let (mode, written_until, _) = lock_of(&moto, "/locked/repo/blocks/a")?;
+    assert_eq!(mode, "GOVERNANCE");
+    let today = chrono_like_today();
+    ensure!(written_until[..10] > *today, "written with a one-day lock, yet retained until {written_until}");
+
+    let now = pitr_archive::now_us();
+    let seven_years = now + 7 * 366 * 86_400_000_000;
+    assert!(store.extend_retention("blocks/a", seven_years).await?);
+    assert_eq!(lock_of(&moto, "/locked/repo/blocks/a")?.0, "GOVERNANCE");
+    assert_eq!(lock_of(&moto, "/locked/repo/blocks/a")?.1, s3_date(seven_years));
+    // An earlier date, or the same one again: nothing sent, nothing changed (moto would accept
+    // a shorter date, so the date read back shows that none was sent).
+    assert!(!store.extend_retention("blocks/a", now + 365 * 86_400_000_000).await?);
+    assert!(!store.extend_retention("blocks/a", seven_years).await?);
+    assert_eq!(lock_of(&moto, "/locked/repo/blocks/a")?.1, s3_date(seven_years));
+    assert_eq!(delete_version(&moto, "/locked/repo/blocks/a")?, 403);
+
+    // b's and c's locks have passed. Deleting c's version now works: the server enforces the
+    // date, so what protects b below is the extension.
+    set_retention_raw(&moto, "/locked/repo/blocks/b", "GOVERNANCE", "2020-01-01T00:00:00Z")?;
+    set_retention_raw(&moto, "/locked/repo/blocks/c", "GOVERNANCE", "2020-01-01T00:00:00Z")?;
+    assert_eq!(delete_version(&moto, "/locked/repo/blocks/c")?, 204);
+    assert!(store.extend_retention("blocks/b", now + 2 * 86_400_000_000).await?);
+    assert_eq!(delete_version(&moto, "/locked/repo/blocks/b")?, 403);
+    assert_eq!(&store.get("blocks/b").await?[..], b"a block");
+
+    // A COMPLIANCE object stays COMPLIANCE when a GOVERNANCE store extends it; a GOVERNANCE one
+    // is raised by a COMPLIANCE store.
+    let compliance = CloudStore::open("s3://locked/repo", &lock(LockMode::Compliance))?;
+    compliance.put_if_absent("blocks/d", Bytes::from_static(b"d")).await?;
+    assert!(store.extend_retention("blocks/d", seven_years).await?);
+    let (mode, until, _) = lock_of(&moto, "/locked/repo/blocks/d")?;
+    assert_eq!((mode.as_str(), until), ("COMPLIANCE", s3_date(seven_years)));
+    assert!(compliance.extend_retention("blocks/b", seven_years).await?);
+    assert_eq!(lock_of(&moto, "/locked/repo/blocks/b")?.0, "COMPLIANCE");
+
+    let err = store.extend_retention("blocks/missing", seven_years).await.unwrap_err();
+    assert!(err.is_not_found() && err.to_string().contains("blocks/missing"), "{err}");
+    // Without Object Lock there is nothing to extend, and nothing is sent.
+    moto.create_bucket("plain")?;
+    let plain = CloudStore::open("s3://plain/repo", &s3_options(moto.endpoint()))?;
+    plain.put_if_absent("x", Bytes::from_static(b"x")).await?;
+    assert!(!plain.has_retention());
+    assert!(!plain.extend_retention("x", seven_years).await?);
+    Ok(())
+}
+
+/// `expire` (not a dry run) on a repository with Object Lock: the objects a backup kept by a
+/// GFS rule needs are retained until the date the policy may keep it to (an object several need:
+/// the latest), what only the window keeps is left at its write-time lock, an object whose
+/// retention cannot be handled is reported by name while the rest goes on, and a later run finds
+/// everything retained already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_expire_extends_the_retention_of_backups_kept_longer_than_the_window() -> Result<()> {
+    const SYS: u64 = 7;
+    const SEG: u64 = 16 << 20;
+    const DAY: i64 = 86_400_000_000;
+    aws_test_credentials();
+    let moto = S3Server::start()?;
+    create_locked_bucket(&moto, "locked")?;
+    let opts = CloudOptions {
+        object_lock: Some(ObjectLock { mode: LockMode::Compliance, days: 1 }),
+        ..s3_options(moto.endpoint())
+    };
+    let repo = Repository::new(Arc::new(CloudStore::open("s3://locked/repo", &opts)?), KeyRing::from_key("k", [3; 32]));
+    repo.init().await?;
+    let cluster =
+        ClusterInfo { system_id: SYS, wal_segment_size: SEG, wal_page_size: 8192, server_version_num: 170000 };
+    repo.put_cluster_info(&cluster).await?;
+    let layout = WalLayout::new(&cluster);
+
+    // The policy's clock: mid-June of next year, so that every date below is in the future of
+    // the server's clock, whatever today is.
+    use chrono::Datelike;
+    let year = chrono::Utc::now().year() + 1;
+    let june = |d: u32| chrono::NaiveDate::from_ymd_opt(year, 6, d).unwrap().and_hms_opt(12, 0, 0).unwrap().and_utc();
+    let now = june(15).timestamp_micros();
+    // a: two years back (kept as its year's newest); b: the window's base; c: an incremental on
+    // b, the newest (kept as this year's newest). Block "shared" is in a and b.
+    let backups = [
+        ("a", None, now - 800 * DAY, 3, vec!["aa01", "5501"]),
+        ("b", None, now - 3 * DAY, 10, vec!["5501", "bb01"]),
+        ("c", Some("b"), now - DAY / 12, 12, vec!["cc01"]),
+    ];
+    for segno in [3, 5, 10, 11, 12] {
+        let name = layout.object_name(&WalObject::Segment { timeline: 1, segno });
+        repo.store().put_if_absent(&name, Bytes::from_static(b"wal")).await?;
+    }
+    let block = |id: &str| block_name(SYS, &format!("{id}{}", "0".repeat(60)));
+    for (id, parent, start_us, segno, blocks) in &backups {
+        let blocks: Vec<String> = blocks.iter().map(|b| format!("{b}{}", "0".repeat(60))).collect();
+        for b in &blocks {
+            repo.store().put_if_absent(&block_name(SYS, b), Bytes::from_static(b"block")).await?;
+        }
+        let manifest: BackupManifest = serde_json::from_value(serde_json::json!({
+            "id": id, "kind": if parent.is_some() { "incremental" } else { "full" }, "parent": parent,
+            "system_id": SYS, "server_version_num": 170000, "timeline": 1,
+            "start_lsn": segno * SEG + 40, "stop_lsn": segno * SEG + 5000,
+            "start_time_us": start_us, "stop_time_us": start_us + 60_000_000,
+            "block_size": 1 << 20, "tablespaces": [], "entries": [],
+            "files": [{ "path": "base/1/1", "size": 1, "mode": 384, "mtime": 0, "checksum": null, "blocks": blocks }],
+            "server_manifest": "", "logical_bytes": 1, "stored_bytes": 1,
+        }))?;
+        assert_eq!(manifest.store(&repo).await?, PutOutcome::Created);
+    }
+
+    let policy = Policy { daily: 0, weekly: 0, monthly: 0, yearly: 3, window_us: DAY };
+    let mut expire_opts = ExpireOptions {
+        policy,
+        now_us: now,
+        dry_run: true,
+        stale_backup_after: std::time::Duration::from_secs(86_400),
+        lock_ttl: std::time::Duration::from_secs(600),
+    };
+    let path = |name: &str| format!("/locked/repo/{name}");
+    let segment = |segno| path(&layout.object_name(&WalObject::Segment { timeline: 1, segno }));
+    let written = lock_of(&moto, &path(&manifest_name(SYS, "a")))?.1;
+    let written_11 = lock_of(&moto, &segment(11))?.1;
+
+    // c is this year's newest (rank 1 of 3: until January 1 three years on), b its parent, a the
+    // second year with a backup (rank 2: two years on). Manifest, blocks, and the WAL segment
+    // of each: a 4 objects, b 4, c 3.
+    let later = |years: i32| format!("{}-01-01T00:00:00Z", year + years);
+    let want = [("a", later(2), 4), ("b", later(3), 4), ("c", later(3), 3)];
+    let dry = expire(&repo, &cluster, &expire_opts).await?;
+    let targets: Vec<(String, String, usize)> =
+        dry.retention_until.iter().map(|t| (t.id.clone(), t.until.clone(), t.objects)).collect();
+    assert_eq!(targets, want.iter().map(|(i, u, n)| (i.to_string(), u.clone(), *n)).collect::<Vec<_>>());
+    assert_eq!((dry.retention_checked, dry.retention_extended), (0, 0));
+    assert_eq!(lock_of(&moto, &path(&manifest_name(SYS, "a")))?.1, written, "a dry run extended a retention");
+
+    // One object whose retention cannot be handled: the server reports a date that is not one
+    // (moto stores what it is given).
+    set_retention_raw(&moto, &path(&block("bb01")), "COMPLIANCE", "not-a-date")?;
+    expire_opts.dry_run = false;
+    let report = expire(&repo, &cluster, &expire_opts).await?;
+    assert!(report.removed_backups.is_empty());
+    // 10 distinct objects (the shared block counted once): that one failed, named, and the
+    // rest were extended all the same.
+    let failed: Vec<&str> = report.retention_failed.iter().map(|r| r.object.as_str()).collect();
+    assert_eq!(failed, [block("bb01")]);
+    let why = &report.retention_failed[0].why;
+    assert!(why.contains(&block("bb01")) && why.contains("not-a-date"), "{why}");
+    assert_eq!((report.retention_checked, report.retention_extended, report.retention_missing), (9, 9, 0));
+    assert!(report.removed_wal_objects > 0, "the deletes went on: {report:?}");
+    set_retention_raw(&moto, &path(&block("bb01")), "COMPLIANCE", "2020-01-01T00:00:00Z")?;
+    let report = expire(&repo, &cluster, &expire_opts).await?;
+    ensure!(report.retention_failed.is_empty(), "{:?}", report.retention_failed);
+    assert_eq!((report.retention_checked, report.retention_extended), (10, 1));
+    let until = |p: &str| -> Result<String> { Ok(lock_of(&moto, p)?.1) };
+    assert_eq!(until(&path(&manifest_name(SYS, "a")))?, later(2));
+    assert_eq!(until(&path(&block("aa01")))?, later(2));
+    assert_eq!(until(&segment(3))?, later(2));
+    // In a and b: b's (inherited from c) date.
+    assert_eq!(until(&path(&block("5501")))?, later(3));
+    for name in [manifest_name(SYS, "b"), manifest_name(SYS, "c"), block("bb01"), block("cc01")] {
+        assert_eq!(until(&path(&name))?, later(3), "{name}");
+    }
+    assert_eq!(until(&segment(10))?, later(3));
+    assert_eq!(until(&segment(12))?, later(3));
+    // Segment 11 only the window needs: its write-time lock stays.
+    assert_eq!(lock_of(&moto, &segment(11))?, ("COMPLIANCE".to_string(), written_11, lock_of(&moto, &segment(11))?.2));
+    // Segment 5 (between a and b) went: a delete marker, and its locked version stays.
+    assert!(repo.store().head(&layout.object_name(&WalObject::Segment { timeline: 1, segno: 5 })).await?.is_none());
+
+    let again = expire(&repo, &cluster, &expire_opts).await?;
+    assert_eq!((again.retention_checked, again.retention_extended), (10, 0));
+    ensure!(again.retention_failed.is_empty(), "{:?}", again.retention_failed);
     Ok(())
 }
 

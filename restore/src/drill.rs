@@ -22,14 +22,20 @@ pub struct ChecksFile {
     pub checks: Vec<CheckSpec>,
 }
 
-/// One SQL check. `expect`: `rows`, `no rows`, or a comparison of the first value of the first
-/// row: `> N`, `>= N`, `< N`, `<= N`, `= V`, `!= V`. `recorded`: values of the same query taken on
-/// the primary at given moments; a drill to exactly such a moment expects that value.
+/// One check: a SQL query (PostgreSQL drills), or a count of the documents of `collection`
+/// matching `filter` (MongoDB drills; `database` is then the MongoDB database). `expect`: `rows`,
+/// `no rows`, or a comparison of the first value of the first row (the count): `> N`, `>= N`,
+/// `< N`, `<= N`, `= V`, `!= V`. `recorded`: values of the same check taken on the primary at
+/// given moments; a drill to exactly such a moment expects that value. A drill skips the checks
+/// of the other source.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckSpec {
     pub name: String,
-    pub sql: String,
+    pub sql: Option<String>,
+    pub collection: Option<String>,
+    /// MongoDB query filter, as a TOML table (default: every document).
+    pub filter: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default = "default_database")]
     pub database: String,
     pub expect: Option<String>,
@@ -80,6 +86,8 @@ pub struct CheckResult {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DrillReport {
+    /// `postgres` or `mongo`.
+    pub source: String,
     pub date: String,
     pub test_type: String,
     pub scenario: String,
@@ -98,7 +106,123 @@ pub struct DrillReport {
     pub checks: Vec<CheckResult>,
     pub issues: Vec<String>,
     pub improvements: Vec<String>,
-    pub restore: Option<RestoreReport>,
+    /// The restore's own report (PostgreSQL's or MongoDB's), when it finished.
+    pub restore: Option<serde_json::Value>,
+    /// One line on what was restored, for the markdown report.
+    pub restore_summary: Option<String>,
+}
+
+impl ChecksFile {
+    /// Every check is one of a SQL check or a MongoDB count, named.
+    pub fn validate(&self) -> Result<(), String> {
+        for c in &self.checks {
+            match (&c.sql, &c.collection) {
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => return Err(format!("check {:?}: give either `sql` or `collection`", c.name)),
+            }
+            if c.sql.is_some() && c.filter.is_some() {
+                return Err(format!("check {:?}: `filter` goes with `collection`, not `sql`", c.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one drill did, whichever database it restored; [`assess`] turns it into the report.
+#[derive(Debug, Clone)]
+pub struct DrillRun {
+    pub source: &'static str,
+    pub scenario: String,
+    pub target: String,
+    pub started_us: i64,
+    pub started: Instant,
+    /// The restore's report and a one-line summary, or why it failed.
+    pub restore: Result<(serde_json::Value, String), String>,
+    pub rto_seconds: Option<f64>,
+    pub rpo_seconds: Option<f64>,
+    /// Of the RTO, the time spent replaying WAL or oplog (for the improvement hint).
+    pub replay_seconds: Option<f64>,
+    pub checks: Vec<CheckResult>,
+    /// What the hint says to take more often to shorten replay.
+    pub backup_word: &'static str,
+}
+
+/// Judges a drill against the RTO and RPO targets: FAIL if the restore or a check failed,
+/// PARTIAL if a target was missed, PASS otherwise.
+pub fn assess(run: DrillRun, test_type: &str, rto_target_seconds: f64, rpo_target_seconds: f64) -> DrillReport {
+    let mut issues = Vec::new();
+    let (restore, restore_summary) = match run.restore {
+        Ok((report, summary)) => (Some(report), Some(summary)),
+        Err(e) => {
+            issues.push(format!("the restore failed: {e}"));
+            (None, None)
+        }
+    };
+    let (rto, rpo) = if restore.is_some() { (run.rto_seconds, run.rpo_seconds) } else { (None, None) };
+    let checks = run.checks;
+    let failed: Vec<&CheckResult> = checks.iter().filter(|c| c.result == "fail").collect();
+    for c in &failed {
+        issues.push(format!("check {:?} failed: {}", c.name, c.detail));
+    }
+    let mut over_target = false;
+    if let Some(rto) = rto {
+        if rto > rto_target_seconds {
+            over_target = true;
+            issues.push(format!("RTO {rto:.1} s is over the target {rto_target_seconds:.0} s"));
+        }
+    }
+    if let Some(rpo) = rpo {
+        if rpo > rpo_target_seconds {
+            over_target = true;
+            issues.push(format!("RPO {rpo:.1} s is over the target {rpo_target_seconds:.0} s"));
+        }
+    }
+    let outcome = if restore.is_none() || !failed.is_empty() {
+        "FAIL"
+    } else if over_target {
+        "PARTIAL"
+    } else {
+        "PASS"
+    };
+    let mut improvements = Vec::new();
+    if let Some(rto) = rto {
+        if rto > rto_target_seconds * 0.5 {
+            improvements.push(format!(
+                "RTO uses {:.0} % of its target: take {} more often to shorten replay ({:.1} s of {:.1} s)",
+                rto / rto_target_seconds * 100.0,
+                run.backup_word,
+                run.replay_seconds.unwrap_or(0.0),
+                rto
+            ));
+        }
+    }
+    if checks.iter().filter(|c| !c.name.starts_with("built-in")).count() == 0 {
+        improvements
+            .push("add application checks (--checks FILE) so the drill proves the data, not only the server".into());
+    }
+    let ended_us = now_us();
+    DrillReport {
+        source: run.source.into(),
+        date: format_time(run.started_us)[..10].to_string(),
+        test_type: test_type.into(),
+        scenario: run.scenario,
+        target: run.target,
+        start_time: format_time(run.started_us),
+        end_time: format_time(ended_us),
+        duration_seconds: run.started.elapsed().as_secs_f64(),
+        outcome: outcome.into(),
+        rto_achieved_seconds: rto,
+        rto_target_seconds,
+        rpo_achieved_seconds: rpo,
+        rpo_target_seconds,
+        data_integrity: if restore.is_some() && failed.is_empty() { "PASS".into() } else { "FAIL".into() },
+        service_availability: "100 % (the drill ran on a scratch server; the primary was not touched)".into(),
+        checks,
+        issues,
+        improvements,
+        restore,
+        restore_summary,
+    }
 }
 
 fn free_port() -> Result<u16, RestoreError> {
@@ -153,64 +277,13 @@ pub async fn drill(repo: &Repository, catalog: &Catalog, opts: &DrillOptions) ->
     };
     let restored = restore(repo, catalog, &restore_opts, &|_, _| {}).await;
     let mut checks = Vec::new();
-    let mut issues = Vec::new();
-    let restore_report = match restored {
-        Ok(r) => {
-            checks = run_checks(&target_dir, port, opts, target).await;
-            Some(r)
-        }
-        Err(e) => {
-            issues.push(format!("the restore failed: {e}"));
-            None
-        }
-    };
+    if restored.is_ok() {
+        checks = run_checks(&target_dir, port, opts, target).await;
+    }
     stop_server(&opts.bin_dir, &target_dir);
     if !opts.keep {
         let _ = std::fs::remove_dir_all(&scratch);
     }
-
-    let rto = restore_report.as_ref().map(|r| r.total_seconds);
-    let rpo = restore_report.as_ref().and_then(|r| r.data_loss_window_seconds);
-    let failed: Vec<&CheckResult> = checks.iter().filter(|c| c.result == "fail").collect();
-    for c in &failed {
-        issues.push(format!("check {:?} failed: {}", c.name, c.detail));
-    }
-    let mut over_target = false;
-    if let Some(rto) = rto {
-        if rto > opts.rto_target_seconds {
-            over_target = true;
-            issues.push(format!("RTO {rto:.1} s is over the target {:.0} s", opts.rto_target_seconds));
-        }
-    }
-    if let Some(rpo) = rpo {
-        if rpo > opts.rpo_target_seconds {
-            over_target = true;
-            issues.push(format!("RPO {rpo:.1} s is over the target {:.0} s", opts.rpo_target_seconds));
-        }
-    }
-    let outcome = if restore_report.is_none() || !failed.is_empty() {
-        "FAIL"
-    } else if over_target {
-        "PARTIAL"
-    } else {
-        "PASS"
-    };
-    let mut improvements = Vec::new();
-    if let (Some(rto), Some(r)) = (rto, &restore_report) {
-        if rto > opts.rto_target_seconds * 0.5 {
-            improvements.push(format!(
-                "RTO uses {:.0} % of its target: take base backups more often to shorten replay ({:.1} s of {:.1} s)",
-                rto / opts.rto_target_seconds * 100.0,
-                r.replay_seconds.unwrap_or(0.0),
-                rto
-            ));
-        }
-    }
-    if checks.iter().filter(|c| !c.name.starts_with("built-in")).count() == 0 {
-        improvements
-            .push("add application checks (--checks FILE) so the drill proves the data, not only the server".into());
-    }
-    let ended_us = now_us();
     let scenario = format!(
         "Point-in-time restore of cluster {} to {} ({}) into a scratch server",
         catalog.cluster.system_id,
@@ -221,26 +294,40 @@ pub async fn drill(repo: &Repository, catalog: &Catalog, opts: &DrillOptions) ->
             "a chosen target"
         }
     );
-    Ok(DrillReport {
-        date: format_time(started_us)[..10].to_string(),
-        test_type: opts.test_type.clone(),
+    let (rto, rpo, replay) = match &restored {
+        Ok(r) => (Some(r.total_seconds), r.data_loss_window_seconds, r.replay_seconds),
+        Err(_) => (None, None, None),
+    };
+    let restore = match restored {
+        Ok(r) => serde_json::to_value(&r).map(|v| (v, summary_of(&r))).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let run = DrillRun {
+        source: "postgres",
         scenario,
         target: target.to_string(),
-        start_time: format_time(started_us),
-        end_time: format_time(ended_us),
-        duration_seconds: started.elapsed().as_secs_f64(),
-        outcome: outcome.into(),
-        rto_achieved_seconds: rto,
-        rto_target_seconds: opts.rto_target_seconds,
-        rpo_achieved_seconds: rpo,
-        rpo_target_seconds: opts.rpo_target_seconds,
-        data_integrity: if restore_report.is_some() && failed.is_empty() { "PASS".into() } else { "FAIL".into() },
-        service_availability: "100 % (the drill ran on a scratch server; the primary was not touched)".into(),
+        started_us,
+        started,
+        restore,
+        rto_seconds: rto,
+        rpo_seconds: rpo,
+        replay_seconds: replay,
         checks,
-        issues,
-        improvements,
-        restore: restore_report,
-    })
+        backup_word: "base backups",
+    };
+    Ok(assess(run, &opts.test_type, opts.rto_target_seconds, opts.rpo_target_seconds))
+}
+
+fn summary_of(restore: &RestoreReport) -> String {
+    format!(
+        "Restored from backup {} to {}: last replayed commit {}, LSN {}; {:.1} s writing files, {:.1} s replaying.",
+        restore.backup_id,
+        restore.target,
+        restore.last_replayed_commit_time.as_deref().unwrap_or("-"),
+        restore.last_replayed_lsn.as_deref().unwrap_or("-"),
+        restore.download_seconds,
+        restore.replay_seconds.unwrap_or(0.0)
+    )
 }
 
 fn stop_server(bin_dir: &Path, dir: &Path) {
@@ -379,6 +466,7 @@ async fn run_checks(dir: &Path, port: u16, opts: &DrillOptions, target: Recovery
         });
     }
     for check in &opts.checks.checks {
+        let Some(sql) = &check.sql else { continue };
         let recorded = match target {
             RecoveryTarget::Time(t) => check.recorded.iter().find(|r| parse_time(&r.at) == Some(t)),
             _ => None,
@@ -395,7 +483,7 @@ async fn run_checks(dir: &Path, port: u16, opts: &DrillOptions, target: Recovery
                 continue;
             }
         };
-        let first = query_first_value(dir, port, user, &check.database, &check.sql).await;
+        let first = query_first_value(dir, port, user, &check.database, sql).await;
         let (result, detail) = match first
             .map_err(|e| format!("query failed: {e}"))
             .and_then(|f| evaluate(&expectation, &f).map(|()| f))
@@ -440,16 +528,8 @@ pub fn render_markdown(r: &DrillReport) -> String {
     for c in &r.checks {
         md.push_str(&format!("- {} — **{}** {}\n", c.name, c.result.to_uppercase(), c.detail));
     }
-    if let Some(restore) = &r.restore {
-        md.push_str(&format!(
-            "\nRestored from backup {} to {}: last replayed commit {}, LSN {}; {:.1} s writing files, {:.1} s replaying.\n",
-            restore.backup_id,
-            restore.target,
-            restore.last_replayed_commit_time.as_deref().unwrap_or("-"),
-            restore.last_replayed_lsn.as_deref().unwrap_or("-"),
-            restore.download_seconds,
-            restore.replay_seconds.unwrap_or(0.0)
-        ));
+    if let Some(summary) = &r.restore_summary {
+        md.push_str(&format!("\n{summary}\n"));
     }
     md.push_str("\n## Issues Identified\n");
     if r.issues.is_empty() {
@@ -474,7 +554,12 @@ pub fn render_markdown(r: &DrillReport) -> String {
 
 /// Stores the drill's result in the repository, where the sidecar picks it up for its metrics.
 pub async fn store_result(repo: &Repository, system_id: u64, report: &DrillReport) -> Result<(), RepositoryError> {
-    let name = format!("pg/{system_id}/drills/{}.json", report.start_time.replace([' ', ':', '+', '.'], "_"));
+    store_result_under(repo, &format!("pg/{system_id}/"), report).await
+}
+
+/// As [`store_result`], under `prefix` (`mongo/<name>/` for MongoDB drills).
+pub async fn store_result_under(repo: &Repository, prefix: &str, report: &DrillReport) -> Result<(), RepositoryError> {
+    let name = format!("{prefix}drills/{}.json", report.start_time.replace([' ', ':', '+', '.'], "_"));
     let json =
         serde_json::to_vec(report).map_err(|e| RepositoryError::Invalid { name: name.clone(), what: e.to_string() })?;
     repo.put_sealed(&name, json, ObjectMeta::plain(ObjectKind::Meta)).await?;
@@ -483,7 +568,15 @@ pub async fn store_result(repo: &Repository, system_id: u64, report: &DrillRepor
 
 /// The newest stored drill result: (outcome, RTO seconds, RPO seconds).
 pub async fn latest_result(repo: &Repository, system_id: u64) -> Result<Option<serde_json::Value>, RepositoryError> {
-    let prefix = format!("pg/{system_id}/drills/");
+    latest_result_under(repo, &format!("pg/{system_id}/")).await
+}
+
+/// As [`latest_result`], under `prefix`.
+pub async fn latest_result_under(
+    repo: &Repository,
+    prefix: &str,
+) -> Result<Option<serde_json::Value>, RepositoryError> {
+    let prefix = format!("{prefix}drills/");
     let Some(newest) = repo.list(&prefix).await?.into_iter().map(|o| o.name).max() else { return Ok(None) };
     let (_, json) = repo.get_opened(&newest).await?;
     Ok(serde_json::from_slice(&json).ok())
@@ -512,6 +605,7 @@ mod tests {
     #[test]
     fn markdown_has_every_field_of_the_template() {
         let r = DrillReport {
+            source: "postgres".into(),
             date: "2026-11-25".into(),
             test_type: "Monthly".into(),
             scenario: "s".into(),
@@ -530,6 +624,7 @@ mod tests {
             issues: vec![],
             improvements: vec![],
             restore: None,
+            restore_summary: None,
         };
         let md = render_markdown(&r);
         for field in [
