@@ -13,6 +13,7 @@
 //! It does not speak to databases and does not decide *when* to write: callers hand it plaintext
 //! and names. Nothing outside this crate knows the byte layout of an object.
 
+pub mod aws_profile;
 pub mod backup;
 pub mod cloud;
 pub mod expire;

@@ -1,5 +1,6 @@
 //! The S3 (and S3-compatible) client for [`crate::cloud::CloudStore`]: `object_store`'s S3
-//! builder with credentials from the standard chain (environment, profile, instance/IRSA roles),
+//! builder with credentials from the standard chain (environment, a profile of the AWS shared
+//! files read by [`crate::aws_profile`], web identity/IRSA, container and instance roles),
 //! conditional create with `If-None-Match: *`, and an HTTP layer under it for what
 //! `object_store` 0.12 cannot send:
 //! - `If-None-Match: *` on CompleteMultipartUpload (its multipart API completes unconditionally);
@@ -280,6 +281,19 @@ impl RetentionApi {
 /// The S3 client, and with Object Lock the retention requests.
 pub(crate) fn build(bucket: &str, opts: &CloudOptions) -> Result<(AmazonS3, Option<RetentionApi>), String> {
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    // The chain's order, as the AWS SDKs have it: environment keys, then a profile, then
+    // object_store's own web identity (IRSA), container and instance credentials.
+    if builder.get_config_value(&AmazonS3ConfigKey::AccessKeyId).is_none() {
+        if let Some(p) = crate::aws_profile::from_environment()? {
+            builder = builder.with_access_key_id(p.access_key_id).with_secret_access_key(p.secret_access_key);
+            if let Some(t) = p.session_token {
+                builder = builder.with_token(t);
+            }
+            if let (Some(r), None) = (p.region, builder.get_config_value(&AmazonS3ConfigKey::Region)) {
+                builder = builder.with_region(r);
+            }
+        }
+    }
     if let Some(e) = &opts.endpoint {
         builder = builder.with_endpoint(e);
     }

@@ -415,3 +415,58 @@ async fn concurrent_requests_are_bounded() -> Result<()> {
     assert!((1..=2).contains(&max_in_flight), "{max_in_flight} requests in flight with max_concurrency = 2");
     Ok(())
 }
+
+/// The profile step of the credential chain, through the CLI against s3s-fs (which checks
+/// signatures with test/test): keys from `AWS_PROFILE` in the shared files, a wrong secret there
+/// refused by the server, a named profile that does not exist refused by pitr.
+#[test]
+fn s3_credentials_from_an_aws_profile() -> Result<()> {
+    let server = S3sFs::start(&["pitr"])?;
+    let dir = pitr_tests::scratch_dir("aws-profile");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(home.join(".aws"))?;
+    std::fs::write(
+        home.join(".aws/credentials"),
+        "[backup]\naws_access_key_id = test\naws_secret_access_key = test\n\
+         [wrong]\naws_access_key_id = test\naws_secret_access_key = not-the-secret\n",
+    )?;
+    std::fs::write(home.join(".aws/config"), "[profile backup]\nregion = us-east-1\n")?;
+    let config = dir.path().join("pitr.toml");
+    let write_config = |prefix: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[repository]\nurl = \"s3://pitr/{prefix}\"\nendpoint = {:?}\nallow_http = true\nforce_path_style = true\n\
+                 retry_timeout = \"2s\"\n[encryption]\nkey_file = {:?}\n",
+                server.endpoint(),
+                dir.path().join("key").display().to_string()
+            ),
+        )
+    };
+    let init = |profile: &str| {
+        std::process::Command::new(pitr_tests::pitr_bin())
+            .arg("--config")
+            .arg(&config)
+            .arg("init")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_SHARED_CREDENTIALS_FILE")
+            .env_remove("AWS_CONFIG_FILE")
+            .env("HOME", &home)
+            .env("AWS_PROFILE", profile)
+            .output()
+    };
+    write_config("a")?;
+    let out = init("backup")?;
+    ensure!(out.status.success(), "init with profile keys: {}", String::from_utf8_lossy(&out.stderr));
+    write_config("b")?;
+    let out = init("wrong")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "a wrong secret was accepted");
+    ensure!(stderr.contains("SignatureDoesNotMatch") || stderr.contains("403"), "{stderr}");
+    let out = init("nosuch")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && stderr.contains("AWS_PROFILE=nosuch"), "{stderr}");
+    Ok(())
+}
