@@ -94,9 +94,9 @@ pub fn from_environment() -> Result<Option<ProfileKeys>, String> {
     let config = read(home_file("AWS_CONFIG_FILE", ".aws/config"))?;
     match parse(credentials.as_deref(), config.as_deref(), &profile)? {
         Some(keys) => Ok(Some(keys)),
-        None if named.is_some() => Err(format!(
-            "AWS_PROFILE={profile}: no such profile with keys in the AWS credentials or config file"
-        )),
+        None if named.is_some() => {
+            Err(format!("AWS_PROFILE={profile}: no such profile with keys in the AWS credentials or config file"))
+        }
         None => Ok(None),
     }
 }

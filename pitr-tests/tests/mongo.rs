@@ -448,3 +448,40 @@ fn unreachable_and_standalone_servers_are_refused() -> Result<()> {
     }
     Ok(())
 }
+
+/// Snapshots on `[mongo] snapshot_schedule` (one at start-up, as none exists yet), and the
+/// tailer's and the scheduler's metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_snapshots_and_metrics() -> Result<()> {
+    let source = MongoServer::start(MongoOptions::default())?;
+    let mut env = MongoEnv::new("mongo-scheduled", &source.uri(), "snapshot_schedule = \"*/2 * * * * *\"")?;
+    env.run_ok(&["init"])?;
+    let c = client(&source.uri()).await?;
+    c.database("shop").collection::<Document>("items").insert_many((0..20).map(|i| doc! { "_id": i })).await?;
+    let mut stream = env.spawn_stream()?;
+    wait_until("two scheduled snapshots", Duration::from_secs(60), || {
+        Ok(json(&env, &["list", "--json"])?["mongo"]["snapshots"].as_array().is_some_and(|s| s.len() >= 2))
+    })
+    .with_context(|| env.stream_logs())?;
+    let end = newest(&c).await?;
+    env.wait_archived((end.0, end.1))?;
+    let (_, metrics) = env.http_get("/metrics")?;
+    for name in [
+        "pitr_mongo_oplog_lag_seconds",
+        "pitr_mongo_archived_ts_seconds",
+        "pitr_mongo_slices_archived_total",
+        "pitr_mongo_oplog_window_seconds",
+        "backup_success{backup_type=\"full\",source=\"mongo\"} 1",
+        "pitr_last_backup_timestamp_seconds{backup_type=\"full\",source=\"mongo\"}",
+        "pitr_scheduled_runs_total{job=\"mongo_snapshot\",result=\"success\"}",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+    }
+    env.stop_stream_cleanly(&mut stream)?;
+    assert!(
+        env.stream_logs().contains("event=\"catch-up\"") || env.stream_logs().contains("catch-up"),
+        "{}",
+        env.stream_logs()
+    );
+    Ok(())
+}
