@@ -366,7 +366,10 @@ fn rfc3339_us(us: i64) -> String {
 #[derive(serde::Serialize)]
 struct StatusReport {
     repository: String,
-    system_id: u64,
+    /// Why the repository could not be read (storage down, wrong key…); the rest is still shown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repository_error: Option<String>,
+    system_id: Option<u64>,
     timeline: Option<u32>,
     archived_lsn: Option<String>,
     newest_archived_commit: Option<String>,
@@ -440,16 +443,24 @@ struct SidecarReport {
 pub async fn status(config_path: &Path, json: bool) -> Result<()> {
     let config = Config::load(config_path)?;
     let repo = open_single(&config, None)?;
-    repo.check().await?;
-    let system_id = config.postgres.as_ref().and_then(|p| p.system_id);
-    let cluster = repo.resolve_cluster(system_id).await?;
-    let layout = WalLayout::new(&cluster);
-    let catalog = WalCatalog::build(&repo, layout).await?;
-    let timeline = catalog.latest_timeline();
-    let archived = timeline.and_then(|t| catalog.end_lsn(t));
-    let newest_commit = match timeline {
-        Some(t) => pitr_restore::plan::newest_commit_us(&repo, &catalog, t).await?,
-        None => None,
+    // During a storage outage the sidecar's view and the primary's position still matter most:
+    // they are shown, and the repository's error is the command's error at the end.
+    let from_repository = async {
+        repo.check().await?;
+        let system_id = config.postgres.as_ref().and_then(|p| p.system_id);
+        let cluster = repo.resolve_cluster(system_id).await?;
+        let catalog = WalCatalog::build(&repo, WalLayout::new(&cluster)).await?;
+        let timeline = catalog.latest_timeline();
+        let archived = timeline.and_then(|t| catalog.end_lsn(t));
+        let newest_commit = match timeline {
+            Some(t) => pitr_restore::plan::newest_commit_us(&repo, &catalog, t).await?,
+            None => None,
+        };
+        anyhow::Ok((cluster.system_id, timeline, archived, newest_commit))
+    };
+    let (mut repository_error, system_id, timeline, archived, newest_commit) = match from_repository.await {
+        Ok((id, t, a, c)) => (None, Some(id), t, a, c),
+        Err(e) => (Some(e), None, None, None, None),
     };
 
     let (primary_lsn, primary_error) = match &config.postgres {
@@ -465,7 +476,13 @@ pub async fn status(config_path: &Path, json: bool) -> Result<()> {
         .and_then(|b| serde_json::from_slice::<StatusFile>(&b).ok())
         .filter(|s| now_us() - s.stream.updated_at_us < 60_000_000);
     let copy_states = status_file.as_ref().map(|f| f.secondaries.clone()).unwrap_or_default();
-    let secondaries = secondary_reports(&config, &repo, copy_states).await?;
+    let secondaries = match secondary_reports(&config, &repo, copy_states).await {
+        Ok(s) => s,
+        Err(e) => {
+            repository_error.get_or_insert(e);
+            Vec::new()
+        }
+    };
     let sidecar = status_file.map(|f| f.stream).map(|s| SidecarReport {
         connected: s.connected,
         host: s.host,
@@ -482,7 +499,8 @@ pub async fn status(config_path: &Path, json: bool) -> Result<()> {
 
     let report = StatusReport {
         repository: repo.location(),
-        system_id: cluster.system_id,
+        repository_error: repository_error.as_ref().map(|e| format!("{e:#}")),
+        system_id,
         timeline,
         archived_lsn: archived.map(format_lsn),
         newest_archived_commit: newest_commit.map(rfc3339_us),
@@ -498,11 +516,14 @@ pub async fn status(config_path: &Path, json: bool) -> Result<()> {
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+        return repository_error.map_or(Ok(()), Err);
     }
     let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     println!("repository:             {}", report.repository);
-    println!("system identifier:      {}", report.system_id);
+    if let Some(e) = &report.repository_error {
+        println!("repository error:       {e}");
+    }
+    println!("system identifier:      {}", report.system_id.map(|i| i.to_string()).unwrap_or_else(|| "-".into()));
     println!("timeline:               {}", report.timeline.map(|t| t.to_string()).unwrap_or_else(|| "-".into()));
     println!("archived (durable) LSN: {}", or_dash(&report.archived_lsn));
     println!("newest archived commit: {}", or_dash(&report.newest_archived_commit));
@@ -562,7 +583,7 @@ pub async fn status(config_path: &Path, json: bool) -> Result<()> {
             None => println!("  copy state: unknown (the sidecar is not running here)"),
         }
     }
-    Ok(())
+    repository_error.map_or(Ok(()), Err)
 }
 
 async fn primary_position(conninfo: &str, application_name: &str) -> Result<u64> {

@@ -112,6 +112,15 @@ fn s3_server_killed_for_60s_during_pgbench() -> Result<()> {
         .with_context(|| env.stream_logs())?;
         let status = sidecar_status(&env)?;
         let archive_end = status["durable_lsn"].as_u64().context("durable_lsn")?;
+        // `pitr status` still shows the sidecar and the primary, names the repository's error,
+        // and fails.
+        let out = env.run(&["status", "--json"])?;
+        ensure!(!out.status.success(), "pitr status succeeded with the storage down");
+        let shown: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(shown["repository_error"].as_str().is_some_and(|e| !e.is_empty()), "{shown:#}");
+        ensure!(shown["sidecar"]["lag_bytes"].as_u64() > Some(0) && shown["primary_lsn"].is_string(), "{shown:#}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(stderr.lines().filter(|l| l.starts_with("pitr: error: ")).count() == 1, "{stderr}");
         ensure!(status["lag_bytes"].as_u64() > Some(0), "no lag during the outage: {status:#}");
         let restart_lsn =
             lsn_to_u64(&cluster.psql("select restart_lsn from pg_replication_slots where slot_name = 'pitr_main'")?);
