@@ -115,7 +115,7 @@ pub async fn take_backup(
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<(BackupManifest, BackupSummary), BackupError> {
     let started = Instant::now();
-    let start_time_us = now_us();
+    let mut start_time_us = now_us();
     // The key must open the repository before anything else happens.
     repo.check().await?;
     // Announced before any block is written or reused, so that `pitr expire` does not sweep
@@ -124,6 +124,18 @@ pub async fn take_backup(
     let connect = ConnectOptions { replication: true, application_name: opts.application_name.clone() };
     let mut conn = Connection::connect(&opts.conninfo, &connect).await?;
     let ident = conn.identify_system().await?;
+    // Backup ids are whole seconds: a backup started in the same second as the previous one
+    // (two `pitr backup` in a row on a small cluster) waits for the next second instead of
+    // colliding with its manifest.
+    let id_taken = |us: i64| {
+        let name = pitr_archive::backup::manifest_name(ident.system_id, &backup_id(us));
+        async move { repo.store().head(&name).await.map(|o| o.is_some()) }
+    };
+    if id_taken(start_time_us).await.map_err(pitr_archive::RepositoryError::from)? {
+        let into_second = start_time_us.rem_euclid(1_000_000) as u64;
+        tokio::time::sleep(std::time::Duration::from_micros(1_000_000 - into_second)).await;
+        start_time_us = now_us();
+    }
     let settings = conn.server_settings().await?;
     let cluster = ClusterInfo {
         system_id: ident.system_id,
