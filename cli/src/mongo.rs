@@ -520,13 +520,7 @@ fn record_snapshot_gauges(s: &pitr_mongo::SnapshotManifest) {
 }
 
 fn record_drill_gauges(outcome: &str, rto: Option<f64>, rpo: Option<f64>) {
-    metrics::gauge!("pitr_drill_success", "source" => "mongo").set(if outcome == "PASS" { 1.0 } else { 0.0 });
-    if let Some(rto) = rto {
-        metrics::gauge!("pitr_drill_rto_seconds", "source" => "mongo").set(rto);
-    }
-    if let Some(rpo) = rpo {
-        metrics::gauge!("pitr_drill_rpo_seconds", "source" => "mongo").set(rpo);
-    }
+    crate::sidecar::record_drill_gauges(&[("source", "mongo".to_string())], outcome, rto, rpo);
 }
 
 /// The newest snapshot's age and the newest drill's result, from the repository (so that they

@@ -246,6 +246,7 @@ async fn catalog_gauges_once(repo: &Repository, system_id: Option<u64>) -> Resul
     // Drills run by hand (`pitr drill`) store their result in the repository too.
     if let Some(d) = pitr_restore::drill::latest_result(repo, catalog.cluster.system_id).await? {
         record_drill_gauges(
+            &[],
             d["outcome"].as_str().unwrap_or("FAIL"),
             d["rto_achieved_seconds"].as_f64(),
             d["rpo_achieved_seconds"].as_f64(),
@@ -416,13 +417,19 @@ async fn run_drill(ctx: &SchedulerContext) -> Result<pitr_restore::drill::DrillR
     Ok(report)
 }
 
-fn record_drill_gauges(outcome: &str, rto: Option<f64>, rpo: Option<f64>) {
-    gauge!("pitr_drill_success").set(if outcome == "PASS" { 1.0 } else { 0.0 });
+/// The newest drill's result; `labels` is empty for PostgreSQL, `source="mongo"` for MongoDB.
+pub(crate) fn record_drill_gauges(
+    labels: &[(&'static str, String)],
+    outcome: &str,
+    rto: Option<f64>,
+    rpo: Option<f64>,
+) {
+    gauge!("pitr_drill_success", labels).set(if outcome == "PASS" { 1.0 } else { 0.0 });
     if let Some(rto) = rto {
-        gauge!("pitr_drill_rto_seconds").set(rto);
+        gauge!("pitr_drill_rto_seconds", labels).set(rto);
     }
     if let Some(rpo) = rpo {
-        gauge!("pitr_drill_rpo_seconds").set(rpo);
+        gauge!("pitr_drill_rpo_seconds", labels).set(rpo);
     }
 }
 
@@ -494,12 +501,12 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &AtomicBoo
             tracing::info!(job = job.name, event = "start", "scheduled restore drill starting");
             match run_drill(ctx).await {
                 Ok(r) => {
-                    record_drill_gauges(&r.outcome, r.rto_achieved_seconds, r.rpo_achieved_seconds);
+                    record_drill_gauges(&[], &r.outcome, r.rto_achieved_seconds, r.rpo_achieved_seconds);
                     tracing::info!(job = job.name, event = "end", result = %r.outcome, rto = ?r.rto_achieved_seconds, rpo = ?r.rpo_achieved_seconds, issues = ?r.issues, "scheduled drill done");
                     count_run(job, r.outcome == "PASS");
                 }
                 Err(e) => {
-                    record_drill_gauges("FAIL", None, None);
+                    record_drill_gauges(&[], "FAIL", None, None);
                     tracing::error!(job = job.name, event = "end", result = "failure", error = %format!("{e:#}"), "scheduled drill failed");
                     count_run(job, false);
                 }
