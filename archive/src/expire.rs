@@ -7,6 +7,11 @@
 //! 3. blocks no remaining manifest references, under the expire lock and only if no backup is
 //!    running (see [`crate::running`]), stopping at the lock's sweep deadline.
 //!
+//! Running restores and drills keep what they read (see [`crate::running`]): the backups of
+//! their plans are not removed, nor the WAL from where their replay starts; one that has not
+//! chosen its backup yet (or whose marker cannot be read) keeps every backup and all WAL. Markers
+//! not renewed for `stale_backup_after` are a crashed run's: they keep nothing and are removed.
+//!
 //! A delete the storage refuses (S3 Object Lock: [`StoreError::Denied`], or a permission error)
 //! does not stop the run: the object is reported as retained, and a backup whose manifest stays
 //! keeps its WAL and blocks. Other errors end the run, leaving what is done done.
@@ -28,8 +33,8 @@ use serde::Serialize;
 
 use crate::backup::{block_name, manifest_name, BackupManifest};
 use crate::layout::{ClusterInfo, Repository, RepositoryError, WalCatalog, WalLayout, WalObject};
-use crate::retention::{self, BackupPoint, Policy, Reason, Timelines};
-use crate::running::{self, Activity, ExpireLock, LockError};
+use crate::retention::{self, BackupPoint, Policy, Reason, Timelines, WalPlan};
+use crate::running::{self, Activity, ExpireLock, LockError, ReaderNeeds, Run};
 use crate::seal::{ObjectKind, ObjectMeta};
 use crate::store::StoreError;
 
@@ -40,8 +45,9 @@ pub struct ExpireOptions {
     pub now_us: i64,
     /// Report what would go, write and delete nothing (not even the lock).
     pub dry_run: bool,
-    /// A running-backup marker older than this is a crashed backup's and no longer protects
-    /// blocks.
+    /// A running marker (backup, restore, drill) not renewed for this long is a crashed run's:
+    /// it protects nothing and is removed. Keep it well above [`running::RENEW_EVERY`] (the
+    /// config's lower bound is 1 minute).
     pub stale_backup_after: Duration,
     /// Lifetime of the expire lock; blocks are deleted only during its first half.
     pub lock_ttl: Duration,
@@ -128,6 +134,8 @@ pub struct ExpireReport {
     pub stopped_at_deadline: bool,
     /// Live running-backup markers seen.
     pub running_backups: Vec<String>,
+    /// Live restore and drill markers seen, each with what it keeps.
+    pub running_restores: Vec<String>,
     /// Markers and locks of crashed runs, removed (dry run: found).
     pub stale_removed: Vec<String>,
     /// With S3 Object Lock: the backups kept by a GFS rule, each with the date its objects are to
@@ -300,31 +308,82 @@ async fn run(
 ) -> Result<(ExpireReport, BTreeMap<String, i64>), ExpireError> {
     let system_id = cluster.system_id;
     let now = opts.now_us;
-    let stale_us = opts.stale_backup_after.as_micros() as i64;
+    let layout = WalLayout::new(cluster);
 
-    // Markers first: a backup that announced itself after this has seen our lock and waits.
-    let mut live_markers = Vec::new();
+    // Markers first: a run that announced itself after this has seen our lock and waits.
+    let objects = running::list(repo).await?;
+    let mut live_backups: Vec<Run> = Vec::new();
+    let mut live_readers: Vec<(Run, ReaderNeeds)> = Vec::new();
     let mut stale = Vec::new();
-    for o in running::list(repo).await? {
-        match o.activity {
-            Activity::Backup { started_us } if now - started_us < stale_us => live_markers.push((o.name, started_us)),
-            Activity::Backup { .. } => stale.push(o.name),
-            Activity::Expire { expires_us, .. } if expires_us <= now && lock.is_none_or(|l| l.name() != o.name) => {
-                stale.push(o.name)
-            }
-            Activity::Expire { .. } => {}
+    for run in running::runs(&objects) {
+        if !run.is_live(now, opts.stale_backup_after) {
+            stale.extend(run.generations);
+        } else if run.kind.reads() {
+            let needs = running::reader_needs(repo, &run).await;
+            live_readers.push((run, needs));
+        } else {
+            live_backups.push(run);
         }
     }
-    let running_since = live_markers.iter().map(|(_, s)| *s).min();
+    for o in &objects {
+        if let Activity::Expire { expires_us, .. } = o.activity {
+            if expires_us <= now && lock.is_none_or(|l| l.name() != o.name) {
+                stale.push(o.name.clone());
+            }
+        }
+    }
+    let running_since = live_backups.iter().map(|r| r.started_us).min();
     let mut running_backups = Vec::new();
-    for (name, started) in &live_markers {
-        running_backups.push(format!("{name} (since {}, {})", fmt(*started), running::describe(repo, name).await));
+    for r in &live_backups {
+        let holder = running::describe(repo, r.newest()).await;
+        running_backups.push(format!(
+            "{} (since {}, renewed {}, {holder})",
+            r.newest(),
+            fmt(r.started_us),
+            fmt(r.renewed_us)
+        ));
+    }
+    // What running restores and drills read.
+    let mut reader_backups: BTreeSet<String> = BTreeSet::new();
+    let mut reader_wal: Vec<(u32, u64)> = Vec::new();
+    let mut keep_all: Option<String> = None;
+    let mut running_restores = Vec::new();
+    for (run, needs) in &live_readers {
+        let what = match needs {
+            ReaderNeeds::Planned(p) => {
+                reader_backups.extend(p.backups.iter().cloned());
+                reader_wal.push((p.timeline, layout.segno_of(p.wal_from_lsn)));
+                format!(
+                    "keeps backups {} and the WAL of timeline {} from {:X}/{:X} on",
+                    p.backups.join(", "),
+                    p.timeline,
+                    p.wal_from_lsn >> 32,
+                    p.wal_from_lsn & 0xFFFF_FFFF
+                )
+            }
+            ReaderNeeds::Unplanned => {
+                keep_all
+                    .get_or_insert_with(|| format!("a {} has not chosen its backup yet ({})", run.kind, run.newest()));
+                "has not chosen its backup yet: every backup and all WAL are kept".to_string()
+            }
+            ReaderNeeds::Unreadable(e) => {
+                keep_all.get_or_insert_with(|| format!("the marker of a running {} cannot be read ({e})", run.kind));
+                format!("its marker cannot be read ({e}): every backup and all WAL are kept")
+            }
+        };
+        let holder = running::describe(repo, run.newest()).await;
+        running_restores.push(format!(
+            "{} {} (since {}, renewed {}, {holder}): {what}",
+            run.kind,
+            run.newest(),
+            fmt(run.started_us),
+            fmt(run.renewed_us)
+        ));
     }
 
     let manifests = BackupManifest::list(repo, system_id).await?;
     let manifest_sizes: BTreeMap<String, u64> =
         repo.list(&format!("pg/{system_id}/backups/")).await?.into_iter().map(|o| (o.name, o.size)).collect();
-    let layout = WalLayout::new(cluster);
     let wal_listing = repo.list(&layout.prefix()).await?;
     let wal = WalCatalog::from_names(layout, wal_listing.iter().map(|o| o.name.as_str()));
     let wal_sizes: BTreeMap<String, u64> = wal_listing.into_iter().map(|o| (o.name, o.size)).collect();
@@ -348,7 +407,17 @@ async fn run(
         .max()
         .unwrap_or(1);
     let points: Vec<BackupPoint> = manifests.iter().map(BackupPoint::from).collect();
-    let selection = retention::select(&points, &opts.policy, now, &timelines, latest, running_since);
+    let mut selection = retention::select(&points, &opts.policy, now, &timelines, latest, running_since);
+    // What a running restore or drill reads stays; and with it its blocks and its start..stop WAL.
+    let mut expired = std::mem::take(&mut selection.expired);
+    expired.retain(|id| {
+        let read = keep_all.is_some() || reader_backups.contains(id);
+        if read {
+            selection.kept.entry(id.clone()).or_default().insert(Reason::Restore);
+        }
+        !read
+    });
+    selection.expired = expired;
     let by_id: BTreeMap<&str, &BackupManifest> = manifests.iter().map(|m| (m.id.as_str(), m)).collect();
 
     let mut retained = Vec::new();
@@ -405,7 +474,14 @@ async fn run(
 
     // 2. WAL: floors first, then the segments.
     let base = selection.window_base.as_deref().and_then(|id| points.iter().find(|p| p.id == id));
-    let wal_plan = retention::plan_wal(&wal, &survivor_points, base, &timelines, &floors);
+    let mut wal_plan = retention::plan_wal(&wal, &survivor_points, base, &timelines, &floors);
+    match &keep_all {
+        Some(why) if wal_plan.skipped.is_none() => {
+            wal_plan = WalPlan { skipped: Some(format!("{why}: all WAL is kept")), ..WalPlan::default() };
+        }
+        Some(_) => {}
+        None => retention::keep_wal_from(&mut wal_plan, &timelines, &reader_wal),
+    }
     let wal_names = retention::wal_objects(&wal, &wal_plan.delete);
     let mut removed_wal_objects = wal_names.len();
     let mut removed_segments = wal_plan.delete.clone();
@@ -444,7 +520,7 @@ async fn run(
     let mut blocks_left = 0;
     if stopped_at_deadline {
         blocks_skipped = Some("expire reached its deadline before the block sweep".into());
-    } else if !live_markers.is_empty() {
+    } else if !live_backups.is_empty() {
         blocks_skipped = Some(format!(
             "a backup is running ({}): unreferenced blocks are left for a later run",
             running_backups.join("; ")
@@ -515,6 +591,7 @@ async fn run(
         blocks_left,
         stopped_at_deadline,
         running_backups,
+        running_restores,
         stale_removed: stale,
         retention_until,
         retention_checked: 0,

@@ -195,6 +195,16 @@ impl Repository {
         Err(most_telling(errors))
     }
 
+    /// The repositories reads fall back to, in order (secondaries holding copies).
+    pub fn fallbacks(&self) -> &[NamedStore] {
+        &self.fallbacks
+    }
+
+    /// What messages call this repository (`primary`, or a secondary's name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn with_zstd_level(mut self, level: i32) -> Repository {
         self.zstd_level = level;
         self
@@ -459,6 +469,24 @@ pub struct SegmentEntry {
 }
 
 impl SegmentEntry {
+    /// How many bytes from the segment's start the archive holds: the whole segment if there is
+    /// a segment object, else the contiguous run of chunks from offset 0 (0 when the chunks do
+    /// not start at the segment's beginning).
+    pub fn held_from_start(&self, segment_size: u64) -> u64 {
+        if self.whole {
+            return segment_size;
+        }
+        match self.contiguous_chunk_end() {
+            Some((0, end)) => u64::from(end),
+            _ => 0,
+        }
+    }
+
+    /// Whether every byte of the segment is held (a segment object, or chunks covering it).
+    pub fn is_complete(&self, segment_size: u64) -> bool {
+        self.held_from_start(segment_size) >= segment_size
+    }
+
     /// End offset of the contiguous run of chunks starting at the first chunk.
     pub fn contiguous_chunk_end(&self) -> Option<(u32, u32)> {
         let first = self.chunks.first()?;

@@ -9,6 +9,7 @@
 //! queues, back-fill by listing). Retention is here too:
 //! the policy, pure ([`retention`]: which backups, WAL and blocks stay), applying it ([`expire`])
 //! and keeping it from deleting blocks under a running backup ([`running`]: markers and a lock).
+//! Completeness marks ([`complete`]) record up to when the archive held everything the source had.
 //!
 //! It does not speak to databases and does not decide *when* to write: callers hand it plaintext
 //! and names. Nothing outside this crate knows the byte layout of an object.
@@ -16,6 +17,7 @@
 pub mod aws_profile;
 pub mod backup;
 pub mod cloud;
+pub mod complete;
 pub mod expire;
 pub mod gcs;
 pub mod keys;

@@ -16,12 +16,15 @@
 //!   covered yet, and nothing after it goes). A running backup moves cut back to its start (an
 //!   incremental may be taken against any backup that was newest while it ran).
 //! - A kept backup keeps its whole ancestor chain (incremental → … → full).
+//! - A backup a running restore or drill reads is kept (reason `restore`; see [`crate::running`]).
 //!
 //! # WAL, per timeline
 //! A segment stays if it lies in a kept backup's start..stop on that backup's timeline, or it is at
 //! or after the window base's start segment on the base's timeline or on a timeline descending
 //! from it (by the history files). Everything else may go; history files never do. A timeline
-//! (after the first) without a history file, or with an unreadable one, keeps all WAL.
+//! (after the first) without a history file, or with an unreadable one, keeps all WAL. A running
+//! restore or drill keeps the WAL from where its replay starts on, on its backup's timeline and
+//! the timelines descending from it ([`keep_wal_from`]).
 //!
 //! Where WAL goes, a *floor* records it first: `pg/<id>/retention/<timeline>-<segno>.floor` says
 //! that below segment `segno` the timeline holds only what retention kept, so `pitr verify` expects
@@ -80,6 +83,8 @@ pub enum Reason {
     Window,
     /// A kept incremental is built on it.
     Ancestor,
+    /// A running restore or drill reads it (see [`crate::running`]).
+    Restore,
 }
 
 /// What retention needs of a backup.
@@ -448,6 +453,18 @@ pub fn plan_wal(
     plan
 }
 
+/// Takes out of `plan` the WAL that running restores and drills read: each `(timeline, segno)`
+/// keeps that segment and every later one, on `timeline` and on every timeline descending from it
+/// (see [`crate::running`]). A floor is written only for a timeline that still loses segments.
+pub fn keep_wal_from(plan: &mut WalPlan, timelines: &Timelines, from: &[(u32, u64)]) {
+    if from.is_empty() {
+        return;
+    }
+    plan.delete.retain(|&(t, segno)| !from.iter().any(|&(ft, fs)| segno >= fs && timelines.descends(t, ft)));
+    let losing: BTreeSet<u32> = plan.delete.iter().map(|(t, _)| *t).collect();
+    plan.floors.retain(|t, _| losing.contains(t));
+}
+
 /// The objects holding the segments of `plan`: whole segments and any chunks.
 pub fn wal_objects(wal: &WalCatalog, delete: &[(u32, u64)]) -> Vec<String> {
     let mut out = Vec::new();
@@ -645,6 +662,43 @@ mod tests {
         // Without timeline 2's history nothing goes.
         let plan = plan_wal(&wal, &[&old, &base2], Some(&base2), &Timelines::default(), &BTreeMap::new());
         assert!(plan.delete.is_empty() && plan.skipped.unwrap().contains("timeline 2"));
+    }
+
+    #[test]
+    fn running_readers_keep_their_wal_on_descending_timelines() {
+        let layout = WalLayout { system_id: 7, segment_size: 16 << 20 };
+        let names: Vec<String> = (8..20u64)
+            .map(|s| layout.object_name(&WalObject::Segment { timeline: 1, segno: s }))
+            .chain((14..22u64).map(|s| layout.object_name(&WalObject::Segment { timeline: 2, segno: s })))
+            .chain([layout.object_name(&WalObject::History { timeline: 2 })])
+            .collect();
+        let wal = WalCatalog::from_names(layout, names.iter().map(|s| s.as_str()));
+        let mut t = Timelines::default();
+        t.add_history(2, "1\t0/E000000\tx\n");
+        let old = point("old", 0, None);
+        let mut base2 = point("base2", 6, None);
+        base2.timeline = 2;
+        let full = plan_wal(&wal, &[&old, &base2], Some(&base2), &t, &BTreeMap::new());
+        assert!(full.delete.contains(&(1, 9)) && full.delete.contains(&(1, 11)) && full.delete.contains(&(2, 14)));
+
+        // Nothing running: nothing changes.
+        let mut plan = full.clone();
+        keep_wal_from(&mut plan, &t, &[]);
+        assert_eq!(plan, full);
+        // A restore replaying from segment 11 of timeline 1 keeps 11.. there and on timeline 2,
+        // which descends from 1; 8 and 9 still go, with timeline 1's floor.
+        let mut plan = full.clone();
+        keep_wal_from(&mut plan, &t, &[(1, 11)]);
+        assert_eq!(plan.delete, vec![(1, 8), (1, 9)]);
+        assert_eq!(plan.floors, BTreeMap::from([(1, u64::MAX)]));
+        // One from timeline 2 does not keep timeline 1 (not a descendant).
+        let mut plan = full.clone();
+        keep_wal_from(&mut plan, &t, &[(2, 15)]);
+        assert!(plan.delete.contains(&(1, 11)) && plan.delete.contains(&(2, 14)) && !plan.delete.contains(&(2, 15)));
+        // Everything kept: no floor is written.
+        let mut plan = full.clone();
+        keep_wal_from(&mut plan, &t, &[(1, 0)]);
+        assert!(plan.delete.is_empty() && plan.floors.is_empty());
     }
 
     #[test]

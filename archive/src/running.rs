@@ -1,23 +1,63 @@
-//! Running backups and `pitr expire`, kept from deleting blocks under each other.
+//! Running backups, restores and drills, and `pitr expire`, kept from deleting under each other.
 //!
 //! ```text
-//! running/backup.<started µs>.<random>                 a backup in progress (sealed: host, pid)
+//! running/<kind>.<started µs>.<renewed µs>.<id>        a run in progress: kind backup, restore or drill
+//!                                                     (sealed: host, pid, kind; a reader's plan)
 //! running/expire.<started µs>.<expires µs>.<random>    the expire lock (sealed: host, pid)
 //! ```
+//! Times are µs since the Unix epoch as 16 hex digits (so names sort by time); `<id>` is random.
+//!
+//! # Announce, then look
 //! A backup writes blocks, and reuses blocks it finds with `head()`, before its manifest makes
-//! them referenced; a block sweep in between could delete a block the backup counts on. So each
-//! side announces itself before it looks at the other, Dekker-style:
-//! - a backup puts its marker, then lists the locks; while a live expire lock exists it waits
-//!   (until the lock is released or expires), so it never reuses or writes a block during a sweep;
-//! - expire puts its lock, then lists the markers; a live marker means a backup is running, and
-//!   expire skips the block sweep.
+//! them referenced; a restore reads a backup's blocks and replays WAL for as long as recovery
+//! runs. A sweep in between could delete what they count on. So each side announces itself
+//! before it looks at the other, Dekker-style:
+//! - a run puts its marker, then lists the locks; while a live expire lock exists it waits (until
+//!   the lock is released or expires), so a backup never reuses or writes a block during a sweep,
+//!   and a restore reads the catalog only after the expire is done;
+//! - expire puts its lock, then lists the markers, and keeps what the live ones need (below).
 //!
 //! Storage is strongly consistent (S3, the local store), and each side's put is durable before it
-//! lists, so at least one of the two sees the other. Times are in the names, so liveness needs no
-//! reading: a lock is live until the expiry it names, a marker until `[retention]
-//! stale_backup_after` past its start (a backup killed with `kill -9` leaves one behind). Expire
-//! stops sweeping at half its lock's lifetime, which tolerates that much clock skew.
+//! lists, so at least one of the two sees the other.
+//!
+//! # Renewal, on create-only storage
+//! Liveness comes from the names, so it needs no reading: a lock is live until the expiry it
+//! names; a marker while its renewal time is less than `[retention] stale_backup_after` ago (by
+//! the clock of the host running expire). A run killed with `kill -9` stops renewing, and its
+//! marker goes stale that long after its last renewal; expire then deletes it.
+//!
+//! The store has no overwrite (only put-if-absent and delete), so a marker is renewed by putting a
+//! new *generation* — the same kind, start and id with a later renewal time — every
+//! [`RENEW_EVERY`], and only once that put is durable deleting the generation *before* the
+//! previous one: a run holds its two newest generations. Hence:
+//! - at every instant at least one generation exists (none is deleted before its successor's
+//!   successor is durable), and a crash anywhere leaves at most three, which go stale as above;
+//! - a listing that overlaps a renewal still sees a generation that existed throughout it (the
+//!   previous one, deleted only at the next renewal): this holds even where a listing is no
+//!   snapshot (a directory read may miss entries created or removed while it runs), as long as
+//!   one listing takes less than [`RENEW_EVERY`];
+//! - renewing every 15 s against a `stale_backup_after` of at least 1 minute (the config's lower
+//!   bound) leaves 45 s for a slow put and for clock skew between hosts.
+//!
+//! Expire treats the generations of one run (same kind, start and id) as one marker, live by the
+//! newest. A marker of an older pitr, `running/backup.<started µs>.<random>`, counts as renewed at
+//! its start.
+//!
+//! # What a live marker keeps
+//! - A backup: expire skips the block sweep, and the window's cut moves back to the backup's start
+//!   (an incremental may be taken against any backup that was newest while it ran).
+//! - A restore or drill (a *reader*): once it has chosen its backup, it renews at once with its
+//!   [`ReadPlan`] in the record: the backup chain it reads and the timeline and LSN its WAL replay
+//!   starts from. Expire keeps those backups (reason `restore`), hence their blocks, and the WAL
+//!   from that segment on, on that timeline and every timeline descending from it. Before it has
+//!   a plan (its first generation is put before it reads the catalog), or when its record cannot
+//!   be read, expire removes no backup and no WAL at all.
+//!
+//! Expire stops sweeping at half its lock's lifetime, which tolerates that much clock skew for
+//! the runs waiting on the lock.
 
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
@@ -29,15 +69,69 @@ use crate::store::PutOutcome;
 
 pub const PREFIX: &str = "running/";
 
+/// How often a run's marker is renewed (a new generation put, the one before the previous
+/// deleted). Well below the 1-minute lower bound of `[retention] stale_backup_after`.
+pub const RENEW_EVERY: Duration = Duration::from_secs(15);
+
+/// After a failed renewal, the next try comes this much sooner than [`RENEW_EVERY`].
+const RETRY_RENEWAL: Duration = Duration::from_secs(3);
+
 /// Whether `name` is a marker or lock: coordination on one repository, not data.
 pub fn is_running_object(name: &str) -> bool {
     name.starts_with(PREFIX)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a marker announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RunKind {
+    Backup,
+    Restore,
+    Drill,
+}
+
+impl RunKind {
+    pub fn word(self) -> &'static str {
+        match self {
+            RunKind::Backup => "backup",
+            RunKind::Restore => "restore",
+            RunKind::Drill => "drill",
+        }
+    }
+
+    fn from_word(word: &str) -> Option<RunKind> {
+        match word {
+            "backup" => Some(RunKind::Backup),
+            "restore" => Some(RunKind::Restore),
+            "drill" => Some(RunKind::Drill),
+            _ => None,
+        }
+    }
+
+    /// Restores and drills read backups and WAL (and write nothing but their marker).
+    pub fn reads(self) -> bool {
+        self != RunKind::Backup
+    }
+}
+
+impl std::fmt::Display for RunKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.word())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Activity {
-    Backup { started_us: i64 },
-    Expire { started_us: i64, expires_us: i64 },
+    /// One generation of a run's marker.
+    Run {
+        kind: RunKind,
+        started_us: i64,
+        renewed_us: i64,
+        id: String,
+    },
+    Expire {
+        started_us: i64,
+        expires_us: i64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,20 +140,36 @@ pub struct RunningObject {
     pub activity: Activity,
 }
 
+/// The name of one generation of a run's marker.
+pub fn marker_name(kind: RunKind, started_us: i64, renewed_us: i64, id: &str) -> String {
+    format!("{PREFIX}{}.{started_us:016X}.{renewed_us:016X}.{id}", kind.word())
+}
+
 pub fn parse_name(name: &str) -> Option<Activity> {
     let rest = name.strip_prefix(PREFIX)?;
     let parts: Vec<&str> = rest.split('.').collect();
     let us = |s: &str| u64::from_str_radix(s, 16).ok().and_then(|v| i64::try_from(v).ok());
+    let id_ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
     match parts.as_slice() {
-        ["backup", started, _] => Some(Activity::Backup { started_us: us(started)? }),
         ["expire", started, expires, _] => {
             Some(Activity::Expire { started_us: us(started)?, expires_us: us(expires)? })
+        }
+        [kind, started, renewed, id] if id_ok(id) => Some(Activity::Run {
+            kind: RunKind::from_word(kind)?,
+            started_us: us(started)?,
+            renewed_us: us(renewed)?,
+            id: (*id).to_string(),
+        }),
+        // Before renewal existed: live from its start only.
+        ["backup", started, id] if id_ok(id) => {
+            let started_us = us(started)?;
+            Some(Activity::Run { kind: RunKind::Backup, started_us, renewed_us: started_us, id: (*id).to_string() })
         }
         _ => None,
     }
 }
 
-/// Every marker and lock in the repository.
+/// Every marker generation and lock in the repository.
 pub async fn list(repo: &Repository) -> Result<Vec<RunningObject>, RepositoryError> {
     Ok(repo
         .list(PREFIX)
@@ -69,12 +179,129 @@ pub async fn list(repo: &Repository) -> Result<Vec<RunningObject>, RepositoryErr
         .collect())
 }
 
+/// One announced run: the generations of its marker found by one listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub kind: RunKind,
+    pub started_us: i64,
+    /// The newest generation's renewal time.
+    pub renewed_us: i64,
+    pub id: String,
+    /// Generation names, oldest first.
+    pub generations: Vec<String>,
+}
+
+impl Run {
+    /// Live while renewed less than `stale_after` before `now_us`.
+    pub fn is_live(&self, now_us: i64, stale_after: Duration) -> bool {
+        let stale_us = i64::try_from(stale_after.as_micros()).unwrap_or(i64::MAX);
+        now_us.saturating_sub(self.renewed_us) < stale_us
+    }
+
+    /// The newest generation's name.
+    pub fn newest(&self) -> &str {
+        self.generations.last().map(String::as_str).unwrap_or("")
+    }
+}
+
+/// The runs among `objects`, their generations grouped, oldest start first.
+pub fn runs(objects: &[RunningObject]) -> Vec<Run> {
+    let mut by_run: BTreeMap<(i64, RunKind, String), Vec<(i64, String)>> = BTreeMap::new();
+    for o in objects {
+        if let Activity::Run { kind, started_us, renewed_us, id } = &o.activity {
+            by_run.entry((*started_us, *kind, id.clone())).or_default().push((*renewed_us, o.name.clone()));
+        }
+    }
+    by_run
+        .into_iter()
+        .map(|((started_us, kind, id), mut generations)| {
+            generations.sort();
+            let renewed_us = generations.last().map(|g| g.0).unwrap_or(started_us);
+            Run { kind, started_us, renewed_us, id, generations: generations.into_iter().map(|g| g.1).collect() }
+        })
+        .collect()
+}
+
 /// Who wrote `name` (`host …, pid …`), for messages; best effort.
 pub async fn describe(repo: &Repository, name: &str) -> String {
     match repo.get_opened(name).await {
-        Ok((_, text)) => String::from_utf8_lossy(&text).lines().collect::<Vec<_>>().join(", "),
+        Ok((_, text)) => String::from_utf8_lossy(&text)
+            .lines()
+            .filter(|l| l.starts_with("host=") || l.starts_with("pid="))
+            .collect::<Vec<_>>()
+            .join(", "),
         Err(_) => "holder unknown".into(),
     }
+}
+
+/// What a restore or drill reads, recorded in its marker once it has chosen its backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadPlan {
+    /// The backup chain, oldest (the full backup) first.
+    pub backups: Vec<String>,
+    /// The timeline of the backup its replay starts from.
+    pub timeline: u32,
+    /// Where WAL replay starts (the newest backup's start LSN).
+    pub wal_from_lsn: u64,
+}
+
+/// What a reader's marker says it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReaderNeeds {
+    Planned(ReadPlan),
+    /// It has not chosen its backup yet: anything may be needed.
+    Unplanned,
+    /// No generation could be read (the error): anything may be needed.
+    Unreadable(String),
+}
+
+fn record_text(kind: RunKind, plan: Option<&ReadPlan>) -> String {
+    let mut text = format!("host={}\npid={}\nkind={}\n", hostname(), std::process::id(), kind.word());
+    if let Some(p) = plan {
+        text.push_str(&format!(
+            "backups={}\ntimeline={}\nwal_from={:016X}\n",
+            p.backups.join(","),
+            p.timeline,
+            p.wal_from_lsn
+        ));
+    }
+    text
+}
+
+/// The plan in a marker's record: `Ok(None)` for a record without one, `Err` for a malformed one.
+pub fn parse_plan(text: &str) -> Result<Option<ReadPlan>, String> {
+    let field = |key: &str| text.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('=')));
+    let Some(backups) = field("backups") else { return Ok(None) };
+    let backups: Vec<String> = backups.split(',').filter(|b| !b.is_empty()).map(str::to_string).collect();
+    if backups.is_empty() {
+        return Err("backups= names no backup".into());
+    }
+    let timeline = field("timeline")
+        .and_then(|t| t.parse::<u32>().ok())
+        .ok_or_else(|| "no valid timeline= beside backups=".to_string())?;
+    let wal_from_lsn = field("wal_from")
+        .and_then(|l| u64::from_str_radix(l, 16).ok())
+        .ok_or_else(|| "no valid wal_from= beside backups=".to_string())?;
+    Ok(Some(ReadPlan { backups, timeline, wal_from_lsn }))
+}
+
+/// What the reader `run` needs, from its newest readable generation (an older one is read when a
+/// renewal deleted the newer between listing and reading).
+pub async fn reader_needs(repo: &Repository, run: &Run) -> ReaderNeeds {
+    let mut last_error = String::from("no generation");
+    for name in run.generations.iter().rev() {
+        match repo.get_opened(name).await {
+            Ok((_, text)) => {
+                return match parse_plan(&String::from_utf8_lossy(&text)) {
+                    Ok(Some(plan)) => ReaderNeeds::Planned(plan),
+                    Ok(None) => ReaderNeeds::Unplanned,
+                    Err(e) => ReaderNeeds::Unreadable(format!("{name}: {e}")),
+                }
+            }
+            Err(e) => last_error = format!("{name}: {e}"),
+        }
+    }
+    ReaderNeeds::Unreadable(last_error)
 }
 
 fn random_suffix() -> String {
@@ -92,8 +319,7 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-async fn put_record(repo: &Repository, name: &str) -> Result<(), RepositoryError> {
-    let text = format!("host={}\npid={}\n", hostname(), std::process::id());
+async fn put_record(repo: &Repository, name: &str, text: String) -> Result<(), RepositoryError> {
     match repo.put_sealed(name, text.into_bytes(), ObjectMeta::plain(ObjectKind::Meta)).await? {
         PutOutcome::Created => Ok(()),
         PutOutcome::AlreadyExists => {
@@ -108,21 +334,130 @@ pub fn format_us(us: i64) -> String {
         .unwrap_or_else(|| us.to_string())
 }
 
-/// Announces a running backup for as long as it lives. Release it once the manifest is durable;
-/// dropped unreleased (an error exit), it is removed in the background.
 #[derive(Debug)]
-pub struct BackupMarker {
+struct Shared {
     repo: Repository,
-    name: String,
+    kind: RunKind,
+    started_us: i64,
+    id: String,
+    /// Held across each put and delete, so that renewals, a new plan and the release never
+    /// interleave (a generation put after the release would be left behind).
+    state: tokio::sync::Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// (renewal time, name), oldest first: normally the two newest, more while deletes fail.
+    generations: VecDeque<(i64, String)>,
+    plan: Option<ReadPlan>,
     released: bool,
 }
 
-impl BackupMarker {
-    /// Puts the marker, then waits while a `pitr expire` is sweeping blocks.
-    pub async fn begin(repo: &Repository) -> Result<BackupMarker, RepositoryError> {
-        let name = format!("{PREFIX}backup.{:016X}.{}", now_us(), random_suffix());
-        put_record(repo, &name).await?;
-        let marker = BackupMarker { repo: repo.clone(), name, released: false };
+impl Shared {
+    /// Puts the next generation, then deletes all but the two newest.
+    async fn renew(&self) -> Result<(), RepositoryError> {
+        let mut state = self.state.lock().await;
+        if state.released {
+            return Ok(());
+        }
+        let last = state.generations.back().map(|g| g.0).unwrap_or(self.started_us);
+        // Strictly later, even if the clock stepped back: names must not repeat.
+        let renewed = now_us().max(last.saturating_add(1));
+        let name = marker_name(self.kind, self.started_us, renewed, &self.id);
+        put_record(&self.repo, &name, record_text(self.kind, state.plan.as_ref())).await?;
+        state.generations.push_back((renewed, name));
+        while state.generations.len() > 2 {
+            let Some((_, oldest)) = state.generations.front().cloned() else { break };
+            match self.repo.delete(&oldest).await {
+                Ok(()) => {
+                    state.generations.pop_front();
+                }
+                // Harmless: it is older than the two kept, and the next renewal (or the release)
+                // tries again; if all fail it goes stale.
+                Err(e) => {
+                    tracing::warn!(marker = %oldest, error = %e, "could not remove an old generation of the running marker");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every generation and stops renewals. Failures are logged: the marker then only
+    /// holds expire off until it is stale.
+    async fn release(&self) {
+        let mut state = self.state.lock().await;
+        state.released = true;
+        let names: Vec<String> = state.generations.iter().map(|g| g.1.clone()).collect();
+        // Newest first: were it interrupted, what is left is the oldest, the first to go stale.
+        for name in names.iter().rev() {
+            if let Err(e) = self.repo.delete(name).await {
+                tracing::warn!(marker = %name, error = %e, "could not remove the running marker (it goes stale on its own)");
+            }
+        }
+        state.generations.clear();
+    }
+}
+
+async fn renew_loop(shared: Arc<Shared>, every: Duration) {
+    let mut wait = every;
+    loop {
+        tokio::time::sleep(wait).await;
+        if shared.state.lock().await.released {
+            return;
+        }
+        wait = match shared.renew().await {
+            Ok(()) => every,
+            Err(e) => {
+                tracing::warn!(
+                    kind = %shared.kind, error = %e,
+                    "could not renew the running marker; retrying (the previous one stays live until it is stale)"
+                );
+                RETRY_RENEWAL.min(every)
+            }
+        };
+    }
+}
+
+/// Announces a running backup, restore or drill for as long as it lives, renewing itself in the
+/// background. Release it when done; dropped unreleased (an error exit), it is removed in the
+/// background.
+#[derive(Debug)]
+pub struct RunMarker {
+    shared: Arc<Shared>,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+    released: bool,
+}
+
+impl RunMarker {
+    /// Puts the marker, starts renewing it every [`RENEW_EVERY`], then waits while a
+    /// `pitr expire` holds a live lock.
+    pub async fn begin(repo: &Repository, kind: RunKind) -> Result<RunMarker, RepositoryError> {
+        RunMarker::begin_renewing_every(repo, kind, RENEW_EVERY).await
+    }
+
+    /// As [`RunMarker::begin`], renewing every `every` (tests renew faster).
+    pub async fn begin_renewing_every(
+        repo: &Repository,
+        kind: RunKind,
+        every: Duration,
+    ) -> Result<RunMarker, RepositoryError> {
+        let started_us = now_us();
+        let id = random_suffix();
+        let name = marker_name(kind, started_us, started_us, &id);
+        put_record(repo, &name, record_text(kind, None)).await?;
+        let state = State { generations: VecDeque::from([(started_us, name)]), ..State::default() };
+        let shared =
+            Arc::new(Shared { repo: repo.clone(), kind, started_us, id, state: tokio::sync::Mutex::new(state) });
+        // Renewing already while waiting: the wait may outlast `stale_backup_after`.
+        let renewer = tokio::spawn(renew_loop(shared.clone(), every));
+        let marker = RunMarker { shared, renewer: Some(renewer), released: false };
+        marker.wait_for_expire().await?;
+        Ok(marker)
+    }
+
+    async fn wait_for_expire(&self) -> Result<(), RepositoryError> {
+        let repo = &self.shared.repo;
         let mut said = false;
         loop {
             let now = now_us();
@@ -130,47 +465,80 @@ impl BackupMarker {
                 .await?
                 .into_iter()
                 .find(|o| matches!(o.activity, Activity::Expire { expires_us, .. } if expires_us > now));
-            let Some(lock) = live else { break };
+            let Some(lock) = live else { return Ok(()) };
             if !said {
-                let Activity::Expire { expires_us, .. } = lock.activity else { break };
+                let Activity::Expire { expires_us, .. } = lock.activity else { return Ok(()) };
                 let holder = describe(repo, &lock.name).await;
+                let what = match self.shared.kind {
+                    RunKind::Backup => "pitr expire is sweeping blocks; the backup waits until it is done",
+                    RunKind::Restore => "pitr expire is running; the restore waits until it is done before it reads",
+                    RunKind::Drill => "pitr expire is running; the drill waits until it is done before it reads",
+                };
                 tracing::info!(
                     lock = %lock.name,
                     holder = %holder,
                     until = %format_us(expires_us),
-                    "pitr expire is sweeping blocks; the backup waits until it is done"
+                    "{what} (a lock left by a crashed expire may be deleted by hand once its holder is gone)"
                 );
                 said = true;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        Ok(marker)
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
+    pub fn kind(&self) -> RunKind {
+        self.shared.kind
     }
 
-    /// Removes the marker (after the manifest is durable). A failure only delays the next sweep
-    /// until the marker is stale; it is logged, not returned.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    pub fn started_us(&self) -> i64 {
+        self.shared.started_us
+    }
+
+    /// The generations held now, oldest first.
+    pub async fn names(&self) -> Vec<String> {
+        self.shared.state.lock().await.generations.iter().map(|g| g.1.clone()).collect()
+    }
+
+    /// Records what this restore or drill reads, by renewing at once with the plan in the record.
+    /// On an error the marker stays as it was (without a plan expire removes no backup and no
+    /// WAL), and renewals carry the plan from then on.
+    pub async fn set_plan(&self, plan: ReadPlan) -> Result<(), RepositoryError> {
+        self.shared.state.lock().await.plan = Some(plan);
+        self.shared.renew().await
+    }
+
+    /// Renews now (tests; the background task renews on its own).
+    pub async fn renew_now(&self) -> Result<(), RepositoryError> {
+        self.shared.renew().await
+    }
+
+    /// Stops renewing and removes every generation. A failure only delays expire until the
+    /// marker is stale; it is logged, not returned.
     pub async fn release(mut self) {
         self.released = true;
-        if let Err(e) = self.repo.delete(&self.name).await {
-            tracing::warn!(marker = %self.name, error = %e, "could not remove the running-backup marker");
+        self.shared.release().await;
+        // No renewal can be in a put now (the release holds the state lock while it deletes, and
+        // a renewal after it sees `released`), so stopping the task loses nothing.
+        if let Some(renewer) = self.renewer.take() {
+            renewer.abort();
         }
     }
 }
 
-impl Drop for BackupMarker {
+impl Drop for RunMarker {
     fn drop(&mut self) {
         if self.released {
             return;
         }
+        // The renewer is not aborted here: it might be in the middle of a put, whose generation
+        // would then be left behind. The release below waits for it, and it stops by itself.
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let (repo, name) = (self.repo.clone(), self.name.clone());
-            handle.spawn(async move {
-                let _ = repo.delete(&name).await;
-            });
+            let shared = self.shared.clone();
+            handle.spawn(async move { shared.release().await });
         }
     }
 }
@@ -183,7 +551,7 @@ pub enum LockError {
     Busy { name: String, holder: String, expires: String },
 }
 
-/// The expire lock, held while expire may delete blocks.
+/// The expire lock, held while expire may delete.
 #[derive(Debug)]
 pub struct ExpireLock {
     repo: Repository,
@@ -198,19 +566,19 @@ impl ExpireLock {
     pub async fn acquire(repo: &Repository, now_us: i64, ttl: Duration) -> Result<ExpireLock, LockError> {
         let expires = now_us.saturating_add(ttl.as_micros() as i64);
         let name = format!("{PREFIX}expire.{now_us:016X}.{expires:016X}.{}", random_suffix());
-        put_record(repo, &name).await?;
+        let text = format!("host={}\npid={}\n", hostname(), std::process::id());
+        put_record(repo, &name, text).await?;
         let lock = ExpireLock { repo: repo.clone(), name, taken: Instant::now(), ttl };
-        let other = list(repo).await?.into_iter().find(|o| {
-            o.name != lock.name && matches!(o.activity, Activity::Expire { expires_us, .. } if expires_us > now_us)
+        let other = list(repo).await?.into_iter().find_map(|o| match o.activity {
+            Activity::Expire { expires_us, .. } if o.name != lock.name && expires_us > now_us => {
+                Some((o.name, expires_us))
+            }
+            _ => None,
         });
-        if let Some(other) = other {
-            let holder = describe(repo, &other.name).await;
-            let expires = match other.activity {
-                Activity::Expire { expires_us, .. } => format_us(expires_us),
-                Activity::Backup { .. } => String::new(),
-            };
+        if let Some((other, expires_us)) = other {
+            let holder = describe(repo, &other).await;
             lock.release().await;
-            return Err(LockError::Busy { name: other.name, holder, expires });
+            return Err(LockError::Busy { name: other, holder, expires: format_us(expires_us) });
         }
         Ok(lock)
     }
@@ -219,8 +587,8 @@ impl ExpireLock {
         &self.name
     }
 
-    /// Blocks may be deleted until then: half the lock's lifetime, the rest is margin for the
-    /// clocks of the hosts running backups.
+    /// Deletes may happen until then: half the lock's lifetime, the rest is margin for the
+    /// clocks of the hosts running backups and restores.
     pub fn sweep_deadline(&self) -> Instant {
         self.taken + self.ttl / 2
     }
@@ -236,10 +604,14 @@ impl ExpireLock {
 mod tests {
     use super::*;
     use crate::{KeyRing, LocalStore};
-    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     fn repo(dir: &std::path::Path) -> Repository {
         Repository::new(Arc::new(LocalStore::new(dir)), KeyRing::from_key("k", [3; 32]))
+    }
+
+    fn run_names(objects: &[RunningObject]) -> Vec<&str> {
+        objects.iter().filter(|o| matches!(o.activity, Activity::Run { .. })).map(|o| o.name.as_str()).collect()
     }
 
     #[tokio::test]
@@ -253,33 +625,182 @@ mod tests {
         assert_eq!(list(&r).await.unwrap().len(), 1);
 
         let r2 = r.clone();
-        let waiting = tokio::spawn(async move { BackupMarker::begin(&r2).await.unwrap() });
+        let waiting = tokio::spawn(async move { RunMarker::begin(&r2, RunKind::Backup).await.unwrap() });
         // The marker is there while the backup waits.
-        while !list(&r).await.unwrap().iter().any(|o| matches!(o.activity, Activity::Backup { .. })) {
+        while run_names(&list(&r).await.unwrap()).is_empty() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(!waiting.is_finished());
         lock.release().await;
         let marker = waiting.await.unwrap();
-        assert!(parse_name(marker.name()).is_some());
+        let names = marker.names().await;
+        assert!(matches!(parse_name(&names[0]), Some(Activity::Run { kind: RunKind::Backup, .. })));
         marker.release().await;
         assert!(list(&r).await.unwrap().is_empty());
 
-        // An expired lock (a crashed expire) neither blocks backups nor another expire.
+        // An expired lock (a crashed expire) neither blocks runs nor another expire.
         let old = ExpireLock::acquire(&r, now_us() - 120_000_000, Duration::from_secs(60)).await.unwrap();
-        BackupMarker::begin(&r).await.unwrap().release().await;
+        RunMarker::begin(&r, RunKind::Restore).await.unwrap().release().await;
         ExpireLock::acquire(&r, now_us(), Duration::from_secs(60)).await.unwrap().release().await;
         old.release().await;
     }
 
     #[test]
     fn names_parse() {
-        assert_eq!(parse_name("running/backup.00000000000000FF.abc"), Some(Activity::Backup { started_us: 255 }));
+        let name = marker_name(RunKind::Restore, 255, 256, "ab12");
+        assert_eq!(name, "running/restore.00000000000000FF.0000000000000100.ab12");
+        assert_eq!(
+            parse_name(&name),
+            Some(Activity::Run { kind: RunKind::Restore, started_us: 255, renewed_us: 256, id: "ab12".into() })
+        );
+        assert_eq!(
+            parse_name("running/drill.0000000000000001.0000000000000002.x"),
+            Some(Activity::Run { kind: RunKind::Drill, started_us: 1, renewed_us: 2, id: "x".into() })
+        );
+        // An older pitr's backup marker: renewed at its start.
+        assert_eq!(
+            parse_name("running/backup.00000000000000FF.abc"),
+            Some(Activity::Run { kind: RunKind::Backup, started_us: 255, renewed_us: 255, id: "abc".into() })
+        );
         assert_eq!(
             parse_name("running/expire.0000000000000001.0000000000000002.x"),
             Some(Activity::Expire { started_us: 1, expires_us: 2 })
         );
-        assert_eq!(parse_name("running/other"), None);
-        assert_eq!(parse_name("pg/1/running/backup.1.x"), None);
+        for bad in [
+            "running/other",
+            "pg/1/running/backup.1.x",
+            "running/restore.1.x",
+            "running/copy.1.2.x",
+            "running/restore.1.2.",
+            "running/restore.1.zz.x",
+            "running/restore.1.2.x.y",
+            "running/.tmp.restore.1.2.x",
+        ] {
+            assert_eq!(parse_name(bad), None, "{bad}");
+        }
+        // Hex of fixed width: names sort by start, then renewal.
+        let a = marker_name(RunKind::Backup, 0x10, 0xFF, "z");
+        let b = marker_name(RunKind::Backup, 0x10, 0x100, "a");
+        assert!(a < b);
+    }
+
+    #[test]
+    fn liveness_goes_by_the_newest_generation() {
+        let obj = |name: String| RunningObject { activity: parse_name(&name).unwrap(), name };
+        let minute = Duration::from_secs(60);
+        let objects = vec![
+            obj(marker_name(RunKind::Backup, 1_000, 1_000, "a")),
+            obj(marker_name(RunKind::Backup, 1_000, 50_000_000, "a")),
+            obj(marker_name(RunKind::Backup, 1_000, 90_000_000, "a")),
+            obj(marker_name(RunKind::Restore, 2_000, 2_000, "b")),
+            // Same start, another run.
+            obj(marker_name(RunKind::Backup, 1_000, 1_000, "c")),
+            obj("running/expire.0000000000000001.0000000000000002.x".into()),
+        ];
+        let runs = runs(&objects);
+        assert_eq!(runs.len(), 3, "{runs:?}");
+        let a = runs.iter().find(|r| r.id == "a").unwrap();
+        assert_eq!(a.generations.len(), 3);
+        assert_eq!(a.renewed_us, 90_000_000);
+        assert_eq!(a.newest(), marker_name(RunKind::Backup, 1_000, 90_000_000, "a"));
+        // Started long before `now − stale`, renewed within it: live.
+        let now = 140_000_000;
+        assert!(now - a.started_us > 60_000_000);
+        assert!(a.is_live(now, minute));
+        // Exactly `stale_after` after the last renewal it is stale.
+        assert!(!a.is_live(150_000_000, minute));
+        assert!(a.is_live(149_999_999, minute));
+        let b = runs.iter().find(|r| r.id == "b").unwrap();
+        assert_eq!((b.kind, b.renewed_us), (RunKind::Restore, 2_000));
+        assert!(!b.is_live(now, minute));
+        assert!(b.is_live(2_000 + 59_000_000, minute));
+        // A clock behind the writer's: still live.
+        assert!(b.is_live(0, minute));
+    }
+
+    #[test]
+    fn plans_round_trip_and_bad_ones_are_errors() {
+        let plan = ReadPlan {
+            backups: vec!["20260101T000000Z".into(), "20260102T000000Z".into()],
+            timeline: 2,
+            wal_from_lsn: 0x1_2000_0028,
+        };
+        let text = record_text(RunKind::Restore, Some(&plan));
+        assert!(text.contains("kind=restore\n"), "{text}");
+        assert_eq!(parse_plan(&text), Ok(Some(plan)));
+        assert_eq!(parse_plan(&record_text(RunKind::Drill, None)), Ok(None));
+        assert!(parse_plan("backups=\ntimeline=1\nwal_from=00\n").is_err());
+        assert!(parse_plan("backups=a\nwal_from=00\n").is_err());
+        assert!(parse_plan("backups=a\ntimeline=1\nwal_from=xyz\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn renewal_keeps_two_generations_never_none_and_release_removes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = repo(dir.path());
+        let marker = RunMarker::begin_renewing_every(&r, RunKind::Restore, Duration::from_millis(20)).await.unwrap();
+        // A reader listing all the while never finds the run without a generation.
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r2, stop2) = (r.clone(), stop.clone());
+        let watcher = tokio::spawn(async move {
+            let mut listings = 0;
+            while !stop2.load(Ordering::SeqCst) {
+                let found = run_names(&list(&r2).await.unwrap()).len();
+                assert!((1..=3).contains(&found), "{found} generations listed");
+                listings += 1;
+                tokio::task::yield_now().await;
+            }
+            listings
+        });
+        let first = marker.names().await;
+        // Wait for several renewals (by what is in the repository, not by time).
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < 6 {
+            for n in run_names(&list(&r).await.unwrap()) {
+                seen.insert(n.to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let runs_now = runs(&list(&r).await.unwrap());
+        assert_eq!(runs_now.len(), 1);
+        assert!(runs_now[0].renewed_us > marker.started_us());
+        assert!(!runs_now[0].generations.contains(&first[0]), "the first generation is still there");
+        assert!(matches!(reader_needs(&r, &runs_now[0]).await, ReaderNeeds::Unplanned));
+
+        let plan = ReadPlan { backups: vec!["20260101T000000Z".into()], timeline: 1, wal_from_lsn: 0x0300_0028 };
+        marker.set_plan(plan.clone()).await.unwrap();
+        let runs_now = runs(&list(&r).await.unwrap());
+        assert_eq!(reader_needs(&r, &runs_now[0]).await, ReaderNeeds::Planned(plan.clone()));
+        marker.renew_now().await.unwrap();
+        let runs_now = runs(&list(&r).await.unwrap());
+        assert_eq!(reader_needs(&r, &runs_now[0]).await, ReaderNeeds::Planned(plan));
+
+        stop.store(true, Ordering::SeqCst);
+        assert!(watcher.await.unwrap() > 0);
+        marker.release().await;
+        assert!(list(&r).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_marker_is_removed_and_an_unreadable_one_needs_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = repo(dir.path());
+        let marker = RunMarker::begin(&r, RunKind::Drill).await.unwrap();
+        drop(marker);
+        let mut waited = 0;
+        while !list(&r).await.unwrap().is_empty() {
+            assert!(waited < 1000, "the dropped marker was not removed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+        }
+        // A generation deleted between listing and reading, and no other: anything may be needed.
+        let gone = Run {
+            kind: RunKind::Restore,
+            started_us: 1,
+            renewed_us: 1,
+            id: "x".into(),
+            generations: vec![marker_name(RunKind::Restore, 1, 1, "x")],
+        };
+        assert!(matches!(reader_needs(&r, &gone).await, ReaderNeeds::Unreadable(_)));
     }
 }

@@ -24,7 +24,8 @@ use bytes::Bytes;
 use pitr_archive::backup::{block_name, manifest_name, BackupManifest};
 use pitr_archive::expire::{expire, ExpireOptions, ExpireReport};
 use pitr_archive::layout::{WalLayout, WalObject};
-use pitr_archive::retention::{floor_prefix, floors_from_names, Policy};
+use pitr_archive::retention::{floor_prefix, floors_from_names, Policy, Reason};
+use pitr_archive::running::{marker_name, RunKind};
 use pitr_archive::seal::{ObjectKind, ObjectMeta};
 use pitr_archive::{ClusterInfo, KeyRing, LocalStore, ObjectInfo, PutOutcome, Repository, Store, StoreError};
 use rand::rngs::StdRng;
@@ -592,4 +593,75 @@ async fn stopped_after_any_delete_the_repository_is_consistent_and_a_rerun_finis
             );
         }
     }
+}
+
+/// Puts one generation of a run's marker as a running pitr would (the record format of
+/// `pitr_archive::running`), renewed at `renewed_us`.
+async fn put_marker(repo: &Repository, kind: RunKind, started_us: i64, renewed_us: i64, id: &str, plan: Option<&Made>) {
+    let mut text = format!("host=test\npid=1\nkind={}\n", kind.word());
+    if let Some(m) = plan {
+        text.push_str(&format!("backups={}\ntimeline={}\nwal_from={:016X}\n", m.id, m.timeline, m.start_lsn));
+    }
+    let name = marker_name(kind, started_us, renewed_us, id);
+    repo.put_sealed(&name, text.into_bytes(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+}
+
+#[tokio::test]
+async fn running_restores_keep_what_they_read_until_their_markers_go_stale() {
+    let dir = scratch();
+    let mut sim = Sim::new(dir.path(), 21).await;
+    for day in 0..40 {
+        sim.day(day).await;
+    }
+    let now = T0 + 39 * DAY + 23 * HOUR;
+    let policy = Policy { daily: 3, weekly: 0, monthly: 0, yearly: 0, window_us: DAY };
+    let stale = Duration::from_secs(600);
+    let stale_us = 600_000_000;
+    let (want, _) = expected(&sim.made, &policy, now);
+    // The oldest backup, a full one, which the policy expires: a restore from it is running,
+    // started long before `now − stale_backup_after` and renewed since.
+    let read = sim.made[0].clone();
+    assert!(read.parent.is_none() && !want.contains(&read.id));
+    put_marker(&sim.repo, RunKind::Restore, now - 10 * stale_us, now - 5_000_000, "aaaa", Some(&read)).await;
+    // A drill killed before it chose its backup: its marker was last renewed too long ago.
+    put_marker(&sim.repo, RunKind::Drill, now - 3 * stale_us, now - stale_us, "bbbb", None).await;
+    let opts = ExpireOptions { stale_backup_after: stale, ..opts(policy, now) };
+    let report = expire(&sim.repo, &cluster(), &opts).await.unwrap();
+
+    let manifests = names(&sim.repo, &format!("pg/{SYS}/backups/")).await;
+    assert!(manifests.contains(&manifest_name(SYS, &read.id)), "{report:?}");
+    let kept = report.kept.iter().find(|k| k.id == read.id).expect("kept");
+    assert!(kept.reasons.contains(&Reason::Restore), "{kept:?}");
+    assert!(!report.removed_backups.is_empty(), "the other expired backups still go: {report:?}");
+    assert_eq!(report.running_restores.len(), 1, "{report:?}");
+    assert!(report.running_restores[0].contains(&read.id), "{report:?}");
+    assert_eq!(report.stale_removed, vec![marker_name(RunKind::Drill, now - 3 * stale_us, now - stale_us, "bbbb")]);
+    // Its blocks, and every segment from where its replay starts to the end of the archive.
+    let blocks = names(&sim.repo, &format!("pg/{SYS}/blocks/")).await;
+    assert!(read.blocks.iter().all(|b| blocks.contains(&block_name(SYS, b))));
+    let world = sim.world();
+    let l = layout();
+    for (t, s) in world.recovery_segments(&read) {
+        let name = l.object_name(&WalObject::Segment { timeline: t, segno: s });
+        assert!(!world.segments.contains(&(t, s)) || dir.path().join(&name).exists(), "{name} went: {report:?}");
+    }
+    check_consistent(&sim.repo, &world, now - policy.window_us, "beside a restore").await;
+
+    // A restore that has not chosen its backup yet: nothing at all goes.
+    let before = names(&sim.repo, "pg/").await;
+    put_marker(&sim.repo, RunKind::Restore, now - 1_000_000, now - 1_000_000, "cccc", None).await;
+    let report = expire(&sim.repo, &cluster(), &opts).await.unwrap();
+    assert!(report.removed_backups.is_empty() && report.removed_wal_objects == 0, "{report:?}");
+    assert!(report.wal_skipped.as_deref().is_some_and(|w| w.contains("not chosen")), "{report:?}");
+    assert_eq!(names(&sim.repo, "pg/").await, before, "{report:?}");
+
+    // Killed (no more renewals): once stale they keep nothing and are removed.
+    let later = now + 2 * stale_us;
+    let opts = ExpireOptions { now_us: later, ..opts };
+    let report = expire(&sim.repo, &cluster(), &opts).await.unwrap();
+    assert_eq!(report.stale_removed.len(), 2, "{report:?}");
+    assert!(report.running_restores.is_empty(), "{report:?}");
+    assert!(report.removed_backups.iter().any(|b| b.id == read.id), "{report:?}");
+    assert!(names(&sim.repo, "running/").await.is_empty());
+    check_consistent(&sim.repo, &sim.world(), later - policy.window_us, "after the restore").await;
 }

@@ -11,7 +11,7 @@
 pub mod tar;
 
 use pitr_archive::now_us;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -38,6 +38,9 @@ pub enum BackupError {
     Tar(#[from] TarError),
     #[error("backup check failed: {0}")]
     Verify(String),
+    /// A member a restore must not recreate (see [`check_member`]): the backup is not recorded.
+    #[error("the server sent {path:?}, refused: {what}; the backup was not recorded")]
+    Refused { path: String, what: String },
     #[error("{0}")]
     Other(String),
 }
@@ -119,8 +122,9 @@ pub async fn take_backup(
     // The key must open the repository before anything else happens.
     repo.check().await?;
     // Announced before any block is written or reused, so that `pitr expire` does not sweep
-    // blocks under this backup (released once the manifest is durable; dropped on error exits).
-    let running = pitr_archive::running::BackupMarker::begin(repo).await?;
+    // blocks under this backup; renewed in the background for as long as the backup runs,
+    // however long that is (released once the manifest is durable; dropped on error exits).
+    let running = pitr_archive::running::RunMarker::begin(repo, pitr_archive::running::RunKind::Backup).await?;
     let connect = ConnectOptions { replication: true, application_name: opts.application_name.clone() };
     let mut conn = Connection::connect(&opts.conninfo, &connect).await?;
     let ident = conn.identify_system().await?;
@@ -239,6 +243,8 @@ pub async fn take_backup(
         tablespaces: Vec::new(),
         manifest: None,
         bytes: 0,
+        main_links: BTreeSet::new(),
+        main_paths: BTreeSet::new(),
     };
     let mut start = None;
     let mut end = None;
@@ -396,6 +402,60 @@ struct Receiver {
     tablespaces: Vec<Tablespace>,
     manifest: Option<Vec<u8>>,
     bytes: u64,
+    /// Paths of the main archive: its links, and everything else, for [`check_member`].
+    main_links: BTreeSet<String>,
+    main_paths: BTreeSet<String>,
+}
+
+/// Whether `path` is a tablespace link's, `pg_tblspc/<oid>`.
+fn tablespace_link(path: &str) -> bool {
+    path.strip_prefix("pg_tblspc/")
+        .is_some_and(|oid| !oid.is_empty() && oid.len() <= 10 && oid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Checks a member of the main archive (`main`) or of a tablespace archive, with its full path,
+/// against what PostgreSQL sends, so that nothing a restore would refuse reaches a manifest.
+/// basebackup.c sends symbolic links only for `pg_tblspc/<oid>` in the main archive (any other
+/// link is skipped as a "special file"; a symlinked pg_wal goes as a directory), so any other
+/// link is a hostile or broken server. Nothing may lie at or under such a link either: a
+/// restore would write through it (tablespace contents come in their own archive).
+/// `links`/`paths` are the main archive's so far; updated.
+fn check_member(
+    main: bool,
+    path: &str,
+    kind: &TarKind,
+    links: &mut BTreeSet<String>,
+    paths: &mut BTreeSet<String>,
+) -> Result<(), BackupError> {
+    let refuse = |what: String| BackupError::Refused { path: path.to_string(), what };
+    // The tar reader checked the member name; the archive prefix is ours. Checked again whole.
+    if let Some(why) = crate::tar::unsafe_member_path(path) {
+        return Err(refuse(format!("it has {why}")));
+    }
+    if let TarKind::Symlink { target } = kind {
+        if !main || !tablespace_link(path) {
+            return Err(refuse(format!(
+                "a symbolic link (to {target:?}) other than a tablespace link pg_tblspc/<oid> in the main archive"
+            )));
+        }
+        if paths.iter().any(|p| p == path || p.starts_with(&format!("{path}/"))) {
+            return Err(refuse("a symbolic link over a path the archive already holds".into()));
+        }
+        links.insert(path.to_string());
+    } else if main {
+        let mut at = String::new();
+        for c in path.split('/') {
+            if !at.is_empty() {
+                at.push('/');
+            }
+            at.push_str(c);
+            if links.contains(&at) {
+                return Err(refuse(format!("it lies at or under the tablespace link {at}")));
+            }
+        }
+        paths.insert(path.to_string());
+    }
+    Ok(())
 }
 
 impl Receiver {
@@ -448,6 +508,7 @@ impl Receiver {
         match event {
             TarEvent::Entry(h) => {
                 let path = format!("{}{}", self.prefix, h.path);
+                check_member(self.prefix.is_empty(), &path, &h.kind, &mut self.main_links, &mut self.main_paths)?;
                 match h.kind {
                     TarKind::File => {
                         self.open = Some(OpenFile {
@@ -612,5 +673,110 @@ mod tests {
         verify_against_server_manifest(manifest, &mut files).unwrap();
         let err = verify_against_server_manifest(manifest, &mut []).unwrap_err().to_string();
         assert!(err.contains("did not arrive"), "{err}");
+    }
+
+    /// A ustar header as a server would send it.
+    fn header(path: &str, kind: u8, size: u64, link: &str) -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[..path.len()].copy_from_slice(path.as_bytes());
+        h[100..107].copy_from_slice(b"0000700");
+        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+        h[136..147].copy_from_slice(b"00000000001");
+        h[156] = kind;
+        h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        h
+    }
+
+    /// A file member with its content, padded.
+    fn file(path: &str, content: &[u8]) -> Vec<u8> {
+        let mut t = header(path, b'0', content.len() as u64, "");
+        t.extend_from_slice(content);
+        t.resize(t.len().next_multiple_of(512), 0);
+        t
+    }
+
+    /// Feeds archives (`None`: the main one; `Some(oid)`: a tablespace's) through the receiver
+    /// as BASE_BACKUP's events, in awkward chunks; the entries and files it would record.
+    async fn receive(archives: Vec<(Option<u32>, Vec<u8>)>) -> Result<(Vec<BackupEntry>, Vec<String>), BackupError> {
+        let dir = std::env::temp_dir().join(format!("pitr-basebackup-test-{}-{}", std::process::id(), now_us()));
+        let store = pitr_archive::LocalStore::new(&dir);
+        store.create_root().unwrap();
+        let repo = Repository::new(Arc::new(store), pitr_archive::KeyRing::from_key("k", [2; 32]));
+        let hasher = block_hasher(&repo).await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let (tx, _rx) = mpsc::channel(1024);
+        let mut r = Receiver {
+            hasher,
+            block_size: 8192,
+            tx,
+            prefix: String::new(),
+            tar: None,
+            open: None,
+            files: Vec::new(),
+            entries: Vec::new(),
+            tablespaces: Vec::new(),
+            manifest: None,
+            bytes: 0,
+            main_links: BTreeSet::new(),
+            main_paths: BTreeSet::new(),
+        };
+        for (oid, mut bytes) in archives {
+            bytes.extend([0; 1024]);
+            r.on_event(BackupEvent::Archive { tablespace: oid.map(|o| (o, format!("/srv/ts{o}"))) }).await?;
+            for chunk in bytes.chunks(300) {
+                r.on_event(BackupEvent::Data(bytes::Bytes::copy_from_slice(chunk))).await?;
+            }
+        }
+        r.finish_archive()?;
+        Ok((r.entries, r.files.into_iter().map(|f| f.path).collect()))
+    }
+
+    #[tokio::test]
+    async fn hostile_archives_never_reach_a_manifest() {
+        // What PostgreSQL sends for a cluster with a tablespace: accepted.
+        let mut main = header("base/", b'5', 0, "");
+        main.extend(file("base/1259", b"relation"));
+        main.extend(header("pg_tblspc/", b'5', 0, ""));
+        main.extend(header("pg_tblspc/16384", b'2', 0, "/srv/ts16384"));
+        let mut ts = header("PG_15_202209061/", b'5', 0, "");
+        ts.extend(file("PG_15_202209061/5/16385", b"tablespace relation"));
+        let (entries, files) = receive(vec![(None, main.clone()), (Some(16384), ts.clone())]).await.unwrap();
+        assert_eq!(files, vec!["base/1259", "pg_tblspc/16384/PG_15_202209061/5/16385"]);
+        assert!(entries.iter().any(
+            |e| e.path == "pg_tblspc/16384" && e.kind == BackupEntryKind::Symlink { target: "/srv/ts16384".into() }
+        ));
+
+        let refused = |archives: Vec<(Option<u32>, Vec<u8>)>, want: &'static [&'static str]| async move {
+            let err = receive(archives).await.unwrap_err().to_string();
+            for w in want {
+                assert!(err.contains(w), "{err:?} lacks {w:?}");
+            }
+        };
+        // Links anywhere but pg_tblspc/<oid> of the main archive, whatever they point at.
+        refused(vec![(None, header("pg_log", b'2', 0, "/var/log"))], &["\"pg_log\"", "/var/log", "symbolic link"])
+            .await;
+        refused(vec![(None, header("base/1/x", b'2', 0, "../../../etc"))], &["base/1/x", "symbolic link"]).await;
+        refused(vec![(None, header("pg_tblspc/ts", b'2', 0, "/srv"))], &["pg_tblspc/ts", "symbolic link"]).await;
+        refused(
+            vec![(None, main.clone()), (Some(16384), header("PG_15/evil", b'2', 0, "/etc"))],
+            &["pg_tblspc/16384/PG_15/evil", "symbolic link"],
+        )
+        .await;
+        // Something at or under a tablespace link in the main archive, in either order.
+        let mut t = header("pg_tblspc/16384", b'2', 0, "/srv/ts");
+        t.extend(file("pg_tblspc/16384/planted", b"x"));
+        refused(vec![(None, t)], &["pg_tblspc/16384/planted", "tablespace link pg_tblspc/16384"]).await;
+        let mut t = header("pg_tblspc/16384/", b'5', 0, "");
+        t.extend(header("pg_tblspc/16384", b'2', 0, "/srv/ts"));
+        refused(vec![(None, t)], &["pg_tblspc/16384", "already holds"]).await;
+        // `..` and absolute names, and link types PostgreSQL never sends (the tar reader).
+        refused(vec![(None, file("../../etc/cron.d/pitr", b"x"))], &["unsafe member name", "`..`"]).await;
+        refused(vec![(Some(16384), file("/etc/passwd", b"x"))], &["unsafe member name", "absolute"]).await;
+        refused(vec![(None, header("base/1/1259", b'1', 0, "/etc/shadow"))], &["hard link", "base/1/1259"]).await;
+        refused(vec![(None, header("base/fifo", b'6', 0, ""))], &["FIFO"]).await;
     }
 }

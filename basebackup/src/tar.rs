@@ -1,5 +1,10 @@
 //! A streaming (sans-IO) reader of the ustar archives BASE_BACKUP sends: bytes in, entries and
 //! their content out, in any chunking, with header checksums verified.
+//!
+//! The server is not trusted with paths: a member name that is empty, absolute or has a `..`
+//! component, and any member type but a file, a directory or a symbolic link (hard links,
+//! devices, FIFOs, extension headers: PostgreSQL sends none of them) fails the backup here, so
+//! it never reaches a manifest. Which symbolic links are acceptable is the receiver's call.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TarKind {
@@ -70,6 +75,36 @@ fn octal(field: &[u8]) -> Option<u64> {
         return Some(0);
     }
     u64::from_str_radix(text, 8).ok()
+}
+
+/// Why a member path may not go into a backup: `None` if it stays below the directory it is
+/// restored into. Component-wise, so `a/../b` is caught as well as a leading `/` or `..`. `.`
+/// and empty components name the same place and are let through: PostgreSQL itself sends
+/// `./pg_wal/archive_status` (and `./pg_wal/summaries`); the restore drops them.
+pub fn unsafe_member_path(path: &str) -> Option<&'static str> {
+    if path.starts_with('/') {
+        return Some("an absolute name");
+    }
+    let mut components = path.split('/').filter(|c| !c.is_empty() && *c != ".").peekable();
+    if components.peek().is_none() {
+        return Some("an empty name");
+    }
+    components.any(|c| c == "..").then_some("a `..` component")
+}
+
+/// A readable name for a tar member type byte.
+fn type_name(t: u8) -> String {
+    let what = match t {
+        b'1' => "hard link",
+        b'3' => "character device",
+        b'4' => "block device",
+        b'6' => "FIFO",
+        b'7' => "contiguous file",
+        b'x' | b'g' => "pax extended header",
+        b'L' | b'K' => "GNU long name",
+        _ => "unknown",
+    };
+    format!("{:?} ({what})", t as char)
 }
 
 fn cstr(field: &[u8]) -> String {
@@ -165,8 +200,8 @@ impl TarReader {
         let prefix = if &b[257..262] == b"ustar" { cstr(&b[345..500]) } else { String::new() };
         let path = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
         let path = path.trim_end_matches('/').to_string();
-        if path.is_empty() || path.starts_with('/') || path.split('/').any(|c| c == "..") {
-            return Err(bad(&format!("unsafe path {path:?}")));
+        if let Some(why) = unsafe_member_path(&path) {
+            return Err(bad(&format!("unsafe member name {path:?}: {why}")));
         }
         let mode = octal(&b[100..108]).ok_or_else(|| bad("mode"))? as u32;
         let size = octal(&b[124..136]).ok_or_else(|| bad("size"))?;
@@ -175,7 +210,7 @@ impl TarReader {
             b'0' | 0 => TarKind::File,
             b'5' => TarKind::Directory,
             b'2' => TarKind::Symlink { target: cstr(&b[157..257]) },
-            other => return Err(bad(&format!("unsupported entry type {:?} for {path}", other as char))),
+            other => return Err(bad(&format!("unsupported member type {} for {path:?}", type_name(other)))),
         };
         Ok(TarHeader { path, mode, size, mtime, kind })
     }
@@ -265,5 +300,53 @@ mod tests {
         r.feed::<TarError>(&t[..1000], |_| Ok(())).unwrap();
         assert_eq!(r.finish(), Err(TarError::Truncated));
         assert_eq!(octal(&[0x80, 0, 0, 1, 0]), Some(256));
+    }
+
+    fn first_error(t: &[u8]) -> String {
+        match TarReader::new().feed::<TarError>(t, |_| Ok(())) {
+            Err(e) => e.to_string(),
+            Ok(()) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn hostile_member_names_and_types_are_refused() {
+        for (name, why) in [
+            ("../etc/passwd", "`..` component"),
+            ("base/../../etc/passwd", "`..` component"),
+            ("base/1/..", "`..` component"),
+            ("./../etc", "`..` component"),
+            ("/etc/passwd", "absolute name"),
+            ("//etc/cron.d/x", "absolute name"),
+            ("/", "empty name"),
+            ("./", "empty name"),
+        ] {
+            for kind in [b'0', b'5', b'2'] {
+                let err = first_error(&header(name, kind, 0, "x"));
+                assert!(err.contains("unsafe member name") && err.contains(why), "{name} {}: {err}", kind as char);
+            }
+        }
+        // A ustar prefix counts too: `..` there escapes as well as in the name.
+        let mut h = header("passwd", b'0', 0, "");
+        h[345..351].copy_from_slice(b"../etc");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        let err = first_error(&h);
+        assert!(err.contains("\"../etc/passwd\"") && err.contains("`..`"), "{err}");
+        // Link types PostgreSQL never sends, after a good entry: the reader stops at them.
+        for (kind, what) in [(b'1', "hard link"), (b'3', "character device"), (b'6', "FIFO"), (b'x', "pax")] {
+            let mut t = header("base", b'5', 0, "");
+            t.extend(header("base/1", kind, 0, "/etc/shadow"));
+            let err = first_error(&t);
+            assert!(err.contains("unsupported member type") && err.contains(what) && err.contains("base/1"), "{err}");
+        }
+        // Names that only look odd are plain names; PostgreSQL sends the first two.
+        assert_eq!(unsafe_member_path("./pg_wal/archive_status"), None);
+        assert_eq!(unsafe_member_path("./pg_wal/summaries"), None);
+        assert_eq!(unsafe_member_path("base//1"), None);
+        assert_eq!(unsafe_member_path("base/1/..."), None);
+        assert_eq!(unsafe_member_path("pg_tblspc/16384"), None);
+        assert_eq!(unsafe_member_path(".hidden/a..b"), None);
     }
 }

@@ -231,6 +231,7 @@ pub async fn stream(config_path: &Path) -> Result<()> {
         system_id: pg.system_id,
         lease_holder: config.stream.lease_holder.clone().unwrap_or_else(|| format!("{}/{}", hostname(), pg.slot())),
         lease_ttl: config.stream.lease_ttl.unwrap_or(Duration::from_secs(60)),
+        complete_interval: pg.complete_interval(),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (status_tx, status_rx) = watch::channel(StreamStatus::default());
@@ -653,10 +654,17 @@ pub async fn copy(config_path: &Path, to: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Exit codes follow restore_command's contract: 0 fetched, 1 not in the archive (PostgreSQL
-/// then ends recovery there), 126 anything else, which makes PostgreSQL stop recovery with an
-/// error instead of silently treating a damaged or unreachable archive as its end.
-pub async fn wal_fetch(config_path: &Path, from: Option<&str>, file: &str, dest: &Path) -> Result<ExitCode> {
+/// Exit codes follow restore_command's contract: 0 fetched, 1 past the end of the archive
+/// (PostgreSQL then ends recovery there), 126 anything else — a hole, a damaged object, an
+/// unreachable repository, a bad configuration — which makes PostgreSQL stop recovery with an
+/// error instead of silently treating it as the archive's end.
+pub async fn wal_fetch(
+    config_path: &Path,
+    from: Option<&str>,
+    file: &str,
+    dest: &Path,
+    until: Option<u64>,
+) -> Result<ExitCode> {
     const ARCHIVE_ERROR: u8 = 126;
     let result = async {
         let config = Config::load(config_path)?;
@@ -664,13 +672,13 @@ pub async fn wal_fetch(config_path: &Path, from: Option<&str>, file: &str, dest:
         repo.check().await?;
         let system_id = config.postgres.as_ref().and_then(|p| p.system_id);
         let cluster = repo.resolve_cluster(system_id).await?;
-        Ok::<_, anyhow::Error>(pitr_restore::wal_fetch(&repo, &cluster, file, dest).await)
+        Ok::<_, anyhow::Error>(pitr_restore::wal_fetch(&repo, &cluster, file, dest, until).await)
     }
     .await;
     match result {
         Ok(Ok(fetched)) => {
             tracing::debug!(file, ?fetched, "fetched");
-            start_prefetch(config_path, from, file, dest);
+            start_prefetch(config_path, from, file, dest, until);
             Ok(ExitCode::SUCCESS)
         }
         Ok(Err(pitr_restore::FetchError::NotFound { .. })) | Ok(Err(pitr_restore::FetchError::BadName { .. })) => {
@@ -807,6 +815,19 @@ struct ListedWindow {
     to: Option<String>,
     from_lsn: Option<String>,
     to_lsn: String,
+    newest_commit: Option<String>,
+    /// Up to when the sidecar recorded the archive held everything the primary had.
+    complete_up_to: Option<String>,
+    /// The restorable ranges; gaps lie between them (retention, or lost WAL).
+    ranges: Vec<ListedRange>,
+}
+
+#[derive(serde::Serialize)]
+struct ListedRange {
+    from: String,
+    to: Option<String>,
+    from_lsn: String,
+    to_lsn: String,
 }
 
 pub async fn list(config_path: &Path, from: Option<&str>, json: bool) -> Result<()> {
@@ -842,6 +863,18 @@ pub async fn list(config_path: &Path, from: Option<&str>, json: bool) -> Result<
             to: w.end_us.map(fmt),
             from_lsn: w.start_lsn.map(format_lsn),
             to_lsn: format_lsn(w.end_lsn),
+            newest_commit: w.newest_commit_us.map(fmt),
+            complete_up_to: w.complete_up_to_us.map(fmt),
+            ranges: w
+                .ranges
+                .iter()
+                .map(|r| ListedRange {
+                    from: fmt(r.start_us),
+                    to: r.end_us.map(fmt),
+                    from_lsn: format_lsn(r.start_lsn),
+                    to_lsn: format_lsn(r.end_lsn),
+                })
+                .collect(),
         })
         .collect();
     let incrementals = incremental_mode(catalog.cluster.server_version_num);
@@ -888,6 +921,27 @@ pub async fn list(config_path: &Path, from: Option<&str>, json: bool) -> Result<
             w.to.as_deref().unwrap_or("(no archived commit)"),
             w.to_lsn
         );
+        if let Some(c) = &w.complete_up_to {
+            println!(
+                "  archive known complete up to {c} (newest archived commit {})",
+                w.newest_commit.as_deref().unwrap_or("none")
+            );
+        }
+        if w.ranges.len() > 1 {
+            for (i, r) in w.ranges.iter().enumerate() {
+                println!(
+                    "  range {}: {} .. {} (LSN {}..{})",
+                    i + 1,
+                    r.from,
+                    r.to.as_deref().unwrap_or("(no archived commit)"),
+                    r.from_lsn,
+                    r.to_lsn
+                );
+                if let Some(next) = w.ranges.get(i + 1) {
+                    println!("  gap:     {} .. {} cannot be restored", r.to.as_deref().unwrap_or(&r.from), next.from);
+                }
+            }
+        }
     }
     if let Some(m) = crate::mongo::list_json(&config, &repo).await? {
         crate::mongo::print_list(&m);
@@ -941,13 +995,15 @@ fn shell_quote(p: &Path) -> String {
 
 /// `restore_command` for a restored server: this pitr binary, by absolute path, with this config,
 /// reading from the repository the restore read from.
-fn restore_command(config_path: &Path, from: Option<&str>) -> Result<String> {
+fn restore_command(config_path: &Path, from: Option<&str>) -> Result<pitr_restore::WalFetchCommand> {
     let exe = std::env::current_exe().context("locating the pitr binary for restore_command")?;
     let config_abs =
         std::fs::canonicalize(config_path).with_context(|| format!("config file {}", config_path.display()))?;
     // Repository names are [A-Za-z0-9_-] (the config checks), so they need no quoting.
-    let from = from.map(|f| format!(" --from {f}")).unwrap_or_default();
-    Ok(format!("{} --config {} wal-fetch{from} \"%f\" \"%p\"", shell_quote(&exe), shell_quote(&config_abs)))
+    Ok(pitr_restore::WalFetchCommand {
+        program: format!("{} --config {}", shell_quote(&exe), shell_quote(&config_abs)),
+        options: from.map(|f| vec!["--from".to_string(), f.to_string()]).unwrap_or_default(),
+    })
 }
 
 /// PostgreSQL's binaries for the archived cluster's major version.
@@ -985,6 +1041,12 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
         workers: config.backup.parallel(),
         backup_id: args.backup.clone(),
         start,
+        // `pitr expire` runs on the primary: that is where a restore from a secondary announces
+        // itself (and if the primary cannot take it, the restore goes on with a warning).
+        marker_repository: match args.from {
+            Some(_) => Some(open_single(&config, None)?),
+            None => None,
+        },
     };
     let bar = progress_bar(!args.json, "restore");
     let on_progress = |done: u64, total: u64| {
@@ -1145,6 +1207,9 @@ pub async fn expire(config_path: &Path, dry_run: bool, json: bool) -> Result<()>
     if let Some(why) = &report.blocks_skipped {
         println!("blocks: {why}");
     }
+    for r in &report.running_restores {
+        println!("running: {r}");
+    }
     if report.blocks_left > 0 {
         println!(
             "blocks: the sweep reached its deadline; {} unreferenced blocks are left for the next run",
@@ -1243,6 +1308,7 @@ pub fn drill_options(
         keep: false,
         timeout: Duration::from_secs_f64(config.targets.rto_seconds * 2.0),
         test_type: "On demand".into(),
+        marker_repository: None,
     })
 }
 
@@ -1258,6 +1324,10 @@ pub async fn drill(config_path: &Path, args: DrillArgs) -> Result<ExitCode> {
     let catalog = load_catalog(&config, &repo).await?;
     let mut opts = drill_options(&config, config_path, &catalog)?;
     opts.restore_command = restore_command(config_path, args.from.as_deref())?;
+    if args.from.is_some() {
+        // As for `pitr restore --from`: the marker goes where `pitr expire` runs.
+        opts.marker_repository = Some(open_single(&config, None)?);
+    }
     opts.target = target;
     opts.checks = checks;
     opts.keep = args.keep;
@@ -1299,7 +1369,7 @@ pub fn write_drill_report(report: &pitr_restore::drill::DrillReport, path: Optio
 /// Starts `pitr wal-prefetch` detached (its own session, no stdio), so PostgreSQL's
 /// restore_command returns at once while the next segments are spooled. Best effort: a failure
 /// here only costs speed.
-fn start_prefetch(config_path: &Path, from: Option<&str>, file: &str, dest: &Path) {
+fn start_prefetch(config_path: &Path, from: Option<&str>, file: &str, dest: &Path, until: Option<u64>) {
     use std::os::unix::process::CommandExt;
     let count = Config::load(config_path).ok().and_then(|c| c.backup.prefetch_segments).unwrap_or(8);
     if count == 0 || file.ends_with(".history") {
@@ -1312,6 +1382,7 @@ fn start_prefetch(config_path: &Path, from: Option<&str>, file: &str, dest: &Pat
         .arg(config_path)
         .args(["wal-prefetch", file])
         .args(from.map(|f| format!("--from={f}")))
+        .args(until.map(|u| format!("--until-lsn={}", format_lsn(u))))
         .arg(&spool)
         .arg(format!("--count={count}"))
         .stdin(std::process::Stdio::null())
@@ -1335,12 +1406,13 @@ pub async fn wal_prefetch(
     file: &str,
     spool: &Path,
     count: usize,
+    until: Option<u64>,
 ) -> Result<()> {
     let config = Config::load(config_path)?;
     let repo = open_reader(&config, from)?;
     let system_id = config.postgres.as_ref().and_then(|p| p.system_id);
     let cluster = repo.resolve_cluster(system_id).await?;
     let names = pitr_restore::walfetch::next_segments(&cluster, file, count);
-    pitr_restore::walfetch::prefetch(&repo, &cluster, &names, spool).await?;
+    pitr_restore::walfetch::prefetch(&repo, &cluster, &names, spool, until).await?;
     Ok(())
 }

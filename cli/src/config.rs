@@ -467,6 +467,10 @@ pub struct PostgresConfig {
     pub system_id: Option<u64>,
     /// PostgreSQL's binaries (pg_ctl) for `restore --start`; default /usr/lib/postgresql/<major>/bin.
     pub bin_dir: Option<PathBuf>,
+    /// Completeness marks are written at most this often while the archive is caught up
+    /// (default 10 s; 0 turns them off).
+    #[serde(default, with = "humantime_serde")]
+    pub complete_interval: Option<Duration>,
 }
 
 fn default_name() -> String {
@@ -508,6 +512,9 @@ impl PostgresConfig {
     }
     pub fn application_name(&self) -> String {
         self.application_name.clone().unwrap_or_else(|| format!("pitr_{}", self.name))
+    }
+    pub fn complete_interval(&self) -> Duration {
+        self.complete_interval.unwrap_or(Duration::from_secs(10))
     }
 }
 
@@ -697,6 +704,9 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
         let pg = c.postgres().unwrap();
         assert_eq!(pg.slot(), "pitr_main");
         assert_eq!(c.flush_interval(), Duration::ZERO);
+        assert_eq!(pg.complete_interval(), Duration::from_secs(10));
+        let c = Config::parse(MINIMAL, &[("PITR_POSTGRES_COMPLETE_INTERVAL".into(), "0s".into())]).unwrap();
+        assert_eq!(c.postgres().unwrap().complete_interval(), Duration::ZERO);
     }
 
     #[test]

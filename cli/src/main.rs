@@ -57,6 +57,10 @@ enum Command {
         /// Read from this repository first (`primary` or a secondary's name).
         #[arg(long)]
         from: Option<String>,
+        /// Serve no WAL at or past this LSN (X/Y): written by `pitr restore` for a target after
+        /// the newest archived commit, so replay stops at the archive's end as it was planned.
+        #[arg(long, value_parser = parse_lsn_arg)]
+        until_lsn: Option<u64>,
     },
     /// (internal) Spool the segments after SEGMENT into SPOOL; started by wal-fetch.
     #[command(hide = true)]
@@ -67,6 +71,8 @@ enum Command {
         count: usize,
         #[arg(long)]
         from: Option<String>,
+        #[arg(long, value_parser = parse_lsn_arg)]
+        until_lsn: Option<u64>,
     },
     /// Copy to secondary NAME every object of the primary it lacks (idempotent; never deletes).
     Copy {
@@ -204,14 +210,40 @@ fn init_logging(cli: &Cli) {
     }
 }
 
+fn parse_lsn_arg(s: &str) -> Result<u64, String> {
+    pitr_pgwire::parse_lsn(s).ok_or_else(|| format!("{s:?} is not an LSN (X/Y in hex)"))
+}
+
+/// What PostgreSQL's restore_command contract needs from every way out of `pitr wal-fetch`
+/// other than "fetched" (0) and "not in the archive" (1): an exit status above 125, which makes
+/// PostgreSQL stop recovery with an error. Exit 1 (clap's and anyhow's default failure) or 101
+/// (a Rust panic) would read as "not in the archive" and end recovery early, as if the archive
+/// ended there.
+const RESTORE_COMMAND_ERROR: u8 = 126;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let as_restore_command = std::env::args_os().skip(1).any(|a| a == "wal-fetch");
+    if as_restore_command {
+        std::panic::set_hook(Box::new(|info| {
+            eprintln!("pitr wal-fetch: internal error: {info}");
+            std::process::exit(i32::from(RESTORE_COMMAND_ERROR));
+        }));
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if as_restore_command && e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(RESTORE_COMMAND_ERROR);
+        }
+        Err(e) => e.exit(),
+    };
+    let failure = if as_restore_command { ExitCode::from(RESTORE_COMMAND_ERROR) } else { ExitCode::FAILURE };
     init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pitr: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return failure;
         }
     };
     let config_path = config::Config::path(cli.config.as_deref());
@@ -225,7 +257,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("pitr: error: {e:#}");
-            ExitCode::FAILURE
+            failure
         }
     }
 }
@@ -235,11 +267,11 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
         Command::Init => commands::init(config_path).await,
         Command::Stream => commands::stream(config_path).await,
         Command::Status { json } => commands::status(config_path, json).await,
-        Command::WalFetch { segment, dest, from } => {
-            return commands::wal_fetch(config_path, from.as_deref(), &segment, &dest).await
+        Command::WalFetch { segment, dest, from, until_lsn } => {
+            return commands::wal_fetch(config_path, from.as_deref(), &segment, &dest, until_lsn).await
         }
-        Command::WalPrefetch { segment, spool, count, from } => {
-            commands::wal_prefetch(config_path, from.as_deref(), &segment, &spool, count).await
+        Command::WalPrefetch { segment, spool, count, from, until_lsn } => {
+            commands::wal_prefetch(config_path, from.as_deref(), &segment, &spool, count, until_lsn).await
         }
         Command::Copy { to, json } => commands::copy(config_path, &to, json).await,
         Command::Backup { incremental: _, json, source: Source::Mongo } => {

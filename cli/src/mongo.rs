@@ -37,6 +37,10 @@ pub struct MongoConfig {
     pub drill_target_uri: Option<String>,
     /// Cron for scheduled snapshots (default `[schedule] full_backup`; empty: off).
     pub snapshot_schedule: Option<String>,
+    /// How often, while caught up, the tailer records that the archive holds every oplog entry
+    /// the server has (a completeness mark; default 10 s).
+    #[serde(default, with = "humantime_serde")]
+    pub complete_interval: Option<Duration>,
 }
 
 impl MongoConfig {
@@ -57,6 +61,9 @@ impl MongoConfig {
         }
         if self.connect_timeout.is_some_and(|d| d.is_zero()) {
             bail!("[mongo] connect_timeout must be greater than 0");
+        }
+        if self.complete_interval.is_some_and(|d| d < Duration::from_millis(100)) {
+            bail!("[mongo] complete_interval must be at least 100ms");
         }
         if let Some(u) = &self.drill_target_uri {
             if !u.starts_with("mongodb://") {
@@ -81,6 +88,7 @@ impl MongoConfig {
             max_slice_bytes: self.max_slice_bytes.unwrap_or(16 << 20),
             connect_timeout: self.connect_timeout(),
             batch_size: 1000,
+            complete_interval: self.complete_interval.unwrap_or(Duration::from_secs(10)),
         }
     }
 }
@@ -299,6 +307,7 @@ pub async fn list_json(config: &Config, repo: &Repository) -> Result<Option<serd
     Ok(Some(serde_json::json!({
         "name": c.layout.name,
         "archived_to": c.last_archived().map(|(t, _)| t.to_string()),
+        "complete_up_to": c.complete_up_to_us.map(format_us),
         "slices": c.runs.iter().map(|r| r.slices.len()).sum::<usize>(),
         "snapshots": snapshots, "recoverable_windows": windows, "gaps": gaps,
     })))

@@ -63,6 +63,15 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     describe_counter!("pitr_upload_errors_total", "Failed archive puts (each retried)");
     describe_histogram!("pitr_upload_duration_seconds", Unit::Seconds, "Time to seal and durably put one WAL object");
     describe_gauge!(
+        "pitr_archive_complete_time_seconds",
+        Unit::Seconds,
+        "The primary's clock (Unix time) at the newest completeness mark: the archive held all its WAL then"
+    );
+    describe_counter!(
+        "pitr_complete_mark_errors_total",
+        "Completeness marks that could not be written (each superseded)"
+    );
+    describe_gauge!(
         "pitr_recoverable_window_start_timestamp_seconds",
         Unit::Seconds,
         "Oldest moment a restore can reach (newest timeline)"

@@ -5,6 +5,9 @@
 //! mongo/<name>/gaps/<archived ts>-<next ts>.gap    entries lost between these (the oplog rolled over)
 //! mongo/<name>/blocks/<hh>/<hash>                  snapshot documents, raw BSON, named by keyed hash
 //! mongo/<name>/snapshots/<id>.manifest             BSON: what a snapshot is made of (written last)
+//! mongo/<name>/complete/<ts>.<server time µs hex>   completeness mark: the archive held every
+//!                                                  entry up to `ts`, and the server nothing newer,
+//!                                                  at that time (see `pitr_archive::complete`)
 //! ```
 //! `<name>` is `[mongo] name`, by default the replica set's name. A `ts` in a name is
 //! `<seconds>.<increment>`, both ten digits, so names sort in oplog order.
@@ -64,6 +67,46 @@ impl MongoLayout {
     pub fn manifest_name(&self, id: &str) -> String {
         format!("{}snapshots/{id}.manifest", self.prefix())
     }
+
+    pub fn complete_prefix(&self) -> String {
+        format!("{}complete/", self.prefix())
+    }
+
+    pub fn complete_name(&self, ts: Ts, time_us: i64) -> String {
+        format!("{}{}.{:016X}", self.complete_prefix(), ts.to_name(), time_us.max(0) as u64)
+    }
+
+    fn parse_complete_name(&self, name: &str) -> Option<(Ts, i64)> {
+        let rest = name.strip_prefix(&self.complete_prefix())?;
+        let (ts, time) = rest.rsplit_once('.')?;
+        if time.len() != 16 {
+            return None;
+        }
+        Some((Ts::from_name(ts)?, i64::try_from(u64::from_str_radix(time, 16).ok()?).ok()?))
+    }
+}
+
+/// Records a completeness mark (and prunes older ones): at the server's `time_us`, the archive
+/// held every entry up to `ts` and the server had nothing newer.
+pub async fn record_complete(
+    repo: &Repository,
+    layout: &MongoLayout,
+    ts: Ts,
+    time_us: i64,
+) -> Result<(), MongoError> {
+    let text = format!("ts={}\ntime_us={time_us}\n", ts.to_name());
+    pitr_archive::complete::record_named(repo, &layout.complete_prefix(), &layout.complete_name(ts, time_us), text)
+        .await?;
+    Ok(())
+}
+
+/// The newest authentic completeness mark: (`ts`, server time µs).
+pub async fn newest_complete(repo: &Repository, layout: &MongoLayout) -> Result<Option<(Ts, i64)>, MongoError> {
+    Ok(pitr_archive::complete::newest_named(repo, &layout.complete_prefix(), |name, text| {
+        let (ts, time_us) = layout.parse_complete_name(name)?;
+        (text == format!("ts={}\ntime_us={time_us}\n", ts.to_name())).then_some((ts, time_us))
+    })
+    .await?)
 }
 
 /// The names under `mongo/` in a repository: `[mongo] name` when it is not set.
@@ -189,6 +232,9 @@ pub struct MongoCatalog {
     pub snapshots: Vec<SnapshotManifest>,
     /// Newest-entry wall time per run (from the last slice's header), by index in `runs`.
     pub run_end_us: Vec<Option<i64>>,
+    /// Up to when the archive is known to hold everything the server had: the newest
+    /// completeness mark, when its `ts` is the last run's (so nothing after it was lost since).
+    pub complete_up_to_us: Option<i64>,
 }
 
 impl MongoCatalog {
@@ -219,7 +265,22 @@ impl MongoCatalog {
             snapshots.push(SnapshotManifest::from_bytes(&m, &bytes)?);
         }
         snapshots.sort_by_key(|s| s.ts_after);
-        Ok(MongoCatalog { layout, runs, gaps, snapshots, run_end_us })
+        let complete_up_to_us = match (newest_complete(repo, &layout).await?, runs.last()) {
+            (Some((ts, time_us)), Some(run)) if run.after < ts && ts <= run.last => Some(time_us),
+            _ => None,
+        };
+        Ok(MongoCatalog { layout, runs, gaps, snapshots, run_end_us, complete_up_to_us })
+    }
+
+    /// The last moment run `i` restores to exactly: its newest entry's wall time, or for the
+    /// last run a later completeness mark.
+    pub fn run_known_until_us(&self, i: usize) -> Option<i64> {
+        let end = self.run_end_us.get(i).copied().flatten();
+        if i + 1 == self.runs.len() {
+            end.max(self.complete_up_to_us)
+        } else {
+            end
+        }
     }
 
     /// The newest archived entry.
@@ -243,7 +304,7 @@ impl MongoCatalog {
                     from_ts: s.ts_after,
                     from_us: s.time_after_us,
                     to_ts: self.runs[i].last,
-                    to_us: self.run_end_us[i],
+                    to_us: self.run_known_until_us(i),
                 })
             })
             .collect()

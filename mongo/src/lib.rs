@@ -108,6 +108,21 @@ impl Connected {
     }
 
     /// The oldest (`newest = false`) or newest entry of the oplog: its `ts` and wall time.
+    /// The server's clock (`hello`'s `localTime`), or this host's where the server does not
+    /// report it: completeness marks are compared with oplog wall times, which are the server's.
+    pub async fn server_time_us(&self) -> Result<i64, MongoError> {
+        let hello = self
+            .client
+            .database("admin")
+            .run_command(doc! { "hello": 1 })
+            .await
+            .map_err(self.server_err("reading the server's clock (hello)"))?;
+        Ok(match hello.get_datetime("localTime") {
+            Ok(t) => t.timestamp_millis() * 1000,
+            Err(_) => pitr_archive::now_us(),
+        })
+    }
+
     pub async fn oplog_edge(&self, newest: bool) -> Result<Option<(Ts, Option<i64>)>, MongoError> {
         let oplog = self.client.database("local").collection::<Document>("oplog.rs");
         let found = oplog

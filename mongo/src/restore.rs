@@ -117,7 +117,7 @@ fn choose(c: &MongoCatalog, target: MongoTarget) -> Result<(&SnapshotManifest, u
     let mut best = None;
     for s in &c.snapshots {
         let Some(run) = c.run_of(s) else { continue };
-        let end_us = c.run_end_us[run];
+        let end_us = c.run_known_until_us(run);
         let fits = match target {
             MongoTarget::Latest => run + 1 == c.runs.len(),
             MongoTarget::Ts(t) => s.ts_after <= t && t <= c.runs[run].last,
@@ -373,7 +373,12 @@ pub async fn restore(
     let last_us = last.map(|(_, us)| us).unwrap_or(consistent_us).max(consistent_us);
     let target_us = match opts.target {
         MongoTarget::Latest => catalog.run_end_us[run].unwrap_or(last_us),
-        MongoTarget::Time(us) => us,
+        // Past the newest entry but inside the completeness mark, the state at the target is the
+        // state after the newest entry: nothing was lost.
+        MongoTarget::Time(us) => match catalog.run_end_us[run] {
+            Some(newest) if us > newest && catalog.run_known_until_us(run).is_some_and(|k| us <= k) => newest,
+            _ => us,
+        },
         MongoTarget::Ts(t) if last.is_some_and(|(ts, _)| ts == t) => last_us,
         MongoTarget::Ts(t) => t.secs_us().max(last_us),
     };

@@ -35,6 +35,8 @@ pub struct TailerConfig {
     pub connect_timeout: Duration,
     /// Entries per getMore.
     pub batch_size: u32,
+    /// How often, while caught up, a completeness mark is recorded.
+    pub complete_interval: Duration,
 }
 
 /// How long the cursor must deliver nothing before a trailing transaction counts as whole.
@@ -53,6 +55,10 @@ pub struct MongoStatus {
     /// Newest minus oldest entry on the server: how long the tailer can be away.
     pub server_window_seconds: Option<f64>,
     pub lag_seconds: f64,
+    /// The newest completeness mark: when the archive last held every entry the server had
+    /// (server clock, µs since the Unix epoch).
+    #[serde(default)]
+    pub complete_up_to_us: Option<i64>,
 }
 
 /// One entry as read.
@@ -275,6 +281,8 @@ async fn run_once(
         oplog: conn.client.database("local").collection::<RawDocumentBuf>("oplog.rs"),
     };
     let mut window_tick = tokio::time::interval(Duration::from_secs(10));
+    let mut complete_tick = tokio::time::interval(cfg.complete_interval);
+    complete_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut flush_tick = tokio::time::interval(cfg.flush_interval.max(Duration::from_millis(50)));
     let result = loop {
         tokio::select! {
@@ -301,6 +309,9 @@ async fn run_once(
                 status.send_modify(|s| s.server_window_seconds = window);
                 set_gauges(&status.borrow());
             }
+            _ = complete_tick.tick(), if sealer.pending.is_empty() => {
+                mark_complete(repo, &conn, &layout, status).await;
+            }
             _ = shutdown.changed() => break Ok(()),
         }
     };
@@ -308,6 +319,40 @@ async fn run_once(
     // Whatever is complete is sealed before returning, success or not.
     let sealed = sealer.maybe_seal(true).await;
     result.and(sealed)
+}
+
+/// Records that the archive holds every entry the server has, if it does: the server's clock is
+/// read first, then its newest entry; when that is the newest archived entry, nothing newer
+/// existed when the clock was read. Best effort: a failure is a warning and a metric, never a
+/// reason to stop tailing.
+async fn mark_complete(
+    repo: &Repository,
+    conn: &crate::Connected,
+    layout: &MongoLayout,
+    status: &watch::Sender<MongoStatus>,
+) {
+    let Some(archived) = status.borrow().archived_ts else { return };
+    let result = async {
+        let now = conn.server_time_us().await?;
+        let newest = conn.oplog_edge(true).await?.map(|(ts, _)| ts);
+        if newest != Some(archived) {
+            return Ok(None);
+        }
+        crate::layout::record_complete(repo, layout, archived, now).await?;
+        Ok::<_, MongoError>(Some(now))
+    }
+    .await;
+    match result {
+        Ok(Some(now)) => {
+            status.send_modify(|s| s.complete_up_to_us = Some(now));
+            metrics::gauge!("pitr_mongo_complete_time_seconds").set(now as f64 / 1e6);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            metrics::counter!("pitr_complete_mark_errors_total", "source" => "mongo").increment(1);
+            tracing::warn!(error = %e, "could not record a completeness mark; retrying at the next interval");
+        }
+    }
 }
 
 struct Sealer<'a> {

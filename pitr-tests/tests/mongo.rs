@@ -369,6 +369,59 @@ async fn restores_match_recorded_moments_and_kill9_leaves_no_gap() -> Result<()>
     Ok(())
 }
 
+/// A moment after the last write, while the sidecar is caught up: the archive's completeness
+/// mark says nothing happened up to then, so the restore is exact with a data-loss window of 0,
+/// and a moment past the mark is refused naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moment_after_the_last_write_restores_exactly_inside_the_completeness_mark() -> Result<()> {
+    let source = MongoServer::start(MongoOptions::default())?;
+    let target = MongoServer::start(MongoOptions::default())?;
+    let mut env = MongoEnv::new("mongo-complete", &source.uri(), "complete_interval = \"1s\"")?;
+    env.run_ok(&["init"])?;
+    let mut stream = env.spawn_stream()?;
+    let c = client(&source.uri()).await?;
+    let items = c.database("shop").collection::<Document>("items");
+    items.insert_many((0..20).map(|i| doc! { "_id": i })).await?;
+    let before = newest(&c).await?;
+    env.wait_archived((before.0, before.1))?;
+    env.run_ok(&["backup", "--source", "mongo"])?;
+    items.insert_many((20..40).map(|i| doc! { "_id": i })).await?;
+    let last = moment(&c, "the last write").await?;
+    // 0.7 s after the last write, as the issue found refused.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let after_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
+    let to = rfc3339_ms(after_ms);
+    wait_until("a completeness mark past the moment", Duration::from_secs(60), || {
+        let listed = json(&env, &["list", "--json"])?;
+        let complete = listed["mongo"]["complete_up_to"].as_str().map(String::from);
+        Ok(complete.as_deref().and_then(|c| pitr_restore::target::parse_time(c)).is_some_and(|c| c >= after_ms * 1000))
+    })
+    .with_context(|| env.stream_logs())?;
+    env.stop_stream_cleanly(&mut stream)?;
+    let report = json(
+        &env,
+        &["restore", "--source", "mongo", "--to", &to, "--target-uri", &target.direct_uri(), "--drop", "--json"],
+    )?;
+    assert_eq!(report["data_loss_window_seconds"], 0.0, "{report}");
+    assert_eq!(report["last_applied_ts"], format!("ts:{}:{}", last.ts.0, last.ts.1), "{report}");
+    let t = client(&target.direct_uri()).await?;
+    assert_eq!(state(&t).await?, last.state);
+    // An hour later is past what the archive knows: refused, saying up to when it is complete.
+    let out = env.run(&[
+        "restore",
+        "--source",
+        "mongo",
+        "--to",
+        &rfc3339_ms(after_ms + 3_600_000),
+        "--target-uri",
+        &target.direct_uri(),
+        "--drop",
+    ])?;
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("outside the recoverable MongoDB window"), "{}", stderr_of(&out));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolled_over_oplog_is_reported_as_a_gap() -> Result<()> {
     let source = MongoServer::start(MongoOptions { oplog_max_entries: Some(100), ..Default::default() })?;

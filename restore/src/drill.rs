@@ -1,5 +1,9 @@
 //! `pitr drill`: restore to a moment into a scratch server, check it, measure RTO and RPO against
 //! the targets, stop and clean up, and report in the seed runbook's "Recovery Test Report" layout.
+//!
+//! A drill holds a running marker (kind `drill`) from before it reads the catalog until it has
+//! cleaned up, as a restore does (see [`crate::recover`]): `pitr expire` meanwhile removes nothing
+//! it reads, and a repository that refuses the marker only earns a warning.
 
 use pitr_archive::now_us;
 use std::path::{Path, PathBuf};
@@ -10,9 +14,12 @@ use pitr_archive::{ObjectKind, ObjectMeta, Repository, RepositoryError};
 use rand::Rng;
 
 use crate::plan::Catalog;
-use crate::recover::{restore, RestoreOptions, RestoreReport, StartOptions};
+use crate::recover::{
+    announce, current_catalog, preflight, restore_marked, RestoreOptions, RestoreReport, StartOptions,
+};
 use crate::target::{format_time, parse_time, RecoveryTarget};
 use crate::RestoreError;
+use pitr_archive::running::{RunKind, RunMarker};
 
 /// A checks file: `[[check]]` tables.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
@@ -66,7 +73,7 @@ pub struct DrillOptions {
     pub scratch_root: PathBuf,
     pub bin_dir: PathBuf,
     pub db_user: String,
-    pub restore_command: String,
+    pub restore_command: crate::recover::WalFetchCommand,
     pub workers: usize,
     pub rto_target_seconds: f64,
     pub rpo_target_seconds: f64,
@@ -74,6 +81,9 @@ pub struct DrillOptions {
     pub keep: bool,
     pub timeout: Duration,
     pub test_type: String,
+    /// Where the running marker goes, when not the repository read (see
+    /// [`RestoreOptions::marker_repository`]).
+    pub marker_repository: Option<Repository>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -231,7 +241,8 @@ fn free_port() -> Result<u16, RestoreError> {
     l.local_addr().map(|a| a.port()).map_err(|e| RestoreError::Other(format!("finding a free port: {e}")))
 }
 
-/// Picks the drill's target: a uniformly chosen second inside the recoverable window for `Random`.
+/// Picks the drill's target: for `Random`, a second drawn uniformly from the restorable ranges
+/// (never from a gap between them that retention or a lost object left).
 pub fn choose_target(catalog: &Catalog, target: DrillTarget) -> Result<RecoveryTarget, RestoreError> {
     match target {
         DrillTarget::At(t) => Ok(t),
@@ -239,24 +250,70 @@ pub fn choose_target(catalog: &Catalog, target: DrillTarget) -> Result<RecoveryT
             let w = catalog
                 .current_window()
                 .ok_or_else(|| RestoreError::OutsideWindow("the archive holds no WAL".into()))?;
-            let (Some(start), Some(end)) = (w.start_us, w.end_us) else {
+            let spans: Vec<(i64, i64)> =
+                w.ranges.iter().filter_map(|r| r.end_us.map(|end| (r.start_us, end))).collect();
+            if spans.is_empty() {
                 return Err(RestoreError::OutsideWindow(
-                    "no recoverable window yet (no backup, or no archived commit)".into(),
+                    "no recoverable window yet (no backup with its WAL archived, or no archived commit)".into(),
                 ));
-            };
-            let (first, last) = (start.div_euclid(1_000_000) + 1, end.div_euclid(1_000_000));
-            if first > last {
-                return Ok(RecoveryTarget::Time(end));
             }
-            Ok(RecoveryTarget::Time(rand::thread_rng().gen_range(first..=last) * 1_000_000))
+            Ok(RecoveryTarget::Time(random_moment(&spans, &mut rand::thread_rng())))
         }
     }
+}
+
+/// A whole second inside one of `spans` (µs, inclusive), uniformly over their total length; a
+/// span shorter than a second offers its end.
+fn random_moment(spans: &[(i64, i64)], rng: &mut impl Rng) -> i64 {
+    let seconds: Vec<(i64, i64)> = spans
+        .iter()
+        .map(|&(start, end)| (start.div_euclid(1_000_000) + 1, end.div_euclid(1_000_000)))
+        .filter(|(first, last)| first <= last)
+        .collect();
+    let total: i64 = seconds.iter().map(|(first, last)| last - first + 1).sum();
+    if total == 0 {
+        return spans.last().map(|s| s.1).unwrap_or(0);
+    }
+    let mut pick = rng.gen_range(0..total);
+    for (first, last) in seconds {
+        let len = last - first + 1;
+        if pick < len {
+            return (first + pick) * 1_000_000;
+        }
+        pick -= len;
+    }
+    spans.last().map(|s| s.1).unwrap_or(0)
 }
 
 pub async fn drill(repo: &Repository, catalog: &Catalog, opts: &DrillOptions) -> Result<DrillReport, RestoreError> {
     let started_us = now_us();
     let started = Instant::now();
-    let target = choose_target(catalog, opts.target)?;
+    let marker = announce(opts.marker_repository.as_ref().unwrap_or(repo), RunKind::Drill).await;
+    let result = drill_marked(repo, catalog, opts, marker.as_ref(), started_us, started).await;
+    if let Some(marker) = marker {
+        marker.release().await;
+    }
+    result
+}
+
+async fn drill_marked(
+    repo: &Repository,
+    catalog: &Catalog,
+    opts: &DrillOptions,
+    marker: Option<&RunMarker>,
+    started_us: i64,
+    started: Instant,
+) -> Result<DrillReport, RestoreError> {
+    let mut target = choose_target(catalog, opts.target)?;
+    let catalog = match marker {
+        Some(_) => current_catalog(repo, catalog, target, None).await?,
+        None => std::borrow::Cow::Borrowed(catalog),
+    };
+    // Read again: a random target is drawn from the window as it is now.
+    if matches!(catalog, std::borrow::Cow::Owned(_)) && opts.target == DrillTarget::Random {
+        target = choose_target(&catalog, opts.target)?;
+    }
+    let catalog: &Catalog = &catalog;
     let scratch = opts.scratch_root.join(format!("pitr-drill-{}-{}", started_us / 1_000_000, std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| RestoreError::Io { path: scratch.clone(), cause: e })?;
     let target_dir = scratch.join("data");
@@ -274,8 +331,12 @@ pub async fn drill(repo: &Repository, catalog: &Catalog, opts: &DrillOptions) ->
             db_user: opts.db_user.clone(),
             timeout: opts.timeout,
         }),
+        marker_repository: None,
     };
-    let restored = restore(repo, catalog, &restore_opts, &|_, _| {}).await;
+    let restored = match preflight(&restore_opts) {
+        Ok(()) => restore_marked(repo, catalog, &restore_opts, &|_, _| {}, marker, Instant::now()).await,
+        Err(e) => Err(e),
+    };
     let mut checks = Vec::new();
     if restored.is_ok() {
         checks = run_checks(&target_dir, port, opts, target).await;
@@ -585,6 +646,27 @@ pub async fn latest_result_under(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_moments_never_fall_in_a_gap() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let s = 1_000_000i64;
+        // A yearly backup's one minute, a year of nothing, then the PITR window's ten minutes.
+        let spans = [(100 * s, 160 * s), (31_536_000 * s, 31_536_600 * s)];
+        let mut in_old = 0;
+        for _ in 0..10_000 {
+            let t = random_moment(&spans, &mut rng);
+            assert!(spans.iter().any(|&(a, b)| a <= t && t <= b), "{t} is in a gap");
+            if t <= 160 * s {
+                in_old += 1;
+            }
+        }
+        // Weighted by length: about 60 of 660 seconds are in the old span.
+        assert!((500..1300).contains(&in_old), "{in_old}");
+        // A span shorter than a second offers its end.
+        assert_eq!(random_moment(&[(5 * s + 10, 5 * s + 20)], &mut rng), 5 * s + 20);
+    }
 
     #[test]
     fn expectations() {

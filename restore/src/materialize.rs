@@ -7,13 +7,20 @@
 //! `pg_tblspc/<oid>` a symlink to it: the restore never writes outside its target (the original
 //! locations may belong to the running primary), and PostgreSQL 15+ refuses plain directories
 //! in pg_tblspc.
+//!
+//! A manifest is not trusted to stay inside the target: it came from a server and sits in a
+//! repository someone else may write to. Before anything is written every path is checked
+//! ([`confined_path`]: plain relative components only, nothing at or under a link this restore
+//! creates), the only links recreated are `pg_tblspc/<oid>` (pointing inside the target), and
+//! modes lose setuid/setgid/sticky. Writing itself never follows a link either: directories are
+//! created component by component refusing links, files are opened with `O_NOFOLLOW`, so even a
+//! link swapped in by a racing process is not written through.
 
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-use std::collections::BTreeMap;
 
 use pitr_archive::backup::{block_name, BackupEntryKind, BackupFile, BackupManifest};
 use pitr_archive::Repository;
@@ -31,19 +38,249 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> RestoreError + '_ {
     move |e| RestoreError::Io { path: path.to_path_buf(), cause: e }
 }
 
-/// Checks the target directory: it may be missing or empty; anything else needs `force`.
+/// Checks the target directory: it may be missing or empty; anything else needs `force`, and
+/// even `force` never replaces the directory of a running server.
 pub fn check_target(target: &Path, force: bool) -> Result<(), RestoreError> {
     match std::fs::read_dir(target) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(RestoreError::Io { path: target.to_path_buf(), cause: e }),
         Ok(mut entries) => {
-            if entries.next().is_none() || force {
+            if entries.next().is_none() {
+                return Ok(());
+            }
+            if let Some(pid) = live_postmaster(target)? {
+                return Err(RestoreError::TargetInUse { dir: target.to_path_buf(), pid });
+            }
+            if force {
                 Ok(())
             } else {
                 Err(RestoreError::TargetNotEmpty(target.to_path_buf()))
             }
         }
     }
+}
+
+/// The pid of the server that wrote `dir/postmaster.pid`, if it is still running.
+///
+/// A pid file whose pid no longer runs is stale, left by a crashed server (or a machine that
+/// went down): PostgreSQL itself starts over such a file, and so may a restore. Running means
+/// `kill(pid, 0)` finds the process, also when it belongs to another user (`EPERM`). Two
+/// limits, both erring on the side of refusing or of PostgreSQL's own check: a stale pid that
+/// has since been reused by an unrelated process counts as running (the message says to remove
+/// the file), and a server in another PID namespace (another container sharing the volume) is
+/// invisible from here.
+pub fn live_postmaster(dir: &Path) -> Result<Option<i32>, RestoreError> {
+    let pid_file = dir.join("postmaster.pid");
+    let text = match std::fs::read(&pid_file) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(RestoreError::Io { path: pid_file, cause: e }),
+    };
+    let first = text.lines().next().unwrap_or("").trim();
+    // A standalone backend (postgres --single) writes its pid negated.
+    let pid = first.parse::<i64>().ok().map(i64::unsigned_abs).and_then(|p| i32::try_from(p).ok()).filter(|&p| p > 0);
+    // A server writes the file in steps; an empty or garbled first line may be one starting
+    // now, so it is not taken as stale. (pid 0 or -1 would also make kill() signal a group.)
+    let Some(pid) = pid else {
+        return Err(RestoreError::PidFileUnclear {
+            dir: dir.to_path_buf(),
+            what: format!("the first line of postmaster.pid is {first:?}, not a process id"),
+        });
+    };
+    // SAFETY: signal 0 only checks that the process exists; pid is positive, so this never
+    // addresses a process group.
+    let exists =
+        unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    Ok((exists && !is_zombie(pid)).then_some(pid))
+}
+
+/// A killed server whose parent has not reaped it yet (in a container whose init does not
+/// reap, for instance) still answers `kill(pid, 0)`, but runs no more. Linux's /proc tells;
+/// where it cannot be read the process counts as running.
+fn is_zombie(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // `pid (comm) state …`: comm may hold spaces and parentheses, the state follows the last `)`.
+    stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()).is_some_and(|s| s == "Z" || s == "X")
+}
+
+/// Why a path of a backup manifest may not be written by a restore.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unconfined {
+    #[error("is empty")]
+    Empty,
+    #[error("is an absolute path")]
+    Absolute,
+    #[error("has a {0:?} component (a restore writes only plain names below the target)")]
+    Component(String),
+    #[error("lies at or under {0}, a symbolic link this restore creates (writing there would follow it)")]
+    ThroughLink(String),
+    #[error("is a symbolic link to {0:?}: a restore recreates only the tablespace links pg_tblspc/<oid>")]
+    UnexpectedLink(String),
+}
+
+/// `path` (as the restore writes it, relative to the restore directory) if it stays below that
+/// directory and neither is nor lies under one of `links`, the symbolic links the restore
+/// creates; normalised. Looks at no file system: it judges the manifest alone, before anything
+/// is written. `..` and a leading `/` are refused; `.` and empty components name the same place
+/// and are dropped (PostgreSQL itself sends `./pg_wal/archive_status`).
+pub fn confined_path(path: &str, links: &BTreeSet<PathBuf>) -> Result<PathBuf, Unconfined> {
+    if path.starts_with('/') {
+        return Err(Unconfined::Absolute);
+    }
+    let mut out = PathBuf::new();
+    for c in plain_components(path) {
+        if c == ".." || c.contains('\0') {
+            return Err(Unconfined::Component(c.to_string()));
+        }
+        out.push(c);
+        if links.contains(&out) {
+            return Err(Unconfined::ThroughLink(out.display().to_string()));
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err(Unconfined::Empty);
+    }
+    Ok(out)
+}
+
+/// The components of a `/`-separated manifest path that name something: not `.`, not empty.
+fn plain_components(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter(|c| !c.is_empty() && *c != ".")
+}
+
+/// The OID of a tablespace link `pg_tblspc/<oid>`: the only symbolic links PostgreSQL's
+/// BASE_BACKUP sends, and the only ones a restore recreates.
+fn tablespace_link_oid(path: &str) -> Option<&str> {
+    let oid = path.strip_prefix("pg_tblspc/")?;
+    (!oid.is_empty() && oid.len() <= 10 && oid.bytes().all(|b| b.is_ascii_digit())).then_some(oid)
+}
+
+/// What a restore of `backup` creates, every path checked before anything is written.
+struct CheckedLayout {
+    /// Directories in manifest order, with their modes.
+    dirs: Vec<(PathBuf, u32)>,
+    /// Tablespace links: `pg_tblspc/<oid>` and the OID.
+    links: Vec<(PathBuf, String)>,
+}
+
+/// Checks every path a restore of `backup` would write: entries, and files under both their
+/// stored and their restored names (tablespace files move under `pitr_tablespaces/`,
+/// incremental files lose their `INCREMENTAL.` prefix).
+fn check_layout(backup: &BackupManifest) -> Result<CheckedLayout, RestoreError> {
+    let refuse =
+        |path: &str, reason| RestoreError::UnsafePath { backup: backup.id.clone(), path: path.to_string(), reason };
+    let none = BTreeSet::new();
+    let mut links = Vec::new();
+    for e in &backup.entries {
+        if let BackupEntryKind::Symlink { target } = &e.kind {
+            confined_path(&e.path, &none).map_err(|r| refuse(&e.path, r))?;
+            // The link's own target is ignored (it names the server's tablespace location);
+            // anything else with a link could point anywhere.
+            let oid = tablespace_link_oid(&e.path)
+                .ok_or_else(|| refuse(&e.path, Unconfined::UnexpectedLink(target.clone())))?;
+            links.push((PathBuf::from(&e.path), oid.to_string()));
+        }
+    }
+    let link_set: BTreeSet<PathBuf> = links.iter().map(|(p, _)| p.clone()).collect();
+    let written = |path: &str| -> Result<PathBuf, RestoreError> {
+        confined_path(path, &none).map_err(|r| refuse(path, r))?;
+        confined_path(&local_path(path), &link_set).map_err(|r| refuse(path, r))
+    };
+    let mut dirs = Vec::new();
+    for e in &backup.entries {
+        if e.kind == BackupEntryKind::Directory {
+            dirs.push((written(&e.path)?, e.mode));
+        }
+    }
+    for (path, file) in output_files(backup) {
+        written(&file.path)?;
+        written(&path)?;
+    }
+    Ok(CheckedLayout { dirs, links })
+}
+
+/// Modes as restored: permission bits only. setuid, setgid and sticky bits have no business in
+/// a data directory (PostgreSQL's files are 0600/0640, its directories 0700/0750) and would be
+/// a gift to whoever crafted them.
+fn restored_mode(mode: u32) -> u32 {
+    mode & 0o777
+}
+
+fn not_followed(path: &Path) -> RestoreError {
+    RestoreError::Io {
+        path: path.to_path_buf(),
+        cause: std::io::Error::other("exists and is not a directory (a restore never writes through a symbolic link)"),
+    }
+}
+
+/// Creates `rel` and its parents under `root` without following any symbolic link: each
+/// existing component must be a real directory (`symlink_metadata` does not follow). Returns
+/// the full path.
+fn create_dir_confined(root: &Path, rel: &Path) -> Result<PathBuf, RestoreError> {
+    let mut at = root.to_path_buf();
+    for c in rel.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => continue,
+            Ok(_) => return Err(not_followed(&at)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(RestoreError::Io { path: at, cause: e }),
+        }
+        match std::fs::create_dir(&at) {
+            Ok(()) => {}
+            // Created meanwhile: fine if it is a directory, and mkdir never follows a link.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if !std::fs::symlink_metadata(&at).map(|m| m.is_dir()).unwrap_or(false) {
+                    return Err(not_followed(&at));
+                }
+            }
+            Err(e) => return Err(RestoreError::Io { path: at, cause: e }),
+        }
+    }
+    Ok(at)
+}
+
+/// Sets a directory's mode through a handle opened without following a link.
+fn chmod_dir(path: &Path, mode: u32) -> Result<(), RestoreError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io(path))?;
+    f.set_permissions(std::fs::Permissions::from_mode(restored_mode(mode))).map_err(io(path))
+}
+
+/// Opens an existing file for writing, refusing a symbolic link in its place.
+fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
+/// Writes `bytes` to `path` (created 0600 or truncated), refusing a symbolic link in its place:
+/// for the files a restore adds beside the backup's (backup_label, recovery settings…).
+pub fn write_file_nofollow(path: &Path, bytes: &[u8]) -> Result<(), RestoreError> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))
+}
+
+/// Reads `path` as text, refusing a symbolic link in its place; `None` if it does not exist.
+pub fn read_file_nofollow(path: &Path) -> Result<Option<String>, RestoreError> {
+    use std::io::Read;
+    let mut f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(RestoreError::Io { path: path.to_path_buf(), cause: e }),
+    };
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(io(path))?;
+    Ok(Some(text))
 }
 
 /// A directory beside the target that is removed on drop unless kept.
@@ -92,11 +329,13 @@ impl Staging {
 
 pub const TABLESPACE_DIR: &str = "pitr_tablespaces";
 
-/// Where a backup path goes in the restored directory.
+/// Where a backup path goes in the restored directory (normalised as [`confined_path`] does, so
+/// that what is checked is what is written).
 fn local_path(path: &str) -> String {
+    let path = plain_components(path).collect::<Vec<_>>().join("/");
     match path.strip_prefix("pg_tblspc/") {
         Some(rest) if rest.contains('/') => format!("{TABLESPACE_DIR}/{rest}"),
-        _ => path.to_string(),
+        _ => path,
     }
 }
 
@@ -129,41 +368,45 @@ pub async fn materialize(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<u64, RestoreError> {
     let backup = *chain.last().ok_or_else(|| RestoreError::Other("no backup to restore".into()))?;
+    // Every path is judged before the first write: a refused backup leaves nothing behind.
+    let layout = check_layout(backup)?;
     // Directories and links first, so files have somewhere to go.
-    for entry in &backup.entries {
-        let path = dir.join(local_path(&entry.path));
-        match &entry.kind {
-            BackupEntryKind::Directory => {
-                std::fs::create_dir_all(&path).map_err(io(&path))?;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(entry.mode & 0o7777))
-                    .map_err(io(&path))?;
-            }
-            BackupEntryKind::Symlink { .. } if entry.path.starts_with("pg_tblspc/") => {
-                let oid = &entry.path["pg_tblspc/".len()..];
-                let home = dir.join(TABLESPACE_DIR).join(oid);
-                std::fs::create_dir_all(&home).map_err(io(&home))?;
-                std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).map_err(io(&home))?;
-                let link_target = final_dir.join(TABLESPACE_DIR).join(oid);
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent).map_err(io(parent))?;
-                }
-                std::os::unix::fs::symlink(&link_target, &path).map_err(io(&path))?;
-            }
-            BackupEntryKind::Symlink { target } => {
-                std::os::unix::fs::symlink(target, &path).map_err(io(&path))?;
-            }
+    for (rel, mode) in &layout.dirs {
+        let path = create_dir_confined(dir, rel)?;
+        chmod_dir(&path, *mode)?;
+    }
+    for (rel, oid) in &layout.links {
+        let home = create_dir_confined(dir, &Path::new(TABLESPACE_DIR).join(oid))?;
+        chmod_dir(&home, 0o700)?;
+        // The link points into the target as it will be named once the staging directory is
+        // renamed, never at the server's tablespace location the manifest records.
+        let link_target = final_dir.join(TABLESPACE_DIR).join(oid);
+        if let Some(parent) = rel.parent() {
+            create_dir_confined(dir, parent)?;
         }
+        let path = dir.join(rel);
+        // symlink() fails on an existing path rather than following it.
+        std::os::unix::fs::symlink(&link_target, &path).map_err(io(&path))?;
     }
     let planned = plan_files(repo, chain, dir, workers).await?;
     let total: u64 = planned.iter().map(|f| f.size).sum();
     let done = Arc::new(AtomicU64::new(0));
     let mut rounds: [Vec<BlockJob>; 2] = [Vec::new(), Vec::new()];
     for file in &planned {
-        let path = dir.join(local_path(&file.path));
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        let rel = PathBuf::from(local_path(&file.path));
+        if let Some(parent) = rel.parent() {
+            create_dir_confined(dir, parent)?;
         }
-        let f = std::fs::File::create(&path).map_err(io(&path))?;
+        let path = dir.join(&rel);
+        // O_EXCL (create_new) never follows a link, and a path listed twice is an error rather
+        // than a silent overwrite.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(io(&path))?;
         // Blocks no backup supplies stay zero, as pg_combinebackup writes them.
         f.set_len(file.size).map_err(io(&path))?;
     }
@@ -220,8 +463,10 @@ pub async fn materialize(
     if chain.len() > 1 {
         // PostgreSQL refuses to start from the label of an uncombined incremental.
         let label = dir.join("backup_label");
-        let text = std::fs::read_to_string(&label).map_err(io(&label))?;
-        std::fs::write(&label, combined_backup_label(&text)).map_err(io(&label))?;
+        let text = read_file_nofollow(&label)?.ok_or_else(|| {
+            RestoreError::Other(format!("backup {} has no backup_label to rewrite for the combined chain", backup.id))
+        })?;
+        write_file_nofollow(&label, combined_backup_label(&text).as_bytes())?;
     }
     // Modes and durability: fsync every file, then every directory.
     let dir_owned = dir.to_path_buf();
@@ -229,8 +474,11 @@ pub async fn materialize(
         output_files(backup).map(|(path, f)| (dir.join(local_path(&path)), f.mode)).collect();
     tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
         for (path, mode) in &files {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777)).map_err(io(path))?;
-            std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(path))?;
+            // One handle, opened without following a link, for the mode and the fsync.
+            let f =
+                std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(io(path))?;
+            f.set_permissions(std::fs::Permissions::from_mode(restored_mode(*mode))).map_err(io(path))?;
+            f.sync_all().map_err(io(path))?;
         }
         sync_dirs(&dir_owned)
     })
@@ -239,7 +487,7 @@ pub async fn materialize(
     // The server's manifest describes this very directory only for a full backup; an
     // incremental's lists INCREMENTAL.* files that the combined directory does not have.
     if chain.len() == 1 {
-        std::fs::write(dir.join("backup_manifest"), &backup.server_manifest).map_err(io(dir))?;
+        write_file_nofollow(&dir.join("backup_manifest"), backup.server_manifest.as_bytes())?;
     }
     Ok(total)
 }
@@ -262,7 +510,7 @@ fn write_pieces(data: &[u8], writes: &[PieceWrite]) -> Result<u64, RestoreError>
                 ))
             })?,
         };
-        let f = std::fs::OpenOptions::new().write(true).open(path.as_path()).map_err(io(path))?;
+        let f = open_nofollow(path).map_err(io(path))?;
         f.write_all_at(bytes, *at).map_err(io(path))?;
         written += bytes.len() as u64;
     }
@@ -427,6 +675,9 @@ fn sync_dirs(dir: &Path) -> Result<(), RestoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pitr_archive::backup::{block_hasher, BackupEntry};
+    use pitr_archive::{KeyRing, LocalStore, ObjectKind, ObjectMeta};
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn tablespace_paths_move_inside_the_target() {
@@ -436,5 +687,402 @@ mod tests {
             "pitr_tablespaces/16384/PG_15_202209061/5/16385"
         );
         assert_eq!(local_path("pg_tblspc/16384"), "pg_tblspc/16384");
+    }
+
+    #[test]
+    fn confined_paths_are_plain_relative_names_off_the_links() {
+        let none = BTreeSet::new();
+        assert_eq!(confined_path("base/1/1259", &none), Ok(PathBuf::from("base/1/1259")));
+        assert_eq!(confined_path("PG_VERSION", &none), Ok(PathBuf::from("PG_VERSION")));
+        // A name that merely contains dots is a plain name.
+        assert_eq!(confined_path("a..b/.hidden", &none), Ok(PathBuf::from("a..b/.hidden")));
+        // PostgreSQL sends `./pg_wal/archive_status`: `.` and empty components name the same place.
+        assert_eq!(confined_path("./pg_wal/archive_status", &none), Ok(PathBuf::from("pg_wal/archive_status")));
+        assert_eq!(confined_path("base//1/./", &none), Ok(PathBuf::from("base/1")));
+        assert_eq!(local_path("./pg_tblspc/16384/PG_15/1"), "pitr_tablespaces/16384/PG_15/1");
+        for empty in ["", ".", "./", ".//."] {
+            assert_eq!(confined_path(empty, &none), Err(Unconfined::Empty), "{empty:?}");
+        }
+        assert_eq!(confined_path("/etc/passwd", &none), Err(Unconfined::Absolute));
+        assert_eq!(confined_path("//etc", &none), Err(Unconfined::Absolute));
+        for (bad, component) in
+            [("../x", ".."), ("base/../../x", ".."), ("base/..", ".."), ("./../x", ".."), ("ba\0se", "ba\0se")]
+        {
+            assert_eq!(confined_path(bad, &none), Err(Unconfined::Component(component.into())), "{bad:?}");
+        }
+        let links: BTreeSet<PathBuf> = [PathBuf::from("pg_tblspc/16384")].into();
+        assert_eq!(confined_path("pg_tblspc/16384", &links), Err(Unconfined::ThroughLink("pg_tblspc/16384".into())));
+        assert_eq!(
+            confined_path("pg_tblspc/16384/PG_15/1/2", &links),
+            Err(Unconfined::ThroughLink("pg_tblspc/16384".into()))
+        );
+        assert_eq!(confined_path("./pg_tblspc//16384", &links), Err(Unconfined::ThroughLink("pg_tblspc/16384".into())));
+        assert_eq!(confined_path("pg_tblspc/163840", &links), Ok(PathBuf::from("pg_tblspc/163840")));
+        assert_eq!(confined_path("pg_tblspc", &links), Ok(PathBuf::from("pg_tblspc")));
+        assert_eq!(tablespace_link_oid("pg_tblspc/16384"), Some("16384"));
+        for bad in ["pg_tblspc/", "pg_tblspc/abc", "pg_tblspc/1/2", "pg_tblspc/12345678901", "base/16384"] {
+            assert_eq!(tablespace_link_oid(bad), None, "{bad}");
+        }
+        assert_eq!(restored_mode(0o106755), 0o755);
+        assert_eq!(restored_mode(0o43777), 0o777);
+    }
+
+    #[test]
+    fn an_unreaped_child_is_not_running() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Exited but not waited for: a zombie, until wait() below.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !is_zombie(pid) {
+            assert!(std::time::Instant::now() < deadline, "pid {pid} never became a zombie");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("postmaster.pid"), format!("{pid}\n")).unwrap();
+        assert_eq!(live_postmaster(tmp.path()).unwrap(), None);
+        child.wait().unwrap();
+        assert!(!is_zombie(std::process::id() as i32));
+    }
+
+    /// A pid that ran and is gone: a child that has exited and been reaped.
+    fn dead_pid() -> i32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        child.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn force_refuses_a_directory_with_a_running_postmaster_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("PG_VERSION"), "15\n").unwrap();
+        assert_eq!(live_postmaster(&dir).unwrap(), None);
+        assert!(matches!(check_target(&dir, false), Err(RestoreError::TargetNotEmpty(_))));
+        check_target(&dir, true).unwrap();
+
+        // This very process stands in for a running server: its pid, as a postmaster writes
+        // it (pid, data directory, start time, port… one per line).
+        let me = std::process::id() as i32;
+        let pid_file = dir.join("postmaster.pid");
+        std::fs::write(&pid_file, format!("{me}\n{}\n1700000000\n5432\n", dir.display())).unwrap();
+        assert_eq!(live_postmaster(&dir).unwrap(), Some(me));
+        for force in [true, false] {
+            let err = check_target(&dir, force).unwrap_err();
+            assert!(matches!(err, RestoreError::TargetInUse { pid, .. } if pid == me), "{err}");
+            let text = err.to_string();
+            assert!(text.contains(&me.to_string()) && text.contains(&dir.display().to_string()), "{text}");
+        }
+        // A standalone backend writes its pid negated.
+        std::fs::write(&pid_file, format!("-{me}\n")).unwrap();
+        assert_eq!(live_postmaster(&dir).unwrap(), Some(me));
+
+        // A crashed server's pid file names a pid that no longer runs: stale, replaced.
+        let gone = dead_pid();
+        std::fs::write(&pid_file, format!("{gone}\n{}\n", dir.display())).unwrap();
+        assert_eq!(live_postmaster(&dir).unwrap(), None);
+        check_target(&dir, true).unwrap();
+
+        // Neither a pid nor a stale one: nothing is assumed (and kill(0) would be a group).
+        for garbage in ["", "\n", "0\n", "postgres\n", "99999999999\n"] {
+            std::fs::write(&pid_file, garbage).unwrap();
+            let err = check_target(&dir, true).unwrap_err();
+            assert!(matches!(err, RestoreError::PidFileUnclear { .. }), "{garbage:?}: {err}");
+        }
+    }
+
+    /// Everything under `dir`, links not followed: path → (kind, mode, content or link target).
+    fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (char, u32, Vec<u8>)> {
+        fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, (char, u32, Vec<u8>)>) {
+            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            for e in entries {
+                let path = e.unwrap().path();
+                let m = std::fs::symlink_metadata(&path).unwrap();
+                let rel = path.strip_prefix(root).unwrap().to_path_buf();
+                if m.is_symlink() {
+                    let target = std::fs::read_link(&path).unwrap();
+                    out.insert(rel, ('l', m.mode(), target.into_os_string().into_encoded_bytes()));
+                } else if m.is_dir() {
+                    out.insert(rel, ('d', m.mode(), Vec::new()));
+                    walk(root, &path, out);
+                } else {
+                    out.insert(rel, ('f', m.mode(), std::fs::read(&path).unwrap()));
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(dir, dir, &mut out);
+        out
+    }
+
+    /// A real local repository holding the blocks of two small files, an outside directory with
+    /// sentinels that no restore may touch, and an empty directory to restore into.
+    struct Fixture {
+        tmp: tempfile::TempDir,
+        repo: Repository,
+        /// Block ids of the two files' contents.
+        blocks: [Vec<String>; 2],
+    }
+
+    const CONTENT: [&[u8]; 2] = [b"relation bytes", b"tablespace relation bytes"];
+
+    impl Fixture {
+        async fn new() -> Fixture {
+            let tmp = tempfile::tempdir().unwrap();
+            let store = LocalStore::new(tmp.path().join("repo"));
+            store.create_root().unwrap();
+            let repo = Repository::new(Arc::new(store), KeyRing::from_key("k", [5; 32]));
+            let hasher = block_hasher(&repo).await.unwrap();
+            let mut blocks: [Vec<String>; 2] = Default::default();
+            for (i, content) in CONTENT.iter().enumerate() {
+                let id = hasher.block_id(content);
+                repo.put_sealed(&block_name(1, &id), content.to_vec(), ObjectMeta::plain(ObjectKind::BackupBlock))
+                    .await
+                    .unwrap();
+                blocks[i] = vec![id];
+            }
+            let outside = tmp.path().join("outside");
+            std::fs::create_dir_all(outside.join("sub")).unwrap();
+            std::fs::write(outside.join("keep"), b"sentinel").unwrap();
+            std::fs::write(outside.join("sub/keep"), b"sentinel too").unwrap();
+            std::fs::create_dir(tmp.path().join("restores")).unwrap();
+            Fixture { tmp, repo, blocks }
+        }
+
+        fn outside(&self) -> PathBuf {
+            self.tmp.path().join("outside")
+        }
+
+        fn target(&self) -> PathBuf {
+            self.tmp.path().join("restores/data")
+        }
+
+        fn file(&self, path: &str, which: usize, mode: u32) -> BackupFile {
+            BackupFile {
+                path: path.into(),
+                size: CONTENT[which].len() as u64,
+                mode,
+                mtime: 0,
+                checksum: None,
+                blocks: self.blocks[which].clone(),
+            }
+        }
+
+        /// A crafted manifest, sealed into the repository as `pitr backup` stores one.
+        async fn backup(&self, id: &str, entries: Vec<BackupEntry>, files: Vec<BackupFile>) -> BackupManifest {
+            let m = BackupManifest {
+                id: id.into(),
+                kind: "full".into(),
+                parent: None,
+                system_id: 1,
+                server_version_num: 150000,
+                timeline: 1,
+                start_lsn: 0x100_0000,
+                stop_lsn: 0x200_0000,
+                start_time_us: 0,
+                stop_time_us: 1,
+                block_size: 8192,
+                page_size: 8192,
+                tablespaces: Vec::new(),
+                entries,
+                files,
+                server_manifest: "{}".into(),
+                logical_bytes: 0,
+                stored_bytes: 0,
+            };
+            m.store(&self.repo).await.unwrap();
+            m
+        }
+
+        /// Restores `backup` into the target as `pitr restore` does: staging beside the target,
+        /// materialised, renamed into place.
+        async fn restore(&self, backup: &BackupManifest) -> Result<(), RestoreError> {
+            let target = self.target();
+            check_target(&target, false)?;
+            let staging = Staging::create(&target)?;
+            materialize(&self.repo, &[backup], &staging.path, &target, 2, &|_, _| {}).await?;
+            staging.commit(&target, false)
+        }
+
+        /// The state a restore must not change: outside, the repository, and the directory the
+        /// target is in (no target, no staging directory left behind after a refusal).
+        fn state(&self) -> [BTreeMap<PathBuf, (char, u32, Vec<u8>)>; 3] {
+            [
+                snapshot(&self.outside()),
+                snapshot(&self.tmp.path().join("repo")),
+                snapshot(&self.tmp.path().join("restores")),
+            ]
+        }
+    }
+
+    fn dir(path: &str, mode: u32) -> BackupEntry {
+        BackupEntry { path: path.into(), mode, kind: BackupEntryKind::Directory }
+    }
+
+    fn link(path: &str, target: &Path) -> BackupEntry {
+        BackupEntry {
+            path: path.into(),
+            mode: 0o777,
+            kind: BackupEntryKind::Symlink { target: target.display().to_string() },
+        }
+    }
+
+    #[tokio::test]
+    async fn crafted_manifests_are_refused_before_anything_is_written() {
+        let fx = Fixture::new().await;
+        let outside = fx.outside();
+        let escape = format!("../../{}", outside.strip_prefix(fx.tmp.path()).unwrap().display());
+        let absolute = outside.join("planted").display().to_string();
+        let cases: Vec<(&str, Vec<BackupEntry>, Vec<BackupFile>, &str, Unconfined)> = vec![
+            // A link to a directory outside, then a file written "through" it.
+            (
+                "20260101T000001Z",
+                vec![dir("base", 0o700), link("pg_log", &outside), dir("pg_log/sub", 0o700)],
+                vec![fx.file("base/1", 0, 0o600), fx.file("pg_log/planted", 0, 0o600)],
+                "pg_log",
+                Unconfined::UnexpectedLink(outside.display().to_string()),
+            ),
+            // The same through a tablespace link's name: the link is recreated pointing
+            // inside, but a file at the link itself would be written through it.
+            (
+                "20260101T000002Z",
+                vec![dir("pg_tblspc", 0o700), link("pg_tblspc/16384", &outside)],
+                vec![fx.file("pg_tblspc/16384", 0, 0o600)],
+                "pg_tblspc/16384",
+                Unconfined::ThroughLink("pg_tblspc/16384".into()),
+            ),
+            (
+                "20260101T000003Z",
+                vec![link("pg_tblspc/16384", &outside), dir("pg_tblspc/16384", 0o700)],
+                vec![],
+                "pg_tblspc/16384",
+                Unconfined::ThroughLink("pg_tblspc/16384".into()),
+            ),
+            // `..` up and out of the target, in a file, a directory and a link's name.
+            (
+                "20260101T000004Z",
+                vec![dir("base", 0o700)],
+                vec![fx.file(&format!("base/{escape}/planted"), 0, 0o600)],
+                "",
+                Unconfined::Component("..".into()),
+            ),
+            ("20260101T000005Z", vec![dir(&escape, 0o700)], vec![], "", Unconfined::Component("..".into())),
+            (
+                "20260101T000006Z",
+                vec![link(&format!("pg_tblspc/{escape}"), &outside)],
+                vec![],
+                "",
+                Unconfined::Component("..".into()),
+            ),
+            // `..` hidden behind the tablespace prefix (which the restore rewrites).
+            (
+                "20260101T000007Z",
+                vec![],
+                vec![fx.file(&format!("pg_tblspc/{escape}/planted"), 1, 0o600)],
+                "",
+                Unconfined::Component("..".into()),
+            ),
+            // Absolute paths.
+            ("20260101T000008Z", vec![], vec![fx.file(&absolute, 0, 0o600)], "", Unconfined::Absolute),
+            ("20260101T000009Z", vec![dir(&absolute, 0o700)], vec![], "", Unconfined::Absolute),
+        ];
+        // Every crafted manifest is stored first: from then on, the repository must not change.
+        let mut backups = Vec::new();
+        for (id, entries, files, bad_path, reason) in cases {
+            let bad_path = if bad_path.is_empty() {
+                entries.iter().map(|e| e.path.clone()).chain(files.iter().map(|f| f.path.clone())).last().unwrap()
+            } else {
+                bad_path.to_string()
+            };
+            backups.push((fx.backup(id, entries, files).await, bad_path, reason));
+        }
+        let before = fx.state();
+        for (backup, bad_path, reason) in backups {
+            let id = backup.id.as_str();
+            let err = fx.restore(&backup).await.unwrap_err();
+            match &err {
+                RestoreError::UnsafePath { backup, path, reason: r } => {
+                    assert_eq!((backup.as_str(), path.as_str(), r), (id, bad_path.as_str(), &reason), "{err}")
+                }
+                other => panic!("{id}: expected a refusal, got {other}"),
+            }
+            let text = err.to_string();
+            assert!(text.contains(id) && text.contains(&bad_path), "{text}");
+            assert!(fx.state() == before, "{id} changed something outside, in the repository or beside the target");
+        }
+    }
+
+    #[tokio::test]
+    async fn tablespace_links_and_modes_are_confined() {
+        let fx = Fixture::new().await;
+        let outside = fx.outside();
+        let backup = fx
+            .backup(
+                "20260101T000010Z",
+                vec![
+                    // setgid + sticky on a directory, setuid + setgid on a file.
+                    dir("base", 0o3777),
+                    dir("pg_tblspc", 0o700),
+                    // As PostgreSQL names it.
+                    dir("./pg_wal/archive_status", 0o700),
+                    // The server's tablespace location is outside: the link must not go there.
+                    link("pg_tblspc/16384", &outside),
+                    dir("pg_tblspc/16384/PG_15_202209061", 0o700),
+                    dir("pg_tblspc/16384/PG_15_202209061/5", 0o700),
+                ],
+                vec![
+                    fx.file("base/1259", 0, 0o6755),
+                    fx.file("pg_tblspc/16384/PG_15_202209061/5/16385", 1, 0o4600),
+                    // The link's own name for the location: a manifest may list a file inside
+                    // the tablespace under the server's absolute location no other way.
+                    fx.file("pg_tblspc/16384/PG_15_202209061/keep", 0, 0o600),
+                ],
+            )
+            .await;
+        let outside_before = snapshot(&outside);
+        fx.restore(&backup).await.unwrap();
+        assert_eq!(snapshot(&outside), outside_before, "the restore changed the tablespace's original location");
+        let target = fx.target();
+        let link_path = target.join("pg_tblspc/16384");
+        assert!(std::fs::symlink_metadata(&link_path).unwrap().is_symlink());
+        assert_eq!(std::fs::read_link(&link_path).unwrap(), target.join("pitr_tablespaces/16384"));
+        let ts_file = target.join("pitr_tablespaces/16384/PG_15_202209061/5/16385");
+        assert_eq!(std::fs::read(&ts_file).unwrap(), CONTENT[1]);
+        assert_eq!(std::fs::read(link_path.join("PG_15_202209061/5/16385")).unwrap(), CONTENT[1]);
+        assert_eq!(std::fs::read(target.join("base/1259")).unwrap(), CONTENT[0]);
+        assert!(std::fs::symlink_metadata(target.join("pg_wal/archive_status")).unwrap().is_dir());
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&target.join("base/1259")), 0o755);
+        assert_eq!(mode(&ts_file), 0o600);
+        assert_eq!(mode(&target.join("base")), 0o777);
+        // Every non-link under the target is a real file or directory inside it.
+        for (path, (kind, mode, _)) in snapshot(&target) {
+            assert!(mode & 0o7000 == 0, "{} has mode {mode:o}", path.display());
+            if kind == 'l' {
+                assert_eq!(path, Path::new("pg_tblspc/16384"));
+            }
+        }
+    }
+
+    #[test]
+    fn writes_never_follow_a_link_in_their_way() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("file"), b"sentinel").unwrap();
+        // Links swapped in by someone racing the restore.
+        std::os::unix::fs::symlink(&outside, root.join("dir")).unwrap();
+        std::os::unix::fs::symlink(outside.join("file"), root.join("file")).unwrap();
+        let before = snapshot(&outside);
+        assert!(create_dir_confined(&root, Path::new("dir/sub")).is_err());
+        assert!(chmod_dir(&root.join("dir"), 0o777).is_err());
+        assert!(write_file_nofollow(&root.join("file"), b"planted").is_err());
+        assert!(open_nofollow(&root.join("file")).is_err());
+        assert!(read_file_nofollow(&root.join("file")).is_err());
+        assert_eq!(snapshot(&outside), before);
+        assert_eq!(create_dir_confined(&root, Path::new("a/b")).unwrap(), root.join("a/b"));
+        assert!(root.join("a/b").is_dir());
     }
 }

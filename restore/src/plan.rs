@@ -1,51 +1,164 @@
-//! What can be restored: the recoverable window per timeline, and the backup to start from for
-//! a target.
+//! What can be restored: the restorable ranges per timeline (gaps included), and the backup to
+//! start from for a target, checked before anything is written.
+//!
+//! A moment is restorable when some backup that is consistent before it has every WAL segment
+//! from its start up to that moment. Retention keeps old backups (weekly, monthly, yearly) with
+//! only their own WAL, and a lost object leaves a hole, so what can be restored is a set of
+//! ranges, not "oldest backup to newest WAL". Each range ends at the last commit before its
+//! end; the newest one ends at the later of the newest archived commit and the newest
+//! completeness mark (the moment up to which the archive is known to hold everything).
+
+use std::collections::BTreeMap;
 
 use pitr_archive::backup::BackupManifest;
+use pitr_archive::complete::{self, CompleteMark};
 use pitr_archive::layout::{WalCatalog, WalLayout, WalObject};
 use pitr_archive::{ClusterInfo, Repository, RepositoryError};
+use pitr_pgwire::timeline::{parse_history, HistoryEntry};
 
+use crate::continuity::{self, Hole, Reach, TimelinePath};
 use crate::target::{format_time, RecoveryTarget};
 use crate::RestoreError;
 
-/// The recoverable window of one timeline: from the consistency point of the oldest backup
-/// on it (or an ancestor) to the newest archived commit.
+/// One stretch of time (and WAL) that can be restored to exactly.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Range {
+    pub start_us: i64,
+    pub start_lsn: u64,
+    /// The last moment known exactly: the last archived commit before `end_lsn`, or for the
+    /// newest range a later completeness mark.
+    pub end_us: Option<i64>,
+    pub end_lsn: u64,
+}
+
+/// The recoverable window of one timeline (as the newest one a restore follows).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Window {
     pub timeline: u32,
+    /// The first range's start: the consistency point of the oldest usable backup.
     pub start_us: Option<i64>,
     pub start_lsn: Option<u64>,
+    /// The newest range's end: the later of the newest archived commit and the newest
+    /// completeness mark.
     pub end_us: Option<i64>,
+    /// The newest archived WAL on the timeline's path.
     pub end_lsn: u64,
+    /// The newest commit archived on this timeline.
+    pub newest_commit_us: Option<i64>,
+    /// Up to when the sidecar recorded that the archive held everything the primary had.
+    pub complete_up_to_us: Option<i64>,
+    /// The restorable ranges, oldest first; more than one means gaps between them.
+    pub ranges: Vec<Range>,
+}
+
+/// How far one backup can be recovered along the current timeline's path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupReach {
+    pub reach: Reach,
+    /// The last moment known exactly from this backup (see [`Range::end_us`]).
+    pub end_us: Option<i64>,
+}
+
+/// A repository that could not be listed while looking for WAL the primary lacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unlisted {
+    pub name: String,
+    pub error: String,
 }
 
 #[derive(Debug, Clone)]
 pub struct Catalog {
     pub cluster: ClusterInfo,
+    /// What this repository holds, plus what its fallbacks hold where it has holes.
     pub wal: WalCatalog,
     pub backups: Vec<BackupManifest>,
     pub windows: Vec<Window>,
+    /// The history of each timeline that has one, parsed.
+    pub histories: BTreeMap<u32, Vec<HistoryEntry>>,
+    /// Per backup id, how far it recovers on the newest timeline's path.
+    pub reaches: BTreeMap<String, BackupReach>,
+    /// WAL objects found only in a fallback repository: (object name, repository name).
+    pub from_fallbacks: BTreeMap<String, String>,
+    /// Fallback repositories that could not be listed.
+    pub unlisted: Vec<Unlisted>,
 }
 
 impl Catalog {
     pub async fn load(repo: &Repository, cluster: ClusterInfo) -> Result<Catalog, RepositoryError> {
         let layout = WalLayout::new(&cluster);
-        let wal = WalCatalog::build(repo, layout).await?;
+        let mut names: Vec<String> = repo.list(&layout.prefix()).await?.into_iter().map(|o| o.name).collect();
+        let mut wal = WalCatalog::from_names(layout, names.iter().map(String::as_str));
+        let histories = load_histories(repo, &wal).await?;
         let backups = BackupManifest::list(repo, cluster.system_id).await?;
+
+        // Holes the reads would fill from a secondary are not holes for a restore: take the
+        // secondaries' listings into account, and remember which could not be asked.
+        let mut from_fallbacks = BTreeMap::new();
+        let mut unlisted = Vec::new();
+        if !repo.fallbacks().is_empty() && has_hole(&wal, &histories) {
+            let own: std::collections::BTreeSet<String> = names.iter().cloned().collect();
+            for other in repo.fallbacks() {
+                match other.store.list(&layout.prefix()).await {
+                    Ok(objects) => {
+                        for o in objects {
+                            if !own.contains(&o.name) && layout.parse_object_name(&o.name).is_some() {
+                                from_fallbacks.entry(o.name.clone()).or_insert_with(|| other.name.clone());
+                                names.push(o.name);
+                            }
+                        }
+                    }
+                    Err(e) => unlisted.push(Unlisted { name: other.name.clone(), error: e.to_string() }),
+                }
+            }
+            names.sort();
+            names.dedup();
+            wal = WalCatalog::from_names(layout, names.iter().map(String::as_str));
+        }
+
         let mut windows = Vec::new();
+        let mut reaches = BTreeMap::new();
         let timelines: std::collections::BTreeSet<u32> = wal.segments.keys().map(|(t, _)| *t).collect();
-        for timeline in timelines {
-            let Some(end_lsn) = wal.end_lsn(timeline) else { continue };
-            let oldest = backups.iter().filter(|b| b.timeline <= timeline).min_by_key(|b| b.stop_lsn);
+        let newest = timelines.iter().max().copied();
+        for &timeline in &timelines {
+            let path = TimelinePath::new(timeline, histories.get(&timeline).map(Vec::as_slice).unwrap_or(&[]));
+            let Some(end_lsn) = continuity::path_end(&wal, &path) else { continue };
+            let newest_commit_us = newest_commit_us(repo, &wal, timeline).await?;
+            let mark = complete::newest_pg(repo, cluster.system_id, timeline).await?;
+            // A mark proves something only while the archive still holds the WAL it vouches for.
+            let complete_up_to_us = mark.filter(|m| m.lsn <= end_lsn).map(|m: CompleteMark| m.server_time_us);
+            let newest_end_us = newest_commit_us.max(complete_up_to_us);
+            let mut per_backup = BTreeMap::new();
+            let mut ranges: Vec<Range> = Vec::new();
+            for b in backups.iter().filter(|b| path.contains(b.timeline, b.stop_lsn)) {
+                let reach = continuity::reach(&wal, &path, b.start_lsn);
+                let end_us = if reach.hole.is_none() {
+                    newest_end_us
+                } else {
+                    last_commit_before(repo, &wal, &path, reach.end_lsn).await?
+                };
+                per_backup.insert(b.id.clone(), BackupReach { reach, end_us });
+                if reach.end_lsn < b.stop_lsn {
+                    continue; // its own WAL is not all there: it restores to nothing
+                }
+                let end_us = end_us.filter(|&e| e >= b.stop_time_us).or(Some(b.stop_time_us));
+                ranges.push(Range { start_us: b.stop_time_us, start_lsn: b.stop_lsn, end_us, end_lsn: reach.end_lsn });
+            }
+            let ranges = merge(ranges);
+            if Some(timeline) == newest {
+                reaches = per_backup;
+            }
             windows.push(Window {
                 timeline,
-                start_us: oldest.map(|b| b.stop_time_us),
-                start_lsn: oldest.map(|b| b.stop_lsn),
-                end_us: newest_commit_us(repo, &wal, timeline).await?,
+                start_us: ranges.first().map(|r| r.start_us),
+                start_lsn: ranges.first().map(|r| r.start_lsn),
+                end_us: if ranges.is_empty() { newest_end_us } else { ranges.last().and_then(|r| r.end_us) },
                 end_lsn,
+                newest_commit_us,
+                complete_up_to_us,
+                ranges,
             });
         }
-        Ok(Catalog { cluster, wal, backups, windows })
+        Ok(Catalog { cluster, wal, backups, windows, histories, reaches, from_fallbacks, unlisted })
     }
 
     /// The newest timeline's window: where restores land (recovery_target_timeline = latest).
@@ -53,60 +166,156 @@ impl Catalog {
         self.windows.last()
     }
 
-    /// The newest backup a restore to `target` can start from, or why there is none.
-    pub fn choose_backup(&self, target: RecoveryTarget) -> Result<&BackupManifest, RestoreError> {
-        let window = self.current_window();
-        let describe = || match window {
-            Some(w) => format!(
-                "recoverable window on timeline {}: {} .. {}",
-                w.timeline,
-                w.start_us.map(format_time).unwrap_or_else(|| "(no backup)".into()),
-                w.end_us.map(format_time).unwrap_or_else(|| "(no archived commit)".into())
-            ),
-            None => "the archive holds no WAL".into(),
+    fn layout(&self) -> WalLayout {
+        self.wal.layout
+    }
+
+    fn describe(&self) -> String {
+        let Some(w) = self.current_window() else { return "the archive holds no WAL".into() };
+        if w.ranges.is_empty() {
+            return format!(
+                "timeline {} has no restorable range (no backup whose WAL is all in the archive)",
+                w.timeline
+            );
+        }
+        let ranges: Vec<String> = w
+            .ranges
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} .. {}",
+                    format_time(r.start_us),
+                    r.end_us.map(format_time).unwrap_or_else(|| "(no archived commit)".into())
+                )
+            })
+            .collect();
+        let what = if ranges.len() == 1 { "recoverable window" } else { "restorable ranges (with gaps between)" };
+        format!("{what} on timeline {}: {}", w.timeline, ranges.join(", "))
+    }
+
+    /// Why WAL from `backup` stops at `hole`, for an error: the missing object, the last moment
+    /// it restores to exactly, and where a copy might be.
+    fn hole_message(&self, backup: &BackupManifest, hole: &Hole, reach: &BackupReach) -> String {
+        let layout = self.layout();
+        let last_exact = match reach.end_us {
+            Some(t) if t >= backup.stop_time_us => format_time(t),
+            _ => format!("{} (the backup's own consistency point)", format_time(backup.stop_time_us)),
         };
+        let mut msg = format!(
+            "{} is missing from the archive, so WAL from backup {} stops at {}; the last moment it restores to \
+             exactly is {last_exact}",
+            hole.describe(layout),
+            backup.id,
+            pitr_pgwire::format_lsn(reach.reach.end_lsn),
+        );
+        for u in &self.unlisted {
+            msg.push_str(&format!(
+                "; secondary repository {:?} could not be listed ({}): it may hold the segment, retry when it is \
+                 reachable (reads fall back to it) or restore with --from {}",
+                u.name, u.error, u.name
+            ));
+        }
+        msg
+    }
+
+    /// The newest backup a restore to `target` can start from, having checked that every WAL
+    /// segment from its start to the target (to the archive's end for `latest` and `xid:`) is
+    /// in the archive; or why there is none.
+    pub fn choose_backup(&self, target: RecoveryTarget) -> Result<&BackupManifest, RestoreError> {
         if self.backups.is_empty() {
             return Err(RestoreError::OutsideWindow(format!(
                 "there is no base backup yet (run `pitr backup`); {}",
-                describe()
+                self.describe()
             )));
         }
+        let usable: Vec<(&BackupManifest, &BackupReach)> =
+            self.backups.iter().filter_map(|b| self.reaches.get(&b.id).map(|r| (b, r))).collect();
+        let reaches_end = |r: &BackupReach| r.reach.hole.is_none();
         let chosen = match target {
-            RecoveryTarget::Latest => self.backups.last(),
+            RecoveryTarget::Latest | RecoveryTarget::Xid(_) => {
+                // Where a transaction committed is only known by reading WAL; the oldest backup
+                // whose WAL runs to the end recovers any transaction committed after it.
+                let complete: Vec<&BackupManifest> =
+                    usable.iter().filter(|(b, r)| reaches_end(r) && r.reach.end_lsn >= b.stop_lsn).map(|(b, _)| *b).collect();
+                let pick = if matches!(target, RecoveryTarget::Latest) { complete.last() } else { complete.first() };
+                match pick {
+                    Some(b) => Some(*b),
+                    None => return Err(self.no_complete_chain(target, &usable)),
+                }
+            }
             RecoveryTarget::Time(t) => {
-                if let Some(end) = window.and_then(|w| w.end_us) {
-                    if t > end {
-                        return Err(RestoreError::OutsideWindow(format!(
-                            "{} is after the newest archived commit; {}",
-                            format_time(t),
-                            describe()
-                        )));
+                let newest_end = self.current_window().and_then(|w| w.end_us);
+                let fits = |(b, r): &&(&BackupManifest, &BackupReach)| {
+                    b.stop_time_us <= t && r.reach.end_lsn >= b.stop_lsn && r.end_us.is_some_and(|e| t <= e)
+                };
+                match usable.iter().rev().find(fits) {
+                    Some((b, _)) => Some(*b),
+                    None => {
+                        let why = if self.backups.iter().all(|b| b.stop_time_us > t) {
+                            format!("{target} is before the oldest backup's consistency point")
+                        } else if newest_end.is_some_and(|e| t > e) {
+                            let w = self.current_window();
+                            let commit = w.and_then(|w| w.newest_commit_us).map(format_time);
+                            let complete = w.and_then(|w| w.complete_up_to_us).map(format_time);
+                            format!(
+                                "{target} is after the last moment the archive is known to hold everything \
+                                 (newest archived commit {}; known complete up to {})",
+                                commit.as_deref().unwrap_or("none"),
+                                complete.as_deref().unwrap_or("(no completeness mark recorded)")
+                            )
+                        } else {
+                            self.gap_reason(&usable, |b, r| b.stop_time_us <= t && r.end_us.is_none_or(|e| e < t))
+                                .unwrap_or_else(|| format!("{target} falls in a gap of the archive"))
+                        };
+                        return Err(RestoreError::OutsideWindow(format!("{why}; {}", self.describe())));
                     }
                 }
-                self.backups.iter().rev().find(|b| b.stop_time_us <= t)
             }
             RecoveryTarget::Lsn(l) => {
-                if let Some(w) = window.filter(|w| l > w.end_lsn) {
-                    return Err(RestoreError::OutsideWindow(format!(
-                        "{target} is past the end of the archived WAL at {}; {}",
-                        pitr_pgwire::format_lsn(w.end_lsn),
-                        describe()
-                    )));
+                let fits = |(b, r): &&(&BackupManifest, &BackupReach)| b.stop_lsn <= l && l <= r.reach.end_lsn;
+                match usable.iter().rev().find(fits) {
+                    Some((b, _)) => Some(*b),
+                    None => {
+                        let end = self.current_window().map(|w| w.end_lsn).unwrap_or(0);
+                        let why = if self.backups.iter().all(|b| b.stop_lsn > l) {
+                            format!("{target} is before the oldest backup's consistency point")
+                        } else if l > end {
+                            format!("{target} is past the end of the archived WAL at {}", pitr_pgwire::format_lsn(end))
+                        } else {
+                            self.gap_reason(&usable, |b, r| b.stop_lsn <= l && r.reach.end_lsn < l)
+                                .unwrap_or_else(|| format!("{target} falls in a gap of the archive"))
+                        };
+                        return Err(RestoreError::OutsideWindow(format!("{why}; {}", self.describe())));
+                    }
                 }
-                self.backups.iter().rev().find(|b| b.stop_lsn <= l)
             }
-            // Where a transaction committed is only known by reading WAL; the oldest backup is
-            // always a valid start for any transaction committed after it.
-            RecoveryTarget::Xid(_) => self.backups.first(),
         };
-        chosen
-            .ok_or_else(|| RestoreError::OutsideWindow(format!("{target} is before the oldest backup; {}", describe())))
+        chosen.ok_or_else(|| RestoreError::OutsideWindow(format!("{target}: no backup; {}", self.describe())))
     }
-}
 
-impl Catalog {
+    /// The hole that keeps the newest backup matching `before_target` from reaching the target.
+    fn gap_reason(
+        &self,
+        usable: &[(&BackupManifest, &BackupReach)],
+        before_target: impl Fn(&BackupManifest, &BackupReach) -> bool,
+    ) -> Option<String> {
+        let (b, r) = usable.iter().rev().find(|(b, r)| before_target(b, r))?;
+        let hole = r.reach.hole?;
+        Some(self.hole_message(b, &hole, r))
+    }
+
+    fn no_complete_chain(&self, target: RecoveryTarget, usable: &[(&BackupManifest, &BackupReach)]) -> RestoreError {
+        let newest = usable.last();
+        let detail = match newest.and_then(|(b, r)| r.reach.hole.map(|h| (b, r, h))) {
+            Some((b, r, hole)) => self.hole_message(b, &hole, r),
+            None => "no backup lies on the newest timeline's path with all of its WAL archived".into(),
+        };
+        RestoreError::OutsideWindow(format!("{target} cannot be restored exactly: {detail}; {}", self.describe()))
+    }
+
     /// A named backup for `target`, as `choose_backup` would check it: it must end before the
-    /// target (restoring from an older backup than needed only replays more WAL).
+    /// target (restoring from an older backup than needed only replays more WAL), and its WAL
+    /// must reach the target.
     pub fn named_backup(&self, id: &str, target: RecoveryTarget) -> Result<&BackupManifest, RestoreError> {
         let b = self.backups.iter().find(|b| b.id == id).ok_or_else(|| {
             let ids: Vec<&str> = self.backups.iter().map(|b| b.id.as_str()).collect();
@@ -124,8 +333,70 @@ impl Catalog {
                 pitr_pgwire::format_lsn(b.stop_lsn)
             )));
         }
-        self.choose_backup(target)?;
+        let Some(r) = self.reaches.get(id) else {
+            return Err(RestoreError::OutsideWindow(format!(
+                "backup {id} (timeline {}) is not on the newest timeline's path; {}",
+                b.timeline,
+                self.describe()
+            )));
+        };
+        let short = match target {
+            RecoveryTarget::Time(t) => r.end_us.is_none_or(|e| e < t),
+            RecoveryTarget::Lsn(l) => r.reach.end_lsn < l,
+            // An xid may lie anywhere the backup's WAL reaches: it is enough that recovery
+            // stops with an error at the end if it is not there, as PostgreSQL does.
+            RecoveryTarget::Xid(_) => r.reach.end_lsn < b.stop_lsn,
+            RecoveryTarget::Latest => r.reach.hole.is_some(),
+        };
+        if short {
+            let why = match r.reach.hole {
+                Some(hole) => self.hole_message(b, &hole, r),
+                None => format!("the archive's WAL ends at {}", pitr_pgwire::format_lsn(r.reach.end_lsn)),
+            };
+            return Err(RestoreError::OutsideWindow(format!(
+                "backup {id} cannot be recovered to {target}: {why}; {}",
+                self.describe()
+            )));
+        }
         Ok(b)
+    }
+
+    /// Whether `target` lies after the newest archived commit but inside the moment up to which
+    /// the archive is known complete: the state then is the state after the newest commit.
+    pub fn past_newest_commit(&self, target: RecoveryTarget) -> bool {
+        let Some(w) = self.current_window() else { return false };
+        match target {
+            RecoveryTarget::Time(t) => {
+                w.newest_commit_us.is_none_or(|c| t > c) && w.complete_up_to_us.is_some_and(|m| t <= m)
+            }
+            _ => false,
+        }
+    }
+
+    /// What recovery from `backup` is told: the recovery target PostgreSQL gets, and the LSN at
+    /// which `wal-fetch` stops serving WAL (`None`: the archive's end).
+    ///
+    /// PostgreSQL stops at a time target only on seeing a later commit, and fails ("recovery
+    /// ended before the configured recovery target was reached") when WAL ends first. So a
+    /// target at or after the last commit that WAL holds becomes "replay to the end" with the
+    /// end fixed: where a hole cuts the backup's WAL (so that neither replay nor read-ahead
+    /// asks for the hole, which `wal-fetch` would refuse), or where the archive ended when the
+    /// restore was planned (WAL archived since may hold later commits).
+    pub fn replay_bounds(&self, backup: &BackupManifest, target: RecoveryTarget) -> (RecoveryTarget, Option<u64>) {
+        let reach = self.reaches.get(&backup.id);
+        if let Some(r) = reach.filter(|r| r.reach.hole.is_some()) {
+            let until = Some(r.reach.end_lsn);
+            return match target {
+                RecoveryTarget::Time(t) if r.end_us.is_none_or(|last| t >= last) => (RecoveryTarget::Latest, until),
+                other => (other, until),
+            };
+        }
+        if self.past_newest_commit(target) {
+            if let Some(w) = self.current_window() {
+                return (RecoveryTarget::Latest, Some(w.end_lsn));
+            }
+        }
+        (target, None)
     }
 
     /// The backups a restore of `backup` reads, oldest (the full backup) first: an incremental
@@ -150,6 +421,66 @@ impl Catalog {
     }
 }
 
+/// Overlapping or touching ranges as one (sorted by start).
+fn merge(mut ranges: Vec<Range>) -> Vec<Range> {
+    ranges.sort_by_key(|r| (r.start_lsn, r.start_us));
+    let mut out: Vec<Range> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start_lsn <= last.end_lsn => {
+                if r.end_lsn > last.end_lsn {
+                    last.end_lsn = r.end_lsn;
+                }
+                last.end_us = last.end_us.max(r.end_us);
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Whether any timeline's WAL has a hole between its first and last segment: then a restore
+/// should look at what the fallback repositories hold.
+fn has_hole(wal: &WalCatalog, histories: &BTreeMap<u32, Vec<HistoryEntry>>) -> bool {
+    let timelines: std::collections::BTreeSet<u32> = wal.segments.keys().map(|(t, _)| *t).collect();
+    timelines.iter().any(|&t| {
+        let path = TimelinePath::new(t, histories.get(&t).map(Vec::as_slice).unwrap_or(&[]));
+        let Some(((_, first), _)) = wal.segments.range((t, 0)..=(t, u64::MAX)).next() else { return false };
+        let start = path
+            .timelines()
+            .filter_map(|tl| wal.segments.range((tl, 0)..=(tl, u64::MAX)).next().map(|((_, s), _)| *s))
+            .min()
+            .unwrap_or(*first);
+        continuity::reach(wal, &path, wal.layout.segment_start(start)).hole.is_some()
+    })
+}
+
+/// The parsed history file of every timeline that has one. An unreadable or malformed history
+/// is left out (recovery then cannot follow that timeline's ancestry, which `verify` reports).
+async fn load_histories(
+    repo: &Repository,
+    wal: &WalCatalog,
+) -> Result<BTreeMap<u32, Vec<HistoryEntry>>, RepositoryError> {
+    let mut out = BTreeMap::new();
+    for &timeline in &wal.histories {
+        let name = wal.layout.object_name(&WalObject::History { timeline });
+        match repo.get_opened(&name).await {
+            Ok((_, text)) => match parse_history(&String::from_utf8_lossy(&text)) {
+                Ok(entries) => {
+                    out.insert(timeline, entries);
+                }
+                Err(e) => tracing::warn!(object = %name, error = %e, "timeline history does not parse"),
+            },
+            Err(RepositoryError::Store(e)) if e.is_not_found() => {}
+            Err(e @ RepositoryError::Seal(_)) => {
+                tracing::warn!(object = %name, error = %e, "timeline history does not open")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
 /// The newest commit time recorded in the headers of the timeline's newest WAL objects. An idle
 /// primary writes WAL without commits, so this looks back a bounded number of objects.
 pub async fn newest_commit_us(
@@ -157,20 +488,65 @@ pub async fn newest_commit_us(
     wal: &WalCatalog,
     timeline: u32,
 ) -> Result<Option<i64>, RepositoryError> {
-    const LOOK_BACK: usize = 64;
     let mut objects = Vec::new();
     for (&(tli, segno), entry) in wal.segments.range((timeline, 0)..=(timeline, u64::MAX)).rev() {
-        if entry.whole {
-            objects.push(WalObject::Segment { timeline: tli, segno });
-        } else {
-            for &(from, to) in entry.chunks.iter().rev() {
-                objects.push(WalObject::Chunk { timeline: tli, segno, from, to });
-            }
-        }
+        push_objects(&mut objects, tli, segno, entry, u64::MAX, wal.layout);
         if objects.len() >= LOOK_BACK {
             break;
         }
     }
+    newest_commit_in(repo, wal, &objects).await
+}
+
+/// The newest commit time in WAL objects that end at or before `lsn` along `path`.
+async fn last_commit_before(
+    repo: &Repository,
+    wal: &WalCatalog,
+    path: &TimelinePath,
+    lsn: u64,
+) -> Result<Option<i64>, RepositoryError> {
+    let layout = wal.layout;
+    let mut objects = Vec::new();
+    let Some(newest) = lsn.checked_sub(1).map(|l| layout.segno_of(l)) else { return Ok(None) };
+    for segno in (0..=newest).rev() {
+        let timeline = path.timeline_of(layout, segno);
+        let Some(entry) = wal.segments.get(&(timeline, segno)) else { break };
+        push_objects(&mut objects, timeline, segno, entry, lsn, layout);
+        if objects.len() >= LOOK_BACK {
+            break;
+        }
+    }
+    newest_commit_in(repo, wal, &objects).await
+}
+
+const LOOK_BACK: usize = 64;
+
+/// The objects of one segment, newest first, that end at or before `lsn`.
+fn push_objects(
+    out: &mut Vec<WalObject>,
+    timeline: u32,
+    segno: u64,
+    entry: &pitr_archive::layout::SegmentEntry,
+    lsn: u64,
+    layout: WalLayout,
+) {
+    let start = layout.segment_start(segno);
+    if entry.whole && start + layout.segment_size <= lsn {
+        out.push(WalObject::Segment { timeline, segno });
+        return;
+    }
+    for &(from, to) in entry.chunks.iter().rev() {
+        if start + u64::from(to) <= lsn {
+            out.push(WalObject::Chunk { timeline, segno, from, to });
+        }
+    }
+}
+
+async fn newest_commit_in(
+    repo: &Repository,
+    wal: &WalCatalog,
+    objects: &[WalObject],
+) -> Result<Option<i64>, RepositoryError> {
     for obj in objects.iter().take(LOOK_BACK) {
         let header = match repo.read_header(&wal.layout.object_name(obj)).await {
             Ok(h) => h,
@@ -193,4 +569,20 @@ pub async fn newest_commit_us(
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(start: u64, end: u64) -> Range {
+        Range { start_us: start as i64, start_lsn: start, end_us: Some(end as i64), end_lsn: end }
+    }
+
+    #[test]
+    fn overlapping_ranges_merge_and_gaps_stay() {
+        assert_eq!(merge(vec![range(5, 9), range(1, 3), range(2, 4)]), vec![range(1, 4), range(5, 9)]);
+        assert_eq!(merge(vec![range(1, 5), range(5, 9)]), vec![range(1, 9)]);
+        assert_eq!(merge(vec![]), vec![]);
+    }
 }

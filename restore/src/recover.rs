@@ -1,15 +1,29 @@
 //! A whole restore: plan, materialise, write the recovery settings, and with `start` run the
 //! server to the target and measure what was achieved (RPO) and how long it took (RTO).
+//!
+//! A restore holds a running marker for its whole length (see [`pitr_archive::running`]): put
+//! before it looks at the catalog, renewed while it runs, given the restore's plan (backup chain,
+//! timeline, where replay starts) once it has chosen its backup, and released at the end —
+//! after `--start` recovery has replayed the WAL through `wal-fetch`, and on failures too. While
+//! it is live `pitr expire` removes nothing the restore reads. Without `--start` the marker ends
+//! with the restore: WAL that a server started later fetches is kept by retention alone (the
+//! window, or the backup's own start..stop).
+//!
+//! The marker is the only thing a restore writes. Where the repository refuses it (read-only
+//! credentials, a bucket policy) or cannot take it, the restore warns and goes on without one.
 
+use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pitr_archive::layout::WalLayout;
-use pitr_archive::Repository;
+use pitr_archive::running::{ReadPlan, RunKind, RunMarker};
+use pitr_archive::{Repository, RepositoryError};
 use pitr_pgwire::walreader::{pg_timestamp_to_unix_micros, WalDecoder};
 
-use crate::materialize::{check_target, materialize, Staging};
+use crate::materialize::{check_target, materialize, read_file_nofollow, write_file_nofollow, Staging};
 use crate::plan::Catalog;
 use crate::target::{format_time, RecoveryTarget};
 use crate::walfetch::read_wal_file;
@@ -20,13 +34,42 @@ pub struct RestoreOptions {
     pub target: RecoveryTarget,
     pub target_dir: PathBuf,
     pub force: bool,
-    /// The restore_command PostgreSQL will run (`%f`/`%p` placeholders included).
-    pub restore_command: String,
+    /// How PostgreSQL will run `pitr wal-fetch` (its restore_command).
+    pub restore_command: WalFetchCommand,
     pub workers: usize,
     /// Restore from this backup instead of the newest one before the target.
     pub backup_id: Option<String>,
     /// Run the server to the target and report.
     pub start: Option<StartOptions>,
+    /// Where the running marker goes: the repository `pitr expire` runs on (the primary), when
+    /// the restore reads another one first (`--from`). `None`: the repository restored from.
+    pub marker_repository: Option<Repository>,
+}
+
+/// How a restored server runs `pitr wal-fetch` as its restore_command: the binary with its
+/// global options (quoted for the shell PostgreSQL runs it with) and wal-fetch's own options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalFetchCommand {
+    /// e.g. `"/usr/bin/pitr" --config "/etc/pitr/pitr.toml"`.
+    pub program: String,
+    /// e.g. `--from dr` (names that need no quoting).
+    pub options: Vec<String>,
+}
+
+impl WalFetchCommand {
+    /// The restore_command line; with `until`, wal-fetch serves no WAL at or past that LSN.
+    pub fn render(&self, until: Option<u64>) -> String {
+        let mut s = format!("{} wal-fetch", self.program);
+        for o in &self.options {
+            s.push(' ');
+            s.push_str(o);
+        }
+        if let Some(u) = until {
+            s.push_str(&format!(" --until-lsn {}", pitr_pgwire::format_lsn(u)));
+        }
+        s.push_str(" \"%f\" \"%p\"");
+        s
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -98,14 +141,75 @@ fn recovery_settings(target: RecoveryTarget, restore_command: &str) -> Vec<Strin
     lines
 }
 
-/// Restores per `opts`, calling `progress(done, total)` while files are written.
-pub async fn restore(
+/// Puts the running marker of a restore or drill and waits out a running `pitr expire` (see
+/// [`pitr_archive::running`]). A repository that refuses the write (read-only credentials, a
+/// bucket policy) or fails it does not stop a restore: it goes on without a marker, with a
+/// warning that an expire meanwhile could remove what it reads.
+pub async fn announce(repo: &Repository, kind: RunKind) -> Option<RunMarker> {
+    match RunMarker::begin(repo, kind).await {
+        Ok(marker) => Some(marker),
+        Err(e) => {
+            let refused = matches!(&e, RepositoryError::Store(s) if pitr_archive::expire::refused(s));
+            let why = if refused { "the repository refuses writes" } else { "the marker could not be written" };
+            tracing::warn!(
+                repository = %repo.location(),
+                error = %e,
+                "{why}: the {kind} goes on without a running marker, so a `pitr expire` meanwhile could remove \
+                 backups or WAL it reads"
+            );
+            None
+        }
+    }
+}
+
+/// The catalog as it stands now that the marker is up. It was read before: a `pitr expire` that
+/// ran in between may have removed a backup it lists, or WAL a restore to `target` replays. From
+/// the marker on nothing the restore reads goes (every later expire sees it, and an earlier one
+/// still running was waited for), so the catalog is read again only where that may have
+/// happened: a listed backup's manifest is gone, or a retention floor (expire records one before
+/// it removes WAL) lies above the segment the replay starts from. The latter holds for every
+/// restore from a backup older than the window's base: those read the catalog twice.
+pub(crate) async fn current_catalog<'a>(
     repo: &Repository,
-    catalog: &Catalog,
-    opts: &RestoreOptions,
-    progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<RestoreReport, RestoreError> {
-    let started = Instant::now();
+    catalog: &'a Catalog,
+    target: RecoveryTarget,
+    backup_id: Option<&str>,
+) -> Result<Cow<'a, Catalog>, RestoreError> {
+    let system_id = catalog.cluster.system_id;
+    let listed: BTreeSet<String> =
+        repo.list(&format!("pg/{system_id}/backups/")).await?.into_iter().map(|o| o.name).collect();
+    let mut changed = catalog
+        .backups
+        .iter()
+        .find(|b| !listed.contains(&pitr_archive::backup::manifest_name(system_id, &b.id)))
+        .map(|b| format!("backup {} was removed", b.id));
+    if changed.is_none() {
+        let chosen = match backup_id {
+            Some(id) => catalog.named_backup(id, target),
+            None => catalog.choose_backup(target),
+        };
+        // No backup fits: the caller reports that, from a catalog that still lists every backup.
+        if let Ok(b) = chosen {
+            let names = repo.list(&pitr_archive::retention::floor_prefix(system_id)).await?;
+            let floors = pitr_archive::retention::floors_from_names(system_id, names.iter().map(|o| o.name.as_str()));
+            let from = WalLayout::new(&catalog.cluster).segno_of(b.start_lsn);
+            changed = floors
+                .iter()
+                .find(|(&t, &floor)| t >= b.timeline && floor > from)
+                .map(|(t, _)| format!("WAL of timeline {t} before the retention floor may be gone"));
+        }
+    }
+    match changed {
+        None => Ok(Cow::Borrowed(catalog)),
+        Some(why) => {
+            tracing::info!(why = %why, "the repository may have changed since it was read; reading it again");
+            Ok(Cow::Owned(Catalog::load(repo, catalog.cluster.clone()).await?))
+        }
+    }
+}
+
+/// What every restore checks before it touches the repository.
+pub(crate) fn preflight(opts: &RestoreOptions) -> Result<(), RestoreError> {
     check_target(&opts.target_dir, opts.force)?;
     if opts.start.is_some() && unsafe { libc::geteuid() } == 0 {
         return Err(RestoreError::Other(
@@ -114,28 +218,81 @@ pub async fn restore(
                 .into(),
         ));
     }
+    Ok(())
+}
+
+/// Restores per `opts`, calling `progress(done, total)` while files are written, under a running
+/// marker (module documentation).
+pub async fn restore(
+    repo: &Repository,
+    catalog: &Catalog,
+    opts: &RestoreOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    preflight(opts)?;
+    let marker = announce(opts.marker_repository.as_ref().unwrap_or(repo), RunKind::Restore).await;
+    let result = async {
+        let catalog = match &marker {
+            Some(_) => current_catalog(repo, catalog, opts.target, opts.backup_id.as_deref()).await?,
+            None => Cow::Borrowed(catalog),
+        };
+        restore_marked(repo, &catalog, opts, progress, marker.as_ref(), started).await
+    }
+    .await;
+    if let Some(marker) = marker {
+        marker.release().await;
+    }
+    result
+}
+
+/// The restore itself, under `marker` (given the plan once the backup is chosen), from a
+/// `catalog` read after the marker was up. `started` is when the restore began (for RTO).
+pub(crate) async fn restore_marked(
+    repo: &Repository,
+    catalog: &Catalog,
+    opts: &RestoreOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    marker: Option<&RunMarker>,
+    started: Instant,
+) -> Result<RestoreReport, RestoreError> {
     let backup = match &opts.backup_id {
         Some(id) => catalog.named_backup(id, opts.target)?,
         None => catalog.choose_backup(opts.target)?,
     };
     let chain = catalog.chain(backup)?;
-    let newest_commit = catalog.current_window().and_then(|w| w.end_us);
+    if let Some(marker) = marker {
+        let plan = ReadPlan {
+            backups: chain.iter().map(|b| b.id.clone()).collect(),
+            timeline: backup.timeline,
+            wal_from_lsn: backup.start_lsn,
+        };
+        // Not fatal: the marker stays without a plan, and expire then keeps everything.
+        if let Err(e) = marker.set_plan(plan).await {
+            tracing::warn!(error = %e, "could not record this restore's plan in its running marker; \
+                until it is, `pitr expire` keeps every backup and all WAL");
+        }
+    }
+    let newest_commit = catalog.current_window().and_then(|w| w.newest_commit_us);
+    let (recovery_target, until) = catalog.replay_bounds(backup, opts.target);
+    let to_planned_end = catalog.past_newest_commit(opts.target) && recovery_target == RecoveryTarget::Latest;
     tracing::info!(backup = %backup.id, chain = chain.len(), target = %opts.target, "restoring");
 
     let staging = Staging::create(&opts.target_dir)?;
     let final_dir = absolute(&opts.target_dir)?;
     let bytes_restored = materialize(repo, &chain, &staging.path, &final_dir, opts.workers, progress).await?;
-    let settings = recovery_settings(opts.target, &opts.restore_command);
+    let settings = recovery_settings(recovery_target, &opts.restore_command.render(until));
     let auto_conf = staging.path.join("postgresql.auto.conf");
-    let mut conf = std::fs::read_to_string(&auto_conf).unwrap_or_default();
+    // Neither read nor written through a link: the restore's own files stay inside the target.
+    let mut conf = read_file_nofollow(&auto_conf)?.unwrap_or_default();
     conf.push_str("\n# Added by pitr restore\n");
     for line in &settings {
         conf.push_str(line);
         conf.push('\n');
     }
-    std::fs::write(&auto_conf, conf).map_err(|e| RestoreError::Io { path: auto_conf.clone(), cause: e })?;
+    write_file_nofollow(&auto_conf, conf.as_bytes())?;
     let signal = staging.path.join("recovery.signal");
-    std::fs::write(&signal, b"").map_err(|e| RestoreError::Io { path: signal.clone(), cause: e })?;
+    write_file_nofollow(&signal, b"")?;
     staging.commit(&opts.target_dir, opts.force)?;
     let download_seconds = started.elapsed().as_secs_f64();
 
@@ -183,7 +340,11 @@ pub async fn restore(
     report.last_replayed_lsn = Some(pitr_pgwire::format_lsn(lsn));
     report.wal_replayed_bytes = Some(lsn.saturating_sub(backup.start_lsn));
     report.last_replayed_xid = from_wal.map(|(xid, _)| xid);
+    // The data-loss window: from the last replayed commit to the moment restored to. Past the
+    // newest commit, the archive is known complete up to the target, so the state there is the
+    // state after the newest commit.
     let reference = match opts.target {
+        RecoveryTarget::Time(_) if to_planned_end => newest_commit,
         RecoveryTarget::Time(t) => Some(t),
         RecoveryTarget::Latest => newest_commit,
         _ => None,

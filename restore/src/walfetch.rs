@@ -2,6 +2,15 @@
 //! assembled from chunks for the newest, partial segment (zero-padded to full size, as PostgreSQL
 //! expects), and timeline history files; the destination is written atomically.
 //!
+//! A segment the archive lacks is "the end of the archive" (exit 1 for PostgreSQL) only when
+//! nothing says it existed; when the archive holds WAL after it on its timeline, or a later
+//! timeline forked from after it, it is a hole ([`FetchError::Hole`]), and recovery must stop
+//! with an error rather than end there and promote a cluster that silently lacks data. The same
+//! holds for a segment held only in part (chunks never compacted) that is not the newest.
+//!
+//! `until`: a restore to a moment after the newest archived commit replays the archive as it was
+//! when the restore was planned; WAL the sidecar archives meanwhile is not served.
+//!
 //! Prefetch: after serving segment N, the caller starts [`prefetch`] in the background, which
 //! puts the next whole segments of the timeline into a spool directory beside the destination
 //! (`pg_wal/pitr-prefetch/`); the next `wal-fetch` takes its file from there with a rename, so
@@ -13,12 +22,19 @@ use std::path::{Path, PathBuf};
 
 use pitr_archive::layout::{WalCatalog, WalLayout, WalObject};
 use pitr_archive::{ClusterInfo, Repository, RepositoryError};
+use pitr_pgwire::timeline::parse_history;
+
+use crate::continuity::Forks;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// The archive does not hold this file: PostgreSQL treats that as the end of the archive.
     #[error("{file} is not in the archive")]
     NotFound { file: String },
+    /// The archive lacks this segment (or holds only its start) but holds WAL after it: serving
+    /// nothing would make PostgreSQL end recovery early, so recovery must stop instead.
+    #[error("{file} is missing from the archive, which holds WAL after it ({why}): stopping recovery rather than ending it early")]
+    Hole { file: String, why: String },
     #[error("{file} is not a WAL segment or history file name")]
     BadName { file: String },
     #[error(transparent)]
@@ -45,17 +61,36 @@ pub fn spool_dir(dest: &Path) -> PathBuf {
 }
 
 /// Fetches `file` (as PostgreSQL names it) into `dest`, from the prefetch spool if it is there.
+/// With `until`, nothing at or past that LSN is served (the rest of its segment is zeros).
 pub async fn wal_fetch(
     repo: &Repository,
     cluster: &ClusterInfo,
     file: &str,
     dest: &Path,
+    until: Option<u64>,
 ) -> Result<Fetched, FetchError> {
     let spooled = spool_dir(dest).join(file);
     if spooled.is_file() && std::fs::rename(&spooled, dest).is_ok() {
         return Ok(Fetched::Segment);
     }
-    let (fetched, data) = read_wal_file(repo, cluster, file).await?;
+    let layout = WalLayout::new(cluster);
+    let segment = layout.parse_segment_file_name(file);
+    if let (Some(until), Some((_, segno))) = (until, segment) {
+        if layout.segment_start(segno) >= until {
+            return Err(FetchError::NotFound { file: file.to_string() });
+        }
+    }
+    let (mut fetched, mut data) = read_wal_file(repo, cluster, file).await?;
+    if let (Some(until), Some((_, segno))) = (until, segment) {
+        let keep = until - layout.segment_start(segno);
+        if keep < data.len() as u64 {
+            data[keep as usize..].fill(0);
+            fetched = match fetched {
+                Fetched::PartialSegment { bytes } => Fetched::PartialSegment { bytes: bytes.min(keep) },
+                _ => Fetched::PartialSegment { bytes: keep },
+            };
+        }
+    }
     write_atomically(dest, &data)?;
     Ok(fetched)
 }
@@ -68,12 +103,14 @@ pub fn next_segments(cluster: &ClusterInfo, file: &str, count: usize) -> Vec<Str
 }
 
 /// Puts the whole segments in `names` into `spool`, stopping at the first one the archive does
-/// not hold as a whole segment. A lock file per segment keeps concurrent prefetchers apart.
+/// not hold as a whole segment, or that reaches past `until`. A lock file per segment keeps
+/// concurrent prefetchers apart.
 pub async fn prefetch(
     repo: &Repository,
     cluster: &ClusterInfo,
     names: &[String],
     spool: &Path,
+    until: Option<u64>,
 ) -> Result<usize, FetchError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -93,6 +130,9 @@ pub async fn prefetch(
         }
         let result = async {
             let Some((timeline, segno)) = layout.parse_segment_file_name(name) else { return Ok(false) };
+            if until.is_some_and(|u| layout.segment_start(segno + 1) > u) {
+                return Ok(false);
+            }
             let object = layout.object_name(&WalObject::Segment { timeline, segno });
             match get_or_not_found(repo, &object).await? {
                 Some((_, data)) if data.len() as u64 == layout.segment_size => {
@@ -155,12 +195,17 @@ async fn read_once(repo: &Repository, cluster: &ClusterInfo, file: &str) -> Resu
         }
         return Ok((Fetched::Segment, data));
     }
-    // The newest segment exists only as chunks: assemble the contiguous run from offset 0.
+    // Held only as chunks: assemble the contiguous run from offset 0. That is the newest
+    // segment, still being written, unless the archive says the segment went on.
     let prefix = format!("{}{}.", layout.prefix(), file);
     let names: Vec<String> = repo.list(&prefix).await?.into_iter().map(|o| o.name).collect();
     let catalog = WalCatalog::from_names(layout, names.iter().map(String::as_str));
-    let entry = catalog.segments.get(&(timeline, segno)).ok_or_else(not_found)?;
-    let Some((0, end)) = entry.contiguous_chunk_end() else { return Err(not_found()) };
+    let held = catalog.segments.get(&(timeline, segno)).map_or(0, |e| e.held_from_start(layout.segment_size));
+    if held < layout.segment_size {
+        check_not_a_hole(repo, layout, file, timeline, segno, held).await?;
+    }
+    let Some(entry) = catalog.segments.get(&(timeline, segno)).filter(|_| held > 0) else { return Err(not_found()) };
+    let end = held as u32;
     let mut data = Vec::with_capacity(layout.segment_size as usize);
     for &(from, to) in &entry.chunks {
         if to <= data.len() as u32 {
@@ -186,6 +231,71 @@ async fn read_once(repo: &Repository, cluster: &ClusterInfo, file: &str) -> Resu
     let fetched =
         if wal_bytes == layout.segment_size { Fetched::Segment } else { Fetched::PartialSegment { bytes: wal_bytes } };
     Ok((fetched, data))
+}
+
+/// Fails with [`FetchError::Hole`] when the archive says segment `segno` of `timeline` went on
+/// past the `held` bytes it has of it; names what says so and where a copy might be.
+async fn check_not_a_hole(
+    repo: &Repository,
+    layout: WalLayout,
+    file: &str,
+    timeline: u32,
+    segno: u64,
+    held: u64,
+) -> Result<(), FetchError> {
+    let catalog = WalCatalog::build(repo, layout).await?;
+    let mut histories = Vec::new();
+    for &t in catalog.histories.iter().filter(|&&t| t > timeline) {
+        let name = layout.object_name(&WalObject::History { timeline: t });
+        match get_or_not_found(repo, &name).await? {
+            Some((_, text)) => match parse_history(&String::from_utf8_lossy(&text)) {
+                Ok(entries) => histories.push((t, entries)),
+                Err(e) => {
+                    return Err(FetchError::Hole {
+                        file: file.to_string(),
+                        why: format!("history {name} does not parse ({e}), so the end cannot be told from a hole"),
+                    })
+                }
+            },
+            None => continue,
+        }
+    }
+    // Where this timeline itself begins, from its own history.
+    let own = layout.object_name(&WalObject::History { timeline });
+    if timeline > 1 && catalog.histories.contains(&timeline) {
+        if let Some((_, text)) = get_or_not_found(repo, &own).await? {
+            if let Ok(entries) = parse_history(&String::from_utf8_lossy(&text)) {
+                histories.push((timeline, entries));
+            }
+        }
+    }
+    let forks = Forks::from_histories(histories.iter().map(|(t, e)| (*t, e.as_slice())));
+    let Some(needed) = forks.needed_end(&catalog, timeline, segno) else { return Ok(()) };
+    let seg_start = layout.segment_start(segno);
+    if seg_start + held >= needed {
+        return Ok(());
+    }
+    let mut why = if held > 0 {
+        format!("only its first {held} bytes are archived, but the archive shows WAL up to {}", format_lsn(needed))
+    } else {
+        format!("the archive shows WAL up to {} on timeline {timeline} or its successors", format_lsn(needed))
+    };
+    let seg_name = layout.object_name(&WalObject::Segment { timeline, segno });
+    for other in repo.fallbacks() {
+        match other.store.head(&seg_name).await {
+            Ok(Some(_)) => why.push_str(&format!("; secondary {:?} holds {seg_name} but it could not be read", other.name)),
+            Ok(None) => why.push_str(&format!("; secondary {:?} does not hold it either", other.name)),
+            Err(e) => why.push_str(&format!(
+                "; secondary {:?} could not be asked ({e}): it may hold the segment, retry recovery when it is reachable",
+                other.name
+            )),
+        }
+    }
+    Err(FetchError::Hole { file: file.to_string(), why })
+}
+
+fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
 async fn get_or_not_found(
@@ -245,40 +355,119 @@ mod tests {
             let name = layout.object_name(&WalObject::Chunk { timeline: 1, segno: 2, from, to });
             repo.put_sealed(&name, whole[from as usize..to as usize].to_vec(), meta.clone()).await.unwrap();
         }
-        repo.put_sealed(&layout.object_name(&WalObject::History { timeline: 2 }), b"1\t0/2000000\tx\n".to_vec(), meta)
+        repo.put_sealed(&layout.object_name(&WalObject::History { timeline: 2 }), b"1\t0/2000FA\tx\n".to_vec(), meta)
             .await
             .unwrap();
 
         let dest = dir.path().join("out");
-        assert_eq!(wal_fetch(&repo, &info, "000000010000000000000001", &dest).await.unwrap(), Fetched::Segment);
+        assert_eq!(wal_fetch(&repo, &info, "000000010000000000000001", &dest, None).await.unwrap(), Fetched::Segment);
         assert_eq!(std::fs::read(&dest).unwrap(), whole);
         assert_eq!(
-            wal_fetch(&repo, &info, "000000010000000000000002", &dest).await.unwrap(),
+            wal_fetch(&repo, &info, "000000010000000000000002", &dest, None).await.unwrap(),
             Fetched::PartialSegment { bytes: 250 }
         );
         let got = std::fs::read(&dest).unwrap();
         assert_eq!(got.len(), 1 << 20);
         assert_eq!(&got[..250], &whole[..250]);
         assert!(got[250..].iter().all(|b| *b == 0));
-        assert_eq!(wal_fetch(&repo, &info, "00000002.history", &dest).await.unwrap(), Fetched::History);
+        assert_eq!(wal_fetch(&repo, &info, "00000002.history", &dest, None).await.unwrap(), Fetched::History);
         assert!(matches!(
-            wal_fetch(&repo, &info, "000000010000000000000003", &dest).await,
+            wal_fetch(&repo, &info, "000000010000000000000003", &dest, None).await,
             Err(FetchError::NotFound { .. })
         ));
-        assert!(matches!(wal_fetch(&repo, &info, "00000003.history", &dest).await, Err(FetchError::NotFound { .. })));
-        assert!(matches!(wal_fetch(&repo, &info, "junk", &dest).await, Err(FetchError::BadName { .. })));
+        assert!(matches!(wal_fetch(&repo, &info, "00000003.history", &dest, None).await, Err(FetchError::NotFound { .. })));
+        assert!(matches!(wal_fetch(&repo, &info, "junk", &dest, None).await, Err(FetchError::BadName { .. })));
 
         // Prefetch spools only whole segments and stops at the partial one; wal-fetch takes the
         // spooled file.
         let names = next_segments(&info, "000000010000000000000000", 3);
         assert_eq!(names[0], "000000010000000000000001");
         let spool = spool_dir(&dest);
-        assert_eq!(prefetch(&repo, &info, &names, &spool).await.unwrap(), 1);
+        assert_eq!(prefetch(&repo, &info, &names, &spool, None).await.unwrap(), 1);
         assert!(spool.join("000000010000000000000001").exists());
         assert!(!spool.join("000000010000000000000002").exists());
-        assert_eq!(wal_fetch(&repo, &info, "000000010000000000000001", &dest).await.unwrap(), Fetched::Segment);
+        assert_eq!(wal_fetch(&repo, &info, "000000010000000000000001", &dest, None).await.unwrap(), Fetched::Segment);
         assert_eq!(std::fs::read(&dest).unwrap(), whole);
         assert!(!spool.join("000000010000000000000001").exists());
         assert!(next_segments(&info, "00000002.history", 3).is_empty());
+    }
+
+    #[tokio::test]
+    async fn holes_are_not_the_end_of_the_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().join("repo"));
+        store.create_root().unwrap();
+        let repo = Repository::new(Arc::new(store), KeyRing::from_key("k", [3; 32]));
+        let info =
+            ClusterInfo { system_id: 1, wal_segment_size: 1 << 20, wal_page_size: 8192, server_version_num: 150000 };
+        let layout = WalLayout::new(&info);
+        let meta = ObjectMeta::plain(ObjectKind::WalChunk);
+        let whole: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        for segno in [1u64, 3, 5] {
+            repo.put_sealed(&layout.object_name(&WalObject::Segment { timeline: 1, segno }), whole.clone(), meta.clone())
+                .await
+                .unwrap();
+        }
+        // Segment 4: a chunk never compacted, though segment 5 follows.
+        let chunk = layout.object_name(&WalObject::Chunk { timeline: 1, segno: 4, from: 0, to: 100 });
+        repo.put_sealed(&chunk, whole[..100].to_vec(), meta.clone()).await.unwrap();
+        // Segment 6: the newest, partial.
+        let chunk = layout.object_name(&WalObject::Chunk { timeline: 1, segno: 6, from: 0, to: 300 });
+        repo.put_sealed(&chunk, whole[..300].to_vec(), meta.clone()).await.unwrap();
+        let dest = dir.path().join("out");
+
+        let err = wal_fetch(&repo, &info, "000000010000000000000002", &dest, None).await.unwrap_err();
+        assert!(matches!(&err, FetchError::Hole { file, .. } if file == "000000010000000000000002"), "{err}");
+        let err = wal_fetch(&repo, &info, "000000010000000000000004", &dest, None).await.unwrap_err();
+        assert!(err.to_string().contains("only its first 100 bytes"), "{err}");
+        assert_eq!(
+            wal_fetch(&repo, &info, "000000010000000000000006", &dest, None).await.unwrap(),
+            Fetched::PartialSegment { bytes: 300 }
+        );
+        assert!(matches!(
+            wal_fetch(&repo, &info, "000000010000000000000007", &dest, None).await,
+            Err(FetchError::NotFound { .. })
+        ));
+        // Before timeline 2's fork in segment 7 nothing of timeline 2 existed; at segment 9,
+        // past its end, nothing does yet. But timeline 1 must reach the fork: segment 7 is a hole.
+        repo.put_sealed(&layout.object_name(&WalObject::History { timeline: 2 }), b"1\t0/7000A0\tx\n".to_vec(), meta.clone())
+            .await
+            .unwrap();
+        repo.put_sealed(&layout.object_name(&WalObject::Segment { timeline: 2, segno: 7 }), whole.clone(), meta.clone())
+            .await
+            .unwrap();
+        assert!(matches!(
+            wal_fetch(&repo, &info, "000000020000000000000003", &dest, None).await,
+            Err(FetchError::NotFound { .. })
+        ));
+        assert!(matches!(
+            wal_fetch(&repo, &info, "000000020000000000000009", &dest, None).await,
+            Err(FetchError::NotFound { .. })
+        ));
+        // Segment 6 of timeline 1 holds 300 bytes, but the fork says timeline 1 went on to 7.
+        assert!(matches!(
+            wal_fetch(&repo, &info, "000000010000000000000006", &dest, None).await,
+            Err(FetchError::Hole { .. })
+        ));
+        assert!(matches!(
+            wal_fetch(&repo, &info, "000000010000000000000007", &dest, None).await,
+            Err(FetchError::Hole { .. })
+        ));
+
+        // `until`: nothing at or past it is served.
+        let until = layout.segment_start(3) + 40;
+        assert_eq!(
+            wal_fetch(&repo, &info, "000000010000000000000003", &dest, Some(until)).await.unwrap(),
+            Fetched::PartialSegment { bytes: 40 }
+        );
+        let got = std::fs::read(&dest).unwrap();
+        assert_eq!(&got[..40], &whole[..40]);
+        assert!(got[40..].iter().all(|b| *b == 0));
+        assert!(matches!(
+            wal_fetch(&repo, &info, "000000010000000000000005", &dest, Some(until)).await,
+            Err(FetchError::NotFound { .. })
+        ));
+        let names = next_segments(&info, "000000010000000000000000", 3);
+        assert_eq!(prefetch(&repo, &info, &names, &spool_dir(&dest), Some(until)).await.unwrap(), 1);
     }
 }

@@ -33,8 +33,27 @@ pub(crate) struct SegmentBuffer {
 }
 
 impl SegmentBuffer {
+    /// An empty buffer for bytes of `segno` from offset `base` on.
+    pub fn new(timeline: u32, segno: u64, base: u32) -> SegmentBuffer {
+        SegmentBuffer {
+            timeline,
+            segno,
+            base,
+            data: Vec::new(),
+            durable: base,
+            closed: false,
+            chunks: Vec::new(),
+            commits: Vec::new(),
+            oldest_undurable: None,
+        }
+    }
+
     pub fn end_offset(&self) -> u32 {
         self.base + self.data.len() as u32
+    }
+
+    pub fn is_durable(&self) -> bool {
+        self.durable == self.end_offset()
     }
 }
 
@@ -51,6 +70,111 @@ impl Pending {
 
     pub fn oldest_undurable(&self) -> Option<Instant> {
         self.segments.iter().filter_map(|s| s.oldest_undurable).min()
+    }
+
+    pub fn all_durable(&self) -> bool {
+        self.segments.iter().all(SegmentBuffer::is_durable)
+    }
+
+    /// No more bytes come for any buffer held (the timeline ended, or streaming stops).
+    pub fn close_all(&mut self) {
+        for seg in self.segments.iter_mut() {
+            seg.closed = true;
+        }
+    }
+
+    /// Appends WAL received at `lsn` on `timeline`, splitting it at segment boundaries; returns
+    /// the LSN just past it. `commits` are (end LSN, time in µs since the Unix epoch) of the
+    /// commit/abort records that end within it.
+    ///
+    /// A buffer is closed as soon as nothing more can come into it: when it is full, and when
+    /// bytes go into another buffer (a later segment's, another timeline's, or the same
+    /// segment's after a jump). The uploader relies on that to move past it.
+    pub fn append(
+        &mut self,
+        timeline: u32,
+        mut lsn: u64,
+        mut data: &[u8],
+        commits: &[(u64, i64)],
+        segment_size: u64,
+        now: Instant,
+    ) -> u64 {
+        while !data.is_empty() {
+            let segno = lsn / segment_size;
+            let off = (lsn % segment_size) as u32;
+            let reuse = self
+                .segments
+                .back()
+                .is_some_and(|b| b.timeline == timeline && b.segno == segno && !b.closed && b.end_offset() == off);
+            if !reuse {
+                self.close_all();
+                let mut buf = SegmentBuffer::new(timeline, segno, off);
+                buf.data.reserve(segment_size as usize - off as usize);
+                self.segments.push_back(buf);
+            }
+            let Some(buf) = self.segments.back_mut() else { break };
+            let n = data.len().min((segment_size - u64::from(off)) as usize);
+            buf.data.extend_from_slice(&data[..n]);
+            buf.oldest_undurable.get_or_insert(now);
+            // A record belongs to the segment holding its last byte.
+            buf.commits
+                .extend(commits.iter().filter(|(end, _)| end.saturating_sub(1) / segment_size == segno).copied());
+            if u64::from(off) + n as u64 == segment_size {
+                buf.closed = true;
+            }
+            lsn += n as u64;
+            data = &data[n..];
+        }
+        lsn
+    }
+
+    /// Picks the next put: a closed segment first (compaction), else new bytes of the oldest
+    /// segment once `flush_interval` has passed since the previous chunk put (`last_put`).
+    ///
+    /// Only the front buffer is looked at, so everything behind it waits for it: it must never
+    /// be left waiting for bytes that cannot come. Whatever its `closed` flag says, a buffer that
+    /// is full or has another buffer behind it is treated as closed (a resumed segment, or one
+    /// from an older version, would otherwise hold the flush position still forever).
+    pub(crate) fn next_job(
+        &self,
+        layout: &WalLayout,
+        flush_interval: Duration,
+        last_put: Option<Instant>,
+    ) -> Option<Job> {
+        let seg = self.segments.front()?;
+        let seg_size = layout.segment_size;
+        let seg_lsn = layout.segment_start(seg.segno);
+        let full = u64::from(seg.end_offset()) >= seg_size;
+        let closed = seg.closed || full || self.segments.len() > 1;
+        if closed && seg.base == 0 && full {
+            // The segment object's header covers every commit in the segment.
+            let commits = commit_range(&seg.commits, seg_lsn, seg_lsn + seg_size);
+            return Some(Job::Segment {
+                timeline: seg.timeline,
+                segno: seg.segno,
+                bytes: seg.data.clone(),
+                commits,
+                old_chunks: seg.chunks.clone(),
+            });
+        }
+        if seg.is_durable() {
+            // Closed and durable but not compactable (it ends early, or starts past offset 0):
+            // its chunks stay as they are. Open and durable: wait for more bytes.
+            return if closed { Some(Job::Forget) } else { None };
+        }
+        // A closed segment's last chunk goes at once; otherwise respect the spacing.
+        if !closed {
+            if let Some(t) = last_put {
+                if t.elapsed() < flush_interval {
+                    return None;
+                }
+            }
+        }
+        let from = seg.durable;
+        let to = seg.end_offset();
+        let bytes = seg.data[(from - seg.base) as usize..].to_vec();
+        let commits = commit_range(&seg.commits, seg_lsn + u64::from(from), seg_lsn + u64::from(to));
+        Some(Job::Chunk { timeline: seg.timeline, segno: seg.segno, from, to, bytes, commits })
     }
 }
 
@@ -83,7 +207,8 @@ pub(crate) struct Uploader {
     pub flush_interval: Duration,
 }
 
-enum Job {
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Job {
     Chunk {
         timeline: u32,
         segno: u64,
@@ -124,7 +249,7 @@ impl Uploader {
         loop {
             let job = self.next_job(last_put);
             let Some(job) = job else {
-                if *stop.borrow() && lock(&self.pending).segments.iter().all(|s| s.durable == s.end_offset()) {
+                if *stop.borrow() && lock(&self.pending).all_durable() {
                     return Ok(());
                 }
                 let wait = match last_put {
@@ -170,40 +295,8 @@ impl Uploader {
         }
     }
 
-    /// Picks the next put: a closed segment first (compaction), else new bytes of the oldest
-    /// segment once the flush interval has passed since the previous chunk put.
     fn next_job(&self, last_put: Option<Instant>) -> Option<Job> {
-        let pending = lock(&self.pending);
-        let seg = pending.segments.front()?;
-        let seg_size = self.layout.segment_size;
-        let seg_lsn = self.layout.segment_start(seg.segno);
-        if seg.closed && seg.base == 0 && seg.data.len() as u64 == seg_size {
-            // The segment object's header covers every commit in the segment.
-            let commits = commit_range(&seg.commits, seg_lsn, seg_lsn + seg_size);
-            return Some(Job::Segment {
-                timeline: seg.timeline,
-                segno: seg.segno,
-                bytes: seg.data.clone(),
-                commits,
-                old_chunks: seg.chunks.clone(),
-            });
-        }
-        if seg.durable == seg.end_offset() {
-            return if seg.closed { Some(Job::Forget) } else { None };
-        }
-        // A closed segment's last chunk goes at once; otherwise respect the spacing.
-        if !seg.closed {
-            if let Some(t) = last_put {
-                if t.elapsed() < self.flush_interval {
-                    return None;
-                }
-            }
-        }
-        let from = seg.durable;
-        let to = seg.end_offset();
-        let bytes = seg.data[(from - seg.base) as usize..].to_vec();
-        let commits = commit_range(&seg.commits, seg_lsn + u64::from(from), seg_lsn + u64::from(to));
-        Some(Job::Chunk { timeline: seg.timeline, segno: seg.segno, from, to, bytes, commits })
+        lock(&self.pending).next_job(&self.layout, self.flush_interval, last_put)
     }
 
     async fn execute(&self, job: Job) -> Result<(), RepositoryError> {
@@ -300,6 +393,83 @@ impl Uploader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SEG: u64 = 1 << 20;
+    const LAYOUT: WalLayout = WalLayout { system_id: 7, segment_size: SEG };
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A buffer of `segno` holding [base, end), durable up to `durable`.
+    fn buffer(segno: u64, base: u32, end: u32, durable: u32, closed: bool) -> SegmentBuffer {
+        let mut b = SegmentBuffer::new(1, segno, base);
+        b.data = vec![7; (end - base) as usize];
+        b.durable = durable;
+        b.closed = closed;
+        b
+    }
+
+    fn pending(buffers: Vec<SegmentBuffer>) -> Pending {
+        Pending { segments: buffers.into() }
+    }
+
+    fn job(p: &Pending, last_put: Option<Instant>) -> Option<&'static str> {
+        p.next_job(&LAYOUT, HOUR, last_put).map(|j| match j {
+            Job::Chunk { .. } => "chunk",
+            Job::Segment { .. } => "segment",
+            Job::Forget => "forget",
+        })
+    }
+
+    #[test]
+    fn a_full_buffer_is_compacted_whatever_its_flag() {
+        // Resumed from chunks covering the segment, by an older version that left it open.
+        let full = SEG as u32;
+        assert_eq!(job(&pending(vec![buffer(3, 0, full, full, false)]), None), Some("segment"));
+        assert_eq!(job(&pending(vec![buffer(3, 0, full, 100, false)]), Some(Instant::now())), Some("segment"));
+        // Full from past offset 0: its last chunk goes at once, then it is dropped.
+        assert_eq!(job(&pending(vec![buffer(3, 100, full, 200, false)]), Some(Instant::now())), Some("chunk"));
+        assert_eq!(job(&pending(vec![buffer(3, 100, full, full, false)]), None), Some("forget"));
+    }
+
+    #[test]
+    fn a_durable_front_never_holds_up_a_later_segment() {
+        // Open and durable, nothing behind: waiting for bytes is right.
+        assert_eq!(job(&pending(vec![buffer(3, 0, 100, 100, false)]), None), None);
+        // The same with a later segment's bytes behind it (even if nobody closed it).
+        let p = pending(vec![buffer(3, 0, 100, 100, false), buffer(4, 0, 10, 0, false)]);
+        assert_eq!(job(&p, None), Some("forget"));
+        // Not yet durable: its last chunk goes at once, spacing or not.
+        let p = pending(vec![buffer(3, 0, 100, 50, false), buffer(4, 0, 10, 0, false)]);
+        assert_eq!(job(&p, Some(Instant::now())), Some("chunk"));
+        // An open front respects the spacing.
+        assert_eq!(job(&pending(vec![buffer(3, 0, 100, 50, false)]), Some(Instant::now())), None);
+        assert_eq!(job(&pending(vec![buffer(3, 0, 100, 50, false)]), None), Some("chunk"));
+    }
+
+    #[test]
+    fn append_closes_full_and_superseded_buffers() {
+        let now = Instant::now();
+        let mut p = pending(vec![buffer(3, 0, 100, 100, false)]);
+        // Continues the resumed buffer.
+        let end = p.append(1, 3 * SEG + 100, &[1; 50], &[], SEG, now);
+        assert_eq!((end, p.segments.len(), p.segments[0].end_offset()), (3 * SEG + 150, 1, 150));
+        // Fills it and runs into the next segment: the first is closed, the commit lands in the
+        // segment holding its end.
+        let rest = (SEG - 150) as usize;
+        let end = p.append(1, 3 * SEG + 150, &vec![2; rest + 10], &[(4 * SEG, 5), (4 * SEG + 5, 6)], SEG, now);
+        assert_eq!(end, 4 * SEG + 10);
+        assert!(p.segments[0].closed && !p.segments[1].closed);
+        assert_eq!(p.segments[0].commits, vec![(4 * SEG, 5)]);
+        assert_eq!(p.segments[1].commits, vec![(4 * SEG + 5, 6)]);
+        assert_eq!(job(&p, Some(Instant::now())), Some("segment"));
+        // Bytes elsewhere (a jump, another timeline) close the open buffer too.
+        let mut p = pending(vec![buffer(3, 0, 100, 100, false)]);
+        p.append(1, 3 * SEG + 200, &[1; 10], &[], SEG, now);
+        assert!(p.segments[0].closed);
+        assert_eq!(job(&p, None), Some("forget"));
+        p.segments.pop_front();
+        p.append(2, 3 * SEG + 210, &[1; 10], &[], SEG, now);
+        assert_eq!(p.segments.iter().map(|s| (s.timeline, s.closed)).collect::<Vec<_>>(), vec![(1, true), (2, false)]);
+    }
 
     #[test]
     fn commit_ranges_are_half_open_on_the_left() {

@@ -5,17 +5,20 @@ use pitr_archive::now_us;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pitr_archive::layout::{WalCatalog, WalLayout, WalObject};
+use pitr_archive::complete::CompleteMark;
+use pitr_archive::layout::{WalLayout, WalObject};
 use pitr_archive::lease::{Lease, LeaseError};
 use pitr_archive::{ClusterInfo, ObjectKind, ObjectMeta, Repository, RepositoryError};
 use pitr_pgwire::connection::{ConnectOptions, Connection, StreamEvent};
 use pitr_pgwire::messages::format_lsn;
 use pitr_pgwire::timeline::{parse_history, switch_point};
-use pitr_pgwire::walreader::{pg_timestamp_to_unix_micros, WalDecoder, XactRecord};
+use pitr_pgwire::walreader::{pg_timestamp_to_unix_micros, WalDecoder};
 use pitr_pgwire::{ConnInfo, PgError, ReplicationMessage};
 use tokio::sync::{watch, Notify};
 
-use crate::pending::{lock, Durable, Pending, SegmentBuffer, UploadStats, Uploader};
+use crate::marks::{write_marks, Tracker};
+use crate::pending::{lock, Durable, Pending, UploadStats, Uploader};
+use crate::resume;
 
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
@@ -36,6 +39,9 @@ pub struct StreamConfig {
     /// Who holds the writer lease: stable across restarts of this sidecar (`<host>/<slot>`).
     pub lease_holder: String,
     pub lease_ttl: Duration,
+    /// Completeness marks (moments at which the archive held everything the primary had) are
+    /// written at most this often while caught up; zero writes none.
+    pub complete_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +52,13 @@ pub enum StreamError {
     Postgres(#[from] PgError),
     #[error("{0}")]
     Fatal(String),
+    #[error("cannot resume from the archive: chunk {chunk} holds {bytes} bytes, but its name says {named}")]
+    ChunkLength { chunk: String, bytes: usize, named: usize },
+    #[error(
+        "cannot resume from the archive: chunk {chunk} disagrees with {earlier} about the WAL they both hold; \
+         one of them is not this cluster's WAL (remove it to stream that range again, if the primary still has it)"
+    )]
+    ChunkMismatch { chunk: String, earlier: String },
 }
 
 /// A snapshot of the receiver's state, published for `pitr status` and metrics.
@@ -63,6 +76,10 @@ pub struct StreamStatus {
     pub lag_seconds: f64,
     /// Time (µs since the Unix epoch) of the newest commit/abort made durable.
     pub last_commit_time_us: Option<i64>,
+    /// The primary's clock (µs since the Unix epoch) at the newest completeness mark recorded:
+    /// the archive held everything the primary had then.
+    #[serde(default)]
+    pub complete_up_to_us: Option<i64>,
     pub objects_archived: u64,
     pub bytes_archived: u64,
     pub upload_errors: u64,
@@ -96,6 +113,23 @@ struct Session {
     /// Tells the lease keeper to release the lease and end.
     release_lease: watch::Sender<bool>,
     lease_keeper: tokio::task::JoinHandle<()>,
+    /// Claims of completeness read off the stream, until durable.
+    tracker: Tracker,
+    /// Hands durable claims to the mark writer (`None`: marks are off).
+    marks: Option<watch::Sender<Option<CompleteMark>>>,
+    /// The newest mark recorded.
+    marks_recorded: watch::Receiver<Option<CompleteMark>>,
+    /// Tasks that only save work (compacting segments left as chunks, writing marks): stopped
+    /// with the session, whatever they were doing.
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Session {
+    fn stop_background(&self) {
+        for task in &self.background {
+            task.abort();
+        }
+    }
 }
 
 /// How one replication connection ended.
@@ -177,6 +211,7 @@ pub async fn run(
                     let _ = s.stop_uploader.send(true);
                     s.uploader.abort();
                     s.lease_keeper.abort();
+                    s.stop_background();
                 }
                 return Err(e);
             }
@@ -195,6 +230,7 @@ fn is_transient(e: &PgError) -> bool {
 
 async fn finish(session: Option<Session>, status: &watch::Sender<StreamStatus>) -> Result<(), StreamError> {
     let Some(mut s) = session else { return Ok(()) };
+    s.stop_background();
     let _ = s.stop_uploader.send(true);
     s.wake.notify_one();
     let result = (&mut s.uploader).await;
@@ -324,45 +360,18 @@ async fn open_session(
     let (lease_lost_tx, lease_lost) = watch::channel(None);
     let (release_lease, release_rx) = watch::channel(false);
     let lease_keeper = tokio::spawn(keep_lease(lease, cfg.lease_ttl, lease_lost_tx, release_rx));
-    let catalog = WalCatalog::build(repo, layout).await?;
-    let redundant: Vec<String> = catalog.redundant_chunks().iter().map(|o| layout.object_name(o)).collect();
-    repo.delete_many(&redundant).await?;
+    let (plan, partial) = resume::prepare(repo, layout).await?;
 
     let mut decoder = WalDecoder::new(segment_size, page_size);
     let mut pending = Pending::default();
-    let pos = match catalog.latest_timeline().and_then(|t| catalog.end_lsn(t).map(|e| (t, e))) {
+    let pos = match plan.start {
         Some((timeline, end)) => {
             // Resume from the archive's end. A partial segment's chunks come back into memory so
             // that it can be compacted into a whole segment when it completes.
-            let segno = (end - 1) / segment_size;
-            if let Some(entry) = catalog.segments.get(&(timeline, segno)).filter(|e| !e.whole) {
-                let (base, run_end) = entry.contiguous_chunk_end().unwrap_or((0, 0));
-                let mut data = Vec::with_capacity((run_end - base) as usize);
-                let mut chunks = Vec::new();
-                for &(from, to) in &entry.chunks {
-                    if from < base + data.len() as u32 || to > run_end {
-                        continue;
-                    }
-                    let name = layout.object_name(&WalObject::Chunk { timeline, segno, from, to });
-                    let (_, bytes) = repo.get_opened(&name).await?;
-                    data.extend_from_slice(&bytes);
-                    chunks.push((from, to));
-                }
-                let seg_lsn = layout.segment_start(segno);
-                let mut ignored = Vec::new();
-                decoder.feed(seg_lsn + u64::from(base), &data, &mut ignored);
-                let durable = base + data.len() as u32;
-                pending.segments.push_back(SegmentBuffer {
-                    timeline,
-                    segno,
-                    base,
-                    data,
-                    durable,
-                    closed: false,
-                    chunks,
-                    commits: Vec::new(),
-                    oldest_undurable: None,
-                });
+            if let Some(buf) = partial {
+                let start = layout.segment_start(buf.segno) + u64::from(buf.base);
+                decoder.feed(start, &buf.data, &mut Vec::new());
+                pending.segments.push_back(buf);
             }
             tracing::info!(timeline, end = %format_lsn(end), "resuming from the end of the archive");
             Position { timeline, received: end, timeline_start: end }
@@ -406,6 +415,23 @@ async fn open_session(
         flush_interval: cfg.flush_interval,
     };
     let handle = tokio::spawn(uploader.run(stop_rx));
+    let mut background = Vec::new();
+    if !plan.orphans.is_empty() {
+        tracing::info!(
+            segments = plan.orphans.len(),
+            "segments held entirely as chunks: compacting them in the background"
+        );
+        background.push(tokio::spawn(resume::compact_orphans(repo.clone(), layout, plan.orphans)));
+    }
+    let (recorded_tx, marks_recorded) = watch::channel(None);
+    let marks = if cfg.complete_interval.is_zero() {
+        None
+    } else {
+        let (tx, rx) = watch::channel(None);
+        let writer = write_marks(repo.clone(), ident.system_id, cfg.complete_interval, rx, recorded_tx);
+        background.push(tokio::spawn(writer));
+        Some(tx)
+    };
     Ok(Session {
         layout,
         pos,
@@ -421,6 +447,10 @@ async fn open_session(
         lease_lost,
         release_lease,
         lease_keeper,
+        tracker: Tracker::default(),
+        marks,
+        marks_recorded,
+        background,
     })
 }
 
@@ -490,12 +520,8 @@ async fn follow_history(
 
 fn switch_to(s: &mut Session, timeline: u32, switch_lsn: u64) {
     let seg_start = switch_lsn - switch_lsn % s.layout.segment_size;
-    {
-        let mut pending = lock(&s.pending);
-        for seg in pending.segments.iter_mut() {
-            seg.closed = true;
-        }
-    }
+    lock(&s.pending).close_all();
+    s.tracker.timeline_ended();
     s.wake.notify_one();
     tracing::info!(from = s.pos.timeline, to = timeline, at = %format_lsn(seg_start), "following timeline switch");
     s.pos = Position { timeline, received: seg_start, timeline_start: seg_start };
@@ -526,8 +552,7 @@ fn reportable(s: &Session) -> u64 {
     if d.timeline == s.pos.timeline {
         return d.lsn;
     }
-    let older_pending =
-        lock(&s.pending).segments.iter().any(|seg| seg.timeline != s.pos.timeline && seg.durable != seg.end_offset());
+    let older_pending = lock(&s.pending).segments.iter().any(|seg| seg.timeline != s.pos.timeline && !seg.is_durable());
     if older_pending {
         0 // InvalidXLogRecPtr: the server ignores it and keeps the slot where it is.
     } else {
@@ -547,13 +572,21 @@ async fn pump(
     let mut last_recv = Instant::now();
     let mut last_reported = 0u64;
     let mut records = Vec::new();
+    let mut commits = Vec::new();
+    // At most one reply request in flight: completeness claims from keepalives rely on the
+    // walsender having drained its output between answering two of them (see marks.rs).
+    let mut awaiting_reply = false;
+    s.tracker.connection_started();
     loop {
         let backpressured = lock(&s.pending).held_bytes() > cfg.max_pending_bytes;
+        if backpressured {
+            s.tracker.paused();
+        }
         tokio::select! {
             ev = conn.recv_replication(), if !backpressured => {
                 last_recv = Instant::now();
                 match ev? {
-                    StreamEvent::Message(ReplicationMessage::XLogData { wal_start, wal_end, data, .. }) => {
+                    StreamEvent::Message(ReplicationMessage::XLogData { wal_start, wal_end, send_time, data }) => {
                         if wal_start != s.pos.received {
                             let why = format!(
                                 "server sent WAL at {} but {} was expected", format_lsn(wal_start), format_lsn(s.pos.received));
@@ -561,11 +594,20 @@ async fn pump(
                         }
                         records.clear();
                         s.decoder.feed(wal_start, &data, &mut records);
-                        append(s, wal_start, &data, &records);
+                        commits.clear();
+                        commits.extend(records.iter().map(|r| (r.end_lsn, pg_timestamp_to_unix_micros(r.timestamp))));
+                        append(s, wal_start, &data, &commits);
                         s.primary_lsn = s.primary_lsn.max(wal_end).max(s.pos.received);
+                        let claim_end = wal_end.max(s.pos.received);
+                        s.tracker.on_data(s.pos.timeline, claim_end, pg_timestamp_to_unix_micros(send_time), &commits);
+                        offer_mark(s);
                     }
-                    StreamEvent::Message(ReplicationMessage::Keepalive { wal_end, reply_requested, .. }) => {
+                    StreamEvent::Message(ReplicationMessage::Keepalive { wal_end, send_time, reply_requested }) => {
                         s.primary_lsn = s.primary_lsn.max(wal_end);
+                        awaiting_reply = false;
+                        let claim_end = wal_end.max(s.pos.received);
+                        s.tracker.on_keepalive(s.pos.timeline, claim_end, pg_timestamp_to_unix_micros(send_time));
+                        offer_mark(s);
                         if reply_requested {
                             let r = reportable(s);
                             conn.send_status(r, r, false).await?;
@@ -590,6 +632,7 @@ async fn pump(
                     conn.send_status(r, r, false).await?;
                     last_reported = r;
                 }
+                offer_mark(s);
                 publish(s, status, true);
             }
             _ = tick.tick() => {
@@ -601,8 +644,11 @@ async fn pump(
                     return Err(uploader_failure(s).await);
                 }
                 let r = reportable(s);
-                // Ask for a reply so a dead connection is noticed even when the primary is idle.
-                conn.send_status(r, r, true).await?;
+                // Ask for a reply so a dead connection is noticed even when the primary is idle
+                // (unless one is still on its way: then the check above notices).
+                let ask = !awaiting_reply;
+                conn.send_status(r, r, ask).await?;
+                awaiting_reply |= ask;
                 last_reported = r;
                 publish(s, status, true);
             }
@@ -628,7 +674,7 @@ async fn drain(s: &mut Session, conn: &mut Connection) -> Result<(), StreamError
     let _ = s.stop_uploader.send(true);
     s.wake.notify_one();
     loop {
-        let done = lock(&s.pending).segments.iter().all(|seg| seg.durable == seg.end_offset());
+        let done = lock(&s.pending).all_durable();
         if done || s.uploader.is_finished() {
             break;
         }
@@ -647,49 +693,23 @@ async fn uploader_failure(s: &mut Session) -> StreamError {
     }
 }
 
-/// Appends received WAL to the segment buffers, splitting at segment boundaries.
-fn append(s: &mut Session, mut lsn: u64, mut data: &[u8], records: &[XactRecord]) {
-    let seg_size = s.layout.segment_size;
-    let now = Instant::now();
-    {
-        let mut pending = lock(&s.pending);
-        while !data.is_empty() {
-            let segno = lsn / seg_size;
-            let off = (lsn % seg_size) as u32;
-            let reuse = pending.segments.back().is_some_and(|b| {
-                b.timeline == s.pos.timeline && b.segno == segno && !b.closed && b.end_offset() == off
-            });
-            if !reuse {
-                pending.segments.push_back(SegmentBuffer {
-                    timeline: s.pos.timeline,
-                    segno,
-                    base: off,
-                    data: Vec::with_capacity(seg_size as usize),
-                    durable: off,
-                    closed: false,
-                    chunks: Vec::new(),
-                    commits: Vec::new(),
-                    oldest_undurable: None,
-                });
-            }
-            let Some(buf) = pending.segments.back_mut() else { break };
-            let n = data.len().min((seg_size - u64::from(off)) as usize);
-            buf.data.extend_from_slice(&data[..n]);
-            buf.oldest_undurable.get_or_insert(now);
-            for r in records {
-                if (r.end_lsn - 1) / seg_size == segno {
-                    buf.commits.push((r.end_lsn, pg_timestamp_to_unix_micros(r.timestamp)));
-                }
-            }
-            if u64::from(off) + n as u64 == seg_size {
-                buf.closed = true;
-            }
-            lsn += n as u64;
-            data = &data[n..];
+/// Appends received WAL (with its commits: end LSN, µs since the Unix epoch) to the segment
+/// buffers and wakes the uploader.
+fn append(s: &mut Session, lsn: u64, data: &[u8], commits: &[(u64, i64)]) {
+    let end = lock(&s.pending).append(s.pos.timeline, lsn, data, commits, s.layout.segment_size, Instant::now());
+    s.pos.received = end;
+    s.wake.notify_one();
+}
+
+/// Hands the newest claim the archive now holds to the mark writer (which writes it when its
+/// interval allows; never waited for here).
+fn offer_mark(s: &mut Session) {
+    let durable = *s.durable.borrow();
+    if let Some(mark) = s.tracker.take_durable(durable) {
+        if let Some(marks) = &s.marks {
+            marks.send_replace(Some(mark));
         }
     }
-    s.pos.received = lsn;
-    s.wake.notify_one();
 }
 
 fn publish(s: &Session, status: &watch::Sender<StreamStatus>, connected: bool) {
@@ -699,6 +719,7 @@ fn publish(s: &Session, status: &watch::Sender<StreamStatus>, connected: bool) {
         (p.oldest_undurable(), p.held_bytes())
     };
     let stats = lock(&s.stats).clone();
+    let complete = *s.marks_recorded.borrow();
     status.send_modify(|st| {
         st.connected = connected;
         st.timeline = s.pos.timeline;
@@ -709,6 +730,9 @@ fn publish(s: &Session, status: &watch::Sender<StreamStatus>, connected: bool) {
         st.lag_seconds = oldest.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
         if d.last_commit_us.is_some() {
             st.last_commit_time_us = d.last_commit_us;
+        }
+        if let Some(mark) = complete {
+            st.complete_up_to_us = Some(mark.server_time_us);
         }
         st.objects_archived = stats.objects;
         st.bytes_archived = stats.bytes;
