@@ -88,12 +88,7 @@ impl MongoLayout {
 
 /// Records a completeness mark (and prunes older ones): at the server's `time_us`, the archive
 /// held every entry up to `ts` and the server had nothing newer.
-pub async fn record_complete(
-    repo: &Repository,
-    layout: &MongoLayout,
-    ts: Ts,
-    time_us: i64,
-) -> Result<(), MongoError> {
+pub async fn record_complete(repo: &Repository, layout: &MongoLayout, ts: Ts, time_us: i64) -> Result<(), MongoError> {
     let text = format!("ts={}\ntime_us={time_us}\n", ts.to_name());
     pitr_archive::complete::record_named(repo, &layout.complete_prefix(), &layout.complete_name(ts, time_us), text)
         .await?;

@@ -30,10 +30,8 @@ fn json(out: &str) -> Result<serde_json::Value> {
 /// and the table's state then.
 fn batch(cluster: &PgCluster, i: i32, rows: i32) -> Result<(String, String)> {
     let from = i * rows + 1;
-    cluster.psql(&format!(
-        "insert into t select g, md5(g::text) from generate_series({from}, {}) g",
-        from + rows - 1
-    ))?;
+    cluster
+        .psql(&format!("insert into t select g, md5(g::text) from generate_series({from}, {}) g", from + rows - 1))?;
     let moment = cluster.psql("select clock_timestamp()")?;
     Ok((moment, table_state(|q| cluster.psql(q))?))
 }
@@ -237,5 +235,71 @@ fn pg15_a_retention_gap_is_listed_refused_and_never_drilled() -> Result<()> {
         assert!(in_range(drawn), "drill drew {drawn}, outside {ranges:?}");
         assert!(out.status.success(), "drill failed: {report:#}");
     }
+    Ok(())
+}
+
+/// A moment after the last commit, while the sidecar is caught up: its completeness mark says
+/// nothing happened up to then, so the restore is exact with a data-loss window of 0; a moment
+/// past the mark is refused naming it. Then the newest WAL is lost from the repository's end:
+/// the mark tells that from the end of the archive, and `latest` is refused.
+#[test]
+fn pg15_a_moment_after_the_last_commit_restores_exactly_inside_the_completeness_mark() -> Result<()> {
+    let cluster = PgCluster::start(PgOptions::new(15))?;
+    let mut env = PitrEnv::new("complete", &cluster, "")?;
+    env.edit_config("[metrics]", "complete_interval = \"1s\"\n[metrics]")?;
+    env.init()?;
+    env.share_with_pg_user()?;
+    let mut stream = env.spawn_stream()?;
+    env.wait_streaming(&cluster)?;
+    cluster.psql("create table t (id int primary key, v text)")?;
+    env.run_ok(&["backup"])?;
+    let (_, last_state) = batch(&cluster, 0, 5000)?;
+    // 0.7 s after the last write.
+    std::thread::sleep(Duration::from_millis(700));
+    let after = cluster.psql("select clock_timestamp()")?;
+    let after_us = pitr_restore::target::parse_time(&after).context("clock_timestamp")?;
+    wait_until("a completeness mark past the moment", Duration::from_secs(60), || {
+        let list = json(&env.run_ok(&["list", "--json"])?)?;
+        let complete = list["recoverable_windows"][0]["complete_up_to"].as_str().map(String::from);
+        Ok(complete.as_deref().and_then(pitr_restore::target::parse_time).is_some_and(|c| c >= after_us))
+    })
+    .with_context(|| env.stream_logs())?;
+    let status = json(&env.run_ok(&["status", "--json"])?)?;
+    assert!(status.to_string().contains("complete"), "status does not show the completeness mark: {status:#}");
+    env.stop_stream(&mut stream)?;
+
+    let report = restore_exact(&env, &cluster, &after, &last_state)?;
+    assert_eq!(report["data_loss_window_seconds"].as_f64(), Some(0.0), "{report:#}");
+    assert!(report["recovery_settings"].to_string().contains("--until-lsn"), "{report:#}");
+    let out = env.run(&[
+        "restore",
+        "--to",
+        &pitr_restore::format_time(after_us + 3_600_000_000),
+        "--target-dir",
+        &scratch_dir("late").path().join("data").display().to_string(),
+    ])?;
+    failure_of("restore past the completeness mark", &out, &["known complete up to"]);
+
+    // The newest segment's objects go: the archive now ends before what the mark vouched for.
+    let wal_dir = env.wal_dir()?;
+    let mut names: Vec<String> = std::fs::read_dir(&wal_dir)?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| !n.ends_with(".history"))
+        .collect();
+    names.sort();
+    let newest_segment = names.last().map(|n| n[..24].to_string()).context("no WAL")?;
+    for n in names.iter().filter(|n| n.starts_with(&newest_segment)) {
+        std::fs::remove_file(wal_dir.join(n))?;
+    }
+    let repo_before = snapshot(&env.repo);
+    let out = env.run(&[
+        "restore",
+        "--to",
+        "latest",
+        "--target-dir",
+        &scratch_dir("tail").path().join("data").display().to_string(),
+    ])?;
+    failure_of("restore latest with the tail lost", &out, &["WAL was lost from its end", "completeness mark"]);
+    assert_untouched(&env.repo, &repo_before, "restores refused");
     Ok(())
 }

@@ -47,6 +47,10 @@ pub struct Window {
     pub newest_commit_us: Option<i64>,
     /// Up to when the sidecar recorded that the archive held everything the primary had.
     pub complete_up_to_us: Option<i64>,
+    /// A completeness mark that vouches for WAL the archive no longer holds: its end was lost
+    /// (a deleted or never-copied tail), which no listing alone could tell from the end.
+    #[serde(skip)]
+    pub lost_tail: Option<CompleteMark>,
     /// The restorable ranges, oldest first; more than one means gaps between them.
     pub ranges: Vec<Range>,
 }
@@ -95,7 +99,21 @@ impl Catalog {
         // secondaries' listings into account, and remember which could not be asked.
         let mut from_fallbacks = BTreeMap::new();
         let mut unlisted = Vec::new();
-        if !repo.fallbacks().is_empty() && has_hole(&wal, &histories) {
+        // The newest completeness mark of each timeline, read before anything else: a mark past
+        // the WAL held says the end of the archive was lost.
+        let mut marks = BTreeMap::new();
+        for &timeline in wal.segments.keys().map(|(t, _)| t).collect::<std::collections::BTreeSet<_>>() {
+            if let Some(m) = complete::newest_pg(repo, cluster.system_id, timeline).await? {
+                marks.insert(timeline, m);
+            }
+        }
+        let tail_lost = |wal: &WalCatalog| {
+            marks.iter().any(|(&t, m)| {
+                let path = TimelinePath::new(t, histories.get(&t).map(Vec::as_slice).unwrap_or(&[]));
+                continuity::path_end(wal, &path).is_some_and(|end| m.lsn > end)
+            })
+        };
+        if !repo.fallbacks().is_empty() && (has_hole(&wal, &histories) || tail_lost(&wal)) {
             let own: std::collections::BTreeSet<String> = names.iter().cloned().collect();
             for other in repo.fallbacks() {
                 match other.store.list(&layout.prefix()).await {
@@ -123,9 +141,10 @@ impl Catalog {
             let path = TimelinePath::new(timeline, histories.get(&timeline).map(Vec::as_slice).unwrap_or(&[]));
             let Some(end_lsn) = continuity::path_end(&wal, &path) else { continue };
             let newest_commit_us = newest_commit_us(repo, &wal, timeline).await?;
-            let mark = complete::newest_pg(repo, cluster.system_id, timeline).await?;
+            let mark = marks.get(&timeline).copied();
             // A mark proves something only while the archive still holds the WAL it vouches for.
             let complete_up_to_us = mark.filter(|m| m.lsn <= end_lsn).map(|m: CompleteMark| m.server_time_us);
+            let lost_tail = mark.filter(|m| m.lsn > end_lsn);
             let newest_end_us = newest_commit_us.max(complete_up_to_us);
             let mut per_backup = BTreeMap::new();
             let mut ranges: Vec<Range> = Vec::new();
@@ -155,6 +174,7 @@ impl Catalog {
                 end_lsn,
                 newest_commit_us,
                 complete_up_to_us,
+                lost_tail,
                 ranges,
             });
         }
@@ -232,11 +252,19 @@ impl Catalog {
             self.backups.iter().filter_map(|b| self.reaches.get(&b.id).map(|r| (b, r))).collect();
         let reaches_end = |r: &BackupReach| r.reach.hole.is_none();
         let chosen = match target {
+            RecoveryTarget::Latest | RecoveryTarget::Xid(_)
+                if self.current_window().is_some_and(|w| w.lost_tail.is_some()) =>
+            {
+                return Err(self.lost_tail_error(target));
+            }
             RecoveryTarget::Latest | RecoveryTarget::Xid(_) => {
                 // Where a transaction committed is only known by reading WAL; the oldest backup
                 // whose WAL runs to the end recovers any transaction committed after it.
-                let complete: Vec<&BackupManifest> =
-                    usable.iter().filter(|(b, r)| reaches_end(r) && r.reach.end_lsn >= b.stop_lsn).map(|(b, _)| *b).collect();
+                let complete: Vec<&BackupManifest> = usable
+                    .iter()
+                    .filter(|(b, r)| reaches_end(r) && r.reach.end_lsn >= b.stop_lsn)
+                    .map(|(b, _)| *b)
+                    .collect();
                 let pick = if matches!(target, RecoveryTarget::Latest) { complete.last() } else { complete.first() };
                 match pick {
                     Some(b) => Some(*b),
@@ -302,6 +330,31 @@ impl Catalog {
         let (b, r) = usable.iter().rev().find(|(b, r)| before_target(b, r))?;
         let hole = r.reach.hole?;
         Some(self.hole_message(b, &hole, r))
+    }
+
+    fn lost_tail_error(&self, target: RecoveryTarget) -> RestoreError {
+        let Some((w, mark)) = self.current_window().and_then(|w| w.lost_tail.map(|m| (w, m))) else {
+            return RestoreError::OutsideWindow(format!("{target}: {}", self.describe()));
+        };
+        let mut msg = format!(
+            "{target} cannot be restored exactly: the archive held WAL up to {} on timeline {} at {} \
+             (completeness mark {}), but now ends at {}: WAL was lost from its end",
+            pitr_pgwire::format_lsn(mark.lsn),
+            mark.timeline,
+            format_time(mark.server_time_us),
+            mark.name(self.cluster.system_id),
+            pitr_pgwire::format_lsn(w.end_lsn),
+        );
+        for u in &self.unlisted {
+            msg.push_str(&format!(
+                "; secondary repository {:?} could not be listed ({}): it may hold the rest, retry when it is reachable",
+                u.name, u.error
+            ));
+        }
+        RestoreError::OutsideWindow(format!(
+            "{msg}; restore to a moment within the ranges instead; {}",
+            self.describe()
+        ))
     }
 
     fn no_complete_chain(&self, target: RecoveryTarget, usable: &[(&BackupManifest, &BackupReach)]) -> RestoreError {

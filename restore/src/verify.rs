@@ -166,7 +166,7 @@ pub async fn verify(
                         message: format!("segment {} is held only from its middle", layout.segment_file_name(t, segno)),
                     })
                 }
-                Some(e) if !e.whole && segno != last => findings.push(Finding {
+                Some(e) if !e.is_complete(layout.segment_size) && segno != last => findings.push(Finding {
                     kind: "wal-gap",
                     object: layout.object_name(&WalObject::Segment { timeline: t, segno }),
                     message: format!(

@@ -375,7 +375,10 @@ mod tests {
             wal_fetch(&repo, &info, "000000010000000000000003", &dest, None).await,
             Err(FetchError::NotFound { .. })
         ));
-        assert!(matches!(wal_fetch(&repo, &info, "00000003.history", &dest, None).await, Err(FetchError::NotFound { .. })));
+        assert!(matches!(
+            wal_fetch(&repo, &info, "00000003.history", &dest, None).await,
+            Err(FetchError::NotFound { .. })
+        ));
         assert!(matches!(wal_fetch(&repo, &info, "junk", &dest, None).await, Err(FetchError::BadName { .. })));
 
         // Prefetch spools only whole segments and stops at the partial one; wal-fetch takes the
@@ -404,9 +407,13 @@ mod tests {
         let meta = ObjectMeta::plain(ObjectKind::WalChunk);
         let whole: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
         for segno in [1u64, 3, 5] {
-            repo.put_sealed(&layout.object_name(&WalObject::Segment { timeline: 1, segno }), whole.clone(), meta.clone())
-                .await
-                .unwrap();
+            repo.put_sealed(
+                &layout.object_name(&WalObject::Segment { timeline: 1, segno }),
+                whole.clone(),
+                meta.clone(),
+            )
+            .await
+            .unwrap();
         }
         // Segment 4: a chunk never compacted, though segment 5 follows.
         let chunk = layout.object_name(&WalObject::Chunk { timeline: 1, segno: 4, from: 0, to: 100 });
@@ -430,12 +437,20 @@ mod tests {
         ));
         // Before timeline 2's fork in segment 7 nothing of timeline 2 existed; at segment 9,
         // past its end, nothing does yet. But timeline 1 must reach the fork: segment 7 is a hole.
-        repo.put_sealed(&layout.object_name(&WalObject::History { timeline: 2 }), b"1\t0/7000A0\tx\n".to_vec(), meta.clone())
-            .await
-            .unwrap();
-        repo.put_sealed(&layout.object_name(&WalObject::Segment { timeline: 2, segno: 7 }), whole.clone(), meta.clone())
-            .await
-            .unwrap();
+        repo.put_sealed(
+            &layout.object_name(&WalObject::History { timeline: 2 }),
+            b"1\t0/7000A0\tx\n".to_vec(),
+            meta.clone(),
+        )
+        .await
+        .unwrap();
+        repo.put_sealed(
+            &layout.object_name(&WalObject::Segment { timeline: 2, segno: 7 }),
+            whole.clone(),
+            meta.clone(),
+        )
+        .await
+        .unwrap();
         assert!(matches!(
             wal_fetch(&repo, &info, "000000020000000000000003", &dest, None).await,
             Err(FetchError::NotFound { .. })
