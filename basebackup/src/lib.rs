@@ -118,13 +118,26 @@ pub async fn take_backup(
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<(BackupManifest, BackupSummary), BackupError> {
     let started = Instant::now();
-    let mut start_time_us = now_us();
     // The key must open the repository before anything else happens.
     repo.check().await?;
     // Announced before any block is written or reused, so that `pitr expire` does not sweep
     // blocks under this backup; renewed in the background for as long as the backup runs,
-    // however long that is (released once the manifest is durable; dropped on error exits).
+    // however long that is. Released once the manifest is durable, and on failures too (a
+    // marker left behind would hold the block sweep off until it is stale).
     let running = pitr_archive::running::RunMarker::begin(repo, pitr_archive::running::RunKind::Backup).await?;
+    let result = backup_marked(repo, opts, progress, started).await;
+    running.release().await;
+    result
+}
+
+/// The backup itself, under its running marker.
+async fn backup_marked(
+    repo: &Repository,
+    opts: &BackupOptions,
+    progress: &(dyn Fn(Progress) + Sync),
+    started: Instant,
+) -> Result<(BackupManifest, BackupSummary), BackupError> {
+    let mut start_time_us = now_us();
     let connect = ConnectOptions { replication: true, application_name: opts.application_name.clone() };
     let mut conn = Connection::connect(&opts.conninfo, &connect).await?;
     let ident = conn.identify_system().await?;
@@ -329,7 +342,6 @@ pub async fn take_backup(
     if outcome != PutOutcome::Created {
         return Err(BackupError::Other(format!("a backup named {} exists already", manifest.id)));
     }
-    running.release().await;
     let stored_total = stored + manifest_size;
     let summary = BackupSummary {
         id: manifest.id.clone(),

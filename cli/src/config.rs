@@ -148,8 +148,10 @@ pub struct RetentionSection {
     /// Every second of the last `window` stays restorable.
     #[serde(default = "default_window", with = "humantime_serde")]
     pub window: Duration,
-    /// A running-backup marker older than this is a crashed backup's: it no longer holds off the
-    /// block sweep. Must exceed the longest backup.
+    /// A running marker (backup, restore, drill) not renewed for this long is a crashed run's: it
+    /// no longer holds expire off. Markers are renewed every 15 s (`running::RENEW_EVERY`), so
+    /// this need not exceed the longest backup; the 1-minute lower bound leaves room for slow
+    /// puts and clock skew.
     #[serde(default = "default_stale_backup_after", with = "humantime_serde")]
     pub stale_backup_after: Duration,
     /// Lifetime of the expire lock; blocks are deleted only in its first half.

@@ -119,7 +119,9 @@ fn restores_stay_inside_the_target_and_force_spares_a_running_server() -> Result
     let escape = format!("../../{sentinel_name}/planted");
     let absolute = sentinel.path().join("planted").display().to_string();
     let sentinel_str = sentinel.path().display().to_string();
-    let crafted: Vec<(&str, &str, Box<dyn Fn(&mut BackupManifest) + '_>)> = vec![
+    // (backup id, the path its restore must refuse (empty: none, it restores), how it is made)
+    type Crafted<'a> = (&'a str, &'a str, Box<dyn Fn(&mut BackupManifest) + 'a>);
+    let crafted: Vec<Crafted> = vec![
         (
             "20990101T000001Z",
             "pg_log",

@@ -279,6 +279,10 @@ fn pg15_resumes_from_every_state_the_archive_can_be_in() -> Result<()> {
     // (5) left a hole, the only one besides the newest segment (still being written); the WAL
     // after it is exact too.
     let hole = hole.context("no hole planted")?;
+    write_rows(&cluster, 500)?;
+    switch_wal(&cluster)?;
+    let end = cluster.current_lsn()?;
+    env.wait_archived(end - end % SEG, "a whole segment after the hole")?;
     let catalog = a.catalog()?;
     let newest = catalog.segments.keys().next_back().context("empty archive")?.1;
     let partial: Vec<u64> = catalog.segments.iter().filter(|(_, e)| !e.whole).map(|(k, _)| k.1).collect();

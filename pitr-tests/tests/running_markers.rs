@@ -309,8 +309,7 @@ fn pg15_a_restore_in_progress_keeps_the_backup_and_wal_it_reads_from_expire() ->
     // Paused once it has recorded what it reads (a small restore may get there and finish
     // between two looks: then it runs again).
     let mut attempt = 0;
-    let mut replay_from = 0;
-    let mut restore = loop {
+    let (mut restore, replay_from) = loop {
         attempt += 1;
         let mut r = BackgroundRestore::spawn(&env, &b.moment, cluster.bin_dir())?;
         let mut planned = None;
@@ -328,8 +327,7 @@ fn pg15_a_restore_in_progress_keeps_the_backup_and_wal_it_reads_from_expire() ->
                 // Still holding its marker (not past its release): paused in the middle.
                 if !runs_of(&env, RunKind::Restore)?.is_empty() {
                     assert_eq!(plan.backups, vec![b.old.clone()], "{plan:?}");
-                    replay_from = plan.wal_from_lsn / pitr_tests::pitr::WAL_SEGMENT_SIZE;
-                    break r;
+                    break (r, plan.wal_from_lsn / pitr_tests::pitr::WAL_SEGMENT_SIZE);
                 }
                 r.child.signal(libc::SIGCONT)?;
             }

@@ -792,9 +792,12 @@ mod tests {
         }
     }
 
-    /// Everything under `dir`, links not followed: path → (kind, mode, content or link target).
-    fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (char, u32, Vec<u8>)> {
-        fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, (char, u32, Vec<u8>)>) {
+    /// path → (kind, mode, content or link target).
+    type Tree = BTreeMap<PathBuf, (char, u32, Vec<u8>)>;
+
+    /// Everything under `dir`, links not followed.
+    fn snapshot(dir: &Path) -> Tree {
+        fn walk(root: &Path, dir: &Path, out: &mut Tree) {
             let Ok(entries) = std::fs::read_dir(dir) else { return };
             for e in entries {
                 let path = e.unwrap().path();
@@ -907,7 +910,7 @@ mod tests {
 
         /// The state a restore must not change: outside, the repository, and the directory the
         /// target is in (no target, no staging directory left behind after a refusal).
-        fn state(&self) -> [BTreeMap<PathBuf, (char, u32, Vec<u8>)>; 3] {
+        fn state(&self) -> [Tree; 3] {
             [
                 snapshot(&self.outside()),
                 snapshot(&self.tmp.path().join("repo")),
@@ -934,7 +937,9 @@ mod tests {
         let outside = fx.outside();
         let escape = format!("../../{}", outside.strip_prefix(fx.tmp.path()).unwrap().display());
         let absolute = outside.join("planted").display().to_string();
-        let cases: Vec<(&str, Vec<BackupEntry>, Vec<BackupFile>, &str, Unconfined)> = vec![
+        // (backup id, entries, files, the path refused (empty: the last one listed), why)
+        type Case<'a> = (&'a str, Vec<BackupEntry>, Vec<BackupFile>, &'a str, Unconfined);
+        let cases: Vec<Case> = vec![
             // A link to a directory outside, then a file written "through" it.
             (
                 "20260101T000001Z",

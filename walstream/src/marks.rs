@@ -85,7 +85,7 @@ impl Tracker {
                 self.wait_for(pending);
             }
         }
-        if self.last_wal_end.map_or(true, |end| end == wal_end) {
+        if self.last_wal_end.is_none_or(|end| end == wal_end) {
             self.unconfirmed = Some(CompleteMark { timeline, lsn: wal_end, server_time_us: send_time_us });
         }
     }
@@ -112,7 +112,7 @@ impl Tracker {
             if c.timeline != durable.timeline || c.lsn > durable.lsn {
                 return true;
             }
-            if best.map_or(true, |b| c.server_time_us > b.server_time_us) {
+            if best.is_none_or(|b| c.server_time_us > b.server_time_us) {
                 best = Some(*c);
             }
             false

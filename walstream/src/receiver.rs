@@ -115,6 +115,9 @@ struct Session {
     lease_keeper: tokio::task::JoinHandle<()>,
     /// Claims of completeness read off the stream, until durable.
     tracker: Tracker,
+    /// The connected server's timeline: while we stream an older one (its history), the
+    /// server's messages say nothing about what it has now, so nothing is claimed.
+    server_timeline: u32,
     /// Hands durable claims to the mark writer (`None`: marks are off).
     marks: Option<watch::Sender<Option<CompleteMark>>>,
     /// The newest mark recorded.
@@ -291,6 +294,7 @@ async fn stream_on(
         st.last_error = None;
     });
     s.primary_lsn = s.primary_lsn.max(ident.xlog_pos);
+    s.server_timeline = ident.timeline;
 
     if ident.timeline < s.pos.timeline {
         return Ok(Finished::Reconnect(format!(
@@ -448,6 +452,7 @@ async fn open_session(
         release_lease,
         lease_keeper,
         tracker: Tracker::default(),
+        server_timeline: ident.timeline,
         marks,
         marks_recorded,
         background,
@@ -598,16 +603,21 @@ async fn pump(
                         commits.extend(records.iter().map(|r| (r.end_lsn, pg_timestamp_to_unix_micros(r.timestamp))));
                         append(s, wal_start, &data, &commits);
                         s.primary_lsn = s.primary_lsn.max(wal_end).max(s.pos.received);
-                        let claim_end = wal_end.max(s.pos.received);
-                        s.tracker.on_data(s.pos.timeline, claim_end, pg_timestamp_to_unix_micros(send_time), &commits);
-                        offer_mark(s);
+                        if s.pos.timeline == s.server_timeline {
+                            let claim_end = wal_end.max(s.pos.received);
+                            let time = pg_timestamp_to_unix_micros(send_time);
+                            s.tracker.on_data(s.pos.timeline, claim_end, time, &commits);
+                            offer_mark(s);
+                        }
                     }
                     StreamEvent::Message(ReplicationMessage::Keepalive { wal_end, send_time, reply_requested }) => {
                         s.primary_lsn = s.primary_lsn.max(wal_end);
                         awaiting_reply = false;
-                        let claim_end = wal_end.max(s.pos.received);
-                        s.tracker.on_keepalive(s.pos.timeline, claim_end, pg_timestamp_to_unix_micros(send_time));
-                        offer_mark(s);
+                        if s.pos.timeline == s.server_timeline {
+                            let claim_end = wal_end.max(s.pos.received);
+                            s.tracker.on_keepalive(s.pos.timeline, claim_end, pg_timestamp_to_unix_micros(send_time));
+                            offer_mark(s);
+                        }
                         if reply_requested {
                             let r = reportable(s);
                             conn.send_status(r, r, false).await?;
