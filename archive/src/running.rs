@@ -461,10 +461,21 @@ impl RunMarker {
         let mut said = false;
         loop {
             let now = now_us();
-            let live = list(repo)
-                .await?
-                .into_iter()
-                .find(|o| matches!(o.activity, Activity::Expire { expires_us, .. } if expires_us > now));
+            let reader = !matches!(self.shared.kind, RunKind::Backup);
+            // Expire deletes nothing past its sweep deadline (half its lock's lifetime). A reader
+            // waits only until then, plus a minute for clock skew: a lock left by a crashed
+            // expire must not hold a restore during an incident for the lock's whole lifetime.
+            // A backup waits for the whole lifetime, as before, since it also writes blocks.
+            let waits_until = |started_us: i64, expires_us: i64| {
+                if reader {
+                    (started_us + (expires_us - started_us) / 2 + 60_000_000).min(expires_us)
+                } else {
+                    expires_us
+                }
+            };
+            let live = list(repo).await?.into_iter().find(|o| {
+                matches!(o.activity, Activity::Expire { started_us, expires_us } if waits_until(started_us, expires_us) > now)
+            });
             let Some(lock) = live else { return Ok(()) };
             if !said {
                 let Activity::Expire { expires_us, .. } = lock.activity else { return Ok(()) };

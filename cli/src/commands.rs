@@ -438,6 +438,8 @@ struct SidecarReport {
     bytes_archived: u64,
     upload_errors: u64,
     last_error: Option<String>,
+    /// The sidecar's newest completeness mark: the archive held all the primary's WAL then.
+    complete_up_to: Option<String>,
     updated: String,
 }
 
@@ -495,6 +497,7 @@ pub async fn status(config_path: &Path, json: bool) -> Result<()> {
         bytes_archived: s.bytes_archived,
         upload_errors: s.upload_errors,
         last_error: s.last_error,
+        complete_up_to: s.complete_up_to_us.map(rfc3339_us),
         updated: rfc3339_us(s.updated_at_us),
     });
 
@@ -528,6 +531,9 @@ pub async fn status(config_path: &Path, json: bool) -> Result<()> {
     println!("timeline:               {}", report.timeline.map(|t| t.to_string()).unwrap_or_else(|| "-".into()));
     println!("archived (durable) LSN: {}", or_dash(&report.archived_lsn));
     println!("newest archived commit: {}", or_dash(&report.newest_archived_commit));
+    if let Some(c) = report.sidecar.as_ref().and_then(|s| s.complete_up_to.as_ref()) {
+        println!("known complete up to:   {c}");
+    }
     match (&report.primary_lsn, &report.primary_error) {
         (Some(lsn), _) => println!("primary LSN:            {lsn}"),
         (None, Some(e)) => println!("primary LSN:            unknown ({e})"),

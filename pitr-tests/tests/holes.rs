@@ -53,6 +53,17 @@ fn copy_caught_up(env: &PitrEnv, name: &str) -> Result<bool> {
     Ok(copy["queued_objects"] == 0 && copy["state"] != "retrying" && copy["copied_objects"].as_u64() > Some(0))
 }
 
+/// Initialises the repository, starts `pitr stream`, creates the table and takes a first backup.
+fn streaming_with_a_backup(env: &mut PitrEnv, cluster: &PgCluster) -> Result<pitr_tests::Child> {
+    env.init()?;
+    env.share_with_pg_user()?;
+    let stream = env.spawn_stream()?;
+    env.wait_streaming(cluster)?;
+    cluster.psql("create table t (id int primary key, v text)")?;
+    env.run_ok(&["backup"])?;
+    Ok(stream)
+}
+
 #[test]
 fn pg15_a_lost_segment_fails_the_restore_by_name_and_a_secondary_fills_it() -> Result<()> {
     let cluster = PgCluster::start(PgOptions::new(15))?;
@@ -61,12 +72,7 @@ fn pg15_a_lost_segment_fails_the_restore_by_name_and_a_secondary_fills_it() -> R
     let mut text = std::fs::read_to_string(&env.config)?;
     text.push_str(&format!("[[repository.secondary]]\nname = \"nas\"\npath = {:?}\n", nas.display().to_string()));
     std::fs::write(&env.config, text)?;
-    env.init()?;
-    env.share_with_pg_user()?;
-    let mut stream = env.spawn_stream()?;
-    env.wait_streaming(&cluster)?;
-    cluster.psql("create table t (id int primary key, v text)")?;
-    env.run_ok(&["backup"])?;
+    let mut stream = streaming_with_a_backup(&mut env, &cluster)?;
 
     let mut moments = Vec::new();
     let mut segments = Vec::new();
@@ -247,12 +253,7 @@ fn pg15_a_moment_after_the_last_commit_restores_exactly_inside_the_completeness_
     let cluster = PgCluster::start(PgOptions::new(15))?;
     let mut env = PitrEnv::new("complete", &cluster, "")?;
     env.edit_config("[metrics]", "complete_interval = \"1s\"\n[metrics]")?;
-    env.init()?;
-    env.share_with_pg_user()?;
-    let mut stream = env.spawn_stream()?;
-    env.wait_streaming(&cluster)?;
-    cluster.psql("create table t (id int primary key, v text)")?;
-    env.run_ok(&["backup"])?;
+    let mut stream = streaming_with_a_backup(&mut env, &cluster)?;
     let (_, last_state) = batch(&cluster, 0, 5000)?;
     // 0.7 s after the last write.
     std::thread::sleep(Duration::from_millis(700));
@@ -265,7 +266,7 @@ fn pg15_a_moment_after_the_last_commit_restores_exactly_inside_the_completeness_
     })
     .with_context(|| env.stream_logs())?;
     let status = json(&env.run_ok(&["status", "--json"])?)?;
-    assert!(status.to_string().contains("complete"), "status does not show the completeness mark: {status:#}");
+    assert!(status["sidecar"]["complete_up_to"].is_string(), "status does not show the completeness mark: {status:#}");
     env.stop_stream(&mut stream)?;
 
     let report = restore_exact(&env, &cluster, &after, &last_state)?;

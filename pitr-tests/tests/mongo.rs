@@ -394,7 +394,7 @@ async fn a_moment_after_the_last_write_restores_exactly_inside_the_completeness_
     wait_until("a completeness mark past the moment", Duration::from_secs(60), || {
         let listed = json(&env, &["list", "--json"])?;
         let complete = listed["mongo"]["complete_up_to"].as_str().map(String::from);
-        Ok(complete.as_deref().and_then(|c| pitr_restore::target::parse_time(c)).is_some_and(|c| c >= after_ms * 1000))
+        Ok(complete.as_deref().and_then(pitr_restore::target::parse_time).is_some_and(|c| c >= after_ms * 1000))
     })
     .with_context(|| env.stream_logs())?;
     env.stop_stream_cleanly(&mut stream)?;

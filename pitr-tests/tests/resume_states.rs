@@ -22,6 +22,9 @@ fn start_cluster() -> Result<PgCluster> {
 }
 
 /// The test repository opened with its key, as the sidecar opens it.
+/// A segment's chunk ranges, their bytes as one run from offset 0, and the last chunk's header.
+type ChunkRun = (Vec<(u32, u32)>, Vec<u8>, ObjectMeta);
+
 struct Archive {
     repo: Repository,
     layout: WalLayout,
@@ -72,7 +75,7 @@ impl Archive {
     }
 
     /// The chunks of `segno` (timeline 1), and their bytes as one run from offset 0.
-    fn chunk_run(&self, segno: u64) -> Result<(Vec<(u32, u32)>, Vec<u8>, ObjectMeta)> {
+    fn chunk_run(&self, segno: u64) -> Result<ChunkRun> {
         let catalog = self.catalog()?;
         let entry = catalog.segments.get(&(1, segno)).context("segment not in the archive")?;
         let mut data = Vec::new();
@@ -316,7 +319,7 @@ fn pg15_restore_through_planted_states_is_exact() -> Result<()> {
     let expected = table_state(|sql| cluster.psql(sql))?;
     env.wait_archived(cluster.current_lsn()?, "the last rows")?;
     env.share_with_pg_user()?;
-    let (restored, _) = env.restore_started("latest", &cluster.bin_dir(), &[])?;
+    let (restored, _) = env.restore_started("latest", cluster.bin_dir(), &[])?;
     ensure!(table_state(|sql| restored.psql(sql))? == expected, "the restored table differs from the primary's");
     drop(stream);
     Ok(())

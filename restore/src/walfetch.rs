@@ -333,8 +333,8 @@ mod tests {
     use pitr_archive::{KeyRing, LocalStore, ObjectKind, ObjectMeta};
     use std::sync::Arc;
 
-    #[tokio::test]
-    async fn segment_partial_and_history() {
+    /// A local repository with 1 MiB segments.
+    fn scratch_repository() -> (tempfile::TempDir, Repository, ClusterInfo, WalLayout, ObjectMeta) {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::new(dir.path().join("repo"));
         store.create_root().unwrap();
@@ -342,7 +342,12 @@ mod tests {
         let info =
             ClusterInfo { system_id: 1, wal_segment_size: 1 << 20, wal_page_size: 8192, server_version_num: 150000 };
         let layout = WalLayout::new(&info);
-        let meta = ObjectMeta::plain(ObjectKind::WalChunk);
+        (dir, repo, info, layout, ObjectMeta::plain(ObjectKind::WalChunk))
+    }
+
+    #[tokio::test]
+    async fn segment_partial_and_history() {
+        let (dir, repo, info, layout, meta) = scratch_repository();
         let whole: Vec<u8> = (0..1u32 << 20).map(|i| i as u8).collect();
         repo.put_sealed(
             &layout.object_name(&WalObject::Segment { timeline: 1, segno: 1 }),
@@ -397,14 +402,7 @@ mod tests {
 
     #[tokio::test]
     async fn holes_are_not_the_end_of_the_archive() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::new(dir.path().join("repo"));
-        store.create_root().unwrap();
-        let repo = Repository::new(Arc::new(store), KeyRing::from_key("k", [3; 32]));
-        let info =
-            ClusterInfo { system_id: 1, wal_segment_size: 1 << 20, wal_page_size: 8192, server_version_num: 150000 };
-        let layout = WalLayout::new(&info);
-        let meta = ObjectMeta::plain(ObjectKind::WalChunk);
+        let (dir, repo, info, layout, meta) = scratch_repository();
         let whole: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
         for segno in [1u64, 3, 5] {
             repo.put_sealed(

@@ -6,8 +6,8 @@
 //! restart. The flush position reported to the primary is always the end of the last durable
 //! object, so the replication slot keeps on the primary whatever the archive does not yet hold.
 //!
-//! Start-up resumes from any state the archive's WAL can be in ([`resume`]: segments left as
-//! chunks, overlapping chunks, gaps); while caught up it records completeness marks ([`marks`]:
+//! Start-up resumes from any state the archive's WAL can be in (`resume.rs`: segments left as
+//! chunks, overlapping chunks, gaps); while caught up it records completeness marks (`marks.rs`:
 //! the moments the archive held everything the primary had).
 //!
 //! It does not parse the protocol (pitr-pgwire) or know the object format (pitr-archive).
