@@ -286,10 +286,10 @@ impl Catalog {
                             let commit = w.and_then(|w| w.newest_commit_us).map(format_time);
                             let complete = w.and_then(|w| w.complete_up_to_us).map(format_time);
                             format!(
-                                "{target} is after the last moment the archive is known to hold everything \
-                                 (newest archived commit {}; known complete up to {})",
+                                "{target} is after the newest archived commit ({}) and after the moment the \
+                                 archive is known complete up to ({})",
                                 commit.as_deref().unwrap_or("none"),
-                                complete.as_deref().unwrap_or("(no completeness mark recorded)")
+                                complete.as_deref().unwrap_or("no completeness mark recorded")
                             )
                         } else {
                             self.gap_reason(&usable, |b, r| b.stop_time_us <= t && r.end_us.is_none_or(|e| e < t))
@@ -414,14 +414,13 @@ impl Catalog {
         Ok(b)
     }
 
-    /// Whether `target` lies after the newest archived commit but inside the moment up to which
-    /// the archive is known complete: the state then is the state after the newest commit.
+    /// Whether `target` lies at or after the newest archived commit and inside the window (up to
+    /// the moment the archive is known complete): the state then is the state after the newest
+    /// commit, and no later commit exists for PostgreSQL to stop at.
     pub fn past_newest_commit(&self, target: RecoveryTarget) -> bool {
         let Some(w) = self.current_window() else { return false };
         match target {
-            RecoveryTarget::Time(t) => {
-                w.newest_commit_us.is_none_or(|c| t > c) && w.complete_up_to_us.is_some_and(|m| t <= m)
-            }
+            RecoveryTarget::Time(t) => w.newest_commit_us.is_none_or(|c| t >= c) && w.end_us.is_some_and(|e| t <= e),
             _ => false,
         }
     }
