@@ -632,8 +632,8 @@ mod tests {
         assert!(s.kept.contains_key("stray"));
     }
 
-    #[test]
-    fn wal_keeps_backup_ranges_and_the_window_and_writes_floors() {
+    /// Segments 8..20 of timeline 1 and 14..22 of timeline 2, which forked at 0/E000000.
+    fn two_timelines() -> (WalCatalog, Timelines) {
         let layout = WalLayout { system_id: 7, segment_size: 16 << 20 };
         let names: Vec<String> = (8..20u64)
             .map(|s| layout.object_name(&WalObject::Segment { timeline: 1, segno: s }))
@@ -643,6 +643,12 @@ mod tests {
         let wal = WalCatalog::from_names(layout, names.iter().map(|s| s.as_str()));
         let mut t = Timelines::default();
         t.add_history(2, "1\t0/E000000\tx\n");
+        (wal, t)
+    }
+
+    #[test]
+    fn wal_keeps_backup_ranges_and_the_window_and_writes_floors() {
+        let (wal, t) = two_timelines();
         let old = point("old", 0, None); // segments 10..=10
         let base = point("base", 2, None); // segment 12 on timeline 1
         let plan = plan_wal(&wal, &[&old, &base], Some(&base), &t, &BTreeMap::new());
@@ -666,15 +672,7 @@ mod tests {
 
     #[test]
     fn running_readers_keep_their_wal_on_descending_timelines() {
-        let layout = WalLayout { system_id: 7, segment_size: 16 << 20 };
-        let names: Vec<String> = (8..20u64)
-            .map(|s| layout.object_name(&WalObject::Segment { timeline: 1, segno: s }))
-            .chain((14..22u64).map(|s| layout.object_name(&WalObject::Segment { timeline: 2, segno: s })))
-            .chain([layout.object_name(&WalObject::History { timeline: 2 })])
-            .collect();
-        let wal = WalCatalog::from_names(layout, names.iter().map(|s| s.as_str()));
-        let mut t = Timelines::default();
-        t.add_history(2, "1\t0/E000000\tx\n");
+        let (wal, t) = two_timelines();
         let old = point("old", 0, None);
         let mut base2 = point("base2", 6, None);
         base2.timeline = 2;

@@ -244,21 +244,7 @@ async fn backup_marked(
         });
     }
 
-    let mut receiver = Receiver {
-        hasher: hasher.clone(),
-        block_size: opts.block_size,
-        tx,
-        prefix: String::new(),
-        tar: None,
-        open: None,
-        files: Vec::new(),
-        entries: Vec::new(),
-        tablespaces: Vec::new(),
-        manifest: None,
-        bytes: 0,
-        main_links: BTreeSet::new(),
-        main_paths: BTreeSet::new(),
-    };
+    let mut receiver = Receiver::new(hasher.clone(), opts.block_size, tx);
     let mut start = None;
     let mut end = None;
     let mut estimate = 0;
@@ -417,6 +403,26 @@ struct Receiver {
     /// Paths of the main archive: its links, and everything else, for [`check_member`].
     main_links: BTreeSet<String>,
     main_paths: BTreeSet<String>,
+}
+
+impl Receiver {
+    fn new(hasher: BlockHasher, block_size: usize, tx: mpsc::Sender<(String, Vec<u8>)>) -> Receiver {
+        Receiver {
+            hasher,
+            block_size,
+            tx,
+            prefix: String::new(),
+            tar: None,
+            open: None,
+            files: Vec::new(),
+            entries: Vec::new(),
+            tablespaces: Vec::new(),
+            manifest: None,
+            bytes: 0,
+            main_links: BTreeSet::new(),
+            main_paths: BTreeSet::new(),
+        }
+    }
 }
 
 /// Whether `path` is a tablespace link's, `pg_tblspc/<oid>`.
@@ -689,18 +695,7 @@ mod tests {
 
     /// A ustar header as a server would send it.
     fn header(path: &str, kind: u8, size: u64, link: &str) -> Vec<u8> {
-        let mut h = vec![0u8; 512];
-        h[..path.len()].copy_from_slice(path.as_bytes());
-        h[100..107].copy_from_slice(b"0000700");
-        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
-        h[136..147].copy_from_slice(b"00000000001");
-        h[156] = kind;
-        h[157..157 + link.len()].copy_from_slice(link.as_bytes());
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
-        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-        h
+        crate::tar::ustar_header(path, kind, size, link, 0o700)
     }
 
     /// A file member with its content, padded.
@@ -721,21 +716,7 @@ mod tests {
         let hasher = block_hasher(&repo).await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         let (tx, _rx) = mpsc::channel(1024);
-        let mut r = Receiver {
-            hasher,
-            block_size: 8192,
-            tx,
-            prefix: String::new(),
-            tar: None,
-            open: None,
-            files: Vec::new(),
-            entries: Vec::new(),
-            tablespaces: Vec::new(),
-            manifest: None,
-            bytes: 0,
-            main_links: BTreeSet::new(),
-            main_paths: BTreeSet::new(),
-        };
+        let mut r = Receiver::new(hasher, 8192, tx);
         for (oid, mut bytes) in archives {
             bytes.extend([0; 1024]);
             r.on_event(BackupEvent::Archive { tablespace: oid.map(|o| (o, format!("/srv/ts{o}"))) }).await?;

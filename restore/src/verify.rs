@@ -13,6 +13,7 @@ use pitr_archive::{Repository, RepositoryError};
 use pitr_pgwire::timeline::{parse_history, HistoryEntry};
 use tokio::task::JoinSet;
 
+use crate::continuity::TimelinePath;
 use crate::plan::Catalog;
 
 /// One problem, naming the object it is about.
@@ -95,9 +96,8 @@ async fn histories(
     Ok(out)
 }
 
-/// The segments recovery reads from `start` to the newest archived LSN: (timeline, segno) pairs.
-/// As PostgreSQL does, each segment is read from the newest timeline of the history whose
-/// beginning lies at or before that segment (so the switch segment comes from the new timeline).
+/// The segments recovery reads from `start` to the newest archived LSN: (timeline, segno) pairs,
+/// each from the timeline [`TimelinePath`] says recovery reads it from.
 fn recovery_path(
     layout: WalLayout,
     start_timeline: u32,
@@ -106,23 +106,10 @@ fn recovery_path(
     end: u64,
     history: &[HistoryEntry],
 ) -> Vec<(u32, u64)> {
-    // (timeline, where it begins): the first at 0, each next at its parent's switch point.
-    let mut begins: Vec<(u32, u64)> = Vec::new();
-    let mut begin = 0;
-    for e in history {
-        begins.push((e.timeline, begin));
-        begin = e.switch_lsn;
-    }
-    begins.push((newest, begin));
+    let path = TimelinePath::new(newest, history);
     let first = layout.segno_of(start);
     let last = layout.segno_of(end.saturating_sub(1));
-    (first..=last)
-        .map(|segno| {
-            let tli =
-                begins.iter().rev().find(|(_, b)| layout.segno_of(*b) <= segno).map(|(t, _)| *t).unwrap_or(newest);
-            (tli.max(start_timeline), segno)
-        })
-        .collect()
+    (first..=last).map(|segno| (path.timeline_of(layout, segno).max(start_timeline), segno)).collect()
 }
 
 pub async fn verify(
