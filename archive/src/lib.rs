@@ -3,7 +3,7 @@
 //! Owns the sealed object format ([`seal`]: zstd + AES-256-GCM frames with the object's name bound
 //! in, crc32 of the plaintext), the key ring ([`keys`]: envelope encryption with a key-encryption
 //! key from a 0600 key file), the storage trait and its backends ([`store`]: local filesystem;
-//! [`cloud`]: S3 and GCS on `object_store`, whose clients [`s3`] and [`gcs`] build), the
+//! [`cloud`]: S3 and GCS on `object_store`, whose clients [`cloud::s3`] and [`cloud::gcs`] build), the
 //! repository layout and the WAL catalog built by listing ([`layout`]; its reads fall back to
 //! secondary repositories), and copying every object to those secondaries ([`replicate`]: ordered
 //! queues, back-fill by listing). Retention is here too:
@@ -14,19 +14,16 @@
 //! It does not speak to databases and does not decide *when* to write: callers hand it plaintext
 //! and names. Nothing outside this crate knows the byte layout of an object.
 
-pub mod aws_profile;
 pub mod backup;
 pub mod cloud;
 pub mod complete;
 pub mod expire;
-pub mod gcs;
 pub mod keys;
 pub mod layout;
 pub mod lease;
 pub mod replicate;
 pub mod retention;
 pub mod running;
-pub mod s3;
 pub mod seal;
 pub mod store;
 

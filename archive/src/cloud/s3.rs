@@ -1,6 +1,6 @@
 //! The S3 (and S3-compatible) client for [`crate::cloud::CloudStore`]: `object_store`'s S3
 //! builder with credentials from the standard chain (environment, a profile of the AWS shared
-//! files read by [`crate::aws_profile`], web identity/IRSA, container and instance roles),
+//! files read by [`crate::cloud::aws_profile`], web identity/IRSA, container and instance roles),
 //! conditional create with `If-None-Match: *`, and an HTTP layer under it for what
 //! `object_store` 0.12 cannot send:
 //! - `If-None-Match: *` on CompleteMultipartUpload (its multipart API completes unconditionally);
@@ -284,7 +284,7 @@ pub(crate) fn build(bucket: &str, opts: &CloudOptions) -> Result<(AmazonS3, Opti
     // The chain's order, as the AWS SDKs have it: environment keys, then a profile, then
     // object_store's own web identity (IRSA), container and instance credentials.
     if builder.get_config_value(&AmazonS3ConfigKey::AccessKeyId).is_none() {
-        if let Some(p) = crate::aws_profile::from_environment()? {
+        if let Some(p) = crate::cloud::aws_profile::from_environment()? {
             builder = builder.with_access_key_id(p.access_key_id).with_secret_access_key(p.secret_access_key);
             if let Some(t) = p.session_token {
                 builder = builder.with_token(t);

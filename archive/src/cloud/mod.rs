@@ -1,6 +1,6 @@
 //! Object storage behind the [`Store`] trait, on `object_store`: S3 and S3-compatible servers
-//! (`s3://bucket/prefix`, [`crate::s3`]) and Google Cloud Storage (`gs://bucket/prefix`,
-//! [`crate::gcs`]).
+//! (`s3://bucket/prefix`, [`crate::cloud::s3`]) and Google Cloud Storage (`gs://bucket/prefix`,
+//! [`crate::cloud::gcs`]).
 //!
 //! What this layer adds to `object_store`:
 //! - put-if-absent for large objects too: above `multipart_threshold` an S3 object goes up in
@@ -13,6 +13,10 @@
 //!   requests that hang;
 //! - S3 Object Lock retention on every object written ([`ObjectLock`]), and extending it
 //!   ([`Store::extend_retention`], which `pitr expire` uses for backups kept longer).
+
+pub mod aws_profile;
+pub mod gcs;
+pub mod s3;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -132,7 +136,7 @@ pub struct CloudStore {
     max_retries: usize,
     object_lock: Option<ObjectLock>,
     /// With Object Lock on S3: reading and extending retention.
-    retention: Option<Arc<crate::s3::RetentionApi>>,
+    retention: Option<Arc<crate::cloud::s3::RetentionApi>>,
 }
 
 /// S3 takes at most 5 GiB in one PUT.
@@ -180,7 +184,7 @@ impl CloudStore {
                     Some(_) => opts.multipart_threshold.max(S3_MAX_SINGLE_PUT),
                     None => opts.multipart_threshold,
                 };
-                let (s3, api) = crate::s3::build(bucket, opts).map_err(bad)?;
+                let (s3, api) = crate::cloud::s3::build(bucket, opts).map_err(bad)?;
                 retention = api.map(Arc::new);
                 (Arc::new(s3), Some((threshold, opts.multipart_part_size)))
             }
@@ -190,7 +194,7 @@ impl CloudStore {
                 }
                 // GCS takes objects up to 5 TiB in one PUT, and object_store's GCS multipart
                 // completion cannot be made conditional: single requests only.
-                (Arc::new(crate::gcs::build(bucket, opts).map_err(bad)?), None)
+                (Arc::new(crate::cloud::gcs::build(bucket, opts).map_err(bad)?), None)
             }
             other => return Err(bad(format!("unknown scheme {other}://; expected s3:// or gs://"))),
         };
@@ -234,7 +238,7 @@ impl CloudStore {
     fn put_options(&self, data: &Bytes) -> PutOptions {
         let mut opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         if self.object_lock.is_some() {
-            opts.extensions.insert(crate::s3::LockedPut::single(data));
+            opts.extensions.insert(crate::cloud::s3::LockedPut::single(data));
         }
         opts
     }
@@ -250,7 +254,7 @@ impl CloudStore {
     async fn put_multipart(&self, key: &ObjectPath, data: &Bytes, part_size: usize) -> Result<(), object_store::Error> {
         let mut opts = PutMultipartOptions::default();
         if self.object_lock.is_some() {
-            opts.extensions.insert(crate::s3::LockedPut::multipart());
+            opts.extensions.insert(crate::cloud::s3::LockedPut::multipart());
         }
         let mut upload = {
             let _permit = self.permit().await;
@@ -313,9 +317,9 @@ impl CloudStore {
     async fn retention_request<T, F, Fut>(&self, op: &'static str, name: &str, request: F) -> Result<T, StoreError>
     where
         F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<T, crate::s3::RetentionFailure>>,
+        Fut: std::future::Future<Output = Result<T, crate::cloud::s3::RetentionFailure>>,
     {
-        use crate::s3::RetentionFailure;
+        use crate::cloud::s3::RetentionFailure;
         let started = Instant::now();
         let mut attempt = 0;
         loop {
@@ -504,7 +508,7 @@ impl Store for CloudStore {
         // S3 keeps whole seconds: round up, so that the date read back next time compares as
         // reaching `until_us` and is not extended again.
         let until_us = until_us.saturating_add(999_999).div_euclid(1_000_000).saturating_mul(1_000_000);
-        let until = crate::s3::s3_date(until_us).ok_or_else(|| StoreError::Backend {
+        let until = crate::cloud::s3::s3_date(until_us).ok_or_else(|| StoreError::Backend {
             op: "extend retention of",
             name: name.to_string(),
             location: self.location.clone(),
