@@ -5,6 +5,7 @@
 //! pg/<system id>/blocks/<hh>/<hash>               a block of file content, named by its keyed hash
 //! pg/<system id>/backups/<backup id>.manifest     sealed JSON: what a backup is made of
 //! ```
+//! (names built by [`crate::names`]: [`DEDUP_KEY`], [`names::pg::block`], [`names::pg::backup_manifest`]).
 //! A block's name is HMAC-SHA256(dedup key, plaintext): equal content is stored once, and the
 //! name reveals nothing about the content to someone without the key. The manifest is written
 //! last, after every block is durable: a backup without a manifest does not exist.
@@ -16,11 +17,10 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::layout::{Repository, RepositoryError};
+use crate::names::{self, DEDUP_KEY};
+use crate::repository::{Repository, RepositoryError};
 use crate::seal::{ObjectKind, ObjectMeta};
 use crate::store::PutOutcome;
-
-const DEDUP_KEY: &str = "pitr-dedup-key";
 
 /// Keyed hash of block plaintext.
 #[derive(Clone)]
@@ -35,6 +35,8 @@ impl std::fmt::Debug for BlockHasher {
 }
 
 impl BlockHasher {
+    /// The block's name component: HMAC-SHA256(dedup key, plaintext) as 64 lower-case hex
+    /// digits. Equal content gets the same id, so it is stored once.
     pub fn block_id(&self, plaintext: &[u8]) -> String {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC takes any key length");
         mac.update(plaintext);
@@ -66,75 +68,127 @@ pub async fn block_hasher(repo: &Repository) -> Result<BlockHasher, RepositoryEr
     }
 }
 
-pub fn block_name(system_id: u64, block_id: &str) -> String {
-    format!("pg/{system_id}/blocks/{}/{block_id}", &block_id[..2.min(block_id.len())])
-}
-
-pub fn manifest_name(system_id: u64, backup_id: &str) -> String {
-    format!("pg/{system_id}/backups/{backup_id}.manifest")
-}
-
 /// One file of a backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupFile {
     /// Relative to the data directory (tablespace files under `pg_tblspc/<oid>/`).
     pub path: String,
+    /// Length in bytes, as the tar stream gave it (for an `INCREMENTAL.<name>` file, that file's
+    /// own length, not the relation's).
     pub size: u64,
+    /// Permission bits, as the server's tar stream gave them.
     pub mode: u32,
+    /// Modification time, seconds since the Unix epoch, from the tar stream.
     pub mtime: u64,
     /// CRC-32C of the content as the server's backup manifest records it (hex, PostgreSQL's byte order).
     pub checksum: Option<String>,
+    /// Block ids ([`BlockHasher::block_id`]) of its content, in order: the file is their
+    /// plaintexts concatenated (every block `block_size` bytes but the last).
     pub blocks: Vec<String>,
 }
 
+/// What a non-file entry of a backup is (serialised as `"Directory"` or
+/// `{"Symlink": {"target": …}}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BackupEntryKind {
+    /// A directory (recorded so that empty ones are recreated too).
     Directory,
-    Symlink { target: String },
+    /// A symbolic link.
+    Symlink {
+        /// Where it points, verbatim.
+        target: String,
+    },
 }
 
+/// A directory or symbolic link of a backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupEntry {
+    /// Relative to the data directory, like [`BackupFile::path`].
     pub path: String,
+    /// Permission bits, as the server's tar stream gave them.
     pub mode: u32,
+    /// Directory or symbolic link.
     pub kind: BackupEntryKind,
 }
 
+/// A tablespace of the backed-up cluster; its files are under `pg_tblspc/<oid>/`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tablespace {
+    /// The tablespace's OID.
     pub oid: u32,
+    /// Its directory on the server, as `BASE_BACKUP` reported it.
     pub location: String,
+}
+
+/// Whether a backup stands alone or builds on a parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupKind {
+    /// Every file whole.
+    Full,
+    /// PostgreSQL 17+ `BASE_BACKUP ( INCREMENTAL )`: changed blocks since [`BackupManifest::parent`].
+    Incremental,
+}
+
+impl BackupKind {
+    /// `full` or `incremental`: in manifests, listings, reports and the `backup_type` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupKind::Full => "full",
+            BackupKind::Incremental => "incremental",
+        }
+    }
+}
+
+impl std::fmt::Display for BackupKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
 }
 
 /// Everything needed to materialise a backup, and to judge what it can restore.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackupManifest {
+    /// The backup id: its start time in UTC, `YYYYMMDDTHHMMSSZ`, also its manifest's name.
     pub id: String,
-    /// `full` or `incremental`.
-    pub kind: String,
+    /// Full, or incremental on [`BackupManifest::parent`].
+    pub kind: BackupKind,
     /// The backup an incremental was taken against (full → incremental → incremental …);
     /// `None` for a full backup. Restoring an incremental needs every ancestor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// The cluster's PostgreSQL system identifier.
     pub system_id: u64,
+    /// The server's `server_version_num` (e.g. 170002): incrementals need a parent of the same
+    /// major version.
     pub server_version_num: u32,
+    /// The timeline the backup was taken on, as `BASE_BACKUP` reported it.
     pub timeline: u32,
+    /// The backup's start LSN: WAL replay begins here.
     pub start_lsn: u64,
+    /// The backup's stop LSN: the archive must hold WAL up to here for it to be consistent.
     pub stop_lsn: u64,
     /// µs since the Unix epoch.
     pub start_time_us: i64,
+    /// When it stopped, µs since the Unix epoch: its consistency point, the earliest moment it
+    /// restores to.
     pub stop_time_us: i64,
+    /// Bytes per block: files are cut into pieces of this size (the last one shorter).
     pub block_size: u64,
     /// The server's relation block size (BLCKSZ), the unit of its incremental files.
     #[serde(default = "default_page_size")]
     pub page_size: u32,
+    /// The cluster's tablespaces.
     pub tablespaces: Vec<Tablespace>,
+    /// Directories and symbolic links.
     pub entries: Vec<BackupEntry>,
+    /// Regular files, each as its list of blocks.
     pub files: Vec<BackupFile>,
     /// The server's own backup_manifest, verbatim.
     pub server_manifest: String,
     /// Bytes read from the server and bytes newly stored (after dedup and compression).
     pub logical_bytes: u64,
+    /// See `logical_bytes`.
     pub stored_bytes: u64,
 }
 
@@ -143,12 +197,16 @@ fn default_page_size() -> u32 {
 }
 
 impl BackupManifest {
+    /// Whether it builds on a parent (it has one), so restoring it needs its chain.
     pub fn is_incremental(&self) -> bool {
         self.parent.is_some()
     }
 
+    /// Seals and puts the manifest (create-only), with the backup's timeline and start..stop LSNs
+    /// in the header. Call it last, once every block and the WAL up to `stop_lsn` are durable:
+    /// from then on the backup exists.
     pub async fn store(&self, repo: &Repository) -> Result<PutOutcome, RepositoryError> {
-        let name = manifest_name(self.system_id, &self.id);
+        let name = names::pg::backup_manifest(self.system_id, &self.id);
         let json = serde_json::to_vec(self)
             .map_err(|e| RepositoryError::Invalid { name: name.clone(), what: format!("serialising: {e}") })?;
         let meta = ObjectMeta {
@@ -160,18 +218,18 @@ impl BackupManifest {
         repo.put_sealed(&name, json, meta).await
     }
 
+    /// Opens and parses the manifest of backup `backup_id` of cluster `system_id`.
     pub async fn load(repo: &Repository, system_id: u64, backup_id: &str) -> Result<BackupManifest, RepositoryError> {
-        let name = manifest_name(system_id, backup_id);
+        let name = names::pg::backup_manifest(system_id, backup_id);
         let (_, json) = repo.get_opened(&name).await?;
         serde_json::from_slice(&json).map_err(|e| RepositoryError::Invalid { name, what: format!("manifest: {e}") })
     }
 
     /// Every backup of the cluster, oldest first.
     pub async fn list(repo: &Repository, system_id: u64) -> Result<Vec<BackupManifest>, RepositoryError> {
-        let prefix = format!("pg/{system_id}/backups/");
         let mut out = BTreeMap::new();
-        for obj in repo.list(&prefix).await? {
-            if let Some(id) = obj.name.strip_prefix(&prefix).and_then(|n| n.strip_suffix(".manifest")) {
+        for obj in repo.list(&names::pg::backups_prefix(system_id)).await? {
+            if let Some(id) = names::pg::parse_backup_manifest(system_id, &obj.name) {
                 let m = Self::load(repo, system_id, id).await?;
                 out.insert((m.stop_lsn, m.id.clone()), m);
             }
@@ -186,6 +244,16 @@ mod tests {
     use crate::{KeyRing, LocalStore};
     use std::sync::Arc;
 
+    #[test]
+    fn backup_kinds_read_and_write_the_words_of_existing_manifests() {
+        for (kind, word) in [(BackupKind::Full, "full"), (BackupKind::Incremental, "incremental")] {
+            assert_eq!(serde_json::to_value(kind).unwrap(), word);
+            assert_eq!(serde_json::from_value::<BackupKind>(word.into()).unwrap(), kind);
+        }
+        // Listings pad it into a column.
+        assert_eq!(format!("{:<11}|", BackupKind::Full), "full       |");
+    }
+
     #[tokio::test]
     async fn dedup_key_is_created_once_and_hashes_are_keyed() {
         let dir = tempfile::tempdir().unwrap();
@@ -197,6 +265,5 @@ mod tests {
         assert_ne!(a.block_id(b"x"), a.block_id(b"y"));
         let other = BlockHasher { key: [9; 32] };
         assert_ne!(a.block_id(b"x"), other.block_id(b"x"));
-        assert_eq!(block_name(7, "abcd"), "pg/7/blocks/ab/abcd");
     }
 }

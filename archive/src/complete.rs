@@ -3,6 +3,7 @@
 //! ```text
 //! pg/<system id>/complete/<timeline>.<lsn>.<server time µs>     (hex, fixed width: names sort by time)
 //! ```
+//! (built and parsed by [`names::pg::complete_mark`] and [`names::pg::parse_complete_mark`]).
 //! A mark says: "when the primary's clock read `server_time_us`, its WAL on `timeline` ended at
 //! `lsn`, and every byte before `lsn` was durable in the archive". The newest commit in the WAL
 //! only says when the last transaction happened; a mark says how long after it nothing else did,
@@ -18,7 +19,8 @@
 //! position format (see the `mongo` crate); [`record_named`] and [`newest_named`] are the shared
 //! mechanics.
 
-use crate::layout::{Repository, RepositoryError};
+use crate::names;
+use crate::repository::{Repository, RepositoryError};
 use crate::seal::{ObjectKind, ObjectMeta};
 
 /// Marks kept per timeline (the newest ones): a reader that listed just before a prune still
@@ -28,6 +30,7 @@ const KEEP: usize = 3;
 /// A PostgreSQL completeness mark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompleteMark {
+    /// The timeline the primary was writing WAL on; marks are kept and looked up per timeline.
     pub timeline: u32,
     /// The primary's WAL end (its flush position) at `server_time_us`.
     pub lsn: u64,
@@ -35,39 +38,16 @@ pub struct CompleteMark {
     pub server_time_us: i64,
 }
 
-/// Where the PostgreSQL marks of a cluster live.
-pub fn pg_prefix(system_id: u64) -> String {
-    format!("pg/{system_id}/complete/")
-}
-
-fn pg_timeline_prefix(system_id: u64, timeline: u32) -> String {
-    format!("{}{timeline:08X}.", pg_prefix(system_id))
-}
-
 impl CompleteMark {
     /// The object name of this mark.
     pub fn name(&self, system_id: u64) -> String {
-        format!(
-            "{}{:016X}.{:016X}",
-            pg_timeline_prefix(system_id, self.timeline),
-            self.lsn,
-            self.server_time_us.max(0) as u64
-        )
+        names::pg::complete_mark(system_id, self.timeline, self.lsn, self.server_time_us)
     }
 
     /// Parses a mark's object name (the fields are checked again against the opened contents).
     pub fn parse_name(system_id: u64, name: &str) -> Option<CompleteMark> {
-        let rest = name.strip_prefix(&pg_prefix(system_id))?;
-        let mut parts = rest.split('.');
-        let (t, l, s) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || t.len() != 8 || l.len() != 16 || s.len() != 16 {
-            return None;
-        }
-        Some(CompleteMark {
-            timeline: u32::from_str_radix(t, 16).ok()?,
-            lsn: u64::from_str_radix(l, 16).ok()?,
-            server_time_us: i64::try_from(u64::from_str_radix(s, 16).ok()?).ok()?,
-        })
+        let (timeline, lsn, server_time_us) = names::pg::parse_complete_mark(system_id, name)?;
+        Some(CompleteMark { timeline, lsn, server_time_us })
     }
 
     fn to_text(self) -> String {
@@ -132,7 +112,8 @@ pub async fn newest_named<T>(
 
 /// Records a PostgreSQL mark (and prunes the timeline's older ones).
 pub async fn record_pg(repo: &Repository, system_id: u64, mark: &CompleteMark) -> Result<(), RepositoryError> {
-    record_named(repo, &pg_timeline_prefix(system_id, mark.timeline), &mark.name(system_id), mark.to_text()).await
+    let prefix = names::pg::complete_timeline_prefix(system_id, mark.timeline);
+    record_named(repo, &prefix, &mark.name(system_id), mark.to_text()).await
 }
 
 /// The newest authentic PostgreSQL mark of `timeline`.
@@ -141,7 +122,7 @@ pub async fn newest_pg(
     system_id: u64,
     timeline: u32,
 ) -> Result<Option<CompleteMark>, RepositoryError> {
-    newest_named(repo, &pg_timeline_prefix(system_id, timeline), |name, text| {
+    newest_named(repo, &names::pg::complete_timeline_prefix(system_id, timeline), |name, text| {
         let from_name = CompleteMark::parse_name(system_id, name)?;
         (CompleteMark::from_text(text)? == from_name).then_some(from_name)
     })
@@ -178,7 +159,7 @@ mod tests {
             last = Some(m);
         }
         assert_eq!(newest_pg(&repo, 7, 1).await.unwrap(), last);
-        assert_eq!(repo.list(&pg_prefix(7)).await.unwrap().len(), KEEP);
+        assert_eq!(repo.list(&names::pg::complete_prefix(7)).await.unwrap().len(), KEEP);
         assert_eq!(newest_pg(&repo, 7, 2).await.unwrap(), None);
 
         // A mark planted without the key, or an authentic one renamed to claim more, is ignored.

@@ -29,17 +29,24 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use pitr_pgformat::lsn::format_lsn;
 use serde::Serialize;
 
-use crate::backup::{block_name, manifest_name, BackupManifest};
-use crate::layout::{ClusterInfo, Repository, RepositoryError, WalCatalog, WalLayout, WalObject};
+use crate::backup::{BackupKind, BackupManifest};
+use crate::names::pg;
+use crate::repository::{ClusterInfo, Repository, RepositoryError};
 use crate::retention::{self, BackupPoint, Policy, Reason, Timelines, WalPlan};
 use crate::running::{self, Activity, ExpireLock, LockError, ReaderNeeds, Run};
 use crate::seal::{ObjectKind, ObjectMeta};
 use crate::store::StoreError;
+use crate::time::format_rfc3339_auto;
+use crate::wal::{WalLayout, WalObject};
+use crate::wal_catalog::WalCatalog;
 
+/// How one `pitr expire` run behaves.
 #[derive(Debug, Clone)]
 pub struct ExpireOptions {
+    /// Which backups to keep (GFS rules and the PITR window).
     pub policy: Policy,
     /// The clock the policy runs on (µs since the Unix epoch); the real one except in tests.
     pub now_us: i64,
@@ -53,10 +60,15 @@ pub struct ExpireOptions {
     pub lock_ttl: Duration,
 }
 
+/// Why an expire run stopped. What it deleted before the error stays deleted; the repository is
+/// consistent at every such point.
 #[derive(Debug, thiserror::Error)]
 pub enum ExpireError {
+    /// Listing, reading, putting a floor or deleting failed (other than a refused delete, which is
+    /// reported as [`Retained`] instead).
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    /// The expire lock could not be taken (another expire is running, or the put failed).
     #[error(transparent)]
     Lock(#[from] LockError),
 }
@@ -67,25 +79,40 @@ impl From<StoreError> for ExpireError {
     }
 }
 
+/// A backup that stays, with why.
 #[derive(Debug, Clone, Serialize)]
 pub struct KeptBackup {
+    /// The backup id.
     pub id: String,
-    pub kind: String,
+    /// Full or incremental.
+    pub kind: BackupKind,
+    /// Every rule that keeps it (empty for one kept only because its manifest delete was refused
+    /// or an incremental on it could not be removed; see [`ExpireReport::retained`]).
     pub reasons: Vec<Reason>,
 }
 
+/// A backup whose manifest was deleted (dry run: would be).
 #[derive(Debug, Clone, Serialize)]
 pub struct RemovedBackup {
+    /// The backup id.
     pub id: String,
-    pub kind: String,
+    /// Full or incremental.
+    pub kind: BackupKind,
+    /// Its stop time (consistency point), as the report prints times.
     pub stop_time: String,
 }
 
+/// A run of consecutive WAL segments of one timeline whose objects were all deleted (dry run:
+/// would be).
 #[derive(Debug, Clone, Serialize)]
 pub struct WalRange {
+    /// The timeline.
     pub timeline: u32,
+    /// The first segment's file name (PostgreSQL's 24 hex digits).
     pub from: String,
+    /// The last segment's file name, inclusive.
     pub to: String,
+    /// How many segments `from..=to` is.
     pub segments: usize,
 }
 
@@ -93,14 +120,19 @@ pub struct WalRange {
 /// not be extended).
 #[derive(Debug, Clone, Serialize)]
 pub struct Retained {
+    /// The object name.
     pub object: String,
+    /// The storage's refusal or the error, or why a manifest was kept for its incremental.
     pub why: String,
 }
 
 /// A kept backup whose objects the storage must keep until `until` (S3 Object Lock).
 #[derive(Debug, Clone, Serialize)]
 pub struct RetentionTarget {
+    /// The backup id.
     pub id: String,
+    /// The latest date the policy may keep it ([`retention::keep_until`]), as the report prints
+    /// times.
     pub until: String,
     /// Objects it needs (some shared with other backups).
     pub objects: usize,
@@ -110,22 +142,41 @@ pub struct RetentionTarget {
 /// (`[repository] max_concurrency`) applies below this.
 const RETENTION_CONCURRENCY: usize = 32;
 
+/// What an expire run kept, removed and left, as `pitr expire` prints it (and `--json`
+/// serialises it). Times are RFC 3339 UTC strings.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExpireReport {
+    /// Nothing was written or deleted; the removals are what a real run would do.
     pub dry_run: bool,
+    /// The clock the policy ran on.
     pub now: String,
+    /// The window's cut: now − window, moved back to the oldest running backup's start.
     pub window_start: String,
+    /// Id of the window base (the newest backup on the newest timeline's path consistent at or
+    /// before the cut); `None` when no backup can start a restore on that timeline.
     pub window_base: Option<String>,
+    /// The newest timeline seen in the WAL, the history files or the manifests: the window is
+    /// placed for restores on it.
     pub latest_timeline: u32,
+    /// Every backup still listed after the run, with its reasons.
     pub kept: Vec<KeptBackup>,
+    /// Backups whose manifests were removed.
     pub removed_backups: Vec<RemovedBackup>,
+    /// Removed WAL, as runs of consecutive segments (only segments all of whose objects went).
     pub removed_wal: Vec<WalRange>,
+    /// WAL objects (segment objects and chunks) deleted.
     pub removed_wal_objects: usize,
+    /// Unreferenced blocks deleted.
     pub removed_blocks: usize,
     /// Stored bytes of everything removed (or, dry run, that would be).
     pub removed_bytes: u64,
+    /// Objects the storage refused to delete (Object Lock, permissions), and manifests kept
+    /// because an incremental on them was refused.
     pub retained: Vec<Retained>,
+    /// Why no WAL was considered for deletion (a timeline without a readable history, a reader
+    /// without a plan…); `None` when the WAL plan ran.
     pub wal_skipped: Option<String>,
+    /// Why the block sweep did not run (a live backup, the deadline); `None` when it ran.
     pub blocks_skipped: Option<String>,
     /// Unreferenced blocks left for the next run because the sweep reached its deadline.
     pub blocks_left: usize,
@@ -144,6 +195,7 @@ pub struct ExpireReport {
     /// Distinct objects of those backups whose retention was read (not in a dry run), and of
     /// those, how many had it extended (the rest reached their date already).
     pub retention_checked: usize,
+    /// See `retention_checked`.
     pub retention_extended: usize,
     /// Objects of those backups that were not there (`pitr verify` reports what that breaks).
     pub retention_missing: usize,
@@ -156,10 +208,9 @@ pub fn refused(e: &StoreError) -> bool {
     e.is_denied() || matches!(e, StoreError::Io { cause, .. } if cause.kind() == std::io::ErrorKind::PermissionDenied)
 }
 
+/// Times in the expire report: as many fraction digits as the moment has.
 fn fmt(us: i64) -> String {
-    chrono::DateTime::from_timestamp_micros(us)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
-        .unwrap_or_else(|| us.to_string())
+    format_rfc3339_auto(us)
 }
 
 /// Applies `opts.policy` to the cluster's backups, WAL and blocks.
@@ -196,8 +247,8 @@ fn retention_plan(
         if date <= now_us {
             continue;
         }
-        let mut names = vec![manifest_name(system_id, &m.id)];
-        names.extend(m.files.iter().flat_map(|f| f.blocks.iter()).map(|b| block_name(system_id, b)));
+        let mut names = vec![pg::backup_manifest(system_id, &m.id)];
+        names.extend(m.files.iter().flat_map(|f| f.blocks.iter()).map(|b| pg::block(system_id, b)));
         // What restoring it to its consistency point reads: the WAL from its start to its stop
         // segment. A whole segment's chunks are not retained (compaction deletes them, and
         // locked versions of deleted objects cost storage until their date); a segment still in
@@ -354,11 +405,10 @@ async fn run(
                 reader_backups.extend(p.backups.iter().cloned());
                 reader_wal.push((p.timeline, layout.segno_of(p.wal_from_lsn)));
                 format!(
-                    "keeps backups {} and the WAL of timeline {} from {:X}/{:X} on",
+                    "keeps backups {} and the WAL of timeline {} from {} on",
                     p.backups.join(", "),
                     p.timeline,
-                    p.wal_from_lsn >> 32,
-                    p.wal_from_lsn & 0xFFFF_FFFF
+                    format_lsn(p.wal_from_lsn)
                 )
             }
             ReaderNeeds::Unplanned => {
@@ -383,7 +433,7 @@ async fn run(
 
     let manifests = BackupManifest::list(repo, system_id).await?;
     let manifest_sizes: BTreeMap<String, u64> =
-        repo.list(&format!("pg/{system_id}/backups/")).await?.into_iter().map(|o| (o.name, o.size)).collect();
+        repo.list(&pg::backups_prefix(system_id)).await?.into_iter().map(|o| (o.name, o.size)).collect();
     let wal_listing = repo.list(&layout.prefix()).await?;
     let wal = WalCatalog::from_names(layout, wal_listing.iter().map(|o| o.name.as_str()));
     let wal_sizes: BTreeMap<String, u64> = wal_listing.into_iter().map(|o| (o.name, o.size)).collect();
@@ -395,7 +445,7 @@ async fn run(
             Err(e) => timelines.add_unreadable(t, e.to_string()),
         }
     }
-    let floor_names = repo.list(&retention::floor_prefix(system_id)).await?;
+    let floor_names = repo.list(&pg::floors_prefix(system_id)).await?;
     let floors = retention::floors_from_names(system_id, floor_names.iter().map(|o| o.name.as_str()));
 
     let latest = wal
@@ -438,22 +488,18 @@ async fn run(
         }
         if pinned.contains(id) {
             retained.push(Retained {
-                object: manifest_name(system_id, id),
+                object: pg::backup_manifest(system_id, id),
                 why: "kept: an incremental built on it could not be removed".into(),
             });
             continue;
         }
-        let name = manifest_name(system_id, id);
+        let name = pg::backup_manifest(system_id, id);
         let outcome = if opts.dry_run { Ok(()) } else { repo.delete(&name).await };
         match outcome {
             Ok(()) => {
                 removed_bytes += manifest_sizes.get(&name).copied().unwrap_or(0);
                 let m = by_id[id.as_str()];
-                removed_backups.push(RemovedBackup {
-                    id: id.clone(),
-                    kind: m.kind.clone(),
-                    stop_time: fmt(m.stop_time_us),
-                });
+                removed_backups.push(RemovedBackup { id: id.clone(), kind: m.kind, stop_time: fmt(m.stop_time_us) });
             }
             Err(RepositoryError::Store(e)) if refused(&e) => {
                 retained.push(Retained { object: name, why: e.to_string() });
@@ -493,7 +539,7 @@ async fn run(
         removed_segments.clear();
     } else if !wal_names.is_empty() {
         for (&t, &segno) in &wal_plan.floors {
-            let name = retention::floor_name(system_id, t, segno);
+            let name = pg::floor(system_id, t, segno);
             let text = format!("timeline={t}\nsegno={segno}\nwritten_us={now}\n");
             repo.put_sealed(
                 &name,
@@ -527,7 +573,7 @@ async fn run(
         ));
     }
     if blocks_skipped.is_none() {
-        let listing = repo.list(&format!("pg/{system_id}/blocks/")).await?;
+        let listing = repo.list(&pg::blocks_prefix(system_id)).await?;
         let sizes: BTreeMap<String, u64> = listing.iter().map(|o| (o.name.clone(), o.size)).collect();
         let unreferenced =
             retention::unreferenced_blocks(system_id, listing.iter().map(|o| o.name.as_str()), &survivors);
@@ -566,7 +612,7 @@ async fn run(
         .filter(|p| !removed_ids.contains(p.id.as_str()))
         .map(|p| KeptBackup {
             id: p.id.clone(),
-            kind: by_id[p.id.as_str()].kind.clone(),
+            kind: by_id[p.id.as_str()].kind,
             reasons: selection.kept.get(&p.id).map(|r| r.iter().copied().collect()).unwrap_or_default(),
         })
         .collect();

@@ -17,27 +17,79 @@ const LINE_TAG: &str = "pitr-key-v1";
 /// Length of a wrapped data key: 32 key bytes + 16 tag bytes.
 pub const WRAPPED_KEY_LEN: usize = 48;
 
+/// Why the key file could not be read or created, or an object's data key could not be
+/// unwrapped with the key ring.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
+    /// Reading, creating or writing the key file failed (also: the path is a directory).
     #[error("key file {path}: {cause}")]
-    Io { path: PathBuf, cause: std::io::Error },
+    Io {
+        /// The key file.
+        path: PathBuf,
+        /// The underlying I/O error.
+        cause: std::io::Error,
+    },
+    /// The key file's mode gives group or others some access: it is refused rather than used,
+    /// since whoever reads it can open every object of the repository.
     #[error("key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
-    TooOpen { path: PathBuf, mode: u32 },
+    TooOpen {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits (`& 0o777`).
+        mode: u32,
+    },
+    /// A line that is neither blank, a `#` comment nor a valid `pitr-key-v1 <id> <64 hex digits>`
+    /// line, or a key id used twice.
     #[error("key file {path}, line {line}: {what}")]
-    Malformed { path: PathBuf, line: usize, what: String },
+    Malformed {
+        /// The key file.
+        path: PathBuf,
+        /// The offending line, counted from 1.
+        line: usize,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// The key file holds no key line at all (only blanks and comments).
     #[error("key file {path} holds no key")]
-    Empty { path: PathBuf },
+    Empty {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// [`KeyRing::create`] found a file at the path; an existing key file is never overwritten.
     #[error("key file {path} already exists")]
-    Exists { path: PathBuf },
+    Exists {
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// The object's header names a key id that is not in the key ring: typically another
+    /// repository's object, or a key file missing an older (rotated-out) key.
     #[error("object {object} is sealed with key id {key_id:?}, which is not in the key file {path}: wrong key file for this repository?")]
-    UnknownKey { object: String, key_id: String, path: PathBuf },
+    UnknownKey {
+        /// The object being opened.
+        object: String,
+        /// The key id its header names.
+        key_id: String,
+        /// The key file searched.
+        path: PathBuf,
+    },
+    /// The data-key wrap failed to authenticate: the key under that id is a different key, or the
+    /// object was modified or renamed (its name is bound into the wrap).
     #[error("data key of object {object} does not unwrap with key {key_id:?} from {path}: wrong key, or the object was tampered with")]
-    Unwrap { object: String, key_id: String, path: PathBuf },
+    Unwrap {
+        /// The object being opened.
+        object: String,
+        /// The key id its header names.
+        key_id: String,
+        /// The key file the key came from.
+        path: PathBuf,
+    },
 }
 
 /// One key-encryption key. Debug never prints the key material.
 #[derive(Clone)]
 pub struct Kek {
+    /// The key's id from the key file (1–64 of `[A-Za-z0-9_-]`), recorded in the header of every
+    /// object it wraps a data key for, so a reader knows which key to unwrap with.
     pub id: String,
     key: [u8; 32],
 }
@@ -48,6 +100,9 @@ impl fmt::Debug for Kek {
     }
 }
 
+/// The key ring: every KEK of the key file, in file order. The last one is active (wraps the data
+/// keys of new objects); the earlier ones keep objects sealed before a rotation readable. Always
+/// holds at least one key.
 #[derive(Clone, Debug)]
 pub struct KeyRing {
     path: PathBuf,
@@ -134,10 +189,12 @@ impl KeyRing {
         KeyRing { path: PathBuf::from("<memory>"), keys: vec![Kek { id: id.to_string(), key }] }
     }
 
+    /// The key file this ring was read from (`<memory>` for [`KeyRing::from_key`]), for messages.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The active key: the key file's last key, which wraps the data keys of new objects.
     pub fn active(&self) -> &Kek {
         // `parse` and the constructors guarantee at least one key.
         &self.keys[self.keys.len() - 1]

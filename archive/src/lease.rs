@@ -6,24 +6,53 @@
 //! that restarts after a crash (same holder name) takes its own lease back at once; anyone else
 //! waits for it to expire.
 
-use crate::layout::{Repository, RepositoryError};
+use crate::names::pg;
 use crate::now_us;
+use crate::repository::{Repository, RepositoryError};
 use crate::seal::{ObjectKind, ObjectMeta};
 use crate::store::PutOutcome;
+use crate::time::format_rfc3339_seconds;
 
+/// Why the writer lease could not be taken or kept.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
+    /// Listing, reading or putting a lease generation failed (storage, or a generation that does
+    /// not open).
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    /// Another holder's lease has not expired: refuse to write the cluster's WAL beside it.
     #[error(
         "the WAL of cluster {system_id} is being written by {holder} (pid {pid}), whose lease expires at {expires}; \
              refusing to write beside it (a different host/slot; stop it, or wait for the lease to expire)"
     )]
-    Held { system_id: u64, holder: String, pid: u32, expires: String },
+    Held {
+        /// The cluster's PostgreSQL system identifier.
+        system_id: u64,
+        /// The current holder's name (`<host>/<slot>` by default).
+        holder: String,
+        /// The holder's process id, as its newest generation records it.
+        pid: u32,
+        /// When its lease expires (RFC 3339, seconds), by the holder's clock.
+        expires: String,
+    },
+    /// While renewing: a newer generation than ours belongs to another holder (it took over after
+    /// our lease expired), or the generation we tried to put was taken. The stream must stop.
     #[error("lost the lease of cluster {system_id} to {holder}: another pitr took over this cluster's WAL; stopping")]
-    Lost { system_id: u64, holder: String },
+    Lost {
+        /// The cluster's PostgreSQL system identifier.
+        system_id: u64,
+        /// The holder of the newest generation (empty if it could not be read).
+        holder: String,
+    },
+    /// A lease generation opened but lacks a field (`holder`, `pid`, `expires_us`); also, with
+    /// the lease prefix as `name`, giving up after 5 contended attempts to take the lease.
     #[error("lease object {name}: {what}")]
-    Malformed { name: String, what: String },
+    Malformed {
+        /// The lease generation's object name (or the lease prefix).
+        name: String,
+        /// What is missing or wrong.
+        what: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,33 +98,12 @@ pub struct Lease {
     generation: u64,
 }
 
-fn prefix(system_id: u64) -> String {
-    format!("pg/{system_id}/lease/")
-}
-
-/// Whether `name` is a lease generation (`pg/<system id>/lease/…`): coordination on one
-/// repository, never copied to a secondary.
-pub fn is_lease_object(name: &str) -> bool {
-    let mut parts = name.split('/');
-    parts.next() == Some("pg") && parts.next().is_some() && parts.next() == Some("lease")
-}
-
-fn format_us(us: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(us.max(0) as u64);
-    format!("{t:?}")
-}
-
 /// The newest generation and its record.
 async fn newest(repo: &Repository, system_id: u64) -> Result<Option<(u64, LeaseRecord)>, LeaseError> {
-    let p = prefix(system_id);
-    let newest = repo
-        .list(&p)
-        .await?
-        .iter()
-        .filter_map(|o| o.name.strip_prefix(&p).and_then(|g| u64::from_str_radix(g, 16).ok()))
-        .max();
+    let newest =
+        repo.list(&pg::lease_prefix(system_id)).await?.iter().filter_map(|o| pg::parse_lease(system_id, &o.name)).max();
     let Some(generation) = newest else { return Ok(None) };
-    let name = format!("{p}{generation:016X}");
+    let name = pg::lease(system_id, generation);
     let (_, text) = repo.get_opened(&name).await?;
     let record = LeaseRecord::parse(&name, &String::from_utf8_lossy(&text))?;
     Ok(Some((generation, record)))
@@ -124,7 +132,7 @@ impl Lease {
                         system_id,
                         holder: record.holder.clone(),
                         pid: record.pid,
-                        expires: format_us(record.expires_us),
+                        expires: format_rfc3339_seconds(record.expires_us),
                     });
                 }
             }
@@ -134,13 +142,16 @@ impl Lease {
             }
             // Someone created that generation first: look again.
         }
-        Err(LeaseError::Malformed { name: prefix(system_id), what: "could not take the lease after 5 attempts".into() })
+        Err(LeaseError::Malformed {
+            name: pg::lease_prefix(system_id),
+            what: "could not take the lease after 5 attempts".into(),
+        })
     }
 
     async fn put(&mut self, generation: u64) -> Result<bool, LeaseError> {
         let record =
             LeaseRecord { holder: self.holder.clone(), pid: std::process::id(), expires_us: now_us() + self.ttl_us };
-        let name = format!("{}{generation:016X}", prefix(self.system_id));
+        let name = pg::lease(self.system_id, generation);
         match self.repo.put_sealed(&name, record.to_text().into_bytes(), ObjectMeta::plain(ObjectKind::Meta)).await {
             Ok(PutOutcome::Created) => {}
             Ok(PutOutcome::AlreadyExists) | Err(RepositoryError::Conflict { .. }) => return Ok(false),
@@ -150,7 +161,7 @@ impl Lease {
         self.generation = generation;
         // Older generations are history; removing them keeps listing cheap.
         for g in previous.max(generation.saturating_sub(8))..generation {
-            let _ = self.repo.delete(&format!("{}{g:016X}", prefix(self.system_id))).await;
+            let _ = self.repo.delete(&pg::lease(self.system_id, g)).await;
         }
         Ok(true)
     }

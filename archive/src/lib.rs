@@ -3,34 +3,53 @@
 //! Owns the sealed object format ([`seal`]: zstd + AES-256-GCM frames with the object's name bound
 //! in, crc32 of the plaintext), the key ring ([`keys`]: envelope encryption with a key-encryption
 //! key from a 0600 key file), the storage trait and its backends ([`store`]: local filesystem;
-//! [`cloud`]: S3 and GCS on `object_store`, whose clients [`cloud::s3`] and [`cloud::gcs`] build), the
-//! repository layout and the WAL catalog built by listing ([`layout`]; its reads fall back to
-//! secondary repositories), and copying every object to those secondaries ([`replicate`]: ordered
-//! queues, back-fill by listing). Retention is here too:
-//! the policy, pure ([`retention`]: which backups, WAL and blocks stay), applying it ([`expire`])
-//! and keeping it from deleting blocks under a running backup ([`running`]: markers and a lock).
-//! Completeness marks ([`complete`]) record up to when the archive held everything the source had.
+//! [`cloud`]: S3 and GCS on `object_store`, whose clients [`cloud::s3`] and [`cloud::gcs`] build),
+//! and copying every object to secondary repositories ([`replicate`]: ordered queues, back-fill by
+//! listing).
+//!
+//! Every object name — build and parse, for PostgreSQL (`pg/<system id>/…`), MongoDB
+//! (`mongo/<name>/…`) and the repository-wide objects — is in [`names`]; a new kind of object
+//! starts there. The rest reads and writes through [`Repository`] ([`repository`]: the marker,
+//! sealing on put, authenticating on get, reads falling back to secondaries, the
+//! [`ClusterInfo`] record). One cluster's WAL: which object holds which bytes and the segment
+//! arithmetic ([`wal`]), what the archive holds of each segment, built by listing
+//! ([`wal_catalog`]), and a segment's chunks read back as one run ([`chunk_run`]). Base backups'
+//! blocks and manifests ([`backup`]), the WAL writer's lease ([`lease`]), completeness marks
+//! ([`complete`]: up to when the archive held everything the source had). Retention: the policy,
+//! pure ([`retention`]: which backups, WAL and blocks stay), applying it ([`expire`]) and keeping
+//! it from deleting under a running backup, restore or drill ([`running`]: markers and a lock).
+//! Times as pitr prints them are [`time`]'s.
 //!
 //! It does not speak to databases and does not decide *when* to write: callers hand it plaintext
-//! and names. Nothing outside this crate knows the byte layout of an object.
+//! and names. Nothing outside this crate knows the byte layout of an object; PostgreSQL's own file
+//! formats (segment and history file names, LSNs) are `pitr-pgformat`'s.
+
+#![warn(missing_docs)]
 
 pub mod backup;
+pub mod chunk_run;
 pub mod cloud;
 pub mod complete;
 pub mod expire;
 pub mod keys;
-pub mod layout;
 pub mod lease;
+pub mod names;
 pub mod replicate;
+pub mod repository;
 pub mod retention;
 pub mod running;
 pub mod seal;
 pub mod store;
+pub mod time;
+pub mod wal;
+pub mod wal_catalog;
 
 pub use keys::{KeyError, KeyRing};
-pub use layout::{ClusterInfo, Repository, RepositoryError, WalCatalog, WalObject};
+pub use repository::{ClusterInfo, NamedStore, Repository, RepositoryError};
 pub use seal::{ObjectKind, ObjectMeta, SealError, SealedHeader};
 pub use store::{LocalStore, ObjectInfo, PutOutcome, Store, StoreError};
+pub use wal::{WalLayout, WalObject};
+pub use wal_catalog::{SegmentEntry, WalCatalog};
 
 /// Now, in µs since the Unix epoch: how pitr stamps objects, leases, backups and reports.
 pub fn now_us() -> i64 {

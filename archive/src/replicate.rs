@@ -29,8 +29,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{oneshot, Notify};
 
-use crate::layout::MARKER;
-use crate::lease::is_lease_object;
+use crate::names::{self, MARKER};
 use crate::now_us;
 use crate::store::{ObjectInfo, PutOutcome, Store, StoreError};
 
@@ -39,23 +38,38 @@ pub const COPY_PARALLEL: usize = 8;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// Why binding a secondary or back-filling it failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
+    /// Listing, reading or putting in either store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The primary has no repository marker, so there is nothing to bind a secondary to.
     #[error("{primary} is not a pitr repository (no {MARKER} object); run `pitr init` first")]
-    PrimaryNotInitialised { primary: String },
+    PrimaryNotInitialised {
+        /// The primary's location.
+        primary: String,
+    },
+    /// The secondary's repository marker is not a byte-for-byte copy of the primary's: it is
+    /// another repository, and nothing is copied into it.
     #[error(
         "{secondary} holds a different pitr repository than {primary} (their {MARKER} objects differ: \
          initialised on its own, or another repository's storage); refusing to copy into it"
     )]
-    Foreign { primary: String, secondary: String },
+    Foreign {
+        /// The primary's location.
+        primary: String,
+        /// The secondary's location.
+        secondary: String,
+    },
 }
 
 /// One configured secondary.
 #[derive(Debug, Clone)]
 pub struct Secondary {
+    /// Its name in the configuration, for status, metrics and messages.
     pub name: String,
+    /// Where its copies go.
     pub store: Arc<dyn Store>,
     /// Puts return only once this secondary holds the object too.
     pub required: bool,
@@ -70,7 +84,10 @@ pub enum CopyState {
     /// Checking that the secondary is a copy of this repository (or making it one).
     #[default]
     Starting,
+    /// Nothing queued or in flight: the secondary holds everything the primary did, as far as
+    /// this process knows.
     CaughtUp,
+    /// Working through queued puts and deletes.
     Copying,
     /// The last attempt failed; retrying with backoff.
     Retrying,
@@ -82,42 +99,59 @@ pub enum CopyState {
     Refused,
 }
 
+/// One secondary's copy queue and counters since the process started (`pitr status`, metrics).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SecondaryStatus {
+    /// Its configured name.
     pub name: String,
+    /// Its store's location.
     pub location: String,
+    /// Whether puts wait for it ([`Secondary::required`]).
     pub required: bool,
+    /// What it is doing now.
     pub state: CopyState,
     /// Puts and deletes waiting or in progress.
     pub queued_objects: u64,
+    /// Bytes of those (what the queue bound [`Secondary::queue_bytes`] counts).
     pub queued_bytes: u64,
     /// Age of the oldest queued put or delete (0 when caught up).
     pub lag_seconds: f64,
+    /// Objects copied to it, by the queue and by back-fills.
     pub copied_objects: u64,
+    /// Bytes of those.
     pub copied_bytes: u64,
+    /// Objects deleted from it, following deletes in the primary (compaction, expire).
     pub deleted_objects: u64,
     /// Failed attempts (each retried).
     pub errors: u64,
     /// Puts and deletes dropped because the queue was full (a back-fill makes the puts good).
     pub dropped: u64,
+    /// Back-fills completed.
     pub backfills: u64,
     /// When the last back-fill finished (µs since the Unix epoch).
     pub last_backfill_us: Option<i64>,
+    /// The most recent error, or why the secondary is refused; kept after later successes.
     pub last_error: Option<String>,
 }
 
 /// What one back-fill found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BackfillSummary {
+    /// The primary's location.
     pub primary: String,
+    /// The secondary's location.
     pub secondary: String,
     /// The repository marker had to be copied first (a fresh secondary).
     pub marker_copied: bool,
+    /// Objects the primary listed (only replicated ones: no lease, no `running/`).
     pub primary_objects: u64,
+    /// Objects the secondary listed, counted the same way.
     pub secondary_objects: u64,
     /// Objects the secondary lacked.
     pub missing: u64,
+    /// Of those, how many were copied (the rest vanished from the primary meanwhile).
     pub copied_objects: u64,
+    /// Bytes copied.
     pub copied_bytes: u64,
     /// Listed in the primary but deleted from it before they could be copied.
     pub vanished: u64,
@@ -129,7 +163,7 @@ pub struct BackfillSummary {
 
 /// Whether copies of `name` go to secondaries.
 pub fn is_replicated(name: &str) -> bool {
-    !is_lease_object(name) && !crate::running::is_running_object(name)
+    !names::pg::is_lease(name) && !names::is_running(name)
 }
 
 /// Makes sure `secondary` is a copy of `primary`'s repository: copies the marker to a fresh one,
@@ -656,6 +690,7 @@ impl ReplicatedStore {
         ReplicatedStore { primary, copiers }
     }
 
+    /// The primary store underneath; puts and deletes made on it directly are not copied.
     pub fn primary(&self) -> &Arc<dyn Store> {
         &self.primary
     }
@@ -668,6 +703,7 @@ impl ReplicatedStore {
         }
     }
 
+    /// Every secondary's status, in configuration order.
     pub fn status(&self) -> Vec<SecondaryStatus> {
         self.copiers.iter().map(|c| c.status()).collect()
     }

@@ -47,19 +47,29 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Datelike, Days, Months, NaiveDate};
+use pitr_pgformat::timeline::{parse_history, HistoryEntry};
 use serde::Serialize;
 
-use crate::backup::{block_name, BackupManifest};
-use crate::layout::{WalCatalog, WalLayout, WalObject};
+use crate::backup::BackupManifest;
+use crate::names;
+use crate::wal::{WalLayout, WalObject};
+use crate::wal_catalog::WalCatalog;
 
 /// The seed runbook's retention: daily 30, weekly 12, monthly 12, yearly 7, and 7 days of
 /// restore-to-any-second.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
+    /// Keep the newest backup of each of this many most recent UTC days that have a backup
+    /// (0: no daily rule).
     pub daily: u32,
+    /// Likewise for ISO-8601 weeks (Monday first).
     pub weekly: u32,
+    /// Likewise for calendar months.
     pub monthly: u32,
+    /// Likewise for calendar years.
     pub yearly: u32,
+    /// Length of the PITR window in µs: every second from now − window to now stays restorable
+    /// (the window base, every backup stopped after it, and the WAL from the base's start on).
     pub window_us: i64,
 }
 
@@ -73,9 +83,13 @@ impl Default for Policy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Reason {
+    /// The newest backup of one of the `daily` most recent days with a backup.
     Daily,
+    /// The newest backup of one of the `weekly` most recent ISO weeks with a backup.
     Weekly,
+    /// The newest backup of one of the `monthly` most recent months with a backup.
     Monthly,
+    /// The newest backup of one of the `yearly` most recent years with a backup.
     Yearly,
     /// The newest backup consistent at or before the window's start.
     WindowBase,
@@ -90,12 +104,20 @@ pub enum Reason {
 /// What retention needs of a backup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupPoint {
+    /// The backup id (`YYYYMMDDTHHMMSSZ` of its start), as in its manifest's name.
     pub id: String,
+    /// For an incremental, the id of the backup it was taken against; `None` for a full backup.
     pub parent: Option<String>,
+    /// The timeline the backup was taken on.
     pub timeline: u32,
+    /// Where its WAL starts: replay begins here, and its start segment bounds what it keeps.
     pub start_lsn: u64,
+    /// Where its WAL must reach for it to be consistent; with `start_lsn` the segments it keeps.
     pub stop_lsn: u64,
+    /// Start time, µs since the Unix epoch: chooses the GFS buckets (day, week…) it falls in.
     pub start_time_us: i64,
+    /// Stop time, µs since the Unix epoch: its consistency point, which places it against the
+    /// window's cut.
     pub stop_time_us: i64,
 }
 
@@ -113,11 +135,11 @@ impl From<&BackupManifest> for BackupPoint {
     }
 }
 
-/// Each timeline's ancestors, from its history file: `(timeline, LSN where it was left)`, oldest
-/// first. Timeline 1 has none; a later timeline whose history is missing is unknown.
+/// Each timeline's ancestors, from its history file, oldest first. Timeline 1 has none; a later
+/// timeline whose history is missing is unknown.
 #[derive(Debug, Clone, Default)]
 pub struct Timelines {
-    histories: BTreeMap<u32, Vec<(u32, u64)>>,
+    histories: BTreeMap<u32, Vec<HistoryEntry>>,
     /// Timelines whose history file exists but cannot be parsed.
     unreadable: BTreeMap<u32, String>,
 }
@@ -130,7 +152,7 @@ impl Timelines {
                 self.histories.insert(timeline, entries);
             }
             Err(e) => {
-                self.unreadable.insert(timeline, e);
+                self.unreadable.insert(timeline, e.to_string());
             }
         }
     }
@@ -140,7 +162,7 @@ impl Timelines {
         self.unreadable.insert(timeline, why);
     }
 
-    fn ancestors(&self, timeline: u32) -> Option<&[(u32, u64)]> {
+    fn ancestors(&self, timeline: u32) -> Option<&[HistoryEntry]> {
         if timeline <= 1 {
             return Some(&[]);
         }
@@ -154,7 +176,7 @@ impl Timelines {
             return Some(true);
         }
         let ancestors = self.ancestors(latest)?;
-        Some(ancestors.iter().any(|&(t, switch)| t == b.timeline && b.stop_lsn <= switch))
+        Some(ancestors.iter().any(|a| a.timeline == b.timeline && b.stop_lsn <= a.switch_lsn))
     }
 
     /// Whether `timeline` is `of` or descends from it; unknown histories count as descending
@@ -162,7 +184,7 @@ impl Timelines {
     fn descends(&self, timeline: u32, of: u32) -> bool {
         match self.ancestors(timeline) {
             None => true,
-            Some(a) => timeline == of || a.iter().any(|&(t, _)| t == of),
+            Some(a) => timeline == of || a.iter().any(|e| e.timeline == of),
         }
     }
 
@@ -179,27 +201,6 @@ impl Timelines {
         }
         None
     }
-}
-
-fn parse_history(text: &str) -> Result<Vec<(u32, u64)>, String> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let mut fields = line.split_whitespace();
-        let timeline = fields.next().and_then(|f| f.parse::<u32>().ok());
-        let lsn = fields.next().and_then(|f| {
-            let (hi, lo) = f.split_once('/')?;
-            Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
-        });
-        match (timeline, lsn) {
-            (Some(t), Some(l)) => out.push((t, l)),
-            _ => return Err(format!("line {}: expected `<timeline> <X/Y> <reason>`", i + 1)),
-        }
-    }
-    Ok(out)
 }
 
 /// Which backups stay and which go.
@@ -489,27 +490,17 @@ pub fn unreferenced_blocks<'a>(
     let referenced: BTreeSet<String> = kept
         .iter()
         .flat_map(|m| m.files.iter().flat_map(|f| f.blocks.iter()))
-        .map(|id| block_name(system_id, id))
+        .map(|id| names::pg::block(system_id, id))
         .collect();
     present.into_iter().filter(|n| !referenced.contains(*n)).map(str::to_string).collect()
 }
 
-pub fn floor_prefix(system_id: u64) -> String {
-    format!("pg/{system_id}/retention/")
-}
-
-pub fn floor_name(system_id: u64, timeline: u32, segno: u64) -> String {
-    format!("{}{timeline:08X}-{segno:016X}.floor", floor_prefix(system_id))
-}
-
-/// The recorded floor of each timeline (the highest, if several), from object names.
-pub fn floors_from_names<'a>(system_id: u64, names: impl IntoIterator<Item = &'a str>) -> BTreeMap<u32, u64> {
-    let prefix = floor_prefix(system_id);
+/// The recorded floor of each timeline (the highest, if several), from object names (floors are
+/// named by [`names::pg::floor`], listed under [`names::pg::floors_prefix`]).
+pub fn floors_from_names<'a>(system_id: u64, objects: impl IntoIterator<Item = &'a str>) -> BTreeMap<u32, u64> {
     let mut out: BTreeMap<u32, u64> = BTreeMap::new();
-    for name in names {
-        let Some(rest) = name.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".floor")) else { continue };
-        let Some((t, s)) = rest.split_once('-') else { continue };
-        let (Ok(t), Ok(s)) = (u32::from_str_radix(t, 16), u64::from_str_radix(s, 16)) else { continue };
+    for name in objects {
+        let Some((t, s)) = names::pg::parse_floor(system_id, name) else { continue };
         let e = out.entry(t).or_insert(s);
         *e = (*e).max(s);
     }
@@ -671,6 +662,24 @@ mod tests {
     }
 
     #[test]
+    fn an_unparseable_history_keeps_all_wal() {
+        let (wal, _) = two_timelines();
+        let mut t = Timelines::default();
+        t.add_history(2, "1 0/5\n2\n");
+        let mut base2 = point("base2", 6, None);
+        base2.timeline = 2;
+        let plan = plan_wal(&wal, &[&base2], Some(&base2), &t, &BTreeMap::new());
+        assert!(plan.delete.is_empty());
+        assert_eq!(
+            plan.skipped.as_deref(),
+            Some(
+                "the history file of timeline 2 cannot be read (line 2: expected `<timeline> <X/Y> <reason>`): \
+                 all WAL is kept"
+            )
+        );
+    }
+
+    #[test]
     fn running_readers_keep_their_wal_on_descending_timelines() {
         let (wal, t) = two_timelines();
         let old = point("old", 0, None);
@@ -746,10 +755,10 @@ mod tests {
 
     #[test]
     fn floor_names_round_trip_and_the_highest_wins() {
-        let names = [floor_name(7, 1, 12), floor_name(7, 1, 30), floor_name(7, 2, u64::MAX), "pg/7/retention/x".into()];
-        let floors = floors_from_names(7, names.iter().map(|s| s.as_str()));
+        let floor = |t, s| names::pg::floor(7, t, s);
+        let objects = [floor(1, 12), floor(1, 30), floor(2, u64::MAX), "pg/7/retention/x".into()];
+        let floors = floors_from_names(7, objects.iter().map(|s| s.as_str()));
         assert_eq!(floors, BTreeMap::from([(1, 30), (2, u64::MAX)]));
         assert!(below_floor(&floors, 1, 29) && !below_floor(&floors, 1, 30) && !below_floor(&floors, 3, 0));
-        assert!(parse_history("1 0/5\n2\n").is_err());
     }
 }

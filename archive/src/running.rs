@@ -62,12 +62,12 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 
-use crate::layout::{Repository, RepositoryError};
+use crate::names::{self, RunningName};
 use crate::now_us;
+use crate::repository::{Repository, RepositoryError};
 use crate::seal::{ObjectKind, ObjectMeta};
 use crate::store::PutOutcome;
-
-pub const PREFIX: &str = "running/";
+use crate::time::format_rfc3339_seconds;
 
 /// How often a run's marker is renewed (a new generation put, the one before the previous
 /// deleted). Well below the 1-minute lower bound of `[retention] stale_backup_after`.
@@ -76,20 +76,20 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(15);
 /// After a failed renewal, the next try comes this much sooner than [`RENEW_EVERY`].
 const RETRY_RENEWAL: Duration = Duration::from_secs(3);
 
-/// Whether `name` is a marker or lock: coordination on one repository, not data.
-pub fn is_running_object(name: &str) -> bool {
-    name.starts_with(PREFIX)
-}
-
 /// What a marker announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RunKind {
+    /// A base backup: it writes and reuses blocks before its manifest references them, so expire
+    /// skips the block sweep and moves the window's cut back to its start.
     Backup,
+    /// A restore: expire keeps the backups and WAL its plan reads.
     Restore,
+    /// A restore drill: kept from expire like a restore.
     Drill,
 }
 
 impl RunKind {
+    /// The kind as it appears in marker names and records: `backup`, `restore` or `drill`.
     pub fn word(self) -> &'static str {
         match self {
             RunKind::Backup => "backup",
@@ -119,60 +119,60 @@ impl std::fmt::Display for RunKind {
     }
 }
 
+/// What an object under `running/` announces, read from its name alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Activity {
     /// One generation of a run's marker.
     Run {
+        /// Backup, restore or drill.
         kind: RunKind,
+        /// When the run began, µs since the Unix epoch (the same in every generation).
         started_us: i64,
+        /// When this generation was put, µs since the Unix epoch: liveness is judged by the
+        /// newest generation's renewal time.
         renewed_us: i64,
+        /// The run's random id, which tells apart runs started in the same microsecond.
         id: String,
     },
+    /// An expire lock.
     Expire {
+        /// When the expire took the lock, µs since the Unix epoch.
         started_us: i64,
+        /// When the lock stops being live, µs since the Unix epoch; expire deletes only until
+        /// halfway between the two.
         expires_us: i64,
     },
 }
 
+/// One object under `running/` and what its name announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunningObject {
+    /// The object name.
     pub name: String,
+    /// What the name says.
     pub activity: Activity,
 }
 
-/// The name of one generation of a run's marker.
+/// The name of one generation of a run's marker ([`names::run_marker`]).
 pub fn marker_name(kind: RunKind, started_us: i64, renewed_us: i64, id: &str) -> String {
-    format!("{PREFIX}{}.{started_us:016X}.{renewed_us:016X}.{id}", kind.word())
+    names::run_marker(kind.word(), started_us, renewed_us, id)
 }
 
+/// What a marker's or lock's name announces ([`names::parse_running`]); `None` for other names
+/// and for a run of a kind this pitr does not know.
 pub fn parse_name(name: &str) -> Option<Activity> {
-    let rest = name.strip_prefix(PREFIX)?;
-    let parts: Vec<&str> = rest.split('.').collect();
-    let us = |s: &str| u64::from_str_radix(s, 16).ok().and_then(|v| i64::try_from(v).ok());
-    let id_ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
-    match parts.as_slice() {
-        ["expire", started, expires, _] => {
-            Some(Activity::Expire { started_us: us(started)?, expires_us: us(expires)? })
+    match names::parse_running(name)? {
+        RunningName::Expire { started_us, expires_us } => Some(Activity::Expire { started_us, expires_us }),
+        RunningName::Run { kind, started_us, renewed_us, id } => {
+            Some(Activity::Run { kind: RunKind::from_word(kind)?, started_us, renewed_us, id: id.to_string() })
         }
-        [kind, started, renewed, id] if id_ok(id) => Some(Activity::Run {
-            kind: RunKind::from_word(kind)?,
-            started_us: us(started)?,
-            renewed_us: us(renewed)?,
-            id: (*id).to_string(),
-        }),
-        // Before renewal existed: live from its start only.
-        ["backup", started, id] if id_ok(id) => {
-            let started_us = us(started)?;
-            Some(Activity::Run { kind: RunKind::Backup, started_us, renewed_us: started_us, id: (*id).to_string() })
-        }
-        _ => None,
     }
 }
 
 /// Every marker generation and lock in the repository.
 pub async fn list(repo: &Repository) -> Result<Vec<RunningObject>, RepositoryError> {
     Ok(repo
-        .list(PREFIX)
+        .list(names::RUNNING)
         .await?
         .into_iter()
         .filter_map(|o| parse_name(&o.name).map(|activity| RunningObject { name: o.name, activity }))
@@ -182,10 +182,13 @@ pub async fn list(repo: &Repository) -> Result<Vec<RunningObject>, RepositoryErr
 /// One announced run: the generations of its marker found by one listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Run {
+    /// Backup, restore or drill.
     pub kind: RunKind,
+    /// When the run began, µs since the Unix epoch (a backup's moves the window's cut back).
     pub started_us: i64,
     /// The newest generation's renewal time.
     pub renewed_us: i64,
+    /// The run's random id.
     pub id: String,
     /// Generation names, oldest first.
     pub generations: Vec<String>,
@@ -248,6 +251,7 @@ pub struct ReadPlan {
 /// What a reader's marker says it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReaderNeeds {
+    /// It has chosen its backup: keep the plan's backups and its WAL from `wal_from_lsn` on.
     Planned(ReadPlan),
     /// It has not chosen its backup yet: anything may be needed.
     Unplanned,
@@ -326,12 +330,6 @@ async fn put_record(repo: &Repository, name: &str, text: String) -> Result<(), R
             Err(RepositoryError::Invalid { name: name.into(), what: "exists already (a random name repeated)".into() })
         }
     }
-}
-
-pub fn format_us(us: i64) -> String {
-    chrono::DateTime::from_timestamp_micros(us)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_else(|| us.to_string())
 }
 
 #[derive(Debug)]
@@ -488,7 +486,7 @@ impl RunMarker {
                 tracing::info!(
                     lock = %lock.name,
                     holder = %holder,
-                    until = %format_us(expires_us),
+                    until = %format_rfc3339_seconds(expires_us),
                     "{what} (a lock left by a crashed expire may be deleted by hand once its holder is gone)"
                 );
                 said = true;
@@ -497,14 +495,17 @@ impl RunMarker {
         }
     }
 
+    /// What this marker announces.
     pub fn kind(&self) -> RunKind {
         self.shared.kind
     }
 
+    /// The run's random id, part of every generation's name.
     pub fn id(&self) -> &str {
         &self.shared.id
     }
 
+    /// When the run began (its first generation), µs since the Unix epoch.
     pub fn started_us(&self) -> i64 {
         self.shared.started_us
     }
@@ -554,12 +555,22 @@ impl Drop for RunMarker {
     }
 }
 
+/// Why the expire lock could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
+    /// Putting the lock or listing `running/` failed.
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    /// Another live expire lock exists; ours was deleted again and this expire does not start.
     #[error("another pitr expire is running on this repository ({holder}; its lock {name} expires at {expires}); not starting a second")]
-    Busy { name: String, holder: String, expires: String },
+    Busy {
+        /// The other lock's object name.
+        name: String,
+        /// Who holds it (`host=…, pid=…` from its record, or `holder unknown`).
+        holder: String,
+        /// When it expires (RFC 3339, seconds).
+        expires: String,
+    },
 }
 
 /// The expire lock, held while expire may delete.
@@ -576,7 +587,7 @@ impl ExpireLock {
     /// live one: of two racing, at least one sees the other and backs off.
     pub async fn acquire(repo: &Repository, now_us: i64, ttl: Duration) -> Result<ExpireLock, LockError> {
         let expires = now_us.saturating_add(ttl.as_micros() as i64);
-        let name = format!("{PREFIX}expire.{now_us:016X}.{expires:016X}.{}", random_suffix());
+        let name = names::expire_lock(now_us, expires, &random_suffix());
         let text = format!("host={}\npid={}\n", hostname(), std::process::id());
         put_record(repo, &name, text).await?;
         let lock = ExpireLock { repo: repo.clone(), name, taken: Instant::now(), ttl };
@@ -589,11 +600,12 @@ impl ExpireLock {
         if let Some((other, expires_us)) = other {
             let holder = describe(repo, &other).await;
             lock.release().await;
-            return Err(LockError::Busy { name: other, holder, expires: format_us(expires_us) });
+            return Err(LockError::Busy { name: other, holder, expires: format_rfc3339_seconds(expires_us) });
         }
         Ok(lock)
     }
 
+    /// The lock's object name.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -604,6 +616,9 @@ impl ExpireLock {
         self.taken + self.ttl / 2
     }
 
+    /// Deletes the lock, so backups, restores and drills waiting on it go on at once. A failure is
+    /// logged, not returned: the lock then holds backups off until it expires (restores and drills
+    /// until its sweep deadline plus a minute).
     pub async fn release(self) {
         if let Err(e) = self.repo.delete(&self.name).await {
             tracing::warn!(lock = %self.name, error = %e, "could not remove the expire lock (it expires on its own)");

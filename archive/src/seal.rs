@@ -29,26 +29,75 @@ const MAX_HEADER_LEN: usize = 64 * 1024;
 pub const HEADER_PREFIX_LEN: u64 = (9 + MAX_HEADER_LEN + TAG_LEN) as u64;
 const HEADER_NONCE_INDEX: u64 = u64::MAX;
 
+/// Why a sealed object did not open. Every variant names the object: a reader reports which
+/// object is damaged, never just "authentication failed".
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
+    /// The object does not start with `PITR`: not a sealed object at all.
     #[error("object {object}: not a pitr object (bad magic)")]
-    BadMagic { object: String },
+    BadMagic {
+        /// The object's name.
+        object: String,
+    },
+    /// A format version this build does not read (only 1 exists).
     #[error("object {object}: unsupported format version {version}")]
-    Version { object: String, version: u8 },
+    Version {
+        /// The object's name.
+        object: String,
+        /// The version byte found.
+        version: u8,
+    },
+    /// The bytes end before the fixed prefix, the header or a frame does (a cut-off upload, a
+    /// ranged read too short for the header, or a lost last frame).
     #[error("object {object}: truncated ({what})")]
-    Truncated { object: String, what: String },
+    Truncated {
+        /// The object's name.
+        object: String,
+        /// Which part is missing.
+        what: String,
+    },
+    /// The header is structurally invalid: length over 64 KiB, unknown object kind, key id not
+    /// UTF-8, fields cut short, or a frame size outside 1 B..64 MiB.
     #[error("object {object}: malformed header ({what})")]
-    Header { object: String, what: String },
+    Header {
+        /// The object's name.
+        object: String,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// An AES-GCM tag (the header tag or a frame's) did not verify: the object was modified,
+    /// renamed, swapped, reordered, truncated at a frame boundary or extended.
     #[error("object {object}: authentication failed at {part}: the object was modified, renamed or corrupted")]
-    Authentication { object: String, part: String },
+    Authentication {
+        /// The object's name.
+        object: String,
+        /// Where it failed (`header`, `frame <i>`…).
+        part: String,
+    },
+    /// Every frame authenticated but the plaintext's length or crc32 differs from the header's
+    /// (a writer's bug rather than tampering, since the header is authenticated).
     #[error("object {object}: plaintext check failed ({what})")]
-    Checksum { object: String, what: String },
+    Checksum {
+        /// The object's name.
+        object: String,
+        /// Which check failed.
+        what: String,
+    },
+    /// A frame's zstd data did not decompress, or decompressed to more than the frame size.
     #[error("object {object}: decompression failed: {what}")]
-    Decompress { object: String, what: String },
+    Decompress {
+        /// The object's name.
+        object: String,
+        /// zstd's error.
+        what: String,
+    },
+    /// The data key could not be unwrapped: the key id is not in the key ring, or the wrap does
+    /// not authenticate under that key and this name.
     #[error(transparent)]
     Key(#[from] KeyError),
 }
 
+/// What kind of object a sealed object is, recorded (authenticated) in its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ObjectKind {
@@ -80,27 +129,45 @@ impl ObjectKind {
 /// What an object says about itself, readable from its header alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectMeta {
+    /// The object's kind.
     pub kind: ObjectKind,
+    /// The PostgreSQL timeline of the WAL it holds (a history file: its own timeline; a backup
+    /// manifest: the backup's); 0 where it does not apply.
     pub timeline: u32,
+    /// Start of the object's range: for WAL the LSN of its first byte (a segment's start, or the
+    /// segment start plus a chunk's `from`); a backup manifest's start LSN; a MongoDB oplog
+    /// slice's first `ts` packed as `seconds << 32 | increment`. 0 where it does not apply.
     pub start_lsn: u64,
+    /// End of the range, exclusive for WAL (`[start_lsn, end_lsn)`); a backup manifest's stop
+    /// LSN; an oplog slice's last `ts`, packed. 0 where it does not apply.
     pub end_lsn: u64,
     /// Commit times, µs since the Unix epoch, of the first and last commit/abort in the object.
     pub first_commit_us: Option<i64>,
+    /// See `first_commit_us`; `None` (stored as `i64::MIN`) when the object holds no commit or
+    /// abort record.
     pub last_commit_us: Option<i64>,
 }
 
 impl ObjectMeta {
+    /// Metadata of `kind` with no timeline, range or commit times (small records, blocks); callers
+    /// override the fields that apply with struct-update syntax.
     pub fn plain(kind: ObjectKind) -> ObjectMeta {
         ObjectMeta { kind, timeline: 0, start_lsn: 0, end_lsn: 0, first_commit_us: None, last_commit_us: None }
     }
 }
 
+/// A sealed object's header, as [`open_header`] and [`open`] return it once its tag verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedHeader {
+    /// Id of the key-encryption key that wrapped the object's data key.
     pub key_id: String,
+    /// Length of the whole plaintext, checked after the last frame.
     pub plaintext_len: u64,
+    /// CRC-32 (IEEE) of the whole plaintext, checked after the last frame.
     pub plaintext_crc32: u32,
+    /// When it was sealed, µs since the Unix epoch by the writer's clock; informational only.
     pub created_us: i64,
+    /// What the object says about itself (kind, timeline, range, commit times).
     pub meta: ObjectMeta,
     wrap_nonce: [u8; 12],
     wrapped_key: [u8; WRAPPED_KEY_LEN],

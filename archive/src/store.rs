@@ -14,24 +14,70 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::RngCore;
 
+/// Why a [`Store`] operation failed. Every variant names the object and the store's location, so
+/// a message says which object of which repository.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The object does not exist (from `get` and `get_range`; `head` answers `None` instead, and
+    /// deleting a missing object is not an error).
     #[error("object {name} not found in {location}")]
-    NotFound { name: String, location: String },
+    NotFound {
+        /// The object name asked for.
+        name: String,
+        /// The store's [`Store::location`].
+        location: String,
+    },
+    /// The name breaks the naming rules of [`validate_name`]; nothing was sent to the storage.
     #[error("invalid object name {name:?}: {why}")]
-    InvalidName { name: String, why: &'static str },
+    InvalidName {
+        /// The rejected name.
+        name: String,
+        /// Which rule it breaks.
+        why: &'static str,
+    },
+    /// A filesystem call of the local backend failed.
     #[error("{op} {name} in {location}: {cause}")]
-    Io { op: &'static str, name: String, location: String, cause: std::io::Error },
+    Io {
+        /// The operation, for the message (`put`, `list`, `delete`…).
+        op: &'static str,
+        /// The object (or list prefix) it was about.
+        name: String,
+        /// The store's [`Store::location`].
+        location: String,
+        /// The underlying I/O error.
+        cause: std::io::Error,
+    },
+    /// Any other failure: a cloud request that failed after its retries, a store that cannot
+    /// be opened (bad URL, missing repository directory).
     #[error("{op} {name} in {location}: {message}")]
-    Backend { op: &'static str, name: String, location: String, message: String },
+    Backend {
+        /// The operation, for the message (`open`, `put`, `get range`…).
+        op: &'static str,
+        /// The object (or list prefix) it was about; empty when opening the store.
+        name: String,
+        /// The store's [`Store::location`] (the URL when opening failed).
+        location: String,
+        /// The backend's own description of the failure.
+        message: String,
+    },
     /// The storage refused the operation (S3 `AccessDenied`: an Object Lock retention that has
     /// not passed, a legal hold, or a bucket policy without that permission). Not transient:
     /// retrying does not help, and for a delete the object stays where it is.
     #[error("{op} {name} in {location} refused by the storage (object lock or permissions): {message}")]
-    Denied { op: &'static str, name: String, location: String, message: String },
+    Denied {
+        /// The operation that was refused (`delete`, `extend retention of`…).
+        op: &'static str,
+        /// The object it was about.
+        name: String,
+        /// The store's [`Store::location`].
+        location: String,
+        /// The storage's own description of the refusal.
+        message: String,
+    },
 }
 
 impl StoreError {
+    /// The object does not exist ([`StoreError::NotFound`]).
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
     }
@@ -42,24 +88,35 @@ impl StoreError {
     }
 }
 
+/// One object as a listing or [`Store::head`] reports it, without its contents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
+    /// The object's full name (relative to the repository, not to the listed prefix).
     pub name: String,
+    /// Its stored size in bytes (sealed, i.e. compressed and encrypted, for pitr's objects).
     pub size: u64,
 }
 
+/// What [`Store::put_if_absent`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {
+    /// The object was stored and is durable (also: a cloud put whose response was lost and whose
+    /// name now holds exactly these bytes, i.e. our own earlier attempt).
     Created,
     /// An object of that name was already there; nothing was written.
     AlreadyExists,
 }
 
+/// A flat namespace of create-only objects: the storage a repository lives in (a local
+/// directory, an S3 or GCS bucket under a prefix). Puts never overwrite, never expose a
+/// half-written object and return only once durable; listings are sorted and strongly consistent
+/// with puts and deletes that returned before them. Names are checked by [`validate_name`].
 #[async_trait]
 pub trait Store: Send + Sync + Debug {
     /// Stores `data` under `name` unless an object of that name exists. Returns only once the
     /// object is durable.
     async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<PutOutcome, StoreError>;
+    /// The whole object; [`StoreError::NotFound`] if there is none.
     async fn get(&self, name: &str) -> Result<Bytes, StoreError>;
     /// Bytes `range` of the object; a range past the end is cut at the end.
     async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError>;
@@ -74,6 +131,8 @@ pub trait Store: Send + Sync + Debug {
         }
         Ok(())
     }
+    /// The object's size without its contents, or `None` if it does not exist (a backup uses
+    /// this to reuse an existing block without reading it).
     async fn head(&self, name: &str) -> Result<Option<ObjectInfo>, StoreError>;
     /// Where this store is, for messages (never contains credentials).
     fn location(&self) -> String;
@@ -94,6 +153,10 @@ pub trait Store: Send + Sync + Debug {
     }
 }
 
+/// Checks an object name against the rules every backend relies on: `/`-separated components of
+/// `[A-Za-z0-9._-]`, none empty, none `.` or `..`, and none starting with `.tmp.` (reserved for
+/// the local backend's temporary files, which listings never show). Otherwise
+/// [`StoreError::InvalidName`].
 pub fn validate_name(name: &str) -> Result<(), StoreError> {
     let bad = |why| Err(StoreError::InvalidName { name: name.to_string(), why });
     if name.is_empty() {
@@ -120,10 +183,13 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
+    /// A store on the directory `root`. Nothing is touched yet; puts and listings fail while the
+    /// directory does not exist (see [`LocalStore::create_root`]).
     pub fn new(root: impl Into<PathBuf>) -> LocalStore {
         LocalStore { root: root.into() }
     }
 
+    /// The repository directory.
     pub fn root(&self) -> &Path {
         &self.root
     }

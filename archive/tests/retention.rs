@@ -21,13 +21,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pitr_archive::backup::{block_name, manifest_name, BackupManifest};
+use pitr_archive::backup::BackupManifest;
 use pitr_archive::expire::{expire, ExpireOptions, ExpireReport};
-use pitr_archive::layout::{WalLayout, WalObject};
-use pitr_archive::retention::{floor_prefix, floors_from_names, Policy, Reason};
+use pitr_archive::names::pg;
+use pitr_archive::retention::{floors_from_names, Policy, Reason};
 use pitr_archive::running::{marker_name, RunKind};
 use pitr_archive::seal::{ObjectKind, ObjectMeta};
-use pitr_archive::{ClusterInfo, KeyRing, LocalStore, ObjectInfo, PutOutcome, Repository, Store, StoreError};
+use pitr_archive::{
+    ClusterInfo, KeyRing, LocalStore, ObjectInfo, PutOutcome, Repository, Store, StoreError, WalLayout, WalObject,
+};
+use pitr_pgformat::timeline::HistoryEntry;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -100,7 +103,7 @@ impl Sim {
     async fn new_block(&mut self) -> String {
         self.next_block += 1;
         let id = format!("{:02x}{:062x}", self.next_block % 256, self.next_block);
-        self.repo.store().put_if_absent(&block_name(SYS, &id), Bytes::from_static(b"block")).await.unwrap();
+        self.repo.store().put_if_absent(&pg::block(SYS, &id), Bytes::from_static(b"block")).await.unwrap();
         id
     }
 
@@ -125,7 +128,7 @@ impl Sim {
         let l = layout();
         let switch = self.lsn;
         let name = l.object_name(&WalObject::History { timeline: 2 });
-        let text = format!("1\t{:X}/{:X}\tfailover\n", switch >> 32, switch & 0xFFFF_FFFF);
+        let text = HistoryEntry { timeline: 1, switch_lsn: switch }.line("failover");
         self.repo.put_sealed(&name, text.into_bytes(), ObjectMeta::plain(ObjectKind::TimelineHistory)).await.unwrap();
         self.put_segment(1, l.segno_of(switch)).await;
         self.put_segment(1, l.segno_of(switch) + 1).await;
@@ -153,7 +156,7 @@ impl Sim {
         // As take_backup does: a block not in the repository (swept since it was written) is
         // stored again.
         for b in &blocks {
-            self.repo.store().put_if_absent(&block_name(SYS, b), Bytes::from_static(b"block")).await.unwrap();
+            self.repo.store().put_if_absent(&pg::block(SYS, b), Bytes::from_static(b"block")).await.unwrap();
         }
         let jump = self.rng.gen_range(SEG / 4..2 * SEG);
         self.advance(self.lsn + jump).await;
@@ -328,15 +331,15 @@ async fn check_consistent(repo: &Repository, sim: &World, cut: i64, context: &st
     let blocks = names(repo, &format!("pg/{SYS}/blocks/")).await;
     let wal = names(repo, &l.prefix()).await;
     let has = |t: u32, s: u64| wal.contains(&l.object_name(&WalObject::Segment { timeline: t, segno: s }));
-    let floors = floors_from_names(SYS, names(repo, &floor_prefix(SYS)).await.iter().map(|s| s.as_str()));
-    let survivors: Vec<&Made> = sim.made.iter().filter(|m| listed.contains(&manifest_name(SYS, &m.id))).collect();
+    let floors = floors_from_names(SYS, names(repo, &pg::floors_prefix(SYS)).await.iter().map(|s| s.as_str()));
+    let survivors: Vec<&Made> = sim.made.iter().filter(|m| listed.contains(&pg::backup_manifest(SYS, &m.id))).collect();
     let by_id: BTreeMap<&str, &Made> = survivors.iter().map(|m| (m.id.as_str(), *m)).collect();
     for m in &survivors {
         if let Some(p) = &m.parent {
             assert!(by_id.contains_key(p.as_str()), "{context}: {} is listed without its parent {p}", m.id);
         }
         for b in &m.blocks {
-            assert!(blocks.contains(&block_name(SYS, b)), "{context}: block {b} of surviving {} is gone", m.id);
+            assert!(blocks.contains(&pg::block(SYS, b)), "{context}: block {b} of surviving {} is gone", m.id);
         }
         for s in l.segno_of(m.start_lsn)..=l.segno_of(m.stop_lsn) {
             assert!(has(m.timeline, s), "{context}: WAL {}/{s} of surviving {} is gone", m.timeline, m.id);
@@ -397,7 +400,7 @@ async fn simulate(seed: u64, policy: Policy, days: i64) -> usize {
         // Exactly the referenced blocks are left.
         let survivors: Vec<&Made> = sim.made.iter().filter(|m| want.contains(&m.id)).collect();
         let referenced: BTreeSet<String> =
-            survivors.iter().flat_map(|m| m.blocks.iter()).map(|b| block_name(SYS, b)).collect();
+            survivors.iter().flat_map(|m| m.blocks.iter()).map(|b| pg::block(SYS, b)).collect();
         assert_eq!(names(&sim.repo, &format!("pg/{SYS}/blocks/")).await, referenced, "{context}: blocks");
 
         // Exactly the WAL the survivors and the window need is left (all of it, before the first
@@ -629,7 +632,7 @@ async fn running_restores_keep_what_they_read_until_their_markers_go_stale() {
     let report = expire(&sim.repo, &cluster(), &opts).await.unwrap();
 
     let manifests = names(&sim.repo, &format!("pg/{SYS}/backups/")).await;
-    assert!(manifests.contains(&manifest_name(SYS, &read.id)), "{report:?}");
+    assert!(manifests.contains(&pg::backup_manifest(SYS, &read.id)), "{report:?}");
     let kept = report.kept.iter().find(|k| k.id == read.id).expect("kept");
     assert!(kept.reasons.contains(&Reason::Restore), "{kept:?}");
     assert!(!report.removed_backups.is_empty(), "the other expired backups still go: {report:?}");
@@ -638,7 +641,7 @@ async fn running_restores_keep_what_they_read_until_their_markers_go_stale() {
     assert_eq!(report.stale_removed, vec![marker_name(RunKind::Drill, now - 3 * stale_us, now - stale_us, "bbbb")]);
     // Its blocks, and every segment from where its replay starts to the end of the archive.
     let blocks = names(&sim.repo, &format!("pg/{SYS}/blocks/")).await;
-    assert!(read.blocks.iter().all(|b| blocks.contains(&block_name(SYS, b))));
+    assert!(read.blocks.iter().all(|b| blocks.contains(&pg::block(SYS, b))));
     let world = sim.world();
     let l = layout();
     for (t, s) in world.recovery_segments(&read) {

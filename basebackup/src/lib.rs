@@ -3,51 +3,85 @@
 //! Owns running BASE_BACKUP (through pitr-pgwire), reading its tar streams ([`tar`]), cutting
 //! files into blocks stored once under their keyed hash (in parallel, bounded), checking every
 //! file against the checksums in the server's backup manifest, waiting until the archive holds
-//! the WAL that makes the backup consistent, and writing the backup manifest last. Incrementals
-//! (PostgreSQL 17+) upload the parent's server manifest first and store the server's
-//! `INCREMENTAL.*` files as they come; combining a chain is pitr-restore's. It does not
-//! restore (pitr-restore) or stream WAL (pitr-walstream).
+//! the WAL that makes the backup consistent, and writing the backup manifest last.
+//!
+//! Also owns which servers can take incremental backups ([`incremental`]: PostgreSQL 17+, the
+//! one place that rule lives). Incrementals upload the parent's server manifest first and store
+//! the server's `INCREMENTAL.*` files as they come; when the server cannot take one, a full
+//! backup is taken and the reason reported.
+//!
+//! It does not restore or combine an incremental chain (pitr-restore), stream or archive WAL
+//! (pitr-walstream), or decide object names, encryption and storage (pitr-archive).
 
+#![warn(missing_docs)]
+
+pub mod incremental;
 pub mod tar;
 
 use pitr_archive::now_us;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use pitr_archive::backup::{
-    block_hasher, block_name, BackupEntry, BackupEntryKind, BackupFile, BackupManifest, BlockHasher, Tablespace,
+    block_hasher, BackupEntry, BackupEntryKind, BackupFile, BackupKind, BackupManifest, BlockHasher, Tablespace,
 };
-use pitr_archive::layout::{WalCatalog, WalLayout};
-use pitr_archive::{ClusterInfo, ObjectKind, ObjectMeta, PutOutcome, Repository, RepositoryError};
-use pitr_pgwire::messages::{format_lsn, BackupEvent, BaseBackupDecoder};
+use pitr_archive::names::pg;
+use pitr_archive::{
+    ClusterInfo, ObjectKind, ObjectMeta, PutOutcome, Repository, RepositoryError, WalCatalog, WalLayout,
+};
+use pitr_pgformat::lsn::format_lsn;
+use pitr_pgwire::messages::{BackupEvent, BaseBackupDecoder};
 use pitr_pgwire::{ConnInfo, ConnectOptions, Connection, PgError};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::tar::{TarError, TarEvent, TarKind, TarReader};
 
+/// Why a base backup failed. Whatever the cause, no backup manifest was written for it, so the
+/// repository does not list the backup; blocks it uploaded before failing are in no manifest.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
+    /// Connecting to the server or the replication protocol failed, or the server reported an
+    /// error (e.g. refusing BASE_BACKUP).
     #[error(transparent)]
     Postgres(#[from] PgError),
+    /// Reading or writing the repository failed: its key, the cluster info, a block upload or
+    /// the manifest.
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    /// A tar archive from the server was malformed or truncated, or held a member name or type
+    /// the [`tar`] reader refuses.
     #[error("backup stream: {0}")]
     Tar(#[from] TarError),
+    /// What arrived does not match the server's backup manifest (a file missing, extra, of
+    /// another size or CRC-32C), or the server sent no manifest.
     #[error("backup check failed: {0}")]
     Verify(String),
-    /// A member a restore must not recreate (see [`check_member`]): the backup is not recorded.
+    /// A member a restore must not recreate: an unsafe path, a symbolic link other than a
+    /// tablespace link `pg_tblspc/<oid>` of the main archive, or anything at or under such a link.
     #[error("the server sent {path:?}, refused: {what}; the backup was not recorded")]
-    Refused { path: String, what: String },
+    Refused {
+        /// The member's path in the data directory (a tablespace's under `pg_tblspc/<oid>/`).
+        path: String,
+        /// Why it was refused.
+        what: String,
+    },
+    /// Anything else, said in full: no start or end position in the stream, the WAL up to the
+    /// stop LSN not archived within [`BackupOptions::wal_timeout`], a backup of the same id
+    /// already in the repository, a failed upload task.
     #[error("{0}")]
     Other(String),
 }
 
+/// How to take a base backup: which server, and how to cut, upload and wait.
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
+    /// The server to take the backup from (a replication connection is opened to it).
     pub conninfo: ConnInfo,
+    /// `application_name` of the replication connection, as `pg_stat_replication` and
+    /// `pg_stat_activity` show it.
     pub application_name: String,
     /// Cut files into blocks of this many bytes (the unit of deduplication).
     pub block_size: usize,
@@ -55,6 +89,9 @@ pub struct BackupOptions {
     pub parallel_uploads: usize,
     /// How long to wait for the sidecar to archive the WAL up to the backup's stop LSN.
     pub wal_timeout: Duration,
+    /// Ask for an immediate checkpoint to start the backup (`CHECKPOINT 'fast'`, `FAST` before
+    /// PostgreSQL 15) instead of a spread one, which paces its writes over up to
+    /// `checkpoint_timeout × checkpoint_completion_target`.
     pub fast_checkpoint: bool,
     /// Take `BASE_BACKUP ( INCREMENTAL )` against the newest backup of the timeline where the
     /// server allows it (PostgreSQL 17+, `summarize_wal = on`); otherwise a full backup, with
@@ -65,36 +102,53 @@ pub struct BackupOptions {
 /// Progress for a terminal: bytes received of the server's estimate.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Progress {
+    /// Bytes of tar archives received so far (the server's manifest not counted).
     pub received: u64,
+    /// The server's estimate of the total (PROGRESS, summed over tablespaces, sent in kB); 0
+    /// until it arrives. Only an estimate: `received` may end above or below it.
     pub estimate: u64,
 }
 
+/// What a finished backup did, for people and logs (serialised as JSON by the command line).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackupSummary {
+    /// The backup's id: its start time in UTC, `YYYYMMDDTHHMMSSZ`; its manifest is stored under it.
     pub id: String,
-    /// `full` or `incremental`.
-    pub kind: String,
+    /// Full, or incremental on `parent`.
+    pub kind: BackupKind,
     /// The backup an incremental was taken against.
     pub parent: Option<String>,
     /// Why an incremental was asked for and a full backup taken instead.
     pub fallback: Option<String>,
+    /// Where the backup starts, `X/Y`: the redo point of its checkpoint, from which WAL is
+    /// replayed to restore it.
     pub start_lsn: String,
+    /// Where the backup ends, `X/Y`: a restore is consistent only once WAL is replayed up to here.
     pub stop_lsn: String,
+    /// The timeline the server was on when the backup started.
     pub timeline: u32,
+    /// Regular files recorded (tablespaces' and `INCREMENTAL.*` files included).
     pub files: usize,
+    /// Bytes of tar archives received from the server (headers and padding included).
     pub bytes_read: u64,
+    /// Bytes this backup added to the repository: its new blocks and its manifest, as stored
+    /// (compressed and sealed).
     pub bytes_stored: u64,
+    /// Blocks uploaded because the repository did not hold them yet.
     pub blocks_new: u64,
+    /// Blocks the repository already held (from earlier backups or earlier in this one), not
+    /// uploaded again.
     pub blocks_reused: u64,
-    /// bytes read / bytes stored.
+    /// `bytes_read / bytes_stored` (0 if nothing was stored): how much deduplication and
+    /// compression saved.
     pub dedup_ratio: f64,
+    /// Wall-clock time from the start to the manifest being written.
     pub duration_seconds: f64,
 }
 
 /// A backup id that sorts by time: `YYYYMMDDTHHMMSSZ`.
 fn backup_id(us: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_micros(us.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string().replace(['-', ':'], "")
+    pitr_archive::time::format_compact(us)
 }
 
 #[derive(Default)]
@@ -111,7 +165,9 @@ struct OpenFile {
     block: Vec<u8>,
 }
 
-/// Takes a full base backup into `repo`. `progress` is called as bytes arrive.
+/// Takes a base backup into `repo`: an incremental one if [`BackupOptions::incremental`] asks for
+/// it and the server can take it, else a full one. Returns the manifest written to the repository
+/// and a summary. `progress` is called as bytes arrive.
 pub async fn take_backup(
     repo: &Repository,
     opts: &BackupOptions,
@@ -145,7 +201,7 @@ async fn backup_marked(
     // (two `pitr backup` in a row on a small cluster) waits for the next second instead of
     // colliding with its manifest.
     let id_taken = |us: i64| {
-        let name = pitr_archive::backup::manifest_name(ident.system_id, &backup_id(us));
+        let name = pg::backup_manifest(ident.system_id, &backup_id(us));
         async move { repo.store().head(&name).await.map(|o| o.is_some()) }
     };
     if id_taken(start_time_us).await.map_err(pitr_archive::RepositoryError::from)? {
@@ -227,7 +283,7 @@ async fn backup_marked(
             loop {
                 let job = rx.lock().await.recv().await;
                 let Some((id, data)) = job else { return Ok::<(), RepositoryError>(()) };
-                let name = block_name(system_id, &id);
+                let name = pg::block(system_id, &id);
                 if repo.store().head(&name).await?.is_some() {
                     counters.reused.fetch_add(1, Ordering::Relaxed);
                     continue;
@@ -300,7 +356,7 @@ async fn backup_marked(
     let stored = counters.stored.load(Ordering::Relaxed);
     let manifest = BackupManifest {
         id: backup_id(start_time_us),
-        kind: if parent.is_some() { "incremental" } else { "full" }.into(),
+        kind: if parent.is_some() { BackupKind::Incremental } else { BackupKind::Full },
         parent: parent.as_ref().map(|p| p.id.clone()),
         system_id: cluster.system_id,
         server_version_num: settings.server_version_num,
@@ -319,7 +375,7 @@ async fn backup_marked(
         stored_bytes: stored,
     };
     let (outcome, manifest_size) = {
-        let name = pitr_archive::backup::manifest_name(manifest.system_id, &manifest.id);
+        let name = pg::backup_manifest(manifest.system_id, &manifest.id);
         let json =
             serde_json::to_vec(&manifest).map_err(|e| BackupError::Other(format!("serialising the manifest: {e}")))?;
         let meta = ObjectMeta { timeline, start_lsn, end_lsn: stop_lsn, ..ObjectMeta::plain(ObjectKind::Meta) };
@@ -331,7 +387,7 @@ async fn backup_marked(
     let stored_total = stored + manifest_size;
     let summary = BackupSummary {
         id: manifest.id.clone(),
-        kind: manifest.kind.clone(),
+        kind: manifest.kind,
         parent: manifest.parent.clone(),
         fallback,
         start_lsn: format_lsn(start_lsn),
@@ -363,12 +419,8 @@ async fn incremental_parent(
     timeline: u32,
 ) -> Result<Result<BackupManifest, String>, BackupError> {
     let version = cluster.server_version_num;
-    if version < 170000 {
-        return Ok(Err(format!(
-            "PostgreSQL {} has no incremental backups (they need 17 or later; the archived WAL already covers \
-             every change since the last full backup)",
-            version / 10000
-        )));
+    if let Some(reason) = incremental::unsupported_reason(version) {
+        return Ok(Err(reason));
     }
     let summarize = conn.show("summarize_wal").await?;
     if summarize != "on" {

@@ -6,24 +6,41 @@
 //! devices, FIFOs, extension headers: PostgreSQL sends none of them) fails the backup here, so
 //! it never reaches a manifest. Which symbolic links are acceptable is the receiver's call.
 
+/// What a member is: the only three member types accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TarKind {
+    /// A regular file (type `0`, or NUL in old archives); its content follows the header.
     File,
+    /// A directory (type `5`).
     Directory,
-    Symlink { target: String },
+    /// A symbolic link (type `2`).
+    Symlink {
+        /// Where the link points, as the server sent it (not checked here).
+        target: String,
+    },
 }
 
+/// A member's header, decoded from its 512-byte ustar header block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TarHeader {
+    /// The member name, the ustar prefix joined on and any trailing `/` removed; never absolute,
+    /// empty or with a `..` component (see [`unsafe_member_path`]).
     pub path: String,
+    /// Permission bits, from the octal mode field.
     pub mode: u32,
+    /// Content length in bytes; only files have content, and it is ignored for other types.
     pub size: u64,
+    /// Modification time, seconds since the Unix epoch.
     pub mtime: u64,
+    /// The member type.
     pub kind: TarKind,
 }
 
+/// What [`TarReader::feed`] reports, in archive order.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TarEvent<'a> {
+    /// A member's header. For a file with content, [`TarEvent::Data`] follows, then
+    /// [`TarEvent::EntryEnd`]; for anything else, `EntryEnd` follows at once.
     Entry(TarHeader),
     /// Content of the current file entry.
     Data(&'a [u8]),
@@ -31,10 +48,19 @@ pub enum TarEvent<'a> {
     EntryEnd,
 }
 
+/// Why a tar archive from the server cannot be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TarError {
+    /// A header block is broken or refused: checksum mismatch, unreadable number, unsafe member
+    /// name or unsupported member type.
     #[error("tar header at byte {offset}: {what}")]
-    Header { offset: u64, what: String },
+    Header {
+        /// Where the header block starts, in bytes from the start of the archive.
+        offset: u64,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// The archive ended inside a header block, a file's content or its padding.
     #[error("tar stream ended inside an entry")]
     Truncated,
 }
@@ -47,6 +73,8 @@ enum State {
     End,
 }
 
+/// Reads one tar archive as it streams in: [`feed`](TarReader::feed) it the archive's bytes in
+/// any chunks, then [`finish`](TarReader::finish) it once the server says the archive is over.
 #[derive(Debug)]
 pub struct TarReader {
     state: State,
@@ -113,6 +141,7 @@ fn cstr(field: &[u8]) -> String {
 }
 
 impl TarReader {
+    /// A reader at the start of an archive.
     pub fn new() -> TarReader {
         TarReader::default()
     }
@@ -122,7 +151,8 @@ impl TarReader {
         matches!(self.state, State::End)
     }
 
-    /// Fails if the archive stopped inside an entry.
+    /// Fails if the archive stopped inside a header or an entry. Ending between members without
+    /// the end-of-archive blocks is accepted: servers before PostgreSQL 15 do not send them.
     pub fn finish(&self) -> Result<(), TarError> {
         match self.state {
             State::Header if self.header.is_empty() => Ok(()),
@@ -131,6 +161,11 @@ impl TarReader {
         }
     }
 
+    /// Reads `data`, the archive's next bytes, calling `on_event` for each header, piece of file
+    /// content and entry end it completes; a header split across calls is kept until whole, and
+    /// a file's content may come in several [`TarEvent::Data`]. Everything after the first
+    /// all-zero header block (the end of the archive) is ignored. Stops at the first error, the
+    /// archive's or `on_event`'s.
     pub fn feed<E>(&mut self, mut data: &[u8], mut on_event: impl FnMut(TarEvent<'_>) -> Result<(), E>) -> Result<(), E>
     where
         E: From<TarError>,

@@ -1,5 +1,8 @@
 //! The TOML configuration, with `$PITR_<SECTION>_<KEY>` overrides. Every option has a default
 //! (documented in docs/configuration.md) except the repository, the key file and the conninfo.
+//!
+//! Parsing and validation only: every bad key or value fails here, named, before a command
+//! starts. Opening what the config names is [`crate::open`]'s.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,28 +24,39 @@ const SECTIONS: &[&str] = &[
     "retention",
 ];
 
+/// The whole config file, validated.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `[repository]`: where the archive lives.
     pub repository: RepositoryConfig,
+    /// `[encryption]`: the key file.
     pub encryption: EncryptionConfig,
+    /// `[postgres]`: the cluster streamed and backed up.
     pub postgres: Option<PostgresConfig>,
+    /// `[stream]`: the WAL receiver.
     #[serde(default)]
     pub stream: StreamSection,
+    /// `[backup]`: base backups and restores.
     #[serde(default)]
     pub backup: BackupSection,
+    /// `[metrics]`: the /metrics and /healthz server.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// `[targets]`: recovery objectives.
     #[serde(default)]
     pub targets: TargetsSection,
+    /// `[schedule]`: the sidecar's jobs.
     #[serde(default)]
     pub schedule: ScheduleSection,
+    /// `[retention]`: what `pitr expire` keeps.
     #[serde(default)]
     pub retention: RetentionSection,
     /// A MongoDB replica set, backed up beside (or instead of) PostgreSQL.
-    pub mongo: Option<crate::mongo::MongoConfig>,
+    pub mongo: Option<MongoConfig>,
 }
 
+/// `[metrics]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSection {
@@ -65,8 +79,10 @@ impl Default for MetricsSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetsSection {
+    /// Data-loss window allowed (seconds); /healthz fails past it.
     #[serde(default = "default_rpo")]
     pub rpo_seconds: f64,
+    /// Restore time allowed (seconds); drills are judged by it.
     #[serde(default = "default_rto")]
     pub rto_seconds: f64,
 }
@@ -90,14 +106,19 @@ impl Default for TargetsSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSection {
+    /// Full base backups.
     #[serde(default = "default_full_backup")]
     pub full_backup: String,
+    /// Incremental backups (PostgreSQL 17+).
     #[serde(default = "default_incremental")]
     pub incremental: String,
+    /// Archive verification.
     #[serde(default = "default_verify")]
     pub verify: String,
+    /// Restore drills.
     #[serde(default = "default_drill")]
     pub drill: String,
+    /// Retention (`pitr expire`).
     #[serde(default = "default_expire")]
     pub expire: String,
 }
@@ -141,8 +162,10 @@ pub struct RetentionSection {
     /// … of each of the last N ISO weeks that have one.
     #[serde(default = "default_weekly")]
     pub weekly: u32,
+    /// … of each of the last N months that have one.
     #[serde(default = "default_monthly")]
     pub monthly: u32,
+    /// … of each of the last N years that have one.
     #[serde(default = "default_yearly")]
     pub yearly: u32,
     /// Every second of the last `window` stays restorable.
@@ -196,6 +219,7 @@ impl Default for RetentionSection {
 }
 
 impl RetentionSection {
+    /// The retention policy these settings describe.
     pub fn policy(&self) -> pitr_archive::retention::Policy {
         pitr_archive::retention::Policy {
             daily: self.daily,
@@ -232,6 +256,7 @@ pub fn parse_cron(field: &str, expr: &str) -> Result<Option<croner::Cron>> {
         .map_err(|e| anyhow!("[schedule] {field} = {expr:?}: not a cron expression ({e})"))
 }
 
+/// `[backup]`.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct BackupSection {
@@ -247,11 +272,13 @@ pub struct BackupSection {
 }
 
 impl BackupSection {
+    /// Concurrent block transfers: `parallel`, else twice the cores.
     pub fn parallel(&self) -> usize {
         self.parallel.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(4))
     }
 }
 
+/// `[repository]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepositoryConfig {
@@ -269,6 +296,7 @@ pub struct RepositoryConfig {
     /// Path-style requests (`endpoint/bucket/key`) instead of virtual-hosted style.
     #[serde(default)]
     pub force_path_style: bool,
+    /// zstd compression level of new objects (1-22, default 3).
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
     /// GCS: a service-account JSON key file (default: `$GOOGLE_APPLICATION_CREDENTIALS` and the
@@ -312,12 +340,18 @@ pub struct RepositoryConfig {
 pub struct SecondaryConfig {
     /// Names it in `--from`, `copy --to`, status and metrics.
     pub name: String,
+    /// A local directory (absolute).
     pub path: Option<PathBuf>,
+    /// An object-storage URL (`s3://…` or `gs://…`).
     pub url: Option<String>,
+    /// S3 endpoint of this secondary.
     pub endpoint: Option<String>,
+    /// S3 region of this secondary.
     pub region: Option<String>,
+    /// Allow a plain-HTTP endpoint.
     #[serde(default)]
     pub allow_http: bool,
+    /// Path-style requests.
     #[serde(default)]
     pub force_path_style: bool,
     /// Puts (and so the WAL acknowledgement) wait until this secondary holds the object too.
@@ -332,20 +366,9 @@ pub struct SecondaryConfig {
 pub const PRIMARY_NAME: &str = "primary";
 
 impl SecondaryConfig {
+    /// Bytes of copies queued in memory (default 256 MiB).
     pub fn queue_bytes(&self) -> u64 {
         self.queue_bytes.unwrap_or(256 << 20)
-    }
-
-    /// Object-storage client settings for a `url`: its own endpoint, region and style, the
-    /// client defaults otherwise.
-    pub fn cloud_options(&self) -> pitr_archive::cloud::CloudOptions {
-        pitr_archive::cloud::CloudOptions {
-            endpoint: self.endpoint.clone(),
-            region: self.region.clone(),
-            allow_http: self.allow_http,
-            force_path_style: self.force_path_style,
-            ..Default::default()
-        }
     }
 
     fn validate(&self, primary: &RepositoryConfig) -> Result<()> {
@@ -383,62 +406,27 @@ impl SecondaryConfig {
 
 impl RepositoryConfig {
     /// The object-storage client settings, checked (`validate` calls this, so later calls on a
-    /// loaded config do not fail).
+    /// loaded config do not fail). The rules are pitr-archive's; this says where they came from.
     pub fn cloud_options(&self) -> Result<pitr_archive::cloud::CloudOptions> {
-        use pitr_archive::cloud::{CloudOptions, LockMode, ObjectLock};
-        let d = CloudOptions::default();
-        let scheme = self.url.as_deref().and_then(|u| u.split_once("://")).map(|(s, _)| s);
-        let object_lock = match (self.object_lock_days, &self.object_lock_mode) {
-            (None, None) => None,
-            (None, Some(_)) => bail!("[repository] object_lock_mode needs object_lock_days"),
-            (Some(0), _) => bail!("[repository] object_lock_days must be at least 1"),
-            (Some(days), mode) => {
-                if scheme != Some("s3") {
-                    bail!("[repository] object_lock_days: S3 Object Lock needs an s3:// url (on GCS use a bucket retention policy)");
-                }
-                let mode = match mode {
-                    Some(m) => m.parse::<LockMode>().map_err(|e| anyhow!("[repository] object_lock_mode = {e}"))?,
-                    None => LockMode::Governance,
-                };
-                Some(ObjectLock { mode, days })
-            }
-        };
-        if self.service_account_key.is_some() && scheme != Some("gs") {
-            bail!("[repository] service_account_key applies to a gs:// url only");
-        }
-        if self.max_concurrency == Some(0) {
-            bail!("[repository] max_concurrency must be at least 1");
-        }
-        let opts = CloudOptions {
+        let settings = pitr_archive::cloud::options::CloudSettings {
             endpoint: self.endpoint.clone(),
             region: self.region.clone(),
             allow_http: self.allow_http,
             force_path_style: self.force_path_style,
             service_account_key: self.service_account_key.clone(),
-            max_concurrency: self.max_concurrency.unwrap_or(d.max_concurrency),
-            multipart_threshold: self.multipart_threshold.unwrap_or(d.multipart_threshold),
-            multipart_part_size: self.multipart_part_size.unwrap_or(d.multipart_part_size),
-            connect_timeout: self.connect_timeout.unwrap_or(d.connect_timeout),
-            request_timeout: self.request_timeout.unwrap_or(d.request_timeout),
-            max_retries: self.max_retries.unwrap_or(d.max_retries),
-            retry_timeout: self.retry_timeout.unwrap_or(d.retry_timeout),
-            retry_initial_backoff: self.retry_initial_backoff.unwrap_or(d.retry_initial_backoff),
-            retry_max_backoff: self.retry_max_backoff.unwrap_or(d.retry_max_backoff),
-            object_lock,
+            max_concurrency: self.max_concurrency,
+            multipart_threshold: self.multipart_threshold,
+            multipart_part_size: self.multipart_part_size,
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+            max_retries: self.max_retries,
+            retry_timeout: self.retry_timeout,
+            retry_initial_backoff: self.retry_initial_backoff,
+            retry_max_backoff: self.retry_max_backoff,
+            object_lock_days: self.object_lock_days,
+            object_lock_mode: self.object_lock_mode.clone(),
         };
-        if opts.multipart_part_size < 5 << 20 {
-            bail!("[repository] multipart_part_size = {}: S3 needs at least 5 MiB (5242880)", opts.multipart_part_size);
-        }
-        if opts.multipart_threshold < opts.multipart_part_size {
-            bail!("[repository] multipart_threshold must be at least multipart_part_size");
-        }
-        if opts.connect_timeout.is_zero() || opts.request_timeout.is_zero() {
-            bail!("[repository] connect_timeout and request_timeout must be greater than 0");
-        }
-        if opts.retry_initial_backoff.is_zero() || opts.retry_max_backoff < opts.retry_initial_backoff {
-            bail!("[repository] retry_initial_backoff must be greater than 0 and at most retry_max_backoff");
-        }
-        Ok(opts)
+        settings.options(self.url.as_deref()).map_err(|e| anyhow!("[repository] {e}"))
     }
 }
 
@@ -446,21 +434,26 @@ fn default_zstd_level() -> i32 {
     3
 }
 
+/// `[encryption]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncryptionConfig {
+    /// The key-encryption key file (created by `pitr init`, mode 0600).
     pub key_file: PathBuf,
 }
 
+/// `[postgres]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
+    /// libpq-style connection string of the primary (replication user).
     pub conninfo: String,
     /// Names the cluster in slot and application names.
     #[serde(default = "default_name")]
     pub name: String,
     /// Physical replication slot; default `pitr_<name>`.
     pub slot: Option<String>,
+    /// Create the slot if it does not exist (default true).
     #[serde(default = "default_true")]
     pub create_slot: bool,
     /// Default `pitr_<name>`; put it in `synchronous_standby_names` for RPO 0.
@@ -483,14 +476,17 @@ fn default_true() -> bool {
     true
 }
 
+/// `[stream]`.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct StreamSection {
     /// Minimum spacing between WAL puts; default 0 for a local repository, 1 s for object storage.
     #[serde(default, with = "humantime_serde")]
     pub flush_interval: Option<Duration>,
+    /// Longest time between standby status updates (default 10 s).
     #[serde(default, with = "humantime_serde")]
     pub status_interval: Option<Duration>,
+    /// How long connecting and starting replication may take (default 15 s).
     #[serde(default, with = "humantime_serde")]
     pub startup_timeout: Option<Duration>,
     /// Received-but-not-yet-durable WAL held in memory before reading pauses (bytes).
@@ -509,14 +505,83 @@ pub struct StreamSection {
 }
 
 impl PostgresConfig {
+    /// The replication slot: `slot`, else `pitr_<name>`.
     pub fn slot(&self) -> String {
         self.slot.clone().unwrap_or_else(|| format!("pitr_{}", self.name))
     }
+    /// The application name: `application_name`, else `pitr_<name>`.
     pub fn application_name(&self) -> String {
         self.application_name.clone().unwrap_or_else(|| format!("pitr_{}", self.name))
     }
+    /// Spacing of completeness marks (default 10 s; 0 is off).
     pub fn complete_interval(&self) -> Duration {
         self.complete_interval.unwrap_or(Duration::from_secs(10))
+    }
+}
+
+/// `[mongo]`: a MongoDB replica set backed up beside (or instead of) PostgreSQL.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoConfig {
+    /// `mongodb://host:port/?replicaSet=NAME` (user and password in the URI if needed).
+    pub uri: String,
+    /// Objects go under `mongo/<name>/`; default the replica set's name.
+    pub name: Option<String>,
+    /// Longest time oplog entries wait before they are sealed into a slice (default 1 s).
+    #[serde(default, with = "humantime_serde")]
+    pub flush_interval: Option<Duration>,
+    /// A slice is sealed sooner once this many bytes of entries are pending (default 16 MiB).
+    pub max_slice_bytes: Option<usize>,
+    /// How long to wait for the server when connecting (default 10 s).
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// A scratch server `pitr drill --source mongo` restores into. The drill drops every database
+    /// on it first: never a server holding data you want.
+    pub drill_target_uri: Option<String>,
+    /// Cron for scheduled snapshots (default `[schedule] full_backup`; empty: off).
+    pub snapshot_schedule: Option<String>,
+    /// How often, while caught up, the tailer records that the archive holds every oplog entry
+    /// the server has (a completeness mark; default 10 s).
+    #[serde(default, with = "humantime_serde")]
+    pub complete_interval: Option<Duration>,
+}
+
+impl MongoConfig {
+    fn validate(&self) -> Result<()> {
+        if !(self.uri.starts_with("mongodb://") || self.uri.starts_with("mongodb+srv://")) {
+            bail!("[mongo] uri: expected mongodb://host:port/?replicaSet=NAME");
+        }
+        if self.uri.starts_with("mongodb+srv://") {
+            bail!("[mongo] uri: mongodb+srv:// needs DNS SRV lookups, which this build leaves out; list the hosts instead");
+        }
+        if let Some(n) = &self.name {
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                bail!("[mongo] name = {n:?}: use letters, digits, `_` and `-`");
+            }
+        }
+        if self.max_slice_bytes == Some(0) {
+            bail!("[mongo] max_slice_bytes must be greater than 0");
+        }
+        if self.connect_timeout.is_some_and(|d| d.is_zero()) {
+            bail!("[mongo] connect_timeout must be greater than 0");
+        }
+        if self.complete_interval.is_some_and(|d| d < Duration::from_millis(100)) {
+            bail!("[mongo] complete_interval must be at least 100ms");
+        }
+        if let Some(u) = &self.drill_target_uri {
+            if !u.starts_with("mongodb://") {
+                bail!("[mongo] drill_target_uri: expected mongodb://host:port/");
+            }
+        }
+        if let Some(cron) = &self.snapshot_schedule {
+            parse_cron("[mongo] snapshot_schedule", cron)?;
+        }
+        Ok(())
+    }
+
+    /// How long to wait for the server when connecting.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout.unwrap_or(Duration::from_secs(10))
     }
 }
 
@@ -528,6 +593,7 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("pitr.toml"))
     }
 
+    /// Reads, overrides from the environment and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -540,6 +606,7 @@ impl Config {
         Self::parse(&text, &vars).with_context(|| format!("config file {}", path.display()))
     }
 
+    /// Parses config text with `env`'s `$PITR_<SECTION>_<KEY>` overrides, and validates it.
     pub fn parse(text: &str, env: &[(String, String)]) -> Result<Config> {
         let mut table: toml::Table =
             text.parse().map_err(|e: toml::de::Error| anyhow!("{}", e.to_string().trim_end()))?;
@@ -635,15 +702,30 @@ impl Config {
         Ok(())
     }
 
+    /// `[postgres]`, for the commands that need it.
     pub fn postgres(&self) -> Result<&PostgresConfig> {
         self.postgres.as_ref().ok_or_else(|| anyhow!("the config has no [postgres] section (conninfo = \"...\")"))
     }
 
+    /// `[mongo]`, for the commands that need it.
+    pub fn mongo(&self) -> Result<&MongoConfig> {
+        self.mongo
+            .as_ref()
+            .ok_or_else(|| anyhow!("the config has no [mongo] section (uri = \"mongodb://…/?replicaSet=…\")"))
+    }
+
+    /// The cluster `[postgres] system_id` pins; `None` lets the repository's only cluster be it.
+    pub fn system_id(&self) -> Option<u64> {
+        self.postgres.as_ref().and_then(|p| p.system_id)
+    }
+
+    /// `[repository] path` (for a local repository).
     pub fn repository_path(&self) -> &Path {
         // `validate` guarantees a path.
         self.repository.path.as_deref().unwrap_or(Path::new("/"))
     }
 
+    /// Minimum spacing between WAL puts: set, else 0 locally and 1 s on object storage.
     pub fn flush_interval(&self) -> Duration {
         self.stream.flush_interval.unwrap_or(if self.repository.url.is_some() {
             Duration::from_secs(1)
@@ -652,6 +734,7 @@ impl Config {
         })
     }
 
+    /// Where `pitr stream` writes its live status: set, else `$TMPDIR/pitr-<name>.status.json`.
     pub fn status_file(&self) -> PathBuf {
         self.stream.status_file.clone().unwrap_or_else(|| {
             let name = self.postgres.as_ref().map(|p| p.name.as_str()).unwrap_or("main");
@@ -818,6 +901,20 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
         for (text, needle) in cases {
             let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());
             assert!(err.contains(needle), "expected {needle:?} in: {err}");
+        }
+    }
+
+    #[test]
+    fn mongo_section_errors_are_named() {
+        const BASE: &str = "[repository]\npath = \"/r\"\n[encryption]\nkey_file = \"/k\"\n";
+        for (extra, needle) in [
+            ("uri = \"http://h\"", "[mongo] uri"),
+            ("uri = \"mongodb+srv://h\"", "mongodb+srv"),
+            ("uri = \"mongodb://h\"\nname = \"a b\"", "[mongo] name"),
+            ("uri = \"mongodb://h\"\nflush_intervall = \"1s\"", "flush_intervall"),
+        ] {
+            let err = format!("{:#}", Config::parse(&format!("{BASE}[mongo]\n{extra}\n"), &[]).unwrap_err());
+            assert!(err.contains(needle), "expected {needle:?} in {err}");
         }
     }
 

@@ -1,10 +1,19 @@
 //! `pitr`: the command line. Parses arguments and the config, wires the library crates together
 //! and turns their typed errors into messages for people. No archive or protocol logic lives here.
+//!
+//! Map: this file holds the clap definitions and the dispatch; [`cmd`] one module per subcommand;
+//! [`config`] parsing and validation; [`open`] config → repository, cluster, catalog; [`tasks`]
+//! the work a command and a scheduled job share; [`schedule`] the sidecar's jobs; [`sidecar`]
+//! its metrics server, gauges and status file; [`output`] printing helpers. Dependencies point
+//! down that list's reverse: nothing below `cmd` depends on it.
 
-mod commands;
+mod cmd;
 mod config;
-mod mongo;
+mod open;
+mod output;
+mod schedule;
 mod sidecar;
+mod tasks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -211,7 +220,7 @@ fn init_logging(cli: &Cli) {
 }
 
 fn parse_lsn_arg(s: &str) -> Result<u64, String> {
-    pitr_pgwire::parse_lsn(s).ok_or_else(|| format!("{s:?} is not an LSN (X/Y in hex)"))
+    pitr_pgformat::lsn::parse_lsn(s).ok_or_else(|| format!("{s:?} is not an LSN (X/Y in hex)"))
 }
 
 /// What PostgreSQL's restore_command contract needs from every way out of `pitr wal-fetch`
@@ -250,7 +259,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let result = run(cli.command, &config_path).await;
         // Copies to secondaries this command queued (backup blocks, a drill's result…).
-        commands::finish_copies(std::time::Duration::from_secs(30)).await;
+        open::finish_copies(std::time::Duration::from_secs(30)).await;
         result
     });
     match result {
@@ -264,50 +273,45 @@ fn main() -> ExitCode {
 
 async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Init => commands::init(config_path).await,
-        Command::Stream => commands::stream(config_path).await,
-        Command::Status { json } => commands::status(config_path, json).await,
+        Command::Init => cmd::init::run(config_path).await,
+        Command::Stream => cmd::stream::run(config_path).await,
+        Command::Status { json } => cmd::status::run(config_path, json).await,
         Command::WalFetch { segment, dest, from, until_lsn } => {
-            return commands::wal_fetch(config_path, from.as_deref(), &segment, &dest, until_lsn).await
+            return cmd::wal_fetch::run(config_path, from.as_deref(), &segment, &dest, until_lsn).await
         }
         Command::WalPrefetch { segment, spool, count, from, until_lsn } => {
-            commands::wal_prefetch(config_path, from.as_deref(), &segment, &spool, count, until_lsn).await
+            cmd::wal_fetch::prefetch(config_path, from.as_deref(), &segment, &spool, count, until_lsn).await
         }
-        Command::Copy { to, json } => commands::copy(config_path, &to, json).await,
-        Command::Backup { incremental: _, json, source: Source::Mongo } => {
-            let config = config::Config::load(config_path)?;
-            mongo::backup(&config, commands::open_repository(&config)?, json).await
-        }
+        Command::Copy { to, json } => cmd::copy::run(config_path, &to, json).await,
+        Command::Backup { incremental: _, json, source: Source::Mongo } => cmd::mongo::backup(config_path, json).await,
         Command::Backup { incremental, json, source: Source::Postgres } => {
-            commands::backup(config_path, incremental, json).await
+            cmd::backup::run(config_path, incremental, json).await
         }
         Command::Verify { deep, json, from, source: Source::Mongo } => {
-            return mongo::verify(config_path, from.as_deref(), deep, json).await
+            return cmd::mongo::verify(config_path, from.as_deref(), deep, json).await
         }
         Command::Verify { deep, json, from, source: Source::Postgres } => {
-            return commands::verify(config_path, from.as_deref(), deep, json).await
+            return cmd::verify::run(config_path, from.as_deref(), deep, json).await
         }
         Command::Drill { to, source: Source::Mongo, checks, report, json, test_type, from, .. } => {
-            let args = mongo::DrillArgs { to, checks, report, json, test_type, from };
-            return mongo::drill(config_path, args).await;
+            let args = cmd::mongo::DrillArgs { to, checks, report, json, test_type, from };
+            return cmd::mongo::drill(config_path, args).await;
         }
         Command::Drill { to, checks, report, json, keep, db_user, test_type, from, source: Source::Postgres } => {
-            let args = commands::DrillArgs { to, checks, report, json, keep, db_user, test_type, from };
-            return commands::drill(config_path, args).await;
+            let args = cmd::drill::DrillArgs { to, checks, report, json, keep, db_user, test_type, from };
+            return cmd::drill::run(config_path, args).await;
         }
-        Command::List { json, from } => commands::list(config_path, from.as_deref(), json).await,
-        Command::Expire { dry_run, json } => commands::expire(config_path, dry_run, json).await,
+        Command::List { json, from } => cmd::list::run(config_path, from.as_deref(), json).await,
+        Command::Expire { dry_run, json } => cmd::expire::run(config_path, dry_run, json).await,
         Command::Restore { to, source: Source::Mongo, target_uri, drop, json, from, .. } => {
-            let config = config::Config::load(config_path)?;
-            let repo = commands::open_reader(&config, from.as_deref())?;
             let target_uri = target_uri.unwrap_or_default();
-            mongo::restore(&config, repo, &to, &target_uri, drop, json).await
+            cmd::mongo::restore(config_path, from.as_deref(), &to, &target_uri, drop, json).await
         }
         Command::Restore { to, target_dir, start, port, force, json, db_user, timeout, backup, from, .. } => {
             let target_dir = target_dir.unwrap_or_default();
             let args =
-                commands::RestoreArgs { to, target_dir, start, port, force, json, db_user, timeout, backup, from };
-            commands::restore(config_path, args).await
+                cmd::restore::RestoreArgs { to, target_dir, start, port, force, json, db_user, timeout, backup, from };
+            cmd::restore::run(config_path, args).await
         }
     }
     .map(|()| ExitCode::SUCCESS)

@@ -1,23 +1,28 @@
-//! What `pitr stream` runs beside the WAL receiver: the Prometheus metrics and /healthz server,
-//! gauges fed from the receiver's status and the repository's catalog, and the job scheduler.
+//! What the running sidecar shows: the Prometheus `/metrics` and `/healthz` server, every metric
+//! pitr exports (described here, set here or by the scheduler through the `record_*` functions),
+//! the gauges fed from the receiver's status and the repository's catalogs, and the status file
+//! `pitr status` reads.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use chrono::{DateTime, Utc};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use metrics::{describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use pitr_archive::backup::BackupManifest;
+use pitr_archive::replicate::ReplicatedStore;
 use pitr_archive::Repository;
 use pitr_walstream::StreamStatus;
 use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::open;
 
 /// Installs the global metrics recorder and describes every metric pitr exports.
 pub fn install_metrics() -> Result<PrometheusHandle> {
@@ -206,7 +211,7 @@ pub async fn feed_gauges(mut status: watch::Receiver<StreamStatus>) {
 }
 
 /// Mirrors each secondary's copy state into metrics, labelled `secondary`.
-pub async fn feed_secondary_metrics(replicated: Arc<pitr_archive::replicate::ReplicatedStore>) {
+pub async fn feed_secondary_metrics(replicated: Arc<ReplicatedStore>) {
     use pitr_archive::replicate::CopyState;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -239,8 +244,7 @@ pub async fn feed_catalog_gauges(repo: Repository, system_id: Option<u64>, every
 }
 
 async fn catalog_gauges_once(repo: &Repository, system_id: Option<u64>) -> Result<()> {
-    let cluster = repo.resolve_cluster(system_id).await?;
-    let catalog = pitr_restore::Catalog::load(repo, cluster).await?;
+    let catalog = open::catalog(repo, system_id).await?;
     if let Some(w) = catalog.current_window() {
         if let Some(start) = w.start_us {
             gauge!("pitr_recoverable_window_start_timestamp_seconds").set(start as f64 / 1e6);
@@ -253,154 +257,29 @@ async fn catalog_gauges_once(repo: &Repository, system_id: Option<u64>) -> Resul
         record_backup_gauges(b);
     }
     // Drills run by hand (`pitr drill`) store their result in the repository too.
-    if let Some(d) = pitr_restore::drill::latest_result(repo, catalog.cluster.system_id).await? {
-        record_drill_gauges(
-            &[],
-            d["outcome"].as_str().unwrap_or("FAIL"),
-            d["rto_achieved_seconds"].as_f64(),
-            d["rpo_achieved_seconds"].as_f64(),
-        );
+    let subject = pitr_drill::Subject::Postgres { system_id: catalog.cluster.system_id };
+    if let Some(d) = pitr_drill::latest_result(repo, &subject).await? {
+        pitr_drill::record_gauges(pitr_drill::Source::Postgres, Some(&d));
     }
     Ok(())
 }
 
-fn record_backup_gauges(b: &BackupManifest) {
-    let labels = [("backup_type", b.kind.clone()), ("source", "postgres".to_string())];
+/// The newest PostgreSQL backup's time and size.
+pub fn record_backup_gauges(b: &BackupManifest) {
+    let labels = [("backup_type", b.kind.to_string()), ("source", "postgres".to_string())];
     gauge!("pitr_last_backup_timestamp_seconds", &labels).set(b.stop_time_us as f64 / 1e6);
     gauge!("backup_size_bytes", &labels).set(b.logical_bytes as f64);
 }
 
-/// A job the scheduler can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobKind {
-    FullBackup,
-    /// PostgreSQL 17+: BASE_BACKUP INCREMENTAL; older servers have none (the WAL covers them).
-    IncrementalBackup,
-    Verify,
-    Drill,
-    /// `pitr expire` with `[retention]`.
-    Expire,
+/// The newest MongoDB snapshot's time and size.
+pub fn record_snapshot_gauges(s: &pitr_mongo::SnapshotManifest) {
+    let labels = [("backup_type", "full".to_string()), ("source", "mongo".to_string())];
+    metrics::gauge!("pitr_last_backup_timestamp_seconds", &labels).set(s.finished_us as f64 / 1e6);
+    metrics::gauge!("backup_size_bytes", &labels).set(s.logical_bytes as f64);
 }
 
-pub struct Job {
-    pub name: &'static str,
-    pub cron: croner::Cron,
-    pub kind: JobKind,
-}
-
-pub struct SchedulerContext {
-    pub repo: Repository,
-    pub backup: pitr_basebackup::BackupOptions,
-    pub system_id: Option<u64>,
-    /// Drills and verification read the config again, as `pitr drill` would.
-    pub config_path: std::path::PathBuf,
-}
-
-fn next_after(cron: &croner::Cron, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    cron.find_next_occurrence(&t, false).ok()
-}
-
-/// The newest backup's start, if the repository holds any (for catching up a missed run).
-async fn last_backup_time(ctx: &SchedulerContext) -> Option<DateTime<Utc>> {
-    let cluster = ctx.repo.resolve_cluster(ctx.system_id).await.ok()?;
-    let backups = BackupManifest::list(&ctx.repo, cluster.system_id).await.ok()?;
-    // Incrementals do not stand in for a missed full backup.
-    let newest = backups.iter().filter(|b| !b.is_incremental()).map(|b| b.start_time_us).max()?;
-    DateTime::from_timestamp_micros(newest)
-}
-
-/// Whether the server can take incrementals, from the version the repository recorded for the
-/// cluster (the stream records it before any job runs).
-async fn incrementals_possible(ctx: &SchedulerContext) -> bool {
-    match ctx.repo.resolve_cluster(ctx.system_id).await {
-        Ok(cluster) => cluster.server_version_num >= 170000,
-        // Let the backup itself say what is wrong.
-        Err(_) => true,
-    }
-}
-
-/// Runs `job` on its schedule until `shutdown` (see [`run_on_schedule`]); a full backup missed
-/// while the sidecar was down runs once at start-up.
-pub async fn run_job(job: Job, ctx: Arc<SchedulerContext>, shutdown: watch::Receiver<bool>) {
-    let catch_up = if job.kind == JobKind::FullBackup { Some(last_backup_time(&ctx).await) } else { None };
-    let said_unavailable = AtomicBool::new(false);
-    let (job, ctx, said) = (&job, &ctx, &said_unavailable);
-    run_on_schedule(job.name, &job.cron, catch_up, shutdown, || execute(job, ctx, said)).await;
-}
-
-/// Runs `run` on `cron` until `shutdown`. Runs never overlap (each is awaited); ticks that pass
-/// during a run are counted as skipped. `catch_up`: `Some(last)` makes a run missed since `last`
-/// (or any run, if there was none) happen once at start-up.
-pub async fn run_on_schedule<F, Fut>(
-    name: &'static str,
-    cron: &croner::Cron,
-    catch_up: Option<Option<DateTime<Utc>>>,
-    mut shutdown: watch::Receiver<bool>,
-    mut run: F,
-) where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    if let Some(last) = catch_up {
-        let due = match last {
-            Some(last) => next_after(cron, last).is_some_and(|t| t <= Utc::now()),
-            None => true,
-        };
-        if due {
-            tracing::info!(
-                job = name,
-                event = "catch-up",
-                "a scheduled run was missed (or there is none yet); running it now"
-            );
-            run().await;
-        }
-    }
-    loop {
-        let Some(next) = next_after(cron, Utc::now()) else {
-            tracing::warn!(job = name, "the schedule has no next occurrence; job stopped");
-            return;
-        };
-        let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return,
-        }
-        let started = Utc::now();
-        run().await;
-        let mut skipped = 0u64;
-        let mut t = started;
-        while let Some(n) = next_after(cron, t) {
-            if n > Utc::now() {
-                break;
-            }
-            skipped += 1;
-            t = n;
-        }
-        if skipped > 0 {
-            tracing::warn!(job = name, event = "skipped", skipped, "runs skipped: the previous run was still going");
-            metrics::counter!("pitr_scheduled_runs_total", "job" => name, "result" => "skipped").increment(skipped);
-        }
-    }
-}
-
-fn count_run(job: &Job, ok: bool) {
-    let result = if ok { "success" } else { "failure" };
-    metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => result).increment(1);
-}
-
-async fn run_verify(ctx: &SchedulerContext) -> Result<pitr_restore::verify::VerifyReport> {
-    let config = crate::config::Config::load(&ctx.config_path)?;
-    let cluster = ctx.repo.resolve_cluster(ctx.system_id).await?;
-    let catalog = pitr_restore::Catalog::load(&ctx.repo, cluster).await?;
-    Ok(pitr_restore::verify::verify(&ctx.repo, &catalog, false, config.backup.parallel()).await?)
-}
-
-async fn run_expire(ctx: &SchedulerContext) -> Result<pitr_archive::expire::ExpireReport> {
-    let config = crate::config::Config::load(&ctx.config_path)?;
-    crate::commands::run_expire(&config, &ctx.repo, false).await
-}
-
-fn record_expire_metrics(r: &pitr_archive::expire::ExpireReport) {
+/// What a scheduled expire removed and kept.
+pub fn record_expire_metrics(r: &pitr_archive::expire::ExpireReport) {
     let removed = [("backup", r.removed_backups.len()), ("wal", r.removed_wal_objects), ("block", r.removed_blocks)];
     for (kind, n) in removed {
         metrics::counter!("pitr_expire_removed_objects_total", "kind" => kind).increment(n as u64);
@@ -415,162 +294,69 @@ fn record_expire_metrics(r: &pitr_archive::expire::ExpireReport) {
     });
 }
 
-async fn run_drill(ctx: &SchedulerContext) -> Result<pitr_restore::drill::DrillReport> {
-    let config = crate::config::Config::load(&ctx.config_path)?;
-    let cluster = ctx.repo.resolve_cluster(ctx.system_id).await?;
-    let catalog = pitr_restore::Catalog::load(&ctx.repo, cluster).await?;
-    let mut opts = crate::commands::drill_options(&config, &ctx.config_path, &catalog)?;
-    opts.test_type = "Monthly (scheduled)".into();
-    let report = pitr_restore::drill::drill(&ctx.repo, &catalog, &opts).await?;
-    pitr_restore::drill::store_result(&ctx.repo, catalog.cluster.system_id, &report).await?;
-    Ok(report)
+/// Refreshes the MongoDB gauges from the repository every `every`: the newest snapshot's age
+/// and the newest drill's result (so that they survive a restart and include `pitr backup` and
+/// `pitr drill` run by hand). The config is read again each time, as the jobs read it.
+pub async fn feed_mongo_catalog_gauges(config_path: PathBuf, repo: Repository, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if let Err(e) = mongo_catalog_gauges_once(&config_path, &repo).await {
+            tracing::debug!(error = %format!("{e:#}"), "MongoDB catalog gauges not updated");
+        }
+    }
 }
 
-/// The newest drill's result; `labels` is empty for PostgreSQL, `source="mongo"` for MongoDB.
-pub(crate) fn record_drill_gauges(
-    labels: &[(&'static str, String)],
-    outcome: &str,
-    rto: Option<f64>,
-    rpo: Option<f64>,
+async fn mongo_catalog_gauges_once(path: &std::path::Path, repo: &Repository) -> Result<()> {
+    let config = Config::load(path)?;
+    let catalog = open::mongo_catalog(&config, repo).await?;
+    if let Some(s) = catalog.snapshots.iter().max_by_key(|s| s.finished_us) {
+        record_snapshot_gauges(s);
+    }
+    let subject = pitr_drill::Subject::Mongo { name: catalog.layout.name.clone() };
+    if let Some(d) = pitr_drill::latest_result(repo, &subject).await? {
+        pitr_drill::record_gauges(pitr_drill::Source::Mongo, Some(&d));
+    }
+    Ok(())
+}
+
+/// The status file: the receiver's [`StreamStatus`], and each secondary's copy state.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct StatusFile {
+    /// What the WAL receiver last reported.
+    #[serde(flatten)]
+    pub stream: StreamStatus,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Each secondary's copy state.
+    pub secondaries: Vec<pitr_archive::replicate::SecondaryStatus>,
+}
+
+/// Keeps the status file current (atomically replaced) while the sender lives.
+pub async fn write_status_file(
+    path: PathBuf,
+    mut rx: watch::Receiver<StreamStatus>,
+    replicated: Option<Arc<ReplicatedStore>>,
 ) {
-    gauge!("pitr_drill_success", labels).set(if outcome == "PASS" { 1.0 } else { 0.0 });
-    if let Some(rto) = rto {
-        gauge!("pitr_drill_rto_seconds", labels).set(rto);
-    }
-    if let Some(rpo) = rpo {
-        gauge!("pitr_drill_rpo_seconds", labels).set(rpo);
-    }
-}
-
-async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &AtomicBool) {
-    match job.kind {
-        JobKind::Verify => {
-            tracing::info!(job = job.name, event = "start", "scheduled verification starting");
-            match run_verify(ctx).await {
-                Ok(r) => {
-                    for f in &r.findings {
-                        tracing::error!(job = job.name, kind = f.kind, object = %f.object, "verify finding: {}", f.message);
-                    }
-                    gauge!("pitr_verify_findings").set(r.findings.len() as f64);
-                    tracing::info!(
-                        job = job.name,
-                        event = "end",
-                        result = if r.ok { "success" } else { "failure" },
-                        findings = r.findings.len(),
-                        "scheduled verification done"
-                    );
-                    count_run(job, r.ok);
-                }
-                Err(e) => {
-                    tracing::error!(job = job.name, event = "end", result = "failure", error = %format!("{e:#}"), "scheduled verification failed");
-                    count_run(job, false);
-                }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let done = tokio::select! {
+            r = rx.changed() => r.is_err(),
+            _ = tick.tick() => false,
+        };
+        let snapshot = StatusFile {
+            stream: rx.borrow().clone(),
+            secondaries: replicated.as_ref().map(|r| r.status()).unwrap_or_default(),
+        };
+        if let Ok(text) = serde_json::to_vec_pretty(&snapshot) {
+            let tmp = path.with_extension("json.tmp");
+            if std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+                tracing::debug!(path = %path.display(), "cannot write the status file");
             }
         }
-        JobKind::Expire => {
-            tracing::info!(job = job.name, event = "start", "scheduled expire starting");
-            match run_expire(ctx).await {
-                Ok(r) => {
-                    record_expire_metrics(&r);
-                    for x in &r.retained {
-                        tracing::warn!(job = job.name, object = %x.object, "retained: {}", x.why);
-                    }
-                    if let Some(why) = &r.blocks_skipped {
-                        tracing::info!(job = job.name, "block sweep skipped: {why}");
-                    }
-                    for x in &r.retention_failed {
-                        tracing::warn!(job = job.name, object = %x.object, "retention not extended: {}", x.why);
-                    }
-                    // As `pitr expire` exits non-zero: the deletes are done, but objects are
-                    // protected for less long than their backups are kept.
-                    let ok = r.retention_failed.is_empty();
-                    tracing::info!(
-                        job = job.name,
-                        event = "end",
-                        result = if ok { "success" } else { "failure" },
-                        removed_backups = r.removed_backups.len(),
-                        removed_wal_objects = r.removed_wal_objects,
-                        removed_blocks = r.removed_blocks,
-                        removed_bytes = r.removed_bytes,
-                        retained = r.retained.len(),
-                        kept_backups = r.kept.len(),
-                        retention_extended = r.retention_extended,
-                        retention_failed = r.retention_failed.len(),
-                        "scheduled expire done"
-                    );
-                    count_run(job, ok);
-                }
-                Err(e) => {
-                    tracing::error!(job = job.name, event = "end", result = "failure", error = %format!("{e:#}"), "scheduled expire failed");
-                    count_run(job, false);
-                }
-            }
-        }
-        JobKind::Drill => {
-            tracing::info!(job = job.name, event = "start", "scheduled restore drill starting");
-            match run_drill(ctx).await {
-                Ok(r) => {
-                    record_drill_gauges(&[], &r.outcome, r.rto_achieved_seconds, r.rpo_achieved_seconds);
-                    tracing::info!(job = job.name, event = "end", result = %r.outcome, rto = ?r.rto_achieved_seconds, rpo = ?r.rpo_achieved_seconds, issues = ?r.issues, "scheduled drill done");
-                    count_run(job, r.outcome == "PASS");
-                }
-                Err(e) => {
-                    record_drill_gauges(&[], "FAIL", None, None);
-                    tracing::error!(job = job.name, event = "end", result = "failure", error = %format!("{e:#}"), "scheduled drill failed");
-                    count_run(job, false);
-                }
-            }
-        }
-        JobKind::IncrementalBackup if !incrementals_possible(ctx).await => {
-            if !said_unavailable.swap(true, Ordering::Relaxed) {
-                tracing::info!(job = job.name, event = "unavailable",
-                    "scheduled incremental backups do nothing on PostgreSQL before 17: the archived WAL covers every change between full backups");
-            }
-            metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "unavailable").increment(1);
-        }
-        JobKind::FullBackup | JobKind::IncrementalBackup => {
-            let incremental = job.kind == JobKind::IncrementalBackup;
-            let kind = if incremental { "incremental" } else { "full" };
-            tracing::info!(job = job.name, event = "start", "scheduled {kind} backup starting");
-            let labels = [("backup_type", kind.to_string()), ("source", "postgres".to_string())];
-            let opts = pitr_basebackup::BackupOptions { incremental, ..ctx.backup.clone() };
-            match pitr_basebackup::take_backup(&ctx.repo, &opts, &|_| {}).await {
-                Ok((manifest, summary)) => {
-                    tracing::info!(job = job.name, event = "end", result = "success", backup = %summary.id,
-                        kind = %summary.kind, parent = ?summary.parent, fallback = ?summary.fallback,
-                        bytes_read = summary.bytes_read, bytes_stored = summary.bytes_stored, "scheduled {kind} backup done");
-                    gauge!("backup_success", &labels).set(1.0);
-                    record_backup_gauges(&manifest);
-                    metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "success")
-                        .increment(1);
-                }
-                Err(e) => {
-                    tracing::error!(job = job.name, event = "end", result = "failure", error = %e, "scheduled {kind} backup failed");
-                    gauge!("backup_success", &labels).set(0.0);
-                    metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "failure")
-                        .increment(1);
-                }
-            }
+        if done {
+            return;
         }
     }
-}
-
-/// The jobs from `[schedule]` (empty expressions are off).
-pub fn jobs(schedule: &crate::config::ScheduleSection) -> Result<Vec<Job>> {
-    let mut out = Vec::new();
-    let entries: [(&'static str, &String, JobKind); 5] = [
-        ("full_backup", &schedule.full_backup, JobKind::FullBackup),
-        ("incremental", &schedule.incremental, JobKind::IncrementalBackup),
-        ("verify", &schedule.verify, JobKind::Verify),
-        ("drill", &schedule.drill, JobKind::Drill),
-        ("expire", &schedule.expire, JobKind::Expire),
-    ];
-    for (name, expr, kind) in entries {
-        if let Some(cron) = crate::config::parse_cron(name, expr)? {
-            out.push(Job { name, cron, kind });
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -587,15 +373,5 @@ mod tests {
         s.last_error = Some("refused".into());
         let (ok, text) = health(&s, 300.0);
         assert!(!ok && text.contains("refused"));
-    }
-
-    #[test]
-    fn cron_with_and_without_seconds() {
-        let c = crate::config::parse_cron("x", "*/5 * * * * *").unwrap().unwrap();
-        let t = DateTime::from_timestamp(1_795_615_380, 0).unwrap();
-        assert_eq!(next_after(&c, t).unwrap().timestamp(), 1_795_615_385);
-        let c = crate::config::parse_cron("x", "0 2 * * *").unwrap().unwrap();
-        assert_eq!(next_after(&c, t).unwrap().to_rfc3339(), "2026-11-26T02:00:00+00:00");
-        assert!(crate::config::parse_cron("x", "").unwrap().is_none());
     }
 }

@@ -19,11 +19,14 @@ use crate::ts::Ts;
 /// A namespace, `db.collection`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Ns {
+    /// The database's name.
     pub db: String,
+    /// The collection's name (may itself contain dots).
     pub coll: String,
 }
 
 impl Ns {
+    /// Splits `db.collection` at its first dot; `None` when either part would be empty.
     pub fn parse(ns: &str) -> Option<Ns> {
         let (db, coll) = ns.split_once('.')?;
         if db.is_empty() || coll.is_empty() {
@@ -44,6 +47,8 @@ impl std::fmt::Display for Ns {
     }
 }
 
+/// Whether `db` is one of the server's own databases (`admin`, `local`, `config`), never
+/// snapshotted nor restored.
 pub fn is_system_db(db: &str) -> bool {
     matches!(db, "admin" | "local" | "config")
 }
@@ -54,74 +59,125 @@ pub enum Write {
     /// Insert, or replace the document with this `_id`: an insert replayed over a snapshot that
     /// already holds it (taken while the oplog ran) must not fail.
     Upsert {
+        /// The collection written.
         ns: Ns,
+        /// Selects the document: `{_id: …}`, or an update entry's `o2`.
         filter: Document,
+        /// The whole new document.
         doc: Document,
     },
     /// An update-operator document (`$set`, `$unset`, `$push` with `$slice`) for one document.
     Update {
+        /// The collection written.
         ns: Ns,
+        /// Selects the document (the entry's `o2`, its `_id`).
         filter: Document,
+        /// The update-operator document.
         update: Document,
     },
+    /// Delete the document with this `_id`.
     Delete {
+        /// The collection written.
         ns: Ns,
+        /// `{_id: …}` of the document.
         filter: Document,
     },
+    /// `create` a collection (or view) with the entry's options.
     Create {
+        /// The collection created.
         ns: Ns,
+        /// The `create` command's other fields (`capped`, `validator`, `viewOn`, …), without
+        /// `idIndex`.
         options: Document,
     },
+    /// `drop` a collection.
     Drop {
+        /// The collection dropped.
         ns: Ns,
     },
+    /// `renameCollection`.
     Rename {
+        /// The collection renamed.
         from: Ns,
+        /// Its new namespace, possibly in another database.
         to: Ns,
+        /// Whether an existing collection at `to` is dropped first (`dropTarget`).
         drop_target: bool,
     },
+    /// `createIndexes` (from `createIndexes` or a two-phase build's `commitIndexBuild`).
     CreateIndexes {
+        /// The collection indexed.
         ns: Ns,
+        /// The index specifications, as the entry holds them.
         indexes: Vec<Document>,
     },
     /// `index` is a name, a key pattern, or `"*"`.
     DropIndexes {
+        /// The collection whose indexes are dropped.
         ns: Ns,
+        /// Which index(es).
         index: Bson,
     },
+    /// `dropDatabase` of a user database.
     DropDatabase {
+        /// The database dropped.
         db: String,
     },
     /// `collMod`, sent as the entry holds it.
     CollMod {
+        /// The collection modified.
         ns: Ns,
+        /// The whole `collMod` command document.
         command: Document,
     },
 }
 
+/// An oplog entry restore cannot turn into writes; the restore stops there rather than skip it.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TranslateError {
+    /// A field restore needs is missing or of the wrong type.
     #[error("oplog entry {ts}: {what}")]
-    Malformed { ts: String, what: String },
+    Malformed {
+        /// The entry's `ts` as text (`?` where it has none).
+        ts: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// A command restore has no ordinary write for.
     #[error("oplog entry {ts}: command {command:?} on {ns} is not supported by restore")]
-    Unsupported { ts: String, ns: String, command: String },
+    Unsupported {
+        /// The entry's `ts` as text.
+        ts: String,
+        /// The entry's namespace.
+        ns: String,
+        /// The command's name (or a description of the case).
+        command: String,
+    },
 }
 
 /// The fields of an entry that restore looks at.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
+    /// `ts`: the entry's position in the oplog.
     pub ts: Ts,
     /// `wall`, µs since the Unix epoch (absent on old servers).
     pub wall_us: Option<i64>,
+    /// `op`: `i` insert, `u` update, `d` delete, `c` command, `n` no-op.
     pub op: String,
+    /// `ns`: `db.collection`, or `db.$cmd` for commands (empty where the entry has none).
     pub ns: String,
+    /// `o`: the document inserted, the update, the `_id` deleted, or the command (empty for a
+    /// no-op without one).
     pub o: Document,
+    /// `o2`: an update's selector (the document's `_id`).
     pub o2: Option<Document>,
     /// `(lsid.id, txnNumber)` when the entry belongs to a transaction.
     pub txn: Option<(Vec<u8>, i64)>,
 }
 
 impl Entry {
+    /// Reads the fields restore needs from a raw oplog document; fails without `ts`, `op`, or
+    /// (except for a no-op) `o`.
     pub fn from_document(d: &Document) -> Result<Entry, TranslateError> {
         let bad = |what: &str| TranslateError::Malformed {
             ts: d.get("ts").map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
@@ -445,10 +501,15 @@ fn apply_ops_entries(e: &Entry) -> Result<Vec<Entry>, TranslateError> {
 pub struct Group {
     /// The `ts` of the entry that ends the group (a transaction's commit).
     pub ts: Ts,
+    /// That entry's time ([`Entry::time_us`]), µs since the Unix epoch: what a time target is
+    /// compared with.
     pub time_us: i64,
+    /// The writes, in order.
     pub writes: Vec<Write>,
     /// Oplog entries the group stands for.
     pub entries: usize,
+    /// Whether the group is a transaction rather than a single entry (counted in the restore's
+    /// report).
     pub transaction: bool,
 }
 
@@ -466,6 +527,7 @@ fn flag(o: &Document, k: &str) -> bool {
 }
 
 impl Grouper {
+    /// A grouper with nothing open.
     pub fn new() -> Grouper {
         Grouper::default()
     }

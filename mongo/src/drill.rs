@@ -1,35 +1,42 @@
-//! `pitr drill --source mongo`: restore to a moment (by default a random second of the newest
-//! window) into a scratch server, check it, measure RTO and RPO, and report in the same Recovery
-//! Test Report as PostgreSQL drills (`pitr_restore::drill`).
+//! `pitr drill --source mongo`, MongoDB's steps: restore to a moment (by default a random second
+//! of the newest window) into a scratch server and check it (the server answers, replay stopped
+//! at the target, every collection counts and validates, the operator's counts). The skeleton,
+//! the judgement and the report are `pitr_drill`'s, shared with PostgreSQL drills.
 //!
 //! MongoDB servers cannot be started by pitr the way a PostgreSQL data directory can, so the
 //! scratch server is configured (`[mongo] drill_target_uri`) and owned by the drill: every
 //! database on it is dropped before each drill. The drill refuses a scratch server that is one of
 //! the hosts of the backed-up replica set.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bson::{doc, Document};
-use pitr_archive::{now_us, Repository};
-use pitr_restore::drill::{assess, evaluate, CheckResult, ChecksFile, DrillReport, DrillRun};
-use rand::Rng;
+use pitr_archive::time::{format_rfc3339_micros, parse_time};
+use pitr_archive::Repository;
+use pitr_drill::{evaluate, random_moment, CheckResult, ChecksFile, Drill, DrillReport, Measured, Objectives, Source};
 
 use crate::layout::MongoCatalog;
 use crate::restore::{restore, MongoRestoreReport, MongoTarget, RestoreOptions};
-use crate::ts::format_us;
 use crate::{code_of, connect, Connected, MongoError, Ts};
 
+/// How to run a MongoDB drill.
 #[derive(Debug, Clone)]
 pub struct MongoDrillOptions {
     /// `None`: a uniformly chosen second of the newest window.
     pub target: Option<MongoTarget>,
     /// The backed-up replica set (`[mongo] uri`), only to refuse it as the scratch server.
     pub source_uri: String,
+    /// The scratch server (`[mongo] drill_target_uri`); its databases are dropped.
     pub drill_uri: String,
+    /// How long connecting to the scratch server may take.
     pub connect_timeout: Duration,
+    /// The operator's checks (the collection counts run here).
     pub checks: ChecksFile,
+    /// Recovery time objective.
     pub rto_target_seconds: f64,
+    /// Recovery point objective.
     pub rpo_target_seconds: f64,
+    /// The report's "Test Type".
     pub test_type: String,
 }
 
@@ -52,16 +59,109 @@ fn random_target(catalog: &MongoCatalog) -> Result<MongoTarget, MongoError> {
         windows: "no snapshot has its oplog archived yet (run `pitr backup --source mongo` with the sidecar streaming)"
             .into(),
     })?;
-    let from = window.from_us.div_euclid(1_000_000) + 1;
-    let to = window.to_us.unwrap_or(window.from_us).div_euclid(1_000_000);
-    if from > to {
-        return Ok(MongoTarget::Time(window.to_us.unwrap_or(window.from_us)));
-    }
-    Ok(MongoTarget::Time(rand::thread_rng().gen_range(from..=to) * 1_000_000))
+    let span = (window.from_us, window.to_us.unwrap_or(window.from_us));
+    Ok(MongoTarget::Time(random_moment(&[span], &mut rand::thread_rng())))
 }
 
-fn check(name: &str, ok: bool, detail: String) -> CheckResult {
-    CheckResult { name: name.into(), result: if ok { "pass" } else { "fail" }, detail }
+/// Runs a MongoDB drill against `repo`, whose MongoDB catalog is `catalog`.
+pub async fn drill(
+    repo: &Repository,
+    catalog: &MongoCatalog,
+    opts: &MongoDrillOptions,
+) -> Result<DrillReport, MongoError> {
+    let source_hosts = hosts(&opts.source_uri);
+    if let Some(h) = hosts(&opts.drill_uri).iter().find(|h| source_hosts.contains(h)) {
+        return Err(MongoError::BadUri {
+            uri: crate::redact(&opts.drill_uri),
+            why: format!(
+                "[mongo] drill_target_uri names {h}, a host of the backed-up replica set ([mongo] uri); a drill \
+                 drops every database on its scratch server, so it must be a server of its own"
+            ),
+        });
+    }
+    let objectives = Objectives {
+        test_type: &opts.test_type,
+        rto_seconds: opts.rto_target_seconds,
+        rpo_seconds: opts.rpo_target_seconds,
+    };
+    pitr_drill::run(&mut MongoDrill { repo, catalog, opts }, &objectives).await
+}
+
+/// One MongoDB drill in progress.
+struct MongoDrill<'a> {
+    repo: &'a Repository,
+    catalog: &'a MongoCatalog,
+    opts: &'a MongoDrillOptions,
+}
+
+impl Drill for MongoDrill<'_> {
+    type Target = MongoTarget;
+    type Restored = MongoRestoreReport;
+    type Error = MongoError;
+    const SOURCE: Source = Source::Mongo;
+    const BACKUP_WORD: &'static str = "snapshots (`pitr backup --source mongo`)";
+
+    async fn choose_target(&mut self) -> Result<MongoTarget, MongoError> {
+        match self.opts.target {
+            Some(t) => Ok(t),
+            None => random_target(self.catalog),
+        }
+    }
+
+    async fn restore(&mut self, target: MongoTarget) -> Result<MongoRestoreReport, String> {
+        let restore_opts = RestoreOptions {
+            target,
+            target_uri: self.opts.drill_uri.clone(),
+            drop: true,
+            connect_timeout: self.opts.connect_timeout,
+        };
+        restore(self.repo, self.catalog, &restore_opts).await.map_err(|e| e.to_string())
+    }
+
+    async fn verify(&mut self, target: MongoTarget, restored: &MongoRestoreReport) -> Vec<CheckResult> {
+        match connect(&self.opts.drill_uri, self.opts.connect_timeout).await {
+            Ok(conn) => {
+                let mut checks = built_in_checks(&conn, target, restored).await;
+                checks.extend(user_checks(&conn, &self.opts.checks, target).await);
+                checks
+            }
+            Err(e) => vec![CheckResult::new("built-in: server accepts connections", false, e.to_string())],
+        }
+    }
+
+    fn scenario(&self, target: MongoTarget) -> String {
+        format!(
+            "Point-in-time restore of MongoDB {} to {target} ({}) into the scratch server {}",
+            self.catalog.layout.name,
+            if self.opts.target.is_none() { "a random second in the newest window" } else { "a chosen target" },
+            crate::redact(&self.opts.drill_uri)
+        )
+    }
+
+    fn measure(&self, r: &MongoRestoreReport) -> Measured {
+        Measured {
+            rto_seconds: Some(r.total_seconds),
+            rpo_seconds: Some(r.data_loss_window_seconds),
+            replay_seconds: Some(r.replay_seconds),
+        }
+    }
+
+    fn summary(&self, r: &MongoRestoreReport) -> String {
+        format!(
+            "Restored snapshot {} ({} documents in {} collections) to {}: {} oplog entries applied ({} transactions), \
+             last {} at {}; {:.1} s loading, {:.1} s replaying.",
+            r.snapshot_id,
+            r.documents,
+            r.collections,
+            r.target,
+            r.entries_applied,
+            r.transactions_applied,
+            r.last_applied_ts.as_deref().unwrap_or("-"),
+            r.last_applied_time.as_deref().unwrap_or("-"),
+            r.load_seconds,
+            r.replay_seconds
+        )
+    }
 }
 
 async fn namespaces(conn: &Connected) -> Result<Vec<(String, String)>, mongodb::error::Error> {
@@ -86,7 +186,11 @@ async fn built_in_checks(conn: &Connected, target: MongoTarget, report: &MongoRe
     let mut out = Vec::new();
     let pinged = conn.client.database("admin").run_command(doc! { "ping": 1 }).await;
     let failed = pinged.as_ref().err().map(|e| e.to_string());
-    out.push(check("built-in: server accepts connections", failed.is_none(), failed.clone().unwrap_or_default()));
+    out.push(CheckResult::new(
+        "built-in: server accepts connections",
+        failed.is_none(),
+        failed.clone().unwrap_or_default(),
+    ));
     if failed.is_some() {
         return out;
     }
@@ -99,20 +203,16 @@ async fn built_in_checks(conn: &Connected, target: MongoTarget, report: &MongoRe
             format!("last applied {} (target {t})", report.last_applied_ts.as_deref().unwrap_or("none")),
         ),
         MongoTarget::Time(us) => (
-            report
-                .last_applied_time
-                .as_deref()
-                .and_then(|t| humantime::parse_rfc3339(t).ok())
-                .is_none_or(|t| t.duration_since(std::time::UNIX_EPOCH).is_ok_and(|d| d.as_micros() as i64 <= us)),
+            report.last_applied_time.as_deref().and_then(parse_time).is_none_or(|t| t <= us),
             format!(
                 "last applied entry written at {} (target {})",
                 report.last_applied_time.as_deref().unwrap_or("none"),
-                format_us(us)
+                format_rfc3339_micros(us)
             ),
         ),
         MongoTarget::Latest => (true, format!("last applied {}", report.last_applied_ts.as_deref().unwrap_or("none"))),
     };
-    out.push(check("built-in: replay stopped at the target", ok, detail));
+    out.push(CheckResult::new("built-in: replay stopped at the target", ok, detail));
 
     // Every collection answers a count and, where the server has it, `validate`.
     match namespaces(conn).await {
@@ -144,9 +244,9 @@ async fn built_in_checks(conn: &Connected, target: MongoTarget, report: &MongoRe
             } else {
                 bad.join("; ")
             };
-            out.push(check("built-in: every collection is readable", bad.is_empty(), detail));
+            out.push(CheckResult::new("built-in: every collection is readable", bad.is_empty(), detail));
         }
-        Err(e) => out.push(check("built-in: every collection is readable", false, format!("listing: {e}"))),
+        Err(e) => out.push(CheckResult::new("built-in: every collection is readable", false, format!("listing: {e}"))),
     }
     out
 }
@@ -164,22 +264,17 @@ async fn user_checks(conn: &Connected, checks: &ChecksFile, target: MongoTarget)
     let mut out = Vec::new();
     for spec in &checks.checks {
         let Some(collection) = &spec.collection else { continue };
-        let expectation = match (spec.recorded.iter().find(|r| recorded_at(&r.at, target)), &spec.expect) {
-            (Some(r), _) => format!("= {}", r.value),
-            (None, Some(e)) => e.clone(),
-            (None, None) => {
-                out.push(CheckResult {
-                    name: spec.name.clone(),
-                    result: "skipped",
-                    detail: "no expectation, and no value recorded on the primary for this target".into(),
-                });
+        let expectation = match spec.expectation(|at| recorded_at(at, target)) {
+            Ok(e) => e,
+            Err(skipped) => {
+                out.push(skipped);
                 continue;
             }
         };
         let filter = match spec.filter.as_ref().map(bson::to_document).transpose() {
             Ok(f) => f.unwrap_or_default(),
             Err(e) => {
-                out.push(check(&spec.name, false, format!("filter is not a MongoDB query: {e}")));
+                out.push(CheckResult::new(spec.name.clone(), false, format!("filter is not a MongoDB query: {e}")));
                 continue;
             }
         };
@@ -192,93 +287,9 @@ async fn user_checks(conn: &Connected, checks: &ChecksFile, target: MongoTarget)
             },
             Err(e) => (false, format!("count failed: {e}")),
         };
-        out.push(check(&spec.name, ok, detail));
+        out.push(CheckResult::new(spec.name.clone(), ok, detail));
     }
     out
-}
-
-pub async fn drill(
-    repo: &Repository,
-    catalog: &MongoCatalog,
-    opts: &MongoDrillOptions,
-) -> Result<DrillReport, MongoError> {
-    let source_hosts = hosts(&opts.source_uri);
-    if let Some(h) = hosts(&opts.drill_uri).iter().find(|h| source_hosts.contains(h)) {
-        return Err(MongoError::BadUri {
-            uri: crate::redact(&opts.drill_uri),
-            why: format!(
-                "[mongo] drill_target_uri names {h}, a host of the backed-up replica set ([mongo] uri); a drill \
-                 drops every database on its scratch server, so it must be a server of its own"
-            ),
-        });
-    }
-    let started_us = now_us();
-    let started = Instant::now();
-    let target = match opts.target {
-        Some(t) => t,
-        None => random_target(catalog)?,
-    };
-    let restore_opts = RestoreOptions {
-        target,
-        target_uri: opts.drill_uri.clone(),
-        drop: true,
-        connect_timeout: opts.connect_timeout,
-    };
-    let restored = restore(repo, catalog, &restore_opts).await;
-    let mut checks = Vec::new();
-    if let Ok(report) = &restored {
-        match connect(&opts.drill_uri, opts.connect_timeout).await {
-            Ok(conn) => {
-                checks = built_in_checks(&conn, target, report).await;
-                checks.extend(user_checks(&conn, &opts.checks, target).await);
-            }
-            Err(e) => checks.push(check("built-in: server accepts connections", false, e.to_string())),
-        }
-    }
-    let (rto, rpo, replay) = match &restored {
-        Ok(r) => (Some(r.total_seconds), Some(r.data_loss_window_seconds), Some(r.replay_seconds)),
-        Err(_) => (None, None, None),
-    };
-    let restore = match restored {
-        Ok(r) => serde_json::to_value(&r).map(|v| (v, summary_of(&r))).map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    let run = DrillRun {
-        source: "mongo",
-        scenario: format!(
-            "Point-in-time restore of MongoDB {} to {target} ({}) into the scratch server {}",
-            catalog.layout.name,
-            if opts.target.is_none() { "a random second in the newest window" } else { "a chosen target" },
-            crate::redact(&opts.drill_uri)
-        ),
-        target: target.to_string(),
-        started_us,
-        started,
-        restore,
-        rto_seconds: rto,
-        rpo_seconds: rpo,
-        replay_seconds: replay,
-        checks,
-        backup_word: "snapshots (`pitr backup --source mongo`)",
-    };
-    Ok(assess(run, &opts.test_type, opts.rto_target_seconds, opts.rpo_target_seconds))
-}
-
-fn summary_of(r: &MongoRestoreReport) -> String {
-    format!(
-        "Restored snapshot {} ({} documents in {} collections) to {}: {} oplog entries applied ({} transactions), \
-         last {} at {}; {:.1} s loading, {:.1} s replaying.",
-        r.snapshot_id,
-        r.documents,
-        r.collections,
-        r.target,
-        r.entries_applied,
-        r.transactions_applied,
-        r.last_applied_ts.as_deref().unwrap_or("-"),
-        r.last_applied_time.as_deref().unwrap_or("-"),
-        r.load_seconds,
-        r.replay_seconds
-    )
 }
 
 #[cfg(test)]

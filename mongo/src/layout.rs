@@ -19,70 +19,94 @@
 //! first entry's predecessor ([`Ts::pred`]).
 
 use bson::{Document, RawDocument};
+use pitr_archive::names;
 use pitr_archive::{ObjectKind, ObjectMeta, Repository};
 use serde::{Deserialize, Serialize};
 
 use crate::ts::Ts;
 use crate::MongoError;
 
-pub const ROOT: &str = "mongo/";
-
+/// Where a MongoDB source's objects live. The names are [`names::mongo`]'s; this gives them in
+/// terms of [`Ts`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MongoLayout {
+    /// The `<name>` in `mongo/<name>/`: `[mongo] name`, by default the replica set's name.
     pub name: String,
 }
 
+fn oplog_ts(ts: Ts) -> names::mongo::OplogTs {
+    (ts.secs, ts.inc)
+}
+
+fn ts_of((secs, inc): names::mongo::OplogTs) -> Ts {
+    Ts { secs, inc }
+}
+
 impl MongoLayout {
+    /// The layout of the objects kept under `name`.
     pub fn new(name: &str) -> MongoLayout {
         MongoLayout { name: name.to_string() }
     }
 
+    /// `mongo/<name>/`: every object of this source.
     pub fn prefix(&self) -> String {
-        format!("{ROOT}{}/", self.name)
+        names::mongo::prefix(&self.name)
     }
 
+    /// `mongo/<name>/oplog/`: the oplog slices.
     pub fn oplog_prefix(&self) -> String {
-        format!("{}oplog/", self.prefix())
+        names::mongo::oplog_prefix(&self.name)
     }
 
     /// The slice holding the entries after `after` up to and including `last`.
     pub fn slice_name(&self, after: Ts, last: Ts) -> String {
-        format!("{}{}-{}.slice", self.oplog_prefix(), after.to_name(), last.to_name())
+        names::mongo::slice(&self.name, oplog_ts(after), oplog_ts(last))
     }
 
-    pub fn parse_range(&self, name: &str, dir: &str, ext: &str) -> Option<(Ts, Ts)> {
-        let rest = name.strip_prefix(&format!("{}{dir}/", self.prefix()))?.strip_suffix(ext)?;
-        let (a, b) = rest.split_once('-')?;
-        Some((Ts::from_name(a)?, Ts::from_name(b)?))
+    /// The `after` and `last` of a slice's name.
+    pub fn parse_slice_name(&self, name: &str) -> Option<(Ts, Ts)> {
+        names::mongo::parse_slice(&self.name, name).map(|(after, last)| (ts_of(after), ts_of(last)))
     }
 
+    /// The gap record saying entries after `archived` (the newest archived) and before `next`
+    /// (the oldest the oplog still held) were lost.
     pub fn gap_name(&self, archived: Ts, next: Ts) -> String {
-        format!("{}gaps/{}-{}.gap", self.prefix(), archived.to_name(), next.to_name())
+        names::mongo::gap(&self.name, oplog_ts(archived), oplog_ts(next))
     }
 
+    /// The `archived` and `next` of a gap's name.
+    pub fn parse_gap_name(&self, name: &str) -> Option<(Ts, Ts)> {
+        names::mongo::parse_gap(&self.name, name).map(|(archived, next)| (ts_of(archived), ts_of(next)))
+    }
+
+    /// `mongo/<name>/blocks/`: the snapshots' document blocks.
+    pub fn blocks_prefix(&self) -> String {
+        names::mongo::blocks_prefix(&self.name)
+    }
+
+    /// The block whose keyed hash is `block_id`.
     pub fn block_name(&self, block_id: &str) -> String {
-        format!("{}blocks/{}/{block_id}", self.prefix(), &block_id[..2.min(block_id.len())])
+        names::mongo::block(&self.name, block_id)
     }
 
+    /// The manifest of snapshot `id`.
     pub fn manifest_name(&self, id: &str) -> String {
-        format!("{}snapshots/{id}.manifest", self.prefix())
+        names::mongo::snapshot_manifest(&self.name, id)
     }
 
+    /// `mongo/<name>/complete/`: the completeness marks.
     pub fn complete_prefix(&self) -> String {
-        format!("{}complete/", self.prefix())
+        names::mongo::complete_prefix(&self.name)
     }
 
+    /// The completeness mark for "every entry up to `ts` archived, nothing newer on the server,
+    /// at server time `time_us`".
     pub fn complete_name(&self, ts: Ts, time_us: i64) -> String {
-        format!("{}{}.{:016X}", self.complete_prefix(), ts.to_name(), time_us.max(0) as u64)
+        names::mongo::complete_mark(&self.name, oplog_ts(ts), time_us)
     }
 
     fn parse_complete_name(&self, name: &str) -> Option<(Ts, i64)> {
-        let rest = name.strip_prefix(&self.complete_prefix())?;
-        let (ts, time) = rest.rsplit_once('.')?;
-        if time.len() != 16 {
-            return None;
-        }
-        Some((Ts::from_name(ts)?, i64::try_from(u64::from_str_radix(time, 16).ok()?).ok()?))
+        names::mongo::parse_complete_mark(&self.name, name).map(|(ts, time_us)| (ts_of(ts), time_us))
     }
 }
 
@@ -107,8 +131,8 @@ pub async fn newest_complete(repo: &Repository, layout: &MongoLayout) -> Result<
 /// The names under `mongo/` in a repository: `[mongo] name` when it is not set.
 pub async fn names(repo: &Repository) -> Result<Vec<String>, MongoError> {
     let mut out = std::collections::BTreeSet::new();
-    for o in repo.list(ROOT).await? {
-        if let Some(name) = o.name.strip_prefix(ROOT).and_then(|r| r.split('/').next()) {
+    for o in repo.list(names::mongo::ROOT).await? {
+        if let Some(name) = names::mongo::parse_source(&o.name) {
             out.insert(name.to_string());
         }
     }
@@ -150,20 +174,57 @@ pub fn split_entries<'a>(object: &str, bytes: &'a [u8]) -> Result<Vec<&'a RawDoc
     Ok(out)
 }
 
+/// What `listCollections` says a namespace is (its `type`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum CollectionKind {
+    /// Documents: dumped, and loaded back with its indexes.
+    Collection,
+    /// A view: only its definition, created after the collections it reads.
+    View,
+    /// Any other type the server reports (time series…), kept as the server wrote it; a
+    /// snapshot records it and restore does not load it.
+    Other(String),
+}
+
+impl From<String> for CollectionKind {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "collection" => CollectionKind::Collection,
+            "view" => CollectionKind::View,
+            _ => CollectionKind::Other(s),
+        }
+    }
+}
+
+impl From<CollectionKind> for String {
+    fn from(k: CollectionKind) -> String {
+        match k {
+            CollectionKind::Collection => "collection".into(),
+            CollectionKind::View => "view".into(),
+            CollectionKind::Other(s) => s,
+        }
+    }
+}
+
 /// One collection (or view) of a snapshot.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CollectionDump {
+    /// Its database.
     pub db: String,
+    /// Its name within the database.
     pub name: String,
-    /// `collection` or `view`.
-    pub kind: String,
+    /// Collection, view, or another type the server reported.
+    pub kind: CollectionKind,
     /// As `listCollections` reports them (capped, validator, collation, viewOn, pipeline…).
     pub options: Document,
     /// As `listIndexes` reports them, `_id_` included.
     pub indexes: Vec<Document>,
     /// Blocks of raw BSON documents, in order.
     pub blocks: Vec<String>,
+    /// Documents dumped.
     pub documents: u64,
+    /// Raw BSON bytes of those documents.
     pub bytes: u64,
 }
 
@@ -171,28 +232,39 @@ pub struct CollectionDump {
 /// (as `mongodump --oplog`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SnapshotManifest {
+    /// `YYYYMMDDTHHMMSSZ` of when the dump started (UTC); names the manifest.
     pub id: String,
+    /// The layout name it was stored under ([`MongoLayout::name`]).
     pub name: String,
     /// The newest oplog entry before the dump began, and before it ended.
     pub ts_before: Ts,
+    /// The newest oplog entry once the dump ended: the snapshot's consistent point.
     pub ts_after: Ts,
     /// Wall times of those entries, µs since the Unix epoch.
     pub time_before_us: i64,
+    /// Wall time of `ts_after` (its second where the entry has no wall time).
     pub time_after_us: i64,
+    /// This host's clock when the dump started, µs since the Unix epoch.
     pub started_us: i64,
+    /// This host's clock when the dump ended.
     pub finished_us: i64,
+    /// Every non-system collection and view, by database then name.
     pub collections: Vec<CollectionDump>,
+    /// Documents dumped, all collections together.
     pub documents: u64,
+    /// Raw BSON bytes dumped, all collections together.
     pub logical_bytes: u64,
     /// Sealed bytes of blocks this snapshot added (others were stored already).
     pub stored_bytes: u64,
 }
 
 impl SnapshotManifest {
+    /// The manifest as BSON, as stored (sealed) in the repository.
     pub fn to_bytes(&self) -> Result<Vec<u8>, MongoError> {
         bson::to_vec(self).map_err(|e| MongoError::Corrupt { object: self.id.clone(), what: e.to_string() })
     }
 
+    /// Reads a manifest back from its opened bytes; `object` names it in the error.
     pub fn from_bytes(object: &str, bytes: &[u8]) -> Result<SnapshotManifest, MongoError> {
         bson::from_slice(bytes).map_err(|e| MongoError::Corrupt { object: object.to_string(), what: e.to_string() })
     }
@@ -201,7 +273,9 @@ impl SnapshotManifest {
 /// A run of oplog slices, each following the one before: every entry after `after` up to `last`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Run {
+    /// The `ts` the first slice follows (the run holds no entry at or before it).
     pub after: Ts,
+    /// The newest entry of the last slice.
     pub last: Ts,
     /// Slice names, in order.
     pub slices: Vec<String>,
@@ -210,18 +284,28 @@ pub struct Run {
 /// Targets reachable from one snapshot: its consistent point to the end of its run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Window {
+    /// The snapshot's id.
     pub snapshot: String,
+    /// The snapshot's consistent point (its `ts_after`): the oldest target.
     pub from_ts: Ts,
+    /// Wall time of `from_ts`, µs since the Unix epoch.
     pub from_us: i64,
+    /// The newest entry of the run the snapshot replays along: the newest target.
     pub to_ts: Ts,
     /// Wall time of the newest entry of the run.
     pub to_us: Option<i64>,
 }
 
+/// What the repository holds for one MongoDB source, from listing `mongo/<name>/` (and reading
+/// the manifests, the last slice headers and the newest completeness mark).
 #[derive(Debug, Clone)]
 pub struct MongoCatalog {
+    /// Whose objects these are.
     pub layout: MongoLayout,
+    /// Runs of slices that follow each other, oldest first; a new run starts wherever the oplog
+    /// rolled past the archive or a slice is missing.
     pub runs: Vec<Run>,
+    /// Recorded gaps, (newest archived `ts`, oldest `ts` the oplog still held), oldest first.
     pub gaps: Vec<(Ts, Ts)>,
     /// Oldest first.
     pub snapshots: Vec<SnapshotManifest>,
@@ -233,16 +317,17 @@ pub struct MongoCatalog {
 }
 
 impl MongoCatalog {
+    /// Lists and reads what the repository holds under `layout`.
     pub async fn load(repo: &Repository, layout: MongoLayout) -> Result<MongoCatalog, MongoError> {
         let mut slices = Vec::new();
         let mut gaps = Vec::new();
         let mut manifests = Vec::new();
         for o in repo.list(&layout.prefix()).await? {
-            if let Some((a, b)) = layout.parse_range(&o.name, "oplog", ".slice") {
+            if let Some((a, b)) = layout.parse_slice_name(&o.name) {
                 slices.push((a, b, o.name));
-            } else if let Some(g) = layout.parse_range(&o.name, "gaps", ".gap") {
+            } else if let Some(g) = layout.parse_gap_name(&o.name) {
                 gaps.push(g);
-            } else if o.name.starts_with(&format!("{}snapshots/", layout.prefix())) && o.name.ends_with(".manifest") {
+            } else if names::mongo::is_snapshot_manifest(&layout.name, &o.name) {
                 manifests.push(o.name);
             }
         }
@@ -289,6 +374,8 @@ impl MongoCatalog {
         self.runs.iter().position(|r| r.after <= s.ts_before && r.last >= s.ts_after)
     }
 
+    /// What can be restored to: one window per snapshot that has a run to replay along, oldest
+    /// snapshot first.
     pub fn windows(&self) -> Vec<Window> {
         self.snapshots
             .iter()
@@ -326,6 +413,19 @@ fn runs_of(slices: &[(Ts, Ts, String)]) -> Vec<Run> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn collection_kinds_keep_the_servers_words() {
+        for (word, kind) in [
+            ("collection", CollectionKind::Collection),
+            ("view", CollectionKind::View),
+            ("timeseries", CollectionKind::Other("timeseries".into())),
+        ] {
+            assert_eq!(CollectionKind::from(word.to_string()), kind);
+            assert_eq!(serde_json::to_value(&kind).unwrap(), word);
+            assert_eq!(bson::to_bson(&kind).unwrap(), bson::Bson::String(word.into()));
+        }
+    }
+
     fn t(secs: u32, inc: u32) -> Ts {
         Ts { secs, inc }
     }
@@ -335,8 +435,9 @@ mod tests {
         let l = MongoLayout::new("secantus");
         let n = l.slice_name(t(10, 0), t(10, 5));
         assert_eq!(n, "mongo/secantus/oplog/0000000010.0000000000-0000000010.0000000005.slice");
-        assert_eq!(l.parse_range(&n, "oplog", ".slice"), Some((t(10, 0), t(10, 5))));
-        assert_eq!(l.parse_range(&l.gap_name(t(1, 1), t(2, 2)), "gaps", ".gap"), Some((t(1, 1), t(2, 2))));
+        assert_eq!(l.parse_slice_name(&n), Some((t(10, 0), t(10, 5))));
+        assert_eq!(l.parse_gap_name(&l.gap_name(t(1, 1), t(2, 2))), Some((t(1, 1), t(2, 2))));
+        assert_eq!(l.parse_gap_name(&n), None);
         let slices = vec![
             (t(10, 0), t(10, 5), "a".to_string()),
             (t(10, 5), t(11, 1), "b".to_string()),

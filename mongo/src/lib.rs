@@ -6,11 +6,17 @@
 //! collection's documents as raw BSON in deduplicated blocks, index definitions and options, the
 //! oplog `ts` before and after, a manifest written last), restore ([`restore`]: newest snapshot
 //! before the target, then the oplog up to the target), the translation of oplog entries into
-//! ordinary writes ([`apply`], pure), the object names and the catalog built by listing them
-//! ([`layout`]), oplog timestamps ([`ts`]) and the archive check ([`verify`]).
+//! ordinary writes ([`apply`], pure), the object names in terms of [`Ts`] and the catalog built
+//! by listing them ([`layout`]), oplog timestamps ([`ts`]), the archive check ([`verify`]) and
+//! MongoDB's steps of a restore drill ([`drill`]).
 //!
-//! It reads and writes the repository only through `pitr_archive::Repository`; the object format
-//! stays in pitr-archive. Tested against SecantusDB (a MongoDB-compatible server), not mongod.
+//! It does not own the object names themselves (`pitr_archive::names::mongo`), the formatting
+//! and parsing of wall-clock times (`pitr_archive::time`), nor the drill's skeleton, judgement
+//! and report (`pitr_drill`, whose skeleton runs [`drill`]'s steps). It reads and writes the
+//! repository only through `pitr_archive::Repository`; the object format stays in pitr-archive.
+//! Tested against SecantusDB (a MongoDB-compatible server), not mongod.
+
+#![warn(missing_docs)]
 
 pub mod apply;
 pub mod drill;
@@ -31,30 +37,86 @@ use pitr_archive::RepositoryError;
 pub use layout::{MongoCatalog, MongoLayout, SnapshotManifest};
 pub use ts::Ts;
 
+/// Why a MongoDB operation of pitr failed. URIs in it are always redacted ([`redact`]).
 #[derive(Debug, thiserror::Error)]
 pub enum MongoError {
+    /// The connection string does not parse.
     #[error("MongoDB URI {uri}: {why}")]
-    BadUri { uri: String, why: String },
+    BadUri {
+        /// The URI, password redacted.
+        uri: String,
+        /// The driver's reason.
+        why: String,
+    },
+    /// The server could not be reached, or did not answer `hello`, within the timeout.
     #[error("cannot reach MongoDB at {uri}: {source}")]
-    Connect { uri: String, source: Box<mongodb::error::Error> },
+    Connect {
+        /// The URI, password redacted.
+        uri: String,
+        /// The driver's error.
+        source: Box<mongodb::error::Error>,
+    },
+    /// The server is standalone: it has no oplog to tail or replay from.
     #[error("MongoDB at {uri} is not a replica-set member (`hello` names no set), so it has no oplog; pitr needs a replica set (a one-member set is enough: start the server with --replSet and run rs.initiate())")]
-    NotReplicaSet { uri: String },
+    NotReplicaSet {
+        /// The URI, password redacted.
+        uri: String,
+    },
+    /// A command on a connected server failed.
     #[error("MongoDB at {uri}: {what}: {source}")]
-    Server { uri: String, what: String, source: Box<mongodb::error::Error> },
+    Server {
+        /// The URI, password redacted.
+        uri: String,
+        /// What pitr was doing, e.g. "reading local.oplog.rs".
+        what: String,
+        /// The driver's error.
+        source: Box<mongodb::error::Error>,
+    },
+    /// Reading or writing the repository failed.
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    /// An oplog entry could not be turned into a write ([`apply::translate`]).
     #[error(transparent)]
     Translate(#[from] apply::TranslateError),
+    /// An object read back (a slice, a snapshot manifest or block), or an answer of the server,
+    /// is not what pitr wrote or expects.
     #[error("object {object}: {what}")]
-    Corrupt { object: String, what: String },
+    Corrupt {
+        /// The object's name (or what was being read).
+        object: String,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// A restore would write into a server that already holds user data, and `--drop` was not
+    /// given.
     #[error("restore target {uri} is not empty (it holds {namespaces}); pass --drop to drop its databases first")]
-    TargetNotEmpty { uri: String, namespaces: String },
+    TargetNotEmpty {
+        /// The target server's URI, password redacted.
+        uri: String,
+        /// The namespaces found there, comma-separated (possibly shortened).
+        namespaces: String,
+    },
+    /// No snapshot and unbroken run of oplog slices reach the requested target.
     #[error("target {target} is outside the recoverable MongoDB window ({windows})")]
-    OutsideWindow { target: String, windows: String },
+    OutsideWindow {
+        /// The requested target, as given.
+        target: String,
+        /// The windows the archive can restore to, described for the message.
+        windows: String,
+    },
+    /// `name` is not configured and the repository holds MongoDB objects under more than one.
     #[error("repository holds MongoDB data of several names ({names}); set `name` in [mongo]")]
-    AmbiguousName { names: String },
+    AmbiguousName {
+        /// The names found, comma-separated.
+        names: String,
+    },
+    /// The repository holds no MongoDB objects (of the name asked for) at all.
     #[error("the repository holds no MongoDB data{which} yet (run `pitr stream` and `pitr backup --source mongo`)")]
-    Nothing { which: String },
+    Nothing {
+        /// Inserted after "MongoDB data" to say which data is missing, with its leading space
+        /// (empty: none at all).
+        which: String,
+    },
 }
 
 /// The URI with any password replaced, for messages.
@@ -71,8 +133,11 @@ pub fn redact(uri: &str) -> String {
 
 /// A connected client and what `hello` said.
 pub struct Connected {
+    /// The driver's client, already past server selection.
     pub client: Client,
+    /// The URI with the password redacted ([`redact`]), for messages.
     pub uri: String,
+    /// The replica set's name from `hello` (`setName`); `None` for a standalone server.
     pub set_name: Option<String>,
 }
 
@@ -102,12 +167,13 @@ impl Connected {
         self.set_name.as_deref().ok_or_else(|| MongoError::NotReplicaSet { uri: self.uri.clone() })
     }
 
+    /// Wraps a driver error of a command on this server as [`MongoError::Server`], `what` saying
+    /// what pitr was doing; for `map_err`.
     pub fn server_err(&self, what: impl Into<String>) -> impl FnOnce(mongodb::error::Error) -> MongoError + '_ {
         let what = what.into();
         move |source| MongoError::Server { uri: self.uri.clone(), what, source: Box::new(source) }
     }
 
-    /// The oldest (`newest = false`) or newest entry of the oplog: its `ts` and wall time.
     /// The server's clock (`hello`'s `localTime`), or this host's where the server does not
     /// report it: completeness marks are compared with oplog wall times, which are the server's.
     pub async fn server_time_us(&self) -> Result<i64, MongoError> {
@@ -123,6 +189,8 @@ impl Connected {
         })
     }
 
+    /// The oldest (`newest = false`) or newest entry of the oplog: its `ts` and wall time (µs
+    /// since the epoch, where the entry has one); `None` when the oplog is empty.
     pub async fn oplog_edge(&self, newest: bool) -> Result<Option<(Ts, Option<i64>)>, MongoError> {
         let oplog = self.client.database("local").collection::<Document>("oplog.rs");
         let found = oplog

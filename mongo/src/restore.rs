@@ -7,16 +7,19 @@ use std::time::{Duration, Instant};
 
 use bson::{doc, Document, RawDocumentBuf};
 use mongodb::options::InsertManyOptions;
+use pitr_archive::time::{format_rfc3339_micros as format_us, parse_time};
 use pitr_archive::Repository;
 
 use crate::apply::{is_system_db, Entry, Grouper, Write};
-use crate::layout::{split_entries, MongoCatalog, SnapshotManifest};
-use crate::ts::format_us;
+use crate::layout::{split_entries, CollectionKind, MongoCatalog, SnapshotManifest};
 use crate::{code_of, connect, Connected, MongoError, Ts};
 
+/// Where a MongoDB restore stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MongoTarget {
+    /// The newest archived entry: the end of the newest run (some snapshot must replay along it).
     Latest,
+    /// Every entry up to and including this oplog `ts`.
     Ts(Ts),
     /// µs since the Unix epoch: every entry whose wall time is at or before it.
     Time(i64),
@@ -34,11 +37,17 @@ impl MongoTarget {
                 .map(MongoTarget::Ts)
                 .ok_or_else(|| format!("{s:?}: an oplog timestamp is ts:SECONDS:INC, e.g. ts:1796162730:16"));
         }
-        match pitr_restore::parse_target(s) {
-            Ok(pitr_restore::RecoveryTarget::Time(us)) => Ok(MongoTarget::Time(us)),
-            Ok(_) => Err(format!("{s:?}: for MongoDB, use TIME, ts:SECONDS:INC or latest")),
-            Err(e) => Err(e.to_string()),
+        if let Some(us) = parse_time(s.trim()) {
+            return Ok(MongoTarget::Time(us));
         }
+        if ["lsn:", "xid:"].iter().any(|p| s.trim().starts_with(p)) {
+            return Err(format!("{s:?}: for MongoDB, use TIME, ts:SECONDS:INC or latest"));
+        }
+        // Worded as PostgreSQL targets' error, as it was when both shared one parser.
+        Err(format!(
+            "invalid recovery target {s:?}: not a time pitr understands (use a time like 2026-11-25T14:03:00Z or \
+             \"2026-11-25 14:03:00+02\", lsn:X/Y, xid:N or latest)"
+        ))
     }
 }
 
@@ -52,11 +61,17 @@ impl std::fmt::Display for MongoTarget {
     }
 }
 
+/// What [`restore`] restores to, and where.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
+    /// Where the replay stops.
     pub target: MongoTarget,
+    /// The server written to (any MongoDB-compatible server; it need not be a replica set).
     pub target_uri: String,
+    /// Drop the target's non-system databases first; without it a target holding user data is
+    /// refused ([`MongoError::TargetNotEmpty`]).
     pub drop: bool,
+    /// How long connecting to the target may take.
     pub connect_timeout: Duration,
 }
 
@@ -64,27 +79,47 @@ pub struct RestoreOptions {
 /// how long it took.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MongoRestoreReport {
+    /// The target as asked for ([`MongoTarget`]'s display form).
     pub target: String,
+    /// The server restored into, password redacted.
     pub target_uri: String,
+    /// The layout name the objects were read from.
     pub name: String,
+    /// The snapshot loaded.
     pub snapshot_id: String,
+    /// The snapshot's `ts_before`: replay starts after it.
     pub snapshot_ts_before: String,
+    /// The snapshot's `ts_after`: its consistent point.
     pub snapshot_ts_after: String,
+    /// Wall time of `ts_after` (RFC 3339, µs).
     pub snapshot_consistent_time: String,
+    /// Collections and views in the snapshot.
     pub collections: usize,
+    /// Documents in the snapshot.
     pub documents: u64,
+    /// Plaintext bytes of the snapshot blocks loaded.
     pub bytes_restored: u64,
+    /// Indexes built after loading (`_id_` not counted: the server builds it).
     pub indexes_built: usize,
+    /// Oplog entries replayed over the snapshot.
     pub entries_applied: u64,
+    /// Of those, transactions replayed (each counted once).
     pub transactions_applied: u64,
+    /// The newest `ts` in the archive.
     pub newest_archived_ts: Option<String>,
+    /// Wall time of that entry (RFC 3339, µs), where its slice recorded one.
     pub newest_archived_time: Option<String>,
+    /// The `ts` of the last group replayed; `None` when nothing was replayed.
     pub last_applied_ts: Option<String>,
+    /// Its wall time (RFC 3339, µs).
     pub last_applied_time: Option<String>,
     /// Target (for `latest`, the newest archived entry) minus the last applied entry.
     pub data_loss_window_seconds: f64,
+    /// Loading the snapshot: dropping, documents, indexes and views.
     pub load_seconds: f64,
+    /// Replaying the oplog (a time target's scan for its `ts` included).
     pub replay_seconds: f64,
+    /// The whole restore, connecting included.
     pub total_seconds: f64,
 }
 
@@ -232,6 +267,9 @@ async fn apply_write(conn: &Connected, w: &Write) -> Result<(), MongoError> {
     res.map_err(|e| MongoError::Server { uri: conn.uri.clone(), what: what(), source: Box::new(e) })
 }
 
+/// Restores `opts.target` into the server at `opts.target_uri`: picks the newest snapshot whose
+/// window holds the target, loads it (documents, then indexes, then views), replays the archived
+/// oplog after its `ts_before` up to the target, and reports what was achieved.
 pub async fn restore(
     repo: &Repository,
     catalog: &MongoCatalog,
@@ -259,7 +297,7 @@ pub async fn restore(
     // Documents first, then indexes: building an index once is faster than maintaining it.
     let mut bytes_restored = 0u64;
     let mut indexes_built = 0usize;
-    for c in snapshot.collections.iter().filter(|c| c.kind == "collection") {
+    for c in snapshot.collections.iter().filter(|c| c.kind == CollectionKind::Collection) {
         let db = conn.client.database(&c.db);
         let mut create = doc! { "create": &c.name };
         create.extend(c.options.clone());
@@ -288,7 +326,7 @@ pub async fn restore(
         }
     }
     // Views after the collections they read.
-    for c in snapshot.collections.iter().filter(|c| c.kind == "view") {
+    for c in snapshot.collections.iter().filter(|c| c.kind == CollectionKind::View) {
         let mut create = doc! { "create": &c.name };
         create.extend(c.options.clone());
         conn.client
@@ -306,9 +344,7 @@ pub async fn restore(
     let slices: Vec<&String> = catalog.runs[run]
         .slices
         .iter()
-        .filter(|name| {
-            catalog.layout.parse_range(name, "oplog", ".slice").is_some_and(|(_, end)| end > snapshot.ts_before)
-        })
+        .filter(|name| catalog.layout.parse_slice_name(name).is_some_and(|(_, end)| end > snapshot.ts_before))
         .collect();
     // A time target becomes the newest ts whose wall time is at or before it: wall times need
     // not rise in ts order, and replay must stay a prefix of the oplog.

@@ -11,23 +11,26 @@ use pitr_archive::backup::block_hasher;
 use pitr_archive::{now_us, ObjectKind, ObjectMeta, PutOutcome, Repository};
 
 use crate::apply::is_system_db;
-use crate::layout::{CollectionDump, MongoLayout, SnapshotManifest};
+use crate::layout::{CollectionDump, CollectionKind, MongoLayout, SnapshotManifest};
 use crate::{connect, Connected, MongoError, Ts};
 
+/// What to snapshot and how.
 #[derive(Debug, Clone)]
 pub struct SnapshotOptions {
+    /// The replica-set member to dump.
     pub uri: String,
+    /// Objects are kept under this name; default the replica set's name.
     pub name: Option<String>,
+    /// Raw BSON bytes collected before a block is cut (a block ends at a document boundary, so
+    /// it may be a little larger).
     pub block_size: usize,
+    /// How long connecting may take.
     pub connect_timeout: Duration,
 }
 
 /// `YYYYMMDDTHHMMSSZ` of `us`, as snapshot ids.
 fn snapshot_id(us: i64) -> String {
-    let t = crate::ts::format_us(us);
-    // 2026-12-01T22:05:30.123456Z -> 20261201T220530Z
-    let digits: String = t[..19].chars().filter(|c| c.is_ascii_digit() || *c == 'T').collect();
-    format!("{digits}Z")
+    pitr_archive::time::format_compact(us)
 }
 
 async fn edge(conn: &Connected) -> Result<(Ts, i64), MongoError> {
@@ -40,6 +43,9 @@ async fn edge(conn: &Connected) -> Result<(Ts, i64), MongoError> {
     }
 }
 
+/// Takes a snapshot: the newest oplog `ts`, every non-system collection's documents (stored as
+/// blocks, each stored once however many snapshots share it), options and indexes, the newest
+/// `ts` again, then the manifest, which is returned.
 pub async fn snapshot(repo: &Repository, opts: &SnapshotOptions) -> Result<SnapshotManifest, MongoError> {
     let conn = connect(&opts.uri, opts.connect_timeout).await?;
     let set_name = conn.require_replica_set()?.to_string();
@@ -70,7 +76,7 @@ pub async fn snapshot(repo: &Repository, opts: &SnapshotOptions) -> Result<Snaps
             if name.is_empty() || name.starts_with("system.") {
                 continue;
             }
-            let kind = spec.get_str("type").unwrap_or("collection").to_string();
+            let kind = CollectionKind::from(spec.get_str("type").unwrap_or("collection").to_string());
             let options = spec.get_document("options").cloned().unwrap_or_default();
             let mut dump = CollectionDump {
                 db: db_name.clone(),
@@ -82,7 +88,7 @@ pub async fn snapshot(repo: &Repository, opts: &SnapshotOptions) -> Result<Snaps
                 documents: 0,
                 bytes: 0,
             };
-            if kind == "collection" {
+            if kind == CollectionKind::Collection {
                 let ns = format!("{db_name}.{name}");
                 let listed = db
                     .run_command(doc! { "listIndexes": &name })

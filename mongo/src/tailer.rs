@@ -25,13 +25,18 @@ use crate::layout::{slice_meta, split_entries, MongoCatalog, MongoLayout};
 use crate::ts::Ts;
 use crate::{connect, MongoError};
 
+/// How the tailer connects, where it archives and how often it seals.
 #[derive(Debug, Clone)]
 pub struct TailerConfig {
+    /// The replica-set member to tail.
     pub uri: String,
     /// Objects are kept under this name; default the replica set's name.
     pub name: Option<String>,
+    /// How long received entries may wait before they are sealed into a slice (bounds the RPO).
     pub flush_interval: Duration,
+    /// Pending raw BSON bytes that seal a slice at once, whatever the interval.
     pub max_slice_bytes: usize,
+    /// How long connecting (and each reconnection) may take.
     pub connect_timeout: Duration,
     /// Entries per getMore.
     pub batch_size: u32,
@@ -45,15 +50,24 @@ pub const QUIET: Duration = Duration::from_millis(100);
 /// What the tailer reports while it runs.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct MongoStatus {
+    /// The layout name objects are stored under.
     pub name: String,
+    /// Whether the tailer is connected and tailing now.
     pub connected: bool,
+    /// The newest `ts` sealed in the archive.
     pub archived_ts: Option<Ts>,
+    /// That entry's wall time, µs since the Unix epoch.
     pub archived_time_us: Option<i64>,
+    /// The newest `ts` received from the cursor (possibly not yet sealed).
     pub received_ts: Option<Ts>,
+    /// Slices sealed since this tailer started.
     pub slices_archived: u64,
+    /// Gaps recorded since this tailer started (the oplog rolled past the archive).
     pub gaps_found: u64,
     /// Newest minus oldest entry on the server: how long the tailer can be away.
     pub server_window_seconds: Option<f64>,
+    /// Wall time of the newest entry received minus that of the newest archived: how much an
+    /// outage now would lose.
     pub lag_seconds: f64,
     /// The newest completeness mark: when the archive last held every entry the server had
     /// (server clock, µs since the Unix epoch).

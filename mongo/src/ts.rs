@@ -1,37 +1,42 @@
 //! Oplog timestamps (`ts`: seconds and an increment within the second) and how they appear in
-//! object names and on the command line.
+//! object names and on the command line. Wall-clock times are formatted and parsed by
+//! [`pitr_archive::time`], as everywhere in pitr.
 
 use std::fmt;
 
 /// An oplog `ts`. Ordered as MongoDB orders them: by seconds, then by increment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Ts {
+    /// Seconds since the Unix epoch, the primary's clock when it wrote the entry.
     pub secs: u32,
+    /// The entry's number within that second.
     pub inc: u32,
 }
 
 impl Ts {
+    /// Before every entry: where an empty archive starts.
     pub const ZERO: Ts = Ts { secs: 0, inc: 0 };
 
+    /// From the driver's type.
     pub fn from_bson(t: bson::Timestamp) -> Ts {
         Ts { secs: t.time, inc: t.increment }
     }
 
+    /// To the driver's type.
     pub fn to_bson(self) -> bson::Timestamp {
         bson::Timestamp { time: self.secs, increment: self.inc }
     }
 
-    /// Fixed-width, so that names sort in `ts` order.
+    /// As object names carry it ([`pitr_archive::names::mongo::ts`]): fixed-width, so that names
+    /// sort in `ts` order.
     pub fn to_name(self) -> String {
-        format!("{:010}.{:010}", self.secs, self.inc)
+        pitr_archive::names::mongo::ts((self.secs, self.inc))
     }
 
+    /// Parses [`Ts::to_name`]'s form.
     pub fn from_name(s: &str) -> Option<Ts> {
-        let (secs, inc) = s.split_once('.')?;
-        if secs.len() != 10 || inc.len() != 10 {
-            return None;
-        }
-        Some(Ts { secs: secs.parse().ok()?, inc: inc.parse().ok()? })
+        let (secs, inc) = pitr_archive::names::mongo::parse_ts(s)?;
+        Some(Ts { secs, inc })
     }
 
     /// `ts:SECONDS:INC`, as `--to` takes it.
@@ -62,12 +67,6 @@ impl fmt::Display for Ts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ts:{}:{}", self.secs, self.inc)
     }
-}
-
-/// RFC 3339 with microseconds, UTC.
-pub fn format_us(us: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(us.max(0) as u64);
-    humantime::format_rfc3339_micros(t).to_string()
 }
 
 #[cfg(test)]

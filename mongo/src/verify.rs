@@ -18,27 +18,46 @@ use crate::apply::{Entry, Grouper};
 use crate::layout::{split_entries, MongoCatalog, Window};
 use crate::{MongoError, Ts};
 
+/// One problem found (or, among warnings, one known loss).
 #[derive(Debug, Clone, Serialize)]
 pub struct MongoFinding {
+    /// A stable kebab-case tag: `missing-oplog`, `oplog-gap`, `missing-block`, `slice-order`…
     pub kind: &'static str,
+    /// The object concerned (a slice, gap, block or manifest name).
     pub object: String,
+    /// What is wrong, and what it means for restores.
     pub message: String,
 }
 
+/// What [`verify`] checked and found.
 #[derive(Debug, Clone, Serialize)]
 pub struct MongoVerifyReport {
+    /// No findings (warnings do not count).
     pub ok: bool,
+    /// Whether slices and blocks were opened and read ([`verify`]'s `deep`).
     pub deep: bool,
+    /// The layout name checked.
     pub name: String,
+    /// Oplog slices listed.
     pub slices: usize,
+    /// Runs those slices form (more than one: the oplog has holes).
     pub runs: usize,
+    /// Snapshot manifests.
     pub snapshots: usize,
+    /// Blocks listed.
     pub blocks: usize,
+    /// Listed blocks no snapshot refers to (counted, not a finding).
     pub unreferenced_blocks: usize,
+    /// Objects opened and authenticated (only with `deep`).
     pub objects_opened: usize,
+    /// Oplog entries read and translated (only with `deep`).
     pub entries_checked: u64,
+    /// What can be restored to ([`MongoCatalog::windows`]).
     pub windows: Vec<Window>,
+    /// Problems: any makes verification fail.
     pub findings: Vec<MongoFinding>,
+    /// Known or transient conditions that do not fail it (a recorded gap, a snapshot whose
+    /// oplog is not sealed yet).
     pub warnings: Vec<MongoFinding>,
 }
 
@@ -46,6 +65,8 @@ fn finding(kind: &'static str, object: impl Into<String>, message: impl Into<Str
     MongoFinding { kind, object: object.into(), message: message.into() }
 }
 
+/// Checks the archive `catalog` lists (see the module's documentation); `deep` also opens every
+/// slice and block.
 pub async fn verify(repo: &Repository, catalog: &MongoCatalog, deep: bool) -> Result<MongoVerifyReport, MongoError> {
     let layout = &catalog.layout;
     let mut findings = Vec::new();
@@ -88,7 +109,7 @@ pub async fn verify(repo: &Repository, catalog: &MongoCatalog, deep: bool) -> Re
     }
 
     let blocks_listed: BTreeSet<String> =
-        repo.list(&format!("{}blocks/", layout.prefix())).await?.into_iter().map(|o| o.name).collect();
+        repo.list(&layout.blocks_prefix()).await?.into_iter().map(|o| o.name).collect();
     let mut referenced = BTreeSet::new();
     let mut objects_opened = 0usize;
     let newest_run = catalog.runs.len().checked_sub(1);
@@ -160,7 +181,7 @@ pub async fn verify(repo: &Repository, catalog: &MongoCatalog, deep: bool) -> Re
             let mut grouper = Grouper::new();
             let mut previous = run.after;
             for name in &run.slices {
-                let Some((after, last)) = layout.parse_range(name, "oplog", ".slice") else { continue };
+                let Some((after, last)) = layout.parse_slice_name(name) else { continue };
                 let (header, bytes) = repo.get_opened(name).await?;
                 objects_opened += 1;
                 let entries = match split_entries(name, &bytes) {

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use pitr_pgformat::lsn::{format_lsn, parse_lsn};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -24,23 +25,33 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// What IDENTIFY_SYSTEM says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SystemIdentity {
+    /// `systemid`: the database system identifier from `pg_control`, fixed at initdb and shared
+    /// by a primary and all its physical standbys; it tells whether WAL belongs to this cluster.
     pub system_id: u64,
+    /// `timeline`: the server's current timeline ID.
     pub timeline: u32,
+    /// `xlogpos`: the current WAL flush location as an LSN (on a standby, the furthest WAL it
+    /// has received or replayed); WAL up to here can be streamed now.
     pub xlog_pos: u64,
 }
 
 /// Server settings that shape the WAL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerSettings {
+    /// `wal_segment_size` in bytes (16 MiB unless initdb was given `--wal-segsize`).
     pub wal_segment_size: u64,
+    /// `wal_block_size` in bytes: the size of a WAL page (XLOG_BLCKSZ, normally 8 kB).
     pub wal_page_size: u64,
+    /// `server_version_num`, e.g. `170002` for 17.2; gates commands that need a newer server.
     pub server_version_num: u32,
 }
 
 /// Rows of one result set, as raw values (text format).
 #[derive(Debug, Clone, Default)]
 pub struct QueryResult {
+    /// Column names from the RowDescription, in order.
     pub columns: Vec<String>,
+    /// One entry per DataRow, one value per column; `None` is SQL NULL.
     pub rows: Vec<Vec<Option<Bytes>>>,
 }
 
@@ -54,10 +65,13 @@ impl QueryResult {
 /// Events of a running START_REPLICATION stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEvent {
+    /// One CopyData message of the stream: WAL data (XLogData) or a primary keepalive.
     Message(ReplicationMessage),
     /// The server finished streaming the requested timeline; the next one begins at `next_start`.
     EndOfTimeline {
+        /// The timeline that follows the one just streamed.
         next_timeline: u32,
+        /// The LSN where `next_timeline` branched off, where streaming it must start.
         next_start: u64,
     },
     /// The server ended streaming without naming a next timeline (it is shutting down).
@@ -69,6 +83,9 @@ struct EndOfStreaming {
     next: Option<(u32, u64)>,
 }
 
+/// One authenticated connection to a PostgreSQL server, regular or replication (walsender),
+/// over TCP (optionally TLS) or a Unix socket. Open it with [`Connection::connect`] and end it
+/// with [`Connection::close`].
 pub struct Connection {
     io: Box<dyn Io>,
     rbuf: BytesMut,
@@ -87,6 +104,9 @@ impl std::fmt::Debug for Connection {
 /// Options that are not part of the connection string.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
+    /// Open a physical replication connection (`replication=true` in the startup packet), which
+    /// speaks the replication commands (IDENTIFY_SYSTEM, START_REPLICATION, BASE_BACKUP, …)
+    /// instead of SQL and connects to no database.
     pub replication: bool,
     /// Used when the connection string sets none.
     pub application_name: String,
@@ -381,6 +401,8 @@ impl Connection {
         }
     }
 
+    /// The current value of a server setting, as `SHOW setting` prints it (units included, e.g.
+    /// `16MB`). Works on replication connections too.
     pub async fn show(&mut self, setting: &str) -> Result<String, PgError> {
         let r = self.simple_query(&format!("SHOW {setting}")).await?;
         r.text(0, 0)
@@ -401,12 +423,14 @@ impl Connection {
         Ok(ServerSettings { wal_segment_size, wal_page_size, server_version_num })
     }
 
+    /// Runs IDENTIFY_SYSTEM (replication connections only): the system identifier, current
+    /// timeline and current WAL position.
     pub async fn identify_system(&mut self) -> Result<SystemIdentity, PgError> {
         let r = self.simple_query("IDENTIFY_SYSTEM").await?;
         let bad = |what: &str| PgError::Protocol(format!("IDENTIFY_SYSTEM: {what}"));
         let system_id = r.text(0, 0).and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad systemid"))?;
         let timeline = r.text(0, 1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad timeline"))?;
-        let xlog_pos = r.text(0, 2).and_then(messages::parse_lsn).ok_or_else(|| bad("bad xlogpos"))?;
+        let xlog_pos = r.text(0, 2).and_then(parse_lsn).ok_or_else(|| bad("bad xlogpos"))?;
         Ok(SystemIdentity { system_id, timeline, xlog_pos })
     }
 
@@ -415,7 +439,7 @@ impl Connection {
     pub async fn create_physical_slot(&mut self, slot: &str) -> Result<Option<u64>, PgError> {
         validate_slot_name(slot)?;
         match self.simple_query(&format!("CREATE_REPLICATION_SLOT {slot} PHYSICAL RESERVE_WAL")).await {
-            Ok(r) => Ok(Some(r.text(0, 1).and_then(messages::parse_lsn).unwrap_or(0))),
+            Ok(r) => Ok(Some(r.text(0, 1).and_then(parse_lsn).unwrap_or(0))),
             Err(PgError::Server { error, .. }) if error.code == "42710" => Ok(None),
             Err(e) => Err(e),
         }
@@ -427,7 +451,7 @@ impl Connection {
         let r = self.simple_query(&format!("READ_REPLICATION_SLOT {slot}")).await?;
         match r.text(0, 0) {
             None => Ok(None),
-            Some(kind) => Ok(Some((kind.to_string(), r.text(0, 1).and_then(messages::parse_lsn)))),
+            Some(kind) => Ok(Some((kind.to_string(), r.text(0, 1).and_then(parse_lsn)))),
         }
     }
 
@@ -442,7 +466,7 @@ impl Connection {
     /// START_REPLICATION SLOT … PHYSICAL lsn TIMELINE tli; on success the connection is in CopyBoth.
     pub async fn start_replication(&mut self, slot: &str, start: u64, timeline: u32) -> Result<(), PgError> {
         validate_slot_name(slot)?;
-        let sql = format!("START_REPLICATION SLOT {slot} PHYSICAL {} TIMELINE {timeline}", messages::format_lsn(start));
+        let sql = format!("START_REPLICATION SLOT {slot} PHYSICAL {} TIMELINE {timeline}", format_lsn(start));
         frontend::query(&sql, &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
         self.flush().await?;
         loop {
@@ -548,7 +572,7 @@ impl Connection {
                     let text =
                         |i: usize| values.get(i).cloned().flatten().and_then(|b| String::from_utf8(b.to_vec()).ok());
                     let tli = text(0).and_then(|s| s.parse().ok());
-                    let pos = text(1).as_deref().and_then(messages::parse_lsn);
+                    let pos = text(1).as_deref().and_then(parse_lsn);
                     if let (Some(tli), Some(pos), Some(ending)) = (tli, pos, self.ending.as_mut()) {
                         ending.next = Some((tli, pos));
                     }
@@ -611,7 +635,7 @@ pub fn validate_slot_name(slot: &str) -> Result<(), PgError> {
 fn now_pg_micros() -> i64 {
     let unix =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
-    crate::walreader::unix_micros_to_pg_timestamp(unix)
+    pitr_pgformat::walreader::unix_micros_to_pg_timestamp(unix)
 }
 
 fn socket2_keepalive(tcp: &TcpStream, idle: Duration) -> std::io::Result<()> {

@@ -47,17 +47,31 @@ pub const DEFAULT_HOST: &str = "localhost";
 pub struct ConnInfo {
     /// Servers to try in order; never empty.
     pub hosts: Vec<Host>,
+    /// `user`, the PostgreSQL role to log in as. When unset, the connection uses `PGUSER`, then
+    /// the operating-system user (`USER`), as libpq does.
     pub user: Option<String>,
+    /// `password`. When unset and the server asks for one, the connection falls back to
+    /// `PGPASSWORD`, then `~/.pgpass`. Never printed: see [`ConnInfo::redacted`].
     pub password: Option<String>,
+    /// `dbname`. Replication connections (physical streaming, BASE_BACKUP) connect to no
+    /// database and ignore it, except to look up `~/.pgpass`.
     pub dbname: Option<String>,
     /// `application_name`, or `fallback_application_name` when only that was given.
     pub application_name: Option<String>,
+    /// `sslmode`: whether TLS is used and how much of the server's certificate is checked.
     pub sslmode: SslMode,
+    /// `sslrootcert`: PEM file of the certificate authorities trusted for `verify-ca` and
+    /// `verify-full`; `~/.postgresql/root.crt` when unset.
     pub sslrootcert: Option<PathBuf>,
+    /// `sslcert`: PEM client certificate presented to the server (for `cert` authentication);
+    /// needs `sslkey`.
     pub sslcert: Option<PathBuf>,
+    /// `sslkey`: PEM private key of `sslcert`.
     pub sslkey: Option<PathBuf>,
     /// Whole seconds, as libpq; `connect_timeout=0` means no timeout and gives `None`.
     pub connect_timeout: Option<Duration>,
+    /// `target_session_attrs`: which kind of server (primary, standby, …) a host must be for the
+    /// connection to be kept; hosts that do not match are passed over.
     pub target_session_attrs: TargetSessionAttrs,
     /// Command-line options sent to the server at startup (`-c name=value ...`).
     pub options: Option<String>,
@@ -68,31 +82,63 @@ pub struct ConnInfo {
 /// One server to connect to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Host {
-    /// A host name or IP address (IPv6 without brackets).
-    Tcp { host: String, port: u16 },
-    /// The directory holding the server's socket `.s.PGSQL.<port>`.
-    Unix { dir: PathBuf, port: u16 },
+    /// A TCP server.
+    Tcp {
+        /// A host name or IP address (IPv6 without brackets).
+        host: String,
+        /// The TCP port.
+        port: u16,
+    },
+    /// A server on a Unix-domain socket (a `host` starting with `/`).
+    Unix {
+        /// The directory holding the server's socket `.s.PGSQL.<port>`.
+        dir: PathBuf,
+        /// The port, which here only names the socket file.
+        port: u16,
+    },
 }
 
+/// libpq's `sslmode`: whether the connection is encrypted with TLS and what is verified.
+/// Verification uses rustls, with the roots from `sslrootcert`. Unix-socket connections never
+/// use TLS, whatever the mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SslMode {
+    /// `disable`: never TLS.
     Disable,
+    /// `allow`: pitr connects without TLS (libpq would retry with TLS if the server refused a
+    /// plain connection; pitr does not).
     Allow,
+    /// `prefer` (the default): TLS if the server supports it, plain otherwise; the certificate
+    /// is not checked.
     #[default]
     Prefer,
+    /// `require`: TLS or no connection; the certificate is not checked, even when a root
+    /// certificate is available (where libpq would verify it as for `verify-ca`).
     Require,
+    /// `verify-ca`: TLS, and the server's certificate must chain to a trusted root.
     VerifyCa,
+    /// `verify-full`: as `verify-ca`, and the certificate must also name the host connected to.
     VerifyFull,
 }
 
+/// libpq's `target_session_attrs`: what a server must be for a connection to it to be kept.
+/// Read-only means in hot standby or `default_transaction_read_only = on`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum TargetSessionAttrs {
+    /// `any` (the default): any server.
     #[default]
     Any,
+    /// `read-write`: a server whose sessions accept writes by default.
     ReadWrite,
+    /// `read-only`: a server whose sessions are read-only by default (a hot standby, or
+    /// `default_transaction_read_only = on`).
     ReadOnly,
+    /// `primary`: a server not in hot standby (not in recovery).
     Primary,
+    /// `standby`: a server in hot standby.
     Standby,
+    /// `prefer-standby`: accepted, but pitr does not make libpq's second pass: the first host
+    /// that connects is kept, standby or not.
     PreferStandby,
 }
 
@@ -101,40 +147,114 @@ pub enum TargetSessionAttrs {
 pub enum ConnInfoError {
     // Only the position is reported: the stray word may be the tail of an unquoted password
     // that contained a space.
+    /// A word in the `keyword=value` form is not followed by `=`.
     #[error("connection string: expected \"=\" after the keyword at byte {position} (values containing spaces must be single-quoted)")]
-    MissingEquals { position: usize },
+    MissingEquals {
+        /// Where the word starts.
+        position: usize,
+    },
+    /// An `=` with no keyword before it.
     #[error("connection string: missing keyword before \"=\" at byte {position}")]
-    EmptyKeyword { position: usize },
+    EmptyKeyword {
+        /// Where the `=` is.
+        position: usize,
+    },
+    /// A single-quoted value runs to the end of the string.
     #[error("connection string: unterminated quoted value starting at byte {position}")]
-    UnterminatedQuote { position: usize },
+    UnterminatedQuote {
+        /// Where the opening quote is.
+        position: usize,
+    },
+    /// A `%` in a URI not followed by two hex digits.
     #[error("connection URI: invalid percent-encoding at byte {position} (expected \"%\" followed by two hex digits)")]
-    InvalidPercentEncoding { position: usize },
+    InvalidPercentEncoding {
+        /// Where the `%` is.
+        position: usize,
+    },
+    /// `%00` in a URI, refused as libpq does.
     #[error("connection URI: %00 is not allowed (byte {position})")]
-    PercentEncodedNul { position: usize },
+    PercentEncodedNul {
+        /// Where the `%` is.
+        position: usize,
+    },
+    /// A percent-decoded part of a URI is not UTF-8.
     #[error("connection URI: the {part} starting at byte {position} is not valid UTF-8 once percent-decoded")]
-    InvalidUtf8 { part: &'static str, position: usize },
+    InvalidUtf8 {
+        /// Which part: `user name`, `password`, `host`, `database name`, ….
+        part: &'static str,
+        /// Where the part starts.
+        position: usize,
+    },
+    /// A `[` opening an IPv6 address in a URI has no `]`.
     #[error("connection URI: missing \"]\" for the IPv6 address starting at byte {position}")]
-    UnterminatedIpv6 { position: usize },
+    UnterminatedIpv6 {
+        /// Where the `[` is.
+        position: usize,
+    },
+    /// `[]` in a URI.
     #[error("connection URI: empty IPv6 address at byte {position}")]
-    EmptyIpv6 { position: usize },
+    EmptyIpv6 {
+        /// Where the `[` is.
+        position: usize,
+    },
+    /// Something other than `:`, `,`, `/` or `?` right after a bracketed IPv6 address.
     #[error("connection URI: unexpected character {found:?} at byte {position} (expected \":\", \",\", \"/\" or \"?\" after an IPv6 address)")]
-    UnexpectedCharacter { position: usize, found: char },
+    UnexpectedCharacter {
+        /// Where the character is.
+        position: usize,
+        /// The character.
+        found: char,
+    },
+    /// A URI query parameter without `=`.
     #[error("connection URI: query parameter at byte {position} has no \"=\"")]
-    QueryMissingEquals { position: usize },
+    QueryMissingEquals {
+        /// Where the parameter starts.
+        position: usize,
+    },
+    /// A URI query parameter with a second, unencoded `=`.
     #[error("connection URI: query parameter {keyword:?} at byte {position} has more than one \"=\" (percent-encode \"=\" in values as %3D)")]
-    QueryExtraEquals { keyword: String, position: usize },
+    QueryExtraEquals {
+        /// The parameter's keyword.
+        keyword: String,
+        /// Where the parameter starts.
+        position: usize,
+    },
+    /// A keyword pitr does not recognise (usually a typo).
     #[error("connection string: unknown keyword {keyword:?}")]
-    UnknownKeyword { keyword: String },
+    UnknownKeyword {
+        /// The keyword as given.
+        keyword: String,
+    },
+    /// A libpq keyword whose effect pitr does not implement, refused rather than ignored.
     #[error("connection string: libpq keyword {keyword:?} is not supported by pitr")]
-    UnsupportedKeyword { keyword: &'static str },
+    UnsupportedKeyword {
+        /// The keyword.
+        keyword: &'static str,
+    },
+    /// `replication` was given; pitr decides itself which connections are replication ones.
     #[error("connection string: \"replication\" must not be given; pitr sets it itself")]
     ReplicationKeyword,
+    /// Both `host` and `hostaddr`, which pitr treats as one keyword.
     #[error("connection string: both \"host\" and \"hostaddr\" given; pitr treats hostaddr as another name for host, so give only one")]
     HostAndHostaddr,
+    /// The port list is neither one port nor one per host.
     #[error("connection string: {ports} ports given for {hosts} hosts (give one port for all hosts, or one per host)")]
-    PortCountMismatch { hosts: usize, ports: usize },
+    PortCountMismatch {
+        /// How many hosts were given.
+        hosts: usize,
+        /// How many ports were given.
+        ports: usize,
+    },
+    /// A known keyword with a value it does not take.
     #[error("connection string: invalid value {value:?} for {keyword:?}: {reason}")]
-    InvalidValue { keyword: &'static str, value: String, reason: &'static str },
+    InvalidValue {
+        /// The keyword.
+        keyword: &'static str,
+        /// The value as given.
+        value: String,
+        /// What was expected instead.
+        reason: &'static str,
+    },
 }
 
 /// Keywords pitr understands, modelled or validated-and-ignored.
@@ -320,6 +440,7 @@ impl fmt::Debug for ConnInfo {
 }
 
 impl Host {
+    /// The server's port (for a Unix host, the number in the socket file name).
     pub fn port(&self) -> u16 {
         match self {
             Host::Tcp { port, .. } | Host::Unix { port, .. } => *port,

@@ -1,46 +1,97 @@
 //! pitr-pgwire: the PostgreSQL side of pitr.
 //!
 //! Owns the replication-protocol client (startup, authentication, TLS, replication commands,
-//! the CopyBoth WAL stream, UPLOAD_MANIFEST), the reader of PostgreSQL 17's incremental files
-//! ([`incremental`]) and the WAL reader that finds commit/abort records and their times.
-//! Message encoding and decoding are pure functions over bytes ([`messages`], [`walreader`],
-//! [`conninfo`]); the socket lives only in [`connection`]. It knows nothing of archives or storage.
+//! the CopyBoth WAL stream, the BASE_BACKUP stream, UPLOAD_MANIFEST), connection strings, and the
+//! probe of a server's WAL end for `pitr status` ([`position`]). Message encoding and decoding
+//! are pure functions over bytes ([`messages`], [`conninfo`]); the socket lives only in
+//! [`connection`]. It knows nothing of archives or storage, and not PostgreSQL's file and record
+//! formats either (LSN text, timeline history, WAL records, incremental files): those are
+//! pitr-pgformat, which this crate uses and which does not need a socket.
+
+#![warn(missing_docs)]
 
 pub mod connection;
 pub mod conninfo;
-pub mod incremental;
 pub mod messages;
 mod pgpass;
-pub mod timeline;
+pub mod position;
 mod tls;
-pub mod walreader;
 
 use std::time::Duration;
 
 pub use connection::{ConnectOptions, Connection, QueryResult, ServerSettings, StreamEvent, SystemIdentity};
 pub use conninfo::ConnInfo;
-pub use messages::{format_lsn, parse_lsn, ReplicationMessage, ServerError};
+pub use messages::{ReplicationMessage, ServerError};
 
+/// What went wrong talking to a server. `host` is the server as the connection string named it.
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
+    /// Reading or writing the socket failed.
     #[error("{host}: {cause}")]
-    Io { host: String, cause: std::io::Error },
+    Io {
+        /// The server.
+        host: String,
+        /// The socket error.
+        cause: std::io::Error,
+    },
+    /// The server closed the connection.
     #[error("{host}: the server closed the connection")]
-    Closed { host: String },
+    Closed {
+        /// The server.
+        host: String,
+    },
+    /// Connecting or a reply took longer than allowed.
     #[error("{host}: connection timed out after {after:?}")]
-    Timeout { host: String, after: Duration },
+    Timeout {
+        /// The server.
+        host: String,
+        /// The time allowed.
+        after: Duration,
+    },
+    /// The TLS handshake or configuration failed.
     #[error("{host}: TLS: {message}")]
-    Tls { host: String, message: String },
+    Tls {
+        /// The server.
+        host: String,
+        /// Why.
+        message: String,
+    },
+    /// The server refused the credentials, or asked for a method pitr does not speak.
     #[error("{host}: authentication failed: {message}")]
-    Auth { host: String, message: String },
+    Auth {
+        /// The server.
+        host: String,
+        /// Why.
+        message: String,
+    },
+    /// The server answered with an ErrorResponse.
     #[error("{host}: {error}")]
-    Server { host: String, error: Box<ServerError> },
+    Server {
+        /// The server.
+        host: String,
+        /// The error as the server sent it.
+        error: Box<ServerError>,
+    },
+    /// The session is not what `target_session_attrs` asks for.
     #[error("{host}: session is {}, but target_session_attrs wants {wanted}", if *read_only { "read-only" } else { "read-write" })]
-    SessionAttrs { host: String, wanted: String, read_only: bool },
+    SessionAttrs {
+        /// The server.
+        host: String,
+        /// The `target_session_attrs` value.
+        wanted: String,
+        /// Whether the session is read-only.
+        read_only: bool,
+    },
+    /// No host of the connection string could be connected to.
     #[error("could not connect: {attempts}")]
-    Connect { attempts: String },
+    Connect {
+        /// Each host tried and why it failed.
+        attempts: String,
+    },
+    /// The server sent something the protocol does not allow here.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A replication slot name PostgreSQL would refuse.
     #[error("invalid replication slot name {0:?}: use 1-63 characters of [a-z0-9_]")]
     InvalidSlotName(String),
 }

@@ -6,6 +6,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
+use pitr_pgformat::lsn::parse_lsn;
 use postgres_protocol::message::backend::Message;
 
 use crate::PgError;
@@ -13,10 +14,16 @@ use crate::PgError;
 /// A server-side error or notice, as the server sent it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServerError {
+    /// Severity (`ERROR`, `FATAL`, `PANIC`, `WARNING`, `NOTICE`, …), the non-localized `V` field
+    /// when the server sends it (9.6+), else the `S` field.
     pub severity: String,
+    /// The SQLSTATE error code (`C` field), e.g. `42710` for a slot that already exists.
     pub code: String,
+    /// The primary message (`M` field).
     pub message: String,
+    /// The optional `D` (detail) field.
     pub detail: Option<String>,
+    /// The optional `H` (hint) field: a suggestion what to do about it.
     pub hint: Option<String>,
 }
 
@@ -36,36 +43,63 @@ impl std::fmt::Display for ServerError {
 /// The backend messages pitr acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendMessage {
+    /// AuthenticationOk: the server accepted the credentials (or needed none).
     AuthenticationOk,
+    /// AuthenticationCleartextPassword: send the password as is.
     AuthenticationCleartextPassword,
+    /// AuthenticationMD5Password: send the password MD5-hashed with the user name and this salt.
     AuthenticationMd5Password {
+        /// The 4-byte salt to hash with.
         salt: [u8; 4],
     },
+    /// AuthenticationSASL: SASL authentication starts.
     AuthenticationSasl {
+        /// The mechanisms the server offers, in its order of preference (e.g. `SCRAM-SHA-256`).
         mechanisms: Vec<String>,
     },
+    /// AuthenticationSASLContinue: the server's challenge (SCRAM server-first-message).
     AuthenticationSaslContinue(Bytes),
+    /// AuthenticationSASLFinal: the server's outcome data (SCRAM server-final-message, whose
+    /// signature proves the server knows the password too).
     AuthenticationSaslFinal(Bytes),
     /// Kerberos, GSS, SSPI: named in the error, not supported.
     AuthenticationUnsupported(&'static str),
+    /// ParameterStatus: the current value of a run-time parameter the server reports
+    /// (`server_version`, `in_hot_standby`, `default_transaction_read_only`, …).
     ParameterStatus {
+        /// The parameter's name.
         name: String,
+        /// Its value.
         value: String,
     },
+    /// BackendKeyData (the cancel key): pitr never cancels, so its contents are dropped.
     BackendKeyData,
+    /// ReadyForQuery: the previous command (or startup) is over and the server waits for the next.
     ReadyForQuery,
+    /// RowDescription: a result set starts.
     RowDescription {
+        /// The column names, in order.
         columns: Vec<String>,
     },
+    /// DataRow: one row of the current result set, one value per column (`None` is NULL).
     DataRow(Vec<Option<Bytes>>),
+    /// CommandComplete, with its command tag (`SELECT 1`, `BASE_BACKUP`, …).
     CommandComplete(String),
+    /// EmptyQueryResponse: the query string was empty.
     EmptyQueryResponse,
+    /// ErrorResponse: the command failed; ReadyForQuery follows.
     Error(ServerError),
+    /// NoticeResponse: a warning or notice; the command goes on.
     Notice(ServerError),
+    /// CopyBothResponse: START_REPLICATION succeeded and the stream runs in both directions.
     CopyBothResponse,
+    /// CopyOutResponse: the server starts sending CopyData (BASE_BACKUP's archives).
     CopyOutResponse,
+    /// CopyInResponse: the server waits for CopyData from us (UPLOAD_MANIFEST).
     CopyInResponse,
+    /// CopyData: one chunk of a copy's payload.
     CopyData(Bytes),
+    /// CopyDone: the sender finished its side of the copy.
     CopyDone,
     /// Anything else (notifications, parameter descriptions…): skipped.
     Other,
@@ -166,12 +200,31 @@ fn server_error(mut fields: postgres_protocol::message::backend::ErrorFields<'_>
 /// Messages inside the CopyBoth stream of START_REPLICATION.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicationMessage {
-    /// WAL bytes starting at `wal_start`; `wal_end` is the server's current end of WAL.
-    XLogData { wal_start: u64, wal_end: u64, send_time: i64, data: Bytes },
-    /// Primary keepalive; `reply_requested` asks for a status update at once.
-    Keepalive { wal_end: u64, send_time: i64, reply_requested: bool },
+    /// XLogData (`w`): WAL bytes starting at `wal_start`; `wal_end` is the server's current end of WAL.
+    XLogData {
+        /// The LSN of the first byte of `data`.
+        wal_start: u64,
+        /// The server's current end of WAL (how far it could send).
+        wal_end: u64,
+        /// The server's clock at sending, in microseconds since 2000-01-01 (PostgreSQL's epoch).
+        send_time: i64,
+        /// The WAL bytes themselves, a contiguous piece of the WAL at `wal_start`.
+        data: Bytes,
+    },
+    /// Primary keepalive message (`k`); `reply_requested` asks for a status update at once.
+    Keepalive {
+        /// The server's current end of WAL.
+        wal_end: u64,
+        /// The server's clock at sending, in microseconds since 2000-01-01 (PostgreSQL's epoch).
+        send_time: i64,
+        /// The server wants a Standby Status Update right away, or it may drop the connection
+        /// at `wal_sender_timeout`.
+        reply_requested: bool,
+    },
 }
 
+/// Decodes the payload of one CopyData of the START_REPLICATION stream: XLogData (`w`) or a
+/// primary keepalive (`k`).
 pub fn parse_replication_message(mut data: Bytes) -> Result<ReplicationMessage, PgError> {
     if data.is_empty() {
         return Err(protocol("empty CopyData in the replication stream"));
@@ -217,19 +270,6 @@ pub fn standby_status_update(
     out.put_u64(apply);
     out.put_i64(client_time);
     out.put_u8(reply_requested as u8);
-}
-
-/// `X/Y`, as PostgreSQL prints an LSN.
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
-}
-
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.trim().split_once('/')?;
-    if hi.is_empty() || lo.is_empty() || hi.len() > 8 || lo.len() > 8 {
-        return None;
-    }
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
 /// Parses a size GUC as SHOW prints it (`16MB`, `8192`, `1GB`) into bytes.
@@ -320,13 +360,7 @@ mod tests {
     }
 
     #[test]
-    fn lsn_and_sizes() {
-        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
-        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
-        assert_eq!(parse_lsn("0/0"), Some(0));
-        for bad in ["", "1", "/1", "1/", "x/1", "123456789/0"] {
-            assert_eq!(parse_lsn(bad), None, "{bad}");
-        }
+    fn sizes() {
         assert_eq!(parse_size_setting("16MB"), Some(16 << 20));
         assert_eq!(parse_size_setting("8192"), Some(8192));
         assert_eq!(parse_size_setting("1GB"), Some(1 << 30));
@@ -338,8 +372,12 @@ mod tests {
 /// its tar bytes as `Data`, then `Manifest` followed by the backup manifest as `Data`, then `End`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackupEvent {
+    /// The backup started: the WAL position it starts from (the redo point of its checkpoint)
+    /// and the timeline, from BASE_BACKUP's first result set.
     Start {
+        /// The start LSN: WAL from here on is needed to restore the backup.
         lsn: u64,
+        /// The timeline the backup started on.
         timeline: u32,
     },
     /// The server's estimate of the bytes to send (PROGRESS).
@@ -347,15 +385,20 @@ pub enum BackupEvent {
     /// A new tar archive: the main data directory (`tablespace` None) or a tablespace
     /// (`tablespace` = its OID and location).
     Archive {
+        /// The tablespace's OID and location, or `None` for the main data directory.
         tablespace: Option<(u32, String)>,
     },
+    /// The next bytes of the current tar archive or of the manifest.
     Data(Bytes),
     /// The server's backup manifest follows as `Data`.
     Manifest,
     /// Bytes sent so far (PROGRESS).
     Progress(u64),
+    /// The backup ended, from BASE_BACKUP's last result set.
     End {
+        /// The end LSN: a restore must replay WAL at least up to here to be consistent.
         lsn: u64,
+        /// The timeline the backup ended on.
         timeline: u32,
     },
 }
@@ -378,6 +421,7 @@ pub struct BaseBackupDecoder {
 }
 
 impl BaseBackupDecoder {
+    /// A decoder for a server of `server_version_num` (which picks the streaming format).
     pub fn new(server_version_num: u32) -> BaseBackupDecoder {
         BaseBackupDecoder {
             new_format: server_version_num >= 150000,
@@ -410,6 +454,8 @@ impl BaseBackupDecoder {
         }
     }
 
+    /// Feeds one backend message of the running BASE_BACKUP; returns the events it completes
+    /// (often none). ErrorResponse and NoticeResponse are the caller's to handle.
     pub fn on_message(&mut self, msg: BackendMessage) -> Result<Vec<BackupEvent>, PgError> {
         let mut out = Vec::new();
         match msg {

@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
-use pitr_archive::backup::{block_name, manifest_name, BackupManifest};
+use pitr_archive::backup::BackupManifest;
 use pitr_archive::cloud::{CloudOptions, CloudStore, LockMode, ObjectLock};
 use pitr_archive::expire::{expire, ExpireOptions};
-use pitr_archive::layout::{WalLayout, WalObject};
+use pitr_archive::names::pg;
 use pitr_archive::retention::Policy;
-use pitr_archive::{ClusterInfo, KeyRing, PutOutcome, Repository, Store};
+use pitr_archive::{ClusterInfo, KeyRing, PutOutcome, Repository, Store, WalLayout, WalObject};
 use pitr_tests::proxy::FaultyProxy;
 use pitr_tests::{http_request, S3Server, S3sFs};
 
@@ -298,11 +298,11 @@ async fn s3_expire_extends_the_retention_of_backups_kept_longer_than_the_window(
         let name = layout.object_name(&WalObject::Segment { timeline: 1, segno });
         repo.store().put_if_absent(&name, Bytes::from_static(b"wal")).await?;
     }
-    let block = |id: &str| block_name(SYS, &format!("{id}{}", "0".repeat(60)));
+    let block = |id: &str| pg::block(SYS, &format!("{id}{}", "0".repeat(60)));
     for (id, parent, start_us, segno, blocks) in &backups {
         let blocks: Vec<String> = blocks.iter().map(|b| format!("{b}{}", "0".repeat(60))).collect();
         for b in &blocks {
-            repo.store().put_if_absent(&block_name(SYS, b), Bytes::from_static(b"block")).await?;
+            repo.store().put_if_absent(&pg::block(SYS, b), Bytes::from_static(b"block")).await?;
         }
         let manifest: BackupManifest = serde_json::from_value(serde_json::json!({
             "id": id, "kind": if parent.is_some() { "incremental" } else { "full" }, "parent": parent,
@@ -326,7 +326,7 @@ async fn s3_expire_extends_the_retention_of_backups_kept_longer_than_the_window(
     };
     let path = |name: &str| format!("/locked/repo/{name}");
     let segment = |segno| path(&layout.object_name(&WalObject::Segment { timeline: 1, segno }));
-    let written = lock_of(&moto, &path(&manifest_name(SYS, "a")))?.1;
+    let written = lock_of(&moto, &path(&pg::backup_manifest(SYS, "a")))?.1;
     let written_11 = lock_of(&moto, &segment(11))?.1;
 
     // c is this year's newest (rank 1 of 3: until January 1 three years on), b its parent, a the
@@ -339,7 +339,7 @@ async fn s3_expire_extends_the_retention_of_backups_kept_longer_than_the_window(
         dry.retention_until.iter().map(|t| (t.id.clone(), t.until.clone(), t.objects)).collect();
     assert_eq!(targets, want.iter().map(|(i, u, n)| (i.to_string(), u.clone(), *n)).collect::<Vec<_>>());
     assert_eq!((dry.retention_checked, dry.retention_extended), (0, 0));
-    assert_eq!(lock_of(&moto, &path(&manifest_name(SYS, "a")))?.1, written, "a dry run extended a retention");
+    assert_eq!(lock_of(&moto, &path(&pg::backup_manifest(SYS, "a")))?.1, written, "a dry run extended a retention");
 
     // One object whose retention cannot be handled: the server reports a date that is not one
     // (moto stores what it is given).
@@ -360,12 +360,12 @@ async fn s3_expire_extends_the_retention_of_backups_kept_longer_than_the_window(
     ensure!(report.retention_failed.is_empty(), "{:?}", report.retention_failed);
     assert_eq!((report.retention_checked, report.retention_extended), (10, 1));
     let until = |p: &str| -> Result<String> { Ok(lock_of(&moto, p)?.1) };
-    assert_eq!(until(&path(&manifest_name(SYS, "a")))?, later(2));
+    assert_eq!(until(&path(&pg::backup_manifest(SYS, "a")))?, later(2));
     assert_eq!(until(&path(&block("aa01")))?, later(2));
     assert_eq!(until(&segment(3))?, later(2));
     // In a and b: b's (inherited from c) date.
     assert_eq!(until(&path(&block("5501")))?, later(3));
-    for name in [manifest_name(SYS, "b"), manifest_name(SYS, "c"), block("bb01"), block("cc01")] {
+    for name in [pg::backup_manifest(SYS, "b"), pg::backup_manifest(SYS, "c"), block("bb01"), block("cc01")] {
         assert_eq!(until(&path(&name))?, later(3), "{name}");
     }
     assert_eq!(until(&segment(10))?, later(3));

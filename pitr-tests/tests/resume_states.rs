@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use pitr_archive::complete::{newest_pg, pg_prefix, CompleteMark};
-use pitr_archive::layout::{WalCatalog, WalLayout, WalObject};
-use pitr_archive::{KeyRing, LocalStore, ObjectKind, ObjectMeta, Repository};
+use pitr_archive::complete::{newest_pg, CompleteMark};
+use pitr_archive::names::pg;
+use pitr_archive::{KeyRing, LocalStore, ObjectKind, ObjectMeta, Repository, WalCatalog, WalLayout, WalObject};
 use pitr_tests::pitr::{PitrEnv, WAL_SEGMENT_SIZE as SEG};
 use pitr_tests::{wait_until, PgCluster, PgOptions};
 
@@ -379,7 +379,7 @@ fn pg15_marks_the_moments_the_archive_was_complete() -> Result<()> {
     ensure!(mark.lsn >= wal_end, "mark {mark:?} ends before the last commit's WAL ({wal_end:X})");
     ensure!(env.archived_end(SEG)? >= mark.lsn, "the mark claims WAL the archive does not hold: {mark:?}");
     // Old marks are pruned: a few objects, not one per second.
-    let names = a.rt.block_on(a.repo.list(&pg_prefix(system_id)))?;
+    let names = a.rt.block_on(a.repo.list(&pg::complete_prefix(system_id)))?;
     ensure!((1..=5).contains(&names.len()), "{} mark objects", names.len());
 
     // Shown in the status file and the metrics.

@@ -8,15 +8,18 @@
 //! the rest, but only below the newest file's truncation length; blocks nobody supplies are
 //! zeros (extended but never written, so no WAL summary mentions them).
 
-use pitr_pgwire::incremental::IncrementalHeader;
+use pitr_pgformat::incremental::IncrementalHeader;
 
 /// One version of a file in the chain, newest first in the slices below.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// The whole file, of this many bytes.
     Full {
+        /// The file's length in bytes.
         size: u64,
     },
+    /// An `INCREMENTAL.` file: the blocks changed since the previous backup of the chain, with
+    /// the file's truncation length.
     Incremental(IncrementalHeader),
 }
 
@@ -63,9 +66,13 @@ pub fn block_map(sources: &[Source], page_size: u32) -> Result<BlockMap, usize> 
 /// the output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
+    /// Index of the source file in the chain (0: newest).
     pub source: usize,
+    /// Where the bytes start in that source file.
     pub src_offset: u64,
+    /// Where they go in the output file.
     pub dst_offset: u64,
+    /// How many bytes (a whole number of pages).
     pub len: u64,
 }
 
@@ -92,10 +99,15 @@ pub fn runs(map: &BlockMap, page_size: u32) -> Vec<Run> {
 /// in the source file's block list) go to `dst_offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
+    /// Index of the source file in the chain (0: newest).
     pub source: usize,
+    /// Index of the stored block in that source file's block list.
     pub block: usize,
+    /// Where the bytes start within the stored block.
     pub offset: u64,
+    /// How many bytes.
     pub len: u64,
+    /// Where they go in the output file.
     pub dst_offset: u64,
 }
 
@@ -122,7 +134,7 @@ pub fn pieces(runs: &[Run], block_sizes: &[u64]) -> Vec<Piece> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pitr_pgwire::incremental::{build_incremental_file, parse_header};
+    use pitr_pgformat::incremental::{build_incremental_file, parse_header};
 
     const PAGE: u32 = 8192;
 

@@ -7,13 +7,14 @@
 
 use std::collections::BTreeMap;
 
-use pitr_archive::layout::{WalCatalog, WalLayout, WalObject};
-use pitr_pgwire::timeline::HistoryEntry;
+use pitr_archive::{WalCatalog, WalLayout, WalObject};
+use pitr_pgformat::timeline::HistoryEntry;
 
 /// The timelines recovery follows to reach `newest`: each with the LSN where it begins (the
 /// first at 0, each next at its parent's switch point), oldest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TimelinePath {
+    /// The timeline recovery ends on (the target's).
     pub newest: u32,
     begins: Vec<(u32, u64)>,
 }
@@ -54,6 +55,7 @@ impl TimelinePath {
         self.switch_lsn(timeline).is_none_or(|switch| lsn <= switch)
     }
 
+    /// The timelines on the path, oldest first (`newest` last).
     pub fn timelines(&self) -> impl Iterator<Item = u32> + '_ {
         self.begins.iter().map(|(t, _)| *t)
     }
@@ -72,7 +74,9 @@ pub fn path_end(wal: &WalCatalog, path: &TimelinePath) -> Option<u64> {
 /// A segment recovery needs that the archive does not hold (or holds only the start of).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hole {
+    /// The timeline recovery reads the segment from.
     pub timeline: u32,
+    /// The segment's number (its start LSN divided by the segment size).
     pub segno: u64,
     /// Bytes of it held from its start (0: none).
     pub held: u64,
@@ -171,6 +175,8 @@ pub struct Forks {
 }
 
 impl Forks {
+    /// Collects, from `(timeline, its history file's entries)` pairs, where each timeline began
+    /// (its last entry's switch point) and where each ancestor was forked from.
     pub fn from_histories<'a>(histories: impl IntoIterator<Item = (u32, &'a [HistoryEntry])>) -> Forks {
         let mut out = Forks::default();
         for (timeline, entries) in histories {

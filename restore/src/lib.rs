@@ -1,18 +1,34 @@
-//! pitr-restore: reading the archive back.
+//! pitr-restore: reading a PostgreSQL archive back.
 //!
-//! Owns restore planning ([`plan`]: the recoverable window, the backup to start from and its
-//! chain), writing a backup into a directory ([`materialize`]), combining incremental chains
-//! into full files ([`combine`]), recovery settings, running the server to the
-//! target and measuring what was achieved ([`recover`]), and `wal-fetch` ([`walfetch`]), which
-//! PostgreSQL calls as its restore_command. It writes nothing to the archive but the running
-//! marker a restore or drill holds so that `pitr expire` keeps what it reads
-//! ([`recover`], [`pitr_archive::running`]); where the repository refuses that write (read-only
-//! credentials, a bucket policy), the restore warns and goes on without it.
+//! Owns restore planning ([`plan`]: the restorable ranges per timeline, the backup to start
+//! from and its chain), WAL continuity along a timeline path ([`continuity`]: a hole is named
+//! before anything is written), recovery targets as the command line gives them ([`target`]),
+//! writing a backup into a directory ([`materialize`]), combining incremental chains into full
+//! files ([`combine`]), the rule for which PostgreSQL binaries run a restored cluster
+//! ([`pg_bin`]: those of the major version the archive recorded), recovery settings, running
+//! the server to the target and measuring what was achieved ([`recover`]), `wal-fetch`
+//! ([`walfetch`]), which PostgreSQL calls as its restore_command, the archive check of
+//! `pitr verify` ([`verify`]), and PostgreSQL's steps of a restore drill ([`drill`]: a scratch
+//! server, its checks).
+//!
+//! It does not own the drill's skeleton, judgement and report (`pitr_drill`, whose skeleton
+//! runs [`drill`]'s steps), object names (`pitr_archive::names`), the formatting and parsing of
+//! times (`pitr_archive::time`, re-exported by [`target`]), nor the WAL, timeline-history and
+//! incremental-file formats it decodes (`pitr_pgformat`). It never speaks the replication
+//! protocol: the only server it talks to is the one it restored, over `tokio_postgres`.
+//!
+//! It writes nothing to the archive but the running marker a restore or drill holds so that
+//! `pitr expire` keeps what it reads ([`recover`], [`pitr_archive::running`]); where the
+//! repository refuses that write (read-only credentials, a bucket policy), the restore warns and
+//! goes on without it.
+
+#![warn(missing_docs)]
 
 pub mod combine;
 pub mod continuity;
 pub mod drill;
 pub mod materialize;
+pub mod pg_bin;
 pub mod plan;
 pub mod recover;
 pub mod target;
@@ -28,12 +44,17 @@ pub use recover::{restore, RestoreOptions, RestoreReport, StartOptions, WalFetch
 pub use target::{format_time, parse_target, RecoveryTarget};
 pub use walfetch::{wal_fetch, FetchError, Fetched};
 
+/// Why a PostgreSQL restore, drill or archive check failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    /// A repository operation failed.
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    /// The target is not restorable: no backup and unbroken WAL reach it. The text names the
+    /// target and the restorable ranges.
     #[error("cannot restore: {0}")]
     OutsideWindow(String),
+    /// The target directory holds files and `--force` was not given.
     #[error("target directory {0} is not empty (pass --force to replace its contents)")]
     TargetNotEmpty(PathBuf),
     /// `--force` never replaces the directory of a running server.
@@ -41,22 +62,55 @@ pub enum RestoreError {
         "target directory {dir} is in use: its postmaster.pid names pid {pid}, which is running; stop that \
          server first (--force replaces only a directory no running server uses)"
     )]
-    TargetInUse { dir: PathBuf, pid: i32 },
+    TargetInUse {
+        /// The target directory.
+        dir: PathBuf,
+        /// The pid its `postmaster.pid` names.
+        pid: i32,
+    },
+    /// The target's `postmaster.pid` cannot be read as a pid: a server may be starting there.
     #[error(
         "target directory {dir}: cannot tell whether a server is using it ({what}); if no PostgreSQL server runs \
          there, remove {dir}/postmaster.pid"
     )]
-    PidFileUnclear { dir: PathBuf, what: String },
+    PidFileUnclear {
+        /// The target directory.
+        dir: PathBuf,
+        /// What is wrong with the pid file.
+        what: String,
+    },
     /// A manifest path a restore must not write (a damaged or tampered manifest): checked for
     /// the whole backup before anything is written.
     #[error("refusing to restore backup {backup}: its manifest entry {path:?} {reason}; nothing was restored")]
-    UnsafePath { backup: String, path: String, reason: materialize::Unconfined },
+    UnsafePath {
+        /// The backup whose manifest it is.
+        backup: String,
+        /// The path as the manifest gives it.
+        path: String,
+        /// Why it may not be written.
+        reason: materialize::Unconfined,
+    },
+    /// A block of a file could not be fetched or opened.
     #[error("cannot restore {file}: {cause}")]
-    Block { file: String, cause: Box<RepositoryError> },
+    Block {
+        /// The file (its path in the backup) the block belongs to.
+        file: String,
+        /// The repository's error.
+        cause: Box<RepositoryError>,
+    },
+    /// A local file system operation failed.
     #[error("{path}: {cause}")]
-    Io { path: PathBuf, cause: std::io::Error },
+    Io {
+        /// The path operated on.
+        path: PathBuf,
+        /// The operating system's error.
+        cause: std::io::Error,
+    },
+    /// Running the restored server failed: `pg_ctl` could not run, the server did not start, or
+    /// it stopped during recovery (the text carries the end of its log).
     #[error("PostgreSQL: {0}")]
     Server(String),
+    /// Anything else: an inconsistent backup or chain, a failed worker task.
     #[error("{0}")]
     Other(String),
 }

@@ -22,9 +22,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use pitr_archive::backup::{block_name, BackupEntryKind, BackupFile, BackupManifest};
+use pitr_archive::backup::{BackupEntryKind, BackupFile, BackupManifest};
+use pitr_archive::names::pg;
 use pitr_archive::Repository;
-use pitr_pgwire::incremental::{
+use pitr_pgformat::incremental::{
     combined_backup_label, full_path_of, incremental_path_of, parse_header, IncrementalHeader,
 };
 use tokio::task::JoinSet;
@@ -106,14 +107,19 @@ fn is_zombie(pid: i32) -> bool {
 /// Why a path of a backup manifest may not be written by a restore.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unconfined {
+    /// Names nothing once `.` and empty components are dropped.
     #[error("is empty")]
     Empty,
+    /// Starts with `/`.
     #[error("is an absolute path")]
     Absolute,
+    /// Has a `..` component, or one holding a NUL byte (the component).
     #[error("has a {0:?} component (a restore writes only plain names below the target)")]
     Component(String),
+    /// Is, or lies under, a tablespace link the restore creates (that link's path).
     #[error("lies at or under {0}, a symbolic link this restore creates (writing there would follow it)")]
     ThroughLink(String),
+    /// A symbolic link other than `pg_tblspc/<oid>` (its target).
     #[error("is a symbolic link to {0:?}: a restore recreates only the tablespace links pg_tblspc/<oid>")]
     UnexpectedLink(String),
 }
@@ -285,6 +291,7 @@ pub fn read_file_nofollow(path: &Path) -> Result<Option<String>, RestoreError> {
 
 /// A directory beside the target that is removed on drop unless kept.
 pub struct Staging {
+    /// `.<target name>.pitr-partial-<pid>`, beside the target.
     pub path: PathBuf,
     keep: bool,
 }
@@ -298,6 +305,8 @@ impl Drop for Staging {
 }
 
 impl Staging {
+    /// Creates an empty staging directory (mode 0700) beside `target`, replacing one a previous
+    /// run of this pid left.
     pub fn create(target: &Path) -> Result<Staging, RestoreError> {
         let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(io(parent))?;
@@ -327,6 +336,8 @@ impl Staging {
     }
 }
 
+/// The directory inside the restored data directory that holds tablespaces, one `<oid>`
+/// directory each, `pg_tblspc/<oid>` linking to it.
 pub const TABLESPACE_DIR: &str = "pitr_tablespaces";
 
 /// Where a backup path goes in the restored directory (normalised as [`confined_path`] does, so
@@ -425,7 +436,7 @@ pub async fn materialize(
                     let job = queue.lock().await.next();
                     let Some(job) = job else { return Ok::<(), RestoreError>(()) };
                     let file = job.writes.first().map(|w| w.0.display().to_string()).unwrap_or_default();
-                    let name = block_name(system_id, &job.block_id);
+                    let name = pg::block(system_id, &job.block_id);
                     let (_, data) = repo
                         .get_opened(&name)
                         .await
@@ -643,7 +654,7 @@ async fn read_incremental_header(
     let mut bytes = Vec::new();
     for id in &file.blocks {
         let (_, data) = repo
-            .get_opened(&block_name(backup.system_id, id))
+            .get_opened(&pg::block(backup.system_id, id))
             .await
             .map_err(|e| RestoreError::Block { file: file.path.clone(), cause: Box::new(e) })?;
         bytes.extend_from_slice(&data);
@@ -840,7 +851,7 @@ mod tests {
             let mut blocks: [Vec<String>; 2] = Default::default();
             for (i, content) in CONTENT.iter().enumerate() {
                 let id = hasher.block_id(content);
-                repo.put_sealed(&block_name(1, &id), content.to_vec(), ObjectMeta::plain(ObjectKind::BackupBlock))
+                repo.put_sealed(&pg::block(1, &id), content.to_vec(), ObjectMeta::plain(ObjectKind::BackupBlock))
                     .await
                     .unwrap();
                 blocks[i] = vec![id];
@@ -876,7 +887,7 @@ mod tests {
         async fn backup(&self, id: &str, entries: Vec<BackupEntry>, files: Vec<BackupFile>) -> BackupManifest {
             let m = BackupManifest {
                 id: id.into(),
-                kind: "full".into(),
+                kind: pitr_archive::backup::BackupKind::Full,
                 parent: None,
                 system_id: 1,
                 server_version_num: 150000,

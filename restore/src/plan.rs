@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 
 use pitr_archive::backup::BackupManifest;
 use pitr_archive::complete::{self, CompleteMark};
-use pitr_archive::layout::{WalCatalog, WalLayout, WalObject};
-use pitr_archive::{ClusterInfo, Repository, RepositoryError};
-use pitr_pgwire::timeline::{parse_history, HistoryEntry};
+use pitr_archive::{ClusterInfo, Repository, RepositoryError, WalCatalog, WalLayout, WalObject};
+use pitr_pgformat::lsn::format_lsn;
+use pitr_pgformat::timeline::{parse_history, HistoryEntry};
 
 use crate::continuity::{self, Hole, Reach, TimelinePath};
 use crate::target::{format_time, RecoveryTarget};
@@ -23,20 +23,26 @@ use crate::RestoreError;
 /// One stretch of time (and WAL) that can be restored to exactly.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Range {
+    /// The earliest moment: the consistency point (stop time) of the oldest backup it starts
+    /// from.
     pub start_us: i64,
+    /// That backup's stop LSN: recovery is consistent from here.
     pub start_lsn: u64,
     /// The last moment known exactly: the last archived commit before `end_lsn`, or for the
     /// newest range a later completeness mark.
     pub end_us: Option<i64>,
+    /// How far WAL is held without a break from the range's backups.
     pub end_lsn: u64,
 }
 
 /// The recoverable window of one timeline (as the newest one a restore follows).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Window {
+    /// The timeline (the newest a restore within this window follows).
     pub timeline: u32,
     /// The first range's start: the consistency point of the oldest usable backup.
     pub start_us: Option<i64>,
+    /// That backup's stop LSN.
     pub start_lsn: Option<u64>,
     /// The newest range's end: the later of the newest archived commit and the newest
     /// completeness mark.
@@ -58,6 +64,7 @@ pub struct Window {
 /// How far one backup can be recovered along the current timeline's path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupReach {
+    /// How far its WAL is held without a break from its start LSN, and the hole that stops it.
     pub reach: Reach,
     /// The last moment known exactly from this backup (see [`Range::end_us`]).
     pub end_us: Option<i64>,
@@ -66,16 +73,23 @@ pub struct BackupReach {
 /// A repository that could not be listed while looking for WAL the primary lacks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unlisted {
+    /// The fallback repository's configured name.
     pub name: String,
+    /// Why listing it failed.
     pub error: String,
 }
 
+/// What the repository holds for one PostgreSQL cluster, and what it can restore: the basis of
+/// every restore, drill and `pitr status` window.
 #[derive(Debug, Clone)]
 pub struct Catalog {
+    /// The cluster (system identifier, WAL segment size…).
     pub cluster: ClusterInfo,
     /// What this repository holds, plus what its fallbacks hold where it has holes.
     pub wal: WalCatalog,
+    /// The cluster's backup manifests.
     pub backups: Vec<BackupManifest>,
+    /// One window per timeline that has WAL, oldest timeline first.
     pub windows: Vec<Window>,
     /// The history of each timeline that has one, parsed.
     pub histories: BTreeMap<u32, Vec<HistoryEntry>>,
@@ -88,6 +102,9 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// Lists the cluster's WAL and backups (and, where this repository has holes or lost its
+    /// tail, its fallbacks' WAL), reads histories and completeness marks, and works out every
+    /// timeline's window.
     pub async fn load(repo: &Repository, cluster: ClusterInfo) -> Result<Catalog, RepositoryError> {
         let layout = WalLayout::new(&cluster);
         let mut names: Vec<String> = repo.list(&layout.prefix()).await?.into_iter().map(|o| o.name).collect();
@@ -226,7 +243,7 @@ impl Catalog {
              exactly is {last_exact}",
             hole.describe(layout),
             backup.id,
-            pitr_pgwire::format_lsn(reach.reach.end_lsn),
+            format_lsn(reach.reach.end_lsn),
         );
         for u in &self.unlisted {
             msg.push_str(&format!(
@@ -308,7 +325,7 @@ impl Catalog {
                         let why = if self.backups.iter().all(|b| b.stop_lsn > l) {
                             format!("{target} is before the oldest backup's consistency point")
                         } else if l > end {
-                            format!("{target} is past the end of the archived WAL at {}", pitr_pgwire::format_lsn(end))
+                            format!("{target} is past the end of the archived WAL at {}", format_lsn(end))
                         } else {
                             self.gap_reason(&usable, |b, r| b.stop_lsn <= l && r.reach.end_lsn < l)
                                 .unwrap_or_else(|| format!("{target} falls in a gap of the archive"))
@@ -339,11 +356,11 @@ impl Catalog {
         let mut msg = format!(
             "{target} cannot be restored exactly: the archive held WAL up to {} on timeline {} at {} \
              (completeness mark {}), but now ends at {}: WAL was lost from its end",
-            pitr_pgwire::format_lsn(mark.lsn),
+            format_lsn(mark.lsn),
             mark.timeline,
             format_time(mark.server_time_us),
             mark.name(self.cluster.system_id),
-            pitr_pgwire::format_lsn(w.end_lsn),
+            format_lsn(w.end_lsn),
         );
         for u in &self.unlisted {
             msg.push_str(&format!(
@@ -383,7 +400,7 @@ impl Catalog {
             return Err(RestoreError::OutsideWindow(format!(
                 "backup {id} ends at {} ({}), after the target {target}",
                 format_time(b.stop_time_us),
-                pitr_pgwire::format_lsn(b.stop_lsn)
+                format_lsn(b.stop_lsn)
             )));
         }
         let Some(r) = self.reaches.get(id) else {
@@ -404,7 +421,7 @@ impl Catalog {
         if short {
             let why = match r.reach.hole {
                 Some(hole) => self.hole_message(b, &hole, r),
-                None => format!("the archive's WAL ends at {}", pitr_pgwire::format_lsn(r.reach.end_lsn)),
+                None => format!("the archive's WAL ends at {}", format_lsn(r.reach.end_lsn)),
             };
             return Err(RestoreError::OutsideWindow(format!(
                 "backup {id} cannot be recovered to {target}: {why}; {}",
@@ -578,7 +595,7 @@ fn push_objects(
     out: &mut Vec<WalObject>,
     timeline: u32,
     segno: u64,
-    entry: &pitr_archive::layout::SegmentEntry,
+    entry: &pitr_archive::SegmentEntry,
     lsn: u64,
     layout: WalLayout,
 ) {

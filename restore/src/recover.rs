@@ -18,10 +18,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pitr_archive::layout::WalLayout;
+use pitr_archive::backup::BackupKind;
+use pitr_archive::names::pg;
 use pitr_archive::running::{ReadPlan, RunKind, RunMarker};
-use pitr_archive::{Repository, RepositoryError};
-use pitr_pgwire::walreader::{pg_timestamp_to_unix_micros, WalDecoder};
+use pitr_archive::{Repository, RepositoryError, WalLayout};
+use pitr_pgformat::lsn::{format_lsn, parse_lsn};
+use pitr_pgformat::walreader::{pg_timestamp_to_unix_micros, WalDecoder};
 
 use crate::materialize::{check_target, materialize, read_file_nofollow, write_file_nofollow, Staging};
 use crate::plan::Catalog;
@@ -29,13 +31,18 @@ use crate::target::{format_time, RecoveryTarget};
 use crate::walfetch::read_wal_file;
 use crate::RestoreError;
 
+/// What [`restore`] restores, where, and whether it runs the server to the target.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
+    /// Where recovery stops.
     pub target: RecoveryTarget,
+    /// The data directory to create (missing or empty, unless `force`).
     pub target_dir: PathBuf,
+    /// Replace a non-empty `target_dir` (never one a running server uses).
     pub force: bool,
     /// How PostgreSQL will run `pitr wal-fetch` (its restore_command).
     pub restore_command: WalFetchCommand,
+    /// Block fetches and writes run at once.
     pub workers: usize,
     /// Restore from this backup instead of the newest one before the target.
     pub backup_id: Option<String>,
@@ -65,52 +72,75 @@ impl WalFetchCommand {
             s.push_str(o);
         }
         if let Some(u) = until {
-            s.push_str(&format!(" --until-lsn {}", pitr_pgwire::format_lsn(u)));
+            s.push_str(&format!(" --until-lsn {}", format_lsn(u)));
         }
         s.push_str(" \"%f\" \"%p\"");
         s
     }
 }
 
+/// How `--start` runs the restored server through recovery.
 #[derive(Debug, Clone)]
 pub struct StartOptions {
+    /// The directory holding `pg_ctl` of the cluster's major version ([`crate::pg_bin`]).
     pub bin_dir: PathBuf,
+    /// The port the restored server listens on (localhost and a socket in the data directory).
     pub port: u16,
     /// Database user for the report's queries over the Unix socket.
     pub db_user: String,
+    /// How long recovery may take before the restore gives up (the server is left running).
     pub timeout: Duration,
 }
 
 /// What a restore did and achieved.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreReport {
+    /// The target as asked for ([`RecoveryTarget`]'s display form).
     pub target: String,
+    /// The data directory restored into.
     pub target_dir: String,
+    /// The backup restored (the newest of its chain).
     pub backup_id: String,
-    /// `full` or `incremental`.
-    pub backup_kind: String,
+    /// Full, or incremental (restored with its chain).
+    pub backup_kind: BackupKind,
     /// The backups combined, oldest (the full backup) first.
     pub backup_chain: Vec<String>,
     /// Where replay starts: the backup's start (its checkpoint's redo point).
     pub backup_start_lsn: String,
+    /// The backup's consistency point: the earliest moment it restores to.
     pub backup_stop_time: String,
+    /// The LSN replay must pass before the restored cluster is consistent.
     pub backup_stop_lsn: String,
+    /// Files in the backup's manifest.
     pub files: usize,
+    /// Bytes written into the data directory.
     pub bytes_restored: u64,
+    /// The lines added to `postgresql.auto.conf` (restore_command, recovery_target_*).
     pub recovery_settings: Vec<String>,
+    /// The newest commit on the current timeline in the archive, when the restore began.
     pub newest_archived_commit: Option<String>,
+    /// Whether the server was run to the target (`--start`); the fields below are filled only
+    /// then.
     pub started: bool,
+    /// The port the restored server listens on.
     pub port: Option<u16>,
+    /// The time of the last commit replayed: what the restore achieved.
     pub last_replayed_commit_time: Option<String>,
+    /// Where replay ended.
     pub last_replayed_lsn: Option<String>,
+    /// The xid of the last commit or abort before that LSN, read from the archived WAL.
     pub last_replayed_xid: Option<u32>,
     /// WAL replayed: from the backup's start to the last replayed record.
     pub wal_replayed_bytes: Option<u64>,
     /// Target (or, for `latest`, the newest archived commit) minus the last replayed commit.
     pub data_loss_window_seconds: Option<f64>,
+    /// Planning and writing the data directory.
     pub download_seconds: f64,
+    /// Starting the server and replaying WAL to the target.
     pub replay_seconds: Option<f64>,
+    /// The whole restore (RTO as measured here).
     pub total_seconds: f64,
+    /// The `pg_ctl … stop` line that stops the restored server.
     pub stop_command: Option<String>,
 }
 
@@ -130,7 +160,7 @@ fn recovery_settings(target: RecoveryTarget, restore_command: &str) -> Vec<Strin
     let mut lines = vec![format!("restore_command = {}", conf_quote(restore_command))];
     match target {
         RecoveryTarget::Time(us) => lines.push(format!("recovery_target_time = {}", conf_quote(&format_time(us)))),
-        RecoveryTarget::Lsn(l) => lines.push(format!("recovery_target_lsn = '{:X}/{:X}'", l >> 32, l & 0xFFFF_FFFF)),
+        RecoveryTarget::Lsn(l) => lines.push(format!("recovery_target_lsn = '{}'", format_lsn(l))),
         RecoveryTarget::Xid(x) => lines.push(format!("recovery_target_xid = '{x}'")),
         RecoveryTarget::Latest => {}
     }
@@ -177,11 +207,11 @@ pub(crate) async fn current_catalog<'a>(
 ) -> Result<Cow<'a, Catalog>, RestoreError> {
     let system_id = catalog.cluster.system_id;
     let listed: BTreeSet<String> =
-        repo.list(&format!("pg/{system_id}/backups/")).await?.into_iter().map(|o| o.name).collect();
+        repo.list(&pg::backups_prefix(system_id)).await?.into_iter().map(|o| o.name).collect();
     let mut changed = catalog
         .backups
         .iter()
-        .find(|b| !listed.contains(&pitr_archive::backup::manifest_name(system_id, &b.id)))
+        .find(|b| !listed.contains(&pg::backup_manifest(system_id, &b.id)))
         .map(|b| format!("backup {} was removed", b.id));
     if changed.is_none() {
         let chosen = match backup_id {
@@ -190,7 +220,7 @@ pub(crate) async fn current_catalog<'a>(
         };
         // No backup fits: the caller reports that, from a catalog that still lists every backup.
         if let Ok(b) = chosen {
-            let names = repo.list(&pitr_archive::retention::floor_prefix(system_id)).await?;
+            let names = repo.list(&pg::floors_prefix(system_id)).await?;
             let floors = pitr_archive::retention::floors_from_names(system_id, names.iter().map(|o| o.name.as_str()));
             let from = WalLayout::new(&catalog.cluster).segno_of(b.start_lsn);
             changed = floors
@@ -300,11 +330,11 @@ pub(crate) async fn restore_marked(
         target: opts.target.to_string(),
         target_dir: opts.target_dir.display().to_string(),
         backup_id: backup.id.clone(),
-        backup_kind: backup.kind.clone(),
+        backup_kind: backup.kind,
         backup_chain: chain.iter().map(|b| b.id.clone()).collect(),
-        backup_start_lsn: pitr_pgwire::format_lsn(backup.start_lsn),
+        backup_start_lsn: format_lsn(backup.start_lsn),
         backup_stop_time: format_time(backup.stop_time_us),
-        backup_stop_lsn: pitr_pgwire::format_lsn(backup.stop_lsn),
+        backup_stop_lsn: format_lsn(backup.stop_lsn),
         files: backup.files.len(),
         bytes_restored,
         recovery_settings: settings,
@@ -337,7 +367,7 @@ pub(crate) async fn restore_marked(
     let from_wal = last_commit_before(repo, catalog, lsn).await;
     let commit_us = commit_us.or(from_wal.map(|(_, t)| t));
     report.last_replayed_commit_time = commit_us.map(format_time);
-    report.last_replayed_lsn = Some(pitr_pgwire::format_lsn(lsn));
+    report.last_replayed_lsn = Some(format_lsn(lsn));
     report.wal_replayed_bytes = Some(lsn.saturating_sub(backup.start_lsn));
     report.last_replayed_xid = from_wal.map(|(xid, _)| xid);
     // The data-loss window: from the last replayed commit to the moment restored to. Past the
@@ -427,7 +457,7 @@ async fn query_state(conninfo: &str) -> Result<Option<(Option<i64>, u64)>, Strin
     }
     let commit: Option<i64> = row.get(1);
     let lsn: String = row.get(2);
-    Ok(Some((commit, pitr_pgwire::parse_lsn(&lsn).unwrap_or(0))))
+    Ok(Some((commit, parse_lsn(&lsn).unwrap_or(0))))
 }
 
 fn log_tail(log: &Path) -> String {

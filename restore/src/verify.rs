@@ -6,11 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use pitr_archive::backup::{block_name, manifest_name};
-use pitr_archive::layout::{WalLayout, WalObject};
+use pitr_archive::names::pg;
 use pitr_archive::retention;
-use pitr_archive::{Repository, RepositoryError};
-use pitr_pgwire::timeline::{parse_history, HistoryEntry};
+use pitr_archive::{Repository, RepositoryError, WalLayout, WalObject};
+use pitr_pgformat::timeline::{parse_history, HistoryEntry};
 use tokio::task::JoinSet;
 
 use crate::continuity::TimelinePath;
@@ -19,20 +18,33 @@ use crate::plan::Catalog;
 /// One problem, naming the object it is about.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Finding {
+    /// A stable kebab-case tag: `wal-gap`, `missing-history`, `bad-history`, `missing-parent`,
+    /// `missing-block`, `bad-size`, `corrupt`, `unreadable`.
     pub kind: &'static str,
+    /// The object concerned (a WAL segment, history file, backup manifest or block name).
     pub object: String,
+    /// What is wrong, and what it means for restores.
     pub message: String,
 }
 
+/// What [`verify`] checked and found.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VerifyReport {
+    /// No findings.
     pub ok: bool,
+    /// Whether every object was opened and authenticated ([`verify`]'s `deep`).
     pub deep: bool,
+    /// The timelines that have WAL in the archive.
     pub timelines: Vec<u32>,
+    /// WAL segments held (whole or in chunks).
     pub segments: usize,
+    /// Backup manifests.
     pub backups: usize,
+    /// Distinct blocks the backups refer to.
     pub blocks: usize,
+    /// Objects opened (only with `deep`).
     pub objects_opened: usize,
+    /// Problems, sorted by kind then object: any makes verification fail.
     pub findings: Vec<Finding>,
 }
 
@@ -77,7 +89,7 @@ async fn histories(
                     out.insert(t, entries);
                 }
             }
-            Err(e) => findings.push(Finding { kind: "bad-history", object: name, message: e }),
+            Err(e) => findings.push(Finding { kind: "bad-history", object: name, message: e.to_string() }),
         }
     }
     // A timeline's history must extend its parent's.
@@ -112,6 +124,8 @@ fn recovery_path(
     (first..=last).map(|segno| (path.timeline_of(layout, segno).max(start_timeline), segno)).collect()
 }
 
+/// Checks the archive `catalog` lists (see the module's documentation); `deep` also opens every
+/// WAL object, history file, manifest and referenced block, `workers` at a time.
 pub async fn verify(
     repo: &Repository,
     catalog: &Catalog,
@@ -125,7 +139,7 @@ pub async fn verify(
     // Below a timeline's floor `pitr expire` removed the WAL that no kept backup or the window
     // needs: holes there are retention's, not losses.
     let system_id = catalog.cluster.system_id;
-    let floor_objects = repo.list(&retention::floor_prefix(system_id)).await?;
+    let floor_objects = repo.list(&pg::floors_prefix(system_id)).await?;
     let floors = retention::floors_from_names(system_id, floor_objects.iter().map(|o| o.name.as_str()));
 
     // Within each timeline, from its floor on: no hole between its first and last segment, and
@@ -198,20 +212,20 @@ pub async fn verify(
         if let Err(e) = catalog.chain(b) {
             findings.push(Finding {
                 kind: "missing-parent",
-                object: manifest_name(b.system_id, &b.id),
+                object: pg::backup_manifest(b.system_id, &b.id),
                 message: e.to_string(),
             });
         }
     }
 
     // Every block of every backup present.
-    let prefix = format!("pg/{}/blocks/", catalog.cluster.system_id);
+    let prefix = pg::blocks_prefix(catalog.cluster.system_id);
     let present: BTreeSet<String> = repo.list(&prefix).await?.into_iter().map(|o| o.name).collect();
     let mut referenced = BTreeSet::new();
     for b in &catalog.backups {
         for f in &b.files {
             for id in &f.blocks {
-                let name = block_name(b.system_id, id);
+                let name = pg::block(b.system_id, id);
                 if !present.contains(&name) {
                     findings.push(Finding {
                         kind: "missing-block",
@@ -237,7 +251,7 @@ pub async fn verify(
         }
         names
             .extend(catalog.wal.histories.iter().map(|&timeline| layout.object_name(&WalObject::History { timeline })));
-        names.extend(catalog.backups.iter().map(|b| manifest_name(b.system_id, &b.id)));
+        names.extend(catalog.backups.iter().map(|b| pg::backup_manifest(b.system_id, &b.id)));
         names.extend(referenced.iter().filter(|n| present.contains(*n)).cloned());
         opened = names.len();
         let queue = Arc::new(tokio::sync::Mutex::new(names.into_iter()));
@@ -257,7 +271,9 @@ pub async fn verify(
                             }
                         }
                         // Compacted away since the listing: not a finding.
-                        Err(RepositoryError::Store(e)) if e.is_not_found() && name.ends_with(".chunk") => {}
+                        Err(RepositoryError::Store(e))
+                            if e.is_not_found()
+                                && matches!(layout.parse_object_name(&name), Some(WalObject::Chunk { .. })) => {}
                         Err(e) => found.push(Finding { kind: "corrupt", object: name, message: e.to_string() }),
                     }
                 }

@@ -20,9 +20,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use pitr_archive::layout::{WalCatalog, WalLayout, WalObject};
-use pitr_archive::{ClusterInfo, Repository, RepositoryError};
-use pitr_pgwire::timeline::parse_history;
+use pitr_archive::chunk_run::{cover, ChunkRunError};
+use pitr_archive::{ClusterInfo, Repository, RepositoryError, WalCatalog, WalLayout, WalObject};
+use pitr_pgformat::lsn::format_lsn;
+use pitr_pgformat::timeline::{parse_history, parse_history_file_name, HISTORY_SUFFIX};
 
 use crate::continuity::Forks;
 
@@ -173,11 +174,8 @@ pub async fn read_wal_file(
 async fn read_once(repo: &Repository, cluster: &ClusterInfo, file: &str) -> Result<(Fetched, Vec<u8>), FetchError> {
     let layout = WalLayout::new(cluster);
     let not_found = || FetchError::NotFound { file: file.to_string() };
-    if let Some(tli) = file.strip_suffix(".history") {
-        let timeline = (tli.len() == 8)
-            .then(|| u32::from_str_radix(tli, 16).ok())
-            .flatten()
-            .ok_or_else(|| FetchError::BadName { file: file.to_string() })?;
+    if file.ends_with(HISTORY_SUFFIX) {
+        let timeline = parse_history_file_name(file).ok_or_else(|| FetchError::BadName { file: file.to_string() })?;
         let name = layout.object_name(&WalObject::History { timeline });
         let (_, data) = get_or_not_found(repo, &name).await?.ok_or_else(not_found)?;
         return Ok((Fetched::History, data));
@@ -205,27 +203,12 @@ async fn read_once(repo: &Repository, cluster: &ClusterInfo, file: &str) -> Resu
         check_not_a_hole(repo, layout, file, timeline, segno, held).await?;
     }
     let Some(entry) = catalog.segments.get(&(timeline, segno)).filter(|_| held > 0) else { return Err(not_found()) };
-    let end = held as u32;
-    let mut data = Vec::with_capacity(layout.segment_size as usize);
-    for &(from, to) in &entry.chunks {
-        if to <= data.len() as u32 {
-            continue;
-        }
-        if from > data.len() as u32 || to > end {
-            break;
-        }
-        let name = layout.object_name(&WalObject::Chunk { timeline, segno, from, to });
-        let (_, bytes) = repo.get_opened(&name).await?;
-        if bytes.len() as u32 != to - from {
-            return Err(RepositoryError::Invalid {
-                name,
-                what: format!("holds {} bytes, its name says {}", bytes.len(), to - from),
-            }
-            .into());
-        }
-        let skip = data.len() - from as usize;
-        data.extend_from_slice(&bytes[skip..]);
-    }
+    let read = cover(&entry.chunks, 0);
+    let run = repo
+        .read_chunk_run(&layout, timeline, segno, &read)
+        .await
+        .map_err(ChunkRunError::into_repository_error)?;
+    let mut data = run.data;
     let wal_bytes = data.len() as u64;
     data.resize(layout.segment_size as usize, 0);
     let fetched =
@@ -292,10 +275,6 @@ async fn check_not_a_hole(
         }
     }
     Err(FetchError::Hole { file: file.to_string(), why })
-}
-
-fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
 async fn get_or_not_found(

@@ -6,15 +6,28 @@
 //! restart. The flush position reported to the primary is always the end of the last durable
 //! object, so the replication slot keeps on the primary whatever the archive does not yet hold.
 //!
-//! Start-up resumes from any state the archive's WAL can be in (`resume.rs`: segments left as
-//! chunks, overlapping chunks, gaps); while caught up it records completeness marks (`marks.rs`:
-//! the moments the archive held everything the primary had).
+//! The state — position, segment buffers, the durable end, which put comes next, where to resume
+//! and how timelines switch — is one sans-IO state machine (`pipeline/`: `WalPipeline`, unit
+//! tested with an in-memory archive through every crash point). Around it, thin async edges: the
+//! receiver (`receiver.rs`: connection, history files, status updates; `session.rs`: what lives
+//! across reconnects, the lease among it), the uploader (`uploader.rs`: the puts; with the
+//! receiver it shares only the pipeline, behind one mutex), and start-up I/O (`resume.rs`:
+//! listing, reading a partial segment back, compacting segments left as chunks). While caught up
+//! it records completeness marks (`marks.rs`: the moments the archive held everything the
+//! primary had).
 //!
-//! It does not parse the protocol (pitr-pgwire) or know the object format (pitr-archive).
+//! It does not parse the protocol (pitr-pgwire) or PostgreSQL's formats (pitr-pgformat), and does
+//! not know the object format (pitr-archive).
 
+#![warn(missing_docs)]
+
+mod api;
 mod marks;
-mod pending;
+mod pipeline;
 mod receiver;
 mod resume;
+mod session;
+mod uploader;
 
-pub use receiver::{run, StreamConfig, StreamError, StreamStatus};
+pub use api::{StreamConfig, StreamError, StreamStatus};
+pub use receiver::run;

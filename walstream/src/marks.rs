@@ -33,7 +33,7 @@ use pitr_archive::complete::{record_pg, CompleteMark};
 use pitr_archive::Repository;
 use tokio::sync::watch;
 
-use crate::pending::Durable;
+use crate::pipeline::Durable;
 
 /// Claims waiting for the archive to hold their WAL. Claims come with every XLogData; when
 /// more wait, the newest is replaced, so the ones the archive reaches first stay.

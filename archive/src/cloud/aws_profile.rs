@@ -14,10 +14,16 @@ use ini::Ini;
 /// Static keys (and a region) from a profile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProfileKeys {
+    /// The profile's name (as in `AWS_PROFILE`; `default` when unset).
     pub profile: String,
+    /// `aws_access_key_id`.
     pub access_key_id: String,
+    /// `aws_secret_access_key`.
     pub secret_access_key: String,
+    /// `aws_session_token`, for temporary credentials.
     pub session_token: Option<String>,
+    /// The profile's `region`, from the config file only (as the AWS SDKs read it); used when
+    /// neither the environment nor `[repository] region` sets one.
     pub region: Option<String>,
 }
 

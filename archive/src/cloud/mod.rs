@@ -16,6 +16,7 @@
 
 pub mod aws_profile;
 pub mod gcs;
+pub mod options;
 pub mod s3;
 
 use std::collections::HashMap;
@@ -39,9 +40,15 @@ use crate::store::{validate_name, ObjectInfo, PutOutcome, Store, StoreError};
 /// `GOOGLE_APPLICATION_CREDENTIALS` / `GOOGLE_SERVICE_ACCOUNT*`, else the instance metadata server.
 #[derive(Debug, Clone)]
 pub struct CloudOptions {
+    /// S3 endpoint URL, for S3-compatible servers (MinIO, Ceph…) or a private endpoint; `None`:
+    /// AWS's, or `AWS_ENDPOINT_URL`.
     pub endpoint: Option<String>,
+    /// S3 region; `None`: `AWS_REGION`, else the profile's, else `us-east-1`.
     pub region: Option<String>,
+    /// Accept plain `http://` endpoints (test servers, a MinIO on localhost).
     pub allow_http: bool,
+    /// Address S3 buckets as `endpoint/bucket/key` rather than `bucket.endpoint/key` (most
+    /// S3-compatible servers want this).
     pub force_path_style: bool,
     /// GCS service-account JSON key file.
     pub service_account_key: Option<PathBuf>,
@@ -51,6 +58,7 @@ pub struct CloudOptions {
     pub multipart_threshold: usize,
     /// Part size of a multipart upload (S3 wants at least 5 MiB except for the last part).
     pub multipart_part_size: usize,
+    /// Limit on establishing a connection, so that an unreachable server fails fast and is retried.
     pub connect_timeout: Duration,
     /// Whole-request limit, from connecting to the end of the response body.
     pub request_timeout: Duration,
@@ -58,8 +66,11 @@ pub struct CloudOptions {
     pub max_retries: usize,
     /// No retry starts later than this after the first attempt.
     pub retry_timeout: Duration,
+    /// Wait before the first retry; each later one waits up to twice as long (with jitter).
     pub retry_initial_backoff: Duration,
+    /// Cap on the wait between two retries.
     pub retry_max_backoff: Duration,
+    /// S3 Object Lock retention for every object written; `None`: no retention (refused on GCS).
     pub object_lock: Option<ObjectLock>,
 }
 
@@ -91,17 +102,23 @@ impl Default for CloudOptions {
 /// [`Store::extend_retention`] moves that date later (never earlier).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectLock {
+    /// The retention mode every object is written with.
     pub mode: LockMode,
+    /// Retention period of a new object, in days from its write (`object_lock_days`).
     pub days: u32,
 }
 
+/// S3 Object Lock retention mode (parsed case-insensitively from `governance` / `compliance`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockMode {
+    /// Principals with `s3:BypassGovernanceRetention` may still delete or shorten the retention.
     Governance,
+    /// Nobody, the root account included, can delete the version or shorten its retention.
     Compliance,
 }
 
 impl LockMode {
+    /// The mode as S3 spells it in `x-amz-object-lock-mode`: `GOVERNANCE` or `COMPLIANCE`.
     pub fn as_str(self) -> &'static str {
         match self {
             LockMode::Governance => "GOVERNANCE",
@@ -508,12 +525,7 @@ impl Store for CloudStore {
         // S3 keeps whole seconds: round up, so that the date read back next time compares as
         // reaching `until_us` and is not extended again.
         let until_us = until_us.saturating_add(999_999).div_euclid(1_000_000).saturating_mul(1_000_000);
-        let until = crate::cloud::s3::s3_date(until_us).ok_or_else(|| StoreError::Backend {
-            op: "extend retention of",
-            name: name.to_string(),
-            location: self.location.clone(),
-            message: format!("retain-until {until_us} µs is not a representable date"),
-        })?;
+        let until = crate::cloud::s3::s3_date(until_us);
         // Read first: only ever extend (S3 refuses shortening a COMPLIANCE retention, and a
         // GOVERNANCE one without the bypass permission), and a HEAD is cheaper than a PUT.
         let current = self.retention_request("read retention of", name, || api.get(&key)).await?;

@@ -105,8 +105,7 @@ impl PitrHttp {
     async fn add_retention(&self, req: &mut HttpRequest, lock: &ObjectLock, put: &LockedPut) -> Result<(), HttpError> {
         let signer = self.signer.get().ok_or_else(|| layer_error("S3 client used before it was set up".into()))?;
         // S3 wants whole seconds (ISO 8601, UTC); retention counts from the write.
-        let until = chrono::Utc::now() + chrono::Duration::days(i64::from(lock.days));
-        let until = until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let until = s3_date(crate::now_us() + i64::from(lock.days) * 86_400_000_000);
         let headers = req.headers_mut();
         let value = |v: &str| HeaderValue::from_str(v).map_err(|e| layer_error(format!("header value {v:?}: {e}")));
         headers.insert(HeaderName::from_static("x-amz-object-lock-mode"), value(lock.mode.as_str())?);
@@ -174,9 +173,8 @@ fn s3_error(status: http::StatusCode, body: &[u8]) -> String {
 }
 
 /// S3's date format: ISO 8601, UTC, whole seconds.
-pub(crate) fn s3_date(until_us: i64) -> Option<String> {
-    let t = chrono::DateTime::from_timestamp_micros(until_us)?;
-    Some(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+pub(crate) fn s3_date(until_us: i64) -> String {
+    crate::time::format_rfc3339_seconds(until_us)
 }
 
 impl RetentionApi {

@@ -15,20 +15,36 @@
 //! How a full file is rebuilt from a chain of these (as pg_combinebackup does) lives in
 //! pitr-restore; this module only reads the format.
 
+/// The first four bytes of every incremental file (`INCREMENTAL_MAGIC` in `basebackup_incremental.h`).
 pub const INCREMENTAL_MAGIC: u32 = 0xd3ae_1f0d;
+/// What the server puts before a relation file's name when it sends the file incrementally.
 pub const INCREMENTAL_PREFIX: &str = "INCREMENTAL.";
 /// A relation segment holds at most this many blocks (1 GiB of 8 KiB blocks); the server
 /// refuses larger counts too.
 const RELSEG_SIZE: u32 = 131_072;
 
+/// Why bytes are not a readable incremental file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IncrementalError {
+    /// The file does not start with [`INCREMENTAL_MAGIC`].
     #[error("bad incremental magic number 0x{0:08x} (expected 0x{INCREMENTAL_MAGIC:08x})")]
     BadMagic(u32),
+    /// The block count or truncation block length is more than a relation segment can hold.
     #[error("{what} {value} is larger than a relation segment ({RELSEG_SIZE} blocks)")]
-    TooLarge { what: &'static str, value: u32 },
+    TooLarge {
+        /// Which header field.
+        what: &'static str,
+        /// Its value.
+        value: u32,
+    },
+    /// The file is shorter than its header says.
     #[error("incremental file is {have} bytes; its header says {want}")]
-    Truncated { have: u64, want: u64 },
+    Truncated {
+        /// The file's size in bytes.
+        have: u64,
+        /// The size its header implies.
+        want: u64,
+    },
 }
 
 /// The header of one incremental file.
@@ -36,6 +52,7 @@ pub enum IncrementalError {
 pub struct IncrementalHeader {
     /// Block numbers whose contents the file carries, in file order.
     pub block_numbers: Vec<u32>,
+    /// The relation segment's length in blocks as of the prior backup (see the module docs).
     pub truncation_block_length: u32,
     /// Where the first block's bytes start (the header, padded to BLCKSZ when there are blocks).
     pub data_offset: u64,

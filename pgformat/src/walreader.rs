@@ -112,9 +112,13 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 /// Which transaction-end record was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XactKind {
+    /// `XLOG_XACT_COMMIT`: a transaction committed.
     Commit,
+    /// `XLOG_XACT_ABORT`: a transaction rolled back.
     Abort,
+    /// `XLOG_XACT_COMMIT_PREPARED`: a prepared (two-phase) transaction committed.
     CommitPrepared,
+    /// `XLOG_XACT_ABORT_PREPARED`: a prepared (two-phase) transaction rolled back.
     AbortPrepared,
 }
 
@@ -131,6 +135,7 @@ pub struct XactRecord {
     /// record's two-phase sub-record (the header's `xl_xid` belongs to the session running
     /// the command, usually 0), falling back to `xl_xid` only if that cannot be parsed.
     pub xid: u32,
+    /// Which of the transaction-end records this is.
     pub kind: XactKind,
     /// `xact_time`: microseconds since 2000-01-01 00:00:00 UTC, as stored in the record.
     pub timestamp: i64,

@@ -1,14 +1,8 @@
-//! The repository: where each kind of object lives, and catalogs built by listing.
+//! The repository: a store plus the keys to open it, the one way the rest of pitr reads and writes
+//! objects, and the record of each PostgreSQL cluster it holds ([`ClusterInfo`]).
 //!
-//! ```text
-//! pitr-repository                               marker, sealed: proves the key opens this repository
-//! pg/<system id>/cluster                        ClusterInfo (segment size, page size, version)
-//! pg/<system id>/wal/<segment>.seg              a whole WAL segment (<segment> as PostgreSQL names it)
-//! pg/<system id>/wal/<segment>.<from>-<to>.chunk  bytes [from, to) of a segment still being written
-//! pg/<system id>/wal/<timeline>.history         a timeline history file
-//! ```
-//! Object storage is the only shared state, so everything here is derived from names; nothing is
-//! kept in an index that could disagree with the objects.
+//! Object storage is the only shared state, so everything is derived from names (built in
+//! [`crate::names`]); nothing is kept in an index that could disagree with the objects.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -16,38 +10,71 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::keys::KeyRing;
+use crate::names::{self, MARKER};
 use crate::seal::{self, ObjectKind, ObjectMeta, SealError, SealedHeader};
 use crate::store::{ObjectInfo, PutOutcome, Store, StoreError};
 
-pub const MARKER: &str = "pitr-repository";
 const MARKER_TEXT: &str = "pitr repository format 1\n";
 
+/// Why a repository operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RepositoryError {
+    /// The storage failed (or the object is not there: [`StoreError::is_not_found`]).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The object does not open: wrong key, tampered, swapped or truncated.
     #[error(transparent)]
     Seal(#[from] SealError),
+    /// No repository marker: `pitr init` was never run here.
     #[error("{location} is not a pitr repository (no {MARKER} object); run `pitr init` first")]
-    NotInitialised { location: String },
+    NotInitialised {
+        /// The store's location.
+        location: String,
+    },
+    /// A create-only put found different contents under the name.
     #[error(
         "object {name} in {location} already exists with different contents: is another pitr writing the same cluster?"
     )]
-    Conflict { name: String, location: String },
+    Conflict {
+        /// The object.
+        name: String,
+        /// The store's location.
+        location: String,
+    },
+    /// The object opened but its contents are not what its kind holds.
     #[error("object {name}: {what}")]
-    Invalid { name: String, what: String },
+    Invalid {
+        /// The object.
+        name: String,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// No cluster was named and the repository holds several.
     #[error("repository {location} holds several PostgreSQL clusters ({ids}); set `system_id` in [postgres]")]
-    AmbiguousCluster { location: String, ids: String },
+    AmbiguousCluster {
+        /// The store's location.
+        location: String,
+        /// Their system ids, comma-separated.
+        ids: String,
+    },
+    /// No cluster was named and the repository holds none.
     #[error("repository {location} holds no PostgreSQL cluster yet (nothing was streamed)")]
-    NoCluster { location: String },
+    NoCluster {
+        /// The store's location.
+        location: String,
+    },
 }
 
 /// What the repository records about one PostgreSQL cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterInfo {
+    /// The system identifier (`IDENTIFY_SYSTEM`), which names the cluster in the repository.
     pub system_id: u64,
+    /// WAL segment size in bytes (a power of two, at least 1 MiB).
     pub wal_segment_size: u64,
+    /// WAL page size in bytes.
     pub wal_page_size: u64,
+    /// The server version when the cluster was first recorded (`server_version_num`).
     pub server_version_num: u32,
 }
 
@@ -100,7 +127,9 @@ pub struct Repository {
 /// A repository's store under its configured name.
 #[derive(Debug, Clone)]
 pub struct NamedStore {
+    /// What messages call it (`primary`, or a secondary's name).
     pub name: String,
+    /// The store.
     pub store: Arc<dyn Store>,
 }
 
@@ -154,6 +183,7 @@ fn most_telling(errors: Vec<RepositoryError>) -> RepositoryError {
 }
 
 impl Repository {
+    /// The repository in `store`, opened with `keys`, named `primary`, without fallbacks.
     pub fn new(store: Arc<dyn Store>, keys: KeyRing) -> Repository {
         Repository { store, keys, zstd_level: 3, name: "primary".into(), fallbacks: Arc::new(Vec::new()) }
     }
@@ -205,15 +235,18 @@ impl Repository {
         &self.name
     }
 
+    /// Compresses what it seals at zstd `level` (3 by default).
     pub fn with_zstd_level(mut self, level: i32) -> Repository {
         self.zstd_level = level;
         self
     }
 
+    /// The store this repository reads and writes.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 
+    /// Where the store is, for messages.
     pub fn location(&self) -> String {
         self.store.location()
     }
@@ -289,14 +322,17 @@ impl Repository {
         Ok(self.read(name, Read::Header).await?.header)
     }
 
+    /// Deletes `name` (in this repository only).
     pub async fn delete(&self, name: &str) -> Result<(), RepositoryError> {
         Ok(self.store.delete(name).await?)
     }
 
+    /// Deletes `names` (in this repository only).
     pub async fn delete_many(&self, names: &[String]) -> Result<(), RepositoryError> {
         Ok(self.store.delete_many(names).await?)
     }
 
+    /// The objects whose names start with `prefix`, sorted by name (this repository only).
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, RepositoryError> {
         Ok(self.store.list(prefix).await?)
     }
@@ -304,12 +340,9 @@ impl Repository {
     /// System ids of the PostgreSQL clusters in this repository.
     pub async fn clusters(&self) -> Result<Vec<u64>, RepositoryError> {
         let mut ids = BTreeSet::new();
-        for obj in self.store.list("pg/").await? {
-            let mut parts = obj.name.split('/');
-            if let (Some("pg"), Some(id), Some("cluster")) = (parts.next(), parts.next(), parts.next()) {
-                if let Ok(id) = id.parse::<u64>() {
-                    ids.insert(id);
-                }
+        for obj in self.store.list(names::pg::ROOT).await? {
+            if let Some(id) = names::pg::parse_cluster_info(&obj.name) {
+                ids.insert(id);
             }
         }
         Ok(ids.into_iter().collect())
@@ -334,8 +367,9 @@ impl Repository {
         self.cluster_info(id).await
     }
 
+    /// The record of cluster `system_id`.
     pub async fn cluster_info(&self, system_id: u64) -> Result<ClusterInfo, RepositoryError> {
-        let name = format!("pg/{system_id}/cluster");
+        let name = names::pg::cluster_info(system_id);
         let (_, text) = self.get_opened(&name).await?;
         let text = String::from_utf8(text)
             .map_err(|_| RepositoryError::Invalid { name: name.clone(), what: "not UTF-8".into() })?;
@@ -344,7 +378,7 @@ impl Repository {
 
     /// Records a cluster; an existing record must agree (same segment size etc.).
     pub async fn put_cluster_info(&self, info: &ClusterInfo) -> Result<(), RepositoryError> {
-        let name = format!("pg/{}/cluster", info.system_id);
+        let name = names::pg::cluster_info(info.system_id);
         match self.put_sealed(&name, info.to_text().into_bytes(), ObjectMeta::plain(ObjectKind::Meta)).await {
             Ok(_) => Ok(()),
             Err(RepositoryError::Conflict { .. }) => {
@@ -364,252 +398,10 @@ impl Repository {
     }
 }
 
-/// Names and catalog of one cluster's WAL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WalLayout {
-    pub system_id: u64,
-    pub segment_size: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum WalObject {
-    Chunk { timeline: u32, segno: u64, from: u32, to: u32 },
-    Segment { timeline: u32, segno: u64 },
-    History { timeline: u32 },
-}
-
-impl WalLayout {
-    pub fn new(info: &ClusterInfo) -> WalLayout {
-        WalLayout { system_id: info.system_id, segment_size: info.wal_segment_size }
-    }
-
-    pub fn prefix(&self) -> String {
-        format!("pg/{}/wal/", self.system_id)
-    }
-
-    fn segments_per_xlog_id(&self) -> u64 {
-        0x1_0000_0000 / self.segment_size
-    }
-
-    /// PostgreSQL's file name for a segment: timeline, then the segment number in two halves.
-    pub fn segment_file_name(&self, timeline: u32, segno: u64) -> String {
-        let per = self.segments_per_xlog_id();
-        format!("{timeline:08X}{:08X}{:08X}", segno / per, segno % per)
-    }
-
-    pub fn parse_segment_file_name(&self, name: &str) -> Option<(u32, u64)> {
-        if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        let tli = u32::from_str_radix(&name[0..8], 16).ok()?;
-        let log = u64::from_str_radix(&name[8..16], 16).ok()?;
-        let seg = u64::from_str_radix(&name[16..24], 16).ok()?;
-        if seg >= self.segments_per_xlog_id() {
-            return None;
-        }
-        Some((tli, log * self.segments_per_xlog_id() + seg))
-    }
-
-    pub fn segno_of(&self, lsn: u64) -> u64 {
-        lsn / self.segment_size
-    }
-
-    pub fn segment_start(&self, segno: u64) -> u64 {
-        segno * self.segment_size
-    }
-
-    pub fn object_name(&self, obj: &WalObject) -> String {
-        match *obj {
-            WalObject::Segment { timeline, segno } => {
-                format!("{}{}.seg", self.prefix(), self.segment_file_name(timeline, segno))
-            }
-            WalObject::Chunk { timeline, segno, from, to } => {
-                format!("{}{}.{from:08X}-{to:08X}.chunk", self.prefix(), self.segment_file_name(timeline, segno))
-            }
-            WalObject::History { timeline } => format!("{}{timeline:08X}.history", self.prefix()),
-        }
-    }
-
-    pub fn parse_object_name(&self, name: &str) -> Option<WalObject> {
-        let rest = name.strip_prefix(&self.prefix())?;
-        if let Some(seg) = rest.strip_suffix(".seg") {
-            let (timeline, segno) = self.parse_segment_file_name(seg)?;
-            return Some(WalObject::Segment { timeline, segno });
-        }
-        if let Some(chunk) = rest.strip_suffix(".chunk") {
-            let (seg, range) = chunk.split_once('.')?;
-            let (timeline, segno) = self.parse_segment_file_name(seg)?;
-            let (from, to) = range.split_once('-')?;
-            if from.len() != 8 || to.len() != 8 {
-                return None;
-            }
-            let from = u32::from_str_radix(from, 16).ok()?;
-            let to = u32::from_str_radix(to, 16).ok()?;
-            if from >= to || u64::from(to) > self.segment_size {
-                return None;
-            }
-            return Some(WalObject::Chunk { timeline, segno, from, to });
-        }
-        if let Some(tli) = rest.strip_suffix(".history") {
-            if tli.len() != 8 {
-                return None;
-            }
-            return Some(WalObject::History { timeline: u32::from_str_radix(tli, 16).ok()? });
-        }
-        None
-    }
-}
-
-/// What the archive holds of one segment.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SegmentEntry {
-    pub whole: bool,
-    /// Byte ranges within the segment held as chunks, sorted.
-    pub chunks: Vec<(u32, u32)>,
-}
-
-impl SegmentEntry {
-    /// How many bytes from the segment's start the archive holds: the whole segment if there is
-    /// a segment object, else the contiguous run of chunks from offset 0 (0 when the chunks do
-    /// not start at the segment's beginning).
-    pub fn held_from_start(&self, segment_size: u64) -> u64 {
-        if self.whole {
-            return segment_size;
-        }
-        match self.contiguous_chunk_end() {
-            Some((0, end)) => u64::from(end),
-            _ => 0,
-        }
-    }
-
-    /// Whether every byte of the segment is held (a segment object, or chunks covering it).
-    pub fn is_complete(&self, segment_size: u64) -> bool {
-        self.held_from_start(segment_size) >= segment_size
-    }
-
-    /// End offset of the contiguous run of chunks starting at the first chunk.
-    pub fn contiguous_chunk_end(&self) -> Option<(u32, u32)> {
-        let first = self.chunks.first()?;
-        let mut end = first.1;
-        for &(from, to) in &self.chunks[1..] {
-            if from > end {
-                break;
-            }
-            end = end.max(to);
-        }
-        Some((first.0, end))
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct WalCatalog {
-    pub layout: WalLayout,
-    pub segments: BTreeMap<(u32, u64), SegmentEntry>,
-    pub histories: BTreeSet<u32>,
-}
-
-impl WalCatalog {
-    pub async fn build(repo: &Repository, layout: WalLayout) -> Result<WalCatalog, RepositoryError> {
-        let objects = repo.list(&layout.prefix()).await?;
-        Ok(Self::from_names(layout, objects.iter().map(|o| o.name.as_str())))
-    }
-
-    pub fn from_names<'a>(layout: WalLayout, names: impl Iterator<Item = &'a str>) -> WalCatalog {
-        let mut segments: BTreeMap<(u32, u64), SegmentEntry> = BTreeMap::new();
-        let mut histories = BTreeSet::new();
-        for name in names {
-            match layout.parse_object_name(name) {
-                Some(WalObject::Segment { timeline, segno }) => {
-                    segments.entry((timeline, segno)).or_default().whole = true
-                }
-                Some(WalObject::Chunk { timeline, segno, from, to }) => {
-                    segments.entry((timeline, segno)).or_default().chunks.push((from, to))
-                }
-                Some(WalObject::History { timeline }) => {
-                    histories.insert(timeline);
-                }
-                None => {}
-            }
-        }
-        for entry in segments.values_mut() {
-            entry.chunks.sort_unstable();
-        }
-        WalCatalog { layout, segments, histories }
-    }
-
-    pub fn latest_timeline(&self) -> Option<u32> {
-        self.segments.keys().map(|(t, _)| *t).max()
-    }
-
-    /// The LSN just past the newest WAL held for `timeline`, following its last segment.
-    pub fn end_lsn(&self, timeline: u32) -> Option<u64> {
-        let ((_, segno), entry) = self.segments.range((timeline, 0)..=(timeline, u64::MAX)).next_back()?;
-        let start = self.layout.segment_start(*segno);
-        if entry.whole {
-            return Some(start + self.layout.segment_size);
-        }
-        entry.contiguous_chunk_end().map(|(_, end)| start + u64::from(end))
-    }
-
-    /// Chunk objects that a whole segment object has made redundant (left by a crash between the
-    /// compaction put and the chunk deletes).
-    pub fn redundant_chunks(&self) -> Vec<WalObject> {
-        let mut out = Vec::new();
-        for (&(timeline, segno), entry) in &self.segments {
-            if entry.whole {
-                for &(from, to) in &entry.chunks {
-                    out.push(WalObject::Chunk { timeline, segno, from, to });
-                }
-            }
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::LocalStore;
-
-    fn layout() -> WalLayout {
-        WalLayout { system_id: 7, segment_size: 16 << 20 }
-    }
-
-    #[test]
-    fn segment_names_match_postgres() {
-        let l = layout();
-        assert_eq!(l.segment_file_name(1, 0x1_0000_0000 / (16 << 20) + 0x2A), "00000001000000010000002A");
-        assert_eq!(l.parse_segment_file_name("00000001000000010000002A"), Some((1, 256 + 0x2A)));
-        assert_eq!(l.parse_segment_file_name("000000010000000100000100"), None);
-        for obj in [
-            WalObject::Segment { timeline: 2, segno: 77 },
-            WalObject::Chunk { timeline: 1, segno: 3, from: 0, to: 0x2000 },
-            WalObject::History { timeline: 3 },
-        ] {
-            assert_eq!(l.parse_object_name(&l.object_name(&obj)), Some(obj));
-        }
-        assert_eq!(l.parse_object_name("pg/7/wal/junk"), None);
-        assert_eq!(l.parse_object_name("pg/7/wal/000000010000000000000003.00002000-00001000.chunk"), None);
-    }
-
-    #[test]
-    fn catalog_end_follows_chunks_and_segments() {
-        let l = layout();
-        let names = [
-            l.object_name(&WalObject::Segment { timeline: 1, segno: 1 }),
-            l.object_name(&WalObject::Chunk { timeline: 1, segno: 2, from: 0, to: 0x100 }),
-            l.object_name(&WalObject::Chunk { timeline: 1, segno: 2, from: 0x100, to: 0x300 }),
-            l.object_name(&WalObject::Chunk { timeline: 1, segno: 2, from: 0x500, to: 0x600 }),
-            l.object_name(&WalObject::Segment { timeline: 2, segno: 5 }),
-            l.object_name(&WalObject::Chunk { timeline: 2, segno: 5, from: 0, to: 0x10 }),
-        ];
-        let cat = WalCatalog::from_names(l, names.iter().map(|s| s.as_str()));
-        assert_eq!(cat.end_lsn(1), Some(2 * (16 << 20) + 0x300));
-        assert_eq!(cat.end_lsn(2), Some(6 * (16 << 20)));
-        assert_eq!(cat.latest_timeline(), Some(2));
-        assert_eq!(cat.redundant_chunks(), vec![WalObject::Chunk { timeline: 2, segno: 5, from: 0, to: 0x10 }]);
-        assert_eq!(cat.end_lsn(3), None);
-    }
 
     #[tokio::test]
     async fn repository_marker_conflicts_and_wrong_key() {

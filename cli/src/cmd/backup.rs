@@ -1,0 +1,56 @@
+//! `pitr backup`: a PostgreSQL base backup (`--source mongo` is [`super::mongo::backup`]).
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use pitr_pgwire::ConnInfo;
+
+use crate::config::Config;
+use crate::{open, output, tasks};
+
+/// `pitr backup`: a base backup of the `[postgres]` cluster (incremental where the server can).
+pub async fn run(config_path: &Path, incremental: bool, json: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let pg = config.postgres()?;
+    let conninfo: ConnInfo = pg.conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
+    let repo = open::writer(&config)?;
+    let opts = tasks::backup_options(&config, pg, conninfo, incremental);
+    let bar = output::progress_bar(!json, "backup");
+    let on_progress = |p: pitr_basebackup::Progress| {
+        if let Some(bar) = &bar {
+            bar.set_length(p.estimate.max(p.received));
+            bar.set_position(p.received);
+        }
+    };
+    let result = pitr_basebackup::take_backup(&repo, &opts, &on_progress).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let (_, summary) = result.context("backup failed")?;
+    if json {
+        output::print_json(&summary)?;
+    } else {
+        if let Some(reason) = &summary.fallback {
+            println!("warning: incremental backup not possible: {reason}; took a full backup instead");
+        }
+        let kind = match &summary.parent {
+            Some(parent) => format!("incremental backup (on {parent})"),
+            None => "full backup".to_string(),
+        };
+        println!(
+            "{kind} {} done: {} files, {} bytes read, {} bytes stored ({} new blocks, {} reused; ratio {:.1}), WAL {}..{} on timeline {}, {:.1} s",
+            summary.id,
+            summary.files,
+            summary.bytes_read,
+            summary.bytes_stored,
+            summary.blocks_new,
+            summary.blocks_reused,
+            summary.dedup_ratio,
+            summary.start_lsn,
+            summary.stop_lsn,
+            summary.timeline,
+            summary.duration_seconds
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! `pitr expire`: remove expired backups, the WAL no kept backup or the window needs, and
+//! unreferenced blocks.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+
+use crate::config::Config;
+use crate::{open, output, tasks};
+
+/// `pitr expire`: applies `[retention]` and prints what went and what stays.
+pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let repo = open::writer(&config)?;
+    let report = tasks::expire(&config, &repo, dry_run).await?;
+    // Retention that could not be extended fails the command, after the report: the deletes are
+    // done, but those objects are protected for less long than their backups are kept.
+    let retention_failed = || {
+        anyhow!(
+            "expire in {}: the Object Lock retention of {} objects could not be extended (listed above); the next run tries again",
+            repo.location(),
+            report.retention_failed.len()
+        )
+    };
+    if json {
+        output::print_json(&report)?;
+        return if report.retention_failed.is_empty() { Ok(()) } else { Err(retention_failed()) };
+    }
+    let r = &config.retention;
+    let verb = if dry_run { "would remove" } else { "removed" };
+    println!(
+        "expire in {} at {}{}: daily {}, weekly {}, monthly {}, yearly {}, window {} (from {}; base backup {})",
+        repo.location(),
+        report.now,
+        if dry_run { " (dry run: nothing is changed)" } else { "" },
+        r.daily,
+        r.weekly,
+        r.monthly,
+        r.yearly,
+        humantime::format_duration(r.window),
+        report.window_start,
+        report.window_base.as_deref().unwrap_or("none")
+    );
+    println!("keeping {} backups:", report.kept.len());
+    for b in &report.kept {
+        let reasons: Vec<String> = b
+            .reasons
+            .iter()
+            .map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())
+            .collect();
+        println!("  {:<18} {:<11} {}", b.id, b.kind, reasons.join(", "));
+    }
+    for b in &report.removed_backups {
+        println!("{verb} backup {} ({}, consistent at {})", b.id, b.kind, b.stop_time);
+    }
+    for w in &report.removed_wal {
+        println!("{verb} WAL of timeline {}: {} .. {} ({} segments)", w.timeline, w.from, w.to, w.segments);
+    }
+    if let Some(why) = &report.wal_skipped {
+        println!("WAL: {why}");
+    }
+    if let Some(why) = &report.blocks_skipped {
+        println!("blocks: {why}");
+    }
+    for r in &report.running_restores {
+        println!("running: {r}");
+    }
+    if report.blocks_left > 0 {
+        println!(
+            "blocks: the sweep reached its deadline; {} unreferenced blocks are left for the next run",
+            report.blocks_left
+        );
+    }
+    for x in &report.retained {
+        println!("RETAINED {}: {}", x.object, x.why);
+    }
+    for x in &report.stale_removed {
+        println!("{} stale marker {x}", if dry_run { "would remove" } else { "removed" });
+    }
+    if !report.retention_until.is_empty() {
+        println!(
+            "Object Lock retention to extend for {} backups kept longer than the window:",
+            report.retention_until.len()
+        );
+        for t in &report.retention_until {
+            println!("  {:<18} until {} ({} objects)", t.id, t.until, t.objects);
+        }
+        if dry_run {
+            println!("retention: dry run, not read or extended");
+        } else {
+            println!(
+                "retention: {} objects checked, {} extended{}",
+                report.retention_checked,
+                report.retention_extended,
+                if report.retention_missing > 0 {
+                    format!(", {} not found (run `pitr verify`)", report.retention_missing)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    for x in &report.retention_failed {
+        println!("RETENTION NOT EXTENDED {}: {}", x.object, x.why);
+    }
+    println!(
+        "{verb} {} backups, {} WAL objects, {} blocks ({} bytes){}",
+        report.removed_backups.len(),
+        report.removed_wal_objects,
+        report.removed_blocks,
+        report.removed_bytes,
+        if report.retained.is_empty() {
+            String::new()
+        } else {
+            format!("; {} objects retained by the storage", report.retained.len())
+        }
+    );
+    if report.retention_failed.is_empty() {
+        Ok(())
+    } else {
+        Err(retention_failed())
+    }
+}

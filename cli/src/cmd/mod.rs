@@ -1,0 +1,17 @@
+//! One module per subcommand (as Litestream's `cmd/litestream/<command>.go`): each loads the
+//! config, opens what it needs through [`crate::open`], calls the library crates and prints for
+//! people (or JSON), adding context to errors. [`mongo`] holds the `--source mongo` side of
+//! backup, restore, list, verify and drill. Nothing outside `cmd` depends on these modules.
+
+pub mod backup;
+pub mod copy;
+pub mod drill;
+pub mod expire;
+pub mod init;
+pub mod list;
+pub mod mongo;
+pub mod restore;
+pub mod status;
+pub mod stream;
+pub mod verify;
+pub mod wal_fetch;

@@ -1,0 +1,274 @@
+//! The `--source mongo` side of the commands: `backup` (a snapshot), `restore`, the mongo part
+//! of `list`, `verify` and `drill`. The work is pitr-mongo's; this wires it to the config and
+//! prints. (`stream`'s oplog tailer is in [`super::stream`], the scheduled MongoDB jobs in
+//! [`crate::schedule`].)
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use pitr_archive::time::format_rfc3339_micros;
+use pitr_archive::Repository;
+use pitr_mongo::restore::{MongoRestoreReport, MongoTarget, RestoreOptions};
+use pitr_mongo::MongoCatalog;
+
+use crate::config::Config;
+use crate::{open, output, tasks};
+
+/// `pitr backup --source mongo`: a snapshot of the replica set.
+pub async fn backup(config_path: &Path, json: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let repo = open::writer(&config)?;
+    let (manifest, seconds) = tasks::mongo_snapshot(&config, &repo).await?;
+    print_snapshot(&manifest, seconds, json)
+}
+
+fn print_snapshot(m: &pitr_mongo::SnapshotManifest, seconds: f64, json: bool) -> Result<()> {
+    if json {
+        let out = serde_json::json!({
+            "id": m.id, "name": m.name, "source": "mongo",
+            "ts_before": m.ts_before.to_string(), "ts_after": m.ts_after.to_string(),
+            "consistent_time": format_rfc3339_micros(m.time_after_us),
+            "collections": m.collections.len(), "documents": m.documents,
+            "logical_bytes": m.logical_bytes, "stored_bytes": m.stored_bytes, "seconds": seconds,
+        });
+        output::print_json(&out)?;
+        return Ok(());
+    }
+    println!("mongo snapshot {} of {}", m.id, m.name);
+    println!(
+        "  collections: {}, documents: {}, {} bytes ({} newly stored)",
+        m.collections.len(),
+        m.documents,
+        m.logical_bytes,
+        m.stored_bytes
+    );
+    println!(
+        "  oplog: {} .. {}; consistent at {} once replayed",
+        m.ts_before,
+        m.ts_after,
+        format_rfc3339_micros(m.time_after_us)
+    );
+    println!("  took {seconds:.1} s");
+    Ok(())
+}
+
+/// `--to` for MongoDB: TIME, `ts:SECONDS:INC` or `latest`.
+pub fn parse_target(s: &str) -> Result<MongoTarget> {
+    MongoTarget::parse(s).map_err(|e| anyhow!("--to {e}"))
+}
+
+/// `pitr restore --source mongo`: the replica set at the target, loaded into `target_uri`.
+pub async fn restore(
+    config_path: &Path,
+    from: Option<&str>,
+    to: &str,
+    target_uri: &str,
+    drop: bool,
+    json: bool,
+) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let repo = open::reader(&config, from)?;
+    let target = parse_target(to)?;
+    repo.check().await?;
+    let catalog = open::mongo_catalog(&config, &repo).await?;
+    let connect_timeout = config.mongo.as_ref().map(|m| m.connect_timeout()).unwrap_or(Duration::from_secs(10));
+    let opts = RestoreOptions { target, target_uri: target_uri.to_string(), drop, connect_timeout };
+    let report = pitr_mongo::restore::restore(&repo, &catalog, &opts).await?;
+    print_report(&report, json)
+}
+
+fn print_report(r: &MongoRestoreReport, json: bool) -> Result<()> {
+    if json {
+        output::print_json(r)?;
+        return Ok(());
+    }
+    println!("restored {} (mongo) to {} into {}", r.name, r.target, r.target_uri);
+    println!(
+        "  snapshot used:          {} (oplog {} .. {}, consistent at {})",
+        r.snapshot_id, r.snapshot_ts_before, r.snapshot_ts_after, r.snapshot_consistent_time
+    );
+    println!(
+        "  loaded:                 {} collections, {} documents ({} bytes), {} indexes, in {:.1} s",
+        r.collections, r.documents, r.bytes_restored, r.indexes_built, r.load_seconds
+    );
+    if let Some(t) = &r.newest_archived_ts {
+        println!("  newest archived entry:  {} ({})", t, r.newest_archived_time.as_deref().unwrap_or("-"));
+    }
+    println!("  oplog applied:          {} entries ({} transactions)", r.entries_applied, r.transactions_applied);
+    println!(
+        "  last applied entry:     {} ({})",
+        r.last_applied_ts.as_deref().unwrap_or("(none after the snapshot)"),
+        r.last_applied_time.as_deref().unwrap_or("-")
+    );
+    println!("  data-loss window (RPO): {:.6} s", r.data_loss_window_seconds);
+    println!("  replay:                 {:.1} s", r.replay_seconds);
+    println!("  total (RTO):            {:.1} s", r.total_seconds);
+    Ok(())
+}
+
+/// The mongo part of `pitr list`, as JSON; `None` when there is nothing to show.
+pub async fn list_json(config: &Config, repo: &Repository) -> Result<Option<serde_json::Value>> {
+    let configured = config.mongo.as_ref().and_then(|m| m.name.as_deref());
+    if config.mongo.is_none() && pitr_mongo::layout::names(repo).await?.is_empty() {
+        return Ok(None);
+    }
+    let layout = match pitr_mongo::resolve_name(repo, configured).await {
+        Ok(l) => l,
+        Err(pitr_mongo::MongoError::Nothing { .. }) => {
+            return Ok(Some(serde_json::json!({ "snapshots": [], "recoverable_windows": [], "gaps": [] })))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let c = MongoCatalog::load(repo, layout).await?;
+    let snapshots: Vec<_> = c
+        .snapshots
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "id": s.id, "ts_before": s.ts_before.to_string(), "ts_after": s.ts_after.to_string(),
+                "consistent_time": format_rfc3339_micros(s.time_after_us), "collections": s.collections.len(),
+                "documents": s.documents, "logical_bytes": s.logical_bytes, "stored_bytes": s.stored_bytes,
+            })
+        })
+        .collect();
+    let windows: Vec<_> = c
+        .windows()
+        .iter()
+        .map(|w| {
+            serde_json::json!({
+                "snapshot": w.snapshot, "from": format_rfc3339_micros(w.from_us), "from_ts": w.from_ts.to_string(),
+                "to": w.to_us.map(format_rfc3339_micros), "to_ts": w.to_ts.to_string(),
+            })
+        })
+        .collect();
+    let gaps: Vec<_> =
+        c.gaps.iter().map(|(a, b)| serde_json::json!({ "after": a.to_string(), "before": b.to_string() })).collect();
+    Ok(Some(serde_json::json!({
+        "name": c.layout.name,
+        "archived_to": c.last_archived().map(|(t, _)| t.to_string()),
+        "complete_up_to": c.complete_up_to_us.map(format_rfc3339_micros),
+        "slices": c.runs.iter().map(|r| r.slices.len()).sum::<usize>(),
+        "snapshots": snapshots, "recoverable_windows": windows, "gaps": gaps,
+    })))
+}
+
+/// Prints the mongo part of `pitr list` from [`list_json`]'s value.
+pub fn print_list(v: &serde_json::Value) {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    println!("mongo {} (oplog archived to {}, {} slices)", s(&v["name"]), s(&v["archived_to"]), v["slices"]);
+    let snaps = v["snapshots"].as_array().cloned().unwrap_or_default();
+    if snaps.is_empty() {
+        println!("no mongo snapshots yet (run `pitr backup --source mongo`)");
+    }
+    for b in snaps {
+        println!(
+            "  snapshot {}  consistent at {} ({})  {} collections, {} documents",
+            s(&b["id"]),
+            s(&b["consistent_time"]),
+            s(&b["ts_after"]),
+            b["collections"],
+            b["documents"]
+        );
+    }
+    for w in v["recoverable_windows"].as_array().cloned().unwrap_or_default() {
+        println!("  restorable from {} ({}) to {} ({})", s(&w["from"]), s(&w["from_ts"]), s(&w["to"]), s(&w["to_ts"]));
+    }
+    for g in v["gaps"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "  GAP: oplog entries between {} and {} were lost (the oplog rolled over while pitr was away)",
+            s(&g["after"]),
+            s(&g["before"])
+        );
+    }
+}
+
+/// `pitr list` for a config with `[mongo]` and no `[postgres]`.
+pub(super) async fn list_only(config: &Config, repo: &Repository, json: bool) -> Result<()> {
+    repo.check().await?;
+    let v = list_json(config, repo).await?.unwrap_or_default();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "mongo": v }))?);
+    } else {
+        print_list(&v);
+    }
+    Ok(())
+}
+
+/// `pitr verify --source mongo`: one repository alone, as for PostgreSQL.
+pub async fn verify(config_path: &Path, from: Option<&str>, deep: bool, json: bool) -> Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let repo = open::single(&config, from)?;
+    repo.check().await?;
+    let catalog = open::mongo_catalog(&config, &repo).await?;
+    let report = pitr_mongo::verify::verify(&repo, &catalog, deep).await?;
+    if json {
+        output::print_json(&report)?;
+    } else {
+        println!(
+            "verified mongo {} in {}: {} slices in {} run(s), {} snapshots, {} blocks ({} unreferenced){}",
+            report.name,
+            repo.location(),
+            report.slices,
+            report.runs,
+            report.snapshots,
+            report.blocks,
+            report.unreferenced_blocks,
+            if deep {
+                format!(", {} objects opened, {} oplog entries checked", report.objects_opened, report.entries_checked)
+            } else {
+                String::new()
+            }
+        );
+        for w in &report.warnings {
+            println!("WARNING {}: {}: {}", w.kind, w.object, w.message);
+        }
+        for f in &report.findings {
+            println!("FINDING {}: {}: {}", f.kind, f.object, f.message);
+        }
+        println!("{}", if report.ok { "OK: no findings" } else { "FAILED" });
+    }
+    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `pitr drill --source mongo` options.
+pub struct DrillArgs {
+    /// TIME, ts:SECONDS:INC, latest, or random.
+    pub to: String,
+    /// A TOML checks file.
+    pub checks: Option<std::path::PathBuf>,
+    /// Where the markdown report goes (and the JSON beside it).
+    pub report: Option<std::path::PathBuf>,
+    /// Print the report as JSON.
+    pub json: bool,
+    /// The report's test type.
+    pub test_type: String,
+    /// Read from this repository first (the result is stored through the primary).
+    pub from: Option<String>,
+}
+
+/// `pitr drill --source mongo`: a drill into `[mongo] drill_target_uri`.
+pub async fn drill(config_path: &Path, args: DrillArgs) -> Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let checks = super::drill::load_checks(args.checks.as_deref())?;
+    let target = if args.to.eq_ignore_ascii_case("random") { None } else { Some(parse_target(&args.to)?) };
+    let repo = open::reader(&config, args.from.as_deref())?;
+    let report = tasks::mongo_drill(&config, &repo, target, checks, &args.test_type).await?;
+    output::drill_report(&report, args.report.as_deref(), args.json)?;
+    Ok(if report.outcome.is_pass() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(parse_target("latest").unwrap(), MongoTarget::Latest);
+        assert_eq!(parse_target("ts:10:2").unwrap(), MongoTarget::Ts(pitr_mongo::Ts { secs: 10, inc: 2 }));
+        assert!(parse_target("ts:10").unwrap_err().to_string().contains("ts:SECONDS:INC"));
+        assert!(matches!(parse_target("2026-12-01T22:05:30.5Z").unwrap(), MongoTarget::Time(_)));
+        assert!(parse_target("lsn:0/1").unwrap_err().to_string().contains("for MongoDB"));
+    }
+}

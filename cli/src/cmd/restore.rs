@@ -1,0 +1,124 @@
+//! `pitr restore`: restore the PostgreSQL cluster to a moment (`--source mongo` is
+//! [`super::mongo::restore`]).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::config::Config;
+use crate::{open, output, tasks};
+
+/// `pitr restore` options for PostgreSQL.
+pub struct RestoreArgs {
+    /// TIME, latest, lsn:X/Y or xid:N.
+    pub to: String,
+    /// The data directory to restore into.
+    pub target_dir: std::path::PathBuf,
+    /// Run the server to the target and report the achieved RPO and RTO.
+    pub start: bool,
+    /// The port of the started server.
+    pub port: u16,
+    /// Replace a non-empty target directory.
+    pub force: bool,
+    /// Print the report as JSON.
+    pub json: bool,
+    /// Database user for the report's queries (default $USER).
+    pub db_user: Option<String>,
+    /// How long `start` waits for recovery to finish.
+    pub timeout: Duration,
+    /// Restore from this backup rather than the newest one before the target.
+    pub backup: Option<String>,
+    /// Read from this repository (a secondary's name, or `primary`) first.
+    pub from: Option<String>,
+}
+
+/// `pitr restore`: a data directory at the target, and with `--start` a server replayed to it
+/// with the achieved RPO and RTO.
+pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let target = pitr_restore::parse_target(&args.to)?;
+    let repo = open::reader(&config, args.from.as_deref())?;
+    let catalog = open::checked_catalog(&config, &repo).await?;
+    let restore_command = tasks::restore_command(config_path, args.from.as_deref())?;
+    let start = if args.start {
+        let bin_dir = tasks::pg_bin_dir(&config, &catalog)?;
+        let db_user = args.db_user.clone().or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "postgres".into());
+        Some(pitr_restore::StartOptions { bin_dir, port: args.port, db_user, timeout: args.timeout })
+    } else {
+        None
+    };
+    let opts = pitr_restore::RestoreOptions {
+        target,
+        target_dir: args.target_dir.clone(),
+        force: args.force,
+        restore_command,
+        workers: config.backup.parallel(),
+        backup_id: args.backup.clone(),
+        start,
+        // `pitr expire` runs on the primary: that is where a restore from a secondary announces
+        // itself (and if the primary cannot take it, the restore goes on with a warning).
+        marker_repository: match args.from {
+            Some(_) => Some(open::single(&config, None)?),
+            None => None,
+        },
+    };
+    let bar = output::progress_bar(!args.json, "restore");
+    let on_progress = |done: u64, total: u64| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    };
+    let result = pitr_restore::restore(&repo, &catalog, &opts, &on_progress).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let report = result?;
+    if args.json {
+        output::print_json(&report)?;
+        return Ok(());
+    }
+    println!("restored {} to {}", report.target, report.target_dir);
+    println!(
+        "  backup used:            {} ({}, consistent at {}, LSN {})",
+        report.backup_id, report.backup_kind, report.backup_stop_time, report.backup_stop_lsn
+    );
+    if report.backup_chain.len() > 1 {
+        println!("  combined chain:         {}", report.backup_chain.join(" -> "));
+    }
+    println!(
+        "  files:                  {} ({} bytes), written in {:.1} s",
+        report.files, report.bytes_restored, report.download_seconds
+    );
+    if let Some(c) = &report.newest_archived_commit {
+        println!("  newest archived commit: {c}");
+    }
+    if report.started {
+        println!(
+            "  last replayed commit:   {}",
+            report.last_replayed_commit_time.as_deref().unwrap_or("(none replayed)")
+        );
+        println!("  last replayed LSN:      {}", report.last_replayed_lsn.as_deref().unwrap_or("-"));
+        if let Some(b) = report.wal_replayed_bytes {
+            println!("  WAL replayed:           {b} bytes from {}", report.backup_start_lsn);
+        }
+        if let Some(x) = report.last_replayed_xid {
+            println!("  last replayed xid:      {x}");
+        }
+        match report.data_loss_window_seconds {
+            Some(w) => println!("  data-loss window (RPO): {w:.6} s"),
+            None => println!("  data-loss window (RPO): not measurable for this target kind"),
+        }
+        println!("  replay:                 {:.1} s", report.replay_seconds.unwrap_or(0.0));
+        println!("  total (RTO):            {:.1} s", report.total_seconds);
+        println!(
+            "  the server is running on port {}; stop it with: {}",
+            report.port.unwrap_or(0),
+            report.stop_command.as_deref().unwrap_or("")
+        );
+    } else {
+        println!("  recovery settings written to postgresql.auto.conf (recovery.signal present); start the server to replay to the target");
+    }
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! `pitr status`: received, durable and primary LSN, lag, the newest archived commit, the
+//! sidecar's live view (its status file) and each secondary's state.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use pitr_archive::names::MARKER;
+use pitr_archive::time::format_rfc3339_micros;
+use pitr_archive::{Repository, WalCatalog, WalLayout};
+use pitr_pgformat::lsn::format_lsn;
+use pitr_pgwire::ConnInfo;
+
+use crate::config::Config;
+use crate::{open, output, sidecar};
+
+#[derive(serde::Serialize)]
+struct StatusReport {
+    repository: String,
+    /// Why the repository could not be read (storage down, wrong key…); the rest is still shown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repository_error: Option<String>,
+    system_id: Option<u64>,
+    timeline: Option<u32>,
+    archived_lsn: Option<String>,
+    newest_archived_commit: Option<String>,
+    primary_lsn: Option<String>,
+    primary_error: Option<String>,
+    lag_bytes: Option<u64>,
+    lag_seconds: Option<f64>,
+    sidecar: Option<SidecarReport>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    secondaries: Vec<SecondaryReport>,
+}
+
+#[derive(serde::Serialize)]
+struct SecondaryReport {
+    name: String,
+    location: String,
+    required: bool,
+    /// `same repository`, `not initialised`, `a different repository` or `unreachable: …`.
+    check: String,
+    /// The sidecar's copy state, when it runs here.
+    copy: Option<pitr_archive::replicate::SecondaryStatus>,
+}
+
+/// Each secondary: whether it holds this repository (its marker), and the sidecar's copy state.
+async fn secondary_reports(
+    config: &Config,
+    primary: &Repository,
+    mut copy_states: Vec<pitr_archive::replicate::SecondaryStatus>,
+) -> Result<Vec<SecondaryReport>> {
+    let mut out = Vec::new();
+    if config.repository.secondary.is_empty() {
+        return Ok(out);
+    }
+    let marker = primary.store().get(MARKER).await.context("reading the primary's repository marker")?;
+    for s in &config.repository.secondary {
+        let store = open::secondary_store(s)?;
+        let check = match tokio::time::timeout(Duration::from_secs(10), store.get(MARKER)).await {
+            Ok(Ok(theirs)) if theirs == marker => "same repository".to_string(),
+            Ok(Ok(_)) => "a different repository (its marker differs): nothing is copied to it".to_string(),
+            Ok(Err(e)) if e.is_not_found() => "not initialised (run `pitr init`)".to_string(),
+            Ok(Err(e)) => format!("unreachable: {e}"),
+            Err(_) => "unreachable: no answer within 10 s".to_string(),
+        };
+        let copy = copy_states.iter().position(|c| c.name == s.name).map(|i| copy_states.swap_remove(i));
+        out.push(SecondaryReport {
+            name: s.name.clone(),
+            location: store.location(),
+            required: s.required,
+            check,
+            copy,
+        });
+    }
+    Ok(out)
+}
+
+#[derive(serde::Serialize)]
+struct SidecarReport {
+    connected: bool,
+    host: Option<String>,
+    received_lsn: String,
+    durable_lsn: String,
+    lag_bytes: u64,
+    lag_seconds: f64,
+    objects_archived: u64,
+    bytes_archived: u64,
+    upload_errors: u64,
+    last_error: Option<String>,
+    /// The sidecar's newest completeness mark: the archive held all the primary's WAL then.
+    complete_up_to: Option<String>,
+    updated: String,
+}
+
+/// `pitr status`: the archive's end, the primary's position, the sidecar's view and each
+/// secondary. A repository that cannot be read is reported with the rest, then is the error.
+pub async fn run(config_path: &Path, json: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let repo = open::single(&config, None)?;
+    // During a storage outage the sidecar's view and the primary's position still matter most:
+    // they are shown, and the repository's error is the command's error at the end.
+    let from_repository = async {
+        let cluster = open::checked_cluster(&config, &repo).await?;
+        let catalog = WalCatalog::build(&repo, WalLayout::new(&cluster)).await?;
+        let timeline = catalog.latest_timeline();
+        let archived = timeline.and_then(|t| catalog.end_lsn(t));
+        let newest_commit = match timeline {
+            Some(t) => pitr_restore::plan::newest_commit_us(&repo, &catalog, t).await?,
+            None => None,
+        };
+        anyhow::Ok((cluster.system_id, timeline, archived, newest_commit))
+    };
+    let (mut repository_error, system_id, timeline, archived, newest_commit) = match from_repository.await {
+        Ok((id, t, a, c)) => (None, Some(id), t, a, c),
+        Err(e) => (Some(e), None, None, None, None),
+    };
+
+    let (primary_lsn, primary_error) = match &config.postgres {
+        Some(pg) => match primary_position(&pg.conninfo, &pg.application_name()).await {
+            Ok(lsn) => (Some(lsn), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        },
+        None => (None, Some("no [postgres] section".into())),
+    };
+
+    let status_file = std::fs::read(config.status_file())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<sidecar::StatusFile>(&b).ok())
+        .filter(|s| pitr_archive::now_us() - s.stream.updated_at_us < 60_000_000);
+    let copy_states = status_file.as_ref().map(|f| f.secondaries.clone()).unwrap_or_default();
+    let secondaries = match secondary_reports(&config, &repo, copy_states).await {
+        Ok(s) => s,
+        Err(e) => {
+            repository_error.get_or_insert(e);
+            Vec::new()
+        }
+    };
+    let sidecar = status_file.map(|f| f.stream).map(|s| SidecarReport {
+        connected: s.connected,
+        host: s.host,
+        received_lsn: format_lsn(s.received_lsn),
+        durable_lsn: format_lsn(s.durable_lsn),
+        lag_bytes: s.lag_bytes,
+        lag_seconds: s.lag_seconds,
+        objects_archived: s.objects_archived,
+        bytes_archived: s.bytes_archived,
+        upload_errors: s.upload_errors,
+        last_error: s.last_error,
+        complete_up_to: s.complete_up_to_us.map(format_rfc3339_micros),
+        updated: format_rfc3339_micros(s.updated_at_us),
+    });
+
+    let report = StatusReport {
+        repository: repo.location(),
+        repository_error: repository_error.as_ref().map(|e| format!("{e:#}")),
+        system_id,
+        timeline,
+        archived_lsn: archived.map(format_lsn),
+        newest_archived_commit: newest_commit.map(format_rfc3339_micros),
+        primary_lsn: primary_lsn.map(format_lsn),
+        primary_error,
+        lag_bytes: match (primary_lsn, archived) {
+            (Some(p), Some(a)) => Some(p.saturating_sub(a)),
+            _ => None,
+        },
+        lag_seconds: sidecar.as_ref().map(|s| s.lag_seconds),
+        sidecar,
+        secondaries,
+    };
+    if json {
+        output::print_json(&report)?;
+        return repository_error.map_or(Ok(()), Err);
+    }
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    println!("repository:             {}", report.repository);
+    if let Some(e) = &report.repository_error {
+        println!("repository error:       {e}");
+    }
+    println!("system identifier:      {}", report.system_id.map(|i| i.to_string()).unwrap_or_else(|| "-".into()));
+    println!("timeline:               {}", report.timeline.map(|t| t.to_string()).unwrap_or_else(|| "-".into()));
+    println!("archived (durable) LSN: {}", or_dash(&report.archived_lsn));
+    println!("newest archived commit: {}", or_dash(&report.newest_archived_commit));
+    if let Some(c) = report.sidecar.as_ref().and_then(|s| s.complete_up_to.as_ref()) {
+        println!("known complete up to:   {c}");
+    }
+    match (&report.primary_lsn, &report.primary_error) {
+        (Some(lsn), _) => println!("primary LSN:            {lsn}"),
+        (None, Some(e)) => println!("primary LSN:            unknown ({e})"),
+        _ => {}
+    }
+    if let Some(b) = report.lag_bytes {
+        println!("lag:                    {b} bytes");
+    }
+    match &report.sidecar {
+        Some(s) => {
+            println!(
+                "sidecar:                {} {}, received {}, durable {}, lag {:.3} s, {} objects / {} bytes archived, {} upload errors (as of {})",
+                if s.connected { "streaming from" } else { "disconnected from" },
+                s.host.as_deref().unwrap_or("-"),
+                s.received_lsn,
+                s.durable_lsn,
+                s.lag_seconds,
+                s.objects_archived,
+                s.bytes_archived,
+                s.upload_errors,
+                s.updated
+            );
+            if let Some(e) = &s.last_error {
+                println!("sidecar last error:     {e}");
+            }
+        }
+        None => println!(
+            "sidecar:                not running here (no fresh status file at {})",
+            config.status_file().display()
+        ),
+    }
+    for s in &report.secondaries {
+        let required = if s.required { ", required" } else { "" };
+        println!("secondary {} ({}{required}): {}", s.name, s.location, s.check);
+        match &s.copy {
+            Some(c) => {
+                println!(
+                    "  copy state: {}, {} objects / {} bytes queued, lag {:.1} s, {} copied, {} deleted, {} errors, {} dropped, {} back-fills{}",
+                    serde_json::to_value(c.state)?.as_str().unwrap_or("-"),
+                    c.queued_objects,
+                    c.queued_bytes,
+                    c.lag_seconds,
+                    c.copied_objects,
+                    c.deleted_objects,
+                    c.errors,
+                    c.dropped,
+                    c.backfills,
+                    c.last_backfill_us.map(|t| format!(" (last {})", format_rfc3339_micros(t))).unwrap_or_default()
+                );
+                if let Some(e) = &c.last_error {
+                    println!("  last error: {e}");
+                }
+            }
+            None => println!("  copy state: unknown (the sidecar is not running here)"),
+        }
+    }
+    repository_error.map_or(Ok(()), Err)
+}
+
+/// The primary's current WAL end, asked on a replication connection of our own.
+async fn primary_position(conninfo: &str, application_name: &str) -> Result<u64> {
+    let info: ConnInfo = conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
+    let name = format!("{application_name}_status");
+    Ok(pitr_pgwire::position::server_wal_end(&info, &name, Duration::from_secs(10)).await?)
+}

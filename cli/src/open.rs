@@ -1,0 +1,174 @@
+//! From the config to what a command works on: the storage backends, the repository (key ring,
+//! zstd level, reads falling back to secondaries, writes copied to them), the cluster in it and
+//! its catalog. Every command opens through here, so "which repository, which cluster" has one
+//! answer.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use pitr_archive::replicate::ReplicatedStore;
+use pitr_archive::{ClusterInfo, KeyRing, LocalStore, NamedStore, Repository, Store};
+
+use crate::config::{Config, SecondaryConfig, PRIMARY_NAME};
+
+/// The configured storage backend: a local directory, or an S3/GCS bucket for
+/// `url = "s3://…"` / `"gs://…"`.
+pub fn store(config: &Config) -> Result<Arc<dyn Store>> {
+    Ok(match &config.repository.url {
+        Some(url) => {
+            let opts = config.repository.cloud_options()?;
+            Arc::new(pitr_archive::cloud::CloudStore::open(url, &opts).context("[repository] url")?)
+        }
+        None => Arc::new(LocalStore::new(config.repository_path())),
+    })
+}
+
+/// A `[[repository.secondary]]` entry's store. An object-storage secondary takes its own
+/// endpoint, region and style, and the client defaults otherwise.
+pub fn secondary_store(s: &SecondaryConfig) -> Result<Arc<dyn Store>> {
+    Ok(match (&s.url, &s.path) {
+        (Some(url), _) => {
+            let opts = pitr_archive::cloud::CloudOptions {
+                endpoint: s.endpoint.clone(),
+                region: s.region.clone(),
+                allow_http: s.allow_http,
+                force_path_style: s.force_path_style,
+                ..Default::default()
+            };
+            Arc::new(
+                pitr_archive::cloud::CloudStore::open(url, &opts)
+                    .with_context(|| format!("[[repository.secondary]] {:?}", s.name))?,
+            )
+        }
+        // `validate` guarantees a path or a url.
+        (None, path) => Arc::new(LocalStore::new(path.clone().unwrap_or_default())),
+    })
+}
+
+/// Every configured repository under its name, the primary first.
+fn named_stores(config: &Config) -> Result<Vec<NamedStore>> {
+    let mut all = vec![NamedStore { name: PRIMARY_NAME.into(), store: store(config)? }];
+    for s in &config.repository.secondary {
+        all.push(NamedStore { name: s.name.clone(), store: secondary_store(s)? });
+    }
+    Ok(all)
+}
+
+/// Copy workers started by this process, waited for before it exits ([`finish_copies`]).
+static REPLICATORS: Mutex<Vec<Arc<ReplicatedStore>>> = Mutex::new(Vec::new());
+
+fn key_ring(config: &Config) -> Result<KeyRing> {
+    KeyRing::load(&config.encryption.key_file).context("[encryption] key_file")
+}
+
+/// For commands that write: the primary, whose every put and delete is copied to the
+/// secondaries, and the copy workers when there are secondaries (the sidecar watches and
+/// back-fills them).
+pub fn writer_with_copies(config: &Config) -> Result<(Repository, Option<Arc<ReplicatedStore>>)> {
+    let keys = key_ring(config)?;
+    let primary = store(config)?;
+    let (store, copies): (Arc<dyn Store>, _) = if config.repository.secondary.is_empty() {
+        (primary, None)
+    } else {
+        let mut secondaries = Vec::new();
+        for s in &config.repository.secondary {
+            secondaries.push(pitr_archive::replicate::Secondary {
+                name: s.name.clone(),
+                store: secondary_store(s)?,
+                required: s.required,
+                queue_bytes: s.queue_bytes(),
+            });
+        }
+        let replicated = Arc::new(ReplicatedStore::new(primary, secondaries));
+        REPLICATORS.lock().unwrap_or_else(|e| e.into_inner()).push(replicated.clone());
+        (replicated.clone(), Some(replicated))
+    };
+    Ok((Repository::new(store, keys).with_zstd_level(config.repository.zstd_level), copies))
+}
+
+/// For commands that write: the primary, whose every put and delete is copied to the secondaries.
+pub fn writer(config: &Config) -> Result<Repository> {
+    Ok(writer_with_copies(config)?.0)
+}
+
+/// The position of `--from NAME` among the configured repositories (the primary without it).
+fn repository_index(all: &[NamedStore], from: Option<&str>) -> Result<usize> {
+    let Some(name) = from else { return Ok(0) };
+    all.iter().position(|s| s.name == name).ok_or_else(|| {
+        let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+        anyhow!("--from {name}: no repository of that name (configured: {})", names.join(", "))
+    })
+}
+
+/// For commands that read: the repository `--from` names (default the primary), reading from the
+/// others whatever it cannot supply.
+pub fn reader(config: &Config, from: Option<&str>) -> Result<Repository> {
+    let keys = key_ring(config)?;
+    let mut all = named_stores(config)?;
+    let chosen = all.remove(repository_index(&all, from)?);
+    Ok(Repository::new(chosen.store, keys)
+        .with_zstd_level(config.repository.zstd_level)
+        .with_fallbacks(chosen.name, all))
+}
+
+/// One repository and nothing else (for `verify`, which judges what that repository holds).
+pub fn single(config: &Config, from: Option<&str>) -> Result<Repository> {
+    let keys = key_ring(config)?;
+    let mut all = named_stores(config)?;
+    let chosen = all.remove(repository_index(&all, from)?);
+    Ok(Repository::new(chosen.store, keys)
+        .with_zstd_level(config.repository.zstd_level)
+        .with_fallbacks(chosen.name, Vec::new()))
+}
+
+/// Waits (at most `patience` without progress) for copies to secondaries this process queued,
+/// and says which secondaries are left behind. The primary holds everything already; what is
+/// left is copied by the sidecar's next back-fill or `pitr copy --to NAME`.
+pub async fn finish_copies(patience: Duration) {
+    let all: Vec<Arc<ReplicatedStore>> = std::mem::take(&mut *REPLICATORS.lock().unwrap_or_else(|e| e.into_inner()));
+    for replicated in all {
+        for s in replicated.drain(patience).await {
+            eprintln!(
+                "pitr: warning: secondary {} ({}) is behind by {} objects ({:?}{}); the sidecar's back-fill or `pitr copy --to {}` copies them",
+                s.name,
+                s.location,
+                s.queued_objects,
+                s.state,
+                s.last_error.as_deref().map(|e| format!(", last error: {e}")).unwrap_or_default(),
+                s.name
+            );
+        }
+    }
+}
+
+/// The PostgreSQL cluster a command works on: the one `system_id` pins (see
+/// [`Config::system_id`]), else the repository's only one.
+pub async fn cluster(repo: &Repository, system_id: Option<u64>) -> Result<ClusterInfo> {
+    Ok(repo.resolve_cluster(system_id).await?)
+}
+
+/// [`cluster`], after checking that the key opens the repository (so a wrong key or a missing
+/// repository is the error, not an empty cluster list).
+pub async fn checked_cluster(config: &Config, repo: &Repository) -> Result<ClusterInfo> {
+    repo.check().await?;
+    cluster(repo, config.system_id()).await
+}
+
+/// The catalog (backups, WAL, recoverable windows) of the cluster `system_id` picks.
+pub async fn catalog(repo: &Repository, system_id: Option<u64>) -> Result<pitr_restore::Catalog> {
+    let cluster = cluster(repo, system_id).await?;
+    Ok(pitr_restore::Catalog::load(repo, cluster).await?)
+}
+
+/// [`catalog`] of the config's cluster, after checking that the key opens the repository.
+pub async fn checked_catalog(config: &Config, repo: &Repository) -> Result<pitr_restore::Catalog> {
+    repo.check().await?;
+    catalog(repo, config.system_id()).await
+}
+
+/// The catalog of the replica set `[mongo] name` (or the one the repository holds).
+pub async fn mongo_catalog(config: &Config, repo: &Repository) -> Result<pitr_mongo::MongoCatalog> {
+    let layout = pitr_mongo::resolve_name(repo, config.mongo.as_ref().and_then(|m| m.name.as_deref())).await?;
+    Ok(pitr_mongo::MongoCatalog::load(repo, layout).await?)
+}

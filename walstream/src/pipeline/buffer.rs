@@ -1,0 +1,66 @@
+//! One segment's worth of WAL received and not yet in a segment object.
+
+use std::time::Instant;
+
+/// WAL of one segment in memory, from offset `base` (0 unless resumed from chunks that did not
+/// start at the segment's beginning). How much of it is durable is not kept here: only the
+/// front buffer is ever put, and the pipeline's durable position says how far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SegmentBuffer {
+    pub timeline: u32,
+    pub segno: u64,
+    pub base: u32,
+    pub data: Vec<u8>,
+    /// No more bytes will come for this segment (it is full, or its timeline ended).
+    pub closed: bool,
+    /// Chunk objects stored for this segment, to delete once a segment object holds it.
+    pub chunks: Vec<(u32, u32)>,
+    /// (end LSN of a commit/abort record, its time in µs since the Unix epoch).
+    pub commits: Vec<(u64, i64)>,
+    /// When the oldest byte not yet durable arrived.
+    pub oldest_undurable: Option<Instant>,
+}
+
+impl SegmentBuffer {
+    /// An empty buffer for bytes of `segno` from offset `base` on.
+    pub fn new(timeline: u32, segno: u64, base: u32) -> SegmentBuffer {
+        SegmentBuffer {
+            timeline,
+            segno,
+            base,
+            data: Vec::new(),
+            closed: false,
+            chunks: Vec::new(),
+            commits: Vec::new(),
+            oldest_undurable: None,
+        }
+    }
+
+    /// Offset within the segment just past the last byte held.
+    pub fn end_offset(&self) -> u32 {
+        self.base + self.data.len() as u32
+    }
+}
+
+/// First and last commit time among `commits` whose record ends in `(from_lsn, to_lsn]`: the
+/// range an object holding `[from_lsn, to_lsn)` puts in its header (a record belongs to the
+/// object holding its last byte).
+pub(crate) fn commit_range(commits: &[(u64, i64)], from_lsn: u64, to_lsn: u64) -> (Option<i64>, Option<i64>) {
+    let mut it = commits.iter().filter(|(end, _)| *end > from_lsn && *end <= to_lsn).map(|(_, t)| *t);
+    let first = it.next();
+    let last = it.next_back().or(first);
+    (first, last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_ranges_are_half_open_on_the_left() {
+        let commits = [(10, 1), (20, 2), (30, 3)];
+        assert_eq!(commit_range(&commits, 0, 10), (Some(1), Some(1)));
+        assert_eq!(commit_range(&commits, 10, 30), (Some(2), Some(3)));
+        assert_eq!(commit_range(&commits, 30, 40), (None, None));
+    }
+}

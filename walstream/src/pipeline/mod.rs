@@ -1,0 +1,543 @@
+//! The WAL pipeline's state, sans I/O: WAL in at LSNs, objects to put out, and the one answer to
+//! "what may the primary be told is flushed".
+//!
+//! [`WalPipeline`] owns the whole position: the timeline streamed and where streaming on it began,
+//! the end of what was received, the segment buffers not yet in a segment object, the put under
+//! way, and the durable end — the one place that says how much of the received WAL the archive
+//! holds. Nothing is read from a clock (every method that needs the time takes it), nothing is
+//! put or fetched: the edges (`uploader.rs`, `receiver.rs`, `resume.rs`) do the I/O and tell the
+//! pipeline what happened.
+//!
+//! The rules it keeps:
+//! - Group commit: a chunk is put as soon as new WAL is there and the previous put is done, but
+//!   never sooner than `flush_interval` after the previous chunk put began — except a segment's
+//!   last chunk, which goes at once when the segment is closed (full, or its timeline ended).
+//! - One put at a time, the oldest segment first; a full segment held from offset 0 becomes one
+//!   segment object (compaction), and only once that is durable are its chunks handed out for
+//!   deletion.
+//! - Only what is durable is reported: [`WalPipeline::reportable`] never exceeds the end of the
+//!   last durable object on the streamed timeline.
+//! - A failed put is retried after a backoff (100 ms doubling to 30 s); a done or failure for a
+//!   put that is not the one under way changes nothing.
+
+mod buffer;
+mod resume;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use pitr_archive::{ObjectKind, ObjectMeta, WalLayout, WalObject};
+use pitr_pgformat::lsn::format_lsn;
+use pitr_pgformat::timeline::{switch_point, HistoryEntry};
+
+use buffer::commit_range;
+pub(crate) use buffer::SegmentBuffer;
+pub(crate) use resume::{compaction, resumed_buffer, ResumePlan, RunPlan};
+
+/// The first retry delay after a failed put; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the archive durably holds: all WAL up to `lsn` on `timeline` (before the point where
+/// streaming on `timeline` began, on its ancestors).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Durable {
+    pub timeline: u32,
+    pub lsn: u64,
+    /// Time (µs since the Unix epoch) of the newest commit/abort made durable.
+    pub last_commit_us: Option<i64>,
+}
+
+/// Counters of puts, for status and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct UploadStats {
+    pub objects: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+/// An object to put: a chunk or a segment, its header and its plaintext.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Put {
+    /// Names this put in [`WalPipeline::put_done`] and [`WalPipeline::put_failed`].
+    pub id: u64,
+    pub object: WalObject,
+    pub meta: ObjectMeta,
+    pub bytes: Vec<u8>,
+}
+
+/// What the uploader does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Step {
+    Put(Put),
+    /// Nothing to put now: wait for new WAL (or a stop), or until this moment (the flush
+    /// spacing or a retry), whichever comes first.
+    Wait(Option<Instant>),
+    /// Stopping, and everything received is durable.
+    Finished,
+}
+
+/// A finished put.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Done {
+    pub object: WalObject,
+    /// Plaintext bytes put.
+    pub bytes: u64,
+    /// Chunks a segment object made redundant: delete them (a failed delete only leaves a
+    /// redundant chunk that the next start-up removes).
+    pub obsolete: Vec<WalObject>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PipelineError {
+    /// WAL that does not continue what was received.
+    #[error("server sent WAL at {} but {} was expected", format_lsn(*.got), format_lsn(*.expected))]
+    Misplaced { expected: u64, got: u64 },
+    /// A put finished that is not the one under way (a late or repeated report).
+    #[error("put {id} is not the put under way")]
+    NotInFlight { id: u64 },
+    /// The server's history does not lead from the streamed timeline to its own.
+    #[error("timeline {timeline} of the archive is not in the history of timeline {server}")]
+    NotDescendant { timeline: u32, server: u32 },
+}
+
+/// A timeline switch made while following a server's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Switch {
+    pub from: u32,
+    pub to: u32,
+    /// Where streaming on `to` starts: the beginning of the segment holding the switch point.
+    pub start: u64,
+}
+
+/// The put under way.
+#[derive(Debug, Clone)]
+struct InFlight {
+    id: u64,
+    object: WalObject,
+    bytes: u64,
+    /// When it was handed out: the flush spacing counts from a chunk put's start.
+    started: Instant,
+    last_commit_us: Option<i64>,
+}
+
+/// The receiver's and the uploader's shared state: see the module documentation.
+#[derive(Debug)]
+pub(crate) struct WalPipeline {
+    layout: WalLayout,
+    flush_interval: Duration,
+    /// The timeline streamed.
+    timeline: u32,
+    /// Where streaming on `timeline` began: everything before it is durable (or was, on an
+    /// ancestor).
+    timeline_start: u64,
+    /// Just past the last byte received.
+    received: u64,
+    /// The durable end. Only the front buffer is ever put, so this is also how far the front
+    /// buffer is durable (when it is on this timeline and the end falls inside it).
+    durable: Durable,
+    /// Oldest first.
+    segments: VecDeque<SegmentBuffer>,
+    in_flight: Option<InFlight>,
+    next_id: u64,
+    /// When the last chunk put that succeeded began.
+    last_chunk_put: Option<Instant>,
+    /// No put before this moment (after a failure).
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    stopping: bool,
+    stats: UploadStats,
+    /// Grows whenever the durable end moves, memory is freed or a put fails: the receiver's
+    /// cue to report and to read on.
+    generation: u64,
+}
+
+impl WalPipeline {
+    /// Streaming from an empty archive: on `timeline` from the start of the segment holding
+    /// `lsn` (segment objects start at a segment's beginning).
+    pub fn fresh(layout: WalLayout, flush_interval: Duration, timeline: u32, lsn: u64) -> WalPipeline {
+        let start = lsn - lsn % layout.segment_size;
+        WalPipeline::resume(layout, flush_interval, timeline, start, None)
+    }
+
+    /// Streaming on from the archive's end, `end` on `timeline`; `partial` is the newest segment
+    /// read back from its chunks (it ends at `end`), so that it grows and is compacted when full.
+    pub fn resume(
+        layout: WalLayout,
+        flush_interval: Duration,
+        timeline: u32,
+        end: u64,
+        partial: Option<SegmentBuffer>,
+    ) -> WalPipeline {
+        let segments: VecDeque<SegmentBuffer> = partial
+            .filter(|b| b.timeline == timeline && layout.segment_start(b.segno) + u64::from(b.end_offset()) == end)
+            .into_iter()
+            .collect();
+        WalPipeline {
+            layout,
+            flush_interval,
+            timeline,
+            timeline_start: end,
+            received: end,
+            durable: Durable { timeline, lsn: end, last_commit_us: None },
+            segments,
+            in_flight: None,
+            next_id: 1,
+            last_chunk_put: None,
+            retry_at: None,
+            backoff: FIRST_BACKOFF,
+            stopping: false,
+            stats: UploadStats::default(),
+            generation: 0,
+        }
+    }
+
+    /// The cluster's WAL naming and segment size.
+    pub fn layout(&self) -> WalLayout {
+        self.layout
+    }
+
+    /// The timeline streamed.
+    pub fn timeline(&self) -> u32 {
+        self.timeline
+    }
+
+    /// Just past the last byte received: where the next WAL must start.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// What the archive durably holds.
+    pub fn durable(&self) -> Durable {
+        self.durable
+    }
+
+    /// Counters of puts since start.
+    pub fn stats(&self) -> &UploadStats {
+        &self.stats
+    }
+
+    /// Grows whenever the durable end moves, memory is freed or a put fails.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Bytes received and held in memory.
+    pub fn held_bytes(&self) -> usize {
+        self.segments.iter().map(|s| s.data.len()).sum()
+    }
+
+    /// How long the oldest WAL received but not durable has waited (zero when caught up).
+    pub fn lag(&self, now: Instant) -> Duration {
+        self.segments
+            .iter()
+            .filter_map(|s| s.oldest_undurable)
+            .min()
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+    }
+
+    /// Everything received is durable (a full segment may still wait for compaction).
+    pub fn all_durable(&self) -> bool {
+        self.segments.iter().enumerate().all(|(i, s)| self.is_durable(i, s))
+    }
+
+    /// The position to report to the primary as written and flushed: the durable end on the
+    /// streamed timeline, never anything the archive does not hold.
+    pub fn reportable(&self) -> u64 {
+        if self.durable.timeline == self.timeline {
+            return self.durable.lsn;
+        }
+        // Nothing of this timeline is durable yet. While an older timeline's WAL is still being
+        // put, 0 (InvalidXLogRecPtr) keeps the slot where it is; after that, everything before
+        // this timeline's start is in the archive.
+        let older_pending =
+            self.segments.iter().enumerate().any(|(i, s)| s.timeline != self.timeline && !self.is_durable(i, s));
+        if older_pending {
+            0
+        } else {
+            self.timeline_start
+        }
+    }
+
+    /// Appends WAL received at `lsn` (which must be where the last WAL ended) with its commits
+    /// (end LSN, time µs since the Unix epoch, of the commit/abort records ending in it),
+    /// splitting it at segment boundaries; returns the LSN just past it.
+    ///
+    /// A buffer is closed as soon as nothing more can come into it: when it is full, and when
+    /// bytes go into another buffer. The uploader relies on that to move past it.
+    pub fn append(
+        &mut self,
+        lsn: u64,
+        data: &[u8],
+        commits: &[(u64, i64)],
+        now: Instant,
+    ) -> Result<u64, PipelineError> {
+        if lsn != self.received {
+            return Err(PipelineError::Misplaced { expected: self.received, got: lsn });
+        }
+        let segment_size = self.layout.segment_size;
+        let (mut lsn, mut data) = (lsn, data);
+        while !data.is_empty() {
+            let segno = lsn / segment_size;
+            let off = (lsn % segment_size) as u32;
+            let timeline = self.timeline;
+            let reuse = self
+                .segments
+                .back()
+                .is_some_and(|b| b.timeline == timeline && b.segno == segno && !b.closed && b.end_offset() == off);
+            if !reuse {
+                self.close_all();
+                let mut buf = SegmentBuffer::new(timeline, segno, off);
+                buf.data.reserve(segment_size as usize - off as usize);
+                self.segments.push_back(buf);
+            }
+            let Some(buf) = self.segments.back_mut() else { break };
+            let n = data.len().min((segment_size - u64::from(off)) as usize);
+            buf.data.extend_from_slice(&data[..n]);
+            buf.oldest_undurable.get_or_insert(now);
+            // A record belongs to the segment holding its last byte.
+            buf.commits
+                .extend(commits.iter().filter(|(end, _)| end.saturating_sub(1) / segment_size == segno).copied());
+            if u64::from(off) + n as u64 == segment_size {
+                buf.closed = true;
+            }
+            lsn += n as u64;
+            data = &data[n..];
+        }
+        self.received = lsn;
+        Ok(lsn)
+    }
+
+    /// The timeline ended at `switch_lsn` and streaming goes on on `timeline`: from the start of
+    /// the segment holding the switch point, as the server's new timeline has its own copy of
+    /// that segment. Returns where streaming starts.
+    pub fn switch_timeline(&mut self, timeline: u32, switch_lsn: u64) -> u64 {
+        let start = switch_lsn - switch_lsn % self.layout.segment_size;
+        self.close_all();
+        self.timeline = timeline;
+        self.timeline_start = start;
+        self.received = start;
+        start
+    }
+
+    /// The server is on `server_timeline`, whose history is `history`: moves onto the timeline
+    /// that holds the stream's position. A timeline whose switch point lies ahead of what was
+    /// received is streamed to its end first (the server moves us on there), so the switches
+    /// stop at it; one the received WAL reaches or passes (the old primary ran ahead of the
+    /// promoted standby) is left at once, its tail staying archived on the old timeline.
+    pub fn follow_history(
+        &mut self,
+        history: &[HistoryEntry],
+        server_timeline: u32,
+    ) -> Result<Vec<Switch>, PipelineError> {
+        let mut switches = Vec::new();
+        while self.timeline < server_timeline {
+            let Some((switch_lsn, next)) = switch_point(history, self.timeline, server_timeline) else {
+                return Err(PipelineError::NotDescendant { timeline: self.timeline, server: server_timeline });
+            };
+            if self.received < switch_lsn {
+                break;
+            }
+            let from = self.timeline;
+            let start = self.switch_timeline(next, switch_lsn);
+            switches.push(Switch { from, to: next, start });
+        }
+        Ok(switches)
+    }
+
+    /// Stop taking WAL: the uploader finishes once everything received is durable. A retry
+    /// waiting for its backoff goes at once.
+    pub fn stop(&mut self) {
+        self.stopping = true;
+        self.retry_at = None;
+    }
+
+    /// What the uploader does next, at `now`.
+    pub fn next_step(&mut self, now: Instant) -> Step {
+        if let Some(put) = self.next_put(now) {
+            return Step::Put(put);
+        }
+        if self.stopping && self.in_flight.is_none() && self.all_durable() {
+            return Step::Finished;
+        }
+        Step::Wait(self.wake_at())
+    }
+
+    /// The put under way succeeded (`id` names it): the durable end moves past it. A segment's
+    /// chunks come back in [`Done::obsolete`] for deletion.
+    pub fn put_done(&mut self, id: u64, now: Instant) -> Result<Done, PipelineError> {
+        let put = self.take_in_flight(id)?;
+        let mut obsolete = Vec::new();
+        match put.object {
+            WalObject::Chunk { timeline, segno, from, to } => {
+                let lsn = self.layout.segment_start(segno) + u64::from(to);
+                self.advance(timeline, lsn, put.last_commit_us);
+                let durable_end = self.front_durable_offset();
+                if let Some(seg) = self.segments.front_mut().filter(|s| s.timeline == timeline && s.segno == segno) {
+                    seg.chunks.push((from, to));
+                    // Bytes that came during the put have waited since about now.
+                    seg.oldest_undurable = (durable_end != Some(seg.end_offset())).then_some(now);
+                }
+                self.last_chunk_put = Some(put.started);
+            }
+            WalObject::Segment { timeline, segno } => {
+                if let Some(seg) = self.segments.pop_front() {
+                    obsolete = seg
+                        .chunks
+                        .iter()
+                        .map(|&(from, to)| WalObject::Chunk { timeline: seg.timeline, segno: seg.segno, from, to })
+                        .collect();
+                }
+                let end = self.layout.segment_start(segno + 1);
+                self.advance(timeline, end, put.last_commit_us);
+            }
+            WalObject::History { .. } => {}
+        }
+        self.retry_at = None;
+        self.backoff = FIRST_BACKOFF;
+        self.stats.objects += 1;
+        self.stats.bytes += put.bytes;
+        self.stats.last_error = None;
+        self.generation += 1;
+        Ok(Done { object: put.object, bytes: put.bytes, obsolete })
+    }
+
+    /// The put under way failed with `error`: it is made again (with whatever WAL came
+    /// meanwhile) after the returned delay.
+    pub fn put_failed(&mut self, id: u64, error: String, now: Instant) -> Result<Duration, PipelineError> {
+        self.take_in_flight(id)?;
+        let delay = self.backoff;
+        self.retry_at = Some(now + delay);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        self.stats.errors += 1;
+        self.stats.last_error = Some(error);
+        self.generation += 1;
+        Ok(delay)
+    }
+
+    fn take_in_flight(&mut self, id: u64) -> Result<InFlight, PipelineError> {
+        self.in_flight.take_if(|p| p.id == id).ok_or(PipelineError::NotInFlight { id })
+    }
+
+    fn advance(&mut self, timeline: u32, lsn: u64, last_commit_us: Option<i64>) {
+        let d = &mut self.durable;
+        if (timeline, lsn) > (d.timeline, d.lsn) {
+            d.timeline = timeline;
+            d.lsn = lsn;
+        }
+        if last_commit_us.is_some() {
+            d.last_commit_us = last_commit_us;
+        }
+    }
+
+    /// No more bytes come for any buffer held.
+    fn close_all(&mut self) {
+        for seg in self.segments.iter_mut() {
+            seg.closed = true;
+        }
+    }
+
+    /// How far buffer `seg` (at `index` in the queue) is durable, as an offset in its segment.
+    fn durable_offset(&self, index: usize, seg: &SegmentBuffer) -> u32 {
+        let start = self.layout.segment_start(seg.segno);
+        let (from, to) = (start + u64::from(seg.base), start + u64::from(seg.end_offset()));
+        let d = self.durable;
+        if index == 0 && d.timeline == seg.timeline && (from..=to).contains(&d.lsn) {
+            (d.lsn - start) as u32
+        } else {
+            seg.base
+        }
+    }
+
+    fn front_durable_offset(&self) -> Option<u32> {
+        self.segments.front().map(|s| self.durable_offset(0, s))
+    }
+
+    fn is_durable(&self, index: usize, seg: &SegmentBuffer) -> bool {
+        self.durable_offset(index, seg) == seg.end_offset()
+    }
+
+    /// Whether the front buffer takes no more bytes. Whatever its `closed` flag says, a buffer
+    /// that is full or has another buffer behind it is closed: it must never be left waiting
+    /// for bytes that cannot come (a resumed segment would otherwise hold the durable end still).
+    fn front_closed(&self) -> bool {
+        self.segments.front().is_some_and(|seg| {
+            seg.closed || u64::from(seg.end_offset()) >= self.layout.segment_size || self.segments.len() > 1
+        })
+    }
+
+    /// The next put, if one may go now: a full segment from offset 0 first (compaction), else
+    /// the front buffer's bytes not yet durable, spaced by `flush_interval` unless it is closed.
+    /// Closed, durable buffers that cannot be compacted (they end early, or start past offset 0)
+    /// are dropped on the way: their chunks stay as they are.
+    fn next_put(&mut self, now: Instant) -> Option<Put> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        if let Some(t) = self.retry_at {
+            if now < t {
+                return None;
+            }
+            self.retry_at = None;
+        }
+        let (object, meta, bytes) = loop {
+            let seg = self.segments.front()?;
+            let closed = self.front_closed();
+            let seg_lsn = self.layout.segment_start(seg.segno);
+            let seg_end = seg_lsn + self.layout.segment_size;
+            if closed && seg.base == 0 && u64::from(seg.end_offset()) == self.layout.segment_size {
+                // The segment object's header covers every commit in the segment.
+                let object = WalObject::Segment { timeline: seg.timeline, segno: seg.segno };
+                break (object, wal_meta(ObjectKind::WalSegment, seg, seg_lsn, seg_end), seg.data.clone());
+            }
+            let from = self.durable_offset(0, seg);
+            let to = seg.end_offset();
+            if from == to {
+                if !closed {
+                    return None; // waits for more bytes
+                }
+                self.segments.pop_front();
+                self.generation += 1;
+                continue;
+            }
+            if !closed && self.last_chunk_put.is_some_and(|t| now.saturating_duration_since(t) < self.flush_interval) {
+                return None;
+            }
+            let object = WalObject::Chunk { timeline: seg.timeline, segno: seg.segno, from, to };
+            let (start, end) = (seg_lsn + u64::from(from), seg_lsn + u64::from(to));
+            break (
+                object,
+                wal_meta(ObjectKind::WalChunk, seg, start, end),
+                seg.data[(from - seg.base) as usize..].to_vec(),
+            );
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        self.in_flight =
+            Some(InFlight { id, object, bytes: bytes.len() as u64, started: now, last_commit_us: meta.last_commit_us });
+        Some(Put { id, object, meta, bytes })
+    }
+
+    /// When a put may go that cannot go now: after a failure's backoff, or when the flush
+    /// spacing allows the front buffer's new bytes. `None`: only new WAL or a stop changes that.
+    fn wake_at(&self) -> Option<Instant> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        if self.retry_at.is_some() {
+            return self.retry_at;
+        }
+        let seg = self.segments.front()?;
+        let waiting = !self.front_closed() && !self.is_durable(0, seg);
+        self.last_chunk_put.filter(|_| waiting).map(|t| t + self.flush_interval)
+    }
+}
+
+/// The header of an object holding `[start, end)` of `seg`'s WAL.
+fn wal_meta(kind: ObjectKind, seg: &SegmentBuffer, start: u64, end: u64) -> ObjectMeta {
+    let (first_commit_us, last_commit_us) = commit_range(&seg.commits, start, end);
+    ObjectMeta { kind, timeline: seg.timeline, start_lsn: start, end_lsn: end, first_commit_us, last_commit_us }
+}

@@ -1,0 +1,250 @@
+//! What lives across reconnects: the pipeline and its uploader, the writer lease, the record
+//! decoder, completeness claims and marks — opened once, on the first connection (cluster
+//! description, lease, resume from the archive), and what the receiver publishes from it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pitr_archive::complete::CompleteMark;
+use pitr_archive::lease::{Lease, LeaseError};
+use pitr_archive::{now_us, ClusterInfo, Repository, RepositoryError, WalLayout};
+use pitr_pgformat::lsn::format_lsn;
+use pitr_pgformat::walreader::WalDecoder;
+use pitr_pgwire::connection::Connection;
+use pitr_pgwire::PgError;
+use tokio::sync::watch;
+
+use crate::api::{StreamConfig, StreamError, StreamStatus};
+use crate::marks::{write_marks, Tracker};
+use crate::pipeline::{Switch, WalPipeline};
+use crate::resume;
+use crate::uploader::{self, Shared};
+
+/// State that lives across reconnects.
+pub(crate) struct Session {
+    pub layout: WalLayout,
+    /// The position, the buffers and the durable end: shared with the uploader.
+    pub pipeline: Arc<Shared>,
+    pub uploader: tokio::task::JoinHandle<Result<(), RepositoryError>>,
+    /// Changes after every put and when memory is freed; closes when the uploader ends.
+    pub progress: watch::Receiver<u64>,
+    /// Finds commit records (and their times) in the WAL received.
+    pub decoder: WalDecoder,
+    pub primary_lsn: u64,
+    /// Set by the lease keeper if another writer took the cluster over.
+    pub lease_lost: watch::Receiver<Option<String>>,
+    /// Tells the lease keeper to release the lease and end.
+    pub release_lease: watch::Sender<bool>,
+    pub lease_keeper: tokio::task::JoinHandle<()>,
+    /// Claims of completeness read off the stream, until durable.
+    pub tracker: Tracker,
+    /// The connected server's timeline: while we stream an older one (its history), the
+    /// server's messages say nothing about what it has now, so nothing is claimed.
+    pub server_timeline: u32,
+    /// Hands durable claims to the mark writer (`None`: marks are off).
+    pub marks: Option<watch::Sender<Option<CompleteMark>>>,
+    /// The newest mark recorded.
+    pub marks_recorded: watch::Receiver<Option<CompleteMark>>,
+    /// Tasks that only save work (compacting segments left as chunks, writing marks): stopped
+    /// with the session, whatever they were doing.
+    pub background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Session {
+    pub fn stop_background(&self) {
+        for task in &self.background {
+            task.abort();
+        }
+    }
+
+    /// The timeline streamed.
+    pub fn timeline(&self) -> u32 {
+        self.pipeline.with(|p| p.timeline())
+    }
+
+    /// The position to report to the primary as written and flushed.
+    pub fn reportable(&self) -> u64 {
+        self.pipeline.with(|p| p.reportable())
+    }
+
+    /// After the pipeline moved to another timeline: the stream's claims and the record
+    /// decoder's state belong to the old one.
+    pub fn switched(&mut self, switch: Switch) {
+        self.tracker.timeline_ended();
+        self.pipeline.wake_uploader();
+        tracing::info!(from = switch.from, to = switch.to, at = %format_lsn(switch.start), "following timeline switch");
+        self.decoder.reset();
+    }
+}
+
+/// Reads the cluster's description, builds the WAL catalog and decides where streaming resumes.
+pub(crate) async fn open_session(
+    repo: &Repository,
+    cfg: &StreamConfig,
+    conn: &mut Connection,
+    ident: &pitr_pgwire::SystemIdentity,
+    slot_created_at: Option<u64>,
+) -> Result<Session, StreamError> {
+    let settings = conn.server_settings().await?;
+    let (segment_size, page_size) = (settings.wal_segment_size, settings.wal_page_size);
+    let info = ClusterInfo {
+        system_id: ident.system_id,
+        wal_segment_size: segment_size,
+        wal_page_size: page_size,
+        server_version_num: settings.server_version_num,
+    };
+    repo.put_cluster_info(&info).await?;
+    let layout = WalLayout::new(&info);
+    let lease = Lease::acquire(repo, ident.system_id, &cfg.lease_holder, cfg.lease_ttl)
+        .await
+        .map_err(|e| StreamError::Fatal(e.to_string()))?;
+    let (lease_lost_tx, lease_lost) = watch::channel(None);
+    let (release_lease, release_rx) = watch::channel(false);
+    let lease_keeper = tokio::spawn(keep_lease(lease, cfg.lease_ttl, lease_lost_tx, release_rx));
+    let (plan, partial) = resume::prepare(repo, layout).await?;
+
+    let mut decoder = WalDecoder::new(segment_size, page_size);
+    let pipeline = match plan.start {
+        Some((timeline, end)) => {
+            // Resume from the archive's end. A partial segment's chunks come back into memory so
+            // that it can be compacted into a whole segment when it completes.
+            if let Some(buf) = &partial {
+                let start = layout.segment_start(buf.segno) + u64::from(buf.base);
+                decoder.feed(start, &buf.data, &mut Vec::new());
+            }
+            tracing::info!(timeline, end = %format_lsn(end), "resuming from the end of the archive");
+            WalPipeline::resume(layout, cfg.flush_interval, timeline, end, partial)
+        }
+        None => {
+            let slot_lsn = match conn.read_replication_slot(&cfg.slot).await {
+                Ok(Some((kind, lsn))) if kind == "physical" => lsn.or(slot_created_at),
+                Ok(Some((kind, _))) => {
+                    return Err(StreamError::Fatal(format!(
+                        "replication slot {:?} is a {kind} slot; pitr needs a physical one",
+                        cfg.slot
+                    )))
+                }
+                Ok(None) => None,
+                // READ_REPLICATION_SLOT is PostgreSQL 15+; older servers start where the slot was
+                // created, or from the current position.
+                Err(PgError::Server { .. }) => slot_created_at.filter(|l| *l != 0),
+                Err(e) => return Err(e.into()),
+            };
+            let from = slot_lsn.unwrap_or(ident.xlog_pos);
+            let pipeline = WalPipeline::fresh(layout, cfg.flush_interval, ident.timeline, from);
+            tracing::info!(timeline = ident.timeline, start = %format_lsn(pipeline.received()), "empty archive: starting at the segment the slot holds");
+            pipeline
+        }
+    };
+    let pipeline = Shared::new(pipeline);
+    let (uploader, progress) = uploader::spawn(repo.clone(), pipeline.clone());
+    let mut background = Vec::new();
+    if !plan.orphans.is_empty() {
+        tracing::info!(
+            segments = plan.orphans.len(),
+            "segments held entirely as chunks: compacting them in the background"
+        );
+        background.push(tokio::spawn(resume::compact_orphans(repo.clone(), layout, plan.orphans)));
+    }
+    let (recorded_tx, marks_recorded) = watch::channel(None);
+    let marks = if cfg.complete_interval.is_zero() {
+        None
+    } else {
+        let (tx, rx) = watch::channel(None);
+        let writer = write_marks(repo.clone(), ident.system_id, cfg.complete_interval, rx, recorded_tx);
+        background.push(tokio::spawn(writer));
+        Some(tx)
+    };
+    Ok(Session {
+        layout,
+        pipeline,
+        uploader,
+        progress,
+        decoder,
+        primary_lsn: 0,
+        lease_lost,
+        release_lease,
+        lease_keeper,
+        tracker: Tracker::default(),
+        server_timeline: ident.timeline,
+        marks,
+        marks_recorded,
+        background,
+    })
+}
+
+/// Renews the writer lease every third of its lifetime; reports a takeover; releases on request.
+async fn keep_lease(
+    mut lease: Lease,
+    ttl: Duration,
+    lost: watch::Sender<Option<String>>,
+    mut release: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(ttl / 3) => {}
+            _ = release.changed() => {
+                if let Err(e) = lease.release().await {
+                    tracing::warn!(error = %e, "could not release the writer lease; it will expire");
+                }
+                return;
+            }
+        }
+        match lease.renew().await {
+            Ok(()) => {}
+            Err(e @ LeaseError::Lost { .. }) => {
+                let _ = lost.send(Some(e.to_string()));
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not renew the writer lease; retrying"),
+        }
+    }
+}
+
+pub(crate) async fn uploader_failure(s: &mut Session) -> StreamError {
+    match (&mut s.uploader).await {
+        Ok(Err(e)) => StreamError::Repository(e),
+        Ok(Ok(())) => StreamError::Fatal("the uploader stopped unexpectedly".into()),
+        Err(e) => StreamError::Fatal(format!("the uploader task failed: {e}")),
+    }
+}
+
+/// Hands the newest claim the archive now holds to the mark writer (which writes it when its
+/// interval allows; never waited for here).
+pub(crate) fn offer_mark(s: &mut Session) {
+    let durable = s.pipeline.with(|p| p.durable());
+    if let Some(mark) = s.tracker.take_durable(durable) {
+        if let Some(marks) = &s.marks {
+            marks.send_replace(Some(mark));
+        }
+    }
+}
+
+pub(crate) fn publish(s: &Session, status: &watch::Sender<StreamStatus>, connected: bool) {
+    let now = Instant::now();
+    let (timeline, received, d, lag, stats) =
+        s.pipeline.with(|p| (p.timeline(), p.received(), p.durable(), p.lag(now), p.stats().clone()));
+    let complete = *s.marks_recorded.borrow();
+    status.send_modify(|st| {
+        st.connected = connected;
+        st.timeline = timeline;
+        st.received_lsn = received;
+        st.durable_lsn = d.lsn;
+        st.primary_lsn = s.primary_lsn.max(received);
+        st.lag_bytes = st.primary_lsn.saturating_sub(d.lsn);
+        st.lag_seconds = lag.as_secs_f64();
+        if d.last_commit_us.is_some() {
+            st.last_commit_time_us = d.last_commit_us;
+        }
+        if let Some(mark) = complete {
+            st.complete_up_to_us = Some(mark.server_time_us);
+        }
+        st.objects_archived = stats.objects;
+        st.bytes_archived = stats.bytes;
+        st.upload_errors = stats.errors;
+        if stats.last_error.is_some() {
+            st.last_error = stats.last_error.clone();
+        }
+        st.updated_at_us = now_us();
+    });
+}
