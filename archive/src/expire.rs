@@ -438,11 +438,10 @@ async fn run(
     let wal = WalCatalog::from_names(layout, wal_listing.iter().map(|o| o.name.as_str()));
     let wal_sizes: BTreeMap<String, u64> = wal_listing.into_iter().map(|o| (o.name, o.size)).collect();
     let mut timelines = Timelines::default();
-    for &t in &wal.histories {
-        let name = layout.object_name(&WalObject::History { timeline: t });
-        match repo.get_opened(&name).await {
-            Ok((_, text)) => timelines.add_history(t, &String::from_utf8_lossy(&text)),
-            Err(e) => timelines.add_unreadable(t, e.to_string()),
+    for (t, read) in wal.read_histories(repo).await? {
+        match read {
+            Ok(entries) => timelines.add_entries(t, entries),
+            Err(problem) => timelines.add_unreadable(t, problem.to_string()),
         }
     }
     let floor_names = repo.list(&pg::floors_prefix(system_id)).await?;

@@ -49,7 +49,7 @@ pub use repository::{ClusterInfo, NamedStore, Repository, RepositoryError};
 pub use seal::{ObjectKind, ObjectMeta, SealError, SealedHeader};
 pub use store::{LocalStore, ObjectInfo, PutOutcome, Store, StoreError};
 pub use wal::{WalLayout, WalObject};
-pub use wal_catalog::{SegmentEntry, WalCatalog};
+pub use wal_catalog::{Histories, HistoryProblem, SegmentEntry, WalCatalog};
 
 /// Now, in µs since the Unix epoch: how pitr stamps objects, leases, backups and reports.
 pub fn now_us() -> i64 {

@@ -157,6 +157,11 @@ impl Timelines {
         }
     }
 
+    /// Adds the parsed history of `timeline`.
+    pub fn add_entries(&mut self, timeline: u32, entries: Vec<HistoryEntry>) {
+        self.histories.insert(timeline, entries);
+    }
+
     /// Records that the history file of `timeline` exists but cannot be read.
     pub fn add_unreadable(&mut self, timeline: u32, why: String) {
         self.unreadable.insert(timeline, why);

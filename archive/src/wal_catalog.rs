@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use pitr_pgformat::timeline::{parse_history, HistoryEntry};
+
 use crate::repository::{Repository, RepositoryError};
 use crate::wal::{WalLayout, WalObject};
 
@@ -120,6 +122,53 @@ impl WalCatalog {
     }
 }
 
+/// Why a listed timeline history could not be used. Each reader decides what that means for it:
+/// planning leaves the timeline out, `verify` reports it, `wal-fetch` refuses to call a missing
+/// segment the end, `expire` keeps all WAL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryProblem {
+    /// Listed, then gone when read (deleted in between).
+    Vanished,
+    /// The object does not open (wrong key, damaged, planted).
+    Unopenable(String),
+    /// It opened but is not a PostgreSQL history file.
+    Malformed(String),
+}
+
+impl std::fmt::Display for HistoryProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HistoryProblem::Vanished => f.write_str("it was deleted while being read"),
+            HistoryProblem::Unopenable(e) | HistoryProblem::Malformed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Each listed timeline history, parsed (or why not), by timeline.
+pub type Histories = BTreeMap<u32, Result<Vec<HistoryEntry>, HistoryProblem>>;
+
+impl WalCatalog {
+    /// Reads and parses the history file of every timeline in [`WalCatalog::histories`] (with the
+    /// repository's fallbacks). Only a storage failure other than "not found" is an error: the
+    /// caller cannot tell what the history says, so it must not decide anything from it.
+    pub async fn read_histories(&self, repo: &Repository) -> Result<Histories, RepositoryError> {
+        let mut out = BTreeMap::new();
+        for &timeline in &self.histories {
+            let name = self.layout.object_name(&WalObject::History { timeline });
+            let read = match repo.get_opened(&name).await {
+                Ok((_, text)) => {
+                    parse_history(&String::from_utf8_lossy(&text)).map_err(|e| HistoryProblem::Malformed(e.to_string()))
+                }
+                Err(RepositoryError::Store(e)) if e.is_not_found() => Err(HistoryProblem::Vanished),
+                Err(e @ RepositoryError::Seal(_)) => Err(HistoryProblem::Unopenable(e.to_string())),
+                Err(e) => return Err(e),
+            };
+            out.insert(timeline, read);
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +194,35 @@ mod tests {
         assert_eq!(cat.latest_timeline(), Some(2));
         assert_eq!(cat.redundant_chunks(), vec![WalObject::Chunk { timeline: 2, segno: 5, from: 0, to: 0x10 }]);
         assert_eq!(cat.end_lsn(3), None);
+    }
+
+    #[tokio::test]
+    async fn histories_read_once_with_each_problem_named() {
+        use std::sync::Arc;
+
+        use crate::seal::{ObjectKind, ObjectMeta};
+        use crate::store::{LocalStore, Store};
+        use crate::KeyRing;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        let repo = Repository::new(store.clone(), KeyRing::from_key("a", [1; 32]));
+        let l = layout();
+        let meta = ObjectMeta::plain(ObjectKind::Meta);
+        let name = |timeline| l.object_name(&WalObject::History { timeline });
+        repo.put_sealed(&name(2), b"1\t0/5000000\tno recovery target specified\n".to_vec(), meta.clone())
+            .await
+            .unwrap();
+        repo.put_sealed(&name(3), b"1 0/5\n2\n".to_vec(), meta.clone()).await.unwrap();
+        store.put_if_absent(&name(4), bytes::Bytes::from_static(b"planted, not sealed")).await.unwrap();
+        let listed = [name(2), name(3), name(4), name(5)];
+        let catalog = WalCatalog::from_names(l, listed.iter().map(|s| s.as_str()));
+
+        let read = catalog.read_histories(&repo).await.unwrap();
+        assert_eq!(read[&2].as_ref().unwrap()[0].timeline, 1);
+        assert_eq!(read[&2].as_ref().unwrap()[0].switch_lsn, 0x5000000);
+        assert!(matches!(&read[&3], Err(HistoryProblem::Malformed(e)) if e.contains("line 2")), "{:?}", read[&3]);
+        assert!(matches!(&read[&4], Err(HistoryProblem::Unopenable(_))), "{:?}", read[&4]);
+        assert_eq!(read[&5], Err(HistoryProblem::Vanished));
     }
 }

@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 
 use pitr_archive::backup::BackupManifest;
 use pitr_archive::complete::{self, CompleteMark};
-use pitr_archive::{ClusterInfo, Repository, RepositoryError, WalCatalog, WalLayout, WalObject};
+use pitr_archive::{ClusterInfo, HistoryProblem, Repository, RepositoryError, WalCatalog, WalLayout, WalObject};
 use pitr_pgformat::lsn::format_lsn;
-use pitr_pgformat::timeline::{parse_history, HistoryEntry};
+use pitr_pgformat::timeline::HistoryEntry;
 
 use crate::continuity::{self, Hole, Reach, TimelinePath};
 use crate::target::{format_time, RecoveryTarget};
@@ -451,7 +451,16 @@ impl Catalog {
     /// end fixed: where a hole cuts the backup's WAL (so that neither replay nor read-ahead
     /// asks for the hole, which `wal-fetch` would refuse), or where the archive ended when the
     /// restore was planned (WAL archived since may hold later commits).
-    pub fn replay_bounds(&self, backup: &BackupManifest, target: RecoveryTarget) -> (RecoveryTarget, Option<u64>) {
+    pub fn replay_bounds(&self, backup: &BackupManifest, target: RecoveryTarget) -> ReplayBounds {
+        let (recovery_target, until) = self.bounds(backup, target);
+        ReplayBounds {
+            recovery_target,
+            until,
+            to_planned_end: recovery_target == RecoveryTarget::Latest && self.past_newest_commit(target),
+        }
+    }
+
+    fn bounds(&self, backup: &BackupManifest, target: RecoveryTarget) -> (RecoveryTarget, Option<u64>) {
         let reach = self.reaches.get(&backup.id);
         if let Some(r) = reach.filter(|r| r.reach.hole.is_some()) {
             let until = Some(r.reach.end_lsn);
@@ -524,6 +533,18 @@ fn has_hole(wal: &WalCatalog, histories: &BTreeMap<u32, Vec<HistoryEntry>>) -> b
     })
 }
 
+/// What recovery from a backup is told ([`Catalog::replay_bounds`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayBounds {
+    /// The recovery target PostgreSQL gets.
+    pub recovery_target: RecoveryTarget,
+    /// The LSN at which `wal-fetch` stops serving WAL (`None`: the archive's end).
+    pub until: Option<u64>,
+    /// A time target at or past the newest archived commit, turned into "replay to the planned
+    /// end": the restored state is the state after that commit.
+    pub to_planned_end: bool,
+}
+
 /// The parsed history file of every timeline that has one. An unreadable or malformed history
 /// is left out (recovery then cannot follow that timeline's ancestry, which `verify` reports).
 async fn load_histories(
@@ -531,20 +552,16 @@ async fn load_histories(
     wal: &WalCatalog,
 ) -> Result<BTreeMap<u32, Vec<HistoryEntry>>, RepositoryError> {
     let mut out = BTreeMap::new();
-    for &timeline in &wal.histories {
-        let name = wal.layout.object_name(&WalObject::History { timeline });
-        match repo.get_opened(&name).await {
-            Ok((_, text)) => match parse_history(&String::from_utf8_lossy(&text)) {
-                Ok(entries) => {
-                    out.insert(timeline, entries);
-                }
-                Err(e) => tracing::warn!(object = %name, error = %e, "timeline history does not parse"),
-            },
-            Err(RepositoryError::Store(e)) if e.is_not_found() => {}
-            Err(e @ RepositoryError::Seal(_)) => {
-                tracing::warn!(object = %name, error = %e, "timeline history does not open")
+    for (timeline, read) in wal.read_histories(repo).await? {
+        match read {
+            Ok(entries) => {
+                out.insert(timeline, entries);
             }
-            Err(e) => return Err(e),
+            Err(HistoryProblem::Vanished) => {}
+            Err(problem) => {
+                let name = wal.layout.object_name(&WalObject::History { timeline });
+                tracing::warn!(object = %name, error = %problem, "timeline history cannot be used")
+            }
         }
     }
     Ok(out)

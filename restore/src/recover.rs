@@ -26,7 +26,7 @@ use pitr_pgformat::lsn::{format_lsn, parse_lsn};
 use pitr_pgformat::walreader::{pg_timestamp_to_unix_micros, WalDecoder};
 
 use crate::materialize::{check_target, materialize, read_file_nofollow, write_file_nofollow, Staging};
-use crate::plan::Catalog;
+use crate::plan::{Catalog, ReplayBounds};
 use crate::target::{format_time, RecoveryTarget};
 use crate::walfetch::read_wal_file;
 use crate::RestoreError;
@@ -304,8 +304,7 @@ pub(crate) async fn restore_marked(
         }
     }
     let newest_commit = catalog.current_window().and_then(|w| w.newest_commit_us);
-    let (recovery_target, until) = catalog.replay_bounds(backup, opts.target);
-    let to_planned_end = catalog.past_newest_commit(opts.target) && recovery_target == RecoveryTarget::Latest;
+    let ReplayBounds { recovery_target, until, to_planned_end } = catalog.replay_bounds(backup, opts.target);
     tracing::info!(backup = %backup.id, chain = chain.len(), target = %opts.target, "restoring");
 
     let staging = Staging::create(&opts.target_dir)?;

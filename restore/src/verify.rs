@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use pitr_archive::names::pg;
 use pitr_archive::retention;
-use pitr_archive::{Repository, RepositoryError, WalLayout, WalObject};
-use pitr_pgformat::timeline::{parse_history, HistoryEntry};
+use pitr_archive::{HistoryProblem, Repository, RepositoryError, WalLayout, WalObject};
+use pitr_pgformat::timeline::HistoryEntry;
 use tokio::task::JoinSet;
 
 use crate::continuity::TimelinePath;
@@ -55,6 +55,7 @@ async fn histories(
     findings: &mut Vec<Finding>,
 ) -> Result<BTreeMap<u32, Vec<HistoryEntry>>, RepositoryError> {
     let layout = catalog.wal.layout;
+    let mut read = catalog.wal.read_histories(repo).await?;
     let mut out = BTreeMap::new();
     let mut needed: BTreeSet<u32> = catalog.wal.segments.keys().map(|(t, _)| *t).filter(|t| *t > 1).collect();
     needed.extend(catalog.wal.histories.iter().copied());
@@ -68,15 +69,8 @@ async fn histories(
             });
             continue;
         }
-        let (_, text) = match repo.get_opened(&name).await {
-            Ok(v) => v,
-            Err(e) => {
-                findings.push(Finding { kind: "unreadable", object: name, message: e.to_string() });
-                continue;
-            }
-        };
-        match parse_history(&String::from_utf8_lossy(&text)) {
-            Ok(entries) => {
+        match read.remove(&t) {
+            Some(Ok(entries)) => {
                 let increasing =
                     entries.windows(2).all(|w| w[0].timeline < w[1].timeline && w[0].switch_lsn <= w[1].switch_lsn);
                 if entries.is_empty() || !increasing || entries.last().is_some_and(|e| e.timeline >= t) {
@@ -89,7 +83,13 @@ async fn histories(
                     out.insert(t, entries);
                 }
             }
-            Err(e) => findings.push(Finding { kind: "bad-history", object: name, message: e.to_string() }),
+            Some(Err(HistoryProblem::Malformed(e))) => {
+                findings.push(Finding { kind: "bad-history", object: name, message: e })
+            }
+            Some(Err(problem)) => {
+                findings.push(Finding { kind: "unreadable", object: name, message: problem.to_string() })
+            }
+            None => {}
         }
     }
     // A timeline's history must extend its parent's.
