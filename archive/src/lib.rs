@@ -24,7 +24,7 @@
 //! and names. Nothing outside this crate knows the byte layout of an object; PostgreSQL's own file
 //! formats (segment and history file names, LSNs) are `pitr-pgformat`'s.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod backup;
 pub mod chunk_run;

@@ -13,7 +13,7 @@
 //! It does not restore or combine an incremental chain (pitr-restore), stream or archive WAL
 //! (pitr-walstream), or decide object names, encryption and storage (pitr-archive).
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod incremental;
 pub mod tar;

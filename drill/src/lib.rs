@@ -11,7 +11,7 @@
 //! `pitr_restore::drill`, MongoDB's in `pitr_mongo::drill`, each implementing [`Drill`]. Object
 //! names come from `pitr_archive::names`, the report's timestamps from `pitr_archive::time`.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod checks;
 pub mod report;

@@ -16,7 +16,7 @@
 //! repository only through `pitr_archive::Repository`; the object format stays in pitr-archive.
 //! Tested against SecantusDB (a MongoDB-compatible server), not mongod.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod apply;
 pub mod drill;

@@ -9,7 +9,7 @@
 //! pitr-pgwire, where and under which object names pitr keeps these files is pitr-archive, and
 //! rebuilding full files from incremental ones is pitr-restore. It depends on no other pitr crate.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod incremental;
 pub mod lsn;

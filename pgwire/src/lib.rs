@@ -8,7 +8,7 @@
 //! formats either (LSN text, timeline history, WAL records, incremental files): those are
 //! pitr-pgformat, which this crate uses and which does not need a socket.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod connection;
 pub mod conninfo;

@@ -22,7 +22,7 @@
 //! repository refuses that write (read-only credentials, a bucket policy), the restore warns and
 //! goes on without it.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod combine;
 pub mod continuity;

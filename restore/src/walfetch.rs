@@ -21,39 +21,66 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use pitr_archive::chunk_run::{cover, ChunkRunError};
-use pitr_archive::{ClusterInfo, Repository, RepositoryError, WalCatalog, WalLayout, WalObject};
+use pitr_archive::{ClusterInfo, HistoryProblem, Repository, RepositoryError, WalCatalog, WalLayout, WalObject};
 use pitr_pgformat::lsn::format_lsn;
-use pitr_pgformat::timeline::{parse_history, parse_history_file_name, HISTORY_SUFFIX};
+use pitr_pgformat::timeline::{parse_history_file_name, HISTORY_SUFFIX};
 
 use crate::continuity::Forks;
 
+/// Why `wal-fetch` served nothing. Only [`FetchError::NotFound`] tells PostgreSQL "the end of
+/// the archive"; every other error stops recovery.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// The archive does not hold this file: PostgreSQL treats that as the end of the archive.
     #[error("{file} is not in the archive")]
-    NotFound { file: String },
+    NotFound {
+        /// The file PostgreSQL asked for.
+        file: String,
+    },
     /// The archive lacks this segment (or holds only its start) but holds WAL after it: serving
     /// nothing would make PostgreSQL end recovery early, so recovery must stop instead.
     #[error("{file} is missing from the archive, which holds WAL after it ({why}): stopping recovery rather than ending it early")]
-    Hole { file: String, why: String },
+    Hole {
+        /// The file PostgreSQL asked for.
+        file: String,
+        /// What shows the WAL went on, and where a copy might be.
+        why: String,
+    },
+    /// PostgreSQL asked for a name that is neither a segment nor a history file.
     #[error("{file} is not a WAL segment or history file name")]
-    BadName { file: String },
+    BadName {
+        /// The name asked for.
+        file: String,
+    },
+    /// Reading the repository failed, or an object there does not open or is not what its name
+    /// says.
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    /// Writing the destination (or the prefetch spool) failed.
     #[error("writing {path}: {cause}")]
-    Io { path: PathBuf, cause: std::io::Error },
+    Io {
+        /// The file being written.
+        path: PathBuf,
+        /// The operating system's error.
+        cause: std::io::Error,
+    },
 }
 
+/// What was served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fetched {
+    /// A whole segment.
     Segment,
     /// Assembled from chunks: only the first `bytes` are WAL, the rest zeros.
     PartialSegment {
+        /// How many bytes from the segment's start are WAL.
         bytes: u64,
     },
+    /// A timeline history file.
     History,
 }
 
+/// The prefetch spool's directory name, inside the destination's directory (`pg_wal`).
 pub const SPOOL_DIR: &str = "pitr-prefetch";
 
 /// The prefetch spool for a restore_command destination (`pg_wal/RECOVERYXLOG` → `pg_wal/pitr-prefetch`).
@@ -195,7 +222,7 @@ async fn read_once(repo: &Repository, cluster: &ClusterInfo, file: &str) -> Resu
     }
     // Held only as chunks: assemble the contiguous run from offset 0. That is the newest
     // segment, still being written, unless the archive says the segment went on.
-    let prefix = format!("{}{}.", layout.prefix(), file);
+    let prefix = layout.segment_objects_prefix(timeline, segno);
     let names: Vec<String> = repo.list(&prefix).await?.into_iter().map(|o| o.name).collect();
     let catalog = WalCatalog::from_names(layout, names.iter().map(String::as_str));
     let held = catalog.segments.get(&(timeline, segno)).map_or(0, |e| e.held_from_start(layout.segment_size));
@@ -204,10 +231,8 @@ async fn read_once(repo: &Repository, cluster: &ClusterInfo, file: &str) -> Resu
     }
     let Some(entry) = catalog.segments.get(&(timeline, segno)).filter(|_| held > 0) else { return Err(not_found()) };
     let read = cover(&entry.chunks, 0);
-    let run = repo
-        .read_chunk_run(&layout, timeline, segno, &read)
-        .await
-        .map_err(ChunkRunError::into_repository_error)?;
+    let run =
+        repo.read_chunk_run(&layout, timeline, segno, &read).await.map_err(ChunkRunError::into_repository_error)?;
     let mut data = run.data;
     let wal_bytes = data.len() as u64;
     data.resize(layout.segment_size as usize, 0);
@@ -228,27 +253,19 @@ async fn check_not_a_hole(
 ) -> Result<(), FetchError> {
     let catalog = WalCatalog::build(repo, layout).await?;
     let mut histories = Vec::new();
-    for &t in catalog.histories.iter().filter(|&&t| t > timeline) {
-        let name = layout.object_name(&WalObject::History { timeline: t });
-        match get_or_not_found(repo, &name).await? {
-            Some((_, text)) => match parse_history(&String::from_utf8_lossy(&text)) {
-                Ok(entries) => histories.push((t, entries)),
-                Err(e) => {
-                    return Err(FetchError::Hole {
-                        file: file.to_string(),
-                        why: format!("history {name} does not parse ({e}), so the end cannot be told from a hole"),
-                    })
-                }
-            },
-            None => continue,
-        }
-    }
-    // Where this timeline itself begins, from its own history.
-    let own = layout.object_name(&WalObject::History { timeline });
-    if timeline > 1 && catalog.histories.contains(&timeline) {
-        if let Some((_, text)) = get_or_not_found(repo, &own).await? {
-            if let Ok(entries) = parse_history(&String::from_utf8_lossy(&text)) {
-                histories.push((timeline, entries));
+    for (t, read) in catalog.read_histories(repo).await? {
+        match read {
+            Ok(entries) if t > timeline || (t == timeline && t > 1) => histories.push((t, entries)),
+            Ok(_) | Err(HistoryProblem::Vanished) => {}
+            // Its own history only says where this timeline began; a successor's says where
+            // this timeline was left, which is what tells the end from a hole.
+            Err(_) if t <= timeline => {}
+            Err(problem) => {
+                let name = layout.object_name(&WalObject::History { timeline: t });
+                return Err(FetchError::Hole {
+                    file: file.to_string(),
+                    why: format!("history {name} does not parse ({problem}), so the end cannot be told from a hole"),
+                });
             }
         }
     }

@@ -19,7 +19,7 @@
 //! It does not parse the protocol (pitr-pgwire) or PostgreSQL's formats (pitr-pgformat), and does
 //! not know the object format (pitr-archive).
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 mod api;
 mod marks;
