@@ -55,3 +55,14 @@ pub use wal_catalog::{Histories, HistoryProblem, SegmentEntry, WalCatalog};
 pub fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
+
+/// This machine's host name, as running markers and the writer lease's default holder name it
+/// (`localhost` when the system says nothing).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}

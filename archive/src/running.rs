@@ -260,7 +260,7 @@ pub enum ReaderNeeds {
 }
 
 fn record_text(kind: RunKind, plan: Option<&ReadPlan>) -> String {
-    let mut text = format!("host={}\npid={}\nkind={}\n", hostname(), std::process::id(), kind.word());
+    let mut text = format!("host={}\npid={}\nkind={}\n", crate::hostname(), std::process::id(), kind.word());
     if let Some(p) = plan {
         text.push_str(&format!(
             "backups={}\ntimeline={}\nwal_from={:016X}\n",
@@ -312,15 +312,6 @@ fn random_suffix() -> String {
     let mut b = [0u8; 6];
     rand::rngs::OsRng.fill_bytes(&mut b);
     hex::encode(b)
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
 }
 
 async fn put_record(repo: &Repository, name: &str, text: String) -> Result<(), RepositoryError> {
@@ -588,7 +579,7 @@ impl ExpireLock {
     pub async fn acquire(repo: &Repository, now_us: i64, ttl: Duration) -> Result<ExpireLock, LockError> {
         let expires = now_us.saturating_add(ttl.as_micros() as i64);
         let name = names::expire_lock(now_us, expires, &random_suffix());
-        let text = format!("host={}\npid={}\n", hostname(), std::process::id());
+        let text = format!("host={}\npid={}\n", crate::hostname(), std::process::id());
         put_record(repo, &name, text).await?;
         let lock = ExpireLock { repo: repo.clone(), name, taken: Instant::now(), ttl };
         let other = list(repo).await?.into_iter().find_map(|o| match o.activity {

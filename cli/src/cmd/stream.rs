@@ -54,7 +54,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
         max_pending_bytes: config.stream.max_pending_bytes.unwrap_or(256 << 20),
         startup_timeout: config.stream.startup_timeout.unwrap_or(Duration::from_secs(15)),
         system_id: pg.system_id,
-        lease_holder: config.stream.lease_holder.clone().unwrap_or_else(|| format!("{}/{}", hostname(), pg.slot())),
+        lease_holder: config
+            .stream
+            .lease_holder
+            .clone()
+            .unwrap_or_else(|| format!("{}/{}", pitr_archive::hostname(), pg.slot())),
         lease_ttl: config.stream.lease_ttl.unwrap_or(Duration::from_secs(60)),
         complete_interval: pg.complete_interval(),
     };
@@ -109,27 +113,28 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     }
     catalog_gauges.abort();
-    for job in scheduled {
-        // A running backup is abandoned; its blocks stay unreferenced and no manifest is written.
+    wind_down(scheduled, server, result).await
+}
+
+/// The end of `pitr stream` once the stream itself has stopped: a scheduled job still running is
+/// abandoned (a backup's or snapshot's blocks stay unreferenced and no manifest is written), the
+/// metrics server stops, copies to secondaries get a moment (the back-fill at the next start
+/// copies whatever is still queued), and the stream's own error, if any, is the exit.
+async fn wind_down<E: std::fmt::Display>(
+    jobs: Vec<tokio::task::JoinHandle<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    result: Result<(), E>,
+) -> Result<()> {
+    for job in jobs {
         job.abort();
     }
     if let Some(server) = server {
         server.abort();
     }
-    // Briefly: the back-fill at the next start copies whatever is still queued.
     open::finish_copies(Duration::from_secs(10)).await;
     result.map_err(|e| anyhow!("{e}"))?;
     tracing::info!("pitr stream stopped cleanly");
     Ok(())
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
 }
 
 async fn wait_for_signal() {
@@ -191,17 +196,7 @@ async fn mongo_only(config: &Config, config_path: &Path, repo: Repository) -> Re
     });
     tracing::info!(repository = %repo.location(), server = %pitr_mongo::redact(&m.uri), "pitr stream (MongoDB) starting");
     let result = pitr_mongo::tailer::run(repo, tailer_config(m), status_tx, shutdown_rx).await;
-    for job in jobs {
-        // A running snapshot is abandoned; its blocks stay unreferenced and no manifest is written.
-        job.abort();
-    }
-    if let Some(server) = server {
-        server.abort();
-    }
-    open::finish_copies(Duration::from_secs(10)).await;
-    result.map_err(|e| anyhow!("{e}"))?;
-    tracing::info!("pitr stream stopped cleanly");
-    Ok(())
+    wind_down(jobs, server, result).await
 }
 
 /// Starts the oplog tailer beside the WAL receiver; the task ends when `shutdown` turns true.
