@@ -108,6 +108,11 @@ impl ClusterInfo {
     }
 }
 
+/// The zstd level of WAL objects unless configured: level 1 compresses WAL about as well as 3
+/// (WAL pages are mostly zeros and repeated tuples) for a fraction of the CPU, which a catch-up of
+/// a large backlog is bound by.
+pub const DEFAULT_WAL_ZSTD_LEVEL: i32 = 1;
+
 /// A store plus the keys to open it: the one way the rest of pitr reads and writes objects.
 ///
 /// Reads can fall back to other repositories holding copies of the same objects (secondaries):
@@ -119,6 +124,9 @@ pub struct Repository {
     store: Arc<dyn Store>,
     keys: KeyRing,
     zstd_level: i32,
+    /// The level for WAL chunks and segments: WAL is sealed as fast as it arrives, so its level
+    /// trades size for the stream's CPU and catch-up speed.
+    wal_zstd_level: i32,
     /// What messages call this repository (`primary`, or a secondary's name).
     name: String,
     fallbacks: Arc<Vec<NamedStore>>,
@@ -185,7 +193,14 @@ fn most_telling(errors: Vec<RepositoryError>) -> RepositoryError {
 impl Repository {
     /// The repository in `store`, opened with `keys`, named `primary`, without fallbacks.
     pub fn new(store: Arc<dyn Store>, keys: KeyRing) -> Repository {
-        Repository { store, keys, zstd_level: 3, name: "primary".into(), fallbacks: Arc::new(Vec::new()) }
+        Repository {
+            store,
+            keys,
+            zstd_level: 3,
+            wal_zstd_level: DEFAULT_WAL_ZSTD_LEVEL,
+            name: "primary".into(),
+            fallbacks: Arc::new(Vec::new()),
+        }
     }
 
     /// Names this repository `name` and reads from `fallbacks`, in order, what it cannot supply.
@@ -241,6 +256,12 @@ impl Repository {
         self
     }
 
+    /// Seals new WAL chunks and segments at zstd `level` (default [`DEFAULT_WAL_ZSTD_LEVEL`]).
+    pub fn with_wal_zstd_level(mut self, level: i32) -> Repository {
+        self.wal_zstd_level = level;
+        self
+    }
+
     /// The store this repository reads and writes.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
@@ -289,7 +310,10 @@ impl Repository {
         meta: ObjectMeta,
     ) -> Result<(PutOutcome, u64), RepositoryError> {
         let keys = self.keys.clone();
-        let level = self.zstd_level;
+        let level = match meta.kind {
+            ObjectKind::WalChunk | ObjectKind::WalSegment => self.wal_zstd_level,
+            _ => self.zstd_level,
+        };
         let owned_name = name.to_string();
         let (sealed, plaintext) = tokio::task::spawn_blocking(move || {
             let sealed = seal::seal(&owned_name, &plaintext, &meta, &keys, level);

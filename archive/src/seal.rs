@@ -216,19 +216,54 @@ pub fn seal(name: &str, plaintext: &[u8], meta: &ObjectMeta, keys: &KeyRing, zst
     out.extend_from_slice(&tag);
 
     let frames: Vec<&[u8]> = if plaintext.is_empty() { vec![&[][..]] } else { plaintext.chunks(FRAME_SIZE).collect() };
-    let last_index = frames.len() - 1;
-    for (i, frame) in frames.into_iter().enumerate() {
-        let compressed =
-            zstd::bulk::compress(frame, zstd_level).expect("zstd compression of a memory buffer cannot fail");
-        let index = i as u64;
-        let aad = frame_aad(name, &prefix, index, i == last_index);
-        let sealed = cipher
-            .encrypt(&nonce(index), Payload { msg: &compressed, aad: &aad })
-            .expect("AES-GCM encryption cannot fail");
+    for sealed in seal_frames(&cipher, name, &prefix, &frames, zstd_level) {
         out.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
         out.extend_from_slice(&sealed);
     }
     out
+}
+
+/// Compresses and encrypts every frame. Frames are independent, so an object of several frames
+/// (a WAL segment is 16) is sealed on every core: compression is nearly all of the cost of a
+/// put, and a WAL catch-up would otherwise leave all but one core idle.
+fn seal_frames(cipher: &Aes256Gcm, name: &str, prefix: &[u8], frames: &[&[u8]], zstd_level: i32) -> Vec<Vec<u8>> {
+    let last_index = frames.len() - 1;
+    let seal_run = |first: usize, run: &[&[u8]]| -> Vec<Vec<u8>> {
+        // One compression context per run: creating one per frame costs a few percent.
+        let mut compressor = zstd::bulk::Compressor::new(zstd_level).ok();
+        run.iter()
+            .enumerate()
+            .map(|(j, frame)| {
+                let i = first + j;
+                let compressed = match compressor.as_mut().map(|c| c.compress(frame)) {
+                    Some(Ok(c)) => c,
+                    _ => zstd::bulk::compress(frame, zstd_level)
+                        .expect("zstd compression of a memory buffer cannot fail"),
+                };
+                let index = i as u64;
+                let aad = frame_aad(name, prefix, index, i == last_index);
+                cipher
+                    .encrypt(&nonce(index), Payload { msg: &compressed, aad: &aad })
+                    .expect("AES-GCM encryption cannot fail")
+            })
+            .collect()
+    };
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(frames.len());
+    if workers <= 1 {
+        return seal_run(0, frames);
+    }
+    let per_worker = frames.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = frames
+            .chunks(per_worker)
+            .enumerate()
+            .map(|(w, run)| {
+                let seal_run = &seal_run;
+                scope.spawn(move || seal_run(w * per_worker, run))
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    })
 }
 
 /// Parses and authenticates the header of object `name` from a prefix of its bytes (at least the

@@ -299,6 +299,10 @@ pub struct RepositoryConfig {
     /// zstd compression level of new objects (1-22, default 3).
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
+    /// zstd compression level of new WAL chunks and segments (1-22, default 1): WAL is sealed as
+    /// fast as it streams in, so this is the stream's CPU cost per byte.
+    #[serde(default = "default_wal_zstd_level")]
+    pub wal_zstd_level: i32,
     /// GCS: a service-account JSON key file (default: `$GOOGLE_APPLICATION_CREDENTIALS` and the
     /// standard environment, then the metadata server).
     pub service_account_key: Option<PathBuf>,
@@ -432,6 +436,10 @@ impl RepositoryConfig {
 
 fn default_zstd_level() -> i32 {
     3
+}
+
+fn default_wal_zstd_level() -> i32 {
+    pitr_archive::repository::DEFAULT_WAL_ZSTD_LEVEL
 }
 
 /// `[encryption]`.
@@ -655,6 +663,9 @@ impl Config {
         self.repository.cloud_options()?;
         if !(1..=22).contains(&self.repository.zstd_level) {
             bail!("[repository] zstd_level = {}: must be between 1 and 22", self.repository.zstd_level);
+        }
+        if !(1..=22).contains(&self.repository.wal_zstd_level) {
+            bail!("[repository] wal_zstd_level = {}: must be between 1 and 22", self.repository.wal_zstd_level);
         }
         if let Some(pg) = &self.postgres {
             pg.conninfo.parse::<pitr_pgwire::ConnInfo>().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;

@@ -84,7 +84,12 @@ pub fn writer_with_copies(config: &Config) -> Result<(Repository, Option<Arc<Rep
         REPLICATORS.lock().unwrap_or_else(|e| e.into_inner()).push(replicated.clone());
         (replicated.clone(), Some(replicated))
     };
-    Ok((Repository::new(store, keys).with_zstd_level(config.repository.zstd_level), copies))
+    Ok((
+        Repository::new(store, keys)
+            .with_zstd_level(config.repository.zstd_level)
+            .with_wal_zstd_level(config.repository.wal_zstd_level),
+        copies,
+    ))
 }
 
 /// For commands that write: the primary, whose every put and delete is copied to the secondaries.
@@ -109,6 +114,7 @@ pub fn reader(config: &Config, from: Option<&str>) -> Result<Repository> {
     let chosen = all.remove(repository_index(&all, from)?);
     Ok(Repository::new(chosen.store, keys)
         .with_zstd_level(config.repository.zstd_level)
+        .with_wal_zstd_level(config.repository.wal_zstd_level)
         .with_fallbacks(chosen.name, all))
 }
 
@@ -119,6 +125,7 @@ pub fn single(config: &Config, from: Option<&str>) -> Result<Repository> {
     let chosen = all.remove(repository_index(&all, from)?);
     Ok(Repository::new(chosen.store, keys)
         .with_zstd_level(config.repository.zstd_level)
+        .with_wal_zstd_level(config.repository.wal_zstd_level)
         .with_fallbacks(chosen.name, Vec::new()))
 }
 

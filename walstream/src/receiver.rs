@@ -306,6 +306,7 @@ async fn pump(
                         commits.clear();
                         commits.extend(records.iter().map(|r| (r.end_lsn, pg_timestamp_to_unix_micros(r.timestamp))));
                         let appended = s.pipeline.with(|p| {
+                            p.note_server_end(wal_end);
                             p.append(wal_start, &data, &commits, Instant::now()).map(|end| (p.timeline(), end))
                         });
                         let (timeline, received) = match appended {

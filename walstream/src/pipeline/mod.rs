@@ -12,6 +12,10 @@
 //! - Group commit: a chunk is put as soon as new WAL is there and the previous put is done, but
 //!   never sooner than `flush_interval` after the previous chunk put began — except a segment's
 //!   last chunk, which goes at once when the segment is closed (full, or its timeline ended).
+//! - Catching up, a segment is sealed once: while the server already has WAL past the end of the
+//!   front segment ([`WalPipeline::note_server_end`]), its chunk waits (at most
+//!   [`CATCH_UP_HOLD`]) for the rest of the segment to arrive, and the whole segment goes as one
+//!   object instead of chunks now and the same bytes again at compaction.
 //! - One put at a time, the oldest segment first; a full segment held from offset 0 becomes one
 //!   segment object (compaction), and only once that is durable are its chunks handed out for
 //!   deletion.
@@ -39,6 +43,14 @@ pub(crate) use resume::{compaction, resumed_buffer, ResumePlan, RunPlan};
 /// The first retry delay after a failed put; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The longest a chunk waits for the rest of its segment when the server already has it: the
+/// rest normally arrives within milliseconds; a stalled connection must not hold WAL back longer.
+pub(crate) const CATCH_UP_HOLD: Duration = Duration::from_millis(250);
+
+/// Segments larger than this are put in chunks even while catching up: holding a whole one in
+/// memory before its first put would fill the memory bound.
+const CATCH_UP_HOLD_MAX_SEGMENT: u64 = 64 << 20;
 
 /// What the archive durably holds: all WAL up to `lsn` on `timeline` (before the point where
 /// streaming on `timeline` began, on its ancestors).
@@ -136,6 +148,9 @@ pub(crate) struct WalPipeline {
     timeline_start: u64,
     /// Just past the last byte received.
     received: u64,
+    /// Where the server's WAL ended when it last said (XLogData's `wal_end`): a hint that more is
+    /// coming, never a position reported or relied on for durability.
+    server_end: u64,
     /// The durable end. Only the front buffer is ever put, so this is also how far the front
     /// buffer is durable (when it is on this timeline and the end falls inside it).
     durable: Durable,
@@ -182,6 +197,7 @@ impl WalPipeline {
             timeline,
             timeline_start: end,
             received: end,
+            server_end: 0,
             durable: Durable { timeline, lsn: end, last_commit_us: None },
             segments,
             in_flight: None,
@@ -311,6 +327,12 @@ impl WalPipeline {
         Ok(lsn)
     }
 
+    /// The server's WAL ends at `lsn` on the streamed timeline (XLogData's `wal_end`). Only
+    /// decides whether a chunk waits for the rest of its segment.
+    pub fn note_server_end(&mut self, lsn: u64) {
+        self.server_end = self.server_end.max(lsn);
+    }
+
     /// The timeline ended at `switch_lsn` and streaming goes on on `timeline`: from the start of
     /// the segment holding the switch point, as the server's new timeline has its own copy of
     /// that segment. Returns where streaming starts.
@@ -320,6 +342,7 @@ impl WalPipeline {
         self.timeline = timeline;
         self.timeline_start = start;
         self.received = start;
+        self.server_end = 0;
         start
     }
 
@@ -506,6 +529,9 @@ impl WalPipeline {
             if !closed && self.last_chunk_put.is_some_and(|t| now.saturating_duration_since(t) < self.flush_interval) {
                 return None;
             }
+            if !closed && self.hold_until(seg).is_some_and(|t| now < t) {
+                return None;
+            }
             let object = WalObject::Chunk { timeline: seg.timeline, segno: seg.segno, from, to };
             let (start, end) = (seg_lsn + u64::from(from), seg_lsn + u64::from(to));
             break (
@@ -532,7 +558,26 @@ impl WalPipeline {
         }
         let seg = self.segments.front()?;
         let waiting = !self.front_closed() && !self.is_durable(0, seg);
-        self.last_chunk_put.filter(|_| waiting).map(|t| t + self.flush_interval)
+        if !waiting {
+            return None;
+        }
+        let spacing = self.last_chunk_put.map(|t| t + self.flush_interval);
+        match (spacing, self.hold_until(seg)) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Until when the front buffer `seg`'s chunk waits for the rest of its segment: while the
+    /// server has WAL past the segment's end (catching up), not stopping, and for at most
+    /// [`CATCH_UP_HOLD`] after its oldest byte not yet durable arrived.
+    fn hold_until(&self, seg: &SegmentBuffer) -> Option<Instant> {
+        let seg_end = self.layout.segment_start(seg.segno + 1);
+        let catching_up = seg.timeline == self.timeline && self.server_end >= seg_end;
+        if self.stopping || !catching_up || self.layout.segment_size > CATCH_UP_HOLD_MAX_SEGMENT {
+            return None;
+        }
+        seg.oldest_undurable.map(|t| t + CATCH_UP_HOLD)
     }
 }
 

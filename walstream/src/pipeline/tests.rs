@@ -249,6 +249,47 @@ fn group_commit_puts_when_wal_is_there_and_the_previous_put_is_done_spaced_by_th
     assert_eq!(take_put(&mut p, t0).object, chunk(1, 0, 10, 20));
 }
 
+#[test]
+fn catching_up_a_segment_is_sealed_once() {
+    let t0 = Instant::now();
+    let mut p = WalPipeline::fresh(layout(), Duration::ZERO, 1, 0);
+    // The server already has WAL past this segment: its first bytes wait for the rest of it.
+    p.note_server_end(3 * SEG);
+    p.append(0, &wal(1, 0, 100), &[], t0).unwrap();
+    assert_eq!(p.next_step(t0), Step::Wait(Some(t0 + CATCH_UP_HOLD)));
+    assert_eq!(p.reportable(), 0, "held WAL is not durable and not reported");
+    p.append(100, &wal(1, 100, SEG + 10), &[], t0 + MS).unwrap();
+    let seg = take_put(&mut p, t0 + 2 * MS);
+    assert_eq!((seg.object, seg.bytes), (segment(1, 0), wal(1, 0, SEG)), "one object, sealed once");
+    let done = p.put_done(seg.id, t0 + 3 * MS).unwrap();
+    assert!(done.obsolete.is_empty(), "no chunks to delete: none were put");
+    assert_eq!(p.reportable(), SEG);
+
+    // The rest does not come (a stalled connection): the chunk goes after the hold.
+    assert_eq!(p.next_step(t0 + 4 * MS), Step::Wait(Some(t0 + MS + CATCH_UP_HOLD)));
+    assert_eq!(take_put(&mut p, t0 + MS + CATCH_UP_HOLD).object, chunk(1, 1, 0, 10));
+
+    // The server's WAL ends inside the front segment (caught up): chunks go at once.
+    let mut p = WalPipeline::fresh(layout(), Duration::ZERO, 1, 0);
+    p.note_server_end(SEG - 1);
+    p.append(0, &wal(1, 0, 100), &[], t0).unwrap();
+    assert_eq!(take_put(&mut p, t0).object, chunk(1, 0, 0, 100));
+
+    // A stop puts what is held at once.
+    let mut p = WalPipeline::fresh(layout(), Duration::ZERO, 1, 0);
+    p.note_server_end(3 * SEG);
+    p.append(0, &wal(1, 0, 100), &[], t0).unwrap();
+    p.stop();
+    assert_eq!(take_put(&mut p, t0).object, chunk(1, 0, 0, 100));
+
+    // A timeline switch forgets the old server end.
+    let mut p = WalPipeline::fresh(layout(), Duration::ZERO, 1, 0);
+    p.note_server_end(3 * SEG);
+    p.switch_timeline(2, 10);
+    p.append(0, &wal(2, 0, 100), &[], t0).unwrap();
+    assert_eq!(take_put(&mut p, t0).object, WalObject::Chunk { timeline: 2, segno: 0, from: 0, to: 100 });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Put done, put failed
 
