@@ -44,8 +44,18 @@ pub enum LeaseError {
         /// The holder of the newest generation (empty if it could not be read).
         holder: String,
     },
-    /// A lease generation opened but lacks a field (`holder`, `pid`, `expires_us`); also, with
-    /// the lease prefix as `name`, giving up after 5 contended attempts to take the lease.
+    /// Other writers took every generation this process tried first, several times over.
+    #[error(
+        "could not take the lease of cluster {system_id}: other pitr processes took each generation first \
+         ({attempts} attempts); is more than one sidecar starting for this cluster?"
+    )]
+    Contended {
+        /// The cluster's PostgreSQL system identifier.
+        system_id: u64,
+        /// How many generations were tried.
+        attempts: u32,
+    },
+    /// A lease generation opened but lacks a field (`holder`, `pid`, `expires_us`).
     #[error("lease object {name}: {what}")]
     Malformed {
         /// The lease generation's object name (or the lease prefix).
@@ -98,15 +108,28 @@ pub struct Lease {
     generation: u64,
 }
 
-/// The newest generation and its record.
+/// The newest generation and its record. The holder deletes older generations as it renews, so
+/// the newest listed may be gone when read: then a newer one exists, and the listing is redone.
 async fn newest(repo: &Repository, system_id: u64) -> Result<Option<(u64, LeaseRecord)>, LeaseError> {
-    let newest =
-        repo.list(&pg::lease_prefix(system_id)).await?.iter().filter_map(|o| pg::parse_lease(system_id, &o.name)).max();
-    let Some(generation) = newest else { return Ok(None) };
-    let name = pg::lease(system_id, generation);
-    let (_, text) = repo.get_opened(&name).await?;
-    let record = LeaseRecord::parse(&name, &String::from_utf8_lossy(&text))?;
-    Ok(Some((generation, record)))
+    let mut attempt = 0;
+    loop {
+        let listed = repo
+            .list(&pg::lease_prefix(system_id))
+            .await?
+            .iter()
+            .filter_map(|o| pg::parse_lease(system_id, &o.name))
+            .max();
+        let Some(generation) = listed else { return Ok(None) };
+        let name = pg::lease(system_id, generation);
+        match repo.get_opened(&name).await {
+            Ok((_, text)) => {
+                let record = LeaseRecord::parse(&name, &String::from_utf8_lossy(&text))?;
+                return Ok(Some((generation, record)));
+            }
+            Err(RepositoryError::Store(e)) if e.is_not_found() && attempt < 5 => attempt += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 impl Lease {
@@ -142,10 +165,7 @@ impl Lease {
             }
             // Someone created that generation first: look again.
         }
-        Err(LeaseError::Malformed {
-            name: pg::lease_prefix(system_id),
-            what: "could not take the lease after 5 attempts".into(),
-        })
+        Err(LeaseError::Contended { system_id, attempts: 5 })
     }
 
     async fn put(&mut self, generation: u64) -> Result<bool, LeaseError> {
@@ -167,16 +187,21 @@ impl Lease {
     }
 
     /// Extends the lease; fails with `Lost` if someone else holds a newer generation.
+    ///
+    /// A lease whose every generation is gone (deleted by hand, or a repository restored from a
+    /// copy) is put again past ours: renewing must never succeed without a lease in the
+    /// repository, or a second writer could take generation 1 and both would write.
     pub async fn renew(&mut self) -> Result<(), LeaseError> {
-        if let Some((generation, record)) = newest(&self.repo, self.system_id).await? {
-            if generation > self.generation && record.holder != self.holder {
-                return Err(LeaseError::Lost { system_id: self.system_id, holder: record.holder });
+        let newest = newest(&self.repo, self.system_id).await?;
+        if let Some((generation, record)) = &newest {
+            if *generation > self.generation && record.holder != self.holder {
+                return Err(LeaseError::Lost { system_id: self.system_id, holder: record.holder.clone() });
             }
-            let next = generation.max(self.generation) + 1;
-            if !self.put(next).await? {
-                let holder = newest(&self.repo, self.system_id).await?.map(|(_, r)| r.holder).unwrap_or_default();
-                return Err(LeaseError::Lost { system_id: self.system_id, holder });
-            }
+        }
+        let next = newest.map_or(0, |(g, _)| g).max(self.generation) + 1;
+        if !self.put(next).await? {
+            let holder = self::newest(&self.repo, self.system_id).await?.map(|(_, r)| r.holder).unwrap_or_default();
+            return Err(LeaseError::Lost { system_id: self.system_id, holder });
         }
         Ok(())
     }
@@ -235,5 +260,31 @@ mod tests {
         let _b = Lease::acquire(&r, 2, "b", Duration::from_secs(60)).await.unwrap();
         let err = a.renew().await.unwrap_err();
         assert!(matches!(err, LeaseError::Lost { ref holder, .. } if holder == "b"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_renewal_puts_back_a_lease_deleted_under_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = repo(dir.path());
+        let mut a = Lease::acquire(&r, 3, "a", Duration::from_secs(60)).await.unwrap();
+        a.renew().await.unwrap();
+        for o in r.list(&pg::lease_prefix(3)).await.unwrap() {
+            r.delete(&o.name).await.unwrap();
+        }
+        a.renew().await.unwrap();
+        let (generation, record) = newest(&r, 3).await.unwrap().expect("the renewal put a lease back");
+        assert_eq!((generation, record.holder.as_str()), (3, "a"));
+        let err = Lease::acquire(&r, 3, "b", Duration::from_secs(60)).await.unwrap_err();
+        assert!(matches!(err, LeaseError::Held { ref holder, .. } if holder == "a"), "{err}");
+
+        // Gone again, and another writer took generation 1 meanwhile: the newest generation wins,
+        // and the other writer learns it lost at its next renewal.
+        for o in r.list(&pg::lease_prefix(3)).await.unwrap() {
+            r.delete(&o.name).await.unwrap();
+        }
+        let mut b = Lease::acquire(&r, 3, "b", Duration::from_secs(60)).await.unwrap();
+        a.renew().await.unwrap();
+        let err = b.renew().await.unwrap_err();
+        assert!(matches!(err, LeaseError::Lost { ref holder, .. } if holder == "a"), "{err}");
     }
 }

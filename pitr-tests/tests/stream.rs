@@ -288,6 +288,9 @@ fn pg15_one_writer_per_cluster_lease() -> Result<()> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "second writer was allowed: {stderr}");
     assert!(stderr.contains("is being written by") && stderr.contains("/pitr_main"), "{stderr}");
+    // Refused before it created its slot: nothing of it holds WAL on the primary.
+    let slots = cluster.psql("select count(*) from pg_replication_slots where slot_name = 'pitr_b'")?;
+    assert_eq!(slots.trim(), "0", "the refused sidecar left its replication slot behind");
 
     // The first sidecar, killed and restarted on the same host, takes its own lease back at once.
     first.kill9();

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::api::{StreamConfig, StreamError, StreamStatus};
 use crate::pipeline::{PipelineError, Switch};
-use crate::session::{offer_mark, open_session, publish, uploader_failure, Session};
+use crate::session::{offer_mark, open_session, publish, take_lease, uploader_failure, Session};
 
 /// How one replication connection ended.
 enum Finished {
@@ -157,7 +157,12 @@ async fn stream_on(
             )));
         }
     }
-    // The slot first: from the moment it exists the primary keeps the WAL we start from.
+    // The lease before the slot: a refused sidecar must not leave a slot holding WAL. Then the
+    // slot: from the moment it exists the primary keeps the WAL we start from.
+    let lease = match session {
+        None => Some(take_lease(repo, cfg, ident.system_id).await?),
+        Some(_) => None,
+    };
     let mut created_at = None;
     if cfg.create_slot {
         if let Some(lsn) = conn.create_physical_slot(&cfg.slot).await? {
@@ -165,8 +170,8 @@ async fn stream_on(
             created_at = Some(lsn);
         }
     }
-    if session.is_none() {
-        *session = Some(open_session(repo, cfg, conn, &ident, created_at).await?);
+    if let Some(lease) = lease {
+        *session = Some(open_session(repo, cfg, conn, &ident, created_at, lease).await?);
     }
     let s = session.as_mut().ok_or_else(|| StreamError::Fatal("no session".into()))?;
 

@@ -77,13 +77,24 @@ impl Session {
     }
 }
 
-/// Reads the cluster's description, builds the WAL catalog and decides where streaming resumes.
+/// Takes the cluster's writer lease, before anything is created on the server or written for the
+/// cluster: a sidecar the lease refuses must leave no replication slot behind to hold WAL on the
+/// primary.
+pub(crate) async fn take_lease(repo: &Repository, cfg: &StreamConfig, system_id: u64) -> Result<Lease, StreamError> {
+    Lease::acquire(repo, system_id, &cfg.lease_holder, cfg.lease_ttl)
+        .await
+        .map_err(|e| StreamError::Fatal(e.to_string()))
+}
+
+/// Reads the cluster's description, builds the WAL catalog and decides where streaming resumes,
+/// holding `lease`.
 pub(crate) async fn open_session(
     repo: &Repository,
     cfg: &StreamConfig,
     conn: &mut Connection,
     ident: &pitr_pgwire::SystemIdentity,
     slot_created_at: Option<u64>,
+    lease: Lease,
 ) -> Result<Session, StreamError> {
     let settings = conn.server_settings().await?;
     let (segment_size, page_size) = (settings.wal_segment_size, settings.wal_page_size);
@@ -95,9 +106,6 @@ pub(crate) async fn open_session(
     };
     repo.put_cluster_info(&info).await?;
     let layout = WalLayout::new(&info);
-    let lease = Lease::acquire(repo, ident.system_id, &cfg.lease_holder, cfg.lease_ttl)
-        .await
-        .map_err(|e| StreamError::Fatal(e.to_string()))?;
     let (lease_lost_tx, lease_lost) = watch::channel(None);
     let (release_lease, release_rx) = watch::channel(false);
     let lease_keeper = tokio::spawn(keep_lease(lease, cfg.lease_ttl, lease_lost_tx, release_rx));
