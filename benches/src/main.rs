@@ -1066,7 +1066,7 @@ fn main() -> Result<()> {
     let _ = writeln!(r, "pitr:          {}", pitr_command_line(&opts.pitr_log));
     let _ = writeln!(
         r,
-        "               config: local repository, zstd_level 3, AES-256-GCM, slot/application_name {PITR_APP}, \
+        "               config: local repository, WAL at wal_zstd_level 1 (default), AES-256-GCM, slot/application_name {PITR_APP}, \
          flush_interval 0 (default), status_interval 1s"
     );
     let _ = writeln!(
