@@ -192,15 +192,15 @@ impl Lease {
     /// copy) is put again past ours: renewing must never succeed without a lease in the
     /// repository, or a second writer could take generation 1 and both would write.
     pub async fn renew(&mut self) -> Result<(), LeaseError> {
-        let newest = newest(&self.repo, self.system_id).await?;
-        if let Some((generation, record)) = &newest {
+        let current = newest(&self.repo, self.system_id).await?;
+        if let Some((generation, record)) = &current {
             if *generation > self.generation && record.holder != self.holder {
                 return Err(LeaseError::Lost { system_id: self.system_id, holder: record.holder.clone() });
             }
         }
-        let next = newest.map_or(0, |(g, _)| g).max(self.generation) + 1;
+        let next = current.map_or(0, |(g, _)| g).max(self.generation) + 1;
         if !self.put(next).await? {
-            let holder = self::newest(&self.repo, self.system_id).await?.map(|(_, r)| r.holder).unwrap_or_default();
+            let holder = newest(&self.repo, self.system_id).await?.map(|(_, r)| r.holder).unwrap_or_default();
             return Err(LeaseError::Lost { system_id: self.system_id, holder });
         }
         Ok(())

@@ -84,12 +84,22 @@ pub fn writer_with_copies(config: &Config) -> Result<(Repository, Option<Arc<Rep
         REPLICATORS.lock().unwrap_or_else(|e| e.into_inner()).push(replicated.clone());
         (replicated.clone(), Some(replicated))
     };
-    Ok((
-        Repository::new(store, keys)
-            .with_zstd_level(config.repository.zstd_level)
-            .with_wal_zstd_level(config.repository.wal_zstd_level),
-        copies,
-    ))
+    Ok((opened(config, store, keys), copies))
+}
+
+/// `store` opened with `keys`, writing at the configured compression levels.
+fn opened(config: &Config, store: Arc<dyn Store>, keys: KeyRing) -> Repository {
+    Repository::new(store, keys)
+        .with_zstd_level(config.repository.zstd_level)
+        .with_wal_zstd_level(config.repository.wal_zstd_level)
+}
+
+/// The repository `--from` names (default the primary), opened, with its name and the others.
+fn chosen(config: &Config, from: Option<&str>) -> Result<(Repository, String, Vec<NamedStore>)> {
+    let keys = key_ring(config)?;
+    let mut all = named_stores(config)?;
+    let chosen = all.remove(repository_index(&all, from)?);
+    Ok((opened(config, chosen.store, keys), chosen.name, all))
 }
 
 /// For commands that write: the primary, whose every put and delete is copied to the secondaries.
@@ -109,24 +119,14 @@ fn repository_index(all: &[NamedStore], from: Option<&str>) -> Result<usize> {
 /// For commands that read: the repository `--from` names (default the primary), reading from the
 /// others whatever it cannot supply.
 pub fn reader(config: &Config, from: Option<&str>) -> Result<Repository> {
-    let keys = key_ring(config)?;
-    let mut all = named_stores(config)?;
-    let chosen = all.remove(repository_index(&all, from)?);
-    Ok(Repository::new(chosen.store, keys)
-        .with_zstd_level(config.repository.zstd_level)
-        .with_wal_zstd_level(config.repository.wal_zstd_level)
-        .with_fallbacks(chosen.name, all))
+    let (repo, name, others) = chosen(config, from)?;
+    Ok(repo.with_fallbacks(name, others))
 }
 
 /// One repository and nothing else (for `verify`, which judges what that repository holds).
 pub fn single(config: &Config, from: Option<&str>) -> Result<Repository> {
-    let keys = key_ring(config)?;
-    let mut all = named_stores(config)?;
-    let chosen = all.remove(repository_index(&all, from)?);
-    Ok(Repository::new(chosen.store, keys)
-        .with_zstd_level(config.repository.zstd_level)
-        .with_wal_zstd_level(config.repository.wal_zstd_level)
-        .with_fallbacks(chosen.name, Vec::new()))
+    let (repo, name, _) = chosen(config, from)?;
+    Ok(repo.with_fallbacks(name, Vec::new()))
 }
 
 /// Waits (at most `patience` without progress) for copies to secondaries this process queued,
