@@ -260,6 +260,7 @@ fn bad_values_name_the_key() {
         (s.config_text(k, "", Some("port=abc"), ""), vec!["[postgres] conninfo", "abc"]),
         (s.config_text(k, "", Some("host=db sslmode=sometimes"), ""), vec!["[postgres] conninfo", "sometimes"]),
         (s.config_text(k, "zstd_level = 99", None, ""), vec!["[repository] zstd_level", "99"]),
+        (s.config_text(k, "wal_zstd_level = 0", None, ""), vec!["[repository] wal_zstd_level", "0"]),
         (relative, vec!["[repository] path", "absolute"]),
     ];
     for (i, (config_text, phrases)) in cases.into_iter().enumerate() {
