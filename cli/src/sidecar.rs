@@ -258,9 +258,7 @@ async fn catalog_gauges_once(repo: &Repository, system_id: Option<u64>) -> Resul
     }
     // Drills run by hand (`pitr drill`) store their result in the repository too.
     let subject = pitr_drill::Subject::Postgres { system_id: catalog.cluster.system_id };
-    if let Some(d) = pitr_drill::latest_result(repo, &subject).await? {
-        pitr_drill::record_gauges(pitr_drill::Source::Postgres, Some(&d));
-    }
+    pitr_drill::record_latest(repo, &subject).await?;
     Ok(())
 }
 
@@ -314,9 +312,7 @@ async fn mongo_catalog_gauges_once(path: &std::path::Path, repo: &Repository) ->
         record_snapshot_gauges(s);
     }
     let subject = pitr_drill::Subject::Mongo { name: catalog.layout.name.clone() };
-    if let Some(d) = pitr_drill::latest_result(repo, &subject).await? {
-        pitr_drill::record_gauges(pitr_drill::Source::Mongo, Some(&d));
-    }
+    pitr_drill::record_latest(repo, &subject).await?;
     Ok(())
 }
 

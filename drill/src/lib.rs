@@ -20,5 +20,5 @@ pub mod skeleton;
 
 pub use checks::{evaluate, CheckResult, CheckSpec, CheckStatus, ChecksFile, Recorded};
 pub use report::{render_markdown, DrillReport, Integrity, Outcome, Source};
-pub use results::{latest_result, record_gauges, scheduled_drill_ended, store_result, Subject};
+pub use results::{latest_result, record_gauges, record_latest, scheduled_drill_ended, store_result, Subject};
 pub use skeleton::{random_moment, run, Drill, DrillTarget, Measured, Objectives};

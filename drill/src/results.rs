@@ -54,13 +54,32 @@ pub async fn store_result(repo: &Repository, subject: &Subject, report: &DrillRe
     Ok(())
 }
 
-/// The newest stored drill result. `None` when there is none, or when the newest is not a
-/// report (nothing to export).
+/// The newest stored drill result; `None` when there is none. A newest result that opens but is
+/// not a report is [`RepositoryError::Invalid`], naming it: the caller must not take an older
+/// drill, or nothing, for it.
 pub async fn latest_result(repo: &Repository, subject: &Subject) -> Result<Option<DrillReport>, RepositoryError> {
     let prefix = subject.drills_prefix();
     let Some(newest) = repo.list(&prefix).await?.into_iter().map(|o| o.name).max() else { return Ok(None) };
     let (_, json) = repo.get_opened(&newest).await?;
-    Ok(serde_json::from_slice(&json).ok())
+    serde_json::from_slice(&json)
+        .map(Some)
+        .map_err(|e| RepositoryError::Invalid { name: newest, what: format!("not a drill report: {e}") })
+}
+
+/// Sets the drill gauges of `subject` from its newest stored result. One that cannot be read (not
+/// a report, or not opening: damaged, planted, wrong key) is no pass: `pitr_drill_success` 0,
+/// with a warning naming it. `Err` only when the repository cannot be listed or read.
+pub async fn record_latest(repo: &Repository, subject: &Subject) -> Result<(), RepositoryError> {
+    match latest_result(repo, subject).await {
+        Ok(Some(report)) => record_gauges(subject.source(), Some(&report)),
+        Ok(None) => {}
+        Err(e @ (RepositoryError::Invalid { .. } | RepositoryError::Seal(_))) => {
+            tracing::warn!(error = %e, "the newest drill result cannot be read: counted as a failed drill");
+            record_gauges(subject.source(), None);
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
 }
 
 /// Sets `pitr_drill_success`, `pitr_drill_rto_seconds` and `pitr_drill_rpo_seconds` from the
@@ -105,4 +124,36 @@ pub fn scheduled_drill_ended(job: &'static str, source: Source, result: Result<&
     };
     let result = if success { "success" } else { "failure" };
     metrics::counter!("pitr_scheduled_runs_total", "job" => job, "result" => result).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use pitr_archive::{KeyRing, LocalStore};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_newest_result_that_is_not_a_report_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
+        let subject = Subject::Postgres { system_id: 7 };
+        assert!(latest_result(&repo, &subject).await.unwrap().is_none(), "no drill yet");
+
+        let report =
+            DrillReport { outcome: Outcome::Pass, start_time: "2026-12-01T00:00:00Z".into(), ..Default::default() };
+        store_result(&repo, &subject, &report).await.unwrap();
+        assert_eq!(latest_result(&repo, &subject).await.unwrap().map(|r| r.outcome), Some(Outcome::Pass));
+
+        // A newer result whose outcome no version of pitr writes: not a report, and not the
+        // older PASS either.
+        let name = names::pg::drill_result(7, "2026-12-02T00:00:00Z");
+        let json = br#"{"outcome":"MAYBE","start_time":"2026-12-02T00:00:00Z"}"#.to_vec();
+        repo.put_sealed(&name, json, ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+        let err = latest_result(&repo, &subject).await.unwrap_err();
+        assert!(matches!(&err, RepositoryError::Invalid { name: n, .. } if *n == name), "{err}");
+        assert!(err.to_string().contains("not a drill report"), "{err}");
+        record_latest(&repo, &subject).await.expect("an unreadable result is a failed drill, not an error");
+    }
 }
