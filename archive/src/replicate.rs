@@ -796,6 +796,10 @@ impl Store for ReplicatedStore {
         self.primary.list(prefix).await
     }
 
+    async fn list_children(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        self.primary.list_children(dir).await
+    }
+
     async fn delete(&self, name: &str) -> Result<(), StoreError> {
         self.primary.delete(name).await?;
         self.queue_delete(vec![name.to_string()]).await;

@@ -363,9 +363,12 @@ impl Repository {
 
     /// System ids of the PostgreSQL clusters in this repository.
     pub async fn clusters(&self) -> Result<Vec<u64>, RepositoryError> {
+        // One level, then one head per cluster: listing the whole prefix would read every block.
         let mut ids = BTreeSet::new();
-        for obj in self.store.list(names::pg::ROOT).await? {
-            if let Some(id) = names::pg::parse_cluster_info(&obj.name) {
+        for child in self.store.list_children(names::pg::ROOT).await? {
+            let record = format!("{child}cluster");
+            let Some(id) = names::pg::parse_cluster_info(&record) else { continue };
+            if names::pg::cluster_info(id) == record && self.store.head(&record).await?.is_some() {
                 ids.insert(id);
             }
         }

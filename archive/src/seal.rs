@@ -226,6 +226,13 @@ pub fn seal(name: &str, plaintext: &[u8], meta: &ObjectMeta, keys: &KeyRing, zst
 /// Compresses and encrypts every frame. Frames are independent, so an object of several frames
 /// (a WAL segment is 16) is sealed on every core: compression is nearly all of the cost of a
 /// put, and a WAL catch-up would otherwise leave all but one core idle.
+/// The cores to seal on, asked once: `available_parallelism` reads cgroup files on every call,
+/// which would cost several system calls per WAL chunk.
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 fn seal_frames(cipher: &Aes256Gcm, name: &str, prefix: &[u8], frames: &[&[u8]], zstd_level: i32) -> Vec<Vec<u8>> {
     let last_index = frames.len() - 1;
     let seal_run = |first: usize, run: &[&[u8]]| -> Vec<Vec<u8>> {
@@ -248,7 +255,7 @@ fn seal_frames(cipher: &Aes256Gcm, name: &str, prefix: &[u8], frames: &[&[u8]], 
             })
             .collect()
     };
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(frames.len());
+    let workers = if frames.len() <= 1 { 1 } else { cores().min(frames.len()) };
     if workers <= 1 {
         return seal_run(0, frames);
     }

@@ -122,6 +122,25 @@ pub trait Store: Send + Sync + Debug {
     async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError>;
     /// Every object whose name starts with `prefix`, sorted by name.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
+    /// The names one level below `dir` (empty, or a prefix ending in `/`), sorted: each object
+    /// directly in it, and each deeper level once as its first component followed by `/` (as an
+    /// S3 listing with a delimiter gives them). Finding the clusters of a repository this way
+    /// reads a handful of names instead of every block. The default lists everything below and
+    /// folds it; backends override it to read one level only.
+    async fn list_children(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        let mut out: Vec<String> = Vec::new();
+        for object in self.list(dir).await? {
+            let rest = &object.name[dir.len().min(object.name.len())..];
+            let child = match rest.find('/') {
+                Some(i) => format!("{dir}{}", &rest[..=i]),
+                None => object.name.clone(),
+            };
+            if out.last() != Some(&child) {
+                out.push(child);
+            }
+        }
+        Ok(out)
+    }
     /// Deletes `name`; deleting a missing object is not an error.
     async fn delete(&self, name: &str) -> Result<(), StoreError>;
     /// Deletes several objects (backends may batch them).
@@ -311,6 +330,43 @@ impl LocalStore {
     }
 }
 
+impl LocalStore {
+    fn list_children_blocking(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        if !dir.is_empty() {
+            validate_name(dir.trim_end_matches('/'))?;
+        }
+        if !self.root.is_dir() {
+            return Err(self.root_missing());
+        }
+        let entries = match std::fs::read_dir(self.root.join(dir)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io("list", dir, e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io("list", dir, e)),
+            };
+            let fname = entry.file_name().to_string_lossy().into_owned();
+            if fname.starts_with(".tmp.") {
+                continue;
+            }
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => out.push(format!("{dir}{fname}/")),
+                Ok(t) if t.is_file() => out.push(format!("{dir}{fname}")),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.io("list", dir, e)),
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -362,6 +418,12 @@ impl Store for LocalStore {
         let this = self.clone();
         let prefix = prefix.to_string();
         run_blocking(move || this.list_blocking(&prefix)).await
+    }
+
+    async fn list_children(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        let this = self.clone();
+        let dir = dir.to_string();
+        run_blocking(move || this.list_children_blocking(&dir)).await
     }
 
     async fn delete(&self, name: &str) -> Result<(), StoreError> {
@@ -423,6 +485,51 @@ async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store with only the required methods, so that the trait's default `list_children` runs.
+    #[derive(Debug)]
+    struct Folding(LocalStore);
+
+    #[async_trait]
+    impl Store for Folding {
+        async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
+            self.0.put_if_absent(name, data).await
+        }
+        async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
+            self.0.get(name).await
+        }
+        async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+            self.0.get_range(name, range).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+            self.0.list(prefix).await
+        }
+        async fn delete(&self, name: &str) -> Result<(), StoreError> {
+            self.0.delete(name).await
+        }
+        async fn head(&self, name: &str) -> Result<Option<ObjectInfo>, StoreError> {
+            self.0.head(name).await
+        }
+        fn location(&self) -> String {
+            self.0.location()
+        }
+    }
+
+    #[tokio::test]
+    async fn list_children_reads_one_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = LocalStore::new(dir.path());
+        for name in ["pg/1/cluster", "pg/1/blocks/ab/abcd", "pg/1-x", "pg/22/wal/a.seg", "pg/top", "mongo/rs/x"] {
+            local.put_if_absent(name, Bytes::from_static(b"x")).await.unwrap();
+        }
+        let want = vec!["pg/1-x", "pg/1/", "pg/22/", "pg/top"];
+        assert_eq!(local.list_children("pg/").await.unwrap(), want);
+        assert_eq!(Folding(local.clone()).list_children("pg/").await.unwrap(), want);
+        assert_eq!(local.list_children("").await.unwrap(), vec!["mongo/", "pg/"]);
+        assert_eq!(Folding(local.clone()).list_children("").await.unwrap(), vec!["mongo/", "pg/"]);
+        assert!(local.list_children("none/").await.unwrap().is_empty());
+        assert!(local.list_children("../").await.is_err());
+    }
 
     #[tokio::test]
     async fn put_get_list_delete() {

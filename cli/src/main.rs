@@ -230,7 +230,26 @@ fn parse_lsn_arg(s: &str) -> Result<u64, String> {
 /// ended there.
 const RESTORE_COMMAND_ERROR: u8 = 126;
 
+/// Keeps freed block and frame buffers for reuse instead of returning them to the kernel.
+///
+/// Restores, backups and catch-up sealing allocate a fresh megabyte-sized buffer per block or
+/// frame on every core. glibc serves those from `mmap` (or trims its per-thread heaps after each
+/// free), so every buffer page was faulted in again: about a third of a restore's CPU time
+/// (measured with `perf` on a 1 GiB restore). Fixed thresholds keep such buffers in the heap.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_buffers() {
+    // SAFETY: mallopt only changes allocator tuning; it is called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_buffers() {}
+
 fn main() -> ExitCode {
+    keep_freed_buffers();
     let as_restore_command = std::env::args_os().skip(1).any(|a| a == "wal-fetch");
     if as_restore_command {
         std::panic::set_hook(Box::new(|info| {

@@ -327,20 +327,30 @@ pub struct StatusFile {
     pub secondaries: Vec<pitr_archive::replicate::SecondaryStatus>,
 }
 
-/// Keeps the status file current (atomically replaced) while the sender lives.
+/// The status file is rewritten at most this often. The receiver's status changes after every
+/// put (hundreds a second on a busy local repository), and each replacement creates and deletes
+/// an inode, which on some filesystems costs more CPU than the put itself.
+const STATUS_FILE_SPACING: Duration = Duration::from_millis(200);
+
+/// Keeps the status file current (atomically replaced, at most every [`STATUS_FILE_SPACING`])
+/// while the sender lives, and writes the last status when it goes.
 pub async fn write_status_file(
     path: PathBuf,
     mut rx: watch::Receiver<StreamStatus>,
     replicated: Option<Arc<ReplicatedStore>>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut next_write = tokio::time::Instant::now();
     loop {
         let done = tokio::select! {
             r = rx.changed() => r.is_err(),
             _ = tick.tick() => false,
         };
+        // Changes that arrive meanwhile are folded into this write (the snapshot is taken after).
+        tokio::time::sleep_until(next_write).await;
+        next_write = tokio::time::Instant::now() + STATUS_FILE_SPACING;
         let snapshot = StatusFile {
-            stream: rx.borrow().clone(),
+            stream: rx.borrow_and_update().clone(),
             secondaries: replicated.as_ref().map(|r| r.status()).unwrap_or_default(),
         };
         if let Ok(text) = serde_json::to_vec_pretty(&snapshot) {

@@ -477,6 +477,28 @@ impl Store for CloudStore {
         Ok(out)
     }
 
+    async fn list_children(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        let trimmed = dir.trim_end_matches('/');
+        let full_dir = match (self.prefix.is_empty(), trimmed.is_empty()) {
+            (true, true) => None,
+            (true, false) => Some(ObjectPath::from(trimmed)),
+            (false, true) => Some(ObjectPath::from(self.prefix.as_str())),
+            (false, false) => Some(ObjectPath::from(format!("{}/{trimmed}", self.prefix))),
+        };
+        let strip = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
+        let _permit = self.permit().await;
+        let listed = self.inner.list_with_delimiter(full_dir.as_ref()).await.map_err(|e| self.err("list", dir, e))?;
+        let mut out: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| Some(format!("{}/", p.as_ref().strip_prefix(&strip)?)))
+            .chain(listed.objects.iter().filter_map(|m| Some(m.location.as_ref().strip_prefix(&strip)?.to_string())))
+            .filter(|name| name.starts_with(dir))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     async fn delete(&self, name: &str) -> Result<(), StoreError> {
         let key = self.key(name)?;
         let _permit = self.permit().await;
