@@ -34,6 +34,7 @@ pub mod expire;
 pub mod keys;
 pub mod lease;
 pub mod names;
+mod recycle;
 pub mod replicate;
 pub mod repository;
 pub mod retention;

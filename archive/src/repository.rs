@@ -190,6 +190,9 @@ fn most_telling(errors: Vec<RepositoryError>) -> RepositoryError {
         .unwrap_or(RepositoryError::Invalid { name: String::new(), what: "no repository to read from".into() })
 }
 
+/// Objects up to this size are sealed on the calling task rather than on the blocking pool.
+const SEAL_INLINE_MAX: usize = 128 << 10;
+
 impl Repository {
     /// The repository in `store`, opened with `keys`, named `primary`, without fallbacks.
     pub fn new(store: Arc<dyn Store>, keys: KeyRing) -> Repository {
@@ -314,13 +317,19 @@ impl Repository {
             ObjectKind::WalChunk | ObjectKind::WalSegment => self.wal_zstd_level,
             _ => self.zstd_level,
         };
-        let owned_name = name.to_string();
-        let (sealed, plaintext) = tokio::task::spawn_blocking(move || {
-            let sealed = seal::seal(&owned_name, &plaintext, &meta, &keys, level);
-            (sealed, plaintext)
-        })
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let (sealed, plaintext) = if plaintext.len() <= SEAL_INLINE_MAX {
+            // Tens of microseconds: less than handing it to another thread and back, which a
+            // small WAL chunk on the path of a synchronous commit would wait for.
+            (seal::seal(name, &plaintext, &meta, &keys, level), plaintext)
+        } else {
+            let owned_name = name.to_string();
+            tokio::task::spawn_blocking(move || {
+                let sealed = seal::seal(&owned_name, &plaintext, &meta, &keys, level);
+                (sealed, plaintext)
+            })
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        };
         let sealed_len = sealed.len() as u64;
         match self.store.put_if_absent(name, Bytes::from(sealed)).await? {
             PutOutcome::Created => Ok((PutOutcome::Created, sealed_len)),

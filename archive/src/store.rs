@@ -9,10 +9,13 @@ use std::fmt::Debug;
 use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use rand::RngCore;
+
+use crate::recycle::RecyclePool;
 
 /// Why a [`Store`] operation failed. Every variant names the object and the store's location, so
 /// a message says which object of which repository.
@@ -199,13 +202,30 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
+    /// Files of deleted small objects for later puts to reuse (see [`crate::recycle`]).
+    recycled: Arc<RecyclePool>,
 }
 
 impl LocalStore {
     /// A store on the directory `root`. Nothing is touched yet; puts and listings fail while the
     /// directory does not exist (see [`LocalStore::create_root`]).
     pub fn new(root: impl Into<PathBuf>) -> LocalStore {
-        LocalStore { root: root.into() }
+        Self::with_recycle_age(root, crate::recycle::MIN_AGE)
+    }
+
+    fn with_recycle_age(root: impl Into<PathBuf>, min_age: std::time::Duration) -> LocalStore {
+        let root = root.into();
+        let recycled = Arc::new(RecyclePool::new(&root, min_age));
+        LocalStore { root, recycled }
+    }
+
+    /// Removes the object file at `path`: into the recycle pool if it is worth keeping, else
+    /// unlinked. A missing file is `NotFound`.
+    fn discard(&self, path: &Path) -> std::io::Result<()> {
+        if self.recycled.take_in(path)? {
+            return Ok(());
+        }
+        std::fs::remove_file(path)
     }
 
     /// The repository directory.
@@ -251,29 +271,19 @@ impl LocalStore {
             return Err(self.root_missing());
         }
         create_dir_all_synced(&self.root, &dir).map_err(|e| self.io("create directory for", name, e))?;
+        // A deleted object's file when one is waiting (no inode to allocate), else a new file.
+        if let Some((pooled, f)) = self.recycled.take_out() {
+            match write_and_link(f, &pooled, true, data, &path, &dir) {
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {} // the object's directory is another mount
+                result => return result.map_err(|e| self.io("put", name, e)),
+            }
+        }
         let mut suffix = [0u8; 6];
         rand::rngs::OsRng.fill_bytes(&mut suffix);
         let tmp = dir.join(format!(".tmp.{file_name}.{}", hex::encode(suffix)));
-        let result = (|| -> std::io::Result<PutOutcome> {
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            drop(f);
-            // link(2) fails if the target exists, which makes this an atomic put-if-absent
-            // (rename would silently replace).
-            let outcome = match std::fs::hard_link(&tmp, &path) {
-                Ok(()) => PutOutcome::Created,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => PutOutcome::AlreadyExists,
-                Err(e) => return Err(e),
-            };
-            std::fs::remove_file(&tmp)?;
-            sync_dir(&dir)?;
-            Ok(outcome)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map_err(|e| self.io("put", name, e))
+        let f =
+            std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| self.io("put", name, e))?;
+        write_and_link(f, &tmp, false, data, &path, &dir).map_err(|e| self.io("put", name, e))
     }
 
     fn list_blocking(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
@@ -367,6 +377,38 @@ impl LocalStore {
     }
 }
 
+/// Writes `data` into `f` (the file at `tmp`; `reused` if it held an older object), makes it
+/// durable, links it as `path` unless that exists (an atomic put-if-absent: rename would replace)
+/// and fsyncs `dir`. `tmp` is gone afterwards, whatever happened.
+fn write_and_link(
+    mut f: std::fs::File,
+    tmp: &Path,
+    reused: bool,
+    data: &[u8],
+    path: &Path,
+    dir: &Path,
+) -> std::io::Result<PutOutcome> {
+    let result = (|| {
+        f.write_all(data)?;
+        if reused {
+            f.set_len(data.len() as u64)?;
+        }
+        f.sync_all()?;
+        let outcome = match std::fs::hard_link(tmp, path) {
+            Ok(()) => PutOutcome::Created,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => PutOutcome::AlreadyExists,
+            Err(e) => return Err(e),
+        };
+        std::fs::remove_file(tmp)?;
+        sync_dir(dir)?;
+        Ok(outcome)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -395,7 +437,7 @@ impl Store for LocalStore {
     async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
         let this = self.clone();
         let name = name.to_string();
-        run_blocking(move || this.put_blocking(&name, &data)).await
+        run_blocking_in_place(move || this.put_blocking(&name, &data)).await
     }
 
     async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
@@ -428,13 +470,18 @@ impl Store for LocalStore {
 
     async fn delete(&self, name: &str) -> Result<(), StoreError> {
         let path = self.path_of(name)?;
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(self.io("delete", name, e)),
-        }
-        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        run_blocking(move || sync_dir(&dir)).await.map_err(|e| self.io("delete", name, e))
+        let this = self.clone();
+        let owned = name.to_string();
+        run_blocking(move || {
+            match this.discard(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(this.io("delete", &owned, e)),
+            }
+            let dir = path.parent().unwrap_or(&this.root);
+            sync_dir(dir).map_err(|e| this.io("delete", &owned, e))
+        })
+        .await
     }
 
     async fn delete_many(&self, names: &[String]) -> Result<(), StoreError> {
@@ -445,7 +492,7 @@ impl Store for LocalStore {
             let mut dirs = std::collections::BTreeSet::new();
             for name in &names {
                 let path = this.path_of(name)?;
-                match std::fs::remove_file(&path) {
+                match this.discard(&path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(this.io("delete", name, e)),
@@ -472,6 +519,17 @@ impl Store for LocalStore {
 
     fn location(&self) -> String {
         self.root.display().to_string()
+    }
+}
+
+/// As [`run_blocking`], but on this very thread where the runtime allows it (tokio moves the
+/// thread's other tasks elsewhere meanwhile). A WAL put is on the path of every synchronous
+/// commit: handing it to the blocking pool and back costs two thread wake-ups, which on a busy
+/// machine are a good part of the commit's wait.
+async fn run_blocking_in_place<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => run_blocking(f).await,
     }
 }
 
@@ -513,6 +571,35 @@ mod tests {
         fn location(&self) -> String {
             self.0.location()
         }
+    }
+
+    #[tokio::test]
+    async fn a_deleted_small_object_s_file_is_written_again_by_a_later_put() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::with_recycle_age(dir.path(), std::time::Duration::ZERO);
+        s.put_if_absent("wal/a.chunk", Bytes::from_static(b"the first object, longer")).await.unwrap();
+        let inode = std::fs::metadata(dir.path().join("wal/a.chunk")).unwrap().ino();
+        s.delete_many(&["wal/a.chunk".to_string()]).await.unwrap();
+        assert!(s.head("wal/a.chunk").await.unwrap().is_none());
+        assert!(s.list("").await.unwrap().is_empty(), "the pool is not listed");
+        assert_eq!(s.put_if_absent("wal/b.chunk", Bytes::from_static(b"second")).await.unwrap(), PutOutcome::Created);
+        assert_eq!(&s.get("wal/b.chunk").await.unwrap()[..], b"second");
+        let meta = std::fs::metadata(dir.path().join("wal/b.chunk")).unwrap();
+        assert_eq!((meta.ino(), meta.nlink()), (inode, 1), "the same file, under its new name only");
+        assert_eq!(std::fs::read_dir(dir.path().join(crate::recycle::RECYCLE_DIR)).unwrap().count(), 0);
+        // Put-if-absent still holds for a reused file, and the refused file is not left around.
+        s.delete("wal/b.chunk").await.unwrap();
+        s.put_if_absent("wal/c.chunk", Bytes::from_static(b"c")).await.unwrap();
+        s.delete("wal/c.chunk").await.unwrap();
+        s.put_if_absent("wal/d.chunk", Bytes::from_static(b"d")).await.unwrap();
+        assert_eq!(
+            s.put_if_absent("wal/d.chunk", Bytes::from_static(b"other")).await.unwrap(),
+            PutOutcome::AlreadyExists
+        );
+        assert_eq!(&s.get("wal/d.chunk").await.unwrap()[..], b"d");
+        let names: Vec<_> = s.list("").await.unwrap().into_iter().map(|o| o.name).collect();
+        assert_eq!(names, vec!["wal/d.chunk"]);
     }
 
     #[tokio::test]

@@ -88,6 +88,18 @@ pub fn spool_dir(dest: &Path) -> PathBuf {
     dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join(SPOOL_DIR)
 }
 
+/// Moves `file` from the prefetch spool to `dest` if a prefetcher put it there; whether it did.
+/// Spooled files were read from authenticated segment objects and stop before any `until`, so
+/// serving one needs no repository at all: a restore_command that finds its segment spooled
+/// costs one rename instead of opening the repository.
+pub fn take_spooled(file: &str, dest: &Path) -> bool {
+    if file.is_empty() || file.contains('/') || file.starts_with('.') {
+        return false;
+    }
+    let spooled = spool_dir(dest).join(file);
+    spooled.is_file() && std::fs::rename(&spooled, dest).is_ok()
+}
+
 /// Fetches `file` (as PostgreSQL names it) into `dest`, from the prefetch spool if it is there.
 /// With `until`, nothing at or past that LSN is served (the rest of its segment is zeros).
 pub async fn wal_fetch(
@@ -97,8 +109,7 @@ pub async fn wal_fetch(
     dest: &Path,
     until: Option<u64>,
 ) -> Result<Fetched, FetchError> {
-    let spooled = spool_dir(dest).join(file);
-    if spooled.is_file() && std::fs::rename(&spooled, dest).is_ok() {
+    if take_spooled(file, dest) {
         return Ok(Fetched::Segment);
     }
     let layout = WalLayout::new(cluster);
@@ -328,6 +339,24 @@ mod tests {
     use super::*;
     use pitr_archive::{KeyRing, LocalStore, ObjectKind, ObjectMeta};
     use std::sync::Arc;
+
+    #[test]
+    fn a_spooled_segment_is_served_without_the_repository_and_only_by_its_plain_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("pg_wal").join("RECOVERYXLOG");
+        let spool = spool_dir(&dest);
+        std::fs::create_dir_all(&spool).unwrap();
+        let name = "000000010000000000000007";
+        std::fs::write(spool.join(name), b"segment").unwrap();
+        std::fs::write(dir.path().join("pg_wal").join("secret"), b"not WAL").unwrap();
+        assert!(!take_spooled("../secret", &dest));
+        assert!(!take_spooled(".lock", &dest));
+        assert!(!take_spooled("000000010000000000000008", &dest));
+        assert!(!dest.exists());
+        assert!(take_spooled(name, &dest));
+        assert_eq!(std::fs::read(&dest).unwrap(), b"segment");
+        assert!(!spool.join(name).exists());
+    }
 
     /// A local repository with 1 MiB segments.
     fn scratch_repository() -> (tempfile::TempDir, Repository, ClusterInfo, WalLayout, ObjectMeta) {

@@ -22,6 +22,11 @@ pub async fn run(
     until: Option<u64>,
 ) -> Result<ExitCode> {
     const ARCHIVE_ERROR: u8 = 126;
+    if pitr_restore::walfetch::take_spooled(file, dest) {
+        tracing::debug!(file, "served from the prefetch spool");
+        start_prefetch(config_path, from, file, dest, until);
+        return Ok(ExitCode::SUCCESS);
+    }
     let result = async {
         let config = Config::load(config_path)?;
         let repo = open::reader(&config, from)?;
