@@ -17,13 +17,14 @@
 //! - A file is reused only while it has exactly one link. A crash between linking a reused file
 //!   under its new name and removing its pool name leaves two links; such a file is only ever
 //!   unlinked from the pool, never written again.
-//! - Files pooled longer than [`STALE_AFTER`] (a previous process's) are unlinked by the next
-//!   process that pools a file.
+//! - Only the sidecar pools (a short-lived command would just leave its files behind); it
+//!   unlinks its pool when it stops, and files pooled longer than [`STALE_AFTER`] (a killed
+//!   process's) are unlinked by the next one, every [`STALE_AFTER`].
 
 use std::collections::VecDeque;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -35,7 +36,7 @@ const MAX_BYTES: u64 = 64 << 10;
 /// At most this many files wait in the pool; more are unlinked as before.
 const CAPACITY: usize = 4096;
 /// How long a pooled file waits before it is written again.
-pub(crate) const MIN_AGE: Duration = Duration::from_secs(5);
+pub(crate) const MIN_AGE: Duration = Duration::from_secs(2);
 /// Pool files older than this (by ctime, which the move into the pool sets) belong to no one.
 const STALE_AFTER: Duration = Duration::from_secs(600);
 
@@ -46,7 +47,8 @@ pub(crate) struct RecyclePool {
     min_age: Duration,
     files: Mutex<VecDeque<(PathBuf, Instant)>>,
     next: AtomicU64,
-    swept: AtomicBool,
+    /// When this process last unlinked stale pool files (`None`: not yet).
+    swept: Mutex<Option<Instant>>,
 }
 
 impl RecyclePool {
@@ -57,7 +59,7 @@ impl RecyclePool {
             min_age,
             files: Mutex::new(VecDeque::new()),
             next: AtomicU64::new(0),
-            swept: AtomicBool::new(false),
+            swept: Mutex::new(None),
         }
     }
 
@@ -75,7 +77,15 @@ impl RecyclePool {
         {
             return Ok(false);
         }
-        if !self.swept.swap(true, Ordering::Relaxed) {
+        let sweep_due = {
+            let mut swept = self.swept.lock().unwrap_or_else(|e| e.into_inner());
+            let due = !matches!(*swept, Some(at) if at.elapsed() < STALE_AFTER);
+            if due {
+                *swept = Some(Instant::now());
+            }
+            due
+        };
+        if sweep_due {
             self.sweep_stale();
         }
         match std::fs::create_dir(&self.dir) {
@@ -128,6 +138,16 @@ impl RecyclePool {
             if now.duration_since(changed).is_ok_and(|age| age > STALE_AFTER) {
                 let _ = std::fs::remove_file(entry.path());
             }
+        }
+    }
+}
+
+impl Drop for RecyclePool {
+    /// A process that stops leaves no pooled files behind (a killed one leaves them for the
+    /// next sweep).
+    fn drop(&mut self) {
+        for (path, _) in self.files().drain(..) {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

@@ -202,28 +202,38 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
-    /// Files of deleted small objects for later puts to reuse (see [`crate::recycle`]).
-    recycled: Arc<RecyclePool>,
+    /// Files of deleted small objects for later puts to reuse (see [`crate::recycle`]); only in
+    /// the long-running sidecar ([`LocalStore::recycling`]).
+    recycled: Option<Arc<RecyclePool>>,
 }
 
 impl LocalStore {
     /// A store on the directory `root`. Nothing is touched yet; puts and listings fail while the
     /// directory does not exist (see [`LocalStore::create_root`]).
     pub fn new(root: impl Into<PathBuf>) -> LocalStore {
-        Self::with_recycle_age(root, crate::recycle::MIN_AGE)
+        LocalStore { root: root.into(), recycled: None }
     }
 
-    fn with_recycle_age(root: impl Into<PathBuf>, min_age: std::time::Duration) -> LocalStore {
-        let root = root.into();
-        let recycled = Arc::new(RecyclePool::new(&root, min_age));
-        LocalStore { root, recycled }
+    /// This store, keeping the files of deleted small objects for later puts to write into
+    /// instead of creating new ones (see [`crate::recycle`]). For a process that puts and deletes
+    /// many small objects for a long time (the sidecar's WAL chunks); a short-lived command would
+    /// only leave its pooled files behind for a later process to sweep.
+    pub fn recycling(self) -> LocalStore {
+        self.with_recycle_age(crate::recycle::MIN_AGE)
     }
 
-    /// Removes the object file at `path`: into the recycle pool if it is worth keeping, else
-    /// unlinked. A missing file is `NotFound`.
+    fn with_recycle_age(self, min_age: std::time::Duration) -> LocalStore {
+        let recycled = Some(Arc::new(RecyclePool::new(&self.root, min_age)));
+        LocalStore { recycled, ..self }
+    }
+
+    /// Removes the object file at `path`: into the recycle pool if there is one and the file is
+    /// worth keeping, else unlinked. A missing file is `NotFound`.
     fn discard(&self, path: &Path) -> std::io::Result<()> {
-        if self.recycled.take_in(path)? {
-            return Ok(());
+        if let Some(pool) = &self.recycled {
+            if pool.take_in(path)? {
+                return Ok(());
+            }
         }
         std::fs::remove_file(path)
     }
@@ -272,7 +282,7 @@ impl LocalStore {
         }
         create_dir_all_synced(&self.root, &dir).map_err(|e| self.io("create directory for", name, e))?;
         // A deleted object's file when one is waiting (no inode to allocate), else a new file.
-        if let Some((pooled, f)) = self.recycled.take_out() {
+        if let Some((pooled, f)) = self.recycled.as_ref().and_then(|pool| pool.take_out()) {
             match write_and_link(f, &pooled, true, data, &path, &dir) {
                 Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {} // the object's directory is another mount
                 result => return result.map_err(|e| self.io("put", name, e)),
@@ -437,7 +447,11 @@ impl Store for LocalStore {
     async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
         let this = self.clone();
         let name = name.to_string();
-        run_blocking_in_place(move || this.put_blocking(&name, &data)).await
+        if data.len() <= IN_PLACE_PUT_MAX {
+            run_blocking_in_place(move || this.put_blocking(&name, &data)).await
+        } else {
+            run_blocking(move || this.put_blocking(&name, &data)).await
+        }
     }
 
     async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
@@ -522,6 +536,10 @@ impl Store for LocalStore {
     }
 }
 
+/// Puts up to this size (WAL chunks) run in place; bigger ones (blocks, segments) on the blocking
+/// pool, where several from one task (a secondary's copy batch) still go at once.
+const IN_PLACE_PUT_MAX: usize = 64 << 10;
+
 /// As [`run_blocking`], but on this very thread where the runtime allows it (tokio moves the
 /// thread's other tasks elsewhere meanwhile). A WAL put is on the path of every synchronous
 /// commit: handing it to the blocking pool and back costs two thread wake-ups, which on a busy
@@ -577,7 +595,7 @@ mod tests {
     async fn a_deleted_small_object_s_file_is_written_again_by_a_later_put() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let s = LocalStore::with_recycle_age(dir.path(), std::time::Duration::ZERO);
+        let s = LocalStore::new(dir.path()).with_recycle_age(std::time::Duration::ZERO);
         s.put_if_absent("wal/a.chunk", Bytes::from_static(b"the first object, longer")).await.unwrap();
         let inode = std::fs::metadata(dir.path().join("wal/a.chunk")).unwrap().ino();
         s.delete_many(&["wal/a.chunk".to_string()]).await.unwrap();
@@ -600,6 +618,17 @@ mod tests {
         assert_eq!(&s.get("wal/d.chunk").await.unwrap()[..], b"d");
         let names: Vec<_> = s.list("").await.unwrap().into_iter().map(|o| o.name).collect();
         assert_eq!(names, vec!["wal/d.chunk"]);
+        // Dropping the last handle unlinks what waits in the pool.
+        s.delete("wal/d.chunk").await.unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join(crate::recycle::RECYCLE_DIR)).unwrap().count(), 1);
+        drop(s);
+        assert_eq!(std::fs::read_dir(dir.path().join(crate::recycle::RECYCLE_DIR)).unwrap().count(), 0);
+
+        // Without recycling (every command but the sidecar) a delete unlinks.
+        let plain = LocalStore::new(dir.path());
+        plain.put_if_absent("wal/e.chunk", Bytes::from_static(b"e")).await.unwrap();
+        plain.delete("wal/e.chunk").await.unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join(crate::recycle::RECYCLE_DIR)).unwrap().count(), 0);
     }
 
     #[tokio::test]

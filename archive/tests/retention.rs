@@ -519,12 +519,17 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// The objects under `dir`: every file but the local backend's own (`.tmp.` temporaries and the
+/// recycle pool of deleted small objects' files), which are never objects.
 fn tree(dir: &std::path::Path) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap() {
             let p = e.unwrap().path();
+            if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".tmp.")) {
+                continue;
+            }
             if p.is_dir() {
                 stack.push(p);
             } else {

@@ -15,11 +15,18 @@ use crate::config::{Config, SecondaryConfig, PRIMARY_NAME};
 /// The configured storage backend: a local directory, or an S3/GCS bucket for
 /// `url = "s3://…"` / `"gs://…"`.
 pub fn store(config: &Config) -> Result<Arc<dyn Store>> {
+    store_recycling(config, false)
+}
+
+/// [`store`]; a local one keeps deleted small objects' files for reuse when `recycle` (the
+/// sidecar only: see `LocalStore::recycling`).
+fn store_recycling(config: &Config, recycle: bool) -> Result<Arc<dyn Store>> {
     Ok(match &config.repository.url {
         Some(url) => {
             let opts = config.repository.cloud_options()?;
             Arc::new(pitr_archive::cloud::CloudStore::open(url, &opts).context("[repository] url")?)
         }
+        None if recycle => Arc::new(LocalStore::new(config.repository_path()).recycling()),
         None => Arc::new(LocalStore::new(config.repository_path())),
     })
 }
@@ -62,12 +69,16 @@ fn key_ring(config: &Config) -> Result<KeyRing> {
     KeyRing::load(&config.encryption.key_file).context("[encryption] key_file")
 }
 
-/// For commands that write: the primary, whose every put and delete is copied to the
-/// secondaries, and the copy workers when there are secondaries (the sidecar watches and
-/// back-fills them).
+/// For the sidecar: the primary, whose every put and delete is copied to the secondaries, and
+/// the copy workers when there are secondaries (the sidecar watches and back-fills them). A local
+/// primary recycles the files of deleted WAL chunks.
 pub fn writer_with_copies(config: &Config) -> Result<(Repository, Option<Arc<ReplicatedStore>>)> {
+    writer_recycling(config, true)
+}
+
+fn writer_recycling(config: &Config, recycle: bool) -> Result<(Repository, Option<Arc<ReplicatedStore>>)> {
     let keys = key_ring(config)?;
-    let primary = store(config)?;
+    let primary = store_recycling(config, recycle)?;
     let (store, copies): (Arc<dyn Store>, _) = if config.repository.secondary.is_empty() {
         (primary, None)
     } else {
@@ -104,7 +115,7 @@ fn chosen(config: &Config, from: Option<&str>) -> Result<(Repository, String, Ve
 
 /// For commands that write: the primary, whose every put and delete is copied to the secondaries.
 pub fn writer(config: &Config) -> Result<Repository> {
-    Ok(writer_with_copies(config)?.0)
+    Ok(writer_recycling(config, false)?.0)
 }
 
 /// The position of `--from NAME` among the configured repositories (the primary without it).

@@ -69,6 +69,10 @@ fn objects(root: &Path) -> Result<Vec<String>> {
             let e = e?;
             let path = e.path();
             let name = path.strip_prefix(root)?.display().to_string();
+            // The local backend's own files (temporaries, the recycle pool) are never objects.
+            if e.file_name().to_string_lossy().starts_with(".tmp.") {
+                continue;
+            }
             if e.file_type()?.is_dir() {
                 stack.push(path);
             } else if !name.contains("/lease/")
