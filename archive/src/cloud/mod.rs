@@ -247,6 +247,19 @@ impl CloudStore {
         }
     }
 
+    /// The bucket path to list for the directory `dir` of names (no trailing `/`; `""` for the
+    /// top), and the bucket prefix to strip from what comes back to get names.
+    fn listing_path(&self, dir: &str) -> (Option<ObjectPath>, String) {
+        let full_dir = match (self.prefix.is_empty(), dir.is_empty()) {
+            (true, true) => None,
+            (true, false) => Some(ObjectPath::from(dir)),
+            (false, true) => Some(ObjectPath::from(self.prefix.as_str())),
+            (false, false) => Some(ObjectPath::from(format!("{}/{dir}", self.prefix))),
+        };
+        let strip = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
+        (full_dir, strip)
+    }
+
     async fn permit(&self) -> tokio::sync::OwnedSemaphorePermit {
         // The semaphore is never closed.
         self.permits.clone().acquire_owned().await.expect("request semaphore closed")
@@ -456,13 +469,7 @@ impl Store for CloudStore {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         // object_store lists by path components; names may share a partial last component.
         let dir = prefix.rfind('/').map(|i| &prefix[..i]).unwrap_or("");
-        let full_dir = match (self.prefix.is_empty(), dir.is_empty()) {
-            (true, true) => None,
-            (true, false) => Some(ObjectPath::from(dir)),
-            (false, true) => Some(ObjectPath::from(self.prefix.as_str())),
-            (false, false) => Some(ObjectPath::from(format!("{}/{dir}", self.prefix))),
-        };
-        let strip = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
+        let (full_dir, strip) = self.listing_path(dir);
         let _permit = self.permit().await;
         let metas: Vec<object_store::ObjectMeta> =
             self.inner.list(full_dir.as_ref()).try_collect().await.map_err(|e| self.err("list", prefix, e))?;
@@ -478,14 +485,7 @@ impl Store for CloudStore {
     }
 
     async fn list_children(&self, dir: &str) -> Result<Vec<String>, StoreError> {
-        let trimmed = dir.trim_end_matches('/');
-        let full_dir = match (self.prefix.is_empty(), trimmed.is_empty()) {
-            (true, true) => None,
-            (true, false) => Some(ObjectPath::from(trimmed)),
-            (false, true) => Some(ObjectPath::from(self.prefix.as_str())),
-            (false, false) => Some(ObjectPath::from(format!("{}/{trimmed}", self.prefix))),
-        };
-        let strip = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
+        let (full_dir, strip) = self.listing_path(dir.trim_end_matches('/'));
         let _permit = self.permit().await;
         let listed = self.inner.list_with_delimiter(full_dir.as_ref()).await.map_err(|e| self.err("list", dir, e))?;
         let mut out: Vec<String> = listed
