@@ -9,10 +9,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pitr_archive::{Repository, RepositoryError, WalObject};
+use pitr_archive::{PutOutcome, Repository, RepositoryError, WalObject};
 use tokio::sync::{watch, Notify};
 
-use crate::pipeline::{Put, Step, WalPipeline};
+use crate::pipeline::{Step, WalPipeline};
 
 /// The pipeline, shared by the receiver and the uploader.
 #[derive(Debug)]
@@ -66,42 +66,89 @@ struct Uploader {
     progress: watch::Sender<u64>,
 }
 
+/// A compaction running beside the chunk puts: its put id and how its put went.
+type Compaction = tokio::task::JoinHandle<(u64, Instant, Result<PutOutcome, RepositoryError>)>;
+
+/// Waits for the compaction under way, if any (never returns while there is none).
+async fn compaction_finished(task: &mut Option<Compaction>) -> (u64, Instant, Result<PutOutcome, RepositoryError>) {
+    let Some(handle) = task.as_mut() else { return std::future::pending().await };
+    let joined = handle.await;
+    *task = None;
+    match joined {
+        Ok(outcome) => outcome,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled only by a runtime shutting down, which polls nothing after.
+        Err(_) => std::future::pending().await,
+    }
+}
+
 impl Uploader {
     async fn run(self) -> Result<(), RepositoryError> {
         let layout = self.shared.with(|p| p.layout());
+        let mut compaction: Option<Compaction> = None;
         loop {
+            if compaction.is_none() {
+                if let Some(put) = self.shared.with(|p| p.next_compaction(Instant::now())) {
+                    // Its own task: a local put runs in place and would hold up the chunk puts.
+                    let (repo, name) = (self.repo.clone(), layout.object_name(&put.object));
+                    compaction = Some(tokio::spawn(async move {
+                        let started = Instant::now();
+                        (put.id, started, repo.put_sealed(&name, put.bytes, put.meta).await)
+                    }));
+                }
+            }
             let step = self.shared.with(|p| p.next_step(Instant::now()));
             self.report();
             let put = match step {
                 Step::Put(put) => put,
                 Step::Finished => return Ok(()),
                 Step::Wait(until) => {
+                    let until = [until, self.shared.with(|p| p.compaction_wake_at())].into_iter().flatten().min();
                     let until = until.map_or(Instant::now() + Duration::from_secs(3600), |t| {
                         t.max(Instant::now() + Duration::from_millis(1))
                     });
                     tokio::select! {
                         _ = self.shared.work.notified() => {}
                         _ = tokio::time::sleep_until(until.into()) => {}
+                        (id, started, result) = compaction_finished(&mut compaction) => {
+                            self.record(id, "wal_segment", started, result)?;
+                        }
                     }
                     continue;
                 }
             };
             let name = layout.object_name(&put.object);
-            self.execute(put, &name).await?;
+            let kind = match put.object {
+                WalObject::Segment { .. } => "wal_segment",
+                _ => "wal_chunk",
+            };
+            let (id, started) = (put.id, Instant::now());
+            let main = self.repo.put_sealed(&name, put.bytes, put.meta);
+            tokio::pin!(main);
+            let result = loop {
+                tokio::select! {
+                    result = &mut main => break result,
+                    (id, started, result) = compaction_finished(&mut compaction) => {
+                        self.record(id, "wal_segment", started, result)?;
+                        self.report();
+                    }
+                }
+            };
+            self.record(id, kind, started, result)?;
             self.report();
         }
     }
 
-    /// Makes one put and tells the pipeline how it went; an error only for a put that can
-    /// never succeed.
-    async fn execute(&self, put: Put, name: &str) -> Result<(), RepositoryError> {
-        let Put { id, object, meta, bytes } = put;
-        let kind = match object {
-            WalObject::Segment { .. } => "wal_segment",
-            _ => "wal_chunk",
-        };
-        let started = Instant::now();
-        match self.repo.put_sealed(name, bytes, meta).await {
+    /// Tells the pipeline how put `id` (started at `started`) went; an error only for a put
+    /// that can never succeed.
+    fn record(
+        &self,
+        id: u64,
+        kind: &'static str,
+        started: Instant,
+        result: Result<PutOutcome, RepositoryError>,
+    ) -> Result<(), RepositoryError> {
+        match result {
             Ok(_) => {
                 metrics::histogram!("pitr_upload_duration_seconds").record(started.elapsed().as_secs_f64());
                 match self.shared.with(|p| p.put_done(id, Instant::now())) {
@@ -112,7 +159,7 @@ impl Uploader {
                             self.delete_in_background(&done.obsolete);
                         }
                     }
-                    // Only this task reports puts, one at a time: a pipeline bug if it happens.
+                    // Only this task reports puts: a pipeline bug if it happens.
                     Err(e) => tracing::warn!(error = %e, "a put finished out of turn"),
                 }
                 Ok(())

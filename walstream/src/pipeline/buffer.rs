@@ -40,6 +40,12 @@ impl SegmentBuffer {
     pub fn end_offset(&self) -> u32 {
         self.base + self.data.len() as u32
     }
+
+    /// Its chunk objects, which a segment object makes redundant.
+    pub fn chunk_objects(&self) -> Vec<pitr_archive::WalObject> {
+        let (timeline, segno) = (self.timeline, self.segno);
+        self.chunks.iter().map(|&(from, to)| pitr_archive::WalObject::Chunk { timeline, segno, from, to }).collect()
+    }
 }
 
 /// First and last commit time among `commits` whose record ends in `(from_lsn, to_lsn]`: the

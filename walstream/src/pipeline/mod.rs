@@ -18,7 +18,10 @@
 //!   object instead of chunks now and the same bytes again at compaction.
 //! - One put at a time, the oldest segment first; a full segment held from offset 0 becomes one
 //!   segment object (compaction), and only once that is durable are its chunks handed out for
-//!   deletion.
+//!   deletion. A full segment already durable through its chunks is compacted beside the chunk
+//!   puts ([`WalPipeline::next_compaction`], one at a time): sealing and writing 16 MiB takes
+//!   tens of milliseconds, which the next segment's commits would otherwise wait for. A segment
+//!   that arrived whole (catching up) is put as one object in the chunk puts' turn, as before.
 //! - Only what is durable is reported: [`WalPipeline::reportable`] never exceeds the end of the
 //!   last durable object on the streamed timeline.
 //! - A failed put is retried after a backoff (100 ms doubling to 30 s); a done or failure for a
@@ -151,12 +154,21 @@ pub(crate) struct WalPipeline {
     /// Where the server's WAL ended when it last said (XLogData's `wal_end`): a hint that more is
     /// coming, never a position reported or relied on for durability.
     server_end: u64,
-    /// The durable end. Only the front buffer is ever put, so this is also how far the front
-    /// buffer is durable (when it is on this timeline and the end falls inside it).
+    /// The durable end. Only the front buffer is ever put in chunks (compactions only rewrite
+    /// segments already durable), so this is also how far the front buffer is durable (when it
+    /// is on this timeline and the end falls inside it).
     durable: Durable,
     /// Oldest first.
     segments: VecDeque<SegmentBuffer>,
     in_flight: Option<InFlight>,
+    /// Full segments durable through their chunks, waiting for their segment object (oldest
+    /// first); they leave `segments` when they are handed over.
+    compacting: VecDeque<SegmentBuffer>,
+    /// The compaction under way, beside `in_flight`.
+    compaction: Option<InFlight>,
+    /// No compaction before this moment (after a failure), and the next delay.
+    compaction_retry_at: Option<Instant>,
+    compaction_backoff: Duration,
     next_id: u64,
     /// When the last chunk put that succeeded began.
     last_chunk_put: Option<Instant>,
@@ -201,6 +213,10 @@ impl WalPipeline {
             durable: Durable { timeline, lsn: end, last_commit_us: None },
             segments,
             in_flight: None,
+            compacting: VecDeque::new(),
+            compaction: None,
+            compaction_retry_at: None,
+            compaction_backoff: FIRST_BACKOFF,
             next_id: 1,
             last_chunk_put: None,
             retry_at: None,
@@ -243,7 +259,7 @@ impl WalPipeline {
 
     /// Bytes received and held in memory.
     pub fn held_bytes(&self) -> usize {
-        self.segments.iter().map(|s| s.data.len()).sum()
+        self.segments.iter().chain(&self.compacting).map(|s| s.data.len()).sum()
     }
 
     /// How long the oldest WAL received but not durable has waited (zero when caught up).
@@ -383,15 +399,67 @@ impl WalPipeline {
         if let Some(put) = self.next_put(now) {
             return Step::Put(put);
         }
-        if self.stopping && self.in_flight.is_none() && self.all_durable() {
+        // A stop also waits for the compactions, as a clean stop leaves no segment in chunks.
+        let compacted = self.compaction.is_none() && self.compacting.is_empty();
+        if self.stopping && self.in_flight.is_none() && compacted && self.all_durable() {
             return Step::Finished;
         }
-        Step::Wait(self.wake_at())
+        Step::Wait([self.wake_at(), self.compaction_wake_at()].into_iter().flatten().min())
     }
 
-    /// The put under way succeeded (`id` names it): the durable end moves past it. A segment's
-    /// chunks come back in [`Done::obsolete`] for deletion.
+    /// The compaction to start beside the chunk puts, if one may: the oldest full segment durable
+    /// through its chunks, as one segment object. None while one is under way and while a failed
+    /// one waits for its retry. Its outcome goes to [`WalPipeline::put_done`] or
+    /// [`WalPipeline::put_failed`] like any put.
+    pub fn next_compaction(&mut self, now: Instant) -> Option<Put> {
+        while self.hand_over_compactable() {}
+        if self.compaction.is_some() || self.compaction_retry_at.is_some_and(|t| now < t) {
+            return None;
+        }
+        let seg = self.compacting.front()?;
+        let seg_lsn = self.layout.segment_start(seg.segno);
+        let object = WalObject::Segment { timeline: seg.timeline, segno: seg.segno };
+        let meta = wal_meta(ObjectKind::WalSegment, seg, seg_lsn, seg_lsn + self.layout.segment_size);
+        let bytes = seg.data.clone();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.compaction =
+            Some(InFlight { id, object, bytes: bytes.len() as u64, started: now, last_commit_us: meta.last_commit_us });
+        Some(Put { id, object, meta, bytes })
+    }
+
+    /// Moves the front buffer to the compaction queue if it is a full segment from offset 0,
+    /// closed and durable through its chunks; whether it did.
+    fn hand_over_compactable(&mut self) -> bool {
+        let Some(seg) = self.segments.front() else { return false };
+        let full = seg.base == 0 && u64::from(seg.end_offset()) == self.layout.segment_size;
+        if !(full && self.front_closed() && !seg.chunks.is_empty() && self.is_durable(0, seg)) {
+            return false;
+        }
+        if let Some(seg) = self.segments.pop_front() {
+            self.compacting.push_back(seg);
+        }
+        true
+    }
+
+    /// When a compaction may start that cannot now (a failure's backoff), if one waits.
+    pub fn compaction_wake_at(&self) -> Option<Instant> {
+        (self.compaction.is_none() && !self.compacting.is_empty()).then_some(self.compaction_retry_at).flatten()
+    }
+
+    /// The put under way (or the compaction, when `id` names it) succeeded: the durable end moves
+    /// past it. A segment's chunks come back in [`Done::obsolete`] for deletion.
     pub fn put_done(&mut self, id: u64, now: Instant) -> Result<Done, PipelineError> {
+        if let Some(done) = self.compaction.take_if(|c| c.id == id) {
+            let obsolete = self.compacting.pop_front().map(|seg| seg.chunk_objects()).unwrap_or_default();
+            self.compaction_retry_at = None;
+            self.compaction_backoff = FIRST_BACKOFF;
+            self.stats.objects += 1;
+            self.stats.bytes += done.bytes;
+            // Its memory is free: the receiver may read on.
+            self.generation += 1;
+            return Ok(Done { object: done.object, bytes: done.bytes, obsolete });
+        }
         let put = self.take_in_flight(id)?;
         let mut obsolete = Vec::new();
         match put.object {
@@ -408,11 +476,7 @@ impl WalPipeline {
             }
             WalObject::Segment { timeline, segno } => {
                 if let Some(seg) = self.segments.pop_front() {
-                    obsolete = seg
-                        .chunks
-                        .iter()
-                        .map(|&(from, to)| WalObject::Chunk { timeline: seg.timeline, segno: seg.segno, from, to })
-                        .collect();
+                    obsolete = seg.chunk_objects();
                 }
                 let end = self.layout.segment_start(segno + 1);
                 self.advance(timeline, end, put.last_commit_us);
@@ -431,6 +495,15 @@ impl WalPipeline {
     /// The put under way failed with `error`: it is made again (with whatever WAL came
     /// meanwhile) after the returned delay.
     pub fn put_failed(&mut self, id: u64, error: String, now: Instant) -> Result<Duration, PipelineError> {
+        if self.compaction.take_if(|c| c.id == id).is_some() {
+            let delay = self.compaction_backoff;
+            self.compaction_retry_at = Some(now + delay);
+            self.compaction_backoff = (self.compaction_backoff * 2).min(MAX_BACKOFF);
+            self.stats.errors += 1;
+            self.stats.last_error = Some(error);
+            self.generation += 1;
+            return Ok(delay);
+        }
         self.take_in_flight(id)?;
         let delay = self.backoff;
         self.retry_at = Some(now + delay);
@@ -507,12 +580,19 @@ impl WalPipeline {
             self.retry_at = None;
         }
         let (object, meta, bytes) = loop {
+            // Durable through its chunks: compacted beside the next segment's puts.
+            if self.hand_over_compactable() {
+                continue;
+            }
             let seg = self.segments.front()?;
             let closed = self.front_closed();
             let seg_lsn = self.layout.segment_start(seg.segno);
             let seg_end = seg_lsn + self.layout.segment_size;
-            if closed && seg.base == 0 && u64::from(seg.end_offset()) == self.layout.segment_size {
-                // The segment object's header covers every commit in the segment.
+            let full = seg.base == 0 && u64::from(seg.end_offset()) == self.layout.segment_size;
+            if closed && full && seg.chunks.is_empty() {
+                // Arrived whole (catching up): sealed once, as the segment object. Its header
+                // covers every commit in the segment. (Partly in chunks, its tail goes as one
+                // more chunk below, at once as it is closed, and the segment is compacted beside.)
                 let object = WalObject::Segment { timeline: seg.timeline, segno: seg.segno };
                 break (object, wal_meta(ObjectKind::WalSegment, seg, seg_lsn, seg_end), seg.data.clone());
             }

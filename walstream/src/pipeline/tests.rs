@@ -231,15 +231,26 @@ fn group_commit_puts_when_wal_is_there_and_the_previous_put_is_done_spaced_by_th
     p.put_done(next.id, t0 + second + MS).unwrap();
     // Caught up: no timer to wake for.
     assert_eq!(p.next_step(t0 + 3 * second), Step::Wait(None));
-    // A segment boundary: the closed segment goes at once, as a segment object.
+    // A segment boundary: the closed segment's tail goes at once, as a chunk...
     p.append(300, &wal(1, 300, SEG + 5), &[], t0 + second + 2 * MS).unwrap();
-    let seg = take_put(&mut p, t0 + second + 3 * MS);
+    assert_eq!(p.next_compaction(t0 + second + 2 * MS), None, "not durable yet: nothing to compact");
+    let tail = take_put(&mut p, t0 + second + 3 * MS);
+    assert_eq!(tail.object, chunk(1, 0, 300, END));
+    p.put_done(tail.id, t0 + second + 4 * MS).unwrap();
+    assert_eq!(p.reportable(), SEG);
+    // ...and the segment, durable through its chunks, is compacted beside the next puts.
+    let seg = p.next_compaction(t0 + second + 4 * MS).unwrap();
     assert_eq!(seg.object, segment(1, 0));
     assert_eq!(seg.bytes, wal(1, 0, SEG));
     assert_eq!(seg.meta.first_commit_us, Some(11), "a segment's header covers every commit in it");
-    p.put_done(seg.id, t0 + second + 4 * MS).unwrap();
-    // The next segment's first bytes still wait for the spacing (segment puts do not count).
-    assert_eq!(p.next_step(t0 + second + 5 * MS), Step::Wait(Some(t0 + 2 * second)));
+    assert_eq!(p.next_compaction(t0 + second + 4 * MS), None, "one compaction at a time");
+    // The next segment's first bytes wait for the spacing from the tail chunk, not for it.
+    assert_eq!(p.next_step(t0 + second + 5 * MS), Step::Wait(Some(t0 + 2 * second + 3 * MS)));
+    let beside = take_put(&mut p, t0 + 2 * second + 3 * MS);
+    assert_eq!(beside.object, chunk(1, 1, 0, 5));
+    p.put_done(seg.id, t0 + 2 * second + 4 * MS).unwrap();
+    p.put_done(beside.id, t0 + 2 * second + 5 * MS).unwrap();
+    assert_eq!(p.reportable(), SEG + 5);
     // With no spacing, every put goes as soon as the previous one is done.
     let mut p = WalPipeline::fresh(layout(), Duration::ZERO, 1, 0);
     p.append(0, &wal(1, 0, 10), &[], t0).unwrap();
@@ -391,18 +402,37 @@ fn compaction_puts_the_segment_then_hands_out_its_chunks_for_deletion() {
     }
     assert_eq!(p.durable().last_commit_us, Some(3));
     p.append(lsn, &wal(1, lsn, SEG + 20), &[], t).unwrap();
-    let seg = take_put(&mut p, t);
+    let tail = take_put(&mut p, t);
+    assert_eq!(tail.object, chunk(1, 0, 4000, END));
+    p.put_done(tail.id, t).unwrap();
+    chunks.push(tail.object);
+    let seg = p.next_compaction(t).unwrap();
     assert_eq!((seg.object, seg.bytes.len() as u64), (segment(1, 0), SEG));
     assert_eq!((seg.meta.first_commit_us, seg.meta.last_commit_us), (Some(1), Some(3)));
-    // Failed: the chunks stay, and the segment is made again.
-    p.put_failed(seg.id, "down".into(), t).unwrap();
-    let seg = take_put(&mut p, t + HOUR);
+    // Failed: the chunks stay, and the segment is made again after a backoff, which the
+    // uploader is told to wait for.
+    let delay = p.put_failed(seg.id, "down".into(), t).unwrap();
+    assert_eq!(p.next_compaction(t), None);
+    let next_chunk = take_put(&mut p, t);
+    assert_eq!(next_chunk.object, chunk(1, 1, 0, 20), "chunk puts go on meanwhile");
+    p.put_done(next_chunk.id, t).unwrap();
+    assert_eq!(p.next_step(t), Step::Wait(Some(t + delay)));
+    let seg = p.next_compaction(t + delay).unwrap();
     assert_eq!(seg.object, segment(1, 0));
     // Durable: only now are the chunks redundant.
     let done = p.put_done(seg.id, t + HOUR).unwrap();
     assert_eq!(done.obsolete, chunks);
-    assert_eq!((done.bytes, p.reportable(), p.held_bytes()), (SEG, SEG, 20));
-    assert_eq!(p.stats().objects, 4);
+    assert_eq!((done.bytes, p.reportable(), p.held_bytes()), (SEG, SEG + 20, 20));
+    assert_eq!(p.stats().objects, 6);
+    // A stop waits for a compaction waiting to go.
+    p.append(SEG + 20, &wal(1, SEG + 20, 2 * SEG), &[], t).unwrap();
+    let tail = take_put(&mut p, t);
+    p.put_done(tail.id, t).unwrap();
+    p.stop();
+    let seg = p.next_compaction(t).unwrap();
+    assert_eq!(p.next_step(t), Step::Wait(None));
+    p.put_done(seg.id, t).unwrap();
+    assert_eq!(p.next_step(t), Step::Finished);
 }
 
 #[test]
@@ -474,9 +504,13 @@ fn held_bytes_and_lag_follow_durability() {
     // Memory goes when the segment object is durable.
     p.append(150, &wal(1, 150, SEG), &[], t0).unwrap();
     let put = take_put(&mut p, t0 + 12 * MS);
-    assert_eq!(p.held_bytes() as u64, SEG);
     p.put_done(put.id, t0 + 13 * MS).unwrap();
+    let seg = p.next_compaction(t0 + 13 * MS).unwrap();
+    assert_eq!(p.held_bytes() as u64, SEG, "a segment being compacted is still held");
+    let generation = p.generation();
+    p.put_done(seg.id, t0 + 14 * MS).unwrap();
     assert_eq!(p.held_bytes(), 0);
+    assert!(p.generation() > generation, "freed memory lets the receiver read on");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -697,15 +731,19 @@ impl Sim {
     }
 
     /// The uploader, until it waits for WAL (or finishes).
+    /// Compactions go in between the chunk puts here; the uploader runs them beside.
     fn upload(&mut self) {
         loop {
-            let put = match self.pipeline.next_step(self.now) {
-                Step::Put(put) => put,
-                Step::Wait(Some(t)) => {
-                    self.now = self.now.max(t);
-                    continue;
-                }
-                Step::Wait(None) | Step::Finished => return,
+            let put = match self.pipeline.next_compaction(self.now) {
+                Some(compaction) => compaction,
+                None => match self.pipeline.next_step(self.now) {
+                    Step::Put(put) => put,
+                    Step::Wait(Some(t)) => {
+                        self.now = self.now.max(t);
+                        continue;
+                    }
+                    Step::Wait(None) | Step::Finished => return,
+                },
             };
             self.attempts += 1;
             self.crash_point();
@@ -958,10 +996,15 @@ fn resume_reads_commit_times_back_from_chunk_headers() {
     let t = Instant::now();
     assert_eq!(p.next_step(t), Step::Wait(None), "durable as read back: nothing to put");
     p.append(300, &wal(1, 300, SEG), &[(SEG - 1, 9)], t).unwrap();
-    let seg = take_put(&mut p, t);
+    let tail = take_put(&mut p, t);
+    p.put_done(tail.id, t).unwrap();
+    let seg = p.next_compaction(t).unwrap();
     assert_eq!((seg.object, seg.meta.first_commit_us, seg.meta.last_commit_us), (segment(1, 0), Some(1), Some(9)));
     let done = p.put_done(seg.id, t).unwrap();
-    assert_eq!(done.obsolete, vec![chunk(1, 0, 0, 100), chunk(1, 0, 100, 200), chunk(1, 0, 200, 300)]);
+    assert_eq!(
+        done.obsolete,
+        vec![chunk(1, 0, 0, 100), chunk(1, 0, 100, 200), chunk(1, 0, 200, 300), chunk(1, 0, 300, END)]
+    );
     // A partial buffer that does not end where the archive does is not taken.
     let run_buf = resumed_buffer(&l, &run, archive.read_run(&run).unwrap());
     let p = WalPipeline::resume(l, Duration::ZERO, 1, 500, Some(run_buf));
