@@ -18,8 +18,9 @@
 //!   under its new name and removing its pool name leaves two links; such a file is only ever
 //!   unlinked from the pool, never written again.
 //! - Only the sidecar pools (a short-lived command would just leave its files behind); it
-//!   unlinks its pool when it stops, and files pooled longer than [`STALE_AFTER`] (a killed
-//!   process's) are unlinked by the next one, every [`STALE_AFTER`].
+//!   unlinks its pool when it stops cleanly ([`RecyclePool::release`]), and files pooled longer
+//!   than [`STALE_AFTER`] (a killed process's) are unlinked by the next one, every
+//!   [`STALE_AFTER`].
 
 use std::collections::VecDeque;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -49,6 +50,8 @@ pub(crate) struct RecyclePool {
     next: AtomicU64,
     /// When this process last unlinked stale pool files (`None`: not yet).
     swept: Mutex<Option<Instant>>,
+    /// Released ([`RecyclePool::release`]): nothing more is pooled.
+    released: std::sync::atomic::AtomicBool,
 }
 
 impl RecyclePool {
@@ -60,6 +63,7 @@ impl RecyclePool {
             files: Mutex::new(VecDeque::new()),
             next: AtomicU64::new(0),
             swept: Mutex::new(None),
+            released: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -73,7 +77,11 @@ impl RecyclePool {
     /// filesystem): then the caller unlinks it. `NotFound` when there is no such file.
     pub fn take_in(&self, path: &Path) -> std::io::Result<bool> {
         let meta = std::fs::symlink_metadata(path)?;
-        if !meta.file_type().is_file() || meta.nlink() != 1 || meta.len() > MAX_BYTES || self.files().len() >= CAPACITY
+        if !meta.file_type().is_file()
+            || meta.nlink() != 1
+            || meta.len() > MAX_BYTES
+            || self.files().len() >= CAPACITY
+            || self.released.load(Ordering::Relaxed)
         {
             return Ok(false);
         }
@@ -128,6 +136,14 @@ impl RecyclePool {
         }
     }
 
+    /// Unlinks every file waiting in the pool and pools nothing more: the process is stopping.
+    pub fn release(&self) {
+        self.released.store(true, Ordering::Relaxed);
+        for (path, _) in self.files().drain(..) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
     /// Unlinks pool files no live process is waiting to reuse.
     fn sweep_stale(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
@@ -143,12 +159,8 @@ impl RecyclePool {
 }
 
 impl Drop for RecyclePool {
-    /// A process that stops leaves no pooled files behind (a killed one leaves them for the
-    /// next sweep).
     fn drop(&mut self) {
-        for (path, _) in self.files().drain(..) {
-            let _ = std::fs::remove_file(path);
-        }
+        self.release();
     }
 }
 

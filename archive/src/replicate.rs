@@ -800,6 +800,10 @@ impl Store for ReplicatedStore {
         self.primary.list_children(dir).await
     }
 
+    fn release(&self) {
+        self.primary.release();
+    }
+
     async fn delete(&self, name: &str) -> Result<(), StoreError> {
         self.primary.delete(name).await?;
         self.queue_delete(vec![name.to_string()]).await;

@@ -146,6 +146,10 @@ pub trait Store: Send + Sync + Debug {
     }
     /// Deletes `name`; deleting a missing object is not an error.
     async fn delete(&self, name: &str) -> Result<(), StoreError>;
+    /// Gives back what the store keeps for reuse (the local backend's pool of deleted small
+    /// objects' files, see [`LocalStore::recycling`]), when its process stops cleanly; later
+    /// deletes unlink. Nothing by default.
+    fn release(&self) {}
     /// Deletes several objects (backends may batch them).
     async fn delete_many(&self, names: &[String]) -> Result<(), StoreError> {
         for name in names {
@@ -482,6 +486,12 @@ impl Store for LocalStore {
         run_blocking(move || this.list_children_blocking(&dir)).await
     }
 
+    fn release(&self) {
+        if let Some(pool) = &self.recycled {
+            pool.release();
+        }
+    }
+
     async fn delete(&self, name: &str) -> Result<(), StoreError> {
         let path = self.path_of(name)?;
         let this = self.clone();
@@ -618,11 +628,15 @@ mod tests {
         assert_eq!(&s.get("wal/d.chunk").await.unwrap()[..], b"d");
         let names: Vec<_> = s.list("").await.unwrap().into_iter().map(|o| o.name).collect();
         assert_eq!(names, vec!["wal/d.chunk"]);
-        // Dropping the last handle unlinks what waits in the pool.
+        // Released at a clean stop: what waits in the pool is unlinked, later deletes unlink.
         s.delete("wal/d.chunk").await.unwrap();
         assert_eq!(std::fs::read_dir(dir.path().join(crate::recycle::RECYCLE_DIR)).unwrap().count(), 1);
-        drop(s);
+        s.release();
         assert_eq!(std::fs::read_dir(dir.path().join(crate::recycle::RECYCLE_DIR)).unwrap().count(), 0);
+        s.put_if_absent("wal/f.chunk", Bytes::from_static(b"f")).await.unwrap();
+        s.delete("wal/f.chunk").await.unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join(crate::recycle::RECYCLE_DIR)).unwrap().count(), 0);
+        drop(s);
 
         // Without recycling (every command but the sidecar) a delete unlinks.
         let plain = LocalStore::new(dir.path());

@@ -210,12 +210,24 @@ impl PitrEnv {
     }
 
     /// Stops a sidecar [`spawn_stream`](Self::spawn_stream) started with SIGTERM; fails unless it
-    /// exits 0 within 60 s.
+    /// exits 0 within 60 s and leaves none of its recycled chunk files (`.tmp.recycle/<pid>.*` in
+    /// a local repository) behind.
     pub fn stop_stream(&self, stream: &mut Child) -> Result<()> {
         stream.signal(libc::SIGTERM)?;
         let status = stream.wait_timeout(Duration::from_secs(60))?.context("pitr stream did not stop on SIGTERM")?;
         if !status.success() {
             bail!("pitr stream exited with {status} on SIGTERM\n{}", self.stream_logs());
+        }
+        let ours = format!("{}.", stream.id());
+        let left: Vec<String> = std::fs::read_dir(self.repo.join(".tmp.recycle"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(&ours))
+            .collect();
+        if !left.is_empty() {
+            bail!("pitr stream stopped but left {} recycled files in {}: {left:?}", left.len(), self.repo.display());
         }
         Ok(())
     }

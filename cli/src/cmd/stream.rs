@@ -101,6 +101,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let writer = tokio::spawn(sidecar::write_status_file(status_file.clone(), status_rx, replicated.clone()));
     tracing::info!(repository = %repo.location(), slot = %stream_config.slot, server = %stream_config.conninfo.redacted(), "pitr stream starting");
     let mongo = spawn_tailer_beside(&config, repo.clone(), shutdown_rx.clone());
+    let store = repo.store().clone();
     let result = pitr_walstream::run(repo, stream_config, status_tx, shutdown_rx).await;
     let _ = writer.await;
     if let Some(mongo) = mongo {
@@ -113,7 +114,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     }
     catalog_gauges.abort();
-    wind_down(scheduled, server, result).await
+    let outcome = wind_down(scheduled, server, result).await;
+    // The local repository's pool of deleted chunks' files (`.tmp.recycle/`) goes with us.
+    store.release();
+    outcome
 }
 
 /// The end of `pitr stream` once the stream itself has stopped: a scheduled job still running is
