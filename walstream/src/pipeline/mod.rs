@@ -128,6 +128,35 @@ pub(crate) struct Switch {
     pub start: u64,
 }
 
+/// A put slot's retry state after failures: no put before `at`; the delay doubles from
+/// [`FIRST_BACKOFF`] to [`MAX_BACKOFF`], and a success starts over (`Retry::default()`).
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Retry {
+        Retry { at: None, backoff: FIRST_BACKOFF }
+    }
+}
+
+impl Retry {
+    /// Whether a put must still wait at `now`.
+    fn waiting(&self, now: Instant) -> bool {
+        self.at.is_some_and(|t| now < t)
+    }
+
+    /// A put failed at `now`: the delay before the next, which the one after will double.
+    fn failed(&mut self, now: Instant) -> Duration {
+        let delay = self.backoff;
+        self.at = Some(now + delay);
+        self.backoff = (delay * 2).min(MAX_BACKOFF);
+        delay
+    }
+}
+
 /// The put under way.
 #[derive(Debug, Clone)]
 struct InFlight {
@@ -166,15 +195,13 @@ pub(crate) struct WalPipeline {
     compacting: VecDeque<SegmentBuffer>,
     /// The compaction under way, beside `in_flight`.
     compaction: Option<InFlight>,
-    /// No compaction before this moment (after a failure), and the next delay.
-    compaction_retry_at: Option<Instant>,
-    compaction_backoff: Duration,
+    /// After a failed compaction.
+    compaction_retry: Retry,
     next_id: u64,
     /// When the last chunk put that succeeded began.
     last_chunk_put: Option<Instant>,
-    /// No put before this moment (after a failure).
-    retry_at: Option<Instant>,
-    backoff: Duration,
+    /// After a failed put.
+    retry: Retry,
     stopping: bool,
     stats: UploadStats,
     /// Grows whenever the durable end moves, memory is freed or a put fails: the receiver's
@@ -215,12 +242,10 @@ impl WalPipeline {
             in_flight: None,
             compacting: VecDeque::new(),
             compaction: None,
-            compaction_retry_at: None,
-            compaction_backoff: FIRST_BACKOFF,
+            compaction_retry: Retry::default(),
             next_id: 1,
             last_chunk_put: None,
-            retry_at: None,
-            backoff: FIRST_BACKOFF,
+            retry: Retry::default(),
             stopping: false,
             stats: UploadStats::default(),
             generation: 0,
@@ -391,7 +416,7 @@ impl WalPipeline {
     /// waiting for its backoff goes at once.
     pub fn stop(&mut self) {
         self.stopping = true;
-        self.retry_at = None;
+        self.retry.at = None;
     }
 
     /// What the uploader does next, at `now`.
@@ -413,7 +438,7 @@ impl WalPipeline {
     /// [`WalPipeline::put_failed`] like any put.
     pub fn next_compaction(&mut self, now: Instant) -> Option<Put> {
         while self.hand_over_compactable() {}
-        if self.compaction.is_some() || self.compaction_retry_at.is_some_and(|t| now < t) {
+        if self.compaction.is_some() || self.compaction_retry.waiting(now) {
             return None;
         }
         let seg = self.compacting.front()?;
@@ -444,7 +469,7 @@ impl WalPipeline {
 
     /// When a compaction may start that cannot now (a failure's backoff), if one waits.
     pub fn compaction_wake_at(&self) -> Option<Instant> {
-        (self.compaction.is_none() && !self.compacting.is_empty()).then_some(self.compaction_retry_at).flatten()
+        (self.compaction.is_none() && !self.compacting.is_empty()).then_some(self.compaction_retry.at).flatten()
     }
 
     /// The put under way (or the compaction, when `id` names it) succeeded: the durable end moves
@@ -452,8 +477,7 @@ impl WalPipeline {
     pub fn put_done(&mut self, id: u64, now: Instant) -> Result<Done, PipelineError> {
         if let Some(done) = self.compaction.take_if(|c| c.id == id) {
             let obsolete = self.compacting.pop_front().map(|seg| seg.chunk_objects()).unwrap_or_default();
-            self.compaction_retry_at = None;
-            self.compaction_backoff = FIRST_BACKOFF;
+            self.compaction_retry = Retry::default();
             self.stats.objects += 1;
             self.stats.bytes += done.bytes;
             // Its memory is free: the receiver may read on.
@@ -483,8 +507,7 @@ impl WalPipeline {
             }
             WalObject::History { .. } => {}
         }
-        self.retry_at = None;
-        self.backoff = FIRST_BACKOFF;
+        self.retry = Retry::default();
         self.stats.objects += 1;
         self.stats.bytes += put.bytes;
         self.stats.last_error = None;
@@ -495,19 +518,13 @@ impl WalPipeline {
     /// The put under way failed with `error`: it is made again (with whatever WAL came
     /// meanwhile) after the returned delay.
     pub fn put_failed(&mut self, id: u64, error: String, now: Instant) -> Result<Duration, PipelineError> {
-        if self.compaction.take_if(|c| c.id == id).is_some() {
-            let delay = self.compaction_backoff;
-            self.compaction_retry_at = Some(now + delay);
-            self.compaction_backoff = (self.compaction_backoff * 2).min(MAX_BACKOFF);
-            self.stats.errors += 1;
-            self.stats.last_error = Some(error);
-            self.generation += 1;
-            return Ok(delay);
-        }
-        self.take_in_flight(id)?;
-        let delay = self.backoff;
-        self.retry_at = Some(now + delay);
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        let retry = if self.compaction.take_if(|c| c.id == id).is_some() {
+            &mut self.compaction_retry
+        } else {
+            self.take_in_flight(id)?;
+            &mut self.retry
+        };
+        let delay = retry.failed(now);
         self.stats.errors += 1;
         self.stats.last_error = Some(error);
         self.generation += 1;
@@ -573,12 +590,10 @@ impl WalPipeline {
         if self.in_flight.is_some() {
             return None;
         }
-        if let Some(t) = self.retry_at {
-            if now < t {
-                return None;
-            }
-            self.retry_at = None;
+        if self.retry.waiting(now) {
+            return None;
         }
+        self.retry.at = None;
         let (object, meta, bytes) = loop {
             // Durable through its chunks: compacted beside the next segment's puts.
             if self.hand_over_compactable() {
@@ -633,8 +648,8 @@ impl WalPipeline {
         if self.in_flight.is_some() {
             return None;
         }
-        if self.retry_at.is_some() {
-            return self.retry_at;
+        if self.retry.at.is_some() {
+            return self.retry.at;
         }
         let seg = self.segments.front()?;
         let waiting = !self.front_closed() && !self.is_durable(0, seg);

@@ -70,8 +70,7 @@ fn with_buffers(
 fn peek(p: &mut WalPipeline, now: Instant) -> Option<&'static str> {
     let Step::Put(put) = p.next_step(now) else { return None };
     p.put_failed(put.id, String::new(), now).unwrap();
-    p.retry_at = None;
-    p.backoff = FIRST_BACKOFF;
+    p.retry = Retry::default();
     p.stats = UploadStats::default();
     Some(match put.object {
         WalObject::Chunk { .. } => "chunk",
