@@ -412,11 +412,12 @@ impl WalPipeline {
         Ok(switches)
     }
 
-    /// Stop taking WAL: the uploader finishes once everything received is durable. A retry
-    /// waiting for its backoff goes at once.
+    /// Stop taking WAL: the uploader finishes once everything received is durable and compacted.
+    /// A put or compaction waiting for its backoff goes at once.
     pub fn stop(&mut self) {
         self.stopping = true;
         self.retry.at = None;
+        self.compaction_retry.at = None;
     }
 
     /// What the uploader does next, at `now`.

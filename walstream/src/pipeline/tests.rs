@@ -435,6 +435,25 @@ fn compaction_puts_the_segment_then_hands_out_its_chunks_for_deletion() {
 }
 
 #[test]
+fn a_stop_retries_a_failed_compaction_at_once() {
+    let t = Instant::now();
+    let mut p = WalPipeline::fresh(layout(), Duration::ZERO, 1, 0);
+    p.append(0, &wal(1, 0, 100), &[], t).unwrap();
+    let first = take_put(&mut p, t);
+    p.put_done(first.id, t).unwrap();
+    p.append(100, &wal(1, 100, SEG), &[], t).unwrap();
+    let tail = take_put(&mut p, t);
+    p.put_done(tail.id, t).unwrap();
+    let seg = p.next_compaction(t).unwrap();
+    p.put_failed(seg.id, "down".into(), t).unwrap();
+    assert_eq!(p.next_compaction(t), None, "waits for its backoff");
+    p.stop();
+    let seg = p.next_compaction(t).expect("a stop does not wait out the backoff");
+    p.put_done(seg.id, t).unwrap();
+    assert_eq!(p.next_step(t), Step::Finished);
+}
+
+#[test]
 fn a_put_landed_but_reported_failed_leaves_a_chunk_the_next_start_removes() {
     let t = Instant::now();
     let mut archive = Archive::default();
