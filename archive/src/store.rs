@@ -313,29 +313,8 @@ impl LocalStore {
         let mut out = Vec::new();
         let mut stack = vec![(start, dir_part.to_string())];
         while let Some((dir, rel)) = stack.pop() {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(self.io("list", prefix, e)),
-            };
-            for entry in entries {
-                // Objects deleted while we walk (compacted chunks) are simply not listed.
-                let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
-                let entry = match entry {
-                    Ok(e) => e,
-                    Err(e) if gone(&e) => continue,
-                    Err(e) => return Err(self.io("list", prefix, e)),
-                };
-                let fname = entry.file_name().to_string_lossy().into_owned();
-                if fname.starts_with(".tmp.") {
-                    continue;
-                }
+            for (entry, fname, ft) in self.entries(&dir, prefix)? {
                 let name = if rel.is_empty() { fname } else { format!("{rel}/{fname}") };
-                let ft = match entry.file_type() {
-                    Ok(t) => t,
-                    Err(e) if gone(&e) => continue,
-                    Err(e) => return Err(self.io("list", prefix, e)),
-                };
                 if ft.is_dir() {
                     if name.starts_with(prefix) || prefix.starts_with(&format!("{name}/")) {
                         stack.push((entry.path(), name));
@@ -343,7 +322,7 @@ impl LocalStore {
                 } else if ft.is_file() && name.starts_with(prefix) {
                     match entry.metadata() {
                         Ok(m) => out.push(ObjectInfo { name, size: m.len() }),
-                        Err(e) if gone(&e) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                         Err(e) => return Err(self.io("list", prefix, e)),
                     }
                 }
@@ -352,9 +331,7 @@ impl LocalStore {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
-}
 
-impl LocalStore {
     fn list_children_blocking(&self, dir: &str) -> Result<Vec<String>, StoreError> {
         if !dir.is_empty() {
             validate_name(dir.trim_end_matches('/'))?;
@@ -362,31 +339,49 @@ impl LocalStore {
         if !self.root.is_dir() {
             return Err(self.root_missing());
         }
-        let entries = match std::fs::read_dir(self.root.join(dir)) {
+        let mut out = Vec::new();
+        for (_, fname, ft) in self.entries(&self.root.join(dir), dir)? {
+            if ft.is_dir() {
+                out.push(format!("{dir}{fname}/"));
+            } else if ft.is_file() {
+                out.push(format!("{dir}{fname}"));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The entries of `dir` (for `listing`, named in errors) with their names and types: none
+    /// for a missing directory, and neither the backend's own `.tmp.` files nor entries deleted
+    /// while we read (compacted chunks), which are simply not listed.
+    fn entries(
+        &self,
+        dir: &Path,
+        listing: &str,
+    ) -> Result<Vec<(std::fs::DirEntry, String, std::fs::FileType)>, StoreError> {
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+        let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(self.io("list", dir, e)),
+            Err(e) if gone(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(self.io("list", listing, e)),
         };
         let mut out = Vec::new();
         for entry in entries {
             let entry = match entry {
                 Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(self.io("list", dir, e)),
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(self.io("list", listing, e)),
             };
             let fname = entry.file_name().to_string_lossy().into_owned();
             if fname.starts_with(".tmp.") {
                 continue;
             }
             match entry.file_type() {
-                Ok(t) if t.is_dir() => out.push(format!("{dir}{fname}/")),
-                Ok(t) if t.is_file() => out.push(format!("{dir}{fname}")),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(self.io("list", dir, e)),
+                Ok(ft) => out.push((entry, fname, ft)),
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(self.io("list", listing, e)),
             }
         }
-        out.sort();
         Ok(out)
     }
 }
