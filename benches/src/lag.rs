@@ -9,7 +9,7 @@ use pitr_tests::PgCluster;
 
 use crate::opts::Opts;
 use crate::receivers::{
-    create_slot, current_lsn, drop_slot, spawn, start_cluster, wait_flushed, wal_segment_size, Kind,
+    create_slot, current_lsn, drop_slot, pgbench_cluster, spawn, wait_flushed, wal_segment_size, Kind,
 };
 use crate::report::{Goal, Row};
 use crate::sampler::{Sample, Sampler, Series};
@@ -129,11 +129,7 @@ pub fn pgbench_cmd(args: &[String]) -> String {
 impl Bench {
     pub fn lag_phase(&self) -> Result<LagResult> {
         let o = &self.opts;
-        let cluster = start_cluster(&[])?;
-        let client = self.rt.block_on(cluster.client())?;
-        eprintln!("lag: pgbench -i -s {} ...", o.lag_scale);
-        cluster.pgbench(&["-i", "-s", &o.lag_scale.to_string(), "-q"])?;
-        cluster.psql("checkpoint")?;
+        let (cluster, client) = pgbench_cluster(&self.rt, "lag", o.lag_scale)?;
         let seg = wal_segment_size(&cluster)?;
         let args = o.load_args(o.lag_secs, o.lag_rate);
         let mut runs = Vec::new();

@@ -30,6 +30,21 @@ pub fn start_cluster(extra: &[&str]) -> Result<PgCluster> {
     PgCluster::start(o)
 }
 
+/// A fresh cluster with a pgbench database of `scale` (checkpointed) and a client on it, for the
+/// load phases (`phase` names it in progress lines).
+pub fn pgbench_cluster(
+    rt: &tokio::runtime::Runtime,
+    phase: &str,
+    scale: u32,
+) -> Result<(PgCluster, tokio_postgres::Client)> {
+    let cluster = start_cluster(&[])?;
+    let client = rt.block_on(cluster.client())?;
+    eprintln!("{phase}: pgbench -i -s {scale} ...");
+    cluster.pgbench(&["-i", "-s", &scale.to_string(), "-q"])?;
+    cluster.psql("checkpoint")?;
+    Ok((cluster, client))
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
     Pitr,

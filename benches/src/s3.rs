@@ -9,7 +9,7 @@ use pitr_tests::S3sFs;
 
 use crate::lag::{pgbench_cmd, sampled_load, LoadRun, WARMUP_SECS};
 use crate::opts::Opts;
-use crate::receivers::{create_slot, current_lsn, spawn_pitr, start_cluster, wait_flushed, Kind, Repo};
+use crate::receivers::{create_slot, current_lsn, pgbench_cluster, spawn_pitr, wait_flushed, Kind, Repo};
 use crate::report::{Goal, Row};
 use crate::util::{Dist, MIB};
 use crate::Bench;
@@ -24,11 +24,7 @@ impl Bench {
     pub fn s3_phase(&self) -> Result<S3Result> {
         let o = &self.opts;
         let s3 = S3sFs::start(&["pitr"])?;
-        let cluster = start_cluster(&[])?;
-        let client = self.rt.block_on(cluster.client())?;
-        eprintln!("s3: pgbench -i -s {} ...", o.lag_scale);
-        cluster.pgbench(&["-i", "-s", &o.lag_scale.to_string(), "-q"])?;
-        cluster.psql("checkpoint")?;
+        let (cluster, client) = pgbench_cluster(&self.rt, "s3", o.lag_scale)?;
         create_slot(&cluster, Kind::Pitr)?;
         let repo = Repo::S3 { endpoint: s3.endpoint(), flush_ms: o.s3_flush_ms };
         let mut run = spawn_pitr(&cluster, "bench-s3-pitr", &o.pitr_log, &repo)?;

@@ -9,7 +9,7 @@ use pitr_tests::{wait_until, PgCluster};
 
 use crate::lag::{pgbench_cmd, start_caught_up};
 use crate::opts::Opts;
-use crate::receivers::{drop_slot, start_cluster, Kind};
+use crate::receivers::{drop_slot, pgbench_cluster, Kind};
 use crate::report::{Goal, Row};
 use crate::util::{cpu_ticks, median, pgbench_value};
 use crate::Bench;
@@ -43,11 +43,7 @@ fn set_sync(cluster: &PgCluster, name: &str) -> Result<()> {
 impl Bench {
     pub fn sync_phase(&self) -> Result<SyncResult> {
         let o = &self.opts;
-        let cluster = start_cluster(&[])?;
-        let client = self.rt.block_on(cluster.client())?;
-        eprintln!("sync: pgbench -i -s {} ...", o.lag_scale);
-        cluster.pgbench(&["-i", "-s", &o.lag_scale.to_string(), "-q"])?;
-        cluster.psql("checkpoint")?;
+        let (cluster, client) = pgbench_cluster(&self.rt, "sync", o.lag_scale)?;
         let args = o.load_args(o.sync_secs, 0);
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut runs = Vec::new();
