@@ -53,7 +53,7 @@ pub async fn block_hasher(repo: &Repository) -> Result<BlockHasher, RepositoryEr
             .map_err(|_| RepositoryError::Invalid { name: DEDUP_KEY.into(), what: "not 32 bytes".into() })?;
         Ok(BlockHasher { key })
     };
-    match repo.get_opened(DEDUP_KEY).await {
+    match repo.get_record(DEDUP_KEY).await {
         Ok((_, bytes)) => return read(bytes),
         Err(RepositoryError::Store(e)) if e.is_not_found() => {}
         Err(e) => return Err(e),
@@ -63,7 +63,7 @@ pub async fn block_hasher(repo: &Repository) -> Result<BlockHasher, RepositoryEr
     match repo.put_sealed(DEDUP_KEY, key.to_vec(), ObjectMeta::plain(ObjectKind::Meta)).await {
         Ok(_) => Ok(BlockHasher { key }),
         // Someone else stored a different key first: use theirs.
-        Err(RepositoryError::Conflict { .. }) => read(repo.get_opened(DEDUP_KEY).await?.1),
+        Err(RepositoryError::Conflict { .. }) => read(repo.get_record(DEDUP_KEY).await?.1),
         Err(e) => Err(e),
     }
 }

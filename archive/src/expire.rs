@@ -11,6 +11,9 @@
 //! their plans are not removed, nor the WAL from where their replay starts; one that has not
 //! chosen its backup yet (or whose marker cannot be read) keeps every backup and all WAL. Markers
 //! not renewed for `stale_backup_after` are a crashed run's: they keep nothing and are removed.
+//! Live-looking markers and locks, and retention floors, are obeyed only once they open and agree
+//! with their names ([`running::check`], [`read_floors`]); the others are reported as
+//! [`ExpireReport::untrusted`] and left in place.
 //!
 //! A delete the storage refuses (S3 Object Lock: [`StoreError::Denied`], or a permission error)
 //! does not stop the run: the object is reported as retained, and a backup whose manifest stays
@@ -36,7 +39,7 @@ use crate::backup::{BackupKind, BackupManifest};
 use crate::names::pg;
 use crate::repository::{ClusterInfo, Repository, RepositoryError};
 use crate::retention::{self, BackupPoint, Policy, Reason, Timelines, WalPlan};
-use crate::running::{self, Activity, ExpireLock, LockError, ReaderNeeds, Run};
+use crate::running::{self, Activity, ExpireLock, LockError, ReaderNeeds, Run, Trust, Untrusted};
 use crate::seal::{ObjectKind, ObjectMeta};
 use crate::store::StoreError;
 use crate::time::format_rfc3339_auto;
@@ -189,6 +192,10 @@ pub struct ExpireReport {
     pub running_restores: Vec<String>,
     /// Markers and locks of crashed runs, removed (dry run: found).
     pub stale_removed: Vec<String>,
+    /// Live-looking markers and locks, and retention floors, that are not pitr's (they do not
+    /// open with the repository's keys, disagree with their names, or name implausible times):
+    /// not obeyed and left in place for inspection.
+    pub untrusted: Vec<Untrusted>,
     /// With S3 Object Lock: the backups kept by a GFS rule, each with the date its objects are to
     /// be retained until (see [`retention::keep_until`]). Empty where the store has no retention.
     pub retention_until: Vec<RetentionTarget>,
@@ -211,6 +218,46 @@ pub fn refused(e: &StoreError) -> bool {
 /// Times in the expire report: as many fraction digits as the moment has.
 fn fmt(us: i64) -> String {
     format_rfc3339_auto(us)
+}
+
+/// The retention floor of each timeline, from floors that open and whose record names the
+/// timeline and segment of their object name; and the floors that do not. Per timeline the
+/// highest floor is read first and the first sound one decides, so a lower floor (an older
+/// expire's, which decides nothing) is not read. A floor that is not sound is not obeyed: it
+/// would otherwise tell `pitr verify` that the WAL below it was removed on purpose.
+pub async fn read_floors(
+    repo: &Repository,
+    system_id: u64,
+) -> Result<(BTreeMap<u32, u64>, Vec<Untrusted>), RepositoryError> {
+    let mut by_timeline: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
+    for o in repo.list(&pg::floors_prefix(system_id)).await? {
+        if let Some((t, segno)) = pg::parse_floor(system_id, &o.name) {
+            by_timeline.entry(t).or_default().push((segno, o.name));
+        }
+    }
+    let mut floors = BTreeMap::new();
+    let mut untrusted = Vec::new();
+    for (t, mut named) in by_timeline {
+        named.sort();
+        for (segno, name) in named.into_iter().rev() {
+            let why = match repo.get_opened(&name).await {
+                Ok((_, text)) => match retention::floor_record_disagrees(t, segno, &String::from_utf8_lossy(&text)) {
+                    None => {
+                        floors.insert(t, segno);
+                        break;
+                    }
+                    Some(why) => why,
+                },
+                Err(RepositoryError::Store(e)) if e.is_not_found() => continue,
+                Err(e @ (RepositoryError::Seal(_) | RepositoryError::Invalid { .. })) => {
+                    format!("does not open with this repository's keys ({e})")
+                }
+                Err(e) => return Err(e),
+            };
+            untrusted.push(Untrusted { object: name, why });
+        }
+    }
+    Ok((floors, untrusted))
 }
 
 /// Applies `opts.policy` to the cluster's backups, WAL and blocks.
@@ -366,20 +413,33 @@ async fn run(
     let mut live_backups: Vec<Run> = Vec::new();
     let mut live_readers: Vec<(Run, ReaderNeeds)> = Vec::new();
     let mut stale = Vec::new();
+    // Markers and locks that claim to be live but are not pitr's: not obeyed (a planted one
+    // would otherwise stop the block sweep, or keep every backup and all WAL, for as long as
+    // its name says), not deleted either (evidence: `pitr verify` names them).
+    let mut untrusted = Vec::new();
     for run in running::runs(&objects) {
         if !run.is_live(now, opts.stale_backup_after) {
             stale.extend(run.generations);
+            continue;
+        }
+        let found = running::open_run(repo, &run, now).await;
+        if let Trust::Untrusted(u) = found {
+            untrusted.push(u);
         } else if run.kind.reads() {
-            let needs = running::reader_needs(repo, &run).await;
-            live_readers.push((run, needs));
+            live_readers.push((run, running::needs_of(&found)));
         } else {
             live_backups.push(run);
         }
     }
     for o in &objects {
         if let Activity::Expire { expires_us, .. } = o.activity {
-            if expires_us <= now && lock.is_none_or(|l| l.name() != o.name) {
+            let ours = lock.is_some_and(|l| l.name() == o.name);
+            if expires_us <= now && !ours {
                 stale.push(o.name.clone());
+            } else if !ours {
+                if let Trust::Untrusted(u) = running::check(repo, o, now).await {
+                    untrusted.push(u);
+                }
             }
         }
     }
@@ -444,8 +504,8 @@ async fn run(
             Err(problem) => timelines.add_unreadable(t, problem.to_string()),
         }
     }
-    let floor_names = repo.list(&pg::floors_prefix(system_id)).await?;
-    let floors = retention::floors_from_names(system_id, floor_names.iter().map(|o| o.name.as_str()));
+    let (floors, untrusted_floors) = read_floors(repo, system_id).await?;
+    untrusted.extend(untrusted_floors);
 
     let latest = wal
         .segments
@@ -539,7 +599,7 @@ async fn run(
     } else if !wal_names.is_empty() {
         for (&t, &segno) in &wal_plan.floors {
             let name = pg::floor(system_id, t, segno);
-            let text = format!("timeline={t}\nsegno={segno}\nwritten_us={now}\n");
+            let text = retention::floor_record(t, segno, now);
             repo.put_sealed(
                 &name,
                 text.into_bytes(),
@@ -638,6 +698,7 @@ async fn run(
         running_backups,
         running_restores,
         stale_removed: stale,
+        untrusted,
         retention_until,
         retention_checked: 0,
         retention_extended: 0,
@@ -645,4 +706,54 @@ async fn run(
         retention_failed: Vec::new(),
     };
     Ok((report, retain))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::Store;
+    use crate::{KeyRing, LocalStore};
+
+    #[tokio::test]
+    async fn only_floors_that_open_and_agree_with_their_names_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
+        let put = |name: String, text: String| {
+            let repo = repo.clone();
+            async move {
+                repo.put_sealed(&name, text.into_bytes(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+            }
+        };
+        // Timeline 1: a real floor at 12 and an older one at 5; planted above them: an empty
+        // object, one sealed with another key, and one sealed with the key whose record names
+        // another segment.
+        put(pg::floor(7, 1, 12), retention::floor_record(1, 12, 0)).await;
+        put(pg::floor(7, 1, 5), retention::floor_record(1, 5, 0)).await;
+        let empty = pg::floor(7, 1, u64::MAX);
+        LocalStore::new(dir.path()).put_if_absent(&empty, bytes::Bytes::new()).await.unwrap();
+        let foreign = pg::floor(7, 1, 40);
+        let other = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k2", [4; 32]));
+        other
+            .put_sealed(&foreign, retention::floor_record(1, 40, 0).into_bytes(), ObjectMeta::plain(ObjectKind::Meta))
+            .await
+            .unwrap();
+        let liar = pg::floor(7, 1, 30);
+        put(liar.clone(), retention::floor_record(1, 12, 0)).await;
+        // Timeline 2: only a planted one; timeline 3: a real one alone.
+        let lone = pg::floor(7, 2, 9);
+        LocalStore::new(dir.path()).put_if_absent(&lone, bytes::Bytes::from_static(b"junk")).await.unwrap();
+        put(pg::floor(7, 3, u64::MAX), retention::floor_record(3, u64::MAX, 0)).await;
+
+        let (floors, untrusted) = read_floors(&repo, 7).await.unwrap();
+        assert_eq!(floors, BTreeMap::from([(1, 12), (3, u64::MAX)]));
+        let named: Vec<&str> = untrusted.iter().map(|u| u.object.as_str()).collect();
+        assert_eq!(named, vec![empty.as_str(), foreign.as_str(), liar.as_str(), lone.as_str()]);
+        assert!(untrusted[0].why.contains("does not open"), "{}", untrusted[0]);
+        assert!(untrusted[1].why.contains("does not open"), "{}", untrusted[1]);
+        assert_eq!(untrusted[2].why, "its record says segno=12, its name segno=30");
+        // A lower floor is not read once a higher sound one decided.
+        assert!(!named.contains(&pg::floor(7, 1, 5).as_str()));
+    }
 }

@@ -12,10 +12,22 @@ use std::path::{Path, PathBuf};
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
+use zeroize::Zeroizing;
 
 const LINE_TAG: &str = "pitr-key-v1";
 /// Length of a wrapped data key: 32 key bytes + 16 tag bytes.
 pub const WRAPPED_KEY_LEN: usize = 48;
+
+/// An object's data key in the clear: wiped from memory when dropped, so a core dump or a later
+/// reuse of the heap does not hand it out.
+pub type DataKey = Zeroizing<[u8; 32]>;
+
+/// A fresh random data key.
+pub(crate) fn fresh_data_key() -> DataKey {
+    let mut key = Zeroizing::new([0u8; 32]);
+    rand::rngs::OsRng.fill_bytes(&mut *key);
+    key
+}
 
 /// Why the key file could not be read or created, or an object's data key could not be
 /// unwrapped with the key ring.
@@ -85,13 +97,14 @@ pub enum KeyError {
     },
 }
 
-/// One key-encryption key. Debug never prints the key material.
+/// One key-encryption key. Debug never prints the key material, and the key is wiped from memory
+/// when the last copy is dropped.
 #[derive(Clone)]
 pub struct Kek {
     /// The key's id from the key file (1–64 of `[A-Za-z0-9_-]`), recorded in the header of every
     /// object it wraps a data key for, so a reader knows which key to unwrap with.
     pub id: String,
-    key: [u8; 32],
+    key: Zeroizing<[u8; 32]>,
 }
 
 impl fmt::Debug for Kek {
@@ -121,7 +134,8 @@ impl KeyRing {
         if mode & 0o077 != 0 {
             return Err(KeyError::TooOpen { path: path.to_path_buf(), mode });
         }
-        let text = std::fs::read_to_string(path).map_err(io)?;
+        // The file's text holds every key in hex: wiped once parsed.
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
         Self::parse(path, &text)
     }
 
@@ -146,8 +160,8 @@ impl KeyRing {
             if parts.next().is_some() {
                 return Err(bad("trailing text after the key"));
             }
-            let mut key = [0u8; 32];
-            hex::decode_to_slice(hex_key, &mut key).map_err(|_| bad("key must be 64 hex digits (32 bytes)"))?;
+            let mut key = Zeroizing::new([0u8; 32]);
+            hex::decode_to_slice(hex_key, &mut *key).map_err(|_| bad("key must be 64 hex digits (32 bytes)"))?;
             if keys.iter().any(|k: &Kek| k.id == id) {
                 return Err(bad("duplicate key id"));
             }
@@ -159,11 +173,13 @@ impl KeyRing {
         Ok(KeyRing { path: path.to_path_buf(), keys })
     }
 
-    /// Creates a new key file with one fresh random key, mode 0600, never overwriting.
+    /// Creates a new key file with one fresh random key, mode 0600, never overwriting. The file
+    /// and its directory are fsynced before this returns: a key that objects get sealed with must
+    /// survive a power loss, or the archive written with it is lost with it.
     pub fn create(path: &Path) -> Result<KeyRing, KeyError> {
         let io = |cause| KeyError::Io { path: path.to_path_buf(), cause };
-        let mut key = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut key);
+        let mut key = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(&mut *key);
         let mut id_bytes = [0u8; 4];
         rand::rngs::OsRng.fill_bytes(&mut id_bytes);
         let id = format!("k{}", hex::encode(id_bytes));
@@ -175,18 +191,20 @@ impl KeyRing {
                     io(e)
                 }
             })?;
-        let text = format!(
+        let key_hex = Zeroizing::new(hex::encode(*key));
+        let text = Zeroizing::new(format!(
             "# pitr key file: the last line is the active key. Losing it loses the archive.\n{LINE_TAG} {id} {}\n",
-            hex::encode(key)
-        );
+            key_hex.as_str()
+        ));
         file.write_all(text.as_bytes()).map_err(io)?;
         file.sync_all().map_err(io)?;
+        sync_parent_dir(path).map_err(io)?;
         Ok(KeyRing { path: path.to_path_buf(), keys: vec![Kek { id, key }] })
     }
 
     /// A key ring held only in memory (tests, benchmarks).
     pub fn from_key(id: &str, key: [u8; 32]) -> KeyRing {
-        KeyRing { path: PathBuf::from("<memory>"), keys: vec![Kek { id: id.to_string(), key }] }
+        KeyRing { path: PathBuf::from("<memory>"), keys: vec![Kek { id: id.to_string(), key: Zeroizing::new(key) }] }
     }
 
     /// The key file this ring was read from (`<memory>` for [`KeyRing::from_key`]), for messages.
@@ -213,7 +231,7 @@ impl KeyRing {
         let kek = self.active();
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let cipher = Aes256Gcm::new((&kek.key).into());
+        let cipher = Aes256Gcm::new((&*kek.key).into());
         let aad = wrap_aad(object);
         let wrapped = cipher
             .encrypt(Nonce::from_slice(&nonce), Payload { msg: data_key, aad: &aad })
@@ -229,17 +247,28 @@ impl KeyRing {
         key_id: &str,
         nonce: &[u8; 12],
         wrapped: &[u8; WRAPPED_KEY_LEN],
-    ) -> Result<[u8; 32], KeyError> {
+    ) -> Result<DataKey, KeyError> {
         let kek = self.find(object, key_id)?;
-        let cipher = Aes256Gcm::new((&kek.key).into());
+        let cipher = Aes256Gcm::new((&*kek.key).into());
         let aad = wrap_aad(object);
-        let plain = cipher.decrypt(Nonce::from_slice(nonce), Payload { msg: wrapped, aad: &aad }).map_err(|_| {
-            KeyError::Unwrap { object: object.to_string(), key_id: key_id.to_string(), path: self.path.clone() }
-        })?;
-        let mut key = [0u8; 32];
+        let plain = Zeroizing::new(
+            cipher.decrypt(Nonce::from_slice(nonce), Payload { msg: wrapped, aad: &aad }).map_err(|_| {
+                KeyError::Unwrap { object: object.to_string(), key_id: key_id.to_string(), path: self.path.clone() }
+            })?,
+        );
+        let mut key = Zeroizing::new([0u8; 32]);
         key.copy_from_slice(&plain);
         Ok(key)
     }
+}
+
+/// fsyncs the directory holding `path`, so that the new entry itself is durable.
+fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn wrap_aad(object: &str) -> Vec<u8> {
@@ -292,7 +321,7 @@ mod tests {
         let ring = KeyRing::from_key("a", [7; 32]);
         let dk = [9u8; 32];
         let (id, nonce, wrapped) = ring.wrap("obj", &dk);
-        assert_eq!(ring.unwrap("obj", &id, &nonce, &wrapped).unwrap(), dk);
+        assert_eq!(*ring.unwrap("obj", &id, &nonce, &wrapped).unwrap(), dk);
         assert!(ring.unwrap("other", &id, &nonce, &wrapped).is_err());
         let other = KeyRing::from_key("a", [8; 32]);
         assert!(matches!(other.unwrap("obj", &id, &nonce, &wrapped), Err(KeyError::Unwrap { .. })));

@@ -74,11 +74,22 @@ pub enum RunningName<'a> {
     },
 }
 
+/// `text` as a number if it is exactly `width` upper-case hex digits, as pitr writes numbers in
+/// names. Anything else (lower case, a sign, another width) is not a name pitr wrote: accepting it
+/// would let a second name stand for the same object, e.g. a planted `…2a.seg` beside a missing
+/// `…2A.seg`.
+fn canonical_hex(text: &str, width: usize) -> Option<u64> {
+    if text.len() != width || !text.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)) {
+        return None;
+    }
+    u64::from_str_radix(text, 16).ok()
+}
+
 /// Parses a marker or lock name; `None` for anything else.
 pub fn parse_running(name: &str) -> Option<RunningName<'_>> {
     let rest = name.strip_prefix(RUNNING)?;
     let parts: Vec<&str> = rest.split('.').collect();
-    let us = |s: &str| u64::from_str_radix(s, 16).ok().and_then(|v| i64::try_from(v).ok());
+    let us = |s: &str| canonical_hex(s, 16).and_then(|v| i64::try_from(v).ok());
     let id_ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
     match parts.as_slice() {
         ["expire", started, expires, _] => {
@@ -193,23 +204,25 @@ pub mod pg {
     /// Parses a WAL object name of cluster `system_id`; `None` for anything else.
     pub fn parse_wal(system_id: u64, name: &str) -> Option<WalName<'_>> {
         let rest = name.strip_prefix(&wal_prefix(system_id))?;
+        // PostgreSQL names segments and history files in upper-case hex only.
+        let segment_file_ok = |f: &str| {
+            f.len() == 24 && super::canonical_hex(&f[..8], 8).is_some() && super::canonical_hex(&f[8..], 16).is_some()
+        };
         if let Some(segment_file) = rest.strip_suffix(".seg") {
-            return Some(WalName::Segment { segment_file });
+            return segment_file_ok(segment_file).then_some(WalName::Segment { segment_file });
         }
         if let Some(chunk) = rest.strip_suffix(".chunk") {
             let (segment_file, range) = chunk.split_once('.')?;
             let (from, to) = range.split_once('-')?;
-            if from.len() != 8 || to.len() != 8 {
-                return None;
-            }
-            let from = u32::from_str_radix(from, 16).ok()?;
-            let to = u32::from_str_radix(to, 16).ok()?;
-            if from >= to {
+            let from = u32::try_from(super::canonical_hex(from, 8)?).ok()?;
+            let to = u32::try_from(super::canonical_hex(to, 8)?).ok()?;
+            if from >= to || !segment_file_ok(segment_file) {
                 return None;
             }
             return Some(WalName::Chunk { segment_file, from, to });
         }
-        if rest.ends_with(HISTORY_SUFFIX) {
+        if let Some(stem) = rest.strip_suffix(HISTORY_SUFFIX) {
+            super::canonical_hex(stem, 8)?;
             return Some(WalName::History { timeline: parse_history_file_name(rest)? });
         }
         None
@@ -252,7 +265,7 @@ pub mod pg {
 
     /// The generation of a lease object's name.
     pub fn parse_lease(system_id: u64, name: &str) -> Option<u64> {
-        u64::from_str_radix(name.strip_prefix(&lease_prefix(system_id))?, 16).ok()
+        super::canonical_hex(name.strip_prefix(&lease_prefix(system_id))?, 16)
     }
 
     /// Whether `name` is a lease generation of any cluster.
@@ -275,7 +288,7 @@ pub mod pg {
     pub fn parse_floor(system_id: u64, name: &str) -> Option<(u32, u64)> {
         let rest = name.strip_prefix(&floors_prefix(system_id))?.strip_suffix(".floor")?;
         let (timeline, segno) = rest.split_once('-')?;
-        Some((u32::from_str_radix(timeline, 16).ok()?, u64::from_str_radix(segno, 16).ok()?))
+        Some((u32::try_from(super::canonical_hex(timeline, 8)?).ok()?, super::canonical_hex(segno, 16)?))
     }
 
     /// Where completeness marks live.
@@ -299,13 +312,13 @@ pub mod pg {
         let rest = name.strip_prefix(&complete_prefix(system_id))?;
         let mut parts = rest.split('.');
         let (t, l, s) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || t.len() != 8 || l.len() != 16 || s.len() != 16 {
+        if parts.next().is_some() {
             return None;
         }
         Some((
-            u32::from_str_radix(t, 16).ok()?,
-            u64::from_str_radix(l, 16).ok()?,
-            i64::try_from(u64::from_str_radix(s, 16).ok()?).ok()?,
+            u32::try_from(super::canonical_hex(t, 8)?).ok()?,
+            super::canonical_hex(l, 16)?,
+            i64::try_from(super::canonical_hex(s, 16)?).ok()?,
         ))
     }
 
@@ -429,10 +442,7 @@ pub mod mongo {
     pub fn parse_complete_mark(source: &str, name: &str) -> Option<(OplogTs, i64)> {
         let rest = name.strip_prefix(&complete_prefix(source))?;
         let (ts, time) = rest.rsplit_once('.')?;
-        if time.len() != 16 {
-            return None;
-        }
-        Some((parse_ts(ts)?, i64::try_from(u64::from_str_radix(time, 16).ok()?).ok()?))
+        Some((parse_ts(ts)?, i64::try_from(super::canonical_hex(time, 16)?).ok()?))
     }
 
     /// Where drill results live.
@@ -478,6 +488,13 @@ mod tests {
             "pg/7/wal/00000001000000010000002A.00002000-00001000.chunk",
             "pg/7/wal/00000001000000010000002A.0000-2000.chunk",
             "pg/7/wal/0003.history",
+            // Lower case, signs and other widths are not names pitr (or PostgreSQL) writes.
+            "pg/7/wal/00000001000000010000002a.seg",
+            "pg/7/wal/00000001000000010000002a.00000000-00002000.chunk",
+            "pg/7/wal/00000001000000010000002A.00000000-00002a00.chunk",
+            "pg/7/wal/00000001000000010000002A.+0000000-00002000.chunk",
+            "pg/7/wal/0000000100000001000002A.seg",
+            "pg/7/wal/0000000a.history",
         ] {
             assert_eq!(pg::parse_wal(7, junk), None, "{junk}");
         }
@@ -492,10 +509,19 @@ mod tests {
         assert_eq!(pg::floor(7, 2, 0x1F), "pg/7/retention/00000002-000000000000001F.floor");
         assert_eq!(pg::parse_floor(7, "pg/7/retention/00000002-000000000000001F.floor"), Some((2, 0x1F)));
         assert_eq!(pg::parse_floor(7, "pg/7/retention/x"), None);
+        for junk in [
+            "pg/7/retention/00000002-000000000000001f.floor",
+            "pg/7/retention/2-1F.floor",
+            "pg/7/retention/00000002-+00000000000001F.floor",
+        ] {
+            assert_eq!(pg::parse_floor(7, junk), None, "{junk}");
+        }
+        assert_eq!(pg::parse_lease(7, "pg/7/lease/000000000000000a"), None);
         let mark = pg::complete_mark(7, 2, 0x1_0000_0100, 5);
         assert_eq!(mark, "pg/7/complete/00000002.0000000100000100.0000000000000005");
         assert_eq!(pg::parse_complete_mark(7, &mark), Some((2, 0x1_0000_0100, 5)));
         assert_eq!(pg::parse_complete_mark(7, "pg/7/complete/junk"), None);
+        assert_eq!(pg::parse_complete_mark(7, "pg/7/complete/00000002.000000010000010a.0000000000000005"), None);
         assert_eq!(pg::drill_result(7, "2026-11-25 14:03:00.5+00"), "pg/7/drills/2026-11-25_14_03_00_5_00.json");
         assert_eq!(pg::drills_prefix(7), "pg/7/drills/");
     }
@@ -517,6 +543,13 @@ mod tests {
         );
         assert_eq!(parse_running("running/drill.0000000000000001.0000000000000002.a-b"), None);
         assert_eq!(parse_running("pg/7/running/x"), None);
+        for junk in [
+            "running/drill.000000000000000a.0000000000000002.ab12",
+            "running/drill.1.2.ab12",
+            "running/expire.0000000000000001.+000000000000003.ff",
+        ] {
+            assert_eq!(parse_running(junk), None, "{junk}");
+        }
         assert!(is_running(&lock));
     }
 

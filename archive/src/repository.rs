@@ -143,8 +143,29 @@ pub struct NamedStore {
 
 #[derive(Debug, Clone, Copy)]
 enum Read {
-    Whole,
+    /// The whole object, if its stored size is at most this many bytes.
+    Whole(u64),
     Header,
+}
+
+/// The most a whole read takes from the storage unless the caller asks for less: more than the
+/// largest object pitr writes (a WAL segment of PostgreSQL's 1 GiB maximum, sealed:
+/// incompressible data grows by a little zstd framing and 20 bytes a frame). A planted bigger
+/// object is refused by its size, before any of it is read.
+pub const OBJECT_READ_MAX: u64 = (1 << 30) + (1 << 30) / 64 + (1 << 20);
+// It holds a sealed 1 GiB WAL segment of incompressible data: 1024 frames, each a few hundred
+// bytes of zstd framing, length and tag over its MiB, and the header.
+const _: () = assert!(OBJECT_READ_MAX >= (1 << 30) + 1024 * 1024 + seal::HEADER_PREFIX_LEN);
+
+/// The most a whole read of a small record ([`Repository::get_record`]) takes: the marker, a
+/// cluster record, the dedup key, a timeline history. Each is a few hundred bytes; the bound
+/// leaves room for long histories.
+pub const RECORD_READ_MAX: u64 = 16 << 20;
+
+/// The most a sealed object holding `plaintext_len` bytes can take, whatever it compresses to.
+fn sealed_len_bound(plaintext_len: usize) -> u64 {
+    let p = plaintext_len as u64;
+    p + p / 64 + seal::HEADER_PREFIX_LEN + (1 << 20)
 }
 
 /// A read object: its header, and its plaintext for a whole read (empty for a header read).
@@ -155,8 +176,8 @@ struct Opened {
 
 async fn read_from(store: &Arc<dyn Store>, keys: &KeyRing, name: &str, what: Read) -> Result<Opened, RepositoryError> {
     match what {
-        Read::Whole => {
-            let bytes = store.get(name).await?;
+        Read::Whole(limit) => {
+            let bytes = store.get_limited(name, limit).await?;
             let keys = keys.clone();
             let name = name.to_string();
             let (header, plaintext) = tokio::task::spawn_blocking(move || seal::open(&name, &bytes, &keys))
@@ -284,7 +305,7 @@ impl Repository {
 
     /// Fails unless this is an initialised repository that the key ring opens.
     pub async fn check(&self) -> Result<(), RepositoryError> {
-        match self.get_opened(MARKER).await {
+        match self.get_record(MARKER).await {
             Ok(_) => Ok(()),
             Err(RepositoryError::Store(e)) if e.is_not_found() => {
                 Err(RepositoryError::NotInitialised { location: self.location() })
@@ -334,7 +355,14 @@ impl Repository {
         match self.store.put_if_absent(name, Bytes::from(sealed)).await? {
             PutOutcome::Created => Ok((PutOutcome::Created, sealed_len)),
             PutOutcome::AlreadyExists => {
-                let (_, existing) = self.get_opened(name).await?;
+                // An object too big to hold our plaintext is someone else's: not read.
+                let existing = match self.read(name, Read::Whole(sealed_len_bound(plaintext.len()))).await {
+                    Ok(opened) => opened.plaintext,
+                    Err(RepositoryError::Store(StoreError::TooLarge { .. })) => {
+                        return Err(RepositoryError::Conflict { name: name.to_string(), location: self.location() })
+                    }
+                    Err(e) => return Err(e),
+                };
                 if existing == plaintext {
                     Ok((PutOutcome::AlreadyExists, 0))
                 } else {
@@ -345,8 +373,16 @@ impl Repository {
     }
 
     /// Fetches, authenticates and decrypts `name` (from a fallback if this repository cannot).
+    /// Objects over [`OBJECT_READ_MAX`] stored bytes are refused unread.
     pub async fn get_opened(&self, name: &str) -> Result<(SealedHeader, Vec<u8>), RepositoryError> {
-        let opened = self.read(name, Read::Whole).await?;
+        let opened = self.read(name, Read::Whole(OBJECT_READ_MAX)).await?;
+        Ok((opened.header, opened.plaintext))
+    }
+
+    /// [`Repository::get_opened`] for a small record (marker, cluster record, dedup key, timeline
+    /// history): one over [`RECORD_READ_MAX`] stored bytes is [`StoreError::TooLarge`], unread.
+    pub async fn get_record(&self, name: &str) -> Result<(SealedHeader, Vec<u8>), RepositoryError> {
+        let opened = self.read(name, Read::Whole(RECORD_READ_MAX)).await?;
         Ok((opened.header, opened.plaintext))
     }
 
@@ -406,7 +442,7 @@ impl Repository {
     /// The record of cluster `system_id`.
     pub async fn cluster_info(&self, system_id: u64) -> Result<ClusterInfo, RepositoryError> {
         let name = names::pg::cluster_info(system_id);
-        let (_, text) = self.get_opened(&name).await?;
+        let (_, text) = self.get_record(&name).await?;
         let text = String::from_utf8(text)
             .map_err(|_| RepositoryError::Invalid { name: name.clone(), what: "not UTF-8".into() })?;
         ClusterInfo::from_text(&name, &text)
@@ -463,6 +499,26 @@ mod tests {
         assert_eq!(repo.resolve_cluster(None).await.unwrap(), info);
         let other = ClusterInfo { system_id: 9, wal_segment_size: 64 << 20, ..info.clone() };
         assert!(repo.put_cluster_info(&other).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn planted_big_objects_are_refused_by_their_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        let repo = Repository::new(store.clone(), KeyRing::from_key("a", [1; 32]));
+        repo.init().await.unwrap();
+        let huge = Bytes::from(vec![0u8; RECORD_READ_MAX as usize + 1]);
+        // A record name holding more than any record: refused by its size, not read and opened.
+        let record = names::pg::cluster_info(7);
+        store.put_if_absent(&record, huge.clone()).await.unwrap();
+        let err = repo.cluster_info(7).await.unwrap_err();
+        assert!(matches!(&err, RepositoryError::Store(StoreError::TooLarge { .. })), "{err}");
+        assert!(err.to_string().contains(&record), "{err}");
+        // A create-only put onto a name that holds something far bigger than our object: a
+        // conflict, decided without reading it.
+        store.put_if_absent("wal/x", huge).await.unwrap();
+        let put = repo.put_sealed("wal/x", b"small".to_vec(), ObjectMeta::plain(ObjectKind::Meta)).await;
+        assert!(matches!(put, Err(RepositoryError::Conflict { .. })), "{put:?}");
     }
 
     #[tokio::test]

@@ -512,6 +512,25 @@ pub fn floors_from_names<'a>(system_id: u64, objects: impl IntoIterator<Item = &
     out
 }
 
+/// The record of the floor of `timeline` at `segno`, as `pitr expire` seals it.
+pub fn floor_record(timeline: u32, segno: u64, written_us: i64) -> String {
+    format!("timeline={timeline}\nsegno={segno}\nwritten_us={written_us}\n")
+}
+
+/// Where a floor's record disagrees with its name's timeline and segment; `None` when it names
+/// both as its name does (every pitr has written both fields).
+pub fn floor_record_disagrees(timeline: u32, segno: u64, text: &str) -> Option<String> {
+    let field = |key: &str| text.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('=')));
+    for (key, want) in [("timeline", timeline.to_string()), ("segno", segno.to_string())] {
+        match field(key) {
+            Some(found) if found == want => {}
+            Some(found) => return Some(format!("its record says {key}={found}, its name {key}={want}")),
+            None => return Some(format!("its record has no {key}=")),
+        }
+    }
+    None
+}
+
 /// Whether segment `segno` of `timeline` may be missing because retention removed it.
 pub fn below_floor(floors: &BTreeMap<u32, u64>, timeline: u32, segno: u64) -> bool {
     floors.get(&timeline).is_some_and(|&f| segno < f)
@@ -765,5 +784,16 @@ mod tests {
         let floors = floors_from_names(7, objects.iter().map(|s| s.as_str()));
         assert_eq!(floors, BTreeMap::from([(1, 30), (2, u64::MAX)]));
         assert!(below_floor(&floors, 1, 29) && !below_floor(&floors, 1, 30) && !below_floor(&floors, 3, 0));
+    }
+
+    #[test]
+    fn a_floor_record_must_name_its_timeline_and_segment() {
+        assert_eq!(floor_record_disagrees(2, 0x1F, &floor_record(2, 0x1F, 5)), None);
+        assert_eq!(
+            floor_record_disagrees(2, u64::MAX, &floor_record(2, 0x1F, 5)).as_deref(),
+            Some(format!("its record says segno=31, its name segno={}", u64::MAX).as_str())
+        );
+        assert!(floor_record_disagrees(3, 0x1F, &floor_record(2, 0x1F, 5)).unwrap().contains("timeline"));
+        assert_eq!(floor_record_disagrees(2, 0x1F, "").as_deref(), Some("its record has no timeline="));
     }
 }

@@ -3,8 +3,10 @@
 //! ```text
 //! running/<kind>.<started µs>.<renewed µs>.<id>        a run in progress: kind backup, restore or drill
 //!                                                     (sealed: host, pid, kind; a reader's plan)
-//! running/expire.<started µs>.<expires µs>.<random>    the expire lock (sealed: host, pid)
+//! running/expire.<started µs>.<expires µs>.<random>    the expire lock (sealed: host, pid, kind,
+//!                                                     started_us, expires_us)
 //! ```
+//! A marker's record also repeats its name's kind, start, renewal and id.
 //! Times are µs since the Unix epoch as 16 hex digits (so names sort by time); `<id>` is random.
 //!
 //! # Announce, then look
@@ -21,10 +23,21 @@
 //! lists, so at least one of the two sees the other.
 //!
 //! # Renewal, on create-only storage
-//! Liveness comes from the names, so it needs no reading: a lock is live until the expiry it
-//! names; a marker while its renewal time is less than `[retention] stale_backup_after` ago (by
-//! the clock of the host running expire). A run killed with `kill -9` stops renewing, and its
-//! marker goes stale that long after its last renewal; expire then deletes it.
+//! Liveness comes from the names: a lock is live until the expiry it names; a marker while its
+//! renewal time is less than `[retention] stale_backup_after` ago (by the clock of the host
+//! running expire). A run killed with `kill -9` stops renewing, and its marker goes stale that
+//! long after its last renewal; expire then deletes it.
+//!
+//! # Names are not trusted alone
+//! Anyone who can write to the bucket can put an object under any name, but only a key holder can
+//! seal one, and the seal binds the name. So before a live-looking lock makes anyone wait, or a
+//! live-looking marker holds expire off, it is read ([`check`], [`open_run`]): it is obeyed only if
+//! it opens, its record repeats its name's fields ([`record_disagrees`]) and its times are
+//! plausible ([`implausible`]: nothing more than [`MAX_CLOCK_SKEW`] ahead of this host's clock, no
+//! lock longer than [`MAX_LOCK_TTL`]). Otherwise a lock expiring in a year would stop every backup,
+//! and a marker "renewed" in the future would stop the block sweep for as long. Not obeying a lock
+//! that does not open is safe: it is not an expire's, so no sweep runs under it. A storage error
+//! while reading says nothing about the writer: the object is then obeyed by its name, as before.
 //!
 //! The store has no overwrite (only put-if-absent and delete), so a marker is renewed by putting a
 //! new *generation* — the same kind, start and id with a later renewal time — every
@@ -192,6 +205,8 @@ pub struct Run {
     pub id: String,
     /// Generation names, oldest first.
     pub generations: Vec<String>,
+    /// Each generation's renewal time, in the order of `generations`.
+    pub renewals: Vec<i64>,
 }
 
 impl Run {
@@ -220,7 +235,15 @@ pub fn runs(objects: &[RunningObject]) -> Vec<Run> {
         .map(|((started_us, kind, id), mut generations)| {
             generations.sort();
             let renewed_us = generations.last().map(|g| g.0).unwrap_or(started_us);
-            Run { kind, started_us, renewed_us, id, generations: generations.into_iter().map(|g| g.1).collect() }
+            let renewals = generations.iter().map(|g| g.0).collect();
+            Run {
+                kind,
+                started_us,
+                renewed_us,
+                id,
+                generations: generations.into_iter().map(|g| g.1).collect(),
+                renewals,
+            }
         })
         .collect()
 }
@@ -259,8 +282,13 @@ pub enum ReaderNeeds {
     Unreadable(String),
 }
 
-fn record_text(kind: RunKind, plan: Option<&ReadPlan>) -> String {
-    let mut text = format!("host={}\npid={}\nkind={}\n", crate::hostname(), std::process::id(), kind.word());
+fn record_text(kind: RunKind, started_us: i64, renewed_us: i64, id: &str, plan: Option<&ReadPlan>) -> String {
+    let mut text = format!(
+        "host={}\npid={}\nkind={}\nstarted_us={started_us}\nrenewed_us={renewed_us}\nid={id}\n",
+        crate::hostname(),
+        std::process::id(),
+        kind.word()
+    );
     if let Some(p) = plan {
         text.push_str(&format!(
             "backups={}\ntimeline={}\nwal_from={:016X}\n",
@@ -289,23 +317,211 @@ pub fn parse_plan(text: &str) -> Result<Option<ReadPlan>, String> {
     Ok(Some(ReadPlan { backups, timeline, wal_from_lsn }))
 }
 
-/// What the reader `run` needs, from its newest readable generation (an older one is read when a
-/// renewal deleted the newer between listing and reading).
+/// What the reader `run` needs, from its newest sound generation ([`open_run`] now).
 pub async fn reader_needs(repo: &Repository, run: &Run) -> ReaderNeeds {
-    let mut last_error = String::from("no generation");
-    for name in run.generations.iter().rev() {
-        match repo.get_opened(name).await {
-            Ok((_, text)) => {
-                return match parse_plan(&String::from_utf8_lossy(&text)) {
-                    Ok(Some(plan)) => ReaderNeeds::Planned(plan),
-                    Ok(None) => ReaderNeeds::Unplanned,
-                    Err(e) => ReaderNeeds::Unreadable(format!("{name}: {e}")),
-                }
+    needs_of(&open_run(repo, run, now_us()).await)
+}
+
+/// What a reader needs, from what [`open_run`] found: a run whose record could not be read (gone,
+/// a storage error, or untrusted) may need anything. An untrusted run is not obeyed at all by
+/// expire, which does not ask this.
+pub fn needs_of(found: &Trust) -> ReaderNeeds {
+    match found {
+        Trust::Sound { name, text } => match parse_plan(text) {
+            Ok(Some(plan)) => ReaderNeeds::Planned(plan),
+            Ok(None) => ReaderNeeds::Unplanned,
+            Err(e) => ReaderNeeds::Unreadable(format!("{name}: {e}")),
+        },
+        Trust::Gone => ReaderNeeds::Unreadable("every generation is gone since the listing".into()),
+        Trust::Unknown(e) => ReaderNeeds::Unreadable(e.clone()),
+        Trust::Untrusted(u) => ReaderNeeds::Unreadable(u.to_string()),
+    }
+}
+
+/// How far ahead of this host's clock the times in a marker's or lock's name may be and still be
+/// obeyed: clock skew between the hosts of a fleet, with a wide margin. A time further ahead says
+/// the writer's clock is badly wrong or the object is planted; obeyed, it would hold expire (or
+/// backups) off for as long as it is ahead.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(600);
+
+/// The longest expire lock pitr takes (`[retention] lock_ttl` is bounded by it): a lock naming
+/// a longer lifetime is not obeyed.
+pub const MAX_LOCK_TTL: Duration = Duration::from_secs(86_400);
+
+/// A whole number of hours, minutes or seconds, for messages.
+fn span(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        _ if s >= 3600 && s.is_multiple_of(3600) => format!("{} h", s / 3600),
+        _ if s >= 60 && s.is_multiple_of(60) => format!("{} min", s / 60),
+        _ => format!("{s} s"),
+    }
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Why the times a name announces cannot be obeyed at `now_us` (see [`MAX_CLOCK_SKEW`] and
+/// [`MAX_LOCK_TTL`]); `None` when they are plausible.
+pub fn implausible(activity: &Activity, now_us: i64) -> Option<String> {
+    let ahead = |us: i64| us.saturating_sub(now_us) > micros(MAX_CLOCK_SKEW);
+    let skew = span(MAX_CLOCK_SKEW);
+    match *activity {
+        Activity::Run { started_us, renewed_us, .. } => {
+            if renewed_us < started_us {
+                Some("its name says it was renewed before it started".into())
+            } else if ahead(renewed_us) {
+                Some(format!(
+                    "its name says it was renewed at {}, more than {skew} ahead of this host's clock",
+                    format_rfc3339_seconds(renewed_us)
+                ))
+            } else {
+                None
             }
-            Err(e) => last_error = format!("{name}: {e}"),
+        }
+        Activity::Expire { started_us, expires_us } => {
+            if expires_us <= started_us {
+                Some("its name says it expires before it was taken".into())
+            } else if expires_us.saturating_sub(started_us) > micros(MAX_LOCK_TTL) {
+                Some(format!(
+                    "its name says it lasts until {}, longer than the {} an expire lock may last",
+                    format_rfc3339_seconds(expires_us),
+                    span(MAX_LOCK_TTL)
+                ))
+            } else if ahead(started_us) {
+                Some(format!(
+                    "its name says it was taken at {}, more than {skew} ahead of this host's clock",
+                    format_rfc3339_seconds(started_us)
+                ))
+            } else {
+                None
+            }
         }
     }
-    ReaderNeeds::Unreadable(last_error)
+}
+
+/// Where a sealed record disagrees with the name it is stored under; `None` when it agrees.
+/// Fields a record of an older pitr lacks (before the name's times were written into it) are not
+/// compared: the name is bound into the seal, so an object that opens was put under that name
+/// by a holder of the key.
+pub fn record_disagrees(activity: &Activity, text: &str) -> Option<String> {
+    let field = |key: &str| text.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('=')));
+    let mut want: Vec<(&str, String)> = Vec::new();
+    match activity {
+        Activity::Run { kind, started_us, renewed_us, id } => {
+            want.push(("kind", kind.word().to_string()));
+            want.push(("started_us", started_us.to_string()));
+            want.push(("renewed_us", renewed_us.to_string()));
+            want.push(("id", id.clone()));
+        }
+        Activity::Expire { started_us, expires_us } => {
+            want.push(("kind", "expire".to_string()));
+            want.push(("started_us", started_us.to_string()));
+            want.push(("expires_us", expires_us.to_string()));
+        }
+    }
+    want.into_iter().find_map(|(key, value)| match field(key) {
+        Some(found) if found != value => Some(format!("its record says {key}={found}, its name {key}={value}")),
+        _ => None,
+    })
+}
+
+/// What reading a marker or lock found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// It opened (authenticated under its name), its record agrees with its name and its times
+    /// are plausible: it is obeyed. `text` is its record.
+    Sound {
+        /// The object read (for a run, the newest generation that could be).
+        name: String,
+        /// Its record.
+        text: String,
+    },
+    /// Deleted between listing and reading (a renewal or a release): a run or expire that has
+    /// just ended.
+    Gone,
+    /// It could not be read (a storage error): obeyed by its name, as before records were read,
+    /// since a failing read says nothing about who wrote it.
+    Unknown(String),
+    /// Not obeyed: it does not open with the repository's keys (planted, damaged, or sealed with
+    /// a key this pitr lacks), its record disagrees with its name, or its times are implausible.
+    Untrusted(Untrusted),
+}
+
+/// A marker, lock or retention floor that is not obeyed, with why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Untrusted {
+    /// The object name.
+    pub object: String,
+    /// Why it is not obeyed.
+    pub why: String,
+}
+
+impl std::fmt::Display for Untrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.object, self.why)
+    }
+}
+
+impl Trust {
+    /// Whether the object is to be obeyed: sound, or unreadable for a reason that says nothing
+    /// about forgery.
+    pub fn obeyed(&self) -> bool {
+        matches!(self, Trust::Sound { .. } | Trust::Unknown(_))
+    }
+}
+
+/// Reads `object` and judges it at `now_us` (see [`Trust`]).
+pub async fn check(repo: &Repository, object: &RunningObject, now_us: i64) -> Trust {
+    let name = &object.name;
+    let untrusted = |why: String| Trust::Untrusted(Untrusted { object: name.clone(), why });
+    if let Some(why) = implausible(&object.activity, now_us) {
+        return untrusted(why);
+    }
+    match repo.get_opened(name).await {
+        Ok((_, text)) => {
+            let text = String::from_utf8_lossy(&text).into_owned();
+            match record_disagrees(&object.activity, &text) {
+                Some(why) => untrusted(why),
+                None => Trust::Sound { name: name.clone(), text },
+            }
+        }
+        Err(RepositoryError::Store(e)) if e.is_not_found() => Trust::Gone,
+        Err(e @ (RepositoryError::Seal(_) | RepositoryError::Invalid { .. })) => {
+            untrusted(format!("does not open with this repository's keys ({e})"))
+        }
+        Err(e) => Trust::Unknown(format!("{name}: {e}")),
+    }
+}
+
+/// Judges the run from its generations, newest first: the first sound one decides (an older one
+/// is read when a renewal deleted the newer between listing and reading). A run none of whose
+/// generations is sound is untrusted if any is; gone if all are gone.
+pub async fn open_run(repo: &Repository, run: &Run, now_us: i64) -> Trust {
+    let mut worst = Trust::Gone;
+    for (renewed_us, name) in run.renewals.iter().zip(&run.generations).rev() {
+        let object = RunningObject {
+            name: name.clone(),
+            activity: Activity::Run {
+                kind: run.kind,
+                started_us: run.started_us,
+                renewed_us: *renewed_us,
+                id: run.id.clone(),
+            },
+        };
+        match check(repo, &object, now_us).await {
+            sound @ Trust::Sound { .. } => return sound,
+            Trust::Gone => {}
+            unknown @ Trust::Unknown(_) => {
+                if !matches!(worst, Trust::Untrusted(_)) {
+                    worst = unknown;
+                }
+            }
+            untrusted @ Trust::Untrusted(_) => worst = untrusted,
+        }
+    }
+    worst
 }
 
 fn random_suffix() -> String {
@@ -353,7 +569,8 @@ impl Shared {
         // Strictly later, even if the clock stepped back: names must not repeat.
         let renewed = now_us().max(last.saturating_add(1));
         let name = marker_name(self.kind, self.started_us, renewed, &self.id);
-        put_record(&self.repo, &name, record_text(self.kind, state.plan.as_ref())).await?;
+        let text = record_text(self.kind, self.started_us, renewed, &self.id, state.plan.as_ref());
+        put_record(&self.repo, &name, text).await?;
         state.generations.push_back((renewed, name));
         while state.generations.len() > 2 {
             let Some((_, oldest)) = state.generations.front().cloned() else { break };
@@ -434,7 +651,7 @@ impl RunMarker {
         let started_us = now_us();
         let id = random_suffix();
         let name = marker_name(kind, started_us, started_us, &id);
-        put_record(repo, &name, record_text(kind, None)).await?;
+        put_record(repo, &name, record_text(kind, started_us, started_us, &id, None)).await?;
         let state = State { generations: VecDeque::from([(started_us, name)]), ..State::default() };
         let shared =
             Arc::new(Shared { repo: repo.clone(), kind, started_us, id, state: tokio::sync::Mutex::new(state) });
@@ -448,6 +665,7 @@ impl RunMarker {
     async fn wait_for_expire(&self) -> Result<(), RepositoryError> {
         let repo = &self.shared.repo;
         let mut said = false;
+        let mut checked: std::collections::HashMap<String, Trust> = std::collections::HashMap::new();
         loop {
             let now = now_us();
             let reader = !matches!(self.shared.kind, RunKind::Backup);
@@ -462,9 +680,31 @@ impl RunMarker {
                     expires_us
                 }
             };
-            let live = list(repo).await?.into_iter().find(|o| {
-                matches!(o.activity, Activity::Expire { started_us, expires_us } if waits_until(started_us, expires_us) > now)
-            });
+            let mut live = None;
+            for o in list(repo).await? {
+                let Activity::Expire { started_us, expires_us } = o.activity else { continue };
+                if waits_until(started_us, expires_us) <= now {
+                    continue;
+                }
+                // A lock that is not a pitr expire's (it does not open, or names absurd times)
+                // protects no sweep: waiting for it would let anyone who can write to the bucket
+                // stop every backup. It is reported, once per lock, and `pitr verify` names it.
+                let trust = match checked.get(&o.name) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = check(repo, &o, now).await;
+                        if let Trust::Untrusted(u) = &t {
+                            tracing::warn!(lock = %o.name, "not waiting for an expire lock that is not pitr's: {}", u.why);
+                        }
+                        checked.insert(o.name.clone(), t.clone());
+                        t
+                    }
+                };
+                if trust.obeyed() {
+                    live = Some(o);
+                    break;
+                }
+            }
             let Some(lock) = live else { return Ok(()) };
             if !said {
                 let Activity::Expire { expires_us, .. } = lock.activity else { return Ok(()) };
@@ -552,6 +792,14 @@ pub enum LockError {
     /// Putting the lock or listing `running/` failed.
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    /// The lock's lifetime is zero or longer than [`MAX_LOCK_TTL`] (which backups would not obey).
+    #[error("an expire lock lifetime of {ttl} is not allowed: it must be more than 0 and at most {max}")]
+    Ttl {
+        /// The lifetime asked for.
+        ttl: String,
+        /// The longest allowed.
+        max: String,
+    },
     /// Another live expire lock exists; ours was deleted again and this expire does not start.
     #[error("another pitr expire is running on this repository ({holder}; its lock {name} expires at {expires}); not starting a second")]
     Busy {
@@ -575,19 +823,38 @@ pub struct ExpireLock {
 
 impl ExpireLock {
     /// Puts the lock (valid for `ttl` from `now_us`), then refuses if another expire holds a
-    /// live one: of two racing, at least one sees the other and backs off.
+    /// live one: of two racing, at least one sees the other and backs off. A lock that is not
+    /// another pitr expire's ([`check`]: it does not open or names absurd times) is not obeyed.
     pub async fn acquire(repo: &Repository, now_us: i64, ttl: Duration) -> Result<ExpireLock, LockError> {
-        let expires = now_us.saturating_add(ttl.as_micros() as i64);
+        if ttl > MAX_LOCK_TTL || ttl.is_zero() {
+            return Err(LockError::Ttl { ttl: span(ttl), max: span(MAX_LOCK_TTL) });
+        }
+        let expires = now_us.saturating_add(micros(ttl));
         let name = names::expire_lock(now_us, expires, &random_suffix());
-        let text = format!("host={}\npid={}\n", crate::hostname(), std::process::id());
+        let text = format!(
+            "host={}\npid={}\nkind=expire\nstarted_us={now_us}\nexpires_us={expires}\n",
+            crate::hostname(),
+            std::process::id()
+        );
         put_record(repo, &name, text).await?;
         let lock = ExpireLock { repo: repo.clone(), name, taken: Instant::now(), ttl };
-        let other = list(repo).await?.into_iter().find_map(|o| match o.activity {
-            Activity::Expire { expires_us, .. } if o.name != lock.name && expires_us > now_us => {
-                Some((o.name, expires_us))
+        let mut other = None;
+        for o in list(repo).await? {
+            let Activity::Expire { expires_us, .. } = o.activity else { continue };
+            if o.name == lock.name || expires_us <= now_us {
+                continue;
             }
-            _ => None,
-        });
+            match check(repo, &o, now_us).await {
+                Trust::Untrusted(u) => {
+                    tracing::warn!(lock = %o.name, "ignoring an expire lock that is not pitr's: {}", u.why);
+                }
+                Trust::Gone => {}
+                Trust::Sound { .. } | Trust::Unknown(_) => {
+                    other = Some((o.name, expires_us));
+                    break;
+                }
+            }
+        }
         if let Some((other, expires_us)) = other {
             let holder = describe(repo, &other).await;
             lock.release().await;
@@ -742,13 +1009,117 @@ mod tests {
             timeline: 2,
             wal_from_lsn: 0x1_2000_0028,
         };
-        let text = record_text(RunKind::Restore, Some(&plan));
+        let text = record_text(RunKind::Restore, 1, 2, "ab", Some(&plan));
         assert!(text.contains("kind=restore\n"), "{text}");
         assert_eq!(parse_plan(&text), Ok(Some(plan)));
-        assert_eq!(parse_plan(&record_text(RunKind::Drill, None)), Ok(None));
+        assert_eq!(parse_plan(&record_text(RunKind::Drill, 1, 1, "ab", None)), Ok(None));
         assert!(parse_plan("backups=\ntimeline=1\nwal_from=00\n").is_err());
         assert!(parse_plan("backups=a\nwal_from=00\n").is_err());
         assert!(parse_plan("backups=a\ntimeline=1\nwal_from=xyz\n").is_err());
+    }
+
+    #[test]
+    fn records_must_agree_with_their_names_and_times_be_plausible() {
+        let run = Activity::Run { kind: RunKind::Backup, started_us: 10, renewed_us: 20, id: "ab".into() };
+        assert_eq!(record_disagrees(&run, &record_text(RunKind::Backup, 10, 20, "ab", None)), None);
+        // A record of an older pitr, without the name's times: compared where it has fields.
+        assert_eq!(record_disagrees(&run, "host=h\npid=1\nkind=backup\n"), None);
+        assert_eq!(record_disagrees(&run, "host=h\npid=1\n"), None);
+        let why = record_disagrees(&run, &record_text(RunKind::Restore, 10, 20, "ab", None)).unwrap();
+        assert_eq!(why, "its record says kind=restore, its name kind=backup");
+        assert!(record_disagrees(&run, &record_text(RunKind::Backup, 10, 21, "ab", None))
+            .unwrap()
+            .contains("renewed_us"));
+        assert!(record_disagrees(&run, &record_text(RunKind::Backup, 10, 20, "cd", None)).unwrap().contains("id="));
+        let lock = Activity::Expire { started_us: 10, expires_us: 30 };
+        assert_eq!(record_disagrees(&lock, "host=h\npid=1\nkind=expire\nstarted_us=10\nexpires_us=30\n"), None);
+        assert!(record_disagrees(&lock, "kind=expire\nstarted_us=10\nexpires_us=31\n").is_some());
+        assert!(record_disagrees(&lock, &record_text(RunKind::Backup, 10, 30, "ab", None)).is_some());
+
+        let now = 1_800_000_000_000_000;
+        let skew = micros(MAX_CLOCK_SKEW);
+        let run_at =
+            |renewed_us| Activity::Run { kind: RunKind::Backup, started_us: now - 5, renewed_us, id: "a".into() };
+        assert_eq!(implausible(&run_at(now + skew), now), None);
+        assert!(implausible(&run_at(now + skew + 1), now).unwrap().contains("ahead of this host's clock"));
+        assert!(implausible(&run_at(i64::MAX), now).is_some());
+        assert!(implausible(&run_at(now - 6), now).unwrap().contains("before it started"));
+        let lock_at =
+            |started_us: i64, ttl: i64| Activity::Expire { started_us, expires_us: started_us.saturating_add(ttl) };
+        assert_eq!(implausible(&lock_at(now, micros(MAX_LOCK_TTL)), now), None);
+        assert!(implausible(&lock_at(now, micros(MAX_LOCK_TTL) + 1), now).unwrap().contains("longer than the 24 h"));
+        assert!(implausible(&lock_at(now, i64::MAX), now).is_some());
+        assert!(implausible(&lock_at(now + skew + 1, 60_000_000), now).unwrap().contains("ahead"));
+        assert!(implausible(&lock_at(now, 0), now).unwrap().contains("expires before"));
+    }
+
+    /// Puts raw bytes (not sealed by this repository's key) under `name`, as someone with write
+    /// access to the bucket but not the key can.
+    async fn plant(dir: &std::path::Path, name: &str, bytes: &[u8]) {
+        use crate::store::Store;
+        LocalStore::new(dir).put_if_absent(name, bytes::Bytes::copy_from_slice(bytes)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn planted_and_foreign_objects_are_untrusted_and_do_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = repo(dir.path());
+        let now = now_us();
+        // A far-future lock that does not open (empty), and one sealed with another key.
+        let planted = names::expire_lock(now, now + 3_600_000_000, "p1");
+        plant(dir.path(), &planted, b"").await;
+        let other_key = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k2", [9; 32]));
+        let foreign = names::expire_lock(now, now + 3_600_000_000, "p2");
+        other_key.put_sealed(&foreign, b"host=x\npid=1\n".to_vec(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+        // A lock sealed with the right key whose record disagrees with its name.
+        let liar = names::expire_lock(now, now + 3_600_000_000, "p3");
+        put_record(&r, &liar, format!("kind=expire\nstarted_us={now}\nexpires_us={}\n", now + 1)).await.unwrap();
+        for name in [&planted, &foreign, &liar] {
+            let o = RunningObject { activity: parse_name(name).unwrap(), name: name.clone() };
+            assert!(matches!(check(&r, &o, now).await, Trust::Untrusted(ref u) if &u.object == name), "{name}");
+        }
+        // None of them blocks a backup or another expire.
+        let marker = tokio::time::timeout(Duration::from_secs(10), RunMarker::begin(&r, RunKind::Backup))
+            .await
+            .expect("the backup waited for a lock that is not pitr's")
+            .unwrap();
+        let found = runs(&list(&r).await.unwrap());
+        assert!(matches!(open_run(&r, &found[0], now_us()).await, Trust::Sound { .. }));
+        marker.release().await;
+        let lock = ExpireLock::acquire(&r, now_us(), Duration::from_secs(60)).await.unwrap();
+        // A real lock is sound, and still makes a second expire back off.
+        let o = RunningObject { activity: parse_name(lock.name()).unwrap(), name: lock.name().into() };
+        assert!(matches!(check(&r, &o, now_us()).await, Trust::Sound { .. }));
+        assert!(matches!(
+            ExpireLock::acquire(&r, now_us(), Duration::from_secs(60)).await,
+            Err(LockError::Busy { .. })
+        ));
+        lock.release().await;
+        assert!(matches!(
+            ExpireLock::acquire(&r, now_us(), MAX_LOCK_TTL + Duration::from_secs(1)).await,
+            Err(LockError::Ttl { .. })
+        ));
+
+        // A marker that does not open is untrusted; one whose generations are all gone is gone.
+        let fake = marker_name(RunKind::Backup, now, now + 86_400_000_000, "f");
+        plant(dir.path(), &fake, b"junk").await;
+        let fake_run = runs(&list(&r).await.unwrap()).into_iter().find(|x| x.id == "f").unwrap();
+        let Trust::Untrusted(u) = open_run(&r, &fake_run, now).await else { panic!("obeyed a planted marker") };
+        assert!(u.why.contains("ahead of this host's clock"), "{u}");
+        let near = marker_name(RunKind::Backup, now, now, "g");
+        plant(dir.path(), &near, b"junk").await;
+        let near_run = runs(&list(&r).await.unwrap()).into_iter().find(|x| x.id == "g").unwrap();
+        let Trust::Untrusted(u) = open_run(&r, &near_run, now).await else { panic!("obeyed a planted marker") };
+        assert!(u.why.contains("does not open"), "{u}");
+        let gone = Run {
+            kind: RunKind::Drill,
+            started_us: now,
+            renewed_us: now,
+            id: "z".into(),
+            generations: vec![marker_name(RunKind::Drill, now, now, "z")],
+            renewals: vec![now],
+        };
+        assert_eq!(open_run(&r, &gone, now).await, Trust::Gone);
     }
 
     #[tokio::test]
@@ -817,6 +1188,7 @@ mod tests {
             renewed_us: 1,
             id: "x".into(),
             generations: vec![marker_name(RunKind::Restore, 1, 1, "x")],
+            renewals: vec![1],
         };
         assert!(matches!(reader_needs(&r, &gone).await, ReaderNeeds::Unreadable(_)));
     }

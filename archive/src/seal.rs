@@ -15,7 +15,6 @@
 use crate::now_us;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
-use rand::RngCore;
 
 use crate::keys::{KeyError, KeyRing, WRAPPED_KEY_LEN};
 
@@ -178,8 +177,7 @@ pub struct SealedHeader {
 
 /// Seals `plaintext` as the object `name`.
 pub fn seal(name: &str, plaintext: &[u8], meta: &ObjectMeta, keys: &KeyRing, zstd_level: i32) -> Vec<u8> {
-    let mut data_key = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut data_key);
+    let data_key = crate::keys::fresh_data_key();
     let (key_id, wrap_nonce, wrapped_key) = keys.wrap(name, &data_key);
     let created_us = now_us();
 
@@ -206,7 +204,7 @@ pub fn seal(name: &str, plaintext: &[u8], meta: &ObjectMeta, keys: &KeyRing, zst
     out.extend_from_slice(&header);
     let prefix = out.clone();
 
-    let cipher = Aes256Gcm::new((&data_key).into());
+    let cipher = Aes256Gcm::new((&*data_key).into());
     let tag = cipher
         .encrypt(
             &nonce(HEADER_NONCE_INDEX),
@@ -280,10 +278,14 @@ pub fn open_header(name: &str, bytes: &[u8], keys: &KeyRing) -> Result<SealedHea
     Ok(header)
 }
 
-fn open_header_and_key(name: &str, bytes: &[u8], keys: &KeyRing) -> Result<(SealedHeader, [u8; 32]), SealError> {
+fn open_header_and_key(
+    name: &str,
+    bytes: &[u8],
+    keys: &KeyRing,
+) -> Result<(SealedHeader, crate::keys::DataKey), SealError> {
     let header = parse_header(name, bytes)?;
     let data_key = keys.unwrap(name, &header.key_id, &header.wrap_nonce, &header.wrapped_key)?;
-    let cipher = Aes256Gcm::new((&data_key).into());
+    let cipher = Aes256Gcm::new((&*data_key).into());
     let prefix_end = header.body_offset - TAG_LEN;
     let aad = frame_aad(name, &bytes[..prefix_end], HEADER_NONCE_INDEX, false);
     cipher
@@ -295,10 +297,10 @@ fn open_header_and_key(name: &str, bytes: &[u8], keys: &KeyRing) -> Result<(Seal
 /// Opens object `name`: authenticates every frame, decompresses, checks length and crc32.
 pub fn open(name: &str, bytes: &[u8], keys: &KeyRing) -> Result<(SealedHeader, Vec<u8>), SealError> {
     let (header, data_key) = open_header_and_key(name, bytes, keys)?;
-    let cipher = Aes256Gcm::new((&data_key).into());
+    let cipher = Aes256Gcm::new((&*data_key).into());
     let prefix = &bytes[..header.body_offset - TAG_LEN];
     let truncated = |what: String| SealError::Truncated { object: name.to_string(), what };
-    let mut plaintext = Vec::with_capacity(usize::try_from(header.plaintext_len).unwrap_or(0).min(1 << 30));
+    let mut plaintext = Vec::with_capacity(initial_capacity(header.plaintext_len));
     let mut pos = header.body_offset;
     let mut index: u64 = 0;
     loop {
@@ -321,6 +323,13 @@ pub fn open(name: &str, bytes: &[u8], keys: &KeyRing) -> Result<(SealedHeader, V
         })?;
         let plain = zstd::bulk::decompress(&compressed, header.frame_size as usize)
             .map_err(|e| SealError::Decompress { object: name.to_string(), what: e.to_string() })?;
+        // Stop at the first frame past the header's length rather than collect them all.
+        if (plaintext.len() + plain.len()) as u64 > header.plaintext_len {
+            return Err(SealError::Checksum {
+                object: name.to_string(),
+                what: format!("frame {index} runs past the {} bytes the header says", header.plaintext_len),
+            });
+        }
         plaintext.extend_from_slice(&plain);
         if is_last {
             break;
@@ -337,6 +346,15 @@ pub fn open(name: &str, bytes: &[u8], keys: &KeyRing) -> Result<(SealedHeader, V
         return Err(SealError::Checksum { object: name.to_string(), what: "crc32 mismatch".into() });
     }
     Ok((header, plaintext))
+}
+
+/// The most [`open`] reserves for the plaintext before any frame has authenticated: one WAL
+/// segment of the default size. A larger object grows its buffer as its frames authenticate, so
+/// a header's `plaintext_len` alone never makes pitr reserve more.
+const PREALLOCATE_MAX: usize = 16 << 20;
+
+fn initial_capacity(plaintext_len: u64) -> usize {
+    usize::try_from(plaintext_len).unwrap_or(usize::MAX).min(PREALLOCATE_MAX)
 }
 
 fn parse_header(name: &str, bytes: &[u8]) -> Result<SealedHeader, SealError> {
@@ -540,6 +558,81 @@ mod tests {
         assert!(matches!(open("a", &sealed, &other), Err(SealError::Key(KeyError::Unwrap { .. }))));
         let unknown = KeyRing::from_key("other-id", [42; 32]);
         assert!(matches!(open("a", &sealed, &unknown), Err(SealError::Key(KeyError::UnknownKey { .. }))));
+    }
+
+    /// An object sealed as [`seal`] does, but whose authenticated header claims `plaintext_len`
+    /// and `frame_size`: what a writer with the key (or a bug) could produce.
+    fn crafted(name: &str, frames: &[&[u8]], plaintext_len: u64, frame_size: u32) -> Vec<u8> {
+        let keys = ring();
+        let data_key = [7u8; 32];
+        let (key_id, wrap_nonce, wrapped_key) = keys.wrap(name, &data_key);
+        let mut header = vec![ObjectKind::Meta as u8];
+        header.extend_from_slice(&(key_id.len() as u16).to_le_bytes());
+        header.extend_from_slice(key_id.as_bytes());
+        header.extend_from_slice(&wrap_nonce);
+        header.extend_from_slice(&wrapped_key);
+        header.extend_from_slice(&plaintext_len.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&frame_size.to_le_bytes());
+        header.extend_from_slice(&[0u8; 8 + 4 + 8 + 8 + 8 + 8]);
+        let mut out = MAGIC.to_vec();
+        out.push(VERSION);
+        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        out.extend_from_slice(&header);
+        let prefix = out.clone();
+        let cipher = Aes256Gcm::new((&data_key).into());
+        let aad = frame_aad(name, &prefix, HEADER_NONCE_INDEX, false);
+        out.extend_from_slice(&cipher.encrypt(&nonce(HEADER_NONCE_INDEX), Payload { msg: &[], aad: &aad }).unwrap());
+        for sealed in seal_frames(&cipher, name, &prefix, frames, 1) {
+            out.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+            out.extend_from_slice(&sealed);
+        }
+        out
+    }
+
+    #[test]
+    fn a_header_length_over_the_bound_is_refused_from_the_prefix_alone() {
+        for len in [MAX_HEADER_LEN as u32 + 1, u32::MAX] {
+            let mut bytes = MAGIC.to_vec();
+            bytes.push(VERSION);
+            bytes.extend_from_slice(&len.to_le_bytes());
+            let err = open_header("h", &bytes, &ring()).unwrap_err();
+            assert!(matches!(&err, SealError::Header { what, .. } if what.contains("too large")), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_huge_plaintext_length_reserves_a_bounded_buffer_and_fails_cleanly() {
+        assert_eq!(initial_capacity(u64::MAX), PREALLOCATE_MAX);
+        assert_eq!(initial_capacity(5), 5);
+        let object = crafted("big", &[b"tiny"], u64::MAX, FRAME_SIZE as u32);
+        // The header authenticates (the writer had the key): the length is only believed as far
+        // as the frames bear it out.
+        assert_eq!(open_header("big", &object, &ring()).unwrap().plaintext_len, u64::MAX);
+        let err = open("big", &object, &ring()).unwrap_err();
+        assert!(matches!(&err, SealError::Checksum { what, .. } if what.contains("header says")), "{err}");
+    }
+
+    #[test]
+    fn frames_past_the_header_length_stop_at_the_first_one() {
+        let frame = sample(FRAME_SIZE);
+        let object = crafted("long", &[&frame, &frame, &frame], 10, FRAME_SIZE as u32);
+        let err = open("long", &object, &ring()).unwrap_err();
+        assert!(matches!(&err, SealError::Checksum { what, .. } if what.starts_with("frame 0 ")), "{err}");
+        // A frame that decompresses to more than the header's frame size is refused, however
+        // small its compressed form.
+        let zeros = vec![0u8; 4096];
+        let object = crafted("bomb", &[&zeros], 4096, 1024);
+        assert!(matches!(open("bomb", &object, &ring()), Err(SealError::Decompress { .. })));
+    }
+
+    #[test]
+    fn frame_sizes_outside_the_bound_are_refused_before_any_frame_is_read() {
+        for frame_size in [0, 64 * FRAME_SIZE as u32 + 1, u32::MAX] {
+            let object = crafted("f", &[b"x"], 1, frame_size);
+            let err = open_header("f", &object, &ring()).unwrap_err();
+            assert!(matches!(&err, SealError::Header { what, .. } if what.contains("frame size")), "{err}");
+        }
     }
 
     #[test]

@@ -38,8 +38,9 @@ pub enum StoreError {
         /// Which rule it breaks.
         why: &'static str,
     },
-    /// A filesystem call of the local backend failed.
-    #[error("{op} {name} in {location}: {cause}")]
+    /// A filesystem call of the local backend failed. A full filesystem (`ENOSPC`, `EDQUOT`)
+    /// says so first, naming the repository: that is what the operator has to fix.
+    #[error("{}", describe_io(op, name, location, cause))]
     Io {
         /// The operation, for the message (`put`, `list`, `delete`…).
         op: &'static str,
@@ -63,6 +64,35 @@ pub enum StoreError {
         /// The backend's own description of the failure.
         message: String,
     },
+    /// The object is larger than the caller is prepared to read ([`Store::get_limited`]): a
+    /// small record that is not small was planted or damaged. Nothing of it was read.
+    #[error("object {name} in {location} is {size} bytes, more than the {limit} bytes such an object may have; refusing to read it")]
+    TooLarge {
+        /// The object.
+        name: String,
+        /// The store's [`Store::location`].
+        location: String,
+        /// Its stored size.
+        size: u64,
+        /// The most the caller reads.
+        limit: u64,
+    },
+    /// The object storage ignores `If-None-Match: *` (found by
+    /// [`Store::check_conditional_create`]): it let a second create of one name replace the
+    /// first, so nothing pitr relies on create-only puts for would hold.
+    #[error(
+        "{location} ignores `If-None-Match: *`: a second conditional create of the probe object {probe} replaced it \
+         instead of failing with 412 Precondition Failed. pitr needs conditional creates: every put is put-if-absent \
+         so that no archived object is ever replaced, the writer lease that keeps two sidecars from interleaving one \
+         cluster's WAL is taken with one, and conflicting writers are detected by them. Use an S3-compatible server \
+         (or proxy) that honours If-None-Match, or a local repository"
+    )]
+    IgnoresConditionalCreate {
+        /// The store's [`Store::location`].
+        location: String,
+        /// The probe object's name.
+        probe: String,
+    },
     /// The storage refused the operation (S3 `AccessDenied`: an Object Lock retention that has
     /// not passed, a legal hold, or a bucket policy without that permission). Not transient:
     /// retrying does not help, and for a delete the object stays where it is.
@@ -77,6 +107,19 @@ pub enum StoreError {
         /// The storage's own description of the refusal.
         message: String,
     },
+}
+
+fn describe_io(op: &str, name: &str, location: &str, cause: &std::io::Error) -> String {
+    if is_out_of_space(cause) {
+        format!("repository {location}: no space left on device ({op} {name}); nothing half-written was kept: free space there")
+    } else {
+        format!("{op} {name} in {location}: {cause}")
+    }
+}
+
+/// Whether `e` says the filesystem (or the user's quota on it) is full.
+pub fn is_out_of_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 impl StoreError {
@@ -121,6 +164,30 @@ pub trait Store: Send + Sync + Debug {
     async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<PutOutcome, StoreError>;
     /// The whole object; [`StoreError::NotFound`] if there is none.
     async fn get(&self, name: &str) -> Result<Bytes, StoreError>;
+    /// The whole object if it is at most `limit` bytes; a bigger one is [`StoreError::TooLarge`]
+    /// without its contents being read (so a planted huge object cannot fill memory). The
+    /// default asks for the size first; backends override it to learn the size from the read.
+    async fn get_limited(&self, name: &str, limit: u64) -> Result<Bytes, StoreError> {
+        match self.head(name).await? {
+            None => Err(StoreError::NotFound { name: name.to_string(), location: self.location() }),
+            Some(info) if info.size > limit => {
+                Err(StoreError::TooLarge { name: name.to_string(), location: self.location(), size: info.size, limit })
+            }
+            Some(_) => {
+                let bytes = self.get_range(name, 0..limit.saturating_add(1)).await?;
+                // It may have been replaced by a bigger one in between (not by pitr: puts never replace).
+                if bytes.len() as u64 > limit {
+                    return Err(StoreError::TooLarge {
+                        name: name.to_string(),
+                        location: self.location(),
+                        size: bytes.len() as u64,
+                        limit,
+                    });
+                }
+                Ok(bytes)
+            }
+        }
+    }
     /// Bytes `range` of the object; a range past the end is cut at the end.
     async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError>;
     /// Every object whose name starts with `prefix`, sorted by name.
@@ -143,6 +210,15 @@ pub trait Store: Send + Sync + Debug {
             }
         }
         Ok(out)
+    }
+    /// Checks that the storage really refuses a create of a name that exists (S3's
+    /// `If-None-Match: *`), which put-if-absent, the writer lease and conflict detection rest on:
+    /// creates a probe object under a random name, creates it again, and deletes it. An endpoint
+    /// that lets the second create through is [`StoreError::IgnoresConditionalCreate`]. One
+    /// probe costs three requests; `pitr init` and `pitr stream` run it at start. Nothing to
+    /// check by default (a local directory links the name, which never replaces).
+    async fn check_conditional_create(&self) -> Result<(), StoreError> {
+        Ok(())
     }
     /// Deletes `name`; deleting a missing object is not an error.
     async fn delete(&self, name: &str) -> Result<(), StoreError>;
@@ -250,7 +326,10 @@ impl LocalStore {
     /// Creates the repository directory (for `pitr init`). Other operations never create it, so
     /// an unmounted volume is an error rather than a fresh, empty repository on the wrong disk.
     pub fn create_root(&self) -> Result<(), StoreError> {
-        std::fs::create_dir_all(&self.root).map_err(|e| self.io("create", ".", e))
+        std::fs::create_dir_all(&self.root).map_err(|e| self.io("create", ".", e))?;
+        // The new directory's entry must survive a crash before the marker is put into it.
+        let parent = self.root.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        sync_dir(&self.root).and_then(|()| sync_dir(parent)).map_err(|e| self.io("create", ".", e))
     }
 
     fn root_missing(&self) -> StoreError {
@@ -279,6 +358,9 @@ impl LocalStore {
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
         if path.exists() {
+            // The name may come from a put that crashed (or failed) after linking it and before
+            // its directory was fsynced: make the entry durable before anyone relies on it.
+            sync_dirs_up_to(&self.root, &dir).map_err(|e| self.io("put", name, e))?;
             return Ok(PutOutcome::AlreadyExists);
         }
         if !self.root.is_dir() {
@@ -422,6 +504,21 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Fsyncs `dir` and each of its parents up to and including `root`, so that every entry on the
+/// way to an object is durable (a directory made by a process that crashed before fsyncing its
+/// parent is still found by later puts, which then skip making it).
+fn sync_dirs_up_to(root: &Path, dir: &Path) -> std::io::Result<()> {
+    let mut at = Some(dir);
+    while let Some(d) = at {
+        sync_dir(d)?;
+        if d == root || !d.starts_with(root) {
+            break;
+        }
+        at = d.parent();
+    }
+    Ok(())
+}
+
 /// Creates `dir` and any missing parents below `root`, fsyncing each parent so the new
 /// directory entries survive a crash.
 fn create_dir_all_synced(root: &Path, dir: &Path) -> std::io::Result<()> {
@@ -456,6 +553,25 @@ impl Store for LocalStore {
     async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
         let path = self.path_of(name)?;
         tokio::fs::read(&path).await.map(Bytes::from).map_err(|e| self.io("get", name, e))
+    }
+
+    async fn get_limited(&self, name: &str, limit: u64) -> Result<Bytes, StoreError> {
+        use tokio::io::AsyncReadExt;
+        let path = self.path_of(name)?;
+        let io = |e| self.io("get", name, e);
+        let f = tokio::fs::File::open(&path).await.map_err(io)?;
+        let size = f.metadata().await.map_err(io)?.len();
+        if size > limit {
+            return Err(StoreError::TooLarge { name: name.to_string(), location: self.location(), size, limit });
+        }
+        let mut buf = Vec::with_capacity(size as usize);
+        // Bounded even if the file grows while we read (a hand edit; pitr never rewrites).
+        f.take(limit.saturating_add(1)).read_to_end(&mut buf).await.map_err(io)?;
+        if buf.len() as u64 > limit {
+            let size = buf.len() as u64;
+            return Err(StoreError::TooLarge { name: name.to_string(), location: self.location(), size, limit });
+        }
+        Ok(Bytes::from(buf))
     }
 
     async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
@@ -682,6 +798,40 @@ mod tests {
         // No temporary files are left behind.
         let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("a/b")).unwrap().collect();
         assert_eq!(leftovers.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_limited_get_refuses_a_bigger_object_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = LocalStore::new(dir.path());
+        local.put_if_absent("small", Bytes::from_static(b"12345")).await.unwrap();
+        local.put_if_absent("big", Bytes::from(vec![1u8; 4096])).await.unwrap();
+        for store in [&local as &dyn Store, &Folding(local.clone())] {
+            assert_eq!(&store.get_limited("small", 5).await.unwrap()[..], b"12345");
+            let err = store.get_limited("big", 1000).await.unwrap_err();
+            assert!(matches!(err, StoreError::TooLarge { size: 4096, limit: 1000, .. }), "{err}");
+            assert!(err.to_string().contains("big") && err.to_string().contains("4096"), "{err}");
+            assert!(store.get_limited("missing", 10).await.unwrap_err().is_not_found());
+        }
+    }
+
+    #[test]
+    fn a_full_disk_is_named_with_the_repository() {
+        let full = StoreError::Io {
+            op: "put",
+            name: "pg/1/wal/x.chunk".into(),
+            location: "/repo".into(),
+            cause: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let text = full.to_string();
+        assert!(text.starts_with("repository /repo: no space left on device (put pg/1/wal/x.chunk)"), "{text}");
+        let other = StoreError::Io {
+            op: "put",
+            name: "x".into(),
+            location: "/repo".into(),
+            cause: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        assert!(other.to_string().starts_with("put x in /repo: "), "{other}");
     }
 
     #[test]

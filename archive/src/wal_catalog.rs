@@ -155,12 +155,15 @@ impl WalCatalog {
         let mut out = BTreeMap::new();
         for &timeline in &self.histories {
             let name = self.layout.object_name(&WalObject::History { timeline });
-            let read = match repo.get_opened(&name).await {
+            let read = match repo.get_record(&name).await {
                 Ok((_, text)) => {
                     parse_history(&String::from_utf8_lossy(&text)).map_err(|e| HistoryProblem::Malformed(e.to_string()))
                 }
                 Err(RepositoryError::Store(e)) if e.is_not_found() => Err(HistoryProblem::Vanished),
                 Err(e @ RepositoryError::Seal(_)) => Err(HistoryProblem::Unopenable(e.to_string())),
+                Err(e @ RepositoryError::Store(crate::store::StoreError::TooLarge { .. })) => {
+                    Err(HistoryProblem::Unopenable(e.to_string()))
+                }
                 Err(e) => return Err(e),
             };
             out.insert(timeline, read);

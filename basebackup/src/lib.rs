@@ -300,6 +300,9 @@ async fn backup_marked(
         });
     }
 
+    // Only the workers hold the receiving end: once they have all stopped (a failed put, a full
+    // repository), sending fails at once instead of waiting forever for room in the channel.
+    drop(rx);
     let mut receiver = Receiver::new(hasher.clone(), opts.block_size, tx);
     let mut start = None;
     let mut end = None;
@@ -339,10 +342,11 @@ async fn backup_marked(
             Err(e) => upload_error = upload_error.or(Some(BackupError::Other(format!("upload task: {e}")))),
         }
     }
-    result?;
+    // An upload's failure first: it is why receiving stopped ("block uploads stopped").
     if let Some(e) = upload_error {
         return Err(e);
     }
+    result?;
     conn.close().await;
     let (start_lsn, timeline) = start.ok_or_else(|| BackupError::Other("BASE_BACKUP sent no start position".into()))?;
     let (stop_lsn, _) = end.ok_or_else(|| BackupError::Other("BASE_BACKUP sent no end position".into()))?;
@@ -452,6 +456,8 @@ struct Receiver {
     tablespaces: Vec<Tablespace>,
     manifest: Option<Vec<u8>>,
     bytes: u64,
+    /// Tar members received in all archives, which bound the manifest's size.
+    members: u64,
     /// Paths of the main archive: its links, and everything else, for [`check_member`].
     main_links: BTreeSet<String>,
     main_paths: BTreeSet<String>,
@@ -471,6 +477,7 @@ impl Receiver {
             tablespaces: Vec::new(),
             manifest: None,
             bytes: 0,
+            members: 0,
             main_links: BTreeSet::new(),
             main_paths: BTreeSet::new(),
         }
@@ -548,6 +555,15 @@ impl Receiver {
             }
             BackupEvent::Data(data) => {
                 if let Some(m) = self.manifest.as_mut() {
+                    let limit = manifest_limit(self.members);
+                    if (m.len() + data.len()) as u64 > limit {
+                        return Err(BackupError::Verify(format!(
+                            "the server's backup manifest is longer than {limit} bytes ({MANIFEST_BASE} plus \
+                             {MANIFEST_PER_MEMBER} for each of the {} archive members received); refused \
+                             before reading it",
+                            self.members
+                        )));
+                    }
                     m.extend_from_slice(&data);
                     return Ok(());
                 }
@@ -577,6 +593,7 @@ impl Receiver {
     fn on_tar(&mut self, event: TarEvent<'_>, full_blocks: &mut Vec<(String, Vec<u8>)>) -> Result<(), BackupError> {
         match event {
             TarEvent::Entry(h) => {
+                self.members += 1;
                 let path = format!("{}{}", self.prefix, h.path);
                 check_member(self.prefix.is_empty(), &path, &h.kind, &mut self.main_links, &mut self.main_paths)?;
                 match h.kind {
@@ -632,6 +649,21 @@ impl Receiver {
         }
         Ok(())
     }
+}
+
+/// The fixed part of [`manifest_limit`]: the manifest's header, WAL ranges (one line per
+/// timeline the backup spans) and checksum, with a wide margin.
+const MANIFEST_BASE: u64 = 1 << 20;
+/// The part per tar member of [`manifest_limit`]. A manifest line lists one file: its path (at
+/// most MAXPGPATH, 1024 bytes; doubled if hex-encoded or JSON-escaped), size, time and
+/// checksum, some 150 bytes besides the path. Directories and links count too, to spare.
+const MANIFEST_PER_MEMBER: u64 = 4096;
+
+/// The most a server's backup manifest may hold after `members` tar members: it lists the
+/// files that came, so it cannot legitimately be longer, and holding it whole (to parse and
+/// keep it) must not be up to the server.
+fn manifest_limit(members: u64) -> u64 {
+    MANIFEST_BASE.saturating_add(members.saturating_mul(MANIFEST_PER_MEMBER))
 }
 
 /// PostgreSQL writes a CRC-32C into its manifest as the hex of its in-memory (little-endian) bytes.
@@ -778,6 +810,40 @@ mod tests {
         }
         r.finish_archive()?;
         Ok((r.entries, r.files.into_iter().map(|f| f.path).collect()))
+    }
+
+    #[tokio::test]
+    async fn manifest_is_bounded_by_what_arrived() {
+        let dir = std::env::temp_dir().join(format!("pitr-basebackup-manifest-{}-{}", std::process::id(), now_us()));
+        let store = pitr_archive::LocalStore::new(&dir);
+        store.create_root().unwrap();
+        let repo = Repository::new(Arc::new(store), pitr_archive::KeyRing::from_key("k", [2; 32]));
+        let hasher = block_hasher(&repo).await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let (tx, _rx) = mpsc::channel(1024);
+        let mut r = Receiver::new(hasher, 8192, tx);
+        let mut main = header("base/", b'5', 0, "");
+        main.extend(file("base/1259", b"relation"));
+        main.extend([0; 1024]);
+        r.on_event(BackupEvent::Archive { tablespace: None }).await.unwrap();
+        r.on_event(BackupEvent::Data(bytes::Bytes::from(main))).await.unwrap();
+        assert_eq!(r.members, 2);
+        r.on_event(BackupEvent::Manifest).await.unwrap();
+        // Exactly up to the bound is taken; a server streaming on past it is refused, however
+        // it chunks the data.
+        let limit = manifest_limit(2) as usize;
+        let chunk = bytes::Bytes::from(vec![b' '; 64 << 10]);
+        let mut sent = 0;
+        while sent + chunk.len() <= limit {
+            r.on_event(BackupEvent::Data(chunk.clone())).await.unwrap();
+            sent += chunk.len();
+        }
+        r.on_event(BackupEvent::Data(bytes::Bytes::from(vec![b' '; limit - sent]))).await.unwrap();
+        let err = r.on_event(BackupEvent::Data(bytes::Bytes::from_static(b"}"))).await.unwrap_err().to_string();
+        assert!(err.contains("manifest is longer than") && err.contains(&limit.to_string()), "{err}");
+        assert!(err.contains("2 archive members"), "{err}");
+        assert_eq!(r.manifest.as_ref().map(Vec::len), Some(limit));
+        assert_eq!(manifest_limit(u64::MAX), u64::MAX);
     }
 
     #[tokio::test]

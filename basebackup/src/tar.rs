@@ -5,6 +5,10 @@
 //! component, and any member type but a file, a directory or a symbolic link (hard links,
 //! devices, FIFOs, extension headers: PostgreSQL sends none of them) fails the backup here, so
 //! it never reaches a manifest. Which symbolic links are acceptable is the receiver's call.
+//!
+//! What a server can make the reader hold is fixed: one 512-byte header block (pax and GNU
+//! long-name headers, the only variable-length ones, are refused rather than read), and content
+//! is passed on as it arrives, whatever size its header declares.
 
 /// What a member is: the only three member types accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -341,6 +345,41 @@ mod tests {
         r.feed::<TarError>(&t[..1000], |_| Ok(())).unwrap();
         assert_eq!(r.finish(), Err(TarError::Truncated));
         assert_eq!(octal(&[0x80, 0, 0, 1, 0]), Some(256));
+    }
+
+    #[test]
+    fn declared_sizes_are_streamed_not_reserved() {
+        // A file claiming 2^62 bytes (GNU base-256 size): its content is handed on piece by
+        // piece, never buffered, and the archive is simply unfinished when the data stops.
+        let mut h = header("base/1/1", b'0', 0, "");
+        h[124..136].copy_from_slice(&[0x80, 0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0]);
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        let mut r = TarReader::new();
+        let mut size = 0;
+        let mut largest = 0;
+        r.feed::<TarError>(&h, |e| {
+            if let TarEvent::Entry(h) = e {
+                size = h.size;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(size, 1 << 62);
+        let chunk = vec![7u8; 1 << 16];
+        for _ in 0..64 {
+            r.feed::<TarError>(&chunk, |e| {
+                if let TarEvent::Data(d) = e {
+                    largest = largest.max(d.len());
+                }
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert_eq!(largest, chunk.len(), "content is passed on as it comes");
+        assert!(r.header.capacity() <= 512);
+        assert_eq!(r.finish(), Err(TarError::Truncated));
     }
 
     fn first_error(t: &[u8]) -> String {

@@ -240,6 +240,16 @@ impl RetentionSection {
                 bail!("[retention] {key} = {}: must be between 1 minute and 1000 years", humantime::format_duration(d));
             }
         }
+        // Backups and restores do not obey an expire lock naming a longer lifetime: a planted one
+        // could otherwise hold them off for years.
+        let max_lock_ttl = pitr_archive::running::MAX_LOCK_TTL;
+        if self.lock_ttl > max_lock_ttl {
+            bail!(
+                "[retention] lock_ttl = {}: must be at most {}",
+                humantime::format_duration(self.lock_ttl),
+                humantime::format_duration(max_lock_ttl)
+            );
+        }
         Ok(())
     }
 }
@@ -474,6 +484,11 @@ pub struct PostgresConfig {
     /// (default 10 s; 0 turns them off).
     #[serde(default, with = "humantime_serde")]
     pub complete_interval: Option<Duration>,
+    /// The longest message accepted from the server once it has authenticated pitr, and the
+    /// most one result set may hold (bytes; default 16 MiB). What pitr receives is at most about
+    /// 512 kB; a longer length drops the connection instead of being allocated. Before
+    /// authentication a fixed 64 kB applies.
+    pub max_message_size: Option<usize>,
 }
 
 fn default_name() -> String {
@@ -483,6 +498,10 @@ fn default_name() -> String {
 fn default_true() -> bool {
     true
 }
+
+/// Bounds of `[stream] lease_ttl`.
+const MIN_LEASE_TTL: Duration = Duration::from_secs(3);
+const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
 
 /// `[stream]`.
 #[derive(Debug, Deserialize, Default)]
@@ -525,6 +544,15 @@ impl PostgresConfig {
     pub fn complete_interval(&self) -> Duration {
         self.complete_interval.unwrap_or(Duration::from_secs(10))
     }
+    /// `conninfo` parsed, with `max_message_size` applied: what every connection to the
+    /// server is opened with.
+    pub fn connection_info(&self) -> Result<pitr_pgwire::ConnInfo> {
+        let mut info: pitr_pgwire::ConnInfo = self.conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
+        if let Some(max) = self.max_message_size {
+            info.max_message_size = max;
+        }
+        Ok(info)
+    }
 }
 
 /// `[mongo]`: a MongoDB replica set backed up beside (or instead of) PostgreSQL.
@@ -552,6 +580,18 @@ pub struct MongoConfig {
     /// the server has (a completeness mark; default 10 s).
     #[serde(default, with = "humantime_serde")]
     pub complete_interval: Option<Duration>,
+    /// Oplog entries, documents, or collection and index descriptions per batch the server sends
+    /// (default 1000); the server also caps each batch at 16 MiB.
+    pub batch_size: Option<u32>,
+    /// Longest wait for any answer of the server while tailing (default 30 s): a server or
+    /// network that stops answering ends the cursor with an error and the tailer reconnects.
+    #[serde(default, with = "humantime_serde")]
+    pub read_timeout: Option<Duration>,
+    /// The server `pitr restore --source mongo` restores into when no `--target-uri` is given;
+    /// here (or in `$PITR_MONGO_TARGET_URI`) its password stays out of the process list.
+    pub target_uri: Option<String>,
+    /// A file whose first line is that URI (must not be readable by group or others).
+    pub target_uri_file: Option<PathBuf>,
 }
 
 impl MongoConfig {
@@ -581,6 +621,21 @@ impl MongoConfig {
                 bail!("[mongo] drill_target_uri: expected mongodb://host:port/");
             }
         }
+        if let Some(u) = &self.target_uri {
+            if !u.starts_with("mongodb://") {
+                bail!("[mongo] target_uri: expected mongodb://host:port/");
+            }
+        }
+        if self.target_uri.is_some() && self.target_uri_file.is_some() {
+            bail!("[mongo] target_uri and target_uri_file: set one of them, not both");
+        }
+        if self.batch_size == Some(0) {
+            bail!("[mongo] batch_size must be greater than 0");
+        }
+        if self.read_timeout.is_some_and(|d| d < Duration::from_secs(2)) {
+            // The tailer's getMore waits up to 1 s for new entries before answering empty.
+            bail!("[mongo] read_timeout must be at least 2s (an idle getMore waits 1 s for new entries)");
+        }
         if let Some(cron) = &self.snapshot_schedule {
             parse_cron("[mongo] snapshot_schedule", cron)?;
         }
@@ -590,6 +645,16 @@ impl MongoConfig {
     /// How long to wait for the server when connecting.
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout.unwrap_or(Duration::from_secs(10))
+    }
+
+    /// Items per batch the server sends.
+    pub fn batch_size(&self) -> u32 {
+        self.batch_size.unwrap_or(1000)
+    }
+
+    /// Longest wait for an answer of the server while tailing.
+    pub fn read_timeout(&self) -> Duration {
+        self.read_timeout.unwrap_or(Duration::from_secs(30))
     }
 }
 
@@ -616,11 +681,11 @@ impl Config {
 
     /// Parses config text with `env`'s `$PITR_<SECTION>_<KEY>` overrides, and validates it.
     pub fn parse(text: &str, env: &[(String, String)]) -> Result<Config> {
-        let mut table: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| anyhow!("{}", e.to_string().trim_end()))?;
+        // A TOML error quotes the offending line, which may be the conninfo with its password.
+        let shown = |e: String| anyhow!("{}", pitr_pgwire::conninfo::redact_in_text(e.trim_end()));
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| shown(e.to_string()))?;
         apply_env_overrides(&mut table, env)?;
-        let config: Config =
-            Config::deserialize(toml::Value::Table(table)).map_err(|e| anyhow!("{}", e.to_string().trim_end()))?;
+        let config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| shown(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -668,7 +733,14 @@ impl Config {
             bail!("[repository] wal_zstd_level = {}: must be between 1 and 22", self.repository.wal_zstd_level);
         }
         if let Some(pg) = &self.postgres {
-            pg.conninfo.parse::<pitr_pgwire::ConnInfo>().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
+            pg.connection_info()?;
+            if let Some(m) = pg.max_message_size {
+                // Below 1 MiB a genuine server's WAL messages (up to 512 kB) could be refused;
+                // PostgreSQL itself sends nothing above 1 GiB.
+                if !(1 << 20..=1 << 30).contains(&m) {
+                    bail!("[postgres] max_message_size = {m}: must be between 1048576 (1 MiB) and 1073741824 (1 GiB) bytes");
+                }
+            }
             pitr_pgwire::connection::validate_slot_name(&pg.slot()).map_err(|e| anyhow!("[postgres] slot: {e}"))?;
         }
         if let Some(b) = self.backup.block_size {
@@ -706,6 +778,20 @@ impl Config {
         }
         if self.stream.backfill_interval.is_some_and(|d| d.is_zero()) {
             bail!("[stream] backfill_interval must be greater than 0");
+        }
+        if let Some(ttl) = self.stream.lease_ttl {
+            // Renewed every third of it, with a quarter kept as a safety margin: below 3 s a
+            // renewal has under a second to reach object storage. Above an hour, a crashed
+            // sidecar on another host would hold the cluster's WAL up that long.
+            if ttl < MIN_LEASE_TTL || ttl > MAX_LEASE_TTL {
+                bail!(
+                    "[stream] lease_ttl = \"{}\" is out of range: it must be between {} and {} \
+                     (renewed every third of it; a takeover waits a whole one)",
+                    humantime::format_duration(ttl),
+                    humantime::format_duration(MIN_LEASE_TTL),
+                    humantime::format_duration(MAX_LEASE_TTL)
+                );
+            }
         }
         if let Some(m) = &self.mongo {
             m.validate()?;
@@ -806,6 +892,34 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
     }
 
     #[test]
+    fn postgres_max_message_size_reaches_the_connection_and_is_checked() {
+        let c = Config::parse(MINIMAL, &[]).unwrap();
+        assert_eq!(c.postgres().unwrap().connection_info().unwrap().max_message_size, 16 << 20);
+        let text = format!("{MINIMAL}max_message_size = 2097152\n");
+        let c = Config::parse(&text, &[]).unwrap();
+        assert_eq!(c.postgres().unwrap().connection_info().unwrap().max_message_size, 2 << 20);
+        for bad in ["1000", "2147483648"] {
+            let text = format!("{MINIMAL}max_message_size = {bad}\n");
+            let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());
+            assert!(err.contains("max_message_size") && err.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn toml_errors_do_not_show_the_password() {
+        for conninfo in [
+            "conninfo = \"host=h password=s3cr3t\" oops",
+            "conninfo = \"postgresql://u:s3cr3t@h/db\" oops",
+            "conninfo = \"postgres://h/db?password=s3cr3t\" oops",
+        ] {
+            let text = MINIMAL.replace("conninfo = \"host=127.0.0.1 port=5432 user=replicator\"", conninfo);
+            let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());
+            assert!(err.contains("line 7") && err.contains("***"), "{err}");
+            assert!(!err.contains("s3cr3t"), "{err}");
+        }
+    }
+
+    #[test]
     fn env_overrides_keep_types_and_name_unknown_sections() {
         let env = vec![
             ("PITR_POSTGRES_CONNINFO".to_string(), "host=db user=x".to_string()),
@@ -859,6 +973,7 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
             ("monthly = 1.5", "monthly"),
             ("window = \"a week\"", "window"),
             ("lock_ttl = \"1s\"", "lock_ttl"),
+            ("lock_ttl = \"25h\"", "at most 1day"),
             ("stale_backup_after = \"0s\"", "stale_backup_after"),
             ("keep_last = 3", "keep_last"),
         ] {
@@ -923,10 +1038,20 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
             ("uri = \"mongodb+srv://h\"", "mongodb+srv"),
             ("uri = \"mongodb://h\"\nname = \"a b\"", "[mongo] name"),
             ("uri = \"mongodb://h\"\nflush_intervall = \"1s\"", "flush_intervall"),
+            ("uri = \"mongodb://h\"\ntarget_uri = \"h:1\"", "[mongo] target_uri"),
+            ("uri = \"mongodb://h\"\ntarget_uri = \"mongodb://t\"\ntarget_uri_file = \"/f\"", "not both"),
+            ("uri = \"mongodb://h\"\nbatch_size = 0", "[mongo] batch_size"),
+            ("uri = \"mongodb://h\"\nread_timeout = \"1s\"", "[mongo] read_timeout"),
         ] {
             let err = format!("{:#}", Config::parse(&format!("{BASE}[mongo]\n{extra}\n"), &[]).unwrap_err());
             assert!(err.contains(needle), "expected {needle:?} in {err}");
         }
+        // The restore target's URI, password and all, can come from the environment.
+        let env = [("PITR_MONGO_TARGET_URI".to_string(), "mongodb://u:p%40ss@t:1/".to_string())];
+        let c = Config::parse(&format!("{BASE}[mongo]\nuri = \"mongodb://h\"\n"), &env).unwrap();
+        let m = c.mongo.unwrap();
+        assert_eq!(m.target_uri.as_deref(), Some("mongodb://u:p%40ss@t:1/"));
+        assert_eq!((m.batch_size(), m.read_timeout()), (1000, Duration::from_secs(30)));
     }
 
     #[test]
@@ -958,6 +1083,29 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
         for (text, needle) in cases {
             let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());
             assert!(err.contains(needle), "expected {needle:?} in: {err}");
+        }
+    }
+
+    #[test]
+    fn lease_ttl_too_short_or_too_long_is_refused_naming_the_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pitr.toml");
+        for (ttl, ok) in [("2s", false), ("2999ms", false), ("3s", true), ("60s", true), ("1h", true), ("61min", false)]
+        {
+            std::fs::write(&path, format!("{MINIMAL}[stream]\nlease_ttl = \"{ttl}\"\n")).unwrap();
+            match Config::load(&path) {
+                Ok(c) => {
+                    assert!(ok, "lease_ttl = {ttl} was accepted");
+                    assert_eq!(c.stream.lease_ttl, Some(humantime::parse_duration(ttl).unwrap()));
+                }
+                Err(e) => {
+                    let err = format!("{e:#}");
+                    assert!(!ok, "lease_ttl = {ttl} was refused: {err}");
+                    for needle in ["[stream] lease_ttl", "between 3s and 1h", &path.display().to_string()] {
+                        assert!(err.contains(needle), "expected {needle:?} in: {err}");
+                    }
+                }
+            }
         }
     }
 }

@@ -171,9 +171,13 @@ enum Command {
         target_dir: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "postgres")]
         source: Source,
-        /// MongoDB: the server to restore into (`mongodb://host:port/`).
-        #[arg(long, required_if_eq("source", "mongo"))]
+        /// MongoDB: the server to restore into (`mongodb://host:port/`), without a password (the
+        /// process list shows it); default `[mongo] target_uri` / $PITR_MONGO_TARGET_URI.
+        #[arg(long)]
         target_uri: Option<String>,
+        /// MongoDB: a file whose first line is the URI of the server to restore into.
+        #[arg(long, conflicts_with = "target_uri")]
+        target_uri_file: Option<PathBuf>,
         /// MongoDB: drop the target's databases first (a non-empty target is refused without it).
         #[arg(long)]
         drop: bool,
@@ -322,9 +326,9 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
         }
         Command::List { json, from } => cmd::list::run(config_path, from.as_deref(), json).await,
         Command::Expire { dry_run, json } => cmd::expire::run(config_path, dry_run, json).await,
-        Command::Restore { to, source: Source::Mongo, target_uri, drop, json, from, .. } => {
-            let target_uri = target_uri.unwrap_or_default();
-            cmd::mongo::restore(config_path, from.as_deref(), &to, &target_uri, drop, json).await
+        Command::Restore { to, source: Source::Mongo, target_uri, target_uri_file, drop, json, from, .. } => {
+            let target = cmd::mongo::TargetArg { uri: target_uri, file: target_uri_file };
+            cmd::mongo::restore(config_path, from.as_deref(), &to, target, drop, json).await
         }
         Command::Restore { to, target_dir, start, port, force, json, db_user, timeout, backup, from, .. } => {
             let target_dir = target_dir.unwrap_or_default();

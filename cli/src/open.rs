@@ -62,6 +62,21 @@ fn named_stores(config: &Config) -> Result<Vec<NamedStore>> {
     Ok(all)
 }
 
+/// Start-up check of `pitr init` and `pitr stream`: every configured object storage (the primary
+/// and each secondary) really refuses to create a name that exists, which put-if-absent, the
+/// writer lease and conflict detection rest on. One probe object each, deleted straight after;
+/// local directories need none.
+pub async fn check_conditional_create(config: &Config) -> Result<()> {
+    for named in named_stores(config)? {
+        named
+            .store
+            .check_conditional_create()
+            .await
+            .with_context(|| format!("repository {:?} ({}) cannot be used", named.name, named.store.location()))?;
+    }
+    Ok(())
+}
+
 /// Copy workers started by this process, waited for before it exits ([`finish_copies`]).
 static REPLICATORS: Mutex<Vec<Arc<ReplicatedStore>>> = Mutex::new(Vec::new());
 

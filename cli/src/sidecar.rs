@@ -66,6 +66,10 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     describe_counter!("pitr_objects_archived_total", "WAL objects made durable");
     describe_counter!("pitr_bytes_archived_total", Unit::Bytes, "Plaintext bytes of WAL objects made durable, by kind");
     describe_counter!("pitr_upload_errors_total", "Failed archive puts (each retried)");
+    describe_gauge!(
+        "pitr_lease_confirmed",
+        "1 while the writer lease is renewed on time, 0 while renewals fail (WAL puts paused) or after it was lost"
+    );
     describe_histogram!("pitr_upload_duration_seconds", Unit::Seconds, "Time to seal and durably put one WAL object");
     describe_gauge!(
         "pitr_archive_complete_time_seconds",

@@ -103,6 +103,7 @@ pub async fn mongo_snapshot(config: &Config, repo: &Repository) -> Result<(pitr_
         name: m.name.clone(),
         block_size: config.backup.block_size.unwrap_or(1 << 20),
         connect_timeout: m.connect_timeout(),
+        batch_size: m.batch_size(),
     };
     let started = std::time::Instant::now();
     let manifest = pitr_mongo::snapshot::snapshot(repo, &opts).await?;

@@ -47,6 +47,23 @@ impl std::fmt::Display for Ns {
     }
 }
 
+/// What a user collection in a `system.*` namespace holds, where restore cannot bring it back
+/// and must therefore say so instead of skipping it: mongod's time-series buckets (the
+/// collection's real data; SecantusDB keeps time series as ordinary collections and never writes
+/// these) and stored JavaScript. `system.views` and `system.profile` are not data: views are
+/// restored from their definitions, the profiler's log is the server's.
+pub fn unrestorable_system_collection(db: &str, coll: &str) -> Option<&'static str> {
+    if is_system_db(db) {
+        None
+    } else if coll.starts_with("system.buckets.") {
+        Some("the buckets of a MongoDB time-series collection")
+    } else if coll == "system.js" {
+        Some("stored JavaScript (system.js)")
+    } else {
+        None
+    }
+}
+
 /// Whether `db` is one of the server's own databases (`admin`, `local`, `config`), never
 /// snapshotted nor restored.
 pub fn is_system_db(db: &str) -> bool {
@@ -228,6 +245,13 @@ pub fn translate(e: &Entry) -> Result<Vec<Write>, TranslateError> {
         return translate_command(e);
     }
     let ns = Ns::parse(&e.ns).ok_or_else(|| bad(format!("bad namespace {:?}", e.ns)))?;
+    if let Some(what) = unrestorable_system_collection(&ns.db, &ns.coll) {
+        return Err(TranslateError::Unsupported {
+            ts: e.ts_text(),
+            ns: ns.to_string(),
+            command: format!("writes to {what}"),
+        });
+    }
     if ns.is_system() {
         return Ok(Vec::new());
     }
@@ -404,7 +428,16 @@ fn translate_command(e: &Entry) -> Result<Vec<Write>, TranslateError> {
         let c = v.as_str().ok_or_else(|| bad(format!("{name}: collection name is not a string")))?;
         Ok(Ns { db: db.to_string(), coll: c.to_string() })
     };
-    let keep = |ns: Ns, w: Write| if ns.is_system() { Vec::new() } else { vec![w] };
+    let keep = |ns: Ns, w: Write| -> Result<Vec<Write>, TranslateError> {
+        if let Some(what) = unrestorable_system_collection(&ns.db, &ns.coll) {
+            return Err(TranslateError::Unsupported {
+                ts: e.ts_text(),
+                ns: ns.to_string(),
+                command: format!("{name} of {what}"),
+            });
+        }
+        Ok(if ns.is_system() { Vec::new() } else { vec![w] })
+    };
     Ok(match name.as_str() {
         "create" => {
             let ns = coll(first)?;
@@ -412,11 +445,11 @@ fn translate_command(e: &Entry) -> Result<Vec<Write>, TranslateError> {
             options.remove("create");
             // The server builds the `_id` index itself; `idIndex` only describes it.
             options.remove("idIndex");
-            keep(ns.clone(), Write::Create { ns, options })
+            keep(ns.clone(), Write::Create { ns, options })?
         }
         "drop" => {
             let ns = coll(first)?;
-            keep(ns.clone(), Write::Drop { ns })
+            keep(ns.clone(), Write::Drop { ns })?
         }
         "dropDatabase" => {
             if is_system_db(db) {
@@ -454,16 +487,16 @@ fn translate_command(e: &Entry) -> Result<Vec<Write>, TranslateError> {
                     vec![spec]
                 }
             };
-            keep(ns.clone(), Write::CreateIndexes { ns, indexes })
+            keep(ns.clone(), Write::CreateIndexes { ns, indexes })?
         }
         "dropIndexes" | "deleteIndexes" => {
             let ns = coll(first)?;
             let index = e.o.get("index").cloned().ok_or_else(|| bad("dropIndexes without `index`".into()))?;
-            keep(ns.clone(), Write::DropIndexes { ns, index })
+            keep(ns.clone(), Write::DropIndexes { ns, index })?
         }
         "collMod" => {
             let ns = coll(first)?;
-            keep(ns.clone(), Write::CollMod { ns, command: e.o.clone() })
+            keep(ns.clone(), Write::CollMod { ns, command: e.o.clone() })?
         }
         // Two-phase index builds: the index exists once committed (commitIndexBuild above).
         "startIndexBuild" | "abortIndexBuild" => Vec::new(),
@@ -650,6 +683,21 @@ mod tests {
             doc! { "op": "c", "ns": "admin.$cmd", "ts": Timestamp { time: 1, increment: 5 }, "o": { "create": "x" } },
         ] {
             assert_eq!(translate(&entry(d)).unwrap(), vec![]);
+        }
+    }
+
+    #[test]
+    fn time_series_buckets_and_stored_javascript_are_refused_not_skipped() {
+        for d in [
+            doc! { "op": "i", "ns": "m.system.buckets.weather", "ts": Timestamp { time: 1, increment: 1 }, "o": { "_id": 1 } },
+            doc! { "op": "u", "ns": "m.system.buckets.weather", "ts": Timestamp { time: 1, increment: 2 },
+            "o": { "$v": 2, "diff": {} }, "o2": { "_id": 1 } },
+            doc! { "op": "c", "ns": "m.$cmd", "ts": Timestamp { time: 1, increment: 3 },
+            "o": { "create": "system.buckets.weather", "timeseries": { "timeField": "t" } } },
+            doc! { "op": "i", "ns": "m.system.js", "ts": Timestamp { time: 1, increment: 4 }, "o": { "_id": "f" } },
+        ] {
+            let err = translate(&entry(d.clone())).unwrap_err();
+            assert!(matches!(err, TranslateError::Unsupported { .. }), "{d}: {err}");
         }
     }
 

@@ -114,6 +114,7 @@ impl Drill for MongoDrill<'_> {
             target_uri: self.opts.drill_uri.clone(),
             drop: true,
             connect_timeout: self.opts.connect_timeout,
+            source_uri: Some(self.opts.source_uri.clone()),
         };
         restore(self.repo, self.catalog, &restore_opts).await.map_err(|e| e.to_string())
     }

@@ -73,6 +73,9 @@ pub struct RestoreOptions {
     pub drop: bool,
     /// How long connecting to the target may take.
     pub connect_timeout: Duration,
+    /// The backed-up server (`[mongo] uri`): with `drop`, a target that is this server or a
+    /// member of its replica set ([`crate::ServerIdentity`]) is refused.
+    pub source_uri: Option<String>,
 }
 
 /// The same shape as the PostgreSQL restore report: what was used, how far it got, what was lost,
@@ -101,6 +104,9 @@ pub struct MongoRestoreReport {
     pub bytes_restored: u64,
     /// Indexes built after loading (`_id_` not counted: the server builds it).
     pub indexes_built: usize,
+    /// Collections the snapshot lists but restore cannot load (`db.name (type)`): only in
+    /// snapshots taken before pitr refused such collections at snapshot time.
+    pub not_restored: Vec<String>,
     /// Oplog entries replayed over the snapshot.
     pub entries_applied: u64,
     /// Of those, transactions replayed (each counted once).
@@ -181,6 +187,25 @@ async fn existing(conn: &Connected) -> Result<Vec<String>, MongoError> {
         }
     }
     Ok(out)
+}
+
+/// Fails when the target is the backed-up server (or its replica set), told by identity, not by
+/// the host names in the URIs. A source that cannot be reached cannot be the target that was
+/// just reached by this process, unless the network splits the two; that is warned about.
+async fn refuse_the_source(target: &Connected, opts: &RestoreOptions) -> Result<(), MongoError> {
+    let Some(source_uri) = &opts.source_uri else { return Ok(()) };
+    let target_id = target.identity().await?;
+    let source_id = async { connect(source_uri, opts.connect_timeout).await?.identity().await };
+    match source_id.await {
+        Ok(source_id) => match target_id.same_as(&source_id) {
+            Some(why) => Err(MongoError::TargetIsSource { uri: target.uri.clone(), why }),
+            None => Ok(()),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the backed-up server's identity; the --drop target was not compared with it");
+            Ok(())
+        }
+    }
 }
 
 fn tolerate(r: Result<Document, mongodb::error::Error>, codes: &[i32]) -> Result<(), mongodb::error::Error> {
@@ -278,6 +303,9 @@ pub async fn restore(
     let started = Instant::now();
     let (snapshot, run) = choose(catalog, opts.target)?;
     let conn = connect(&opts.target_uri, opts.connect_timeout).await?;
+    if opts.drop {
+        refuse_the_source(&conn, opts).await?;
+    }
     let present = existing(&conn).await?;
     if !present.is_empty() {
         if !opts.drop {
@@ -334,6 +362,18 @@ pub async fn restore(
             .run_command(create)
             .await
             .map_err(conn.server_err(format!("creating view {}.{}", c.db, c.name)))?;
+    }
+    let not_restored: Vec<String> = snapshot
+        .collections
+        .iter()
+        .filter_map(|c| match &c.kind {
+            CollectionKind::Other(t) => Some(format!("{}.{} ({t})", c.db, c.name)),
+            _ => None,
+        })
+        .collect();
+    if !not_restored.is_empty() {
+        tracing::warn!(snapshot = %snapshot.id, collections = %not_restored.join(", "),
+            "the snapshot lists collections restore cannot load; they are NOT restored");
     }
     let load_seconds = started.elapsed().as_secs_f64();
 
@@ -430,6 +470,7 @@ pub async fn restore(
         documents: snapshot.documents,
         bytes_restored,
         indexes_built,
+        not_restored,
         entries_applied,
         transactions_applied,
         newest_archived_ts: newest.map(|(t, _)| t.to_string()),

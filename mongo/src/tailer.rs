@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bson::{doc, Bson, RawDocumentBuf};
 use mongodb::options::CursorType;
 use pitr_archive::Repository;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::layout::{slice_meta, split_entries, MongoCatalog, MongoLayout};
 use crate::ts::Ts;
@@ -40,6 +40,10 @@ pub struct TailerConfig {
     pub connect_timeout: Duration,
     /// Entries per getMore.
     pub batch_size: u32,
+    /// Longest wait for any answer of the server (a getMore, a count, a look at the oplog's
+    /// ends): past it the cursor is given up with [`MongoError::Timeout`] and the tailer
+    /// reconnects. Must exceed the getMore's 1 s await time.
+    pub read_timeout: Duration,
     /// How often, while caught up, a completeness mark is recorded.
     pub complete_interval: Duration,
 }
@@ -100,9 +104,16 @@ fn read_raw(doc: RawDocumentBuf) -> Option<Raw> {
 }
 
 enum Msg {
-    Entry(Raw),
+    /// An entry, holding its share of the bytes the reader may have in flight until it is taken.
+    Entry(Raw, OwnedSemaphorePermit),
     Failed(MongoError),
 }
+
+/// Bytes of entries the cursor's reader may have handed over and not yet taken: with pending
+/// entries bounded by `max_slice_bytes` and the driver's reply by the server's advertised
+/// maximum message size ([`crate::MAX_MESSAGE_BYTES`] at most), the tailer's memory is bounded
+/// even while a seal waits out a storage outage.
+const IN_FLIGHT_BYTES: usize = 16 << 20;
 
 /// Where the archive ends: the last `ts` and how many archived entries carry it.
 async fn archive_end(
@@ -225,13 +236,28 @@ async fn run_once(
         .await
         .map_err(conn.server_err("opening a tailable cursor on local.oplog.rs"))?;
 
-    // The cursor is read in its own task: a getMore is never cancelled halfway, and the sealer
-    // keeps its timers while the cursor waits for new entries.
+    // The cursor is read in its own task: the sealer's timers never cancel a getMore halfway
+    // (only `read_timeout` gives one up), and the sealer keeps its timers while the cursor waits
+    // for new entries.
     let (tx, mut rx) = mpsc::channel::<Msg>(4096);
+    let in_flight = std::sync::Arc::new(Semaphore::new(IN_FLIGHT_BYTES));
     let uri = conn.uri.clone();
+    let read_timeout = cfg.read_timeout;
     let reader = tokio::spawn(async move {
         loop {
-            match cursor.advance().await {
+            // A getMore is given up only when the server has not answered for `read_timeout`:
+            // the connection is then of no use, and the tailer reconnects.
+            let Ok(advanced) = tokio::time::timeout(read_timeout, cursor.advance()).await else {
+                let _ = tx
+                    .send(Msg::Failed(MongoError::Timeout {
+                        uri: uri.clone(),
+                        what: "the oplog cursor's getMore".into(),
+                        after: read_timeout,
+                    }))
+                    .await;
+                return;
+            };
+            match advanced {
                 Ok(true) => {
                     let raw = match RawDocumentBuf::from_bytes(cursor.current().as_bytes().to_vec()) {
                         Ok(d) => d,
@@ -254,7 +280,9 @@ async fn run_once(
                             .await;
                         return;
                     };
-                    if tx.send(Msg::Entry(raw)).await.is_err() {
+                    let share = raw.doc.as_bytes().len().clamp(1, IN_FLIGHT_BYTES) as u32;
+                    let Ok(permit) = in_flight.clone().acquire_many_owned(share).await else { return };
+                    if tx.send(Msg::Entry(raw, permit)).await.is_err() {
                         return;
                     }
                 }
@@ -301,7 +329,7 @@ async fn run_once(
     let result = loop {
         tokio::select! {
             msg = rx.recv() => match msg {
-                Some(Msg::Entry(raw)) => {
+                Some(Msg::Entry(raw, _in_flight)) => {
                     if skip > 0 && raw.ts == start {
                         skip -= 1;
                         continue;
@@ -316,15 +344,16 @@ async fn run_once(
                 if let Err(e) = sealer.maybe_seal(false).await { break Err(e) }
             }
             _ = window_tick.tick() => {
-                let window = match (conn.oplog_edge(false).await, conn.oplog_edge(true).await) {
-                    (Ok(Some((_, Some(o)))), Ok(Some((_, Some(n))))) => Some((n - o) as f64 / 1e6),
+                let edges = async { (conn.oplog_edge(false).await, conn.oplog_edge(true).await) };
+                let window = match tokio::time::timeout(cfg.read_timeout, edges).await {
+                    Ok((Ok(Some((_, Some(o)))), Ok(Some((_, Some(n)))))) => Some((n - o) as f64 / 1e6),
                     _ => None,
                 };
                 status.send_modify(|s| s.server_window_seconds = window);
                 set_gauges(&status.borrow());
             }
             _ = complete_tick.tick(), if sealer.pending.is_empty() => {
-                mark_complete(repo, &conn, &layout, status).await;
+                mark_complete(repo, &conn, &layout, status, cfg.read_timeout).await;
             }
             _ = shutdown.changed() => break Ok(()),
         }
@@ -344,11 +373,19 @@ async fn mark_complete(
     conn: &crate::Connected,
     layout: &MongoLayout,
     status: &watch::Sender<MongoStatus>,
+    read_timeout: Duration,
 ) {
     let Some(archived) = status.borrow().archived_ts else { return };
     let result = async {
-        let now = conn.server_time_us().await?;
-        let newest = conn.oplog_edge(true).await?.map(|(ts, _)| ts);
+        let timeout =
+            |what: &str| MongoError::Timeout { uri: conn.uri.clone(), what: what.into(), after: read_timeout };
+        let now = tokio::time::timeout(read_timeout, conn.server_time_us())
+            .await
+            .map_err(|_| timeout("hello (the server's clock)"))??;
+        let newest = tokio::time::timeout(read_timeout, conn.oplog_edge(true))
+            .await
+            .map_err(|_| timeout("reading the newest oplog entry"))??
+            .map(|(ts, _)| ts);
         if newest != Some(archived) {
             return Ok(None);
         }
@@ -485,9 +522,15 @@ impl Sealer<'_> {
     async fn complete(&self, after: Ts, batch: &mut Vec<Raw>) {
         let last = batch[batch.len() - 1].ts;
         let range = doc! { "ts": { "$gt": Bson::Timestamp(after.to_bson()), "$lte": Bson::Timestamp(last.to_bson()) } };
-        let on_server = match self.oplog.count_documents(range.clone()).await {
-            Ok(n) => n,
-            Err(e) => {
+        let counted = tokio::time::timeout(self.cfg.read_timeout, self.oplog.count_documents(range.clone())).await;
+        let on_server = match counted {
+            Ok(Ok(n)) => n,
+            Err(_) => {
+                tracing::warn!(after = %after, last = %last, timeout = ?self.cfg.read_timeout,
+                    "the server did not answer the slice's count; sealing the entries received");
+                return;
+            }
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, after = %after, last = %last, "could not check the slice against the oplog; sealing the entries received");
                 return;
             }
@@ -495,10 +538,19 @@ impl Sealer<'_> {
         if on_server <= batch.len() as u64 {
             return;
         }
+        // The range read again is the slice's plus what the cursor missed; a server that
+        // returns far more than that is not believed, and its extra bytes are not kept.
+        let limit = 2 * self.cfg.max_slice_bytes.max(batch.iter().map(|r| r.doc.as_bytes().len()).sum());
         let reread = async {
             let mut cursor = self.oplog.find(range).sort(doc! { "$natural": 1 }).await?;
-            let mut out = Vec::new();
+            let (mut out, mut bytes) = (Vec::new(), 0usize);
             while cursor.advance().await? {
+                bytes += cursor.current().as_bytes().len();
+                if bytes > limit {
+                    return Err(mongodb::error::Error::custom(format!(
+                        "the range holds more than {limit} bytes of entries, twice what a slice may"
+                    )));
+                }
                 if let Some(raw) =
                     RawDocumentBuf::from_bytes(cursor.current().as_bytes().to_vec()).ok().and_then(read_raw)
                 {
@@ -506,6 +558,11 @@ impl Sealer<'_> {
                 }
             }
             Ok::<_, mongodb::error::Error>(out)
+        };
+        let reread = async {
+            tokio::time::timeout(self.cfg.read_timeout, reread).await.unwrap_or_else(|_| {
+                Err(mongodb::error::Error::custom(format!("no answer within {:?}", self.cfg.read_timeout)))
+            })
         };
         match reread.await {
             Ok(mut all) if all.len() > batch.len() => {

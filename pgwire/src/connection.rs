@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use pitr_pgformat::lsn::{format_lsn, parse_lsn};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::auth::{Authenticator, Step, Transport};
 use crate::conninfo::{ConnInfo, Host, SslMode, TargetSessionAttrs};
-use crate::messages::{self, parse_backend, BackendMessage, ReplicationMessage, ServerError};
+use crate::messages::{self, parse_backend, BackendMessage, MessageLimit, ReplicationMessage, ServerError};
 use crate::{tls, PgError};
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -93,6 +93,11 @@ pub struct Connection {
     params: HashMap<String, String>,
     host: String,
     ending: Option<EndOfStreaming>,
+    /// The small startup bound until the server has authenticated us, then
+    /// `max_message_size`.
+    limit: MessageLimit,
+    /// `max_message_size`: also the most one result set may hold.
+    max_message_size: usize,
 }
 
 impl std::fmt::Debug for Connection {
@@ -152,7 +157,7 @@ impl Connection {
         opts: &ConnectOptions,
     ) -> Result<Connection, PgError> {
         let io_err = |e: std::io::Error| PgError::Io { host: label.to_string(), cause: e };
-        let io: Box<dyn Io> = match host {
+        let (io, transport): (Box<dyn Io>, Transport) = match host {
             Host::Tcp { host: name, port } => {
                 let tcp = TcpStream::connect((name.as_str(), *port)).await.map_err(io_err)?;
                 tcp.set_nodelay(true).map_err(io_err)?;
@@ -166,7 +171,7 @@ impl Connection {
             }
             Host::Unix { dir, port } => {
                 let path: PathBuf = dir.join(format!(".s.PGSQL.{port}"));
-                Box::new(UnixStream::connect(&path).await.map_err(io_err)?)
+                (Box::new(UnixStream::connect(&path).await.map_err(io_err)?), Transport::Unix)
             }
         };
         let mut conn = Connection {
@@ -176,14 +181,21 @@ impl Connection {
             params: HashMap::new(),
             host: label.to_string(),
             ending: None,
+            limit: MessageLimit::STARTUP,
+            max_message_size: info.max_message_size,
         };
-        conn.startup(info, host, opts).await?;
+        conn.startup(info, host, opts, transport).await?;
         Ok(conn)
     }
 
-    async fn maybe_tls(info: &ConnInfo, name: &str, label: &str, mut tcp: TcpStream) -> Result<Box<dyn Io>, PgError> {
+    async fn maybe_tls(
+        info: &ConnInfo,
+        name: &str,
+        label: &str,
+        mut tcp: TcpStream,
+    ) -> Result<(Box<dyn Io>, Transport), PgError> {
         if matches!(info.sslmode, SslMode::Disable | SslMode::Allow) {
-            return Ok(Box::new(tcp));
+            return Ok((Box::new(tcp), Transport::Plain));
         }
         let io_err = |e: std::io::Error| PgError::Io { host: label.to_string(), cause: e };
         let mut req = BytesMut::new();
@@ -198,9 +210,11 @@ impl Connection {
                     .connect(tls::server_name(name)?, tcp)
                     .await
                     .map_err(|e| PgError::Tls { host: label.to_string(), message: e.to_string() })?;
-                Ok(Box::new(stream))
+                let server_certificate =
+                    stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+                Ok((Box::new(stream), Transport::Tls { server_certificate }))
             }
-            b'N' if info.sslmode == SslMode::Prefer => Ok(Box::new(tcp)),
+            b'N' if info.sslmode == SslMode::Prefer => Ok((Box::new(tcp), Transport::Plain)),
             b'N' => Err(PgError::Tls {
                 host: label.to_string(),
                 message: "the server does not support TLS, but sslmode requires it".into(),
@@ -209,7 +223,13 @@ impl Connection {
         }
     }
 
-    async fn startup(&mut self, info: &ConnInfo, host: &Host, opts: &ConnectOptions) -> Result<(), PgError> {
+    async fn startup(
+        &mut self,
+        info: &ConnInfo,
+        host: &Host,
+        opts: &ConnectOptions,
+        transport: Transport,
+    ) -> Result<(), PgError> {
         let user = info
             .user
             .clone()
@@ -231,73 +251,49 @@ impl Connection {
         self.flush().await?;
 
         let host_label = self.host.clone();
-        let password = || -> Result<String, PgError> {
+        let mut password = || -> Result<String, PgError> {
             info.password
                 .clone()
                 .or_else(|| std::env::var("PGPASSWORD").ok())
                 .or_else(|| crate::pgpass::lookup(host, info.dbname.as_deref().unwrap_or("replication"), &user))
                 .ok_or_else(|| PgError::Auth { host: host_label.clone(), message: format!("the server asks a password for user {user:?} and none is set (password=, PGPASSWORD or ~/.pgpass)") })
         };
-        let mut scram: Option<ScramSha256> = None;
+        let mut auth =
+            Authenticator::new(&self.host, &user, info.require_auth.clone(), info.channel_binding, transport);
+        let mut authenticated = false;
+        let mut params_size = 0usize;
         loop {
             match self.next_message().await? {
-                BackendMessage::AuthenticationOk => {}
-                BackendMessage::AuthenticationCleartextPassword => {
-                    let pw = password()?;
-                    frontend::password_message(pw.as_bytes(), &mut self.wbuf)
-                        .map_err(|e| PgError::Protocol(e.to_string()))?;
-                    self.flush().await?;
-                }
-                BackendMessage::AuthenticationMd5Password { salt } => {
-                    let pw = password()?;
-                    let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), pw.as_bytes(), salt);
-                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)
-                        .map_err(|e| PgError::Protocol(e.to_string()))?;
-                    self.flush().await?;
-                }
-                BackendMessage::AuthenticationSasl { mechanisms } => {
-                    if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
-                        return Err(PgError::Auth {
-                            host: self.host.clone(),
-                            message: format!(
-                                "the server offers SASL mechanisms {mechanisms:?}; pitr speaks SCRAM-SHA-256"
-                            ),
-                        });
+                msg @ (BackendMessage::AuthenticationOk
+                | BackendMessage::AuthenticationCleartextPassword
+                | BackendMessage::AuthenticationMd5Password { .. }
+                | BackendMessage::AuthenticationSasl { .. }
+                | BackendMessage::AuthenticationSaslContinue(_)
+                | BackendMessage::AuthenticationSaslFinal(_)
+                | BackendMessage::AuthenticationUnsupported(_)) => {
+                    if auth.on_message(&msg, &mut self.wbuf, &mut password)? == Step::Authenticated {
+                        authenticated = true;
+                        self.limit = MessageLimit { max: self.max_message_size, authenticated: true };
                     }
-                    let pw = password()?;
-                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)
-                        .map_err(|e| PgError::Protocol(e.to_string()))?;
-                    self.flush().await?;
-                    scram = Some(s);
-                }
-                BackendMessage::AuthenticationSaslContinue(data) => {
-                    let s =
-                        scram.as_mut().ok_or_else(|| PgError::Protocol("SASL continue without SASL start".into()))?;
-                    s.update(&data)
-                        .map_err(|e| PgError::Auth { host: self.host.clone(), message: format!("SCRAM: {e}") })?;
-                    frontend::sasl_response(s.message(), &mut self.wbuf)
-                        .map_err(|e| PgError::Protocol(e.to_string()))?;
-                    self.flush().await?;
-                }
-                BackendMessage::AuthenticationSaslFinal(data) => {
-                    let s = scram.as_mut().ok_or_else(|| PgError::Protocol("SASL final without SASL start".into()))?;
-                    s.finish(&data).map_err(|e| PgError::Auth {
-                        host: self.host.clone(),
-                        message: format!("SCRAM server signature check failed: {e}"),
-                    })?;
-                }
-                BackendMessage::AuthenticationUnsupported(what) => {
-                    return Err(PgError::Auth {
-                        host: self.host.clone(),
-                        message: format!("{what} authentication is not supported by pitr"),
-                    });
+                    if !self.wbuf.is_empty() {
+                        self.flush().await?;
+                    }
                 }
                 BackendMessage::ParameterStatus { name, value } => {
+                    // Each message is bounded, their number is not: a server reports some 15
+                    // parameters in well under a kilobyte.
+                    params_size += name.len() + value.len();
+                    if params_size > messages::STARTUP_MAX_MESSAGE_SIZE {
+                        return Err(PgError::Protocol(format!(
+                            "{}: the server reported more than {} bytes of parameters at startup",
+                            self.host,
+                            messages::STARTUP_MAX_MESSAGE_SIZE
+                        )));
+                    }
                     self.params.insert(name, value);
                 }
                 BackendMessage::BackendKeyData | BackendMessage::Notice(_) | BackendMessage::Other => {}
-                BackendMessage::ReadyForQuery => return Ok(()),
+                BackendMessage::ReadyForQuery if authenticated => return Ok(()),
                 BackendMessage::Error(e) => {
                     // 28P01 invalid_password, 28000 invalid_authorization_specification
                     if e.code.starts_with("28") {
@@ -360,7 +356,13 @@ impl Connection {
 
     async fn next_message(&mut self) -> Result<BackendMessage, PgError> {
         loop {
-            if let Some(msg) = parse_backend(&mut self.rbuf)? {
+            let parsed = parse_backend(&mut self.rbuf, self.limit).map_err(|e| match e {
+                PgError::MessageTooLarge { message_type, length, limit, authenticated, .. } => {
+                    PgError::MessageTooLarge { host: self.host.clone(), message_type, length, limit, authenticated }
+                }
+                e => e,
+            })?;
+            if let Some(msg) = parsed {
                 return Ok(msg);
             }
             let n = self
@@ -380,13 +382,25 @@ impl Connection {
         frontend::query(sql, &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
         self.flush().await?;
         let mut result = QueryResult::default();
+        let mut size = 0usize;
         let mut error: Option<ServerError> = None;
         loop {
             match self.next_message().await? {
                 BackendMessage::RowDescription { columns } => {
                     result = QueryResult { columns, rows: Vec::new() };
+                    size = 0;
                 }
-                BackendMessage::DataRow(values) => result.rows.push(values),
+                BackendMessage::DataRow(values) => {
+                    size += messages::row_size(&values);
+                    if size > self.max_message_size {
+                        return Err(PgError::ResultTooLarge {
+                            host: self.host.clone(),
+                            command: sql.to_string(),
+                            limit: self.max_message_size,
+                        });
+                    }
+                    result.rows.push(values);
+                }
                 BackendMessage::Error(e) => error = Some(e),
                 BackendMessage::ReadyForQuery => break,
                 BackendMessage::CopyOutResponse | BackendMessage::CopyInResponse | BackendMessage::CopyBothResponse => {

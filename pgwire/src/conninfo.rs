@@ -10,9 +10,13 @@
 //! * `hostaddr` is accepted as another name for `host`; libpq's split (connect to `hostaddr`,
 //!   authenticate and verify TLS against `host`) is not modelled, so giving both is an error.
 //! * libpq options that change security or connection behaviour but are not modelled here
-//!   (`service`, `passfile`, `sslcrl`, `require_auth`, ...) are rejected rather than silently
-//!   ignored, as are `gssencmode=require`, `channel_binding=require` and the special
-//!   `sslrootcert=system`. `replication` is rejected because pitr sets it itself.
+//!   (`service`, `passfile`, `sslcrl`, ...) are rejected rather than silently ignored, as are
+//!   `gssencmode=require` and the special `sslrootcert=system`. `replication` is rejected
+//!   because pitr sets it itself.
+//! * `require_auth` and `channel_binding` are modelled with libpq 16's meaning, and
+//!   contradictions libpq would only find while connecting are refused here:
+//!   `channel_binding=require` with an `sslmode` that never uses TLS, or with a `require_auth`
+//!   that does not allow `scram-sha-256`.
 //! * Other values are checked more strictly than libpq does: `connect_timeout` and the
 //!   keepalive settings must be non-negative whole numbers, and `connect_timeout=1` is not
 //!   raised to 2 seconds.
@@ -77,6 +81,168 @@ pub struct ConnInfo {
     pub options: Option<String>,
     /// Whole seconds; `keepalives_idle=0` means the system default and gives `None`.
     pub keepalives_idle: Option<Duration>,
+    /// `require_auth`: which authentication requests of the server are acceptable; `None`
+    /// accepts any pitr speaks. Listing `password` or `md5` is also how a user allows that
+    /// password to go over a connection that is not encrypted (see the connection module).
+    pub require_auth: Option<RequireAuth>,
+    /// `channel_binding`: whether SCRAM authentication is bound to the TLS channel
+    /// (SCRAM-SHA-256-PLUS with `tls-server-end-point`).
+    pub channel_binding: ChannelBinding,
+    /// The longest message accepted from the server once it has authenticated us, and the most
+    /// a result set may hold in all. Not a connection-string keyword (libpq has none): pitr's
+    /// `[postgres] max_message_size` sets it. Before authentication the bound is the fixed,
+    /// smaller [`crate::messages::STARTUP_MAX_MESSAGE_SIZE`].
+    pub max_message_size: usize,
+}
+
+/// What [`ConnInfo::max_message_size`] is unless configured. What pitr receives is far
+/// smaller: WAL comes in CopyData of at most 16 WAL pages (128 kB, 512 kB with 32 kB pages),
+/// BASE_BACKUP in CopyData of 32 kB (or one block when BLCKSZ is larger), and the only result
+/// sets of any size are timeline history files, a line per timeline switch.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+/// libpq's `channel_binding`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ChannelBinding {
+    /// `disable`: SCRAM without channel binding, even where the server offers it.
+    Disable,
+    /// `prefer` (the default): SCRAM-SHA-256-PLUS when the connection is TLS and the server
+    /// offers it; plain SCRAM-SHA-256 (or any other method) otherwise.
+    #[default]
+    Prefer,
+    /// `require`: the server must authenticate with SCRAM-SHA-256-PLUS over TLS; any other
+    /// authentication request, and a server that lets us in without it, fails the connection.
+    Require,
+}
+
+/// An authentication method `require_auth` names (libpq's spelling in [`AuthMethod::as_str`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AuthMethod {
+    /// `password`: the password in cleartext (AuthenticationCleartextPassword).
+    Password,
+    /// `md5`: the MD5-hashed password (AuthenticationMD5Password).
+    Md5,
+    /// `gss`: GSSAPI (pitr does not speak it).
+    Gss,
+    /// `sspi`: SSPI (pitr does not speak it).
+    Sspi,
+    /// `scram-sha-256`: SASL with SCRAM-SHA-256 or SCRAM-SHA-256-PLUS.
+    ScramSha256,
+    /// `oauth`: SASL with OAUTHBEARER (pitr does not speak it).
+    Oauth,
+    /// `none`: the server lets us in without asking for any authentication (trust).
+    None,
+}
+
+impl AuthMethod {
+    const ALL: [AuthMethod; 7] = [
+        AuthMethod::Password,
+        AuthMethod::Md5,
+        AuthMethod::Gss,
+        AuthMethod::Sspi,
+        AuthMethod::ScramSha256,
+        AuthMethod::Oauth,
+        AuthMethod::None,
+    ];
+
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Password => "password",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::Gss => "gss",
+            AuthMethod::Sspi => "sspi",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Oauth => "oauth",
+            AuthMethod::None => "none",
+        }
+    }
+}
+
+/// libpq's `require_auth` (PostgreSQL 16): a comma list of methods the server may use, or,
+/// every entry prefixed with `!`, a list of methods it may not use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequireAuth {
+    negated: bool,
+    methods: Vec<AuthMethod>,
+}
+
+impl RequireAuth {
+    /// Whether the server may authenticate us with `method`.
+    pub fn allows(&self, method: AuthMethod) -> bool {
+        self.negated != self.methods.contains(&method)
+    }
+
+    /// Whether `method` is listed as allowed by name (not merely left out of a `!` list).
+    pub fn names(&self, method: AuthMethod) -> bool {
+        !self.negated && self.methods.contains(&method)
+    }
+}
+
+impl fmt::Display for RequireAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, m) in self.methods.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            let bang = if self.negated { "!" } else { "" };
+            write!(f, "{sep}{bang}{}", m.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for RequireAuth {
+    type Err = ConnInfoError;
+
+    /// As libpq: every entry known, none twice, and either all negated or none.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut negated = None;
+        let mut methods = Vec::new();
+        for item in s.split(',') {
+            let (neg, name) = match item.strip_prefix('!') {
+                Some(rest) => (true, rest),
+                None => (false, item),
+            };
+            if *negated.get_or_insert(neg) != neg {
+                return Err(invalid("require_auth", s, "negated (!) and plain methods cannot be mixed"));
+            }
+            let Some(method) = AuthMethod::ALL.into_iter().find(|m| m.as_str() == name) else {
+                return Err(invalid(
+                    "require_auth",
+                    s,
+                    "expected a comma list of password, md5, gss, sspi, scram-sha-256, oauth and none, optionally all prefixed with !",
+                ));
+            };
+            if methods.contains(&method) {
+                return Err(invalid("require_auth", s, "a method is listed more than once"));
+            }
+            methods.push(method);
+        }
+        Ok(RequireAuth { negated: negated.unwrap_or(false), methods })
+    }
+}
+
+impl ChannelBinding {
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelBinding::Disable => "disable",
+            ChannelBinding::Prefer => "prefer",
+            ChannelBinding::Require => "require",
+        }
+    }
+}
+
+impl FromStr for ChannelBinding {
+    type Err = ConnInfoError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "disable" => Ok(ChannelBinding::Disable),
+            "prefer" => Ok(ChannelBinding::Prefer),
+            "require" => Ok(ChannelBinding::Require),
+            _ => Err(invalid("channel_binding", s, "expected disable, prefer or require")),
+        }
+    }
 }
 
 /// One server to connect to.
@@ -109,11 +275,14 @@ pub enum SslMode {
     /// plain connection; pitr does not).
     Allow,
     /// `prefer` (the default): TLS if the server supports it, plain otherwise; the certificate
-    /// is not checked.
+    /// is checked as for `require`. Where libpq would retry without TLS after a failed TLS
+    /// handshake, pitr fails.
     #[default]
     Prefer,
-    /// `require`: TLS or no connection; the certificate is not checked, even when a root
-    /// certificate is available (where libpq would verify it as for `verify-ca`).
+    /// `require`: TLS or no connection. As in libpq, the certificate is checked as for
+    /// `verify-ca` when a root certificate is available (`sslrootcert`, or
+    /// `~/.postgresql/root.crt` if it exists), and not checked otherwise. (`prefer` checks it
+    /// the same way whenever TLS is used.)
     Require,
     /// `verify-ca`: TLS, and the server's certificate must chain to a trusted root.
     VerifyCa,
@@ -281,16 +450,16 @@ const ACCEPTED: &[&str] = &[
     "tcp_user_timeout",
     "gssencmode",
     "channel_binding",
+    "require_auth",
     "sslcompression",
     "sslsni",
     "client_encoding",
 ];
 
 /// libpq keywords whose effect pitr cannot honour; ignoring them could quietly weaken
-/// security (`sslcrl`, `require_auth`) or connect somewhere unexpected (`service`).
+/// security (`sslcrl`) or connect somewhere unexpected (`service`).
 const UNSUPPORTED: &[&str] = &[
     "passfile",
-    "require_auth",
     "sslnegotiation",
     "sslpassword",
     "sslcertmode",
@@ -355,13 +524,17 @@ impl Default for ConnInfo {
             target_session_attrs: TargetSessionAttrs::default(),
             options: None,
             keepalives_idle: None,
+            require_auth: None,
+            channel_binding: ChannelBinding::default(),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 }
 
 impl ConnInfo {
     /// A `keyword=value` form of everything modelled except the password, for logs and error
-    /// messages. Parsing it gives back this `ConnInfo` with `password: None`.
+    /// messages. Parsing it gives back this `ConnInfo` with `password: None` (and the default
+    /// `max_message_size`, which is not a keyword).
     pub fn redacted(&self) -> String {
         let mut out = String::new();
         let hosts: Vec<String> = self
@@ -402,6 +575,12 @@ impl ConnInfo {
         if self.target_session_attrs != TargetSessionAttrs::Any {
             push_pair(&mut out, "target_session_attrs", self.target_session_attrs.as_str());
         }
+        if let Some(r) = &self.require_auth {
+            push_pair(&mut out, "require_auth", &r.to_string());
+        }
+        if self.channel_binding != ChannelBinding::Prefer {
+            push_pair(&mut out, "channel_binding", self.channel_binding.as_str());
+        }
         out
     }
 }
@@ -435,6 +614,9 @@ impl fmt::Debug for ConnInfo {
             .field("target_session_attrs", &self.target_session_attrs)
             .field("options", &self.options)
             .field("keepalives_idle", &self.keepalives_idle)
+            .field("require_auth", &self.require_auth)
+            .field("channel_binding", &self.channel_binding)
+            .field("max_message_size", &self.max_message_size)
             .finish()
     }
 }
@@ -649,7 +831,30 @@ impl Params {
             }
         }
         self.mode_without_require("gssencmode", "pitr does not support GSSAPI encryption")?;
-        self.mode_without_require("channel_binding", "pitr cannot be told to insist on channel binding")?;
+        let channel_binding = match self.values.remove("channel_binding") {
+            Some(v) => v.parse()?,
+            None => ChannelBinding::default(),
+        };
+        let require_auth = match self.string("require_auth") {
+            Some(v) => Some(v.parse::<RequireAuth>()?),
+            None => None,
+        };
+        if channel_binding == ChannelBinding::Require {
+            if matches!(sslmode, SslMode::Disable | SslMode::Allow) {
+                return Err(invalid(
+                    "channel_binding",
+                    "require",
+                    "channel binding needs TLS, and this sslmode never uses it (use sslmode=verify-full)",
+                ));
+            }
+            if require_auth.as_ref().is_some_and(|r| !r.allows(AuthMethod::ScramSha256)) {
+                return Err(invalid(
+                    "channel_binding",
+                    "require",
+                    "channel binding needs SCRAM, and require_auth does not allow scram-sha-256",
+                ));
+            }
+        }
         // client_encoding is left to the connection code, which fixes its own encoding.
 
         Ok(ConnInfo {
@@ -666,6 +871,9 @@ impl Params {
             target_session_attrs,
             options,
             keepalives_idle,
+            require_auth,
+            channel_binding,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         })
     }
 
@@ -830,6 +1038,121 @@ fn parse_keyword_value(s: &str, params: &mut Params) -> Result<(), ConnInfoError
         let value = String::from_utf8_lossy(&value).into_owned();
         params.set(keyword, value)?;
     }
+}
+
+/// `text`, any message or file excerpt that may quote a connection string (a config parser's
+/// error showing the offending line, say), with every password in it replaced by `***`: the
+/// password of each embedded `postgres://` or `postgresql://` URL, and the value after every
+/// `password=` (spaces around `=` allowed, the value quoted or not).
+pub fn redact_in_text(text: &str) -> String {
+    // URLs first, each up to the next space or quote.
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    loop {
+        let lower = rest.to_ascii_lowercase();
+        let Some(at) = ["postgresql://", "postgres://"].iter().filter_map(|p| lower.find(p)).min() else {
+            out.push_str(rest);
+            break;
+        };
+        out.push_str(&rest[..at]);
+        let url = &rest[at..];
+        let end = url.find(|c: char| is_space(c) || matches!(c, '"' | '\'' | '`')).unwrap_or(url.len());
+        let prefix = uri_prefix_len(&url[..end]).unwrap_or(0);
+        out.push_str(&redact_uri(&url[..end], prefix));
+        rest = &url[end..];
+    }
+    // Then every `password=` value.
+    let b = out.as_bytes();
+    let mut result = String::with_capacity(out.len());
+    let mut copied = 0;
+    let mut i = 0;
+    while let Some(found) = out[i..].find("password") {
+        let start = i + found;
+        let mut j = start + "password".len();
+        i = j;
+        while j < b.len() && is_space_byte(b[j]) {
+            j += 1;
+        }
+        if j == b.len() || b[j] != b'=' {
+            continue;
+        }
+        j += 1;
+        while j < b.len() && is_space_byte(b[j]) {
+            j += 1;
+        }
+        let value_start = j;
+        if j < b.len() && b[j] == b'\'' {
+            j += 1;
+            while j < b.len() {
+                match b[j] {
+                    b'\\' => j += 2,
+                    b'\'' if b.get(j + 1) == Some(&b'\'') => j += 2,
+                    b'\'' => {
+                        j += 1;
+                        break;
+                    }
+                    _ => j += 1,
+                }
+            }
+        } else {
+            while j < b.len() && !is_space_byte(b[j]) && !matches!(b[j], b'"' | b'&' | b'`') {
+                j += if b[j] == b'\\' { 2 } else { 1 };
+            }
+        }
+        j = j.min(b.len());
+        while !out.is_char_boundary(j) {
+            j += 1;
+        }
+        result.push_str(&out[copied..value_start]);
+        result.push_str("***");
+        copied = j;
+        i = j;
+    }
+    result.push_str(&out[copied..]);
+    result
+}
+
+fn redact_uri(uri: &str, prefix: usize) -> String {
+    let mut out = String::with_capacity(uri.len());
+    let rest = &uri[prefix..];
+    out.push_str(&uri[..prefix]);
+    let authority_len = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_len];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.find(':') {
+                Some(colon) => {
+                    out.push_str(&userinfo[..colon]);
+                    out.push_str(":***");
+                }
+                None => out.push_str(userinfo),
+            }
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    let tail = &rest[authority_len..];
+    let Some(q) = tail.find('?') else {
+        out.push_str(tail);
+        return out;
+    };
+    out.push_str(&tail[..=q]);
+    for (i, segment) in tail[q + 1..].split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        let key = segment.split_once('=').map_or(segment, |(k, _)| k);
+        // Compared decoded, so that `pass%77ord=` is caught too.
+        let decoded = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+        if decoded == "password" {
+            out.push_str(key);
+            out.push_str("=***");
+        } else {
+            out.push_str(segment);
+        }
+    }
+    out
 }
 
 fn uri_prefix_len(s: &str) -> Option<usize> {
@@ -1070,6 +1393,9 @@ mod tests {
                 target_session_attrs: TargetSessionAttrs::ReadWrite,
                 options: Some("-c wal_sender_timeout=0".into()),
                 keepalives_idle: Some(Duration::from_secs(30)),
+                require_auth: None,
+                channel_binding: ChannelBinding::Prefer,
+                max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             }
         );
     }
@@ -1340,7 +1666,108 @@ mod tests {
     #[test]
     fn require_modes_that_cannot_be_honoured_are_rejected() {
         assert!(bad("gssencmode", "require")(&err("gssencmode=require")));
-        assert!(bad("channel_binding", "require")(&err("channel_binding=require")));
+        // Channel binding needs TLS and SCRAM: contradictions fail at once.
+        for s in ["channel_binding=require sslmode=disable", "channel_binding=require sslmode=allow"] {
+            let e = err(s);
+            assert!(bad("channel_binding", "require")(&e) && e.to_string().contains("TLS"), "{e}");
+        }
+        let e = err("channel_binding=require require_auth=md5,password");
+        assert!(e.to_string().contains("scram-sha-256"), "{e}");
+        let e = err("channel_binding=require require_auth=!scram-sha-256");
+        assert!(e.to_string().contains("scram-sha-256"), "{e}");
+    }
+
+    #[test]
+    fn channel_binding_values() {
+        assert_eq!(ok("").channel_binding, ChannelBinding::Prefer);
+        assert_eq!(ok("channel_binding=disable").channel_binding, ChannelBinding::Disable);
+        assert_eq!(ok("channel_binding=require").channel_binding, ChannelBinding::Require);
+        let c = ok("postgresql://h/?channel_binding=require&sslmode=verify-ca&require_auth=scram-sha-256");
+        assert_eq!(c.channel_binding, ChannelBinding::Require);
+        assert_eq!(
+            c.redacted(),
+            "host=h port=5432 sslmode=verify-ca require_auth=scram-sha-256 channel_binding=require"
+        );
+    }
+
+    #[test]
+    fn require_auth_follows_libpq() {
+        let r = ok("require_auth=scram-sha-256,none").require_auth.unwrap();
+        assert!(r.allows(AuthMethod::ScramSha256) && r.allows(AuthMethod::None));
+        assert!(!r.allows(AuthMethod::Password) && !r.allows(AuthMethod::Md5));
+        assert!(r.names(AuthMethod::ScramSha256) && !r.names(AuthMethod::Password));
+        let r = ok("require_auth=!password,!md5").require_auth.unwrap();
+        assert!(!r.allows(AuthMethod::Password) && !r.allows(AuthMethod::Md5));
+        assert!(r.allows(AuthMethod::ScramSha256) && r.allows(AuthMethod::None));
+        assert!(!r.names(AuthMethod::ScramSha256), "a ! list names nothing as allowed");
+        for m in AuthMethod::ALL {
+            let r = ok(&format!("require_auth={}", m.as_str())).require_auth.unwrap();
+            assert_eq!(r.to_string(), m.as_str());
+        }
+        assert_eq!(ok("require_auth=''").require_auth, None);
+        for v in ["password,!md5", "!md5,password", "md5,md5", "!md5,!md5", "kerberos", "password,", "PASSWORD", " md5"]
+        {
+            let e = err(&format!("require_auth='{v}'"));
+            assert!(bad("require_auth", v)(&e), "{v:?}: {e:?}");
+        }
+        let e = err("require_auth=md5,!password").to_string();
+        assert!(e.contains("mixed"), "{e}");
+        let e = err("require_auth=md5,md5").to_string();
+        assert!(e.contains("more than once"), "{e}");
+        // Round trip through redacted().
+        let c = ok("require_auth=!password,!md5 channel_binding=disable");
+        assert_eq!(ok(&c.redacted()), c);
+    }
+
+    #[test]
+    fn connection_strings_inside_text_are_redacted() {
+        let err =
+            "TOML parse error at line 6, column 40\n  |\n6 | conninfo = \"host=h password=s3cr3t user=u\" x\n  |   ^\n";
+        let got = redact_in_text(err);
+        assert!(!got.contains("s3cr3t") && got.contains("password=*** user=u"), "{got}");
+        for (text, want) in [
+            ("conninfo=\"password=s3cr3t\"", "conninfo=\"password=***\""),
+            ("a password = 's3 cr3t' b", "a password = *** b"),
+            ("url: postgresql://u:s3cr3t@h/db, next", "url: postgresql://u:***@h/db, next"),
+            ("'POSTGRES://u:s3cr3t@h?password=s3cr3t2&x=1'", "'POSTGRES://u:***@h?password=***&x=1'"),
+            (
+                "x = \"postgres://h/?sslmode=require&password=s3cr3t\"",
+                "x = \"postgres://h/?sslmode=require&password=***\"",
+            ),
+            ("no password here, passwords are fine", "no password here, passwords are fine"),
+            ("ends with password=", "ends with password=***"),
+            ("ö password=s3cr3tö ö", "ö password=*** ö"),
+        ] {
+            let got = redact_in_text(text);
+            assert_eq!(got, want, "{text:?}");
+            assert!(!got.contains("s3cr3t"), "{got}");
+        }
+    }
+
+    #[test]
+    fn raw_strings_are_redacted_in_both_forms() {
+        for (raw, want) in [
+            ("host=h password=s3cr3t user=u", "host=h password=*** user=u"),
+            ("password = 's3 cr\\'et' user=u", "password = *** user=u"),
+            ("password='s3''cr3t'", "password=***"),
+            ("password=s3\\ cr3t dbname=x", "password=*** dbname=x"),
+            ("password='s3cr3t", "password=***"),
+            ("host=h junk password=s3cr3t", "host=h junk password=***"),
+            ("user=J\\ö password=s3cr3t", "user=J\\ö password=***"),
+            ("postgresql://u:s3cr3t@h/db", "postgresql://u:***@h/db"),
+            ("postgresql://u:s3:cr@3t@h:5/db?sslmode=require", "postgresql://u:***@h:5/db?sslmode=require"),
+            (
+                "postgres://h/db?user=u&password=s3cr3t&sslmode=require",
+                "postgres://h/db?user=u&password=***&sslmode=require",
+            ),
+            ("postgres://h?pass%77ord=s3cr3t", "postgres://h?pass%77ord=***"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            ("  postgresql://u:s3cr3t@h  ", "  postgresql://u:***@h  "),
+        ] {
+            let got = redact_in_text(raw);
+            assert_eq!(got, want, "{raw:?}");
+            assert!(!got.contains("s3"), "{raw:?} -> {got:?}");
+        }
     }
 
     #[test]

@@ -3,13 +3,19 @@
 //! Owns the replication-protocol client (startup, authentication, TLS, replication commands,
 //! the CopyBoth WAL stream, the BASE_BACKUP stream, UPLOAD_MANIFEST), connection strings, and the
 //! probe of a server's WAL end for `pitr status` ([`position`]). Message encoding and decoding
-//! are pure functions over bytes ([`messages`], [`conninfo`]); the socket lives only in
-//! [`connection`]. It knows nothing of archives or storage, and not PostgreSQL's file and record
+//! are pure functions over bytes ([`messages`], [`conninfo`], and the authentication state
+//! machine in `auth`); the socket lives only in [`connection`].
+//!
+//! The server is not trusted with pitr's memory or credentials: no message longer than a bound
+//! is read (64 kB until the server has authenticated us, then
+//! [`ConnInfo::max_message_size`](conninfo::ConnInfo::max_message_size)), no result set grows
+//! past that bound, and what authentication pitr agrees to is set out in `auth`. It knows nothing of archives or storage, and not PostgreSQL's file and record
 //! formats either (LSN text, timeline history, WAL records, incremental files): those are
 //! pitr-pgformat, which this crate uses and which does not need a socket.
 
 #![deny(missing_docs)]
 
+mod auth;
 pub mod connection;
 pub mod conninfo;
 pub mod messages;
@@ -91,6 +97,35 @@ pub enum PgError {
     /// The server sent something the protocol does not allow here.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The server announced a message longer than pitr accepts at this point; the connection is
+    /// dropped without reading or reserving it.
+    #[error(
+        "{host}: the server announced a message of {length} bytes, type {message_type}, above the limit of {limit} bytes {}; connection dropped",
+        if *authenticated { "(raise [postgres] max_message_size if the server is genuine)" } else { "before authentication completes" }
+    )]
+    MessageTooLarge {
+        /// The server (empty when it comes from [`messages::parse_backend`], which has no socket).
+        host: String,
+        /// The message type, by name and type byte.
+        message_type: String,
+        /// The length the server announced.
+        length: u64,
+        /// The bound it exceeds.
+        limit: usize,
+        /// Whether the server had authenticated us (the configurable bound applies) or not
+        /// (the fixed startup bound).
+        authenticated: bool,
+    },
+    /// The rows of one result set add up to more than `max_message_size`.
+    #[error("{host}: the result of {command} exceeds {limit} bytes (max_message_size); connection dropped")]
+    ResultTooLarge {
+        /// The server.
+        host: String,
+        /// The command whose result it is.
+        command: String,
+        /// The bound it exceeds.
+        limit: usize,
+    },
     /// A replication slot name PostgreSQL would refuse.
     #[error("invalid replication slot name {0:?}: use 1-63 characters of [a-z0-9_]")]
     InvalidSlotName(String),

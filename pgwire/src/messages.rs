@@ -109,10 +109,70 @@ fn protocol(what: impl Into<String>) -> PgError {
     PgError::Protocol(what.into())
 }
 
-/// Takes one complete backend message off the front of `buf`, or `None` if more bytes are needed.
-pub fn parse_backend(buf: &mut BytesMut) -> Result<Option<BackendMessage>, PgError> {
+/// The longest message accepted before the server has authenticated us. Authentication
+/// requests are tiny (libpq refuses those above 2000 bytes) and libpq caps errors at this stage
+/// at 30000 bytes; 64 kB leaves room and keeps what an unauthenticated peer can make us
+/// allocate small.
+pub const STARTUP_MAX_MESSAGE_SIZE: usize = 64 << 10;
+
+/// How long a backend message may be: the length field (which counts itself but not the type
+/// byte) above `max` fails the connection before anything is allocated for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageLimit {
+    /// The largest length field accepted.
+    pub max: usize,
+    /// Whether the server has authenticated us yet (only for the error message).
+    pub authenticated: bool,
+}
+
+impl MessageLimit {
+    /// The bound until authentication completes: [`STARTUP_MAX_MESSAGE_SIZE`].
+    pub const STARTUP: MessageLimit = MessageLimit { max: STARTUP_MAX_MESSAGE_SIZE, authenticated: false };
+}
+
+/// The protocol's name of a backend message type, for errors.
+pub fn message_type_name(tag: u8) -> String {
+    let name = match tag {
+        b'R' => "Authentication",
+        b'E' => "ErrorResponse",
+        b'N' => "NoticeResponse",
+        b'S' => "ParameterStatus",
+        b'K' => "BackendKeyData",
+        b'Z' => "ReadyForQuery",
+        b'T' => "RowDescription",
+        b'D' => "DataRow",
+        b'C' => "CommandComplete",
+        b'I' => "EmptyQueryResponse",
+        b'd' => "CopyData",
+        b'c' => "CopyDone",
+        b'H' => "CopyOutResponse",
+        b'G' => "CopyInResponse",
+        b'W' => "CopyBothResponse",
+        b'A' => "NotificationResponse",
+        b'v' => "NegotiateProtocolVersion",
+        b't' => "ParameterDescription",
+        b'n' => "NoData",
+        _ => return format!("unknown ({:?})", tag as char),
+    };
+    format!("{name} ({:?})", tag as char)
+}
+
+/// Takes one complete backend message off the front of `buf`, or `None` if more bytes are
+/// needed. A length field above `limit` is an error at once ([`PgError::MessageTooLarge`], its
+/// `host` left empty for the caller to fill in), so nothing is reserved for it.
+pub fn parse_backend(buf: &mut BytesMut, limit: MessageLimit) -> Result<Option<BackendMessage>, PgError> {
     if buf.len() < 5 {
         return Ok(None);
+    }
+    let length = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if length as u64 > limit.max as u64 {
+        return Err(PgError::MessageTooLarge {
+            host: String::new(),
+            message_type: message_type_name(buf[0]),
+            length: u64::from(length),
+            limit: limit.max,
+            authenticated: limit.authenticated,
+        });
     }
     if buf[0] == b'W' {
         let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
@@ -293,13 +353,58 @@ mod tests {
     use super::*;
     use postgres_protocol::message::frontend;
 
+    const BIG: MessageLimit = MessageLimit { max: 1 << 20, authenticated: true };
+
+    #[test]
+    fn lengths_above_the_bound_fail_before_anything_is_reserved() {
+        // A CopyData announcing 4 GiB - 1, with 3 bytes of it here.
+        let mut buf = BytesMut::from(&[b'd', 0xff, 0xff, 0xff, 0xff, 1, 2, 3][..]);
+        let cap = buf.capacity();
+        let err = parse_backend(&mut buf, BIG).unwrap_err();
+        assert!(buf.capacity() <= cap.max(64), "reserved {} bytes", buf.capacity());
+        let text = err.to_string();
+        for part in ["CopyData ('d')", "4294967295 bytes", "1048576", "max_message_size"] {
+            assert!(text.contains(part), "{text:?} lacks {part:?}");
+        }
+        // Before authentication the small bound applies, and says so.
+        let mut buf = BytesMut::from(&[b'R', 0, 1, 0, 1][..]);
+        let text = parse_backend(&mut buf, MessageLimit::STARTUP).unwrap_err().to_string();
+        assert!(text.contains("Authentication ('R')") && text.contains("65537 bytes"), "{text}");
+        assert!(text.contains("65536") && text.contains("before"), "{text}");
+        // A CopyBothResponse length is checked the same way, negative as i32 or not.
+        let mut buf = BytesMut::from(&[b'W', 0x80, 0, 0, 0][..]);
+        assert!(matches!(parse_backend(&mut buf, BIG), Err(PgError::MessageTooLarge { .. })));
+        // Exactly at the bound is fine (and waits for the rest).
+        let mut buf = BytesMut::from(&[b'd', 0, 0x10, 0, 0][..]);
+        assert_eq!(parse_backend(&mut buf, BIG).unwrap(), None);
+        let mut buf = BytesMut::from(&[b'd', 0, 0x10, 0, 1][..]);
+        assert!(parse_backend(&mut buf, BIG).is_err());
+    }
+
+    #[test]
+    fn a_backup_result_set_cannot_grow_without_bound() {
+        let mut d = BaseBackupDecoder::new(170000);
+        d.on_message(BackendMessage::RowDescription { columns: vec!["spcoid".into()] }).unwrap();
+        let row = BackendMessage::DataRow(vec![Some(Bytes::from(vec![b'1'; 1 << 20]))]);
+        let mut failed = None;
+        for i in 0..(DEFAULT_MAX_RESULT_SIZE >> 20) + 2 {
+            if let Err(e) = d.on_message(row.clone()) {
+                failed = Some((i, e.to_string()));
+                break;
+            }
+        }
+        let (i, text) = failed.expect("rows were accepted without bound");
+        assert!(i >= (DEFAULT_MAX_RESULT_SIZE >> 20) - 1, "failed early, at row {i}");
+        assert!(text.contains("BASE_BACKUP") && text.contains("bytes"), "{text}");
+    }
+
     #[test]
     fn copy_both_and_partial_messages() {
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&[b'W', 0, 0, 0, 7, 0, 0]);
-        assert_eq!(parse_backend(&mut buf).unwrap(), None, "incomplete W must wait");
+        assert_eq!(parse_backend(&mut buf, BIG).unwrap(), None, "incomplete W must wait");
         buf.extend_from_slice(&[0]);
-        assert_eq!(parse_backend(&mut buf).unwrap(), Some(BackendMessage::CopyBothResponse));
+        assert_eq!(parse_backend(&mut buf, BIG).unwrap(), Some(BackendMessage::CopyBothResponse));
         assert!(buf.is_empty());
         // A CopyData carrying XLogData, split in two reads.
         let mut payload = BytesMut::new();
@@ -311,9 +416,9 @@ mod tests {
         let mut wire = BytesMut::new();
         frontend::CopyData::new(&payload[..]).unwrap().write(&mut wire);
         let mut buf = BytesMut::from(&wire[..10]);
-        assert_eq!(parse_backend(&mut buf).unwrap(), None);
+        assert_eq!(parse_backend(&mut buf, BIG).unwrap(), None);
         buf.extend_from_slice(&wire[10..]);
-        let Some(BackendMessage::CopyData(d)) = parse_backend(&mut buf).unwrap() else { panic!() };
+        let Some(BackendMessage::CopyData(d)) = parse_backend(&mut buf, BIG).unwrap() else { panic!() };
         assert_eq!(
             parse_replication_message(d).unwrap(),
             ReplicationMessage::XLogData {
@@ -353,7 +458,7 @@ mod tests {
         buf.put_u8(b'E');
         buf.put_i32(4 + body.len() as i32);
         buf.extend_from_slice(body);
-        let Some(BackendMessage::Error(e)) = parse_backend(&mut buf).unwrap() else { panic!() };
+        let Some(BackendMessage::Error(e)) = parse_backend(&mut buf, BIG).unwrap() else { panic!() };
         assert_eq!(e.code, "42710");
         assert_eq!(e.detail.as_deref(), Some("some detail"));
         assert!(e.to_string().contains("already exists"));
@@ -366,6 +471,15 @@ mod tests {
         assert_eq!(parse_size_setting("1GB"), Some(1 << 30));
         assert_eq!(parse_size_setting("12 parsecs"), None);
     }
+}
+
+/// The most the rows of one BASE_BACKUP result set may hold (start and end positions, the
+/// tablespace list): far above what a server sends, small enough for any host.
+pub const DEFAULT_MAX_RESULT_SIZE: usize = crate::conninfo::DEFAULT_MAX_MESSAGE_SIZE;
+
+/// Bytes a DataRow holds, counting each value's length field (so that many NULLs count too).
+pub fn row_size(values: &[Option<Bytes>]) -> usize {
+    values.iter().map(|v| 4 + v.as_ref().map_or(0, Bytes::len)).sum()
 }
 
 /// What a running BASE_BACKUP yields, in order: `Start`, then per archive `Archive` followed by
@@ -413,6 +527,8 @@ pub struct BaseBackupDecoder {
     result_sets: usize,
     columns: Vec<String>,
     rows: Vec<Vec<Option<Bytes>>>,
+    /// Bytes held in `rows`, bounded by [`DEFAULT_MAX_RESULT_SIZE`].
+    rows_size: usize,
     /// Old format: tablespaces announced in the second result set, in CopyOut order.
     tablespaces: Vec<Option<(u32, String)>>,
     copies: usize,
@@ -428,6 +544,7 @@ impl BaseBackupDecoder {
             result_sets: 0,
             columns: Vec::new(),
             rows: Vec::new(),
+            rows_size: 0,
             tablespaces: Vec::new(),
             copies: 0,
             in_copy: false,
@@ -462,8 +579,18 @@ impl BaseBackupDecoder {
             BackendMessage::RowDescription { columns } => {
                 self.columns = columns;
                 self.rows.clear();
+                self.rows_size = 0;
             }
-            BackendMessage::DataRow(values) => self.rows.push(values),
+            BackendMessage::DataRow(values) => {
+                self.rows_size += row_size(&values);
+                if self.rows_size > DEFAULT_MAX_RESULT_SIZE {
+                    return Err(protocol(format!(
+                        "BASE_BACKUP: a result set of more than {DEFAULT_MAX_RESULT_SIZE} bytes (its start/end \
+                         position and tablespace list are a few hundred); refused"
+                    )));
+                }
+                self.rows.push(values);
+            }
             BackendMessage::CommandComplete(_) if !self.in_copy => {
                 if self.columns.is_empty() {
                     return Ok(out);
@@ -490,6 +617,7 @@ impl BaseBackupDecoder {
                 }
                 self.columns.clear();
                 self.rows.clear();
+                self.rows_size = 0;
             }
             BackendMessage::CopyOutResponse => {
                 self.in_copy = true;

@@ -1,7 +1,10 @@
 //! TLS for the PostgreSQL connection, by `sslmode`, with rustls.
 //!
-//! `require` (and `prefer`) encrypt without verifying the server, as libpq does when no root
-//! certificate is configured; `verify-ca` checks the chain; `verify-full` the chain and host name.
+//! `verify-ca` checks the chain; `verify-full` the chain and host name. `require` and `prefer`
+//! check the chain as `verify-ca` does when a root certificate is available (`sslrootcert`, or
+//! `~/.postgresql/root.crt` if it exists), as libpq does, and encrypt without verifying the
+//! server otherwise. An `sslrootcert` that names no readable file is an error in every mode
+//! (libpq would quietly skip verification under `require`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,8 +52,8 @@ pub(crate) fn client_config(info: &ConnInfo, host: &str) -> Result<Arc<rustls::C
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_err(host, e.to_string()))?;
-    let verify = matches!(info.sslmode, SslMode::VerifyCa | SslMode::VerifyFull);
     let root_path = info.sslrootcert.clone().or_else(|| default_root_cert().filter(|p| p.exists()));
+    let verify = matches!(info.sslmode, SslMode::VerifyCa | SslMode::VerifyFull) || root_path.is_some();
     let builder = if verify {
         let path = root_path.ok_or_else(|| {
             tls_err(host, "sslmode requires a root certificate: set sslrootcert (or create ~/.postgresql/root.crt)")

@@ -96,6 +96,12 @@ impl MongoServer {
         }
     }
 
+    /// Sends `sig` to the server (e.g. SIGSTOP, so that it accepts connections and answers
+    /// nothing, then SIGCONT).
+    pub fn signal(&mut self, sig: i32) -> Result<()> {
+        self.process.as_mut().context("the server is not running")?.signal(sig)
+    }
+
     /// A connection string naming the replica set (none for a standalone server).
     pub fn uri(&self) -> String {
         if self.opts.standalone {

@@ -1,4 +1,9 @@
-//! A TCP proxy on loopback that a test controls, between pitr and a real server: it passes bytes
+//! Two proxies on loopback that tests put between pitr and a real server.
+//!
+//! [`HeaderStrippingProxy`] reads each HTTP/1.1 request and drops one header from it (an
+//! S3-compatible endpoint that ignores `If-None-Match`, as some do, made from one that honours it).
+//!
+//! [`FaultyProxy`]: a TCP proxy on loopback that a test controls, between pitr and a real server: it passes bytes
 //! through, and while faults are on it breaks the connection of every k-th request — either
 //! mid-request (after some bytes from the client: an upload cut half-way) or by swallowing the
 //! server's reply (the request landed, the client never hears so). It also counts requests in
@@ -203,5 +208,135 @@ async fn serve(client: TcpStream, upstream: SocketAddr, faults: Arc<Faults>, sta
     tokio::select! {
         cut = &mut upload => if !cut { download.await; },
         cut = &mut download => if !cut { upload.await; },
+    }
+}
+
+/// An HTTP/1.1 proxy on loopback that removes every header named `strip` (any case) from the
+/// requests it forwards to `127.0.0.1:upstream`, and passes everything else through unchanged.
+/// Requests are parsed one after the other on each connection (clients do not pipeline):
+/// head up to the blank line, then `Content-Length` bytes of body (a chunked body is refused,
+/// so a test never passes on a request it did not see). Replies are copied as they come.
+pub struct HeaderStrippingProxy {
+    pub port: u16,
+    /// Requests forwarded, and how many of them had the header removed.
+    pub requests: Arc<AtomicU64>,
+    pub stripped: Arc<AtomicU64>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl HeaderStrippingProxy {
+    pub fn start(upstream: u16, strip: &str) -> Result<HeaderStrippingProxy> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .context("proxy runtime")?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let (requests, stripped) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (r, s, strip) = (requests.clone(), stripped.clone(), strip.to_ascii_lowercase());
+        runtime.spawn(async move {
+            let Ok(listener) = TcpListener::from_std(listener) else { return };
+            let upstream: SocketAddr = ([127, 0, 0, 1], upstream).into();
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(strip_requests(client, upstream, strip.clone(), r.clone(), s.clone()));
+            }
+        });
+        Ok(HeaderStrippingProxy { port, requests, stripped, runtime: Some(runtime) })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for HeaderStrippingProxy {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn strip_requests(
+    client: TcpStream,
+    upstream: SocketAddr,
+    strip: String,
+    requests: Arc<AtomicU64>,
+    stripped: Arc<AtomicU64>,
+) {
+    let Ok(server) = TcpStream::connect(upstream).await else { return };
+    let (mut client_rd, mut client_wr) = client.into_split();
+    let (mut server_rd, mut server_wr) = server.into_split();
+    let upload = async {
+        let mut pending: Vec<u8> = Vec::new();
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            // One request head.
+            let head_end = loop {
+                if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                match client_rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(got) => pending.extend_from_slice(&buf[..got]),
+                }
+            };
+            let head = String::from_utf8_lossy(&pending[..head_end]).into_owned();
+            pending.drain(..head_end);
+            let mut body_len = 0usize;
+            let mut kept = String::new();
+            let mut removed = false;
+            for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+                let name = line.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
+                if name == strip {
+                    removed = true;
+                    continue;
+                }
+                if name == "content-length" {
+                    body_len = line.split_once(':').and_then(|(_, v)| v.trim().parse().ok()).unwrap_or(0);
+                }
+                if name == "transfer-encoding" {
+                    // Not expected from pitr's client; refuse rather than forward half-understood.
+                    return;
+                }
+                kept.push_str(line);
+                kept.push_str("\r\n");
+            }
+            kept.push_str("\r\n");
+            requests.fetch_add(1, Ordering::SeqCst);
+            if removed {
+                stripped.fetch_add(1, Ordering::SeqCst);
+            }
+            if server_wr.write_all(kept.as_bytes()).await.is_err() {
+                return;
+            }
+            // Its body.
+            let mut left = body_len;
+            while left > 0 {
+                if pending.is_empty() {
+                    match client_rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(got) => pending.extend_from_slice(&buf[..got]),
+                    }
+                }
+                let take = left.min(pending.len());
+                if server_wr.write_all(&pending[..take]).await.is_err() {
+                    return;
+                }
+                pending.drain(..take);
+                left -= take;
+            }
+        }
+    };
+    let download = async {
+        let _ = tokio::io::copy(&mut server_rd, &mut client_wr).await;
+        let _ = client_wr.shutdown().await;
+    };
+    tokio::pin!(upload, download);
+    tokio::select! {
+        _ = &mut upload => {}
+        _ = &mut download => {}
     }
 }

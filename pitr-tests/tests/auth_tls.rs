@@ -1,5 +1,6 @@
 //! The replication client's connection handling against a real server: SCRAM-SHA-256 and md5
-//! passwords, TLS by sslmode (including verify-full against our own CA), several hosts.
+//! passwords, TLS by sslmode (including verify-full against our own CA), several hosts,
+//! `channel_binding=require` (SCRAM-SHA-256-PLUS) and `require_auth`.
 
 use std::path::Path;
 use std::process::Command;
@@ -111,15 +112,19 @@ async fn passwords_tls_and_hosts() -> Result<()> {
     let port = cluster.port;
     let base = format!("host=127.0.0.1 port={port} sslmode=disable");
 
-    // Passwords.
+    // Passwords. MD5 over plain TCP only when require_auth names it.
     identify(&format!("{base} user=scramuser password='sc\\'ram pw'")).await?;
-    identify(&format!("{base} user=md5user password=md5pw")).await?;
+    let err = identify(&format!("{base} user=md5user password=md5pw")).await.unwrap_err().to_string();
+    assert!(err.contains("MD5") && err.contains("without TLS") && err.contains("require_auth=md5"), "{err}");
+    assert!(!err.contains("md5pw"), "password leaked into the error: {err}");
+    identify(&format!("{base} user=md5user password=md5pw require_auth=md5")).await?;
+    identify(&format!("host=127.0.0.1 port={port} sslmode=require user=md5user password=md5pw")).await?;
     let err = identify(&format!("{base} user=scramuser password=wrong")).await.unwrap_err();
     assert!(matches!(err, PgError::Connect { .. }), "{err:?}");
     let text = err.to_string();
     assert!(text.contains("authentication failed") && text.contains(&format!("127.0.0.1:{port}")), "{text}");
     assert!(!text.contains("wrong"), "password leaked into the error: {text}");
-    let err = identify(&format!("{base} user=md5user")).await.unwrap_err().to_string();
+    let err = identify(&format!("{base} user=md5user require_auth=md5")).await.unwrap_err().to_string();
     assert!(err.contains("none is set") || err.contains("password"), "{err}");
 
     // TLS: the server rejects tlsuser without TLS; require, verify-ca and verify-full work.
@@ -138,6 +143,50 @@ async fn passwords_tls_and_hosts() -> Result<()> {
     assert!(err.contains("TLS") && err.contains("certificate"), "{err}");
     let err = identify(&format!("host=127.0.0.1 {tls} sslmode=verify-full")).await.unwrap_err().to_string();
     assert!(err.contains("sslrootcert"), "{err}");
+    // With a root certificate, require verifies the chain as verify-ca does (libpq's rule).
+    identify(&format!("host=127.0.0.1 {tls} sslmode=require sslrootcert={}", c("ca.crt"))).await?;
+    let err = identify(&format!("host=127.0.0.1 {tls} sslmode=require sslrootcert={}", c("other.crt")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("TLS") && err.contains("certificate"), "{err}");
+    let err = identify(&format!("host=127.0.0.1 {tls} sslmode=require sslrootcert={}", c("missing.crt")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing.crt"), "{err}");
+
+    // Channel binding: SCRAM-SHA-256-PLUS over TLS, bound to the server's certificate.
+    let verified = format!("host=localhost {tls} sslmode=verify-full sslrootcert={}", c("ca.crt"));
+    identify(&format!("{verified} channel_binding=require")).await?;
+    identify(&format!("{verified} channel_binding=require require_auth=scram-sha-256")).await?;
+    identify(&format!("host=127.0.0.1 {tls} sslmode=require channel_binding=require")).await?;
+    identify(&format!("host=127.0.0.1 {tls} sslmode=require channel_binding=disable")).await?;
+    let md5_tls = format!("host=127.0.0.1 port={port} sslmode=require user=md5user password=md5pw");
+    let err = identify(&format!("{md5_tls} channel_binding=require")).await.unwrap_err().to_string();
+    assert!(err.contains("channel_binding=require") && err.contains("MD5"), "{err}");
+    // A server that lets us in without authentication has proven nothing.
+    let trust = format!("host=127.0.0.1 port={port} sslmode=require user=postgres");
+    identify(&trust).await?;
+    let err = identify(&format!("{trust} channel_binding=require")).await.unwrap_err().to_string();
+    assert!(err.contains("channel_binding=require") && err.contains("without authentication"), "{err}");
+    // Over a Unix socket there is no TLS to bind to (and this socket trusts everyone).
+    let socket = format!("host={} port={port} user=scramuser password=x", cluster.socket_dir.display());
+    identify(&socket).await?;
+    let err = identify(&format!("{socket} channel_binding=require")).await.unwrap_err().to_string();
+    assert!(err.contains("channel_binding=require"), "{err}");
+
+    // require_auth, libpq 16's meaning.
+    let err = identify(&format!("{md5_tls} require_auth=scram-sha-256")).await.unwrap_err().to_string();
+    assert!(err.contains("require_auth=scram-sha-256") && err.contains("MD5"), "{err}");
+    let err = identify(&format!("{md5_tls} require_auth=!md5")).await.unwrap_err().to_string();
+    assert!(err.contains("require_auth=!md5"), "{err}");
+    identify(&format!("{md5_tls} require_auth=!password,!scram-sha-256")).await?;
+    let err = identify(&format!("{trust} require_auth=!none")).await.unwrap_err().to_string();
+    assert!(err.contains("require_auth=!none") && err.contains("without authentication"), "{err}");
+    identify(&format!("{trust} require_auth=scram-sha-256,none")).await?;
+    let err = identify(&format!("{base} user=scramuser password=x require_auth=md5")).await.unwrap_err().to_string();
+    assert!(err.contains("require_auth=md5") && err.contains("SASL"), "{err}");
 
     // Several hosts: a dead one first, then the live one.
     let dead = pitr_tests::free_port()?;

@@ -538,3 +538,329 @@ async fn scheduled_snapshots_and_metrics() -> Result<()> {
     );
     Ok(())
 }
+
+/// Every collection of `db` as listCollections describes it (name, type, options), by name.
+async fn described(c: &Client, db: &str) -> Result<Vec<(String, String, Document)>> {
+    let mut cursor = c.database(db).run_cursor_command(doc! { "listCollections": 1 }).await?;
+    let mut out = Vec::new();
+    while cursor.advance().await? {
+        let spec = cursor.deserialize_current()?;
+        out.push((
+            spec.get_str("name")?.to_string(),
+            spec.get_str("type").unwrap_or("collection").to_string(),
+            spec.get_document("options").cloned().unwrap_or_default(),
+        ));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// The documents of `db.coll` in `_id` order.
+async fn documents(c: &Client, db: &str, coll: &str) -> Result<Vec<Document>> {
+    let mut cursor = c.database(db).collection::<Document>(coll).find(doc! {}).sort(doc! { "_id": 1 }).await?;
+    let mut out = Vec::new();
+    while cursor.advance().await? {
+        out.push(cursor.deserialize_current()?);
+    }
+    Ok(out)
+}
+
+/// A time-series collection (SecantusDB keeps them as ordinary collections with a `timeseries`
+/// option, and logs their writes under their own name), a capped, a clustered and a validated
+/// collection, a view, and more collections and indexes than one listCollections / listIndexes
+/// batch (`[mongo] batch_size = 2`): all in the snapshot and restored exactly, with the oplog
+/// replayed over them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collection_kinds_and_listings_longer_than_one_batch_round_trip() -> Result<()> {
+    let source = MongoServer::start(MongoOptions::default())?;
+    let target = MongoServer::start(MongoOptions::default())?;
+    let mut env = MongoEnv::new("mongo-kinds", &source.uri(), "batch_size = 2")?;
+    env.run_ok(&["init"])?;
+    let mut stream = env.spawn_stream()?;
+    let c = client(&source.uri()).await?;
+    let kinds = c.database("kinds");
+    kinds.run_command(doc! { "create": "weather", "timeseries": { "timeField": "t", "metaField": "station" } }).await?;
+    kinds.run_command(doc! { "create": "recent", "capped": true, "size": 4096, "max": 3 }).await?;
+    kinds
+        .run_command(doc! { "create": "clustered", "clusteredIndex": { "key": { "_id": 1 }, "unique": true } })
+        .await?;
+    kinds.run_command(doc! { "create": "checked", "validator": { "n": { "$type": "int" } } }).await?;
+    kinds
+        .run_command(
+            doc! { "create": "warm", "viewOn": "weather", "pipeline": [{ "$match": { "temp": { "$gt": 20 } } }] },
+        )
+        .await?;
+    let t0 = bson::DateTime::from_millis(1_796_000_000_000);
+    let reading = |i: i64| doc! { "_id": i, "t": bson::DateTime::from_millis(t0.timestamp_millis() + i * 1000), "station": i % 3, "temp": 15 + i };
+    kinds.collection::<Document>("weather").insert_many((0..10).map(reading)).await?;
+    kinds.collection::<Document>("recent").insert_many((0..5).map(|i| doc! { "_id": i })).await?;
+    kinds.collection::<Document>("clustered").insert_many((0..5).map(|i| doc! { "_id": i, "v": i })).await?;
+    kinds.collection::<Document>("checked").insert_many((0..5).map(|i| doc! { "_id": i, "n": i })).await?;
+    let many = c.database("many");
+    for i in 0..7 {
+        many.collection::<Document>(&format!("c{i}")).insert_one(doc! { "_id": i, "c": i }).await?;
+    }
+    many.run_command(doc! { "createIndexes": "c0", "indexes": [
+        { "key": { "a": 1 }, "name": "a_1" }, { "key": { "b": 1 }, "name": "b_1" }, { "key": { "c": 1 }, "name": "c_1" },
+    ] })
+    .await?;
+    let before = newest(&c).await?;
+    env.wait_archived((before.0, before.1))?;
+    let snap = json(&env, &["backup", "--source", "mongo", "--json"])?;
+    assert_eq!(snap["collections"], 5 + 7, "{snap}");
+
+    // After the snapshot: replayed from the oplog.
+    kinds.collection::<Document>("weather").insert_many((10..15).map(reading)).await?;
+    kinds.collection::<Document>("recent").insert_many((5..7).map(|i| doc! { "_id": i })).await?;
+    kinds.collection::<Document>("clustered").delete_one(doc! { "_id": 0 }).await?;
+    many.collection::<Document>("c7").insert_one(doc! { "_id": 7 }).await?;
+    let end = newest(&c).await?;
+    env.wait_archived((end.0, end.1))?;
+    env.stop_stream_cleanly(&mut stream)?;
+
+    let report = json(
+        &env,
+        &["restore", "--source", "mongo", "--to", "latest", "--target-uri", &target.direct_uri(), "--drop", "--json"],
+    )?;
+    let t = client(&target.direct_uri()).await?;
+    for db in ["kinds", "many"] {
+        let (want, got) = (described(&c, db).await?, described(&t, db).await?);
+        let names =
+            |d: &[(String, String, Document)]| d.iter().map(|(n, k, _)| format!("{n} ({k})")).collect::<Vec<_>>();
+        assert_eq!(names(&got), names(&want), "{db}: {report}");
+        for ((name, kind, want_options), (_, _, got_options)) in want.iter().zip(&got) {
+            assert_eq!(got_options, want_options, "{db}.{name}: options");
+            assert_eq!(
+                documents(&t, db, name).await?,
+                documents(&c, db, name).await?,
+                "{db}.{name} ({kind}): documents"
+            );
+        }
+    }
+    assert_eq!(documents(&t, "kinds", "weather").await?.len(), 15);
+    assert_eq!(documents(&t, "kinds", "recent").await?.len(), 3, "the capped collection keeps its cap");
+    let mut indexes = t.database("many").collection::<Document>("c0").list_index_names().await?;
+    indexes.sort();
+    assert_eq!(indexes, ["_id_", "a_1", "b_1", "c_1"]);
+    Ok(())
+}
+
+/// `restore --drop` into the backed-up server itself, reached under another name (`localhost`
+/// instead of 127.0.0.1, which a comparison of host strings lets through), is refused by the
+/// server's identity, and so is a drill onto it; another server with the same replica-set name
+/// is a fine target. A target URI with a password is refused on the command line, and taken
+/// from `$PITR_MONGO_TARGET_URI` or `--target-uri-file`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_targets_are_told_apart_by_identity_and_passwords_stay_off_the_command_line() -> Result<()> {
+    let source = MongoServer::start(MongoOptions::default())?;
+    let target = MongoServer::start(MongoOptions::default())?;
+    let alias = format!("mongodb://localhost:{}/?directConnection=true", source.port);
+    let mut env = MongoEnv::new("mongo-identity", &source.uri(), &format!("drill_target_uri = {alias:?}"))?;
+    env.run_ok(&["init"])?;
+    let mut stream = env.spawn_stream()?;
+    let c = client(&source.uri()).await?;
+    let items = c.database("shop").collection::<Document>("items");
+    items.insert_many((0..10).map(|i| doc! { "_id": i })).await?;
+    let end = newest(&c).await?;
+    env.wait_archived((end.0, end.1))?;
+    env.run_ok(&["backup", "--source", "mongo"])?;
+    env.stop_stream_cleanly(&mut stream)?;
+
+    let out = env.run(&["restore", "--source", "mongo", "--to", "latest", "--target-uri", &alias, "--drop"])?;
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("is the backed-up server") && stderr_of(&out).contains("processId"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = env.run(&["drill", "--source", "mongo", "--to", "latest", "--json"])?;
+    assert!(!out.status.success(), "a drill onto the source passed: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("is the backed-up server"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(items.count_documents(doc! {}).await?, 10, "the source lost data");
+
+    // A password on the command line is refused, and not echoed.
+    let with_password = format!("mongodb://restorer:hunter2@127.0.0.1:{}/?directConnection=true", target.port);
+    let out = env.run(&["restore", "--source", "mongo", "--to", "latest", "--target-uri", &with_password])?;
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("process list") && !stderr_of(&out).contains("hunter2"), "{}", stderr_of(&out));
+
+    // From the environment, then from a file: the other server (same set name) restores.
+    let out = env
+        .command(&["restore", "--source", "mongo", "--to", "latest", "--drop", "--json"])
+        .env("PITR_MONGO_TARGET_URI", target.direct_uri())
+        .output()?;
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let t = client(&target.direct_uri()).await?;
+    assert_eq!(t.database("shop").collection::<Document>("items").count_documents(doc! {}).await?, 10);
+    let file = env.dir.path().join("target-uri");
+    std::fs::write(&file, format!("# scratch server\n{}\n", target.direct_uri()))?;
+    let file = file.to_str().context("path")?;
+    let report =
+        json(&env, &["restore", "--source", "mongo", "--to", "latest", "--target-uri-file", file, "--drop", "--json"])?;
+    assert_eq!(report["documents"], 10, "{report}");
+    Ok(())
+}
+
+/// A server that stops answering (SIGSTOP: connections open, no replies) ends the tailer's
+/// getMore after `read_timeout` with a clear error; the tailer reconnects and, once the server
+/// answers again, archives what was written meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_times_out_the_tailer_which_reconnects() -> Result<()> {
+    let mut source = MongoServer::start(MongoOptions::default())?;
+    let mut env = MongoEnv::new("mongo-hung", &source.uri(), "read_timeout = \"2s\"")?;
+    env.run_ok(&["init"])?;
+    let mut stream = env.spawn_stream()?;
+    let c = client(&source.uri()).await?;
+    let items = c.database("shop").collection::<Document>("items");
+    items.insert_many((0..10).map(|i| doc! { "_id": i })).await?;
+    let first = newest(&c).await?;
+    env.wait_archived((first.0, first.1))?;
+
+    source.signal(libc::SIGSTOP)?;
+    let timed_out = wait_until("the tailer to give up on the hung getMore", Duration::from_secs(30), || {
+        Ok(env.stream_log(1).contains("no answer to the oplog cursor's getMore within 2 s"))
+    });
+    source.signal(libc::SIGCONT)?;
+    timed_out.with_context(|| env.stream_logs())?;
+    assert!(stream.is_running(), "the sidecar exited:\n{}", env.stream_logs());
+
+    items.insert_many((10..20).map(|i| doc! { "_id": i })).await?;
+    let last = newest(&c).await?;
+    env.wait_archived((last.0, last.1))?;
+    env.stop_stream_cleanly(&mut stream)?;
+    let tailing = env.stream_log(1).matches("tailing local.oplog.rs").count();
+    assert!(tailing >= 2, "the tailer did not reconnect:\n{}", env.stream_logs());
+    let listed = json(&env, &["list", "--json"])?;
+    assert_eq!(listed["mongo"]["gaps"], serde_json::json!([]), "{listed}");
+    Ok(())
+}
+
+/// A TCP proxy in front of a MongoDB server that, while `stall` is set, stops passing the
+/// server's replies on any connection that has sent a `getMore`: the server keeps answering
+/// everything else (the driver's monitor sees a healthy server), only the cursor's connection
+/// goes silent, as on a half-broken network path or a server stuck in one operation. With
+/// `inflate_max_message`, every `hello` reply advertises `maxMessageSizeBytes` = 2^31 - 1, as a
+/// hostile server could.
+async fn proxy(
+    upstream: u16,
+    inflate_max_message: bool,
+) -> Result<(u16, std::sync::Arc<std::sync::atomic::AtomicBool>)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let stall = Arc::new(AtomicBool::new(false));
+    let stall_all = stall.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else { continue };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let stalled = Arc::new(AtomicBool::new(false));
+            let (stall_all, stalled_up) = (stall_all.clone(), stalled.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = client_read.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if stall_all.load(Ordering::SeqCst) && buf[..n].windows(7).any(|w| w == b"getMore") {
+                        stalled_up.store(true, Ordering::SeqCst);
+                    }
+                    if server_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = server_read.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    // A stalled connection stays open and silent for good.
+                    while stalled.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    const FIELD: &[u8] = b"\x10maxMessageSizeBytes\x00";
+                    if inflate_max_message {
+                        // Same length in, same length out: the message's length fields hold.
+                        if let Some(at) = buf[..n].windows(FIELD.len()).position(|w| w == FIELD) {
+                            if let Some(value) = buf.get_mut(at + FIELD.len()..at + FIELD.len() + 4) {
+                                value.copy_from_slice(&i32::MAX.to_le_bytes());
+                            }
+                        }
+                    }
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok((port, stall))
+}
+
+/// Only the oplog cursor's connection goes silent (the server answers the driver's monitor and
+/// every other command): the getMore is given up after `read_timeout` with a clear error, the
+/// tailer reconnects on a new connection, and streaming goes on without a gap. Without the
+/// timeout the tailer waits for that reply for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_getmore_that_never_returns_times_out_while_the_server_answers_everything_else() -> Result<()> {
+    let source = MongoServer::start(MongoOptions::default())?;
+    let (port, stall) = proxy(source.port, false).await?;
+    // A direct connection: the driver would otherwise follow `hello.hosts` around the proxy.
+    let through_proxy = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
+    let mut env = MongoEnv::new("mongo-stalled-getmore", &through_proxy, "read_timeout = \"2s\"")?;
+    env.run_ok(&["init"])?;
+    let mut stream = env.spawn_stream()?;
+    let c = client(&source.uri()).await?;
+    let items = c.database("shop").collection::<Document>("items");
+    items.insert_many((0..10).map(|i| doc! { "_id": i })).await?;
+    let first = newest(&c).await?;
+    env.wait_archived((first.0, first.1))?;
+
+    stall.store(true, std::sync::atomic::Ordering::SeqCst);
+    let timed_out = wait_until("the tailer to give up on the silent getMore", Duration::from_secs(30), || {
+        Ok(env.stream_log(1).contains("no answer to the oplog cursor's getMore within 2 s"))
+    });
+    stall.store(false, std::sync::atomic::Ordering::SeqCst);
+    timed_out.with_context(|| env.stream_logs())?;
+
+    items.insert_many((10..20).map(|i| doc! { "_id": i })).await?;
+    let last = newest(&c).await?;
+    env.wait_archived((last.0, last.1))?;
+    env.stop_stream_cleanly(&mut stream)?;
+    assert!(env.stream_log(1).matches("tailing local.oplog.rs").count() >= 2, "{}", env.stream_logs());
+    let listed = json(&env, &["list", "--json"])?;
+    assert_eq!(listed["mongo"]["gaps"], serde_json::json!([]), "{listed}");
+    Ok(())
+}
+
+/// A server that advertises a huge `maxMessageSizeBytes` (which the driver would then accept as
+/// the length of each reply, allocating it whole) is refused with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_advertising_huge_messages_is_refused() -> Result<()> {
+    let source = MongoServer::start(MongoOptions::default())?;
+    let (port, _) = proxy(source.port, true).await?;
+    let through_proxy = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
+    let env = MongoEnv::new("mongo-huge-messages", &through_proxy, "")?;
+    env.run_ok(&["init"])?;
+    let out = env.run(&["backup", "--source", "mongo"])?;
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("maxMessageSizeBytes = 2147483647, more than the 50331648 pitr accepts"),
+        "{}",
+        stderr_of(&out)
+    );
+    // The same server unaltered is fine.
+    let direct = MongoEnv::new("mongo-normal-messages", &source.uri(), "")?;
+    direct.run_ok(&["init"])?;
+    direct.run_ok(&["backup", "--source", "mongo"])?;
+    Ok(())
+}

@@ -98,6 +98,16 @@ pub enum RestoreError {
         /// The repository's error.
         cause: Box<RepositoryError>,
     },
+    /// The restore target's file system is full. The partial restore is removed (it was
+    /// written beside the target and only renamed into place once complete).
+    #[error(
+        "no space left on device writing {path}: the restore target's file system is full; the partial restore \
+         is removed and the target left as it was: free space there or choose another --target-dir"
+    )]
+    NoSpace {
+        /// The file (or directory) being written.
+        path: PathBuf,
+    },
     /// A local file system operation failed.
     #[error("{path}: {cause}")]
     Io {

@@ -36,7 +36,10 @@ use crate::RestoreError;
 const PG_CONTROL: &str = "global/pg_control";
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> RestoreError + '_ {
-    move |e| RestoreError::Io { path: path.to_path_buf(), cause: e }
+    move |e| match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => RestoreError::NoSpace { path: path.to_path_buf() },
+        _ => RestoreError::Io { path: path.to_path_buf(), cause: e },
+    }
 }
 
 /// Checks the target directory: it may be missing or empty; anything else needs `force`, and
@@ -240,7 +243,7 @@ fn create_dir_confined(root: &Path, rel: &Path) -> Result<PathBuf, RestoreError>
                     return Err(not_followed(&at));
                 }
             }
-            Err(e) => return Err(RestoreError::Io { path: at, cause: e }),
+            Err(e) => return Err(io(&at)(e)),
         }
     }
     Ok(at)
@@ -262,7 +265,10 @@ fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 /// Writes `bytes` to `path` (created 0600 or truncated), refusing a symbolic link in its place:
-/// for the files a restore adds beside the backup's (backup_label, recovery settings…).
+/// for the files a restore adds beside the backup's (backup_label, recovery settings…). Durable
+/// when it returns: the file and its directory are fsynced, since these are written after the
+/// restored files' own fsync and a server started on a directory that lost `recovery.signal` or
+/// its recovery target in a crash would not recover to the target.
 pub fn write_file_nofollow(path: &Path, bytes: &[u8]) -> Result<(), RestoreError> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
@@ -273,7 +279,10 @@ pub fn write_file_nofollow(path: &Path, bytes: &[u8]) -> Result<(), RestoreError
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 /// Reads `path` as text, refusing a symbolic link in its place; `None` if it does not exist.

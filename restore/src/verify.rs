@@ -2,13 +2,28 @@
 //! archive's end (or, for a backup retention kept past its WAL, to its timeline's floor), history
 //! files present and consistent, every block of every backup present;
 //! with `deep`, every object opened, authenticated and its plaintext checked.
+//!
+//! Objects that decide what other commands do are read, not trusted by name: each retention
+//! floor, running marker and expire lock must open with the repository's keys, agree with its
+//! name and name plausible times (`bad-floor`, `bad-marker`, `bad-lock` otherwise; such a floor
+//! is treated as absent, so the WAL holes it would excuse are reported too).
+//!
+//! A *rolled-back* archive (its newest objects deleted) is caught by two witnesses the bucket
+//! alone cannot rewrite: a backup manifest whose stop LSN lies past the archive's end on its
+//! timeline (a backup is written only once its WAL to its stop LSN is archived), and, where the
+//! server is reachable, the restart LSN of pitr's physical replication slot, which the server
+//! advances only to what pitr acknowledged as durable ([`SlotWitness`]). Both are `rolled-back`.
+//! What neither can see: everything newer than the newest surviving manifest deleted while the
+//! slot is also gone or recreated (or the server unreachable).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use pitr_archive::names::pg;
-use pitr_archive::retention;
+use pitr_archive::running::{self, Activity, Trust};
+use pitr_archive::{expire, now_us, retention};
 use pitr_archive::{HistoryProblem, Repository, RepositoryError, WalLayout, WalObject};
+use pitr_pgformat::lsn::format_lsn;
 use pitr_pgformat::timeline::HistoryEntry;
 use tokio::task::JoinSet;
 
@@ -19,7 +34,8 @@ use crate::plan::Catalog;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Finding {
     /// A stable kebab-case tag: `wal-gap`, `missing-history`, `bad-history`, `missing-parent`,
-    /// `missing-block`, `bad-size`, `corrupt`, `unreadable`.
+    /// `missing-block`, `bad-size`, `corrupt`, `unreadable`, `bad-floor`, `bad-marker`,
+    /// `bad-lock`, `rolled-back`.
     pub kind: &'static str,
     /// The object concerned (a WAL segment, history file, backup manifest or block name).
     pub object: String,
@@ -46,6 +62,24 @@ pub struct VerifyReport {
     pub objects_opened: usize,
     /// Problems, sorted by kind then object: any makes verification fail.
     pub findings: Vec<Finding>,
+    /// What was checked beyond the repository, or skipped and why (the server's slot).
+    pub notes: Vec<String>,
+}
+
+/// What the PostgreSQL server says pitr archived: the restart LSN of pitr's physical slot, which
+/// the server moves only to the flush position pitr reports, and pitr reports only what is
+/// durable in the archive. Read before the archive is listed, so that WAL archived meanwhile
+/// only moves the archive's end further past it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotWitness {
+    /// The server's system identifier (IDENTIFY_SYSTEM): the witness is only for that cluster.
+    pub system_id: u64,
+    /// The server's current timeline.
+    pub timeline: u32,
+    /// The slot's name.
+    pub slot: String,
+    /// The slot's restart LSN: WAL up to here was acknowledged as archived.
+    pub flushed_lsn: u64,
 }
 
 /// The history of each timeline (parsed), from the archived history files.
@@ -132,15 +166,118 @@ pub async fn verify(
     deep: bool,
     workers: usize,
 ) -> Result<VerifyReport, RepositoryError> {
+    verify_with(repo, catalog, deep, workers, None).await
+}
+
+/// Markers and locks under `running/` that are not obeyed ([`running::check`]), as findings;
+/// a storage error reading one is `unreadable`.
+async fn running_findings(repo: &Repository, findings: &mut Vec<Finding>) -> Result<(), RepositoryError> {
+    let now = now_us();
+    for o in running::list(repo).await? {
+        let kind = match o.activity {
+            Activity::Run { .. } => "bad-marker",
+            Activity::Expire { .. } => "bad-lock",
+        };
+        match running::check(repo, &o, now).await {
+            Trust::Sound { .. } | Trust::Gone => {}
+            Trust::Unknown(why) => findings.push(Finding { kind: "unreadable", object: o.name, message: why }),
+            Trust::Untrusted(u) => findings.push(Finding {
+                kind,
+                object: u.object,
+                message: format!(
+                    "{}: not obeyed (planted or damaged, or written by a host whose clock is far ahead); inspect it, \
+                     then delete it by hand",
+                    u.why
+                ),
+            }),
+        }
+    }
+    Ok(())
+}
+
+/// As [`verify`], with what the server's slot says was archived (see [`SlotWitness`]); `None`
+/// where the server was not asked or not reachable.
+pub async fn verify_with(
+    repo: &Repository,
+    catalog: &Catalog,
+    deep: bool,
+    workers: usize,
+    server: Option<&SlotWitness>,
+) -> Result<VerifyReport, RepositoryError> {
     let layout = catalog.wal.layout;
     let mut findings = Vec::new();
+    let mut notes = Vec::new();
     let histories = histories(repo, catalog, &mut findings).await?;
     let timelines: BTreeSet<u32> = catalog.wal.segments.keys().map(|(t, _)| *t).collect();
     // Below a timeline's floor `pitr expire` removed the WAL that no kept backup or the window
-    // needs: holes there are retention's, not losses.
+    // needs: holes there are retention's, not losses. Only floors that open and agree with
+    // their names count.
     let system_id = catalog.cluster.system_id;
-    let floor_objects = repo.list(&pg::floors_prefix(system_id)).await?;
-    let floors = retention::floors_from_names(system_id, floor_objects.iter().map(|o| o.name.as_str()));
+    let (floors, untrusted_floors) = expire::read_floors(repo, system_id).await?;
+    for u in untrusted_floors {
+        findings.push(Finding {
+            kind: "bad-floor",
+            object: u.object,
+            message: format!(
+                "{}: not pitr's (planted or damaged), so the WAL below it is checked as if it were absent; \
+                 inspect it, then delete it by hand",
+                u.why
+            ),
+        });
+    }
+    running_findings(repo, &mut findings).await?;
+
+    // Rolled back: a backup or the server's slot says WAL was archived past the archive's end.
+    for b in &catalog.backups {
+        let end = catalog.wal.end_lsn(b.timeline);
+        if end.is_none_or(|end| end < b.stop_lsn) {
+            findings.push(Finding {
+                kind: "rolled-back",
+                object: pg::backup_manifest(b.system_id, &b.id),
+                message: format!(
+                    "rolled back: backup {} was written after its WAL up to {} on timeline {} was archived, \
+                     the archive's WAL of timeline {} ends at {}: newer WAL objects were deleted",
+                    b.id,
+                    format_lsn(b.stop_lsn),
+                    b.timeline,
+                    b.timeline,
+                    end.map(format_lsn).unwrap_or_else(|| "nothing (none is held)".into())
+                ),
+            });
+        }
+    }
+    match server {
+        None => {}
+        Some(w) if w.system_id != system_id => notes.push(format!(
+            "server slot check skipped: the server is cluster {}, this archive is cluster {system_id}",
+            w.system_id
+        )),
+        Some(w) => match catalog.wal.end_lsn(w.timeline) {
+            None => notes.push(format!(
+                "server slot check skipped: the archive holds no WAL of the server's timeline {} yet",
+                w.timeline
+            )),
+            Some(end) if end < w.flushed_lsn => findings.push(Finding {
+                kind: "rolled-back",
+                object: layout.object_name(&WalObject::Segment { timeline: w.timeline, segno: layout.segno_of(end) }),
+                message: format!(
+                    "rolled back: the server's slot {} says WAL up to {} was archived, the archive ends at {} \
+                     on timeline {}: acknowledged WAL objects were deleted",
+                    w.slot,
+                    format_lsn(w.flushed_lsn),
+                    format_lsn(end),
+                    w.timeline
+                ),
+            }),
+            Some(end) => notes.push(format!(
+                "the server's slot {} says WAL up to {} was archived; the archive ends at {} on timeline {}",
+                w.slot,
+                format_lsn(w.flushed_lsn),
+                format_lsn(end),
+                w.timeline
+            )),
+        },
+    }
 
     // Within each timeline, from its floor on: no hole between its first and last segment, and
     // each held segment either whole or chunks from its start.
@@ -294,6 +431,7 @@ pub async fn verify(
         blocks: referenced.len(),
         objects_opened: opened,
         findings,
+        notes,
     })
 }
 

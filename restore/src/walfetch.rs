@@ -97,7 +97,13 @@ pub fn take_spooled(file: &str, dest: &Path) -> bool {
         return false;
     }
     let spooled = spool_dir(dest).join(file);
-    spooled.is_file() && std::fs::rename(&spooled, dest).is_ok()
+    spooled.is_file() && std::fs::rename(&spooled, dest).is_ok() && sync_parent(dest).is_ok()
+}
+
+/// Fsyncs the directory holding `path`, making a name just created or renamed there durable.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Fetches `file` (as PostgreSQL names it) into `dest`, from the prefetch spool if it is there.
@@ -326,7 +332,8 @@ fn write_atomically(dest: &Path, data: &[u8]) -> Result<(), FetchError> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, dest)
+        std::fs::rename(&tmp, dest)?;
+        sync_parent(dest)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

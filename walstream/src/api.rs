@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use pitr_archive::chunk_run::ChunkRunError;
+use pitr_archive::lease::LeaseError;
 use pitr_archive::RepositoryError;
 use pitr_pgwire::{ConnInfo, PgError};
 
@@ -44,6 +45,10 @@ pub enum StreamError {
     /// key, a damaged object).
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    /// The writer lease was lost to another writer (or refused at start): nothing more may be
+    /// written for the cluster.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
     /// PostgreSQL refused or failed in a way a reconnect does not mend.
     #[error("{0}")]
     Postgres(#[from] PgError),

@@ -30,6 +30,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use pitr_archive::complete::{record_pg, CompleteMark};
+use pitr_archive::lease::LeaseGuard;
 use pitr_archive::Repository;
 use tokio::sync::watch;
 
@@ -130,6 +131,7 @@ fn contradicted(claim: &CompleteMark, commits: &[(u64, i64)]) -> bool {
 /// sender goes. Publishes each recorded mark on `recorded`.
 pub(crate) async fn write_marks(
     repo: Repository,
+    guard: LeaseGuard,
     system_id: u64,
     interval: Duration,
     mut marks: watch::Receiver<Option<CompleteMark>>,
@@ -143,6 +145,16 @@ pub(crate) async fn write_marks(
         let Some(mark) = *marks.borrow_and_update() else { continue };
         // Clocks of different primaries are not comparable: compare within a timeline.
         if last.is_some_and(|l| l.timeline == mark.timeline && l.server_time_us >= mark.server_time_us) {
+            continue;
+        }
+        // Written for the cluster, so through the writer lease's guard like the WAL.
+        if let Err(e) = guard.check().await {
+            if guard.lost_to().is_some() {
+                return;
+            }
+            tracing::warn!(error = %e, "could not check the writer lease before recording a completeness mark");
+            metrics::counter!("pitr_complete_mark_errors_total").increment(1);
+            tokio::time::sleep(interval).await;
             continue;
         }
         match record_pg(&repo, system_id, &mark).await {

@@ -7,7 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use pitr_archive::{ObjectKind, ObjectMeta, Repository, WalLayout, WalObject};
+use pitr_archive::lease::LeaseError;
+use pitr_archive::{ObjectKind, ObjectMeta, Repository, WalObject};
 use pitr_pgformat::lsn::format_lsn;
 use pitr_pgformat::timeline::parse_history;
 use pitr_pgformat::walreader::pg_timestamp_to_unix_micros;
@@ -160,9 +161,14 @@ async fn stream_on(
     // The lease before the slot: a refused sidecar must not leave a slot holding WAL. Then the
     // slot: from the moment it exists the primary keeps the WAL we start from.
     let lease = match session {
-        None => Some(take_lease(repo, cfg, ident.system_id).await?),
+        // Taking over an expired lease waits up to a TTL: a stop request ends the wait.
+        None => tokio::select! {
+            lease = take_lease(repo, cfg, ident.system_id) => Some(lease?),
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(Finished::Shutdown),
+        },
         Some(_) => None,
     };
+    let fresh = lease.is_some();
     let mut created_at = None;
     if cfg.create_slot {
         if let Some(lsn) = conn.create_physical_slot(&cfg.slot).await? {
@@ -174,6 +180,17 @@ async fn stream_on(
         *session = Some(open_session(repo, cfg, conn, &ident, created_at, lease).await?);
     }
     let s = session.as_mut().ok_or_else(|| StreamError::Fatal("no session".into()))?;
+    if !fresh {
+        // A reconnect (perhaps after this process was paused): a writer that lost the lease
+        // must stop here rather than stream again. Bounded, so that a storage outage (the lease
+        // unconfirmed) does not hold the connection up for long: the puts wait on the lease
+        // anyway.
+        match tokio::time::timeout(cfg.lease_ttl / 3, s.guard.check()).await {
+            Ok(Err(e @ (LeaseError::Lost { .. } | LeaseError::Released { .. }))) => return Err(e.into()),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not check the writer lease on reconnect"),
+            Ok(Ok(())) | Err(_) => {}
+        }
+    }
 
     status.send_modify(|st| {
         st.connected = true;
@@ -220,7 +237,7 @@ async fn stream_on(
         match pump(cfg, conn, s, status, shutdown).await? {
             Outcome::NextTimeline => {
                 let next = s.timeline();
-                store_history(repo, conn, s.layout, next).await?;
+                store_history(repo, conn, s, next).await?;
                 continue;
             }
             Outcome::Finished(f) => return Ok(f),
@@ -237,7 +254,7 @@ async fn follow_history(
     server_timeline: u32,
 ) -> Result<(), StreamError> {
     for t in (s.timeline() + 1)..=server_timeline {
-        store_history(repo, conn, s.layout, t).await?;
+        store_history(repo, conn, s, t).await?;
     }
     let (_, content) = conn.timeline_history(server_timeline).await?;
     let history = parse_history(&String::from_utf8_lossy(&content)).map_err(|e| {
@@ -260,15 +277,16 @@ async fn follow_history(
 async fn store_history(
     repo: &Repository,
     conn: &mut Connection,
-    layout: WalLayout,
+    s: &Session,
     timeline: u32,
 ) -> Result<(), StreamError> {
     if timeline <= 1 {
         return Ok(());
     }
     let (file, content) = conn.timeline_history(timeline).await?;
-    let name = layout.object_name(&WalObject::History { timeline });
+    let name = s.layout.object_name(&WalObject::History { timeline });
     let meta = ObjectMeta { timeline, ..ObjectMeta::plain(ObjectKind::TimelineHistory) };
+    s.guard.check().await?;
     repo.put_sealed(&name, content.to_vec(), meta).await?;
     tracing::info!(file = %file, "stored timeline history");
     Ok(())

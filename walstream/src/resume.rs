@@ -4,6 +4,7 @@
 //! [`ResumePlan`] (see `pipeline/resume.rs` for the table of states); this is its I/O.
 
 use pitr_archive::chunk_run::{ChunkRun, ChunkRunError};
+use pitr_archive::lease::LeaseGuard;
 use pitr_archive::{Repository, WalCatalog, WalLayout, WalObject};
 
 use crate::api::StreamError;
@@ -33,10 +34,10 @@ async fn read_run(repo: &Repository, layout: WalLayout, run: &RunPlan) -> Result
 /// Compacts segments that chunks hold entirely into segment objects, one at a time (one
 /// segment in memory), and deletes their chunks. They are archived already: this only saves
 /// objects and requests later, so a failure is a warning and the next start-up tries again.
-pub(crate) async fn compact_orphans(repo: Repository, layout: WalLayout, orphans: Vec<RunPlan>) {
+pub(crate) async fn compact_orphans(repo: Repository, guard: LeaseGuard, layout: WalLayout, orphans: Vec<RunPlan>) {
     for run in orphans {
         let name = layout.object_name(&WalObject::Segment { timeline: run.timeline, segno: run.segno });
-        match compact(&repo, layout, &run).await {
+        match compact(&repo, &guard, layout, &run).await {
             Ok(()) => tracing::info!(segment = %name, chunks = run.all.len(), "compacted a segment left as chunks"),
             Err(e) => tracing::warn!(segment = %name, error = %e,
                 "could not compact a segment left as chunks; its chunks stay and the next start tries again"),
@@ -44,10 +45,12 @@ pub(crate) async fn compact_orphans(repo: Repository, layout: WalLayout, orphans
     }
 }
 
-async fn compact(repo: &Repository, layout: WalLayout, run: &RunPlan) -> Result<(), StreamError> {
+async fn compact(repo: &Repository, guard: &LeaseGuard, layout: WalLayout, run: &RunPlan) -> Result<(), StreamError> {
     let segment = compaction(&layout, run, read_run(repo, layout, run).await?).map_err(StreamError::Fatal)?;
+    guard.check().await?;
     repo.put_sealed(&layout.object_name(&segment.object), segment.bytes, segment.meta).await?;
     let chunks: Vec<String> = segment.obsolete.iter().map(|o| layout.object_name(o)).collect();
+    guard.check().await?;
     repo.delete_many(&chunks).await?;
     Ok(())
 }
@@ -119,9 +122,12 @@ mod tests {
         let l = layout();
         let (plan, partial) = prepare(repo, l).await.unwrap();
         let (timeline, start) = plan.start.unwrap();
-        compact_orphans(repo.clone(), l, plan.orphans).await;
+        // Every write passes the writer lease's guard, as in the sidecar.
+        let lease =
+            pitr_archive::lease::Lease::acquire(repo, l.system_id, "test", Duration::from_secs(60)).await.unwrap();
+        compact_orphans(repo.clone(), lease.guard(), l, plan.orphans).await;
         let shared = Shared::new(WalPipeline::resume(l, Duration::ZERO, timeline, start, partial));
-        let (task, mut progress) = uploader::spawn(repo.clone(), shared.clone());
+        let (task, mut progress) = uploader::spawn(repo.clone(), lease.guard(), shared.clone());
         // In pieces, as the primary sends it.
         let mut lsn = start;
         while lsn < until {

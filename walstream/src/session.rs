@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pitr_archive::complete::CompleteMark;
-use pitr_archive::lease::{Lease, LeaseError};
-use pitr_archive::{now_us, ClusterInfo, Repository, RepositoryError, WalLayout};
+use pitr_archive::lease::{Lease, LeaseError, LeaseGuard};
+use pitr_archive::{now_us, ClusterInfo, Repository, WalLayout};
 use pitr_pgformat::lsn::format_lsn;
 use pitr_pgformat::walreader::WalDecoder;
 use pitr_pgwire::connection::Connection;
@@ -25,7 +25,7 @@ pub(crate) struct Session {
     pub layout: WalLayout,
     /// The position, the buffers and the durable end: shared with the uploader.
     pub pipeline: Arc<Shared>,
-    pub uploader: tokio::task::JoinHandle<Result<(), RepositoryError>>,
+    pub uploader: tokio::task::JoinHandle<Result<(), StreamError>>,
     /// Changes after every put and when memory is freed; closes when the uploader ends.
     pub progress: watch::Receiver<u64>,
     /// Finds commit records (and their times) in the WAL received.
@@ -33,6 +33,8 @@ pub(crate) struct Session {
     pub primary_lsn: u64,
     /// Set by the lease keeper if another writer took the cluster over.
     pub lease_lost: watch::Receiver<Option<String>>,
+    /// What every write for the cluster passes first: the lease confirmed, not taken over.
+    pub guard: LeaseGuard,
     /// Tells the lease keeper to release the lease and end.
     pub release_lease: watch::Sender<bool>,
     pub lease_keeper: tokio::task::JoinHandle<()>,
@@ -81,9 +83,7 @@ impl Session {
 /// cluster: a sidecar the lease refuses must leave no replication slot behind to hold WAL on the
 /// primary.
 pub(crate) async fn take_lease(repo: &Repository, cfg: &StreamConfig, system_id: u64) -> Result<Lease, StreamError> {
-    Lease::acquire(repo, system_id, &cfg.lease_holder, cfg.lease_ttl)
-        .await
-        .map_err(|e| StreamError::Fatal(e.to_string()))
+    Ok(Lease::acquire(repo, system_id, &cfg.lease_holder, cfg.lease_ttl).await?)
 }
 
 /// Reads the cluster's description, builds the WAL catalog and decides where streaming resumes,
@@ -104,11 +104,14 @@ pub(crate) async fn open_session(
         wal_page_size: page_size,
         server_version_num: settings.server_version_num,
     };
-    repo.put_cluster_info(&info).await?;
-    let layout = WalLayout::new(&info);
+    let guard = lease.guard();
     let (lease_lost_tx, lease_lost) = watch::channel(None);
     let (release_lease, release_rx) = watch::channel(false);
     let lease_keeper = tokio::spawn(keep_lease(lease, cfg.lease_ttl, lease_lost_tx, release_rx));
+    // The connection may have taken long: the lease is checked again before the first write.
+    guard.check().await?;
+    repo.put_cluster_info(&info).await?;
+    let layout = WalLayout::new(&info);
     let (plan, partial) = resume::prepare(repo, layout).await?;
 
     let mut decoder = WalDecoder::new(segment_size, page_size);
@@ -145,21 +148,21 @@ pub(crate) async fn open_session(
         }
     };
     let pipeline = Shared::new(pipeline);
-    let (uploader, progress) = uploader::spawn(repo.clone(), pipeline.clone());
+    let (uploader, progress) = uploader::spawn(repo.clone(), guard.clone(), pipeline.clone());
     let mut background = Vec::new();
     if !plan.orphans.is_empty() {
         tracing::info!(
             segments = plan.orphans.len(),
             "segments held entirely as chunks: compacting them in the background"
         );
-        background.push(tokio::spawn(resume::compact_orphans(repo.clone(), layout, plan.orphans)));
+        background.push(tokio::spawn(resume::compact_orphans(repo.clone(), guard.clone(), layout, plan.orphans)));
     }
     let (recorded_tx, marks_recorded) = watch::channel(None);
     let marks = if cfg.complete_interval.is_zero() {
         None
     } else {
         let (tx, rx) = watch::channel(None);
-        let writer = write_marks(repo.clone(), ident.system_id, cfg.complete_interval, rx, recorded_tx);
+        let writer = write_marks(repo.clone(), guard.clone(), ident.system_id, cfg.complete_interval, rx, recorded_tx);
         background.push(tokio::spawn(writer));
         Some(tx)
     };
@@ -171,6 +174,7 @@ pub(crate) async fn open_session(
         decoder,
         primary_lsn: 0,
         lease_lost,
+        guard,
         release_lease,
         lease_keeper,
         tracker: Tracker::default(),
@@ -181,16 +185,30 @@ pub(crate) async fn open_session(
     })
 }
 
-/// Renews the writer lease every third of its lifetime; reports a takeover; releases on request.
-async fn keep_lease(
+/// The message `pitr status` shows while the lease is unconfirmed.
+const LEASE_UNCONFIRMED: &str =
+    "the writer lease could not be renewed: WAL puts are paused until it is (the primary keeps the WAL in the slot)";
+
+/// Renews the writer lease every third of its lifetime, and at once when a put finds it
+/// unconfirmed; reports a takeover; releases on request. A failed renewal (an error, or longer
+/// than a third of the TTL) leaves the lease unconfirmed, which pauses every put, and is retried
+/// sooner.
+pub(crate) async fn keep_lease(
     mut lease: Lease,
     ttl: Duration,
     lost: watch::Sender<Option<String>>,
     mut release: watch::Receiver<bool>,
 ) {
+    let guard = lease.guard();
+    let retry = (ttl / 10).max(Duration::from_millis(200));
+    let mut failing = false;
+    metrics::gauge!("pitr_lease_confirmed").set(1.0);
     loop {
+        let wait = if failing { retry } else { ttl / 3 };
         tokio::select! {
-            _ = tokio::time::sleep(ttl / 3) => {}
+            _ = tokio::time::sleep(wait) => {}
+            // After a failure, the retry spacing holds even when puts ask.
+            _ = guard.renewal_requested(), if !failing => {}
             _ = release.changed() => {
                 if let Err(e) = lease.release().await {
                     tracing::warn!(error = %e, "could not release the writer lease; it will expire");
@@ -198,20 +216,33 @@ async fn keep_lease(
                 return;
             }
         }
-        match lease.renew().await {
-            Ok(()) => {}
+        match lease.renew_within(ttl / 3).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("writer lease renewed again; WAL puts resume");
+                }
+                failing = false;
+                metrics::gauge!("pitr_lease_confirmed").set(1.0);
+            }
             Err(e @ LeaseError::Lost { .. }) => {
+                tracing::error!(error = %e, "the writer lease was taken over; no more WAL is written");
+                metrics::gauge!("pitr_lease_confirmed").set(0.0);
                 let _ = lost.send(Some(e.to_string()));
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "could not renew the writer lease; retrying"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?retry,
+                    "could not renew the writer lease: WAL puts are paused until a renewal succeeds");
+                failing = true;
+                metrics::gauge!("pitr_lease_confirmed").set(0.0);
+            }
         }
     }
 }
 
 pub(crate) async fn uploader_failure(s: &mut Session) -> StreamError {
     match (&mut s.uploader).await {
-        Ok(Err(e)) => StreamError::Repository(e),
+        Ok(Err(e)) => e,
         Ok(Ok(())) => StreamError::Fatal("the uploader stopped unexpectedly".into()),
         Err(e) => StreamError::Fatal(format!("the uploader task failed: {e}")),
     }
@@ -252,6 +283,11 @@ pub(crate) fn publish(s: &Session, status: &watch::Sender<StreamStatus>, connect
         st.upload_errors = stats.errors;
         if stats.last_error.is_some() {
             st.last_error = stats.last_error.clone();
+        }
+        if !s.guard.is_confirmed() {
+            st.last_error = Some(LEASE_UNCONFIRMED.into());
+        } else if st.last_error.as_deref() == Some(LEASE_UNCONFIRMED) {
+            st.last_error = None;
         }
         st.updated_at_us = now_us();
     });

@@ -5,13 +5,21 @@
 //! the memory bound is reached). The receiver appends and asks what to report; the uploader task
 //! ([`spawn`]) asks for the next step, does the put, says how it went, and publishes the
 //! pipeline's generation so the receiver reports, and reads on, as soon as a put lands.
+//!
+//! Every put and delete first passes the writer lease's guard ([`LeaseGuard::check`]). A put
+//! that finds the lease unconfirmed (a renewal failed, or the monotonic clock says it may have
+//! expired) waits a moment for it and otherwise fails without touching storage, like a failed
+//! put: counted, logged, shown as the last error and retried with the usual backoff. A lease lost
+//! to another writer stops the uploader.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pitr_archive::{PutOutcome, Repository, RepositoryError, WalObject};
+use pitr_archive::lease::{LeaseError, LeaseGuard};
+use pitr_archive::{ObjectMeta, PutOutcome, Repository, RepositoryError, WalObject};
 use tokio::sync::{watch, Notify};
 
+use crate::api::StreamError;
 use crate::pipeline::{Step, WalPipeline};
 
 /// The pipeline, shared by the receiver and the uploader.
@@ -48,29 +56,71 @@ impl Shared {
 }
 
 /// Starts the uploader. It ends when the pipeline is stopped and everything received is durable,
-/// or on a put that can never succeed (another writer's object under the same name). The
+/// or on a put that can never succeed (another writer's object under the same name, a lease
+/// lost to another writer). The
 /// receiver's end of the returned channel changes after every put and when memory is freed, and
 /// closes when the uploader ends.
 pub(crate) fn spawn(
     repo: Repository,
+    guard: LeaseGuard,
     shared: Arc<Shared>,
-) -> (tokio::task::JoinHandle<Result<(), RepositoryError>>, watch::Receiver<u64>) {
+) -> (tokio::task::JoinHandle<Result<(), StreamError>>, watch::Receiver<u64>) {
     let (progress, progress_rx) = watch::channel(shared.with(|p| p.generation()));
-    let uploader = Uploader { repo, shared, progress };
+    let uploader = Uploader { repo, guard, shared, progress };
     (tokio::spawn(uploader.run()), progress_rx)
 }
 
 struct Uploader {
     repo: Repository,
+    guard: LeaseGuard,
     shared: Arc<Shared>,
     progress: watch::Sender<u64>,
 }
 
+/// Why a fenced put did not happen or failed.
+#[derive(Debug)]
+enum PutError {
+    /// The lease's guard stopped it: lost to another writer, or released.
+    Fenced(LeaseError),
+    /// Storage failed (the guard's listing or the put itself).
+    Repository(RepositoryError),
+    /// The lease stayed unconfirmed for [`LEASE_WAIT`]: nothing was put.
+    Unconfirmed,
+}
+
+/// How long a put waits for an unconfirmed lease before it counts as failed (and is retried).
+const LEASE_WAIT: Duration = Duration::from_secs(1);
+
+type PutResult = Result<PutOutcome, PutError>;
+
+/// A put through the lease's guard; also when the put itself started (after any wait for the
+/// lease), for the upload latency.
+async fn fenced_put(
+    repo: &Repository,
+    guard: &LeaseGuard,
+    name: &str,
+    bytes: Vec<u8>,
+    meta: ObjectMeta,
+) -> (Instant, PutResult) {
+    match tokio::time::timeout(LEASE_WAIT, guard.confirmed()).await {
+        Err(_) => return (Instant::now(), Err(PutError::Unconfirmed)),
+        Ok(Err(e)) => return (Instant::now(), Err(PutError::Fenced(e))),
+        Ok(Ok(())) => {}
+    }
+    match guard.check().await {
+        Ok(()) => {}
+        Err(LeaseError::Repository(e)) => return (Instant::now(), Err(PutError::Repository(e))),
+        Err(e) => return (Instant::now(), Err(PutError::Fenced(e))),
+    }
+    let started = Instant::now();
+    (started, repo.put_sealed(name, bytes, meta).await.map_err(PutError::Repository))
+}
+
 /// A compaction running beside the chunk puts: its put id and how its put went.
-type Compaction = tokio::task::JoinHandle<(u64, Instant, Result<PutOutcome, RepositoryError>)>;
+type Compaction = tokio::task::JoinHandle<(u64, Instant, PutResult)>;
 
 /// Waits for the compaction under way, if any (never returns while there is none).
-async fn compaction_finished(task: &mut Option<Compaction>) -> (u64, Instant, Result<PutOutcome, RepositoryError>) {
+async fn compaction_finished(task: &mut Option<Compaction>) -> (u64, Instant, PutResult) {
     let Some(handle) = task.as_mut() else { return std::future::pending().await };
     let joined = handle.await;
     *task = None;
@@ -83,17 +133,17 @@ async fn compaction_finished(task: &mut Option<Compaction>) -> (u64, Instant, Re
 }
 
 impl Uploader {
-    async fn run(self) -> Result<(), RepositoryError> {
+    async fn run(self) -> Result<(), StreamError> {
         let layout = self.shared.with(|p| p.layout());
         let mut compaction: Option<Compaction> = None;
         loop {
             if compaction.is_none() {
                 if let Some(put) = self.shared.with(|p| p.next_compaction(Instant::now())) {
                     // Its own task: a local put runs in place and would hold up the chunk puts.
-                    let (repo, name) = (self.repo.clone(), layout.object_name(&put.object));
+                    let (repo, guard, name) = (self.repo.clone(), self.guard.clone(), layout.object_name(&put.object));
                     compaction = Some(tokio::spawn(async move {
-                        let started = Instant::now();
-                        (put.id, started, repo.put_sealed(&name, put.bytes, put.meta).await)
+                        let (started, result) = fenced_put(&repo, &guard, &name, put.bytes, put.meta).await;
+                        (put.id, started, result)
                     }));
                 }
             }
@@ -122,10 +172,10 @@ impl Uploader {
                 WalObject::Segment { .. } => "wal_segment",
                 _ => "wal_chunk",
             };
-            let (id, started) = (put.id, Instant::now());
-            let main = self.repo.put_sealed(&name, put.bytes, put.meta);
+            let id = put.id;
+            let main = fenced_put(&self.repo, &self.guard, &name, put.bytes, put.meta);
             tokio::pin!(main);
-            let result = loop {
+            let (started, result) = loop {
                 tokio::select! {
                     result = &mut main => break result,
                     (id, started, result) = compaction_finished(&mut compaction) => {
@@ -140,14 +190,8 @@ impl Uploader {
     }
 
     /// Tells the pipeline how put `id` (started at `started`) went; an error only for a put
-    /// that can never succeed.
-    fn record(
-        &self,
-        id: u64,
-        kind: &'static str,
-        started: Instant,
-        result: Result<PutOutcome, RepositoryError>,
-    ) -> Result<(), RepositoryError> {
+    /// that can never succeed (or must never be made: the lease is lost).
+    fn record(&self, id: u64, kind: &'static str, started: Instant, result: PutResult) -> Result<(), StreamError> {
         match result {
             Ok(_) => {
                 metrics::histogram!("pitr_upload_duration_seconds").record(started.elapsed().as_secs_f64());
@@ -164,8 +208,17 @@ impl Uploader {
                 }
                 Ok(())
             }
-            Err(e @ RepositoryError::Conflict { .. }) => Err(e),
-            Err(e) => {
+            Err(PutError::Fenced(e)) => Err(e.into()),
+            Err(PutError::Repository(e @ RepositoryError::Conflict { .. })) => Err(e.into()),
+            Err(PutError::Unconfirmed) => {
+                let why = "the writer lease is not confirmed (its renewal failed or is late): nothing was put";
+                let retry_in = self.shared.with(|p| p.put_failed(id, why.to_string(), Instant::now()));
+                tracing::warn!(error = why, retry_in = ?retry_in.unwrap_or_default(),
+                    "archive put failed; retrying (the primary keeps the WAL in the slot)");
+                metrics::counter!("pitr_upload_errors_total").increment(1);
+                Ok(())
+            }
+            Err(PutError::Repository(e)) => {
                 let retry_in = self.shared.with(|p| p.put_failed(id, e.to_string(), Instant::now()));
                 tracing::warn!(error = %e, retry_in = ?retry_in.unwrap_or_default(),
                     "archive put failed; retrying (the primary keeps the WAL in the slot)");
@@ -181,8 +234,13 @@ impl Uploader {
     fn delete_in_background(&self, chunks: &[WalObject]) {
         let layout = self.shared.with(|p| p.layout());
         let names: Vec<String> = chunks.iter().map(|c| layout.object_name(c)).collect();
-        let repo = self.repo.clone();
+        let (repo, guard) = (self.repo.clone(), self.guard.clone());
         tokio::spawn(async move {
+            // A delete is a write too: none after the lease is lost.
+            if let Err(e) = guard.check().await {
+                tracing::warn!(error = %e, chunks = names.len(), "compacted chunks left in place");
+                return;
+            }
             if let Err(e) = repo.delete_many(&names).await {
                 tracing::warn!(error = %e, chunks = names.len(), "could not delete compacted chunks");
             }
@@ -192,5 +250,96 @@ impl Uploader {
     fn report(&self) {
         let generation = self.shared.with(|p| p.generation());
         self.progress.send_if_modified(|g| std::mem::replace(g, generation) != generation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pitr_archive::lease::Lease;
+    use pitr_archive::names::pg;
+    use pitr_archive::{KeyRing, LocalStore, ObjectKind, WalLayout};
+
+    const SEG: u64 = 1 << 20;
+    const SYSTEM_ID: u64 = 7;
+
+    fn repo(dir: &std::path::Path) -> Repository {
+        Repository::new(Arc::new(LocalStore::new(dir)), KeyRing::from_key("k", [3; 32]))
+    }
+
+    /// A pipeline at the start of segment 1 holding 8 KiB of WAL, ready to put.
+    fn pipeline_with_wal() -> Arc<Shared> {
+        let layout = WalLayout { system_id: SYSTEM_ID, segment_size: SEG };
+        let shared = Shared::new(WalPipeline::fresh(layout, Duration::ZERO, 1, SEG));
+        shared.with(|p| p.append(SEG, &[7u8; 8192], &[], Instant::now())).unwrap();
+        shared
+    }
+
+    async fn wal_objects(repo: &Repository) -> Vec<String> {
+        let wal = format!("{}wal/", pg::lease_prefix(SYSTEM_ID).trim_end_matches("lease/"));
+        repo.list(&wal).await.unwrap().into_iter().map(|o| o.name).collect()
+    }
+
+    #[tokio::test]
+    async fn a_writer_paused_past_its_ttl_and_taken_over_puts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path());
+        let ttl = Duration::from_millis(300);
+        let a = Lease::acquire(&repo, SYSTEM_ID, "a", ttl).await.unwrap();
+        let guard = a.guard();
+        // A is "paused": no renewal while B waits out the TTL and takes over.
+        tokio::time::sleep(ttl + Duration::from_millis(20)).await;
+        let _b = Lease::acquire(&repo, SYSTEM_ID, "b", ttl).await.unwrap();
+        // A resumes: its keeper, and WAL to put.
+        let (lost_tx, mut lost) = watch::channel(None);
+        let (_release, release_rx) = watch::channel(false);
+        let keeper = tokio::spawn(crate::session::keep_lease(a, ttl, lost_tx, release_rx));
+        let (task, _progress) = spawn(repo.clone(), guard, pipeline_with_wal());
+        let result = tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+        assert!(
+            matches!(result, Err(StreamError::Lease(LeaseError::Lost { ref holder, .. })) if holder == "b"),
+            "{result:?}"
+        );
+        assert_eq!(wal_objects(&repo).await, Vec::<String>::new());
+        lost.wait_for(Option::is_some).await.unwrap();
+        keeper.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_newer_generation_in_storage_stops_the_next_put_even_within_the_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path());
+        let a = Lease::acquire(&repo, SYSTEM_ID, "a", Duration::from_secs(60)).await.unwrap();
+        // A writer that did not wait for the lease to expire (by hand, or an older pitr).
+        let rival = format!("holder=rogue\npid=1\nexpires_us={}\n", pitr_archive::now_us() + 60_000_000);
+        repo.put_sealed(&pg::lease(SYSTEM_ID, 99), rival.into_bytes(), ObjectMeta::plain(ObjectKind::Meta))
+            .await
+            .unwrap();
+        let (task, _progress) = spawn(repo.clone(), a.guard(), pipeline_with_wal());
+        let result = tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+        assert!(
+            matches!(result, Err(StreamError::Lease(LeaseError::Lost { ref holder, .. })) if holder == "rogue"),
+            "{result:?}"
+        );
+        assert_eq!(wal_objects(&repo).await, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_failed_renewal_holds_puts_until_a_renewal_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path());
+        let mut a = Lease::acquire(&repo, SYSTEM_ID, "a", Duration::from_secs(60)).await.unwrap();
+        assert!(a.renew_within(Duration::ZERO).await.is_err(), "a renewal given no time fails");
+        let shared = pipeline_with_wal();
+        let (_task, mut progress) = spawn(repo.clone(), a.guard(), shared.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(wal_objects(&repo).await, Vec::<String>::new(), "a put went out on an unconfirmed lease");
+        assert!(!shared.with(|p| p.all_durable()));
+        a.renew().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), progress.wait_for(|_| shared.with(|p| p.all_durable())))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(wal_objects(&repo).await.len(), 1);
     }
 }

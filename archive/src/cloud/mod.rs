@@ -156,6 +156,11 @@ pub struct CloudStore {
     retention: Option<Arc<crate::cloud::s3::RetentionApi>>,
 }
 
+/// Where the start-up check of conditional creates ([`Store::check_conditional_create`]) puts
+/// its probe objects (each under a random name, deleted straight after): outside `pg/` and
+/// `mongo/`, so nothing that reads the archive mistakes one for data.
+pub const PROBE_PREFIX: &str = "pitr-probe/";
+
 /// S3 takes at most 5 GiB in one PUT.
 const S3_MAX_SINGLE_PUT: usize = 5 << 30;
 
@@ -333,6 +338,9 @@ impl CloudStore {
     async fn existing_outcome(&self, key: &ObjectPath, data: &Bytes) -> PutOutcome {
         let _permit = self.permit().await;
         let existing = match self.inner.get(key).await {
+            // Of another size it is not ours: not read, so a huge object planted under the name
+            // costs nothing.
+            Ok(r) if r.meta.size != data.len() as u64 => return PutOutcome::AlreadyExists,
             Ok(r) => r.bytes().await,
             Err(e) => Err(e),
         };
@@ -452,6 +460,38 @@ impl Store for CloudStore {
         let _permit = self.permit().await;
         let result = self.inner.get(&key).await.map_err(|e| self.err("get", name, e))?;
         result.bytes().await.map_err(|e| self.err("get", name, e))
+    }
+
+    async fn get_limited(&self, name: &str, limit: u64) -> Result<Bytes, StoreError> {
+        let key = self.key(name)?;
+        let _permit = self.permit().await;
+        let result = self.inner.get(&key).await.map_err(|e| self.err("get", name, e))?;
+        // The response head gives the size: a body over the limit is never read.
+        let size = result.meta.size;
+        if size > limit {
+            return Err(StoreError::TooLarge { name: name.to_string(), location: self.location.clone(), size, limit });
+        }
+        result.bytes().await.map_err(|e| self.err("get", name, e))
+    }
+
+    async fn check_conditional_create(&self) -> Result<(), StoreError> {
+        let mut random = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
+        let name = format!("{PROBE_PREFIX}if-none-match.{}", hex::encode(random));
+        let key = self.key(&name)?;
+        let first = Bytes::from_static(b"pitr probe: the first create");
+        self.put_single(&key, &first).await.map_err(|e| self.err("probe conditional create of", &name, e))?;
+        // Other bytes, so that no answer could be taken for our own first attempt.
+        let second = self.put_single(&key, &Bytes::from_static(b"pitr probe: a second create")).await;
+        if let Err(e) = self.delete(&name).await {
+            tracing::warn!(object = %name, location = %self.location, error = %e,
+                "could not delete the conditional-create probe object; it is safe to delete by hand");
+        }
+        match second {
+            Err(e) if taken(&e) => Ok(()),
+            Ok(()) => Err(StoreError::IgnoresConditionalCreate { location: self.location.clone(), probe: name }),
+            Err(e) => Err(self.err("probe conditional create of", &name, e)),
+        }
     }
 
     async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError> {

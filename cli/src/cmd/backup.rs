@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use pitr_pgwire::ConnInfo;
 
 use crate::config::Config;
@@ -12,7 +12,7 @@ use crate::{open, output, tasks};
 pub async fn run(config_path: &Path, incremental: bool, json: bool) -> Result<()> {
     let config = Config::load(config_path)?;
     let pg = config.postgres()?;
-    let conninfo: ConnInfo = pg.conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
+    let conninfo: ConnInfo = pg.connection_info()?;
     let repo = open::writer(&config)?;
     let opts = tasks::backup_options(&config, pg, conninfo, incremental);
     let bar = output::progress_bar(!json, "backup");

@@ -74,6 +74,9 @@ pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
     for x in &report.retained {
         println!("RETAINED {}: {}", x.object, x.why);
     }
+    for x in &report.untrusted {
+        println!("NOT OBEYED {}: {} (not pitr's: inspect it, then delete it by hand)", x.object, x.why);
+    }
     for x in &report.stale_removed {
         println!("{} stale marker {x}", if dry_run { "would remove" } else { "removed" });
     }

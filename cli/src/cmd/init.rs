@@ -15,6 +15,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     let key_file = &config.encryption.key_file;
     let store = open::store(&config)?;
+    // Before anything is created: a repository on storage that ignores conditional creates is
+    // not to be started at all.
+    open::check_conditional_create(&config).await?;
     let keys = if key_file.exists() {
         let keys = KeyRing::load(key_file).context("[encryption] key_file")?;
         println!("using existing key file {} (active key {})", key_file.display(), keys.active().id);

@@ -3,11 +3,12 @@
 //! prints. (`stream`'s oplog tailer is in [`super::stream`], the scheduled MongoDB jobs in
 //! [`crate::schedule`].)
 
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use pitr_archive::time::format_rfc3339_micros;
 use pitr_archive::Repository;
 use pitr_mongo::restore::{MongoRestoreReport, MongoTarget, RestoreOptions};
@@ -59,22 +60,88 @@ pub fn parse_target(s: &str) -> Result<MongoTarget> {
     MongoTarget::parse(s).map_err(|e| anyhow!("--to {e}"))
 }
 
-/// `pitr restore --source mongo`: the replica set at the target, loaded into `target_uri`.
+/// Where `restore --source mongo` was told to restore into on its command line.
+pub struct TargetArg {
+    /// `--target-uri`.
+    pub uri: Option<String>,
+    /// `--target-uri-file`.
+    pub file: Option<PathBuf>,
+}
+
+/// Whether a MongoDB URI carries a password: in its user information or in an option.
+fn carries_password(uri: &str) -> bool {
+    pitr_mongo::redact(uri) != uri
+}
+
+/// The first line of a URI file that is neither blank nor a `#` comment.
+fn read_uri_file(path: &Path, what: &str) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{what} {}: cannot read it", path.display()))?;
+    let uri = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#'));
+    let uri = uri.with_context(|| format!("{what} {}: holds no URI", path.display()))?;
+    if !uri.starts_with("mongodb://") {
+        bail!("{what} {}: expected mongodb://host:port/ on its first line", path.display());
+    }
+    if carries_password(uri) {
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(file = %path.display(), mode = format!("{mode:o}"),
+                    "the MongoDB target's URI file holds a password and is readable by group or others; chmod 600 it");
+            }
+        }
+    }
+    Ok(uri.to_string())
+}
+
+/// The URI to restore into: `--target-uri-file`, else `--target-uri` (refused when it carries a
+/// password, which every user of the host can read in the process list), else `[mongo]
+/// target_uri` (or `$PITR_MONGO_TARGET_URI`) or `target_uri_file`.
+fn target_uri(config: &Config, arg: TargetArg) -> Result<String> {
+    if let Some(file) = &arg.file {
+        return read_uri_file(file, "--target-uri-file");
+    }
+    if let Some(uri) = arg.uri {
+        if carries_password(&uri) {
+            bail!(
+                "--target-uri {} carries a password, which any user of this host can read in the process list; \
+                 give the URI in [mongo] target_uri, in $PITR_MONGO_TARGET_URI, or in a file named by \
+                 --target-uri-file (or [mongo] target_uri_file)",
+                pitr_mongo::redact(&uri)
+            );
+        }
+        return Ok(uri);
+    }
+    let m = config.mongo.as_ref();
+    if let Some(uri) = m.and_then(|m| m.target_uri.clone()) {
+        return Ok(uri);
+    }
+    if let Some(file) = m.and_then(|m| m.target_uri_file.as_deref()) {
+        return read_uri_file(file, "[mongo] target_uri_file");
+    }
+    bail!(
+        "restore --source mongo needs a server to restore into: --target-uri-file FILE, [mongo] target_uri (or \
+         $PITR_MONGO_TARGET_URI), [mongo] target_uri_file, or --target-uri mongodb://host:port/ (without a password)"
+    )
+}
+
+/// `pitr restore --source mongo`: the replica set at the target, loaded into the target server.
 pub async fn restore(
     config_path: &Path,
     from: Option<&str>,
     to: &str,
-    target_uri: &str,
+    target_arg: TargetArg,
     drop: bool,
     json: bool,
 ) -> Result<()> {
     let config = Config::load(config_path)?;
+    let target_uri = target_uri(&config, target_arg)?;
     let repo = open::reader(&config, from)?;
     let target = parse_target(to)?;
     repo.check().await?;
     let catalog = open::mongo_catalog(&config, &repo).await?;
     let connect_timeout = config.mongo.as_ref().map(|m| m.connect_timeout()).unwrap_or(Duration::from_secs(10));
-    let opts = RestoreOptions { target, target_uri: target_uri.to_string(), drop, connect_timeout };
+    let source_uri = config.mongo.as_ref().map(|m| m.uri.clone());
+    let opts = RestoreOptions { target, target_uri, drop, connect_timeout, source_uri };
     let report = pitr_mongo::restore::restore(&repo, &catalog, &opts).await?;
     print_report(&report, json)
 }
@@ -93,6 +160,9 @@ fn print_report(r: &MongoRestoreReport, json: bool) -> Result<()> {
         "  loaded:                 {} collections, {} documents ({} bytes), {} indexes, in {:.1} s",
         r.collections, r.documents, r.bytes_restored, r.indexes_built, r.load_seconds
     );
+    if !r.not_restored.is_empty() {
+        println!("  NOT restored:           {} (types restore cannot load)", r.not_restored.join(", "));
+    }
     if let Some(t) = &r.newest_archived_ts {
         println!("  newest archived entry:  {} ({})", t, r.newest_archived_time.as_deref().unwrap_or("-"));
     }
@@ -270,5 +340,37 @@ mod tests {
         assert!(parse_target("ts:10").unwrap_err().to_string().contains("ts:SECONDS:INC"));
         assert!(matches!(parse_target("2026-12-01T22:05:30.5Z").unwrap(), MongoTarget::Time(_)));
         assert!(parse_target("lsn:0/1").unwrap_err().to_string().contains("for MongoDB"));
+    }
+
+    #[test]
+    fn restore_targets_with_passwords_stay_off_the_command_line() {
+        const BASE: &str =
+            "[repository]\npath = \"/r\"\n[encryption]\nkey_file = \"/k\"\n[mongo]\nuri = \"mongodb://h\"\n";
+        let config = |extra: &str| Config::parse(&format!("{BASE}{extra}\n"), &[]).unwrap();
+        let arg = |uri: Option<&str>, file: Option<&Path>| TargetArg {
+            uri: uri.map(String::from),
+            file: file.map(Path::to_path_buf),
+        };
+        let plain = config("");
+        assert_eq!(target_uri(&plain, arg(Some("mongodb://t:1/"), None)).unwrap(), "mongodb://t:1/");
+        for secret in ["mongodb://u:hunter2@t:1/", "mongodb://t:1/?tlsCertificateKeyFilePassword=hunter2"] {
+            let err = target_uri(&plain, arg(Some(secret), None)).unwrap_err().to_string();
+            assert!(err.contains("process list") && err.contains("--target-uri-file"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        let err = target_uri(&plain, arg(None, None)).unwrap_err().to_string();
+        assert!(err.contains("PITR_MONGO_TARGET_URI"), "{err}");
+        // From the config (or its environment override), and from files.
+        let with = config("target_uri = \"mongodb://u:pw@t:2/\"");
+        assert_eq!(target_uri(&with, arg(None, None)).unwrap(), "mongodb://u:pw@t:2/");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("target");
+        std::fs::write(&file, "# the scratch server\n\n  mongodb://u:pw@t:3/  \n").unwrap();
+        assert_eq!(target_uri(&plain, arg(None, Some(&file))).unwrap(), "mongodb://u:pw@t:3/");
+        let from_config = config(&format!("target_uri_file = {:?}", file.display().to_string()));
+        assert_eq!(target_uri(&from_config, arg(None, None)).unwrap(), "mongodb://u:pw@t:3/");
+        std::fs::write(&file, "t:3\n").unwrap();
+        let err = target_uri(&plain, arg(None, Some(&file))).unwrap_err().to_string();
+        assert!(err.contains("expected mongodb://"), "{err}");
     }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use pitr_archive::names::MARKER;
 use pitr_archive::time::format_rfc3339_micros;
 use pitr_archive::{Repository, WalCatalog, WalLayout};
@@ -117,7 +117,7 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
     };
 
     let (primary_lsn, primary_error) = match &config.postgres {
-        Some(pg) => match primary_position(&pg.conninfo, &pg.application_name()).await {
+        Some(pg) => match primary_position(pg).await {
             Ok(lsn) => (Some(lsn), None),
             Err(e) => (None, Some(format!("{e:#}"))),
         },
@@ -244,8 +244,8 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
 }
 
 /// The primary's current WAL end, asked on a replication connection of our own.
-async fn primary_position(conninfo: &str, application_name: &str) -> Result<u64> {
-    let info: ConnInfo = conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
-    let name = format!("{application_name}_status");
+async fn primary_position(pg: &crate::config::PostgresConfig) -> Result<u64> {
+    let info: ConnInfo = pg.connection_info()?;
+    let name = format!("{}_status", pg.application_name());
     Ok(pitr_pgwire::position::server_wal_end(&info, &name, Duration::from_secs(10)).await?)
 }

@@ -21,11 +21,12 @@ use crate::{open, schedule, sidecar, tasks};
 /// runs the scheduled jobs and serves /metrics until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
+    open::check_conditional_create(&config).await?;
     if config.postgres.is_none() && config.mongo.is_some() {
         return mongo_only(&config, config_path, open::writer(&config)?).await;
     }
     let pg = config.postgres()?;
-    let conninfo: ConnInfo = pg.conninfo.parse().map_err(|e| anyhow!("[postgres] conninfo: {e}"))?;
+    let conninfo: ConnInfo = pg.connection_info()?;
     let (repo, replicated) = open::writer_with_copies(&config)?;
     // A wrong key or a missing repository is reported before anything starts.
     repo.check().await?;
@@ -225,7 +226,8 @@ fn tailer_config(m: &MongoConfig) -> TailerConfig {
         flush_interval: m.flush_interval.unwrap_or(Duration::from_secs(1)),
         max_slice_bytes: m.max_slice_bytes.unwrap_or(16 << 20),
         connect_timeout: m.connect_timeout(),
-        batch_size: 1000,
+        batch_size: m.batch_size(),
+        read_timeout: m.read_timeout(),
         complete_interval: m.complete_interval.unwrap_or(Duration::from_secs(10)),
     }
 }
