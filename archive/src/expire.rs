@@ -240,7 +240,7 @@ pub async fn read_floors(
     for (t, mut named) in by_timeline {
         named.sort();
         for (segno, name) in named.into_iter().rev() {
-            let why = match repo.get_opened(&name).await {
+            let why = match repo.get_record(&name).await {
                 Ok((_, text)) => match retention::floor_record_disagrees(t, segno, &String::from_utf8_lossy(&text)) {
                     None => {
                         floors.insert(t, segno);

@@ -177,7 +177,7 @@ async fn newest(repo: &Repository, system_id: u64) -> Result<Option<(u64, LeaseR
     loop {
         let Some(generation) = newest_generation(repo, system_id).await? else { return Ok(None) };
         let name = pg::lease(system_id, generation);
-        match repo.get_opened(&name).await {
+        match repo.get_record(&name).await {
             Ok((_, text)) => {
                 let record = LeaseRecord::parse(&name, &String::from_utf8_lossy(&text))?;
                 return Ok(Some((generation, record)));

@@ -31,6 +31,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::names::{self, MARKER};
 use crate::now_us;
+use crate::repository::{OBJECT_READ_MAX, RECORD_READ_MAX};
 use crate::store::{ObjectInfo, PutOutcome, Store, StoreError};
 
 /// Copies a secondary runs at once (queued puts between deletes, and back-fill copies).
@@ -169,13 +170,13 @@ pub fn is_replicated(name: &str) -> bool {
 /// Makes sure `secondary` is a copy of `primary`'s repository: copies the marker to a fresh one,
 /// refuses one holding another repository. Returns whether the marker was copied.
 pub async fn bind(primary: &dyn Store, secondary: &dyn Store) -> Result<bool, CopyError> {
-    let marker = match primary.get(MARKER).await {
+    let marker = match primary.get_limited(MARKER, RECORD_READ_MAX).await {
         Ok(m) => m,
         Err(e) if e.is_not_found() => return Err(CopyError::PrimaryNotInitialised { primary: primary.location() }),
         Err(e) => return Err(e.into()),
     };
     let foreign = || CopyError::Foreign { primary: primary.location(), secondary: secondary.location() };
-    match secondary.get(MARKER).await {
+    match secondary.get_limited(MARKER, RECORD_READ_MAX).await {
         Ok(theirs) if theirs == marker => return Ok(false),
         Ok(_) => return Err(foreign()),
         Err(e) if e.is_not_found() => {}
@@ -183,7 +184,7 @@ pub async fn bind(primary: &dyn Store, secondary: &dyn Store) -> Result<bool, Co
     }
     match secondary.put_if_absent(MARKER, marker.clone()).await? {
         PutOutcome::Created => Ok(true),
-        PutOutcome::AlreadyExists if secondary.get(MARKER).await? == marker => Ok(false),
+        PutOutcome::AlreadyExists if secondary.get_limited(MARKER, RECORD_READ_MAX).await? == marker => Ok(false),
         PutOutcome::AlreadyExists => Err(foreign()),
     }
 }
@@ -223,7 +224,7 @@ pub async fn backfill(
     summary.missing = missing.len() as u64;
     progress(0, summary.missing);
     let mut copies = futures_util::stream::iter(missing.into_iter().map(|name| async move {
-        let data = match primary.get(&name).await {
+        let data = match primary.get_limited(&name, OBJECT_READ_MAX).await {
             Ok(d) => d,
             // Deleted since the listing (compacted chunks, expired backups): nothing to copy.
             Err(e) if e.is_not_found() => return Ok(None),
@@ -525,7 +526,7 @@ impl Copier {
             let attempt = async {
                 let data = match &data {
                     Some(d) => d.clone(),
-                    None => match self.primary.get(name).await {
+                    None => match self.primary.get_limited(name, OBJECT_READ_MAX).await {
                         Ok(d) => d,
                         Err(e) if e.is_not_found() => return Ok(0),
                         Err(e) => return Err(e),

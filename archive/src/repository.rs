@@ -380,7 +380,7 @@ impl Repository {
     }
 
     /// [`Repository::get_opened`] for a small record (marker, cluster record, dedup key, timeline
-    /// history): one over [`RECORD_READ_MAX`] stored bytes is [`StoreError::TooLarge`], unread.
+    /// history, lease generation, running marker, expire lock, retention floor): one over [`RECORD_READ_MAX`] stored bytes is [`StoreError::TooLarge`], unread.
     pub async fn get_record(&self, name: &str) -> Result<(SealedHeader, Vec<u8>), RepositoryError> {
         let opened = self.read(name, Read::Whole(RECORD_READ_MAX)).await?;
         Ok((opened.header, opened.plaintext))

@@ -250,7 +250,7 @@ pub fn runs(objects: &[RunningObject]) -> Vec<Run> {
 
 /// Who wrote `name` (`host …, pid …`), for messages; best effort.
 pub async fn describe(repo: &Repository, name: &str) -> String {
-    match repo.get_opened(name).await {
+    match repo.get_record(name).await {
         Ok((_, text)) => String::from_utf8_lossy(&text)
             .lines()
             .filter(|l| l.starts_with("host=") || l.starts_with("pid="))
@@ -479,7 +479,7 @@ pub async fn check(repo: &Repository, object: &RunningObject, now_us: i64) -> Tr
     if let Some(why) = implausible(&object.activity, now_us) {
         return untrusted(why);
     }
-    match repo.get_opened(name).await {
+    match repo.get_record(name).await {
         Ok((_, text)) => {
             let text = String::from_utf8_lossy(&text).into_owned();
             match record_disagrees(&object.activity, &text) {

@@ -790,17 +790,23 @@ mod tests {
         t
     }
 
-    /// Feeds archives (`None`: the main one; `Some(oid)`: a tablespace's) through the receiver
-    /// as BASE_BACKUP's events, in awkward chunks; the entries and files it would record.
-    async fn receive(archives: Vec<(Option<u32>, Vec<u8>)>) -> Result<(Vec<BackupEntry>, Vec<String>), BackupError> {
+    /// A receiver with 8 KiB blocks whose hasher comes from a throwaway repository (removed at
+    /// once: only its dedup key is needed), and the far end of its block channel.
+    async fn test_receiver() -> (Receiver, mpsc::Receiver<(String, Vec<u8>)>) {
         let dir = std::env::temp_dir().join(format!("pitr-basebackup-test-{}-{}", std::process::id(), now_us()));
         let store = pitr_archive::LocalStore::new(&dir);
         store.create_root().unwrap();
         let repo = Repository::new(Arc::new(store), pitr_archive::KeyRing::from_key("k", [2; 32]));
         let hasher = block_hasher(&repo).await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        let (tx, _rx) = mpsc::channel(1024);
-        let mut r = Receiver::new(hasher, 8192, tx);
+        let (tx, rx) = mpsc::channel(1024);
+        (Receiver::new(hasher, 8192, tx), rx)
+    }
+
+    /// Feeds archives (`None`: the main one; `Some(oid)`: a tablespace's) through the receiver
+    /// as BASE_BACKUP's events, in awkward chunks; the entries and files it would record.
+    async fn receive(archives: Vec<(Option<u32>, Vec<u8>)>) -> Result<(Vec<BackupEntry>, Vec<String>), BackupError> {
+        let (mut r, _rx) = test_receiver().await;
         for (oid, mut bytes) in archives {
             bytes.extend([0; 1024]);
             r.on_event(BackupEvent::Archive { tablespace: oid.map(|o| (o, format!("/srv/ts{o}"))) }).await?;
@@ -814,14 +820,7 @@ mod tests {
 
     #[tokio::test]
     async fn manifest_is_bounded_by_what_arrived() {
-        let dir = std::env::temp_dir().join(format!("pitr-basebackup-manifest-{}-{}", std::process::id(), now_us()));
-        let store = pitr_archive::LocalStore::new(&dir);
-        store.create_root().unwrap();
-        let repo = Repository::new(Arc::new(store), pitr_archive::KeyRing::from_key("k", [2; 32]));
-        let hasher = block_hasher(&repo).await.unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        let (tx, _rx) = mpsc::channel(1024);
-        let mut r = Receiver::new(hasher, 8192, tx);
+        let (mut r, _rx) = test_receiver().await;
         let mut main = header("base/", b'5', 0, "");
         main.extend(file("base/1259", b"relation"));
         main.extend([0; 1024]);

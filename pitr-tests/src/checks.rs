@@ -112,12 +112,8 @@ pub fn snapshot(root: &Path) -> Snapshot {
     out
 }
 
-/// Fails naming every path that appeared, vanished or changed under `root` since `before`.
-pub fn assert_untouched(root: &Path, before: &Snapshot, after_what: &str) {
-    let after = snapshot(root);
-    if &after == before {
-        return;
-    }
+/// One line per path removed, changed or created between two snapshots.
+pub fn differences(before: &Snapshot, after: &Snapshot) -> Vec<String> {
     let mut diffs = Vec::new();
     for (path, old) in before {
         match after.get(path) {
@@ -129,6 +125,16 @@ pub fn assert_untouched(root: &Path, before: &Snapshot, after_what: &str) {
     for path in after.keys().filter(|p| !before.contains_key(*p)) {
         diffs.push(format!("created: {}", path.display()));
     }
+    diffs
+}
+
+/// Fails naming every path that appeared, vanished or changed under `root` since `before`.
+pub fn assert_untouched(root: &Path, before: &Snapshot, after_what: &str) {
+    let after = snapshot(root);
+    if &after == before {
+        return;
+    }
+    let diffs = differences(before, &after);
     panic!("{} was modified by {after_what}:\n  {}", root.display(), diffs.join("\n  "));
 }
 

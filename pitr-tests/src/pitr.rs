@@ -312,6 +312,25 @@ impl PitrEnv {
         Ok(data)
     }
 
+    /// Every whole segment archived up to `upto_segment` equals the server's own file in
+    /// `wal_dir` (kept there by a slot that never advances); how many were compared.
+    pub fn compare_with_pg_wal(&self, wal_dir: &Path, upto_segment: &str) -> Result<usize> {
+        let mut compared = 0;
+        for (name, ranges) in self.archived_objects()? {
+            if name.as_str() > upto_segment || !ranges.iter().any(|r| r.1 == u64::MAX) {
+                continue;
+            }
+            let expected = std::fs::read(wal_dir.join(&name)).with_context(|| format!("server's {name}"))?;
+            let got = self.wal_fetch(&name)?;
+            if expected != got {
+                let first_diff = expected.iter().zip(&got).position(|(a, b)| a != b);
+                bail!("segment {name} differs from the server's pg_wal file (first difference at byte {first_diff:?})");
+            }
+            compared += 1;
+        }
+        Ok(compared)
+    }
+
     pub fn repo_path(&self) -> &Path {
         &self.repo
     }

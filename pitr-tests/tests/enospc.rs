@@ -103,23 +103,6 @@ fn acknowledged(cluster: &PgCluster) -> Result<(u64, u64)> {
     Ok((lsn_to_u64(&restart), if flush.is_empty() { 0 } else { lsn_to_u64(&flush) }))
 }
 
-/// Compares every whole archived segment up to `upto_segment` with the server's own file.
-fn compare_with_pg_wal(env: &PitrEnv, cluster: &PgCluster, upto_segment: &str) -> Result<usize> {
-    let mut compared = 0;
-    for (name, ranges) in env.archived_objects()? {
-        if name.as_str() > upto_segment || !ranges.iter().any(|r| r.1 == u64::MAX) {
-            continue;
-        }
-        let expected = std::fs::read(cluster.wal_dir().join(&name)).with_context(|| format!("server's {name}"))?;
-        let got = env.wal_fetch(&name)?;
-        if expected != got {
-            let first_diff = expected.iter().zip(&got).position(|(a, b)| a != b);
-            bail!("segment {name} differs from the server's pg_wal file (first difference at byte {first_diff:?})");
-        }
-        compared += 1;
-    }
-    Ok(compared)
-}
 
 fn backup_manifests(repo: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -195,7 +178,7 @@ fn pg15_stream_and_backup_onto_a_full_repository() -> Result<()> {
     env.run_ok(&["backup"])?;
     ensure!(backup_manifests(&repo).len() == 1, "the backup after the disk was freed left no manifest");
 
-    let compared = compare_with_pg_wal(&env, &cluster, &last)?;
+    let compared = env.compare_with_pg_wal(&cluster.wal_dir(), &last)?;
     ensure!(compared >= 1, "no whole segment to compare with the server's");
     let verify: serde_json::Value = serde_json::from_str(&env.run_ok(&["verify", "--deep", "--json"])?)?;
     ensure!(verify["ok"] == true, "verify --deep after the disk was freed: {verify:#}");

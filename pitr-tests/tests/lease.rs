@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use pitr_tests::checks::{snapshot, Snapshot};
+use pitr_tests::checks::{differences, snapshot, Snapshot};
 use pitr_tests::pitr::{segment_number, PitrEnv, WAL_SEGMENT_SIZE};
 use pitr_tests::{free_port, pitr_bin, spawn_logged, wait_until, Child, PgCluster, PgOptions};
 
@@ -29,18 +29,7 @@ fn objects(repo: &Path) -> Snapshot {
 
 /// Fails naming every object created, removed or changed since `before`.
 fn assert_same_objects(repo: &Path, before: &Snapshot, what: &str) -> Result<()> {
-    let after = objects(repo);
-    let mut diffs = Vec::new();
-    for (path, old) in before {
-        match after.get(path) {
-            None => diffs.push(format!("removed: {}", path.display())),
-            Some(new) if new != old => diffs.push(format!("changed: {}", path.display())),
-            _ => {}
-        }
-    }
-    for path in after.keys().filter(|p| !before.contains_key(*p)) {
-        diffs.push(format!("created: {}", path.display()));
-    }
+    let diffs = differences(before, &objects(repo));
     ensure!(diffs.is_empty(), "{what} touched the repository:\n  {}", diffs.join("\n  "));
     Ok(())
 }

@@ -159,24 +159,6 @@ fn pg15_byte_identical_with_pg_receivewal_and_kill9() -> Result<()> {
     Ok(())
 }
 
-/// Every whole segment in the archive equals the server's own file in pg_wal (kept there by a
-/// slot that never advances), for servers whose pg_receivewal we do not have (PostgreSQL 17).
-fn compare_with_pg_wal(env: &PitrEnv, cluster: &PgCluster, upto_segment: &str) -> Result<usize> {
-    let mut compared = 0;
-    for (name, ranges) in env.archived_objects()? {
-        if name.as_str() > upto_segment || !ranges.iter().any(|r| r.1 == u64::MAX) {
-            continue;
-        }
-        let expected = std::fs::read(cluster.wal_dir().join(&name)).with_context(|| format!("server's {name}"))?;
-        let got = env.wal_fetch(&name)?;
-        if expected != got {
-            let first_diff = expected.iter().zip(&got).position(|(a, b)| a != b);
-            bail!("segment {name} differs from the server's pg_wal file (first difference at byte {first_diff:?})");
-        }
-        compared += 1;
-    }
-    Ok(compared)
-}
 
 #[test]
 fn pg17_matches_server_wal_across_primary_restarts() -> Result<()> {
@@ -217,7 +199,7 @@ fn matches_server_wal_across_primary_restarts(major: u32) -> Result<()> {
     let last = switch_wal(&cluster)?;
     let end = cluster.current_lsn()?;
     env.wait_archived(end - end % SEG, "pitr to archive the switched segment")?;
-    let compared = compare_with_pg_wal(&env, &cluster, &last)?;
+    let compared = env.compare_with_pg_wal(&cluster.wal_dir(), &last)?;
     assert!(compared >= 4, "only {compared} segments compared");
     assert_continuous(&env, &last)?;
     let logs = env.stream_logs();
@@ -257,7 +239,7 @@ fn pg15_follows_a_promoted_standby_onto_the_new_timeline() -> Result<()> {
     assert!(env.wal_dir()?.join("00000002.history").exists(), "history file not stored");
     let history = env.wal_fetch("00000002.history")?;
     assert_eq!(history, std::fs::read(standby.wal_dir().join("00000002.history"))?);
-    let compared = compare_with_pg_wal(&env, &standby, &last)?;
+    let compared = env.compare_with_pg_wal(&standby.wal_dir(), &last)?;
     assert!(compared >= 1, "no timeline-2 segment compared");
     assert!(end > 0);
     Ok(())

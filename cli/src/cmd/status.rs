@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use pitr_archive::names::MARKER;
+use pitr_archive::repository::RECORD_READ_MAX;
 use pitr_archive::time::format_rfc3339_micros;
 use pitr_archive::{Repository, WalCatalog, WalLayout};
 use pitr_pgformat::lsn::format_lsn;
@@ -54,10 +55,10 @@ async fn secondary_reports(
     if config.repository.secondary.is_empty() {
         return Ok(out);
     }
-    let marker = primary.store().get(MARKER).await.context("reading the primary's repository marker")?;
+    let marker = primary.store().get_limited(MARKER, RECORD_READ_MAX).await.context("reading the primary's repository marker")?;
     for s in &config.repository.secondary {
         let store = open::secondary_store(s)?;
-        let check = match tokio::time::timeout(Duration::from_secs(10), store.get(MARKER)).await {
+        let check = match tokio::time::timeout(Duration::from_secs(10), store.get_limited(MARKER, RECORD_READ_MAX)).await {
             Ok(Ok(theirs)) if theirs == marker => "same repository".to_string(),
             Ok(Ok(_)) => "a different repository (its marker differs): nothing is copied to it".to_string(),
             Ok(Err(e)) if e.is_not_found() => "not initialised (run `pitr init`)".to_string(),
