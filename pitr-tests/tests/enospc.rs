@@ -103,7 +103,6 @@ fn acknowledged(cluster: &PgCluster) -> Result<(u64, u64)> {
     Ok((lsn_to_u64(&restart), if flush.is_empty() { 0 } else { lsn_to_u64(&flush) }))
 }
 
-
 fn backup_manifests(repo: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for cluster in std::fs::read_dir(repo.join("pg")).into_iter().flatten().flatten() {

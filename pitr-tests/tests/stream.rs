@@ -159,7 +159,6 @@ fn pg15_byte_identical_with_pg_receivewal_and_kill9() -> Result<()> {
     Ok(())
 }
 
-
 #[test]
 fn pg17_matches_server_wal_across_primary_restarts() -> Result<()> {
     matches_server_wal_across_primary_restarts(17)

@@ -55,16 +55,21 @@ async fn secondary_reports(
     if config.repository.secondary.is_empty() {
         return Ok(out);
     }
-    let marker = primary.store().get_limited(MARKER, RECORD_READ_MAX).await.context("reading the primary's repository marker")?;
+    let marker = primary
+        .store()
+        .get_limited(MARKER, RECORD_READ_MAX)
+        .await
+        .context("reading the primary's repository marker")?;
     for s in &config.repository.secondary {
         let store = open::secondary_store(s)?;
-        let check = match tokio::time::timeout(Duration::from_secs(10), store.get_limited(MARKER, RECORD_READ_MAX)).await {
-            Ok(Ok(theirs)) if theirs == marker => "same repository".to_string(),
-            Ok(Ok(_)) => "a different repository (its marker differs): nothing is copied to it".to_string(),
-            Ok(Err(e)) if e.is_not_found() => "not initialised (run `pitr init`)".to_string(),
-            Ok(Err(e)) => format!("unreachable: {e}"),
-            Err(_) => "unreachable: no answer within 10 s".to_string(),
-        };
+        let check =
+            match tokio::time::timeout(Duration::from_secs(10), store.get_limited(MARKER, RECORD_READ_MAX)).await {
+                Ok(Ok(theirs)) if theirs == marker => "same repository".to_string(),
+                Ok(Ok(_)) => "a different repository (its marker differs): nothing is copied to it".to_string(),
+                Ok(Err(e)) if e.is_not_found() => "not initialised (run `pitr init`)".to_string(),
+                Ok(Err(e)) => format!("unreachable: {e}"),
+                Err(_) => "unreachable: no answer within 10 s".to_string(),
+            };
         let copy = copy_states.iter().position(|c| c.name == s.name).map(|i| copy_states.swap_remove(i));
         out.push(SecondaryReport {
             name: s.name.clone(),
