@@ -22,6 +22,7 @@ const ALERT_NAMES: &[&str] = &[
     "RestoreDrillFailed",
     "PitrSidecarDown",
     "PitrStreamDisconnected",
+    "PitrLeaseUnconfirmed",
 ];
 
 /// The seed runbook's rules, which users already run: they must stay exactly as they are.
