@@ -225,7 +225,8 @@ impl BackupManifest {
         serde_json::from_slice(&json).map_err(|e| RepositoryError::Invalid { name, what: format!("manifest: {e}") })
     }
 
-    /// Every backup of the cluster, oldest first.
+    /// Every backup of the cluster, oldest first. Strict: any manifest that cannot be read is an
+    /// error, for `expire`, which must know every backup's blocks and WAL before deleting any.
     pub async fn list(repo: &Repository, system_id: u64) -> Result<Vec<BackupManifest>, RepositoryError> {
         let mut out = BTreeMap::new();
         for obj in repo.list(&names::pg::backups_prefix(system_id)).await? {
@@ -236,12 +237,55 @@ impl BackupManifest {
         }
         Ok(out.into_values().collect())
     }
+
+    /// Every backup of the cluster that opens, oldest first, and the manifest names that do not
+    /// (with why), for restores, backups and listings: an object planted under a manifest's name
+    /// (or one damaged beyond what a fallback repository can serve) must not stop them from using
+    /// the others, and leaving one out only narrows their choice (a restore still checks the WAL
+    /// from the backup it picks). That includes a key id the ring lacks or a newer format
+    /// version, which a planted object can claim as easily; the caller says why each was left
+    /// out. Storage errors stay errors: they say nothing about the object.
+    pub async fn list_sound(
+        repo: &Repository,
+        system_id: u64,
+    ) -> Result<(Vec<BackupManifest>, Vec<DamagedManifest>), RepositoryError> {
+        let mut out = BTreeMap::new();
+        let mut damaged = Vec::new();
+        for obj in repo.list(&names::pg::backups_prefix(system_id)).await? {
+            let Some(id) = names::pg::parse_backup_manifest(system_id, &obj.name) else { continue };
+            match Self::load(repo, system_id, id).await {
+                Ok(m) => {
+                    out.insert((m.stop_lsn, m.id.clone()), m);
+                }
+                // Deleted since the listing (an expire): not a backup any more.
+                Err(RepositoryError::Store(e)) if e.is_not_found() => {}
+                Err(e) if is_damage(&e) => damaged.push(DamagedManifest { name: obj.name.clone(), why: e.to_string() }),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((out.into_values().collect(), damaged))
+    }
+}
+
+/// A backup manifest name whose object does not open, or opens to something that is not a
+/// manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedManifest {
+    /// The object's name.
+    pub name: String,
+    /// Why it cannot be used.
+    pub why: String,
+}
+
+/// Whether `e` is about the object (it does not open, or is not a manifest), not the storage.
+fn is_damage(e: &RepositoryError) -> bool {
+    matches!(e, RepositoryError::Invalid { .. } | RepositoryError::Seal(_))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{KeyRing, LocalStore};
+    use crate::{KeyRing, LocalStore, Store};
     use std::sync::Arc;
 
     #[test]
@@ -252,6 +296,43 @@ mod tests {
         }
         // Listings pad it into a column.
         assert_eq!(format!("{:<11}|", BackupKind::Full), "full       |");
+    }
+
+    #[tokio::test]
+    async fn a_planted_manifest_stops_the_strict_list_and_is_left_out_of_the_sound_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::new(dir.path()));
+        let repo = Repository::new(store.clone(), KeyRing::from_key("k", [1; 32]));
+        let good = BackupManifest {
+            id: "20261206T000000Z".into(),
+            kind: BackupKind::Full,
+            parent: None,
+            system_id: 7,
+            server_version_num: 150000,
+            timeline: 1,
+            start_lsn: 0x100_0000,
+            stop_lsn: 0x200_0000,
+            start_time_us: 0,
+            stop_time_us: 1,
+            block_size: 8192,
+            page_size: 8192,
+            tablespaces: Vec::new(),
+            entries: Vec::new(),
+            files: Vec::new(),
+            server_manifest: "{}".into(),
+            logical_bytes: 0,
+            stored_bytes: 0,
+        };
+        good.store(&repo).await.unwrap();
+        let planted = names::pg::backup_manifest(7, "20261207T000000Z");
+        store.put_if_absent(&planted, bytes::Bytes::from_static(b"not sealed by pitr")).await.unwrap();
+
+        assert!(matches!(BackupManifest::list(&repo, 7).await, Err(RepositoryError::Seal(_))));
+        let (sound, damaged) = BackupManifest::list_sound(&repo, 7).await.unwrap();
+        assert_eq!(sound.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), [good.id.as_str()]);
+        assert_eq!(damaged.len(), 1);
+        assert_eq!(damaged[0].name, planted);
+        assert!(damaged[0].why.contains("not a pitr object"), "{}", damaged[0].why);
     }
 
     #[tokio::test]

@@ -13,7 +13,10 @@
 //! not renewed for `stale_backup_after` are a crashed run's: they keep nothing and are removed.
 //! Live-looking markers and locks, and retention floors, are obeyed only once they open and agree
 //! with their names ([`running::check`], [`read_floors`]); the others are reported as
-//! [`ExpireReport::untrusted`] and left in place.
+//! [`ExpireReport::untrusted`] and left in place. A run's liveness goes by its own generations
+//! only: one that does not open neither keeps a crashed run alive nor hides a live one. An
+//! object under the name of a floor this run writes is not pitr's floor: it is deleted and the
+//! floor put in its place, rather than ending the run before any WAL goes.
 //!
 //! A delete the storage refuses (S3 Object Lock: [`StoreError::Denied`], or a permission error)
 //! does not stop the run: the object is reported as retained, and a backup whose manifest stays
@@ -193,8 +196,9 @@ pub struct ExpireReport {
     /// Markers and locks of crashed runs, removed (dry run: found).
     pub stale_removed: Vec<String>,
     /// Live-looking markers and locks, and retention floors, that are not pitr's (they do not
-    /// open with the repository's keys, disagree with their names, or name implausible times):
-    /// not obeyed and left in place for inspection.
+    /// open with the repository's keys, or disagree with their names): not obeyed and left in
+    /// place for inspection, except a floor under the name of one this run writes, which is
+    /// replaced.
     pub untrusted: Vec<Untrusted>,
     /// With S3 Object Lock: the backups kept by a GFS rule, each with the date its objects are to
     /// be retained until (see [`retention::keep_until`]). Empty where the store has no retention.
@@ -258,6 +262,73 @@ pub async fn read_floors(
         }
     }
     Ok((floors, untrusted))
+}
+
+/// How often [`put_floor`] clears the floor's name and puts again before giving up.
+const FLOOR_TRIES: usize = 3;
+
+/// Ends the `why` of a floor name's object that this expire deleted to write its own floor there
+/// (so nothing is left for the operator to delete).
+pub const FLOOR_REPLACED: &str = "deleted by this expire, which wrote the floor in its place";
+
+/// Records the floor of `timeline` at `segno`; `false` when it could not be (its WAL must then
+/// stay). Floors have predictable names, and one is written only above the highest sound floor,
+/// so an object already under the name is not a floor this repository's expire wrote (a sound
+/// one there, written at another time, is accepted): it was planted, damaged, or sealed with
+/// another key. It is deleted and the floor put in its place, since leaving it would end this
+/// expire, and every later one, before any WAL is removed or any block swept. A delete the
+/// storage refuses (Object Lock) leaves the name taken: `false`. Other storage errors end the run.
+/// What was deleted is named in `untrusted`.
+async fn put_floor(
+    repo: &Repository,
+    system_id: u64,
+    timeline: u32,
+    segno: u64,
+    now: i64,
+    untrusted: &mut Vec<Untrusted>,
+) -> Result<bool, RepositoryError> {
+    let name = pg::floor(system_id, timeline, segno);
+    for _ in 0..FLOOR_TRIES {
+        let text = retention::floor_record(timeline, segno, now);
+        let meta = ObjectMeta { timeline, ..ObjectMeta::plain(ObjectKind::Meta) };
+        let taken = match repo.put_sealed(&name, text.into_bytes(), meta).await {
+            Ok(_) => return Ok(true),
+            Err(
+                e @ (RepositoryError::Conflict { .. } | RepositoryError::Seal(_) | RepositoryError::Invalid { .. }),
+            ) => e,
+            Err(e) => return Err(e),
+        };
+        let why = match repo.get_record_here(&name).await {
+            Ok((_, text)) => {
+                match retention::floor_record_disagrees(timeline, segno, &String::from_utf8_lossy(&text)) {
+                    None => return Ok(true),
+                    Some(why) => why,
+                }
+            }
+            Err(RepositoryError::Store(e)) if e.is_not_found() => continue,
+            Err(e @ (RepositoryError::Seal(_) | RepositoryError::Invalid { .. })) => {
+                format!("does not open with this repository's keys ({e})")
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::warn!(floor = %name, error = %taken, "the retention floor's name holds an object that is not pitr's floor ({why}); deleting it and writing the floor");
+        match repo.delete(&name).await {
+            Ok(()) => {
+                match untrusted.iter_mut().find(|u| u.object == name) {
+                    Some(u) if !u.why.ends_with(FLOOR_REPLACED) => u.why = format!("{}; {FLOOR_REPLACED}", u.why),
+                    Some(_) => {}
+                    None => untrusted.push(Untrusted { object: name.clone(), why: format!("{why}; {FLOOR_REPLACED}") }),
+                }
+            }
+            Err(RepositoryError::Store(e)) if refused(&e) => {
+                tracing::warn!(floor = %name, error = %e, "cannot clear the retention floor's name; the WAL of timeline {timeline} is kept");
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tracing::warn!(floor = %name, "the retention floor's name was taken again after each clearing; the WAL of timeline {timeline} is kept");
+    Ok(false)
 }
 
 /// Applies `opts.policy` to the cluster's backups, WAL and blocks.
@@ -422,13 +493,20 @@ async fn run(
             stale.extend(run.generations);
             continue;
         }
+        // Live by its names; but only its own generations count (a planted one, under a crashed
+        // run's kind, start and id, keeps nothing alive).
         let found = running::open_run(repo, &run, now).await;
-        if let Trust::Untrusted(u) = found {
-            untrusted.push(u);
-        } else if run.kind.reads() {
-            live_readers.push((run, running::needs_of(&found)));
+        untrusted.extend(found.untrusted.iter().cloned());
+        if found.planted_only() {
+            continue;
+        }
+        let own = found.run;
+        if !own.is_live(now, opts.stale_backup_after) {
+            stale.extend(own.generations);
+        } else if own.kind.reads() {
+            live_readers.push((own, running::needs_of(&found.trust)));
         } else {
-            live_backups.push(run);
+            live_backups.push(own);
         }
     }
     for o in &objects {
@@ -587,7 +665,7 @@ async fn run(
         Some(_) => {}
         None => retention::keep_wal_from(&mut wal_plan, &timelines, &reader_wal),
     }
-    let wal_names = retention::wal_objects(&wal, &wal_plan.delete);
+    let mut wal_names = retention::wal_objects(&wal, &wal_plan.delete);
     let mut removed_wal_objects = wal_names.len();
     let mut removed_segments = wal_plan.delete.clone();
     if opts.dry_run {
@@ -597,15 +675,17 @@ async fn run(
         removed_wal_objects = 0;
         removed_segments.clear();
     } else if !wal_names.is_empty() {
+        let mut unrecorded = BTreeSet::new();
         for (&t, &segno) in &wal_plan.floors {
-            let name = pg::floor(system_id, t, segno);
-            let text = retention::floor_record(t, segno, now);
-            repo.put_sealed(
-                &name,
-                text.into_bytes(),
-                ObjectMeta { timeline: t, ..ObjectMeta::plain(ObjectKind::Meta) },
-            )
-            .await?;
+            if !put_floor(repo, system_id, t, segno, now, &mut untrusted).await? {
+                unrecorded.insert(t);
+            }
+        }
+        // Without its floor a timeline's holes would look like losses to `pitr verify`: its WAL
+        // stays for a later run.
+        if !unrecorded.is_empty() {
+            removed_segments.retain(|(t, _)| !unrecorded.contains(t));
+            wal_names = retention::wal_objects(&wal, &removed_segments);
         }
         let (gone, bytes) = delete_all(repo, &wal_names, &wal_sizes, 256, deadline, &mut retained).await?;
         removed_bytes += bytes;
@@ -755,5 +835,98 @@ mod tests {
         assert_eq!(untrusted[2].why, "its record says segno=12, its name segno=30");
         // A lower floor is not read once a higher sound one decided.
         assert!(!named.contains(&pg::floor(7, 1, 5).as_str()));
+    }
+
+    fn cluster() -> ClusterInfo {
+        ClusterInfo { system_id: 7, wal_segment_size: 16 << 20, wal_page_size: 8192, server_version_num: 150000 }
+    }
+
+    fn options(now_us: i64) -> ExpireOptions {
+        ExpireOptions {
+            policy: Policy::default(),
+            now_us,
+            dry_run: false,
+            stale_backup_after: Duration::from_secs(60),
+            lock_ttl: Duration::from_secs(600),
+        }
+    }
+
+    /// Seals a marker generation's record under its name, as a run does.
+    async fn put_generation(repo: &Repository, kind: &str, started_us: i64, renewed_us: i64, id: &str) -> String {
+        let name = crate::names::run_marker(kind, started_us, renewed_us, id);
+        let text = format!("host=h\npid=1\nkind={kind}\nstarted_us={started_us}\nrenewed_us={renewed_us}\nid={id}\n");
+        repo.put_sealed(&name, text.into_bytes(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+        name
+    }
+
+    #[tokio::test]
+    async fn a_planted_generation_does_not_keep_a_crashed_backup_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
+        let now = crate::now_us();
+        // A backup killed ten minutes ago, and a generation of it planted "renewed" in a year.
+        let started = now - 20 * 60_000_000;
+        let genuine = put_generation(&repo, "backup", started, now - 10 * 60_000_000, "crashed").await;
+        let planted = crate::names::run_marker("backup", started, now + 366 * 86_400_000_000, "crashed");
+        LocalStore::new(dir.path()).put_if_absent(&planted, bytes::Bytes::from_static(b"junk")).await.unwrap();
+
+        let report = expire(&repo, &cluster(), &options(now)).await.unwrap();
+        assert!(report.running_backups.is_empty(), "{:?}", report.running_backups);
+        assert_eq!(report.blocks_skipped, None);
+        assert_eq!(report.stale_removed, vec![genuine.clone()]);
+        assert_eq!(report.untrusted.iter().map(|u| u.object.as_str()).collect::<Vec<_>>(), vec![planted.as_str()]);
+        let left: Vec<String> = repo.list("running/").await.unwrap().into_iter().map(|o| o.name).collect();
+        assert_eq!(left, vec![planted], "the crashed run's generation goes, the planted one stays for inspection");
+    }
+
+    #[tokio::test]
+    async fn a_live_restore_with_an_unreadable_generation_is_obeyed_beside_a_planted_one() {
+        use crate::running::tests::{Fault, Faulty};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Faulty::new(dir.path()));
+        let repo = Repository::new(store.clone(), KeyRing::from_key("k", [3; 32]));
+        let now = crate::now_us();
+        let live = put_generation(&repo, "restore", now, now, "reading").await;
+        let junk = crate::names::run_marker("restore", now, now + 1, "reading");
+        store.inner.put_if_absent(&junk, bytes::Bytes::from_static(b"junk")).await.unwrap();
+        store.fail(&live, Fault::Unavailable);
+
+        let report = expire(&repo, &cluster(), &options(now)).await.unwrap();
+        assert_eq!(report.running_restores.len(), 1, "the restore was not obeyed: {report:?}");
+        assert!(report.running_restores[0].contains("cannot be read"), "{:?}", report.running_restores);
+        assert_eq!(report.untrusted.iter().map(|u| u.object.as_str()).collect::<Vec<_>>(), vec![junk.as_str()]);
+        assert!(report.stale_removed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_floor_name_taken_by_another_object_is_cleared_and_the_floor_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
+        let raw = LocalStore::new(dir.path());
+        let other = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k2", [4; 32]));
+        let meta = ObjectMeta::plain(ObjectKind::Meta);
+        // Empty, sealed with another key, sealed with the key but naming another segment.
+        let empty = pg::floor(7, 1, u64::MAX);
+        raw.put_if_absent(&empty, bytes::Bytes::new()).await.unwrap();
+        let foreign = pg::floor(7, 2, 40);
+        other.put_sealed(&foreign, retention::floor_record(2, 40, 0).into_bytes(), meta.clone()).await.unwrap();
+        let liar = pg::floor(7, 3, 30);
+        repo.put_sealed(&liar, retention::floor_record(3, 12, 0).into_bytes(), meta.clone()).await.unwrap();
+        assert_eq!(read_floors(&repo, 7).await.unwrap().1.len(), 3);
+        let mut replaced = Vec::new();
+        for (t, segno) in [(1, u64::MAX), (2, 40), (3, 30)] {
+            assert!(put_floor(&repo, 7, t, segno, 5, &mut replaced).await.unwrap(), "timeline {t}");
+        }
+        let named: Vec<&str> = replaced.iter().map(|u| u.object.as_str()).collect();
+        assert_eq!(named, vec![empty.as_str(), foreign.as_str(), liar.as_str()]);
+        assert!(replaced.iter().all(|u| u.why.contains("wrote the floor in its place")), "{replaced:?}");
+        let (floors, untrusted) = read_floors(&repo, 7).await.unwrap();
+        assert_eq!(floors, BTreeMap::from([(1, u64::MAX), (2, 40), (3, 30)]));
+        assert!(untrusted.is_empty(), "{untrusted:?}");
+        // A sound floor of this repository written at another time is left as it is.
+        let before = raw.get(&liar).await.unwrap();
+        assert!(put_floor(&repo, 7, 3, 30, 99, &mut replaced).await.unwrap());
+        assert_eq!(raw.get(&liar).await.unwrap(), before);
+        assert_eq!(replaced.len(), 3);
     }
 }

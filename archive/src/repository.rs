@@ -386,6 +386,15 @@ impl Repository {
         Ok((opened.header, opened.plaintext))
     }
 
+    /// [`Repository::get_record`] from this repository alone, never a fallback: for objects no
+    /// secondary holds (running markers and expire locks are not copied), where a fallback's
+    /// "not found" would turn this repository's transient error into "deleted", and for judging
+    /// the object under a name in this repository (not a copy of it elsewhere).
+    pub async fn get_record_here(&self, name: &str) -> Result<(SealedHeader, Vec<u8>), RepositoryError> {
+        let opened = read_from(&self.store, &self.keys, name, Read::Whole(RECORD_READ_MAX)).await?;
+        Ok((opened.header, opened.plaintext))
+    }
+
     /// Reads and authenticates only the header of `name` (from a fallback if this repository cannot).
     pub async fn read_header(&self, name: &str) -> Result<SealedHeader, RepositoryError> {
         Ok(self.read(name, Read::Header).await?.header)

@@ -32,12 +32,21 @@
 //! Anyone who can write to the bucket can put an object under any name, but only a key holder can
 //! seal one, and the seal binds the name. So before a live-looking lock makes anyone wait, or a
 //! live-looking marker holds expire off, it is read ([`check`], [`open_run`]): it is obeyed only if
-//! it opens, its record repeats its name's fields ([`record_disagrees`]) and its times are
-//! plausible ([`implausible`]: nothing more than [`MAX_CLOCK_SKEW`] ahead of this host's clock, no
-//! lock longer than [`MAX_LOCK_TTL`]). Otherwise a lock expiring in a year would stop every backup,
-//! and a marker "renewed" in the future would stop the block sweep for as long. Not obeying a lock
-//! that does not open is safe: it is not an expire's, so no sweep runs under it. A storage error
-//! while reading says nothing about the writer: the object is then obeyed by its name, as before.
+//! it opens (from the primary repository alone: no secondary holds `running/`) and its record
+//! repeats its name's fields ([`record_disagrees`]). Otherwise a lock expiring in a year would
+//! stop every backup, and a marker "renewed" in the future would stop the block sweep for as
+//! long. Not obeying a lock that does not open is safe: it is not an expire's, so no sweep runs
+//! under it. One that opens is obeyed whatever times it names: a genuine run or expire on a host
+//! whose clock is far ahead must not be ignored, since that direction deletes what it uses
+//! (`pitr verify` warns of times more than [`MAX_CLOCK_SKEW`] ahead or a lock longer than
+//! [`MAX_LOCK_TTL`], see [`implausible`]). A storage error while reading says nothing about the
+//! writer: the object is then obeyed by its name, as before; so is one a read finds missing while
+//! a listing still shows it.
+//!
+//! A generation that does not open is no part of its run: the run's liveness comes from its own
+//! generations (those that open or could not be read), so one planted under a crashed run's kind,
+//! start and id keeps nothing alive, and one planted beside a generation that could not be read
+//! does not hide a live run.
 //!
 //! The store has no overwrite (only put-if-absent and delete), so a marker is renewed by putting a
 //! new *generation* — the same kind, start and id with a later renewal time — every
@@ -53,8 +62,8 @@
 //!   bound) leaves 45 s for a slow put and for clock skew between hosts.
 //!
 //! Expire treats the generations of one run (same kind, start and id) as one marker, live by the
-//! newest. A marker of an older pitr, `running/backup.<started µs>.<random>`, counts as renewed at
-//! its start.
+//! newest of its own (above). A marker of an older pitr, `running/backup.<started µs>.<random>`,
+//! counts as renewed at its start.
 //!
 //! # What a live marker keeps
 //! - A backup: expire skips the block sweep, and the window's cut moves back to the backup's start
@@ -250,7 +259,7 @@ pub fn runs(objects: &[RunningObject]) -> Vec<Run> {
 
 /// Who wrote `name` (`host …, pid …`), for messages; best effort.
 pub async fn describe(repo: &Repository, name: &str) -> String {
-    match repo.get_record(name).await {
+    match repo.get_record_here(name).await {
         Ok((_, text)) => String::from_utf8_lossy(&text)
             .lines()
             .filter(|l| l.starts_with("host=") || l.starts_with("pid="))
@@ -319,7 +328,7 @@ pub fn parse_plan(text: &str) -> Result<Option<ReadPlan>, String> {
 
 /// What the reader `run` needs, from its newest sound generation ([`open_run`] now).
 pub async fn reader_needs(repo: &Repository, run: &Run) -> ReaderNeeds {
-    needs_of(&open_run(repo, run, now_us()).await)
+    needs_of(&open_run(repo, run, now_us()).await.trust)
 }
 
 /// What a reader needs, from what [`open_run`] found: a run whose record could not be read (gone,
@@ -338,14 +347,15 @@ pub fn needs_of(found: &Trust) -> ReaderNeeds {
     }
 }
 
-/// How far ahead of this host's clock the times in a marker's or lock's name may be and still be
-/// obeyed: clock skew between the hosts of a fleet, with a wide margin. A time further ahead says
-/// the writer's clock is badly wrong or the object is planted; obeyed, it would hold expire (or
+/// How far ahead of this host's clock the times in a marker's or lock's name may be before
+/// `pitr verify` warns of them: clock skew between the hosts of a fleet, with a wide margin. A
+/// time further ahead says the writer's clock is badly wrong; such an object, if it opens, is
+/// still obeyed (ignoring a genuine run would delete what it uses), and holds expire (or
 /// backups) off for as long as it is ahead.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(600);
 
-/// The longest expire lock pitr takes (`[retention] lock_ttl` is bounded by it): a lock naming
-/// a longer lifetime is not obeyed.
+/// The longest expire lock pitr takes (`[retention] lock_ttl` is bounded by it): `pitr verify`
+/// warns of a lock naming a longer lifetime (one of an older pitr, or planted).
 pub const MAX_LOCK_TTL: Duration = Duration::from_secs(86_400);
 
 /// A whole number of hours, minutes or seconds, for messages.
@@ -362,8 +372,9 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// Why the times a name announces cannot be obeyed at `now_us` (see [`MAX_CLOCK_SKEW`] and
-/// [`MAX_LOCK_TTL`]); `None` when they are plausible.
+/// Why the times a name announces are implausible at `now_us` (see [`MAX_CLOCK_SKEW`] and
+/// [`MAX_LOCK_TTL`]); `None` when they are plausible. Said of an object that does not open (with
+/// why it is not obeyed) and, by `pitr verify`, as a warning of one that does.
 pub fn implausible(activity: &Activity, now_us: i64) -> Option<String> {
     let ahead = |us: i64| us.saturating_sub(now_us) > micros(MAX_CLOCK_SKEW);
     let skew = span(MAX_CLOCK_SKEW);
@@ -430,8 +441,8 @@ pub fn record_disagrees(activity: &Activity, text: &str) -> Option<String> {
 /// What reading a marker or lock found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trust {
-    /// It opened (authenticated under its name), its record agrees with its name and its times
-    /// are plausible: it is obeyed. `text` is its record.
+    /// It opened (authenticated under its name) and its record agrees with its name: it is
+    /// obeyed, whatever times it names. `text` is its record.
     Sound {
         /// The object read (for a run, the newest generation that could be).
         name: String,
@@ -439,13 +450,14 @@ pub enum Trust {
         text: String,
     },
     /// Deleted between listing and reading (a renewal or a release): a run or expire that has
-    /// just ended.
+    /// just ended. Only when a listing after the read no longer shows it either.
     Gone,
-    /// It could not be read (a storage error): obeyed by its name, as before records were read,
-    /// since a failing read says nothing about who wrote it.
+    /// It could not be read (a storage error, or a read that found nothing while a listing still
+    /// shows it): obeyed by its name, as before records were read, since a failing read says
+    /// nothing about who wrote it.
     Unknown(String),
     /// Not obeyed: it does not open with the repository's keys (planted, damaged, or sealed with
-    /// a key this pitr lacks), its record disagrees with its name, or its times are implausible.
+    /// a key this pitr lacks), or its record disagrees with its name.
     Untrusted(Untrusted),
 }
 
@@ -472,14 +484,15 @@ impl Trust {
     }
 }
 
-/// Reads `object` and judges it at `now_us` (see [`Trust`]).
+/// Reads `object` (from this repository alone: no secondary holds `running/`) and judges it
+/// (see [`Trust`]). An object that opens under its name and agrees with it is obeyed whatever
+/// times it names: a genuine writer whose clock runs far ahead must not be ignored, since that
+/// direction deletes what it uses (`pitr verify` warns of such times, see [`implausible`]).
+/// `now_us` only words the reason an untrusted object gives.
 pub async fn check(repo: &Repository, object: &RunningObject, now_us: i64) -> Trust {
     let name = &object.name;
     let untrusted = |why: String| Trust::Untrusted(Untrusted { object: name.clone(), why });
-    if let Some(why) = implausible(&object.activity, now_us) {
-        return untrusted(why);
-    }
-    match repo.get_record(name).await {
+    match repo.get_record_here(name).await {
         Ok((_, text)) => {
             let text = String::from_utf8_lossy(&text).into_owned();
             match record_disagrees(&object.activity, &text) {
@@ -487,41 +500,106 @@ pub async fn check(repo: &Repository, object: &RunningObject, now_us: i64) -> Tr
                 None => Trust::Sound { name: name.clone(), text },
             }
         }
-        Err(RepositoryError::Store(e)) if e.is_not_found() => Trust::Gone,
+        Err(RepositoryError::Store(e)) if e.is_not_found() => still_listed(repo, name).await,
         Err(e @ (RepositoryError::Seal(_) | RepositoryError::Invalid { .. })) => {
-            untrusted(format!("does not open with this repository's keys ({e})"))
+            let mut why = format!("does not open with this repository's keys ({e})");
+            if let Some(times) = implausible(&object.activity, now_us) {
+                why.push_str("; ");
+                why.push_str(&times);
+            }
+            untrusted(why)
         }
         Err(e) => Trust::Unknown(format!("{name}: {e}")),
     }
 }
 
-/// Judges the run from its generations, newest first: the first sound one decides (an older one
-/// is read when a renewal deleted the newer between listing and reading). A run none of whose
-/// generations is sound is untrusted if any is; gone if all are gone.
-pub async fn open_run(repo: &Repository, run: &Run, now_us: i64) -> Trust {
-    let mut worst = Trust::Gone;
-    for (renewed_us, name) in run.renewals.iter().zip(&run.generations).rev() {
+/// After a read found `name` missing: [`Trust::Gone`] unless a listing still shows it, which
+/// makes the miss a storage fault ([`Trust::Unknown`], obeyed), not a deletion.
+async fn still_listed(repo: &Repository, name: &str) -> Trust {
+    match repo.list(name).await {
+        Ok(listed) if listed.iter().any(|o| o.name == name) => {
+            Trust::Unknown(format!("{name}: listed, but reading it found nothing"))
+        }
+        Ok(_) => Trust::Gone,
+        Err(e) => Trust::Unknown(format!("{name}: not found, and listing it again failed: {e}")),
+    }
+}
+
+/// What reading a run's generations found ([`open_run`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenedRun {
+    /// The run made of its own generations only (the untrusted ones left out), its renewal time
+    /// that of the newest generation that opened or could not be read (where every one is gone,
+    /// the newest name's): its liveness goes by that alone.
+    pub run: Run,
+    /// The run's verdict: its newest sound generation; else a storage error reading one
+    /// ([`Trust::Unknown`], obeyed); else, if any generation does not open or disagrees with its
+    /// name, [`Trust::Untrusted`] (the run has no generation of its own); else [`Trust::Gone`].
+    pub trust: Trust,
+    /// Generations that are not obeyed, newest first.
+    pub untrusted: Vec<Untrusted>,
+}
+
+impl OpenedRun {
+    /// Whether no generation but untrusted ones claims the run: it is not obeyed.
+    pub fn planted_only(&self) -> bool {
+        matches!(self.trust, Trust::Untrusted(_))
+    }
+}
+
+/// Reads the run's generations, newest first, until one is sound (an older one is read when a
+/// renewal deleted the newer between listing and reading), and judges the run ([`OpenedRun`]).
+/// A generation that does not open is no part of the run, so a planted one, whatever it
+/// names, neither keeps a crashed run alive nor hides one whose generation could not be read.
+pub async fn open_run(repo: &Repository, run: &Run, now_us: i64) -> OpenedRun {
+    let mut trust = Trust::Gone;
+    let mut untrusted = Vec::new();
+    // The renewal time of the newest generation that opened or could not be read.
+    let mut renewed_us = None;
+    for (renewed, name) in run.renewals.iter().zip(&run.generations).rev() {
         let object = RunningObject {
             name: name.clone(),
             activity: Activity::Run {
                 kind: run.kind,
                 started_us: run.started_us,
-                renewed_us: *renewed_us,
+                renewed_us: *renewed,
                 id: run.id.clone(),
             },
         };
         match check(repo, &object, now_us).await {
-            sound @ Trust::Sound { .. } => return sound,
+            sound @ Trust::Sound { .. } => {
+                renewed_us.get_or_insert(*renewed);
+                trust = sound;
+                break;
+            }
             Trust::Gone => {}
             unknown @ Trust::Unknown(_) => {
-                if !matches!(worst, Trust::Untrusted(_)) {
-                    worst = unknown;
+                renewed_us.get_or_insert(*renewed);
+                if !matches!(trust, Trust::Unknown(_)) {
+                    trust = unknown;
                 }
             }
-            untrusted @ Trust::Untrusted(_) => worst = untrusted,
+            Trust::Untrusted(u) => {
+                if matches!(trust, Trust::Gone) {
+                    trust = Trust::Untrusted(u.clone());
+                }
+                untrusted.push(u);
+            }
         }
     }
-    worst
+    let mut own = run.clone();
+    let left_out: std::collections::HashSet<&str> = untrusted.iter().map(|u| u.object.as_str()).collect();
+    let (generations, renewals): (Vec<String>, Vec<i64>) = run
+        .generations
+        .iter()
+        .zip(&run.renewals)
+        .filter(|(name, _)| !left_out.contains(name.as_str()))
+        .map(|(name, renewed)| (name.clone(), *renewed))
+        .unzip();
+    own.renewed_us = renewed_us.or_else(|| renewals.last().copied()).unwrap_or(run.started_us);
+    own.generations = generations;
+    own.renewals = renewals;
+    OpenedRun { run: own, trust, untrusted }
 }
 
 fn random_suffix() -> String {
@@ -686,9 +764,11 @@ impl RunMarker {
                 if waits_until(started_us, expires_us) <= now {
                     continue;
                 }
-                // A lock that is not a pitr expire's (it does not open, or names absurd times)
-                // protects no sweep: waiting for it would let anyone who can write to the bucket
-                // stop every backup. It is reported, once per lock, and `pitr verify` names it.
+                // A lock that is not a pitr expire's (it does not open, or disagrees with its
+                // name) protects no sweep: waiting for it would let anyone who can write to the
+                // bucket stop every backup. It is reported, once per lock, and `pitr verify`
+                // names it. Only lasting verdicts are remembered: a storage error, or a miss
+                // while the lock is still listed, is asked again at the next listing.
                 let trust = match checked.get(&o.name) {
                     Some(t) => t.clone(),
                     None => {
@@ -696,7 +776,9 @@ impl RunMarker {
                         if let Trust::Untrusted(u) = &t {
                             tracing::warn!(lock = %o.name, "not waiting for an expire lock that is not pitr's: {}", u.why);
                         }
-                        checked.insert(o.name.clone(), t.clone());
+                        if matches!(t, Trust::Sound { .. } | Trust::Untrusted(_)) {
+                            checked.insert(o.name.clone(), t.clone());
+                        }
                         t
                     }
                 };
@@ -824,7 +906,7 @@ pub struct ExpireLock {
 impl ExpireLock {
     /// Puts the lock (valid for `ttl` from `now_us`), then refuses if another expire holds a
     /// live one: of two racing, at least one sees the other and backs off. A lock that is not
-    /// another pitr expire's ([`check`]: it does not open or names absurd times) is not obeyed.
+    /// another pitr expire's ([`check`]: it does not open or disagrees with its name) is not obeyed.
     pub async fn acquire(repo: &Repository, now_us: i64, ttl: Duration) -> Result<ExpireLock, LockError> {
         if ttl > MAX_LOCK_TTL || ttl.is_zero() {
             return Err(LockError::Ttl { ttl: span(ttl), max: span(MAX_LOCK_TTL) });
@@ -885,10 +967,84 @@ impl ExpireLock {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::store::{ObjectInfo, Store, StoreError};
     use crate::{KeyRing, LocalStore};
+    use bytes::Bytes;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// How [`Faulty`] fails a read.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) enum Fault {
+        /// A storage error (a 503 after retries).
+        Unavailable,
+        /// "Not found", while listings still show the object.
+        Missing,
+    }
+
+    /// A local store whose reads of chosen names fail; everything else as the local store.
+    #[derive(Debug)]
+    pub(crate) struct Faulty {
+        pub(crate) inner: LocalStore,
+        failing: std::sync::Mutex<BTreeMap<String, Fault>>,
+    }
+
+    impl Faulty {
+        pub(crate) fn new(dir: &std::path::Path) -> Faulty {
+            Faulty { inner: LocalStore::new(dir), failing: Default::default() }
+        }
+
+        pub(crate) fn fail(&self, name: &str, fault: Fault) {
+            self.failing.lock().unwrap().insert(name.to_string(), fault);
+        }
+
+        fn read(&self, name: &str) -> Result<(), StoreError> {
+            match self.failing.lock().unwrap().get(name) {
+                None => Ok(()),
+                Some(Fault::Unavailable) => Err(StoreError::Backend {
+                    op: "get",
+                    name: name.into(),
+                    location: self.inner.location(),
+                    message: "503 Slow Down".into(),
+                }),
+                Some(Fault::Missing) => {
+                    Err(StoreError::NotFound { name: name.into(), location: self.inner.location() })
+                }
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Faulty {
+        async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
+            self.inner.put_if_absent(name, data).await
+        }
+        async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
+            self.read(name)?;
+            self.inner.get(name).await
+        }
+        async fn get_limited(&self, name: &str, limit: u64) -> Result<Bytes, StoreError> {
+            self.read(name)?;
+            self.inner.get_limited(name, limit).await
+        }
+        async fn get_range(&self, name: &str, range: std::ops::Range<u64>) -> Result<Bytes, StoreError> {
+            self.read(name)?;
+            self.inner.get_range(name, range).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, name: &str) -> Result<(), StoreError> {
+            self.inner.delete(name).await
+        }
+        async fn head(&self, name: &str) -> Result<Option<ObjectInfo>, StoreError> {
+            self.inner.head(name).await
+        }
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+    }
 
     fn repo(dir: &std::path::Path) -> Repository {
         Repository::new(Arc::new(LocalStore::new(dir)), KeyRing::from_key("k", [3; 32]))
@@ -1084,7 +1240,7 @@ mod tests {
             .expect("the backup waited for a lock that is not pitr's")
             .unwrap();
         let found = runs(&list(&r).await.unwrap());
-        assert!(matches!(open_run(&r, &found[0], now_us()).await, Trust::Sound { .. }));
+        assert!(matches!(open_run(&r, &found[0], now_us()).await.trust, Trust::Sound { .. }));
         marker.release().await;
         let lock = ExpireLock::acquire(&r, now_us(), Duration::from_secs(60)).await.unwrap();
         // A real lock is sound, and still makes a second expire back off.
@@ -1104,12 +1260,12 @@ mod tests {
         let fake = marker_name(RunKind::Backup, now, now + 86_400_000_000, "f");
         plant(dir.path(), &fake, b"junk").await;
         let fake_run = runs(&list(&r).await.unwrap()).into_iter().find(|x| x.id == "f").unwrap();
-        let Trust::Untrusted(u) = open_run(&r, &fake_run, now).await else { panic!("obeyed a planted marker") };
-        assert!(u.why.contains("ahead of this host's clock"), "{u}");
+        let Trust::Untrusted(u) = open_run(&r, &fake_run, now).await.trust else { panic!("obeyed a planted marker") };
+        assert!(u.why.contains("does not open") && u.why.contains("ahead of this host's clock"), "{u}");
         let near = marker_name(RunKind::Backup, now, now, "g");
         plant(dir.path(), &near, b"junk").await;
         let near_run = runs(&list(&r).await.unwrap()).into_iter().find(|x| x.id == "g").unwrap();
-        let Trust::Untrusted(u) = open_run(&r, &near_run, now).await else { panic!("obeyed a planted marker") };
+        let Trust::Untrusted(u) = open_run(&r, &near_run, now).await.trust else { panic!("obeyed a planted marker") };
         assert!(u.why.contains("does not open"), "{u}");
         let gone = Run {
             kind: RunKind::Drill,
@@ -1119,7 +1275,7 @@ mod tests {
             generations: vec![marker_name(RunKind::Drill, now, now, "z")],
             renewals: vec![now],
         };
-        assert_eq!(open_run(&r, &gone, now).await, Trust::Gone);
+        assert_eq!(open_run(&r, &gone, now).await.trust, Trust::Gone);
     }
 
     #[tokio::test]
@@ -1191,5 +1347,116 @@ mod tests {
             renewals: vec![1],
         };
         assert!(matches!(reader_needs(&r, &gone).await, ReaderNeeds::Unreadable(_)));
+    }
+
+    fn object(name: &str) -> RunningObject {
+        RunningObject { activity: parse_name(name).unwrap(), name: name.into() }
+    }
+
+    #[tokio::test]
+    async fn genuine_markers_and_locks_are_obeyed_whatever_times_they_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = repo(dir.path());
+        let now = now_us();
+        let hour = 3_600_000_000;
+        // A backup on a host whose clock is an hour ahead: its marker opens, so it is obeyed.
+        let ahead = marker_name(RunKind::Backup, now + hour, now + hour, "fast");
+        put_record(&r, &ahead, record_text(RunKind::Backup, now + hour, now + hour, "fast", None)).await.unwrap();
+        assert!(implausible(&object(&ahead).activity, now).is_some());
+        assert!(matches!(check(&r, &object(&ahead), now).await, Trust::Sound { .. }));
+        let found = open_run(&r, &runs(&list(&r).await.unwrap())[0], now).await;
+        assert!(matches!(found.trust, Trust::Sound { .. }) && found.untrusted.is_empty(), "{found:?}");
+        assert!(found.run.is_live(now, Duration::from_secs(60)));
+
+        // An expire lock from such a host, lasting two days (an older pitr's lock_ttl): backups
+        // wait for it, and a second expire backs off.
+        let (started, expires) = (now + hour, now + 48 * hour);
+        let lock = names::expire_lock(started, expires, "fast");
+        put_record(&r, &lock, format!("host=h\npid=1\nkind=expire\nstarted_us={started}\nexpires_us={expires}\n"))
+            .await
+            .unwrap();
+        assert!(implausible(&object(&lock).activity, now).is_some());
+        assert!(matches!(check(&r, &object(&lock), now).await, Trust::Sound { .. }));
+        assert!(matches!(
+            ExpireLock::acquire(&r, now_us(), Duration::from_secs(60)).await,
+            Err(LockError::Busy { .. })
+        ));
+        let r2 = r.clone();
+        let backup = tokio::spawn(async move { RunMarker::begin(&r2, RunKind::Backup).await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!backup.is_finished(), "the backup did not wait for a genuine lock from a fast host");
+        r.delete(&lock).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), backup).await.unwrap().unwrap().release().await;
+    }
+
+    #[tokio::test]
+    async fn a_planted_generation_neither_keeps_a_crashed_run_alive_nor_hides_an_unreadable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Faulty::new(dir.path()));
+        let r = Repository::new(store.clone(), KeyRing::from_key("k", [3; 32]));
+        let now = now_us();
+        let minute = Duration::from_secs(60);
+        let year = 366 * 86_400_000_000;
+        // A backup killed ten minutes ago, and a generation planted under its kind, start and id
+        // "renewed" a year from now.
+        let started = now - 20 * 60_000_000;
+        let renewed = now - 10 * 60_000_000;
+        let genuine = marker_name(RunKind::Backup, started, renewed, "crashed");
+        put_record(&r, &genuine, record_text(RunKind::Backup, started, renewed, "crashed", None)).await.unwrap();
+        let planted = marker_name(RunKind::Backup, started, now + year, "crashed");
+        plant(dir.path(), &planted, b"junk").await;
+        let run = runs(&list(&r).await.unwrap()).remove(0);
+        assert!(run.is_live(now, minute), "live by its names");
+        let found = open_run(&r, &run, now).await;
+        assert!(matches!(found.trust, Trust::Sound { .. }), "{found:?}");
+        assert_eq!(found.run.renewed_us, renewed);
+        assert_eq!(found.run.generations, vec![genuine.clone()]);
+        assert!(!found.run.is_live(now, minute), "a planted generation kept a crashed run alive");
+        assert_eq!(found.untrusted.iter().map(|u| u.object.as_str()).collect::<Vec<_>>(), vec![planted.as_str()]);
+
+        // A live restore whose generation cannot be read just now, beside a planted one of the
+        // same run: obeyed by its name, not dropped as planted.
+        let live = marker_name(RunKind::Restore, now, now, "reading");
+        put_record(&r, &live, record_text(RunKind::Restore, now, now, "reading", None)).await.unwrap();
+        let junk = marker_name(RunKind::Restore, now, now + 1, "reading");
+        plant(dir.path(), &junk, b"junk").await;
+        store.fail(&live, Fault::Unavailable);
+        let run = runs(&list(&r).await.unwrap()).into_iter().find(|x| x.id == "reading").unwrap();
+        let found = open_run(&r, &run, now).await;
+        assert!(matches!(found.trust, Trust::Unknown(_)), "{found:?}");
+        assert!(!found.planted_only());
+        assert_eq!((found.run.renewed_us, found.run.generations.clone()), (now, vec![live.clone()]));
+        assert!(found.run.is_live(now, minute));
+        assert!(matches!(needs_of(&found.trust), ReaderNeeds::Unreadable(_)));
+        assert_eq!(found.untrusted.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn locks_are_read_from_the_primary_and_a_listed_one_is_not_taken_for_deleted() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let primary = Arc::new(Faulty::new(a.path()));
+        let keys = KeyRing::from_key("k", [3; 32]);
+        // A secondary, which never holds running/ objects.
+        let secondary: Arc<dyn Store> = Arc::new(LocalStore::new(b.path()));
+        let r = Repository::new(primary.clone(), keys)
+            .with_fallbacks("primary", vec![crate::repository::NamedStore { name: "dr".into(), store: secondary }]);
+        let lock = ExpireLock::acquire(&r, now_us(), Duration::from_secs(60)).await.unwrap();
+        let o = object(lock.name());
+        assert!(matches!(check(&r, &o, now_us()).await, Trust::Sound { .. }));
+        // The primary fails to answer; the secondary's "not found" must not make it deleted.
+        primary.fail(lock.name(), Fault::Unavailable);
+        assert!(matches!(check(&r, &o, now_us()).await, Trust::Unknown(_)), "{:?}", check(&r, &o, now_us()).await);
+        // The primary says "not found" while still listing it: not deleted either.
+        primary.fail(lock.name(), Fault::Missing);
+        assert!(matches!(check(&r, &o, now_us()).await, Trust::Unknown(_)));
+        // A backup waits for it all the while.
+        let r2 = r.clone();
+        let backup = tokio::spawn(async move { RunMarker::begin(&r2, RunKind::Backup).await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!backup.is_finished(), "the backup took an unreadable lock for deleted");
+        let name = lock.name().to_string();
+        lock.release().await;
+        assert_eq!(check(&r, &object(&name), now_us()).await, Trust::Gone);
+        tokio::time::timeout(Duration::from_secs(10), backup).await.unwrap().unwrap().release().await;
     }
 }

@@ -433,7 +433,10 @@ async fn incremental_parent(
              (ALTER SYSTEM SET summarize_wal = on; SELECT pg_reload_conf())"
         )));
     }
-    let backups = BackupManifest::list(repo, cluster.system_id).await?;
+    let (backups, damaged) = BackupManifest::list_sound(repo, cluster.system_id).await?;
+    for d in &damaged {
+        tracing::warn!(object = %d.name, why = %d.why, "not a parent for the incremental: the manifest cannot be used");
+    }
     let parent = backups
         .into_iter()
         .filter(|b| b.timeline == timeline && b.server_version_num / 10000 == version / 10000)

@@ -61,7 +61,7 @@ fn next_after(cron: &croner::Cron, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
 /// The newest backup's start, if the repository holds any (for catching up a missed run).
 async fn last_backup_time(ctx: &SchedulerContext) -> Option<DateTime<Utc>> {
     let cluster = open::cluster(&ctx.repo, ctx.system_id).await.ok()?;
-    let backups = BackupManifest::list(&ctx.repo, cluster.system_id).await.ok()?;
+    let (backups, _damaged) = BackupManifest::list_sound(&ctx.repo, cluster.system_id).await.ok()?;
     // Incrementals do not stand in for a missed full backup.
     let newest = backups.iter().filter(|b| !b.is_incremental()).map(|b| b.start_time_us).max()?;
     DateTime::from_timestamp_micros(newest)

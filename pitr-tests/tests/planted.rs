@@ -2,9 +2,12 @@
 //! planted the way someone with write access to the bucket but without the key can: raw files
 //! under names pitr would use, far in the future, empty or junk.
 //! - a planted expire lock: `pitr backup` does not wait for it and names it; a planted running
-//!   marker: `pitr expire` still sweeps the blocks of the backup it removes; a planted floor above
-//!   a deleted segment: `pitr verify` reports the floor, the marker, the lock and the missing
-//!   segment, and passes again once they are gone and the segment is back;
+//!   marker: `pitr expire` still sweeps the blocks of the backup it removes; junk under the name
+//!   of the floor that expire writes: replaced by the floor, and the WAL still goes; a planted
+//!   floor above a deleted segment: `pitr verify` reports the floor, the marker, the lock and the
+//!   missing segment, and passes again once they are gone and the segment is back; junk under a
+//!   backup manifest's name: `pitr list` leaves it out, `pitr expire` refuses naming it, and
+//!   `pitr verify` reports it;
 //! - the newest WAL objects of a streamed archive deleted (a rolled-back bucket): `pitr verify`
 //!   reports it from the server's slot, and from a backup manifest when the server is not
 //!   reachable.
@@ -129,15 +132,26 @@ fn pg15_planted_floor_marker_and_lock_are_reported_and_obeyed_by_nobody() -> Res
     // A backup "renewed" a year from now: obeyed, it would keep expire off every block forever.
     let marker = format!("running/backup.{now:016X}.{:016X}.planted", now + YEAR_US);
     plant(&env, &marker, b"junk")?;
+    // Junk under the name of the floor this expire writes (the kept backup's start segment, a
+    // predictable name): it must not stop the expire before any WAL goes.
+    let kept_start = pitr_tests::lsn_to_u64(list["backups"][1]["start_lsn"].as_str().context("start_lsn")?);
+    let taken_floor = format!("pg/{id}/retention/00000001-{:016X}.floor", kept_start / WAL_SEGMENT_SIZE);
+    let taken_path = plant(&env, &taken_floor, b"junk")?;
     let report = json(&env.run_ok(&["expire", "--json"])?)?;
     assert_eq!(ids(&report["removed_backups"]), vec![backups[0].clone()], "{report:#}");
     assert!(report["blocks_skipped"].is_null(), "{report:#}");
     assert!(report["removed_blocks"].as_u64() > Some(0), "{report:#}");
+    assert!(report["removed_wal_objects"].as_u64() > Some(0), "{report:#}");
     let untrusted: Vec<&str> =
         report["untrusted"].as_array().into_iter().flatten().filter_map(|u| u["object"].as_str()).collect();
     assert!(untrusted.contains(&marker.as_str()) && untrusted.contains(&lock.as_str()), "{report:#}");
+    let replaced = report["untrusted"].as_array().into_iter().flatten().find(|u| u["object"] == taken_floor.as_str());
+    let why = replaced.and_then(|u| u["why"].as_str()).unwrap_or("");
+    assert!(why.contains("does not open") && why.contains("wrote the floor in its place"), "{report:#}");
     // Left for inspection, not deleted.
     assert!(env.repo_path().join(&marker).exists() && env.repo_path().join(&lock).exists());
+    // The junk floor replaced by the real one (verify below finds only the floor planted later).
+    assert_ne!(std::fs::read(&taken_path)?, b"junk", "the floor's name still holds the junk");
 
     // WAL after the second backup, then one segment of it gone, and a floor above everything
     // that would excuse the hole as retention's.
@@ -163,6 +177,16 @@ fn pg15_planted_floor_marker_and_lock_are_reported_and_obeyed_by_nobody() -> Res
     }
     let floor = format!("pg/{id}/retention/00000001-FFFFFFFFFFFFFFFF.floor");
     plant(&env, &floor, b"")?;
+    // Junk under a backup manifest's name: listings and restores leave it out (and say so),
+    // expire refuses to run beside a manifest it cannot read, verify reports it.
+    let manifest = format!("pg/{id}/backups/99991231T000000Z.manifest");
+    plant(&env, &manifest, b"junk")?;
+    let listed = json(&env.run_ok(&["list", "--json"])?)?;
+    let listed_ids = ids(&listed["backups"]);
+    assert!(!listed_ids.is_empty() && !listed_ids.iter().any(|b| b.starts_with("9999")), "{listed:#}");
+    let out = env.run(&["expire"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains(&manifest), "expire beside a planted manifest:\n{stderr}");
 
     let (ok, report) = verify(&env)?;
     assert!(!ok && report["ok"] == false, "verify passed with planted objects: {report:#}");
@@ -172,6 +196,8 @@ fn pg15_planted_floor_marker_and_lock_are_reported_and_obeyed_by_nobody() -> Res
     assert!(bad_marker.len() == 1 && bad_marker[0].0 == marker, "{report:#}");
     let bad_lock = findings(&report, "bad-lock");
     assert!(bad_lock.len() == 1 && bad_lock[0].0 == lock, "{report:#}");
+    let bad_manifest = findings(&report, "bad-manifest");
+    assert!(bad_manifest.len() == 1 && bad_manifest[0].0 == manifest, "{report:#}");
     let gaps = findings(&report, "wal-gap");
     assert!(gaps.iter().any(|(object, _)| object.contains(&middle)), "the hole under the planted floor: {report:#}");
     // The text output names them too.
@@ -180,7 +206,7 @@ fn pg15_planted_floor_marker_and_lock_are_reported_and_obeyed_by_nobody() -> Res
     assert!(!out.status.success() && text.contains(&format!("FINDING bad-floor: {floor}")), "{text}");
 
     // The planted objects gone and the segment back: nothing else was wrong.
-    for name in [&floor, &marker, &lock] {
+    for name in [&floor, &marker, &lock, &manifest] {
         std::fs::remove_file(env.repo_path().join(name))?;
     }
     for n in &held {

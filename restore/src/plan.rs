@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use pitr_archive::backup::BackupManifest;
+use pitr_archive::backup::{BackupManifest, DamagedManifest};
 use pitr_archive::complete::{self, CompleteMark};
 use pitr_archive::{ClusterInfo, HistoryProblem, Repository, RepositoryError, WalCatalog, WalLayout, WalObject};
 use pitr_pgformat::lsn::format_lsn;
@@ -99,6 +99,9 @@ pub struct Catalog {
     pub from_fallbacks: BTreeMap<String, String>,
     /// Fallback repositories that could not be listed.
     pub unlisted: Vec<Unlisted>,
+    /// Manifest names whose objects do not open or are not manifests: left out of `backups`
+    /// (logged here; `verify` reports them).
+    pub damaged_manifests: Vec<DamagedManifest>,
 }
 
 impl Catalog {
@@ -110,7 +113,10 @@ impl Catalog {
         let mut names: Vec<String> = repo.list(&layout.prefix()).await?.into_iter().map(|o| o.name).collect();
         let mut wal = WalCatalog::from_names(layout, names.iter().map(String::as_str));
         let histories = load_histories(repo, &wal).await?;
-        let backups = BackupManifest::list(repo, cluster.system_id).await?;
+        let (backups, damaged_manifests) = BackupManifest::list_sound(repo, cluster.system_id).await?;
+        for d in &damaged_manifests {
+            tracing::warn!(object = %d.name, why = %d.why, "leaving out a backup manifest that cannot be used");
+        }
 
         // Holes the reads would fill from a secondary are not holes for a restore: take the
         // secondaries' listings into account, and remember which could not be asked.
@@ -195,7 +201,7 @@ impl Catalog {
                 ranges,
             });
         }
-        Ok(Catalog { cluster, wal, backups, windows, histories, reaches, from_fallbacks, unlisted })
+        Ok(Catalog { cluster, wal, backups, windows, histories, reaches, from_fallbacks, unlisted, damaged_manifests })
     }
 
     /// The newest timeline's window: where restores land (recovery_target_timeline = latest).

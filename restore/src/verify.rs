@@ -4,9 +4,11 @@
 //! with `deep`, every object opened, authenticated and its plaintext checked.
 //!
 //! Objects that decide what other commands do are read, not trusted by name: each retention
-//! floor, running marker and expire lock must open with the repository's keys, agree with its
-//! name and name plausible times (`bad-floor`, `bad-marker`, `bad-lock` otherwise; such a floor
-//! is treated as absent, so the WAL holes it would excuse are reported too).
+//! floor, running marker and expire lock must open with the repository's keys and agree with its
+//! name (`bad-floor`, `bad-marker`, `bad-lock` otherwise; such a floor is treated as absent, so
+//! the WAL holes it would excuse are reported too). A marker or lock that does open but names
+//! implausible times (far ahead of this host's clock, or a lock longer than a day) is obeyed by
+//! the other commands, so it is a warning in the notes, not a finding.
 //!
 //! A *rolled-back* archive (its newest objects deleted) is caught by two witnesses the bucket
 //! alone cannot rewrite: a backup manifest whose stop LSN lies past the archive's end on its
@@ -35,7 +37,7 @@ use crate::plan::Catalog;
 pub struct Finding {
     /// A stable kebab-case tag: `wal-gap`, `missing-history`, `bad-history`, `missing-parent`,
     /// `missing-block`, `bad-size`, `corrupt`, `unreadable`, `bad-floor`, `bad-marker`,
-    /// `bad-lock`, `rolled-back`.
+    /// `bad-lock`, `bad-manifest`, `rolled-back`.
     pub kind: &'static str,
     /// The object concerned (a WAL segment, history file, backup manifest or block name).
     pub object: String,
@@ -170,8 +172,13 @@ pub async fn verify(
 }
 
 /// Markers and locks under `running/` that are not obeyed ([`running::check`]), as findings;
-/// a storage error reading one is `unreadable`.
-async fn running_findings(repo: &Repository, findings: &mut Vec<Finding>) -> Result<(), RepositoryError> {
+/// a storage error reading one is `unreadable`. Obeyed ones naming implausible times
+/// ([`running::implausible`]) are warnings in `notes`.
+async fn running_findings(
+    repo: &Repository,
+    findings: &mut Vec<Finding>,
+    notes: &mut Vec<String>,
+) -> Result<(), RepositoryError> {
     let now = now_us();
     for o in running::list(repo).await? {
         let kind = match o.activity {
@@ -179,13 +186,21 @@ async fn running_findings(repo: &Repository, findings: &mut Vec<Finding>) -> Res
             Activity::Expire { .. } => "bad-lock",
         };
         match running::check(repo, &o, now).await {
-            Trust::Sound { .. } | Trust::Gone => {}
+            Trust::Sound { .. } => {
+                if let Some(why) = running::implausible(&o.activity, now) {
+                    notes.push(format!(
+                        "warning: {}: {why}; it is pitr's (it opens), so it is obeyed: check that host's clock",
+                        o.name
+                    ));
+                }
+            }
+            Trust::Gone => {}
             Trust::Unknown(why) => findings.push(Finding { kind: "unreadable", object: o.name, message: why }),
             Trust::Untrusted(u) => findings.push(Finding {
                 kind,
                 object: u.object,
                 message: format!(
-                    "{}: not obeyed (planted or damaged, or written by a host whose clock is far ahead); inspect it, \
+                    "{}: not obeyed (planted, damaged, or sealed with a key this pitr lacks); inspect it, \
                      then delete it by hand",
                     u.why
                 ),
@@ -225,7 +240,18 @@ pub async fn verify_with(
             ),
         });
     }
-    running_findings(repo, &mut findings).await?;
+    running_findings(repo, &mut findings, &mut notes).await?;
+    for d in &catalog.damaged_manifests {
+        findings.push(Finding {
+            kind: "bad-manifest",
+            object: d.name.clone(),
+            message: format!(
+                "{}: restores, backups and listings leave it out, and `expire` refuses to run until it is gone; \
+                 if no secondary holds a sound copy, inspect it, then delete it by hand",
+                d.why
+            ),
+        });
+    }
 
     // Rolled back: a backup or the server's slot says WAL was archived past the archive's end.
     for b in &catalog.backups {
@@ -460,5 +486,33 @@ mod tests {
         assert_eq!(path, vec![(1, 1), (1, 2), (2, 3), (2, 4), (2, 5)]);
         let path = recovery_path(layout, 1, seg, 1, 2 * seg + 1, &[]);
         assert_eq!(path, vec![(1, 1), (1, 2)]);
+    }
+
+    #[tokio::test]
+    async fn markers_that_open_are_not_findings_but_far_future_times_are_warned_of() {
+        use pitr_archive::{KeyRing, LocalStore, ObjectKind, ObjectMeta};
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
+        let now = now_us();
+        // A backup on a host whose clock is an hour ahead: pitr's, obeyed, warned of.
+        let ahead = now + 3_600_000_000;
+        let fast = running::marker_name(running::RunKind::Backup, ahead, ahead, "fast");
+        let text = format!("host=h\npid=1\nkind=backup\nstarted_us={ahead}\nrenewed_us={ahead}\nid=fast\n");
+        repo.put_sealed(&fast, text.into_bytes(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+        // A marker of this host's time, and one planted.
+        let near = running::marker_name(running::RunKind::Restore, now, now, "near");
+        let text = format!("host=h\npid=1\nkind=restore\nstarted_us={now}\nrenewed_us={now}\nid=near\n");
+        repo.put_sealed(&near, text.into_bytes(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+        let planted = running::marker_name(running::RunKind::Backup, ahead, ahead, "planted");
+        // As a bucket writer without the key can: a file in the local repository.
+        std::fs::write(dir.path().join(&planted), b"junk").unwrap();
+
+        let (mut findings, mut notes) = (Vec::new(), Vec::new());
+        running_findings(&repo, &mut findings, &mut notes).await.unwrap();
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        assert_eq!((findings[0].kind, findings[0].object.as_str()), ("bad-marker", planted.as_str()));
+        assert!(findings[0].message.contains("does not open"), "{findings:?}");
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].starts_with(&format!("warning: {fast}: ")) && notes[0].contains("ahead"), "{notes:?}");
     }
 }

@@ -75,7 +75,14 @@ pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
         println!("RETAINED {}: {}", x.object, x.why);
     }
     for x in &report.untrusted {
-        println!("NOT OBEYED {}: {} (not pitr's: inspect it, then delete it by hand)", x.object, x.why);
+        // A floor name this run cleared for its own floor is gone already; anything else stays
+        // for the operator to look at.
+        let hint = if x.why.ends_with(pitr_archive::expire::FLOOR_REPLACED) {
+            ""
+        } else {
+            " (not pitr's: inspect it, then delete it by hand)"
+        };
+        println!("NOT OBEYED {}: {}{hint}", x.object, x.why);
     }
     for x in &report.stale_removed {
         println!("{} stale marker {x}", if dry_run { "would remove" } else { "removed" });
