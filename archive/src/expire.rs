@@ -313,13 +313,11 @@ async fn put_floor(
         };
         tracing::warn!(floor = %name, error = %taken, "the retention floor's name holds an object that is not pitr's floor ({why}); deleting it and writing the floor");
         match repo.delete(&name).await {
-            Ok(()) => {
-                match untrusted.iter_mut().find(|u| u.object == name) {
-                    Some(u) if !u.why.ends_with(FLOOR_REPLACED) => u.why = format!("{}; {FLOOR_REPLACED}", u.why),
-                    Some(_) => {}
-                    None => untrusted.push(Untrusted { object: name.clone(), why: format!("{why}; {FLOOR_REPLACED}") }),
-                }
-            }
+            Ok(()) => match untrusted.iter_mut().find(|u| u.object == name) {
+                Some(u) if !u.why.ends_with(FLOOR_REPLACED) => u.why = format!("{}; {FLOOR_REPLACED}", u.why),
+                Some(_) => {}
+                None => untrusted.push(Untrusted { object: name.clone(), why: format!("{why}; {FLOOR_REPLACED}") }),
+            },
             Err(RepositoryError::Store(e)) if refused(&e) => {
                 tracing::warn!(floor = %name, error = %e, "cannot clear the retention floor's name; the WAL of timeline {timeline} is kept");
                 return Ok(false);

@@ -207,3 +207,80 @@ fn pg15_a_paused_sidecar_taken_over_writes_nothing_after_it_resumes() -> Result<
     env.run_ok(&["verify"])?;
     Ok(())
 }
+
+/// Creates `name` in the lease directory with bytes that are no lease; false if the name exists
+/// (never replaces a generation the sidecar wrote).
+fn plant_junk(lease_dir: &Path, name: &str) -> Result<bool> {
+    use std::io::Write;
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(lease_dir.join(name)) {
+        Ok(mut f) => {
+            f.write_all(b"not a lease")?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("planting {name} in {}", lease_dir.display())),
+    }
+}
+
+/// An object under a lease name that does not open (planted, or sealed with another key) is
+/// nobody's lease: the running sidecar keeps renewing past it and archiving, and a restart takes
+/// the lease as usual.
+#[test]
+fn pg15_a_junk_lease_object_stops_neither_the_sidecar_nor_its_restart() -> Result<()> {
+    let mut opts = PgOptions::new(15);
+    // The server keeps every segment for the comparison at the end.
+    opts.extra_conf.push("wal_keep_size = '1GB'".into());
+    let cluster = PgCluster::start(opts)?;
+    let stream_extra = format!("lease_ttl = \"{TTL_SECS}s\"\nlease_holder = \"host-a/pitr_main\"");
+    let mut env = PitrEnv::new("lease-junk", &cluster, &stream_extra)?;
+    env.init()?;
+    let mut a = env.spawn_stream()?;
+    env.wait_streaming(&cluster)?;
+    cluster.psql("create table handover(id int, pad text)")?;
+    write_rows(&cluster, 1, 2_000)?;
+    cluster.psql("select pg_switch_wal()")?;
+    env.wait_archived(cluster.current_lsn()?, "the first rows to be archived")?;
+
+    // The highest generation number there is, and the next few after the sidecar's own.
+    let lease_dir = env.wal_dir()?.parent().context("no cluster directory")?.join("lease");
+    ensure!(plant_junk(&lease_dir, "FFFFFFFFFFFFFFFF")?, "FFFFFFFFFFFFFFFF exists already");
+    let newest = std::fs::read_dir(&lease_dir)?
+        .flatten()
+        .filter_map(|e| u64::from_str_radix(&e.file_name().to_string_lossy(), 16).ok())
+        .filter(|g| *g != u64::MAX)
+        .max()
+        .context("no lease generation")?;
+    let mut planted = 0;
+    for g in newest + 1..newest + 4 {
+        planted += usize::from(plant_junk(&lease_dir, &format!("{g:016X}"))?);
+    }
+    ensure!(planted > 0, "every generation after {newest:016X} was taken before it could be planted");
+
+    // Several renewals later the sidecar still archives.
+    std::thread::sleep(Duration::from_secs(2 * TTL_SECS));
+    write_rows(&cluster, 2_001, 2_000)?;
+    cluster.psql("select pg_switch_wal()")?;
+    env.wait_archived(cluster.current_lsn()?, "rows written after the junk was planted to be archived")?;
+    ensure!(a.is_running(), "the sidecar stopped over a junk lease object\n{}", env.stream_logs());
+    let log = log_of(&env.dir.path().join("stream-1.log"));
+    ensure!(
+        log.contains("does not open") && log.contains("lease/FFFFFFFFFFFFFFFF"),
+        "no warning names the junk lease object:\n{}",
+        env.stream_logs()
+    );
+    env.stop_stream(&mut a)?;
+
+    // A restart takes the lease at once (it was released) and streams on.
+    let started = Instant::now();
+    let mut again = env.spawn_stream()?;
+    env.wait_streaming(&cluster)?;
+    ensure!(started.elapsed() < Duration::from_secs(2 * TTL_SECS), "the restart waited {:?}", started.elapsed());
+    write_rows(&cluster, 4_001, 2_000)?;
+    cluster.psql("select pg_switch_wal()")?;
+    env.wait_archived(cluster.current_lsn()?, "rows written after the restart to be archived")?;
+    env.stop_stream(&mut again)?;
+    let compared = compare_with_server(&env, &cluster)?;
+    // The segments written after the junk was planted and after the restart.
+    ensure!(compared >= 2, "only {compared} segments compared");
+    Ok(())
+}

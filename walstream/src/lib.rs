@@ -27,6 +27,8 @@ mod pipeline;
 mod receiver;
 mod resume;
 mod session;
+#[cfg(test)]
+mod test_store;
 mod uploader;
 
 pub use api::{StreamConfig, StreamError, StreamStatus};

@@ -148,23 +148,21 @@ pub(crate) async fn write_marks(
             continue;
         }
         // Written for the cluster, so through the writer lease's guard like the WAL.
-        if let Err(e) = guard.check().await {
-            if guard.lost_to().is_some() {
-                return;
-            }
-            tracing::warn!(error = %e, "could not check the writer lease before recording a completeness mark");
-            metrics::counter!("pitr_complete_mark_errors_total").increment(1);
-            tokio::time::sleep(interval).await;
-            continue;
-        }
-        match record_pg(&repo, system_id, &mark).await {
-            Ok(()) => {
+        match guard.fenced(record_pg(&repo, system_id, &mark)).await {
+            Ok(Ok(())) => {
                 metrics::gauge!("pitr_archive_complete_time_seconds").set(mark.server_time_us as f64 / 1e6);
                 recorded.send_replace(Some(mark));
                 last = Some(mark);
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "could not record a completeness mark; the next one follows");
+                metrics::counter!("pitr_complete_mark_errors_total").increment(1);
+            }
+            Err(e) => {
+                if guard.lost_to().is_some() {
+                    return;
+                }
+                tracing::warn!(error = %e, "could not record a completeness mark under the writer lease; the next one follows");
                 metrics::counter!("pitr_complete_mark_errors_total").increment(1);
             }
         }

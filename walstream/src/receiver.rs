@@ -286,8 +286,7 @@ async fn store_history(
     let (file, content) = conn.timeline_history(timeline).await?;
     let name = s.layout.object_name(&WalObject::History { timeline });
     let meta = ObjectMeta { timeline, ..ObjectMeta::plain(ObjectKind::TimelineHistory) };
-    s.guard.check().await?;
-    repo.put_sealed(&name, content.to_vec(), meta).await?;
+    s.guard.fenced(repo.put_sealed(&name, content.to_vec(), meta)).await??;
     tracing::info!(file = %file, "stored timeline history");
     Ok(())
 }
@@ -400,17 +399,27 @@ async fn pump(
                 last_reported = r;
                 publish(s, status, true);
             }
-            _ = s.lease_lost.changed() => {
-                if let Some(why) = s.lease_lost.borrow().clone() {
-                    return Err(StreamError::Fatal(why));
-                }
-            }
+            why = lease_keeper_stopped(&mut s.lease_lost) => return Err(why),
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
                     drain(s, conn).await?;
                     return Ok(Outcome::Finished(Finished::Shutdown));
                 }
             }
+        }
+    }
+}
+
+/// Resolves when the lease keeper reports a takeover, or ends without one (it failed): either
+/// way the lease is no longer kept, so nothing more may be written.
+async fn lease_keeper_stopped(lost: &mut watch::Receiver<Option<String>>) -> StreamError {
+    loop {
+        let ended = lost.changed().await.is_err();
+        if let Some(why) = lost.borrow_and_update().clone() {
+            return StreamError::Fatal(why);
+        }
+        if ended {
+            return StreamError::Fatal("the writer lease's keeper stopped unexpectedly; no more WAL is written".into());
         }
     }
 }
@@ -429,4 +438,27 @@ async fn drain(s: &mut Session, conn: &mut Connection) -> Result<(), StreamError
     let r = s.reportable();
     conn.send_status(r, r, false).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lease_keeper_that_ends_stops_the_stream_once() {
+        let (tx, mut rx) = watch::channel(None::<String>);
+        drop(tx);
+        let stopped = tokio::time::timeout(Duration::from_secs(5), lease_keeper_stopped(&mut rx)).await;
+        let why = stopped.expect("an ended keeper was not noticed").to_string();
+        assert!(why.contains("keeper stopped unexpectedly"), "{why}");
+
+        let (tx, mut rx) = watch::channel(None::<String>);
+        let waiting = tokio::spawn(async move { lease_keeper_stopped(&mut rx).await.to_string() });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a live keeper stopped the stream");
+        tx.send(Some("lost the lease of cluster 1 to b".into())).unwrap();
+        drop(tx);
+        let why = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        assert!(why.contains("lost the lease"), "{why}");
+    }
 }

@@ -14,12 +14,15 @@ use crate::pipeline::{compaction, resumed_buffer, ResumePlan, RunPlan, SegmentBu
 /// compaction and its deletes), plans the resume and reads the partial segment back.
 pub(crate) async fn prepare(
     repo: &Repository,
+    guard: &LeaseGuard,
     layout: WalLayout,
 ) -> Result<(ResumePlan, Option<SegmentBuffer>), StreamError> {
     let catalog = WalCatalog::build(repo, layout).await?;
     let plan = ResumePlan::from_catalog(&catalog);
     let redundant: Vec<String> = plan.redundant.iter().map(|o| layout.object_name(o)).collect();
-    repo.delete_many(&redundant).await?;
+    if !redundant.is_empty() {
+        guard.fenced(repo.delete_many(&redundant)).await??;
+    }
     let partial = match &plan.partial {
         Some(run) => Some(resumed_buffer(&layout, run, read_run(repo, layout, run).await?)),
         None => None,
@@ -47,11 +50,9 @@ pub(crate) async fn compact_orphans(repo: Repository, guard: LeaseGuard, layout:
 
 async fn compact(repo: &Repository, guard: &LeaseGuard, layout: WalLayout, run: &RunPlan) -> Result<(), StreamError> {
     let segment = compaction(&layout, run, read_run(repo, layout, run).await?).map_err(StreamError::Fatal)?;
-    guard.check().await?;
-    repo.put_sealed(&layout.object_name(&segment.object), segment.bytes, segment.meta).await?;
+    guard.fenced(repo.put_sealed(&layout.object_name(&segment.object), segment.bytes, segment.meta)).await??;
     let chunks: Vec<String> = segment.obsolete.iter().map(|o| layout.object_name(o)).collect();
-    guard.check().await?;
-    repo.delete_many(&chunks).await?;
+    guard.fenced(repo.delete_many(&chunks)).await??;
     Ok(())
 }
 
@@ -98,6 +99,12 @@ mod tests {
         repo.put_sealed(&l.object_name(&obj), bytes, meta).await.unwrap();
     }
 
+    /// The guard of a freshly taken writer lease (valid for a minute: no renewals needed).
+    async fn guard(repo: &Repository) -> LeaseGuard {
+        let lease = pitr_archive::lease::Lease::acquire(repo, layout().system_id, "test", Duration::from_secs(60));
+        lease.await.unwrap().guard()
+    }
+
     /// Plants `objects` holding the test WAL (timeline 1).
     async fn plant(objects: &[WalObject]) -> (tempfile::TempDir, Repository) {
         let dir = tempfile::tempdir().unwrap();
@@ -120,11 +127,11 @@ mod tests {
     /// uploader, stops, and returns the resume point.
     async fn resume_and_stream(repo: &Repository, until: u64) -> u64 {
         let l = layout();
-        let (plan, partial) = prepare(repo, l).await.unwrap();
-        let (timeline, start) = plan.start.unwrap();
         // Every write passes the writer lease's guard, as in the sidecar.
         let lease =
             pitr_archive::lease::Lease::acquire(repo, l.system_id, "test", Duration::from_secs(60)).await.unwrap();
+        let (plan, partial) = prepare(repo, &lease.guard(), l).await.unwrap();
+        let (timeline, start) = plan.start.unwrap();
         compact_orphans(repo.clone(), lease.guard(), l, plan.orphans).await;
         let shared = Shared::new(WalPipeline::resume(l, Duration::ZERO, timeline, start, partial));
         let (task, mut progress) = uploader::spawn(repo.clone(), lease.guard(), shared.clone());
@@ -221,7 +228,7 @@ mod tests {
         let mut other = wal(3 * SEG + 50, 3 * SEG + 300);
         other[10] ^= 1;
         put(&repo, chunk(1, 3, 50, 300), other).await;
-        let err = prepare(&repo, l).await.unwrap_err();
+        let err = prepare(&repo, &guard(&repo).await, l).await.unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, StreamError::ChunkMismatch { .. }), "{text}");
         assert!(text.contains(&l.object_name(&chunk(1, 3, 0, 100))), "{text}");
@@ -230,7 +237,7 @@ mod tests {
         // A chunk shorter than its name says.
         let (_dir, repo) = plant(&[]).await;
         put(&repo, chunk(1, 3, 0, 100), wal(3 * SEG, 3 * SEG + 90)).await;
-        let err = prepare(&repo, l).await.unwrap_err();
+        let err = prepare(&repo, &guard(&repo).await, l).await.unwrap_err();
         assert!(matches!(err, StreamError::ChunkLength { bytes: 90, named: 100, .. }), "{err}");
     }
 }

@@ -109,10 +109,9 @@ pub(crate) async fn open_session(
     let (release_lease, release_rx) = watch::channel(false);
     let lease_keeper = tokio::spawn(keep_lease(lease, cfg.lease_ttl, lease_lost_tx, release_rx));
     // The connection may have taken long: the lease is checked again before the first write.
-    guard.check().await?;
-    repo.put_cluster_info(&info).await?;
+    guard.fenced(repo.put_cluster_info(&info)).await??;
     let layout = WalLayout::new(&info);
-    let (plan, partial) = resume::prepare(repo, layout).await?;
+    let (plan, partial) = resume::prepare(repo, &guard, layout).await?;
 
     let mut decoder = WalDecoder::new(segment_size, page_size);
     let pipeline = match plan.start {
@@ -189,10 +188,11 @@ pub(crate) async fn open_session(
 const LEASE_UNCONFIRMED: &str =
     "the writer lease could not be renewed: WAL puts are paused until it is (the primary keeps the WAL in the slot)";
 
-/// Renews the writer lease every third of its lifetime, and at once when a put finds it
-/// unconfirmed; reports a takeover; releases on request. A failed renewal (an error, or longer
-/// than a third of the TTL) leaves the lease unconfirmed, which pauses every put, and is retried
-/// sooner.
+/// Renews the writer lease every third of its lifetime (counted from the start of the put that
+/// created its newest generation, which is where its validity starts), and at once when a put
+/// finds it unconfirmed; reports a takeover; releases on request. A failed renewal (an error, or
+/// longer than a third of the TTL) leaves the lease unconfirmed, which pauses every put, and is
+/// retried sooner. Older generations are deleted beside the renewals, never holding one up.
 pub(crate) async fn keep_lease(
     mut lease: Lease,
     ttl: Duration,
@@ -204,9 +204,9 @@ pub(crate) async fn keep_lease(
     let mut failing = false;
     metrics::gauge!("pitr_lease_confirmed").set(1.0);
     loop {
-        let wait = if failing { retry } else { ttl / 3 };
+        let due = if failing { Instant::now() + retry } else { lease.renewal_due() };
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(due.into()) => {}
             // After a failure, the retry spacing holds even when puts ask.
             _ = guard.renewal_requested(), if !failing => {}
             _ = release.changed() => {
@@ -223,6 +223,7 @@ pub(crate) async fn keep_lease(
                 }
                 failing = false;
                 metrics::gauge!("pitr_lease_confirmed").set(1.0);
+                tokio::spawn(tokio::time::timeout(ttl / 3, lease.tidy()));
             }
             Err(e @ LeaseError::Lost { .. }) => {
                 tracing::error!(error = %e, "the writer lease was taken over; no more WAL is written");
@@ -291,4 +292,43 @@ pub(crate) fn publish(s: &Session, status: &watch::Sender<StreamStatus>, connect
         }
         st.updated_at_us = now_us();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_store::{delayed, Request};
+
+    #[tokio::test]
+    async fn renewals_counted_from_the_validitys_start_leave_no_gap_on_slow_storage() {
+        let ttl = Duration::from_secs(2);
+        let slow = ttl / 4;
+        let dir = tempfile::tempdir().unwrap();
+        // Renewals alternate: one whose put is slow (it ends late), then one whose listing is slow
+        // (its put, where the validity starts, begins late). Each stays within a third of the TTL.
+        let repo = delayed(dir.path(), [4; 32], move |request, name, lease_puts| {
+            let lease = name.contains("/lease/");
+            match request {
+                Request::List if lease && lease_puts % 2 == 1 => slow,
+                Request::Put if lease && lease_puts % 2 == 0 => slow,
+                _ => Duration::ZERO,
+            }
+        });
+        let lease = Lease::acquire(&repo, 3, "a", ttl).await.unwrap();
+        let guard = lease.guard();
+        let (lost_tx, _lost) = watch::channel(None);
+        let (release_tx, release_rx) = watch::channel(false);
+        let keeper = tokio::spawn(keep_lease(lease, ttl, lost_tx, release_rx));
+        let started = Instant::now();
+        let mut gaps = Vec::new();
+        while started.elapsed() < ttl * 5 / 2 {
+            if !guard.is_confirmed() {
+                gaps.push(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        release_tx.send(true).unwrap();
+        keeper.await.unwrap();
+        assert!(gaps.is_empty(), "the lease was unconfirmed at {gaps:?}");
+    }
 }

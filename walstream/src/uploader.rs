@@ -84,17 +84,25 @@ enum PutError {
     Fenced(LeaseError),
     /// Storage failed (the guard's listing or the put itself).
     Repository(RepositoryError),
-    /// The lease stayed unconfirmed for [`LEASE_WAIT`]: nothing was put.
-    Unconfirmed,
+    /// The lease stayed unconfirmed for [`LEASE_WAIT`], or its validity ended while the put was
+    /// under way (the put was cancelled): retried like a failed put.
+    Unconfirmed(&'static str),
+    /// The lease's check failed otherwise (its generations changed under it while it read
+    /// them): nothing was put; retried like a failed put.
+    Unchecked(LeaseError),
 }
 
 /// How long a put waits for an unconfirmed lease before it counts as failed (and is retried).
 const LEASE_WAIT: Duration = Duration::from_secs(1);
 
+const NOT_CONFIRMED: &str = "the writer lease is not confirmed (its renewal failed or is late): nothing was put";
+const RAN_OUT: &str =
+    "the writer lease ran out while the put was under way (its renewals failed or are late): the put was cancelled";
+
 type PutResult = Result<PutOutcome, PutError>;
 
-/// A put through the lease's guard; also when the put itself started (after any wait for the
-/// lease), for the upload latency.
+/// A put through the lease's guard, cancelled if the lease's validity ends before it finishes;
+/// also when the put itself started (after any wait for the lease), for the upload latency.
 async fn fenced_put(
     repo: &Repository,
     guard: &LeaseGuard,
@@ -103,17 +111,21 @@ async fn fenced_put(
     meta: ObjectMeta,
 ) -> (Instant, PutResult) {
     match tokio::time::timeout(LEASE_WAIT, guard.confirmed()).await {
-        Err(_) => return (Instant::now(), Err(PutError::Unconfirmed)),
+        Err(_) => return (Instant::now(), Err(PutError::Unconfirmed(NOT_CONFIRMED))),
         Ok(Err(e)) => return (Instant::now(), Err(PutError::Fenced(e))),
         Ok(Ok(())) => {}
     }
-    match guard.check().await {
-        Ok(()) => {}
-        Err(LeaseError::Repository(e)) => return (Instant::now(), Err(PutError::Repository(e))),
-        Err(e) => return (Instant::now(), Err(PutError::Fenced(e))),
+    let put = async {
+        let started = Instant::now();
+        (started, repo.put_sealed(name, bytes, meta).await)
+    };
+    match guard.fenced(put).await {
+        Ok((started, result)) => (started, result.map_err(PutError::Repository)),
+        Err(LeaseError::Repository(e)) => (Instant::now(), Err(PutError::Repository(e))),
+        Err(e @ (LeaseError::Lost { .. } | LeaseError::Released { .. })) => (Instant::now(), Err(PutError::Fenced(e))),
+        Err(LeaseError::Expired { .. }) => (Instant::now(), Err(PutError::Unconfirmed(RAN_OUT))),
+        Err(e) => (Instant::now(), Err(PutError::Unchecked(e))),
     }
-    let started = Instant::now();
-    (started, repo.put_sealed(name, bytes, meta).await.map_err(PutError::Repository))
 }
 
 /// A compaction running beside the chunk puts: its put id and how its put went.
@@ -210,10 +222,16 @@ impl Uploader {
             }
             Err(PutError::Fenced(e)) => Err(e.into()),
             Err(PutError::Repository(e @ RepositoryError::Conflict { .. })) => Err(e.into()),
-            Err(PutError::Unconfirmed) => {
-                let why = "the writer lease is not confirmed (its renewal failed or is late): nothing was put";
+            Err(PutError::Unconfirmed(why)) => {
                 let retry_in = self.shared.with(|p| p.put_failed(id, why.to_string(), Instant::now()));
                 tracing::warn!(error = why, retry_in = ?retry_in.unwrap_or_default(),
+                    "archive put failed; retrying (the primary keeps the WAL in the slot)");
+                metrics::counter!("pitr_upload_errors_total").increment(1);
+                Ok(())
+            }
+            Err(PutError::Unchecked(e)) => {
+                let retry_in = self.shared.with(|p| p.put_failed(id, e.to_string(), Instant::now()));
+                tracing::warn!(error = %e, retry_in = ?retry_in.unwrap_or_default(),
                     "archive put failed; retrying (the primary keeps the WAL in the slot)");
                 metrics::counter!("pitr_upload_errors_total").increment(1);
                 Ok(())
@@ -236,13 +254,11 @@ impl Uploader {
         let names: Vec<String> = chunks.iter().map(|c| layout.object_name(c)).collect();
         let (repo, guard) = (self.repo.clone(), self.guard.clone());
         tokio::spawn(async move {
-            // A delete is a write too: none after the lease is lost.
-            if let Err(e) = guard.check().await {
-                tracing::warn!(error = %e, chunks = names.len(), "compacted chunks left in place");
-                return;
-            }
-            if let Err(e) = repo.delete_many(&names).await {
-                tracing::warn!(error = %e, chunks = names.len(), "could not delete compacted chunks");
+            // A delete is a write too: none after the lease is lost or ran out.
+            match guard.fenced(repo.delete_many(&names)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, chunks = names.len(), "could not delete compacted chunks"),
+                Err(e) => tracing::warn!(error = %e, chunks = names.len(), "compacted chunks left in place"),
             }
         });
     }
@@ -306,6 +322,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_put_under_way_when_the_lease_runs_out_lands_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        // WAL puts take 1.5 s to reach storage (a slow link, retries).
+        let repo = crate::test_store::delayed(dir.path(), [3; 32], |request, name, _| {
+            let wal = request == crate::test_store::Request::Put && name.contains("/wal/");
+            if wal {
+                Duration::from_millis(1500)
+            } else {
+                Duration::ZERO
+            }
+        });
+        let ttl = Duration::from_millis(400);
+        let a = Lease::acquire(&repo, SYSTEM_ID, "a", ttl).await.unwrap();
+        // A cannot renew (no keeper: cut off from storage) while its first put is on its way.
+        let (task, _progress) = spawn(repo.clone(), a.guard(), pipeline_with_wal());
+        tokio::time::sleep(ttl + Duration::from_millis(20)).await;
+        let _b = Lease::acquire(&repo, SYSTEM_ID, "b", ttl).await.unwrap();
+        // Well past when A's put would have landed.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(wal_objects(&repo).await, Vec::<String>::new());
+        task.abort();
+    }
+
+    #[tokio::test]
     async fn a_newer_generation_in_storage_stops_the_next_put_even_within_the_ttl() {
         let dir = tempfile::tempdir().unwrap();
         let repo = repo(dir.path());
@@ -327,9 +367,23 @@ mod tests {
     #[tokio::test]
     async fn a_failed_renewal_holds_puts_until_a_renewal_succeeds() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = repo(dir.path());
+        // Lease puts hang while `hang` is set (storage cut off).
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let repo = crate::test_store::delayed(dir.path(), [3; 32], {
+            let hang = hang.clone();
+            move |request, name, _| {
+                let cut_off = request == crate::test_store::Request::Put && name.contains("/lease/");
+                if cut_off && hang.load(std::sync::atomic::Ordering::SeqCst) {
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::ZERO
+                }
+            }
+        });
         let mut a = Lease::acquire(&repo, SYSTEM_ID, "a", Duration::from_secs(60)).await.unwrap();
-        assert!(a.renew_within(Duration::ZERO).await.is_err(), "a renewal given no time fails");
+        hang.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(a.renew_within(Duration::from_millis(50)).await.is_err(), "a renewal that hangs fails");
+        hang.store(false, std::sync::atomic::Ordering::SeqCst);
         let shared = pipeline_with_wal();
         let (_task, mut progress) = spawn(repo.clone(), a.guard(), shared.clone());
         tokio::time::sleep(Duration::from_millis(300)).await;

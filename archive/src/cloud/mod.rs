@@ -8,7 +8,9 @@
 //! - retries of conditional creates that timed out or lost their connection (object_store does not
 //!   retry those, as a create is not idempotent), with an identical object found afterwards taken
 //!   as our own earlier attempt;
-//! - a bound on concurrent requests per repository across the whole process;
+//! - a bound on concurrent requests per repository across the whole process, with slots of their
+//!   own for the WAL stream's requests (its writer lease, WAL and completeness marks), so that
+//!   these never queue behind a base backup's parts;
 //! - connect and request timeouts, so a dead or frozen server gives errors and retries rather than
 //!   requests that hang;
 //! - S3 Object Lock retention on every object written ([`ObjectLock`]), and extending it
@@ -52,7 +54,8 @@ pub struct CloudOptions {
     pub force_path_style: bool,
     /// GCS service-account JSON key file.
     pub service_account_key: Option<PathBuf>,
-    /// Requests in flight at once to this repository, across the process.
+    /// Requests in flight at once to this repository, across the process (the WAL stream's
+    /// requests have [`STREAM_REQUESTS`] slots of their own on top).
     pub max_concurrency: usize,
     /// Objects larger than this go up as a multipart upload (S3).
     pub multipart_threshold: usize,
@@ -146,6 +149,8 @@ pub struct CloudStore {
     prefix: String,
     location: String,
     permits: Arc<Semaphore>,
+    /// The WAL stream's own request slots ([`is_stream_request`]).
+    stream_permits: Arc<Semaphore>,
     /// `None`: every object in one request (GCS).
     multipart: Option<(usize, usize)>,
     retry_timeout: Duration,
@@ -166,6 +171,24 @@ const S3_MAX_SINGLE_PUT: usize = 5 << 30;
 
 /// Parts of one multipart upload in flight at once (each also takes a request permit).
 const PARTS_IN_FLIGHT: usize = 4;
+
+/// Request slots of the WAL stream (lease, WAL, completeness marks), per repository location
+/// and apart from `max_concurrency`: a renewal (LIST, GET, PUT) or a WAL put waiting behind a
+/// base backup's multipart parts would let the lease lapse and pause WAL archiving for the
+/// backup's length. The stream itself has at most a couple of puts, a renewal and a batch of
+/// deletes in flight. Requests are told apart by name, so other requests for those names (a
+/// scheduled expire deleting WAL, a restore fetching it) take these slots too: short requests,
+/// never a backup's parts.
+pub const STREAM_REQUESTS: usize = 8;
+
+/// Whether a request for `name` (an object, or a listing prefix) is the WAL stream's: under
+/// `pg/<id>/lease/`, `pg/<id>/wal/` or `pg/<id>/complete/`.
+fn is_stream_request(name: &str) -> bool {
+    let mut parts = name.split('/');
+    parts.next() == Some("pg")
+        && parts.next().is_some_and(|id| !id.is_empty())
+        && matches!(parts.next(), Some("lease" | "wal" | "complete"))
+}
 
 /// One semaphore per repository location, shared by every store the process opens on it, so
 /// that `max_concurrency` bounds the process and not each command's share of it.
@@ -225,6 +248,8 @@ impl CloudStore {
             inner,
             prefix: prefix.trim_matches('/').to_string(),
             permits: permits_for(&location, opts.max_concurrency),
+            // Keyed apart from the location's general slots.
+            stream_permits: permits_for(&format!("{location}#stream"), STREAM_REQUESTS),
             location,
             multipart,
             retry_timeout: opts.retry_timeout,
@@ -265,9 +290,11 @@ impl CloudStore {
         (full_dir, strip)
     }
 
-    async fn permit(&self) -> tokio::sync::OwnedSemaphorePermit {
+    /// A request slot for a request about `name` (an object, or a listing prefix).
+    async fn permit(&self, name: &str) -> tokio::sync::OwnedSemaphorePermit {
+        let permits = if is_stream_request(name) { &self.stream_permits } else { &self.permits };
         // The semaphore is never closed.
-        self.permits.clone().acquire_owned().await.expect("request semaphore closed")
+        permits.clone().acquire_owned().await.expect("request semaphore closed")
     }
 
     fn put_options(&self, data: &Bytes) -> PutOptions {
@@ -278,21 +305,27 @@ impl CloudStore {
         opts
     }
 
-    async fn put_single(&self, key: &ObjectPath, data: &Bytes) -> Result<(), object_store::Error> {
-        let _permit = self.permit().await;
+    async fn put_single(&self, name: &str, key: &ObjectPath, data: &Bytes) -> Result<(), object_store::Error> {
+        let _permit = self.permit(name).await;
         self.inner.put_opts(key, PutPayload::from(data.clone()), self.put_options(data)).await.map(|_| ())
     }
 
     /// Creates the upload, sends the parts (a few at a time), completes it conditionally; on any
     /// failure aborts it, so no parts are left behind to pay for (S3 never shows an unfinished
     /// upload as an object).
-    async fn put_multipart(&self, key: &ObjectPath, data: &Bytes, part_size: usize) -> Result<(), object_store::Error> {
+    async fn put_multipart(
+        &self,
+        name: &str,
+        key: &ObjectPath,
+        data: &Bytes,
+        part_size: usize,
+    ) -> Result<(), object_store::Error> {
         let mut opts = PutMultipartOptions::default();
         if self.object_lock.is_some() {
             opts.extensions.insert(crate::cloud::s3::LockedPut::multipart());
         }
         let mut upload = {
-            let _permit = self.permit().await;
+            let _permit = self.permit(name).await;
             self.inner.put_multipart_opts(key, opts).await?
         };
         let mut parts = tokio::task::JoinSet::new();
@@ -304,7 +337,7 @@ impl CloudStore {
             if result.is_err() {
                 break;
             }
-            let permit = self.permit().await;
+            let permit = self.permit(name).await;
             let part = upload.put_part(PutPayload::from(data.slice(start..(start + part_size).min(data.len()))));
             // Spawned, so that a part holding a permit makes progress while we wait for another.
             parts.spawn(async move {
@@ -318,13 +351,13 @@ impl CloudStore {
         }
         let result = match result {
             Ok(()) => {
-                let _permit = self.permit().await;
+                let _permit = self.permit(name).await;
                 upload.complete().await.map(|_| ())
             }
             Err(e) => Err(e),
         };
         if result.is_err() {
-            let _permit = self.permit().await;
+            let _permit = self.permit(name).await;
             if let Err(e) = upload.abort().await {
                 tracing::warn!(object = %key, error = %e, "could not abort a failed multipart upload; a lifecycle rule (AbortIncompleteMultipartUpload) cleans it up");
             }
@@ -335,8 +368,8 @@ impl CloudStore {
     /// The name was taken. An object with exactly our bytes is our own earlier attempt whose
     /// response was lost (sealed objects carry a fresh random data key, so nobody else writes
     /// those bytes); anything else is someone else's object.
-    async fn existing_outcome(&self, key: &ObjectPath, data: &Bytes) -> PutOutcome {
-        let _permit = self.permit().await;
+    async fn existing_outcome(&self, name: &str, key: &ObjectPath, data: &Bytes) -> PutOutcome {
+        let _permit = self.permit(name).await;
         let existing = match self.inner.get(key).await {
             // Of another size it is not ours: not read, so a huge object planted under the name
             // costs nothing.
@@ -362,7 +395,7 @@ impl CloudStore {
         let mut attempt = 0;
         loop {
             let result = {
-                let _permit = self.permit().await;
+                let _permit = self.permit(name).await;
                 request().await
             };
             let (name, location) = (name.to_string(), self.location.clone());
@@ -437,13 +470,13 @@ impl Store for CloudStore {
                 // No HEAD first: the conditional completion is the one check that holds against
                 // a concurrent writer, and a taken name is rare (a retry after a crash).
                 Some((threshold, part_size)) if data.len() > threshold => {
-                    self.put_multipart(&key, &data, part_size).await
+                    self.put_multipart(name, &key, &data, part_size).await
                 }
-                _ => self.put_single(&key, &data).await,
+                _ => self.put_single(name, &key, &data).await,
             };
             match result {
                 Ok(()) => return Ok(PutOutcome::Created),
-                Err(e) if taken(&e) => return Ok(self.existing_outcome(&key, &data).await),
+                Err(e) if taken(&e) => return Ok(self.existing_outcome(name, &key, &data).await),
                 Err(e) if ambiguous_put_failure(&e) && started.elapsed() < self.retry_timeout => {
                     let wait = self.backoff(attempt);
                     attempt += 1;
@@ -457,14 +490,14 @@ impl Store for CloudStore {
 
     async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
         let key = self.key(name)?;
-        let _permit = self.permit().await;
+        let _permit = self.permit(name).await;
         let result = self.inner.get(&key).await.map_err(|e| self.err("get", name, e))?;
         result.bytes().await.map_err(|e| self.err("get", name, e))
     }
 
     async fn get_limited(&self, name: &str, limit: u64) -> Result<Bytes, StoreError> {
         let key = self.key(name)?;
-        let _permit = self.permit().await;
+        let _permit = self.permit(name).await;
         let result = self.inner.get(&key).await.map_err(|e| self.err("get", name, e))?;
         // The response head gives the size: a body over the limit is never read.
         let size = result.meta.size;
@@ -480,9 +513,9 @@ impl Store for CloudStore {
         let name = format!("{PROBE_PREFIX}if-none-match.{}", hex::encode(random));
         let key = self.key(&name)?;
         let first = Bytes::from_static(b"pitr probe: the first create");
-        self.put_single(&key, &first).await.map_err(|e| self.err("probe conditional create of", &name, e))?;
+        self.put_single(&name, &key, &first).await.map_err(|e| self.err("probe conditional create of", &name, e))?;
         // Other bytes, so that no answer could be taken for our own first attempt.
-        let second = self.put_single(&key, &Bytes::from_static(b"pitr probe: a second create")).await;
+        let second = self.put_single(&name, &key, &Bytes::from_static(b"pitr probe: a second create")).await;
         if let Err(e) = self.delete(&name).await {
             tracing::warn!(object = %name, location = %self.location, error = %e,
                 "could not delete the conditional-create probe object; it is safe to delete by hand");
@@ -496,7 +529,7 @@ impl Store for CloudStore {
 
     async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         let key = self.key(name)?;
-        let _permit = self.permit().await;
+        let _permit = self.permit(name).await;
         // A range past the end is cut at the end, as the trait promises.
         let size = self.inner.head(&key).await.map_err(|e| self.err("get range", name, e))?.size;
         let range = range.start.min(size)..range.end.min(size);
@@ -510,7 +543,7 @@ impl Store for CloudStore {
         // object_store lists by path components; names may share a partial last component.
         let dir = prefix.rfind('/').map(|i| &prefix[..i]).unwrap_or("");
         let (full_dir, strip) = self.listing_path(dir);
-        let _permit = self.permit().await;
+        let _permit = self.permit(prefix).await;
         let metas: Vec<object_store::ObjectMeta> =
             self.inner.list(full_dir.as_ref()).try_collect().await.map_err(|e| self.err("list", prefix, e))?;
         let mut out: Vec<ObjectInfo> = metas
@@ -526,7 +559,7 @@ impl Store for CloudStore {
 
     async fn list_children(&self, dir: &str) -> Result<Vec<String>, StoreError> {
         let (full_dir, strip) = self.listing_path(dir.trim_end_matches('/'));
-        let _permit = self.permit().await;
+        let _permit = self.permit(dir).await;
         let listed = self.inner.list_with_delimiter(full_dir.as_ref()).await.map_err(|e| self.err("list", dir, e))?;
         let mut out: Vec<String> = listed
             .common_prefixes
@@ -541,7 +574,7 @@ impl Store for CloudStore {
 
     async fn delete(&self, name: &str) -> Result<(), StoreError> {
         let key = self.key(name)?;
-        let _permit = self.permit().await;
+        let _permit = self.permit(name).await;
         match self.inner.delete(&key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("delete", name, e)),
@@ -565,7 +598,7 @@ impl Store for CloudStore {
 
     async fn head(&self, name: &str) -> Result<Option<ObjectInfo>, StoreError> {
         let key = self.key(name)?;
-        let _permit = self.permit().await;
+        let _permit = self.permit(name).await;
         match self.inner.head(&key).await {
             Ok(m) => Ok(Some(ObjectInfo { name: name.to_string(), size: m.size })),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -687,6 +720,25 @@ mod tests {
         let source = Box::new(std::io::Error::other("AccessDenied"));
         let e = store.err("delete", "x/y", object_store::Error::PermissionDenied { path: "p/x/y".into(), source });
         assert!(e.is_denied() && e.to_string().contains("x/y"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_wal_streams_requests_do_not_wait_behind_a_backups() {
+        let opts = CloudOptions { region: Some("us-east-1".into()), max_concurrency: 2, ..Default::default() };
+        let store = CloudStore::open("s3://stream-slots/x", &opts).unwrap();
+        // A base backup's parts hold every general slot.
+        let _backup = [store.permit("pg/1/blocks/ab/cd").await, store.permit("pg/1/blocks/ef/01").await];
+        for name in
+            ["pg/1/lease/", "pg/1/lease/0000000000000002", "pg/1/wal/000000010000000000000003", "pg/1/complete/"]
+        {
+            let permit = tokio::time::timeout(Duration::from_secs(5), store.permit(name)).await;
+            assert!(permit.is_ok(), "{name} waited behind the backup");
+        }
+        let other = tokio::time::timeout(Duration::from_millis(100), store.permit("pg/1/backups/x")).await;
+        assert!(other.is_err(), "max_concurrency no longer bounds other requests");
+        for name in ["pg/", "pg//wal/x", "mongo/rs/lease/1", "pg/1/walrus", "pg/1/backups/wal/x"] {
+            assert!(!is_stream_request(name), "{name}");
+        }
     }
 
     #[test]
