@@ -7,7 +7,7 @@
 //!   floor above a deleted segment: `pitr verify` reports the floor, the marker, the lock and the
 //!   missing segment, and passes again once they are gone and the segment is back; junk under a
 //!   backup manifest's name: `pitr list` leaves it out, `pitr expire` refuses naming it, and
-//!   `pitr verify` reports it;
+//!   `pitr verify` reports it, as it reports junk under a lease generation's name;
 //! - the newest WAL objects of a streamed archive deleted (a rolled-back bucket): `pitr verify`
 //!   reports it from the server's slot, and from a backup manifest when the server is not
 //!   reachable.
@@ -181,6 +181,8 @@ fn pg15_planted_floor_marker_and_lock_are_reported_and_obeyed_by_nobody() -> Res
     // expire refuses to run beside a manifest it cannot read, verify reports it.
     let manifest = format!("pg/{id}/backups/99991231T000000Z.manifest");
     plant(&env, &manifest, b"junk")?;
+    let lease = format!("pg/{id}/lease/FFFFFFFFFFFFFFFF");
+    plant(&env, &lease, b"junk")?;
     let listed = json(&env.run_ok(&["list", "--json"])?)?;
     let listed_ids = ids(&listed["backups"]);
     assert!(!listed_ids.is_empty() && !listed_ids.iter().any(|b| b.starts_with("9999")), "{listed:#}");
@@ -198,6 +200,8 @@ fn pg15_planted_floor_marker_and_lock_are_reported_and_obeyed_by_nobody() -> Res
     assert!(bad_lock.len() == 1 && bad_lock[0].0 == lock, "{report:#}");
     let bad_manifest = findings(&report, "bad-manifest");
     assert!(bad_manifest.len() == 1 && bad_manifest[0].0 == manifest, "{report:#}");
+    let bad_lease = findings(&report, "bad-lease");
+    assert!(bad_lease.len() == 1 && bad_lease[0].0 == lease, "{report:#}");
     let gaps = findings(&report, "wal-gap");
     assert!(gaps.iter().any(|(object, _)| object.contains(&middle)), "the hole under the planted floor: {report:#}");
     // The text output names them too.
@@ -206,7 +210,7 @@ fn pg15_planted_floor_marker_and_lock_are_reported_and_obeyed_by_nobody() -> Res
     assert!(!out.status.success() && text.contains(&format!("FINDING bad-floor: {floor}")), "{text}");
 
     // The planted objects gone and the segment back: nothing else was wrong.
-    for name in [&floor, &marker, &lock, &manifest] {
+    for name in [&floor, &marker, &lock, &manifest, &lease] {
         std::fs::remove_file(env.repo_path().join(name))?;
     }
     for n in &held {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use pitr_archive::names::pg;
 use pitr_archive::running::{self, Activity, Trust};
-use pitr_archive::{expire, now_us, retention};
+use pitr_archive::{expire, lease, now_us, retention};
 use pitr_archive::{HistoryProblem, Repository, RepositoryError, WalLayout, WalObject};
 use pitr_pgformat::lsn::format_lsn;
 use pitr_pgformat::timeline::HistoryEntry;
@@ -37,7 +37,7 @@ use crate::plan::Catalog;
 pub struct Finding {
     /// A stable kebab-case tag: `wal-gap`, `missing-history`, `bad-history`, `missing-parent`,
     /// `missing-block`, `bad-size`, `corrupt`, `unreadable`, `bad-floor`, `bad-marker`,
-    /// `bad-lock`, `bad-manifest`, `rolled-back`.
+    /// `bad-lock`, `bad-manifest`, `bad-lease`, `rolled-back`.
     pub kind: &'static str,
     /// The object concerned (a WAL segment, history file, backup manifest or block name).
     pub object: String,
@@ -241,6 +241,20 @@ pub async fn verify_with(
         });
     }
     running_findings(repo, &mut findings, &mut notes).await?;
+    let junk_leases = lease::untrusted_generations(repo, system_id).await.map_err(|e| match e {
+        lease::LeaseError::Repository(e) => e,
+        other => RepositoryError::Invalid { name: pg::lease_prefix(system_id), what: other.to_string() },
+    })?;
+    for (object, why) in junk_leases {
+        findings.push(Finding {
+            kind: "bad-lease",
+            object,
+            message: format!(
+                "{why}: not a writer lease (planted, damaged, or sealed with a key this pitr lacks); sidecars skip it, \
+                 inspect it, then delete it by hand"
+            ),
+        });
+    }
     for d in &catalog.damaged_manifests {
         findings.push(Finding {
             kind: "bad-manifest",
