@@ -912,17 +912,7 @@ mod tests {
 
     /// Plants generation `generation` as written by `pid` of `holder` on this host.
     async fn plant(r: &Repository, system_id: u64, generation: u64, holder: &str, pid: u32) {
-        let record = LeaseRecord {
-            holder: holder.into(),
-            pid,
-            expires_us: now_us() + 60_000_000,
-            host: crate::hostname(),
-            incarnation: "0123456789abcdef".into(),
-            ttl_us: 60_000_000,
-            released: false,
-            boot_id: boot_id(),
-            pid_ns: pid_namespace(),
-        };
+        let record = record_of(holder, pid);
         let meta = ObjectMeta::plain(ObjectKind::Meta);
         r.put_sealed(&pg::lease(system_id, generation), record.to_text().into_bytes(), meta).await.unwrap();
     }
