@@ -259,7 +259,9 @@ impl BackupManifest {
                 }
                 // Deleted since the listing (an expire): not a backup any more.
                 Err(RepositoryError::Store(e)) if e.is_not_found() => {}
-                Err(e) if is_damage(&e) => damaged.push(DamagedManifest { name: obj.name.clone(), why: e.to_string() }),
+                Err(e) if e.is_bad_object() => {
+                    damaged.push(DamagedManifest { name: obj.name.clone(), why: e.to_string() })
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -275,11 +277,6 @@ pub struct DamagedManifest {
     pub name: String,
     /// Why it cannot be used.
     pub why: String,
-}
-
-/// Whether `e` is about the object (it does not open, or is not a manifest), not the storage.
-fn is_damage(e: &RepositoryError) -> bool {
-    matches!(e, RepositoryError::Invalid { .. } | RepositoryError::Seal(_))
 }
 
 #[cfg(test)]

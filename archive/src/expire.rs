@@ -253,7 +253,7 @@ pub async fn read_floors(
                     Some(why) => why,
                 },
                 Err(RepositoryError::Store(e)) if e.is_not_found() => continue,
-                Err(e @ (RepositoryError::Seal(_) | RepositoryError::Invalid { .. })) => {
+                Err(e) if e.is_bad_object() => {
                     format!("does not open with this repository's keys ({e})")
                 }
                 Err(e) => return Err(e),
@@ -293,9 +293,8 @@ async fn put_floor(
         let meta = ObjectMeta { timeline, ..ObjectMeta::plain(ObjectKind::Meta) };
         let taken = match repo.put_sealed(&name, text.into_bytes(), meta).await {
             Ok(_) => return Ok(true),
-            Err(
-                e @ (RepositoryError::Conflict { .. } | RepositoryError::Seal(_) | RepositoryError::Invalid { .. }),
-            ) => e,
+            Err(e @ RepositoryError::Conflict { .. }) => e,
+            Err(e) if e.is_bad_object() => e,
             Err(e) => return Err(e),
         };
         let why = match repo.get_record_here(&name).await {
@@ -306,7 +305,7 @@ async fn put_floor(
                 }
             }
             Err(RepositoryError::Store(e)) if e.is_not_found() => continue,
-            Err(e @ (RepositoryError::Seal(_) | RepositoryError::Invalid { .. })) => {
+            Err(e) if e.is_bad_object() => {
                 format!("does not open with this repository's keys ({e})")
             }
             Err(e) => return Err(e),

@@ -212,15 +212,13 @@ impl LeaseRecord {
 /// Whether a read of a lease generation failed because the object itself is not a lease (it does
 /// not authenticate, is not a record, or is too big to be one), as opposed to storage failing.
 fn does_not_open(e: &LeaseError) -> bool {
-    matches!(
-        e,
-        LeaseError::Malformed { .. }
-            | LeaseError::Repository(
-                RepositoryError::Seal(_)
-                    | RepositoryError::Invalid { .. }
-                    | RepositoryError::Store(StoreError::TooLarge { .. })
-            )
-    )
+    match e {
+        LeaseError::Malformed { .. } => true,
+        LeaseError::Repository(e) => {
+            e.is_bad_object() || matches!(e, RepositoryError::Store(StoreError::TooLarge { .. }))
+        }
+        _ => false,
+    }
 }
 
 /// Generations already reported as not opening, so that each is warned about once per process.
@@ -748,7 +746,7 @@ impl Lease {
                 Ok(PutOutcome::Created) => false,
                 Ok(PutOutcome::AlreadyExists) | Err(RepositoryError::Conflict { .. }) => true,
                 // Created meanwhile by something that is not a lease: taken all the same.
-                Err(e @ (RepositoryError::Seal(_) | RepositoryError::Invalid { .. })) => {
+                Err(e) if e.is_bad_object() => {
                     warn_once_does_not_open(&name, &e.into());
                     true
                 }

@@ -65,6 +65,15 @@ pub enum RepositoryError {
     },
 }
 
+impl RepositoryError {
+    /// Whether this is about the object itself (it does not open, or opens to something that is
+    /// not what its kind holds), as opposed to the storage failing: what readers of objects that
+    /// decide something (floors, markers, locks, lease generations, manifests) must not obey.
+    pub fn is_bad_object(&self) -> bool {
+        matches!(self, RepositoryError::Seal(_) | RepositoryError::Invalid { .. })
+    }
+}
+
 /// What the repository records about one PostgreSQL cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterInfo {

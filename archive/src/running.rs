@@ -501,7 +501,7 @@ pub async fn check(repo: &Repository, object: &RunningObject, now_us: i64) -> Tr
             }
         }
         Err(RepositoryError::Store(e)) if e.is_not_found() => still_listed(repo, name).await,
-        Err(e @ (RepositoryError::Seal(_) | RepositoryError::Invalid { .. })) => {
+        Err(e) if e.is_bad_object() => {
             let mut why = format!("does not open with this repository's keys ({e})");
             if let Some(times) = implausible(&object.activity, now_us) {
                 why.push_str("; ");

@@ -42,18 +42,24 @@ pub struct FaultyProxy {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
+/// A proxy's own runtime (`workers` threads) and a loopback listener on a free port, bound here
+/// with std so that a test may start a proxy from inside its own runtime.
+fn proxy_runtime(workers: usize) -> Result<(tokio::runtime::Runtime, std::net::TcpListener, u16)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("proxy runtime")?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let port = listener.local_addr()?.port();
+    Ok((runtime, listener, port))
+}
+
 impl FaultyProxy {
     /// Listens on a free loopback port and forwards to `127.0.0.1:upstream`.
     pub fn start(upstream: u16) -> Result<FaultyProxy> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("proxy runtime")?;
-        // Bound here with std, so that a test may start the proxy from inside its own runtime.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        let port = listener.local_addr()?.port();
+        let (runtime, listener, port) = proxy_runtime(2)?;
         let stats = Arc::new(ProxyStats::default());
         let faults = Arc::new(Faults::default());
         let (s, f) = (stats.clone(), faults.clone());
@@ -226,14 +232,7 @@ pub struct HeaderStrippingProxy {
 
 impl HeaderStrippingProxy {
     pub fn start(upstream: u16, strip: &str) -> Result<HeaderStrippingProxy> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .context("proxy runtime")?;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        let port = listener.local_addr()?.port();
+        let (runtime, listener, port) = proxy_runtime(1)?;
         let (requests, stripped) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (r, s, strip) = (requests.clone(), stripped.clone(), strip.to_ascii_lowercase());
         runtime.spawn(async move {

@@ -222,28 +222,19 @@ impl Uploader {
             }
             Err(PutError::Fenced(e)) => Err(e.into()),
             Err(PutError::Repository(e @ RepositoryError::Conflict { .. })) => Err(e.into()),
-            Err(PutError::Unconfirmed(why)) => {
-                let retry_in = self.shared.with(|p| p.put_failed(id, why.to_string(), Instant::now()));
-                tracing::warn!(error = why, retry_in = ?retry_in.unwrap_or_default(),
-                    "archive put failed; retrying (the primary keeps the WAL in the slot)");
-                metrics::counter!("pitr_upload_errors_total").increment(1);
-                Ok(())
-            }
-            Err(PutError::Unchecked(e)) => {
-                let retry_in = self.shared.with(|p| p.put_failed(id, e.to_string(), Instant::now()));
-                tracing::warn!(error = %e, retry_in = ?retry_in.unwrap_or_default(),
-                    "archive put failed; retrying (the primary keeps the WAL in the slot)");
-                metrics::counter!("pitr_upload_errors_total").increment(1);
-                Ok(())
-            }
-            Err(PutError::Repository(e)) => {
-                let retry_in = self.shared.with(|p| p.put_failed(id, e.to_string(), Instant::now()));
-                tracing::warn!(error = %e, retry_in = ?retry_in.unwrap_or_default(),
-                    "archive put failed; retrying (the primary keeps the WAL in the slot)");
-                metrics::counter!("pitr_upload_errors_total").increment(1);
-                Ok(())
-            }
+            Err(PutError::Unconfirmed(why)) => self.retry_later(id, why.to_string()),
+            Err(PutError::Unchecked(e)) => self.retry_later(id, e.to_string()),
+            Err(PutError::Repository(e)) => self.retry_later(id, e.to_string()),
         }
+    }
+
+    /// A put that failed but may succeed later: the pipeline retries it after its backoff.
+    fn retry_later(&self, id: u64, why: String) -> Result<(), StreamError> {
+        let retry_in = self.shared.with(|p| p.put_failed(id, why.clone(), Instant::now()));
+        tracing::warn!(error = %why, retry_in = ?retry_in.unwrap_or_default(),
+            "archive put failed; retrying (the primary keeps the WAL in the slot)");
+        metrics::counter!("pitr_upload_errors_total").increment(1);
+        Ok(())
     }
 
     /// The segment object now holds everything; its chunks are redundant. They go in the
