@@ -1,8 +1,8 @@
 //! pitr-archive: everything about what pitr stores.
 //!
 //! Owns the sealed object format ([`seal`]: zstd + AES-256-GCM frames with the object's name bound
-//! in, crc32 of the plaintext), the key ring ([`keys`]: envelope encryption with a key-encryption
-//! key from a 0600 key file), the storage trait and its backends ([`store`]: local filesystem;
+//! in, crc32 of the plaintext), the keys ([`keys`]: per-object data keys wrapped by repository keys,
+//! wrapped in turn by master keys from a key file, a variable, a command or AWS KMS), the storage trait and its backends ([`store`]: local filesystem;
 //! [`cloud`]: S3 and GCS on `object_store`, whose clients [`cloud::s3`] and [`cloud::gcs`] build),
 //! and copying every object to secondary repositories ([`replicate`]: ordered queues, back-fill by
 //! listing).
@@ -45,7 +45,7 @@ pub mod time;
 pub mod wal;
 pub mod wal_catalog;
 
-pub use keys::{KeyError, KeyRing};
+pub use keys::{KeyError, KeyRing, KeySet, KeySources};
 pub use repository::{ClusterInfo, NamedStore, Repository, RepositoryError};
 pub use seal::{ObjectKind, ObjectMeta, SealError, SealedHeader};
 pub use store::{LocalStore, ObjectInfo, PutOutcome, Store, StoreError};

@@ -182,6 +182,15 @@ pub async fn bind(primary: &dyn Store, secondary: &dyn Store) -> Result<bool, Co
         Err(e) if e.is_not_found() => {}
         Err(e) => return Err(e.into()),
     }
+    // The key records first: a secondary whose marker is there must open without the primary.
+    for record in primary.list(crate::keys::record::KEYS).await? {
+        let bytes = match primary.get_limited(&record.name, crate::keys::record::RECORD_MAX).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        secondary.put_if_absent(&record.name, bytes).await?;
+    }
     match secondary.put_if_absent(MARKER, marker.clone()).await? {
         PutOutcome::Created => Ok(true),
         PutOutcome::AlreadyExists if secondary.get_limited(MARKER, RECORD_READ_MAX).await? == marker => Ok(false),

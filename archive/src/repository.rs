@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::keys::KeyRing;
+use crate::keys::{KeyError, KeyRing};
 use crate::names::{self, MARKER};
 use crate::seal::{self, ObjectKind, ObjectMeta, SealError, SealedHeader};
 use crate::store::{ObjectInfo, PutOutcome, Store, StoreError};
@@ -25,6 +25,10 @@ pub enum RepositoryError {
     /// The object does not open: wrong key, tampered, swapped or truncated.
     #[error(transparent)]
     Seal(#[from] SealError),
+    /// The keys could not be reached (a key source or KMS failed, the key records could not be
+    /// read): nothing is wrong with the object; retry later.
+    #[error(transparent)]
+    KeyAccess(KeyError),
     /// No repository marker: `pitr init` was never run here.
     #[error("{location} is not a pitr repository (no {MARKER} object); run `pitr init` first")]
     NotInitialised {
@@ -187,17 +191,39 @@ async fn read_from(store: &Arc<dyn Store>, keys: &KeyRing, name: &str, what: Rea
     match what {
         Read::Whole(limit) => {
             let bytes = store.get_limited(name, limit).await?;
-            let keys = keys.clone();
+            let set = opening_set(store, keys, name, &bytes).await?;
             let name = name.to_string();
-            let (header, plaintext) = tokio::task::spawn_blocking(move || seal::open(&name, &bytes, &keys))
+            let (header, plaintext) = tokio::task::spawn_blocking(move || seal::open(&name, &bytes, &set))
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
             Ok(Opened { header, plaintext })
         }
         Read::Header => {
             let bytes = store.get_range(name, 0..seal::HEADER_PREFIX_LEN).await?;
-            Ok(Opened { header: seal::open_header(name, &bytes, keys)?, plaintext: Vec::new() })
+            let set = opening_set(store, keys, name, &bytes).await?;
+            Ok(Opened { header: seal::open_header(name, &bytes, &set)?, plaintext: Vec::new() })
         }
+    }
+}
+
+/// The key that opens `name`, whose first bytes are `bytes`: a key source that cannot be reached
+/// is [`RepositoryError::KeyAccess`]; a key that is unknown, retired or does not unwrap makes the
+/// object one that does not open ([`RepositoryError::Seal`]).
+async fn opening_set(
+    store: &Arc<dyn Store>,
+    keys: &KeyRing,
+    name: &str,
+    bytes: &[u8],
+) -> Result<crate::keys::KeySet, RepositoryError> {
+    let key_id = seal::peek_key_id(name, bytes)?;
+    keys.opening_set(store.as_ref(), name, &key_id).await.map_err(key_error)
+}
+
+fn key_error(e: KeyError) -> RepositoryError {
+    if e.is_access() {
+        RepositoryError::KeyAccess(e)
+    } else {
+        RepositoryError::Seal(SealError::Key(e))
     }
 }
 
@@ -300,6 +326,11 @@ impl Repository {
         &self.store
     }
 
+    /// The key ring this repository seals and opens with.
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
     /// Where the store is, for messages.
     pub fn location(&self) -> String {
         self.store.location()
@@ -342,7 +373,7 @@ impl Repository {
         plaintext: Vec<u8>,
         meta: ObjectMeta,
     ) -> Result<(PutOutcome, u64), RepositoryError> {
-        let keys = self.keys.clone();
+        let keys = self.keys.sealing_set(self.store.as_ref()).await.map_err(key_error)?;
         let level = match meta.kind {
             ObjectKind::WalChunk | ObjectKind::WalSegment => self.wal_zstd_level,
             _ => self.zstd_level,

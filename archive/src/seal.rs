@@ -16,7 +16,7 @@ use crate::now_us;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 
-use crate::keys::{KeyError, KeyRing, WRAPPED_KEY_LEN};
+use crate::keys::{KeyError, KeySet, WRAPPED_KEY_LEN};
 
 const MAGIC: &[u8; 4] = b"PITR";
 const VERSION: u8 = 1;
@@ -176,8 +176,8 @@ pub struct SealedHeader {
 }
 
 /// Seals `plaintext` as the object `name`.
-pub fn seal(name: &str, plaintext: &[u8], meta: &ObjectMeta, keys: &KeyRing, zstd_level: i32) -> Vec<u8> {
-    let data_key = crate::keys::fresh_data_key();
+pub fn seal(name: &str, plaintext: &[u8], meta: &ObjectMeta, keys: &KeySet, zstd_level: i32) -> Vec<u8> {
+    let data_key = crate::keys::set::fresh_data_key();
     let (key_id, wrap_nonce, wrapped_key) = keys.wrap(name, &data_key);
     let created_us = now_us();
 
@@ -271,9 +271,36 @@ fn seal_frames(cipher: &Aes256Gcm, name: &str, prefix: &[u8], frames: &[&[u8]], 
     })
 }
 
+/// Bytes of an object's start that always hold its key id ([`peek_key_id`]).
+pub const KEY_ID_PREFIX_LEN: u64 = 9 + 1 + 2 + 64;
+
+/// The key id an object's header names, read (not authenticated) from the first bytes of the
+/// object (at least [`KEY_ID_PREFIX_LEN`] of them, or the whole object): which key to fetch
+/// before [`open`] can authenticate anything.
+pub fn peek_key_id(name: &str, bytes: &[u8]) -> Result<String, SealError> {
+    let object = || name.to_string();
+    if bytes.len() < 12 {
+        return Err(SealError::Truncated { object: object(), what: "shorter than the fixed prefix".into() });
+    }
+    if &bytes[..4] != MAGIC {
+        return Err(SealError::BadMagic { object: object() });
+    }
+    if bytes[4] != VERSION {
+        return Err(SealError::Version { object: object(), version: bytes[4] });
+    }
+    let id_len = u16::from_le_bytes([bytes[10], bytes[11]]) as usize;
+    if id_len == 0 || id_len > 64 {
+        return Err(SealError::Header { object: object(), what: format!("key id length {id_len}") });
+    }
+    let id = bytes
+        .get(12..12 + id_len)
+        .ok_or_else(|| SealError::Truncated { object: object(), what: "key id cut short".into() })?;
+    String::from_utf8(id.to_vec()).map_err(|_| SealError::Header { object: object(), what: "key id is not UTF-8".into() })
+}
+
 /// Parses and authenticates the header of object `name` from a prefix of its bytes (at least the
 /// whole header; [`HEADER_PREFIX_LEN`] bytes always suffice).
-pub fn open_header(name: &str, bytes: &[u8], keys: &KeyRing) -> Result<SealedHeader, SealError> {
+pub fn open_header(name: &str, bytes: &[u8], keys: &KeySet) -> Result<SealedHeader, SealError> {
     let (header, _key) = open_header_and_key(name, bytes, keys)?;
     Ok(header)
 }
@@ -281,7 +308,7 @@ pub fn open_header(name: &str, bytes: &[u8], keys: &KeyRing) -> Result<SealedHea
 fn open_header_and_key(
     name: &str,
     bytes: &[u8],
-    keys: &KeyRing,
+    keys: &KeySet,
 ) -> Result<(SealedHeader, crate::keys::DataKey), SealError> {
     let header = parse_header(name, bytes)?;
     let data_key = keys.unwrap(name, &header.key_id, &header.wrap_nonce, &header.wrapped_key)?;
@@ -295,7 +322,7 @@ fn open_header_and_key(
 }
 
 /// Opens object `name`: authenticates every frame, decompresses, checks length and crc32.
-pub fn open(name: &str, bytes: &[u8], keys: &KeyRing) -> Result<(SealedHeader, Vec<u8>), SealError> {
+pub fn open(name: &str, bytes: &[u8], keys: &KeySet) -> Result<(SealedHeader, Vec<u8>), SealError> {
     let (header, data_key) = open_header_and_key(name, bytes, keys)?;
     let cipher = Aes256Gcm::new((&*data_key).into());
     let prefix = &bytes[..header.body_offset - TAG_LEN];
@@ -466,8 +493,8 @@ fn frame_aad(name: &str, header_prefix: &[u8], index: u64, last: bool) -> Vec<u8
 mod tests {
     use super::*;
 
-    fn ring() -> KeyRing {
-        KeyRing::from_key("test", [42; 32])
+    fn ring() -> KeySet {
+        KeySet::from_key("test", [42; 32])
     }
 
     fn meta() -> ObjectMeta {
@@ -554,9 +581,9 @@ mod tests {
     #[test]
     fn wrong_key_is_named() {
         let sealed = seal("a", b"x", &meta(), &ring(), 1);
-        let other = KeyRing::from_key("test", [1; 32]);
+        let other = KeySet::from_key("test", [1; 32]);
         assert!(matches!(open("a", &sealed, &other), Err(SealError::Key(KeyError::Unwrap { .. }))));
-        let unknown = KeyRing::from_key("other-id", [42; 32]);
+        let unknown = KeySet::from_key("other-id", [42; 32]);
         assert!(matches!(open("a", &sealed, &unknown), Err(SealError::Key(KeyError::UnknownKey { .. }))));
     }
 

@@ -22,6 +22,7 @@ const SECTIONS: &[&str] = &[
     "schedule",
     "mongo",
     "retention",
+    "drill",
 ];
 
 /// The whole config file, validated.
@@ -52,6 +53,9 @@ pub struct Config {
     /// `[retention]`: what `pitr expire` keeps.
     #[serde(default)]
     pub retention: RetentionSection,
+    /// `[drill]`: what the scheduled drill does besides a restore.
+    #[serde(default)]
+    pub drill: DrillSection,
     /// A MongoDB replica set, backed up beside (or instead of) PostgreSQL.
     pub mongo: Option<MongoConfig>,
 }
@@ -121,6 +125,48 @@ pub struct ScheduleSection {
     /// Retention (`pitr expire`).
     #[serde(default = "default_expire")]
     pub expire: String,
+    /// Not a cron expression: the age (`"90d"`, humantime) at which the sidecar replaces the
+    /// active repository key with a new one; `"off"` (or empty) never does.
+    #[serde(default = "default_key_rotation")]
+    pub key_rotation: String,
+}
+
+/// The shortest `[schedule] key_rotation` accepted (tests use seconds; production, days).
+pub const MIN_KEY_ROTATION: Duration = Duration::from_secs(1);
+
+impl ScheduleSection {
+    /// `key_rotation` as a duration; `None` when off.
+    pub fn key_rotation(&self) -> Result<Option<Duration>> {
+        let text = self.key_rotation.trim();
+        if text.is_empty() || text.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        let every = humantime::parse_duration(text).map_err(|e| {
+            anyhow!(
+                "[schedule] key_rotation = {:?}: not a duration such as \"90d\" or \"off\" ({e})",
+                self.key_rotation
+            )
+        })?;
+        if every < MIN_KEY_ROTATION {
+            bail!(
+                "[schedule] key_rotation = {:?}: must be at least {} (or \"off\")",
+                self.key_rotation,
+                humantime::format_duration(MIN_KEY_ROTATION)
+            );
+        }
+        Ok(Some(every))
+    }
+}
+
+/// `[drill]`: options of the scheduled drill (`pitr drill` takes them as flags).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillSection {
+    /// Make the scheduled drill a key rotation and re-encryption drill: a new repository key, the
+    /// keys the restore needs wrapped under a drill-only master key, the restore done with that
+    /// key alone (`pitr drill --key-rotation`).
+    #[serde(default)]
+    pub key_rotation: bool,
 }
 
 fn default_full_backup() -> String {
@@ -138,6 +184,9 @@ fn default_drill() -> String {
 fn default_expire() -> String {
     "0 5 * * *".into()
 }
+fn default_key_rotation() -> String {
+    "90d".into()
+}
 
 impl Default for ScheduleSection {
     fn default() -> Self {
@@ -147,6 +196,7 @@ impl Default for ScheduleSection {
             verify: default_verify(),
             drill: default_drill(),
             expire: default_expire(),
+            key_rotation: default_key_rotation(),
         }
     }
 }
@@ -456,8 +506,85 @@ fn default_wal_zstd_level() -> i32 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncryptionConfig {
-    /// The key-encryption key file (created by `pitr init`, mode 0600).
-    pub key_file: PathBuf,
+    /// A key file of master keys (created by `pitr init` when no other source is set, mode 0600).
+    pub key_file: Option<PathBuf>,
+    /// An environment variable holding master keys in the key file's format.
+    pub key_env: Option<String>,
+    /// A program (and its arguments; no shell) that prints master keys in the key file's format:
+    /// a secret manager's CLI.
+    pub key_command: Option<Vec<String>>,
+    /// An AWS KMS key (id, ARN, `alias/NAME`) as the master key: repository keys come from its
+    /// `GenerateDataKey` and are unwrapped with `Decrypt`.
+    pub kms_key_id: Option<String>,
+    /// KMS endpoint URL (a VPC endpoint or a KMS-compatible server); default AWS's for the region.
+    pub kms_endpoint: Option<String>,
+    /// KMS region; default `AWS_REGION`, the profile's, or us-east-1.
+    pub kms_region: Option<String>,
+    /// How long one KMS operation may take, retries included (default 10 s).
+    #[serde(default, with = "humantime_serde")]
+    pub kms_timeout: Option<Duration>,
+    /// The master key that wraps new repository keys; default the KMS key, else the last key of
+    /// key_command, key_env, key_file.
+    pub active_key: Option<String>,
+    /// How long unwrapped repository keys are kept in memory before the records are read and
+    /// unwrapped again (default 5 min).
+    #[serde(default, with = "humantime_serde")]
+    pub key_cache_ttl: Option<Duration>,
+}
+
+impl EncryptionConfig {
+    /// The configured key sources.
+    pub fn key_sources(&self) -> pitr_archive::KeySources {
+        pitr_archive::KeySources {
+            key_file: self.key_file.clone(),
+            key_env: self.key_env.clone(),
+            key_command: self.key_command.clone(),
+            kms: self.kms_key_id.as_ref().map(|id| {
+                let mut opts = pitr_archive::keys::kms::KmsOptions::new(id.clone());
+                opts.endpoint = self.kms_endpoint.clone();
+                opts.region = self.kms_region.clone();
+                if let Some(t) = self.kms_timeout {
+                    opts.timeout = t;
+                }
+                opts
+            }),
+            active_key: self.active_key.clone(),
+            cache_ttl: self.key_cache_ttl.unwrap_or(pitr_archive::keys::master::DEFAULT_CACHE_TTL),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.key_file.is_none() && self.key_env.is_none() && self.key_command.is_none() && self.kms_key_id.is_none() {
+            bail!("[encryption]: set a key source: key_file, key_env, key_command or kms_key_id");
+        }
+        if let Some(argv) = &self.key_command {
+            match argv.first() {
+                None => bail!("[encryption] key_command: empty; give the program and its arguments as a list"),
+                Some(p) if !std::path::Path::new(p).is_absolute() => {
+                    bail!("[encryption] key_command: the program {p:?} must be an absolute path (no $PATH search, no shell)")
+                }
+                _ => {}
+            }
+        }
+        if let Some(id) = &self.kms_key_id {
+            if id.trim().is_empty() {
+                bail!("[encryption] kms_key_id: empty");
+            }
+        } else if self.kms_endpoint.is_some() || self.kms_region.is_some() || self.kms_timeout.is_some() {
+            bail!("[encryption] kms_endpoint, kms_region and kms_timeout need kms_key_id");
+        }
+        if let Some(t) = self.kms_timeout {
+            if t < Duration::from_secs(1) || t > Duration::from_secs(600) {
+                bail!("[encryption] kms_timeout = {}: must be between 1 s and 10 min", humantime::format_duration(t));
+            }
+        }
+        if let Some(t) = self.key_cache_ttl {
+            if t < Duration::from_secs(1) || t > Duration::from_secs(24 * 3600) {
+                bail!("[encryption] key_cache_ttl = {}: must be between 1 s and 24 h", humantime::format_duration(t));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[postgres]`.
@@ -726,6 +853,7 @@ impl Config {
             }
         }
         self.repository.cloud_options()?;
+        self.encryption.validate()?;
         if !(1..=22).contains(&self.repository.zstd_level) {
             bail!("[repository] zstd_level = {}: must be between 1 and 22", self.repository.zstd_level);
         }
@@ -757,6 +885,7 @@ impl Config {
         ] {
             parse_cron(field, expr)?;
         }
+        self.schedule.key_rotation()?;
         self.retention.validate()?;
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             bail!(
@@ -954,6 +1083,32 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
             let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());
             assert!(err.contains(needle), "expected {needle:?} in: {err}");
         }
+    }
+
+    #[test]
+    fn key_rotation_and_the_drill_section() {
+        let c = Config::parse(MINIMAL, &[]).unwrap();
+        assert_eq!(c.schedule.key_rotation().unwrap(), Some(Duration::from_secs(90 * 86400)));
+        assert!(!c.drill.key_rotation);
+        let c =
+            Config::parse(&format!("{MINIMAL}[schedule]\nkey_rotation = \"off\"\n[drill]\nkey_rotation = true\n"), &[])
+                .unwrap();
+        assert_eq!(c.schedule.key_rotation().unwrap(), None);
+        assert!(c.drill.key_rotation);
+        let env = [("PITR_SCHEDULE_KEY_ROTATION".to_string(), "5s".to_string())];
+        assert_eq!(
+            Config::parse(MINIMAL, &env).unwrap().schedule.key_rotation().unwrap(),
+            Some(Duration::from_secs(5))
+        );
+        for (bad, needle) in [("\"soon\"", "not a duration"), ("\"500ms\"", "at least 1s")] {
+            let err = format!(
+                "{:#}",
+                Config::parse(&format!("{MINIMAL}[schedule]\nkey_rotation = {bad}\n"), &[]).unwrap_err()
+            );
+            assert!(err.contains("[schedule] key_rotation") && err.contains(needle), "{err}");
+        }
+        let err = format!("{:#}", Config::parse(&format!("{MINIMAL}[drill]\nkey_rotate = true\n"), &[]).unwrap_err());
+        assert!(err.contains("key_rotate"), "{err}");
     }
 
     #[test]

@@ -80,8 +80,9 @@ pub async fn check_conditional_create(config: &Config) -> Result<()> {
 /// Copy workers started by this process, waited for before it exits ([`finish_copies`]).
 static REPLICATORS: Mutex<Vec<Arc<ReplicatedStore>>> = Mutex::new(Vec::new());
 
-fn key_ring(config: &Config) -> Result<KeyRing> {
-    KeyRing::load(&config.encryption.key_file).context("[encryption] key_file")
+/// The key ring of the configured key sources.
+pub fn key_ring(config: &Config) -> Result<KeyRing> {
+    KeyRing::open(config.encryption.key_sources()).context("[encryption]")
 }
 
 /// For the sidecar: the primary, whose every put and delete is copied to the secondaries, and

@@ -23,6 +23,8 @@ const ALERT_NAMES: &[&str] = &[
     "PitrSidecarDown",
     "PitrStreamDisconnected",
     "PitrLeaseUnconfirmed",
+    "EncryptionKeyTooOld",
+    "EncryptionKeyAccessFailure",
 ];
 
 /// The seed runbook's rules, which users already run: they must stay exactly as they are.
@@ -141,6 +143,50 @@ fn every_alert_has_firing_and_silent_test_cases() {
         assert!(firing.contains(name), "{ALERTS_TEST} has no case where {name} fires");
         assert!(silent.contains(name), "{ALERTS_TEST} has no case where {name} stays silent");
     }
+}
+
+/// GitHub's anchor of a Markdown heading: lower case, spaces become `-`, other punctuation goes.
+fn heading_anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_runbook_url_points_at_a_heading_of_operations_md() {
+    const RUNBOOK: &str = "docs/operations.md";
+    let rules = read(ALERTS);
+    // Lines starting with `#` inside fenced code blocks (shell comments) are not headings.
+    let mut in_code = false;
+    let anchors: BTreeSet<String> = read(RUNBOOK)
+        .lines()
+        .filter(|line| {
+            in_code ^= line.starts_with("```");
+            !in_code
+        })
+        .filter_map(|line| line.strip_prefix('#'))
+        .map(|heading| heading_anchor(heading.trim_start_matches('#')))
+        .collect();
+    let mut links = 0;
+    for line in rules.lines().map(str::trim) {
+        let Some(url) = line.strip_prefix("runbook_url:") else { continue };
+        let url = url.trim().trim_matches('"');
+        let anchor = url
+            .strip_prefix(RUNBOOK)
+            .and_then(|rest| rest.strip_prefix('#'))
+            .unwrap_or_else(|| panic!("{ALERTS}: runbook_url {url:?} does not point into {RUNBOOK}"));
+        assert!(anchors.contains(anchor), "{ALERTS}: runbook_url {url:?} names no heading of {RUNBOOK}");
+        links += 1;
+    }
+    // Every alert but the seed's two (which have no runbook_url) has one.
+    assert!(links >= ALERT_NAMES.len() - 2, "{ALERTS}: only {links} runbook_url lines");
 }
 
 #[test]

@@ -4,7 +4,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use pitr_archive::names::MARKER;
-use pitr_archive::{KeyRing, LocalStore, PutOutcome, Repository};
+use pitr_archive::keys::master::create_key_file;
+use pitr_archive::{LocalStore, PutOutcome, Repository};
 
 use crate::config::Config;
 use crate::open;
@@ -13,17 +14,13 @@ use crate::open;
 /// to it.
 pub async fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
-    let key_file = &config.encryption.key_file;
     let store = open::store(&config)?;
     // Before anything is created: a repository on storage that ignores conditional creates is
     // not to be started at all.
     open::check_conditional_create(&config).await?;
-    let keys = if key_file.exists() {
-        let keys = KeyRing::load(key_file).context("[encryption] key_file")?;
-        println!("using existing key file {} (active key {})", key_file.display(), keys.active().id);
-        keys
-    } else {
-        // A new key cannot open an initialised repository: refuse before leaving a useless key file.
+    // The key file is made only where it is the configured source and missing; a new key cannot
+    // open an initialised repository, so refuse before leaving a useless key file.
+    if let Some(key_file) = config.encryption.key_file.as_ref().filter(|p| !p.exists()) {
         if store.head(MARKER).await.context("[repository]")?.is_some() {
             bail!(
                 "[encryption] key_file {} does not exist, but repository {} is already initialised with another key; \
@@ -32,14 +29,16 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 store.location()
             );
         }
-        let keys = KeyRing::create(key_file).context("[encryption] key_file: creating it")?;
+        let key = create_key_file(key_file).context("[encryption] key_file: creating it")?;
         println!(
-            "created key file {} (key {}, mode 0600): back it up apart from the repository; without it the archive cannot be read",
+            "created key file {} (master key {}, mode 0600): back it up apart from the repository; without it the archive cannot be read",
             key_file.display(),
-            keys.active().id
+            key.id
         );
-        keys
-    };
+    }
+    let keys = open::key_ring(&config)?;
+    let master = keys.masters().active().clone();
+    println!("master key {} from {}", master.id, master.source);
     if config.repository.url.is_none() {
         LocalStore::new(config.repository_path()).create_root().context("[repository] path")?;
     }
@@ -50,6 +49,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
             println!("repository {} was already initialised; the key opens it", repo.location())
         }
     }
+    let active = repo.keys().active_info(repo.store().as_ref(), true).await.context("the active repository key")?;
+    println!("repository key {} (wrapped by master key {}) seals new objects", active.id, active.master_key);
     // A secondary is the same repository: its marker is a copy of the primary's.
     for s in &config.repository.secondary {
         let entry = || format!("[[repository.secondary]] {:?}", s.name);
