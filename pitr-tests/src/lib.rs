@@ -1266,6 +1266,49 @@ pub fn http_request(port: u16, method: &str, path: &str, headers: &[(&str, &str)
     Ok(HttpReply { status, headers, body })
 }
 
+/// One call of the AWS KMS JSON API on an emulator at `endpoint` (`http://127.0.0.1:PORT`, such as
+/// moto's server mode, which serves every AWS service on one port), around pitr. The request is
+/// not signed: moto checks no signatures, and the credential scope of the `Authorization` header
+/// routes it to KMS in `region`. Returns the reply's JSON; a non-200 reply is an error with its
+/// body.
+pub fn kms_request(
+    endpoint: &str,
+    region: &str,
+    operation: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value> {
+    let port: u16 = endpoint
+        .strip_prefix("http://127.0.0.1:")
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .with_context(|| format!("KMS endpoint {endpoint:?}: expected http://127.0.0.1:PORT"))?;
+    let authorization = format!(
+        "AWS4-HMAC-SHA256 Credential=testing/20260101/{region}/kms/aws4_request, SignedHeaders=host, Signature=0"
+    );
+    let target = format!("TrentService.{operation}");
+    let headers = [
+        ("Authorization", authorization.as_str()),
+        ("X-Amz-Target", target.as_str()),
+        ("Content-Type", "application/x-amz-json-1.1"),
+    ];
+    let reply = http_request(port, "POST", "/", &headers, body.to_string().as_bytes())?;
+    if reply.status != 200 {
+        bail!("KMS {operation} at {endpoint}: HTTP {}: {}", reply.status, reply.text());
+    }
+    serde_json::from_slice(&reply.body).with_context(|| format!("KMS {operation} reply: {}", reply.text()))
+}
+
+/// Creates a symmetric encryption key in `region` on the KMS emulator at `endpoint` (see
+/// [`kms_request`]); returns its key id.
+pub fn kms_create_key_in(endpoint: &str, region: &str) -> Result<String> {
+    let reply = kms_request(endpoint, region, "CreateKey", &serde_json::json!({"Description": "pitr test key"}))?;
+    reply["KeyMetadata"]["KeyId"].as_str().map(str::to_string).with_context(|| format!("CreateKey reply: {reply}"))
+}
+
+/// [`kms_create_key_in`] region `us-east-1`, where a client without a region looks.
+pub fn kms_create_key(endpoint: &str) -> Result<String> {
+    kms_create_key_in(endpoint, "us-east-1")
+}
+
 /// A binary from crates.io: on PATH or in cargo's bin directory, else `cargo install`ed (once,
 /// under a lock shared by test processes). Takes minutes on a small machine; `.ci/run` does it
 /// first.

@@ -270,27 +270,35 @@ impl KeyRing {
             )));
         }
         let listed = store.list(record::WRAPS).await.map_err(|e| store_access(store, "list", e))?;
-        let mut newest: Option<(String, WrapRecord)> = None;
+        let mut candidates: Vec<(String, WrapRecord)> = Vec::new();
         for o in &listed {
             let Some((_, mk)) = record::parse_wrap_name(&o.name) else { continue };
             if mk != master.id {
                 continue;
             }
-            let rec = match self.read_wrap(store, &o.name).await {
-                Ok(Some(rec)) => rec,
-                Ok(None) => continue,
+            match self.read_wrap(store, &o.name).await {
+                Ok(Some(rec)) => candidates.push((o.name.clone(), rec)),
+                Ok(None) => {}
                 Err(e @ KeyError::Access { .. }) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, "key record ignored");
-                    continue;
+                Err(e) => tracing::warn!(error = %e, "key record ignored"),
+            }
+        }
+        // Newest first; one that does not unwrap (planted by someone without the master key) is
+        // passed over, so that it cannot stop sealing.
+        candidates.sort_by(|(_, a), (_, b)| (b.created_us, &b.repository_key).cmp(&(a.created_us, &a.repository_key)));
+        let mut newest = None;
+        for (name, rec) in candidates {
+            match self.unwrap_record(&name, &rec, &master).await {
+                Ok(key) => {
+                    newest = Some((key, rec.created_us));
+                    break;
                 }
-            };
-            if newest.as_ref().is_none_or(|(_, n)| (rec.created_us, &rec.repository_key) > (n.created_us, &n.repository_key)) {
-                newest = Some((o.name.clone(), rec));
+                Err(e @ KeyError::Access { .. }) => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "key record does not unwrap; passed over"),
             }
         }
         match newest {
-            Some((name, rec)) => Ok((self.unwrap_record(&name, &rec, &master).await?, rec.created_us)),
+            Some(found) => Ok(found),
             None if create => {
                 let (key, created_us) = self.create_with(store, &master).await?;
                 Ok((key, created_us))
@@ -516,6 +524,24 @@ mod tests {
         // A wrong key under the same id fails to unwrap.
         let d = ring(&[("k1", 9)], Duration::from_secs(60));
         assert!(matches!(d.opening_set(&store, "obj", &id).await, Err(KeyError::Unwrap { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_planted_newer_wrap_that_does_not_unwrap_cannot_stop_sealing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        let a = ring(&[("k1", 1)], Duration::from_millis(1));
+        let real = a.sealing_set(&store).await.unwrap().active().id.clone();
+        let planted = WrapRecord {
+            repository_key: "rbad".into(),
+            master_key: "k1".into(),
+            created_us: i64::MAX,
+            wrapped: super::super::master::Wrapped::Aes { nonce: [0; 12], ciphertext: vec![0; 48] },
+        };
+        store.put_if_absent(&record::wrap_name("rbad", "k1"), planted.to_bytes().into()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(a.sealing_set(&store).await.unwrap().active().id, real);
+        assert!(matches!(a.opening_set(&store, "obj", "rbad").await, Err(KeyError::Unwrap { .. })));
     }
 
     #[tokio::test]
