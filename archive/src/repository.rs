@@ -29,6 +29,15 @@ pub enum RepositoryError {
     /// read): nothing is wrong with the object; retry later.
     #[error(transparent)]
     KeyAccess(KeyError),
+    /// No key to seal a new object with (no usable repository key under the active master key):
+    /// a problem of the keys, not of any object under the name.
+    #[error("cannot seal {name}: {cause}")]
+    SealingKey {
+        /// The object that was to be written.
+        name: String,
+        /// Why there is no key.
+        cause: KeyError,
+    },
     /// No repository marker: `pitr init` was never run here.
     #[error("{location} is not a pitr repository (no {MARKER} object); run `pitr init` first")]
     NotInitialised {
@@ -373,7 +382,10 @@ impl Repository {
         plaintext: Vec<u8>,
         meta: ObjectMeta,
     ) -> Result<(PutOutcome, u64), RepositoryError> {
-        let keys = self.keys.sealing_set(self.store.as_ref()).await.map_err(key_error)?;
+        let keys = self.keys.sealing_set(self.store.as_ref()).await.map_err(|e| match e {
+            e if e.is_access() => RepositoryError::KeyAccess(e),
+            cause => RepositoryError::SealingKey { name: name.to_string(), cause },
+        })?;
         let level = match meta.kind {
             ObjectKind::WalChunk | ObjectKind::WalSegment => self.wal_zstd_level,
             _ => self.zstd_level,

@@ -124,6 +124,12 @@ enum Command {
         #[arg(long, value_enum, default_value = "postgres")]
         source: Source,
     },
+    /// Keys: list master and repository keys, rotate, rewrap repository keys onto the active
+    /// master key, retire an old master key.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Apply [retention]: remove expired backups, WAL no kept backup or the window needs, and
     /// blocks no manifest references.
     Expire {
@@ -160,6 +166,11 @@ enum Command {
         /// Read from this repository first (`primary` or a secondary's name).
         #[arg(long)]
         from: Option<String>,
+        /// A key rotation and re-encryption drill (PostgreSQL): make a new repository key, wrap
+        /// the repository keys under a drill-only master key, restore with that key alone, then
+        /// delete its wraps. The scheduled drill does this with `[drill] key_rotation = true`.
+        #[arg(long)]
+        key_rotation: bool,
     },
     /// Restore to a moment: TIME (RFC 3339 or "YYYY-MM-DD HH:MM:SS[.ffffff][+TZ]"), latest, lsn:X/Y or xid:N.
     Restore {
@@ -205,6 +216,43 @@ enum Command {
         /// whatever it lacks. Carried into the restore_command.
         #[arg(long)]
         from: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysAction {
+    /// Every master key (its source, creation, whether active or retired, the repository keys it
+    /// wraps) and repository key, with how many objects need each.
+    List {
+        #[arg(long)]
+        json: bool,
+        /// Skip counting objects (which reads the first bytes of every object).
+        #[arg(long)]
+        no_count: bool,
+    },
+    /// A new active key: a new master key appended to the key file (when the active master key
+    /// lives there), then a new repository key wrapped by it. Old keys stay readable.
+    Rotate {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wrap every repository key wrapped by an old master key with the active master key instead,
+    /// and delete the old wraps. Resumable and idempotent; objects are not rewritten.
+    Rewrap {
+        /// Only the repository keys wrapped by this master key (default: every master key but
+        /// the active one).
+        #[arg(long, value_name = "KEYID")]
+        from: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retire master key KEYID: refused while it is active or anything still needs it; then it is
+    /// recorded retired and removed from the key file.
+    Retire {
+        #[arg(value_name = "KEYID")]
+        id: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -316,16 +364,27 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
         Command::Verify { deep, json, from, source: Source::Postgres } => {
             return cmd::verify::run(config_path, from.as_deref(), deep, json).await
         }
+        Command::Drill { source: Source::Mongo, key_rotation: true, .. } => {
+            anyhow::bail!("--key-rotation drills restore PostgreSQL; it cannot be combined with --source mongo")
+        }
         Command::Drill { to, source: Source::Mongo, checks, report, json, test_type, from, .. } => {
             let args = cmd::mongo::DrillArgs { to, checks, report, json, test_type, from };
             return cmd::mongo::drill(config_path, args).await;
         }
-        Command::Drill { to, checks, report, json, keep, db_user, test_type, from, source: Source::Postgres } => {
-            let args = cmd::drill::DrillArgs { to, checks, report, json, keep, db_user, test_type, from };
+        Command::Drill { to, checks, report, json, keep, db_user, test_type, from, key_rotation, source: Source::Postgres } => {
+            let args = cmd::drill::DrillArgs { to, checks, report, json, keep, db_user, test_type, from, key_rotation };
             return cmd::drill::run(config_path, args).await;
         }
         Command::List { json, from } => cmd::list::run(config_path, from.as_deref(), json).await,
         Command::Expire { dry_run, json } => cmd::expire::run(config_path, dry_run, json).await,
+        Command::Keys { action: KeysAction::List { json, no_count } } => {
+            cmd::keys::list(config_path, json, no_count).await
+        }
+        Command::Keys { action: KeysAction::Rotate { json } } => cmd::keys::rotate(config_path, json).await,
+        Command::Keys { action: KeysAction::Rewrap { from, json } } => {
+            cmd::keys::rewrap(config_path, from.as_deref(), json).await
+        }
+        Command::Keys { action: KeysAction::Retire { id, json } } => cmd::keys::retire(config_path, &id, json).await,
         Command::Restore { to, source: Source::Mongo, target_uri, target_uri_file, drop, json, from, .. } => {
             let target = cmd::mongo::TargetArg { uri: target_uri, file: target_uri_file };
             cmd::mongo::restore(config_path, from.as_deref(), &to, target, drop, json).await

@@ -10,6 +10,13 @@
 //! implausible times (far ahead of this host's clock, or a lock longer than a day) is obeyed by
 //! the other commands, so it is a warning in the notes, not a finding.
 //!
+//! Keys: an object whose header names a retired master key (`pitr keys retire`) or a key pitr
+//! cannot find is `retired-key` / `unknown-key`, naming the object and the key: planted by someone
+//! holding an old key, or missed by a rewrap. Without `deep` the objects verify reads anyway
+//! (marker, cluster record, history files, manifests, floors, leases, running markers) have their
+//! first bytes read for this; with `deep` every object opened is judged so. Records under `keys/`
+//! that do not parse are `bad-key-record`; a wrap made by a retired master key is `retired-key`.
+//!
 //! A *rolled-back* archive (its newest objects deleted) is caught by two witnesses the bucket
 //! alone cannot rewrite: a backup manifest whose stop LSN lies past the archive's end on its
 //! timeline (a backup is written only once its WAL to its stop LSN is archived), and, where the
@@ -21,10 +28,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use pitr_archive::names::pg;
+use pitr_archive::keys::record::{self, RetiredRecord, WrapRecord};
+use pitr_archive::names::{pg, MARKER};
 use pitr_archive::running::{self, Activity, Trust};
-use pitr_archive::{expire, lease, now_us, retention};
-use pitr_archive::{HistoryProblem, Repository, RepositoryError, WalLayout, WalObject};
+use pitr_archive::{expire, lease, now_us, retention, seal};
+use pitr_archive::{HistoryProblem, KeyError, Repository, RepositoryError, SealError, WalLayout, WalObject};
 use pitr_pgformat::lsn::format_lsn;
 use pitr_pgformat::timeline::HistoryEntry;
 use tokio::task::JoinSet;
@@ -37,7 +45,8 @@ use crate::plan::Catalog;
 pub struct Finding {
     /// A stable kebab-case tag: `wal-gap`, `missing-history`, `bad-history`, `missing-parent`,
     /// `missing-block`, `bad-size`, `corrupt`, `unreadable`, `bad-floor`, `bad-marker`,
-    /// `bad-lock`, `bad-manifest`, `bad-lease`, `rolled-back`.
+    /// `bad-lock`, `bad-manifest`, `bad-lease`, `rolled-back`, `retired-key`, `unknown-key`,
+    /// `bad-key-record`.
     pub kind: &'static str,
     /// The object concerned (a WAL segment, history file, backup manifest or block name).
     pub object: String,
@@ -210,6 +219,137 @@ async fn running_findings(
     Ok(())
 }
 
+/// The finding for object `object` that names a key that is retired or that pitr cannot find;
+/// `None` for any other key error (one that does not unwrap is `corrupt` where it is opened).
+fn key_finding(object: &str, e: &KeyError) -> Option<Finding> {
+    match e {
+        KeyError::Retired { key_id, retired_at, .. } => Some(Finding {
+            kind: "retired-key",
+            object: object.to_string(),
+            message: format!(
+                "sealed with retired key {key_id} (retired at {retired_at}): planted by someone holding the old key, \
+                 or missed by `pitr keys rewrap`; nothing reads it: inspect it, then delete it by hand"
+            ),
+        }),
+        KeyError::UnknownKey { key_id, searched, .. } => Some(Finding {
+            kind: "unknown-key",
+            object: object.to_string(),
+            message: format!(
+                "sealed with unknown key {key_id}, which {searched}: planted, or its key is missing from the \
+                 configured sources; restores cannot open it"
+            ),
+        }),
+        _ => None,
+    }
+}
+
+/// [`key_finding`] of an error opening `object`.
+fn open_key_finding(object: &str, e: &RepositoryError) -> Option<Finding> {
+    match e {
+        RepositoryError::Seal(SealError::Key(k)) => key_finding(object, k),
+        _ => None,
+    }
+}
+
+/// The objects verify reads without `deep` (beside WAL and blocks, which it only lists): each
+/// one's first bytes are read and the key its header names looked up. Objects that are not sealed
+/// are left to the checks that read them.
+async fn header_key_findings(repo: &Repository, catalog: &Catalog) -> Result<Vec<Finding>, RepositoryError> {
+    let system_id = catalog.cluster.system_id;
+    let layout = catalog.wal.layout;
+    let mut names = vec![MARKER.to_string(), pg::cluster_info(system_id)];
+    names.extend(catalog.wal.histories.iter().map(|&timeline| layout.object_name(&WalObject::History { timeline })));
+    for prefix in [pg::backups_prefix(system_id), pg::floors_prefix(system_id), pg::lease_prefix(system_id)] {
+        names.extend(repo.list(&prefix).await?.into_iter().map(|o| o.name));
+    }
+    names.extend(running::list(repo).await?.into_iter().map(|o| o.name));
+    names.sort();
+    names.dedup();
+    named_key_findings(repo, names).await
+}
+
+/// [`key_finding`]s of the objects `names`, from the first bytes of each.
+async fn named_key_findings(repo: &Repository, names: Vec<String>) -> Result<Vec<Finding>, RepositoryError> {
+    let store = repo.store().as_ref();
+    let mut findings = Vec::new();
+    for name in names {
+        let bytes = match store.get_range(&name, 0..seal::KEY_ID_PREFIX_LEN).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let Ok(key_id) = seal::peek_key_id(&name, &bytes) else { continue };
+        match repo.keys().opening_set(store, &name, &key_id).await {
+            Ok(_) => {}
+            Err(e) if e.is_access() => return Err(RepositoryError::KeyAccess(e)),
+            Err(e) => findings.extend(key_finding(&name, &e)),
+        }
+    }
+    Ok(findings)
+}
+
+/// The records under `keys/`: each must parse as the record its name says (`bad-key-record`), and
+/// no wrap may be made by a retired master key (`retired-key`: `pitr keys retire` refuses while
+/// one exists, so it was written afterwards).
+async fn key_record_findings(repo: &Repository) -> Result<Vec<Finding>, RepositoryError> {
+    let store = repo.store().as_ref();
+    let listed = repo.list(record::KEYS).await?;
+    let mut findings = Vec::new();
+    let bad = |object: &str, what: String| Finding {
+        kind: "bad-key-record",
+        object: object.to_string(),
+        message: format!("{what}; pitr ignores it: inspect it, then delete it by hand"),
+    };
+    let mut retired = BTreeMap::new();
+    for o in listed.iter().filter(|o| o.name.starts_with(record::RETIRED)) {
+        let Some(id) = record::parse_retired_name(&o.name) else {
+            findings.push(bad(&o.name, "not a key record's name".into()));
+            continue;
+        };
+        match store.get_limited(&o.name, record::RECORD_MAX).await {
+            Ok(bytes) => match RetiredRecord::parse(&o.name, &bytes) {
+                Ok(r) => {
+                    retired.insert(id.to_string(), pitr_archive::time::format_rfc3339_seconds(r.retired_us));
+                }
+                // Still obeyed: a retirement record that does not parse retires the key all the same.
+                Err(e) => {
+                    retired.insert(id.to_string(), "an unknown time".into());
+                    findings.push(bad(&o.name, e.to_string()));
+                }
+            },
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for o in listed.iter().filter(|o| !o.name.starts_with(record::RETIRED)) {
+        let Some((rk, mk)) = record::parse_wrap_name(&o.name) else {
+            findings.push(bad(&o.name, "not a key record's name".into()));
+            continue;
+        };
+        match store.get_limited(&o.name, record::RECORD_MAX).await {
+            Ok(bytes) => {
+                if let Err(e) = WrapRecord::parse(&o.name, &bytes) {
+                    findings.push(bad(&o.name, e.to_string()));
+                    continue;
+                }
+            }
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(at) = retired.get(mk) {
+            findings.push(Finding {
+                kind: "retired-key",
+                object: o.name.clone(),
+                message: format!(
+                    "repository key {rk} wrapped by retired key {mk} (retired at {at}): written after the retirement, \
+                     with the old key; pitr never unwraps it: inspect it, then delete it by hand"
+                ),
+            });
+        }
+    }
+    Ok(findings)
+}
+
 /// As [`verify`], with what the server's slot says was archived (see [`SlotWitness`]); `None`
 /// where the server was not asked or not reachable.
 pub async fn verify_with(
@@ -241,6 +381,8 @@ pub async fn verify_with(
         });
     }
     running_findings(repo, &mut findings, &mut notes).await?;
+    findings.extend(key_record_findings(repo).await?);
+    findings.extend(header_key_findings(repo, catalog).await?);
     let junk_leases = lease::untrusted_generations(repo, system_id).await.map_err(|e| match e {
         lease::LeaseError::Repository(e) => e,
         other => RepositoryError::Invalid { name: pg::lease_prefix(system_id), what: other.to_string() },
@@ -451,7 +593,11 @@ pub async fn verify_with(
                         Err(RepositoryError::Store(e))
                             if e.is_not_found()
                                 && matches!(layout.parse_object_name(&name), Some(WalObject::Chunk { .. })) => {}
-                        Err(e) => found.push(Finding { kind: "corrupt", object: name, message: e.to_string() }),
+                        Err(e) => found.push(open_key_finding(&name, &e).unwrap_or_else(|| Finding {
+                            kind: "corrupt",
+                            object: name,
+                            message: e.to_string(),
+                        })),
                     }
                 }
             });
@@ -462,6 +608,8 @@ pub async fn verify_with(
     }
 
     findings.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
+    // A history file or manifest under a retired key is found by its header and again when opened.
+    findings.dedup_by(|a, b| a.kind == b.kind && a.object == b.object && a.kind.ends_with("-key"));
     Ok(VerifyReport {
         ok: findings.is_empty(),
         deep,
@@ -500,6 +648,54 @@ mod tests {
         assert_eq!(path, vec![(1, 1), (1, 2), (2, 3), (2, 4), (2, 5)]);
         let path = recovery_path(layout, 1, seg, 1, 2 * seg + 1, &[]);
         assert_eq!(path, vec![(1, 1), (1, 2)]);
+    }
+
+    #[tokio::test]
+    async fn objects_and_wraps_under_retired_keys_and_junk_key_records_are_named() {
+        use pitr_archive::keys::{MasterKey, MasterKeys};
+        use pitr_archive::{KeyRing, LocalStore, ObjectKind, ObjectMeta};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn pitr_archive::Store> = Arc::new(LocalStore::new(dir.path()));
+        let masters = MasterKeys::single(MasterKey::in_memory("k1", [1; 32]));
+        let ring = KeyRing::with_masters(masters, std::time::Duration::from_secs(60));
+        let repo = Repository::new(store.clone(), ring.clone());
+        repo.put_sealed("good", b"x".to_vec(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+        // Sealed directly with master key k0, which is then retired; and with a key nobody has.
+        let old = Repository::new(store.clone(), KeyRing::from_key("k0", [7; 32]));
+        old.put_sealed("planted", b"x".to_vec(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+        let stranger = Repository::new(store.clone(), KeyRing::from_key("k9", [9; 32]));
+        stranger.put_sealed("stranger", b"x".to_vec(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+        std::fs::create_dir_all(dir.path().join("keys/retired")).unwrap();
+        store.put_if_absent(&record::retired_name("k0"), RetiredRecord::new("k0").to_bytes().into()).await.unwrap();
+        // As a fresh process sees it (this one listed the retired keys while sealing "good").
+        ring.invalidate();
+        let names = vec!["good".to_string(), "planted".to_string(), "stranger".to_string()];
+        let found = named_key_findings(&repo, names).await.unwrap();
+        let kinds: Vec<(&str, &str)> = found.iter().map(|f| (f.kind, f.object.as_str())).collect();
+        assert_eq!(kinds, vec![("retired-key", "planted"), ("unknown-key", "stranger")], "{found:?}");
+        assert!(found[0].message.contains("retired key k0"), "{found:?}");
+        // Opened, as `deep` does: the same finding.
+        let e = repo.get_opened("planted").await.unwrap_err();
+        assert_eq!(open_key_finding("planted", &e).map(|f| f.kind), Some("retired-key"), "{e}");
+
+        // The key records: the repository key made above is sound; a wrap made with the retired
+        // key afterwards and junk under a record's name are named.
+        assert!(key_record_findings(&repo).await.unwrap().is_empty());
+        let k0 = MasterKey::in_memory("k0", [7; 32]);
+        let (_, wrapped) = k0.generate("r00000001", 5).await.unwrap();
+        let rec = WrapRecord { repository_key: "r00000001".into(), master_key: "k0".into(), created_us: 5, wrapped };
+        std::fs::create_dir_all(dir.path().join("keys/wraps/r00000001")).unwrap();
+        std::fs::write(dir.path().join(record::wrap_name("r00000001", "k0")), rec.to_bytes()).unwrap();
+        std::fs::create_dir_all(dir.path().join("keys/wraps/r00000002")).unwrap();
+        std::fs::write(dir.path().join(record::wrap_name("r00000002", "k1")), b"junk").unwrap();
+        let found = key_record_findings(&repo).await.unwrap();
+        let kinds: Vec<(&str, &str)> = found.iter().map(|f| (f.kind, f.object.as_str())).collect();
+        assert_eq!(
+            kinds,
+            vec![("retired-key", "keys/wraps/r00000001/k0"), ("bad-key-record", "keys/wraps/r00000002/k1")],
+            "{found:?}"
+        );
+        assert!(found[0].message.contains("retired key k0"), "{found:?}");
     }
 
     #[tokio::test]

@@ -215,6 +215,8 @@ pub struct RewrapReport {
     pub adopted: Vec<String>,
     /// Wrap records deleted.
     pub removed: Vec<String>,
+    /// A repository key made under the active master key first, because there was none.
+    pub rotated: Option<String>,
 }
 
 /// Moves every repository key wrapped by `from` (default: by any master key but the active one)
@@ -232,14 +234,22 @@ pub async fn rewrap(ring: &KeyRing, store: &dyn Store, from: Option<&str>) -> Re
     let moves = |mk: &str| mk != active.id && from.is_none_or(|f| f == mk);
     let mut report = RewrapReport { to: active.id.clone(), ..Default::default() };
 
-    // Objects that name a master key directly: that key's material becomes a repository key of
-    // its own id, wrapped by the active master key, before anything else changes.
+    // A repository key made under the active master key comes first: without one, the newest key
+    // moved onto it would seal new objects from now on, an old (perhaps the exposed) key.
     let wraps = ring.list_wraps(store).await?;
-    let legacy_candidates: Vec<&master::MasterKey> = masters
-        .all()
-        .iter()
-        .filter(|k| moves(&k.id) && !wraps.contains_key(&k.id) && k.as_wrapping_key().is_some())
-        .collect();
+    if !wraps.values().any(|mks| mks.contains(&active.id)) {
+        report.rotated = Some(ring.rotate(store).await?.id);
+    }
+
+    // Objects that name a master key directly: that key's material becomes a repository key of
+    // its own id, wrapped by the active master key, before anything else changes. A record under
+    // its id counts only if it really holds that key.
+    let mut legacy_candidates = Vec::new();
+    for k in masters.all().iter().filter(|k| moves(&k.id) && k.as_wrapping_key().is_some()) {
+        if !is_adopted(ring, store, k, wraps.get(&k.id).map(Vec::as_slice).unwrap_or(&[])).await {
+            legacy_candidates.push(k);
+        }
+    }
     if !legacy_candidates.is_empty() {
         let usage = scan(store).await?;
         for k in legacy_candidates {
@@ -254,29 +264,85 @@ pub async fn rewrap(ring: &KeyRing, store: &dyn Store, from: Option<&str>) -> Re
     }
 
     let wraps = ring.list_wraps(store).await?;
+    let mut failed = Vec::new();
     for (rk, mks) in &wraps {
-        let old: Vec<&String> = mks.iter().filter(|m| moves(m)).collect();
+        let old: Vec<String> = mks.iter().filter(|m| moves(m)).cloned().collect();
         if old.is_empty() {
             continue;
         }
-        if !mks.iter().any(|m| m == &active.id) {
-            // The material through whichever wrap a configured master key opens, and the
-            // creation time that wrap binds (every wrap of one key carries the same).
-            let (material, created_us) = unwrap_any(ring, store, rk, mks).await?;
-            put_wrap(store, &active, rk, created_us, &material).await?;
-        }
-        report.rewrapped.push(rk.clone());
-        for m in old {
-            let name = record::wrap_name(rk, m);
-            match store.delete(&name).await {
-                Ok(()) => report.removed.push(name),
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(store_access(store, "delete", format!("{name}: {e}"))),
+        // One key that cannot be moved does not stop the others; its old wraps stay.
+        match move_one(ring, store, &active, rk, mks, &old).await {
+            Ok(mut removed) => {
+                report.rewrapped.push(rk.clone());
+                report.removed.append(&mut removed);
             }
+            Err(e) => failed.push(format!("{rk}: {e}")),
         }
     }
     ring.invalidate();
+    if !failed.is_empty() {
+        return Err(KeyError::Refused(format!(
+            "rewrap moved {} repository keys but not {}: {}; their old wraps are kept; rerun after fixing",
+            report.rewrapped.len(),
+            failed.len(),
+            failed.join("; ")
+        )));
+    }
     Ok(report)
+}
+
+/// Gives repository key `rk` (wrapped by `mks`) a wrap under `active` and deletes its wraps by
+/// `old`. The new wrap is written, or an existing one proven to hold the same key, before any
+/// old wrap goes: a junk record under the active master key's name must not cost the only good
+/// wrap.
+async fn move_one(
+    ring: &KeyRing,
+    store: &dyn Store,
+    active: &master::MasterKey,
+    rk: &str,
+    mks: &[String],
+    old: &[String],
+) -> Result<Vec<String>, KeyError> {
+    // The material through an old wrap (one a configured master key opens), else any other.
+    let from_old = unwrap_any(ring, store, rk, old).await;
+    if mks.iter().any(|m| m == &active.id) {
+        let (present, present_created) = unwrap_any(ring, store, rk, std::slice::from_ref(&active.id)).await?;
+        if let Ok((material, created_us)) = &from_old {
+            if **material != *present || *created_us != present_created {
+                return Err(KeyError::BadRecord {
+                    name: record::wrap_name(rk, &active.id),
+                    what: "holds another key than the old wraps: not deleting them".into(),
+                });
+            }
+        }
+    } else {
+        let (material, created_us) = match from_old {
+            Ok(found) => found,
+            Err(_) => unwrap_any(ring, store, rk, mks).await?,
+        };
+        put_wrap(store, active, rk, created_us, &material).await?;
+    }
+    let mut removed = Vec::new();
+    for m in old {
+        let name = record::wrap_name(rk, m);
+        match store.delete(&name).await {
+            Ok(()) => removed.push(name),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(store_access(store, "delete", format!("{name}: {e}"))),
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether master key `k`'s material is a repository key of its own id: some wrap of that id
+/// under a configured master key (`wrapped_by`) unwraps to exactly `k`'s key.
+async fn is_adopted(ring: &KeyRing, store: &dyn Store, k: &master::MasterKey, wrapped_by: &[String]) -> bool {
+    let Some(own) = k.as_wrapping_key() else { return false };
+    let others: Vec<String> = wrapped_by.iter().filter(|m| **m != k.id).cloned().collect();
+    match unwrap_any(ring, store, &k.id, &others).await {
+        Ok((material, _)) => *material == **own.material(),
+        Err(_) => false,
+    }
 }
 
 async fn unwrap_any(
@@ -391,7 +457,13 @@ pub async fn retire(ring: &KeyRing, store: &dyn Store, id: &str) -> Result<Retir
              repository key is needed as long as objects sealed with it are kept"
         )));
     }
-    if !wraps.contains_key(id) {
+    // Objects naming it directly need it unless its material is provably a repository key of
+    // its own (adopted by rewrap); a record merely named after it proves nothing.
+    let adopted = match masters.get(id) {
+        Some(k) => is_adopted(ring, store, k, wraps.get(id).map(Vec::as_slice).unwrap_or(&[])).await,
+        None => wraps.contains_key(id),
+    };
+    if !adopted {
         let usage = scan(store).await?;
         let direct = usage.objects.get(id).copied().unwrap_or(0);
         if direct > 0 {
@@ -405,12 +477,37 @@ pub async fn retire(ring: &KeyRing, store: &dyn Store, id: &str) -> Result<Retir
             )));
         }
     }
+    let master = masters.get(id).cloned();
+    if let Some(MasterSource::KeyFile(path)) = master.as_ref().map(|m| &m.source) {
+        if master::load_key_file(path)?.len() == 1 {
+            return Err(KeyError::Refused(format!(
+                "{id} is the only key in key file {}: a key file must keep one key; point key_file elsewhere first",
+                path.display()
+            )));
+        }
+    }
     let name = record::retired_name(id);
     store
         .put_if_absent(&name, RetiredRecord::new(id).to_bytes().into())
         .await
         .map_err(|e| store_access(store, "write", e))?;
-    let master = masters.get(id).cloned();
+    // A process that read the sources before the rotation may have made a repository key under
+    // this key since the check above; with the record in place none can be made any more, so a
+    // second look settles it before the key leaves its source.
+    let late: Vec<String> = ring
+        .list_wraps(store)
+        .await?
+        .into_iter()
+        .filter(|(_, mks)| mks.iter().any(|m| m == id))
+        .map(|(rk, _)| rk)
+        .collect();
+    if !late.is_empty() {
+        return Err(KeyError::Refused(format!(
+            "while retiring, another process wrapped repository keys {} under {id}; it is recorded retired, so it \
+             makes no more: run `pitr keys rewrap --from {id}`, then retire again (the key stays in its source until then)",
+            late.join(", ")
+        )));
+    }
     let mut removed_from_key_file = false;
     let mut next_steps = Vec::new();
     match master.as_ref().map(|m| &m.source) {
@@ -431,4 +528,84 @@ pub async fn retire(ring: &KeyRing, store: &dyn Store, id: &str) -> Result<Retir
     }
     ring.invalidate();
     Ok(RetireReport { id: id.into(), source: master.map(|m| m.source.to_string()), removed_from_key_file, next_steps })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::keys::{MasterKey, MasterKeys};
+    use crate::LocalStore;
+
+    fn ring(keys: &[(&str, u8)]) -> KeyRing {
+        let mut all = keys.iter().map(|(id, b)| MasterKey::in_memory(id, [*b; 32]));
+        let mut masters = MasterKeys::single(all.next().unwrap());
+        for k in all {
+            masters = masters.with(k);
+        }
+        KeyRing::with_masters(masters, Duration::from_secs(60))
+    }
+
+    #[tokio::test]
+    async fn retire_takes_only_master_keys_and_a_rerun_goes_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        let rk = ring(&[("k1", 1)]).sealing_set(&store).await.unwrap().active().id.clone();
+        let both = ring(&[("k1", 1), ("k2", 2)]);
+        assert_eq!(rewrap(&both, &store, None).await.unwrap().rewrapped, vec![rk.clone()]);
+        let e = retire(&both, &store, &rk).await.unwrap_err();
+        assert!(e.to_string().contains("is a repository key"), "{e}");
+        let e = retire(&both, &store, "k7").await.unwrap_err();
+        assert!(e.to_string().contains("never retired"), "{e}");
+        assert!(store.list(record::RETIRED).await.unwrap().is_empty(), "a refused retire wrote a record");
+        retire(&both, &store, "k1").await.unwrap();
+        // Killed after the record, then the key removed from its source by hand: the rerun is fine.
+        retire(&ring(&[("k2", 2)]), &store, "k1").await.unwrap();
+    }
+
+    fn junk_wrap(rk: &str, mk: &str) -> (String, bytes::Bytes) {
+        let rec = WrapRecord {
+            repository_key: rk.into(),
+            master_key: mk.into(),
+            created_us: 1,
+            wrapped: crate::keys::master::Wrapped::Aes { nonce: [0; 12], ciphertext: vec![0; 48] },
+        };
+        (record::wrap_name(rk, mk), rec.to_bytes().into())
+    }
+
+    #[tokio::test]
+    async fn a_junk_wrap_under_the_active_key_never_costs_the_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        let rk = ring(&[("k1", 1)]).sealing_set(&store).await.unwrap().active().id.clone();
+        let (name, junk) = junk_wrap(&rk, "k2");
+        store.put_if_absent(&name, junk).await.unwrap();
+        let both = ring(&[("k1", 1), ("k2", 2)]);
+        let e = rewrap(&both, &store, None).await.unwrap_err();
+        assert!(e.to_string().contains(&rk), "{e}");
+        assert!(store.head(&record::wrap_name(&rk, "k1")).await.unwrap().is_some(), "the good wrap was deleted");
+        assert!(ring(&[("k1", 1)]).opening_set(&store, "obj", &rk).await.is_ok());
+        assert!(retire(&both, &store, "k1").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_record_named_after_a_legacy_key_does_not_make_it_retirable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(LocalStore::new(dir.path()));
+        // An object sealed directly with master key k0, as before repository keys.
+        let legacy = crate::Repository::new(store.clone(), KeyRing::from_key("k0", [7; 32]));
+        legacy.put_sealed("obj", b"old".to_vec(), crate::ObjectMeta::plain(crate::ObjectKind::Meta)).await.unwrap();
+        let (name, junk) = junk_wrap("k0", "k9");
+        store.put_if_absent(&name, junk).await.unwrap();
+        let both = ring(&[("k0", 7), ("k1", 1)]);
+        let e = retire(&both, store.as_ref(), "k0").await.unwrap_err();
+        assert!(e.to_string().contains("directly"), "{e}");
+        // Rewrap adopts it for real; then it may go, and the old object still opens.
+        let report = rewrap(&both, store.as_ref(), Some("k0")).await.unwrap();
+        assert_eq!(report.adopted, vec!["k0".to_string()]);
+        retire(&both, store.as_ref(), "k0").await.unwrap();
+        let after = crate::Repository::new(store.clone(), ring(&[("k1", 1)]));
+        assert_eq!(after.get_opened("obj").await.unwrap().1, b"old");
+    }
 }

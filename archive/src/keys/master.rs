@@ -231,11 +231,16 @@ impl MasterKey {
                 let context: Vec<(&str, &str)> = context.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 match client.decrypt(ciphertext, &context).await {
                     Ok(material) => Ok(material),
+                    // The blob itself is wrong (tampered, another key's, malformed): a bad record,
+                    // not KMS failing.
                     Err(super::kms::KmsError::Refused { code, .. })
-                        if code == "InvalidCiphertextException" || code == "IncorrectKeyException" =>
+                        if code == "InvalidCiphertextException"
+                            || code == "IncorrectKeyException"
+                            || code == "ValidationException" =>
                     {
                         Err(unwrap_error())
                     }
+                    Err(super::kms::KmsError::Invalid { .. }) => Err(unwrap_error()),
                     Err(e) => Err(KeyError::access("decrypt", self.source.to_string(), "decrypt", e)),
                 }
             }
@@ -337,8 +342,13 @@ impl KeySources {
         }
         if let Some(var) = &self.key_env {
             let source = MasterSource::Env(var.clone());
+            // Not `VarError`'s text: for a value that is not UTF-8 it quotes the value, keys and all.
             let text = Zeroizing::new(std::env::var(var).map_err(|e| {
-                KeyError::access("key-env", source.to_string(), "read", format!("environment variable {var}: {e}"))
+                let why = match e {
+                    std::env::VarError::NotPresent => "is not set",
+                    std::env::VarError::NotUnicode(_) => "is not valid UTF-8",
+                };
+                KeyError::access("key-env", source.to_string(), "read", format!("environment variable {var} {why}"))
             })?);
             add(parse_keys(&source, &text)?, &mut keys)?;
             default_active = Some(keys.len() - 1);
@@ -437,8 +447,21 @@ pub fn valid_id(id: &str) -> bool {
 }
 
 /// Runs `key_command` (no shell) and returns what it printed. A non-zero exit, a timeout or too
-/// much output is an access error naming the program and what it printed on stderr.
+/// much output is an access error naming the program and what it printed on stderr. The command
+/// runs in a process group of its own, killed whole on timeout, so that a helper it leaves behind
+/// holding the pipes cannot hang pitr either.
 fn run_key_command(source: &MasterSource, argv: &[String]) -> Result<Zeroizing<String>, KeyError> {
+    run_key_command_within(source, argv, KEY_COMMAND_TIMEOUT)
+}
+
+fn run_key_command_within(
+    source: &MasterSource,
+    argv: &[String],
+    timeout: Duration,
+) -> Result<Zeroizing<String>, KeyError> {
+    use std::os::unix::process::CommandExt;
+    use std::sync::mpsc;
+
     let fail = |cause: String| KeyError::access("key-command", source.to_string(), "run", cause);
     let (program, args) = argv.split_first().ok_or_else(|| KeyError::Refused("[encryption] key_command is empty".into()))?;
     let mut child = Command::new(program)
@@ -446,40 +469,74 @@ fn run_key_command(source: &MasterSource, argv: &[String]) -> Result<Zeroizing<S
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .map_err(|e| fail(format!("could not start it: {e}")))?;
-    // Read both pipes on threads so that a chatty command cannot block on a full pipe.
+    let group = child.id() as i32;
+    let kill_group = || {
+        // SAFETY: kill(2) with a negative pid signals the process group we made; no memory is involved.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+    };
     let mut stdout = child.stdout.take().ok_or_else(|| fail("no stdout".into()))?;
     let mut stderr = child.stderr.take().ok_or_else(|| fail("no stderr".into()))?;
-    let out_reader = std::thread::spawn(move || {
-        let mut buf = Zeroizing::new(Vec::new());
-        let _ = (&mut stdout).take(KEY_COMMAND_OUTPUT_MAX as u64 + 1).read_to_end(&mut buf);
-        buf
+    // Both pipes are read to their end on threads (past the caps too, discarding), so that a
+    // chatty command never blocks on a full pipe; the results come back on channels that are
+    // waited on with the deadline.
+    let (out_tx, out_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut kept = Zeroizing::new(Vec::new());
+        let mut buf = Zeroizing::new([0u8; 8192]);
+        let mut too_much = false;
+        loop {
+            match stdout.read(&mut buf[..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) if kept.len() + n <= KEY_COMMAND_OUTPUT_MAX => kept.extend_from_slice(&buf[..n]),
+                Ok(_) => too_much = true,
+            }
+        }
+        let _ = out_tx.send((kept, too_much));
     });
-    let err_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = (&mut stderr).take(4096).read_to_end(&mut buf);
-        buf
+    let (err_tx, err_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stderr.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) if kept.len() < 4096 => kept.extend_from_slice(&buf[..n.min(4096 - kept.len())]),
+                Ok(_) => {}
+            }
+        }
+        let _ = err_tx.send(kept);
     });
-    let deadline = Instant::now() + KEY_COMMAND_TIMEOUT;
+    let deadline = Instant::now() + timeout;
+    let timed_out = |child: &mut std::process::Child| {
+        kill_group();
+        let _ = child.wait();
+        fail(format!("did not finish within {} s; killed", timeout.as_secs_f64()))
+    };
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(fail(format!("did not finish within {} s; killed", KEY_COMMAND_TIMEOUT.as_secs())));
-            }
+            Ok(None) if Instant::now() >= deadline => return Err(timed_out(&mut child)),
             Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(fail(format!("waiting for it: {e}"))),
+            Err(e) => {
+                kill_group();
+                let _ = child.wait();
+                return Err(fail(format!("waiting for it: {e}")));
+            }
         }
     };
-    let out = out_reader.join().unwrap_or_default();
-    let err = err_reader.join().unwrap_or_default();
+    let left = |d: Instant| d.saturating_duration_since(Instant::now());
+    let Ok((out, too_much)) = out_rx.recv_timeout(left(deadline)) else {
+        kill_group();
+        return Err(fail("exited, but something it started keeps its output open; killed its process group".into()));
+    };
+    let err = err_rx.recv_timeout(left(deadline).max(Duration::from_millis(100))).unwrap_or_default();
     if !status.success() {
         return Err(fail(format!("exited with {status}: {}", String::from_utf8_lossy(&err).trim())));
     }
-    if out.len() > KEY_COMMAND_OUTPUT_MAX {
+    if too_much {
         return Err(fail(format!("printed more than {KEY_COMMAND_OUTPUT_MAX} bytes")));
     }
     let text = String::from_utf8(out.to_vec()).map_err(|_| fail("printed something that is not UTF-8".into()))?;
@@ -537,6 +594,7 @@ pub fn create_key_file(path: &Path) -> Result<MasterKey, KeyError> {
 /// file or the new one, never half a line.
 pub fn append_to_key_file(path: &Path) -> Result<MasterKey, KeyError> {
     let io = |cause| KeyError::Io { path: path.to_path_buf(), cause };
+    let _lock = lock_key_file(path)?;
     let existing = load_key_file(path)?;
     let old = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
     let mut key = Zeroizing::new([0u8; 32]);
@@ -564,6 +622,7 @@ pub fn append_to_key_file(path: &Path) -> Result<MasterKey, KeyError> {
 /// `Ok(false)`: no such line. Refuses to remove the file's last key.
 pub fn remove_from_key_file(path: &Path, id: &str) -> Result<bool, KeyError> {
     let io = |cause| KeyError::Io { path: path.to_path_buf(), cause };
+    let _lock = lock_key_file(path)?;
     let keys = load_key_file(path)?;
     if !keys.iter().any(|k| k.id == id) {
         return Ok(false);
@@ -583,6 +642,40 @@ pub fn remove_from_key_file(path: &Path, id: &str) -> Result<bool, KeyError> {
     }
     replace_file(path, &text)?;
     Ok(true)
+}
+
+/// An exclusive lock on `<key file>.lock` for one read-modify-rename of the key file: two
+/// `keys rotate`/`retire` at once would otherwise each drop the other's change (and with a new
+/// master key, whatever it already wraps). Released when dropped (the file is closed).
+fn lock_key_file(path: &Path) -> Result<std::fs::File, KeyError> {
+    use std::os::fd::AsRawFd;
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let io = |cause| KeyError::Io { path: lock_path.clone(), cause };
+    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&lock_path).map_err(io)?;
+    // SAFETY: flock(2) on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    remove_stale_temporaries(path);
+    Ok(file)
+}
+
+/// Removes `<key file>.tmp.*` left by a crash between writing and renaming: each holds every
+/// key. Only called under the lock, so no live rewrite's temporary is taken.
+fn remove_stale_temporaries(path: &Path) {
+    let (Some(dir), Some(file_name)) = (path.parent(), path.file_name()) else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let mut prefix = file_name.to_owned();
+    prefix.push(".tmp.");
+    let prefix = prefix.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 fn replace_file(path: &Path, text: &str) -> Result<(), KeyError> {
@@ -689,6 +782,33 @@ mod tests {
         assert!(both.load().unwrap_err().to_string().contains("unique"));
         let none = KeySources::default().load().unwrap_err();
         assert!(none.to_string().contains("no key source"), "{none}");
+    }
+
+    #[test]
+    fn key_command_that_hangs_or_leaves_a_helper_holding_its_output_is_killed() {
+        let src = MasterSource::Command("/bin/sh".into());
+        let sh = |script: &str| vec!["/bin/sh".to_string(), "-c".to_string(), script.to_string()];
+        let started = Instant::now();
+        let e = run_key_command_within(&src, &sh("sleep 30"), Duration::from_millis(500)).unwrap_err();
+        assert!(e.to_string().contains("did not finish"), "{e}");
+        let e = run_key_command_within(&src, &sh("echo x; sleep 30 &"), Duration::from_millis(500)).unwrap_err();
+        assert!(e.to_string().contains("keeps its output open"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        // Noisy stderr past the cap does not block it.
+        let out = run_key_command_within(&src, &sh("head -c 200000 /dev/zero >&2; echo ok"), Duration::from_secs(5)).unwrap();
+        assert_eq!(out.trim(), "ok");
+    }
+
+    #[test]
+    fn key_file_edits_leave_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        create_key_file(&path).unwrap();
+        std::fs::write(dir.path().join("key.tmp.999"), "stale").unwrap();
+        append_to_key_file(&path).unwrap();
+        let names: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(!names.iter().any(|n| n.contains(".tmp.")), "{names:?}");
     }
 
     #[tokio::test]

@@ -122,7 +122,13 @@ impl WrapRecord {
                 }
                 Wrapped::Aes { nonce, ciphertext }
             }
-            ("aws-kms", None, Some(kms_key_id)) => Wrapped::Kms { kms_key_id, ciphertext },
+            ("aws-kms", None, Some(kms_key_id)) => {
+                // KMS takes blobs of 1–6144 bytes; anything else is not one of its blobs.
+                if ciphertext.is_empty() || ciphertext.len() > 6144 {
+                    return Err(bad(format!("KMS ciphertext of {} bytes", ciphertext.len())));
+                }
+                Wrapped::Kms { kms_key_id, ciphertext }
+            }
             (method, _, _) => return Err(bad(format!("method {method:?} with the wrong fields"))),
         };
         Ok(WrapRecord {

@@ -202,10 +202,14 @@ impl KeyRing {
     }
 
     /// The wrap record `name`; `None` if it is gone since it was listed (a rewrap removed it).
+    /// One too big to be a record is a bad record, not a storage failure.
     async fn read_wrap(&self, store: &dyn Store, name: &str) -> Result<Option<WrapRecord>, KeyError> {
         match store.get_limited(name, record::RECORD_MAX).await {
             Ok(bytes) => WrapRecord::parse(name, &bytes).map(Some),
             Err(e) if e.is_not_found() => Ok(None),
+            Err(crate::StoreError::TooLarge { .. }) => {
+                Err(KeyError::BadRecord { name: name.into(), what: format!("over {} bytes", record::RECORD_MAX) })
+            }
             Err(e) => Err(store_access(store, "read", e)),
         }
     }
@@ -264,10 +268,18 @@ impl KeyRing {
         self.reload_masters_if_stale().await;
         let master = self.masters().active().clone();
         if self.retired(store).await?.contains(&master.id) {
-            return Err(KeyError::Refused(format!(
-                "the active master key {} ({}) is retired; configure another key",
-                master.id, master.source
-            )));
+            // Counted and retried like a key source that cannot be reached: the sources may not
+            // have been re-read since another process rotated and retired the key, and if the
+            // retirement record was planted, the alert is what brings an operator.
+            return Err(KeyError::access(
+                "key-records",
+                format!("master key {} ({})", master.id, master.source),
+                "seal",
+                format!(
+                    "it is the active master key but is retired ({}); configure another key, or delete that record if nobody retired it",
+                    record::retired_name(&master.id)
+                ),
+            ));
         }
         let listed = store.list(record::WRAPS).await.map_err(|e| store_access(store, "list", e))?;
         let mut candidates: Vec<(String, WrapRecord)> = Vec::new();
@@ -287,23 +299,42 @@ impl KeyRing {
         // passed over, so that it cannot stop sealing.
         candidates.sort_by(|(_, a), (_, b)| (b.created_us, &b.repository_key).cmp(&(a.created_us, &a.repository_key)));
         let mut newest = None;
+        let mut unreachable = None;
         for (name, rec) in candidates {
             match self.unwrap_record(&name, &rec, &master).await {
                 Ok(key) => {
                     newest = Some((key, rec.created_us));
                     break;
                 }
-                Err(e @ KeyError::Access { .. }) => return Err(e),
+                Err(e @ KeyError::Access { .. }) => {
+                    unreachable.get_or_insert(e);
+                }
                 Err(e) => tracing::warn!(error = %e, "key record does not unwrap; passed over"),
             }
         }
-        match newest {
-            Some(found) => Ok(found),
-            None if create => {
-                let (key, created_us) = self.create_with(store, &master).await?;
+        match (newest, unreachable) {
+            (Some(found), _) => Ok(found),
+            // Never a new key because the master key could not be reached for the existing ones.
+            (None, Some(e)) => Err(e),
+            (None, None) if create => {
+                // Only with the sources and retirements as they are now: a process whose view is
+                // a TTL old must not make a key under a master key retired meanwhile.
+                self.state().masters_loaded = Instant::now() - self.inner.ttl - Duration::from_secs(1);
+                self.state().retired = None;
+                self.reload_masters_if_stale().await;
+                let fresh = self.masters().active().clone();
+                if fresh.id != master.id || self.retired(store).await?.contains(&fresh.id) {
+                    return Err(KeyError::access(
+                        "key-records",
+                        format!("master key {}", master.id),
+                        "seal",
+                        "the key sources or retirements changed while looking for the active key; retrying",
+                    ));
+                }
+                let (key, created_us) = self.create_with(store, &fresh).await?;
                 Ok((key, created_us))
             }
-            None => Err(KeyError::Refused(format!(
+            (None, None) => Err(KeyError::Refused(format!(
                 "the repository has no repository key wrapped by the active master key {} ({})",
                 master.id, master.source
             ))),

@@ -43,6 +43,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
         LocalStore::new(config.repository_path()).create_root().context("[repository] path")?;
     }
     let repo = Repository::new(store, keys);
+    // An initialised repository is opened before anything is written: with the wrong keys, the
+    // first put would leave a repository key under a master key that does not belong here.
+    if repo.store().head(MARKER).await.context("[repository]")?.is_some() {
+        repo.check().await.context("the repository is initialised, but the configured keys do not open it")?;
+    }
     match repo.init().await.context("initialising the repository")? {
         PutOutcome::Created => println!("initialised repository {}", repo.location()),
         PutOutcome::AlreadyExists => {

@@ -8,6 +8,7 @@ pub mod copy;
 pub mod drill;
 pub mod expire;
 pub mod init;
+pub mod keys;
 pub mod list;
 pub mod mongo;
 pub mod restore;
