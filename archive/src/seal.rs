@@ -279,15 +279,7 @@ pub const KEY_ID_PREFIX_LEN: u64 = 9 + 1 + 2 + 64;
 /// before [`open`] can authenticate anything.
 pub fn peek_key_id(name: &str, bytes: &[u8]) -> Result<String, SealError> {
     let object = || name.to_string();
-    if bytes.len() < 12 {
-        return Err(SealError::Truncated { object: object(), what: "shorter than the fixed prefix".into() });
-    }
-    if &bytes[..4] != MAGIC {
-        return Err(SealError::BadMagic { object: object() });
-    }
-    if bytes[4] != VERSION {
-        return Err(SealError::Version { object: object(), version: bytes[4] });
-    }
+    check_prefix(name, bytes, 12)?;
     let id_len = u16::from_le_bytes([bytes[10], bytes[11]]) as usize;
     if id_len == 0 || id_len > 64 {
         return Err(SealError::Header { object: object(), what: format!("key id length {id_len}") });
@@ -390,9 +382,10 @@ fn initial_capacity(plaintext_len: u64) -> usize {
     usize::try_from(plaintext_len).unwrap_or(usize::MAX).min(PREALLOCATE_MAX)
 }
 
-fn parse_header(name: &str, bytes: &[u8]) -> Result<SealedHeader, SealError> {
+/// Checks that `bytes` hold at least `min_len` bytes starting with the magic and this version.
+fn check_prefix(name: &str, bytes: &[u8], min_len: usize) -> Result<(), SealError> {
     let object = || name.to_string();
-    if bytes.len() < 9 {
+    if bytes.len() < min_len {
         return Err(SealError::Truncated { object: object(), what: "shorter than the fixed prefix".into() });
     }
     if &bytes[..4] != MAGIC {
@@ -401,6 +394,12 @@ fn parse_header(name: &str, bytes: &[u8]) -> Result<SealedHeader, SealError> {
     if bytes[4] != VERSION {
         return Err(SealError::Version { object: object(), version: bytes[4] });
     }
+    Ok(())
+}
+
+fn parse_header(name: &str, bytes: &[u8]) -> Result<SealedHeader, SealError> {
+    let object = || name.to_string();
+    check_prefix(name, bytes, 9)?;
     let header_len = u32::from_le_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) as usize;
     if header_len > MAX_HEADER_LEN {
         return Err(SealError::Header { object: object(), what: format!("header length {header_len} too large") });
@@ -582,6 +581,17 @@ mod tests {
             swapped.extend_from_slice(&frames[i]);
         }
         assert!(matches!(open("a", &swapped, &ring()), Err(SealError::Authentication { .. })));
+    }
+
+    #[test]
+    fn peek_key_id_reads_the_id_and_refuses_one_outside_the_alphabet() {
+        let sealed = seal("a", b"x", &meta(), &ring(), 1);
+        assert_eq!(peek_key_id("a", &sealed[..KEY_ID_PREFIX_LEN as usize]).unwrap(), "test");
+        let mut bad = sealed.clone();
+        bad[12..16].copy_from_slice(b"../x");
+        let e = peek_key_id("a", &bad).unwrap_err();
+        assert!(matches!(&e, SealError::Header { what, .. } if what.contains("alphabet") || what.contains("A-Za-z")), "{e}");
+        assert!(matches!(peek_key_id("a", b"PITR"), Err(SealError::Truncated { .. })));
     }
 
     #[test]

@@ -488,7 +488,9 @@ impl Sealer<'_> {
         loop {
             match self.repo.put_sealed(&name, plaintext.clone(), meta.clone()).await {
                 Ok(_) => break,
-                Err(pitr_archive::RepositoryError::Store(e)) => {
+                // Storage, or the keys (a KMS outage), failing for now: the slice waits in memory
+                // and is put again; nothing past it is acknowledged meanwhile.
+                Err(e @ (pitr_archive::RepositoryError::Store(_) | pitr_archive::RepositoryError::KeyAccess(_))) => {
                     metrics::counter!("pitr_mongo_upload_errors_total").increment(1);
                     tracing::warn!(object = %name, error = %e, retry_in = ?delay, "oplog slice not stored yet; retrying");
                     tokio::time::sleep(delay).await;
