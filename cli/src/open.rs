@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use pitr_archive::replicate::ReplicatedStore;
-use pitr_archive::{ClusterInfo, KeyRing, LocalStore, NamedStore, Repository, Store};
+use pitr_archive::{ClusterInfo, KeyError, KeyRing, LocalStore, NamedStore, Repository, Store};
 
 use crate::config::{Config, SecondaryConfig, PRIMARY_NAME};
 
@@ -82,7 +82,14 @@ static REPLICATORS: Mutex<Vec<Arc<ReplicatedStore>>> = Mutex::new(Vec::new());
 
 /// The key ring of the configured key sources.
 pub fn key_ring(config: &Config) -> Result<KeyRing> {
-    KeyRing::open(config.encryption.key_sources()).context("[encryption]")
+    KeyRing::open(config.encryption.key_sources()).map_err(|e| {
+        // Name the setting to fix: the key file's own errors carry its path, not the setting.
+        let setting = match &e {
+            KeyError::Io { .. } | KeyError::TooOpen { .. } => "[encryption] key_file",
+            _ => "[encryption]",
+        };
+        anyhow::Error::new(e).context(setting)
+    })
 }
 
 /// For the sidecar: the primary, whose every put and delete is copied to the secondaries, and

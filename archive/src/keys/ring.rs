@@ -490,7 +490,7 @@ impl KeyRing {
         if let Some(e) = failures.into_iter().next() {
             return Err(e);
         }
-        let configured: Vec<&str> = masters.all().iter().map(|k| k.id.as_str()).collect();
+        let configured: Vec<String> = masters.all().iter().map(|k| format!("{} from {}", k.id, k.source)).collect();
         let searched = if wrapped_by.is_empty() {
             format!(
                 "is neither a repository key ({prefix} holds nothing) nor a configured master key ({})",
