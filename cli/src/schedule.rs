@@ -30,6 +30,20 @@ pub enum JobKind {
     Drill,
     /// `pitr expire` with `[retention]`.
     Expire,
+    /// The age of the active repository key: exported as `pitr_key_age_seconds`, and a new key
+    /// made once it is older than `after` (`[schedule] key_rotation`; `None`: never).
+    KeyRotation {
+        /// Rotate at this age.
+        after: Option<Duration>,
+    },
+}
+
+/// When a job runs.
+pub enum When {
+    /// On a cron schedule (UTC).
+    Cron(Box<croner::Cron>),
+    /// Every so often, starting at once (a check that is cheap and must not wait for a date).
+    Every(Duration),
 }
 
 /// A PostgreSQL job and when it runs.
@@ -37,9 +51,16 @@ pub struct Job {
     /// Its name in logs and metrics (the `[schedule]` key).
     pub name: &'static str,
     /// When it runs.
-    pub cron: croner::Cron,
+    pub when: When,
     /// What it does.
     pub kind: JobKind,
+}
+
+/// How often the key age is looked at: once a minute, or twice per `key_rotation` when that is
+/// shorter (tests), so that a key is never more than half a period past due.
+pub fn key_check_interval(key_rotation: Option<Duration>) -> Duration {
+    let minute = Duration::from_secs(60);
+    key_rotation.map_or(minute, |every| (every / 2).min(minute))
 }
 
 /// What the PostgreSQL jobs work with.
@@ -83,7 +104,76 @@ pub async fn run_job(job: Job, ctx: Arc<SchedulerContext>, shutdown: watch::Rece
     let catch_up = if job.kind == JobKind::FullBackup { Some(last_backup_time(&ctx).await) } else { None };
     let said_unavailable = AtomicBool::new(false);
     let (job, ctx, said) = (&job, &ctx, &said_unavailable);
-    run_on_schedule(job.name, &job.cron, catch_up, shutdown, || execute(job, ctx, said)).await;
+    match &job.when {
+        When::Cron(cron) => run_on_schedule(job.name, cron, catch_up, shutdown, || execute(job, ctx, said)).await,
+        When::Every(every) => run_every(*every, shutdown, || execute(job, ctx, said)).await,
+    }
+}
+
+/// Runs `run` at once and then every `every` until `shutdown`; runs never overlap, and a run
+/// that takes longer than `every` delays the next rather than bunching them.
+async fn run_every<F, Fut>(every: Duration, mut shutdown: watch::Receiver<bool>, mut run: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        run().await;
+    }
+}
+
+/// Seconds since `created_us` (µs since the epoch).
+fn age_seconds(created_us: i64) -> f64 {
+    (pitr_archive::now_us().saturating_sub(created_us)) as f64 / 1e6
+}
+
+/// One look at the active repository key: its age into `pitr_key_age_seconds`, and a new key,
+/// made through the writer repository's store (so its record is copied to secondaries), when it
+/// is older than `after`. Failures (a KMS outage, storage) are logged and counted; the next
+/// check tries again.
+async fn check_key_age(name: &'static str, repo: &Repository, after: Option<Duration>) {
+    let (ring, store) = (repo.keys(), repo.store());
+    let active = match ring.active_info(store.as_ref(), true).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(job = name, result = "failure", error = %e, "could not read the active repository key (the next check tries again)");
+            count_key_rotation(name, false);
+            return;
+        }
+    };
+    let age = age_seconds(active.created_us);
+    gauge!("pitr_key_age_seconds").set(age);
+    let Some(after) = after else { return };
+    if age < after.as_secs_f64() {
+        return;
+    }
+    tracing::info!(job = name, event = "start", repository_key = %active.id, age_seconds = age.round(),
+        "the active repository key is older than [schedule] key_rotation; making a new one");
+    match ring.rotate(store.as_ref()).await {
+        Ok(new) => {
+            gauge!("pitr_key_age_seconds").set(age_seconds(new.created_us));
+            tracing::info!(job = name, event = "end", result = "success", old_repository_key = %active.id,
+                repository_key = %new.id, master_key = %new.master_key,
+                "rotated the repository key: new objects are sealed with {}; older keys stay for the objects they sealed", new.id);
+            count_key_rotation(name, true);
+        }
+        Err(e) => {
+            tracing::error!(job = name, event = "end", result = "failure", repository_key = %active.id, error = %e,
+                "could not rotate the repository key (the next check tries again)");
+            count_key_rotation(name, false);
+        }
+    }
+}
+
+fn count_key_rotation(name: &'static str, ok: bool) {
+    let result = if ok { "success" } else { "failure" };
+    metrics::counter!("pitr_scheduled_runs_total", "job" => name, "result" => result).increment(1);
 }
 
 /// Runs `run` on `cron` until `shutdown`. Runs never overlap (each is awaited); ticks that pass
@@ -162,7 +252,17 @@ async fn run_drill(ctx: &SchedulerContext) -> Result<pitr_drill::DrillReport> {
     let catalog = open::catalog(&ctx.repo, ctx.system_id).await?;
     let mut opts = tasks::drill_options(&config, &ctx.config_path, &catalog)?;
     opts.test_type = "Monthly (scheduled)".into();
-    let report = pitr_restore::drill::drill(&ctx.repo, &catalog, &opts).await?;
+    let report = if config.drill.key_rotation {
+        let report = crate::cmd::drill::key_rotation_drill(&ctx.config_path, &ctx.repo, opts, ctx.system_id).await?;
+        if let Some(k) = &report.key_rotation {
+            tracing::info!(job = "drill", new_repository_key = %k.new_repository_key, rewrapped_keys = k.rewrapped_keys,
+                drill_master_key = %k.drill_master_key, restored_with_drill_key_alone = k.restored_with_drill_key_alone,
+                wraps_removed = k.wraps_removed, "{} done", pitr_drill::KEY_ROTATION_SCENARIO);
+        }
+        report
+    } else {
+        pitr_restore::drill::drill(&ctx.repo, &catalog, &opts).await?
+    };
     let subject = pitr_drill::Subject::Postgres { system_id: catalog.cluster.system_id };
     pitr_drill::store_result(&ctx.repo, &subject, &report).await?;
     Ok(report)
@@ -170,6 +270,7 @@ async fn run_drill(ctx: &SchedulerContext) -> Result<pitr_drill::DrillReport> {
 
 async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &AtomicBool) {
     match job.kind {
+        JobKind::KeyRotation { after } => check_key_age(job.name, &ctx.repo, after).await,
         JobKind::Verify => {
             tracing::info!(job = job.name, event = "start", "scheduled verification starting");
             match run_verify(ctx).await {
@@ -284,9 +385,16 @@ pub fn jobs(schedule: &ScheduleSection) -> Result<Vec<Job>> {
     ];
     for (name, expr, kind) in entries {
         if let Some(cron) = parse_cron(name, expr)? {
-            out.push(Job { name, cron, kind });
+            out.push(Job { name, when: When::Cron(Box::new(cron)), kind });
         }
     }
+    // Even when rotation is off, the age is exported (the EncryptionKeyTooOld alert reads it).
+    let after = schedule.key_rotation()?;
+    out.push(Job {
+        name: "key_rotation",
+        when: When::Every(key_check_interval(after)),
+        kind: JobKind::KeyRotation { after },
+    });
     Ok(out)
 }
 
@@ -338,6 +446,14 @@ pub fn spawn_mongo_jobs(
             };
             let (repo, path) = (&repo, &path);
             run_on_schedule(job.name(), &cron, catch_up, shutdown, || run_mongo_job(job, path, repo)).await;
+        }));
+    }
+    if config.postgres.is_none() {
+        // Beside PostgreSQL, the PostgreSQL jobs ([`jobs`]) look after the key already.
+        let after = config.schedule.key_rotation()?;
+        let (repo, shutdown) = (repo.clone(), shutdown.clone());
+        handles.push(tokio::spawn(async move {
+            run_every(key_check_interval(after), shutdown, || check_key_age("key_rotation", &repo, after)).await;
         }));
     }
     handles.push(tokio::spawn(crate::sidecar::feed_mongo_catalog_gauges(
@@ -424,6 +540,22 @@ async fn run_mongo_job(job: MongoJob, path: &Path, repo: &Repository) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_age_is_checked_each_minute_or_twice_per_rotation_period() {
+        assert_eq!(key_check_interval(None), Duration::from_secs(60));
+        assert_eq!(key_check_interval(Some(Duration::from_secs(90 * 86400))), Duration::from_secs(60));
+        assert_eq!(key_check_interval(Some(Duration::from_secs(5))), Duration::from_millis(2500));
+        let c = crate::config::Config::parse(
+            "[repository]\npath = \"/r\"\n[encryption]\nkey_file = \"/k\"\n[schedule]\nkey_rotation = \"off\"\n",
+            &[],
+        )
+        .unwrap();
+        let all = jobs(&c.schedule).unwrap();
+        let key =
+            all.iter().find(|j| j.name == "key_rotation").expect("the key age is checked even when rotation is off");
+        assert_eq!(key.kind, JobKind::KeyRotation { after: None });
+    }
 
     #[test]
     fn cron_with_and_without_seconds() {

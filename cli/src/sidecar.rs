@@ -134,6 +134,15 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
         "Puts and deletes dropped because a secondary's queue was full (a back-fill copies the puts)"
     );
     describe_counter!("pitr_secondary_backfills_total", "Back-fills (listing comparisons) completed for a secondary");
+    describe_gauge!(
+        "pitr_key_age_seconds",
+        Unit::Seconds,
+        "Age of the active repository key (the one sealing new objects); [schedule] key_rotation replaces it"
+    );
+    describe_counter!(
+        "pitr_key_access_errors_total",
+        "Failures to reach or use a key source or the key records, by operation (each failed put is retried)"
+    );
     describe_gauge!("pitr_up", "1 while pitr stream runs");
     gauge!("pitr_up").set(1.0);
     Ok(handle)

@@ -19,6 +19,6 @@ pub mod results;
 pub mod skeleton;
 
 pub use checks::{evaluate, CheckResult, CheckSpec, CheckStatus, ChecksFile, Recorded};
-pub use report::{render_markdown, DrillReport, Integrity, Outcome, Source};
+pub use report::{render_markdown, DrillReport, Integrity, KeyRotationDrill, Outcome, Source, KEY_ROTATION_SCENARIO};
 pub use results::{latest_result, record_gauges, record_latest, scheduled_drill_ended, store_result, Subject};
 pub use skeleton::{random_moment, run, Drill, DrillTarget, Measured, Objectives};

@@ -141,7 +141,34 @@ pub struct DrillReport {
     pub restore: Option<serde_json::Value>,
     /// One line on what was restored, for the markdown report.
     pub restore_summary: Option<String>,
+    /// A key rotation and re-encryption drill's key steps (`pitr drill --key-rotation`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_rotation: Option<KeyRotationDrill>,
 }
+
+/// What a key rotation and re-encryption drill did with the keys: it rotated (a new repository
+/// key), wrapped every repository key under a master key made for the drill alone and held in
+/// memory, restored with only that key, and deleted those wraps again.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct KeyRotationDrill {
+    /// The repository key the rotation made: it seals new objects from now on.
+    pub new_repository_key: String,
+    /// The drill-only master key (`drill-<hex>`); forgotten, its wraps deleted, after the drill.
+    pub drill_master_key: String,
+    /// Repository keys wrapped under it (the repository's, the new one included).
+    pub rewrapped_keys: usize,
+    /// Whether the restore finished with the drill-only master key as its only key.
+    pub restored_with_drill_key_alone: bool,
+    /// Drill wrap records deleted afterwards.
+    pub wraps_removed: usize,
+    /// What went wrong in the key steps (a key that could not be rewrapped, a wrap left behind).
+    pub problems: Vec<String>,
+}
+
+/// The name the report gives this kind of drill (the seed runbook's "Encryption key rotation and
+/// backup re-encryption test").
+pub const KEY_ROTATION_SCENARIO: &str = "Key rotation and re-encryption drill";
 
 fn minutes(s: Option<f64>) -> String {
     s.map(|s| format!("{:.2} minutes ({s:.1} s)", s / 60.0)).unwrap_or_else(|| "not measured".into())
@@ -177,6 +204,22 @@ pub fn render_markdown(r: &DrillReport) -> String {
     }
     if let Some(summary) = &r.restore_summary {
         md.push_str(&format!("\n{summary}\n"));
+    }
+    if let Some(k) = &r.key_rotation {
+        md.push_str(&format!("\n## {KEY_ROTATION_SCENARIO}\n"));
+        md.push_str(&format!("- **New Repository Key**: {}\n", k.new_repository_key));
+        md.push_str(&format!(
+            "- **Repository Keys Rewrapped**: {} (under the drill-only master key {})\n",
+            k.rewrapped_keys, k.drill_master_key
+        ));
+        md.push_str(&format!(
+            "- **Restore With The Rewrapped Keys Alone**: {}\n",
+            if k.restored_with_drill_key_alone { "PASS" } else { "FAIL" }
+        ));
+        md.push_str(&format!("- **Drill Wraps Removed**: {}\n", k.wraps_removed));
+        for p in &k.problems {
+            md.push_str(&format!("- **Problem**: {p}\n"));
+        }
     }
     md.push_str("\n## Issues Identified\n");
     if r.issues.is_empty() {
@@ -225,7 +268,34 @@ mod tests {
             improvements: vec![],
             restore: None,
             restore_summary: None,
+            key_rotation: None,
         }
+    }
+
+    #[test]
+    fn a_key_rotation_drill_says_so_with_its_key_and_count() {
+        let mut r = report();
+        r.key_rotation = Some(KeyRotationDrill {
+            new_repository_key: "r0123abcd".into(),
+            drill_master_key: "drill-00ff".into(),
+            rewrapped_keys: 3,
+            restored_with_drill_key_alone: true,
+            wraps_removed: 3,
+            problems: vec![],
+        });
+        let md = render_markdown(&r);
+        for field in [
+            "## Key rotation and re-encryption drill",
+            "**New Repository Key**: r0123abcd",
+            "**Repository Keys Rewrapped**: 3 (under the drill-only master key drill-00ff)",
+            "**Restore With The Rewrapped Keys Alone**: PASS",
+        ] {
+            assert!(md.contains(field), "missing {field:?} in\n{md}");
+        }
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["key_rotation"]["rewrapped_keys"], 3);
+        assert_eq!(serde_json::from_value::<DrillReport>(json).unwrap(), r);
+        assert!(serde_json::to_value(report()).unwrap().get("key_rotation").is_none());
     }
 
     #[test]

@@ -237,6 +237,7 @@ fn assess(run: DrillRun, objectives: &Objectives<'_>) -> DrillReport {
         improvements,
         restore,
         restore_summary,
+        key_rotation: None,
     }
 }
 

@@ -63,6 +63,9 @@ pub struct PitrEnv {
     /// Where `pitr stream` serves /metrics and /healthz.
     pub metrics_port: u16,
     stream_runs: usize,
+    /// Variables set in the environment of every pitr process started from here (and of what
+    /// those start: a restored server's `pitr wal-fetch`), not in the test process's own.
+    child_env: Vec<(String, String)>,
 }
 
 impl PitrEnv {
@@ -87,13 +90,21 @@ impl PitrEnv {
             status_file.display().to_string(),
         );
         std::fs::write(&config, text)?;
-        Ok(PitrEnv { dir, repo, key_file, config, status_file, metrics_port, stream_runs: 0 })
+        Ok(PitrEnv { dir, repo, key_file, config, status_file, metrics_port, stream_runs: 0, child_env: Vec::new() })
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(pitr_bin());
         cmd.arg("--config").arg(&self.config).args(args);
+        cmd.envs(self.child_env.iter().map(|(k, v)| (k, v)));
         cmd
+    }
+
+    /// Sets `name=value` in the environment of the pitr processes this starts from now on
+    /// (credentials for an emulator, say), leaving the test process's own alone: parallel tests
+    /// must not see them.
+    pub fn set_child_env(&mut self, name: &str, value: &str) {
+        self.child_env.push((name.to_string(), value.to_string()));
     }
 
     /// GET `path` from the sidecar's metrics server: (status code, body).

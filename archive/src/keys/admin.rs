@@ -548,6 +548,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn add_wrap_lets_a_key_outside_the_sources_open_a_repository_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        let configured = ring(&[("k1", 1)]);
+        let rk = configured.sealing_set(&store).await.unwrap().active().id.clone();
+        let drill = MasterKey::in_memory("drill-1", [9; 32]);
+        let wraps = configured.list_wraps(&store).await.unwrap();
+        add_wrap(&configured, &store, &rk, &wraps[&rk], &drill).await.unwrap();
+        // Idempotent; the same id with other material is refused rather than overwritten.
+        add_wrap(&configured, &store, &rk, &wraps[&rk], &drill).await.unwrap();
+        let impostor = MasterKey::in_memory("drill-1", [8; 32]);
+        assert!(add_wrap(&configured, &store, &rk, &wraps[&rk], &impostor).await.is_err());
+        // A ring holding only the drill key opens the repository key.
+        let alone = KeyRing::with_masters(MasterKeys::single(drill), Duration::from_secs(60));
+        assert_eq!(alone.opening_set(&store, "obj", &rk).await.unwrap().active().id, rk);
+    }
+
+    #[tokio::test]
     async fn retire_takes_only_master_keys_and_a_rerun_goes_through() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::new(dir.path());
