@@ -287,11 +287,14 @@ pub fn peek_key_id(name: &str, bytes: &[u8]) -> Result<String, SealError> {
     let id = bytes
         .get(12..12 + id_len)
         .ok_or_else(|| SealError::Truncated { object: object(), what: "key id cut short".into() })?;
-    let id =
-        String::from_utf8(id.to_vec()).map_err(|_| SealError::Header { object: object(), what: "key id is not UTF-8".into() })?;
+    let id = String::from_utf8(id.to_vec())
+        .map_err(|_| SealError::Header { object: object(), what: "key id is not UTF-8".into() })?;
     // The id becomes part of a key record's name to look up: nothing but the id alphabet.
     if !crate::keys::master::valid_id(&id) {
-        return Err(SealError::Header { object: object(), what: format!("key id {id:?} is not 1-64 of [A-Za-z0-9_-]") });
+        return Err(SealError::Header {
+            object: object(),
+            what: format!("key id {id:?} is not 1-64 of [A-Za-z0-9_-]"),
+        });
     }
     Ok(id)
 }
@@ -590,7 +593,10 @@ mod tests {
         let mut bad = sealed.clone();
         bad[12..16].copy_from_slice(b"../x");
         let e = peek_key_id("a", &bad).unwrap_err();
-        assert!(matches!(&e, SealError::Header { what, .. } if what.contains("alphabet") || what.contains("A-Za-z")), "{e}");
+        assert!(
+            matches!(&e, SealError::Header { what, .. } if what.contains("alphabet") || what.contains("A-Za-z")),
+            "{e}"
+        );
         assert!(matches!(peek_key_id("a", b"PITR"), Err(SealError::Truncated { .. })));
     }
 

@@ -554,7 +554,8 @@ impl EncryptionConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.key_file.is_none() && self.key_env.is_none() && self.key_command.is_none() && self.kms_key_id.is_none() {
+        if self.key_file.is_none() && self.key_env.is_none() && self.key_command.is_none() && self.kms_key_id.is_none()
+        {
             bail!("[encryption]: set a key source: key_file, key_env, key_command or kms_key_id");
         }
         if let Some(argv) = &self.key_command {

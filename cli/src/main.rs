@@ -371,7 +371,18 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             let args = cmd::mongo::DrillArgs { to, checks, report, json, test_type, from };
             return cmd::mongo::drill(config_path, args).await;
         }
-        Command::Drill { to, checks, report, json, keep, db_user, test_type, from, key_rotation, source: Source::Postgres } => {
+        Command::Drill {
+            to,
+            checks,
+            report,
+            json,
+            keep,
+            db_user,
+            test_type,
+            from,
+            key_rotation,
+            source: Source::Postgres,
+        } => {
             let args = cmd::drill::DrillArgs { to, checks, report, json, keep, db_user, test_type, from, key_rotation };
             return cmd::drill::run(config_path, args).await;
         }

@@ -39,8 +39,7 @@ pub struct KeyUsage {
 /// Reads the key id of every object (except the key records).
 pub async fn scan(store: &dyn Store) -> Result<KeyUsage, KeyError> {
     let listed = store.list("").await.map_err(|e| store_access(store, "list", e))?;
-    let names: Vec<String> =
-        listed.into_iter().map(|o| o.name).filter(|n| !n.starts_with(record::KEYS)).collect();
+    let names: Vec<String> = listed.into_iter().map(|o| o.name).filter(|n| !n.starts_with(record::KEYS)).collect();
     let mut usage = KeyUsage::default();
     let mut reads = futures_util::stream::iter(names.into_iter().map(|name| async move {
         let bytes = store.get_range(&name, 0..seal::KEY_ID_PREFIX_LEN).await;
@@ -121,7 +120,9 @@ pub async fn list(ring: &KeyRing, store: &dyn Store, count: bool) -> Result<KeyL
     for (rk, mks) in &wraps {
         let name = record::wrap_name(rk, &mks[0]);
         let created = match store.get_limited(&name, record::RECORD_MAX).await {
-            Ok(bytes) => WrapRecord::parse(&name, &bytes).ok().map(|r| crate::time::format_rfc3339_seconds(r.created_us)),
+            Ok(bytes) => {
+                WrapRecord::parse(&name, &bytes).ok().map(|r| crate::time::format_rfc3339_seconds(r.created_us))
+            }
             Err(_) => None,
         };
         repository_keys.push(RepositoryKeyInfo {
@@ -357,7 +358,8 @@ async fn unwrap_any(
         let Some(master) = masters.get(mk) else { continue };
         let name = record::wrap_name(rk, mk);
         let attempt = async {
-            let bytes = store.get_limited(&name, record::RECORD_MAX).await.map_err(|e| store_access(store, "read", e))?;
+            let bytes =
+                store.get_limited(&name, record::RECORD_MAX).await.map_err(|e| store_access(store, "read", e))?;
             let rec = WrapRecord::parse(&name, &bytes)?;
             let material = master.unwrap(&name, rk, rec.created_us, &rec.wrapped).await?;
             Ok::<_, KeyError>((material, rec.created_us))
@@ -404,7 +406,8 @@ async fn put_wrap(
     match store.put_if_absent(&name, rec.to_bytes().into()).await.map_err(|e| store_access(store, "write", e))? {
         PutOutcome::Created => Ok(()),
         PutOutcome::AlreadyExists => {
-            let bytes = store.get_limited(&name, record::RECORD_MAX).await.map_err(|e| store_access(store, "read", e))?;
+            let bytes =
+                store.get_limited(&name, record::RECORD_MAX).await.map_err(|e| store_access(store, "read", e))?;
             let existing = WrapRecord::parse(&name, &bytes)?;
             let found = master.unwrap(&name, rk, existing.created_us, &existing.wrapped).await?;
             if *found == *material && existing.created_us == created_us {

@@ -127,7 +127,12 @@ fn kms_context(repository_key: &str, created_us: i64) -> [(&'static str, String)
 impl MasterKey {
     /// A master key held only in memory (tests, benchmarks).
     pub fn in_memory(id: &str, key: [u8; 32]) -> MasterKey {
-        MasterKey { id: id.into(), source: MasterSource::Memory, created_us: None, material: Material::Local(Zeroizing::new(key)) }
+        MasterKey {
+            id: id.into(),
+            source: MasterSource::Memory,
+            created_us: None,
+            material: Material::Local(Zeroizing::new(key)),
+        }
     }
 
     /// The KMS key `opts` names, under the id `kms-<12 hex of sha256(key id as configured)>`.
@@ -149,7 +154,11 @@ impl MasterKey {
 
     /// A new repository key wrapped under this master key: its material and its wrap. A KMS key
     /// has KMS make the material (`GenerateDataKey`).
-    pub async fn generate(&self, repository_key: &str, created_us: i64) -> Result<(Zeroizing<[u8; 32]>, Wrapped), KeyError> {
+    pub async fn generate(
+        &self,
+        repository_key: &str,
+        created_us: i64,
+    ) -> Result<(Zeroizing<[u8; 32]>, Wrapped), KeyError> {
         match &self.material {
             Material::Local(_) => {
                 let mut material = Zeroizing::new([0u8; 32]);
@@ -360,7 +369,8 @@ impl KeySources {
             default_active = Some(keys.len() - 1);
         }
         if let Some(opts) = &self.kms {
-            let client = KmsClient::new(opts).map_err(|e| KeyError::Refused(format!("[encryption] kms_key_id: {e}")))?;
+            let client =
+                KmsClient::new(opts).map_err(|e| KeyError::Refused(format!("[encryption] kms_key_id: {e}")))?;
             add(vec![MasterKey::kms(client)], &mut keys)?;
             default_active = Some(keys.len() - 1);
         }
@@ -463,7 +473,8 @@ fn run_key_command_within(
     use std::sync::mpsc;
 
     let fail = |cause: String| KeyError::access("key-command", source.to_string(), "run", cause);
-    let (program, args) = argv.split_first().ok_or_else(|| KeyError::Refused("[encryption] key_command is empty".into()))?;
+    let (program, args) =
+        argv.split_first().ok_or_else(|| KeyError::Refused("[encryption] key_command is empty".into()))?;
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -653,7 +664,13 @@ fn lock_key_file(path: &Path) -> Result<std::fs::File, KeyError> {
     name.push(".lock");
     let lock_path = PathBuf::from(name);
     let io = |cause| KeyError::Io { path: lock_path.clone(), cause };
-    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&lock_path).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io)?;
     // SAFETY: flock(2) on a descriptor we own; no memory is involved.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(io(std::io::Error::last_os_error()));
@@ -755,7 +772,11 @@ mod tests {
         assert!(matches!(e, KeyError::Empty { .. }));
         let e = parse_keys(&src, &format!("{LINE_TAG} a {} made=yesterday\n", "00".repeat(32))).err().unwrap();
         assert!(e.to_string().contains("trailing text"), "{e}");
-        let good = format!("{LINE_TAG} a {}\n{LINE_TAG} b {} created=2026-01-02T03:04:05Z\n", "00".repeat(32), "11".repeat(32));
+        let good = format!(
+            "{LINE_TAG} a {}\n{LINE_TAG} b {} created=2026-01-02T03:04:05Z\n",
+            "00".repeat(32),
+            "11".repeat(32)
+        );
         let keys = parse_keys(&src, &good).unwrap();
         assert_eq!(keys[1].id, "b");
         assert!(keys[1].created_us.is_some());
@@ -795,7 +816,8 @@ mod tests {
         assert!(e.to_string().contains("keeps its output open"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
         // Noisy stderr past the cap does not block it.
-        let out = run_key_command_within(&src, &sh("head -c 200000 /dev/zero >&2; echo ok"), Duration::from_secs(5)).unwrap();
+        let out =
+            run_key_command_within(&src, &sh("head -c 200000 /dev/zero >&2; echo ok"), Duration::from_secs(5)).unwrap();
         assert_eq!(out.trim(), "ok");
     }
 
@@ -806,8 +828,10 @@ mod tests {
         create_key_file(&path).unwrap();
         std::fs::write(dir.path().join("key.tmp.999"), "stale").unwrap();
         append_to_key_file(&path).unwrap();
-        let names: Vec<String> =
-            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         assert!(!names.iter().any(|n| n.contains(".tmp.")), "{names:?}");
     }
 

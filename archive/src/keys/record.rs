@@ -80,8 +80,12 @@ impl WrapRecord {
     pub fn to_bytes(&self) -> Vec<u8> {
         let b64 = base64::engine::general_purpose::STANDARD;
         let (method, kms_key_id, nonce, ciphertext) = match &self.wrapped {
-            Wrapped::Aes { nonce, ciphertext } => ("aes-256-gcm", None, Some(hex::encode(nonce)), b64.encode(ciphertext)),
-            Wrapped::Kms { kms_key_id, ciphertext } => ("aws-kms", Some(kms_key_id.clone()), None, b64.encode(ciphertext)),
+            Wrapped::Aes { nonce, ciphertext } => {
+                ("aes-256-gcm", None, Some(hex::encode(nonce)), b64.encode(ciphertext))
+            }
+            Wrapped::Kms { kms_key_id, ciphertext } => {
+                ("aws-kms", Some(kms_key_id.clone()), None, b64.encode(ciphertext))
+            }
         };
         let json = WrapJson {
             format: WRAP_FORMAT.into(),
@@ -167,7 +171,8 @@ impl RetiredRecord {
     /// Parses the record stored under `name`.
     pub fn parse(name: &str, bytes: &[u8]) -> Result<RetiredRecord, KeyError> {
         let bad = |what: String| KeyError::BadRecord { name: name.to_string(), what };
-        let r: RetiredRecord = serde_json::from_slice(bytes).map_err(|e| bad(format!("not a retirement record: {e}")))?;
+        let r: RetiredRecord =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("not a retirement record: {e}")))?;
         if r.format != RETIRED_FORMAT || retired_name(&r.master_key) != name {
             return Err(bad("its format or key id does not match its name".into()));
         }
@@ -191,7 +196,8 @@ mod tests {
         assert_eq!(parse_wrap_name(&name), Some(("r1", "k1")));
         assert_eq!(WrapRecord::parse(&name, &rec.to_bytes()).unwrap(), rec);
         assert!(WrapRecord::parse(&wrap_name("r2", "k1"), &rec.to_bytes()).is_err());
-        let kms = WrapRecord { wrapped: Wrapped::Kms { kms_key_id: "alias/x".into(), ciphertext: vec![3; 100] }, ..rec };
+        let kms =
+            WrapRecord { wrapped: Wrapped::Kms { kms_key_id: "alias/x".into(), ciphertext: vec![3; 100] }, ..rec };
         assert_eq!(WrapRecord::parse(&name, &kms.to_bytes()).unwrap(), kms);
         assert!(WrapRecord::parse(&name, b"{}").is_err());
         assert!(parse_wrap_name("keys/wraps/r1/../k").is_none());

@@ -33,7 +33,10 @@ pub struct KeyRing {
 impl std::fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
-        f.debug_struct("KeyRing").field("masters", &state.masters).field("direct", &self.inner.direct).finish_non_exhaustive()
+        f.debug_struct("KeyRing")
+            .field("masters", &state.masters)
+            .field("direct", &self.inner.direct)
+            .finish_non_exhaustive()
     }
 }
 
@@ -184,7 +187,9 @@ impl KeyRing {
         state.masters_loaded = Instant::now();
         match loaded {
             Ok(masters) => state.masters = masters,
-            Err(e) => tracing::warn!(error = %e, "could not re-read the key sources; using the master keys read before"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not re-read the key sources; using the master keys read before")
+            }
         }
     }
 
@@ -356,11 +361,8 @@ impl KeyRing {
             }
         }
         tracing::info!(repository_key = %id, master_key = %master.id, "made a new repository key");
-        let key = WrappingKey::new(
-            &id,
-            format!("repository key {id} ({name}, master key from {})", master.source),
-            material,
-        );
+        let key =
+            WrappingKey::new(&id, format!("repository key {id} ({name}, master key from {})", master.source), material);
         Ok((key, created_us))
     }
 
@@ -388,7 +390,11 @@ impl KeyRing {
     pub async fn active_info(&self, store: &dyn Store, create: bool) -> Result<ActiveKey, KeyError> {
         if self.inner.direct {
             let masters = self.masters();
-            return Ok(ActiveKey { id: masters.active().id.clone(), created_us: 0, master_key: masters.active().id.clone() });
+            return Ok(ActiveKey {
+                id: masters.active().id.clone(),
+                created_us: 0,
+                master_key: masters.active().id.clone(),
+            });
         }
         let _refresh = self.inner.refresh.lock().await;
         let (key, created_us) = self.find_active(store, create).await?;

@@ -95,6 +95,11 @@ pub async fn run(config_path: &Path, args: DrillArgs) -> Result<ExitCode> {
     Ok(if report.outcome.is_pass() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Whether `id` has the form of a drill-only master key's id, `drill-<16 hex digits>`.
+fn is_drill_key_id(id: &str) -> bool {
+    id.strip_prefix("drill-").is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// The key rotation and re-encryption drill: the monthly proof that keys can be rotated and the
 /// archive re-protected and still restored.
 ///
@@ -117,6 +122,30 @@ pub async fn key_rotation_drill(
     system_id: Option<u64>,
 ) -> Result<pitr_drill::DrillReport> {
     let (ring, store) = (writer.keys(), writer.store());
+    // Wraps an earlier drill left (killed before its clean-up) go first: with the drill key file
+    // a killed drill may have left in its temporary directory, they would open the repository.
+    for (rk, wrapped_by) in
+        ring.list_wraps(store.as_ref()).await.context("key rotation drill: listing the repository keys")?
+    {
+        // Never a configured key's wrap, nor a key's only wrap: a drill's wraps are extra ones
+        // under a key no source holds.
+        let masters = ring.masters();
+        let stale: Vec<&String> =
+            wrapped_by.iter().filter(|m| is_drill_key_id(m) && masters.get(m).is_none()).collect();
+        if stale.len() == wrapped_by.len() {
+            continue;
+        }
+        for mk in stale {
+            let name = record::wrap_name(&rk, mk);
+            match store.delete(&name).await {
+                Ok(()) => tracing::warn!(record = %name, "key rotation drill: removed a wrap an earlier drill left"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => {
+                    return Err(anyhow::anyhow!("key rotation drill: removing {name}, left by an earlier drill: {e}"))
+                }
+            }
+        }
+    }
     let rotated = ring
         .rotate(store.as_ref())
         .await
@@ -226,6 +255,14 @@ fn write_drill_config(config_path: &Path, key_file: &Path, out: &Path) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_drill_shaped_ids_count_as_drill_keys() {
+        assert!(is_drill_key_id("drill-0123456789abcdef"));
+        for id in ["drill-prod", "drill-0123456789abcdeg", "k0123", "drill-0123456789abcdef0"] {
+            assert!(!is_drill_key_id(id), "{id}");
+        }
+    }
 
     #[test]
     fn the_drill_config_has_the_drill_key_as_its_only_key_source() {

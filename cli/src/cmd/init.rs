@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use pitr_archive::names::MARKER;
 use pitr_archive::keys::master::create_key_file;
+use pitr_archive::names::MARKER;
 use pitr_archive::{LocalStore, PutOutcome, Repository};
 
 use crate::config::Config;
