@@ -157,6 +157,16 @@ impl PitrEnv {
         cmd.output().with_context(|| format!("running pitr {args:?} as the server user"))
     }
 
+    /// [`PitrEnv::run_as_pg_user`] of a command printing JSON (`--json`): whether it exited 0,
+    /// and what it printed (an error names both streams when that is not JSON).
+    pub fn run_json_as_pg_user(&self, args: &[&str]) -> Result<(bool, serde_json::Value)> {
+        let out = self.run_as_pg_user(args)?;
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        })?;
+        Ok((out.status.success(), value))
+    }
+
     /// `pitr restore --to <to> --start --db-user postgres <extra>` as the server user into a fresh
     /// directory on a free port, the way an operator runs it. Fails with pitr's stderr.
     pub fn restore_started(&self, to: &str, bin_dir: &Path, extra: &[&str]) -> Result<(RestoredServer, Output)> {

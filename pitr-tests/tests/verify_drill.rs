@@ -53,10 +53,7 @@ fn drill(env: &PitrEnv, to: &str, checks: &Path, extra: &[&str]) -> Result<(bool
     let checks = checks.display().to_string();
     let mut args = vec!["drill", "--to", to, "--checks", &checks, "--json", "--db-user", "postgres"];
     args.extend_from_slice(extra);
-    let out = env.run_as_pg_user(&args)?;
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))?;
-    Ok((out.status.success(), report))
+    env.run_json_as_pg_user(&args)
 }
 
 #[test]
