@@ -13,17 +13,13 @@ use serde::Serialize;
 
 use super::master::{self, MasterSource};
 use super::record::{self, RetiredRecord, WrapRecord};
-use super::ring::KeyRing;
+use super::ring::{read_wrap, store_access, KeyRing};
 use super::KeyError;
 use crate::seal;
 use crate::store::{PutOutcome, Store};
 
 /// How many objects' first bytes are read at once by a scan.
 const SCAN_CONCURRENCY: usize = 16;
-
-fn store_access(store: &dyn Store, operation: &'static str, e: impl ToString) -> KeyError {
-    KeyError::access("key-records", format!("repository {}", store.location()), operation, e)
-}
 
 /// How many objects name each key id in their header, over the whole repository (the key records
 /// aside), read from each object's first bytes. Objects that are not sealed objects are counted
@@ -358,9 +354,9 @@ async fn unwrap_any(
         let Some(master) = masters.get(mk) else { continue };
         let name = record::wrap_name(rk, mk);
         let attempt = async {
-            let bytes =
-                store.get_limited(&name, record::RECORD_MAX).await.map_err(|e| store_access(store, "read", e))?;
-            let rec = WrapRecord::parse(&name, &bytes)?;
+            let rec = read_wrap(store, &name)
+                .await?
+                .ok_or_else(|| store_access(store, "read", format!("{name}: not found")))?;
             let material = master.unwrap(&name, rk, rec.created_us, &rec.wrapped).await?;
             Ok::<_, KeyError>((material, rec.created_us))
         };
@@ -406,9 +402,9 @@ async fn put_wrap(
     match store.put_if_absent(&name, rec.to_bytes().into()).await.map_err(|e| store_access(store, "write", e))? {
         PutOutcome::Created => Ok(()),
         PutOutcome::AlreadyExists => {
-            let bytes =
-                store.get_limited(&name, record::RECORD_MAX).await.map_err(|e| store_access(store, "read", e))?;
-            let existing = WrapRecord::parse(&name, &bytes)?;
+            let existing = read_wrap(store, &name)
+                .await?
+                .ok_or_else(|| store_access(store, "read", format!("{name}: not found")))?;
             let found = master.unwrap(&name, rk, existing.created_us, &existing.wrapped).await?;
             if *found == *material && existing.created_us == created_us {
                 Ok(())

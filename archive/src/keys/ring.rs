@@ -78,8 +78,22 @@ pub struct ActiveKey {
     pub master_key: String,
 }
 
-fn store_access(store: &dyn Store, operation: &'static str, e: impl ToString) -> KeyError {
+/// The storage failing under the key records: an access error (transient), counted.
+pub(super) fn store_access(store: &dyn Store, operation: &'static str, e: impl ToString) -> KeyError {
     KeyError::access("key-records", format!("key records in {}", store.location()), operation, e)
+}
+
+/// The wrap record `name`; `None` if it is gone (a rewrap removed it since it was listed). One
+/// too big to be a record is a bad record, not a storage failure.
+pub(super) async fn read_wrap(store: &dyn Store, name: &str) -> Result<Option<WrapRecord>, KeyError> {
+    match store.get_limited(name, record::RECORD_MAX).await {
+        Ok(bytes) => WrapRecord::parse(name, &bytes).map(Some),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(crate::StoreError::TooLarge { .. }) => {
+            Err(KeyError::BadRecord { name: name.into(), what: format!("over {} bytes", record::RECORD_MAX) })
+        }
+        Err(e) => Err(store_access(store, "read", e)),
+    }
 }
 
 impl KeyRing {
@@ -206,19 +220,6 @@ impl KeyRing {
         Ok(set)
     }
 
-    /// The wrap record `name`; `None` if it is gone since it was listed (a rewrap removed it).
-    /// One too big to be a record is a bad record, not a storage failure.
-    async fn read_wrap(&self, store: &dyn Store, name: &str) -> Result<Option<WrapRecord>, KeyError> {
-        match store.get_limited(name, record::RECORD_MAX).await {
-            Ok(bytes) => WrapRecord::parse(name, &bytes).map(Some),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(crate::StoreError::TooLarge { .. }) => {
-                Err(KeyError::BadRecord { name: name.into(), what: format!("over {} bytes", record::RECORD_MAX) })
-            }
-            Err(e) => Err(store_access(store, "read", e)),
-        }
-    }
-
     /// Unwraps `rec` with its master key (which must be configured and not retired).
     async fn unwrap_record(&self, name: &str, rec: &WrapRecord, master: &MasterKey) -> Result<WrappingKey, KeyError> {
         let material = master.unwrap(name, &rec.repository_key, rec.created_us, &rec.wrapped).await?;
@@ -293,7 +294,7 @@ impl KeyRing {
             if mk != master.id {
                 continue;
             }
-            match self.read_wrap(store, &o.name).await {
+            match read_wrap(store, &o.name).await {
                 Ok(Some(rec)) => candidates.push((o.name.clone(), rec)),
                 Ok(None) => {}
                 Err(e @ KeyError::Access { .. }) => return Err(e),
@@ -453,7 +454,7 @@ impl KeyRing {
                 if retired.contains(mk) {
                     continue;
                 }
-                let rec = match self.read_wrap(store, &o.name).await {
+                let rec = match read_wrap(store, &o.name).await {
                     Ok(Some(rec)) => rec,
                     Ok(None) => {
                         vanished = true;
