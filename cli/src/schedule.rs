@@ -73,6 +73,8 @@ pub struct SchedulerContext {
     pub system_id: Option<u64>,
     /// Drills and verification read the config again, as `pitr drill` would.
     pub config_path: std::path::PathBuf,
+    /// The stream's status: no job starts before the stream has connected once.
+    pub stream_status: watch::Receiver<pitr_walstream::StreamStatus>,
 }
 
 fn next_after(cron: &croner::Cron, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -101,12 +103,37 @@ async fn incrementals_possible(ctx: &SchedulerContext) -> bool {
 /// Runs `job` on its schedule until `shutdown` (see [`run_on_schedule`]); a full backup missed
 /// while the sidecar was down runs once at start-up.
 pub async fn run_job(job: Job, ctx: Arc<SchedulerContext>, shutdown: watch::Receiver<bool>) {
+    if !stream_connected_once(ctx.stream_status.clone(), shutdown.clone()).await {
+        return;
+    }
     let catch_up = if job.kind == JobKind::FullBackup { Some(last_backup_time(&ctx).await) } else { None };
     let said_unavailable = AtomicBool::new(false);
     let (job, ctx, said) = (&job, &ctx, &said_unavailable);
     match &job.when {
         When::Cron(cron) => run_on_schedule(job.name, cron, catch_up, shutdown, || execute(job, ctx, said)).await,
         When::Every(every) => run_every(*every, shutdown, || execute(job, ctx, said)).await,
+    }
+}
+
+/// Waits until the stream has connected once (true) or the sidecar stops first (false). A
+/// sidecar whose server cannot be reached then writes nothing to the repository: no job's
+/// marker, no catch-up backup that would only fail, and the cluster's server version is recorded
+/// before [`incrementals_possible`] reads it.
+async fn stream_connected_once(
+    mut status: watch::Receiver<pitr_walstream::StreamStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> bool {
+    loop {
+        if *shutdown.borrow() {
+            return false;
+        }
+        if status.borrow_and_update().connected {
+            return true;
+        }
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() { return false },
+            _ = shutdown.changed() => {}
+        }
     }
 }
 

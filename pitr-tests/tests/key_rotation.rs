@@ -230,7 +230,8 @@ fn the_scheduled_drill_can_be_a_key_rotation_drill() -> Result<()> {
     wait_until("a scheduled key rotation drill", Duration::from_secs(120), || {
         text = std::fs::read_to_string(&log)?;
         // A drill that ran before the backup fails (nothing to restore yet); the next one passes.
-        Ok(text.contains("Key rotation and re-encryption drill done"))
+        // The job's own line comes after the drill's, once its metrics are set.
+        Ok(text.contains("Key rotation and re-encryption drill done") && text.contains("result=PASS"))
     })
     .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
     let done = text.lines().find(|l| l.contains("Key rotation and re-encryption drill done")).map(str::to_string);

@@ -87,6 +87,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         backup: tasks::backup_options(&config, pg, stream_config.conninfo.clone(), false),
         system_id: pg.system_id,
         config_path: config_path.to_path_buf(),
+        stream_status: status_rx.clone(),
     });
     let mut scheduled = schedule::spawn_mongo_jobs(&config, config_path, repo.clone(), shutdown_rx.clone())?;
     for job in jobs {
