@@ -21,6 +21,9 @@
 //! mongo/<name>/snapshots/<id>.manifest               mongo::snapshot_manifest
 //! mongo/<name>/complete/<ts>.<time µs>               mongo::complete_mark
 //! mongo/<name>/drills/<start time>.json              mongo::drill_result
+//! files/blocks/<hh>/<hash>                           files::block: file-set and dump content, by keyed hash
+//! files/sets/<set>/<backup id>.manifest              files::tree_manifest: a file-tree backup
+//! files/dumps/<set>/<dump id>.manifest               files::dump_manifest: a logical dump
 //! ```
 //! Numbers in names are fixed-width upper-case hex (µs times, LSNs and generations 16 digits,
 //! timelines and chunk offsets 8), so that names sort in the order of what they count; an oplog
@@ -330,6 +333,90 @@ pub mod pg {
     /// The result of the drill that started at `start_time` (as its report prints it).
     pub fn drill_result(system_id: u64, start_time: &str) -> String {
         super::drill_result_under(&prefix(system_id), start_time)
+    }
+}
+
+/// File trees (`[[files]]`) and logical dumps (`[[dumps]]`): one block store shared by every
+/// set, so that equal content in two sets (or two days' dumps) is stored once.
+pub mod files {
+    /// Where every file-set and dump object lives.
+    pub const ROOT: &str = "files/";
+
+    /// Whether `set` may name a file set or dump set: 1 to 64 of `a-z 0-9 _ -`, not starting
+    /// with `-`. Names become object-name components and directory names, so nothing else.
+    pub fn valid_set_name(set: &str) -> bool {
+        !set.is_empty()
+            && set.len() <= 64
+            && !set.starts_with('-')
+            && set.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    }
+
+    /// Where the blocks of every set live.
+    pub const BLOCKS: &str = "files/blocks/";
+
+    /// A block of file or dump content, named by the keyed hash of its plaintext.
+    pub fn block(block_id: &str) -> String {
+        super::block_under(ROOT, block_id)
+    }
+
+    /// The block id of a name under [`BLOCKS`] (64 lower-case hex digits under their first two).
+    pub fn parse_block(name: &str) -> Option<&str> {
+        let rest = name.strip_prefix(BLOCKS)?;
+        let (hh, id) = rest.split_once('/')?;
+        let hex = |s: &str| s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        (id.len() == 64 && hex(id) && id.starts_with(hh) && hh.len() == 2).then_some(id)
+    }
+
+    /// Where the backups of file set `set` live.
+    pub fn sets_prefix(set: &str) -> String {
+        format!("{ROOT}sets/{set}/")
+    }
+
+    /// Where the backups of every file set live.
+    pub const SETS: &str = "files/sets/";
+
+    /// A file-tree backup's manifest (written last).
+    pub fn tree_manifest(set: &str, id: &str) -> String {
+        format!("{}{id}.manifest", sets_prefix(set))
+    }
+
+    /// The set and backup id of a name under [`SETS`].
+    pub fn parse_tree_manifest(name: &str) -> Option<(&str, &str)> {
+        parse_manifest(SETS, name)
+    }
+
+    /// Where the dumps of every dump set live.
+    pub const DUMPS: &str = "files/dumps/";
+
+    /// Where the dumps of dump set `set` live.
+    pub fn dumps_prefix(set: &str) -> String {
+        format!("{DUMPS}{set}/")
+    }
+
+    /// A logical dump's manifest (written last).
+    pub fn dump_manifest(set: &str, id: &str) -> String {
+        format!("{}{id}.manifest", dumps_prefix(set))
+    }
+
+    /// The set and dump id of a name under [`DUMPS`].
+    pub fn parse_dump_manifest(name: &str) -> Option<(&str, &str)> {
+        parse_manifest(DUMPS, name)
+    }
+
+    fn parse_manifest<'a>(root: &str, name: &'a str) -> Option<(&'a str, &'a str)> {
+        let (set, file) = name.strip_prefix(root)?.split_once('/')?;
+        let id = file.strip_suffix(".manifest")?;
+        (valid_set_name(set) && valid_id(id)).then_some((set, id))
+    }
+
+    /// Whether `id` is a backup or dump id: its start in UTC as `YYYYMMDDTHHMMSSZ`.
+    pub fn valid_id(id: &str) -> bool {
+        let b = id.as_bytes();
+        b.len() == 16
+            && b[..8].iter().all(u8::is_ascii_digit)
+            && b[8] == b'T'
+            && b[9..15].iter().all(u8::is_ascii_digit)
+            && b[15] == b'Z'
     }
 }
 
