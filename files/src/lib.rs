@@ -8,7 +8,9 @@
 //! or `pg_restore` against a server, schedules and retention policy (the `pitr` binary).
 
 pub mod blocks;
+pub mod dump;
 mod error;
 
 pub use blocks::{BlockRef, BlockStore, BlockWriter, StoredStream};
+pub use dump::DumpManifest;
 pub use error::FilesError;
