@@ -40,6 +40,10 @@ struct Cli {
 enum Source {
     Postgres,
     Mongo,
+    /// A file tree (`[[files]]` set).
+    Files,
+    /// A logical dump (`[[dumps]]` set).
+    Dump,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -99,9 +103,21 @@ enum Command {
         incremental: bool,
         #[arg(long)]
         json: bool,
-        /// What to back up: the `[postgres]` cluster or the `[mongo]` replica set.
+        /// What to back up: the `[postgres]` cluster, the `[mongo]` replica set or a `[[files]]`
+        /// set (`--source files --set NAME`).
         #[arg(long, value_enum, default_value = "postgres")]
         source: Source,
+        /// The `[[files]]` set to back up (with `--source files`).
+        #[arg(long)]
+        set: Option<String>,
+    },
+    /// A logical dump of a `[[dumps]]` set, taken with the server's own `pg_dump`.
+    Dump {
+        /// The `[[dumps]]` set.
+        #[arg(long)]
+        set: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Backups and the recoverable window per timeline.
     List {
@@ -120,9 +136,16 @@ enum Command {
         /// Check this repository alone (`primary` or a secondary's name); default the primary.
         #[arg(long)]
         from: Option<String>,
-        /// What to check: the `[postgres]` cluster's archive or the `[mongo]` replica set's.
+        /// What to check: the `[postgres]` cluster's archive, the `[mongo]` replica set's, the
+        /// `[[files]]` sets' or the `[[dumps]]` sets'.
         #[arg(long, value_enum, default_value = "postgres")]
         source: Source,
+        /// With `--source files`: only this set (default: every `[[files]]` set).
+        #[arg(long)]
+        set: Option<String>,
+        /// With `--source files`: compare the newest backup's checksums with the live tree.
+        #[arg(long)]
+        live: bool,
     },
     /// Keys: list master and repository keys, rotate, rewrap repository keys onto the active
     /// master key, retire an old master key.
@@ -178,7 +201,7 @@ enum Command {
         #[arg(long)]
         to: String,
         /// PostgreSQL: the data directory to restore into.
-        #[arg(long, required_if_eq("source", "postgres"))]
+        #[arg(long)]
         target_dir: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "postgres")]
         source: Source,
@@ -216,6 +239,27 @@ enum Command {
         /// whatever it lacks. Carried into the restore_command.
         #[arg(long)]
         from: Option<String>,
+        /// With `--source files` or `--source dump`: the set to restore from.
+        #[arg(long)]
+        set: Option<String>,
+        /// With `--source files`: restore only the paths matching this glob (repeatable).
+        #[arg(long = "path", value_name = "GLOB")]
+        paths: Vec<String>,
+        /// Restore one table (`SCHEMA.NAME`) as it was at `--to` into a running database.
+        #[arg(long, value_name = "SCHEMA.NAME", conflicts_with_all = ["target_dir", "start", "ns"])]
+        table: Option<String>,
+        /// With `--source mongo`: restore one collection (`DB.COLL`) as it was at `--to`.
+        #[arg(long, value_name = "DB.COLL")]
+        ns: Option<String>,
+        /// The new name of a restored table (`SCHEMA.NEW`) or collection (`DB.NEWCOLL`).
+        #[arg(long = "as", value_name = "NEW NAME")]
+        as_name: Option<String>,
+        /// The database a table or a dump is restored into (a libpq conninfo).
+        #[arg(long, value_name = "CONNINFO")]
+        into: Option<String>,
+        /// With `--source dump`: write the dump to this file (for `pg_restore` elsewhere).
+        #[arg(long, value_name = "FILE", conflicts_with = "into")]
+        output: Option<PathBuf>,
     },
 }
 
@@ -354,15 +398,36 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             cmd::wal_fetch::prefetch(config_path, from.as_deref(), &segment, &spool, count, until_lsn).await
         }
         Command::Copy { to, json } => cmd::copy::run(config_path, &to, json).await,
-        Command::Backup { incremental: _, json, source: Source::Mongo } => cmd::mongo::backup(config_path, json).await,
-        Command::Backup { incremental, json, source: Source::Postgres } => {
+        Command::Backup { set: Some(_), source: Source::Postgres | Source::Mongo, .. } => {
+            anyhow::bail!("--set names a file set: use it with --source files (dumps: `pitr dump --set NAME`)")
+        }
+        Command::Backup { source: Source::Dump, .. } => anyhow::bail!("dumps are taken with `pitr dump --set NAME`"),
+        Command::Backup { incremental, json, source: Source::Files, set } => {
+            let set = set.ok_or_else(|| anyhow::anyhow!("--source files needs --set NAME (a [[files]] set)"))?;
+            cmd::files::backup(config_path, &set, incremental, json).await
+        }
+        Command::Backup { incremental: _, json, source: Source::Mongo, .. } => cmd::mongo::backup(config_path, json).await,
+        Command::Backup { incremental, json, source: Source::Postgres, .. } => {
             cmd::backup::run(config_path, incremental, json).await
         }
-        Command::Verify { deep, json, from, source: Source::Mongo } => {
+        Command::Dump { set, json } => cmd::dump::dump(config_path, &set, json).await,
+        Command::Verify { json, source: Source::Files, set, live, .. } => {
+            return cmd::files::verify(config_path, set.as_deref(), live, json).await
+        }
+        Command::Verify { set: Some(_), .. } | Command::Verify { live: true, .. } => {
+            anyhow::bail!("--set and --live verify file sets: use them with --source files")
+        }
+        Command::Verify { source: Source::Dump, json, .. } => return cmd::dump::verify(config_path, json).await,
+        Command::Verify { deep, json, from, source: Source::Mongo, .. } => {
             return cmd::mongo::verify(config_path, from.as_deref(), deep, json).await
         }
-        Command::Verify { deep, json, from, source: Source::Postgres } => {
+        Command::Verify { deep, json, from, source: Source::Postgres, .. } => {
             return cmd::verify::run(config_path, from.as_deref(), deep, json).await
+        }
+        Command::Drill { source: Source::Files | Source::Dump, .. } => {
+            anyhow::bail!(
+                "drills restore PostgreSQL or MongoDB (--source postgres|mongo); file sets are checked by `pitr verify --source files --live`"
+            )
         }
         Command::Drill { source: Source::Mongo, key_rotation: true, .. } => {
             anyhow::bail!("--key-rotation drills restore PostgreSQL; it cannot be combined with --source mongo")
@@ -396,12 +461,58 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             cmd::keys::rewrap(config_path, from.as_deref(), json).await
         }
         Command::Keys { action: KeysAction::Retire { id, json } } => cmd::keys::retire(config_path, &id, json).await,
+        Command::Restore { to, table: Some(table), into, as_name, json, source: Source::Postgres, from, .. } => {
+            let into =
+                into.ok_or_else(|| anyhow::anyhow!("--table needs --into CONNINFO (the database to create it in)"))?;
+            let args = cmd::table::TableArgs { to, table, into, as_name, json, from };
+            cmd::table::run(config_path, args).await
+        }
+        Command::Restore { table: Some(_), .. } => {
+            anyhow::bail!("--table restores a PostgreSQL table (a MongoDB collection: --source mongo --ns DB.COLL)")
+        }
+        Command::Restore { to, source: Source::Files, set, target_dir, paths, json, from, .. } => {
+            let set = set.ok_or_else(|| anyhow::anyhow!("--source files needs --set NAME (a [[files]] set)"))?;
+            let target_dir = target_dir.ok_or_else(|| anyhow::anyhow!("--source files needs --target-dir DIR"))?;
+            let args = cmd::files::RestoreArgs { set, to, target_dir, paths, json, from };
+            cmd::files::restore(config_path, args).await
+        }
+        Command::Restore { to, source: Source::Dump, set, into, output, json, from, .. } => {
+            let set = set.ok_or_else(|| anyhow::anyhow!("--source dump needs --set NAME (a [[dumps]] set)"))?;
+            let args = cmd::dump::RestoreArgs { set, to, into, output, json, from };
+            cmd::dump::restore(config_path, args).await
+        }
+        Command::Restore {
+            to,
+            source: Source::Mongo,
+            ns: Some(ns),
+            as_name,
+            target_uri,
+            target_uri_file,
+            drop,
+            json,
+            from,
+            ..
+        } => {
+            let target = cmd::mongo::TargetArg { uri: target_uri, file: target_uri_file };
+            let args = cmd::mongo::CollectionArgs { to, ns, as_name, target, drop, json, from };
+            cmd::mongo::restore_collection(config_path, args).await
+        }
+        Command::Restore { ns: Some(_), .. } => anyhow::bail!("--ns restores a MongoDB collection: use it with --source mongo"),
+        Command::Restore { set: Some(_), .. } | Command::Restore { output: Some(_), .. } => {
+            anyhow::bail!("--set and --output restore file sets or dumps: use them with --source files or --source dump")
+        }
+        Command::Restore { into: Some(_), .. } => {
+            anyhow::bail!("--into is where --table or --source dump restores to; a cluster restore takes --target-dir")
+        }
+        Command::Restore { ref paths, .. } if !paths.is_empty() => {
+            anyhow::bail!("--path restores part of a file set: use it with --source files --set NAME")
+        }
         Command::Restore { to, source: Source::Mongo, target_uri, target_uri_file, drop, json, from, .. } => {
             let target = cmd::mongo::TargetArg { uri: target_uri, file: target_uri_file };
             cmd::mongo::restore(config_path, from.as_deref(), &to, target, drop, json).await
         }
         Command::Restore { to, target_dir, start, port, force, json, db_user, timeout, backup, from, .. } => {
-            let target_dir = target_dir.unwrap_or_default();
+            let target_dir = target_dir.ok_or_else(|| anyhow::anyhow!("pitr restore needs --target-dir DIR"))?;
             let args =
                 cmd::restore::RestoreArgs { to, target_dir, start, port, force, json, db_user, timeout, backup, from };
             cmd::restore::run(config_path, args).await

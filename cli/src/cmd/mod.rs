@@ -6,7 +6,9 @@
 pub mod backup;
 pub mod copy;
 pub mod drill;
+pub mod dump;
 pub mod expire;
+pub mod files;
 pub mod init;
 pub mod keys;
 pub mod list;
@@ -14,5 +16,6 @@ pub mod mongo;
 pub mod restore;
 pub mod status;
 pub mod stream;
+pub mod table;
 pub mod verify;
 pub mod wal_fetch;

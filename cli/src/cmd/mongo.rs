@@ -374,3 +374,19 @@ mod tests {
         assert!(err.contains("expected mongodb://"), "{err}");
     }
 }
+
+/// `pitr restore --source mongo --ns DB.COLL [--as DB.NEWCOLL]`.
+// SCAFFOLD(issue 18, H4): replaced by the collection restore.
+pub struct CollectionArgs {
+    pub to: String,
+    pub ns: String,
+    pub as_name: Option<String>,
+    pub target: TargetArg,
+    pub drop: bool,
+    pub json: bool,
+    pub from: Option<String>,
+}
+
+pub async fn restore_collection(_config_path: &Path, _args: CollectionArgs) -> Result<()> {
+    anyhow::bail!("SCAFFOLD")
+}

@@ -1,0 +1,28 @@
+//! `pitr dump` and `--source dump`: logical dumps of `[[dumps]]` sets.
+// SCAFFOLD(issue 18, H2): replaced by the dump commands.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+/// `pitr restore --source dump`.
+pub struct RestoreArgs {
+    pub set: String,
+    pub to: String,
+    pub into: Option<String>,
+    pub output: Option<PathBuf>,
+    pub json: bool,
+    pub from: Option<String>,
+}
+
+pub async fn dump(_config_path: &Path, _set: &str, _json: bool) -> Result<()> {
+    anyhow::bail!("SCAFFOLD")
+}
+
+pub async fn restore(_config_path: &Path, _args: RestoreArgs) -> Result<()> {
+    anyhow::bail!("SCAFFOLD")
+}
+
+pub async fn verify(_config_path: &Path, _json: bool) -> Result<std::process::ExitCode> {
+    anyhow::bail!("SCAFFOLD")
+}
