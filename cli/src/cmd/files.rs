@@ -26,3 +26,18 @@ pub async fn restore(_config_path: &Path, _args: RestoreArgs) -> Result<()> {
 pub async fn verify(_config_path: &Path, _set: Option<&str>, _live: bool, _json: bool) -> Result<std::process::ExitCode> {
     anyhow::bail!("SCAFFOLD")
 }
+
+/// What a scheduled backup of a set did (one line for the log via Display).
+pub struct FilesBackupSummary;
+
+impl std::fmt::Display for FilesBackupSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SCAFFOLD")
+    }
+}
+
+/// A backup of `set` for the sidecar's scheduler; sets the set's metrics.
+#[allow(dead_code)]
+pub async fn backup_set(_config: &crate::config::Config, _set: &str, _incremental: bool) -> Result<FilesBackupSummary> {
+    anyhow::bail!("SCAFFOLD")
+}
