@@ -5,10 +5,11 @@
 //! gaps when the oplog rolled past the archive), snapshots ([`snapshot`]: every non-system
 //! collection's documents as raw BSON in deduplicated blocks, index definitions and options, the
 //! oplog `ts` before and after, a manifest written last), restore ([`restore`]: newest snapshot
-//! before the target, then the oplog up to the target), the translation of oplog entries into
-//! ordinary writes ([`apply`], pure), the object names in terms of [`Ts`] and the catalog built
-//! by listing them ([`layout`]), oplog timestamps ([`ts`]), the archive check ([`verify`]) and
-//! MongoDB's steps of a restore drill ([`drill`]).
+//! before the target, then the oplog up to the target; [`collection`]: one collection to a
+//! moment, under a new name), the translation of oplog entries into ordinary writes ([`apply`],
+//! pure), the object names in terms of [`Ts`] and the catalog built by listing them ([`layout`]),
+//! oplog timestamps ([`ts`]), the archive check ([`verify`]) and MongoDB's steps of a restore
+//! drill ([`drill`]).
 //!
 //! It does not own the object names themselves (`pitr_archive::names::mongo`), the formatting
 //! and parsing of wall-clock times (`pitr_archive::time`), nor the drill's skeleton, judgement
@@ -19,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod apply;
+pub mod collection;
 pub mod drill;
 pub mod layout;
 pub mod restore;

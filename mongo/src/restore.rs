@@ -10,8 +10,8 @@ use mongodb::options::InsertManyOptions;
 use pitr_archive::time::{format_rfc3339_micros as format_us, parse_time};
 use pitr_archive::Repository;
 
-use crate::apply::{is_system_db, Entry, Grouper, Write};
-use crate::layout::{split_entries, CollectionKind, MongoCatalog, SnapshotManifest};
+use crate::apply::{is_system_db, Entry, Grouper, Ns, Write};
+use crate::layout::{split_entries, CollectionDump, CollectionKind, MongoCatalog, SnapshotManifest};
 use crate::{code_of, connect, Connected, MongoError, Ts};
 
 /// Where a MongoDB restore stops.
@@ -153,7 +153,7 @@ fn describe_windows(c: &MongoCatalog) -> String {
 }
 
 /// The snapshot to start from and the run its oplog is in.
-fn choose(c: &MongoCatalog, target: MongoTarget) -> Result<(&SnapshotManifest, usize), MongoError> {
+pub(crate) fn choose(c: &MongoCatalog, target: MongoTarget) -> Result<(&SnapshotManifest, usize), MongoError> {
     let outside = || MongoError::OutsideWindow { target: target.to_string(), windows: describe_windows(c) };
     let mut best = None;
     for s in &c.snapshots {
@@ -208,7 +208,7 @@ async fn refuse_the_source(target: &Connected, opts: &RestoreOptions) -> Result<
     }
 }
 
-fn tolerate(r: Result<Document, mongodb::error::Error>, codes: &[i32]) -> Result<(), mongodb::error::Error> {
+pub(crate) fn tolerate(r: Result<Document, mongodb::error::Error>, codes: &[i32]) -> Result<(), mongodb::error::Error> {
     match r {
         Ok(_) => Ok(()),
         Err(e) if code_of(&e).is_some_and(|c| codes.contains(&c)) => Ok(()),
@@ -216,7 +216,7 @@ fn tolerate(r: Result<Document, mongodb::error::Error>, codes: &[i32]) -> Result
     }
 }
 
-const NAMESPACE_NOT_FOUND: i32 = 26;
+pub(crate) const NAMESPACE_NOT_FOUND: i32 = 26;
 const INDEX_NOT_FOUND: i32 = 27;
 const NAMESPACE_EXISTS: i32 = 48;
 
@@ -238,7 +238,7 @@ fn index_specs(indexes: &[Document]) -> Vec<Document> {
         .collect()
 }
 
-async fn apply_write(conn: &Connected, w: &Write) -> Result<(), MongoError> {
+pub(crate) async fn apply_write(conn: &Connected, w: &Write) -> Result<(), MongoError> {
     let c = &conn.client;
     let what = || format!("applying {w:?}");
     let res: Result<(), mongodb::error::Error> = match w {
@@ -292,6 +292,42 @@ async fn apply_write(conn: &Connected, w: &Write) -> Result<(), MongoError> {
     res.map_err(|e| MongoError::Server { uri: conn.uri.clone(), what: what(), source: Box::new(e) })
 }
 
+/// Loads the documents of the snapshot's collection `c` into the existing collection `into`,
+/// then builds its indexes; returns the plaintext bytes of the blocks read and the indexes built.
+pub(crate) async fn load_collection(
+    repo: &Repository,
+    catalog: &MongoCatalog,
+    conn: &Connected,
+    c: &CollectionDump,
+    into: &Ns,
+) -> Result<(u64, usize), MongoError> {
+    let db = conn.client.database(&into.db);
+    let coll = db.collection::<RawDocumentBuf>(&into.coll);
+    let mut bytes_restored = 0u64;
+    for id in &c.blocks {
+        let object = catalog.layout.block_name(id);
+        let (_, bytes) = repo.get_opened(&object).await?;
+        bytes_restored += bytes.len() as u64;
+        let docs: Vec<RawDocumentBuf> =
+            split_entries(&object, &bytes)?.into_iter().map(|d| d.to_raw_document_buf()).collect();
+        if docs.is_empty() {
+            continue;
+        }
+        coll.insert_many(docs)
+            .with_options(InsertManyOptions::builder().ordered(true).build())
+            .await
+            .map_err(conn.server_err(format!("loading {into}")))?;
+    }
+    let specs = index_specs(&c.indexes);
+    let indexes_built = specs.len();
+    if !specs.is_empty() {
+        db.run_command(doc! { "createIndexes": &into.coll, "indexes": specs })
+            .await
+            .map_err(conn.server_err(format!("building indexes of {into}")))?;
+    }
+    Ok((bytes_restored, indexes_built))
+}
+
 /// Restores `opts.target` into the server at `opts.target_uri`: picks the newest snapshot whose
 /// window holds the target, loads it (documents, then indexes, then views), replays the archived
 /// oplog after its `ts_before` up to the target, and reports what was achieved.
@@ -330,28 +366,10 @@ pub async fn restore(
         let mut create = doc! { "create": &c.name };
         create.extend(c.options.clone());
         db.run_command(create).await.map_err(conn.server_err(format!("creating {}.{}", c.db, c.name)))?;
-        let coll = db.collection::<RawDocumentBuf>(&c.name);
-        for id in &c.blocks {
-            let object = catalog.layout.block_name(id);
-            let (_, bytes) = repo.get_opened(&object).await?;
-            bytes_restored += bytes.len() as u64;
-            let docs: Vec<RawDocumentBuf> =
-                split_entries(&object, &bytes)?.into_iter().map(|d| d.to_raw_document_buf()).collect();
-            if docs.is_empty() {
-                continue;
-            }
-            coll.insert_many(docs)
-                .with_options(InsertManyOptions::builder().ordered(true).build())
-                .await
-                .map_err(conn.server_err(format!("loading {}.{}", c.db, c.name)))?;
-        }
-        let specs = index_specs(&c.indexes);
-        if !specs.is_empty() {
-            indexes_built += specs.len();
-            db.run_command(doc! { "createIndexes": &c.name, "indexes": specs })
-                .await
-                .map_err(conn.server_err(format!("building indexes of {}.{}", c.db, c.name)))?;
-        }
+        let into = Ns { db: c.db.clone(), coll: c.name.clone() };
+        let (bytes, indexes) = load_collection(repo, catalog, &conn, c, &into).await?;
+        bytes_restored += bytes;
+        indexes_built += indexes;
     }
     // Views after the collections they read.
     for c in snapshot.collections.iter().filter(|c| c.kind == CollectionKind::View) {

@@ -329,6 +329,68 @@ pub async fn drill(config_path: &Path, args: DrillArgs) -> Result<ExitCode> {
     Ok(if report.outcome.is_pass() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// `pitr restore --source mongo --ns DB.COLL [--as DB.NEWCOLL]` options.
+pub struct CollectionArgs {
+    /// TIME, ts:SECONDS:INC or latest.
+    pub to: String,
+    /// `--ns DB.COLL`: the collection restored.
+    pub ns: String,
+    /// `--as DB.NEWCOLL`: the collection written (default `<coll>_at_<YYYYMMDDHHMMSS>`).
+    pub as_name: Option<String>,
+    /// The server written to.
+    pub target: TargetArg,
+    /// `--drop`: refused, a collection restore never drops anything.
+    pub drop: bool,
+    /// Print the report as JSON.
+    pub json: bool,
+    /// Read from this repository first.
+    pub from: Option<String>,
+}
+
+/// `pitr restore --source mongo --ns DB.COLL`: one collection as it was at `--to`, written to a
+/// new collection on a running server.
+pub async fn restore_collection(config_path: &Path, args: CollectionArgs) -> Result<()> {
+    use pitr_mongo::collection::{parse_ns, CollectionRestoreOptions};
+    if args.drop {
+        bail!(
+            "--drop drops the target's databases for a whole restore; a collection restore (--ns) never drops or \
+             overwrites anything: it writes a new collection (--as DB.NEWCOLL) and refuses one that exists"
+        );
+    }
+    let ns = parse_ns("--ns", &args.ns)?;
+    let restore_as = args.as_name.as_deref().map(|a| parse_ns("--as", a)).transpose()?;
+    let target = parse_target(&args.to)?;
+    let config = Config::load(config_path)?;
+    let target_uri = target_uri(&config, args.target)?;
+    let repo = open::reader(&config, args.from.as_deref())?;
+    repo.check().await?;
+    let catalog = open::mongo_catalog(&config, &repo).await?;
+    let connect_timeout = config.mongo.as_ref().map(|m| m.connect_timeout()).unwrap_or(Duration::from_secs(10));
+    let opts = CollectionRestoreOptions { target, ns, restore_as, target_uri, connect_timeout };
+    let r = pitr_mongo::collection::restore_collection(&repo, &catalog, &opts).await?;
+    if args.json {
+        output::print_json(&r)?;
+        return Ok(());
+    }
+    println!(
+        "restored {} (mongo {}) as it was at {} into {} on {}",
+        r.ns, r.name, r.target, r.restored_as, r.target_uri
+    );
+    println!(
+        "  snapshot used:       {} ({} documents of {} in it, {} indexes built)",
+        r.snapshot_id, r.snapshot_documents, r.ns, r.indexes_built
+    );
+    println!("  oplog applied:       {} entries ({} transactions)", r.entries_applied, r.transactions_applied);
+    println!(
+        "  last applied entry:  {} ({})",
+        r.last_applied_ts.as_deref().unwrap_or("(none after the snapshot)"),
+        r.last_applied_time.as_deref().unwrap_or("-")
+    );
+    println!("  documents:           {}", r.documents);
+    println!("  took {:.1} s", r.seconds);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,20 +435,4 @@ mod tests {
         let err = target_uri(&plain, arg(None, Some(&file))).unwrap_err().to_string();
         assert!(err.contains("expected mongodb://"), "{err}");
     }
-}
-
-/// `pitr restore --source mongo --ns DB.COLL [--as DB.NEWCOLL]`.
-// SCAFFOLD(issue 18, H4): replaced by the collection restore.
-pub struct CollectionArgs {
-    pub to: String,
-    pub ns: String,
-    pub as_name: Option<String>,
-    pub target: TargetArg,
-    pub drop: bool,
-    pub json: bool,
-    pub from: Option<String>,
-}
-
-pub async fn restore_collection(_config_path: &Path, _args: CollectionArgs) -> Result<()> {
-    anyhow::bail!("SCAFFOLD")
 }

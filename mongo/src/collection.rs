@@ -1,0 +1,861 @@
+//! One collection to a moment (`pitr restore --source mongo --to TIME --ns DB.COLL [--as
+//! DB.NEWCOLL]`): from the snapshot a whole restore to TIME would start from, only that
+//! collection's documents and indexes, then the archived oplog entries that concern it (its
+//! inserts, updates and deletes, its DDL, its part of transactions) up to TIME, all written into a
+//! new collection on a running server. Nothing else on that server is written.
+//!
+//! The oplog is read twice. The first pass writes nothing: it finds TIME's `ts` and whether the
+//! collection existed at TIME, so that every refusal (not there yet, dropped, its database
+//! dropped, renamed away, renamed into, a view) comes before the first write. The second pass
+//! applies.
+//!
+//! Renames are not followed. A collection renamed away before TIME (and not created again) did
+//! not exist under its name at TIME, which is what the error says. A collection that got its
+//! documents from a rename into its name before TIME (and kept them up to TIME) is refused:
+//! those documents were another collection's before the rename, which this restore does not
+//! read; the error names that collection and the rename's `ts`.
+
+use std::time::{Duration, Instant};
+
+use bson::{doc, Bson, Document};
+use pitr_archive::time::{format_compact, format_rfc3339_micros as format_us};
+use pitr_archive::Repository;
+
+use crate::apply::{is_system_db, Entry, Group, Grouper, Ns, Write};
+use crate::layout::{split_entries, CollectionKind, MongoCatalog, SnapshotManifest};
+use crate::restore::{apply_write, choose, load_collection, tolerate, MongoTarget, NAMESPACE_NOT_FOUND};
+use crate::{connect, Connected, MongoError, Ts};
+
+/// What [`restore_collection`] restores, to when, and where.
+#[derive(Debug, Clone)]
+pub struct CollectionRestoreOptions {
+    /// Where the replay stops.
+    pub target: MongoTarget,
+    /// The collection restored, as the backed-up replica set names it.
+    pub ns: Ns,
+    /// The new collection written; `None`: [`default_name`].
+    pub restore_as: Option<Ns>,
+    /// The server written to (it may be the backed-up one: only the new collection is written).
+    pub target_uri: String,
+    /// How long connecting to the target may take.
+    pub connect_timeout: Duration,
+}
+
+/// What a collection restore did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CollectionRestoreReport {
+    /// The collection restored (`db.coll`).
+    pub ns: String,
+    /// The collection it was written to.
+    pub restored_as: String,
+    /// The target as asked for ([`MongoTarget`]'s display form).
+    pub target: String,
+    /// The server written to, password redacted.
+    pub target_uri: String,
+    /// The layout name the objects were read from.
+    pub name: String,
+    /// The snapshot the collection was loaded from.
+    pub snapshot_id: String,
+    /// Documents of the collection in that snapshot (0 when it was created after it).
+    pub snapshot_documents: u64,
+    /// Indexes built from the snapshot (`_id_` not counted), plus those the oplog created.
+    pub indexes_built: usize,
+    /// Oplog entries that concern the collection, applied to the new one.
+    pub entries_applied: u64,
+    /// Of those, transactions (each counted once).
+    pub transactions_applied: u64,
+    /// The `ts` of the last entry applied; `None` when nothing after the snapshot concerned it.
+    pub last_applied_ts: Option<String>,
+    /// Its wall time (RFC 3339, µs).
+    pub last_applied_time: Option<String>,
+    /// Documents in the new collection at the end.
+    pub documents: u64,
+    /// The whole restore, connecting included.
+    pub seconds: f64,
+}
+
+/// Why a collection restore refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectionError {
+    /// `--ns` or `--as` is not a namespace of a user collection.
+    #[error("{arg} {given:?}: {why}")]
+    BadNamespace {
+        /// Which argument (`--ns`, `--as`).
+        arg: &'static str,
+        /// What was given.
+        given: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The target server already has the collection a restore would create.
+    #[error("the target {uri} already has a collection {ns}; a collection restore never writes into an existing one: choose another name with --as DB.NEWCOLL")]
+    TargetExists {
+        /// The target's URI, password redacted.
+        uri: String,
+        /// The collection found.
+        ns: String,
+    },
+    /// The collection did not exist (under that name) at the target moment.
+    #[error("{ns} did not exist at {target}: {why}")]
+    Absent {
+        /// The collection asked for.
+        ns: String,
+        /// The target as asked for.
+        target: String,
+        /// Why: when it was dropped or renamed away, or that it was not there yet.
+        why: String,
+    },
+    /// At the target moment the collection held documents renamed into it from another one.
+    #[error("{ns} at {target} holds what renameCollection moved into it from {from} at {ts} ({time}); a collection restore does not follow renames: restore {from} to a moment before {ts} instead (what the rename moved were its documents then), or the whole replica set with `pitr restore --source mongo`")]
+    RenamedInto {
+        /// The collection asked for.
+        ns: String,
+        /// The target as asked for.
+        target: String,
+        /// The collection renamed into it.
+        from: String,
+        /// The rename's `ts`.
+        ts: String,
+        /// The rename's wall time.
+        time: String,
+    },
+    /// At the target moment the namespace was a view or a collection type restore cannot load.
+    #[error("{ns} at {target} is {what}, not a collection whose documents restore can load")]
+    NotACollection {
+        /// The namespace asked for.
+        ns: String,
+        /// The target as asked for.
+        target: String,
+        /// What it was.
+        what: String,
+    },
+    /// Reading the archive or talking to the server failed before anything was written.
+    #[error(transparent)]
+    Mongo(#[from] MongoError),
+    /// Writing failed part-way; `cleanup` says what became of the new collection.
+    #[error("restoring {ns} as {restored_as} failed: {error}; {cleanup}")]
+    Failed {
+        /// The collection restored.
+        ns: String,
+        /// The collection being written.
+        restored_as: String,
+        /// What failed.
+        error: Box<MongoError>,
+        /// Whether the partly written collection was dropped.
+        cleanup: String,
+    },
+}
+
+impl From<crate::apply::TranslateError> for CollectionError {
+    fn from(e: crate::apply::TranslateError) -> Self {
+        CollectionError::Mongo(e.into())
+    }
+}
+
+/// Parses `DB.COLLECTION` (`arg` names the option in errors): a user collection's namespace as
+/// MongoDB allows it. The collection part may hold dots; the database part may not.
+pub fn parse_ns(arg: &'static str, given: &str) -> Result<Ns, CollectionError> {
+    let bad = |why: String| CollectionError::BadNamespace { arg, given: given.to_string(), why };
+    let ns = Ns::parse(given)
+        .ok_or_else(|| bad("expected DB.COLLECTION (a database, a dot, a collection), e.g. shop.orders".into()))?;
+    if let Some(c) = ns.db.chars().find(|c| "/\\ \"$*<>:|?\0".contains(*c)) {
+        return Err(bad(format!("a database name cannot contain {c:?}")));
+    }
+    if ns.db.len() >= 64 {
+        return Err(bad("a database name is at most 63 bytes".into()));
+    }
+    if let Some(c) = ns.coll.chars().find(|c| "$\0".contains(*c)) {
+        return Err(bad(format!("a collection name cannot contain {c:?}")));
+    }
+    if given.len() > 255 {
+        return Err(bad("a namespace is at most 255 bytes".into()));
+    }
+    if ns.is_system() {
+        return Err(bad(format!(
+            "{} collections are the server's own; pitr neither archives nor restores them",
+            if is_system_db(&ns.db) { format!("the {} database's", ns.db) } else { "system.*".to_string() }
+        )));
+    }
+    Ok(ns)
+}
+
+/// `<coll>_at_<YYYYMMDDHHMMSS>` (UTC) in the same database: the name a restore writes to when
+/// none is given. The moment is the target's (for `latest`, the newest archived entry's; for a
+/// `ts` target, its second).
+pub fn default_name(ns: &Ns, target: MongoTarget, catalog: &MongoCatalog) -> Ns {
+    let us = match target {
+        MongoTarget::Time(us) => us,
+        MongoTarget::Ts(t) => t.secs_us(),
+        MongoTarget::Latest => match catalog.last_archived() {
+            Some((_, Some(us))) => us,
+            Some((t, None)) => t.secs_us(),
+            None => pitr_archive::now_us(),
+        },
+    };
+    let stamp: String = format_compact(us).chars().filter(char::is_ascii_digit).collect();
+    Ns { db: ns.db.clone(), coll: format!("{}_at_{stamp}", ns.coll) }
+}
+
+/// Whether an oplog operation (`op`, its `ns`, its `o`) writes to or changes `ns`; `applyOps`
+/// is looked into by [`concerning`], not here.
+fn op_concerns(op: &str, entry_ns: &str, o: &Document, ns: &Ns) -> bool {
+    match op {
+        "i" | "u" | "d" => Ns::parse(entry_ns).as_ref() == Some(ns),
+        "c" => {
+            let Some(db) = entry_ns.strip_suffix(".$cmd") else { return false };
+            let Some((name, first)) = o.iter().next() else { return false };
+            let names_it = |v: Option<&str>| v.and_then(Ns::parse).as_ref() == Some(ns);
+            match name.as_str() {
+                "renameCollection" => names_it(first.as_str()) || names_it(o.get_str("to").ok()),
+                "dropDatabase" => db == ns.db,
+                // Every other command on a collection names it first (create, drop,
+                // createIndexes, collMod, convertToCapped…): those not understood then fail
+                // translation, which refuses the restore rather than leave them out.
+                _ => db == ns.db && first.as_str() == Some(ns.coll.as_str()),
+            }
+        }
+        _ => false,
+    }
+}
+
+/// An `applyOps` command document with only its operations that concern `ns` (nested
+/// `applyOps` likewise), its other fields (`partialTxn`, `prepare`) kept.
+fn filter_apply_ops(o: &Document, ns: &Ns) -> Document {
+    let mut out = o.clone();
+    if let Ok(ops) = o.get_array("applyOps") {
+        let kept: Vec<Bson> = ops
+            .iter()
+            .filter_map(|op| {
+                // Something that is not an operation is kept: translation then fails on it, as it
+                // would in a whole restore.
+                let Some(d) = op.as_document() else { return Some(op.clone()) };
+                let inner_o = d.get_document("o").ok();
+                if let Some(inner) = inner_o.filter(|i| i.contains_key("applyOps")) {
+                    let filtered = filter_apply_ops(inner, ns);
+                    let empty = filtered.get_array("applyOps").map(|a| a.is_empty()).unwrap_or(false);
+                    let mut d = d.clone();
+                    d.insert("o", filtered);
+                    return (!empty).then_some(Bson::Document(d));
+                }
+                let (op_kind, op_ns) = (d.get_str("op").unwrap_or(""), d.get_str("ns").unwrap_or(""));
+                let empty = Document::new();
+                op_concerns(op_kind, op_ns, inner_o.unwrap_or(&empty), ns).then(|| op.clone())
+            })
+            .collect();
+        out.insert("applyOps", kept);
+    }
+    out
+}
+
+/// The part of `e` that concerns `ns`, or `None`. Every `applyOps` entry is kept, filtered (an
+/// empty one may still end a transaction chain), and so are `commitTransaction` and
+/// `abortTransaction`, which end prepared ones.
+fn concerning(e: &Entry, ns: &Ns) -> Option<Entry> {
+    if e.op == "c" {
+        if e.o.contains_key("applyOps") {
+            let mut out = e.clone();
+            out.o = filter_apply_ops(&e.o, ns);
+            return Some(out);
+        }
+        if e.o.contains_key("commitTransaction") || e.o.contains_key("abortTransaction") {
+            return Some(e.clone());
+        }
+    }
+    op_concerns(&e.op, &e.ns, &e.o, ns).then(|| e.clone())
+}
+
+/// Whether a write translated from an entry that concerns `ns` acts on `ns`.
+fn touches(w: &Write, ns: &Ns) -> bool {
+    match w {
+        Write::Upsert { ns: n, .. }
+        | Write::Update { ns: n, .. }
+        | Write::Delete { ns: n, .. }
+        | Write::Create { ns: n, .. }
+        | Write::Drop { ns: n }
+        | Write::CreateIndexes { ns: n, .. }
+        | Write::DropIndexes { ns: n, .. }
+        | Write::CollMod { ns: n, .. } => n == ns,
+        Write::DropDatabase { db } => *db == ns.db,
+        Write::Rename { from, to, .. } => from == ns || to == ns,
+    }
+}
+
+/// What a write does to whether the collection exists (the first pass's record).
+#[derive(Debug, Clone, PartialEq)]
+enum Event {
+    /// Documents or indexes written: the collection exists from here (an insert creates it).
+    Written,
+    /// `create`: of a view when it has `viewOn`.
+    Created {
+        view: bool,
+    },
+    Dropped,
+    DatabaseDropped,
+    RenamedAway {
+        to: Ns,
+    },
+    RenamedInto {
+        from: Ns,
+    },
+}
+
+fn event_of(w: &Write, ns: &Ns) -> Event {
+    match w {
+        Write::Create { options, .. } => Event::Created { view: options.contains_key("viewOn") },
+        Write::Drop { .. } => Event::Dropped,
+        Write::DropDatabase { .. } => Event::DatabaseDropped,
+        Write::Rename { from, to, .. } if from == ns => Event::RenamedAway { to: to.clone() },
+        Write::Rename { from, .. } => Event::RenamedInto { from: from.clone() },
+        _ => Event::Written,
+    }
+}
+
+/// What the namespace is at a point of the oplog.
+#[derive(Debug, Clone, PartialEq)]
+enum Presence {
+    Collection,
+    View,
+    /// A type restore cannot load (`listCollections`' word for it).
+    Other(String),
+    /// Not there; why.
+    Absent(String),
+    RenamedInto {
+        from: Ns,
+        ts: Ts,
+        time_us: i64,
+    },
+}
+
+/// What `ns` was in `snapshot`.
+fn in_snapshot(snapshot: &SnapshotManifest, ns: &Ns) -> (Presence, u64) {
+    match snapshot.collections.iter().find(|c| c.db == ns.db && c.name == ns.coll) {
+        Some(c) => match &c.kind {
+            CollectionKind::Collection => (Presence::Collection, c.documents),
+            CollectionKind::View => (Presence::View, 0),
+            CollectionKind::Other(t) => (Presence::Other(t.clone()), 0),
+        },
+        None => (
+            Presence::Absent(format!(
+                "it is not in snapshot {} (consistent at {}) and nothing created it between that and the target",
+                snapshot.id,
+                format_us(snapshot.time_after_us)
+            )),
+            0,
+        ),
+    }
+}
+
+/// `start` after the events up to and including `limit` (all of them: `None`).
+fn presence_at(start: Presence, events: &[(Ts, i64, Event)], limit: Option<Ts>) -> Presence {
+    let at = |ts: Ts, us: i64| format!("at {ts} ({})", format_us(us));
+    let mut p = start;
+    for (ts, us, e) in events.iter().filter(|(ts, _, _)| limit.is_none_or(|l| *ts <= l)) {
+        p = match (e, p) {
+            (Event::Written, Presence::Absent(_)) => Presence::Collection,
+            (Event::Written, p) => p,
+            (Event::Created { view }, Presence::Absent(_) | Presence::RenamedInto { .. }) => {
+                if *view {
+                    Presence::View
+                } else {
+                    Presence::Collection
+                }
+            }
+            // Created again while there: the snapshot was dumped after the create it replays.
+            (Event::Created { .. }, p) => p,
+            (Event::Dropped, _) => Presence::Absent(format!("it was dropped {}", at(*ts, *us))),
+            (Event::DatabaseDropped, _) => Presence::Absent(format!("its database was dropped {}", at(*ts, *us))),
+            (Event::RenamedAway { to }, _) => Presence::Absent(format!("it was renamed to {to} {}", at(*ts, *us))),
+            (Event::RenamedInto { from }, _) => Presence::RenamedInto { from: from.clone(), ts: *ts, time_us: *us },
+        };
+    }
+    p
+}
+
+/// The first pass's result.
+struct Scan {
+    /// The newest `ts` replayed (`None`: the whole run).
+    limit: Option<Ts>,
+    /// What happened to the namespace, in oplog order; consecutive writes recorded once.
+    events: Vec<(Ts, i64, Event)>,
+}
+
+/// The slices of `run` that hold entries after the snapshot's `ts_before`.
+fn slices_after<'a>(catalog: &'a MongoCatalog, run: usize, snapshot: &SnapshotManifest) -> Vec<&'a String> {
+    catalog.runs[run]
+        .slices
+        .iter()
+        .filter(|name| catalog.layout.parse_slice_name(name).is_some_and(|(_, end)| end > snapshot.ts_before))
+        .collect()
+}
+
+/// A slice's entries, in order.
+async fn entries_of(repo: &Repository, name: &str) -> Result<Vec<Entry>, MongoError> {
+    let (_, bytes) = repo.get_opened(name).await?;
+    let mut out = Vec::new();
+    for raw in split_entries(name, &bytes)? {
+        let d: Document = raw
+            .try_into()
+            .map_err(|e: bson::raw::Error| MongoError::Corrupt { object: name.to_string(), what: e.to_string() })?;
+        out.push(Entry::from_document(&d)?);
+    }
+    Ok(out)
+}
+
+/// The first pass: the target's `ts` and what happened to `ns` up to it. Groups are formed as
+/// in the second pass, without the limit (which a time target only knows at the end): a group
+/// is applied there exactly when it ends at or before the limit here. An entry that cannot be
+/// translated fails the restore only if it is at or before the limit.
+async fn scan(
+    repo: &Repository,
+    slices: &[&String],
+    snapshot: &SnapshotManifest,
+    target: MongoTarget,
+    ns: &Ns,
+) -> Result<Scan, MongoError> {
+    let mut newest = snapshot.ts_before;
+    let mut grouper = Grouper::new();
+    let mut events: Vec<(Ts, i64, Event)> = Vec::new();
+    let mut failed: Option<(Ts, crate::apply::TranslateError)> = None;
+    let record = |groups: Vec<Group>, events: &mut Vec<(Ts, i64, Event)>| {
+        for g in groups {
+            for w in g.writes.iter().filter(|w| touches(w, ns)) {
+                let e = event_of(w, ns);
+                if e == Event::Written && events.last().is_some_and(|(_, _, last)| *last == Event::Written) {
+                    continue;
+                }
+                events.push((g.ts, g.time_us, e));
+            }
+        }
+    };
+    'slices: for name in slices {
+        for e in entries_of(repo, name).await? {
+            if e.ts <= snapshot.ts_before {
+                continue;
+            }
+            match target {
+                MongoTarget::Ts(t) if e.ts > t => break 'slices,
+                MongoTarget::Time(us) if e.time_us() <= us && e.ts > newest => newest = e.ts,
+                _ => {}
+            }
+            if failed.is_some() {
+                continue;
+            }
+            let Some(e) = concerning(&e, ns) else { continue };
+            match grouper.push(&e) {
+                Ok(groups) => record(groups, &mut events),
+                Err(err) => failed = Some((e.ts, err)),
+            }
+        }
+    }
+    if failed.is_none() {
+        let (open, _) = grouper.finish();
+        record(open.into_iter().collect(), &mut events);
+    }
+    let limit = match target {
+        MongoTarget::Latest => None,
+        MongoTarget::Ts(t) => Some(t),
+        MongoTarget::Time(_) => Some(newest),
+    };
+    if let Some((ts, err)) = failed {
+        if limit.is_none_or(|l| ts <= l) {
+            return Err(err.into());
+        }
+    }
+    Ok(Scan { limit, events })
+}
+
+/// The second pass's state: whether the new collection is there now (created by this restore),
+/// and what was applied.
+#[derive(Default)]
+struct Applied {
+    have: bool,
+    created: bool,
+    indexes_built: usize,
+    entries: u64,
+    transactions: u64,
+    last: Option<(Ts, i64)>,
+}
+
+/// `create` of `into`, refused when it exists (never `tolerate`d: it may be someone else's).
+async fn create_new(conn: &Connected, into: &Ns, options: &Document, state: &mut Applied) -> Result<(), MongoError> {
+    let mut create = doc! { "create": &into.coll };
+    create.extend(options.clone());
+    conn.client.database(&into.db).run_command(create).await.map_err(conn.server_err(format!("creating {into}")))?;
+    state.have = true;
+    state.created = true;
+    Ok(())
+}
+
+async fn drop_new(conn: &Connected, into: &Ns) -> Result<(), MongoError> {
+    tolerate(conn.client.database(&into.db).run_command(doc! { "drop": &into.coll }).await, &[NAMESPACE_NOT_FOUND])
+        .map_err(conn.server_err(format!("dropping {into}")))
+}
+
+/// Applies one write on `ns` to `into` instead.
+async fn apply_to_new(conn: &Connected, w: &Write, into: &Ns, state: &mut Applied) -> Result<(), MongoError> {
+    let redirected = match w {
+        Write::Upsert { filter, doc, .. } => {
+            Write::Upsert { ns: into.clone(), filter: filter.clone(), doc: doc.clone() }
+        }
+        Write::Update { filter, update, .. } => {
+            Write::Update { ns: into.clone(), filter: filter.clone(), update: update.clone() }
+        }
+        Write::Delete { filter, .. } => Write::Delete { ns: into.clone(), filter: filter.clone() },
+        Write::CreateIndexes { indexes, .. } => {
+            state.indexes_built += indexes.iter().filter(|i| i.get_str("name") != Ok("_id_")).count();
+            Write::CreateIndexes { ns: into.clone(), indexes: indexes.clone() }
+        }
+        Write::DropIndexes { index, .. } => Write::DropIndexes { ns: into.clone(), index: index.clone() },
+        Write::CollMod { command, .. } => {
+            // The command names its collection first; the rest are its options.
+            let mut renamed = doc! { "collMod": &into.coll };
+            renamed.extend(command.iter().skip(1).map(|(k, v)| (k.clone(), v.clone())));
+            Write::CollMod { ns: into.clone(), command: renamed }
+        }
+        Write::Create { options, .. } => {
+            if !state.have {
+                create_new(conn, into, options, state).await?;
+            }
+            return Ok(());
+        }
+        Write::Drop { .. } | Write::DropDatabase { .. } | Write::Rename { .. } => {
+            if state.have {
+                drop_new(conn, into).await?;
+                state.have = false;
+            }
+            return Ok(());
+        }
+    };
+    let needs_collection =
+        !matches!(redirected, Write::Delete { .. } | Write::DropIndexes { .. } | Write::CollMod { .. });
+    if !state.have {
+        if !needs_collection {
+            return Ok(());
+        }
+        // The server would create it implicitly; created here so that it is never one that
+        // appeared meanwhile.
+        create_new(conn, into, &Document::new(), state).await?;
+    }
+    apply_write(conn, &redirected).await
+}
+
+async fn apply_group(conn: &Connected, g: &Group, ns: &Ns, into: &Ns, state: &mut Applied) -> Result<(), MongoError> {
+    let writes: Vec<&Write> = g.writes.iter().filter(|w| touches(w, ns)).collect();
+    if writes.is_empty() {
+        return Ok(());
+    }
+    for w in writes {
+        apply_to_new(conn, w, into, state).await?;
+    }
+    state.entries += g.entries as u64;
+    state.transactions += u64::from(g.transaction);
+    state.last = Some((g.ts, g.time_us));
+    Ok(())
+}
+
+/// The second pass: the snapshot's documents and indexes, then the oplog up to `limit`.
+#[allow(clippy::too_many_arguments)]
+async fn write(
+    repo: &Repository,
+    catalog: &MongoCatalog,
+    conn: &Connected,
+    snapshot: &SnapshotManifest,
+    slices: &[&String],
+    limit: Option<Ts>,
+    ns: &Ns,
+    into: &Ns,
+    state: &mut Applied,
+) -> Result<(), MongoError> {
+    if let Some(c) =
+        snapshot.collections.iter().find(|c| c.db == ns.db && c.name == ns.coll && c.kind == CollectionKind::Collection)
+    {
+        create_new(conn, into, &c.options, state).await?;
+        let (_, indexes) = load_collection(repo, catalog, conn, c, into).await?;
+        state.indexes_built += indexes;
+    }
+    let mut grouper = Grouper::new();
+    'slices: for name in slices {
+        for e in entries_of(repo, name).await? {
+            if e.ts <= snapshot.ts_before {
+                continue;
+            }
+            if limit.is_some_and(|l| e.ts > l) {
+                break 'slices;
+            }
+            let Some(e) = concerning(&e, ns) else { continue };
+            for g in grouper.push(&e)? {
+                apply_group(conn, &g, ns, into, state).await?;
+            }
+        }
+    }
+    let (open, _unfinished) = grouper.finish();
+    if let Some(g) = open {
+        apply_group(conn, &g, ns, into, state).await?;
+    }
+    Ok(())
+}
+
+/// Restores the collection `opts.ns` as it was at `opts.target` into a new collection on the
+/// server at `opts.target_uri`. Refuses, before writing anything, a target that already has the
+/// new collection, a collection that did not exist at the target (or was a view, or got its
+/// documents from a rename), and a target outside the archive's windows. A failure while writing
+/// drops the new collection.
+pub async fn restore_collection(
+    repo: &Repository,
+    catalog: &MongoCatalog,
+    opts: &CollectionRestoreOptions,
+) -> Result<CollectionRestoreReport, CollectionError> {
+    let started = Instant::now();
+    let ns = parse_ns("--ns", &opts.ns.to_string())?;
+    let into = match &opts.restore_as {
+        Some(n) => parse_ns("--as", &n.to_string())?,
+        None => parse_ns("--as", &default_name(&ns, opts.target, catalog).to_string())?,
+    };
+    let (snapshot, run) = choose(catalog, opts.target)?;
+    let conn = connect(&opts.target_uri, opts.connect_timeout).await?;
+    let present = conn
+        .client
+        .database(&into.db)
+        .list_collection_names()
+        .await
+        .map_err(conn.server_err(format!("listing the collections of {}", into.db)))?;
+    if present.contains(&into.coll) {
+        return Err(CollectionError::TargetExists { uri: conn.uri.clone(), ns: into.to_string() });
+    }
+
+    let slices = slices_after(catalog, run, snapshot);
+    let scan = scan(repo, &slices, snapshot, opts.target, &ns).await?;
+    let (start, snapshot_documents) = in_snapshot(snapshot, &ns);
+    let target = opts.target.to_string();
+    match presence_at(start, &scan.events, scan.limit) {
+        Presence::Collection => {}
+        Presence::Absent(why) => return Err(CollectionError::Absent { ns: ns.to_string(), target, why }),
+        Presence::View => {
+            return Err(CollectionError::NotACollection { ns: ns.to_string(), target, what: "a view".into() })
+        }
+        Presence::Other(t) => {
+            return Err(CollectionError::NotACollection { ns: ns.to_string(), target, what: format!("a {t:?}") })
+        }
+        Presence::RenamedInto { from, ts, time_us } => {
+            return Err(CollectionError::RenamedInto {
+                ns: ns.to_string(),
+                target,
+                from: from.to_string(),
+                ts: ts.to_string(),
+                time: format_us(time_us),
+            })
+        }
+    }
+
+    let mut state = Applied::default();
+    let written = write(repo, catalog, &conn, snapshot, &slices, scan.limit, &ns, &into, &mut state).await;
+    let documents = match written {
+        Ok(()) => {
+            // A collection the oplog leaves empty and never created explicitly still exists at
+            // the target moment (the first pass said so): it is created empty.
+            if !state.have {
+                create_new(&conn, &into, &Document::new(), &mut state).await.map_err(|e| CollectionError::Failed {
+                    ns: ns.to_string(),
+                    restored_as: into.to_string(),
+                    error: Box::new(e),
+                    cleanup: "it is not on the target".into(),
+                })?;
+            }
+            conn.client
+                .database(&into.db)
+                .collection::<Document>(&into.coll)
+                .count_documents(doc! {})
+                .await
+                .map_err(conn.server_err(format!("counting the documents of {into}")))?
+        }
+        Err(error) => {
+            let cleanup = if !state.have {
+                if state.created {
+                    "the collection it had created was dropped again by the restore".to_string()
+                } else {
+                    "nothing was written to the target".to_string()
+                }
+            } else {
+                match drop_new(&conn, &into).await {
+                    Ok(()) => format!("{into} was dropped again"),
+                    Err(e) => format!("{into} could NOT be dropped ({e}): it is partly written; drop it by hand"),
+                }
+            };
+            return Err(CollectionError::Failed {
+                ns: ns.to_string(),
+                restored_as: into.to_string(),
+                error: Box::new(error),
+                cleanup,
+            });
+        }
+    };
+    Ok(CollectionRestoreReport {
+        ns: ns.to_string(),
+        restored_as: into.to_string(),
+        target,
+        target_uri: conn.uri.clone(),
+        name: catalog.layout.name.clone(),
+        snapshot_id: snapshot.id.clone(),
+        snapshot_documents,
+        indexes_built: state.indexes_built,
+        entries_applied: state.entries,
+        transactions_applied: state.transactions,
+        last_applied_ts: state.last.map(|(t, _)| t.to_string()),
+        last_applied_time: state.last.map(|(_, us)| format_us(us)),
+        documents,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::{spec::BinarySubtype, Binary, Timestamp};
+
+    fn ns() -> Ns {
+        Ns { db: "shop".into(), coll: "items".into() }
+    }
+
+    fn entry(d: Document) -> Entry {
+        Entry::from_document(&d).unwrap()
+    }
+
+    fn ts(inc: u32) -> Timestamp {
+        Timestamp { time: 100, increment: inc }
+    }
+
+    #[test]
+    fn namespaces_are_checked_before_anything_runs() {
+        assert_eq!(parse_ns("--ns", "shop.items").unwrap(), ns());
+        let dotted = parse_ns("--as", "shop.items.at.t").unwrap();
+        assert_eq!((dotted.db.as_str(), dotted.coll.as_str()), ("shop", "items.at.t"));
+        for (given, why) in [
+            ("shop", "expected DB.COLLECTION"),
+            ("shop.", "expected DB.COLLECTION"),
+            (".items", "expected DB.COLLECTION"),
+            ("my shop.items", "cannot contain ' '"),
+            ("shop.it$ems", "cannot contain '$'"),
+            ("admin.users", "the admin database's"),
+            ("local.oplog.rs", "the local database's"),
+            ("shop.system.views", "system.*"),
+        ] {
+            let err = parse_ns("--ns", given).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("--ns {given:?}")) && err.contains(why), "{given}: {err}");
+        }
+        let long = format!("{}.x", "d".repeat(64));
+        assert!(parse_ns("--as", &long).unwrap_err().to_string().contains("at most 63 bytes"));
+    }
+
+    #[test]
+    fn only_what_concerns_the_collection_is_kept() {
+        let kept = |d: Document| concerning(&entry(d), &ns()).is_some();
+        assert!(kept(doc! { "op": "i", "ns": "shop.items", "ts": ts(1), "o": { "_id": 1 } }));
+        assert!(!kept(doc! { "op": "i", "ns": "shop.other", "ts": ts(1), "o": { "_id": 1 } }));
+        assert!(!kept(doc! { "op": "i", "ns": "shop2.items", "ts": ts(1), "o": { "_id": 1 } }));
+        assert!(!kept(doc! { "op": "n", "ns": "", "ts": ts(1), "o": { "msg": "x" } }));
+        let cmd = |db: &str, o: Document| doc! { "op": "c", "ns": format!("{db}.$cmd"), "ts": ts(2), "o": o };
+        assert!(kept(cmd("shop", doc! { "create": "items" })));
+        assert!(kept(cmd("shop", doc! { "drop": "items" })));
+        assert!(kept(cmd("shop", doc! { "collMod": "items", "validator": {} })));
+        assert!(kept(cmd("shop", doc! { "convertToCapped": "items", "size": 1 })));
+        assert!(!kept(cmd("shop", doc! { "drop": "other" })));
+        assert!(!kept(cmd("other", doc! { "drop": "items" })));
+        assert!(!kept(cmd("shop", doc! { "create": "v", "viewOn": "items" })));
+        assert!(kept(cmd("shop", doc! { "dropDatabase": 1 })));
+        assert!(!kept(cmd("other", doc! { "dropDatabase": 1 })));
+        assert!(kept(cmd("shop", doc! { "renameCollection": "shop.items", "to": "shop.old" })));
+        assert!(kept(cmd("shop", doc! { "renameCollection": "shop.new", "to": "shop.items" })));
+        assert!(!kept(cmd("shop", doc! { "renameCollection": "shop.a", "to": "shop.b" })));
+        assert!(kept(cmd("admin", doc! { "commitTransaction": 1 })));
+
+        // A transaction keeps only its operations on the collection, and its own fields.
+        let uuid = Binary { subtype: BinarySubtype::Uuid, bytes: vec![1; 16] };
+        let txn = entry(doc! {
+            "op": "c", "ns": "admin.$cmd", "ts": ts(3), "lsid": { "id": uuid }, "txnNumber": 4_i64,
+            "o": { "applyOps": [
+                { "op": "i", "ns": "shop.items", "o": { "_id": 1 } },
+                { "op": "i", "ns": "shop.orders", "o": { "_id": 2 } },
+                { "op": "c", "ns": "admin.$cmd", "o": { "applyOps": [
+                    { "op": "d", "ns": "shop.items", "o": { "_id": 3 } },
+                    { "op": "d", "ns": "shop.orders", "o": { "_id": 4 } },
+                ] } },
+                { "op": "c", "ns": "admin.$cmd", "o": { "applyOps": [{ "op": "d", "ns": "x.y", "o": { "_id": 5 } }] } },
+            ], "partialTxn": true },
+        });
+        let kept = concerning(&txn, &ns()).unwrap();
+        assert_eq!(kept.txn, txn.txn);
+        assert!(kept.o.get_bool("partialTxn").unwrap());
+        let writes = crate::apply::translate(&kept).unwrap();
+        assert_eq!(
+            writes,
+            vec![
+                Write::Upsert { ns: ns(), filter: doc! { "_id": 1 }, doc: doc! { "_id": 1 } },
+                Write::Delete { ns: ns(), filter: doc! { "_id": 3 } },
+            ]
+        );
+        // One that touches nothing of it is still kept (it may end a chain), empty.
+        let other = entry(doc! { "op": "c", "ns": "admin.$cmd", "ts": ts(4),
+        "o": { "applyOps": [{ "op": "i", "ns": "shop.orders", "o": { "_id": 2 } }] } });
+        assert_eq!(crate::apply::translate(&concerning(&other, &ns()).unwrap()).unwrap(), vec![]);
+    }
+
+    fn t(inc: u32) -> Ts {
+        Ts { secs: 100, inc }
+    }
+
+    #[test]
+    fn presence_follows_creates_drops_and_renames_up_to_the_limit() {
+        let absent = || Presence::Absent("not in the snapshot".into());
+        let ev = |inc: u32, e: Event| (t(inc), 100_000_000 + i64::from(inc), e);
+        // Created after the snapshot by its first insert: absent before it, there from it on.
+        let events = vec![ev(5, Event::Written)];
+        assert_eq!(presence_at(absent(), &events, Some(t(4))), absent());
+        assert_eq!(presence_at(absent(), &events, Some(t(5))), Presence::Collection);
+        assert_eq!(presence_at(absent(), &events, None), Presence::Collection);
+        // Dropped, then created again.
+        let events = vec![ev(2, Event::Dropped), ev(7, Event::Created { view: false }), ev(8, Event::Written)];
+        let at3 = presence_at(Presence::Collection, &events, Some(t(3)));
+        assert!(matches!(&at3, Presence::Absent(why) if why.contains("dropped at ts:100:2")), "{at3:?}");
+        assert_eq!(presence_at(Presence::Collection, &events, Some(t(7))), Presence::Collection);
+        let gone = presence_at(Presence::Collection, &[ev(3, Event::DatabaseDropped)], None);
+        assert!(matches!(&gone, Presence::Absent(why) if why.contains("its database was dropped")), "{gone:?}");
+        // Renamed away: absent under its name, with the new name in the reason.
+        let away = presence_at(
+            Presence::Collection,
+            &[ev(4, Event::RenamedAway { to: Ns::parse("shop.old").unwrap() })],
+            None,
+        );
+        assert!(matches!(&away, Presence::Absent(why) if why.contains("renamed to shop.old")), "{away:?}");
+        // Renamed into: refused while it holds what the rename brought, not after a drop.
+        let from = Ns::parse("shop.staging").unwrap();
+        let events =
+            vec![ev(4, Event::RenamedInto { from: from.clone() }), ev(5, Event::Written), ev(9, Event::Dropped)];
+        assert_eq!(
+            presence_at(absent(), &events, Some(t(5))),
+            Presence::RenamedInto { from, ts: t(4), time_us: 100_000_004 }
+        );
+        assert!(matches!(presence_at(absent(), &events, Some(t(9))), Presence::Absent(_)));
+        // A view stays one; a create replayed over a snapshot that already holds it changes nothing.
+        assert_eq!(presence_at(absent(), &[ev(1, Event::Created { view: true })], None), Presence::View);
+        assert_eq!(
+            presence_at(Presence::Collection, &[ev(1, Event::Created { view: true })], None),
+            Presence::Collection
+        );
+    }
+
+    #[test]
+    fn the_default_name_carries_the_moment() {
+        let catalog = MongoCatalog {
+            layout: crate::MongoLayout::new("rs"),
+            runs: Vec::new(),
+            gaps: Vec::new(),
+            snapshots: Vec::new(),
+            run_end_us: Vec::new(),
+            complete_up_to_us: None,
+        };
+        let us = pitr_archive::time::parse_time("2026-11-25T14:03:07.123456Z").unwrap();
+        assert_eq!(default_name(&ns(), MongoTarget::Time(us), &catalog).to_string(), "shop.items_at_20261125140307");
+        let at = Ts { secs: (us / 1_000_000) as u32, inc: 3 };
+        assert_eq!(default_name(&ns(), MongoTarget::Ts(at), &catalog).to_string(), "shop.items_at_20261125140307");
+    }
+}
