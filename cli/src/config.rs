@@ -58,6 +58,12 @@ pub struct Config {
     pub drill: DrillSection,
     /// A MongoDB replica set, backed up beside (or instead of) PostgreSQL.
     pub mongo: Option<MongoConfig>,
+    /// `[[dumps]]`: logical dumps (`pg_dump`) of databases, each set on its own schedule.
+    #[serde(default)]
+    pub dumps: Vec<DumpConfig>,
+    /// `[[files]]`: file trees (directories or single files), each set on its own schedules.
+    #[serde(default)]
+    pub files: Vec<FilesConfig>,
 }
 
 /// `[metrics]`.
@@ -125,6 +131,10 @@ pub struct ScheduleSection {
     /// Retention (`pitr expire`).
     #[serde(default = "default_expire")]
     pub expire: String,
+    /// The weekly partial-restore drill (`pitr drill --partial`): a random table, a random
+    /// file set's files.
+    #[serde(default = "default_partial_drill")]
+    pub partial_drill: String,
     /// Not a cron expression: the age (`"90d"`, humantime) at which the sidecar replaces the
     /// active repository key with a new one; `"off"` (or empty) never does.
     #[serde(default = "default_key_rotation")]
@@ -184,6 +194,10 @@ fn default_drill() -> String {
 fn default_expire() -> String {
     "0 5 * * *".into()
 }
+fn default_partial_drill() -> String {
+    // Sundays, after the monthly drill's hour (when the 1st is a Sunday) and expire's.
+    "0 6 * * 0".into()
+}
 fn default_key_rotation() -> String {
     "90d".into()
 }
@@ -196,6 +210,7 @@ impl Default for ScheduleSection {
             verify: default_verify(),
             drill: default_drill(),
             expire: default_expire(),
+            partial_drill: default_partial_drill(),
             key_rotation: default_key_rotation(),
         }
     }
@@ -786,6 +801,261 @@ impl MongoConfig {
     }
 }
 
+/// `[[dumps]]`: a logical dump set (the seed runbook's development database: daily at 01:00
+/// local time, kept 7 days).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DumpConfig {
+    /// The set's name (1-64 of `a-z 0-9 _ -`), unique among `[[dumps]]`.
+    pub name: String,
+    /// libpq-style connection string of the database dumped (`dbname` required).
+    #[serde(default)]
+    pub conninfo: String,
+    /// Cron expression (5 fields, or 6 with seconds first) in `time_zone`; `""` = never.
+    #[serde(default = "default_dump_schedule")]
+    pub schedule: String,
+    /// The zone `schedule` is read in: `"local"` (the host's), `"UTC"`, or a fixed offset such
+    /// as `"+02:00"`.
+    #[serde(default = "default_dump_time_zone")]
+    pub time_zone: String,
+    /// `pitr expire` removes dumps that started longer ago than this; the newest always stays.
+    #[serde(default = "default_dump_keep_days")]
+    pub keep_days: u32,
+}
+
+fn default_dump_schedule() -> String {
+    "0 0 1 * * *".into()
+}
+fn default_dump_time_zone() -> String {
+    "local".into()
+}
+fn default_dump_keep_days() -> u32 {
+    7
+}
+
+/// The zone of a `[[dumps]]` schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DumpZone {
+    /// The host's zone (`chrono::Local`, from `TZ` or /etc/localtime), daylight saving included.
+    Local,
+    /// UTC.
+    Utc,
+    /// A fixed offset from UTC.
+    Fixed(chrono::FixedOffset),
+}
+
+impl DumpZone {
+    /// `"local"`, `"UTC"` or `±HH:MM` (also `±HH`, `±HHMM`).
+    pub fn parse(text: &str) -> Option<DumpZone> {
+        let t = text.trim();
+        if t.eq_ignore_ascii_case("local") {
+            return Some(DumpZone::Local);
+        }
+        if t.eq_ignore_ascii_case("utc") || t == "Z" {
+            return Some(DumpZone::Utc);
+        }
+        let (sign, rest) = match t.as_bytes().first()? {
+            b'+' => (1, &t[1..]),
+            b'-' => (-1, &t[1..]),
+            _ => return None,
+        };
+        let digits = |s: &str| s.len() == 2 && s.bytes().all(|b| b.is_ascii_digit());
+        let (h, m) = match rest.len() {
+            2 => (rest, "00"),
+            4 => (rest.get(..2)?, rest.get(2..)?),
+            5 if rest.as_bytes()[2] == b':' => (rest.get(..2)?, rest.get(3..)?),
+            _ => return None,
+        };
+        if !digits(h) || !digits(m) {
+            return None;
+        }
+        let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+        if h > 15 || m > 59 {
+            return None;
+        }
+        chrono::FixedOffset::east_opt(sign * (h * 3600 + m * 60)).map(DumpZone::Fixed)
+    }
+}
+
+impl DumpConfig {
+    /// The schedule's zone (validated at load).
+    pub fn zone(&self) -> DumpZone {
+        DumpZone::parse(&self.time_zone).unwrap_or(DumpZone::Local)
+    }
+
+    /// `conninfo` parsed (validated at load).
+    pub fn connection_info(&self) -> Result<pitr_pgwire::ConnInfo> {
+        self.conninfo.parse().map_err(|e| anyhow!("[[dumps]] {:?}: conninfo: {e}", self.name))
+    }
+
+    /// The first scheduled run strictly after `t`, the cron read in the set's zone; `None` when
+    /// the schedule is off (`""`) or has no next run.
+    pub fn next_run_after(&self, t: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
+        let cron = parse_dump_cron(&self.name, &self.schedule).ok()??;
+        let next_in = |t| match self.zone() {
+            DumpZone::Local => {
+                cron.find_next_occurrence(&chrono::DateTime::<chrono::Local>::from(t), false).map(|n| n.to_utc())
+            }
+            DumpZone::Utc => cron.find_next_occurrence(&t, false),
+            DumpZone::Fixed(off) => cron.find_next_occurrence(&t.with_timezone(&off), false).map(|n| n.to_utc()),
+        };
+        next_in(t).ok()
+    }
+}
+
+fn parse_dump_cron(set: &str, expr: &str) -> Result<Option<croner::Cron>> {
+    if expr.trim().is_empty() {
+        return Ok(None);
+    }
+    croner::Cron::new(expr)
+        .with_seconds_optional()
+        .parse()
+        .map(Some)
+        .map_err(|e| anyhow!("[[dumps]] {set:?}: schedule = {expr:?}: not a cron expression ({e})"))
+}
+
+fn validate_dumps(dumps: &[DumpConfig]) -> Result<()> {
+    let mut names = std::collections::BTreeSet::new();
+    for (i, d) in dumps.iter().enumerate() {
+        if !pitr_archive::names::files::valid_set_name(&d.name) {
+            bail!(
+                "[[dumps]] entry {}: name = {:?}: use 1 to 64 of a-z, 0-9, `_` and `-` (not starting with `-`)",
+                i + 1,
+                d.name
+            );
+        }
+        if !names.insert(d.name.as_str()) {
+            bail!("[[dumps]] {:?}: two entries have this name", d.name);
+        }
+        if d.conninfo.trim().is_empty() {
+            bail!(
+                "[[dumps]] {:?}: conninfo is missing (the database to dump, e.g. \"host=... dbname=dev user=...\")",
+                d.name
+            );
+        }
+        let info = d.connection_info()?;
+        if info.dbname.is_none() {
+            bail!("[[dumps]] {:?}: conninfo names no database: add dbname=...", d.name);
+        }
+        parse_dump_cron(&d.name, &d.schedule)?;
+        if DumpZone::parse(&d.time_zone).is_none() {
+            bail!(
+                "[[dumps]] {:?}: time_zone = {:?}: use \"local\", \"UTC\" or a fixed offset such as \"+02:00\"",
+                d.name,
+                d.time_zone
+            );
+        }
+        if !(1..=36_500).contains(&d.keep_days) {
+            bail!("[[dumps]] {:?}: keep_days = {}: must be between 1 and 36500", d.name, d.keep_days);
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    /// The `[[dumps]]` set named `set`; an unknown name is an error naming the configured ones.
+    pub fn dump_set(&self, set: &str) -> Result<&DumpConfig> {
+        self.dumps.iter().find(|d| d.name == set).ok_or_else(|| {
+            let names: Vec<&str> = self.dumps.iter().map(|d| d.name.as_str()).collect();
+            if names.is_empty() {
+                anyhow!("no dump set {set:?}: the config has no [[dumps]] sets")
+            } else {
+                anyhow!("no dump set {set:?}: the configured [[dumps]] sets are {}", names.join(", "))
+            }
+        })
+    }
+}
+
+/// `[[files]]`: a file set (the seed runbook's uploads: hourly incremental, daily full, 90 days).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesConfig {
+    /// The set's name (1-64 of `a-z 0-9 _ -`), unique among `[[files]]`.
+    pub name: String,
+    /// The directory (or single file) backed up; absolute.
+    pub path: PathBuf,
+    /// Glob patterns of paths left out, relative to `path`: one without `/` matches a name at any
+    /// depth (`*.tmp`), one with `/` the whole relative path (`cache/**`).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Cron expression (UTC, like `[schedule]`) of full backups; `""` = never.
+    #[serde(default = "default_files_full")]
+    pub full: String,
+    /// Cron expression (UTC) of incremental backups; `""` = never.
+    #[serde(default = "default_files_incremental")]
+    pub incremental: String,
+    /// `pitr expire` removes backups that finished longer ago than this; the newest always stays.
+    #[serde(default = "default_files_keep_days")]
+    pub keep_days: u32,
+}
+
+fn default_files_full() -> String {
+    "0 0 2 * * *".into()
+}
+fn default_files_incremental() -> String {
+    "0 0 * * * *".into()
+}
+fn default_files_keep_days() -> u32 {
+    90
+}
+
+impl FilesConfig {
+    /// `full` or `incremental` parsed; `None` when off (`""`).
+    pub fn cron(&self, incremental: bool) -> Result<Option<croner::Cron>> {
+        let (field, expr) = if incremental { ("incremental", &self.incremental) } else { ("full", &self.full) };
+        if expr.trim().is_empty() {
+            return Ok(None);
+        }
+        croner::Cron::new(expr)
+            .with_seconds_optional()
+            .parse()
+            .map(Some)
+            .map_err(|e| anyhow!("[[files]] {:?}: {field} = {expr:?}: not a cron expression ({e})", self.name))
+    }
+}
+
+fn validate_files(sets: &[FilesConfig]) -> Result<()> {
+    let mut names = std::collections::BTreeSet::new();
+    for (i, f) in sets.iter().enumerate() {
+        if !pitr_archive::names::files::valid_set_name(&f.name) {
+            bail!(
+                "[[files]] entry {}: name = {:?}: use 1 to 64 of a-z, 0-9, `_` and `-` (not starting with `-`)",
+                i + 1,
+                f.name
+            );
+        }
+        if !names.insert(f.name.as_str()) {
+            bail!("[[files]] {:?}: two entries have this name", f.name);
+        }
+        if !f.path.is_absolute() {
+            bail!("[[files]] {:?}: path = {:?}: must be an absolute path", f.name, f.path.display());
+        }
+        if let Err(e) = pitr_files::tree::Excludes::new(&f.exclude) {
+            bail!("[[files]] {:?}: {e}", f.name);
+        }
+        f.cron(false)?;
+        f.cron(true)?;
+        if !(1..=36_500).contains(&f.keep_days) {
+            bail!("[[files]] {:?}: keep_days = {}: must be between 1 and 36500", f.name, f.keep_days);
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    /// The `[[files]]` set named `set`; an unknown name is an error naming the configured ones.
+    pub fn files_set(&self, set: &str) -> Result<&FilesConfig> {
+        self.files.iter().find(|f| f.name == set).ok_or_else(|| {
+            let names: Vec<&str> = self.files.iter().map(|f| f.name.as_str()).collect();
+            if names.is_empty() {
+                anyhow!("no file set {set:?}: the config has no [[files]] sets")
+            } else {
+                anyhow!("no file set {set:?}: the configured [[files]] sets are {}", names.join(", "))
+            }
+        })
+    }
+}
+
 impl Config {
     /// The path of the config file: `--config`, else `$PITR_CONFIG`, else `./pitr.toml`.
     pub fn path(flag: Option<&Path>) -> PathBuf {
@@ -883,6 +1153,7 @@ impl Config {
             ("verify", &self.schedule.verify),
             ("drill", &self.schedule.drill),
             ("expire", &self.schedule.expire),
+            ("partial_drill", &self.schedule.partial_drill),
         ] {
             parse_cron(field, expr)?;
         }
@@ -926,6 +1197,8 @@ impl Config {
         if let Some(m) = &self.mongo {
             m.validate()?;
         }
+        validate_dumps(&self.dumps)?;
+        validate_files(&self.files)?;
         Ok(())
     }
 
@@ -1262,6 +1535,114 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod dump_tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+
+    fn config(dumps: &str) -> Result<Config> {
+        let text = format!("[repository]\npath = \"/r\"\n[encryption]\nkey_file = \"/k\"\n{dumps}");
+        Config::parse(&text, &[])
+    }
+
+    #[test]
+    fn a_dump_set_takes_the_runbook_defaults_and_bad_entries_are_named() {
+        let c = config("[[dumps]]\nname = \"devdb\"\nconninfo = \"host=db dbname=dev user=u\"\n").unwrap();
+        assert!(c.postgres.is_none());
+        let d = c.dump_set("devdb").unwrap();
+        assert_eq!((d.schedule.as_str(), d.time_zone.as_str(), d.keep_days), ("0 0 1 * * *", "local", 7));
+        let err = c.dump_set("prod").unwrap_err().to_string();
+        assert!(err.contains("no dump set \"prod\"") && err.contains("devdb"), "{err}");
+
+        for (entry, phrase) in [
+            ("name = \"Dev DB\"\nconninfo = \"dbname=d\"", "name = \"Dev DB\""),
+            ("name = \"d\"", "conninfo is missing"),
+            ("name = \"d\"\nconninfo = \"host=x\"", "names no database"),
+            ("name = \"d\"\nconninfo = \"dbname=d passfile=/x\"", "conninfo"),
+            ("name = \"d\"\nconninfo = \"dbname=d\"\nschedule = \"every day\"", "schedule = \"every day\""),
+            ("name = \"d\"\nconninfo = \"dbname=d\"\ntime_zone = \"Europe/Paris\"", "time_zone = \"Europe/Paris\""),
+            ("name = \"d\"\nconninfo = \"dbname=d\"\nkeep_days = 0", "keep_days = 0"),
+        ] {
+            let err = format!("{:#}", config(&format!("[[dumps]]\n{entry}\n")).unwrap_err());
+            assert!(err.contains(phrase), "{entry}: {err}");
+        }
+        let two =
+            "[[dumps]]\nname = \"d\"\nconninfo = \"dbname=a\"\n[[dumps]]\nname = \"d\"\nconninfo = \"dbname=b\"\n";
+        assert!(config(two).unwrap_err().to_string().contains("two entries"));
+        // A password in the conninfo never shows in an error.
+        let err = format!(
+            "{:#}",
+            config("[[dumps]]\nname = \"d\"\nconninfo = \"password=hunter2 bogus=1 dbname=d\"\n").unwrap_err()
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn the_schedule_is_read_in_the_sets_zone() {
+        let set = |zone: &str| DumpConfig {
+            name: "devdb".into(),
+            conninfo: "dbname=dev".into(),
+            schedule: "0 0 1 * * *".into(),
+            time_zone: zone.into(),
+            keep_days: 7,
+        };
+        let t = Utc.with_ymd_and_hms(2026, 12, 6, 12, 0, 0).unwrap();
+        // 01:00 at +02:00 is 23:00 UTC the day before.
+        assert_eq!(set("+02:00").next_run_after(t), Some(Utc.with_ymd_and_hms(2026, 12, 6, 23, 0, 0).unwrap()));
+        assert_eq!(set("UTC").next_run_after(t), Some(Utc.with_ymd_and_hms(2026, 12, 7, 1, 0, 0).unwrap()));
+        assert_eq!(set("-0530").next_run_after(t), Some(Utc.with_ymd_and_hms(2026, 12, 7, 6, 30, 0).unwrap()));
+        // Strictly after: a run due now is not due again.
+        let due = Utc.with_ymd_and_hms(2026, 12, 7, 1, 0, 0).unwrap();
+        assert_eq!(set("UTC").next_run_after(due), Some(Utc.with_ymd_and_hms(2026, 12, 8, 1, 0, 0).unwrap()));
+        let local = set("local").next_run_after(t).unwrap();
+        let expected = chrono::Local
+            .from_local_datetime(&chrono::NaiveDate::from_ymd_opt(2026, 12, 7).unwrap().and_hms_opt(1, 0, 0).unwrap())
+            .earliest()
+            .unwrap();
+        let earlier = expected - chrono::Duration::days(1);
+        assert!(local == expected.to_utc() || local == earlier.to_utc(), "{local}");
+        assert_eq!(DumpConfig { schedule: String::new(), ..set("UTC") }.next_run_after(t), None);
+        assert_eq!(DumpZone::parse("+2:00"), None);
+        assert_eq!(DumpZone::parse("+16:00"), None);
+    }
+}
+
+#[cfg(test)]
+mod files_tests {
+    use super::*;
+
+    const BASE: &str = "[repository]\npath = \"/r\"\n[encryption]\nkey_file = \"/k\"\n";
+
+    #[test]
+    fn file_sets_take_the_runbooks_defaults_and_need_no_postgres() {
+        let c = Config::parse(&format!("{BASE}[[files]]\nname = \"uploads\"\npath = \"/app/storage/uploads\"\n"), &[])
+            .unwrap();
+        let f = c.files_set("uploads").unwrap();
+        assert_eq!((f.full.as_str(), f.incremental.as_str(), f.keep_days), ("0 0 2 * * *", "0 0 * * * *", 90));
+        assert!(f.exclude.is_empty());
+        assert!(c.postgres.is_none());
+        let err = c.files_set("nope").unwrap_err().to_string();
+        assert!(err.contains("\"nope\"") && err.contains("uploads"), "{err}");
+    }
+
+    #[test]
+    fn bad_file_sets_are_named() {
+        for (set, phrase) in [
+            ("name = \"Up\"\npath = \"/a\"", "[[files]] entry 1: name = \"Up\""),
+            ("name = \"up\"\npath = \"rel/dir\"", "must be an absolute path"),
+            ("name = \"up\"\npath = \"/a\"\nfull = \"not cron\"", "[[files]] \"up\": full = \"not cron\""),
+            ("name = \"up\"\npath = \"/a\"\nincremental = \"61 * * * *\"", "incremental ="),
+            ("name = \"up\"\npath = \"/a\"\nexclude = [\"[\"]", "exclude pattern \"[\""),
+            ("name = \"up\"\npath = \"/a\"\nkeep_days = 0", "keep_days = 0"),
+            ("name = \"up\"\npath = \"/a\"\n[[files]]\nname = \"up\"\npath = \"/b\"", "two entries have this name"),
+            ("name = \"up\"\npath = \"/a\"\nkeep = 3", "unknown field `keep`"),
+        ] {
+            let err = format!("{:#}", Config::parse(&format!("{BASE}[[files]]\n{set}\n"), &[]).unwrap_err());
+            assert!(err.contains(phrase), "{set}: {err}");
         }
     }
 }

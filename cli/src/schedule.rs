@@ -203,12 +203,27 @@ fn count_key_rotation(name: &'static str, ok: bool) {
     metrics::counter!("pitr_scheduled_runs_total", "job" => name, "result" => result).increment(1);
 }
 
-/// Runs `run` on `cron` until `shutdown`. Runs never overlap (each is awaited); ticks that pass
-/// during a run are counted as skipped. `catch_up`: `Some(last)` makes a run missed since `last`
-/// (or any run, if there was none) happen once at start-up.
+/// Runs `run` on `cron` (UTC) until `shutdown`; see [`run_on_occurrences`].
 pub async fn run_on_schedule<F, Fut>(
     name: &'static str,
     cron: &croner::Cron,
+    catch_up: Option<Option<DateTime<Utc>>>,
+    shutdown: watch::Receiver<bool>,
+    run: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    run_on_occurrences(name, &|t| next_after(cron, t), catch_up, shutdown, run).await
+}
+
+/// Runs `run` at the occurrences `next` gives (the first one strictly after a moment) until
+/// `shutdown`. Runs never overlap (each is awaited); occurrences that pass during a run are
+/// counted as skipped. `catch_up`: `Some(last)` makes a run missed since `last` (or any run, if
+/// there was none) happen once at start-up.
+pub async fn run_on_occurrences<F, Fut>(
+    name: &'static str,
+    next_after: &(dyn Fn(DateTime<Utc>) -> Option<DateTime<Utc>> + Send + Sync),
     catch_up: Option<Option<DateTime<Utc>>>,
     mut shutdown: watch::Receiver<bool>,
     mut run: F,
@@ -218,7 +233,7 @@ pub async fn run_on_schedule<F, Fut>(
 {
     if let Some(last) = catch_up {
         let due = match last {
-            Some(last) => next_after(cron, last).is_some_and(|t| t <= Utc::now()),
+            Some(last) => next_after(last).is_some_and(|t| t <= Utc::now()),
             None => true,
         };
         if due {
@@ -231,7 +246,7 @@ pub async fn run_on_schedule<F, Fut>(
         }
     }
     loop {
-        let Some(next) = next_after(cron, Utc::now()) else {
+        let Some(next) = next_after(Utc::now()) else {
             tracing::warn!(job = name, "the schedule has no next occurrence; job stopped");
             return;
         };
@@ -244,7 +259,7 @@ pub async fn run_on_schedule<F, Fut>(
         run().await;
         let mut skipped = 0u64;
         let mut t = started;
-        while let Some(n) = next_after(cron, t) {
+        while let Some(n) = next_after(t) {
             if n > Utc::now() {
                 break;
             }
@@ -477,11 +492,7 @@ pub fn spawn_mongo_jobs(
     }
     if config.postgres.is_none() {
         // Beside PostgreSQL, the PostgreSQL jobs ([`jobs`]) look after the key already.
-        let after = config.schedule.key_rotation()?;
-        let (repo, shutdown) = (repo.clone(), shutdown.clone());
-        handles.push(tokio::spawn(async move {
-            run_every(key_check_interval(after), shutdown, || check_key_age("key_rotation", &repo, after)).await;
-        }));
+        handles.push(spawn_key_age_job(config, repo.clone(), shutdown.clone())?);
     }
     handles.push(tokio::spawn(crate::sidecar::feed_mongo_catalog_gauges(
         config_path.to_path_buf(),
@@ -489,6 +500,19 @@ pub fn spawn_mongo_jobs(
         Duration::from_secs(60),
     )));
     Ok(handles)
+}
+
+/// The key age check and rotation (`[schedule] key_rotation`) of a sidecar without `[postgres]`
+/// (whose jobs include it otherwise).
+pub fn spawn_key_age_job(
+    config: &Config,
+    repo: Repository,
+    shutdown: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let after = config.schedule.key_rotation()?;
+    Ok(tokio::spawn(async move {
+        run_every(key_check_interval(after), shutdown, || check_key_age("key_rotation", &repo, after)).await;
+    }))
 }
 
 async fn newest_snapshot_start(path: &Path, repo: &Repository) -> Option<chrono::DateTime<chrono::Utc>> {
@@ -564,6 +588,448 @@ async fn run_mongo_job(job: MongoJob, path: &Path, repo: &Repository) {
     }
 }
 
+/// What a scheduled job of a `[[files]]` or `[[dumps]]` set does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetJobKind {
+    /// `pitr backup --source files --set NAME` (`[[files]] full`).
+    FilesFull,
+    /// `pitr backup --source files --set NAME --incremental` (`[[files]] incremental`).
+    FilesIncremental,
+    /// `pitr dump --set NAME` (`[[dumps]] schedule`, in the set's `time_zone`).
+    Dump,
+}
+
+impl SetJobKind {
+    /// The job's name in logs and in `pitr_scheduled_runs_total{job}` (the set is the `set` label).
+    pub fn name(self) -> &'static str {
+        match self {
+            SetJobKind::FilesFull => "files_full",
+            SetJobKind::FilesIncremental => "files_incremental",
+            SetJobKind::Dump => "dump",
+        }
+    }
+
+    /// The `source` label of the set's backup metrics.
+    pub fn source(self) -> &'static str {
+        match self {
+            SetJobKind::FilesFull | SetJobKind::FilesIncremental => "files",
+            SetJobKind::Dump => "dump",
+        }
+    }
+
+    /// The `backup_type` label of the set's backup metrics.
+    pub fn backup_type(self) -> &'static str {
+        match self {
+            SetJobKind::FilesFull | SetJobKind::Dump => "full",
+            SetJobKind::FilesIncremental => "incremental",
+        }
+    }
+
+    /// Full backups and dumps missed while the sidecar was down run once at start-up, as the
+    /// database's full backup does; a missed incremental is not worth one (the next comes soon,
+    /// and the full catch-up covers the changes).
+    fn catches_up(self) -> bool {
+        self != SetJobKind::FilesIncremental
+    }
+}
+
+/// The first occurrence of a schedule strictly after a moment (`None`: no more).
+pub type NextRun = Arc<dyn Fn(DateTime<Utc>) -> Option<DateTime<Utc>> + Send + Sync>;
+
+/// One scheduled job of a set.
+pub struct SetJob {
+    /// What it does.
+    pub kind: SetJobKind,
+    /// The `[[files]]` or `[[dumps]]` name.
+    pub set: String,
+    /// When it runs.
+    pub next: NextRun,
+}
+
+/// A cron expression evaluated in UTC, as a [`NextRun`].
+pub fn utc_cron(cron: croner::Cron) -> NextRun {
+    Arc::new(move |t| next_after(&cron, t))
+}
+
+/// The longest gap between two consecutive runs of `next` over the year after `from` (or its
+/// first 1000 runs): what `pitr_backup_expected_interval_seconds` exports. `None` for a schedule
+/// with fewer than two runs ahead.
+pub fn longest_gap(
+    next: &(dyn Fn(DateTime<Utc>) -> Option<DateTime<Utc>> + Send + Sync),
+    from: DateTime<Utc>,
+) -> Option<Duration> {
+    let horizon = from + chrono::Duration::days(366);
+    let mut previous = next(from)?;
+    let mut longest: Option<Duration> = None;
+    for _ in 0..1000 {
+        let Some(t) = next(previous) else { break };
+        let gap = (t - previous).to_std().unwrap_or(Duration::ZERO);
+        longest = Some(longest.map_or(gap, |l| l.max(gap)));
+        if t > horizon {
+            break;
+        }
+        previous = t;
+    }
+    longest
+}
+
+/// The jobs of the `[[files]]` and `[[dumps]]` sets (empty schedules are off).
+pub fn set_jobs(config: &Config) -> Result<Vec<SetJob>> {
+    let mut out = Vec::new();
+    for f in &config.files {
+        for (kind, incremental) in [(SetJobKind::FilesFull, false), (SetJobKind::FilesIncremental, true)] {
+            if let Some(cron) = f.cron(incremental)? {
+                out.push(SetJob { kind, set: f.name.clone(), next: utc_cron(cron) });
+            }
+        }
+    }
+    for d in &config.dumps {
+        if d.schedule.trim().is_empty() {
+            continue;
+        }
+        let dump = crate::config::DumpConfig {
+            name: d.name.clone(),
+            conninfo: String::new(),
+            schedule: d.schedule.clone(),
+            time_zone: d.time_zone.clone(),
+            keep_days: d.keep_days,
+        };
+        out.push(SetJob {
+            kind: SetJobKind::Dump,
+            set: d.name.clone(),
+            next: Arc::new(move |t| dump.next_run_after(t)),
+        });
+    }
+    Ok(out)
+}
+
+/// Spawns the jobs of the `[[files]]` and `[[dumps]]` sets. They need no database connection, so
+/// they start at once, beside PostgreSQL, MongoDB or alone. Runs of one set never overlap (a full
+/// and an incremental of the same set take turns), runs of different sets may. Each job exports
+/// `pitr_backup_expected_interval_seconds{source,set,backup_type}` for the BackupOverdue alert.
+pub fn spawn_set_jobs(
+    jobs: Vec<SetJob>,
+    config_path: &Path,
+    repo: Repository,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut locks: std::collections::BTreeMap<(&'static str, String), Arc<tokio::sync::Mutex<()>>> = Default::default();
+    let mut handles = Vec::new();
+    for job in jobs {
+        let lock = locks.entry((job.kind.source(), job.set.clone())).or_default().clone();
+        let labels = [
+            ("source", job.kind.source().to_string()),
+            ("set", job.set.clone()),
+            ("backup_type", job.kind.backup_type().to_string()),
+        ];
+        if let Some(gap) = longest_gap(job.next.as_ref(), Utc::now()) {
+            gauge!("pitr_backup_expected_interval_seconds", &labels).set(gap.as_secs_f64());
+        }
+        let (repo, path, shutdown) = (repo.clone(), config_path.to_path_buf(), shutdown.clone());
+        handles.push(tokio::spawn(async move {
+            let newest = newest_set_backup(&repo, job.kind, &job.set).await;
+            let catch_up = job.kind.catches_up().then(|| newest.map(|(start, _)| start));
+            let (set, path, lock) = (job.set.as_str(), path.as_path(), lock.as_ref());
+            run_on_occurrences(job.kind.name(), job.next.as_ref(), catch_up, shutdown, || {
+                run_set_job(job.kind, set, path, lock)
+            })
+            .await;
+        }));
+    }
+    handles
+}
+
+/// The newest backup of `set` of the job's kind, as (start, stop), and its completion time
+/// exported as `pitr_last_backup_timestamp_seconds` (so that BackupOverdue sees the set after a
+/// restart of the sidecar, before its next run). `None` when there is none or the repository
+/// cannot say: the catch-up then runs (a backup is never skipped for want of an answer).
+async fn newest_set_backup(repo: &Repository, kind: SetJobKind, set: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    let found = match kind {
+        SetJobKind::Dump => newest_dump(repo, set).await,
+        SetJobKind::FilesFull => newest_tree(repo, set, pitr_files::tree::TreeKind::Full).await,
+        SetJobKind::FilesIncremental => newest_tree(repo, set, pitr_files::tree::TreeKind::Incremental).await,
+    };
+    let (start_us, stop_us) = match found {
+        Ok(Some(times)) => times,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(job = kind.name(), set, error = %e, "could not find the set's newest backup in the repository");
+            return None;
+        }
+    };
+    let labels = [
+        ("backup_type", kind.backup_type().to_string()),
+        ("source", kind.source().to_string()),
+        ("set", set.to_string()),
+    ];
+    gauge!("pitr_last_backup_timestamp_seconds", &labels).set(stop_us as f64 / 1e6);
+    Some((DateTime::from_timestamp_micros(start_us)?, DateTime::from_timestamp_micros(stop_us)?))
+}
+
+/// Manifest ids of `prefix`, newest first (ids are start times, `YYYYMMDDTHHMMSSZ`, so they sort
+/// by time).
+async fn ids_newest_first(
+    repo: &Repository,
+    prefix: &str,
+    parse: fn(&str) -> Option<(&str, &str)>,
+) -> Result<Vec<String>, pitr_archive::RepositoryError> {
+    let mut ids: Vec<String> =
+        repo.list(prefix).await?.iter().filter_map(|o| parse(&o.name).map(|(_, id)| id.to_string())).collect();
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(ids)
+}
+
+/// (start, stop) in µs of the newest dump of `set` that opens.
+async fn newest_dump(repo: &Repository, set: &str) -> Result<Option<(i64, i64)>, pitr_files::FilesError> {
+    let names = pitr_archive::names::files::dumps_prefix(set);
+    for id in ids_newest_first(repo, &names, pitr_archive::names::files::parse_dump_manifest).await? {
+        match pitr_files::DumpManifest::load(repo, set, &id).await {
+            Ok(m) => return Ok(Some((m.start_time_us, m.stop_time_us))),
+            // A damaged or planted manifest is no dump; verify reports it.
+            Err(pitr_files::FilesError::Repository(e)) if e.is_bad_object() => continue,
+            Err(pitr_files::FilesError::Repository(pitr_archive::RepositoryError::Store(e))) if e.is_not_found() => {
+                continue
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// (start, stop) in µs of the newest backup of file set `set` of `kind` that opens. Manifests are
+/// opened newest first until one of that kind turns up (a day of hourly incrementals before a
+/// full), not all of them: each lists the whole tree.
+async fn newest_tree(
+    repo: &Repository,
+    set: &str,
+    kind: pitr_files::tree::TreeKind,
+) -> Result<Option<(i64, i64)>, pitr_files::FilesError> {
+    let names = pitr_archive::names::files::sets_prefix(set);
+    for id in ids_newest_first(repo, &names, pitr_archive::names::files::parse_tree_manifest).await? {
+        match pitr_files::tree::TreeManifest::load(repo, set, &id).await {
+            Ok(m) if m.kind == kind => return Ok(Some((m.start_time_us, m.stop_time_us))),
+            Ok(_) => continue,
+            Err(pitr_files::FilesError::Repository(e)) if e.is_bad_object() => continue,
+            Err(pitr_files::FilesError::Repository(pitr_archive::RepositoryError::Store(e))) if e.is_not_found() => {
+                continue
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// One run of a set's job: the config read again (as the command would read it), the backup or
+/// dump (which sets the set's `backup_success`, size and time), logged and counted.
+async fn run_set_job(kind: SetJobKind, set: &str, config_path: &Path, lock: &tokio::sync::Mutex<()>) {
+    let _turn = lock.lock().await;
+    let name = kind.name();
+    tracing::info!(job = name, set, event = "start", "scheduled {} of set {set} starting", describe_set_job(kind));
+    let result = async {
+        let config = Config::load(config_path)?;
+        match kind {
+            SetJobKind::FilesFull | SetJobKind::FilesIncremental => {
+                let incremental = kind == SetJobKind::FilesIncremental;
+                crate::cmd::files::backup_set(&config, set, incremental).await.map(|s| s.to_string())
+            }
+            SetJobKind::Dump => crate::cmd::dump::dump_set(&config, set).await.map(|s| s.to_string()),
+        }
+    }
+    .await;
+    let ok = match result {
+        Ok(summary) => {
+            tracing::info!(
+                job = name,
+                set,
+                event = "end",
+                result = "success",
+                "scheduled {} of set {set} done: {summary}",
+                describe_set_job(kind)
+            );
+            true
+        }
+        Err(e) => {
+            // backup_set and dump_set set it too; not when the config could not be read.
+            let labels = [
+                ("backup_type", kind.backup_type().to_string()),
+                ("source", kind.source().to_string()),
+                ("set", set.to_string()),
+            ];
+            gauge!("backup_success", &labels).set(0.0);
+            tracing::error!(job = name, set, event = "end", result = "failure", error = %format!("{e:#}"),
+                "scheduled {} of set {set} failed", describe_set_job(kind));
+            false
+        }
+    };
+    let result = if ok { "success" } else { "failure" };
+    metrics::counter!("pitr_scheduled_runs_total", "job" => name, "set" => set.to_string(), "result" => result)
+        .increment(1);
+}
+
+/// The sidecar's other jobs around file sets and dumps: their verification on `[schedule] verify`
+/// (job `files_verify`: every `[[files]]` set checked against the live tree, as
+/// `pitr verify --source files --live`, and every dump's blocks, as `pitr verify --source dump`;
+/// sets `pitr_files_verify_mismatches` and `pitr_files_missing_objects`), and the weekly
+/// partial-restore drill on `[schedule] partial_drill` (job `partial_drill`, with `[postgres]` or
+/// `[[files]]`; exported as `pitr_drill_*{drill="partial"}`). Neither needs a database
+/// connection.
+pub fn spawn_files_jobs(
+    config: &Config,
+    config_path: &Path,
+    repo: Repository,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut handles = Vec::new();
+    if !(config.files.is_empty() && config.dumps.is_empty()) {
+        if let Some(cron) = parse_cron("verify", &config.schedule.verify)? {
+            let (path, repo, shutdown) = (config_path.to_path_buf(), repo.clone(), shutdown.clone());
+            handles.push(tokio::spawn(async move {
+                let (path, repo) = (&path, &repo);
+                run_on_schedule("files_verify", &cron, None, shutdown, || run_files_verify(path, repo)).await;
+            }));
+        }
+    }
+    if config.postgres.is_some() || !config.files.is_empty() {
+        if let Some(cron) = parse_cron("partial_drill", &config.schedule.partial_drill)? {
+            let path = config_path.to_path_buf();
+            handles.push(tokio::spawn(async move {
+                let path = &path;
+                run_on_schedule("partial_drill", &cron, None, shutdown, || async move {
+                    tracing::info!(job = "partial_drill", event = "start", "scheduled partial-restore drill starting");
+                    let report = crate::partial::scheduled(path).await;
+                    let result = report.as_ref().map_err(|e| format!("{e:#}"));
+                    pitr_drill::scheduled_drill_ended("partial_drill", pitr_drill::Source::Partial, result);
+                })
+                .await;
+            }));
+        }
+    }
+    Ok(handles)
+}
+
+/// One `files_verify` run: file sets, then dumps; logged and counted.
+async fn run_files_verify(config_path: &Path, repo: &Repository) {
+    const NAME: &str = "files_verify";
+    tracing::info!(job = NAME, event = "start", "scheduled verification of file sets and dumps starting");
+    let result = async {
+        let config = Config::load(config_path)?;
+        let mut findings = 0usize;
+        if !config.files.is_empty() {
+            findings += verify_file_sets(config_path).await?;
+        }
+        if !config.dumps.is_empty() {
+            let r = pitr_files::dump::verify(repo, None).await?;
+            for (set, missing) in &r.missing_blocks {
+                gauge!("pitr_files_missing_objects", "source" => "dump", "set" => set.clone()).set(*missing as f64);
+            }
+            for f in &r.findings {
+                tracing::error!(job = NAME, set = f.set.as_deref().unwrap_or("-"), object = %f.object, "dump verify finding: {}", f.message);
+            }
+            findings += r.findings.len();
+        }
+        anyhow::Ok(findings)
+    }
+    .await;
+    let ok = match result {
+        Ok(findings) => {
+            tracing::info!(
+                job = NAME,
+                event = "end",
+                result = if findings == 0 { "success" } else { "failure" },
+                findings,
+                "scheduled verification of file sets and dumps done"
+            );
+            findings == 0
+        }
+        Err(e) => {
+            tracing::error!(job = NAME, event = "end", result = "failure", error = %format!("{e:#}"),
+                "scheduled verification of file sets and dumps failed");
+            false
+        }
+    };
+    metrics::counter!("pitr_scheduled_runs_total", "job" => NAME, "result" => if ok { "success" } else { "failure" })
+        .increment(1);
+}
+
+/// Runs `pitr verify --source files --live --json` (this binary, this config) and exports its
+/// per-set results as `pitr_files_verify_mismatches{set}` and
+/// `pitr_files_missing_objects{source="files",set}`; returns the findings: repository findings
+/// and files corrupt in the live tree. A child process, because the command is what prints the
+/// report: its JSON is the contract, and the sidecar's output stays its log.
+async fn verify_file_sets(config_path: &Path) -> Result<usize> {
+    use anyhow::Context;
+    let exe = std::env::current_exe().context("locating the pitr binary for the file sets' verification")?;
+    let out = tokio::process::Command::new(&exe)
+        .arg("--config")
+        .arg(config_path)
+        .args(["verify", "--source", "files", "--live", "--json"])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {} verify --source files --live", exe.display()))?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        anyhow::anyhow!(
+            "pitr verify --source files --live ({}) printed no report ({e}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })?;
+    let mut corrupt = 0usize;
+    for s in report["sets"].as_array().into_iter().flatten() {
+        let Some(set) = s["set"].as_str() else { continue };
+        let mismatches = s["mismatches"].as_u64().unwrap_or(0);
+        let missing = s["missing_blocks"].as_u64().unwrap_or(0);
+        gauge!("pitr_files_verify_mismatches", "set" => set.to_string()).set(mismatches as f64);
+        gauge!("pitr_files_missing_objects", "source" => "files", "set" => set.to_string()).set(missing as f64);
+        let live = &s["live"];
+        let count = |k: &str| live[k].as_array().map_or(0, Vec::len);
+        for c in live["corrupt"].as_array().into_iter().flatten() {
+            tracing::error!(
+                job = "files_verify",
+                set,
+                path = c["path"].as_str().unwrap_or("?"),
+                "content differs from the newest backup although size and mtime are the same: {}",
+                c["what"].as_str().unwrap_or("")
+            );
+        }
+        corrupt += count("corrupt");
+        tracing::info!(
+            job = "files_verify",
+            set,
+            backup = live["backup"].as_str().unwrap_or("-"),
+            mismatches,
+            missing_blocks = missing,
+            added = count("added"),
+            removed = count("removed"),
+            modified = count("modified"),
+            metadata = count("metadata"),
+            corrupt = count("corrupt"),
+            "file set verified against the live tree"
+        );
+    }
+    let findings = report["findings"].as_array().map_or(0, Vec::len);
+    for f in report["findings"].as_array().into_iter().flatten() {
+        tracing::error!(
+            job = "files_verify",
+            set = f["set"].as_str().unwrap_or("-"),
+            kind = f["kind"].as_str().unwrap_or("-"),
+            object = f["object"].as_str().unwrap_or("-"),
+            "file set verify finding: {}",
+            f["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(findings + corrupt)
+}
+
+fn describe_set_job(kind: SetJobKind) -> &'static str {
+    match kind {
+        SetJobKind::FilesFull => "full backup",
+        SetJobKind::FilesIncremental => "incremental backup",
+        SetJobKind::Dump => "dump",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,6 +1048,56 @@ mod tests {
         let key =
             all.iter().find(|j| j.name == "key_rotation").expect("the key age is checked even when rotation is off");
         assert_eq!(key.kind, JobKind::KeyRotation { after: None });
+    }
+
+    #[test]
+    fn the_expected_interval_is_the_longest_gap_of_a_schedule() {
+        let t = DateTime::from_timestamp(1_795_615_380, 0).unwrap();
+        let gap = |expr: &str| longest_gap(utc_cron(parse_cron("x", expr).unwrap().unwrap()).as_ref(), t);
+        assert_eq!(gap("*/3 * * * * *"), Some(Duration::from_secs(3)));
+        assert_eq!(gap("0 0 * * * *"), Some(Duration::from_secs(3600)));
+        assert_eq!(gap("0 0 2 * * *"), Some(Duration::from_secs(86_400)));
+        // Sundays only; the 1st of each month: the longest month.
+        assert_eq!(gap("0 6 * * 0"), Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(gap("0 4 1 * *"), Some(Duration::from_secs(31 * 86_400)));
+        // Two runs an hour apart each day: the night between them counts.
+        assert_eq!(gap("0 1,2 * * *"), Some(Duration::from_secs(23 * 3600)));
+    }
+
+    #[test]
+    fn file_sets_and_dumps_get_their_jobs_and_zones() {
+        let c = crate::config::Config::parse(
+            "[repository]\npath = \"/r\"\n[encryption]\nkey_file = \"/k\"\n\
+             [[files]]\nname = \"uploads\"\npath = \"/srv/uploads\"\n\
+             [[files]]\nname = \"config\"\npath = \"/etc/app\"\nfull = \"0 3 * * *\"\nincremental = \"\"\n\
+             [[dumps]]\nname = \"devdb\"\nconninfo = \"host=/tmp dbname=dev\"\ntime_zone = \"+02:00\"\n\
+             [[dumps]]\nname = \"off\"\nconninfo = \"host=/tmp dbname=dev\"\nschedule = \"\"\n",
+            &[],
+        )
+        .unwrap();
+        let jobs = set_jobs(&c).unwrap();
+        let kinds: Vec<(SetJobKind, &str)> = jobs.iter().map(|j| (j.kind, j.set.as_str())).collect();
+        assert_eq!(
+            kinds,
+            [
+                (SetJobKind::FilesFull, "uploads"),
+                (SetJobKind::FilesIncremental, "uploads"),
+                (SetJobKind::FilesFull, "config"),
+                (SetJobKind::Dump, "devdb"),
+            ]
+        );
+        // The dump runs daily at 01:00 in +02:00, i.e. 23:00 UTC.
+        let t = DateTime::from_timestamp(1_795_615_380, 0).unwrap();
+        let next = (jobs[3].next)(t).unwrap();
+        assert_eq!(next.to_rfc3339(), "2026-11-25T23:00:00+00:00");
+        assert_eq!(longest_gap(jobs[3].next.as_ref(), t), Some(Duration::from_secs(86_400)));
+        assert_eq!((jobs[0].next)(t).unwrap().to_rfc3339(), "2026-11-26T02:00:00+00:00", "the default full: 02:00 UTC");
+        let labels: Vec<(&str, &str, &str)> =
+            jobs.iter().map(|j| (j.kind.name(), j.kind.source(), j.kind.backup_type())).collect();
+        assert_eq!(labels[1], ("files_incremental", "files", "incremental"));
+        assert_eq!(labels[3], ("dump", "dump", "full"));
+        assert!(SetJobKind::FilesFull.catches_up() && SetJobKind::Dump.catches_up());
+        assert!(!SetJobKind::FilesIncremental.catches_up());
     }
 
     #[test]

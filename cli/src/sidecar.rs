@@ -143,6 +143,23 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
         "pitr_key_access_errors_total",
         "Failures to reach or use a key source or the key records, by operation (each failed put is retried)"
     );
+    describe_gauge!(
+        "pitr_files_changed_during_backup",
+        "Files of a file set that kept changing while its last backup read them"
+    );
+    describe_gauge!(
+        "pitr_files_verify_mismatches",
+        "From the last verification of a file set: files differing from the newest backup with size and mtime unchanged, plus set objects missing or not opening"
+    );
+    describe_gauge!(
+        "pitr_files_missing_objects",
+        "Blocks referenced by kept manifests of a file set or dump that the repository lacks"
+    );
+    describe_gauge!(
+        "pitr_backup_expected_interval_seconds",
+        Unit::Seconds,
+        "Longest gap the schedule of a file set's or dump's backups leaves between two runs (BackupOverdue alerts at twice it)"
+    );
     describe_gauge!("pitr_up", "1 while pitr stream runs");
     gauge!("pitr_up").set(1.0);
     Ok(handle)
@@ -160,11 +177,13 @@ fn health(status: &StreamStatus, rpo_seconds: f64) -> (bool, String) {
     (true, format!("ok: streaming, archive lag {:.3} s\n", status.lag_seconds))
 }
 
-/// Binds now (so a bad address fails at start-up), serves until `shutdown`.
+/// Binds now (so a bad address fails at start-up), serves until `shutdown`. `status`: the
+/// stream /healthz judges; `None` for a sidecar of file sets and dumps alone, healthy while it
+/// runs (its jobs' results are metrics).
 pub async fn serve(
     listen: SocketAddr,
     handle: PrometheusHandle,
-    status: watch::Receiver<StreamStatus>,
+    status: Option<watch::Receiver<StreamStatus>>,
     rpo_seconds: f64,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>> {
@@ -185,7 +204,12 @@ pub async fn serve(
                         .header("content-type", "text/plain; version=0.0.4")
                         .body(Full::new(Bytes::from(handle.render()))),
                     "/healthz" => {
-                        let (ok, text) = health(&status.borrow(), rpo_seconds);
+                        let (ok, text) = match &status {
+                            Some(status) => health(&status.borrow(), rpo_seconds),
+                            None => {
+                                (true, "ok: no database stream in this sidecar (file sets and dumps only)\n".into())
+                            }
+                        };
                         Response::builder()
                             .status(if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
                             .body(Full::new(Bytes::from(text)))

@@ -15,6 +15,9 @@ pub enum Source {
     Postgres,
     /// A MongoDB replica set.
     Mongo,
+    /// The weekly partial-restore drill (`pitr drill --partial`): a table, a collection or a file
+    /// set's files restored on their own, whichever the config has.
+    Partial,
 }
 
 impl Source {
@@ -23,6 +26,7 @@ impl Source {
         match self {
             Source::Postgres => "postgres",
             Source::Mongo => "mongo",
+            Source::Partial => "partial",
         }
     }
 }

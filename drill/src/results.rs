@@ -84,12 +84,15 @@ pub async fn record_latest(repo: &Repository, subject: &Subject) -> Result<(), R
 
 /// Sets `pitr_drill_success`, `pitr_drill_rto_seconds` and `pitr_drill_rpo_seconds` from the
 /// newest drill of `source`; `None` is a drill that could not run, a failure. PostgreSQL's
-/// gauges carry no label, MongoDB's `source="mongo"`.
+/// gauges carry no label, MongoDB's `source="mongo"`, the weekly partial-restore drill's
+/// `drill="partial"` (so that the monthly drills' series keep their meaning).
 pub fn record_gauges(source: Source, report: Option<&DrillReport>) {
     let mongo = [("source", Source::Mongo.as_str().to_string())];
+    let partial = [("drill", Source::Partial.as_str().to_string())];
     let labels: &[(&'static str, String)] = match source {
         Source::Postgres => &[],
         Source::Mongo => &mongo,
+        Source::Partial => &partial,
     };
     let outcome = report.map_or(Outcome::Fail, |r| r.outcome);
     metrics::gauge!("pitr_drill_success", labels).set(if outcome.is_pass() { 1.0 } else { 0.0 });
@@ -108,6 +111,7 @@ pub fn scheduled_drill_ended(job: &'static str, source: Source, result: Result<&
     let database = match source {
         Source::Postgres => "",
         Source::Mongo => "MongoDB ",
+        Source::Partial => "partial-restore ",
     };
     let success = match result {
         Ok(r) => {

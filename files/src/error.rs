@@ -25,6 +25,22 @@ pub enum FilesError {
         /// What is wrong with it.
         what: String,
     },
+    /// `pg_dump` or `pg_restore` could not be run or failed; `what` ends with the end of its stderr.
+    #[error("{program}: {what}")]
+    Program {
+        /// The program.
+        program: String,
+        /// What happened.
+        what: String,
+    },
+    /// Connecting to a database or a query failed (`server`: the conninfo without its password).
+    #[error("database {server}: {cause}")]
+    Database {
+        /// The conninfo, redacted.
+        server: String,
+        /// Why (in the message itself, not a `source`: said once).
+        cause: pitr_pgwire::PgError,
+    },
     /// Anything else, said in full.
     #[error("{0}")]
     Other(String),

@@ -81,7 +81,7 @@ impl PitrEnv {
         let text = format!(
             "[repository]\npath = {:?}\n[encryption]\nkey_file = {:?}\n[postgres]\nconninfo = {:?}\nbin_dir = {:?}\n\
              [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
-             [schedule]\nfull_backup = \"\"\nincremental = \"\"\nverify = \"\"\ndrill = \"\"\nexpire = \"\"\n\
+             [schedule]\nfull_backup = \"\"\nincremental = \"\"\nverify = \"\"\ndrill = \"\"\nexpire = \"\"\npartial_drill = \"\"\n\
              [stream]\nstatus_file = {:?}\nstatus_interval = \"1s\"\n{stream_extra}\n",
             repo.display().to_string(),
             key_file.display().to_string(),

@@ -25,6 +25,9 @@ const ALERT_NAMES: &[&str] = &[
     "PitrLeaseUnconfirmed",
     "EncryptionKeyTooOld",
     "EncryptionKeyAccessFailure",
+    "FileChecksumMismatch",
+    "BackupFilesMissing",
+    "BackupOverdue",
 ];
 
 /// The seed runbook's rules, which users already run: they must stay exactly as they are.

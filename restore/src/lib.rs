@@ -8,14 +8,17 @@
 //! ([`pg_bin`]: those of the major version the archive recorded), recovery settings, running
 //! the server to the target and measuring what was achieved ([`recover`]), `wal-fetch`
 //! ([`walfetch`]), which PostgreSQL calls as its restore_command, the archive check of
-//! `pitr verify` ([`verify`]), and PostgreSQL's steps of a restore drill ([`drill`]: a scratch
-//! server, its checks).
+//! `pitr verify` ([`verify`]), PostgreSQL's steps of a restore drill ([`drill`]: a scratch
+//! server, its checks), and one table copied from a scratch server at a moment into a running
+//! database ([`table`]), which the weekly partial-restore drill uses to restore a random table and
+//! prove the copy equal ([`partial`]).
 //!
 //! It does not own the drill's skeleton, judgement and report (`pitr_drill`, whose skeleton
 //! runs [`drill`]'s steps), object names (`pitr_archive::names`), the formatting and parsing of
 //! times (`pitr_archive::time`, re-exported by [`target`]), nor the WAL, timeline-history and
 //! incremental-file formats it decodes (`pitr_pgformat`). It never speaks the replication
-//! protocol: the only server it talks to is the one it restored, over `tokio_postgres`.
+//! protocol: the servers it talks to are the one it restored (over `tokio_postgres`) and the
+//! database a table is copied into ([`table`]: SQL over `pitr_pgwire`'s client, for its TLS).
 //!
 //! It writes nothing to the archive but the running marker a restore or drill holds so that
 //! `pitr expire` keeps what it reads ([`recover`], [`pitr_archive::running`]); where the
@@ -28,9 +31,11 @@ pub mod combine;
 pub mod continuity;
 pub mod drill;
 pub mod materialize;
+pub mod partial;
 pub mod pg_bin;
 pub mod plan;
 pub mod recover;
+pub mod table;
 pub mod target;
 pub mod verify;
 pub mod walfetch;

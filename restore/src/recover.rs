@@ -286,6 +286,35 @@ pub(crate) async fn restore_marked(
     marker: Option<&RunMarker>,
     started: Instant,
 ) -> Result<RestoreReport, RestoreError> {
+    restore_marked_as(repo, catalog, opts, progress, marker, started, &ServerLaunch::default()).await
+}
+
+/// How `--start` runs the restored server besides its port and socket directory.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerLaunch {
+    /// `listen_addresses`: `localhost` for an operator's restore; empty (the Unix socket alone)
+    /// for a scratch server nobody else is to reach.
+    pub listen_addresses: String,
+    /// More `-c name=value` settings, each already quoted for the shell pg_ctl runs.
+    pub settings: Vec<String>,
+}
+
+impl Default for ServerLaunch {
+    fn default() -> Self {
+        ServerLaunch { listen_addresses: "localhost".into(), settings: Vec::new() }
+    }
+}
+
+/// [`restore_marked`], starting the server as `launch` says.
+pub(crate) async fn restore_marked_as(
+    repo: &Repository,
+    catalog: &Catalog,
+    opts: &RestoreOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    marker: Option<&RunMarker>,
+    started: Instant,
+    launch: &ServerLaunch,
+) -> Result<RestoreReport, RestoreError> {
     let backup = match &opts.backup_id {
         Some(id) => catalog.named_backup(id, opts.target)?,
         None => catalog.choose_backup(opts.target)?,
@@ -353,7 +382,7 @@ pub(crate) async fn restore_marked(
     let Some(start) = &opts.start else { return Ok(report) };
 
     let replay_started = Instant::now();
-    let (commit_us, lsn) = run_to_target(&opts.target_dir, start).await?;
+    let (commit_us, lsn) = run_to_target(&opts.target_dir, start, launch).await?;
     // Segments prefetched beyond the target are of no use once the server has promoted.
     let _ = std::fs::remove_dir_all(opts.target_dir.join("pg_wal").join(crate::walfetch::SPOOL_DIR));
     report.started = true;
@@ -388,11 +417,22 @@ pub(crate) async fn restore_marked(
 
 /// Starts the server on the restored directory and waits until recovery has ended (the server
 /// promoted). Returns the last replayed commit time and replay LSN.
-async fn run_to_target(dir: &Path, start: &StartOptions) -> Result<(Option<i64>, u64), RestoreError> {
+async fn run_to_target(
+    dir: &Path,
+    start: &StartOptions,
+    launch: &ServerLaunch,
+) -> Result<(Option<i64>, u64), RestoreError> {
     let dir = std::fs::canonicalize(dir).map_err(|e| RestoreError::Io { path: dir.to_path_buf(), cause: e })?;
     let log = dir.join("pitr-restore-server.log");
     let socket_dir = dir.display().to_string();
-    let options = format!("-p {} -c listen_addresses=localhost -c unix_socket_directories='{socket_dir}'", start.port);
+    let mut options = format!(
+        "-p {} -c listen_addresses='{}' -c unix_socket_directories='{socket_dir}'",
+        start.port, launch.listen_addresses
+    );
+    for setting in &launch.settings {
+        options.push_str(" -c ");
+        options.push_str(setting);
+    }
     let out = Command::new(start.bin_dir.join("pg_ctl"))
         .arg("-D")
         .arg(&dir)

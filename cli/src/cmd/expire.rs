@@ -12,6 +12,20 @@ use crate::{open, output, tasks};
 pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
     let config = Config::load(config_path)?;
     let repo = open::writer(&config)?;
+    // Dumps past their set's keep_days go first: the block sweep after sees their blocks unreferenced.
+    let dumps = super::dump::expire_sets(&config, &repo, dry_run).await?;
+    // File-set retention and the sweep of blocks no file set or dump references.
+    let file_sets = super::files::expire(&config, &repo, dry_run).await?;
+    if config.postgres.is_none() && config.mongo.is_none() {
+        // Only file sets and dumps: there is no cluster to expire.
+        if json {
+            output::print_json(&serde_json::json!({ "dumps": dumps, "file_sets": file_sets }))?;
+        } else {
+            dumps.print(dry_run);
+            super::files::print_expire(&file_sets);
+        }
+        return Ok(());
+    }
     let report = tasks::expire(&config, &repo, dry_run).await?;
     // Retention that could not be extended fails the command, after the report: the deletes are
     // done, but those objects are protected for less long than their backups are kept.
@@ -23,7 +37,12 @@ pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
         )
     };
     if json {
-        output::print_json(&report)?;
+        let mut out = serde_json::to_value(&report)?;
+        if let Some(o) = out.as_object_mut() {
+            o.insert("dumps".into(), serde_json::to_value(&dumps)?);
+            o.insert("file_sets".into(), serde_json::to_value(&file_sets)?);
+        }
+        output::print_json(&out)?;
         return if report.retention_failed.is_empty() { Ok(()) } else { Err(retention_failed()) };
     }
     let r = &config.retention;
@@ -113,6 +132,8 @@ pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
     for x in &report.retention_failed {
         println!("RETENTION NOT EXTENDED {}: {}", x.object, x.why);
     }
+    dumps.print(dry_run);
+    super::files::print_expire(&file_sets);
     println!(
         "{verb} {} backups, {} WAL objects, {} blocks ({} bytes){}",
         report.removed_backups.len(),

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Result;
 use pitr_pgformat::lsn::format_lsn;
 
-use super::mongo;
+use super::{dump, mongo};
 use crate::config::Config;
 use crate::{open, output};
 
@@ -49,6 +49,23 @@ struct ListedRange {
 pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<()> {
     let config = Config::load(config_path)?;
     let repo = open::reader(&config, from)?;
+    let dumps = dump::list_json(&config, &repo).await?;
+    let file_sets = super::files::list_json(&config, &repo).await?;
+    if config.postgres.is_none() && config.mongo.is_none() {
+        // Only file sets and dumps: there is no cluster to list.
+        repo.check().await?;
+        if json {
+            output::print_json(&serde_json::json!({ "dumps": dumps, "file_sets": file_sets }))?;
+        } else {
+            if let Some(d) = &dumps {
+                dump::print_list(d);
+            }
+            if let Some(f) = &file_sets {
+                super::files::print_list(f);
+            }
+        }
+        return Ok(());
+    }
     if config.postgres.is_none() && config.mongo.is_some() {
         return mongo::list_only(&config, &repo, json).await;
     }
@@ -102,6 +119,8 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
             "backups": backups,
             "recoverable_windows": windows,
             "mongo": mongo::list_json(&config, &repo).await?,
+            "dumps": dumps,
+            "file_sets": file_sets,
         });
         output::print_json(&out)?;
         return Ok(());
@@ -161,6 +180,12 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
     }
     if let Some(m) = mongo::list_json(&config, &repo).await? {
         mongo::print_list(&m);
+    }
+    if let Some(d) = &dumps {
+        dump::print_list(d);
+    }
+    if let Some(f) = &file_sets {
+        super::files::print_list(f);
     }
     Ok(())
 }

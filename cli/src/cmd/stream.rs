@@ -25,6 +25,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if config.postgres.is_none() && config.mongo.is_some() {
         return mongo_only(&config, config_path, open::writer(&config)?).await;
     }
+    if config.postgres.is_none() {
+        return sets_only(&config, config_path, open::writer(&config)?).await;
+    }
     let pg = config.postgres()?;
     let conninfo: ConnInfo = pg.connection_info()?;
     let (repo, replicated) = open::writer_with_copies(&config)?;
@@ -68,13 +71,14 @@ pub async fn run(config_path: &Path) -> Result<()> {
 
     // Everything that can fail on bad configuration fails here, before streaming starts.
     let jobs = schedule::jobs(&config.schedule)?;
+    let set_jobs = schedule::set_jobs(&config)?;
     let server = if config.metrics.listen.is_empty() {
         None
     } else {
         let handle = sidecar::install_metrics()?;
         let listen = config.metrics.listen.parse().context("[metrics] listen")?;
         let rpo = config.targets.rpo_seconds;
-        Some(sidecar::serve(listen, handle, status_rx.clone(), rpo, shutdown_rx.clone()).await?)
+        Some(sidecar::serve(listen, handle, Some(status_rx.clone()), rpo, shutdown_rx.clone()).await?)
     };
     tokio::spawn(sidecar::feed_gauges(status_rx.clone()));
     if let (Some(replicated), Some(_)) = (&replicated, &server) {
@@ -90,6 +94,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         stream_status: status_rx.clone(),
     });
     let mut scheduled = schedule::spawn_mongo_jobs(&config, config_path, repo.clone(), shutdown_rx.clone())?;
+    // File sets and dumps need no database connection: they do not wait for the stream's.
+    scheduled.extend(schedule::spawn_set_jobs(set_jobs, config_path, repo.clone(), shutdown_rx.clone()));
+    scheduled.extend(schedule::spawn_files_jobs(&config, config_path, repo.clone(), shutdown_rx.clone())?);
     for job in jobs {
         scheduled.push(tokio::spawn(schedule::run_job(job, ctx.clone(), shutdown_rx.clone())));
     }
@@ -171,9 +178,12 @@ async fn mongo_only(config: &Config, config_path: &Path, repo: Repository) -> Re
     } else {
         let handle = sidecar::install_metrics()?;
         let listen = config.metrics.listen.parse().context("[metrics] listen")?;
-        Some(sidecar::serve(listen, handle, health_rx, config.targets.rpo_seconds, shutdown_rx.clone()).await?)
+        Some(sidecar::serve(listen, handle, Some(health_rx), config.targets.rpo_seconds, shutdown_rx.clone()).await?)
     };
-    let jobs = schedule::spawn_mongo_jobs(config, config_path, repo.clone(), shutdown_rx.clone())?;
+    let set_jobs = schedule::set_jobs(config)?;
+    let mut jobs = schedule::spawn_mongo_jobs(config, config_path, repo.clone(), shutdown_rx.clone())?;
+    jobs.extend(schedule::spawn_set_jobs(set_jobs, config_path, repo.clone(), shutdown_rx.clone()));
+    jobs.extend(schedule::spawn_files_jobs(config, config_path, repo.clone(), shutdown_rx.clone())?);
     tokio::spawn(async move {
         while status_rx.changed().await.is_ok() {
             let s = status_rx.borrow().clone();
@@ -203,6 +213,36 @@ async fn mongo_only(config: &Config, config_path: &Path, repo: Repository) -> Re
     tracing::info!(repository = %repo.location(), server = %pitr_mongo::redact(&m.uri), "pitr stream (MongoDB) starting");
     let result = pitr_mongo::tailer::run(repo, tailer_config(m), status_tx, shutdown_rx).await;
     wind_down(jobs, server, result).await
+}
+
+/// `pitr stream` with neither `[postgres]` nor `[mongo]`: the jobs of the `[[files]]` and
+/// `[[dumps]]` sets, the key age check and /metrics until SIGTERM or SIGINT. /healthz answers 200
+/// while it runs (there is no stream to judge; the jobs' results are metrics).
+async fn sets_only(config: &Config, config_path: &Path, repo: Repository) -> Result<()> {
+    if config.files.is_empty() && config.dumps.is_empty() {
+        anyhow::bail!(
+            "nothing to stream or schedule: the config has no [postgres], [mongo], [[files]] or [[dumps]] section"
+        );
+    }
+    let set_jobs = schedule::set_jobs(config)?;
+    repo.check().await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let server = if config.metrics.listen.is_empty() {
+        None
+    } else {
+        let handle = sidecar::install_metrics()?;
+        let listen = config.metrics.listen.parse().context("[metrics] listen")?;
+        Some(sidecar::serve(listen, handle, None, config.targets.rpo_seconds, shutdown_rx.clone()).await?)
+    };
+    let mut jobs = schedule::spawn_set_jobs(set_jobs, config_path, repo.clone(), shutdown_rx.clone());
+    jobs.extend(schedule::spawn_files_jobs(config, config_path, repo.clone(), shutdown_rx.clone())?);
+    jobs.push(schedule::spawn_key_age_job(config, repo.clone(), shutdown_rx.clone())?);
+    tracing::info!(repository = %repo.location(), file_sets = config.files.len(), dump_sets = config.dumps.len(),
+        "pitr stream (file sets and dumps) starting");
+    wait_for_signal().await;
+    tracing::info!("stopping");
+    let _ = shutdown_tx.send(true);
+    wind_down(jobs, server, Ok::<(), String>(())).await
 }
 
 /// Starts the oplog tailer beside the WAL receiver; the task ends when `shutdown` turns true.

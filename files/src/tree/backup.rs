@@ -1,0 +1,276 @@
+//! Taking a backup of a set: walk, read each file through a block writer, write the manifest last.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pitr_archive::running::{RunKind, RunMarker};
+use pitr_archive::time::format_compact;
+use pitr_archive::{now_us, PutOutcome, RepositoryError};
+use tokio::io::AsyncReadExt;
+use tokio::task::JoinSet;
+
+use super::walk::{self, entry_of, link_target, stamp, Excludes, Found};
+use super::{EntryKind, Skipped, TreeEntry, TreeKind, TreeManifest};
+use crate::{BlockStore, FilesError};
+
+/// Files read at the same time (each with its own block puts in flight): small files cost a
+/// put each, so several at once keep the storage busy.
+const FILES_IN_FLIGHT: usize = 8;
+
+/// Reads of a file that keeps changing before it is kept as it was last read.
+const READS: usize = 3;
+
+/// A `[[files]]` set as a backup needs it.
+#[derive(Debug, Clone)]
+pub struct SetSpec {
+    /// `[[files]] name`.
+    pub name: String,
+    /// `[[files]] path`: a directory or a single file, absolute.
+    pub root: PathBuf,
+    /// `[[files]] exclude`.
+    pub excludes: Excludes,
+}
+
+/// How far a backup is, for a progress bar.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BackupProgress {
+    /// Paths done.
+    pub done: u64,
+    /// Paths found by the walk.
+    pub total: u64,
+    /// Bytes of content done (read, or reused from the parent).
+    pub bytes: u64,
+    /// Bytes of content the walk found.
+    pub total_bytes: u64,
+}
+
+/// Backs up `set` into `store` and returns its manifest, stored. `incremental`: files whose size,
+/// mtime, ctime and inode equal those in the set's newest backup are not read (without a
+/// previous backup this is a full). The run announces itself with a backup marker first, so
+/// expire sweeps no block meanwhile (and none of the parent's blocks this backup reuses).
+pub async fn backup(
+    store: &BlockStore,
+    set: &SetSpec,
+    incremental: bool,
+    progress: &(dyn Fn(BackupProgress) + Sync),
+) -> Result<TreeManifest, FilesError> {
+    let marker = RunMarker::begin(store.repo(), RunKind::Backup).await?;
+    let result = run(store, set, incremental, progress).await;
+    marker.release().await;
+    result
+}
+
+enum Outcome {
+    Entry { entry: TreeEntry, bytes_read: u64, new_blocks: u64, reused_blocks: u64, stored_bytes: u64, changed: bool },
+    Skipped(Skipped),
+}
+
+async fn run(
+    store: &BlockStore,
+    set: &SetSpec,
+    incremental: bool,
+    progress: &(dyn Fn(BackupProgress) + Sync),
+) -> Result<TreeManifest, FilesError> {
+    let start = now_us();
+    let parent = if incremental {
+        let (sound, _) = TreeManifest::list_sound(store.repo(), Some(&set.name)).await?;
+        sound.into_iter().last()
+    } else {
+        None
+    };
+    let root = set.root.clone();
+    let excludes = set.excludes.clone();
+    let (found, mut skipped) = tokio::task::spawn_blocking(move || walk::walk(&root, &excludes))
+        .await
+        .map_err(|e| FilesError::Other(format!("walking {}: {e}", set.root.display())))??;
+
+    let mut p = BackupProgress {
+        total: found.len() as u64,
+        total_bytes: found.iter().filter(|f| f.meta.is_file()).map(|f| f.meta.size()).sum(),
+        ..Default::default()
+    };
+    let mut entries: BTreeMap<String, TreeEntry> = BTreeMap::new();
+    let mut changed = Vec::new();
+    let (mut bytes_read, mut new_blocks, mut reused_blocks, mut stored_bytes) = (0, 0, 0, 0);
+    let mut tasks: JoinSet<Result<Outcome, FilesError>> = JoinSet::new();
+    let mut pending = found.into_iter();
+    loop {
+        while tasks.len() < FILES_IN_FLIGHT {
+            let Some(f) = pending.next() else { break };
+            let reuse = parent.as_ref().and_then(|m| m.entry(&f.rel)).and_then(|e| reusable(e, &f));
+            let store = store.clone();
+            tasks.spawn(async move { one(&store, f, reuse).await });
+        }
+        let Some(done) = tasks.join_next().await else { break };
+        let outcome = done.map_err(|e| FilesError::Other(format!("a file task failed: {e}")))??;
+        p.done += 1;
+        match outcome {
+            Outcome::Entry { entry, bytes_read: r, new_blocks: n, reused_blocks: u, stored_bytes: s, changed: c } => {
+                p.bytes += entry.size();
+                bytes_read += r;
+                new_blocks += n;
+                reused_blocks += u;
+                stored_bytes += s;
+                if c {
+                    tracing::warn!(set = %set.name, path = %entry.path, "the file kept changing while it was read ({READS} reads): its last read is kept and may be torn");
+                    changed.push(entry.path.clone());
+                }
+                entries.insert(entry.path.clone(), entry);
+            }
+            Outcome::Skipped(s) => skipped.push(s),
+        }
+        progress(p);
+    }
+    for s in &skipped {
+        tracing::warn!(set = %set.name, path = %s.path, "left out of the backup: {}", s.why);
+    }
+    changed.sort();
+    skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    let entries: Vec<TreeEntry> = entries.into_values().collect();
+    let count = |k: fn(&EntryKind) -> bool| entries.iter().filter(|e| k(&e.kind)).count() as u64;
+    let mut manifest = TreeManifest {
+        set: set.name.clone(),
+        id: format_compact(start),
+        kind: if parent.is_some() { TreeKind::Incremental } else { TreeKind::Full },
+        parent: parent.map(|m| m.id),
+        root: set.root.display().to_string(),
+        start_time_us: start,
+        stop_time_us: now_us(),
+        files: count(|k| matches!(k, EntryKind::File { .. })),
+        dirs: count(|k| matches!(k, EntryKind::Dir)),
+        symlinks: count(|k| matches!(k, EntryKind::Symlink { .. })),
+        logical_bytes: entries.iter().map(TreeEntry::size).sum(),
+        entries,
+        changed,
+        skipped,
+        bytes_read,
+        new_blocks,
+        reused_blocks,
+        stored_bytes,
+    };
+    // Two backups of a set started in the same second: the later one takes the next free second.
+    for _ in 0..10 {
+        match manifest.store(store.repo()).await {
+            Ok(PutOutcome::Created) => return Ok(manifest),
+            // Taken: the same name with other contents (a put that found an identical object
+            // would be this one's own retry).
+            Ok(PutOutcome::AlreadyExists) | Err(FilesError::Repository(RepositoryError::Conflict { .. })) => {}
+            Err(e) => return Err(e),
+        }
+        let now = now_us();
+        let next_second = 1_000_000 - now.rem_euclid(1_000_000);
+        tokio::time::sleep(Duration::from_micros(next_second as u64)).await;
+        manifest.id = format_compact(now_us());
+    }
+    Err(FilesError::Other(format!(
+        "backup of set {}: every id up to {} is taken by another backup of the set",
+        set.name, manifest.id
+    )))
+}
+
+/// The parent's content for `found`, if the file is unchanged by every sign the filesystem keeps.
+fn reusable(parent: &TreeEntry, found: &Found) -> Option<EntryKind> {
+    let m = &found.meta;
+    let same = m.is_file()
+        && matches!(parent.kind, EntryKind::File { size, .. } if size == m.size())
+        && parent.mtime == m.mtime()
+        && i64::from(parent.mtime_nsec) == m.mtime_nsec()
+        && parent.ctime == m.ctime()
+        && i64::from(parent.ctime_nsec) == m.ctime_nsec()
+        && parent.inode == m.ino();
+    same.then(|| parent.kind.clone())
+}
+
+async fn one(store: &BlockStore, f: Found, reuse: Option<EntryKind>) -> Result<Outcome, FilesError> {
+    let vanished =
+        |rel: &str| Ok(Outcome::Skipped(Skipped { path: rel.to_string(), why: "vanished during the backup".into() }));
+    let ft = f.meta.file_type();
+    if ft.is_dir() {
+        return Ok(entry(entry_of(&f, EntryKind::Dir)));
+    }
+    if ft.is_symlink() {
+        return match link_target(&f.abs) {
+            Ok(Some(target)) => Ok(entry(entry_of(&f, EntryKind::Symlink { target }))),
+            Ok(None) => Ok(Outcome::Skipped(Skipped { path: f.rel, why: "the symlink's target is not UTF-8".into() })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => vanished(&f.rel),
+            Err(e) => Err(FilesError::io(&f.abs, e)),
+        };
+    }
+    if let Some(kind) = reuse {
+        let reused = match &kind {
+            EntryKind::File { blocks, .. } => blocks.len() as u64,
+            _ => 0,
+        };
+        let mut out = entry(entry_of(&f, kind));
+        if let Outcome::Entry { reused_blocks, .. } = &mut out {
+            *reused_blocks = reused;
+        }
+        return Ok(out);
+    }
+    let mut bytes_read = 0;
+    let (mut new_blocks, mut reused_blocks, mut stored_bytes) = (0, 0, 0);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        // O_NOFOLLOW: a file replaced by a symlink since the walk is not followed out of the tree.
+        let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&f.abs);
+        let file = match opened {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return vanished(&f.rel),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Ok(Outcome::Skipped(Skipped {
+                    path: f.rel,
+                    why: "replaced by a symlink during the backup".into(),
+                }))
+            }
+            Err(e) => return Err(FilesError::io(&f.abs, e)),
+        };
+        let mut file = tokio::fs::File::from_std(file);
+        let before = file.metadata().await.map_err(|e| FilesError::io(&f.abs, e))?;
+        if !before.is_file() {
+            return Ok(Outcome::Skipped(Skipped { path: f.rel, why: "no longer a regular file".into() }));
+        }
+        let mut writer = store.writer();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).await.map_err(|e| FilesError::io(&f.abs, e))?;
+            if n == 0 {
+                break;
+            }
+            bytes_read += n as u64;
+            writer.write(&buf[..n]).await?;
+        }
+        let stored = writer.finish().await?;
+        new_blocks += stored.new_blocks;
+        reused_blocks += stored.reused_blocks;
+        stored_bytes += stored.stored_bytes;
+        let after = file.metadata().await.map_err(|e| FilesError::io(&f.abs, e))?;
+        let steady = stamp(&before) == stamp(&after) && stored.len == after.size();
+        if steady || attempt == READS {
+            let found = Found { rel: f.rel.clone(), abs: f.abs.clone(), meta: after };
+            let mut e =
+                entry_of(&found, EntryKind::File { size: stored.len, sha256: stored.sha256, blocks: stored.blocks });
+            if !steady {
+                // The stamps are from after the last read, the content may be older: with no
+                // ctime to match, the next incremental reads the file again.
+                e.ctime = 0;
+                e.ctime_nsec = 0;
+            }
+            return Ok(Outcome::Entry {
+                entry: e,
+                bytes_read,
+                new_blocks,
+                reused_blocks,
+                stored_bytes,
+                changed: !steady,
+            });
+        }
+        tracing::debug!(path = %f.abs.display(), attempt, "the file changed while it was read; reading it again");
+    }
+}
+
+fn entry(entry: TreeEntry) -> Outcome {
+    Outcome::Entry { entry, bytes_read: 0, new_blocks: 0, reused_blocks: 0, stored_bytes: 0, changed: false }
+}
