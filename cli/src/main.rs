@@ -496,6 +496,20 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
         Command::Restore { table: Some(_), .. } => {
             anyhow::bail!("--table restores a PostgreSQL table (a MongoDB collection: --source mongo --ns DB.COLL)")
         }
+        Command::Restore { source: Source::Files, into: Some(_), .. }
+        | Command::Restore { source: Source::Files, output: Some(_), .. } => {
+            anyhow::bail!("--into and --output restore dumps (--source dump); a file set restores into --target-dir")
+        }
+        Command::Restore { source: Source::Dump, target_dir: Some(_), .. } => {
+            anyhow::bail!("a dump restores --into a database or to --output FILE, not into --target-dir")
+        }
+        Command::Restore { source: Source::Dump, ref paths, .. } if !paths.is_empty() => {
+            anyhow::bail!("--path restores part of a file set (--source files)")
+        }
+        Command::Restore { source: Source::Files | Source::Dump, ns: Some(_), .. }
+        | Command::Restore { source: Source::Files | Source::Dump, as_name: Some(_), .. } => {
+            anyhow::bail!("--ns and --as restore one MongoDB collection (--source mongo) or table (--table)")
+        }
         Command::Restore { to, source: Source::Files, set, target_dir, paths, json, from, .. } => {
             let set = set.ok_or_else(|| anyhow::anyhow!("--source files needs --set NAME (a [[files]] set)"))?;
             let target_dir = target_dir.ok_or_else(|| anyhow::anyhow!("--source files needs --target-dir DIR"))?;
@@ -524,6 +538,9 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             cmd::mongo::restore_collection(config_path, args).await
         }
         Command::Restore { ns: Some(_), .. } => anyhow::bail!("--ns restores a MongoDB collection: use it with --source mongo"),
+        Command::Restore { as_name: Some(_), .. } => {
+            anyhow::bail!("--as names the copy a --table (PostgreSQL) or --ns (MongoDB) restore creates")
+        }
         Command::Restore { set: Some(_), .. } | Command::Restore { output: Some(_), .. } => {
             anyhow::bail!("--set and --output restore file sets or dumps: use them with --source files or --source dump")
         }

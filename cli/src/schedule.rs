@@ -796,6 +796,10 @@ async fn newest_dump(repo: &Repository, set: &str) -> Result<Option<(i64, i64)>,
     Ok(None)
 }
 
+/// Manifests [`newest_tree`] opens at most: a week of hourly incrementals and then some. Past it
+/// the set counts as having no backup of that kind, so a full catch-up runs (never one skipped).
+const NEWEST_TREE_SCAN: usize = 200;
+
 /// (start, stop) in µs of the newest backup of file set `set` of `kind` that opens. Manifests are
 /// opened newest first until one of that kind turns up (a day of hourly incrementals before a
 /// full), not all of them: each lists the whole tree.
@@ -805,8 +809,9 @@ async fn newest_tree(
     kind: pitr_files::tree::TreeKind,
 ) -> Result<Option<(i64, i64)>, pitr_files::FilesError> {
     let names = pitr_archive::names::files::sets_prefix(set);
-    for id in ids_newest_first(repo, &names, pitr_archive::names::files::parse_tree_manifest).await? {
-        match pitr_files::tree::TreeManifest::load(repo, set, &id).await {
+    let ids = ids_newest_first(repo, &names, pitr_archive::names::files::parse_tree_manifest).await?;
+    for id in ids.iter().take(NEWEST_TREE_SCAN) {
+        match pitr_files::tree::TreeManifest::load(repo, set, id).await {
             Ok(m) if m.kind == kind => return Ok(Some((m.start_time_us, m.stop_time_us))),
             Ok(_) => continue,
             Err(pitr_files::FilesError::Repository(e)) if e.is_bad_object() => continue,

@@ -51,12 +51,23 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
     let repo = open::reader(&config, from)?;
     let dumps = dump::list_json(&config, &repo).await?;
     let file_sets = super::files::list_json(&config, &repo).await?;
-    if config.postgres.is_none() && config.mongo.is_none() {
-        // Only file sets and dumps: there is no cluster to list.
+    if config.postgres.is_none() {
+        // No cluster to list: the replica set (if any), file sets and dumps.
         repo.check().await?;
+        let replica_set = match config.mongo {
+            Some(_) => Some(mongo::list_json(&config, &repo).await?.unwrap_or_default()),
+            None => None,
+        };
         if json {
-            output::print_json(&serde_json::json!({ "dumps": dumps, "file_sets": file_sets }))?;
+            let mut out = serde_json::json!({ "dumps": dumps, "file_sets": file_sets });
+            if let Some(v) = replica_set {
+                out["mongo"] = v;
+            }
+            output::print_json(&out)?;
         } else {
+            if let Some(v) = &replica_set {
+                mongo::print_list(v);
+            }
             if let Some(d) = &dumps {
                 dump::print_list(d);
             }
@@ -65,9 +76,6 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
             }
         }
         return Ok(());
-    }
-    if config.postgres.is_none() && config.mongo.is_some() {
-        return mongo::list_only(&config, &repo, json).await;
     }
     let catalog = open::checked_catalog(&config, &repo).await?;
     let fmt = pitr_restore::format_time;

@@ -254,18 +254,6 @@ pub fn print_list(v: &serde_json::Value) {
     }
 }
 
-/// `pitr list` for a config with `[mongo]` and no `[postgres]`.
-pub(super) async fn list_only(config: &Config, repo: &Repository, json: bool) -> Result<()> {
-    repo.check().await?;
-    let v = list_json(config, repo).await?.unwrap_or_default();
-    if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "mongo": v }))?);
-    } else {
-        print_list(&v);
-    }
-    Ok(())
-}
-
 /// `pitr verify --source mongo`: one repository alone, as for PostgreSQL.
 pub async fn verify(config_path: &Path, from: Option<&str>, deep: bool, json: bool) -> Result<ExitCode> {
     let config = Config::load(config_path)?;
