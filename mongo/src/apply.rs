@@ -565,22 +565,31 @@ impl Grouper {
         Grouper::default()
     }
 
-    /// Feeds the next entry; returns the groups it completes.
+    /// Feeds the next entry; returns the groups it completes. On failure the groups it closed
+    /// before failing are lost: callers that go on past a failure use [`Grouper::push_into`].
     pub fn push(&mut self, e: &Entry) -> Result<Vec<Group>, TranslateError> {
         let mut out = Vec::new();
+        self.push_into(e, &mut out)?;
+        Ok(out)
+    }
+
+    /// Feeds the next entry and appends the groups it completes to `out`, also when it then
+    /// fails on the entry itself: a group it closed (a SecantusDB transaction ended by this
+    /// entry) is complete and stays valid whatever becomes of the entry.
+    pub fn push_into(&mut self, e: &Entry, out: &mut Vec<Group>) -> Result<(), TranslateError> {
         let secantus_txn = e.txn.clone().filter(|_| matches!(e.op.as_str(), "i" | "u" | "d"));
         if let Some((lsid, n)) = &secantus_txn {
             if let Some((open_lsid, open_n, group)) = &mut self.open {
                 if open_lsid == lsid && open_n == n && group.ts == e.ts {
                     group.writes.extend(translate(e)?);
                     group.entries += 1;
-                    return Ok(out);
+                    return Ok(());
                 }
             }
             out.extend(self.close_open());
             let group = Group { ts: e.ts, time_us: e.time_us(), writes: translate(e)?, entries: 1, transaction: true };
             self.open = Some((lsid.clone(), *n, group));
-            return Ok(out);
+            return Ok(());
         }
         out.extend(self.close_open());
         if e.op == "c" {
@@ -606,7 +615,7 @@ impl Grouper {
                 } else {
                     out.push(group);
                 }
-                return Ok(out);
+                return Ok(());
             }
             if e.o.contains_key("commitTransaction") {
                 if let Some(mut g) = key.and_then(|k| self.partial.remove(&k)) {
@@ -615,17 +624,17 @@ impl Grouper {
                     g.entries += 1;
                     out.push(g);
                 }
-                return Ok(out);
+                return Ok(());
             }
             if e.o.contains_key("abortTransaction") {
                 if let Some(k) = key {
                     self.partial.remove(&k);
                 }
-                return Ok(out);
+                return Ok(());
             }
         }
         out.push(Group { ts: e.ts, time_us: e.time_us(), writes: translate(e)?, entries: 1, transaction: false });
-        Ok(out)
+        Ok(())
     }
 
     fn close_open(&mut self) -> Option<Group> {
@@ -843,6 +852,25 @@ mod tests {
         assert_eq!(g.finish(), (None, 0));
         let shape: Vec<_> = groups.iter().map(|g| (g.ts.inc, g.entries, g.writes.len(), g.transaction)).collect();
         assert_eq!(shape, vec![(15, 1, 1, false), (16, 3, 3, true), (20, 1, 1, false)]);
+    }
+
+    #[test]
+    fn a_failing_entry_still_hands_over_the_transaction_it_closed() {
+        let t = Timestamp { time: 9, increment: 16 };
+        let txn = |id: i32| {
+            entry(doc! { "op": "i", "ns": "shop.items", "ts": t, "o": { "_id": id }, "lsid": lsid(1), "txnNumber": 7_i64 })
+        };
+        let mut g = Grouper::new();
+        let mut out = Vec::new();
+        g.push_into(&txn(1), &mut out).unwrap();
+        g.push_into(&txn(2), &mut out).unwrap();
+        assert!(out.is_empty());
+        let unknown = entry(doc! { "op": "x", "ns": "shop.items", "ts": Timestamp { time: 9, increment: 17 }, "o": {} });
+        let err = g.push_into(&unknown, &mut out).unwrap_err();
+        assert!(err.to_string().contains("unknown op \"x\""), "{err}");
+        let shape: Vec<_> = out.iter().map(|g| (g.ts.inc, g.entries, g.writes.len(), g.transaction)).collect();
+        assert_eq!(shape, vec![(16, 2, 2, true)]);
+        assert_eq!(g.finish(), (None, 0));
     }
 
     #[test]

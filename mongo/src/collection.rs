@@ -23,7 +23,9 @@ use pitr_archive::Repository;
 
 use crate::apply::{is_system_db, Entry, Group, Grouper, Ns, Write};
 use crate::layout::{split_entries, CollectionKind, MongoCatalog, SnapshotManifest};
-use crate::restore::{apply_write, choose, load_collection, tolerate, MongoTarget, NAMESPACE_NOT_FOUND};
+use crate::restore::{
+    apply_write, choose, load_collection, tolerate, MongoTarget, NAMESPACE_EXISTS, NAMESPACE_NOT_FOUND,
+};
 use crate::{connect, Connected, MongoError, Ts};
 
 /// What [`restore_collection`] restores, to when, and where.
@@ -119,6 +121,23 @@ pub enum CollectionError {
         /// The rename's wall time.
         time: String,
     },
+    /// At the target moment the collection held what `$out`, mapReduce or convertToCapped had
+    /// built in a temporary collection and renamed over it.
+    #[error("{ns} at {target} is what {by} put in place at {ts} ({time}) by renaming its temporary collection {from} over it; a collection restore does not follow that rename: restore {ns} to a moment before {ts}, or the whole replica set with `pitr restore --source mongo`")]
+    Replaced {
+        /// The collection asked for.
+        ns: String,
+        /// The target as asked for.
+        target: String,
+        /// What replaced it (`$out`, `mapReduce`, `convertToCapped`).
+        by: &'static str,
+        /// The temporary collection renamed into it.
+        from: String,
+        /// The rename's `ts`.
+        ts: String,
+        /// The rename's wall time.
+        time: String,
+    },
     /// At the target moment the namespace was a view or a collection type restore cannot load.
     #[error("{ns} at {target} is {what}, not a collection whose documents restore can load")]
     NotACollection {
@@ -132,6 +151,16 @@ pub enum CollectionError {
     /// Reading the archive or talking to the server failed before anything was written.
     #[error(transparent)]
     Mongo(#[from] MongoError),
+    /// Everything was written but the final count of the new collection's documents failed.
+    #[error("{restored_as} was written completely (restored from {ns}), but counting its documents afterwards failed: {error}; it is left in place")]
+    Uncounted {
+        /// The collection restored.
+        ns: String,
+        /// The collection written.
+        restored_as: String,
+        /// What failed.
+        error: Box<MongoError>,
+    },
     /// Writing failed part-way; `cleanup` says what became of the new collection.
     #[error("restoring {ns} as {restored_as} failed: {error}; {cleanup}")]
     Failed {
@@ -179,6 +208,22 @@ pub fn parse_ns(arg: &'static str, given: &str) -> Result<Ns, CollectionError> {
     Ok(ns)
 }
 
+/// What made `from` a temporary collection whose rename over a collection replaced it: mongod's
+/// `$out` (and mapReduce since 4.4) build in `tmp.agg_out.<uuid>`, older mapReduce in
+/// `tmp.mr.<coll>_<n>`, convertToCapped in `tmp<random>.convertToCapped.<coll>`.
+fn temporary_source(from: &Ns) -> Option<&'static str> {
+    let c = from.coll.as_str();
+    if c.starts_with("tmp.agg_out.") {
+        Some("$out or mapReduce")
+    } else if c.starts_with("tmp.mr.") {
+        Some("mapReduce")
+    } else if c.starts_with("tmp") && c.contains(".convertToCapped.") {
+        Some("convertToCapped")
+    } else {
+        None
+    }
+}
+
 /// `<coll>_at_<YYYYMMDDHHMMSS>` (UTC) in the same database: the name a restore writes to when
 /// none is given. The moment is the target's (for `latest`, the newest archived entry's; for a
 /// `ts` target, its second).
@@ -196,25 +241,43 @@ pub fn default_name(ns: &Ns, target: MongoTarget, catalog: &MongoCatalog) -> Ns 
     Ns { db: ns.db.clone(), coll: format!("{}_at_{stamp}", ns.coll) }
 }
 
-/// Whether an oplog operation (`op`, its `ns`, its `o`) writes to or changes `ns`; `applyOps`
-/// is looked into by [`concerning`], not here.
+/// Commands that act on the one collection they name first and on no other: left out when that
+/// is another collection. Any other command in the collection's database is kept, so that one
+/// restore does not understand (`cloneCollectionAsCapped` into it, `applyOps` forms, newer
+/// commands) is refused by translation rather than silently missing from the collection.
+const SINGLE_COLLECTION_COMMANDS: [&str; 9] = [
+    "create",
+    "drop",
+    "collMod",
+    "createIndexes",
+    "commitIndexBuild",
+    "startIndexBuild",
+    "abortIndexBuild",
+    "dropIndexes",
+    "deleteIndexes",
+];
+
+/// Whether an oplog operation (`op`, its `ns`, its `o`) may write to or change `ns`; `applyOps`
+/// is looked into by [`concerning`], not here. What cannot be told apart as another
+/// collection's (an unknown op, a malformed entry) is kept: translation then refuses it, as the
+/// whole restore does, instead of the collection restore leaving it out.
 fn op_concerns(op: &str, entry_ns: &str, o: &Document, ns: &Ns) -> bool {
     match op {
-        "i" | "u" | "d" => Ns::parse(entry_ns).as_ref() == Some(ns),
+        "n" => false,
         "c" => {
-            let Some(db) = entry_ns.strip_suffix(".$cmd") else { return false };
-            let Some((name, first)) = o.iter().next() else { return false };
+            let Some(db) = entry_ns.strip_suffix(".$cmd") else { return true };
+            let Some((name, first)) = o.iter().next() else { return db == ns.db };
             let names_it = |v: Option<&str>| v.and_then(Ns::parse).as_ref() == Some(ns);
             match name.as_str() {
                 "renameCollection" => names_it(first.as_str()) || names_it(o.get_str("to").ok()),
-                "dropDatabase" => db == ns.db,
-                // Every other command on a collection names it first (create, drop,
-                // createIndexes, collMod, convertToCapped…): those not understood then fail
-                // translation, which refuses the restore rather than leave them out.
-                _ => db == ns.db && first.as_str() == Some(ns.coll.as_str()),
+                _ if db != ns.db => false,
+                n if SINGLE_COLLECTION_COMMANDS.contains(&n) => first.as_str().is_none_or(|c| c == ns.coll),
+                _ => true,
             }
         }
-        _ => false,
+        // Inserts, updates, deletes and op types restore does not know: another collection's
+        // are left out, the rest kept.
+        _ => Ns::parse(entry_ns).is_none_or(|n| n == *ns),
     }
 }
 
@@ -237,7 +300,9 @@ fn filter_apply_ops(o: &Document, ns: &Ns) -> Document {
                     d.insert("o", filtered);
                     return (!empty).then_some(Bson::Document(d));
                 }
-                let (op_kind, op_ns) = (d.get_str("op").unwrap_or(""), d.get_str("ns").unwrap_or(""));
+                // Without `op` it is not known to be another collection's: kept, and refused.
+                let Ok(op_kind) = d.get_str("op") else { return Some(op.clone()) };
+                let op_ns = d.get_str("ns").unwrap_or("");
                 let empty = Document::new();
                 op_concerns(op_kind, op_ns, inner_o.unwrap_or(&empty), ns).then(|| op.clone())
             })
@@ -401,10 +466,79 @@ async fn entries_of(repo: &Repository, name: &str) -> Result<Vec<Entry>, MongoEr
     Ok(out)
 }
 
-/// The first pass: the target's `ts` and what happened to `ns` up to it. Groups are formed as
-/// in the second pass, without the limit (which a time target only knows at the end): a group
-/// is applied there exactly when it ends at or before the limit here. An entry that cannot be
-/// translated fails the restore only if it is at or before the limit.
+/// The first pass over the entries after the snapshot's `ts_before`, in oplog order: the
+/// target's `ts` and what happened to `ns` up to it. Groups are formed as in the second pass,
+/// without the limit (which a time target only knows at the end): a group is applied there
+/// exactly when it ends at or before the limit here. An entry that cannot be translated fails the
+/// restore only if it is at or before the limit.
+struct Scanner<'a> {
+    ns: &'a Ns,
+    target: MongoTarget,
+    /// For a time target: the newest `ts` whose wall time is at or before it.
+    newest: Ts,
+    grouper: Grouper,
+    events: Vec<(Ts, i64, Event)>,
+    failed: Option<(Ts, crate::apply::TranslateError)>,
+}
+
+impl<'a> Scanner<'a> {
+    fn new(ns: &'a Ns, target: MongoTarget, ts_before: Ts) -> Scanner<'a> {
+        Scanner { ns, target, newest: ts_before, grouper: Grouper::new(), events: Vec::new(), failed: None }
+    }
+
+    fn record(&mut self, groups: Vec<Group>) {
+        for g in groups {
+            for w in g.writes.iter().filter(|w| touches(w, self.ns)) {
+                let e = event_of(w, self.ns);
+                if e == Event::Written && self.events.last().is_some_and(|(_, _, last)| *last == Event::Written) {
+                    continue;
+                }
+                self.events.push((g.ts, g.time_us, e));
+            }
+        }
+    }
+
+    /// Takes the next entry; `false` once past a `ts` target (nothing after it matters).
+    fn feed(&mut self, e: &Entry) -> bool {
+        match self.target {
+            MongoTarget::Ts(t) if e.ts > t => return false,
+            MongoTarget::Time(us) if e.time_us() <= us && e.ts > self.newest => self.newest = e.ts,
+            _ => {}
+        }
+        if self.failed.is_some() {
+            return true;
+        }
+        let Some(e) = concerning(e, self.ns) else { return true };
+        // The groups the entry closed count even when the entry itself fails: they end before it.
+        let mut closed = Vec::new();
+        let pushed = self.grouper.push_into(&e, &mut closed);
+        self.record(closed);
+        if let Err(err) = pushed {
+            self.failed = Some((e.ts, err));
+        }
+        true
+    }
+
+    fn finish(mut self) -> Result<Scan, MongoError> {
+        if self.failed.is_none() {
+            let (open, _) = self.grouper.finish();
+            self.record(open.into_iter().collect());
+        }
+        let limit = match self.target {
+            MongoTarget::Latest => None,
+            MongoTarget::Ts(t) => Some(t),
+            MongoTarget::Time(_) => Some(self.newest),
+        };
+        if let Some((ts, err)) = self.failed {
+            if limit.is_none_or(|l| ts <= l) {
+                return Err(err.into());
+            }
+        }
+        Ok(Scan { limit, events: self.events })
+    }
+}
+
+/// [`Scanner`] over the archived slices.
 async fn scan(
     repo: &Repository,
     slices: &[&String],
@@ -412,56 +546,15 @@ async fn scan(
     target: MongoTarget,
     ns: &Ns,
 ) -> Result<Scan, MongoError> {
-    let mut newest = snapshot.ts_before;
-    let mut grouper = Grouper::new();
-    let mut events: Vec<(Ts, i64, Event)> = Vec::new();
-    let mut failed: Option<(Ts, crate::apply::TranslateError)> = None;
-    let record = |groups: Vec<Group>, events: &mut Vec<(Ts, i64, Event)>| {
-        for g in groups {
-            for w in g.writes.iter().filter(|w| touches(w, ns)) {
-                let e = event_of(w, ns);
-                if e == Event::Written && events.last().is_some_and(|(_, _, last)| *last == Event::Written) {
-                    continue;
-                }
-                events.push((g.ts, g.time_us, e));
-            }
-        }
-    };
+    let mut scanner = Scanner::new(ns, target, snapshot.ts_before);
     'slices: for name in slices {
         for e in entries_of(repo, name).await? {
-            if e.ts <= snapshot.ts_before {
-                continue;
-            }
-            match target {
-                MongoTarget::Ts(t) if e.ts > t => break 'slices,
-                MongoTarget::Time(us) if e.time_us() <= us && e.ts > newest => newest = e.ts,
-                _ => {}
-            }
-            if failed.is_some() {
-                continue;
-            }
-            let Some(e) = concerning(&e, ns) else { continue };
-            match grouper.push(&e) {
-                Ok(groups) => record(groups, &mut events),
-                Err(err) => failed = Some((e.ts, err)),
+            if e.ts > snapshot.ts_before && !scanner.feed(&e) {
+                break 'slices;
             }
         }
     }
-    if failed.is_none() {
-        let (open, _) = grouper.finish();
-        record(open.into_iter().collect(), &mut events);
-    }
-    let limit = match target {
-        MongoTarget::Latest => None,
-        MongoTarget::Ts(t) => Some(t),
-        MongoTarget::Time(_) => Some(newest),
-    };
-    if let Some((ts, err)) = failed {
-        if limit.is_none_or(|l| ts <= l) {
-            return Err(err.into());
-        }
-    }
-    Ok(Scan { limit, events })
+    scanner.finish()
 }
 
 /// The second pass's state: whether the new collection is there now (created by this restore),
@@ -484,6 +577,11 @@ async fn create_new(conn: &Connected, into: &Ns, options: &Document, state: &mut
     state.have = true;
     state.created = true;
     Ok(())
+}
+
+/// Whether `e` is the server refusing a `create` because the namespace exists.
+fn already_exists(e: &MongoError) -> bool {
+    matches!(e, MongoError::Server { source, .. } if crate::code_of(source) == Some(NAMESPACE_EXISTS))
 }
 
 async fn drop_new(conn: &Connected, into: &Ns) -> Result<(), MongoError> {
@@ -637,6 +735,16 @@ pub async fn restore_collection(
             return Err(CollectionError::NotACollection { ns: ns.to_string(), target, what: format!("a {t:?}") })
         }
         Presence::RenamedInto { from, ts, time_us } => {
+            if let Some(by) = temporary_source(&from) {
+                return Err(CollectionError::Replaced {
+                    ns: ns.to_string(),
+                    target,
+                    by,
+                    from: from.to_string(),
+                    ts: ts.to_string(),
+                    time: format_us(time_us),
+                });
+            }
             return Err(CollectionError::RenamedInto {
                 ns: ns.to_string(),
                 target,
@@ -654,11 +762,13 @@ pub async fn restore_collection(
             // A collection the oplog leaves empty and never created explicitly still exists at
             // the target moment (the first pass said so): it is created empty.
             if !state.have {
-                create_new(&conn, &into, &Document::new(), &mut state).await.map_err(|e| CollectionError::Failed {
-                    ns: ns.to_string(),
-                    restored_as: into.to_string(),
-                    error: Box::new(e),
-                    cleanup: "it is not on the target".into(),
+                create_new(&conn, &into, &Document::new(), &mut state).await.map_err(|e| {
+                    let cleanup = if already_exists(&e) {
+                        format!("{into} was created on the target by someone else meanwhile; this restore wrote nothing to it and left it as it is")
+                    } else {
+                        "nothing was written to the target".into()
+                    };
+                    CollectionError::Failed { ns: ns.to_string(), restored_as: into.to_string(), error: Box::new(e), cleanup }
                 })?;
             }
             conn.client
@@ -666,12 +776,19 @@ pub async fn restore_collection(
                 .collection::<Document>(&into.coll)
                 .count_documents(doc! {})
                 .await
-                .map_err(conn.server_err(format!("counting the documents of {into}")))?
+                .map_err(conn.server_err(format!("counting the documents of {into}")))
+                .map_err(|e| CollectionError::Uncounted {
+                    ns: ns.to_string(),
+                    restored_as: into.to_string(),
+                    error: Box::new(e),
+                })?
         }
         Err(error) => {
             let cleanup = if !state.have {
                 if state.created {
                     "the collection it had created was dropped again by the restore".to_string()
+                } else if already_exists(&error) {
+                    format!("{into} was created on the target by someone else meanwhile; this restore wrote nothing to it and left it as it is")
                 } else {
                     "nothing was written to the target".to_string()
                 }

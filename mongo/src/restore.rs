@@ -218,7 +218,7 @@ pub(crate) fn tolerate(r: Result<Document, mongodb::error::Error>, codes: &[i32]
 
 pub(crate) const NAMESPACE_NOT_FOUND: i32 = 26;
 const INDEX_NOT_FOUND: i32 = 27;
-const NAMESPACE_EXISTS: i32 = 48;
+pub(crate) const NAMESPACE_EXISTS: i32 = 48;
 
 /// Fields servers report in index specs (listIndexes, createIndexes oplog entries) that
 /// `createIndexes` refuses: `ns` (old mongod) and SecantusDB's `entryFormat`.
