@@ -893,6 +893,13 @@ pub fn spawn_files_jobs(
                 run_on_schedule("files_verify", &cron, None, shutdown, || run_files_verify(path, repo)).await;
             }));
         }
+        if let Some(cron) = parse_cron("expire", &config.schedule.expire)? {
+            let (path, repo, shutdown) = (config_path.to_path_buf(), repo.clone(), shutdown.clone());
+            handles.push(tokio::spawn(async move {
+                let (path, repo) = (&path, &repo);
+                run_on_schedule("files_expire", &cron, None, shutdown, || run_files_expire(path, repo)).await;
+            }));
+        }
     }
     if config.postgres.is_some() || !config.files.is_empty() {
         if let Some(cron) = parse_cron("partial_drill", &config.schedule.partial_drill)? {
@@ -910,6 +917,56 @@ pub fn spawn_files_jobs(
         }
     }
     Ok(handles)
+}
+
+/// One `files_expire` run on `[schedule] expire`, as `pitr expire` does for sets: dumps past
+/// their `keep_days`, then file-set retention and the sweep of blocks nothing references; logged
+/// and counted. It takes the expire lock itself, so it never sweeps beside PostgreSQL's expire:
+/// whichever comes second finds the lock held, fails, and runs again at the next tick.
+async fn run_files_expire(config_path: &Path, repo: &Repository) {
+    const NAME: &str = "files_expire";
+    tracing::info!(job = NAME, event = "start", "scheduled expire of file sets and dumps starting");
+    let result = async {
+        let config = Config::load(config_path)?;
+        let dumps = crate::cmd::dump::expire_sets(&config, repo, false).await?;
+        let files = crate::cmd::files::expire(&config, repo, false).await?;
+        anyhow::Ok((dumps, files))
+    }
+    .await;
+    let ok = match result {
+        Ok((dumps, files)) => {
+            for x in &files.retained {
+                tracing::warn!(job = NAME, object = %x.object, "retained: {}", x.why);
+            }
+            if let Some(why) = &files.blocks_skipped {
+                tracing::info!(job = NAME, "block sweep skipped: {why}");
+            }
+            let removed =
+                [("backup", files.removed_backups.len() + dumps.removed.len()), ("block", files.removed_blocks)];
+            for (kind, n) in removed {
+                metrics::counter!("pitr_expire_removed_objects_total", "kind" => kind).increment(n as u64);
+            }
+            metrics::counter!("pitr_expire_removed_bytes_total").increment(files.removed_bytes);
+            tracing::info!(
+                job = NAME,
+                event = "end",
+                result = "success",
+                removed_dumps = dumps.removed.len(),
+                removed_backups = files.removed_backups.len(),
+                removed_blocks = files.removed_blocks,
+                removed_bytes = files.removed_bytes,
+                "scheduled expire of file sets and dumps done"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::error!(job = NAME, event = "end", result = "failure", error = %format!("{e:#}"),
+                "scheduled expire of file sets and dumps failed");
+            false
+        }
+    };
+    metrics::counter!("pitr_scheduled_runs_total", "job" => NAME, "result" => if ok { "success" } else { "failure" })
+        .increment(1);
 }
 
 /// One `files_verify` run: file sets, then dumps; logged and counted.

@@ -531,15 +531,8 @@ async fn expire_removes_old_backups_keeps_the_newest_and_sweeps_only_unreference
     // Age both backups (re-sealed with the repository's key): 10 and 5 days old, both past the
     // set's 3 days; the newer is the newest and stays.
     let repo = env.sealed_repo();
-    let now_us = pitr_archive::now_us();
-    for (b, days) in [(&first, 10), (&second, 5)] {
-        let name = format!("files/sets/up/{}.manifest", b["id"].as_str().unwrap());
-        let (_, json) = repo.get_opened(&name).await.unwrap();
-        let mut m: serde_json::Value = serde_json::from_slice(&json).unwrap();
-        m["stop_time_us"] = (now_us - days * 86_400_000_000).into();
-        repo.delete(&name).await.unwrap();
-        repo.put_sealed(&name, serde_json::to_vec(&m).unwrap(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
-    }
+    age(&repo, &first, 10).await;
+    age(&repo, &second, 5).await;
 
     let before = snapshot(&env.repo);
     let dry = env.json(&["expire", "--dry-run", "--json"]);
@@ -567,4 +560,75 @@ async fn expire_removes_old_backups_keeps_the_newest_and_sweeps_only_unreference
     let again = env.json(&["expire", "--json"]);
     assert_eq!(again["file_sets"]["removed_backups"].as_array().unwrap().len(), 0, "{again}");
     assert_eq!(again["file_sets"]["removed_blocks"], 0, "{again}");
+}
+
+/// Re-seals backup `b`'s manifest of set `up` as finished `days` ago.
+async fn age(repo: &Repository, b: &serde_json::Value, days: i64) {
+    let name = format!("files/sets/up/{}.manifest", b["id"].as_str().unwrap());
+    let (_, json) = repo.get_opened(&name).await.unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    m["stop_time_us"] = (pitr_archive::now_us() - days * 86_400_000_000).into();
+    repo.delete(&name).await.unwrap();
+    repo.put_sealed(&name, serde_json::to_vec(&m).unwrap(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_of_file_sets_expires_them_on_schedule() {
+    let env = Env::new("scheduled-expire", 3);
+    write(&env.tree.join("kept"), &pseudo_random(100_000, 3));
+    write(&env.tree.join("gone"), &pseudo_random(100_000, 4));
+    let first = env.backup(false);
+    std::fs::remove_file(env.tree.join("gone")).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let second = env.backup(false);
+    let repo = env.sealed_repo();
+    age(&repo, &first, 10).await;
+    age(&repo, &second, 5).await;
+
+    // The sidecar with no database and no backup jobs: only expire, every 2 s.
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let config = env.path("sidecar.toml");
+    let text = format!(
+        "[repository]\npath = {}\n[encryption]\nkey_file = {}\n[metrics]\nlisten = \"\"\n\
+         [schedule]\nexpire = \"*/2 * * * * *\"\nverify = \"\"\npartial_drill = \"\"\n\
+         [[files]]\nname = \"up\"\npath = {}\nkeep_days = 3\nfull = \"\"\nincremental = \"\"\n",
+        q(&env.repo),
+        q(&env.key),
+        q(&env.tree),
+    );
+    std::fs::write(&config, text).unwrap();
+    let log = env.path("sidecar.log");
+    let mut cmd = std::process::Command::new(pitr_tests::pitr_bin());
+    cmd.arg("--config").arg(&config).arg("stream");
+    let mut sidecar = pitr_tests::spawn_logged(cmd, &log).expect("spawning pitr stream");
+    let listed = |env: &Env| -> Vec<String> {
+        let listing = env.json(&["list", "--json"]);
+        listing["file_sets"]["up"]["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while listed(&env) != [second["id"].as_str().unwrap()] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scheduled expire did not remove the old backup in 60 s:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Its unreferenced block went with it; the newest stays whole.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while env.blocks() != 1 {
+        assert!(std::time::Instant::now() < deadline, "blocks left: {}", env.blocks());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    sidecar.signal(libc::SIGTERM).unwrap();
+    let status = sidecar.wait_timeout(Duration::from_secs(60)).unwrap().expect("pitr stream did not stop");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "pitr stream: {status}\n{text}");
+    assert!(text.contains("scheduled expire of file sets and dumps done"), "{text}");
+    expect_success(&env.config, &["verify", "--source", "files", "--set", "up"]);
 }
