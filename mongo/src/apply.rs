@@ -858,14 +858,17 @@ mod tests {
     fn a_failing_entry_still_hands_over_the_transaction_it_closed() {
         let t = Timestamp { time: 9, increment: 16 };
         let txn = |id: i32| {
-            entry(doc! { "op": "i", "ns": "shop.items", "ts": t, "o": { "_id": id }, "lsid": lsid(1), "txnNumber": 7_i64 })
+            entry(
+                doc! { "op": "i", "ns": "shop.items", "ts": t, "o": { "_id": id }, "lsid": lsid(1), "txnNumber": 7_i64 },
+            )
         };
         let mut g = Grouper::new();
         let mut out = Vec::new();
         g.push_into(&txn(1), &mut out).unwrap();
         g.push_into(&txn(2), &mut out).unwrap();
         assert!(out.is_empty());
-        let unknown = entry(doc! { "op": "x", "ns": "shop.items", "ts": Timestamp { time: 9, increment: 17 }, "o": {} });
+        let unknown =
+            entry(doc! { "op": "x", "ns": "shop.items", "ts": Timestamp { time: 9, increment: 17 }, "o": {} });
         let err = g.push_into(&unknown, &mut out).unwrap_err();
         assert!(err.to_string().contains("unknown op \"x\""), "{err}");
         let shape: Vec<_> = out.iter().map(|g| (g.ts.inc, g.entries, g.writes.len(), g.transaction)).collect();

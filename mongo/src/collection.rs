@@ -1,8 +1,11 @@
 //! One collection to a moment (`pitr restore --source mongo --to TIME --ns DB.COLL [--as
 //! DB.NEWCOLL]`): from the snapshot a whole restore to TIME would start from, only that
-//! collection's documents and indexes, then the archived oplog entries that concern it (its
-//! inserts, updates and deletes, its DDL, its part of transactions) up to TIME, all written into a
-//! new collection on a running server. Nothing else on that server is written.
+//! collection's documents, then the archived oplog entries that concern it (its inserts, updates
+//! and deletes, its DDL, its part of transactions) up to TIME, then the snapshot's indexes of it
+//! that the oplog left, all written into a new collection on a running server. Nothing else on
+//! that server is written. What cannot be told to be another collection's (an unknown op, a
+//! command restore does not know in its database) is kept, so that translation refuses it as the
+//! whole restore does rather than leave it out.
 //!
 //! The oplog is read twice. The first pass writes nothing: it finds TIME's `ts` and whether the
 //! collection existed at TIME, so that every refusal (not there yet, dropped, its database
@@ -13,7 +16,8 @@
 //! not exist under its name at TIME, which is what the error says. A collection that got its
 //! documents from a rename into its name before TIME (and kept them up to TIME) is refused:
 //! those documents were another collection's before the rename, which this restore does not
-//! read; the error names that collection and the rename's `ts`.
+//! read; the error names that collection and the rename's `ts` (or, for the temporary
+//! collection of `$out`, mapReduce or convertToCapped, what replaced the collection then).
 
 use std::time::{Duration, Instant};
 
@@ -24,7 +28,8 @@ use pitr_archive::Repository;
 use crate::apply::{is_system_db, Entry, Group, Grouper, Ns, Write};
 use crate::layout::{split_entries, CollectionKind, MongoCatalog, SnapshotManifest};
 use crate::restore::{
-    apply_write, choose, load_collection, tolerate, MongoTarget, NAMESPACE_EXISTS, NAMESPACE_NOT_FOUND,
+    apply_write, build_indexes, choose, load_collection, tolerate, MongoTarget, PendingIndexes, NAMESPACE_EXISTS,
+    NAMESPACE_NOT_FOUND,
 };
 use crate::{connect, Connected, MongoError, Ts};
 
@@ -123,7 +128,7 @@ pub enum CollectionError {
     },
     /// At the target moment the collection held what `$out`, mapReduce or convertToCapped had
     /// built in a temporary collection and renamed over it.
-    #[error("{ns} at {target} is what {by} put in place at {ts} ({time}) by renaming its temporary collection {from} over it; a collection restore does not follow that rename: restore {ns} to a moment before {ts}, or the whole replica set with `pitr restore --source mongo`")]
+    #[error("{ns} at {target} is what {by} put in place at {ts} by renaming its temporary collection {from} over it; a collection restore does not follow that rename: restore {ns} to a moment before {ts}, or the whole replica set with `pitr restore --source mongo`")]
     Replaced {
         /// The collection asked for.
         ns: String,
@@ -133,10 +138,8 @@ pub enum CollectionError {
         by: &'static str,
         /// The temporary collection renamed into it.
         from: String,
-        /// The rename's `ts`.
+        /// The rename's `ts` and wall time: `ts:S:I (RFC 3339)`.
         ts: String,
-        /// The rename's wall time.
-        time: String,
     },
     /// At the target moment the namespace was a view or a collection type restore cannot load.
     #[error("{ns} at {target} is {what}, not a collection whose documents restore can load")]
@@ -567,6 +570,8 @@ struct Applied {
     entries: u64,
     transactions: u64,
     last: Option<(Ts, i64)>,
+    /// The snapshot's indexes of the collection (keyed by its name, `ns`), built after the replay.
+    pending: PendingIndexes,
 }
 
 /// `create` of `into`, refused when it exists (never `tolerate`d: it may be someone else's).
@@ -579,9 +584,16 @@ async fn create_new(conn: &Connected, into: &Ns, options: &Document, state: &mut
     Ok(())
 }
 
-/// Whether `e` is the server refusing a `create` because the namespace exists.
-fn already_exists(e: &MongoError) -> bool {
-    matches!(e, MongoError::Server { source, .. } if crate::code_of(source) == Some(NAMESPACE_EXISTS))
+/// What became of the target when the restore failed before it had created `into`: `e` may be
+/// the server refusing that `create` because someone else created the name meanwhile.
+fn nothing_written(into: &Ns, e: &MongoError) -> String {
+    if matches!(e, MongoError::Server { source, .. } if crate::code_of(source) == Some(NAMESPACE_EXISTS)) {
+        format!(
+            "{into} was created on the target by someone else meanwhile; this restore wrote nothing to it and left it as it is"
+        )
+    } else {
+        "nothing was written to the target".into()
+    }
 }
 
 async fn drop_new(conn: &Connected, into: &Ns) -> Result<(), MongoError> {
@@ -643,6 +655,10 @@ async fn apply_group(conn: &Connected, g: &Group, ns: &Ns, into: &Ns, state: &mu
         return Ok(());
     }
     for w in writes {
+        if let Some((_, specs)) = state.pending.before(w).filter(|_| state.have) {
+            state.indexes_built += specs.len();
+            build_indexes(conn, into, specs).await?;
+        }
         apply_to_new(conn, w, into, state).await?;
     }
     state.entries += g.entries as u64;
@@ -651,7 +667,8 @@ async fn apply_group(conn: &Connected, g: &Group, ns: &Ns, into: &Ns, state: &mu
     Ok(())
 }
 
-/// The second pass: the snapshot's documents and indexes, then the oplog up to `limit`.
+/// The second pass: the snapshot's documents, then the oplog up to `limit`, then the snapshot's
+/// indexes (those the oplog left: [`PendingIndexes`]).
 #[allow(clippy::too_many_arguments)]
 async fn write(
     repo: &Repository,
@@ -668,8 +685,8 @@ async fn write(
         snapshot.collections.iter().find(|c| c.db == ns.db && c.name == ns.coll && c.kind == CollectionKind::Collection)
     {
         create_new(conn, into, &c.options, state).await?;
-        let (_, indexes) = load_collection(repo, catalog, conn, c, into).await?;
-        state.indexes_built += indexes;
+        load_collection(repo, catalog, conn, c, into).await?;
+        state.pending.add(ns.clone(), &c.indexes);
     }
     let mut grouper = Grouper::new();
     'slices: for name in slices {
@@ -689,6 +706,10 @@ async fn write(
     let (open, _unfinished) = grouper.finish();
     if let Some(g) = open {
         apply_group(conn, &g, ns, into, state).await?;
+    }
+    if let Some(specs) = state.pending.take(ns).filter(|_| state.have) {
+        state.indexes_built += specs.len();
+        build_indexes(conn, into, specs).await?;
     }
     Ok(())
 }
@@ -741,8 +762,7 @@ pub async fn restore_collection(
                     target,
                     by,
                     from: from.to_string(),
-                    ts: ts.to_string(),
-                    time: format_us(time_us),
+                    ts: format!("{ts} ({})", format_us(time_us)),
                 });
             }
             return Err(CollectionError::RenamedInto {
@@ -751,7 +771,7 @@ pub async fn restore_collection(
                 from: from.to_string(),
                 ts: ts.to_string(),
                 time: format_us(time_us),
-            })
+            });
         }
     }
 
@@ -762,13 +782,11 @@ pub async fn restore_collection(
             // A collection the oplog leaves empty and never created explicitly still exists at
             // the target moment (the first pass said so): it is created empty.
             if !state.have {
-                create_new(&conn, &into, &Document::new(), &mut state).await.map_err(|e| {
-                    let cleanup = if already_exists(&e) {
-                        format!("{into} was created on the target by someone else meanwhile; this restore wrote nothing to it and left it as it is")
-                    } else {
-                        "nothing was written to the target".into()
-                    };
-                    CollectionError::Failed { ns: ns.to_string(), restored_as: into.to_string(), error: Box::new(e), cleanup }
+                create_new(&conn, &into, &Document::new(), &mut state).await.map_err(|e| CollectionError::Failed {
+                    ns: ns.to_string(),
+                    restored_as: into.to_string(),
+                    cleanup: nothing_written(&into, &e),
+                    error: Box::new(e),
                 })?;
             }
             conn.client
@@ -787,10 +805,8 @@ pub async fn restore_collection(
             let cleanup = if !state.have {
                 if state.created {
                     "the collection it had created was dropped again by the restore".to_string()
-                } else if already_exists(&error) {
-                    format!("{into} was created on the target by someone else meanwhile; this restore wrote nothing to it and left it as it is")
                 } else {
-                    "nothing was written to the target".to_string()
+                    nothing_written(&into, &error)
                 }
             } else {
                 match drop_new(&conn, &into).await {
@@ -958,6 +974,169 @@ mod tests {
             presence_at(Presence::Collection, &[ev(1, Event::Created { view: true })], None),
             Presence::Collection
         );
+    }
+
+    #[test]
+    fn what_may_concern_the_collection_is_kept_so_that_translation_refuses_it() {
+        let kept = |d: Document| concerning(&entry(d), &ns());
+        let refused = |d: Document| {
+            let e = kept(d.clone()).unwrap_or_else(|| panic!("left out: {d}"));
+            crate::apply::translate(&e).unwrap_err().to_string()
+        };
+        // Unknown op types on the collection (or on no parseable namespace) are refused…
+        let err = refused(doc! { "op": "x", "ns": "shop.items", "ts": ts(1), "o": { "_id": 1 } });
+        assert!(err.contains("unknown op \"x\""), "{err}");
+        assert!(refused(doc! { "op": "x", "ns": "", "ts": ts(1), "o": {} }).contains("bad namespace"));
+        // …another collection's are not its business.
+        assert!(kept(doc! { "op": "x", "ns": "shop.other", "ts": ts(1), "o": {} }).is_none());
+        // A command entry outside `<db>.$cmd`.
+        let err = refused(doc! { "op": "c", "ns": "shop.items", "ts": ts(2), "o": { "drop": "items" } });
+        assert!(err.contains("not <db>.$cmd"), "{err}");
+        // Commands in its database that fill it without naming it first, and unknown ones.
+        let cmd = |o: Document| doc! { "op": "c", "ns": "shop.$cmd", "ts": ts(3), "o": o };
+        let err = refused(cmd(doc! { "cloneCollectionAsCapped": "src", "toCollection": "items", "size": 1 }));
+        assert!(err.contains("\"cloneCollectionAsCapped\" on shop.$cmd is not supported"), "{err}");
+        assert!(refused(cmd(doc! { "someFutureCommand": "x" })).contains("someFutureCommand"));
+        assert!(refused(cmd(doc! {})).contains("empty command"));
+        // The known single-collection commands on other collections are left out.
+        for o in [
+            doc! { "create": "other" },
+            doc! { "drop": "other" },
+            doc! { "collMod": "other", "validator": {} },
+            doc! { "createIndexes": "other", "indexes": [] },
+            doc! { "commitIndexBuild": "other", "indexes": [] },
+            doc! { "startIndexBuild": "other", "indexes": [] },
+            doc! { "dropIndexes": "other", "index": "a_1" },
+        ] {
+            assert!(kept(cmd(o.clone())).is_none(), "{o}");
+        }
+        // Another database's unknown commands cannot touch it.
+        assert!(
+            kept(doc! { "op": "c", "ns": "other.$cmd", "ts": ts(3), "o": { "someFutureCommand": "items" } }).is_none()
+        );
+        // An applyOps operation without `op` is kept, and refused.
+        let txn = entry(doc! { "op": "c", "ns": "admin.$cmd", "ts": ts(4),
+        "o": { "applyOps": [{ "ns": "shop.other", "o": { "_id": 1 } }] } });
+        let err = crate::apply::translate(&concerning(&txn, &ns()).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("no `op`"), "{err}");
+    }
+
+    #[test]
+    fn temporary_collections_renamed_over_it_are_named_for_what_made_them() {
+        let by = |c: &str| temporary_source(&Ns { db: "shop".into(), coll: c.into() });
+        assert_eq!(by("tmp.agg_out.5f0c1d2e-aaaa-bbbb-cccc-0123456789ab"), Some("$out or mapReduce"));
+        assert_eq!(by("tmp.mr.items_3"), Some("mapReduce"));
+        assert_eq!(by("tmpAbCdE.convertToCapped.items"), Some("convertToCapped"));
+        assert_eq!(by("staging"), None);
+        assert_eq!(by("tmp_items"), None);
+        let e = CollectionError::Replaced {
+            ns: "shop.items".into(),
+            target: "ts:100:9".into(),
+            by: "$out or mapReduce",
+            from: "shop.tmp.agg_out.1".into(),
+            ts: "ts:100:4 (2026-11-25T14:03:07.000000Z)".into(),
+        }
+        .to_string();
+        assert!(e.contains("is what $out or mapReduce put in place at ts:100:4 (2026-11-25T14:03:07.000000Z)"), "{e}");
+        assert!(e.contains("restore shop.items to a moment before ts:100:4"), "{e}");
+        assert!(!e.contains("restore shop.tmp"), "{e}");
+    }
+
+    /// mongod-style entries through the first pass: what it says the collection was at the target.
+    fn scan_of(entries: &[Document], target: MongoTarget, start: Presence) -> Result<Presence, MongoError> {
+        let ns = ns();
+        let mut scanner = Scanner::new(&ns, target, t(0));
+        for d in entries {
+            if !scanner.feed(&entry(d.clone())) {
+                break;
+            }
+        }
+        let scan = scanner.finish()?;
+        Ok(presence_at(start, &scan.events, scan.limit))
+    }
+
+    fn wall(inc: u32) -> bson::DateTime {
+        bson::DateTime::from_millis(100_000 + i64::from(inc))
+    }
+
+    #[test]
+    fn the_first_pass_applies_no_transaction_whose_commit_is_after_the_target() {
+        let uuid = Binary { subtype: BinarySubtype::Uuid, bytes: vec![7; 16] };
+        let part = |inc: u32, id: i32, partial: bool| {
+            let mut o = doc! { "applyOps": [{ "op": "i", "ns": "shop.items", "o": { "_id": id } }] };
+            if partial {
+                o.insert("partialTxn", true);
+            }
+            doc! { "op": "c", "ns": "admin.$cmd", "ts": ts(inc), "wall": wall(inc),
+            "lsid": { "id": uuid.clone() }, "txnNumber": 1_i64, "o": o }
+        };
+        let entries = [
+            part(5, 1, true),
+            part(6, 2, true),
+            doc! { "op": "i", "ns": "shop.other", "ts": ts(7), "wall": wall(7), "o": { "_id": 1 } },
+            part(8, 3, false),
+        ];
+        let absent = || Presence::Absent("not in the snapshot".into());
+        // The chain's entries before the target created nothing: its commit is after it.
+        let p = scan_of(&entries, MongoTarget::Ts(t(7)), absent()).unwrap();
+        assert!(matches!(p, Presence::Absent(_)), "{p:?}");
+        let p = scan_of(&entries, MongoTarget::Time(100_007_000), absent()).unwrap();
+        assert!(matches!(p, Presence::Absent(_)), "{p:?}");
+        assert_eq!(scan_of(&entries, MongoTarget::Ts(t(8)), absent()).unwrap(), Presence::Collection);
+        assert_eq!(scan_of(&entries, MongoTarget::Latest, absent()).unwrap(), Presence::Collection);
+    }
+
+    #[test]
+    fn the_first_pass_refuses_an_unknown_op_up_to_the_target_only() {
+        let entries = [
+            doc! { "op": "i", "ns": "shop.items", "ts": ts(1), "wall": wall(1), "o": { "_id": 1 } },
+            doc! { "op": "x", "ns": "shop.items", "ts": ts(2), "wall": wall(2), "o": { "_id": 1 } },
+        ];
+        let absent = || Presence::Absent("not in the snapshot".into());
+        let err = scan_of(&entries, MongoTarget::Ts(t(2)), absent()).unwrap_err().to_string();
+        assert!(err.contains("unknown op \"x\""), "{err}");
+        assert!(scan_of(&entries, MongoTarget::Latest, absent()).is_err());
+        assert_eq!(scan_of(&entries, MongoTarget::Ts(t(1)), absent()).unwrap(), Presence::Collection);
+        assert_eq!(scan_of(&entries, MongoTarget::Time(100_001_000), absent()).unwrap(), Presence::Collection);
+    }
+
+    #[test]
+    fn a_failure_after_the_target_keeps_the_transaction_it_closed() {
+        // SecantusDB's form: the transaction's entries share one ts; it creates the collection.
+        let uuid = Binary { subtype: BinarySubtype::Uuid, bytes: vec![8; 16] };
+        let txn = |id: i32| {
+            doc! { "op": "i", "ns": "shop.items", "ts": ts(3), "wall": wall(3), "o": { "_id": id },
+            "lsid": { "id": uuid.clone() }, "txnNumber": 2_i64 }
+        };
+        let entries = [txn(1), txn(2), doc! { "op": "x", "ns": "shop.items", "ts": ts(4), "wall": wall(4), "o": {} }];
+        let absent = || Presence::Absent("not in the snapshot".into());
+        assert_eq!(scan_of(&entries, MongoTarget::Ts(t(3)), absent()).unwrap(), Presence::Collection);
+        assert_eq!(scan_of(&entries, MongoTarget::Time(100_003_000), absent()).unwrap(), Presence::Collection);
+    }
+
+    #[test]
+    fn a_name_taken_meanwhile_is_told_from_nothing_written() {
+        let server = |code: i32| {
+            let c: mongodb::error::CommandError =
+                bson::from_document(doc! { "code": code, "codeName": "X", "errmsg": "refused" }).unwrap();
+            MongoError::Server {
+                uri: "mongodb://h".into(),
+                what: "creating shop.new".into(),
+                source: Box::new(mongodb::error::ErrorKind::Command(c).into()),
+            }
+        };
+        let into = Ns { db: "shop".into(), coll: "new".into() };
+        let taken = nothing_written(&into, &server(NAMESPACE_EXISTS));
+        assert!(taken.contains("shop.new was created on the target by someone else meanwhile"), "{taken}");
+        assert_eq!(nothing_written(&into, &server(13)), "nothing was written to the target");
+        let e = CollectionError::Uncounted {
+            ns: "shop.items".into(),
+            restored_as: "shop.new".into(),
+            error: Box::new(server(6)),
+        }
+        .to_string();
+        assert!(e.starts_with("shop.new was written completely (restored from shop.items), but counting"), "{e}");
+        assert!(e.ends_with("it is left in place"), "{e}");
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! Restore into a running server: the newest snapshot whose window holds the target, its indexes
-//! built after its documents are loaded, then the archived oplog from the snapshot's `ts_before`
-//! up to and including the target, each entry translated into ordinary writes ([`crate::apply`]).
-//! A transaction's writes are applied together or, beyond the target, not at all.
+//! Restore into a running server: the newest snapshot whose window holds the target, then the
+//! archived oplog from the snapshot's `ts_before` up to and including the target, each entry
+//! translated into ordinary writes ([`crate::apply`]), then the snapshot's indexes
+//! ([`PendingIndexes`]). A transaction's writes are applied together or, beyond the target, not
+//! at all. Documents are written with `bypassDocumentValidation`: a validator added after a
+//! document was written does not reject that document on the way back.
 
 use std::time::{Duration, Instant};
 
-use bson::{doc, Document, RawDocumentBuf};
+use bson::{doc, Bson, Document, RawDocumentBuf};
 use mongodb::options::InsertManyOptions;
 use pitr_archive::time::{format_rfc3339_micros as format_us, parse_time};
 use pitr_archive::Repository;
@@ -102,7 +104,8 @@ pub struct MongoRestoreReport {
     pub documents: u64,
     /// Plaintext bytes of the snapshot blocks loaded.
     pub bytes_restored: u64,
-    /// Indexes built after loading (`_id_` not counted: the server builds it).
+    /// The snapshot's indexes built after the replay (`_id_` not counted: the server builds it;
+    /// nor those the oplog created, which the replay built).
     pub indexes_built: usize,
     /// Collections the snapshot lists but restore cannot load (`db.name (type)`): only in
     /// snapshots taken before pitr refused such collections at snapshot time.
@@ -121,7 +124,8 @@ pub struct MongoRestoreReport {
     pub last_applied_time: Option<String>,
     /// Target (for `latest`, the newest archived entry) minus the last applied entry.
     pub data_loss_window_seconds: f64,
-    /// Loading the snapshot: dropping, documents, indexes and views.
+    /// Loading the snapshot: dropping, documents, views, and building its indexes after the
+    /// replay.
     pub load_seconds: f64,
     /// Replaying the oplog (a time target's scan for its `ts` included).
     pub replay_seconds: f64,
@@ -247,12 +251,14 @@ pub(crate) async fn apply_write(conn: &Connected, w: &Write) -> Result<(), Mongo
             .collection::<Document>(&ns.coll)
             .replace_one(filter.clone(), doc.clone())
             .upsert(true)
+            .bypass_document_validation(true)
             .await
             .map(|_| ()),
         Write::Update { ns, filter, update } => c
             .database(&ns.db)
             .collection::<Document>(&ns.coll)
             .update_one(filter.clone(), update.clone())
+            .bypass_document_validation(true)
             .await
             .map(|_| ()),
         Write::Delete { ns, filter } => {
@@ -292,15 +298,105 @@ pub(crate) async fn apply_write(conn: &Connected, w: &Write) -> Result<(), Mongo
     res.map_err(|e| MongoError::Server { uri: conn.uri.clone(), what: what(), source: Box::new(e) })
 }
 
-/// Loads the documents of the snapshot's collection `c` into the existing collection `into`,
-/// then builds its indexes; returns the plaintext bytes of the blocks read and the indexes built.
+/// The snapshot's index specs, built after the oplog replay instead of before it. The snapshot's
+/// documents were read while the collections changed, so until the replay has brought them to
+/// one moment they may break a unique index (two documents read at different moments holding the
+/// same key). What the replay does to a collection meanwhile is followed: a drop or its
+/// database's drop forgets its pending indexes, a rename carries them along (and forgets those of
+/// a collection it replaces), `dropIndexes` removes them, `createIndexes` of the same name
+/// supersedes them, and a `collMod` that changes an index needs them built first.
+#[derive(Debug, Default)]
+pub(crate) struct PendingIndexes {
+    /// In snapshot order, so that builds happen in a stable order.
+    by_ns: Vec<(Ns, Vec<Document>)>,
+}
+
+impl PendingIndexes {
+    /// The snapshot's `indexes` of the collection loaded as `ns` (`_id_` and the fields
+    /// `createIndexes` refuses left out).
+    pub(crate) fn add(&mut self, ns: Ns, indexes: &[Document]) {
+        let specs = index_specs(indexes);
+        if !specs.is_empty() {
+            self.by_ns.push((ns, specs));
+        }
+    }
+
+    /// Takes the pending indexes of `ns`.
+    pub(crate) fn take(&mut self, ns: &Ns) -> Option<Vec<Document>> {
+        let i = self.by_ns.iter().position(|(n, _)| n == ns)?;
+        Some(self.by_ns.remove(i).1)
+    }
+
+    /// Follows `w`, about to be applied; returns indexes that must be built before it.
+    pub(crate) fn before(&mut self, w: &Write) -> Option<(Ns, Vec<Document>)> {
+        match w {
+            Write::Drop { ns } => {
+                self.take(ns);
+            }
+            Write::DropDatabase { db } => self.by_ns.retain(|(n, _)| n.db != *db),
+            Write::Rename { from, to, .. } => {
+                self.take(to);
+                if let Some(specs) = self.take(from) {
+                    self.by_ns.push((to.clone(), specs));
+                }
+            }
+            Write::CreateIndexes { ns, indexes } => {
+                let names: Vec<&str> = indexes.iter().filter_map(|i| i.get_str("name").ok()).collect();
+                self.remove_where(ns, |spec| spec.get_str("name").is_ok_and(|n| names.contains(&n)));
+            }
+            Write::DropIndexes { ns, index } => match index {
+                Bson::String(name) if name == "*" => {
+                    self.take(ns);
+                }
+                Bson::String(name) => self.remove_where(ns, |spec| spec.get_str("name") == Ok(name.as_str())),
+                Bson::Document(key) => self.remove_where(ns, |spec| spec.get_document("key") == Ok(key)),
+                Bson::Array(names) => self.remove_where(ns, |spec| {
+                    spec.get_str("name").is_ok_and(|n| names.iter().any(|x| x.as_str() == Some(n)))
+                }),
+                _ => {}
+            },
+            Write::CollMod { ns, command } if command.contains_key("index") => {
+                return self.take(ns).map(|specs| (ns.clone(), specs));
+            }
+            Write::CollMod { .. } | Write::Create { .. } | Write::Upsert { .. } | Write::Update { .. } => {}
+            Write::Delete { .. } => {}
+        }
+        None
+    }
+
+    fn remove_where(&mut self, ns: &Ns, gone: impl Fn(&Document) -> bool) {
+        if let Some((_, specs)) = self.by_ns.iter_mut().find(|(n, _)| n == ns) {
+            specs.retain(|s| !gone(s));
+        }
+        self.by_ns.retain(|(_, specs)| !specs.is_empty());
+    }
+
+    /// Everything still pending, in snapshot order.
+    pub(crate) fn drain(&mut self) -> Vec<(Ns, Vec<Document>)> {
+        std::mem::take(&mut self.by_ns)
+    }
+}
+
+/// Builds `specs` (already [`index_specs`]) on `into`.
+pub(crate) async fn build_indexes(conn: &Connected, into: &Ns, specs: Vec<Document>) -> Result<(), MongoError> {
+    conn.client
+        .database(&into.db)
+        .run_command(doc! { "createIndexes": &into.coll, "indexes": specs })
+        .await
+        .map_err(conn.server_err(format!("building indexes of {into}")))
+        .map(|_| ())
+}
+
+/// Loads the documents of the snapshot's collection `c` into the existing collection `into`
+/// (its indexes are the caller's, after the replay: [`PendingIndexes`]); returns the plaintext
+/// bytes of the blocks read.
 pub(crate) async fn load_collection(
     repo: &Repository,
     catalog: &MongoCatalog,
     conn: &Connected,
     c: &CollectionDump,
     into: &Ns,
-) -> Result<(u64, usize), MongoError> {
+) -> Result<u64, MongoError> {
     let db = conn.client.database(&into.db);
     let coll = db.collection::<RawDocumentBuf>(&into.coll);
     let mut bytes_restored = 0u64;
@@ -314,23 +410,16 @@ pub(crate) async fn load_collection(
             continue;
         }
         coll.insert_many(docs)
-            .with_options(InsertManyOptions::builder().ordered(true).build())
+            .with_options(InsertManyOptions::builder().ordered(true).bypass_document_validation(true).build())
             .await
             .map_err(conn.server_err(format!("loading {into}")))?;
     }
-    let specs = index_specs(&c.indexes);
-    let indexes_built = specs.len();
-    if !specs.is_empty() {
-        db.run_command(doc! { "createIndexes": &into.coll, "indexes": specs })
-            .await
-            .map_err(conn.server_err(format!("building indexes of {into}")))?;
-    }
-    Ok((bytes_restored, indexes_built))
+    Ok(bytes_restored)
 }
 
 /// Restores `opts.target` into the server at `opts.target_uri`: picks the newest snapshot whose
-/// window holds the target, loads it (documents, then indexes, then views), replays the archived
-/// oplog after its `ts_before` up to the target, and reports what was achieved.
+/// window holds the target, loads it (documents, then views), replays the archived oplog after
+/// its `ts_before` up to the target, builds the snapshot's indexes, and reports what was achieved.
 pub async fn restore(
     repo: &Repository,
     catalog: &MongoCatalog,
@@ -358,18 +447,19 @@ pub async fn restore(
         }
     }
 
-    // Documents first, then indexes: building an index once is faster than maintaining it.
+    // Documents first, indexes after the replay: building an index once is faster than
+    // maintaining it, and only after the replay do the documents belong to one moment.
     let mut bytes_restored = 0u64;
     let mut indexes_built = 0usize;
+    let mut pending = PendingIndexes::default();
     for c in snapshot.collections.iter().filter(|c| c.kind == CollectionKind::Collection) {
         let db = conn.client.database(&c.db);
         let mut create = doc! { "create": &c.name };
         create.extend(c.options.clone());
         db.run_command(create).await.map_err(conn.server_err(format!("creating {}.{}", c.db, c.name)))?;
         let into = Ns { db: c.db.clone(), coll: c.name.clone() };
-        let (bytes, indexes) = load_collection(repo, catalog, &conn, c, &into).await?;
-        bytes_restored += bytes;
-        indexes_built += indexes;
+        bytes_restored += load_collection(repo, catalog, &conn, c, &into).await?;
+        pending.add(into, &c.indexes);
     }
     // Views after the collections they read.
     for c in snapshot.collections.iter().filter(|c| c.kind == CollectionKind::View) {
@@ -393,7 +483,7 @@ pub async fn restore(
         tracing::warn!(snapshot = %snapshot.id, collections = %not_restored.join(", "),
             "the snapshot lists collections restore cannot load; they are NOT restored");
     }
-    let load_seconds = started.elapsed().as_secs_f64();
+    let mut load_seconds = started.elapsed().as_secs_f64();
 
     let replay_started = Instant::now();
     let mut grouper = Grouper::new();
@@ -443,6 +533,10 @@ pub async fn restore(
             }
             for g in grouper.push(&e)? {
                 for w in &g.writes {
+                    if let Some((ns, specs)) = pending.before(w) {
+                        indexes_built += specs.len();
+                        build_indexes(&conn, &ns, specs).await?;
+                    }
                     apply_write(&conn, w).await?;
                 }
                 entries_applied += g.entries as u64;
@@ -454,6 +548,10 @@ pub async fn restore(
     let (open, _unfinished) = grouper.finish();
     if let Some(g) = open {
         for w in &g.writes {
+            if let Some((ns, specs)) = pending.before(w) {
+                indexes_built += specs.len();
+                build_indexes(&conn, &ns, specs).await?;
+            }
             apply_write(&conn, w).await?;
         }
         entries_applied += g.entries as u64;
@@ -461,6 +559,12 @@ pub async fn restore(
         last = Some((g.ts, g.time_us));
     }
     let replay_seconds = replay_started.elapsed().as_secs_f64();
+    let indexes_started = Instant::now();
+    for (ns, specs) in pending.drain() {
+        indexes_built += specs.len();
+        build_indexes(&conn, &ns, specs).await?;
+    }
+    load_seconds += indexes_started.elapsed().as_secs_f64();
 
     let newest = catalog.last_archived();
     let consistent_us = snapshot.time_after_us;
@@ -500,4 +604,81 @@ pub async fn restore(
         replay_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(c: &str) -> Ns {
+        Ns { db: "shop".into(), coll: c.into() }
+    }
+
+    fn spec(name: &str, field: &str) -> Document {
+        doc! { "v": 2, "key": { field: 1 }, "name": name, "ns": "shop.x" }
+    }
+
+    fn names(p: &mut PendingIndexes) -> Vec<(String, Vec<String>)> {
+        p.drain()
+            .into_iter()
+            .map(|(n, specs)| (n.to_string(), specs.iter().map(|s| s.get_str("name").unwrap().to_string()).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn snapshot_indexes_wait_for_the_replay_and_follow_what_it_does() {
+        let loaded = || {
+            let mut p = PendingIndexes::default();
+            let id = doc! { "v": 2, "key": { "_id": 1 }, "name": "_id_" };
+            p.add(ns("items"), &[id.clone(), spec("a_1", "a"), spec("b_1", "b"), spec("c_1", "c")]);
+            p.add(ns("orders"), &[id.clone(), spec("o_1", "o")]);
+            p.add(ns("empty"), &[id]);
+            p
+        };
+        // Untouched: everything but `_id_`, without the fields createIndexes refuses.
+        let mut p = loaded();
+        let all = p.drain();
+        assert_eq!(all.len(), 2);
+        assert!(all[0].1.iter().all(|s| !s.contains_key("ns")));
+        // Writes to documents change nothing.
+        let mut p = loaded();
+        let upsert = Write::Upsert { ns: ns("items"), filter: doc! { "_id": 1 }, doc: doc! { "_id": 1 } };
+        assert_eq!(p.before(&upsert), None);
+        assert_eq!(
+            names(&mut p),
+            vec![
+                ("shop.items".into(), vec!["a_1".into(), "b_1".into(), "c_1".into()]),
+                ("shop.orders".into(), vec!["o_1".into()])
+            ]
+        );
+        // dropIndexes by name, by key, by list; createIndexes of the same name supersedes.
+        let mut p = loaded();
+        p.before(&Write::DropIndexes { ns: ns("items"), index: Bson::String("a_1".into()) });
+        p.before(&Write::DropIndexes { ns: ns("items"), index: Bson::Document(doc! { "b": 1 }) });
+        p.before(&Write::CreateIndexes { ns: ns("items"), indexes: vec![spec("c_1", "c")] });
+        p.before(&Write::DropIndexes { ns: ns("orders"), index: Bson::Array(vec![Bson::String("o_1".into())]) });
+        assert_eq!(names(&mut p), vec![]);
+        let mut p = loaded();
+        p.before(&Write::DropIndexes { ns: ns("items"), index: Bson::String("*".into()) });
+        assert_eq!(names(&mut p), vec![("shop.orders".into(), vec!["o_1".into()])]);
+        // Drops forget; a rename carries them along and forgets those of what it replaces.
+        let mut p = loaded();
+        p.before(&Write::Drop { ns: ns("orders") });
+        p.before(&Write::Rename { from: ns("items"), to: ns("moved"), drop_target: false });
+        assert_eq!(names(&mut p), vec![("shop.moved".into(), vec!["a_1".into(), "b_1".into(), "c_1".into()])]);
+        let mut p = loaded();
+        p.before(&Write::Rename { from: ns("orders"), to: ns("items"), drop_target: true });
+        assert_eq!(names(&mut p), vec![("shop.items".into(), vec!["o_1".into()])]);
+        let mut p = loaded();
+        p.before(&Write::DropDatabase { db: "shop".into() });
+        assert_eq!(names(&mut p), vec![]);
+        // A collMod that changes one of them needs them built now; other collMods do not.
+        let mut p = loaded();
+        let validator = doc! { "collMod": "items", "validator": {} };
+        assert_eq!(p.before(&Write::CollMod { ns: ns("items"), command: validator }), None);
+        let hide = doc! { "collMod": "items", "index": { "name": "a_1", "hidden": true } };
+        let now = p.before(&Write::CollMod { ns: ns("items"), command: hide }).unwrap();
+        assert_eq!((now.0, now.1.len()), (ns("items"), 3));
+        assert_eq!(names(&mut p), vec![("shop.orders".into(), vec!["o_1".into()])]);
+    }
 }

@@ -350,3 +350,82 @@ async fn drops_and_renames_decide_existence_and_a_failed_restore_drops_what_it_w
     assert_eq!(names, vec!["gone_back".to_string()], "the failed restore left a collection behind");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_collection_restores_alone_and_a_later_validator_rejects_nothing() -> Result<()> {
+    let source = MongoServer::start(MongoOptions::default())?;
+    let whole_target = MongoServer::start(MongoOptions::default())?;
+    let mut env = MongoEnv::new("mongo-collection-recreate", &source.uri(), "")?;
+    env.run_ok(&["init"])?;
+    let mut stream = env.spawn_stream()?;
+    let c = client(&source.uri()).await?;
+    let shop = c.database("shop");
+    let items = shop.collection::<Document>("items");
+    let typed = shop.collection::<Document>("typed");
+    items.insert_many((0..20).map(|i| doc! { "_id": i, "a": i, "first": true })).await?;
+    items.create_index(mongodb::IndexModel::builder().keys(doc! { "a": 1 }).build()).await?;
+    // Documents written before a validator that rejects them was added.
+    typed.insert_many((0..10).map(|i| doc! { "_id": i, "n": format!("text {i}") })).await?;
+    shop.run_command(
+        doc! { "collMod": "typed", "validator": { "n": { "$type": "int" } }, "validationLevel": "strict" },
+    )
+    .await?;
+    shop.collection::<Document>("report").insert_one(doc! { "_id": "stale" }).await?;
+    let refused = typed.insert_one(doc! { "_id": 99, "n": "not an int" }).await;
+    assert!(refused.is_err(), "the server does not enforce the validator, so this test proves nothing");
+    let before_snapshot = newest(&c).await?;
+    env.wait_archived((before_snapshot.0, before_snapshot.1))?;
+    env.run_ok(&["backup", "--source", "mongo"])?;
+
+    // Before T: the collection dropped and created again with other documents and another index;
+    // writes the validator would reject, let through as a migration would.
+    items.drop().await?;
+    items.insert_many((100..105).map(|i| doc! { "_id": i, "b": i, "second": true })).await?;
+    items.create_index(mongodb::IndexModel::builder().keys(doc! { "b": 1 }).build()).await?;
+    typed.update_one(doc! { "_id": 1 }, doc! { "$set": { "seen": true } }).bypass_document_validation(true).await?;
+    typed.insert_one(doc! { "_id": 20, "n": "late text" }).bypass_document_validation(true).await?;
+    typed.insert_one(doc! { "_id": 21, "n": 21 }).await?;
+    // $out replaces a collection (SecantusDB logs a drop and the inserts).
+    items.aggregate([doc! { "$match": { "b": { "$lt": 102 } } }, doc! { "$out": "report" }]).await?;
+    let t = moment(&c).await?;
+    let report_at_t = documents(&c, "shop", "report").await?;
+    assert_eq!(report_at_t.len(), 2);
+    let items_at_t = documents(&c, "shop", "items").await?;
+    let typed_at_t = documents(&c, "shop", "typed").await?;
+    assert!(items_at_t.iter().all(|d| d.get_bool("second").is_ok()) && items_at_t.len() == 5);
+    items.insert_one(doc! { "_id": 200 }).await?;
+    typed.delete_one(doc! { "_id": 2 }).await?;
+    let end = newest(&c).await?;
+    env.wait_archived((end.0, end.1))?;
+    env.stop_stream_cleanly(&mut stream)?;
+
+    let uri = source.direct_uri();
+    let to = format!("ts:{}:{}", t.0, t.1);
+    let restore = |ns: &str, as_name: &str| {
+        ["restore", "--source", "mongo", "--to", &to, "--ns", ns, "--as", as_name, "--target-uri", &uri, "--json"]
+            .map(String::from)
+    };
+    // Only the re-created collection's documents and indexes: nothing of the one dropped before T.
+    let report = json(&env, &strs(&restore("shop.items", "shop.items_back")))?;
+    assert_eq!(documents(&c, "shop", "items_back").await?, items_at_t, "{report}");
+    let mut indexes = shop.collection::<Document>("items_back").list_index_names().await?;
+    indexes.sort();
+    assert_eq!(indexes, vec!["_id_".to_string(), "b_1".to_string()], "{report}");
+    assert_eq!(report["documents"], 5, "{report}");
+    // Documents the validator rejects come back, from the snapshot and from the replay.
+    let report = json(&env, &strs(&restore("shop.typed", "shop.typed_back")))?;
+    assert_eq!(documents(&c, "shop", "typed_back").await?, typed_at_t, "{report}");
+    let report = json(&env, &strs(&restore("shop.report", "shop.report_back")))?;
+    assert_eq!(documents(&c, "shop", "report_back").await?, report_at_t, "{report}");
+
+    // The whole restore likewise.
+    let whole_uri = whole_target.direct_uri();
+    env.run_ok(&["restore", "--source", "mongo", "--to", &to, "--target-uri", &whole_uri])?;
+    let w = client(&whole_uri).await?;
+    assert_eq!(documents(&w, "shop", "items").await?, items_at_t);
+    assert_eq!(documents(&w, "shop", "typed").await?, typed_at_t);
+    let mut indexes = w.database("shop").collection::<Document>("items").list_index_names().await?;
+    indexes.sort();
+    assert_eq!(indexes, vec!["_id_".to_string(), "b_1".to_string()]);
+    Ok(())
+}
