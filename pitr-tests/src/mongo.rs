@@ -241,3 +241,27 @@ impl MongoEnv {
         Ok((reply.status, reply.text()))
     }
 }
+
+/// A driver client for `uri` that waits up to 30 s for a server.
+pub async fn client(uri: &str) -> Result<mongodb::Client> {
+    let mut opts = mongodb::options::ClientOptions::parse(uri).await?;
+    opts.server_selection_timeout = Some(Duration::from_secs(30));
+    Ok(mongodb::Client::with_options(opts)?)
+}
+
+/// The newest oplog entry: (ts seconds, increment, wall ms).
+pub async fn newest(c: &mongodb::Client) -> Result<(u32, u32, i64)> {
+    use bson::{doc, Bson, Document};
+    let e = c
+        .database("local")
+        .collection::<Document>("oplog.rs")
+        .find_one(doc! {})
+        .sort(doc! { "$natural": -1 })
+        .await?
+        .context("empty oplog")?;
+    let ts = match e.get("ts") {
+        Some(Bson::Timestamp(t)) => *t,
+        _ => bail!("entry without ts: {e}"),
+    };
+    Ok((ts.time, ts.increment, e.get_datetime("wall")?.timestamp_millis()))
+}

@@ -5,32 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use bson::{doc, Bson, Document};
-use mongodb::options::ClientOptions;
 use mongodb::Client;
-use pitr_tests::mongo::{MongoEnv, MongoOptions, MongoServer};
+use pitr_tests::mongo::{client, newest, MongoEnv, MongoOptions, MongoServer};
 use pitr_tests::{free_port, wait_until};
-
-async fn client(uri: &str) -> Result<Client> {
-    let mut opts = ClientOptions::parse(uri).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(30));
-    Ok(Client::with_options(opts)?)
-}
-
-/// The newest oplog entry: (ts seconds, increment, wall ms).
-async fn newest(c: &Client) -> Result<(u32, u32, i64)> {
-    let e = c
-        .database("local")
-        .collection::<Document>("oplog.rs")
-        .find_one(doc! {})
-        .sort(doc! { "$natural": -1 })
-        .await?
-        .context("empty oplog")?;
-    let ts = match e.get("ts") {
-        Some(Bson::Timestamp(t)) => *t,
-        _ => bail!("entry without ts: {e}"),
-    };
-    Ok((ts.time, ts.increment, e.get_datetime("wall")?.timestamp_millis()))
-}
 
 async fn oldest(c: &Client) -> Result<(u32, u32)> {
     let e = c

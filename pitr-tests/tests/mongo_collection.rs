@@ -4,34 +4,11 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
-use bson::{doc, Bson, Document};
-use mongodb::options::ClientOptions;
+use anyhow::{Context, Result};
+use bson::{doc, Document};
 use mongodb::Client;
 use pitr_tests::checks::expect_failure;
-use pitr_tests::mongo::{MongoEnv, MongoOptions, MongoServer};
-
-async fn client(uri: &str) -> Result<Client> {
-    let mut opts = ClientOptions::parse(uri).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(30));
-    Ok(Client::with_options(opts)?)
-}
-
-/// The newest oplog entry: (ts seconds, increment, wall ms).
-async fn newest(c: &Client) -> Result<(u32, u32, i64)> {
-    let e = c
-        .database("local")
-        .collection::<Document>("oplog.rs")
-        .find_one(doc! {})
-        .sort(doc! { "$natural": -1 })
-        .await?
-        .context("empty oplog")?;
-    let ts = match e.get("ts") {
-        Some(Bson::Timestamp(t)) => *t,
-        _ => bail!("entry without ts: {e}"),
-    };
-    Ok((ts.time, ts.increment, e.get_datetime("wall")?.timestamp_millis()))
-}
+use pitr_tests::mongo::{client, newest, MongoEnv, MongoOptions, MongoServer};
 
 /// The newest entry, after which the next write falls in a later millisecond (so that a TIME
 /// target at its wall time is unambiguous).
