@@ -98,6 +98,32 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(15);
 /// After a failed renewal, the next try comes this much sooner than [`RENEW_EVERY`].
 const RETRY_RENEWAL: Duration = Duration::from_secs(3);
 
+/// The least `[retention] stale_backup_after` may be (the config refuses less). A run that does
+/// not know the configured value checks its marker against this ([`RunMarker::check_fresh`]):
+/// never laxer than the configured value, at worst stricter.
+pub const MIN_STALE_BACKUP_AFTER: Duration = Duration::from_secs(60);
+
+/// How much sooner than `[retention] stale_backup_after` a backup counts its marker as possibly
+/// stale ([`RunMarker::check_fresh`]): room for the clock skew between hosts and for the put of
+/// the manifest that follows the check.
+pub const FRESH_MARGIN: Duration = Duration::from_secs(15);
+
+/// A backup whose marker went unrenewed long enough that an expire may have taken it for a
+/// crashed run's and swept blocks the backup reuses ([`RunMarker::check_fresh`]).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the running marker could not be renewed for {} s (an expire takes a marker not renewed for {} s for a \
+     crashed run's); an expire may have removed blocks this backup reuses; nothing was stored, run it again",
+    unrenewed.as_secs(),
+    stale_after.as_secs()
+)]
+pub struct MarkerStale {
+    /// The longest span without a durable renewal during the run.
+    pub unrenewed: Duration,
+    /// `[retention] stale_backup_after` it was checked against.
+    pub stale_after: Duration,
+}
+
 /// What a marker announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RunKind {
@@ -626,6 +652,30 @@ struct Shared {
     /// Held across each put and delete, so that renewals, a new plan and the release never
     /// interleave (a generation put after the release would be left behind).
     state: tokio::sync::Mutex<State>,
+    /// When the marker was last renewed durably, and the longest span without, so far.
+    freshness: std::sync::Mutex<Freshness>,
+}
+
+/// Spans without a durable renewal. A span runs from the moment a generation's put was begun
+/// (about the renewal time its name gives, which expire judges by) to the moment the next put
+/// was durable.
+#[derive(Debug, Clone, Copy)]
+struct Freshness {
+    /// When the put of the newest durable generation was begun.
+    named: Instant,
+    /// The longest closed span so far.
+    longest: Duration,
+}
+
+impl Freshness {
+    fn renewed(&mut self, begun: Instant) {
+        self.longest = self.longest.max(self.named.elapsed());
+        self.named = begun;
+    }
+
+    fn longest_now(&self) -> Duration {
+        self.longest.max(self.named.elapsed())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -648,7 +698,11 @@ impl Shared {
         let renewed = now_us().max(last.saturating_add(1));
         let name = marker_name(self.kind, self.started_us, renewed, &self.id);
         let text = record_text(self.kind, self.started_us, renewed, &self.id, state.plan.as_ref());
+        let begun = Instant::now();
         put_record(&self.repo, &name, text).await?;
+        if let Ok(mut f) = self.freshness.lock() {
+            f.renewed(begun);
+        }
         state.generations.push_back((renewed, name));
         while state.generations.len() > 2 {
             let Some((_, oldest)) = state.generations.front().cloned() else { break };
@@ -726,13 +780,20 @@ impl RunMarker {
         kind: RunKind,
         every: Duration,
     ) -> Result<RunMarker, RepositoryError> {
+        let begun = Instant::now();
         let started_us = now_us();
         let id = random_suffix();
         let name = marker_name(kind, started_us, started_us, &id);
         put_record(repo, &name, record_text(kind, started_us, started_us, &id, None)).await?;
         let state = State { generations: VecDeque::from([(started_us, name)]), ..State::default() };
-        let shared =
-            Arc::new(Shared { repo: repo.clone(), kind, started_us, id, state: tokio::sync::Mutex::new(state) });
+        let shared = Arc::new(Shared {
+            repo: repo.clone(),
+            kind,
+            started_us,
+            id,
+            state: tokio::sync::Mutex::new(state),
+            freshness: std::sync::Mutex::new(Freshness { named: begun, longest: Duration::ZERO }),
+        });
         // Renewing already while waiting: the wait may outlast `stale_backup_after`.
         let renewer = tokio::spawn(renew_loop(shared.clone(), every));
         let marker = RunMarker { shared, renewer: Some(renewer), released: false };
@@ -834,6 +895,26 @@ impl RunMarker {
     pub async fn set_plan(&self, plan: ReadPlan) -> Result<(), RepositoryError> {
         self.shared.state.lock().await.plan = Some(plan);
         self.shared.renew().await
+    }
+
+    /// The longest span so far, the current one included, in which the marker had no durable
+    /// renewal: an expire judges a marker by its newest generation, so throughout such a span it
+    /// saw the marker as that old.
+    pub fn longest_unrenewed(&self) -> Duration {
+        self.shared.freshness.lock().map(|f| f.longest_now()).unwrap_or(Duration::MAX)
+    }
+
+    /// For a backup, just before it stores its manifest: an error if the marker ever went
+    /// unrenewed (renewals failing, the process stalled) for `stale_after` (`[retention]
+    /// stale_backup_after`) less [`FRESH_MARGIN`]. An expire meanwhile may then have taken the
+    /// run for a crashed one and swept blocks it reuses, and a manifest naming them must not be
+    /// stored.
+    pub fn check_fresh(&self, stale_after: Duration) -> Result<(), MarkerStale> {
+        let unrenewed = self.longest_unrenewed();
+        if unrenewed >= stale_after.saturating_sub(FRESH_MARGIN) {
+            return Err(MarkerStale { unrenewed, stale_after });
+        }
+        Ok(())
     }
 
     /// Renews now (tests; the background task renews on its own).
@@ -988,11 +1069,17 @@ pub(crate) mod tests {
     pub(crate) struct Faulty {
         pub(crate) inner: LocalStore,
         failing: std::sync::Mutex<BTreeMap<String, Fault>>,
+        /// Puts fail (a 503 after retries) while set.
+        failing_puts: AtomicBool,
     }
 
     impl Faulty {
         pub(crate) fn new(dir: &std::path::Path) -> Faulty {
-            Faulty { inner: LocalStore::new(dir), failing: Default::default() }
+            Faulty { inner: LocalStore::new(dir), failing: Default::default(), failing_puts: AtomicBool::new(false) }
+        }
+
+        pub(crate) fn fail_puts(&self, fail: bool) {
+            self.failing_puts.store(fail, Ordering::SeqCst);
         }
 
         pub(crate) fn fail(&self, name: &str, fault: Fault) {
@@ -1018,6 +1105,14 @@ pub(crate) mod tests {
     #[async_trait::async_trait]
     impl Store for Faulty {
         async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
+            if self.failing_puts.load(Ordering::SeqCst) {
+                return Err(StoreError::Backend {
+                    op: "put",
+                    name: name.into(),
+                    location: self.inner.location(),
+                    message: "503 Slow Down".into(),
+                });
+            }
             self.inner.put_if_absent(name, data).await
         }
         async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
@@ -1323,6 +1418,38 @@ pub(crate) mod tests {
         assert!(watcher.await.unwrap() > 0);
         marker.release().await;
         assert!(list(&r).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_backup_whose_marker_went_unrenewed_near_stale_backup_after_is_refused_even_after_it_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Faulty::new(dir.path()));
+        let r = Repository::new(store.clone(), KeyRing::from_key("k", [3; 32]));
+        let every = Duration::from_millis(20);
+        let marker = RunMarker::begin_renewing_every(&r, RunKind::Backup, every).await.unwrap();
+        // Against a stale_backup_after of FRESH_MARGIN + 1 s: refused once renewals fail for 1 s.
+        let stale_after = FRESH_MARGIN + Duration::from_secs(1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(marker.longest_unrenewed() < Duration::from_millis(500), "{:?}", marker.longest_unrenewed());
+        marker.check_fresh(stale_after).unwrap();
+
+        store.fail_puts(true);
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let err = marker.check_fresh(stale_after).unwrap_err();
+        assert!(err.unrenewed >= Duration::from_secs(1), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("could not be renewed for ") && text.contains("nothing was stored"), "{text}");
+
+        // Renewals work again, yet the gap is remembered: an expire may have swept meanwhile.
+        store.fail_puts(false);
+        let renewed_before = marker.names().await;
+        while marker.names().await == renewed_before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(marker.check_fresh(stale_after).is_err(), "a past gap was forgotten once renewals recovered");
+        // A longer stale_backup_after tolerates it.
+        marker.check_fresh(FRESH_MARGIN + Duration::from_secs(60)).unwrap();
+        marker.release().await;
     }
 
     #[tokio::test]

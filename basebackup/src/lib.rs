@@ -68,6 +68,10 @@ pub enum BackupError {
         /// Why it was refused.
         what: String,
     },
+    /// The backup's running marker went unrenewed so long that an expire may have swept blocks
+    /// it reuses: its manifest was not stored.
+    #[error(transparent)]
+    MarkerStale(#[from] pitr_archive::running::MarkerStale),
     /// Anything else, said in full: no start or end position in the stream, the WAL up to the
     /// stop LSN not archived within [`BackupOptions::wal_timeout`], a backup of the same id
     /// already in the repository, a failed upload task.
@@ -97,6 +101,9 @@ pub struct BackupOptions {
     /// server allows it (PostgreSQL 17+, `summarize_wal = on`); otherwise a full backup, with
     /// the reason in [`BackupSummary::fallback`].
     pub incremental: bool,
+    /// `[retention] stale_backup_after`: a backup whose running marker went unrenewed for about
+    /// this long stores no manifest (see [`pitr_archive::running::RunMarker::check_fresh`]).
+    pub stale_backup_after: Duration,
 }
 
 /// Progress for a terminal: bytes received of the server's estimate.
@@ -181,7 +188,7 @@ pub async fn take_backup(
     // however long that is. Released once the manifest is durable, and on failures too (a
     // marker left behind would hold the block sweep off until it is stale).
     let running = pitr_archive::running::RunMarker::begin(repo, pitr_archive::running::RunKind::Backup).await?;
-    let result = backup_marked(repo, opts, progress, started).await;
+    let result = backup_marked(repo, opts, progress, started, &running).await;
     running.release().await;
     result
 }
@@ -192,6 +199,7 @@ async fn backup_marked(
     opts: &BackupOptions,
     progress: &(dyn Fn(Progress) + Sync),
     started: Instant,
+    running: &pitr_archive::running::RunMarker,
 ) -> Result<(BackupManifest, BackupSummary), BackupError> {
     let mut start_time_us = now_us();
     let connect = ConnectOptions { replication: true, application_name: opts.application_name.clone() };
@@ -383,6 +391,7 @@ async fn backup_marked(
         let json =
             serde_json::to_vec(&manifest).map_err(|e| BackupError::Other(format!("serialising the manifest: {e}")))?;
         let meta = ObjectMeta { timeline, start_lsn, end_lsn: stop_lsn, ..ObjectMeta::plain(ObjectKind::Meta) };
+        running.check_fresh(opts.stale_backup_after)?;
         repo.put_sealed_sized(&name, json, meta).await?
     };
     if outcome != PutOutcome::Created {

@@ -803,7 +803,7 @@ impl MongoConfig {
 
 /// `[[dumps]]`: a logical dump set (the seed runbook's development database: daily at 01:00
 /// local time, kept 7 days).
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DumpConfig {
     /// The set's name (1-64 of `a-z 0-9 _ -`), unique among `[[dumps]]`.
@@ -821,6 +821,19 @@ pub struct DumpConfig {
     /// `pitr expire` removes dumps that started longer ago than this; the newest always stays.
     #[serde(default = "default_dump_keep_days")]
     pub keep_days: u32,
+}
+
+/// By hand: the conninfo may carry the dumping role's password, which must not reach a log.
+impl std::fmt::Debug for DumpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DumpConfig")
+            .field("name", &self.name)
+            .field("conninfo", &pitr_pgwire::conninfo::redact_in_text(&self.conninfo))
+            .field("schedule", &self.schedule)
+            .field("time_zone", &self.time_zone)
+            .field("keep_days", &self.keep_days)
+            .finish()
+    }
 }
 
 fn default_dump_schedule() -> String {
@@ -1579,6 +1592,10 @@ mod dump_tests {
             config("[[dumps]]\nname = \"d\"\nconninfo = \"password=hunter2 bogus=1 dbname=d\"\n").unwrap_err()
         );
         assert!(!err.contains("hunter2"), "{err}");
+        // Nor in the set's Debug form (a `{:?}` in a log line).
+        let c = config("[[dumps]]\nname = \"d\"\nconninfo = \"host=db password='hunter2' dbname=d\"\n").unwrap();
+        let shown = format!("{:?}", c.dump_set("d").unwrap());
+        assert!(!shown.contains("hunter2") && shown.contains("host=db"), "{shown}");
     }
 
     #[test]

@@ -234,7 +234,8 @@ enum Command {
         force: bool,
         #[arg(long)]
         json: bool,
-        /// Database user for the report's queries (default $USER).
+        /// Database user for the report's queries; with --table, the scratch server's role, a
+        /// superuser of the restored cluster (default $USER).
         #[arg(long)]
         db_user: Option<String>,
         /// How long --start waits for recovery to finish.
@@ -420,8 +421,8 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             cmd::backup::run(config_path, incremental, json).await
         }
         Command::Dump { set, json } => cmd::dump::dump(config_path, &set, json).await,
-        Command::Verify { json, source: Source::Files, set, live, .. } => {
-            return cmd::files::verify(config_path, set.as_deref(), live, json).await
+        Command::Verify { json, source: Source::Files, set, live, deep, .. } => {
+            return cmd::files::verify(config_path, set.as_deref(), live, deep, json).await
         }
         Command::Verify { set: Some(_), .. } | Command::Verify { live: true, .. } => {
             anyhow::bail!("--set and --live verify file sets: use them with --source files")
@@ -487,10 +488,10 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             cmd::keys::rewrap(config_path, from.as_deref(), json).await
         }
         Command::Keys { action: KeysAction::Retire { id, json } } => cmd::keys::retire(config_path, &id, json).await,
-        Command::Restore { to, table: Some(table), into, as_name, json, source: Source::Postgres, from, .. } => {
+        Command::Restore { to, table: Some(table), into, as_name, json, source: Source::Postgres, from, db_user, .. } => {
             let into =
                 into.ok_or_else(|| anyhow::anyhow!("--table needs --into CONNINFO (the database to create it in)"))?;
-            let args = cmd::table::TableArgs { to, table, into, as_name, json, from };
+            let args = cmd::table::TableArgs { to, table, into, as_name, json, from, db_user };
             cmd::table::run(config_path, args).await
         }
         Command::Restore { table: Some(_), .. } => {

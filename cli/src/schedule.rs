@@ -928,13 +928,22 @@ async fn run_files_expire(config_path: &Path, repo: &Repository) {
     tracing::info!(job = NAME, event = "start", "scheduled expire of file sets and dumps starting");
     let result = async {
         let config = Config::load(config_path)?;
-        let dumps = crate::cmd::dump::expire_sets(&config, repo, false).await?;
-        let files = crate::cmd::files::expire(&config, repo, false).await?;
-        anyhow::Ok((dumps, files))
+        use anyhow::Context as _;
+        // The file sets' part runs even when the dumps' failed.
+        let dumps = crate::cmd::dump::expire_sets(&config, repo, false).await.context("dumps");
+        let files = crate::cmd::files::expire(&config, repo, false).await.context("file sets");
+        if let (Err(d), Err(_)) = (&dumps, &files) {
+            tracing::error!(job = NAME, error = %format!("{d:#}"), "scheduled expire of dumps failed");
+        }
+        let files = files?;
+        anyhow::Ok((dumps?, files))
     }
     .await;
     let ok = match result {
         Ok((dumps, files)) => {
+            for x in &dumps.retained {
+                tracing::warn!(job = NAME, object = %x.object, "retained: {}", x.why);
+            }
             for x in &files.retained {
                 tracing::warn!(job = NAME, object = %x.object, "retained: {}", x.why);
             }

@@ -27,6 +27,7 @@ pub fn backup_options(
         wal_timeout: config.backup.wal_timeout.unwrap_or(Duration::from_secs(120)),
         fast_checkpoint: true,
         incremental,
+        stale_backup_after: config.retention.stale_backup_after,
     }
 }
 

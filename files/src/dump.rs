@@ -14,7 +14,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use pitr_archive::running::{RunKind, RunMarker};
+use pitr_archive::expire::refused;
+use pitr_archive::running::{MarkerStale, RunKind, RunMarker};
 use pitr_archive::time::{format_compact, format_rfc3339_seconds};
 use pitr_archive::{names, now_us};
 use pitr_archive::{ObjectKind, ObjectMeta, PutOutcome, Repository, RepositoryError};
@@ -140,30 +141,43 @@ const ID_TRIES: i64 = 60;
 
 /// Takes a dump of `set` from the database `info` leads to with `tools`' `pg_dump`, stores its
 /// blocks and then its manifest. Announced by a backup marker while blocks are written, so that
-/// no block sweep removes a block it reuses. Nothing but unreferenced blocks is left when it
-/// fails; the blocks go with the next sweep.
-pub async fn take(repo: &Repository, set: &str, tools: &PgTools, info: &ConnInfo) -> Result<TakenDump, FilesError> {
+/// no block sweep removes a block it reuses; `stale_backup_after` is `[retention]
+/// stale_backup_after`: a dump whose marker went unrenewed for about that long stores no
+/// manifest ([`FilesError::MarkerStale`], see [`RunMarker::check_fresh`]). Nothing but
+/// unreferenced blocks is left when it fails; the blocks go with the next sweep.
+pub async fn take(
+    repo: &Repository,
+    set: &str,
+    tools: &PgTools,
+    info: &ConnInfo,
+    stale_backup_after: Duration,
+) -> Result<TakenDump, FilesError> {
     if !names::files::valid_set_name(set) {
         return Err(FilesError::Other(format!("{set:?} is not a dump set name (1-64 of a-z 0-9 _ -)")));
     }
     let pg_dump_version = tools.version("pg_dump").await?;
     let server = pgdump::server_identity(info).await?;
     let marker = RunMarker::begin(repo, RunKind::Backup).await?;
-    let result = take_marked(repo, set, tools, info, pg_dump_version, server).await;
+    let result = async {
+        let store = BlockStore::open(repo).await?;
+        let run = pgdump::pg_dump(tools, info, &store).await?;
+        store_manifest(repo, set, run, pg_dump_version, server, &|| marker.check_fresh(stale_backup_after)).await
+    }
+    .await;
     marker.release().await;
     result
 }
 
-async fn take_marked(
+/// Stores the manifest of the dump `run` took, under the first free id from its start on;
+/// `fresh` is asked before each put whether the blocks can still be counted on.
+async fn store_manifest(
     repo: &Repository,
     set: &str,
-    tools: &PgTools,
-    info: &ConnInfo,
+    run: pgdump::DumpRun,
     pg_dump_version: String,
     server: pgdump::ServerIdentity,
+    fresh: &(dyn Fn() -> Result<(), MarkerStale> + Sync),
 ) -> Result<TakenDump, FilesError> {
-    let store = BlockStore::open(repo).await?;
-    let run = pgdump::pg_dump(tools, info, &store).await?;
     let mut manifest = DumpManifest {
         set: set.to_string(),
         id: String::new(),
@@ -185,6 +199,7 @@ async fn take_marked(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         manifest.id = format_compact(second * 1_000_000);
+        fresh()?;
         match manifest.store(repo).await {
             Ok(_) => {
                 return Ok(TakenDump {
@@ -221,7 +236,9 @@ pub fn choose(dumps: &[DumpManifest], set: &str, target_us: Option<i64>) -> Resu
 }
 
 /// Loads dump `m` into the database `info` leads to with `tools`' `pg_restore` (see
-/// [`pgdump::pg_restore`]: all or nothing). Announced by a restore marker while blocks are read.
+/// [`pgdump::pg_restore`]: all or nothing). The caller announces the restore (a restore
+/// [`RunMarker`] on the primary repository) before it lists the dumps and chooses `m`, so that no
+/// expire removes `m` or its blocks after the choice.
 pub async fn restore_into(
     repo: &Repository,
     m: &DumpManifest,
@@ -229,20 +246,15 @@ pub async fn restore_into(
     info: &ConnInfo,
 ) -> Result<u64, FilesError> {
     tools.program("pg_restore")?;
-    let marker = RunMarker::begin(repo, RunKind::Restore).await?;
-    let result = async {
-        let store = BlockStore::open(repo).await?;
-        pgdump::pg_restore(tools, info, &store, &m.blocks).await
-    }
-    .await;
-    marker.release().await;
-    result
+    let store = BlockStore::open(repo).await?;
+    pgdump::pg_restore(tools, info, &store, &m.blocks).await
 }
 
 /// Writes dump `m` to the new file `path` (a file `pg_restore` reads): refused if `path` exists;
 /// written to a temporary file beside it (mode 0600), checked against the manifest's SHA-256,
 /// synced and renamed into place without replacing anything, then the directory is synced. A
-/// failure leaves no file behind. Returns the bytes written.
+/// failure leaves no file behind. Returns the bytes written. The caller announces the restore
+/// before choosing `m`, as for [`restore_into`].
 pub async fn write_file(repo: &Repository, m: &DumpManifest, path: &Path) -> Result<u64, FilesError> {
     if path.symlink_metadata().is_ok() {
         return Err(FilesError::Other(format!("{} exists already; pitr does not overwrite it", path.display())));
@@ -258,7 +270,6 @@ pub async fn write_file(repo: &Repository, m: &DumpManifest, path: &Path) -> Res
         .tempfile_in(&dir)
         .map_err(|e| FilesError::io(&dir, e))?;
     let (file, temp_path) = temp.into_parts();
-    let marker = RunMarker::begin(repo, RunKind::Restore).await?;
     let written = async {
         let store = BlockStore::open(repo).await?;
         let mut out = Hashing { inner: tokio::fs::File::from_std(file), sha: Sha256::new() };
@@ -274,7 +285,6 @@ pub async fn write_file(repo: &Repository, m: &DumpManifest, path: &Path) -> Res
         Ok(n)
     }
     .await;
-    marker.release().await;
     let n = written?;
     temp_path.persist_noclobber(path).map_err(|e| FilesError::io(path, e.error))?;
     let synced = std::fs::File::open(&dir).and_then(|d| d.sync_all());
@@ -374,27 +384,47 @@ pub async fn verify(repo: &Repository, set: Option<&str>) -> Result<DumpVerifyRe
     Ok(report)
 }
 
+/// What [`expire`] did to one set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DumpExpiry {
+    /// Dumps removed (or, in a dry run, that would be), oldest first.
+    pub removed: Vec<DumpManifest>,
+    /// Dumps past `keep_days` whose manifest the storage refused to delete (S3 Object Lock
+    /// retention longer than `keep_days`, a policy that denies deletes): kept, with the
+    /// storage's answer. The next run tries again.
+    pub retained: Vec<(DumpManifest, String)>,
+}
+
 /// Removes the dumps of `set` that started more than `keep_days` days before `now_us`, always
 /// keeping the newest (`dry_run`: only says which). Only manifests go; their blocks are left to
 /// the block sweep, which runs after and sees them unreferenced. A manifest that does not open is
-/// left alone (`pitr verify --source dump` names it). Returns the removed dumps, oldest first.
+/// left alone (`pitr verify --source dump` names it), and so is one the storage refuses to delete
+/// (reported in [`DumpExpiry::retained`], not an error: the rest of expire must still run).
 pub async fn expire(
     repo: &Repository,
     set: &str,
     keep_days: u32,
     now_us: i64,
     dry_run: bool,
-) -> Result<Vec<DumpManifest>, FilesError> {
+) -> Result<DumpExpiry, FilesError> {
     let (dumps, _) = DumpManifest::list_sound(repo, Some(set)).await?;
     let cutoff = now_us.saturating_sub(i64::from(keep_days) * 86_400 * 1_000_000);
-    let Some((_newest, older)) = dumps.split_last() else { return Ok(Vec::new()) };
-    let expired: Vec<DumpManifest> = older.iter().filter(|d| d.start_time_us < cutoff).cloned().collect();
-    if !dry_run {
-        for d in &expired {
-            repo.delete(&names::files::dump_manifest(&d.set, &d.id)).await?;
+    let mut out = DumpExpiry::default();
+    let Some((_newest, older)) = dumps.split_last() else { return Ok(out) };
+    for d in older.iter().filter(|d| d.start_time_us < cutoff) {
+        if !dry_run {
+            match repo.delete(&names::files::dump_manifest(&d.set, &d.id)).await {
+                Ok(()) => {}
+                Err(RepositoryError::Store(e)) if refused(&e) => {
+                    out.retained.push((d.clone(), e.to_string()));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
+        out.removed.push(d.clone());
     }
-    Ok(expired)
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -486,13 +516,13 @@ mod tests {
         stored_dump(&repo, "lone", "20261101T010000Z", now - 40 * day, b"the only one").await;
 
         let would = expire(&repo, "dev", 7, now, true).await.unwrap();
-        assert_eq!(would.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["20261201T010000Z"]);
+        assert_eq!(would.removed.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["20261201T010000Z"]);
         assert_eq!(DumpManifest::list(&repo, Some("dev")).await.unwrap().len(), 2, "a dry run removed something");
         assert_eq!(expire(&repo, "dev", 7, now, false).await.unwrap(), would);
         let left: Vec<String> = DumpManifest::list(&repo, None).await.unwrap().into_iter().map(|d| d.id).collect();
         assert_eq!(left, ["20261101T010000Z", "20261205T010000Z"]);
         // The newest stays however old it is.
-        assert!(expire(&repo, "lone", 7, now, false).await.unwrap().is_empty());
+        assert_eq!(expire(&repo, "lone", 7, now, false).await.unwrap(), DumpExpiry::default());
 
         let clean = verify(&repo, None).await.unwrap();
         assert!(clean.findings.is_empty(), "{:?}", clean.findings);
@@ -506,6 +536,91 @@ mod tests {
         assert!(found.findings[0].message.contains("missing: dump 20261205T010000Z of set dev"));
         assert_eq!(found.missing_blocks.get("dev"), Some(&1));
         assert_eq!(found.missing_blocks.get("lone"), Some(&0));
+    }
+
+    /// A local store that refuses to delete dump manifests, as S3 does under an Object Lock
+    /// default retention longer than `keep_days`.
+    #[derive(Debug)]
+    struct Locked(LocalStore);
+
+    #[async_trait::async_trait]
+    impl Store for Locked {
+        async fn put_if_absent(&self, name: &str, data: bytes::Bytes) -> Result<PutOutcome, pitr_archive::StoreError> {
+            self.0.put_if_absent(name, data).await
+        }
+        async fn get(&self, name: &str) -> Result<bytes::Bytes, pitr_archive::StoreError> {
+            self.0.get(name).await
+        }
+        async fn get_range(
+            &self,
+            name: &str,
+            range: std::ops::Range<u64>,
+        ) -> Result<bytes::Bytes, pitr_archive::StoreError> {
+            self.0.get_range(name, range).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<pitr_archive::ObjectInfo>, pitr_archive::StoreError> {
+            self.0.list(prefix).await
+        }
+        async fn delete(&self, name: &str) -> Result<(), pitr_archive::StoreError> {
+            if name.contains("20261201") {
+                return Err(pitr_archive::StoreError::Denied {
+                    op: "delete",
+                    name: name.into(),
+                    location: self.0.location(),
+                    message: "AccessDenied: object is WORM protected".into(),
+                });
+            }
+            self.0.delete(name).await
+        }
+        async fn head(&self, name: &str) -> Result<Option<pitr_archive::ObjectInfo>, pitr_archive::StoreError> {
+            self.0.head(name).await
+        }
+        fn location(&self) -> String {
+            self.0.location()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dump_the_storage_refuses_to_delete_is_retained_and_the_others_still_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(Locked(LocalStore::new(dir.path()))), KeyRing::from_key("k", [1; 32]));
+        repo.init().await.unwrap();
+        let day = 86_400_000_000i64;
+        let now = 100 * day;
+        stored_dump(&repo, "dev", "20261130T010000Z", now - 10 * day, b"ten days old").await;
+        stored_dump(&repo, "dev", "20261201T010000Z", now - 9 * day, b"nine days old, locked").await;
+        stored_dump(&repo, "dev", "20261202T010000Z", now - 8 * day, b"eight days old").await;
+        stored_dump(&repo, "dev", "20261205T010000Z", now - 5 * day, b"five days old").await;
+
+        let done = expire(&repo, "dev", 7, now, false).await.unwrap();
+        let ids = |ds: &[DumpManifest]| ds.iter().map(|d| d.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&done.removed), ["20261130T010000Z", "20261202T010000Z"]);
+        assert_eq!(done.retained.len(), 1, "{:?}", done.retained);
+        assert_eq!(done.retained[0].0.id, "20261201T010000Z");
+        assert!(done.retained[0].1.contains("WORM"), "{}", done.retained[0].1);
+        let left = ids(&DumpManifest::list(&repo, Some("dev")).await.unwrap());
+        assert_eq!(left, ["20261201T010000Z", "20261205T010000Z"]);
+    }
+
+    #[tokio::test]
+    async fn a_dump_whose_marker_went_stale_stores_no_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [1; 32]));
+        repo.init().await.unwrap();
+        let store = BlockStore::open(&repo).await.unwrap();
+        let mut w = store.writer();
+        w.write(b"a dump").await.unwrap();
+        let run =
+            pgdump::DumpRun { stream: w.finish().await.unwrap(), start_time_us: now_us(), stop_time_us: now_us() };
+        let server = || pgdump::ServerIdentity { database: "dev".into(), server_version_num: 150000 };
+        let stale =
+            || Err(MarkerStale { unrenewed: Duration::from_secs(3590), stale_after: Duration::from_secs(3600) });
+        let err = store_manifest(&repo, "dev", run.clone(), "pg_dump 15".into(), server(), &stale).await.unwrap_err();
+        assert!(matches!(err, FilesError::MarkerStale(_)), "{err}");
+        assert!(err.to_string().contains("nothing was stored, run it again"), "{err}");
+        assert!(DumpManifest::list(&repo, None).await.unwrap().is_empty(), "a manifest was stored");
+        let taken = store_manifest(&repo, "dev", run, "pg_dump 15".into(), server(), &|| Ok(())).await.unwrap();
+        assert_eq!(DumpManifest::list(&repo, None).await.unwrap(), [taken.manifest]);
     }
 
     #[tokio::test]

@@ -41,6 +41,10 @@ pub enum FilesError {
         /// Why (in the message itself, not a `source`: said once).
         cause: pitr_pgwire::PgError,
     },
+    /// The run's marker went unrenewed so long that an expire may have swept blocks it reuses:
+    /// its manifest was not stored.
+    #[error(transparent)]
+    MarkerStale(#[from] pitr_archive::running::MarkerStale),
     /// Anything else, said in full.
     #[error("{0}")]
     Other(String),

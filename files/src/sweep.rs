@@ -5,15 +5,19 @@
 //! that stopped more than `keep_days` ago go, the newest always stays; then every block under
 //! [`names::files::BLOCKS`] that no tree manifest and no dump manifest references is deleted.
 //! The listings are strict: a manifest that cannot be read stops the sweep (its references are
-//! unknown), naming it. A live run marker of any kind (a backup writing blocks its manifest does
-//! not reference yet, a restore reading them) skips the sweep; the next run does it.
+//! unknown), naming it, and so does a name under `files/sets/` or `files/dumps/` that is no
+//! manifest name (another version's manifest). A live backup marker (of a set, a dump or
+//! PostgreSQL: blocks its manifest does not reference yet) skips the sweep, and so does a live
+//! restore or drill without a plan or with a record that cannot be read (file-set and dump
+//! restores announce themselves without one); a PostgreSQL restore or drill that recorded its
+//! plan reads nothing under `files/` and does not. The next run sweeps.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use pitr_archive::expire::refused;
 use pitr_archive::names;
-use pitr_archive::running::{self, ExpireLock, Untrusted};
+use pitr_archive::running::{self, ExpireLock, ReaderNeeds, Untrusted};
 use pitr_archive::time::format_rfc3339_seconds;
 use pitr_archive::{Repository, RepositoryError};
 use serde::Serialize;
@@ -120,8 +124,21 @@ async fn run(
         }
         let found = running::open_run(repo, &run, opts.now_us).await;
         report.untrusted.extend(found.untrusted.iter().cloned());
-        if !found.planted_only() && found.run.is_live(opts.now_us, opts.stale_backup_after) {
-            live.push(format!("{} {}", found.run.kind, found.run.newest()));
+        if found.planted_only() || !found.run.is_live(opts.now_us, opts.stale_backup_after) {
+            continue;
+        }
+        let what = format!("{} {}", found.run.kind, found.run.newest());
+        if !found.run.kind.reads() {
+            // A backup (of a set, a dump or PostgreSQL): blocks it wrote are not referenced yet.
+            live.push(what);
+            continue;
+        }
+        match running::needs_of(&found.trust) {
+            // A PostgreSQL restore or drill that has chosen its backups: it reads none of files/.
+            // File-set and dump restores announce themselves without a plan.
+            ReaderNeeds::Planned(_) => {}
+            ReaderNeeds::Unplanned => live.push(format!("{what}, which may read file blocks")),
+            ReaderNeeds::Unreadable(e) => live.push(format!("{what}, whose record cannot be read ({e})")),
         }
     }
 
@@ -161,6 +178,22 @@ async fn run(
         report.blocks_skipped = Some(format!(
             "a run is in progress ({}): unreferenced file blocks are left for a later run",
             live.join("; ")
+        ));
+        return Ok(report);
+    }
+    // A name under files/sets/ or files/dumps/ this version does not read may be another
+    // version's manifest: its blocks are unknown.
+    let mut foreign = Vec::new();
+    for (prefix, parses) in [
+        (names::files::SETS, names::files::parse_tree_manifest as fn(&str) -> Option<(&str, &str)>),
+        (names::files::DUMPS, names::files::parse_dump_manifest),
+    ] {
+        foreign.extend(repo.list(prefix).await?.into_iter().filter(|o| parses(&o.name).is_none()).map(|o| o.name));
+    }
+    if !foreign.is_empty() {
+        report.blocks_skipped = Some(format!(
+            "{} is not a manifest name this version of pitr reads (another version's, or not pitr's): its blocks are unknown, so none is swept; move it away if it is not pitr's",
+            foreign.join(", ")
         ));
         return Ok(report);
     }
@@ -264,5 +297,46 @@ mod tests {
         assert_eq!((r.removed_blocks, r.referenced_blocks, r.blocks_skipped.as_deref()), (1, 1, None));
         assert_eq!(TreeManifest::list(&repo, Some("s")).await.unwrap().len(), 1);
         assert_eq!(blocks().await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_planned_postgres_reader_does_not_stop_the_sweep_a_file_reader_or_a_foreign_name_does() {
+        use pitr_archive::running::{ReadPlan, RunKind, RunMarker};
+        use pitr_archive::{ObjectKind, ObjectMeta};
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [6; 32]));
+        repo.init().await.unwrap();
+        let store = BlockStore::open(&repo).await.unwrap();
+        let mut w = store.writer();
+        w.write(b"a block no manifest references").await.unwrap();
+        w.finish().await.unwrap();
+        let opts = || SweepOptions {
+            now_us: pitr_archive::now_us(),
+            dry_run: true,
+            stale_backup_after: Duration::from_secs(3600),
+            lock_ttl: Duration::from_secs(60),
+        };
+
+        // A PostgreSQL restore that recorded its plan reads nothing under files/.
+        let pg = RunMarker::begin(&repo, RunKind::Restore).await.unwrap();
+        pg.set_plan(ReadPlan { backups: vec!["20261206T010000Z".into()], timeline: 1, wal_from_lsn: 0x1000000 })
+            .await
+            .unwrap();
+        let r = expire_files(&repo, &[], &opts()).await.unwrap();
+        assert_eq!((r.blocks_skipped.as_deref(), r.removed_blocks), (None, 1), "{r:?}");
+
+        // A file-set restore announces itself without a plan: it may read any block.
+        let files = RunMarker::begin(&repo, RunKind::Restore).await.unwrap();
+        let r = expire_files(&repo, &[], &opts()).await.unwrap();
+        assert!(r.blocks_skipped.as_deref().is_some_and(|w| w.contains("may read file blocks")), "{r:?}");
+        files.release().await;
+        pg.release().await;
+
+        // A name under files/sets/ that is no manifest name of this version.
+        let odd = format!("{}up/20261206T010000Z.manifest.v2", names::files::SETS);
+        repo.put_sealed(&odd, b"{}".to_vec(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+        let r = expire_files(&repo, &[], &opts()).await.unwrap();
+        assert!(r.blocks_skipped.as_deref().is_some_and(|w| w.contains(&odd)), "{r:?}");
+        assert_eq!(r.removed_blocks, 0);
     }
 }

@@ -1,8 +1,9 @@
 //! Logical dumps (`[[dumps]]` sets): a development database on PostgreSQL 15 dumped twice with
 //! the server's own `pg_dump` (the second, after a small change, stores a fraction of the
 //! first), restored with `--into` into new databases that equal the source at each dump, written
-//! with `--output` to a file `pg_restore` reads; and the bad input of the dump commands, each one
-//! clear error that writes nothing.
+//! with `--output` to a file `pg_restore` reads, also when the primary refuses the restore's
+//! running marker; the bad input of the dump commands, each one clear error that writes nothing;
+//! and `pitr expire` running its file-set part when its dumps part fails.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -220,6 +221,33 @@ fn a_development_database_is_dumped_twice_deduplicated_and_restored_as_it_was_at
     assert!(message.contains("pg_restore: failed") && message.contains("already exists"), "{message}");
     assert_eq!(held()?, before_failure, "a failed pg_restore left part of the dump behind");
 
+    // The primary refuses the restore's running marker (here: `running` is a file, so no marker
+    // can be put under it): the restore still goes on, with a warning, as PostgreSQL's do.
+    let running = env.path("repo").join("running");
+    if running.is_dir() {
+        std::fs::remove_dir_all(&running)?;
+    }
+    std::fs::write(&running, b"not a directory")?;
+    let unmarked = env.path("unmarked.dump");
+    let out = run_pitr(
+        &env.config,
+        &[
+            "restore",
+            "--source",
+            "dump",
+            "--set",
+            "devdb",
+            "--to",
+            "latest",
+            "--output",
+            &unmarked.display().to_string(),
+        ],
+    );
+    assert!(out.status.success(), "a restore without its marker failed: {}", stderr(&out));
+    assert!(stderr(&out).contains("without a running marker"), "{}", stderr(&out));
+    assert_eq!(sha256_of(&unmarked)?, second["sha256"].as_str().unwrap_or("?"));
+    std::fs::remove_file(&running)?;
+
     // --output: a file pg_restore reads, with the manifest's SHA-256.
     let file = env.path("dev.dump");
     let written = env.json(&[
@@ -372,5 +400,32 @@ fn the_sidecar_dumps_a_set_on_its_schedule_and_exports_its_metrics() -> Result<(
     stream.signal(libc::SIGTERM)?;
     let status = stream.wait_timeout(std::time::Duration::from_secs(60))?.context("pitr stream did not stop")?;
     assert!(status.success(), "pitr stream exited with {status}\n{}", logs());
+    Ok(())
+}
+
+/// `pitr expire` runs every part whatever another's outcome: here the dumps' part fails (the
+/// set's directory in the repository cannot be listed), the file sets' part still runs, and the
+/// command fails naming the dumps.
+#[test]
+fn an_expire_whose_dumps_part_fails_still_expires_the_file_sets_and_says_which_part_failed() -> Result<()> {
+    let docs = scratch_dir("dumps-expire-docs");
+    std::fs::write(docs.path().join("a.txt"), b"a file of the set")?;
+    let sets = format!(
+        "[[dumps]]\nname = \"devdb\"\nconninfo = \"host=127.0.0.1 port=1 dbname=dev\"\n\
+         [[files]]\nname = \"docs\"\npath = {:?}\n",
+        docs.path().display().to_string()
+    );
+    let env = Env::new("dumps-expire", &sets)?;
+    expect_success(&env.config, &["backup", "--source", "files", "--set", "docs"]);
+    let dumps = env.path("repo").join("files").join("dumps");
+    std::fs::create_dir_all(&dumps)?;
+    std::fs::write(dumps.join("devdb"), b"not a directory")?;
+
+    let out = run_pitr(&env.config, &["expire"]);
+    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(!out.status.success(), "expire succeeded although its dumps part failed:\n{stdout}\n{err}");
+    assert!(err.contains("failed in dumps") && err.contains("every other part was run"), "{err}");
+    assert!(!err.contains("file sets:"), "{err}");
+    assert!(stdout.contains("file set docs: keeping 1 backups"), "the file sets' part did not run:\n{stdout}\n{err}");
     Ok(())
 }

@@ -258,6 +258,9 @@ fn a_tree_backed_up_changed_and_backed_up_again_restores_exactly_to_both_moments
     make_tree(&env.tree);
     let first_state = record(&env.tree);
     assert!(first_state.len() > 3000, "{} paths", first_state.len());
+    // A file whose stamps are within 2 s of its read is read again by the next incremental
+    // (racily clean): let the tree settle, so the incremental below reads only what changes.
+    std::thread::sleep(Duration::from_millis(2100));
 
     let first = env.backup(false);
     assert_eq!(first["kind"], "full");
@@ -350,21 +353,121 @@ fn a_tree_backed_up_changed_and_backed_up_again_restores_exactly_to_both_moments
     assert!(strings(&r["corrupt"]).is_empty(), "{live}");
     assert_eq!(live["ok"], true, "a living tree's changes are listed, not failures: {live}");
 
-    // Silent corruption: other bytes, same size and mtime. Exit 1 and named.
-    let victim = env.tree.join("d12/f042");
+    // Without --live: every manifest opens and every block is there.
+    expect_success(&env.config, &["verify", "--source", "files"]);
+}
+
+/// Stores a copy of backup `id` of set `up` as the newest backup, edited by `edit`; its id.
+fn plant_newest(env: &Env, id: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let repo = env.sealed_repo();
+        let (_, json) = repo.get_opened(&format!("files/sets/up/{id}.manifest")).await.unwrap();
+        let mut m: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let planted_id = "20990101T000000Z".to_string();
+        m["id"] = planted_id.clone().into();
+        m["stop_time_us"] = 4_000_000_000_000_000i64.into();
+        edit(&mut m);
+        let name = format!("files/sets/up/{planted_id}.manifest");
+        repo.put_sealed(&name, serde_json::to_vec(&m).unwrap(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+        planted_id
+    })
+}
+
+#[test]
+fn verify_live_tells_silent_corruption_from_a_rewrite_that_kept_the_mtime_and_deep_finds_junk_blocks() {
+    let env = Env::new("live", 90);
+    for f in ["kept-mtime", "victim", "moving", "plain"] {
+        write(&env.tree.join(f), &pseudo_random(5000, f.len() as u64));
+    }
+    std::thread::sleep(Duration::from_millis(2100));
+    let backup = env.backup(false);
+    let id = backup["id"].as_str().unwrap().to_string();
+    let live = || {
+        let out = run_pitr(&env.config, &["verify", "--source", "files", "--set", "up", "--live", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (out.status.code(), v)
+    };
+    assert_eq!(live().0, Some(0));
+
+    // Rewritten in place with the same size and its mtime put back (rsync -t, cp -p): the ctime
+    // moved, so it is a change, not corruption.
+    let victim = env.tree.join("kept-mtime");
     let meta = std::fs::metadata(&victim).unwrap();
     let mut data = std::fs::read(&victim).unwrap();
     data[0] ^= 0xff;
     std::fs::OpenOptions::new().write(true).open(&victim).unwrap().write_all(&data).unwrap();
     set_mtime(&victim, meta.mtime(), meta.mtime_nsec());
-    let out = run_pitr(&env.config, &["verify", "--source", "files", "--live"]);
+    let (code, v) = live();
+    let r = &v["sets"][0]["live"];
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(strings(&r["modified"]), ["kept-mtime"], "{v}");
+    assert!(r["modified"][0]["what"].as_str().unwrap().contains("ctime moved"), "{v}");
+    assert!(strings(&r["corrupt"]).is_empty(), "{v}");
+
+    // Content that differs from the backup's while size, mtime and ctime are the backup's:
+    // silent corruption (here of the backup's side). A path the backup listed as changing
+    // while it was read is not: its backed-up content was a read of a moving file.
+    let other = "0".repeat(64);
+    plant_newest(&env, &id, |m| {
+        for e in m["entries"].as_array_mut().unwrap() {
+            if e["path"] == "victim" || e["path"] == "moving" {
+                e["sha256"] = other.clone().into();
+            }
+        }
+        m["changed"] = serde_json::json!(["moving"]);
+    });
+    let (code, v) = live();
+    let r = &v["sets"][0]["live"];
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(strings(&r["corrupt"]), ["victim"], "{v}");
+    let mut modified = strings(&r["modified"]);
+    modified.sort();
+    assert_eq!(modified, ["kept-mtime", "moving"], "{v}");
+    let out = run_pitr(&env.config, &["verify", "--source", "files", "--set", "up", "--live"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("CORRUPT victim"), "{text}");
+
+    // Junk under a block's name: there by a listing, found only by opening it (--deep).
+    let block = {
+        let mut dirs = std::fs::read_dir(env.repo.join("files/blocks")).unwrap();
+        let hh = dirs.next().unwrap().unwrap().path();
+        std::fs::read_dir(hh).unwrap().next().unwrap().unwrap().path()
+    };
+    std::fs::write(&block, b"not a sealed block").unwrap();
+    expect_success(&env.config, &["verify", "--source", "files", "--set", "up"]);
+    let out = run_pitr(&env.config, &["verify", "--source", "files", "--set", "up", "--deep"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("CORRUPT d12/f042"), "{text}");
-    assert!(!text.contains("MODIFIED d12/f042"), "{text}");
+    let name = block.file_name().unwrap().to_string_lossy().to_string();
+    assert!(text.contains("damaged block") && text.contains(&name), "{text}");
+}
 
-    // Without --live: every manifest opens and every block is there.
-    expect_success(&env.config, &["verify", "--source", "files"]);
+#[test]
+fn a_restore_by_a_user_who_is_not_root_gives_directories_modes_that_lock_the_user_out() {
+    let env = Env::new("locked", 90);
+    for (d, mode) in [("none", 0o000), ("wx", 0o300), ("x", 0o100)] {
+        write(&env.tree.join(d).join("sub/f"), d.as_bytes());
+        chmod(&env.tree.join(d), mode);
+    }
+    let backup = env.backup(false);
+    assert_eq!(backup["dirs"], 7, "{backup}");
+    pitr_tests::chown_to_pg_user(env.dir.path()).unwrap();
+    let target = env.path("restored");
+    let t = target.display().to_string();
+    let mut cmd = std::process::Command::new(pitr_tests::pitr_bin());
+    cmd.arg("--config").arg(&env.config);
+    cmd.args(["restore", "--source", "files", "--set", "up", "--to", "latest", "--target-dir", &t]);
+    let out = pitr_tests::as_pg_user(&mut cmd).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    for (d, mode) in [("none", 0o000), ("wx", 0o300), ("x", 0o100)] {
+        let m = std::fs::symlink_metadata(target.join(d)).unwrap();
+        assert_eq!(m.mode() & 0o7777, mode, "{d}");
+        assert_eq!(std::fs::read(target.join(d).join("sub/f")).unwrap(), d.as_bytes());
+    }
+    let names: Vec<String> =
+        std::fs::read_dir(&target).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert_eq!(names.len(), 3, "no staging directory is left: {names:?}");
 }
 
 #[test]

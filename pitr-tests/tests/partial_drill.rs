@@ -320,6 +320,38 @@ impl SetsOnly {
             .collect())
     }
 
+    /// A rewrite from userland moves the file's ctime, which `verify --live` calls a change
+    /// (`cp -p`, `rsync -t`), not corruption; a bad disk moves none. The newest backup's entry
+    /// for `rel` is given `file`'s present ctime, as if its content had changed under unchanged
+    /// stamps.
+    fn as_if_the_disk_did_it(&self, rel: &str, file: &Path) -> Result<()> {
+        use pitr_archive::{KeyRing, LocalStore, ObjectKind, ObjectMeta, Repository};
+        let p = self.dir.path();
+        let repo =
+            Repository::new(std::sync::Arc::new(LocalStore::new(p.join("repo"))), KeyRing::load(&p.join("key"))?);
+        let newest = std::fs::read_dir(p.join("repo/files/sets/uploads"))?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|n| n.ends_with(".manifest"))
+            .max()
+            .context("no manifest")?;
+        let name = format!("files/sets/uploads/{newest}");
+        let meta = std::fs::symlink_metadata(file)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            let (_, json) = repo.get_opened(&name).await?;
+            let mut m: serde_json::Value = serde_json::from_slice(&json)?;
+            let entry = m["entries"]
+                .as_array_mut()
+                .and_then(|es| es.iter_mut().find(|e| e["path"] == rel))
+                .context("no such entry")?;
+            entry["ctime"] = meta.ctime().into();
+            entry["ctime_nsec"] = meta.ctime_nsec().into();
+            repo.delete(&name).await?;
+            repo.put_sealed(&name, serde_json::to_vec(&m)?, ObjectMeta::plain(ObjectKind::Meta)).await?;
+            anyhow::Ok(())
+        })
+    }
+
     fn manifests(&self) -> Result<usize> {
         Ok(std::fs::read_dir(self.dir.path().join("repo/files/sets/uploads"))?
             .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".manifest")))
@@ -376,6 +408,7 @@ fn a_sidecar_of_file_sets_alone_backs_up_on_schedule_and_its_verification_finds_
     // every 2 seconds.
     let backups = sidecar.manifests()?;
     corrupt_keeping_size_and_mtime(&tree.join("docs/file-4.bin"))?;
+    sidecar.as_if_the_disk_did_it("docs/file-4.bin", &tree.join("docs/file-4.bin"))?;
     sidecar.write_config(&tree, "0 0 0 1 1 *", "*/2 * * * * *", "*/3 * * * * *")?;
     let (_stream, log) = sidecar.spawn()?;
     wait_until("/metrics to answer", Duration::from_secs(30), || Ok(sidecar.scrape().is_ok()))

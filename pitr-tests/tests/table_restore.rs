@@ -85,6 +85,8 @@ fn pg15_table_restored_to_a_moment_beside_the_original() -> Result<()> {
     cluster.psql("create index orders_by_customer on orders(customer)")?;
     cluster.psql("create unlogged table scratchpad(id int); insert into scratchpad values (1)")?;
     cluster.psql("create view big_orders as select * from orders where amount > 100")?;
+    // A type takes the name a table's row type would need.
+    cluster.psql("create type orders_kind as enum ('web', 'shop')")?;
     cluster
         .psql("insert into orders(customer, amount) select 'c' || (g % 97), g * 1.5 from generate_series(1, 3000) g")?;
     env.run_ok(&["backup"])?;
@@ -171,7 +173,7 @@ fn pg15_table_restored_to_a_moment_beside_the_original() -> Result<()> {
     let default_name =
         cluster.psql("select relname from pg_class where relname like 'orders\\_at\\_2%' and relkind = 'r'")?;
     for line in [
-        "restored table public.orders (database postgres) as it was at ".to_string(),
+        "restored table public.orders (database postgres, OID ".to_string(),
         format!("created:              public.{default_name} in host=127.0.0.1"),
         format!("rows:                 {rows_at_moment}"),
         "columns (4):          id, customer, amount, placed".to_string(),
@@ -209,6 +211,10 @@ fn pg15_table_restored_to_a_moment_beside_the_original() -> Result<()> {
         ),
         (vec!["--to", &moment, "--table", "orders"], vec!["invalid table name \"orders\"", "the schema is missing"]),
         (vec!["--to", &moment, "--table", "public.or ders"], vec!["invalid table name \"public.or ders\""]),
+        (
+            vec!["--to", &moment, "--table", "public.orders", "--as", "public.orders_kind"],
+            vec!["a type named orders_kind exists in schema public", "--as"],
+        ),
         (
             vec!["--to", &moment, "--table", "public.orders", "--as", "nowhere.orders"],
             vec!["schema nowhere does not exist"],
@@ -317,7 +323,14 @@ fn pg15_table_with_links_copied_into_another_database_and_schema() -> Result<()>
         "0"
     );
     assert_eq!(in_other("select count(*) from pg_trigger where tgrelid = 'archive.items'::regclass")?, "0");
-    assert_eq!(in_other("select relrowsecurity::text from pg_class where oid = 'archive.items'::regclass")?, "false");
+    // Row level security stays on without its policies: the owner (the restoring user) reads
+    // every row, a role granted SELECT none.
+    assert_eq!(
+        in_other("select relrowsecurity::text || ',' || relforcerowsecurity::text from pg_class where oid = 'archive.items'::regclass")?,
+        "true,false"
+    );
+    in_other("create role reader; grant usage on schema archive to reader; grant select on archive.items to reader")?;
+    assert_eq!(in_other("set role reader; select count(*) from archive.items")?, "0");
     assert_eq!(
         in_other("select pg_get_serial_sequence('archive.items', 'id')")?,
         "archive.items_id_seq",
@@ -373,5 +386,180 @@ fn pg15_table_with_links_copied_into_another_database_and_schema() -> Result<()>
         psql_in(&cluster, "other", "select count(*) from pg_class where relnamespace = 'archive'::regnamespace")?,
         before
     );
+    Ok(())
+}
+
+/// A scratch server is cut off from the world: a subscription enabled at the moment starts no
+/// apply worker (nobody connects to its publisher), a two-phase transaction prepared at the moment
+/// is rolled back instead of holding its locks, and a partition comes out of its partitioned
+/// table with what it inherited. Target publications that would publish the new table, a role
+/// the restored cluster lacks or that is no superuser there, and a table dropped and created
+/// again since are refused or pointed out.
+#[test]
+fn pg15_scratch_server_reaches_nowhere_and_target_guards() -> Result<()> {
+    let mut opts = PgOptions::new(15);
+    opts.extra_conf = vec!["max_prepared_transactions = 5".into()];
+    let cluster = PgCluster::start(opts)?;
+    let mut env = PitrEnv::new("table-guards", &cluster, "")?;
+    env.init()?;
+    let scratch_root = env.dir.path().join("scratch");
+    std::fs::create_dir(&scratch_root)?;
+    env.set_child_env("TMPDIR", &scratch_root.display().to_string());
+    env.share_with_pg_user()?;
+    let _stream = env.spawn_stream()?;
+    // The "publisher": a port nobody listens on until the restore runs.
+    let publisher_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    cluster.psql("create table items(id int primary key, what text)")?;
+    cluster.psql("insert into items select g, 'item ' || g from generate_series(1, 100) g")?;
+    cluster.psql(&format!(
+        "create subscription feed connection 'host=127.0.0.1 port={publisher_port} dbname=postgres user=postgres connect_timeout=2' \
+         publication anything with (connect = false)"
+    ))?;
+    cluster.psql("alter subscription feed enable")?;
+    cluster.psql(
+        "create table events(id int, region text, customer int, primary key (id, region)) partition by list (region); \
+         create table events_eu partition of events for values in ('eu'); \
+         create table events_us partition of events for values in ('us'); \
+         alter table events add foreign key (customer) references items(id); \
+         create function stamp() returns trigger language plpgsql as $$begin return new; end$$; \
+         create trigger stamp before insert on events for each row execute function stamp(); \
+         create table event_notes(event int, region text, foreign key (event, region) references events(id, region))",
+    )?;
+    cluster.psql("insert into events select g, case when g % 2 = 0 then 'eu' else 'us' end, 1 + g % 100 from generate_series(1, 300) g")?;
+    cluster.psql("insert into event_notes select id, region from events where id % 10 = 0")?;
+    cluster.psql("create table again(id int); insert into again values (1)")?;
+    cluster.psql("create role plain login")?;
+    env.run_ok(&["backup"])?;
+    // Prepared, not committed, at the moment: its row is not part of the table then.
+    cluster.psql("begin; insert into items values (1000, 'prepared'); prepare transaction 'half-done'")?;
+    let moment = cluster.psql("select now()")?;
+    std::thread::sleep(Duration::from_millis(1100));
+    cluster.psql("commit prepared 'half-done'")?;
+    cluster.psql("alter subscription feed disable")?;
+    cluster.psql("drop table again; create table again(id int)")?;
+    cluster.psql("select pg_switch_wal()")?;
+    env.wait_archived(cluster.current_lsn()?, "the changes after the moment archived")?;
+    env.share_with_pg_user()?;
+    // The source's own apply worker has stopped retrying by now (disabled); from here on,
+    // a connection to the publisher's port comes from a scratch server.
+    std::thread::sleep(Duration::from_secs(6));
+    let listener = std::net::TcpListener::bind(("127.0.0.1", publisher_port))?;
+    listener.set_nonblocking(true)?;
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (accepted, stop) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if listener.accept().is_ok() {
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    let into = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", cluster.port);
+    let (ok, report) = env.run_json_as_pg_user(&[
+        "restore",
+        "--to",
+        &moment,
+        "--table",
+        "public.items",
+        "--into",
+        &into,
+        "--as",
+        "items_then",
+        "--json",
+    ])?;
+    assert!(ok, "{report:#}");
+    assert_eq!(report["rows"].as_u64(), Some(100), "{report:#}");
+    assert_eq!(cluster.psql("select count(*) from items_then where id = 1000")?, "0");
+    assert!(
+        report["left_out"]
+            .as_array()
+            .context("left_out")?
+            .iter()
+            .any(|l| l["kind"] == "prepared transaction" && l["name"] == "half-done"),
+        "{report:#}"
+    );
+    // The partition, detached with what it inherited (a foreign key, a trigger) left out.
+    let (ok, report) = env.run_json_as_pg_user(&[
+        "restore",
+        "--to",
+        &moment,
+        "--table",
+        "public.events_eu",
+        "--into",
+        &into,
+        "--as",
+        "eu_then",
+        "--json",
+    ])?;
+    assert!(ok, "{report:#}");
+    assert_eq!(report["rows"].as_u64(), Some(150), "{report:#}");
+    let left: Vec<String> = report["left_out"]
+        .as_array()
+        .context("left_out")?
+        .iter()
+        .map(|l| format!("{} {}", l["kind"].as_str().unwrap_or(""), l["name"].as_str().unwrap_or("")))
+        .collect();
+    for expected in ["partition of public.events", "foreign key", "trigger stamp"] {
+        assert!(left.iter().any(|l| l.starts_with(expected)), "{expected:?} not reported as left out: {left:?}");
+    }
+    assert_eq!(cluster.psql("select relispartition::text from pg_class where oid = 'eu_then'::regclass")?, "false");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    watcher.join().map_err(|_| anyhow::anyhow!("the listener thread panicked"))?;
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a scratch server connected to the subscription's publisher"
+    );
+    assert_no_scratch_left(&scratch_root)?;
+
+    // Restored into the database it came from, where the table of that name is another now.
+    let out = env.run_as_pg_user(&["restore", "--to", &moment, "--table", "public.again", "--into", &into])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("WARNING:") && text.contains("public.again in") && text.contains("is a different table now"),
+        "{text}"
+    );
+
+    // Publications that would publish the new table; roles the scratch cluster cannot use.
+    cluster.psql("create database pubdb")?;
+    psql_in(&cluster, "pubdb", "create publication everything for all tables")?;
+    cluster.psql("create schema pubbed; create publication by_schema for tables in schema pubbed")?;
+    let before = relations(&cluster)?;
+    let pubdb = format!("host=127.0.0.1 port={} user=postgres dbname=pubdb", cluster.port);
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["--table", "public.items", "--into", &pubdb],
+            vec!["publication everything", "FOR ALL TABLES", "restore into another schema or database"],
+        ),
+        (
+            vec!["--table", "public.items", "--into", &into, "--as", "pubbed.items"],
+            vec!["publication by_schema", "every table of schema pubbed", "restore into another schema or database"],
+        ),
+        (
+            vec!["--table", "public.items", "--into", &into, "--as", "nobody", "--db-user", "no_such_role"],
+            vec!["refused role \"no_such_role\"", "--db-user"],
+        ),
+        (
+            vec!["--table", "public.items", "--into", &into, "--as", "plainly", "--db-user", "plain"],
+            vec!["role plain was not a superuser", "--db-user"],
+        ),
+    ];
+    for (args, phrases) in cases {
+        let mut full = vec!["restore", "--to", &moment];
+        full.extend(args.iter().copied());
+        let started = std::time::Instant::now();
+        let out = env.run_as_pg_user(&full)?;
+        let (_, message) = failure_of(&format!("pitr {}", args.join(" ")), &out, &phrases);
+        eprintln!("{message}");
+        assert!(started.elapsed() < Duration::from_secs(120), "pitr {args:?} took {:?}", started.elapsed());
+        assert_eq!(relations(&cluster)?, before, "pitr {args:?} changed the target");
+        assert_no_scratch_left(&scratch_root)?;
+    }
     Ok(())
 }

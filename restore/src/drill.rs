@@ -18,7 +18,7 @@ use pitr_drill::{random_moment, CheckResult, ChecksFile, Drill, DrillReport, Mea
 
 use crate::plan::Catalog;
 use crate::recover::{
-    announce, current_catalog, preflight, restore_marked, RestoreOptions, RestoreReport, StartOptions,
+    announce, current_catalog, preflight, restore_marked_as, RestoreOptions, RestoreReport, ServerLaunch, StartOptions,
 };
 use crate::target::{parse_time, RecoveryTarget};
 use crate::RestoreError;
@@ -140,13 +140,14 @@ impl Drill for PostgresDrill<'_> {
         };
         let restored = match preflight(&restore_opts) {
             Ok(()) => {
-                restore_marked(
+                restore_marked_as(
                     self.repo,
                     &self.catalog,
                     &restore_opts,
                     &|_, _| {},
                     self.marker.as_ref(),
                     Instant::now(),
+                    &ServerLaunch::scratch("localhost", Vec::new()),
                 )
                 .await
             }

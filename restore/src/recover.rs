@@ -297,12 +297,76 @@ pub(crate) struct ServerLaunch {
     pub listen_addresses: String,
     /// More `-c name=value` settings, each already quoted for the shell pg_ctl runs.
     pub settings: Vec<String>,
+    /// A scratch server (a drill's, a table restore's): an empty `postgresql.conf` and
+    /// `pg_ident.conf` are written where the restored directory lacks them (Debian keeps them
+    /// in /etc), so that the server starts.
+    pub scratch: bool,
 }
 
 impl Default for ServerLaunch {
     fn default() -> Self {
-        ServerLaunch { listen_addresses: "localhost".into(), settings: Vec::new() }
+        ServerLaunch { listen_addresses: "localhost".into(), settings: Vec::new(), scratch: false }
     }
+}
+
+/// What a scratch server is started with whatever the restored cluster configured: it must not
+/// reach out of the host or act on its own. Without them, `shared_preload_libraries` loads
+/// pg_cron (which connects to localhost:5432, production on the same host, and runs its jobs),
+/// enabled subscriptions start apply workers against the real publisher once promoted (taking
+/// or advancing its slots, applying rows from after the moment into the copy),
+/// `recovery_end_command` runs the cluster's own script, a synchronous standby list makes every
+/// commit of the scratch session wait forever, and SSL or log settings naming files elsewhere
+/// stop the start. `max_worker_processes` and `max_prepared_transactions` are left as the cluster
+/// had them: a hot standby refuses to replay with less than the primary had.
+pub(crate) const SCRATCH_SETTINGS: &[&str] = &[
+    "max_logical_replication_workers=0",
+    "shared_preload_libraries=''",
+    "session_preload_libraries=''",
+    "local_preload_libraries=''",
+    "external_pid_file=''",
+    "ssl=off",
+    "logging_collector=off",
+    "archive_mode=off",
+    "recovery_end_command=''",
+    "archive_cleanup_command=''",
+    "primary_conninfo=''",
+    "synchronous_standby_names=''",
+    "default_transaction_read_only=off",
+    "unix_socket_permissions=0700",
+];
+
+impl ServerLaunch {
+    /// A scratch server listening on `listen_addresses` ("" for its Unix socket alone), with
+    /// [`SCRATCH_SETTINGS`] and `extra`.
+    pub(crate) fn scratch(listen_addresses: &str, extra: Vec<String>) -> ServerLaunch {
+        let mut settings: Vec<String> = SCRATCH_SETTINGS.iter().map(|s| s.to_string()).collect();
+        settings.extend(extra);
+        ServerLaunch { listen_addresses: listen_addresses.into(), settings, scratch: true }
+    }
+}
+
+/// Writes an empty `postgresql.conf` and `pg_ident.conf` into the restored data directory `dir`
+/// where it has none (a Debian-style cluster keeps them in /etc): PostgreSQL does not start
+/// without `postgresql.conf`. What is there (a file, a link) is left alone.
+pub(crate) fn write_missing_config(dir: &Path) -> Result<(), RestoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    for name in ["postgresql.conf", "pg_ident.conf"] {
+        let path = dir.join(name);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(_) => {
+                tracing::info!(file = %path.display(), "the restored directory had none: an empty one was written")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(RestoreError::Io { path, cause: e }),
+        }
+    }
+    Ok(())
 }
 
 /// [`restore_marked`], starting the server as `launch` says.
@@ -424,6 +488,9 @@ async fn run_to_target(
 ) -> Result<(Option<i64>, u64), RestoreError> {
     let dir = std::fs::canonicalize(dir).map_err(|e| RestoreError::Io { path: dir.to_path_buf(), cause: e })?;
     let log = dir.join("pitr-restore-server.log");
+    if launch.scratch {
+        write_missing_config(&dir)?;
+    }
     let socket_dir = dir.display().to_string();
     let mut options = format!(
         "-p {} -c listen_addresses='{}' -c unix_socket_directories='{socket_dir}'",
@@ -468,16 +535,52 @@ async fn run_to_target(
         match query_state(&conninfo).await {
             Ok(Some(state)) => return Ok(state),
             Ok(None) => {}
-            Err(e) => last_error = e,
+            Err(StateError::Refused(e)) => {
+                return Err(RestoreError::Server(format!(
+                    "the restored server refused role {:?} ({e}); the role must exist (and log in over the \
+                     local socket) in the cluster as it was at the moment restored to: choose another with \
+                     --db-user (if the server in {dir} is still running, stop it with pg_ctl -D {dir} stop)",
+                    start.db_user,
+                    dir = dir.display()
+                )))
+            }
+            Err(StateError::NotYet(e)) => last_error = e,
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
+/// Why the restored server could not be asked how far it is.
+enum StateError {
+    /// Not yet (starting up, not accepting connections): asked again.
+    NotYet(String),
+    /// The role does not exist or may not log in: asking again changes nothing.
+    Refused(String),
+}
+
+/// Whether `e` says the role itself was refused (SQLSTATE class 28: it does not exist, or
+/// authentication failed), not that the server is not ready yet.
+fn role_refused(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code().starts_with("28"))
+}
+
+/// The server's own words where it sent an error (tokio_postgres shows only "db error").
+fn server_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    }
+}
+
 /// `Some((last commit µs, replay LSN))` once the server has left recovery.
-async fn query_state(conninfo: &str) -> Result<Option<(Option<i64>, u64)>, String> {
-    let (client, connection) =
-        tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+async fn query_state(conninfo: &str) -> Result<Option<(Option<i64>, u64)>, StateError> {
+    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await.map_err(|e| {
+        if role_refused(&e) {
+            StateError::Refused(server_message(&e))
+        } else {
+            StateError::NotYet(server_message(&e))
+        }
+    })?;
     let task = tokio::spawn(connection);
     let row = client
         .query_one(
@@ -487,7 +590,7 @@ async fn query_state(conninfo: &str) -> Result<Option<(Option<i64>, u64)>, Strin
             &[],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| StateError::NotYet(e.to_string()))?;
     drop(client);
     task.abort();
     let in_recovery: bool = row.get(0);
@@ -531,6 +634,33 @@ async fn last_commit_before(repo: &Repository, catalog: &Catalog, lsn: u64) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_directory_without_its_config_files_gets_empty_ones_and_others_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        write_missing_config(dir.path()).unwrap();
+        for name in ["postgresql.conf", "pg_ident.conf"] {
+            assert_eq!(std::fs::read(dir.path().join(name)).unwrap(), b"", "{name}");
+        }
+        let kept = tempfile::tempdir().unwrap();
+        std::fs::write(kept.path().join("postgresql.conf"), "port = 5999\n").unwrap();
+        std::os::unix::fs::symlink("/nonexistent/pg_ident.conf", kept.path().join("pg_ident.conf")).unwrap();
+        write_missing_config(kept.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(kept.path().join("postgresql.conf")).unwrap(), "port = 5999\n");
+        assert!(std::fs::symlink_metadata(kept.path().join("pg_ident.conf")).unwrap().file_type().is_symlink());
+        assert!(write_missing_config(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn a_scratch_server_loads_nothing_and_reaches_nowhere() {
+        let launch = ServerLaunch::scratch("", vec!["hba_file='/x'".into()]);
+        assert!(launch.scratch && launch.listen_addresses.is_empty());
+        for s in ["max_logical_replication_workers=0", "shared_preload_libraries=''", "ssl=off", "archive_mode=off"] {
+            assert!(launch.settings.iter().any(|l| l == s), "{s}");
+        }
+        assert_eq!(launch.settings.last().map(String::as_str), Some("hba_file='/x'"));
+        assert!(!ServerLaunch::default().scratch);
+    }
 
     #[test]
     fn recovery_settings_quote_and_use_numeric_offsets() {

@@ -82,6 +82,18 @@ pub enum TableError {
         /// The target, without its password.
         target: String,
     },
+    /// A publication in the target would publish the new table to its subscribers.
+    #[error("publication {publication} in {target} {what}: {table} would be published to its subscribers, which lack it; restore into another schema or database (nothing was restored)")]
+    Published {
+        /// The publication.
+        publication: String,
+        /// What it publishes.
+        what: String,
+        /// The new table.
+        table: TableName,
+        /// The target, without its password.
+        target: String,
+    },
     /// The new table's schema does not exist in the target.
     #[error("schema {schema} does not exist in {target}; create it first or choose another with --as SCHEMA.NEW (nothing was restored)")]
     NoSchema {
@@ -136,6 +148,16 @@ pub enum TableError {
     Scratch {
         /// The scratch data directory.
         dir: PathBuf,
+        /// What failed.
+        what: String,
+    },
+    /// Something failed after `pg_restore` had committed: the new table exists in the target.
+    #[error("{table} WAS created in {target}, but then {what}; check it, or drop it before trying again")]
+    AfterCopy {
+        /// The new table.
+        table: TableName,
+        /// The target, without its password.
+        target: String,
         /// What failed.
         what: String,
     },
@@ -311,12 +333,18 @@ pub fn default_new_name(table: &TableName, target: RecoveryTarget) -> TableName 
 /// `base` followed by `suffix`, `base` cut (at a character boundary) so that the whole is at most
 /// 63 bytes.
 fn fit(base: &str, suffix: &str) -> String {
-    let room = MAX_IDENTIFIER_BYTES.saturating_sub(suffix.len());
-    let mut end = base.len().min(room);
-    while !base.is_char_boundary(end) {
-        end -= 1;
+    let cut = |s: &str, room: usize| {
+        let mut end = s.len().min(room);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s[..end].to_string()
+    };
+    if suffix.len() >= MAX_IDENTIFIER_BYTES {
+        // `_` and a 63-byte name: the suffix alone is too long.
+        return cut(suffix, MAX_IDENTIFIER_BYTES);
     }
-    format!("{}{suffix}", &base[..end])
+    format!("{}{suffix}", cut(base, MAX_IDENTIFIER_BYTES - suffix.len()))
 }
 
 /// A name for `old` (an index or sequence of the table once called `old_table`) that belongs to
@@ -364,13 +392,22 @@ fn quote_literal(s: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct TargetDatabase {
     info: ConnInfo,
+    /// Set once `pg_restore` has committed: from then on the new table exists in the target,
+    /// whatever fails or stops the run afterwards.
+    created: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TargetDatabase {
     /// Parses a libpq connection string (keyword=value or URI; see `pitr_pgwire::conninfo` for
     /// what is accepted).
     pub fn parse(conninfo: &str) -> Result<TargetDatabase, TableError> {
-        Ok(TargetDatabase { info: pitr_pgwire::conninfo::parse(conninfo)? })
+        Ok(TargetDatabase { info: pitr_pgwire::conninfo::parse(conninfo)?, created: Default::default() })
+    }
+
+    /// Whether a copy into this database has committed (the new table exists there), so that a
+    /// failure or a signal afterwards can say so.
+    pub fn table_created(&self) -> bool {
+        self.created.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The connection string without its password (for messages and reports).
@@ -409,8 +446,9 @@ impl TargetDatabase {
                 &format!(
                     "select pg_is_in_recovery()::text, n.oid is not null, \
                      n.oid is not null and has_schema_privilege(n.oid, 'CREATE'), \
-                     (select count(*) from pg_class c where c.relnamespace = n.oid and c.relname = {})::text, \
-                     current_database(), current_user \
+                     (select count(*) from pg_class c where c.relnamespace = n.oid and c.relname = {0})::text, \
+                     current_database(), current_user, \
+                     (select count(*) from pg_type t where t.typnamespace = n.oid and t.typname = {0})::text \
                      from (select 1) one left join pg_namespace n on n.nspname = {schema}",
                     quote_literal(&table.name)
                 ),
@@ -426,6 +464,14 @@ impl TargetDatabase {
         if cell(3) != "0" {
             return Err(TableError::TargetExists { table: table.clone(), target: self.redacted() });
         }
+        if cell(6) != "0" {
+            // A table's row type takes the table's name: a type of that name is in the way.
+            return Err(self.error(format!(
+                "a type named {} exists in schema {}; choose another name with --as SCHEMA.NEW (nothing was restored)",
+                display_ident(&table.name),
+                display_ident(&table.schema)
+            )));
+        }
         if cell(2) != "t" && cell(2) != "true" {
             return Err(self.error(format!(
                 "user {} may not create tables in schema {} of database {}",
@@ -434,6 +480,37 @@ impl TargetDatabase {
                 cell(4)
             )));
         }
+        // A publication of every table, or of every table of the schema, would publish the new
+        // table at once: its subscribers, lacking it, would stop applying.
+        let mut publishing = self
+            .query(
+                conn,
+                "select pubname::text, 'publishes every table (FOR ALL TABLES)' from pg_publication where puballtables",
+            )
+            .await?;
+        let schema_publications =
+            self.query(conn, "select (to_regclass('pg_catalog.pg_publication_namespace') is not null)::text").await?;
+        if schema_publications.text(0, 0) == Some("true") {
+            let by_schema = self
+                .query(
+                    conn,
+                    &format!(
+                        "select p.pubname::text, 'publishes every table of schema ' || n.nspname::text from pg_publication p \
+                         join pg_publication_namespace pn on pn.pnpubid = p.oid join pg_namespace n on n.oid = pn.pnnspid \
+                         where n.nspname = {schema}"
+                    ),
+                )
+                .await?;
+            publishing.rows.extend(by_schema.rows);
+        }
+        if !publishing.rows.is_empty() {
+            return Err(TableError::Published {
+                publication: display_ident(publishing.text(0, 0).unwrap_or("")),
+                what: publishing.text(0, 1).unwrap_or("").to_string(),
+                table: table.clone(),
+                target: self.redacted(),
+            });
+        }
         let names = self
             .query(
                 conn,
@@ -441,6 +518,26 @@ impl TargetDatabase {
             )
             .await?;
         Ok((0..names.rows.len()).filter_map(|i| names.text(i, 0).map(str::to_string)).collect())
+    }
+
+    /// The target's cluster (its system identifier), database and the OID of `table` there now
+    /// (`None` when there is none): the target may be the database the table is restored from.
+    /// `None` when the target does not tell (a role not allowed to read `pg_control_system()`).
+    async fn identity(&self, table: &TableName) -> Option<(String, String, Option<u32>)> {
+        let mut conn = self.connect().await.ok()?;
+        let r = self
+            .query(
+                &mut conn,
+                &format!(
+                    "select (select system_identifier from pg_control_system())::text, current_database(), \
+                     to_regclass({})::oid::text",
+                    quote_literal(&table.quoted())
+                ),
+            )
+            .await;
+        conn.close().await;
+        let r = r.ok()?;
+        Some((r.text(0, 0)?.to_string(), r.text(0, 1)?.to_string(), r.text(0, 2).and_then(|o| o.parse().ok())))
     }
 
     /// Rows in `table` (after a copy, to confirm it arrived whole).
@@ -594,10 +691,7 @@ impl ScratchCluster {
             }),
             marker_repository: None,
         };
-        let launch = ServerLaunch {
-            listen_addresses: String::new(),
-            settings: vec![format!("hba_file='{}'", hba.display()), "archive_mode=off".into()],
-        };
+        let launch = ServerLaunch::scratch("", vec![format!("hba_file='{}'", hba.display())]);
         let marker = announce(opts.marker_repository.as_ref().unwrap_or(repo), opts.run_kind).await;
         let restored = async {
             let catalog = match &marker {
@@ -786,6 +880,11 @@ pub struct TableCopyReport {
     pub sequences: Vec<String>,
     /// What the copy does not carry.
     pub left_out: Vec<LeftOut>,
+    /// The table's OID at the moment (in the database it was in).
+    pub oid: u32,
+    /// What the user should know, such as that the table of that name in the target is not
+    /// the one restored.
+    pub warnings: Vec<String>,
     /// Preparing, dumping and restoring.
     pub seconds: f64,
 }
@@ -804,8 +903,46 @@ pub async fn copy_table(
     let c = scratch.client(&database).await?;
     let client = &c.client;
     let err = |e: tokio_postgres::Error| scratch.error(format!("database {database}: {e}"));
-    // Event triggers of the restored cluster do not fire on the renames below.
-    client.batch_execute("set session_replication_role = replica").await.map_err(err)?;
+    let row = client
+        .query_one(
+            "select current_user::text, coalesce((select rolsuper from pg_roles where rolname = current_user), false)",
+            &[],
+        )
+        .await
+        .map_err(err)?;
+    if !row.get::<_, bool>(1) {
+        return Err(scratch.error(format!(
+            "role {} was not a superuser in the cluster at the moment restored to; the copy is prepared \
+             there as a superuser: choose one with --db-user",
+            row.get::<_, String>(0)
+        )));
+    }
+    // Event triggers of the restored cluster do not fire on the renames below; a lock the
+    // preparation cannot have is an error, not a wait without end.
+    client.batch_execute("set session_replication_role = replica; set lock_timeout = '60s'").await.map_err(err)?;
+    // Transactions prepared (two-phase) at the moment keep their locks after promotion; they had
+    // not committed then, so they are rolled back.
+    let mut left_out = Vec::new();
+    for r in
+        client.query("select gid, database::text from pg_prepared_xacts where false order by prepared", &[]).await.map_err(err)?
+    {
+        let (gid, db): (String, String) = (r.get(0), r.get(1));
+        let other;
+        let on = if db == database {
+            client
+        } else {
+            other = scratch.client(&db).await?;
+            &other.client
+        };
+        on.batch_execute(&format!("rollback prepared {}", quote_literal(&gid)))
+            .await
+            .map_err(|e| scratch.error(format!("database {db}: rolling back prepared transaction {gid:?}: {e}")))?;
+        left_out.push(LeftOut {
+            kind: "prepared transaction".into(),
+            name: gid,
+            detail: format!("prepared in database {db} but not committed at the moment: rolled back"),
+        });
+    }
     let row = client
         .query_one(
             "select c.oid, c.relkind::text, c.relispartition, c.relrowsecurity, c.relpersistence::text \
@@ -833,10 +970,74 @@ pub async fn copy_table(
     }
     let old = &table.table;
     let t = old.quoted();
-    let mut left_out = Vec::new();
     let mut statements = Vec::new();
+    // Restoring into the database the table came from, where a table of that name now is
+    // another one (dropped and created again after the moment): the user may be comparing the
+    // wrong two tables.
+    let mut warnings = Vec::new();
+    let scratch_system: Option<String> =
+        client.query_one("select system_identifier::text from pg_control_system()", &[]).await.ok().map(|r| r.get(0));
+    if let (Some(system), Some((target_system, target_db, Some(now_oid)))) = (scratch_system, into.identity(old).await)
+    {
+        if system == target_system && target_db == database && now_oid != oid {
+            warnings.push(format!(
+                "{old} in {} is a different table now (OID {now_oid}; the one restored had OID {oid} at the moment): \
+                 it was dropped and created again since",
+                into.redacted()
+            ));
+        }
+    }
 
     let query = |sql: &'static str| async move { client.query(sql, &[&oid]).await.map_err(err) };
+    // Links to parents first, in a transaction of their own: the foreign keys and triggers a
+    // partition inherits cannot be dropped while it is attached, and are its own once detached
+    // (then read and dropped below like any other).
+    let mut unlink = Vec::new();
+    for r in query(
+        "select p.oid, n.nspname::text, p.relname::text from pg_inherits i join pg_class p on p.oid = i.inhparent \
+         join pg_namespace n on n.oid = p.relnamespace where i.inhrelid = $1 order by 2, 3",
+    )
+    .await?
+    {
+        let parent_oid: u32 = r.get(0);
+        let parent = TableName { schema: r.get(1), name: r.get(2) };
+        if is_partition {
+            // Detaching checks the partition's rows against foreign keys referencing the parent;
+            // in the scratch cluster those keys go first.
+            for f in client
+                .query(
+                    "select conrelid::regclass::text, conname::text from pg_constraint \
+                     where contype = 'f' and confrelid = $1 and conparentid = 0 order by 1, 2",
+                    &[&parent_oid],
+                )
+                .await
+                .map_err(err)?
+            {
+                let (referencing, name): (String, String) = (f.get(0), f.get(1));
+                unlink.push(format!("alter table {referencing} drop constraint {}", quote_ident(&name)));
+            }
+            unlink.push(format!("alter table {} detach partition {t}", parent.quoted()));
+            left_out.push(LeftOut { kind: "partition of".into(), name: parent.to_string(), detail: String::new() });
+        } else {
+            unlink.push(format!("alter table {t} no inherit {}", parent.quoted()));
+            left_out.push(LeftOut { kind: "inheritance".into(), name: parent.to_string(), detail: String::new() });
+        }
+    }
+    // Triggers a partition cloned from its parent go with the detach: reported from here.
+    let triggers_before: Vec<String> = if is_partition {
+        query("select tgname::text from pg_trigger where tgrelid = $1 and not tgisinternal order by 1")
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if !unlink.is_empty() {
+        let script = format!("begin;\n{};\ncommit;\n", unlink.join(";\n"));
+        tracing::debug!(script = %script, "unlinking the table from its parents in the scratch server");
+        client.batch_execute(&script).await.map_err(err)?;
+    }
     for r in query(
         "select conname::text, confrelid::regclass::text from pg_constraint \
          where conrelid = $1 and contype = 'f' and confrelid <> $1 order by 1",
@@ -847,8 +1048,16 @@ pub async fn copy_table(
         statements.push(format!("alter table {t} drop constraint {}", quote_ident(&name)));
         left_out.push(LeftOut { kind: "foreign key".into(), name, detail: format!("references {referenced}") });
     }
-    for r in query("select tgname::text from pg_trigger where tgrelid = $1 and not tgisinternal order by 1").await? {
-        let name: String = r.get(0);
+    let triggers: Vec<String> =
+        query("select tgname::text from pg_trigger where tgrelid = $1 and not tgisinternal order by 1")
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+    for name in triggers_before.into_iter().filter(|n| !triggers.contains(n)) {
+        left_out.push(LeftOut { kind: "trigger".into(), name, detail: "inherited from the partitioned table".into() });
+    }
+    for name in triggers {
         statements.push(format!("drop trigger {} on {t}", quote_ident(&name)));
         left_out.push(LeftOut { kind: "trigger".into(), name, detail: String::new() });
     }
@@ -865,27 +1074,15 @@ pub async fn copy_table(
         left_out.push(LeftOut { kind: "policy".into(), name, detail: String::new() });
     }
     if rls {
-        statements.push(format!("alter table {t} disable row level security, no force row level security"));
+        // Kept on with no policy left: nobody but the owner (the restoring user), superusers
+        // and BYPASSRLS roles reads a row, even where default privileges grant SELECT. Not
+        // forced, else the owner could not read (nor the copy be counted) either.
+        statements.push(format!("alter table {t} enable row level security, no force row level security"));
         left_out.push(LeftOut {
             kind: "row level security".into(),
             name: old.to_string(),
-            detail: "the copy is readable by its owner alone (no privileges are copied)".into(),
+            detail: "kept on without its policies: only the copy's owner, superusers and BYPASSRLS roles read its rows; add policies to share them".into(),
         });
-    }
-    for r in query(
-        "select n.nspname::text, p.relname::text from pg_inherits i join pg_class p on p.oid = i.inhparent \
-         join pg_namespace n on n.oid = p.relnamespace where i.inhrelid = $1 order by 1, 2",
-    )
-    .await?
-    {
-        let parent = TableName { schema: r.get(0), name: r.get(1) };
-        if is_partition {
-            statements.push(format!("alter table {} detach partition {t}", parent.quoted()));
-            left_out.push(LeftOut { kind: "partition of".into(), name: parent.to_string(), detail: String::new() });
-        } else {
-            statements.push(format!("alter table {t} no inherit {}", parent.quoted()));
-            left_out.push(LeftOut { kind: "inheritance".into(), name: parent.to_string(), detail: String::new() });
-        }
     }
     for r in query(
         "select c.oid::regclass::text from pg_inherits i join pg_class c on c.oid = i.inhrelid where i.inhparent = $1 order by 1",
@@ -944,20 +1141,26 @@ pub async fn copy_table(
     .iter()
     .map(|r| r.get(0))
     .collect();
-    let sequences: Vec<String> = query(
-        "select s.relname::text from pg_depend d join pg_class s on s.oid = d.objid \
+    // An owned sequence may live in another schema: it is renamed there, and moves with the
+    // table to the target schema.
+    let sequences: Vec<(String, String)> = query(
+        "select n.nspname::text, s.relname::text from pg_depend d join pg_class s on s.oid = d.objid \
+         join pg_namespace n on n.oid = s.relnamespace \
          where d.classid = 'pg_class'::regclass and d.refclassid = 'pg_class'::regclass and d.refobjid = $1 \
-         and s.relkind = 'S' and d.deptype in ('a', 'i') order by 1",
+         and s.relkind = 'S' and d.deptype in ('a', 'i') order by 2, 1",
     )
     .await?
     .iter()
-    .map(|r| r.get(0))
+    .map(|r| (r.get(0), r.get(1)))
     .collect();
-    let mut own: BTreeSet<String> = indexes.iter().chain(&sequences).cloned().collect();
+    let mut own: BTreeSet<String> =
+        indexes.iter().chain(sequences.iter().filter(|(s, _)| *s == old.schema).map(|(_, n)| n)).cloned().collect();
     own.insert(old.name.clone());
     let mut taken = target_names;
     let mut in_the_way = Vec::new();
-    for schema in BTreeSet::from([old.schema.clone(), new_table.schema.clone()]) {
+    let mut schemas = BTreeSet::from([old.schema.clone(), new_table.schema.clone()]);
+    schemas.extend(sequences.iter().map(|(s, _)| s.clone()));
+    for schema in schemas {
         for r in client
             .query(
                 "select c.relname::text, c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = $1",
@@ -996,13 +1199,13 @@ pub async fn copy_table(
         renamed_indexes.push(new);
     }
     let mut renamed_sequences = Vec::new();
-    for sequence in &sequences {
+    for (schema, sequence) in &sequences {
         let new = free_name(sequence, &old.name, &new_table.name, &taken);
         taken.insert(new.clone());
         if &new != sequence {
             statements.push(format!(
                 "alter sequence {}.{} rename to {}",
-                quote_ident(&old.schema),
+                quote_ident(schema),
                 quote_ident(sequence),
                 quote_ident(&new)
             ));
@@ -1044,11 +1247,14 @@ pub async fn copy_table(
     drop(c);
 
     dump_and_restore(scratch, &database, new_table, into).await?;
-    let rows = into.count_rows(new_table).await?;
+    let after_copy = |what: String| TableError::AfterCopy {
+        table: new_table.clone(),
+        target: into.redacted(),
+        what: pitr_pgwire::conninfo::redact_in_text(&what),
+    };
+    let rows = into.count_rows(new_table).await.map_err(|e| after_copy(format!("counting its rows failed: {e}")))?;
     if rows != rows_at_moment as u64 {
-        return Err(into.error(format!(
-            "{new_table} holds {rows} rows after the copy, but the table had {rows_at_moment} at the moment"
-        )));
+        return Err(after_copy(format!("it holds {rows} rows, but the table had {rows_at_moment} at the moment")));
     }
     Ok(TableCopyReport {
         database,
@@ -1059,6 +1265,8 @@ pub async fn copy_table(
         indexes: renamed_indexes,
         sequences: renamed_sequences,
         left_out,
+        oid,
+        warnings,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -1112,16 +1320,30 @@ async fn dump_and_restore(
     let dumped = dumped.map_err(|e| copy_error(format!("pg_dump: {e}")))?;
     let restored = restored.map_err(|e| copy_error(format!("pg_restore: {e}")))?;
     let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
-    if !dumped.status.success() {
+    // pg_restore's error first: when pg_dump failed too, it is usually the consequence.
+    if !restored.status.success() {
         return Err(copy_error(format!(
-            "pg_dump from the scratch server failed ({}): {}{}",
-            dumped.status,
-            text(&dumped.stderr),
-            if restored.status.success() { String::new() } else { format!("; pg_restore: {}", text(&restored.stderr)) }
+            "pg_restore failed ({}): {}{}",
+            restored.status,
+            text(&restored.stderr),
+            if dumped.status.success() {
+                String::new()
+            } else {
+                format!("; pg_dump from the scratch server: {}", text(&dumped.stderr))
+            }
         )));
     }
-    if !restored.status.success() {
-        return Err(copy_error(format!("pg_restore failed ({}): {}", restored.status, text(&restored.stderr))));
+    into.created.store(true, std::sync::atomic::Ordering::SeqCst);
+    if !dumped.status.success() {
+        return Err(TableError::AfterCopy {
+            table: table.clone(),
+            target: into.redacted(),
+            what: pitr_pgwire::conninfo::redact_in_text(&format!(
+                "pg_dump from the scratch server failed ({}): {}; the copy may be incomplete",
+                dumped.status,
+                text(&dumped.stderr)
+            )),
+        });
     }
     Ok(())
 }
@@ -1172,6 +1394,15 @@ mod tests {
         assert_eq!(free_name("by_customer", "orders", "copy", &taken), "copy_by_customer");
         let long = free_name(&format!("orders_{}", "i".repeat(60)), "orders", &"n".repeat(63), &taken);
         assert_eq!(long.len(), MAX_IDENTIFIER_BYTES);
+        // An index whose name does not start with the table's and is 63 bytes already.
+        let other = "i".repeat(63);
+        let taken_too: BTreeSet<String> = [fit("", &format!("_{other}"))].into_iter().collect();
+        for taken in [BTreeSet::new(), taken_too] {
+            let n = free_name(&other, "orders", "copy", &taken);
+            assert!(n.len() <= MAX_IDENTIFIER_BYTES && !taken.contains(&n), "{n}");
+        }
+        let wide = free_name(&"é".repeat(31), "orders", "copy", &BTreeSet::new());
+        assert!(wide.len() <= MAX_IDENTIFIER_BYTES, "{wide}");
     }
 
     #[test]

@@ -147,6 +147,17 @@ pub fn next_segments(cluster: &ClusterInfo, file: &str, count: usize) -> Vec<Str
     (1..=count as u64).map(|i| layout.segment_file_name(timeline, segno + i)).collect()
 }
 
+/// Creates the spool directory itself, 0700, never its parents: a prefetcher still running
+/// after its restore's directory was removed (a stopped scratch restore) must not bring
+/// `pg_wal` back and fill it with WAL.
+fn create_spool(spool: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(spool) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
+
 /// Puts the whole segments in `names` into `spool`, stopping at the first one the archive does
 /// not hold as a whole segment, or that reaches past `until`. A lock file per segment keeps
 /// concurrent prefetchers apart.
@@ -161,7 +172,7 @@ pub async fn prefetch(
         let path = path.to_path_buf();
         move |cause| FetchError::Io { path, cause }
     };
-    std::fs::create_dir_all(spool).map_err(io(spool))?;
+    create_spool(spool).map_err(io(spool))?;
     let layout = WalLayout::new(cluster);
     let mut fetched = 0;
     for name in names {
@@ -346,6 +357,19 @@ mod tests {
     use super::*;
     use pitr_archive::{KeyRing, LocalStore, ObjectKind, ObjectMeta};
     use std::sync::Arc;
+
+    #[test]
+    fn the_spool_is_made_private_and_never_with_its_parents() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("removed-scratch").join("pg_wal").join(SPOOL_DIR);
+        assert_eq!(create_spool(&gone).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        assert!(!dir.path().join("removed-scratch").exists());
+        let spool = dir.path().join(SPOOL_DIR);
+        create_spool(&spool).unwrap();
+        assert_eq!(std::fs::metadata(&spool).unwrap().permissions().mode() & 0o777, 0o700);
+        create_spool(&spool).unwrap();
+    }
 
     #[test]
     fn a_spooled_segment_is_served_without_the_repository_and_only_by_its_plain_name() {

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use pitr_archive::running::RunKind;
 use pitr_archive::time::format_rfc3339_seconds;
 use pitr_archive::Repository;
 use pitr_files::dump::{self, TakenDump};
@@ -125,7 +126,8 @@ async fn take(config: &Config, cfg: &crate::config::DumpConfig) -> Result<(Taken
     let repo = open::writer(config)?;
     repo.check().await?;
     let t0 = Instant::now();
-    let taken = dump::take(&repo, &cfg.name, &tools(config), &info).await?;
+    let stale_after = config.retention.stale_backup_after;
+    let taken = dump::take(&repo, &cfg.name, &tools(config), &info, stale_after).await?;
     Ok((taken, t0.elapsed().as_secs_f64()))
 }
 
@@ -175,10 +177,6 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
     let config = Config::load(config_path)?;
     let cfg = config.dump_set(&args.set)?;
     let target_us = parse_to(&args.to)?;
-    enum Dest {
-        Into(Box<ConnInfo>),
-        Output(PathBuf),
-    }
     let dest = match (&args.into, &args.output) {
         (Some(_), Some(_)) => bail!("--into and --output: give one (load into a database, or write a file)"),
         (None, None) => bail!(
@@ -195,22 +193,26 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
     };
     let repo = open::reader(&config, args.from.as_deref())?;
     repo.check().await?;
-    let m = chosen(&repo, &cfg.name, target_us).await?;
-    let t0 = Instant::now();
-    let (into, output) = match dest {
-        Dest::Into(info) => {
-            dump::restore_into(&repo, &m, &tools(&config), &info)
-                .await
-                .with_context(|| format!("restoring dump {} of set {} into {}", m.id, m.set, info.redacted()))?;
-            (Some(info.redacted()), None)
-        }
-        Dest::Output(path) => {
-            dump::write_file(&repo, &m, &path)
-                .await
-                .with_context(|| format!("writing dump {} of set {} to {}", m.id, m.set, path.display()))?;
-            (None, Some(path))
+    // Announced before the dumps are listed, so that no `pitr expire` after this removes the
+    // dump chosen or its blocks. On the primary, where expire runs (also with `--from`); a
+    // primary that cannot take the marker does not stop the restore (a warning says what that
+    // risks), as for PostgreSQL's restores.
+    let marker = match open::single(&config, None) {
+        Ok(primary) => pitr_restore::recover::announce(&primary, RunKind::Restore).await,
+        Err(e) => {
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                "no running marker: a `pitr expire` meanwhile could remove the dump this restore reads"
+            );
+            None
         }
     };
+    let t0 = Instant::now();
+    let result = restore_chosen(&config, &repo, &cfg.name, target_us, dest).await;
+    if let Some(marker) = marker {
+        marker.release().await;
+    }
+    let (m, into, output) = result?;
     let r = RestoredDump {
         set: m.set.clone(),
         id: m.id.clone(),
@@ -235,6 +237,39 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
         r.id, r.set, r.database, r.start_time, r.bytes, r.seconds
     );
     Ok(())
+}
+
+/// Where a dump restore goes.
+enum Dest {
+    Into(Box<ConnInfo>),
+    Output(PathBuf),
+}
+
+/// Chooses the dump of `set` for `target_us` and restores it to `dest` (under the caller's
+/// marker): the dump, and where it went (the conninfo without a password, or the file).
+async fn restore_chosen(
+    config: &Config,
+    repo: &Repository,
+    set: &str,
+    target_us: Option<i64>,
+    dest: Dest,
+) -> Result<(DumpManifest, Option<String>, Option<PathBuf>)> {
+    let m = chosen(repo, set, target_us).await?;
+    let (into, output) = match dest {
+        Dest::Into(info) => {
+            dump::restore_into(repo, &m, &tools(config), &info)
+                .await
+                .with_context(|| format!("restoring dump {} of set {} into {}", m.id, m.set, info.redacted()))?;
+            (Some(info.redacted()), None)
+        }
+        Dest::Output(path) => {
+            dump::write_file(repo, &m, &path)
+                .await
+                .with_context(|| format!("writing dump {} of set {} to {}", m.id, m.set, path.display()))?;
+            (None, Some(path))
+        }
+    };
+    Ok((m, into, output))
 }
 
 /// The dump of `set` a restore to `target_us` uses; manifests that do not open are passed over
@@ -348,6 +383,22 @@ pub fn print_list(v: &serde_json::Value) {
 pub struct DumpExpiry {
     /// Dumps removed (or, in a dry run, that would be).
     pub removed: Vec<ExpiredDump>,
+    /// Dumps past their set's `keep_days` that the storage refused to delete (Object Lock,
+    /// permissions): kept; the next run tries again.
+    pub retained: Vec<RetainedDump>,
+}
+
+/// A dump the storage refused to delete.
+#[derive(Debug, serde::Serialize)]
+pub struct RetainedDump {
+    /// The set.
+    pub set: String,
+    /// The dump's id.
+    pub id: String,
+    /// Its manifest, the object refused.
+    pub object: String,
+    /// The storage's answer.
+    pub why: String,
 }
 
 /// One dump past its set's `keep_days`.
@@ -368,6 +419,9 @@ impl DumpExpiry {
         for d in &self.removed {
             println!("{verb} dump {} of set {} (started {})", d.id, d.set, d.start_time);
         }
+        for d in &self.retained {
+            println!("RETAINED dump {} of set {} ({}): {}", d.id, d.set, d.object, d.why);
+        }
     }
 }
 
@@ -380,10 +434,16 @@ pub async fn expire_sets(config: &Config, repo: &Repository, dry_run: bool) -> R
         let removed = dump::expire(repo, &cfg.name, cfg.keep_days, now, dry_run)
             .await
             .with_context(|| format!("expiring dumps of set {} in {}", cfg.name, repo.location()))?;
-        out.removed.extend(removed.into_iter().map(|m| ExpiredDump {
+        out.removed.extend(removed.removed.into_iter().map(|m| ExpiredDump {
             start_time: format_rfc3339_seconds(m.start_time_us),
             set: m.set,
             id: m.id,
+        }));
+        out.retained.extend(removed.retained.into_iter().map(|(m, why)| RetainedDump {
+            object: pitr_archive::names::files::dump_manifest(&m.set, &m.id),
+            set: m.set,
+            id: m.id,
+            why,
         }));
     }
     Ok(out)

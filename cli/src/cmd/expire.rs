@@ -12,21 +12,43 @@ use crate::{open, output, tasks};
 pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
     let config = Config::load(config_path)?;
     let repo = open::writer(&config)?;
+    // Every part runs whatever another's outcome: a dump or file-set problem (a manifest that
+    // does not open, the storage failing) must not keep PostgreSQL's backups and WAL from
+    // expiring. Each part's error is said after the report, and fails the command.
     // Dumps past their set's keep_days go first: the block sweep after sees their blocks unreferenced.
-    let dumps = super::dump::expire_sets(&config, &repo, dry_run).await?;
+    let dumps = super::dump::expire_sets(&config, &repo, dry_run).await;
     // File-set retention and the sweep of blocks no file set or dump references.
-    let file_sets = super::files::expire(&config, &repo, dry_run).await?;
+    let file_sets = super::files::expire(&config, &repo, dry_run).await;
+    let mut failed: Vec<(&str, anyhow::Error)> = Vec::new();
+    // A part that failed shows as null in --json.
+    let dumps = dumps.map_or_else(
+        |e| {
+            failed.push(("dumps", e));
+            None
+        },
+        Some,
+    );
+    let file_sets = file_sets.map_or_else(
+        |e| {
+            failed.push(("file sets", e));
+            None
+        },
+        Some,
+    );
     if config.postgres.is_none() && config.mongo.is_none() {
         // Only file sets and dumps: there is no cluster to expire.
-        if json {
-            output::print_json(&serde_json::json!({ "dumps": dumps, "file_sets": file_sets }))?;
-        } else {
-            dumps.print(dry_run);
-            super::files::print_expire(&file_sets);
-        }
-        return Ok(());
+        print_sets(dumps.as_ref(), file_sets.as_ref(), dry_run, json)?;
+        return parts_failed(&repo, failed);
     }
-    let report = tasks::expire(&config, &repo, dry_run).await?;
+    let report = match tasks::expire(&config, &repo, dry_run).await {
+        Ok(r) => r,
+        Err(e) => {
+            // What the other parts did is still said.
+            print_sets(dumps.as_ref(), file_sets.as_ref(), dry_run, json)?;
+            failed.push(("PostgreSQL", e));
+            return parts_failed(&repo, failed);
+        }
+    };
     // Retention that could not be extended fails the command, after the report: the deletes are
     // done, but those objects are protected for less long than their backups are kept.
     let retention_failed = || {
@@ -43,7 +65,10 @@ pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
             o.insert("file_sets".into(), serde_json::to_value(&file_sets)?);
         }
         output::print_json(&out)?;
-        return if report.retention_failed.is_empty() { Ok(()) } else { Err(retention_failed()) };
+        if !report.retention_failed.is_empty() {
+            failed.push(("PostgreSQL", retention_failed()));
+        }
+        return parts_failed(&repo, failed);
     }
     let r = &config.retention;
     let verb = if dry_run { "would remove" } else { "removed" };
@@ -132,8 +157,7 @@ pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
     for x in &report.retention_failed {
         println!("RETENTION NOT EXTENDED {}: {}", x.object, x.why);
     }
-    dumps.print(dry_run);
-    super::files::print_expire(&file_sets);
+    print_sets(dumps.as_ref(), file_sets.as_ref(), dry_run, false)?;
     println!(
         "{verb} {} backups, {} WAL objects, {} blocks ({} bytes){}",
         report.removed_backups.len(),
@@ -146,9 +170,43 @@ pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
             format!("; {} objects retained by the storage", report.retained.len())
         }
     );
-    if report.retention_failed.is_empty() {
-        Ok(())
-    } else {
-        Err(retention_failed())
+    if !report.retention_failed.is_empty() {
+        failed.push(("PostgreSQL", retention_failed()));
     }
+    parts_failed(&repo, failed)
+}
+
+/// What the dumps' and the file sets' parts did (`None`: the part failed).
+fn print_sets(
+    dumps: Option<&super::dump::DumpExpiry>,
+    file_sets: Option<&pitr_files::FilesExpireReport>,
+    dry_run: bool,
+    json: bool,
+) -> Result<()> {
+    if json {
+        return output::print_json(&serde_json::json!({ "dumps": dumps, "file_sets": file_sets }));
+    }
+    if let Some(d) = dumps {
+        d.print(dry_run);
+    }
+    if let Some(f) = file_sets {
+        super::files::print_expire(f);
+    }
+    Ok(())
+}
+
+/// The command's outcome once every part has run: an error naming each part that failed, with
+/// its error.
+fn parts_failed(repo: &pitr_archive::Repository, failed: Vec<(&str, anyhow::Error)>) -> Result<()> {
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let parts: Vec<&str> = failed.iter().map(|(p, _)| *p).collect();
+    let errors: Vec<String> = failed.iter().map(|(p, e)| format!("{p}: {e:#}")).collect();
+    Err(anyhow!(
+        "expire in {} failed in {} ({}); every other part was run",
+        repo.location(),
+        parts.join(", "),
+        errors.join("; ")
+    ))
 }

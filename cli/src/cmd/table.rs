@@ -25,6 +25,9 @@ pub struct TableArgs {
     pub json: bool,
     /// Read from this repository (a secondary's name, or `primary`) first.
     pub from: Option<String>,
+    /// The role the scratch server is used as (a superuser of the restored cluster); default
+    /// `$USER`.
+    pub db_user: Option<String>,
 }
 
 /// What `pitr restore --table` prints (`--json`).
@@ -54,6 +57,10 @@ pub struct TableRestoreReport {
     pub sequences: Vec<String>,
     /// What the copy does not carry.
     pub left_out: Vec<LeftOut>,
+    /// The table's OID at the moment.
+    pub oid: u32,
+    /// What the user should know (such as that the table of that name is another one now).
+    pub warnings: Vec<String>,
     /// Restoring the scratch cluster to the moment.
     pub restore_seconds: f64,
     /// Preparing and copying the table.
@@ -81,7 +88,7 @@ pub async fn run(config_path: &Path, args: TableArgs) -> Result<()> {
     let opts = ScratchOptions {
         scratch_root: drill.scratch_root,
         bin_dir: drill.bin_dir,
-        db_user: drill.db_user,
+        db_user: args.db_user.clone().unwrap_or(drill.db_user),
         restore_command: tasks::restore_command(config_path, args.from.as_deref())?,
         workers: drill.workers,
         timeout: drill.timeout,
@@ -106,8 +113,13 @@ pub async fn run(config_path: &Path, args: TableArgs) -> Result<()> {
     let (restored, copied) = tokio::select! {
         result = work => result?,
         signal = wait_for_signal() => {
+            let created = if into.table_created() {
+                format!("{new_table} WAS created in {} (its rows were not counted yet): check it, or drop it before trying again", into.redacted())
+            } else {
+                format!("{new_table} was not created")
+            };
             return Err(anyhow!(
-                "stopped by {signal}: the scratch server was stopped and its directory removed; {new_table} was not created"
+                "stopped by {signal}: the scratch server was stopped and its directory removed; {created}"
             ))
         }
     };
@@ -124,6 +136,8 @@ pub async fn run(config_path: &Path, args: TableArgs) -> Result<()> {
         indexes: copied.indexes,
         sequences: copied.sequences,
         left_out: copied.left_out,
+        oid: copied.oid,
+        warnings: copied.warnings,
         restore_seconds: restored.total_seconds,
         copy_seconds: copied.seconds,
         total_seconds: started.elapsed().as_secs_f64(),
@@ -131,7 +145,13 @@ pub async fn run(config_path: &Path, args: TableArgs) -> Result<()> {
     if args.json {
         return output::print_json(&report);
     }
-    println!("restored table {} (database {}) as it was at {}", report.table, report.database, report.target);
+    println!(
+        "restored table {} (database {}, OID {}) as it was at {}",
+        report.table, report.database, report.oid, report.target
+    );
+    for w in &report.warnings {
+        println!("  WARNING:              {w}");
+    }
     println!("  created:              {} in {}", report.new_table, report.into);
     println!("  backup used:          {}", report.backup_id);
     println!("  last replayed commit: {}", report.last_replayed_commit_time.as_deref().unwrap_or("(none replayed)"));
@@ -159,14 +179,16 @@ pub async fn run(config_path: &Path, args: TableArgs) -> Result<()> {
     Ok(())
 }
 
-/// SIGTERM or SIGINT (Ctrl-C), by name.
+/// SIGTERM, SIGINT (Ctrl-C) or SIGHUP, by name.
 async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
+        (Ok(mut term), Ok(mut int), Ok(mut hup)) => {
             tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
+                // A closed terminal or session: stopped and cleaned up as on SIGTERM.
+                _ = hup.recv() => "SIGHUP",
             }
         }
         // Without handlers the default actions stay: the run is not cut short here.

@@ -1,9 +1,9 @@
 //! Taking a backup of a set: walk, read each file through a block writer, write the manifest last.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pitr_archive::running::{RunKind, RunMarker};
 use pitr_archive::time::format_compact;
@@ -11,7 +11,7 @@ use pitr_archive::{now_us, PutOutcome, RepositoryError};
 use tokio::io::AsyncReadExt;
 use tokio::task::JoinSet;
 
-use super::walk::{self, entry_of, link_target, stamp, Excludes, Found};
+use super::walk::{self, entry_of, link_target, open_in_tree, stamp, Excludes, Found};
 use super::{EntryKind, Skipped, TreeEntry, TreeKind, TreeManifest};
 use crate::{BlockStore, FilesError};
 
@@ -57,7 +57,7 @@ pub async fn backup(
     progress: &(dyn Fn(BackupProgress) + Sync),
 ) -> Result<TreeManifest, FilesError> {
     let marker = RunMarker::begin(store.repo(), RunKind::Backup).await?;
-    let result = run(store, set, incremental, progress).await;
+    let result = run(store, set, incremental, progress, &marker).await;
     marker.release().await;
     result
 }
@@ -72,6 +72,7 @@ async fn run(
     set: &SetSpec,
     incremental: bool,
     progress: &(dyn Fn(BackupProgress) + Sync),
+    marker: &RunMarker,
 ) -> Result<TreeManifest, FilesError> {
     let start = now_us();
     let parent = if incremental {
@@ -99,7 +100,12 @@ async fn run(
     loop {
         while tasks.len() < FILES_IN_FLIGHT {
             let Some(f) = pending.next() else { break };
-            let reuse = parent.as_ref().and_then(|m| m.entry(&f.rel)).and_then(|e| reusable(e, &f));
+            let reuse = parent
+                .as_ref()
+                // A backup of another root (the set's path was changed) says nothing about these files.
+                .filter(|m| m.root == set.root.display().to_string())
+                .and_then(|m| m.entry(&f.rel))
+                .and_then(|e| reusable(e, &f));
             let store = store.clone();
             tasks.spawn(async move { one(&store, f, reuse).await });
         }
@@ -152,6 +158,8 @@ async fn run(
     };
     // Two backups of a set started in the same second: the later one takes the next free second.
     for _ in 0..10 {
+        // Not the configured stale_backup_after (unknown here) but its floor: never laxer.
+        marker.check_fresh(pitr_archive::running::MIN_STALE_BACKUP_AFTER)?;
         match manifest.store(store.repo()).await {
             Ok(PutOutcome::Created) => return Ok(manifest),
             // Taken: the same name with other contents (a put that found an identical object
@@ -214,12 +222,19 @@ async fn one(store: &BlockStore, f: Found, reuse: Option<EntryKind>) -> Result<O
     let mut attempt = 0;
     loop {
         attempt += 1;
-        // O_NOFOLLOW: a file replaced by a symlink since the walk is not followed out of the tree.
-        let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&f.abs);
-        let file = match opened {
-            Ok(file) => file,
+        // Through its directory as walked, without following a symlink: a file or a directory
+        // above it replaced by a symlink since the walk is not followed out of the tree.
+        let file = match open_in_tree(&f) {
+            Ok(Some(file)) => file,
+            Ok(None) => {
+                return Ok(Outcome::Skipped(Skipped {
+                    path: f.rel,
+                    why: "its directory was replaced during the backup".into(),
+                }))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return vanished(&f.rel),
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            // The file (ELOOP) or a directory above it (ENOTDIR) is a symlink now.
+            Err(e) if [Some(libc::ELOOP), Some(libc::ENOTDIR)].contains(&e.raw_os_error()) => {
                 return Ok(Outcome::Skipped(Skipped {
                     path: f.rel,
                     why: "replaced by a symlink during the backup".into(),
@@ -247,13 +262,16 @@ async fn one(store: &BlockStore, f: Found, reuse: Option<EntryKind>) -> Result<O
         reused_blocks += stored.reused_blocks;
         stored_bytes += stored.stored_bytes;
         let after = file.metadata().await.map_err(|e| FilesError::io(&f.abs, e))?;
+        let read_end = SystemTime::now();
         let steady = stamp(&before) == stamp(&after) && stored.len == after.size();
         if steady || attempt == READS {
-            let found = Found { rel: f.rel.clone(), abs: f.abs.clone(), meta: after };
+            let racy = racily_clean(&after, read_end);
+            let found = Found { rel: f.rel.clone(), abs: f.abs.clone(), meta: after, dir: f.dir };
             let mut e =
                 entry_of(&found, EntryKind::File { size: stored.len, sha256: stored.sha256, blocks: stored.blocks });
-            if !steady {
-                // The stamps are from after the last read, the content may be older: with no
+            if !steady || racy {
+                // The stamps are from after the last read, the content may be older (or, racily
+                // clean, a rewrite within the same timestamp tick left them unchanged): with no
                 // ctime to match, the next incremental reads the file again.
                 e.ctime = 0;
                 e.ctime_nsec = 0;
@@ -271,6 +289,89 @@ async fn one(store: &BlockStore, f: Found, reuse: Option<EntryKind>) -> Result<O
     }
 }
 
+/// How close to the end of a read a file's mtime or ctime may be before the read cannot be
+/// trusted to have seen its final content: a same-size rewrite within one timestamp tick (coarse
+/// on some filesystems, and the file's clock may lag the wall clock) changes no stamp. Git's
+/// "racily clean" rule.
+const RACY: Duration = Duration::from_secs(2);
+
+/// Whether `m`'s mtime or ctime lies within [`RACY`] of `read_end` (or after it).
+fn racily_clean(m: &std::fs::Metadata, read_end: SystemTime) -> bool {
+    let Some(limit) = read_end.checked_sub(RACY) else { return true };
+    let limit = match limit.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, i64::from(d.subsec_nanos())),
+        Err(_) => return true,
+    };
+    (m.mtime(), m.mtime_nsec()) >= limit || (m.ctime(), m.ctime_nsec()) >= limit
+}
+
 fn entry(entry: TreeEntry) -> Outcome {
     Outcome::Entry { entry, bytes_read: 0, new_blocks: 0, reused_blocks: 0, stored_bytes: 0, changed: false }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pitr_archive::{KeyRing, LocalStore, Repository};
+    use std::sync::Arc;
+
+    async fn store() -> (tempfile::TempDir, BlockStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
+        repo.init().await.unwrap();
+        let store = BlockStore::open(&repo).await.unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_file_written_just_before_its_read_is_read_again_by_the_next_incremental() {
+        let (_repo, store) = store().await;
+        let tree = tempfile::tempdir().unwrap();
+        std::fs::write(tree.path().join("settled"), b"written long before the backup").unwrap();
+        tokio::time::sleep(RACY + Duration::from_millis(200)).await;
+        std::fs::write(tree.path().join("fresh"), b"written just before the backup").unwrap();
+        let spec = SetSpec { name: "s".into(), root: tree.path().to_path_buf(), excludes: Excludes::default() };
+        let first = backup(&store, &spec, false, &|_| {}).await.unwrap();
+        // A same-size rewrite within the stamps' tick could have torn this read unnoticed.
+        assert_eq!(first.entry("fresh").unwrap().ctime, 0, "{first:?}");
+        assert_ne!(first.entry("settled").unwrap().ctime, 0, "{first:?}");
+        assert!(first.changed.is_empty(), "racily clean is not `changed`: {first:?}");
+
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let second = backup(&store, &spec, true, &|_| {}).await.unwrap();
+        assert_eq!(second.kind, TreeKind::Incremental);
+        assert_eq!(second.bytes_read, b"written just before the backup".len() as u64, "only `fresh` is read again");
+    }
+
+    #[tokio::test]
+    async fn a_backup_of_another_root_is_not_reused() {
+        let (_repo, store) = store().await;
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::fs::write(a.path().join("f"), b"in a").unwrap();
+        tokio::time::sleep(RACY + Duration::from_millis(200)).await;
+        let spec = |root: &std::path::Path| SetSpec {
+            name: "s".into(),
+            root: root.to_path_buf(),
+            excludes: Excludes::default(),
+        };
+        let first = backup(&store, &spec(a.path()), false, &|_| {}).await.unwrap();
+        // The set now points at b; the parent's entry for `f` has the stamps of b's `f`.
+        std::fs::write(b.path().join("f"), b"in b").unwrap();
+        let m = std::fs::symlink_metadata(b.path().join("f")).unwrap();
+        let mut parent = first.clone();
+        let e = parent.entries.iter_mut().find(|e| e.path == "f").unwrap();
+        (e.mtime, e.mtime_nsec, e.ctime, e.ctime_nsec, e.inode) =
+            (m.mtime(), m.mtime_nsec() as u32, m.ctime(), m.ctime_nsec() as u32, m.ino());
+        let found = Found { rel: "f".into(), abs: b.path().join("f"), meta: m, dir: None };
+        assert!(reusable(parent.entry("f").unwrap(), &found).is_some(), "same stamps: reusable by themselves");
+        parent.id = "20000101T000000Z".into();
+        parent.stop_time_us = first.stop_time_us + 1;
+        parent.store(store.repo()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let second = backup(&store, &spec(b.path()), true, &|_| {}).await.unwrap();
+        assert_eq!(second.parent.as_deref(), Some("20000101T000000Z"));
+        assert_eq!(second.bytes_read, 4, "b's file was read, not taken from a backup of a");
+        let EntryKind::File { sha256, .. } = &second.entry("f").unwrap().kind else { panic!("f is a file") };
+        assert_eq!(sha256, &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"in b")));
+    }
 }

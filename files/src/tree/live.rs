@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::walk::{self, entry_of, link_target, Found};
+use super::walk::{self, entry_of, link_target, open_in_tree, stamp, Found};
 use super::{EntryKind, SetSpec, TreeEntry, TreeManifest};
 use crate::FilesError;
 
@@ -38,8 +38,9 @@ pub struct LiveReport {
     pub modified: Vec<LiveDifference>,
     /// Same content; mode, owner or mtime differ.
     pub metadata: Vec<LiveDifference>,
-    /// Content differs although size and mtime are the backup's: silent corruption (or a
-    /// writer that restored the mtime).
+    /// Content differs although size, mtime and ctime are the backup's (and the file was
+    /// settled when it was backed up): silent corruption. A rewrite that kept the mtime moves
+    /// the ctime and is `modified`.
     pub corrupt: Vec<LiveDifference>,
 }
 
@@ -80,15 +81,42 @@ fn compare(set: &SetSpec, backup: &TreeManifest) -> Result<LiveReport, FilesErro
                     report.modified.push(diff(format!("size {} → {}", size, f.meta.size())));
                     continue;
                 }
-                let Some(now) = sha256_of(f)? else {
-                    report.removed.push(f.rel.clone());
-                    continue;
+                let (now, opened) = match sha256_of(f)? {
+                    Hashed::Vanished => {
+                        report.removed.push(f.rel.clone());
+                        continue;
+                    }
+                    Hashed::Moving => {
+                        report.modified.push(diff("it changed while it was read".into()));
+                        continue;
+                    }
+                    Hashed::Steady { sha256, meta } => (sha256, meta),
                 };
                 if &now != sha256 {
-                    if f.meta.mtime() == was.mtime && f.meta.mtime_nsec() == i64::from(was.mtime_nsec) {
+                    let stamps =
+                        |m: &std::fs::Metadata| (m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
+                    let recorded = (*size, was.mtime, i64::from(was.mtime_nsec), was.ctime, i64::from(was.ctime_nsec));
+                    if backup.changed.contains(&f.rel) {
+                        // Its backed-up content is a read of a moving file, not a settled one.
+                        report.modified.push(diff("content differs (it kept changing during the backup)".into()));
+                    } else if was.ctime != 0 && stamps(&opened) == recorded {
+                        // Size, mtime and ctime as backed up: nothing wrote it through the
+                        // filesystem since, yet its content moved.
                         report.corrupt.push(diff(format!(
-                            "content differs (sha256 {now}, backup {sha256}) with the same size and mtime"
+                            "content differs (sha256 {now}, backup {sha256}) with the same size, mtime and ctime"
                         )));
+                    } else if was.ctime == 0 && (opened.mtime(), opened.mtime_nsec()) == (recorded.1, recorded.2) {
+                        report.modified.push(diff(
+                            "content differs with the same size and mtime; the backup read it just after it was written (no ctime recorded), so no verdict of corruption"
+                                .into(),
+                        ));
+                    } else if (opened.size(), opened.mtime(), opened.mtime_nsec())
+                        == (recorded.0, recorded.1, recorded.2)
+                    {
+                        report.modified.push(diff(
+                            "content differs with the same size and mtime, but it was written since the backup (ctime moved: a writer that keeps the mtime, such as rsync -t or cp -p)"
+                                .into(),
+                        ));
                     } else {
                         report.modified.push(diff("content differs".into()));
                     }
@@ -155,14 +183,31 @@ fn metadata_differs(was: &TreeEntry, f: &Found, with_mtime: bool) -> Option<Stri
     (!what.is_empty()).then(|| what.join(", "))
 }
 
-/// The file's SHA-256; `None` when it vanished since the walk.
-fn sha256_of(f: &Found) -> Result<Option<String>, FilesError> {
+/// A file's content as `verify --live` read it.
+enum Hashed {
+    /// Gone since the walk.
+    Vanished,
+    /// Its size, mtime or ctime moved while it was read: no verdict on its content.
+    Moving,
+    /// Read whole with its stamps unchanged across the read, which `meta` holds.
+    Steady { sha256: String, meta: std::fs::Metadata },
+}
+
+/// The file's SHA-256, read through its directory as walked, never following a symlink.
+fn sha256_of(f: &Found) -> Result<Hashed, FilesError> {
     let path: &Path = &f.abs;
-    let mut file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+    let mut file = match open_in_tree(f) {
+        Ok(Some(file)) => file,
+        Ok(None) => return Ok(Hashed::Moving),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Hashed::Vanished),
+        // Replaced by a symlink since the walk.
+        Err(e) if [Some(libc::ELOOP), Some(libc::ENOTDIR)].contains(&e.raw_os_error()) => return Ok(Hashed::Moving),
         Err(e) => return Err(FilesError::io(path, e)),
     };
+    let before = file.metadata().map_err(|e| FilesError::io(path, e))?;
+    if !before.is_file() {
+        return Ok(Hashed::Moving);
+    }
     let mut sha = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -172,5 +217,9 @@ fn sha256_of(f: &Found) -> Result<Option<String>, FilesError> {
         }
         sha.update(&buf[..n]);
     }
-    Ok(Some(hex::encode(sha.finalize())))
+    let after = file.metadata().map_err(|e| FilesError::io(path, e))?;
+    if stamp(&before) != stamp(&after) {
+        return Ok(Hashed::Moving);
+    }
+    Ok(Hashed::Steady { sha256: hex::encode(sha.finalize()), meta: after })
 }
