@@ -268,7 +268,12 @@ mod tests {
         let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [5; 32]));
         repo.init().await.unwrap();
         let store = BlockStore::open(&repo).await.unwrap();
-        let spec = SetSpec { name: "s".into(), root: tree.path().to_path_buf(), excludes: Excludes::default() };
+        let spec = SetSpec {
+            name: "s".into(),
+            root: tree.path().to_path_buf(),
+            excludes: Excludes::default(),
+            stale_backup_after: pitr_archive::running::MIN_STALE_BACKUP_AFTER,
+        };
         std::fs::write(tree.path().join("gone"), b"only in the first backup").unwrap();
         std::fs::write(tree.path().join("kept"), b"in both").unwrap();
         let first = backup(&store, &spec, false, &|_| {}).await.unwrap();

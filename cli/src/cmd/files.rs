@@ -33,9 +33,10 @@ pub struct RestoreArgs {
     pub from: Option<String>,
 }
 
-fn spec_of(f: &FilesConfig) -> Result<SetSpec> {
+fn spec_of(config: &Config, f: &FilesConfig) -> Result<SetSpec> {
     let excludes = Excludes::new(&f.exclude).map_err(|e| anyhow!("[[files]] {:?}: {e}", f.name))?;
-    Ok(SetSpec { name: f.name.clone(), root: f.path.clone(), excludes })
+    let stale_backup_after = config.retention.stale_backup_after;
+    Ok(SetSpec { name: f.name.clone(), root: f.path.clone(), excludes, stale_backup_after })
 }
 
 /// What a backup of a set did (one line for the log via Display, or `--json`).
@@ -139,7 +140,7 @@ async fn backup_with_metrics(
         ("set", set.to_string()),
     ];
     let result = async {
-        let spec = spec_of(f)?;
+        let spec = spec_of(config, f)?;
         let repo = open::writer(config)?;
         let store = BlockStore::open(&repo).await?;
         let started = Instant::now();
@@ -369,7 +370,7 @@ pub async fn verify(config_path: &Path, set: Option<&str>, live: bool, deep: boo
         }
         metrics::gauge!("pitr_files_missing_objects", "source" => "files", "set" => f.name.clone()).set(missing as f64);
         let live_report = match (live, backups.last()) {
-            (true, Some(newest)) => Some(tree::compare_live(&spec_of(f)?, newest).await?),
+            (true, Some(newest)) => Some(tree::compare_live(&spec_of(&config, f)?, newest).await?),
             (true, None) => {
                 found.push(Finding {
                     set: f.name.clone(),

@@ -31,6 +31,9 @@ pub struct SetSpec {
     pub root: PathBuf,
     /// `[[files]] exclude`.
     pub excludes: Excludes,
+    /// `[retention] stale_backup_after`: a backup whose running marker went unrenewed nearly
+    /// that long stores no manifest (an expire may have swept blocks it reuses).
+    pub stale_backup_after: std::time::Duration,
 }
 
 /// How far a backup is, for a progress bar.
@@ -159,7 +162,7 @@ async fn run(
     // Two backups of a set started in the same second: the later one takes the next free second.
     for _ in 0..10 {
         // Not the configured stale_backup_after (unknown here) but its floor: never laxer.
-        marker.check_fresh(pitr_archive::running::MIN_STALE_BACKUP_AFTER)?;
+        marker.check_fresh(set.stale_backup_after)?;
         match manifest.store(store.repo()).await {
             Ok(PutOutcome::Created) => return Ok(manifest),
             // Taken: the same name with other contents (a put that found an identical object
@@ -330,7 +333,12 @@ mod tests {
         std::fs::write(tree.path().join("settled"), b"written long before the backup").unwrap();
         tokio::time::sleep(RACY + Duration::from_millis(200)).await;
         std::fs::write(tree.path().join("fresh"), b"written just before the backup").unwrap();
-        let spec = SetSpec { name: "s".into(), root: tree.path().to_path_buf(), excludes: Excludes::default() };
+        let spec = SetSpec {
+            name: "s".into(),
+            root: tree.path().to_path_buf(),
+            excludes: Excludes::default(),
+            stale_backup_after: pitr_archive::running::MIN_STALE_BACKUP_AFTER,
+        };
         let first = backup(&store, &spec, false, &|_| {}).await.unwrap();
         // A same-size rewrite within the stamps' tick could have torn this read unnoticed.
         assert_eq!(first.entry("fresh").unwrap().ctime, 0, "{first:?}");
@@ -353,6 +361,7 @@ mod tests {
             name: "s".into(),
             root: root.to_path_buf(),
             excludes: Excludes::default(),
+            stale_backup_after: pitr_archive::running::MIN_STALE_BACKUP_AFTER,
         };
         let first = backup(&store, &spec(a.path()), false, &|_| {}).await.unwrap();
         // The set now points at b; the parent's entry for `f` has the stamps of b's `f`.

@@ -722,7 +722,12 @@ mod tests {
         for i in 0..20 {
             std::fs::write(tree.path().join(format!("a/f{i:02}")), format!("file {i}")).unwrap();
         }
-        let spec = SetSpec { name: "s".into(), root: tree.path().to_path_buf(), excludes: Excludes::default() };
+        let spec = SetSpec {
+            name: "s".into(),
+            root: tree.path().to_path_buf(),
+            excludes: Excludes::default(),
+            stale_backup_after: pitr_archive::running::MIN_STALE_BACKUP_AFTER,
+        };
         let m = backup(&store, &spec, false, &|_| {}).await.unwrap();
         let EntryKind::File { blocks, .. } = &m.entry("a/f19").unwrap().kind else { panic!("a/f19 is a file") };
         repo.delete(&names::files::block(&blocks[0].id)).await.unwrap();
@@ -822,7 +827,12 @@ mod tests {
             std::fs::write(tree.path().join(d).join("f"), d).unwrap();
             std::fs::set_permissions(tree.path().join(d), std::fs::Permissions::from_mode(mode)).unwrap();
         }
-        let spec = SetSpec { name: "s".into(), root: tree.path().to_path_buf(), excludes: Excludes::default() };
+        let spec = SetSpec {
+            name: "s".into(),
+            root: tree.path().to_path_buf(),
+            excludes: Excludes::default(),
+            stale_backup_after: pitr_archive::running::MIN_STALE_BACKUP_AFTER,
+        };
         let m = backup(&store, &spec, false, &|_| {}).await.unwrap();
         let target = out.path().join("t");
         let done = restore(&store, &m, &RestoreOptions { target_dir: target.clone(), paths: vec![] }).await.unwrap();
