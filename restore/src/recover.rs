@@ -565,7 +565,7 @@ fn role_refused(e: &tokio_postgres::Error) -> bool {
 }
 
 /// The server's own words where it sent an error (tokio_postgres shows only "db error").
-fn server_message(e: &tokio_postgres::Error) -> String {
+pub(crate) fn server_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.severity(), db.message()),
         None => e.to_string(),

@@ -38,8 +38,8 @@ use pitr_pgwire::{ConnectOptions, Connection};
 
 use crate::plan::Catalog;
 use crate::recover::{
-    announce, current_catalog, restore_marked_as, RestoreOptions, RestoreReport, ServerLaunch, StartOptions,
-    WalFetchCommand,
+    announce, current_catalog, restore_marked_as, server_message, RestoreOptions, RestoreReport, ServerLaunch,
+    StartOptions, WalFetchCommand,
 };
 use crate::target::RecoveryTarget;
 use crate::RestoreError;
@@ -731,7 +731,7 @@ impl ScratchCluster {
     async fn client(&self, database: &str) -> Result<ScratchClient, TableError> {
         let (client, conn) = tokio_postgres::connect(&self.conninfo(database), tokio_postgres::NoTls)
             .await
-            .map_err(|e| self.error(format!("connecting to database {database}: {e}")))?;
+            .map_err(|e| self.error(format!("connecting to database {database}: {}", server_message(&e))))?;
         let task = tokio::spawn(conn);
         Ok(ScratchClient { client, task })
     }
@@ -743,7 +743,7 @@ impl ScratchCluster {
             .client
             .query("select datname from pg_database where datallowconn and not datistemplate order by datname", &[])
             .await
-            .map_err(|e| self.error(e))?;
+            .map_err(|e| self.error(server_message(&e)))?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
@@ -762,7 +762,7 @@ impl ScratchCluster {
                     &[],
                 )
                 .await
-                .map_err(|e| self.error(e))?;
+                .map_err(|e| self.error(server_message(&e)))?;
             out.extend(rows.iter().map(|r| ScratchTable {
                 database: database.clone(),
                 table: TableName { schema: r.get(0), name: r.get(1) },
@@ -801,7 +801,7 @@ impl ScratchCluster {
                 .client
                 .query_one("select to_regclass($1)::oid", &[&table.table.quoted()])
                 .await
-                .map_err(|e| self.error(e))?;
+                .map_err(|e| self.error(server_message(&e)))?;
             if row.get::<_, Option<u32>>(0).is_some() {
                 holding.push(db.clone());
             }
@@ -902,7 +902,7 @@ pub async fn copy_table(
     let database = scratch.database_of(table).await?;
     let c = scratch.client(&database).await?;
     let client = &c.client;
-    let err = |e: tokio_postgres::Error| scratch.error(format!("database {database}: {e}"));
+    let err = |e: tokio_postgres::Error| scratch.error(format!("database {database}: {}", server_message(&e)));
     let row = client
         .query_one(
             "select current_user::text, coalesce((select rolsuper from pg_roles where rolname = current_user), false)",
@@ -924,7 +924,7 @@ pub async fn copy_table(
     // not committed then, so they are rolled back.
     let mut left_out = Vec::new();
     for r in
-        client.query("select gid, database::text from pg_prepared_xacts where false order by prepared", &[]).await.map_err(err)?
+        client.query("select gid, database::text from pg_prepared_xacts order by prepared", &[]).await.map_err(err)?
     {
         let (gid, db): (String, String) = (r.get(0), r.get(1));
         let other;
@@ -934,9 +934,9 @@ pub async fn copy_table(
             other = scratch.client(&db).await?;
             &other.client
         };
-        on.batch_execute(&format!("rollback prepared {}", quote_literal(&gid)))
-            .await
-            .map_err(|e| scratch.error(format!("database {db}: rolling back prepared transaction {gid:?}: {e}")))?;
+        on.batch_execute(&format!("rollback prepared {}", quote_literal(&gid))).await.map_err(|e| {
+            scratch.error(format!("database {db}: rolling back prepared transaction {gid:?}: {}", server_message(&e)))
+        })?;
         left_out.push(LeftOut {
             kind: "prepared transaction".into(),
             name: gid,
