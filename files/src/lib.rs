@@ -11,9 +11,9 @@
 pub mod blocks;
 pub mod dump;
 mod error;
+pub mod pgdump;
 pub mod sweep;
 pub mod tree;
-pub mod pgdump;
 
 pub use blocks::{BlockRef, BlockStore, BlockWriter, StoredStream};
 pub use dump::DumpManifest;
