@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWrite;
 
+use crate::manifests::{self, SetManifest};
 use crate::pgdump::{self, PgTools};
 use crate::{BlockRef, BlockStore, FilesError};
 
@@ -83,11 +84,7 @@ impl DumpManifest {
     /// Every dump of `set` (or of every set, with `None`), oldest first. Strict: a manifest that
     /// cannot be read is an error, for expire's block sweep, which must know every reference.
     pub async fn list(repo: &Repository, set: Option<&str>) -> Result<Vec<DumpManifest>, FilesError> {
-        let (sound, damaged) = Self::scan(repo, set).await?;
-        match damaged.into_iter().next() {
-            Some((_, e)) => Err(e),
-            None => Ok(sound),
-        }
+        manifests::list_strict(repo, set).await
     }
 
     /// Every dump of `set` (or of every set) that opens, oldest first, and the manifest names
@@ -97,30 +94,27 @@ impl DumpManifest {
         repo: &Repository,
         set: Option<&str>,
     ) -> Result<(Vec<DumpManifest>, Vec<(String, String)>), FilesError> {
-        let (sound, damaged) = Self::scan(repo, set).await?;
-        Ok((sound, damaged.into_iter().map(|(name, e)| (name, e.to_string())).collect()))
+        manifests::list_sound(repo, set).await
+    }
+}
+
+impl SetManifest for DumpManifest {
+    type Order = (i64, String, String);
+
+    fn prefix(set: Option<&str>) -> String {
+        set.map_or_else(|| names::files::DUMPS.to_string(), names::files::dumps_prefix)
     }
 
-    async fn scan(
-        repo: &Repository,
-        set: Option<&str>,
-    ) -> Result<(Vec<DumpManifest>, Vec<(String, FilesError)>), FilesError> {
-        let prefix = set.map_or_else(|| names::files::DUMPS.to_string(), names::files::dumps_prefix);
-        let mut out = BTreeMap::new();
-        let mut damaged = Vec::new();
-        for obj in repo.list(&prefix).await? {
-            let Some((set, id)) = names::files::parse_dump_manifest(&obj.name) else { continue };
-            match Self::load(repo, set, id).await {
-                Ok(m) => {
-                    out.insert((m.start_time_us, m.set.clone(), m.id.clone()), m);
-                }
-                // Removed since the listing (an expire): not a dump any more.
-                Err(FilesError::Repository(RepositoryError::Store(e))) if e.is_not_found() => {}
-                Err(FilesError::Repository(e)) if e.is_bad_object() => damaged.push((obj.name.clone(), e.into())),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok((out.into_values().collect(), damaged))
+    fn parse_name(name: &str) -> Option<(&str, &str)> {
+        names::files::parse_dump_manifest(name)
+    }
+
+    async fn load(repo: &Repository, set: &str, id: &str) -> Result<Self, FilesError> {
+        DumpManifest::load(repo, set, id).await
+    }
+
+    fn order(&self) -> Self::Order {
+        (self.start_time_us, self.set.clone(), self.id.clone())
     }
 }
 

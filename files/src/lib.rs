@@ -11,6 +11,7 @@
 pub mod blocks;
 pub mod dump;
 mod error;
+mod manifests;
 pub mod pgdump;
 pub mod sweep;
 pub mod tree;

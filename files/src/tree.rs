@@ -19,12 +19,11 @@ mod live;
 mod restore;
 mod walk;
 
-use std::collections::BTreeMap;
-
 use pitr_archive::names;
 use pitr_archive::{ObjectKind, ObjectMeta, PutOutcome, Repository, RepositoryError};
 use serde::{Deserialize, Serialize};
 
+use crate::manifests::{self, SetManifest};
 use crate::{BlockRef, FilesError};
 
 pub use backup::{backup, BackupProgress, SetSpec};
@@ -213,11 +212,7 @@ impl TreeManifest {
     /// Every backup of `set` (or of every set, with `None`), oldest first. Strict: a manifest that
     /// cannot be read is an error, for the block sweep, which must know every reference.
     pub async fn list(repo: &Repository, set: Option<&str>) -> Result<Vec<TreeManifest>, FilesError> {
-        let (sound, damaged) = Self::scan(repo, set).await?;
-        match damaged.into_iter().next() {
-            Some((_, e)) => Err(e),
-            None => Ok(sound),
-        }
+        manifests::list_strict(repo, set).await
     }
 
     /// Every backup of `set` (or of every set) that opens, oldest first, and the manifest names
@@ -227,8 +222,7 @@ impl TreeManifest {
         repo: &Repository,
         set: Option<&str>,
     ) -> Result<(Vec<TreeManifest>, Vec<(String, String)>), FilesError> {
-        let (sound, damaged) = Self::scan(repo, set).await?;
-        Ok((sound, damaged.into_iter().map(|(name, e)| (name, e.to_string())).collect()))
+        manifests::list_sound(repo, set).await
     }
 
     /// The set names that have at least one manifest name under `files/sets/`.
@@ -244,27 +238,25 @@ impl TreeManifest {
         sets.dedup();
         Ok(sets)
     }
+}
 
-    async fn scan(
-        repo: &Repository,
-        set: Option<&str>,
-    ) -> Result<(Vec<TreeManifest>, Vec<(String, FilesError)>), FilesError> {
-        let prefix = set.map_or_else(|| names::files::SETS.to_string(), names::files::sets_prefix);
-        let mut out = BTreeMap::new();
-        let mut damaged = Vec::new();
-        for obj in repo.list(&prefix).await? {
-            let Some((set, id)) = names::files::parse_tree_manifest(&obj.name) else { continue };
-            match Self::load(repo, set, id).await {
-                Ok(m) => {
-                    out.insert((m.set.clone(), m.stop_time_us, m.id.clone()), m);
-                }
-                // Removed since the listing (an expire): not a backup any more.
-                Err(FilesError::Repository(RepositoryError::Store(e))) if e.is_not_found() => {}
-                Err(FilesError::Repository(e)) if e.is_bad_object() => damaged.push((obj.name.clone(), e.into())),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok((out.into_values().collect(), damaged))
+impl SetManifest for TreeManifest {
+    type Order = (String, i64, String);
+
+    fn prefix(set: Option<&str>) -> String {
+        set.map_or_else(|| names::files::SETS.to_string(), names::files::sets_prefix)
+    }
+
+    fn parse_name(name: &str) -> Option<(&str, &str)> {
+        names::files::parse_tree_manifest(name)
+    }
+
+    async fn load(repo: &Repository, set: &str, id: &str) -> Result<Self, FilesError> {
+        TreeManifest::load(repo, set, id).await
+    }
+
+    fn order(&self) -> Self::Order {
+        (self.set.clone(), self.stop_time_us, self.id.clone())
     }
 }
 
