@@ -66,6 +66,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Preflight after a config change: config, key, repository, role, slot, pg_hba, WAL settings,
+    /// restore binaries, clock skew; one OK/FAIL line each, exit 1 on any FAIL.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
     /// PostgreSQL's restore_command: fetch SEGMENT (or a .history file) into DEST.
     WalFetch {
         segment: String,
@@ -401,6 +407,7 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
         Command::Init => cmd::init::run(config_path).await,
         Command::Stream => cmd::stream::run(config_path).await,
         Command::Status { json } => cmd::status::run(config_path, json).await,
+        Command::Check { json } => return cmd::check::run(config_path, json).await,
         Command::WalFetch { segment, dest, from, until_lsn } => {
             return cmd::wal_fetch::run(config_path, from.as_deref(), &segment, &dest, until_lsn).await
         }

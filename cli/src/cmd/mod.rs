@@ -4,6 +4,7 @@
 //! backup, restore, list, verify and drill. Nothing outside `cmd` depends on these modules.
 
 pub mod backup;
+pub mod check;
 pub mod copy;
 pub mod drill;
 pub mod dump;
