@@ -927,19 +927,53 @@ fn parse_dump_cron(set: &str, expr: &str) -> Result<Option<croner::Cron>> {
         .map_err(|e| anyhow!("[[dumps]] {set:?}: schedule = {expr:?}: not a cron expression ({e})"))
 }
 
-fn validate_dumps(dumps: &[DumpConfig]) -> Result<()> {
-    let mut names = std::collections::BTreeSet::new();
-    for (i, d) in dumps.iter().enumerate() {
-        if !pitr_archive::names::files::valid_set_name(&d.name) {
+/// The names of a `[[files]]` or `[[dumps]]` section's entries: each valid as an object-name
+/// component ([`pitr_archive::names::files::valid_set_name`]) and none twice.
+fn check_set_names<'a>(section: &str, names: impl Iterator<Item = &'a str>) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, name) in names.enumerate() {
+        if !pitr_archive::names::files::valid_set_name(name) {
             bail!(
-                "[[dumps]] entry {}: name = {:?}: use 1 to 64 of a-z, 0-9, `_` and `-` (not starting with `-`)",
-                i + 1,
-                d.name
+                "{section} entry {}: name = {name:?}: use 1 to 64 of a-z, 0-9, `_` and `-` (not starting with `-`)",
+                i + 1
             );
         }
-        if !names.insert(d.name.as_str()) {
-            bail!("[[dumps]] {:?}: two entries have this name", d.name);
+        if !seen.insert(name) {
+            bail!("{section} {name:?}: two entries have this name");
         }
+    }
+    Ok(())
+}
+
+/// A set's `keep_days`: 1 to 36500.
+fn check_keep_days(section: &str, name: &str, keep_days: u32) -> Result<()> {
+    if !(1..=36_500).contains(&keep_days) {
+        bail!("{section} {name:?}: keep_days = {keep_days}: must be between 1 and 36500");
+    }
+    Ok(())
+}
+
+/// The entry of `sets` named `set`; an unknown name is an error naming the configured ones.
+fn named_set<'a, T>(
+    sets: &'a [T],
+    name: impl Fn(&T) -> &String,
+    set: &str,
+    what: &str,
+    section: &str,
+) -> Result<&'a T> {
+    sets.iter().find(|s| name(s) == set).ok_or_else(|| {
+        let names: Vec<&str> = sets.iter().map(|s| name(s).as_str()).collect();
+        if names.is_empty() {
+            anyhow!("no {what} {set:?}: the config has no {section} sets")
+        } else {
+            anyhow!("no {what} {set:?}: the configured {section} sets are {}", names.join(", "))
+        }
+    })
+}
+
+fn validate_dumps(dumps: &[DumpConfig]) -> Result<()> {
+    check_set_names("[[dumps]]", dumps.iter().map(|d| d.name.as_str()))?;
+    for d in dumps {
         if d.conninfo.trim().is_empty() {
             bail!(
                 "[[dumps]] {:?}: conninfo is missing (the database to dump, e.g. \"host=... dbname=dev user=...\")",
@@ -958,9 +992,7 @@ fn validate_dumps(dumps: &[DumpConfig]) -> Result<()> {
                 d.time_zone
             );
         }
-        if !(1..=36_500).contains(&d.keep_days) {
-            bail!("[[dumps]] {:?}: keep_days = {}: must be between 1 and 36500", d.name, d.keep_days);
-        }
+        check_keep_days("[[dumps]]", &d.name, d.keep_days)?;
     }
     Ok(())
 }
@@ -968,14 +1000,7 @@ fn validate_dumps(dumps: &[DumpConfig]) -> Result<()> {
 impl Config {
     /// The `[[dumps]]` set named `set`; an unknown name is an error naming the configured ones.
     pub fn dump_set(&self, set: &str) -> Result<&DumpConfig> {
-        self.dumps.iter().find(|d| d.name == set).ok_or_else(|| {
-            let names: Vec<&str> = self.dumps.iter().map(|d| d.name.as_str()).collect();
-            if names.is_empty() {
-                anyhow!("no dump set {set:?}: the config has no [[dumps]] sets")
-            } else {
-                anyhow!("no dump set {set:?}: the configured [[dumps]] sets are {}", names.join(", "))
-            }
-        })
+        named_set(&self.dumps, |d| &d.name, set, "dump set", "[[dumps]]")
     }
 }
 
@@ -1028,18 +1053,8 @@ impl FilesConfig {
 }
 
 fn validate_files(sets: &[FilesConfig]) -> Result<()> {
-    let mut names = std::collections::BTreeSet::new();
-    for (i, f) in sets.iter().enumerate() {
-        if !pitr_archive::names::files::valid_set_name(&f.name) {
-            bail!(
-                "[[files]] entry {}: name = {:?}: use 1 to 64 of a-z, 0-9, `_` and `-` (not starting with `-`)",
-                i + 1,
-                f.name
-            );
-        }
-        if !names.insert(f.name.as_str()) {
-            bail!("[[files]] {:?}: two entries have this name", f.name);
-        }
+    check_set_names("[[files]]", sets.iter().map(|f| f.name.as_str()))?;
+    for f in sets {
         if !f.path.is_absolute() {
             bail!("[[files]] {:?}: path = {:?}: must be an absolute path", f.name, f.path.display());
         }
@@ -1048,9 +1063,7 @@ fn validate_files(sets: &[FilesConfig]) -> Result<()> {
         }
         f.cron(false)?;
         f.cron(true)?;
-        if !(1..=36_500).contains(&f.keep_days) {
-            bail!("[[files]] {:?}: keep_days = {}: must be between 1 and 36500", f.name, f.keep_days);
-        }
+        check_keep_days("[[files]]", &f.name, f.keep_days)?;
     }
     Ok(())
 }
@@ -1058,14 +1071,7 @@ fn validate_files(sets: &[FilesConfig]) -> Result<()> {
 impl Config {
     /// The `[[files]]` set named `set`; an unknown name is an error naming the configured ones.
     pub fn files_set(&self, set: &str) -> Result<&FilesConfig> {
-        self.files.iter().find(|f| f.name == set).ok_or_else(|| {
-            let names: Vec<&str> = self.files.iter().map(|f| f.name.as_str()).collect();
-            if names.is_empty() {
-                anyhow!("no file set {set:?}: the config has no [[files]] sets")
-            } else {
-                anyhow!("no file set {set:?}: the configured [[files]] sets are {}", names.join(", "))
-            }
-        })
+        named_set(&self.files, |f| &f.name, set, "file set", "[[files]]")
     }
 }
 
