@@ -436,7 +436,11 @@ fn compose_demo_is_consistent() -> Result<()> {
         }
     }
     let mounted_at = |source: &str| {
-        mounts.iter().find(|(s, _)| s == source).map(|(_, t)| t.clone()).with_context(|| format!("{source} is not mounted"))
+        mounts
+            .iter()
+            .find(|(s, _)| s == source)
+            .map(|(_, t)| t.clone())
+            .with_context(|| format!("{source} is not mounted"))
     };
 
     // Prometheus loads the very rules in docker/prometheus/alerts.yml.
@@ -471,7 +475,11 @@ fn compose_demo_is_consistent() -> Result<()> {
         eprintln!("SKIPPED: `podman-compose config` needs podman, which is not installed here");
         return Ok(());
     }
-    let out = Command::new(pip_tool("podman-compose", "podman-compose")?).arg("-f").arg(dir.join("compose.yaml")).arg("config").output()?;
+    let out = Command::new(pip_tool("podman-compose", "podman-compose")?)
+        .arg("-f")
+        .arg(dir.join("compose.yaml"))
+        .arg("config")
+        .output()?;
     assert!(out.status.success(), "podman-compose config:\n{}", lossy(&out));
     Ok(())
 }
