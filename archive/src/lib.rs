@@ -41,6 +41,7 @@ pub mod retention;
 pub mod running;
 pub mod seal;
 pub mod store;
+pub mod throttle;
 pub mod time;
 pub mod wal;
 pub mod wal_catalog;

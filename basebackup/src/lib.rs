@@ -104,6 +104,9 @@ pub struct BackupOptions {
     /// `[retention] stale_backup_after`: a backup whose running marker went unrenewed for about
     /// this long stores no manifest (see [`pitr_archive::running::RunMarker::check_fresh`]).
     pub stale_backup_after: Duration,
+    /// The server sends the backup at most this many KiB per second (BASE_BACKUP's `MAX_RATE`,
+    /// 32 to 1048576, which PostgreSQL calls kB); `None` for as fast as it can.
+    pub max_rate_kib: Option<u32>,
 }
 
 /// Progress for a terminal: bytes received of the server's estimate.
@@ -239,13 +242,17 @@ async fn backup_marked(
         let checkpoint = if opts.fast_checkpoint { "fast" } else { "spread" };
         let incremental = if incremental { ", INCREMENTAL" } else { "" };
         if settings.server_version_num >= 150000 {
+            let max_rate = opts.max_rate_kib.map(|r| format!(", MAX_RATE {r}")).unwrap_or_default();
             format!(
                 "BASE_BACKUP (LABEL 'pitr', PROGRESS, CHECKPOINT '{checkpoint}', WAIT false, MANIFEST 'yes', \
-                 MANIFEST_CHECKSUMS 'CRC32C'{incremental})"
+                 MANIFEST_CHECKSUMS 'CRC32C'{incremental}{max_rate})"
             )
         } else {
             let fast = if opts.fast_checkpoint { " FAST" } else { "" };
-            format!("BASE_BACKUP LABEL 'pitr' PROGRESS{fast} NOWAIT MANIFEST 'yes' MANIFEST_CHECKSUMS 'CRC32C'")
+            let max_rate = opts.max_rate_kib.map(|r| format!(" MAX_RATE {r}")).unwrap_or_default();
+            format!(
+                "BASE_BACKUP LABEL 'pitr' PROGRESS{fast} NOWAIT{max_rate} MANIFEST 'yes' MANIFEST_CHECKSUMS 'CRC32C'"
+            )
         }
     };
     let mut decoder = BaseBackupDecoder::new(settings.server_version_num);

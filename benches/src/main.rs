@@ -8,6 +8,8 @@
 //! 4. backup: full backup and files-only restore vs pgBackRest; restore to a chosen second with
 //!    `--start` after WAL on top of the backup.
 //! 5. s3: pitr streaming to s3s-fs on loopback: data at risk at its flush_interval.
+//! 6. throttle: backup and restore under pitr's bandwidth limits and the server's MAX_RATE,
+//!    elapsed against bytes ÷ rate (issue 20).
 //!
 //! Run: `cargo run --release -p pitr-benches -- [--quick] [--only ...]` (`--help` lists the
 //! options). Unless `PITR_BIN` is set, the release `pitr` binary is built first. See
@@ -22,6 +24,7 @@ mod report;
 mod s3;
 mod sampler;
 mod sync;
+mod throttle;
 mod util;
 
 use std::cell::RefCell;
@@ -94,6 +97,10 @@ fn run_phase(bench: &Bench, phase: Phase, text: &mut String) -> Result<Vec<Row>>
         Phase::S3 => {
             let s = bench.s3_phase()?;
             s3::report(text, o, &s)
+        }
+        Phase::Throttle => {
+            let t = bench.throttle_phase()?;
+            throttle::report(text, o, &t)
         }
     })
 }

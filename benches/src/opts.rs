@@ -11,10 +11,11 @@ pub enum Phase {
     Sync,
     Backup,
     S3,
+    Throttle,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [Phase::Catchup, Phase::Lag, Phase::Sync, Phase::Backup, Phase::S3];
+    pub const ALL: [Phase; 6] = [Phase::Catchup, Phase::Lag, Phase::Sync, Phase::Backup, Phase::S3, Phase::Throttle];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -23,6 +24,7 @@ impl Phase {
             Phase::Sync => "sync",
             Phase::Backup => "backup",
             Phase::S3 => "s3",
+            Phase::Throttle => "throttle",
         }
     }
 
@@ -33,7 +35,8 @@ impl Phase {
             "sync" => Phase::Sync,
             "backup" | "restore" => Phase::Backup,
             "s3" => Phase::S3,
-            other => bail!("unknown phase {other:?} (catchup, lag, sync, backup, s3)"),
+            "throttle" => Phase::Throttle,
+            other => bail!("unknown phase {other:?} (catchup, lag, sync, backup, s3, throttle)"),
         })
     }
 }
@@ -63,6 +66,10 @@ pub struct Opts {
     // backup + restore
     pub backup_scale: u32,
     pub restore_wal_mb: u64,
+    // bandwidth limits
+    pub throttle_scale: u32,
+    pub throttle_rate: u64,
+    pub throttle_max_rate: u64,
     // receivers
     pub pitr_log: String,
     pub receivewal_compress: String,
@@ -79,7 +86,8 @@ Every option can also be given as an environment variable WALBENCH_<NAME>
 (upper case, '-' -> '_'), e.g. WALBENCH_SCALE=10. Flags win over the environment.
 
   --quick                  small data, short runs (a few minutes on 2 cores); other flags still win
-  --only P1,P2             phases to run: catchup, lag, sync, backup (= restore), s3 (default all)
+  --only P1,P2             phases to run: catchup, lag, sync, backup (= restore), s3, throttle
+                           (default all)
   --rounds N               rounds of catch-up, lag, sync and of the files-only restores (each
                            receiver/tool once per round, order alternating) (default 3; quick 2)
 
@@ -108,6 +116,12 @@ Every option can also be given as an environment variable WALBENCH_<NAME>
   --backup-scale S         `pgbench -i -s S` (default 70, ~1 GiB; quick 10)
   --restore-wal-mb M       WAL generated after the backups for the restore to a chosen second;
                            the target is in the middle (default 900; quick 100)
+
+ bandwidth limits (phase 6, issue 20): a backup and a restore under pitr's limits and a backup
+ under the server's MAX_RATE, each against bytes / rate
+  --throttle-scale S       `pgbench -i -s S` (default 5; quick 2)
+  --throttle-rate B        [repository] max_upload_rate and max_download_rate, bytes/s (default 2000000)
+  --throttle-max-rate B    [backup] max_rate, bytes/s (default 16777216; 32768 to 1073741824)
 
  receivers
   --pitr-log FILTER        PITR_LOG for `pitr stream` (default info; e.g. debug)
@@ -144,6 +158,9 @@ impl Opts {
             baseline: false,
             backup_scale: if quick { 10 } else { 70 },
             restore_wal_mb: if quick { 100 } else { 900 },
+            throttle_scale: if quick { 2 } else { 5 },
+            throttle_rate: 2_000_000,
+            throttle_max_rate: 16 << 20,
             pitr_log: "info".into(),
             receivewal_compress: "none".into(),
             samples_csv: None,
@@ -220,6 +237,9 @@ impl Opts {
                 "baseline" => o.baseline = truthy(&v),
                 "backup-scale" => o.backup_scale = small(&v)?.max(1),
                 "restore-wal-mb" => o.restore_wal_mb = num(&v)?.max(2),
+                "throttle-scale" => o.throttle_scale = small(&v)?.max(1),
+                "throttle-rate" => o.throttle_rate = num(&v)?.max(1),
+                "throttle-max-rate" => o.throttle_max_rate = num(&v)?.clamp(32 << 10, 1 << 30),
                 "pitr-log" => o.pitr_log = v,
                 "receivewal-compress" => o.receivewal_compress = v,
                 "samples-csv" => o.samples_csv = Some(PathBuf::from(v)),

@@ -344,9 +344,25 @@ pub struct BackupSection {
     pub wal_timeout: Option<Duration>,
     /// Segments `wal-fetch` prefetches ahead of recovery into pg_wal/pitr-prefetch (0 = off; default 8).
     pub prefetch_segments: Option<usize>,
+    /// How fast the server sends a base backup (BASE_BACKUP's `MAX_RATE`; default unlimited).
+    pub max_rate: Option<Rate>,
 }
 
 impl BackupSection {
+    /// `max_rate` as BASE_BACKUP's `MAX_RATE` takes it: KiB (PostgreSQL's kB) per second.
+    pub fn max_rate_kib(&self) -> Result<Option<u32>> {
+        let Some(rate) = &self.max_rate else { return Ok(None) };
+        let bytes = rate.bytes_per_second("[backup] max_rate")?;
+        if !(MIN_MAX_RATE..=MAX_MAX_RATE).contains(&bytes) {
+            bail!(
+                "[backup] max_rate = {rate}: {bytes} bytes per second is outside what PostgreSQL's MAX_RATE \
+                 accepts, 32KiB/s to 1GiB/s ({MIN_MAX_RATE} to {MAX_MAX_RATE} bytes per second)"
+            );
+        }
+        // Nearest whole KiB: within the range this stays within 32..=1048576.
+        Ok(Some(((bytes + 512) / 1024) as u32))
+    }
+
     /// Concurrent block transfers: `parallel`, else twice the cores.
     pub fn parallel(&self) -> usize {
         self.parallel.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(4))
@@ -411,6 +427,79 @@ pub struct RepositoryConfig {
     /// `[[repository.secondary]]`: repositories that receive a copy of every object.
     #[serde(default)]
     pub secondary: Vec<SecondaryConfig>,
+    /// Bytes per second of backup uploads (blocks and manifests) to all repositories together;
+    /// WAL and oplog uploads are never slowed (default unlimited).
+    pub max_upload_rate: Option<Rate>,
+    /// Bytes per second of restore downloads (blocks and manifests); WAL and oplog downloads are
+    /// never slowed (default unlimited).
+    pub max_download_rate: Option<Rate>,
+}
+
+/// PostgreSQL's MAX_RATE bounds (32 kB/s to 1 GB/s, its kB being 1024 bytes), in bytes per second.
+const MIN_MAX_RATE: u64 = 32 << 10;
+const MAX_MAX_RATE: u64 = 1 << 30;
+
+/// A transfer rate as the config writes it: bytes per second as an integer, or a string such as
+/// `"50MB/s"` — units `B`, `kB`, `MB`, `GB` (powers of 1000, as network links are rated) and
+/// `KiB`, `MiB`, `GiB` (powers of 1024).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Rate {
+    /// An integer: bytes per second.
+    BytesPerSecond(i64),
+    /// A number with a unit and `/s`.
+    Text(String),
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rate::BytesPerSecond(n) => write!(f, "{n}"),
+            Rate::Text(t) => write!(f, "{t:?}"),
+        }
+    }
+}
+
+impl Rate {
+    /// Bytes per second, at least 1; errors name `key`.
+    pub fn bytes_per_second(&self, key: &str) -> Result<u64> {
+        let syntax = "expected bytes per second (an integer) or a rate such as \"50MB/s\" \
+                      (units B, kB, MB, GB: powers of 1000; KiB, MiB, GiB: powers of 1024)";
+        let bytes = match self {
+            Rate::BytesPerSecond(n) => u64::try_from(*n).map_err(|_| anyhow!("{key} = {self}: {syntax}"))?,
+            Rate::Text(text) => {
+                let per_unit = text.trim().strip_suffix("/s").ok_or_else(|| anyhow!("{key} = {self}: {syntax}"))?;
+                let split = per_unit.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(per_unit.len());
+                let (number, unit) = (per_unit[..split].trim(), &per_unit[split..]);
+                let multiplier: u64 = match unit {
+                    "B" => 1,
+                    "kB" => 1000,
+                    "MB" => 1000 * 1000,
+                    "GB" => 1000 * 1000 * 1000,
+                    "KiB" => 1 << 10,
+                    "MiB" => 1 << 20,
+                    "GiB" => 1 << 30,
+                    _ => bail!("{key} = {self}: unknown unit {unit:?}; {syntax}"),
+                };
+                let value: f64 = number
+                    .parse()
+                    .ok()
+                    .filter(|v: &f64| {
+                        v.is_finite() && *v >= 0.0 && number.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                    })
+                    .ok_or_else(|| anyhow!("{key} = {self}: {syntax}"))?;
+                let bytes = (value * multiplier as f64).round();
+                if bytes >= u64::MAX as f64 {
+                    bail!("{key} = {self}: too large");
+                }
+                bytes as u64
+            }
+        };
+        if bytes == 0 {
+            bail!("{key} = {self}: must be at least 1 byte per second (leave the key out for no limit)");
+        }
+        Ok(bytes)
+    }
 }
 
 /// One `[[repository.secondary]]` entry.
@@ -484,6 +573,16 @@ impl SecondaryConfig {
 }
 
 impl RepositoryConfig {
+    /// `max_upload_rate` in bytes per second, if set.
+    pub fn max_upload_rate(&self) -> Result<Option<u64>> {
+        self.max_upload_rate.as_ref().map(|r| r.bytes_per_second("[repository] max_upload_rate")).transpose()
+    }
+
+    /// `max_download_rate` in bytes per second, if set.
+    pub fn max_download_rate(&self) -> Result<Option<u64>> {
+        self.max_download_rate.as_ref().map(|r| r.bytes_per_second("[repository] max_download_rate")).transpose()
+    }
+
     /// The object-storage client settings, checked (`validate` calls this, so later calls on a
     /// loaded config do not fail). The rules are pitr-archive's; this says where they came from.
     pub fn cloud_options(&self) -> Result<pitr_archive::cloud::CloudOptions> {
@@ -1187,6 +1286,9 @@ impl Config {
         if !(self.targets.rpo_seconds > 0.0 && self.targets.rto_seconds > 0.0) {
             bail!("[targets] rpo_seconds and rto_seconds must be positive");
         }
+        self.backup.max_rate_kib()?;
+        self.repository.max_upload_rate()?;
+        self.repository.max_download_rate()?;
         if self.backup.parallel == Some(0) {
             bail!("[backup] parallel must be at least 1");
         }
@@ -1666,6 +1768,78 @@ mod files_tests {
         ] {
             let err = format!("{:#}", Config::parse(&format!("{BASE}[[files]]\n{set}\n"), &[]).unwrap_err());
             assert!(err.contains(phrase), "{set}: {err}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[repository]
+path = "/var/lib/pitr/repo"
+[encryption]
+key_file = "/etc/pitr/key"
+[postgres]
+conninfo = "host=127.0.0.1 port=5432 user=replicator"
+"#;
+
+    #[test]
+    fn rates_take_bytes_per_second_or_a_unit_and_convert() {
+        let parse = |extra: &str, env: &[(String, String)]| Config::parse(&format!("{MINIMAL}{extra}"), env);
+        let c = parse("", &[]).unwrap();
+        assert_eq!(c.backup.max_rate_kib().unwrap(), None);
+        assert_eq!(c.repository.max_upload_rate().unwrap(), None);
+        assert_eq!(c.repository.max_download_rate().unwrap(), None);
+
+        let text = "[backup]\nmax_rate = \"50MB/s\"\n";
+        // 50 000 000 bytes/s is 48828.125 KiB/s: PostgreSQL's kB is 1024 bytes.
+        assert_eq!(parse(text, &[]).unwrap().backup.max_rate_kib().unwrap(), Some(48828));
+        for (rate, kib) in [("\"32KiB/s\"", 32), ("\"1GiB/s\"", 1 << 20), ("1048576", 1024), ("\"1.5 MiB/s\"", 1536)] {
+            let c = parse(&format!("[backup]\nmax_rate = {rate}\n"), &[]).unwrap();
+            assert_eq!(c.backup.max_rate_kib().unwrap(), Some(kib), "{rate}");
+        }
+
+        let env = [
+            ("PITR_REPOSITORY_MAX_UPLOAD_RATE".to_string(), "2MiB/s".to_string()),
+            ("PITR_REPOSITORY_MAX_DOWNLOAD_RATE".to_string(), "1000".to_string()),
+        ];
+        let c = parse("", &env).unwrap();
+        assert_eq!(c.repository.max_upload_rate().unwrap(), Some(2 << 20));
+        assert_eq!(c.repository.max_download_rate().unwrap(), Some(1000));
+        // A tiny repository limit is allowed: it only slows backups and restores.
+        let c =
+            Config::parse(&MINIMAL.replace("[encryption]", "max_upload_rate = \"1B/s\"\n[encryption]"), &[]).unwrap();
+        assert_eq!(c.repository.max_upload_rate().unwrap(), Some(1));
+    }
+
+    #[test]
+    fn bad_rates_are_refused_naming_the_key() {
+        for (text, phrase) in [
+            ("[backup]\nmax_rate = \"10kB/s\"\n", "[backup] max_rate = \"10kB/s\": 10000 bytes per second is outside"),
+            (
+                "[backup]\nmax_rate = \"2GiB/s\"\n",
+                "[backup] max_rate = \"2GiB/s\": 2147483648 bytes per second is outside",
+            ),
+            ("[backup]\nmax_rate = 0\n", "[backup] max_rate = 0: must be at least 1 byte per second"),
+            ("[backup]\nmax_rate = \"50MB\"\n", "[backup] max_rate = \"50MB\": expected bytes per second"),
+            ("[backup]\nmax_rate = \"50 mb/s\"\n", "[backup] max_rate = \"50 mb/s\": unknown unit \"mb\""),
+            ("[backup]\nmax_rate = -5\n", "[backup] max_rate = -5: expected bytes per second"),
+            ("[backup]\nmax_rate = \"1e6B/s\"\n", "[backup] max_rate = \"1e6B/s\": unknown unit \"e6B\""),
+            ("[backup]\nmax_rate = \"MB/s\"\n", "[backup] max_rate = \"MB/s\": expected bytes per second"),
+        ] {
+            let err = format!("{:#}", Config::parse(&format!("{MINIMAL}{text}"), &[]).unwrap_err());
+            assert!(err.contains(phrase), "{text}: {err}");
+        }
+        for (key, value, phrase) in [
+            ("max_upload_rate", "0", "[repository] max_upload_rate = 0: must be at least 1 byte per second"),
+            ("max_download_rate", "\"fast\"", "[repository] max_download_rate = \"fast\": expected bytes per second"),
+            ("max_upload_rate", "\"-1MB/s\"", "[repository] max_upload_rate = \"-1MB/s\": expected bytes per second"),
+        ] {
+            let text = MINIMAL.replace("[encryption]", &format!("{key} = {value}\n[encryption]"));
+            let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());
+            assert!(err.contains(phrase), "{key} = {value}: {err}");
         }
     }
 }

@@ -83,6 +83,10 @@ enum Command {
         /// the newest archived commit, so replay stops at the archive's end as it was planned.
         #[arg(long, value_parser = parse_lsn_arg)]
         until_lsn: Option<u64>,
+        /// Serve whole segments only; one the archive holds in part is not there yet (exit 1):
+        /// written by `pitr restore --standby`, whose server asks again later.
+        #[arg(long, conflicts_with = "until_lsn")]
+        whole_segments: bool,
     },
     /// (internal) Spool the segments after SEGMENT into SPOOL; started by wal-fetch.
     #[command(hide = true)]
@@ -212,8 +216,14 @@ enum Command {
     },
     /// Restore to a moment: TIME (RFC 3339 or "YYYY-MM-DD HH:MM:SS[.ffffff][+TZ]"), latest, lsn:X/Y or xid:N.
     Restore {
-        /// With --source mongo: TIME, ts:SECONDS:INC or latest.
-        #[arg(long)]
+        /// With --source mongo: TIME, ts:SECONDS:INC or latest. With --standby: latest, the
+        /// default there.
+        #[arg(
+            long,
+            required = false,
+            required_unless_present = "standby",
+            default_value_if("standby", clap::builder::ArgPredicate::IsPresent, "latest")
+        )]
         to: String,
         /// PostgreSQL: the data directory to restore into.
         #[arg(long)]
@@ -230,9 +240,24 @@ enum Command {
         /// MongoDB: drop the target's databases first (a non-empty target is refused without it).
         #[arg(long)]
         drop: bool,
-        /// Run the server until the target is reached and report the achieved RPO and RTO.
+        /// Run the server until the target is reached and report the achieved RPO and RTO; with
+        /// --standby, until the standby is consistent and takes read-only connections.
         #[arg(long)]
         start: bool,
+        /// Build a standby instead: it replays the archive and keeps following it (standby.signal,
+        /// no recovery target, a restore_command without end), and the primary with
+        /// --primary-conninfo. PostgreSQL only (no --table, --source other than postgres).
+        #[arg(long)]
+        standby: bool,
+        /// With --standby: the primary it also streams from (a libpq conninfo), written as
+        /// primary_conninfo.
+        #[arg(long, value_name = "CONNINFO", requires = "standby")]
+        primary_conninfo: Option<String>,
+        /// Restore tablespace OID into DIR (absolute; missing or empty unless --force) instead of
+        /// inside the target, pg_tblspc/OID linking there (repeatable). By OID only: backups do
+        /// not record tablespace names.
+        #[arg(long = "tablespace-map", value_name = "OID=DIR")]
+        tablespace_map: Vec<String>,
         #[arg(long, default_value_t = 5433)]
         port: u16,
         /// Replace a non-empty target directory.
@@ -408,8 +433,13 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
         Command::Stream => cmd::stream::run(config_path).await,
         Command::Status { json } => cmd::status::run(config_path, json).await,
         Command::Check { json } => return cmd::check::run(config_path, json).await,
-        Command::WalFetch { segment, dest, from, until_lsn } => {
-            return cmd::wal_fetch::run(config_path, from.as_deref(), &segment, &dest, until_lsn).await
+        Command::WalFetch { segment, dest, from, until_lsn, whole_segments } => {
+            let serve = match until_lsn {
+                _ if whole_segments => cmd::wal_fetch::Serve::WholeSegments,
+                Some(lsn) => cmd::wal_fetch::Serve::Until(lsn),
+                None => cmd::wal_fetch::Serve::All,
+            };
+            return cmd::wal_fetch::run(config_path, from.as_deref(), &segment, &dest, serve).await
         }
         Command::WalPrefetch { segment, spool, count, from, until_lsn } => {
             cmd::wal_fetch::prefetch(config_path, from.as_deref(), &segment, &spool, count, until_lsn).await
@@ -495,6 +525,27 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             cmd::keys::rewrap(config_path, from.as_deref(), json).await
         }
         Command::Keys { action: KeysAction::Retire { id, json } } => cmd::keys::retire(config_path, &id, json).await,
+        Command::Restore { standby: true, ref table, source, ref ns, ref set, ref into, ref output, .. }
+            if table.is_some()
+                || source != Source::Postgres
+                || ns.is_some()
+                || set.is_some()
+                || into.is_some()
+                || output.is_some() =>
+        {
+            anyhow::bail!(
+                "--standby builds a whole PostgreSQL cluster that follows the archive: it cannot be combined with \
+                 --table, --source other than postgres, --ns, --set, --into or --output; nothing was restored"
+            )
+        }
+        Command::Restore { ref tablespace_map, ref table, source, .. }
+            if !tablespace_map.is_empty() && (table.is_some() || source != Source::Postgres) =>
+        {
+            anyhow::bail!(
+                "--tablespace-map places the tablespaces of a whole PostgreSQL cluster restore (--target-dir); it \
+                 cannot be combined with --table or --source other than postgres; nothing was restored"
+            )
+        }
         Command::Restore { to, table: Some(table), into, as_name, json, source: Source::Postgres, from, db_user, .. } => {
             let into =
                 into.ok_or_else(|| anyhow::anyhow!("--table needs --into CONNINFO (the database to create it in)"))?;
@@ -562,10 +613,38 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             let target = cmd::mongo::TargetArg { uri: target_uri, file: target_uri_file };
             cmd::mongo::restore(config_path, from.as_deref(), &to, target, drop, json).await
         }
-        Command::Restore { to, target_dir, start, port, force, json, db_user, timeout, backup, from, .. } => {
+        Command::Restore {
+            to,
+            target_dir,
+            start,
+            port,
+            force,
+            json,
+            db_user,
+            timeout,
+            backup,
+            from,
+            standby,
+            primary_conninfo,
+            tablespace_map,
+            ..
+        } => {
             let target_dir = target_dir.ok_or_else(|| anyhow::anyhow!("pitr restore needs --target-dir DIR"))?;
-            let args =
-                cmd::restore::RestoreArgs { to, target_dir, start, port, force, json, db_user, timeout, backup, from };
+            let standby = standby.then_some(pitr_restore::StandbyOptions { primary_conninfo });
+            let args = cmd::restore::RestoreArgs {
+                to,
+                target_dir,
+                start,
+                port,
+                force,
+                json,
+                db_user,
+                timeout,
+                backup,
+                from,
+                standby,
+                tablespace_map,
+            };
             cmd::restore::run(config_path, args).await
         }
     }

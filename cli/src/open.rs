@@ -3,11 +3,12 @@
 //! its catalog. Every command opens through here, so "which repository, which cluster" has one
 //! answer.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use pitr_archive::replicate::ReplicatedStore;
+use pitr_archive::throttle::{Limits, ThrottledStore};
 use pitr_archive::{ClusterInfo, KeyError, KeyRing, LocalStore, NamedStore, Repository, Store};
 
 use crate::config::{Config, SecondaryConfig, PRIMARY_NAME};
@@ -21,14 +22,37 @@ pub fn store(config: &Config) -> Result<Arc<dyn Store>> {
 /// [`store`]; a local one keeps deleted small objects' files for reuse when `recycle` (the
 /// sidecar only: see `LocalStore::recycling`).
 fn store_recycling(config: &Config, recycle: bool) -> Result<Arc<dyn Store>> {
-    Ok(match &config.repository.url {
+    let store: Arc<dyn Store> = match &config.repository.url {
         Some(url) => {
             let opts = config.repository.cloud_options()?;
             Arc::new(pitr_archive::cloud::CloudStore::open(url, &opts).context("[repository] url")?)
         }
         None if recycle => Arc::new(LocalStore::new(config.repository_path()).recycling()),
         None => Arc::new(LocalStore::new(config.repository_path())),
-    })
+    };
+    limited(config, store)
+}
+
+/// The process's bandwidth limits, one pair of buckets for every store it opens, so that a
+/// backup's uploads to the primary and to its secondaries keep `max_upload_rate` together.
+static LIMITS: OnceLock<Limits> = OnceLock::new();
+
+/// `store` under `[repository] max_upload_rate` / `max_download_rate`, when set. Only backup and
+/// restore bulk (blocks, manifests) waits; WAL and oplog objects and the small records never do
+/// (see `pitr_archive::throttle`).
+fn limited(config: &Config, store: Arc<dyn Store>) -> Result<Arc<dyn Store>> {
+    let (upload, download) = (config.repository.max_upload_rate()?, config.repository.max_download_rate()?);
+    let limits = LIMITS.get_or_init(|| {
+        if upload.is_some() || download.is_some() {
+            tracing::info!(
+                max_upload_rate = upload,
+                max_download_rate = download,
+                "backup and restore transfers limited (bytes per second; WAL is not slowed)"
+            );
+        }
+        Limits::new(upload, download)
+    });
+    Ok(if limits.any() { Arc::new(ThrottledStore::new(store, limits.clone())) } else { store })
 }
 
 /// A `[[repository.secondary]]` entry's store. An object-storage secondary takes its own
@@ -57,7 +81,7 @@ pub fn secondary_store(s: &SecondaryConfig) -> Result<Arc<dyn Store>> {
 fn named_stores(config: &Config) -> Result<Vec<NamedStore>> {
     let mut all = vec![NamedStore { name: PRIMARY_NAME.into(), store: store(config)? }];
     for s in &config.repository.secondary {
-        all.push(NamedStore { name: s.name.clone(), store: secondary_store(s)? });
+        all.push(NamedStore { name: s.name.clone(), store: limited(config, secondary_store(s)?)? });
     }
     Ok(all)
 }
@@ -109,7 +133,7 @@ fn writer_recycling(config: &Config, recycle: bool) -> Result<(Repository, Optio
         for s in &config.repository.secondary {
             secondaries.push(pitr_archive::replicate::Secondary {
                 name: s.name.clone(),
-                store: secondary_store(s)?,
+                store: limited(config, secondary_store(s)?)?,
                 required: s.required,
                 queue_bytes: s.queue_bytes(),
             });

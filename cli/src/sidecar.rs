@@ -66,6 +66,26 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     describe_counter!("pitr_objects_archived_total", "WAL objects made durable");
     describe_counter!("pitr_bytes_archived_total", Unit::Bytes, "Plaintext bytes of WAL objects made durable, by kind");
     describe_counter!("pitr_upload_errors_total", "Failed archive puts (each retried)");
+    describe_counter!(
+        "pitr_upload_throttled_seconds_total",
+        Unit::Seconds,
+        "Time backup uploads waited for [repository] max_upload_rate, by object kind (block, manifest)"
+    );
+    describe_counter!(
+        "pitr_download_throttled_seconds_total",
+        Unit::Seconds,
+        "Time restore downloads waited for [repository] max_download_rate, by object kind (block, manifest)"
+    );
+    describe_counter!(
+        "pitr_upload_over_limit_bytes_total",
+        Unit::Bytes,
+        "WAL or oplog bytes uploaded beyond [repository] max_upload_rate: never slowed, so the limit did not hold"
+    );
+    describe_counter!(
+        "pitr_download_over_limit_bytes_total",
+        Unit::Bytes,
+        "WAL or oplog bytes downloaded beyond [repository] max_download_rate: never slowed, so the limit did not hold"
+    );
     describe_gauge!(
         "pitr_lease_confirmed",
         "1 while the writer lease is renewed on time, 0 while renewals fail (WAL puts paused) or after it was lost"

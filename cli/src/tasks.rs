@@ -28,6 +28,8 @@ pub fn backup_options(
         fast_checkpoint: true,
         incremental,
         stale_backup_after: config.retention.stale_backup_after,
+        // `Config::parse` validated it.
+        max_rate_kib: config.backup.max_rate_kib().ok().flatten(),
     }
 }
 

@@ -137,6 +137,8 @@ impl Drill for PostgresDrill<'_> {
                 timeout: opts.timeout,
             }),
             marker_repository: None,
+            standby: None,
+            tablespace_map: Default::default(),
         };
         let restored = match preflight(&restore_opts) {
             Ok(()) => {

@@ -44,8 +44,9 @@ use std::path::PathBuf;
 
 use pitr_archive::RepositoryError;
 
+pub use materialize::{MappedTablespace, MappedTablespaces};
 pub use plan::{Catalog, Window};
-pub use recover::{restore, RestoreOptions, RestoreReport, StartOptions, WalFetchCommand};
+pub use recover::{restore, RestoreOptions, RestoreReport, StandbyOptions, StartOptions, WalFetchCommand};
 pub use target::{format_time, parse_target, RecoveryTarget};
 pub use walfetch::{wal_fetch, FetchError, Fetched};
 
@@ -125,6 +126,30 @@ pub enum RestoreError {
     /// it stopped during recovery (the text carries the end of its log).
     #[error("PostgreSQL: {0}")]
     Server(String),
+    /// `--tablespace-map` names an OID the backup has no tablespace of.
+    #[error("backup {backup} has no tablespace with OID {oid} (its tablespaces: {known}); nothing was restored")]
+    UnknownTablespace {
+        /// The OID asked for.
+        oid: u32,
+        /// The backup restored.
+        backup: String,
+        /// The backup's tablespace OIDs, with their locations on the server.
+        known: String,
+    },
+    /// A `--tablespace-map` directory that may not be restored into.
+    #[error("tablespace directory {dir}: {why}; nothing was restored")]
+    TablespaceDir {
+        /// The directory as given.
+        dir: PathBuf,
+        /// Why not.
+        why: String,
+    },
+    /// A standby follows the archive with no end: a recovery target makes no sense for it.
+    #[error(
+        "a standby (--standby) replays the archive to its end and keeps following it: it takes no recovery \
+         target ({0}); leave --to out or give --to latest"
+    )]
+    StandbyTarget(String),
     /// Anything else: an inconsistent backup or chain, a failed worker task.
     #[error("{0}")]
     Other(String),

@@ -6,7 +6,10 @@
 //! Tablespaces come back inside the target directory, under `pitr_tablespaces/<oid>`, with
 //! `pg_tblspc/<oid>` a symlink to it: the restore never writes outside its target (the original
 //! locations may belong to the running primary), and PostgreSQL 15+ refuses plain directories
-//! in pg_tblspc.
+//! in pg_tblspc. A tablespace the operator maps (`--tablespace-map OID=DIR`,
+//! [`MappedTablespaces`]) goes to DIR instead, written the same way into a staging directory
+//! beside DIR and renamed into place; its link points at DIR. Its paths are judged by the same
+//! rules, relative to DIR: a manifest can no more leave a mapped directory than the target.
 //!
 //! A manifest is not trusted to stay inside the target: it came from a server and sits in a
 //! repository someone else may write to. Before anything is written every path is checked
@@ -166,8 +169,8 @@ fn tablespace_link_oid(path: &str) -> Option<&str> {
 
 /// What a restore of `backup` creates, every path checked before anything is written.
 struct CheckedLayout {
-    /// Directories in manifest order, with their modes.
-    dirs: Vec<(PathBuf, u32)>,
+    /// Directories in manifest order: the manifest's path, and the mode.
+    dirs: Vec<(String, u32)>,
     /// Tablespace links: `pg_tblspc/<oid>` and the OID.
     links: Vec<(PathBuf, String)>,
 }
@@ -198,7 +201,8 @@ fn check_layout(backup: &BackupManifest) -> Result<CheckedLayout, RestoreError> 
     let mut dirs = Vec::new();
     for e in &backup.entries {
         if e.kind == BackupEntryKind::Directory {
-            dirs.push((written(&e.path)?, e.mode));
+            written(&e.path)?;
+            dirs.push((e.path.clone(), e.mode));
         }
     }
     for (path, file) in output_files(backup) {
@@ -349,6 +353,102 @@ impl Staging {
 /// directory each, `pg_tblspc/<oid>` linking to it.
 pub const TABLESPACE_DIR: &str = "pitr_tablespaces";
 
+/// Tablespaces restored outside the target (`--tablespace-map`), by OID: where their files are
+/// written (a staging directory beside the mapped directory), and the mapped directory itself,
+/// which `pg_tblspc/<oid>` links to once the staging directory is renamed there.
+#[derive(Debug, Clone, Default)]
+pub struct MappedTablespaces(pub BTreeMap<u32, MappedTablespace>);
+
+/// One tablespace of [`MappedTablespaces`].
+#[derive(Debug, Clone)]
+pub struct MappedTablespace {
+    /// Where its files are written now.
+    pub write_dir: PathBuf,
+    /// Where they end up, and what `pg_tblspc/<oid>` links to.
+    pub final_dir: PathBuf,
+}
+
+impl MappedTablespaces {
+    /// The tablespace mapped for `oid` as a manifest spells it (`16384`, never `016384`: the
+    /// text must be the OID's own, so that no other spelling lands in a mapped directory).
+    fn get(&self, oid: &str) -> Option<&MappedTablespace> {
+        let parsed = oid.parse::<u32>().ok().filter(|o| o.to_string() == oid)?;
+        self.0.get(&parsed)
+    }
+}
+
+/// Where a restore writes: the staging directory of the target, and the mapped tablespaces.
+struct Placement<'a> {
+    dir: &'a Path,
+    mapped: &'a MappedTablespaces,
+}
+
+impl Placement<'_> {
+    /// The root a manifest path is written under, and the path below it: a mapped
+    /// tablespace's directory for what lies under its `pg_tblspc/<oid>/`, otherwise the target
+    /// (with [`local_path`]'s renaming). Only for paths [`check_layout`] accepted.
+    fn locate(&self, path: &str) -> (&Path, PathBuf) {
+        let components: Vec<&str> = plain_components(path).collect();
+        if let [first, oid, rest @ ..] = components.as_slice() {
+            if let (true, false, Some(m)) = (*first == "pg_tblspc", rest.is_empty(), self.mapped.get(oid)) {
+                return (&m.write_dir, rest.iter().collect());
+            }
+        }
+        (self.dir, PathBuf::from(local_path(path)))
+    }
+
+    /// The file system path a manifest path is written to.
+    fn path(&self, path: &str) -> PathBuf {
+        let (root, rel) = self.locate(path);
+        root.join(rel)
+    }
+
+    /// Creates the directory a manifest path names, and its parents, without following links.
+    fn create_dir(&self, path: &str) -> Result<PathBuf, RestoreError> {
+        let (root, rel) = self.locate(path);
+        create_dir_confined(root, &rel)
+    }
+
+    /// Creates the parent directory of a manifest path's file.
+    fn create_parent(&self, path: &str) -> Result<(), RestoreError> {
+        let (root, rel) = self.locate(path);
+        if let Some(parent) = rel.parent() {
+            create_dir_confined(root, parent)?;
+        }
+        Ok(())
+    }
+}
+
+/// Fails unless every OID of `oids` is a tablespace of `backup` (it has the link
+/// `pg_tblspc/<oid>`); the error lists the backup's tablespaces. Checked before anything is
+/// written.
+pub fn check_mapped_oids(backup: &BackupManifest, oids: impl IntoIterator<Item = u32>) -> Result<(), RestoreError> {
+    let linked: BTreeSet<u32> = backup
+        .entries
+        .iter()
+        .filter(|e| matches!(e.kind, BackupEntryKind::Symlink { .. }))
+        .filter_map(|e| tablespace_link_oid(&e.path))
+        .filter_map(|oid| oid.parse::<u32>().ok().filter(|o| o.to_string() == oid))
+        .collect();
+    for oid in oids {
+        if !linked.contains(&oid) {
+            let known: Vec<String> = linked
+                .iter()
+                .map(|t| match backup.tablespaces.iter().find(|ts| ts.oid == *t) {
+                    Some(ts) => format!("{t} (was at {})", ts.location),
+                    None => t.to_string(),
+                })
+                .collect();
+            return Err(RestoreError::UnknownTablespace {
+                oid,
+                backup: backup.id.clone(),
+                known: if known.is_empty() { "none".into() } else { known.join(", ") },
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Where a backup path goes in the restored directory (normalised as [`confined_path`] does, so
 /// that what is checked is what is written).
 fn local_path(path: &str) -> String {
@@ -377,30 +477,43 @@ struct PlannedFile {
 }
 
 /// Writes the backup `chain` (oldest first; the last is the one restored, the others its
-/// ancestors when it is incremental) under `dir`, which will be renamed to `final_dir`.
-/// `progress(done, total)` is called as bytes land. Returns the bytes of the files written.
+/// ancestors when it is incremental) under `dir`, which will be renamed to `final_dir`, and the
+/// `mapped` tablespaces into their own directories. `progress(done, total)` is called as bytes
+/// land. Returns the bytes of the files written.
 pub async fn materialize(
     repo: &Repository,
     chain: &[&BackupManifest],
     dir: &Path,
     final_dir: &Path,
+    mapped: &MappedTablespaces,
     workers: usize,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<u64, RestoreError> {
     let backup = *chain.last().ok_or_else(|| RestoreError::Other("no backup to restore".into()))?;
     // Every path is judged before the first write: a refused backup leaves nothing behind.
+    check_mapped_oids(backup, mapped.0.keys().copied())?;
     let layout = check_layout(backup)?;
+    let place = Placement { dir, mapped };
     // Directories and links first, so files have somewhere to go.
-    for (rel, mode) in &layout.dirs {
-        let path = create_dir_confined(dir, rel)?;
-        chmod_dir(&path, *mode)?;
+    for (path, mode) in &layout.dirs {
+        let created = place.create_dir(path)?;
+        chmod_dir(&created, *mode)?;
     }
     for (rel, oid) in &layout.links {
-        let home = create_dir_confined(dir, &Path::new(TABLESPACE_DIR).join(oid))?;
-        chmod_dir(&home, 0o700)?;
-        // The link points into the target as it will be named once the staging directory is
+        let mapped = mapped.get(oid);
+        // The link points where the tablespace will be once the staging directories are
         // renamed, never at the server's tablespace location the manifest records.
-        let link_target = final_dir.join(TABLESPACE_DIR).join(oid);
+        let link_target = match mapped {
+            Some(m) => {
+                chmod_dir(&m.write_dir, 0o700)?;
+                m.final_dir.clone()
+            }
+            None => {
+                let home = create_dir_confined(dir, &Path::new(TABLESPACE_DIR).join(oid))?;
+                chmod_dir(&home, 0o700)?;
+                final_dir.join(TABLESPACE_DIR).join(oid)
+            }
+        };
         if let Some(parent) = rel.parent() {
             create_dir_confined(dir, parent)?;
         }
@@ -408,16 +521,13 @@ pub async fn materialize(
         // symlink() fails on an existing path rather than following it.
         std::os::unix::fs::symlink(&link_target, &path).map_err(io(&path))?;
     }
-    let planned = plan_files(repo, chain, dir, workers).await?;
+    let planned = plan_files(repo, chain, &place, workers).await?;
     let total: u64 = planned.iter().map(|f| f.size).sum();
     let done = Arc::new(AtomicU64::new(0));
     let mut rounds: [Vec<BlockJob>; 2] = [Vec::new(), Vec::new()];
     for file in &planned {
-        let rel = PathBuf::from(local_path(&file.path));
-        if let Some(parent) = rel.parent() {
-            create_dir_confined(dir, parent)?;
-        }
-        let path = dir.join(&rel);
+        place.create_parent(&file.path)?;
+        let path = place.path(&file.path);
         // O_EXCL (create_new) never follows a link, and a path listed twice is an error rather
         // than a silent overwrite.
         let f = std::fs::OpenOptions::new()
@@ -489,9 +599,9 @@ pub async fn materialize(
         write_file_nofollow(&label, combined_backup_label(&text).as_bytes())?;
     }
     // Modes and durability: fsync every file, then every directory.
-    let dir_owned = dir.to_path_buf();
-    let files: Vec<(PathBuf, u32)> =
-        output_files(backup).map(|(path, f)| (dir.join(local_path(&path)), f.mode)).collect();
+    let mut dirs_to_sync = vec![dir.to_path_buf()];
+    dirs_to_sync.extend(mapped.0.values().map(|m| m.write_dir.clone()));
+    let files: Vec<(PathBuf, u32)> = output_files(backup).map(|(path, f)| (place.path(&path), f.mode)).collect();
     let sync_workers = workers.clamp(1, 16);
     tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
         // On several threads: each fsync waits for its file's writeback, and the device takes
@@ -503,7 +613,7 @@ pub async fn materialize(
                 h.join().unwrap_or_else(|_| Err(RestoreError::Other("an fsync thread panicked".into())))
             })
         })?;
-        sync_dirs(&dir_owned)
+        dirs_to_sync.iter().try_for_each(|d| sync_dirs(d))
     })
     .await
     .map_err(|e| RestoreError::Other(format!("sync task: {e}")))??;
@@ -545,14 +655,14 @@ fn write_pieces(data: &[u8], writes: &[PieceWrite]) -> Result<u64, RestoreError>
 async fn plan_files(
     repo: &Repository,
     chain: &[&BackupManifest],
-    dir: &Path,
+    place: &Placement<'_>,
     workers: usize,
 ) -> Result<Vec<PlannedFile>, RestoreError> {
     let backup = *chain.last().ok_or_else(|| RestoreError::Other("no backup to restore".into()))?;
     let mut planned = Vec::new();
     let mut incremental = Vec::new();
     for (path, file) in output_files(backup) {
-        let out = Arc::new(dir.join(local_path(&path)));
+        let out = Arc::new(place.path(&path));
         if path == file.path {
             let jobs = file
                 .blocks
@@ -937,7 +1047,23 @@ mod tests {
             let target = self.target();
             check_target(&target, false)?;
             let staging = Staging::create(&target)?;
-            materialize(&self.repo, &[backup], &staging.path, &target, 2, &|_, _| {}).await?;
+            materialize(&self.repo, &[backup], &staging.path, &target, &MappedTablespaces::default(), 2, &|_, _| {})
+                .await?;
+            staging.commit(&target, false)
+        }
+
+        /// [`Fixture::restore`] with tablespace `oid` mapped to `mapped` (staged beside it, as
+        /// `pitr restore --tablespace-map` does).
+        async fn restore_mapped(&self, backup: &BackupManifest, oid: u32, mapped: &Path) -> Result<(), RestoreError> {
+            let target = self.target();
+            let ts_staging = Staging::create(mapped)?;
+            let map = MappedTablespaces(
+                [(oid, MappedTablespace { write_dir: ts_staging.path.clone(), final_dir: mapped.to_path_buf() })]
+                    .into(),
+            );
+            let staging = Staging::create(&target)?;
+            materialize(&self.repo, &[backup], &staging.path, &target, &map, 2, &|_, _| {}).await?;
+            ts_staging.commit(mapped, false)?;
             staging.commit(&target, false)
         }
 
@@ -1049,6 +1175,63 @@ mod tests {
             assert!(text.contains(id) && text.contains(&bad_path), "{text}");
             assert!(fx.state() == before, "{id} changed something outside, in the repository or beside the target");
         }
+    }
+
+    #[tokio::test]
+    async fn a_mapped_tablespace_goes_to_its_directory_and_no_manifest_leaves_it() {
+        let fx = Fixture::new().await;
+        let outside = fx.outside();
+        let mapped = fx.tmp.path().join("restores/ts");
+        let entries = || {
+            vec![
+                dir("base", 0o700),
+                dir("pg_tblspc", 0o700),
+                link("pg_tblspc/16384", &outside),
+                dir("pg_tblspc/16384/PG_15_202209061", 0o700),
+                dir("pg_tblspc/16384/PG_15_202209061/5", 0o700),
+            ]
+        };
+        let backup = fx
+            .backup(
+                "20260101T000020Z",
+                entries(),
+                vec![fx.file("base/1259", 0, 0o600), fx.file("pg_tblspc/16384/PG_15_202209061/5/16385", 1, 0o600)],
+            )
+            .await;
+        let escape = format!("pg_tblspc/16384/../../{}", outside.strip_prefix(fx.tmp.path()).unwrap().display());
+        let planted =
+            fx.backup("20260101T000021Z", entries(), vec![fx.file(&format!("{escape}/planted"), 1, 0o600)]).await;
+        let respelled = fx
+            .backup("20260101T000022Z", entries(), vec![fx.file("pg_tblspc/016384/PG_15_202209061/x", 1, 0o600)])
+            .await;
+        let before = fx.state();
+
+        // An OID the backup has no tablespace of: refused before anything is written.
+        let err = fx.restore_mapped(&backup, 16385, &mapped).await.unwrap_err();
+        assert!(matches!(&err, RestoreError::UnknownTablespace { oid: 16385, known, .. } if known == "16384"), "{err}");
+        // (restore_mapped stages the mapped directory before materialize refuses; the staging
+        // directory is gone again, and pitr restore checks the OID before staging anything.)
+        assert!(fx.state() == before, "a refused map left something behind");
+
+        // `..` behind the tablespace prefix, and another spelling of the OID: refused, or kept
+        // inside the target; never written into the mapped directory or outside.
+        let err = fx.restore_mapped(&planted, 16384, &mapped).await.unwrap_err();
+        assert!(matches!(err, RestoreError::UnsafePath { reason: Unconfined::Component(_), .. }), "{err}");
+        assert!(fx.state() == before, "a planted manifest escaped through the map");
+        fx.restore_mapped(&respelled, 16384, &mapped).await.unwrap();
+        assert_eq!(std::fs::read(fx.target().join("pitr_tablespaces/016384/PG_15_202209061/x")).unwrap(), CONTENT[1]);
+        assert!(!mapped.join("x").exists() && !mapped.join("PG_15_202209061/x").exists());
+        std::fs::remove_dir_all(fx.target()).unwrap();
+        std::fs::remove_dir_all(&mapped).unwrap();
+
+        fx.restore_mapped(&backup, 16384, &mapped).await.unwrap();
+        let target = fx.target();
+        assert_eq!(std::fs::read_link(target.join("pg_tblspc/16384")).unwrap(), mapped);
+        assert_eq!(std::fs::read(mapped.join("PG_15_202209061/5/16385")).unwrap(), CONTENT[1]);
+        assert_eq!(std::fs::read(target.join("pg_tblspc/16384/PG_15_202209061/5/16385")).unwrap(), CONTENT[1]);
+        assert!(!target.join(TABLESPACE_DIR).exists(), "a mapped tablespace was also written inside the target");
+        assert_eq!(std::fs::metadata(&mapped).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(snapshot(&outside), before[0], "the restore changed the tablespace's original location");
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@
 //! credentials, a bucket policy) or cannot take it, the restore warns and goes on without one.
 
 use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -25,7 +25,10 @@ use pitr_archive::{Repository, RepositoryError, WalLayout};
 use pitr_pgformat::lsn::{format_lsn, parse_lsn};
 use pitr_pgformat::walreader::{pg_timestamp_to_unix_micros, WalDecoder};
 
-use crate::materialize::{check_target, materialize, read_file_nofollow, write_file_nofollow, Staging};
+use crate::materialize::{
+    check_mapped_oids, check_target, materialize, read_file_nofollow, write_file_nofollow, MappedTablespace,
+    MappedTablespaces, Staging,
+};
 use crate::plan::{Catalog, ReplayBounds};
 use crate::target::{format_time, RecoveryTarget};
 use crate::walfetch::read_wal_file;
@@ -51,6 +54,24 @@ pub struct RestoreOptions {
     /// Where the running marker goes: the repository `pitr expire` runs on (the primary), when
     /// the restore reads another one first (`--from`). `None`: the repository restored from.
     pub marker_repository: Option<Repository>,
+    /// Build a standby that keeps following the archive (and the primary) instead of a cluster
+    /// restored to a moment: `target` must be [`RecoveryTarget::Latest`].
+    pub standby: Option<StandbyOptions>,
+    /// Tablespaces restored to a directory of their own instead of inside the target, by OID
+    /// (`--tablespace-map OID=DIR`): absolute, missing or empty (unless `force`), none inside
+    /// another or the target.
+    pub tablespace_map: BTreeMap<u32, PathBuf>,
+}
+
+/// A standby from the archive (`pitr restore --standby`): `standby.signal` instead of
+/// `recovery.signal`, no recovery target, and a restore_command that serves whole segments only
+/// and never stops at the archive's end as it was planned, so that the server keeps asking for
+/// the next segment as the sidecar archives it.
+#[derive(Debug, Clone, Default)]
+pub struct StandbyOptions {
+    /// Where the standby also streams from (a libpq conninfo): WAL reaches it as the primary
+    /// writes it rather than a segment at a time.
+    pub primary_conninfo: Option<String>,
 }
 
 /// How a restored server runs `pitr wal-fetch` as its restore_command: the binary with its
@@ -66,13 +87,19 @@ pub struct WalFetchCommand {
 impl WalFetchCommand {
     /// The restore_command line; with `until`, wal-fetch serves no WAL at or past that LSN.
     pub fn render(&self, until: Option<u64>) -> String {
+        self.render_with(until.map(|u| format!("--until-lsn {}", format_lsn(u))))
+    }
+
+    /// The restore_command line of a standby: whole segments only, and no end.
+    pub fn render_for_standby(&self) -> String {
+        self.render_with(Some("--whole-segments".into()))
+    }
+
+    fn render_with(&self, extra: Option<String>) -> String {
         let mut s = format!("{} wal-fetch", self.program);
-        for o in &self.options {
+        for o in self.options.iter().chain(&extra) {
             s.push(' ');
             s.push_str(o);
-        }
-        if let Some(u) = until {
-            s.push_str(&format!(" --until-lsn {}", format_lsn(u)));
         }
         s.push_str(" \"%f\" \"%p\"");
         s
@@ -117,10 +144,16 @@ pub struct RestoreReport {
     pub bytes_restored: u64,
     /// The lines added to `postgresql.auto.conf` (restore_command, recovery_target_*).
     pub recovery_settings: Vec<String>,
+    /// Tablespaces restored outside the target (`--tablespace-map`): OID and directory.
+    pub mapped_tablespaces: BTreeMap<u32, String>,
     /// The newest commit on the current timeline in the archive, when the restore began.
     pub newest_archived_commit: Option<String>,
-    /// Whether the server was run to the target (`--start`); the fields below are filled only
-    /// then.
+    /// A standby (`--standby`): it never reaches a target, so with `--start` the report tells
+    /// where replay was once it was consistent, and the data-loss window, last replayed xid and
+    /// the WAL-replayed count stay empty.
+    pub standby: bool,
+    /// Whether the server was run to the target (`--start`), or for a standby until it was
+    /// consistent and took read-only connections; the fields below are filled only then.
     pub started: bool,
     /// The port the restored server listens on.
     pub port: Option<u16>,
@@ -169,6 +202,33 @@ fn recovery_settings(target: RecoveryTarget, restore_command: &str) -> Vec<Strin
     }
     lines.push("recovery_target_timeline = 'latest'".into());
     lines
+}
+
+/// The settings of a standby: no recovery target (it never ends recovery by itself), the latest
+/// timeline (it follows a promotion the archive records), and the primary when given.
+fn standby_settings(restore_command: &str, standby: &StandbyOptions) -> Vec<String> {
+    let mut lines = vec![
+        format!("restore_command = {}", conf_quote(restore_command)),
+        "recovery_target_timeline = 'latest'".to_string(),
+    ];
+    if let Some(conninfo) = &standby.primary_conninfo {
+        lines.push(format!("primary_conninfo = {}", conf_quote(conninfo)));
+    }
+    lines
+}
+
+/// `settings` as the report shows them: a primary_conninfo with a password is not printed (the
+/// file itself has it, readable by the server's user alone).
+fn reported_settings(settings: &[String]) -> Vec<String> {
+    settings
+        .iter()
+        .map(|line| match line.strip_prefix("primary_conninfo = ") {
+            Some(value) if value.contains("password") => {
+                "primary_conninfo = (as given; it holds a password, see postgresql.auto.conf)".to_string()
+            }
+            _ => line.clone(),
+        })
+        .collect()
 }
 
 /// Puts the running marker of a restore or drill and waits out a running `pitr expire` (see
@@ -240,13 +300,84 @@ pub(crate) async fn current_catalog<'a>(
 
 /// What every restore checks before it touches the repository.
 pub(crate) fn preflight(opts: &RestoreOptions) -> Result<(), RestoreError> {
+    if opts.standby.is_some() && opts.target != RecoveryTarget::Latest {
+        return Err(RestoreError::StandbyTarget(opts.target.to_string()));
+    }
     check_target(&opts.target_dir, opts.force)?;
+    check_tablespace_dirs(&opts.tablespace_map, &opts.target_dir, opts.force)?;
     if opts.start.is_some() && unsafe { libc::geteuid() } == 0 {
         return Err(RestoreError::Other(
             "PostgreSQL refuses to run as root: run `pitr restore --start` as the database's OS user, \
              or restore without --start and start the server yourself"
                 .into(),
         ));
+    }
+    Ok(())
+}
+
+/// `path` with symbolic links resolved as far as it exists; the rest appended as given. `..` is
+/// refused (it would make a later comparison of paths meaningless).
+fn resolve(path: &Path) -> Result<PathBuf, String> {
+    if path.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err("has a \"..\" component".into());
+    }
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        match std::fs::canonicalize(&existing) {
+            Ok(mut out) => {
+                out.extend(rest.iter().rev());
+                return Ok(out);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(name) = existing.file_name().map(|n| n.to_os_string()) else {
+                    return Err(format!("cannot be resolved ({e})"));
+                };
+                rest.push(name);
+                existing.pop();
+            }
+            Err(e) => return Err(format!("cannot be resolved: {} ({e})", existing.display())),
+        }
+    }
+}
+
+/// Checks the `--tablespace-map` directories before anything is written: absolute, missing or
+/// empty (unless `force`; never a running server's), none at, inside or around another one or
+/// the target (links resolved, so that two spellings of one place are one place).
+pub(crate) fn check_tablespace_dirs(
+    map: &BTreeMap<u32, PathBuf>,
+    target: &Path,
+    force: bool,
+) -> Result<(), RestoreError> {
+    if map.is_empty() {
+        return Ok(());
+    }
+    let target_abs = absolute(target)?;
+    let target_resolved = resolve(&target_abs).map_err(|why| RestoreError::TablespaceDir {
+        dir: target.to_path_buf(),
+        why: format!("the target directory {why}"),
+    })?;
+    let mut seen: Vec<(u32, PathBuf)> = Vec::new();
+    for (oid, dir) in map {
+        let bad = |why: String| RestoreError::TablespaceDir { dir: dir.clone(), why };
+        if !dir.is_absolute() {
+            return Err(bad("is not an absolute path".into()));
+        }
+        let resolved = resolve(dir).map_err(bad)?;
+        if resolved.starts_with(&target_resolved) || target_resolved.starts_with(&resolved) {
+            return Err(bad(format!("is, holds or lies inside the target directory {}", target.display())));
+        }
+        if let Some((other, _)) = seen.iter().find(|(_, o)| resolved.starts_with(o) || o.starts_with(&resolved)) {
+            return Err(bad(format!("is, holds or lies inside the directory of tablespace {other}")));
+        }
+        match check_target(dir, force) {
+            Ok(()) => {}
+            Err(RestoreError::TargetNotEmpty(_)) => {
+                return Err(bad("is not empty (pass --force to replace its contents)".into()))
+            }
+            Err(e) => return Err(e),
+        }
+        seen.push((*oid, resolved));
     }
     Ok(())
 }
@@ -261,6 +392,17 @@ pub async fn restore(
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     preflight(opts)?;
+    // An unknown tablespace OID is refused before the marker too (and again once the catalog is
+    // read under it).
+    if !opts.tablespace_map.is_empty() {
+        let backup = match &opts.backup_id {
+            Some(id) => catalog.named_backup(id, opts.target),
+            None => catalog.choose_backup(opts.target),
+        };
+        if let Ok(backup) = backup {
+            check_mapped_oids(backup, opts.tablespace_map.keys().copied())?;
+        }
+    }
     let marker = announce(opts.marker_repository.as_ref().unwrap_or(repo), RunKind::Restore).await;
     let result = async {
         let catalog = match &marker {
@@ -400,10 +542,22 @@ pub(crate) async fn restore_marked_as(
     let ReplayBounds { recovery_target, until, to_planned_end } = catalog.replay_bounds(backup, opts.target);
     tracing::info!(backup = %backup.id, chain = chain.len(), target = %opts.target, "restoring");
 
+    // An unknown OID is refused before the first directory is created.
+    check_mapped_oids(backup, opts.tablespace_map.keys().copied())?;
+    let mut mapped = MappedTablespaces::default();
+    let mut mapped_staging = Vec::new();
+    for (oid, dir) in &opts.tablespace_map {
+        let staging = Staging::create(dir)?;
+        mapped.0.insert(*oid, MappedTablespace { write_dir: staging.path.clone(), final_dir: dir.clone() });
+        mapped_staging.push((staging, dir));
+    }
     let staging = Staging::create(&opts.target_dir)?;
     let final_dir = absolute(&opts.target_dir)?;
-    let bytes_restored = materialize(repo, &chain, &staging.path, &final_dir, opts.workers, progress).await?;
-    let settings = recovery_settings(recovery_target, &opts.restore_command.render(until));
+    let bytes_restored = materialize(repo, &chain, &staging.path, &final_dir, &mapped, opts.workers, progress).await?;
+    let settings = match &opts.standby {
+        Some(standby) => standby_settings(&opts.restore_command.render_for_standby(), standby),
+        None => recovery_settings(recovery_target, &opts.restore_command.render(until)),
+    };
     let auto_conf = staging.path.join("postgresql.auto.conf");
     // Neither read nor written through a link: the restore's own files stay inside the target.
     let mut conf = read_file_nofollow(&auto_conf)?.unwrap_or_default();
@@ -413,8 +567,12 @@ pub(crate) async fn restore_marked_as(
         conf.push('\n');
     }
     write_file_nofollow(&auto_conf, conf.as_bytes())?;
-    let signal = staging.path.join("recovery.signal");
+    let signal = staging.path.join(if opts.standby.is_some() { "standby.signal" } else { "recovery.signal" });
     write_file_nofollow(&signal, b"")?;
+    // The tablespaces first: the target, which makes a cluster that starts, comes last.
+    for (tablespace, dir) in mapped_staging {
+        tablespace.commit(dir, opts.force)?;
+    }
     staging.commit(&opts.target_dir, opts.force)?;
     let download_seconds = started.elapsed().as_secs_f64();
 
@@ -429,8 +587,10 @@ pub(crate) async fn restore_marked_as(
         backup_stop_lsn: format_lsn(backup.stop_lsn),
         files: backup.files.len(),
         bytes_restored,
-        recovery_settings: settings,
+        recovery_settings: reported_settings(&settings),
+        mapped_tablespaces: opts.tablespace_map.iter().map(|(oid, d)| (*oid, d.display().to_string())).collect(),
         newest_archived_commit: newest_commit.map(format_time),
+        standby: opts.standby.is_some(),
         started: false,
         port: None,
         last_replayed_commit_time: None,
@@ -446,6 +606,18 @@ pub(crate) async fn restore_marked_as(
     let Some(start) = &opts.start else { return Ok(report) };
 
     let replay_started = Instant::now();
+    if report.standby {
+        let (commit_us, lsn) = run_to_consistent(&opts.target_dir, start, launch).await?;
+        report.started = true;
+        report.port = Some(start.port);
+        report.replay_seconds = Some(replay_started.elapsed().as_secs_f64());
+        report.total_seconds = started.elapsed().as_secs_f64();
+        report.last_replayed_commit_time = commit_us.map(format_time);
+        report.last_replayed_lsn = Some(format_lsn(lsn));
+        report.stop_command =
+            Some(format!("{} -D {} stop", start.bin_dir.join("pg_ctl").display(), opts.target_dir.display()));
+        return Ok(report);
+    }
     let (commit_us, lsn) = run_to_target(&opts.target_dir, start, launch).await?;
     // Segments prefetched beyond the target are of no use once the server has promoted.
     let _ = std::fs::remove_dir_all(opts.target_dir.join("pg_wal").join(crate::walfetch::SPOOL_DIR));
@@ -486,6 +658,35 @@ async fn run_to_target(
     start: &StartOptions,
     launch: &ServerLaunch,
 ) -> Result<(Option<i64>, u64), RestoreError> {
+    run_until(dir, start, launch, Until::Promoted).await
+}
+
+/// Starts a standby on the restored directory and waits until it is consistent: a standby
+/// takes read-only connections from then on (hot_standby), and stays in recovery. Returns the
+/// last replayed commit time and replay LSN at that moment.
+async fn run_to_consistent(
+    dir: &Path,
+    start: &StartOptions,
+    launch: &ServerLaunch,
+) -> Result<(Option<i64>, u64), RestoreError> {
+    run_until(dir, start, launch, Until::Consistent).await
+}
+
+/// What [`run_until`] waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// Recovery ended and the server promoted.
+    Promoted,
+    /// A standby accepts read-only connections.
+    Consistent,
+}
+
+async fn run_until(
+    dir: &Path,
+    start: &StartOptions,
+    launch: &ServerLaunch,
+    until: Until,
+) -> Result<(Option<i64>, u64), RestoreError> {
     let dir = std::fs::canonicalize(dir).map_err(|e| RestoreError::Io { path: dir.to_path_buf(), cause: e })?;
     let log = dir.join("pitr-restore-server.log");
     if launch.scratch {
@@ -523,8 +724,12 @@ async fn run_to_target(
     let mut last_error = String::new();
     loop {
         if Instant::now() > deadline {
+            let what = match until {
+                Until::Promoted => "recovery did not finish",
+                Until::Consistent => "the standby did not become consistent",
+            };
             return Err(RestoreError::Server(format!(
-                "recovery did not finish within {:?} (last: {last_error}); the server is still running\n{}",
+                "{what} within {:?} (last: {last_error}); the server is still running\n{}",
                 start.timeout,
                 log_tail(&log)
             )));
@@ -532,7 +737,7 @@ async fn run_to_target(
         if !dir.join("postmaster.pid").exists() {
             return Err(RestoreError::Server(format!("the server stopped during recovery:\n{}", log_tail(&log))));
         }
-        match query_state(&conninfo).await {
+        match query_state(&conninfo, until).await {
             Ok(Some(state)) => return Ok(state),
             Ok(None) => {}
             Err(StateError::Refused(e)) => {
@@ -545,6 +750,12 @@ async fn run_to_target(
                 )))
             }
             Err(StateError::NotYet(e)) => last_error = e,
+            Err(StateError::LeftRecovery) => {
+                return Err(RestoreError::Server(format!(
+                    "the standby in {} is out of recovery: it was promoted (pg_promote, pg_ctl promote) before                      it was reported consistent; it is running as a primary now",
+                    dir.display()
+                )))
+            }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -556,6 +767,8 @@ enum StateError {
     NotYet(String),
     /// The role does not exist or may not log in: asking again changes nothing.
     Refused(String),
+    /// A standby is out of recovery: something promoted it before it was reported consistent.
+    LeftRecovery,
 }
 
 /// Whether `e` says the role itself was refused (SQLSTATE class 28: it does not exist, or
@@ -572,8 +785,9 @@ pub(crate) fn server_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// `Some((last commit µs, replay LSN))` once the server has left recovery.
-async fn query_state(conninfo: &str) -> Result<Option<(Option<i64>, u64)>, StateError> {
+/// `Some((last commit µs, replay LSN))` once the server has left recovery, or for
+/// [`Until::Consistent`] once it answers at all while still in recovery.
+async fn query_state(conninfo: &str, until: Until) -> Result<Option<(Option<i64>, u64)>, StateError> {
     let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await.map_err(|e| {
         if role_refused(&e) {
             StateError::Refused(server_message(&e))
@@ -594,8 +808,10 @@ async fn query_state(conninfo: &str) -> Result<Option<(Option<i64>, u64)>, State
     drop(client);
     task.abort();
     let in_recovery: bool = row.get(0);
-    if in_recovery {
-        return Ok(None);
+    match until {
+        Until::Promoted if in_recovery => return Ok(None),
+        Until::Consistent if !in_recovery => return Err(StateError::LeftRecovery),
+        Until::Promoted | Until::Consistent => {}
     }
     let commit: Option<i64> = row.get(1);
     let lsn: String = row.get(2);
@@ -663,6 +879,35 @@ mod tests {
     }
 
     #[test]
+    fn tablespace_directories_are_absolute_apart_and_empty_unless_forced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(tmp.path()).unwrap();
+        let target = root.join("data");
+        let check = |pairs: &[(u32, PathBuf)], force: bool| {
+            check_tablespace_dirs(&pairs.iter().cloned().collect(), &target, force)
+        };
+        let refused = |pairs: &[(u32, PathBuf)], force: bool, why: &str| match check(pairs, force) {
+            Err(RestoreError::TablespaceDir { why: w, .. }) => assert!(w.contains(why), "{w}"),
+            other => panic!("{pairs:?}: expected a refusal ({why}), got {other:?}"),
+        };
+        check(&[(1, root.join("ts1")), (2, root.join("ts2"))], false).unwrap();
+        refused(&[(1, PathBuf::from("ts1"))], false, "absolute");
+        refused(&[(1, root.join("a/../ts1"))], false, "\"..\"");
+        refused(&[(1, target.join("ts1"))], false, "target");
+        refused(&[(1, target.clone())], false, "target");
+        refused(&[(1, root.clone())], false, "target");
+        refused(&[(1, root.join("ts1")), (2, root.join("ts1/sub"))], false, "tablespace 1");
+        // Another spelling of the same place (a link) is the same place.
+        std::fs::create_dir(root.join("real")).unwrap();
+        std::os::unix::fs::symlink(root.join("real"), root.join("alias")).unwrap();
+        refused(&[(1, root.join("real/ts")), (2, root.join("alias/ts"))], false, "tablespace 1");
+        std::fs::create_dir(root.join("full")).unwrap();
+        std::fs::write(root.join("full/PG_VERSION"), b"15").unwrap();
+        refused(&[(1, root.join("full"))], false, "not empty");
+        check(&[(1, root.join("full"))], true).unwrap();
+    }
+
+    #[test]
     fn recovery_settings_quote_and_use_numeric_offsets() {
         let s = recovery_settings(
             RecoveryTarget::Time(1_795_615_380_000_000),
@@ -671,6 +916,22 @@ mod tests {
         assert_eq!(s[0], "restore_command = '\"/opt/it''s/pitr\" wal-fetch \"%f\" \"%p\"'");
         assert_eq!(s[1], "recovery_target_time = '2026-11-25 14:03:00.000000+00'");
         assert_eq!(s[2], "recovery_target_action = 'promote'");
+        let standby = StandbyOptions { primary_conninfo: Some("host=db1 user=rep password=it's".into()) };
+        let lines = standby_settings("x", &standby);
+        assert_eq!(
+            lines,
+            vec![
+                "restore_command = 'x'",
+                "recovery_target_timeline = 'latest'",
+                "primary_conninfo = 'host=db1 user=rep password=it''s'"
+            ]
+        );
+        let shown = reported_settings(&lines);
+        assert!(shown[2].starts_with("primary_conninfo = (as given") && !shown[2].contains("it''s"), "{shown:?}");
+        assert_eq!(standby_settings("x", &StandbyOptions::default()).len(), 2);
+        let wal_fetch = WalFetchCommand { program: "pitr".into(), options: vec!["--from".into(), "dr".into()] };
+        assert_eq!(wal_fetch.render_for_standby(), "pitr wal-fetch --from dr --whole-segments \"%f\" \"%p\"");
+        assert_eq!(wal_fetch.render(Some(0x1_0000_0000)), "pitr wal-fetch --from dr --until-lsn 1/0 \"%f\" \"%p\"");
         let latest = recovery_settings(RecoveryTarget::Latest, "x");
         assert_eq!(latest, vec!["restore_command = 'x'", "recovery_target_timeline = 'latest'"]);
     }

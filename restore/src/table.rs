@@ -690,6 +690,8 @@ impl ScratchCluster {
                 timeout: opts.timeout,
             }),
             marker_repository: None,
+            standby: None,
+            tablespace_map: Default::default(),
         };
         let launch = ServerLaunch::scratch("", vec![format!("hba_file='{}'", hba.display())]);
         let marker = announce(opts.marker_repository.as_ref().unwrap_or(repo), opts.run_kind).await;

@@ -140,6 +140,30 @@ pub async fn wal_fetch(
     Ok(fetched)
 }
 
+/// [`wal_fetch`] for a standby (`pitr wal-fetch --whole-segments`): only whole segments and
+/// history files are served. A segment the archive holds only in part, the newest one the
+/// sidecar is still writing, is "not there yet" ([`FetchError::NotFound`]), never served
+/// zero-padded: a standby asks again (every `wal_retrieve_retry_interval`) and gets it whole
+/// once the primary has finished it, and meanwhile streams it from the primary when it has
+/// `primary_conninfo`. A hole is still an error, as for a restore.
+pub async fn wal_fetch_whole(
+    repo: &Repository,
+    cluster: &ClusterInfo,
+    file: &str,
+    dest: &Path,
+) -> Result<Fetched, FetchError> {
+    if take_spooled(file, dest) {
+        return Ok(Fetched::Segment);
+    }
+    match read_wal_file(repo, cluster, file).await? {
+        (Fetched::PartialSegment { .. }, _) => Err(FetchError::NotFound { file: file.to_string() }),
+        (fetched, data) => {
+            write_atomically(dest, &data)?;
+            Ok(fetched)
+        }
+    }
+}
+
 /// The segment file names after `file` on its timeline, up to `count` of them (none for history files).
 pub fn next_segments(cluster: &ClusterInfo, file: &str, count: usize) -> Vec<String> {
     let layout = WalLayout::new(cluster);
@@ -441,6 +465,21 @@ mod tests {
             Err(FetchError::NotFound { .. })
         ));
         assert!(matches!(wal_fetch(&repo, &info, "junk", &dest, None).await, Err(FetchError::BadName { .. })));
+
+        // A standby gets whole segments and history files only: the partial one is not there
+        // yet, and what it was given before stays as it was.
+        let standby_dest = dir.path().join("standby");
+        assert!(matches!(
+            wal_fetch_whole(&repo, &info, "000000010000000000000002", &standby_dest).await,
+            Err(FetchError::NotFound { .. })
+        ));
+        assert!(!standby_dest.exists());
+        assert_eq!(
+            wal_fetch_whole(&repo, &info, "000000010000000000000001", &standby_dest).await.unwrap(),
+            Fetched::Segment
+        );
+        assert_eq!(std::fs::read(&standby_dest).unwrap(), whole);
+        assert_eq!(wal_fetch_whole(&repo, &info, "00000002.history", &standby_dest).await.unwrap(), Fetched::History);
 
         // Prefetch spools only whole segments and stops at the partial one; wal-fetch takes the
         // spooled file.

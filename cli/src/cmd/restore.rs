@@ -1,10 +1,11 @@
 //! `pitr restore`: restore the PostgreSQL cluster to a moment (`--source mongo` is
 //! [`super::mongo::restore`]).
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Result};
 
 use crate::config::Config;
 use crate::{open, output, tasks};
@@ -31,6 +32,36 @@ pub struct RestoreArgs {
     pub backup: Option<String>,
     /// Read from this repository (a secondary's name, or `primary`) first.
     pub from: Option<String>,
+    /// Build a standby that keeps following the archive (and the primary) instead.
+    pub standby: Option<pitr_restore::StandbyOptions>,
+    /// `OID=DIR` pairs as given (`--tablespace-map`).
+    pub tablespace_map: Vec<String>,
+}
+
+/// `--tablespace-map OID=DIR` pairs by OID. A name is refused: backups record each
+/// tablespace's OID and server location (BASE_BACKUP's list), not its name.
+fn parse_tablespace_map(pairs: &[String]) -> Result<BTreeMap<u32, PathBuf>> {
+    let mut map = BTreeMap::new();
+    for pair in pairs {
+        let (oid, dir) = pair
+            .split_once('=')
+            .filter(|(o, d)| !o.is_empty() && !d.is_empty())
+            .ok_or_else(|| anyhow!("--tablespace-map {pair:?}: expected OID=DIR"))?;
+        let oid: u32 = oid.parse().map_err(|_| {
+            anyhow!(
+                "--tablespace-map {pair:?}: {oid:?} is not a tablespace OID; backups record tablespaces by OID and \
+                 server location, not by name (`select oid, spcname from pg_tablespace` on the primary tells the OID)"
+            )
+        })?;
+        let dir = PathBuf::from(dir);
+        if !dir.is_absolute() {
+            bail!("--tablespace-map {pair:?}: the directory must be an absolute path");
+        }
+        if map.insert(oid, dir).is_some() {
+            bail!("--tablespace-map: tablespace {oid} is mapped twice");
+        }
+    }
+    Ok(map)
 }
 
 /// `pitr restore`: a data directory at the target, and with `--start` a server replayed to it
@@ -38,6 +69,11 @@ pub struct RestoreArgs {
 pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
     let config = Config::load(config_path)?;
     let target = pitr_restore::parse_target(&args.to)?;
+    let tablespace_map = parse_tablespace_map(&args.tablespace_map)?;
+    if args.standby.is_some() && target != pitr_restore::RecoveryTarget::Latest {
+        // Before the repository is opened: nothing is read or written.
+        return Err(pitr_restore::RestoreError::StandbyTarget(target.to_string()).into());
+    }
     let repo = open::reader(&config, args.from.as_deref())?;
     let catalog = open::checked_catalog(&config, &repo).await?;
     let restore_command = tasks::restore_command(config_path, args.from.as_deref())?;
@@ -62,6 +98,8 @@ pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
             Some(_) => Some(open::single(&config, None)?),
             None => None,
         },
+        standby: args.standby.clone(),
+        tablespace_map,
     };
     let bar = output::progress_bar(!args.json, "restore");
     let on_progress = |done: u64, total: u64| {
@@ -79,11 +117,18 @@ pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
         output::print_json(&report)?;
         return Ok(());
     }
-    println!("restored {} to {}", report.target, report.target_dir);
+    if report.standby {
+        println!("standby of the archive in {} (follows it, never reaches a target)", report.target_dir);
+    } else {
+        println!("restored {} to {}", report.target, report.target_dir);
+    }
     println!(
         "  backup used:            {} ({}, consistent at {}, LSN {})",
         report.backup_id, report.backup_kind, report.backup_stop_time, report.backup_stop_lsn
     );
+    for (oid, dir) in &report.mapped_tablespaces {
+        println!("  tablespace {oid:<11} {dir}");
+    }
     if report.backup_chain.len() > 1 {
         println!("  combined chain:         {}", report.backup_chain.join(" -> "));
     }
@@ -94,7 +139,20 @@ pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
     if let Some(c) = &report.newest_archived_commit {
         println!("  newest archived commit: {c}");
     }
-    if report.started {
+    if report.started && report.standby {
+        println!(
+            "  consistent at:          LSN {}, last replayed commit {}",
+            report.last_replayed_lsn.as_deref().unwrap_or("-"),
+            report.last_replayed_commit_time.as_deref().unwrap_or("(none replayed)")
+        );
+        println!("  time to consistent:     {:.1} s", report.replay_seconds.unwrap_or(0.0));
+        println!(
+            "  the standby is running on port {} (read-only, in recovery; promote it with pg_ctl promote or \
+             select pg_promote()); stop it with: {}",
+            report.port.unwrap_or(0),
+            report.stop_command.as_deref().unwrap_or("")
+        );
+    } else if report.started {
         println!(
             "  last replayed commit:   {}",
             report.last_replayed_commit_time.as_deref().unwrap_or("(none replayed)")
@@ -117,6 +175,8 @@ pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
             report.port.unwrap_or(0),
             report.stop_command.as_deref().unwrap_or("")
         );
+    } else if report.standby {
+        println!("  standby settings written to postgresql.auto.conf (standby.signal present); start the server to follow the archive");
     } else {
         println!("  recovery settings written to postgresql.auto.conf (recovery.signal present); start the server to replay to the target");
     }

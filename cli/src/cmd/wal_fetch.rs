@@ -10,18 +10,33 @@ use pitr_pgformat::lsn::format_lsn;
 use crate::config::Config;
 use crate::open;
 
+/// What `wal-fetch` serves.
+#[derive(Debug, Clone, Copy)]
+pub enum Serve {
+    /// Everything the archive holds, the newest partial segment zero-padded.
+    All,
+    /// Nothing at or past this LSN (a restore to a planned end).
+    Until(u64),
+    /// Whole segments only (a standby, which asks again for the rest).
+    WholeSegments,
+}
+
+impl Serve {
+    fn until(self) -> Option<u64> {
+        match self {
+            Serve::Until(lsn) => Some(lsn),
+            Serve::All | Serve::WholeSegments => None,
+        }
+    }
+}
+
 /// Exit codes follow restore_command's contract: 0 fetched, 1 past the end of the archive
 /// (PostgreSQL then ends recovery there), 126 anything else — a hole, a damaged object, an
 /// unreachable repository, a bad configuration — which makes PostgreSQL stop recovery with an
 /// error instead of silently treating it as the archive's end.
-pub async fn run(
-    config_path: &Path,
-    from: Option<&str>,
-    file: &str,
-    dest: &Path,
-    until: Option<u64>,
-) -> Result<ExitCode> {
+pub async fn run(config_path: &Path, from: Option<&str>, file: &str, dest: &Path, serve: Serve) -> Result<ExitCode> {
     const ARCHIVE_ERROR: u8 = 126;
+    let until = serve.until();
     if pitr_restore::walfetch::take_spooled(file, dest) {
         tracing::debug!(file, "served from the prefetch spool");
         start_prefetch(config_path, from, file, dest, until);
@@ -31,7 +46,10 @@ pub async fn run(
         let config = Config::load(config_path)?;
         let repo = open::reader(&config, from)?;
         let cluster = open::checked_cluster(&config, &repo).await?;
-        Ok::<_, anyhow::Error>(pitr_restore::wal_fetch(&repo, &cluster, file, dest, until).await)
+        Ok::<_, anyhow::Error>(match serve {
+            Serve::WholeSegments => pitr_restore::walfetch::wal_fetch_whole(&repo, &cluster, file, dest).await,
+            Serve::All | Serve::Until(_) => pitr_restore::wal_fetch(&repo, &cluster, file, dest, until).await,
+        })
     }
     .await;
     match result {
@@ -41,7 +59,12 @@ pub async fn run(
             Ok(ExitCode::SUCCESS)
         }
         Ok(Err(pitr_restore::FetchError::NotFound { .. })) | Ok(Err(pitr_restore::FetchError::BadName { .. })) => {
-            eprintln!("pitr wal-fetch: {file} is not in the archive");
+            match serve {
+                Serve::WholeSegments => {
+                    eprintln!("pitr wal-fetch: {file} is not in the archive as a whole segment yet")
+                }
+                Serve::All | Serve::Until(_) => eprintln!("pitr wal-fetch: {file} is not in the archive"),
+            }
             Ok(ExitCode::from(1))
         }
         Ok(Err(e)) => {
