@@ -100,7 +100,11 @@ async fn repository(config: &Config, checks: &mut Checks) {
                 Err(why) => checks.fail(
                     WRITABLE,
                     format!("{location}: {why}"),
-                    "make [repository] path a directory the pitr user can write (or the bucket writable with these credentials), then `pitr init`",
+                    if config.repository.url.is_some() {
+                        "check [repository] url, endpoint and region, and that these credentials may write to the bucket, then `pitr init`"
+                    } else {
+                        "make [repository] path a directory the pitr user can write, then `pitr init`"
+                    },
                 ),
             }
         }
