@@ -1,10 +1,13 @@
 //! Bandwidth limits (`[repository] max_upload_rate` / `max_download_rate`): a token bucket per
 //! direction and a [`Store`] wrapper that makes the bulk of a backup or restore wait for it.
 //!
-//! What waits: the objects a backup, snapshot, file-set backup or dump writes in bulk and a
-//! restore reads back — content blocks and manifests ([`Traffic::Bulk`]). What never waits: the
-//! WAL and oplog objects of the stream ([`Traffic::Stream`]) and the small records the sidecar
-//! needs on time (the writer lease, completeness marks, running markers: [`Traffic::Control`]).
+//! What waits: the content blocks a backup, snapshot, file-set backup or dump writes and a
+//! restore reads back ([`Traffic::Bulk`]). What never waits but is charged: their manifests
+//! ([`Traffic::Manifest`]: a manifest put follows the freshness check of the blocks it names
+//! with a bounded margin, and the sidecar re-reads every manifest for its catalog), and the WAL
+//! and oplog objects of the stream ([`Traffic::Stream`]). What passes freely: the small records
+//! the sidecar needs on time (the writer lease, completeness marks, running markers:
+//! [`Traffic::Control`]).
 //! A WAL put held behind a backup's blocks would let the archive fall behind the primary and
 //! the slot retain WAL there, which is worse than the burst the limit exists to prevent; a lease
 //! renewal held that long could lose the lease. Stream bytes are still charged to the bucket, so
@@ -14,6 +17,11 @@
 //! (`pitr_upload_over_limit_bytes_total`), since the limit then cannot hold.
 //!
 //! The limits are per process: `pitr backup` run by hand and the sidecar each keep their own.
+//!
+//! With secondaries, the [`ThrottledStore`] sits above the replicated store and charges each put
+//! once per repository it goes to ([`ThrottledStore::with_copies`]): the backup task sleeps
+//! before its put, and the copier to the secondaries never sleeps, so WAL and completeness marks
+//! queued behind a block copy are not held up by the limit.
 
 use std::fmt::Debug;
 use std::num::NonZeroU64;
@@ -47,6 +55,9 @@ pub struct TokenBucket {
 struct BucketState {
     /// Bytes that may pass now; negative while reservations are being slept off.
     tokens: f64,
+    /// The same bucket for stream bytes alone, never below one second's debt: what would go
+    /// deeper is the excess of the stream alone over the rate, whatever bulk transfers reserved.
+    stream_tokens: f64,
     refilled_at: Instant,
     last_warning: Option<Instant>,
     /// Time slept in [`TokenBucket::take`], by the kind of object the caller named.
@@ -62,6 +73,7 @@ impl TokenBucket {
             capacity: rate,
             state: Mutex::new(BucketState {
                 tokens: 0.0,
+                stream_tokens: 0.0,
                 refilled_at: Instant::now(),
                 last_warning: None,
                 waited: Vec::new(),
@@ -79,6 +91,7 @@ impl TokenBucket {
         let now = Instant::now();
         let earned = now.saturating_duration_since(s.refilled_at).as_secs_f64() * self.rate;
         s.tokens = (s.tokens + earned).min(self.capacity);
+        s.stream_tokens = (s.stream_tokens + earned).min(self.capacity);
         s.refilled_at = now;
         s
     }
@@ -104,20 +117,28 @@ impl TokenBucket {
         wait
     }
 
-    /// Counts `bytes` that went through without waiting. They may put the bucket into debt by at
-    /// most one second's worth (so bulk transfers yield to them); what would go deeper is not
-    /// carried and is returned: the bytes by which unthrottled traffic alone exceeds the rate.
+    /// Counts stream `bytes` that went through without waiting, so that bulk transfers yield to
+    /// them. Measured on their own, stream bytes may run one second's worth into debt; what would
+    /// go deeper is the excess of the stream alone over the rate: it is not carried (backups keep
+    /// moving, slowly) and is returned. Bulk reservations never make stream bytes count as excess.
     pub fn charge(&self, bytes: u64) -> u64 {
         let mut s = self.refilled();
+        let floor = -self.capacity;
+        let after = s.stream_tokens - bytes as f64;
+        let over = if after >= floor { 0.0 } else { floor - after };
+        s.stream_tokens = after.max(floor);
+        s.tokens -= bytes as f64 - over;
+        over.round() as u64
+    }
+
+    /// Counts `bytes` that went through without waiting and are not stream (manifests), so that
+    /// bulk transfers yield to them; the debt they add stops at one second's worth below zero
+    /// (or where reservations left the bucket), so that the sidecar re-reading every manifest
+    /// for its catalog each minute holds a restore or drill up by a second at most.
+    pub fn debit(&self, bytes: u64) {
+        let mut s = self.refilled();
         let floor = (-self.capacity).min(s.tokens);
-        let after = s.tokens - bytes as f64;
-        if after >= floor {
-            s.tokens = after;
-            0
-        } else {
-            s.tokens = floor;
-            (floor - after).round() as u64
-        }
+        s.tokens = (s.tokens - bytes as f64).max(floor);
     }
 
     /// Adds `wait` to the time callers moving `kind` objects slept here; returns the sum.
@@ -135,6 +156,12 @@ impl TokenBucket {
         }
     }
 
+    /// Time callers slept here for bulk transfers, summed over all of them (concurrent waits
+    /// each count).
+    pub fn waited(&self) -> Duration {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).waited.iter().map(|(_, d)| *d).sum()
+    }
+
     /// Whether a warning is due now (at most one per [`OVER_LIMIT_WARNING_EVERY`]).
     fn warning_due(&self) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -150,8 +177,10 @@ impl TokenBucket {
 /// What an object's transfer is to the limiter, by its name (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Traffic {
-    /// Content blocks and manifests of backups, snapshots, file sets and dumps: waits.
+    /// Content blocks of backups, snapshots, file sets and dumps: waits.
     Bulk(&'static str),
+    /// Manifests of backups, snapshots, file sets and dumps: never waits, charged in full.
+    Manifest,
     /// WAL and oplog objects: never waits, charged.
     Stream(&'static str),
     /// Small records read and written on a schedule (lease, marks, markers): passes freely.
@@ -163,9 +192,7 @@ pub fn traffic(name: &str) -> Traffic {
     let parts: Vec<&str> = name.splitn(4, '/').collect();
     match parts.as_slice() {
         ["pg" | "mongo", _, "blocks", _] | ["files", "blocks", ..] => Traffic::Bulk("block"),
-        ["pg", _, "backups", _] | ["mongo", _, "snapshots", _] | ["files", "sets" | "dumps", ..] => {
-            Traffic::Bulk("manifest")
-        }
+        ["pg", _, "backups", _] | ["mongo", _, "snapshots", _] | ["files", "sets" | "dumps", ..] => Traffic::Manifest,
         ["pg", _, "wal", _] => Traffic::Stream("wal"),
         ["mongo", _, "oplog" | "gaps", _] => Traffic::Stream("oplog"),
         _ => Traffic::Control,
@@ -200,19 +227,30 @@ impl Limits {
 pub struct ThrottledStore {
     inner: Arc<dyn Store>,
     limits: Limits,
+    /// How many repositories each put reaches (the primary and the secondaries it is copied to).
+    copies: u64,
 }
 
 impl ThrottledStore {
     /// `inner`, limited by `limits`.
     pub fn new(inner: Arc<dyn Store>, limits: Limits) -> ThrottledStore {
-        ThrottledStore { inner, limits }
+        ThrottledStore { inner, limits, copies: 1 }
     }
 
-    /// Waits (bulk) or charges (stream) `bytes` of object `name` in one direction.
+    /// Charges every put `copies` times its size: for a replicated store, which copies each put
+    /// to `copies - 1` secondaries after it returns, so that the upload limit holds for all
+    /// repositories together while the copies themselves never wait.
+    pub fn with_copies(mut self, copies: u64) -> ThrottledStore {
+        self.copies = copies.max(1);
+        self
+    }
+
+    /// Waits (bulk) or charges (manifests, stream) `bytes` of object `name` in one direction.
     async fn pass(&self, upload: bool, name: &str, bytes: u64) {
         let (bucket, direction) =
             if upload { (&self.limits.upload, "upload") } else { (&self.limits.download, "download") };
         let Some(bucket) = bucket else { return };
+        let bytes = if upload { bytes.saturating_mul(self.copies) } else { bytes };
         match traffic(name) {
             Traffic::Bulk(kind) => {
                 let waited = bucket.take(bytes).await;
@@ -228,6 +266,7 @@ impl ThrottledStore {
                     metrics::counter!(metric, "kind" => kind).absolute(total.as_secs());
                 }
             }
+            Traffic::Manifest => bucket.debit(bytes),
             Traffic::Stream(kind) => {
                 let over = bucket.charge(bytes);
                 if over > 0 {
@@ -367,20 +406,45 @@ mod tests {
         assert_eq!(b.reserve(0), Duration::from_secs(1));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn bulk_reservations_never_make_stream_bytes_count_as_over_the_limit() {
+        let b = bucket(1000);
+        assert_eq!(b.reserve(5000), Duration::from_secs(5));
+        assert_eq!(b.charge(100), 0, "the stream alone is far below the rate");
+        // The stream's bytes are carried behind the reservation: the next bulk waits for both.
+        assert_eq!(b.reserve(0), Duration::from_millis(5100));
+        // The stream alone beyond one second's worth is over the limit, bulk debt or not.
+        assert_eq!(b.charge(1000), 100);
+        assert_eq!(b.reserve(0), Duration::from_millis(6000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn manifest_debits_never_wait_and_stop_at_one_second_of_debt() {
+        let b = bucket(1000);
+        b.debit(600);
+        assert_eq!(b.reserve(0), Duration::from_millis(600));
+        b.debit(5000);
+        assert_eq!(b.reserve(0), Duration::from_secs(1));
+        // Below a reservation's debt, a manifest adds nothing more.
+        assert_eq!(b.reserve(2000), Duration::from_secs(3));
+        b.debit(5000);
+        assert_eq!(b.reserve(0), Duration::from_secs(3));
+    }
+
     #[test]
     fn traffic_follows_the_repository_layout() {
         use crate::names;
         let id = 7_u64;
         assert_eq!(traffic(&names::pg::block(id, "ab12")), Traffic::Bulk("block"));
-        assert_eq!(traffic(&names::pg::backup_manifest(id, "20261206T000000Z")), Traffic::Bulk("manifest"));
+        assert_eq!(traffic(&names::pg::backup_manifest(id, "20261206T000000Z")), Traffic::Manifest);
         assert_eq!(traffic(&names::files::block("ab12")), Traffic::Bulk("block"));
-        assert_eq!(traffic(&names::files::tree_manifest("etc", "x")), Traffic::Bulk("manifest"));
+        assert_eq!(traffic(&names::files::tree_manifest("etc", "x")), Traffic::Manifest);
         assert_eq!(traffic(&names::pg::wal_segment(id, "000000010000000000000003")), Traffic::Stream("wal"));
         assert_eq!(traffic(&names::pg::wal_chunk(id, "000000010000000000000003", 0, 8192)), Traffic::Stream("wal"));
         assert_eq!(traffic(&names::pg::wal_history(id, 2)), Traffic::Stream("wal"));
         assert_eq!(traffic(&names::mongo::block("rs0", "ab12")), Traffic::Bulk("block"));
-        assert_eq!(traffic(&names::mongo::snapshot_manifest("rs0", "x")), Traffic::Bulk("manifest"));
-        assert_eq!(traffic(&names::files::dump_manifest("db", "x")), Traffic::Bulk("manifest"));
+        assert_eq!(traffic(&names::mongo::snapshot_manifest("rs0", "x")), Traffic::Manifest);
+        assert_eq!(traffic(&names::files::dump_manifest("db", "x")), Traffic::Manifest);
         assert_eq!(traffic(&names::mongo::slice("rs0", (1, 0), (2, 5))), Traffic::Stream("oplog"));
         assert_eq!(traffic(&names::pg::lease(id, 1)), Traffic::Control);
         assert_eq!(traffic(&names::pg::complete_mark(id, 1, 0x100, 5)), Traffic::Control);
@@ -413,6 +477,73 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_secs(5));
         assert_eq!(store.get(&wal).await.expect("wal get").len(), 800);
         assert_eq!(start.elapsed(), Duration::from_secs(5), "a WAL get waits for nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn manifest_puts_and_gets_never_wait() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let local = LocalStore::new(dir.path());
+        local.create_root().expect("root");
+        let limits = Limits::new(Some(1000), Some(1000));
+        let store = ThrottledStore::new(Arc::new(local), limits.clone());
+        let block = crate::names::pg::block(7, "ab12");
+        let manifest = crate::names::pg::backup_manifest(7, "20261206T000000Z");
+
+        let start = Instant::now();
+        store.put_if_absent(&block, Bytes::from(vec![2; 2000])).await.expect("block put");
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        store.put_if_absent(&manifest, Bytes::from(vec![3; 30_000])).await.expect("manifest put");
+        assert_eq!(start.elapsed(), Duration::from_secs(2), "a manifest put waits for nothing");
+        // The manifest's bytes are charged (up to one second's worth): the next block waits for them.
+        store.put_if_absent(&crate::names::pg::block(7, "cd34"), Bytes::from(vec![4; 1000])).await.expect("put");
+        assert_eq!(start.elapsed(), Duration::from_secs(4));
+        let upload = limits.upload.as_ref().expect("upload limited");
+        assert_eq!(upload.waited(), Duration::from_secs(4), "only the two block puts waited");
+
+        let start = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(store.get(&manifest).await.expect("manifest get").len(), 30_000);
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO, "a manifest get waits for nothing");
+    }
+
+    /// The wiring `pitr`'s writer uses with secondaries: the limit above the replicated store.
+    /// A backup's block put sleeps in its own task, before the primary put, so the copier to a
+    /// `required` secondary never sleeps and a WAL put after it returns at once. (With the limit
+    /// on the primary and the secondary instead, the block's copy sleeps in the copier from
+    /// about 1049 s on, and this WAL put waited 997 s behind it.)
+    #[tokio::test(start_paused = true)]
+    async fn above_replication_a_sleeping_block_put_holds_up_no_wal_copy() {
+        use crate::replicate::{ReplicatedStore, Secondary};
+        let (a, b) = (tempfile::tempdir().expect("temp dir"), tempfile::tempdir().expect("temp dir"));
+        let primary = Arc::new(LocalStore::new(a.path()));
+        primary.put_if_absent(crate::names::MARKER, Bytes::from_static(b"marker")).await.expect("marker");
+        let secondary: Arc<dyn Store> = Arc::new(LocalStore::new(b.path()));
+        let replicated = ReplicatedStore::new(
+            primary.clone(),
+            vec![Secondary { name: "dr".into(), store: secondary.clone(), required: true, queue_bytes: 1 << 30 }],
+        );
+        let store = Arc::new(ThrottledStore::new(Arc::new(replicated), Limits::new(Some(1000), None)).with_copies(2));
+        let block = crate::names::pg::block(7, "ab12");
+        let wal = crate::names::pg::wal_segment(7, "000000010000000000000003");
+
+        let started = Instant::now();
+        let backup = {
+            let (store, block) = (store.clone(), block.clone());
+            tokio::spawn(async move { store.put_if_absent(&block, Bytes::from(vec![2; 1 << 20])).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1100)).await;
+        let start = Instant::now();
+        store.put_if_absent(&wal, Bytes::from(vec![1; 800])).await.expect("wal put");
+        assert_eq!(start.elapsed(), Duration::ZERO, "the WAL put waited");
+        assert!(secondary.head(&wal).await.expect("head").is_some(), "the required secondary holds the WAL");
+        assert!(!backup.is_finished(), "the block put sleeps in the backup's task");
+        assert!(primary.head(&block).await.expect("head").is_none(), "the block waits before the primary put");
+
+        // 1 MiB to two repositories at 1000 bytes per second (reserved before the WAL came).
+        backup.await.expect("backup task").expect("block put");
+        assert_eq!(started.elapsed(), Duration::from_secs_f64(2.0 * (1 << 20) as f64 / 1000.0));
+        assert!(secondary.head(&block).await.expect("head").is_some(), "the block was copied");
     }
 
     #[tokio::test(start_paused = true)]

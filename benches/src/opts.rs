@@ -120,7 +120,7 @@ Every option can also be given as an environment variable WALBENCH_<NAME>
  bandwidth limits (phase 6, issue 20): a backup and a restore under pitr's limits and a backup
  under the server's MAX_RATE, each against bytes / rate
   --throttle-scale S       `pgbench -i -s S` (default 5; quick 2)
-  --throttle-rate B        [repository] max_upload_rate and max_download_rate, bytes/s (default 2000000)
+  --throttle-rate B        [repository] max_upload_rate and max_download_rate, bytes/s, at least 32768 (default 2000000)
   --throttle-max-rate B    [backup] max_rate, bytes/s (default 16777216; 32768 to 1073741824)
 
  receivers
@@ -238,7 +238,7 @@ impl Opts {
                 "backup-scale" => o.backup_scale = small(&v)?.max(1),
                 "restore-wal-mb" => o.restore_wal_mb = num(&v)?.max(2),
                 "throttle-scale" => o.throttle_scale = small(&v)?.max(1),
-                "throttle-rate" => o.throttle_rate = num(&v)?.max(1),
+                "throttle-rate" => o.throttle_rate = num(&v)?.max(32 << 10),
                 "throttle-max-rate" => o.throttle_max_rate = num(&v)?.clamp(32 << 10, 1 << 30),
                 "pitr-log" => o.pitr_log = v,
                 "receivewal-compress" => o.receivewal_compress = v,

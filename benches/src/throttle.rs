@@ -56,14 +56,14 @@ fn bulk_bytes(repo: &Path) -> Result<u64> {
 fn with_limits(original: &str, upload: Option<u64>, download: Option<u64>, max_rate: Option<u64>) -> String {
     let mut repository = String::new();
     if let Some(r) = upload {
-        repository.push_str(&format!("max_upload_rate = {r}\n"));
+        repository.push_str(&format!("max_upload_rate = \"{r}B/s\"\n"));
     }
     if let Some(r) = download {
-        repository.push_str(&format!("max_download_rate = {r}\n"));
+        repository.push_str(&format!("max_download_rate = \"{r}B/s\"\n"));
     }
     let mut text = original.replacen("[encryption]\n", &format!("{repository}[encryption]\n"), 1);
     if let Some(r) = max_rate {
-        text.push_str(&format!("[backup]\nmax_rate = {r}\n"));
+        text.push_str(&format!("[backup]\nmax_rate = \"{r}B/s\"\n"));
     }
     text
 }

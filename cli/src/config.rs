@@ -352,6 +352,14 @@ impl BackupSection {
     /// `max_rate` as BASE_BACKUP's `MAX_RATE` takes it: KiB (PostgreSQL's kB) per second.
     pub fn max_rate_kib(&self) -> Result<Option<u32>> {
         let Some(rate) = &self.max_rate else { return Ok(None) };
+        if let Rate::BytesPerSecond(n) = rate {
+            // PostgreSQL's MAX_RATE and pg_basebackup --max-rate read a bare number as kB/s: a
+            // guess either way would be off by a factor of 1024 for someone.
+            bail!(
+                "[backup] max_rate = {n}: give a unit, such as \"{n}kB/s\" or \"{n}B/s\" (PostgreSQL's MAX_RATE \
+                 and pg_basebackup --max-rate read a bare number as kB per second; pitr takes none)"
+            );
+        }
         let bytes = rate.bytes_per_second("[backup] max_rate")?;
         if !(MIN_MAX_RATE..=MAX_MAX_RATE).contains(&bytes) {
             bail!(
@@ -427,26 +435,33 @@ pub struct RepositoryConfig {
     /// `[[repository.secondary]]`: repositories that receive a copy of every object.
     #[serde(default)]
     pub secondary: Vec<SecondaryConfig>,
-    /// Bytes per second of backup uploads (blocks and manifests) to all repositories together;
+    /// Bytes per second of backup uploads to all repositories together: blocks wait; manifests,
     /// WAL and oplog uploads are never slowed (default unlimited).
     pub max_upload_rate: Option<Rate>,
-    /// Bytes per second of restore downloads (blocks and manifests); WAL and oplog downloads are
-    /// never slowed (default unlimited).
+    /// Bytes per second of restore downloads: blocks wait; manifests, WAL and oplog downloads
+    /// are never slowed (default unlimited).
     pub max_download_rate: Option<Rate>,
 }
+
+/// The lowest `[repository] max_upload_rate` / `max_download_rate`, in bytes per second. Below
+/// it one default 1 MiB block waits more than half a minute, while the backup's running marker
+/// keeps `expire` from sweeping blocks: a typo such as "1B/s" would stall a backup for days.
+const MIN_REPOSITORY_RATE: u64 = 32 << 10;
 
 /// PostgreSQL's MAX_RATE bounds (32 kB/s to 1 GB/s, its kB being 1024 bytes), in bytes per second.
 const MIN_MAX_RATE: u64 = 32 << 10;
 const MAX_MAX_RATE: u64 = 1 << 30;
 
-/// A transfer rate as the config writes it: bytes per second as an integer, or a string such as
-/// `"50MB/s"` — units `B`, `kB`, `MB`, `GB` (powers of 1000, as network links are rated) and
-/// `KiB`, `MiB`, `GiB` (powers of 1024).
+/// A transfer rate as the config writes it: a string such as `"50MB/s"` — units `B`, `kB`,
+/// `MB`, `GB` (powers of 1000) and `KiB`, `MiB`, `GiB` (powers of 1024), always bytes, never
+/// bits — or, for the repository limits only, an integer of bytes per second.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Rate {
     /// An integer: bytes per second.
     BytesPerSecond(i64),
+    /// A bare fractional number: refused (no unit), kept to say so.
+    Fraction(f64),
     /// A number with a unit and `/s`.
     Text(String),
 }
@@ -455,6 +470,7 @@ impl std::fmt::Display for Rate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Rate::BytesPerSecond(n) => write!(f, "{n}"),
+            Rate::Fraction(x) => write!(f, "{x}"),
             Rate::Text(t) => write!(f, "{t:?}"),
         }
     }
@@ -463,15 +479,17 @@ impl std::fmt::Display for Rate {
 impl Rate {
     /// Bytes per second, at least 1; errors name `key`.
     pub fn bytes_per_second(&self, key: &str) -> Result<u64> {
-        let syntax = "expected bytes per second (an integer) or a rate such as \"50MB/s\" \
-                      (units B, kB, MB, GB: powers of 1000; KiB, MiB, GiB: powers of 1024)";
+        let syntax = "expected a rate such as \"50MB/s\" in bytes per second (units B, kB, MB, GB: \
+                      powers of 1000; KiB, MiB, GiB: powers of 1024)";
         let bytes = match self {
             Rate::BytesPerSecond(n) => u64::try_from(*n).map_err(|_| anyhow!("{key} = {self}: {syntax}"))?,
+            Rate::Fraction(x) => bail!("{key} = {x}: a fraction needs a unit, such as \"{x}MB/s\"; {syntax}"),
             Rate::Text(text) => {
                 let per_unit = text.trim().strip_suffix("/s").ok_or_else(|| anyhow!("{key} = {self}: {syntax}"))?;
                 let split = per_unit.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(per_unit.len());
-                let (number, unit) = (per_unit[..split].trim(), &per_unit[split..]);
+                let (number, unit) = (per_unit[..split].trim(), per_unit[split..].trim());
                 let multiplier: u64 = match unit {
+                    "" => bail!("{key} = {self}: no unit before \"/s\"; {syntax}"),
                     "B" => 1,
                     "kB" => 1000,
                     "MB" => 1000 * 1000,
@@ -500,6 +518,19 @@ impl Rate {
         }
         Ok(bytes)
     }
+}
+
+/// A repository limit in bytes per second, if set; at least [`MIN_REPOSITORY_RATE`].
+fn repository_rate(rate: &Option<Rate>, key: &str) -> Result<Option<u64>> {
+    let Some(rate) = rate else { return Ok(None) };
+    let bytes = rate.bytes_per_second(key)?;
+    if bytes < MIN_REPOSITORY_RATE {
+        bail!(
+            "{key} = {rate}: {bytes} bytes per second is below the lowest limit, 32KiB/s ({MIN_REPOSITORY_RATE} bytes \
+             per second; leave the key out for no limit)"
+        );
+    }
+    Ok(Some(bytes))
 }
 
 /// One `[[repository.secondary]]` entry.
@@ -575,12 +606,12 @@ impl SecondaryConfig {
 impl RepositoryConfig {
     /// `max_upload_rate` in bytes per second, if set.
     pub fn max_upload_rate(&self) -> Result<Option<u64>> {
-        self.max_upload_rate.as_ref().map(|r| r.bytes_per_second("[repository] max_upload_rate")).transpose()
+        repository_rate(&self.max_upload_rate, "[repository] max_upload_rate")
     }
 
     /// `max_download_rate` in bytes per second, if set.
     pub fn max_download_rate(&self) -> Result<Option<u64>> {
-        self.max_download_rate.as_ref().map(|r| r.bytes_per_second("[repository] max_download_rate")).transpose()
+        repository_rate(&self.max_download_rate, "[repository] max_download_rate")
     }
 
     /// The object-storage client settings, checked (`validate` calls this, so later calls on a
@@ -1796,22 +1827,25 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
         let text = "[backup]\nmax_rate = \"50MB/s\"\n";
         // 50 000 000 bytes/s is 48828.125 KiB/s: PostgreSQL's kB is 1024 bytes.
         assert_eq!(parse(text, &[]).unwrap().backup.max_rate_kib().unwrap(), Some(48828));
-        for (rate, kib) in [("\"32KiB/s\"", 32), ("\"1GiB/s\"", 1 << 20), ("1048576", 1024), ("\"1.5 MiB/s\"", 1536)] {
+        for (rate, kib) in [
+            ("\"32KiB/s\"", 32),
+            ("\"1GiB/s\"", 1 << 20),
+            ("\"1048576B/s\"", 1024),
+            ("\"1.5 MiB/s\"", 1536),
+            ("\" 50MB /s \"", 48828),
+        ] {
             let c = parse(&format!("[backup]\nmax_rate = {rate}\n"), &[]).unwrap();
             assert_eq!(c.backup.max_rate_kib().unwrap(), Some(kib), "{rate}");
         }
 
         let env = [
             ("PITR_REPOSITORY_MAX_UPLOAD_RATE".to_string(), "2MiB/s".to_string()),
-            ("PITR_REPOSITORY_MAX_DOWNLOAD_RATE".to_string(), "1000".to_string()),
+            ("PITR_REPOSITORY_MAX_DOWNLOAD_RATE".to_string(), "32768".to_string()),
         ];
         let c = parse("", &env).unwrap();
         assert_eq!(c.repository.max_upload_rate().unwrap(), Some(2 << 20));
-        assert_eq!(c.repository.max_download_rate().unwrap(), Some(1000));
-        // A tiny repository limit is allowed: it only slows backups and restores.
-        let c =
-            Config::parse(&MINIMAL.replace("[encryption]", "max_upload_rate = \"1B/s\"\n[encryption]"), &[]).unwrap();
-        assert_eq!(c.repository.max_upload_rate().unwrap(), Some(1));
+        // A repository limit may be a bare integer of bytes per second.
+        assert_eq!(c.repository.max_download_rate().unwrap(), Some(32768));
     }
 
     #[test]
@@ -1822,20 +1856,38 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
                 "[backup]\nmax_rate = \"2GiB/s\"\n",
                 "[backup] max_rate = \"2GiB/s\": 2147483648 bytes per second is outside",
             ),
-            ("[backup]\nmax_rate = 0\n", "[backup] max_rate = 0: must be at least 1 byte per second"),
-            ("[backup]\nmax_rate = \"50MB\"\n", "[backup] max_rate = \"50MB\": expected bytes per second"),
+            (
+                "[backup]\nmax_rate = 65536\n",
+                "[backup] max_rate = 65536: give a unit, such as \"65536kB/s\" or \"65536B/s\" (PostgreSQL's \
+                 MAX_RATE and pg_basebackup --max-rate read a bare number as kB per second",
+            ),
+            ("[backup]\nmax_rate = 1.5\n", "[backup] max_rate = 1.5: a fraction needs a unit, such as \"1.5MB/s\""),
+            ("[backup]\nmax_rate = \"50/s\"\n", "[backup] max_rate = \"50/s\": no unit before \"/s\""),
+            ("[backup]\nmax_rate = \"0MB/s\"\n", "[backup] max_rate = \"0MB/s\": must be at least 1 byte per second"),
+            ("[backup]\nmax_rate = \"50MB\"\n", "[backup] max_rate = \"50MB\": expected a rate"),
             ("[backup]\nmax_rate = \"50 mb/s\"\n", "[backup] max_rate = \"50 mb/s\": unknown unit \"mb\""),
-            ("[backup]\nmax_rate = -5\n", "[backup] max_rate = -5: expected bytes per second"),
+            ("[backup]\nmax_rate = -5\n", "[backup] max_rate = -5: give a unit"),
             ("[backup]\nmax_rate = \"1e6B/s\"\n", "[backup] max_rate = \"1e6B/s\": unknown unit \"e6B\""),
-            ("[backup]\nmax_rate = \"MB/s\"\n", "[backup] max_rate = \"MB/s\": expected bytes per second"),
+            ("[backup]\nmax_rate = \"MB/s\"\n", "[backup] max_rate = \"MB/s\": expected a rate"),
         ] {
             let err = format!("{:#}", Config::parse(&format!("{MINIMAL}{text}"), &[]).unwrap_err());
             assert!(err.contains(phrase), "{text}: {err}");
         }
         for (key, value, phrase) in [
             ("max_upload_rate", "0", "[repository] max_upload_rate = 0: must be at least 1 byte per second"),
-            ("max_download_rate", "\"fast\"", "[repository] max_download_rate = \"fast\": expected bytes per second"),
-            ("max_upload_rate", "\"-1MB/s\"", "[repository] max_upload_rate = \"-1MB/s\": expected bytes per second"),
+            ("max_download_rate", "\"fast\"", "[repository] max_download_rate = \"fast\": expected a rate"),
+            ("max_upload_rate", "\"-1MB/s\"", "[repository] max_upload_rate = \"-1MB/s\": expected a rate"),
+            (
+                "max_upload_rate",
+                "\"1B/s\"",
+                "[repository] max_upload_rate = \"1B/s\": 1 bytes per second is below the lowest limit, 32KiB/s",
+            ),
+            (
+                "max_download_rate",
+                "32767",
+                "[repository] max_download_rate = 32767: 32767 bytes per second is below the lowest limit",
+            ),
+            ("max_download_rate", "2.5", "[repository] max_download_rate = 2.5: a fraction needs a unit"),
         ] {
             let text = MINIMAL.replace("[encryption]", &format!("{key} = {value}\n[encryption]"));
             let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());

@@ -22,25 +22,36 @@ pub fn store(config: &Config) -> Result<Arc<dyn Store>> {
 /// [`store`]; a local one keeps deleted small objects' files for reuse when `recycle` (the
 /// sidecar only: see `LocalStore::recycling`).
 fn store_recycling(config: &Config, recycle: bool) -> Result<Arc<dyn Store>> {
-    let store: Arc<dyn Store> = match &config.repository.url {
+    limited(config, unlimited_store(config, recycle)?, 1)
+}
+
+/// The primary backend without the bandwidth limits.
+fn unlimited_store(config: &Config, recycle: bool) -> Result<Arc<dyn Store>> {
+    Ok(match &config.repository.url {
         Some(url) => {
             let opts = config.repository.cloud_options()?;
             Arc::new(pitr_archive::cloud::CloudStore::open(url, &opts).context("[repository] url")?)
         }
         None if recycle => Arc::new(LocalStore::new(config.repository_path()).recycling()),
         None => Arc::new(LocalStore::new(config.repository_path())),
-    };
-    limited(config, store)
+    })
 }
 
 /// The process's bandwidth limits, one pair of buckets for every store it opens, so that a
-/// backup's uploads to the primary and to its secondaries keep `max_upload_rate` together.
+/// restore reading from the primary and falling back to secondaries keeps `max_download_rate`
+/// across them (a writer's copies to secondaries are charged above the replication instead).
 static LIMITS: OnceLock<Limits> = OnceLock::new();
 
-/// `store` under `[repository] max_upload_rate` / `max_download_rate`, when set. Only backup and
-/// restore bulk (blocks, manifests) waits; WAL and oplog objects and the small records never do
-/// (see `pitr_archive::throttle`).
-fn limited(config: &Config, store: Arc<dyn Store>) -> Result<Arc<dyn Store>> {
+/// Time this process's uploads waited for `[repository] max_upload_rate`, summed over
+/// concurrent uploads; `None` without that limit (or before a store was opened).
+pub fn upload_throttled() -> Option<Duration> {
+    LIMITS.get()?.upload.as_ref().map(|b| b.waited())
+}
+
+/// `store` under `[repository] max_upload_rate` / `max_download_rate`, when set, each put charged
+/// `copies` times (the repositories it reaches). Only backup and restore blocks wait; manifests,
+/// WAL and oplog objects and the small records never do (see `pitr_archive::throttle`).
+fn limited(config: &Config, store: Arc<dyn Store>, copies: u64) -> Result<Arc<dyn Store>> {
     let (upload, download) = (config.repository.max_upload_rate()?, config.repository.max_download_rate()?);
     let limits = LIMITS.get_or_init(|| {
         if upload.is_some() || download.is_some() {
@@ -52,7 +63,7 @@ fn limited(config: &Config, store: Arc<dyn Store>) -> Result<Arc<dyn Store>> {
         }
         Limits::new(upload, download)
     });
-    Ok(if limits.any() { Arc::new(ThrottledStore::new(store, limits.clone())) } else { store })
+    Ok(if limits.any() { Arc::new(ThrottledStore::new(store, limits.clone()).with_copies(copies)) } else { store })
 }
 
 /// A `[[repository.secondary]]` entry's store. An object-storage secondary takes its own
@@ -81,7 +92,7 @@ pub fn secondary_store(s: &SecondaryConfig) -> Result<Arc<dyn Store>> {
 fn named_stores(config: &Config) -> Result<Vec<NamedStore>> {
     let mut all = vec![NamedStore { name: PRIMARY_NAME.into(), store: store(config)? }];
     for s in &config.repository.secondary {
-        all.push(NamedStore { name: s.name.clone(), store: limited(config, secondary_store(s)?)? });
+        all.push(NamedStore { name: s.name.clone(), store: limited(config, secondary_store(s)?, 1)? });
     }
     Ok(all)
 }
@@ -125,22 +136,26 @@ pub fn writer_with_copies(config: &Config) -> Result<(Repository, Option<Arc<Rep
 
 fn writer_recycling(config: &Config, recycle: bool) -> Result<(Repository, Option<Arc<ReplicatedStore>>)> {
     let keys = key_ring(config)?;
-    let primary = store_recycling(config, recycle)?;
     let (store, copies): (Arc<dyn Store>, _) = if config.repository.secondary.is_empty() {
-        (primary, None)
+        (store_recycling(config, recycle)?, None)
     } else {
+        // The limits go above the replication, never inside it: the copier to a secondary works
+        // one queue in order, so a block copy sleeping there would hold up the WAL and the
+        // completeness marks queued behind it (and, with a `required` secondary, the WAL put
+        // itself). Above it, the backup task sleeps before its put, charged for every copy.
         let mut secondaries = Vec::new();
         for s in &config.repository.secondary {
             secondaries.push(pitr_archive::replicate::Secondary {
                 name: s.name.clone(),
-                store: limited(config, secondary_store(s)?)?,
+                store: secondary_store(s)?,
                 required: s.required,
                 queue_bytes: s.queue_bytes(),
             });
         }
-        let replicated = Arc::new(ReplicatedStore::new(primary, secondaries));
+        let repositories = 1 + secondaries.len() as u64;
+        let replicated = Arc::new(ReplicatedStore::new(unlimited_store(config, recycle)?, secondaries));
         REPLICATORS.lock().unwrap_or_else(|e| e.into_inner()).push(replicated.clone());
-        (replicated.clone(), Some(replicated))
+        (limited(config, replicated.clone(), repositories)?, Some(replicated))
     };
     Ok((opened(config, store, keys), copies))
 }

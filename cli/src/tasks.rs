@@ -18,8 +18,8 @@ pub fn backup_options(
     pg: &PostgresConfig,
     conninfo: ConnInfo,
     incremental: bool,
-) -> pitr_basebackup::BackupOptions {
-    pitr_basebackup::BackupOptions {
+) -> Result<pitr_basebackup::BackupOptions> {
+    Ok(pitr_basebackup::BackupOptions {
         conninfo,
         application_name: format!("{}_backup", pg.application_name()),
         block_size: config.backup.block_size.unwrap_or(1 << 20),
@@ -28,9 +28,8 @@ pub fn backup_options(
         fast_checkpoint: true,
         incremental,
         stale_backup_after: config.retention.stale_backup_after,
-        // `Config::parse` validated it.
-        max_rate_kib: config.backup.max_rate_kib().ok().flatten(),
-    }
+        max_rate_kib: config.backup.max_rate_kib()?,
+    })
 }
 
 fn shell_quote(p: &Path) -> String {

@@ -1,9 +1,11 @@
 //! Bandwidth limits against a real PostgreSQL 15 and a local repository:
-//! - `pitr stream` under `[repository] max_upload_rate = "1B/s"` still archives WAL at once (WAL
-//!   is never slowed; a 16 MiB segment at 1 byte per second would take half a year), and says
-//!   that the limit cannot hold (`pitr_upload_over_limit_bytes_total{kind="wal"}`, a warning);
+//! - `pitr stream` under `[repository] max_upload_rate = "32KiB/s"` (the lowest allowed) still
+//!   archives WAL at once (WAL is never slowed; a 16 MiB segment at that rate would take over
+//!   eight minutes), and says that the limit cannot hold
+//!   (`pitr_upload_over_limit_bytes_total{kind="wal"}`, a warning);
 //! - a backup with `[backup] max_rate` (BASE_BACKUP's MAX_RATE, seen in the server's log of
-//!   replication commands) and upload and download limits restores exactly.
+//!   replication commands) and upload and download limits waits for the upload limit (its
+//!   `--json` counts the seconds) and restores exactly.
 //!
 //! That the limits hold their rate is measured in the token bucket's unit tests (paused time)
 //! and the `throttle` benchmark, not here: no timing thresholds in tests.
@@ -40,33 +42,40 @@ fn pg15_limits_slow_backups_not_wal_and_a_limited_backup_restores_exactly() -> R
     opts.extra_conf.push("log_replication_commands = on".into());
     let cluster = PgCluster::start(opts)?;
     let mut env = PitrEnv::new("rate-limits", &cluster, "")?;
-    env.edit_config("[encryption]\n", "max_upload_rate = \"1B/s\"\n[encryption]\n")?;
+    env.edit_config("[encryption]\n", "max_upload_rate = \"32KiB/s\"\n[encryption]\n")?;
     env.init()?;
     env.share_with_pg_user()?;
     let mut stream = env.spawn_stream()?;
     env.wait_streaming(&cluster)?;
 
-    // A few MB of WAL through a sidecar limited to 1 byte per second.
+    // A few MB of WAL through a sidecar limited to 32 KiB per second.
     cluster.psql("create table t (id int primary key, v text)")?;
     cluster.psql("insert into t select g, md5(g::text) from generate_series(1, 20000) g")?;
     cluster.psql("select pg_switch_wal()")?;
-    env.wait_archived(cluster.current_lsn()?, "WAL to be archived despite max_upload_rate = 1B/s")?;
+    env.wait_archived(cluster.current_lsn()?, "WAL to be archived despite max_upload_rate = 32KiB/s")?;
     let over = counter(&env, "pitr_upload_over_limit_bytes_total", "kind=\"wal\"")?;
-    assert!(over > 0.0, "WAL beyond a 1 B/s limit is not counted: {over}");
+    assert!(over > 0.0, "WAL beyond a 32 KiB/s limit is not counted: {over}");
     wait_until("the over-limit warning in the sidecar's log", Duration::from_secs(30), || {
         Ok(env.stream_logs().contains("alone exceed the configured rate limit"))
     })
     .with_context(|| env.stream_logs())?;
 
-    // Backup and restore under limits they can live with; the sidecar (still at 1 B/s) archives
-    // the WAL that completes the backup.
-    env.edit_config("max_upload_rate = \"1B/s\"\n", "max_upload_rate = \"8MiB/s\"\nmax_download_rate = \"8MB/s\"\n")?;
+    // Backup and restore under limits they can live with; the sidecar (still at 32 KiB/s)
+    // archives the WAL that completes the backup.
+    env.edit_config(
+        "max_upload_rate = \"32KiB/s\"\n",
+        "max_upload_rate = \"1MiB/s\"\nmax_download_rate = \"8MB/s\"\n",
+    )?;
     std::fs::write(
         &env.config,
         format!("{}[backup]\nmax_rate = \"64MiB/s\"\n", std::fs::read_to_string(&env.config)?),
     )?;
     let backup: serde_json::Value = serde_json::from_str(&env.run_ok(&["backup", "--json"])?)?;
-    assert!(backup["bytes_stored"].as_u64() > Some(0), "{backup:#}");
+    // The bucket holds at most one second's worth (1 MiB) when the first block comes, so a
+    // backup storing more must wait: a limit that slowed nothing would show 0.
+    assert!(backup["bytes_stored"].as_u64() > Some(1 << 20), "too small to be slowed: {backup:#}");
+    let throttled = backup["upload_throttled_seconds"].as_f64();
+    assert!(throttled.is_some_and(|t| t > 0.0), "the backup's uploads never waited for max_upload_rate: {backup:#}");
     let server_log = std::fs::read_to_string(cluster.log_path())?;
     assert!(
         server_log.lines().any(|l| l.contains("BASE_BACKUP") && l.contains("MAX_RATE 65536")),

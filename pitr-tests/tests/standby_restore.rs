@@ -26,7 +26,8 @@ fn server_log(standby: &RestoredServer) -> String {
     format!("standby log {} (last lines):\n{}", log.display(), lines[lines.len().saturating_sub(30)..].join("\n"))
 }
 
-/// `pitr restore --standby --start` (plus `extra`); checks the report is a standby's.
+/// `pitr restore --standby --start` (plus `extra`); checks the report is a standby's and never
+/// shows the primary's conninfo.
 fn start_standby(env: &PitrEnv, cluster: &PgCluster, extra: &[&str]) -> Result<RestoredServer> {
     let mut args = vec!["--standby", "--json", "--timeout", "120s"];
     args.extend_from_slice(extra);
@@ -37,6 +38,13 @@ fn start_standby(env: &PitrEnv, cluster: &PgCluster, extra: &[&str]) -> Result<R
     assert_eq!(report["started"], true, "{report}");
     assert!(report["last_replayed_lsn"].is_string(), "{report}");
     assert!(report["data_loss_window_seconds"].is_null(), "a standby has no target to measure against: {report}");
+    let settings = report["recovery_settings"].as_array().with_context(|| format!("{report}"))?;
+    let shown = settings.iter().filter_map(|l| l.as_str()).find(|l| l.starts_with("primary_conninfo = "));
+    match extra.iter().position(|a| *a == "--primary-conninfo") {
+        Some(_) => assert_eq!(shown, Some("primary_conninfo = (set; see postgresql.auto.conf)"), "{report}"),
+        None => assert_eq!(shown, Some("primary_conninfo = ''"), "{report}"),
+    }
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("host="), "the report shows the conninfo: {report}");
     assert_eq!(standby.psql("select pg_is_in_recovery()")?, "t", "the standby left recovery");
     assert!(standby.target.join("standby.signal").exists());
     assert!(!standby.target.join("recovery.signal").exists());
@@ -88,11 +96,14 @@ fn a_standby_from_the_archive_follows_the_primary_and_the_archive_and_promotes()
     assert!(dir.join("standby.signal").exists() && !dir.join("recovery.signal").exists());
     assert!(conf.contains("wal-fetch --whole-segments"), "{conf}");
     assert!(conf.contains("recovery_target_timeline = 'latest'"), "{conf}");
-    for absent in ["--until-lsn", "recovery_target_time =", "recovery_target_action", "primary_conninfo"] {
+    for absent in ["--until-lsn", "recovery_target_time =", "recovery_target_action"] {
         assert!(!conf.contains(absent), "{absent} in a standby's settings:\n{conf}");
     }
+    // No primary of the backup's own (a server that was a standby once) is inherited.
+    assert!(conf.ends_with("primary_conninfo = ''\nprimary_slot_name = ''\n"), "{conf}");
 
-    let primary_conninfo = cluster.conninfo("postgres");
+    // A conninfo with libpq's own quoting (\' and \\ inside '…'), as PostgreSQL reads it back.
+    let primary_conninfo = format!(r"{} application_name='pitr\'s \\standby'", cluster.conninfo("postgres"));
     let follower = start_standby(&env, &cluster, &["--primary-conninfo", &primary_conninfo])?;
     let archive_only = start_standby(&env, &cluster, &[])?;
     assert_eq!(follower.psql("select count(*) from t")?, "1000");
@@ -103,6 +114,12 @@ fn a_standby_from_the_archive_follows_the_primary_and_the_archive_and_promotes()
     cluster.psql("insert into t values (1001, 'streamed')")?;
     wait_for_row(&follower, 1001, "the streaming standby to see row 1001")?;
     assert_eq!(follower.psql("select status from pg_stat_wal_receiver")?, "streaming");
+    assert_eq!(follower.psql("show primary_conninfo")?, primary_conninfo, "primary_conninfo as PostgreSQL read it");
+    assert_eq!(
+        cluster.psql("select application_name from pg_stat_replication where application_name like 'pitr''s%'")?,
+        r"pitr's \standby",
+        "the application_name the standby streams as"
+    );
 
     // The archive holds that commit only in part of a segment: wal-fetch gives it to a restore
     // (zero-padded) but tells a standby it is not there yet, and writes nothing.
@@ -119,6 +136,16 @@ fn a_standby_from_the_archive_follows_the_primary_and_the_archive_and_promotes()
     );
     assert_eq!(code, 1, "a partial segment must be \"not there yet\" (exit 1) to a standby");
     assert!(!dest.exists(), "wal-fetch --whole-segments wrote {}", dest.display());
+    // A repository that cannot be read stops a restore (126: PostgreSQL's FATAL) but not a
+    // standby, which asks again (1), the error on stderr either way.
+    for (whole, code) in [(true, 1), (false, 126)] {
+        let mut args = vec!["wal-fetch", "--from", "no-such-repository"];
+        args.extend(whole.then_some("--whole-segments"));
+        args.extend([segment.as_str(), dest_arg.as_str()]);
+        let (got, _) = expect_failure(&env.config, &args, &["no-such-repository"]);
+        assert_eq!(got, code, "{args:?}");
+        assert!(!dest.exists(), "{args:?} wrote {}", dest.display());
+    }
     assert_eq!(env.wal_fetch(&segment)?.len() as u64, WAL_SEGMENT_SIZE, "a restore gets the partial segment");
 
     // (b) The standby without a primary sees the commit once its segment is whole in the archive.

@@ -1,6 +1,7 @@
 //! `pitr restore --tablespace-map OID=DIR`: a PostgreSQL 15 tablespace restored into a directory
 //! of its own, outside the target, and the table in it readable once the server has replayed;
-//! an unknown OID or a name is refused before anything is written.
+//! an existing empty directory is written into and kept; an unknown OID, a name or a DIR that is
+//! a symbolic link is refused before anything is written.
 
 use anyhow::{Context, Result};
 use pitr_tests::checks::expect_failure;
@@ -46,6 +47,21 @@ fn a_mapped_tablespace_is_restored_into_its_own_directory() -> Result<()> {
         );
     }
 
+    // A link in DIR's place is refused (naming it), nothing written through it or beside it.
+    let link_dir = scratch_dir("link");
+    let link = link_dir.path().join("ts");
+    std::fs::create_dir(&mapped)?;
+    std::os::unix::fs::symlink(&mapped, &link)?;
+    let map = format!("{oid}={}", link.display());
+    let args = ["restore", "--to", "latest", "--target-dir", &refused_arg, "--tablespace-map", &map];
+    expect_failure(&env.config, &args, &["symbolic link", &link.display().to_string(), "nothing was restored"]);
+    assert!(!refused_target.exists(), "--tablespace-map to a link wrote the target");
+    assert!(std::fs::read_dir(&mapped)?.next().is_none(), "--tablespace-map to a link wrote through it");
+    assert_eq!(std::fs::read_dir(link_dir.path())?.count(), 1, "--tablespace-map to a link wrote beside it");
+
+    // An existing empty DIR (a mount point, say) is restored into and kept, not replaced.
+    pitr_tests::chown_to_pg_user(elsewhere.path())?;
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&mapped)?);
     let map = format!("{oid}={}", mapped.display());
     let (restored, out) =
         env.restore_started("latest", cluster.bin_dir(), &["--tablespace-map", &map, "--json", "--timeout", "120s"])?;
@@ -69,5 +85,17 @@ fn a_mapped_tablespace_is_restored_into_its_own_directory() -> Result<()> {
         .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
         .collect::<Result<_>>()?;
     assert_eq!(names, vec!["ts".to_string()], "nothing but the mapped directory beside it (no staging left)");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&mapped)?),
+        inode,
+        "the existing mapped directory was replaced"
+    );
+    let inside: Vec<String> = std::fs::read_dir(&mapped)?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    assert!(
+        inside.len() == 1 && inside[0].starts_with("PG_15_"),
+        "only the tablespace's version directory inside it (no staging left): {inside:?}"
+    );
     Ok(())
 }

@@ -150,6 +150,26 @@ pub enum RestoreError {
          target ({0}); leave --to out or give --to latest"
     )]
     StandbyTarget(String),
+    /// A value that postgresql.auto.conf cannot hold (checked before anything is written).
+    #[error("cannot write {setting} into postgresql.auto.conf: its value {why}, which PostgreSQL refuses; nothing was restored")]
+    SettingValue {
+        /// The setting.
+        setting: &'static str,
+        /// What in its value is refused.
+        why: String,
+    },
+    /// The target directory could not be put in place after mapped tablespace directories
+    /// already were.
+    #[error(
+        "{cause}; the tablespace directories {replaced} were already restored, the target directory was not: \
+         restore again (with --force) once the cause is fixed"
+    )]
+    TargetAfterTablespaces {
+        /// Why the target could not be put in place.
+        cause: Box<RestoreError>,
+        /// The `--tablespace-map` directories already holding the restored tablespaces.
+        replaced: String,
+    },
     /// Anything else: an inconsistent backup or chain, a failed worker task.
     #[error("{0}")]
     Other(String),

@@ -302,10 +302,13 @@ pub fn read_file_nofollow(path: &Path) -> Result<Option<String>, RestoreError> {
     Ok(Some(text))
 }
 
-/// A directory beside the target that is removed on drop unless kept.
+/// A directory the restore writes into before it is put in place; removed on drop unless kept.
 pub struct Staging {
-    /// `.<target name>.pitr-partial-<pid>`, beside the target.
+    /// `.<target name>.pitr-partial-<pid>` beside the target, or `.pitr-partial-<pid>` inside
+    /// an existing directory (see [`Staging::create_in_place`]).
     pub path: PathBuf,
+    /// Staged inside the directory it is committed to.
+    inside: bool,
     keep: bool,
 }
 
@@ -324,19 +327,105 @@ impl Staging {
         let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(io(parent))?;
         let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "restore".into());
-        let path = parent.join(format!(".{name}.pitr-partial-{}", std::process::id()));
+        Self::create_at(parent.join(format!(".{name}.pitr-partial-{}", std::process::id())), false)
+    }
+
+    /// A staging directory for `dir` that leaves `dir` itself in place when it exists: inside
+    /// it, its entries moved into `dir` at commit. A mapped tablespace directory is often a
+    /// mount point (the tablespace's own disk): staged beside it, the data would be written to
+    /// the parent's file system and the mount point could not be replaced. A symbolic link in
+    /// `dir`'s place is refused (staging through it and replacing it would restore the data
+    /// beside the link, the link gone). When `dir` does not exist, as [`Staging::create`].
+    pub fn create_in_place(dir: &Path) -> Result<Staging, RestoreError> {
+        match std::fs::symlink_metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::create(dir),
+            Err(e) => Err(RestoreError::Io { path: dir.to_path_buf(), cause: e }),
+            Ok(meta) if meta.is_dir() => Self::create_at(dir.join(Self::inside_name()), true),
+            Ok(_) => Err(RestoreError::Io {
+                path: dir.to_path_buf(),
+                cause: std::io::Error::other("is not a directory (a symbolic link or a file is not restored into)"),
+            }),
+        }
+    }
+
+    fn inside_name() -> String {
+        format!(".pitr-partial-{}", std::process::id())
+    }
+
+    fn create_at(path: PathBuf, inside: bool) -> Result<Staging, RestoreError> {
         if path.exists() {
             std::fs::remove_dir_all(&path).map_err(io(&path))?;
         }
         std::fs::create_dir(&path).map_err(io(&path))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(io(&path))?;
-        Ok(Staging { path, keep: false })
+        Ok(Staging { path, inside, keep: false })
     }
 
-    /// Moves the staging directory into place as `target` (replacing an empty or, with `force`,
-    /// a non-empty one).
+    /// Whether the staging directory may be put in place as `target`: missing or empty (this
+    /// staging directory aside), or non-empty with `force`, and never a running server's.
+    pub fn check(&self, target: &Path, force: bool) -> Result<(), RestoreError> {
+        if !self.inside {
+            return check_target(target, force);
+        }
+        if !std::fs::symlink_metadata(target).map_err(io(target))?.is_dir() {
+            return Err(RestoreError::Io {
+                path: target.to_path_buf(),
+                cause: std::io::Error::other(
+                    "is no longer a directory (a symbolic link or a file is not restored into)",
+                ),
+            });
+        }
+        if self.others(target)?.is_empty() {
+            return Ok(());
+        }
+        if let Some(pid) = live_postmaster(target)? {
+            return Err(RestoreError::TargetInUse { dir: target.to_path_buf(), pid });
+        }
+        if force {
+            Ok(())
+        } else {
+            Err(RestoreError::TargetNotEmpty(target.to_path_buf()))
+        }
+    }
+
+    /// The entries of `dir` other than this staging directory.
+    fn others(&self, dir: &Path) -> Result<Vec<PathBuf>, RestoreError> {
+        let own = self.path.file_name();
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+            let entry = entry.map_err(io(dir))?;
+            if Some(entry.file_name().as_os_str()) != own {
+                out.push(entry.path());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts the staging directory in place as `target` (replacing an empty or, with `force`, a
+    /// non-empty one), after [`Staging::check`]. Staged beside: renamed to `target`. Staged
+    /// inside: `target`'s other entries removed (with `force`), then each staged entry renamed
+    /// into `target`, which itself stays (a mount point, its owner and mode).
     pub fn commit(mut self, target: &Path, force: bool) -> Result<(), RestoreError> {
-        check_target(target, force)?;
+        self.check(target, force)?;
+        if self.inside {
+            for old in self.others(target)? {
+                let is_dir = std::fs::symlink_metadata(&old).map_err(io(&old))?.is_dir();
+                if is_dir {
+                    std::fs::remove_dir_all(&old).map_err(io(&old))?;
+                } else {
+                    std::fs::remove_file(&old).map_err(io(&old))?;
+                }
+            }
+            for entry in std::fs::read_dir(&self.path).map_err(io(&self.path))? {
+                let entry = entry.map_err(io(&self.path))?;
+                let to = target.join(entry.file_name());
+                std::fs::rename(entry.path(), &to).map_err(io(&to))?;
+            }
+            std::fs::remove_dir(&self.path).map_err(io(&self.path))?;
+            std::fs::File::open(target).and_then(|f| f.sync_all()).map_err(io(target))?;
+            self.keep = true;
+            return Ok(());
+        }
         if target.exists() {
             std::fs::remove_dir_all(target).map_err(io(target))?;
         }
@@ -354,8 +443,9 @@ impl Staging {
 pub const TABLESPACE_DIR: &str = "pitr_tablespaces";
 
 /// Tablespaces restored outside the target (`--tablespace-map`), by OID: where their files are
-/// written (a staging directory beside the mapped directory), and the mapped directory itself,
-/// which `pg_tblspc/<oid>` links to once the staging directory is renamed there.
+/// written (a staging directory beside or inside the mapped directory, see
+/// [`Staging::create_in_place`]), and the mapped directory itself, which `pg_tblspc/<oid>`
+/// links to once the staged files are moved there.
 #[derive(Debug, Clone, Default)]
 pub struct MappedTablespaces(pub BTreeMap<u32, MappedTablespace>);
 
@@ -895,6 +985,47 @@ mod tests {
         pid
     }
 
+    /// An existing directory (a mount point, say) is staged into and kept: the staged entries
+    /// move into it, the directory itself is never removed or replaced; with --force its old
+    /// entries go, without it a non-empty one is refused. A link in its place is not staged into.
+    #[test]
+    fn an_existing_directory_is_staged_into_and_kept() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ts");
+        std::fs::create_dir(&dir).unwrap();
+        let inode = std::fs::metadata(&dir).unwrap().ino();
+        let staging = Staging::create_in_place(&dir).unwrap();
+        assert_eq!(staging.path.parent(), Some(dir.as_path()), "staged inside the directory");
+        std::fs::create_dir(staging.path.join("PG_15_202209061")).unwrap();
+        std::fs::write(staging.path.join("PG_15_202209061/1"), b"x").unwrap();
+        staging.check(&dir, false).unwrap();
+        staging.commit(&dir, false).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().ino(), inode, "the directory itself was replaced");
+        assert_eq!(std::fs::read(dir.join("PG_15_202209061/1")).unwrap(), b"x");
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["PG_15_202209061"], "no staging left");
+
+        // Not empty: refused without --force (and the staged files go), replaced with it.
+        let staging = Staging::create_in_place(&dir).unwrap();
+        std::fs::create_dir(staging.path.join("PG_15_new")).unwrap();
+        assert!(matches!(staging.check(&dir, false), Err(RestoreError::TargetNotEmpty(_))));
+        staging.commit(&dir, true).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["PG_15_new"]);
+        assert_eq!(std::fs::metadata(&dir).unwrap().ino(), inode);
+
+        // A missing directory is staged beside it; a link in its place is refused.
+        let missing = tmp.path().join("new");
+        let staging = Staging::create_in_place(&missing).unwrap();
+        assert_eq!(staging.path.parent(), Some(tmp.path()));
+        drop(staging);
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(Staging::create_in_place(&link).is_err());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "nothing written through the link");
+    }
+
     #[test]
     fn force_refuses_a_directory_with_a_running_postmaster_only() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1052,11 +1183,11 @@ mod tests {
             staging.commit(&target, false)
         }
 
-        /// [`Fixture::restore`] with tablespace `oid` mapped to `mapped` (staged beside it, as
-        /// `pitr restore --tablespace-map` does).
+        /// [`Fixture::restore`] with tablespace `oid` mapped to `mapped` (staged as
+        /// `pitr restore --tablespace-map` does: beside it, or inside it when it exists).
         async fn restore_mapped(&self, backup: &BackupManifest, oid: u32, mapped: &Path) -> Result<(), RestoreError> {
             let target = self.target();
-            let ts_staging = Staging::create(mapped)?;
+            let ts_staging = Staging::create_in_place(mapped)?;
             let map = MappedTablespaces(
                 [(oid, MappedTablespace { write_dir: ts_staging.path.clone(), final_dir: mapped.to_path_buf() })]
                     .into(),

@@ -185,14 +185,25 @@ fn absolute(p: &Path) -> Result<PathBuf, RestoreError> {
     Ok(cwd.join(p))
 }
 
-fn conf_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+/// `value` as a quoted string of postgresql.auto.conf, escaped as `ALTER SYSTEM` writes it:
+/// the server's configuration lexer reads `\` as an escape inside quotes, so both `'` and `\`
+/// are doubled (else `\'` escapes the quote meant to end the string, and `\s` loses its `\`).
+/// A line break, carriage return or NUL cannot be written at all: PostgreSQL refuses them, and
+/// a line break would start a setting of its own. `setting` names the setting in the error.
+fn conf_quote(setting: &'static str, value: &str) -> Result<String, RestoreError> {
+    let refused = [('\n', "a line break (\\n)"), ('\r', "a carriage return (\\r)"), ('\0', "a NUL character")];
+    if let Some((_, what)) = refused.iter().find(|(c, _)| value.contains(*c)) {
+        return Err(RestoreError::SettingValue { setting, why: format!("holds {what}") });
+    }
+    Ok(format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''")))
 }
 
-fn recovery_settings(target: RecoveryTarget, restore_command: &str) -> Vec<String> {
-    let mut lines = vec![format!("restore_command = {}", conf_quote(restore_command))];
+fn recovery_settings(target: RecoveryTarget, restore_command: &str) -> Result<Vec<String>, RestoreError> {
+    let mut lines = vec![format!("restore_command = {}", conf_quote("restore_command", restore_command)?)];
     match target {
-        RecoveryTarget::Time(us) => lines.push(format!("recovery_target_time = {}", conf_quote(&format_time(us)))),
+        RecoveryTarget::Time(us) => {
+            lines.push(format!("recovery_target_time = {}", conf_quote("recovery_target_time", &format_time(us))?))
+        }
         RecoveryTarget::Lsn(l) => lines.push(format!("recovery_target_lsn = '{}'", format_lsn(l))),
         RecoveryTarget::Xid(x) => lines.push(format!("recovery_target_xid = '{x}'")),
         RecoveryTarget::Latest => {}
@@ -201,31 +212,35 @@ fn recovery_settings(target: RecoveryTarget, restore_command: &str) -> Vec<Strin
         lines.push("recovery_target_action = 'promote'".into());
     }
     lines.push("recovery_target_timeline = 'latest'".into());
-    lines
+    Ok(lines)
 }
 
 /// The settings of a standby: no recovery target (it never ends recovery by itself), the latest
-/// timeline (it follows a promotion the archive records), and the primary when given.
-fn standby_settings(restore_command: &str, standby: &StandbyOptions) -> Vec<String> {
-    let mut lines = vec![
-        format!("restore_command = {}", conf_quote(restore_command)),
+/// timeline (it follows a promotion the archive records), and the primary when given. The
+/// backup's own postgresql.auto.conf may name a primary and a slot (a backup of a server that
+/// was a standby once): both are always overridden (later lines win), so that a standby meant
+/// to follow the archive alone never streams from that old host or asks for its slot.
+fn standby_settings(restore_command: &str, standby: &StandbyOptions) -> Result<Vec<String>, RestoreError> {
+    let conninfo = match &standby.primary_conninfo {
+        Some(conninfo) => conf_quote("primary_conninfo", conninfo)?,
+        None => "''".to_string(),
+    };
+    Ok(vec![
+        format!("restore_command = {}", conf_quote("restore_command", restore_command)?),
         "recovery_target_timeline = 'latest'".to_string(),
-    ];
-    if let Some(conninfo) = &standby.primary_conninfo {
-        lines.push(format!("primary_conninfo = {}", conf_quote(conninfo)));
-    }
-    lines
+        format!("primary_conninfo = {conninfo}"),
+        "primary_slot_name = ''".to_string(),
+    ])
 }
 
-/// `settings` as the report shows them: a primary_conninfo with a password is not printed (the
-/// file itself has it, readable by the server's user alone).
+/// `settings` as the report shows them: a primary_conninfo is never printed, only that it is
+/// set (it may hold a password, as `password=` or inside a URI; the file itself has it,
+/// readable by the server's user alone).
 fn reported_settings(settings: &[String]) -> Vec<String> {
     settings
         .iter()
         .map(|line| match line.strip_prefix("primary_conninfo = ") {
-            Some(value) if value.contains("password") => {
-                "primary_conninfo = (as given; it holds a password, see postgresql.auto.conf)".to_string()
-            }
+            Some(value) if value != "''" => "primary_conninfo = (set; see postgresql.auto.conf)".to_string(),
             _ => line.clone(),
         })
         .collect()
@@ -303,6 +318,9 @@ pub(crate) fn preflight(opts: &RestoreOptions) -> Result<(), RestoreError> {
     if opts.standby.is_some() && opts.target != RecoveryTarget::Latest {
         return Err(RestoreError::StandbyTarget(opts.target.to_string()));
     }
+    if let Some(conninfo) = opts.standby.as_ref().and_then(|s| s.primary_conninfo.as_deref()) {
+        conf_quote("primary_conninfo", conninfo)?;
+    }
     check_target(&opts.target_dir, opts.force)?;
     check_tablespace_dirs(&opts.tablespace_map, &opts.target_dir, opts.force)?;
     if opts.start.is_some() && unsafe { libc::geteuid() } == 0 {
@@ -341,9 +359,10 @@ fn resolve(path: &Path) -> Result<PathBuf, String> {
     }
 }
 
-/// Checks the `--tablespace-map` directories before anything is written: absolute, missing or
-/// empty (unless `force`; never a running server's), none at, inside or around another one or
-/// the target (links resolved, so that two spellings of one place are one place).
+/// Checks the `--tablespace-map` directories before anything is written: absolute, not a
+/// symbolic link, missing or empty (unless `force`; never a running server's), none at, inside
+/// or around another one or the target (the parent's links resolved, so that two spellings of
+/// one place are one place).
 pub(crate) fn check_tablespace_dirs(
     map: &BTreeMap<u32, PathBuf>,
     target: &Path,
@@ -363,7 +382,19 @@ pub(crate) fn check_tablespace_dirs(
         if !dir.is_absolute() {
             return Err(bad("is not an absolute path".into()));
         }
-        let resolved = resolve(dir).map_err(bad)?;
+        if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            let to = std::fs::read_link(dir).map(|t| format!(" (to {})", t.display())).unwrap_or_default();
+            return Err(bad(format!(
+                "is a symbolic link{to}: give the directory it leads to instead (the restore writes into it \
+                 and leaves the link as it is)"
+            )));
+        }
+        // The restore acts on the directory itself (never on what a link there leads to), so
+        // only its parent is resolved and its own name appended.
+        let resolved = match (dir.parent(), dir.file_name()) {
+            (Some(parent), Some(name)) => resolve(parent).map_err(bad)?.join(name),
+            _ => resolve(dir).map_err(bad)?,
+        };
         if resolved.starts_with(&target_resolved) || target_resolved.starts_with(&resolved) {
             return Err(bad(format!("is, holds or lies inside the target directory {}", target.display())));
         }
@@ -380,6 +411,35 @@ pub(crate) fn check_tablespace_dirs(
         seen.push((*oid, resolved));
     }
     Ok(())
+}
+
+/// Puts the staged tablespaces and target in place. Every place is checked before the first is
+/// replaced, so that a refusal (a server started meanwhile on one of them) leaves all as they
+/// were. The tablespaces first: the target, which makes a cluster that starts, comes last; if it
+/// still fails, the error names the tablespace directories already replaced.
+fn commit_all(
+    tablespaces: Vec<(Staging, &PathBuf)>,
+    target_staging: Staging,
+    target: &Path,
+    force: bool,
+) -> Result<(), RestoreError> {
+    for (staging, dir) in &tablespaces {
+        staging.check(dir, force)?;
+    }
+    target_staging.check(target, force)?;
+    let mut replaced: Vec<&PathBuf> = Vec::new();
+    let after_replaced = |cause: RestoreError, replaced: &[&PathBuf]| {
+        if replaced.is_empty() {
+            return cause;
+        }
+        let replaced = replaced.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
+        RestoreError::TargetAfterTablespaces { cause: Box::new(cause), replaced }
+    };
+    for (staging, dir) in tablespaces {
+        staging.commit(dir, force).map_err(|e| after_replaced(e, &replaced))?;
+        replaced.push(dir);
+    }
+    target_staging.commit(target, force).map_err(|e| after_replaced(e, &replaced))
 }
 
 /// Restores per `opts`, calling `progress(done, total)` while files are written, under a running
@@ -542,22 +602,23 @@ pub(crate) async fn restore_marked_as(
     let ReplayBounds { recovery_target, until, to_planned_end } = catalog.replay_bounds(backup, opts.target);
     tracing::info!(backup = %backup.id, chain = chain.len(), target = %opts.target, "restoring");
 
-    // An unknown OID is refused before the first directory is created.
+    // An unknown OID or a value the settings cannot hold is refused before the first directory
+    // is created.
     check_mapped_oids(backup, opts.tablespace_map.keys().copied())?;
+    let settings = match &opts.standby {
+        Some(standby) => standby_settings(&opts.restore_command.render_for_standby(), standby)?,
+        None => recovery_settings(recovery_target, &opts.restore_command.render(until))?,
+    };
     let mut mapped = MappedTablespaces::default();
     let mut mapped_staging = Vec::new();
     for (oid, dir) in &opts.tablespace_map {
-        let staging = Staging::create(dir)?;
+        let staging = Staging::create_in_place(dir)?;
         mapped.0.insert(*oid, MappedTablespace { write_dir: staging.path.clone(), final_dir: dir.clone() });
         mapped_staging.push((staging, dir));
     }
     let staging = Staging::create(&opts.target_dir)?;
     let final_dir = absolute(&opts.target_dir)?;
     let bytes_restored = materialize(repo, &chain, &staging.path, &final_dir, &mapped, opts.workers, progress).await?;
-    let settings = match &opts.standby {
-        Some(standby) => standby_settings(&opts.restore_command.render_for_standby(), standby),
-        None => recovery_settings(recovery_target, &opts.restore_command.render(until)),
-    };
     let auto_conf = staging.path.join("postgresql.auto.conf");
     // Neither read nor written through a link: the restore's own files stay inside the target.
     let mut conf = read_file_nofollow(&auto_conf)?.unwrap_or_default();
@@ -569,11 +630,7 @@ pub(crate) async fn restore_marked_as(
     write_file_nofollow(&auto_conf, conf.as_bytes())?;
     let signal = staging.path.join(if opts.standby.is_some() { "standby.signal" } else { "recovery.signal" });
     write_file_nofollow(&signal, b"")?;
-    // The tablespaces first: the target, which makes a cluster that starts, comes last.
-    for (tablespace, dir) in mapped_staging {
-        tablespace.commit(dir, opts.force)?;
-    }
-    staging.commit(&opts.target_dir, opts.force)?;
+    commit_all(mapped_staging, staging, &opts.target_dir, opts.force)?;
     let download_seconds = started.elapsed().as_secs_f64();
 
     let mut report = RestoreReport {
@@ -752,7 +809,8 @@ async fn run_until(
             Err(StateError::NotYet(e)) => last_error = e,
             Err(StateError::LeftRecovery) => {
                 return Err(RestoreError::Server(format!(
-                    "the standby in {} is out of recovery: it was promoted (pg_promote, pg_ctl promote) before                      it was reported consistent; it is running as a primary now",
+                    "the standby in {} is out of recovery: it was promoted (pg_promote, pg_ctl promote) before \
+                     it was reported consistent; it is running as a primary now",
                     dir.display()
                 )))
             }
@@ -905,6 +963,38 @@ mod tests {
         std::fs::write(root.join("full/PG_VERSION"), b"15").unwrap();
         refused(&[(1, root.join("full"))], false, "not empty");
         check(&[(1, root.join("full"))], true).unwrap();
+        // A link in DIR's place is refused, also with --force (naming where it leads), and a
+        // link inside the target is not taken for the place it leads to.
+        std::os::unix::fs::symlink(root.join("real"), root.join("ts-link")).unwrap();
+        refused(&[(1, root.join("ts-link"))], false, "symbolic link (to ");
+        refused(&[(1, root.join("ts-link"))], true, "symbolic link");
+        std::fs::create_dir(&target).unwrap();
+        std::os::unix::fs::symlink(root.join("real"), target.join("ts")).unwrap();
+        refused(&[(1, target.join("ts"))], true, "symbolic link");
+        refused(&[(1, root.join("alias/ts-in-real")), (2, root.join("real"))], false, "tablespace");
+    }
+
+    /// A target in use (its postmaster.pid names a running process: this one) is refused before
+    /// any mapped directory is touched, also with --force; the staged files are gone.
+    #[test]
+    fn a_target_in_use_is_refused_before_a_mapped_directory_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (target, ts) = (tmp.path().join("data"), tmp.path().join("ts"));
+        for dir in [&target, &ts] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        std::fs::write(target.join("postmaster.pid"), format!("{}\n", std::process::id())).unwrap();
+        std::fs::write(ts.join("PG_15_old"), b"old").unwrap();
+        let ts_staging = Staging::create_in_place(&ts).unwrap();
+        std::fs::write(ts_staging.path.join("PG_15_new"), b"new").unwrap();
+        let target_staging = Staging::create(&target).unwrap();
+        let err = commit_all(vec![(ts_staging, &ts)], target_staging, &target, true).unwrap_err();
+        assert!(matches!(err, RestoreError::TargetInUse { .. }), "{err}");
+        let names: Vec<_> = std::fs::read_dir(&ts).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["PG_15_old"], "the mapped directory was changed");
+        let mut beside: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        beside.sort();
+        assert_eq!(beside, ["data", "ts"], "a staging directory was left");
     }
 
     #[test]
@@ -912,27 +1002,58 @@ mod tests {
         let s = recovery_settings(
             RecoveryTarget::Time(1_795_615_380_000_000),
             "\"/opt/it's/pitr\" wal-fetch \"%f\" \"%p\"",
-        );
+        )
+        .unwrap();
         assert_eq!(s[0], "restore_command = '\"/opt/it''s/pitr\" wal-fetch \"%f\" \"%p\"'");
         assert_eq!(s[1], "recovery_target_time = '2026-11-25 14:03:00.000000+00'");
         assert_eq!(s[2], "recovery_target_action = 'promote'");
         let standby = StandbyOptions { primary_conninfo: Some("host=db1 user=rep password=it's".into()) };
-        let lines = standby_settings("x", &standby);
+        let lines = standby_settings("x", &standby).unwrap();
         assert_eq!(
             lines,
             vec![
                 "restore_command = 'x'",
                 "recovery_target_timeline = 'latest'",
-                "primary_conninfo = 'host=db1 user=rep password=it''s'"
+                "primary_conninfo = 'host=db1 user=rep password=it''s'",
+                "primary_slot_name = ''",
             ]
         );
         let shown = reported_settings(&lines);
-        assert!(shown[2].starts_with("primary_conninfo = (as given") && !shown[2].contains("it''s"), "{shown:?}");
-        assert_eq!(standby_settings("x", &StandbyOptions::default()).len(), 2);
+        assert_eq!(shown[2], "primary_conninfo = (set; see postgresql.auto.conf)");
+        // A password in URI form is not printed either.
+        let uri = StandbyOptions { primary_conninfo: Some("postgresql://rep:secret@db1/postgres".into()) };
+        let shown = reported_settings(&standby_settings("x", &uri).unwrap());
+        assert!(!shown.iter().any(|l| l.contains("secret")), "{shown:?}");
+        // Without a primary: the backup's own primary and slot (if it has any) are overridden.
+        let alone = standby_settings("x", &StandbyOptions::default()).unwrap();
+        assert_eq!(alone[2..], ["primary_conninfo = ''", "primary_slot_name = ''"]);
+        assert_eq!(reported_settings(&alone)[2], "primary_conninfo = ''");
         let wal_fetch = WalFetchCommand { program: "pitr".into(), options: vec!["--from".into(), "dr".into()] };
         assert_eq!(wal_fetch.render_for_standby(), "pitr wal-fetch --from dr --whole-segments \"%f\" \"%p\"");
         assert_eq!(wal_fetch.render(Some(0x1_0000_0000)), "pitr wal-fetch --from dr --until-lsn 1/0 \"%f\" \"%p\"");
-        let latest = recovery_settings(RecoveryTarget::Latest, "x");
+        let latest = recovery_settings(RecoveryTarget::Latest, "x").unwrap();
         assert_eq!(latest, vec!["restore_command = 'x'", "recovery_target_timeline = 'latest'"]);
+    }
+
+    /// As `ALTER SYSTEM` writes them: `'` and `\` doubled, so that PostgreSQL's lexer reads the
+    /// value back as given; a line break (which would start a setting of its own), a carriage
+    /// return or a NUL is refused.
+    #[test]
+    fn settings_are_escaped_as_alter_system_does_and_line_breaks_refused() {
+        assert_eq!(conf_quote("primary_conninfo", r"password='it\'s'").unwrap(), r"'password=''it\\''s'''");
+        assert_eq!(conf_quote("primary_conninfo", r"x\' ").unwrap(), r"'x\\'' '");
+        assert_eq!(conf_quote("primary_conninfo", r"pa\\ss").unwrap(), r"'pa\\\\ss'");
+        assert_eq!(conf_quote("restore_command", r"C:\pitr").unwrap(), r"'C:\\pitr'");
+        for (value, what) in [
+            ("x\\'\nshared_preload_libraries = 'evil'\n#", "line break"),
+            ("host=db1\r", "carriage return"),
+            ("host=db1\0", "NUL"),
+        ] {
+            let text = conf_quote("primary_conninfo", value).unwrap_err().to_string();
+            assert!(text.contains("primary_conninfo") && text.contains(what), "{text}");
+        }
+        let newline = StandbyOptions { primary_conninfo: Some("host=db1\nport=1".into()) };
+        assert!(matches!(standby_settings("x", &newline), Err(RestoreError::SettingValue { .. })));
+        assert!(matches!(recovery_settings(RecoveryTarget::Latest, "a\nb"), Err(RestoreError::SettingValue { .. })));
     }
 }

@@ -100,6 +100,30 @@ pub fn take_spooled(file: &str, dest: &Path) -> bool {
     spooled.is_file() && std::fs::rename(&spooled, dest).is_ok() && sync_parent(dest).is_ok()
 }
 
+/// Drops from the prefetch spool of `dest` the segments a standby asking for `file` will not ask
+/// for again: those below it, and those of other timelines (left from before a timeline switch).
+/// A standby never ends its recovery, so nothing else would ever remove them (8 × 16 MB by
+/// default in `pg_wal`). A segment asked for again after all (a restarted server replays from its
+/// last restartpoint) is fetched from the repository. Best effort: a file that cannot be removed
+/// is left.
+pub fn drop_stale_spooled(file: &str, dest: &Path) {
+    /// `(timeline, position)` of a segment file name: fixed-width upper-case hex, so the
+    /// positions compare as text.
+    fn parts(name: &str) -> Option<(&str, &str)> {
+        let plain = name.len() == 24 && name.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
+        plain.then(|| name.split_at(8))
+    }
+    let Some((timeline, position)) = parts(file) else { return };
+    let Ok(entries) = std::fs::read_dir(spool_dir(dest)) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some((t, p)) = name.to_str().and_then(parts) else { continue };
+        if t != timeline || p < position {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Fsyncs the directory holding `path`, making a name just created or renamed there durable.
 fn sync_parent(path: &Path) -> std::io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -411,6 +435,37 @@ mod tests {
         assert!(take_spooled(name, &dest));
         assert_eq!(std::fs::read(&dest).unwrap(), b"segment");
         assert!(!spool.join(name).exists());
+    }
+
+    #[test]
+    fn a_standby_drops_spooled_segments_below_the_one_asked_for_or_of_other_timelines() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("pg_wal").join("RECOVERYXLOG");
+        let spool = spool_dir(&dest);
+        std::fs::create_dir_all(&spool).unwrap();
+        let names = [
+            "000000010000000000000007",
+            "0000000100000000000000FF",
+            "000000010000000100000000",
+            "000000010000000100000001",
+            "000000020000000100000002",
+            ".000000010000000100000003.lock",
+            "other",
+        ];
+        for name in names {
+            std::fs::write(spool.join(name), b"x").unwrap();
+        }
+        drop_stale_spooled("RECOVERYHISTORY", &dest);
+        drop_stale_spooled("00000001.history", &dest);
+        assert_eq!(std::fs::read_dir(&spool).unwrap().count(), names.len(), "no segment asked for: nothing dropped");
+        drop_stale_spooled("000000010000000100000000", &dest);
+        let mut left: Vec<String> =
+            std::fs::read_dir(&spool).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [".000000010000000100000003.lock", "000000010000000100000000", "000000010000000100000001", "other"]
+        );
     }
 
     /// A local repository with 1 MiB segments.

@@ -14,7 +14,7 @@ pub async fn run(config_path: &Path, incremental: bool, json: bool) -> Result<()
     let pg = config.postgres()?;
     let conninfo: ConnInfo = pg.connection_info()?;
     let repo = open::writer(&config)?;
-    let opts = tasks::backup_options(&config, pg, conninfo, incremental);
+    let opts = tasks::backup_options(&config, pg, conninfo, incremental)?;
     let bar = output::progress_bar(!json, "backup");
     let on_progress = |p: pitr_basebackup::Progress| {
         if let Some(bar) = &bar {
@@ -27,8 +27,13 @@ pub async fn run(config_path: &Path, incremental: bool, json: bool) -> Result<()
         bar.finish_and_clear();
     }
     let (_, summary) = result.context("backup failed")?;
+    let throttled = open::upload_throttled();
     if json {
-        output::print_json(&summary)?;
+        let mut report = serde_json::to_value(&summary)?;
+        if let (Some(t), Some(fields)) = (throttled, report.as_object_mut()) {
+            fields.insert("upload_throttled_seconds".into(), t.as_secs_f64().into());
+        }
+        output::print_json(&report)?;
     } else {
         if let Some(reason) = &summary.fallback {
             println!("warning: incremental backup not possible: {reason}; took a full backup instead");
@@ -51,6 +56,12 @@ pub async fn run(config_path: &Path, incremental: bool, json: bool) -> Result<()
             summary.timeline,
             summary.duration_seconds
         );
+        if let Some(t) = throttled {
+            println!(
+                "uploads waited {:.1} s for [repository] max_upload_rate (summed over parallel uploads)",
+                t.as_secs_f64()
+            );
+        }
     }
     Ok(())
 }

@@ -88,7 +88,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         tokio::spawn(sidecar::feed_catalog_gauges(repo.clone(), pg.system_id, Duration::from_secs(60)));
     let ctx = std::sync::Arc::new(schedule::SchedulerContext {
         repo: repo.clone(),
-        backup: tasks::backup_options(&config, pg, stream_config.conninfo.clone(), false),
+        backup: tasks::backup_options(&config, pg, stream_config.conninfo.clone(), false)?,
         system_id: pg.system_id,
         config_path: config_path.to_path_buf(),
         stream_status: status_rx.clone(),

@@ -30,13 +30,29 @@ impl Serve {
     }
 }
 
-/// Exit codes follow restore_command's contract: 0 fetched, 1 past the end of the archive
-/// (PostgreSQL then ends recovery there), 126 anything else — a hole, a damaged object, an
-/// unreachable repository, a bad configuration — which makes PostgreSQL stop recovery with an
-/// error instead of silently treating it as the archive's end.
+impl Serve {
+    /// The exit code of a fetch that failed (not "not found"). A restore ends recovery where
+    /// restore_command exits 1, so anything else — a hole, a damaged object, an unreachable
+    /// repository, a bad configuration — exits 126, which makes PostgreSQL stop recovery with an
+    /// error instead of silently taking it for the archive's end. A standby never ends recovery
+    /// on 1: it asks again a few seconds later, while 126 stops it (FATAL), so a short outage of
+    /// the repository would take the standby down. It gets 1, the error on stderr (in the
+    /// server's log).
+    fn failure_exit(self) -> u8 {
+        match self {
+            Serve::WholeSegments => 1,
+            Serve::All | Serve::Until(_) => 126,
+        }
+    }
+}
+
+/// Exit codes follow restore_command's contract: 0 fetched, 1 past the end of the archive (or
+/// not there yet, for a standby), otherwise [`Serve::failure_exit`].
 pub async fn run(config_path: &Path, from: Option<&str>, file: &str, dest: &Path, serve: Serve) -> Result<ExitCode> {
-    const ARCHIVE_ERROR: u8 = 126;
     let until = serve.until();
+    if let Serve::WholeSegments = serve {
+        pitr_restore::walfetch::drop_stale_spooled(file, dest);
+    }
     if pitr_restore::walfetch::take_spooled(file, dest) {
         tracing::debug!(file, "served from the prefetch spool");
         start_prefetch(config_path, from, file, dest, until);
@@ -69,11 +85,11 @@ pub async fn run(config_path: &Path, from: Option<&str>, file: &str, dest: &Path
         }
         Ok(Err(e)) => {
             eprintln!("pitr wal-fetch: error: {e}");
-            Ok(ExitCode::from(ARCHIVE_ERROR))
+            Ok(ExitCode::from(serve.failure_exit()))
         }
         Err(e) => {
             eprintln!("pitr wal-fetch: error: {e:#}");
-            Ok(ExitCode::from(ARCHIVE_ERROR))
+            Ok(ExitCode::from(serve.failure_exit()))
         }
     }
 }
@@ -128,4 +144,16 @@ pub async fn prefetch(
     let names = pitr_restore::walfetch::next_segments(&cluster, file, count);
     pitr_restore::walfetch::prefetch(&repo, &cluster, &names, spool, until).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Serve;
+
+    #[test]
+    fn a_failed_fetch_stops_a_restore_but_a_standby_asks_again() {
+        assert_eq!(Serve::All.failure_exit(), 126);
+        assert_eq!(Serve::Until(0x1_0000_0000).failure_exit(), 126);
+        assert_eq!(Serve::WholeSegments.failure_exit(), 1);
+    }
 }
