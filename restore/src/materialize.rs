@@ -45,6 +45,18 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> RestoreError + '_ {
     }
 }
 
+/// A target that holds something: never a running server's, and replaced only with `--force`.
+fn non_empty_target(target: &Path, force: bool) -> Result<(), RestoreError> {
+    if let Some(pid) = live_postmaster(target)? {
+        return Err(RestoreError::TargetInUse { dir: target.to_path_buf(), pid });
+    }
+    if force {
+        Ok(())
+    } else {
+        Err(RestoreError::TargetNotEmpty(target.to_path_buf()))
+    }
+}
+
 /// Checks the target directory: it may be missing or empty; anything else needs `force`, and
 /// even `force` never replaces the directory of a running server.
 pub fn check_target(target: &Path, force: bool) -> Result<(), RestoreError> {
@@ -55,14 +67,7 @@ pub fn check_target(target: &Path, force: bool) -> Result<(), RestoreError> {
             if entries.next().is_none() {
                 return Ok(());
             }
-            if let Some(pid) = live_postmaster(target)? {
-                return Err(RestoreError::TargetInUse { dir: target.to_path_buf(), pid });
-            }
-            if force {
-                Ok(())
-            } else {
-                Err(RestoreError::TargetNotEmpty(target.to_path_buf()))
-            }
+            non_empty_target(target, force)
         }
     }
 }
@@ -378,14 +383,7 @@ impl Staging {
         if self.others(target)?.is_empty() {
             return Ok(());
         }
-        if let Some(pid) = live_postmaster(target)? {
-            return Err(RestoreError::TargetInUse { dir: target.to_path_buf(), pid });
-        }
-        if force {
-            Ok(())
-        } else {
-            Err(RestoreError::TargetNotEmpty(target.to_path_buf()))
-        }
+        non_empty_target(target, force)
     }
 
     /// The entries of `dir` other than this staging directory.
