@@ -3,8 +3,9 @@
 //! from the pitr container, backs up, restores a moment exactly with the container's own
 //! `pitr restore --start`, and checks /healthz, /metrics and the image's HEALTHCHECK from the host.
 //!
-//! It needs podman (Debian's package); where podman is not installed the test says so on stderr
-//! and passes without running anything. Where podman is installed, every failure is a failure.
+//! It needs podman (Debian's package); where podman is not installed, or the script exits 77 (podman
+//! does not work, or no base image can be had or made), the test says so on stderr and passes
+//! without running anything. Every other failure is a failure.
 
 use std::process::{Command, Stdio};
 
@@ -22,6 +23,12 @@ fn the_image_streams_backs_up_and_restores_a_moment_exactly() {
         .output()
         .unwrap_or_else(|e| panic!("could not run {}: {e}", script.display()));
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // 77: this machine cannot run it at all (podman does not work, or no base image and nothing to
+    // make one from); the script says why.
+    if out.status.code() == Some(77) {
+        eprintln!("{}", stderr.lines().last().unwrap_or("SKIPPED: docker/smoke-test cannot run here"));
+        return;
+    }
     assert!(out.status.success(), "{} failed ({}):\n{stderr}", script.display(), out.status);
     assert!(stderr.contains("smoke-test: PASS"), "no PASS line from {}:\n{stderr}", script.display());
 }
