@@ -1426,7 +1426,7 @@ fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)]) -> Res
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    pub(super) const MINIMAL: &str = r#"
 [repository]
 path = "/var/lib/pitr/repo"        # or url = "s3://bucket/prefix"
 [encryption]
@@ -1805,16 +1805,8 @@ mod files_tests {
 
 #[cfg(test)]
 mod rate_tests {
+    use super::tests::MINIMAL;
     use super::*;
-
-    const MINIMAL: &str = r#"
-[repository]
-path = "/var/lib/pitr/repo"
-[encryption]
-key_file = "/etc/pitr/key"
-[postgres]
-conninfo = "host=127.0.0.1 port=5432 user=replicator"
-"#;
 
     #[test]
     fn rates_take_bytes_per_second_or_a_unit_and_convert() {

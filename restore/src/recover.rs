@@ -664,7 +664,7 @@ pub(crate) async fn restore_marked_as(
 
     let replay_started = Instant::now();
     if report.standby {
-        let (commit_us, lsn) = run_to_consistent(&opts.target_dir, start, launch).await?;
+        let (commit_us, lsn) = run_until(&opts.target_dir, start, launch, Until::Consistent).await?;
         report.started = true;
         report.port = Some(start.port);
         report.replay_seconds = Some(replay_started.elapsed().as_secs_f64());
@@ -675,7 +675,7 @@ pub(crate) async fn restore_marked_as(
             Some(format!("{} -D {} stop", start.bin_dir.join("pg_ctl").display(), opts.target_dir.display()));
         return Ok(report);
     }
-    let (commit_us, lsn) = run_to_target(&opts.target_dir, start, launch).await?;
+    let (commit_us, lsn) = run_until(&opts.target_dir, start, launch, Until::Promoted).await?;
     // Segments prefetched beyond the target are of no use once the server has promoted.
     let _ = std::fs::remove_dir_all(opts.target_dir.join("pg_wal").join(crate::walfetch::SPOOL_DIR));
     report.started = true;
@@ -708,27 +708,6 @@ pub(crate) async fn restore_marked_as(
     Ok(report)
 }
 
-/// Starts the server on the restored directory and waits until recovery has ended (the server
-/// promoted). Returns the last replayed commit time and replay LSN.
-async fn run_to_target(
-    dir: &Path,
-    start: &StartOptions,
-    launch: &ServerLaunch,
-) -> Result<(Option<i64>, u64), RestoreError> {
-    run_until(dir, start, launch, Until::Promoted).await
-}
-
-/// Starts a standby on the restored directory and waits until it is consistent: a standby
-/// takes read-only connections from then on (hot_standby), and stays in recovery. Returns the
-/// last replayed commit time and replay LSN at that moment.
-async fn run_to_consistent(
-    dir: &Path,
-    start: &StartOptions,
-    launch: &ServerLaunch,
-) -> Result<(Option<i64>, u64), RestoreError> {
-    run_until(dir, start, launch, Until::Consistent).await
-}
-
 /// What [`run_until`] waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Until {
@@ -738,6 +717,9 @@ enum Until {
     Consistent,
 }
 
+/// Starts the server on the restored directory and waits for `until`: recovery ended and the
+/// server promoted, or (a standby) consistent, taking read-only connections (hot_standby) while
+/// it stays in recovery. Returns the last replayed commit time and replay LSN at that moment.
 async fn run_until(
     dir: &Path,
     start: &StartOptions,
