@@ -33,6 +33,8 @@ pub struct ProxyStats {
 struct Faults {
     on: AtomicBool,
     every: AtomicU64,
+    /// One request to lose the reply of: its request line contains all of these.
+    swallow_next: std::sync::Mutex<Option<Vec<String>>>,
 }
 
 pub struct FaultyProxy {
@@ -88,6 +90,13 @@ impl FaultyProxy {
         self.faults.on.store(false, Ordering::SeqCst);
     }
 
+    /// Lose the reply of the next request whose request line (`PUT /a/c/k?comp=blocklist
+    /// HTTP/1.1`) contains every one of `line_has` (once; the request itself is delivered whole).
+    pub fn swallow_reply_of_next(&self, line_has: &[&str]) {
+        let mut next = self.faults.swallow_next.lock().unwrap_or_else(|e| e.into_inner());
+        *next = Some(line_has.iter().map(|p| p.to_string()).collect());
+    }
+
     pub fn broken(&self) -> u64 {
         self.stats.cut_requests.load(Ordering::SeqCst) + self.stats.swallowed_replies.load(Ordering::SeqCst)
     }
@@ -114,9 +123,18 @@ struct Exchange<'a> {
 }
 
 impl Exchange<'_> {
-    fn request_bytes(&self) {
+    fn request_bytes(&self, first: &[u8]) {
         if self.busy.swap(true, Ordering::SeqCst) {
             return;
+        }
+        {
+            let mut next = self.faults.swallow_next.lock().unwrap_or_else(|e| e.into_inner());
+            let head = String::from_utf8_lossy(first);
+            let line = head.split("\r\n").next().unwrap_or("");
+            if next.as_ref().is_some_and(|parts| parts.iter().all(|p| line.contains(p.as_str()))) {
+                *next = None;
+                self.swallow_reply.store(true, Ordering::SeqCst);
+            }
         }
         let now = self.stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.stats.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -176,7 +194,7 @@ async fn serve(client: TcpStream, upstream: SocketAddr, faults: Arc<Faults>, sta
                 Ok(0) | Err(_) => break,
                 Ok(got) => got,
             };
-            exchange.request_bytes();
+            exchange.request_bytes(&buf[..got]);
             let take = exchange.forward(got);
             if server_wr.write_all(&buf[..take]).await.is_err() {
                 break;
@@ -232,14 +250,22 @@ pub struct HeaderStrippingProxy {
 
 impl HeaderStrippingProxy {
     pub fn start(upstream: u16, strip: &str) -> Result<HeaderStrippingProxy> {
+        HeaderStrippingProxy::start_for(upstream, strip, &[])
+    }
+
+    /// Strips the header only from requests whose request line (`POST /b/k?uploadId=… HTTP/1.1`)
+    /// contains every one of `line_has`: a server that honours it on some requests only.
+    pub fn start_for(upstream: u16, strip: &str, line_has: &[&str]) -> Result<HeaderStrippingProxy> {
         let (runtime, listener, port) = proxy_runtime(1)?;
         let (requests, stripped) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (r, s, strip) = (requests.clone(), stripped.clone(), strip.to_ascii_lowercase());
+        let line_has: Arc<Vec<String>> = Arc::new(line_has.iter().map(|p| p.to_string()).collect());
         runtime.spawn(async move {
             let Ok(listener) = TcpListener::from_std(listener) else { return };
             let upstream: SocketAddr = ([127, 0, 0, 1], upstream).into();
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(strip_requests(client, upstream, strip.clone(), r.clone(), s.clone()));
+                let only = line_has.clone();
+                tokio::spawn(strip_requests(client, upstream, strip.clone(), only, r.clone(), s.clone()));
             }
         });
         Ok(HeaderStrippingProxy { port, requests, stripped, runtime: Some(runtime) })
@@ -262,6 +288,7 @@ async fn strip_requests(
     client: TcpStream,
     upstream: SocketAddr,
     strip: String,
+    line_has: Arc<Vec<String>>,
     requests: Arc<AtomicU64>,
     stripped: Arc<AtomicU64>,
 ) {
@@ -287,9 +314,11 @@ async fn strip_requests(
             let mut body_len = 0usize;
             let mut kept = String::new();
             let mut removed = false;
+            let request_line = head.split("\r\n").next().unwrap_or("");
+            let applies = line_has.iter().all(|part| request_line.contains(part.as_str()));
             for line in head.split("\r\n").filter(|l| !l.is_empty()) {
                 let name = line.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
-                if name == strip {
+                if name == strip && applies {
                     removed = true;
                     continue;
                 }

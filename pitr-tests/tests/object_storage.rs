@@ -323,6 +323,7 @@ async fn s3_expire_extends_the_retention_of_backups_kept_longer_than_the_window(
         dry_run: true,
         stale_backup_after: std::time::Duration::from_secs(86_400),
         lock_ttl: std::time::Duration::from_secs(600),
+        keep_forever_lock: std::time::Duration::from_secs(86_400),
     };
     let path = |name: &str| format!("/locked/repo/{name}");
     let segment = |segno| path(&layout.object_name(&WalObject::Segment { timeline: 1, segno }));

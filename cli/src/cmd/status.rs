@@ -32,6 +32,29 @@ struct StatusReport {
     sidecar: Option<SidecarReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     secondaries: Vec<SecondaryReport>,
+    /// Backups pinned now (`pitr pin`), oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pinned_backups: Vec<PinnedBackup>,
+}
+
+#[derive(serde::Serialize)]
+struct PinnedBackup {
+    id: String,
+    #[serde(flatten)]
+    pin: super::pin::ShownPin,
+}
+
+/// The backups of `system_id` pinned now (records of backups no longer listed left out).
+async fn pinned_backups(repo: &Repository, system_id: u64) -> Result<Vec<PinnedBackup>> {
+    let pins = pitr_archive::pins::PinSet::load(repo, system_id).await?;
+    let now = pitr_archive::now_us();
+    let listed = repo.list(&pitr_archive::names::pg::backups_prefix(system_id)).await?;
+    Ok(pins
+        .active(now)
+        .into_keys()
+        .filter(|id| listed.iter().any(|o| o.name == pitr_archive::names::pg::backup_manifest(system_id, id)))
+        .map(|id| PinnedBackup { pin: super::pin::ShownPin::of(pins.of(&id), now), id })
+        .collect())
 }
 
 #[derive(serde::Serialize)]
@@ -115,12 +138,14 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
             Some(t) => pitr_restore::plan::newest_commit_us(&repo, &catalog, t).await?,
             None => None,
         };
-        anyhow::Ok((cluster.system_id, timeline, archived, newest_commit))
+        let pinned = pinned_backups(&repo, cluster.system_id).await?;
+        anyhow::Ok((cluster.system_id, timeline, archived, newest_commit, pinned))
     };
-    let (mut repository_error, system_id, timeline, archived, newest_commit) = match from_repository.await {
-        Ok((id, t, a, c)) => (None, Some(id), t, a, c),
-        Err(e) => (Some(e), None, None, None, None),
-    };
+    let (mut repository_error, system_id, timeline, archived, newest_commit, pinned_backups) =
+        match from_repository.await {
+            Ok((id, t, a, c, p)) => (None, Some(id), t, a, c, p),
+            Err(e) => (Some(e), None, None, None, None, Vec::new()),
+        };
 
     let (primary_lsn, primary_error) = match &config.postgres {
         Some(pg) => match primary_position(pg).await {
@@ -173,6 +198,7 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
         lag_seconds: sidecar.as_ref().map(|s| s.lag_seconds),
         sidecar,
         secondaries,
+        pinned_backups,
     };
     if json {
         output::print_json(&report)?;
@@ -245,6 +271,9 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
             }
             None => println!("  copy state: unknown (the sidecar is not running here)"),
         }
+    }
+    for p in &report.pinned_backups {
+        println!("pinned backup:          {}{}", p.id, p.pin.suffix());
     }
     repository_error.map_or(Ok(()), Err)
 }
