@@ -54,6 +54,7 @@ use crate::backup::{BackupKind, BackupManifest};
 use crate::names::pg;
 use crate::pins::{Pin, PinSet};
 use crate::repository::{ClusterInfo, Repository, RepositoryError};
+use crate::restore_points;
 use crate::retention::{self, BackupPoint, Policy, Reason, Timelines, WalPlan};
 use crate::running::{self, Activity, ExpireLock, LockError, ReaderNeeds, Run, Trust, Untrusted};
 use crate::seal::{ObjectKind, ObjectMeta};
@@ -197,6 +198,9 @@ pub struct ExpireReport {
     pub removed_wal_objects: usize,
     /// Unreferenced blocks deleted.
     pub removed_blocks: usize,
+    /// Index entries of restore points deleted: their WAL is below the retention floor and in no
+    /// kept backup's start..stop, so no restore can reach them or be stopped by them.
+    pub removed_restore_points: usize,
     /// Stored bytes of everything removed (or, dry run, that would be).
     pub removed_bytes: u64,
     /// Objects the storage refused to delete (Object Lock, permissions), and manifests kept
@@ -748,8 +752,14 @@ async fn run(
     let mut wal_names = retention::wal_objects(&wal, &wal_plan.delete);
     let mut removed_wal_objects = wal_names.len();
     let mut removed_segments = wal_plan.delete.clone();
+    // The floors once this phase is done (what a dry run would record): they decide which
+    // restore point entries go.
+    let mut floors_now = floors.clone();
     if opts.dry_run {
         removed_bytes += wal_names.iter().map(|n| wal_sizes.get(n).copied().unwrap_or(0)).sum::<u64>();
+        if !wal_names.is_empty() {
+            floors_now.extend(wal_plan.floors.iter().map(|(&t, &s)| (t, s)));
+        }
     } else if !wal_names.is_empty() && past_deadline() {
         stopped_at_deadline = true;
         removed_wal_objects = 0;
@@ -757,7 +767,9 @@ async fn run(
     } else if !wal_names.is_empty() {
         let mut unrecorded = BTreeSet::new();
         for (&t, &segno) in &wal_plan.floors {
-            if !put_floor(repo, system_id, t, segno, now, &mut untrusted).await? {
+            if put_floor(repo, system_id, t, segno, now, &mut untrusted).await? {
+                floors_now.insert(t, segno);
+            } else {
                 unrecorded.insert(t);
             }
         }
@@ -777,6 +789,36 @@ async fn run(
             let objects = retention::wal_objects(&wal, &[(t, s)]);
             objects.iter().all(|o| gone.contains(o))
         });
+    }
+
+    // 2b. Index entries of restore points whose WAL retention removed (see
+    // [`restore_points::expired_entries`]): entries accumulate with every restore point, and
+    // readers of the index read each. Not done after the deadline (the next run does it). The
+    // index is an aside: a listing that fails is logged and the run goes on.
+    let mut removed_restore_points = 0;
+    if !stopped_at_deadline {
+        match repo.list(&pg::restore_points_prefix(system_id)).await {
+            Ok(listed) => {
+                let sizes: BTreeMap<String, u64> = listed.iter().map(|o| (o.name.clone(), o.size)).collect();
+                let kept: Vec<(u64, u64)> = survivors.iter().map(|m| (m.start_lsn, m.stop_lsn)).collect();
+                let expired = restore_points::expired_entries(
+                    system_id,
+                    listed.iter().map(|o| o.name.as_str()),
+                    layout,
+                    &floors_now,
+                    &kept,
+                );
+                if opts.dry_run {
+                    removed_restore_points = expired.len();
+                    removed_bytes += expired.iter().map(|n| sizes.get(n).copied().unwrap_or(0)).sum::<u64>();
+                } else if !expired.is_empty() {
+                    let (gone, bytes) = delete_all(repo, &expired, &sizes, 256, deadline, &mut retained).await?;
+                    removed_restore_points = gone.len();
+                    removed_bytes += bytes;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list the index of restore points: left for a later run"),
+        }
     }
 
     // 3. Blocks.
@@ -877,6 +919,7 @@ async fn run(
             .collect(),
         removed_wal_objects,
         removed_blocks,
+        removed_restore_points,
         removed_bytes,
         retained,
         wal_skipped: wal_plan.skipped,
@@ -1143,5 +1186,69 @@ mod tests {
         assert_eq!(report.orphan_pins_removed, vec!["X".to_string()]);
         assert_eq!(records().await, vec![pg::pin(7, "A", 0), pg::pin(7, "Y", 0)]);
         assert!(report.kept.iter().any(|k| k.id == "A" && k.pinned.as_deref() == Some("forever")), "{report:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn restore_point_entries_go_once_their_wal_is_below_the_floor_and_in_no_kept_backup() {
+        use crate::pins::{self, Change, Pin};
+        use crate::restore_points::{self, RestorePoint};
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
+        let raw = LocalStore::new(dir.path());
+        let day0 = 1_767_571_200_000_000;
+        let layout = WalLayout::new(&cluster());
+        // Backups A, B, C on days 0, 1, 2, each within its own segment 10, 11, 12; WAL 10..=13.
+        for (i, id) in ["A", "B", "C"].into_iter().enumerate() {
+            let seg = 10 + i as u64;
+            let start = day0 + i as i64 * DAY_US;
+            let m: BackupManifest = serde_json::from_value(serde_json::json!({
+                "id": id, "kind": "full", "system_id": 7, "server_version_num": 150000, "timeline": 1,
+                "start_lsn": seg << 24, "stop_lsn": (seg << 24) + 0x100,
+                "start_time_us": start, "stop_time_us": start + 60_000_000,
+                "block_size": 8192, "tablespaces": [], "entries": [], "files": [], "server_manifest": "{}",
+                "logical_bytes": 0, "stored_bytes": 0
+            }))
+            .unwrap();
+            m.store(&repo).await.unwrap();
+        }
+        for segno in 10..=13 {
+            let name = layout.object_name(&WalObject::Segment { timeline: 1, segno });
+            raw.put_if_absent(&name, bytes::Bytes::from_static(b"wal")).await.unwrap();
+        }
+        let now = day0 + 3 * DAY_US;
+        pins::change(&repo, 7, "A", Change::Pin { pin: Pin::Forever, note: None }, now).await.unwrap();
+        let point = |name: &str, lsn: u64| RestorePoint {
+            name: name.into(),
+            timeline: 1,
+            lsn,
+            end_lsn: lsn + 104,
+            time_us: day0,
+        };
+        // Inside pinned A's start..stop (its WAL stays); after A (segment 10, below the floor C
+        // sets); in B's segment (B goes); after C (above the floor).
+        let in_a = point("in-a", (10 << 24) + 0x80);
+        let after_a = point("after-a", (10 << 24) + 0x10000);
+        let in_b = point("in-b", (11 << 24) + 0x80);
+        let after_c = point("after-c", (12 << 24) + 0x10000);
+        for p in [&in_a, &after_a, &in_b, &after_c] {
+            restore_points::record(&repo, 7, p).await.unwrap();
+        }
+        let entries = || async {
+            repo.list(&pg::restore_points_prefix(7)).await.unwrap().into_iter().map(|o| o.name).collect::<Vec<_>>()
+        };
+        let opts = ExpireOptions {
+            policy: Policy { daily: 1, weekly: 0, monthly: 0, yearly: 0, window_us: 0 },
+            ..options(now)
+        };
+
+        let dry = expire(&repo, &cluster(), &ExpireOptions { dry_run: true, ..opts.clone() }).await.unwrap();
+        assert_eq!(dry.removed_restore_points, 2, "{dry:?}");
+        assert_eq!(entries().await.len(), 4, "a dry run deletes nothing");
+        let report = expire(&repo, &cluster(), &opts).await.unwrap();
+        assert_eq!(report.removed_backups.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), vec!["B"]);
+        assert_eq!(report.removed_restore_points, 2, "{report:?}");
+        assert_eq!(entries().await, vec![in_a.object_name(7), after_c.object_name(7)]);
+        // Nothing more goes on the next run.
+        assert_eq!(expire(&repo, &cluster(), &opts).await.unwrap().removed_restore_points, 0);
     }
 }

@@ -131,15 +131,38 @@ pub struct RestorePointIndex {
 /// too large, do not match their name or cannot be read now, are [`RestorePointIndex::problems`]
 /// (readers that must know every restore point, such as a restore to a name, refuse then; the
 /// others carry on). Objects under the prefix whose names pitr never writes are ignored.
-pub async fn load(repo: &Repository, system_id: u64) -> RestorePointIndex {
+///
+/// With `fallbacks` (the WAL catalog reads the secondaries' WAL too, where this repository has
+/// holes or lost its tail), entries only a secondary holds are taken as well: the sidecar put them
+/// with the WAL that may now be read from there. Each is read through the repository's fallback
+/// reads, and a secondary that cannot be listed is a problem like a failed listing here.
+pub async fn load(repo: &Repository, system_id: u64, fallbacks: bool) -> RestorePointIndex {
     let prefix = names::pg::restore_points_prefix(system_id);
-    match repo.list(&prefix).await {
-        Ok(listed) => read_entries(repo, system_id, listed).await,
-        Err(e) => RestorePointIndex {
-            points: Vec::new(),
-            problems: vec![IndexProblem { object: prefix, why: format!("the index could not be listed: {e}") }],
-        },
+    let mut listed = match repo.list(&prefix).await {
+        Ok(listed) => listed,
+        Err(e) => {
+            return RestorePointIndex {
+                points: Vec::new(),
+                problems: vec![IndexProblem { object: prefix, why: format!("the index could not be listed: {e}") }],
+            }
+        }
+    };
+    let mut unlisted = Vec::new();
+    if fallbacks {
+        let mut seen: std::collections::BTreeSet<String> = listed.iter().map(|o| o.name.clone()).collect();
+        for other in repo.fallbacks() {
+            match other.store.list(&prefix).await {
+                Ok(objects) => listed.extend(objects.into_iter().filter(|o| seen.insert(o.name.clone()))),
+                Err(e) => unlisted.push(IndexProblem {
+                    object: prefix.clone(),
+                    why: format!("secondary repository {:?} could not be listed: {e}", other.name),
+                }),
+            }
+        }
     }
+    let mut index = read_entries(repo, system_id, listed).await;
+    index.problems.extend(unlisted);
+    index
 }
 
 /// The restore points whose record ends at `end_lsn` (on any timeline), reading only the entries
@@ -157,6 +180,32 @@ pub async fn ending_at(repo: &Repository, system_id: u64, end_lsn: u64) -> Resul
     let mut index = read_entries(repo, system_id, near).await;
     index.points.retain(|p| p.end_lsn == end_lsn);
     Ok(index)
+}
+
+/// The index entries among `listed` that no restore can use or be stopped by any more, read from
+/// their names alone: the record lies wholly in WAL of its timeline below that timeline's
+/// retention floor (`floors`: timeline to first kept segment), and outside every kept backup's
+/// `start..=stop` LSNs (a pinned backup older than the floor keeps that WAL, and a restore point
+/// there would stop recovery from it before it is consistent). Its WAL is gone, so it cannot be
+/// restored to, and recovery from any kept backup starts after it.
+pub fn expired_entries<'a>(
+    system_id: u64,
+    listed: impl IntoIterator<Item = &'a str>,
+    layout: crate::wal::WalLayout,
+    floors: &std::collections::BTreeMap<u32, u64>,
+    kept_backups: &[(u64, u64)],
+) -> Vec<String> {
+    listed
+        .into_iter()
+        .filter(|name| {
+            let Some((timeline, lsn)) = names::pg::parse_restore_point(system_id, name) else { return false };
+            let below_floor =
+                floors.get(&timeline).is_some_and(|&floor| layout.segno_of(lsn + RECORD_SPAN_MAX) < floor);
+            let in_a_backup = kept_backups.iter().any(|&(start, stop)| lsn + RECORD_SPAN_MAX >= start && lsn <= stop);
+            below_floor && !in_a_backup
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 async fn read_entries(repo: &Repository, system_id: u64, listed: Vec<ObjectInfo>) -> RestorePointIndex {
@@ -227,13 +276,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(LocalStore::new(dir.path()));
         let repo = Repository::new(store.clone(), KeyRing::from_key("k", [5; 32]));
-        assert_eq!(load(&repo, 7).await, RestorePointIndex::default());
+        assert_eq!(load(&repo, 7, false).await, RestorePointIndex::default());
         let (a, b) = (point("before-cleanup", 0x3000_0028), point("it's a\nline break", 0x3000_0100));
         record(&repo, 7, &b).await.unwrap();
         record(&repo, 7, &a).await.unwrap();
         // Streamed again after a crash: the same entry, taken as already there.
         record(&repo, 7, &a).await.unwrap();
-        assert_eq!(load(&repo, 7).await, RestorePointIndex { points: vec![a.clone(), b.clone()], problems: vec![] });
+        assert_eq!(
+            load(&repo, 7, false).await,
+            RestorePointIndex { points: vec![a.clone(), b.clone()], problems: vec![] }
+        );
         // Another record at the same place is not this one: refused, not overwritten.
         let other = RestorePoint { name: "other".into(), ..a.clone() };
         assert!(matches!(record(&repo, 7, &other).await, Err(RepositoryError::Conflict { .. })));
@@ -252,7 +304,7 @@ mod tests {
         store.put_if_absent(&huge, bytes::Bytes::from(vec![0; ENTRY_MAX_BYTES as usize + 1])).await.unwrap();
         // Not a name pitr writes: not an entry at all.
         store.put_if_absent("pg/7/restore-points/junk", bytes::Bytes::from_static(b"x")).await.unwrap();
-        let index = load(&repo, 7).await;
+        let index = load(&repo, 7, false).await;
         assert_eq!(index.points, vec![a.clone(), b.clone()]);
         let problems: Vec<(&str, &str)> = index.problems.iter().map(|p| (p.object.as_str(), p.why.as_str())).collect();
         assert_eq!(problems.len(), 3, "{problems:?}");
@@ -269,5 +321,40 @@ mod tests {
         assert_eq!(ending_at(&repo, 7, a.end_lsn + 8).await.unwrap().points, vec![]);
         let near_junk = ending_at(&repo, 7, 0x5000_0000 + 104).await.unwrap();
         assert_eq!((near_junk.points.len(), near_junk.problems.len()), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn fallbacks_entries_are_taken_only_when_asked_and_once() {
+        let (primary_dir, secondary_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let keys = KeyRing::from_key("k", [5; 32]);
+        let primary = Repository::new(Arc::new(LocalStore::new(primary_dir.path())), keys.clone());
+        let secondary_store: Arc<dyn Store> = Arc::new(LocalStore::new(secondary_dir.path()));
+        let secondary = Repository::new(secondary_store.clone(), keys.clone());
+        let (both, only_there) = (point("both", 0x3000_0028), point("only-there", 0x3000_0100));
+        record(&primary, 7, &both).await.unwrap();
+        record(&secondary, 7, &both).await.unwrap();
+        record(&secondary, 7, &only_there).await.unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(primary_dir.path())), keys.clone()).with_fallbacks(
+            "primary",
+            vec![crate::repository::NamedStore { name: "dr".into(), store: secondary_store }],
+        );
+        assert_eq!(load(&repo, 7, false).await.points, vec![both.clone()], "the secondary is not asked");
+        assert_eq!(
+            load(&repo, 7, true).await,
+            RestorePointIndex { points: vec![both.clone(), only_there], problems: vec![] }
+        );
+
+        // A secondary that cannot be listed leaves the index possibly incomplete: a problem.
+        let gone: Arc<dyn Store> = Arc::new(LocalStore::new(secondary_dir.path().join("gone")));
+        let repo = Repository::new(Arc::new(LocalStore::new(primary_dir.path())), keys)
+            .with_fallbacks("primary", vec![crate::repository::NamedStore { name: "dr".into(), store: gone }]);
+        let index = load(&repo, 7, true).await;
+        assert_eq!(index.points, vec![both]);
+        assert_eq!(index.problems.len(), 1, "{:?}", index.problems);
+        assert!(
+            index.problems[0].why.contains("secondary repository \"dr\" could not be listed"),
+            "{:?}",
+            index.problems
+        );
     }
 }

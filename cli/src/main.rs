@@ -132,7 +132,8 @@ enum Command {
         /// PostgreSQL only.
         #[arg(long)]
         keep_forever: bool,
-        /// A note on the new backup, shown by `list` and `status` (one line, at most 1024 bytes).
+        /// A note on the new backup, shown by `list` (and by `status` while the backup is pinned;
+        /// one line, at most 1024 bytes).
         /// PostgreSQL only.
         #[arg(long, value_name = "TEXT")]
         note: Option<String>,
@@ -146,7 +147,8 @@ enum Command {
         /// an ordinary backup again.
         #[arg(long, value_name = "DATE")]
         until: Option<String>,
-        /// A note, shown by `list` and `status` (replaces the backup's note; one line).
+        /// A note, shown by `list` and, while the backup is pinned, `status` (replaces the
+        /// backup's note; one line).
         #[arg(long, value_name = "TEXT")]
         note: Option<String>,
         #[arg(long)]
@@ -228,8 +230,9 @@ enum Command {
     },
     /// Restore drill: restore to a moment into a scratch server, check it, measure RTO and RPO.
     Drill {
-        /// TIME, lsn:X/Y, latest, or random (a uniformly chosen second in the recoverable window);
-        /// with --source mongo, TIME, ts:SECONDS:INC, latest or random.
+        /// TIME, lsn:X/Y, xid:N, name:NAME (a restore point), immediate, latest, or random (a
+        /// uniformly chosen second in the recoverable window); with --source mongo, TIME,
+        /// ts:SECONDS:INC, latest or random.
         #[arg(long, default_value = "random")]
         to: String,
         /// `postgres` restores into a scratch data directory; `mongo` into `[mongo] drill_target_uri`.

@@ -145,6 +145,20 @@ async fn store_contract() -> Result<()> {
     ensure!(proxy.stats.swallowed_replies.load(Ordering::SeqCst) == 1, "no commit reply was lost");
     assert_eq!(store.get("wal/lost-reply").await?, c);
     store.delete("wal/lost-reply").await?;
+    // A delete refused by an immutability policy (Azurite has none: the proxy answers as Azure
+    // does) is a refusal that names immutability, which `expire` counts as retained.
+    let immutable = "<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>BlobImmutableDueToPolicy</Code>\
+         <Message>This operation is not permitted as the blob is immutable due to a policy.</Message></Error>";
+    proxy.answer_next(&["DELETE ", "/repo/wal/big"], "409 Conflict", immutable);
+    let err = lossy.delete("wal/big").await.unwrap_err();
+    ensure!(proxy.stats.answered.load(Ordering::SeqCst) == 1, "the delete reached Azurite");
+    assert!(err.is_denied() && pitr_archive::expire::refused(&err), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("wal/big") && text.contains("immutability policy") && text.contains("BlobImmutableDueToPolicy"),
+        "{text}"
+    );
+    assert_eq!(store.get("wal/big").await?, a);
     drop(proxy);
 
     // A wrong key is refused, typed, and the key is not in the message.

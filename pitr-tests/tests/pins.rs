@@ -149,6 +149,27 @@ fn pinned_backups_survive_expire_with_their_wal_and_restore_exactly() -> Result<
         status["pinned_backups"].as_array().into_iter().flatten().filter_map(|b| b["id"].as_str()).collect();
     assert_eq!(shown, vec![oldest_id.as_str(), middle_id.as_str()], "{status:#}");
 
+    // Pins that cannot be read (the listing fails: a file where the pins directory goes) do not
+    // take list and status down: everything else is shown, and why the pins are not.
+    let pins_dir = system_dir.join("pins");
+    let aside = system_dir.join("pins.aside");
+    std::fs::rename(&pins_dir, &aside)?;
+    std::fs::write(&pins_dir, b"in the way")?;
+    let list = json(&env.run_ok(&["list", "--json"])?)?;
+    let ids: Vec<&str> = list["backups"].as_array().into_iter().flatten().filter_map(|b| b["id"].as_str()).collect();
+    assert_eq!(ids, vec![oldest_id.as_str(), middle_id.as_str(), newest_id.as_str()], "{list:#}");
+    assert!(list["pins_error"].as_str().is_some_and(|e| e.contains("reading the pins")), "{list:#}");
+    assert!(list["recoverable_windows"].as_array().is_some_and(|w| !w.is_empty()), "{list:#}");
+    let text = env.run_ok(&["list"])?;
+    assert!(text.contains("pins error: reading the pins") && text.contains(&newest_id), "{text}");
+    let status = json(&String::from_utf8_lossy(&env.run(&["status", "--json"])?.stdout))?;
+    assert!(status["pins_error"].as_str().is_some_and(|e| e.contains("reading the pins")), "{status:#}");
+    assert!(status["repository_error"].is_null() && status["archived_lsn"].is_string(), "{status:#}");
+    let status_text = String::from_utf8_lossy(&env.run(&["status"])?.stdout).into_owned();
+    assert!(status_text.contains("pins error:"), "{status_text}");
+    std::fs::remove_file(&pins_dir)?;
+    std::fs::rename(&aside, &pins_dir)?;
+
     // The dry run says why each is kept.
     let dry = json(&env.run_ok(&["expire", "--dry-run", "--json"])?)?;
     let kept = dry["kept"].as_array().context("kept")?;

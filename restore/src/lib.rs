@@ -70,7 +70,9 @@ pub enum RestoreError {
     #[error(
         "target directory {dir} is in use: its postmaster.pid names pid {pid}, which is running (or, where \
          that pid is not visible from here, still has processes attached to its shared memory); stop that \
-         server first (--force replaces only a directory no running server uses)"
+         server first (--force replaces only a directory no running server uses). If no server runs on that \
+         directory any more (on any host or container sharing it), the file is stale: remove its \
+         postmaster.pid and run again"
     )]
     TargetInUse {
         /// The target directory.

@@ -109,24 +109,25 @@ pub fn live_postmaster(dir: &Path) -> Result<Option<i32>, RestoreError> {
     // A server in another PID namespace (a sidecar container in the database's pod) is invisible
     // to kill(); PostgreSQL's own test (PGSharedMemoryIsInUse) asks whether any process is still
     // attached to the shared memory segment the file names, and pod containers share IPC.
-    let in_use = shm_id_of(&text).map(|id| shared_memory_attached(id, dir)).transpose()?.unwrap_or(false);
+    let in_use = shm_of(&text).map(|(key, id)| shared_memory_attached(key, id, dir)).transpose()?.unwrap_or(false);
     Ok(in_use.then_some(pid))
 }
 
-/// The System V shared memory id `postmaster.pid` records: its 7th line is `key id` (the
-/// server writes it once the segment exists; before that the line is missing).
-pub(crate) fn shm_id_of(pid_file: &str) -> Option<i32> {
+/// The System V shared memory key and id `postmaster.pid` records: its 7th line is `key id`
+/// (the server writes it once the segment exists; before that the line is missing).
+pub(crate) fn shm_of(pid_file: &str) -> Option<(i64, i32)> {
     let line = pid_file.lines().nth(6)?;
     let mut words = line.split_whitespace();
-    let (_key, id) = (words.next()?, words.next()?);
-    id.parse::<i32>().ok().filter(|&id| id >= 0)
+    let (key, id) = (words.next()?, words.next()?);
+    Some((key.parse::<i64>().ok()?, id.parse::<i32>().ok().filter(|&id| id >= 0)?))
 }
 
-/// Whether a process is attached to shared memory segment `id`, as PostgreSQL judges it: a
-/// segment that is gone (EINVAL, or EIDRM on Linux) or that the server of `dir` cannot own
+/// Whether a process is attached to shared memory segment `id` of key `key`, as PostgreSQL
+/// judges it: a segment that is gone (EINVAL, or EIDRM on Linux), that has another key (after
+/// a reboot the id can be another server's segment) or that the server of `dir` cannot own
 /// (unreadable to us, or owned by another user than the directory's) is not the server's.
 /// Any other failure to tell counts as attached.
-fn shared_memory_attached(id: i32, dir: &Path) -> Result<bool, RestoreError> {
+fn shared_memory_attached(key: i64, id: i32, dir: &Path) -> Result<bool, RestoreError> {
     // SAFETY: shmid_ds is plain data; IPC_STAT only fills it.
     let mut stat: libc::shmid_ds = unsafe { std::mem::zeroed() };
     // SAFETY: IPC_STAT reads the segment's status into `stat`, which lives for the call.
@@ -138,7 +139,9 @@ fn shared_memory_attached(id: i32, dir: &Path) -> Result<bool, RestoreError> {
     }
     use std::os::unix::fs::MetadataExt;
     let owner = std::fs::metadata(dir).map_err(io(dir))?.uid();
-    Ok(stat.shm_perm.uid == owner && stat.shm_nattch > 0)
+    // The server writes the key unsigned; key_t is signed.
+    let same_key = i64::from(stat.shm_perm.__key) == key || i64::from(stat.shm_perm.__key as u32) == key;
+    Ok(same_key && stat.shm_perm.uid == owner && stat.shm_nattch > 0)
 }
 
 /// A killed server whose parent has not reaped it yet (in a container whose init does not
@@ -1169,14 +1172,17 @@ mod tests {
     #[test]
     fn the_shared_memory_id_is_read_from_the_seventh_line_of_postmaster_pid() {
         let written = "4242\n/srv/data\n1700000000\n5432\n/tmp\n*\n  5432001     32769\nready   \n";
-        assert_eq!(shm_id_of(written), Some(32769));
+        assert_eq!(shm_of(written), Some((5432001, 32769)));
         // A server still starting has not written the line yet; a garbled one names nothing.
-        for unclear in
-            ["4242\n/srv/data\n1700000000\n5432\n", "1\n2\n3\n4\n5\n6\n  5432001\n", "1\n2\n3\n4\n5\n6\n7 x\n"]
-        {
-            assert_eq!(shm_id_of(unclear), None, "{unclear:?}");
+        for unclear in [
+            "4242\n/srv/data\n1700000000\n5432\n",
+            "1\n2\n3\n4\n5\n6\n  5432001\n",
+            "1\n2\n3\n4\n5\n6\n7 x\n",
+            "1\n2\n3\n4\n5\n6\nx 7\n",
+        ] {
+            assert_eq!(shm_of(unclear), None, "{unclear:?}");
         }
-        assert_eq!(shm_id_of("1\n2\n3\n4\n5\n6\n0 -1\n"), None);
+        assert_eq!(shm_of("1\n2\n3\n4\n5\n6\n0 -1\n"), None);
     }
 
     /// A server whose pid this process cannot see (another PID namespace) is running while a
@@ -1190,9 +1196,15 @@ mod tests {
                 unsafe { libc::shmctl(self.0, libc::IPC_RMID, std::ptr::null_mut()) };
             }
         }
-        // SAFETY: a fresh private segment, removed by the guard.
-        let id = unsafe { libc::shmget(libc::IPC_PRIVATE, 4096, libc::IPC_CREAT | 0o600) };
-        assert!(id >= 0, "shmget: {}", std::io::Error::last_os_error());
+        // A key of our own (as a server's is), unlikely to be taken: tried until one is free.
+        let (key, id) = (0..64)
+            .map(|i| 0x5174_0000 + (std::process::id() as i32 & 0xffff) * 64 + i)
+            .find_map(|key| {
+                // SAFETY: creates a fresh segment (IPC_EXCL), removed by the guard.
+                let id = unsafe { libc::shmget(key, 4096, libc::IPC_CREAT | libc::IPC_EXCL | 0o600) };
+                (id >= 0).then_some((key, id))
+            })
+            .expect("shmget: no free key");
         let segment = Segment(id);
         // SAFETY: attaches the segment just created; detached below.
         let at = unsafe { libc::shmat(id, std::ptr::null(), 0) };
@@ -1202,10 +1214,17 @@ mod tests {
         let dir = tmp.path();
         let invisible = dead_pid();
         let pid_file =
-            format!("{invisible}\n{}\n1700000000\n5432\n/tmp\n*\n  5432001 {id:>10}\nready\n", dir.display());
-        std::fs::write(dir.join("postmaster.pid"), &pid_file).unwrap();
+            |key: i64| format!("{invisible}\n{}\n1700000000\n5432\n/tmp\n*\n{key:>9} {id:>10}\nready\n", dir.display());
+        std::fs::write(dir.join("postmaster.pid"), pid_file(key.into())).unwrap();
         assert_eq!(live_postmaster(dir).unwrap(), Some(invisible));
-        assert!(matches!(check_target(dir, true), Err(RestoreError::TargetInUse { .. })));
+        let err = check_target(dir, true).unwrap_err();
+        assert!(matches!(err, RestoreError::TargetInUse { .. }), "{err}");
+        assert!(err.to_string().contains("remove its postmaster.pid"), "says how to go on if it is stale: {err}");
+        // After a reboot the id can name another cluster's segment: a key that differs is not
+        // this server's, however many processes are attached.
+        std::fs::write(dir.join("postmaster.pid"), pid_file(i64::from(key) + 1)).unwrap();
+        assert_eq!(live_postmaster(dir).unwrap(), None, "another key: the pid file is stale");
+        std::fs::write(dir.join("postmaster.pid"), pid_file(key.into())).unwrap();
 
         // SAFETY: detaches what shmat attached above.
         assert_eq!(unsafe { libc::shmdt(at) }, 0);

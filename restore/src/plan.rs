@@ -116,11 +116,18 @@ pub struct Catalog {
     /// Manifest names whose objects do not open or are not manifests: left out of `backups`
     /// (logged here; `verify` reports them).
     pub damaged_manifests: Vec<DamagedManifest>,
-    /// Every restore point the index holds, in WAL order (timeline, then LSN).
+    /// Every restore point the index holds, in WAL order (timeline, then LSN); empty until
+    /// [`Catalog::load_restore_points`] reads the index.
     pub restore_points: Vec<IndexedRestorePoint>,
     /// Why the index of restore points may be incomplete (entries that could not be read, a
-    /// failed listing): empty when it is complete. A restore to a name refuses while it is not.
+    /// failed listing): empty when it is complete. A restore to a name refuses while one of them
+    /// could hide an earlier restore point of that name.
     pub restore_point_problems: Vec<IndexProblem>,
+    /// Whether the index was read: it costs one GET per entry, and entries accumulate, so only
+    /// the readers that need it (list, `--to name:`, mark) read it.
+    restore_points_read: bool,
+    /// Whether the fallbacks' WAL was listed: their index entries are then read too.
+    fallbacks_listed: bool,
 }
 
 impl Catalog {
@@ -155,7 +162,8 @@ impl Catalog {
                 continuity::path_end(wal, &path).is_some_and(|end| m.lsn > end)
             })
         };
-        if !repo.fallbacks().is_empty() && (has_hole(&wal, &histories) || tail_lost(&wal)) {
+        let fallbacks_listed = !repo.fallbacks().is_empty() && (has_hole(&wal, &histories) || tail_lost(&wal));
+        if fallbacks_listed {
             let own: std::collections::BTreeSet<String> = names.iter().cloned().collect();
             for other in repo.fallbacks() {
                 match other.store.list(&layout.prefix()).await {
@@ -220,16 +228,7 @@ impl Catalog {
                 ranges,
             });
         }
-        // A timeline's first segment repeats its parent's WAL up to the switch point, so a restore
-        // point there is streamed (and indexed) once per timeline: one record (the same time to
-        // the microsecond), listed once, under the timeline that wrote it (the lower: the index
-        // is in timeline order). Two records that only share a place, on timelines that forked
-        // before it, differ in time and stay two.
-        let index = restore_points::load(repo, cluster.system_id).await;
-        let mut seen = std::collections::BTreeSet::new();
-        let points: Vec<RestorePoint> =
-            index.points.into_iter().filter(|p| seen.insert((p.lsn, p.end_lsn, p.time_us, p.name.clone()))).collect();
-        let mut catalog = Catalog {
+        Ok(Catalog {
             cluster,
             wal,
             backups,
@@ -240,17 +239,69 @@ impl Catalog {
             unlisted,
             damaged_manifests,
             restore_points: Vec::new(),
-            restore_point_problems: index.problems,
-        };
-        catalog.restore_points =
-            points.into_iter().map(|point| IndexedRestorePoint { point, unavailable: None }).collect();
-        // Judged with every entry in place: one may be unreachable for an older one of its name.
-        let unavailable: Vec<Option<String>> =
-            catalog.restore_points.iter().map(|p| catalog.restore_point_unavailable(&p.point)).collect();
-        for (p, why) in catalog.restore_points.iter_mut().zip(unavailable) {
-            p.unavailable = why;
+            restore_point_problems: Vec::new(),
+            restore_points_read: false,
+            fallbacks_listed,
+        })
+    }
+
+    /// [`Catalog::load`] and, when `restore_points`, [`Catalog::load_restore_points`].
+    pub async fn load_with(
+        repo: &Repository,
+        cluster: ClusterInfo,
+        restore_points: bool,
+    ) -> Result<Catalog, RepositoryError> {
+        let mut catalog = Catalog::load(repo, cluster).await?;
+        if restore_points {
+            catalog.load_restore_points(repo).await;
         }
         Ok(catalog)
+    }
+
+    /// Whether [`Catalog::load_restore_points`] ran.
+    pub fn restore_points_read(&self) -> bool {
+        self.restore_points_read
+    }
+
+    /// Reads the index of restore points (one GET per entry) and judges each against this
+    /// catalog. Never fails: what could not be read is in [`Catalog::restore_point_problems`].
+    pub async fn load_restore_points(&mut self, repo: &Repository) {
+        // A timeline's first segment repeats its parent's WAL up to the switch point, so a restore
+        // point there is streamed (and indexed) once per timeline: one record (the same time to
+        // the microsecond), listed once, under the timeline that wrote it (the lower: the index
+        // is in timeline order). Two records that only share a place, on timelines that forked
+        // before it, differ in time and stay two.
+        let index = restore_points::load(repo, self.cluster.system_id, self.fallbacks_listed).await;
+        let mut seen = std::collections::BTreeSet::new();
+        self.restore_points = index
+            .points
+            .into_iter()
+            .filter(|p| seen.insert((p.lsn, p.end_lsn, p.time_us, p.name.clone())))
+            .map(|point| IndexedRestorePoint { point, unavailable: None })
+            .collect();
+        self.restore_point_problems = index.problems;
+        self.restore_points_read = true;
+        // Judged with every entry in place: one may be unreachable for an older one of its name.
+        let unavailable: Vec<Option<String>> =
+            self.restore_points.iter().map(|p| self.restore_point_unavailable(&p.point)).collect();
+        for (p, why) in self.restore_points.iter_mut().zip(unavailable) {
+            p.unavailable = why;
+        }
+    }
+
+    /// The index problems that could hide an earlier restore point of a name a restore stops at.
+    /// Recovery replays nothing before the start of the backup it starts from, so an entry whose
+    /// name places it before every backup's start cannot (it stays listed); a failed listing, or
+    /// an entry at or after some backup's start, can.
+    fn blocking_index_problems(&self) -> Vec<&IndexProblem> {
+        let system_id = self.cluster.system_id;
+        self.restore_point_problems
+            .iter()
+            .filter(|p| match pitr_archive::names::pg::parse_restore_point(system_id, &p.object) {
+                Some((_, lsn)) => self.backups.is_empty() || self.backups.iter().any(|b| b.start_lsn <= lsn),
+                None => true,
+            })
+            .collect()
     }
 
     /// The newest timeline's path (the one restores follow), if the archive holds WAL.
@@ -329,14 +380,11 @@ impl Catalog {
     }
 
     /// Why `--to name:NAME` is refused while the index is incomplete, naming the entries.
-    fn incomplete_index(&self, name: &str) -> String {
+    fn incomplete_index(&self, name: &str, problems: &[&IndexProblem]) -> String {
         const SHOWN: usize = 5;
-        let mut shown: Vec<String> = self.restore_point_problems.iter().take(SHOWN).map(ToString::to_string).collect();
-        if self.restore_point_problems.len() > SHOWN {
-            shown.push(format!(
-                "and {} more (pitr list --json names them all)",
-                self.restore_point_problems.len() - SHOWN
-            ));
+        let mut shown: Vec<String> = problems.iter().take(SHOWN).map(ToString::to_string).collect();
+        if problems.len() > SHOWN {
+            shown.push(format!("and {} more (pitr list --json names them all)", problems.len() - SHOWN));
         }
         format!(
             "cannot restore to restore point {name:?}: the index of restore points is incomplete, and an entry \
@@ -359,8 +407,15 @@ impl Catalog {
     /// an older namesake; an unknown name is refused naming the known ones.
     pub fn restore_point(&self, name: &RestorePointName) -> Result<&IndexedRestorePoint, RestoreError> {
         let name = name.as_str();
-        if !self.restore_point_problems.is_empty() {
-            return Err(RestoreError::OutsideWindow(self.incomplete_index(name)));
+        if !self.restore_points_read {
+            return Err(RestoreError::OutsideWindow(format!(
+                "cannot resolve restore point {name:?}: the index of restore points was not read \
+                 (Catalog::load_restore_points)"
+            )));
+        }
+        let blocking = self.blocking_index_problems();
+        if !blocking.is_empty() {
+            return Err(RestoreError::OutsideWindow(self.incomplete_index(name, &blocking)));
         }
         let named = self.restore_points_named(name);
         let Some(newest) = named.last() else {
@@ -959,7 +1014,7 @@ mod tests {
         for p in [&held, &ahead, &copy] {
             restore_points::record(&repo, 7, p).await.unwrap();
         }
-        let catalog = Catalog::load(&repo, cluster.clone()).await.unwrap();
+        let catalog = Catalog::load_with(&repo, cluster.clone(), true).await.unwrap();
         let why: Vec<(&str, Option<&str>)> =
             catalog.restore_points.iter().map(|p| (p.point.name.as_str(), p.unavailable.as_deref())).collect();
         assert_eq!(why.len(), 2, "{why:?}");
@@ -978,7 +1033,7 @@ mod tests {
         // two restore points (not the copy a switch streams again: that one has the same time).
         let forked = RestorePoint { timeline: 3, time_us: 2, ..held.clone() };
         restore_points::record(&repo, 7, &forked).await.unwrap();
-        let catalog = Catalog::load(&repo, cluster.clone()).await.unwrap();
+        let catalog = Catalog::load_with(&repo, cluster.clone(), true).await.unwrap();
         let listed: Vec<(u32, i64)> =
             catalog.restore_points.iter().map(|p| (p.point.timeline, p.point.time_us)).collect();
         assert_eq!(listed, [(1, 1), (1, 1), (3, 2)], "held, ahead, and the forked namesake");
@@ -987,13 +1042,42 @@ mod tests {
         // drills), but a restore to any name is refused, naming the entry.
         let planted = pitr_archive::names::pg::restore_point(7, 1, seg + 0x80);
         repo.store().put_if_absent(&planted, b"PITRjunk".to_vec().into()).await.unwrap();
-        let catalog = Catalog::load(&repo, cluster).await.unwrap();
+        let catalog = Catalog::load(&repo, cluster.clone()).await.unwrap();
+        assert!(catalog.restore_points.is_empty() && catalog.restore_point_problems.is_empty(), "not read by load");
+        let err = catalog.restore_point(&name("held")).unwrap_err().to_string();
+        assert!(err.contains("index of restore points was not read"), "{err}");
+        let catalog = Catalog::load_with(&repo, cluster.clone(), true).await.unwrap();
         assert_eq!(catalog.restore_points.len(), 3);
         assert_eq!(catalog.restore_point_problems.len(), 1, "{:?}", catalog.restore_point_problems);
         for n in ["held", "nope"] {
             let err = catalog.restore_point(&name(n)).unwrap_err().to_string();
             assert!(err.contains("index of restore points is incomplete") && err.contains(&planted), "{err}");
         }
+
+        // With a backup starting after the damaged entry, recovery from it never replays that
+        // place: the entry stays a problem (listed) but no longer blocks a restore to a name.
+        // One at or after the backup's start still does.
+        let backup: BackupManifest = serde_json::from_value(serde_json::json!({
+            "id": "B", "kind": "full", "system_id": 7, "server_version_num": 150000, "timeline": 1,
+            "start_lsn": seg + 0xc0, "stop_lsn": seg + 0xf0,
+            "start_time_us": 0, "stop_time_us": 0,
+            "block_size": 8192, "tablespaces": [], "entries": [], "files": [], "server_manifest": "{}",
+            "logical_bytes": 0, "stored_bytes": 0
+        }))
+        .unwrap();
+        backup.store(&repo).await.unwrap();
+        let later = point("later", seg + 0x200);
+        restore_points::record(&repo, 7, &later).await.unwrap();
+        let catalog = Catalog::load_with(&repo, cluster.clone(), true).await.unwrap();
+        assert_eq!(catalog.restore_point_problems.len(), 1, "still listed: {:?}", catalog.restore_point_problems);
+        let found = catalog.restore_point(&name("later")).expect("the older damaged entry no longer blocks");
+        assert_eq!(found.point, later);
+        let after = pitr_archive::names::pg::restore_point(7, 1, seg + 0xd0);
+        repo.store().put_if_absent(&after, b"PITRjunk".to_vec().into()).await.unwrap();
+        let catalog = Catalog::load_with(&repo, cluster, true).await.unwrap();
+        let err = catalog.restore_point(&name("later")).unwrap_err().to_string();
+        assert!(err.contains("index of restore points is incomplete") && err.contains(&after), "{err}");
+        assert!(!err.contains(&planted), "only the entry that can matter is named: {err}");
     }
 
     /// A restore point on an ancestor timeline is on the newest timeline's path only if its

@@ -337,7 +337,7 @@ pub(crate) async fn current_catalog<'a>(
         None => Ok(Cow::Borrowed(catalog)),
         Some(why) => {
             tracing::info!(why = %why, "the repository may have changed since it was read; reading it again");
-            Ok(Cow::Owned(Catalog::load(repo, catalog.cluster.clone()).await?))
+            Ok(Cow::Owned(Catalog::load_with(repo, catalog.cluster.clone(), catalog.restore_points_read()).await?))
         }
     }
 }

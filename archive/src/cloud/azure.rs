@@ -61,8 +61,26 @@ fn truthy(value: &str) -> bool {
 }
 
 pub(crate) fn build(container: &str, opts: &CloudOptions) -> Result<MicrosoftAzure, String> {
+    let builder = configure(MicrosoftAzureBuilder::from_env(), container, opts)?;
+    let credentials = Arc::new(OnceLock::new());
+    let azure = builder
+        .with_client_options(client_options(opts))
+        .with_retry(retry_config(opts))
+        .with_http_connector(CommitConnector { credentials: credentials.clone() })
+        .build()
+        .map_err(|e| e.to_string())?;
+    let _ = credentials.set(azure.credentials().clone());
+    Ok(azure)
+}
+
+/// `builder` (the environment's settings) with the container and pitr's settings, checked.
+fn configure(
+    builder: MicrosoftAzureBuilder,
+    container: &str,
+    opts: &CloudOptions,
+) -> Result<MicrosoftAzureBuilder, String> {
     check_container_name(container)?;
-    let mut builder = MicrosoftAzureBuilder::from_env().with_container_name(container);
+    let mut builder = builder.with_container_name(container);
     if let Some(account) = &opts.storage_account {
         builder = builder.with_account(account);
     }
@@ -86,15 +104,7 @@ pub(crate) fn build(container: &str, opts: &CloudOptions) -> Result<MicrosoftAzu
             return Err("no storage account: set [repository] storage_account or AZURE_STORAGE_ACCOUNT_NAME".to_string())
         }
     }
-    let credentials = Arc::new(OnceLock::new());
-    let azure = builder
-        .with_client_options(client_options(opts))
-        .with_retry(retry_config(opts))
-        .with_http_connector(CommitConnector { credentials: credentials.clone() })
-        .build()
-        .map_err(|e| e.to_string())?;
-    let _ = credentials.set(azure.credentials().clone());
-    Ok(azure)
+    Ok(builder)
 }
 
 #[derive(Debug)]
@@ -193,6 +203,35 @@ mod tests {
         for off in ["0", "false", "off", "no", "n", ""] {
             assert!(!truthy(off), "{off}");
         }
+    }
+
+    #[test]
+    fn endpoints_accounts_and_emulator_mode_are_checked() {
+        let opts = |endpoint: Option<&str>, account: Option<&str>| CloudOptions {
+            endpoint: endpoint.map(str::to_string),
+            storage_account: account.map(str::to_string),
+            ..Default::default()
+        };
+        let endpoint = |b: &MicrosoftAzureBuilder| b.get_config_value(&AzureConfigKey::Endpoint);
+        // A trailing `/` is dropped.
+        let b = configure(MicrosoftAzureBuilder::new(), "pitr", &opts(Some("http://h:1/acct/"), Some("acct"))).unwrap();
+        assert_eq!(endpoint(&b).as_deref(), Some("http://h:1/acct"));
+        // The account from the environment is checked as the configured one.
+        let env = MicrosoftAzureBuilder::new().with_config(AzureConfigKey::AccountName, "My_Account");
+        let err = configure(env, "pitr", &opts(None, None)).unwrap_err();
+        assert!(err.contains("\"My_Account\"") && err.contains("3 to 24"), "{err}");
+        let err = configure(MicrosoftAzureBuilder::new(), "pitr", &opts(None, None)).unwrap_err();
+        assert!(err.contains("storage_account") && err.contains("AZURE_STORAGE_ACCOUNT_NAME"), "{err}");
+        // Emulator mode, spelt as object_store accepts it: no account needed, an endpoint refused
+        // (object_store would ignore it).
+        for on in ["1", "yes", "TRUE"] {
+            let env = || MicrosoftAzureBuilder::new().with_config(AzureConfigKey::UseEmulator, on);
+            assert!(configure(env(), "pitr", &opts(None, None)).is_ok(), "{on}");
+            let err = configure(env(), "pitr", &opts(Some("http://h:1/acct"), None)).unwrap_err();
+            assert!(err.contains("AZURE_STORAGE_USE_EMULATOR") && err.contains("http://h:1/acct"), "{on}: {err}");
+        }
+        let off = MicrosoftAzureBuilder::new().with_config(AzureConfigKey::UseEmulator, "no");
+        assert!(configure(off, "pitr", &opts(None, None)).is_err());
     }
 
     #[test]

@@ -166,6 +166,12 @@ pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
         println!("RETENTION NOT EXTENDED {}: {}", x.object, x.why);
     }
     print_sets(dumps.as_ref(), file_sets.as_ref(), dry_run, false)?;
+    if report.removed_restore_points > 0 {
+        println!(
+            "{verb} {} restore point index entries (their WAL is below the retention floor)",
+            report.removed_restore_points
+        );
+    }
     println!(
         "{verb} {} backups, {} WAL objects, {} blocks ({} bytes){}",
         report.removed_backups.len(),

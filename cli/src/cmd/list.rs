@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use pitr_pgformat::lsn::format_lsn;
 
 use super::{dump, mongo};
@@ -83,10 +83,19 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
         }
         return Ok(());
     }
-    let catalog = open::checked_catalog(&config, &repo).await?;
-    let pins = pitr_archive::pins::PinSet::load(&repo, catalog.cluster.system_id)
-        .await
-        .with_context(|| format!("reading the pins in {}", repo.location()))?;
+    let mut catalog = open::checked_catalog(&config, &repo).await?;
+    catalog.load_restore_points(&repo).await;
+    // Without the pins every backup is still listed, only not marked pinned: the error says so.
+    let (pins, pins_error) = match pitr_archive::pins::PinSet::load(&repo, catalog.cluster.system_id).await {
+        Ok(pins) => (pins, None),
+        Err(e) => (
+            pitr_archive::pins::PinSet::default(),
+            Some(format!(
+                "reading the pins in {}: {e} (backups are listed without their pins and notes)",
+                repo.location()
+            )),
+        ),
+    };
     let now = pitr_archive::now_us();
     let fmt = pitr_restore::format_time;
     let backups: Vec<ListedBackup> = catalog
@@ -140,6 +149,7 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
             "recoverable_windows": windows,
             "restore_points": listed_restore_points(&catalog),
             "restore_point_index_problems": catalog.restore_point_problems,
+            "pins_error": pins_error,
             "mongo": mongo::list_json(&config, &repo).await?,
             "dumps": dumps,
             "file_sets": file_sets,
@@ -173,6 +183,9 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
                 println!("  {}", pin.trim_start());
             }
         }
+    }
+    if let Some(e) = &pins_error {
+        println!("pins error: {e}");
     }
     println!("incremental backups: {}", incrementals.summary);
     for w in &windows {

@@ -142,7 +142,7 @@ pub async fn run(config_path: &Path, name: &str, json: bool, timeout: Duration, 
 /// cannot be listed refuses too (nothing was created yet: running it again is safe); unreadable
 /// entries only earn a warning (`pitr list` names them).
 async fn refuse_known_name(repo: &Repository, system_id: u64, name: &str) -> Result<()> {
-    let index = restore_points::load(repo, system_id).await;
+    let index = restore_points::load(repo, system_id, false).await;
     let prefix = pitr_archive::names::pg::restore_points_prefix(system_id);
     if let Some(failed) = index.problems.iter().find(|p| p.object == prefix) {
         bail!("cannot check that restore point {name:?} is new: {failed}; nothing was created (run it again later)");

@@ -77,7 +77,10 @@ pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
         return Err(pitr_restore::RestoreError::StandbyTarget(target.to_string()).into());
     }
     let repo = open::reader(&config, args.from.as_deref())?;
-    let catalog = open::checked_catalog(&config, &repo).await?;
+    let mut catalog = open::checked_catalog(&config, &repo).await?;
+    if matches!(target, pitr_restore::RecoveryTarget::Name(_)) {
+        catalog.load_restore_points(&repo).await;
+    }
     let restore_command = tasks::restore_command(config_path, args.from.as_deref())?;
     let start = if args.start {
         let bin_dir = tasks::pg_bin_dir(&config, &catalog)?;

@@ -35,6 +35,9 @@ struct StatusReport {
     /// Backups pinned now (`pitr pin`), oldest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pinned_backups: Vec<PinnedBackup>,
+    /// Why the pins could not be read (`pinned_backups` is then empty, the rest stands).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pins_error: Option<String>,
 }
 
 #[derive(serde::Serialize)]
@@ -138,14 +141,19 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
             Some(t) => pitr_restore::plan::newest_commit_us(&repo, &catalog, t).await?,
             None => None,
         };
-        let pinned = pinned_backups(&repo, cluster.system_id).await?;
+        // Pins are an aside here: a failure to read them is shown, not the command's error.
+        let pinned = pinned_backups(&repo, cluster.system_id).await.map_err(|e| format!("{e:#}"));
         anyhow::Ok((cluster.system_id, timeline, archived, newest_commit, pinned))
     };
     let (mut repository_error, system_id, timeline, archived, newest_commit, pinned_backups) =
         match from_repository.await {
             Ok((id, t, a, c, p)) => (None, Some(id), t, a, c, p),
-            Err(e) => (Some(e), None, None, None, None, Vec::new()),
+            Err(e) => (Some(e), None, None, None, None, Ok(Vec::new())),
         };
+    let (pinned_backups, pins_error) = match pinned_backups {
+        Ok(p) => (p, None),
+        Err(e) => (Vec::new(), Some(format!("reading the pins: {e}"))),
+    };
 
     let (primary_lsn, primary_error) = match &config.postgres {
         Some(pg) => match primary_position(pg).await {
@@ -199,6 +207,7 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
         sidecar,
         secondaries,
         pinned_backups,
+        pins_error,
     };
     if json {
         output::print_json(&report)?;
@@ -274,6 +283,9 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
     }
     for p in &report.pinned_backups {
         println!("pinned backup:          {}{}", p.id, p.pin.suffix());
+    }
+    if let Some(e) = &report.pins_error {
+        println!("pins error:             {e}");
     }
     repository_error.map_or(Ok(()), Err)
 }
