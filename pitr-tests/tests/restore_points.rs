@@ -133,10 +133,11 @@ fn marked_and_sql_made_restore_points_are_indexed_listed_and_restored_to_exactly
     );
     expect_failure(&env.config, &["restore", "--to", "name:", "--target-dir", &target_arg], &["not empty"]);
     assert!(!target.exists(), "a refused restore wrote {}", target.display());
-    // A drill and a table restore too (as the database's OS user, as they run).
+    // A drill, a partial drill and a table restore too (as the database's OS user, as they run).
     let into = cluster.conninfo("postgres");
     for args in [
         vec!["drill", "--to", "name:nope", "--db-user", "postgres"],
+        vec!["drill", "--partial", "--to", "name:nope", "--db-user", "postgres"],
         vec!["restore", "--to", "name:nope", "--table", "public.t", "--into", &into],
     ] {
         let out = env.run_as_pg_user(&args)?;
