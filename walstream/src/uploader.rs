@@ -464,7 +464,7 @@ mod tests {
         let lease = Lease::acquire(&repo, SYSTEM_ID, "a", Duration::from_secs(60)).await.unwrap();
         let (task, _progress) = spawn(repo.clone(), lease.guard(), with_point());
         let indexed = async {
-            while pitr_archive::restore_points::load(&repo, SYSTEM_ID).await.points.is_empty() {
+            while pitr_archive::restore_points::load(&repo, SYSTEM_ID, false).await.points.is_empty() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
@@ -480,7 +480,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(wal_objects(&repo).await.len(), 1);
-        assert_eq!(pitr_archive::restore_points::load(&repo, SYSTEM_ID).await.points, vec![point]);
+        assert_eq!(pitr_archive::restore_points::load(&repo, SYSTEM_ID, false).await.points, vec![point]);
         assert_eq!(shared.with(|p| p.stats().errors), 0, "the second put of the entry is no error");
     }
 
@@ -504,7 +504,7 @@ mod tests {
             .unwrap();
         assert_eq!(wal_objects(&repo).await.len(), 1);
         assert_eq!(shared.with(|p| p.stats().errors), 0, "not a failed put, retried forever");
-        let index = pitr_archive::restore_points::load(&repo, SYSTEM_ID).await;
+        let index = pitr_archive::restore_points::load(&repo, SYSTEM_ID, false).await;
         assert_eq!((index.points.len(), index.problems.len()), (0, 1), "{index:?}");
         assert_eq!(index.problems[0].object, planted);
     }
