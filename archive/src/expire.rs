@@ -1083,33 +1083,42 @@ mod tests {
         assert_eq!(replaced.len(), 3);
     }
 
+    /// 2026-01-05, the first day of [`three_daily_backups`].
+    const DAY0: i64 = 1_767_571_200_000_000;
+
+    /// Backups A, B, C on days 0, 1, 2 from [`DAY0`], each within its own segment 10, 11, 12
+    /// (stopping `stop_offset` bytes into it); WAL segments 10..=13.
+    async fn three_daily_backups(repo: &Repository, raw: &LocalStore, stop_offset: u64) {
+        let layout = WalLayout::new(&cluster());
+        for (i, id) in ["A", "B", "C"].into_iter().enumerate() {
+            let seg = 10 + i as u64;
+            let start = DAY0 + i as i64 * DAY_US;
+            let m: BackupManifest = serde_json::from_value(serde_json::json!({
+                "id": id, "kind": "full", "system_id": 7, "server_version_num": 150000, "timeline": 1,
+                "start_lsn": seg << 24, "stop_lsn": (seg << 24) + stop_offset,
+                "start_time_us": start, "stop_time_us": start + 60_000_000,
+                "block_size": 8192, "tablespaces": [], "entries": [], "files": [], "server_manifest": "{}",
+                "logical_bytes": 0, "stored_bytes": 0
+            }))
+            .unwrap();
+            m.store(repo).await.unwrap();
+        }
+        for segno in 10..=13 {
+            let name = layout.object_name(&WalObject::Segment { timeline: 1, segno });
+            raw.put_if_absent(&name, bytes::Bytes::from_static(b"wal")).await.unwrap();
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_pinned_backup_stays_with_its_wal_until_unpinned_and_its_records_go_with_it() {
         use crate::pins::{self, Change, Pin};
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
         let raw = LocalStore::new(dir.path());
-        const DAY: i64 = 86_400_000_000;
-        let day0 = 1_767_571_200_000_000; // 2026-01-05
+        const DAY: i64 = DAY_US;
+        let day0 = DAY0;
         let layout = WalLayout::new(&cluster());
-        // Backups on days 0, 1, 2, each within its own segment 10, 11, 12; WAL 10..=13.
-        for (i, id) in ["A", "B", "C"].into_iter().enumerate() {
-            let seg = 10 + i as u64;
-            let start = day0 + i as i64 * DAY;
-            let m: BackupManifest = serde_json::from_value(serde_json::json!({
-                "id": id, "kind": "full", "system_id": 7, "server_version_num": 150000, "timeline": 1,
-                "start_lsn": seg << 24, "stop_lsn": (seg << 24) + 100,
-                "start_time_us": start, "stop_time_us": start + 60_000_000,
-                "block_size": 8192, "tablespaces": [], "entries": [], "files": [], "server_manifest": "{}",
-                "logical_bytes": 0, "stored_bytes": 0
-            }))
-            .unwrap();
-            m.store(&repo).await.unwrap();
-        }
-        for segno in 10..=13 {
-            let name = layout.object_name(&WalObject::Segment { timeline: 1, segno });
-            raw.put_if_absent(&name, bytes::Bytes::from_static(b"wal")).await.unwrap();
-        }
+        three_daily_backups(&repo, &raw, 100).await;
         let now = day0 + 3 * DAY;
         let forever = Change::Pin { pin: Pin::Forever, note: Some("before the upgrade".into()) };
         pins::change(&repo, 7, "A", forever, now).await.unwrap();
@@ -1195,34 +1204,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
         let raw = LocalStore::new(dir.path());
-        let day0 = 1_767_571_200_000_000;
-        let layout = WalLayout::new(&cluster());
-        // Backups A, B, C on days 0, 1, 2, each within its own segment 10, 11, 12; WAL 10..=13.
-        for (i, id) in ["A", "B", "C"].into_iter().enumerate() {
-            let seg = 10 + i as u64;
-            let start = day0 + i as i64 * DAY_US;
-            let m: BackupManifest = serde_json::from_value(serde_json::json!({
-                "id": id, "kind": "full", "system_id": 7, "server_version_num": 150000, "timeline": 1,
-                "start_lsn": seg << 24, "stop_lsn": (seg << 24) + 0x100,
-                "start_time_us": start, "stop_time_us": start + 60_000_000,
-                "block_size": 8192, "tablespaces": [], "entries": [], "files": [], "server_manifest": "{}",
-                "logical_bytes": 0, "stored_bytes": 0
-            }))
-            .unwrap();
-            m.store(&repo).await.unwrap();
-        }
-        for segno in 10..=13 {
-            let name = layout.object_name(&WalObject::Segment { timeline: 1, segno });
-            raw.put_if_absent(&name, bytes::Bytes::from_static(b"wal")).await.unwrap();
-        }
-        let now = day0 + 3 * DAY_US;
+        three_daily_backups(&repo, &raw, 0x100).await;
+        let now = DAY0 + 3 * DAY_US;
         pins::change(&repo, 7, "A", Change::Pin { pin: Pin::Forever, note: None }, now).await.unwrap();
         let point = |name: &str, lsn: u64| RestorePoint {
             name: name.into(),
             timeline: 1,
             lsn,
             end_lsn: lsn + 104,
-            time_us: day0,
+            time_us: DAY0,
         };
         // Inside pinned A's start..stop (its WAL stays); after A (segment 10, below the floor C
         // sets); in B's segment (B goes); after C (above the floor).

@@ -253,10 +253,12 @@ async fn serve(client: TcpStream, upstream: SocketAddr, faults: Arc<Faults>, sta
                         Ok(more) => request.extend_from_slice(&buf[..more]),
                     }
                 }
+                // Counted before the reply goes out: the client may act on it (and the test
+                // read the count) before this task runs again.
+                stats.answered.fetch_add(1, Ordering::SeqCst);
                 let mut client = client_wr.lock().await;
                 let _ = client.write_all(&reply).await;
                 let _ = client.shutdown().await;
-                stats.answered.fetch_add(1, Ordering::SeqCst);
                 return true;
             }
             let take = exchange.forward(got);

@@ -196,27 +196,6 @@ async fn store_contract() -> Result<()> {
     Ok(())
 }
 
-fn archived_lsn(env: &PitrEnv) -> Result<u64> {
-    let status: serde_json::Value = serde_json::from_str(&env.run_ok(&["status", "--json"])?)?;
-    Ok(status["archived_lsn"].as_str().map(lsn_to_u64).unwrap_or(0))
-}
-
-/// The sidecar's own status file (`pitr status` needs the repository, which may be down).
-fn sidecar_status(env: &PitrEnv) -> Result<serde_json::Value> {
-    Ok(serde_json::from_slice(&std::fs::read(&env.status_file)?)?)
-}
-
-fn metric(env: &PitrEnv, name: &str) -> Result<f64> {
-    let (code, body) = env.http_get("/metrics")?;
-    ensure!(code == 200, "/metrics answered {code}");
-    Ok(body
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0))
-}
-
 const STATE: &str = "select count(*) || ' ' || coalesce(md5(string_agg(id || ':' || v, ',' order by id)), '-') from t";
 
 fn insert(cluster: &PgCluster, from: u32, n: u32) -> Result<()> {
@@ -278,10 +257,10 @@ fn pg15_round_trip_and_outage() -> Result<()> {
     insert(&cluster, 1001, 1000)?;
     let before = cluster.current_lsn()?;
     wait_until("the archive to catch up before the outage", Duration::from_secs(60), || {
-        Ok(archived_lsn(&env)? >= before)
+        Ok(env.archived_lsn()? >= before)
     })
     .with_context(|| env.stream_logs())?;
-    let errors_before = metric(&env, "pitr_upload_errors_total")?;
+    let errors_before = env.metric("pitr_upload_errors_total")?;
 
     // The server goes away mid-stream; writes go on.
     azurite.stop()?;
@@ -294,10 +273,10 @@ fn pg15_round_trip_and_outage() -> Result<()> {
     insert(&cluster, 2501, 500)?;
     cluster.psql("delete from t where id % 7 = 0")?;
     wait_until("upload errors to be counted", Duration::from_secs(30), || {
-        Ok(metric(&env, "pitr_upload_errors_total")? > errors_before)
+        Ok(env.metric("pitr_upload_errors_total")? > errors_before)
     })
     .with_context(|| env.stream_logs())?;
-    let archive_end = sidecar_status(&env)?["durable_lsn"].as_u64().context("durable_lsn")?;
+    let archive_end = env.sidecar_status()?["durable_lsn"].as_u64().context("durable_lsn")?;
     // `pitr status` fails with one error that names the repository, and still shows the lag.
     let out = env.run(&["status", "--json"])?;
     ensure!(!out.status.success(), "pitr status succeeded with the storage down");
@@ -322,10 +301,10 @@ fn pg15_round_trip_and_outage() -> Result<()> {
     insert(&cluster, 3001, 100)?;
     let end = cluster.current_lsn()?;
     wait_until("the sidecar to catch up after the outage", Duration::from_secs(120), || {
-        Ok(sidecar_status(&env)?["durable_lsn"].as_u64().unwrap_or(0) >= end)
+        Ok(env.sidecar_status()?["durable_lsn"].as_u64().unwrap_or(0) >= end)
     })
     .with_context(|| env.stream_logs())?;
-    ensure!(archived_lsn(&env)? >= end, "the repository lacks WAL the sidecar reported durable");
+    ensure!(env.archived_lsn()? >= end, "the repository lacks WAL the sidecar reported durable");
     let logs = env.stream_logs();
     ensure!(
         logs.contains("archive put failed; retrying") || logs.contains("WAL puts are paused until a renewal succeeds"),
@@ -353,7 +332,7 @@ fn pg15_round_trip_and_outage() -> Result<()> {
     env.wait_streaming(&cluster)?;
     let last = cluster.psql(STATE)?;
     let end = cluster.current_lsn()?;
-    wait_until("the restarted sidecar to catch up", Duration::from_secs(60), || Ok(archived_lsn(&env)? >= end))
+    wait_until("the restarted sidecar to catch up", Duration::from_secs(60), || Ok(env.archived_lsn()? >= end))
         .with_context(|| env.stream_logs())?;
 
     for (to, expected) in [(moment.as_str(), &at_moment), ("latest", &last)] {
