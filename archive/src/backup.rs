@@ -44,6 +44,20 @@ impl BlockHasher {
     }
 }
 
+/// The repository's dedup key if it has one; never creates it (a restore, which only reads).
+pub async fn existing_block_hasher(repo: &Repository) -> Result<Option<BlockHasher>, RepositoryError> {
+    match repo.get_record(DEDUP_KEY).await {
+        Ok((_, bytes)) => {
+            let key: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| RepositoryError::Invalid { name: DEDUP_KEY.into(), what: "not 32 bytes".into() })?;
+            Ok(Some(BlockHasher { key }))
+        }
+        Err(RepositoryError::Store(e)) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The repository's dedup key, created on first use. Two writers racing both end up with
 /// whichever key was stored first.
 pub async fn block_hasher(repo: &Repository) -> Result<BlockHasher, RepositoryError> {
@@ -146,6 +160,41 @@ impl std::fmt::Display for BackupKind {
     }
 }
 
+/// Which kind of server a backup was taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerRole {
+    /// The primary the archive streams from (`[postgres] conninfo`).
+    Primary,
+    /// A streaming standby of it (`[backup] conninfo`).
+    Standby,
+}
+
+impl ServerRole {
+    /// `primary` or `standby`: in manifests, listings and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerRole::Primary => "primary",
+            ServerRole::Standby => "standby",
+        }
+    }
+}
+
+/// Where a backup was taken: the server's role and address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakenFrom {
+    /// Primary or standby.
+    pub role: ServerRole,
+    /// The server's `host:port` (or socket directory) as pitr connected to it.
+    pub host: String,
+}
+
+impl std::fmt::Display for TakenFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.role.as_str(), self.host)
+    }
+}
+
 /// Everything needed to materialise a backup, and to judge what it can restore.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackupManifest {
@@ -190,6 +239,10 @@ pub struct BackupManifest {
     pub logical_bytes: u64,
     /// See `logical_bytes`.
     pub stored_bytes: u64,
+    /// Where the backup was taken; absent in manifests written before pitr recorded it (those
+    /// were all taken from the primary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_from: Option<TakenFrom>,
 }
 
 fn default_page_size() -> u32 {
@@ -295,6 +348,26 @@ mod tests {
         assert_eq!(format!("{:<11}|", BackupKind::Full), "full       |");
     }
 
+    #[test]
+    fn where_a_backup_was_taken_is_optional_and_written_in_words() {
+        let mut m = serde_json::json!({
+            "id": "20261206T000000Z", "kind": "full", "system_id": 7, "server_version_num": 150000,
+            "timeline": 1, "start_lsn": 1, "stop_lsn": 2, "start_time_us": 0, "stop_time_us": 1,
+            "block_size": 8192, "tablespaces": [], "entries": [], "files": [], "server_manifest": "{}",
+            "logical_bytes": 0, "stored_bytes": 0
+        });
+        // A manifest written before the field existed.
+        let old: BackupManifest = serde_json::from_value(m.clone()).unwrap();
+        assert_eq!(old.taken_from, None);
+        assert!(!serde_json::to_value(&old).unwrap().as_object().unwrap().contains_key("taken_from"));
+        m["taken_from"] = serde_json::json!({"role": "standby", "host": "db2:5432"});
+        let new: BackupManifest = serde_json::from_value(m).unwrap();
+        let from = new.taken_from.clone().unwrap();
+        assert_eq!(from, TakenFrom { role: ServerRole::Standby, host: "db2:5432".into() });
+        assert_eq!(from.to_string(), "standby db2:5432");
+        assert_eq!(serde_json::to_value(&new).unwrap()["taken_from"]["role"], "standby");
+    }
+
     #[tokio::test]
     async fn a_planted_manifest_stops_the_strict_list_and_is_left_out_of_the_sound_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -319,6 +392,7 @@ mod tests {
             server_manifest: "{}".into(),
             logical_bytes: 0,
             stored_bytes: 0,
+            taken_from: None,
         };
         good.store(&repo).await.unwrap();
         let planted = names::pg::backup_manifest(7, "20261207T000000Z");

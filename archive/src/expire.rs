@@ -7,6 +7,13 @@
 //! 3. blocks no remaining manifest references, under the expire lock and only if no backup is
 //!    running (see [`crate::running`]), stopping at the lock's sweep deadline.
 //!
+//! Pinned backups ([`crate::pins`], read after the lock is put and after the manifests are
+//! listed) are kept with their chains and their start..stop WAL (reason `pinned`); the pin
+//! records of a backup this run removes are deleted after its manifest. Records of a backup that
+//! never got a manifest (`pitr backup --keep-forever` writes its record first, and may fail after)
+//! are deleted with the block sweep, under the same condition (no backup running), once older than
+//! `stale_backup_after`.
+//!
 //! Running restores and drills keep what they read (see [`crate::running`]): the backups of
 //! their plans are not removed, nor the WAL from where their replay starts; one that has not
 //! chosen its backup yet (or whose marker cannot be read) keeps every backup and all WAL. Markers
@@ -26,7 +33,12 @@
 //! not in a dry run: every object a backup kept by a GFS rule needs (its manifest, its blocks, the
 //! WAL from its start to its stop segment and its timeline's history) has its retention extended
 //! to the latest date the policy may keep that backup ([`retention::keep_until`]; for an object
-//! several backups need, the latest of their dates). This runs after the expire lock is released:
+//! several backups need, the latest of their dates). A pinned backup's objects, and its pin record
+//! in force, are retained until its pin's date or now + [`ExpireOptions::keep_forever_lock`],
+//! whichever comes first (moved on by every run, so the lock never lapses while runs come more
+//! often than that, and an `--until` far ahead is not locked in before an unpin could undo it);
+//! the repository marker, the dedup key and the cluster record until the latest date of all.
+//! This runs after the expire lock is released:
 //! it deletes nothing, so backups need not wait for it.
 //!
 //! [`Store::has_retention`]: crate::store::Store::has_retention
@@ -40,7 +52,9 @@ use serde::Serialize;
 
 use crate::backup::{BackupKind, BackupManifest};
 use crate::names::pg;
+use crate::pins::{Pin, PinSet};
 use crate::repository::{ClusterInfo, Repository, RepositoryError};
+use crate::restore_points;
 use crate::retention::{self, BackupPoint, Policy, Reason, Timelines, WalPlan};
 use crate::running::{self, Activity, ExpireLock, LockError, ReaderNeeds, Run, Trust, Untrusted};
 use crate::seal::{ObjectKind, ObjectMeta};
@@ -64,6 +78,10 @@ pub struct ExpireOptions {
     pub stale_backup_after: Duration,
     /// Lifetime of the expire lock; blocks are deleted only during its first half.
     pub lock_ttl: Duration,
+    /// With S3 Object Lock: how far past now each run extends the retention of what a pinned
+    /// backup needs (`object_lock_days`; an `--until` pin ending sooner, to its date); unused
+    /// without a retention to extend.
+    pub keep_forever_lock: Duration,
 }
 
 /// Why an expire run stopped. What it deleted before the error stays deleted; the repository is
@@ -95,6 +113,12 @@ pub struct KeptBackup {
     /// Every rule that keeps it (empty for one kept only because its manifest delete was refused
     /// or an incremental on it could not be removed; see [`ExpireReport::retained`]).
     pub reasons: Vec<Reason>,
+    /// Its pin in force, `forever` or `until <time>` ([`crate::pins::Pin::describe`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+    /// Its note, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// A backup whose manifest was deleted (dry run: would be).
@@ -174,6 +198,9 @@ pub struct ExpireReport {
     pub removed_wal_objects: usize,
     /// Unreferenced blocks deleted.
     pub removed_blocks: usize,
+    /// Index entries of restore points deleted: their WAL is below the retention floor and in no
+    /// kept backup's start..stop, so no restore can reach them or be stopped by them.
+    pub removed_restore_points: usize,
     /// Stored bytes of everything removed (or, dry run, that would be).
     pub removed_bytes: u64,
     /// Objects the storage refused to delete (Object Lock, permissions), and manifests kept
@@ -195,12 +222,15 @@ pub struct ExpireReport {
     pub running_restores: Vec<String>,
     /// Markers and locks of crashed runs, removed (dry run: found).
     pub stale_removed: Vec<String>,
+    /// Backups that never got a manifest whose pin records were removed (dry run: would be):
+    /// a `pitr backup --keep-forever` or `--note` that failed after recording its pin.
+    pub orphan_pins_removed: Vec<String>,
     /// Live-looking markers and locks, and retention floors, that are not pitr's (they do not
     /// open with the repository's keys, or disagree with their names): not obeyed and left in
     /// place for inspection, except a floor under the name of one this run writes, which is
     /// replaced.
     pub untrusted: Vec<Untrusted>,
-    /// With S3 Object Lock: the backups kept by a GFS rule, each with the date its objects are to
+    /// With S3 Object Lock: the backups kept by a GFS rule or a pin, each with the date its objects are to
     /// be retained until (see [`retention::keep_until`]). Empty where the store has no retention.
     pub retention_until: Vec<RetentionTarget>,
     /// Distinct objects of those backups whose retention was read (not in a dry run), and of
@@ -217,6 +247,11 @@ pub struct ExpireReport {
 /// Whether a failed delete was the storage refusing it, rather than a failure.
 pub fn refused(e: &StoreError) -> bool {
     e.is_denied() || matches!(e, StoreError::Io { cause, .. } if cause.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
+/// A span in µs, saturating.
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 /// Times in the expire report: as many fraction digits as the moment has.
@@ -346,12 +381,17 @@ pub async fn expire(
 }
 
 /// What each kept backup needs retained, and until when: `(targets for the report, object →
-/// latest date)`. Dates already past are left out (nothing to extend).
+/// latest date)`. Dates already past are left out (nothing to extend). `pin_records`: the pin
+/// record in force of each pinned backup, retained with it (an unpin writes a new record, so this
+/// one's lock undoes nothing; without it a pin could be deleted under the lock of its backup).
+/// What every restore reads besides (the repository marker, the dedup key, the cluster record)
+/// gets the latest date of all.
 fn retention_plan(
     system_id: u64,
     wal: &WalCatalog,
     survivors: &[&BackupManifest],
     until: &BTreeMap<String, i64>,
+    pin_records: &BTreeMap<String, String>,
     now_us: i64,
 ) -> (Vec<RetentionTarget>, BTreeMap<String, i64>) {
     let layout = wal.layout;
@@ -363,6 +403,7 @@ fn retention_plan(
             continue;
         }
         let mut names = vec![pg::backup_manifest(system_id, &m.id)];
+        names.extend(pin_records.get(&m.id).cloned());
         names.extend(m.files.iter().flat_map(|f| f.blocks.iter()).map(|b| pg::block(system_id, b)));
         // What restoring it to its consistency point reads: the WAL from its start to its stop
         // segment. A whole segment's chunks are not retained (compaction deletes them, and
@@ -389,7 +430,44 @@ fn retention_plan(
             *e = (*e).max(date);
         }
     }
+    if let Some(latest) = objects.values().max().copied() {
+        for name in [crate::names::MARKER.to_string(), crate::names::DEDUP_KEY.to_string(), pg::cluster_info(system_id)]
+        {
+            objects.insert(name, latest);
+        }
+    }
     (targets, objects)
+}
+
+/// The pin records of backups with no manifest, by backup id: written by a `pitr backup` before
+/// the manifest it then did not store. Call only while no backup is running (a running one may
+/// be about to store its manifest); a record written after `cutoff_us` stays as well, for a
+/// backup that paused between its record and its manifest. Records of such a backup that do
+/// not open tell no age and stay (they are reported as untrusted).
+async fn orphan_pins(
+    repo: &Repository,
+    system_id: u64,
+    pins: &PinSet,
+    listed_manifests: &BTreeMap<String, u64>,
+    cutoff_us: i64,
+) -> Result<BTreeMap<String, Vec<String>>, RepositoryError> {
+    let mut out = BTreeMap::new();
+    for (id, names) in &pins.names {
+        let manifest = pg::backup_manifest(system_id, id);
+        if listed_manifests.contains_key(&manifest) {
+            continue;
+        }
+        let Some(record) = pins.current.get(id) else { continue };
+        if record.written_us >= cutoff_us {
+            continue;
+        }
+        // Listed before the pins were read: looked at again.
+        if repo.store().head(&manifest).await?.is_some() {
+            continue;
+        }
+        out.insert(id.clone(), names.clone());
+    }
+    Ok(out)
 }
 
 /// Extends the retention of each planned object, a bounded number at a time, into `report`.
@@ -581,6 +659,9 @@ async fn run(
     }
     let (floors, untrusted_floors) = read_floors(repo, system_id).await?;
     untrusted.extend(untrusted_floors);
+    let pins = PinSet::load(repo, system_id).await?;
+    untrusted.extend(pins.untrusted.iter().cloned());
+    let pins_now = pins.active(now);
 
     let latest = wal
         .segments
@@ -602,6 +683,7 @@ async fn run(
         !read
     });
     selection.expired = expired;
+    retention::keep_pinned(&mut selection, &points, &pins_now.keys().cloned().collect());
     let by_id: BTreeMap<&str, &BackupManifest> = manifests.iter().map(|m| (m.id.as_str(), m)).collect();
 
     let mut retained = Vec::new();
@@ -649,6 +731,11 @@ async fn run(
         }
     }
     let removed_ids: BTreeSet<&str> = removed_backups.iter().map(|b| b.id.as_str()).collect();
+    // Their pins keep nothing now; a crash before this leaves records of no backup (ignored).
+    let pin_records: Vec<String> = removed_ids.iter().filter_map(|id| pins.names.get(*id)).flatten().cloned().collect();
+    if !opts.dry_run && !pin_records.is_empty() {
+        delete_all(repo, &pin_records, &BTreeMap::new(), 64, None, &mut retained).await?;
+    }
     let survivors: Vec<&BackupManifest> = manifests.iter().filter(|m| !removed_ids.contains(m.id.as_str())).collect();
     let survivor_points: Vec<&BackupPoint> = points.iter().filter(|p| !removed_ids.contains(p.id.as_str())).collect();
 
@@ -665,8 +752,14 @@ async fn run(
     let mut wal_names = retention::wal_objects(&wal, &wal_plan.delete);
     let mut removed_wal_objects = wal_names.len();
     let mut removed_segments = wal_plan.delete.clone();
+    // The floors once this phase is done (what a dry run would record): they decide which
+    // restore point entries go.
+    let mut floors_now = floors.clone();
     if opts.dry_run {
         removed_bytes += wal_names.iter().map(|n| wal_sizes.get(n).copied().unwrap_or(0)).sum::<u64>();
+        if !wal_names.is_empty() {
+            floors_now.extend(wal_plan.floors.iter().map(|(&t, &s)| (t, s)));
+        }
     } else if !wal_names.is_empty() && past_deadline() {
         stopped_at_deadline = true;
         removed_wal_objects = 0;
@@ -674,7 +767,9 @@ async fn run(
     } else if !wal_names.is_empty() {
         let mut unrecorded = BTreeSet::new();
         for (&t, &segno) in &wal_plan.floors {
-            if !put_floor(repo, system_id, t, segno, now, &mut untrusted).await? {
+            if put_floor(repo, system_id, t, segno, now, &mut untrusted).await? {
+                floors_now.insert(t, segno);
+            } else {
                 unrecorded.insert(t);
             }
         }
@@ -696,6 +791,36 @@ async fn run(
         });
     }
 
+    // 2b. Index entries of restore points whose WAL retention removed (see
+    // [`restore_points::expired_entries`]): entries accumulate with every restore point, and
+    // readers of the index read each. Not done after the deadline (the next run does it). The
+    // index is an aside: a listing that fails is logged and the run goes on.
+    let mut removed_restore_points = 0;
+    if !stopped_at_deadline {
+        match repo.list(&pg::restore_points_prefix(system_id)).await {
+            Ok(listed) => {
+                let sizes: BTreeMap<String, u64> = listed.iter().map(|o| (o.name.clone(), o.size)).collect();
+                let kept: Vec<(u64, u64)> = survivors.iter().map(|m| (m.start_lsn, m.stop_lsn)).collect();
+                let expired = restore_points::expired_entries(
+                    system_id,
+                    listed.iter().map(|o| o.name.as_str()),
+                    layout,
+                    &floors_now,
+                    &kept,
+                );
+                if opts.dry_run {
+                    removed_restore_points = expired.len();
+                    removed_bytes += expired.iter().map(|n| sizes.get(n).copied().unwrap_or(0)).sum::<u64>();
+                } else if !expired.is_empty() {
+                    let (gone, bytes) = delete_all(repo, &expired, &sizes, 256, deadline, &mut retained).await?;
+                    removed_restore_points = gone.len();
+                    removed_bytes += bytes;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list the index of restore points: left for a later run"),
+        }
+    }
+
     // 3. Blocks.
     let mut blocks_skipped = None;
     let mut removed_blocks = 0;
@@ -707,6 +832,19 @@ async fn run(
             "a backup is running ({}): unreferenced blocks are left for a later run",
             running_backups.join("; ")
         ));
+    }
+    let mut orphan_pins_removed = Vec::new();
+    if blocks_skipped.is_none() {
+        let cutoff = now.saturating_sub(micros(opts.stale_backup_after));
+        let orphans = orphan_pins(repo, system_id, &pins, &manifest_sizes, cutoff).await?;
+        if !orphans.is_empty() && !opts.dry_run {
+            let names: Vec<String> = orphans.values().flatten().cloned().collect();
+            let (gone, _) = delete_all(repo, &names, &BTreeMap::new(), 64, deadline, &mut retained).await?;
+            orphan_pins_removed =
+                orphans.into_iter().filter(|(_, n)| n.iter().all(|n| gone.contains(n))).map(|(id, _)| id).collect();
+        } else {
+            orphan_pins_removed = orphans.into_keys().collect();
+        }
     }
     if blocks_skipped.is_none() {
         let listing = repo.list(&pg::blocks_prefix(system_id)).await?;
@@ -737,8 +875,21 @@ async fn run(
     }
 
     let (retention_until, retain) = if repo.store().has_retention() {
-        let until = retention::keep_until(&points, &opts.policy, now);
-        retention_plan(system_id, &wal, &survivors, &until, now)
+        let mut until = retention::keep_until(&points, &opts.policy, now);
+        // Rolling, for an `--until` pin too: a date years ahead locked in at once could not be
+        // undone by `pitr unpin`; each run moves the lock on, up to the pin's date.
+        let horizon = now.saturating_add(micros(opts.keep_forever_lock));
+        let dates: BTreeMap<String, i64> = pins_now
+            .iter()
+            .map(|(id, pin)| (id.clone(), if let Pin::Until(d) = pin { (*d).min(horizon) } else { horizon }))
+            .collect();
+        for (id, date) in retention::pin_dates(&points, &dates) {
+            let e = until.entry(id).or_insert(date);
+            *e = (*e).max(date);
+        }
+        let records: BTreeMap<String, String> =
+            pins_now.keys().filter_map(|id| Some((id.clone(), pg::pin(system_id, id, pins.of(id)?.seq)))).collect();
+        retention_plan(system_id, &wal, &survivors, &until, &records, now)
     } else {
         (Vec::new(), BTreeMap::new())
     };
@@ -750,6 +901,8 @@ async fn run(
             id: p.id.clone(),
             kind: by_id[p.id.as_str()].kind,
             reasons: selection.kept.get(&p.id).map(|r| r.iter().copied().collect()).unwrap_or_default(),
+            pinned: pins_now.get(&p.id).map(|pin| pin.describe()),
+            note: pins.of(&p.id).and_then(|r| r.note.clone()),
         })
         .collect();
     let report = ExpireReport {
@@ -766,6 +919,7 @@ async fn run(
             .collect(),
         removed_wal_objects,
         removed_blocks,
+        removed_restore_points,
         removed_bytes,
         retained,
         wal_skipped: wal_plan.skipped,
@@ -775,6 +929,7 @@ async fn run(
         running_backups,
         running_restores,
         stale_removed: stale,
+        orphan_pins_removed,
         untrusted,
         retention_until,
         retention_checked: 0,
@@ -845,6 +1000,7 @@ mod tests {
             dry_run: false,
             stale_backup_after: Duration::from_secs(60),
             lock_ttl: Duration::from_secs(600),
+            keep_forever_lock: Duration::from_secs(86_400),
         }
     }
 
@@ -925,5 +1081,164 @@ mod tests {
         assert!(put_floor(&repo, 7, 3, 30, 99, &mut replaced).await.unwrap());
         assert_eq!(raw.get(&liar).await.unwrap(), before);
         assert_eq!(replaced.len(), 3);
+    }
+
+    /// 2026-01-05, the first day of [`three_daily_backups`].
+    const DAY0: i64 = 1_767_571_200_000_000;
+
+    /// Backups A, B, C on days 0, 1, 2 from [`DAY0`], each within its own segment 10, 11, 12
+    /// (stopping `stop_offset` bytes into it); WAL segments 10..=13.
+    async fn three_daily_backups(repo: &Repository, raw: &LocalStore, stop_offset: u64) {
+        let layout = WalLayout::new(&cluster());
+        for (i, id) in ["A", "B", "C"].into_iter().enumerate() {
+            let seg = 10 + i as u64;
+            let start = DAY0 + i as i64 * DAY_US;
+            let m: BackupManifest = serde_json::from_value(serde_json::json!({
+                "id": id, "kind": "full", "system_id": 7, "server_version_num": 150000, "timeline": 1,
+                "start_lsn": seg << 24, "stop_lsn": (seg << 24) + stop_offset,
+                "start_time_us": start, "stop_time_us": start + 60_000_000,
+                "block_size": 8192, "tablespaces": [], "entries": [], "files": [], "server_manifest": "{}",
+                "logical_bytes": 0, "stored_bytes": 0
+            }))
+            .unwrap();
+            m.store(repo).await.unwrap();
+        }
+        for segno in 10..=13 {
+            let name = layout.object_name(&WalObject::Segment { timeline: 1, segno });
+            raw.put_if_absent(&name, bytes::Bytes::from_static(b"wal")).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_pinned_backup_stays_with_its_wal_until_unpinned_and_its_records_go_with_it() {
+        use crate::pins::{self, Change, Pin};
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
+        let raw = LocalStore::new(dir.path());
+        const DAY: i64 = DAY_US;
+        let day0 = DAY0;
+        let layout = WalLayout::new(&cluster());
+        three_daily_backups(&repo, &raw, 100).await;
+        let now = day0 + 3 * DAY;
+        let forever = Change::Pin { pin: Pin::Forever, note: Some("before the upgrade".into()) };
+        pins::change(&repo, 7, "A", forever, now).await.unwrap();
+        let opts = ExpireOptions {
+            policy: Policy { daily: 1, weekly: 0, monthly: 0, yearly: 0, window_us: 0 },
+            ..options(now)
+        };
+
+        let dry = expire(&repo, &cluster(), &ExpireOptions { dry_run: true, ..opts.clone() }).await.unwrap();
+        let a = dry.kept.iter().find(|k| k.id == "A").expect("A kept");
+        assert_eq!(a.reasons, vec![Reason::Pinned]);
+        assert_eq!((a.pinned.as_deref(), a.note.as_deref()), (Some("forever"), Some("before the upgrade")));
+
+        let report = expire(&repo, &cluster(), &opts).await.unwrap();
+        assert_eq!(report.removed_backups.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), vec!["B"]);
+        let wal_left: Vec<u64> = repo
+            .list(&layout.prefix())
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|o| match layout.parse_object_name(&o.name) {
+                Some(WalObject::Segment { segno, .. }) => Some(segno),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(wal_left, vec![10, 12, 13], "A's segment stays, B's goes");
+
+        // Unpinned: an ordinary backup again, and its records go with it.
+        pins::change(&repo, 7, "A", Change::Unpin, now).await.unwrap();
+        let report = expire(&repo, &cluster(), &opts).await.unwrap();
+        assert_eq!(report.removed_backups.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), vec!["A"]);
+        assert!(repo.list(&pg::pins_prefix(7)).await.unwrap().is_empty());
+        assert!(pins::PinSet::load(&repo, 7).await.unwrap().current.is_empty());
+    }
+
+    const DAY_US: i64 = 86_400_000_000;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn pin_records_of_backups_that_never_got_a_manifest_go_once_old_and_no_backup_runs() {
+        use crate::pins::{self, Change, Pin};
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
+        let now = 1_767_571_200_000_000;
+        let forever = || Change::Pin { pin: Pin::Forever, note: None };
+        // X: recorded two minutes ago by a backup that failed before its manifest; Y: a second
+        // ago, by a backup that may be about to store its manifest; A: a backup with its record.
+        pins::record_for_new_backup(&repo, 7, "X", forever(), now - 120_000_000).await.unwrap();
+        pins::record_for_new_backup(&repo, 7, "Y", forever(), now - 1_000_000).await.unwrap();
+        pins::record_for_new_backup(&repo, 7, "A", forever(), now - 120_000_000).await.unwrap();
+        let m: BackupManifest = serde_json::from_value(serde_json::json!({
+            "id": "A", "kind": "full", "system_id": 7, "server_version_num": 150000, "timeline": 1,
+            "start_lsn": 10u64 << 24, "stop_lsn": (10u64 << 24) + 100,
+            "start_time_us": now - DAY_US, "stop_time_us": now - DAY_US + 60_000_000,
+            "block_size": 8192, "tablespaces": [], "entries": [], "files": [], "server_manifest": "{}",
+            "logical_bytes": 0, "stored_bytes": 0
+        }))
+        .unwrap();
+        m.store(&repo).await.unwrap();
+        let records =
+            || async { repo.list(&pg::pins_prefix(7)).await.unwrap().into_iter().map(|o| o.name).collect::<Vec<_>>() };
+        let all = vec![pg::pin(7, "A", 0), pg::pin(7, "X", 0), pg::pin(7, "Y", 0)];
+
+        // A backup is running: it may be about to store X's manifest.
+        let marker = put_generation(&repo, "backup", now - 5_000_000, now - 1_000_000, "r1").await;
+        let report = expire(&repo, &cluster(), &options(now)).await.unwrap();
+        assert!(report.orphan_pins_removed.is_empty(), "{report:?}");
+        assert_eq!(records().await, all);
+        repo.delete(&marker).await.unwrap();
+
+        let dry = expire(&repo, &cluster(), &ExpireOptions { dry_run: true, ..options(now) }).await.unwrap();
+        assert_eq!(dry.orphan_pins_removed, vec!["X".to_string()]);
+        assert_eq!(records().await, all);
+        let report = expire(&repo, &cluster(), &options(now)).await.unwrap();
+        assert_eq!(report.orphan_pins_removed, vec!["X".to_string()]);
+        assert_eq!(records().await, vec![pg::pin(7, "A", 0), pg::pin(7, "Y", 0)]);
+        assert!(report.kept.iter().any(|k| k.id == "A" && k.pinned.as_deref() == Some("forever")), "{report:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn restore_point_entries_go_once_their_wal_is_below_the_floor_and_in_no_kept_backup() {
+        use crate::pins::{self, Change, Pin};
+        use crate::restore_points::{self, RestorePoint};
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
+        let raw = LocalStore::new(dir.path());
+        three_daily_backups(&repo, &raw, 0x100).await;
+        let now = DAY0 + 3 * DAY_US;
+        pins::change(&repo, 7, "A", Change::Pin { pin: Pin::Forever, note: None }, now).await.unwrap();
+        let point = |name: &str, lsn: u64| RestorePoint {
+            name: name.into(),
+            timeline: 1,
+            lsn,
+            end_lsn: lsn + 104,
+            time_us: DAY0,
+        };
+        // Inside pinned A's start..stop (its WAL stays); after A (segment 10, below the floor C
+        // sets); in B's segment (B goes); after C (above the floor).
+        let in_a = point("in-a", (10 << 24) + 0x80);
+        let after_a = point("after-a", (10 << 24) + 0x10000);
+        let in_b = point("in-b", (11 << 24) + 0x80);
+        let after_c = point("after-c", (12 << 24) + 0x10000);
+        for p in [&in_a, &after_a, &in_b, &after_c] {
+            restore_points::record(&repo, 7, p).await.unwrap();
+        }
+        let entries = || async {
+            repo.list(&pg::restore_points_prefix(7)).await.unwrap().into_iter().map(|o| o.name).collect::<Vec<_>>()
+        };
+        let opts = ExpireOptions {
+            policy: Policy { daily: 1, weekly: 0, monthly: 0, yearly: 0, window_us: 0 },
+            ..options(now)
+        };
+
+        let dry = expire(&repo, &cluster(), &ExpireOptions { dry_run: true, ..opts.clone() }).await.unwrap();
+        assert_eq!(dry.removed_restore_points, 2, "{dry:?}");
+        assert_eq!(entries().await.len(), 4, "a dry run deletes nothing");
+        let report = expire(&repo, &cluster(), &opts).await.unwrap();
+        assert_eq!(report.removed_backups.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), vec!["B"]);
+        assert_eq!(report.removed_restore_points, 2, "{report:?}");
+        assert_eq!(entries().await, vec![in_a.object_name(7), after_c.object_name(7)]);
+        // Nothing more goes on the next run.
+        assert_eq!(expire(&repo, &cluster(), &opts).await.unwrap().removed_restore_points, 0);
     }
 }

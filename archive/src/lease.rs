@@ -936,7 +936,9 @@ mod tests {
         let r = repo(dir.path());
         let mut a = Lease::acquire(&r, 2, "a", Duration::from_millis(1)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let b = Lease::acquire(&r, 2, "b", Duration::from_millis(50)).await.unwrap();
+        // b watches the expired lease for its own TTL before taking it, then holds it for that
+        // TTL: 2 s leaves the checks below room on a loaded machine (50 ms once lapsed in CI-like load).
+        let b = Lease::acquire(&r, 2, "b", Duration::from_secs(2)).await.unwrap();
         assert!(b.guard().is_confirmed());
         b.guard().check().await.unwrap();
         let err = a.renew().await.unwrap_err();

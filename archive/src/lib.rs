@@ -13,11 +13,14 @@
 //! sealing on put, authenticating on get, reads falling back to secondaries, the
 //! [`ClusterInfo`] record). One cluster's WAL: which object holds which bytes and the segment
 //! arithmetic ([`wal`]), what the archive holds of each segment, built by listing
-//! ([`wal_catalog`]), and a segment's chunks read back as one run ([`chunk_run`]). Base backups'
+//! ([`wal_catalog`]), whether it is held without a hole along a timeline path ([`continuity`]), and
+//! a segment's chunks read back as one run ([`chunk_run`]). Base backups'
 //! blocks and manifests ([`backup`]), the WAL writer's lease ([`lease`]), completeness marks
-//! ([`complete`]: up to when the archive held everything the source had). Retention: the policy,
+//! ([`complete`]: up to when the archive held everything the source had), the index of restore
+//! points ([`restore_points`]). Retention: the policy,
 //! pure ([`retention`]: which backups, WAL and blocks stay), applying it ([`expire`]) and keeping
-//! it from deleting under a running backup, restore or drill ([`running`]: markers and a lock).
+//! it from deleting under a running backup, restore or drill ([`running`]: markers and a lock);
+//! pins and notes that keep chosen backups from it ([`pins`]).
 //! Times as pitr prints them are [`time`]'s.
 //!
 //! It does not speak to databases and does not decide *when* to write: callers hand it plaintext
@@ -30,13 +33,16 @@ pub mod backup;
 pub mod chunk_run;
 pub mod cloud;
 pub mod complete;
+pub mod continuity;
 pub mod expire;
 pub mod keys;
 pub mod lease;
 pub mod names;
+pub mod pins;
 mod recycle;
 pub mod replicate;
 pub mod repository;
+pub mod restore_points;
 pub mod retention;
 pub mod running;
 pub mod seal;

@@ -13,7 +13,9 @@
 //! pg/<system id>/backups/<backup id>.manifest        pg::backup_manifest
 //! pg/<system id>/lease/<generation>                  pg::lease: the WAL writer's lease
 //! pg/<system id>/retention/<timeline>-<segno>.floor  pg::floor: below it retention removed WAL
+//! pg/<system id>/pins/<backup id>.<seq>.pin          pg::pin: a backup's pin and note, newest seq wins
 //! pg/<system id>/complete/<timeline>.<lsn>.<time µs> pg::complete_mark
+//! pg/<system id>/restore-points/<timeline>.<lsn>     pg::restore_point: one restore point's index entry
 //! pg/<system id>/drills/<start time>.json            pg::drill_result
 //! mongo/<name>/oplog/<after ts>-<last ts>.slice      mongo::slice
 //! mongo/<name>/gaps/<archived ts>-<next ts>.gap      mongo::gap
@@ -294,6 +296,31 @@ pub mod pg {
         Some((u32::try_from(super::canonical_hex(timeline, 8)?).ok()?, super::canonical_hex(segno, 16)?))
     }
 
+    /// Where pin records live.
+    pub fn pins_prefix(system_id: u64) -> String {
+        format!("{}pins/", prefix(system_id))
+    }
+
+    /// Whether `id` can be a backup id in a pin's name: 1 to 64 ASCII letters and digits (pitr's
+    /// ids are `YYYYMMDDTHHMMSSZ`), so that a name built from what a user typed has no `.` or `/`
+    /// to be misread.
+    pub fn is_pinnable_id(id: &str) -> bool {
+        (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric())
+    }
+
+    /// Change number `seq` of the pin of backup `backup_id` (the highest that opens is in force).
+    pub fn pin(system_id: u64, backup_id: &str, seq: u64) -> String {
+        format!("{}{backup_id}.{seq:016X}.pin", pins_prefix(system_id))
+    }
+
+    /// The backup id and change number of a pin record's name.
+    pub fn parse_pin(system_id: u64, name: &str) -> Option<(&str, u64)> {
+        let rest = name.strip_prefix(&pins_prefix(system_id))?.strip_suffix(".pin")?;
+        let (id, seq) = rest.split_once('.')?;
+        is_pinnable_id(id).then_some(())?;
+        Some((id, super::canonical_hex(seq, 16)?))
+    }
+
     /// Where completeness marks live.
     pub fn complete_prefix(system_id: u64) -> String {
         format!("{}complete/", prefix(system_id))
@@ -323,6 +350,24 @@ pub mod pg {
             super::canonical_hex(l, 16)?,
             i64::try_from(super::canonical_hex(s, 16)?).ok()?,
         ))
+    }
+
+    /// Where the index of restore points lives.
+    pub fn restore_points_prefix(system_id: u64) -> String {
+        format!("{}restore-points/", prefix(system_id))
+    }
+
+    /// The index entry of the restore point whose WAL record starts at `lsn` on `timeline`
+    /// (one record, one name: WAL at a place on a timeline never changes).
+    pub fn restore_point(system_id: u64, timeline: u32, lsn: u64) -> String {
+        format!("{}{timeline:08X}.{lsn:016X}", restore_points_prefix(system_id))
+    }
+
+    /// The timeline and record LSN of an index entry's name.
+    pub fn parse_restore_point(system_id: u64, name: &str) -> Option<(u32, u64)> {
+        let rest = name.strip_prefix(&restore_points_prefix(system_id))?;
+        let (timeline, lsn) = rest.split_once('.')?;
+        Some((u32::try_from(super::canonical_hex(timeline, 8)?).ok()?, super::canonical_hex(lsn, 16)?))
     }
 
     /// Where drill results live.
@@ -611,6 +656,17 @@ mod tests {
         assert_eq!(pg::parse_complete_mark(7, "pg/7/complete/00000002.000000010000010a.0000000000000005"), None);
         assert_eq!(pg::drill_result(7, "2026-11-25 14:03:00.5+00"), "pg/7/drills/2026-11-25_14_03_00_5_00.json");
         assert_eq!(pg::drills_prefix(7), "pg/7/drills/");
+        let point = pg::restore_point(7, 2, 0x1_0000_0128);
+        assert_eq!(point, "pg/7/restore-points/00000002.0000000100000128");
+        assert_eq!(pg::parse_restore_point(7, &point), Some((2, 0x1_0000_0128)));
+        for junk in [
+            "pg/7/restore-points/00000002.000000010000012a",
+            "pg/7/restore-points/2.0000000100000128",
+            "pg/7/restore-points/00000002.0000000100000128.x",
+            "pg/8/restore-points/00000002.0000000100000128",
+        ] {
+            assert_eq!(pg::parse_restore_point(7, junk), None, "{junk}");
+        }
     }
 
     #[test]
@@ -661,5 +717,26 @@ mod tests {
             mongo::drill_result("rs0", "2026-11-25 14:03:00+00"),
             "mongo/rs0/drills/2026-11-25_14_03_00_00.json"
         );
+    }
+
+    #[test]
+    fn pin_names_round_trip_and_refuse_what_a_user_could_smuggle_in() {
+        let name = pg::pin(7, "20261206T101500Z", 3);
+        assert_eq!(name, "pg/7/pins/20261206T101500Z.0000000000000003.pin");
+        assert_eq!(pg::parse_pin(7, &name), Some(("20261206T101500Z", 3)));
+        assert_eq!(pg::parse_pin(8, &name), None);
+        for junk in [
+            "pg/7/pins/20261206T101500Z.000000000000000a.pin",
+            "pg/7/pins/20261206T101500Z.3.pin",
+            "pg/7/pins/2026.1206.0000000000000003.pin",
+            "pg/7/pins/.0000000000000003.pin",
+            "pg/7/pins/20261206T101500Z.0000000000000003",
+        ] {
+            assert_eq!(pg::parse_pin(7, junk), None, "{junk}");
+        }
+        assert!(pg::is_pinnable_id("20261206T101500Z"));
+        for bad in ["", "../x", "a.b", "a/b", "a b", &"x".repeat(65)] {
+            assert!(!pg::is_pinnable_id(bad), "{bad}");
+        }
     }
 }

@@ -17,6 +17,10 @@
 //!   incremental may be taken against any backup that was newest while it ran).
 //! - A kept backup keeps its whole ancestor chain (incremental → … → full).
 //! - A backup a running restore or drill reads is kept (reason `restore`; see [`crate::running`]).
+//! - A pinned backup is kept (reason `pinned`, [`keep_pinned`]; pins are read from the
+//!   repository by [`crate::pins`]), with its chain; its start..stop WAL stays as for every kept
+//!   backup. A pin whose `--until` has passed keeps nothing: the backup is judged by the rules
+//!   above like any other.
 //!
 //! # WAL, per timeline
 //! A segment stays if it lies in a kept backup's start..stop on that backup's timeline, or it is at
@@ -42,7 +46,9 @@
 //! the N-th bucket after its own). That is an upper bound only for such a schedule: where buckets
 //! stay empty the backup is kept longer, and a later run, counting fewer newer buckets, computes a
 //! later date and extends again. The window rules give no date (write-time `object_lock_days`
-//! covers them); an ancestor gets the latest date of what is built on it.
+//! covers them); an ancestor gets the latest date of what is built on it. A pinned backup's
+//! objects are retained until its pin's date ([`pin_dates`]); a keep-forever pin gives no date, so
+//! `pitr expire` uses now + `object_lock_days` on every run.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -99,6 +105,8 @@ pub enum Reason {
     Ancestor,
     /// A running restore or drill reads it (see [`crate::running`]).
     Restore,
+    /// Pinned (`pitr pin`, `pitr backup --keep-forever`), forever or until a date not yet passed.
+    Pinned,
 }
 
 /// What retention needs of a backup.
@@ -402,6 +410,51 @@ pub fn select(
         window_start_us,
         latest_timeline,
     }
+}
+
+/// Keeps the backups in `pinned` (ids of backups pinned now) that exist among `backups`, each
+/// with reason [`Reason::Pinned`] and its chain with [`Reason::Ancestor`], and takes them out of
+/// `selection.expired`. An id without a backup is ignored (its manifest is gone).
+pub fn keep_pinned(selection: &mut Selection, backups: &[BackupPoint], pinned: &BTreeSet<String>) {
+    let by_id: BTreeMap<&str, &BackupPoint> = backups.iter().map(|b| (b.id.as_str(), b)).collect();
+    for id in pinned {
+        let Some(b) = by_id.get(id.as_str()) else { continue };
+        selection.kept.entry(b.id.clone()).or_default().insert(Reason::Pinned);
+        let mut at = b.parent.as_deref();
+        let mut steps = 0;
+        while let Some(parent) = at {
+            if !by_id.contains_key(parent) || steps > backups.len() {
+                break;
+            }
+            selection.kept.entry(parent.to_string()).or_default().insert(Reason::Ancestor);
+            at = by_id.get(parent).and_then(|b| b.parent.as_deref());
+            steps += 1;
+        }
+    }
+    let kept = &selection.kept;
+    selection.expired.retain(|id| !kept.contains_key(id));
+}
+
+/// Until when Object Lock must retain what each pinned backup needs: `dates` gives each pinned
+/// backup's date (µs), and every ancestor in `backups` gets the latest date of what is built on
+/// it.
+pub fn pin_dates(backups: &[BackupPoint], dates: &BTreeMap<String, i64>) -> BTreeMap<String, i64> {
+    let by_id: BTreeMap<&str, &BackupPoint> = backups.iter().map(|b| (b.id.as_str(), b)).collect();
+    let mut out: BTreeMap<String, i64> = BTreeMap::new();
+    for (id, &date) in dates {
+        let mut at = by_id.get(id.as_str()).map(|b| b.id.as_str());
+        let mut steps = 0;
+        while let Some(this) = at {
+            if steps > backups.len() {
+                break;
+            }
+            let e = out.entry(this.to_string()).or_insert(date);
+            *e = (*e).max(date);
+            at = by_id.get(this).and_then(|b| b.parent.as_deref()).filter(|p| by_id.contains_key(p));
+            steps += 1;
+        }
+    }
+    out
 }
 
 /// Which WAL segments go, and the floors to record before they do.
@@ -775,6 +828,64 @@ mod tests {
         assert_eq!(until.get("old"), None);
         // A count too large for the calendar: no finite date.
         assert_eq!(keep_until(&wed, &only(0, 0, 0, u32::MAX), now)["w"], i64::MAX);
+    }
+
+    #[test]
+    fn pins_keep_their_backup_and_chain_until_their_date() {
+        // Keep the last backup only; f0 ← i0 ← j0 is an old chain, f9 the newest.
+        let b =
+            vec![point("f0", 0, None), point("i0", 1, Some("f0")), point("j0", 2, Some("i0")), point("f9", 9, None)];
+        let policy = Policy { daily: 1, weekly: 0, monthly: 0, yearly: 0, window_us: 0 };
+        let now = MONDAY + 10 * DAY;
+        let unpinned = select(&b, &policy, now, &Timelines::default(), 1, None);
+        assert_eq!(unpinned.expired, vec!["j0".to_string(), "i0".to_string(), "f0".to_string()]);
+
+        // j0 pinned: kept with its whole chain, and nothing else changes.
+        let mut s = unpinned.clone();
+        keep_pinned(&mut s, &b, &BTreeSet::from(["j0".to_string()]));
+        assert_eq!(reasons(&s, "j0"), vec![Reason::Pinned]);
+        assert_eq!(reasons(&s, "i0"), vec![Reason::Ancestor]);
+        assert_eq!(reasons(&s, "f0"), vec![Reason::Ancestor]);
+        assert_eq!(reasons(&s, "f9"), vec![Reason::Daily, Reason::WindowBase]);
+        assert!(s.expired.is_empty(), "{s:?}");
+        // Its WAL: kept backups' start..stop ranges stay (segments 10..=12 here).
+        let layout = WalLayout { system_id: 7, segment_size: 16 << 20 };
+        let names: Vec<String> =
+            (8..20u64).map(|s| layout.object_name(&WalObject::Segment { timeline: 1, segno: s })).collect();
+        let wal = WalCatalog::from_names(layout, names.iter().map(|s| s.as_str()));
+        let kept: Vec<&BackupPoint> = b.iter().filter(|p| s.kept.contains_key(&p.id)).collect();
+        let plan = plan_wal(&wal, &kept, b.iter().find(|p| p.id == "f9"), &Timelines::default(), &BTreeMap::new());
+        assert_eq!(plan.delete, vec![(1, 8), (1, 9), (1, 13), (1, 14), (1, 15), (1, 16), (1, 17), (1, 18)]);
+
+        // A pin of the middle keeps its ancestors only; the child goes (children first).
+        let mut s = unpinned.clone();
+        keep_pinned(&mut s, &b, &BTreeSet::from(["i0".to_string(), "gone".to_string()]));
+        assert_eq!(s.expired, vec!["j0".to_string()]);
+        assert!(!s.kept.contains_key("gone"));
+
+        // A pin until a date: pinned before it, an ordinary backup from it on (the caller passes
+        // the pins in force at its clock; crate::pins::PinRecord::active is that rule).
+        let until = now + DAY;
+        for (clock, pinned) in [(now, true), (until - 1, true), (until, false), (until + DAY, false)] {
+            let pins = crate::pins::PinRecord {
+                backup: "f0".into(),
+                seq: 0,
+                pin: Some(crate::pins::Pin::Until(until)),
+                note: None,
+                written_us: now,
+                host: "h".into(),
+            };
+            let active: BTreeSet<String> = pins.active(clock).map(|_| "f0".to_string()).into_iter().collect();
+            let mut s = select(&b, &policy, clock, &Timelines::default(), 1, None);
+            keep_pinned(&mut s, &b, &active);
+            assert_eq!(s.kept.contains_key("f0"), pinned, "at {clock}");
+            assert_eq!(s.expired.contains(&"f0".to_string()), !pinned, "at {clock}");
+        }
+
+        // Object Lock dates: the pin's, passed on to ancestors (the latest wins).
+        let dates = pin_dates(&b, &BTreeMap::from([("j0".to_string(), 50), ("i0".to_string(), 70)]));
+        assert_eq!(dates, BTreeMap::from([("f0".into(), 70), ("i0".into(), 70), ("j0".into(), 50)]));
+        assert!(pin_dates(&b, &BTreeMap::from([("gone".to_string(), 5)])).is_empty());
     }
 
     #[test]

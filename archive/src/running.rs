@@ -75,10 +75,12 @@
 //!   a plan (its first generation is put before it reads the catalog), or when its record cannot
 //!   be read, expire removes no backup and no WAL at all.
 //!
-//! Expire stops sweeping at half its lock's lifetime, which tolerates that much clock skew for
-//! the runs waiting on the lock.
+//! Expire stops sweeping at half its lock's lifetime, counted from before its lock's put (so a
+//! slow put does not move the deadline), which tolerates that much clock skew for the runs
+//! waiting on the lock. Backups and pins wait for the whole lifetime; restores and drills until
+//! the sweep deadline plus a minute.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -802,71 +804,12 @@ impl RunMarker {
     }
 
     async fn wait_for_expire(&self) -> Result<(), RepositoryError> {
-        let repo = &self.shared.repo;
-        let mut said = false;
-        let mut checked: std::collections::HashMap<String, Trust> = std::collections::HashMap::new();
-        loop {
-            let now = now_us();
-            let reader = !matches!(self.shared.kind, RunKind::Backup);
-            // Expire deletes nothing past its sweep deadline (half its lock's lifetime). A reader
-            // waits only until then, plus a minute for clock skew: a lock left by a crashed
-            // expire must not hold a restore during an incident for the lock's whole lifetime.
-            // A backup waits for the whole lifetime, as before, since it also writes blocks.
-            let waits_until = |started_us: i64, expires_us: i64| {
-                if reader {
-                    (started_us + (expires_us - started_us) / 2 + 60_000_000).min(expires_us)
-                } else {
-                    expires_us
-                }
-            };
-            let mut live = None;
-            for o in list(repo).await? {
-                let Activity::Expire { started_us, expires_us } = o.activity else { continue };
-                if waits_until(started_us, expires_us) <= now {
-                    continue;
-                }
-                // A lock that is not a pitr expire's (it does not open, or disagrees with its
-                // name) protects no sweep: waiting for it would let anyone who can write to the
-                // bucket stop every backup. It is reported, once per lock, and `pitr verify`
-                // names it. Only lasting verdicts are remembered: a storage error, or a miss
-                // while the lock is still listed, is asked again at the next listing.
-                let trust = match checked.get(&o.name) {
-                    Some(t) => t.clone(),
-                    None => {
-                        let t = check(repo, &o, now).await;
-                        if let Trust::Untrusted(u) = &t {
-                            tracing::warn!(lock = %o.name, "not waiting for an expire lock that is not pitr's: {}", u.why);
-                        }
-                        if matches!(t, Trust::Sound { .. } | Trust::Untrusted(_)) {
-                            checked.insert(o.name.clone(), t.clone());
-                        }
-                        t
-                    }
-                };
-                if trust.obeyed() {
-                    live = Some(o);
-                    break;
-                }
-            }
-            let Some(lock) = live else { return Ok(()) };
-            if !said {
-                let Activity::Expire { expires_us, .. } = lock.activity else { return Ok(()) };
-                let holder = describe(repo, &lock.name).await;
-                let what = match self.shared.kind {
-                    RunKind::Backup => "pitr expire is sweeping blocks; the backup waits until it is done",
-                    RunKind::Restore => "pitr expire is running; the restore waits until it is done before it reads",
-                    RunKind::Drill => "pitr expire is running; the drill waits until it is done before it reads",
-                };
-                tracing::info!(
-                    lock = %lock.name,
-                    holder = %holder,
-                    until = %format_rfc3339_seconds(expires_us),
-                    "{what} (a lock left by a crashed expire may be deleted by hand once its holder is gone)"
-                );
-                said = true;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        let what = match self.shared.kind {
+            RunKind::Backup => "pitr expire is sweeping blocks; the backup waits until it is done",
+            RunKind::Restore => "pitr expire is running; the restore waits until it is done before it reads",
+            RunKind::Drill => "pitr expire is running; the drill waits until it is done before it reads",
+        };
+        wait_for_expire(&self.shared.repo, !matches!(self.shared.kind, RunKind::Backup), what).await.map(|_| ())
     }
 
     /// What this marker announces.
@@ -949,6 +892,97 @@ impl Drop for RunMarker {
     }
 }
 
+/// How [`wait_for_expire`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpireWait {
+    /// No live expire lock, or every one waited for went away (released).
+    Clear,
+    /// The wait ran out on time: these locks, waited for, were still there when their time was up
+    /// (their expire crashed, stalled, or runs on a clock behind this host's). Said in the log.
+    TimedOut(Vec<String>),
+}
+
+/// Waits while a `pitr expire` holds a live lock that opens (see "Announce, then look"); call it
+/// after putting what expire must see. `reader`: wait only until the lock's sweep deadline plus a
+/// minute (expire deletes nothing later), as restores and drills do; otherwise for the lock's
+/// whole lifetime, as a backup and a pin do. `what` is said once, when the wait begins.
+pub async fn wait_for_expire(repo: &Repository, reader: bool, what: &str) -> Result<ExpireWait, RepositoryError> {
+    let mut said = false;
+    let mut checked: std::collections::HashMap<String, Trust> = std::collections::HashMap::new();
+    let mut waited: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let now = now_us();
+        // Expire deletes nothing past its sweep deadline (half its lock's lifetime). A reader
+        // waits only until then, plus a minute for clock skew: a lock left by a crashed
+        // expire must not hold a restore during an incident for the lock's whole lifetime.
+        // A backup waits for the whole lifetime, as before, since it also writes blocks.
+        let waits_until = |started_us: i64, expires_us: i64| {
+            if reader {
+                (started_us + (expires_us - started_us) / 2 + 60_000_000).min(expires_us)
+            } else {
+                expires_us
+            }
+        };
+        let mut live = None;
+        let listed = list(repo).await?;
+        for o in &listed {
+            let Activity::Expire { started_us, expires_us } = o.activity else { continue };
+            if waits_until(started_us, expires_us) <= now {
+                continue;
+            }
+            // A lock that is not a pitr expire's (it does not open, or disagrees with its
+            // name) protects no sweep: waiting for it would let anyone who can write to the
+            // bucket stop every backup. It is reported, once per lock, and `pitr verify`
+            // names it. Only lasting verdicts are remembered: a storage error, or a miss
+            // while the lock is still listed, is asked again at the next listing.
+            let trust = match checked.get(&o.name) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = check(repo, o, now).await;
+                    if let Trust::Untrusted(u) = &t {
+                        tracing::warn!(lock = %o.name, "not waiting for an expire lock that is not pitr's: {}", u.why);
+                    }
+                    if matches!(t, Trust::Sound { .. } | Trust::Untrusted(_)) {
+                        checked.insert(o.name.clone(), t.clone());
+                    }
+                    t
+                }
+            };
+            if trust.obeyed() {
+                live = Some(o);
+                break;
+            }
+        }
+        let Some(lock) = live else {
+            let timed_out: Vec<String> =
+                listed.iter().filter(|o| waited.contains(&o.name)).map(|o| o.name.clone()).collect();
+            if timed_out.is_empty() {
+                return Ok(ExpireWait::Clear);
+            }
+            tracing::warn!(
+                locks = %timed_out.join(", "),
+                "stopped waiting for pitr expire: its lock was not released by the end of its {} (the expire crashed, \
+                 stalled, or runs on a clock behind this host's); going on",
+                if reader { "sweep deadline plus a minute" } else { "lifetime" }
+            );
+            return Ok(ExpireWait::TimedOut(timed_out));
+        };
+        waited.insert(lock.name.clone());
+        if !said {
+            let Activity::Expire { expires_us, .. } = lock.activity else { return Ok(ExpireWait::Clear) };
+            let holder = describe(repo, &lock.name).await;
+            tracing::info!(
+                lock = %lock.name,
+                holder = %holder,
+                until = %format_rfc3339_seconds(expires_us),
+                "{what} (a lock left by a crashed expire may be deleted by hand once its holder is gone)"
+            );
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Why the expire lock could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
@@ -992,6 +1026,10 @@ impl ExpireLock {
         if ttl > MAX_LOCK_TTL || ttl.is_zero() {
             return Err(LockError::Ttl { ttl: span(ttl), max: span(MAX_LOCK_TTL) });
         }
+        // The sweep deadline counts from before the put: a put that took minutes (retries) must not
+        // move the deadline past what waiters compute from the name. This narrows the same gap
+        // for restores and drills, which wait only until the named start + ttl/2 + a minute.
+        let taken = Instant::now();
         let expires = now_us.saturating_add(micros(ttl));
         let name = names::expire_lock(now_us, expires, &random_suffix());
         let text = format!(
@@ -1000,7 +1038,7 @@ impl ExpireLock {
             std::process::id()
         );
         put_record(repo, &name, text).await?;
-        let lock = ExpireLock { repo: repo.clone(), name, taken: Instant::now(), ttl };
+        let lock = ExpireLock { repo: repo.clone(), name, taken, ttl };
         let mut other = None;
         for o in list(repo).await? {
             let Activity::Expire { expires_us, .. } = o.activity else { continue };
@@ -1071,11 +1109,22 @@ pub(crate) mod tests {
         failing: std::sync::Mutex<BTreeMap<String, Fault>>,
         /// Puts fail (a 503 after retries) while set.
         failing_puts: AtomicBool,
+        /// Puts of names under this prefix take a second and a half (retries of a slow store).
+        slow_puts: std::sync::Mutex<Option<String>>,
     }
 
     impl Faulty {
         pub(crate) fn new(dir: &std::path::Path) -> Faulty {
-            Faulty { inner: LocalStore::new(dir), failing: Default::default(), failing_puts: AtomicBool::new(false) }
+            Faulty {
+                inner: LocalStore::new(dir),
+                failing: Default::default(),
+                failing_puts: AtomicBool::new(false),
+                slow_puts: Default::default(),
+            }
+        }
+
+        pub(crate) fn slow_puts_under(&self, prefix: &str) {
+            *self.slow_puts.lock().unwrap() = Some(prefix.to_string());
         }
 
         pub(crate) fn fail_puts(&self, fail: bool) {
@@ -1113,6 +1162,10 @@ pub(crate) mod tests {
                     message: "503 Slow Down".into(),
                 });
             }
+            let slow = self.slow_puts.lock().unwrap().as_ref().is_some_and(|p| name.starts_with(p.as_str()));
+            if slow {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
             self.inner.put_if_absent(name, data).await
         }
         async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
@@ -1143,6 +1196,19 @@ pub(crate) mod tests {
 
     fn repo(dir: &std::path::Path) -> Repository {
         Repository::new(Arc::new(LocalStore::new(dir)), KeyRing::from_key("k", [3; 32]))
+    }
+
+    #[tokio::test]
+    async fn the_sweep_deadline_counts_from_before_the_lock_was_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Faulty::new(dir.path()));
+        let r = Repository::new(store.clone(), KeyRing::from_key("k", [3; 32]));
+        // The put takes 1.5 s of a 2 s lifetime: counted from after it, deletes would go on
+        // until 2.5 s after the start the lock's name gives, past what waiters compute from it.
+        store.slow_puts_under("running/expire.");
+        let lock = ExpireLock::acquire(&r, now_us(), Duration::from_secs(2)).await.unwrap();
+        assert!(lock.sweep_deadline() <= Instant::now(), "the deadline moved with the slow put");
+        lock.release().await;
     }
 
     fn run_names(objects: &[RunningObject]) -> Vec<&str> {

@@ -274,6 +274,7 @@ fn opts(policy: Policy, now_us: i64) -> ExpireOptions {
         dry_run: false,
         stale_backup_after: Duration::from_secs(86_400),
         lock_ttl: Duration::from_secs(3600),
+        keep_forever_lock: Duration::from_secs(86_400),
     }
 }
 

@@ -5,6 +5,13 @@
 //! file against the checksums in the server's backup manifest, waiting until the archive holds
 //! the WAL that makes the backup consistent, and writing the backup manifest last.
 //!
+//! A backup may be taken from a streaming standby while the archive streams from the primary:
+//! [`check_standby`] first makes sure the standby is of the primary's cluster and timeline, and
+//! the archive must then hold the WAL from the backup's start (the standby's restartpoint, which
+//! can be older than the archive or fall in a gap of it) to its stop without a hole, by the rule a
+//! restore applies ([`pitr_archive::continuity::reach`]): checked as BASE_BACKUP reports its
+//! start, before any file is stored, and again over start..stop before the manifest is written.
+//!
 //! Also owns which servers can take incremental backups ([`incremental`]: PostgreSQL 17+, the
 //! one place that rule lives). Incrementals upload the parent's server manifest first and store
 //! the server's `INCREMENTAL.*` files as they come; when the server cannot take one, a full
@@ -25,11 +32,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pitr_archive::backup::{
-    block_hasher, BackupEntry, BackupEntryKind, BackupFile, BackupKind, BackupManifest, BlockHasher, Tablespace,
+    block_hasher, BackupEntry, BackupEntryKind, BackupFile, BackupKind, BackupManifest, BlockHasher, ServerRole,
+    Tablespace, TakenFrom,
 };
+use pitr_archive::continuity::{self, Reach, TimelinePath};
 use pitr_archive::names::pg;
 use pitr_archive::{
-    ClusterInfo, ObjectKind, ObjectMeta, PutOutcome, Repository, RepositoryError, WalCatalog, WalLayout,
+    ClusterInfo, ObjectKind, ObjectMeta, PutOutcome, Repository, RepositoryError, WalCatalog, WalLayout, WalObject,
 };
 use pitr_pgformat::lsn::format_lsn;
 use pitr_pgwire::messages::{BackupEvent, BaseBackupDecoder};
@@ -68,10 +77,32 @@ pub enum BackupError {
         /// Why it was refused.
         what: String,
     },
+    /// The server to back up from ([`BackupOptions::primary`] set) is unreachable, or is not a
+    /// standby of the primary's cluster on the primary's timeline, or an incremental backup was
+    /// asked of it. Checked before anything is written to the repository.
+    #[error("the standby {host}: {what}; {}", .refusal.outcome())]
+    Standby {
+        /// The standby's `host:port` (every host of its conninfo when it could not be reached).
+        host: String,
+        /// Which of the refusals it is.
+        refusal: StandbyRefusal,
+        /// What is wrong, and what to do about it.
+        what: String,
+    },
+    /// The backup as taken could never be restored, so it was not recorded: the archive lacks WAL
+    /// between its start and stop positions (a hole, or WAL from before the archive began), or
+    /// the server switched timeline during it. Found as BASE_BACKUP reported its start (the
+    /// transfer is then stopped before any file is stored) or after the transfer.
+    #[error("{0}; the backup was not recorded")]
+    Unrestorable(String),
     /// The backup's running marker went unrenewed so long that an expire may have swept blocks
     /// it reuses: its manifest was not stored.
     #[error(transparent)]
     MarkerStale(#[from] pitr_archive::running::MarkerStale),
+    /// The pin or note asked for ([`BackupOptions::pin`]) could not be recorded: its manifest was
+    /// not stored either, so that no backup is kept unpinned against the asking.
+    #[error("the pin or note of the new backup was not recorded: {0}; the backup was not recorded")]
+    Pin(#[from] pitr_archive::pins::PinError),
     /// Anything else, said in full: no start or end position in the stream, the WAL up to the
     /// stop LSN not archived within [`BackupOptions::wal_timeout`], a backup of the same id
     /// already in the repository, a failed upload task.
@@ -79,11 +110,70 @@ pub enum BackupError {
     Other(String),
 }
 
+/// Why a server given as the standby to back up from was refused ([`BackupError::Standby`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StandbyRefusal {
+    /// No connection could be opened to it.
+    Unreachable,
+    /// It is not in recovery: a primary.
+    NotInRecovery,
+    /// Its system identifier is not the primary's.
+    OtherCluster,
+    /// It is on another timeline than the primary.
+    OtherTimeline,
+    /// The primary, which the standby is checked against, could not be reached or asked.
+    PrimaryUnreachable,
+    /// The server connected to for the backup is not the one checked.
+    Changed,
+    /// An incremental backup was asked of it.
+    Incremental,
+}
+
+impl StandbyRefusal {
+    /// What the refusal left in the repository, for its message. Every refusal but
+    /// [`StandbyRefusal::Changed`] comes before the backup's running marker is written.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            StandbyRefusal::Changed => {
+                "no backup was taken; nothing but pitr's running marker was written to the repository, and it \
+                 is removed as the backup ends"
+            }
+            _ => "no backup was taken and nothing was written to the repository",
+        }
+    }
+}
+
+/// How long connecting to a server may take when its conninfo sets no `connect_timeout` (or
+/// `connect_timeout=0`): a server that takes the TCP connection but never answers must not hold
+/// `pitr backup`, or the scheduled job, forever.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a connected server may take to answer [`check_standby`]'s commands.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `info`, with [`DEFAULT_CONNECT_TIMEOUT`] unless it sets a timeout.
+fn with_connect_timeout(info: &ConnInfo) -> ConnInfo {
+    let mut info = info.clone();
+    info.connect_timeout.get_or_insert(DEFAULT_CONNECT_TIMEOUT);
+    info
+}
+
+/// The longest [`check_standby`] waits for one server: connecting to each of its hosts in turn,
+/// then the answers.
+fn check_deadline(info: &ConnInfo) -> Duration {
+    let per_host = info.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    per_host.saturating_mul(info.hosts.len().max(1) as u32).saturating_add(ANSWER_TIMEOUT)
+}
+
 /// How to take a base backup: which server, and how to cut, upload and wait.
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
     /// The server to take the backup from (a replication connection is opened to it).
     pub conninfo: ConnInfo,
+    /// When `conninfo` is a standby's (`[backup] conninfo`): the primary the archive streams
+    /// from. The standby must then be in recovery, with the primary's system identifier and
+    /// timeline ([`check_standby`]); `None` when `conninfo` is the primary's.
+    pub primary: Option<ConnInfo>,
     /// `application_name` of the replication connection, as `pg_stat_replication` and
     /// `pg_stat_activity` show it.
     pub application_name: String,
@@ -107,6 +197,10 @@ pub struct BackupOptions {
     /// The server sends the backup at most this many KiB per second (BASE_BACKUP's `MAX_RATE`,
     /// 32 to 1048576, which PostgreSQL calls kB); `None` for as fast as it can.
     pub max_rate_kib: Option<u32>,
+    /// A pin or note for the new backup (`pitr backup --keep-forever --note`): recorded just
+    /// before its manifest ([`pitr_archive::pins::record_for_new_backup`]), so that the backup is
+    /// stored with it or not at all.
+    pub pin: Option<pitr_archive::pins::Change>,
 }
 
 /// Progress for a terminal: bytes received of the server's estimate.
@@ -137,6 +231,8 @@ pub struct BackupSummary {
     pub stop_lsn: String,
     /// The timeline the server was on when the backup started.
     pub timeline: u32,
+    /// The server the backup was taken from: the primary or a standby, and its address.
+    pub taken_from: TakenFrom,
     /// Regular files recorded (tablespaces' and `INCREMENTAL.*` files included).
     pub files: usize,
     /// Bytes of tar archives received from the server (headers and padding included).
@@ -154,6 +250,9 @@ pub struct BackupSummary {
     pub dedup_ratio: f64,
     /// Wall-clock time from the start to the manifest being written.
     pub duration_seconds: f64,
+    /// The pin record written with it ([`BackupOptions::pin`]); the command line shows it.
+    #[serde(skip)]
+    pub pin: Option<pitr_archive::pins::PinRecord>,
 }
 
 /// A backup id that sorts by time: `YYYYMMDDTHHMMSSZ`.
@@ -186,28 +285,73 @@ pub async fn take_backup(
     let started = Instant::now();
     // The key must open the repository before anything else happens.
     repo.check().await?;
+    // A standby that is the wrong server is refused before the running marker is written.
+    let standby = match &opts.primary {
+        Some(primary) => {
+            if opts.incremental {
+                return Err(BackupError::Standby {
+                    host: hosts(&opts.conninfo),
+                    refusal: StandbyRefusal::Incremental,
+                    what: "incremental backups are not taken from a standby (PostgreSQL needs WAL summaries \
+                           on the standby itself, and pitr does not take them there yet): take a full backup, \
+                           or an incremental from the primary"
+                        .into(),
+                });
+            }
+            Some(check_standby(&opts.conninfo, primary, &opts.application_name).await?)
+        }
+        None => None,
+    };
     // Announced before any block is written or reused, so that `pitr expire` does not sweep
     // blocks under this backup; renewed in the background for as long as the backup runs,
     // however long that is. Released once the manifest is durable, and on failures too (a
     // marker left behind would hold the block sweep off until it is stale).
     let running = pitr_archive::running::RunMarker::begin(repo, pitr_archive::running::RunKind::Backup).await?;
-    let result = backup_marked(repo, opts, progress, started, &running).await;
+    let result = backup_marked(repo, opts, standby.as_ref(), progress, started, &running).await;
     running.release().await;
     result
 }
 
-/// The backup itself, under its running marker.
+/// The backup itself, under its running marker; `standby` is what [`check_standby`] found when
+/// the backup is taken from one.
 async fn backup_marked(
     repo: &Repository,
     opts: &BackupOptions,
+    standby: Option<&StandbyIdentity>,
     progress: &(dyn Fn(Progress) + Sync),
     started: Instant,
     running: &pitr_archive::running::RunMarker,
 ) -> Result<(BackupManifest, BackupSummary), BackupError> {
     let mut start_time_us = now_us();
+    let conninfo = with_connect_timeout(&opts.conninfo);
     let connect = ConnectOptions { replication: true, application_name: opts.application_name.clone() };
-    let mut conn = Connection::connect(&opts.conninfo, &connect).await?;
+    let mut conn = Connection::connect(&conninfo, &connect).await?;
     let ident = conn.identify_system().await?;
+    let taken_from = match standby {
+        // The conninfo may name several hosts, or a name whose address changed since the check:
+        // the server connected to now must be the one checked, still in recovery.
+        Some(checked) => {
+            let now = Identity::of(&mut conn, ident.system_id, ident.timeline).await?;
+            if !now.in_recovery || now.system_id != checked.system_id || now.timeline != checked.timeline {
+                return Err(BackupError::Standby {
+                    host: conn.host().to_string(),
+                    refusal: StandbyRefusal::Changed,
+                    what: format!(
+                        "is not the standby checked a moment ago ({}, system identifier {}, timeline {}): now \
+                         system identifier {}, timeline {}, {}",
+                        checked.host,
+                        checked.system_id,
+                        checked.timeline,
+                        now.system_id,
+                        now.timeline,
+                        if now.in_recovery { "in recovery" } else { "not in recovery" }
+                    ),
+                });
+            }
+            TakenFrom { role: ServerRole::Standby, host: conn.host().to_string() }
+        }
+        None => TakenFrom { role: ServerRole::Primary, host: conn.host().to_string() },
+    };
     // Backup ids are whole seconds: a backup started in the same second as the previous one
     // (two `pitr backup` in a row on a small cluster) waits for the next second instead of
     // colliding with its manifest.
@@ -273,7 +417,7 @@ async fn backup_marked(
                 fallback = Some(format!("the server refused an incremental backup against {}: {e}", p.id));
                 parent = None;
                 conn.close().await;
-                conn = Connection::connect(&opts.conninfo, &connect).await?;
+                conn = Connection::connect(&conninfo, &connect).await?;
                 decoder = BaseBackupDecoder::new(settings.server_version_num);
             }
             Err(e) => return Err(e.into()),
@@ -334,7 +478,12 @@ async fn backup_marked(
             }
             for event in events {
                 match event {
-                    BackupEvent::Start { lsn, timeline } => start = Some((lsn, timeline)),
+                    BackupEvent::Start { lsn, timeline } => {
+                        start = Some((lsn, timeline));
+                        // Sent before any archive: a backup that could never be restored is
+                        // stopped before its files are read and stored.
+                        check_start(repo, &cluster, &taken_from, standby, lsn, timeline).await?;
+                    }
                     BackupEvent::Estimate(e) => estimate = e,
                     BackupEvent::End { lsn, timeline } => end = Some((lsn, timeline)),
                     other => receiver.on_event(other).await?,
@@ -364,13 +513,18 @@ async fn backup_marked(
     result?;
     conn.close().await;
     let (start_lsn, timeline) = start.ok_or_else(|| BackupError::Other("BASE_BACKUP sent no start position".into()))?;
-    let (stop_lsn, _) = end.ok_or_else(|| BackupError::Other("BASE_BACKUP sent no end position".into()))?;
+    let (stop_lsn, stop_timeline) = end.ok_or_else(|| BackupError::Other("BASE_BACKUP sent no end position".into()))?;
+    // PostgreSQL ends a standby's backup with an error if it is promoted meanwhile, but not if it
+    // follows its upstream onto a new timeline: the backup then stops on that one.
+    if let Some(why) = timeline_refusal(&taken_from, standby.map(|s| s.timeline), timeline, Some(stop_timeline)) {
+        return Err(BackupError::Unrestorable(why));
+    }
     let server_manifest = manifest.ok_or_else(|| BackupError::Verify("the server sent no backup manifest".into()))?;
     let mut files = files;
     verify_against_server_manifest(&server_manifest, &mut files)?;
     let stop_time_us = now_us();
 
-    wait_for_wal(repo, &cluster, timeline, stop_lsn, opts.wal_timeout).await?;
+    wait_for_wal(repo, &cluster, &taken_from, timeline, start_lsn, stop_lsn, opts.wal_timeout).await?;
 
     let stored = counters.stored.load(Ordering::Relaxed);
     let manifest = BackupManifest {
@@ -392,12 +546,21 @@ async fn backup_marked(
         server_manifest: String::from_utf8_lossy(&server_manifest).into_owned(),
         logical_bytes: bytes,
         stored_bytes: stored,
+        taken_from: Some(taken_from.clone()),
     };
+    let pin;
     let (outcome, manifest_size) = {
         let name = pg::backup_manifest(manifest.system_id, &manifest.id);
         let json =
             serde_json::to_vec(&manifest).map_err(|e| BackupError::Other(format!("serialising the manifest: {e}")))?;
         let meta = ObjectMeta { timeline, start_lsn, end_lsn: stop_lsn, ..ObjectMeta::plain(ObjectKind::Meta) };
+        pin = match opts.pin.clone() {
+            Some(change) => {
+                pitr_archive::pins::record_for_new_backup(repo, manifest.system_id, &manifest.id, change, now_us())
+                    .await?
+            }
+            None => None,
+        };
         running.check_fresh(opts.stale_backup_after)?;
         repo.put_sealed_sized(&name, json, meta).await?
     };
@@ -413,6 +576,7 @@ async fn backup_marked(
         start_lsn: format_lsn(start_lsn),
         stop_lsn: format_lsn(stop_lsn),
         timeline,
+        taken_from,
         files: manifest.files.len(),
         bytes_read: bytes,
         bytes_stored: stored_total,
@@ -420,8 +584,138 @@ async fn backup_marked(
         blocks_reused: counters.reused.load(Ordering::Relaxed),
         dedup_ratio: if stored_total == 0 { 0.0 } else { bytes as f64 / stored_total as f64 },
         duration_seconds: started.elapsed().as_secs_f64(),
+        pin,
     };
     Ok((manifest, summary))
+}
+
+/// A server [`check_standby`] found to be a standby of the primary's cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandbyIdentity {
+    /// The standby's `host:port` (or socket directory), as connected.
+    pub host: String,
+    /// The cluster's system identifier, the same on the standby and the primary.
+    pub system_id: u64,
+    /// The timeline both are on.
+    pub timeline: u32,
+}
+
+/// What IDENTIFY_SYSTEM and the startup parameters say of a server.
+struct Identity {
+    system_id: u64,
+    timeline: u32,
+    in_recovery: bool,
+}
+
+impl Identity {
+    async fn of(conn: &mut Connection, system_id: u64, timeline: u32) -> Result<Identity, PgError> {
+        // PostgreSQL 14+ reports `in_hot_standby` at startup. Older servers do not: their
+        // `transaction_read_only` is on in recovery (and on a primary only where
+        // default_transaction_read_only is set for the role, which then looks like a standby).
+        let in_recovery = match conn.parameter("in_hot_standby") {
+            Some(v) => v == "on",
+            None => conn.show("transaction_read_only").await? == "on",
+        };
+        Ok(Identity { system_id, timeline, in_recovery })
+    }
+}
+
+/// Every host of a conninfo as `host:port`, for messages about a server not reached.
+fn hosts(info: &ConnInfo) -> String {
+    use pitr_pgwire::conninfo::Host;
+    let each = info.hosts.iter().map(|h| match h {
+        Host::Tcp { host, port } => format!("{host}:{port}"),
+        Host::Unix { dir, port } => format!("{}:{port}", dir.display()),
+    });
+    each.collect::<Vec<_>>().join(",")
+}
+
+/// Checks that `standby` is a standby (in recovery) of the cluster `primary` serves, on the
+/// primary's timeline: then its backup is one of the cluster the archive streams from the
+/// primary, and its WAL is the primary's. A primary given as the standby is refused too:
+/// backing up the primary is what leaving the standby out does, and a standby promoted by a
+/// failover should not silently carry the backup load it was meant to take off the primary.
+/// Opens one replication connection to each and closes both; writes nothing. A conninfo without
+/// `connect_timeout` gets [`DEFAULT_CONNECT_TIMEOUT`], and each server must answer within
+/// [`check_deadline`], so a server that never answers is an unreachable one.
+pub async fn check_standby(
+    standby: &ConnInfo,
+    primary: &ConnInfo,
+    application_name: &str,
+) -> Result<StandbyIdentity, BackupError> {
+    let (standby, primary) = (with_connect_timeout(standby), with_connect_timeout(primary));
+    let connect = ConnectOptions { replication: true, application_name: application_name.to_string() };
+    let unreachable = |host: String, what: String| BackupError::Standby {
+        host,
+        refusal: StandbyRefusal::Unreachable,
+        what: format!("unreachable: {what}"),
+    };
+    let deadline = check_deadline(&standby);
+    let asked = tokio::time::timeout(deadline, async {
+        let mut conn =
+            Connection::connect(&standby, &connect).await.map_err(|e| unreachable(hosts(&standby), e.to_string()))?;
+        let host = conn.host().to_string();
+        let checked = async {
+            let ident = conn.identify_system().await?;
+            Identity::of(&mut conn, ident.system_id, ident.timeline).await
+        }
+        .await;
+        conn.close().await;
+        checked.map(|found| (host.clone(), found)).map_err(|e| unreachable(host, e.to_string()))
+    })
+    .await;
+    let (host, found) =
+        asked.map_err(|_| unreachable(hosts(&standby), format!("no answer within {}s", deadline.as_secs())))??;
+    if !found.in_recovery {
+        return Err(BackupError::Standby {
+            host,
+            refusal: StandbyRefusal::NotInRecovery,
+            what: "is not in recovery, so it is not a standby: name a streaming standby of the primary, \
+                   or leave the standby out to back up the primary itself"
+                .into(),
+        });
+    }
+    // The standby's answers mean nothing without the primary's: a primary that cannot be asked
+    // refuses the backup as an unreachable standby does.
+    let primary_failed = |what: String| BackupError::Standby {
+        host: host.clone(),
+        refusal: StandbyRefusal::PrimaryUnreachable,
+        what: format!("could not be checked against the primary {}: {what}", hosts(&primary)),
+    };
+    let deadline = check_deadline(&primary);
+    let asked = tokio::time::timeout(deadline, async {
+        let mut conn = Connection::connect(&primary, &connect).await?;
+        let primary_host = conn.host().to_string();
+        let ident = conn.identify_system().await;
+        conn.close().await;
+        ident.map(|ident| (primary_host, ident))
+    })
+    .await;
+    let (primary_host, ident) = asked
+        .map_err(|_| primary_failed(format!("no answer within {}s", deadline.as_secs())))?
+        .map_err(|e| primary_failed(e.to_string()))?;
+    if found.system_id != ident.system_id {
+        return Err(BackupError::Standby {
+            host,
+            refusal: StandbyRefusal::OtherCluster,
+            what: format!(
+                "belongs to another cluster: its system identifier is {}, the primary {primary_host}'s is {}",
+                found.system_id, ident.system_id
+            ),
+        });
+    }
+    if found.timeline != ident.timeline {
+        return Err(BackupError::Standby {
+            host,
+            refusal: StandbyRefusal::OtherTimeline,
+            what: format!(
+                "is on timeline {}, the primary {primary_host} on timeline {}: a backup is taken from a standby \
+                 only once it follows the primary's timeline (recovery_target_timeline = 'latest')",
+                found.timeline, ident.timeline
+            ),
+        });
+    }
+    Ok(StandbyIdentity { host, system_id: found.system_id, timeline: found.timeline })
 }
 
 /// The relation block size (BLCKSZ): the unit of incremental files.
@@ -737,20 +1031,152 @@ fn decode_hex(s: &str) -> Vec<u8> {
     (0..s.len() / 2).filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()).collect()
 }
 
+/// Why a backup whose BASE_BACKUP reported these timelines cannot be recorded, if it cannot.
+/// `checked`: the timeline [`check_standby`] found the standby and the primary on (`None` for a
+/// backup from the primary); `stop`: `None` while the backup runs.
+fn timeline_refusal(from: &TakenFrom, checked: Option<u32>, start: u32, stop: Option<u32>) -> Option<String> {
+    if let Some(checked) = checked.filter(|&c| c != start) {
+        return Some(format!(
+            "the {from} started the backup on timeline {start}, but it and the primary were on timeline {checked} \
+             when checked; take the backup again"
+        ));
+    }
+    match stop {
+        Some(stop) if stop != start => Some(format!(
+            "the {from} switched timeline during the backup (start on {start}, stop on {stop}); take the backup again"
+        )),
+        _ => None,
+    }
+}
+
+/// How the WAL a backup needs stands in one listing of the archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WalVerdict {
+    /// Held without a hole from the start position up to the position asked for.
+    Reached,
+    /// Held without a hole from the start position to the archive's end, which is short of the
+    /// position asked for: the sidecar has not archived it yet.
+    Behind,
+    /// Recovery from the start position would stop at a segment the archive lacks (or holds
+    /// only part of) while it holds WAL after it. The sidecar puts WAL oldest first, so the
+    /// missing WAL never comes: WAL from before the archive began, or a gap in it.
+    Hole(Reach),
+}
+
+/// The rule a restore applies to a backup ([`continuity::reach`]): recovery from `start_lsn`
+/// along `path` must be able to replay up to `to_lsn`.
+fn wal_verdict(catalog: &WalCatalog, path: &TimelinePath, start_lsn: u64, to_lsn: u64) -> WalVerdict {
+    let reach = continuity::reach(catalog, path, start_lsn);
+    if reach.end_lsn >= to_lsn {
+        WalVerdict::Reached
+    } else if reach.hole.is_some() {
+        WalVerdict::Hole(reach)
+    } else {
+        WalVerdict::Behind
+    }
+}
+
+/// Says which WAL a backup from `from` lacks in the archive at `location`, and what to do.
+fn hole_message(location: &str, layout: WalLayout, from: &TakenFrom, reach: &Reach, start_lsn: u64) -> String {
+    let missing = match &reach.hole {
+        Some(hole) => hole.describe(layout),
+        None => format!("the WAL after {}", format_lsn(reach.end_lsn)),
+    };
+    let advice = match from.role {
+        ServerRole::Standby => {
+            "A standby starts a backup at its latest restartpoint, which can predate the archive or fall in a gap \
+             of it: run CHECKPOINT on the primary, let the standby replay it, and back up again"
+        }
+        ServerRole::Primary => {
+            "That WAL was lost before it was archived (`pitr verify` names the archive's holes); take the backup again"
+        }
+    };
+    format!(
+        "the archive in {location} lacks {missing}, which the backup from the {from} needs to be restored from its \
+         start position {}: it could never be restored. {advice}",
+        format_lsn(start_lsn)
+    )
+}
+
+/// The timelines a restore follows to `timeline`: from its history file if the archive lists
+/// one, read as a restore reads it (an unusable history is left out, with a warning).
+async fn timeline_path(repo: &Repository, catalog: &WalCatalog, timeline: u32) -> Result<TimelinePath, BackupError> {
+    let only = WalCatalog {
+        layout: catalog.layout,
+        segments: BTreeMap::new(),
+        histories: catalog.histories.range(timeline..=timeline).copied().collect(),
+    };
+    let history = match only.read_histories(repo).await?.remove(&timeline) {
+        Some(Ok(entries)) => entries,
+        Some(Err(problem)) => {
+            let name = catalog.layout.object_name(&WalObject::History { timeline });
+            tracing::warn!(object = %name, error = %problem, "timeline history cannot be used");
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    Ok(TimelinePath::new(timeline, &history))
+}
+
+/// What is checked as BASE_BACKUP reports its start, before any file arrives: the timeline (a
+/// standby's must still be the one checked), and that the archive holds the WAL from the start
+/// position without a hole as far as it goes (the rest, up to the stop, after the transfer).
+async fn check_start(
+    repo: &Repository,
+    cluster: &ClusterInfo,
+    from: &TakenFrom,
+    standby: Option<&StandbyIdentity>,
+    start_lsn: u64,
+    timeline: u32,
+) -> Result<(), BackupError> {
+    const STOPPED: &str = "found as the backup started: the transfer was stopped before any file was stored";
+    if let Some(why) = timeline_refusal(from, standby.map(|s| s.timeline), timeline, None) {
+        return Err(BackupError::Unrestorable(format!("{why} ({STOPPED})")));
+    }
+    let layout = WalLayout::new(cluster);
+    let catalog = WalCatalog::build(repo, layout).await?;
+    let path = timeline_path(repo, &catalog, timeline).await?;
+    match wal_verdict(&catalog, &path, start_lsn, u64::MAX) {
+        WalVerdict::Hole(reach) => Err(BackupError::Unrestorable(format!(
+            "{} ({STOPPED})",
+            hole_message(&repo.location(), layout, from, &reach, start_lsn)
+        ))),
+        WalVerdict::Reached | WalVerdict::Behind => Ok(()),
+    }
+}
+
 /// A backup is only usable with the WAL from its start to its stop LSN; the sidecar archives it.
+/// Waits until the archive holds it without a hole (up to `timeout`), and refuses at once when a
+/// hole shows that it never will.
 async fn wait_for_wal(
     repo: &Repository,
     cluster: &ClusterInfo,
+    from: &TakenFrom,
     timeline: u32,
+    start_lsn: u64,
     stop_lsn: u64,
     timeout: Duration,
 ) -> Result<(), BackupError> {
     let layout = WalLayout::new(cluster);
     let deadline = Instant::now() + timeout;
+    // The path, and whether the timeline's history was listed when it was read: read again only
+    // when that changes (a promotion's history can land after its first WAL).
+    let mut path: Option<(bool, TimelinePath)> = None;
     loop {
         let catalog = WalCatalog::build(repo, layout).await?;
-        if catalog.end_lsn(timeline).is_some_and(|end| end >= stop_lsn) {
-            return Ok(());
+        let listed = catalog.histories.contains(&timeline);
+        let current = match path.take() {
+            Some((had, p)) if had == listed => p,
+            _ => timeline_path(repo, &catalog, timeline).await?,
+        };
+        let verdict = wal_verdict(&catalog, &current, start_lsn, stop_lsn);
+        path = Some((listed, current));
+        match verdict {
+            WalVerdict::Reached => return Ok(()),
+            WalVerdict::Hole(reach) => {
+                return Err(BackupError::Unrestorable(hole_message(&repo.location(), layout, from, &reach, start_lsn)))
+            }
+            WalVerdict::Behind => {}
         }
         if Instant::now() >= deadline {
             return Err(BackupError::Other(format!(
@@ -774,6 +1200,130 @@ mod tests {
         assert_eq!(backup_id(1_795_617_780_000_000), "20261125T144300Z");
         // CRC-32C of "123456789" is 0xE3069283; PostgreSQL prints its little-endian bytes.
         assert_eq!(hex_le(crc32c::crc32c(b"123456789")), "839206e3");
+    }
+
+    const SEG: u64 = 16 << 20;
+
+    fn wal_catalog(objects: &[WalObject]) -> WalCatalog {
+        let layout = WalLayout { system_id: 7, segment_size: SEG };
+        let names: Vec<String> = objects.iter().map(|o| layout.object_name(o)).collect();
+        WalCatalog::from_names(layout, names.iter().map(String::as_str))
+    }
+
+    fn seg(timeline: u32, segno: u64) -> WalObject {
+        WalObject::Segment { timeline, segno }
+    }
+
+    fn chunk(timeline: u32, segno: u64, from: u32, to: u32) -> WalObject {
+        WalObject::Chunk { timeline, segno, from, to }
+    }
+
+    fn hole_at(verdict: WalVerdict) -> Option<(u32, u64)> {
+        match verdict {
+            WalVerdict::Hole(Reach { hole: Some(h), .. }) => Some((h.timeline, h.segno)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_backup_needs_its_wal_without_a_hole_from_its_start_to_its_stop() {
+        let tl1 = TimelinePath::new(1, &[]);
+        // Retention kept only an old backup's segments 1-2, and streaming went on from 4: a
+        // restartpoint in 2 falls before the hole, one in 4 after it.
+        let wal = wal_catalog(&[seg(1, 1), seg(1, 2), seg(1, 4), chunk(1, 5, 0, 0x1000)]);
+        let verdict = wal_verdict(&wal, &tl1, 2 * SEG + 0x28, 5 * SEG + 0x800);
+        assert_eq!(hole_at(verdict), Some((1, 3)), "{verdict:?}");
+        assert_eq!(wal_verdict(&wal, &tl1, 4 * SEG + 0x28, 5 * SEG + 0x800), WalVerdict::Reached);
+        // Past what is streamed so far: not yet, rather than never.
+        assert_eq!(wal_verdict(&wal, &tl1, 4 * SEG + 0x28, 5 * SEG + 0x2000), WalVerdict::Behind);
+        // A restartpoint older than the archive: its segment is missing, later ones are held.
+        assert_eq!(hole_at(wal_verdict(&wal, &tl1, 0x28, 2 * SEG)), Some((1, 0)));
+        // A segment held only as chunks from past its start is of no use to recovery, though it
+        // holds the start position itself.
+        let wal = wal_catalog(&[chunk(1, 3, 0x100, 0x200), seg(1, 4)]);
+        assert_eq!(hole_at(wal_verdict(&wal, &tl1, 3 * SEG + 0x180, 4 * SEG + 0x10)), Some((1, 3)));
+        // An empty archive (the sidecar not started yet) is behind, not holed.
+        assert_eq!(wal_verdict(&wal_catalog(&[]), &tl1, SEG, 2 * SEG), WalVerdict::Behind);
+        // The position asked for as the backup starts is "as far as the archive goes": only a
+        // hole refuses it then.
+        let wal = wal_catalog(&[seg(1, 1), chunk(1, 2, 0, 0x100)]);
+        assert_eq!(wal_verdict(&wal, &tl1, SEG + 0x28, u64::MAX), WalVerdict::Behind);
+    }
+
+    #[test]
+    fn a_backup_after_a_promotion_follows_the_timeline_history() {
+        use pitr_pgformat::timeline::HistoryEntry;
+        // Timeline 2 forks from 1 in the middle of segment 3; a backup on 2 starts in 4.
+        let tl2 = TimelinePath::new(2, &[HistoryEntry { timeline: 1, switch_lsn: 3 * SEG + 500 }]);
+        let wal = wal_catalog(&[seg(1, 2), chunk(1, 3, 0, 4000), seg(2, 3), seg(2, 4), chunk(2, 5, 0, 0x100)]);
+        assert_eq!(wal_verdict(&wal, &tl2, 4 * SEG + 0x28, 5 * SEG + 0x80), WalVerdict::Reached);
+        // One that starts before the fork reads timeline 1 up to it, and 2 from its segment on.
+        assert_eq!(wal_verdict(&wal, &tl2, 2 * SEG + 0x28, 5 * SEG + 0x80), WalVerdict::Reached);
+        // Timeline 2's copy of the fork segment missing is a hole, though timeline 1 has it.
+        let wal = wal_catalog(&[seg(1, 2), seg(1, 3), seg(2, 4)]);
+        assert_eq!(hole_at(wal_verdict(&wal, &tl2, 2 * SEG + 0x28, 4 * SEG + 0x80)), Some((2, 3)));
+    }
+
+    #[test]
+    fn the_refusal_names_the_missing_segment_and_what_to_do() {
+        let layout = WalLayout { system_id: 7, segment_size: SEG };
+        let wal = wal_catalog(&[seg(1, 4)]);
+        let WalVerdict::Hole(reach) = wal_verdict(&wal, &TimelinePath::new(1, &[]), 3 * SEG + 0x28, 4 * SEG) else {
+            panic!("no hole")
+        };
+        let standby = TakenFrom { role: ServerRole::Standby, host: "db2:5432".into() };
+        let text = hole_message("/srv/repo", layout, &standby, &reach, 3 * SEG + 0x28);
+        for want in
+            ["/srv/repo", "000000010000000000000003", "standby db2:5432", "0/3000028", "CHECKPOINT on the primary"]
+        {
+            assert!(text.contains(want), "{text:?} lacks {want:?}");
+        }
+        let primary = TakenFrom { role: ServerRole::Primary, host: "db1:5432".into() };
+        let text = hole_message("/srv/repo", layout, &primary, &reach, 3 * SEG + 0x28);
+        assert!(text.contains("pitr verify") && !text.contains("restartpoint"), "{text}");
+    }
+
+    #[test]
+    fn a_timeline_switch_during_the_backup_is_refused() {
+        let from = TakenFrom { role: ServerRole::Standby, host: "db2:5432".into() };
+        assert_eq!(timeline_refusal(&from, Some(1), 1, None), None);
+        assert_eq!(timeline_refusal(&from, Some(1), 1, Some(1)), None);
+        assert_eq!(
+            timeline_refusal(&from, Some(1), 1, Some(2)).as_deref(),
+            Some(
+                "the standby db2:5432 switched timeline during the backup (start on 1, stop on 2); take the backup \
+                 again"
+            )
+        );
+        // Replay reached a new timeline between the check and the backup's start.
+        let why = timeline_refusal(&from, Some(1), 2, None).unwrap_or_default();
+        assert!(why.contains("started the backup on timeline 2") && why.contains("timeline 1 when checked"), "{why}");
+        // From the primary nothing was checked; a switch would still be refused.
+        let primary = TakenFrom { role: ServerRole::Primary, host: "db1:5432".into() };
+        assert_eq!(timeline_refusal(&primary, None, 3, Some(3)), None);
+        assert!(timeline_refusal(&primary, None, 3, Some(4)).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_standby_that_never_answers_is_unreachable_after_the_default_connect_timeout() {
+        // The kernel completes the TCP handshake for a listener that never accepts: a server
+        // that takes the connection and then says nothing.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let standby: ConnInfo = format!("host=127.0.0.1 port={port} user=postgres sslmode=disable").parse().unwrap();
+        assert_eq!(standby.connect_timeout, None);
+        let primary: ConnInfo = "host=127.0.0.1 port=1 user=postgres".parse().unwrap();
+        // The paused clock jumps to each timer as the test waits: no real time passes. Without a
+        // default this would wait the whole hour.
+        let checked = tokio::time::timeout(Duration::from_secs(3600), check_standby(&standby, &primary, "pitr_test"))
+            .await
+            .expect("check_standby waited an hour for a server that never answers");
+        let err = checked.unwrap_err();
+        assert!(matches!(err, BackupError::Standby { refusal: StandbyRefusal::Unreachable, .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains(&format!("127.0.0.1:{port}")) && text.contains("timed out after 30s"), "{text}");
+        assert!(text.contains("nothing was written to the repository"), "{text}");
+        drop(silent);
     }
 
     #[test]

@@ -332,9 +332,12 @@ pub fn parse_cron(field: &str, expr: &str) -> Result<Option<croner::Cron>> {
 }
 
 /// `[backup]`.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct BackupSection {
+    /// libpq-style connection string of a streaming standby to take base backups from (replication
+    /// user); WAL still streams from `[postgres] conninfo`. Default: back up the primary.
+    pub conninfo: Option<String>,
     /// Files are cut into blocks of this many bytes, the unit of deduplication (default 1 MiB).
     pub block_size: Option<usize>,
     /// Concurrent block uploads during a backup and block fetches during a restore (default: cores × 2).
@@ -348,7 +351,32 @@ pub struct BackupSection {
     pub max_rate: Option<Rate>,
 }
 
+/// By hand: the standby's conninfo may carry a password, which must not reach a log.
+impl std::fmt::Debug for BackupSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupSection")
+            .field("conninfo", &self.conninfo.as_deref().map(pitr_pgwire::conninfo::redact_in_text))
+            .field("block_size", &self.block_size)
+            .field("parallel", &self.parallel)
+            .field("wal_timeout", &self.wal_timeout)
+            .field("prefetch_segments", &self.prefetch_segments)
+            .field("max_rate", &self.max_rate)
+            .finish()
+    }
+}
+
 impl BackupSection {
+    /// `conninfo` parsed, with `[postgres] max_message_size` applied as to the primary's: the
+    /// standby base backups are taken from, if one is configured.
+    pub fn standby_connection_info(&self, pg: &PostgresConfig) -> Result<Option<pitr_pgwire::ConnInfo>> {
+        let Some(text) = &self.conninfo else { return Ok(None) };
+        let mut info: pitr_pgwire::ConnInfo = text.parse().map_err(|e| anyhow!("[backup] conninfo: {e}"))?;
+        if let Some(max) = pg.max_message_size {
+            info.max_message_size = max;
+        }
+        Ok(Some(info))
+    }
+
     /// `max_rate` as BASE_BACKUP's `MAX_RATE` takes it: KiB (PostgreSQL's kB) per second.
     pub fn max_rate_kib(&self) -> Result<Option<u32>> {
         let Some(rate) = &self.max_rate else { return Ok(None) };
@@ -383,9 +411,11 @@ impl BackupSection {
 pub struct RepositoryConfig {
     /// A local directory (the default backend).
     pub path: Option<PathBuf>,
-    /// An object-storage URL (`s3://bucket/prefix` or `gs://bucket/prefix`).
+    /// An object-storage URL (`s3://bucket/prefix`, `gs://bucket/prefix` or
+    /// `az://container/prefix`).
     pub url: Option<String>,
-    /// S3 endpoint for S3-compatible servers (default: AWS, or `$AWS_ENDPOINT_URL`).
+    /// S3 endpoint for S3-compatible servers (default: AWS, or `$AWS_ENDPOINT_URL`); Azure: the
+    /// blob service URL (default `$AZURE_STORAGE_ENDPOINT`, else the account's).
     pub endpoint: Option<String>,
     /// S3 region (default `$AWS_REGION`).
     pub region: Option<String>,
@@ -405,6 +435,9 @@ pub struct RepositoryConfig {
     /// GCS: a service-account JSON key file (default: `$GOOGLE_APPLICATION_CREDENTIALS` and the
     /// standard environment, then the metadata server).
     pub service_account_key: Option<PathBuf>,
+    /// Azure: the storage account name (default `$AZURE_STORAGE_ACCOUNT_NAME`). Its key or a SAS
+    /// token come from the environment only, as S3's keys do.
+    pub storage_account: Option<String>,
     /// Object storage: requests in flight at once, across the process (default 16).
     pub max_concurrency: Option<usize>,
     /// S3: objects above this many bytes go up as multipart uploads (default 32 MiB).
@@ -541,7 +574,7 @@ pub struct SecondaryConfig {
     pub name: String,
     /// A local directory (absolute).
     pub path: Option<PathBuf>,
-    /// An object-storage URL (`s3://…` or `gs://…`).
+    /// An object-storage URL (`s3://…`, `gs://…` or `az://…`).
     pub url: Option<String>,
     /// S3 endpoint of this secondary.
     pub endpoint: Option<String>,
@@ -561,6 +594,26 @@ pub struct SecondaryConfig {
     pub queue_bytes: Option<u64>,
 }
 
+/// The URL schemes of the object-storage backends (`azure://` is object_store's other name for
+/// `az://`).
+fn is_object_storage_url(url: &str) -> bool {
+    ["s3://", "gs://", "az://", "azure://"].iter().any(|scheme| url.starts_with(scheme))
+}
+
+fn is_azure_url(url: &str) -> bool {
+    url.starts_with("az://") || url.starts_with("azure://")
+}
+
+/// An object-storage URL as a location to compare: `azure://` spelt `az://`, without trailing
+/// `/` (both name the same container and prefix).
+fn same_place(url: &str) -> String {
+    let url = url.trim_end_matches('/');
+    match url.strip_prefix("azure://") {
+        Some(rest) => format!("az://{rest}"),
+        None => url.to_string(),
+    }
+}
+
 /// What `--from` calls the `[repository]` itself.
 pub const PRIMARY_NAME: &str = "primary";
 
@@ -575,8 +628,8 @@ impl SecondaryConfig {
         match (&self.path, &self.url) {
             (None, None) => bail!("{entry}: set `path` (a local directory) or `url`"),
             (Some(_), Some(_)) => bail!("{entry}: set either `path` or `url`, not both"),
-            (None, Some(url)) if !(url.starts_with("s3://") || url.starts_with("gs://")) => {
-                bail!("{entry}: url = {url:?}: only s3:// and gs:// URLs are supported; or use `path`")
+            (None, Some(url)) if !is_object_storage_url(url) => {
+                bail!("{entry}: url = {url:?}: only s3://, gs:// and az:// URLs are supported; or use `path`")
             }
             (Some(p), None) if !p.is_absolute() => {
                 bail!("{entry}: path = {:?}: must be an absolute path", p.display())
@@ -584,9 +637,7 @@ impl SecondaryConfig {
             (Some(p), None) if primary.path.as_ref() == Some(p) => {
                 bail!("{entry}: path = {:?} is the primary repository itself", p.display())
             }
-            (None, Some(u))
-                if primary.url.as_deref().map(|p| p.trim_end_matches('/')) == Some(u.trim_end_matches('/')) =>
-            {
+            (None, Some(u)) if primary.url.as_deref().map(same_place) == Some(same_place(u)) => {
                 bail!("{entry}: url = {u:?} is the primary repository itself")
             }
             _ => {}
@@ -595,6 +646,9 @@ impl SecondaryConfig {
             && (self.endpoint.is_some() || self.region.is_some() || self.allow_http || self.force_path_style)
         {
             bail!("{entry}: endpoint, region, allow_http and force_path_style apply to a `url`, not a `path`");
+        }
+        if self.url.as_deref().is_some_and(is_azure_url) && (self.region.is_some() || self.force_path_style) {
+            bail!("{entry}: region and force_path_style apply to an s3:// url, not to az://");
         }
         if self.queue_bytes == Some(0) {
             bail!("{entry}: queue_bytes must be greater than 0");
@@ -623,6 +677,7 @@ impl RepositoryConfig {
             allow_http: self.allow_http,
             force_path_style: self.force_path_style,
             service_account_key: self.service_account_key.clone(),
+            storage_account: self.storage_account.clone(),
             max_concurrency: self.max_concurrency,
             multipart_threshold: self.multipart_threshold,
             multipart_part_size: self.multipart_part_size,
@@ -1241,8 +1296,8 @@ impl Config {
         match (&self.repository.path, &self.repository.url) {
             (None, None) => bail!("[repository]: set `path` (a local directory) or `url`"),
             (Some(_), Some(_)) => bail!("[repository]: set either `path` or `url`, not both"),
-            (None, Some(url)) if !(url.starts_with("s3://") || url.starts_with("gs://")) => {
-                bail!("[repository] url = {url:?}: only s3:// and gs:// URLs are supported; or use `path`")
+            (None, Some(url)) if !is_object_storage_url(url) => {
+                bail!("[repository] url = {url:?}: only s3://, gs:// and az:// URLs are supported; or use `path`")
             }
             (Some(p), None) if !p.is_absolute() => {
                 bail!("[repository] path = {:?}: must be an absolute path", p.display())
@@ -1265,9 +1320,10 @@ impl Config {
                 bail!("[[repository.secondary]] {:?}: two entries have this name", s.name);
             }
             s.validate(&self.repository)?;
-            let same = self.repository.secondary[..i]
-                .iter()
-                .find(|o| (o.path.is_some() && o.path == s.path) || (o.url.is_some() && o.url == s.url));
+            let same = self.repository.secondary[..i].iter().find(|o| {
+                (o.path.is_some() && o.path == s.path)
+                    || o.url.as_deref().zip(s.url.as_deref()).is_some_and(|(a, b)| same_place(a) == same_place(b))
+            });
             if let Some(o) = same {
                 bail!("[[repository.secondary]] {:?}: same location as {:?}", s.name, o.name);
             }
@@ -1290,6 +1346,15 @@ impl Config {
                 }
             }
             pitr_pgwire::connection::validate_slot_name(&pg.slot()).map_err(|e| anyhow!("[postgres] slot: {e}"))?;
+        }
+        if let Some(text) = &self.backup.conninfo {
+            let pg = self.postgres.as_ref().ok_or_else(|| {
+                anyhow!("[backup] conninfo names a standby of the [postgres] primary, but the config has no [postgres] section")
+            })?;
+            if text.trim().is_empty() {
+                bail!("[backup] conninfo is empty: name a standby (\"host=... user=...\"), or remove it to back up the primary");
+            }
+            self.backup.standby_connection_info(pg)?;
         }
         if let Some(b) = self.backup.block_size {
             if !(8192..=64 << 20).contains(&b) {
@@ -1572,11 +1637,12 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
     fn secondaries_are_validated_by_name() {
         let good = format!(
             "{MINIMAL}[[repository.secondary]]\nname = \"nas\"\npath = \"/mnt/nas/pitr\"\n\
-             [[repository.secondary]]\nname = \"other-cloud\"\nurl = \"s3://b/p\"\nregion = \"eu-west-1\"\nrequired = true\n"
+             [[repository.secondary]]\nname = \"other-cloud\"\nurl = \"s3://b/p\"\nregion = \"eu-west-1\"\nrequired = true\n\
+             [[repository.secondary]]\nname = \"azure\"\nurl = \"az://pitr/copy\"\n"
         );
         let c = Config::parse(&good, &[]).unwrap();
         let names: Vec<_> = c.repository.secondary.iter().map(|s| (s.name.as_str(), s.required)).collect();
-        assert_eq!(names, vec![("nas", false), ("other-cloud", true)]);
+        assert_eq!(names, vec![("nas", false), ("other-cloud", true), ("azure", false)]);
         assert_eq!(c.repository.secondary[0].queue_bytes(), 256 << 20);
         let entry = |body: &str| format!("{MINIMAL}[[repository.secondary]]\n{body}\n");
         let cases = [
@@ -1612,6 +1678,33 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
     }
 
     #[test]
+    fn azure_secondaries_are_compared_by_place_and_refuse_s3_settings() {
+        let primary = MINIMAL.replace("path = \"/var/lib/pitr/repo\"", "url = \"az://pitr/main\"");
+        let entry = |body: &str| format!("{primary}[[repository.secondary]]\n{body}\n");
+        let cases = [
+            (entry("name = \"a\"\nurl = \"azure://pitr/main/\""), "is the primary repository itself"),
+            (entry("name = \"a\"\nurl = \"az://pitr/copy\"\nregion = \"r\""), "not to az://"),
+            (entry("name = \"a\"\nurl = \"azure://pitr/copy\"\nforce_path_style = true"), "not to az://"),
+            (
+                format!(
+                    "{}{}",
+                    entry("name = \"a\"\nurl = \"az://pitr/copy\""),
+                    entry("name = \"b\"\nurl = \"azure://pitr/copy/\"").replace(&primary, "")
+                ),
+                "same location as \"a\"",
+            ),
+            (primary.replace("[encryption]", "region = \"eu-west-1\"\n[encryption]"), "region applies to an s3://"),
+            (primary.replace("[encryption]", "storage_account = \"My_Acct\"\n[encryption]"), "3 to 24"),
+        ];
+        for (text, needle) in cases {
+            let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());
+            assert!(err.contains(needle), "expected {needle:?} in: {err}");
+        }
+        // Another prefix in the same container is another place.
+        Config::parse(&entry("name = \"a\"\nurl = \"azure://pitr/copy\""), &[]).unwrap();
+    }
+
+    #[test]
     fn mongo_section_errors_are_named() {
         const BASE: &str = "[repository]\npath = \"/r\"\n[encryption]\nkey_file = \"/k\"\n";
         for (extra, needle) in [
@@ -1639,15 +1732,20 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
     fn object_storage_options_are_checked() {
         let s3 = MINIMAL.replace("path = \"/var/lib/pitr/repo\"", "url = \"s3://bucket/prefix\"");
         let gs = MINIMAL.replace("path = \"/var/lib/pitr/repo\"", "url = \"gs://bucket/prefix\"");
+        let az = MINIMAL.replace("path = \"/var/lib/pitr/repo\"", "url = \"az://container/prefix\"");
         let c = Config::parse(&gs, &[]).unwrap();
         assert_eq!(c.repository.cloud_options().unwrap().max_concurrency, 16);
+        let c = Config::parse(&az.replace("[encryption]", "storage_account = \"acct\"\n[encryption]"), &[]).unwrap();
+        assert_eq!(c.repository.cloud_options().unwrap().storage_account.as_deref(), Some("acct"));
         let locked =
             s3.replace("[encryption]", "object_lock_days = 30\nobject_lock_mode = \"compliance\"\n[encryption]");
         let lock = Config::parse(&locked, &[]).unwrap().repository.cloud_options().unwrap().object_lock.unwrap();
         assert_eq!((lock.mode, lock.days), (pitr_archive::cloud::LockMode::Compliance, 30));
         let cases = [
             (MINIMAL.replace("/var/lib/pitr/repo\"", "/x\"\nurl = \"ftp://b\""), "either"),
-            (MINIMAL.replace("path = \"/var/lib/pitr/repo\"", "url = \"ftp://b/p\""), "gs://"),
+            (MINIMAL.replace("path = \"/var/lib/pitr/repo\"", "url = \"ftp://b/p\""), "az://"),
+            (az.replace("[encryption]", "object_lock_days = 3\n[encryption]"), "Azure immutability policies"),
+            (s3.replace("[encryption]", "storage_account = \"acct\"\n[encryption]"), "az://"),
             (gs.replace("[encryption]", "object_lock_days = 3\n[encryption]"), "s3://"),
             (s3.replace("[encryption]", "object_lock_days = 0\n[encryption]"), "at least 1"),
             (
@@ -1885,5 +1983,41 @@ mod rate_tests {
             let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());
             assert!(err.contains(phrase), "{key} = {value}: {err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod standby_backup_tests {
+    use super::tests::MINIMAL;
+    use super::*;
+
+    #[test]
+    fn a_standby_conninfo_is_parsed_checked_and_never_shown_with_its_password() {
+        let c = Config::parse(MINIMAL, &[]).unwrap();
+        assert!(c.backup.standby_connection_info(c.postgres().unwrap()).unwrap().is_none());
+
+        let text = format!("{MINIMAL}[backup]\nconninfo = \"host=db2 port=5433 user=replicator password=hunter2\"\n");
+        let c = Config::parse(&text, &[]).unwrap();
+        let info = c.backup.standby_connection_info(c.postgres().unwrap()).unwrap().unwrap();
+        assert_eq!(info.hosts[0].port(), 5433);
+        let shown = format!("{:?}", c.backup);
+        assert!(shown.contains("db2") && !shown.contains("hunter2"), "{shown}");
+
+        // The environment sets it as any other key.
+        let env = [("PITR_BACKUP_CONNINFO".to_string(), "host=db3".to_string())];
+        let c = Config::parse(MINIMAL, &env).unwrap();
+        assert_eq!(c.backup.conninfo.as_deref(), Some("host=db3"));
+
+        for (text, phrase) in [
+            (format!("{MINIMAL}[backup]\nconninfo = \"port=x\"\n"), "[backup] conninfo"),
+            (format!("{MINIMAL}[backup]\nconninfo = \" \"\n"), "[backup] conninfo is empty"),
+        ] {
+            let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());
+            assert!(err.contains(phrase), "{text}: {err}");
+        }
+        let no_postgres =
+            "[repository]\npath = \"/r\"\n[encryption]\nkey_file = \"/k\"\n[backup]\nconninfo = \"host=db2\"\n";
+        let err = format!("{:#}", Config::parse(no_postgres, &[]).unwrap_err());
+        assert!(err.contains("no [postgres] section"), "{err}");
     }
 }

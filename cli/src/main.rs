@@ -114,6 +114,11 @@ enum Command {
         /// otherwise a full backup, with a warning).
         #[arg(long)]
         incremental: bool,
+        /// Take the backup from this streaming standby (a conninfo) instead of the primary, for
+        /// this run (`[backup] conninfo` sets it for every backup); WAL still comes from the primary.
+        /// Put no password in it (ps and shell history show it): use ~/.pgpass or $PGPASSFILE.
+        #[arg(long, value_name = "CONNINFO")]
+        from_standby: Option<String>,
         #[arg(long)]
         json: bool,
         /// What to back up: the `[postgres]` cluster, the `[mongo]` replica set or a `[[files]]`
@@ -123,6 +128,38 @@ enum Command {
         /// The `[[files]]` set to back up (with `--source files`).
         #[arg(long)]
         set: Option<String>,
+        /// Pin the new backup: `pitr expire` keeps it (with its chain and WAL) until `pitr unpin`.
+        /// PostgreSQL only.
+        #[arg(long)]
+        keep_forever: bool,
+        /// A note on the new backup, shown by `list` (and by `status` while the backup is pinned;
+        /// one line, at most 1024 bytes).
+        /// PostgreSQL only.
+        #[arg(long, value_name = "TEXT")]
+        note: Option<String>,
+    },
+    /// Pin a PostgreSQL backup: `pitr expire` keeps it, its chain and the WAL to its consistency
+    /// point, forever or until DATE.
+    Pin {
+        /// The backup id (from `pitr list`).
+        id: String,
+        /// Keep it until then only (YYYY-MM-DD, or a time as --to takes it); from then on it is
+        /// an ordinary backup again.
+        #[arg(long, value_name = "DATE")]
+        until: Option<String>,
+        /// A note, shown by `list` and, while the backup is pinned, `status` (replaces the
+        /// backup's note; one line).
+        #[arg(long, value_name = "TEXT")]
+        note: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unpin a backup: retention judges it like any other again (not pinned: said, exit 0).
+    Unpin {
+        /// The backup id.
+        id: String,
+        #[arg(long)]
+        json: bool,
     },
     /// A logical dump of a `[[dumps]]` set, taken with the server's own `pg_dump`.
     Dump {
@@ -131,6 +168,22 @@ enum Command {
         set: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Create a named restore point on the primary (pg_create_restore_point) and wait until the
+    /// archive holds it; restore to it with `restore --to name:NAME`.
+    Mark {
+        /// 1 to 63 bytes; no line break, carriage return or NUL.
+        name: String,
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for the sidecar to archive it.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Create it even if the index holds a restore point of that name already (PostgreSQL
+        /// stops at the first of a name it replays: --to name: reaches the newer one only from a
+        /// backup taken between the two).
+        #[arg(long)]
+        allow_duplicate: bool,
     },
     /// Backups and the recoverable window per timeline.
     List {
@@ -177,8 +230,9 @@ enum Command {
     },
     /// Restore drill: restore to a moment into a scratch server, check it, measure RTO and RPO.
     Drill {
-        /// TIME, lsn:X/Y, latest, or random (a uniformly chosen second in the recoverable window);
-        /// with --source mongo, TIME, ts:SECONDS:INC, latest or random.
+        /// TIME, lsn:X/Y, xid:N, name:NAME (a restore point), immediate, latest, or random (a
+        /// uniformly chosen second in the recoverable window); with --source mongo, TIME,
+        /// ts:SECONDS:INC, latest or random.
         #[arg(long, default_value = "random")]
         to: String,
         /// `postgres` restores into a scratch data directory; `mongo` into `[mongo] drill_target_uri`.
@@ -214,7 +268,7 @@ enum Command {
         #[arg(long)]
         partial: bool,
     },
-    /// Restore to a moment: TIME (RFC 3339 or "YYYY-MM-DD HH:MM:SS[.ffffff][+TZ]"), latest, lsn:X/Y or xid:N.
+    /// Restore to a moment: TIME (RFC 3339 or "YYYY-MM-DD HH:MM:SS[.ffffff][+TZ]"), latest, lsn:X/Y, xid:N, name:NAME (a restore point) or immediate (the backup's consistency point).
     Restore {
         /// With --source mongo: TIME, ts:SECONDS:INC or latest. With --standby: latest, the
         /// default there.
@@ -258,6 +312,11 @@ enum Command {
         /// not record tablespace names.
         #[arg(long = "tablespace-map", value_name = "OID=DIR")]
         tablespace_map: Vec<String>,
+        /// Restore into the existing data directory (--target-dir) of the same cluster, stopped:
+        /// only blocks that differ from the backup are fetched and written, what the backup lacks
+        /// is removed. A missing or empty directory gets a plain restore. PostgreSQL only.
+        #[arg(long)]
+        delta: bool,
         #[arg(long, default_value_t = 5433)]
         port: u16,
         /// Replace a non-empty target directory.
@@ -449,13 +508,24 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             anyhow::bail!("--set names a file set: use it with --source files (dumps: `pitr dump --set NAME`)")
         }
         Command::Backup { source: Source::Dump, .. } => anyhow::bail!("dumps are taken with `pitr dump --set NAME`"),
-        Command::Backup { incremental, json, source: Source::Files, set } => {
+        Command::Backup { keep_forever, note, source: Source::Files | Source::Mongo, .. }
+            if keep_forever || note.is_some() =>
+        {
+            anyhow::bail!(
+                "--keep-forever and --note apply to PostgreSQL backups (MongoDB snapshots and file sets have no pins)"
+            )
+        }
+        Command::Backup { from_standby: Some(_), source: Source::Files | Source::Mongo, .. } => {
+            anyhow::bail!("--from-standby takes a PostgreSQL base backup from a standby: use it with --source postgres")
+        }
+        Command::Backup { incremental, json, source: Source::Files, set, .. } => {
             let set = set.ok_or_else(|| anyhow::anyhow!("--source files needs --set NAME (a [[files]] set)"))?;
             cmd::files::backup(config_path, &set, incremental, json).await
         }
         Command::Backup { incremental: _, json, source: Source::Mongo, .. } => cmd::mongo::backup(config_path, json).await,
-        Command::Backup { incremental, json, source: Source::Postgres, .. } => {
-            cmd::backup::run(config_path, incremental, json).await
+        Command::Backup { incremental, json, source: Source::Postgres, from_standby, keep_forever, note, .. } => {
+            let pin = cmd::pin::backup_change(keep_forever, note)?;
+            cmd::backup::run(config_path, incremental, from_standby.as_deref(), pin, json).await
         }
         Command::Dump { set, json } => cmd::dump::dump(config_path, &set, json).await,
         Command::Verify { json, source: Source::Files, set, live, deep, .. } => {
@@ -516,7 +586,12 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             return cmd::drill::run(config_path, args).await;
         }
         Command::List { json, from } => cmd::list::run(config_path, from.as_deref(), json).await,
+        Command::Mark { name, json, timeout, allow_duplicate } => {
+            cmd::mark::run(config_path, &name, json, timeout, allow_duplicate).await
+        }
         Command::Expire { dry_run, json } => cmd::expire::run(config_path, dry_run, json).await,
+        Command::Pin { id, until, note, json } => cmd::pin::pin(config_path, &id, until.as_deref(), note, json).await,
+        Command::Unpin { id, json } => cmd::pin::unpin(config_path, &id, json).await,
         Command::Keys { action: KeysAction::List { json, no_count } } => {
             cmd::keys::list(config_path, json, no_count).await
         }
@@ -543,6 +618,12 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
         {
             anyhow::bail!(
                 "--tablespace-map places the tablespaces of a whole PostgreSQL cluster restore (--target-dir); it \
+                 cannot be combined with --table or --source other than postgres; nothing was restored"
+            )
+        }
+        Command::Restore { delta: true, ref table, source, .. } if table.is_some() || source != Source::Postgres => {
+            anyhow::bail!(
+                "--delta restores a whole PostgreSQL cluster into its existing data directory (--target-dir); it \
                  cannot be combined with --table or --source other than postgres; nothing was restored"
             )
         }
@@ -627,6 +708,7 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             standby,
             primary_conninfo,
             tablespace_map,
+            delta,
             ..
         } => {
             let target_dir = target_dir.ok_or_else(|| anyhow::anyhow!("pitr restore needs --target-dir DIR"))?;
@@ -644,6 +726,7 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
                 from,
                 standby,
                 tablespace_map,
+                delta,
             };
             cmd::restore::run(config_path, args).await
         }

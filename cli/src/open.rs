@@ -13,8 +13,8 @@ use pitr_archive::{ClusterInfo, KeyError, KeyRing, LocalStore, NamedStore, Repos
 
 use crate::config::{Config, SecondaryConfig, PRIMARY_NAME};
 
-/// The configured storage backend: a local directory, or an S3/GCS bucket for
-/// `url = "s3://…"` / `"gs://…"`.
+/// The configured storage backend: a local directory, or an S3/GCS bucket or Azure container
+/// for `url = "s3://…"` / `"gs://…"` / `"az://…"`.
 pub fn store(config: &Config) -> Result<Arc<dyn Store>> {
     store_recycling(config, false)
 }

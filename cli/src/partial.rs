@@ -172,7 +172,10 @@ struct PartialDrill<'a> {
 impl PartialDrill<'_> {
     async fn open_postgres(&self) -> Result<(Repository, Catalog)> {
         let repo = open::reader(self.config, None)?;
-        let catalog = open::checked_catalog(self.config, &repo).await?;
+        let mut catalog = open::checked_catalog(self.config, &repo).await?;
+        if matches!(self.opts.target, DrillTarget::At(RecoveryTarget::Name(_))) {
+            catalog.load_restore_points(&repo).await;
+        }
         Ok((repo, catalog))
     }
 
@@ -206,6 +209,11 @@ impl Drill for PartialDrill<'_> {
         let mut table_at = None;
         if self.config.postgres.is_some() {
             let opened = self.open_postgres().await.map_err(|e| format!("{e:#}"));
+            // An unknown or unreachable restore point ends the drill before anything is written
+            // (no running marker, no file part), as `pitr drill --to name:` does.
+            if let (Ok((_, catalog)), DrillTarget::At(RecoveryTarget::Name(name))) = (&opened, self.opts.target) {
+                catalog.restore_point(&name)?;
+            }
             let opened = opened.and_then(|(repo, catalog)| {
                 let at = pitr_restore::drill::choose_target(&catalog, self.opts.target).map_err(|e| e.to_string())?;
                 table_at = Some(at);

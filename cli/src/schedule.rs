@@ -90,13 +90,23 @@ async fn last_backup_time(ctx: &SchedulerContext) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_micros(newest)
 }
 
-/// Whether the server can take incrementals, from the version the repository recorded for the
-/// cluster (the stream records it before any job runs).
-async fn incrementals_possible(ctx: &SchedulerContext) -> bool {
+/// Why scheduled incrementals do nothing, if they do: backups come from a standby (`[backup]
+/// conninfo`, where pitr takes no incrementals), or the server is older than 17, from the
+/// version the repository recorded for the cluster (the stream records it before any job runs).
+async fn incrementals_unavailable(ctx: &SchedulerContext) -> Option<&'static str> {
+    if ctx.backup.primary.is_some() {
+        return Some(
+            "scheduled incremental backups do nothing while backups come from a standby ([backup] conninfo): \
+             pitr takes only full backups there, and the archived WAL covers every change between them",
+        );
+    }
     match open::cluster(&ctx.repo, ctx.system_id).await {
-        Ok(cluster) => pitr_basebackup::incremental::supported(cluster.server_version_num),
+        Ok(cluster) if !pitr_basebackup::incremental::supported(cluster.server_version_num) => Some(
+            "scheduled incremental backups do nothing on PostgreSQL before 17: the archived WAL covers every change between full backups",
+        ),
+        Ok(_) => None,
         // Let the backup itself say what is wrong.
-        Err(_) => true,
+        Err(_) => None,
     }
 }
 
@@ -118,7 +128,7 @@ pub async fn run_job(job: Job, ctx: Arc<SchedulerContext>, shutdown: watch::Rece
 /// Waits until the stream has connected once (true) or the sidecar stops first (false). A
 /// sidecar whose server cannot be reached then writes nothing to the repository: no job's
 /// marker, no catch-up backup that would only fail, and the cluster's server version is recorded
-/// before [`incrementals_possible`] reads it.
+/// before [`incrementals_unavailable`] reads it.
 async fn stream_connected_once(
     mut status: watch::Receiver<pitr_walstream::StreamStatus>,
     mut shutdown: watch::Receiver<bool>,
@@ -381,15 +391,18 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &AtomicBoo
             let result = report.as_ref().map_err(|e| format!("{e:#}"));
             pitr_drill::scheduled_drill_ended(job.name, pitr_drill::Source::Postgres, result);
         }
-        JobKind::IncrementalBackup if !incrementals_possible(ctx).await => {
-            if !said_unavailable.swap(true, Ordering::Relaxed) {
-                tracing::info!(job = job.name, event = "unavailable",
-                    "scheduled incremental backups do nothing on PostgreSQL before 17: the archived WAL covers every change between full backups");
-            }
-            metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "unavailable").increment(1);
-        }
         JobKind::FullBackup | JobKind::IncrementalBackup => {
             let incremental = job.kind == JobKind::IncrementalBackup;
+            if incremental {
+                if let Some(why) = incrementals_unavailable(ctx).await {
+                    if !said_unavailable.swap(true, Ordering::Relaxed) {
+                        tracing::info!(job = job.name, event = "unavailable", "{why}");
+                    }
+                    metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "unavailable")
+                        .increment(1);
+                    return;
+                }
+            }
             let kind = if incremental { BackupKind::Incremental } else { BackupKind::Full };
             tracing::info!(job = job.name, event = "start", "scheduled {kind} backup starting");
             let labels = [("backup_type", kind.to_string()), ("source", "postgres".to_string())];
@@ -397,7 +410,7 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &AtomicBoo
             match pitr_basebackup::take_backup(&ctx.repo, &opts, &|_| {}).await {
                 Ok((manifest, summary)) => {
                     tracing::info!(job = job.name, event = "end", result = "success", backup = %summary.id,
-                        kind = %summary.kind, parent = ?summary.parent, fallback = ?summary.fallback,
+                        kind = %summary.kind, parent = ?summary.parent, taken_from = %summary.taken_from, fallback = ?summary.fallback,
                         bytes_read = summary.bytes_read, bytes_stored = summary.bytes_stored, "scheduled {kind} backup done");
                     gauge!("backup_success", &labels).set(1.0);
                     record_backup_gauges(&manifest);

@@ -12,15 +12,21 @@ use pitr_pgwire::ConnInfo;
 use crate::config::{Config, PostgresConfig};
 use crate::open;
 
-/// `BASE_BACKUP` options from `[backup]` for the `[postgres]` cluster.
+/// `BASE_BACKUP` options from `[backup]` for the `[postgres]` cluster whose primary is at
+/// `primary`: taken from `[backup] conninfo`'s standby when one is configured, else from the primary.
 pub fn backup_options(
     config: &Config,
     pg: &PostgresConfig,
-    conninfo: ConnInfo,
+    primary: ConnInfo,
     incremental: bool,
 ) -> Result<pitr_basebackup::BackupOptions> {
+    let (conninfo, primary) = match config.backup.standby_connection_info(pg)? {
+        Some(standby) => (standby, Some(primary)),
+        None => (primary, None),
+    };
     Ok(pitr_basebackup::BackupOptions {
         conninfo,
+        primary,
         application_name: format!("{}_backup", pg.application_name()),
         block_size: config.backup.block_size.unwrap_or(1 << 20),
         parallel_uploads: config.backup.parallel(),
@@ -29,6 +35,7 @@ pub fn backup_options(
         incremental,
         stale_backup_after: config.retention.stale_backup_after,
         max_rate_kib: config.backup.max_rate_kib()?,
+        pin: None,
     })
 }
 
@@ -93,6 +100,8 @@ pub async fn expire(config: &Config, repo: &Repository, dry_run: bool) -> Result
         dry_run,
         stale_backup_after: config.retention.stale_backup_after,
         lock_ttl: config.retention.lock_ttl,
+        // Keep-forever backups stay under lock for as long as a new object would be.
+        keep_forever_lock: Duration::from_secs(u64::from(config.repository.object_lock_days.unwrap_or(1)) * 86_400),
     };
     pitr_archive::expire::expire(repo, &cluster, &opts).await.with_context(|| format!("expire in {}", repo.location()))
 }

@@ -2,13 +2,15 @@
 //!
 //! Owns the framing of raw WAL bytes — page headers, records that cross page and segment
 //! boundaries, resynchronisation after gaps, switches and garbage — and the decoding of
-//! transaction commit/abort records into [`XactRecord`]s (xid and commit timestamp). It does
-//! no I/O: callers push bytes as they arrive, in any chunking, with [`WalDecoder::feed`].
+//! transaction commit/abort records into [`XactRecord`]s (xid and commit timestamp) and of
+//! restore points (`pg_create_restore_point`) into [`RestorePointRecord`]s. It does no I/O:
+//! callers push bytes as they arrive, in any chunking, with [`WalDecoder::feed`] (or
+//! [`WalDecoder::feed_all`] to get restore points too).
 //!
 //! Layouts follow PostgreSQL 14–18 on little-endian 64-bit platforms (MAXALIGN = 8):
 //! `XLogPageHeaderData`/`XLogLongPageHeaderData` (`xlog_internal.h`), `XLogRecord` and the
-//! block/data fragment headers (`xlogrecord.h`), and `xl_xact_commit`/`xl_xact_abort` with
-//! their `xinfo` sub-records (`xact.h`).
+//! block/data fragment headers (`xlogrecord.h`), `xl_xact_commit`/`xl_xact_abort` with
+//! their `xinfo` sub-records (`xact.h`), and `xl_restore_point` (`xlog_internal.h`).
 
 use std::fmt;
 
@@ -67,6 +69,11 @@ const RM_XLOG_ID: u8 = 0;
 const RM_XACT_ID: u8 = 1;
 const XLR_RMGR_INFO_MASK: u8 = 0xF0;
 const XLOG_SWITCH: u8 = 0x40;
+const XLOG_RESTORE_POINT: u8 = 0x70;
+/// `MAXFNAMELEN`: the size of `xl_restore_point.rp_name`, its NUL included.
+pub const RESTORE_POINT_NAME_LEN: usize = 64;
+/// `sizeof(xl_restore_point)`: TimestampTz rp_time, then char rp_name[MAXFNAMELEN].
+const SIZE_OF_RESTORE_POINT: usize = 8 + RESTORE_POINT_NAME_LEN;
 
 const XLOG_XACT_OPMASK: u8 = 0x70;
 const XLOG_XACT_HAS_INFO: u8 = 0x80;
@@ -141,6 +148,20 @@ pub struct XactRecord {
     pub timestamp: i64,
 }
 
+/// A restore point (`XLOG_RESTORE_POINT`, written by `pg_create_restore_point`) found in the
+/// WAL: what `recovery_target_name` stops after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestorePointRecord {
+    /// Start LSN of the record.
+    pub lsn: u64,
+    /// LSN just past the record, MAXALIGNed: what `pg_create_restore_point` returns.
+    pub end_lsn: u64,
+    /// `rp_time`: microseconds since 2000-01-01 00:00:00 UTC.
+    pub timestamp: i64,
+    /// `rp_name` up to its NUL, as bytes (the server's encoding; at most 63 bytes).
+    pub name: Vec<u8>,
+}
+
 /// Convert a PostgreSQL timestamp (µs since 2000-01-01 UTC) to µs since the Unix epoch.
 pub fn pg_timestamp_to_unix_micros(ts: i64) -> i64 {
     // Saturating keeps PostgreSQL's ±infinity sentinels (i64::MIN/MAX) at the extremes.
@@ -205,6 +226,10 @@ impl RecordHeader {
         self.rmid == RM_XLOG_ID && self.info & XLR_RMGR_INFO_MASK == XLOG_SWITCH
     }
 
+    fn is_restore_point(&self) -> bool {
+        self.rmid == RM_XLOG_ID && self.info & XLR_RMGR_INFO_MASK == XLOG_RESTORE_POINT
+    }
+
     fn xact_kind(&self) -> Option<XactKind> {
         if self.rmid != RM_XACT_ID {
             return None;
@@ -217,6 +242,12 @@ impl RecordHeader {
             _ => None,
         }
     }
+}
+
+/// Where decoded records go during one feed.
+struct Sink<'a> {
+    xacts: &'a mut Vec<XactRecord>,
+    restore_points: &'a mut Vec<RestorePointRecord>,
 }
 
 /// Incremental decoder of a WAL byte stream into transaction commit/abort records.
@@ -309,6 +340,18 @@ impl WalDecoder {
     /// start where the previous one ended resets the decoder and resynchronises at the next
     /// page boundary (or at `lsn` itself if it is a page boundary).
     pub fn feed(&mut self, lsn: u64, data: &[u8], out: &mut Vec<XactRecord>) {
+        self.feed_all(lsn, data, out, &mut Vec::new());
+    }
+
+    /// As [`feed`](Self::feed), also collecting the restore points completed by these bytes.
+    pub fn feed_all(
+        &mut self,
+        lsn: u64,
+        data: &[u8],
+        xacts: &mut Vec<XactRecord>,
+        restore_points: &mut Vec<RestorePointRecord>,
+    ) {
+        let out = &mut Sink { xacts, restore_points };
         if !self.started || self.pos != lsn {
             if self.started {
                 debug!(expected = self.pos, got = lsn, "non-contiguous WAL feed; resynchronising");
@@ -361,7 +404,7 @@ impl WalDecoder {
     }
 
     /// Consume some prefix of `data` (possibly nothing, for a pure state transition).
-    fn step(&mut self, data: &[u8], out: &mut Vec<XactRecord>) -> usize {
+    fn step(&mut self, data: &[u8], out: &mut Sink<'_>) -> usize {
         match &mut self.phase {
             Phase::Seek { remaining } => {
                 if *remaining == 0 {
@@ -392,7 +435,7 @@ impl WalDecoder {
         }
     }
 
-    fn step_body(&mut self, data: &[u8], out: &mut Vec<XactRecord>) -> usize {
+    fn step_body(&mut self, data: &[u8], out: &mut Sink<'_>) -> usize {
         let to_page_end = self.page_size - (self.pos & (self.page_size - 1));
         let avail = clamp_len(to_page_end, data.len());
         let chunk = data.get(..avail).unwrap_or_default();
@@ -524,13 +567,7 @@ impl WalDecoder {
         self.rec = if contrec && rem_len > 0 { Rec::Skip { remaining: u64::from(rem_len) } } else { Rec::Between };
     }
 
-    fn on_record_header_bytes(
-        &mut self,
-        start: u64,
-        hdr: &[u8; SIZE_OF_XLOG_RECORD],
-        have: usize,
-        out: &mut Vec<XactRecord>,
-    ) {
+    fn on_record_header_bytes(&mut self, start: u64, hdr: &[u8; SIZE_OF_XLOG_RECORD], have: usize, out: &mut Sink<'_>) {
         if have < 4 {
             return;
         }
@@ -557,7 +594,7 @@ impl WalDecoder {
         self.prev = Some(start);
 
         let body = u64::from(header.tot_len) - SIZE_OF_XLOG_RECORD as u64;
-        let wanted = header.is_switch() || header.xact_kind().is_some();
+        let wanted = header.is_switch() || header.xact_kind().is_some() || header.is_restore_point();
         if wanted && tot_len <= MAX_BUFFERED_RECORD_LEN {
             let mut buf = Vec::with_capacity((tot_len as usize).min(64 * 1024));
             buf.extend_from_slice(hdr);
@@ -576,7 +613,7 @@ impl WalDecoder {
     }
 
     /// A wanted record is complete (its last byte was just consumed).
-    fn finish_record(&mut self, start: u64, rec: &[u8], out: &mut Vec<XactRecord>) {
+    fn finish_record(&mut self, start: u64, rec: &[u8], out: &mut Sink<'_>) {
         let Some(hdr_bytes) =
             rec.get(..SIZE_OF_XLOG_RECORD).and_then(|h| <[u8; SIZE_OF_XLOG_RECORD]>::try_from(h).ok())
         else {
@@ -596,8 +633,17 @@ impl WalDecoder {
             return;
         }
         let end_lsn = align_up(self.pos);
+        if header.is_restore_point() {
+            match decode_restore_point(rec, self.magic) {
+                Some((timestamp, name)) => {
+                    out.restore_points.push(RestorePointRecord { lsn: start, end_lsn, timestamp, name })
+                }
+                None => warn!(lsn = start, "malformed restore point WAL record; skipping it"),
+            }
+            return;
+        }
         match decode_xact(rec, &header, self.magic) {
-            Some((kind, xid, timestamp)) => out.push(XactRecord { lsn: start, end_lsn, xid, kind, timestamp }),
+            Some((kind, xid, timestamp)) => out.xacts.push(XactRecord { lsn: start, end_lsn, xid, kind, timestamp }),
             None => warn!(lsn = start, "malformed transaction WAL record; skipping it"),
         }
     }
@@ -750,6 +796,20 @@ fn image_compressed(bimg_info: u8, magic: u16) -> bool {
     } else {
         bimg_info & BKPIMAGE_IS_COMPRESSED_PG14 != 0
     }
+}
+
+/// Decode a CRC-checked `XLOG_RESTORE_POINT` record into (rp_time, rp_name up to its NUL).
+/// The main data must be exactly an `xl_restore_point` whose name is NUL-terminated, as
+/// `XLogRestorePoint` writes it (`strlcpy` into the 64 bytes).
+fn decode_restore_point(rec: &[u8], magic: u16) -> Option<(i64, Vec<u8>)> {
+    let main = main_data(rec, magic)?;
+    if main.len() != SIZE_OF_RESTORE_POINT {
+        return None;
+    }
+    let timestamp = i64_at(main, 0)?;
+    let name = main.get(8..)?;
+    let nul = name.iter().position(|&b| b == 0)?;
+    Some((timestamp, name.get(..nul)?.to_vec()))
 }
 
 /// Decode a CRC-checked transaction record into (kind, xid, xact_time).
@@ -1607,5 +1667,92 @@ mod tests {
                 assert!(clean.contains(r), "invented {r:?}");
             }
         }
+    }
+
+    /// An `xl_restore_point` as `XLogRestorePoint` lays it out: the time, then the name
+    /// `strlcpy`'d into 64 bytes (what follows the NUL is whatever the stack held).
+    fn restore_point_main(ts: i64, name: &[u8]) -> Vec<u8> {
+        let mut main = ts.to_le_bytes().to_vec();
+        let mut field = [0xEEu8; RESTORE_POINT_NAME_LEN];
+        field[..name.len()].copy_from_slice(name);
+        field[name.len()] = 0;
+        main.extend_from_slice(&field);
+        main
+    }
+
+    fn restore_point(b: &mut WalBuilder, ts: i64, name: &[u8]) -> (u64, u64) {
+        let rec = b.record(0, RM_XLOG_ID, XLOG_RESTORE_POINT, &main_only(&restore_point_main(ts, name)));
+        b.put(&rec)
+    }
+
+    fn decode_points(start: u64, bytes: &[u8], chunk: usize) -> (Vec<XactRecord>, Vec<RestorePointRecord>) {
+        let mut dec = WalDecoder::new(SEG, PAGE);
+        let (mut xacts, mut points) = (Vec::new(), Vec::new());
+        let mut lsn = start;
+        for piece in bytes.chunks(chunk.max(1)) {
+            dec.feed_all(lsn, piece, &mut xacts, &mut points);
+            lsn += piece.len() as u64;
+        }
+        (xacts, points)
+    }
+
+    #[test]
+    fn restore_points_are_found_with_their_name_time_and_lsns_in_any_chunking() {
+        let start = 3 * SEG;
+        let mut b = WalBuilder::new(start, XLOG_PAGE_MAGIC_PG15);
+        b.commit(700, TS);
+        let first = restore_point(&mut b, TS + 1, b"before-cleanup");
+        b.commit(701, TS + 2);
+        // One that crosses a page boundary, with the longest name PostgreSQL keeps (63 bytes).
+        b.filler_to_page_offset(PAGE - 40);
+        let long = [b'x'; 63];
+        let second = restore_point(&mut b, TS + 3, &long);
+        let (_, end) = b.commit(702, TS + 4);
+        assert_eq!(second.0 / PAGE + 1, second.1 / PAGE, "the second restore point crosses a page");
+        assert_eq!(first.1 - first.0, 104, "24 header + 2 data header + 72 data, MAXALIGNed");
+        for chunk in [1, 7, 100, 8192, usize::MAX] {
+            let (xacts, points) = decode_points(start, &b.bytes, chunk);
+            assert_eq!(xids(&xacts), vec![700, 701, 702], "chunk {chunk}");
+            assert_eq!(
+                points,
+                vec![
+                    RestorePointRecord {
+                        lsn: first.0,
+                        end_lsn: first.1,
+                        timestamp: TS + 1,
+                        name: b"before-cleanup".to_vec()
+                    },
+                    RestorePointRecord { lsn: second.0, end_lsn: second.1, timestamp: TS + 3, name: long.to_vec() },
+                ],
+                "chunk {chunk}"
+            );
+        }
+        assert!(end > second.1);
+        // `feed` alone still finds the commits (and drops the restore points).
+        assert_eq!(xids(&decode(start, &b.bytes)), vec![700, 701, 702]);
+    }
+
+    #[test]
+    fn damaged_or_malformed_restore_points_are_not_reported() {
+        let start = SEG;
+        let mut b = WalBuilder::new(start, XLOG_PAGE_MAGIC_PG16);
+        let good = restore_point(&mut b, TS, b"kept");
+        // A name without its NUL within the 64 bytes is not what PostgreSQL writes.
+        let mut main = TS.to_le_bytes().to_vec();
+        main.extend_from_slice(&[b'y'; RESTORE_POINT_NAME_LEN]);
+        let rec = b.record(0, RM_XLOG_ID, XLOG_RESTORE_POINT, &main_only(&main));
+        b.put(&rec);
+        // Too short a body.
+        let rec = b.record(0, RM_XLOG_ID, XLOG_RESTORE_POINT, &main_only(&TS.to_le_bytes()));
+        b.put(&rec);
+        // A good one whose payload is flipped after its CRC was computed.
+        let (bad, _) = restore_point(&mut b, TS + 9, b"flipped");
+        let at = (bad - start) as usize + 30;
+        b.bytes[at] ^= 0x01;
+        b.commit(9, TS + 10);
+        let (_, points) = decode_points(start, &b.bytes, usize::MAX);
+        assert_eq!(points.len(), 1, "{points:?}");
+        assert_eq!(points[0].lsn, good.0);
+        assert_eq!(points[0].name, b"kept");
     }
 }

@@ -5,7 +5,7 @@
 //! throwaway clusters run as an unprivileged user ([`PgCluster`]), scratch
 //! directories, building the `pitr` binary once per process, guards for
 //! background processes ([`Child`]), polling ([`wait_until`]) and LSN helpers; storage servers
-//! started by tests ([`S3Server`]: moto, [`S3sFs`]: s3s-fs) and a
+//! started by tests ([`S3Server`]: moto, [`S3sFs`]: s3s-fs, [`azurite::Azurite`]: Azure) and a
 //! fault-injecting TCP proxy ([`proxy`]).
 //!
 //! Everything is blocking except [`PgCluster::client`], so the harness works
@@ -1095,6 +1095,7 @@ pub fn lsn_to_u64(s: &str) -> u64 {
 pub fn u64_to_lsn(v: u64) -> String {
     format!("{:X}/{:X}", v >> 32, v & 0xFFFF_FFFF)
 }
+pub mod azurite;
 pub mod checks;
 pub mod mongo;
 pub mod pitr;

@@ -120,6 +120,31 @@ impl PitrEnv {
         Ok((code, body))
     }
 
+    /// The archive's end as `pitr status --json` reports it (0 before anything is archived).
+    pub fn archived_lsn(&self) -> Result<u64> {
+        let status: serde_json::Value = serde_json::from_str(&self.run_ok(&["status", "--json"])?)?;
+        Ok(status["archived_lsn"].as_str().map(crate::lsn_to_u64).unwrap_or(0))
+    }
+
+    /// The sidecar's own status file (`pitr status` needs the repository, which may be down).
+    pub fn sidecar_status(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&std::fs::read(&self.status_file)?)?)
+    }
+
+    /// A metric's value from the sidecar's `/metrics` (the first series of that name; 0 if absent).
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let (code, body) = self.http_get("/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        Ok(body
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0))
+    }
+
     /// Replaces `from` with `to` in the config file (to turn on a schedule, change a setting…).
     pub fn edit_config(&self, from: &str, to: &str) -> Result<()> {
         let text = std::fs::read_to_string(&self.config)?;

@@ -25,6 +25,8 @@ pub struct ProxyStats {
     pub cut_requests: AtomicU64,
     /// Connections whose reply from the server was dropped.
     pub swallowed_replies: AtomicU64,
+    /// Requests answered by the proxy in the server's place ([`FaultyProxy::answer_next`]).
+    pub answered: AtomicU64,
     in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
 }
@@ -33,6 +35,30 @@ pub struct ProxyStats {
 struct Faults {
     on: AtomicBool,
     every: AtomicU64,
+    /// One request to lose the reply of: its request line contains all of these.
+    swallow_next: std::sync::Mutex<Option<Vec<String>>>,
+    /// One request to answer in the server's place (it never reaches the server), and the reply.
+    answer_next: std::sync::Mutex<Option<(Vec<String>, Vec<u8>)>>,
+}
+
+/// Whether the first line of `first` (a request's first bytes) contains all of `parts`.
+fn line_has(first: &[u8], parts: &[String]) -> bool {
+    let head = String::from_utf8_lossy(first);
+    let line = head.split("\r\n").next().unwrap_or("");
+    parts.iter().all(|p| line.contains(p.as_str()))
+}
+
+/// Whether `request` holds a whole request: its head and `Content-Length` bytes of body.
+fn whole_request(request: &[u8]) -> bool {
+    let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+    let head = String::from_utf8_lossy(&request[..end]);
+    let length = head
+        .split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    request.len() >= end + 4 + length
 }
 
 pub struct FaultyProxy {
@@ -88,6 +114,25 @@ impl FaultyProxy {
         self.faults.on.store(false, Ordering::SeqCst);
     }
 
+    /// Lose the reply of the next request whose request line (`PUT /a/c/k?comp=blocklist
+    /// HTTP/1.1`) contains every one of `line_has` (once; the request itself is delivered whole).
+    pub fn swallow_reply_of_next(&self, line_has: &[&str]) {
+        let mut next = self.faults.swallow_next.lock().unwrap_or_else(|e| e.into_inner());
+        *next = Some(line_has.iter().map(|p| p.to_string()).collect());
+    }
+
+    /// Answer the next request whose request line contains every one of `line_has` (and that
+    /// is not the one [`FaultyProxy::swallow_reply_of_next`] picks) with `status` (`404 Not
+    /// Found`) and the XML `body`, in the server's place; the connection is closed after it.
+    pub fn answer_next(&self, line_has: &[&str], status: &str, body: &str) {
+        let reply = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut next = self.faults.answer_next.lock().unwrap_or_else(|e| e.into_inner());
+        *next = Some((line_has.iter().map(|p| p.to_string()).collect(), reply.into_bytes()));
+    }
+
     pub fn broken(&self) -> u64 {
         self.stats.cut_requests.load(Ordering::SeqCst) + self.stats.swallowed_replies.load(Ordering::SeqCst)
     }
@@ -111,12 +156,29 @@ struct Exchange<'a> {
     sent: AtomicU64,
     cut_at: AtomicU64,
     swallow_reply: AtomicBool,
+    /// The reply to give instead of the server's (set for the request [`FaultyProxy::answer_next`] picked).
+    answer: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl Exchange<'_> {
-    fn request_bytes(&self) {
+    fn request_bytes(&self, first: &[u8]) {
         if self.busy.swap(true, Ordering::SeqCst) {
             return;
+        }
+        let swallowed = {
+            let mut next = self.faults.swallow_next.lock().unwrap_or_else(|e| e.into_inner());
+            let hit = next.as_ref().is_some_and(|parts| line_has(first, parts));
+            if hit {
+                *next = None;
+                self.swallow_reply.store(true, Ordering::SeqCst);
+            }
+            hit
+        };
+        if !swallowed {
+            let mut next = self.faults.answer_next.lock().unwrap_or_else(|e| e.into_inner());
+            if next.as_ref().is_some_and(|(parts, _)| line_has(first, parts)) {
+                *self.answer.lock().unwrap_or_else(|e| e.into_inner()) = next.take().map(|(_, reply)| reply);
+            }
         }
         let now = self.stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.stats.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -165,9 +227,12 @@ async fn serve(client: TcpStream, upstream: SocketAddr, faults: Arc<Faults>, sta
         sent: AtomicU64::new(0),
         cut_at: AtomicU64::new(u64::MAX),
         swallow_reply: AtomicBool::new(false),
+        answer: std::sync::Mutex::new(None),
     };
     let Ok(server) = TcpStream::connect(upstream).await else { return };
-    let (mut client_rd, mut client_wr) = client.into_split();
+    let (mut client_rd, client_wr) = client.into_split();
+    // Written by the reply half, and by the request half when it answers in the server's place.
+    let client_wr = tokio::sync::Mutex::new(client_wr);
     let (mut server_rd, mut server_wr) = server.into_split();
     let upload = async {
         let mut buf = vec![0u8; 16 << 10];
@@ -176,7 +241,26 @@ async fn serve(client: TcpStream, upstream: SocketAddr, faults: Arc<Faults>, sta
                 Ok(0) | Err(_) => break,
                 Ok(got) => got,
             };
-            exchange.request_bytes();
+            exchange.request_bytes(&buf[..got]);
+            let answer = exchange.answer.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(reply) = answer {
+                // Read the whole request first: a socket closed with unread bytes is reset, and
+                // the client might never read the reply.
+                let mut request = buf[..got].to_vec();
+                while !whole_request(&request) {
+                    match client_rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => return true,
+                        Ok(more) => request.extend_from_slice(&buf[..more]),
+                    }
+                }
+                // Counted before the reply goes out: the client may act on it (and the test
+                // read the count) before this task runs again.
+                stats.answered.fetch_add(1, Ordering::SeqCst);
+                let mut client = client_wr.lock().await;
+                let _ = client.write_all(&reply).await;
+                let _ = client.shutdown().await;
+                return true;
+            }
             let take = exchange.forward(got);
             if server_wr.write_all(&buf[..take]).await.is_err() {
                 break;
@@ -201,11 +285,11 @@ async fn serve(client: TcpStream, upstream: SocketAddr, faults: Arc<Faults>, sta
                 stats.swallowed_replies.fetch_add(1, Ordering::SeqCst);
                 return true;
             }
-            if client_wr.write_all(&buf[..got]).await.is_err() {
+            if client_wr.lock().await.write_all(&buf[..got]).await.is_err() {
                 break;
             }
         }
-        let _ = client_wr.shutdown().await;
+        let _ = client_wr.lock().await.shutdown().await;
         false
     };
     // Whichever direction breaks the connection ends both halves (dropping them closes both
@@ -232,14 +316,22 @@ pub struct HeaderStrippingProxy {
 
 impl HeaderStrippingProxy {
     pub fn start(upstream: u16, strip: &str) -> Result<HeaderStrippingProxy> {
+        HeaderStrippingProxy::start_for(upstream, strip, &[])
+    }
+
+    /// Strips the header only from requests whose request line (`POST /b/k?uploadId=… HTTP/1.1`)
+    /// contains every one of `line_has`: a server that honours it on some requests only.
+    pub fn start_for(upstream: u16, strip: &str, line_has: &[&str]) -> Result<HeaderStrippingProxy> {
         let (runtime, listener, port) = proxy_runtime(1)?;
         let (requests, stripped) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (r, s, strip) = (requests.clone(), stripped.clone(), strip.to_ascii_lowercase());
+        let line_has: Arc<Vec<String>> = Arc::new(line_has.iter().map(|p| p.to_string()).collect());
         runtime.spawn(async move {
             let Ok(listener) = TcpListener::from_std(listener) else { return };
             let upstream: SocketAddr = ([127, 0, 0, 1], upstream).into();
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(strip_requests(client, upstream, strip.clone(), r.clone(), s.clone()));
+                let only = line_has.clone();
+                tokio::spawn(strip_requests(client, upstream, strip.clone(), only, r.clone(), s.clone()));
             }
         });
         Ok(HeaderStrippingProxy { port, requests, stripped, runtime: Some(runtime) })
@@ -262,6 +354,7 @@ async fn strip_requests(
     client: TcpStream,
     upstream: SocketAddr,
     strip: String,
+    line_has: Arc<Vec<String>>,
     requests: Arc<AtomicU64>,
     stripped: Arc<AtomicU64>,
 ) {
@@ -287,9 +380,11 @@ async fn strip_requests(
             let mut body_len = 0usize;
             let mut kept = String::new();
             let mut removed = false;
+            let request_line = head.split("\r\n").next().unwrap_or("");
+            let applies = line_has.iter().all(|part| request_line.contains(part.as_str()));
             for line in head.split("\r\n").filter(|l| !l.is_empty()) {
                 let name = line.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
-                if name == strip {
+                if name == strip && applies {
                     removed = true;
                     continue;
                 }

@@ -155,6 +155,7 @@ fn pg15_expire_dry_run_changes_nothing_stops_anywhere_consistently_and_the_windo
                 dry_run: false,
                 stale_backup_after: Duration::from_secs(86_400),
                 lock_ttl: Duration::from_secs(3600),
+                keep_forever_lock: Duration::from_secs(86_400),
             };
             anyhow::Ok(pitr_archive::expire::expire(&repo, &cluster, &opts).await)
         })?;

@@ -67,11 +67,6 @@ fn metric_sum(env: &PitrEnv, name: &str) -> Result<f64> {
         .sum())
 }
 
-/// The sidecar's own status file (`pitr status` would need KMS to open the repository).
-fn sidecar_status(env: &PitrEnv) -> Result<serde_json::Value> {
-    Ok(serde_json::from_slice(&std::fs::read(&env.status_file)?)?)
-}
-
 fn insert(cluster: &PgCluster, from: u32, n: u32) -> Result<()> {
     cluster.psql(&format!("insert into t select g, md5(g::text) from generate_series({from}, {}) g", from + n - 1))?;
     Ok(())
@@ -154,7 +149,7 @@ fn kms_outage_during_streaming() -> Result<()> {
             })
             .with_context(|| env.stream_logs())?;
             std::thread::sleep(Duration::from_secs(10).saturating_sub(outage.elapsed()));
-            let durable_early = sidecar_status(&env)?["durable_lsn"].as_u64().context("durable_lsn")?;
+            let durable_early = env.sidecar_status()?["durable_lsn"].as_u64().context("durable_lsn")?;
             insert(&cluster, 1001, 200)?;
             std::thread::sleep(Duration::from_millis(1100));
             let moment = cluster.psql("select clock_timestamp()")?;
@@ -163,7 +158,7 @@ fn kms_outage_during_streaming() -> Result<()> {
             insert(&cluster, 1201, 200)?;
             std::thread::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed()));
             // The archive stood still while the primary went on: the lag grew.
-            let status = sidecar_status(&env)?;
+            let status = env.sidecar_status()?;
             let durable = status["durable_lsn"].as_u64().context("durable_lsn")?;
             ensure!(durable == durable_early, "WAL was sealed during the KMS outage: {durable_early:X} → {durable:X}");
             ensure!(status["lag_bytes"].as_u64() > Some(0), "no lag during the outage: {status:#}");
@@ -199,7 +194,7 @@ fn kms_outage_during_streaming() -> Result<()> {
     let end = cluster.current_lsn()?;
     assert!(end > durable_in_outage);
     wait_until("the sidecar to catch up after the outage", Duration::from_secs(90), || {
-        Ok(sidecar_status(&env)?["durable_lsn"].as_u64().unwrap_or(0) >= end)
+        Ok(env.sidecar_status()?["durable_lsn"].as_u64().unwrap_or(0) >= end)
     })
     .with_context(|| env.stream_logs())?;
     let status: serde_json::Value = serde_json::from_str(&env.run_ok(&["status", "--json"])?)?;

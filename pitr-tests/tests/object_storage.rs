@@ -73,6 +73,58 @@ async fn put_if_absent_contract(store: &CloudStore, big: usize) -> Result<()> {
     Ok(())
 }
 
+/// The reply to a multipart completion is lost after the server completed it: the client sends
+/// the completion again and hears that the name is taken (moto: the completion is conditional)
+/// or that the upload is gone (MinIO's 404 NoSuchUpload, given here by the proxy in the server's
+/// place). Either way the object under the name is ours: the put succeeded, and a 404 there is
+/// not taken for a missing bucket.
+async fn lost_completion_reply(port: u16, bucket_url: &str) -> Result<()> {
+    const NO_SUCH_UPLOAD: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>NoSuchUpload</Code>\
+         <Message>The specified multipart upload does not exist.</Message></Error>";
+    let completion = ["POST ", "uploadId="];
+    for (i, resend) in ["taken", "gone"].into_iter().enumerate() {
+        let proxy = FaultyProxy::start(port)?;
+        let store = CloudStore::open(bucket_url, &s3_options(proxy.endpoint()))?;
+        let name = format!("wal/lost-reply-{resend}");
+        let data = pseudo_random(13 << 20, 3 + i as u64);
+        proxy.swallow_reply_of_next(&completion);
+        if resend == "gone" {
+            proxy.answer_next(&completion, "404 Not Found", NO_SUCH_UPLOAD);
+        }
+        assert_eq!(store.put_if_absent(&name, data.clone()).await?, PutOutcome::Created, "{resend}");
+        ensure!(proxy.stats.swallowed_replies.load(Ordering::SeqCst) == 1, "{resend}: no completion reply was lost");
+        let answered = proxy.stats.answered.load(Ordering::SeqCst);
+        ensure!(answered == u64::from(resend == "gone"), "{resend}: {answered} requests answered by the proxy");
+        assert_eq!(store.get(&name).await?, data, "{resend}");
+    }
+    Ok(())
+}
+
+/// What is under a name is looked at after a refused create, and only a definite answer is a
+/// verdict: a refusal (412) for a name that holds nothing is put again, not taken for someone
+/// else's object; a read that fails is an error, not "already exists". The proxy gives those
+/// answers in the server's place, once each.
+async fn refused_creates_are_looked_into(port: u16, bucket_url: &str) -> Result<()> {
+    let proxy = FaultyProxy::start(port)?;
+    let store = CloudStore::open(bucket_url, &s3_options(proxy.endpoint()))?;
+    let refused = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>PreconditionFailed</Code></Error>";
+    proxy.answer_next(&["PUT ", "/wal/refused-empty "], "412 Precondition Failed", refused);
+    let data = Bytes::from_static(b"refused, and nothing there");
+    assert_eq!(store.put_if_absent("wal/refused-empty", data.clone()).await?, PutOutcome::Created);
+    ensure!(proxy.stats.answered.load(Ordering::SeqCst) == 1, "the refusal was not given");
+    assert_eq!(store.get("wal/refused-empty").await?, data);
+
+    // Taken, and the read of what is there is refused: an error naming the object.
+    let denied = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code></Error>";
+    proxy.answer_next(&["GET ", "/wal/refused-empty "], "403 Forbidden", denied);
+    let err = store.put_if_absent("wal/refused-empty", data.clone()).await.unwrap_err().to_string();
+    ensure!(proxy.stats.answered.load(Ordering::SeqCst) == 2, "the read was not refused");
+    assert!(err.contains("wal/refused-empty") && err.contains("reading what is under the name"), "{err}");
+    // Answered by the server itself, the same bytes are our own earlier write.
+    assert_eq!(store.put_if_absent("wal/refused-empty", data).await?, PutOutcome::Created);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_multipart_put_if_absent_on_moto_and_s3s_fs() -> Result<()> {
     aws_test_credentials();
@@ -80,6 +132,8 @@ async fn s3_multipart_put_if_absent_on_moto_and_s3s_fs() -> Result<()> {
     moto.create_bucket("pitr")?;
     let store = CloudStore::open("s3://pitr/m", &s3_options(moto.endpoint()))?;
     put_if_absent_contract(&store, 13 << 20).await?;
+    lost_completion_reply(moto.port, "s3://pitr/m").await?;
+    refused_creates_are_looked_into(moto.port, "s3://pitr/m").await?;
     // Nothing left half-uploaded: no multipart upload in progress.
     let uploads = http_request(moto.port, "GET", "/pitr?uploads", &[], b"")?;
     ensure!(uploads.status == 200 && !uploads.text().contains("<Upload>"), "{}", uploads.text());
@@ -87,6 +141,8 @@ async fn s3_multipart_put_if_absent_on_moto_and_s3s_fs() -> Result<()> {
     let fs = S3sFs::start(&["pitr"])?;
     let store = CloudStore::open("s3://pitr/f", &s3_options(fs.endpoint()))?;
     put_if_absent_contract(&store, 13 << 20).await?;
+    // Not the lost completion reply: s3s-fs answers a completion resent for an upload it has
+    // completed with 403 AccessDenied, which is a refusal and not a verdict on the upload.
     Ok(())
 }
 
@@ -323,6 +379,7 @@ async fn s3_expire_extends_the_retention_of_backups_kept_longer_than_the_window(
         dry_run: true,
         stale_backup_after: std::time::Duration::from_secs(86_400),
         lock_ttl: std::time::Duration::from_secs(600),
+        keep_forever_lock: std::time::Duration::from_secs(86_400),
     };
     let path = |name: &str| format!("/locked/repo/{name}");
     let segment = |segno| path(&layout.object_name(&WalObject::Segment { timeline: 1, segno }));
@@ -347,18 +404,20 @@ async fn s3_expire_extends_the_retention_of_backups_kept_longer_than_the_window(
     expire_opts.dry_run = false;
     let report = expire(&repo, &cluster, &expire_opts).await?;
     assert!(report.removed_backups.is_empty());
-    // 10 distinct objects (the shared block counted once): that one failed, named, and the
-    // rest were extended all the same.
+    // 10 distinct objects of the backups (the shared block counted once) plus what every restore
+    // reads (the repository marker and the cluster record; this hand-made repository has no
+    // dedup key, counted as missing): that one failed, named, and the rest were extended all the
+    // same.
     let failed: Vec<&str> = report.retention_failed.iter().map(|r| r.object.as_str()).collect();
     assert_eq!(failed, [block("bb01")]);
     let why = &report.retention_failed[0].why;
     assert!(why.contains(&block("bb01")) && why.contains("not-a-date"), "{why}");
-    assert_eq!((report.retention_checked, report.retention_extended, report.retention_missing), (9, 9, 0));
+    assert_eq!((report.retention_checked, report.retention_extended, report.retention_missing), (11, 11, 1));
     assert!(report.removed_wal_objects > 0, "the deletes went on: {report:?}");
     set_retention_raw(&moto, &path(&block("bb01")), "COMPLIANCE", "2020-01-01T00:00:00Z")?;
     let report = expire(&repo, &cluster, &expire_opts).await?;
     ensure!(report.retention_failed.is_empty(), "{:?}", report.retention_failed);
-    assert_eq!((report.retention_checked, report.retention_extended), (10, 1));
+    assert_eq!((report.retention_checked, report.retention_extended), (12, 1));
     let until = |p: &str| -> Result<String> { Ok(lock_of(&moto, p)?.1) };
     assert_eq!(until(&path(&pg::backup_manifest(SYS, "a")))?, later(2));
     assert_eq!(until(&path(&block("aa01")))?, later(2));
@@ -370,13 +429,16 @@ async fn s3_expire_extends_the_retention_of_backups_kept_longer_than_the_window(
     }
     assert_eq!(until(&segment(10))?, later(3));
     assert_eq!(until(&segment(12))?, later(3));
+    // What every restore reads: the latest date of all.
+    assert_eq!(until(&path(pitr_archive::names::MARKER))?, later(3));
+    assert_eq!(until(&path(&pg::cluster_info(SYS)))?, later(3));
     // Segment 11 only the window needs: its write-time lock stays.
     assert_eq!(lock_of(&moto, &segment(11))?, ("COMPLIANCE".to_string(), written_11, lock_of(&moto, &segment(11))?.2));
     // Segment 5 (between a and b) went: a delete marker, and its locked version stays.
     assert!(repo.store().head(&layout.object_name(&WalObject::Segment { timeline: 1, segno: 5 })).await?.is_none());
 
     let again = expire(&repo, &cluster, &expire_opts).await?;
-    assert_eq!((again.retention_checked, again.retention_extended), (10, 0));
+    assert_eq!((again.retention_checked, again.retention_extended), (12, 0));
     ensure!(again.retention_failed.is_empty(), "{:?}", again.retention_failed);
     Ok(())
 }

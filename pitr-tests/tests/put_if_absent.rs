@@ -1,7 +1,7 @@
 //! An S3-compatible endpoint that ignores `If-None-Match: *` (made here from moto, which honours
-//! it, by a proxy that strips the header from every request) is refused by `pitr init` and at
-//! `pitr stream` start-up, with a message that says why; the same server without the proxy works,
-//! and the start-up probe leaves nothing behind.
+//! it, by a proxy that strips the header from every request, or only from the completions of
+//! multipart uploads) is refused by `pitr init` and at `pitr stream` start-up, with a message that
+//! says why; the same server without the proxy works, and the start-up probes leave nothing behind.
 
 use std::process::Command;
 use std::sync::atomic::Ordering;
@@ -52,8 +52,19 @@ fn an_endpoint_ignoring_if_none_match_is_refused_at_init_and_at_stream_start() -
     ensure!(left.is_empty(), "a refused init left objects behind: {left:?}");
     ensure!(!env.key_file.exists(), "a refused init created the key file");
 
+    // A server that honours the header on a single PUT but not on CompleteMultipartUpload (which
+    // commits every object above multipart_threshold): refused too, by the probe's one-part upload.
+    let commits = HeaderStrippingProxy::start_for(moto.port, "If-None-Match", &["POST ", "uploadId="])?;
+    env.edit_config(&proxy.endpoint(), &commits.endpoint())?;
+    let (_, message) = expect_failure(&env.config, &["init"], WHY);
+    ensure!(message.contains("pitr-probe/if-none-match-upload."), "not refused by the upload probe: {message}");
+    ensure!(commits.stripped.load(Ordering::SeqCst) > 0, "the proxy removed no If-None-Match header from a completion");
+    let left = keys_in_bucket(&moto)?;
+    ensure!(left.is_empty(), "a refused init left objects behind: {left:?}");
+    ensure!(!env.key_file.exists(), "a refused init created the key file");
+
     // The same server without the proxy honours it: init works.
-    env.edit_config(&proxy.endpoint(), &moto.endpoint())?;
+    env.edit_config(&commits.endpoint(), &moto.endpoint())?;
     env.init()?;
 
     // stream start-up through the proxy: refused at once (bounded by `timeout`, so that a

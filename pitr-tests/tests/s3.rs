@@ -7,11 +7,6 @@ use anyhow::{Context, Result};
 use pitr_tests::pitr::PitrEnv;
 use pitr_tests::{client_bin, wait_until, PgCluster, PgOptions, S3Server};
 
-fn archived_lsn(env: &PitrEnv) -> Result<u64> {
-    let status: serde_json::Value = serde_json::from_str(&env.run_ok(&["status", "--json"])?)?;
-    Ok(status["archived_lsn"].as_str().map(pitr_tests::lsn_to_u64).unwrap_or(0))
-}
-
 fn state(psql: impl Fn(&str) -> Result<String>) -> Result<String> {
     psql("select count(*) || ' ' || coalesce(md5(string_agg(id || ':' || v, ',' order by id)), '-') from t")
 }
@@ -55,7 +50,7 @@ fn pg15_round_trip_through_s3() -> Result<()> {
     let last = state(|q| cluster.psql(q))?;
     let lsn = pitr_tests::lsn_to_u64(&cluster.psql("select pg_current_wal_lsn()")?);
     // flush_interval defaults to 1 s for object storage.
-    wait_until("the S3 archive to catch up", Duration::from_secs(60), || Ok(archived_lsn(&env)? >= lsn))
+    wait_until("the S3 archive to catch up", Duration::from_secs(60), || Ok(env.archived_lsn()? >= lsn))
         .with_context(|| env.stream_logs())?;
 
     for (to, expected) in [(moment.as_str(), &at_moment), ("latest", &last)] {

@@ -10,27 +10,6 @@ use pitr_tests::pitr::PitrEnv;
 use pitr_tests::proxy::FaultyProxy;
 use pitr_tests::{lsn_to_u64, wait_until, PgCluster, PgOptions, S3sFs};
 
-fn archived_lsn(env: &PitrEnv) -> Result<u64> {
-    let status: serde_json::Value = serde_json::from_str(&env.run_ok(&["status", "--json"])?)?;
-    Ok(status["archived_lsn"].as_str().map(lsn_to_u64).unwrap_or(0))
-}
-
-/// The sidecar's own status file (`pitr status` needs the repository, which may be down).
-fn sidecar_status(env: &PitrEnv) -> Result<serde_json::Value> {
-    Ok(serde_json::from_slice(&std::fs::read(&env.status_file)?)?)
-}
-
-fn metric(env: &PitrEnv, name: &str) -> Result<f64> {
-    let (code, body) = env.http_get("/metrics")?;
-    ensure!(code == 200, "/metrics answered {code}");
-    Ok(body
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0))
-}
-
 const STATE: &str = "select count(*) || ' ' || coalesce(md5(string_agg(id || ':' || v, ',' order by id)), '-') from t";
 const BENCH_STATE: &str = "select (select count(*) || ' ' || sum(abalance) from pgbench_accounts) || ' ' || \
      (select count(*) || ' ' || coalesce(sum(delta), 0) from pgbench_history)";
@@ -90,10 +69,10 @@ fn s3_server_killed_for_60s_during_pgbench() -> Result<()> {
     env.run_ok(&["backup"])?;
     let before = cluster.current_lsn()?;
     wait_until("the archive to catch up before the outage", Duration::from_secs(60), || {
-        Ok(archived_lsn(&env)? >= before)
+        Ok(env.archived_lsn()? >= before)
     })
     .with_context(|| env.stream_logs())?;
-    let errors_before = metric(&env, "pitr_upload_errors_total")?;
+    let errors_before = env.metric("pitr_upload_errors_total")?;
 
     s3.stop();
     let outage = Instant::now();
@@ -107,10 +86,10 @@ fn s3_server_killed_for_60s_during_pgbench() -> Result<()> {
         insert(&cluster, 1501, 500)?;
         // The sidecar has been failing puts and counting them; the archive cannot have grown.
         wait_until("upload errors to be counted", Duration::from_secs(30), || {
-            Ok(metric(&env, "pitr_upload_errors_total")? > errors_before)
+            Ok(env.metric("pitr_upload_errors_total")? > errors_before)
         })
         .with_context(|| env.stream_logs())?;
-        let status = sidecar_status(&env)?;
+        let status = env.sidecar_status()?;
         let archive_end = status["durable_lsn"].as_u64().context("durable_lsn")?;
         // `pitr status` still shows the sidecar and the primary, names the repository's error,
         // and fails.
@@ -145,10 +124,10 @@ fn s3_server_killed_for_60s_during_pgbench() -> Result<()> {
     let end = cluster.current_lsn()?;
     // The lag recovers: the sidecar reports everything durable, and the repository holds it.
     wait_until("the sidecar to catch up after the outage", Duration::from_secs(180), || {
-        Ok(sidecar_status(&env)?["durable_lsn"].as_u64().unwrap_or(0) >= end)
+        Ok(env.sidecar_status()?["durable_lsn"].as_u64().unwrap_or(0) >= end)
     })
     .with_context(|| env.stream_logs())?;
-    ensure!(archived_lsn(&env)? >= end, "the repository lacks WAL the sidecar reported durable");
+    ensure!(env.archived_lsn()? >= end, "the repository lacks WAL the sidecar reported durable");
     let logs = env.stream_logs();
     // Which the outage meets first depends on timing: a put (retried), or the lease renewal,
     // whose failure pauses the puts until a renewal succeeds (seen once in a full run).
@@ -188,7 +167,7 @@ fn proxy_cutting_uploads_and_swallowing_replies() -> Result<()> {
     })?;
     let end = cluster.current_lsn()?;
     wait_until("the archive to catch up through the faults", Duration::from_secs(180), || {
-        Ok(archived_lsn(&env)? >= end)
+        Ok(env.archived_lsn()? >= end)
     })
     .with_context(|| env.stream_logs())?;
     proxy.off();
@@ -202,7 +181,7 @@ fn proxy_cutting_uploads_and_swallowing_replies() -> Result<()> {
         "proxy: {} connections, {} requests, {cut} cut, {swallowed} replies swallowed; sidecar upload errors: {}",
         stats.connections.load(std::sync::atomic::Ordering::SeqCst),
         stats.requests.load(std::sync::atomic::Ordering::SeqCst),
-        metric(&env, "pitr_upload_errors_total")?
+        env.metric("pitr_upload_errors_total")?
     );
     // `verify --deep` opens and authenticates every object: a half-written one would fail.
     check_restores(&env, &cluster, &moment, &at_moment)

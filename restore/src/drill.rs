@@ -94,6 +94,10 @@ impl Drill for PostgresDrill<'_> {
     const BACKUP_WORD: &'static str = "base backups";
 
     async fn choose_target(&mut self) -> Result<RecoveryTarget, RestoreError> {
+        // An unknown or unreachable restore point is refused before the marker: nothing written.
+        if let DrillTarget::At(RecoveryTarget::Name(name)) = self.opts.target {
+            self.catalog.restore_point(&name)?;
+        }
         self.marker = announce(self.opts.marker_repository.as_ref().unwrap_or(self.repo), RunKind::Drill).await;
         let mut target = choose_target(&self.catalog, self.opts.target)?;
         if self.marker.is_some() {
@@ -139,6 +143,7 @@ impl Drill for PostgresDrill<'_> {
             marker_repository: None,
             standby: None,
             tablespace_map: Default::default(),
+            delta: false,
         };
         let restored = match preflight(&restore_opts) {
             Ok(()) => {

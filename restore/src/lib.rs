@@ -28,7 +28,10 @@
 #![deny(missing_docs)]
 
 pub mod combine;
-pub mod continuity;
+/// Moved to `pitr-archive` (base backups check their own WAL with it too); re-exported here for
+/// restore's callers.
+pub use pitr_archive::continuity;
+pub mod delta;
 pub mod drill;
 pub mod materialize;
 pub mod partial;
@@ -65,8 +68,11 @@ pub enum RestoreError {
     TargetNotEmpty(PathBuf),
     /// `--force` never replaces the directory of a running server.
     #[error(
-        "target directory {dir} is in use: its postmaster.pid names pid {pid}, which is running; stop that \
-         server first (--force replaces only a directory no running server uses)"
+        "target directory {dir} is in use: its postmaster.pid names pid {pid}, which is running (or, where \
+         that pid is not visible from here, still has processes attached to its shared memory); stop that \
+         server first (--force replaces only a directory no running server uses). If no server runs on that \
+         directory any more (on any host or container sharing it), the file is stale: remove its \
+         postmaster.pid and run again"
     )]
     TargetInUse {
         /// The target directory.
@@ -170,6 +176,29 @@ pub enum RestoreError {
         /// The `--tablespace-map` directories already holding the restored tablespaces.
         replaced: String,
     },
+    /// `--delta` may not change this directory (checked before anything in it changes).
+    #[error("cannot restore --delta into {dir}: {why}; nothing was changed")]
+    DeltaRefused {
+        /// The target directory.
+        dir: PathBuf,
+        /// Why not.
+        why: String,
+    },
+    /// A delta restore stopped after it began changing the directory.
+    #[error(
+        "{cause}; the delta restore into {dir} is incomplete: PostgreSQL will not start there (its \
+         global/pg_control comes back last), and running the same pitr restore --delta again completes it"
+    )]
+    DeltaIncomplete {
+        /// The target directory.
+        dir: PathBuf,
+        /// Why it stopped.
+        cause: Box<RestoreError>,
+    },
+    /// A restore to a name stopped elsewhere than the indexed restore point: at an earlier one of
+    /// the name the index lacks (the restored server was stopped).
+    #[error(transparent)]
+    MissedRestorePoint(Box<recover::MissedRestorePoint>),
     /// Anything else: an inconsistent backup or chain, a failed worker task.
     #[error("{0}")]
     Other(String),

@@ -36,9 +36,9 @@ use tokio::task::JoinSet;
 use crate::combine::{block_map, pieces, runs, Source};
 use crate::RestoreError;
 
-const PG_CONTROL: &str = "global/pg_control";
+pub(crate) const PG_CONTROL: &str = "global/pg_control";
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> RestoreError + '_ {
+pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> RestoreError + '_ {
     move |e| match e.raw_os_error() {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => RestoreError::NoSpace { path: path.to_path_buf() },
         _ => RestoreError::Io { path: path.to_path_buf(), cause: e },
@@ -76,11 +76,11 @@ pub fn check_target(target: &Path, force: bool) -> Result<(), RestoreError> {
 ///
 /// A pid file whose pid no longer runs is stale, left by a crashed server (or a machine that
 /// went down): PostgreSQL itself starts over such a file, and so may a restore. Running means
-/// `kill(pid, 0)` finds the process, also when it belongs to another user (`EPERM`). Two
-/// limits, both erring on the side of refusing or of PostgreSQL's own check: a stale pid that
-/// has since been reused by an unrelated process counts as running (the message says to remove
-/// the file), and a server in another PID namespace (another container sharing the volume) is
-/// invisible from here.
+/// `kill(pid, 0)` finds the process, also when it belongs to another user (`EPERM`). A
+/// stale pid since reused by an unrelated process counts as running (the message says to
+/// remove the file). A server whose pid is invisible from here (another PID namespace: a sidecar container of the database's pod) is found, as
+/// PostgreSQL finds it, by the shared memory segment the file names still having processes
+/// attached (seen where the IPC namespace is shared, as between the containers of one pod).
 pub fn live_postmaster(dir: &Path) -> Result<Option<i32>, RestoreError> {
     let pid_file = dir.join("postmaster.pid");
     let text = match std::fs::read(&pid_file) {
@@ -103,7 +103,45 @@ pub fn live_postmaster(dir: &Path) -> Result<Option<i32>, RestoreError> {
     // addresses a process group.
     let exists =
         unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
-    Ok((exists && !is_zombie(pid)).then_some(pid))
+    if exists && !is_zombie(pid) {
+        return Ok(Some(pid));
+    }
+    // A server in another PID namespace (a sidecar container in the database's pod) is invisible
+    // to kill(); PostgreSQL's own test (PGSharedMemoryIsInUse) asks whether any process is still
+    // attached to the shared memory segment the file names, and pod containers share IPC.
+    let in_use = shm_of(&text).map(|(key, id)| shared_memory_attached(key, id, dir)).transpose()?.unwrap_or(false);
+    Ok(in_use.then_some(pid))
+}
+
+/// The System V shared memory key and id `postmaster.pid` records: its 7th line is `key id`
+/// (the server writes it once the segment exists; before that the line is missing).
+pub(crate) fn shm_of(pid_file: &str) -> Option<(i64, i32)> {
+    let line = pid_file.lines().nth(6)?;
+    let mut words = line.split_whitespace();
+    let (key, id) = (words.next()?, words.next()?);
+    Some((key.parse::<i64>().ok()?, id.parse::<i32>().ok().filter(|&id| id >= 0)?))
+}
+
+/// Whether a process is attached to shared memory segment `id` of key `key`, as PostgreSQL
+/// judges it: a segment that is gone (EINVAL, or EIDRM on Linux), that has another key (after
+/// a reboot the id can be another server's segment) or that the server of `dir` cannot own
+/// (unreadable to us, or owned by another user than the directory's) is not the server's.
+/// Any other failure to tell counts as attached.
+fn shared_memory_attached(key: i64, id: i32, dir: &Path) -> Result<bool, RestoreError> {
+    // SAFETY: shmid_ds is plain data; IPC_STAT only fills it.
+    let mut stat: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: IPC_STAT reads the segment's status into `stat`, which lives for the call.
+    if unsafe { libc::shmctl(id, libc::IPC_STAT, &mut stat) } != 0 {
+        return Ok(!matches!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EINVAL) | Some(libc::EIDRM) | Some(libc::EACCES)
+        ));
+    }
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(dir).map_err(io(dir))?.uid();
+    // The server writes the key unsigned; key_t is signed.
+    let same_key = i64::from(stat.shm_perm.__key) == key || i64::from(stat.shm_perm.__key as u32) == key;
+    Ok(same_key && stat.shm_perm.uid == owner && stat.shm_nattch > 0)
 }
 
 /// A killed server whose parent has not reaped it yet (in a container whose init does not
@@ -161,7 +199,7 @@ pub fn confined_path(path: &str, links: &BTreeSet<PathBuf>) -> Result<PathBuf, U
 }
 
 /// The components of a `/`-separated manifest path that name something: not `.`, not empty.
-fn plain_components(path: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn plain_components(path: &str) -> impl Iterator<Item = &str> {
     path.split('/').filter(|c| !c.is_empty() && *c != ".")
 }
 
@@ -173,17 +211,17 @@ fn tablespace_link_oid(path: &str) -> Option<&str> {
 }
 
 /// What a restore of `backup` creates, every path checked before anything is written.
-struct CheckedLayout {
+pub(crate) struct CheckedLayout {
     /// Directories in manifest order: the manifest's path, and the mode.
-    dirs: Vec<(String, u32)>,
+    pub(crate) dirs: Vec<(String, u32)>,
     /// Tablespace links: `pg_tblspc/<oid>` and the OID.
-    links: Vec<(PathBuf, String)>,
+    pub(crate) links: Vec<(PathBuf, String)>,
 }
 
 /// Checks every path a restore of `backup` would write: entries, and files under both their
 /// stored and their restored names (tablespace files move under `pitr_tablespaces/`,
 /// incremental files lose their `INCREMENTAL.` prefix).
-fn check_layout(backup: &BackupManifest) -> Result<CheckedLayout, RestoreError> {
+pub(crate) fn check_layout(backup: &BackupManifest) -> Result<CheckedLayout, RestoreError> {
     let refuse =
         |path: &str, reason| RestoreError::UnsafePath { backup: backup.id.clone(), path: path.to_string(), reason };
     let none = BTreeSet::new();
@@ -234,7 +272,7 @@ fn not_followed(path: &Path) -> RestoreError {
 /// Creates `rel` and its parents under `root` without following any symbolic link: each
 /// existing component must be a real directory (`symlink_metadata` does not follow). Returns
 /// the full path.
-fn create_dir_confined(root: &Path, rel: &Path) -> Result<PathBuf, RestoreError> {
+pub(crate) fn create_dir_confined(root: &Path, rel: &Path) -> Result<PathBuf, RestoreError> {
     let mut at = root.to_path_buf();
     for c in rel.components() {
         at.push(c);
@@ -259,7 +297,7 @@ fn create_dir_confined(root: &Path, rel: &Path) -> Result<PathBuf, RestoreError>
 }
 
 /// Sets a directory's mode through a handle opened without following a link.
-fn chmod_dir(path: &Path, mode: u32) -> Result<(), RestoreError> {
+pub(crate) fn chmod_dir(path: &Path, mode: u32) -> Result<(), RestoreError> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
@@ -459,23 +497,23 @@ pub struct MappedTablespace {
 impl MappedTablespaces {
     /// The tablespace mapped for `oid` as a manifest spells it (`16384`, never `016384`: the
     /// text must be the OID's own, so that no other spelling lands in a mapped directory).
-    fn get(&self, oid: &str) -> Option<&MappedTablespace> {
+    pub(crate) fn get(&self, oid: &str) -> Option<&MappedTablespace> {
         let parsed = oid.parse::<u32>().ok().filter(|o| o.to_string() == oid)?;
         self.0.get(&parsed)
     }
 }
 
 /// Where a restore writes: the staging directory of the target, and the mapped tablespaces.
-struct Placement<'a> {
-    dir: &'a Path,
-    mapped: &'a MappedTablespaces,
+pub(crate) struct Placement<'a> {
+    pub(crate) dir: &'a Path,
+    pub(crate) mapped: &'a MappedTablespaces,
 }
 
 impl Placement<'_> {
     /// The root a manifest path is written under, and the path below it: a mapped
     /// tablespace's directory for what lies under its `pg_tblspc/<oid>/`, otherwise the target
     /// (with [`local_path`]'s renaming). Only for paths [`check_layout`] accepted.
-    fn locate(&self, path: &str) -> (&Path, PathBuf) {
+    pub(crate) fn locate(&self, path: &str) -> (&Path, PathBuf) {
         let components: Vec<&str> = plain_components(path).collect();
         if let [first, oid, rest @ ..] = components.as_slice() {
             if let (true, false, Some(m)) = (*first == "pg_tblspc", rest.is_empty(), self.mapped.get(oid)) {
@@ -486,19 +524,19 @@ impl Placement<'_> {
     }
 
     /// The file system path a manifest path is written to.
-    fn path(&self, path: &str) -> PathBuf {
+    pub(crate) fn path(&self, path: &str) -> PathBuf {
         let (root, rel) = self.locate(path);
         root.join(rel)
     }
 
     /// Creates the directory a manifest path names, and its parents, without following links.
-    fn create_dir(&self, path: &str) -> Result<PathBuf, RestoreError> {
+    pub(crate) fn create_dir(&self, path: &str) -> Result<PathBuf, RestoreError> {
         let (root, rel) = self.locate(path);
         create_dir_confined(root, &rel)
     }
 
     /// Creates the parent directory of a manifest path's file.
-    fn create_parent(&self, path: &str) -> Result<(), RestoreError> {
+    pub(crate) fn create_parent(&self, path: &str) -> Result<(), RestoreError> {
         let (root, rel) = self.locate(path);
         if let Some(parent) = rel.parent() {
             create_dir_confined(root, parent)?;
@@ -539,7 +577,7 @@ pub fn check_mapped_oids(backup: &BackupManifest, oids: impl IntoIterator<Item =
 
 /// Where a backup path goes in the restored directory (normalised as [`confined_path`] does, so
 /// that what is checked is what is written).
-fn local_path(path: &str) -> String {
+pub(crate) fn local_path(path: &str) -> String {
     let path = plain_components(path).collect::<Vec<_>>().join("/");
     match path.strip_prefix("pg_tblspc/") {
         Some(rest) if rest.contains('/') => format!("{TABLESPACE_DIR}/{rest}"),
@@ -549,19 +587,25 @@ fn local_path(path: &str) -> String {
 
 /// Where a stored block's bytes go: `(output file, byte range of the block, offset in the file)`;
 /// the range is `None` for the whole block.
-type PieceWrite = (Arc<PathBuf>, Option<(u64, u64)>, u64);
+pub(crate) type PieceWrite = (Arc<PathBuf>, Option<(u64, u64)>, u64);
 
 /// One stored block to fetch, and where its bytes go.
-struct BlockJob {
-    block_id: String,
-    writes: Vec<PieceWrite>,
+pub(crate) struct BlockJob {
+    pub(crate) block_id: String,
+    /// The stored block's length as its manifest implies (every block `block_size` bytes but
+    /// a file's last).
+    pub(crate) stored_len: u64,
+    pub(crate) writes: Vec<PieceWrite>,
+    /// Read what each piece replaces first and leave equal bytes unwritten (a delta restore's
+    /// pieces it could not judge by hash).
+    pub(crate) compare_first: bool,
 }
 
 /// An output file and the jobs that fill it.
-struct PlannedFile {
-    path: String,
-    size: u64,
-    jobs: Vec<BlockJob>,
+pub(crate) struct PlannedFile {
+    pub(crate) path: String,
+    pub(crate) size: u64,
+    pub(crate) jobs: Vec<BlockJob>,
 }
 
 /// Writes the backup `chain` (oldest first; the last is the one restored, the others its
@@ -581,6 +625,7 @@ pub async fn materialize(
     // Every path is judged before the first write: a refused backup leaves nothing behind.
     check_mapped_oids(backup, mapped.0.keys().copied())?;
     let layout = check_layout(backup)?;
+    chain.iter().try_for_each(|b| check_block_counts(b))?;
     let place = Placement { dir, mapped };
     // Directories and links first, so files have somewhere to go.
     for (path, mode) in &layout.dirs {
@@ -633,49 +678,7 @@ pub async fn materialize(
     }
     // Two rounds: everything but pg_control, then pg_control.
     for round in rounds {
-        let queue = Arc::new(tokio::sync::Mutex::new(round.into_iter()));
-        let mut set = JoinSet::new();
-        for _ in 0..workers.max(1) {
-            let (queue, repo, done) = (queue.clone(), repo.clone(), done.clone());
-            let system_id = backup.system_id;
-            set.spawn(async move {
-                loop {
-                    let job = queue.lock().await.next();
-                    let Some(job) = job else { return Ok::<(), RestoreError>(()) };
-                    let file = job.writes.first().map(|w| w.0.display().to_string()).unwrap_or_default();
-                    let name = pg::block(system_id, &job.block_id);
-                    let (_, data) = repo
-                        .get_opened(&name)
-                        .await
-                        .map_err(|e| RestoreError::Block { file: file.clone(), cause: Box::new(e) })?;
-                    let written = tokio::task::spawn_blocking(move || write_pieces(&data, &job.writes))
-                        .await
-                        .map_err(|e| RestoreError::Other(format!("write task: {e}")))??;
-                    done.fetch_add(written, Ordering::Relaxed);
-                }
-            });
-        }
-        let mut first_error = None;
-        loop {
-            let joined = tokio::select! {
-                j = set.join_next() => j,
-                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
-                    progress(done.load(Ordering::Relaxed), total);
-                    continue;
-                }
-            };
-            let Some(r) = joined else { break };
-            let r = r.map_err(|e| RestoreError::Other(format!("restore task: {e}"))).and_then(|r| r);
-            if let Err(e) = r {
-                if first_error.is_none() {
-                    first_error = Some(e);
-                    set.abort_all();
-                }
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
+        run_jobs(repo, backup.system_id, round, workers, &done, total, progress, None).await?;
     }
     progress(done.load(Ordering::Relaxed), total);
     if chain.len() > 1 {
@@ -713,13 +716,86 @@ pub async fn materialize(
     Ok(total)
 }
 
+/// Bytes written and bytes found equal (not written), by output file.
+pub(crate) type Tally = Arc<std::sync::Mutex<BTreeMap<Arc<PathBuf>, (u64, u64)>>>;
+
+/// Fetches the stored block of every job and writes its pieces, `workers` at once, adding the
+/// bytes handled to `done` and calling `progress(done, total)` as they land; `tally`, where
+/// given, gets what each file had written and found equal. The first error stops the others.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_jobs(
+    repo: &Repository,
+    system_id: u64,
+    jobs: Vec<BlockJob>,
+    workers: usize,
+    done: &Arc<AtomicU64>,
+    total: u64,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    tally: Option<&Tally>,
+) -> Result<(), RestoreError> {
+    let queue = Arc::new(tokio::sync::Mutex::new(jobs.into_iter()));
+    let mut set = JoinSet::new();
+    for _ in 0..workers.max(1) {
+        let (queue, repo, done, tally) = (queue.clone(), repo.clone(), done.clone(), tally.cloned());
+        set.spawn(async move {
+            loop {
+                let job = queue.lock().await.next();
+                let Some(job) = job else { return Ok::<(), RestoreError>(()) };
+                let file = job.writes.first().map(|w| w.0.display().to_string()).unwrap_or_default();
+                let name = pg::block(system_id, &job.block_id);
+                let (_, data) = repo
+                    .get_opened(&name)
+                    .await
+                    .map_err(|e| RestoreError::Block { file: file.clone(), cause: Box::new(e) })?;
+                let handled = tokio::task::spawn_blocking(move || write_pieces(&data, &job.writes, job.compare_first))
+                    .await
+                    .map_err(|e| RestoreError::Other(format!("write task: {e}")))??;
+                done.fetch_add(handled.iter().map(|(_, w, e)| w + e).sum(), Ordering::Relaxed);
+                if let Some(tally) = &tally {
+                    let mut tally = tally.lock().unwrap_or_else(|p| p.into_inner());
+                    for (path, written, equal) in handled {
+                        let t = tally.entry(path).or_default();
+                        t.0 += written;
+                        t.1 += equal;
+                    }
+                }
+            }
+        });
+    }
+    let mut first_error = None;
+    loop {
+        let joined = tokio::select! {
+            j = set.join_next() => j,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                progress(done.load(Ordering::Relaxed), total);
+                continue;
+            }
+        };
+        let Some(r) = joined else { break };
+        let r = r.map_err(|e| RestoreError::Other(format!("restore task: {e}"))).and_then(|r| r);
+        if let Err(e) = r {
+            if first_error.is_none() {
+                first_error = Some(e);
+                set.abort_all();
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
 /// The files a restore of `backup` writes: its own, with incremental files under their real names.
-fn output_files(backup: &BackupManifest) -> impl Iterator<Item = (String, &BackupFile)> {
+pub(crate) fn output_files(backup: &BackupManifest) -> impl Iterator<Item = (String, &BackupFile)> {
     backup.files.iter().map(|f| (full_path_of(&f.path).unwrap_or_else(|| f.path.clone()), f))
 }
 
-fn write_pieces(data: &[u8], writes: &[PieceWrite]) -> Result<u64, RestoreError> {
-    let mut written = 0;
+/// Writes a fetched block's pieces; with `compare_first`, a piece whose place already holds the
+/// same bytes is left unwritten. Returns the bytes written and the bytes found equal, by file.
+fn write_pieces(
+    data: &[u8],
+    writes: &[PieceWrite],
+    compare_first: bool,
+) -> Result<Vec<(Arc<PathBuf>, u64, u64)>, RestoreError> {
+    let mut out = Vec::with_capacity(writes.len());
     for (path, range, at) in writes {
         let bytes = match *range {
             None => data,
@@ -731,11 +807,60 @@ fn write_pieces(data: &[u8], writes: &[PieceWrite]) -> Result<u64, RestoreError>
                 ))
             })?,
         };
-        let f = open_nofollow(path).map_err(io(path))?;
-        f.write_all_at(bytes, *at).map_err(io(path))?;
-        written += bytes.len() as u64;
+        if compare_first {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path.as_path())
+                .map_err(io(path))?;
+            let mut there = vec![0u8; bytes.len()];
+            // Shorter than the piece's end (cannot be after set_len, but a file is the world's):
+            // then it differs.
+            if f.read_exact_at(&mut there, *at).is_ok() && there == bytes {
+                out.push((path.clone(), 0, bytes.len() as u64));
+                continue;
+            }
+            f.write_all_at(bytes, *at).map_err(io(path))?;
+        } else {
+            let f = open_nofollow(path).map_err(io(path))?;
+            f.write_all_at(bytes, *at).map_err(io(path))?;
+        }
+        out.push((path.clone(), bytes.len() as u64, 0));
     }
-    Ok(written)
+    Ok(out)
+}
+
+/// The length of stored block `index` of `file`, cut into `block_size` blocks.
+pub(crate) fn stored_len(file: &BackupFile, block_size: u64, index: usize) -> u64 {
+    block_size.min(file.size.saturating_sub(index as u64 * block_size))
+}
+
+/// Refuses a manifest whose files' block lists do not cover their sizes exactly (every block
+/// `block_size` bytes but the last): what a restore writes is judged by them.
+pub(crate) fn check_block_counts(backup: &BackupManifest) -> Result<(), RestoreError> {
+    for f in &backup.files {
+        let needed = if f.size == 0 {
+            0
+        } else if backup.block_size == 0 {
+            u64::MAX
+        } else {
+            f.size.div_ceil(backup.block_size)
+        };
+        if f.blocks.len() as u64 != needed {
+            return Err(RestoreError::Other(format!(
+                "backup {}: {} is {} bytes, which takes {} blocks of {} bytes, but its manifest lists {}; nothing \
+                 was written",
+                backup.id,
+                f.path,
+                f.size,
+                if needed == u64::MAX { "some".to_string() } else { needed.to_string() },
+                backup.block_size,
+                f.blocks.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The jobs for every file: whole stored blocks for files a backup holds in full, and for
@@ -758,7 +883,9 @@ async fn plan_files(
                 .enumerate()
                 .map(|(i, id)| BlockJob {
                     block_id: id.clone(),
+                    stored_len: stored_len(file, backup.block_size, i),
                     writes: vec![(out.clone(), None, i as u64 * backup.block_size)],
+                    compare_first: false,
                 })
                 .collect();
             planned.push(PlannedFile { path, size: file.size, jobs });
@@ -771,6 +898,19 @@ async fn plan_files(
             incremental.push((path, out));
         }
     }
+    planned.extend(plan_combined_all(repo, chain, incremental, workers).await?);
+    Ok(planned)
+}
+
+/// Plans every file whose newest version is incremental ([`plan_combined`]): `(output path,
+/// where it is written)` each.
+pub(crate) async fn plan_combined_all(
+    repo: &Repository,
+    chain: &[&BackupManifest],
+    incremental: Vec<(String, Arc<PathBuf>)>,
+    workers: usize,
+) -> Result<Vec<PlannedFile>, RestoreError> {
+    let mut planned = Vec::new();
     // Incremental files need their headers (and their ancestors'), read from the archive:
     // planned in parallel, bounded like the block fetches.
     let chain: Arc<Vec<BackupManifest>> = Arc::new(chain.iter().map(|b| (*b).clone()).collect());
@@ -801,7 +941,7 @@ async fn plan_files(
 
 /// Plans one file whose newest version is incremental: walks back the chain to its first full
 /// copy, reading the headers of the incremental versions on the way.
-async fn plan_combined(
+pub(crate) async fn plan_combined(
     repo: &Repository,
     chain: &[BackupManifest],
     path: String,
@@ -847,7 +987,12 @@ async fn plan_combined(
         })?;
         by_block
             .entry((p.source, p.block))
-            .or_insert_with(|| BlockJob { block_id: block_id.clone(), writes: Vec::new() })
+            .or_insert_with(|| BlockJob {
+                block_id: block_id.clone(),
+                stored_len: stored_len(file, backup.block_size, p.block),
+                writes: Vec::new(),
+                compare_first: false,
+            })
             .writes
             .push((target.clone(), Some((p.offset, p.len)), p.dst_offset));
     }
@@ -883,7 +1028,7 @@ async fn read_incremental_header(
 }
 
 /// Sets each file's mode and fsyncs it, through one handle opened without following a link.
-fn sync_files(files: &[(PathBuf, u32)]) -> Result<(), RestoreError> {
+pub(crate) fn sync_files(files: &[(PathBuf, u32)]) -> Result<(), RestoreError> {
     for (path, mode) in files {
         let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(io(path))?;
         f.set_permissions(std::fs::Permissions::from_mode(restored_mode(*mode))).map_err(io(path))?;
@@ -892,7 +1037,7 @@ fn sync_files(files: &[(PathBuf, u32)]) -> Result<(), RestoreError> {
     Ok(())
 }
 
-fn sync_dirs(dir: &Path) -> Result<(), RestoreError> {
+pub(crate) fn sync_dirs(dir: &Path) -> Result<(), RestoreError> {
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
         // file_type() does not follow symlinks, so tablespace links are not walked twice.
@@ -1022,6 +1167,71 @@ mod tests {
         std::os::unix::fs::symlink(&dir, &link).unwrap();
         assert!(Staging::create_in_place(&link).is_err());
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "nothing written through the link");
+    }
+
+    #[test]
+    fn the_shared_memory_id_is_read_from_the_seventh_line_of_postmaster_pid() {
+        let written = "4242\n/srv/data\n1700000000\n5432\n/tmp\n*\n  5432001     32769\nready   \n";
+        assert_eq!(shm_of(written), Some((5432001, 32769)));
+        // A server still starting has not written the line yet; a garbled one names nothing.
+        for unclear in [
+            "4242\n/srv/data\n1700000000\n5432\n",
+            "1\n2\n3\n4\n5\n6\n  5432001\n",
+            "1\n2\n3\n4\n5\n6\n7 x\n",
+            "1\n2\n3\n4\n5\n6\nx 7\n",
+        ] {
+            assert_eq!(shm_of(unclear), None, "{unclear:?}");
+        }
+        assert_eq!(shm_of("1\n2\n3\n4\n5\n6\n0 -1\n"), None);
+    }
+
+    /// A server whose pid this process cannot see (another PID namespace) is running while a
+    /// process is attached to the shared memory segment its postmaster.pid names.
+    #[test]
+    fn a_server_whose_pid_is_invisible_is_found_by_its_attached_shared_memory() {
+        struct Segment(i32);
+        impl Drop for Segment {
+            fn drop(&mut self) {
+                // SAFETY: removes the segment this test created.
+                unsafe { libc::shmctl(self.0, libc::IPC_RMID, std::ptr::null_mut()) };
+            }
+        }
+        // A key of our own (as a server's is), unlikely to be taken: tried until one is free.
+        let (key, id) = (0..64)
+            .map(|i| 0x5174_0000 + (std::process::id() as i32 & 0xffff) * 64 + i)
+            .find_map(|key| {
+                // SAFETY: creates a fresh segment (IPC_EXCL), removed by the guard.
+                let id = unsafe { libc::shmget(key, 4096, libc::IPC_CREAT | libc::IPC_EXCL | 0o600) };
+                (id >= 0).then_some((key, id))
+            })
+            .expect("shmget: no free key");
+        let segment = Segment(id);
+        // SAFETY: attaches the segment just created; detached below.
+        let at = unsafe { libc::shmat(id, std::ptr::null(), 0) };
+        assert_ne!(at as isize, -1, "shmat: {}", std::io::Error::last_os_error());
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let invisible = dead_pid();
+        let pid_file =
+            |key: i64| format!("{invisible}\n{}\n1700000000\n5432\n/tmp\n*\n{key:>9} {id:>10}\nready\n", dir.display());
+        std::fs::write(dir.join("postmaster.pid"), pid_file(key.into())).unwrap();
+        assert_eq!(live_postmaster(dir).unwrap(), Some(invisible));
+        let err = check_target(dir, true).unwrap_err();
+        assert!(matches!(err, RestoreError::TargetInUse { .. }), "{err}");
+        assert!(err.to_string().contains("remove its postmaster.pid"), "says how to go on if it is stale: {err}");
+        // After a reboot the id can name another cluster's segment: a key that differs is not
+        // this server's, however many processes are attached.
+        std::fs::write(dir.join("postmaster.pid"), pid_file(i64::from(key) + 1)).unwrap();
+        assert_eq!(live_postmaster(dir).unwrap(), None, "another key: the pid file is stale");
+        std::fs::write(dir.join("postmaster.pid"), pid_file(key.into())).unwrap();
+
+        // SAFETY: detaches what shmat attached above.
+        assert_eq!(unsafe { libc::shmdt(at) }, 0);
+        assert_eq!(live_postmaster(dir).unwrap(), None, "no process is attached: the pid file is stale");
+        drop(segment);
+        // The segment is gone: stale as well.
+        assert_eq!(live_postmaster(dir).unwrap(), None);
     }
 
     #[test]
@@ -1165,6 +1375,7 @@ mod tests {
                 server_manifest: "{}".into(),
                 logical_bytes: 0,
                 stored_bytes: 0,
+                taken_from: None,
             };
             m.store(&self.repo).await.unwrap();
             m
@@ -1302,6 +1513,18 @@ mod tests {
             }
             let text = err.to_string();
             assert!(text.contains(id) && text.contains(&bad_path), "{text}");
+            assert!(fx.state() == before, "{id} changed something outside, in the repository or beside the target");
+        }
+
+        // Block lists that do not cover their files: a short list would leave zeros in place of
+        // the file's end, a long one write past it.
+        for (id, size) in [("20260101T000010Z", CONTENT[0].len() as u64 + 8192), ("20260101T000011Z", 0)] {
+            let mut file = fx.file("base/1", 0, 0o600);
+            file.size = size;
+            let backup = fx.backup(id, vec![dir("base", 0o700)], vec![file]).await;
+            let before = fx.state();
+            let err = fx.restore(&backup).await.unwrap_err();
+            assert!(err.to_string().contains("its manifest lists 1") && err.to_string().contains(id), "{err}");
             assert!(fx.state() == before, "{id} changed something outside, in the repository or beside the target");
         }
     }

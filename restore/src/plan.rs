@@ -12,12 +12,13 @@ use std::collections::BTreeMap;
 
 use pitr_archive::backup::{BackupManifest, DamagedManifest};
 use pitr_archive::complete::{self, CompleteMark};
+use pitr_archive::restore_points::{self, IndexProblem, RestorePoint};
 use pitr_archive::{ClusterInfo, HistoryProblem, Repository, RepositoryError, WalCatalog, WalLayout, WalObject};
 use pitr_pgformat::lsn::format_lsn;
 use pitr_pgformat::timeline::HistoryEntry;
 
 use crate::continuity::{self, Hole, Reach, TimelinePath};
-use crate::target::{format_time, RecoveryTarget};
+use crate::target::{format_time, RecoveryTarget, RestorePointName};
 use crate::RestoreError;
 
 /// One stretch of time (and WAL) that can be restored to exactly.
@@ -70,6 +71,19 @@ pub struct BackupReach {
     pub end_us: Option<i64>,
 }
 
+/// A restore point of the index ([`pitr_archive::restore_points`]), and whether a restore can
+/// stop there now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IndexedRestorePoint {
+    /// The restore point.
+    #[serde(flatten)]
+    pub point: RestorePoint,
+    /// Why `--to name:` cannot stop there now (`None`: it can): its WAL is not (or no longer)
+    /// all in the archive, it lies off the newest timeline's path, or no backup is consistent
+    /// before it.
+    pub unavailable: Option<String>,
+}
+
 /// A repository that could not be listed while looking for WAL the primary lacks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unlisted {
@@ -102,6 +116,18 @@ pub struct Catalog {
     /// Manifest names whose objects do not open or are not manifests: left out of `backups`
     /// (logged here; `verify` reports them).
     pub damaged_manifests: Vec<DamagedManifest>,
+    /// Every restore point the index holds, in WAL order (timeline, then LSN); empty until
+    /// [`Catalog::load_restore_points`] reads the index.
+    pub restore_points: Vec<IndexedRestorePoint>,
+    /// Why the index of restore points may be incomplete (entries that could not be read, a
+    /// failed listing): empty when it is complete. A restore to a name refuses while one of them
+    /// could hide an earlier restore point of that name.
+    pub restore_point_problems: Vec<IndexProblem>,
+    /// Whether the index was read: it costs one GET per entry, and entries accumulate, so only
+    /// the readers that need it (list, `--to name:`, mark) read it.
+    restore_points_read: bool,
+    /// Whether the fallbacks' WAL was listed: their index entries are then read too.
+    fallbacks_listed: bool,
 }
 
 impl Catalog {
@@ -136,7 +162,8 @@ impl Catalog {
                 continuity::path_end(wal, &path).is_some_and(|end| m.lsn > end)
             })
         };
-        if !repo.fallbacks().is_empty() && (has_hole(&wal, &histories) || tail_lost(&wal)) {
+        let fallbacks_listed = !repo.fallbacks().is_empty() && (has_hole(&wal, &histories) || tail_lost(&wal));
+        if fallbacks_listed {
             let own: std::collections::BTreeSet<String> = names.iter().cloned().collect();
             for other in repo.fallbacks() {
                 match other.store.list(&layout.prefix()).await {
@@ -201,7 +228,245 @@ impl Catalog {
                 ranges,
             });
         }
-        Ok(Catalog { cluster, wal, backups, windows, histories, reaches, from_fallbacks, unlisted, damaged_manifests })
+        Ok(Catalog {
+            cluster,
+            wal,
+            backups,
+            windows,
+            histories,
+            reaches,
+            from_fallbacks,
+            unlisted,
+            damaged_manifests,
+            restore_points: Vec::new(),
+            restore_point_problems: Vec::new(),
+            restore_points_read: false,
+            fallbacks_listed,
+        })
+    }
+
+    /// [`Catalog::load`] and, when `restore_points`, [`Catalog::load_restore_points`].
+    pub async fn load_with(
+        repo: &Repository,
+        cluster: ClusterInfo,
+        restore_points: bool,
+    ) -> Result<Catalog, RepositoryError> {
+        let mut catalog = Catalog::load(repo, cluster).await?;
+        if restore_points {
+            catalog.load_restore_points(repo).await;
+        }
+        Ok(catalog)
+    }
+
+    /// Whether [`Catalog::load_restore_points`] ran.
+    pub fn restore_points_read(&self) -> bool {
+        self.restore_points_read
+    }
+
+    /// Reads the index of restore points (one GET per entry) and judges each against this
+    /// catalog. Never fails: what could not be read is in [`Catalog::restore_point_problems`].
+    pub async fn load_restore_points(&mut self, repo: &Repository) {
+        // A timeline's first segment repeats its parent's WAL up to the switch point, so a restore
+        // point there is streamed (and indexed) once per timeline: one record (the same time to
+        // the microsecond), listed once, under the timeline that wrote it (the lower: the index
+        // is in timeline order). Two records that only share a place, on timelines that forked
+        // before it, differ in time and stay two.
+        let index = restore_points::load(repo, self.cluster.system_id, self.fallbacks_listed).await;
+        let mut seen = std::collections::BTreeSet::new();
+        self.restore_points = index
+            .points
+            .into_iter()
+            .filter(|p| seen.insert((p.lsn, p.end_lsn, p.time_us, p.name.clone())))
+            .map(|point| IndexedRestorePoint { point, unavailable: None })
+            .collect();
+        self.restore_point_problems = index.problems;
+        self.restore_points_read = true;
+        // Judged with every entry in place: one may be unreachable for an older one of its name.
+        let unavailable: Vec<Option<String>> =
+            self.restore_points.iter().map(|p| self.restore_point_unavailable(&p.point)).collect();
+        for (p, why) in self.restore_points.iter_mut().zip(unavailable) {
+            p.unavailable = why;
+        }
+    }
+
+    /// The index problems that could hide an earlier restore point of a name a restore stops at.
+    /// Recovery replays nothing before the start of the backup it starts from, so an entry whose
+    /// name places it before every backup's start cannot (it stays listed); a failed listing, or
+    /// an entry at or after some backup's start, can.
+    fn blocking_index_problems(&self) -> Vec<&IndexProblem> {
+        let system_id = self.cluster.system_id;
+        self.restore_point_problems
+            .iter()
+            .filter(|p| match pitr_archive::names::pg::parse_restore_point(system_id, &p.object) {
+                Some((_, lsn)) => self.backups.is_empty() || self.backups.iter().any(|b| b.start_lsn <= lsn),
+                None => true,
+            })
+            .collect()
+    }
+
+    /// The newest timeline's path (the one restores follow), if the archive holds WAL.
+    fn current_path(&self) -> Option<TimelinePath> {
+        let w = self.current_window()?;
+        Some(TimelinePath::new(w.timeline, self.histories.get(&w.timeline).map(Vec::as_slice).unwrap_or(&[])))
+    }
+
+    /// Why a restore cannot stop at `point` now, if it cannot.
+    fn restore_point_unavailable(&self, point: &RestorePoint) -> Option<String> {
+        let (Some(w), Some(path)) = (self.current_window(), self.current_path()) else {
+            return Some("the archive holds no WAL".into());
+        };
+        if !on_path(&path, point) {
+            return Some(format!(
+                "timeline {} is not on the path of the newest timeline {}",
+                point.timeline, w.timeline
+            ));
+        }
+        if point.end_lsn > w.end_lsn {
+            return Some(format!("its WAL (to {}) is not in the archive yet", format_lsn(point.end_lsn)));
+        }
+        if self.backup_for_point(point).is_none() {
+            // What stops the newest backup says the most (an older one only replays more).
+            let why = self.backups.iter().rev().find_map(|b| self.backup_reaches_point(b, point).err());
+            return Some(why.unwrap_or_else(|| "there is no backup".into()));
+        }
+        None
+    }
+
+    /// The newest backup a restore to `point` can start from: consistent at or before the record,
+    /// its WAL archived through the record's end, and no restore point of the same name between
+    /// its start and the record (PostgreSQL stops at the first one it replays, from the backup's
+    /// start on).
+    fn backup_for_point(&self, point: &RestorePoint) -> Option<&BackupManifest> {
+        self.backups.iter().rev().find(|b| self.backup_reaches_point(b, point).is_ok())
+    }
+
+    /// Whether recovery from `backup` stops at `point`; else why not.
+    fn backup_reaches_point(&self, backup: &BackupManifest, point: &RestorePoint) -> Result<(), String> {
+        let Some(r) = self.reaches.get(&backup.id) else {
+            return Err(format!(
+                "backup {} (timeline {}) is not on the newest timeline's path",
+                backup.id, backup.timeline
+            ));
+        };
+        if backup.stop_lsn > point.lsn {
+            return Err(format!(
+                "backup {} is consistent only at {}, after the restore point at {}",
+                backup.id,
+                format_lsn(backup.stop_lsn),
+                format_lsn(point.lsn)
+            ));
+        }
+        if r.reach.end_lsn < point.end_lsn {
+            return Err(match r.reach.hole {
+                Some(hole) => self.hole_message(backup, &hole, r),
+                None => format!("the archive's WAL ends at {}", format_lsn(r.reach.end_lsn)),
+            });
+        }
+        let path = self.current_path();
+        let earlier = self.restore_points_named(&point.name).into_iter().find(|p| {
+            p.point.lsn >= backup.start_lsn
+                && p.point.lsn < point.lsn
+                && path.as_ref().is_some_and(|path| on_path(path, &p.point))
+        });
+        if let Some(e) = earlier {
+            return Err(format!(
+                "recovery from backup {} would stop at the earlier restore point {:?} at {} first",
+                backup.id,
+                point.name,
+                format_lsn(e.point.lsn)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Why `--to name:NAME` is refused while the index is incomplete, naming the entries.
+    fn incomplete_index(&self, name: &str, problems: &[&IndexProblem]) -> String {
+        const SHOWN: usize = 5;
+        let mut shown: Vec<String> = problems.iter().take(SHOWN).map(ToString::to_string).collect();
+        if problems.len() > SHOWN {
+            shown.push(format!("and {} more (pitr list --json names them all)", problems.len() - SHOWN));
+        }
+        format!(
+            "cannot restore to restore point {name:?}: the index of restore points is incomplete, and an entry \
+             it lacks may be an earlier restore point of that name, where recovery would stop first: {}. \
+             A failed listing passes when the storage answers again. pitr never writes an entry that does not \
+             open, does not match its name or is over {} bytes: such an object is damaged or was put there by \
+             someone else; look at it and delete it (the restore point it held, if any, is then no longer \
+             indexed). Meanwhile --to lsn:X/Y with a restore point's LSN (pitr list) stops right after it",
+            shown.join("; "),
+            restore_points::ENTRY_MAX_BYTES
+        )
+    }
+
+    fn restore_points_named(&self, name: &str) -> Vec<&IndexedRestorePoint> {
+        self.restore_points.iter().filter(|p| p.point.name == name).collect()
+    }
+
+    /// The restore point `--to name:NAME` stops at: the newest with that name (PostgreSQL allows
+    /// several). One a restore cannot stop at now is refused with the reason, never swapped for
+    /// an older namesake; an unknown name is refused naming the known ones.
+    pub fn restore_point(&self, name: &RestorePointName) -> Result<&IndexedRestorePoint, RestoreError> {
+        let name = name.as_str();
+        if !self.restore_points_read {
+            return Err(RestoreError::OutsideWindow(format!(
+                "cannot resolve restore point {name:?}: the index of restore points was not read \
+                 (Catalog::load_restore_points)"
+            )));
+        }
+        let blocking = self.blocking_index_problems();
+        if !blocking.is_empty() {
+            return Err(RestoreError::OutsideWindow(self.incomplete_index(name, &blocking)));
+        }
+        let named = self.restore_points_named(name);
+        let Some(newest) = named.last() else {
+            let mut known: Vec<String> = self.restore_points.iter().map(|p| format!("{:?}", p.point.name)).collect();
+            known.sort();
+            known.dedup();
+            return Err(RestoreError::OutsideWindow(if known.is_empty() {
+                format!("there is no restore point {name:?}: the archive holds none (create one with `pitr mark NAME`)")
+            } else {
+                format!("there is no restore point {name:?} (restore points: {})", known.join(", "))
+            }));
+        };
+        let Some(why) = &newest.unavailable else { return Ok(newest) };
+        let mut msg = format!(
+            "restore point {name:?} at {} (timeline {}) cannot be restored to: {why}",
+            format_lsn(newest.point.lsn),
+            newest.point.timeline
+        );
+        if named.len() > 1 {
+            let all: Vec<String> = named.iter().map(|p| format_lsn(p.point.lsn)).collect();
+            msg.push_str(&format!(
+                "; {} restore points have that name (at {}): --to lsn:X/Y stops after the one at X/Y",
+                named.len(),
+                all.join(", ")
+            ));
+        }
+        Err(RestoreError::OutsideWindow(msg))
+    }
+
+    /// `target` as a report states it: a restore point with its LSN, time and timeline, the
+    /// consistency point of `backup` for `immediate`, anything else as given.
+    pub fn describe_target(&self, target: RecoveryTarget, backup: &BackupManifest) -> String {
+        match target {
+            RecoveryTarget::Name(n) => match self.restore_point(&n) {
+                Ok(p) => format!(
+                    "restore point {:?} at {} ({}, timeline {})",
+                    p.point.name,
+                    format_lsn(p.point.lsn),
+                    format_time(p.point.time_us),
+                    p.point.timeline
+                ),
+                Err(_) => target.to_string(),
+            },
+            RecoveryTarget::Immediate => format!(
+                "immediate: the consistency point of backup {} at {} ({})",
+                backup.id,
+                format_lsn(backup.stop_lsn),
+                format_time(backup.stop_time_us)
+            ),
+            other => other.to_string(),
+        }
     }
 
     /// The newest timeline's window: where restores land (recovery_target_timeline = latest).
@@ -322,6 +587,26 @@ impl Catalog {
                     }
                 }
             }
+            RecoveryTarget::Name(name) => {
+                let point = &self.restore_point(&name)?.point;
+                match self.backup_for_point(point) {
+                    Some(b) => Some(b),
+                    None => {
+                        let why: Vec<String> =
+                            self.backups.iter().filter_map(|b| self.backup_reaches_point(b, point).err()).collect();
+                        return Err(RestoreError::OutsideWindow(format!(
+                            "no backup recovers to restore point {:?} at {}: {}",
+                            point.name,
+                            format_lsn(point.lsn),
+                            why.join("; ")
+                        )));
+                    }
+                }
+            }
+            RecoveryTarget::Immediate => match usable.iter().rev().find(|(b, r)| r.reach.end_lsn >= b.stop_lsn) {
+                Some((b, _)) => Some(*b),
+                None => return Err(self.no_complete_chain(target, &usable)),
+            },
             RecoveryTarget::Lsn(l) => {
                 let fits = |(b, r): &&(&BackupManifest, &BackupReach)| b.stop_lsn <= l && l <= r.reach.end_lsn;
                 match usable.iter().rev().find(fits) {
@@ -397,10 +682,23 @@ impl Catalog {
             let ids: Vec<&str> = self.backups.iter().map(|b| b.id.as_str()).collect();
             RestoreError::OutsideWindow(format!("there is no backup {id} (backups: {})", ids.join(", ")))
         })?;
+        if let RecoveryTarget::Name(name) = target {
+            let point = &self.restore_point(&name)?.point;
+            return match self.backup_reaches_point(b, point) {
+                Ok(()) => Ok(b),
+                Err(why) => Err(RestoreError::OutsideWindow(format!(
+                    "backup {id} cannot be recovered to restore point {:?} at {}: {why}",
+                    point.name,
+                    format_lsn(point.lsn)
+                ))),
+            };
+        }
         let after = match target {
             RecoveryTarget::Time(t) => b.stop_time_us > t,
             RecoveryTarget::Lsn(l) => b.stop_lsn > l,
-            RecoveryTarget::Latest | RecoveryTarget::Xid(_) => false,
+            RecoveryTarget::Latest | RecoveryTarget::Xid(_) | RecoveryTarget::Immediate | RecoveryTarget::Name(_) => {
+                false
+            }
         };
         if after {
             return Err(RestoreError::OutsideWindow(format!(
@@ -421,7 +719,9 @@ impl Catalog {
             RecoveryTarget::Lsn(l) => r.reach.end_lsn < l,
             // An xid may lie anywhere the backup's WAL reaches: it is enough that recovery
             // stops with an error at the end if it is not there, as PostgreSQL does.
-            RecoveryTarget::Xid(_) => r.reach.end_lsn < b.stop_lsn,
+            RecoveryTarget::Xid(_) | RecoveryTarget::Immediate | RecoveryTarget::Name(_) => {
+                r.reach.end_lsn < b.stop_lsn
+            }
             RecoveryTarget::Latest => r.reach.hole.is_some(),
         };
         if short {
@@ -503,6 +803,13 @@ impl Catalog {
         chain.reverse();
         Ok(chain)
     }
+}
+
+/// Whether the whole record of `point` lies on `path`: on an ancestor timeline, it must end at
+/// or before the switch point (a record starting at the switch was written on the old timeline
+/// after the fork, and is not replayed on this one).
+fn on_path(path: &TimelinePath, point: &RestorePoint) -> bool {
+    path.contains(point.timeline, point.end_lsn)
 }
 
 /// Overlapping or touching ranges as one (sorted by start).
@@ -676,5 +983,115 @@ mod tests {
         assert_eq!(merge(vec![range(5, 9), range(1, 3), range(2, 4)]), vec![range(1, 4), range(5, 9)]);
         assert_eq!(merge(vec![range(1, 5), range(5, 9)]), vec![range(1, 9)]);
         assert_eq!(merge(vec![]), vec![]);
+    }
+
+    /// A restore point is offered only once the archive holds its WAL (an entry is put before
+    /// its WAL, so one can be there without it), and an unknown name is refused naming the known.
+    #[tokio::test]
+    async fn restore_points_beyond_the_archived_wal_are_not_offered() {
+        use pitr_archive::seal::{ObjectKind, ObjectMeta};
+        use pitr_archive::{KeyRing, LocalStore};
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(std::sync::Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [9; 32]));
+        let cluster =
+            ClusterInfo { system_id: 7, wal_segment_size: 16 << 20, wal_page_size: 8192, server_version_num: 150000 };
+        repo.put_cluster_info(&cluster).await.unwrap();
+        let layout = WalLayout::new(&cluster);
+        let seg = layout.segment_start(1);
+        let chunk = WalObject::Chunk { timeline: 1, segno: 1, from: 0, to: 0x2000 };
+        let meta = ObjectMeta {
+            timeline: 1,
+            start_lsn: seg,
+            end_lsn: seg + 0x2000,
+            ..ObjectMeta::plain(ObjectKind::WalChunk)
+        };
+        repo.put_sealed(&layout.object_name(&chunk), vec![0; 0x2000], meta).await.unwrap();
+        let point =
+            |name: &str, lsn: u64| RestorePoint { name: name.into(), timeline: 1, lsn, end_lsn: lsn + 104, time_us: 1 };
+        let (held, ahead) = (point("held", seg + 0x100), point("ahead", seg + 0x2000));
+        // The copy a timeline switch in that segment streams again on timeline 2 is the same record.
+        let copy = RestorePoint { timeline: 2, ..held.clone() };
+        for p in [&held, &ahead, &copy] {
+            restore_points::record(&repo, 7, p).await.unwrap();
+        }
+        let catalog = Catalog::load_with(&repo, cluster.clone(), true).await.unwrap();
+        let why: Vec<(&str, Option<&str>)> =
+            catalog.restore_points.iter().map(|p| (p.point.name.as_str(), p.unavailable.as_deref())).collect();
+        assert_eq!(why.len(), 2, "{why:?}");
+        assert_eq!(catalog.restore_points[0].point, held);
+        assert_eq!(why[0], ("held", Some("there is no backup")));
+        assert!(why[1].0 == "ahead" && why[1].1.is_some_and(|w| w.contains("not in the archive yet")), "{why:?}");
+        let name = |n: &str| RestorePointName::new(n).unwrap();
+        let err = catalog.restore_point(&name("ahead")).unwrap_err().to_string();
+        assert!(err.contains("not in the archive yet"), "{err}");
+        let err = catalog.choose_backup(RecoveryTarget::Name(name("nope"))).unwrap_err().to_string();
+        assert!(err.contains("no base backup") || err.contains("\"ahead\", \"held\""), "{err}");
+        let err = catalog.restore_point(&name("nope")).unwrap_err().to_string();
+        assert!(err.contains("no restore point \"nope\" (restore points: \"ahead\", \"held\")"), "{err}");
+
+        // Two records that share a place and a name on timelines that forked before it are
+        // two restore points (not the copy a switch streams again: that one has the same time).
+        let forked = RestorePoint { timeline: 3, time_us: 2, ..held.clone() };
+        restore_points::record(&repo, 7, &forked).await.unwrap();
+        let catalog = Catalog::load_with(&repo, cluster.clone(), true).await.unwrap();
+        let listed: Vec<(u32, i64)> =
+            catalog.restore_points.iter().map(|p| (p.point.timeline, p.point.time_us)).collect();
+        assert_eq!(listed, [(1, 1), (1, 1), (3, 2)], "held, ahead, and the forked namesake");
+
+        // An entry that does not open does not stop the catalog (time and LSN restores, list,
+        // drills), but a restore to any name is refused, naming the entry.
+        let planted = pitr_archive::names::pg::restore_point(7, 1, seg + 0x80);
+        repo.store().put_if_absent(&planted, b"PITRjunk".to_vec().into()).await.unwrap();
+        let catalog = Catalog::load(&repo, cluster.clone()).await.unwrap();
+        assert!(catalog.restore_points.is_empty() && catalog.restore_point_problems.is_empty(), "not read by load");
+        let err = catalog.restore_point(&name("held")).unwrap_err().to_string();
+        assert!(err.contains("index of restore points was not read"), "{err}");
+        let catalog = Catalog::load_with(&repo, cluster.clone(), true).await.unwrap();
+        assert_eq!(catalog.restore_points.len(), 3);
+        assert_eq!(catalog.restore_point_problems.len(), 1, "{:?}", catalog.restore_point_problems);
+        for n in ["held", "nope"] {
+            let err = catalog.restore_point(&name(n)).unwrap_err().to_string();
+            assert!(err.contains("index of restore points is incomplete") && err.contains(&planted), "{err}");
+        }
+
+        // With a backup starting after the damaged entry, recovery from it never replays that
+        // place: the entry stays a problem (listed) but no longer blocks a restore to a name.
+        // One at or after the backup's start still does.
+        let backup: BackupManifest = serde_json::from_value(serde_json::json!({
+            "id": "B", "kind": "full", "system_id": 7, "server_version_num": 150000, "timeline": 1,
+            "start_lsn": seg + 0xc0, "stop_lsn": seg + 0xf0,
+            "start_time_us": 0, "stop_time_us": 0,
+            "block_size": 8192, "tablespaces": [], "entries": [], "files": [], "server_manifest": "{}",
+            "logical_bytes": 0, "stored_bytes": 0
+        }))
+        .unwrap();
+        backup.store(&repo).await.unwrap();
+        let later = point("later", seg + 0x200);
+        restore_points::record(&repo, 7, &later).await.unwrap();
+        let catalog = Catalog::load_with(&repo, cluster.clone(), true).await.unwrap();
+        assert_eq!(catalog.restore_point_problems.len(), 1, "still listed: {:?}", catalog.restore_point_problems);
+        let found = catalog.restore_point(&name("later")).expect("the older damaged entry no longer blocks");
+        assert_eq!(found.point, later);
+        let after = pitr_archive::names::pg::restore_point(7, 1, seg + 0xd0);
+        repo.store().put_if_absent(&after, b"PITRjunk".to_vec().into()).await.unwrap();
+        let catalog = Catalog::load_with(&repo, cluster, true).await.unwrap();
+        let err = catalog.restore_point(&name("later")).unwrap_err().to_string();
+        assert!(err.contains("index of restore points is incomplete") && err.contains(&after), "{err}");
+        assert!(!err.contains(&planted), "only the entry that can matter is named: {err}");
+    }
+
+    /// A restore point on an ancestor timeline is on the newest timeline's path only if its
+    /// whole record ends at or before the switch point.
+    #[test]
+    fn a_restore_point_is_on_the_path_only_if_it_ends_by_the_switch() {
+        let switch = 0x300_0100;
+        let path = TimelinePath::new(2, &[HistoryEntry { timeline: 1, switch_lsn: switch }]);
+        let point =
+            |timeline: u32, lsn: u64| RestorePoint { name: "p".into(), timeline, lsn, end_lsn: lsn + 104, time_us: 1 };
+        assert!(on_path(&path, &point(1, switch - 104)), "ends exactly at the switch");
+        assert!(!on_path(&path, &point(1, switch - 96)), "crosses the switch");
+        assert!(!on_path(&path, &point(1, switch)), "starts at the switch: written after the fork");
+        assert!(on_path(&path, &point(2, switch)), "on the newest timeline");
+        assert!(!on_path(&path, &point(3, 0x100)), "another timeline");
     }
 }

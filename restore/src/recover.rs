@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use pitr_archive::backup::BackupKind;
 use pitr_archive::names::pg;
+use pitr_archive::restore_points::RestorePoint;
 use pitr_archive::running::{ReadPlan, RunKind, RunMarker};
 use pitr_archive::{Repository, RepositoryError, WalLayout};
 use pitr_pgformat::lsn::{format_lsn, parse_lsn};
@@ -61,6 +62,10 @@ pub struct RestoreOptions {
     /// (`--tablespace-map OID=DIR`): absolute, missing or empty (unless `force`), none inside
     /// another or the target.
     pub tablespace_map: BTreeMap<u32, PathBuf>,
+    /// Restore into the existing data directory `target_dir` of the same cluster, writing only
+    /// what differs from the backup ([`crate::delta`]); a missing or empty one gets a plain
+    /// restore. `force` is not needed, and mapped tablespace directories are compared in place.
+    pub delta: bool,
 }
 
 /// A standby from the archive (`pitr restore --standby`): `standby.signal` instead of
@@ -146,6 +151,10 @@ pub struct RestoreReport {
     pub recovery_settings: Vec<String>,
     /// Tablespaces restored outside the target (`--tablespace-map`): OID and directory.
     pub mapped_tablespaces: BTreeMap<u32, String>,
+    /// With `--delta` into a directory that held the cluster: what was found unchanged, written
+    /// and removed (`bytes_restored` is then the bytes fetched and written). `None` for a
+    /// plain restore, also a `--delta` one into a missing or empty directory.
+    pub delta: Option<crate::delta::DeltaReport>,
     /// The newest commit on the current timeline in the archive, when the restore began.
     pub newest_archived_commit: Option<String>,
     /// A standby (`--standby`): it never reaches a target, so with `--start` the report tells
@@ -175,6 +184,22 @@ pub struct RestoreReport {
     pub total_seconds: f64,
     /// The `pg_ctl … stop` line that stops the restored server.
     pub stop_command: Option<String>,
+    /// With `--to name:`, whether recovery was seen to stop at the indexed restore point: the
+    /// index can lack an earlier one of the name (see [`Landing`]). `None` for other targets.
+    pub landing: Option<Landing>,
+}
+
+/// Whether a restore to a name stopped where the index says. PostgreSQL stops at the first
+/// restore point of that name it replays; one the index lacks (WAL archived before pitr indexed
+/// restore points, an entry lost or unreadable) would stop it earlier. With `--start` the new
+/// timeline's history file says where recovery stopped, and a restore elsewhere fails; without
+/// it, nothing has been replayed yet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Landing {
+    /// Seen to stop at the indexed restore point's end.
+    pub verified: bool,
+    /// What was checked, or how to check it.
+    pub detail: String,
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, RestoreError> {
@@ -206,6 +231,10 @@ fn recovery_settings(target: RecoveryTarget, restore_command: &str) -> Result<Ve
         }
         RecoveryTarget::Lsn(l) => lines.push(format!("recovery_target_lsn = '{}'", format_lsn(l))),
         RecoveryTarget::Xid(x) => lines.push(format!("recovery_target_xid = '{x}'")),
+        RecoveryTarget::Name(n) => {
+            lines.push(format!("recovery_target_name = {}", conf_quote("recovery_target_name", n.as_str())?))
+        }
+        RecoveryTarget::Immediate => lines.push("recovery_target = 'immediate'".into()),
         RecoveryTarget::Latest => {}
     }
     if target != RecoveryTarget::Latest {
@@ -308,7 +337,7 @@ pub(crate) async fn current_catalog<'a>(
         None => Ok(Cow::Borrowed(catalog)),
         Some(why) => {
             tracing::info!(why = %why, "the repository may have changed since it was read; reading it again");
-            Ok(Cow::Owned(Catalog::load(repo, catalog.cluster.clone()).await?))
+            Ok(Cow::Owned(Catalog::load_with(repo, catalog.cluster.clone(), catalog.restore_points_read()).await?))
         }
     }
 }
@@ -321,8 +350,13 @@ pub(crate) fn preflight(opts: &RestoreOptions) -> Result<(), RestoreError> {
     if let Some(conninfo) = opts.standby.as_ref().and_then(|s| s.primary_conninfo.as_deref()) {
         conf_quote("primary_conninfo", conninfo)?;
     }
-    check_target(&opts.target_dir, opts.force)?;
-    check_tablespace_dirs(&opts.tablespace_map, &opts.target_dir, opts.force)?;
+    let delta = opts.delta && crate::delta::applies(&opts.target_dir)?;
+    if delta {
+        crate::delta::check(&opts.target_dir, None, None)?;
+    } else {
+        check_target(&opts.target_dir, opts.force)?;
+    }
+    check_tablespace_dirs(&opts.tablespace_map, &opts.target_dir, opts.force, delta)?;
     if opts.start.is_some() && unsafe { libc::geteuid() } == 0 {
         return Err(RestoreError::Other(
             "PostgreSQL refuses to run as root: run `pitr restore --start` as the database's OS user, \
@@ -362,11 +396,14 @@ fn resolve(path: &Path) -> Result<PathBuf, String> {
 /// Checks the `--tablespace-map` directories before anything is written: absolute, not a
 /// symbolic link, missing or empty (unless `force`; never a running server's), none at, inside
 /// or around another one or the target (the parent's links resolved, so that two spellings of
-/// one place are one place).
+/// one place are one place). For a `delta` restore, which compares a mapped directory in place,
+/// one that holds something is also accepted where the target's own `pg_tblspc/<oid>` link
+/// already leads to it (the tablespace's location as the cluster knows it).
 pub(crate) fn check_tablespace_dirs(
     map: &BTreeMap<u32, PathBuf>,
     target: &Path,
     force: bool,
+    delta: bool,
 ) -> Result<(), RestoreError> {
     if map.is_empty() {
         return Ok(());
@@ -403,6 +440,13 @@ pub(crate) fn check_tablespace_dirs(
         }
         match check_target(dir, force) {
             Ok(()) => {}
+            Err(RestoreError::TargetNotEmpty(_)) if delta && link_leads_to(target, *oid, dir) => {}
+            Err(RestoreError::TargetNotEmpty(_)) if delta => {
+                return Err(bad(format!(
+                    "is not empty and the target's pg_tblspc/{oid} does not lead to it (pass --force to compare \
+                     and replace the backup's PG_<version> directory in it; nothing beside that is touched)"
+                )))
+            }
             Err(RestoreError::TargetNotEmpty(_)) => {
                 return Err(bad("is not empty (pass --force to replace its contents)".into()))
             }
@@ -411,6 +455,17 @@ pub(crate) fn check_tablespace_dirs(
         seen.push((*oid, resolved));
     }
     Ok(())
+}
+
+/// Whether `target/pg_tblspc/<oid>` is a link leading to `dir` (as written, or to the same
+/// directory once both are resolved).
+fn link_leads_to(target: &Path, oid: u32, dir: &Path) -> bool {
+    let Ok(to) = std::fs::read_link(target.join("pg_tblspc").join(oid.to_string())) else { return false };
+    if to == dir {
+        return true;
+    }
+    let to = if to.is_absolute() { to } else { target.join("pg_tblspc").join(to) };
+    matches!((std::fs::canonicalize(&to), std::fs::canonicalize(dir)), (Ok(a), Ok(b)) if a == b)
 }
 
 /// Puts the staged tablespaces and target in place. Every place is checked before the first is
@@ -452,6 +507,15 @@ pub async fn restore(
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     preflight(opts)?;
+    // A restore point is resolved before the marker: an unknown name writes nothing at all.
+    if let RecoveryTarget::Name(name) = opts.target {
+        catalog.restore_point(&name)?;
+    }
+    // Another cluster's directory is refused before the marker too (and the major version once
+    // the backup is chosen).
+    if opts.delta && crate::delta::applies(&opts.target_dir)? {
+        crate::delta::check(&opts.target_dir, Some(catalog.cluster.system_id), None)?;
+    }
     // An unknown tablespace OID is refused before the marker too (and again once the catalog is
     // read under it).
     if !opts.tablespace_map.is_empty() {
@@ -600,6 +664,13 @@ pub(crate) async fn restore_marked_as(
     }
     let newest_commit = catalog.current_window().and_then(|w| w.newest_commit_us);
     let ReplayBounds { recovery_target, until, to_planned_end } = catalog.replay_bounds(backup, opts.target);
+    // The restore point a name resolves to, for checking where recovery stops.
+    let named = match (opts.target, recovery_target) {
+        (RecoveryTarget::Name(name), RecoveryTarget::Name(_)) if opts.standby.is_none() => {
+            Some(catalog.restore_point(&name)?.point.clone())
+        }
+        _ => None,
+    };
     tracing::info!(backup = %backup.id, chain = chain.len(), target = %opts.target, "restoring");
 
     // An unknown OID or a value the settings cannot hold is refused before the first directory
@@ -609,32 +680,61 @@ pub(crate) async fn restore_marked_as(
         Some(standby) => standby_settings(&opts.restore_command.render_for_standby(), standby)?,
         None => recovery_settings(recovery_target, &opts.restore_command.render(until))?,
     };
-    let mut mapped = MappedTablespaces::default();
-    let mut mapped_staging = Vec::new();
-    for (oid, dir) in &opts.tablespace_map {
-        let staging = Staging::create_in_place(dir)?;
-        mapped.0.insert(*oid, MappedTablespace { write_dir: staging.path.clone(), final_dir: dir.clone() });
-        mapped_staging.push((staging, dir));
-    }
-    let staging = Staging::create(&opts.target_dir)?;
-    let final_dir = absolute(&opts.target_dir)?;
-    let bytes_restored = materialize(repo, &chain, &staging.path, &final_dir, &mapped, opts.workers, progress).await?;
-    let auto_conf = staging.path.join("postgresql.auto.conf");
-    // Neither read nor written through a link: the restore's own files stay inside the target.
-    let mut conf = read_file_nofollow(&auto_conf)?.unwrap_or_default();
-    conf.push_str("\n# Added by pitr restore\n");
-    for line in &settings {
-        conf.push_str(line);
-        conf.push('\n');
-    }
-    write_file_nofollow(&auto_conf, conf.as_bytes())?;
-    let signal = staging.path.join(if opts.standby.is_some() { "standby.signal" } else { "recovery.signal" });
-    write_file_nofollow(&signal, b"")?;
-    commit_all(mapped_staging, staging, &opts.target_dir, opts.force)?;
+    let signal = if opts.standby.is_some() { "standby.signal" } else { "recovery.signal" };
+    // The same recovery settings and signal file for a plain and a delta restore.
+    let write_recovery_files = |dir: &Path| -> Result<(), RestoreError> {
+        let auto_conf = dir.join("postgresql.auto.conf");
+        // Neither read nor written through a link: the restore's own files stay inside the target.
+        let mut conf = read_file_nofollow(&auto_conf)?.unwrap_or_default();
+        conf.push_str("\n# Added by pitr restore\n");
+        for line in &settings {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        write_file_nofollow(&auto_conf, conf.as_bytes())?;
+        write_file_nofollow(&dir.join(signal), b"")
+    };
+    let delta = if opts.delta && crate::delta::applies(&opts.target_dir)? {
+        crate::delta::check(&opts.target_dir, Some(backup.system_id), Some(backup.server_version_num))?;
+        let final_dir = absolute(&opts.target_dir)?;
+        let report = crate::delta::apply(
+            repo,
+            &chain,
+            &opts.target_dir,
+            &final_dir,
+            &opts.tablespace_map,
+            opts.workers,
+            progress,
+            &write_recovery_files,
+        )
+        .await?;
+        Some(report)
+    } else {
+        None
+    };
+    let bytes_restored = match &delta {
+        Some(d) => d.bytes_written,
+        None => {
+            let mut mapped = MappedTablespaces::default();
+            let mut mapped_staging = Vec::new();
+            for (oid, dir) in &opts.tablespace_map {
+                let staging = Staging::create_in_place(dir)?;
+                mapped.0.insert(*oid, MappedTablespace { write_dir: staging.path.clone(), final_dir: dir.clone() });
+                mapped_staging.push((staging, dir));
+            }
+            let staging = Staging::create(&opts.target_dir)?;
+            let final_dir = absolute(&opts.target_dir)?;
+            let bytes_restored =
+                materialize(repo, &chain, &staging.path, &final_dir, &mapped, opts.workers, progress).await?;
+            write_recovery_files(&staging.path)?;
+            commit_all(mapped_staging, staging, &opts.target_dir, opts.force)?;
+            bytes_restored
+        }
+    };
     let download_seconds = started.elapsed().as_secs_f64();
 
     let mut report = RestoreReport {
-        target: opts.target.to_string(),
+        target: catalog.describe_target(opts.target, backup),
         target_dir: opts.target_dir.display().to_string(),
         backup_id: backup.id.clone(),
         backup_kind: backup.kind,
@@ -646,6 +746,7 @@ pub(crate) async fn restore_marked_as(
         bytes_restored,
         recovery_settings: reported_settings(&settings),
         mapped_tablespaces: opts.tablespace_map.iter().map(|(oid, d)| (*oid, d.display().to_string())).collect(),
+        delta,
         newest_archived_commit: newest_commit.map(format_time),
         standby: opts.standby.is_some(),
         started: false,
@@ -659,8 +760,21 @@ pub(crate) async fn restore_marked_as(
         replay_seconds: None,
         total_seconds: download_seconds,
         stop_command: None,
+        landing: None,
     };
-    let Some(start) = &opts.start else { return Ok(report) };
+    let Some(start) = &opts.start else {
+        report.landing = named.map(|p| Landing {
+            verified: false,
+            detail: format!(
+                "not verified (no --start): PostgreSQL stops at the first restore point {:?} it replays; once the \
+                 server has promoted, the last line of the newest pg_wal/*.history must name {} as the switch \
+                 point (the end of the indexed one), else an earlier one of the name stopped it",
+                p.name,
+                format_lsn(p.end_lsn)
+            ),
+        });
+        return Ok(report);
+    };
 
     let replay_started = Instant::now();
     if report.standby {
@@ -678,6 +792,15 @@ pub(crate) async fn restore_marked_as(
     let (commit_us, lsn) = run_until(&opts.target_dir, start, launch, Until::Promoted).await?;
     // Segments prefetched beyond the target are of no use once the server has promoted.
     let _ = std::fs::remove_dir_all(opts.target_dir.join("pg_wal").join(crate::walfetch::SPOOL_DIR));
+    if let Some(point) = &named {
+        match check_landing(&opts.target_dir, point, lsn) {
+            Ok(detail) => report.landing = Some(Landing { verified: true, detail }),
+            Err(e) => {
+                stop_restored_server(&start.bin_dir, &opts.target_dir);
+                return Err(e);
+            }
+        }
+    }
     report.started = true;
     report.port = Some(start.port);
     report.replay_seconds = Some(replay_started.elapsed().as_secs_f64());
@@ -706,6 +829,82 @@ pub(crate) async fn restore_marked_as(
     report.stop_command =
         Some(format!("{} -D {} stop", start.bin_dir.join("pg_ctl").display(), opts.target_dir.display()));
     Ok(report)
+}
+
+/// Where recovery of the promoted server in `dir` stopped, against the indexed restore `point`:
+/// the switch point of the newest timeline's history file (PostgreSQL writes it at promotion:
+/// the end of the last record replayed, with the reason), or else the replay LSN `replayed`.
+/// The text of what was checked, or the error naming both LSNs.
+fn check_landing(dir: &Path, point: &RestorePoint, replayed: u64) -> Result<String, RestoreError> {
+    let (landed, seen) = match newest_history(&dir.join("pg_wal")) {
+        Some((file, switch_lsn, line)) => (switch_lsn, format!("{file}: {line:?}")),
+        None => (replayed, format!("the replay LSN {}", format_lsn(replayed))),
+    };
+    if landed == point.end_lsn {
+        return Ok(format!(
+            "verified: recovery stopped at {}, the end of restore point {:?} at {} ({seen})",
+            format_lsn(landed),
+            point.name,
+            format_lsn(point.lsn)
+        ));
+    }
+    Err(RestoreError::MissedRestorePoint(Box::new(MissedRestorePoint {
+        name: point.name.clone(),
+        expected: format_lsn(point.end_lsn),
+        landed: format_lsn(landed),
+        seen,
+        dir: dir.to_path_buf(),
+        lsn_target: format!("lsn:{}", format_lsn(point.lsn)),
+    })))
+}
+
+/// Recovery to a name stopped elsewhere than the indexed restore point: at an earlier one of the
+/// name the index lacks ([`RestoreError::MissedRestorePoint`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "recovery stopped at {landed} ({seen}), not at the end of restore point {name:?} ({expected}): an earlier \
+     restore point of that name, which the index of restore points lacks (WAL archived before pitr indexed them, \
+     an entry lost or unreadable), stopped it first. The directory {dir} holds the state at that earlier one, not \
+     the one asked for: the restored server was stopped, do not use it. Restore again with --to {lsn_target}, \
+     which stops right after the indexed one",
+    dir = dir.display()
+)]
+pub struct MissedRestorePoint {
+    /// The restore point's name.
+    pub name: String,
+    /// Where the indexed restore point ends (what recovery should have stopped at).
+    pub expected: String,
+    /// Where recovery stopped.
+    pub landed: String,
+    /// What said so (the history file's line, or the replay LSN).
+    pub seen: String,
+    /// The target directory.
+    pub dir: PathBuf,
+    /// The `--to` that reaches the indexed restore point regardless.
+    pub lsn_target: String,
+}
+
+/// The newest timeline history file in `pg_wal` (the one promotion wrote): its name, the switch
+/// point of its last line, and that line.
+fn newest_history(pg_wal: &Path) -> Option<(String, u64, String)> {
+    let newest = std::fs::read_dir(pg_wal)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|name| Some((pitr_pgformat::timeline::parse_history_file_name(&name)?, name)))
+        .max()?;
+    let text = std::fs::read_to_string(pg_wal.join(&newest.1)).ok()?;
+    let line = text.lines().map(str::trim).rfind(|l| !l.is_empty() && !l.starts_with('#'))?.to_string();
+    let switch_lsn = pitr_pgformat::timeline::parse_history(&text).ok()?.last()?.switch_lsn;
+    Some((newest.1, switch_lsn, line))
+}
+
+/// Stops a restored server that must not be used (`pg_ctl stop -m fast`); a failure leaves it
+/// to the operator, whom the error tells.
+fn stop_restored_server(bin_dir: &Path, dir: &Path) {
+    let stopped = Command::new(bin_dir.join("pg_ctl")).arg("-D").arg(dir).args(["-m", "fast", "-w", "stop"]).output();
+    if !stopped.is_ok_and(|o| o.status.success()) {
+        tracing::warn!(dir = %dir.display(), "could not stop the restored server");
+    }
 }
 
 /// What [`run_until`] waits for.
@@ -924,7 +1123,7 @@ mod tests {
         let root = std::fs::canonicalize(tmp.path()).unwrap();
         let target = root.join("data");
         let check = |pairs: &[(u32, PathBuf)], force: bool| {
-            check_tablespace_dirs(&pairs.iter().cloned().collect(), &target, force)
+            check_tablespace_dirs(&pairs.iter().cloned().collect(), &target, force, false)
         };
         let refused = |pairs: &[(u32, PathBuf)], force: bool, why: &str| match check(pairs, force) {
             Err(RestoreError::TablespaceDir { why: w, .. }) => assert!(w.contains(why), "{w}"),
@@ -954,6 +1153,46 @@ mod tests {
         std::os::unix::fs::symlink(root.join("real"), target.join("ts")).unwrap();
         refused(&[(1, target.join("ts"))], true, "symbolic link");
         refused(&[(1, root.join("alias/ts-in-real")), (2, root.join("real"))], false, "tablespace");
+    }
+
+    /// A delta restore compares a mapped directory in place, so one holding something is taken
+    /// without --force only where the target's own tablespace link already leads to it: a typo
+    /// (`16384=/srv`) or another cluster's location is refused.
+    #[test]
+    fn a_delta_restore_takes_a_filled_mapped_directory_only_where_the_target_leads_to_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(tmp.path()).unwrap();
+        let target = root.join("data");
+        std::fs::create_dir_all(target.join("pg_tblspc")).unwrap();
+        let location = root.join("location");
+        std::fs::create_dir_all(location.join("PG_15_202209061/5")).unwrap();
+        std::fs::write(location.join("PG_15_202209061/5/16385"), b"rel").unwrap();
+        let map: BTreeMap<u32, PathBuf> = [(16384, location.clone())].into();
+        let refused = |map: &BTreeMap<u32, PathBuf>, force: bool, delta: bool, why: &str| match check_tablespace_dirs(
+            map, &target, force, delta,
+        ) {
+            Err(RestoreError::TablespaceDir { why: w, .. }) => assert!(w.contains(why), "{w}"),
+            other => panic!("expected a refusal ({why}), got {other:?}"),
+        };
+        refused(&map, false, true, "pg_tblspc/16384 does not lead to it");
+        // Another tablespace's link does not count.
+        std::os::unix::fs::symlink(&location, target.join("pg_tblspc/16385")).unwrap();
+        refused(&map, false, true, "does not lead to it");
+        std::os::unix::fs::symlink(&location, target.join("pg_tblspc/16384")).unwrap();
+        check_tablespace_dirs(&map, &target, false, true).unwrap();
+        // A plain restore replaces the directory's contents: still only with --force.
+        refused(&map, false, false, "pass --force to replace its contents");
+        // Another spelling of the same place is the same place.
+        std::fs::remove_file(target.join("pg_tblspc/16384")).unwrap();
+        std::os::unix::fs::symlink("../../location", target.join("pg_tblspc/16384")).unwrap();
+        check_tablespace_dirs(&map, &target, false, true).unwrap();
+        // With --force any directory is taken (the delta restore then touches only its own
+        // PG_<version> directory there).
+        std::fs::remove_file(target.join("pg_tblspc/16384")).unwrap();
+        check_tablespace_dirs(&map, &target, true, true).unwrap();
+        // Missing or empty needs nothing.
+        let fresh: BTreeMap<u32, PathBuf> = [(16384, root.join("fresh"))].into();
+        check_tablespace_dirs(&fresh, &target, false, true).unwrap();
     }
 
     /// A target in use (its postmaster.pid names a running process: this one) is refused before

@@ -326,6 +326,15 @@ pub fn default_new_name(table: &TableName, target: RecoveryTarget) -> TableName 
         RecoveryTarget::Lsn(_) => format!("_at_{}", target.to_string().replace([':', '/'], "_").to_ascii_lowercase()),
         RecoveryTarget::Xid(x) => format!("_at_xid_{x}"),
         RecoveryTarget::Latest => "_latest".to_string(),
+        RecoveryTarget::Immediate => "_immediate".to_string(),
+        RecoveryTarget::Name(n) => {
+            let name: String = n
+                .as_str()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+                .collect();
+            format!("_at_{name}")
+        }
     };
     TableName { schema: table.schema.clone(), name: fit(&table.name, &suffix) }
 }
@@ -692,6 +701,7 @@ impl ScratchCluster {
             marker_repository: None,
             standby: None,
             tablespace_map: Default::default(),
+            delta: false,
         };
         let launch = ServerLaunch::scratch("", vec![format!("hba_file='{}'", hba.display())]);
         let marker = announce(opts.marker_repository.as_ref().unwrap_or(repo), opts.run_kind).await;

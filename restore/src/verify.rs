@@ -6,7 +6,8 @@
 //! Objects that decide what other commands do are read, not trusted by name: each retention
 //! floor, running marker and expire lock must open with the repository's keys and agree with its
 //! name (`bad-floor`, `bad-marker`, `bad-lock` otherwise; such a floor is treated as absent, so
-//! the WAL holes it would excuse are reported too). A marker or lock that does open but names
+//! the WAL holes it would excuse are reported too); so must pin records (`bad-pin`) and restore
+//! point index entries (`bad-restore-point`). A marker or lock that does open but names
 //! implausible times (far ahead of this host's clock, or a lock longer than a day) is obeyed by
 //! the other commands, so it is a warning in the notes, not a finding.
 //!
@@ -45,8 +46,8 @@ use crate::plan::Catalog;
 pub struct Finding {
     /// A stable kebab-case tag: `wal-gap`, `missing-history`, `bad-history`, `missing-parent`,
     /// `missing-block`, `bad-size`, `corrupt`, `unreadable`, `bad-floor`, `bad-marker`,
-    /// `bad-lock`, `bad-manifest`, `bad-lease`, `rolled-back`, `retired-key`, `unknown-key`,
-    /// `bad-key-record`.
+    /// `bad-lock`, `bad-manifest`, `bad-lease`, `bad-pin`, `bad-restore-point`, `rolled-back`,
+    /// `retired-key`, `unknown-key`, `bad-key-record`.
     pub kind: &'static str,
     /// The object concerned (a WAL segment, history file, backup manifest or block name).
     pub object: String,
@@ -259,7 +260,13 @@ async fn header_key_findings(repo: &Repository, catalog: &Catalog) -> Result<Vec
     let layout = catalog.wal.layout;
     let mut names = vec![MARKER.to_string(), pg::cluster_info(system_id)];
     names.extend(catalog.wal.histories.iter().map(|&timeline| layout.object_name(&WalObject::History { timeline })));
-    for prefix in [pg::backups_prefix(system_id), pg::floors_prefix(system_id), pg::lease_prefix(system_id)] {
+    for prefix in [
+        pg::backups_prefix(system_id),
+        pg::floors_prefix(system_id),
+        pg::lease_prefix(system_id),
+        pg::pins_prefix(system_id),
+        pg::restore_points_prefix(system_id),
+    ] {
         names.extend(repo.list(&prefix).await?.into_iter().map(|o| o.name));
     }
     names.extend(running::list(repo).await?.into_iter().map(|o| o.name));
@@ -394,6 +401,31 @@ pub async fn verify_with(
             message: format!(
                 "{why}: not a writer lease (planted, damaged, or sealed with a key this pitr lacks); sidecars skip it, \
                  inspect it, then delete it by hand"
+            ),
+        });
+    }
+    // Pin records and restore point entries are read, not trusted by name, by the commands that
+    // use them: one that does not open is ignored there (a pin not obeyed) or refuses restores
+    // to a name; either way an operator has to look at it.
+    for u in pitr_archive::pins::PinSet::load(repo, system_id).await?.untrusted {
+        findings.push(Finding {
+            kind: "bad-pin",
+            object: u.object,
+            message: format!(
+                "{}: not pitr's (planted or damaged), so `expire` does not obey it (the backup may be removed as \
+                 if unpinned); inspect it, then delete it by hand (pin the backup again if it was meant to be)",
+                u.why
+            ),
+        });
+    }
+    for p in pitr_archive::restore_points::load(repo, system_id, false).await.problems {
+        findings.push(Finding {
+            kind: "bad-restore-point",
+            object: p.object,
+            message: format!(
+                "{}: the index of restore points may lack an entry, so `restore --to name:` refuses while it \
+                 could be an earlier restore point of the name; inspect it, then delete it by hand",
+                p.why
             ),
         });
     }
@@ -724,5 +756,39 @@ mod tests {
         assert!(findings[0].message.contains("does not open"), "{findings:?}");
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(notes[0].starts_with(&format!("warning: {fast}: ")) && notes[0].contains("ahead"), "{notes:?}");
+    }
+
+    /// Pin records and restore point entries that do not open are named, as floors and markers
+    /// are: `expire` ignores such a pin, and such an entry refuses restores to a name.
+    #[tokio::test]
+    async fn pin_records_and_restore_point_entries_that_do_not_open_are_findings() {
+        use pitr_archive::restore_points::{self, RestorePoint};
+        use pitr_archive::{ClusterInfo, KeyRing, LocalStore};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn pitr_archive::Store> = Arc::new(LocalStore::new(dir.path()));
+        let repo = Repository::new(store.clone(), KeyRing::from_key("k", [3; 32]));
+        let cluster =
+            ClusterInfo { system_id: 7, wal_segment_size: 16 << 20, wal_page_size: 8192, server_version_num: 150000 };
+        repo.put_cluster_info(&cluster).await.unwrap();
+        let sound = RestorePoint { name: "ok".into(), timeline: 1, lsn: 0x100_0028, end_lsn: 0x100_0090, time_us: 1 };
+        restore_points::record(&repo, 7, &sound).await.unwrap();
+        let catalog = Catalog::load(&repo, cluster.clone()).await.unwrap();
+        let kinds = |report: &VerifyReport| -> Vec<(&'static str, String)> {
+            report
+                .findings
+                .iter()
+                .filter(|f| f.kind == "bad-pin" || f.kind == "bad-restore-point")
+                .map(|f| (f.kind, f.object.clone()))
+                .collect()
+        };
+        let report = verify_with(&repo, &catalog, false, 1, None).await.unwrap();
+        assert_eq!(kinds(&report), vec![], "a sound entry is no finding: {:?}", report.findings);
+
+        let (pin, entry) = (pg::pin(7, "20260101T000000Z", 0), pg::restore_point(7, 1, 0x200_0028));
+        store.put_if_absent(&pin, b"PITRjunk".to_vec().into()).await.unwrap();
+        store.put_if_absent(&entry, b"PITRjunk".to_vec().into()).await.unwrap();
+        let report = verify_with(&repo, &catalog, false, 1, None).await.unwrap();
+        assert_eq!(kinds(&report), vec![("bad-pin", pin), ("bad-restore-point", entry)], "{:?}", report.findings);
+        assert!(!report.ok, "{report:?}");
     }
 }

@@ -8,10 +8,11 @@
 use std::time::{Duration, Instant};
 
 use pitr_archive::lease::LeaseError;
+use pitr_archive::restore_points::RestorePoint;
 use pitr_archive::{ObjectKind, ObjectMeta, Repository, WalObject};
 use pitr_pgformat::lsn::format_lsn;
 use pitr_pgformat::timeline::parse_history;
-use pitr_pgformat::walreader::pg_timestamp_to_unix_micros;
+use pitr_pgformat::walreader::{pg_timestamp_to_unix_micros, RestorePointRecord};
 use pitr_pgwire::connection::{ConnectOptions, Connection, StreamEvent};
 use pitr_pgwire::{PgError, ReplicationMessage};
 use tokio::sync::watch;
@@ -291,6 +292,28 @@ async fn store_history(
     Ok(())
 }
 
+/// The restore points the decoder found, as the index keeps them. A name that is not UTF-8 (a
+/// server encoding other than UTF-8) is not indexed: pitr could not write it back into
+/// `recovery_target_name` byte for byte.
+pub(crate) fn restore_points(timeline: u32, found: &[RestorePointRecord]) -> Vec<RestorePoint> {
+    found
+        .iter()
+        .filter_map(|r| match String::from_utf8(r.name.clone()) {
+            Ok(name) => Some(RestorePoint {
+                name,
+                timeline,
+                lsn: r.lsn,
+                end_lsn: r.end_lsn,
+                time_us: pg_timestamp_to_unix_micros(r.timestamp),
+            }),
+            Err(_) => {
+                tracing::warn!(lsn = %format_lsn(r.lsn), "restore point whose name is not UTF-8: not indexed");
+                None
+            }
+        })
+        .collect()
+}
+
 async fn pump(
     cfg: &StreamConfig,
     conn: &mut Connection,
@@ -304,6 +327,7 @@ async fn pump(
     let mut last_reported = 0u64;
     let mut records = Vec::new();
     let mut commits = Vec::new();
+    let mut found_points = Vec::new();
     // At most one reply request in flight: completeness claims from keepalives rely on the
     // walsender having drained its output between answering two of them (see marks.rs).
     let mut awaiting_reply = false;
@@ -324,12 +348,17 @@ async fn pump(
                             return Ok(Outcome::Finished(Finished::Reconnect(why)));
                         }
                         records.clear();
-                        s.decoder.feed(wal_start, &data, &mut records);
+                        found_points.clear();
+                        s.decoder.feed_all(wal_start, &data, &mut records, &mut found_points);
                         commits.clear();
                         commits.extend(records.iter().map(|r| (r.end_lsn, pg_timestamp_to_unix_micros(r.timestamp))));
                         let appended = s.pipeline.with(|p| {
                             p.note_server_end(wal_end);
-                            p.append(wal_start, &data, &commits, Instant::now()).map(|end| (p.timeline(), end))
+                            let appended = p.append(wal_start, &data, &commits, Instant::now());
+                            if appended.is_ok() && !found_points.is_empty() {
+                                p.note_restore_points(&restore_points(p.timeline(), &found_points));
+                            }
+                            appended.map(|end| (p.timeline(), end))
                         });
                         let (timeline, received) = match appended {
                             Ok(position) => position,

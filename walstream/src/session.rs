@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use pitr_archive::complete::CompleteMark;
 use pitr_archive::lease::{Lease, LeaseError, LeaseGuard};
+use pitr_archive::restore_points::{self, RestorePoint};
 use pitr_archive::{now_us, ClusterInfo, Repository, WalLayout};
 use pitr_pgformat::lsn::format_lsn;
 use pitr_pgformat::walreader::WalDecoder;
@@ -120,7 +121,9 @@ pub(crate) async fn open_session(
             // that it can be compacted into a whole segment when it completes.
             if let Some(buf) = &partial {
                 let start = layout.segment_start(buf.segno) + u64::from(buf.base);
-                decoder.feed(start, &buf.data, &mut Vec::new());
+                let mut found = Vec::new();
+                decoder.feed_all(start, &buf.data, &mut Vec::new(), &mut found);
+                reindex(repo, &guard, ident.system_id, &crate::receiver::restore_points(buf.timeline, &found)).await;
             }
             tracing::info!(timeline, end = %format_lsn(end), "resuming from the end of the archive");
             WalPipeline::resume(layout, cfg.flush_interval, timeline, end, partial)
@@ -182,6 +185,20 @@ pub(crate) async fn open_session(
         marks_recorded,
         background,
     })
+}
+
+/// Puts (again) the index entries of the restore points in WAL the archive holds already (the
+/// partial segment read back at start-up): they are normally there, put before that WAL; this
+/// covers WAL archived by a pitr that did not index restore points. Found there already, an
+/// entry costs a read; a failure only leaves that restore point out of the index.
+async fn reindex(repo: &Repository, guard: &LeaseGuard, system_id: u64, points: &[RestorePoint]) {
+    for point in points {
+        match guard.fenced(restore_points::record(repo, system_id, point)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, restore_point = %point.name, "restore point not indexed"),
+            Err(e) => tracing::warn!(error = %e, restore_point = %point.name, "restore point not indexed"),
+        }
+    }
 }
 
 /// The message `pitr status` shows while the lease is unconfirmed.

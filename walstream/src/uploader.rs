@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pitr_archive::lease::{LeaseError, LeaseGuard};
+use pitr_archive::restore_points::RestorePoint;
 use pitr_archive::{ObjectMeta, PutOutcome, Repository, RepositoryError, WalObject};
 use tokio::sync::{watch, Notify};
 
@@ -128,6 +129,17 @@ async fn fenced_put(
     }
 }
 
+/// Whether an index entry's failed put may succeed when retried: the storage or the keys were
+/// out of reach, or no key can seal (the WAL put needs one too). Not: the name holds another
+/// entry, or an object that does not open, is not an entry, or the storage refuses the name.
+fn index_error_may_pass(e: &RepositoryError) -> bool {
+    match e {
+        RepositoryError::Store(e) => !e.is_denied(),
+        RepositoryError::KeyAccess(_) | RepositoryError::SealingKey { .. } => true,
+        _ => false,
+    }
+}
+
 /// A compaction running beside the chunk puts: its put id and how its put went.
 type Compaction = tokio::task::JoinHandle<(u64, Instant, PutResult)>;
 
@@ -185,6 +197,14 @@ impl Uploader {
                 _ => "wal_chunk",
             };
             let id = put.id;
+            // The index entries first: the WAL object is put only once its restore points are
+            // indexed, so a crash between the two never leaves one out (streamed again, the
+            // same entry is found already there).
+            if let Err((started, failed)) = self.index_restore_points(layout.system_id, &put.restore_points).await {
+                self.record(id, kind, started, Err(failed))?;
+                self.report();
+                continue;
+            }
             let main = fenced_put(&self.repo, &self.guard, &name, put.bytes, put.meta);
             tokio::pin!(main);
             let (started, result) = loop {
@@ -199,6 +219,34 @@ impl Uploader {
             self.record(id, kind, started, result)?;
             self.report();
         }
+    }
+
+    /// Puts the index entries of `points` through the lease's guard, like WAL. A failure that
+    /// may pass (storage, keys out of reach, the lease) fails the WAL put they precede, retried
+    /// with it; one that retrying cannot mend (the name taken by another entry, or by an object
+    /// that does not open) is logged and counted, and the WAL goes on without that entry: the
+    /// index is not worth stopping the WAL for (the primary's pg_wal would fill).
+    async fn index_restore_points(&self, system_id: u64, points: &[RestorePoint]) -> Result<(), (Instant, PutError)> {
+        for point in points {
+            let name = point.object_name(system_id);
+            let (started, result) = fenced_put(&self.repo, &self.guard, &name, point.to_text(), point.meta()).await;
+            match result {
+                Ok(PutOutcome::Created) => {
+                    metrics::counter!("pitr_restore_points_indexed_total").increment(1);
+                    tracing::info!(restore_point = %point.name, lsn = %pitr_pgformat::lsn::format_lsn(point.lsn),
+                        timeline = point.timeline, "restore point indexed");
+                }
+                Ok(PutOutcome::AlreadyExists) => {}
+                Err(PutError::Repository(e)) if !index_error_may_pass(&e) => {
+                    metrics::counter!("pitr_restore_point_index_errors_total").increment(1);
+                    tracing::error!(error = %e, object = %name, restore_point = %point.name,
+                        "restore point not indexed (its place in the index is taken); the WAL goes on without it, \
+                         and `pitr restore --to name:` refuses until the object is looked at and removed");
+                }
+                Err(e) => return Err((started, e)),
+            }
+        }
+        Ok(())
     }
 
     /// Tells the pipeline how put `id` (started at `started`) went; an error only for a put
@@ -386,5 +434,78 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(wal_objects(&repo).await.len(), 1);
+    }
+
+    /// A restore point's index entry is put before the WAL object that holds it: with the WAL put
+    /// hanging (storage slow, then the sidecar killed), the entry is there and the WAL not; the
+    /// WAL streamed again after a restart puts the same entry again, which is no conflict.
+    #[tokio::test]
+    async fn a_restore_points_entry_goes_before_its_wal_and_again_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let repo = crate::test_store::delayed(dir.path(), [3; 32], {
+            let hang = hang.clone();
+            move |request, name, _| {
+                let wal = request == crate::test_store::Request::Put && name.contains("/wal/");
+                if wal && hang.load(std::sync::atomic::Ordering::SeqCst) {
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::ZERO
+                }
+            }
+        });
+        let point =
+            RestorePoint { name: "before-cleanup".into(), timeline: 1, lsn: SEG + 40, end_lsn: SEG + 144, time_us: 5 };
+        let with_point = || {
+            let shared = pipeline_with_wal();
+            shared.with(|p| p.note_restore_points(std::slice::from_ref(&point)));
+            shared
+        };
+        let lease = Lease::acquire(&repo, SYSTEM_ID, "a", Duration::from_secs(60)).await.unwrap();
+        let (task, _progress) = spawn(repo.clone(), lease.guard(), with_point());
+        let indexed = async {
+            while pitr_archive::restore_points::load(&repo, SYSTEM_ID, false).await.points.is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), indexed).await.expect("the entry is put");
+        assert_eq!(wal_objects(&repo).await, Vec::<String>::new(), "the WAL put hangs");
+        task.abort();
+
+        hang.store(false, std::sync::atomic::Ordering::SeqCst);
+        let shared = with_point();
+        let (_task, mut progress) = spawn(repo.clone(), lease.guard(), shared.clone());
+        tokio::time::timeout(Duration::from_secs(10), progress.wait_for(|_| shared.with(|p| p.all_durable())))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(wal_objects(&repo).await.len(), 1);
+        assert_eq!(pitr_archive::restore_points::load(&repo, SYSTEM_ID, false).await.points, vec![point]);
+        assert_eq!(shared.with(|p| p.stats().errors), 0, "the second put of the entry is no error");
+    }
+
+    /// An object that does not open at a restore point's place in the index (planted, damaged)
+    /// does not hold up the WAL: the put goes on, counted as an index error, not as a failed put.
+    #[tokio::test]
+    async fn a_planted_object_at_a_restore_points_place_does_not_stop_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path());
+        let point =
+            RestorePoint { name: "before-cleanup".into(), timeline: 1, lsn: SEG + 40, end_lsn: SEG + 144, time_us: 5 };
+        let planted = point.object_name(SYSTEM_ID);
+        repo.store().put_if_absent(&planted, bytes::Bytes::from_static(b"PITRjunk")).await.unwrap();
+        let shared = pipeline_with_wal();
+        shared.with(|p| p.note_restore_points(std::slice::from_ref(&point)));
+        let lease = Lease::acquire(&repo, SYSTEM_ID, "a", Duration::from_secs(60)).await.unwrap();
+        let (_task, mut progress) = spawn(repo.clone(), lease.guard(), shared.clone());
+        tokio::time::timeout(Duration::from_secs(10), progress.wait_for(|_| shared.with(|p| p.all_durable())))
+            .await
+            .expect("the WAL is put despite the planted entry")
+            .unwrap();
+        assert_eq!(wal_objects(&repo).await.len(), 1);
+        assert_eq!(shared.with(|p| p.stats().errors), 0, "not a failed put, retried forever");
+        let index = pitr_archive::restore_points::load(&repo, SYSTEM_ID, false).await;
+        assert_eq!((index.points.len(), index.problems.len()), (0, 1), "{index:?}");
+        assert_eq!(index.problems[0].object, planted);
     }
 }

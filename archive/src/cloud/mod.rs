@@ -1,10 +1,11 @@
 //! Object storage behind the [`Store`] trait, on `object_store`: S3 and S3-compatible servers
-//! (`s3://bucket/prefix`, [`crate::cloud::s3`]) and Google Cloud Storage (`gs://bucket/prefix`,
-//! [`crate::cloud::gcs`]).
+//! (`s3://bucket/prefix`, [`crate::cloud::s3`]), Google Cloud Storage (`gs://bucket/prefix`,
+//! [`crate::cloud::gcs`]) and Azure Blob Storage (`az://container/prefix`, [`crate::cloud::azure`]).
 //!
 //! What this layer adds to `object_store`:
 //! - put-if-absent for large objects too: above `multipart_threshold` an S3 object goes up in
-//!   parts and the completion is conditional (`If-None-Match: *`), so a name is never replaced;
+//!   parts (an Azure blob in blocks) and the completion is conditional (`If-None-Match: *`), so a
+//!   name is never replaced;
 //! - retries of conditional creates that timed out or lost their connection (object_store does not
 //!   retry those, as a create is not idempotent), with an identical object found afterwards taken
 //!   as our own earlier attempt;
@@ -17,6 +18,7 @@
 //!   ([`Store::extend_retention`], which `pitr expire` uses for backups kept longer).
 
 pub mod aws_profile;
+pub mod azure;
 pub mod gcs;
 pub mod options;
 pub mod s3;
@@ -39,11 +41,14 @@ use crate::store::{validate_name, ObjectInfo, PutOutcome, Store, StoreError};
 
 /// How to reach and use the bucket. Unset S3 fields come from the environment (`AWS_REGION`,
 /// `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`…); GCS credentials from `service_account_key`, else
-/// `GOOGLE_APPLICATION_CREDENTIALS` / `GOOGLE_SERVICE_ACCOUNT*`, else the instance metadata server.
+/// `GOOGLE_APPLICATION_CREDENTIALS` / `GOOGLE_SERVICE_ACCOUNT*`, else the instance metadata server;
+/// Azure credentials from the `AZURE_*` environment (see [`crate::cloud::azure`]).
 #[derive(Debug, Clone)]
 pub struct CloudOptions {
     /// S3 endpoint URL, for S3-compatible servers (MinIO, Ceph…) or a private endpoint; `None`:
-    /// AWS's, or `AWS_ENDPOINT_URL`.
+    /// AWS's, or `AWS_ENDPOINT_URL`. Azure: the blob service URL (Azurite:
+    /// `http://127.0.0.1:10000/devstoreaccount1`); `None`: `AZURE_STORAGE_ENDPOINT`, else
+    /// `https://<account>.blob.core.windows.net`.
     pub endpoint: Option<String>,
     /// S3 region; `None`: `AWS_REGION`, else the profile's, else `us-east-1`.
     pub region: Option<String>,
@@ -54,6 +59,8 @@ pub struct CloudOptions {
     pub force_path_style: bool,
     /// GCS service-account JSON key file.
     pub service_account_key: Option<PathBuf>,
+    /// Azure storage account name; `None`: `AZURE_STORAGE_ACCOUNT_NAME`.
+    pub storage_account: Option<String>,
     /// Requests in flight at once to this repository, across the process (the WAL stream's
     /// requests have [`STREAM_REQUESTS`] slots of their own on top).
     pub max_concurrency: usize,
@@ -85,6 +92,7 @@ impl Default for CloudOptions {
             allow_http: false,
             force_path_style: false,
             service_account_key: None,
+            storage_account: None,
             max_concurrency: 16,
             multipart_threshold: 32 << 20,
             multipart_part_size: 16 << 20,
@@ -141,8 +149,8 @@ impl std::str::FromStr for LockMode {
     }
 }
 
-/// An S3 or GCS bucket (under a prefix) as a [`Store`].
-#[derive(Debug, Clone)]
+/// An S3 or GCS bucket or an Azure container (under a prefix) as a [`Store`].
+#[derive(Clone)]
 pub struct CloudStore {
     inner: Arc<dyn ObjectStore>,
     /// Key prefix inside the bucket, without leading or trailing `/` (may be empty).
@@ -153,6 +161,8 @@ pub struct CloudStore {
     stream_permits: Arc<Semaphore>,
     /// `None`: every object in one request (GCS).
     multipart: Option<(usize, usize)>,
+    /// The part size of the start-up probe's upload (with `multipart`).
+    probe_part_size: Option<usize>,
     retry_timeout: Duration,
     backoff: (Duration, Duration),
     max_retries: usize,
@@ -161,10 +171,24 @@ pub struct CloudStore {
     retention: Option<Arc<crate::cloud::s3::RetentionApi>>,
 }
 
+/// Not derived: object_store's clients print their credentials in their `Debug` form (an Azure
+/// account key's bytes, a SAS token, AWS secret keys), and a store may end up in a `{:?}`.
+impl std::fmt::Debug for CloudStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudStore")
+            .field("location", &self.location)
+            .field("multipart", &self.multipart)
+            .field("object_lock", &self.object_lock)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Where the start-up check of conditional creates ([`Store::check_conditional_create`]) puts
 /// its probe objects (each under a random name, deleted straight after): outside `pg/` and
 /// `mongo/`, so nothing that reads the archive mistakes one for data.
 pub const PROBE_PREFIX: &str = "pitr-probe/";
+
+const EXPECTED_URL: &str = "expected s3://bucket/prefix, gs://bucket/prefix or az://container/prefix";
 
 /// S3 takes at most 5 GiB in one PUT.
 const S3_MAX_SINGLE_PUT: usize = 5 << 30;
@@ -199,7 +223,8 @@ fn permits_for(location: &str, max: usize) -> Arc<Semaphore> {
 }
 
 impl CloudStore {
-    /// Opens `s3://bucket[/prefix]` or `gs://bucket[/prefix]`. Nothing is contacted yet.
+    /// Opens `s3://bucket[/prefix]`, `gs://bucket[/prefix]` or `az://container[/prefix]`
+    /// (`azure://` too). Nothing is contacted yet.
     pub fn open(url: &str, opts: &CloudOptions) -> Result<CloudStore, StoreError> {
         let bad = |message: String| StoreError::Backend {
             op: "open",
@@ -207,11 +232,10 @@ impl CloudStore {
             location: url.to_string(),
             message,
         };
-        let (scheme, rest) =
-            url.split_once("://").ok_or_else(|| bad("expected s3://bucket/prefix or gs://bucket/prefix".into()))?;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| bad(EXPECTED_URL.into()))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            return Err(bad("no bucket name".into()));
+            return Err(bad("no bucket or container name".into()));
         }
         if opts.multipart_part_size < 5 << 20 || opts.multipart_threshold < opts.multipart_part_size {
             return Err(bad(format!(
@@ -219,7 +243,19 @@ impl CloudStore {
                 opts.multipart_part_size, opts.multipart_threshold
             )));
         }
+        let prefix = prefix.trim_matches('/');
+        // object_store drops empty path segments and percent-encodes `..`, `~`, `%`, `#`… in a key:
+        // objects would be written under another prefix than the one listed, and every listing
+        // would come back empty. Refused here rather than seen as an empty repository.
+        if ObjectPath::from(prefix).as_ref() != prefix {
+            return Err(bad(format!(
+                "prefix {prefix:?}: object_store would store it as {:?}; use path segments of letters, digits, \
+                 `.`, `_` and `-` separated by single `/`",
+                ObjectPath::from(prefix).as_ref()
+            )));
+        }
         let mut retention = None;
+        let mut probe_part_size = None;
         let (inner, multipart): (Arc<dyn ObjectStore>, _) = match scheme {
             "s3" => {
                 // With Object Lock every object up to S3's single-PUT limit goes up in one request:
@@ -231,6 +267,8 @@ impl CloudStore {
                 };
                 let (s3, api) = crate::cloud::s3::build(bucket, opts).map_err(bad)?;
                 retention = api.map(Arc::new);
+                // One part (the last may be under S3's 5 MiB minimum).
+                probe_part_size = Some(1 << 20);
                 (Arc::new(s3), Some((threshold, opts.multipart_part_size)))
             }
             "gs" => {
@@ -241,17 +279,28 @@ impl CloudStore {
                 // completion cannot be made conditional: single requests only.
                 (Arc::new(crate::cloud::gcs::build(bucket, opts).map_err(bad)?), None)
             }
-            other => return Err(bad(format!("unknown scheme {other}://; expected s3:// or gs://"))),
+            "az" | "azure" => {
+                if opts.object_lock.is_some() {
+                    return Err(bad(options::CloudOptionsError::LockNotOnAzure.to_string()));
+                }
+                // Up to the threshold one Put Blob; above it blocks, committed conditionally.
+                let azure = crate::cloud::azure::build(bucket, opts).map_err(bad)?;
+                // Two blocks, as a large blob has several (Azure has no minimum block size).
+                probe_part_size = Some(16);
+                (Arc::new(azure), Some((opts.multipart_threshold, opts.multipart_part_size)))
+            }
+            other => return Err(bad(format!("unknown scheme {other}://; {EXPECTED_URL}"))),
         };
         let location = url.trim_end_matches('/').to_string();
         Ok(CloudStore {
             inner,
-            prefix: prefix.trim_matches('/').to_string(),
+            prefix: prefix.to_string(),
             permits: permits_for(&location, opts.max_concurrency),
             // Keyed apart from the location's general slots.
             stream_permits: permits_for(&format!("{location}#stream"), STREAM_REQUESTS),
             location,
             multipart,
+            probe_part_size,
             retry_timeout: opts.retry_timeout,
             backoff: (opts.retry_initial_backoff, opts.retry_max_backoff),
             max_retries: opts.max_retries,
@@ -274,6 +323,22 @@ impl CloudStore {
                 StoreError::Denied { op, name, location, message: e.to_string() }
             }
             other => StoreError::Backend { op, name, location, message: other.to_string() },
+        }
+    }
+
+    /// [`CloudStore::err`] for a single put or the start of an upload: a 404 there (NoSuchBucket,
+    /// ContainerNotFound) says the bucket or container is missing; the object cannot be, and "not
+    /// found" would read as if it were. (A 404 on a part or a completion is about the upload:
+    /// [`Store::put_if_absent`] looks at the name then.)
+    fn put_err(&self, op: &'static str, name: &str, e: object_store::Error) -> StoreError {
+        match e {
+            e @ object_store::Error::NotFound { .. } => StoreError::Backend {
+                op,
+                name: name.to_string(),
+                location: self.location.clone(),
+                message: format!("the bucket or container does not exist (create it first): {e}"),
+            },
+            other => self.err(op, name, other),
         }
     }
 
@@ -312,21 +377,22 @@ impl CloudStore {
 
     /// Creates the upload, sends the parts (a few at a time), completes it conditionally; on any
     /// failure aborts it, so no parts are left behind to pay for (S3 never shows an unfinished
-    /// upload as an object).
+    /// upload as an object). On Azure the abort is a no-op: uncommitted blocks are never a blob
+    /// and Azure discards them after a week.
     async fn put_multipart(
         &self,
         name: &str,
         key: &ObjectPath,
         data: &Bytes,
         part_size: usize,
-    ) -> Result<(), object_store::Error> {
+    ) -> Result<(), PutFailure> {
         let mut opts = PutMultipartOptions::default();
         if self.object_lock.is_some() {
             opts.extensions.insert(crate::cloud::s3::LockedPut::multipart());
         }
         let mut upload = {
             let _permit = self.permit(name).await;
-            self.inner.put_multipart_opts(key, opts).await?
+            self.inner.put_multipart_opts(key, opts).await.map_err(PutFailure::at_start)?
         };
         let mut parts = tokio::task::JoinSet::new();
         let mut result = Ok(());
@@ -362,24 +428,45 @@ impl CloudStore {
                 tracing::warn!(object = %key, error = %e, "could not abort a failed multipart upload; a lifecycle rule (AbortIncompleteMultipartUpload) cleans it up");
             }
         }
-        result
+        result.map_err(PutFailure::in_upload)
     }
 
-    /// The name was taken. An object with exactly our bytes is our own earlier attempt whose
-    /// response was lost (sealed objects carry a fresh random data key, so nobody else writes
-    /// those bytes); anything else is someone else's object.
-    async fn existing_outcome(&self, name: &str, key: &ObjectPath, data: &Bytes) -> PutOutcome {
+    /// What is under a name a create was refused for (or whose upload vanished). An object with
+    /// exactly our bytes is our own earlier attempt whose response was lost (sealed objects carry
+    /// a fresh random data key, so nobody else writes those bytes); anything else is someone
+    /// else's object. A failed read is an error, not a verdict: the object_store client has
+    /// already retried it.
+    async fn existing(&self, name: &str, key: &ObjectPath, data: &Bytes) -> Result<Existing, object_store::Error> {
         let _permit = self.permit(name).await;
-        let existing = match self.inner.get(key).await {
-            // Of another size it is not ours: not read, so a huge object planted under the name
-            // costs nothing.
-            Ok(r) if r.meta.size != data.len() as u64 => return PutOutcome::AlreadyExists,
-            Ok(r) => r.bytes().await,
-            Err(e) => Err(e),
+        let found = match self.inner.get(key).await {
+            Ok(found) => found,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Existing::Nothing),
+            Err(e) => return Err(e),
         };
-        match existing {
-            Ok(existing) if existing == *data => PutOutcome::Created,
-            _ => PutOutcome::AlreadyExists,
+        // Of another size it is not ours: not read, so a huge object planted under the name
+        // costs nothing.
+        if found.meta.size != data.len() as u64 {
+            return Ok(Existing::Other);
+        }
+        match found.bytes().await {
+            Ok(bytes) if bytes == *data => Ok(Existing::Ours),
+            Ok(_) => Ok(Existing::Other),
+            Err(object_store::Error::NotFound { .. }) => Ok(Existing::Nothing),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The error of a put whose name was looked at after a refusal or a vanished upload, and
+    /// the read failed.
+    fn read_back_err(&self, name: &str, refusal: &object_store::Error, e: object_store::Error) -> StoreError {
+        StoreError::Backend {
+            op: "put",
+            name: name.to_string(),
+            location: self.location.clone(),
+            message: format!(
+                "the create was answered \"{refusal}\", and reading what is under the name to tell our own \
+                 earlier attempt from another object failed: {e}"
+            ),
         }
     }
 
@@ -420,6 +507,39 @@ impl CloudStore {
         }
     }
 
+    /// Creates a probe object under a random name, then tries to create it again with other
+    /// bytes, which must be refused; deletes it. `part_size`: as a multipart upload in parts of
+    /// that many bytes, else one put.
+    async fn probe_conditional_create(&self, kind: &str, part_size: Option<usize>) -> Result<(), StoreError> {
+        let mut random = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
+        let name = format!("{PROBE_PREFIX}{kind}.{}", hex::encode(random));
+        let key = self.key(&name)?;
+        let create = |data: &'static [u8]| {
+            let (name, key, data) = (&name, &key, Bytes::from_static(data));
+            async move {
+                match part_size {
+                    Some(part_size) => self.put_multipart(name, key, &data, part_size).await,
+                    None => self.put_single(name, key, &data).await.map_err(PutFailure::at_start),
+                }
+            }
+        };
+        create(b"pitr probe: the first create")
+            .await
+            .map_err(|f| self.put_err("probe conditional create of", &name, f.error))?;
+        // Other bytes, so that no answer could be taken for our own first attempt.
+        let second = create(b"pitr probe: a second create").await;
+        if let Err(e) = self.delete(&name).await {
+            tracing::warn!(object = %name, location = %self.location, error = %e,
+                "could not delete the conditional-create probe object; it is safe to delete by hand");
+        }
+        match second {
+            Err(f) if taken(&f.error) => Ok(()),
+            Ok(()) => Err(StoreError::IgnoresConditionalCreate { location: self.location.clone(), probe: name }),
+            Err(f) => Err(self.put_err("probe conditional create of", &name, f.error)),
+        }
+    }
+
     fn backoff(&self, attempt: u32) -> Duration {
         // Exponential with full jitter: concurrent writers that failed together spread out.
         let (initial, max) = self.backoff;
@@ -455,6 +575,68 @@ fn ambiguous_put_failure(e: &object_store::Error) -> bool {
     false
 }
 
+/// A failed create, and where: a 404 answer to a single put or to the start of an upload says
+/// the bucket is missing; one to a part or to the completion is about the upload (S3
+/// `NoSuchUpload`: gone after an abort, a lifecycle rule, or a completion whose first reply was
+/// lost and that the client sent again).
+struct PutFailure {
+    error: object_store::Error,
+    in_upload: bool,
+}
+
+impl PutFailure {
+    fn at_start(error: object_store::Error) -> PutFailure {
+        PutFailure { error, in_upload: false }
+    }
+
+    fn in_upload(error: object_store::Error) -> PutFailure {
+        PutFailure { error, in_upload: true }
+    }
+
+    /// A 404 about the upload and not about the bucket or container. Azure has no request that
+    /// starts an upload (its first is a block's), so its missing container is told by its code.
+    fn upload_vanished(&self) -> bool {
+        self.in_upload
+            && matches!(self.error, object_store::Error::NotFound { .. })
+            && !names_missing_container(&self.error)
+    }
+}
+
+/// Whether the storage's answer names a missing bucket or container (S3 `NoSuchBucket`, Azure
+/// `ContainerNotFound`; object_store keeps the error body of a 4xx in the message).
+fn names_missing_container(e: &object_store::Error) -> bool {
+    let text = e.to_string();
+    text.contains("NoSuchBucket") || text.contains("ContainerNotFound")
+}
+
+/// What [`CloudStore::existing`] found under a name.
+#[derive(Debug, PartialEq, Eq)]
+enum Existing {
+    /// Exactly the bytes we were putting.
+    Ours,
+    /// Another object.
+    Other,
+    /// No object.
+    Nothing,
+}
+
+/// The message of a delete the storage refused with 409 Conflict. On Azure that is an
+/// immutability policy or a legal hold (`BlobImmutableDueToPolicy`) keeping the blob, or a
+/// lease on it; object_store reports a 409 as "already exists", which would mislead.
+fn delete_conflict_message(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    if text.contains("Immutable") || text.contains("immutable") {
+        format!(
+            "the blob is immutable (an Azure immutability policy or legal hold keeps it): pitr cannot delete it \
+             before its retention passes. pitr deletes objects of its own as it works (writer leases, locks, \
+             running markers, compacted WAL), which a time-based immutability policy on the container refuses; \
+             see \"Immutability\" in docs/operations.md ({text})"
+        )
+    } else {
+        format!("409 Conflict: the storage keeps the object (on Azure: a lease, or an immutability policy) ({text})")
+    }
+}
+
 fn taken(e: &object_store::Error) -> bool {
     matches!(e, object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. })
 }
@@ -472,19 +654,64 @@ impl Store for CloudStore {
                 Some((threshold, part_size)) if data.len() > threshold => {
                     self.put_multipart(name, &key, &data, part_size).await
                 }
-                _ => self.put_single(name, &key, &data).await,
+                _ => self.put_single(name, &key, &data).await.map_err(PutFailure::at_start),
             };
-            match result {
+            let failure = match result {
                 Ok(()) => return Ok(PutOutcome::Created),
-                Err(e) if taken(&e) => return Ok(self.existing_outcome(name, &key, &data).await),
-                Err(e) if ambiguous_put_failure(&e) && started.elapsed() < self.retry_timeout => {
-                    let wait = self.backoff(attempt);
-                    attempt += 1;
-                    tracing::warn!(object = name, location = %self.location, error = %e, retry_in = ?wait, attempt, "put failed; retrying");
-                    tokio::time::sleep(wait).await;
+                Err(f) => f,
+            };
+            let again = if taken(&failure.error) {
+                match self.existing(name, &key, &data).await {
+                    Ok(Existing::Ours) => return Ok(PutOutcome::Created),
+                    Ok(Existing::Other) => return Ok(PutOutcome::AlreadyExists),
+                    // Refused as taken, and nothing is there: deleted since (or a refusal for
+                    // another reason, which the next attempt shows). Put again.
+                    Ok(Existing::Nothing) => "the name was refused as taken, but no object is there",
+                    Err(e) => return Err(self.read_back_err(name, &failure.error, e)),
                 }
-                Err(e) => return Err(self.err("put", name, e)),
+            } else if failure.upload_vanished() {
+                match self.existing(name, &key, &data).await {
+                    // The completion landed and its reply was lost; the client's resend found
+                    // the upload gone.
+                    Ok(Existing::Ours) => return Ok(PutOutcome::Created),
+                    Ok(found) => {
+                        let holds = match found {
+                            Existing::Other => "another object is under the name",
+                            _ => "nothing is under the name",
+                        };
+                        return Err(StoreError::Backend {
+                            op: "put",
+                            name: name.to_string(),
+                            location: self.location.clone(),
+                            message: format!(
+                                "the multipart upload vanished before it was completed (aborted elsewhere, or \
+                                 removed by a lifecycle rule), and {holds}: {}",
+                                failure.error
+                            ),
+                        });
+                    }
+                    Err(e) => return Err(self.read_back_err(name, &failure.error, e)),
+                }
+            } else if ambiguous_put_failure(&failure.error) {
+                "put failed; retrying"
+            } else {
+                return Err(self.put_err("put", name, failure.error));
+            };
+            if started.elapsed() >= self.retry_timeout {
+                if taken(&failure.error) {
+                    return Err(StoreError::Backend {
+                        op: "put",
+                        name: name.to_string(),
+                        location: self.location.clone(),
+                        message: format!("{again}, still after {:?} of retries: {}", started.elapsed(), failure.error),
+                    });
+                }
+                return Err(self.put_err("put", name, failure.error));
             }
+            let wait = self.backoff(attempt);
+            attempt += 1;
+            tracing::warn!(object = name, location = %self.location, error = %failure.error, retry_in = ?wait, attempt, "{again}");
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -508,23 +735,14 @@ impl Store for CloudStore {
     }
 
     async fn check_conditional_create(&self) -> Result<(), StoreError> {
-        let mut random = [0u8; 8];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
-        let name = format!("{PROBE_PREFIX}if-none-match.{}", hex::encode(random));
-        let key = self.key(&name)?;
-        let first = Bytes::from_static(b"pitr probe: the first create");
-        self.put_single(&name, &key, &first).await.map_err(|e| self.err("probe conditional create of", &name, e))?;
-        // Other bytes, so that no answer could be taken for our own first attempt.
-        let second = self.put_single(&name, &key, &Bytes::from_static(b"pitr probe: a second create")).await;
-        if let Err(e) = self.delete(&name).await {
-            tracing::warn!(object = %name, location = %self.location, error = %e,
-                "could not delete the conditional-create probe object; it is safe to delete by hand");
+        self.probe_conditional_create("if-none-match", None).await?;
+        // Large objects are committed by another request (S3 CompleteMultipartUpload, Azure Put
+        // Block List), which a server may treat differently: probed too, with a small upload
+        // (S3: one part, which may be under 5 MiB as it is the last; Azure: two blocks).
+        if let Some(part_size) = self.probe_part_size {
+            self.probe_conditional_create("if-none-match-upload", Some(part_size)).await?;
         }
-        match second {
-            Err(e) if taken(&e) => Ok(()),
-            Ok(()) => Err(StoreError::IgnoresConditionalCreate { location: self.location.clone(), probe: name }),
-            Err(e) => Err(self.err("probe conditional create of", &name, e)),
-        }
+        Ok(())
     }
 
     async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
@@ -577,6 +795,13 @@ impl Store for CloudStore {
         let _permit = self.permit(name).await;
         match self.inner.delete(&key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            // Not transient, and the object stays: a refusal, as S3's 403 under Object Lock.
+            Err(e @ object_store::Error::AlreadyExists { .. }) => Err(StoreError::Denied {
+                op: "delete",
+                name: name.to_string(),
+                location: self.location.clone(),
+                message: delete_conflict_message(&e),
+            }),
             Err(e) => Err(self.err("delete", name, e)),
         }
     }
@@ -639,7 +864,7 @@ impl Store for CloudStore {
     }
 }
 
-/// The object_store client settings shared by S3 and GCS.
+/// The object_store client settings shared by S3, GCS and Azure.
 pub(crate) fn client_options(opts: &CloudOptions) -> object_store::ClientOptions {
     object_store::ClientOptions::new()
         .with_allow_http(opts.allow_http)
@@ -684,6 +909,32 @@ mod tests {
     }
 
     #[test]
+    fn azure_urls_open_and_bad_ones_are_named() {
+        let opts = CloudOptions {
+            storage_account: Some("devstoreaccount1".into()),
+            endpoint: Some("http://127.0.0.1:9/devstoreaccount1".into()),
+            allow_http: true,
+            ..Default::default()
+        };
+        for url in ["az://pitr/clusters/a/", "azure://pitr/clusters/a"] {
+            let store = CloudStore::open(url, &opts).unwrap();
+            assert_eq!((store.prefix.as_str(), store.multipart), ("clusters/a", Some((32 << 20, 16 << 20))));
+        }
+        let err = CloudStore::open("az://Pitr_Repo/x", &opts).unwrap_err().to_string();
+        assert!(
+            err.contains("az://Pitr_Repo/x") && err.contains("\"Pitr_Repo\"") && err.contains("lowercase"),
+            "{err}"
+        );
+        let locked = CloudOptions { object_lock: Some(ObjectLock { mode: LockMode::Governance, days: 1 }), ..opts };
+        let err = CloudStore::open("az://pitr/x", &locked).unwrap_err().to_string();
+        assert!(err.contains("Azure immutability policies"), "{err}");
+        if std::env::var_os("AZURE_STORAGE_ACCOUNT_NAME").is_none() {
+            let err = CloudStore::open("az://pitr/x", &CloudOptions::default()).unwrap_err().to_string();
+            assert!(err.contains("storage_account") && err.contains("AZURE_STORAGE_ACCOUNT_NAME"), "{err}");
+        }
+    }
+
+    #[test]
     fn backoff_grows_with_jitter_and_stays_capped() {
         let store =
             CloudStore::open("s3://b/p", &CloudOptions { region: Some("us-east-1".into()), ..Default::default() })
@@ -720,6 +971,65 @@ mod tests {
         let source = Box::new(std::io::Error::other("AccessDenied"));
         let e = store.err("delete", "x/y", object_store::Error::PermissionDenied { path: "p/x/y".into(), source });
         assert!(e.is_denied() && e.to_string().contains("x/y"), "{e}");
+    }
+
+    /// An error as object_store makes it from an answer: the 4xx body in its source's text.
+    fn answered(status: u16, body: &str) -> object_store::Error {
+        let source = Box::new(std::io::Error::other(format!("Server returned non-2xx status code: {status}: {body}")));
+        let path = "p/x/y".to_string();
+        match status {
+            404 => object_store::Error::NotFound { path, source },
+            409 => object_store::Error::AlreadyExists { path, source },
+            _ => object_store::Error::Generic { store: "test", source },
+        }
+    }
+
+    #[test]
+    fn a_404_is_about_the_bucket_or_the_upload_by_where_and_what_it_names() {
+        let no_upload = answered(404, "<Error><Code>NoSuchUpload</Code></Error>");
+        assert!(PutFailure::in_upload(no_upload).upload_vanished());
+        // The start of an upload or a single put: the bucket.
+        assert!(!PutFailure::at_start(answered(404, "<Code>NoSuchUpload</Code>")).upload_vanished());
+        // Azure's first request of an upload is a block's: a missing container is told by its code.
+        for missing in ["<Code>ContainerNotFound</Code>", "<Code>NoSuchBucket</Code>"] {
+            assert!(!PutFailure::in_upload(answered(404, missing)).upload_vanished(), "{missing}");
+        }
+        assert!(!PutFailure::in_upload(answered(409, "<Code>BlobAlreadyExists</Code>")).upload_vanished());
+    }
+
+    #[test]
+    fn a_refused_delete_names_immutability() {
+        let immutable = answered(
+            409,
+            "<Error><Code>BlobImmutableDueToPolicy</Code><Message>This operation is not permitted as the blob is \
+             immutable due to a policy.</Message></Error>",
+        );
+        let message = delete_conflict_message(&immutable);
+        assert!(
+            message.contains("immutability policy or legal hold") && message.contains("docs/operations.md"),
+            "{message}"
+        );
+        assert!(message.contains("BlobImmutableDueToPolicy"), "{message}");
+        let lease = delete_conflict_message(&answered(409, "<Code>LeaseIdMissing</Code>"));
+        assert!(lease.starts_with("409 Conflict") && lease.contains("LeaseIdMissing"), "{lease}");
+    }
+
+    #[test]
+    fn prefixes_object_store_would_rewrite_are_refused_at_open() {
+        let opts = CloudOptions {
+            storage_account: Some("devstoreaccount1".into()),
+            endpoint: Some("http://127.0.0.1:9/devstoreaccount1/".into()),
+            allow_http: true,
+            ..Default::default()
+        };
+        for prefix in ["a//b", "a/../b", "..", "a~b", "50%", "a#b", "a b?"] {
+            let url = format!("az://pitr/{prefix}");
+            let err = CloudStore::open(&url, &opts).unwrap_err().to_string();
+            assert!(err.contains(&format!("prefix {prefix:?}")) && err.contains("single `/`"), "{url}: {err}");
+        }
+        for fine in ["", "clusters/a-1/b_2.c", "/clusters/a/"] {
+            assert!(CloudStore::open(&format!("az://pitr/{fine}"), &opts).is_ok(), "{fine}");
+        }
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! The rules for object-storage settings as a person writes them (every one optional), turned
 //! into [`CloudOptions`] with the client defaults filled in. Which settings go together (Object
-//! Lock needs S3, a service-account key needs GCS) and which values a server or the client cannot
+//! Lock needs S3, a service-account key needs GCS, a storage account needs Azure) and which values a server or the client cannot
 //! work with are checked here, once, so that a bad value fails at start-up and not at the first
 //! put.
 //!
@@ -28,6 +28,8 @@ pub struct CloudSettings {
     pub force_path_style: bool,
     /// GCS service-account JSON key file.
     pub service_account_key: Option<PathBuf>,
+    /// Azure storage account name.
+    pub storage_account: Option<String>,
     /// Requests in flight at once, across the process.
     pub max_concurrency: Option<usize>,
     /// S3: objects above this many bytes go up as multipart uploads.
@@ -61,6 +63,13 @@ pub enum CloudOptionsError {
     /// A retention period of zero days.
     #[error("object_lock_days must be at least 1")]
     LockDaysZero,
+    /// Object Lock on Azure, which has immutability policies instead (not managed by pitr).
+    #[error(
+        "object_lock_days / object_lock_mode: S3 Object Lock is not available on Azure (az://), and pitr does \
+         not manage Azure immutability policies (a container-level one refuses the deletes pitr makes as it \
+         works; see \"Immutability\" in docs/operations.md)"
+    )]
+    LockNotOnAzure,
     /// Object Lock on a store other than S3.
     #[error("object_lock_days: S3 Object Lock needs an s3:// url (on GCS use a bucket retention policy)")]
     LockNeedsS3,
@@ -70,6 +79,15 @@ pub enum CloudOptionsError {
     /// A service-account key for a store other than GCS.
     #[error("service_account_key applies to a gs:// url only")]
     KeyNeedsGcs,
+    /// A storage account for a store other than Azure.
+    #[error("storage_account applies to an az:// url only")]
+    AccountNeedsAzure,
+    /// A storage account name Azure cannot have.
+    #[error("storage_account: {0}")]
+    BadAccount(String),
+    /// An S3-only setting with an Azure url, where the client would ignore it.
+    #[error("{0} applies to an s3:// url only, not to az://")]
+    S3OnlyNotOnAzure(&'static str),
     /// No request could ever run.
     #[error("max_concurrency must be at least 1")]
     NoConcurrency,
@@ -88,12 +106,16 @@ pub enum CloudOptionsError {
 }
 
 impl CloudSettings {
-    /// Checks the settings for a store at `url` (`s3://…`, `gs://…`; `None` for a store that is
+    /// Checks the settings for a store at `url` (`s3://…`, `gs://…`, `az://…`; `None` for a store that is
     /// not object storage, where only the absence of cloud-only settings matters) and returns
     /// the client options with every unset value at its default.
     pub fn options(&self, url: Option<&str>) -> Result<CloudOptions, CloudOptionsError> {
         let d = CloudOptions::default();
         let scheme = url.and_then(|u| u.split_once("://")).map(|(s, _)| s);
+        let azure = matches!(scheme, Some("az" | "azure"));
+        if azure && (self.object_lock_days.is_some() || self.object_lock_mode.is_some()) {
+            return Err(CloudOptionsError::LockNotOnAzure);
+        }
         let object_lock = match (self.object_lock_days, &self.object_lock_mode) {
             (None, None) => None,
             (None, Some(_)) => return Err(CloudOptionsError::LockModeWithoutDays),
@@ -112,6 +134,18 @@ impl CloudSettings {
         if self.service_account_key.is_some() && scheme != Some("gs") {
             return Err(CloudOptionsError::KeyNeedsGcs);
         }
+        if self.storage_account.is_some() && !azure {
+            return Err(CloudOptionsError::AccountNeedsAzure);
+        }
+        if let Some(account) = &self.storage_account {
+            crate::cloud::azure::check_account_name(account).map_err(CloudOptionsError::BadAccount)?;
+        }
+        if azure && self.region.is_some() {
+            return Err(CloudOptionsError::S3OnlyNotOnAzure("region"));
+        }
+        if azure && self.force_path_style {
+            return Err(CloudOptionsError::S3OnlyNotOnAzure("force_path_style"));
+        }
         if self.max_concurrency == Some(0) {
             return Err(CloudOptionsError::NoConcurrency);
         }
@@ -121,6 +155,7 @@ impl CloudSettings {
             allow_http: self.allow_http,
             force_path_style: self.force_path_style,
             service_account_key: self.service_account_key.clone(),
+            storage_account: self.storage_account.clone(),
             max_concurrency: self.max_concurrency.unwrap_or(d.max_concurrency),
             multipart_threshold: self.multipart_threshold.unwrap_or(d.multipart_threshold),
             multipart_part_size: self.multipart_part_size.unwrap_or(d.multipart_part_size),
@@ -158,6 +193,8 @@ mod tests {
         let d = CloudOptions::default();
         assert_eq!((opts.max_concurrency, opts.multipart_part_size), (d.max_concurrency, d.multipart_part_size));
         assert!(opts.object_lock.is_none());
+        let azure = CloudSettings { storage_account: Some("acct".into()), ..Default::default() };
+        assert_eq!(azure.options(Some("az://c/p")).unwrap().storage_account.as_deref(), Some("acct"));
         let local = CloudSettings::default().options(None).unwrap();
         assert_eq!(local.max_retries, d.max_retries);
     }
@@ -180,6 +217,13 @@ mod tests {
         assert_eq!(lock(Some(0), None).options(Some("s3://b")).unwrap_err(), CloudOptionsError::LockDaysZero);
         assert_eq!(lock(Some(3), None).options(Some("gs://b")).unwrap_err(), CloudOptionsError::LockNeedsS3);
         assert_eq!(lock(Some(3), None).options(None).unwrap_err(), CloudOptionsError::LockNeedsS3);
+        for azure in ["az://c/p", "azure://c"] {
+            assert_eq!(lock(Some(3), None).options(Some(azure)).unwrap_err(), CloudOptionsError::LockNotOnAzure);
+            assert_eq!(
+                lock(None, Some("GOVERNANCE")).options(Some(azure)).unwrap_err(),
+                CloudOptionsError::LockNotOnAzure
+            );
+        }
         let err = lock(Some(3), Some("strict")).options(Some("s3://b")).unwrap_err().to_string();
         assert!(err.starts_with("object_lock_mode = \"strict\"") && err.contains("COMPLIANCE"), "{err}");
     }
@@ -187,7 +231,8 @@ mod tests {
     #[test]
     fn values_the_client_cannot_use_are_named() {
         let s3 = Some("s3://b/p");
-        let cases: [(CloudSettings, &str); 7] = [
+        let cases: [(CloudSettings, &str); 8] = [
+            (CloudSettings { storage_account: Some("acct".into()), ..Default::default() }, "az://"),
             (CloudSettings { service_account_key: Some("/k.json".into()), ..Default::default() }, "gs://"),
             (CloudSettings { max_concurrency: Some(0), ..Default::default() }, "max_concurrency"),
             (CloudSettings { multipart_part_size: Some(1 << 20), ..Default::default() }, "5 MiB"),
@@ -217,5 +262,24 @@ mod tests {
             let err = settings.options(s3).unwrap_err().to_string();
             assert!(err.contains(needle), "expected {needle:?} in: {err}");
         }
+    }
+
+    #[test]
+    fn s3_settings_and_bad_account_names_are_refused_with_azure() {
+        let az = Some("az://container/p");
+        let cases = [
+            (CloudSettings { region: Some("eu-west-1".into()), ..Default::default() }, "region applies to an s3://"),
+            (CloudSettings { force_path_style: true, ..Default::default() }, "force_path_style applies to an s3://"),
+            (CloudSettings { storage_account: Some("My-Account".into()), ..Default::default() }, "\"My-Account\""),
+            (CloudSettings { storage_account: Some("ab".into()), ..Default::default() }, "3 to 24"),
+        ];
+        for (settings, needle) in cases {
+            let err = settings.options(az).unwrap_err().to_string();
+            assert!(err.contains(needle), "expected {needle:?} in: {err}");
+        }
+        // The same region is fine on S3.
+        assert!(CloudSettings { region: Some("eu-west-1".into()), ..Default::default() }
+            .options(Some("s3://b"))
+            .is_ok());
     }
 }

@@ -60,6 +60,9 @@ pub async fn run(config_path: &Path, json: bool) -> Result<ExitCode> {
             repository(&config, &mut checks).await;
             if let Some(pg) = &config.postgres {
                 postgres(&config, pg, &mut checks).await;
+                if config.backup.conninfo.is_some() {
+                    backup_standby(&config, pg, &mut checks).await;
+                }
             }
             dumps(&config, &mut checks).await;
             files(&config, &mut checks);
@@ -381,6 +384,67 @@ async fn postgres(config: &Config, pg: &PostgresConfig, checks: &mut Checks) {
         Err(e) => checks.fail(CLOCK, e, "check the role can run SELECT"),
     }
     conn.close().await;
+}
+
+/// `[backup] conninfo`: the standby takes replication connections, is in recovery, and is of the
+/// primary's cluster and timeline, as every backup checks before it starts.
+async fn backup_standby(config: &Config, pg: &PostgresConfig, checks: &mut Checks) {
+    use pitr_basebackup::{BackupError, StandbyRefusal};
+    const STANDBY: &str = "backup standby";
+    let (standby, primary) = match (config.backup.standby_connection_info(pg), pg.connection_info()) {
+        (Ok(Some(standby)), Ok(primary)) => (standby, primary),
+        (Ok(None), _) => return,
+        (Err(e), _) => return checks.fail(STANDBY, format!("{e:#}"), "correct [backup] conninfo"),
+        (_, Err(_)) => return checks.not_checked(STANDBY, "[postgres] conninfo does not parse"),
+    };
+    let name = format!("{}_check", pg.application_name());
+    let checked =
+        tokio::time::timeout(CONNECT_TIMEOUT * 2, pitr_basebackup::check_standby(&standby, &primary, &name)).await;
+    let e = match checked {
+        Ok(Ok(found)) => {
+            return checks.ok(
+                STANDBY,
+                format!(
+                    "{}: a standby in recovery, system {}, timeline {} as the primary's; base backups are taken there",
+                    found.host, found.system_id, found.timeline
+                ),
+            )
+        }
+        Ok(Err(e)) => e,
+        Err(_) => {
+            return checks.fail(
+                STANDBY,
+                format!("{}: no answer within {:?}", standby.redacted(), CONNECT_TIMEOUT * 2),
+                "start the standby or correct [backup] conninfo",
+            )
+        }
+    };
+    let detail = e.to_string();
+    let fix = match &e {
+        BackupError::Standby { refusal: StandbyRefusal::Unreachable, .. } => {
+            // A refusal by the server names its SQLSTATE as a refused primary's does.
+            if detail.contains(" 53300:") || detail.contains(" 42501:") || detail.contains(" 28000:") {
+                replication_fix(&detail)
+            } else {
+                "start the standby, or correct [backup] conninfo (host, port, user)"
+            }
+        }
+        BackupError::Standby { refusal: StandbyRefusal::NotInRecovery, .. } => {
+            "point [backup] conninfo at a streaming standby of the primary, or remove it to back up the primary"
+        }
+        BackupError::Standby { refusal: StandbyRefusal::OtherCluster, .. } => {
+            "point [backup] conninfo at a standby of this primary (one built from it, e.g. pg_basebackup -R)"
+        }
+        BackupError::Standby { refusal: StandbyRefusal::OtherTimeline, .. } => {
+            "let the standby follow the primary's timeline (recovery_target_timeline = 'latest', then restart it)"
+        }
+        BackupError::Standby { refusal: StandbyRefusal::PrimaryUnreachable, .. } => {
+            "the primary must take a replication connection too (see the checks above)"
+        }
+        BackupError::Standby { .. } => "run `pitr check` again; the standby changed while it was checked",
+        _ => "the primary must take a replication connection too (see the checks above)",
+    };
+    checks.fail(STANDBY, detail, fix);
 }
 
 /// `[[dumps]]`: pg_dump is found and the conninfo connects (no dump taken).

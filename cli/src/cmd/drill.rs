@@ -18,7 +18,7 @@ use crate::{open, output, tasks};
 
 /// `pitr drill` options for PostgreSQL.
 pub struct DrillArgs {
-    /// TIME, lsn:X/Y, latest, or random.
+    /// TIME, lsn:X/Y, xid:N, name:NAME, immediate, latest, or random.
     pub to: String,
     /// A TOML checks file.
     pub checks: Option<std::path::PathBuf>,
@@ -61,8 +61,12 @@ pub async fn run(config_path: &Path, args: DrillArgs) -> Result<ExitCode> {
     } else {
         pitr_restore::drill::DrillTarget::At(pitr_restore::parse_target(&args.to)?)
     };
+    let to_name = matches!(target, pitr_restore::drill::DrillTarget::At(pitr_restore::RecoveryTarget::Name(_)));
     let repo = open::reader(&config, args.from.as_deref())?;
-    let catalog = open::checked_catalog(&config, &repo).await?;
+    let mut catalog = open::checked_catalog(&config, &repo).await?;
+    if to_name {
+        catalog.load_restore_points(&repo).await;
+    }
     let mut opts = tasks::drill_options(&config, config_path, &catalog)?;
     opts.restore_command = tasks::restore_command(config_path, args.from.as_deref())?;
     if args.from.is_some() {
@@ -186,7 +190,10 @@ pub async fn key_rotation_drill(
         let drill_ring = KeyRing::with_masters(MasterKeys::single(drill_master.clone()), Duration::from_secs(300));
         let repo = Repository::new(store.clone(), drill_ring);
         repo.check().await.context("key rotation drill: opening the repository with the drill-only master key")?;
-        let catalog = open::catalog(&repo, system_id).await?;
+        let mut catalog = open::catalog(&repo, system_id).await?;
+        if matches!(opts.target, pitr_restore::drill::DrillTarget::At(pitr_restore::RecoveryTarget::Name(_))) {
+            catalog.load_restore_points(&repo).await;
+        }
         opts.restore_command = tasks::restore_command(&drill_config, None)?;
         opts.marker_repository = Some(writer.clone());
         Ok::<_, anyhow::Error>(pitr_restore::drill::drill(&repo, &catalog, &opts).await?)

@@ -92,7 +92,9 @@ pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
             .iter()
             .map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())
             .collect();
-        println!("  {:<18} {:<11} {}", b.id, b.kind, reasons.join(", "));
+        let pin = b.pinned.as_ref().map(|p| format!(" ({p})")).unwrap_or_default();
+        let note = b.note.as_ref().map(|n| format!("; note: {n}")).unwrap_or_default();
+        println!("  {:<18} {:<11} {}{pin}{note}", b.id, b.kind, reasons.join(", "));
     }
     for b in &report.removed_backups {
         println!("{verb} backup {} ({}, consistent at {})", b.id, b.kind, b.stop_time);
@@ -131,6 +133,12 @@ pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
     for x in &report.stale_removed {
         println!("{} stale marker {x}", if dry_run { "would remove" } else { "removed" });
     }
+    for id in &report.orphan_pins_removed {
+        println!(
+            "{} the pin records of backup {id}, which has no manifest (a `pitr backup` that failed after recording its pin)",
+            if dry_run { "would remove" } else { "removed" }
+        );
+    }
     if !report.retention_until.is_empty() {
         println!(
             "Object Lock retention to extend for {} backups kept longer than the window:",
@@ -158,6 +166,12 @@ pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
         println!("RETENTION NOT EXTENDED {}: {}", x.object, x.why);
     }
     print_sets(dumps.as_ref(), file_sets.as_ref(), dry_run, false)?;
+    if report.removed_restore_points > 0 {
+        println!(
+            "{verb} {} restore point index entries (their WAL is below the retention floor)",
+            report.removed_restore_points
+        );
+    }
     println!(
         "{verb} {} backups, {} WAL objects, {} blocks ({} bytes){}",
         report.removed_backups.len(),

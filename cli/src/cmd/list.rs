@@ -21,6 +21,12 @@ struct ListedBackup {
     stop_lsn: String,
     logical_bytes: u64,
     stored_bytes: u64,
+    /// Where the backup was taken (primary or standby, and its address); null for backups
+    /// recorded before pitr kept it.
+    taken_from: Option<pitr_archive::backup::TakenFrom>,
+    /// `pinned`, `pinned_until`, `note` (see `pitr pin`).
+    #[serde(flatten)]
+    pin: super::pin::ShownPin,
 }
 
 #[derive(serde::Serialize)]
@@ -77,7 +83,20 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
         }
         return Ok(());
     }
-    let catalog = open::checked_catalog(&config, &repo).await?;
+    let mut catalog = open::checked_catalog(&config, &repo).await?;
+    catalog.load_restore_points(&repo).await;
+    // Without the pins every backup is still listed, only not marked pinned: the error says so.
+    let (pins, pins_error) = match pitr_archive::pins::PinSet::load(&repo, catalog.cluster.system_id).await {
+        Ok(pins) => (pins, None),
+        Err(e) => (
+            pitr_archive::pins::PinSet::default(),
+            Some(format!(
+                "reading the pins in {}: {e} (backups are listed without their pins and notes)",
+                repo.location()
+            )),
+        ),
+    };
+    let now = pitr_archive::now_us();
     let fmt = pitr_restore::format_time;
     let backups: Vec<ListedBackup> = catalog
         .backups
@@ -93,6 +112,8 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
             stop_lsn: format_lsn(b.stop_lsn),
             logical_bytes: b.logical_bytes,
             stored_bytes: b.stored_bytes,
+            taken_from: b.taken_from.clone(),
+            pin: super::pin::ShownPin::of(pins.of(&b.id), now),
         })
         .collect();
     let windows: Vec<ListedWindow> = catalog
@@ -126,6 +147,9 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
             "incrementals": incrementals,
             "backups": backups,
             "recoverable_windows": windows,
+            "restore_points": listed_restore_points(&catalog),
+            "restore_point_index_problems": catalog.restore_point_problems,
+            "pins_error": pins_error,
             "mongo": mongo::list_json(&config, &repo).await?,
             "dumps": dumps,
             "file_sets": file_sets,
@@ -138,12 +162,12 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
         println!("no backups yet (run `pitr backup`)");
     } else {
         println!(
-            "{:<18} {:<11} {:>3}  {:<33} {:<23} {:>14} {:>14}  parent",
-            "backup", "type", "tli", "stop time", "start..stop LSN", "logical", "stored"
+            "{:<18} {:<11} {:>3}  {:<33} {:<23} {:>14} {:>14}  {:<18} taken from",
+            "backup", "type", "tli", "stop time", "start..stop LSN", "logical", "stored", "parent"
         );
         for b in &backups {
             println!(
-                "{:<18} {:<11} {:>3}  {:<33} {:<23} {:>14} {:>14}  {}",
+                "{:<18} {:<11} {:>3}  {:<33} {:<23} {:>14} {:>14}  {:<18} {}",
                 b.id,
                 b.kind,
                 b.timeline,
@@ -151,9 +175,17 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
                 format!("{}..{}", b.start_lsn, b.stop_lsn),
                 b.logical_bytes,
                 b.stored_bytes,
-                b.parent.as_deref().unwrap_or("-")
+                b.parent.as_deref().unwrap_or("-"),
+                b.taken_from.as_ref().map_or_else(|| "-".to_string(), ToString::to_string)
             );
+            let pin = b.pin.suffix();
+            if !pin.is_empty() {
+                println!("  {}", pin.trim_start());
+            }
         }
+    }
+    if let Some(e) = &pins_error {
+        println!("pins error: {e}");
     }
     println!("incremental backups: {}", incrementals.summary);
     for w in &windows {
@@ -186,6 +218,7 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
             }
         }
     }
+    print_restore_points(&catalog);
     if let Some(m) = mongo::list_json(&config, &repo).await? {
         mongo::print_list(&m);
     }
@@ -196,4 +229,68 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
         super::files::print_list(f);
     }
     Ok(())
+}
+
+/// A restore point as `list --json` shows it.
+#[derive(serde::Serialize)]
+struct ListedRestorePoint {
+    name: String,
+    time: String,
+    lsn: String,
+    end_lsn: String,
+    timeline: u32,
+    /// Whether `restore --to name:NAME` can stop here now.
+    restorable: bool,
+    /// Why not, when it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unavailable: Option<String>,
+}
+
+fn listed_restore_points(catalog: &pitr_restore::Catalog) -> Vec<ListedRestorePoint> {
+    catalog
+        .restore_points
+        .iter()
+        .map(|p| ListedRestorePoint {
+            name: p.point.name.clone(),
+            time: pitr_restore::format_time(p.point.time_us),
+            lsn: format_lsn(p.point.lsn),
+            end_lsn: format_lsn(p.point.end_lsn),
+            timeline: p.point.timeline,
+            restorable: p.unavailable.is_none(),
+            unavailable: p.unavailable.clone(),
+        })
+        .collect()
+}
+
+/// The restore points, oldest first. Several may share a name (PostgreSQL allows it): a restore
+/// to that name targets the newest (and says why when it cannot reach it).
+fn print_restore_points(catalog: &pitr_restore::Catalog) {
+    let points = listed_restore_points(catalog);
+    if !catalog.restore_point_problems.is_empty() {
+        println!(
+            "restore point index incomplete ({} problem(s)): restores to a name are refused until they are \
+             looked at (pitr writes no entry that does not open or is over {} bytes; delete such objects)",
+            catalog.restore_point_problems.len(),
+            pitr_archive::restore_points::ENTRY_MAX_BYTES
+        );
+        for p in &catalog.restore_point_problems {
+            println!("  {p}");
+        }
+    }
+    if points.is_empty() {
+        println!("restore points: none (create one with `pitr mark NAME`)");
+        return;
+    }
+    println!("restore points (restore with --to name:NAME; of several with one name, the newest is the target):");
+    println!("  {:<24} {:<33} {:<19} {:>3}", "name", "time", "LSN", "tli");
+    for p in &points {
+        println!(
+            "  {:<24} {:<33} {:<19} {:>3}{}",
+            format!("{:?}", p.name),
+            p.time,
+            p.lsn,
+            p.timeline,
+            p.unavailable.as_deref().map(|why| format!("  (not restorable: {why})")).unwrap_or_default()
+        );
+    }
 }

@@ -36,6 +36,8 @@ pub struct RestoreArgs {
     pub standby: Option<pitr_restore::StandbyOptions>,
     /// `OID=DIR` pairs as given (`--tablespace-map`).
     pub tablespace_map: Vec<String>,
+    /// Write only what differs from the backup into the existing data directory.
+    pub delta: bool,
 }
 
 /// `--tablespace-map OID=DIR` pairs by OID. A name is refused: backups record each
@@ -75,7 +77,10 @@ pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
         return Err(pitr_restore::RestoreError::StandbyTarget(target.to_string()).into());
     }
     let repo = open::reader(&config, args.from.as_deref())?;
-    let catalog = open::checked_catalog(&config, &repo).await?;
+    let mut catalog = open::checked_catalog(&config, &repo).await?;
+    if matches!(target, pitr_restore::RecoveryTarget::Name(_)) {
+        catalog.load_restore_points(&repo).await;
+    }
     let restore_command = tasks::restore_command(config_path, args.from.as_deref())?;
     let start = if args.start {
         let bin_dir = tasks::pg_bin_dir(&config, &catalog)?;
@@ -100,6 +105,7 @@ pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
         },
         standby: args.standby.clone(),
         tablespace_map,
+        delta: args.delta,
     };
     let bar = output::progress_bar(!args.json, "restore");
     let on_progress = |done: u64, total: u64| {
@@ -132,10 +138,38 @@ pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
     if report.backup_chain.len() > 1 {
         println!("  combined chain:         {}", report.backup_chain.join(" -> "));
     }
-    println!(
-        "  files:                  {} ({} bytes), written in {:.1} s",
-        report.files, report.bytes_restored, report.download_seconds
-    );
+    match &report.delta {
+        Some(d) => {
+            println!(
+                "  delta, written:         {} files, {} bytes written in {:.1} s{}",
+                d.files_written,
+                d.bytes_written,
+                report.download_seconds,
+                if d.resumed { " (completing an interrupted delta restore)" } else { "" }
+            );
+            println!("  delta, unchanged:       {} files, {} bytes skipped", d.files_unchanged, d.bytes_unchanged);
+            println!("  delta, fetched:         {} bytes", d.bytes_fetched);
+            println!("  delta, removed:         {} entries the backup does not have", d.removed);
+            if d.without_block_hashes {
+                println!(
+                    "  (the repository has no dedup key: no block could be judged by hash, so every block was \
+                     fetched, and written only where it differed)"
+                );
+            }
+        }
+        None => {
+            println!(
+                "  files:                  {} ({} bytes), written in {:.1} s",
+                report.files, report.bytes_restored, report.download_seconds
+            );
+            if args.delta {
+                println!("  (--delta: the target directory was missing or empty, so everything was written)");
+            }
+        }
+    }
+    if let Some(landing) = &report.landing {
+        println!("  restore point:          {}", landing.detail);
+    }
     if let Some(c) = &report.newest_archived_commit {
         println!("  newest archived commit: {c}");
     }

@@ -32,6 +32,32 @@ struct StatusReport {
     sidecar: Option<SidecarReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     secondaries: Vec<SecondaryReport>,
+    /// Backups pinned now (`pitr pin`), oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pinned_backups: Vec<PinnedBackup>,
+    /// Why the pins could not be read (`pinned_backups` is then empty, the rest stands).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pins_error: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct PinnedBackup {
+    id: String,
+    #[serde(flatten)]
+    pin: super::pin::ShownPin,
+}
+
+/// The backups of `system_id` pinned now (records of backups no longer listed left out).
+async fn pinned_backups(repo: &Repository, system_id: u64) -> Result<Vec<PinnedBackup>> {
+    let pins = pitr_archive::pins::PinSet::load(repo, system_id).await?;
+    let now = pitr_archive::now_us();
+    let listed = repo.list(&pitr_archive::names::pg::backups_prefix(system_id)).await?;
+    Ok(pins
+        .active(now)
+        .into_keys()
+        .filter(|id| listed.iter().any(|o| o.name == pitr_archive::names::pg::backup_manifest(system_id, id)))
+        .map(|id| PinnedBackup { pin: super::pin::ShownPin::of(pins.of(&id), now), id })
+        .collect())
 }
 
 #[derive(serde::Serialize)]
@@ -115,11 +141,18 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
             Some(t) => pitr_restore::plan::newest_commit_us(&repo, &catalog, t).await?,
             None => None,
         };
-        anyhow::Ok((cluster.system_id, timeline, archived, newest_commit))
+        // Pins are an aside here: a failure to read them is shown, not the command's error.
+        let pinned = pinned_backups(&repo, cluster.system_id).await.map_err(|e| format!("{e:#}"));
+        anyhow::Ok((cluster.system_id, timeline, archived, newest_commit, pinned))
     };
-    let (mut repository_error, system_id, timeline, archived, newest_commit) = match from_repository.await {
-        Ok((id, t, a, c)) => (None, Some(id), t, a, c),
-        Err(e) => (Some(e), None, None, None, None),
+    let (mut repository_error, system_id, timeline, archived, newest_commit, pinned_backups) =
+        match from_repository.await {
+            Ok((id, t, a, c, p)) => (None, Some(id), t, a, c, p),
+            Err(e) => (Some(e), None, None, None, None, Ok(Vec::new())),
+        };
+    let (pinned_backups, pins_error) = match pinned_backups {
+        Ok(p) => (p, None),
+        Err(e) => (Vec::new(), Some(format!("reading the pins: {e}"))),
     };
 
     let (primary_lsn, primary_error) = match &config.postgres {
@@ -173,6 +206,8 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
         lag_seconds: sidecar.as_ref().map(|s| s.lag_seconds),
         sidecar,
         secondaries,
+        pinned_backups,
+        pins_error,
     };
     if json {
         output::print_json(&report)?;
@@ -245,6 +280,12 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
             }
             None => println!("  copy state: unknown (the sidecar is not running here)"),
         }
+    }
+    for p in &report.pinned_backups {
+        println!("pinned backup:          {}{}", p.id, p.pin.suffix());
+    }
+    if let Some(e) = &report.pins_error {
+        println!("pins error:             {e}");
     }
     repository_error.map_or(Ok(()), Err)
 }

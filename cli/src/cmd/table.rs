@@ -83,7 +83,10 @@ pub async fn run(config_path: &Path, args: TableArgs) -> Result<()> {
     // Before anything is restored: a taken name or a missing schema is known at once.
     into.check_new_table(&new_table).await?;
     let repo = open::reader(&config, args.from.as_deref())?;
-    let catalog = open::checked_catalog(&config, &repo).await?;
+    let mut catalog = open::checked_catalog(&config, &repo).await?;
+    if matches!(target, pitr_restore::RecoveryTarget::Name(_)) {
+        catalog.load_restore_points(&repo).await;
+    }
     let drill = tasks::drill_options(&config, config_path, &catalog)?;
     let opts = ScratchOptions {
         scratch_root: drill.scratch_root,

@@ -2,6 +2,8 @@
 
 use std::time::Instant;
 
+use pitr_archive::restore_points::RestorePoint;
+
 /// WAL of one segment in memory, from offset `base` (0 unless resumed from chunks that did not
 /// start at the segment's beginning). How much of it is durable is not kept here: only the
 /// front buffer is ever put, and the pipeline's durable position says how far.
@@ -17,6 +19,9 @@ pub(crate) struct SegmentBuffer {
     pub chunks: Vec<(u32, u32)>,
     /// (end LSN of a commit/abort record, its time in µs since the Unix epoch).
     pub commits: Vec<(u64, i64)>,
+    /// Restore points whose record ends in this segment: their index entries go before the
+    /// object that holds their last byte.
+    pub restore_points: Vec<RestorePoint>,
     /// When the oldest byte not yet durable arrived.
     pub oldest_undurable: Option<Instant>,
 }
@@ -32,6 +37,7 @@ impl SegmentBuffer {
             closed: false,
             chunks: Vec::new(),
             commits: Vec::new(),
+            restore_points: Vec::new(),
             oldest_undurable: None,
         }
     }

@@ -35,6 +35,7 @@ mod tests;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use pitr_archive::restore_points::RestorePoint;
 use pitr_archive::{ObjectKind, ObjectMeta, WalLayout, WalObject};
 use pitr_pgformat::lsn::format_lsn;
 use pitr_pgformat::timeline::{switch_point, HistoryEntry};
@@ -82,6 +83,10 @@ pub(crate) struct Put {
     pub object: WalObject,
     pub meta: ObjectMeta,
     pub bytes: Vec<u8>,
+    /// Index entries of the restore points whose record ends in this object: put before it, so
+    /// that WAL in the archive never holds a restore point the index lacks (a compaction's are
+    /// already there: empty).
+    pub restore_points: Vec<RestorePoint>,
 }
 
 /// What the uploader does next.
@@ -368,6 +373,21 @@ impl WalPipeline {
         Ok(lsn)
     }
 
+    /// Restore points found in WAL just appended (their records end in it): each is kept with the
+    /// segment buffer holding its last byte, to be indexed before the object that holds it. One
+    /// whose buffer is gone (it cannot be: a record ends in WAL just received) is dropped.
+    pub fn note_restore_points(&mut self, points: &[RestorePoint]) {
+        let segment_size = self.layout.segment_size;
+        for point in points {
+            let segno = point.end_lsn.saturating_sub(1) / segment_size;
+            let timeline = self.timeline;
+            match self.segments.iter_mut().rev().find(|b| b.timeline == timeline && b.segno == segno) {
+                Some(buf) => buf.restore_points.push(point.clone()),
+                None => tracing::warn!(lsn = %format_lsn(point.lsn), "restore point outside the WAL held; not indexed"),
+            }
+        }
+    }
+
     /// The server's WAL ends at `lsn` on the streamed timeline (XLogData's `wal_end`). Only
     /// decides whether a chunk waits for the rest of its segment.
     pub fn note_server_end(&mut self, lsn: u64) {
@@ -451,7 +471,7 @@ impl WalPipeline {
         self.next_id += 1;
         self.compaction =
             Some(InFlight { id, object, bytes: bytes.len() as u64, started: now, last_commit_us: meta.last_commit_us });
-        Some(Put { id, object, meta, bytes })
+        Some(Put { id, object, meta, bytes, restore_points: Vec::new() })
     }
 
     /// Moves the front buffer to the compaction queue if it is a full segment from offset 0,
@@ -595,7 +615,7 @@ impl WalPipeline {
             return None;
         }
         self.retry.at = None;
-        let (object, meta, bytes) = loop {
+        let (object, meta, bytes, restore_points) = loop {
             // Durable through its chunks: compacted beside the next segment's puts.
             if self.hand_over_compactable() {
                 continue;
@@ -610,7 +630,8 @@ impl WalPipeline {
                 // covers every commit in the segment. (Partly in chunks, its tail goes as one
                 // more chunk below, at once as it is closed, and the segment is compacted beside.)
                 let object = WalObject::Segment { timeline: seg.timeline, segno: seg.segno };
-                break (object, wal_meta(ObjectKind::WalSegment, seg, seg_lsn, seg_end), seg.data.clone());
+                let points = restore_points_in(seg, seg_lsn, seg_end);
+                break (object, wal_meta(ObjectKind::WalSegment, seg, seg_lsn, seg_end), seg.data.clone(), points);
             }
             let from = self.durable_offset(0, seg);
             let to = seg.end_offset();
@@ -634,13 +655,14 @@ impl WalPipeline {
                 object,
                 wal_meta(ObjectKind::WalChunk, seg, start, end),
                 seg.data[(from - seg.base) as usize..].to_vec(),
+                restore_points_in(seg, start, end),
             );
         };
         let id = self.next_id;
         self.next_id += 1;
         self.in_flight =
             Some(InFlight { id, object, bytes: bytes.len() as u64, started: now, last_commit_us: meta.last_commit_us });
-        Some(Put { id, object, meta, bytes })
+        Some(Put { id, object, meta, bytes, restore_points })
     }
 
     /// When a put may go that cannot go now: after a failure's backoff, or when the flush
@@ -675,6 +697,12 @@ impl WalPipeline {
         }
         seg.oldest_undurable.map(|t| t + CATCH_UP_HOLD)
     }
+}
+
+/// The restore points of `seg` an object holding `[start, end)` of its WAL carries: those whose
+/// record ends in `(start, end]`, as for commits.
+fn restore_points_in(seg: &SegmentBuffer, start: u64, end: u64) -> Vec<RestorePoint> {
+    seg.restore_points.iter().filter(|p| p.end_lsn > start && p.end_lsn <= end).cloned().collect()
 }
 
 /// The header of an object holding `[start, end)` of `seg`'s WAL.

@@ -9,6 +9,7 @@ use pitr_archive::{ObjectKind, ObjectMeta, WalCatalog, WalLayout, WalObject};
 use pitr_pgformat::timeline::HistoryEntry;
 
 use super::*;
+use pitr_archive::restore_points::RestorePoint;
 
 /// Small segments: every test crosses several boundaries in a few KiB.
 const SEG: u64 = 4096;
@@ -1027,4 +1028,46 @@ fn resume_reads_commit_times_back_from_chunk_headers() {
     let run_buf = resumed_buffer(&l, &run, archive.read_run(&run).unwrap());
     let p = WalPipeline::resume(l, Duration::ZERO, 1, 500, Some(run_buf));
     assert_eq!((p.segments.len(), p.received()), (0, 500));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restore points
+
+fn point(name: &str, lsn: u64, end_lsn: u64) -> RestorePoint {
+    RestorePoint { name: name.into(), timeline: 1, lsn, end_lsn, time_us: 1 }
+}
+
+/// Each restore point travels with the put that holds its record's last byte (its aligned end,
+/// as for commits): with the first chunk that reaches it, or with the whole segment put while
+/// catching up; never with a compaction, which follows chunks that carried it already.
+#[test]
+fn restore_points_travel_with_the_put_that_holds_their_end() {
+    let t = Instant::now();
+    let mut p = WalPipeline::fresh(layout(), Duration::ZERO, 1, 3 * SEG);
+    p.append(3 * SEG, &wal(1, 3 * SEG, 3 * SEG + 100), &[], t).unwrap();
+    // Its end (aligned) lies 4 bytes past what was received: the padding comes with the next WAL.
+    let a = point("a", 3 * SEG, 3 * SEG + 104);
+    p.note_restore_points(std::slice::from_ref(&a));
+    let first = take_put(&mut p, t);
+    assert_eq!(first.restore_points, vec![], "the record's end is not in this chunk yet");
+    p.put_done(first.id, t).unwrap();
+    p.append(3 * SEG + 100, &wal(1, 3 * SEG + 100, 4 * SEG), &[], t).unwrap();
+    let second = take_put(&mut p, t);
+    assert_eq!(second.object, chunk(1, 3, 100, END));
+    assert_eq!(second.restore_points, vec![a]);
+    p.put_done(second.id, t).unwrap();
+    let compaction = p.next_compaction(t).expect("the full segment is compacted");
+    assert_eq!(compaction.restore_points, vec![], "a compaction's restore points are indexed already");
+
+    // Catching up: a segment that arrived whole carries all of its restore points.
+    let mut p = WalPipeline::fresh(layout(), Duration::ZERO, 1, 5 * SEG);
+    let (b, c) = (point("b", 5 * SEG + 40, 5 * SEG + 144), point("c", 5 * SEG + 200, 5 * SEG + 304));
+    p.append(5 * SEG, &wal(1, 5 * SEG, 6 * SEG + 10), &[], t).unwrap();
+    p.note_restore_points(&[b.clone(), c.clone(), point("next", 6 * SEG, 6 * SEG + 8)]);
+    let whole = take_put(&mut p, t);
+    assert_eq!(whole.object, segment(1, 5));
+    assert_eq!(whole.restore_points, vec![b, c]);
+    p.put_done(whole.id, t).unwrap();
+    let tail = take_put(&mut p, t);
+    assert_eq!(tail.restore_points.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["next"]);
 }

@@ -2,12 +2,13 @@
 //!
 //! PostgreSQL treats a WAL file that `restore_command` cannot supply as the end of the archive,
 //! so a hole in the middle of the archive silently ends recovery early. Everything here exists so
-//! that a hole is named before a restore writes a file ([`reach`]), and so that `wal-fetch`
-//! can tell a hole from the end ([`needed_end`]).
+//! that a hole is named before a restore writes a file ([`reach`]), so that a base backup whose
+//! WAL has a hole is not recorded (the same [`reach`], from the backup's start), and so that
+//! `wal-fetch` can tell a hole from the end ([`needed_end`]).
 
 use std::collections::BTreeMap;
 
-use pitr_archive::{WalCatalog, WalLayout, WalObject};
+use crate::{WalCatalog, WalLayout, WalObject};
 use pitr_pgformat::timeline::HistoryEntry;
 
 /// The timelines recovery follows to reach `newest`: each with the LSN where it begins (the
