@@ -1086,6 +1086,19 @@ pub fn parse_lsn(s: &str) -> Result<u64> {
     Ok((u64::from(hi) << 32) | u64::from(lo))
 }
 
+/// `len` bytes of xorshift noise from `seed` (incompressible test data, the same for a seed).
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Like [`parse_lsn`]; panics on malformed input.
 pub fn lsn_to_u64(s: &str) -> u64 {
     parse_lsn(s).unwrap_or_else(|e| panic!("{e:#}"))

@@ -145,6 +145,24 @@ impl PitrEnv {
             .unwrap_or(0.0))
     }
 
+    /// A second config for the same cluster and repository, as a sidecar on "another host"
+    /// would have: another lease holder, metrics port and status file.
+    pub fn other_host_config(&self) -> Result<PathBuf> {
+        let text = std::fs::read_to_string(&self.config)?
+            .replace("lease_holder = \"host-a/pitr_main\"", "lease_holder = \"host-b/pitr_main\"")
+            .replace(&format!("127.0.0.1:{}", self.metrics_port), &format!("127.0.0.1:{}", crate::free_port()?))
+            .replace(
+                &format!("{:?}", self.status_file.display().to_string()),
+                &format!("{:?}", self.dir.path().join("status-b.json").display().to_string()),
+            );
+        if !text.contains("host-b/pitr_main") {
+            bail!("the second config names no second holder");
+        }
+        let path = self.dir.path().join("pitr-b.toml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
     /// Replaces `from` with `to` in the config file (to turn on a schedule, change a setting…).
     pub fn edit_config(&self, from: &str, to: &str) -> Result<()> {
         let text = std::fs::read_to_string(&self.config)?;

@@ -6,7 +6,6 @@
 //! sidecar killed and its writer lease held against another host, a secondary repository on
 //! Azure, and exact restores.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,19 +18,10 @@ use pitr_archive::{KeyRing, ObjectKind, ObjectMeta, PutOutcome, Repository, Repo
 use pitr_tests::azurite::{Azurite, ACCOUNT, ACCOUNT_KEY};
 use pitr_tests::pitr::PitrEnv;
 use pitr_tests::proxy::FaultyProxy;
-use pitr_tests::{free_port, lsn_to_u64, pitr_bin, wait_until, PgCluster, PgOptions};
+use pitr_tests::{lsn_to_u64, pitr_bin, wait_until, PgCluster, PgOptions};
 
 fn pseudo_random(len: usize, seed: u64) -> Bytes {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
+    pitr_tests::pseudo_random(len, seed).into()
 }
 
 /// Small blocks, so that a 13 MiB object takes three; short retries, so that failures surface
@@ -203,22 +193,6 @@ fn insert(cluster: &PgCluster, from: u32, n: u32) -> Result<()> {
     Ok(())
 }
 
-/// The config of a second sidecar for the same cluster and repository on "another host":
-/// another lease holder, metrics port and status file.
-fn other_host_config(env: &PitrEnv) -> Result<PathBuf> {
-    let text = std::fs::read_to_string(&env.config)?
-        .replace("lease_holder = \"host-a/pitr_main\"", "lease_holder = \"host-b/pitr_main\"")
-        .replace(&format!("127.0.0.1:{}", env.metrics_port), &format!("127.0.0.1:{}", free_port()?))
-        .replace(
-            &format!("{:?}", env.status_file.display().to_string()),
-            &format!("{:?}", env.dir.path().join("status-b.json").display().to_string()),
-        );
-    ensure!(text.contains("host-b/pitr_main"), "the second config names no second holder");
-    let path = env.dir.path().join("pitr-b.toml");
-    std::fs::write(&path, text)?;
-    Ok(path)
-}
-
 /// Stream, backup, an outage, a killed sidecar and restores, through the binary.
 fn pg15_round_trip_and_outage() -> Result<()> {
     let mut azurite = Azurite::start(&["pitr", "copy"])?;
@@ -321,7 +295,7 @@ fn pg15_round_trip_and_outage() -> Result<()> {
         .arg("60")
         .arg(pitr_bin())
         .arg("--config")
-        .arg(other_host_config(&env)?)
+        .arg(env.other_host_config()?)
         .arg("stream")
         .envs([("AZURE_STORAGE_ACCOUNT_KEY", ACCOUNT_KEY), ("AZURE_STORAGE_ACCOUNT_NAME", ACCOUNT)])
         .output()?;

@@ -9,13 +9,13 @@
 //!   lease to B;
 //! - the archive is byte-identical to the server's WAL across the handover.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use pitr_tests::checks::{differences, snapshot, Snapshot};
 use pitr_tests::pitr::{segment_number, PitrEnv, WAL_SEGMENT_SIZE};
-use pitr_tests::{free_port, pitr_bin, spawn_logged, wait_until, Child, PgCluster, PgOptions};
+use pitr_tests::{pitr_bin, spawn_logged, wait_until, Child, PgCluster, PgOptions};
 
 const TTL_SECS: u64 = 4;
 
@@ -32,23 +32,6 @@ fn assert_same_objects(repo: &Path, before: &Snapshot, what: &str) -> Result<()>
     let diffs = differences(before, &objects(repo));
     ensure!(diffs.is_empty(), "{what} touched the repository:\n  {}", diffs.join("\n  "));
     Ok(())
-}
-
-/// A second config for the same cluster and repository: another holder, metrics port and
-/// status file ("another host").
-fn second_config(env: &PitrEnv) -> Result<PathBuf> {
-    let text = std::fs::read_to_string(&env.config)?;
-    let text = text
-        .replace("lease_holder = \"host-a/pitr_main\"", "lease_holder = \"host-b/pitr_main\"")
-        .replace(&format!("127.0.0.1:{}", env.metrics_port), &format!("127.0.0.1:{}", free_port()?))
-        .replace(
-            &format!("{:?}", env.status_file.display().to_string()),
-            &format!("{:?}", env.dir.path().join("status-b.json").display().to_string()),
-        );
-    ensure!(text.contains("host-b/pitr_main"), "the second config names no second holder");
-    let path = env.dir.path().join("pitr-b.toml");
-    std::fs::write(&path, text)?;
-    Ok(path)
 }
 
 fn spawn_b(env: &PitrEnv, config: &Path, log: &Path) -> Result<Child> {
@@ -117,7 +100,7 @@ fn pg15_a_paused_sidecar_taken_over_writes_nothing_after_it_resumes() -> Result<
     let stream_extra = format!("lease_ttl = \"{TTL_SECS}s\"\nlease_holder = \"host-a/pitr_main\"");
     let mut env = PitrEnv::new("lease-handover", &cluster, &stream_extra)?;
     env.init()?;
-    let config_b = second_config(&env)?;
+    let config_b = env.other_host_config()?;
 
     let mut a = env.spawn_stream()?;
     env.wait_streaming(&cluster)?;

@@ -37,16 +37,7 @@ fn s3_options(endpoint: String) -> CloudOptions {
 }
 
 fn pseudo_random(len: usize, seed: u64) -> Bytes {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
+    pitr_tests::pseudo_random(len, seed).into()
 }
 
 async fn put_if_absent_contract(store: &CloudStore, big: usize) -> Result<()> {
