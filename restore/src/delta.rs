@@ -45,7 +45,7 @@ use pitr_archive::Repository;
 
 use crate::materialize::{
     check_block_counts, check_layout, check_mapped_oids, chmod_dir, create_dir_confined, io, live_postmaster,
-    output_files, plan_combined_all, read_file_nofollow, run_jobs, stored_len, sync_dirs, sync_files,
+    output_files, plan_combined_all, read_file_nofollow, run_jobs, stored_len, sync_all, sync_files,
     write_file_nofollow, BlockJob, MappedTablespace, MappedTablespaces, Placement, PlannedFile, Tally, PG_CONTROL,
     TABLESPACE_DIR,
 };
@@ -851,20 +851,7 @@ async fn fetch_files(
     }
     let mut dirs: BTreeSet<PathBuf> = [target.to_path_buf()].into();
     dirs.extend(place.mapped.0.values().map(|m| m.write_dir.clone()));
-    let sync_workers = workers.clamp(1, 16);
-    tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
-        let per_worker = synced.len().div_ceil(sync_workers).max(1);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = synced.chunks(per_worker).map(|part| scope.spawn(move || sync_files(part))).collect();
-            handles.into_iter().try_for_each(|h| {
-                h.join().unwrap_or_else(|_| Err(RestoreError::Other("an fsync thread panicked".into())))
-            })
-        })?;
-        dirs.iter().try_for_each(|d| sync_dirs(d))
-    })
-    .await
-    .map_err(|e| RestoreError::Other(format!("sync task: {e}")))??;
-    Ok(())
+    sync_all(synced, dirs, workers).await
 }
 
 #[cfg(test)]

@@ -693,21 +693,7 @@ pub async fn materialize(
     let mut dirs_to_sync = vec![dir.to_path_buf()];
     dirs_to_sync.extend(mapped.0.values().map(|m| m.write_dir.clone()));
     let files: Vec<(PathBuf, u32)> = output_files(backup).map(|(path, f)| (place.path(&path), f.mode)).collect();
-    let sync_workers = workers.clamp(1, 16);
-    tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
-        // On several threads: each fsync waits for its file's writeback, and the device takes
-        // several at once far faster than one after the other.
-        let per_worker = files.len().div_ceil(sync_workers).max(1);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = files.chunks(per_worker).map(|part| scope.spawn(move || sync_files(part))).collect();
-            handles.into_iter().try_for_each(|h| {
-                h.join().unwrap_or_else(|_| Err(RestoreError::Other("an fsync thread panicked".into())))
-            })
-        })?;
-        dirs_to_sync.iter().try_for_each(|d| sync_dirs(d))
-    })
-    .await
-    .map_err(|e| RestoreError::Other(format!("sync task: {e}")))??;
+    sync_all(files, dirs_to_sync, workers).await?;
     // The server's manifest describes this very directory only for a full backup; an
     // incremental's lists INCREMENTAL.* files that the combined directory does not have.
     if chain.len() == 1 {
@@ -1028,6 +1014,29 @@ async fn read_incremental_header(
 }
 
 /// Sets each file's mode and fsyncs it, through one handle opened without following a link.
+/// Sets each file's mode and fsyncs it ([`sync_files`]), then fsyncs every directory under each
+/// of `dirs` ([`sync_dirs`]). The files go on up to 16 threads: each fsync waits for its file's
+/// writeback, and the device takes several at once far faster than one after the other.
+pub(crate) async fn sync_all(
+    files: Vec<(PathBuf, u32)>,
+    dirs: impl IntoIterator<Item = PathBuf> + Send + 'static,
+    workers: usize,
+) -> Result<(), RestoreError> {
+    let sync_workers = workers.clamp(1, 16);
+    tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
+        let per_worker = files.len().div_ceil(sync_workers).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = files.chunks(per_worker).map(|part| scope.spawn(move || sync_files(part))).collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join().unwrap_or_else(|_| Err(RestoreError::Other("an fsync thread panicked".into())))
+            })
+        })?;
+        dirs.into_iter().try_for_each(|d| sync_dirs(&d))
+    })
+    .await
+    .map_err(|e| RestoreError::Other(format!("sync task: {e}")))?
+}
+
 pub(crate) fn sync_files(files: &[(PathBuf, u32)]) -> Result<(), RestoreError> {
     for (path, mode) in files {
         let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(io(path))?;
@@ -1037,7 +1046,7 @@ pub(crate) fn sync_files(files: &[(PathBuf, u32)]) -> Result<(), RestoreError> {
     Ok(())
 }
 
-pub(crate) fn sync_dirs(dir: &Path) -> Result<(), RestoreError> {
+fn sync_dirs(dir: &Path) -> Result<(), RestoreError> {
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
         // file_type() does not follow symlinks, so tablespace links are not walked twice.
