@@ -214,9 +214,7 @@ impl LeaseRecord {
 fn does_not_open(e: &LeaseError) -> bool {
     match e {
         LeaseError::Malformed { .. } => true,
-        LeaseError::Repository(e) => {
-            e.is_bad_object() || matches!(e, RepositoryError::Store(StoreError::TooLarge { .. }))
-        }
+        LeaseError::Repository(e) => e.is_untrusted_object(),
         _ => false,
     }
 }

@@ -518,9 +518,7 @@ async fn manifest_usable(repo: &Repository, system_id: u64, id: &str) -> Result<
         Err(RepositoryError::Store(e)) if e.is_not_found() => {
             return Err(PinError::UnknownBackup { id: id.into(), location: repo.location() })
         }
-        Err(e) if e.is_bad_object() || matches!(e, RepositoryError::Store(StoreError::TooLarge { .. })) => {
-            return Err(damaged(e.to_string()))
-        }
+        Err(e) if e.is_untrusted_object() => return Err(damaged(e.to_string())),
         Err(e) => return Err(e.into()),
     };
     let mut seen = BTreeSet::from([id.to_string()]);
@@ -541,9 +539,7 @@ async fn manifest_usable(repo: &Repository, system_id: u64, id: &str) -> Result<
             Ok(m) if m.id == p => m.parent,
             Ok(m) => return Err(broken(format!("it names backup {}", m.id))),
             Err(RepositoryError::Store(e)) if e.is_not_found() => return Err(broken("it is missing".into())),
-            Err(e) if e.is_bad_object() || matches!(e, RepositoryError::Store(StoreError::TooLarge { .. })) => {
-                return Err(broken(e.to_string()))
-            }
+            Err(e) if e.is_untrusted_object() => return Err(broken(e.to_string())),
             Err(e) => return Err(e.into()),
         };
     }

@@ -85,6 +85,12 @@ impl RepositoryError {
     pub fn is_bad_object(&self) -> bool {
         matches!(self, RepositoryError::Seal(_) | RepositoryError::Invalid { .. })
     }
+
+    /// [`Self::is_bad_object`], or too big to be read as the record it should be
+    /// ([`StoreError::TooLarge`]): an object a reader cannot trust, whatever storage is doing.
+    pub fn is_untrusted_object(&self) -> bool {
+        self.is_bad_object() || matches!(self, RepositoryError::Store(StoreError::TooLarge { .. }))
+    }
 }
 
 /// What the repository records about one PostgreSQL cluster.
