@@ -403,22 +403,33 @@ mod tests {
         assert_eq!(wal_objects(&repo).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn a_failed_renewal_holds_puts_until_a_renewal_succeeds() {
-        let dir = tempfile::tempdir().unwrap();
-        // Lease puts hang while `hang` is set (storage cut off).
-        let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let repo = crate::test_store::delayed(dir.path(), [3; 32], {
+    /// A repository whose puts of objects with `part` in their name hang (an hour) while the
+    /// returned flag is set: storage cut off for them.
+    fn hanging_puts(
+        dir: &std::path::Path,
+        part: &'static str,
+        hang_now: bool,
+    ) -> (Repository, Arc<std::sync::atomic::AtomicBool>) {
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(hang_now));
+        let repo = crate::test_store::delayed(dir, [3; 32], {
             let hang = hang.clone();
             move |request, name, _| {
-                let cut_off = request == crate::test_store::Request::Put && name.contains("/lease/");
-                if cut_off && hang.load(std::sync::atomic::Ordering::SeqCst) {
+                let held = request == crate::test_store::Request::Put && name.contains(part);
+                if held && hang.load(std::sync::atomic::Ordering::SeqCst) {
                     Duration::from_secs(3600)
                 } else {
                     Duration::ZERO
                 }
             }
         });
+        (repo, hang)
+    }
+
+    #[tokio::test]
+    async fn a_failed_renewal_holds_puts_until_a_renewal_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        // Lease puts hang while `hang` is set (storage cut off).
+        let (repo, hang) = hanging_puts(dir.path(), "/lease/", false);
         let mut a = Lease::acquire(&repo, SYSTEM_ID, "a", Duration::from_secs(60)).await.unwrap();
         hang.store(true, std::sync::atomic::Ordering::SeqCst);
         assert!(a.renew_within(Duration::from_millis(50)).await.is_err(), "a renewal that hangs fails");
@@ -442,18 +453,7 @@ mod tests {
     #[tokio::test]
     async fn a_restore_points_entry_goes_before_its_wal_and_again_after_a_crash() {
         let dir = tempfile::tempdir().unwrap();
-        let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let repo = crate::test_store::delayed(dir.path(), [3; 32], {
-            let hang = hang.clone();
-            move |request, name, _| {
-                let wal = request == crate::test_store::Request::Put && name.contains("/wal/");
-                if wal && hang.load(std::sync::atomic::Ordering::SeqCst) {
-                    Duration::from_secs(3600)
-                } else {
-                    Duration::ZERO
-                }
-            }
-        });
+        let (repo, hang) = hanging_puts(dir.path(), "/wal/", true);
         let point =
             RestorePoint { name: "before-cleanup".into(), timeline: 1, lsn: SEG + 40, end_lsn: SEG + 144, time_us: 5 };
         let with_point = || {
