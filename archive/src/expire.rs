@@ -821,6 +821,29 @@ async fn run(
         }
     }
 
+    // 2c. Change index objects (`pitr find`) of segments below the floors: the same rule as
+    // their WAL. An aside like 2b: a failure is logged and left for a later run.
+    if !stopped_at_deadline && !opts.dry_run {
+        match repo.list(&pg::change_index_prefix(system_id)).await {
+            Ok(listed) => {
+                let below: Vec<String> = listed
+                    .into_iter()
+                    .filter(|o| {
+                        pg::parse_change_index(system_id, &o.name)
+                            .and_then(|f| layout.parse_segment_file_name(f))
+                            .is_some_and(|(t, segno)| floors_now.get(&t).is_some_and(|&floor| segno < floor))
+                    })
+                    .map(|o| o.name)
+                    .collect();
+                if !below.is_empty() {
+                    let (gone, _) = delete_all(repo, &below, &BTreeMap::new(), 256, deadline, &mut retained).await?;
+                    tracing::info!(removed = gone.len(), "change index objects of expired WAL removed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list the change index: left for a later run"),
+        }
+    }
+
     // 3. Blocks.
     let mut blocks_skipped = None;
     let mut removed_blocks = 0;
@@ -1240,5 +1263,49 @@ mod tests {
         assert_eq!(entries().await, vec![in_a.object_name(7), after_c.object_name(7)]);
         // Nothing more goes on the next run.
         assert_eq!(expire(&repo, &cluster(), &opts).await.unwrap().removed_restore_points, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn change_index_objects_go_with_their_segments_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
+        let raw = LocalStore::new(dir.path());
+        three_daily_backups(&repo, &raw, 0x100).await;
+        let layout = WalLayout::new(&cluster());
+        for segno in 10..=13 {
+            let name = crate::change_index::object_for_segment(&layout, 1, segno);
+            raw.put_if_absent(&name, bytes::Bytes::from_static(b"idx")).await.unwrap();
+        }
+        let segnos = |prefix: String, index: bool| {
+            let repo = &repo;
+            async move {
+                let mut out: Vec<u64> = repo
+                    .list(&prefix)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .filter_map(|o| {
+                        let file = if index {
+                            pg::parse_change_index(7, &o.name)?.to_string()
+                        } else {
+                            o.name.rsplit('/').next()?.strip_suffix(".seg")?.to_string()
+                        };
+                        layout.parse_segment_file_name(&file).map(|(_, s)| s)
+                    })
+                    .collect();
+                out.sort_unstable();
+                out
+            }
+        };
+        let opts = ExpireOptions {
+            policy: Policy { daily: 1, weekly: 0, monthly: 0, yearly: 0, window_us: 0 },
+            ..options(DAY0 + 3 * DAY_US)
+        };
+        expire(&repo, &cluster(), &ExpireOptions { dry_run: true, ..opts.clone() }).await.unwrap();
+        assert_eq!(segnos(pg::change_index_prefix(7), true).await, vec![10, 11, 12, 13], "a dry run deletes nothing");
+        expire(&repo, &cluster(), &opts).await.unwrap();
+        let wal = segnos(layout.prefix(), false).await;
+        assert!(wal.len() < 4, "the test expects WAL to go: {wal:?}");
+        assert_eq!(segnos(pg::change_index_prefix(7), true).await, wal);
     }
 }

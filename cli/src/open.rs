@@ -89,7 +89,7 @@ pub fn secondary_store(s: &SecondaryConfig) -> Result<Arc<dyn Store>> {
 }
 
 /// Every configured repository under its name, the primary first.
-fn named_stores(config: &Config) -> Result<Vec<NamedStore>> {
+pub fn named_stores(config: &Config) -> Result<Vec<NamedStore>> {
     let mut all = vec![NamedStore { name: PRIMARY_NAME.into(), store: store(config)? }];
     for s in &config.repository.secondary {
         all.push(NamedStore { name: s.name.clone(), store: limited(config, secondary_store(s)?, 1)? });
@@ -157,7 +157,38 @@ fn writer_recycling(config: &Config, recycle: bool) -> Result<(Repository, Optio
         REPLICATORS.lock().unwrap_or_else(|e| e.into_inner()).push(replicated.clone());
         (limited(config, replicated.clone(), repositories)?, Some(replicated))
     };
-    Ok((opened(config, store, keys), copies))
+    let repo = journaled(config, opened(config, store, keys), if recycle { "stream" } else { "command" })?;
+    Ok((repo, copies))
+}
+
+/// Repositories whose journal this process writes to, flushed before it exits ([`flush_journals`]).
+static JOURNALS: Mutex<Vec<Repository>> = Mutex::new(Vec::new());
+
+/// `repo` noting its journaled puts and deletes into a recorder signing with `[journal]
+/// signing_key_file`, when configured (a host without the key writes no journal).
+fn journaled(config: &Config, repo: Repository, kind: &str) -> Result<Repository> {
+    let Some(signer) = config.journal.as_ref().map(|j| j.signer()).transpose()?.flatten() else { return Ok(repo) };
+    let writer = format!("{}/{kind}/{}", pitr_archive::hostname(), std::process::id());
+    let repo = repo.with_journal(Arc::new(pitr_archive::journal::Recorder::new(signer, writer)));
+    JOURNALS.lock().unwrap_or_else(|e| e.into_inner()).push(repo.clone());
+    Ok(repo)
+}
+
+/// Writes what this process's writers noted and has not journaled yet, as one batch each: called
+/// before the process exits, so a command's last objects are on the journal when it ends.
+pub async fn flush_journals() -> Result<()> {
+    let all: Vec<Repository> = std::mem::take(&mut *JOURNALS.lock().unwrap_or_else(|e| e.into_inner()));
+    for repo in all {
+        if let Some(journal) = repo.journal() {
+            journal.flush(&repo).await.with_context(|| {
+                format!(
+                    "writing the journal batch of this command's objects to {} (they are stored; the next journal writer does not journal them: `pitr verify` counts them as unjournaled)",
+                    repo.location()
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// `store` opened with `keys`, writing at the configured compression levels.

@@ -36,6 +36,12 @@ pub enum JobKind {
         /// Rotate at this age.
         after: Option<Duration>,
     },
+    /// `[schedule] incremental = "auto"`: a backup whenever the predicted RTO reaches `[targets]
+    /// rto_auto_fraction` of the RTO target and the newest backup is older than `min_spacing`.
+    AutoBackup {
+        /// The least time between the newest backup's start and an automatic one.
+        min_spacing: Duration,
+    },
 }
 
 /// When a job runs.
@@ -390,6 +396,7 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &AtomicBoo
             let report = run_drill(ctx).await;
             let result = report.as_ref().map_err(|e| format!("{e:#}"));
             pitr_drill::scheduled_drill_ended(job.name, pitr_drill::Source::Postgres, result);
+            crate::sidecar::refresh_predicted_rto(&ctx.repo, ctx.system_id).await;
         }
         JobKind::FullBackup | JobKind::IncrementalBackup => {
             let incremental = job.kind == JobKind::IncrementalBackup;
@@ -403,37 +410,141 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &AtomicBoo
                     return;
                 }
             }
-            let kind = if incremental { BackupKind::Incremental } else { BackupKind::Full };
-            tracing::info!(job = job.name, event = "start", "scheduled {kind} backup starting");
-            let labels = [("backup_type", kind.to_string()), ("source", "postgres".to_string())];
-            let opts = pitr_basebackup::BackupOptions { incremental, ..ctx.backup.clone() };
-            match pitr_basebackup::take_backup(&ctx.repo, &opts, &|_| {}).await {
-                Ok((manifest, summary)) => {
-                    tracing::info!(job = job.name, event = "end", result = "success", backup = %summary.id,
-                        kind = %summary.kind, parent = ?summary.parent, taken_from = %summary.taken_from, fallback = ?summary.fallback,
-                        bytes_read = summary.bytes_read, bytes_stored = summary.bytes_stored, "scheduled {kind} backup done");
-                    gauge!("backup_success", &labels).set(1.0);
-                    record_backup_gauges(&manifest);
-                    metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "success")
-                        .increment(1);
-                }
-                Err(e) => {
-                    tracing::error!(job = job.name, event = "end", result = "failure", error = %e, "scheduled {kind} backup failed");
-                    gauge!("backup_success", &labels).set(0.0);
-                    metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "failure")
-                        .increment(1);
-                }
-            }
+            take_scheduled_backup(job.name, ctx, incremental).await;
         }
+        JobKind::AutoBackup { min_spacing } => auto_backup(job.name, ctx, min_spacing, said_unavailable).await,
+    }
+}
+
+/// A scheduled backup, logged and counted as job `name`; the predicted RTO is refreshed after it.
+async fn take_scheduled_backup(name: &'static str, ctx: &SchedulerContext, incremental: bool) {
+    let kind = if incremental { BackupKind::Incremental } else { BackupKind::Full };
+    tracing::info!(job = name, event = "start", "scheduled {kind} backup starting");
+    let labels = [("backup_type", kind.to_string()), ("source", "postgres".to_string())];
+    let opts = pitr_basebackup::BackupOptions { incremental, ..ctx.backup.clone() };
+    match pitr_basebackup::take_backup(&ctx.repo, &opts, &|_| {}).await {
+        Ok((manifest, summary)) => {
+            tracing::info!(job = name, event = "end", result = "success", backup = %summary.id,
+                kind = %summary.kind, parent = ?summary.parent, taken_from = %summary.taken_from, fallback = ?summary.fallback,
+                bytes_read = summary.bytes_read, bytes_stored = summary.bytes_stored, "scheduled {kind} backup done");
+            gauge!("backup_success", &labels).set(1.0);
+            record_backup_gauges(&manifest);
+            metrics::counter!("pitr_scheduled_runs_total", "job" => name, "result" => "success").increment(1);
+        }
+        Err(e) => {
+            tracing::error!(job = name, event = "end", result = "failure", error = %e, "scheduled {kind} backup failed");
+            gauge!("backup_success", &labels).set(0.0);
+            metrics::counter!("pitr_scheduled_runs_total", "job" => name, "result" => "failure").increment(1);
+        }
+    }
+    crate::sidecar::refresh_predicted_rto(&ctx.repo, ctx.system_id).await;
+}
+
+/// An automatic backup chain longer than this (the full backup and its incrementals) is ended by
+/// a full backup: every restore reads the whole chain, and each link is one more thing to lose.
+pub const AUTO_MAX_CHAIN: usize = 8;
+
+/// What `[schedule] incremental = "auto"` decides at one check.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AutoDecision {
+    /// No prediction yet (no drill or timed restore): nothing to judge by.
+    NoPrediction,
+    /// The prediction is under the threshold.
+    Below,
+    /// Over the threshold, but the newest backup is too recent.
+    TooSoon,
+    /// Take a backup: incremental (`true`) or full, and why.
+    Take(bool, String),
+}
+
+/// The pure decision of the automatic schedule: `predicted` (seconds) against `fraction` ×
+/// `rto_seconds`; `newest_age` of the newest backup against `min_spacing`; `chain` the newest
+/// backup's chain length (0: no full backup); `incrementals` whether the server takes them.
+pub fn auto_decision(
+    predicted: Option<f64>,
+    rto_seconds: f64,
+    fraction: f64,
+    newest_age: Option<Duration>,
+    min_spacing: Duration,
+    chain: usize,
+    incrementals: bool,
+) -> AutoDecision {
+    let Some(predicted) = predicted.filter(|p| p.is_finite()) else { return AutoDecision::NoPrediction };
+    let threshold = fraction * rto_seconds;
+    if predicted < threshold {
+        return AutoDecision::Below;
+    }
+    if newest_age.is_some_and(|age| age < min_spacing) {
+        return AutoDecision::TooSoon;
+    }
+    let why = format!("predicted RTO {predicted:.1} s >= {fraction} x the RTO target {rto_seconds} s");
+    if chain == 0 {
+        AutoDecision::Take(false, format!("{why}; no full backup yet"))
+    } else if !incrementals {
+        AutoDecision::Take(false, why)
+    } else if chain >= AUTO_MAX_CHAIN {
+        AutoDecision::Take(false, format!("{why}; the chain has {chain} backups (at most {AUTO_MAX_CHAIN})"))
+    } else {
+        AutoDecision::Take(true, why)
+    }
+}
+
+/// One check of `[schedule] incremental = "auto"`: a backup when [`auto_decision`] says so.
+async fn auto_backup(name: &'static str, ctx: &SchedulerContext, min_spacing: Duration, said: &AtomicBool) {
+    let incrementals = match incrementals_unavailable(ctx).await {
+        None => true,
+        Some(why) => {
+            if !said.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    job = name,
+                    event = "unavailable",
+                    "{why}; incremental = \"auto\" takes full backups instead"
+                );
+            }
+            false
+        }
+    };
+    let result = async {
+        let config = Config::load(&ctx.config_path)?;
+        let catalog = open::catalog(&ctx.repo, ctx.system_id).await?;
+        let prediction = tasks::predicted_rto(&ctx.repo, &catalog).await?;
+        pitr_drill::rto::record_gauge(prediction.prediction());
+        let prediction = prediction.prediction().cloned();
+        let now = pitr_archive::now_us();
+        let newest = catalog.backups.iter().max_by_key(|b| b.start_time_us);
+        let newest_age = newest.map(|b| Duration::from_micros(now.saturating_sub(b.start_time_us).max(0) as u64));
+        let chain = newest.and_then(|b| catalog.chain(b).ok()).map_or(0, |c| c.len());
+        Ok::<_, anyhow::Error>(auto_decision(
+            prediction.map(|p| p.seconds),
+            config.targets.rto_seconds,
+            config.targets.rto_auto_fraction,
+            newest_age,
+            min_spacing,
+            chain,
+            incrementals,
+        ))
+    };
+    match result.await {
+        Ok(AutoDecision::Take(incremental, why)) => {
+            tracing::info!(job = name, event = "decision", incremental, "automatic backup: {why}");
+            take_scheduled_backup(name, ctx, incremental).await;
+        }
+        Ok(d) => tracing::debug!(job = name, decision = ?d, "no automatic backup"),
+        Err(e) => tracing::warn!(job = name, error = %format!("{e:#}"), "automatic backup check failed"),
     }
 }
 
 /// The jobs from `[schedule]` (empty expressions are off).
 pub fn jobs(schedule: &ScheduleSection) -> Result<Vec<Job>> {
     let mut out = Vec::new();
+    let empty = String::new();
     let entries: [(&'static str, &String, JobKind); 5] = [
         ("full_backup", &schedule.full_backup, JobKind::FullBackup),
-        ("incremental", &schedule.incremental, JobKind::IncrementalBackup),
+        (
+            "incremental",
+            if schedule.incremental_auto() { &empty } else { &schedule.incremental },
+            JobKind::IncrementalBackup,
+        ),
         ("verify", &schedule.verify, JobKind::Verify),
         ("drill", &schedule.drill, JobKind::Drill),
         ("expire", &schedule.expire, JobKind::Expire),
@@ -442,6 +553,12 @@ pub fn jobs(schedule: &ScheduleSection) -> Result<Vec<Job>> {
         if let Some(cron) = parse_cron(name, expr)? {
             out.push(Job { name, when: When::Cron(Box::new(cron)), kind });
         }
+    }
+    if schedule.incremental_auto() {
+        // Checked every minute, or more often when the spacing is shorter (tests).
+        let min_spacing = schedule.auto_min_spacing;
+        let every = min_spacing.min(Duration::from_secs(60)).max(Duration::from_secs(1));
+        out.push(Job { name: "incremental", when: When::Every(every), kind: JobKind::AutoBackup { min_spacing } });
     }
     // Even when rotation is off, the age is exported (the EncryptionKeyTooOld alert reads it).
     let after = schedule.key_rotation()?;
@@ -1117,6 +1234,40 @@ fn describe_set_job(kind: SetJobKind) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_backups_follow_the_prediction_the_spacing_and_the_chain() {
+        let min = Duration::from_secs(600);
+        let old = Some(Duration::from_secs(3600));
+        let d = |p: Option<f64>, age: Option<Duration>, chain: usize, inc: bool| {
+            auto_decision(p, 1000.0, 0.8, age, min, chain, inc)
+        };
+        assert_eq!(d(None, old, 1, true), AutoDecision::NoPrediction);
+        assert_eq!(d(Some(f64::NAN), old, 1, true), AutoDecision::NoPrediction);
+        assert_eq!(d(Some(799.0), old, 1, true), AutoDecision::Below);
+        assert_eq!(d(Some(800.0), Some(Duration::from_secs(60)), 1, true), AutoDecision::TooSoon);
+        assert!(matches!(d(Some(800.0), old, 1, true), AutoDecision::Take(true, _)));
+        // No full backup, no incrementals (standby, before 17), or a long chain: a full one.
+        assert!(matches!(d(Some(800.0), None, 0, true), AutoDecision::Take(false, w) if w.contains("no full")));
+        assert!(matches!(d(Some(800.0), old, 1, false), AutoDecision::Take(false, _)));
+        assert!(
+            matches!(d(Some(800.0), old, AUTO_MAX_CHAIN, true), AutoDecision::Take(false, w) if w.contains("chain"))
+        );
+    }
+
+    #[test]
+    fn auto_replaces_the_incremental_cron_with_a_check() {
+        let schedule = ScheduleSection {
+            incremental: "auto".into(),
+            auto_min_spacing: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let jobs = jobs(&schedule).unwrap();
+        let auto: Vec<&Job> = jobs.iter().filter(|j| j.name == "incremental").collect();
+        assert_eq!(auto.len(), 1);
+        assert!(matches!(auto[0].kind, JobKind::AutoBackup { min_spacing } if min_spacing == Duration::from_secs(5)));
+        assert!(matches!(auto[0].when, When::Every(e) if e == Duration::from_secs(5)));
+    }
 
     #[test]
     fn the_key_age_is_checked_each_minute_or_twice_per_rotation_period() {

@@ -117,6 +117,12 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     describe_gauge!("pitr_drill_success", "1 if the last restore drill passed (exported once a drill has run)");
     describe_gauge!("pitr_drill_rto_seconds", Unit::Seconds, "Recovery time measured by the last drill");
     describe_gauge!("pitr_drill_rpo_seconds", Unit::Seconds, "Data-loss window measured by the last drill");
+    describe_gauge!("pitr_rto_target_seconds", Unit::Seconds, "The RTO target, [targets] rto_seconds");
+    describe_gauge!(
+        "pitr_predicted_rto_seconds",
+        Unit::Seconds,
+        "Predicted time to restore the newest backup chain and all archived WAL, from the timings of recent drills and restores (absent before the first drill)"
+    );
     describe_gauge!("pitr_verify_findings", "Findings of the last scheduled verification (0 = archive whole)");
     describe_counter!(
         "pitr_expire_removed_objects_total",
@@ -316,7 +322,28 @@ async fn catalog_gauges_once(repo: &Repository, system_id: Option<u64>) -> Resul
     // Drills run by hand (`pitr drill`) store their result in the repository too.
     let subject = pitr_drill::Subject::Postgres { system_id: catalog.cluster.system_id };
     pitr_drill::record_latest(repo, &subject).await?;
+    record_predicted_rto(repo, &catalog).await?;
     Ok(())
+}
+
+/// Recomputes `pitr_predicted_rto_seconds` from the repository: every minute with the other
+/// catalog gauges, and after each scheduled backup and drill. No drill yet: no value.
+pub async fn record_predicted_rto(repo: &Repository, catalog: &pitr_restore::Catalog) -> Result<()> {
+    let prediction = crate::tasks::predicted_rto(repo, catalog).await?;
+    pitr_drill::rto::record_gauge(prediction.prediction());
+    Ok(())
+}
+
+/// [`record_predicted_rto`] with the catalog loaded here (after a scheduled job); a failure is
+/// logged, the gauge keeps its value until the next minute's attempt.
+pub async fn refresh_predicted_rto(repo: &Repository, system_id: Option<u64>) {
+    let result = async {
+        let catalog = open::catalog(repo, system_id).await?;
+        record_predicted_rto(repo, &catalog).await
+    };
+    if let Err(e) = result.await {
+        tracing::debug!(error = %format!("{e:#}"), "predicted RTO not refreshed");
+    }
 }
 
 /// The newest PostgreSQL backup's time and size.
@@ -417,6 +444,81 @@ pub async fn write_status_file(
             }
         }
         if done {
+            return;
+        }
+    }
+}
+
+/// Where the sidecar keeps the journal's high-water mark (seq and hash of its newest batch):
+/// beside the status file, `<status file stem>.journal-hwm.json`.
+pub fn journal_high_water_file(status_file: &std::path::Path) -> PathBuf {
+    let stem = status_file.file_stem().and_then(|s| s.to_str()).unwrap_or("pitr");
+    let stem = stem.strip_suffix(".status").unwrap_or(stem);
+    status_file.with_file_name(format!("{stem}.journal-hwm.json"))
+}
+
+/// The sidecar's journal writer: every `interval`, one batch of what the repository noted (WAL
+/// segments, manifests, slices…) and how far the WAL is durably archived (`wal_through`, which
+/// covers the chunks of the current segment: journaling adds no put per chunk). A last batch when
+/// the status sender goes (a clean stop). A failed batch is retried at the next tick (what it
+/// held stays pending).
+pub async fn journal_batches(
+    repo: Repository,
+    mut status: Option<watch::Receiver<StreamStatus>>,
+    interval: Duration,
+    high_water: PathBuf,
+) {
+    let Some(journal) = repo.journal().cloned() else { return };
+    // The mark of the previous run: a first batch at or below it means the repository's journal
+    // lost batches this host wrote (a rollback); the new batches fork from it, verify names it.
+    let mut previous = match pitr_archive::journal::HighWater::read(&high_water) {
+        Ok(mark) => mark,
+        Err(e) => {
+            tracing::warn!(path = %high_water.display(), error = %e, "the journal's high-water mark is unreadable");
+            None
+        }
+    };
+    journal.set_high_water_file(high_water.clone());
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = match status.as_mut() {
+            Some(rx) => tokio::select! {
+                _ = tick.tick() => false,
+                r = rx.changed() => {
+                    if r.is_ok() {
+                        continue;
+                    }
+                    true
+                }
+            },
+            None => {
+                tick.tick().await;
+                false
+            }
+        };
+        if let Some(rx) = status.as_ref() {
+            let s = rx.borrow().clone();
+            if let (Some(system_id), true) = (s.system_id, s.durable_lsn > 0) {
+                journal.set_wal_through(system_id, s.timeline, s.durable_lsn);
+            }
+        }
+        match journal.flush(&repo).await {
+            Ok(Some(seq)) => {
+                tracing::debug!(seq, "journal batch written");
+                if let Some(mark) = previous.take().filter(|m| seq <= m.seq) {
+                    tracing::error!(
+                        seq, high_water = mark.seq, path = %high_water.display(), repository = %repo.location(),
+                        "the repository's journal is behind this sidecar's high-water mark: it was rolled back or its newest objects deleted (run `pitr verify`)"
+                    );
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, repository = %repo.location(), "cannot write the journal batch; retrying at the next interval")
+            }
+        }
+        if last {
             return;
         }
     }

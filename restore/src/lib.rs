@@ -32,6 +32,7 @@ pub mod combine;
 /// restore's callers.
 pub use pitr_archive::continuity;
 pub mod delta;
+pub mod find;
 pub mod drill;
 pub mod materialize;
 pub mod partial;

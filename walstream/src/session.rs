@@ -16,6 +16,7 @@ use pitr_pgwire::PgError;
 use tokio::sync::watch;
 
 use crate::api::{StreamConfig, StreamError, StreamStatus};
+use crate::indexer::Indexer;
 use crate::marks::{write_marks, Tracker};
 use crate::pipeline::{Switch, WalPipeline};
 use crate::resume;
@@ -51,12 +52,17 @@ pub(crate) struct Session {
     /// Tasks that only save work (compacting segments left as chunks, writing marks): stopped
     /// with the session, whatever they were doing.
     pub background: Vec<tokio::task::JoinHandle<()>>,
+    /// The change indexer (`None`: indexing is off).
+    pub indexer: Option<Indexer>,
 }
 
 impl Session {
     pub fn stop_background(&self) {
         for task in &self.background {
             task.abort();
+        }
+        if let Some(indexer) = &self.indexer {
+            indexer.stop();
         }
     }
 
@@ -168,7 +174,11 @@ pub(crate) async fn open_session(
         background.push(tokio::spawn(writer));
         Some(tx)
     };
+    let indexer = cfg.index.enabled.then(|| {
+        Indexer::spawn(repo.clone(), guard.clone(), info.clone(), pipeline.clone(), progress.clone(), &cfg.index)
+    });
     Ok(Session {
+        indexer,
         layout,
         pipeline,
         uploader,

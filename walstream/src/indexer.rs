@@ -1,0 +1,373 @@
+//! The sidecar's change indexer: decodes the WAL it receives into the change index
+//! (`pitr_archive::change_index`), one object per segment, off the receive path.
+//!
+//! The receiver offers each XLogData's bytes (a `Bytes` clone, no copy) through a bounded channel
+//! with `try_send`: when the indexer falls behind, input is dropped, never waited for. The indexer
+//! then sees a gap (the next bytes do not continue what it decoded), leaves the segments the gap
+//! touches unindexed (`pitr_index_segments_skipped_total`; `pitr find` decodes them from the WAL,
+//! `verify --rebuild-index` writes them) and starts afresh after it, its entries flagged
+//! `incomplete` until a RUNNING_XACTS record bounds what may have been missed.
+//!
+//! An index object is put only once its whole segment is durable in the archive (the pipeline's
+//! durable end is past the segment's end), so it never claims WAL the archive does not hold.
+//! After a restart (or at the first bytes on a timeline) it resumes from the newest index object
+//! of the segment before, reading the WAL between that object's end and the stream's start back
+//! from the archive; without one, the segment is decoded from its start if the archive holds it.
+//!
+//! It owns nothing the receiver needs: a failure here is logged and counted, never stops WAL.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pitr_archive::change_index::{self, SegmentIndex};
+use pitr_archive::lease::LeaseGuard;
+use pitr_archive::{ClusterInfo, Repository, WalCatalog, WalLayout};
+use pitr_pgformat::changes::{ChangeAccumulator, CommitEntry};
+use pitr_pgformat::lsn::format_lsn;
+use pitr_pgformat::walreader::WalDecoder;
+use tokio::sync::{mpsc, watch};
+
+use crate::api::IndexOptions;
+use crate::uploader::Shared;
+
+/// XLogData messages queued for the indexer at most (a walsender message is at most 128 KiB:
+/// about 32 MiB).
+const QUEUE: usize = 256;
+/// Segments decoded but not yet durable kept at most (each a few hundred KiB at most).
+const READY_MAX: usize = 16;
+/// At start-up, at most this many segments between the newest index object and the stream's
+/// start are indexed from the archive; an older backlog is left to `verify --rebuild-index`.
+const CATCH_UP_MAX: u64 = 64;
+
+/// The receiver's end: offers bytes, never waits.
+pub(crate) struct Indexer {
+    tx: mpsc::Sender<(u32, u64, Bytes)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Indexer {
+    /// Starts the indexer task for a session.
+    pub fn spawn(
+        repo: Repository,
+        guard: LeaseGuard,
+        info: ClusterInfo,
+        pipeline: Arc<Shared>,
+        progress: watch::Receiver<u64>,
+        options: &IndexOptions,
+    ) -> Indexer {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let task = IndexTask {
+            repo,
+            guard,
+            layout: WalLayout::new(&info),
+            info,
+            pipeline,
+            ddl: options.ddl_commits.clone(),
+            cursor: None,
+            ready: VecDeque::new(),
+            started: false,
+        };
+        Indexer { tx, task: tokio::spawn(task.run(rx, progress)) }
+    }
+
+    /// Offers WAL bytes starting at `lsn` on `timeline`; dropped if the indexer is behind.
+    pub fn offer(&self, timeline: u32, lsn: u64, data: &Bytes) {
+        if self.tx.try_send((timeline, lsn, data.clone())).is_err() {
+            metrics::counter!("pitr_index_input_dropped_total").increment(1);
+        }
+    }
+
+    /// Stops the task (at the end of the session).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+/// Decoding in progress on one timeline.
+struct Cursor {
+    timeline: u32,
+    /// The segment being decoded.
+    segno: u64,
+    /// The next byte expected.
+    next: u64,
+    decoder: WalDecoder,
+    acc: ChangeAccumulator,
+    /// Events before this belong to the previous segment's object.
+    from_lsn: u64,
+    fresh: bool,
+    entries: Vec<CommitEntry>,
+}
+
+struct IndexTask {
+    repo: Repository,
+    guard: LeaseGuard,
+    layout: WalLayout,
+    info: ClusterInfo,
+    pipeline: Arc<Shared>,
+    ddl: Option<Arc<watch::Sender<Option<u64>>>>,
+    cursor: Option<Cursor>,
+    /// Decoded segments waiting for their WAL to be durable.
+    ready: VecDeque<SegmentIndex>,
+    /// Whether the first bytes were seen (start-up catch-up is done once per session).
+    started: bool,
+}
+
+fn skipped(why: &str, timeline: u32, segno: u64, layout: &WalLayout) {
+    metrics::counter!("pitr_index_segments_skipped_total").increment(1);
+    tracing::warn!(segment = %layout.segment_file_name(timeline, segno), reason = why,
+        "WAL segment left out of the change index (pitr find decodes it from the WAL; verify --rebuild-index writes it)");
+}
+
+impl IndexTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<(u32, u64, Bytes)>, mut progress: watch::Receiver<u64>) {
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some((timeline, lsn, data)) => {
+                        self.take(timeline, lsn, &data).await;
+                        self.flush().await;
+                    }
+                    None => return,
+                },
+                changed = progress.changed() => {
+                    if changed.is_err() {
+                        // The uploader ended; what is durable now stays so.
+                        self.flush().await;
+                        return;
+                    }
+                    self.flush().await;
+                }
+            }
+        }
+    }
+
+    async fn take(&mut self, timeline: u32, lsn: u64, data: &[u8]) {
+        let continues = matches!(&self.cursor, Some(c) if c.timeline == timeline && c.next == lsn);
+        if !continues {
+            if let Some(c) = self.cursor.take() {
+                if c.timeline == timeline && lsn < c.next {
+                    // Bytes already decoded (a reconnect resends from the durable end).
+                    let skip = usize::try_from(c.next - lsn).unwrap_or(usize::MAX);
+                    self.cursor = Some(c);
+                    if let Some(rest) = data.get(skip..) {
+                        let next = lsn + skip as u64;
+                        Box::pin(self.take(timeline, next, rest)).await;
+                    }
+                    return;
+                }
+                let why =
+                    if c.timeline != timeline { "timeline switch" } else { "input dropped: the indexer fell behind" };
+                // The segment `lsn` is in is reported when the fresh cursor finishes it.
+                let last = if c.timeline == timeline { self.layout.segno_of(lsn) } else { c.segno + 1 };
+                for segno in c.segno..last {
+                    skipped(why, c.timeline, segno, &self.layout);
+                }
+                let mut acc = c.acc;
+                acc.lose_continuity();
+                self.cursor = Some(self.fresh_cursor(timeline, lsn, acc));
+            } else {
+                self.cursor = Some(self.open(timeline, lsn).await);
+            }
+        }
+        self.feed(lsn, data);
+    }
+
+    /// A cursor that starts decoding at `lsn` with nothing before it: its segment's object covers
+    /// from `lsn` only and is written only if `lsn` is the segment's start.
+    fn fresh_cursor(&self, timeline: u32, lsn: u64, acc: ChangeAccumulator) -> Cursor {
+        Cursor {
+            timeline,
+            segno: self.layout.segno_of(lsn),
+            next: lsn,
+            decoder: WalDecoder::with_changes(self.info.wal_segment_size, self.info.wal_page_size),
+            acc,
+            from_lsn: lsn,
+            fresh: true,
+            entries: Vec::new(),
+        }
+    }
+
+    /// The first bytes of a session on `timeline` start at `lsn`: resume after the newest index
+    /// object, reading the WAL in between back from the archive.
+    async fn open(&mut self, timeline: u32, lsn: u64) -> Cursor {
+        let first = !std::mem::replace(&mut self.started, true);
+        let segno = self.layout.segno_of(lsn);
+        let seg_start = self.layout.segment_start(segno);
+        let prior = if first {
+            change_index::newest_at_or_before(&self.repo, &self.layout, timeline, segno.saturating_sub(1))
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot list the change index; indexing starts afresh");
+                    None
+                })
+        } else {
+            None
+        };
+        let catalog = match WalCatalog::build(&self.repo, self.layout).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the WAL archive; indexing starts afresh");
+                return self.fresh_cursor(timeline, lsn, ChangeAccumulator::new());
+            }
+        };
+        // Catch up whole segments between the newest object and the stream's segment.
+        let mut prev = prior.filter(|p| segno - p.segno <= CATCH_UP_MAX);
+        if let Some(p) = prev.clone() {
+            let mut p = p;
+            for s in p.segno + 1..segno {
+                match change_index::decode_segment(
+                    &self.repo,
+                    &self.info,
+                    &catalog,
+                    timeline,
+                    s,
+                    change_index::Start::after(&p),
+                )
+                .await
+                {
+                    Ok(Some((index, true))) => {
+                        self.put(&index).await;
+                        p = index;
+                    }
+                    _ => {
+                        prev = None;
+                        break;
+                    }
+                }
+            }
+            if prev.is_some() {
+                prev = Some(p);
+            }
+        }
+        // Then the part of the stream's segment the archive holds before `lsn`.
+        let (from_lsn, acc, fresh) = match &prev {
+            Some(p) if p.segno + 1 == segno => (p.to_lsn, ChangeAccumulator::from_state(p.carry.clone()), false),
+            _ => (seg_start, ChangeAccumulator::new(), true),
+        };
+        let page = self.info.wal_page_size.max(1);
+        let feed_from = from_lsn - from_lsn % page;
+        let cursor = Cursor {
+            timeline,
+            segno,
+            next: feed_from,
+            decoder: WalDecoder::with_changes(self.info.wal_segment_size, self.info.wal_page_size),
+            acc,
+            from_lsn,
+            fresh,
+            entries: Vec::new(),
+        };
+        let cursor = if feed_from < lsn {
+            match change_index::read_wal(&self.repo, &catalog, timeline, feed_from, lsn).await {
+                Ok(Some(bytes)) => {
+                    self.cursor = Some(cursor);
+                    self.feed(feed_from, &bytes);
+                    match self.cursor.take() {
+                        Some(c) => c,
+                        None => return self.fresh_cursor(timeline, lsn, ChangeAccumulator::new()),
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    let mut acc = cursor.acc;
+                    acc.lose_continuity();
+                    return self.fresh_cursor(timeline, lsn, acc);
+                }
+            }
+        } else {
+            cursor
+        };
+        tracing::info!(timeline, from = %format_lsn(from_lsn), resumed = !fresh, "change index: decoding");
+        cursor
+    }
+
+    /// Decodes bytes that continue the cursor, finishing segments at their ends.
+    fn feed(&mut self, mut lsn: u64, mut data: &[u8]) {
+        let seg_size = self.info.wal_segment_size;
+        let mut events = Vec::new();
+        while !data.is_empty() {
+            let Some(c) = self.cursor.as_mut() else { return };
+            let seg_end = (c.segno + 1) * seg_size;
+            let n = usize::try_from(seg_end - lsn).unwrap_or(usize::MAX).min(data.len());
+            let (piece, rest) = data.split_at(n);
+            events.clear();
+            c.decoder.feed_events(lsn, piece, &mut events);
+            let before = c.entries.len();
+            for ev in events.iter().filter(|e| e.lsn() >= c.from_lsn) {
+                c.acc.push(ev, &mut c.entries);
+            }
+            if let Some(ddl) = &self.ddl {
+                if let Some(e) = c.entries[before..].iter().rev().find(|e| e.ddl) {
+                    ddl.send_replace(Some(e.commit_lsn));
+                }
+            }
+            lsn += n as u64;
+            c.next = lsn;
+            data = rest;
+            if lsn == seg_end {
+                let to_lsn = c.decoder.record_boundary().unwrap_or(lsn).clamp(c.from_lsn, lsn);
+                let index = SegmentIndex {
+                    timeline: c.timeline,
+                    segno: c.segno,
+                    from_lsn: c.from_lsn,
+                    to_lsn,
+                    fresh: c.fresh,
+                    entries: std::mem::take(&mut c.entries),
+                    carry: c.acc.state(),
+                };
+                c.segno += 1;
+                c.from_lsn = to_lsn;
+                c.fresh = false;
+                // An object must cover from its segment's start (or a record begun before it).
+                if index.from_lsn <= self.layout.segment_start(index.segno) || !index.fresh {
+                    if self.ready.len() >= READY_MAX {
+                        if let Some(old) = self.ready.pop_front() {
+                            skipped("its WAL did not become durable in time", old.timeline, old.segno, &self.layout);
+                        }
+                    }
+                    self.ready.push_back(index);
+                } else {
+                    skipped("decoding started inside it", index.timeline, index.segno, &self.layout);
+                }
+            }
+        }
+    }
+
+    /// Puts the decoded segments whose WAL is durable now.
+    async fn flush(&mut self) {
+        let durable = self.pipeline.with(|p| p.durable());
+        while let Some(front) = self.ready.front() {
+            let end = self.layout.segment_start(front.segno + 1);
+            if durable.timeline != front.timeline {
+                // Another timeline now: whether this one's segment was archived whole is not known
+                // here; left to `verify --rebuild-index`.
+                if durable.timeline > front.timeline {
+                    if let Some(old) = self.ready.pop_front() {
+                        skipped("timeline switch", old.timeline, old.segno, &self.layout);
+                    }
+                    continue;
+                }
+                return;
+            }
+            if durable.lsn < end {
+                return;
+            }
+            if let Some(index) = self.ready.pop_front() {
+                self.put(&index).await;
+            }
+        }
+    }
+
+    async fn put(&self, index: &SegmentIndex) {
+        let name = index.object_name(&self.layout);
+        match self.guard.fenced(self.repo.put_sealed(&name, index.encode(), index.meta())).await {
+            Ok(Ok(_)) => {
+                metrics::counter!("pitr_index_segments_written_total").increment(1);
+                tracing::debug!(object = %name, commits = index.entries.len(), "change index written");
+            }
+            Ok(Err(e)) => {
+                skipped(&format!("put failed: {e}"), index.timeline, index.segno, &self.layout);
+            }
+            Err(e) => skipped(&format!("lease: {e}"), index.timeline, index.segno, &self.layout),
+        }
+    }
+}
