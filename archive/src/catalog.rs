@@ -61,6 +61,10 @@ pub struct CatalogRelation {
     /// commit's, so `find` cannot take it as evidence of a rewrite. Not counted as a change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats_us: Option<i64>,
+    /// For a partition, its partitioned root table as `schema.name` (which has no storage of
+    /// its own): `find --table ROOT` finds its partitions' commits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_of: Option<String>,
 }
 
 impl CatalogRelation {
@@ -69,13 +73,19 @@ impl CatalogRelation {
         format!("{}.{}", self.schema, self.name)
     }
 
+    /// Whether this is `schema.name`, or a partition of it.
+    pub fn is_or_partition_of(&self, schema: &str, name: &str) -> bool {
+        (self.schema == schema && self.name == name)
+            || self.partition_of.as_deref().is_some_and(|p| p.split_once('.') == Some((schema, name)))
+    }
+
     /// Whether `other` is the same relation under the same storage and name (the estimate
     /// aside).
     fn same_place(&self, other: &CatalogRelation) -> bool {
         (self.db_oid, self.spc_oid, self.relfilenode, self.oid)
             == (other.db_oid, other.spc_oid, other.relfilenode, other.oid)
-            && (&self.db_name, &self.schema, &self.name, &self.relkind)
-                == (&other.db_name, &other.schema, &other.name, &other.relkind)
+            && (&self.db_name, &self.schema, &self.name, &self.relkind, &self.partition_of)
+                == (&other.db_name, &other.schema, &other.name, &other.relkind, &other.partition_of)
     }
 }
 
@@ -96,6 +106,9 @@ pub struct CatalogSnapshot {
     pub unread_databases: Vec<String>,
     /// Every relation with storage of the kinds above, sorted by (db, spc, relfilenode).
     pub relations: Vec<CatalogRelation>,
+    /// Positions in `relations` sorted by (db, oid), for [`CatalogSnapshot::relation_by_oid`].
+    #[serde(skip)]
+    by_oid: Vec<usize>,
 }
 
 /// A snapshot that could not be taken into account.
@@ -112,7 +125,36 @@ impl CatalogSnapshot {
     /// A snapshot of `relations` (sorted here).
     pub fn new(timeline: u32, lsn: u64, time_us: i64, mut relations: Vec<CatalogRelation>) -> CatalogSnapshot {
         relations.sort_by_key(|r| (r.db_oid, r.spc_oid, r.relfilenode));
-        CatalogSnapshot { version: VERSION, timeline, lsn, time_us, unread_databases: Vec::new(), relations }
+        let mut s = CatalogSnapshot {
+            version: VERSION,
+            timeline,
+            lsn,
+            time_us,
+            unread_databases: Vec::new(),
+            relations,
+            by_oid: Vec::new(),
+        };
+        s.index();
+        s
+    }
+
+    fn index(&mut self) {
+        let mut by_oid: Vec<usize> = (0..self.relations.len()).collect();
+        by_oid.sort_by_key(|&i| (self.relations[i].db_oid, self.relations[i].oid));
+        self.by_oid = by_oid;
+    }
+
+    /// The relation with `pg_class.oid` `oid` in database `db_oid`, if listed (binary search;
+    /// a linear one when `relations` was changed after this snapshot was made or read).
+    pub fn relation_by_oid(&self, db_oid: u32, oid: u32) -> Option<&CatalogRelation> {
+        if self.by_oid.len() != self.relations.len() {
+            return self.relations.iter().find(|r| (r.db_oid, r.oid) == (db_oid, oid));
+        }
+        let i = self
+            .by_oid
+            .binary_search_by_key(&(db_oid, oid), |&i| (self.relations[i].db_oid, self.relations[i].oid))
+            .ok()?;
+        self.relations.get(self.by_oid[i]).filter(|r| (r.db_oid, r.oid) == (db_oid, oid))
     }
 
     /// The object name of this snapshot.
@@ -159,6 +201,7 @@ impl CatalogSnapshot {
         }
         // Sorted for lookups even if a future writer does not sort.
         s.relations.sort_by_key(|r| (r.db_oid, r.spc_oid, r.relfilenode));
+        s.index();
         Some(s)
     }
 }
@@ -355,6 +398,7 @@ mod tests {
             relkind: "r".into(),
             reltuples,
             stats_us: None,
+            partition_of: None,
         }
     }
 

@@ -723,6 +723,19 @@ pub async fn rebuild(
     since_segno: Option<u64>,
     force: bool,
 ) -> Result<RebuildReport, ChangeIndexError> {
+    rebuild_range(repo, info, since_segno, None, force).await
+}
+
+/// [`rebuild`] of segments `since_segno..=until_segno` only (the sidecar's backfill: it leaves
+/// newer segments to its live indexer, whose objects carry state from the one before).
+pub async fn rebuild_range(
+    repo: &Repository,
+    info: &ClusterInfo,
+    since_segno: Option<u64>,
+    until_segno: Option<u64>,
+    force: bool,
+) -> Result<RebuildReport, ChangeIndexError> {
+    let until = until_segno.unwrap_or(u64::MAX);
     let layout = WalLayout::new(info);
     let catalog = WalCatalog::build(repo, layout).await?;
     let mut report = RebuildReport::default();
@@ -733,7 +746,7 @@ pub async fn rebuild(
         let segnos: Vec<u64> = catalog
             .segments
             .iter()
-            .filter(|((t, s), e)| *t == timeline && *s >= since && e.is_complete(info.wal_segment_size))
+            .filter(|((t, s), e)| *t == timeline && (since..=until).contains(s) && e.is_complete(info.wal_segment_size))
             .map(|((_, s), _)| *s)
             .collect();
         let mut carried: Option<SegmentIndex> = match segnos.first().and_then(|s| s.checked_sub(1)) {
@@ -790,7 +803,16 @@ pub async fn rebuild(
                         report.written += 1;
                     }
                 }
-                Err(e @ RepositoryError::Conflict { .. }) => report.problems.push(e.to_string()),
+                // Written meanwhile (by the sidecar, from a different start: another carry or
+                // flags). A readable object for the segment is as good as ours: keep it.
+                Err(e @ RepositoryError::Conflict { .. }) => match read_index(repo, &layout, timeline, segno).await {
+                    Ok(Some(existing)) => {
+                        report.present += 1;
+                        carried = Some(existing);
+                        continue;
+                    }
+                    Ok(None) | Err(_) => report.problems.push(e.to_string()),
+                },
                 Err(e) => return Err(e.into()),
             }
             carried = Some(decoded);

@@ -697,6 +697,11 @@ async fn run(
     // 1. Manifests, children first. A refused one pins its chain.
     let mut pinned: BTreeSet<String> = BTreeSet::new();
     let mut removed_backups = Vec::new();
+    // One journal batch announces every manifest delete below, not one batch each.
+    if !opts.dry_run {
+        let names: Vec<String> = selection.expired.iter().map(|id| pg::backup_manifest(system_id, id)).collect();
+        repo.announce_deletes(&names).await?;
+    }
     for id in &selection.expired {
         if past_deadline() {
             stopped_at_deadline = true;

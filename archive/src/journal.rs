@@ -429,10 +429,15 @@ pub async fn load_chain(store: Arc<dyn Store>, keys: KeyRing, key: &VerifyingKey
     let mut trusted = BTreeMap::new();
     let mut refused = BTreeSet::new();
     // Read 16 at a time: a long journal is many small objects, each a round trip.
-    let read: Vec<(u64, &String, Result<TrustedBatch, BatchTrouble>)> = stream::iter(seqs.iter())
+    // (Owned values in each read: a future borrowing from the closure's argument is not `Send`
+    // for every lifetime, and the sidecar's scheduled verification spawns this.)
+    let read: Vec<(u64, String, Result<TrustedBatch, BatchTrouble>)> = stream::iter(seqs.clone())
         .map(|(seq, name)| {
-            let repo = &repo;
-            async move { (*seq, name, read_batch(repo, name, key).await) }
+            let (repo, key) = (repo.clone(), *key);
+            async move {
+                let outcome = read_batch(&repo, &name, &key).await;
+                (seq, name, outcome)
+            }
         })
         .buffered(16)
         .collect()
@@ -444,7 +449,7 @@ pub async fn load_chain(store: Arc<dyn Store>, keys: KeyRing, key: &VerifyingKey
             }
             Err(BatchTrouble::Untrusted(what)) => {
                 refused.insert(seq);
-                chain.problems.push(ChainProblem { name: name.clone(), what: format!("refused: {what}") });
+                chain.problems.push(ChainProblem { name, what: format!("refused: {what}") });
             }
             Err(BatchTrouble::Read(e)) => return Err(e),
         }
@@ -465,6 +470,19 @@ pub async fn load_chain(store: Arc<dyn Store>, keys: KeyRing, key: &VerifyingKey
             // A seq chained past that holds nothing now: a writer only chains past an object it
             // found there and could not trust, so it was removed since, and whatever it was (a
             // replaced batch of ours) cannot be checked. Honest operation never leaves one.
+            let mut at = from;
+            for s in seqs.range(from..seq).map(|(s, _)| *s).chain(std::iter::once(seq)) {
+                if s > at {
+                    let which = if s - at == 1 { format!("seq {at}") } else { format!("seqs {at} to {}", s - 1) };
+                    chain.problems.push(ChainProblem {
+                        name: names::journal::batch(at),
+                        what: format!(
+                            "absent, but batch {seq} chained past {which} as untrusted: removed from the journal since; what it held cannot be checked"
+                        ),
+                    });
+                }
+                at = s.saturating_add(1);
+            }
             head = Some((seq, b.hash));
             chain.batches.push(b);
         } else {
@@ -544,6 +562,8 @@ pub struct Recorder {
     head: tokio::sync::Mutex<Option<Head>>,
     /// Where the sidecar keeps its high-water mark (seq and hash of its last batch).
     high_water: Mutex<Option<PathBuf>>,
+    /// The hash of batch 0 of the journal written to (hex), read once for the high-water mark.
+    origin: Mutex<Option<String>>,
     /// The deletes of the newest written batch that had any (not put since): a delete retried
     /// one object at a time after a failed `delete_many` needs no batch of its own.
     written_deletes: Mutex<BTreeSet<String>>,
@@ -556,9 +576,24 @@ pub struct HighWater {
     pub seq: u64,
     /// SHA-256 of its canonical body, hex.
     pub hash: String,
+    /// The id of the key that signed it ([`key_id`]); empty in a mark that does not say.
+    #[serde(default)]
+    pub key_id: String,
+    /// SHA-256 of batch 0's body, hex: which journal (repository) it was written to; empty when
+    /// unknown. A re-initialised or new repository at the same status path starts another one.
+    #[serde(default)]
+    pub origin: String,
 }
 
 impl HighWater {
+    /// Whether the mark is of the journal signed by `key_id` whose batch 0 hashes to `origin`
+    /// (hex; `None`: that journal has no trusted batch 0, which cannot tell). A mark of another
+    /// key or another repository says nothing about this one: it is ignored, not a rollback.
+    pub fn same_journal(&self, key_id: &str, origin: Option<&str>) -> bool {
+        (self.key_id.is_empty() || self.key_id == key_id)
+            && (self.origin.is_empty() || origin.is_none_or(|o| o == self.origin))
+    }
+
     /// Reads a high-water mark file; `Ok(None)` when there is none.
     pub fn read(path: &Path) -> std::io::Result<Option<HighWater>> {
         match std::fs::read(path) {
@@ -588,6 +623,7 @@ impl Recorder {
             pending: Mutex::new(Pending::default()),
             head: tokio::sync::Mutex::new(None),
             high_water: Mutex::new(None),
+            origin: Mutex::new(None),
             written_deletes: Mutex::new(BTreeSet::new()),
         }
     }
@@ -637,6 +673,11 @@ impl Recorder {
             p.wal_through.insert(cluster, w);
             p.wal_moved = true;
         }
+    }
+
+    /// Whether puts or deletes are waiting (not only a moved `wal_through`).
+    pub fn has_entries(&self) -> bool {
+        !self.pending().entries.is_empty()
     }
 
     /// Whether there is anything to write.
@@ -691,6 +732,7 @@ impl Recorder {
         wal_through: Vec<WalThrough>,
     ) -> Result<u64, RepositoryError> {
         let key = self.signer.verifying_key();
+        let mut taken = 0u32;
         loop {
             let h = match *head {
                 Some(h) => h,
@@ -718,8 +760,29 @@ impl Recorder {
                     *head = Some(Head { trusted: Some((body.seq, hash)), next_seq: body.seq.saturating_add(1) });
                     let path = self.high_water.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     if let Some(path) = path {
-                        let mark = HighWater { seq: body.seq, hash: hex::encode(hash) };
-                        if let Err(e) = mark.write(&path) {
+                        let origin = if body.seq == 0 {
+                            let o = hex::encode(hash);
+                            *self.origin.lock().unwrap_or_else(|e| e.into_inner()) = Some(o.clone());
+                            Some(o)
+                        } else {
+                            self.origin(repo, &key).await
+                        };
+                        let mark = HighWater {
+                            seq: body.seq,
+                            hash: hex::encode(hash),
+                            key_id: self.signer.key_id.clone(),
+                            origin: origin.clone().unwrap_or_default(),
+                        };
+                        // Never lowered: a mark at or above this seq witnesses batches the
+                        // repository lost (a rollback); writing over it would erase the evidence
+                        // `pitr verify` names. Remove the file once that is dealt with. A mark of
+                        // another key or repository (re-initialised) is replaced.
+                        let witness = HighWater::read(&path).map(|m| {
+                            m.filter(|m| m.seq >= body.seq && m.same_journal(&mark.key_id, origin.as_deref()))
+                        });
+                        if let Ok(Some(old)) = witness {
+                            tracing::error!(path = %path.display(), seq = body.seq, high_water = old.seq, "the repository's journal is behind this host's high-water mark: it was rolled back or lost its newest batches; the mark is kept for `pitr verify`");
+                        } else if let Err(e) = mark.write(&path) {
                             tracing::warn!(path = %path.display(), error = %e, "cannot write the journal's high-water mark");
                         }
                     }
@@ -731,6 +794,13 @@ impl Recorder {
                 Err(e) if matches!(e, RepositoryError::Conflict { .. }) || e.is_untrusted_object() => {
                     if h.next_seq == u64::MAX {
                         return Err(e);
+                    }
+                    // A writer paused while others went on (a sidecar stopped for a day is 8,640
+                    // batches behind) probes for the head again rather than stepping through them.
+                    taken += 1;
+                    if taken.is_multiple_of(WALK_BEFORE_PROBING) {
+                        *head = None;
+                        continue;
                     }
                     match read_batch(repo, &name, &key).await {
                         Ok(b)
@@ -759,6 +829,23 @@ impl Recorder {
         }
     }
 }
+
+impl Recorder {
+    /// The hash of batch 0 of `repo`'s journal (hex), read once; `None` when it does not read
+    /// as a trusted batch (the mark then says no origin).
+    async fn origin(&self, repo: &Repository, key: &VerifyingKey) -> Option<String> {
+        if let Some(o) = self.origin.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Some(o);
+        }
+        let b = read_batch(repo, &names::journal::batch(0), key).await.ok()?;
+        let o = hex::encode(b.hash);
+        *self.origin.lock().unwrap_or_else(|e| e.into_inner()) = Some(o.clone());
+        Some(o)
+    }
+}
+
+/// How many taken seqs a writer steps over one by one before it looks for the head afresh.
+const WALK_BEFORE_PROBING: u32 = 8;
 
 /// The newest trusted batch of `repo`'s journal and the seq to write next.
 ///
@@ -1047,6 +1134,7 @@ mod tests {
     struct Watched {
         inner: LocalStore,
         journal_lists: std::sync::atomic::AtomicUsize,
+        journal_gets: std::sync::atomic::AtomicUsize,
         fail_journal_puts: std::sync::atomic::AtomicBool,
     }
 
@@ -1066,9 +1154,15 @@ mod tests {
             self.inner.put_if_absent(name, data).await
         }
         async fn get(&self, name: &str) -> Result<Bytes, crate::StoreError> {
+            if name.starts_with(names::journal::PREFIX) {
+                self.journal_gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             self.inner.get(name).await
         }
         async fn get_range(&self, name: &str, range: std::ops::Range<u64>) -> Result<Bytes, crate::StoreError> {
+            if name.starts_with(names::journal::PREFIX) {
+                self.journal_gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             self.inner.get_range(name, range).await
         }
         async fn list(&self, prefix: &str) -> Result<Vec<crate::ObjectInfo>, crate::StoreError> {
@@ -1092,6 +1186,7 @@ mod tests {
         let store = Arc::new(Watched {
             inner: LocalStore::new(dir),
             journal_lists: Default::default(),
+            journal_gets: Default::default(),
             fail_journal_puts: Default::default(),
         });
         let repo = Repository::new(store.clone(), KeyRing::from_key("a", [1; 32]))
@@ -1222,6 +1317,118 @@ mod tests {
         let c = chain(dir.path(), &signer.verifying_key()).await;
         assert_eq!(c.batches.len(), 3);
         assert!(c.replay().live.is_empty());
+    }
+
+    #[tokio::test]
+    async fn deletes_announced_together_write_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = JournalSigner::from_seed([8; 32]);
+        let repo = repo_with(dir.path(), &signer);
+        let meta = ObjectMeta::plain(ObjectKind::Meta);
+        let names: Vec<String> = (1..=4).map(|i| format!("pg/7/backups/2026112{i}T000000Z.manifest")).collect();
+        for n in &names {
+            repo.put_sealed(n, n.clone().into_bytes(), meta.clone()).await.unwrap();
+        }
+        repo.journal().unwrap().flush(&repo).await.unwrap();
+        // Expire's manifests, children first, one at a time: announced in one batch.
+        repo.announce_deletes(&names).await.unwrap();
+        for n in names.iter().rev() {
+            repo.delete(n).await.unwrap();
+        }
+        let c = chain(dir.path(), &signer.verifying_key()).await;
+        assert_eq!(c.batches.len(), 2);
+        assert!(c.replay().live.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_paused_writer_finds_the_head_again_instead_of_walking_every_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = JournalSigner::from_seed([5; 32]);
+        let (paused_store, paused) = watched(dir.path(), &signer);
+        paused.journal().unwrap().set_wal_through(7, 1, 1);
+        paused.journal().unwrap().flush(&paused).await.unwrap();
+        let other = repo_with(dir.path(), &signer);
+        for n in 0..100u64 {
+            other.journal().unwrap().set_wal_through(7, 1, n + 2);
+            other.journal().unwrap().flush(&other).await.unwrap();
+        }
+        paused_store.journal_gets.store(0, std::sync::atomic::Ordering::SeqCst);
+        paused_store.journal_lists.store(0, std::sync::atomic::Ordering::SeqCst);
+        paused.put_sealed(SEG, b"one".to_vec(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+        assert_eq!(paused.journal().unwrap().flush(&paused).await.unwrap(), Some(101));
+        assert_eq!(paused_store.journal_lists.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let gets = paused_store.journal_gets.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(gets < 20, "{gets} batches read to find the head");
+        let c = chain(dir.path(), &signer.verifying_key()).await;
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        assert_eq!((c.batches.len(), c.replay().live.len()), (102, 1));
+    }
+
+    #[tokio::test]
+    async fn the_high_water_mark_is_never_lowered_by_a_rolled_back_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = tempfile::tempdir().unwrap();
+        let hwm = local.path().join("status.journal-hwm.json");
+        let signer = JournalSigner::from_seed([5; 32]);
+        let repo = repo_with(dir.path(), &signer);
+        repo.journal().unwrap().set_high_water_file(hwm.clone());
+        for n in 0..3u64 {
+            repo.journal().unwrap().set_wal_through(7, 1, n + 1);
+            repo.journal().unwrap().flush(&repo).await.unwrap();
+        }
+        assert_eq!(HighWater::read(&hwm).unwrap().unwrap().seq, 2);
+        // The bucket goes back to an old snapshot; the sidecar starts again and writes on.
+        for seq in [1, 2] {
+            repo.store().delete(&names::journal::batch(seq)).await.unwrap();
+        }
+        let restarted = repo_with(dir.path(), &signer);
+        restarted.journal().unwrap().set_high_water_file(hwm.clone());
+        restarted.journal().unwrap().set_wal_through(7, 1, 9);
+        assert_eq!(restarted.journal().unwrap().flush(&restarted).await.unwrap(), Some(1));
+        let mark = HighWater::read(&hwm).unwrap().unwrap();
+        assert_eq!(mark.seq, 2, "the witness of the lost batches is kept");
+        let c = chain(dir.path(), &signer.verifying_key()).await;
+        assert!(c.at(2).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_high_water_mark_of_another_repository_or_key_is_replaced_not_kept() {
+        let local = tempfile::tempdir().unwrap();
+        let hwm = local.path().join("status.journal-hwm.json");
+        let signer = JournalSigner::from_seed([6; 32]);
+        let old = tempfile::tempdir().unwrap();
+        let repo = repo_with(old.path(), &signer);
+        repo.journal().unwrap().set_high_water_file(hwm.clone());
+        for n in 0..3u64 {
+            repo.journal().unwrap().set_wal_through(7, 1, n + 1);
+            repo.journal().unwrap().flush(&repo).await.unwrap();
+        }
+        let mark = HighWater::read(&hwm).unwrap().unwrap();
+        let origin = hex::encode(chain(old.path(), &signer.verifying_key()).await.at(0).unwrap().hash);
+        assert_eq!((mark.seq, mark.key_id.as_str(), mark.origin.as_str()), (2, signer.key_id(), origin.as_str()));
+        assert!(mark.same_journal(signer.key_id(), Some(&origin)));
+        // Re-initialised: a new repository at the same status path. Its batch 0 replaces the mark.
+        let new = tempfile::tempdir().unwrap();
+        let fresh = repo_with(new.path(), &signer);
+        fresh.journal().unwrap().set_high_water_file(hwm.clone());
+        fresh.journal().unwrap().set_wal_through(7, 1, 9);
+        assert_eq!(fresh.journal().unwrap().flush(&fresh).await.unwrap(), Some(0));
+        let replaced = HighWater::read(&hwm).unwrap().unwrap();
+        assert_eq!(replaced.seq, 0);
+        assert!(!mark.same_journal(signer.key_id(), Some(&replaced.origin)));
+        // A new signing key on the old repository: the old key's mark is replaced too.
+        let other = JournalSigner::from_seed([7; 32]);
+        std::fs::write(&hwm, serde_json::to_vec(&mark).unwrap()).unwrap();
+        let rekeyed = repo_with(old.path(), &other);
+        rekeyed.journal().unwrap().set_high_water_file(hwm.clone());
+        rekeyed.journal().unwrap().set_wal_through(7, 1, 10);
+        rekeyed.journal().unwrap().flush(&rekeyed).await.unwrap();
+        let after = HighWater::read(&hwm).unwrap().unwrap();
+        assert_eq!(after.key_id, other.key_id());
+        assert!(!mark.same_journal(other.key_id(), None));
+        // A mark that says neither (written before they were kept) still counts.
+        let bare: HighWater = serde_json::from_str(r#"{"seq":2,"hash":"00"}"#).unwrap();
+        assert!(bare.same_journal(other.key_id(), Some(&origin)));
     }
 
     #[test]

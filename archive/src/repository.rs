@@ -314,6 +314,14 @@ impl Repository {
         Ok(())
     }
 
+    /// Journals `names` as deleted in one written batch ahead of deleting them one at a time
+    /// (expire's manifests, children first): each later [`Repository::delete`] of one of them
+    /// then writes no batch of its own. A name not deleted after all (refused, a stop) stays
+    /// present while the journal says deleted: `pitr verify` notes it, the next expire retries.
+    pub async fn announce_deletes(&self, names: &[String]) -> Result<(), RepositoryError> {
+        self.journal_deletes(names).await
+    }
+
     /// Names this repository `name` and reads from `fallbacks`, in order, what it cannot supply.
     pub fn with_fallbacks(mut self, name: impl Into<String>, fallbacks: Vec<NamedStore>) -> Repository {
         self.name = name.into();

@@ -30,7 +30,7 @@ const DDL_MIN_SPACING: Duration = Duration::from_secs(5);
 /// The longest one snapshot may take (connections, queries, the put). A server that accepts
 /// connections and then hangs must not stop the poller for good: the attempt is abandoned and
 /// the next tick tries again.
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The relations of the current database a snapshot lists: tables, partitioned tables,
 /// materialized views and TOAST tables with storage (system catalogs left out: `find` names
@@ -39,7 +39,9 @@ const RELATIONS_SQL: &str = "SELECT c.oid::text, pg_relation_filenode(c.oid)::te
      (CASE WHEN c.reltablespace = 0 THEN d.dattablespace ELSE c.reltablespace END)::text, \
      n.nspname, c.relname, c.relkind::text, c.reltuples::float8::text, d.oid::text, \
      (extract(epoch FROM GREATEST(pg_stat_get_last_vacuum_time(c.oid), pg_stat_get_last_autovacuum_time(c.oid), \
-     pg_stat_get_last_analyze_time(c.oid), pg_stat_get_last_autoanalyze_time(c.oid))) * 1000000)::bigint::text \
+     pg_stat_get_last_analyze_time(c.oid), pg_stat_get_last_autoanalyze_time(c.oid))) * 1000000)::bigint::text, \
+     (SELECT rn.nspname || '.' || rc.relname FROM pg_class rc JOIN pg_namespace rn ON rn.oid = rc.relnamespace \
+      WHERE c.relispartition AND rc.oid = pg_partition_root(c.oid)) \
      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
      JOIN pg_database d ON d.datname = current_database() \
      WHERE c.relkind IN ('r', 'p', 'm', 't') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
@@ -58,6 +60,8 @@ pub struct Poller {
     pub application_name: String,
     /// `[find] catalog_interval`.
     pub interval: Duration,
+    /// How long one snapshot may take ([`SNAPSHOT_TIMEOUT`]).
+    pub timeout: Duration,
 }
 
 impl Poller {
@@ -98,11 +102,11 @@ impl Poller {
             }
             last = Some(tokio::time::Instant::now());
             tokio::select! {
-                done = tokio::time::timeout(SNAPSHOT_TIMEOUT, self.once(&mut previous)) => match done {
+                done = tokio::time::timeout(self.timeout, self.once(&mut previous)) => match done {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "catalog snapshot not taken; retrying later"),
                     Err(_) => tracing::warn!(
-                        timeout_s = SNAPSHOT_TIMEOUT.as_secs(),
+                        timeout_s = self.timeout.as_secs(),
                         "catalog snapshot not taken: the server or the repository did not answer in time; retrying later"
                     ),
                 },
@@ -208,7 +212,52 @@ async fn relations_of(info: &ConnInfo, application_name: &str, db: &str) -> Resu
             relkind: rows.text(row, 5).unwrap_or_default().to_string(),
             reltuples: rows.text(row, 6).and_then(|t| t.parse().ok()).unwrap_or(-1.0),
             stats_us: rows.text(row, 8).and_then(|t| t.parse().ok()),
+            partition_of: rows.text(row, 9).map(str::to_string),
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A server that accepts connections and never answers must not stop the poller for good:
+    /// each attempt is abandoned after its timeout and tried again, and a stop is obeyed at once.
+    #[tokio::test]
+    async fn a_hung_server_is_abandoned_and_retried() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(
+            Arc::new(pitr_archive::LocalStore::new(dir.path())),
+            pitr_archive::KeyRing::from_key("k", [1; 32]),
+        );
+        let poller = Poller {
+            repo,
+            system_id: None,
+            conninfo: pitr_pgwire::conninfo::parse(&format!("host=127.0.0.1 port={port} user=u sslmode=disable"))
+                .unwrap(),
+            application_name: "t".into(),
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(300),
+        };
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(poller.run(None, stopped));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(accepted.load(Ordering::SeqCst) >= 2, "tried again after the hung attempt");
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), task).await.expect("stops when told").unwrap();
+    }
 }

@@ -297,7 +297,16 @@ fn count_run(job: &Job, ok: bool) {
 async fn run_verify(ctx: &SchedulerContext) -> Result<pitr_restore::verify::VerifyReport> {
     let config = Config::load(&ctx.config_path)?;
     let catalog = open::catalog(&ctx.repo, ctx.system_id).await?;
-    Ok(pitr_restore::verify::verify(&ctx.repo, &catalog, false, config.backup.parallel()).await?)
+    let mut report = pitr_restore::verify::verify(&ctx.repo, &catalog, false, config.backup.parallel()).await?;
+    // The journal, as `pitr verify` checks it: its findings fail the run and count in the gauge.
+    let journal = crate::cmd::verify_journal::check_or_finding(&config, None, &ctx.repo, false).await;
+    report.notes.extend(journal.notes);
+    if !journal.findings.is_empty() {
+        report.findings.extend(journal.findings);
+        report.findings.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
+        report.ok = false;
+    }
+    Ok(report)
 }
 
 async fn run_expire(ctx: &SchedulerContext) -> Result<pitr_archive::expire::ExpireReport> {
@@ -422,7 +431,21 @@ async fn take_scheduled_backup(name: &'static str, ctx: &SchedulerContext, incre
     tracing::info!(job = name, event = "start", "scheduled {kind} backup starting");
     let labels = [("backup_type", kind.to_string()), ("source", "postgres".to_string())];
     let opts = pitr_basebackup::BackupOptions { incremental, ..ctx.backup.clone() };
-    match pitr_basebackup::take_backup(&ctx.repo, &opts, &|_| {}).await {
+    // Before the backup: a failed one is not retried automatically until the spacing has passed.
+    LAST_BACKUP_ATTEMPT_US.fetch_max(pitr_archive::now_us(), Ordering::Relaxed);
+    let taken = {
+        // Counted down however the backup ends (also when its future is dropped).
+        struct Running;
+        impl Drop for Running {
+            fn drop(&mut self) {
+                BACKUPS_RUNNING.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        BACKUPS_RUNNING.fetch_add(1, Ordering::Relaxed);
+        let _running = Running;
+        pitr_basebackup::take_backup(&ctx.repo, &opts, &|_| {}).await
+    };
+    match taken {
         Ok((manifest, summary)) => {
             tracing::info!(job = name, event = "end", result = "success", backup = %summary.id,
                 kind = %summary.kind, parent = ?summary.parent, taken_from = %summary.taken_from, fallback = ?summary.fallback,
@@ -451,17 +474,23 @@ pub enum AutoDecision {
     NoPrediction,
     /// The prediction is under the threshold.
     Below,
-    /// Over the threshold, but the newest backup is too recent.
+    /// Over the threshold, but the newest backup (or the last automatic attempt) is too recent.
     TooSoon,
+    /// Over the threshold, but a backup would not bring it under: writing the data directory (and
+    /// starting the server) alone takes `.0` seconds. Backups every spacing would change nothing.
+    Useless(f64),
     /// Take a backup: incremental (`true`) or full, and why.
     Take(bool, String),
 }
 
-/// The pure decision of the automatic schedule: `predicted` (seconds) against `fraction` ×
-/// `rto_seconds`; `newest_age` of the newest backup against `min_spacing`; `chain` the newest
-/// backup's chain length (0: no full backup); `incrementals` whether the server takes them.
+/// The pure decision of the automatic schedule: `predicted` (seconds now, and seconds just after
+/// a new backup: the same restore without the WAL replay a backup saves) against `fraction` ×
+/// `rto_seconds`; `newest_age` of the newest backup or of the last automatic attempt, whichever is
+/// younger, against `min_spacing` (so a backup that fails is not retried back to back);
+/// `chain` the newest backup's chain length (0: no full backup); `incrementals` whether the
+/// server takes them.
 pub fn auto_decision(
-    predicted: Option<f64>,
+    predicted: Option<(f64, f64)>,
     rto_seconds: f64,
     fraction: f64,
     newest_age: Option<Duration>,
@@ -469,10 +498,16 @@ pub fn auto_decision(
     chain: usize,
     incrementals: bool,
 ) -> AutoDecision {
-    let Some(predicted) = predicted.filter(|p| p.is_finite()) else { return AutoDecision::NoPrediction };
+    let Some((predicted, after_backup)) = predicted.filter(|p| p.0.is_finite() && p.1.is_finite()) else {
+        return AutoDecision::NoPrediction;
+    };
     let threshold = fraction * rto_seconds;
     if predicted < threshold {
         return AutoDecision::Below;
+    }
+    // Without a full backup, one is taken whatever it saves: every restore needs one.
+    if chain > 0 && after_backup >= threshold {
+        return AutoDecision::Useless(after_backup);
     }
     if newest_age.is_some_and(|age| age < min_spacing) {
         return AutoDecision::TooSoon;
@@ -489,8 +524,36 @@ pub fn auto_decision(
     }
 }
 
+/// When the sidecar last started a scheduled backup, automatic or by cron (µs; 0: never). With
+/// the newest stored backup, it spaces automatic backups: a failed one leaves no backup behind,
+/// and without it the next check (a minute later) would try again.
+static LAST_BACKUP_ATTEMPT_US: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Scheduled backups under way in this sidecar: no automatic one starts beside them (a full
+/// backup by cron can outlast the spacing; an incremental then would be on the older chain).
+static BACKUPS_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The age the spacing is judged by at `now` (µs): of the newest backup's start or of the last
+/// scheduled attempt (`0`: none), whichever is younger, and zero while a scheduled backup is
+/// `running`; `None` when there was none.
+pub fn spacing_age(
+    newest_backup_start_us: Option<i64>,
+    last_attempt_us: i64,
+    running: bool,
+    now: i64,
+) -> Option<Duration> {
+    if running {
+        return Some(Duration::ZERO);
+    }
+    let since = newest_backup_start_us.max(Some(last_attempt_us)).filter(|&us| us > 0)?;
+    Some(Duration::from_micros(now.saturating_sub(since).max(0) as u64))
+}
+
 /// One check of `[schedule] incremental = "auto"`: a backup when [`auto_decision`] says so.
 async fn auto_backup(name: &'static str, ctx: &SchedulerContext, min_spacing: Duration, said: &AtomicBool) {
+    // The warning that backups cannot help is said once until the decision changes.
+    static SAID_USELESS: AtomicBool = AtomicBool::new(false);
+    let said_useless = &SAID_USELESS;
     let incrementals = match incrementals_unavailable(ctx).await {
         None => true,
         Some(why) => {
@@ -512,10 +575,15 @@ async fn auto_backup(name: &'static str, ctx: &SchedulerContext, min_spacing: Du
         let prediction = prediction.prediction().cloned();
         let now = pitr_archive::now_us();
         let newest = catalog.backups.iter().max_by_key(|b| b.start_time_us);
-        let newest_age = newest.map(|b| Duration::from_micros(now.saturating_sub(b.start_time_us).max(0) as u64));
+        let newest_age = spacing_age(
+            newest.map(|b| b.start_time_us),
+            LAST_BACKUP_ATTEMPT_US.load(Ordering::Relaxed),
+            BACKUPS_RUNNING.load(Ordering::Relaxed) > 0,
+            now,
+        );
         let chain = newest.and_then(|b| catalog.chain(b).ok()).map_or(0, |c| c.len());
         Ok::<_, anyhow::Error>(auto_decision(
-            prediction.map(|p| p.seconds),
+            prediction.map(|p| (p.seconds, p.download_seconds + p.model.replay.seconds(0.0))),
             config.targets.rto_seconds,
             config.targets.rto_auto_fraction,
             newest_age,
@@ -529,7 +597,21 @@ async fn auto_backup(name: &'static str, ctx: &SchedulerContext, min_spacing: Du
             tracing::info!(job = name, event = "decision", incremental, "automatic backup: {why}");
             take_scheduled_backup(name, ctx, incremental).await;
         }
-        Ok(d) => tracing::debug!(job = name, decision = ?d, "no automatic backup"),
+        Ok(AutoDecision::Useless(after)) => {
+            if !said_useless.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    job = name,
+                    event = "decision",
+                    "no automatic backup: the predicted RTO is over the \
+                    threshold, but even just after a backup a restore would take {after:.1} s (writing the data \
+                    directory and starting the server): more backups cannot bring it under"
+                );
+            }
+        }
+        Ok(d) => {
+            said_useless.store(false, Ordering::Relaxed);
+            tracing::debug!(job = name, decision = ?d, "no automatic backup")
+        }
         Err(e) => tracing::warn!(job = name, error = %format!("{e:#}"), "automatic backup check failed"),
     }
 }
@@ -684,10 +766,26 @@ async fn run_mongo_job(job: MongoJob, path: &Path, repo: &Repository) {
             }
         },
         MongoJob::Verify => {
-            let report = match open::mongo_catalog(&config, repo).await {
+            let mut report = match open::mongo_catalog(&config, repo).await {
                 Ok(catalog) => pitr_mongo::verify::verify(repo, &catalog, false).await.map_err(anyhow::Error::from),
                 Err(e) => Err(e),
             };
+            // The journal, when no PostgreSQL verification checks it already (one repository,
+            // one journal: checked once).
+            if let (Ok(r), None) = (report.as_mut(), config.postgres.as_ref()) {
+                let journal = crate::cmd::verify_journal::check_or_finding(&config, None, repo, false).await;
+                for n in journal.notes {
+                    tracing::info!(job = name, "journal: {n}");
+                }
+                for f in journal.findings {
+                    r.findings.push(pitr_mongo::verify::MongoFinding {
+                        kind: f.kind,
+                        object: f.object,
+                        message: f.message,
+                    });
+                    r.ok = false;
+                }
+            }
             match report {
                 Ok(r) => {
                     for f in &r.findings {
@@ -1239,8 +1337,9 @@ mod tests {
     fn auto_backups_follow_the_prediction_the_spacing_and_the_chain() {
         let min = Duration::from_secs(600);
         let old = Some(Duration::from_secs(3600));
+        // Just after a backup, the restore would take 100 s: a backup helps.
         let d = |p: Option<f64>, age: Option<Duration>, chain: usize, inc: bool| {
-            auto_decision(p, 1000.0, 0.8, age, min, chain, inc)
+            auto_decision(p.map(|p| (p, 100.0)), 1000.0, 0.8, age, min, chain, inc)
         };
         assert_eq!(d(None, old, 1, true), AutoDecision::NoPrediction);
         assert_eq!(d(Some(f64::NAN), old, 1, true), AutoDecision::NoPrediction);
@@ -1253,6 +1352,34 @@ mod tests {
         assert!(
             matches!(d(Some(800.0), old, AUTO_MAX_CHAIN, true), AutoDecision::Take(false, w) if w.contains("chain"))
         );
+    }
+
+    #[test]
+    fn auto_takes_no_backup_that_cannot_help() {
+        let (min, old) = (Duration::from_secs(600), Some(Duration::from_secs(3600)));
+        // The data directory alone takes 850 s to write: over 800 s whatever the WAL.
+        assert_eq!(auto_decision(Some((900.0, 850.0)), 1000.0, 0.8, old, min, 1, true), AutoDecision::Useless(850.0));
+        // Without a full backup one is taken all the same.
+        assert!(matches!(
+            auto_decision(Some((900.0, 850.0)), 1000.0, 0.8, None, min, 0, true),
+            AutoDecision::Take(false, _)
+        ));
+        assert!(matches!(
+            auto_decision(Some((900.0, f64::NAN)), 1000.0, 0.8, old, min, 1, true),
+            AutoDecision::NoPrediction
+        ));
+    }
+
+    #[test]
+    fn auto_spacing_counts_from_a_failed_attempt_too() {
+        let s = 1_000_000;
+        // A backup an hour ago, an attempt (that failed: no backup) a minute ago.
+        assert_eq!(spacing_age(Some(0), 3540 * s, false, 3600 * s), Some(Duration::from_secs(60)));
+        assert_eq!(spacing_age(Some(3000 * s), 0, false, 3600 * s), Some(Duration::from_secs(600)));
+        assert_eq!(spacing_age(None, 3540 * s, false, 3600 * s), Some(Duration::from_secs(60)));
+        assert_eq!(spacing_age(None, 0, false, 3600 * s), None);
+        // A scheduled backup under way (a long full one by cron): none beside it.
+        assert_eq!(spacing_age(Some(0), 0, true, 3600 * s), Some(Duration::ZERO));
     }
 
     #[test]

@@ -123,6 +123,11 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
         Unit::Seconds,
         "Predicted time to restore the newest backup chain and all archived WAL, from the timings of recent drills and restores (absent before the first drill)"
     );
+    describe_gauge!(
+        "pitr_predicted_rto_timestamp_seconds",
+        Unit::Seconds,
+        "When pitr_predicted_rto_seconds was last computed (Unix time): an old value means it is stale"
+    );
     describe_gauge!("pitr_verify_findings", "Findings of the last scheduled verification (0 = archive whole)");
     describe_counter!(
         "pitr_expire_removed_objects_total",
@@ -457,11 +462,17 @@ pub fn journal_high_water_file(status_file: &std::path::Path) -> PathBuf {
     status_file.with_file_name(format!("{stem}.journal-hwm.json"))
 }
 
+/// The least time between two journal batches that carry only a moved `wal_through` (no put or
+/// delete): an idle cluster's WAL still advances (checkpoints, `archive_timeout`), and a batch
+/// every interval for that alone is 8,640 objects a day that say little.
+pub const WAL_ONLY_BATCH_EVERY: Duration = Duration::from_secs(300);
+
 /// The sidecar's journal writer: every `interval`, one batch of what the repository noted (WAL
 /// segments, manifests, slices…) and how far the WAL is durably archived (`wal_through`, which
 /// covers the chunks of the current segment: journaling adds no put per chunk). A last batch when
-/// the status sender goes (a clean stop). A failed batch is retried at the next tick (what it
-/// held stays pending).
+/// the status sender goes (a clean stop). A batch with only a moved `wal_through` is written at
+/// most every [`WAL_ONLY_BATCH_EVERY`]. A failed batch is retried at the next tick (what it held
+/// stays pending).
 pub async fn journal_batches(
     repo: Repository,
     mut status: Option<watch::Receiver<StreamStatus>>,
@@ -479,6 +490,7 @@ pub async fn journal_batches(
         }
     };
     journal.set_high_water_file(high_water.clone());
+    let mut last_batch: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -503,10 +515,23 @@ pub async fn journal_batches(
                 journal.set_wal_through(system_id, s.timeline, s.durable_lsn);
             }
         }
+        // A batch that would only move `wal_through` waits for WAL_ONLY_BATCH_EVERY (an idle
+        // cluster still advances its LSN): batches with entries keep the interval.
+        if !last && !journal.has_entries() && last_batch.is_some_and(|t| t.elapsed() < WAL_ONLY_BATCH_EVERY) {
+            continue;
+        }
         match journal.flush(&repo).await {
             Ok(Some(seq)) => {
+                last_batch = Some(tokio::time::Instant::now());
                 tracing::debug!(seq, "journal batch written");
-                if let Some(mark) = previous.take().filter(|m| seq <= m.seq) {
+                // (A mark of another key or repository, re-initialised, witnesses nothing here:
+                // the recorder replaced it with this batch's.)
+                let this = pitr_archive::journal::HighWater::read(&high_water).ok().flatten();
+                let same = |m: &pitr_archive::journal::HighWater| {
+                    this.as_ref()
+                        .is_none_or(|t| m.same_journal(&t.key_id, Some(t.origin.as_str()).filter(|o| !o.is_empty())))
+                };
+                if let Some(mark) = previous.take().filter(|m| seq <= m.seq && same(m)) {
                     tracing::error!(
                         seq, high_water = mark.seq, path = %high_water.display(), repository = %repo.location(),
                         "the repository's journal is behind this sidecar's high-water mark: it was rolled back or its newest objects deleted (run `pitr verify`)"
@@ -527,6 +552,42 @@ pub async fn journal_batches(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn batches_that_only_move_wal_through_are_spaced_out() {
+        use pitr_archive::journal::{JournalSigner, Recorder};
+        use pitr_archive::{KeyRing, LocalStore, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        let repo = Repository::new(store, KeyRing::from_key("a", [1; 32]))
+            .with_journal(Arc::new(Recorder::new(JournalSigner::from_seed([3; 32]), "test")));
+        let journal = repo.journal().unwrap().clone();
+        let batches = || async { repo.list(pitr_archive::names::journal::PREFIX).await.unwrap().len() };
+        let wait_for = |n: usize| async move {
+            for _ in 0..500 {
+                if batches().await >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("no journal batch {n}");
+        };
+        journal.set_wal_through(7, 1, 1);
+        let task =
+            tokio::spawn(journal_batches(repo.clone(), None, Duration::from_millis(5), dir.path().join("hwm.json")));
+        // The first batch goes at once, even with only a WAL position.
+        wait_for(1).await;
+        // More WAL only, over many intervals: no batch for it before WAL_ONLY_BATCH_EVERY.
+        for lsn in 2..40 {
+            journal.set_wal_through(7, 1, lsn);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(batches().await, 1);
+        // A put keeps the interval (and takes the moved WAL position along).
+        journal.note_put("pg/7/backups/20261121T000000Z.manifest", 1, "00".into());
+        wait_for(2).await;
+        task.abort();
+    }
 
     #[test]
     fn health_needs_a_connection_and_lag_under_target() {

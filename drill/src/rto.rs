@@ -10,8 +10,8 @@
 //! It does not choose the backup nor find the newest archived LSN: the caller (the sidecar,
 //! `pitr status`, `pitr list`) holds the restore catalog and passes the chain and the WAL span.
 //!
-//! The model: per phase, `seconds = overhead + bytes × seconds_per_byte`, fitted by least
-//! squares over the newest [`SAMPLES`] samples. The download phase is learnt against the bytes
+//! The model: per phase, `seconds = overhead + bytes × seconds_per_byte`, fitted by a median
+//! line (Theil–Sen, robust to a slow run) over the newest [`SAMPLES`] samples. The download phase is learnt against the bytes
 //! the restore wrote into the data directory (`bytes_restored`: the restored files' logical
 //! length, not the stored, compressed bytes), the replay phase against the WAL replayed (from the
 //! backup's start LSN to where replay ended). The prediction feeds it the same quantities for a
@@ -90,8 +90,9 @@ pub struct PhaseFit {
     pub overhead_seconds: f64,
     /// Time per byte (the inverse of its throughput).
     pub seconds_per_byte: f64,
-    /// `least_squares` (sizes spread by 5 % or more), `rate` (one size: the time taken as
-    /// proportional to the bytes, no overhead), `constant` (no bytes at all: the time taken as overhead).
+    /// `theil_sen` (sizes apart by 5 % or more: a median line), `rate` (one size: the time taken
+    /// as proportional to the bytes, no overhead), `constant` (no bytes at all: the time taken as
+    /// overhead).
     pub method: &'static str,
 }
 
@@ -107,41 +108,67 @@ impl PhaseFit {
     }
 }
 
-/// Least squares of `y = a + b·x` over `points`, kept physical: no negative overhead nor rate.
-/// One size (a spread under 5 %) cannot separate overhead from rate: the time is then taken as proportional
-/// to the bytes (`rate`), or as overhead alone when the bytes are zero (`constant`).
+/// The median of `v` (not empty, finite); the mean of the middle two for an even count.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A robust line `y = a + b·x` through `points` (Theil–Sen): the slope is the median of the
+/// slopes between pairs of points of clearly different sizes, the overhead the median of
+/// `y − b·x`. Least squares would let one slow drill (a cold cache, a busy host) among ten pull
+/// the line, and its slope extrapolates that to every bigger chain; a median ignores it until
+/// it is most of the samples. Kept physical: no negative overhead nor rate.
+/// One size (a spread under 5 %) cannot separate overhead from rate: the time is then taken as
+/// proportional to the bytes (`rate`: the median of the samples' seconds per byte), or as
+/// overhead alone when the bytes are zero (`constant`).
 fn fit_phase(points: &[(f64, f64)]) -> Option<PhaseFit> {
     if points.is_empty() {
         return None;
     }
     let n = points.len() as f64;
     let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
-    let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
-    // Centred sums: no cancellation between large byte counts.
-    let sxx: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
-    let sxy: f64 = points.iter().map(|p| (p.0 - mean_x) * (p.1 - mean_y)).sum();
-    // Sizes spread by less than 5 % (the same backup restored, a few more bytes of WAL) are one
-    // size: a line through such a narrow cloud of noisy times would be anything.
-    let distinct = (sxx / n).sqrt() > 0.05 * mean_x.abs().max(1.0);
-    let fit = if !distinct {
-        if mean_x > 0.0 {
-            PhaseFit { overhead_seconds: 0.0, seconds_per_byte: mean_y / mean_x, method: "rate" }
-        } else {
-            PhaseFit { overhead_seconds: mean_y, seconds_per_byte: 0.0, method: "constant" }
+    // Sizes closer than 5 % of the mean (the same backup restored, a few more bytes of WAL) are
+    // one size: a slope between them, from noisy times, would be anything.
+    let apart = 0.05 * mean_x.abs().max(1.0);
+    let mut slopes = Vec::new();
+    for (i, p) in points.iter().enumerate() {
+        for q in &points[i + 1..] {
+            if (q.0 - p.0).abs() > apart {
+                slopes.push((q.1 - p.1) / (q.0 - p.0));
+            }
+        }
+    }
+    let rate = || {
+        let rates: Vec<f64> = points.iter().filter(|p| p.0 > 0.0).map(|p| p.1 / p.0).collect();
+        (!rates.is_empty()).then(|| median(rates))
+    };
+    let fit = if slopes.is_empty() {
+        match rate() {
+            Some(r) if mean_x > 0.0 => PhaseFit { overhead_seconds: 0.0, seconds_per_byte: r, method: "rate" },
+            _ => PhaseFit {
+                overhead_seconds: median(points.iter().map(|p| p.1).collect()),
+                seconds_per_byte: 0.0,
+                method: "constant",
+            },
         }
     } else {
-        let b = sxy / sxx;
-        let a = mean_y - b * mean_x;
+        let b = median(slopes);
+        let a = median(points.iter().map(|p| p.1 - b * p.0).collect());
         if b < 0.0 {
             // Larger took less: noise around a constant.
-            PhaseFit { overhead_seconds: mean_y, seconds_per_byte: 0.0, method: "least_squares" }
+            let c = median(points.iter().map(|p| p.1).collect());
+            PhaseFit { overhead_seconds: c, seconds_per_byte: 0.0, method: "theil_sen" }
         } else if a < 0.0 {
-            // No negative overhead: the line through the origin.
-            let sxx0: f64 = points.iter().map(|p| p.0 * p.0).sum();
-            let sxy0: f64 = points.iter().map(|p| p.0 * p.1).sum();
-            PhaseFit { overhead_seconds: 0.0, seconds_per_byte: sxy0 / sxx0, method: "least_squares" }
+            // No negative overhead: through the origin, at the median rate.
+            PhaseFit { overhead_seconds: 0.0, seconds_per_byte: rate()?, method: "theil_sen" }
         } else {
-            PhaseFit { overhead_seconds: a, seconds_per_byte: b, method: "least_squares" }
+            PhaseFit { overhead_seconds: a, seconds_per_byte: b, method: "theil_sen" }
         }
     };
     let finite = fit.overhead_seconds.is_finite() && fit.seconds_per_byte.is_finite();
@@ -344,15 +371,17 @@ pub async fn load_samples(repo: &Repository, subject: &Subject) -> Result<Vec<Sa
     Ok(samples)
 }
 
-/// Sets `pitr_predicted_rto_seconds` (PostgreSQL: no label, as the drill gauges) or removes it
-/// when there is no prediction (no drill yet): an absent series, never NaN.
+/// Sets `pitr_predicted_rto_seconds` (PostgreSQL: no label, as the drill gauges) and, with it,
+/// `pitr_predicted_rto_timestamp_seconds` (when it was computed); without a prediction (no drill
+/// yet) neither is set: an absent series, never NaN.
+///
+/// The metrics facade cannot remove a series: once set, the gauge keeps its last value when a
+/// later computation fails (storage down) or finds no prediction; the timestamp then stops
+/// moving, which is how a stale prediction shows (`time() - pitr_predicted_rto_timestamp_seconds`).
 pub fn record_gauge(prediction: Option<&Prediction>) {
-    match prediction.map(|p| p.seconds).filter(|s| s.is_finite()) {
-        Some(s) => metrics::gauge!("pitr_predicted_rto_seconds").set(s),
-        None => {
-            // The metrics facade cannot remove a series; a gauge never set stays absent, and one
-            // set before keeps its last value, which a restart clears.
-        }
+    if let Some(s) = prediction.map(|p| p.seconds).filter(|s| s.is_finite()) {
+        metrics::gauge!("pitr_predicted_rto_seconds").set(s);
+        metrics::gauge!("pitr_predicted_rto_timestamp_seconds").set(pitr_archive::now_us() as f64 / 1e6);
     }
 }
 
@@ -414,7 +443,7 @@ mod tests {
     }
 
     #[test]
-    fn least_squares_recovers_overhead_and_rate() {
+    fn a_line_recovers_overhead_and_rate() {
         // 2 s + 100 MB/s download, 1 s + 50 MB/s replay.
         let s: Vec<Sample> = (1..=5)
             .map(|i| {
@@ -423,13 +452,35 @@ mod tests {
             })
             .collect();
         let m = fit(&s).unwrap();
-        assert_eq!(m.download.method, "least_squares");
+        assert_eq!(m.download.method, "theil_sen");
         assert!((m.download.overhead_seconds - 2.0).abs() < 1e-6, "{m:?}");
         assert!((m.download.bytes_per_second().unwrap() - 1e8).abs() < 1.0, "{m:?}");
         assert!((m.replay.overhead_seconds - 1.0).abs() < 1e-6, "{m:?}");
         let (total, _, _) = m.predict(1_000_000_000, 100_000_000).unwrap();
         assert!((total - (12.0 + 3.0)).abs() < 1e-6, "{total}");
         assert_eq!(m.newest_sample, "2026-12-05");
+    }
+
+    #[test]
+    fn one_slow_run_does_not_pull_the_line() {
+        // 2 s + 100 MB/s, sizes 100..=900 MB; the largest run took three times as long (a busy
+        // host). Least squares would predict about 40 s for 2 GB instead of 22 s.
+        let mut s: Vec<Sample> = (1..=9)
+            .map(|i| {
+                let b = i as f64 * 1e8;
+                sample(&format!("2026-12-0{i}"), b, 2.0 + b / 1e8, 0.0, 0.0)
+            })
+            .collect();
+        s[8].download_seconds *= 3.0;
+        let m = fit(&s).unwrap();
+        let (t, _, _) = m.predict(2_000_000_000, 0).unwrap();
+        assert!((t - 22.0).abs() < 0.5, "{t}: {m:?}");
+        // Of one size: the median rate, not the mean.
+        let mut s: Vec<Sample> = (1..=5).map(|i| sample(&format!("2026-12-0{i}"), 1e9, 10.0, 1e8, 5.0)).collect();
+        s[4].download_seconds = 30.0;
+        s[4].replay_seconds = 15.0;
+        let (t, _, _) = fit(&s).unwrap().predict(1_000_000_000, 100_000_000).unwrap();
+        assert!((t - 15.0).abs() < 1e-9, "{t}");
     }
 
     #[test]

@@ -43,6 +43,11 @@ pub const MAX_RELATIONS_PER_XACT: usize = 256;
 /// How many open transactions the accumulator tracks; past it, changes of new ones are not kept
 /// and commits are flagged `incomplete` until the server says the lost ones ended.
 pub const MAX_OPEN_XACTS: usize = 100_000;
+/// How many relation and truncated-OID slots all open transactions hold together: without it,
+/// [`MAX_OPEN_XACTS`] × [`MAX_RELATIONS_PER_XACT`] would allow about a gigabyte of counts (and a
+/// carry no reader takes). Past it, a transaction touching a relation it has no slot for says
+/// `more_relations`. About 10 MiB of memory, and a carry of a few MiB.
+pub const MAX_OPEN_SLOTS: usize = 250_000;
 
 /// A relation's storage: `RelFileLocator` (`RelFileNode` before PostgreSQL 16).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -291,10 +296,16 @@ pub struct OpenXact {
 }
 
 impl OpenXact {
-    fn count(&mut self, rel: RelFileLocator, op: ChangeOp, rows: u64) {
+    /// Relation and truncated-OID slots held (see [`MAX_OPEN_SLOTS`]).
+    fn slots(&self) -> usize {
+        self.relations.len() + self.truncated.len()
+    }
+
+    /// Counts rows; `room`: a new relation may take a slot.
+    fn count(&mut self, rel: RelFileLocator, op: ChangeOp, rows: u64, room: bool) {
         let i = match self.relations.iter().position(|r| r.rel == rel) {
             Some(i) => i,
-            None if self.relations.len() < MAX_RELATIONS_PER_XACT => {
+            None if room && self.relations.len() < MAX_RELATIONS_PER_XACT => {
                 self.relations.push(RelCounts { rel, inserted: 0, updated: 0, deleted: 0 });
                 self.relations.len() - 1
             }
@@ -313,10 +324,11 @@ impl OpenXact {
     }
 
     fn merge(&mut self, other: OpenXact) {
+        // At commit, both leave the open map: the merged entry takes no budgeted slot.
         for r in other.relations {
-            self.count(r.rel, ChangeOp::Insert, r.inserted);
-            self.count(r.rel, ChangeOp::Update, r.updated);
-            self.count(r.rel, ChangeOp::Delete, r.deleted);
+            self.count(r.rel, ChangeOp::Insert, r.inserted, true);
+            self.count(r.rel, ChangeOp::Update, r.updated, true);
+            self.count(r.rel, ChangeOp::Delete, r.deleted, true);
         }
         self.more_relations |= other.more_relations;
         for t in other.truncated {
@@ -374,6 +386,8 @@ pub struct ChangeAccumulator {
     horizon: Horizon,
     overflow: Option<u32>,
     max_open: usize,
+    /// Slots the open transactions hold ([`MAX_OPEN_SLOTS`]).
+    slots: usize,
 }
 
 impl Default for ChangeAccumulator {
@@ -391,12 +405,16 @@ impl ChangeAccumulator {
 
     /// Resumes from a carried state.
     pub fn from_state(state: AccumulatorState) -> Self {
-        ChangeAccumulator {
-            open: state.open.into_iter().collect(),
-            horizon: state.horizon,
-            overflow: state.overflow,
-            max_open: MAX_OPEN_XACTS,
-        }
+        let open: HashMap<u32, OpenXact> = state.open.into_iter().collect();
+        let slots = open.values().map(OpenXact::slots).sum();
+        ChangeAccumulator { open, horizon: state.horizon, overflow: state.overflow, max_open: MAX_OPEN_XACTS, slots }
+    }
+
+    /// Removes an open transaction, giving back its slots.
+    fn remove(&mut self, xid: u32) -> Option<OpenXact> {
+        let x = self.open.remove(&xid)?;
+        self.slots = self.slots.saturating_sub(x.slots());
+        Some(x)
     }
 
     /// Lower the open-transaction bound (tests).
@@ -440,20 +458,29 @@ impl ChangeAccumulator {
     pub fn push(&mut self, event: &WalEvent, out: &mut Vec<CommitEntry>) {
         match event {
             WalEvent::Change { xid, rel, op, rows, .. } => {
+                let room = self.slots < MAX_OPEN_SLOTS;
                 if let Some(x) = self.entry(*xid) {
-                    x.count(*rel, *op, u64::from(*rows));
+                    let before = x.slots();
+                    x.count(*rel, *op, u64::from(*rows), room);
                     x.ddl |= rel.is_catalog();
+                    let added = x.slots() - before;
+                    self.slots += added;
                 }
             }
             WalEvent::Truncate { xid, db, relids, .. } => {
+                let mut room = MAX_OPEN_SLOTS.saturating_sub(self.slots);
                 if let Some(x) = self.entry(*xid) {
+                    let before = x.slots();
                     for &oid in relids {
-                        if x.truncated.len() < MAX_RELATIONS_PER_XACT {
+                        if x.truncated.len() < MAX_RELATIONS_PER_XACT && room > 0 {
+                            room -= 1;
                             x.truncated.push(RelOid { db: *db, oid });
                         } else {
                             x.more_relations = true;
                         }
                     }
+                    let added = x.slots() - before;
+                    self.slots += added;
                 }
             }
             WalEvent::Lost { xid, .. } => {
@@ -470,17 +497,25 @@ impl ChangeAccumulator {
                 if matches!(self.overflow, Some(x) if xid_precedes(x, *oldest_running_xid)) {
                     self.overflow = None;
                 }
+                // Every xid older than the oldest running one has ended (a subtransaction's xid is
+                // newer than its running parent's). One still open here ended without a record
+                // we saw: a crash-aborted transaction (no abort record is written), or one whose
+                // commit fell in a gap. Kept, they would be carried in every later index object
+                // and fill the map until every commit is flagged `incomplete` for good.
+                let oldest = *oldest_running_xid;
+                self.open.retain(|x, _| !xid_precedes(*x, oldest));
+                self.slots = self.open.values().map(OpenXact::slots).sum();
             }
             WalEvent::Abort { xid, subxacts, .. } => {
-                self.open.remove(xid);
+                self.remove(*xid);
                 for s in subxacts {
-                    self.open.remove(s);
+                    self.remove(*s);
                 }
             }
             WalEvent::Commit { lsn, end_lsn, xid, timestamp, subxacts, dropped, more_dropped } => {
-                let mut x = self.open.remove(xid).unwrap_or_default();
+                let mut x = self.remove(*xid).unwrap_or_default();
                 for s in subxacts {
-                    if let Some(sub) = self.open.remove(s) {
+                    if let Some(sub) = self.remove(*s) {
                         x.merge(sub);
                     }
                 }
@@ -578,6 +613,67 @@ mod tests {
         acc.push(&commit(3, vec![]), &mut out);
         let e = out.last().unwrap();
         assert!(e.more_relations && e.relations.len() == MAX_RELATIONS_PER_XACT);
+    }
+
+    /// Many open transactions with many relations each: the slots of all of them together are
+    /// bounded; a transaction refused a slot says `more_relations`, and its known counts stay.
+    #[test]
+    fn open_relations_are_bounded_in_total() {
+        let mut acc =
+            ChangeAccumulator::from_state(AccumulatorState { horizon: Horizon::Complete, ..Default::default() });
+        let mut out = Vec::new();
+        let per = MAX_RELATIONS_PER_XACT as u32;
+        let xacts = (MAX_OPEN_SLOTS as u32).div_ceil(per) + 10;
+        for xid in 100..100 + xacts {
+            for rel in 0..per {
+                acc.push(
+                    &change(xid, RelFileLocator { spc: 1, db: 1, rel: 20000 + rel }, ChangeOp::Insert, 1),
+                    &mut out,
+                );
+            }
+        }
+        let held: usize = acc.state().open.iter().map(|(_, x)| x.relations.len()).sum();
+        assert_eq!(held, MAX_OPEN_SLOTS);
+        let last = 100 + xacts - 1;
+        acc.push(&commit(last, vec![]), &mut out);
+        let e = out.last().unwrap();
+        assert!(e.more_relations && e.relations.is_empty(), "{e:?}");
+        // Commits give slots back.
+        acc.push(&commit(100, vec![]), &mut out);
+        acc.push(&change(last + 1, A, ChangeOp::Insert, 1), &mut out);
+        acc.push(&commit(last + 1, vec![]), &mut out);
+        let e = out.last().unwrap();
+        assert!(!e.more_relations && e.relations.len() == 1);
+    }
+
+    /// A transaction cut short by a server crash writes no abort record: RUNNING_XACTS' oldest
+    /// running xid says it is over, and it is dropped instead of being carried (and filling the
+    /// open map) for ever.
+    #[test]
+    fn transactions_the_server_says_are_over_are_forgotten() {
+        let mut acc =
+            ChangeAccumulator::from_state(AccumulatorState { horizon: Horizon::Complete, ..Default::default() })
+                .with_max_open(2);
+        let mut out = Vec::new();
+        acc.push(&change(10, A, ChangeOp::Insert, 1), &mut out);
+        acc.push(&change(11, A, ChangeOp::Insert, 1), &mut out);
+        acc.push(&change(12, A, ChangeOp::Insert, 1), &mut out);
+        assert_eq!(acc.open_count(), 2);
+        // 10 and 11 died in a crash; 12 was not kept (overflow). The server restarts: xids go on.
+        acc.push(&WalEvent::RunningXacts { lsn: 5, next_xid: 13, oldest_running_xid: 13 }, &mut out);
+        assert_eq!(acc.open_count(), 0);
+        acc.push(&change(13, A, ChangeOp::Delete, 1), &mut out);
+        acc.push(&change(14, A, ChangeOp::Delete, 1), &mut out);
+        acc.push(&commit(13, vec![]), &mut out);
+        acc.push(&commit(14, vec![]), &mut out);
+        assert!(out.iter().all(|e| !e.incomplete), "{out:?}");
+        // A running transaction (and its subtransaction, newer than it) is kept.
+        acc.push(&change(20, A, ChangeOp::Insert, 1), &mut out);
+        acc.push(&change(21, A, ChangeOp::Insert, 1), &mut out);
+        acc.push(&WalEvent::RunningXacts { lsn: 6, next_xid: 22, oldest_running_xid: 20 }, &mut out);
+        assert_eq!(acc.open_count(), 2);
+        acc.push(&commit(20, vec![21]), &mut out);
+        assert_eq!(out.last().unwrap().relations[0].inserted, 2);
     }
 
     #[test]

@@ -712,7 +712,12 @@ impl WalDecoder {
             }
             match decode_xact(rec, &header, self.magic) {
                 Some((kind, xid, timestamp)) => {
-                    let (subxacts, dropped, more_dropped) = xact_details(rec, self.magic).unwrap_or_default();
+                    let details = xact_details(rec, self.magic);
+                    if details.is_none() {
+                        // Its subtransactions (and their changes) are unknown: counts are a floor.
+                        events.push(WalEvent::Lost { lsn: start, xid });
+                    }
+                    let (subxacts, dropped, more_dropped) = details.unwrap_or_default();
                     events.push(match kind {
                         XactKind::Commit | XactKind::CommitPrepared => {
                             WalEvent::Commit { lsn: start, end_lsn, xid, timestamp, subxacts, dropped, more_dropped }
@@ -722,6 +727,10 @@ impl WalDecoder {
                 }
                 None => warn!(lsn = start, "malformed transaction WAL record; skipping it"),
             }
+            return;
+        }
+        if header.xact_kind().is_none() {
+            // A change record buffered by a changes-mode decoder fed through `feed`: not asked for.
             return;
         }
         match decode_xact(rec, &header, self.magic) {

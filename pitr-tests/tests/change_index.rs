@@ -258,6 +258,56 @@ fn pg17_workload_is_indexed_resumed_after_kill_and_rebuilt() -> Result<()> {
     run(17)
 }
 
+/// A failed index put (the storage refuses it) is not a permanent hole: once the storage is back,
+/// the sidecar's backfill reads the segment back from the archive and writes its object.
+#[test]
+fn pg15_failed_index_puts_are_backfilled() -> Result<()> {
+    let cluster = PgCluster::start(PgOptions::new(15))?;
+    cluster.psql("create table t (id int)")?;
+    let mut env = PitrEnv::new("pg15-index-backfill", &cluster, "")?;
+    env.init()?;
+    let mut stream = env.spawn_stream()?;
+    env.wait_streaming(&cluster)?;
+    cluster.psql("select pg_switch_wal()")?;
+    cluster.psql("checkpoint")?;
+    let seg = |l: u64| l / (16 << 20);
+    let (first, _) =
+        tx(&cluster, "with i as (insert into t values (1) returning 1) select txid_current(), count(*) from i")?;
+    cluster.psql("select pg_switch_wal()")?;
+    pitr_tests::wait_until("the first segment to be indexed", Duration::from_secs(60), || {
+        Ok(read_all(&env)?.contains_key(&seg(first.after)))
+    })
+    .with_context(|| env.stream_logs())?;
+
+    // Index puts fail: a plain file where the index objects go (root ignores permissions).
+    let index_dir = std::fs::read_dir(env.repo.join("pg"))?.next().context("no cluster")??.path().join("index");
+    let saved = index_dir.with_extension("saved");
+    std::fs::rename(&index_dir, &saved)?;
+    std::fs::write(&index_dir, b"not a directory")?;
+    let (during, _) =
+        tx(&cluster, "with i as (insert into t values (2) returning 1) select txid_current(), count(*) from i")?;
+    cluster.psql("select pg_switch_wal()")?;
+    env.wait_archived(during.after, "the outage's WAL to be archived")?;
+    pitr_tests::wait_until("the failed index put", Duration::from_secs(60), || {
+        Ok(env.stream_logs().contains("put failed"))
+    })
+    .with_context(|| env.stream_logs())?;
+    std::fs::remove_file(&index_dir)?;
+    std::fs::rename(&saved, &index_dir)?;
+
+    pitr_tests::wait_until("the failed segment to be backfilled", Duration::from_secs(90), || {
+        Ok(read_all(&env)?.contains_key(&seg(during.after)))
+    })
+    .with_context(|| env.stream_logs())?;
+    let all = read_all(&env)?;
+    let e = all[&seg(during.after)].entries.iter().find(|e| e.xid == during.xid).cloned();
+    let e = e.with_context(|| format!("xid {} not in {:?}", during.xid, all[&seg(during.after)]))?;
+    assert_eq!(e.relations.iter().map(|r| r.inserted).sum::<u64>(), 1, "{e:?}");
+    assert!(!e.incomplete, "{e:?}");
+    env.stop_stream(&mut stream)?;
+    Ok(())
+}
+
 /// Decoding throughput on real pgbench WAL (run by hand: `--ignored`): streams ~100 MB of pgbench
 /// WAL, reads the archived segments back, and times the change decoder on one core. Prints MB/s; this test binary's own crates are unoptimised, so
 /// the WAL is also written to `PITR_WAL_SAMPLE_OUT` (if set) for the release-mode measurement in

@@ -5,7 +5,9 @@
 //! table exactly as it was just before (rows and md5), for the TRUNCATE and for the DROP. With
 //! the index objects deleted, `find` decodes the WAL (saying so) and finds the same. Refusals:
 //! `--exclusive` with latest/immediate/name, an unknown table (naming the snapshots searched),
-//! `--since` after `--until`.
+//! `--since` after `--until`. A TRUNCATE + reload + ANALYZE in one transaction is "TRUNCATE, or
+//! a rewrite" and destructive, a VACUUM FULL a harmless rewrite, and a partitioned table (no
+//! storage of its own) is found through its partitions.
 
 use anyhow::{Context, Result};
 use pitr_tests::checks::expect_failure;
@@ -44,6 +46,12 @@ fn find_names_truncate_drop_and_big_delete_and_restores_just_before() -> Result<
         "create table a (id int primary key, v text); insert into a select g, md5(g::text) from generate_series(1, 2000) g; \
          create table b (id int primary key, v text); insert into b select g, md5(g::text) from generate_series(1, 700) g; \
          create table c (id int primary key, v text); insert into c select g, md5(g::text) from generate_series(1, 8000) g; \
+         create table d (id int primary key, v text); insert into d select g, md5(g::text) from generate_series(1, 3000) g; \
+         create table e (id int primary key, v text); insert into e select g, md5(g::text) from generate_series(1, 3000) g; \
+         create table m (id int, v text) partition by range (id); \
+         create table m1 partition of m for values from (0) to (1000); \
+         create table m2 partition of m for values from (1000) to (2000); \
+         insert into m select g, md5(g::text) from generate_series(1, 1999) g; \
          create table noise (id serial primary key, v text); analyze",
     )?;
     let mut env = PitrEnv::new("pg15-find", &cluster, "\n[find]\ncatalog_interval = \"1h\"")?;
@@ -62,6 +70,18 @@ fn find_names_truncate_drop_and_big_delete_and_restores_just_before() -> Result<
     let drop_xid: u64 = cluster.psql("select txid_current(); drop table b")?.trim().parse()?;
     small_commits(&cluster, 500)?;
     let delete_xid: u64 = cluster.psql("select txid_current(); delete from c where id <= 5000")?.trim().parse()?;
+    // A reload in one transaction (TRUNCATE, load, ANALYZE: the estimate after it is the new
+    // rows') is not a harmless rewrite; a VACUUM FULL is.
+    let reload_xid: u64 = cluster
+        .psql(
+            "select txid_current(); truncate d; \
+             insert into d select g, 'reloaded' from generate_series(1, 3000) g; analyze d",
+        )?
+        .trim()
+        .parse()?;
+    small_commits(&cluster, 100)?;
+    cluster.psql("vacuum full e")?;
+    let m_xid: u64 = cluster.psql("select txid_current(); drop table m")?.trim().parse()?;
     small_commits(&cluster, 500)?;
     cluster.psql("select pg_switch_wal()")?;
     env.wait_archived(cluster.current_lsn()?, "the archive to hold the workload")?;
@@ -72,8 +92,25 @@ fn find_names_truncate_drop_and_big_delete_and_restores_just_before() -> Result<
         let a = find_json(&env, &["--table", "a", "--op", "truncate"])?;
         let b = find_json(&env, &["--table", "public.b", "--op", "drop"])?;
         let told = |c: Option<serde_json::Value>, what: &str| c.is_some_and(|c| c["relations"][0]["dropped"] == what);
-        Ok(told(commit_of(&a, truncate_xid), "truncate") && told(commit_of(&b, drop_xid), "drop"))
+        let e = find_json(&env, &["--table", "e"])?;
+        let e_told = e["commits"].as_array().is_some_and(|c| {
+            c.iter().any(|c| c["relations"].as_array().is_some_and(|r| r.iter().any(|t| t["dropped"] == "rewrite")))
+        });
+        Ok(told(commit_of(&a, truncate_xid), "truncate") && told(commit_of(&b, drop_xid), "drop") && e_told)
     })?;
+    let d = find_json(&env, &["--table", "d", "--op", "truncate"])?;
+    let reload = commit_of(&d, reload_xid).context("the reload of d")?;
+    let dropped: Vec<&serde_json::Value> =
+        reload["relations"].as_array().context("relations")?.iter().map(|t| &t["dropped"]).collect();
+    assert!(dropped.contains(&&serde_json::json!("truncate_or_rewrite")), "{reload}");
+    assert_eq!(reload["destructive"], true, "a TRUNCATE + reload is not a harmless rewrite: {reload}");
+    // A partitioned table (no storage of its own) is found through its partitions.
+    let m = find_json(&env, &["--table", "m", "--op", "drop"])?;
+    let m_drop = commit_of(&m, m_xid).context("the DROP of partitioned m")?;
+    assert_eq!(m_drop["relations"].as_array().map(Vec::len), Some(2), "{m_drop}");
+    assert_eq!(m_drop["relations"][0]["partition_of"], "public.m", "{m_drop}");
+    let e = find_json(&env, &["--table", "e", "--destructive"])?;
+    assert_eq!(e["commits"], serde_json::json!([]), "VACUUM FULL is not destructive: {e}");
 
     // --table a: newest first; the TRUNCATE with its xid, time, targets and destructive flag.
     let a = find_json(&env, &["--table", "a", "--limit", "10000"])?;

@@ -93,6 +93,10 @@ fn pg17_predicted_rto_after_a_drill_and_the_auto_schedule() -> Result<()> {
     assert!(exported.is_finite() && exported > 0.0, "{exported}");
     // Both are the model on the same result; the archive's end may have moved in between.
     assert!((exported - now).abs() <= 0.25 * now, "gauge {exported} vs status {now}");
+    // With it, when it was computed: a stale gauge shows as a timestamp that stops moving.
+    let computed = gauge(&env, "pitr_predicted_rto_timestamp_seconds")?.context("timestamp gauge")?;
+    let unix_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    assert!(computed <= unix_now + 1.0 && computed > unix_now - 600.0, "{computed} vs {unix_now}");
 
     // A restore run by hand stores its timings: two samples now.
     let (_server, out) = env.restore_started("latest", cluster.bin_dir(), &["--json"])?;
@@ -104,8 +108,21 @@ fn pg17_predicted_rto_after_a_drill_and_the_auto_schedule() -> Result<()> {
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(backups(&env)?.len(), 1, "an automatic backup under the target");
 
-    // A target every restore misses: an incremental on the full backup, by itself.
+    // A target even a restore just after a backup misses (writing the data directory takes
+    // longer): backups cannot help, none is taken, and the log says why.
     env.edit_config("rto_seconds = 100000", "rto_seconds = 0.001")?;
+    wait_until("the warning that backups cannot help", Duration::from_secs(60), || {
+        Ok(env.stream_logs().contains("more backups cannot bring it under"))
+    })
+    .with_context(|| env.stream_logs())?;
+    assert_eq!(backups(&env)?.len(), 1, "an automatic backup that cannot help");
+
+    // A target between the restore just after a backup and the restore now: an incremental on
+    // the full backup, by itself. (One size learnt: no overhead, so after a backup only the
+    // data directory's time remains.)
+    let p = status(&env)?["predicted_rto"].clone();
+    let target = (f(&p, "download_seconds") + 0.5 * f(&p, "replay_seconds")) / 0.8;
+    env.edit_config("rto_seconds = 0.001", &format!("rto_seconds = {target}"))?;
     wait_until("an automatic backup", Duration::from_secs(120), || Ok(backups(&env)?.len() >= 2))
         .with_context(|| env.stream_logs())?;
     let all = backups(&env)?;

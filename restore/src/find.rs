@@ -82,6 +82,9 @@ pub struct Touch {
     /// The touch is of the table's TOAST table (counts are of TOAST chunks, not rows).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub toast: bool,
+    /// The partitioned table this is a partition of (`schema.name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition_of: Option<String>,
 }
 
 impl Touch {
@@ -98,7 +101,10 @@ impl Touch {
         };
         match (&self.table, &self.database) {
             (Some(t), Some(d)) if self.toast => format!("{}:{} (TOAST)", clean(d), clean(t)),
-            (Some(t), Some(d)) => format!("{}:{}", clean(d), clean(t)),
+            (Some(t), Some(d)) => match &self.partition_of {
+                Some(p) => format!("{}:{} (partition of {})", clean(d), clean(t), clean(p)),
+                None => format!("{}:{}", clean(d), clean(t)),
+            },
             _ => format!("{}/{}/{} (unknown name)", self.db_oid, self.spc_oid, self.relfilenode),
         }
     }
@@ -177,7 +183,7 @@ fn classify_drop(
         }
         if let Some(after) = snaps.first_after(entry.commit_lsn) {
             // A snapshot taken after the commit still has the relation: same OID, new storage.
-            let Some(now) = after.relations.iter().find(|r| r.db_oid == loc.db && r.oid == rel.oid) else {
+            let Some(now) = after.relation_by_oid(loc.db, rel.oid) else {
                 return if after.unread_databases.contains(&rel.db_name) { Dropped::Unknown } else { Dropped::Drop };
             };
             // TRUNCATE leaves empty storage with no estimate (-1); VACUUM FULL and CLUSTER set the
@@ -197,10 +203,18 @@ fn classify_drop(
             // was taken count too.
             let analyzed_later = now.stats_us.is_some_and(|s| s >= entry.time_us);
             let from = others.partition_point(|o| o.commit_lsn <= entry.commit_lsn);
-            let replaced_again = others[from..]
-                .iter()
-                .take_while(|o| o.commit_lsn < after.lsn || o.time_us <= after.time_us)
-                .any(|o| o.dropped.iter().any(|d| d.db == loc.db && !d.is_catalog()));
+            let replaced_again =
+                others[from..].iter().take_while(|o| o.commit_lsn < after.lsn || o.time_us <= after.time_us).any(|o| {
+                    // A commit that dropped another table's storage (named, another OID) was about
+                    // that table: the unnamed storage it dropped too is that table's indexes and
+                    // TOAST. One that dropped only unnamed storage (or ours) may have replaced the
+                    // storage this commit created. (A TRUNCATE of ours and another together is
+                    // still caught when rows were loaded and analyzed: `stats_us`.)
+                    let mut dropped = o.dropped.iter().filter(|d| d.db == loc.db && !d.is_catalog()).peekable();
+                    dropped.peek().is_some()
+                        && dropped
+                            .all(|d| snaps.resolve(o.commit_lsn, d.db, d.spc, d.rel).is_none_or(|r| r.oid == rel.oid))
+                });
             return if loaded || analyzed_later || replaced_again {
                 Dropped::TruncateOrRewrite
             } else {
@@ -222,7 +236,7 @@ fn classify_drop(
 fn fold_toast(relations: &mut Vec<Touch>, snaps: &Snapshots) {
     let parent = |t: &Touch| -> Option<CatalogRelation> {
         let oid: u32 = t.table.as_deref()?.strip_prefix("pg_toast.pg_toast_")?.parse().ok()?;
-        snaps.snapshots.iter().rev().flat_map(|s| &s.relations).find(|r| r.db_oid == t.db_oid && r.oid == oid).cloned()
+        snaps.snapshots.iter().rev().find_map(|s| s.relation_by_oid(t.db_oid, oid)).cloned()
     };
     let parents: Vec<Option<CatalogRelation>> = relations.iter().map(parent).collect();
     let mut keep = vec![true; relations.len()];
@@ -236,6 +250,7 @@ fn fold_toast(relations: &mut Vec<Touch>, snaps: &Snapshots) {
             t.oid = Some(p.oid);
             t.reltuples = Some(p.reltuples);
             t.toast = true;
+            t.partition_of = p.partition_of.clone();
         }
     }
     let mut i = 0;
@@ -270,6 +285,7 @@ pub fn describe_among(entry: &CommitEntry, snaps: &Snapshots, rules: Rules, othe
         reltuples: named.map(|r| r.reltuples),
         destructive: false,
         toast: false,
+        partition_of: named.and_then(|r| r.partition_of.clone()),
     };
     let same = |t: &Touch, loc: RelFileLocator| (t.db_oid, t.spc_oid, t.relfilenode) == (loc.db, loc.spc, loc.rel);
     for r in entry.relations.iter().filter(|r| !r.rel.is_catalog()) {
@@ -371,7 +387,7 @@ pub fn table_database(snaps: &Snapshots, table: &TableName, database: Option<&st
         .snapshots
         .iter()
         .flat_map(|s| &s.relations)
-        .filter(|r| r.schema == table.schema && r.name == table.name)
+        .filter(|r| r.is_or_partition_of(&table.schema, &table.name))
         .filter(|r| database.is_none_or(|d| d == r.db_name))
         .map(|r| r.db_name.as_str())
         .collect();
@@ -395,7 +411,7 @@ fn table_oids(snaps: &Snapshots, table: &TableName, database: &str) -> Vec<u32> 
         .snapshots
         .iter()
         .flat_map(|s| &s.relations)
-        .filter(|r| r.db_name == database && r.schema == table.schema && r.name == table.name)
+        .filter(|r| r.db_name == database && r.is_or_partition_of(&table.schema, &table.name))
         .map(|r| r.oid)
         .collect();
     oids.sort_unstable();
@@ -461,6 +477,23 @@ pub struct Query {
     pub since_us: Option<i64>,
     /// `--until`, µs.
     pub until_us: Option<i64>,
+    /// The names of the table's TOAST tables (`pg_toast.pg_toast_<oid>`), once worked out by
+    /// [`Query::prepare`] (else for every commit: that scans every snapshot).
+    pub table_toast: Option<Vec<String>>,
+}
+
+impl Query {
+    /// Works out what [`select`] needs for every commit once.
+    pub fn prepare(mut self, snaps: &Snapshots) -> Query {
+        if let Some((table, db)) = &self.table {
+            self.table_toast = Some(toast_names(snaps, table, db));
+        }
+        self
+    }
+}
+
+fn toast_names(snaps: &Snapshots, table: &TableName, db: &str) -> Vec<String> {
+    table_oids(snaps, table, db).iter().map(|o| format!("pg_toast.pg_toast_{o}")).collect()
 }
 
 /// Whether `commit` is one `query` asks for. With a table, only the touches of that table (its
@@ -470,12 +503,19 @@ pub fn select(mut commit: Commit, query: &Query, snaps: &Snapshots) -> Option<Co
         return None;
     }
     if let Some((table, db)) = &query.table {
-        let oids = table_oids(snaps, table, db);
-        let toast: Vec<String> = oids.iter().map(|o| format!("pg_toast.pg_toast_{o}")).collect();
+        let computed;
+        let toast = match &query.table_toast {
+            Some(t) => t,
+            None => {
+                computed = toast_names(snaps, table, db);
+                &computed
+            }
+        };
         let wanted = table.qualified();
         commit.relations.retain(|t| {
             t.database.as_deref() == Some(db.as_str())
-                && t.table.as_deref().is_some_and(|n| n == wanted || toast.iter().any(|x| x == n))
+                && (t.table.as_deref().is_some_and(|n| n == wanted || toast.iter().any(|x| x == n))
+                    || t.partition_of.as_deref() == Some(wanted.as_str()))
         });
         if commit.relations.is_empty() {
             return None;
@@ -518,6 +558,7 @@ mod tests {
             relkind: "r".into(),
             reltuples,
             stats_us: None,
+            partition_of: None,
         }
     }
 
@@ -658,7 +699,7 @@ mod tests {
         };
         // VACUUM FULL: the estimate is the copied rows', set by the commit: a rewrite.
         let quiet = snaps_with(Some(commit.time_us - 1_000_000));
-        let c = describe_among(&commit, &quiet, rules, &[commit.clone()]);
+        let c = describe_among(&commit, &quiet, rules, std::slice::from_ref(&commit));
         assert_eq!((c.relations[0].dropped, c.destructive), (Some(Dropped::Rewrite), false));
         // TRUNCATE; INSERT …; ANALYZE in one transaction: rows inserted into the new storage.
         let loaded = CommitEntry { relations: vec![counts(16500, 300, 0, 0)], ..commit.clone() };
@@ -668,12 +709,42 @@ mod tests {
         // TRUNCATE, then a load and an (auto)analyze before the snapshot.
         let c = describe(&commit, &snaps_with(Some(commit.time_us + 500_000)), rules);
         assert_eq!((c.relations[0].dropped, c.destructive), (Some(Dropped::TruncateOrRewrite), true));
-        // TRUNCATE, then a VACUUM FULL (storage replaced again) before the snapshot.
+        // TRUNCATE, then a VACUUM FULL (storage replaced again: the new storage, which no
+        // snapshot names) before the snapshot.
         let again = CommitEntry { dropped: vec![loc(16450)], ddl: true, ..entry(901, 0x600) };
         let c = describe_among(&commit, &quiet, rules, &[commit.clone(), again]);
         assert_eq!((c.relations[0].dropped, c.destructive), (Some(Dropped::TruncateOrRewrite), true));
         let q = Query { op: Some(Op::Truncate), ..Default::default() };
         assert!(select(c, &q, &quiet).is_some(), "--op truncate finds it");
+        // Another table's storage dropped meanwhile says nothing about this one.
+        let mut with_other = quiet.clone();
+        for s in &mut with_other.snapshots {
+            s.relations.push(rel(16700, 16700, "other", 5.0));
+            s.relations.sort_by_key(|r| (r.db_oid, r.spc_oid, r.relfilenode));
+        }
+        let other = CommitEntry { dropped: vec![loc(16700), loc(16701)], ddl: true, ..entry(902, 0x600) };
+        let c = describe_among(&commit, &with_other, rules, &[commit.clone(), other]);
+        assert_eq!((c.relations[0].dropped, c.destructive), (Some(Dropped::Rewrite), false));
+    }
+
+    /// A partitioned table has no storage: `--table ROOT` finds its partitions' commits.
+    #[test]
+    fn a_partitioned_table_is_found_through_its_partitions() {
+        let part = |relfilenode, name: &str| CatalogRelation {
+            partition_of: Some("public.measurements".into()),
+            ..rel(relfilenode, relfilenode, name, 10.0)
+        };
+        let s = Snapshots {
+            snapshots: vec![CatalogSnapshot::new(1, 0x100, 0, vec![part(16600, "m_2026"), part(16610, "m_2027")])],
+            problems: vec![],
+        };
+        let root = TableName::parse("measurements").unwrap();
+        assert_eq!(table_database(&s, &root, None).unwrap(), "app");
+        let q = Query { table: Some((root, "app".into())), ..Default::default() }.prepare(&s);
+        let drop = CommitEntry { dropped: vec![loc(16600), loc(16610)], ..entry(5, 0x200) };
+        let c = select(describe(&drop, &s, Rules::default()), &q, &s).expect("the partitions' commit");
+        assert_eq!(c.relations.len(), 2);
+        assert!(c.relations[0].shown().contains("(partition of public.measurements)"), "{}", c.relations[0].shown());
     }
 
     #[test]

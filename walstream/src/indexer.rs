@@ -14,6 +14,17 @@
 //! of the segment before, reading the WAL between that object's end and the stream's start back
 //! from the archive; without one, the segment is decoded from its start if the archive holds it.
 //!
+//! Nothing it leaves out stays a hole for long: a segment skipped (dropped input, a failed or
+//! fenced put, a full queue, decoding started inside it) is noted, and once its WAL is durable a
+//! backfill task (its own task, at most one at a time, [`BACKFILL_DELAY`] after the skip) reads
+//! it back from the archive and writes the missing objects as `verify --rebuild-index` does
+//! (`change_index::rebuild` from the lowest skipped segment on). Under a long catch-up, when the
+//! stream outruns the decoder, the backfill is what indexes most segments.
+//!
+//! A timeline switch within a session goes on decoding: the server streams the new timeline from
+//! the start of the segment holding the switch point, and that segment's bytes up to the switch
+//! point are the old timeline's, which the cursor has decoded already.
+//!
 //! It owns nothing the receiver needs: a failure here is logged and counted, never stops WAL.
 
 use std::collections::VecDeque;
@@ -39,6 +50,26 @@ const READY_MAX: usize = 16;
 /// At start-up, at most this many segments between the newest index object and the stream's
 /// start are indexed from the archive; an older backlog is left to `verify --rebuild-index`.
 const CATCH_UP_MAX: u64 = 64;
+/// At start-up, a longer backlog is handed to the backfill for at most this many segments before
+/// the stream's start (16 GiB of WAL at the default size); older ones to `verify --rebuild-index`.
+const BACKFILL_MAX: u64 = 1024;
+/// How long after a skip the backfill waits (more skips gather into one pass; the WAL of the
+/// segments skipped becomes durable meanwhile).
+const BACKFILL_DELAY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The backfill task, stopped with the indexer.
+struct Backfill {
+    task: tokio::task::JoinHandle<()>,
+    /// The segments it was started for, owed again unless it succeeds.
+    owed: (u64, u64),
+    ok: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Backfill {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
 
 /// The receiver's end: offers bytes, never waits.
 pub(crate) struct Indexer {
@@ -67,6 +98,8 @@ impl Indexer {
             cursor: None,
             ready: VecDeque::new(),
             started: false,
+            backlog: None,
+            backfill: None,
         };
         Indexer { tx, task: tokio::spawn(task.run(rx, progress)) }
     }
@@ -111,18 +144,95 @@ struct IndexTask {
     ready: VecDeque<SegmentIndex>,
     /// Whether the first bytes were seen (start-up catch-up is done once per session).
     started: bool,
+    /// Segments skipped and not backfilled yet: the lowest and highest segment numbers, and when
+    /// the first was skipped.
+    backlog: Option<(u64, u64, tokio::time::Instant)>,
+    /// The backfill pass under way.
+    backfill: Option<Backfill>,
 }
 
-fn skipped(why: &str, timeline: u32, segno: u64, layout: &WalLayout) {
+fn log_skipped(why: &str, timeline: u32, segno: u64, layout: &WalLayout) {
     metrics::counter!("pitr_index_segments_skipped_total").increment(1);
     tracing::warn!(segment = %layout.segment_file_name(timeline, segno), reason = why,
-        "WAL segment left out of the change index (pitr find decodes it from the WAL; verify --rebuild-index writes it)");
+        "WAL segment left out of the change index for now (backfilled from the archive once durable; \
+         pitr find decodes it from the WAL meanwhile)");
 }
 
 impl IndexTask {
+    /// Notes a segment left out, for the backfill.
+    fn skipped(&mut self, why: &str, timeline: u32, segno: u64) {
+        log_skipped(why, timeline, segno, &self.layout);
+        self.backlog = Some(match self.backlog {
+            Some((lo, hi, at)) => (lo.min(segno), hi.max(segno), at),
+            None => (segno, segno, tokio::time::Instant::now()),
+        });
+    }
+
+    /// When the backlog's backfill may start (never while one runs or nothing is owed).
+    fn backfill_due(&self) -> Option<tokio::time::Instant> {
+        let (_, _, at) = self.backlog?;
+        if self.backfill.as_ref().is_some_and(|b| !b.task.is_finished()) {
+            // Looked at again when the next message or durable progress wakes the loop.
+            return None;
+        }
+        Some(at + BACKFILL_DELAY)
+    }
+
+    /// A finished backfill pass that failed (storage outage): its segments are owed again.
+    fn reap_backfill(&mut self) {
+        let Some(b) = self.backfill.take_if(|b| b.task.is_finished()) else { return };
+        if !b.ok.load(std::sync::atomic::Ordering::Acquire) {
+            let (lo, hi) = b.owed;
+            self.backlog = Some(match self.backlog {
+                Some((l, h, at)) => (l.min(lo), h.max(hi), at),
+                None => (lo, hi, tokio::time::Instant::now()),
+            });
+        }
+    }
+
+    /// Starts a backfill pass over the backlog once the archive durably holds all of its segments
+    /// (until then, looks again after [`BACKFILL_DELAY`]; no I/O). The pass covers every complete
+    /// segment from the lowest on; one that fails leaves the backlog owed ([`Self::reap_backfill`]).
+    fn start_backfill(&mut self) {
+        let Some((lo, hi, _)) = self.backlog else { return };
+        let durable = self.pipeline.with(|p| p.durable());
+        if durable.lsn < self.layout.segment_start(hi + 1) {
+            self.backlog = Some((lo, hi, tokio::time::Instant::now()));
+            return;
+        }
+        self.backlog = None;
+        let (repo, info) = (self.repo.clone(), self.info.clone());
+        let ok = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = ok.clone();
+        let task = tokio::spawn(async move {
+            match change_index::rebuild_range(&repo, &info, Some(lo), Some(hi), false).await {
+                Ok(report) => {
+                    done.store(true, std::sync::atomic::Ordering::Release);
+                    metrics::counter!("pitr_index_segments_backfilled_total").increment(report.written);
+                    tracing::info!(
+                        from = lo,
+                        written = report.written,
+                        left = report.problems.len(),
+                        "change index: backfilled skipped segments from the archive"
+                    );
+                    for p in report.problems.iter().take(5) {
+                        tracing::debug!(problem = %p, "change index backfill");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "change index backfill failed; tried again later"),
+            }
+        });
+        self.backfill = Some(Backfill { task, owed: (lo, hi), ok });
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<(u32, u64, Bytes)>, mut progress: watch::Receiver<u64>) {
         loop {
+            self.reap_backfill();
+            let due = self.backfill_due();
             tokio::select! {
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    self.start_backfill();
+                }
                 msg = rx.recv() => match msg {
                     Some((timeline, lsn, data)) => {
                         self.take(timeline, lsn, &data).await;
@@ -143,6 +253,16 @@ impl IndexTask {
     }
 
     async fn take(&mut self, timeline: u32, lsn: u64, data: &[u8]) {
+        if let Some(c) = self.cursor.as_mut() {
+            if c.timeline < timeline && self.layout.segno_of(lsn) == c.segno && lsn <= c.next {
+                // A timeline switch in the session: the server streams the new timeline from the
+                // start of the segment holding the switch point, whose bytes up to there are the
+                // old timeline's (PostgreSQL copies them), decoded already; the walsender sent
+                // the old timeline only up to the switch point, so the cursor is not past it.
+                // The segment is indexed as the new timeline's.
+                c.timeline = timeline;
+            }
+        }
         let continues = matches!(&self.cursor, Some(c) if c.timeline == timeline && c.next == lsn);
         if !continues {
             if let Some(c) = self.cursor.take() {
@@ -161,10 +281,17 @@ impl IndexTask {
                 // The segment `lsn` is in is reported when the fresh cursor finishes it.
                 let last = if c.timeline == timeline { self.layout.segno_of(lsn) } else { c.segno + 1 };
                 for segno in c.segno..last {
-                    skipped(why, c.timeline, segno, &self.layout);
+                    self.skipped(why, c.timeline, segno);
                 }
-                let mut acc = c.acc;
-                acc.lose_continuity();
+                // Another timeline's transactions (past its switch point, with xids the new one
+                // may reuse) must not be counted into this one's: start empty then.
+                let acc = if c.timeline == timeline {
+                    let mut acc = c.acc;
+                    acc.lose_continuity();
+                    acc
+                } else {
+                    ChangeAccumulator::new()
+                };
                 self.cursor = Some(self.fresh_cursor(timeline, lsn, acc));
             } else {
                 self.cursor = Some(self.open(timeline, lsn).await);
@@ -211,7 +338,14 @@ impl IndexTask {
                 return self.fresh_cursor(timeline, lsn, ChangeAccumulator::new());
             }
         };
-        // Catch up whole segments between the newest object and the stream's segment.
+        // Catch up whole segments between the newest object and the stream's segment; a longer
+        // backlog (at most [`BACKFILL_MAX`] segments) is left to the backfill.
+        if let Some(p) = prior.as_ref().filter(|p| segno.saturating_sub(p.segno) > CATCH_UP_MAX) {
+            let lo = (p.segno + 1).max(segno.saturating_sub(BACKFILL_MAX));
+            for s in lo..segno {
+                self.skipped("indexing backlog at start-up", timeline, s);
+            }
+        }
         let mut prev = prior.filter(|p| segno - p.segno <= CATCH_UP_MAX);
         if let Some(p) = prev.clone() {
             let mut p = p;
@@ -231,6 +365,9 @@ impl IndexTask {
                         p = index;
                     }
                     _ => {
+                        for s in s..segno {
+                            self.skipped("not read back from the archive at start-up", timeline, s);
+                        }
                         prev = None;
                         break;
                     }
@@ -321,12 +458,12 @@ impl IndexTask {
                 if index.from_lsn <= self.layout.segment_start(index.segno) || !index.fresh {
                     if self.ready.len() >= READY_MAX {
                         if let Some(old) = self.ready.pop_front() {
-                            skipped("its WAL did not become durable in time", old.timeline, old.segno, &self.layout);
+                            self.skipped("its WAL did not become durable in time", old.timeline, old.segno);
                         }
                     }
                     self.ready.push_back(index);
                 } else {
-                    skipped("decoding started inside it", index.timeline, index.segno, &self.layout);
+                    self.skipped("decoding started inside it", index.timeline, index.segno);
                 }
             }
         }
@@ -337,18 +474,9 @@ impl IndexTask {
         let durable = self.pipeline.with(|p| p.durable());
         while let Some(front) = self.ready.front() {
             let end = self.layout.segment_start(front.segno + 1);
-            if durable.timeline != front.timeline {
-                // Another timeline now: whether this one's segment was archived whole is not known
-                // here; left to `verify --rebuild-index`.
-                if durable.timeline > front.timeline {
-                    if let Some(old) = self.ready.pop_front() {
-                        skipped("timeline switch", old.timeline, old.segno, &self.layout);
-                    }
-                    continue;
-                }
-                return;
-            }
-            if durable.lsn < end {
+            // The durable end moves in stream order: on a later timeline, it has passed every
+            // byte received on an earlier one, so that segment (received whole) is durable.
+            if durable.timeline < front.timeline || (durable.timeline == front.timeline && durable.lsn < end) {
                 return;
             }
             if let Some(index) = self.ready.pop_front() {
@@ -357,17 +485,22 @@ impl IndexTask {
         }
     }
 
-    async fn put(&self, index: &SegmentIndex) {
+    async fn put(&mut self, index: &SegmentIndex) {
         let name = index.object_name(&self.layout);
         match self.guard.fenced(self.repo.put_sealed(&name, index.encode(), index.meta())).await {
             Ok(Ok(_)) => {
                 metrics::counter!("pitr_index_segments_written_total").increment(1);
                 tracing::debug!(object = %name, commits = index.entries.len(), "change index written");
             }
-            Ok(Err(e)) => {
-                skipped(&format!("put failed: {e}"), index.timeline, index.segno, &self.layout);
+            // Written already from another start (a backfill, `verify --rebuild-index`, a session
+            // before this one): that object serves.
+            Ok(Err(pitr_archive::RepositoryError::Conflict { .. })) => {
+                tracing::debug!(object = %name, "change index object already there");
             }
-            Err(e) => skipped(&format!("lease: {e}"), index.timeline, index.segno, &self.layout),
+            Ok(Err(e)) => {
+                self.skipped(&format!("put failed: {e}"), index.timeline, index.segno);
+            }
+            Err(e) => self.skipped(&format!("lease: {e}"), index.timeline, index.segno),
         }
     }
 }

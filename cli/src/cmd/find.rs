@@ -213,7 +213,9 @@ pub async fn run(config_path: &Path, args: FindArgs) -> Result<()> {
     }
 
     let rules = Rules { min_rows: config.find.min_rows, destructive_fraction: config.find.destructive_fraction };
-    let query = Query { table: table.clone(), op, destructive_only: args.destructive, since_us, until_us };
+    let query =
+        Query { table: table.clone(), op, destructive_only: args.destructive, since_us, until_us, table_toast: None }
+            .prepare(&snaps);
     let mut commits: Vec<Commit> = entries
         .iter()
         .rev()

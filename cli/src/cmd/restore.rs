@@ -239,7 +239,14 @@ async fn store_restore_timing(config: &Config, system_id: u64, started_us: i64, 
         let value = serde_json::to_value(report)?;
         anyhow::Ok(pitr_drill::rto::store_restore_timing(&repo, system_id, started_us, value).await?)
     };
-    if let Err(e) = stored.await {
-        eprintln!("warning: this restore's timings were not stored for the predicted RTO: {e:#}");
+    // Bounded: after a restore from a secondary the primary may be the storage that is down, and
+    // the restored server must not wait on its retries.
+    match tokio::time::timeout(std::time::Duration::from_secs(30), stored).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => eprintln!("warning: this restore's timings were not stored for the predicted RTO: {e:#}"),
+        Err(_) => eprintln!(
+            "warning: this restore's timings were not stored for the predicted RTO: the primary repository did \
+             not answer within 30 s"
+        ),
     }
 }

@@ -80,6 +80,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         conninfo: stream_config.conninfo.clone(),
         application_name: format!("{}_catalog", pg.application_name()),
         interval: config.find.catalog_interval,
+        timeout: crate::catalog_poll::SNAPSHOT_TIMEOUT,
     };
     tokio::spawn(poller.run(Some(ddl_rx), shutdown_rx.clone()));
 
@@ -134,9 +135,17 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let store = repo.store().clone();
     let result = pitr_walstream::run(repo, stream_config, status_tx, shutdown_rx).await;
     let _ = writer.await;
-    if let Some(journal) = journal {
-        // Its last batch, with the WAL made durable at the stop.
-        let _ = journal.await;
+    if let Some(mut journal) = journal {
+        // Its last batch, with the WAL made durable at the stop; bounded, as storage may be down.
+        let limit = open::LAST_JOURNAL_BATCH_TIMEOUT;
+        if tokio::time::timeout(limit, &mut journal).await.is_err() {
+            journal.abort();
+            tracing::error!(
+                seconds = limit.as_secs(),
+                repository = %store.location(),
+                "the last journal batch did not complete: the objects and WAL since the previous batch stay unjournaled (`pitr verify` counts them)"
+            );
+        }
     }
     if let Some(mongo) = mongo {
         // The tailer stops with the same signal; a WAL error ends it too (one sidecar, one exit).

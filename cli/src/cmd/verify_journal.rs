@@ -37,6 +37,64 @@ struct Live {
     seq: u64,
 }
 
+/// The prefixes journaled objects live under ([`journal::is_journaled`]): per cluster its WAL,
+/// backup manifests, pins and restore points; per MongoDB source its oplog slices, gaps and
+/// snapshot manifests; the file sets' and dumps' manifests. Never a block prefix: listing those
+/// reads every block of the repository.
+pub async fn journaled_prefixes(repo: &Repository) -> Result<Vec<String>> {
+    use pitr_archive::names::{files, mongo, pg};
+    let mut out = vec![files::SETS.to_string(), files::DUMPS.to_string()];
+    for child in repo.store().list_children(pg::ROOT).await? {
+        let Some(id) =
+            child.strip_prefix(pg::ROOT).and_then(|c| c.strip_suffix('/')).and_then(|c| c.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        out.extend([pg::wal_prefix(id), pg::backups_prefix(id), pg::pins_prefix(id), pg::restore_points_prefix(id)]);
+    }
+    for child in repo.store().list_children(mongo::ROOT).await? {
+        let Some(source) = child.strip_prefix(mongo::ROOT).and_then(|c| c.strip_suffix('/')) else { continue };
+        if source.is_empty() || source.contains('/') {
+            continue;
+        }
+        out.extend([mongo::oplog_prefix(source), mongo::gaps_prefix(source), mongo::snapshots_prefix(source)]);
+    }
+    Ok(out)
+}
+
+/// The journaled objects `repo` holds, with their stored sizes: [`journaled_prefixes`] listed.
+async fn list_journaled(repo: &Repository) -> Result<BTreeMap<String, u64>> {
+    let mut listed = BTreeMap::new();
+    for prefix in journaled_prefixes(repo).await? {
+        for o in repo.list(&prefix).await.with_context(|| format!("listing {prefix}"))? {
+            if journal::is_journaled(&o.name) {
+                listed.insert(o.name, o.size);
+            }
+        }
+    }
+    Ok(listed)
+}
+
+/// [`check`], with a journal that cannot be read (storage down, a key that does not load) made a
+/// `journal-unreadable` finding: the rest of a verify report is still printed and counted. Used
+/// by `pitr verify` and the sidecar's scheduled verification.
+pub async fn check_or_finding(config: &Config, from: Option<&str>, repo: &Repository, deep: bool) -> JournalCheck {
+    // Boxed as `Send` here, where the lifetimes are concrete: the scheduler spawns this.
+    let checked: std::pin::Pin<Box<dyn std::future::Future<Output = Result<JournalCheck>> + Send + '_>> =
+        Box::pin(check(config, from, repo, deep));
+    match checked.await {
+        Ok(c) => c,
+        Err(e) => JournalCheck {
+            findings: vec![finding(
+                "journal-unreadable",
+                pitr_archive::names::journal::PREFIX,
+                format!("the journal could not be checked: {e:#}"),
+            )],
+            notes: Vec::new(),
+        },
+    }
+}
+
 /// Checks `repo` (the repository `from` names, the primary without it) against the journal.
 /// `deep` also hashes WAL segments (always: every other journaled object).
 pub async fn check(config: &Config, from: Option<&str>, repo: &Repository, deep: bool) -> Result<JournalCheck> {
@@ -103,6 +161,25 @@ pub async fn check(config: &Config, from: Option<&str>, repo: &Repository, deep:
             ));
         }
     }
+    // A seq one chain holds a signed batch at and another chained past as untrusted: that
+    // repository's batch was replaced (or deleted) after it was copied, and a writer skipped it.
+    for (name, other) in others.iter().filter(|(n, _)| *n != here_name) {
+        let skipped_here = other.batches.iter().map(|b| b.body.seq).find(|s| here.passes_over(*s));
+        let skipped_there = here.batches.iter().map(|b| b.body.seq).find(|s| other.passes_over(*s));
+        for (seq, skipper, holder) in
+            [(skipped_here, here_name.as_str(), name.as_str()), (skipped_there, name.as_str(), here_name.as_str())]
+        {
+            if let Some(seq) = seq {
+                out.findings.push(finding(
+                    "journal-fork",
+                    pitr_archive::names::journal::batch(seq),
+                    format!(
+                        "{holder} holds a signed batch at seq {seq} that the journal of {skipper} chained past as untrusted: the batch in {skipper} was replaced or deleted"
+                    ),
+                ));
+            }
+        }
+    }
     // The longest valid chain is the history the repository is held to.
     let (best_name, best) = chains
         .iter()
@@ -156,7 +233,13 @@ pub async fn check(config: &Config, from: Option<&str>, repo: &Repository, deep:
     }
     // The sidecar's local high-water mark (this host's last batch) witnesses the primary.
     if is_primary {
+        let origin = best.at(0).map(|b| hex::encode(b.hash));
         match high_water {
+            Ok(Some(mark)) if !mark.same_journal(&journal::key_id(&key), origin.as_deref()) => out.notes.push(format!(
+                "journal high-water mark {} ignored: it is of another {} (re-initialised, or the key was replaced); the sidecar replaces it at its next batch",
+                hwm_path.display(),
+                if mark.key_id.is_empty() || mark.key_id == journal::key_id(&key) { "repository" } else { "signing key" }
+            )),
             Ok(Some(mark)) => match best.at(mark.seq) {
                 Some(b) if hex::encode(b.hash) == mark.hash => {}
                 Some(_) => out.findings.push(finding(
@@ -204,8 +287,7 @@ pub async fn check(config: &Config, from: Option<&str>, repo: &Repository, deep:
             }
         }
     }
-    let listed: BTreeMap<String, u64> =
-        repo.list("").await?.into_iter().filter(|o| journal::is_journaled(&o.name)).map(|o| (o.name, o.size)).collect();
+    let listed = list_journaled(repo).await?;
     let (mut checked, mut lagging, mut hashed) = (0usize, 0usize, 0usize);
     let mut missing: Vec<(&String, &Live)> = Vec::new();
     for (name, l) in &live {
@@ -349,3 +431,55 @@ async fn deleted_after(
 
 /// How many batches written while verify ran it reads for late deletes.
 const LATE_BATCHES_MAX: usize = 1000;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use pitr_archive::{KeyRing, LocalStore, Store};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_journal_that_cannot_be_checked_is_a_finding_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let public = journal::public_key_text(&journal::JournalSigner::from_seed([2; 32]).verifying_key());
+        let text = format!(
+            "[repository]\npath = {:?}\n[encryption]\nkey_file = {:?}\n[journal]\npublic_key = {public:?}\n",
+            dir.path().join("repo").display().to_string(),
+            dir.path().join("missing.key").display().to_string()
+        );
+        let config = Config::parse(&text, &[]).unwrap();
+        let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        let repo = Repository::new(store, KeyRing::from_key("a", [1; 32]));
+        let checked = check_or_finding(&config, None, &repo, false).await;
+        assert_eq!(checked.findings.len(), 1, "{:?}", checked.findings);
+        assert_eq!(checked.findings[0].kind, "journal-unreadable");
+        assert!(checked.findings[0].message.contains("could not be checked"), "{}", checked.findings[0].message);
+    }
+
+    #[tokio::test]
+    async fn only_journaled_prefixes_are_listed_never_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        let repo = Repository::new(store.clone(), KeyRing::from_key("a", [1; 32]));
+        let block = format!("pg/7/blocks/ab/ab{}", "0".repeat(62));
+        let wanted = [
+            "pg/7/wal/000000010000000000000001.seg",
+            "pg/7/backups/20261121T000000Z.manifest",
+            "files/sets/etc/20261121T000000Z.manifest",
+        ];
+        for name in wanted.iter().copied().chain([block.as_str(), "pg/7/cluster"]) {
+            store.put_if_absent(name, hyper::body::Bytes::from_static(b"x")).await.unwrap();
+        }
+        let prefixes = journaled_prefixes(&repo).await.unwrap();
+        assert!(prefixes.iter().all(|p| !p.contains("blocks")), "{prefixes:?}");
+        assert!(prefixes.contains(&"pg/7/wal/".to_string()), "{prefixes:?}");
+        let listed = list_journaled(&repo).await.unwrap();
+        assert_eq!(listed.keys().map(String::as_str).collect::<Vec<_>>(), {
+            let mut w = wanted.to_vec();
+            w.sort();
+            w
+        });
+    }
+}
