@@ -258,10 +258,24 @@ pub fn expired<'a>(system_id: u64, names: impl IntoIterator<Item = &'a str>, flo
 }
 
 /// Deletes the snapshots [`expired`] names (for `pitr expire`, with the lowest LSN of the WAL it
-/// keeps on any timeline). Returns what it deleted; one already gone is not an error.
+/// keeps on any timeline). Returns what it deleted; one already gone is not an error. The one
+/// kept is read first: an object planted under a snapshot's name just below the floor is left
+/// in place, and the authentic snapshot below it is the one kept, so a planted object cannot
+/// make expire delete the names of the oldest WAL kept. With none authentic, nothing goes.
 pub async fn prune(repo: &Repository, system_id: u64, floor_lsn: u64) -> Result<Vec<String>, RepositoryError> {
     let listed = repo.list(&names::pg::catalog_prefix(system_id)).await?;
-    let gone = expired(system_id, listed.iter().map(|o| o.name.as_str()), floor_lsn);
+    let mut below: Vec<(u64, u32, String, u64)> = listed
+        .into_iter()
+        .filter_map(|o| names::pg::parse_catalog_snapshot(system_id, &o.name).map(|(t, lsn)| (lsn, t, o.name, o.size)))
+        .filter(|(lsn, ..)| *lsn <= floor_lsn)
+        .collect();
+    below.sort_unstable();
+    while let Some((lsn, timeline, name, size)) = below.pop() {
+        if read_named(repo, &name, timeline, lsn, size).await?.is_some() {
+            break;
+        }
+    }
+    let gone: Vec<String> = below.into_iter().map(|(.., name, _)| name).collect();
     for name in &gone {
         match repo.delete(name).await {
             Ok(_) => {}
@@ -270,6 +284,58 @@ pub async fn prune(repo: &Repository, system_id: u64, floor_lsn: u64) -> Result<
         }
     }
     Ok(gone)
+}
+
+/// The newest authentic snapshot stored, reading only it (the sidecar compares a new snapshot
+/// with it at each start: years of DDL must not all be downloaded for that). A newest one that
+/// does not open, or is oversized, is logged and passed over for the next below it, so a planted
+/// object with a high LSN cannot make every snapshot look unchanged or new. `Err` only when
+/// the listing fails.
+pub async fn newest(repo: &Repository, system_id: u64) -> Result<Option<CatalogSnapshot>, RepositoryError> {
+    let mut listed: Vec<(u64, u32, String, u64)> = repo
+        .list(&names::pg::catalog_prefix(system_id))
+        .await?
+        .into_iter()
+        .filter_map(|o| names::pg::parse_catalog_snapshot(system_id, &o.name).map(|(t, lsn)| (lsn, t, o.name, o.size)))
+        .collect();
+    listed.sort_unstable();
+    while let Some((lsn, timeline, name, size)) = listed.pop() {
+        if let Some(s) = read_named(repo, &name, timeline, lsn, size).await? {
+            return Ok(Some(s));
+        }
+    }
+    Ok(None)
+}
+
+/// The snapshot stored as `name` (`size` bytes listed), if it is the authentic one its name
+/// says; one that is not (oversized, does not open, other content) is logged and `None`, as is
+/// one gone meanwhile. `Err` when the storage fails.
+async fn read_named(
+    repo: &Repository,
+    name: &str,
+    timeline: u32,
+    lsn: u64,
+    size: u64,
+) -> Result<Option<CatalogSnapshot>, RepositoryError> {
+    if size > SNAPSHOT_MAX_BYTES {
+        tracing::warn!(object = %name, size, "catalog snapshot larger than any pitr writes: not read, passed over");
+        return Ok(None);
+    }
+    match repo.get_record(name).await {
+        Ok((_, bytes)) => match CatalogSnapshot::from_bytes(&bytes) {
+            Some(s) if s.timeline == timeline && s.lsn == lsn => Ok(Some(s)),
+            _ => {
+                tracing::warn!(object = %name, "catalog snapshot is not the one its name says: passed over");
+                Ok(None)
+            }
+        },
+        Err(RepositoryError::Store(e)) if e.is_not_found() => Ok(None),
+        Err(e @ RepositoryError::Seal(_)) => {
+            tracing::warn!(object = %name, error = %e, "catalog snapshot does not open: passed over");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Every catalog snapshot read, in LSN order, and the ones that could not be.
@@ -441,9 +507,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn newest_reads_only_the_highest_authentic_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::new(dir.path()));
+        let repo = Repository::new(store.clone(), KeyRing::from_key("k", [5; 32]));
+        assert_eq!(newest(&repo, 7).await.unwrap(), None);
+        for (i, lsn) in [0x100u64, 0x200].into_iter().enumerate() {
+            let s = CatalogSnapshot::new(1, lsn, 1, vec![rel(16400 + i as u32, 16400, "orders", 1.0)]);
+            assert!(record(&repo, 7, &s, None).await.unwrap());
+        }
+        assert_eq!(newest(&repo, 7).await.unwrap().map(|s| s.lsn), Some(0x200));
+        // Planted above them: passed over, the authentic newest is returned.
+        store
+            .put_if_absent(&names::pg::catalog_snapshot(7, 1, u64::MAX >> 8), bytes::Bytes::from_static(b"junk"))
+            .await
+            .unwrap();
+        assert_eq!(newest(&repo, 7).await.unwrap().map(|s| s.lsn), Some(0x200));
+    }
+
+    #[tokio::test]
     async fn expire_keeps_the_snapshot_naming_the_oldest_wal_kept_and_all_after() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [5; 32]));
+        let store = Arc::new(LocalStore::new(dir.path()));
+        let repo = Repository::new(store.clone(), KeyRing::from_key("k", [5; 32]));
         for (i, lsn) in [0x100u64, 0x200, 0x300, 0x400].into_iter().enumerate() {
             let s = CatalogSnapshot::new(1, lsn, 1, vec![rel(16400 + i as u32, 16400, "orders", 1.0)]);
             assert!(record(&repo, 7, &s, None).await.unwrap());
@@ -456,6 +542,13 @@ mod tests {
         assert_eq!(prune(&repo, 7, 0x2FF).await.unwrap(), Vec::<String>::new());
         let window: Vec<u64> = load_from(&repo, 7, 0x350).await.snapshots.iter().map(|s| s.lsn).collect();
         assert_eq!(window, vec![0x300, 0x400], "find reads the one before its window and those in it");
+        // Planted just below the floor: left in place, and the authentic one under it is kept.
+        let planted = names::pg::catalog_snapshot(7, 1, 0x3F0);
+        store.put_if_absent(&planted, bytes::Bytes::from_static(b"junk")).await.unwrap();
+        assert_eq!(prune(&repo, 7, 0x3FF).await.unwrap(), vec![name(0x200)]);
+        let left: Vec<u64> = load(&repo, 7).await.snapshots.iter().map(|s| s.lsn).collect();
+        assert_eq!(left, vec![0x300, 0x400]);
+        assert!(store.get(&planted).await.is_ok(), "a planted object is left for inspection");
     }
 
     #[test]

@@ -84,6 +84,14 @@ pub enum ChangeIndexError {
     /// The repository failed.
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    /// The decoding thread did not finish (the runtime is shutting down).
+    #[error("WAL decoding of segment {segment} did not finish: {why}")]
+    Stopped {
+        /// The segment's file name.
+        segment: String,
+        /// What stopped it.
+        why: String,
+    },
 }
 
 /// A WAL segment's bytes from its start, as far as the archive holds them contiguously.
@@ -521,7 +529,19 @@ pub async fn decode_segment(
         }
         Start::Fresh => (seg_start, held.bytes),
     };
-    let index = decode_bytes(info, timeline, segno, start, feed_from, &bytes);
+    // Decoding a segment is up to 16 MiB of CPU work: off the async runtime's workers, which the
+    // sidecar shares with its WAL receiver, uploader and lease renewal.
+    let owned = info.clone();
+    let decoding =
+        tokio::task::spawn_blocking(move || decode_bytes(&owned, timeline, segno, start, feed_from, &bytes)).await;
+    let index = match decoding {
+        Ok(index) => index,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => {
+            let segment = WalLayout::new(info).segment_file_name(timeline, segno);
+            return Err(ChangeIndexError::Stopped { segment, why: e.to_string() });
+        }
+    };
     Ok(Some((index, complete)))
 }
 
@@ -690,6 +710,7 @@ pub async fn load_range_with(
                         carried = None;
                         continue;
                     }
+                    Err(e @ ChangeIndexError::Stopped { .. }) => return Err(e),
                 }
             }
         };
@@ -791,6 +812,7 @@ pub async fn rebuild_range(
                     carried = None;
                     continue;
                 }
+                Err(e @ ChangeIndexError::Stopped { .. }) => return Err(e),
             };
             if replace {
                 repo.delete(&name).await?;

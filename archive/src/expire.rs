@@ -51,6 +51,7 @@ use pitr_pgformat::lsn::format_lsn;
 use serde::Serialize;
 
 use crate::backup::{BackupKind, BackupManifest};
+use crate::catalog;
 use crate::names::pg;
 use crate::pins::{Pin, PinSet};
 use crate::repository::{ClusterInfo, Repository, RepositoryError};
@@ -242,6 +243,19 @@ pub struct ExpireReport {
     pub retention_missing: usize,
     /// Objects whose retention could not be extended, each with the error.
     pub retention_failed: Vec<Retained>,
+}
+
+/// The LSN catalog snapshots are pruned to ([`catalog::prune`]): the start of the oldest
+/// segment still listed after this run's removals, on any timeline (LSNs grow across
+/// timelines, and a segment whose delete failed still counts as kept). `None` when no WAL is
+/// kept: then nothing says which names are needed, and none is removed.
+fn catalog_floor_lsn(wal: &WalCatalog, removed: &[(u32, u64)]) -> Option<u64> {
+    let removed: BTreeSet<&(u32, u64)> = removed.iter().collect();
+    wal.segments
+        .keys()
+        .filter(|k| !removed.contains(k))
+        .map(|&(_, segno)| segno.saturating_mul(wal.layout.segment_size))
+        .min()
 }
 
 /// Whether a failed delete was the storage refusing it, rather than a failure.
@@ -849,6 +863,20 @@ async fn run(
         }
     }
 
+    // 2d. Catalog snapshots (`pitr find`'s names) no kept WAL needs: all but the newest at or
+    // before the start of the oldest segment kept, on any timeline. The same kind of aside.
+    if !stopped_at_deadline && !opts.dry_run {
+        if let Some(floor_lsn) = catalog_floor_lsn(&wal, &removed_segments) {
+            match catalog::prune(repo, system_id, floor_lsn).await {
+                Ok(gone) if !gone.is_empty() => {
+                    tracing::info!(removed = gone.len(), "catalog snapshots older than the WAL kept removed")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not prune catalog snapshots: left for a later run"),
+            }
+        }
+    }
+
     // 3. Blocks.
     let mut blocks_skipped = None;
     let mut removed_blocks = 0;
@@ -1111,6 +1139,26 @@ mod tests {
         assert_eq!(replaced.len(), 3);
     }
 
+    /// Catalog snapshots are pruned to the oldest segment kept on any timeline; with no WAL
+    /// kept, to nothing.
+    #[test]
+    fn catalog_snapshots_are_pruned_to_the_oldest_segment_kept() {
+        let layout = WalLayout::new(&cluster());
+        let names: Vec<String> = [(1, 10u64), (1, 11), (1, 12), (2, 11), (2, 12)]
+            .into_iter()
+            .map(|(t, s)| layout.object_name(&WalObject::Segment { timeline: t, segno: s }))
+            .collect();
+        let wal = WalCatalog::from_names(layout, names.iter().map(String::as_str));
+        let size = layout.segment_size;
+        assert_eq!(catalog_floor_lsn(&wal, &[]), Some(10 * size));
+        assert_eq!(catalog_floor_lsn(&wal, &[(1, 10)]), Some(11 * size));
+        // Timeline 2 still holds 11 after timeline 1's went.
+        assert_eq!(catalog_floor_lsn(&wal, &[(1, 10), (1, 11)]), Some(11 * size));
+        assert_eq!(catalog_floor_lsn(&wal, &[(1, 10), (1, 11), (2, 11)]), Some(12 * size));
+        let empty = WalCatalog::from_names(layout, std::iter::empty());
+        assert_eq!(catalog_floor_lsn(&empty, &[]), None);
+    }
+
     /// 2026-01-05, the first day of [`three_daily_backups`].
     const DAY0: i64 = 1_767_571_200_000_000;
 
@@ -1271,7 +1319,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn change_index_objects_go_with_their_segments_wal() {
+    async fn change_index_objects_and_catalog_snapshots_go_with_their_wal() {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
         let raw = LocalStore::new(dir.path());
@@ -1280,7 +1328,12 @@ mod tests {
         for segno in 10..=13 {
             let name = crate::change_index::object_for_segment(&layout, 1, segno);
             raw.put_if_absent(&name, bytes::Bytes::from_static(b"idx")).await.unwrap();
+            let snapshot = catalog::CatalogSnapshot::new(1, layout.segment_start(segno) + 0x10, 1, Vec::new());
+            assert!(catalog::record(&repo, 7, &snapshot, None).await.unwrap());
         }
+        let snapshots =
+            || async { catalog::load(&repo, 7).await.snapshots.iter().map(|s| s.lsn).collect::<Vec<u64>>() };
+        let all = snapshots().await;
         let segnos = |prefix: String, index: bool| {
             let repo = &repo;
             async move {
@@ -1308,9 +1361,14 @@ mod tests {
         };
         expire(&repo, &cluster(), &ExpireOptions { dry_run: true, ..opts.clone() }).await.unwrap();
         assert_eq!(segnos(pg::change_index_prefix(7), true).await, vec![10, 11, 12, 13], "a dry run deletes nothing");
+        assert_eq!(snapshots().await, all, "a dry run deletes no snapshot");
         expire(&repo, &cluster(), &opts).await.unwrap();
         let wal = segnos(layout.prefix(), false).await;
         assert!(wal.len() < 4, "the test expects WAL to go: {wal:?}");
         assert_eq!(segnos(pg::change_index_prefix(7), true).await, wal);
+        // The snapshot naming the oldest WAL kept (taken in the segment before it) stays, with
+        // all after it; the older ones go.
+        let kept: Vec<u64> = (wal[0] - 1..=13).map(|segno| layout.segment_start(segno) + 0x10).collect();
+        assert_eq!(snapshots().await, kept);
     }
 }

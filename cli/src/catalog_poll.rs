@@ -6,6 +6,12 @@
 //! archive's. A failure (server down, a database that refuses us, the repository unreachable) is
 //! logged and retried at the next tick: snapshots are names for `pitr find`, never needed to
 //! archive or restore, so nothing here may stop streaming.
+//!
+//! Only the cluster's writer takes snapshots: given the stream's status ([`Poller::writer`]),
+//! the poller waits until the stream is connected (its session opened, which takes the writer
+//! lease, or a reconnect that checked it), takes none while it is not, and stops when the stream
+//! ends (a fenced sidecar's stream ends with the lease lost). A passive sidecar, which never gets
+//! the lease, never writes one.
 
 use std::time::Duration;
 
@@ -15,6 +21,7 @@ use pitr_archive::Repository;
 use pitr_pgformat::lsn::parse_lsn;
 use pitr_pgwire::connection::{ConnectOptions, Connection};
 use pitr_pgwire::ConnInfo;
+use pitr_walstream::StreamStatus;
 use tokio::sync::watch;
 
 /// How long after a DDL commit the snapshot is taken: DDL tends to come in bursts (a migration),
@@ -62,11 +69,23 @@ pub struct Poller {
     pub interval: Duration,
     /// How long one snapshot may take ([`SNAPSHOT_TIMEOUT`]).
     pub timeout: Duration,
+    /// The WAL stream's status, in the sidecar: a snapshot is taken only while it says
+    /// connected (the writer lease held), and the poller stops when it closes (the stream
+    /// ended: stopped, or fenced by another writer). `None`: no such gate (tests).
+    pub writer: Option<watch::Receiver<StreamStatus>>,
 }
 
 impl Poller {
     /// Runs until `shutdown`; `ddl` (the change index's newest DDL commit LSN) wakes it early.
-    pub async fn run(self, mut ddl: Option<watch::Receiver<Option<u64>>>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut ddl: Option<watch::Receiver<Option<u64>>>, mut shutdown: watch::Receiver<bool>) {
+        // Nothing before the stream holds the lease (the first tick would otherwise snapshot at
+        // once, lease or not).
+        if let Some(writer) = self.writer.as_mut() {
+            tokio::select! {
+                ended = async { writer.wait_for(|s| s.connected).await.is_err() } => if ended { return },
+                _ = async { shutdown.wait_for(|stop| *stop).await.is_ok() } => return,
+            }
+        }
         // The newest snapshot stored, once read (after the first snapshot names the cluster).
         let mut previous: Option<Option<CatalogSnapshot>> = None;
         // `interval` panics on zero: "0s" in the config means as often as sensible.
@@ -100,6 +119,16 @@ impl Poller {
             if *shutdown.borrow() {
                 return;
             }
+            if let Some(writer) = self.writer.as_ref() {
+                if writer.has_changed().is_err() {
+                    // The stream ended (stopped, or fenced): no more snapshots from here.
+                    return;
+                }
+                if !writer.borrow().connected {
+                    tracing::debug!("catalog snapshot skipped: the WAL stream is not connected");
+                    continue;
+                }
+            }
             last = Some(tokio::time::Instant::now());
             tokio::select! {
                 done = tokio::time::timeout(self.timeout, self.once(&mut previous)) => match done {
@@ -120,11 +149,9 @@ impl Poller {
     pub async fn once(&self, previous: &mut Option<Option<CatalogSnapshot>>) -> Result<()> {
         let (system_id, snapshot) = take(&self.conninfo, &self.application_name, self.system_id).await?;
         if previous.is_none() {
-            let stored = catalog::load(&self.repo, system_id).await;
-            if stored.problems.iter().any(|p| p.why.contains("could not be listed")) {
-                return Err(anyhow!("catalog snapshots could not be listed: {:?}", stored.problems));
-            }
-            *previous = Some(stored.snapshots.into_iter().next_back());
+            // Only the newest is read: the others are never compared with.
+            let stored = catalog::newest(&self.repo, system_id).await.context("reading the newest catalog snapshot")?;
+            *previous = Some(stored);
         }
         let newest = previous.as_ref().and_then(|p| p.as_ref());
         if catalog::record(&self.repo, system_id, &snapshot, newest).await.context("storing it")? {
@@ -252,6 +279,7 @@ mod tests {
             application_name: "t".into(),
             interval: Duration::from_millis(200),
             timeout: Duration::from_millis(300),
+            writer: None,
         };
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(poller.run(None, stopped));
@@ -259,5 +287,47 @@ mod tests {
         assert!(accepted.load(Ordering::SeqCst) >= 2, "tried again after the hung attempt");
         stop.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(2), task).await.expect("stops when told").unwrap();
+    }
+
+    /// Only the writer snapshots: nothing is tried before the stream says connected (the lease
+    /// held), and the poller ends with the stream (a fenced sidecar's stream ends).
+    #[tokio::test]
+    async fn no_snapshot_before_the_stream_holds_the_lease_and_none_after_it_ends() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(
+            Arc::new(pitr_archive::LocalStore::new(dir.path())),
+            pitr_archive::KeyRing::from_key("k", [1; 32]),
+        );
+        let (status, writer) = watch::channel(StreamStatus::default());
+        let poller = Poller {
+            repo,
+            system_id: None,
+            conninfo: pitr_pgwire::conninfo::parse(&format!("host=127.0.0.1 port={port} user=u sslmode=disable"))
+                .unwrap(),
+            application_name: "t".into(),
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(100),
+            writer: Some(writer),
+        };
+        let (_stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(poller.run(None, stopped));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 0, "passive: no connection, no snapshot");
+        status.send_modify(|s| s.connected = true);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(accepted.load(Ordering::SeqCst) >= 1, "the writer snapshots");
+        drop(status);
+        tokio::time::timeout(Duration::from_secs(2), task).await.expect("ends with the stream").unwrap();
     }
 }

@@ -215,7 +215,7 @@ enum Command {
         live: bool,
         /// Decode the archived WAL and write the change index objects (`pitr find`) that are
         /// missing; a valid one is never overwritten.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["deep", "set", "live"])]
         rebuild_index: bool,
         /// With `--rebuild-index`: only segments holding commits at or after this time.
         #[arg(long = "since", value_name = "TIME", requires = "rebuild_index")]
@@ -824,4 +824,22 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
         }
     }
     .map(|()| ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    #[test]
+    fn verify_rebuild_index_refuses_options_it_would_ignore() {
+        for extra in [&["--deep"][..], &["--set", "etc"], &["--live"]] {
+            let mut args = vec!["pitr", "verify", "--rebuild-index"];
+            args.extend_from_slice(extra);
+            let err = Cli::try_parse_from(&args).expect_err("conflicting options accepted");
+            assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict, "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["pitr", "verify", "--rebuild-index", "--force", "--json"]).is_ok());
+    }
 }

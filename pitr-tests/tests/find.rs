@@ -1,8 +1,9 @@
 //! `pitr find` on PostgreSQL 15: a TRUNCATE of one table, a DROP TABLE of another and a big
 //! DELETE among a few thousand small commits. `find --table` names each with its xid (the one
 //! `txid_current()` gave inside it) and time; `--op` filters; `--json` parses; `--xid` and
-//! `--lsn` describe one; restoring to the target it prints (`--to xid:N --exclusive`) gives the
-//! table exactly as it was just before (rows and md5), for the TRUNCATE and for the DROP. With
+//! `--lsn` describe one; restoring to the targets it prints (the command's `--to lsn:X/Y
+//! --exclusive` for the DROP, the alternative `--to xid:N --exclusive` for the TRUNCATE) gives the
+//! table exactly as it was just before (rows and md5). With
 //! the index objects deleted, `find` decodes the WAL (saying so) and finds the same. Refusals:
 //! `--exclusive` with latest/immediate/name, an unknown table (naming the snapshots searched),
 //! `--since` after `--until`. A TRUNCATE + reload + ANALYZE in one transaction is "TRUNCATE, or
@@ -124,14 +125,18 @@ fn find_names_truncate_drop_and_big_delete_and_restores_just_before() -> Result<
     assert_eq!(t["relations"][0]["dropped"], "truncate", "{t}");
     assert_eq!(t["safe_target_xid"], format!("xid:{truncate_xid}"), "{t}");
     let truncate_lsn = t["commit_lsn"].as_str().context("commit_lsn")?.to_string();
+    assert_eq!(t["safe_target_lsn"], format!("lsn:{truncate_lsn}"), "{t}");
     let truncate_time = t["time"].as_str().context("time")?.to_string();
     // Only destructive commits of a: exactly the TRUNCATE.
     let text = env.run_ok(&["find", "--table", "a", "--op", "truncate"])?;
     assert!(text.contains(&format!("xid {truncate_xid}")) && text.contains("TRUNCATE"), "{text}");
+    // The command restores to the LSN (from the newest backup before it); the xid is the
+    // alternative.
     assert!(
-        text.contains(&format!("pitr --config {} restore --to xid:{truncate_xid} --exclusive", env.config.display())),
+        text.contains(&format!("pitr --config {} restore --to lsn:{truncate_lsn} --exclusive", env.config.display())),
         "{text}"
     );
+    assert!(text.contains(&format!("--to xid:{truncate_xid} --exclusive")), "{text}");
     assert!(text.contains(&truncate_time[..19]), "the time is shown: {text}");
 
     // --since: from the TRUNCATE's own time it is found, from just after it not.
@@ -176,7 +181,8 @@ fn find_names_truncate_drop_and_big_delete_and_restores_just_before() -> Result<
         expect_failure(&env.config, &["restore", "--to", to, "--exclusive", "--target-dir", &target], &["--exclusive"]);
     }
 
-    // Restoring to the printed targets gives each table as it was just before.
+    // Restoring to the printed targets gives each table as it was just before: the xid form
+    // for the TRUNCATE, the command's LSN form for the DROP.
     let (restored, _) = env.restore_started(&format!("xid:{truncate_xid}"), cluster.bin_dir(), &["--exclusive"])?;
     assert_eq!(restored.psql(&state("a"))?, a_before, "a just before the TRUNCATE");
     drop(restored);

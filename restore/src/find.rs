@@ -152,9 +152,11 @@ pub struct Commit {
     pub incomplete: bool,
     /// Any touch is destructive.
     pub destructive: bool,
-    /// The last target before it: `xid:N` with `--exclusive`.
+    /// The last target before it as an xid: `xid:N` with `--exclusive` (the alternative: a
+    /// restore to an xid replays from the oldest backup, see [`restore_command`]).
     pub safe_target_xid: String,
-    /// The same moment as an LSN: `lsn:X/Y` with `--exclusive`.
+    /// The last target before it as an LSN: `lsn:X/Y` (its commit record's start) with
+    /// `--exclusive`; the one [`restore_command`] uses.
     pub safe_target_lsn: String,
 }
 
@@ -534,10 +536,14 @@ pub fn select(mut commit: Commit, query: &Query, snaps: &Snapshots) -> Option<Co
     Some(commit)
 }
 
-/// The command line that restores to just before `commit`.
+/// The command line that restores to just before `commit`: by its commit LSN, which lets the
+/// restore start from the newest backup before it. An xid names no place in the WAL, so a
+/// restore to `xid:` starts from the oldest backup that can reach it (weeks of replay), and an
+/// xid that wrapped around since may stop at an older transaction of the same number: that
+/// form is only the alternative ([`Commit::safe_target_xid`]).
 pub fn restore_command(commit: &Commit, config: Option<&str>) -> String {
     let config = config.map(|c| format!(" --config {c}")).unwrap_or_default();
-    format!("pitr{config} restore --to {} --exclusive --target-dir DIR", commit.safe_target_xid)
+    format!("pitr{config} restore --to {} --exclusive --target-dir DIR", commit.safe_target_lsn)
 }
 
 #[cfg(test)]
@@ -782,7 +788,10 @@ mod tests {
         assert_eq!(Op::parse("TRUNCATE"), Some(Op::Truncate));
         assert_eq!(Op::parse("merge"), None);
         assert!(
-            restore_command(&describe(&truncate, &s, rules), None).starts_with("pitr restore --to xid:4 --exclusive")
+            restore_command(&describe(&truncate, &s, rules), None)
+                .starts_with(&format!("pitr restore --to lsn:{} --exclusive", format_lsn(truncate.commit_lsn))),
+            "{}",
+            restore_command(&describe(&truncate, &s, rules), None)
         );
     }
 }

@@ -25,6 +25,10 @@
 //! the start of the segment holding the switch point, and that segment's bytes up to the switch
 //! point are the old timeline's, which the cursor has decoded already.
 //!
+//! Decoding is CPU work (a full 16 MiB segment at a time in the catch-up): it runs on tokio's
+//! blocking threads (`spawn_blocking`, the cursor moved in and back), never on the runtime's
+//! workers, which the receiver, uploader and lease renewal share.
+//!
 //! It owns nothing the receiver needs: a failure here is logged and counted, never stops WAL.
 
 use std::collections::VecDeque;
@@ -85,6 +89,7 @@ impl Indexer {
         info: ClusterInfo,
         pipeline: Arc<Shared>,
         progress: watch::Receiver<u64>,
+        catalog: WalCatalog,
         options: &IndexOptions,
     ) -> Indexer {
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -100,6 +105,7 @@ impl Indexer {
             started: false,
             backlog: None,
             backfill: None,
+            catalog: Some(catalog),
         };
         Indexer { tx, task: tokio::spawn(task.run(rx, progress)) }
     }
@@ -149,6 +155,59 @@ struct IndexTask {
     backlog: Option<(u64, u64, tokio::time::Instant)>,
     /// The backfill pass under way.
     backfill: Option<Backfill>,
+    /// The session's listing of the WAL archive (taken at its start, before the first byte it
+    /// streams), for the first [`IndexTask::open`]: a reconnect lists the archive once, not twice.
+    catalog: Option<WalCatalog>,
+}
+
+/// What decoding bytes on the blocking thread produced.
+struct Decoded {
+    cursor: Cursor,
+    /// Segments finished, in order.
+    finished: Vec<SegmentIndex>,
+    /// The newest commit with DDL seen.
+    ddl: Option<u64>,
+}
+
+/// Decodes bytes that continue the cursor, finishing segments at their ends. Pure CPU work, run
+/// off the async runtime.
+fn decode(mut c: Cursor, mut lsn: u64, mut data: &[u8], seg_size: u64) -> Decoded {
+    let mut events = Vec::new();
+    let mut finished = Vec::new();
+    let mut ddl = None;
+    while !data.is_empty() {
+        let seg_end = (c.segno + 1) * seg_size;
+        let n = usize::try_from(seg_end - lsn).unwrap_or(usize::MAX).min(data.len());
+        let (piece, rest) = data.split_at(n);
+        events.clear();
+        c.decoder.feed_events(lsn, piece, &mut events);
+        let before = c.entries.len();
+        for ev in events.iter().filter(|e| e.lsn() >= c.from_lsn) {
+            c.acc.push(ev, &mut c.entries);
+        }
+        if let Some(e) = c.entries[before..].iter().rev().find(|e| e.ddl) {
+            ddl = Some(e.commit_lsn);
+        }
+        lsn += n as u64;
+        c.next = lsn;
+        data = rest;
+        if lsn == seg_end {
+            let to_lsn = c.decoder.record_boundary().unwrap_or(lsn).clamp(c.from_lsn, lsn);
+            finished.push(SegmentIndex {
+                timeline: c.timeline,
+                segno: c.segno,
+                from_lsn: c.from_lsn,
+                to_lsn,
+                fresh: c.fresh,
+                entries: std::mem::take(&mut c.entries),
+                carry: c.acc.state(),
+            });
+            c.segno += 1;
+            c.from_lsn = to_lsn;
+            c.fresh = false;
+        }
+    }
+    Decoded { cursor: c, finished, ddl }
 }
 
 fn log_skipped(why: &str, timeline: u32, segno: u64, layout: &WalLayout) {
@@ -235,7 +294,7 @@ impl IndexTask {
                 }
                 msg = rx.recv() => match msg {
                     Some((timeline, lsn, data)) => {
-                        self.take(timeline, lsn, &data).await;
+                        self.take(timeline, lsn, data).await;
                         self.flush().await;
                     }
                     None => return,
@@ -252,7 +311,7 @@ impl IndexTask {
         }
     }
 
-    async fn take(&mut self, timeline: u32, lsn: u64, data: &[u8]) {
+    async fn take(&mut self, timeline: u32, lsn: u64, data: Bytes) {
         if let Some(c) = self.cursor.as_mut() {
             if c.timeline < timeline && self.layout.segno_of(lsn) == c.segno && lsn <= c.next {
                 // A timeline switch in the session: the server streams the new timeline from the
@@ -270,9 +329,9 @@ impl IndexTask {
                     // Bytes already decoded (a reconnect resends from the durable end).
                     let skip = usize::try_from(c.next - lsn).unwrap_or(usize::MAX);
                     self.cursor = Some(c);
-                    if let Some(rest) = data.get(skip..) {
+                    if skip <= data.len() {
                         let next = lsn + skip as u64;
-                        Box::pin(self.take(timeline, next, rest)).await;
+                        Box::pin(self.take(timeline, next, data.slice(skip..))).await;
                     }
                     return;
                 }
@@ -297,7 +356,7 @@ impl IndexTask {
                 self.cursor = Some(self.open(timeline, lsn).await);
             }
         }
-        self.feed(lsn, data);
+        self.feed(lsn, data).await;
     }
 
     /// A cursor that starts decoding at `lsn` with nothing before it: its segment's object covers
@@ -331,13 +390,8 @@ impl IndexTask {
         } else {
             None
         };
-        let catalog = match WalCatalog::build(&self.repo, self.layout).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list the WAL archive; indexing starts afresh");
-                return self.fresh_cursor(timeline, lsn, ChangeAccumulator::new());
-            }
-        };
+        // Listed only if some WAL before `lsn` is to be read.
+        let mut catalog = None;
         // Catch up whole segments between the newest object and the stream's segment; a longer
         // backlog (at most [`BACKFILL_MAX`] segments) is left to the backfill.
         if let Some(p) = prior.as_ref().filter(|p| segno.saturating_sub(p.segno) > CATCH_UP_MAX) {
@@ -347,19 +401,20 @@ impl IndexTask {
             }
         }
         let mut prev = prior.filter(|p| segno - p.segno <= CATCH_UP_MAX);
+        if prev.as_ref().is_some_and(|p| p.segno + 1 < segno) {
+            catalog = self.listing().await;
+        }
         if let Some(p) = prev.clone() {
             let mut p = p;
             for s in p.segno + 1..segno {
-                match change_index::decode_segment(
-                    &self.repo,
-                    &self.info,
-                    &catalog,
-                    timeline,
-                    s,
-                    change_index::Start::after(&p),
-                )
-                .await
-                {
+                let decoded = match &catalog {
+                    Some(catalog) => {
+                        let start = change_index::Start::after(&p);
+                        change_index::decode_segment(&self.repo, &self.info, catalog, timeline, s, start).await
+                    }
+                    None => Ok(None),
+                };
+                match decoded {
                     Ok(Some((index, true))) => {
                         self.put(&index).await;
                         p = index;
@@ -394,11 +449,21 @@ impl IndexTask {
             fresh,
             entries: Vec::new(),
         };
+        if feed_from < lsn && catalog.is_none() {
+            catalog = self.listing().await;
+        }
+        // The session's listing serves its first start only (a later one lists afresh).
+        self.catalog = None;
         let cursor = if feed_from < lsn {
-            match change_index::read_wal(&self.repo, &catalog, timeline, feed_from, lsn).await {
+            let read = match &catalog {
+                Some(catalog) => change_index::read_wal(&self.repo, catalog, timeline, feed_from, lsn).await,
+                None => Ok(None),
+            };
+            drop(catalog);
+            match read {
                 Ok(Some(bytes)) => {
                     self.cursor = Some(cursor);
-                    self.feed(feed_from, &bytes);
+                    self.feed(feed_from, Bytes::from(bytes)).await;
                     match self.cursor.take() {
                         Some(c) => c,
                         None => return self.fresh_cursor(timeline, lsn, ChangeAccumulator::new()),
@@ -417,54 +482,50 @@ impl IndexTask {
         cursor
     }
 
-    /// Decodes bytes that continue the cursor, finishing segments at their ends.
-    fn feed(&mut self, mut lsn: u64, mut data: &[u8]) {
+    /// The session's listing of the WAL archive, or a new one (`None` if the archive cannot be
+    /// listed: indexing then starts afresh).
+    async fn listing(&mut self) -> Option<WalCatalog> {
+        if let Some(catalog) = self.catalog.take() {
+            return Some(catalog);
+        }
+        match WalCatalog::build(&self.repo, self.layout).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the WAL archive; indexing starts afresh");
+                None
+            }
+        }
+    }
+
+    /// Decodes bytes that continue the cursor (on a blocking thread), finishing segments at their
+    /// ends.
+    async fn feed(&mut self, lsn: u64, data: Bytes) {
+        let Some(cursor) = self.cursor.take() else { return };
+        let (timeline, segno) = (cursor.timeline, cursor.segno);
         let seg_size = self.info.wal_segment_size;
-        let mut events = Vec::new();
-        while !data.is_empty() {
-            let Some(c) = self.cursor.as_mut() else { return };
-            let seg_end = (c.segno + 1) * seg_size;
-            let n = usize::try_from(seg_end - lsn).unwrap_or(usize::MAX).min(data.len());
-            let (piece, rest) = data.split_at(n);
-            events.clear();
-            c.decoder.feed_events(lsn, piece, &mut events);
-            let before = c.entries.len();
-            for ev in events.iter().filter(|e| e.lsn() >= c.from_lsn) {
-                c.acc.push(ev, &mut c.entries);
+        let decoded = match tokio::task::spawn_blocking(move || decode(cursor, lsn, &data, seg_size)).await {
+            Ok(d) => d,
+            Err(e) => {
+                // The cursor is lost with the thread: the next bytes start afresh (`open`).
+                self.skipped(&format!("decoder stopped: {e}"), timeline, segno);
+                return;
             }
-            if let Some(ddl) = &self.ddl {
-                if let Some(e) = c.entries[before..].iter().rev().find(|e| e.ddl) {
-                    ddl.send_replace(Some(e.commit_lsn));
-                }
-            }
-            lsn += n as u64;
-            c.next = lsn;
-            data = rest;
-            if lsn == seg_end {
-                let to_lsn = c.decoder.record_boundary().unwrap_or(lsn).clamp(c.from_lsn, lsn);
-                let index = SegmentIndex {
-                    timeline: c.timeline,
-                    segno: c.segno,
-                    from_lsn: c.from_lsn,
-                    to_lsn,
-                    fresh: c.fresh,
-                    entries: std::mem::take(&mut c.entries),
-                    carry: c.acc.state(),
-                };
-                c.segno += 1;
-                c.from_lsn = to_lsn;
-                c.fresh = false;
-                // An object must cover from its segment's start (or a record begun before it).
-                if index.from_lsn <= self.layout.segment_start(index.segno) || !index.fresh {
-                    if self.ready.len() >= READY_MAX {
-                        if let Some(old) = self.ready.pop_front() {
-                            self.skipped("its WAL did not become durable in time", old.timeline, old.segno);
-                        }
+        };
+        self.cursor = Some(decoded.cursor);
+        if let (Some(ddl), Some(at)) = (&self.ddl, decoded.ddl) {
+            ddl.send_replace(Some(at));
+        }
+        for index in decoded.finished {
+            // An object must cover from its segment's start (or a record begun before it).
+            if index.from_lsn <= self.layout.segment_start(index.segno) || !index.fresh {
+                if self.ready.len() >= READY_MAX {
+                    if let Some(old) = self.ready.pop_front() {
+                        self.skipped("its WAL did not become durable in time", old.timeline, old.segno);
                     }
-                    self.ready.push_back(index);
-                } else {
-                    self.skipped("decoding started inside it", index.timeline, index.segno);
                 }
+                self.ready.push_back(index);
+            } else {
+                self.skipped("decoding started inside it", index.timeline, index.segno);
             }
         }
     }

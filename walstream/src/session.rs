@@ -118,7 +118,7 @@ pub(crate) async fn open_session(
     // The connection may have taken long: the lease is checked again before the first write.
     guard.fenced(repo.put_cluster_info(&info)).await??;
     let layout = WalLayout::new(&info);
-    let (plan, partial) = resume::prepare(repo, &guard, layout).await?;
+    let (plan, partial, catalog) = resume::prepare(repo, &guard, layout).await?;
 
     let mut decoder = WalDecoder::new(segment_size, page_size);
     let pipeline = match plan.start {
@@ -175,7 +175,8 @@ pub(crate) async fn open_session(
         Some(tx)
     };
     let indexer = cfg.index.enabled.then(|| {
-        Indexer::spawn(repo.clone(), guard.clone(), info.clone(), pipeline.clone(), progress.clone(), &cfg.index)
+        let (repo, guard) = (repo.clone(), guard.clone());
+        Indexer::spawn(repo, guard, info.clone(), pipeline.clone(), progress.clone(), catalog, &cfg.index)
     });
     Ok(Session {
         indexer,

@@ -274,9 +274,10 @@ pub async fn run(config_path: &Path, args: FindArgs) -> Result<()> {
         if c.more_relations {
             println!("    … and more relations");
         }
+        // The LSN form is the command: an xid target replays from the oldest backup.
         println!(
-            "    last safe target: --to {} --exclusive  (or --to {} --exclusive)",
-            c.safe_target_xid, c.safe_target_lsn
+            "    last safe target: --to {} --exclusive  (or --to {} --exclusive, which replays from the oldest backup)",
+            c.safe_target_lsn, c.safe_target_xid
         );
         println!("    {}", find::restore_command(c, config_shown.as_deref()));
     }

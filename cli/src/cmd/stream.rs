@@ -81,8 +81,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
         application_name: format!("{}_catalog", pg.application_name()),
         interval: config.find.catalog_interval,
         timeout: crate::catalog_poll::SNAPSHOT_TIMEOUT,
+        // Snapshots only while this sidecar is the writer (the stream holds the lease); the
+        // poller ends with the stream (the status sender goes with `run`).
+        writer: Some(status_rx.clone()),
     };
-    tokio::spawn(poller.run(Some(ddl_rx), shutdown_rx.clone()));
+    let catalog_poller = tokio::spawn(poller.run(Some(ddl_rx), shutdown_rx.clone()));
 
     // Everything that can fail on bad configuration fails here, before streaming starts.
     let jobs = schedule::jobs(&config.schedule)?;
@@ -134,6 +137,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mongo = spawn_tailer_beside(&config, repo.clone(), shutdown_rx.clone());
     let store = repo.store().clone();
     let result = pitr_walstream::run(repo, stream_config, status_tx, shutdown_rx).await;
+    // The stream ended (stopped, or fenced by another writer): no catalog snapshot after it.
+    catalog_poller.abort();
     let _ = writer.await;
     if let Some(mut journal) = journal {
         // Its last batch, with the WAL made durable at the stop; bounded, as storage may be down.
