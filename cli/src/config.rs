@@ -1648,11 +1648,14 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
         let j = c.journal.as_ref().unwrap();
         assert_eq!(j.interval, Duration::from_secs(10));
         assert_eq!(j.verifying_key().unwrap(), signer.verifying_key());
-        let c = Config::parse(&format!("{MINIMAL}[journal]\npublic_key = \"{public}\"\ninterval = \"2s\"\n"), &[]).unwrap();
+        let c =
+            Config::parse(&format!("{MINIMAL}[journal]\npublic_key = \"{public}\"\ninterval = \"2s\"\n"), &[]).unwrap();
         let j = c.journal.as_ref().unwrap();
         assert!(j.signer().unwrap().is_none());
         assert_eq!((j.verifying_key().unwrap(), j.interval), (signer.verifying_key(), Duration::from_secs(2)));
-        let other = pitr_archive::journal::public_key_text(&pitr_archive::journal::JournalSigner::from_seed([9; 32]).verifying_key());
+        let other = pitr_archive::journal::public_key_text(
+            &pitr_archive::journal::JournalSigner::from_seed([9; 32]).verifying_key(),
+        );
         let text = format!("{text}public_key = \"{other}\"\n");
         let err = Config::parse(&text, &[]).unwrap().journal.unwrap().verifying_key().unwrap_err();
         assert!(err.to_string().contains("is not the public key of signing_key_file"), "{err}");

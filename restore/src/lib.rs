@@ -32,8 +32,8 @@ pub mod combine;
 /// restore's callers.
 pub use pitr_archive::continuity;
 pub mod delta;
-pub mod find;
 pub mod drill;
+pub mod find;
 pub mod materialize;
 pub mod partial;
 pub mod pg_bin;
