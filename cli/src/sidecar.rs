@@ -66,6 +66,24 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     describe_counter!("pitr_objects_archived_total", "WAL objects made durable");
     describe_counter!("pitr_bytes_archived_total", Unit::Bytes, "Plaintext bytes of WAL objects made durable, by kind");
     describe_counter!("pitr_upload_errors_total", "Failed archive puts (each retried)");
+    describe_counter!("pitr_index_segments_written_total", "Change index objects (pg/<id>/index/) the sidecar wrote");
+    describe_counter!(
+        "pitr_index_segments_skipped_total",
+        "WAL segments left out of the change index for now (the backfill, pitr find and verify --rebuild-index cover them)"
+    );
+    describe_counter!(
+        "pitr_index_input_dropped_total",
+        "XLogData messages the receiver could not queue for the change indexer (it was behind)"
+    );
+    describe_counter!(
+        "pitr_restore_points_indexed_total",
+        "Restore points the sidecar indexed (pg/<id>/restore-points/)"
+    );
+    describe_counter!("pitr_restore_point_index_errors_total", "Restore point index entries that could not be written");
+    describe_counter!(
+        "pitr_index_segments_backfilled_total",
+        "Change index objects the sidecar's backfill wrote from the archived WAL for skipped segments"
+    );
     describe_counter!(
         "pitr_upload_throttled_seconds_total",
         Unit::Seconds,
