@@ -51,6 +51,7 @@ use pitr_pgformat::lsn::format_lsn;
 use serde::Serialize;
 
 use crate::backup::{BackupKind, BackupManifest};
+use crate::catalog;
 use crate::names::pg;
 use crate::pins::{Pin, PinSet};
 use crate::repository::{ClusterInfo, Repository, RepositoryError};
@@ -242,6 +243,19 @@ pub struct ExpireReport {
     pub retention_missing: usize,
     /// Objects whose retention could not be extended, each with the error.
     pub retention_failed: Vec<Retained>,
+}
+
+/// The LSN catalog snapshots are pruned to ([`catalog::prune`]): the start of the oldest
+/// segment still listed after this run's removals, on any timeline (LSNs grow across
+/// timelines, and a segment whose delete failed still counts as kept). `None` when no WAL is
+/// kept: then nothing says which names are needed, and none is removed.
+fn catalog_floor_lsn(wal: &WalCatalog, removed: &[(u32, u64)]) -> Option<u64> {
+    let removed: BTreeSet<&(u32, u64)> = removed.iter().collect();
+    wal.segments
+        .keys()
+        .filter(|k| !removed.contains(k))
+        .map(|&(_, segno)| segno.saturating_mul(wal.layout.segment_size))
+        .min()
 }
 
 /// Whether a failed delete was the storage refusing it, rather than a failure.
@@ -697,6 +711,11 @@ async fn run(
     // 1. Manifests, children first. A refused one pins its chain.
     let mut pinned: BTreeSet<String> = BTreeSet::new();
     let mut removed_backups = Vec::new();
+    // One journal batch announces every manifest delete below, not one batch each.
+    if !opts.dry_run {
+        let names: Vec<String> = selection.expired.iter().map(|id| pg::backup_manifest(system_id, id)).collect();
+        repo.announce_deletes(&names).await?;
+    }
     for id in &selection.expired {
         if past_deadline() {
             stopped_at_deadline = true;
@@ -818,6 +837,43 @@ async fn run(
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not list the index of restore points: left for a later run"),
+        }
+    }
+
+    // 2c. Change index objects (`pitr find`) of segments below the floors: the same rule as
+    // their WAL. An aside like 2b: a failure is logged and left for a later run.
+    if !stopped_at_deadline && !opts.dry_run {
+        match repo.list(&pg::change_index_prefix(system_id)).await {
+            Ok(listed) => {
+                let below: Vec<String> = listed
+                    .into_iter()
+                    .filter(|o| {
+                        pg::parse_change_index(system_id, &o.name)
+                            .and_then(|f| layout.parse_segment_file_name(f))
+                            .is_some_and(|(t, segno)| floors_now.get(&t).is_some_and(|&floor| segno < floor))
+                    })
+                    .map(|o| o.name)
+                    .collect();
+                if !below.is_empty() {
+                    let (gone, _) = delete_all(repo, &below, &BTreeMap::new(), 256, deadline, &mut retained).await?;
+                    tracing::info!(removed = gone.len(), "change index objects of expired WAL removed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list the change index: left for a later run"),
+        }
+    }
+
+    // 2d. Catalog snapshots (`pitr find`'s names) no kept WAL needs: all but the newest at or
+    // before the start of the oldest segment kept, on any timeline. The same kind of aside.
+    if !stopped_at_deadline && !opts.dry_run {
+        if let Some(floor_lsn) = catalog_floor_lsn(&wal, &removed_segments) {
+            match catalog::prune(repo, system_id, floor_lsn).await {
+                Ok(gone) if !gone.is_empty() => {
+                    tracing::info!(removed = gone.len(), "catalog snapshots older than the WAL kept removed")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not prune catalog snapshots: left for a later run"),
+            }
         }
     }
 
@@ -1083,6 +1139,26 @@ mod tests {
         assert_eq!(replaced.len(), 3);
     }
 
+    /// Catalog snapshots are pruned to the oldest segment kept on any timeline; with no WAL
+    /// kept, to nothing.
+    #[test]
+    fn catalog_snapshots_are_pruned_to_the_oldest_segment_kept() {
+        let layout = WalLayout::new(&cluster());
+        let names: Vec<String> = [(1, 10u64), (1, 11), (1, 12), (2, 11), (2, 12)]
+            .into_iter()
+            .map(|(t, s)| layout.object_name(&WalObject::Segment { timeline: t, segno: s }))
+            .collect();
+        let wal = WalCatalog::from_names(layout, names.iter().map(String::as_str));
+        let size = layout.segment_size;
+        assert_eq!(catalog_floor_lsn(&wal, &[]), Some(10 * size));
+        assert_eq!(catalog_floor_lsn(&wal, &[(1, 10)]), Some(11 * size));
+        // Timeline 2 still holds 11 after timeline 1's went.
+        assert_eq!(catalog_floor_lsn(&wal, &[(1, 10), (1, 11)]), Some(11 * size));
+        assert_eq!(catalog_floor_lsn(&wal, &[(1, 10), (1, 11), (2, 11)]), Some(12 * size));
+        let empty = WalCatalog::from_names(layout, std::iter::empty());
+        assert_eq!(catalog_floor_lsn(&empty, &[]), None);
+    }
+
     /// 2026-01-05, the first day of [`three_daily_backups`].
     const DAY0: i64 = 1_767_571_200_000_000;
 
@@ -1240,5 +1316,59 @@ mod tests {
         assert_eq!(entries().await, vec![in_a.object_name(7), after_c.object_name(7)]);
         // Nothing more goes on the next run.
         assert_eq!(expire(&repo, &cluster(), &opts).await.unwrap().removed_restore_points, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn change_index_objects_and_catalog_snapshots_go_with_their_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("k", [3; 32]));
+        let raw = LocalStore::new(dir.path());
+        three_daily_backups(&repo, &raw, 0x100).await;
+        let layout = WalLayout::new(&cluster());
+        for segno in 10..=13 {
+            let name = crate::change_index::object_for_segment(&layout, 1, segno);
+            raw.put_if_absent(&name, bytes::Bytes::from_static(b"idx")).await.unwrap();
+            let snapshot = catalog::CatalogSnapshot::new(1, layout.segment_start(segno) + 0x10, 1, Vec::new());
+            assert!(catalog::record(&repo, 7, &snapshot, None).await.unwrap());
+        }
+        let snapshots =
+            || async { catalog::load(&repo, 7).await.snapshots.iter().map(|s| s.lsn).collect::<Vec<u64>>() };
+        let all = snapshots().await;
+        let segnos = |prefix: String, index: bool| {
+            let repo = &repo;
+            async move {
+                let mut out: Vec<u64> = repo
+                    .list(&prefix)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .filter_map(|o| {
+                        let file = if index {
+                            pg::parse_change_index(7, &o.name)?.to_string()
+                        } else {
+                            o.name.rsplit('/').next()?.strip_suffix(".seg")?.to_string()
+                        };
+                        layout.parse_segment_file_name(&file).map(|(_, s)| s)
+                    })
+                    .collect();
+                out.sort_unstable();
+                out
+            }
+        };
+        let opts = ExpireOptions {
+            policy: Policy { daily: 1, weekly: 0, monthly: 0, yearly: 0, window_us: 0 },
+            ..options(DAY0 + 3 * DAY_US)
+        };
+        expire(&repo, &cluster(), &ExpireOptions { dry_run: true, ..opts.clone() }).await.unwrap();
+        assert_eq!(segnos(pg::change_index_prefix(7), true).await, vec![10, 11, 12, 13], "a dry run deletes nothing");
+        assert_eq!(snapshots().await, all, "a dry run deletes no snapshot");
+        expire(&repo, &cluster(), &opts).await.unwrap();
+        let wal = segnos(layout.prefix(), false).await;
+        assert!(wal.len() < 4, "the test expects WAL to go: {wal:?}");
+        assert_eq!(segnos(pg::change_index_prefix(7), true).await, wal);
+        // The snapshot naming the oldest WAL kept (taken in the segment before it) stays, with
+        // all after it; the older ones go.
+        let kept: Vec<u64> = (wal[0] - 1..=13).map(|segno| layout.segment_start(segno) + 0x10).collect();
+        assert_eq!(snapshots().await, kept);
     }
 }

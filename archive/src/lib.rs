@@ -17,10 +17,12 @@
 //! a segment's chunks read back as one run ([`chunk_run`]). Base backups'
 //! blocks and manifests ([`backup`]), the WAL writer's lease ([`lease`]), completeness marks
 //! ([`complete`]: up to when the archive held everything the source had), the index of restore
-//! points ([`restore_points`]). Retention: the policy,
+//! points ([`restore_points`]), the change index of commits per WAL segment ([`change_index`]). Retention: the policy,
 //! pure ([`retention`]: which backups, WAL and blocks stay), applying it ([`expire`]) and keeping
 //! it from deleting under a running backup, restore or drill ([`running`]: markers and a lock);
-//! pins and notes that keep chosen backups from it ([`pins`]).
+//! pins and notes that keep chosen backups from it ([`pins`]). The signed history of every
+//! manifest, segment and slice stored or deleted, which `verify` proves the repository against
+//! ([`journal`]).
 //! Times as pitr prints them are [`time`]'s.
 //!
 //! It does not speak to databases and does not decide *when* to write: callers hand it plaintext
@@ -30,11 +32,14 @@
 #![deny(missing_docs)]
 
 pub mod backup;
+pub mod catalog;
+pub mod change_index;
 pub mod chunk_run;
 pub mod cloud;
 pub mod complete;
 pub mod continuity;
 pub mod expire;
+pub mod journal;
 pub mod keys;
 pub mod lease;
 pub mod names;

@@ -17,6 +17,9 @@
 //! pg/<system id>/complete/<timeline>.<lsn>.<time µs> pg::complete_mark
 //! pg/<system id>/restore-points/<timeline>.<lsn>     pg::restore_point: one restore point's index entry
 //! pg/<system id>/drills/<start time>.json            pg::drill_result
+//! pg/<system id>/index/<segment>.idx                pg::change_index: one WAL segment's commits
+//! pg/<system id>/restores/<start µs>.json           pg::restore_timing: a restore run by hand, its timings
+//! pg/<system id>/catalog/<timeline>.<lsn>            pg::catalog_snapshot: table names by relfilenode
 //! mongo/<name>/oplog/<after ts>-<last ts>.slice      mongo::slice
 //! mongo/<name>/gaps/<archived ts>-<next ts>.gap      mongo::gap
 //! mongo/<name>/blocks/<hh>/<hash>                    mongo::block
@@ -26,6 +29,7 @@
 //! files/blocks/<hh>/<hash>                           files::block: file-set and dump content, by keyed hash
 //! files/sets/<set>/<backup id>.manifest              files::tree_manifest: a file-tree backup
 //! files/dumps/<set>/<dump id>.manifest               files::dump_manifest: a logical dump
+//! journal/<seq>                                    journal::batch: signed batch <seq> (20 decimal digits) of the journal
 //! ```
 //! Numbers in names are fixed-width upper-case hex (µs times, LSNs and generations 16 digits,
 //! timelines and chunk offsets 8), so that names sort in the order of what they count; an oplog
@@ -127,6 +131,27 @@ fn block_under(prefix: &str, block_id: &str) -> String {
 /// characters some stores dislike replaced.
 fn drill_result_under(prefix: &str, start_time: &str) -> String {
     format!("{prefix}drills/{}.json", start_time.replace([' ', ':', '+', '.'], "_"))
+}
+
+/// The journal: repository-wide, signed batches that chain every journaled put and delete
+/// (`crate::journal` owns what they hold).
+pub mod journal {
+    /// Where the journal's batches live.
+    pub const PREFIX: &str = "journal/";
+
+    /// Batch `seq`: 20 decimal digits, zero-padded, so that names sort in seq order.
+    pub fn batch(seq: u64) -> String {
+        format!("{PREFIX}{seq:020}")
+    }
+
+    /// The seq of a batch name; `None` for anything that is not exactly what [`batch`] builds.
+    pub fn parse_batch(name: &str) -> Option<u64> {
+        let digits = name.strip_prefix(PREFIX)?;
+        if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok()
+    }
 }
 
 /// PostgreSQL clusters: everything under `pg/<system id>/`.
@@ -370,14 +395,69 @@ pub mod pg {
         Some((u32::try_from(super::canonical_hex(timeline, 8)?).ok()?, super::canonical_hex(lsn, 16)?))
     }
 
+    /// Where catalog snapshots live (`pitr find`'s names of relfilenodes).
+    pub fn catalog_prefix(system_id: u64) -> String {
+        format!("{}catalog/", prefix(system_id))
+    }
+
+    /// The catalog snapshot taken on `timeline` when the server's WAL insert position was `lsn`
+    /// (read before the catalog query).
+    pub fn catalog_snapshot(system_id: u64, timeline: u32, lsn: u64) -> String {
+        format!("{}{timeline:08X}.{lsn:016X}", catalog_prefix(system_id))
+    }
+
+    /// The timeline and LSN of a catalog snapshot's name.
+    pub fn parse_catalog_snapshot(system_id: u64, name: &str) -> Option<(u32, u64)> {
+        let rest = name.strip_prefix(&catalog_prefix(system_id))?;
+        let (timeline, lsn) = rest.split_once('.')?;
+        Some((u32::try_from(super::canonical_hex(timeline, 8)?).ok()?, super::canonical_hex(lsn, 16)?))
+    }
+
     /// Where drill results live.
     pub fn drills_prefix(system_id: u64) -> String {
         format!("{}drills/", prefix(system_id))
     }
 
+    /// Where the change index lives (one object per WAL segment).
+    pub fn change_index_prefix(system_id: u64) -> String {
+        format!("{}index/", prefix(system_id))
+    }
+
+    /// The change index of one WAL segment; `segment_file` is PostgreSQL's name of it.
+    pub fn change_index(system_id: u64, segment_file: &str) -> String {
+        format!("{}{segment_file}.idx", change_index_prefix(system_id))
+    }
+
+    /// The segment file name of a change index object's name (upper-case hex only); whether it
+    /// is one of the cluster's segment size is for [`crate::WalLayout`] to check.
+    pub fn parse_change_index(system_id: u64, name: &str) -> Option<&str> {
+        let rest = name.strip_prefix(&change_index_prefix(system_id))?;
+        let segment_file = rest.strip_suffix(".idx")?;
+        let ok = segment_file.len() == 24
+            && super::canonical_hex(&segment_file[..8], 8).is_some()
+            && super::canonical_hex(&segment_file[8..], 16).is_some();
+        ok.then_some(segment_file)
+    }
+
     /// The result of the drill that started at `start_time` (as its report prints it).
     pub fn drill_result(system_id: u64, start_time: &str) -> String {
         super::drill_result_under(&prefix(system_id), start_time)
+    }
+
+    /// Where the timings of restores run by hand live (the predicted RTO learns from them).
+    pub fn restore_timings_prefix(system_id: u64) -> String {
+        format!("{}restores/", prefix(system_id))
+    }
+
+    /// The timings of the restore that started at `start_us` (µs since the epoch; negative as 0).
+    pub fn restore_timing(system_id: u64, start_us: i64) -> String {
+        format!("{}{:016X}.json", restore_timings_prefix(system_id), start_us.max(0) as u64)
+    }
+
+    /// The start time (µs) of a restore timing record's name.
+    pub fn parse_restore_timing(system_id: u64, name: &str) -> Option<i64> {
+        let rest = name.strip_prefix(&restore_timings_prefix(system_id))?.strip_suffix(".json")?;
+        i64::try_from(super::canonical_hex(rest, 16)?).ok()
     }
 }
 
@@ -604,6 +684,10 @@ mod tests {
         assert_eq!(pg::wal_chunk(7, file, 0, 0x2000), "pg/7/wal/00000001000000010000002A.00000000-00002000.chunk");
         assert_eq!(pg::wal_segment_objects_prefix(7, file), "pg/7/wal/00000001000000010000002A.");
         assert_eq!(pg::wal_history(7, 3), "pg/7/wal/00000003.history");
+        assert_eq!(pg::restore_timing(7, 0x2A), "pg/7/restores/000000000000002A.json");
+        assert_eq!(pg::parse_restore_timing(7, "pg/7/restores/000000000000002A.json"), Some(0x2A));
+        assert_eq!(pg::parse_restore_timing(7, "pg/7/restores/000000000000002a.json"), None);
+        assert_eq!(pg::parse_restore_timing(7, "pg/7/restores/2A.json"), None);
         for (name, parsed) in [
             ("pg/7/wal/00000001000000010000002A.seg", pg::WalName::Segment { segment_file: file }),
             (

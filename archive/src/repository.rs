@@ -158,6 +158,8 @@ pub struct Repository {
     /// What messages call this repository (`primary`, or a secondary's name).
     name: String,
     fallbacks: Arc<Vec<NamedStore>>,
+    /// Notes every put and delete of a journaled name (see [`crate::journal`]), when configured.
+    journal: Option<Arc<crate::journal::Recorder>>,
 }
 
 /// A repository's store under its configured name.
@@ -274,7 +276,50 @@ impl Repository {
             wal_zstd_level: DEFAULT_WAL_ZSTD_LEVEL,
             name: "primary".into(),
             fallbacks: Arc::new(Vec::new()),
+            journal: None,
         }
+    }
+
+    /// Notes every put and delete of a journaled name into `recorder`: puts once stored, deletes
+    /// as a written batch before the object goes (see [`crate::journal`]).
+    pub fn with_journal(mut self, recorder: Arc<crate::journal::Recorder>) -> Repository {
+        self.journal = Some(recorder);
+        self
+    }
+
+    /// The journal recorder this repository notes into, if any.
+    pub fn journal(&self) -> Option<&Arc<crate::journal::Recorder>> {
+        self.journal.as_ref()
+    }
+
+    /// Before deleting `names`: journals the journaled ones as deleted, in a written batch, so
+    /// the chain never claims an object the repository no longer holds.
+    async fn journal_deletes(&self, names: &[String]) -> Result<(), RepositoryError> {
+        let Some(journal) = &self.journal else { return Ok(()) };
+        // Not again what a written batch already says is deleted (a retry one at a time).
+        let journaled: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
+            .filter(|n| crate::journal::is_journaled(n) && !journal.delete_written(n))
+            .collect();
+        if journaled.is_empty() {
+            return Ok(());
+        }
+        journal.note_deletes(journaled.iter().copied());
+        if let Err(e) = journal.flush(self).await {
+            // The delete does not happen: a later batch must not call these objects deleted.
+            journal.forget_deletes(&journaled);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Journals `names` as deleted in one written batch ahead of deleting them one at a time
+    /// (expire's manifests, children first): each later [`Repository::delete`] of one of them
+    /// then writes no batch of its own. A name not deleted after all (refused, a stop) stays
+    /// present while the journal says deleted: `pitr verify` notes it, the next expire retries.
+    pub async fn announce_deletes(&self, names: &[String]) -> Result<(), RepositoryError> {
+        self.journal_deletes(names).await
     }
 
     /// Names this repository `name` and reads from `fallbacks`, in order, what it cannot supply.
@@ -396,22 +441,34 @@ impl Repository {
             ObjectKind::WalChunk | ObjectKind::WalSegment => self.wal_zstd_level,
             _ => self.zstd_level,
         };
-        let (sealed, plaintext) = if plaintext.len() <= SEAL_INLINE_MAX {
+        // The journal notes the hash of the stored bytes, computed where the sealing is (a 16 MiB
+        // segment's hash is tens of ms: never on the async task).
+        let journal = self.journal.as_ref().filter(|_| crate::journal::is_journaled(name));
+        let hash = journal.is_some();
+        let (sealed, plaintext, digest) = if plaintext.len() <= SEAL_INLINE_MAX {
             // Tens of microseconds: less than handing it to another thread and back, which a
             // small WAL chunk on the path of a synchronous commit would wait for.
-            (seal::seal(name, &plaintext, &meta, &keys, level), plaintext)
+            let sealed = seal::seal(name, &plaintext, &meta, &keys, level);
+            let digest = hash.then(|| crate::journal::stored_digest(&sealed));
+            (sealed, plaintext, digest)
         } else {
             let owned_name = name.to_string();
             tokio::task::spawn_blocking(move || {
                 let sealed = seal::seal(&owned_name, &plaintext, &meta, &keys, level);
-                (sealed, plaintext)
+                let digest = hash.then(|| crate::journal::stored_digest(&sealed));
+                (sealed, plaintext, digest)
             })
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
         };
         let sealed_len = sealed.len() as u64;
         match self.store.put_if_absent(name, Bytes::from(sealed)).await? {
-            PutOutcome::Created => Ok((PutOutcome::Created, sealed_len)),
+            PutOutcome::Created => {
+                if let (Some(journal), Some(digest)) = (journal, digest) {
+                    journal.note_put(name, sealed_len, digest);
+                }
+                Ok((PutOutcome::Created, sealed_len))
+            }
             PutOutcome::AlreadyExists => {
                 // An object too big to hold our plaintext is someone else's: not read.
                 let existing = match self.read(name, Read::Whole(sealed_len_bound(plaintext.len()))).await {
@@ -460,11 +517,13 @@ impl Repository {
 
     /// Deletes `name` (in this repository only).
     pub async fn delete(&self, name: &str) -> Result<(), RepositoryError> {
+        self.journal_deletes(&[name.to_string()]).await?;
         Ok(self.store.delete(name).await?)
     }
 
     /// Deletes `names` (in this repository only).
     pub async fn delete_many(&self, names: &[String]) -> Result<(), RepositoryError> {
+        self.journal_deletes(names).await?;
         Ok(self.store.delete_many(names).await?)
     }
 

@@ -10,6 +10,7 @@
 //! 5. s3: pitr streaming to s3s-fs on loopback: data at risk at its flush_interval.
 //! 6. throttle: backup and restore under pitr's bandwidth limits and the server's MAX_RATE,
 //!    elapsed against bytes ÷ rate (issue 20).
+//! 7. rto: predicted RTO after a few drills against the measured RTO of the next (issue 21).
 //!
 //! Run: `cargo run --release -p pitr-benches -- [--quick] [--only ...]` (`--help` lists the
 //! options). Unless `PITR_BIN` is set, the release `pitr` binary is built first. See
@@ -21,6 +22,7 @@ mod lag;
 mod opts;
 mod receivers;
 mod report;
+mod rto;
 mod s3;
 mod sampler;
 mod sync;
@@ -101,6 +103,10 @@ fn run_phase(bench: &Bench, phase: Phase, text: &mut String) -> Result<Vec<Row>>
         Phase::Throttle => {
             let t = bench.throttle_phase()?;
             throttle::report(text, o, &t)
+        }
+        Phase::Rto => {
+            let cases = bench.rto_phase()?;
+            rto::report(text, o, &cases)
         }
     })
 }

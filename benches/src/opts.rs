@@ -12,10 +12,12 @@ pub enum Phase {
     Backup,
     S3,
     Throttle,
+    Rto,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 6] = [Phase::Catchup, Phase::Lag, Phase::Sync, Phase::Backup, Phase::S3, Phase::Throttle];
+    pub const ALL: [Phase; 7] =
+        [Phase::Catchup, Phase::Lag, Phase::Sync, Phase::Backup, Phase::S3, Phase::Throttle, Phase::Rto];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -25,6 +27,7 @@ impl Phase {
             Phase::Backup => "backup",
             Phase::S3 => "s3",
             Phase::Throttle => "throttle",
+            Phase::Rto => "rto",
         }
     }
 
@@ -36,7 +39,8 @@ impl Phase {
             "backup" | "restore" => Phase::Backup,
             "s3" => Phase::S3,
             "throttle" => Phase::Throttle,
-            other => bail!("unknown phase {other:?} (catchup, lag, sync, backup, s3, throttle)"),
+            "rto" => Phase::Rto,
+            other => bail!("unknown phase {other:?} (catchup, lag, sync, backup, s3, throttle, rto)"),
         })
     }
 }
@@ -70,6 +74,9 @@ pub struct Opts {
     pub throttle_scale: u32,
     pub throttle_rate: u64,
     pub throttle_max_rate: u64,
+    // predicted RTO
+    pub rto_scales: Vec<u32>,
+    pub rto_drills: usize,
     // receivers
     pub pitr_log: String,
     pub receivewal_compress: String,
@@ -86,7 +93,7 @@ Every option can also be given as an environment variable WALBENCH_<NAME>
 (upper case, '-' -> '_'), e.g. WALBENCH_SCALE=10. Flags win over the environment.
 
   --quick                  small data, short runs (a few minutes on 2 cores); other flags still win
-  --only P1,P2             phases to run: catchup, lag, sync, backup (= restore), s3, throttle
+  --only P1,P2             phases to run: catchup, lag, sync, backup (= restore), s3, throttle, rto
                            (default all)
   --rounds N               rounds of catch-up, lag, sync and of the files-only restores (each
                            receiver/tool once per round, order alternating) (default 3; quick 2)
@@ -122,6 +129,10 @@ Every option can also be given as an environment variable WALBENCH_<NAME>
   --throttle-scale S       `pgbench -i -s S` (default 5; quick 2)
   --throttle-rate B        [repository] max_upload_rate and max_download_rate, bytes/s, at least 32768 (default 2000000)
   --throttle-max-rate B    [backup] max_rate, bytes/s (default 16777216; 32768 to 1073741824)
+
+ predicted RTO (phase 7, issue 21): drills teach the model, the next drill is compared with it
+  --rto-scales S1,S2       pgbench scales, one fresh cluster each (default 5,20,50; quick 5,20)
+  --rto-drills N           drills before the prediction (default 3; quick 2)
 
  receivers
   --pitr-log FILTER        PITR_LOG for `pitr stream` (default info; e.g. debug)
@@ -161,6 +172,8 @@ impl Opts {
             throttle_scale: if quick { 2 } else { 5 },
             throttle_rate: 2_000_000,
             throttle_max_rate: 16 << 20,
+            rto_scales: if quick { vec![5, 20] } else { vec![5, 20, 50] },
+            rto_drills: if quick { 2 } else { 3 },
             pitr_log: "info".into(),
             receivewal_compress: "none".into(),
             samples_csv: None,
@@ -240,6 +253,17 @@ impl Opts {
                 "throttle-scale" => o.throttle_scale = small(&v)?.max(1),
                 "throttle-rate" => o.throttle_rate = num(&v)?.max(32 << 10),
                 "throttle-max-rate" => o.throttle_max_rate = num(&v)?.clamp(32 << 10, 1 << 30),
+                "rto-scales" => {
+                    o.rto_scales = v
+                        .split(',')
+                        .filter(|s| !s.trim().is_empty())
+                        .map(|s| small(s.trim()))
+                        .collect::<Result<_>>()?;
+                    if o.rto_scales.is_empty() {
+                        bail!("--rto-scales: no scale given");
+                    }
+                }
+                "rto-drills" => o.rto_drills = num(&v)?.max(1) as usize,
                 "pitr-log" => o.pitr_log = v,
                 "receivewal-compress" => o.receivewal_compress = v,
                 "samples-csv" => o.samples_csv = Some(PathBuf::from(v)),

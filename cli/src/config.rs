@@ -23,6 +23,8 @@ const SECTIONS: &[&str] = &[
     "mongo",
     "retention",
     "drill",
+    "journal",
+    "find",
 ];
 
 /// The whole config file, validated.
@@ -56,6 +58,9 @@ pub struct Config {
     /// `[drill]`: what the scheduled drill does besides a restore.
     #[serde(default)]
     pub drill: DrillSection,
+    /// `[find]`: catalog snapshots and what `pitr find` calls destructive.
+    #[serde(default)]
+    pub find: FindSection,
     /// A MongoDB replica set, backed up beside (or instead of) PostgreSQL.
     pub mongo: Option<MongoConfig>,
     /// `[[dumps]]`: logical dumps (`pg_dump`) of databases, each set on its own schedule.
@@ -64,6 +69,52 @@ pub struct Config {
     /// `[[files]]`: file trees (directories or single files), each set on its own schedules.
     #[serde(default)]
     pub files: Vec<FilesConfig>,
+    /// `[journal]`: the signed history of the archive (off without the section).
+    pub journal: Option<JournalSection>,
+}
+
+/// `[journal]`: every manifest, WAL segment and oplog slice stored or deleted is recorded in
+/// signed batches under `journal/`, which `pitr verify` proves the repository against.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalSection {
+    /// The Ed25519 signing key of writers (`pitr init` or `pitr keys journal-init` creates it).
+    /// Hosts that only verify can leave it out and set `public_key`.
+    pub signing_key_file: Option<PathBuf>,
+    /// The public key verify checks batches with (base64); derived from the key file if unset.
+    pub public_key: Option<String>,
+    /// How often the sidecar writes a batch (and at a clean stop).
+    #[serde(default = "default_journal_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+fn default_journal_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl JournalSection {
+    /// The key batches are checked with: `public_key`, else the key file's.
+    pub fn verifying_key(&self) -> Result<pitr_archive::journal::VerifyingKey> {
+        if let Some(text) = &self.public_key {
+            let key = pitr_archive::journal::parse_public_key(text)?;
+            if let Some(signer) = self.signer()? {
+                if signer.verifying_key() != key {
+                    bail!("[journal] public_key is not the public key of signing_key_file");
+                }
+            }
+            return Ok(key);
+        }
+        match self.signer()? {
+            Some(signer) => Ok(signer.verifying_key()),
+            None => bail!("[journal]: set public_key (or signing_key_file) to verify the journal"),
+        }
+    }
+
+    /// The signing key, if this host has one.
+    pub fn signer(&self) -> Result<Option<pitr_archive::journal::JournalSigner>> {
+        let Some(path) = &self.signing_key_file else { return Ok(None) };
+        Ok(Some(pitr_archive::journal::JournalSigner::load(path).context("[journal] signing_key_file")?))
+    }
 }
 
 /// `[metrics]`.
@@ -95,6 +146,14 @@ pub struct TargetsSection {
     /// Restore time allowed (seconds); drills are judged by it.
     #[serde(default = "default_rto")]
     pub rto_seconds: f64,
+    /// With `[schedule] incremental = "auto"`: a backup is taken once the predicted RTO reaches
+    /// this fraction of `rto_seconds` (0 < fraction <= 1).
+    #[serde(default = "default_rto_auto_fraction")]
+    pub rto_auto_fraction: f64,
+}
+
+fn default_rto_auto_fraction() -> f64 {
+    0.8
 }
 
 fn default_rpo() -> f64 {
@@ -107,7 +166,11 @@ fn default_rto() -> f64 {
 
 impl Default for TargetsSection {
     fn default() -> Self {
-        TargetsSection { rpo_seconds: default_rpo(), rto_seconds: default_rto() }
+        TargetsSection {
+            rpo_seconds: default_rpo(),
+            rto_seconds: default_rto(),
+            rto_auto_fraction: default_rto_auto_fraction(),
+        }
     }
 }
 
@@ -119,9 +182,14 @@ pub struct ScheduleSection {
     /// Full base backups.
     #[serde(default = "default_full_backup")]
     pub full_backup: String,
-    /// Incremental backups (PostgreSQL 17+).
+    /// Incremental backups (PostgreSQL 17+); or `"auto"`: a backup whenever the predicted RTO
+    /// nears `[targets] rto_seconds` (see [`ScheduleSection::incremental_auto`]).
     #[serde(default = "default_incremental")]
     pub incremental: String,
+    /// With `incremental = "auto"`: the least time between the newest backup's start and an
+    /// automatic one (humantime, default 10 minutes).
+    #[serde(default = "default_auto_min_spacing", with = "humantime_serde")]
+    pub auto_min_spacing: Duration,
     /// Archive verification.
     #[serde(default = "default_verify")]
     pub verify: String,
@@ -141,10 +209,19 @@ pub struct ScheduleSection {
     pub key_rotation: String,
 }
 
+fn default_auto_min_spacing() -> Duration {
+    Duration::from_secs(600)
+}
+
 /// The shortest `[schedule] key_rotation` accepted (tests use seconds; production, days).
 pub const MIN_KEY_ROTATION: Duration = Duration::from_secs(1);
 
 impl ScheduleSection {
+    /// Whether `incremental = "auto"`: backups by the predicted RTO instead of a cron schedule.
+    pub fn incremental_auto(&self) -> bool {
+        self.incremental.trim().eq_ignore_ascii_case("auto")
+    }
+
     /// `key_rotation` as a duration; `None` when off.
     pub fn key_rotation(&self) -> Result<Option<Duration>> {
         let text = self.key_rotation.trim();
@@ -179,6 +256,51 @@ pub struct DrillSection {
     pub key_rotation: bool,
 }
 
+/// `[find]`: the sidecar's catalog snapshots (names for `pitr find`) and its destructive rule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FindSection {
+    /// How often the sidecar looks at the catalogs (a snapshot is stored only when they
+    /// changed); DDL the change index sees triggers a look within about a second as well.
+    #[serde(default = "default_catalog_interval", with = "humantime_serde")]
+    pub catalog_interval: Duration,
+    /// A DELETE/UPDATE is destructive from this many rows (and `destructive_fraction`).
+    #[serde(default = "default_find_min_rows")]
+    pub min_rows: u64,
+    /// … or from this fraction of the table's estimated rows, whichever is larger.
+    #[serde(default = "default_destructive_fraction")]
+    pub destructive_fraction: f64,
+    /// How far back `pitr find` reads without `--since` (from the newest backup that ended
+    /// before then): reading costs one GET per WAL segment.
+    #[serde(default = "default_find_window", with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl Default for FindSection {
+    fn default() -> Self {
+        FindSection {
+            catalog_interval: default_catalog_interval(),
+            min_rows: default_find_min_rows(),
+            destructive_fraction: default_destructive_fraction(),
+            window: default_find_window(),
+        }
+    }
+}
+
+fn default_find_window() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
+fn default_catalog_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_find_min_rows() -> u64 {
+    1000
+}
+fn default_destructive_fraction() -> f64 {
+    0.1
+}
+
 fn default_full_backup() -> String {
     "0 2 * * *".into()
 }
@@ -207,6 +329,7 @@ impl Default for ScheduleSection {
         ScheduleSection {
             full_backup: default_full_backup(),
             incremental: default_incremental(),
+            auto_min_spacing: default_auto_min_spacing(),
             verify: default_verify(),
             drill: default_drill(),
             expire: default_expire(),
@@ -1369,7 +1492,19 @@ impl Config {
             ("expire", &self.schedule.expire),
             ("partial_drill", &self.schedule.partial_drill),
         ] {
+            if field == "incremental" && self.schedule.incremental_auto() {
+                continue;
+            }
             parse_cron(field, expr)?;
+        }
+        if self.schedule.incremental_auto() {
+            if self.schedule.auto_min_spacing < Duration::from_secs(1) {
+                bail!("[schedule] auto_min_spacing: must be at least 1s");
+            }
+            let f = self.targets.rto_auto_fraction;
+            if !(f > 0.0 && f <= 1.0) {
+                bail!("[targets] rto_auto_fraction = {f}: must be above 0 and at most 1");
+            }
         }
         self.schedule.key_rotation()?;
         self.retention.validate()?;
@@ -1501,6 +1636,33 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
 "#;
 
     #[test]
+    fn journal_section_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("journal.key");
+        let signer = pitr_archive::journal::JournalSigner::create_file(&key_file).unwrap();
+        let public = pitr_archive::journal::public_key_text(&signer.verifying_key());
+        let c = Config::parse(MINIMAL, &[]).unwrap();
+        assert!(c.journal.is_none());
+        let text = format!("{MINIMAL}[journal]\nsigning_key_file = {:?}\n", key_file.display().to_string());
+        let c = Config::parse(&text, &[]).unwrap();
+        let j = c.journal.as_ref().unwrap();
+        assert_eq!(j.interval, Duration::from_secs(10));
+        assert_eq!(j.verifying_key().unwrap(), signer.verifying_key());
+        let c =
+            Config::parse(&format!("{MINIMAL}[journal]\npublic_key = \"{public}\"\ninterval = \"2s\"\n"), &[]).unwrap();
+        let j = c.journal.as_ref().unwrap();
+        assert!(j.signer().unwrap().is_none());
+        assert_eq!((j.verifying_key().unwrap(), j.interval), (signer.verifying_key(), Duration::from_secs(2)));
+        let other = pitr_archive::journal::public_key_text(
+            &pitr_archive::journal::JournalSigner::from_seed([9; 32]).verifying_key(),
+        );
+        let text = format!("{text}public_key = \"{other}\"\n");
+        let err = Config::parse(&text, &[]).unwrap().journal.unwrap().verifying_key().unwrap_err();
+        assert!(err.to_string().contains("is not the public key of signing_key_file"), "{err}");
+        assert!(Config::parse(&format!("{MINIMAL}[journal]\nbogus = 1\n"), &[]).is_err());
+    }
+
+    #[test]
     fn the_design_minimal_config_works() {
         let c = Config::parse(MINIMAL, &[]).unwrap();
         let pg = c.postgres().unwrap();
@@ -1509,6 +1671,22 @@ conninfo = "host=127.0.0.1 port=5432 user=replicator"
         assert_eq!(pg.complete_interval(), Duration::from_secs(10));
         let c = Config::parse(MINIMAL, &[("PITR_POSTGRES_COMPLETE_INTERVAL".into(), "0s".into())]).unwrap();
         assert_eq!(c.postgres().unwrap().complete_interval(), Duration::ZERO);
+    }
+
+    #[test]
+    fn incremental_auto_is_no_cron_and_its_settings_are_checked() {
+        let c = Config::parse(MINIMAL, &[]).unwrap();
+        assert!(!c.schedule.incremental_auto());
+        assert_eq!((c.targets.rto_auto_fraction, c.schedule.auto_min_spacing), (0.8, Duration::from_secs(600)));
+        let auto = format!("{MINIMAL}[schedule]\nincremental = \"auto\"\nauto_min_spacing = \"30s\"\n");
+        let c = Config::parse(&auto, &[]).unwrap();
+        assert!(c.schedule.incremental_auto());
+        assert_eq!(c.schedule.auto_min_spacing, Duration::from_secs(30));
+        for bad in ["0", "1.5", "-1"] {
+            let text = format!("{auto}[targets]\nrto_auto_fraction = {bad}\n");
+            let err = format!("{:#}", Config::parse(&text, &[]).unwrap_err());
+            assert!(err.contains("rto_auto_fraction"), "{err}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! its metrics server, gauges and status file; [`output`] printing helpers. Dependencies point
 //! down that list's reverse: nothing below `cmd` depends on it.
 
+mod catalog_poll;
 mod cmd;
 mod config;
 mod open;
@@ -212,6 +213,16 @@ enum Command {
         /// With `--source files`: compare the newest backup's checksums with the live tree.
         #[arg(long)]
         live: bool,
+        /// Decode the archived WAL and write the change index objects (`pitr find`) that are
+        /// missing; a valid one is never overwritten.
+        #[arg(long, conflicts_with_all = ["deep", "set", "live"])]
+        rebuild_index: bool,
+        /// With `--rebuild-index`: only segments holding commits at or after this time.
+        #[arg(long = "since", value_name = "TIME", requires = "rebuild_index")]
+        index_since: Option<String>,
+        /// With `--rebuild-index`: replace index objects that cannot be read (deleted first).
+        #[arg(long = "force", requires = "rebuild_index")]
+        force_index: bool,
     },
     /// Keys: list master and repository keys, rotate, rewrap repository keys onto the active
     /// master key, retire an old master key.
@@ -360,6 +371,49 @@ enum Command {
         /// With `--source dump`: write the dump to this file (for `pg_restore` elsewhere).
         #[arg(long, value_name = "FILE", conflicts_with = "into")]
         output: Option<PathBuf>,
+        /// Stop just before the target (xid:N, lsn:X/Y or a time) instead of just after it:
+        /// `recovery_target_inclusive = off`. What `pitr find` prints as the safe target.
+        #[arg(long)]
+        exclusive: bool,
+    },
+    /// Find the moment to restore to: the commits that touched a table (DROP, TRUNCATE, big
+    /// DELETEs…), what a transaction did, every destructive commit; newest first, each with the
+    /// last safe target before it and the restore command.
+    Find {
+        /// The table, SCHEMA.NAME (a bare NAME is public.NAME).
+        #[arg(long, value_name = "SCHEMA.NAME")]
+        table: Option<String>,
+        /// The database of --table, when several have a table of that name.
+        #[arg(long, requires = "table")]
+        database: Option<String>,
+        /// MongoDB (--source mongo): the collection, DB.COLL.
+        #[arg(long, value_name = "DB.COLL")]
+        ns: Option<String>,
+        /// Only commits that did this: drop, truncate, delete, update, insert, ddl.
+        #[arg(long)]
+        op: Option<String>,
+        /// Only commits at or after this time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only commits at or before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Show at most N commits (newest first).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// What transaction N did, and when.
+        #[arg(long, conflicts_with_all = ["table", "ns"])]
+        xid: Option<u32>,
+        /// What the transaction whose commit record is at X/Y (or the first commit after) did.
+        #[arg(long, conflicts_with_all = ["table", "ns"])]
+        lsn: Option<String>,
+        /// Every destructive commit (DROP, TRUNCATE, DELETE/UPDATE of many rows), any table.
+        #[arg(long)]
+        destructive: bool,
+        #[arg(long, value_enum, default_value = "postgres")]
+        source: Source,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -395,6 +449,12 @@ enum KeysAction {
     Retire {
         #[arg(value_name = "KEYID")]
         id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create the journal's signing key (`[journal] signing_key_file`) if missing and print its
+    /// public key, for `[journal] public_key` on the hosts that verify.
+    JournalInit {
         #[arg(long)]
         json: bool,
     },
@@ -473,9 +533,19 @@ fn main() -> ExitCode {
     let config_path = config::Config::path(cli.config.as_deref());
     let result = runtime.block_on(async {
         let result = run(cli.command, &config_path).await;
+        // The journal batch of what this command stored, before its copies are waited for (so
+        // the batch is copied too); a failure to journal fails a command that succeeded.
+        let journaled = open::flush_journals().await;
         // Copies to secondaries this command queued (backup blocks, a drill's result…).
         open::finish_copies(std::time::Duration::from_secs(30)).await;
-        result
+        match (result, journaled) {
+            (Ok(_), Err(e)) => Err(e),
+            (Err(e), Err(j)) => {
+                eprintln!("pitr: error: {j:#}");
+                Err(e)
+            }
+            (result, Ok(())) => result,
+        }
     });
     match result {
         Ok(code) => code,
@@ -528,6 +598,12 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             cmd::backup::run(config_path, incremental, from_standby.as_deref(), pin, json).await
         }
         Command::Dump { set, json } => cmd::dump::dump(config_path, &set, json).await,
+        Command::Verify { rebuild_index: true, json, from, index_since, force_index, source: Source::Postgres, .. } => {
+            return cmd::verify::rebuild_index(config_path, from.as_deref(), index_since.as_deref(), force_index, json).await
+        }
+        Command::Verify { rebuild_index: true, .. } => {
+            anyhow::bail!("--rebuild-index rebuilds the PostgreSQL change index (--source postgres)")
+        }
         Command::Verify { json, source: Source::Files, set, live, deep, .. } => {
             return cmd::files::verify(config_path, set.as_deref(), live, deep, json).await
         }
@@ -600,6 +676,20 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             cmd::keys::rewrap(config_path, from.as_deref(), json).await
         }
         Command::Keys { action: KeysAction::Retire { id, json } } => cmd::keys::retire(config_path, &id, json).await,
+        Command::Keys { action: KeysAction::JournalInit { json } } => cmd::keys::journal_init(config_path, json),
+        Command::Restore { exclusive: true, ref table, source, standby, .. }
+            if table.is_some() || source != Source::Postgres || standby =>
+        {
+            anyhow::bail!("--exclusive applies to a PostgreSQL restore to xid:, lsn: or a time (not --table, --standby or another --source)")
+        }
+        Command::Find { table, database, ns, op, since, until, limit, xid, lsn, destructive, source, json } => {
+            let args = cmd::find::FindArgs { table, database, ns, op, since, until, limit, xid, lsn, destructive, json };
+            match source {
+                Source::Postgres => cmd::find::run(config_path, args).await,
+                Source::Mongo => cmd::find::run_mongo(config_path, args).await,
+                Source::Files | Source::Dump => anyhow::bail!("pitr find searches PostgreSQL (default) or --source mongo"),
+            }
+        }
         Command::Restore { standby: true, ref table, source, ref ns, ref set, ref into, ref output, .. }
             if table.is_some()
                 || source != Source::Postgres
@@ -709,6 +799,7 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
             primary_conninfo,
             tablespace_map,
             delta,
+            exclusive,
             ..
         } => {
             let target_dir = target_dir.ok_or_else(|| anyhow::anyhow!("pitr restore needs --target-dir DIR"))?;
@@ -727,9 +818,28 @@ async fn run(command: Command, config_path: &std::path::Path) -> anyhow::Result<
                 standby,
                 tablespace_map,
                 delta,
+                exclusive,
             };
             cmd::restore::run(config_path, args).await
         }
     }
     .map(|()| ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    #[test]
+    fn verify_rebuild_index_refuses_options_it_would_ignore() {
+        for extra in [&["--deep"][..], &["--set", "etc"], &["--live"]] {
+            let mut args = vec!["pitr", "verify", "--rebuild-index"];
+            args.extend_from_slice(extra);
+            let err = Cli::try_parse_from(&args).expect_err("conflicting options accepted");
+            assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict, "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["pitr", "verify", "--rebuild-index", "--force", "--json"]).is_ok());
+    }
 }

@@ -89,7 +89,7 @@ pub fn secondary_store(s: &SecondaryConfig) -> Result<Arc<dyn Store>> {
 }
 
 /// Every configured repository under its name, the primary first.
-fn named_stores(config: &Config) -> Result<Vec<NamedStore>> {
+pub fn named_stores(config: &Config) -> Result<Vec<NamedStore>> {
     let mut all = vec![NamedStore { name: PRIMARY_NAME.into(), store: store(config)? }];
     for s in &config.repository.secondary {
         all.push(NamedStore { name: s.name.clone(), store: limited(config, secondary_store(s)?, 1)? });
@@ -157,7 +157,67 @@ fn writer_recycling(config: &Config, recycle: bool) -> Result<(Repository, Optio
         REPLICATORS.lock().unwrap_or_else(|e| e.into_inner()).push(replicated.clone());
         (limited(config, replicated.clone(), repositories)?, Some(replicated))
     };
-    Ok((opened(config, store, keys), copies))
+    let repo = journaled(config, opened(config, store, keys), if recycle { "stream" } else { "command" })?;
+    Ok((repo, copies))
+}
+
+/// The journal recorders of this process, one per repository location, each with the repository
+/// it was first opened for (which [`flush_journals`] writes its last batch through). Every writer
+/// the process opens on a location notes into that location's recorder: in the sidecar, the
+/// scheduled jobs' writers (file sets, dumps, a MongoDB drill's result) are journaled by the
+/// sidecar's own batches every interval, and a job leaves nothing behind when it ends (a
+/// recorder per writer, kept until exit, grew with every job). One per location, so a config
+/// edited to another repository while the sidecar runs never journals into the old one.
+static JOURNALS: Mutex<Vec<Repository>> = Mutex::new(Vec::new());
+
+/// How long the last journal batch at exit may take (storage down): past it the process exits
+/// and what it held stays unjournaled (`pitr verify` counts it), as [`finish_copies`] gives up
+/// on copies.
+pub const LAST_JOURNAL_BATCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `repo` noting its journaled puts and deletes into the process's recorder for its location,
+/// signing with `[journal] signing_key_file`, when configured (a host without the key writes no
+/// journal).
+fn journaled(config: &Config, repo: Repository, kind: &str) -> Result<Repository> {
+    let Some(signer) = config.journal.as_ref().map(|j| j.signer()).transpose()?.flatten() else { return Ok(repo) };
+    let mut all = JOURNALS.lock().unwrap_or_else(|e| e.into_inner());
+    let location = repo.location();
+    if let Some(recorder) = all.iter().find(|r| r.location() == location).and_then(|r| r.journal()) {
+        return Ok(repo.with_journal(recorder.clone()));
+    }
+    let writer = format!("{}/{kind}/{}", pitr_archive::hostname(), std::process::id());
+    let repo = repo.with_journal(Arc::new(pitr_archive::journal::Recorder::new(signer, writer)));
+    all.push(repo.clone());
+    Ok(repo)
+}
+
+/// Writes what this process's writers noted and has not journaled yet: called before the process
+/// exits, so a command's last objects are on the journal when it ends. Bounded by
+/// [`LAST_JOURNAL_BATCH_TIMEOUT`] in all.
+pub async fn flush_journals() -> Result<()> {
+    let all: Vec<Repository> = JOURNALS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let unjournaled =
+        "they are stored; the next journal writer does not journal them: `pitr verify` counts them as unjournaled";
+    let flush_all = async {
+        for repo in &all {
+            if let Some(journal) = repo.journal() {
+                journal.flush(repo).await.with_context(|| {
+                    format!(
+                        "writing the journal batch of this command's objects to {} ({unjournaled})",
+                        repo.location()
+                    )
+                })?;
+            }
+        }
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(LAST_JOURNAL_BATCH_TIMEOUT, flush_all).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow!(
+            "the journal batch of this command's objects did not complete in {}s ({unjournaled})",
+            LAST_JOURNAL_BATCH_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 /// `store` opened with `keys`, writing at the configured compression levels.
@@ -251,4 +311,34 @@ pub async fn checked_catalog(config: &Config, repo: &Repository) -> Result<pitr_
 pub async fn mongo_catalog(config: &Config, repo: &Repository) -> Result<pitr_mongo::MongoCatalog> {
     let layout = pitr_mongo::resolve_name(repo, config.mongo.as_ref().and_then(|m| m.name.as_deref())).await?;
     Ok(pitr_mongo::MongoCatalog::load(repo, layout).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writers_of_one_repository_share_one_recorder_and_register_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("journal.key");
+        pitr_archive::journal::JournalSigner::create_file(&key).unwrap();
+        let text = format!(
+            "[repository]\npath = {:?}\n[encryption]\nkey_file = \"/k\"\n[journal]\nsigning_key_file = {:?}\n",
+            dir.path().join("repo").display().to_string(),
+            key.display().to_string()
+        );
+        let config = Config::parse(&text, &[]).unwrap();
+        let open = || {
+            let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path().join("repo")));
+            journaled(&config, Repository::new(store, KeyRing::from_key("a", [1; 32])), "command").unwrap()
+        };
+        // A scheduled job each: the sidecar runs them for months.
+        let (first, second, third) = (open(), open(), open());
+        assert!(Arc::ptr_eq(first.journal().unwrap(), second.journal().unwrap()));
+        assert!(Arc::ptr_eq(first.journal().unwrap(), third.journal().unwrap()));
+        let location = first.location();
+        let registered =
+            JOURNALS.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|r| r.location() == location).count();
+        assert_eq!(registered, 1);
+    }
 }

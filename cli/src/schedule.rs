@@ -36,6 +36,12 @@ pub enum JobKind {
         /// Rotate at this age.
         after: Option<Duration>,
     },
+    /// `[schedule] incremental = "auto"`: a backup whenever the predicted RTO reaches `[targets]
+    /// rto_auto_fraction` of the RTO target and the newest backup is older than `min_spacing`.
+    AutoBackup {
+        /// The least time between the newest backup's start and an automatic one.
+        min_spacing: Duration,
+    },
 }
 
 /// When a job runs.
@@ -291,7 +297,16 @@ fn count_run(job: &Job, ok: bool) {
 async fn run_verify(ctx: &SchedulerContext) -> Result<pitr_restore::verify::VerifyReport> {
     let config = Config::load(&ctx.config_path)?;
     let catalog = open::catalog(&ctx.repo, ctx.system_id).await?;
-    Ok(pitr_restore::verify::verify(&ctx.repo, &catalog, false, config.backup.parallel()).await?)
+    let mut report = pitr_restore::verify::verify(&ctx.repo, &catalog, false, config.backup.parallel()).await?;
+    // The journal, as `pitr verify` checks it: its findings fail the run and count in the gauge.
+    let journal = crate::cmd::verify_journal::check_or_finding(&config, None, &ctx.repo, false).await;
+    report.notes.extend(journal.notes);
+    if !journal.findings.is_empty() {
+        report.findings.extend(journal.findings);
+        report.findings.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
+        report.ok = false;
+    }
+    Ok(report)
 }
 
 async fn run_expire(ctx: &SchedulerContext) -> Result<pitr_archive::expire::ExpireReport> {
@@ -390,6 +405,7 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &AtomicBoo
             let report = run_drill(ctx).await;
             let result = report.as_ref().map_err(|e| format!("{e:#}"));
             pitr_drill::scheduled_drill_ended(job.name, pitr_drill::Source::Postgres, result);
+            crate::sidecar::refresh_predicted_rto(&ctx.repo, ctx.system_id).await;
         }
         JobKind::FullBackup | JobKind::IncrementalBackup => {
             let incremental = job.kind == JobKind::IncrementalBackup;
@@ -403,37 +419,214 @@ async fn execute(job: &Job, ctx: &SchedulerContext, said_unavailable: &AtomicBoo
                     return;
                 }
             }
-            let kind = if incremental { BackupKind::Incremental } else { BackupKind::Full };
-            tracing::info!(job = job.name, event = "start", "scheduled {kind} backup starting");
-            let labels = [("backup_type", kind.to_string()), ("source", "postgres".to_string())];
-            let opts = pitr_basebackup::BackupOptions { incremental, ..ctx.backup.clone() };
-            match pitr_basebackup::take_backup(&ctx.repo, &opts, &|_| {}).await {
-                Ok((manifest, summary)) => {
-                    tracing::info!(job = job.name, event = "end", result = "success", backup = %summary.id,
-                        kind = %summary.kind, parent = ?summary.parent, taken_from = %summary.taken_from, fallback = ?summary.fallback,
-                        bytes_read = summary.bytes_read, bytes_stored = summary.bytes_stored, "scheduled {kind} backup done");
-                    gauge!("backup_success", &labels).set(1.0);
-                    record_backup_gauges(&manifest);
-                    metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "success")
-                        .increment(1);
-                }
-                Err(e) => {
-                    tracing::error!(job = job.name, event = "end", result = "failure", error = %e, "scheduled {kind} backup failed");
-                    gauge!("backup_success", &labels).set(0.0);
-                    metrics::counter!("pitr_scheduled_runs_total", "job" => job.name, "result" => "failure")
-                        .increment(1);
-                }
+            take_scheduled_backup(job.name, ctx, incremental).await;
+        }
+        JobKind::AutoBackup { min_spacing } => auto_backup(job.name, ctx, min_spacing, said_unavailable).await,
+    }
+}
+
+/// A scheduled backup, logged and counted as job `name`; the predicted RTO is refreshed after it.
+async fn take_scheduled_backup(name: &'static str, ctx: &SchedulerContext, incremental: bool) {
+    let kind = if incremental { BackupKind::Incremental } else { BackupKind::Full };
+    tracing::info!(job = name, event = "start", "scheduled {kind} backup starting");
+    let labels = [("backup_type", kind.to_string()), ("source", "postgres".to_string())];
+    let opts = pitr_basebackup::BackupOptions { incremental, ..ctx.backup.clone() };
+    // Before the backup: a failed one is not retried automatically until the spacing has passed.
+    LAST_BACKUP_ATTEMPT_US.fetch_max(pitr_archive::now_us(), Ordering::Relaxed);
+    let taken = {
+        // Counted down however the backup ends (also when its future is dropped).
+        struct Running;
+        impl Drop for Running {
+            fn drop(&mut self) {
+                BACKUPS_RUNNING.fetch_sub(1, Ordering::Relaxed);
             }
         }
+        BACKUPS_RUNNING.fetch_add(1, Ordering::Relaxed);
+        let _running = Running;
+        pitr_basebackup::take_backup(&ctx.repo, &opts, &|_| {}).await
+    };
+    match taken {
+        Ok((manifest, summary)) => {
+            tracing::info!(job = name, event = "end", result = "success", backup = %summary.id,
+                kind = %summary.kind, parent = ?summary.parent, taken_from = %summary.taken_from, fallback = ?summary.fallback,
+                bytes_read = summary.bytes_read, bytes_stored = summary.bytes_stored, "scheduled {kind} backup done");
+            gauge!("backup_success", &labels).set(1.0);
+            record_backup_gauges(&manifest);
+            metrics::counter!("pitr_scheduled_runs_total", "job" => name, "result" => "success").increment(1);
+        }
+        Err(e) => {
+            tracing::error!(job = name, event = "end", result = "failure", error = %e, "scheduled {kind} backup failed");
+            gauge!("backup_success", &labels).set(0.0);
+            metrics::counter!("pitr_scheduled_runs_total", "job" => name, "result" => "failure").increment(1);
+        }
+    }
+    crate::sidecar::refresh_predicted_rto(&ctx.repo, ctx.system_id).await;
+}
+
+/// An automatic backup chain longer than this (the full backup and its incrementals) is ended by
+/// a full backup: every restore reads the whole chain, and each link is one more thing to lose.
+pub const AUTO_MAX_CHAIN: usize = 8;
+
+/// What `[schedule] incremental = "auto"` decides at one check.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AutoDecision {
+    /// No prediction yet (no drill or timed restore): nothing to judge by.
+    NoPrediction,
+    /// The prediction is under the threshold.
+    Below,
+    /// Over the threshold, but the newest backup (or the last automatic attempt) is too recent.
+    TooSoon,
+    /// Over the threshold, but a backup would not bring it under: writing the data directory (and
+    /// starting the server) alone takes `.0` seconds. Backups every spacing would change nothing.
+    Useless(f64),
+    /// Take a backup: incremental (`true`) or full, and why.
+    Take(bool, String),
+}
+
+/// The pure decision of the automatic schedule: `predicted` (seconds now, and seconds just after
+/// a new backup: the same restore without the WAL replay a backup saves) against `fraction` ×
+/// `rto_seconds`; `newest_age` of the newest backup or of the last automatic attempt, whichever is
+/// younger, against `min_spacing` (so a backup that fails is not retried back to back);
+/// `chain` the newest backup's chain length (0: no full backup); `incrementals` whether the
+/// server takes them.
+pub fn auto_decision(
+    predicted: Option<(f64, f64)>,
+    rto_seconds: f64,
+    fraction: f64,
+    newest_age: Option<Duration>,
+    min_spacing: Duration,
+    chain: usize,
+    incrementals: bool,
+) -> AutoDecision {
+    let Some((predicted, after_backup)) = predicted.filter(|p| p.0.is_finite() && p.1.is_finite()) else {
+        return AutoDecision::NoPrediction;
+    };
+    let threshold = fraction * rto_seconds;
+    if predicted < threshold {
+        return AutoDecision::Below;
+    }
+    // Without a full backup, one is taken whatever it saves: every restore needs one.
+    if chain > 0 && after_backup >= threshold {
+        return AutoDecision::Useless(after_backup);
+    }
+    if newest_age.is_some_and(|age| age < min_spacing) {
+        return AutoDecision::TooSoon;
+    }
+    let why = format!("predicted RTO {predicted:.1} s >= {fraction} x the RTO target {rto_seconds} s");
+    if chain == 0 {
+        AutoDecision::Take(false, format!("{why}; no full backup yet"))
+    } else if !incrementals {
+        AutoDecision::Take(false, why)
+    } else if chain >= AUTO_MAX_CHAIN {
+        AutoDecision::Take(false, format!("{why}; the chain has {chain} backups (at most {AUTO_MAX_CHAIN})"))
+    } else {
+        AutoDecision::Take(true, why)
+    }
+}
+
+/// When the sidecar last started a scheduled backup, automatic or by cron (µs; 0: never). With
+/// the newest stored backup, it spaces automatic backups: a failed one leaves no backup behind,
+/// and without it the next check (a minute later) would try again.
+static LAST_BACKUP_ATTEMPT_US: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Scheduled backups under way in this sidecar: no automatic one starts beside them (a full
+/// backup by cron can outlast the spacing; an incremental then would be on the older chain).
+static BACKUPS_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The age the spacing is judged by at `now` (µs): of the newest backup's start or of the last
+/// scheduled attempt (`0`: none), whichever is younger, and zero while a scheduled backup is
+/// `running`; `None` when there was none.
+pub fn spacing_age(
+    newest_backup_start_us: Option<i64>,
+    last_attempt_us: i64,
+    running: bool,
+    now: i64,
+) -> Option<Duration> {
+    if running {
+        return Some(Duration::ZERO);
+    }
+    let since = newest_backup_start_us.max(Some(last_attempt_us)).filter(|&us| us > 0)?;
+    Some(Duration::from_micros(now.saturating_sub(since).max(0) as u64))
+}
+
+/// One check of `[schedule] incremental = "auto"`: a backup when [`auto_decision`] says so.
+async fn auto_backup(name: &'static str, ctx: &SchedulerContext, min_spacing: Duration, said: &AtomicBool) {
+    // The warning that backups cannot help is said once until the decision changes.
+    static SAID_USELESS: AtomicBool = AtomicBool::new(false);
+    let said_useless = &SAID_USELESS;
+    let incrementals = match incrementals_unavailable(ctx).await {
+        None => true,
+        Some(why) => {
+            if !said.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    job = name,
+                    event = "unavailable",
+                    "{why}; incremental = \"auto\" takes full backups instead"
+                );
+            }
+            false
+        }
+    };
+    let result = async {
+        let config = Config::load(&ctx.config_path)?;
+        let catalog = open::catalog(&ctx.repo, ctx.system_id).await?;
+        let prediction = tasks::predicted_rto(&ctx.repo, &catalog).await?;
+        pitr_drill::rto::record_gauge(prediction.prediction());
+        let prediction = prediction.prediction().cloned();
+        let now = pitr_archive::now_us();
+        let newest = catalog.backups.iter().max_by_key(|b| b.start_time_us);
+        let newest_age = spacing_age(
+            newest.map(|b| b.start_time_us),
+            LAST_BACKUP_ATTEMPT_US.load(Ordering::Relaxed),
+            BACKUPS_RUNNING.load(Ordering::Relaxed) > 0,
+            now,
+        );
+        let chain = newest.and_then(|b| catalog.chain(b).ok()).map_or(0, |c| c.len());
+        Ok::<_, anyhow::Error>(auto_decision(
+            prediction.map(|p| (p.seconds, p.download_seconds + p.model.replay.seconds(0.0))),
+            config.targets.rto_seconds,
+            config.targets.rto_auto_fraction,
+            newest_age,
+            min_spacing,
+            chain,
+            incrementals,
+        ))
+    };
+    match result.await {
+        Ok(AutoDecision::Take(incremental, why)) => {
+            tracing::info!(job = name, event = "decision", incremental, "automatic backup: {why}");
+            take_scheduled_backup(name, ctx, incremental).await;
+        }
+        Ok(AutoDecision::Useless(after)) => {
+            if !said_useless.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    job = name,
+                    event = "decision",
+                    "no automatic backup: the predicted RTO is over the \
+                    threshold, but even just after a backup a restore would take {after:.1} s (writing the data \
+                    directory and starting the server): more backups cannot bring it under"
+                );
+            }
+        }
+        Ok(d) => {
+            said_useless.store(false, Ordering::Relaxed);
+            tracing::debug!(job = name, decision = ?d, "no automatic backup")
+        }
+        Err(e) => tracing::warn!(job = name, error = %format!("{e:#}"), "automatic backup check failed"),
     }
 }
 
 /// The jobs from `[schedule]` (empty expressions are off).
 pub fn jobs(schedule: &ScheduleSection) -> Result<Vec<Job>> {
     let mut out = Vec::new();
+    let empty = String::new();
     let entries: [(&'static str, &String, JobKind); 5] = [
         ("full_backup", &schedule.full_backup, JobKind::FullBackup),
-        ("incremental", &schedule.incremental, JobKind::IncrementalBackup),
+        (
+            "incremental",
+            if schedule.incremental_auto() { &empty } else { &schedule.incremental },
+            JobKind::IncrementalBackup,
+        ),
         ("verify", &schedule.verify, JobKind::Verify),
         ("drill", &schedule.drill, JobKind::Drill),
         ("expire", &schedule.expire, JobKind::Expire),
@@ -442,6 +635,12 @@ pub fn jobs(schedule: &ScheduleSection) -> Result<Vec<Job>> {
         if let Some(cron) = parse_cron(name, expr)? {
             out.push(Job { name, when: When::Cron(Box::new(cron)), kind });
         }
+    }
+    if schedule.incremental_auto() {
+        // Checked every minute, or more often when the spacing is shorter (tests).
+        let min_spacing = schedule.auto_min_spacing;
+        let every = min_spacing.min(Duration::from_secs(60)).max(Duration::from_secs(1));
+        out.push(Job { name: "incremental", when: When::Every(every), kind: JobKind::AutoBackup { min_spacing } });
     }
     // Even when rotation is off, the age is exported (the EncryptionKeyTooOld alert reads it).
     let after = schedule.key_rotation()?;
@@ -567,10 +766,26 @@ async fn run_mongo_job(job: MongoJob, path: &Path, repo: &Repository) {
             }
         },
         MongoJob::Verify => {
-            let report = match open::mongo_catalog(&config, repo).await {
+            let mut report = match open::mongo_catalog(&config, repo).await {
                 Ok(catalog) => pitr_mongo::verify::verify(repo, &catalog, false).await.map_err(anyhow::Error::from),
                 Err(e) => Err(e),
             };
+            // The journal, when no PostgreSQL verification checks it already (one repository,
+            // one journal: checked once).
+            if let (Ok(r), None) = (report.as_mut(), config.postgres.as_ref()) {
+                let journal = crate::cmd::verify_journal::check_or_finding(&config, None, repo, false).await;
+                for n in journal.notes {
+                    tracing::info!(job = name, "journal: {n}");
+                }
+                for f in journal.findings {
+                    r.findings.push(pitr_mongo::verify::MongoFinding {
+                        kind: f.kind,
+                        object: f.object,
+                        message: f.message,
+                    });
+                    r.ok = false;
+                }
+            }
             match report {
                 Ok(r) => {
                     for f in &r.findings {
@@ -1117,6 +1332,69 @@ fn describe_set_job(kind: SetJobKind) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_backups_follow_the_prediction_the_spacing_and_the_chain() {
+        let min = Duration::from_secs(600);
+        let old = Some(Duration::from_secs(3600));
+        // Just after a backup, the restore would take 100 s: a backup helps.
+        let d = |p: Option<f64>, age: Option<Duration>, chain: usize, inc: bool| {
+            auto_decision(p.map(|p| (p, 100.0)), 1000.0, 0.8, age, min, chain, inc)
+        };
+        assert_eq!(d(None, old, 1, true), AutoDecision::NoPrediction);
+        assert_eq!(d(Some(f64::NAN), old, 1, true), AutoDecision::NoPrediction);
+        assert_eq!(d(Some(799.0), old, 1, true), AutoDecision::Below);
+        assert_eq!(d(Some(800.0), Some(Duration::from_secs(60)), 1, true), AutoDecision::TooSoon);
+        assert!(matches!(d(Some(800.0), old, 1, true), AutoDecision::Take(true, _)));
+        // No full backup, no incrementals (standby, before 17), or a long chain: a full one.
+        assert!(matches!(d(Some(800.0), None, 0, true), AutoDecision::Take(false, w) if w.contains("no full")));
+        assert!(matches!(d(Some(800.0), old, 1, false), AutoDecision::Take(false, _)));
+        assert!(
+            matches!(d(Some(800.0), old, AUTO_MAX_CHAIN, true), AutoDecision::Take(false, w) if w.contains("chain"))
+        );
+    }
+
+    #[test]
+    fn auto_takes_no_backup_that_cannot_help() {
+        let (min, old) = (Duration::from_secs(600), Some(Duration::from_secs(3600)));
+        // The data directory alone takes 850 s to write: over 800 s whatever the WAL.
+        assert_eq!(auto_decision(Some((900.0, 850.0)), 1000.0, 0.8, old, min, 1, true), AutoDecision::Useless(850.0));
+        // Without a full backup one is taken all the same.
+        assert!(matches!(
+            auto_decision(Some((900.0, 850.0)), 1000.0, 0.8, None, min, 0, true),
+            AutoDecision::Take(false, _)
+        ));
+        assert!(matches!(
+            auto_decision(Some((900.0, f64::NAN)), 1000.0, 0.8, old, min, 1, true),
+            AutoDecision::NoPrediction
+        ));
+    }
+
+    #[test]
+    fn auto_spacing_counts_from_a_failed_attempt_too() {
+        let s = 1_000_000;
+        // A backup an hour ago, an attempt (that failed: no backup) a minute ago.
+        assert_eq!(spacing_age(Some(0), 3540 * s, false, 3600 * s), Some(Duration::from_secs(60)));
+        assert_eq!(spacing_age(Some(3000 * s), 0, false, 3600 * s), Some(Duration::from_secs(600)));
+        assert_eq!(spacing_age(None, 3540 * s, false, 3600 * s), Some(Duration::from_secs(60)));
+        assert_eq!(spacing_age(None, 0, false, 3600 * s), None);
+        // A scheduled backup under way (a long full one by cron): none beside it.
+        assert_eq!(spacing_age(Some(0), 0, true, 3600 * s), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn auto_replaces_the_incremental_cron_with_a_check() {
+        let schedule = ScheduleSection {
+            incremental: "auto".into(),
+            auto_min_spacing: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let jobs = jobs(&schedule).unwrap();
+        let auto: Vec<&Job> = jobs.iter().filter(|j| j.name == "incremental").collect();
+        assert_eq!(auto.len(), 1);
+        assert!(matches!(auto[0].kind, JobKind::AutoBackup { min_spacing } if min_spacing == Duration::from_secs(5)));
+        assert!(matches!(auto[0].when, When::Every(e) if e == Duration::from_secs(5)));
+    }
 
     #[test]
     fn the_key_age_is_checked_each_minute_or_twice_per_rotation_period() {

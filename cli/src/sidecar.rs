@@ -66,6 +66,24 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     describe_counter!("pitr_objects_archived_total", "WAL objects made durable");
     describe_counter!("pitr_bytes_archived_total", Unit::Bytes, "Plaintext bytes of WAL objects made durable, by kind");
     describe_counter!("pitr_upload_errors_total", "Failed archive puts (each retried)");
+    describe_counter!("pitr_index_segments_written_total", "Change index objects (pg/<id>/index/) the sidecar wrote");
+    describe_counter!(
+        "pitr_index_segments_skipped_total",
+        "WAL segments left out of the change index for now (the backfill, pitr find and verify --rebuild-index cover them)"
+    );
+    describe_counter!(
+        "pitr_index_input_dropped_total",
+        "XLogData messages the receiver could not queue for the change indexer (it was behind)"
+    );
+    describe_counter!(
+        "pitr_restore_points_indexed_total",
+        "Restore points the sidecar indexed (pg/<id>/restore-points/)"
+    );
+    describe_counter!("pitr_restore_point_index_errors_total", "Restore point index entries that could not be written");
+    describe_counter!(
+        "pitr_index_segments_backfilled_total",
+        "Change index objects the sidecar's backfill wrote from the archived WAL for skipped segments"
+    );
     describe_counter!(
         "pitr_upload_throttled_seconds_total",
         Unit::Seconds,
@@ -117,6 +135,17 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     describe_gauge!("pitr_drill_success", "1 if the last restore drill passed (exported once a drill has run)");
     describe_gauge!("pitr_drill_rto_seconds", Unit::Seconds, "Recovery time measured by the last drill");
     describe_gauge!("pitr_drill_rpo_seconds", Unit::Seconds, "Data-loss window measured by the last drill");
+    describe_gauge!("pitr_rto_target_seconds", Unit::Seconds, "The RTO target, [targets] rto_seconds");
+    describe_gauge!(
+        "pitr_predicted_rto_seconds",
+        Unit::Seconds,
+        "Predicted time to restore the newest backup chain and all archived WAL, from the timings of recent drills and restores (absent before the first drill)"
+    );
+    describe_gauge!(
+        "pitr_predicted_rto_timestamp_seconds",
+        Unit::Seconds,
+        "When pitr_predicted_rto_seconds was last computed (Unix time): an old value means it is stale"
+    );
     describe_gauge!("pitr_verify_findings", "Findings of the last scheduled verification (0 = archive whole)");
     describe_counter!(
         "pitr_expire_removed_objects_total",
@@ -316,7 +345,28 @@ async fn catalog_gauges_once(repo: &Repository, system_id: Option<u64>) -> Resul
     // Drills run by hand (`pitr drill`) store their result in the repository too.
     let subject = pitr_drill::Subject::Postgres { system_id: catalog.cluster.system_id };
     pitr_drill::record_latest(repo, &subject).await?;
+    record_predicted_rto(repo, &catalog).await?;
     Ok(())
+}
+
+/// Recomputes `pitr_predicted_rto_seconds` from the repository: every minute with the other
+/// catalog gauges, and after each scheduled backup and drill. No drill yet: no value.
+pub async fn record_predicted_rto(repo: &Repository, catalog: &pitr_restore::Catalog) -> Result<()> {
+    let prediction = crate::tasks::predicted_rto(repo, catalog).await?;
+    pitr_drill::rto::record_gauge(prediction.prediction());
+    Ok(())
+}
+
+/// [`record_predicted_rto`] with the catalog loaded here (after a scheduled job); a failure is
+/// logged, the gauge keeps its value until the next minute's attempt.
+pub async fn refresh_predicted_rto(repo: &Repository, system_id: Option<u64>) {
+    let result = async {
+        let catalog = open::catalog(repo, system_id).await?;
+        record_predicted_rto(repo, &catalog).await
+    };
+    if let Err(e) = result.await {
+        tracing::debug!(error = %format!("{e:#}"), "predicted RTO not refreshed");
+    }
 }
 
 /// The newest PostgreSQL backup's time and size.
@@ -422,9 +472,140 @@ pub async fn write_status_file(
     }
 }
 
+/// Where the sidecar keeps the journal's high-water mark (seq and hash of its newest batch):
+/// beside the status file, `<status file stem>.journal-hwm.json`.
+pub fn journal_high_water_file(status_file: &std::path::Path) -> PathBuf {
+    let stem = status_file.file_stem().and_then(|s| s.to_str()).unwrap_or("pitr");
+    let stem = stem.strip_suffix(".status").unwrap_or(stem);
+    status_file.with_file_name(format!("{stem}.journal-hwm.json"))
+}
+
+/// The least time between two journal batches that carry only a moved `wal_through` (no put or
+/// delete): an idle cluster's WAL still advances (checkpoints, `archive_timeout`), and a batch
+/// every interval for that alone is 8,640 objects a day that say little.
+pub const WAL_ONLY_BATCH_EVERY: Duration = Duration::from_secs(300);
+
+/// The sidecar's journal writer: every `interval`, one batch of what the repository noted (WAL
+/// segments, manifests, slices…) and how far the WAL is durably archived (`wal_through`, which
+/// covers the chunks of the current segment: journaling adds no put per chunk). A last batch when
+/// the status sender goes (a clean stop). A batch with only a moved `wal_through` is written at
+/// most every [`WAL_ONLY_BATCH_EVERY`]. A failed batch is retried at the next tick (what it held
+/// stays pending).
+pub async fn journal_batches(
+    repo: Repository,
+    mut status: Option<watch::Receiver<StreamStatus>>,
+    interval: Duration,
+    high_water: PathBuf,
+) {
+    let Some(journal) = repo.journal().cloned() else { return };
+    // The mark of the previous run: a first batch at or below it means the repository's journal
+    // lost batches this host wrote (a rollback); the new batches fork from it, verify names it.
+    let mut previous = match pitr_archive::journal::HighWater::read(&high_water) {
+        Ok(mark) => mark,
+        Err(e) => {
+            tracing::warn!(path = %high_water.display(), error = %e, "the journal's high-water mark is unreadable");
+            None
+        }
+    };
+    journal.set_high_water_file(high_water.clone());
+    let mut last_batch: Option<tokio::time::Instant> = None;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = match status.as_mut() {
+            Some(rx) => tokio::select! {
+                _ = tick.tick() => false,
+                r = rx.changed() => {
+                    if r.is_ok() {
+                        continue;
+                    }
+                    true
+                }
+            },
+            None => {
+                tick.tick().await;
+                false
+            }
+        };
+        if let Some(rx) = status.as_ref() {
+            let s = rx.borrow().clone();
+            if let (Some(system_id), true) = (s.system_id, s.durable_lsn > 0) {
+                journal.set_wal_through(system_id, s.timeline, s.durable_lsn);
+            }
+        }
+        // A batch that would only move `wal_through` waits for WAL_ONLY_BATCH_EVERY (an idle
+        // cluster still advances its LSN): batches with entries keep the interval.
+        if !last && !journal.has_entries() && last_batch.is_some_and(|t| t.elapsed() < WAL_ONLY_BATCH_EVERY) {
+            continue;
+        }
+        match journal.flush(&repo).await {
+            Ok(Some(seq)) => {
+                last_batch = Some(tokio::time::Instant::now());
+                tracing::debug!(seq, "journal batch written");
+                // (A mark of another key or repository, re-initialised, witnesses nothing here:
+                // the recorder replaced it with this batch's.)
+                let this = pitr_archive::journal::HighWater::read(&high_water).ok().flatten();
+                let same = |m: &pitr_archive::journal::HighWater| {
+                    this.as_ref()
+                        .is_none_or(|t| m.same_journal(&t.key_id, Some(t.origin.as_str()).filter(|o| !o.is_empty())))
+                };
+                if let Some(mark) = previous.take().filter(|m| seq <= m.seq && same(m)) {
+                    tracing::error!(
+                        seq, high_water = mark.seq, path = %high_water.display(), repository = %repo.location(),
+                        "the repository's journal is behind this sidecar's high-water mark: it was rolled back or its newest objects deleted (run `pitr verify`)"
+                    );
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, repository = %repo.location(), "cannot write the journal batch; retrying at the next interval")
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn batches_that_only_move_wal_through_are_spaced_out() {
+        use pitr_archive::journal::{JournalSigner, Recorder};
+        use pitr_archive::{KeyRing, LocalStore, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        let repo = Repository::new(store, KeyRing::from_key("a", [1; 32]))
+            .with_journal(Arc::new(Recorder::new(JournalSigner::from_seed([3; 32]), "test")));
+        let journal = repo.journal().unwrap().clone();
+        let batches = || async { repo.list(pitr_archive::names::journal::PREFIX).await.unwrap().len() };
+        let wait_for = |n: usize| async move {
+            for _ in 0..500 {
+                if batches().await >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("no journal batch {n}");
+        };
+        journal.set_wal_through(7, 1, 1);
+        let task =
+            tokio::spawn(journal_batches(repo.clone(), None, Duration::from_millis(5), dir.path().join("hwm.json")));
+        // The first batch goes at once, even with only a WAL position.
+        wait_for(1).await;
+        // More WAL only, over many intervals: no batch for it before WAL_ONLY_BATCH_EVERY.
+        for lsn in 2..40 {
+            journal.set_wal_through(7, 1, lsn);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(batches().await, 1);
+        // A put keeps the interval (and takes the moved WAL position along).
+        journal.note_put("pg/7/backups/20261121T000000Z.manifest", 1, "00".into());
+        wait_for(2).await;
+        task.abort();
+    }
 
     #[test]
     fn health_needs_a_connection_and_lag_under_target() {

@@ -157,3 +157,49 @@ pub async fn mongo_drill(
     }
     Ok(report)
 }
+
+/// The predicted RTO of a restore now (`pitr_drill::rto`): the chain a restore to `latest` would
+/// use, and the WAL from its start to the newest archived LSN on the current timeline, fed to
+/// the model the newest drills and restores run by hand taught. `Err` only when the repository
+/// cannot be listed.
+pub async fn predicted_rto(repo: &Repository, catalog: &pitr_restore::Catalog) -> Result<RtoPrediction> {
+    let subject = pitr_drill::Subject::Postgres { system_id: catalog.cluster.system_id };
+    let samples = pitr_drill::rto::load_samples(repo, &subject).await?;
+    let Some(model) = pitr_drill::rto::fit(&samples) else { return Ok(RtoPrediction::NoDrill) };
+    Ok(predict_with(&model, catalog))
+}
+
+/// What [`predicted_rto`] found.
+#[derive(Debug)]
+pub enum RtoPrediction {
+    /// No drill (nor restore run by hand) has timed a restore yet.
+    NoDrill,
+    /// Nothing can be restored to `latest` now: why.
+    NotRestorable(String),
+    /// The prediction.
+    Predicted(pitr_drill::rto::Prediction),
+}
+
+impl RtoPrediction {
+    /// The prediction, if there is one.
+    pub fn prediction(&self) -> Option<&pitr_drill::rto::Prediction> {
+        match self {
+            RtoPrediction::Predicted(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// [`predicted_rto`] with a model already fitted.
+pub fn predict_with(model: &pitr_drill::rto::Model, catalog: &pitr_restore::Catalog) -> RtoPrediction {
+    let chosen = catalog.choose_backup(pitr_restore::RecoveryTarget::Latest).and_then(|b| Ok((b, catalog.chain(b)?)));
+    let (backup, chain) = match chosen {
+        Ok(c) => c,
+        Err(e) => return RtoPrediction::NotRestorable(e.to_string()),
+    };
+    let end_lsn = catalog.current_window().map_or(backup.stop_lsn, |w| w.end_lsn.max(backup.stop_lsn));
+    match model.predict_chain(&chain, end_lsn) {
+        Some(p) => RtoPrediction::Predicted(p),
+        None => RtoPrediction::NotRestorable("the model gives no finite time".into()),
+    }
+}

@@ -5,7 +5,8 @@
 //! [`Objectives`]), the checks file and the comparison of a check's value with its expectation
 //! ([`checks`]), the report in the seed runbook's "Recovery Test Report" layout, as JSON and
 //! markdown ([`report`]), and what follows a drill: its result stored in the repository and read
-//! back, its gauges, and the log line and run count of a scheduled drill ([`results`]).
+//! back, its gauges, and the log line and run count of a scheduled drill ([`results`]); and the
+//! predicted RTO learnt from the stored drills and timed restores ([`rto`]).
 //!
 //! It does not restore anything nor talk to a database: PostgreSQL's steps are in
 //! `pitr_restore::drill`, MongoDB's in `pitr_mongo::drill`, each implementing [`Drill`]. Object
@@ -16,6 +17,7 @@
 pub mod checks;
 pub mod report;
 pub mod results;
+pub mod rto;
 pub mod skeleton;
 
 pub use checks::{evaluate, CheckResult, CheckSpec, CheckStatus, ChecksFile, Recorded};

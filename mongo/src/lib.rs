@@ -22,6 +22,7 @@
 pub mod apply;
 pub mod collection;
 pub mod drill;
+pub mod find;
 pub mod layout;
 pub mod restore;
 pub mod snapshot;

@@ -2,7 +2,8 @@
 //!
 //! Owns LSNs in text form ([`lsn`]), WAL segment numbers and segment file names ([`segment`]),
 //! timeline history files, their content and their names ([`timeline`]), the WAL record reader
-//! that finds commit/abort records and their times ([`walreader`]), and PostgreSQL 17's
+//! that finds commit/abort records and their times ([`walreader`]), which rows each committed
+//! transaction changed ([`changes`], for the change index), and PostgreSQL 17's
 //! incremental relation files ([`incremental`]).
 //!
 //! It does no I/O and knows no sockets, archives or storage: the replication-protocol client is
@@ -11,6 +12,7 @@
 
 #![deny(missing_docs)]
 
+pub mod changes;
 pub mod incremental;
 pub mod lsn;
 pub mod segment;

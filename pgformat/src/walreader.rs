@@ -16,6 +16,8 @@ use std::fmt;
 
 use tracing::{debug, warn};
 
+use crate::changes::{self, RelFileLocator, WalEvent};
+
 /// Oldest WAL page magic this reader is written for (PostgreSQL 14).
 ///
 /// `XLOG_PAGE_MAGIC` changes whenever the WAL format changes. Released values:
@@ -43,6 +45,9 @@ pub const DEFAULT_PAGE_SIZE: u64 = 8192;
 pub const DEFAULT_SEGMENT_SIZE: u64 = 16 * 1024 * 1024;
 /// Largest record the decoder buffers; larger transaction records are skipped with a warning.
 pub const MAX_BUFFERED_RECORD_LEN: u32 = 64 * 1024 * 1024;
+/// Largest heap/heap2/standby record the changes mode buffers (a heap record is a few blocks
+/// with their full-page images at most); a larger one is reported as [`WalEvent::Lost`].
+pub const MAX_CHANGE_RECORD_LEN: u32 = 1024 * 1024;
 
 const SIZE_OF_SHORT_PHD: usize = 24;
 const SIZE_OF_LONG_PHD: usize = 40;
@@ -194,9 +199,9 @@ enum Rec {
     Header { start: u64, buf: [u8; SIZE_OF_XLOG_RECORD], have: usize },
     /// Buffering a whole record we want to decode (transaction end or XLOG_SWITCH).
     Keep { start: u64, tot_len: usize, buf: Vec<u8> },
-    /// Discarding the rest of a record: one we do not care about, or the tail of one that
-    /// began before we synchronised.
-    Skip { remaining: u64 },
+    /// Discarding the rest of a record: one we do not care about (`start` is where it began),
+    /// or the tail of one that began before we synchronised (`start` is `None`).
+    Skip { start: Option<u64>, remaining: u64 },
 }
 
 /// The fixed `XLogRecord` header.
@@ -248,6 +253,8 @@ impl RecordHeader {
 struct Sink<'a> {
     xacts: &'a mut Vec<XactRecord>,
     restore_points: &'a mut Vec<RestorePointRecord>,
+    /// Changes mode: commits, aborts and row changes go here instead of `xacts`.
+    events: Option<&'a mut Vec<WalEvent>>,
 }
 
 /// Incremental decoder of a WAL byte stream into transaction commit/abort records.
@@ -267,6 +274,8 @@ pub struct WalDecoder {
     prev: Option<u64>,
     /// Magic of the most recent valid page header; selects version-dependent layouts.
     magic: u16,
+    /// Changes mode ([`WalDecoder::with_changes`]): heap records are buffered and decoded too.
+    changes: bool,
 }
 
 impl fmt::Debug for WalDecoder {
@@ -321,7 +330,40 @@ impl WalDecoder {
             rec: Rec::Between,
             prev: None,
             magic: XLOG_PAGE_MAGIC_MIN,
+            changes: false,
         }
+    }
+
+    /// A decoder in changes mode: [`feed_events`](Self::feed_events) also reports row changes
+    /// (heap/heap2 records), RUNNING_XACTS, and the subtransactions and dropped relations of
+    /// commits, for the change index. It buffers and CRC-checks every heap record, so it costs
+    /// more than [`feed`](Self::feed) on a decoder made by [`new`](Self::new), which is unchanged.
+    pub fn with_changes(segment_size: u64, page_size: u64) -> Self {
+        let mut d = Self::new(segment_size, page_size);
+        d.changes = true;
+        d
+    }
+
+    /// Where the next record not yet completely decoded starts (or, between records, the next
+    /// byte): a decoder started afresh at this LSN's page and ignoring events before it sees
+    /// exactly the records this one has not reported yet. `None` before the first feed.
+    pub fn record_boundary(&self) -> Option<u64> {
+        if !self.started {
+            return None;
+        }
+        Some(match (&self.phase, &self.rec) {
+            (Phase::Seek { .. }, _) => self.pos,
+            (_, Rec::Header { start, .. } | Rec::Keep { start, .. } | Rec::Skip { start: Some(start), .. }) => *start,
+            _ => self.pos,
+        })
+    }
+
+    /// Changes mode: feed WAL bytes that begin at `lsn` (as [`feed`](Self::feed)) and collect
+    /// the [`WalEvent`]s completed by them. On a decoder not in changes mode only commits and
+    /// aborts (without subtransactions or dropped relations) are reported.
+    pub fn feed_events(&mut self, lsn: u64, data: &[u8], events: &mut Vec<WalEvent>) {
+        let (mut xacts, mut points) = (Vec::new(), Vec::new());
+        self.feed_sink(lsn, data, &mut Sink { xacts: &mut xacts, restore_points: &mut points, events: Some(events) });
     }
 
     /// The LSN the next [`feed`](Self::feed) must start at to be contiguous, if any.
@@ -351,7 +393,10 @@ impl WalDecoder {
         xacts: &mut Vec<XactRecord>,
         restore_points: &mut Vec<RestorePointRecord>,
     ) {
-        let out = &mut Sink { xacts, restore_points };
+        self.feed_sink(lsn, data, &mut Sink { xacts, restore_points, events: None });
+    }
+
+    fn feed_sink(&mut self, lsn: u64, data: &[u8], out: &mut Sink<'_>) {
         if !self.started || self.pos != lsn {
             if self.started {
                 debug!(expected = self.pos, got = lsn, "non-contiguous WAL feed; resynchronising");
@@ -474,7 +519,7 @@ impl WalDecoder {
                 }
                 n
             }
-            Rec::Skip { remaining } => {
+            Rec::Skip { remaining, .. } => {
                 let n = clamp_len(*remaining, avail);
                 *remaining -= n as u64;
                 self.pos = self.pos.wrapping_add(n as u64);
@@ -541,7 +586,7 @@ impl WalDecoder {
                 None
             }),
             Rec::Keep { tot_len, buf, .. } => Some(tot_len.checked_sub(buf.len()).map(|r| r as u64)),
-            Rec::Skip { remaining } => Some(Some(*remaining)),
+            Rec::Skip { remaining, .. } => Some(Some(*remaining)),
         };
         match expected {
             None => {
@@ -564,7 +609,11 @@ impl WalDecoder {
     /// After a page header that does not continue our record: skip the tail of whatever
     /// record it continues, and start decoding at the next record.
     fn resume_after_header(&mut self, contrec: bool, rem_len: u32) {
-        self.rec = if contrec && rem_len > 0 { Rec::Skip { remaining: u64::from(rem_len) } } else { Rec::Between };
+        self.rec = if contrec && rem_len > 0 {
+            Rec::Skip { start: None, remaining: u64::from(rem_len) }
+        } else {
+            Rec::Between
+        };
     }
 
     fn on_record_header_bytes(&mut self, start: u64, hdr: &[u8; SIZE_OF_XLOG_RECORD], have: usize, out: &mut Sink<'_>) {
@@ -594,8 +643,10 @@ impl WalDecoder {
         self.prev = Some(start);
 
         let body = u64::from(header.tot_len) - SIZE_OF_XLOG_RECORD as u64;
-        let wanted = header.is_switch() || header.xact_kind().is_some() || header.is_restore_point();
-        if wanted && tot_len <= MAX_BUFFERED_RECORD_LEN {
+        let change = self.changes && changes::is_change_record(header.rmid, header.info);
+        let wanted = header.is_switch() || header.xact_kind().is_some() || header.is_restore_point() || change;
+        let cap = if change { MAX_CHANGE_RECORD_LEN } else { MAX_BUFFERED_RECORD_LEN };
+        if wanted && tot_len <= cap {
             let mut buf = Vec::with_capacity((tot_len as usize).min(64 * 1024));
             buf.extend_from_slice(hdr);
             if body == 0 {
@@ -606,10 +657,15 @@ impl WalDecoder {
             }
             return;
         }
-        if wanted {
+        if change {
+            // Not CRC-checked (not buffered): at worst an xid is wrongly marked incomplete.
+            if let Some(events) = out.events.as_deref_mut() {
+                events.push(WalEvent::Lost { lsn: start, xid: header.xid });
+            }
+        } else if wanted {
             warn!(lsn = start, tot_len, "transaction WAL record larger than the buffering cap; skipping it");
         }
-        self.rec = if body == 0 { Rec::Between } else { Rec::Skip { remaining: body } };
+        self.rec = if body == 0 { Rec::Between } else { Rec::Skip { start: Some(start), remaining: body } };
     }
 
     /// A wanted record is complete (its last byte was just consumed).
@@ -640,6 +696,41 @@ impl WalDecoder {
                 }
                 None => warn!(lsn = start, "malformed restore point WAL record; skipping it"),
             }
+            return;
+        }
+        if let Some(events) = out.events.as_deref_mut() {
+            if header.xact_kind().is_none() {
+                let decoded = record_parts(rec, self.magic).and_then(|(block0, main)| {
+                    changes::decode_change(start, header.xid, header.rmid, header.info, block0, main)
+                });
+                match decoded {
+                    Some(event) => events.push(event),
+                    None if header.xid != 0 => events.push(WalEvent::Lost { lsn: start, xid: header.xid }),
+                    None => {}
+                }
+                return;
+            }
+            match decode_xact(rec, &header, self.magic) {
+                Some((kind, xid, timestamp)) => {
+                    let details = xact_details(rec, self.magic);
+                    if details.is_none() {
+                        // Its subtransactions (and their changes) are unknown: counts are a floor.
+                        events.push(WalEvent::Lost { lsn: start, xid });
+                    }
+                    let (subxacts, dropped, more_dropped) = details.unwrap_or_default();
+                    events.push(match kind {
+                        XactKind::Commit | XactKind::CommitPrepared => {
+                            WalEvent::Commit { lsn: start, end_lsn, xid, timestamp, subxacts, dropped, more_dropped }
+                        }
+                        XactKind::Abort | XactKind::AbortPrepared => WalEvent::Abort { lsn: start, xid, subxacts },
+                    });
+                }
+                None => warn!(lsn = start, "malformed transaction WAL record; skipping it"),
+            }
+            return;
+        }
+        if header.xact_kind().is_none() {
+            // A change record buffered by a changes-mode decoder fed through `feed`: not asked for.
             return;
         }
         match decode_xact(rec, &header, self.magic) {
@@ -718,8 +809,40 @@ const CRC32C_TABLE: [u32; 256] = {
     table
 };
 
+/// Slicing-by-8 tables: `CRC32C_SLICES[k][b]` is the CRC of byte `b` followed by `k` zero bytes,
+/// so eight bytes fold in per step (the changes mode checks every heap record: the CRC is most of
+/// its cost).
+const CRC32C_SLICES: [[u32; 256]; 8] = {
+    let mut t = [[0u32; 256]; 8];
+    t[0] = CRC32C_TABLE;
+    let mut k = 1;
+    while k < 8 {
+        let mut i = 0;
+        while i < 256 {
+            let prev = t[k - 1][i];
+            t[k][i] = (prev >> 8) ^ CRC32C_TABLE[(prev & 0xFF) as usize];
+            i += 1;
+        }
+        k += 1;
+    }
+    t
+};
+
 fn crc32c_update(mut crc: u32, data: &[u8]) -> u32 {
-    for &b in data {
+    let mut chunks = data.chunks_exact(8);
+    for c in &mut chunks {
+        let lo = crc ^ u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        let t = &CRC32C_SLICES;
+        crc = t[7][(lo & 0xFF) as usize]
+            ^ t[6][((lo >> 8) & 0xFF) as usize]
+            ^ t[5][((lo >> 16) & 0xFF) as usize]
+            ^ t[4][(lo >> 24) as usize]
+            ^ t[3][c[4] as usize]
+            ^ t[2][c[5] as usize]
+            ^ t[1][c[6] as usize]
+            ^ t[0][c[7] as usize];
+    }
+    for &b in chunks.remainder() {
         crc = CRC32C_TABLE[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
     }
     crc
@@ -738,6 +861,13 @@ fn record_crc(rec: &[u8]) -> Option<u32> {
 /// origin and top-level-xid fragments, up to the main-data header. The main data is the
 /// last `main_data_len` bytes of the record.
 fn main_data(rec: &[u8], magic: u16) -> Option<&[u8]> {
+    record_parts(rec, magic).map(|(_, main)| main)
+}
+
+/// As [`main_data`], also returning block reference 0's relation (the first block reference
+/// with a relation; `None` when the record has no block references).
+fn record_parts(rec: &[u8], magic: u16) -> Option<(Option<RelFileLocator>, &[u8])> {
+    let mut block0 = None;
     let tot = rec.len();
     let mut off = SIZE_OF_XLOG_RECORD;
     let mut datatotal: usize = 0;
@@ -776,6 +906,13 @@ fn main_data(rec: &[u8], magic: u16) -> Option<&[u8]> {
                     datatotal = datatotal.checked_add(usize::from(bimg_len))?;
                 }
                 if fork_flags & BKPBLOCK_SAME_REL == 0 {
+                    if block0.is_none() {
+                        block0 = Some(RelFileLocator {
+                            spc: u32_at(rec, off)?,
+                            db: u32_at(rec, off + 4)?,
+                            rel: u32_at(rec, off + 8)?,
+                        });
+                    }
                     off += SIZE_OF_RELFILELOCATOR;
                 }
                 // BlockNumber.
@@ -787,7 +924,39 @@ fn main_data(rec: &[u8], magic: u16) -> Option<&[u8]> {
     if tot.checked_sub(off)? != datatotal {
         return None;
     }
-    rec.get(tot - main_len..)
+    Some((block0, rec.get(tot - main_len..)?))
+}
+
+/// Subtransactions and dropped relfilelocators of a CRC-checked commit/abort record (empty when
+/// it has no `xinfo`). They come before every version-dependent sub-record.
+fn xact_details(rec: &[u8], magic: u16) -> Option<(Vec<u32>, Vec<RelFileLocator>, bool)> {
+    let info = *rec.get(16)?;
+    let main = main_data(rec, magic)?;
+    if info & XLOG_XACT_HAS_INFO == 0 {
+        return Some((Vec::new(), Vec::new(), false));
+    }
+    let xinfo = u32_at(main, 8)?;
+    let mut off: usize = 12;
+    if xinfo & XACT_XINFO_HAS_DBINFO != 0 {
+        off = off.checked_add(SIZE_OF_DBINFO)?;
+    }
+    let count = |off: usize| -> Option<usize> {
+        usize::try_from(i32::from_le_bytes(main.get(off..off.checked_add(4)?)?.try_into().ok()?)).ok()
+    };
+    let mut subxacts = Vec::new();
+    if xinfo & XACT_XINFO_HAS_SUBXACTS != 0 {
+        let n = count(off)?;
+        let ids = main.get(off + 4..(off + 4).checked_add(n.checked_mul(4)?)?)?;
+        subxacts = ids.chunks_exact(4).filter_map(|c| u32_at(c, 0)).collect();
+        off = off + 4 + n * 4;
+    }
+    let (mut dropped, mut more) = (Vec::new(), false);
+    if xinfo & XACT_XINFO_HAS_RELFILELOCATORS != 0 {
+        let n = count(off)?;
+        let list = main.get(off + 4..(off + 4).checked_add(n.checked_mul(SIZE_OF_RELFILELOCATOR)?)?)?;
+        (dropped, more) = changes::locators(list, n);
+    }
+    Some((subxacts, dropped, more))
 }
 
 fn image_compressed(bimg_info: u8, magic: u16) -> bool {
@@ -1128,6 +1297,22 @@ mod tests {
     #[test]
     fn crc32c_known_vector() {
         assert_eq!(!crc32c_update(!0, b"123456789"), 0xE306_9283);
+    }
+
+    #[test]
+    fn sliced_crc_matches_the_bytewise_one() {
+        let bytewise = |mut crc: u32, data: &[u8]| {
+            for &b in data {
+                crc = CRC32C_TABLE[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
+            }
+            crc
+        };
+        let mut rng = XorShift(0x5EED);
+        for len in (0..100).chain([1000, 8191, 8192, 8193]) {
+            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            assert_eq!(crc32c_update(!0, &data), bytewise(!0, &data), "len {len}");
+            assert_eq!(crc32c_update(0x1234_5678, &data), bytewise(0x1234_5678, &data), "len {len}");
+        }
     }
 
     #[test]
@@ -1754,5 +1939,287 @@ mod tests {
         assert_eq!(points.len(), 1, "{points:?}");
         assert_eq!(points[0].lsn, good.0);
         assert_eq!(points[0].name, b"kept");
+    }
+
+    mod changes_mode {
+        use super::*;
+        use crate::changes::{ChangeAccumulator, ChangeOp, CommitEntry, RelCounts, RelFileLocator, WalEvent};
+
+        const T1: RelFileLocator = RelFileLocator { spc: 1663, db: 5, rel: 16401 };
+        const T2: RelFileLocator = RelFileLocator { spc: 1663, db: 5, rel: 16500 };
+        const PG_CLASS: RelFileLocator = RelFileLocator { spc: 1663, db: 5, rel: 1259 };
+
+        /// A heap-style record payload: block 0 on `rel` (with a full-page image when `image`),
+        /// optionally block 1 on the same relation, then the main data.
+        fn heap_payload(rel: RelFileLocator, image: bool, second_block: bool, main: &[u8]) -> Vec<u8> {
+            let mut p = Vec::new();
+            let mut datas = Vec::new();
+            let flags = if image { BKPBLOCK_HAS_IMAGE | 0x20 } else { 0x20 };
+            p.extend_from_slice(&[0, flags]);
+            p.extend_from_slice(&6u16.to_le_bytes());
+            if image {
+                p.extend_from_slice(&4000u16.to_le_bytes());
+                p.extend_from_slice(&0u16.to_le_bytes());
+                p.push(0);
+                datas.extend_from_slice(&vec![0x5A; 4000]);
+            }
+            p.extend_from_slice(&rel.spc.to_le_bytes());
+            p.extend_from_slice(&rel.db.to_le_bytes());
+            p.extend_from_slice(&rel.rel.to_le_bytes());
+            p.extend_from_slice(&3u32.to_le_bytes());
+            datas.extend_from_slice(&[1; 6]);
+            if second_block {
+                p.extend_from_slice(&[1, BKPBLOCK_SAME_REL | 0x20]);
+                p.extend_from_slice(&6u16.to_le_bytes());
+                p.extend_from_slice(&4u32.to_le_bytes());
+                datas.extend_from_slice(&[2; 6]);
+            }
+            p.push(XLR_BLOCK_ID_DATA_SHORT);
+            p.push(main.len() as u8);
+            p.extend_from_slice(&datas);
+            p.extend_from_slice(main);
+            p
+        }
+
+        fn heap(
+            b: &mut WalBuilder,
+            xid: u32,
+            rmid: u8,
+            info: u8,
+            rel: RelFileLocator,
+            image: bool,
+            main: &[u8],
+        ) -> u64 {
+            let rec = b.record(xid, rmid, info, &heap_payload(rel, image, info == 0x20, main));
+            b.put(&rec).0
+        }
+
+        /// A commit with subtransactions and dropped relations (and a DBINFO before them).
+        fn rich_commit(b: &mut WalBuilder, xid: u32, ts: i64, subs: &[u32], dropped: &[RelFileLocator]) -> (u64, u64) {
+            let xinfo = XACT_XINFO_HAS_DBINFO | XACT_XINFO_HAS_SUBXACTS | XACT_XINFO_HAS_RELFILELOCATORS;
+            let mut main = ts.to_le_bytes().to_vec();
+            main.extend_from_slice(&xinfo.to_le_bytes());
+            main.extend_from_slice(&[5, 0, 0, 0, 0x7F, 0x06, 0, 0]);
+            main.extend_from_slice(&(subs.len() as i32).to_le_bytes());
+            for s in subs {
+                main.extend_from_slice(&s.to_le_bytes());
+            }
+            main.extend_from_slice(&(dropped.len() as i32).to_le_bytes());
+            for d in dropped {
+                main.extend_from_slice(&d.spc.to_le_bytes());
+                main.extend_from_slice(&d.db.to_le_bytes());
+                main.extend_from_slice(&d.rel.to_le_bytes());
+            }
+            b.xact(xid, XLOG_XACT_COMMIT | XLOG_XACT_HAS_INFO, &main)
+        }
+
+        fn running_xacts(b: &mut WalBuilder, next: u32, oldest: u32) {
+            let mut main = vec![0u8; 24];
+            main[12..16].copy_from_slice(&next.to_le_bytes());
+            main[16..20].copy_from_slice(&oldest.to_le_bytes());
+            let rec = b.record(0, crate::changes::RM_STANDBY_ID, 0x10, &main_only(&main));
+            b.put(&rec);
+        }
+
+        /// A workload: inserts with images, a multi-insert, update, delete, a subtransaction, an
+        /// aborted transaction, DDL (a catalog insert), a DROP (dropped relation), over pages.
+        fn workload(magic: u16) -> (u64, Vec<u8>, Vec<(u32, u64)>) {
+            let start = 2 * SEG;
+            let mut b = WalBuilder::new(start, magic);
+            let mut commits = Vec::new();
+            running_xacts(&mut b, 100, 100);
+            for i in 0..5 {
+                heap(&mut b, 100, 10, 0x00, T1, i % 2 == 0, &[0, 0, 0]);
+            }
+            let mut multi = vec![0u8, 0];
+            multi.extend_from_slice(&250u16.to_le_bytes());
+            multi.extend_from_slice(&[0; 8]);
+            heap(&mut b, 100, 9, 0x50, T1, true, &multi);
+            commits.push((100, rich_commit(&mut b, 100, TS, &[], &[]).0));
+            // 101: update 2 rows, delete 3 in a subtransaction 102, an aborted subxact 103.
+            heap(&mut b, 101, 10, 0x20, T1, true, &[0; 14]);
+            heap(&mut b, 101, 10, 0x40, T1, false, &[0; 14]);
+            for _ in 0..3 {
+                heap(&mut b, 102, 10, 0x10, T1, false, &[0; 8]);
+            }
+            heap(&mut b, 103, 10, 0x10, T2, false, &[0; 8]);
+            b.abort(103, TS + 1);
+            commits.push((101, rich_commit(&mut b, 101, TS + 2, &[102], &[]).0));
+            // 104 aborts entirely.
+            heap(&mut b, 104, 10, 0x10, T1, false, &[0; 8]);
+            b.abort(104, TS + 3);
+            // 105: DDL + DROP TABLE.
+            heap(&mut b, 105, 10, 0x10, PG_CLASS, true, &[0; 8]);
+            commits.push((105, rich_commit(&mut b, 105, TS + 4, &[], &[T2]).0));
+            (start, b.bytes, commits)
+        }
+
+        fn events(dec: &mut WalDecoder, start: u64, bytes: &[u8], chunk: usize) -> Vec<WalEvent> {
+            let mut out = Vec::new();
+            let mut lsn = start;
+            for piece in bytes.chunks(chunk.max(1)) {
+                dec.feed_events(lsn, piece, &mut out);
+                lsn += piece.len() as u64;
+            }
+            out
+        }
+
+        fn entries(evs: &[WalEvent]) -> Vec<CommitEntry> {
+            let mut acc = ChangeAccumulator::new();
+            let mut out = Vec::new();
+            for e in evs {
+                acc.push(e, &mut out);
+            }
+            out
+        }
+
+        #[test]
+        fn heap_changes_fold_into_commit_entries_in_any_chunking() {
+            for magic in [XLOG_PAGE_MAGIC_PG14, XLOG_PAGE_MAGIC_PG15, XLOG_PAGE_MAGIC_PG17, XLOG_PAGE_MAGIC_PG18] {
+                let (start, bytes, commits) = workload(magic);
+                let reference = events(&mut WalDecoder::with_changes(SEG, PAGE), start, &bytes, usize::MAX);
+                for chunk in [1, 7, 1000, 8192] {
+                    assert_eq!(events(&mut WalDecoder::with_changes(SEG, PAGE), start, &bytes, chunk), reference);
+                }
+                let got = entries(&reference);
+                assert_eq!(got.iter().map(|e| (e.xid, e.commit_lsn)).collect::<Vec<_>>(), commits, "{magic:#X}");
+                let c = |inserted, updated, deleted| RelCounts { rel: T1, inserted, updated, deleted };
+                assert_eq!(got[0].relations, vec![c(255, 0, 0)]);
+                assert_eq!(got[1].relations, vec![c(0, 2, 3)], "subxact folded in, aborted subxact gone");
+                assert!(!got[0].ddl && !got[1].ddl && got[2].ddl);
+                assert_eq!(got[2].dropped, vec![T2]);
+                assert!(got.iter().all(|e| !e.incomplete), "RUNNING_XACTS came first");
+                assert_eq!(got[0].time_us, pg_timestamp_to_unix_micros(TS));
+                // The plain decoder still finds the same commits (and aborts).
+                let plain = decode(start, &bytes);
+                assert_eq!(plain.iter().filter(|r| r.kind == XactKind::Commit).count(), 3);
+            }
+        }
+
+        #[test]
+        fn ops_are_what_the_records_say() {
+            let (start, bytes, _) = workload(XLOG_PAGE_MAGIC_PG16);
+            let evs = events(&mut WalDecoder::with_changes(SEG, PAGE), start, &bytes, usize::MAX);
+            let ops: Vec<(u32, ChangeOp, u32)> = evs
+                .iter()
+                .filter_map(|e| match e {
+                    WalEvent::Change { xid, op, rows, .. } => Some((*xid, *op, *rows)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(ops[5], (100, ChangeOp::Insert, 250));
+            assert_eq!(ops[6], (101, ChangeOp::Update, 1));
+            assert_eq!(ops[7], (101, ChangeOp::Update, 1));
+            assert_eq!(ops[8], (102, ChangeOp::Delete, 1));
+        }
+
+        /// Decoding in two halves, the second started afresh at the first's record boundary
+        /// (from that page, ignoring earlier events), gives exactly the events of one pass.
+        #[test]
+        fn record_boundary_resumes_without_loss_or_duplicates() {
+            let (start, bytes, _) = workload(XLOG_PAGE_MAGIC_PG16);
+            let whole = events(&mut WalDecoder::with_changes(SEG, PAGE), start, &bytes, usize::MAX);
+            for cut in (1..bytes.len()).step_by(97) {
+                let mut first = WalDecoder::with_changes(SEG, PAGE);
+                let mut a = events(&mut first, start, &bytes[..cut], usize::MAX);
+                let boundary = first.record_boundary().unwrap();
+                assert!(boundary <= start + cut as u64);
+                let from = boundary - boundary % PAGE;
+                let off = (from - start) as usize;
+                let b = events(&mut WalDecoder::with_changes(SEG, PAGE), from, &bytes[off..], usize::MAX);
+                a.extend(b.into_iter().filter(|e| e.lsn() >= boundary));
+                assert_eq!(a, whole, "cut at {cut}");
+            }
+        }
+
+        #[test]
+        fn damaged_or_oversized_changes_are_not_counted() {
+            let start = SEG;
+            let mut b = WalBuilder::new(start, XLOG_PAGE_MAGIC_PG16);
+            running_xacts(&mut b, 50, 50);
+            let at = heap(&mut b, 60, 10, 0x00, T1, false, &[0; 3]);
+            heap(&mut b, 60, 10, 0x00, T1, false, &[0; 3]);
+            b.commit(60, TS);
+            let i = (at - start) as usize + 30;
+            b.bytes[i] ^= 0xFF;
+            // The CRC failure resyncs at the next page: the commit on this page is lost too,
+            // never a count that was not written.
+            let evs = events(&mut WalDecoder::with_changes(SEG, PAGE), start, &b.bytes, usize::MAX);
+            assert!(evs.iter().all(|e| !matches!(e, WalEvent::Change { xid: 60, .. })), "{evs:?}");
+        }
+
+        #[test]
+        fn garbage_never_panics_and_mutations_never_invent_events() {
+            let mut rng = XorShift(0xC0FF_EE00_1234_9876);
+            for _ in 0..100 {
+                let len = rng.below(30_000) as usize;
+                let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                let start = rng.below(1 << 30) * PAGE;
+                events(&mut WalDecoder::with_changes(SEG, PAGE), start, &data, 1 + rng.below(5000) as usize);
+            }
+            let (start, bytes, _) = workload(XLOG_PAGE_MAGIC_PG17);
+            let clean = events(&mut WalDecoder::with_changes(SEG, PAGE), start, &bytes, usize::MAX);
+            for _ in 0..80 {
+                let mut m = bytes.clone();
+                for _ in 0..(1 + rng.below(20)) {
+                    let i = rng.below(m.len() as u64) as usize;
+                    m[i] = rng.next() as u8;
+                }
+                let got = events(&mut WalDecoder::with_changes(SEG, PAGE), start, &m, 1 + rng.below(9000) as usize);
+                for e in &got {
+                    // Lost markers come from unchecked headers; anything else must be real.
+                    if !matches!(e, WalEvent::Lost { .. }) {
+                        assert!(clean.contains(e), "invented {e:?}");
+                    }
+                }
+                entries(&got);
+            }
+        }
+
+        /// Throughput on a real WAL sample (run by hand, ideally `--release`):
+        /// `PITR_WAL_SAMPLE=<file>` holds raw WAL starting at the LSN in `<file>.lsn`, e.g. as
+        /// pitr-tests' `decoding_throughput_on_pgbench_wal` writes it. Prints MB/s of the plain
+        /// decoder and of the changes mode with the accumulator.
+        #[test]
+        #[ignore]
+        fn throughput_on_a_sample() {
+            let Ok(path) = std::env::var("PITR_WAL_SAMPLE") else { return };
+            let bytes = std::fs::read(&path).unwrap();
+            let start: u64 = std::fs::read_to_string(format!("{path}.lsn")).unwrap().trim().parse().unwrap();
+            let seg = 16 << 20;
+            let mb = bytes.len() as f64 / 1e6;
+            for round in 0..2 {
+                let t = std::time::Instant::now();
+                let mut dec = WalDecoder::new(seg, PAGE);
+                let mut out = Vec::new();
+                let mut lsn = start;
+                for piece in bytes.chunks(128 << 10) {
+                    dec.feed(lsn, piece, &mut out);
+                    lsn += piece.len() as u64;
+                }
+                let plain = t.elapsed().as_secs_f64();
+                let t = std::time::Instant::now();
+                let mut dec = WalDecoder::with_changes(seg, PAGE);
+                let mut acc = ChangeAccumulator::new();
+                let (mut evs, mut entries) = (Vec::new(), Vec::new());
+                let mut lsn = start;
+                for piece in bytes.chunks(128 << 10) {
+                    evs.clear();
+                    dec.feed_events(lsn, piece, &mut evs);
+                    for e in &evs {
+                        acc.push(e, &mut entries);
+                    }
+                    lsn += piece.len() as u64;
+                }
+                let changes = t.elapsed().as_secs_f64();
+                println!(
+                    "round {round}: {mb:.1} MB: plain feed {:.0} MB/s ({} xact records); changes mode {:.0} MB/s ({} commits)",
+                    mb / plain,
+                    out.len(),
+                    mb / changes,
+                    entries.len()
+                );
+            }
+        }
     }
 }

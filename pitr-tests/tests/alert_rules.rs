@@ -20,6 +20,7 @@ const ALERT_NAMES: &[&str] = &[
     "WalArchiveLagHigh",
     "BackupTooOld",
     "RestoreDrillFailed",
+    "PitrPredictedRtoAboveTarget",
     "PitrSidecarDown",
     "PitrStreamDisconnected",
     "PitrLeaseUnconfirmed",

@@ -144,6 +144,7 @@ impl Drill for PostgresDrill<'_> {
             standby: None,
             tablespace_map: Default::default(),
             delta: false,
+            exclusive: false,
         };
         let restored = match preflight(&restore_opts) {
             Ok(()) => {

@@ -33,6 +33,7 @@ pub mod combine;
 pub use pitr_archive::continuity;
 pub mod delta;
 pub mod drill;
+pub mod find;
 pub mod materialize;
 pub mod partial;
 pub mod pg_bin;

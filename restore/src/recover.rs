@@ -66,6 +66,9 @@ pub struct RestoreOptions {
     /// what differs from the backup ([`crate::delta`]); a missing or empty one gets a plain
     /// restore. `force` is not needed, and mapped tablespace directories are compared in place.
     pub delta: bool,
+    /// Stop just before `target` (an xid or LSN): `recovery_target_inclusive = off`
+    /// ([`crate::target::exclusive`] turns an exclusive time into an inclusive one).
+    pub exclusive: bool,
 }
 
 /// A standby from the archive (`pitr restore --standby`): `standby.signal` instead of
@@ -223,7 +226,11 @@ fn conf_quote(setting: &'static str, value: &str) -> Result<String, RestoreError
     Ok(format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''")))
 }
 
-fn recovery_settings(target: RecoveryTarget, restore_command: &str) -> Result<Vec<String>, RestoreError> {
+fn recovery_settings(
+    target: RecoveryTarget,
+    exclusive: bool,
+    restore_command: &str,
+) -> Result<Vec<String>, RestoreError> {
     let mut lines = vec![format!("restore_command = {}", conf_quote("restore_command", restore_command)?)];
     match target {
         RecoveryTarget::Time(us) => {
@@ -236,6 +243,9 @@ fn recovery_settings(target: RecoveryTarget, restore_command: &str) -> Result<Ve
         }
         RecoveryTarget::Immediate => lines.push("recovery_target = 'immediate'".into()),
         RecoveryTarget::Latest => {}
+    }
+    if exclusive && matches!(target, RecoveryTarget::Xid(_) | RecoveryTarget::Lsn(_)) {
+        lines.push("recovery_target_inclusive = off".into());
     }
     if target != RecoveryTarget::Latest {
         lines.push("recovery_target_action = 'promote'".into());
@@ -678,7 +688,7 @@ pub(crate) async fn restore_marked_as(
     check_mapped_oids(backup, opts.tablespace_map.keys().copied())?;
     let settings = match &opts.standby {
         Some(standby) => standby_settings(&opts.restore_command.render_for_standby(), standby)?,
-        None => recovery_settings(recovery_target, &opts.restore_command.render(until))?,
+        None => recovery_settings(recovery_target, opts.exclusive, &opts.restore_command.render(until))?,
     };
     let signal = if opts.standby.is_some() { "standby.signal" } else { "recovery.signal" };
     // The same recovery settings and signal file for a plain and a delta restore.
@@ -1222,6 +1232,7 @@ mod tests {
     fn recovery_settings_quote_and_use_numeric_offsets() {
         let s = recovery_settings(
             RecoveryTarget::Time(1_795_615_380_000_000),
+            false,
             "\"/opt/it's/pitr\" wal-fetch \"%f\" \"%p\"",
         )
         .unwrap();
@@ -1252,8 +1263,11 @@ mod tests {
         let wal_fetch = WalFetchCommand { program: "pitr".into(), options: vec!["--from".into(), "dr".into()] };
         assert_eq!(wal_fetch.render_for_standby(), "pitr wal-fetch --from dr --whole-segments \"%f\" \"%p\"");
         assert_eq!(wal_fetch.render(Some(0x1_0000_0000)), "pitr wal-fetch --from dr --until-lsn 1/0 \"%f\" \"%p\"");
-        let latest = recovery_settings(RecoveryTarget::Latest, "x").unwrap();
+        let latest = recovery_settings(RecoveryTarget::Latest, false, "x").unwrap();
         assert_eq!(latest, vec!["restore_command = 'x'", "recovery_target_timeline = 'latest'"]);
+        // --exclusive: stop just before the transaction's commit.
+        let before = recovery_settings(RecoveryTarget::Xid(731), true, "x").unwrap();
+        assert_eq!(before[1..3], ["recovery_target_xid = '731'", "recovery_target_inclusive = off"]);
     }
 
     /// As `ALTER SYSTEM` writes them: `'` and `\` doubled, so that PostgreSQL's lexer reads the
@@ -1275,6 +1289,9 @@ mod tests {
         }
         let newline = StandbyOptions { primary_conninfo: Some("host=db1\nport=1".into()) };
         assert!(matches!(standby_settings("x", &newline), Err(RestoreError::SettingValue { .. })));
-        assert!(matches!(recovery_settings(RecoveryTarget::Latest, "a\nb"), Err(RestoreError::SettingValue { .. })));
+        assert!(matches!(
+            recovery_settings(RecoveryTarget::Latest, false, "a\nb"),
+            Err(RestoreError::SettingValue { .. })
+        ));
     }
 }

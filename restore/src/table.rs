@@ -702,6 +702,7 @@ impl ScratchCluster {
             standby: None,
             tablespace_map: Default::default(),
             delta: false,
+            exclusive: false,
         };
         let launch = ServerLaunch::scratch("", vec![format!("hba_file='{}'", hba.display())]);
         let marker = announce(opts.marker_repository.as_ref().unwrap_or(repo), opts.run_kind).await;

@@ -113,9 +113,39 @@ pub fn parse_target(s: &str) -> Result<RecoveryTarget, TargetError> {
     parse_time(s_trim).map(RecoveryTarget::Time).ok_or_else(|| err("not a time pitr understands"))
 }
 
+/// `--exclusive` with a target that has no "just before": `latest`, `immediate`, `name:`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--exclusive stops just before a transaction, an LSN or a time; {0} has no \"before\" (use xid:N, lsn:X/Y or a time)")]
+pub struct ExclusiveError(String);
+
+/// `target` made exclusive: recovery stops just before it. The target to give recovery and
+/// whether `recovery_target_inclusive = off` goes with it. A time becomes the microsecond before
+/// it, inclusive (commit times are whole microseconds, so that is the same stop, and the
+/// restore's planning of time targets then needs nothing new).
+pub fn exclusive(target: RecoveryTarget) -> Result<(RecoveryTarget, bool), ExclusiveError> {
+    match target {
+        RecoveryTarget::Time(us) => Ok((RecoveryTarget::Time(us.saturating_sub(1)), false)),
+        RecoveryTarget::Xid(_) | RecoveryTarget::Lsn(_) => Ok((target, true)),
+        RecoveryTarget::Latest | RecoveryTarget::Immediate | RecoveryTarget::Name(_) => {
+            Err(ExclusiveError(target.to_string()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exclusive_targets() {
+        assert_eq!(exclusive(RecoveryTarget::Xid(7)), Ok((RecoveryTarget::Xid(7), true)));
+        assert_eq!(exclusive(RecoveryTarget::Lsn(0x10)), Ok((RecoveryTarget::Lsn(0x10), true)));
+        assert_eq!(exclusive(RecoveryTarget::Time(1_000_000)), Ok((RecoveryTarget::Time(999_999), false)));
+        for refused in ["latest", "immediate", "name:x"] {
+            let e = exclusive(parse_target(refused).unwrap()).unwrap_err().to_string();
+            assert!(e.contains(refused) && e.contains("--exclusive"), "{e}");
+        }
+    }
 
     #[test]
     fn targets() {

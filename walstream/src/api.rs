@@ -1,12 +1,14 @@
 //! What callers hand the receiver and get back: its configuration, its errors, and the status
 //! snapshot it publishes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pitr_archive::chunk_run::ChunkRunError;
 use pitr_archive::lease::LeaseError;
 use pitr_archive::RepositoryError;
 use pitr_pgwire::{ConnInfo, PgError};
+use tokio::sync::watch;
 
 /// How `pitr stream` streams one PostgreSQL cluster's WAL.
 #[derive(Debug, Clone)]
@@ -36,6 +38,24 @@ pub struct StreamConfig {
     /// Completeness marks (moments at which the archive held everything the primary had) are
     /// written at most this often while caught up; zero writes none.
     pub complete_interval: Duration,
+    /// The change index (`pitr find`): whether the sidecar writes it, and who hears of DDL.
+    pub index: IndexOptions,
+}
+
+/// The sidecar's change indexer (see `indexer.rs`).
+#[derive(Debug, Clone)]
+pub struct IndexOptions {
+    /// Write change index objects (default true).
+    pub enabled: bool,
+    /// Set to the commit LSN of the newest commit decoded that changed a system catalog (DDL):
+    /// a hint, sent when decoded (possibly before that WAL is durable), for the catalog poller.
+    pub ddl_commits: Option<Arc<watch::Sender<Option<u64>>>>,
+}
+
+impl Default for IndexOptions {
+    fn default() -> Self {
+        IndexOptions { enabled: true, ddl_commits: None }
+    }
 }
 
 /// Why streaming stopped for good (everything else is retried).

@@ -14,7 +14,8 @@
 //! receiver it shares only the pipeline, behind one mutex), and start-up I/O (`resume.rs`:
 //! listing, reading a partial segment back, compacting segments left as chunks). While caught up
 //! it records completeness marks (`marks.rs`: the moments the archive held everything the
-//! primary had).
+//! primary had). Off the receive path, the change indexer (`indexer.rs`) decodes the received WAL
+//! into the change index, one object per segment once it is durable.
 //!
 //! It does not parse the protocol (pitr-pgwire) or PostgreSQL's formats (pitr-pgformat), and does
 //! not know the object format (pitr-archive).
@@ -22,6 +23,7 @@
 #![deny(missing_docs)]
 
 mod api;
+mod indexer;
 mod marks;
 mod pipeline;
 mod receiver;
@@ -31,5 +33,5 @@ mod session;
 mod test_store;
 mod uploader;
 
-pub use api::{StreamConfig, StreamError, StreamStatus};
+pub use api::{IndexOptions, StreamConfig, StreamError, StreamStatus};
 pub use receiver::run;

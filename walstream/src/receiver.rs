@@ -364,6 +364,9 @@ async fn pump(
                             Ok(position) => position,
                             Err(e) => return Ok(Outcome::Finished(Finished::Reconnect(e.to_string()))),
                         };
+                        if let Some(indexer) = &s.indexer {
+                            indexer.offer(timeline, wal_start, &data);
+                        }
                         s.pipeline.wake_uploader();
                         s.primary_lsn = s.primary_lsn.max(wal_end).max(received);
                         if timeline == s.server_timeline {

@@ -11,12 +11,14 @@ use crate::api::StreamError;
 use crate::pipeline::{compaction, resumed_buffer, ResumePlan, RunPlan, SegmentBuffer};
 
 /// Lists the archive's WAL, deletes chunks a segment object made redundant (a crash between a
-/// compaction and its deletes), plans the resume and reads the partial segment back.
+/// compaction and its deletes), plans the resume and reads the partial segment back. Returns the
+/// listing too: the change indexer reads the WAL before the resume point through it (chunks
+/// deleted here are those a segment object holds, which the listing has as well).
 pub(crate) async fn prepare(
     repo: &Repository,
     guard: &LeaseGuard,
     layout: WalLayout,
-) -> Result<(ResumePlan, Option<SegmentBuffer>), StreamError> {
+) -> Result<(ResumePlan, Option<SegmentBuffer>, WalCatalog), StreamError> {
     let catalog = WalCatalog::build(repo, layout).await?;
     let plan = ResumePlan::from_catalog(&catalog);
     let redundant: Vec<String> = plan.redundant.iter().map(|o| layout.object_name(o)).collect();
@@ -27,7 +29,7 @@ pub(crate) async fn prepare(
         Some(run) => Some(resumed_buffer(&layout, run, read_run(repo, layout, run).await?)),
         None => None,
     };
-    Ok((plan, partial))
+    Ok((plan, partial, catalog))
 }
 
 async fn read_run(repo: &Repository, layout: WalLayout, run: &RunPlan) -> Result<ChunkRun, ChunkRunError> {
@@ -130,7 +132,7 @@ mod tests {
         // Every write passes the writer lease's guard, as in the sidecar.
         let lease =
             pitr_archive::lease::Lease::acquire(repo, l.system_id, "test", Duration::from_secs(60)).await.unwrap();
-        let (plan, partial) = prepare(repo, &lease.guard(), l).await.unwrap();
+        let (plan, partial, _) = prepare(repo, &lease.guard(), l).await.unwrap();
         let (timeline, start) = plan.start.unwrap();
         compact_orphans(repo.clone(), lease.guard(), l, plan.orphans).await;
         let shared = Shared::new(WalPipeline::resume(l, Duration::ZERO, timeline, start, partial));

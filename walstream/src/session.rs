@@ -16,6 +16,7 @@ use pitr_pgwire::PgError;
 use tokio::sync::watch;
 
 use crate::api::{StreamConfig, StreamError, StreamStatus};
+use crate::indexer::Indexer;
 use crate::marks::{write_marks, Tracker};
 use crate::pipeline::{Switch, WalPipeline};
 use crate::resume;
@@ -51,12 +52,17 @@ pub(crate) struct Session {
     /// Tasks that only save work (compacting segments left as chunks, writing marks): stopped
     /// with the session, whatever they were doing.
     pub background: Vec<tokio::task::JoinHandle<()>>,
+    /// The change indexer (`None`: indexing is off).
+    pub indexer: Option<Indexer>,
 }
 
 impl Session {
     pub fn stop_background(&self) {
         for task in &self.background {
             task.abort();
+        }
+        if let Some(indexer) = &self.indexer {
+            indexer.stop();
         }
     }
 
@@ -112,7 +118,7 @@ pub(crate) async fn open_session(
     // The connection may have taken long: the lease is checked again before the first write.
     guard.fenced(repo.put_cluster_info(&info)).await??;
     let layout = WalLayout::new(&info);
-    let (plan, partial) = resume::prepare(repo, &guard, layout).await?;
+    let (plan, partial, catalog) = resume::prepare(repo, &guard, layout).await?;
 
     let mut decoder = WalDecoder::new(segment_size, page_size);
     let pipeline = match plan.start {
@@ -168,7 +174,12 @@ pub(crate) async fn open_session(
         background.push(tokio::spawn(writer));
         Some(tx)
     };
+    let indexer = cfg.index.enabled.then(|| {
+        let (repo, guard) = (repo.clone(), guard.clone());
+        Indexer::spawn(repo, guard, info.clone(), pipeline.clone(), progress.clone(), catalog, &cfg.index)
+    });
     Ok(Session {
+        indexer,
         layout,
         pipeline,
         uploader,

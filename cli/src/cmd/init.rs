@@ -1,4 +1,5 @@
-//! `pitr init`: create the repository and, if missing, the key file.
+//! `pitr init`: create the repository and, if missing, the key file (and the journal's signing
+//! key, with `[journal]`).
 
 use std::path::Path;
 
@@ -34,6 +35,17 @@ pub async fn run(config_path: &Path) -> Result<()> {
             "created key file {} (master key {}, mode 0600): back it up apart from the repository; without it the archive cannot be read",
             key_file.display(),
             key.id
+        );
+    }
+    // The journal's signing key: separate from the storage credentials and the encryption key.
+    if let Some(path) = config.journal.as_ref().and_then(|j| j.signing_key_file.as_ref()) {
+        let (signer, created) = super::keys::ensure_journal_key(path)?;
+        println!(
+            "{} journal signing key {} (key id {}); public_key = \"{}\": set it as [journal] public_key where verify runs",
+            if created { "created" } else { "using" },
+            path.display(),
+            signer.key_id(),
+            pitr_archive::journal::public_key_text(&signer.verifying_key())
         );
     }
     let keys = open::key_ring(&config)?;

@@ -1,4 +1,4 @@
-//! `pitr keys list | rotate | rewrap | retire`: the operator's side of the key hierarchy (master
+//! `pitr keys list | rotate | rewrap | retire | journal-init`: the operator's side of the key hierarchy (master
 //! keys in their sources, repository keys wrapped by them in `keys/wraps/`). These commands write
 //! only key records and the key file, never objects, so they run beside a running sidecar, which
 //! picks the change up within `[encryption] key_cache_ttl`.
@@ -238,4 +238,36 @@ pub async fn retire(config_path: &Path, id: &str, json: bool) -> Result<()> {
         println!("next: {step}");
     }
     Ok(())
+}
+
+/// `pitr keys journal-init`: creates `[journal] signing_key_file` if missing (0600, fsynced) and
+/// prints the public key to set as `[journal] public_key` where verify runs.
+pub fn journal_init(config_path: &Path, json: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let section = config.journal.as_ref().context("pitr keys journal-init: the config has no [journal] section")?;
+    let path = section.signing_key_file.as_ref().context("[journal] signing_key_file is not set")?;
+    let (signer, created) = ensure_journal_key(path)?;
+    let public = pitr_archive::journal::public_key_text(&signer.verifying_key());
+    if json {
+        output::print_json(&serde_json::json!({
+            "signing_key_file": path, "created": created, "key_id": signer.key_id(), "public_key": public,
+        }))?;
+    } else {
+        println!(
+            "{} journal signing key {} (key id {})\npublic_key = \"{public}\"\nset it as [journal] public_key on the hosts that verify; keep the key file off the repository's storage",
+            if created { "created" } else { "existing" },
+            path.display(),
+            signer.key_id()
+        );
+    }
+    Ok(())
+}
+
+/// The journal signing key at `path`, created if missing; whether it was created.
+pub fn ensure_journal_key(path: &Path) -> Result<(pitr_archive::journal::JournalSigner, bool)> {
+    use pitr_archive::journal::JournalSigner;
+    if path.exists() {
+        return Ok((JournalSigner::load(path).context("[journal] signing_key_file")?, false));
+    }
+    Ok((JournalSigner::create_file(path).context("[journal] signing_key_file: creating it")?, true))
 }

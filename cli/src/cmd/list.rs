@@ -140,9 +140,12 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
         })
         .collect();
     let incrementals = pitr_basebackup::incremental::incrementals(catalog.cluster.server_version_num);
+    let (predicted_rto, predicted_rto_note) = super::status::predicted_rto(&repo, &catalog).await;
     if json {
         let out = serde_json::json!({
             "system_id": catalog.cluster.system_id,
+            "predicted_rto": predicted_rto,
+            "predicted_rto_note": predicted_rto_note,
             "server_version_num": catalog.cluster.server_version_num,
             "incrementals": incrementals,
             "backups": backups,
@@ -158,6 +161,14 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
         return Ok(());
     }
     println!("cluster {} in {}", catalog.cluster.system_id, repo.location());
+    println!(
+        "predicted RTO: {}",
+        super::status::predicted_rto_line(
+            predicted_rto.as_ref(),
+            predicted_rto_note.as_deref(),
+            config.targets.rto_seconds
+        )
+    );
     if backups.is_empty() {
         println!("no backups yet (run `pitr backup`)");
     } else {

@@ -38,6 +38,8 @@ pub struct RestoreArgs {
     pub tablespace_map: Vec<String>,
     /// Write only what differs from the backup into the existing data directory.
     pub delta: bool,
+    /// Stop just before the target (`--exclusive`).
+    pub exclusive: bool,
 }
 
 /// `--tablespace-map OID=DIR` pairs by OID. A name is refused: backups record each
@@ -70,7 +72,11 @@ fn parse_tablespace_map(pairs: &[String]) -> Result<BTreeMap<u32, PathBuf>> {
 /// with the achieved RPO and RTO.
 pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
     let config = Config::load(config_path)?;
-    let target = pitr_restore::parse_target(&args.to)?;
+    let mut target = pitr_restore::parse_target(&args.to)?;
+    let mut exclusive = false;
+    if args.exclusive {
+        (target, exclusive) = pitr_restore::target::exclusive(target)?;
+    }
     let tablespace_map = parse_tablespace_map(&args.tablespace_map)?;
     if args.standby.is_some() && target != pitr_restore::RecoveryTarget::Latest {
         // Before the repository is opened: nothing is read or written.
@@ -106,6 +112,7 @@ pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
         standby: args.standby.clone(),
         tablespace_map,
         delta: args.delta,
+        exclusive,
     };
     let bar = output::progress_bar(!args.json, "restore");
     let on_progress = |done: u64, total: u64| {
@@ -114,11 +121,13 @@ pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
             bar.set_position(done);
         }
     };
+    let started_us = pitr_archive::now_us();
     let result = pitr_restore::restore(&repo, &catalog, &opts, &on_progress).await;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
     let report = result?;
+    store_restore_timing(&config, catalog.cluster.system_id, started_us, &report).await;
     if args.json {
         output::print_json(&report)?;
         return Ok(());
@@ -215,4 +224,29 @@ pub async fn run(config_path: &Path, args: RestoreArgs) -> Result<()> {
         println!("  recovery settings written to postgresql.auto.conf (recovery.signal present); start the server to replay to the target");
     }
     Ok(())
+}
+
+/// Stores the timings of a restore run to its target (`--start`) in the primary repository,
+/// where the predicted RTO learns from them with the drills' (`pitr_drill::rto`). The restore
+/// has succeeded: a timing that cannot be stored (read-only credentials, storage down) is a
+/// warning, not the command's failure.
+async fn store_restore_timing(config: &Config, system_id: u64, started_us: i64, report: &pitr_restore::RestoreReport) {
+    if !report.started || report.standby || report.delta.is_some() {
+        return;
+    }
+    let stored = async {
+        let repo = open::single(config, None)?;
+        let value = serde_json::to_value(report)?;
+        anyhow::Ok(pitr_drill::rto::store_restore_timing(&repo, system_id, started_us, value).await?)
+    };
+    // Bounded: after a restore from a secondary the primary may be the storage that is down, and
+    // the restored server must not wait on its retries.
+    match tokio::time::timeout(std::time::Duration::from_secs(30), stored).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => eprintln!("warning: this restore's timings were not stored for the predicted RTO: {e:#}"),
+        Err(_) => eprintln!(
+            "warning: this restore's timings were not stored for the predicted RTO: the primary repository did \
+             not answer within 30 s"
+        ),
+    }
 }

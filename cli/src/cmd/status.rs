@@ -38,6 +38,45 @@ struct StatusReport {
     /// Why the pins could not be read (`pinned_backups` is then empty, the rest stands).
     #[serde(skip_serializing_if = "Option::is_none")]
     pins_error: Option<String>,
+    /// The predicted RTO and its inputs (`pitr_drill::rto`); `null` with `predicted_rto_note`
+    /// saying why (no drill yet, or it could not be computed).
+    predicted_rto: Option<pitr_drill::rto::Prediction>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    predicted_rto_note: Option<String>,
+    /// `[targets] rto_seconds`, for comparison.
+    rto_target_seconds: f64,
+}
+
+/// The predicted RTO of a restore now, or why there is none: an aside of `status` and `list`,
+/// never their error.
+pub async fn predicted_rto(
+    repo: &Repository,
+    catalog: &pitr_restore::Catalog,
+) -> (Option<pitr_drill::rto::Prediction>, Option<String>) {
+    use crate::tasks::RtoPrediction;
+    match crate::tasks::predicted_rto(repo, catalog).await {
+        Ok(RtoPrediction::Predicted(p)) => (Some(p), None),
+        Ok(RtoPrediction::NoDrill) => (None, Some("no drill yet".into())),
+        Ok(RtoPrediction::NotRestorable(why)) => (None, Some(format!("nothing to predict: {why}"))),
+        Err(e) => (None, Some(format!("cannot be computed: {e:#}"))),
+    }
+}
+
+/// One line on the predicted RTO against the target.
+pub fn predicted_rto_line(p: Option<&pitr_drill::rto::Prediction>, note: Option<&str>, target: f64) -> String {
+    match p {
+        Some(p) => format!(
+            "{:.1} s (target {target:.0} s{}): backup {} ({} in chain, {} bytes) + {} bytes of WAL, learnt from {} drill(s)/restore(s)",
+            p.seconds,
+            if p.seconds > target { ", OVER" } else { "" },
+            p.backup_id,
+            p.chain_length,
+            p.chain_bytes,
+            p.wal_bytes,
+            p.model.samples
+        ),
+        None => note.unwrap_or("no drill yet").to_string(),
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -143,12 +182,17 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
         };
         // Pins are an aside here: a failure to read them is shown, not the command's error.
         let pinned = pinned_backups(&repo, cluster.system_id).await.map_err(|e| format!("{e:#}"));
-        anyhow::Ok((cluster.system_id, timeline, archived, newest_commit, pinned))
+        // The predicted RTO is an aside too.
+        let rto = match pitr_restore::Catalog::load(&repo, cluster.clone()).await {
+            Ok(full) => predicted_rto(&repo, &full).await,
+            Err(e) => (None, Some(format!("cannot be computed: {e}"))),
+        };
+        anyhow::Ok((cluster.system_id, timeline, archived, newest_commit, pinned, rto))
     };
-    let (mut repository_error, system_id, timeline, archived, newest_commit, pinned_backups) =
+    let (mut repository_error, system_id, timeline, archived, newest_commit, pinned_backups, rto) =
         match from_repository.await {
-            Ok((id, t, a, c, p)) => (None, Some(id), t, a, c, p),
-            Err(e) => (Some(e), None, None, None, None, Ok(Vec::new())),
+            Ok((id, t, a, c, p, r)) => (None, Some(id), t, a, c, p, r),
+            Err(e) => (Some(e), None, None, None, None, Ok(Vec::new()), (None, Some("repository not read".into()))),
         };
     let (pinned_backups, pins_error) = match pinned_backups {
         Ok(p) => (p, None),
@@ -208,6 +252,9 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
         secondaries,
         pinned_backups,
         pins_error,
+        predicted_rto: rto.0,
+        predicted_rto_note: rto.1,
+        rto_target_seconds: config.targets.rto_seconds,
     };
     if json {
         output::print_json(&report)?;
@@ -233,6 +280,14 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
     if let Some(b) = report.lag_bytes {
         println!("lag:                    {b} bytes");
     }
+    println!(
+        "predicted RTO:          {}",
+        predicted_rto_line(
+            report.predicted_rto.as_ref(),
+            report.predicted_rto_note.as_deref(),
+            report.rto_target_seconds
+        )
+    );
     match &report.sidecar {
         Some(s) => {
             println!(

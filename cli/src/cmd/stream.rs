@@ -65,9 +65,27 @@ pub async fn run(config_path: &Path) -> Result<()> {
             .unwrap_or_else(|| format!("{}/{}", pitr_archive::hostname(), pg.slot())),
         lease_ttl: config.stream.lease_ttl.unwrap_or(Duration::from_secs(60)),
         complete_interval: pg.complete_interval(),
+        index: Default::default(),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (status_tx, status_rx) = watch::channel(StreamStatus::default());
+    // Catalog snapshots for `pitr find`: at start, every `[find] catalog_interval`, and soon
+    // after the change index decodes a DDL commit.
+    let (ddl_tx, ddl_rx) = watch::channel(None::<u64>);
+    let mut stream_config = stream_config;
+    stream_config.index.ddl_commits = Some(std::sync::Arc::new(ddl_tx));
+    let poller = crate::catalog_poll::Poller {
+        repo: repo.clone(),
+        system_id: pg.system_id,
+        conninfo: stream_config.conninfo.clone(),
+        application_name: format!("{}_catalog", pg.application_name()),
+        interval: config.find.catalog_interval,
+        timeout: crate::catalog_poll::SNAPSHOT_TIMEOUT,
+        // Snapshots only while this sidecar is the writer (the stream holds the lease); the
+        // poller ends with the stream (the status sender goes with `run`).
+        writer: Some(status_rx.clone()),
+    };
+    let catalog_poller = tokio::spawn(poller.run(Some(ddl_rx), shutdown_rx.clone()));
 
     // Everything that can fail on bad configuration fails here, before streaming starts.
     let jobs = schedule::jobs(&config.schedule)?;
@@ -76,6 +94,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
         None
     } else {
         let handle = sidecar::install_metrics()?;
+        // PitrPredictedRtoAboveTarget compares the prediction with it.
+        metrics::gauge!("pitr_rto_target_seconds").set(config.targets.rto_seconds);
         let listen = config.metrics.listen.parse().context("[metrics] listen")?;
         let rpo = config.targets.rpo_seconds;
         Some(sidecar::serve(listen, handle, Some(status_rx.clone()), rpo, shutdown_rx.clone()).await?)
@@ -107,12 +127,31 @@ pub async fn run(config_path: &Path) -> Result<()> {
         let _ = shutdown_tx.send(true);
     });
     let status_file = config.status_file();
+    // The journal's batches: their own task, off the receive path.
+    let journal = config.journal.as_ref().map(|j| {
+        let hwm = sidecar::journal_high_water_file(&status_file);
+        tokio::spawn(sidecar::journal_batches(repo.clone(), Some(status_rx.clone()), j.interval, hwm))
+    });
     let writer = tokio::spawn(sidecar::write_status_file(status_file.clone(), status_rx, replicated.clone()));
     tracing::info!(repository = %repo.location(), slot = %stream_config.slot, server = %stream_config.conninfo.redacted(), "pitr stream starting");
     let mongo = spawn_tailer_beside(&config, repo.clone(), shutdown_rx.clone());
     let store = repo.store().clone();
     let result = pitr_walstream::run(repo, stream_config, status_tx, shutdown_rx).await;
+    // The stream ended (stopped, or fenced by another writer): no catalog snapshot after it.
+    catalog_poller.abort();
     let _ = writer.await;
+    if let Some(mut journal) = journal {
+        // Its last batch, with the WAL made durable at the stop; bounded, as storage may be down.
+        let limit = open::LAST_JOURNAL_BATCH_TIMEOUT;
+        if tokio::time::timeout(limit, &mut journal).await.is_err() {
+            journal.abort();
+            tracing::error!(
+                seconds = limit.as_secs(),
+                repository = %store.location(),
+                "the last journal batch did not complete: the objects and WAL since the previous batch stay unjournaled (`pitr verify` counts them)"
+            );
+        }
+    }
     if let Some(mongo) = mongo {
         // The tailer stops with the same signal; a WAL error ends it too (one sidecar, one exit).
         if result.is_err() {
@@ -210,6 +249,11 @@ async fn mongo_only(config: &Config, config_path: &Path, repo: Repository) -> Re
         tracing::info!("stopping: sealing received oplog entries first");
         let _ = shutdown_tx.send(true);
     });
+    // The journal's batches every interval (what is left at exit, main writes).
+    if let Some(j) = config.journal.as_ref() {
+        let hwm = sidecar::journal_high_water_file(&config.status_file());
+        tokio::spawn(sidecar::journal_batches(repo.clone(), None, j.interval, hwm));
+    }
     tracing::info!(repository = %repo.location(), server = %pitr_mongo::redact(&m.uri), "pitr stream (MongoDB) starting");
     let result = pitr_mongo::tailer::run(repo, tailer_config(m), status_tx, shutdown_rx).await;
     wind_down(jobs, server, result).await
@@ -226,6 +270,11 @@ async fn sets_only(config: &Config, config_path: &Path, repo: Repository) -> Res
     }
     let set_jobs = schedule::set_jobs(config)?;
     repo.check().await?;
+    // The journal's batches every interval (what is left at exit, main writes).
+    if let Some(j) = config.journal.as_ref() {
+        let hwm = sidecar::journal_high_water_file(&config.status_file());
+        tokio::spawn(sidecar::journal_batches(repo.clone(), None, j.interval, hwm));
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = if config.metrics.listen.is_empty() {
         None
