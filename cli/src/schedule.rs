@@ -569,6 +569,9 @@ async fn auto_backup(name: &'static str, ctx: &SchedulerContext, min_spacing: Du
     };
     let result = async {
         let config = Config::load(&ctx.config_path)?;
+        // The check reads the target afresh; the alert compares against this gauge, so both
+        // follow an edited rto_seconds together.
+        gauge!("pitr_rto_target_seconds").set(config.targets.rto_seconds);
         let catalog = open::catalog(&ctx.repo, ctx.system_id).await?;
         let prediction = tasks::predicted_rto(&ctx.repo, &catalog).await?;
         pitr_drill::rto::record_gauge(prediction.prediction());
