@@ -251,10 +251,9 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    /// A server that accepts connections and never answers must not stop the poller for good:
-    /// each attempt is abandoned after its timeout and tried again, and a stop is obeyed at once.
-    #[tokio::test]
-    async fn a_hung_server_is_abandoned_and_retried() {
+    /// A server on loopback that accepts connections, holds them and never answers: its port and
+    /// how many connections it has taken.
+    async fn hung_server() -> (u16, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -266,11 +265,20 @@ mod tests {
                 held.push(socket);
             }
         });
+        (port, accepted)
+    }
+
+    fn local_repo(dir: &std::path::Path) -> Repository {
+        Repository::new(Arc::new(pitr_archive::LocalStore::new(dir)), pitr_archive::KeyRing::from_key("k", [1; 32]))
+    }
+
+    /// A server that accepts connections and never answers must not stop the poller for good:
+    /// each attempt is abandoned after its timeout and tried again, and a stop is obeyed at once.
+    #[tokio::test]
+    async fn a_hung_server_is_abandoned_and_retried() {
+        let (port, accepted) = hung_server().await;
         let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::new(
-            Arc::new(pitr_archive::LocalStore::new(dir.path())),
-            pitr_archive::KeyRing::from_key("k", [1; 32]),
-        );
+        let repo = local_repo(dir.path());
         let poller = Poller {
             repo,
             system_id: None,
@@ -293,22 +301,9 @@ mod tests {
     /// held), and the poller ends with the stream (a fenced sidecar's stream ends).
     #[tokio::test]
     async fn no_snapshot_before_the_stream_holds_the_lease_and_none_after_it_ends() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                held.push(socket);
-            }
-        });
+        let (port, accepted) = hung_server().await;
         let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::new(
-            Arc::new(pitr_archive::LocalStore::new(dir.path())),
-            pitr_archive::KeyRing::from_key("k", [1; 32]),
-        );
+        let repo = local_repo(dir.path());
         let (status, writer) = watch::channel(StreamStatus::default());
         let poller = Poller {
             repo,

@@ -26,7 +26,7 @@ use pitr_archive::time::{format_compact, format_rfc3339_micros as format_us};
 use pitr_archive::Repository;
 
 use crate::apply::{is_system_db, Entry, Group, Grouper, Ns, Write};
-use crate::layout::{split_entries, CollectionKind, MongoCatalog, SnapshotManifest};
+use crate::layout::{slice_entries, CollectionKind, MongoCatalog, SnapshotManifest};
 use crate::restore::{
     apply_write, build_indexes, choose, load_collection, tolerate, MongoTarget, PendingIndexes, NAMESPACE_EXISTS,
     NAMESPACE_NOT_FOUND,
@@ -456,19 +456,6 @@ fn slices_after<'a>(catalog: &'a MongoCatalog, run: usize, snapshot: &SnapshotMa
         .collect()
 }
 
-/// A slice's entries, in order.
-async fn entries_of(repo: &Repository, name: &str) -> Result<Vec<Entry>, MongoError> {
-    let (_, bytes) = repo.get_opened(name).await?;
-    let mut out = Vec::new();
-    for raw in split_entries(name, &bytes)? {
-        let d: Document = raw
-            .try_into()
-            .map_err(|e: bson::raw::Error| MongoError::Corrupt { object: name.to_string(), what: e.to_string() })?;
-        out.push(Entry::from_document(&d)?);
-    }
-    Ok(out)
-}
-
 /// The first pass over the entries after the snapshot's `ts_before`, in oplog order: the
 /// target's `ts` and what happened to `ns` up to it. Groups are formed as in the second pass,
 /// without the limit (which a time target only knows at the end): a group is applied there
@@ -551,7 +538,7 @@ async fn scan(
 ) -> Result<Scan, MongoError> {
     let mut scanner = Scanner::new(ns, target, snapshot.ts_before);
     'slices: for name in slices {
-        for e in entries_of(repo, name).await? {
+        for e in slice_entries(repo, name).await? {
             if e.ts > snapshot.ts_before && !scanner.feed(&e) {
                 break 'slices;
             }
@@ -690,7 +677,7 @@ async fn write(
     }
     let mut grouper = Grouper::new();
     'slices: for name in slices {
-        for e in entries_of(repo, name).await? {
+        for e in slice_entries(repo, name).await? {
             if e.ts <= snapshot.ts_before {
                 continue;
             }

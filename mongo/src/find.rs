@@ -11,12 +11,11 @@
 
 use std::collections::BTreeMap;
 
-use bson::Document;
 use pitr_archive::Repository;
 use serde::Serialize;
 
-use crate::apply::{Entry, Group, Grouper, Write};
-use crate::layout::{split_entries, MongoCatalog};
+use crate::apply::{Group, Grouper, Write};
+use crate::layout::{slice_entries, MongoCatalog};
 use crate::ts::Ts;
 use crate::MongoError;
 
@@ -231,12 +230,7 @@ pub async fn scan(repo: &Repository, catalog: &MongoCatalog, min_rows: u64) -> R
     for run in &catalog.runs {
         let mut grouper = Grouper::new();
         for name in &run.slices {
-            let (_, bytes) = repo.get_opened(name).await?;
-            for raw in split_entries(name, &bytes)? {
-                let d: Document = raw
-                    .try_into()
-                    .map_err(|e: bson::raw::Error| MongoError::Corrupt { object: name.clone(), what: e.to_string() })?;
-                let e = Entry::from_document(&d)?;
+            for e in slice_entries(repo, name).await? {
                 for g in grouper.push(&e)? {
                     finder.push(&g);
                 }
@@ -252,7 +246,8 @@ pub async fn scan(repo: &Repository, catalog: &MongoCatalog, min_rows: u64) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bson::{doc, Bson};
+    use crate::apply::Entry;
+    use bson::{doc, Bson, Document};
 
     fn entry(secs: u32, inc: u32, op: &str, ns: &str, o: Document) -> Entry {
         Entry {

@@ -152,6 +152,23 @@ pub fn slice_meta(first: Ts, last: Ts, first_wall_us: Option<i64>, last_wall_us:
     }
 }
 
+/// The entries of the oplog slice `name`, in order: opened (authenticated), split and each
+/// translated; one that does not parse is [`MongoError::Corrupt`] naming the slice.
+pub(crate) async fn slice_entries(
+    repo: &pitr_archive::Repository,
+    name: &str,
+) -> Result<Vec<crate::apply::Entry>, MongoError> {
+    let (_, bytes) = repo.get_opened(name).await?;
+    let mut out = Vec::new();
+    for raw in split_entries(name, &bytes)? {
+        let d: bson::Document = raw
+            .try_into()
+            .map_err(|e: bson::raw::Error| MongoError::Corrupt { object: name.to_string(), what: e.to_string() })?;
+        out.push(crate::apply::Entry::from_document(&d)?);
+    }
+    Ok(out)
+}
+
 /// Splits a slice's plaintext into its raw BSON entries.
 pub fn split_entries<'a>(object: &str, bytes: &'a [u8]) -> Result<Vec<&'a RawDocument>, MongoError> {
     let corrupt = |what: String| MongoError::Corrupt { object: object.to_string(), what };

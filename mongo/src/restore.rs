@@ -13,7 +13,7 @@ use pitr_archive::time::{format_rfc3339_micros as format_us, parse_time};
 use pitr_archive::Repository;
 
 use crate::apply::{is_system_db, Entry, Grouper, Ns, Write};
-use crate::layout::{split_entries, CollectionDump, CollectionKind, MongoCatalog, SnapshotManifest};
+use crate::layout::{slice_entries, split_entries, CollectionDump, CollectionKind, MongoCatalog, SnapshotManifest};
 use crate::{code_of, connect, Connected, MongoError, Ts};
 
 /// Where a MongoDB restore stops.
@@ -502,13 +502,7 @@ pub async fn restore(
         MongoTarget::Time(us) => {
             let mut newest = snapshot.ts_before;
             for name in &slices {
-                let (_, bytes) = repo.get_opened(name).await?;
-                for raw in split_entries(name, &bytes)? {
-                    let d: Document = raw.try_into().map_err(|e: bson::raw::Error| MongoError::Corrupt {
-                        object: (*name).clone(),
-                        what: e.to_string(),
-                    })?;
-                    let e = Entry::from_document(&d)?;
+                for e in slice_entries(repo, name).await? {
                     if e.time_us() <= us && e.ts > newest {
                         newest = e.ts;
                     }
@@ -519,12 +513,7 @@ pub async fn restore(
     };
     let within = |e: &Entry| ts_limit.is_none_or(|t| e.ts <= t);
     'slices: for name in slices {
-        let (_, bytes) = repo.get_opened(name).await?;
-        for raw in split_entries(name, &bytes)? {
-            let d: Document = raw
-                .try_into()
-                .map_err(|e: bson::raw::Error| MongoError::Corrupt { object: name.clone(), what: e.to_string() })?;
-            let e = Entry::from_document(&d)?;
+        for e in slice_entries(repo, name).await? {
             if e.ts <= snapshot.ts_before {
                 continue;
             }

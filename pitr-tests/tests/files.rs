@@ -92,16 +92,9 @@ impl Env {
 // Trees: made, recorded, compared
 // ---------------------------------------------------------------------------
 
+/// The harness's noise, with small seeds spread over the whole word first.
 fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    pitr_tests::pseudo_random(len, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 fn write(path: &Path, data: &[u8]) {

@@ -44,16 +44,10 @@ fn files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn modified(p: &Path) -> Result<SystemTime> {
-    Ok(std::fs::metadata(p)?.modified()?)
-}
-
-#[test]
-fn pg15_the_journal_names_what_a_repository_lost() -> Result<()> {
-    let cluster = PgCluster::start(PgOptions::new(15))?;
-    // Retention keeps the newest backup only: `pitr expire` journals what it deletes.
-    let retention = "\n[retention]\ndaily = 1\nweekly = 0\nmonthly = 0\nyearly = 0\nwindow = \"0s\"\n";
-    let mut env = PitrEnv::new("journal", &cluster, retention)?;
+/// A `PitrEnv` with `[journal]` (a signing key file in its directory, batches every second) and a
+/// local secondary `nas`: the environment, the secondary's directory and the key file.
+fn journal_env(name: &str, cluster: &PgCluster, extra: &str) -> Result<(PitrEnv, PathBuf, PathBuf)> {
+    let env = PitrEnv::new(name, cluster, extra)?;
     let nas = env.dir.path().join("nas");
     let journal_key = env.dir.path().join("journal.key");
     let mut text = std::fs::read_to_string(&env.config)?;
@@ -63,6 +57,19 @@ fn pg15_the_journal_names_what_a_repository_lost() -> Result<()> {
         nas.display().to_string()
     ));
     std::fs::write(&env.config, text)?;
+    Ok((env, nas, journal_key))
+}
+
+fn modified(p: &Path) -> Result<SystemTime> {
+    Ok(std::fs::metadata(p)?.modified()?)
+}
+
+#[test]
+fn pg15_the_journal_names_what_a_repository_lost() -> Result<()> {
+    let cluster = PgCluster::start(PgOptions::new(15))?;
+    // Retention keeps the newest backup only: `pitr expire` journals what it deletes.
+    let retention = "\n[retention]\ndaily = 1\nweekly = 0\nmonthly = 0\nyearly = 0\nwindow = \"0s\"\n";
+    let (mut env, _, journal_key) = journal_env("journal", &cluster, retention)?;
     let init = env.run_ok(&["init"])?;
     assert!(init.contains("created journal signing key"), "{init}");
     assert!(journal_key.exists());
@@ -196,16 +203,7 @@ fn pg15_the_journal_names_what_a_repository_lost() -> Result<()> {
 #[test]
 fn pg15_a_batch_replaced_then_removed_behind_a_writer_is_named() -> Result<()> {
     let cluster = PgCluster::start(PgOptions::new(15))?;
-    let mut env = PitrEnv::new("journal-skip", &cluster, "")?;
-    let nas = env.dir.path().join("nas");
-    let journal_key = env.dir.path().join("journal.key");
-    let mut text = std::fs::read_to_string(&env.config)?;
-    text.push_str(&format!(
-        "[journal]\nsigning_key_file = {:?}\ninterval = \"1s\"\n[[repository.secondary]]\nname = \"nas\"\npath = {:?}\n",
-        journal_key.display().to_string(),
-        nas.display().to_string()
-    ));
-    std::fs::write(&env.config, text)?;
+    let (mut env, nas, _) = journal_env("journal-skip", &cluster, "")?;
     env.run_ok(&["init"])?;
     let mut stream = env.spawn_stream()?;
     env.wait_streaming(&cluster)?;

@@ -62,16 +62,26 @@ fn time_arg(flag: &str, value: Option<&str>) -> Result<Option<i64>> {
         .transpose()
 }
 
-/// `pitr find` for PostgreSQL.
-pub async fn run(config_path: &Path, args: FindArgs) -> Result<()> {
-    let config = Config::load(config_path)?;
+/// `--since` and `--until` as µs; one after the other is refused.
+fn time_window(args: &FindArgs) -> Result<(Option<i64>, Option<i64>)> {
     let since_us = time_arg("--since", args.since.as_deref())?;
     let until_us = time_arg("--until", args.until.as_deref())?;
     if let (Some(s), Some(u)) = (since_us, until_us) {
         if s > u {
-            bail!("--since {} is after --until {}", args.since.unwrap_or_default(), args.until.unwrap_or_default());
+            bail!(
+                "--since {} is after --until {}",
+                args.since.as_deref().unwrap_or_default(),
+                args.until.as_deref().unwrap_or_default()
+            );
         }
     }
+    Ok((since_us, until_us))
+}
+
+/// `pitr find` for PostgreSQL.
+pub async fn run(config_path: &Path, args: FindArgs) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let (since_us, until_us) = time_window(&args)?;
     let op = args
         .op
         .as_deref()
@@ -321,13 +331,7 @@ pub async fn run_mongo(config_path: &Path, args: FindArgs) -> Result<()> {
             bail!("--ns {ns:?}: expected DB.COLL");
         }
     }
-    let since_us = time_arg("--since", args.since.as_deref())?;
-    let until_us = time_arg("--until", args.until.as_deref())?;
-    if let (Some(s), Some(u)) = (since_us, until_us) {
-        if s > u {
-            bail!("--since {} is after --until {}", args.since.unwrap_or_default(), args.until.unwrap_or_default());
-        }
-    }
+    let (since_us, until_us) = time_window(&args)?;
     let op = args
         .op
         .as_deref()
