@@ -665,9 +665,14 @@ const IN_PLACE_PUT_MAX: usize = 64 << 10;
 /// thread's other tasks elsewhere meanwhile). A WAL put is on the path of every synchronous
 /// commit: handing it to the blocking pool and back costs two thread wake-ups, which on a busy
 /// machine are a good part of the commit's wait.
+///
+/// On a single-threaded runtime (the sidecar's WAL stream has one, on its own thread) the put
+/// simply runs: that thread's other tasks wait for it, as pg_receivewal's loop waits for its
+/// fsync, and no other thread is woken.
 async fn run_blocking_in_place<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => f(),
         _ => run_blocking(f).await,
     }
 }

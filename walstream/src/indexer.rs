@@ -25,9 +25,11 @@
 //! the start of the segment holding the switch point, and that segment's bytes up to the switch
 //! point are the old timeline's, which the cursor has decoded already.
 //!
-//! Decoding is CPU work (a full 16 MiB segment at a time in the catch-up): it runs on tokio's
-//! blocking threads (`spawn_blocking`, the cursor moved in and back), never on the runtime's
-//! workers, which the receiver, uploader and lease renewal share.
+//! Decoding is CPU work (a full 16 MiB segment at a time in the catch-up): a message over
+//! [`INLINE_DECODE_MAX`] is decoded on tokio's blocking threads (`spawn_blocking`, the cursor
+//! moved in and back), not on the runtime's workers, which the receiver, uploader and lease
+//! renewal share; a small one (a commit or two under a synchronous load) on the task itself, as
+//! the hand-off would cost more than the decoding.
 //!
 //! It owns nothing the receiver needs: a failure here is logged and counted, never stops WAL.
 
@@ -60,6 +62,9 @@ const BACKFILL_MAX: u64 = 1024;
 /// How long after a skip the backfill waits (more skips gather into one pass; the WAL of the
 /// segments skipped becomes durable meanwhile).
 const BACKFILL_DELAY: std::time::Duration = std::time::Duration::from_secs(30);
+/// Messages up to this size are decoded on the indexer's own task (at several hundred MB/s, a
+/// few tens of microseconds); bigger ones (the catch-up's) on a blocking thread.
+const INLINE_DECODE_MAX: usize = 16 << 10;
 
 /// The backfill task, stopped with the indexer.
 struct Backfill {
@@ -299,7 +304,9 @@ impl IndexTask {
                     }
                     None => return,
                 },
-                changed = progress.changed() => {
+                // Only while a decoded segment waits for its WAL to be durable: otherwise every
+                // put would wake this task for nothing.
+                changed = progress.changed(), if !self.ready.is_empty() => {
                     if changed.is_err() {
                         // The uploader ended; what is durable now stays so.
                         self.flush().await;
@@ -503,7 +510,14 @@ impl IndexTask {
         let Some(cursor) = self.cursor.take() else { return };
         let (timeline, segno) = (cursor.timeline, cursor.segno);
         let seg_size = self.info.wal_segment_size;
-        let decoded = match tokio::task::spawn_blocking(move || decode(cursor, lsn, &data, seg_size)).await {
+        let decoded = if data.len() <= INLINE_DECODE_MAX {
+            // Tens of microseconds: less than the two thread wake-ups of a hand-off, which under
+            // a synchronous-commit load (a small message per commit) cost the primary CPU.
+            Ok(decode(cursor, lsn, &data, seg_size))
+        } else {
+            tokio::task::spawn_blocking(move || decode(cursor, lsn, &data, seg_size)).await
+        };
+        let decoded = match decoded {
             Ok(d) => d,
             Err(e) => {
                 // The cursor is lost with the thread: the next bytes start afresh (`open`).

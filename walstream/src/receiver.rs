@@ -21,6 +21,10 @@ use crate::api::{StreamConfig, StreamError, StreamStatus};
 use crate::pipeline::{PipelineError, Switch};
 use crate::session::{offer_mark, open_session, publish, take_lease, uploader_failure, Session};
 
+/// The status the sidecar shows moves at most this often with puts (the status tick and a stop
+/// publish at once); a put landing meanwhile is shown at the end of the spacing.
+const PUBLISH_SPACING: Duration = Duration::from_millis(50);
+
 /// How one replication connection ended.
 enum Finished {
     Reconnect(String),
@@ -331,6 +335,8 @@ async fn pump(
     // At most one reply request in flight: completeness claims from keepalives rely on the
     // walsender having drained its output between answering two of them (see marks.rs).
     let mut awaiting_reply = false;
+    let mut last_published = Instant::now();
+    let mut publish_owed = false;
     s.tracker.connection_started();
     loop {
         let backpressured = s.pipeline.with(|p| p.held_bytes()) > cfg.max_pending_bytes;
@@ -412,7 +418,21 @@ async fn pump(
                     last_reported = r;
                 }
                 offer_mark(s);
+                // At most every PUBLISH_SPACING: each publication wakes the sidecar's status
+                // readers (gauges, status file, journal) on other threads, hundreds of times a
+                // second under a synchronous load, for readers that look a few times a second.
+                if last_published.elapsed() >= PUBLISH_SPACING {
+                    publish(s, status, true);
+                    last_published = Instant::now();
+                    publish_owed = false;
+                } else {
+                    publish_owed = true;
+                }
+            }
+            _ = tokio::time::sleep_until((last_published + PUBLISH_SPACING).into()), if publish_owed => {
                 publish(s, status, true);
+                last_published = Instant::now();
+                publish_owed = false;
             }
             _ = tick.tick() => {
                 if last_recv.elapsed() > cfg.status_interval * 3 {
@@ -430,6 +450,8 @@ async fn pump(
                 awaiting_reply |= ask;
                 last_reported = r;
                 publish(s, status, true);
+                last_published = Instant::now();
+                publish_owed = false;
             }
             why = lease_keeper_stopped(&mut s.lease_lost) => return Err(why),
             _ = shutdown.changed() => {

@@ -136,7 +136,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     tracing::info!(repository = %repo.location(), slot = %stream_config.slot, server = %stream_config.conninfo.redacted(), "pitr stream starting");
     let mongo = spawn_tailer_beside(&config, repo.clone(), shutdown_rx.clone());
     let store = repo.store().clone();
-    let result = pitr_walstream::run(repo, stream_config, status_tx, shutdown_rx).await;
+    let result = run_on_own_thread(repo, stream_config, status_tx, shutdown_rx).await;
     // The stream ended (stopped, or fenced by another writer): no catalog snapshot after it.
     catalog_poller.abort();
     let _ = writer.await;
@@ -166,6 +166,41 @@ pub async fn run(config_path: &Path) -> Result<()> {
     // The local repository's pool of deleted chunks' files (`.tmp.recycle/`) goes with us.
     store.release();
     outcome
+}
+
+/// Runs the WAL stream on a thread of its own, with a single-threaded runtime, as
+/// pg_receivewal runs its loop: receiving, sealing a chunk, the local put and the status reply
+/// all happen on that one thread, so a synchronous commit's round trip crosses no thread (every
+/// hand-off between the receiver, the uploader and a worker was a futex wake-up and a context
+/// switch, on a machine whose cores the primary needs). Big work (a segment's compaction, a
+/// catch-up's decoding) still goes to that runtime's blocking pool; the sidecar's other tasks
+/// (metrics, schedules, secondaries) stay on the main runtime.
+async fn run_on_own_thread(
+    repo: Repository,
+    config: StreamConfig,
+    status: watch::Sender<StreamStatus>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), pitr_walstream::StreamError> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("pitr-wal".into()).spawn(move || {
+        let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => {
+                let result = runtime.block_on(pitr_walstream::run(repo, config, status, shutdown));
+                // Tasks the stream left (a background delete of compacted chunks, which the next
+                // start redoes) get a moment, not forever.
+                runtime.shutdown_timeout(Duration::from_secs(5));
+                result
+            }
+            Err(e) => Err(pitr_walstream::StreamError::Fatal(format!("cannot start the WAL stream's runtime: {e}"))),
+        };
+        let _ = done_tx.send(result);
+    });
+    if let Err(e) = spawned {
+        return Err(pitr_walstream::StreamError::Fatal(format!("cannot start the WAL stream's thread: {e}")));
+    }
+    done_rx
+        .await
+        .unwrap_or_else(|_| Err(pitr_walstream::StreamError::Fatal("the WAL stream's thread ended without a result".into())))
 }
 
 /// The end of `pitr stream` once the stream itself has stopped: a scheduled job still running is
