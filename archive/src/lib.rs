@@ -34,6 +34,7 @@
 pub mod backup;
 pub mod catalog;
 pub mod change_index;
+mod chunk_log;
 pub mod chunk_run;
 pub mod cloud;
 pub mod complete;

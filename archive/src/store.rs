@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::RngCore;
 
+use crate::chunk_log::{self, Logs, LOG_DIR};
 use crate::recycle::RecyclePool;
 
 /// Why a [`Store`] operation failed. Every variant names the object and the store's location, so
@@ -256,8 +257,9 @@ pub trait Store: Send + Sync + Debug {
 }
 
 /// Checks an object name against the rules every backend relies on: `/`-separated components of
-/// `[A-Za-z0-9._-]`, none empty, none `.` or `..`, and none starting with `.tmp.` (reserved for
-/// the local backend's temporary files, which listings never show). Otherwise
+/// `[A-Za-z0-9._-]`, none empty, none `.` or `..`, none starting with `.tmp.` (reserved for the
+/// local backend's temporary files, which listings never show) and none `.log` (its chunk logs,
+/// see [`crate::chunk_log`]). Otherwise
 /// [`StoreError::InvalidName`].
 pub fn validate_name(name: &str) -> Result<(), StoreError> {
     let bad = |why| Err(StoreError::InvalidName { name: name.to_string(), why });
@@ -268,7 +270,7 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
         if part.is_empty() {
             return bad("empty path component");
         }
-        if part == "." || part == ".." || part.starts_with(".tmp.") {
+        if part == "." || part == ".." || part.starts_with(".tmp.") || part == LOG_DIR {
             return bad("reserved path component");
         }
         if !part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
@@ -285,13 +287,104 @@ pub struct LocalStore {
     /// Files of deleted small objects for later puts to reuse (see [`crate::recycle`]); only in
     /// the long-running sidecar ([`LocalStore::recycling`]).
     recycled: Option<Arc<RecyclePool>>,
+    /// WAL chunks held in log files (see [`crate::chunk_log`]): read by every store, appended to
+    /// only by an appending one ([`LocalStore::appending`]).
+    logs: Arc<Logs>,
+    appending: bool,
 }
 
 impl LocalStore {
     /// A store on the directory `root`. Nothing is touched yet; puts and listings fail while the
     /// directory does not exist (see [`LocalStore::create_root`]).
     pub fn new(root: impl Into<PathBuf>) -> LocalStore {
-        LocalStore { root: root.into(), recycled: None }
+        LocalStore { root: root.into(), recycled: None, logs: Arc::default(), appending: false }
+    }
+
+    /// This store, putting WAL chunks as records appended to one log per segment (one fdatasync
+    /// each, as pg_receivewal writes) instead of a file each (see [`crate::chunk_log`]). For the
+    /// sidecar, whose chunk puts are on the path of every synchronous commit.
+    pub fn appending(self) -> LocalStore {
+        LocalStore { appending: true, ..self }
+    }
+
+    /// Where `name`'s record would be if it is a WAL chunk: its log directory and segment.
+    fn log_place<'n>(&self, name: &'n str) -> Option<(PathBuf, &'n str)> {
+        let (dir, segment) = chunk_log::group_of(name)?;
+        Some((self.root.join(dir).join(LOG_DIR), segment))
+    }
+
+    fn log_error(&self, op: &'static str, name: &str, e: chunk_log::LogError) -> StoreError {
+        match e {
+            chunk_log::LogError::Io(cause) => self.io(op, name, cause),
+            other => StoreError::Backend {
+                op,
+                name: name.to_string(),
+                location: self.location(),
+                message: other.to_string(),
+            },
+        }
+    }
+
+    /// The log and record holding `name`, if it is a WAL chunk held in a log.
+    fn log_entry(&self, op: &'static str, name: &str) -> Result<Option<(PathBuf, chunk_log::Entry)>, StoreError> {
+        let Some((log_dir, segment)) = self.log_place(name) else { return Ok(None) };
+        self.logs.find(&log_dir, segment, name).map_err(|e| self.log_error(op, name, e))
+    }
+
+    /// Bytes `range` of `name`'s record in a log (blocking); `NotFound` if no log holds it.
+    fn get_logged(&self, op: &'static str, name: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        match self.log_entry(op, name)? {
+            Some((path, entry)) => {
+                Logs::read_data(&path, &entry, range).map(Bytes::from).map_err(|e| self.io(op, name, e))
+            }
+            None => Err(StoreError::NotFound { name: name.to_string(), location: self.location() }),
+        }
+    }
+
+    /// As [`LocalStore::get_logged`], off the async runtime; with `limit`, a bigger record is
+    /// [`StoreError::TooLarge`] without being read.
+    async fn get_logged_async(
+        &self,
+        op: &'static str,
+        name: &str,
+        range: Range<u64>,
+        limit: Option<u64>,
+    ) -> Result<Bytes, StoreError> {
+        let this = self.clone();
+        let owned = name.to_string();
+        run_blocking(move || {
+            if let Some(limit) = limit {
+                if let Some((_, entry)) = this.log_entry(op, &owned)? {
+                    if entry.len > limit {
+                        let (location, size) = (this.location(), entry.len);
+                        return Err(StoreError::TooLarge { name: owned, location, size, limit });
+                    }
+                }
+            }
+            this.get_logged(op, &owned, range)
+        })
+        .await
+    }
+
+    /// The records of the chunk logs of the directory `rel` (relative to the root) whose names
+    /// pass `keep`, as objects; nothing for a directory that has no logs.
+    fn logged_objects(&self, rel: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut parts = rel.split('/');
+        let wal_dir = matches!(
+            (parts.next(), parts.next(), parts.next(), parts.next()),
+            (Some("pg"), Some(_), Some("wal"), None)
+        );
+        if !wal_dir {
+            return Ok(Vec::new());
+        }
+        let entries =
+            self.logs.entries(&self.root.join(rel).join(LOG_DIR)).map_err(|e| self.log_error("list", rel, e))?;
+        Ok(entries
+            .into_iter()
+            .filter(|e| e.name.strip_prefix(rel).and_then(|f| f.strip_prefix('/')).is_some_and(|f| !f.contains('/')))
+            .filter(|e| keep(&e.name))
+            .map(|e| ObjectInfo { name: e.name, size: e.len })
+            .collect())
     }
 
     /// This store, keeping the files of deleted small objects for later puts to write into
@@ -366,6 +459,20 @@ impl LocalStore {
         if !self.root.is_dir() {
             return Err(self.root_missing());
         }
+        if let Some((log_dir, segment)) = self.log_place(name) {
+            if self.appending {
+                create_dir_all_synced(&self.root, &log_dir).map_err(|e| self.io("create directory for", name, e))?;
+                return match self.logs.append(&log_dir, segment, name, data) {
+                    Ok(true) => Ok(PutOutcome::Created),
+                    Ok(false) => Ok(PutOutcome::AlreadyExists),
+                    Err(e) => Err(self.log_error("put", name, e)),
+                };
+            }
+            // A chunk a sidecar appended is there as much as a file would be.
+            if self.log_entry("put", name)?.is_some() {
+                return Ok(PutOutcome::AlreadyExists);
+            }
+        }
         create_dir_all_synced(&self.root, &dir).map_err(|e| self.io("create directory for", name, e))?;
         // A deleted object's file when one is waiting (no inode to allocate), else a new file.
         if let Some((pooled, f)) = self.recycled.as_ref().and_then(|pool| pool.take_out()) {
@@ -395,6 +502,7 @@ impl LocalStore {
         let mut out = Vec::new();
         let mut stack = vec![(start, dir_part.to_string())];
         while let Some((dir, rel)) = stack.pop() {
+            out.extend(self.logged_objects(&rel, |name| name.starts_with(prefix))?);
             for (entry, fname, ft) in self.entries(&dir, prefix)? {
                 let name = if rel.is_empty() { fname } else { format!("{rel}/{fname}") };
                 if ft.is_dir() {
@@ -410,8 +518,17 @@ impl LocalStore {
                 }
             }
         }
+        // A name held both as a file and in a log (or in two logs) is one object; the file is
+        // what `get` reads, and sorts after the records added first for its directory.
         out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        let mut deduped: Vec<ObjectInfo> = Vec::with_capacity(out.len());
+        for object in out {
+            match deduped.last_mut() {
+                Some(last) if last.name == object.name => *last = object,
+                _ => deduped.push(object),
+            }
+        }
+        Ok(deduped)
     }
 
     fn list_children_blocking(&self, dir: &str) -> Result<Vec<String>, StoreError> {
@@ -429,7 +546,9 @@ impl LocalStore {
                 out.push(format!("{dir}{fname}"));
             }
         }
+        out.extend(self.logged_objects(dir.trim_end_matches('/'), |_| true)?.into_iter().map(|o| o.name));
         out.sort();
+        out.dedup();
         Ok(out)
     }
 
@@ -455,7 +574,8 @@ impl LocalStore {
                 Err(e) => return Err(self.io("list", listing, e)),
             };
             let fname = entry.file_name().to_string_lossy().into_owned();
-            if fname.starts_with(".tmp.") {
+            // The backend's own: temporary files, and chunk logs (read as their records).
+            if fname.starts_with(".tmp.") || fname == LOG_DIR {
                 continue;
             }
             match entry.file_type() {
@@ -500,7 +620,7 @@ fn write_and_link(
     result
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -552,14 +672,25 @@ impl Store for LocalStore {
 
     async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
         let path = self.path_of(name)?;
-        tokio::fs::read(&path).await.map(Bytes::from).map_err(|e| self.io("get", name, e))
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => Ok(Bytes::from(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.log_place(name).is_some() => {
+                self.get_logged_async("get", name, 0..u64::MAX, None).await
+            }
+            Err(e) => Err(self.io("get", name, e)),
+        }
     }
 
     async fn get_limited(&self, name: &str, limit: u64) -> Result<Bytes, StoreError> {
         use tokio::io::AsyncReadExt;
         let path = self.path_of(name)?;
         let io = |e| self.io("get", name, e);
-        let f = tokio::fs::File::open(&path).await.map_err(io)?;
+        let f = match tokio::fs::File::open(&path).await {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.log_place(name).is_some() => {
+                return self.get_logged_async("get", name, 0..u64::MAX, Some(limit)).await;
+            }
+            f => f.map_err(io)?,
+        };
         let size = f.metadata().await.map_err(io)?.len();
         if size > limit {
             return Err(StoreError::TooLarge { name: name.to_string(), location: self.location(), size, limit });
@@ -578,7 +709,12 @@ impl Store for LocalStore {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let path = self.path_of(name)?;
         let io = |e| self.io("get range", name, e);
-        let mut f = tokio::fs::File::open(&path).await.map_err(io)?;
+        let mut f = match tokio::fs::File::open(&path).await {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.log_place(name).is_some() => {
+                return self.get_logged_async("get range", name, range, None).await;
+            }
+            f => f.map_err(io)?,
+        };
         f.seek(std::io::SeekFrom::Start(range.start)).await.map_err(io)?;
         let mut buf = Vec::new();
         f.take(range.end.saturating_sub(range.start)).read_to_end(&mut buf).await.map_err(io)?;
@@ -604,19 +740,7 @@ impl Store for LocalStore {
     }
 
     async fn delete(&self, name: &str) -> Result<(), StoreError> {
-        let path = self.path_of(name)?;
-        let this = self.clone();
-        let owned = name.to_string();
-        run_blocking(move || {
-            match this.discard(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(this.io("delete", &owned, e)),
-            }
-            let dir = path.parent().unwrap_or(&this.root);
-            sync_dir(dir).map_err(|e| this.io("delete", &owned, e))
-        })
-        .await
+        self.delete_many(&[name.to_string()]).await
     }
 
     async fn delete_many(&self, names: &[String]) -> Result<(), StoreError> {
@@ -625,8 +749,12 @@ impl Store for LocalStore {
         let names = names.to_vec();
         run_blocking(move || {
             let mut dirs = std::collections::BTreeSet::new();
+            let mut logged: std::collections::BTreeMap<PathBuf, Vec<(&str, &str)>> = Default::default();
             for name in &names {
                 let path = this.path_of(name)?;
+                if let Some((log_dir, segment)) = this.log_place(name) {
+                    logged.entry(log_dir).or_default().push((segment, name.as_str()));
+                }
                 match this.discard(&path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -636,6 +764,10 @@ impl Store for LocalStore {
             }
             for dir in dirs {
                 sync_dir(&dir).map_err(|e| this.io("delete", &dir.display().to_string(), e))?;
+            }
+            for (log_dir, names) in logged {
+                let first = names.first().map_or("", |(_, n)| *n).to_string();
+                this.logs.delete(&log_dir, &names).map_err(|e| this.log_error("delete", &first, e))?;
             }
             Ok(())
         })
@@ -647,6 +779,12 @@ impl Store for LocalStore {
         match tokio::fs::metadata(&path).await {
             Ok(m) if m.is_file() => Ok(Some(ObjectInfo { name: name.to_string(), size: m.len() })),
             Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.log_place(name).is_some() => {
+                let this = self.clone();
+                let owned = name.to_string();
+                let found = run_blocking(move || this.log_entry("head", &owned)).await?;
+                Ok(found.map(|(_, entry)| ObjectInfo { name: name.to_string(), size: entry.len }))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.io("head", name, e)),
         }
@@ -775,6 +913,80 @@ mod tests {
         assert_eq!(Folding(local.clone()).list_children("").await.unwrap(), vec!["mongo/", "pg/"]);
         assert!(local.list_children("none/").await.unwrap().is_empty());
         assert!(local.list_children("../").await.is_err());
+    }
+
+    /// WAL chunks an appending store (the sidecar's) puts into logs are objects like files to
+    /// every store: listed, read, headed, refused a second put, deleted; other objects stay files.
+    #[tokio::test]
+    async fn chunks_appended_to_logs_are_objects_to_every_store() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("r")).unwrap();
+        let root = dir.path().join("r");
+        let sidecar = LocalStore::new(&root).appending();
+        let reader = LocalStore::new(&root);
+        let chunk =
+            |seg: u32, from: u32| format!("pg/7/wal/00000001000000000000000{seg}.{from:08X}-{:08X}.chunk", from + 16);
+        for seg in 1..=2 {
+            for from in [0u32, 16, 32] {
+                let data = Bytes::from(format!("{seg}:{from}").repeat(3));
+                assert_eq!(sidecar.put_if_absent(&chunk(seg, from), data).await.unwrap(), PutOutcome::Created);
+            }
+        }
+        let segment = "pg/7/wal/000000010000000000000001.seg";
+        sidecar.put_if_absent(segment, Bytes::from_static(b"whole")).await.unwrap();
+        assert!(root.join(segment).is_file(), "not a chunk: a file of its own");
+        assert!(!root.join(chunk(1, 0)).exists(), "a chunk: no file of its own");
+
+        let listed: Vec<String> = reader.list("pg/7/wal/").await.unwrap().into_iter().map(|o| o.name).collect();
+        let mut want: Vec<String> = (1..=2).flat_map(|s| [0, 16, 32].map(|f| chunk(s, f))).collect();
+        want.push(segment.to_string());
+        want.sort();
+        assert_eq!(listed, want);
+        let of_one: Vec<String> =
+            reader.list("pg/7/wal/000000010000000000000002.").await.unwrap().into_iter().map(|o| o.name).collect();
+        assert_eq!(of_one, [0, 16, 32].map(|f| chunk(2, f)));
+        assert_eq!(reader.list("pg/").await.unwrap().len(), 7, "found from a prefix above too");
+        assert!(reader.list_children("pg/7/wal/").await.unwrap().contains(&chunk(2, 16)));
+        assert_eq!(reader.get(&chunk(2, 16)).await.unwrap(), Bytes::from("2:162:162:16"));
+        assert_eq!(reader.get_range(&chunk(2, 16), 2..4).await.unwrap(), Bytes::from("16"));
+        assert_eq!(reader.head(&chunk(1, 32)).await.unwrap().map(|o| o.size), Some(12));
+        assert_eq!(reader.get_limited(&chunk(1, 32), 12).await.unwrap().len(), 12);
+        assert!(matches!(reader.get_limited(&chunk(1, 32), 11).await, Err(StoreError::TooLarge { size: 12, .. })));
+        assert!(reader.get(&chunk(3, 0)).await.unwrap_err().is_not_found());
+        assert_eq!(reader.head(&chunk(3, 0)).await.unwrap(), None);
+        // Put-if-absent holds across the two kinds of store and across processes.
+        for store in [&reader, &sidecar, &LocalStore::new(&root).appending()] {
+            assert_eq!(
+                store.put_if_absent(&chunk(1, 16), Bytes::from_static(b"other")).await.unwrap(),
+                PutOutcome::AlreadyExists
+            );
+        }
+        assert!(!root.join(chunk(1, 16)).exists());
+
+        // A deleted chunk is gone for everyone; the rest of its log stays.
+        reader.delete(&chunk(1, 16)).await.unwrap();
+        assert!(sidecar.get(&chunk(1, 16)).await.unwrap_err().is_not_found());
+        assert_eq!(sidecar.get(&chunk(1, 32)).await.unwrap(), Bytes::from("1:321:321:32"));
+        // Another store rewrote the sidecar's log: its next put fails (retried into a new log),
+        // never lands in the unlinked file.
+        let err = sidecar.put_if_absent(&chunk(1, 48), Bytes::from_static(b"after")).await.unwrap_err();
+        assert!(err.to_string().contains("was removed while"), "{err}");
+        sidecar.put_if_absent(&chunk(1, 48), Bytes::from_static(b"after")).await.unwrap();
+        assert_eq!(reader.get(&chunk(1, 48)).await.unwrap(), Bytes::from_static(b"after"));
+        reader.delete_many(&[chunk(1, 0), chunk(1, 32), chunk(1, 48), chunk(2, 0)]).await.unwrap();
+        let listed: Vec<String> = reader.list("pg/7/wal/").await.unwrap().into_iter().map(|o| o.name).collect();
+        assert_eq!(listed, vec![segment.to_string(), chunk(2, 16), chunk(2, 32)]);
+        let logs = std::fs::read_dir(root.join("pg/7/wal").join(LOG_DIR)).unwrap().count();
+        assert_eq!(logs, 1, "segment 1's log went with its last chunk");
+
+        // A chunk planted as a plain file (an older pitr, by hand) is one object with the record.
+        std::fs::write(root.join(chunk(2, 16)), b"file").unwrap();
+        let listed = reader.list("pg/7/wal/000000010000000000000002.").await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(reader.get(&chunk(2, 16)).await.unwrap(), Bytes::from_static(b"file"));
+        reader.delete(&chunk(2, 16)).await.unwrap();
+        assert!(reader.get(&chunk(2, 16)).await.unwrap_err().is_not_found(), "both gone");
+        assert!(validate_name("pg/7/wal/.log/x").is_err(), "the log directory is not a name");
     }
 
     #[tokio::test]

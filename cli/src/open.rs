@@ -32,7 +32,7 @@ fn unlimited_store(config: &Config, recycle: bool) -> Result<Arc<dyn Store>> {
             let opts = config.repository.cloud_options()?;
             Arc::new(pitr_archive::cloud::CloudStore::open(url, &opts).context("[repository] url")?)
         }
-        None if recycle => Arc::new(LocalStore::new(config.repository_path()).recycling()),
+        None if recycle => Arc::new(LocalStore::new(config.repository_path()).recycling().appending()),
         None => Arc::new(LocalStore::new(config.repository_path())),
     })
 }
