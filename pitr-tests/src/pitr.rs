@@ -1,18 +1,97 @@
 //! Running the `pitr` binary in tests: a scratch repository, key and config per test, one-shot
-//! commands, the `pitr stream` sidecar as a guarded background process, and an independent reading
-//! of the archive's extent straight from object names (a second opinion on `pitr status`).
+//! commands, the `pitr stream` sidecar as a guarded background process, an independent reading
+//! of the archive's extent straight from object names (a second opinion on `pitr status`), and
+//! blocking access to a local repository's objects ([`LocalObjects`]) for tests that delete,
+//! damage or plant them.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use pitr_archive::{LocalStore, PutOutcome, Store};
 
 use crate::{pitr_bin, scratch_dir, spawn_logged, wait_until, Child, PgCluster};
 
 /// The WAL segment size of the test clusters (initdb's default).
 pub const WAL_SEGMENT_SIZE: u64 = 16 << 20;
+
+/// The objects of a local repository (or secondary), read and changed through the storage API
+/// pitr itself uses, with blocking calls. Tests go through this rather than the files under the
+/// directory: the local backend need not keep each object in a file of its own (WAL chunks are
+/// records in log files), and only its API says which objects there are and what they hold.
+pub struct LocalObjects {
+    root: PathBuf,
+}
+
+impl LocalObjects {
+    pub fn new(root: impl Into<PathBuf>) -> LocalObjects {
+        LocalObjects { root: root.into() }
+    }
+
+    /// Runs `op` on a [`LocalStore`] at the root to completion. The harness is blocking and is
+    /// called from plain `#[test]`s and from inside `#[tokio::test]`s alike, and a runtime must
+    /// not be blocked on from inside another: the future gets a runtime of its own on a thread of
+    /// its own, which this waits for.
+    pub fn run<T, E, Fut>(&self, op: impl FnOnce(LocalStore) -> Fut + Send) -> Result<T>
+    where
+        T: Send,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        anyhow::Error: From<E>,
+    {
+        let store = LocalStore::new(&self.root);
+        let joined = std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> Result<T> {
+                    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                    Ok(runtime.block_on(op(store))?)
+                })
+                .join()
+        });
+        joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
+    /// The names of the objects under `prefix`, sorted.
+    pub fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let listed = self.run(|store| async move { store.list(prefix).await })?;
+        Ok(listed.into_iter().map(|o| o.name).collect())
+    }
+
+    pub fn exists(&self, name: &str) -> Result<bool> {
+        Ok(self.run(|store| async move { store.head(name).await })?.is_some())
+    }
+
+    pub fn read(&self, name: &str) -> Result<Vec<u8>> {
+        let bytes = self.run(|store| async move { store.get(name).await })?;
+        Ok(bytes.to_vec())
+    }
+
+    /// Stores `bytes` as `name`, which must not exist (as a bucket writer without the key
+    /// plants an object, or a test puts back one it took away).
+    pub fn put(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let outcome = self.run(|store| async move { store.put_if_absent(name, bytes.into()).await })?;
+        ensure!(outcome == PutOutcome::Created, "{name} exists already in {}", self.root.display());
+        Ok(())
+    }
+
+    /// Deletes the objects `names` (a missing one is no error).
+    pub fn delete(&self, names: &[String]) -> Result<()> {
+        self.run(|store| async move { store.delete_many(names).await })
+    }
+
+    /// Makes `bytes` the contents of the existing object `name` (damaged, truncated, or the
+    /// original put back). Objects are create-only and the API cannot rewrite one in place: this
+    /// deletes it and puts the new bytes under the same name.
+    pub fn replace(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        self.run(|store| async move {
+            store.delete(name).await?;
+            store.put_if_absent(name, bytes.into()).await
+        })?;
+        Ok(())
+    }
+}
 
 /// A cluster restored by `pitr restore --start` into its own scratch directory, owned by the
 /// server user; stopped (immediate) when dropped.
@@ -315,24 +394,46 @@ impl PitrEnv {
         out
     }
 
-    /// The WAL directory of the (only) cluster in the repository.
+    /// The repository's objects ([`LocalObjects`]).
+    pub fn objects(&self) -> LocalObjects {
+        LocalObjects::new(&self.repo)
+    }
+
+    /// The WAL prefix of the (only) cluster in the repository: `pg/<system id>/wal/`.
+    pub fn wal_prefix(&self) -> Result<String> {
+        let clusters = self.objects().run(|store| async move { store.list_children("pg/").await })?;
+        let cluster = clusters.into_iter().find(|c| c.ends_with('/')).context("no cluster in the repository")?;
+        Ok(format!("{cluster}wal/"))
+    }
+
+    /// The directory of [`PitrEnv::wal_prefix`], for the paths beside it (`../lease`,
+    /// `../backups`). WAL objects are not necessarily files in it: read them with
+    /// [`PitrEnv::wal_objects`] and [`PitrEnv::objects`].
     pub fn wal_dir(&self) -> Result<PathBuf> {
-        let pg = self.repo.join("pg");
-        let mut ids = std::fs::read_dir(&pg).with_context(|| format!("listing {}", pg.display()))?;
-        let first = ids.next().context("no cluster in the repository")??;
-        Ok(first.path().join("wal"))
+        Ok(self.repo.join(self.wal_prefix()?))
+    }
+
+    /// The names of the cluster's WAL objects (segments, chunks, history files) after
+    /// [`PitrEnv::wal_prefix`], sorted: `000000010000000000000003.seg`,
+    /// `000000010000000000000004.00000000-00012000.chunk`, `00000002.history`.
+    pub fn wal_objects(&self) -> Result<Vec<String>> {
+        let prefix = self.wal_prefix()?;
+        let names = self.objects().list(&prefix)?;
+        Ok(names.into_iter().filter_map(|n| n.strip_prefix(&prefix).map(String::from)).collect())
+    }
+
+    /// Deletes the cluster's WAL objects `names` (as [`PitrEnv::wal_objects`] gives them).
+    pub fn delete_wal_objects(&self, names: &[String]) -> Result<()> {
+        let prefix = self.wal_prefix()?;
+        self.objects().delete(&names.iter().map(|n| format!("{prefix}{n}")).collect::<Vec<_>>())
     }
 
     /// (timeline, segment file name) → byte ranges held, read from object names alone.
     pub fn archived_objects(&self) -> Result<BTreeMap<String, Vec<(u64, u64)>>> {
         let mut out: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
-        let Ok(dir) = self.wal_dir() else { return Ok(out) };
-        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(out) };
-        for e in entries {
-            let name = e?.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".tmp.") {
-                continue;
-            }
+        // Nothing archived yet: no cluster in the repository, or no repository.
+        let Ok(names) = self.wal_objects() else { return Ok(out) };
+        for name in names {
             if let Some(seg) = name.strip_suffix(".seg") {
                 out.entry(seg.to_string()).or_default().push((0, u64::MAX));
             } else if let Some(chunk) = name.strip_suffix(".chunk") {

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use pitr_tests::checks::{
     assert_untouched, expect_failure, expect_success, failure_of, materialise, snapshot, Snapshot,
 };
-use pitr_tests::pitr::PitrEnv;
+use pitr_tests::pitr::{LocalObjects, PitrEnv};
 use pitr_tests::{free_port, is_root, pitr_bin, scratch_dir, spawn_logged, wait_until, PgCluster, PgOptions};
 
 // ---------------------------------------------------------------------------
@@ -155,12 +155,11 @@ fn stream_archive() -> Result<Archive> {
     cluster.psql("create table filler as select g, md5(g::text) as h from generate_series(1, 20000) g")?;
     let segment = cluster.psql("select pg_walfile_name(pg_switch_wal())")?;
     wait_until(&format!("{segment}.seg in the repository"), Duration::from_secs(60), || {
-        Ok(env.wal_dir().is_ok_and(|d| d.join(format!("{segment}.seg")).is_file()))
+        Ok(env.wal_objects().is_ok_and(|names| names.contains(&format!("{segment}.seg"))))
     })
     .with_context(|| env.stream_logs())?;
     env.stop_stream(&mut stream)?;
-    let seg_file = env.wal_dir()?.join(format!("{segment}.seg"));
-    let seg_object = seg_file.strip_prefix(&env.repo)?.display().to_string();
+    let seg_object = format!("{}{segment}.seg", env.wal_prefix()?);
     Ok(Archive { repo: snapshot(&env.repo), key: std::fs::read(&env.key_file)?, segment, seg_object })
 }
 
@@ -445,22 +444,24 @@ fn flipped_byte_in_a_wal_object_aborts_recovery() {
     expect_success(&s.config, &["wal-fetch", &archive.segment, &dest.display().to_string()]);
     std::fs::remove_file(&dest).expect("remove the fetched segment");
 
-    let object = s.repo.join(&archive.seg_object);
-    let mut data = std::fs::read(&object).expect("the .seg object");
+    let objects = LocalObjects::new(&s.repo);
+    let mut data = objects.read(&archive.seg_object).expect("the .seg object");
     let middle = data.len() / 2;
     data[middle] ^= 0x01;
-    std::fs::write(&object, &data).expect("rewrite the object");
+    // A store cannot change an object in place: the flipped bytes are put under the same name.
+    objects.replace(&archive.seg_object, data).expect("rewrite the object");
     assert_fetch_aborts(&s, archive, &["authentication failed"], "an object with a flipped byte");
 }
 
 #[test]
 fn truncated_wal_object_aborts_recovery() {
     let (s, archive) = archive_copy("truncated");
-    let object = s.repo.join(&archive.seg_object);
-    let whole = std::fs::read(&object).expect("the .seg object");
+    let objects = LocalObjects::new(&s.repo);
+    let whole = objects.read(&archive.seg_object).expect("the .seg object");
     let reasons = ["truncated", "authentication failed"];
     for keep in [whole.len() - 7, whole.len() / 2, 40, 3, 0] {
-        std::fs::write(&object, &whole[..keep]).expect("truncate the object");
+        // A store cannot cut an object in place: the shorter bytes are put under the same name.
+        objects.replace(&archive.seg_object, whole[..keep].to_vec()).expect("truncate the object");
         assert_fetch_aborts(&s, archive, &reasons, &format!("an object cut to {keep} of {} bytes", whole.len()));
     }
 }

@@ -10,12 +10,11 @@
 //!   target in the gap is refused before anything is written, and `drill --to random` lands in
 //!   a range.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use pitr_tests::checks::{assert_untouched, failure_of, snapshot};
-use pitr_tests::pitr::PitrEnv;
+use pitr_tests::pitr::{LocalObjects, PitrEnv};
 use pitr_tests::{scratch_dir, wait_until, PgCluster, PgOptions};
 
 fn table_state(psql: impl Fn(&str) -> Result<String>) -> Result<String> {
@@ -83,17 +82,18 @@ fn pg15_a_lost_segment_fails_the_restore_by_name_and_a_secondary_fills_it() -> R
     }
     let last = table_state(|q| cluster.psql(q))?;
     env.wait_archived(cluster.current_lsn()?, "the archive to hold the batches")?;
-    let wal_dir = env.wal_dir()?;
     let lost = &segments[5];
-    let lost_object = wal_dir.join(format!("{lost}.seg"));
-    wait_until("the sixth batch's segment to be compacted", Duration::from_secs(60), || Ok(lost_object.exists()))?;
+    let lost_object = format!("{}{lost}.seg", env.wal_prefix()?);
+    wait_until("the sixth batch's segment to be compacted", Duration::from_secs(60), || {
+        env.objects().exists(&lost_object)
+    })?;
     wait_until("the secondary to catch up", Duration::from_secs(120), || copy_caught_up(&env, "nas"))
         .with_context(|| env.stream_logs())?;
     env.stop_stream(&mut stream)?;
-    assert!(nas.join(lost_object.strip_prefix(&env.repo)?).exists(), "the secondary lacks {lost}");
+    assert!(LocalObjects::new(&nas).exists(&lost_object)?, "the secondary lacks {lost}");
 
     // The segment goes from the primary; the secondary holding it is down.
-    std::fs::remove_file(&lost_object)?;
+    env.objects().delete(&[lost_object])?;
     let away = env.dir.path().join("nas-away");
     std::fs::rename(&nas, &away)?;
     let repo_before = snapshot(&env.repo);
@@ -146,23 +146,16 @@ fn pg15_a_lost_segment_fails_the_restore_by_name_and_a_secondary_fills_it() -> R
     Ok(())
 }
 
-/// Deletes the WAL objects of the segments `drop_from..keep_from` (by name) from a local
-/// repository's WAL directory, as `pitr expire` does for WAL between a kept yearly backup and
-/// the PITR window.
-fn expire_like_retention(wal_dir: &Path, keep_from: &str, drop_from: &str) -> Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
-    for entry in std::fs::read_dir(wal_dir)? {
-        let path = entry?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if name.ends_with(".history") || name.len() < 24 {
-            continue;
-        }
-        let segment = &name[..24];
-        if segment >= drop_from && segment < keep_from {
-            std::fs::remove_file(&path)?;
-            removed.push(path);
-        }
-    }
+/// Deletes the WAL objects of the segments `drop_from..keep_from` (by name) from the repository,
+/// as `pitr expire` does for WAL between a kept yearly backup and the PITR window; their names.
+fn expire_like_retention(env: &PitrEnv, keep_from: &str, drop_from: &str) -> Result<Vec<String>> {
+    let removed: Vec<String> = env
+        .wal_objects()?
+        .into_iter()
+        .filter(|name| !name.ends_with(".history") && name.len() >= 24)
+        .filter(|name| (drop_from..keep_from).contains(&&name[..24]))
+        .collect();
+    env.delete_wal_objects(&removed)?;
     Ok(removed)
 }
 
@@ -196,7 +189,7 @@ fn pg15_a_retention_gap_is_listed_refused_and_never_drilled() -> Result<()> {
     env.wait_archived(cluster.current_lsn()?, "the archive to hold the workload")?;
     env.stop_stream(&mut stream)?;
     assert!(drop_from < keep_from, "{drop_from} {keep_from}");
-    let removed = expire_like_retention(&env.wal_dir()?, &keep_from, &drop_from)?;
+    let removed = expire_like_retention(&env, &keep_from, &drop_from)?;
     assert!(!removed.is_empty());
 
     // `list` shows the two ranges and the gap between them.
@@ -286,16 +279,10 @@ fn pg15_a_moment_after_the_last_commit_restores_exactly_inside_the_completeness_
     failure_of("restore past the completeness mark", &out, &["known complete up to"]);
 
     // The newest segment's objects go: the archive now ends before what the mark vouched for.
-    let wal_dir = env.wal_dir()?;
-    let mut names: Vec<String> = std::fs::read_dir(&wal_dir)?
-        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .filter(|n| !n.ends_with(".history"))
-        .collect();
-    names.sort();
+    let names: Vec<String> = env.wal_objects()?.into_iter().filter(|n| !n.ends_with(".history")).collect();
     let newest_segment = names.last().map(|n| n[..24].to_string()).context("no WAL")?;
-    for n in names.iter().filter(|n| n.starts_with(&newest_segment)) {
-        std::fs::remove_file(wal_dir.join(n))?;
-    }
+    let newest: Vec<String> = names.into_iter().filter(|n| n.starts_with(&newest_segment)).collect();
+    env.delete_wal_objects(&newest)?;
     let repo_before = snapshot(&env.repo);
     let out = env.run(&[
         "restore",

@@ -137,32 +137,24 @@ fn pg15_the_journal_names_what_a_repository_lost() -> Result<()> {
     std::fs::remove_file(journal_dir.join(&copied))?;
 
     // The newest two WAL segments and the newest manifest go from the primary.
-    let wal_dir = env.wal_dir()?;
-    let segments: Vec<PathBuf> =
-        files(&wal_dir)?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "seg")).collect();
+    let wal_prefix = env.wal_prefix()?;
+    let segments: Vec<String> = env.wal_objects()?.into_iter().filter(|n| n.ends_with(".seg")).collect();
     assert!(segments.len() >= 3, "{segments:?}");
     let lost_segments = &segments[segments.len() - 2..];
-    let backups_dir = wal_dir.parent().unwrap().join("backups");
+    let backups_dir = env.wal_dir()?.parent().unwrap().join("backups");
     let manifests = files(&backups_dir)?;
     assert_eq!(manifests.len(), 1, "expire kept more than the newest backup: {manifests:?}");
     let lost_manifest = &manifests[0];
     let manifest_time = modified(lost_manifest)?;
-    let mut lost: Vec<String> = Vec::new();
-    for p in lost_segments.iter().chain([lost_manifest]) {
-        lost.push(p.strip_prefix(&env.repo)?.display().to_string());
-        std::fs::remove_file(p)?;
-    }
+    let mut lost: Vec<String> = lost_segments.iter().map(|n| format!("{wal_prefix}{n}")).collect();
+    lost.push(lost_manifest.strip_prefix(&env.repo)?.display().to_string());
+    env.objects().delete(&lost)?;
     // And the current segment's chunks: the archive now just ends earlier, no hole in it.
-    let newest_stem = lost_segments[1].file_stem().unwrap().to_str().unwrap().to_string();
-    let mut chunks = 0;
-    for p in files(&wal_dir)? {
-        let name = p.file_name().unwrap().to_str().unwrap().to_string();
-        if name.ends_with(".chunk") && name[..24] > *newest_stem {
-            std::fs::remove_file(&p)?;
-            chunks += 1;
-        }
-    }
-    assert!(chunks > 0, "no chunk after {newest_stem}");
+    let newest_stem = &lost_segments[1][..24];
+    let chunks: Vec<String> =
+        env.wal_objects()?.into_iter().filter(|n| n.ends_with(".chunk") && &n[..24] > newest_stem).collect();
+    assert!(!chunks.is_empty(), "no chunk after {newest_stem}");
+    env.delete_wal_objects(&chunks)?;
     let (ok, out) = verify(&env, &[])?;
     assert!(!ok, "verify passes without the newest objects:\n{out}");
     for name in &lost {

@@ -39,14 +39,13 @@ fn metric(env: &PitrEnv, name: &str) -> Result<Option<f64>> {
 
 /// The key id named in the header of the newest WAL object (whose name sorts last).
 fn newest_wal_object_key(env: &PitrEnv) -> Result<(String, String)> {
-    let wal = env.wal_dir()?;
-    let mut names: Vec<String> = std::fs::read_dir(&wal)?
-        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .filter(|n| !n.starts_with(".tmp.") && (n.ends_with(".seg") || n.ends_with(".chunk")))
-        .collect();
-    names.sort();
-    let name = names.pop().context("no WAL object")?;
-    let bytes = std::fs::read(wal.join(&name)).with_context(|| format!("reading {name}"))?;
+    let name = env
+        .wal_objects()?
+        .into_iter()
+        .rfind(|n| n.ends_with(".seg") || n.ends_with(".chunk"))
+        .context("no WAL object")?;
+    let bytes =
+        env.objects().read(&format!("{}{name}", env.wal_prefix()?)).with_context(|| format!("reading {name}"))?;
     let prefix = &bytes[..bytes.len().min(pitr_archive::seal::KEY_ID_PREFIX_LEN as usize)];
     Ok((name.clone(), pitr_archive::seal::peek_key_id(&name, prefix)?))
 }

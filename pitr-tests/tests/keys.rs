@@ -190,9 +190,10 @@ fn plant_sealed(
     plaintext: Vec<u8>,
     kind: ObjectKind,
 ) -> Result<()> {
-    let repo = Repository::new(Arc::new(LocalStore::new(&env.repo)), KeyRing::from_key(id, key));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(repo.put_sealed(name, plaintext, ObjectMeta::plain(kind)))?;
+    env.objects().run(|store| async move {
+        let repo = Repository::new(Arc::new(store), KeyRing::from_key(id, key));
+        repo.put_sealed(name, plaintext, ObjectMeta::plain(kind)).await
+    })?;
     Ok(())
 }
 
@@ -295,27 +296,20 @@ fn rotate_rewrap_retire_keeps_every_moment_restorable() -> Result<()> {
     );
     let (ok, report) = verify(&env, false)?;
     assert!(!ok && findings_about(&report, "retired-key", &history).len() == 1, "{report:#}");
-    std::fs::remove_file(env.repo.join(&history))?;
+    env.objects().delete(&[history])?;
 
     // ... and a WAL segment in place of an archived one, which only --deep opens.
-    let wal = env.wal_dir()?;
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(&wal)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .collect();
-    segments.sort();
-    let victim = segments.first().context("no whole segment archived")?.clone();
-    let name = victim.strip_prefix(&env.repo)?.display().to_string();
-    let saved = std::fs::read(&victim)?;
-    std::fs::remove_file(&victim)?;
+    let victim = env.wal_objects()?.into_iter().find(|n| n.ends_with(".seg")).context("no whole segment archived")?;
+    let name = format!("{}{victim}", env.wal_prefix()?);
+    let saved = env.objects().read(&name)?;
+    env.objects().delete(std::slice::from_ref(&name))?;
     plant_sealed(&env, &old_id, old_key, &name, vec![0; WAL_SEGMENT_SIZE as usize], ObjectKind::WalSegment)?;
     let (ok, report) = verify(&env, true)?;
     assert!(!ok, "verify --deep passed with {name} planted: {report:#}");
     let found = findings_about(&report, "retired-key", &name);
     assert_eq!(found.len(), 1, "no retired-key finding naming {name}: {report:#}");
     assert!(found[0]["message"].as_str().is_some_and(|m| m.contains(&format!("retired key {old_id}"))), "{report:#}");
-    std::fs::remove_file(&victim)?;
-    std::fs::write(&victim, saved)?;
+    env.objects().replace(&name, saved)?;
     let (ok, report) = verify(&env, true)?;
     assert!(ok, "verify --deep with the planted objects gone: {report:#}");
     Ok(())

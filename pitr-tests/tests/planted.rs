@@ -70,18 +70,35 @@ fn findings(report: &serde_json::Value, kind: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Object names (relative to the WAL directory) of every WAL object of segments `segno` and later.
+/// Object names (relative to the WAL prefix) of every WAL object of segments `segno` and later.
 fn wal_objects_from(env: &PitrEnv, segno: u64) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(env.wal_dir()?)? {
-        let name = e?.file_name().to_string_lossy().into_owned();
+    let mut out = env.wal_objects()?;
+    out.retain(|name| {
         let segment = name.split('.').next().unwrap_or("");
-        if segment.len() == 24 && segment_number(segment, WAL_SEGMENT_SIZE) >= segno {
-            out.push(name);
-        }
-    }
-    out.sort();
+        segment.len() == 24 && segment_number(segment, WAL_SEGMENT_SIZE) >= segno
+    });
     Ok(out)
+}
+
+/// The WAL objects `names` (relative to the WAL prefix) taken out of the repository, with their
+/// contents, for [`put_back`].
+fn set_aside(env: &PitrEnv, names: &[String]) -> Result<Vec<(String, Vec<u8>)>> {
+    let prefix = env.wal_prefix()?;
+    let mut aside = Vec::new();
+    for n in names {
+        let name = format!("{prefix}{n}");
+        aside.push((name.clone(), env.objects().read(&name)?));
+        env.objects().delete(&[name])?;
+    }
+    Ok(aside)
+}
+
+/// Puts objects [`set_aside`] took back under their names.
+fn put_back(env: &PitrEnv, aside: Vec<(String, Vec<u8>)>) -> Result<()> {
+    for (name, bytes) in aside {
+        env.objects().put(&name, bytes)?;
+    }
+    Ok(())
 }
 
 /// `pitr backup` that must finish within `limit` (a backup waiting on a lock would not); its
@@ -170,11 +187,7 @@ fn pg15_planted_floor_marker_and_lock_are_reported_and_obeyed_by_nobody() -> Res
         .into_iter()
         .filter(|n| n.starts_with(&middle))
         .collect();
-    let aside = env.dir.path().join("aside");
-    std::fs::create_dir_all(&aside)?;
-    for n in &held {
-        std::fs::rename(env.wal_dir()?.join(n), aside.join(n))?;
-    }
+    let aside = set_aside(&env, &held)?;
     let floor = format!("pg/{id}/retention/00000001-FFFFFFFFFFFFFFFF.floor");
     plant(&env, &floor, b"")?;
     // Junk under a backup manifest's name: listings and restores leave it out (and say so),
@@ -213,9 +226,7 @@ fn pg15_planted_floor_marker_and_lock_are_reported_and_obeyed_by_nobody() -> Res
     for name in [&floor, &marker, &lock, &manifest, &lease] {
         std::fs::remove_file(env.repo_path().join(name))?;
     }
-    for n in &held {
-        std::fs::rename(aside.join(n), env.wal_dir()?.join(n))?;
-    }
+    put_back(&env, aside)?;
     let (ok, report) = verify(&env)?;
     assert!(ok && report["ok"] == true, "{report:#}");
     Ok(())
@@ -258,11 +269,7 @@ fn pg15_a_rolled_back_archive_is_reported_from_the_slot_and_from_a_manifest() ->
     let from = (acknowledged - 1) / WAL_SEGMENT_SIZE;
     let newest = wal_objects_from(&env, from)?;
     assert!(!newest.is_empty());
-    let aside = env.dir.path().join("aside");
-    std::fs::create_dir_all(&aside)?;
-    for n in &newest {
-        std::fs::rename(env.wal_dir()?.join(n), aside.join(n))?;
-    }
+    let aside = set_aside(&env, &newest)?;
     let (ok, report) = verify(&env)?;
     assert!(!ok, "{report:#}");
     let rolled = findings(&report, "rolled-back");
@@ -276,16 +283,12 @@ fn pg15_a_rolled_back_archive_is_reported_from_the_slot_and_from_a_manifest() ->
 
     // Back as it was, then rolled back past the backup's stop with the server out of reach:
     // the manifest is the witness.
-    for n in &newest {
-        std::fs::rename(aside.join(n), env.wal_dir()?.join(n))?;
-    }
+    put_back(&env, aside)?;
     assert!(verify(&env)?.0);
     let unreachable = format!("host=127.0.0.1 port={} user=postgres connect_timeout=2", pitr_tests::free_port()?);
     env.edit_config(&cluster.conninfo("postgres"), &unreachable)?;
     let past_backup = wal_objects_from(&env, stop_lsn / WAL_SEGMENT_SIZE)?;
-    for n in &past_backup {
-        std::fs::rename(env.wal_dir()?.join(n), aside.join(n))?;
-    }
+    set_aside(&env, &past_backup)?;
     let (ok, report) = verify(&env)?;
     assert!(!ok, "{report:#}");
     assert!(report["notes"].to_string().contains("server slot check skipped"), "{report:#}");

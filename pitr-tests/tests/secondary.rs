@@ -4,11 +4,11 @@
 //! secondary added later, and a secondary that is down holds up the WAL acknowledgement only when
 //! it is `required`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use pitr_tests::pitr::PitrEnv;
+use anyhow::{bail, ensure, Context, Result};
+use pitr_tests::pitr::{LocalObjects, PitrEnv};
 use pitr_tests::{lsn_to_u64, wait_until, PgCluster, PgOptions, S3Server};
 
 fn table_state(psql: impl Fn(&str) -> Result<String>) -> Result<String> {
@@ -59,31 +59,11 @@ fn acknowledged(cluster: &PgCluster) -> Result<u64> {
     Ok(if lsn.is_empty() { 0 } else { lsn_to_u64(&lsn) })
 }
 
-/// Objects under `root`, by relative name; the lease and `running/` (coordination on the primary
-/// only, never copied) excluded.
+/// Objects in the local repository at `root`, by name; the lease and `running/` (coordination
+/// on the primary only, never copied) excluded.
 fn objects(root: &Path) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-            let e = e?;
-            let path = e.path();
-            let name = path.strip_prefix(root)?.display().to_string();
-            // The local backend's own files (temporaries, the recycle pool) are never objects.
-            if e.file_name().to_string_lossy().starts_with(".tmp.") {
-                continue;
-            }
-            if e.file_type()?.is_dir() {
-                stack.push(path);
-            } else if !name.contains("/lease/")
-                && !name.starts_with("running/")
-                && !e.file_name().to_string_lossy().starts_with(".tmp.")
-            {
-                out.push(name);
-            }
-        }
-    }
-    out.sort();
+    let mut out = LocalObjects::new(root).list("")?;
+    out.retain(|name| !name.contains("/lease/") && !name.starts_with("running/"));
     Ok(out)
 }
 
@@ -168,20 +148,19 @@ fn pg15_restores_stay_exact_with_objects_lost_from_the_primary() -> Result<()> {
     }
 
     // Lose a segment the restores need and a backup block, and damage another block.
-    let wal_dir = env.wal_dir()?;
-    let segment = wal_dir.join(format!("{needed}.seg"));
-    std::fs::remove_file(&segment).with_context(|| format!("removing {}", segment.display()))?;
-    let blocks: Vec<PathBuf> = objects(&wal_dir.parent().context("cluster dir")?.join("blocks"))?
-        .into_iter()
-        .map(|n| wal_dir.parent().map(|p| p.join("blocks").join(n)).unwrap_or_default())
-        .collect();
+    let wal = env.wal_prefix()?;
+    let segment = format!("{wal}{needed}.seg");
+    ensure!(env.objects().exists(&segment)?, "{segment} is not in the repository");
+    env.objects().delete(&[segment])?;
+    let blocks = env.objects().list(&format!("{}blocks/", wal.strip_suffix("wal/").context("WAL prefix")?))?;
     assert!(blocks.len() >= 2, "{blocks:?}");
-    std::fs::remove_file(&blocks[0])?;
-    let mut damaged = std::fs::read(&blocks[1])?;
+    env.objects().delete(&blocks[..1])?;
+    let mut damaged = env.objects().read(&blocks[1])?;
     let middle = damaged.len() / 2;
     damaged[middle] ^= 0x20;
-    std::fs::write(&blocks[1], damaged)?;
-    let block_id = |p: &Path| p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    // A store cannot change an object in place: the damaged bytes are put under the same name.
+    env.objects().replace(&blocks[1], damaged)?;
+    let block_id = |name: &str| name.rsplit('/').next().unwrap_or_default().to_string();
 
     // The primary alone is no longer whole, and verify says so; the secondaries are.
     let verify = env.run(&["verify", "--json"])?;
@@ -202,7 +181,7 @@ fn pg15_restores_stay_exact_with_objects_lost_from_the_primary() -> Result<()> {
 
     let log = restore_exact(&env, &cluster, &moment, &[], &at_moment)?;
     for block in &blocks[..2] {
-        assert!(log.contains(&block_id(block)), "no fallback warning for {}:\n{log}", block.display());
+        assert!(log.contains(&block_id(block)), "no fallback warning for {block}:\n{log}");
     }
     restore_exact(&env, &cluster, "latest", &[], &last)?;
     // From the S3 secondary first; the restore_command carries the choice.

@@ -1,6 +1,6 @@
 //! `pitr verify` on a healthy and on damaged archives, and `pitr drill` end to end.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -25,24 +25,23 @@ fn verify(env: &PitrEnv, deep: bool) -> Result<(bool, serde_json::Value)> {
     Ok((out.status.success(), report))
 }
 
-/// Asserts one finding of `kind` naming `object`, while the file is moved aside; then puts it back.
+/// Asserts one finding of `kind` naming `object`, while it is damaged; then puts it back as it was.
 fn expect_finding(
     env: &PitrEnv,
-    file: &Path,
+    object: &str,
     deep: bool,
     kind: &str,
-    damage: impl FnOnce(&Path) -> Result<()>,
+    damage: impl FnOnce(&str) -> Result<()>,
 ) -> Result<()> {
-    let saved = std::fs::read(file)?;
-    damage(file)?;
+    let saved = env.objects().read(object)?;
+    damage(object)?;
     let (ok, report) = verify(env, deep)?;
-    std::fs::write(file, saved)?;
-    assert!(!ok, "verify passed with {} damaged", file.display());
-    let rel = file.strip_prefix(env.repo_path())?.display().to_string();
+    env.objects().replace(object, saved)?;
+    assert!(!ok, "verify passed with {object} damaged");
     let findings = report["findings"].as_array().context("findings")?;
     assert!(
-        findings.iter().any(|f| f["kind"] == kind && f["object"].as_str() == Some(rel.as_str())),
-        "no {kind} finding naming {rel}: {report:#}"
+        findings.iter().any(|f| f["kind"] == kind && f["object"].as_str() == Some(object)),
+        "no {kind} finding naming {object}: {report:#}"
     );
     Ok(())
 }
@@ -88,33 +87,28 @@ fn pg15_verify_names_gaps_blocks_flipped_bytes_and_missing_history() -> Result<(
     assert!(ok, "healthy archive has findings: {report:#}");
     assert_eq!(report["timelines"], serde_json::json!([1, 2]));
 
-    let wal = env.wal_dir()?;
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(&wal)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().is_some_and(|x| x == "seg")
-                && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("00000001"))
-        })
+    let wal = env.wal_prefix()?;
+    let segments: Vec<String> = env
+        .wal_objects()?
+        .into_iter()
+        .filter(|n| n.ends_with(".seg") && n.starts_with("00000001"))
+        .map(|n| format!("{wal}{n}"))
         .collect();
-    segments.sort();
     assert!(segments.len() >= 3, "{segments:?}");
     let middle = segments[segments.len() / 2].clone();
-    expect_finding(&env, &middle, false, "wal-gap", |f| Ok(std::fs::remove_file(f)?))?;
-    expect_finding(&env, &middle, true, "corrupt", |f| {
-        let mut bytes = std::fs::read(f)?;
+    let remove = |name: &str| env.objects().delete(&[name.to_string()]);
+    expect_finding(&env, &middle, false, "wal-gap", remove)?;
+    // A store cannot change an object in place: the flipped bytes are put under the same name.
+    expect_finding(&env, &middle, true, "corrupt", |name| {
+        let mut bytes = env.objects().read(name)?;
         let i = bytes.len() / 2;
         bytes[i] ^= 0x40;
-        Ok(std::fs::write(f, bytes)?)
+        env.objects().replace(name, bytes)
     })?;
-    expect_finding(&env, &wal.join("00000002.history"), false, "missing-history", |f| Ok(std::fs::remove_file(f)?))?;
-    let blocks = env
-        .repo_path()
-        .join(format!("pg/{}/blocks", wal.parent().and_then(|p| p.file_name()).context("sysid")?.to_string_lossy()));
-    let some_block = std::fs::read_dir(std::fs::read_dir(&blocks)?.next().context("no block dir")??.path())?
-        .next()
-        .context("no block")??
-        .path();
-    expect_finding(&env, &some_block, false, "missing-block", |f| Ok(std::fs::remove_file(f)?))?;
+    expect_finding(&env, &format!("{wal}00000002.history"), false, "missing-history", remove)?;
+    let blocks = format!("{}blocks/", wal.strip_suffix("wal/").context("WAL prefix")?);
+    let some_block = env.objects().list(&blocks)?.into_iter().next().context("no block")?;
+    expect_finding(&env, &some_block, false, "missing-block", remove)?;
     let (ok, report) = verify(&env, true)?;
     assert!(ok, "repaired archive still has findings: {report:#}");
     Ok(())

@@ -198,9 +198,9 @@ async fn run_on_own_thread(
     if let Err(e) = spawned {
         return Err(pitr_walstream::StreamError::Fatal(format!("cannot start the WAL stream's thread: {e}")));
     }
-    done_rx
-        .await
-        .unwrap_or_else(|_| Err(pitr_walstream::StreamError::Fatal("the WAL stream's thread ended without a result".into())))
+    done_rx.await.unwrap_or_else(|_| {
+        Err(pitr_walstream::StreamError::Fatal("the WAL stream's thread ended without a result".into()))
+    })
 }
 
 /// The end of `pitr stream` once the stream itself has stopped: a scheduled job still running is
