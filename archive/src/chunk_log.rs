@@ -19,19 +19,32 @@
 //! the data. Rules that keep it safe:
 //! - One writer per file: `<writer>` is random per store, so two processes (a sidecar paused past
 //!   its lease and the one that took over) never write into one file.
-//! - A writer never appends after a failed write: the file is left and the next put opens a new
-//!   one. So only a file's last record can be torn (by a crash before its fdatasync returned, i.e.
-//!   before anyone was told it exists), and a reader takes a last record that does not check as
-//!   never written. A record that does not check with a whole record after it is damage: listing
-//!   the directory fails, naming the file and the offset.
-//! - After its fdatasync the writer checks the file still has a link: a delete that removed the
-//!   log meanwhile makes the put fail (and be retried into a new file), never succeed unseen.
-//! - A delete that leaves some of a log's records writes them to a new log first and then unlinks
-//!   the old one; a delete of all of them unlinks it.
+//! - Appends and deletes of a directory hold an exclusive `flock` on `.log` (across processes;
+//!   waited for at most [`LOCK_WAIT`], then the put or delete fails and is retried): the
+//!   put-if-absent check, the write, its fdatasync and the link check happen as one, and a
+//!   delete reads, rewrites and unlinks as one. Readers take no lock.
+//! - A writer never appends after a failed write: the file is cut back and left, and the next put
+//!   opens a new one. So only a file's last record can be torn (by a crash before its fdatasync
+//!   returned, i.e. before anyone was told it exists), and a reader takes a last record that does
+//!   not check, or zeros, as the end. A record that does not check with a record header after it
+//!   (also a header zeroed by a lost write) is damage: listing that segment fails, naming the
+//!   file and the offset; moving the log out of `.log/` by hand turns it into a visible hole.
+//! - A reader makes records it reads for the first time durable (fdatasync) before using them:
+//!   a writer killed between its write and its fdatasync leaves a whole record in the page cache
+//!   only, which a new sidecar must not resume after (and report flushed) while a power loss
+//!   could still take it away.
+//! - After its fdatasync the writer checks, under the lock, that the file still has a link: a
+//!   log a delete removed makes the put fail (and be retried into a new log).
+//! - A delete that leaves some of a log's records copies them to `.tmp.<segment>.<id>`, fsyncs
+//!   it, renames it to a log and fsyncs the directory before it unlinks the old log (a crash
+//!   leaves a temporary file the next delete removes, never a torn log); a delete of all of them
+//!   unlinks it.
 //!
 //! What it does not cover: a last record damaged after it was acknowledged reads as never
 //! written (as a torn end of PostgreSQL's own WAL would); the journal (`[journal]`) names an
-//! object that went missing that way.
+//! object that went missing that way. The lock is `flock`: on a network filesystem that does
+//! not honour it, two processes appending to one repository are kept apart by the writer lease
+//! alone.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -102,8 +115,10 @@ pub(crate) struct Scanned {
     pub names: HashSet<String>,
     /// The offset after the last whole record: where a reader looks next.
     pub end: u64,
-    /// The offset of a record that does not check although a whole record follows it.
+    /// The offset of a record that does not check although a record header follows it.
     pub damaged_at: Option<u64>,
+    /// The records end in bytes that are neither a record nor zeros (a torn last append).
+    pub torn: bool,
 }
 
 /// The record at the start of `bytes`: its name, its data's range within `bytes` and its length;
@@ -148,24 +163,31 @@ pub(crate) fn scan(bytes: &[u8], base: u64) -> Scanned {
                 at += total;
                 out.end = base + at as u64;
             }
-            None if bytes[at..].iter().take(MAGIC.len()).all(|&b| b == 0) => {
-                // The zeros a writer fills ahead with (or a file's end): nothing more yet.
-                break;
-            }
             None => {
-                // A torn last append, or damage if any whole record follows.
-                let rest = &bytes[at + 1..];
-                let follows = (0..rest.len().saturating_sub(MAGIC.len() - 1))
-                    .filter(|&i| rest[i..i + MAGIC.len()] == MAGIC)
-                    .any(|i| parse_one(&rest[i..]).is_some());
-                if follows {
+                // The zeros a writer fills ahead with, or a torn last append: the end, unless a
+                // record header follows (damage, also when it zeroed a header). Sealed bytes
+                // are random to anyone without the key, so the magic with plausible lengths in
+                // them is no worry; checking headers only keeps this linear in the file's size.
+                if header_follows(&bytes[at + 1..]) {
                     out.damaged_at = Some(base + at as u64);
+                } else {
+                    out.torn = !bytes[at..].iter().take(MAGIC.len()).all(|&b| b == 0);
                 }
                 break;
             }
         }
     }
     out
+}
+
+/// Whether a record header (the magic, plausible lengths) starts anywhere in `bytes`.
+fn header_follows(bytes: &[u8]) -> bool {
+    (0..bytes.len().saturating_sub(HEADER - 1)).any(|i| {
+        let h = &bytes[i..i + HEADER];
+        let name_len = usize::from(u16::from_le_bytes([h[8], h[9]]));
+        let data_len = u64::from(u32::from_le_bytes([h[10], h[11], h[12], h[13]]));
+        h[..8] == MAGIC && (1..=MAX_NAME).contains(&name_len) && data_len <= MAX_DATA
+    })
 }
 
 /// Why a log could not be used.
@@ -179,6 +201,43 @@ pub(crate) enum LogError {
     Damaged { path: String, offset: u64 },
     #[error("chunk log {path} was removed while a chunk was appended to it; the put is retried into a new log")]
     Removed { path: String },
+    #[error(
+        "chunk log directory {path} stayed locked by another process for {seconds} s; the put or delete is retried"
+    )]
+    Busy { path: String, seconds: u64 },
+}
+
+/// How long an append or delete waits for another process's lock on a log directory before it
+/// fails (and is retried): never for ever, so a paused process cannot hang the sidecar.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// An exclusive `flock` on a log directory, across processes: appends (the put-if-absent check,
+/// the write, its fdatasync and the link check) and deletes (read, rewrite, unlink) of one
+/// directory never interleave. Released when dropped.
+struct DirLock {
+    _held: File,
+}
+
+impl DirLock {
+    fn take(log_dir: &Path) -> Result<DirLock, LogError> {
+        let dir = File::open(log_dir)?;
+        let started = std::time::Instant::now();
+        loop {
+            // SAFETY: flock on a descriptor this function owns; no memory is passed.
+            let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&dir), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                return Ok(DirLock { _held: dir });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) && e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e.into());
+            }
+            if started.elapsed() >= LOCK_WAIT {
+                return Err(LogError::Busy { path: log_dir.display().to_string(), seconds: LOCK_WAIT.as_secs() });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
 }
 
 /// A log this store appends to.
@@ -224,10 +283,18 @@ pub(crate) struct Logs {
     state: Mutex<State>,
 }
 
+/// A log as last read: its size and modification time then, and what it held.
+#[derive(Debug, Default)]
+struct Cached {
+    size: u64,
+    modified: Option<std::time::SystemTime>,
+    scanned: Scanned,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    /// By log path: the file's size when read, and what it held.
-    parsed: HashMap<PathBuf, (u64, Scanned)>,
+    /// By log path.
+    parsed: HashMap<PathBuf, Cached>,
     /// By (log directory, segment): the file this store appends to.
     writers: HashMap<(PathBuf, String), Writer>,
 }
@@ -267,7 +334,10 @@ impl Logs {
     }
 
     /// Brings the cached reading of the log at `path` up to date, reading only what was appended
-    /// since it was last read; what it holds (`None`: the log is gone).
+    /// since it was last read; what it holds (`None`: the log is gone). Records read for the
+    /// first time are made durable first: a writer killed between its write and its fdatasync
+    /// leaves a whole record only in the page cache, which nobody may build on (resume after
+    /// it, report it flushed) until it is on disk.
     fn refresh<'s>(state: &'s mut State, path: &Path) -> Result<Option<&'s Scanned>, LogError> {
         let file = match File::open(path) {
             Ok(f) => f,
@@ -277,35 +347,46 @@ impl Logs {
             }
             Err(e) => return Err(e.into()),
         };
-        let size = file.metadata()?.len();
-        let reusable = state.parsed.get(path).is_some_and(|(_, s)| s.damaged_at.is_none() && s.end <= size);
+        let meta = file.metadata()?;
+        let (size, modified) = (meta.len(), meta.modified().ok());
+        let reusable = state.parsed.get(path).is_some_and(|c| c.scanned.damaged_at.is_none() && c.scanned.end <= size);
         if !reusable {
             state.parsed.remove(path);
         }
-        let (was, scanned) = state.parsed.entry(path.to_path_buf()).or_default();
+        let cached = state.parsed.entry(path.to_path_buf()).or_default();
+        let unchanged = cached.size == size && cached.modified == modified;
         // The size says nothing of appends into the zero-filled part: look at where the records
-        // ended — zeros there (or nothing) mean nothing was appended since.
-        let mut probe = [0u8; MAGIC.len()];
-        let fresh = scanned.end == 0 && *was == 0;
+        // ended — zeros there (or nothing) mean nothing was appended since; a torn end read
+        // before is read again only once the file changed.
+        let fresh = cached.scanned.end == 0 && cached.size == 0;
         let appended = fresh
-            || (size >= scanned.end + MAGIC.len() as u64
-                && file.read_exact_at(&mut probe, scanned.end).is_ok()
-                && probe != [0u8; MAGIC.len()]);
+            || (!(cached.scanned.torn && unchanged) && size >= cached.scanned.end + MAGIC.len() as u64 && {
+                let mut probe = [0u8; MAGIC.len()];
+                file.read_exact_at(&mut probe, cached.scanned.end)?;
+                probe != [0u8; MAGIC.len()]
+            });
         if appended {
-            let from = scanned.end;
-            let mut bytes = vec![0u8; usize::try_from(size - from).map_err(|_| std::io::Error::other("log too big"))?];
+            let from = cached.scanned.end;
+            let len = usize::try_from(size - from)
+                .map_err(|_| std::io::Error::other(format!("chunk log {} is too big to read", path.display())))?;
+            let mut bytes = vec![0u8; len];
             file.read_exact_at(&mut bytes, from)?;
             let more = scan(&bytes, from);
+            if !more.entries.is_empty() {
+                file.sync_data()?;
+            }
+            let scanned = &mut cached.scanned;
             scanned.entries.extend(more.entries);
             scanned.names.extend(more.names);
             scanned.end = more.end;
             scanned.damaged_at = more.damaged_at;
-            *was = size;
+            scanned.torn = more.torn;
+            (cached.size, cached.modified) = (size, modified);
         }
-        if let Some(offset) = scanned.damaged_at {
+        if let Some(offset) = cached.scanned.damaged_at {
             return Err(LogError::Damaged { path: path.display().to_string(), offset });
         }
-        Ok(Some(scanned))
+        Ok(Some(&cached.scanned))
     }
 
     /// Where the record of `name` (in segment `segment`'s logs under `log_dir`) is: its log and
@@ -326,8 +407,8 @@ impl Logs {
             let held = state
                 .parsed
                 .get(&path)
-                .filter(|(_, s)| s.names.contains(name))
-                .and_then(|(_, s)| s.entries.iter().rev().find(|e| e.name == name));
+                .filter(|c| c.scanned.names.contains(name))
+                .and_then(|c| c.scanned.entries.iter().rev().find(|e| e.name == name));
             if let Some(entry) = held {
                 return Ok(Some((path, entry.clone())));
             }
@@ -338,12 +419,20 @@ impl Logs {
         }
     }
 
-    /// Every record in the logs under `log_dir`, by name (the first log holding a name wins).
-    pub fn entries(&self, log_dir: &Path) -> Result<Vec<Entry>, LogError> {
+    /// Every record in the logs under `log_dir` that may be named `file_prefix`… (a log of a
+    /// segment holds names starting with the segment), by name (the first log holding a name
+    /// wins). Only those logs are read: damage in one segment's log fails listings of that
+    /// segment, not of every other.
+    pub fn entries(&self, log_dir: &Path, file_prefix: &str) -> Result<Vec<Entry>, LogError> {
         let mut state = self.state();
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        for path in log_files(log_dir, None)? {
+        let may_hold = |path: &Path| {
+            let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            let segment = file.split('.').next().unwrap_or_default();
+            segment.starts_with(file_prefix) || file_prefix.starts_with(segment)
+        };
+        for path in log_files(log_dir, None)?.into_iter().filter(|p| may_hold(p)) {
             for entry in Logs::refresh(&mut state, &path)?.map(|s| s.entries.as_slice()).unwrap_or_default() {
                 if seen.insert(entry.name.clone()) {
                     out.push(entry.clone());
@@ -357,13 +446,14 @@ impl Logs {
     /// it durable. `Ok(false)` if a log there holds the name already (nothing written).
     pub fn append(&self, log_dir: &Path, segment: &str, name: &str, data: &[u8]) -> Result<bool, LogError> {
         let mut state = self.state();
+        let _lock = DirLock::take(log_dir)?;
         let key = (log_dir.to_path_buf(), segment.to_string());
         let own = state.writers.get(&key).map(|w| w.path.clone());
         for path in log_files(log_dir, Some(segment))? {
             // This store's own log holds what it appended (kept in the cache as it goes): not
             // read back on every put.
             let scanned = match state.parsed.get(&path) {
-                Some((_, s)) if own.as_ref() == Some(&path) => Some(s),
+                Some(c) if own.as_ref() == Some(&path) => Some(&c.scanned),
                 _ => Logs::refresh(&mut state, &path)?,
             };
             if scanned.is_some_and(|s| s.names.contains(name)) {
@@ -391,11 +481,10 @@ impl Logs {
                 };
                 writer.offset += record.len() as u64;
                 let (path, end) = (writer.path.clone(), writer.offset);
-                let (size, scanned) = state.parsed.entry(path).or_default();
-                scanned.names.insert(entry.name.clone());
-                scanned.entries.push(entry);
-                scanned.end = end;
-                *size = end;
+                let cached = state.parsed.entry(path).or_default();
+                cached.scanned.names.insert(entry.name.clone());
+                cached.scanned.entries.push(entry);
+                cached.scanned.end = end;
                 Ok(true)
             }
             Ok(_) => {
@@ -407,10 +496,19 @@ impl Logs {
                 // Never append after a failed write: what it left may be part of a record. Cut
                 // it off if we can (it would read as a torn end anyway).
                 let _ = writer.file.set_len(writer.offset);
+                if writer.offset == 0 {
+                    // Nothing in it: not a log for readers to open on every listing.
+                    let _ = std::fs::remove_file(&writer.path);
+                }
                 state.writers.remove(&key);
                 Err(e.into())
             }
         }
+    }
+
+    /// Whether this store appends to a log of `segment` under `log_dir` already.
+    pub fn has_writer(&self, log_dir: &Path, segment: &str) -> bool {
+        self.state().writers.contains_key(&(log_dir.to_path_buf(), segment.to_string()))
     }
 
     /// A new log of `segment` in `log_dir` (which exists) with a name no other writer has.
@@ -429,6 +527,18 @@ impl Logs {
     /// are no error.
     pub fn delete(&self, log_dir: &Path, names: &[(&str, &str)]) -> Result<(), LogError> {
         let mut state = self.state();
+        let _lock = match DirLock::take(log_dir) {
+            Ok(lock) => lock,
+            Err(LogError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // A rewrite's temporary file is only ever there while its deleter holds the lock: one
+        // found now is from a delete that crashed.
+        for entry in std::fs::read_dir(log_dir)?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".tmp.") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         let mut by_segment: HashMap<&str, HashSet<&str>> = HashMap::new();
         for (segment, name) in names {
             by_segment.entry(segment).or_default().insert(name);
@@ -437,7 +547,11 @@ impl Logs {
         for (segment, gone) in by_segment {
             for path in log_files(log_dir, Some(segment))? {
                 let Some(scanned) = Logs::refresh(&mut state, &path)?.cloned() else { continue };
-                if !scanned.entries.iter().any(|e| gone.contains(e.name.as_str())) {
+                let own = state.writers.values().any(|w| w.path == path);
+                // A log with no record (its writer died before its first append landed) goes
+                // with its segment's deletes.
+                let empty = scanned.entries.is_empty() && !own;
+                if !empty && !scanned.entries.iter().any(|e| gone.contains(e.name.as_str())) {
                     continue;
                 }
                 let keep: Vec<&Entry> = scanned.entries.iter().filter(|e| !gone.contains(e.name.as_str())).collect();
@@ -462,18 +576,35 @@ impl Logs {
     }
 
     /// Writes `keep` (records of the log at `from`) into a new log of `segment`, durably.
+    /// Under a temporary name first, renamed once whole and durable: a crash during the copy
+    /// leaves a `.tmp.` file (never read, removed by the next delete), not a log whose middle
+    /// may be torn.
     fn rewrite(from: &Path, log_dir: &Path, segment: &str, keep: &[&Entry]) -> Result<(), LogError> {
         let source = File::open(from)?;
-        let mut writer = Logs::open_writer(log_dir, segment)?;
-        for entry in keep {
-            let mut data = vec![0u8; usize::try_from(entry.len).map_err(|_| std::io::Error::other("record too big"))?];
-            source.read_exact_at(&mut data, entry.data_at)?;
-            let record = encode(&entry.name, &data);
-            writer.file.write_all_at(&record, writer.offset)?;
-            writer.offset += record.len() as u64;
+        let mut id = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
+        let id = hex::encode(id);
+        let tmp = log_dir.join(format!(".tmp.{segment}.{id}"));
+        let copied = (|| -> std::io::Result<()> {
+            let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut offset = 0u64;
+            for entry in keep {
+                let len = usize::try_from(entry.len).map_err(|_| std::io::Error::other("record too big"))?;
+                let mut data = vec![0u8; len];
+                source.read_exact_at(&mut data, entry.data_at)?;
+                let record = encode(&entry.name, &data);
+                file.write_all_at(&record, offset)?;
+                offset += record.len() as u64;
+            }
+            file.sync_all()?;
+            std::fs::rename(&tmp, log_dir.join(format!("{segment}.{id}")))?;
+            // The new log's name durable before the old one's unlink can be.
+            crate::store::sync_dir(log_dir)
+        })();
+        if copied.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        writer.file.sync_all()?;
-        Ok(())
+        Ok(copied?)
     }
 
     /// Reads `range` of the data of `entry` in the log at `path`.
@@ -544,6 +675,10 @@ mod tests {
             assert_eq!(s.damaged_at, Some(at as u64), "flip at {flip}");
             assert_eq!(s.entries.len(), 1);
         }
+        // A header zeroed (a lost write) hides nothing either: the records after it are seen.
+        let mut zeroed = log.clone();
+        zeroed[at..at + HEADER].fill(0);
+        assert_eq!(scan(&zeroed, 0).damaged_at, Some(at as u64));
         // Zeros after the records (a preallocated or extended file) are an end, not damage.
         let mut padded = log.clone();
         padded.extend(std::iter::repeat_n(0u8, 4096));
@@ -597,7 +732,7 @@ mod tests {
         let (_, entry) = other.find(&log_dir, "seg1", "pg/7/wal/x4").unwrap().expect("seen by the earlier reader");
         assert_eq!(Logs::read_data(&path, &entry, 0..9).unwrap(), b"four");
         assert_eq!(log_files(&log_dir, Some("seg1")).unwrap().len(), 2, "one file per writer");
-        let names: Vec<String> = logs.entries(&log_dir).unwrap().into_iter().map(|e| e.name).collect();
+        let names: Vec<String> = logs.entries(&log_dir, "").unwrap().into_iter().map(|e| e.name).collect();
         assert_eq!(names.len(), 4);
         assert!(logs.find(&log_dir, "seg2", "pg/7/wal/x1").unwrap().is_none(), "by segment");
     }
@@ -609,7 +744,7 @@ mod tests {
             logs.append(&log_dir, "seg1", &format!("pg/7/wal/x{i}"), format!("data{i}").as_bytes()).unwrap();
         }
         logs.delete(&log_dir, &[("seg1", "pg/7/wal/x1"), ("seg1", "pg/7/wal/nothing")]).unwrap();
-        let names: Vec<String> = Logs::default().entries(&log_dir).unwrap().into_iter().map(|e| e.name).collect();
+        let names: Vec<String> = Logs::default().entries(&log_dir, "").unwrap().into_iter().map(|e| e.name).collect();
         assert_eq!(names, ["pg/7/wal/x0", "pg/7/wal/x2", "pg/7/wal/x3"]);
         // The writer's file was replaced: the next append goes to a new file and is found.
         logs.append(&log_dir, "seg1", "pg/7/wal/x4", b"data4").unwrap();
@@ -644,9 +779,78 @@ mod tests {
         bytes[second + HEADER + 3] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         let fresh = Logs::default();
-        let err = fresh.entries(&log_dir).unwrap_err().to_string();
+        let err = fresh.entries(&log_dir, "").unwrap_err().to_string();
         assert!(err.contains("damaged at offset") && err.contains(&path.display().to_string()), "{err}");
         assert!(fresh.find(&log_dir, "seg1", "pg/7/wal/x0").unwrap().is_some());
         assert!(fresh.find(&log_dir, "seg1", "pg/7/wal/x2").is_err());
+    }
+
+    /// Two processes (two `Logs`) appending and deleting in one segment's log at once: every
+    /// name is created once, and no acknowledged record that was not deleted is lost.
+    #[test]
+    fn appends_and_deletes_of_two_processes_do_not_interleave() {
+        let (_dir, log_dir, a) = setup();
+        let b = Logs::default();
+        let names: Vec<String> = (0..300).map(|i| format!("pg/7/wal/n{i:04}")).collect();
+        let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));
+        let racing = |logs: std::sync::Arc<Logs>, names: Vec<String>| {
+            let log_dir = log_dir.clone();
+            std::thread::spawn(move || {
+                let mut created = Vec::new();
+                for (i, name) in names.iter().enumerate() {
+                    match logs.append(&log_dir, "seg1", name, name.as_bytes()) {
+                        Ok(true) => created.push(name.clone()),
+                        Ok(false) => {}
+                        Err(LogError::Removed { .. }) => {
+                            if logs.append(&log_dir, "seg1", name, name.as_bytes()).unwrap() {
+                                created.push(name.clone());
+                            }
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                    // Every tenth put, delete a name put earlier: a rewrite under the other's feet.
+                    if i % 10 == 9 {
+                        logs.delete(&log_dir, &[("seg1", names[i - 9].as_str())]).unwrap();
+                    }
+                }
+                created
+            })
+        };
+        let ta = racing(a.clone(), names.clone());
+        let tb = racing(b.clone(), names.clone());
+        let (ca, cb) = (ta.join().unwrap(), tb.join().unwrap());
+        // A deleted name may be put again (and created again); every other name once.
+        let deleted: HashSet<&str> = (0..300).filter(|i| i % 10 == 0).map(|i| names[i].as_str()).collect();
+        let mut all: Vec<&String> = ca.iter().chain(cb.iter()).filter(|n| !deleted.contains(n.as_str())).collect();
+        all.sort();
+        let before = all.len();
+        all.dedup();
+        assert_eq!(before, all.len(), "a name created twice");
+        assert_eq!(all.len(), 270);
+        let held: HashSet<String> =
+            Logs::default().entries(&log_dir, "").unwrap().into_iter().map(|e| e.name).collect();
+        for name in all.iter().filter(|n| !deleted.contains(n.as_str())) {
+            assert!(held.contains(*name), "{name} was acknowledged and is gone");
+        }
+    }
+
+    /// A process that holds the directory's lock (paused) makes appends fail after a bound,
+    /// never hang; a rewrite's leftover temporary file is never read and goes with a delete.
+    #[test]
+    fn a_held_lock_fails_appends_in_bounded_time_and_leftovers_are_swept() {
+        let (_dir, log_dir, logs) = setup();
+        logs.append(&log_dir, "seg1", "pg/7/wal/x1", b"one").unwrap();
+        let held = DirLock::take(&log_dir).unwrap();
+        let started = std::time::Instant::now();
+        // Another process: a fresh open file description, so the flock conflicts.
+        let err = Logs::default().append(&log_dir, "seg1", "pg/7/wal/x2", b"two").unwrap_err();
+        assert!(matches!(err, LogError::Busy { .. }), "{err}");
+        assert!(started.elapsed() < LOCK_WAIT * 3);
+        drop(held);
+        let tmp = log_dir.join(".tmp.seg1.0123");
+        std::fs::write(&tmp, encode("pg/7/wal/x9", b"nine")).unwrap();
+        assert!(logs.find(&log_dir, "seg1", "pg/7/wal/x9").unwrap().is_none());
+        logs.delete(&log_dir, &[("seg1", "pg/7/wal/x1")]).unwrap();
+        assert!(!tmp.exists());
     }
 }

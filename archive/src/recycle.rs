@@ -1,7 +1,9 @@
 //! Files of deleted small objects, kept by the local backend for later puts to write into.
 //!
-//! A busy local repository creates a file per WAL chunk (hundreds a second) and deletes each one
-//! once its segment is compacted. Creating a file is the costly part of such a put: on ext4 the
+//! A busy local repository used to create a file per WAL chunk (hundreds a second) and delete
+//! each one once its segment was compacted; the sidecar now appends chunks to logs
+//! ([`crate::chunk_log`]), so what is pooled here is mostly completeness marks and lease
+//! generations, and WAL chunks that other processes put. Creating a file is the costly part of such a put: on ext4 the
 //! inode allocator looks again at every inode freed in the last seconds, which was over half of
 //! the sidecar's CPU time (and of a synchronous commit's wait) under pgbench, measured with
 //! `perf`. So a deleted small object's file is moved here instead of unlinked, and a later put

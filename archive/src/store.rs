@@ -333,12 +333,17 @@ impl LocalStore {
 
     /// Bytes `range` of `name`'s record in a log (blocking); `NotFound` if no log holds it.
     fn get_logged(&self, op: &'static str, name: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
-        match self.log_entry(op, name)? {
-            Some((path, entry)) => {
-                Logs::read_data(&path, &entry, range).map(Bytes::from).map_err(|e| self.io(op, name, e))
+        // Twice: a delete in another process may rewrite the log between finding the record and
+        // reading it (the record is then in the new log).
+        for attempt in 0..2 {
+            let Some((path, entry)) = self.log_entry(op, name)? else { break };
+            match Logs::read_data(&path, &entry, range.clone()) {
+                Ok(data) => return Ok(Bytes::from(data)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt == 0 => continue,
+                Err(e) => return Err(self.io(op, name, e)),
             }
-            None => Err(StoreError::NotFound { name: name.to_string(), location: self.location() }),
         }
+        Err(StoreError::NotFound { name: name.to_string(), location: self.location() })
     }
 
     /// As [`LocalStore::get_logged`], off the async runtime; with `limit`, a bigger record is
@@ -367,8 +372,8 @@ impl LocalStore {
     }
 
     /// The records of the chunk logs of the directory `rel` (relative to the root) whose names
-    /// pass `keep`, as objects; nothing for a directory that has no logs.
-    fn logged_objects(&self, rel: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<ObjectInfo>, StoreError> {
+    /// start with `prefix`, as objects; nothing for a directory that has no logs.
+    fn logged_objects(&self, rel: &str, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         let mut parts = rel.split('/');
         let wal_dir = matches!(
             (parts.next(), parts.next(), parts.next(), parts.next()),
@@ -377,12 +382,14 @@ impl LocalStore {
         if !wal_dir {
             return Ok(Vec::new());
         }
-        let entries =
-            self.logs.entries(&self.root.join(rel).join(LOG_DIR)).map_err(|e| self.log_error("list", rel, e))?;
+        // The part of the prefix that names files in `rel` (none when it stops above it).
+        let file_prefix = prefix.strip_prefix(rel).and_then(|p| p.strip_prefix('/')).unwrap_or("");
+        let log_dir = self.root.join(rel).join(LOG_DIR);
+        let entries = self.logs.entries(&log_dir, file_prefix).map_err(|e| self.log_error("list", rel, e))?;
         Ok(entries
             .into_iter()
             .filter(|e| e.name.strip_prefix(rel).and_then(|f| f.strip_prefix('/')).is_some_and(|f| !f.contains('/')))
-            .filter(|e| keep(&e.name))
+            .filter(|e| e.name.starts_with(prefix))
             .map(|e| ObjectInfo { name: e.name, size: e.len })
             .collect())
     }
@@ -461,7 +468,13 @@ impl LocalStore {
         }
         if let Some((log_dir, segment)) = self.log_place(name) {
             if self.appending {
-                create_dir_all_synced(&self.root, &log_dir).map_err(|e| self.io("create directory for", name, e))?;
+                let io = |e| self.io("create directory for", name, e);
+                create_dir_all_synced(&self.root, &log_dir).map_err(io)?;
+                if !self.logs.has_writer(&log_dir, segment) {
+                    // Once per segment: `.log` may come from a process that died before its
+                    // parent's fsync, which `create_dir_all_synced` would not redo.
+                    sync_dirs_up_to(&self.root, &log_dir).map_err(io)?;
+                }
                 return match self.logs.append(&log_dir, segment, name, data) {
                     Ok(true) => Ok(PutOutcome::Created),
                     Ok(false) => Ok(PutOutcome::AlreadyExists),
@@ -502,7 +515,7 @@ impl LocalStore {
         let mut out = Vec::new();
         let mut stack = vec![(start, dir_part.to_string())];
         while let Some((dir, rel)) = stack.pop() {
-            out.extend(self.logged_objects(&rel, |name| name.starts_with(prefix))?);
+            out.extend(self.logged_objects(&rel, prefix)?);
             for (entry, fname, ft) in self.entries(&dir, prefix)? {
                 let name = if rel.is_empty() { fname } else { format!("{rel}/{fname}") };
                 if ft.is_dir() {
@@ -546,7 +559,7 @@ impl LocalStore {
                 out.push(format!("{dir}{fname}"));
             }
         }
-        out.extend(self.logged_objects(dir.trim_end_matches('/'), |_| true)?.into_iter().map(|o| o.name));
+        out.extend(self.logged_objects(dir.trim_end_matches('/'), dir)?.into_iter().map(|o| o.name));
         out.sort();
         out.dedup();
         Ok(out)
