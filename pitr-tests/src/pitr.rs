@@ -382,6 +382,15 @@ impl PitrEnv {
             .with_context(|| self.stream_logs())
     }
 
+    /// Everything every `pitr stream` of this environment logged (for checks that a message was
+    /// logged at all: [`PitrEnv::stream_logs`] shows only the tails).
+    pub fn stream_logs_whole(&self) -> String {
+        (1..=self.stream_runs)
+            .map(|i| std::fs::read_to_string(self.dir.path().join(format!("stream-{i}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn stream_logs(&self) -> String {
         let mut out = String::new();
         for i in 1..=self.stream_runs {

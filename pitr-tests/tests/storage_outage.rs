@@ -128,12 +128,14 @@ fn s3_server_killed_for_60s_during_pgbench() -> Result<()> {
     })
     .with_context(|| env.stream_logs())?;
     ensure!(env.archived_lsn()? >= end, "the repository lacks WAL the sidecar reported durable");
-    let logs = env.stream_logs();
+    // The whole logs: the message may be more than a tail's length before the end.
+    let logs = env.stream_logs_whole();
     // Which the outage meets first depends on timing: a put (retried), or the lease renewal,
     // whose failure pauses the puts until a renewal succeeds (seen once in a full run).
     assert!(
         logs.contains("archive put failed; retrying") || logs.contains("WAL puts are paused until a renewal succeeds"),
-        "{logs}"
+        "neither a failed put nor paused puts logged during the outage:\n{}",
+        env.stream_logs()
     );
     check_restores(&env, &cluster, &moment, &at_moment)
 }
