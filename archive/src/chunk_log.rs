@@ -67,15 +67,21 @@ const MAX_DATA: u64 = (1 << 30) + (1 << 20);
 /// or `None` for every other object (which stays a file of its own).
 pub(crate) fn group_of(name: &str) -> Option<(&str, &str)> {
     let (dir, _) = name.rsplit_once('/')?;
-    let mut parts = dir.split('/');
-    let (Some("pg"), Some(id), Some("wal"), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return None;
-    };
-    let system_id: u64 = id.parse().ok()?;
+    let system_id = wal_dir_system_id(dir)?;
     match pg::parse_wal(system_id, name)? {
         WalName::Chunk { segment_file, .. } => Some((dir, segment_file)),
         _ => None,
     }
+}
+
+/// The cluster whose WAL directory `dir` (`pg/<id>/wal`, relative to the root) is: the only
+/// directories that may hold chunk logs.
+pub(crate) fn wal_dir_system_id(dir: &str) -> Option<u64> {
+    let mut parts = dir.split('/');
+    let (Some("pg"), Some(id), Some("wal"), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    id.parse().ok()
 }
 
 /// One record as bytes, ready to append.

@@ -374,12 +374,7 @@ impl LocalStore {
     /// The records of the chunk logs of the directory `rel` (relative to the root) whose names
     /// start with `prefix`, as objects; nothing for a directory that has no logs.
     fn logged_objects(&self, rel: &str, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        let mut parts = rel.split('/');
-        let wal_dir = matches!(
-            (parts.next(), parts.next(), parts.next(), parts.next()),
-            (Some("pg"), Some(_), Some("wal"), None)
-        );
-        if !wal_dir {
+        if chunk_log::wal_dir_system_id(rel).is_none() {
             return Ok(Vec::new());
         }
         // The part of the prefix that names files in `rel` (none when it stops above it).

@@ -268,6 +268,26 @@ mod tests {
         (port, accepted)
     }
 
+    /// A poller of the server on `port` into a local repository in `dir`.
+    fn poller_of(
+        port: u16,
+        dir: &std::path::Path,
+        interval: Duration,
+        timeout: Duration,
+        writer: Option<watch::Receiver<StreamStatus>>,
+    ) -> Poller {
+        Poller {
+            repo: local_repo(dir),
+            system_id: None,
+            conninfo: pitr_pgwire::conninfo::parse(&format!("host=127.0.0.1 port={port} user=u sslmode=disable"))
+                .unwrap(),
+            application_name: "t".into(),
+            interval,
+            timeout,
+            writer,
+        }
+    }
+
     fn local_repo(dir: &std::path::Path) -> Repository {
         Repository::new(Arc::new(pitr_archive::LocalStore::new(dir)), pitr_archive::KeyRing::from_key("k", [1; 32]))
     }
@@ -278,17 +298,7 @@ mod tests {
     async fn a_hung_server_is_abandoned_and_retried() {
         let (port, accepted) = hung_server().await;
         let dir = tempfile::tempdir().unwrap();
-        let repo = local_repo(dir.path());
-        let poller = Poller {
-            repo,
-            system_id: None,
-            conninfo: pitr_pgwire::conninfo::parse(&format!("host=127.0.0.1 port={port} user=u sslmode=disable"))
-                .unwrap(),
-            application_name: "t".into(),
-            interval: Duration::from_millis(200),
-            timeout: Duration::from_millis(300),
-            writer: None,
-        };
+        let poller = poller_of(port, dir.path(), Duration::from_millis(200), Duration::from_millis(300), None);
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(poller.run(None, stopped));
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -303,18 +313,8 @@ mod tests {
     async fn no_snapshot_before_the_stream_holds_the_lease_and_none_after_it_ends() {
         let (port, accepted) = hung_server().await;
         let dir = tempfile::tempdir().unwrap();
-        let repo = local_repo(dir.path());
         let (status, writer) = watch::channel(StreamStatus::default());
-        let poller = Poller {
-            repo,
-            system_id: None,
-            conninfo: pitr_pgwire::conninfo::parse(&format!("host=127.0.0.1 port={port} user=u sslmode=disable"))
-                .unwrap(),
-            application_name: "t".into(),
-            interval: Duration::from_millis(100),
-            timeout: Duration::from_millis(100),
-            writer: Some(writer),
-        };
+        let poller = poller_of(port, dir.path(), Duration::from_millis(100), Duration::from_millis(100), Some(writer));
         let (_stop, stopped) = watch::channel(false);
         let task = tokio::spawn(poller.run(None, stopped));
         tokio::time::sleep(Duration::from_millis(500)).await;

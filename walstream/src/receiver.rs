@@ -25,6 +25,19 @@ use crate::session::{offer_mark, open_session, publish, take_lease, uploader_fai
 /// publish at once); a put landing meanwhile is shown at the end of the spacing.
 const PUBLISH_SPACING: Duration = Duration::from_millis(50);
 
+/// When the connected status was last published, and whether a put landed since.
+struct Shown {
+    at: Instant,
+    owed: bool,
+}
+
+impl Shown {
+    fn publish(&mut self, s: &Session, status: &watch::Sender<StreamStatus>) {
+        publish(s, status, true);
+        (self.at, self.owed) = (Instant::now(), false);
+    }
+}
+
 /// How one replication connection ended.
 enum Finished {
     Reconnect(String),
@@ -335,8 +348,7 @@ async fn pump(
     // At most one reply request in flight: completeness claims from keepalives rely on the
     // walsender having drained its output between answering two of them (see marks.rs).
     let mut awaiting_reply = false;
-    let mut last_published = Instant::now();
-    let mut publish_owed = false;
+    let mut shown = Shown { at: Instant::now(), owed: false };
     s.tracker.connection_started();
     loop {
         let backpressured = s.pipeline.with(|p| p.held_bytes()) > cfg.max_pending_bytes;
@@ -421,19 +433,13 @@ async fn pump(
                 // At most every PUBLISH_SPACING: each publication wakes the sidecar's status
                 // readers (gauges, status file, journal) on other threads, hundreds of times a
                 // second under a synchronous load, for readers that look a few times a second.
-                if last_published.elapsed() >= PUBLISH_SPACING {
-                    publish(s, status, true);
-                    last_published = Instant::now();
-                    publish_owed = false;
+                if shown.at.elapsed() >= PUBLISH_SPACING {
+                    shown.publish(s, status);
                 } else {
-                    publish_owed = true;
+                    shown.owed = true;
                 }
             }
-            _ = tokio::time::sleep_until((last_published + PUBLISH_SPACING).into()), if publish_owed => {
-                publish(s, status, true);
-                last_published = Instant::now();
-                publish_owed = false;
-            }
+            _ = tokio::time::sleep_until((shown.at + PUBLISH_SPACING).into()), if shown.owed => shown.publish(s, status),
             _ = tick.tick() => {
                 if last_recv.elapsed() > cfg.status_interval * 3 {
                     let why = format!("nothing heard from the server for {:?}", last_recv.elapsed());
@@ -449,9 +455,7 @@ async fn pump(
                 conn.send_status(r, r, ask).await?;
                 awaiting_reply |= ask;
                 last_reported = r;
-                publish(s, status, true);
-                last_published = Instant::now();
-                publish_owed = false;
+                shown.publish(s, status);
             }
             why = lease_keeper_stopped(&mut s.lease_lost) => return Err(why),
             _ = shutdown.changed() => {
