@@ -305,6 +305,34 @@ struct State {
     writers: HashMap<(PathBuf, String), Writer>,
 }
 
+/// How many names the open `file` has (0: its log was removed). Asks for the link count alone:
+/// a stat that reads the file's times (as `File::metadata` does) marks them as seen, and the
+/// kernel (multigrain timestamps, Linux 6.13+) then gives the next append a fresh fine-grained
+/// change time, which makes its fdatasync write the inode too: measured here, a put's fdatasync
+/// took about a third longer with a full stat after each append than with this one.
+fn link_count(file: &File) -> std::io::Result<u64> {
+    // SAFETY: statx on a descriptor `file` owns, with an empty path and AT_EMPTY_PATH, into a
+    // zeroed struct on our stack that the kernel fills; no other memory is passed.
+    let mut out: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_NLINK,
+            &mut out,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if out.stx_mask & libc::STATX_NLINK == 0 {
+        // A filesystem that cannot say: fall back to the full stat.
+        return Ok(file.metadata()?.nlink());
+    }
+    Ok(u64::from(out.stx_nlink))
+}
+
 /// The logs in `log_dir` of `segment` (all segments when `None`), sorted by file name.
 fn log_files(log_dir: &Path, segment: Option<&str>) -> std::io::Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(log_dir) {
@@ -477,9 +505,9 @@ impl Logs {
             .fill_to(end)
             .and_then(|()| writer.file.write_all_at(&record, writer.offset))
             .and_then(|()| writer.file.sync_data())
-            .and_then(|()| writer.file.metadata());
+            .and_then(|()| link_count(&writer.file));
         match written {
-            Ok(meta) if meta.nlink() > 0 => {
+            Ok(links) if links > 0 => {
                 let entry = Entry {
                     name: name.to_string(),
                     data_at: writer.offset + (HEADER + name.len()) as u64,

@@ -257,11 +257,13 @@ enum Opened {
 
 /// The generations listed, by number.
 async fn listed_generations(repo: &Repository, system_id: u64) -> Result<BTreeSet<u64>, LeaseError> {
+    // One level, names only: the guard lists before every WAL put, and a local store reads one
+    // directory in place (no hand-off to another thread on a synchronous commit's path).
     Ok(repo
-        .list(&pg::lease_prefix(system_id))
+        .list_children(&pg::lease_prefix(system_id))
         .await?
         .iter()
-        .filter_map(|o| pg::parse_lease(system_id, &o.name))
+        .filter_map(|name| pg::parse_lease(system_id, name))
         .collect())
 }
 

@@ -532,6 +532,11 @@ impl Repository {
         Ok(self.store.list(prefix).await?)
     }
 
+    /// The names one level below `dir` (a prefix ending in `/`): see [`Store::list_children`].
+    pub async fn list_children(&self, dir: &str) -> Result<Vec<String>, RepositoryError> {
+        Ok(self.store.list_children(dir).await?)
+    }
+
     /// System ids of the PostgreSQL clusters in this repository.
     pub async fn clusters(&self) -> Result<Vec<u64>, RepositoryError> {
         // One level, then one head per cluster: listing the whole prefix would read every block.

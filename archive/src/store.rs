@@ -738,7 +738,9 @@ impl Store for LocalStore {
     async fn list_children(&self, dir: &str) -> Result<Vec<String>, StoreError> {
         let this = self.clone();
         let dir = dir.to_string();
-        run_blocking(move || this.list_children_blocking(&dir)).await
+        // One directory read, like a small put: the writer lease's guard lists its generations
+        // this way before every WAL put, on the stream's own thread.
+        run_blocking_in_place(move || this.list_children_blocking(&dir)).await
     }
 
     fn release(&self) {
