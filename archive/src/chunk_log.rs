@@ -480,8 +480,20 @@ impl Logs {
     /// it durable. `Ok(false)` if a log there holds the name already (nothing written).
     pub fn append(&self, log_dir: &Path, segment: &str, name: &str, data: &[u8]) -> Result<bool, LogError> {
         let mut state = self.state();
-        let _lock = DirLock::take(log_dir)?;
         let key = (log_dir.to_path_buf(), segment.to_string());
+        let _lock = match DirLock::take(log_dir) {
+            Ok(lock) => lock,
+            // The directory went (and our log with it): the retry starts a new log, creating
+            // the directories again, as the store does before a segment's first append.
+            Err(LogError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                let path = state
+                    .writers
+                    .remove(&key)
+                    .map_or_else(|| log_dir.display().to_string(), |w| w.path.display().to_string());
+                return Err(LogError::Removed { path });
+            }
+            Err(e) => return Err(e),
+        };
         let own = state.writers.get(&key).map(|w| w.path.clone());
         for path in log_files(log_dir, Some(segment))? {
             // This store's own log holds what it appended (kept in the cache as it goes): not

@@ -458,16 +458,21 @@ impl LocalStore {
             sync_dirs_up_to(&self.root, &dir).map_err(|e| self.io("put", name, e))?;
             return Ok(PutOutcome::AlreadyExists);
         }
-        if !self.root.is_dir() {
+        let log_place = self.log_place(name);
+        // For an appending store, once per segment: the log it appends to (open, its link count
+        // checked after each append) stands for the directories above it.
+        let writing = self.appending
+            && log_place.as_ref().is_some_and(|(log_dir, segment)| self.logs.has_writer(log_dir, segment));
+        if !writing && !self.root.is_dir() {
             return Err(self.root_missing());
         }
-        if let Some((log_dir, segment)) = self.log_place(name) {
+        if let Some((log_dir, segment)) = log_place {
             if self.appending {
-                let io = |e| self.io("create directory for", name, e);
-                create_dir_all_synced(&self.root, &log_dir).map_err(io)?;
-                if !self.logs.has_writer(&log_dir, segment) {
-                    // Once per segment: `.log` may come from a process that died before its
-                    // parent's fsync, which `create_dir_all_synced` would not redo.
+                if !writing {
+                    let io = |e| self.io("create directory for", name, e);
+                    create_dir_all_synced(&self.root, &log_dir).map_err(io)?;
+                    // `.log` may come from a process that died before its parent's fsync,
+                    // which `create_dir_all_synced` would not redo.
                     sync_dirs_up_to(&self.root, &log_dir).map_err(io)?;
                 }
                 return match self.logs.append(&log_dir, segment, name, data) {
@@ -543,9 +548,6 @@ impl LocalStore {
         if !dir.is_empty() {
             validate_name(dir.trim_end_matches('/'))?;
         }
-        if !self.root.is_dir() {
-            return Err(self.root_missing());
-        }
         let mut out = Vec::new();
         for (_, fname, ft) in self.entries(&self.root.join(dir), dir)? {
             if ft.is_dir() {
@@ -555,6 +557,12 @@ impl LocalStore {
             }
         }
         out.extend(self.logged_objects(dir.trim_end_matches('/'), dir)?.into_iter().map(|o| o.name));
+        // Only a listing that found nothing asks whether the repository is there at all (a
+        // missing root is an error, not an empty repository): the lease guard lists before
+        // every WAL put.
+        if out.is_empty() && !self.root.is_dir() {
+            return Err(self.root_missing());
+        }
         out.sort();
         out.dedup();
         Ok(out)
@@ -923,6 +931,33 @@ mod tests {
         assert_eq!(Folding(local.clone()).list_children("").await.unwrap(), vec!["mongo/", "pg/"]);
         assert!(local.list_children("none/").await.unwrap().is_empty());
         assert!(local.list_children("../").await.is_err());
+    }
+
+    /// The sidecar checks the directories above its log once per segment; a log directory or a
+    /// whole repository removed under an open log fails the next put (never a put into an
+    /// unlinked file), and the retry either lands in a new log or names the missing repository.
+    #[tokio::test]
+    async fn a_log_directory_or_repository_removed_under_the_writer_fails_its_next_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("r");
+        std::fs::create_dir(&root).unwrap();
+        let sidecar = LocalStore::new(&root).appending();
+        let chunk = |from: u32| format!("pg/7/wal/000000010000000000000001.{from:08X}-{:08X}.chunk", from + 16);
+        sidecar.put_if_absent(&chunk(0), Bytes::from_static(b"a")).await.unwrap();
+
+        std::fs::remove_dir_all(root.join("pg/7/wal").join(LOG_DIR)).unwrap();
+        let err = sidecar.put_if_absent(&chunk(16), Bytes::from_static(b"b")).await.unwrap_err();
+        assert!(err.to_string().contains("was removed while"), "{err}");
+        assert_eq!(sidecar.put_if_absent(&chunk(16), Bytes::from_static(b"b")).await.unwrap(), PutOutcome::Created);
+        assert_eq!(LocalStore::new(&root).get(&chunk(16)).await.unwrap(), Bytes::from_static(b"b"));
+
+        std::fs::remove_dir_all(&root).unwrap();
+        assert!(sidecar.put_if_absent(&chunk(32), Bytes::from_static(b"c")).await.is_err());
+        let err = sidecar.put_if_absent(&chunk(32), Bytes::from_static(b"c")).await.unwrap_err();
+        assert!(err.to_string().contains("repository directory does not exist"), "{err}");
+        let err = sidecar.list_children("pg/7/lease/").await.unwrap_err();
+        assert!(err.to_string().contains("repository directory does not exist"), "{err}");
+        assert!(!root.exists(), "a put or listing made the missing repository again");
     }
 
     /// WAL chunks an appending store (the sidecar's) puts into logs are objects like files to
