@@ -19,10 +19,12 @@
 //! the data. Rules that keep it safe:
 //! - One writer per file: `<writer>` is random per store, so two processes (a sidecar paused past
 //!   its lease and the one that took over) never write into one file.
-//! - Appends and deletes of a directory hold an exclusive `flock` on `.log` (across processes;
-//!   waited for at most [`LOCK_WAIT`], then the put or delete fails and is retried): the
-//!   put-if-absent check, the write, its fdatasync and the link check happen as one, and a
-//!   delete reads, rewrites and unlinks as one. Readers take no lock.
+//! - Appends and deletes of a directory hold an exclusive `flock` on `.log/.lock` (across
+//!   processes; waited for at most [`LOCK_WAIT`], then the put or delete fails and is retried):
+//!   the put-if-absent check, the write, its fdatasync and the link check happen as one, and a
+//!   delete reads, rewrites and unlinks as one. Readers take no lock. The lock file also counts
+//!   the directory's changes ([`LOCK_FILE`]), so an appender looks at the other logs only when
+//!   someone else changed something.
 //! - A writer never appends after a failed write: the file is cut back and left, and the next put
 //!   opens a new one. So only a file's last record can be torn (by a crash before its fdatasync
 //!   returned, i.e. before anyone was told it exists), and a reader takes a last record that does
@@ -33,8 +35,9 @@
 //!   a writer killed between its write and its fdatasync leaves a whole record in the page cache
 //!   only, which a new sidecar must not resume after (and report flushed) while a power loss
 //!   could still take it away.
-//! - After its fdatasync the writer checks, under the lock, that the file still has a link: a
-//!   log a delete removed makes the put fail (and be retried into a new log).
+//! - Before it writes, a writer whose log a delete removed (the count moved, the log is not
+//!   listed) opens a new one; after its fdatasync it checks, under the lock, that the file still
+//!   has a link: a log removed by hand makes the put fail (and be retried into a new log).
 //! - A delete that leaves some of a log's records copies them to `.tmp.<segment>.<id>`, fsyncs
 //!   it, renames it to a log and fsyncs the directory before it unlinks the old log (a crash
 //!   leaves a temporary file the next delete removes, never a torn log); a delete of all of them
@@ -217,22 +220,55 @@ pub(crate) enum LogError {
 /// fails (and is retried): never for ever, so a paused process cannot hang the sidecar.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// An exclusive `flock` on a log directory, across processes: appends (the put-if-absent check,
-/// the write, its fdatasync and the link check) and deletes (read, rewrite, unlink) of one
-/// directory never interleave. Released when dropped.
+/// The lock file of a log directory: its `flock` keeps appends and deletes of the directory apart
+/// across processes, and its content counts the directory's changes (u64 LE, not made durable).
+/// Every change — a log created, a record appended, a log rewritten or removed — bumps the count
+/// first, under the lock; so an appender that finds the count where its own last change left it
+/// knows that nobody changed anything since and skips listing and re-reading the logs (a
+/// directory read and several system calls per put otherwise). A crash after a bump and before
+/// the change only costs the others one full look; after a machine crash the count may go back,
+/// but every process starts with nothing cached then.
+const LOCK_FILE: &str = ".lock";
+
+/// An exclusive `flock` on a log directory's lock file, across processes: appends (the
+/// put-if-absent check, the write, its fdatasync and the link check) and deletes (read, rewrite,
+/// unlink) of one directory never interleave. Released when dropped.
 struct DirLock {
-    _held: File,
+    file: std::sync::Arc<File>,
 }
 
 impl DirLock {
-    fn take(log_dir: &Path) -> Result<DirLock, LogError> {
-        let dir = File::open(log_dir)?;
+    /// Locks `log_dir` through its lock file, kept open in `held` between calls (opened, or
+    /// opened again when it has no link: the directory was removed and perhaps made anew, and
+    /// a lock on the old file keeps nobody out). `Ok((lock, reopened))`.
+    fn take(log_dir: &Path, held: &mut Option<std::sync::Arc<File>>) -> Result<(DirLock, bool), LogError> {
+        let mut reopened = false;
+        loop {
+            let file = match held.take() {
+                Some(file) => file,
+                None => {
+                    reopened = true;
+                    let path = log_dir.join(LOCK_FILE);
+                    let opened =
+                        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+                    std::sync::Arc::new(opened)
+                }
+            };
+            let lock = DirLock::flock(log_dir, file)?;
+            if link_count(&lock.file)? > 0 {
+                *held = Some(lock.file.clone());
+                return Ok((lock, reopened));
+            }
+        }
+    }
+
+    fn flock(log_dir: &Path, file: std::sync::Arc<File>) -> Result<DirLock, LogError> {
         let started = std::time::Instant::now();
         loop {
-            // SAFETY: flock on a descriptor this function owns; no memory is passed.
-            let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&dir), libc::LOCK_EX | libc::LOCK_NB) };
+            // SAFETY: flock on a descriptor `file` owns; no memory is passed.
+            let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&*file), libc::LOCK_EX | libc::LOCK_NB) };
             if rc == 0 {
-                return Ok(DirLock { _held: dir });
+                return Ok(DirLock { file });
             }
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EWOULDBLOCK) && e.kind() != std::io::ErrorKind::Interrupted {
@@ -243,6 +279,28 @@ impl DirLock {
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+    }
+
+    /// The directory's change count now.
+    fn count(&self) -> std::io::Result<u64> {
+        let mut bytes = [0u8; 8];
+        let n = self.file.read_at(&mut bytes, 0)?;
+        Ok(if n == 8 { u64::from_le_bytes(bytes) } else { 0 })
+    }
+
+    /// Counts a change about to be made (before it is: see [`LOCK_FILE`]); the count after it.
+    fn bump(&self, count: u64) -> std::io::Result<u64> {
+        let next = count.wrapping_add(1);
+        self.file.write_all_at(&next.to_le_bytes(), 0)?;
+        Ok(next)
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        // SAFETY: unlocks a descriptor `self.file` owns; closing it would too, but the file stays
+        // open for the next append.
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&*self.file), libc::LOCK_UN) };
     }
 }
 
@@ -303,6 +361,20 @@ struct State {
     parsed: HashMap<PathBuf, Cached>,
     /// By (log directory, segment): the file this store appends to.
     writers: HashMap<(PathBuf, String), Writer>,
+    /// By log directory, for appends.
+    dirs: HashMap<PathBuf, LogDir>,
+}
+
+/// What an appending store keeps of a log directory between appends.
+#[derive(Debug, Default)]
+struct LogDir {
+    /// Its lock file, open.
+    lock: Option<std::sync::Arc<File>>,
+    /// The change count after this store's last change, while `logs` and the parsed logs
+    /// are known to be exactly what is there.
+    seen: Option<u64>,
+    /// Its logs (every segment's), sorted, as of `seen`.
+    logs: Vec<PathBuf>,
 }
 
 /// How many names the open `file` has (0: its log was removed). Asks for the link count alone:
@@ -333,6 +405,14 @@ fn link_count(file: &File) -> std::io::Result<u64> {
     Ok(u64::from(out.stx_nlink))
 }
 
+/// Whether the log at `path` is one of `segment`'s (`<segment>.<writer>`).
+fn of_segment(path: &Path, segment: &str) -> bool {
+    path.file_name()
+        .and_then(|f| f.to_str())
+        .and_then(|f| f.strip_prefix(segment))
+        .is_some_and(|rest| rest.starts_with('.'))
+}
+
 /// The logs in `log_dir` of `segment` (all segments when `None`), sorted by file name.
 fn log_files(log_dir: &Path, segment: Option<&str>) -> std::io::Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(log_dir) {
@@ -352,7 +432,7 @@ fn log_files(log_dir: &Path, segment: Option<&str>) -> std::io::Result<Vec<PathB
             Some(s) => name.strip_prefix(s).is_some_and(|rest| rest.starts_with('.')),
             None => true,
         };
-        if of_segment && !name.starts_with(".tmp.") {
+        if of_segment && !name.starts_with('.') {
             out.push(entry.path());
         }
     }
@@ -481,37 +561,79 @@ impl Logs {
     pub fn append(&self, log_dir: &Path, segment: &str, name: &str, data: &[u8]) -> Result<bool, LogError> {
         let mut state = self.state();
         let key = (log_dir.to_path_buf(), segment.to_string());
-        let _lock = match DirLock::take(log_dir) {
-            Ok(lock) => lock,
+        let mut dir = state.dirs.remove(log_dir).unwrap_or_default();
+        let result = Logs::append_locked(&mut state, &mut dir, &key, name, data);
+        if result.is_err() {
+            // Whatever failed, the next append looks at everything again.
+            dir.seen = None;
+        }
+        state.dirs.insert(key.0.clone(), dir);
+        result
+    }
+
+    fn append_locked(
+        state: &mut State,
+        dir: &mut LogDir,
+        key: &(PathBuf, String),
+        name: &str,
+        data: &[u8],
+    ) -> Result<bool, LogError> {
+        let (log_dir, segment) = (key.0.as_path(), key.1.as_str());
+        let (lock, reopened) = match DirLock::take(log_dir, &mut dir.lock) {
+            Ok(taken) => taken,
             // The directory went (and our log with it): the retry starts a new log, creating
             // the directories again, as the store does before a segment's first append.
             Err(LogError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                 let path = state
                     .writers
-                    .remove(&key)
+                    .remove(key)
                     .map_or_else(|| log_dir.display().to_string(), |w| w.path.display().to_string());
                 return Err(LogError::Removed { path });
             }
             Err(e) => return Err(e),
         };
-        let own = state.writers.get(&key).map(|w| w.path.clone());
-        for path in log_files(log_dir, Some(segment))? {
-            // This store's own log holds what it appended (kept in the cache as it goes): not
-            // read back on every put.
-            let scanned = match state.parsed.get(&path) {
-                Some(c) if own.as_ref() == Some(&path) => Some(&c.scanned),
-                _ => Logs::refresh(&mut state, &path)?,
-            };
-            if scanned.is_some_and(|s| s.names.contains(name)) {
-                return Ok(false);
+        let count = lock.count()?;
+        if reopened || dir.seen != Some(count) {
+            // Someone else changed the directory (or this store has not looked yet): list the
+            // logs and read what is new in them.
+            dir.seen = None;
+            dir.logs = log_files(log_dir, None)?;
+            let mut own_listed = false;
+            for path in dir.logs.iter().filter(|p| of_segment(p, segment)) {
+                if state.writers.get(key).is_some_and(|w| &w.path == path) {
+                    // This store's own log holds what it appended (kept in the cache as it goes).
+                    own_listed = true;
+                } else {
+                    Logs::refresh(state, path)?;
+                }
+            }
+            if !own_listed {
+                // A delete rewrote or removed it: never append to a file nobody can find.
+                if let Some(gone) = state.writers.remove(key) {
+                    state.parsed.remove(&gone.path);
+                }
             }
         }
-        if !state.writers.contains_key(&key) {
+        let held = dir
+            .logs
+            .iter()
+            .filter(|p| of_segment(p, segment))
+            .any(|p| state.parsed.get(p).is_some_and(|c| c.scanned.names.contains(name)));
+        if held {
+            dir.seen = Some(count);
+            return Ok(false);
+        }
+        let mut count = count;
+        if !state.writers.contains_key(key) {
+            count = lock.bump(count)?;
             let writer = Logs::open_writer(log_dir, segment)?;
+            let at = dir.logs.binary_search(&writer.path).unwrap_or_else(|i| i);
+            dir.logs.insert(at, writer.path.clone());
             state.writers.insert(key.clone(), writer);
         }
+        count = lock.bump(count)?;
         let record = encode(name, data);
-        let Some(writer) = state.writers.get_mut(&key) else { return Err(std::io::Error::other("no writer").into()) };
+        let Some(writer) = state.writers.get_mut(key) else { return Err(std::io::Error::other("no writer").into()) };
         let end = writer.offset + record.len() as u64;
         let written = writer
             .fill_to(end)
@@ -531,11 +653,13 @@ impl Logs {
                 cached.scanned.names.insert(entry.name.clone());
                 cached.scanned.entries.push(entry);
                 cached.scanned.end = end;
+                dir.seen = Some(count);
                 Ok(true)
             }
             Ok(_) => {
+                // Removed by hand (a pitr delete would have shown in the count).
                 let path = writer.path.display().to_string();
-                state.writers.remove(&key);
+                state.writers.remove(key);
                 Err(LogError::Removed { path })
             }
             Err(e) => {
@@ -546,7 +670,7 @@ impl Logs {
                     // Nothing in it: not a log for readers to open on every listing.
                     let _ = std::fs::remove_file(&writer.path);
                 }
-                state.writers.remove(&key);
+                state.writers.remove(key);
                 Err(e.into())
             }
         }
@@ -573,11 +697,17 @@ impl Logs {
     /// are no error.
     pub fn delete(&self, log_dir: &Path, names: &[(&str, &str)]) -> Result<(), LogError> {
         let mut state = self.state();
-        let _lock = match DirLock::take(log_dir) {
-            Ok(lock) => lock,
+        let mut dir = state.dirs.remove(log_dir).unwrap_or_default();
+        let taken = DirLock::take(log_dir, &mut dir.lock);
+        state.dirs.insert(log_dir.to_path_buf(), dir);
+        let lock = match taken {
+            Ok((lock, _)) => lock,
             Err(LogError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
+        // Counted before anything changes (whether or not something will): appenders look
+        // again.
+        lock.bump(lock.count()?)?;
         // A rewrite's temporary file is only ever there while its deleter holds the lock: one
         // found now is from a delete that crashed.
         for entry in std::fs::read_dir(log_dir)?.flatten() {
@@ -806,11 +936,42 @@ mod tests {
     fn a_log_removed_under_a_writer_fails_its_next_put_and_the_retry_lands() {
         let (_dir, log_dir, logs) = setup();
         logs.append(&log_dir, "seg1", "pg/7/wal/x1", b"one").unwrap();
-        // Another process deletes everything in it.
+        let first = logs.find(&log_dir, "seg1", "pg/7/wal/x1").unwrap().unwrap().0;
+        // Another process deletes everything in it: its count tells the writer before it
+        // writes, and the next append goes to a new log.
         Logs::default().delete(&log_dir, &[("seg1", "pg/7/wal/x1")]).unwrap();
-        assert!(matches!(logs.append(&log_dir, "seg1", "pg/7/wal/x2", b"two"), Err(LogError::Removed { .. })));
         assert!(logs.append(&log_dir, "seg1", "pg/7/wal/x2", b"two").unwrap());
-        assert!(Logs::default().find(&log_dir, "seg1", "pg/7/wal/x2").unwrap().is_some());
+        let second = Logs::default().find(&log_dir, "seg1", "pg/7/wal/x2").unwrap().unwrap().0;
+        assert_ne!(first, second);
+        // Removed by hand (no count moves): the put that wrote into the unlinked file fails,
+        // and its retry lands.
+        std::fs::remove_file(&second).unwrap();
+        assert!(matches!(logs.append(&log_dir, "seg1", "pg/7/wal/x3", b"three"), Err(LogError::Removed { .. })));
+        assert!(logs.append(&log_dir, "seg1", "pg/7/wal/x3", b"three").unwrap());
+        assert!(Logs::default().find(&log_dir, "seg1", "pg/7/wal/x3").unwrap().is_some());
+    }
+
+    /// An appender that finds the directory's count where its own last change left it reads
+    /// nothing again; any other process's change (a new log, an append, a delete) moves the
+    /// count, and put-if-absent sees it.
+    #[test]
+    fn the_change_count_lets_an_appender_skip_its_look_only_while_nobody_else_changed_anything() {
+        let (_dir, log_dir, logs) = setup();
+        let other = Logs::default();
+        assert!(logs.append(&log_dir, "seg1", "pg/7/wal/x1", b"one").unwrap());
+        let count = |l: &Logs| l.state().dirs.get(&log_dir).and_then(|d| d.seen);
+        let after_first = count(&logs).expect("an append leaves the count it saw");
+        assert!(logs.append(&log_dir, "seg1", "pg/7/wal/x2", b"two").unwrap());
+        assert_eq!(count(&logs), Some(after_first + 1), "one bump per append, no look needed");
+        // Another writer's new log and record, then the same name from us: refused.
+        assert!(other.append(&log_dir, "seg1", "pg/7/wal/x3", b"three").unwrap());
+        assert!(!logs.append(&log_dir, "seg1", "pg/7/wal/x3", b"mine").unwrap());
+        // Another append into that writer's existing log (no new file): seen too.
+        assert!(other.append(&log_dir, "seg1", "pg/7/wal/x4", b"four").unwrap());
+        assert!(!logs.append(&log_dir, "seg1", "pg/7/wal/x4", b"mine").unwrap());
+        // The lock file is no log.
+        assert!(log_dir.join(LOCK_FILE).is_file());
+        assert_eq!(other.entries(&log_dir, "").unwrap().len(), 4);
     }
 
     #[test]
@@ -886,7 +1047,7 @@ mod tests {
     fn a_held_lock_fails_appends_in_bounded_time_and_leftovers_are_swept() {
         let (_dir, log_dir, logs) = setup();
         logs.append(&log_dir, "seg1", "pg/7/wal/x1", b"one").unwrap();
-        let held = DirLock::take(&log_dir).unwrap();
+        let (held, _) = DirLock::take(&log_dir, &mut None).unwrap();
         let started = std::time::Instant::now();
         // Another process: a fresh open file description, so the flock conflicts.
         let err = Logs::default().append(&log_dir, "seg1", "pg/7/wal/x2", b"two").unwrap_err();

@@ -9,7 +9,7 @@ use pitr_tests::PgCluster;
 
 use crate::opts::Opts;
 use crate::receivers::{
-    create_slot, current_lsn, drop_slot, pgbench_cluster, spawn, wait_flushed, wal_segment_size, Kind,
+    create_slot, current_lsn, drop_slot, fresh_tables, pgbench_cluster, spawn, wait_flushed, wal_segment_size, Kind,
 };
 use crate::report::{Goal, Row};
 use crate::sampler::{Sample, Sampler, Series};
@@ -142,7 +142,7 @@ impl Bench {
         };
         for round in 1..=o.rounds {
             for kind in Kind::order(round) {
-                cluster.psql("checkpoint")?;
+                fresh_tables(&cluster, o.lag_scale)?;
                 let mut run = start_caught_up(self, &cluster, &client, kind, &format!("bench-lag{round}"))?;
                 std::thread::sleep(Duration::from_secs(1));
                 eprintln!("lag round {round}: {} alone, {}", kind.label(), pgbench_cmd(&args));
@@ -205,7 +205,7 @@ pub fn report(r: &mut String, o: &Opts, l: &LagResult) -> Vec<Row> {
     let _ = writeln!(r, "\n-- 2. flush_lag, data at risk and tps under load (each receiver ALONE, one primary) --");
     let _ = writeln!(
         r,
-        "setup: pgbench -i -s {} -q; per run: checkpoint; fresh slot; receiver started and waited for until it \
+        "setup: pgbench -i -s {} -q; per run: pgbench -i again (fresh tables) and a checkpoint; fresh slot; receiver started and waited for until it \
          flushed the current LSN; {} round(s), order alternating",
         o.lag_scale, o.rounds
     );

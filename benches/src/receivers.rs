@@ -45,6 +45,15 @@ pub fn pgbench_cluster(
     Ok((cluster, client))
 }
 
+/// Before each run of a round: the pgbench tables made anew and a checkpoint. Without it every
+/// run meets the dead rows and the longer history table of the runs before it, and tps falls
+/// from run to run, which favoured whichever receiver ran first in a round.
+pub fn fresh_tables(cluster: &PgCluster, scale: u32) -> Result<()> {
+    cluster.pgbench(&["-i", "-s", &scale.to_string(), "-q"])?;
+    cluster.psql("checkpoint")?;
+    Ok(())
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
     Pitr,

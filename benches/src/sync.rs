@@ -9,7 +9,7 @@ use pitr_tests::{wait_until, PgCluster};
 
 use crate::lag::{pgbench_cmd, start_caught_up};
 use crate::opts::Opts;
-use crate::receivers::{drop_slot, pgbench_cluster, Kind};
+use crate::receivers::{drop_slot, fresh_tables, pgbench_cluster, Kind};
 use crate::report::{Goal, Row};
 use crate::util::{cpu_ticks, median, pgbench_value};
 use crate::Bench;
@@ -61,7 +61,7 @@ impl Bench {
         }
         for round in 1..=o.rounds {
             for kind in Kind::order(round) {
-                cluster.psql("checkpoint")?;
+                fresh_tables(&cluster, o.lag_scale)?;
                 let mut run = start_caught_up(self, &cluster, &client, kind, &format!("bench-sync{round}"))?;
                 set_sync(&cluster, kind.app())
                     .with_context(|| format!("{} as the synchronous standby", kind.label()))?;
@@ -111,7 +111,7 @@ pub fn report(r: &mut String, o: &Opts, s: &SyncResult) -> Vec<Row> {
     let _ = writeln!(r, "\n-- 3. each receiver alone as the synchronous standby --");
     let _ = writeln!(
         r,
-        "setup: pgbench -i -s {} -q; per run: checkpoint; fresh slot; receiver caught up; \
+        "setup: pgbench -i -s {} -q; per run: pgbench -i again (fresh tables) and a checkpoint; fresh slot; receiver caught up; \
          synchronous_standby_names = '<its application_name>' (sync_state = sync); {} round(s), order alternating",
         o.lag_scale, o.rounds
     );
