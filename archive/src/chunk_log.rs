@@ -237,6 +237,23 @@ struct DirLock {
     file: std::sync::Arc<File>,
 }
 
+/// Opens a log directory's lock file: read-write (created if missing, writable by whoever may
+/// write the directory, as the umask allows), or read-only where this user may not write it (a
+/// `.lock` another user made): `flock` works either way, and such a process cannot count its
+/// changes, so it never skips a look ([`DirLock::bump`] says so) and others' counts may miss its
+/// appends: a warning says so.
+fn open_lock_file(log_dir: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = log_dir.join(LOCK_FILE);
+    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("lock file {}: {e}", path.display()));
+    match std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o666).open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            std::fs::OpenOptions::new().read(true).open(&path).map_err(named)
+        }
+        other => other.map_err(named),
+    }
+}
+
 impl DirLock {
     /// Locks `log_dir` through its lock file, kept open in `held` between calls (opened, or
     /// opened again when it has no link: the directory was removed and perhaps made anew, and
@@ -248,10 +265,7 @@ impl DirLock {
                 Some(file) => file,
                 None => {
                     reopened = true;
-                    let path = log_dir.join(LOCK_FILE);
-                    let opened =
-                        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-                    std::sync::Arc::new(opened)
+                    std::sync::Arc::new(open_lock_file(log_dir)?)
                 }
             };
             let lock = DirLock::flock(log_dir, file)?;
@@ -288,11 +302,15 @@ impl DirLock {
         Ok(if n == 8 { u64::from_le_bytes(bytes) } else { 0 })
     }
 
-    /// Counts a change about to be made (before it is: see [`LOCK_FILE`]); the count after it.
-    fn bump(&self, count: u64) -> std::io::Result<u64> {
+    /// Counts a change about to be made (before it is: see [`LOCK_FILE`]); the count after it,
+    /// or `None` where this process cannot write the lock file (then it never skips a look).
+    fn bump(&self, count: u64) -> std::io::Result<Option<u64>> {
         let next = count.wrapping_add(1);
-        self.file.write_all_at(&next.to_le_bytes(), 0)?;
-        Ok(next)
+        match self.file.write_all_at(&next.to_le_bytes(), 0) {
+            Ok(()) => Ok(Some(next)),
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -301,6 +319,18 @@ impl Drop for DirLock {
         // SAFETY: unlocks a descriptor `self.file` owns; closing it would too, but the file stays
         // open for the next append.
         unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&*self.file), libc::LOCK_UN) };
+    }
+}
+
+/// Says once per process that a log directory's change count cannot be written here.
+fn warn_uncounted(log_dir: &Path) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            lock = %log_dir.join(LOCK_FILE).display(),
+            "cannot write the chunk log lock file (another user made it): appends here re-read the logs every time, \
+             and other writers may not see them at once; give this user write access to it"
+        );
     }
 }
 
@@ -370,11 +400,13 @@ struct State {
 struct LogDir {
     /// Its lock file, open.
     lock: Option<std::sync::Arc<File>>,
-    /// The change count after this store's last change, while `logs` and the parsed logs
-    /// are known to be exactly what is there.
+    /// The change count after this store's last change, while `logs` is exactly what is there.
     seen: Option<u64>,
     /// Its logs (every segment's), sorted, as of `seen`.
     logs: Vec<PathBuf>,
+    /// The segments whose logs were all read since the count was `seen`: only their parsed
+    /// contents are known to be what is there.
+    looked: HashSet<String>,
 }
 
 /// How many names the open `file` has (0: its log was removed). Asks for the link count alone:
@@ -396,7 +428,12 @@ fn link_count(file: &File) -> std::io::Result<u64> {
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error());
+        let e = std::io::Error::last_os_error();
+        // A seccomp profile that refuses statx (older container runtimes): the full stat.
+        if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) {
+            return Ok(file.metadata()?.nlink());
+        }
+        return Err(e);
     }
     if out.stx_mask & libc::STATX_NLINK == 0 {
         // A filesystem that cannot say: fall back to the full stat.
@@ -453,11 +490,25 @@ impl Logs {
     /// leaves a whole record only in the page cache, which nobody may build on (resume after
     /// it, report it flushed) until it is on disk.
     fn refresh<'s>(state: &'s mut State, path: &Path) -> Result<Option<&'s Scanned>, LogError> {
+        match Logs::read_new(state, path) {
+            // What was read before the damage still counts; anything else may have left the
+            // cached reading half done: read it afresh next time.
+            Err(e @ LogError::Io(_)) => {
+                state.parsed.remove(path);
+                Err(e)
+            }
+            Err(e) => Err(e),
+            Ok(found) => Ok(found.then(|| state.parsed.get(path).map(|c| &c.scanned)).flatten()),
+        }
+    }
+
+    /// [`Logs::refresh`]'s reading; whether the log is there.
+    fn read_new(state: &mut State, path: &Path) -> Result<bool, LogError> {
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 state.parsed.remove(path);
-                return Ok(None);
+                return Ok(false);
             }
             Err(e) => return Err(e.into()),
         };
@@ -500,7 +551,7 @@ impl Logs {
         if let Some(offset) = cached.scanned.damaged_at {
             return Err(LogError::Damaged { path: path.display().to_string(), offset });
         }
-        Ok(Some(&cached.scanned))
+        Ok(true)
     }
 
     /// Where the record of `name` (in segment `segment`'s logs under `log_dir`) is: its log and
@@ -593,45 +644,56 @@ impl Logs {
             Err(e) => return Err(e),
         };
         let count = lock.count()?;
+        if reopened && state.writers.contains_key(key) {
+            // A new lock file: the directory was removed (and perhaps made anew) under our log.
+            // The retry goes the whole way, making and syncing the directories again.
+            let path = state.writers.remove(key).map(|w| w.path.display().to_string()).unwrap_or_default();
+            return Err(LogError::Removed { path });
+        }
         if reopened || dir.seen != Some(count) {
-            // Someone else changed the directory (or this store has not looked yet): list the
-            // logs and read what is new in them.
+            // Someone else changed the directory (or this store has not looked yet).
             dir.seen = None;
             dir.logs = log_files(log_dir, None)?;
-            let mut own_listed = false;
-            for path in dir.logs.iter().filter(|p| of_segment(p, segment)) {
-                if state.writers.get(key).is_some_and(|w| &w.path == path) {
-                    // This store's own log holds what it appended (kept in the cache as it goes).
-                    own_listed = true;
-                } else {
-                    Logs::refresh(state, path)?;
-                }
+            dir.looked.clear();
+        }
+        let own = state.writers.get(key).map(|w| w.path.clone());
+        let unread = |state: &State, p: &PathBuf| own.as_ref() != Some(p) && !state.parsed.contains_key(p);
+        let segment_logs: Vec<&PathBuf> = dir.logs.iter().filter(|p| of_segment(p, segment)).collect();
+        if !dir.looked.contains(segment) || segment_logs.iter().any(|p| unread(state, p)) {
+            // Read what is new in this segment's logs (this store's own holds what it appended,
+            // kept in the cache as it goes).
+            for path in segment_logs.iter().filter(|p| own.as_ref() != Some(**p)) {
+                Logs::refresh(state, path)?;
             }
-            if !own_listed {
+            if own.as_ref().is_some_and(|own| !segment_logs.contains(&own)) {
                 // A delete rewrote or removed it: never append to a file nobody can find.
                 if let Some(gone) = state.writers.remove(key) {
                     state.parsed.remove(&gone.path);
                 }
             }
+            dir.looked.insert(segment.to_string());
         }
-        let held = dir
-            .logs
-            .iter()
-            .filter(|p| of_segment(p, segment))
-            .any(|p| state.parsed.get(p).is_some_and(|c| c.scanned.names.contains(name)));
+        let held = segment_logs.iter().any(|p| state.parsed.get(*p).is_some_and(|c| c.scanned.names.contains(name)));
         if held {
             dir.seen = Some(count);
             return Ok(false);
         }
-        let mut count = count;
+        // Where this process cannot write the count, it never trusts it.
+        let mut counted = Some(count);
         if !state.writers.contains_key(key) {
-            count = lock.bump(count)?;
+            counted = counted.and(lock.bump(count)?);
             let writer = Logs::open_writer(log_dir, segment)?;
             let at = dir.logs.binary_search(&writer.path).unwrap_or_else(|i| i);
             dir.logs.insert(at, writer.path.clone());
             state.writers.insert(key.clone(), writer);
         }
-        count = lock.bump(count)?;
+        counted = match counted {
+            Some(count) => lock.bump(count)?,
+            None => None,
+        };
+        if counted.is_none() {
+            warn_uncounted(log_dir);
+        }
         let record = encode(name, data);
         let Some(writer) = state.writers.get_mut(key) else { return Err(std::io::Error::other("no writer").into()) };
         let end = writer.offset + record.len() as u64;
@@ -653,7 +715,7 @@ impl Logs {
                 cached.scanned.names.insert(entry.name.clone());
                 cached.scanned.entries.push(entry);
                 cached.scanned.end = end;
-                dir.seen = Some(count);
+                dir.seen = counted;
                 Ok(true)
             }
             Ok(_) => {
@@ -949,6 +1011,49 @@ mod tests {
         assert!(matches!(logs.append(&log_dir, "seg1", "pg/7/wal/x3", b"three"), Err(LogError::Removed { .. })));
         assert!(logs.append(&log_dir, "seg1", "pg/7/wal/x3", b"three").unwrap());
         assert!(Logs::default().find(&log_dir, "seg1", "pg/7/wal/x3").unwrap().is_some());
+    }
+
+    /// The count says nothing changed since this store's last append, but that append looked at
+    /// another segment's logs only: a name another writer appended to this segment meanwhile is
+    /// still refused.
+    #[test]
+    fn a_look_at_one_segment_does_not_vouch_for_another() {
+        let (_dir, log_dir, logs) = setup();
+        let other = Logs::default();
+        assert!(logs.append(&log_dir, "seg2", "pg/7/wal/seg2-a", b"a").unwrap());
+        assert!(other.append(&log_dir, "seg2", "pg/7/wal/seg2-x", b"x").unwrap());
+        // Reads the other writer's log as it is now.
+        assert!(logs.append(&log_dir, "seg2", "pg/7/wal/seg2-b", b"b").unwrap());
+        assert!(other.append(&log_dir, "seg2", "pg/7/wal/seg2-y", b"y").unwrap());
+        // The count moved: this look reads seg1's logs, and leaves the count where it is now.
+        assert!(logs.append(&log_dir, "seg1", "pg/7/wal/seg1-a", b"a").unwrap());
+        assert!(!logs.append(&log_dir, "seg2", "pg/7/wal/seg2-y", b"mine").unwrap());
+    }
+
+    /// The directory removed and made anew under an open log: the next append fails (its retry,
+    /// through the store, makes and syncs the directories again) and the one after lands.
+    #[test]
+    fn a_log_directory_made_anew_under_a_writer_fails_its_next_append() {
+        let (_dir, log_dir, logs) = setup();
+        assert!(logs.append(&log_dir, "seg1", "pg/7/wal/x1", b"one").unwrap());
+        std::fs::remove_dir_all(&log_dir).unwrap();
+        std::fs::create_dir(&log_dir).unwrap();
+        assert!(matches!(logs.append(&log_dir, "seg1", "pg/7/wal/x2", b"two"), Err(LogError::Removed { .. })));
+        assert!(logs.append(&log_dir, "seg1", "pg/7/wal/x2", b"two").unwrap());
+        assert!(Logs::default().find(&log_dir, "seg1", "pg/7/wal/x2").unwrap().is_some());
+    }
+
+    /// A lock file this process may only read (another user's) still locks; its count is never
+    /// written, and the appender says it cannot count rather than fail.
+    #[test]
+    fn a_lock_file_open_only_for_reading_locks_but_does_not_count() {
+        let (_dir, log_dir, logs) = setup();
+        assert!(logs.append(&log_dir, "seg1", "pg/7/wal/x1", b"one").unwrap());
+        let read_only = std::sync::Arc::new(File::open(log_dir.join(LOCK_FILE)).unwrap());
+        let lock = DirLock::flock(&log_dir, read_only).unwrap();
+        let count = lock.count().unwrap();
+        assert_eq!(lock.bump(count).unwrap(), None);
+        assert_eq!(lock.count().unwrap(), count);
     }
 
     /// An appender that finds the directory's count where its own last change left it reads
