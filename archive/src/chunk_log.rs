@@ -429,17 +429,16 @@ fn link_count(file: &File) -> std::io::Result<u64> {
     };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
-        // A seccomp profile that refuses statx (older container runtimes): the full stat.
-        if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) {
-            return Ok(file.metadata()?.nlink());
+        // Only a seccomp profile that refuses statx (older container runtimes) gets the full
+        // stat below; any other failure is the answer.
+        if !matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) {
+            return Err(e);
         }
-        return Err(e);
+    } else if out.stx_mask & libc::STATX_NLINK != 0 {
+        return Ok(u64::from(out.stx_nlink));
     }
-    if out.stx_mask & libc::STATX_NLINK == 0 {
-        // A filesystem that cannot say: fall back to the full stat.
-        return Ok(file.metadata()?.nlink());
-    }
-    Ok(u64::from(out.stx_nlink))
+    // Refused, or a filesystem that cannot say: the full stat.
+    Ok(file.metadata()?.nlink())
 }
 
 /// Whether the log at `path` is one of `segment`'s (`<segment>.<writer>`).
@@ -464,13 +463,10 @@ fn log_files(log_dir: &Path, segment: Option<&str>) -> std::io::Result<Vec<PathB
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let of_segment = match segment {
-            Some(s) => name.strip_prefix(s).is_some_and(|rest| rest.starts_with('.')),
-            None => true,
-        };
-        if of_segment && !name.starts_with('.') {
-            out.push(entry.path());
+        let path = entry.path();
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if !hidden && segment.is_none_or(|s| of_segment(&path, s)) {
+            out.push(path);
         }
     }
     out.sort();
@@ -678,21 +674,18 @@ impl Logs {
             dir.seen = Some(count);
             return Ok(false);
         }
-        // Where this process cannot write the count, it never trusts it.
-        let mut counted = Some(count);
+        // One count for everything this lock hold changes (a new log and its first record):
+        // nobody sees the directory in between. Where this process cannot write the count, it
+        // never trusts it.
+        let counted = lock.bump(count)?;
+        if counted.is_none() {
+            warn_uncounted(log_dir);
+        }
         if !state.writers.contains_key(key) {
-            counted = counted.and(lock.bump(count)?);
             let writer = Logs::open_writer(log_dir, segment)?;
             let at = dir.logs.binary_search(&writer.path).unwrap_or_else(|i| i);
             dir.logs.insert(at, writer.path.clone());
             state.writers.insert(key.clone(), writer);
-        }
-        counted = match counted {
-            Some(count) => lock.bump(count)?,
-            None => None,
-        };
-        if counted.is_none() {
-            warn_uncounted(log_dir);
         }
         let record = encode(name, data);
         let Some(writer) = state.writers.get_mut(key) else { return Err(std::io::Error::other("no writer").into()) };
@@ -1041,6 +1034,18 @@ mod tests {
         assert!(matches!(logs.append(&log_dir, "seg1", "pg/7/wal/x2", b"two"), Err(LogError::Removed { .. })));
         assert!(logs.append(&log_dir, "seg1", "pg/7/wal/x2", b"two").unwrap());
         assert!(Logs::default().find(&log_dir, "seg1", "pg/7/wal/x2").unwrap().is_some());
+    }
+
+    /// A directory planted where the lock file goes fails every append with an error naming it,
+    /// and nothing is written.
+    #[test]
+    fn a_lock_file_that_cannot_be_opened_fails_appends_naming_it() {
+        let (_dir, log_dir, logs) = setup();
+        std::fs::create_dir_all(log_dir.join(LOCK_FILE)).unwrap();
+        let err = logs.append(&log_dir, "seg1", "pg/7/wal/x1", b"one").unwrap_err().to_string();
+        assert!(err.contains("lock file") && err.contains(LOCK_FILE), "{err}");
+        assert!(log_files(&log_dir, None).unwrap().is_empty(), "a log was made");
+        assert!(Logs::default().find(&log_dir, "seg1", "pg/7/wal/x1").unwrap().is_none());
     }
 
     /// A lock file this process may only read (another user's) still locks; its count is never
