@@ -416,10 +416,13 @@ impl Repository {
 
     /// Seals and stores `plaintext` as `name`. If the name exists already (a retry after a crash),
     /// the existing object must hold the same plaintext; anything else is a conflict.
+    ///
+    /// `plaintext` is anything that becomes [`Bytes`] without a copy (a `Vec<u8>`, or `Bytes`
+    /// shared with its caller, as a 16 MiB WAL segment that a retry may put again is).
     pub async fn put_sealed(
         &self,
         name: &str,
-        plaintext: Vec<u8>,
+        plaintext: impl Into<Bytes>,
         meta: ObjectMeta,
     ) -> Result<PutOutcome, RepositoryError> {
         Ok(self.put_sealed_sized(name, plaintext, meta).await?.0)
@@ -430,9 +433,10 @@ impl Repository {
     pub async fn put_sealed_sized(
         &self,
         name: &str,
-        plaintext: Vec<u8>,
+        plaintext: impl Into<Bytes>,
         meta: ObjectMeta,
     ) -> Result<(PutOutcome, u64), RepositoryError> {
+        let plaintext: Bytes = plaintext.into();
         let keys = self.keys.sealing_set(self.store.as_ref()).await.map_err(|e| match e {
             e if e.is_access() => RepositoryError::KeyAccess(e),
             cause => RepositoryError::SealingKey { name: name.to_string(), cause },
@@ -478,7 +482,7 @@ impl Repository {
                     }
                     Err(e) => return Err(e),
                 };
-                if existing == plaintext {
+                if existing[..] == plaintext[..] {
                     Ok((PutOutcome::AlreadyExists, 0))
                 } else {
                     Err(RepositoryError::Conflict { name: name.to_string(), location: self.location() })

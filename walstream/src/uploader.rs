@@ -108,7 +108,7 @@ async fn fenced_put(
     repo: &Repository,
     guard: &LeaseGuard,
     name: &str,
-    bytes: Vec<u8>,
+    bytes: bytes::Bytes,
     meta: ObjectMeta,
 ) -> (Instant, PutResult) {
     match tokio::time::timeout(LEASE_WAIT, guard.confirmed()).await {
@@ -229,7 +229,8 @@ impl Uploader {
     async fn index_restore_points(&self, system_id: u64, points: &[RestorePoint]) -> Result<(), (Instant, PutError)> {
         for point in points {
             let name = point.object_name(system_id);
-            let (started, result) = fenced_put(&self.repo, &self.guard, &name, point.to_text(), point.meta()).await;
+            let (started, result) =
+                fenced_put(&self.repo, &self.guard, &name, point.to_text().into(), point.meta()).await;
             match result {
                 Ok(PutOutcome::Created) => {
                     metrics::counter!("pitr_restore_points_indexed_total").increment(1);

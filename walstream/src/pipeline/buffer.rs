@@ -2,7 +2,89 @@
 
 use std::time::Instant;
 
+use bytes::Bytes;
 use pitr_archive::restore_points::RestorePoint;
+
+/// A segment buffer's bytes: a vector while WAL arrives, then, once the whole segment is put as
+/// one object, shared with that put. A retry and the compaction of a segment hand the same bytes
+/// on instead of copying 16 MiB each time, and the vector comes back for the next segment
+/// ([`SegmentBytes::into_vec`]) rather than being freed and faulted in again page by page.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SegmentBytes {
+    /// The bytes while they grow; empty once shared.
+    growing: Vec<u8>,
+    /// The bytes once shared.
+    shared: Option<Bytes>,
+}
+
+impl SegmentBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        self.shared.as_deref().unwrap_or(&self.growing)
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// The vector to append to. Bytes already shared are copied back first (a closed buffer
+    /// takes no more bytes, so the pipeline never does this).
+    fn growing(&mut self) -> &mut Vec<u8> {
+        if let Some(shared) = self.shared.take() {
+            self.growing = shared.to_vec();
+        }
+        &mut self.growing
+    }
+
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
+        self.growing().extend_from_slice(data);
+    }
+
+    pub fn reserve(&mut self, additional: usize) {
+        self.growing().reserve(additional);
+    }
+
+    /// All the bytes, shared: the first call turns the vector into [`Bytes`] without a copy.
+    pub fn share(&mut self) -> Bytes {
+        self.shared.get_or_insert_with(|| Bytes::from(std::mem::take(&mut self.growing))).clone()
+    }
+
+    /// The allocation back, emptied, if nobody else holds it: for the next segment's buffer.
+    pub fn into_vec(self) -> Option<Vec<u8>> {
+        let mut v = match self.shared {
+            None => self.growing,
+            Some(shared) => Vec::from(shared.try_into_mut().ok()?),
+        };
+        v.clear();
+        Some(v)
+    }
+}
+
+impl From<Vec<u8>> for SegmentBytes {
+    fn from(growing: Vec<u8>) -> Self {
+        SegmentBytes { growing, shared: None }
+    }
+}
+
+impl std::ops::Deref for SegmentBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for SegmentBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for SegmentBytes {}
+
+impl PartialEq<Vec<u8>> for SegmentBytes {
+    fn eq(&self, other: &Vec<u8>) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
 
 /// WAL of one segment in memory, from offset `base` (0 unless resumed from chunks that did not
 /// start at the segment's beginning). How much of it is durable is not kept here: only the
@@ -12,7 +94,7 @@ pub(crate) struct SegmentBuffer {
     pub timeline: u32,
     pub segno: u64,
     pub base: u32,
-    pub data: Vec<u8>,
+    pub data: SegmentBytes,
     /// No more bytes will come for this segment (it is full, or its timeline ended).
     pub closed: bool,
     /// Chunk objects stored for this segment, to delete once a segment object holds it.
@@ -33,7 +115,7 @@ impl SegmentBuffer {
             timeline,
             segno,
             base,
-            data: Vec::new(),
+            data: SegmentBytes::default(),
             closed: false,
             chunks: Vec::new(),
             commits: Vec::new(),

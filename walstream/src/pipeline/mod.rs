@@ -35,6 +35,7 @@ mod tests;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use pitr_archive::restore_points::RestorePoint;
 use pitr_archive::{ObjectKind, ObjectMeta, WalLayout, WalObject};
 use pitr_pgformat::lsn::format_lsn;
@@ -82,7 +83,9 @@ pub(crate) struct Put {
     pub id: u64,
     pub object: WalObject,
     pub meta: ObjectMeta,
-    pub bytes: Vec<u8>,
+    /// Shared with the segment buffer for a whole segment (a retry or compaction puts the same
+    /// bytes again), a copy for a chunk.
+    pub bytes: Bytes,
     /// Index entries of the restore points whose record ends in this object: put before it, so
     /// that WAL in the archive never holds a restore point the index lacks (a compaction's are
     /// already there: empty).
@@ -212,6 +215,9 @@ pub(crate) struct WalPipeline {
     /// Grows whenever the durable end moves, memory is freed or a put fails: the receiver's
     /// cue to report and to read on.
     generation: u64,
+    /// A freed segment buffer's allocation, for the next buffer: a fresh 16 MiB allocation is
+    /// faulted in (and zeroed by the kernel) page by page as WAL is copied in.
+    spare: Option<Vec<u8>>,
 }
 
 impl WalPipeline {
@@ -254,6 +260,7 @@ impl WalPipeline {
             stopping: false,
             stats: UploadStats::default(),
             generation: 0,
+            spare: None,
         }
     }
 
@@ -353,6 +360,9 @@ impl WalPipeline {
             if !reuse {
                 self.close_all();
                 let mut buf = SegmentBuffer::new(timeline, segno, off);
+                if let Some(spare) = self.spare.take() {
+                    buf.data = spare.into();
+                }
                 buf.data.reserve(segment_size as usize - off as usize);
                 self.segments.push_back(buf);
             }
@@ -462,11 +472,12 @@ impl WalPipeline {
         if self.compaction.is_some() || self.compaction_retry.waiting(now) {
             return None;
         }
-        let seg = self.compacting.front()?;
-        let seg_lsn = self.layout.segment_start(seg.segno);
+        let layout = self.layout;
+        let seg = self.compacting.front_mut()?;
+        let seg_lsn = layout.segment_start(seg.segno);
         let object = WalObject::Segment { timeline: seg.timeline, segno: seg.segno };
-        let meta = wal_meta(ObjectKind::WalSegment, seg, seg_lsn, seg_lsn + self.layout.segment_size);
-        let bytes = seg.data.clone();
+        let meta = wal_meta(ObjectKind::WalSegment, seg, seg_lsn, seg_lsn + layout.segment_size);
+        let bytes = seg.data.share();
         let id = self.next_id;
         self.next_id += 1;
         self.compaction =
@@ -497,7 +508,7 @@ impl WalPipeline {
     /// past it. A segment's chunks come back in [`Done::obsolete`] for deletion.
     pub fn put_done(&mut self, id: u64, now: Instant) -> Result<Done, PipelineError> {
         if let Some(done) = self.compaction.take_if(|c| c.id == id) {
-            let obsolete = self.compacting.pop_front().map(|seg| seg.chunk_objects()).unwrap_or_default();
+            let obsolete = self.compacting.pop_front().map(|seg| self.recycle(seg)).unwrap_or_default();
             self.compaction_retry = Retry::default();
             self.stats.objects += 1;
             self.stats.bytes += done.bytes;
@@ -521,7 +532,7 @@ impl WalPipeline {
             }
             WalObject::Segment { timeline, segno } => {
                 if let Some(seg) = self.segments.pop_front() {
-                    obsolete = seg.chunk_objects();
+                    obsolete = self.recycle(seg);
                 }
                 let end = self.layout.segment_start(segno + 1);
                 self.advance(timeline, end, put.last_commit_us);
@@ -565,6 +576,15 @@ impl WalPipeline {
         if last_commit_us.is_some() {
             d.last_commit_us = last_commit_us;
         }
+    }
+
+    /// Keeps a freed buffer's allocation for the next one; returns its chunk objects.
+    fn recycle(&mut self, seg: SegmentBuffer) -> Vec<WalObject> {
+        let chunks = seg.chunk_objects();
+        if self.spare.is_none() {
+            self.spare = seg.data.into_vec();
+        }
+        chunks
     }
 
     /// No more bytes come for any buffer held.
@@ -631,7 +651,9 @@ impl WalPipeline {
                 // more chunk below, at once as it is closed, and the segment is compacted beside.)
                 let object = WalObject::Segment { timeline: seg.timeline, segno: seg.segno };
                 let points = restore_points_in(seg, seg_lsn, seg_end);
-                break (object, wal_meta(ObjectKind::WalSegment, seg, seg_lsn, seg_end), seg.data.clone(), points);
+                let meta = wal_meta(ObjectKind::WalSegment, seg, seg_lsn, seg_end);
+                let seg = self.segments.front_mut()?;
+                break (object, meta, seg.data.share(), points);
             }
             let from = self.durable_offset(0, seg);
             let to = seg.end_offset();
@@ -639,7 +661,9 @@ impl WalPipeline {
                 if !closed {
                     return None; // waits for more bytes
                 }
-                self.segments.pop_front();
+                if let Some(seg) = self.segments.pop_front() {
+                    self.recycle(seg);
+                }
                 self.generation += 1;
                 continue;
             }
@@ -654,7 +678,7 @@ impl WalPipeline {
             break (
                 object,
                 wal_meta(ObjectKind::WalChunk, seg, start, end),
-                seg.data[(from - seg.base) as usize..].to_vec(),
+                Bytes::copy_from_slice(&seg.data[(from - seg.base) as usize..]),
                 restore_points_in(seg, start, end),
             );
         };

@@ -127,7 +127,7 @@ pub(crate) fn resumed_buffer(layout: &WalLayout, plan: &RunPlan, run: ChunkRun) 
             [c.meta.first_commit_us, c.meta.last_commit_us].into_iter().flatten().map(move |t| (end, t))
         })
         .collect();
-    buf.data = run.data;
+    buf.data = run.data.into();
     buf.chunks = plan.all.clone();
     buf
 }
@@ -137,7 +137,7 @@ pub(crate) fn resumed_buffer(layout: &WalLayout, plan: &RunPlan, run: ChunkRun) 
 pub(crate) struct Compaction {
     pub object: WalObject,
     pub meta: ObjectMeta,
-    pub bytes: Vec<u8>,
+    pub bytes: bytes::Bytes,
     /// Its chunks, to delete once the segment object is durable.
     pub obsolete: Vec<WalObject>,
 }
@@ -145,7 +145,7 @@ pub(crate) struct Compaction {
 /// The segment object for an orphan (`plan`, read back as `run`); an error text when the run
 /// does not cover the segment.
 pub(crate) fn compaction(layout: &WalLayout, plan: &RunPlan, run: ChunkRun) -> Result<Compaction, String> {
-    let buf = resumed_buffer(layout, plan, run);
+    let mut buf = resumed_buffer(layout, plan, run);
     if buf.base != 0 || buf.data.len() as u64 != layout.segment_size {
         return Err(format!(
             "chunks of segment {} on timeline {} do not cover it",
@@ -156,7 +156,7 @@ pub(crate) fn compaction(layout: &WalLayout, plan: &RunPlan, run: ChunkRun) -> R
     let seg_lsn = layout.segment_start(plan.segno);
     let meta = wal_meta(ObjectKind::WalSegment, &buf, seg_lsn, seg_lsn + layout.segment_size);
     let object = WalObject::Segment { timeline: plan.timeline, segno: plan.segno };
-    Ok(Compaction { object, meta, bytes: buf.data, obsolete: plan.all_objects() })
+    Ok(Compaction { object, meta, bytes: buf.data.share(), obsolete: plan.all_objects() })
 }
 
 #[cfg(test)]

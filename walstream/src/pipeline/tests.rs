@@ -55,7 +55,7 @@ fn with_buffers(
     for &(segno, base, end, closed) in buffers {
         let start = l.segment_start(segno);
         let mut b = SegmentBuffer::new(1, segno, base);
-        b.data = wal(1, start + u64::from(base), start + u64::from(end));
+        b.data = wal(1, start + u64::from(base), start + u64::from(end)).into();
         b.closed = closed;
         p.segments.push_back(b);
     }
@@ -261,6 +261,39 @@ fn group_commit_puts_when_wal_is_there_and_the_previous_put_is_done_spaced_by_th
 }
 
 #[test]
+fn a_whole_segment_is_shared_with_its_puts_and_its_memory_reused_once_free() {
+    let t0 = Instant::now();
+    let mut p = WalPipeline::fresh(layout(), Duration::ZERO, 1, 0);
+    p.note_server_end(3 * SEG);
+    p.append(0, &wal(1, 0, SEG), &[], t0).unwrap();
+    let put = take_put(&mut p, t0);
+    assert_eq!((put.object, &put.bytes), (segment(1, 0), &wal(1, 0, SEG).into()));
+    let at = put.bytes.as_ptr();
+    p.put_failed(put.id, "down".into(), t0).unwrap();
+    drop(put);
+    let retry = take_put(&mut p, t0 + HOUR);
+    assert_eq!(retry.bytes.as_ptr(), at, "the retry puts the same bytes, not a copy");
+    let id = retry.id;
+    drop(retry); // as the uploader's put has dropped its bytes when it reports
+    p.put_done(id, t0 + HOUR).unwrap();
+
+    // The next segment's buffer is the one freed (never while a put still held it: below).
+    p.append(SEG, &wal(1, SEG, SEG + 10), &[], t0 + HOUR).unwrap();
+    assert_eq!(p.segments.back().unwrap().data.as_ptr(), at);
+    assert_eq!(p.segments.back().unwrap().data, wal(1, SEG, SEG + 10));
+
+    let mut p = WalPipeline::fresh(layout(), Duration::ZERO, 1, 0);
+    p.note_server_end(3 * SEG);
+    p.append(0, &wal(1, 0, SEG), &[], t0).unwrap();
+    let put = take_put(&mut p, t0);
+    p.put_done(put.id, t0).unwrap();
+    p.append(SEG, &wal(1, SEG, 2 * SEG), &[], t0).unwrap();
+    assert_ne!(p.segments.back().unwrap().data.as_ptr(), put.bytes.as_ptr(), "still held by the put");
+    assert_eq!(put.bytes, wal(1, 0, SEG), "and left as it was");
+    assert_eq!(take_put(&mut p, t0).bytes, wal(1, SEG, 2 * SEG));
+}
+
+#[test]
 fn catching_up_a_segment_is_sealed_once() {
     let t0 = Instant::now();
     let mut p = WalPipeline::fresh(layout(), Duration::ZERO, 1, 0);
@@ -271,7 +304,7 @@ fn catching_up_a_segment_is_sealed_once() {
     assert_eq!(p.reportable(), 0, "held WAL is not durable and not reported");
     p.append(100, &wal(1, 100, SEG + 10), &[], t0 + MS).unwrap();
     let seg = take_put(&mut p, t0 + 2 * MS);
-    assert_eq!((seg.object, seg.bytes), (segment(1, 0), wal(1, 0, SEG)), "one object, sealed once");
+    assert_eq!((seg.object, seg.bytes), (segment(1, 0), wal(1, 0, SEG).into()), "one object, sealed once");
     let done = p.put_done(seg.id, t0 + 3 * MS).unwrap();
     assert!(done.obsolete.is_empty(), "no chunks to delete: none were put");
     assert_eq!(p.reportable(), SEG);
@@ -340,7 +373,7 @@ fn failed_puts_are_retried_after_a_growing_backoff_with_what_came_meanwhile() {
     p.append(100, &wal(1, 100, 150), &[], t0 + MS).unwrap();
     assert_eq!(p.next_step(t0 + 50 * MS), Step::Wait(Some(t0 + 100 * MS)));
     let again = take_put(&mut p, t0 + 100 * MS);
-    assert_eq!((again.object, again.bytes.clone()), (chunk(1, 0, 0, 150), wal(1, 0, 150)));
+    assert_eq!((again.object, again.bytes.clone()), (chunk(1, 0, 0, 150), wal(1, 0, 150).into()));
     // The delay doubles, up to 30 s.
     let mut now = t0 + 100 * MS;
     let mut delays = Vec::new();
@@ -461,12 +494,12 @@ fn a_put_landed_but_reported_failed_leaves_a_chunk_the_next_start_removes() {
     let mut p = WalPipeline::fresh(layout(), Duration::ZERO, 1, 0);
     p.append(0, &wal(1, 0, 100), &[], t).unwrap();
     let put = take_put(&mut p, t);
-    archive.put(put.object, put.meta.clone(), put.bytes.clone());
+    archive.put(put.object, put.meta.clone(), put.bytes.to_vec());
     p.put_failed(put.id, "timed out".into(), t).unwrap();
     p.append(100, &wal(1, 100, SEG), &[], t).unwrap();
     let retry = take_put(&mut p, t + HOUR);
     assert_eq!(retry.object, segment(1, 0));
-    archive.put(retry.object, retry.meta.clone(), retry.bytes.clone());
+    archive.put(retry.object, retry.meta.clone(), retry.bytes.to_vec());
     let done = p.put_done(retry.id, t + HOUR).unwrap();
     assert_eq!(done.obsolete, vec![], "the pipeline never heard of the chunk");
     let plan = ResumePlan::from_catalog(&archive.catalog());
@@ -550,14 +583,14 @@ fn a_timeline_switch_mid_segment() {
     // The new timeline's WAL comes, but timeline 1's tail goes first, at once (it is closed).
     p.append(3 * SEG, &wal(2, 3 * SEG, 3 * SEG + 400), &[], t).unwrap();
     let tail = take_put(&mut p, t + MS);
-    assert_eq!((tail.object, tail.bytes.clone()), (chunk(1, 3, 200, 300), wal(1, 3 * SEG + 200, 3 * SEG + 300)));
+    assert_eq!((tail.object, tail.bytes.clone()), (chunk(1, 3, 200, 300), wal(1, 3 * SEG + 200, 3 * SEG + 300).into()));
     p.put_done(tail.id, t + MS).unwrap();
     assert_eq!(p.durable().timeline, 1);
     assert_eq!(p.reportable(), 3 * SEG, "everything before timeline 2's start is archived");
     // Timeline 1's segment 3 is not full: it stays as chunks. Timeline 2's bytes go next (the
     // spacing counts from timeline 1's last chunk).
     let put = take_put(&mut p, t + HOUR + MS);
-    assert_eq!((put.object, put.bytes.clone()), (chunk(2, 3, 0, 400), wal(2, 3 * SEG, 3 * SEG + 400)));
+    assert_eq!((put.object, put.bytes.clone()), (chunk(2, 3, 0, 400), wal(2, 3 * SEG, 3 * SEG + 400).into()));
     p.put_done(put.id, t + HOUR + MS).unwrap();
     assert_eq!(p.reportable(), 3 * SEG + 400);
     assert_eq!(p.segments.iter().map(|s| s.timeline).collect::<Vec<_>>(), vec![2]);
@@ -724,7 +757,7 @@ impl Sim {
         };
         for run in &plan.orphans {
             let c = compaction(&l, run, archive.read_run(run)?).expect("an orphan covers its segment");
-            archive.put(c.object, c.meta, c.bytes);
+            archive.put(c.object, c.meta, c.bytes.to_vec());
             for o in &c.obsolete {
                 archive.objects.remove(o);
             }
@@ -770,7 +803,7 @@ impl Sim {
                 self.pipeline.put_failed(put.id, "injected".into(), self.now).unwrap();
                 continue;
             }
-            self.archive.put(put.object, put.meta, put.bytes);
+            self.archive.put(put.object, put.meta, put.bytes.to_vec());
             // Landed, not yet known to the pipeline.
             self.crash_point();
             let done = self.pipeline.put_done(put.id, self.now).unwrap();
