@@ -39,6 +39,7 @@ pub mod chunk_run;
 pub mod cloud;
 pub mod complete;
 pub mod continuity;
+mod dir_listings;
 pub mod expire;
 pub mod journal;
 pub mod keys;

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use rand::RngCore;
 
 use crate::chunk_log::{self, Logs, LOG_DIR};
+use crate::dir_listings::{keepable, DirListings, DirStamp};
 use crate::recycle::RecyclePool;
 
 /// Why a [`Store`] operation failed. Every variant names the object and the store's location, so
@@ -291,13 +292,21 @@ pub struct LocalStore {
     /// only by an appending one ([`LocalStore::appending`]).
     logs: Arc<Logs>,
     appending: bool,
+    /// One-level listings kept while their directory is unchanged (see [`crate::dir_listings`]).
+    listings: Arc<DirListings>,
 }
 
 impl LocalStore {
     /// A store on the directory `root`. Nothing is touched yet; puts and listings fail while the
     /// directory does not exist (see [`LocalStore::create_root`]).
     pub fn new(root: impl Into<PathBuf>) -> LocalStore {
-        LocalStore { root: root.into(), recycled: None, logs: Arc::default(), appending: false }
+        LocalStore {
+            root: root.into(),
+            recycled: None,
+            logs: Arc::default(),
+            appending: false,
+            listings: Arc::default(),
+        }
     }
 
     /// This store, putting WAL chunks as records appended to one log per segment (one fdatasync
@@ -548,8 +557,14 @@ impl LocalStore {
         if !dir.is_empty() {
             validate_name(dir.trim_end_matches('/'))?;
         }
+        let path = self.root.join(dir);
+        let (read_at, read) = (std::time::SystemTime::now(), std::time::Instant::now());
+        let before = DirStamp::of(&path);
+        if let Some(names) = before.as_ref().and_then(|stamp| self.listings.get(&path, stamp)) {
+            return Ok(names);
+        }
         let mut out = Vec::new();
-        for (_, fname, ft) in self.entries(&self.root.join(dir), dir)? {
+        for (_, fname, ft) in self.entries(&path, dir)? {
             if ft.is_dir() {
                 out.push(format!("{dir}{fname}/"));
             } else if ft.is_file() {
@@ -565,6 +580,12 @@ impl LocalStore {
         }
         out.sort();
         out.dedup();
+        if let (Some(before), Some(after)) = (before, DirStamp::of(&path)) {
+            let holds_logs = std::fs::symlink_metadata(path.join(LOG_DIR)).is_ok();
+            if keepable(&before, &after, read_at, holds_logs) {
+                self.listings.keep(&path, before, &out, read);
+            }
+        }
         Ok(out)
     }
 
@@ -931,6 +952,54 @@ mod tests {
         assert_eq!(Folding(local.clone()).list_children("").await.unwrap(), vec!["mongo/", "pg/"]);
         assert!(local.list_children("none/").await.unwrap().is_empty());
         assert!(local.list_children("../").await.is_err());
+    }
+
+    /// A one-level listing is kept while its directory is unchanged (the lease guard lists before
+    /// every WAL put), and every change after it is seen at once: an object put, a file
+    /// planted or removed by hand, the directory replaced. Nothing is kept for a directory
+    /// holding chunk logs, nor for one changed within the last second.
+    #[tokio::test]
+    async fn a_kept_listing_never_hides_a_change_to_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = LocalStore::new(dir.path()).appending();
+        let lease = dir.path().join("pg/7/lease");
+        let kept = |path: &Path| DirStamp::of(path).and_then(|s| local.listings.get(path, &s)).is_some();
+        local.put_if_absent("pg/7/lease/0000000000000001", Bytes::from_static(b"1")).await.unwrap();
+        let chunk = "pg/7/wal/000000010000000000000001.00000000-00000010.chunk";
+        local.put_if_absent(chunk, Bytes::from_static(b"c")).await.unwrap();
+        assert_eq!(local.list_children("pg/7/lease/").await.unwrap(), ["pg/7/lease/0000000000000001"]);
+        assert!(!kept(&lease), "changed within the last second");
+
+        tokio::time::sleep(crate::dir_listings::SETTLE + std::time::Duration::from_millis(100)).await;
+        assert_eq!(local.list_children("pg/7/lease/").await.unwrap(), ["pg/7/lease/0000000000000001"]);
+        assert!(kept(&lease));
+        assert_eq!(local.list_children("pg/7/wal/").await.unwrap(), [chunk]);
+        assert!(!kept(&dir.path().join("pg/7/wal")), "chunk logs change without their directory");
+
+        local.put_if_absent("pg/7/lease/0000000000000002", Bytes::from_static(b"2")).await.unwrap();
+        let both = ["pg/7/lease/0000000000000001", "pg/7/lease/0000000000000002"];
+        assert_eq!(local.list_children("pg/7/lease/").await.unwrap(), both);
+
+        tokio::time::sleep(crate::dir_listings::SETTLE + std::time::Duration::from_millis(100)).await;
+        assert_eq!(local.list_children("pg/7/lease/").await.unwrap(), both);
+        assert!(kept(&lease));
+        std::fs::remove_file(lease.join("0000000000000001")).unwrap();
+        assert_eq!(local.list_children("pg/7/lease/").await.unwrap(), ["pg/7/lease/0000000000000002"]);
+
+        tokio::time::sleep(crate::dir_listings::SETTLE + std::time::Duration::from_millis(100)).await;
+        assert_eq!(local.list_children("pg/7/lease/").await.unwrap(), ["pg/7/lease/0000000000000002"]);
+        assert!(kept(&lease));
+        std::fs::write(lease.join("0000000000000009"), b"planted").unwrap();
+        assert_eq!(local.list_children("pg/7/lease/").await.unwrap().len(), 2, "a file planted by hand");
+
+        tokio::time::sleep(crate::dir_listings::SETTLE + std::time::Duration::from_millis(100)).await;
+        local.list_children("pg/7/lease/").await.unwrap();
+        assert!(kept(&lease));
+        let aside = dir.path().join("pg/7/lease-old");
+        std::fs::rename(&lease, &aside).unwrap();
+        std::fs::create_dir(&lease).unwrap();
+        std::fs::rename(aside.join("0000000000000002"), lease.join("0000000000000002")).unwrap();
+        assert_eq!(local.list_children("pg/7/lease/").await.unwrap(), ["pg/7/lease/0000000000000002"], "replaced");
     }
 
     /// The sidecar checks the directories above its log once per segment; a log directory or a
