@@ -55,18 +55,23 @@ pub struct RestoreRound {
     pub pgbr_bytes: u64,
 }
 
-fn pgbackrest_bin() -> PathBuf {
-    let p = PathBuf::from("/usr/bin/pgbackrest");
-    if p.is_file() {
-        p
-    } else {
-        PathBuf::from("pgbackrest")
-    }
+/// pgBackRest's binary, as a full path: run as the server's OS user, a bare name would be
+/// looked up in a PATH of root's that user may not read (spawning then fails with "permission
+/// denied", which says nothing about a missing install).
+fn pgbackrest_bin() -> Result<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join("pgbackrest"));
+    std::iter::once(PathBuf::from("/usr/bin/pgbackrest"))
+        .chain(on_path)
+        .find(|p| p.is_file())
+        .context("pgBackRest not found (not /usr/bin/pgbackrest, not on PATH): apt-get install -y pgbackrest")
 }
 
 /// `pgbackrest --config=<conf> --stanza=bench <args>` as the server's OS user.
 fn pgbackrest(conf: &Path, cwd: &Path, args: &[&str]) -> Result<String> {
-    let mut cmd = Command::new(pgbackrest_bin());
+    let mut cmd = Command::new(pgbackrest_bin()?);
     cmd.arg(format!("--config={}", conf.display())).arg(format!("--stanza={STANZA}")).args(args).current_dir(cwd);
     as_pg_user(&mut cmd);
     run_ok(&mut cmd, &format!("pgbackrest {}", args.join(" ")))
@@ -131,7 +136,7 @@ impl Bench {
             ),
         )?;
         chown_to_pg_user(br.path())?;
-        let pgbackrest_version = Command::new(pgbackrest_bin())
+        let pgbackrest_version = Command::new(pgbackrest_bin()?)
             .arg("version")
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())

@@ -7,8 +7,7 @@ use pitr_archive::restore_points::RestorePoint;
 
 /// A segment buffer's bytes: a vector while WAL arrives, then, once the whole segment is put as
 /// one object, shared with that put. A retry and the compaction of a segment hand the same bytes
-/// on instead of copying 16 MiB each time, and the vector comes back for the next segment
-/// ([`SegmentBytes::into_vec`]) rather than being freed and faulted in again page by page.
+/// on instead of copying 16 MiB each time.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SegmentBytes {
     /// The bytes while they grow; empty once shared.
@@ -46,16 +45,6 @@ impl SegmentBytes {
     /// All the bytes, shared: the first call turns the vector into [`Bytes`] without a copy.
     pub fn share(&mut self) -> Bytes {
         self.shared.get_or_insert_with(|| Bytes::from(std::mem::take(&mut self.growing))).clone()
-    }
-
-    /// The allocation back, emptied, if nobody else holds it: for the next segment's buffer.
-    pub fn into_vec(self) -> Option<Vec<u8>> {
-        let mut v = match self.shared {
-            None => self.growing,
-            Some(shared) => Vec::from(shared.try_into_mut().ok()?),
-        };
-        v.clear();
-        Some(v)
     }
 }
 

@@ -215,9 +215,6 @@ pub(crate) struct WalPipeline {
     /// Grows whenever the durable end moves, memory is freed or a put fails: the receiver's
     /// cue to report and to read on.
     generation: u64,
-    /// A freed segment buffer's allocation, for the next buffer: a fresh 16 MiB allocation is
-    /// faulted in (and zeroed by the kernel) page by page as WAL is copied in.
-    spare: Option<Vec<u8>>,
 }
 
 impl WalPipeline {
@@ -260,7 +257,6 @@ impl WalPipeline {
             stopping: false,
             stats: UploadStats::default(),
             generation: 0,
-            spare: None,
         }
     }
 
@@ -360,9 +356,6 @@ impl WalPipeline {
             if !reuse {
                 self.close_all();
                 let mut buf = SegmentBuffer::new(timeline, segno, off);
-                if let Some(spare) = self.spare.take() {
-                    buf.data = spare.into();
-                }
                 buf.data.reserve(segment_size as usize - off as usize);
                 self.segments.push_back(buf);
             }
@@ -508,7 +501,7 @@ impl WalPipeline {
     /// past it. A segment's chunks come back in [`Done::obsolete`] for deletion.
     pub fn put_done(&mut self, id: u64, now: Instant) -> Result<Done, PipelineError> {
         if let Some(done) = self.compaction.take_if(|c| c.id == id) {
-            let obsolete = self.compacting.pop_front().map(|seg| self.recycle(seg)).unwrap_or_default();
+            let obsolete = self.compacting.pop_front().map(|seg| seg.chunk_objects()).unwrap_or_default();
             self.compaction_retry = Retry::default();
             self.stats.objects += 1;
             self.stats.bytes += done.bytes;
@@ -532,7 +525,7 @@ impl WalPipeline {
             }
             WalObject::Segment { timeline, segno } => {
                 if let Some(seg) = self.segments.pop_front() {
-                    obsolete = self.recycle(seg);
+                    obsolete = seg.chunk_objects();
                 }
                 let end = self.layout.segment_start(segno + 1);
                 self.advance(timeline, end, put.last_commit_us);
@@ -576,15 +569,6 @@ impl WalPipeline {
         if last_commit_us.is_some() {
             d.last_commit_us = last_commit_us;
         }
-    }
-
-    /// Keeps a freed buffer's allocation for the next one; returns its chunk objects.
-    fn recycle(&mut self, seg: SegmentBuffer) -> Vec<WalObject> {
-        let chunks = seg.chunk_objects();
-        if self.spare.is_none() {
-            self.spare = seg.data.into_vec();
-        }
-        chunks
     }
 
     /// No more bytes come for any buffer held.
@@ -661,9 +645,7 @@ impl WalPipeline {
                 if !closed {
                     return None; // waits for more bytes
                 }
-                if let Some(seg) = self.segments.pop_front() {
-                    self.recycle(seg);
-                }
+                self.segments.pop_front();
                 self.generation += 1;
                 continue;
             }
