@@ -59,13 +59,9 @@ pub struct RestoreRound {
 /// looked up in a PATH of root's that user may not read (spawning then fails with "permission
 /// denied", which says nothing about a missing install).
 fn pgbackrest_bin() -> Result<PathBuf> {
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .map(|dir| dir.join("pgbackrest"));
-    std::iter::once(PathBuf::from("/usr/bin/pgbackrest"))
-        .chain(on_path)
-        .find(|p| p.is_file())
+    Some(PathBuf::from("/usr/bin/pgbackrest"))
+        .filter(|p| p.is_file())
+        .or_else(|| pitr_tests::on_path("pgbackrest"))
         .context("pgBackRest not found (not /usr/bin/pgbackrest, not on PATH): apt-get install -y pgbackrest")
 }
 

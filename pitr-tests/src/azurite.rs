@@ -36,10 +36,7 @@ fn install_root() -> PathBuf {
 fn azurite_blob() -> Result<PathBuf> {
     let root = install_root();
     let installed = root.join("node_modules").join(".bin").join("azurite-blob");
-    let find = || {
-        let path = std::env::var_os("PATH")?;
-        std::env::split_paths(&path).map(|d| d.join("azurite-blob")).find(|p| p.is_file())
-    };
+    let find = || crate::on_path("azurite-blob");
     if let Some(bin) = find() {
         return Ok(bin);
     }

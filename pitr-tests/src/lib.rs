@@ -107,6 +107,12 @@ fn lookup_user(name: &str) -> Option<PgUser> {
 }
 
 /// Whether this process runs as root.
+/// The first file named `bin` in a directory of `PATH`, if any.
+pub fn on_path(bin: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(bin)).find(|p| p.is_file())
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -1128,8 +1134,7 @@ pub fn promtool() -> Result<PathBuf> {
         if system.is_file() {
             return Some(system);
         }
-        let path = std::env::var_os("PATH")?;
-        std::env::split_paths(&path).map(|d| d.join("promtool")).find(|p| p.is_file())
+        on_path("promtool")
     };
     if let Some(p) = find() {
         return Ok(p);
@@ -1166,10 +1171,7 @@ pub struct S3Server {
 
 impl S3Server {
     pub fn start() -> Result<S3Server> {
-        let find = || {
-            let path = std::env::var_os("PATH")?;
-            std::env::split_paths(&path).map(|d| d.join("moto_server")).find(|p| p.is_file())
-        };
+        let find = || on_path("moto_server");
         let bin = match find() {
             Some(b) => b,
             None => {

@@ -19,8 +19,7 @@ pub const SECANTUS_VERSION: &str = "0.7.0b3";
 pub const REPLICA_SET: &str = "secantus";
 
 fn find_server() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join("secantusd-py")).find(|p| p.is_file())
+    crate::on_path("secantusd-py")
 }
 
 /// `secantusd-py`, installed with pip if missing.

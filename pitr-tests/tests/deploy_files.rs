@@ -297,10 +297,7 @@ fn systemd_unit_verifies() -> Result<()> {
 
 /// A Python tool on PATH, installed with pip when missing (as .ci/run does).
 fn pip_tool(bin: &str, package: &str) -> Result<PathBuf> {
-    let find = || {
-        let path = std::env::var_os("PATH")?;
-        std::env::split_paths(&path).map(|d| d.join(bin)).find(|p| p.is_file())
-    };
+    let find = || pitr_tests::on_path(bin);
     if let Some(found) = find() {
         return Ok(found);
     }

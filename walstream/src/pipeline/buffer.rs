@@ -21,10 +21,6 @@ impl SegmentBytes {
         self.shared.as_deref().unwrap_or(&self.growing)
     }
 
-    pub fn len(&self) -> usize {
-        self.as_slice().len()
-    }
-
     /// The vector to append to. Bytes already shared are copied back first (a closed buffer
     /// takes no more bytes, so the pipeline never does this).
     fn growing(&mut self) -> &mut Vec<u8> {
