@@ -348,7 +348,13 @@ struct Writer {
 /// makes its fdatasync write the inode too (and on ext4, for blocks first written, the block
 /// bitmap); one filled ahead writes only the record, as PostgreSQL and pg_receivewal fill WAL
 /// segments with zeros before they use them. A reader stops at the zeros.
-const FILL_AHEAD: u64 = 1 << 20;
+///
+/// The append that fills waits for the zeros to reach the disk: the step is that put's extra
+/// latency, paid once per step of records. Measured on this project's test machine (ext4, 1.6 kB
+/// appends, each fdatasynced): 1 MiB steps gave a mean of 0.10–0.13 ms per append but
+/// 1.3–1.8 ms for the filling one, which landed in the stream's `flush_lag` p99; 64 KiB steps
+/// the same mean and at most 0.4 ms.
+const FILL_AHEAD: u64 = 64 << 10;
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 impl Writer {

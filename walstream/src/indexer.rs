@@ -25,11 +25,13 @@
 //! the start of the segment holding the switch point, and that segment's bytes up to the switch
 //! point are the old timeline's, which the cursor has decoded already.
 //!
-//! Decoding is CPU work (a full 16 MiB segment at a time in the catch-up): a message over
-//! [`INLINE_DECODE_MAX`] is decoded on tokio's blocking threads (`spawn_blocking`, the cursor
-//! moved in and back), not on the runtime's workers, which the receiver, uploader and lease
-//! renewal share; a small one (a commit or two under a synchronous load) on the task itself, as
-//! the hand-off would cost more than the decoding.
+//! Decoding is CPU work (a full 16 MiB segment at a time in the catch-up), so the indexer runs on
+//! the stream's background thread, at a lower priority than the receiver (`background.rs`). It
+//! takes what gathered in its queue in one go and then lets more gather ([`GATHER`]): under a
+//! synchronous load a message is a commit or two, and being woken for each would cost a
+//! wake-up on both threads. A message over [`INLINE_DECODE_MAX`] is decoded on that runtime's
+//! blocking threads (`spawn_blocking`, the cursor moved in and back), so that the compactions
+//! beside it are not held up; a small one on the task itself.
 //!
 //! It owns nothing the receiver needs: a failure here is logged and counted, never stops WAL.
 
@@ -62,6 +64,10 @@ const BACKFILL_MAX: u64 = 1024;
 /// How long after a skip the backfill waits (more skips gather into one pass; the WAL of the
 /// segments skipped becomes durable meanwhile).
 const BACKFILL_DELAY: std::time::Duration = std::time::Duration::from_secs(30);
+/// After a batch of fewer than a quarter of [`QUEUE`], how long the indexer lets messages gather
+/// before it takes the next: it lags the stream by at most this much more, and is woken about
+/// 1 / GATHER times a second instead of once per message.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(25);
 /// Messages up to this size are decoded on the indexer's own task (at several hundred MB/s, a
 /// few tens of microseconds); bigger ones (the catch-up's) on a blocking thread.
 const INLINE_DECODE_MAX: usize = 16 << 10;
@@ -87,8 +93,10 @@ pub(crate) struct Indexer {
 }
 
 impl Indexer {
-    /// Starts the indexer task for a session.
+    /// Starts the indexer task for a session, on `background` (see `background.rs`).
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
+        background: &tokio::runtime::Handle,
         repo: Repository,
         guard: LeaseGuard,
         info: ClusterInfo,
@@ -112,7 +120,7 @@ impl Indexer {
             backfill: None,
             catalog: Some(catalog),
         };
-        Indexer { tx, task: tokio::spawn(task.run(rx, progress)) }
+        Indexer { tx, task: background.spawn(task.run(rx, progress)) }
     }
 
     /// Offers WAL bytes starting at `lsn` on `timeline`; dropped if the indexer is behind.
@@ -300,7 +308,18 @@ impl IndexTask {
                 msg = rx.recv() => match msg {
                     Some((timeline, lsn, data)) => {
                         self.take(timeline, lsn, data).await;
+                        let mut taken = 1;
+                        while let Ok((timeline, lsn, data)) = rx.try_recv() {
+                            self.take(timeline, lsn, data).await;
+                            taken += 1;
+                        }
                         self.flush().await;
+                        if taken < QUEUE / 4 {
+                            // Let messages gather: waiting in `recv` again at once, this thread
+                            // would be woken (and the stream's thread would wake it) for each
+                            // of them, a commit or two under a synchronous load.
+                            tokio::time::sleep(GATHER).await;
+                        }
                     }
                     None => return,
                 },

@@ -15,7 +15,8 @@
 //! listing, reading a partial segment back, compacting segments left as chunks). While caught up
 //! it records completeness marks (`marks.rs`: the moments the archive held everything the
 //! primary had). Off the receive path, the change indexer (`indexer.rs`) decodes the received WAL
-//! into the change index, one object per segment once it is durable.
+//! into the change index, one object per segment once it is durable; it and the segments'
+//! compactions run on a background thread at a lower CPU priority (`background.rs`).
 //!
 //! It does not parse the protocol (pitr-pgwire) or PostgreSQL's formats (pitr-pgformat), and does
 //! not know the object format (pitr-archive).
@@ -23,6 +24,7 @@
 #![deny(missing_docs)]
 
 mod api;
+mod background;
 mod indexer;
 mod marks;
 mod pipeline;

@@ -60,6 +60,9 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), StreamError> {
     repo.check().await?;
+    // Lives until the end of this function, after the uploader (which may wait for a compaction
+    // running there) has finished.
+    let background = crate::background::Background::start()?;
     let opts = ConnectOptions { replication: true, application_name: cfg.application_name.clone() };
     let mut session: Option<Session> = None;
     let started = Instant::now();
@@ -96,7 +99,7 @@ pub async fn run(
             }
         };
         backoff = Duration::from_millis(200);
-        let result = stream_on(&repo, &cfg, &mut conn, &mut session, &status, &mut shutdown).await;
+        let result = stream_on(&repo, &cfg, background.handle(), &mut conn, &mut session, &status, &mut shutdown).await;
         status.send_modify(|s| s.connected = false);
         match result {
             Ok(Finished::Shutdown) => {
@@ -151,6 +154,7 @@ async fn finish(session: Option<Session>, status: &watch::Sender<StreamStatus>) 
 async fn stream_on(
     repo: &Repository,
     cfg: &StreamConfig,
+    background: &tokio::runtime::Handle,
     conn: &mut Connection,
     session: &mut Option<Session>,
     status: &watch::Sender<StreamStatus>,
@@ -195,7 +199,7 @@ async fn stream_on(
         }
     }
     if let Some(lease) = lease {
-        *session = Some(open_session(repo, cfg, conn, &ident, created_at, lease).await?);
+        *session = Some(open_session(repo, cfg, background, conn, &ident, created_at, lease).await?);
     }
     let s = session.as_mut().ok_or_else(|| StreamError::Fatal("no session".into()))?;
     if !fresh {

@@ -136,7 +136,8 @@ mod tests {
         let (timeline, start) = plan.start.unwrap();
         compact_orphans(repo.clone(), lease.guard(), l, plan.orphans).await;
         let shared = Shared::new(WalPipeline::resume(l, Duration::ZERO, timeline, start, partial));
-        let (task, mut progress) = uploader::spawn(repo.clone(), lease.guard(), shared.clone());
+        let (task, mut progress) =
+            uploader::spawn(repo.clone(), lease.guard(), shared.clone(), tokio::runtime::Handle::current());
         // In pieces, as the primary sends it.
         let mut lsn = start;
         while lsn < until {

@@ -98,6 +98,7 @@ pub(crate) async fn take_lease(repo: &Repository, cfg: &StreamConfig, system_id:
 pub(crate) async fn open_session(
     repo: &Repository,
     cfg: &StreamConfig,
+    background_rt: &tokio::runtime::Handle,
     conn: &mut Connection,
     ident: &pitr_pgwire::SystemIdentity,
     slot_created_at: Option<u64>,
@@ -156,14 +157,19 @@ pub(crate) async fn open_session(
         }
     };
     let pipeline = Shared::new(pipeline);
-    let (uploader, progress) = uploader::spawn(repo.clone(), guard.clone(), pipeline.clone());
+    let (uploader, progress) = uploader::spawn(repo.clone(), guard.clone(), pipeline.clone(), background_rt.clone());
     let mut background = Vec::new();
     if !plan.orphans.is_empty() {
         tracing::info!(
             segments = plan.orphans.len(),
             "segments held entirely as chunks: compacting them in the background"
         );
-        background.push(tokio::spawn(resume::compact_orphans(repo.clone(), guard.clone(), layout, plan.orphans)));
+        background.push(background_rt.spawn(resume::compact_orphans(
+            repo.clone(),
+            guard.clone(),
+            layout,
+            plan.orphans,
+        )));
     }
     let (recorded_tx, marks_recorded) = watch::channel(None);
     let marks = if cfg.complete_interval.is_zero() {
@@ -176,7 +182,16 @@ pub(crate) async fn open_session(
     };
     let indexer = cfg.index.enabled.then(|| {
         let (repo, guard) = (repo.clone(), guard.clone());
-        Indexer::spawn(repo, guard, info.clone(), pipeline.clone(), progress.clone(), catalog, &cfg.index)
+        Indexer::spawn(
+            background_rt,
+            repo,
+            guard,
+            info.clone(),
+            pipeline.clone(),
+            progress.clone(),
+            catalog,
+            &cfg.index,
+        )
     });
     Ok(Session {
         indexer,

@@ -61,13 +61,15 @@ impl Shared {
 /// lost to another writer). The
 /// receiver's end of the returned channel changes after every put and when memory is freed, and
 /// closes when the uploader ends.
+/// Compactions run on `background` (see `background.rs`); the chunk puts on this task.
 pub(crate) fn spawn(
     repo: Repository,
     guard: LeaseGuard,
     shared: Arc<Shared>,
+    background: tokio::runtime::Handle,
 ) -> (tokio::task::JoinHandle<Result<(), StreamError>>, watch::Receiver<u64>) {
     let (progress, progress_rx) = watch::channel(shared.with(|p| p.generation()));
-    let uploader = Uploader { repo, guard, shared, progress };
+    let uploader = Uploader { repo, guard, shared, progress, background };
     (tokio::spawn(uploader.run()), progress_rx)
 }
 
@@ -76,6 +78,8 @@ struct Uploader {
     guard: LeaseGuard,
     shared: Arc<Shared>,
     progress: watch::Sender<u64>,
+    /// Where compactions run: off the stream's thread, at a lower priority.
+    background: tokio::runtime::Handle,
 }
 
 /// Why a fenced put did not happen or failed.
@@ -91,6 +95,9 @@ enum PutError {
     /// The lease's check failed otherwise (its generations changed under it while it read
     /// them): nothing was put; retried like a failed put.
     Unchecked(LeaseError),
+    /// The task making the put was stopped before it said how the put went (the background
+    /// runtime ended): retried like a failed put.
+    Interrupted(&'static str),
 }
 
 /// How long a put waits for an unconfirmed lease before it counts as failed (and is retried).
@@ -140,19 +147,27 @@ fn index_error_may_pass(e: &RepositoryError) -> bool {
     }
 }
 
-/// A compaction running beside the chunk puts: its put id and how its put went.
-type Compaction = tokio::task::JoinHandle<(u64, Instant, PutResult)>;
+/// A compaction running beside the chunk puts: its put id, and its task, which says how the put
+/// went.
+struct Compaction {
+    id: u64,
+    task: tokio::task::JoinHandle<(Instant, PutResult)>,
+}
+
+const COMPACTION_CANCELLED: &str = "the compaction's task was stopped before its put finished";
 
 /// Waits for the compaction under way, if any (never returns while there is none).
-async fn compaction_finished(task: &mut Option<Compaction>) -> (u64, Instant, PutResult) {
-    let Some(handle) = task.as_mut() else { return std::future::pending().await };
-    let joined = handle.await;
-    *task = None;
+async fn compaction_finished(compaction: &mut Option<Compaction>) -> (u64, Instant, PutResult) {
+    let Some(c) = compaction.as_mut() else { return std::future::pending().await };
+    let joined = (&mut c.task).await;
+    let id = c.id;
+    *compaction = None;
     match joined {
-        Ok(outcome) => outcome,
+        Ok((started, result)) => (id, started, result),
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        // Cancelled only by a runtime shutting down, which polls nothing after.
-        Err(_) => std::future::pending().await,
+        // Cancelled: the background runtime stopped under it. Recorded as a failed put, so the
+        // pipeline offers the compaction again rather than wait for it for ever.
+        Err(_) => (id, Instant::now(), Err(PutError::Interrupted(COMPACTION_CANCELLED))),
     }
 }
 
@@ -163,12 +178,13 @@ impl Uploader {
         loop {
             if compaction.is_none() {
                 if let Some(put) = self.shared.with(|p| p.next_compaction(Instant::now())) {
-                    // Its own task: a local put runs in place and would hold up the chunk puts.
+                    // On the background runtime: a 16 MiB seal is CPU the primary and the chunk
+                    // puts need more, and nothing waits for it to be durable.
                     let (repo, guard, name) = (self.repo.clone(), self.guard.clone(), layout.object_name(&put.object));
-                    compaction = Some(tokio::spawn(async move {
-                        let (started, result) = fenced_put(&repo, &guard, &name, put.bytes, put.meta).await;
-                        (put.id, started, result)
-                    }));
+                    let task = self
+                        .background
+                        .spawn(async move { fenced_put(&repo, &guard, &name, put.bytes, put.meta).await });
+                    compaction = Some(Compaction { id: put.id, task });
                 }
             }
             let step = self.shared.with(|p| p.next_step(Instant::now()));
@@ -273,6 +289,7 @@ impl Uploader {
             Err(PutError::Repository(e @ RepositoryError::Conflict { .. })) => Err(e.into()),
             Err(PutError::Unconfirmed(why)) => self.retry_later(id, why.to_string()),
             Err(PutError::Unchecked(e)) => self.retry_later(id, e.to_string()),
+            Err(PutError::Interrupted(why)) => self.retry_later(id, why.to_string()),
             Err(PutError::Repository(e)) => self.retry_later(id, e.to_string()),
         }
     }
@@ -293,6 +310,8 @@ impl Uploader {
         let layout = self.shared.with(|p| p.layout());
         let names: Vec<String> = chunks.iter().map(|c| layout.object_name(c)).collect();
         let (repo, guard) = (self.repo.clone(), self.guard.clone());
+        // On the stream's runtime, not the background one: a delete holds the chunk log's lock,
+        // which the next append waits for.
         tokio::spawn(async move {
             // A delete is a write too: none after the lease is lost or ran out.
             match guard.fenced(repo.delete_many(&names)).await {
@@ -350,7 +369,7 @@ mod tests {
         let (lost_tx, mut lost) = watch::channel(None);
         let (_release, release_rx) = watch::channel(false);
         let keeper = tokio::spawn(crate::session::keep_lease(a, ttl, lost_tx, release_rx));
-        let (task, _progress) = spawn(repo.clone(), guard, pipeline_with_wal());
+        let (task, _progress) = spawn(repo.clone(), guard, pipeline_with_wal(), tokio::runtime::Handle::current());
         let result = tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
         assert!(
             matches!(result, Err(StreamError::Lease(LeaseError::Lost { ref holder, .. })) if holder == "b"),
@@ -376,7 +395,7 @@ mod tests {
         let ttl = Duration::from_millis(400);
         let a = Lease::acquire(&repo, SYSTEM_ID, "a", ttl).await.unwrap();
         // A cannot renew (no keeper: cut off from storage) while its first put is on its way.
-        let (task, _progress) = spawn(repo.clone(), a.guard(), pipeline_with_wal());
+        let (task, _progress) = spawn(repo.clone(), a.guard(), pipeline_with_wal(), tokio::runtime::Handle::current());
         tokio::time::sleep(ttl + Duration::from_millis(20)).await;
         let _b = Lease::acquire(&repo, SYSTEM_ID, "b", ttl).await.unwrap();
         // Well past when A's put would have landed.
@@ -395,7 +414,7 @@ mod tests {
         repo.put_sealed(&pg::lease(SYSTEM_ID, 99), rival.into_bytes(), ObjectMeta::plain(ObjectKind::Meta))
             .await
             .unwrap();
-        let (task, _progress) = spawn(repo.clone(), a.guard(), pipeline_with_wal());
+        let (task, _progress) = spawn(repo.clone(), a.guard(), pipeline_with_wal(), tokio::runtime::Handle::current());
         let result = tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
         assert!(
             matches!(result, Err(StreamError::Lease(LeaseError::Lost { ref holder, .. })) if holder == "rogue"),
@@ -436,7 +455,7 @@ mod tests {
         assert!(a.renew_within(Duration::from_millis(50)).await.is_err(), "a renewal that hangs fails");
         hang.store(false, std::sync::atomic::Ordering::SeqCst);
         let shared = pipeline_with_wal();
-        let (_task, mut progress) = spawn(repo.clone(), a.guard(), shared.clone());
+        let (_task, mut progress) = spawn(repo.clone(), a.guard(), shared.clone(), tokio::runtime::Handle::current());
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(wal_objects(&repo).await, Vec::<String>::new(), "a put went out on an unconfirmed lease");
         assert!(!shared.with(|p| p.all_durable()));
@@ -463,7 +482,7 @@ mod tests {
             shared
         };
         let lease = Lease::acquire(&repo, SYSTEM_ID, "a", Duration::from_secs(60)).await.unwrap();
-        let (task, _progress) = spawn(repo.clone(), lease.guard(), with_point());
+        let (task, _progress) = spawn(repo.clone(), lease.guard(), with_point(), tokio::runtime::Handle::current());
         let indexed = async {
             while pitr_archive::restore_points::load(&repo, SYSTEM_ID, false).await.points.is_empty() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -475,7 +494,8 @@ mod tests {
 
         hang.store(false, std::sync::atomic::Ordering::SeqCst);
         let shared = with_point();
-        let (_task, mut progress) = spawn(repo.clone(), lease.guard(), shared.clone());
+        let (_task, mut progress) =
+            spawn(repo.clone(), lease.guard(), shared.clone(), tokio::runtime::Handle::current());
         tokio::time::timeout(Duration::from_secs(10), progress.wait_for(|_| shared.with(|p| p.all_durable())))
             .await
             .unwrap()
@@ -498,7 +518,8 @@ mod tests {
         let shared = pipeline_with_wal();
         shared.with(|p| p.note_restore_points(std::slice::from_ref(&point)));
         let lease = Lease::acquire(&repo, SYSTEM_ID, "a", Duration::from_secs(60)).await.unwrap();
-        let (_task, mut progress) = spawn(repo.clone(), lease.guard(), shared.clone());
+        let (_task, mut progress) =
+            spawn(repo.clone(), lease.guard(), shared.clone(), tokio::runtime::Handle::current());
         tokio::time::timeout(Duration::from_secs(10), progress.wait_for(|_| shared.with(|p| p.all_durable())))
             .await
             .expect("the WAL is put despite the planted entry")
