@@ -106,13 +106,13 @@ fn lookup_user(name: &str) -> Option<PgUser> {
     Some(PgUser { name: name.to_string(), uid: pwd.pw_uid, gid: pwd.pw_gid })
 }
 
-/// Whether this process runs as root.
 /// The first file named `bin` in a directory of `PATH`, if any.
 pub fn on_path(bin: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|d| d.join(bin)).find(|p| p.is_file())
 }
 
+/// Whether this process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
