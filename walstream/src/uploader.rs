@@ -530,4 +530,39 @@ mod tests {
         assert_eq!((index.points.len(), index.problems.len()), (0, 1), "{index:?}");
         assert_eq!(index.problems[0].object, planted);
     }
+
+    /// A compaction whose background runtime stopped under it is a failed put, retried with the
+    /// usual backoff: the uploader neither hangs on it nor stops, the chunks that hold the
+    /// segment stay, and no segment object is written.
+    #[tokio::test]
+    async fn a_compaction_cancelled_with_its_runtime_is_retried_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path());
+        let lease = Lease::acquire(&repo, SYSTEM_ID, "a", Duration::from_secs(60)).await.unwrap();
+        let stopped = crate::background::Background::start().unwrap();
+        let dead = stopped.handle().clone();
+        drop(stopped);
+        let shared = pipeline_with_wal();
+        let (task, mut progress) = spawn(repo.clone(), lease.guard(), shared.clone(), dead);
+        tokio::time::timeout(Duration::from_secs(10), progress.wait_for(|_| shared.with(|p| p.all_durable())))
+            .await
+            .unwrap()
+            .unwrap();
+        // The first 8 KiB are a chunk; now the rest of segment 1 and a little of segment 2:
+        // segment 1 is whole, held as chunks, to be compacted.
+        shared.with(|p| p.append(SEG + 8192, &vec![7u8; SEG as usize - 8192 + 100], &[], Instant::now())).unwrap();
+        shared.wake_uploader();
+        // Two failures: the first and its retry.
+        tokio::time::timeout(Duration::from_secs(20), progress.wait_for(|_| shared.with(|p| p.stats().errors >= 2)))
+            .await
+            .expect("the cancelled compaction was not retried")
+            .unwrap();
+        assert!(!task.is_finished(), "the uploader stopped");
+        let stats = shared.with(|p| p.stats().clone());
+        assert!(stats.last_error.as_deref().is_some_and(|e| e.contains("compaction's task was stopped")), "{stats:?}");
+        assert!(shared.with(|p| p.all_durable()), "the chunks were put");
+        let objects = wal_objects(&repo).await;
+        assert!(!objects.is_empty() && objects.iter().all(|o| o.ends_with(".chunk")), "{objects:?}");
+        task.abort();
+    }
 }
