@@ -141,16 +141,6 @@ impl ClusterInfo {
 /// a large backlog is bound by.
 pub const DEFAULT_WAL_ZSTD_LEVEL: i32 = 1;
 
-/// WAL chunks up to this many bytes are sealed at zstd's fastest level, which stores them
-/// uncompressed (still zstd frames: every reader opens them as before). A chunk is the WAL of one
-/// put — under synchronous commits a few kB, on the path of every commit — and lives only until
-/// its segment is compacted, which compresses the whole segment at the WAL level. Compressing it
-/// cost 11 % of the stream thread's CPU per put under pgbench (`perf`, 3–4 kB chunks: about
-/// 15 µs at level 1, 1 µs stored), to save a few kB on a disk or a PUT that costs the same for
-/// them. Larger chunks (a backlog's, or an object store's once per `flush_interval`) are worth
-/// their compression and keep the WAL level.
-pub const STORED_CHUNK_MAX: usize = 64 << 10;
-
 /// A store plus the keys to open it: the one way the rest of pitr reads and writes objects.
 ///
 /// Reads can fall back to other repositories holding copies of the same objects (secondaries):
@@ -452,7 +442,6 @@ impl Repository {
             cause => RepositoryError::SealingKey { name: name.to_string(), cause },
         })?;
         let level = match meta.kind {
-            ObjectKind::WalChunk if plaintext.len() <= STORED_CHUNK_MAX => seal::fastest_level(),
             ObjectKind::WalChunk | ObjectKind::WalSegment => self.wal_zstd_level,
             _ => self.zstd_level,
         };
@@ -620,28 +609,6 @@ impl Repository {
 mod tests {
     use super::*;
     use crate::store::LocalStore;
-
-    #[tokio::test]
-    async fn small_wal_chunks_are_stored_and_the_rest_compressed_and_all_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("a", [1; 32]));
-        // WAL-like: compresses several times over at level 1.
-        let wal = |len: usize| -> Vec<u8> { (0..len).map(|i| if i % 64 < 48 { 0 } else { (i / 64) as u8 }).collect() };
-        let cases = [
-            ("chunk-small", ObjectKind::WalChunk, 4096, true),
-            ("chunk-at-bound", ObjectKind::WalChunk, STORED_CHUNK_MAX, true),
-            ("chunk-large", ObjectKind::WalChunk, STORED_CHUNK_MAX + 1, false),
-            ("segment-small", ObjectKind::WalSegment, 4096, false),
-            ("backup-block", ObjectKind::Meta, 4096, false),
-        ];
-        for (name, kind, len, stored) in cases {
-            let plain = wal(len);
-            let (_, sealed) = repo.put_sealed_sized(name, plain.clone(), ObjectMeta::plain(kind)).await.unwrap();
-            assert_eq!(stored, sealed >= len as u64, "{name}: {sealed} bytes sealed for {len}");
-            assert!(stored || sealed < len as u64 / 3, "{name}: {sealed} bytes sealed for {len}");
-            assert_eq!(repo.get_opened(name).await.unwrap().1, plain, "{name}");
-        }
-    }
 
     #[tokio::test]
     async fn repository_marker_conflicts_and_wrong_key() {
