@@ -246,7 +246,11 @@ fn compress(frame: &[u8], zstd_level: i32) -> Vec<u8> {
         match cell.as_mut() {
             Some((level, _)) if *level == zstd_level => {}
             Some((level, compressor)) => {
-                compressor.set_compression_level(zstd_level).ok()?;
+                if compressor.set_compression_level(zstd_level).is_err() {
+                    // Its level is unknown now: never reuse it under the old one.
+                    *cell = None;
+                    return None;
+                }
                 *level = zstd_level;
             }
             None => *cell = Some((zstd_level, zstd::bulk::Compressor::new(zstd_level).ok()?)),
