@@ -461,39 +461,54 @@ impl LocalStore {
         let path = self.path_of(name)?;
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        if path.exists() {
-            // The name may come from a put that crashed (or failed) after linking it and before
-            // its directory was fsynced: make the entry durable before anyone relies on it.
-            sync_dirs_up_to(&self.root, &dir).map_err(|e| self.io("put", name, e))?;
-            return Ok(PutOutcome::AlreadyExists);
-        }
+        // Whether the name is a file already. It may come from a put that crashed (or failed)
+        // after linking it and before its directory was fsynced: the entry is made durable before
+        // anyone relies on it.
+        let file_exists = || -> std::io::Result<bool> {
+            if !path.exists() {
+                return Ok(false);
+            }
+            sync_dirs_up_to(&self.root, &dir)?;
+            Ok(true)
+        };
         let log_place = self.log_place(name);
-        // For an appending store, once per segment: the log it appends to (open, its link count
-        // checked after each append) stands for the directories above it.
-        let writing = self.appending
-            && log_place.as_ref().is_some_and(|(log_dir, segment)| self.logs.has_writer(log_dir, segment));
-        if !writing && !self.root.is_dir() {
+        if let (true, Some((log_dir, segment))) = (self.appending, &log_place) {
+            // For an appending store, once per segment: the log it appends to (open, its link
+            // count checked after each append) stands for the directories above it.
+            if !self.logs.has_writer(log_dir, segment) {
+                if !self.root.is_dir() {
+                    return Err(self.root_missing());
+                }
+                let io = |e| self.io("create directory for", name, e);
+                create_dir_all_synced(&self.root, log_dir).map_err(io)?;
+                // `.log` may come from a process that died before its parent's fsync,
+                // which `create_dir_all_synced` would not redo.
+                sync_dirs_up_to(&self.root, log_dir).map_err(io)?;
+            }
+            // A file of the name is looked for only when the log directory's change count says
+            // that another store may have put one (a lookup that fails costs more than the rest
+            // of the put's checks together).
+            return match self.logs.append(log_dir, segment, name, data, file_exists) {
+                Ok(true) => Ok(PutOutcome::Created),
+                Ok(false) => Ok(PutOutcome::AlreadyExists),
+                Err(e) => Err(self.log_error("put", name, e)),
+            };
+        }
+        if !self.root.is_dir() {
             return Err(self.root_missing());
         }
-        if let Some((log_dir, segment)) = log_place {
-            if self.appending {
-                if !writing {
-                    let io = |e| self.io("create directory for", name, e);
-                    create_dir_all_synced(&self.root, &log_dir).map_err(io)?;
-                    // `.log` may come from a process that died before its parent's fsync,
-                    // which `create_dir_all_synced` would not redo.
-                    sync_dirs_up_to(&self.root, &log_dir).map_err(io)?;
-                }
-                return match self.logs.append(&log_dir, segment, name, data) {
-                    Ok(true) => Ok(PutOutcome::Created),
-                    Ok(false) => Ok(PutOutcome::AlreadyExists),
-                    Err(e) => Err(self.log_error("put", name, e)),
-                };
-            }
-            // A chunk a sidecar appended is there as much as a file would be.
-            if self.log_entry("put", name)?.is_some() {
-                return Ok(PutOutcome::AlreadyExists);
-            }
+        // A chunk as a file of its own is a change to its segment's log directory, counted under
+        // its lock (held until this put returns), so that appenders look for the file.
+        let _counted = match &log_place {
+            Some((log_dir, _)) => self.logs.lock_for_file_put(log_dir).map_err(|e| self.log_error("put", name, e))?,
+            None => None,
+        };
+        if file_exists().map_err(|e| self.io("put", name, e))? {
+            return Ok(PutOutcome::AlreadyExists);
+        }
+        // A chunk a sidecar appended is there as much as a file would be.
+        if log_place.is_some() && self.log_entry("put", name)?.is_some() {
+            return Ok(PutOutcome::AlreadyExists);
         }
         create_dir_all_synced(&self.root, &dir).map_err(|e| self.io("create directory for", name, e))?;
         // A deleted object's file when one is waiting (no inode to allocate), else a new file.
@@ -1068,6 +1083,30 @@ mod tests {
         let err = sidecar.list_children("pg/7/lease/").await.unwrap_err();
         assert!(err.to_string().contains("repository directory does not exist"), "{err}");
         assert!(!root.exists(), "a put or listing made the missing repository again");
+    }
+
+    /// Put-if-absent holds the other way too: a chunk that a store which does not append put as
+    /// a file of its own, while the sidecar appends to its segment's log, is there for the
+    /// sidecar's put of that name (which appends nothing).
+    #[tokio::test]
+    async fn a_chunk_another_store_put_as_a_file_is_there_for_the_sidecar() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("r");
+        std::fs::create_dir(&root).unwrap();
+        let sidecar = LocalStore::new(&root).appending();
+        let other = LocalStore::new(&root);
+        let chunk = |from: u32| format!("pg/7/wal/000000010000000000000001.{from:08X}-{:08X}.chunk", from + 16);
+        assert_eq!(sidecar.put_if_absent(&chunk(0), Bytes::from_static(b"a")).await.unwrap(), PutOutcome::Created);
+        assert_eq!(other.put_if_absent(&chunk(16), Bytes::from_static(b"file")).await.unwrap(), PutOutcome::Created);
+        assert!(root.join(chunk(16)).is_file());
+        assert_eq!(
+            sidecar.put_if_absent(&chunk(16), Bytes::from_static(b"record")).await.unwrap(),
+            PutOutcome::AlreadyExists
+        );
+        assert_eq!(sidecar.put_if_absent(&chunk(32), Bytes::from_static(b"c")).await.unwrap(), PutOutcome::Created);
+        assert_eq!(other.get(&chunk(16)).await.unwrap(), Bytes::from_static(b"file"));
+        std::fs::remove_file(root.join(chunk(16))).unwrap();
+        assert!(other.get(&chunk(16)).await.unwrap_err().is_not_found(), "no record of it was appended");
     }
 
     /// WAL chunks an appending store (the sidecar's) puts into logs are objects like files to
