@@ -226,12 +226,14 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// file of its own beside the logs by a store that does not append — bumps the count first,
 /// under the lock; so an appender that finds the count where its own last change left it knows
 /// that nobody changed anything since and skips listing and re-reading the logs and looking for
-/// a file of the name (a directory read and several system calls per put otherwise; the lookup
-/// of a name that is not there alone cost 3.6 % of the sidecar's stream thread). A file put
-/// there by hand is not counted: a put of its name while the sidecar appends to the segment
-/// does not see it (the name is then a file and a record; readers take the file). A crash after a bump and before
-/// the change only costs the others one full look; after a machine crash the count may go back,
-/// but every process starts with nothing cached then.
+/// a file of the name it puts (a directory read and several system calls per put otherwise; the
+/// lookup of a name that is not there alone cost 3.6 % of the sidecar's stream thread). It still
+/// looks at its first append to a segment, so what it cannot see is a file that was there before
+/// (put by hand, by an older pitr, or counted before it looked) under a name it puts later: the
+/// name is then a file and a record, one object whose reads take the file, which put-if-absent
+/// leaves as it was. A crash after a bump and before the change only costs the others one full
+/// look; after a machine crash the count may go back, but every process starts with nothing
+/// cached then.
 const LOCK_FILE: &str = ".lock";
 
 /// An exclusive `flock` on a log directory's lock file, across processes: appends (the

@@ -1087,7 +1087,8 @@ mod tests {
 
     /// Put-if-absent holds the other way too: a chunk that a store which does not append put as
     /// a file of its own, while the sidecar appends to its segment's log, is there for the
-    /// sidecar's put of that name (which appends nothing).
+    /// sidecar's put of that name (which appends nothing). A file there before the sidecar's
+    /// first append, under a name it puts later, stays what readers see.
     #[tokio::test]
     async fn a_chunk_another_store_put_as_a_file_is_there_for_the_sidecar() {
         let dir = tempfile::tempdir().unwrap();
@@ -1096,6 +1097,9 @@ mod tests {
         let sidecar = LocalStore::new(&root).appending();
         let other = LocalStore::new(&root);
         let chunk = |from: u32| format!("pg/7/wal/000000010000000000000001.{from:08X}-{:08X}.chunk", from + 16);
+        // There before the sidecar's first append to the segment, under a name it puts later:
+        // the one case it does not see (archive-format.md).
+        assert_eq!(other.put_if_absent(&chunk(48), Bytes::from_static(b"early")).await.unwrap(), PutOutcome::Created);
         assert_eq!(sidecar.put_if_absent(&chunk(0), Bytes::from_static(b"a")).await.unwrap(), PutOutcome::Created);
         assert_eq!(other.put_if_absent(&chunk(16), Bytes::from_static(b"file")).await.unwrap(), PutOutcome::Created);
         assert!(root.join(chunk(16)).is_file());
@@ -1107,6 +1111,11 @@ mod tests {
         assert_eq!(other.get(&chunk(16)).await.unwrap(), Bytes::from_static(b"file"));
         std::fs::remove_file(root.join(chunk(16))).unwrap();
         assert!(other.get(&chunk(16)).await.unwrap_err().is_not_found(), "no record of it was appended");
+
+        assert_eq!(sidecar.put_if_absent(&chunk(48), Bytes::from_static(b"late")).await.unwrap(), PutOutcome::Created);
+        assert_eq!(other.get(&chunk(48)).await.unwrap(), Bytes::from_static(b"early"), "reads take the file");
+        let listed = other.list("pg/7/wal/").await.unwrap();
+        assert_eq!(listed.iter().filter(|o| o.name == chunk(48)).count(), 1, "one object: {listed:?}");
     }
 
     /// WAL chunks an appending store (the sidecar's) puts into logs are objects like files to
