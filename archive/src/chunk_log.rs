@@ -765,15 +765,10 @@ impl Logs {
     /// is no log directory (nobody appends there yet, and an appender's first append to a
     /// segment always looks).
     pub fn lock_for_file_put(&self, log_dir: &Path) -> Result<Option<DirLock>, LogError> {
-        let file = match open_lock_file(log_dir) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            opened => std::sync::Arc::new(opened?),
+        let lock = match DirLock::take(log_dir, &mut None) {
+            Err(LogError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            taken => taken?.0,
         };
-        let lock = DirLock::flock(log_dir, file)?;
-        if link_count(&lock.file)? == 0 {
-            // The directory went after the lock file was opened: no appender there either.
-            return Ok(None);
-        }
         if lock.bump(lock.count()?)?.is_none() {
             warn_uncounted(log_dir);
         }
