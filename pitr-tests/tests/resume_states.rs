@@ -205,6 +205,19 @@ fn compare_with_pg_wal(env: &PitrEnv, cluster: &PgCluster, a: &Archive, first: u
     Ok(compared)
 }
 
+/// Waits (30 s at most) until each of `segnos` (timeline 1) is a whole segment object with no
+/// chunks left beside it: compaction runs in the background, at a lower priority than the
+/// stream, so a slow machine sees it late.
+fn wait_compacted(a: &Archive, env: &PitrEnv, what: &str, segnos: &[u64]) -> Result<()> {
+    wait_until(&format!("{what} to be compacted"), Duration::from_secs(30), || {
+        let catalog = a.catalog()?;
+        Ok(segnos
+            .iter()
+            .all(|segno| catalog.segments.get(&(1, *segno)).is_some_and(|e| e.whole && e.chunks.is_empty())))
+    })
+    .with_context(|| format!("{:?}\n{}", a.catalog().map(|c| c.segments), env.stream_logs()))
+}
+
 fn table_state(psql: impl Fn(&str) -> Result<String>) -> Result<String> {
     psql("select count(*) || ' ' || md5(string_agg(id || ':' || v, ',' order by id)) from t")
 }
@@ -255,14 +268,8 @@ fn pg15_resumes_from_every_state_the_archive_can_be_in() -> Result<()> {
         })
         .with_context(|| env.stream_logs())?;
         // Segments left as chunks are compacted; leftover chunks go.
-        wait_until(&format!("{state:?} to be compacted"), Duration::from_secs(30), || {
-            let catalog = a.catalog()?;
-            Ok(expect.iter().all(|&(segno, whole)| {
-                let e = &catalog.segments[&(1, segno)];
-                !whole || (e.whole && e.chunks.is_empty())
-            }))
-        })
-        .with_context(|| format!("{:?}\n{}", a.catalog().map(|c| c.segments), env.stream_logs()))?;
+        let whole: Vec<u64> = expect.iter().filter(|e| e.1).map(|e| e.0).collect();
+        wait_compacted(&a, &env, &format!("{state:?}"), &whole)?;
         if matches!(state, State::HistoryOnly) {
             // Streaming went on on timeline 1, as the server is; the planted history is not
             // this cluster's and would mislead the restore below.
@@ -286,14 +293,9 @@ fn pg15_resumes_from_every_state_the_archive_can_be_in() -> Result<()> {
     switch_wal(&cluster)?;
     let end = cluster.current_lsn()?;
     env.wait_archived(end - end % SEG, "a whole segment after the hole")?;
-    // Held in chunks is not yet whole: the segments after the hole are compacted in the
-    // background, at a lower priority than the stream, so a slow machine sees them late.
-    let after_hole = (hole + 1)..(end / SEG);
-    wait_until("the segments after the hole to be compacted", Duration::from_secs(30), || {
-        let catalog = a.catalog()?;
-        Ok(after_hole.clone().all(|segno| catalog.segments.get(&(1, segno)).is_some_and(|e| e.whole)))
-    })
-    .with_context(|| format!("{:?}\n{}", a.catalog().map(|c| c.segments), env.stream_logs()))?;
+    // Held in chunks is not yet whole: what compare_with_pg_wal looks at.
+    let after_hole: Vec<u64> = ((hole + 1)..(end / SEG)).collect();
+    wait_compacted(&a, &env, "the segments after the hole", &after_hole)?;
     let catalog = a.catalog()?;
     let newest = catalog.segments.keys().next_back().context("empty archive")?.1;
     let partial: Vec<u64> = catalog.segments.iter().filter(|(_, e)| !e.whole).map(|(k, _)| k.1).collect();
