@@ -1118,6 +1118,39 @@ mod tests {
         assert_eq!(listed.iter().filter(|o| o.name == chunk(48)).count(), 1, "one object: {listed:?}");
     }
 
+    /// A chunk put as a file waits for the log directory's lock at most `LOCK_WAIT`, as an append
+    /// does: held by another process, the put fails naming the directory, leaves no file, and
+    /// its retry lands once the lock is free.
+    #[tokio::test]
+    async fn a_chunk_file_put_under_another_process_s_lock_fails_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("r");
+        std::fs::create_dir(&root).unwrap();
+        let chunk = |from: u32| format!("pg/7/wal/000000010000000000000001.{from:08X}-{:08X}.chunk", from + 16);
+        LocalStore::new(&root).appending().put_if_absent(&chunk(0), Bytes::from_static(b"a")).await.unwrap();
+        let log_dir = root.join("pg/7/wal").join(LOG_DIR);
+        // Another process: an open file description of its own, so the flock conflicts.
+        let held = std::fs::File::open(log_dir.join(".lock")).unwrap();
+        // SAFETY: flock on a descriptor `held` owns; no memory is passed.
+        assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) }, 0);
+
+        let other = LocalStore::new(&root);
+        let err = other.put_if_absent(&chunk(16), Bytes::from_static(b"file")).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("stayed locked") && msg.contains(&log_dir.display().to_string()), "{msg}");
+        assert!(!root.join(chunk(16)).exists(), "a file was written without the lock");
+        let leftovers: Vec<_> = std::fs::read_dir(root.join("pg/7/wal"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+
+        drop(held);
+        assert_eq!(other.put_if_absent(&chunk(16), Bytes::from_static(b"file")).await.unwrap(), PutOutcome::Created);
+        assert_eq!(other.get(&chunk(16)).await.unwrap(), Bytes::from_static(b"file"));
+    }
+
     /// WAL chunks an appending store (the sidecar's) puts into logs are objects like files to
     /// every store: listed, read, headed, refused a second put, deleted; other objects stay files.
     #[tokio::test]
