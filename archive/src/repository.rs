@@ -14,7 +14,26 @@ use crate::names::{self, MARKER};
 use crate::seal::{self, ObjectKind, ObjectMeta, SealError, SealedHeader};
 use crate::store::{ObjectInfo, PutOutcome, Store, StoreError};
 
-const MARKER_TEXT: &str = "pitr repository format 1\n";
+/// The repository format this pitr writes, and the newest it reads. A change that an older pitr
+/// would misread — objects it would not see, so that its restore ends early without saying so —
+/// raises it, and from then on older pitr refuse the repository instead. (pitr before this check
+/// read any marker: chunk logs came without a raise, see docs/archive-format.md.)
+pub const REPOSITORY_FORMAT: u32 = 1;
+const MARKER_PREFIX: &str = "pitr repository format ";
+
+fn marker_text() -> String {
+    format!("{MARKER_PREFIX}{REPOSITORY_FORMAT}\n")
+}
+
+/// The format a marker's plaintext names, if it is a marker's text.
+fn marker_format(plaintext: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(plaintext).ok()?;
+    let digits = text.strip_prefix(MARKER_PREFIX)?.strip_suffix('\n')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
 
 /// Why a repository operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +62,19 @@ pub enum RepositoryError {
     NotInitialised {
         /// The store's location.
         location: String,
+    },
+    /// The marker names a format newer than this pitr reads.
+    #[error(
+        "{location} is a pitr repository of format {format}, newer than this pitr reads (up to {supported}): \
+         use a newer pitr (this one would not see everything the repository holds)"
+    )]
+    NewerFormat {
+        /// The store's location.
+        location: String,
+        /// The format its marker names.
+        format: u32,
+        /// The newest this pitr reads ([`REPOSITORY_FORMAT`]).
+        supported: u32,
     },
     /// A create-only put found different contents under the name.
     #[error(
@@ -396,21 +428,40 @@ impl Repository {
         self.store.location()
     }
 
-    /// Writes the marker if missing; if present, proves the key opens it.
+    /// Writes the marker if missing; if present, proves the key opens it (and that this pitr
+    /// reads its format).
     pub async fn init(&self) -> Result<PutOutcome, RepositoryError> {
-        let outcome =
-            self.put_sealed(MARKER, MARKER_TEXT.as_bytes().to_vec(), ObjectMeta::plain(ObjectKind::Meta)).await?;
-        Ok(outcome)
+        match self.put_sealed(MARKER, marker_text().into_bytes(), ObjectMeta::plain(ObjectKind::Meta)).await {
+            // Another format's marker: a newer one is refused as such.
+            Err(conflict @ RepositoryError::Conflict { .. }) => {
+                self.check().await?;
+                Err(conflict)
+            }
+            outcome => outcome,
+        }
     }
 
-    /// Fails unless this is an initialised repository that the key ring opens.
+    /// Fails unless this is an initialised repository that the key ring opens, of a format this
+    /// pitr reads.
     pub async fn check(&self) -> Result<(), RepositoryError> {
-        match self.get_record(MARKER).await {
-            Ok(_) => Ok(()),
+        let plaintext = match self.get_record(MARKER).await {
+            Ok((_, plaintext)) => plaintext,
             Err(RepositoryError::Store(e)) if e.is_not_found() => {
-                Err(RepositoryError::NotInitialised { location: self.location() })
+                return Err(RepositoryError::NotInitialised { location: self.location() })
             }
-            Err(e) => Err(e),
+            Err(e) => return Err(e),
+        };
+        match marker_format(&plaintext) {
+            Some(format) if format <= REPOSITORY_FORMAT => Ok(()),
+            Some(format) => {
+                Err(RepositoryError::NewerFormat { location: self.location(), format, supported: REPOSITORY_FORMAT })
+            }
+            None => Err(RepositoryError::Invalid {
+                name: MARKER.to_string(),
+                what: format!(
+                    "not a repository marker (it opens with this key but does not read \"{MARKER_PREFIX}<number>\")"
+                ),
+            }),
         }
     }
 
@@ -609,6 +660,42 @@ impl Repository {
 mod tests {
     use super::*;
     use crate::store::LocalStore;
+
+    #[tokio::test]
+    async fn a_marker_of_a_newer_format_or_of_another_text_is_refused() {
+        // The bytes every pitr so far wrote (a secondary's marker must equal its primary's).
+        assert_eq!(marker_text(), "pitr repository format 1\n");
+        let cases = [
+            ("pitr repository format 2\n", Some(2)),
+            ("pitr repository format 10\n", Some(10)),
+            ("pitr repository format \n", None),
+            ("pitr repository format +1\n", None),
+            ("pitr repository format 1", None),
+            ("pitr repository format 99999999999\n", None),
+            ("a repository", None),
+        ];
+        for (text, newer) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("a", [1; 32]));
+            repo.put_sealed(MARKER, text.as_bytes().to_vec(), ObjectMeta::plain(ObjectKind::Meta)).await.unwrap();
+            for err in [repo.check().await.unwrap_err(), repo.init().await.unwrap_err()] {
+                match (newer, &err) {
+                    (Some(want), RepositoryError::NewerFormat { location, format, supported: 1 }) => {
+                        assert_eq!((location.as_str(), *format), (dir.path().to_str().unwrap(), want));
+                        assert!(err.to_string().contains("use a newer pitr"), "{err}");
+                    }
+                    (None, RepositoryError::Invalid { name, .. }) if name == MARKER => {}
+                    _ => panic!("{text:?}: {err}"),
+                }
+            }
+        }
+        // An older format (none exists yet) is read.
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("a", [1; 32]));
+        let meta = ObjectMeta::plain(ObjectKind::Meta);
+        repo.put_sealed(MARKER, b"pitr repository format 0\n".to_vec(), meta).await.unwrap();
+        repo.check().await.unwrap();
+    }
 
     #[tokio::test]
     async fn repository_marker_conflicts_and_wrong_key() {
