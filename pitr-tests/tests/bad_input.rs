@@ -309,14 +309,15 @@ fn unreachable_server_is_named_and_stream_gives_up() {
 // 6-8: the key file
 // ---------------------------------------------------------------------------
 
-/// stream, status and wal-fetch with `config` all fail with `phrases`; wal-fetch exits 126 and
-/// writes nothing; the repository is untouched.
+/// stream, status, expire, list and wal-fetch with `config` all fail with `phrases`; wal-fetch
+/// exits 126 and writes nothing; the repository is untouched.
 fn assert_key_refused(s: &Scratch, config: &Path, segment: &str, phrases: &[&str]) {
     let before = snapshot(&s.repo);
     let dest_dir = s.dest_dir();
     let dest = dest_dir.join(segment).display().to_string();
-    expect_failure(config, &["stream"], phrases);
-    expect_failure(config, &["status"], phrases);
+    for args in [&["stream"][..], &["status"], &["expire"], &["list"]] {
+        expect_failure(config, args, phrases);
+    }
     let (code, _) = expect_failure(config, &["wal-fetch", segment, &dest], phrases);
     assert_eq!(code, 126, "wal-fetch with an unusable key must abort recovery (exit 126)");
     assert_dir_empty(&dest_dir, "a refused wal-fetch");
@@ -511,6 +512,47 @@ fn uninitialised_repository_says_run_init() {
     // An empty directory.
     std::fs::create_dir(&s.repo).expect("mkdir repo");
     check("an empty repository directory");
+}
+
+#[test]
+fn a_repository_of_a_newer_format_is_refused_by_every_command() {
+    use pitr_archive::{KeyRing, LocalStore, ObjectKind, ObjectMeta, Repository};
+    let (s, archive) = archive_copy("newer-format");
+    // What a newer pitr's `init` would have written: the marker sealed with the same key, naming
+    // format 2. (This pitr's own commands read the archive's WAL before the marker is swapped.)
+    let marker = s.repo.join("pitr-repository");
+    std::fs::remove_file(&marker).expect("removing the marker");
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let repo =
+            Repository::new(std::sync::Arc::new(LocalStore::new(&s.repo)), KeyRing::load(&s.key).expect("the key"));
+        let meta = ObjectMeta::plain(ObjectKind::Meta);
+        repo.put_sealed("pitr-repository", b"pitr repository format 2\n".to_vec(), meta).await.expect("marker");
+    });
+    let config = s.unreachable_config("newer.toml", &s.key);
+    let repo_name = s.repo.display().to_string();
+    let phrases = [repo_name.as_str(), "format 2", "newer than this pitr reads", "use a newer pitr"];
+    let before = snapshot(&s.repo);
+    let dest_dir = s.dest_dir();
+    let dest = dest_dir.join(&archive.segment).display().to_string();
+    let target = s.path("restored").display().to_string();
+    for args in [
+        &["init"][..],
+        &["status"],
+        &["stream"],
+        &["verify"],
+        &["expire"],
+        &["list"],
+        &["restore", "--to", "latest", "--target-dir", &target],
+    ] {
+        expect_failure(&config, args, &phrases);
+        assert_untouched(&s.repo, &before, &format!("pitr {} against a repository of a newer format", args.join(" ")));
+    }
+    let (code, _) = expect_failure(&config, &["wal-fetch", &archive.segment, &dest], &phrases);
+    assert_eq!(code, 126, "wal-fetch from a newer repository must abort recovery (exit 126)");
+    assert_dir_empty(&dest_dir, "a refused wal-fetch");
+    assert!(!Path::new(&target).exists(), "a refused restore made {target}");
+    assert_untouched(&s.repo, &before, "commands against a repository of a newer format");
 }
 
 #[test]

@@ -12,6 +12,9 @@ use crate::{open, output, tasks};
 pub async fn run(config_path: &Path, dry_run: bool, json: bool) -> Result<()> {
     let config = Config::load(config_path)?;
     let repo = open::writer(&config)?;
+    // Before any part: a wrong key or a repository of a newer format must stop it before its
+    // expire lock is put.
+    repo.check().await?;
     // Every part runs whatever another's outcome: a dump or file-set problem (a manifest that
     // does not open, the storage failing) must not keep PostgreSQL's backups and WAL from
     // expiring. Each part's error is said after the report, and fails the command.

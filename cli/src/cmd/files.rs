@@ -142,6 +142,7 @@ async fn backup_with_metrics(
     let result = async {
         let spec = spec_of(config, f)?;
         let repo = open::writer(config)?;
+        repo.check().await?;
         let store = BlockStore::open(&repo).await?;
         let started = Instant::now();
         let m = tree::backup(&store, &spec, incremental, progress)
@@ -210,6 +211,7 @@ pub async fn restore(config_path: &Path, args: RestoreArgs) -> Result<()> {
         })?),
     };
     let repo = open::reader(&config, args.from.as_deref())?;
+    repo.check().await?;
     // Announced before the backups are listed, so a `pitr expire` after this sweeps none of the
     // blocks this restore reads.
     let marker = match open::single(&config, None) {

@@ -338,6 +338,7 @@ pub async fn run_mongo(config_path: &Path, args: FindArgs) -> Result<()> {
         .map(|o| Kind::parse(o).ok_or_else(|| anyhow!("--op {o:?}: one of drop, dropDatabase, rename, delete, update")))
         .transpose()?;
     let repo = open::reader(&config, None)?;
+    repo.check().await?;
     let catalog = open::mongo_catalog(&config, &repo).await?;
     let events = mfind::scan(&repo, &catalog, config.find.min_rows).await.context("reading the archived oplog")?;
     let mut found: Vec<mfind::Event> = events

@@ -55,6 +55,7 @@ struct ListedRange {
 pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<()> {
     let config = Config::load(config_path)?;
     let repo = open::reader(&config, from)?;
+    repo.check().await?;
     let dumps = dump::list_json(&config, &repo).await?;
     let file_sets = super::files::list_json(&config, &repo).await?;
     if config.postgres.is_none() {
