@@ -25,6 +25,9 @@ pub struct LoadRun {
     pub tps: f64,
     pub latency_ms: f64,
     pub cpu_secs: f64,
+    /// CPU of the walsender serving the receiver during the load: what the receiver costs the
+    /// primary besides its own CPU (None without a receiver, or if it was not found).
+    pub walsender_cpu_secs: Option<f64>,
     pub wall_secs: f64,
     pub wal_bytes: u64,
     /// pitr's objects and plaintext bytes put during the load.
@@ -71,6 +74,8 @@ pub fn sampled_load(
     // Some idle samples first: the data-at-risk lookup needs history from before the load.
     std::thread::sleep(Duration::from_millis(300));
     let pid = run.as_ref().map(|r| r.child.id());
+    let walsender = if run.is_some() { walsender_pid(cluster, app) } else { None };
+    let ws0 = walsender.and_then(cpu_ticks);
     let cpu0 = pid.and_then(cpu_ticks);
     let puts0 = run.as_ref().and_then(|r| r.pitr_puts());
     let lsn0 = current_lsn(cluster)?;
@@ -79,6 +84,7 @@ pub fn sampled_load(
     let out = cluster.pgbench(&args);
     let to = t0.elapsed().as_secs_f64();
     let cpu1 = pid.and_then(cpu_ticks);
+    let ws1 = walsender.and_then(cpu_ticks);
     let samples = sampler.finish()?;
     let out = out?;
     let lsn1 = current_lsn(cluster)?;
@@ -105,6 +111,10 @@ pub fn sampled_load(
         (Some(a), Some(b)) => b.saturating_sub(a) as f64 / bench.tck,
         _ => 0.0,
     };
+    let walsender_cpu_secs = match (ws0, ws1) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / bench.tck),
+        _ => None,
+    };
     bench.add_csv(phase, round, kind.map_or("none", |k| k.app()), &samples);
     Ok((
         LoadRun {
@@ -113,6 +123,7 @@ pub fn sampled_load(
             tps: pgbench_value(&out, "tps").unwrap_or(f64::NAN),
             latency_ms: pgbench_value(&out, "latency average").unwrap_or(f64::NAN),
             cpu_secs,
+            walsender_cpu_secs,
             wall_secs: to - from,
             wal_bytes: lsn1.saturating_sub(lsn0),
             puts,
@@ -120,6 +131,12 @@ pub fn sampled_load(
         },
         samples,
     ))
+}
+
+/// The pid of the walsender streaming to `app` (an application_name the bench chose), if any.
+fn walsender_pid(cluster: &PgCluster, app: &str) -> Option<u32> {
+    let sql = format!("select pid from pg_stat_replication where application_name = '{app}'");
+    cluster.psql(&sql).ok()?.trim().parse().ok()
 }
 
 pub fn pgbench_cmd(args: &[String]) -> String {
@@ -251,18 +268,19 @@ pub fn report(r: &mut String, o: &Opts, l: &LagResult) -> Vec<Row> {
     lag_row(r, "pg_receivewal", &sr, &rr);
     let _ = writeln!(
         r,
-        "{:>5} {:<14} {:>9} {:>10} {:>8} {:>9} {:>12}",
-        "round", "receiver", "tps", "lat ms", "cpu s", "WAL MiB", "pitr puts"
+        "{:>5} {:<14} {:>9} {:>10} {:>8} {:>11} {:>9} {:>12}",
+        "round", "receiver", "tps", "lat ms", "cpu s", "walsnd cpu", "WAL MiB", "pitr puts"
     );
     for x in l.baseline.iter().chain(l.runs.iter()) {
         let _ = writeln!(
             r,
-            "{:>5} {:<14} {:>9.1} {:>10.3} {:>8.2} {:>9.1} {:>12}",
+            "{:>5} {:<14} {:>9.1} {:>10.3} {:>8.2} {:>11} {:>9.1} {:>12}",
             x.round,
             x.kind.map_or("(none)", Kind::label),
             x.tps,
             x.latency_ms,
             x.cpu_secs,
+            x.walsender_cpu_secs.map_or("-".into(), |c| format!("{c:.2}")),
             x.wal_bytes as f64 / MIB,
             x.puts.map_or("-".into(), |(n, b)| format!("{n} / {:.0} MiB", b as f64 / MIB))
         );
@@ -304,15 +322,21 @@ pub fn report(r: &mut String, o: &Opts, l: &LagResult) -> Vec<Row> {
     let kr = Dist::of(&sr.risk);
     let tps_p = median(&rp.iter().map(|x| x.tps).collect::<Vec<_>>());
     let tps_r = median(&rr.iter().map(|x| x.tps).collect::<Vec<_>>());
+    // Each round runs both receivers back to back: its ratio shows how far one run's noise goes.
+    let per_round: Vec<String> = rp
+        .iter()
+        .filter_map(|p| rr.iter().find(|x| x.round == p.round).map(|w| format!("{:.3}", p.tps / w.tps)))
+        .collect();
     let _ = writeln!(
         r,
         "ratios pitr/pg_receivewal: flush_lag p50 {:.2}, p99 {:.2}, max {:.2}; data at risk p99 {:.2}; tps (median) \
-         {:.3}",
+         {:.3}, per round {}",
         lp.p50 / lr.p50,
         lp.p99 / lr.p99,
         lp.max / lr.max,
         kp.p99 / kr.p99,
-        tps_p / tps_r
+        tps_p / tps_r,
+        per_round.join(", ")
     );
     let ms = 1000.0;
     vec![
