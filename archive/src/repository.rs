@@ -459,7 +459,8 @@ impl Repository {
             None => Err(RepositoryError::Invalid {
                 name: MARKER.to_string(),
                 what: format!(
-                    "not a repository marker (it opens with this key but does not read \"{MARKER_PREFIX}<number>\")"
+                    "in {}: not a repository marker (it opens with this key but does not read \"{MARKER_PREFIX}<number>\")",
+                    self.location()
                 ),
             }),
         }
@@ -684,7 +685,9 @@ mod tests {
                         assert_eq!((location.as_str(), *format), (dir.path().to_str().unwrap(), want));
                         assert!(err.to_string().contains("use a newer pitr"), "{err}");
                     }
-                    (None, RepositoryError::Invalid { name, .. }) if name == MARKER => {}
+                    (None, RepositoryError::Invalid { name, what }) if name == MARKER => {
+                        assert!(what.contains(dir.path().to_str().unwrap()), "{err}");
+                    }
                     _ => panic!("{text:?}: {err}"),
                 }
             }
