@@ -60,7 +60,6 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
     let file_sets = super::files::list_json(&config, &repo).await?;
     if config.postgres.is_none() {
         // No cluster to list: the replica set (if any), file sets and dumps.
-        repo.check().await?;
         let replica_set = match config.mongo {
             Some(_) => Some(mongo::list_json(&config, &repo).await?.unwrap_or_default()),
             None => None,
@@ -84,7 +83,8 @@ pub async fn run(config_path: &Path, from: Option<&str>, json: bool) -> Result<(
         }
         return Ok(());
     }
-    let mut catalog = open::checked_catalog(&config, &repo).await?;
+    // The marker was opened above.
+    let mut catalog = open::catalog(&repo, config.system_id()).await?;
     catalog.load_restore_points(&repo).await;
     // Without the pins every backup is still listed, only not marked pinned: the error says so.
     let (pins, pins_error) = match pitr_archive::pins::PinSet::load(&repo, catalog.cluster.system_id).await {
