@@ -529,7 +529,13 @@ fn a_repository_of_a_newer_format_is_refused_by_every_command() {
         let meta = ObjectMeta::plain(ObjectKind::Meta);
         repo.put_sealed("pitr-repository", b"pitr repository format 2\n".to_vec(), meta).await.expect("marker");
     });
-    let config = s.unreachable_config("newer.toml", &s.key);
+    // A file set too, so that its backup and restore are judged as well.
+    let tree = s.path("tree");
+    std::fs::create_dir(&tree).expect("mkdir tree");
+    std::fs::write(tree.join("a.txt"), b"file-set data").expect("writing a file of the set");
+    let text = std::fs::read_to_string(s.unreachable_config("newer.toml", &s.key)).expect("config");
+    let config =
+        s.write("newer.toml", &format!("{text}[[files]]\nname = \"up\"\npath = {:?}\n", tree.display().to_string()));
     let repo_name = s.repo.display().to_string();
     let phrases = [repo_name.as_str(), "format 2", "newer than this pitr reads", "use a newer pitr"];
     let before = snapshot(&s.repo);
@@ -544,6 +550,8 @@ fn a_repository_of_a_newer_format_is_refused_by_every_command() {
         &["expire"],
         &["list"],
         &["restore", "--to", "latest", "--target-dir", &target],
+        &["backup", "--source", "files", "--set", "up"],
+        &["restore", "--source", "files", "--set", "up", "--to", "latest", "--target-dir", &target],
     ] {
         expect_failure(&config, args, &phrases);
         assert_untouched(&s.repo, &before, &format!("pitr {} against a repository of a newer format", args.join(" ")));
