@@ -173,6 +173,13 @@ impl ClusterInfo {
 /// a large backlog is bound by.
 pub const DEFAULT_WAL_ZSTD_LEVEL: i32 = 1;
 
+/// The zstd level of WAL chunks, whatever the WAL level: a chunk lives only until its segment
+/// is complete and compacted into one object (sealed at the WAL level), so what its compression
+/// saves is a few hundred bytes of a write that is fdatasynced anyway, while its CPU is paid on
+/// every synchronous commit's path. On pgbench's WAL in 3.5 KiB chunks, level -1 takes about
+/// half of level 1's time (5.1 against 9.1 µs a chunk) for 24 % of the size instead of 21 %.
+pub const WAL_CHUNK_ZSTD_LEVEL: i32 = -1;
+
 /// A store plus the keys to open it: the one way the rest of pitr reads and writes objects.
 ///
 /// Reads can fall back to other repositories holding copies of the same objects (secondaries):
@@ -407,7 +414,8 @@ impl Repository {
         self
     }
 
-    /// Seals new WAL chunks and segments at zstd `level` (default [`DEFAULT_WAL_ZSTD_LEVEL`]).
+    /// Seals new WAL segments at zstd `level` (default [`DEFAULT_WAL_ZSTD_LEVEL`]); chunks at
+    /// [`WAL_CHUNK_ZSTD_LEVEL`] unless `level` is lower.
     pub fn with_wal_zstd_level(mut self, level: i32) -> Repository {
         self.wal_zstd_level = level;
         self
@@ -494,7 +502,8 @@ impl Repository {
             cause => RepositoryError::SealingKey { name: name.to_string(), cause },
         })?;
         let level = match meta.kind {
-            ObjectKind::WalChunk | ObjectKind::WalSegment => self.wal_zstd_level,
+            ObjectKind::WalChunk => WAL_CHUNK_ZSTD_LEVEL.min(self.wal_zstd_level),
+            ObjectKind::WalSegment => self.wal_zstd_level,
             _ => self.zstd_level,
         };
         // The journal notes the hash of the stored bytes, computed where the sealing is (a 16 MiB
@@ -698,6 +707,34 @@ mod tests {
         let meta = ObjectMeta::plain(ObjectKind::Meta);
         repo.put_sealed(MARKER, b"pitr repository format 0\n".to_vec(), meta).await.unwrap();
         repo.check().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn wal_chunks_are_sealed_at_the_chunk_level_and_segments_at_the_wal_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::new(Arc::new(LocalStore::new(dir.path())), KeyRing::from_key("a", [1; 32]))
+            .with_wal_zstd_level(19);
+        // Text-like tuples: level -1 leaves literals uncompressed (no Huffman), so it comes out
+        // clearly bigger than any positive level.
+        let plaintext: Vec<u8> = (0..400u32)
+            .flat_map(|i| {
+                format!("tuple {i} balance {} filler {:x}\n", i * 7919 % 1000, i.wrapping_mul(2654435761)).into_bytes()
+            })
+            .collect();
+        let segment_file = "000000010000000000000001";
+        let mut sizes = Vec::new();
+        for (kind, name) in [
+            (ObjectKind::WalChunk, crate::names::pg::wal_chunk(7, segment_file, 0, 100)),
+            (ObjectKind::WalSegment, crate::names::pg::wal_segment(7, segment_file)),
+        ] {
+            let meta = ObjectMeta { timeline: 1, end_lsn: 100, ..ObjectMeta::plain(kind) };
+            let (outcome, len) = repo.put_sealed_sized(&name, plaintext.clone(), meta).await.unwrap();
+            assert_eq!(outcome, PutOutcome::Created, "{kind:?}");
+            assert_eq!(repo.get_opened(&name).await.unwrap().1, plaintext);
+            sizes.push(len);
+        }
+        // The header is the same size in both; only the frames differ.
+        assert!(sizes[0] > sizes[1] + 1000, "chunk {} bytes, segment {} bytes", sizes[0], sizes[1]);
     }
 
     #[tokio::test]

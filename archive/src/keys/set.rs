@@ -18,10 +18,13 @@ pub const WRAPPED_KEY_LEN: usize = 48;
 /// reuse of the heap does not hand it out.
 pub type DataKey = Zeroizing<[u8; 32]>;
 
-/// A fresh random data key.
+/// A fresh random data key, from this thread's CSPRNG (ChaCha12, seeded from the operating
+/// system's generator, reseeded after every 64 KiB it gives and after a fork): asking the kernel
+/// directly costs a system call per key, and every WAL chunk (each synchronous commit's put) is
+/// sealed under a key of its own.
 pub(crate) fn fresh_data_key() -> DataKey {
     let mut key = Zeroizing::new([0u8; 32]);
-    rand::rngs::OsRng.fill_bytes(&mut *key);
+    rand::thread_rng().fill_bytes(&mut *key);
     key
 }
 
@@ -94,7 +97,8 @@ impl KeySet {
     pub(crate) fn wrap(&self, object: &str, data_key: &[u8; 32]) -> (String, [u8; 12], [u8; WRAPPED_KEY_LEN]) {
         let key = self.active();
         let mut nonce = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        // From the thread's CSPRNG, as the data key (see `fresh_data_key`).
+        rand::thread_rng().fill_bytes(&mut nonce);
         let cipher = Aes256Gcm::new((&*key.key).into());
         let aad = wrap_aad(object);
         let wrapped = cipher
