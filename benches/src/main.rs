@@ -11,6 +11,8 @@
 //! 6. throttle: backup and restore under pitr's bandwidth limits and the server's MAX_RATE,
 //!    elapsed against bytes ÷ rate (issue 20).
 //! 7. rto: predicted RTO after a few drills against the measured RTO of the next (issue 21).
+//! 8. put: the CPU of one WAL chunk put (seal + local store), in-process, against pg_receivewal's
+//!    write + fdatasync of the same bytes.
 //!
 //! Run: `cargo run --release -p pitr-benches -- [--quick] [--only ...]` (`--help` lists the
 //! options). Unless `PITR_BIN` is set, the release `pitr` binary is built first. See
@@ -20,6 +22,7 @@ mod backup;
 mod catchup;
 mod lag;
 mod opts;
+mod put;
 mod receivers;
 mod report;
 mod rto;
@@ -107,6 +110,10 @@ fn run_phase(bench: &Bench, phase: Phase, text: &mut String) -> Result<Vec<Row>>
         Phase::Rto => {
             let cases = bench.rto_phase()?;
             rto::report(text, o, &cases)
+        }
+        Phase::Put => {
+            let r = bench.put_phase()?;
+            put::report(text, o, &r)
         }
     })
 }

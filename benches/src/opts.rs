@@ -13,11 +13,12 @@ pub enum Phase {
     S3,
     Throttle,
     Rto,
+    Put,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] =
-        [Phase::Catchup, Phase::Lag, Phase::Sync, Phase::Backup, Phase::S3, Phase::Throttle, Phase::Rto];
+    pub const ALL: [Phase; 8] =
+        [Phase::Catchup, Phase::Lag, Phase::Sync, Phase::Backup, Phase::S3, Phase::Throttle, Phase::Rto, Phase::Put];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -28,6 +29,7 @@ impl Phase {
             Phase::S3 => "s3",
             Phase::Throttle => "throttle",
             Phase::Rto => "rto",
+            Phase::Put => "put",
         }
     }
 
@@ -40,7 +42,8 @@ impl Phase {
             "s3" => Phase::S3,
             "throttle" => Phase::Throttle,
             "rto" => Phase::Rto,
-            other => bail!("unknown phase {other:?} (catchup, lag, sync, backup, s3, throttle, rto)"),
+            "put" => Phase::Put,
+            other => bail!("unknown phase {other:?} (catchup, lag, sync, backup, s3, throttle, rto, put)"),
         })
     }
 }
@@ -77,6 +80,9 @@ pub struct Opts {
     // predicted RTO
     pub rto_scales: Vec<u32>,
     pub rto_drills: usize,
+    // the put path alone
+    pub put_secs: u32,
+    pub put_segments: usize,
     // receivers
     pub pitr_log: String,
     pub receivewal_compress: String,
@@ -93,7 +99,7 @@ Every option can also be given as an environment variable WALBENCH_<NAME>
 (upper case, '-' -> '_'), e.g. WALBENCH_SCALE=10. Flags win over the environment.
 
   --quick                  small data, short runs (a few minutes on 2 cores); other flags still win
-  --only P1,P2             phases to run: catchup, lag, sync, backup (= restore), s3, throttle, rto
+  --only P1,P2             phases to run: catchup, lag, sync, backup (= restore), s3, throttle, rto, put
                            (default all)
   --rounds N               rounds of catch-up, lag, sync and of the files-only restores (each
                            receiver/tool once per round, order alternating) (default 3; quick 2)
@@ -133,6 +139,10 @@ Every option can also be given as an environment variable WALBENCH_<NAME>
  predicted RTO (phase 7, issue 21): drills teach the model, the next drill is compared with it
   --rto-scales S1,S2       pgbench scales, one fresh cluster each (default 5,20,50; quick 5,20)
   --rto-drills N           drills before the prediction (default 3; quick 2)
+
+ the put path alone (phase 8): CPU per WAL chunk put, in-process, against write+fdatasync
+  --put-secs T             pgbench -T whose WAL is put (default 10; quick 5)
+  --put-segments N         whole segments of it put, in 4 KiB chunks (default 3; quick 1)
 
  receivers
   --pitr-log FILTER        PITR_LOG for `pitr stream` (default info; e.g. debug)
@@ -174,6 +184,8 @@ impl Opts {
             throttle_max_rate: 16 << 20,
             rto_scales: if quick { vec![5, 20] } else { vec![5, 20, 50] },
             rto_drills: if quick { 2 } else { 3 },
+            put_secs: if quick { 5 } else { 10 },
+            put_segments: if quick { 1 } else { 3 },
             pitr_log: "info".into(),
             receivewal_compress: "none".into(),
             samples_csv: None,
@@ -264,6 +276,8 @@ impl Opts {
                     }
                 }
                 "rto-drills" => o.rto_drills = num(&v)?.max(1) as usize,
+                "put-secs" => o.put_secs = num(&v)?.max(1) as u32,
+                "put-segments" => o.put_segments = num(&v)?.max(1) as usize,
                 "pitr-log" => o.pitr_log = v,
                 "receivewal-compress" => o.receivewal_compress = v,
                 "samples-csv" => o.samples_csv = Some(PathBuf::from(v)),
