@@ -552,6 +552,8 @@ fn a_repository_of_a_newer_format_is_refused_by_every_command() {
         &["restore", "--to", "latest", "--target-dir", &target],
         &["backup", "--source", "files", "--set", "up"],
         &["restore", "--source", "files", "--set", "up", "--to", "latest", "--target-dir", &target],
+        &["find", "--destructive"],
+        &["find", "--source", "mongo", "--destructive"],
     ] {
         expect_failure(&config, args, &phrases);
         assert_untouched(&s.repo, &before, &format!("pitr {} against a repository of a newer format", args.join(" ")));
