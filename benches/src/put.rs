@@ -1,4 +1,4 @@
-//! 8. put: the CPU of one WAL chunk put, in-process and without a server: pitr's seal and local
+//! Phase 8, put: the CPU of one WAL chunk put, in-process and without a server: pitr's seal and local
 //! store put (`Repository::put_sealed` into the appending `LocalStore`, as the sidecar's
 //! `pitr-wal` thread does them) against the write pattern of `pg_receivewal --synchronous` (the
 //! same bytes written into a zero-filled segment file, then `fdatasync`).
