@@ -153,8 +153,9 @@ fn run() -> Result<()> {
     println!("pitr:          {}", receivers::pitr_command_line(&opts.pitr_log));
     println!(
         "               config: local repository (unless s3), WAL at wal_zstd_level (default) + AES-256-GCM, \
-         slot/application_name {}, flush_interval default, status_interval 1s, schedules off",
-        receivers::PITR_APP
+         slot/application_name {}, flush_interval {}, status_interval 1s, schedules off",
+        receivers::PITR_APP,
+        opts.local_flush_ms.map_or("default".to_string(), |ms| format!("{ms}ms (--local-flush-ms)"))
     );
     println!("pg_receivewal: {}", receivers::receivewal_command_line(&opts.receivewal_compress));
 

@@ -69,6 +69,8 @@ pub struct Opts {
     pub sync_secs: u32,
     pub s3_secs: u32,
     pub s3_flush_ms: u64,
+    /// pitr's `flush_interval` on the local repository (catch-up, lag, sync); `None`: its default.
+    pub local_flush_ms: Option<u64>,
     pub baseline: bool,
     // backup + restore
     pub backup_scale: u32,
@@ -123,6 +125,9 @@ Every option can also be given as an environment variable WALBENCH_<NAME>
   --s3-secs T              s3 phase: pgbench -T (default 30; quick 10)
   --s3-flush-ms MS         s3 phase: pitr [stream] flush_interval (default 1000, pitr's default for
                            object storage); the goal is p99 <= flush_interval + 200 ms
+  --local-flush-ms MS      catchup, lag, sync: pitr [stream] flush_interval on the local repository
+                           (default: pitr's, 0 = put as soon as the previous put is done); fewer,
+                           larger puts for a longer wait
   --baseline               lag and sync phases: also one pgbench run with no receiver
 
  backup + restore (phase 4), vs pgBackRest
@@ -176,6 +181,7 @@ impl Opts {
             sync_secs: if quick { 10 } else { 30 },
             s3_secs: if quick { 10 } else { 30 },
             s3_flush_ms: 1000,
+            local_flush_ms: None,
             baseline: false,
             backup_scale: if quick { 10 } else { 70 },
             restore_wal_mb: if quick { 100 } else { 900 },
@@ -259,6 +265,7 @@ impl Opts {
                 "sync-secs" => o.sync_secs = small(&v)?.max(2),
                 "s3-secs" => o.s3_secs = small(&v)?.max(2),
                 "s3-flush-ms" => o.s3_flush_ms = num(&v)?,
+                "local-flush-ms" => o.local_flush_ms = Some(num(&v)?),
                 "baseline" => o.baseline = truthy(&v),
                 "backup-scale" => o.backup_scale = small(&v)?.max(1),
                 "restore-wal-mb" => o.restore_wal_mb = num(&v)?.max(2),

@@ -94,6 +94,9 @@ impl Kind {
 pub enum Repo {
     /// A directory in the scratch dir (the harness's default).
     Local,
+    /// The same, with this `[stream] flush_interval` in ms instead of pitr's default for a local
+    /// repository (0: put as soon as the previous put is done).
+    LocalSpaced { flush_ms: u64 },
     /// `s3://pitr/bench` on this endpoint (s3s-fs), with this `flush_interval` in ms.
     S3 { endpoint: String, flush_ms: u64 },
 }
@@ -109,6 +112,10 @@ impl PitrSetup {
     pub fn new(cluster: &PgCluster, name: &str, repo: &Repo) -> Result<PitrSetup> {
         let setup = match repo {
             Repo::Local => PitrSetup { env: PitrEnv::new(name, cluster, "")?, s3: false },
+            Repo::LocalSpaced { flush_ms } => PitrSetup {
+                env: PitrEnv::new(name, cluster, &format!("flush_interval = \"{flush_ms}ms\""))?,
+                s3: false,
+            },
             Repo::S3 { endpoint, flush_ms } => {
                 let env = PitrEnv::new(name, cluster, &format!("flush_interval = \"{flush_ms}ms\""))?;
                 let repo_line = format!("path = {:?}", env.repo_path().display().to_string());
@@ -262,7 +269,13 @@ pub fn spawn_receivewal(cluster: &PgCluster, name: &str, compress: &str) -> Resu
 /// Starts `kind` against `cluster` (pitr on a local repository).
 pub fn spawn(cluster: &PgCluster, kind: Kind, name: &str, o: &crate::opts::Opts) -> Result<Running> {
     match kind {
-        Kind::Pitr => spawn_pitr(cluster, &format!("{name}-pitr"), &o.pitr_log, &Repo::Local),
+        Kind::Pitr => {
+            let repo = match o.local_flush_ms {
+                Some(flush_ms) => Repo::LocalSpaced { flush_ms },
+                None => Repo::Local,
+            };
+            spawn_pitr(cluster, &format!("{name}-pitr"), &o.pitr_log, &repo)
+        }
         Kind::Receivewal => spawn_receivewal(cluster, &format!("{name}-rw"), &o.receivewal_compress),
     }
 }
