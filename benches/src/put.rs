@@ -17,9 +17,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use pitr_archive::{KeyRing, LocalStore, ObjectKind, ObjectMeta, Repository};
+use pitr_pgformat::segment::segment_file_name;
 use pitr_tests::parse_lsn;
 
-use crate::receivers::pgbench_cluster;
+use crate::receivers::{pgbench_cluster, wal_segment_size};
 use crate::report::Row;
 use crate::util::median;
 use crate::Bench;
@@ -27,7 +28,6 @@ use crate::Bench;
 /// Bytes of WAL per put: what the lag phase's puts average under `pgbench -c 4` here (its WAL
 /// MiB over its put count).
 pub const CHUNK: usize = 4096;
-const SEGMENT: usize = 16 << 20;
 /// Any cluster id: the names only need to be well formed.
 const SYSTEM_ID: u64 = 7_000_000_000_000_000_001;
 
@@ -67,17 +67,21 @@ fn measured(puts: usize, f: impl FnOnce() -> Result<()>) -> Result<PutCost> {
     Ok(PutCost { puts, user_us: (u1 - u0) / n, sys_us: (s1 - s0) / n, wall_us: wall.as_secs_f64() * 1e6 / n })
 }
 
+/// Puts of [`CHUNK`] bytes in all of `segments` (a segment size is a multiple of it).
+fn puts_of(segments: &[(String, Vec<u8>)]) -> usize {
+    segments.iter().map(|(_, wal)| wal.len() / CHUNK).sum()
+}
+
 /// pitr's puts of every chunk, on a current-thread runtime as the sidecar's stream runs.
 fn pitr_puts(dir: &Path, segments: &[(String, Vec<u8>)]) -> Result<PutCost> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let store = LocalStore::new(dir).appending();
     store.create_root()?;
     let repo = Repository::new(Arc::new(store), KeyRing::from_key("bench", [7; 32]));
-    let puts = segments.len() * (SEGMENT / CHUNK);
-    measured(puts, || {
+    measured(puts_of(segments), || {
         rt.block_on(async {
             for (segment_file, wal) in segments {
-                for from in (0..SEGMENT).step_by(CHUNK) {
+                for from in (0..wal.len()).step_by(CHUNK) {
                     let to = from + CHUNK;
                     let name = pitr_archive::names::pg::wal_chunk(SYSTEM_ID, segment_file, from as u32, to as u32);
                     let meta = ObjectMeta {
@@ -98,17 +102,16 @@ fn pitr_puts(dir: &Path, segments: &[(String, Vec<u8>)]) -> Result<PutCost> {
 /// fdatasync (the files are filled and synced before the clock starts, as it does on opening).
 fn plain_writes(dir: &Path, segments: &[(String, Vec<u8>)]) -> Result<PutCost> {
     let mut files = Vec::new();
-    for (segment_file, _) in segments {
+    for (segment_file, wal) in segments {
         let path = dir.join(segment_file);
         let file = std::fs::OpenOptions::new().create_new(true).write(true).open(&path)?;
-        file.write_all_at(&vec![0; SEGMENT], 0)?;
+        file.write_all_at(&vec![0; wal.len()], 0)?;
         file.sync_all()?;
         files.push(file);
     }
-    let puts = segments.len() * (SEGMENT / CHUNK);
-    measured(puts, || {
+    measured(puts_of(segments), || {
         for (file, (_, wal)) in files.iter().zip(segments) {
-            for from in (0..SEGMENT).step_by(CHUNK) {
+            for from in (0..wal.len()).step_by(CHUNK) {
                 file.write_all_at(&wal[from..from + CHUNK], from as u64)?;
                 file.sync_data()?;
             }
@@ -125,23 +128,24 @@ impl Bench {
             let text = c.psql("select pg_current_wal_lsn()")?;
             parse_lsn(text.trim()).with_context(|| format!("an LSN from {text:?}"))
         };
+        let seg = wal_segment_size(&cluster)?;
         let start = lsn(&cluster)?;
         let args = o.load_args(o.put_secs, 0);
         eprintln!("put: {}", crate::lag::pgbench_cmd(&args));
         cluster.pgbench(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
         let end = lsn(&cluster)?;
         // The segments written whole during the load (never the first or the current one).
-        let seg = SEGMENT as u64;
         let mut segments = Vec::new();
         for segno in (start / seg + 1)..(end / seg) {
             if segments.len() == o.put_segments {
                 break;
             }
-            let segment_file = format!("{:08X}{:08X}{:08X}", 1, segno >> 32, segno & 0xffff_ffff);
+            // A fresh cluster is on timeline 1.
+            let segment_file = segment_file_name(1, segno, seg);
             let path = cluster.wal_dir().join(&segment_file);
             let wal = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
-            if wal.len() != SEGMENT {
-                bail!("{} is {} bytes, not a 16 MiB segment", path.display(), wal.len());
+            if wal.len() as u64 != seg {
+                bail!("{} is {} bytes, not a segment of {seg}", path.display(), wal.len());
             }
             segments.push((segment_file, wal));
         }

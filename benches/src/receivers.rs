@@ -110,14 +110,14 @@ pub struct PitrSetup {
 impl PitrSetup {
     /// A config for `cluster` (schedules off, status file every 1 s) and `pitr init`.
     pub fn new(cluster: &PgCluster, name: &str, repo: &Repo) -> Result<PitrSetup> {
+        let stream_conf = match repo {
+            Repo::Local => String::new(),
+            Repo::LocalSpaced { flush_ms } | Repo::S3 { flush_ms, .. } => format!("flush_interval = \"{flush_ms}ms\""),
+        };
+        let env = PitrEnv::new(name, cluster, &stream_conf)?;
         let setup = match repo {
-            Repo::Local => PitrSetup { env: PitrEnv::new(name, cluster, "")?, s3: false },
-            Repo::LocalSpaced { flush_ms } => PitrSetup {
-                env: PitrEnv::new(name, cluster, &format!("flush_interval = \"{flush_ms}ms\""))?,
-                s3: false,
-            },
-            Repo::S3 { endpoint, flush_ms } => {
-                let env = PitrEnv::new(name, cluster, &format!("flush_interval = \"{flush_ms}ms\""))?;
+            Repo::Local | Repo::LocalSpaced { .. } => PitrSetup { env, s3: false },
+            Repo::S3 { endpoint, .. } => {
                 let repo_line = format!("path = {:?}", env.repo_path().display().to_string());
                 env.edit_config(
                     &repo_line,
