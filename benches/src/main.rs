@@ -155,7 +155,7 @@ fn run() -> Result<()> {
         "               config: local repository (unless s3), WAL at wal_zstd_level (default) + AES-256-GCM, \
          slot/application_name {}, flush_interval {}, status_interval 1s, schedules off",
         receivers::PITR_APP,
-        opts.local_flush_ms.map_or("default".to_string(), |ms| format!("{ms}ms (--local-flush-ms)"))
+        opts.local_flush_ms.map_or("default (auto)".to_string(), |ms| format!("{ms}ms (--local-flush-ms)"))
     );
     println!("pg_receivewal: {}", receivers::receivewal_command_line(&opts.receivewal_compress));
 

@@ -94,8 +94,9 @@ impl Kind {
 pub enum Repo {
     /// A directory in the scratch dir (the harness's default).
     Local,
-    /// The same, with this `[stream] flush_interval` in ms instead of pitr's default for a local
-    /// repository (0: put as soon as the previous put is done).
+    /// The same, with this fixed `[stream] flush_interval` in ms instead of pitr's default for a
+    /// local repository (`auto`: 2 ms unless a synchronous standby; 0: put as soon as the
+    /// previous put is done).
     LocalSpaced { flush_ms: u64 },
     /// `s3://pitr/bench` on this endpoint (s3s-fs), with this `flush_interval` in ms.
     S3 { endpoint: String, flush_ms: u64 },

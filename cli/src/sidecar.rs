@@ -63,6 +63,15 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
         "Age of the oldest WAL received but not yet durable (0 when caught up)"
     );
     describe_gauge!("pitr_stream_connected", "1 while the replication connection is up");
+    describe_gauge!(
+        "pitr_wal_flush_interval_seconds",
+        Unit::Seconds,
+        "Spacing between WAL chunk puts in force (flush_interval; under auto, 0 while the primary waits for the sidecar)"
+    );
+    describe_gauge!(
+        "pitr_wal_synchronous_standby",
+        "1 while the primary's synchronous_standby_names names the sidecar, 0 while it does not (flush_interval = auto only)"
+    );
     describe_counter!("pitr_objects_archived_total", "WAL objects made durable");
     describe_counter!("pitr_bytes_archived_total", Unit::Bytes, "Plaintext bytes of WAL objects made durable, by kind");
     describe_counter!("pitr_upload_errors_total", "Failed archive puts (each retried)");
@@ -290,6 +299,10 @@ pub async fn feed_gauges(mut status: watch::Receiver<StreamStatus>) {
         gauge!("pitr_archive_lag_bytes").set(s.lag_bytes as f64);
         gauge!("pitr_archive_lag_seconds").set(s.lag_seconds);
         gauge!("pitr_stream_connected").set(if s.connected { 1.0 } else { 0.0 });
+        gauge!("pitr_wal_flush_interval_seconds").set(s.flush_interval_seconds);
+        if let Some(named) = s.synchronous_standby {
+            gauge!("pitr_wal_synchronous_standby").set(if named { 1.0 } else { 0.0 });
+        }
         if closed {
             return;
         }

@@ -304,11 +304,20 @@ fn pg15_synchronous_commit_waits_for_the_archive() -> Result<()> {
     wait_until("pitr to stream", Duration::from_secs(30), || {
         Ok(cluster.psql("select count(*) from pg_stat_replication where application_name = 'pitr_main'")? == "1")
     })?;
-    cluster.psql("alter system set synchronous_standby_names = 'pitr_main'")?;
+    // flush_interval is "auto" by default: spaced (2 ms locally) while the primary does not wait
+    // for the sidecar.
+    wait_for_spacing(&env, Some(false), 0.002)?;
+    // Lower case on the server, a name in the list: PostgreSQL matches application names
+    // case-insensitively, and so must the sidecar.
+    cluster.psql("alter system set synchronous_standby_names = 'FIRST 1 (replica_elsewhere, PITR_MAIN)'")?;
     cluster.psql("select pg_reload_conf()")?;
     wait_until("pitr to be the synchronous standby", Duration::from_secs(30), || {
         Ok(cluster.psql("select sync_state from pg_stat_replication where application_name = 'pitr_main'")? == "sync")
     })?;
+    // A reload, not a reconnect: the sidecar learns it from its watch and stops spacing puts.
+    wait_for_spacing(&env, Some(true), 0.0)?;
+    assert_eq!(env.metric("pitr_wal_synchronous_standby")?, 1.0);
+    assert_eq!(env.metric("pitr_wal_flush_interval_seconds")?, 0.0);
     for i in 0..20 {
         // The insert position before the commit record: the commit ends after it.
         let before_commit =
@@ -317,5 +326,63 @@ fn pg15_synchronous_commit_waits_for_the_archive() -> Result<()> {
         let archived = env.archived_end(SEG)?;
         assert!(archived > before_commit, "commit {i} returned before the archive held it: archive ends at {archived:X}, commit after {before_commit:X}");
     }
+    // Named no more: spaced again.
+    cluster.psql("alter system set synchronous_standby_names = 'replica_elsewhere'")?;
+    cluster.psql("select pg_reload_conf()")?;
+    wait_for_spacing(&env, Some(false), 0.002)?;
+    assert_eq!(env.metric("pitr_wal_synchronous_standby")?, 0.0);
+    let log = env.stream_logs_whole();
+    assert!(log.contains("synchronous_standby_names names this sidecar"), "{log}");
+    Ok(())
+}
+
+/// Waits until the sidecar's status file shows `synchronous` and a put spacing of `seconds`.
+fn wait_for_spacing(env: &PitrEnv, synchronous: Option<bool>, seconds: f64) -> Result<()> {
+    let mut seen = serde_json::Value::Null;
+    wait_until(
+        &format!("the sidecar to show synchronous_standby {synchronous:?}, spacing {seconds} s"),
+        Duration::from_secs(30),
+        || {
+            let s = env.sidecar_status()?;
+            let shown = (s["synchronous_standby"].as_bool(), s["flush_interval_seconds"].as_f64());
+            seen = s;
+            Ok(shown == (synchronous, Some(seconds)))
+        },
+    )
+    .with_context(|| format!("last status: {seen}\n{}", env.stream_logs()))
+}
+
+/// Where the sidecar cannot read `synchronous_standby_names` (pg_hba admits its role only for
+/// replication), `auto` does not guess: no spacing, as for a synchronous standby, and a warning.
+/// Streaming is not disturbed; once the setting can be read, the spacing comes back.
+#[test]
+fn pg15_auto_spacing_is_off_while_the_primary_cannot_be_asked() -> Result<()> {
+    let mut opts = PgOptions::new(15);
+    opts.hba.push("host all replicator 127.0.0.1/32 reject".into());
+    let cluster = PgCluster::start(opts)?;
+    cluster.psql("create role replicator login replication")?;
+    let mut env = PitrEnv::new("pg15-auto-unreadable", &cluster, "")?;
+    let text = std::fs::read_to_string(&env.config)?;
+    std::fs::write(&env.config, text.replace("user=postgres", "user=replicator"))?;
+    env.init()?;
+    let mut stream = env.spawn_stream()?;
+    env.wait_streaming(&cluster)?;
+    wait_until("the watch's warning", Duration::from_secs(30), || {
+        Ok(env.stream_logs_whole().contains("cannot tell whether the primary waits for this sidecar"))
+    })
+    .with_context(|| env.stream_logs())?;
+    wait_for_spacing(&env, None, 0.0)?;
+    // Streaming goes on meanwhile.
+    cluster.psql("create table t as select 1 as x")?;
+    let lsn = cluster.current_lsn()?;
+    env.wait_archived(lsn, "WAL while the setting is unreadable")?;
+    // Admitted: the watch reads it and spaces puts again.
+    let hba = cluster.data_dir.join("pg_hba.conf");
+    let text = std::fs::read_to_string(&hba)?;
+    std::fs::write(&hba, text.replace("host all replicator 127.0.0.1/32 reject", ""))?;
+    cluster.psql("select pg_reload_conf()")?;
+    wait_for_spacing(&env, Some(false), 0.002)?;
+    assert!(env.stream_logs_whole().contains("synchronous_standby_names readable again"));
+    env.stop_stream(&mut stream)?;
     Ok(())
 }

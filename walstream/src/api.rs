@@ -21,8 +21,8 @@ pub struct StreamConfig {
     pub create_slot: bool,
     /// The `application_name` the primary sees (`synchronous_standby_names` matches it).
     pub application_name: String,
-    /// Minimum spacing between chunk puts (0: put as soon as the previous put is done).
-    pub flush_interval: Duration,
+    /// Minimum spacing between chunk puts.
+    pub flush_interval: FlushInterval,
     /// How often a status update goes to the primary even when nothing changed.
     pub status_interval: Duration,
     /// Received-but-not-durable bytes held in memory before reading from the primary pauses.
@@ -40,6 +40,20 @@ pub struct StreamConfig {
     pub complete_interval: Duration,
     /// The change index (`pitr find`): whether the sidecar writes it, and who hears of DDL.
     pub index: IndexOptions,
+}
+
+/// The minimum spacing between chunk puts (`[stream] flush_interval`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushInterval {
+    /// Always this (0: put as soon as the previous put is done).
+    Fixed(Duration),
+    /// `when_async` while the primary's `synchronous_standby_names` does not name the sidecar
+    /// (read every second over an ordinary connection), 0 while it does or cannot be read: a
+    /// synchronous standby's commits never wait out a spacing (see `sync_standby.rs`).
+    Auto {
+        /// The spacing while the primary does not wait for us.
+        when_async: Duration,
+    },
 }
 
 /// The sidecar's change indexer (see `indexer.rs`).
@@ -146,6 +160,13 @@ pub struct StreamStatus {
     pub upload_errors: u64,
     /// The newest error, until the next success.
     pub last_error: Option<String>,
+    /// The spacing between chunk puts in force (seconds).
+    #[serde(default)]
+    pub flush_interval_seconds: f64,
+    /// Under `flush_interval = "auto"`: whether the primary's `synchronous_standby_names` names
+    /// the sidecar (`None`: not read yet, unreadable, or a fixed `flush_interval`).
+    #[serde(default)]
+    pub synchronous_standby: Option<bool>,
     /// When this snapshot was taken (µs since the Unix epoch).
     pub updated_at_us: i64,
 }

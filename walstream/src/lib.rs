@@ -1,7 +1,8 @@
 //! pitr-walstream: the WAL receiver.
 //!
 //! Owns the path from a primary's replication stream to durable archive objects: group-committed
-//! chunks put as soon as the previous put finishes (spaced by `flush_interval`), whole segments
+//! chunks put as soon as the previous put finishes (spaced by `flush_interval`, under `auto` only
+//! while the primary does not wait for us: `sync_standby.rs`), whole segments
 //! compacted at each boundary, timeline switches followed, resume from the archive's end after any
 //! restart. The flush position reported to the primary is always the end of the last durable
 //! object, so the replication slot keeps on the primary whatever the archive does not yet hold.
@@ -31,9 +32,11 @@ mod pipeline;
 mod receiver;
 mod resume;
 mod session;
+mod sync_standby;
 #[cfg(test)]
 mod test_store;
 mod uploader;
 
-pub use api::{IndexOptions, StreamConfig, StreamError, StreamStatus};
+pub use api::{FlushInterval, IndexOptions, StreamConfig, StreamError, StreamStatus};
 pub use receiver::run;
+pub use sync_standby::{names_standby, SyncNamesError, WATCH_INTERVAL as SYNC_WATCH_INTERVAL};

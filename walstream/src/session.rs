@@ -15,11 +15,12 @@ use pitr_pgwire::connection::Connection;
 use pitr_pgwire::PgError;
 use tokio::sync::watch;
 
-use crate::api::{StreamConfig, StreamError, StreamStatus};
+use crate::api::{FlushInterval, StreamConfig, StreamError, StreamStatus};
 use crate::indexer::Indexer;
 use crate::marks::{write_marks, Tracker};
 use crate::pipeline::{Switch, WalPipeline};
 use crate::resume;
+use crate::sync_standby;
 use crate::uploader::{self, Shared};
 
 /// State that lives across reconnects.
@@ -54,6 +55,8 @@ pub(crate) struct Session {
     pub background: Vec<tokio::task::JoinHandle<()>>,
     /// The change indexer (`None`: indexing is off).
     pub indexer: Option<Indexer>,
+    /// Under `flush_interval = "auto"`: whether the primary waits for us, as last read.
+    pub synchronous: watch::Receiver<Option<bool>>,
 }
 
 impl Session {
@@ -122,6 +125,8 @@ pub(crate) async fn open_session(
     let (plan, partial, catalog) = resume::prepare(repo, &guard, layout).await?;
 
     let mut decoder = WalDecoder::new(segment_size, page_size);
+    // Under `auto`, 0 until the watcher has read the primary's setting.
+    let first_spacing = sync_standby::spacing(cfg.flush_interval, None);
     let pipeline = match plan.start {
         Some((timeline, end)) => {
             // Resume from the archive's end. A partial segment's chunks come back into memory so
@@ -133,7 +138,7 @@ pub(crate) async fn open_session(
                 reindex(repo, &guard, ident.system_id, &crate::receiver::restore_points(buf.timeline, &found)).await;
             }
             tracing::info!(timeline, end = %format_lsn(end), "resuming from the end of the archive");
-            WalPipeline::resume(layout, cfg.flush_interval, timeline, end, partial)
+            WalPipeline::resume(layout, first_spacing, timeline, end, partial)
         }
         None => {
             let slot_lsn = match conn.read_replication_slot(&cfg.slot).await {
@@ -151,7 +156,7 @@ pub(crate) async fn open_session(
                 Err(e) => return Err(e.into()),
             };
             let from = slot_lsn.unwrap_or(ident.xlog_pos);
-            let pipeline = WalPipeline::fresh(layout, cfg.flush_interval, ident.timeline, from);
+            let pipeline = WalPipeline::fresh(layout, first_spacing, ident.timeline, from);
             tracing::info!(timeline = ident.timeline, start = %format_lsn(pipeline.received()), "empty archive: starting at the segment the slot holds");
             pipeline
         }
@@ -170,6 +175,17 @@ pub(crate) async fn open_session(
             layout,
             plan.orphans,
         )));
+    }
+    let (synchronous_tx, synchronous) = watch::channel(None);
+    if let FlushInterval::Auto { .. } = cfg.flush_interval {
+        let watcher = sync_standby::Watcher {
+            conninfo: cfg.conninfo.clone(),
+            application_name: cfg.conninfo.application_name.clone().unwrap_or_else(|| cfg.application_name.clone()),
+            flush_interval: cfg.flush_interval,
+            pipeline: pipeline.clone(),
+            synchronous: synchronous_tx,
+        };
+        background.push(background_rt.spawn(watcher.run()));
     }
     let (recorded_tx, marks_recorded) = watch::channel(None);
     let marks = if cfg.complete_interval.is_zero() {
@@ -210,6 +226,7 @@ pub(crate) async fn open_session(
         marks,
         marks_recorded,
         background,
+        synchronous,
     })
 }
 
@@ -305,8 +322,10 @@ pub(crate) fn offer_mark(s: &mut Session) {
 
 pub(crate) fn publish(s: &Session, status: &watch::Sender<StreamStatus>, connected: bool) {
     let now = Instant::now();
-    let (timeline, received, d, lag, stats) =
-        s.pipeline.with(|p| (p.timeline(), p.received(), p.durable(), p.lag(now), p.stats().clone()));
+    let (timeline, received, d, lag, stats, spacing) = s
+        .pipeline
+        .with(|p| (p.timeline(), p.received(), p.durable(), p.lag(now), p.stats().clone(), p.flush_interval()));
+    let synchronous = *s.synchronous.borrow();
     let complete = *s.marks_recorded.borrow();
     status.send_modify(|st| {
         st.connected = connected;
@@ -325,6 +344,8 @@ pub(crate) fn publish(s: &Session, status: &watch::Sender<StreamStatus>, connect
         st.objects_archived = stats.objects;
         st.bytes_archived = stats.bytes;
         st.upload_errors = stats.errors;
+        st.flush_interval_seconds = spacing.as_secs_f64();
+        st.synchronous_standby = synchronous;
         if stats.last_error.is_some() {
             st.last_error = stats.last_error.clone();
         }

@@ -598,6 +598,17 @@ impl WalPipeline {
         self.durable_offset(index, seg) == seg.end_offset()
     }
 
+    /// The spacing between chunk puts in force.
+    pub fn flush_interval(&self) -> Duration {
+        self.flush_interval
+    }
+
+    /// Changes the spacing from the next put on; whether it changed (the uploader, perhaps
+    /// waiting out the old spacing, needs waking then).
+    pub fn set_flush_interval(&mut self, spacing: Duration) -> bool {
+        std::mem::replace(&mut self.flush_interval, spacing) != spacing
+    }
+
     /// Whether the front buffer takes no more bytes. Whatever its `closed` flag says, a buffer
     /// that is full or has another buffer behind it is closed: it must never be left waiting
     /// for bytes that cannot come (a resumed segment would otherwise hold the durable end still).
