@@ -126,7 +126,7 @@ Every option can also be given as an environment variable WALBENCH_<NAME>
   --s3-flush-ms MS         s3 phase: pitr [stream] flush_interval (default 1000, pitr's default for
                            object storage); the goal is p99 <= flush_interval + 200 ms
   --local-flush-ms MS      catchup, lag, sync: pitr [stream] flush_interval on the local repository
-                           (default: pitr's, "auto": 2 ms unless the primary names pitr as a
+                           (default: pitr's, auto: 2 ms unless the primary names pitr as a
                            synchronous standby, then 0 = put as soon as the previous put is done)
   --baseline               lag and sync phases: also one pgbench run with no receiver
 
