@@ -318,6 +318,11 @@ fn pg15_synchronous_commit_waits_for_the_archive() -> Result<()> {
     wait_for_spacing(&env, Some(true), 0.0)?;
     assert_eq!(env.metric("pitr_wal_synchronous_standby")?, 1.0);
     assert_eq!(env.metric("pitr_wal_flush_interval_seconds")?, 0.0);
+    let status = env.run_ok(&["status"])?;
+    assert!(
+        status.contains("sidecar WAL puts:       back to back (synchronous_standby_names names this sidecar"),
+        "{status}"
+    );
     for i in 0..20 {
         // The insert position before the commit record: the commit ends after it.
         let before_commit =
@@ -331,6 +336,9 @@ fn pg15_synchronous_commit_waits_for_the_archive() -> Result<()> {
     cluster.psql("select pg_reload_conf()")?;
     wait_for_spacing(&env, Some(false), 0.002)?;
     assert_eq!(env.metric("pitr_wal_synchronous_standby")?, 0.0);
+    let status: serde_json::Value = serde_json::from_str(&env.run_ok(&["status", "--json"])?)?;
+    assert_eq!(status["sidecar"]["synchronous_standby"], false, "{status}");
+    assert_eq!(status["sidecar"]["flush_interval_seconds"], 0.002, "{status}");
     let log = env.stream_logs_whole();
     assert!(log.contains("synchronous_standby_names names this sidecar"), "{log}");
     Ok(())

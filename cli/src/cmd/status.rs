@@ -161,7 +161,31 @@ struct SidecarReport {
     last_error: Option<String>,
     /// The sidecar's newest completeness mark: the archive held all the primary's WAL then.
     complete_up_to: Option<String>,
+    /// The spacing between WAL chunk puts in force (`[stream] flush_interval`).
+    flush_interval_seconds: f64,
+    /// Under `flush_interval = "auto"`: whether the primary's `synchronous_standby_names` names
+    /// the sidecar (`null`: not read, or a fixed `flush_interval`).
+    synchronous_standby: Option<bool>,
     updated: String,
+}
+
+/// How the sidecar puts WAL, for people: the spacing and why.
+fn put_spacing(s: &SidecarReport) -> String {
+    let secs = s.flush_interval_seconds;
+    let spacing = if secs <= 0.0 {
+        "back to back".to_string()
+    } else if secs < 1.0 {
+        format!("{} ms apart", (secs * 1000.0 * 10.0).round() / 10.0)
+    } else {
+        format!("{secs} s apart")
+    };
+    let why = match s.synchronous_standby {
+        Some(true) => "synchronous_standby_names names this sidecar: the primary's commits wait for the archive",
+        Some(false) => "synchronous_standby_names does not name this sidecar",
+        None if secs <= 0.0 => "flush_interval, or synchronous_standby_names not read",
+        None => "flush_interval",
+    };
+    format!("{spacing} ({why})")
 }
 
 /// `pitr status`: the archive's end, the primary's position, the sidecar's view and each
@@ -231,6 +255,8 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
         upload_errors: s.upload_errors,
         last_error: s.last_error,
         complete_up_to: s.complete_up_to_us.map(format_rfc3339_micros),
+        flush_interval_seconds: s.flush_interval_seconds,
+        synchronous_standby: s.synchronous_standby,
         updated: format_rfc3339_micros(s.updated_at_us),
     });
 
@@ -302,6 +328,7 @@ pub async fn run(config_path: &Path, json: bool) -> Result<()> {
                 s.upload_errors,
                 s.updated
             );
+            println!("sidecar WAL puts:       {}", put_spacing(s));
             if let Some(e) = &s.last_error {
                 println!("sidecar last error:     {e}");
             }
@@ -350,4 +377,43 @@ async fn primary_position(pg: &crate::config::PostgresConfig) -> Result<u64> {
     let info: ConnInfo = pg.connection_info()?;
     let name = format!("{}_status", pg.application_name());
     Ok(pitr_pgwire::position::server_wal_end(&info, &name, Duration::from_secs(10)).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(flush_interval_seconds: f64, synchronous_standby: Option<bool>) -> SidecarReport {
+        SidecarReport {
+            connected: true,
+            host: None,
+            received_lsn: String::new(),
+            durable_lsn: String::new(),
+            lag_bytes: 0,
+            lag_seconds: 0.0,
+            objects_archived: 0,
+            bytes_archived: 0,
+            upload_errors: 0,
+            last_error: None,
+            complete_up_to: None,
+            flush_interval_seconds,
+            synchronous_standby,
+            updated: String::new(),
+        }
+    }
+
+    #[test]
+    fn put_spacing_says_how_far_apart_and_why() {
+        assert_eq!(
+            put_spacing(&report(0.002, Some(false))),
+            "2 ms apart (synchronous_standby_names does not name this sidecar)"
+        );
+        assert!(put_spacing(&report(0.0, Some(true))).starts_with("back to back (synchronous_standby_names names"));
+        assert_eq!(
+            put_spacing(&report(0.0, None)),
+            "back to back (flush_interval, or synchronous_standby_names not read)"
+        );
+        assert_eq!(put_spacing(&report(1.0, None)), "1 s apart (flush_interval)");
+        assert_eq!(put_spacing(&report(0.0025, None)), "2.5 ms apart (flush_interval)");
+    }
 }
