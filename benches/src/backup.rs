@@ -12,7 +12,7 @@ use pitr_tests::{as_pg_user, chown_to_pg_user, scratch_dir, u64_to_lsn, wait_unt
 
 use crate::catchup::md5_rows;
 use crate::opts::Opts;
-use crate::receivers::{current_lsn, start_cluster, PitrSetup, Repo};
+use crate::receivers::{current_lsn, start_cluster, PitrSetup};
 use crate::report::{Goal, Row};
 use crate::util::{dir_bytes, log_tail, median, run_ok, timed, MIB};
 use crate::Bench;
@@ -81,7 +81,7 @@ impl Bench {
     pub fn backup_phase(&self) -> Result<BackupResult> {
         let o = &self.opts;
         let cluster = start_cluster(&[])?;
-        let setup = PitrSetup::new(&cluster, "bench-backup", &Repo::Local)?;
+        let setup = PitrSetup::new(&cluster, "bench-backup", &o.local_repo())?;
         setup.env.share_with_pg_user()?;
         let stream_log = setup.env.dir.path().join("stream.log");
         let mut stream = setup.spawn_stream(&o.pitr_log, &stream_log)?;

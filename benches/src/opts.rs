@@ -125,7 +125,7 @@ Every option can also be given as an environment variable WALBENCH_<NAME>
   --s3-secs T              s3 phase: pgbench -T (default 30; quick 10)
   --s3-flush-ms MS         s3 phase: pitr [stream] flush_interval (default 1000, pitr's default for
                            object storage); the goal is p99 <= flush_interval + 200 ms
-  --local-flush-ms MS      catchup, lag, sync: pitr [stream] flush_interval on the local repository
+  --local-flush-ms MS      catchup, lag, sync, backup: pitr [stream] flush_interval on the local repository
                            (default: pitr's, auto: 2 ms unless the primary names pitr as a
                            synchronous standby, then 0 = put as soon as the previous put is done)
   --baseline               lag and sync phases: also one pgbench run with no receiver
@@ -162,6 +162,14 @@ is run first and target/release/pitr is used (a debug binary would not be a fair
 const FLAGS_WITHOUT_VALUE: &[&str] = &["quick", "keep", "baseline"];
 
 impl Opts {
+    /// pitr's local repository, spaced as `--local-flush-ms` says.
+    pub fn local_repo(&self) -> crate::receivers::Repo {
+        match self.local_flush_ms {
+            Some(flush_ms) => crate::receivers::Repo::LocalSpaced { flush_ms },
+            None => crate::receivers::Repo::Local,
+        }
+    }
+
     fn defaults(quick: bool) -> Opts {
         Opts {
             quick,

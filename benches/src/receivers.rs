@@ -271,11 +271,7 @@ pub fn spawn_receivewal(cluster: &PgCluster, name: &str, compress: &str) -> Resu
 pub fn spawn(cluster: &PgCluster, kind: Kind, name: &str, o: &crate::opts::Opts) -> Result<Running> {
     match kind {
         Kind::Pitr => {
-            let repo = match o.local_flush_ms {
-                Some(flush_ms) => Repo::LocalSpaced { flush_ms },
-                None => Repo::Local,
-            };
-            spawn_pitr(cluster, &format!("{name}-pitr"), &o.pitr_log, &repo)
+            spawn_pitr(cluster, &format!("{name}-pitr"), &o.pitr_log, &o.local_repo())
         }
         Kind::Receivewal => spawn_receivewal(cluster, &format!("{name}-rw"), &o.receivewal_compress),
     }
