@@ -270,9 +270,7 @@ pub fn spawn_receivewal(cluster: &PgCluster, name: &str, compress: &str) -> Resu
 /// Starts `kind` against `cluster` (pitr on a local repository).
 pub fn spawn(cluster: &PgCluster, kind: Kind, name: &str, o: &crate::opts::Opts) -> Result<Running> {
     match kind {
-        Kind::Pitr => {
-            spawn_pitr(cluster, &format!("{name}-pitr"), &o.pitr_log, &o.local_repo())
-        }
+        Kind::Pitr => spawn_pitr(cluster, &format!("{name}-pitr"), &o.pitr_log, &o.local_repo()),
         Kind::Receivewal => spawn_receivewal(cluster, &format!("{name}-rw"), &o.receivewal_compress),
     }
 }
