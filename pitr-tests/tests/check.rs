@@ -73,9 +73,33 @@ fn check_passes_a_good_setup_and_pins_each_misconfiguration_to_its_line() -> Res
     // Well configured: every line OK, exit 0, and the text form says so line by line.
     let (code, checks, report) = check(&env.config)?;
     ensure!(code == 0, "exit {code} on a good setup: {report:#}");
-    for name in ["config", KEY, WRITABLE, ROLE, REPL, SLOT, WAL_LEVEL, "max_wal_senders", BINS, "clock skew"] {
+    for name in [
+        "config",
+        KEY,
+        WRITABLE,
+        ROLE,
+        REPL,
+        SLOT,
+        WAL_LEVEL,
+        "max_wal_senders",
+        "synchronous_standby_names",
+        BINS,
+        "clock skew",
+    ] {
         ensure!(line(&checks, name)?["ok"] == true, "{name:?} failed on a good setup: {report:#}");
     }
+    let sync = line(&checks, "synchronous_standby_names")?["detail"].to_string();
+    ensure!(sync.contains("does not name pitr_main") && sync.contains("2 ms apart"), "{sync}");
+    // Named (in a list, another case): the check says commits wait for the archive. Nothing commits
+    // on the server meanwhile (no sidecar runs to confirm it), and it is reset at once.
+    cluster.psql("ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (other, \"PITR_Main\")'")?;
+    cluster.psql("SELECT pg_reload_conf()")?;
+    let (_, checks, report) = check(&env.config)?;
+    cluster.psql("ALTER SYSTEM RESET synchronous_standby_names")?;
+    cluster.psql("SELECT pg_reload_conf()")?;
+    let sync = line(&checks, "synchronous_standby_names")?;
+    ensure!(sync["ok"] == true, "{report:#}");
+    ensure!(sync["detail"].to_string().contains("names pitr_main: the primary's commits wait"), "{report:#}");
     let text = expect_success(&env.config, &["check"]);
     eprintln!("pitr check on a good setup:\n{text}");
     ensure!(text.lines().all(|l| l.starts_with("OK   ")), "not all OK:\n{text}");

@@ -169,6 +169,34 @@ async fn connect(info: &pitr_pgwire::ConnInfo, opts: &ConnectOptions) -> Result<
     }
 }
 
+/// What `synchronous_standby_names` means for the sidecar named `app`, and how it will put WAL.
+fn sync_standby_detail(value: &str, app: &str, named: bool, flush_interval: pitr_walstream::FlushInterval) -> String {
+    use pitr_walstream::FlushInterval;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    match (named, flush_interval) {
+        (true, FlushInterval::Auto { .. }) => format!(
+            "{value:?} names {app}: the primary's commits wait for the archive (a sidecar that is down holds them \
+             up); WAL is put back to back (flush_interval auto)"
+        ),
+        (true, FlushInterval::Fixed(d)) if !d.is_zero() => format!(
+            "{value:?} names {app}: every commit waits out flush_interval = {} ms as well; set it to \"auto\" or \
+             \"0s\" to put WAL back to back",
+            ms(d)
+        ),
+        (true, FlushInterval::Fixed(_)) => {
+            format!("{value:?} names {app}: the primary's commits wait for the archive; WAL is put back to back")
+        }
+        (false, FlushInterval::Auto { when_async }) => format!(
+            "{:?} does not name {app}: asynchronous, WAL puts {} ms apart (flush_interval auto)",
+            value,
+            ms(when_async)
+        ),
+        (false, FlushInterval::Fixed(d)) => {
+            format!("{value:?} does not name {app}: asynchronous, WAL puts {} ms apart (flush_interval)", ms(d))
+        }
+    }
+}
+
 /// The fix for a refused replication connection, by the SQLSTATE the server refused it with.
 /// A multi-host connect folds every host's refusal into one message, so the code is read from
 /// its text (`FATAL 28000: …`).
@@ -243,7 +271,7 @@ async fn postgres(config: &Config, pg: &PostgresConfig, checks: &mut Checks) {
                 "allow the role a database connection in pg_hba.conf (the checks below read the server's settings)",
             );
             let why = "no SQL connection to PostgreSQL";
-            for name in [ROLE, SLOT, WAL_LEVEL, SENDERS, BINS, CLOCK] {
+            for name in [ROLE, SLOT, WAL_LEVEL, SENDERS, "synchronous_standby_names", BINS, CLOCK] {
                 checks.not_checked(name, why);
             }
             if wants_summaries {
@@ -317,6 +345,23 @@ async fn postgres(config: &Config, pg: &PostgresConfig, checks: &mut Checks) {
             }
         }
         Err(e) => checks.fail(SENDERS, e, "check the role can read pg_stat_replication"),
+    }
+
+    const SYNC: &str = "synchronous_standby_names";
+    match scalar(&mut conn, "SELECT current_setting('synchronous_standby_names')").await {
+        Ok(value) => {
+            let app = info.application_name.clone().unwrap_or_else(|| pg.application_name());
+            match pitr_walstream::names_standby(&value, &app) {
+                Ok(named) => checks.ok(SYNC, sync_standby_detail(&value, &app, named, config.flush_interval())),
+                Err(e) => checks.fail(
+                    SYNC,
+                    e.to_string(),
+                    "pitr reads the setting otherwise than the server (please report it); meanwhile flush_interval \
+                     = \"auto\" puts WAL back to back, as for a synchronous standby",
+                ),
+            }
+        }
+        Err(e) => checks.fail(SYNC, e, "check the role can read settings"),
     }
 
     let version = scalar(&mut conn, "SELECT current_setting('server_version_num')::int")
@@ -512,5 +557,28 @@ async fn mongo(config: &Config, checks: &mut Checks) {
             format!("{} (replica set {})", connected.uri, connected.set_name.as_deref().unwrap_or("none: standalone")),
         ),
         Err(e) => checks.fail("mongo connection", e.to_string(), "correct [mongo] uri or start the server"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pitr_walstream::FlushInterval;
+    use std::time::Duration;
+
+    #[test]
+    fn a_named_sidecar_with_a_fixed_spacing_is_told_what_its_commits_pay() {
+        let fixed = FlushInterval::Fixed(Duration::from_secs(1));
+        let text = sync_standby_detail("pitr_main", "pitr_main", true, fixed);
+        assert!(
+            text.contains("every commit waits out flush_interval = 1000 ms") && text.contains("\"auto\""),
+            "{text}"
+        );
+        let auto = FlushInterval::Auto { when_async: Duration::from_millis(2) };
+        assert!(sync_standby_detail("*", "pitr_main", true, auto).contains("put back to back (flush_interval auto)"));
+        let text = sync_standby_detail("", "pitr_main", false, auto);
+        assert!(text.contains("does not name pitr_main: asynchronous, WAL puts 2 ms apart"), "{text}");
+        let zero = FlushInterval::Fixed(Duration::ZERO);
+        assert!(sync_standby_detail("*", "pitr_main", true, zero).ends_with("WAL is put back to back"));
     }
 }
