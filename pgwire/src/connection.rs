@@ -236,7 +236,7 @@ impl Connection {
             .or_else(|| std::env::var("PGUSER").ok())
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_else(|| "postgres".to_string());
-        let app = info.application_name.clone().unwrap_or_else(|| opts.application_name.clone());
+        let app = info.application_name_or(&opts.application_name);
         let mut params: Vec<(&str, &str)> = vec![("user", &user), ("application_name", &app)];
         if opts.replication {
             params.push(("replication", "true"));

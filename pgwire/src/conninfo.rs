@@ -532,6 +532,13 @@ impl Default for ConnInfo {
 }
 
 impl ConnInfo {
+    /// The `application_name` the server sees for a connection opened with `fallback` as the
+    /// caller's name: the connection string's own wins (what `synchronous_standby_names` and
+    /// `pg_stat_replication` match against).
+    pub fn application_name_or(&self, fallback: &str) -> String {
+        self.application_name.clone().unwrap_or_else(|| fallback.to_string())
+    }
+
     /// A `keyword=value` form of everything modelled except the password, for logs and error
     /// messages. Parsing it gives back this `ConnInfo` with `password: None` (and the default
     /// `max_message_size`, which is not a keyword).

@@ -39,4 +39,4 @@ mod uploader;
 
 pub use api::{FlushInterval, IndexOptions, StreamConfig, StreamError, StreamStatus};
 pub use receiver::run;
-pub use sync_standby::{names_standby, SyncNamesError, WATCH_INTERVAL as SYNC_WATCH_INTERVAL};
+pub use sync_standby::{names_standby, SyncNamesError};

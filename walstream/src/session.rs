@@ -180,7 +180,7 @@ pub(crate) async fn open_session(
     if let FlushInterval::Auto { .. } = cfg.flush_interval {
         let watcher = sync_standby::Watcher {
             conninfo: cfg.conninfo.clone(),
-            application_name: cfg.conninfo.application_name.clone().unwrap_or_else(|| cfg.application_name.clone()),
+            application_name: cfg.conninfo.application_name_or(&cfg.application_name),
             flush_interval: cfg.flush_interval,
             pipeline: pipeline.clone(),
             synchronous: synchronous_tx,

@@ -263,17 +263,17 @@ impl Watcher {
     }
 
     fn apply(&self, synchronous: Option<bool>) {
+        let d = spacing(self.flush_interval, synchronous);
         let before = *self.synchronous.borrow();
         if before != synchronous && synchronous.is_some() {
             tracing::info!(
                 synchronous = synchronous == Some(true),
-                spacing_ms = spacing(self.flush_interval, synchronous).as_secs_f64() * 1000.0,
+                spacing_ms = d.as_secs_f64() * 1000.0,
                 "synchronous_standby_names {} this sidecar: WAL put spacing set",
                 if synchronous == Some(true) { "names" } else { "does not name" }
             );
         }
         self.synchronous.send_replace(synchronous);
-        let d = spacing(self.flush_interval, synchronous);
         if self.pipeline.with(|p| p.set_flush_interval(d)) {
             self.pipeline.wake_uploader();
         }

@@ -227,6 +227,7 @@ async fn postgres(config: &Config, pg: &PostgresConfig, checks: &mut Checks) {
     const SUMMARIZE: &str = "summarize_wal";
     const BINS: &str = "postgres binaries for restores";
     const CLOCK: &str = "clock skew";
+    const SYNC: &str = "synchronous_standby_names";
     let wants_summaries = !config.schedule.incremental.trim().is_empty();
     let info = match pg.connection_info() {
         Ok(info) => info,
@@ -271,7 +272,7 @@ async fn postgres(config: &Config, pg: &PostgresConfig, checks: &mut Checks) {
                 "allow the role a database connection in pg_hba.conf (the checks below read the server's settings)",
             );
             let why = "no SQL connection to PostgreSQL";
-            for name in [ROLE, SLOT, WAL_LEVEL, SENDERS, "synchronous_standby_names", BINS, CLOCK] {
+            for name in [ROLE, SLOT, WAL_LEVEL, SENDERS, SYNC, BINS, CLOCK] {
                 checks.not_checked(name, why);
             }
             if wants_summaries {
@@ -347,10 +348,9 @@ async fn postgres(config: &Config, pg: &PostgresConfig, checks: &mut Checks) {
         Err(e) => checks.fail(SENDERS, e, "check the role can read pg_stat_replication"),
     }
 
-    const SYNC: &str = "synchronous_standby_names";
     match scalar(&mut conn, "SELECT current_setting('synchronous_standby_names')").await {
         Ok(value) => {
-            let app = info.application_name.clone().unwrap_or_else(|| pg.application_name());
+            let app = info.application_name_or(&pg.application_name());
             match pitr_walstream::names_standby(&value, &app) {
                 Ok(named) => checks.ok(SYNC, sync_standby_detail(&value, &app, named, config.flush_interval())),
                 Err(e) => checks.fail(
